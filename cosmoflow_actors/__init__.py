@@ -1,0 +1,70 @@
+"""cosmoflow_actors: a workflow engine built as an actor system on trio.
+
+Flows of prep/exec/post nodes joined by action routes; every node is an actor with a
+mailbox, a router actor forwards runs, and store actors own the storage.
+"""
+
+from cosmoflow_actors.action import Action, ActionCondition
+from cosmoflow_actors.context import ExecutionContext
+from cosmoflow_actors.errors import (
+    ActorCrashedError,
+    ConditionError,
+    CosmoFlowError,
+    FlowValidationError,
+    MaxStepsExceeded,
+    NodeError,
+    NoRouteError,
+    RunCancelledError,
+    StorageError,
+    StoreKeyError,
+    StoreTypeError,
+)
+from cosmoflow_actors.flow import END, Flow, FlowBuilder, FlowResult, Route
+from cosmoflow_actors.node import FunctionNode, Node, node
+from cosmoflow_actors.runtime.engine import (
+    ActorStatistics,
+    Engine,
+    EngineStatistics,
+    open_engine,
+)
+from cosmoflow_actors.runtime.run import Run, RunState
+from cosmoflow_actors.storage import FileStorage, MemoryStorage, Storage
+from cosmoflow_actors.store import SharedStore
+
+__all__ = [
+    "END",
+    "Action",
+    "ActionCondition",
+    "ActorCrashedError",
+    "ActorStatistics",
+    "ConditionError",
+    "CosmoFlowError",
+    "Engine",
+    "EngineStatistics",
+    "ExecutionContext",
+    "FileStorage",
+    "Flow",
+    "FlowBuilder",
+    "FlowResult",
+    "FlowValidationError",
+    "FunctionNode",
+    "MaxStepsExceeded",
+    "MemoryStorage",
+    "NoRouteError",
+    "Node",
+    "NodeError",
+    "Route",
+    "Run",
+    "RunCancelledError",
+    "RunState",
+    "SharedStore",
+    "Storage",
+    "StorageError",
+    "StoreKeyError",
+    "StoreTypeError",
+    "__version__",
+    "node",
+    "open_engine",
+]
+
+__version__ = "0.1.0"

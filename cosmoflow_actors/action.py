@@ -1,0 +1,499 @@
+"""Actions: what a node's ``post`` returns to say where its run goes next.
+
+An :class:`Action` is an immutable value: a simple name (``Action.simple("next")``), a name
+with parameters for the next node (``Action.with_params("retry", count=3)``), the end of the
+run (``Action.complete(result)``), or a choice between two actions that the router makes
+against the store (``Action.conditional(condition, if_true, if_false)``).
+
+An :class:`ActionCondition` is an immutable test of store values. The router fetches every
+key in ``condition.keys`` in one message and calls ``condition.evaluate(values)``, where
+``values`` holds the keys that exist. Evaluating a condition never raises.
+
+Actions are compared by value and are deliberately unhashable (their params and results may
+be unhashable); conditions are compared by value and hash like tuples of their parts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, final
+
+from cosmoflow_actors.errors import ConditionError
+from cosmoflow_actors.expression import (
+    COMPARISON_OPERATORS,
+    Expression,
+    compare_values,
+    is_number,
+    parse,
+    values_equal,
+)
+
+__all__ = ["Action", "ActionCondition", "as_action"]
+
+
+class ActionCondition(ABC):
+    """A test of store values that decides a conditional :class:`Action`.
+
+    Build conditions with the static constructors (:meth:`always`, :meth:`key_exists`,
+    :meth:`compare`, :meth:`expression`, ...) and combine them with ``&``, ``|`` and ``~``.
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        """Return whether the condition holds for ``values`` (missing keys are absent)."""
+
+    @property
+    @abstractmethod
+    def keys(self) -> frozenset[str]:
+        """Every store key the condition reads."""
+
+    def __and__(self, other: object) -> ActionCondition:
+        if not isinstance(other, ActionCondition):
+            return NotImplemented
+        return _AllOf((self, other))
+
+    def __or__(self, other: object) -> ActionCondition:
+        if not isinstance(other, ActionCondition):
+            return NotImplemented
+        return _AnyOf((self, other))
+
+    def __invert__(self) -> ActionCondition:
+        return _Not(self)
+
+    @staticmethod
+    def always() -> ActionCondition:
+        """A condition that always holds."""
+        return _Constant(True)
+
+    @staticmethod
+    def never() -> ActionCondition:
+        """A condition that never holds."""
+        return _Constant(False)
+
+    @staticmethod
+    def key_exists(key: str) -> ActionCondition:
+        """Holds when ``key`` is in the store (whatever its value, ``None`` included)."""
+        return _KeyExists(_check_key(key))
+
+    @staticmethod
+    def key_equals(key: str, value: Any) -> ActionCondition:
+        """Holds when ``key`` is in the store and its value equals ``value``.
+
+        Equality is the expression language's: see :func:`~.expression.values_equal`.
+        """
+        return _KeyEquals(_check_key(key), value)
+
+    @staticmethod
+    def compare(key: str, op: str, number: int | float) -> ActionCondition:
+        """Holds when the value of ``key`` is a number and ``value op number`` is true.
+
+        ``op`` is one of ``== != > >= < <=``. A missing key, or a value that is not a number
+        (bools are not numbers), makes the condition false, whatever ``op`` is.
+
+        Raises:
+            ConditionError: ``op`` is not a comparison operator, or ``number`` is not an
+                int or float (or is a bool).
+        """
+        if not isinstance(op, str) or op not in COMPARISON_OPERATORS:
+            expected = ", ".join(sorted(COMPARISON_OPERATORS))
+            raise ConditionError(f"unknown comparison operator {op!r}; expected one of {expected}")
+        if not is_number(number):
+            raise ConditionError(
+                f"compare() needs an int or float to compare with, not {type(number).__name__}"
+            )
+        return _Compare(_check_key(key), op, number)
+
+    @staticmethod
+    def expression(text: str) -> ActionCondition:
+        """Holds when the expression ``text`` is true; see :mod:`cosmoflow_actors.expression`.
+
+        Raises:
+            ConditionError: ``text`` is not a valid expression (the message says where).
+        """
+        return _ExpressionCondition(parse(text))
+
+    @staticmethod
+    def all_of(*conditions: ActionCondition) -> ActionCondition:
+        """Holds when every one of ``conditions`` holds (so ``all_of()`` always holds)."""
+        return _AllOf(_check_conditions("all_of", conditions))
+
+    @staticmethod
+    def any_of(*conditions: ActionCondition) -> ActionCondition:
+        """Holds when any of ``conditions`` holds (so ``any_of()`` never holds)."""
+        return _AnyOf(_check_conditions("any_of", conditions))
+
+
+def _check_key(key: object) -> str:
+    """Return ``key`` if it is a non-empty str; raise ConditionError otherwise."""
+    if not isinstance(key, str) or not key:
+        raise ConditionError(f"a store key must be a non-empty str, not {key!r}")
+    return key
+
+
+def _check_conditions(
+    combinator: str, conditions: tuple[object, ...]
+) -> tuple[ActionCondition, ...]:
+    """Return ``conditions`` if each is an ActionCondition; raise TypeError otherwise."""
+    checked: list[ActionCondition] = []
+    for condition in conditions:
+        if not isinstance(condition, ActionCondition):
+            kind = type(condition).__name__
+            raise TypeError(f"{combinator}() takes ActionCondition arguments, not {kind}")
+        checked.append(condition)
+    return tuple(checked)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Constant(ActionCondition):
+    """``always()`` or ``never()``."""
+
+    holds: bool
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        """Return the constant."""
+        return self.holds
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """No keys."""
+        return frozenset()
+
+    def __repr__(self) -> str:
+        return "ActionCondition.always()" if self.holds else "ActionCondition.never()"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _KeyExists(ActionCondition):
+    """``key_exists(key)``."""
+
+    key: str
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        """Return whether the key is present."""
+        return self.key in values
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The key."""
+        return frozenset({self.key})
+
+    def __repr__(self) -> str:
+        return f"ActionCondition.key_exists({self.key!r})"
+
+
+@final
+@dataclass(frozen=True, slots=True, eq=False)
+class _KeyEquals(ActionCondition):
+    """``key_equals(key, value)``; equal to another only if the values have the same type."""
+
+    key: str
+    value: Any
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        """Return whether the key is present with a value equal to ours."""
+        return self.key in values and values_equal(values[self.key], self.value)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The key."""
+        return frozenset({self.key})
+
+    def _identity(self) -> tuple[object, ...]:
+        """What equality and hashing compare: ``key_equals(k, 1) != key_equals(k, True)``."""
+        return (self.key, type(self.value), self.value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _KeyEquals):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
+
+    def __repr__(self) -> str:
+        return f"ActionCondition.key_equals({self.key!r}, {self.value!r})"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Compare(ActionCondition):
+    """``compare(key, op, number)``."""
+
+    key: str
+    op: str
+    number: int | float
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        """Return whether the key holds a number for which ``value op number`` is true."""
+        value = values.get(self.key)
+        return is_number(value) and compare_values(self.op, value, self.number)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The key."""
+        return frozenset({self.key})
+
+    def __repr__(self) -> str:
+        return f"ActionCondition.compare({self.key!r}, {self.op!r}, {self.number!r})"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _ExpressionCondition(ActionCondition):
+    """``expression(text)``, holding the parsed expression."""
+
+    parsed: Expression
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        """Return the value of the expression."""
+        return self.parsed.evaluate(values)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys the expression reads."""
+        return self.parsed.keys
+
+    def __repr__(self) -> str:
+        return f"ActionCondition.expression({self.parsed.source!r})"
+
+
+def _keys_of(conditions: tuple[ActionCondition, ...]) -> frozenset[str]:
+    """Return the union of the keys of ``conditions``."""
+    return frozenset().union(*(condition.keys for condition in conditions))
+
+
+def _combination_repr(combinator: str, symbol: str, conditions: tuple[ActionCondition, ...]) -> str:
+    """Return ``(a & b)`` for two or more conditions, ``ActionCondition.all_of(a)`` otherwise."""
+    if len(conditions) < 2:
+        inner = ", ".join(map(repr, conditions))
+        return f"ActionCondition.{combinator}({inner})"
+    return "(" + f" {symbol} ".join(map(repr, conditions)) + ")"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _AllOf(ActionCondition):
+    """``all_of(...)`` or ``a & b``."""
+
+    conditions: tuple[ActionCondition, ...]
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        """Return whether every condition holds."""
+        return all(condition.evaluate(values) for condition in self.conditions)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys of every condition."""
+        return _keys_of(self.conditions)
+
+    def __repr__(self) -> str:
+        return _combination_repr("all_of", "&", self.conditions)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _AnyOf(ActionCondition):
+    """``any_of(...)`` or ``a | b``."""
+
+    conditions: tuple[ActionCondition, ...]
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        """Return whether any condition holds."""
+        return any(condition.evaluate(values) for condition in self.conditions)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys of every condition."""
+        return _keys_of(self.conditions)
+
+    def __repr__(self) -> str:
+        return _combination_repr("any_of", "|", self.conditions)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Not(ActionCondition):
+    """``~condition``."""
+
+    condition: ActionCondition
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        """Return whether the condition does not hold."""
+        return not self.condition.evaluate(values)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys of the condition."""
+        return self.condition.keys
+
+    def __repr__(self) -> str:
+        return f"~{self.condition!r}"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Branches:
+    """The condition and the two actions of a conditional action."""
+
+    condition: ActionCondition
+    if_true: Action
+    if_false: Action
+
+    __hash__: ClassVar[None] = None  # type: ignore[assignment]
+
+    def choose(self, values: Mapping[str, Any]) -> Action:
+        """Return the branch the condition picks for ``values`` (not yet resolved)."""
+        return self.if_true if self.condition.evaluate(values) else self.if_false
+
+    def keys(self) -> frozenset[str]:
+        """Return every key the condition and the branches may read."""
+        return self.condition.keys | self.if_true.condition_keys() | self.if_false.condition_keys()
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
+class Action:
+    """What a node's ``post`` returns: where the run goes next.
+
+    Build actions with :meth:`simple`, :meth:`with_params`, :meth:`conditional` and
+    :meth:`complete`. Actions are equal when their kind, name, params, result and branches
+    are equal; they are unhashable.
+    """
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    result: Any = None
+    is_complete: bool = False
+    _branches: _Branches | None = None
+
+    __hash__: ClassVar[None] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"an action name must be a str, not {type(self.name).__name__}")
+        if not self.name:
+            raise ValueError("an action name must not be empty")
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    @staticmethod
+    def simple(name: str) -> Action:
+        """Go to the route for ``name``."""
+        return Action(name=name)
+
+    @staticmethod
+    def with_params(name: str, /, **params: Any) -> Action:
+        """Go to the route for ``name``; the next node receives ``params`` as ``ctx.params``."""
+        return Action(name=name, params=params)
+
+    @staticmethod
+    def conditional(
+        condition: ActionCondition, if_true: Action | str, if_false: Action | str
+    ) -> Action:
+        """Take ``if_true`` when ``condition`` holds, ``if_false`` otherwise.
+
+        The router resolves the choice against the store. A ``str`` branch means
+        ``Action.simple(branch)``; branches may themselves be conditional.
+        """
+        if not isinstance(condition, ActionCondition):
+            kind = type(condition).__name__
+            raise TypeError(f"conditional() needs an ActionCondition, not {kind}")
+        branches = _Branches(condition, _as_branch(if_true), _as_branch(if_false))
+        return Action(name="<conditional>", _branches=branches)
+
+    @staticmethod
+    def complete(result: Any = None) -> Action:
+        """End the run; ``result`` becomes ``FlowResult.result``."""
+        return Action(name="complete", result=result, is_complete=True)
+
+    @property
+    def is_conditional(self) -> bool:
+        """Whether this action is a choice the router resolves."""
+        return self._branches is not None
+
+    @property
+    def condition(self) -> ActionCondition | None:
+        """The condition of a conditional action; ``None`` otherwise."""
+        return None if self._branches is None else self._branches.condition
+
+    @property
+    def if_true(self) -> Action | None:
+        """The action taken when the condition holds; ``None`` unless conditional."""
+        return None if self._branches is None else self._branches.if_true
+
+    @property
+    def if_false(self) -> Action | None:
+        """The action taken when the condition does not hold; ``None`` unless conditional."""
+        return None if self._branches is None else self._branches.if_false
+
+    def resolve(self, values: Mapping[str, Any]) -> Action:
+        """Return the action this one stands for, given the store ``values``.
+
+        A conditional action evaluates its condition and resolves the chosen branch in turn;
+        any other action is returned as is.
+        """
+        if self._branches is None:
+            return self
+        return self._branches.choose(values).resolve(values)
+
+    def condition_keys(self) -> frozenset[str]:
+        """Return every store key that resolving this action may read."""
+        if self._branches is None:
+            return frozenset()
+        return self._branches.keys()
+
+    def __repr__(self) -> str:
+        if self._branches is not None:
+            branches = self._branches
+            args = f"{branches.condition!r}, {branches.if_true!r}, {branches.if_false!r}"
+            return f"Action.conditional({args})"
+        if self.is_complete and self.result is None:
+            return "Action.complete()"
+        if self.is_complete:
+            return f"Action.complete(result={self.result!r})"
+        if not self.params:
+            return f"Action.simple({self.name!r})"
+        params = ", ".join(_param_repr(key, value) for key, value in self.params.items())
+        return f"Action.with_params({self.name!r}, {params})"
+
+
+def _as_branch(branch: object) -> Action:
+    """Return ``branch`` as an Action: a ``str`` means ``Action.simple(branch)``."""
+    if isinstance(branch, Action):
+        return branch
+    if isinstance(branch, str):
+        return Action.simple(branch)
+    raise TypeError(f"a conditional branch must be an Action or a str, not {type(branch).__name__}")
+
+
+def _param_repr(key: str, value: Any) -> str:
+    """Return ``key=value``, or ``**{'key': value}`` when ``key`` is not an identifier."""
+    if key.isidentifier():
+        return f"{key}={value!r}"
+    return f"**{{{key!r}: {value!r}}}"
+
+
+def as_action(value: object, node_id: str) -> Action:
+    """Return what the ``post`` of node ``node_id`` returned as an Action.
+
+    An ``Action`` is returned as is, a ``str`` means ``Action.simple(value)`` and ``None``
+    means ``Action.simple("default")``.
+
+    Raises:
+        TypeError: ``value`` is anything else; the message names the node and the type.
+    """
+    if isinstance(value, Action):
+        return value
+    if isinstance(value, str):
+        return Action.simple(value)
+    if value is None:
+        return Action.simple("default")
+    raise TypeError(
+        f"node {node_id!r} returned {type(value).__name__} from post; expected Action, str or None"
+    )

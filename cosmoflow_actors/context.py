@@ -1,0 +1,29 @@
+"""The per-step context a node receives."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cosmoflow_actors.store import SharedStore
+
+
+@dataclass(slots=True, eq=False)
+class ExecutionContext:
+    """What a node knows about the step it is running.
+
+    One context is made per step; ``current_retry`` advances with each exec attempt.
+    Per-run state belongs in the store or in ``metadata``, never on the node.
+    """
+
+    run_id: str
+    node_id: str
+    flow_name: str
+    execution_id: str
+    store: SharedStore
+    params: Mapping[str, Any]
+    max_retries: int
+    current_retry: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)

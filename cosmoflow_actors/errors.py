@@ -1,0 +1,110 @@
+"""The error hierarchy: every error the engine raises is a :class:`CosmoFlowError`.
+
+Errors keep their origin: a :class:`NodeError` names the node, the phase and the run,
+and carries the exception the node raised as ``__cause__`` (never as a string).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class CosmoFlowError(Exception):
+    """The root of every error raised by cosmoflow_actors."""
+
+
+class FlowValidationError(CosmoFlowError, ValueError):
+    """``FlowBuilder.build()`` found the flow invalid; ``problems`` lists each fault."""
+
+    def __init__(self, flow_name: str, problems: Sequence[str]) -> None:
+        self.flow_name = flow_name
+        self.problems = tuple(problems)
+        super().__init__(f"flow {flow_name!r} is invalid: " + "; ".join(self.problems))
+
+
+class ConditionError(CosmoFlowError, ValueError):
+    """A condition could not be built: a malformed expression or a bad operator."""
+
+
+class NoRouteError(CosmoFlowError):
+    """A node returned an action that none of its routes accepts."""
+
+    def __init__(self, node_id: str, action: str, available: Sequence[str]) -> None:
+        self.node_id = node_id
+        self.action = action
+        self.available = tuple(available)
+        super().__init__(
+            f"node {node_id!r} returned action {action!r}, which no route accepts; "
+            f"available actions: {', '.join(map(repr, self.available))}"
+        )
+
+
+class MaxStepsExceeded(CosmoFlowError):
+    """A run would take more steps than its flow's ``max_steps`` allows."""
+
+    def __init__(self, max_steps: int, execution_path: Sequence[str]) -> None:
+        self.max_steps = max_steps
+        self.execution_path = tuple(execution_path)
+        tail = " -> ".join(self.execution_path[-5:])
+        super().__init__(f"run exceeded max_steps={max_steps}; last steps: ... -> {tail}")
+
+
+class NodeError(CosmoFlowError):
+    """A node's prep, exec (after retries and fallback) or post raised.
+
+    The exception the node raised is ``__cause__``.
+    """
+
+    def __init__(self, node_id: str, phase: str, run_id: str, attempts: int) -> None:
+        self.node_id = node_id
+        self.phase = phase
+        self.run_id = run_id
+        self.attempts = attempts
+        super().__init__(
+            f"node {node_id!r} failed in {phase} (run {run_id}, {attempts} attempt"
+            f"{'' if attempts == 1 else 's'})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.node_id, self.phase, self.run_id, self.attempts))
+
+
+class RunCancelledError(CosmoFlowError):
+    """The run was cancelled (``run.cancel()``, a cancelled caller, or the engine closing)."""
+
+
+class ActorCrashedError(CosmoFlowError):
+    """An actor of the engine crashed; every run in flight fails with this error.
+
+    The actor's exception is ``__cause__`` and also leaves ``open_engine``.
+    """
+
+    def __init__(self, actor: str) -> None:
+        self.actor = actor
+        super().__init__(f"actor {actor!r} crashed; the engine is shutting down")
+
+
+class StorageError(CosmoFlowError):
+    """A storage backend could not read, encode or commit data."""
+
+
+class StoreKeyError(CosmoFlowError, KeyError):
+    """The key is not in the store and no default was given."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(key)
+
+    def __str__(self) -> str:
+        return f"key {self.key!r} is not in the store"
+
+
+class StoreTypeError(CosmoFlowError, TypeError):
+    """The stored value is not of the type asked for."""
+
+    def __init__(self, key: str, expected: object, actual: object) -> None:
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"key {key!r} holds a {actual}, not a {expected}")

@@ -1,0 +1,519 @@
+"""The safe expression language of ``ActionCondition.expression``.
+
+An expression is parsed once, when the condition is built, by a tokenizer and a
+recursive-descent parser; evaluating it walks the parsed tree. Python ``eval`` is never used.
+
+Grammar, from the lowest precedence to the highest::
+
+    expression := or_expr END
+    or_expr    := and_expr ("or" and_expr)*
+    and_expr   := not_expr ("and" not_expr)*
+    not_expr   := "not" not_expr | comparison
+    comparison := primary (OPERATOR primary)?        OPERATOR: == != > >= < <=
+    primary    := "${" key "}" | NUMBER | STRING | "true" | "false" | "null"
+                | "(" or_expr ")"
+
+- ``${key}`` reads a store value; the key is any characters except ``}`` (at least one).
+  A missing key reads as null (``None``).
+- Numbers are integers or decimals with an optional sign and exponent (``3``, ``-0.5``,
+  ``1e3``). Strings use single or double quotes with the escapes ``\\\\ \\' \\" \\n \\t``.
+- Chained comparisons (``1 < ${x} < 3``) are rejected; write ``1 < ${x} and ${x} < 3``.
+  Parentheses may nest at most 50 levels deep (``not`` counts as a level too).
+- Anything else (other names, attribute access, calls, indexing, arithmetic, trailing
+  tokens, unbalanced parentheses, unterminated strings, empty input) raises
+  :class:`~cosmoflow_actors.errors.ConditionError` with the column and the offending token.
+
+Semantics (evaluation never raises):
+
+- Equality (``==``, ``!=``; also ``ActionCondition.key_equals``): numbers (``int`` or
+  ``float``, never ``bool``) compare numerically with each other; a bool equals only a bool;
+  null equals only null; a string equals only a string; other values (lists, dicts read from
+  the store) compare with Python ``==`` only when both have the same type. Any other pair is
+  unequal, and ``!=`` is the negation of ``==``.
+- Ordering (``< <= > >=``) is true only when both operands are numbers or both are strings,
+  compared as Python does; any other pair (including null) gives false.
+- ``and``, ``or`` and ``not`` use the Python truthiness of their operands and produce a
+  bool. A bare operand as the whole expression (``${flag}``) yields its truthiness.
+- A store value whose ``==`` or truthiness raises counts as unequal or false.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import Any, Final, TypeGuard, final
+
+from cosmoflow_actors.errors import ConditionError
+
+__all__ = [
+    "COMPARISON_OPERATORS",
+    "Expression",
+    "compare_values",
+    "is_number",
+    "parse",
+    "values_equal",
+]
+
+Scalar = int | float | str | bool | None
+"""The type of a literal in an expression."""
+
+_ORDERINGS: Final[dict[str, Callable[[Any, Any], Any]]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+
+COMPARISON_OPERATORS: Final[frozenset[str]] = frozenset({"==", "!=", *_ORDERINGS})
+"""The comparison operators of the language (and of ``ActionCondition.compare``)."""
+
+_KEYWORD_VALUES: Final[dict[str, Scalar]] = {"true": True, "false": False, "null": None}
+_KEYWORDS: Final[frozenset[str]] = frozenset({"and", "or", "not", *_KEYWORD_VALUES})
+_ESCAPES: Final[dict[str, str]] = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "t": "\t"}
+_NUMBER: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OPERATOR: Final = re.compile(r"==|!=|<=|>=|<|>")
+_MAX_DEPTH: Final = 50
+_MAX_QUOTED: Final = 80
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """Return whether ``value`` is a number of the language: an int or float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def values_equal(left: object, right: object) -> bool:
+    """Return whether ``left == right`` under the language's equality (see the module doc)."""
+    if is_number(left) or is_number(right):
+        return is_number(left) and is_number(right) and left == right
+    if isinstance(left, str) or isinstance(right, str):
+        return isinstance(left, str) and isinstance(right, str) and left == right
+    if type(left) is not type(right):
+        return False
+    try:
+        return bool(left == right)
+    except Exception:
+        return False
+
+
+def compare_values(op: str, left: object, right: object) -> bool:
+    """Return the result of ``left op right``; ``op`` must be in ``COMPARISON_OPERATORS``."""
+    if op == "==":
+        return values_equal(left, right)
+    if op == "!=":
+        return not values_equal(left, right)
+    both_numbers = is_number(left) and is_number(right)
+    both_strings = isinstance(left, str) and isinstance(right, str)
+    if not (both_numbers or both_strings):
+        return False
+    return bool(_ORDERINGS[op](left, right))
+
+
+def _truthy(value: object) -> bool:
+    """Return the Python truthiness of ``value``; false when ``bool()`` raises."""
+    try:
+        return bool(value)
+    except Exception:
+        return False
+
+
+# --- the parsed tree -----------------------------------------------------------------------
+
+
+class _Node(ABC):
+    """A node of a parsed expression."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def compute(self, values: Mapping[str, Any]) -> object:
+        """Return the value of this node for the store ``values``."""
+
+    @abstractmethod
+    def keys(self) -> frozenset[str]:
+        """Return every store key this node reads."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Ref(_Node):
+    """``${key}``: a store value, ``None`` when missing."""
+
+    key: str
+
+    def compute(self, values: Mapping[str, Any]) -> object:
+        """Return the store value of the key, or ``None``."""
+        return values.get(self.key)
+
+    def keys(self) -> frozenset[str]:
+        """Return the key."""
+        return frozenset({self.key})
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Literal(_Node):
+    """A number, string, ``true``, ``false`` or ``null``."""
+
+    constant: Scalar
+
+    def compute(self, values: Mapping[str, Any]) -> object:
+        """Return the constant."""
+        return self.constant
+
+    def keys(self) -> frozenset[str]:
+        """Return no keys."""
+        return frozenset()
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Compare(_Node):
+    """``left op right``."""
+
+    op: str
+    left: _Node
+    right: _Node
+
+    def compute(self, values: Mapping[str, Any]) -> object:
+        """Return the comparison of both operands."""
+        return compare_values(self.op, self.left.compute(values), self.right.compute(values))
+
+    def keys(self) -> frozenset[str]:
+        """Return the keys of both operands."""
+        return self.left.keys() | self.right.keys()
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Not(_Node):
+    """``not operand``."""
+
+    operand: _Node
+
+    def compute(self, values: Mapping[str, Any]) -> object:
+        """Return the negated truthiness of the operand."""
+        return not _truthy(self.operand.compute(values))
+
+    def keys(self) -> frozenset[str]:
+        """Return the keys of the operand."""
+        return self.operand.keys()
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _And(_Node):
+    """``a and b and ...``."""
+
+    operands: tuple[_Node, ...]
+
+    def compute(self, values: Mapping[str, Any]) -> object:
+        """Return whether every operand is truthy (stopping at the first that is not)."""
+        return all(_truthy(operand.compute(values)) for operand in self.operands)
+
+    def keys(self) -> frozenset[str]:
+        """Return the keys of every operand."""
+        return frozenset().union(*(operand.keys() for operand in self.operands))
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Or(_Node):
+    """``a or b or ...``."""
+
+    operands: tuple[_Node, ...]
+
+    def compute(self, values: Mapping[str, Any]) -> object:
+        """Return whether any operand is truthy (stopping at the first that is)."""
+        return any(_truthy(operand.compute(values)) for operand in self.operands)
+
+    def keys(self) -> frozenset[str]:
+        """Return the keys of every operand."""
+        return frozenset().union(*(operand.keys() for operand in self.operands))
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Expression:
+    """A parsed expression; build it with :func:`parse`. Equal when the sources are equal."""
+
+    source: str
+    root: _Node = field(compare=False)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Every store key the expression reads."""
+        return self.root.keys()
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        """Return the truthiness of the expression for the store ``values``; never raises."""
+        return _truthy(self.root.compute(values))
+
+    def __repr__(self) -> str:
+        return f"Expression({self.source!r})"
+
+
+# --- tokens --------------------------------------------------------------------------------
+
+
+class _Kind(Enum):
+    """The kinds of token."""
+
+    REF = auto()
+    NUMBER = auto()
+    STRING = auto()
+    KEYWORD = auto()
+    OPERATOR = auto()
+    OPEN = auto()
+    CLOSE = auto()
+    END = auto()
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    """A token: its kind, its source text, its value and its 1-based column."""
+
+    kind: _Kind
+    text: str
+    column: int
+    value: Scalar = None
+
+    def describe(self) -> str:
+        """Describe the token for an error message."""
+        if self.kind is _Kind.END:
+            return "end of input"
+        return repr(self.text)
+
+
+def _syntax_error(source: str, column: int, message: str) -> ConditionError:
+    """Return the ConditionError for a fault at ``column`` of ``source``."""
+    if len(source) > _MAX_QUOTED:
+        source = source[: _MAX_QUOTED - 3] + "..."
+    return ConditionError(f"invalid expression {source!r} at column {column}: {message}")
+
+
+class _Lexer:
+    """Splits the source into tokens, left to right."""
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+        self._pos = 0
+
+    def tokens(self) -> Iterator[_Token]:
+        """Yield every token, ending with an END token."""
+        while True:
+            self._skip_space()
+            if self._pos >= len(self._source):
+                yield _Token(_Kind.END, "", self._pos + 1)
+                return
+            yield self._next_token()
+
+    def _skip_space(self) -> None:
+        while self._pos < len(self._source) and self._source[self._pos].isspace():
+            self._pos += 1
+
+    def _next_token(self) -> _Token:
+        char = self._source[self._pos]
+        if char in "()":
+            kind = _Kind.OPEN if char == "(" else _Kind.CLOSE
+            return self._take(kind, 1)
+        if char == "$":
+            return self._reference()
+        if char in "'\"":
+            return self._string(char)
+        if char == "-" or (char.isascii() and char.isdigit()):
+            return self._number()
+        if char in "=!<>":
+            return self._operator()
+        name = _NAME.match(self._source, self._pos)
+        if name is not None:
+            return self._keyword(name.group())
+        raise self._error(self._pos, f"unexpected character {char!r}")
+
+    def _take(self, kind: _Kind, length: int, value: Scalar = None) -> _Token:
+        """Return a token of ``length`` characters at the current position and skip it."""
+        start = self._pos
+        self._pos += length
+        return _Token(kind, self._source[start : self._pos], start + 1, value)
+
+    def _error(self, pos: int, message: str) -> ConditionError:
+        return _syntax_error(self._source, pos + 1, message)
+
+    def _reference(self) -> _Token:
+        if not self._source.startswith("${", self._pos):
+            raise self._error(self._pos, "unexpected character '$' (write ${key})")
+        end = self._source.find("}", self._pos + 2)
+        if end == -1:
+            raise self._error(self._pos, "unterminated '${' (missing '}')")
+        key = self._source[self._pos + 2 : end]
+        if not key:
+            raise self._error(self._pos, "empty key in '${}'")
+        return self._take(_Kind.REF, end + 1 - self._pos, key)
+
+    def _string(self, quote: str) -> _Token:
+        start = self._pos
+        chars: list[str] = []
+        pos = start + 1
+        while pos < len(self._source) and self._source[pos] != quote:
+            if self._source[pos] == "\\":
+                chars.append(self._escape(pos))
+                pos += 2
+            else:
+                chars.append(self._source[pos])
+                pos += 1
+        if pos >= len(self._source):
+            raise self._error(start, f"unterminated string {self._source[start:]!r}")
+        return self._take(_Kind.STRING, pos + 1 - start, "".join(chars))
+
+    def _escape(self, pos: int) -> str:
+        """Return the character the escape sequence at ``pos`` stands for."""
+        sequence = self._source[pos : pos + 2]
+        if len(sequence) < 2:
+            raise self._error(pos, "unterminated string (it ends with a backslash)")
+        if sequence[1] not in _ESCAPES:
+            raise self._error(pos, f"invalid escape {sequence!r}")
+        return _ESCAPES[sequence[1]]
+
+    def _number(self) -> _Token:
+        match = _NUMBER.match(self._source, self._pos)
+        if match is None:
+            raise self._error(self._pos, "unexpected character '-' (arithmetic is not supported)")
+        text = match.group()
+        return self._take(_Kind.NUMBER, len(text), self._number_value(text))
+
+    def _number_value(self, text: str) -> int | float:
+        if any(char in text for char in ".eE"):
+            return float(text)
+        try:
+            return int(text)
+        except ValueError as exc:
+            raise self._error(self._pos, f"number with {len(text)} digits is too long") from exc
+
+    def _operator(self) -> _Token:
+        match = _OPERATOR.match(self._source, self._pos)
+        if match is None:
+            char = self._source[self._pos]
+            raise self._error(self._pos, f"unexpected character {char!r} (did you mean '=='?)")
+        return self._take(_Kind.OPERATOR, len(match.group()))
+
+    def _keyword(self, name: str) -> _Token:
+        if name not in _KEYWORDS:
+            raise self._error(self._pos, f"unknown name {name!r}")
+        return self._take(_Kind.KEYWORD, len(name), _KEYWORD_VALUES.get(name))
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+class _Parser:
+    """A recursive-descent parser over the tokens of one source."""
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+        self._tokens = list(_Lexer(source).tokens())
+        self._index = 0
+        self._depth = 0
+
+    def parse(self) -> _Node:
+        """Parse the whole source as one expression."""
+        if self._peek().kind is _Kind.END:
+            raise self._error(self._peek(), "empty expression")
+        root = self._or()
+        token = self._peek()
+        if token.kind is not _Kind.END:
+            raise self._error(token, f"unexpected {token.describe()} after a complete expression")
+        return root
+
+    def _peek(self) -> _Token:
+        return self._tokens[self._index]
+
+    def _advance(self) -> _Token:
+        """Return the current token and move past it (never past the END token)."""
+        token = self._tokens[self._index]
+        if token.kind is not _Kind.END:
+            self._index += 1
+        return token
+
+    def _at_keyword(self, word: str) -> bool:
+        token = self._peek()
+        return token.kind is _Kind.KEYWORD and token.text == word
+
+    def _error(self, token: _Token, message: str) -> ConditionError:
+        return _syntax_error(self._source, token.column, message)
+
+    def _enter(self, token: _Token) -> None:
+        """Count one more level of nesting, refusing to go deeper than ``_MAX_DEPTH``."""
+        self._depth += 1
+        if self._depth > _MAX_DEPTH:
+            raise self._error(token, f"expression nested more than {_MAX_DEPTH} levels deep")
+
+    def _or(self) -> _Node:
+        operands = [self._and()]
+        while self._at_keyword("or"):
+            self._advance()
+            operands.append(self._and())
+        return operands[0] if len(operands) == 1 else _Or(tuple(operands))
+
+    def _and(self) -> _Node:
+        operands = [self._not()]
+        while self._at_keyword("and"):
+            self._advance()
+            operands.append(self._not())
+        return operands[0] if len(operands) == 1 else _And(tuple(operands))
+
+    def _not(self) -> _Node:
+        if not self._at_keyword("not"):
+            return self._comparison()
+        self._enter(self._advance())
+        operand = self._not()
+        self._depth -= 1
+        return _Not(operand)
+
+    def _comparison(self) -> _Node:
+        left = self._primary()
+        if self._peek().kind is not _Kind.OPERATOR:
+            return left
+        op = self._advance().text
+        right = self._primary()
+        token = self._peek()
+        if token.kind is _Kind.OPERATOR:
+            message = f"chained comparison at {token.describe()}; join comparisons with 'and'"
+            raise self._error(token, message)
+        return _Compare(op, left, right)
+
+    def _primary(self) -> _Node:
+        token = self._advance()
+        if token.kind is _Kind.REF:
+            return _Ref(str(token.value))
+        if token.kind in (_Kind.NUMBER, _Kind.STRING):
+            return _Literal(token.value)
+        if token.kind is _Kind.KEYWORD and token.text in _KEYWORD_VALUES:
+            return _Literal(token.value)
+        if token.kind is _Kind.OPEN:
+            return self._parenthesized(token)
+        raise self._error(token, f"expected a value but found {token.describe()}")
+
+    def _parenthesized(self, opening: _Token) -> _Node:
+        self._enter(opening)
+        inner = self._or()
+        closing = self._advance()
+        if closing.kind is not _Kind.CLOSE:
+            raise self._error(closing, f"expected ')' but found {closing.describe()}")
+        self._depth -= 1
+        return inner
+
+
+def parse(text: str) -> Expression:
+    """Parse ``text`` into an :class:`Expression`.
+
+    Raises:
+        ConditionError: ``text`` is not a valid expression; the message gives the column and
+            the offending token.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"an expression must be a str, not {type(text).__name__}")
+    return Expression(text, _Parser(text).parse())

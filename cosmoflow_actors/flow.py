@@ -1,0 +1,229 @@
+"""Flows: directed graphs of nodes joined by action-labelled routes.
+
+A flow is built once with :class:`FlowBuilder`, validated by ``build()``, and is then
+immutable; one flow serves any number of concurrent runs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal, final
+
+import trio
+
+from cosmoflow_actors.action import Action, ActionCondition
+from cosmoflow_actors.errors import FlowValidationError
+from cosmoflow_actors.node import Node, validate_config
+
+if TYPE_CHECKING:
+    from cosmoflow_actors.storage.base import Storage
+
+DEFAULT_MAX_STEPS: Final = 1000
+
+
+class _End(enum.Enum):
+    END = "END"
+
+    def __repr__(self) -> str:
+        return "cf.END"
+
+
+END: Final = _End.END
+"""Route target that ends the flow."""
+
+Target = str | Literal[_End.END]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """``source --action [when]--> target``."""
+
+    source: str
+    action: str
+    target: Target
+    when: ActionCondition | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowResult:
+    """The outcome of a run that succeeded."""
+
+    run_id: str
+    flow_name: str
+    final_action: Action
+    last_node_id: str
+    steps_executed: int
+    execution_path: tuple[str, ...]
+    result: Any
+    success: bool
+    duration: float
+    store: Storage
+
+
+@final
+class Flow:
+    """A validated, immutable flow. Make one with :meth:`Flow.builder`.
+
+    A flow can itself be a node of another flow (a nested flow): it runs on the parent
+    run's store, and the name of its final action is routed in the parent.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        nodes: Mapping[str, Node | Flow],
+        routes: tuple[Route, ...],
+        start_id: str,
+        max_steps: int,
+    ) -> None:
+        self.name = name
+        self.nodes: Mapping[str, Node | Flow] = dict(nodes)
+        self.routes = routes
+        self.start_id = start_id
+        self.max_steps = max_steps
+        table: dict[tuple[str, str], list[Route]] = {}
+        for route in routes:
+            table.setdefault((route.source, route.action), []).append(route)
+        self._table = {key: tuple(candidates) for key, candidates in table.items()}
+        self._sources = frozenset(route.source for route in routes)
+
+    @staticmethod
+    def builder(name: str) -> FlowBuilder:
+        """Start building a flow called ``name``."""
+        return FlowBuilder(name)
+
+    def routes_for(self, node_id: str, action: str) -> tuple[Route, ...]:
+        """The routes out of ``node_id`` for ``action``, in the order added."""
+        return self._table.get((node_id, action), ())
+
+    def has_routes(self, node_id: str) -> bool:
+        """Whether any route leaves ``node_id``."""
+        return node_id in self._sources
+
+    def actions_from(self, node_id: str) -> list[str]:
+        """The distinct actions routed out of ``node_id``, in the order added."""
+        return list(dict.fromkeys(r.action for r in self.routes if r.source == node_id))
+
+    async def run(
+        self,
+        store: Storage | dict[str, Any] | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> FlowResult:
+        """Run once on a temporary engine; returns when the run ends.
+
+        Raises the run's error (``NodeError``, ``NoRouteError``...) when it fails.
+        """
+        from cosmoflow_actors.runtime.engine import open_engine
+
+        failure: Exception | None = None
+        async with open_engine() as engine:
+            try:
+                result = await engine.run(self, store, params=params, run_id=run_id)
+            except Exception as exc:  # the run's own error, raised below as is
+                failure = exc
+        if failure is not None:
+            raise failure
+        return result
+
+    def run_sync(
+        self,
+        store: Storage | dict[str, Any] | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> FlowResult:
+        """Run once from synchronous code (``trio.run``); blocks until the run ends."""
+        return trio.run(lambda: self.run(store, params=params, run_id=run_id))
+
+    def __repr__(self) -> str:
+        return f"<Flow {self.name!r}: {len(self.nodes)} nodes, {len(self.routes)} routes>"
+
+
+class FlowBuilder:
+    """Collects nodes and routes; :meth:`build` validates them into a :class:`Flow`."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._nodes: dict[str, Node | Flow] = {}
+        self._routes: list[Route] = []
+        self._start: str | None = None
+        self._max_steps = DEFAULT_MAX_STEPS
+        self._problems: list[str] = []
+
+    def add_node(self, node_id: str, node: Node | Flow) -> FlowBuilder:
+        """Add ``node`` (a Node or a nested Flow) under ``node_id``."""
+        if node_id in self._nodes:
+            self._problems.append(f"duplicate node id {node_id!r}")
+        elif not isinstance(node, Node | Flow):
+            self._problems.append(
+                f"node {node_id!r} is a {type(node).__name__}, not a Node or Flow"
+            )
+        else:
+            self._nodes[node_id] = node
+        return self
+
+    def add_route(
+        self,
+        from_id: str,
+        to_id: Target,
+        action: str = "default",
+        *,
+        when: ActionCondition | None = None,
+    ) -> FlowBuilder:
+        """Route ``action`` out of ``from_id`` to ``to_id`` (a node id or ``END``).
+
+        With ``when``, the route is taken only if the condition holds on the run's store.
+        """
+        if when is not None and not isinstance(when, ActionCondition):
+            self._problems.append(f"route {from_id!r} -> {to_id!r}: when is not an ActionCondition")
+        self._routes.append(Route(from_id, action, to_id, when))
+        return self
+
+    def start(self, node_id: str) -> FlowBuilder:
+        """Make ``node_id`` the entry node (default: the first node added)."""
+        self._start = node_id
+        return self
+
+    def max_steps(self, steps: int) -> FlowBuilder:
+        """Bound the steps one run may take (default 1000)."""
+        self._max_steps = steps
+        return self
+
+    def build(self) -> Flow:
+        """Validate and return the flow; raise FlowValidationError naming every fault."""
+        problems = [*self._problems, *self._route_problems(), *self._config_problems()]
+        start = self._start if self._start is not None else next(iter(self._nodes), None)
+        if not self._nodes:
+            problems.append("the flow has no nodes")
+        elif start not in self._nodes:
+            problems.append(f"start node {start!r} is not a node of the flow")
+        if isinstance(self._max_steps, bool) or not isinstance(self._max_steps, int):
+            problems.append(f"max_steps must be an int, got {self._max_steps!r}")
+        elif self._max_steps < 1:
+            problems.append(f"max_steps must be >= 1, got {self._max_steps}")
+        if problems or start is None:
+            raise FlowValidationError(self._name, problems)
+        return Flow(self._name, self._nodes, tuple(self._routes), start, self._max_steps)
+
+    def _route_problems(self) -> list[str]:
+        problems = []
+        for route in self._routes:
+            if route.source not in self._nodes:
+                problems.append(f"route from unknown node {route.source!r}")
+            if route.target is not END and route.target not in self._nodes:
+                problems.append(f"route from {route.source!r} to unknown node {route.target!r}")
+        return problems
+
+    def _config_problems(self) -> list[str]:
+        problems = []
+        for node_id, node in self._nodes.items():
+            if isinstance(node, Node):
+                try:
+                    validate_config(node, f"node {node_id!r}")
+                except ValueError as exc:
+                    problems.append(str(exc))
+        return problems

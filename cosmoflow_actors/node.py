@@ -1,0 +1,164 @@
+"""Nodes: the prep → exec → post units a flow is made of.
+
+A node instance serves every run that passes through it, concurrently, inside its node
+actor; keep per-run state in the store or in the context, never on ``self``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, overload
+
+from cosmoflow_actors.action import Action
+from cosmoflow_actors.context import ExecutionContext
+from cosmoflow_actors.store import SharedStore
+
+PostResult = Action | str | None
+StepFunction = Callable[[ExecutionContext], Awaitable[PostResult] | PostResult]
+
+_CONFIG_NAMES = (
+    "max_retries",
+    "retry_delay",
+    "backoff",
+    "timeout",
+    "max_concurrency",
+    "retry_on",
+)
+
+
+class Node:
+    """Base class of a node. Override any of :meth:`prep`, :meth:`exec`, :meth:`post`,
+    :meth:`exec_fallback`, as plain ``def`` or ``async def``.
+
+    Config is class attributes, overridable per instance by keyword arguments
+    (``MyNode(max_retries=5)``). Invalid config raises ``ValueError`` when the class is
+    defined or the instance is made.
+    """
+
+    max_retries: int = 1
+    """Total exec attempts (>= 1); 1 means no retry."""
+    retry_delay: float = 0.0
+    """Seconds before the first retry."""
+    backoff: float = 1.0
+    """Multiplier applied to the delay after each retry."""
+    timeout: float | None = None
+    """Seconds one exec attempt may take; exceeding it is a failed attempt."""
+    max_concurrency: int | None = None
+    """Steps this node's actor runs at once (None = unbounded)."""
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    """Exception types that are retried; others go straight to the fallback."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        validate_config(cls, cls.__qualname__)
+
+    def __init__(self, **config: Any) -> None:
+        unknown = sorted(set(config) - set(_CONFIG_NAMES))
+        if unknown:
+            raise TypeError(f"{type(self).__qualname__}: unknown config {', '.join(unknown)}")
+        for name, value in config.items():
+            setattr(self, name, value)
+        validate_config(self, type(self).__qualname__)
+
+    def prep(self, store: SharedStore, ctx: ExecutionContext) -> Any:
+        """Read what exec needs from the store. The default returns None."""
+        return None
+
+    def exec(self, prep_res: Any, ctx: ExecutionContext) -> Any:
+        """Do the work, without store access; retried per the config. Default: None."""
+        return None
+
+    def exec_fallback(self, prep_res: Any, error: Exception, ctx: ExecutionContext) -> Any:
+        """Called after the last failed exec attempt; its return value replaces exec's.
+
+        The default re-raises ``error``, which fails the run with a ``NodeError``.
+        """
+        raise error
+
+    def post(
+        self, store: SharedStore, prep_res: Any, exec_res: Any, ctx: ExecutionContext
+    ) -> Awaitable[PostResult] | PostResult:
+        """Write results and choose the action. The default returns None ("default")."""
+        return None
+
+
+def validate_config(target: object, owner: str) -> None:
+    """Raise ``ValueError`` naming ``owner`` when the node config on ``target`` is invalid."""
+    max_retries = getattr(target, "max_retries", 1)
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 1:
+        raise ValueError(f"{owner}: max_retries must be an int >= 1, got {max_retries!r}")
+    for name in ("retry_delay", "backoff"):
+        _require_number(owner, name, getattr(target, name, 0.0), allow_none=False)
+    _require_number(owner, "timeout", getattr(target, "timeout", None), allow_none=True)
+    if getattr(target, "timeout", None) == 0:
+        raise ValueError(f"{owner}: timeout must be > 0 or None")
+    limit = getattr(target, "max_concurrency", None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{owner}: max_concurrency must be an int >= 1 or None, got {limit!r}")
+    retry_on = getattr(target, "retry_on", (Exception,))
+    if not isinstance(retry_on, tuple) or not all(_is_exception_type(t) for t in retry_on):
+        raise ValueError(f"{owner}: retry_on must be a tuple of exception types")
+
+
+def _require_number(owner: str, name: str, value: object, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
+    if value < 0 or math.isnan(value):
+        raise ValueError(f"{owner}: {name} must be >= 0, got {value!r}")
+
+
+def _is_exception_type(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, BaseException)
+
+
+class FunctionNode(Node):
+    """A node made from one function of the context (the ``@node`` decorator).
+
+    The function runs as the exec phase (so retries, timeout and fallback apply) and may
+    use ``ctx.store``; what it returns is the action.
+    """
+
+    def __init__(self, function: StepFunction, **config: Any) -> None:
+        super().__init__(**config)
+        self.function = function
+        self.__name__ = getattr(function, "__name__", "node")
+        self.__doc__ = function.__doc__
+
+    async def exec(self, prep_res: Any, ctx: ExecutionContext) -> PostResult:
+        result = self.function(ctx)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    def post(
+        self, store: SharedStore, prep_res: Any, exec_res: Any, ctx: ExecutionContext
+    ) -> PostResult:
+        return exec_res  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"<node {self.__name__}>"
+
+
+@overload
+def node(function: StepFunction, /) -> FunctionNode: ...
+
+
+@overload
+def node(**config: Any) -> Callable[[StepFunction], FunctionNode]: ...
+
+
+def node(
+    function: StepFunction | None = None, /, **config: Any
+) -> FunctionNode | Callable[[StepFunction], FunctionNode]:
+    """Make a node from ``fn(ctx) -> Action | str | None``; use as ``@node`` or ``@node(...)``."""
+    if function is not None:
+        return FunctionNode(function)
+
+    def decorate(fn: StepFunction) -> FunctionNode:
+        return FunctionNode(fn, **config)
+
+    return decorate

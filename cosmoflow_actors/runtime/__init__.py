@@ -1,0 +1,1 @@
+"""The actor runtime: engine, node actors, router and store actors, and their messages."""

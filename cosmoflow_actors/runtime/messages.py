@@ -1,0 +1,150 @@
+"""The messages actors exchange, and the reply slot a requester waits on.
+
+Messages are frozen slotted dataclasses. A request that needs an answer carries a
+:class:`Reply`: the requesting task parks on it (trio's lowlevel parking, no channel
+per request) and the actor answers with :meth:`Reply.send`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import outcome
+import trio
+
+if TYPE_CHECKING:
+    from cosmoflow_actors.action import Action
+    from cosmoflow_actors.runtime.run import Run
+
+T = TypeVar("T")
+M = TypeVar("M")
+
+
+async def deliver(mailbox: trio.MemorySendChannel[M], message: M) -> None:
+    """Put ``message`` in ``mailbox``; wait only while it is full.
+
+    Not a checkpoint when there is room: actors hand messages on without yielding, and
+    yield when they wait for their own mailbox.
+    """
+    try:
+        mailbox.send_nowait(message)
+    except trio.WouldBlock:
+        await mailbox.send(message)
+
+
+async def take(mailbox: trio.MemoryReceiveChannel[M]) -> M:
+    """The next message of ``mailbox``; wait only while it is empty (then a checkpoint)."""
+    try:
+        return mailbox.receive_nowait()
+    except trio.WouldBlock:
+        return await mailbox.receive()
+
+
+class Reply(Generic[T]):
+    """A one-shot answer slot: one task waits, one actor sends.
+
+    The answer may arrive before the requester starts waiting; it is kept until then.
+    A requester cancelled while waiting abandons the slot, and a later answer is dropped.
+    """
+
+    __slots__ = ("_answer", "_task")
+
+    def __init__(self) -> None:
+        self._answer: outcome.Outcome[T] | None = None
+        self._task: trio.lowlevel.Task | None = None
+
+    def send(self, answer: outcome.Outcome[T]) -> None:
+        """Deliver ``answer``; wakes the waiting task. Never blocks."""
+        task = self._task
+        if task is None:
+            self._answer = answer
+            return
+        self._task = None
+        trio.lowlevel.reschedule(task, answer)
+
+    async def wait(self) -> T:
+        """Block until the answer arrives; return its value or raise its error.
+
+        A checkpoint: cancellable while waiting.
+        """
+        answer = self._answer
+        if answer is not None:
+            await trio.lowlevel.checkpoint()
+            return answer.unwrap()
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+
+class StoreOp(enum.Enum):
+    """What a :class:`StoreRequest` asks the store actor to do."""
+
+    GET = enum.auto()
+    CONTAINS = enum.auto()
+    KEYS = enum.auto()
+    SIZE = enum.auto()
+    GET_MANY = enum.auto()
+    SET = enum.auto()
+    SET_MANY = enum.auto()
+    UPDATE = enum.auto()
+    DELETE = enum.auto()
+    CLEAR = enum.auto()
+
+    @property
+    def writes(self) -> bool:
+        """Whether the operation changes the store (and so needs a commit)."""
+        return self in _WRITES
+
+
+_WRITES = frozenset({StoreOp.SET, StoreOp.SET_MANY, StoreOp.UPDATE, StoreOp.DELETE, StoreOp.CLEAR})
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRequest:
+    """SharedStore → store actor: one operation on the backend.
+
+    ``key`` and ``argument`` depend on ``op``: the value to set, the keys to read, the
+    mapping to write, or for UPDATE a ``(fn, default)`` pair.
+    """
+
+    op: StoreOp
+    key: str
+    argument: Any
+    reply: Reply[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Engine or router → node actor: run one step of ``run`` with these params."""
+
+    run: Run
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    """Node actor → router: the step of ``run`` at ``node_id`` returned ``action``."""
+
+    run: Run
+    node_id: str
+    action: Action
+
+
+@dataclass(frozen=True, slots=True)
+class StepFailed:
+    """Node actor → router: the step of ``run`` at ``node_id`` failed with ``error``."""
+
+    run: Run
+    node_id: str
+    error: Exception
+
+
+RouterMessage = StepDone | StepFailed

@@ -1,0 +1,76 @@
+"""The storage backend contract.
+
+A backend is owned by exactly one store actor at a time: the actor calls these methods
+one at a time, in mailbox order, so a backend needs no locking of its own. Node code
+never calls a backend directly; it goes through :class:`cosmoflow_actors.SharedStore`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+
+class Storage(ABC):
+    """Abstract storage backend: a mapping from ``str`` keys to values.
+
+    Required: :meth:`get`, :meth:`set`, :meth:`delete`, :meth:`keys`. The rest have
+    defaults built on those. Every method may block only by awaiting (run blocking I/O
+    with ``trio.to_thread``); each is a checkpoint only if the backend awaits.
+    """
+
+    async def open(self) -> None:  # noqa: B027 (an optional hook; no-op by default)
+        """Prepare the backend (for example load a file); called before first use.
+
+        The store actor calls it before it reports ready; it must be idempotent.
+        Raises :class:`~cosmoflow_actors.StorageError` when the data cannot be read.
+        """
+
+    @abstractmethod
+    async def get(self, key: str) -> Any:
+        """Return the value of ``key``; raise ``KeyError`` when it is missing."""
+
+    @abstractmethod
+    async def set(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key``.
+
+        A value the backend cannot encode raises :class:`~cosmoflow_actors.StorageError`
+        and stores nothing. The write is durable once :meth:`commit` returns.
+        """
+
+    @abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``; return whether it was there."""
+
+    @abstractmethod
+    async def keys(self) -> list[str]:
+        """Return every key, in insertion order where the backend keeps one."""
+
+    async def contains(self, key: str) -> bool:
+        """Return whether ``key`` is stored."""
+        try:
+            await self.get(key)
+        except KeyError:
+            return False
+        return True
+
+    async def size(self) -> int:
+        """Return the number of keys."""
+        return len(await self.keys())
+
+    async def clear(self) -> None:
+        """Remove every key."""
+        for key in await self.keys():
+            await self.delete(key)
+
+    async def commit(self) -> None:  # noqa: B027 (an optional hook; no-op by default)
+        """Make every write since the last commit durable, all or nothing.
+
+        The store actor calls it once per batch of writes it drained from its mailbox,
+        before it answers any of them. On failure it raises
+        :class:`~cosmoflow_actors.StorageError` and the backend returns to its last
+        committed state. The default (a volatile backend) does nothing.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 (an optional hook; no-op by default)
+        """Release resources (files, connections). The default does nothing."""

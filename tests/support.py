@@ -1,0 +1,63 @@
+"""Small real nodes and helpers shared by the engine-level tests (no mocks)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+class Recorder(cf.Node):
+    """Appends its id to the store's "seen" list and returns a fixed action."""
+
+    def __init__(self, action: cf.Action | str | None = None, **config: Any) -> None:
+        super().__init__(**config)
+        self.action = action
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> Any:
+        await store.update("seen", lambda seen: [*seen, ctx.node_id], default=[])
+        return self.action
+
+
+class Gate(cf.Node):
+    """Blocks in exec until its event is set; counts how many runs are inside at once."""
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        self.open = trio.Event()
+        self.inside = 0
+        self.most_inside = 0
+        self.entered = 0
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self.inside += 1
+        self.entered += 1
+        self.most_inside = max(self.most_inside, self.inside)
+        try:
+            await self.open.wait()
+        finally:
+            self.inside -= 1
+
+
+def single(node: cf.Node, name: str = "single") -> cf.Flow:
+    """A flow of one node."""
+    return cf.Flow.builder(name).add_node("only", node).build()
+
+
+async def in_run(
+    body: Callable[[cf.SharedStore], Awaitable[Any]],
+    store: cf.Storage | dict[str, Any] | None = None,
+) -> Any:
+    """Run ``body(store)`` as the exec of a one-step run and return what it returned."""
+
+    @cf.node
+    async def step(ctx: cf.ExecutionContext) -> cf.Action:
+        return cf.Action.complete(await body(ctx.store))
+
+    result = await single(step, "in-run").run(store)
+    return result.result

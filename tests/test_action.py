@@ -1,0 +1,342 @@
+"""Tests for actions and action conditions (cosmoflow_actors.action)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from cosmoflow_actors.action import Action, ActionCondition, as_action
+from cosmoflow_actors.errors import ConditionError
+
+# --- constructors --------------------------------------------------------------------------
+
+
+def test_simple_action() -> None:
+    action = Action.simple("next")
+    assert action.name == "next"
+    assert dict(action.params) == {}
+    assert action.result is None
+    assert not action.is_complete
+    assert not action.is_conditional
+    assert (action.condition, action.if_true, action.if_false) == (None, None, None)
+
+
+def test_action_with_params() -> None:
+    action = Action.with_params("retry", count=3, name="x")
+    assert action.name == "retry"
+    assert dict(action.params) == {"count": 3, "name": "x"}
+    assert not action.is_complete
+    assert not action.is_conditional
+
+
+def test_params_are_read_only_and_copied() -> None:
+    source = {"count": 3}
+    action = Action(name="retry", params=source)
+    source["count"] = 4
+    assert action.params["count"] == 3
+    with pytest.raises(TypeError):
+        action.params["count"] = 5  # type: ignore[index]
+
+
+def test_complete_action() -> None:
+    action = Action.complete(result={"answer": 42})
+    assert action.name == "complete"
+    assert action.is_complete
+    assert action.result == {"answer": 42}
+    assert not action.is_conditional
+    assert Action.complete().result is None
+
+
+def test_conditional_action_turns_str_branches_into_simple_actions() -> None:
+    condition = ActionCondition.key_exists("user")
+    action = Action.conditional(condition, "authenticated", Action.with_params("login", r=1))
+    assert action.name == "<conditional>"
+    assert action.is_conditional
+    assert not action.is_complete
+    assert action.condition == condition
+    assert action.if_true == Action.simple("authenticated")
+    assert action.if_false == Action.with_params("login", r=1)
+
+
+def test_actions_are_immutable() -> None:
+    action = Action.simple("next")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        action.name = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "match"),
+    [("", ValueError, "must not be empty"), (3, TypeError, "must be a str, not int")],
+)
+def test_action_name_is_validated(name: Any, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        Action.simple(name)
+    with pytest.raises(error, match=match):
+        Action.with_params(name, count=1)
+
+
+def test_conditional_arguments_are_validated() -> None:
+    with pytest.raises(TypeError, match="needs an ActionCondition, not bool"):
+        Action.conditional(True, "a", "b")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be an Action or a str, not int"):
+        Action.conditional(ActionCondition.always(), "a", 3)  # type: ignore[arg-type]
+
+
+# --- equality and repr ---------------------------------------------------------------------
+
+
+def test_equal_actions() -> None:
+    condition = ActionCondition.compare("n", "<", 3)
+    assert Action.simple("a") == Action.simple("a")
+    assert Action.with_params("a", x=[1]) == Action.with_params("a", x=[1])
+    assert Action.with_params("a") == Action.simple("a")
+    assert Action.complete(1) == Action.complete(1)
+    assert Action.conditional(condition, "a", "b") == Action.conditional(
+        ActionCondition.compare("n", "<", 3), Action.simple("a"), "b"
+    )
+
+
+@pytest.mark.parametrize(
+    ("left", "right"),
+    [
+        (Action.simple("a"), Action.simple("b")),
+        (Action.simple("complete"), Action.complete()),
+        (Action.with_params("a", x=1), Action.with_params("a", x=2)),
+        (Action.with_params("a", x=1), Action.simple("a")),
+        (Action.complete(1), Action.complete(2)),
+        (
+            Action.conditional(ActionCondition.always(), "a", "b"),
+            Action.conditional(ActionCondition.always(), "a", "c"),
+        ),
+        (
+            Action.conditional(ActionCondition.always(), "a", "b"),
+            Action.conditional(ActionCondition.never(), "a", "b"),
+        ),
+    ],
+)
+def test_unequal_actions(left: Action, right: Action) -> None:
+    assert left != right
+    assert right != left
+
+
+def test_actions_are_unhashable_and_not_equal_to_other_types() -> None:
+    with pytest.raises(TypeError):
+        hash(Action.simple("a"))
+    name: object = "a"
+    assert Action.simple("a") != name
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        (Action.simple("next"), "Action.simple('next')"),
+        (Action.with_params("retry", count=3), "Action.with_params('retry', count=3)"),
+        (
+            Action.with_params("go", **{"a-b": 1, "c": "d"}),
+            "Action.with_params('go', **{'a-b': 1}, c='d')",
+        ),
+        (Action.complete(result=42), "Action.complete(result=42)"),
+        (Action.complete(), "Action.complete()"),
+        (
+            Action.conditional(ActionCondition.key_exists("user"), "a", "b"),
+            "Action.conditional(ActionCondition.key_exists('user'), "
+            "Action.simple('a'), Action.simple('b'))",
+        ),
+    ],
+)
+def test_repr(action: Action, expected: str) -> None:
+    assert repr(action) == expected
+
+
+# --- resolve and condition_keys ------------------------------------------------------------
+
+_NESTED = Action.conditional(
+    ActionCondition.key_exists("user"),
+    Action.conditional(ActionCondition.compare("age", ">=", 18), "adult", "minor"),
+    Action.conditional(ActionCondition.expression("${guest} == true"), "guest", "login"),
+)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"user": "ann", "age": 30}, Action.simple("adult")),
+        ({"user": "bob", "age": 12}, Action.simple("minor")),
+        ({"user": "cy"}, Action.simple("minor")),
+        ({"guest": True}, Action.simple("guest")),
+        ({}, Action.simple("login")),
+    ],
+)
+def test_resolve_nested_conditional(values: dict[str, Any], expected: Action) -> None:
+    assert _NESTED.resolve(values) == expected
+
+
+def test_resolve_returns_other_actions_themselves() -> None:
+    for action in (Action.simple("a"), Action.with_params("a", x=1), Action.complete(3)):
+        assert action.resolve({"a": 1}) is action
+
+
+def test_condition_keys() -> None:
+    assert _NESTED.condition_keys() == frozenset({"user", "age", "guest"})
+    assert Action.simple("a").condition_keys() == frozenset()
+    assert Action.complete().condition_keys() == frozenset()
+
+
+# --- as_action -----------------------------------------------------------------------------
+
+
+def test_as_action() -> None:
+    action = Action.with_params("retry", count=1)
+    assert as_action(action, "fetch") is action
+    assert as_action("next", "fetch") == Action.simple("next")
+    assert as_action(None, "fetch") == Action.simple("default")
+
+
+@pytest.mark.parametrize(("value", "type_name"), [(42, "int"), (["next"], "list"), (True, "bool")])
+def test_as_action_rejects_other_values(value: object, type_name: str) -> None:
+    expected = f"node 'fetch' returned {type_name} from post; expected Action, str or None"
+    with pytest.raises(TypeError) as caught:
+        as_action(value, "fetch")
+    assert str(caught.value) == expected
+
+
+# --- conditions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("condition", "values", "expected"),
+    [
+        (ActionCondition.always(), {}, True),
+        (ActionCondition.never(), {"k": 1}, False),
+        (ActionCondition.key_exists("k"), {"k": None}, True),
+        (ActionCondition.key_exists("k"), {"other": 1}, False),
+        (ActionCondition.key_equals("k", "ok"), {"k": "ok"}, True),
+        (ActionCondition.key_equals("k", "ok"), {"k": "no"}, False),
+        (ActionCondition.key_equals("k", "ok"), {}, False),
+        (ActionCondition.key_equals("k", None), {}, False),
+        (ActionCondition.key_equals("k", None), {"k": None}, True),
+        (ActionCondition.key_equals("k", 1), {"k": 1.0}, True),
+        (ActionCondition.key_equals("k", 1), {"k": True}, False),
+        (ActionCondition.key_equals("k", [1, 2]), {"k": [1, 2]}, True),
+        (ActionCondition.key_equals("k", [1, 2]), {"k": (1, 2)}, False),
+        (ActionCondition.compare("n", "<", 3), {"n": 2}, True),
+        (ActionCondition.compare("n", "<", 3), {"n": 3}, False),
+        (ActionCondition.compare("n", "<=", 3), {"n": 3.0}, True),
+        (ActionCondition.compare("n", ">", 2.5), {"n": 3}, True),
+        (ActionCondition.compare("n", ">=", 3), {"n": 2}, False),
+        (ActionCondition.compare("n", "==", 3), {"n": 3}, True),
+        (ActionCondition.compare("n", "!=", 3), {"n": 4}, True),
+        (ActionCondition.compare("n", "!=", 3), {}, False),
+        (ActionCondition.compare("n", "!=", 3), {"n": "4"}, False),
+        (ActionCondition.compare("n", "!=", 1), {"n": True}, False),
+        (ActionCondition.compare("n", "<", 3), {"n": None}, False),
+        (ActionCondition.expression("${n} > 1 and ${s} == 'ok'"), {"n": 2, "s": "ok"}, True),
+        (ActionCondition.expression("${n} > 1 and ${s} == 'ok'"), {"n": 2}, False),
+    ],
+)
+def test_condition_evaluation(
+    condition: ActionCondition, values: dict[str, Any], expected: bool
+) -> None:
+    assert condition.evaluate(values) is expected
+
+
+_TRUE = ActionCondition.always()
+_FALSE = ActionCondition.never()
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        (_TRUE & _TRUE, True),
+        (_TRUE & _FALSE, False),
+        (_FALSE | _TRUE, True),
+        (_FALSE | _FALSE, False),
+        (~_TRUE, False),
+        (~_FALSE, True),
+        (ActionCondition.all_of(), True),
+        (ActionCondition.any_of(), False),
+        (ActionCondition.all_of(_TRUE, _TRUE, _FALSE), False),
+        (ActionCondition.any_of(_FALSE, _FALSE, _TRUE), True),
+        (~(_FALSE | _FALSE) & _TRUE, True),
+    ],
+)
+def test_combinators(condition: ActionCondition, expected: bool) -> None:
+    assert condition.evaluate({}) is expected
+
+
+def test_combinators_reject_other_operands() -> None:
+    with pytest.raises(TypeError):
+        _ = _TRUE & True
+    with pytest.raises(TypeError, match=r"all_of\(\) takes ActionCondition arguments, not int"):
+        ActionCondition.all_of(_TRUE, 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"any_of\(\)"):
+        ActionCondition.any_of("x")  # type: ignore[arg-type]
+
+
+def test_condition_keys_of_every_kind() -> None:
+    condition = (
+        ActionCondition.key_exists("a") & ActionCondition.key_equals("b", 1)
+        | ~ActionCondition.compare("c", ">", 0)
+        | ActionCondition.any_of(ActionCondition.expression("${d} or ${e}"), _TRUE)
+    )
+    assert condition.keys == frozenset({"a", "b", "c", "d", "e"})
+    assert _TRUE.keys == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        (ActionCondition.always(), "ActionCondition.always()"),
+        (ActionCondition.never(), "ActionCondition.never()"),
+        (ActionCondition.key_exists("user"), "ActionCondition.key_exists('user')"),
+        (ActionCondition.key_equals("s", "ok"), "ActionCondition.key_equals('s', 'ok')"),
+        (ActionCondition.compare("n", "<", 3), "ActionCondition.compare('n', '<', 3)"),
+        (ActionCondition.expression("${n} > 1"), "ActionCondition.expression('${n} > 1')"),
+        (_TRUE & _FALSE, "(ActionCondition.always() & ActionCondition.never())"),
+        (_TRUE | ~_FALSE, "(ActionCondition.always() | ~ActionCondition.never())"),
+        (ActionCondition.all_of(), "ActionCondition.all_of()"),
+        (ActionCondition.any_of(_TRUE), "ActionCondition.any_of(ActionCondition.always())"),
+    ],
+)
+def test_condition_repr(condition: ActionCondition, expected: str) -> None:
+    assert repr(condition) == expected
+
+
+def test_condition_equality() -> None:
+    assert ActionCondition.compare("n", "<", 3) == ActionCondition.compare("n", "<", 3)
+    assert ActionCondition.compare("n", "<", 3) != ActionCondition.compare("n", "<=", 3)
+    assert ActionCondition.key_equals("k", [1]) == ActionCondition.key_equals("k", [1])
+    assert ActionCondition.key_equals("k", 1) != ActionCondition.key_equals("k", True)
+    assert hash(ActionCondition.key_equals("k", 1)) == hash(ActionCondition.key_equals("k", 1))
+    assert ActionCondition.expression("${a}") == ActionCondition.expression("${a}")
+    assert ActionCondition.all_of(_TRUE, _FALSE) == _TRUE & _FALSE
+    assert _TRUE != _FALSE
+
+
+@pytest.mark.parametrize("op", ["=>", "=", "<>", "in", ""])
+def test_compare_rejects_unknown_operators(op: str) -> None:
+    with pytest.raises(ConditionError, match=f"unknown comparison operator '{op}'"):
+        ActionCondition.compare("n", op, 3)
+
+
+@pytest.mark.parametrize(
+    ("number", "type_name"), [(True, "bool"), ("3", "str"), (None, "NoneType")]
+)
+def test_compare_rejects_non_numbers(number: Any, type_name: str) -> None:
+    with pytest.raises(ConditionError, match=f"not {type_name}"):
+        ActionCondition.compare("n", "<", number)
+
+
+@pytest.mark.parametrize("key", ["", 3, None])
+def test_condition_keys_are_validated(key: Any) -> None:
+    with pytest.raises(ConditionError, match="non-empty str"):
+        ActionCondition.key_exists(key)
+    with pytest.raises(ConditionError, match="non-empty str"):
+        ActionCondition.key_equals(key, 1)
+
+
+def test_expression_syntax_error_is_raised_at_construction() -> None:
+    with pytest.raises(ConditionError, match="column 5"):
+        ActionCondition.expression("${x}.y")

@@ -1,0 +1,296 @@
+"""The engine: run handles, concurrency, cancellation, crashes, closing, statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import cosmoflow_actors as cf
+from tests.support import Gate, Recorder, single
+
+
+def count_tasks() -> int:
+    """Every task alive in this trio run."""
+
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(
+            walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks
+        )
+
+    return walk(trio.lowlevel.current_root_task())
+
+
+class Increment(cf.Node):
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> str:
+        await store.update("count", lambda n: n + 1, default=0)
+        await store.update(f"steps:{ctx.run_id}", lambda n: n + 1, default=0)
+        return "again"
+
+
+async def test_a_thousand_runs_of_ten_updates_lose_nothing() -> None:
+    flow = (
+        cf.Flow.builder("counter")
+        .add_node("inc", Increment())
+        .add_route("inc", "inc", "again", when=cf.ActionCondition.expression("${count} < 0"))
+        .add_route("inc", "inc", "again", when=cf.ActionCondition.always())
+        .max_steps(10)
+        .build()
+    )
+    store = cf.MemoryStorage()
+
+    async def one(engine: cf.Engine, index: int) -> None:
+        with pytest.raises(cf.MaxStepsExceeded):
+            await engine.run(flow, store, run_id=f"run-{index}")
+
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        for index in range(1000):
+            nursery.start_soon(one, engine, index)
+    assert store.data["count"] == 10_000
+    assert {store.data[f"steps:run-{i}"] for i in range(1000)} == {10}
+
+
+async def test_a_dict_store_is_used_in_place_and_none_means_fresh_memory() -> None:
+    flow = single(Recorder())
+    shared: dict[str, Any] = {"before": 1}
+    result = await flow.run(shared)
+    assert shared == {"before": 1, "seen": ["only"]}
+    assert isinstance(result.store, cf.MemoryStorage)
+    assert result.store.data is shared
+    fresh = await flow.run(None)
+    assert isinstance(fresh.store, cf.MemoryStorage)
+    assert fresh.store.data == {"seen": ["only"]}
+
+
+async def test_the_run_handle_reports_its_states() -> None:
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(gate), params={"user": "ada"}, run_id="handle")
+        assert run.run_id == "handle"
+        seen = [run.state.value]
+        await trio.testing.wait_all_tasks_blocked()
+        seen.append(run.state.value)
+        gate.open.set()
+        result = await run.wait()
+        seen.append(run.state.value)
+    assert seen == [cf.RunState.PENDING, cf.RunState.RUNNING, cf.RunState.SUCCEEDED]
+    assert result.run_id == "handle"
+    assert result.flow_name == "single"
+
+
+async def test_duration_is_measured_on_the_trio_clock(autojump_clock: trio.abc.Clock) -> None:
+    @cf.node
+    async def nap(ctx: cf.ExecutionContext) -> None:
+        await trio.sleep(2.5)
+
+    assert (await single(nap).run()).duration == 2.5
+
+
+async def test_cancelling_a_run_cancels_its_step_and_spares_the_others() -> None:
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        doomed = await engine.start_run(single(gate))
+        other = await engine.start_run(single(gate))
+        await trio.testing.wait_all_tasks_blocked()
+        doomed.cancel()
+        assert doomed.state.value is cf.RunState.CANCELLED
+        with pytest.raises(cf.RunCancelledError):
+            await doomed.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert gate.inside == 1
+        gate.open.set()
+        assert (await other.wait()).success
+        stats = engine.statistics()
+    assert (stats.runs_started, stats.runs_succeeded, stats.runs_cancelled) == (2, 1, 1)
+
+
+async def test_a_cancelled_caller_cancels_its_run() -> None:
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(engine.run, single(gate))
+                await trio.testing.wait_all_tasks_blocked()
+                assert gate.inside == 1
+                scope.cancel()
+        stats = engine.statistics()
+        assert (stats.runs_cancelled, stats.runs_in_flight) == (1, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert gate.inside == 0
+        assert engine.statistics().actor("single/only").in_flight == 0
+
+
+async def test_one_failing_run_does_not_disturb_the_others() -> None:
+    @cf.node
+    async def maybe_fail(ctx: cf.ExecutionContext) -> None:
+        if ctx.params["fail"]:
+            raise ValueError("boom")
+
+    flow = single(maybe_fail)
+    async with cf.open_engine() as engine:
+        runs = [await engine.start_run(flow, params={"fail": i == 3}) for i in range(6)]
+        for index, run in enumerate(runs):
+            if index == 3:
+                with pytest.raises(cf.NodeError):
+                    await run.wait()
+            else:
+                assert (await run.wait()).success
+        assert engine.statistics().runs_failed == 1
+
+
+async def test_leaving_the_engine_waits_for_started_runs() -> None:
+    gate = Gate()
+    async with trio.open_nursery() as nursery:
+        async with cf.open_engine() as engine:
+            run = await engine.start_run(single(gate))
+            nursery.start_soon(_open_later, gate)
+        assert run.state.value is cf.RunState.SUCCEEDED
+
+
+async def _open_later(gate: Gate) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    gate.open.set()
+
+
+async def test_cancelling_the_engine_scope_stops_a_thousand_runs_promptly(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    @cf.node
+    async def forever(ctx: cf.ExecutionContext) -> None:
+        await trio.sleep_forever()
+
+    flow = single(forever, "forever")
+    tasks_before = count_tasks()
+    runs: list[cf.Run] = []
+    with trio.CancelScope() as scope:
+        async with cf.open_engine() as engine:
+            for _ in range(1000):
+                runs.append(await engine.start_run(flow))
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.statistics().actor("forever/only").in_flight == 1000
+            started = trio.current_time()
+            scope.cancel()
+    assert trio.current_time() == started
+    assert count_tasks() == tasks_before
+    assert {run.state.value for run in runs} == {cf.RunState.CANCELLED}
+
+
+class ExplodingStorage(cf.MemoryStorage):
+    """A backend with a bug: reading "bomb" raises something that is not a KeyError."""
+
+    async def get(self, key: str) -> Any:
+        if key == "bomb":
+            raise ZeroDivisionError("storage bug")
+        return await super().get(key)
+
+
+async def test_an_actor_crash_fails_the_runs_in_flight_and_leaves_open_engine() -> None:
+    gate = Gate()
+
+    @cf.node
+    async def touch_bomb(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.get("bomb")
+
+    errors: list[BaseException] = []
+
+    async def wait_for(run: cf.Run) -> None:
+        try:
+            await run.wait()
+        except cf.ActorCrashedError as exc:
+            errors.append(exc)
+
+    with pytest.RaisesGroup(ZeroDivisionError, cf.ActorCrashedError, flatten_subgroups=True):
+        async with trio.open_nursery() as outside, cf.open_engine() as engine:
+            bystander = await engine.start_run(single(gate))
+            outside.start_soon(wait_for, bystander)
+            await trio.testing.wait_all_tasks_blocked()
+            await engine.run(single(touch_bomb), ExplodingStorage())
+    assert bystander.state.value is cf.RunState.FAILED
+    assert len(errors) == 1
+    assert isinstance(errors[0].__cause__, ZeroDivisionError)
+    assert "store:ExplodingStorage" in str(errors[0])
+
+
+async def test_statistics_cover_every_actor() -> None:
+    flow = (
+        cf.Flow.builder("stats")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b")
+        .build()
+    )
+    store = cf.MemoryStorage()
+    async with cf.open_engine() as engine:
+        await engine.run(flow, store)
+        stats = engine.statistics()
+    assert {(a.kind, a.name) for a in stats.actors if a.kind != "store"} == {
+        ("router", "router"),
+        ("node", "stats/a"),
+        ("node", "stats/b"),
+    }
+    assert stats.actor("stats/a").messages_processed == 1
+    assert stats.actor("router").messages_processed == 2
+    assert (stats.runs_started, stats.runs_succeeded, stats.runs_in_flight) == (1, 1, 0)
+
+
+async def test_runs_on_one_backend_share_one_store_actor_until_the_last_ends() -> None:
+    gate = Gate()
+    store = cf.MemoryStorage()
+    async with cf.open_engine() as engine:
+        first = await engine.start_run(single(gate), store)
+        second = await engine.start_run(single(gate), store)
+        stores = [a for a in engine.statistics().actors if a.kind == "store"]
+        assert len(stores) == 1
+        gate.open.set()
+        await first.wait()
+        await second.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [a for a in engine.statistics().actors if a.kind == "store"] == []
+
+
+async def test_bad_arguments_to_start_run() -> None:
+    builder = cf.Flow.builder("unbuilt").add_node("a", Recorder())
+    async with cf.open_engine() as engine:
+        with pytest.raises(TypeError, match="built Flow"):
+            await engine.start_run(builder)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="store must be"):
+            await engine.start_run(builder.build(), 42)  # type: ignore[arg-type]
+        gate = Gate()
+        await engine.start_run(single(gate), run_id="same")
+        with pytest.raises(ValueError, match="'same' is already in flight"):
+            await engine.start_run(single(gate), run_id="same")
+        gate.open.set()
+
+
+async def test_a_storage_that_cannot_open_fails_start_run_only(tmp_path: Any) -> None:
+    path = tmp_path / "store.json"
+    path.write_bytes(b"{not json")
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError, match=r"store\.json"):
+            await engine.run(single(Recorder()), cf.FileStorage(path))
+        assert (await engine.run(single(Recorder()), {})).success
+    assert path.read_bytes() == b"{not json"
+
+
+async def test_open_engine_rejects_a_bad_mailbox_size() -> None:
+    with pytest.raises(ValueError, match="mailbox_size"):
+        async with cf.open_engine(mailbox_size=0):
+            pass
+
+
+async def test_a_full_entry_mailbox_makes_start_run_wait() -> None:
+    gate = Gate(max_concurrency=1)
+    flow = single(gate, "narrow")
+    async with cf.open_engine(mailbox_size=2) as engine:
+        runs = [await engine.start_run(flow) for _ in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(1) as waited:
+            runs.append(await engine.start_run(flow))
+        assert waited.cancelled_caught
+        gate.open.set()
+        for run in runs[:3]:
+            await run.wait()

@@ -1,0 +1,140 @@
+"""Node config, sync and async methods, and the @node decorator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import cosmoflow_actors as cf
+from tests.support import single
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"max_retries": 0}, "max_retries must be an int >= 1"),
+        ({"max_retries": 1.5}, "max_retries must be an int >= 1"),
+        ({"retry_delay": -1}, "retry_delay must be >= 0"),
+        ({"backoff": -0.5}, "backoff must be >= 0"),
+        ({"timeout": -3}, "timeout must be >= 0"),
+        ({"timeout": 0}, "timeout must be > 0"),
+        ({"max_concurrency": 0}, "max_concurrency must be an int >= 1"),
+        ({"retry_on": (ValueError, 3)}, "retry_on must be a tuple of exception types"),
+    ],
+)
+def test_invalid_config_raises_value_error_at_construction(
+    config: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        cf.Node(**config)
+
+
+def test_invalid_class_config_raises_when_the_class_is_defined() -> None:
+    with pytest.raises(ValueError, match="Broken: max_retries"):
+
+        class Broken(cf.Node):
+            max_retries = 0
+
+
+def test_unknown_config_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="unknown config max_retry"):
+        cf.Node(max_retry=3)
+
+
+def test_keyword_config_overrides_the_class_default_per_instance() -> None:
+    class Patient(cf.Node):
+        max_retries = 3
+        retry_delay = 0.5
+
+    node = Patient(max_retries=5)
+    assert (node.max_retries, node.retry_delay) == (5, 0.5)
+    assert Patient().max_retries == 3
+
+
+class WithoutSuperInit(cf.Node):
+    max_retries = 2
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
+        return self.label
+
+
+async def test_a_subclass_need_not_call_super_init() -> None:
+    class Post(WithoutSuperInit):
+        def post(
+            self, store: cf.SharedStore, prep_res: Any, exec_res: str, ctx: cf.ExecutionContext
+        ) -> cf.Action:
+            return cf.Action.complete(exec_res)
+
+    assert (await single(Post("hi")).run()).result == "hi"
+
+
+class SyncNode(cf.Node):
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> int:
+        return 2
+
+    def exec(self, prep_res: int, ctx: cf.ExecutionContext) -> int:
+        return prep_res * 10
+
+    def post(
+        self, store: cf.SharedStore, prep_res: int, exec_res: int, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(prep_res + exec_res)
+
+
+class AsyncNode(cf.Node):
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> int:
+        return int(await store.get("x"))
+
+    async def exec(self, prep_res: int, ctx: cf.ExecutionContext) -> int:
+        return prep_res * 10
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: int, exec_res: int, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        await store.set("y", exec_res)
+        return cf.Action.complete(prep_res + exec_res)
+
+
+async def test_sync_and_async_methods_both_work() -> None:
+    assert (await single(SyncNode()).run()).result == 22
+    store = {"x": 3}
+    assert (await single(AsyncNode()).run(store)).result == 33
+    assert store["y"] == 30
+
+
+async def test_a_node_with_no_overrides_returns_default() -> None:
+    result = await single(cf.Node()).run()
+    assert result.final_action == cf.Action.simple("default")
+
+
+async def test_the_node_decorator_without_arguments() -> None:
+    @cf.node
+    async def greet(ctx: cf.ExecutionContext) -> None:
+        name = await ctx.store.get("name", "world")
+        await ctx.store.set("greeting", f"Hello, {name}!")
+
+    store = {"name": "Ada"}
+    result = await single(greet).run(store)
+    assert store["greeting"] == "Hello, Ada!"
+    assert result.final_action == cf.Action.simple("default")
+    assert repr(greet) == "<node greet>"
+
+
+async def test_the_node_decorator_with_config_retries_the_function() -> None:
+    calls: list[int] = []
+
+    @cf.node(max_retries=3)
+    def flaky(ctx: cf.ExecutionContext) -> str:
+        calls.append(ctx.current_retry)
+        if len(calls) < 3:
+            raise ConnectionError("try again")
+        return "ok"
+
+    assert isinstance(flaky, cf.FunctionNode)
+    result = await single(flaky).run()
+    assert calls == [0, 1, 2]
+    assert result.final_action == cf.Action.simple("ok")

@@ -1,0 +1,193 @@
+"""The node actor: lifecycle order, retries, backoff, timeouts, fallback, limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import cosmoflow_actors as cf
+from tests.support import Gate, single
+
+
+class Flaky(cf.Node):
+    """exec fails ``failures`` times, then returns "ok"; records attempt times."""
+
+    def __init__(
+        self, failures: int, error: type[Exception] = ConnectionError, **config: Any
+    ) -> None:
+        super().__init__(**config)
+        self.failures = failures
+        self.error = error
+        self.attempts: list[tuple[int, float]] = []
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
+        self.attempts.append((ctx.current_retry, trio.current_time()))
+        if len(self.attempts) <= self.failures:
+            raise self.error(f"failure {len(self.attempts)}")
+        return "ok"
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: str, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+async def test_phases_run_in_order_and_pass_results_along() -> None:
+    calls: list[tuple[str, Any]] = []
+
+    class Ordered(cf.Node):
+        async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> str:
+            calls.append(("prep", ctx.node_id))
+            return "p"
+
+        async def exec(self, prep_res: str, ctx: cf.ExecutionContext) -> str:
+            calls.append(("exec", prep_res))
+            return "e"
+
+        async def post(
+            self, store: cf.SharedStore, prep_res: str, exec_res: str, ctx: cf.ExecutionContext
+        ) -> None:
+            calls.append(("post", (prep_res, exec_res)))
+
+    await single(Ordered()).run()
+    assert calls == [("prep", "only"), ("exec", "p"), ("post", ("p", "e"))]
+
+
+async def test_retries_wait_retry_delay_times_backoff(autojump_clock: trio.abc.Clock) -> None:
+    node = Flaky(failures=3, max_retries=4, retry_delay=0.5, backoff=2.0)
+    start = trio.current_time()
+    result = await single(node).run()
+    assert result.result == "ok"
+    offsets = [(retry, at - start) for retry, at in node.attempts]
+    assert offsets == [(0, 0.0), (1, 0.5), (2, 1.5), (3, 3.5)]
+
+
+async def test_exhausted_retries_fail_with_node_error_keeping_the_cause(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with pytest.raises(cf.NodeError) as info:
+        await single(Flaky(failures=5, max_retries=3, retry_delay=1.0), "flaky").run(run_id="r-1")
+    error = info.value
+    assert (error.node_id, error.phase, error.run_id, error.attempts) == ("only", "exec", "r-1", 3)
+    assert isinstance(error.__cause__, ConnectionError)
+    assert str(error.__cause__) == "failure 3"
+
+
+async def test_an_error_outside_retry_on_is_not_retried() -> None:
+    node = Flaky(failures=5, error=KeyError, max_retries=3, retry_on=(ConnectionError,))
+    with pytest.raises(cf.NodeError) as info:
+        await single(node).run()
+    assert info.value.attempts == 1
+    assert len(node.attempts) == 1
+
+
+async def test_the_fallback_replaces_exec_after_the_last_attempt() -> None:
+    class Fallback(Flaky):
+        async def exec_fallback(
+            self, prep_res: Any, error: Exception, ctx: cf.ExecutionContext
+        ) -> str:
+            return f"fallback after {error}"
+
+    result = await single(Fallback(failures=9, max_retries=2)).run()
+    assert result.result == "fallback after failure 2"
+
+
+async def test_a_fallback_that_raises_fails_the_run_with_its_error() -> None:
+    class Fallback(Flaky):
+        def exec_fallback(self, prep_res: Any, error: Exception, ctx: cf.ExecutionContext) -> str:
+            raise RuntimeError("no fallback either") from error
+
+    with pytest.raises(cf.NodeError) as info:
+        await single(Fallback(failures=9, max_retries=2)).run()
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert info.value.attempts == 2
+
+
+async def test_a_timeout_is_a_failed_attempt(autojump_clock: trio.abc.Clock) -> None:
+    class Slow(cf.Node):
+        timeout = 2.0
+        max_retries = 3
+        retry_delay = 1.0
+
+        async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+            await trio.sleep(100)
+
+    start = trio.current_time()
+    with pytest.raises(cf.NodeError) as info:
+        await single(Slow(retry_on=(ValueError,))).run()
+    assert trio.current_time() - start == 3 * 2.0 + 2 * 1.0
+    assert isinstance(info.value.__cause__, trio.TooSlowError)
+    assert info.value.attempts == 3
+
+
+@pytest.mark.parametrize("phase", ["prep", "post"])
+async def test_prep_and_post_errors_name_their_phase(phase: str) -> None:
+    class Broken(cf.Node):
+        max_retries = 3
+
+        def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> None:
+            if phase == "prep":
+                raise ValueError(phase)
+
+        def post(
+            self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+        ) -> None:
+            raise ValueError(phase)
+
+    with pytest.raises(cf.NodeError) as info:
+        await single(Broken()).run()
+    assert info.value.phase == phase
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+async def test_post_returning_a_non_action_is_a_type_error_naming_the_node() -> None:
+    class Numeric(cf.Node):
+        def post(
+            self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+        ) -> Any:
+            return 42
+
+    flow = cf.Flow.builder("f").add_node("counter", Numeric()).build()
+    with pytest.raises(TypeError, match=r"'counter'.*int"):
+        await flow.run()
+
+
+async def test_max_concurrency_bounds_the_steps_in_flight() -> None:
+    gate = Gate(max_concurrency=3)
+    flow = single(gate, "limited")
+    async with cf.open_engine() as engine:
+        runs = [await engine.start_run(flow) for _ in range(10)]
+        await trio.testing.wait_all_tasks_blocked()
+        stats = engine.statistics().actor("limited/only")
+        assert (stats.in_flight, stats.mailbox_depth, gate.inside) == (3, 7, 3)
+        gate.open.set()
+        for run in runs:
+            await run.wait()
+    assert gate.most_inside == 3
+    assert gate.entered == 10
+
+
+async def test_the_context_describes_the_step() -> None:
+    contexts: list[cf.ExecutionContext] = []
+
+    @cf.node(max_retries=4)
+    def look(ctx: cf.ExecutionContext) -> str:
+        contexts.append(ctx)
+        return "again" if len(contexts) < 3 else "stop"
+
+    flow = (
+        cf.Flow.builder("ctx-flow")
+        .add_node("look", look)
+        .add_route("look", "look", "again")
+        .add_route("look", cf.END, "stop")
+        .build()
+    )
+    await flow.run(run_id="abc", params={"k": 1})
+    assert {(c.run_id, c.node_id, c.flow_name, c.max_retries) for c in contexts} == {
+        ("abc", "look", "ctx-flow", 4)
+    }
+    assert len({c.execution_id for c in contexts}) == 3
+    assert [dict(c.params) for c in contexts] == [{"k": 1}, {}, {}]

@@ -1,0 +1,276 @@
+"""The five routing rules, END, params, max_steps and nested flows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+import cosmoflow_actors as cf
+from tests.support import Recorder
+
+
+class Counter(cf.Node):
+    """Increments "n" and returns "again"."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> str:
+        await store.update("n", lambda n: n + 1, default=0)
+        return "again"
+
+
+class ParamEcho(cf.Node):
+    """Stores the params it received under its node id."""
+
+    def __init__(self, action: cf.Action | str | None = None) -> None:
+        self.action = action
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> Any:
+        await store.set(ctx.node_id, dict(ctx.params))
+        return self.action
+
+
+async def test_complete_ends_the_run_with_its_result() -> None:
+    flow = (
+        cf.Flow.builder("f")
+        .add_node("a", Recorder(cf.Action.complete(result={"answer": 42})))
+        .add_node("b", Recorder())
+        .add_route("a", "b", action="complete")
+        .build()
+    )
+    result = await flow.run({})
+    assert result.result == {"answer": 42}
+    assert result.execution_path == ("a",)
+    assert result.final_action.is_complete
+
+
+async def test_a_conditional_action_is_resolved_against_the_store() -> None:
+    condition = cf.ActionCondition.key_exists("user")
+    flow = (
+        cf.Flow.builder("auth")
+        .add_node("check", Recorder(cf.Action.conditional(condition, "yes", "no")))
+        .add_node("welcome", Recorder())
+        .add_node("login", Recorder())
+        .add_route("check", "welcome", action="yes")
+        .add_route("check", "login", action="no")
+        .build()
+    )
+    assert (await flow.run({"user": "ada"})).execution_path == ("check", "welcome")
+    assert (await flow.run({})).execution_path == ("check", "login")
+
+
+async def test_the_first_route_whose_condition_holds_wins() -> None:
+    flow = (
+        cf.Flow.builder("f")
+        .add_node("a", Recorder("go"))
+        .add_node("big", Recorder())
+        .add_node("small", Recorder())
+        .add_node("fallback", Recorder())
+        .add_route("a", "big", action="go", when=cf.ActionCondition.compare("size", ">", 10))
+        .add_route("a", "small", action="go", when=cf.ActionCondition.compare("size", ">", 0))
+        .add_route("a", "fallback", action="go")
+        .build()
+    )
+    assert (await flow.run({"size": 50})).execution_path == ("a", "big")
+    assert (await flow.run({"size": 5})).execution_path == ("a", "small")
+    assert (await flow.run({"size": -1})).execution_path == ("a", "fallback")
+
+
+async def test_a_node_without_routes_ends_the_run() -> None:
+    flow = cf.Flow.builder("chain").add_node("a", Recorder()).add_node("b", Recorder("finished"))
+    result = await flow.add_route("a", "b").build().run({})
+    assert result.final_action == cf.Action.simple("finished")
+    assert result.last_node_id == "b"
+    assert result.steps_executed == 2
+    assert result.result is None
+
+
+async def test_an_unmatched_action_fails_with_no_route_error() -> None:
+    flow = (
+        cf.Flow.builder("f")
+        .add_node("a", Recorder("sideways"))
+        .add_node("b", Recorder())
+        .add_route("a", "b", action="left")
+        .add_route("a", cf.END, action="right")
+        .build()
+    )
+    with pytest.raises(cf.NoRouteError) as info:
+        await flow.run({})
+    assert info.value.node_id == "a"
+    assert info.value.action == "sideways"
+    assert info.value.available == ("left", "right")
+    assert "'left', 'right'" in str(info.value)
+
+
+async def test_routes_whose_conditions_all_fail_are_no_route() -> None:
+    flow = (
+        cf.Flow.builder("f")
+        .add_node("a", Recorder())
+        .add_route("a", cf.END, when=cf.ActionCondition.never())
+        .build()
+    )
+    with pytest.raises(cf.NoRouteError):
+        await flow.run({})
+
+
+async def test_end_ends_the_run_with_the_action_that_led_there() -> None:
+    flow = (
+        cf.Flow.builder("f").add_node("a", Recorder("stop")).add_route("a", cf.END, "stop").build()
+    )
+    result = await flow.run({})
+    assert result.final_action == cf.Action.simple("stop")
+    assert result.execution_path == ("a",)
+
+
+async def test_loops_run_until_a_condition_routes_out() -> None:
+    flow = (
+        cf.Flow.builder("loop")
+        .add_node("count", Counter())
+        .add_route("count", "count", "again", when=cf.ActionCondition.compare("n", "<", 5))
+        .add_route("count", cf.END, "again")
+        .build()
+    )
+    store: dict[str, Any] = {}
+    result = await flow.run(store)
+    assert store["n"] == 5
+    assert result.execution_path == ("count",) * 5
+
+
+async def test_a_runaway_loop_fails_with_max_steps_exceeded() -> None:
+    flow = (
+        cf.Flow.builder("runaway").add_node("count", Counter()).add_route("count", "count", "again")
+    )
+    with pytest.raises(cf.MaxStepsExceeded) as info:
+        await flow.max_steps(7).build().run({})
+    assert info.value.max_steps == 7
+    assert info.value.execution_path == ("count",) * 7
+
+
+async def test_params_of_an_action_reach_the_next_step_only() -> None:
+    flow = (
+        cf.Flow.builder("f")
+        .add_node("a", ParamEcho(cf.Action.with_params("next", count=3)))
+        .add_node("b", ParamEcho())
+        .add_node("c", ParamEcho())
+        .add_route("a", "b", "next")
+        .add_route("b", "c")
+        .build()
+    )
+    store: dict[str, Any] = {}
+    await flow.run(store, params={"user": "ada"})
+    assert store == {"a": {"user": "ada"}, "b": {"count": 3}, "c": {}}
+
+
+async def test_start_sets_the_entry_node() -> None:
+    flow = cf.Flow.builder("f").add_node("a", Recorder()).add_node("b", Recorder()).start("b")
+    assert (await flow.build().run({})).execution_path == ("b",)
+
+
+def inner_flow(final: str = "inner_done") -> cf.Flow:
+    return (
+        cf.Flow.builder("inner")
+        .add_node("i1", Recorder())
+        .add_node("i2", Recorder(final))
+        .add_route("i1", "i2")
+        .build()
+    )
+
+
+async def test_a_nested_flow_runs_on_the_parent_store_and_routes_its_final_action() -> None:
+    flow = (
+        cf.Flow.builder("outer")
+        .add_node("before", Recorder())
+        .add_node("sub", inner_flow())
+        .add_node("after", Recorder())
+        .add_route("before", "sub")
+        .add_route("sub", "after", action="inner_done")
+        .build()
+    )
+    store: dict[str, Any] = {}
+    result = await flow.run(store)
+    assert result.execution_path == ("before", "i1", "i2", "after")
+    assert store["seen"] == ["before", "i1", "i2", "after"]
+
+
+async def test_a_nested_flow_as_the_start_node_and_the_last_node() -> None:
+    flow = cf.Flow.builder("outer").add_node("sub", inner_flow("bye")).build()
+    result = await flow.run({})
+    assert result.execution_path == ("i1", "i2")
+    assert result.final_action == cf.Action.simple("bye")
+    assert result.last_node_id == "i2"
+
+
+async def test_an_unrouted_final_action_of_a_nested_flow_is_no_route() -> None:
+    flow = (
+        cf.Flow.builder("outer")
+        .add_node("sub", inner_flow("surprise"))
+        .add_node("after", Recorder())
+        .add_route("sub", "after", action="expected")
+        .build()
+    )
+    with pytest.raises(cf.NoRouteError) as info:
+        await flow.run({})
+    assert (info.value.node_id, info.value.action) == ("sub", "surprise")
+
+
+async def test_complete_inside_a_nested_flow_ends_the_whole_run() -> None:
+    inner = cf.Flow.builder("inner").add_node("i", Recorder(cf.Action.complete("early"))).build()
+    flow = (
+        cf.Flow.builder("outer")
+        .add_node("sub", inner)
+        .add_node("after", Recorder())
+        .add_route("sub", "after", action="complete")
+        .build()
+    )
+    result = await flow.run({})
+    assert result.result == "early"
+    assert result.execution_path == ("i",)
+
+
+async def test_a_nested_flow_max_steps_bounds_its_own_loop() -> None:
+    inner = (
+        cf.Flow.builder("inner").add_node("count", Counter()).add_route("count", "count", "again")
+    )
+    flow = cf.Flow.builder("outer").add_node("sub", inner.max_steps(3).build()).build()
+    with pytest.raises(cf.MaxStepsExceeded) as info:
+        await flow.run({})
+    assert info.value.max_steps == 3
+
+
+class SlowReads(cf.MemoryStorage):
+    """Memory storage whose reads of "slow" wait for ``release`` (holds the router)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = trio.Event()
+        self.release = trio.Event()
+
+    async def get(self, key: str) -> Any:
+        if key == "slow":
+            self.reading.set()
+            await self.release.wait()
+        return await super().get(key)
+
+
+async def test_a_run_cancelled_while_the_router_reads_conditions_stays_cancelled() -> None:
+    flow = (
+        cf.Flow.builder("f")
+        .add_node("a", Recorder())
+        .add_route("a", cf.END, when=cf.ActionCondition.key_exists("slow"))
+        .add_route("a", cf.END)
+        .build()
+    )
+    storage = SlowReads()
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(flow, storage)
+        await storage.reading.wait()
+        run.cancel()
+        storage.release.set()
+        assert (await engine.run(flow, {})).success
+        stats = engine.statistics()
+    assert run.state.value is cf.RunState.CANCELLED
+    assert (stats.runs_cancelled, stats.runs_succeeded, stats.runs_in_flight) == (1, 1, 0)

@@ -1,0 +1,94 @@
+"""The store actor: batching, one commit per batch, answers after the commit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import cosmoflow_actors as cf
+from tests.support import single
+
+
+class CountingFileStorage(cf.FileStorage):
+    """A real FileStorage that counts its commits."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.commits = 0
+
+    async def commit(self) -> None:
+        self.commits += 1
+        await super().commit()
+
+
+async def test_concurrent_writers_are_coalesced_into_few_commits(tmp_path: Path) -> None:
+    @cf.node
+    async def write(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set(f"key-{ctx.params['i']}", ctx.params["i"])
+
+    flow = single(write)
+    storage = CountingFileStorage(tmp_path / "store.json")
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(lambda i=i: engine.run(flow, storage, params={"i": i}))
+    on_disk = json.loads((tmp_path / "store.json").read_text())
+    assert on_disk == {f"key-{i}": i for i in range(200)}
+    assert storage.commits < 20
+
+
+async def test_set_returns_once_the_write_is_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+
+    @cf.node
+    async def write_then_read_file(ctx: cf.ExecutionContext) -> cf.Action:
+        await ctx.store.set("answer", 42)
+        return cf.Action.complete(json.loads(path.read_text()))
+
+    result = await single(write_then_read_file).run(cf.FileStorage(path))
+    assert result.result == {"answer": 42}
+
+
+class FailingCommits(cf.FileStorage):
+    """A real FileStorage whose directory disappears: commits fail with OSError."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.broken = False
+
+    async def commit(self) -> None:
+        if self.broken:
+            self.path.parent.rename(self.path.parent.with_name("moved"))
+            try:
+                await super().commit()
+            finally:
+                self.path.parent.with_name("moved").rename(self.path.parent)
+        else:
+            await super().commit()
+
+
+async def test_a_failed_commit_fails_the_writer_keeps_old_data_and_the_engine(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    storage = FailingCommits(directory / "store.json")
+
+    @cf.node
+    async def write(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set("value", ctx.params["value"])
+
+    async with cf.open_engine() as engine:
+        await engine.run(single(write), storage, params={"value": "first"})
+        storage.broken = True
+        try:
+            await engine.run(single(write), storage, params={"value": "second"})
+        except cf.NodeError as exc:
+            error: Any = exc.__cause__
+        storage.broken = False
+        assert isinstance(error, cf.StorageError)
+        assert json.loads(storage.path.read_text()) == {"value": "first"}
+        await engine.run(single(write), storage, params={"value": "third"})
+    assert json.loads(storage.path.read_text()) == {"value": "third"}
