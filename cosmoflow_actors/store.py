@@ -111,7 +111,10 @@ class SharedStore:
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Return ``{key: value}`` for those of ``keys`` that are stored (one message)."""
-        result: dict[str, Any] = await self._request(StoreOp.GET_MANY, argument=list(keys))
+        wanted = list(keys)
+        for key in wanted:
+            check_key(key)
+        result: dict[str, Any] = await self._request(StoreOp.GET_MANY, argument=wanted)
         return result
 
     async def set_many(self, mapping: Mapping[str, Any]) -> None:

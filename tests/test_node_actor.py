@@ -191,3 +191,19 @@ async def test_the_context_describes_the_step() -> None:
     }
     assert len({c.execution_id for c in contexts}) == 3
     assert [dict(c.params) for c in contexts] == [{"k": 1}, {}, {}]
+
+
+async def test_a_sync_exec_that_overruns_its_timeout_is_a_failed_attempt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Blocking(cf.Node):
+        timeout = 1.0
+
+        def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
+            autojump_clock.jump(5)  # a blocking call that took five seconds
+            return "too late"
+
+    with pytest.raises(cf.NodeError) as info:
+        await single(Blocking()).run()
+    assert isinstance(info.value.__cause__, trio.TooSlowError)
+    assert "overran its 1.0s timeout" in str(info.value.__cause__)

@@ -122,3 +122,9 @@ async def test_set_many_is_all_or_nothing(tmp_path: Path) -> None:
     error = await store_error(lambda store: store.set_many({"a": "new", "b": object()}), storage)
     assert isinstance(error, cf.StorageError)
     assert await in_run(lambda store: store.get_many(["a", "b"]), storage) == {"a": "old"}
+
+
+async def test_get_many_refuses_keys_that_are_not_str() -> None:
+    error = await store_error(lambda store: store.get_many([["x"]]))
+    assert isinstance(error, TypeError)
+    assert "str" in str(error)

@@ -138,11 +138,18 @@ class NodeActor:
             delay *= node.backoff
 
     async def _attempt(self, prep_res: Any, ctx: ExecutionContext) -> Any:
+        """One exec attempt. Past ``timeout`` it fails with TooSlowError: an async exec
+        is cancelled at the deadline; a sync one cannot be, so its late result is dropped.
+        """
         timeout = self.node.timeout
         if timeout is None:
             return await _call(self.node.exec, prep_res, ctx)
+        deadline = trio.current_time() + timeout
         with trio.fail_after(timeout):
-            return await _call(self.node.exec, prep_res, ctx)
+            result = await _call(self.node.exec, prep_res, ctx)
+        if trio.current_time() > deadline:
+            raise trio.TooSlowError(f"exec of {self.node_id!r} overran its {timeout}s timeout")
+        return result
 
     def _retryable(self, error: Exception) -> bool:
         return isinstance(error, (trio.TooSlowError, *self.node.retry_on))
