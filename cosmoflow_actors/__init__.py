@@ -19,8 +19,8 @@ from cosmoflow_actors.errors import (
     StoreKeyError,
     StoreTypeError,
 )
-from cosmoflow_actors.flow import END, Flow, FlowBuilder, FlowResult, Route
-from cosmoflow_actors.node import FunctionNode, Node, node
+from cosmoflow_actors.flow import END, BatchFlow, Flow, FlowBuilder, FlowResult, Route
+from cosmoflow_actors.node import BatchNode, FunctionNode, Node, ParallelBatchNode, node
 from cosmoflow_actors.runtime.engine import (
     ActorStatistics,
     Engine,
@@ -28,7 +28,13 @@ from cosmoflow_actors.runtime.engine import (
     open_engine,
 )
 from cosmoflow_actors.runtime.run import Run, RunState
-from cosmoflow_actors.storage import FileStorage, MemoryStorage, Storage
+from cosmoflow_actors.storage import (
+    FileStorage,
+    MemoryStorage,
+    RedisStorage,
+    SQLiteStorage,
+    Storage,
+)
 from cosmoflow_actors.store import SharedStore
 
 __all__ = [
@@ -37,6 +43,8 @@ __all__ = [
     "ActionCondition",
     "ActorCrashedError",
     "ActorStatistics",
+    "BatchFlow",
+    "BatchNode",
     "ConditionError",
     "CosmoFlowError",
     "Engine",
@@ -53,10 +61,13 @@ __all__ = [
     "NoRouteError",
     "Node",
     "NodeError",
+    "ParallelBatchNode",
+    "RedisStorage",
     "Route",
     "Run",
     "RunCancelledError",
     "RunState",
+    "SQLiteStorage",
     "SharedStore",
     "Storage",
     "StorageError",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,4 +26,11 @@ class ExecutionContext:
     params: Mapping[str, Any]
     max_retries: int
     current_retry: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
+    _metadata: dict[str, Any] | None = None
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """A dict for this step's own notes (made on first use)."""
+        if self._metadata is None:
+            self._metadata = {}
+        return self._metadata

@@ -7,15 +7,17 @@ immutable; one flow serves any number of concurrent runs.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, final
 
 import trio
 
 from cosmoflow_actors.action import Action, ActionCondition
+from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.errors import FlowValidationError
-from cosmoflow_actors.node import Node, validate_config
+from cosmoflow_actors.node import Node, executor_problem, validate_config
+from cosmoflow_actors.store import SharedStore
 
 if TYPE_CHECKING:
     from cosmoflow_actors.storage.base import Storage
@@ -33,17 +35,27 @@ class _End(enum.Enum):
 END: Final = _End.END
 """Route target that ends the flow."""
 
-Target = str | Literal[_End.END]
+Target = str | Literal[_End.END] | tuple[str, ...]
+"""A node id, ``END``, or a tuple of node ids (a fan-out)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """``source --action [when]--> target``."""
+    """``source --action [when]--> target``; a tuple target fans out to each node."""
 
     source: str
     action: str
     target: Target
     when: ActionCondition | None = None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The node ids this route leads to (none for ``END``)."""
+        if self.target is END:
+            return ()
+        if isinstance(self.target, tuple):
+            return self.target
+        return (self.target,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +89,14 @@ class Flow:
         routes: tuple[Route, ...],
         start_id: str,
         max_steps: int,
+        joins: frozenset[str] = frozenset(),
     ) -> None:
         self.name = name
         self.nodes: Mapping[str, Node | Flow] = dict(nodes)
         self.routes = routes
         self.start_id = start_id
         self.max_steps = max_steps
+        self.joins = joins
         table: dict[tuple[str, str], list[Route]] = {}
         for route in routes:
             table.setdefault((route.source, route.action), []).append(route)
@@ -152,6 +166,7 @@ class FlowBuilder:
         self._routes: list[Route] = []
         self._start: str | None = None
         self._max_steps = DEFAULT_MAX_STEPS
+        self._joins: set[str] = set()
         self._problems: list[str] = []
 
     def add_node(self, node_id: str, node: Node | Flow) -> FlowBuilder:
@@ -166,21 +181,32 @@ class FlowBuilder:
             self._nodes[node_id] = node
         return self
 
+    def add_join(self, node_id: str, node: Node | Flow) -> FlowBuilder:
+        """Add a join node: the branches of a fan-out that reach it run it once, together.
+
+        The run goes on from the join when every branch of the fan-out has arrived
+        there or ended; a node that no fan-out reaches runs as an ordinary node.
+        """
+        self._joins.add(node_id)
+        return self.add_node(node_id, node)
+
     def add_route(
         self,
         from_id: str,
-        to_id: Target,
+        to_id: str | Literal[_End.END] | Sequence[str],
         action: str = "default",
         *,
         when: ActionCondition | None = None,
     ) -> FlowBuilder:
-        """Route ``action`` out of ``from_id`` to ``to_id`` (a node id or ``END``).
+        """Route ``action`` out of ``from_id`` to ``to_id``: a node id, ``END``, or a list
+        of node ids to fan out to (the branches run concurrently on the run's store).
 
         With ``when``, the route is taken only if the condition holds on the run's store.
         """
         if when is not None and not isinstance(when, ActionCondition):
             self._problems.append(f"route {from_id!r} -> {to_id!r}: when is not an ActionCondition")
-        self._routes.append(Route(from_id, action, to_id, when))
+        target: Target = to_id if isinstance(to_id, str | _End) else tuple(to_id)
+        self._routes.append(Route(from_id, action, target, when))
         return self
 
     def start(self, node_id: str) -> FlowBuilder:
@@ -207,15 +233,21 @@ class FlowBuilder:
             problems.append(f"max_steps must be >= 1, got {self._max_steps}")
         if problems or start is None:
             raise FlowValidationError(self._name, problems)
-        return Flow(self._name, self._nodes, tuple(self._routes), start, self._max_steps)
+        joins = frozenset(self._joins)
+        return Flow(self._name, self._nodes, tuple(self._routes), start, self._max_steps, joins)
 
     def _route_problems(self) -> list[str]:
         problems = []
         for route in self._routes:
             if route.source not in self._nodes:
                 problems.append(f"route from unknown node {route.source!r}")
-            if route.target is not END and route.target not in self._nodes:
-                problems.append(f"route from {route.source!r} to unknown node {route.target!r}")
+            if isinstance(route.target, tuple) and len(set(route.target)) != len(route.target):
+                problems.append(f"route from {route.source!r} fans out to a node twice")
+            if isinstance(route.target, tuple) and not route.target:
+                problems.append(f"route from {route.source!r} fans out to no node")
+            for target in route.targets:
+                if target not in self._nodes:
+                    problems.append(f"route from {route.source!r} to unknown node {target!r}")
         return problems
 
     def _config_problems(self) -> list[str]:
@@ -226,4 +258,48 @@ class FlowBuilder:
                     validate_config(node, f"node {node_id!r}")
                 except ValueError as exc:
                     problems.append(str(exc))
+                    continue
+                problem = executor_problem(node)
+                if problem is not None:
+                    problems.append(f"node {node_id!r}: {problem}")
         return problems
+
+
+_NOT_FOR_BATCH_FLOW = (
+    ("max_retries", 1),
+    ("timeout", None),
+    ("rate_limit", None),
+    ("executor", "inline"),
+)
+"""Node config a BatchFlow would have to ignore, with the only value it accepts."""
+
+
+class BatchFlow(Node):
+    """Runs a sub-flow once per parameter set that :meth:`prep` returns.
+
+    Each parameter set starts a child run of ``flow`` on the parent run's store, with
+    the set as the entry node's ``ctx.params``; at most ``max_concurrency`` children run
+    at once (None = all). The first child that fails cancels the others and fails this
+    step with a NodeError whose cause is the child's error. ``post`` receives the
+    children's FlowResults in parameter order. Children are not retried.
+    """
+
+    def __init__(self, flow: Flow, **config: Any) -> None:
+        if not isinstance(flow, Flow):
+            raise TypeError(f"BatchFlow needs a built Flow, got {type(flow).__name__}")
+        super().__init__(**config)
+        unsupported = [
+            name for name, default in _NOT_FOR_BATCH_FLOW if getattr(self, name) != default
+        ]
+        if type(self).exec_fallback is not Node.exec_fallback:
+            unsupported.append("exec_fallback")
+        if unsupported:
+            raise ValueError(
+                f"{type(self).__qualname__}: a BatchFlow runs child runs; it does not "
+                f"support {', '.join(unsupported)} (set them on the sub-flow's nodes)"
+            )
+        self.flow = flow
+
+    def prep(self, store: SharedStore, ctx: ExecutionContext) -> Any:
+        """Return the parameter sets (dicts), one child run each. Default: none."""
+        return []

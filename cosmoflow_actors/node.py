@@ -11,6 +11,8 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any, overload
 
+import cloudpickle
+
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.store import SharedStore
@@ -25,7 +27,11 @@ _CONFIG_NAMES = (
     "timeout",
     "max_concurrency",
     "retry_on",
+    "mailbox_size",
+    "rate_limit",
+    "executor",
 )
+EXECUTORS = ("inline", "thread", "process")
 
 
 class Node:
@@ -49,6 +55,15 @@ class Node:
     """Steps this node's actor runs at once (None = unbounded)."""
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     """Exception types that are retried; others go straight to the fallback."""
+    mailbox_size: int | None = None
+    """Steps this node's mailbox holds before senders wait (None = the engine's size)."""
+    rate_limit: tuple[int, float] | None = None
+    """``(calls, per_seconds)``: at most ``calls`` exec attempts start in any window of
+    ``per_seconds`` (None = no limit)."""
+    executor: str = "inline"
+    """Where exec runs: "inline" (the trio thread), "thread" (``trio.to_thread``) or
+    "process" (a trio-parallel worker process). Thread and process need a plain ``def
+    exec`` and get no store access."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -94,9 +109,14 @@ def validate_config(target: object, owner: str) -> None:
     _require_number(owner, "timeout", getattr(target, "timeout", None), allow_none=True)
     if getattr(target, "timeout", None) == 0:
         raise ValueError(f"{owner}: timeout must be > 0 or None")
-    limit = getattr(target, "max_concurrency", None)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"{owner}: max_concurrency must be an int >= 1 or None, got {limit!r}")
+    for name in ("max_concurrency", "mailbox_size"):
+        _require_count(owner, name, getattr(target, name, None))
+    _validate_rate_limit(owner, getattr(target, "rate_limit", None))
+    executor = getattr(target, "executor", "inline")
+    if executor not in EXECUTORS:
+        raise ValueError(
+            f"{owner}: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}"
+        )
     retry_on = getattr(target, "retry_on", (Exception,))
     if not isinstance(retry_on, tuple) or not all(_is_exception_type(t) for t in retry_on):
         raise ValueError(f"{owner}: retry_on must be a tuple of exception types")
@@ -111,8 +131,57 @@ def _require_number(owner: str, name: str, value: object, *, allow_none: bool) -
         raise ValueError(f"{owner}: {name} must be >= 0, got {value!r}")
 
 
+def _require_count(owner: str, name: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{owner}: {name} must be an int >= 1 or None, got {value!r}")
+
+
+def _validate_rate_limit(owner: str, value: object) -> None:
+    if value is None:
+        return
+    message = f"{owner}: rate_limit must be (calls >= 1, per_seconds > 0), got {value!r}"
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise ValueError(message)
+    calls, per = value
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+        raise ValueError(message)
+    if isinstance(per, bool) or not isinstance(per, int | float) or not per > 0:
+        raise ValueError(message)
+
+
 def _is_exception_type(value: object) -> bool:
     return isinstance(value, type) and issubclass(value, BaseException)
+
+
+def executor_problem(node: Node) -> str | None:
+    """Why ``node`` cannot run on its executor, or None; checked by ``Flow.build``."""
+    if node.executor == "inline":
+        return None
+    exec_method = node.function if isinstance(node, FunctionNode) else type(node).exec
+    if inspect.iscoroutinefunction(exec_method):
+        return f"executor={node.executor!r} needs a plain def exec, not async def"
+    if node.executor == "process":
+        try:
+            cloudpickle.dumps(node)
+        except Exception as exc:
+            return f"executor='process' cannot send the node to a worker: {exc}"
+    return None
+
+
+class BatchNode(Node):
+    """A node whose exec runs once per item of what prep returns.
+
+    ``prep`` returns an iterable of items; ``exec(item, ctx)`` runs for each, one after
+    the other, with retries, timeout and fallback per item; ``post`` receives the list
+    of results in item order.
+    """
+
+
+class ParallelBatchNode(BatchNode):
+    """A :class:`BatchNode` whose items run concurrently, at most ``max_concurrency`` at
+    once (None = all at once). The first item that fails cancels the others and fails
+    the step; results reach ``post`` in item order.
+    """
 
 
 class FunctionNode(Node):
@@ -128,11 +197,9 @@ class FunctionNode(Node):
         self.__name__ = getattr(function, "__name__", "node")
         self.__doc__ = function.__doc__
 
-    async def exec(self, prep_res: Any, ctx: ExecutionContext) -> PostResult:
-        result = self.function(ctx)
-        if inspect.isawaitable(result):
-            return await result
-        return result
+    def exec(self, prep_res: Any, ctx: ExecutionContext) -> Awaitable[PostResult] | PostResult:
+        """Call the function; the node actor awaits what an async one returns."""
+        return self.function(ctx)
 
     def post(
         self, store: SharedStore, prep_res: Any, exec_res: Any, ctx: ExecutionContext

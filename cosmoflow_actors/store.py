@@ -16,6 +16,7 @@ import trio
 
 from cosmoflow_actors.errors import StorageError, StoreTypeError
 from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest, deliver
+from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.codec import check_key
 
 T = TypeVar("T")
@@ -38,17 +39,33 @@ class SharedStore:
     fresh decoded copies for persistent storage.
     """
 
-    __slots__ = ("_mailbox", "name")
+    __slots__ = ("_mailbox", "_storage", "name")
 
-    def __init__(self, mailbox: trio.MemorySendChannel[StoreRequest], name: str) -> None:
+    def __init__(
+        self,
+        mailbox: trio.MemorySendChannel[StoreRequest] | None,
+        storage: Storage | None,
+        name: str,
+    ) -> None:
         self._mailbox = mailbox
+        self._storage = storage
         self.name = name
+
+    def detached(self) -> SharedStore:
+        """A handle that refuses every call (for exec in a thread or a process)."""
+        return SharedStore(None, None, self.name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (for a worker process) it becomes a detached handle."""
+        return (SharedStore, (None, None, self.name))
 
     async def _request(self, op: StoreOp, key: str = "", argument: Any = None) -> Any:
         check_key(key)
+        if self._mailbox is None or self._storage is None:
+            raise StorageError(f"{self.name} is not reachable here: use the store in prep and post")
         reply: Reply[Any] = Reply()
         try:
-            await deliver(self._mailbox, StoreRequest(op, key, argument, reply))
+            await deliver(self._mailbox, StoreRequest(op, self._storage, key, argument, reply))
         except trio.ClosedResourceError as exc:
             raise StorageError(f"{self.name} is closed: its store actor has stopped") from exc
         return await reply.wait()

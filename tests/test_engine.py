@@ -179,13 +179,20 @@ async def test_cancelling_the_engine_scope_stops_a_thousand_runs_promptly(
     assert {run.state.value for run in runs} == {cf.RunState.CANCELLED}
 
 
-class ExplodingStorage(cf.MemoryStorage):
-    """A backend with a bug: reading "bomb" raises something that is not a KeyError."""
+class ExplodingStorage(cf.Storage):
+    """A backend with a bug: reading any key raises something that is not a KeyError."""
 
     async def get(self, key: str) -> Any:
-        if key == "bomb":
-            raise ZeroDivisionError("storage bug")
-        return await super().get(key)
+        raise ZeroDivisionError("storage bug")
+
+    async def set(self, key: str, value: Any) -> None:
+        pass
+
+    async def delete(self, key: str) -> bool:
+        return False
+
+    async def keys(self) -> list[str]:
+        return []
 
 
 async def test_an_actor_crash_fails_the_runs_in_flight_and_leaves_open_engine() -> None:
@@ -294,3 +301,80 @@ async def test_a_full_entry_mailbox_makes_start_run_wait() -> None:
         gate.open.set()
         for run in runs[:3]:
             await run.wait()
+
+
+async def test_start_run_nowait_starts_without_waiting_or_raises_would_block(tmp_path: Any) -> None:
+    gate = Gate(max_concurrency=1)
+    flow = single(gate, "nowait")
+    async with cf.open_engine(mailbox_size=2) as engine:
+        runs = [engine.start_run_nowait(flow, {}) for _ in range(2)]
+        with pytest.raises(trio.WouldBlock, match="mailbox of 'nowait/only' is full"):
+            engine.start_run_nowait(flow, {})
+        await trio.testing.wait_all_tasks_blocked()
+        runs.append(engine.start_run_nowait(flow, {}))
+        with pytest.raises(trio.WouldBlock):
+            engine.start_run_nowait(flow, {})
+        with pytest.raises(trio.WouldBlock, match="no store actor open yet"):
+            engine.start_run_nowait(single(Recorder()), cf.FileStorage(tmp_path / "s.json"))
+        gate.open.set()
+        for run in runs:
+            assert (await run.wait()).success
+        assert engine.statistics().runs_started == 3
+
+
+class Sleeper(cf.Node):
+    def __init__(self, seconds: float, **config: Any) -> None:
+        super().__init__(**config)
+        self.seconds = seconds
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        await trio.sleep(self.seconds)
+
+
+async def test_a_full_mailbox_never_stalls_other_flows(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slow = (
+        cf.Flow.builder("slow")
+        .add_node("a", Sleeper(0))
+        .add_node("b", Sleeper(10, max_concurrency=1, mailbox_size=1))
+        .add_route("a", "b")
+        .build()
+    )
+    fast = (
+        cf.Flow.builder("fast")
+        .add_node("x", Sleeper(1))
+        .add_node("y", Sleeper(1))
+        .add_route("x", "y")
+        .build()
+    )
+    async with cf.open_engine() as engine:
+        for _ in range(5):
+            await engine.start_run(slow)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        await engine.run(fast)
+        assert trio.current_time() - start == 2
+        stats = engine.statistics()
+        assert stats.actor("slow/b").mailbox_depth == 1
+        assert stats.actor("router").in_flight == 3
+
+
+async def test_max_runs_bounds_the_runs_in_flight(autojump_clock: trio.testing.MockClock) -> None:
+    flow = single(Sleeper(5), "bounded")
+    started: list[float] = []
+    async with cf.open_engine(max_runs=2) as engine:
+        for index in range(5):
+            await engine.start_run(flow)
+            started.append(trio.current_time())
+            assert engine.statistics().runs_in_flight <= 2
+            if index == 1:
+                with pytest.raises(trio.WouldBlock):
+                    engine.start_run_nowait(flow)
+    assert started == [0, 0, 5, 5, 10]
+
+
+async def test_open_engine_rejects_a_bad_max_runs() -> None:
+    with pytest.raises(ValueError, match="max_runs must be an int >= 1, got 0"):
+        async with cf.open_engine(max_runs=0):
+            pass

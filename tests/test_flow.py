@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import trio
+import trio.testing
 
 import cosmoflow_actors as cf
 from tests.support import Recorder
@@ -93,3 +97,105 @@ def test_run_sync_runs_from_plain_code() -> None:
     result = flow.add_route("a", "b").build().run_sync({})
     assert result.execution_path == ("a", "b")
     assert result.success
+
+
+class PerFile(cf.BatchFlow):
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, Any]]:
+        return [{"name": name} for name in ("a.txt", "b.txt", "c.txt")]
+
+    async def post(
+        self,
+        store: cf.SharedStore,
+        prep_res: Any,
+        results: list[cf.FlowResult],
+        ctx: cf.ExecutionContext,
+    ) -> cf.Action:
+        return cf.Action.complete([r.result for r in results])
+
+
+def file_flow(inside: list[int] | None = None) -> cf.Flow:
+    @cf.node
+    async def measure(ctx: cf.ExecutionContext) -> cf.Action:
+        if inside is not None:
+            inside.append(1)
+            await trio.sleep(1)
+            inside.pop()
+        name = ctx.params["name"]
+        if name == "bad":
+            raise ValueError("unreadable file")
+        await ctx.store.set(f"size:{name}", len(name))
+        return cf.Action.complete(len(name))
+
+    return cf.Flow.builder("per-file").add_node("measure", measure).build()
+
+
+async def test_a_batch_flow_runs_its_flow_once_per_parameter_set() -> None:
+    store: dict[str, Any] = {}
+    result = (
+        await cf.Flow.builder("batch").add_node("each", PerFile(file_flow())).build().run(store)
+    )
+    assert result.result == [5, 5, 5]
+    assert store == {"size:a.txt": 5, "size:b.txt": 5, "size:c.txt": 5}
+
+
+async def test_a_batch_flow_bounds_its_children(autojump_clock: trio.testing.MockClock) -> None:
+    inside: list[int] = []
+    most = 0
+
+    class Many(cf.BatchFlow):
+        def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, Any]]:
+            return [{"name": f"f{i}"} for i in range(10)]
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, len(inside))
+            await trio.sleep(0.5)
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        flow = cf.Flow.builder("bounded").add_node(
+            "each", Many(file_flow(inside), max_concurrency=4)
+        )
+        await flow.build().run({})
+        nursery.cancel_scope.cancel()
+    assert most == 4
+    assert trio.current_time() - start == 3
+
+
+async def test_a_failing_child_fails_the_batch_flow_step() -> None:
+    class WithBad(cf.BatchFlow):
+        def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, Any]]:
+            return [{"name": "ok.txt"}, {"name": "bad"}]
+
+    flow = cf.Flow.builder("b").add_node("each", WithBad(file_flow())).build()
+    with pytest.raises(cf.NodeError) as info:
+        await flow.run({})
+    assert info.value.node_id == "each"
+    child = info.value.__cause__
+    assert isinstance(child, cf.NodeError) and child.node_id == "measure"
+    assert isinstance(child.__cause__, ValueError)
+
+
+def test_a_batch_flow_needs_a_built_flow() -> None:
+    with pytest.raises(TypeError, match="built Flow"):
+        PerFile(cf.Flow.builder("unbuilt"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"max_retries": 2}, {"timeout": 1.0}, {"rate_limit": (1, 1.0)}, {"executor": "thread"}],
+)
+def test_a_batch_flow_refuses_config_it_cannot_honour(config: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=f"does not support {next(iter(config))}"):
+        PerFile(file_flow(), **config)
+
+
+def test_a_batch_flow_refuses_a_fallback() -> None:
+    class WithFallback(PerFile):
+        def exec_fallback(self, prep_res: Any, error: Exception, ctx: cf.ExecutionContext) -> None:
+            return None
+
+    with pytest.raises(ValueError, match="exec_fallback"):
+        WithFallback(file_flow())

@@ -138,3 +138,20 @@ async def test_the_node_decorator_with_config_retries_the_function() -> None:
     result = await single(flaky).run()
     assert calls == [0, 1, 2]
     assert result.final_action == cf.Action.simple("ok")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"mailbox_size": 0}, "mailbox_size must be an int >= 1"),
+        ({"rate_limit": (0, 1.0)}, "rate_limit must be"),
+        ({"rate_limit": (3, 0)}, "rate_limit must be"),
+        ({"rate_limit": 5}, "rate_limit must be"),
+        ({"executor": "gpu"}, "executor must be one of inline, thread, process"),
+    ],
+)
+def test_invalid_limits_and_executors_raise_value_error(
+    config: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        cf.Node(**config)

@@ -207,3 +207,154 @@ async def test_a_sync_exec_that_overruns_its_timeout_is_a_failed_attempt(
         await single(Blocking()).run()
     assert isinstance(info.value.__cause__, trio.TooSlowError)
     assert "overran its 1.0s timeout" in str(info.value.__cause__)
+
+
+class Doubler(cf.BatchNode):
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[int]:
+        return [1, 2, 3]
+
+    async def exec(self, item: int, ctx: cf.ExecutionContext) -> int:
+        if item == 2 and ctx.current_retry == 0:
+            raise ConnectionError("flaky item")
+        return item * 2
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: list[int], ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+async def test_a_batch_node_execs_each_item_with_retries_in_order() -> None:
+    assert (await single(Doubler(max_retries=2)).run()).result == [2, 4, 6]
+
+
+async def test_a_batch_node_whose_prep_is_not_iterable_fails_in_prep() -> None:
+    class Scalar(cf.BatchNode):
+        def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> int:
+            return 5
+
+    with pytest.raises(cf.NodeError) as info:
+        await single(Scalar()).run()
+    assert info.value.phase == "prep"
+    assert "iterable" in str(info.value.__cause__)
+
+
+class Sleepy(cf.ParallelBatchNode):
+    """Item i sleeps i seconds; tracks how many items run at once."""
+
+    def __init__(self, items: int, **config: Any) -> None:
+        super().__init__(**config)
+        self.items = items
+        self.inside = 0
+        self.most = 0
+        self.finished = 0
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> range:
+        return range(self.items, 0, -1)
+
+    async def exec(self, item: int, ctx: cf.ExecutionContext) -> int:
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        try:
+            await trio.sleep(item)
+            if item == 13:
+                raise ValueError("unlucky item")
+        finally:
+            self.inside -= 1
+        self.finished += 1
+        return item
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: list[int], ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+async def test_a_parallel_batch_runs_items_at_once_and_keeps_their_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    start = trio.current_time()
+    result = await single(Sleepy(10)).run()
+    assert result.result == list(range(10, 0, -1))
+    assert trio.current_time() - start == 10
+
+
+async def test_a_parallel_batch_is_bounded_by_max_concurrency(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    node = Sleepy(10, max_concurrency=3)
+    await single(node).run()
+    assert node.most == 3
+
+
+async def test_a_failing_item_cancels_the_rest_of_the_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    node = Sleepy(20)
+    start = trio.current_time()
+    with pytest.raises(cf.NodeError) as info:
+        await single(node).run()
+    assert isinstance(info.value.__cause__, ValueError)
+    assert trio.current_time() - start == 13
+    assert (node.inside, node.finished) == (0, 12)
+
+
+async def test_cancelling_a_run_stops_its_hundred_batch_items() -> None:
+    class Forever(cf.ParallelBatchNode):
+        def __init__(self) -> None:
+            self.inside = 0
+
+        def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> range:
+            return range(100)
+
+        async def exec(self, item: int, ctx: cf.ExecutionContext) -> None:
+            self.inside += 1
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.inside -= 1
+
+    node = Forever()
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(node, "batch"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert node.inside == 100
+        run.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert node.inside == 0
+        stats = engine.statistics().actor("batch/only")
+        assert (stats.in_flight, stats.mailbox_depth) == (0, 0)
+
+
+async def test_the_rate_limit_is_never_exceeded(autojump_clock: trio.testing.MockClock) -> None:
+    starts: list[float] = []
+
+    @cf.node(rate_limit=(3, 1.0))
+    def call_api(ctx: cf.ExecutionContext) -> None:
+        starts.append(trio.current_time())
+
+    flow = single(call_api, "api")
+    async with cf.open_engine() as engine:
+        runs = [await engine.start_run(flow) for _ in range(10)]
+        await trio.testing.wait_all_tasks_blocked()
+        stats = engine.statistics().actor("api/only")
+        assert (stats.rate_limit, stats.rate_waiting) == ((3, 1.0), 7)
+        for run in runs:
+            await run.wait()
+    window_counts = [sum(1 for t in starts if s <= t < s + 1.0) for s in starts]
+    assert max(window_counts) == 3
+    assert starts[-1] - starts[0] == 3.0
+
+
+async def test_a_node_mailbox_size_overrides_the_engine_default() -> None:
+    gate = Gate(max_concurrency=1, mailbox_size=2)
+    flow = single(gate, "small")
+    async with cf.open_engine(mailbox_size=100) as engine:
+        runs = [await engine.start_run(flow) for _ in range(3)]
+        with pytest.raises(trio.WouldBlock):
+            engine.start_run_nowait(flow)
+        stats = engine.statistics().actor("small/only")
+        assert (stats.mailbox_size, stats.mailbox_depth, stats.max_concurrency) == (2, 2, 1)
+        gate.open.set()
+        for run in runs:
+            await run.wait()

@@ -274,3 +274,180 @@ async def test_a_run_cancelled_while_the_router_reads_conditions_stays_cancelled
         stats = engine.statistics()
     assert run.state.value is cf.RunState.CANCELLED
     assert (stats.runs_cancelled, stats.runs_succeeded, stats.runs_in_flight) == (1, 1, 0)
+
+
+class Branch(cf.Node):
+    """Records its id, waits ``ctx.params``-independent gate, returns its action."""
+
+    def __init__(
+        self, action: cf.Action | str | None = None, gate: trio.Event | None = None
+    ) -> None:
+        self.action = action
+        self.gate = gate
+        self.inside = 0
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        if self.gate is not None:
+            self.inside += 1
+            try:
+                await self.gate.wait()
+            finally:
+                self.inside -= 1
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> Any:
+        await store.update("seen", lambda seen: [*seen, ctx.node_id], default=[])
+        await store.set(f"params:{ctx.node_id}", dict(ctx.params))
+        return self.action
+
+
+def diamond(b: cf.Node, c: cf.Node) -> cf.Flow:
+    return (
+        cf.Flow.builder("diamond")
+        .add_node("a", Branch())
+        .add_node("b", b)
+        .add_node("c", c)
+        .add_join("join", Branch())
+        .add_node("after", Branch())
+        .add_route("a", ["b", "c"])
+        .add_route("b", "join")
+        .add_route("c", "join")
+        .add_route("join", "after")
+        .build()
+    )
+
+
+async def test_fan_out_branches_run_concurrently_and_join_once() -> None:
+    gate = trio.Event()
+    b, c = (
+        Branch(cf.Action.with_params("default", b=1), gate),
+        Branch(cf.Action.with_params("default", c=2), gate),
+    )
+    store = cf.MemoryStorage()
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(diamond(b, c), store)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (b.inside, c.inside) == (1, 1)
+        gate.set()
+        result = await run.wait()
+    seen = store.data["seen"]
+    assert seen[0] == "a" and sorted(seen[1:3]) == ["b", "c"] and seen[3:] == ["join", "after"]
+    assert store.data["params:join"] == {"b": 1, "c": 2}
+    assert sorted(result.execution_path[1:3]) == ["b", "c"]
+    assert result.execution_path[3:] == ("join", "after")
+    assert result.last_node_id == "after"
+
+
+async def test_a_failing_branch_of_a_thousand_cancels_the_others() -> None:
+    gate = trio.Event()
+    waiting = Branch(gate=gate)
+
+    @cf.node
+    async def fail_on_cue(ctx: cf.ExecutionContext) -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        raise ValueError("branch 0 failed")
+
+    builder = cf.Flow.builder("wide").add_node("start", Branch()).add_node("bad", fail_on_cue)
+    targets = ["bad"]
+    for index in range(999):
+        builder.add_node(f"b{index}", waiting)
+        targets.append(f"b{index}")
+    flow = builder.add_route("start", targets).max_steps(2000).build()
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(flow, {})
+        assert info.value.node_id == "bad"
+        await trio.testing.wait_all_tasks_blocked()
+        assert waiting.inside == 0
+        assert sum(a.in_flight for a in engine.statistics().actors if a.kind == "node") == 0
+
+
+async def test_a_branch_that_ends_elsewhere_does_not_hold_the_join() -> None:
+    flow = (
+        cf.Flow.builder("detour")
+        .add_node("a", Branch())
+        .add_node("b", Branch("to_join"))
+        .add_node("c", Branch("leave"))
+        .add_join("join", Branch())
+        .add_route("a", ["b", "c"])
+        .add_route("b", "join", "to_join")
+        .add_route("c", cf.END, "leave")
+        .build()
+    )
+    store: dict[str, Any] = {}
+    result = await flow.run(store)
+    assert store["seen"][-1] == "join"
+    assert result.last_node_id == "join"
+
+
+async def test_branches_that_all_end_end_the_run() -> None:
+    flow = (
+        cf.Flow.builder("split")
+        .add_node("a", Branch())
+        .add_node("b", Branch("x"))
+        .add_node("c", Branch("y"))
+        .add_route("a", ["b", "c"])
+        .build()
+    )
+    result = await flow.run({})
+    assert sorted(result.execution_path[1:]) == ["b", "c"]
+    assert result.final_action.name in {"x", "y"}
+
+
+async def test_a_fan_out_inside_a_nested_flow_joins_there() -> None:
+    inner = diamond(Branch(), Branch())
+    flow = (
+        cf.Flow.builder("outer")
+        .add_node("sub", inner)
+        .add_node("tail", Branch())
+        .add_route("sub", "tail")
+    )
+    store: dict[str, Any] = {}
+    await flow.build().run(store)
+    assert store["seen"][-3:] == ["join", "after", "tail"]
+
+
+async def test_a_node_without_a_fan_out_runs_a_join_as_usual() -> None:
+    flow = (
+        cf.Flow.builder("f")
+        .add_node("a", Branch())
+        .add_join("j", Branch())
+        .add_route("a", "j")
+        .build()
+    )
+    assert (await flow.run({})).execution_path == ("a", "j")
+
+
+def test_fan_out_routes_are_validated_at_build() -> None:
+    builder = (
+        cf.Flow.builder("bad-fan")
+        .add_node("a", Branch())
+        .add_node("b", Branch())
+        .add_route("a", ["b", "ghost"])
+        .add_route("a", ["b", "b"], action="twice")
+        .add_route("a", [], action="none")
+    )
+    with pytest.raises(cf.FlowValidationError) as info:
+        builder.build()
+    assert info.value.problems == (
+        "route from 'a' to unknown node 'ghost'",
+        "route from 'a' fans out to a node twice",
+        "route from 'a' fans out to no node",
+    )
+
+
+async def test_a_fan_out_straight_into_its_join_arrives_at_once() -> None:
+    flow = (
+        cf.Flow.builder("direct")
+        .add_node("a", Branch(cf.Action.with_params("default", via="a")))
+        .add_node("b", Branch(cf.Action.with_params("default", via_b=True)))
+        .add_join("join", Branch())
+        .add_route("a", ["b", "join"])
+        .add_route("b", "join")
+        .build()
+    )
+    store: dict[str, Any] = {}
+    result = await flow.run(store)
+    assert result.execution_path == ("a", "b", "join")
+    assert store["params:join"] == {"via": "a", "via_b": True}

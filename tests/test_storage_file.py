@@ -1,26 +1,32 @@
-"""Tests for :mod:`cosmoflow_actors.storage.file`."""
+"""Tests for :mod:`cosmoflow_actors.storage.file` and its on-disk format."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import json
 import os
+import pickle
 import re
-import resource
+import shutil
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
+import cosmoflow_actors as cf
 from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.storage.file import FileStorage
+from cosmoflow_actors.storage.file import COMPACT_MIN_BYTES, FileStorage
+from tests.storage_suite import file_size_limit, read_only, skip_unless_read_only_works
 
 STRAY_SUFFIX = ".0123456789abcdef.tmp"
+SNAPSHOT = (
+    b'{"format": "cosmoflow-store", "version": 1, "codec": "json", "generation": 1, "data": {}}'
+)
+HEADER = '{"format":"cosmoflow-journal","version":1,"codec":"json","generation":%d}\n'
 
 
 @dataclasses.dataclass
@@ -46,66 +52,100 @@ async def stored(path: Path, **values: Any) -> FileStorage:
     return storage
 
 
+async def on_disk(path: Path, codec: str = "json") -> dict[str, Any]:
+    """What a fresh instance reads from the files: the committed state."""
+    storage = FileStorage(path, codec=codec)
+    return {key: await storage.get(key) for key in await storage.keys()}
+
+
+def snapshot(path: Path) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(path.read_bytes())
+    return document
+
+
+def journal_of(path: Path) -> Path:
+    return path.with_name(f"{path.name}.journal")
+
+
+def journal(path: Path) -> str:
+    return journal_of(path).read_text()
+
+
+def append(path: Path, text: str) -> None:
+    with open(path, "a") as file:
+        file.write(text)
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+@pytest.fixture
+def read_only_works(tmp_path: Path) -> None:
+    skip_unless_read_only_works(tmp_path)
+
+
 def cyclic_list() -> list[Any]:
     items: list[Any] = []
     items.append(items)
     return items
 
 
-async def test_values_survive_a_new_instance(tmp_path: Path) -> None:
-    path = tmp_path / "store.json"
-    values = {"n": 1, "f": 2.5, "s": "text", "b": True, "none": None, "obj": {"l": [1, "a"]}}
-    await stored(path, **values)
-
-    reopened = FileStorage(path)
-
-    assert {key: await reopened.get(key) for key in await reopened.keys()} == values
+# --- the format --------------------------------------------------------------------------
 
 
-async def test_file_is_pretty_json(tmp_path: Path) -> None:
+async def test_the_snapshot_is_pretty_json_with_a_header(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
     await stored(path, a={"b": [1, 2]}, c="d")
 
-    text = path.read_text()
+    assert path.read_text() == (
+        "{\n"
+        '  "format": "cosmoflow-store",\n'
+        '  "version": 1,\n'
+        '  "codec": "json",\n'
+        '  "generation": 1,\n'
+        '  "data": {\n'
+        '    "a": {\n      "b": [\n        1,\n        2\n      ]\n    },\n'
+        '    "c": "d"\n'
+        "  }\n"
+        "}\n"
+    )
+    assert journal(path) == HEADER % 1
 
-    assert json.loads(text) == {"a": {"b": [1, 2]}, "c": "d"}
-    assert text == '{\n  "a": {\n    "b": [\n      1,\n      2\n    ]\n  },\n  "c": "d"\n}\n'
 
-
-async def test_dataclass_round_trips_through_msgspec_convert(tmp_path: Path) -> None:
+async def test_a_commit_appends_one_line_and_leaves_the_snapshot_alone(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
-    point = Point(1, 2.5, "p")
-    started = datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.UTC)
-    track = Track("t", [point, Point(3, 4.0)], started)
-    await stored(path, p=point, track=track)
+    storage = await stored(path, a=1, b=2)
+    before = path.read_bytes(), path.stat().st_ino
+
+    await storage.set("c", {"d": [3]})
+    await storage.delete("a")
+    await storage.commit()
+    await storage.clear()
+    await storage.set("e", None)
+    await storage.commit()
+
+    assert (path.read_bytes(), path.stat().st_ino) == before
+    assert journal(path) == (
+        HEADER % 1 + '[["set","c",{"d":[3]}],["delete","a"]]\n[["clear"],["set","e",null]]\n'
+    )
+    assert await on_disk(path) == {"e": None}
+
+
+async def test_the_journal_is_replayed_in_order_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    storage = await stored(path, z=1, a=2)
+    for key, value in [("m", 3), ("z", 4)]:
+        await storage.set(key, value)
+        await storage.commit()
+    await storage.delete("a")
+    await storage.set("a", 5)
+    await storage.commit()
 
     reopened = FileStorage(path)
 
-    assert await reopened.get("p") == {"x": 1, "y": 2.5, "label": "p"}
-    assert msgspec.convert(await reopened.get("p"), Point) == point
-    assert msgspec.convert(await reopened.get("track"), Track) == track
-
-
-async def test_tuples_and_structs_are_stored_as_json(tmp_path: Path) -> None:
-    class Pair(msgspec.Struct):
-        left: int
-        right: int
-
-    storage = FileStorage(tmp_path / "store.json")
-    await storage.set("tuple", (1, 2))
-    await storage.set("struct", Pair(1, 2))
-
-    assert await storage.get("tuple") == [1, 2]
-    assert await storage.get("struct") == {"left": 1, "right": 2}
-
-
-async def test_get_returns_a_fresh_copy(tmp_path: Path) -> None:
-    storage = FileStorage(tmp_path / "store.json")
-    await storage.set("d", {"l": [1]})
-
-    (await storage.get("d"))["l"].append(2)
-
-    assert await storage.get("d") == {"l": [1]}
+    assert await reopened.keys() == ["z", "m", "a"]
+    assert await on_disk(path) == {"z": 4, "m": 3, "a": 5}
 
 
 async def test_set_without_commit_is_not_on_disk(tmp_path: Path) -> None:
@@ -113,38 +153,35 @@ async def test_set_without_commit_is_not_on_disk(tmp_path: Path) -> None:
     storage = FileStorage(path)
 
     await storage.set("a", 1)
-    assert not path.exists()
+    assert os.listdir(tmp_path) == []
 
     await storage.commit()
     await storage.set("b", 2)
-    assert json.loads(path.read_bytes()) == {"a": 1}
-    assert await FileStorage(path).keys() == ["a"]
+    assert await on_disk(path) == {"a": 1}
 
 
 async def test_commit_without_changes_does_not_write(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
     storage = await stored(path, a=1)
-    inode = path.stat().st_ino
+    before = files(tmp_path)
 
     await storage.commit()
     await storage.delete("absent")
     await storage.commit()
 
-    assert path.stat().st_ino == inode
+    assert files(tmp_path) == before
 
 
 async def test_missing_file_is_an_empty_store_until_a_commit_writes(tmp_path: Path) -> None:
-    path = tmp_path / "store.json"
-    storage = FileStorage(path)
+    storage = FileStorage(tmp_path / "store.json")
 
     await storage.open()
-    await storage.commit()
-    assert await storage.keys() == []
-    assert not path.exists()
-
     await storage.clear()
     await storage.commit()
-    assert not path.exists()
+    await storage.aclose()
+
+    assert await storage.keys() == []
+    assert os.listdir(tmp_path) == []
 
 
 async def test_constructor_does_no_io(tmp_path: Path) -> None:
@@ -152,8 +189,24 @@ async def test_constructor_does_no_io(tmp_path: Path) -> None:
 
     storage = FileStorage(path)
 
-    assert storage.path == path
+    assert (storage.path, storage.journal_path) == (
+        path,
+        tmp_path / "missing" / "store.json.journal",
+    )
+    assert storage.codec == "json"
     assert not path.parent.exists()
+
+
+async def test_a_missing_directory_is_an_empty_store_until_a_commit_fails(
+    tmp_path: Path,
+) -> None:
+    storage = FileStorage(tmp_path / "missing" / "store.json")
+    await storage.set("a", 1)
+
+    with pytest.raises(StorageError, match="missing"):
+        await storage.commit()
+
+    assert await storage.keys() == []
 
 
 async def test_relative_path_is_made_absolute() -> None:
@@ -166,17 +219,35 @@ async def test_open_is_idempotent(tmp_path: Path) -> None:
     storage = FileStorage(path)
 
     await storage.open()
-    path.write_bytes(b'{"a": 2}')
+    (tmp_path / "store.json.journal").write_text(HEADER % 1 + '[["set","a",2]]\n')
     await storage.open()
 
     assert await storage.get("a") == 1
+
+
+async def test_repr_names_the_path(tmp_path: Path) -> None:
+    assert repr(FileStorage(tmp_path / "s.json")) == f"FileStorage({str(tmp_path / 's.json')!r})"
+
+
+# --- values ------------------------------------------------------------------------------
+
+
+async def test_dataclasses_round_trip_through_msgspec_convert(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    started = datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.UTC)
+    track = Track("t", [Point(1, 2.5, "p"), Point(3, 4.0)], started)
+    await stored(path, p=Point(1, 2.5, "p"), track=track)
+
+    reopened = FileStorage(path)
+
+    assert await reopened.get("p") == {"x": 1, "y": 2.5, "label": "p"}
+    assert msgspec.convert(await reopened.get("track"), Track) == track
 
 
 @pytest.mark.parametrize(
     ("value", "type_name"),
     [
         (object(), "object"),
-        ({object()}, "set"),
         ({"a": [object()]}, "dict"),
         ({(1, 2): 3}, "dict"),
         (cyclic_list(), "list"),
@@ -188,112 +259,278 @@ async def test_unencodable_value_raises_and_stores_nothing(
 ) -> None:
     path = tmp_path / "store.json"
     storage = await stored(path, kept=1)
-    before = path.read_bytes()
+    before = files(tmp_path)
 
     with pytest.raises(StorageError) as info:
         await storage.set("bad key", value)
-    with pytest.raises(StorageError):
-        await storage.set("kept", value)
     await storage.commit()
 
     assert "'bad key'" in str(info.value)
     assert f"type {type_name}" in str(info.value)
     assert isinstance(info.value.__cause__, TypeError | ValueError | RecursionError)
-    assert await storage.contains("bad key") is False
-    assert await storage.get("kept") == 1
-    assert path.read_bytes() == before
+    assert files(tmp_path) == before
 
 
-async def test_non_str_key_raises_type_error(tmp_path: Path) -> None:
-    storage = FileStorage(tmp_path / "store.json")
+async def test_pickled_values_are_base64_strings_in_both_files(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    storage = FileStorage(path, codec="pickle")
+    await storage.set("a", {1, 2})
+    await storage.commit()
+    await storage.set("b", Point(1, 2.0))
+    await storage.commit()
 
-    with pytest.raises(TypeError, match="int"):
-        await storage.set(1, "one")  # type: ignore[arg-type]
+    data = snapshot(path)["data"]
+    line = json.loads(journal(path).splitlines()[1])
 
-    assert await storage.size() == 0
+    assert snapshot(path)["codec"] == "pickle"
+    assert pickle.loads(base64.b64decode(data["a"])) == {1, 2}
+    assert pickle.loads(base64.b64decode(line[0][2])) == Point(1, 2.0)
+    assert await on_disk(path, codec="pickle") == {"a": {1, 2}, "b": Point(1, 2.0)}
 
 
-async def test_key_that_is_not_valid_unicode_raises(tmp_path: Path) -> None:
-    storage = FileStorage(tmp_path / "store.json")
-
-    with pytest.raises(StorageError, match="key"):
-        await storage.set("\ud800", 1)
-
-    assert await storage.size() == 0
+# --- files written by someone else, or cut short by a crash -------------------------------
 
 
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"[1, 2]", b'"text"', b"", b'{"a": 1} trailing', bytes(range(256))],
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'"text"',
+        b"",
+        bytes(range(256)),
+        b'{"a": 1}',
+        SNAPSHOT.replace(b"cosmoflow-store", b"other"),
+        SNAPSHOT.replace(b'"version": 1', b'"version": 2'),
+        SNAPSHOT.replace(b'"data": {}', b'"data": []'),
+        SNAPSHOT.replace(b'"data": {}', b'"data": {}, "extra": 1'),
+        SNAPSHOT.replace(b'"generation": 1', b'"generation": "1"'),
+    ],
 )
-async def test_unreadable_file_raises_at_open_and_is_left_as_is(
+async def test_a_snapshot_written_by_someone_else_is_refused_and_untouched(
     tmp_path: Path, content: bytes
 ) -> None:
     path = tmp_path / "store.json"
     path.write_bytes(content)
     storage = FileStorage(path)
 
-    with pytest.raises(StorageError, match=re.escape(str(path))) as info:
+    with pytest.raises(StorageError, match=re.escape(str(path))):
         await storage.open()
     with pytest.raises(StorageError):
         await storage.get("a")
 
-    assert isinstance(info.value.__cause__, msgspec.DecodeError)
-    assert path.read_bytes() == content
+    assert files(tmp_path) == {"store.json": content}
 
 
-async def test_path_that_is_a_directory_raises_at_open(tmp_path: Path) -> None:
-    with pytest.raises(StorageError, match=re.escape(str(tmp_path))) as info:
-        await FileStorage(tmp_path).open()
+async def test_a_pickle_value_that_is_not_base64_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    await stored(path, a="not base64!")
+    journal_of(path).unlink()
+    path.write_text(path.read_text().replace('"json"', '"pickle"'))
 
-    assert isinstance(info.value.__cause__, OSError)
-
-
-@contextmanager
-def read_only_directory(directory: Path) -> Iterator[None]:
-    """Make ``directory`` unwritable for a non-root user."""
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only directories")
-    directory.chmod(0o500)
-    try:
-        yield
-    finally:
-        directory.chmod(0o700)
+    with pytest.raises(StorageError, match="'a' was not written by codec 'pickle'"):
+        await FileStorage(path, codec="pickle").open()
 
 
-@contextmanager
-def file_size_limit(directory: Path) -> Iterator[None]:
-    """Make writing more than 64 KiB to any file fail with EFBIG, even for root."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not a header\n", "does not start with a journal header"),
+        (HEADER.replace("cosmoflow-journal", "other") % 1, "is not a 'cosmoflow-journal'"),
+        (HEADER.replace("json", "pickle") % 1, "codec 'pickle'"),
+        (HEADER % 7, "do not belong together"),
+        (HEADER % 1 + '[["set","a",1]]\nnot json\n[["set","b",2]]\n', "line 3"),
+        (HEADER % 1 + '[["set","a",1]]\n[["rename","a"]]\n[["set","b",2]]\n', "line 3"),
+    ],
+)
+async def test_a_bad_journal_is_refused_and_untouched(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "store.json"
+    await stored(path, a=0)
+    journal_of(path).write_text(content)
+    before = files(tmp_path)
+
+    with pytest.raises(StorageError, match=message):
+        await FileStorage(path).open()
+
+    assert files(tmp_path) == before
 
 
-@pytest.mark.parametrize("failure", [read_only_directory, file_size_limit])
-async def test_failed_commit_keeps_the_file_and_rolls_back(tmp_path: Path, failure: Any) -> None:
+async def test_a_journal_without_its_snapshot_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    await stored(path, a=1)
+    path.unlink()
+
+    with pytest.raises(StorageError, match="do not belong together"):
+        await FileStorage(path).open()
+
+
+@pytest.mark.parametrize("torn", ['[["set","x",', '[["set","x",1]]', "\x00\x00\x00\n", "[[\n"])
+async def test_a_torn_last_line_is_ignored_and_the_next_commit_compacts(
+    tmp_path: Path, torn: str
+) -> None:
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    await storage.set("b", 2)
+    await storage.commit()
+    append(journal_of(path), torn)
+    before = files(tmp_path)
+
+    reopened = FileStorage(path)
+    assert await reopened.keys() == ["a", "b"]
+    assert files(tmp_path) == before
+
+    await reopened.set("c", 3)
+    await reopened.commit()
+    assert journal(path) == HEADER % 2
+    assert snapshot(path)["data"] == {"a": 1, "b": 2, "c": 3}
+
+
+async def test_a_journal_one_generation_behind_was_already_compacted(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    await storage.set("x", 1)
+    await storage.commit()
+    stale = journal(path)
+    await storage.delete("x")
+    await storage.commit()
+    await storage.aclose()  # compacts: generation 2, without "x"
+
+    journal_of(path).write_text(stale)  # as if a crash hit before its replacement
+
+    assert await on_disk(path) == {"a": 1}
+
+
+async def test_stray_temporary_files_are_removed_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    await stored(path, a=1)
+    (tmp_path / f".store.json{STRAY_SUFFIX}").write_bytes(b'{"a": ')
+    (tmp_path / f".store.json.journal{STRAY_SUFFIX}").write_bytes(b"{")
+    others = [f".other.json{STRAY_SUFFIX}", ".store.json.notes.tmp", "store.json.tmp"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"keep")
+
+    await FileStorage(path).open()
+
+    assert sorted(os.listdir(tmp_path)) == sorted(["store.json", "store.json.journal", *others])
+
+
+# --- compaction --------------------------------------------------------------------------
+
+
+async def test_the_journal_is_compacted_once_it_outgrows_the_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=0)
+    value = "v" * 1024
+    commits = COMPACT_MIN_BYTES // len(value) + 2
+    for index in range(commits):
+        await storage.set(f"k{index % 10}", value)
+        await storage.commit()
+
+    assert snapshot(path)["generation"] == 2
+    assert len(journal(path)) < COMPACT_MIN_BYTES
+    assert await on_disk(path) == {"a": 0} | {f"k{index}": value for index in range(10)}
+
+
+async def test_aclose_compacts_into_one_readable_file(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    await storage.set("b", 2)
+    await storage.commit()
+    await storage.set("uncommitted", 3)
+
+    await storage.aclose()
+
+    assert snapshot(path)["data"] == {"a": 1, "b": 2}
+    assert journal(path) == HEADER % 2
+    assert await storage.keys() == ["a", "b"]
+    await storage.aclose()
+    assert snapshot(path)["generation"] == 2
+
+
+# --- failures ----------------------------------------------------------------------------
+
+
+async def test_a_full_disk_fails_an_append_and_rolls_back(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
     storage = await stored(path, a=1, b=2)
-    before = path.read_bytes()
+    before = files(tmp_path)
     await storage.set("a", "x" * 100_000)
-    await storage.set("new", "y" * 100_000)
     await storage.delete("b")
 
-    with failure(tmp_path), pytest.raises(StorageError, match=re.escape(str(path))) as info:
+    with file_size_limit(), pytest.raises(StorageError, match="journal") as info:
         await storage.commit()
 
     assert isinstance(info.value.__cause__, OSError)
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["store.json"]
+    assert files(tmp_path) == before
     assert await storage.keys() == ["a", "b"]
+    await storage.set("c", 3)
+    await storage.commit()
+    assert await on_disk(path) == {"a": 1, "b": 2, "c": 3}
+
+
+async def test_a_full_disk_fails_a_compaction_and_rolls_back(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    storage = FileStorage(path)
+    await storage.set("a", "x" * 100_000)
+
+    with file_size_limit(), pytest.raises(StorageError, match=re.escape(str(path))):
+        await storage.commit()
+
+    assert os.listdir(tmp_path) == []
+    assert await storage.keys() == []
+
+
+@pytest.mark.usefixtures("read_only_works")
+async def test_a_read_only_directory_fails_the_first_commit(tmp_path: Path) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    storage = FileStorage(directory / "store.json")
+    await storage.set("a", 1)
+
+    with read_only(directory), pytest.raises(StorageError) as info:
+        await storage.commit()
+
+    assert isinstance(info.value.__cause__, OSError)
+    assert os.listdir(directory) == []
+    assert await storage.keys() == []
+
+
+@pytest.mark.usefixtures("read_only_works")
+async def test_read_only_files_fail_a_commit_and_keep_the_last_one(tmp_path: Path) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    path = directory / "store.json"
+    storage = await stored(path, a=1)
+    before = files(directory)
+    await storage.set("a", 2)
+
+    with read_only(directory, path, journal_of(path)), pytest.raises(StorageError):
+        await storage.commit()
+
+    assert files(directory) == before
     assert await storage.get("a") == 1
-    with pytest.raises(KeyError):
-        await storage.get("new")
+    await storage.set("b", 2)
+    await storage.commit()
+    assert await on_disk(path) == {"a": 1, "b": 2}
 
 
-async def test_failed_commit_onto_a_directory_rolls_back(tmp_path: Path) -> None:
+async def test_a_directory_that_moved_away_fails_the_commit(tmp_path: Path) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    storage = await stored(directory / "store.json", a=1)
+    await storage.set("a", 2)
+    directory.rename(tmp_path / "moved")
+
+    with pytest.raises(StorageError, match="journal"):
+        await storage.commit()
+
+    (tmp_path / "moved").rename(directory)
+    assert await on_disk(directory / "store.json") == {"a": 1}
+
+
+async def test_a_commit_onto_a_directory_rolls_back(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
     storage = FileStorage(path)
     await storage.set("a", 1)
@@ -304,93 +541,92 @@ async def test_failed_commit_onto_a_directory_rolls_back(tmp_path: Path) -> None
 
     assert await storage.keys() == []
     assert os.listdir(tmp_path) == ["store.json"]
-    assert path.is_dir()
 
 
-async def test_storage_works_again_after_a_failed_commit(tmp_path: Path) -> None:
+async def test_a_path_that_is_a_directory_raises_at_open(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match=re.escape(str(tmp_path))) as info:
+        await FileStorage(tmp_path).open()
+
+    assert isinstance(info.value.__cause__, OSError)
+
+
+async def test_a_journal_another_writer_appended_to_fails_the_commit(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
     storage = await stored(path, a=1)
-    await storage.set("a", "x" * 100_000)
-    with file_size_limit(tmp_path), pytest.raises(StorageError):
+    other = FileStorage(path)
+    await other.set("b", 2)
+    await other.commit()
+    await storage.set("c", 3)
+
+    with pytest.raises(StorageError, match="another process"):
         await storage.commit()
 
-    await storage.set("b", 2)
-    await storage.commit()
-
-    assert json.loads(path.read_bytes()) == {"a": 1, "b": 2}
+    assert await on_disk(path) == {"a": 1, "b": 2}
 
 
-async def test_stray_temporary_files_are_removed_at_open(tmp_path: Path) -> None:
-    path = tmp_path / "store.json"
-    await stored(path, a=1)
-    (tmp_path / f".store.json{STRAY_SUFFIX}").write_bytes(b'{"a": ')
-    others = [f".other.json{STRAY_SUFFIX}", ".store.json.notes.tmp", "store.json.tmp"]
-    for name in others:
-        (tmp_path / name).write_bytes(b"keep")
-
-    await FileStorage(path).open()
-
-    assert sorted(os.listdir(tmp_path)) == sorted(["store.json", *others])
+# --- permissions -------------------------------------------------------------------------
 
 
-async def test_commit_leaves_no_temporary_file(tmp_path: Path) -> None:
-    storage = await stored(tmp_path / "store.json", a=1)
-    await storage.set("b", 2)
-    await storage.commit()
-
-    assert os.listdir(tmp_path) == ["store.json"]
-
-
-async def test_new_file_has_mode_0600(tmp_path: Path) -> None:
+async def test_new_files_have_mode_0600(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
     await stored(path, a=1)
 
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in os.listdir(tmp_path)}
+
+    assert modes == {"store.json": 0o600, "store.json.journal": 0o600}
 
 
-async def test_existing_file_keeps_its_mode(tmp_path: Path) -> None:
+async def test_an_existing_snapshot_keeps_its_mode_and_the_journal_follows(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "store.json"
     storage = await stored(path, a=1)
     path.chmod(0o640)
 
     await storage.set("a", 2)
     await storage.commit()
+    await storage.aclose()
 
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert stat.S_IMODE(journal_of(path).stat().st_mode) == 0o640
 
 
-async def test_keys_are_never_paths(tmp_path: Path) -> None:
-    path = tmp_path / "store.json"
-    keys = ["", "ünïcødé ключ 🔑", "a/b", "..", "../../etc/passwd", "/abs", "\\", "."]
-    await stored(path, **{key: index for index, key in enumerate(keys)})
-
-    reopened = FileStorage(path)
-
-    assert os.listdir(tmp_path) == ["store.json"]
-    assert await reopened.keys() == keys
-    assert [await reopened.get(key) for key in keys] == list(range(len(keys)))
-
-
-async def test_delete_keys_contains_size_and_clear(tmp_path: Path) -> None:
-    path = tmp_path / "store.json"
-    storage = await stored(path, z=1, a=2, m=3)
-
-    assert await storage.keys() == ["z", "a", "m"]
-    assert await storage.delete("a") is True
-    assert await storage.delete("a") is False
-    assert await storage.contains("z") is True
-    assert await storage.contains("a") is False
-    assert await storage.size() == 2
-    with pytest.raises(KeyError):
-        await storage.get("a")
-
+async def test_a_commit_leaves_no_temporary_file(tmp_path: Path) -> None:
+    storage = await stored(tmp_path / "store.json", a=1)
+    await storage.set("b", 2)
     await storage.commit()
-    assert await FileStorage(path).keys() == ["z", "m"]
+    await storage.aclose()
 
-    await storage.clear()
-    await storage.commit()
-    assert json.loads(path.read_bytes()) == {}
+    assert sorted(os.listdir(tmp_path)) == ["store.json", "store.json.journal"]
 
 
-async def test_repr_names_the_path(tmp_path: Path) -> None:
-    assert repr(FileStorage(tmp_path / "s.json")) == f"FileStorage({str(tmp_path / 's.json')!r})"
+async def test_a_copied_store_opens_elsewhere(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    await stored(path, a=1)
+    (tmp_path / "copy").mkdir()
+    for name in ("store.json", "store.json.journal"):
+        shutil.copy(tmp_path / name, tmp_path / "copy" / name)
+
+    assert await on_disk(tmp_path / "copy" / "store.json") == {"a": 1}
+
+
+@pytest.mark.usefixtures("read_only_works")
+async def test_a_read_only_store_fails_the_writing_run_only(tmp_path: Path) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    path = directory / "store.json"
+    storage = await stored(path, kept=1)
+
+    @cf.node
+    async def write(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set("new", ctx.params["value"])
+
+    flow = cf.Flow.builder("write").add_node("write", write).build()
+    async with cf.open_engine() as engine:
+        with read_only(directory, path, journal_of(path)), pytest.raises(cf.NodeError) as info:
+            await engine.run(flow, storage, params={"value": 1})
+        assert isinstance(info.value.__cause__, StorageError)
+        assert (await engine.run(flow, {}, params={"value": 2})).success
+        assert (await engine.run(flow, storage, params={"value": 3})).success
+
+    assert await on_disk(path) == {"kept": 1, "new": 3}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,13 @@ import trio
 
 import cosmoflow_actors as cf
 from tests.support import single
+
+
+async def on_disk(path: Path) -> dict[str, Any]:
+    """What a fresh FileStorage opened on ``path`` reads: the committed state."""
+    storage = cf.FileStorage(path)
+    await storage.open()
+    return {key: await storage.get(key) for key in await storage.keys()}
 
 
 class CountingFileStorage(cf.FileStorage):
@@ -34,8 +40,7 @@ async def test_concurrent_writers_are_coalesced_into_few_commits(tmp_path: Path)
     async with cf.open_engine() as engine, trio.open_nursery() as nursery:
         for i in range(200):
             nursery.start_soon(lambda i=i: engine.run(flow, storage, params={"i": i}))
-    on_disk = json.loads((tmp_path / "store.json").read_text())
-    assert on_disk == {f"key-{i}": i for i in range(200)}
+    assert await on_disk(tmp_path / "store.json") == {f"key-{i}": i for i in range(200)}
     assert storage.commits < 20
 
 
@@ -45,7 +50,7 @@ async def test_set_returns_once_the_write_is_on_disk(tmp_path: Path) -> None:
     @cf.node
     async def write_then_read_file(ctx: cf.ExecutionContext) -> cf.Action:
         await ctx.store.set("answer", 42)
-        return cf.Action.complete(json.loads(path.read_text()))
+        return cf.Action.complete(await on_disk(path))
 
     result = await single(write_then_read_file).run(cf.FileStorage(path))
     assert result.result == {"answer": 42}
@@ -89,6 +94,6 @@ async def test_a_failed_commit_fails_the_writer_keeps_old_data_and_the_engine(
             error: Any = exc.__cause__
         storage.broken = False
         assert isinstance(error, cf.StorageError)
-        assert json.loads(storage.path.read_text()) == {"value": "first"}
+        assert await on_disk(storage.path) == {"value": "first"}
         await engine.run(single(write), storage, params={"value": "third"})
-    assert json.loads(storage.path.read_text()) == {"value": "third"}
+    assert await on_disk(storage.path) == {"value": "third"}

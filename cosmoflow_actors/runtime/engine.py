@@ -9,6 +9,7 @@ waits for the runs started in it.
 from __future__ import annotations
 
 import functools
+import math
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol, final
 
 import trio
+import trio_parallel
 from trio_util import AsyncValue
 
 from cosmoflow_actors.errors import ActorCrashedError, StorageError
 from cosmoflow_actors.flow import Flow, FlowResult
-from cosmoflow_actors.node import Node
+from cosmoflow_actors.runtime.limits import RateLimiter
+from cosmoflow_actors.runtime.messages import Step, deliver
 from cosmoflow_actors.runtime.node_actor import NodeActor
 from cosmoflow_actors.runtime.router import Router
 from cosmoflow_actors.runtime.run import Run, RunState
@@ -33,12 +36,24 @@ DEFAULT_MAILBOX_SIZE: Final = 256
 
 
 class _Actor(Protocol):
-    kind: str
-    name: str
-    serving: bool
-    messages_processed: int
-    in_flight: int
+    """What the engine reads of every actor (node, router, store)."""
 
+    @property
+    def kind(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def serving(self) -> bool: ...
+    @property
+    def messages_processed(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def mailbox_size(self) -> float: ...
+    @property
+    def max_concurrency(self) -> int | None: ...
+    @property
+    def rate(self) -> RateLimiter | None: ...
     @property
     def mailbox_depth(self) -> int: ...
 
@@ -47,13 +62,38 @@ class _Actor(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ActorStatistics:
-    """One actor's counters: ``kind`` is "node", "router" or "store"."""
+    """One actor's counters and limits: ``kind`` is "node", "router" or "store".
+
+    ``mailbox_size`` is None for the router's unbounded inbox; ``rate_limit`` is
+    ``(calls, per_seconds)`` or None, and ``rate_waiting`` the exec attempts waiting
+    for it.
+    """
 
     name: str
     kind: str
     messages_processed: int
     mailbox_depth: int
     in_flight: int
+    mailbox_size: int | None
+    max_concurrency: int | None
+    rate_limit: tuple[int, float] | None
+    rate_waiting: int
+
+    @classmethod
+    def of(cls, actor: _Actor) -> ActorStatistics:
+        """Read an actor's counters now."""
+        rate = actor.rate
+        return cls(
+            name=actor.name,
+            kind=actor.kind,
+            messages_processed=actor.messages_processed,
+            mailbox_depth=actor.mailbox_depth,
+            in_flight=actor.in_flight,
+            mailbox_size=None if math.isinf(actor.mailbox_size) else int(actor.mailbox_size),
+            max_concurrency=actor.max_concurrency,
+            rate_limit=None if rate is None else (rate.calls, rate.per_seconds),
+            rate_waiting=0 if rate is None else rate.waiting,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +119,16 @@ class EngineStatistics:
 class Engine:
     """Runs flows. Get one from :func:`open_engine`; all methods run in its trio context."""
 
-    def __init__(self, nursery: trio.Nursery, mailbox_size: int) -> None:
+    def __init__(self, nursery: trio.Nursery, mailbox_size: int, max_runs: int | None) -> None:
         self._nursery = nursery
         self._mailbox_size = mailbox_size
+        self.max_runs = max_runs
+        self._admission = trio.Semaphore(max_runs) if max_runs is not None else None
         self._router = Router(self._node_actor)
         self._node_actors: dict[tuple[Flow, str], NodeActor] = {}
         self._registered: set[Flow] = set()
-        self._stores: dict[int, StoreActor] = {}
+        self._stores: dict[object, StoreActor] = {}
+        self._workers: trio_parallel.WorkerContext | None = None
         self._runs: dict[str, Run] = {}
         self._in_flight = AsyncValue(0)
         self._closed = False
@@ -121,9 +164,57 @@ class Engine:
         """Start a run of ``flow`` and return its handle once the entry node has it.
 
         ``store`` is a Storage, a dict used in place as memory storage, or None for a
-        fresh MemoryStorage. Blocks while the entry node's mailbox is full. Raises
-        StorageError when the storage cannot be opened.
+        fresh MemoryStorage. Blocks while ``max_runs`` runs are in flight and while the
+        entry node's mailbox is full. Raises StorageError when the storage cannot be
+        opened.
         """
+        run_id = self._check_start(flow, run_id)
+        await self._register(flow)
+        storage = _as_storage(store)
+        actor = await self._acquire_store(storage)
+        if self._admission is not None:
+            await self._admission.acquire()
+        run = self._new_run(run_id, flow, storage, actor)
+        try:
+            entry = self._router.prepare(run, run.main, flow.start_id)
+            await deliver(entry.mailbox, Step(run, run.main, dict(params or {})))
+        except BaseException:
+            run.cancel()
+            raise
+        return run
+
+    def start_run_nowait(
+        self,
+        flow: Flow,
+        store: Storage | dict[str, Any] | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> Run:
+        """Start a run like :meth:`start_run`, without waiting. Never blocks.
+
+        Raises ``trio.WouldBlock`` when it would have to wait: ``max_runs`` runs are in
+        flight, the entry node's mailbox is full, the store (other than memory) has no
+        store actor open yet, or the flow has process nodes and no worker processes are
+        set up yet (``start_run`` waits for all of these).
+        """
+        run_id = self._check_start(flow, run_id)
+        if self._workers is None and _needs_workers(flow):
+            raise trio.WouldBlock("the flow's worker processes are not set up yet")
+        storage = _as_storage(store)
+        actor = self._store_actor_nowait(storage)
+        self._register_nowait(flow)
+        entry = self._router.entry(flow)
+        if entry.mailbox_depth >= entry.mailbox_size:
+            raise trio.WouldBlock(f"the mailbox of {entry.name!r} is full")
+        if self._admission is not None:
+            self._admission.acquire_nowait()
+        run = self._new_run(run_id, flow, storage, actor)
+        self._router.prepare(run, run.main, flow.start_id)
+        entry.mailbox.send_nowait(Step(run, run.main, dict(params or {})))
+        return run
+
+    def _check_start(self, flow: Flow, run_id: str | None) -> str:
         if not isinstance(flow, Flow):
             raise TypeError(f"expected a built Flow, got {type(flow).__name__}")
         if self._closed:
@@ -131,18 +222,15 @@ class Engine:
         run_id = uuid.uuid4().hex if run_id is None else run_id
         if run_id in self._runs:
             raise ValueError(f"run {run_id!r} is already in flight")
-        await self._register(flow)
-        actor = await self._acquire_store(store)
+        return run_id
+
+    def _new_run(self, run_id: str, flow: Flow, storage: Storage, actor: StoreActor) -> Run:
+        actor.users += 1
         on_finish = functools.partial(self._finished, actor)
-        run = Run(run_id, flow, actor.storage, actor.handle, on_finish)
+        run = Run(run_id, flow, storage, actor.handle(storage), on_finish)
         self._runs[run_id] = run
         self._started += 1
         self._in_flight.value += 1
-        try:
-            await self._router.enter(run, flow, flow.start_id, dict(params or {}))
-        except BaseException:
-            run.cancel()
-            raise
         return run
 
     def statistics(self) -> EngineStatistics:
@@ -154,59 +242,107 @@ class Engine:
             runs_failed=self._counts[RunState.FAILED],
             runs_cancelled=self._counts[RunState.CANCELLED],
             runs_in_flight=len(self._runs),
-            actors=tuple(
-                ActorStatistics(a.name, a.kind, a.messages_processed, a.mailbox_depth, a.in_flight)
-                for a in actors
-            ),
+            actors=tuple(ActorStatistics.of(actor) for actor in actors),
         )
 
     def _node_actor(self, flow: Flow, node_id: str) -> NodeActor:
         return self._node_actors[flow, node_id]
 
     async def _register(self, flow: Flow) -> None:
-        """Start a node actor for every node of ``flow`` and of the flows nested in it."""
+        """Start a node actor for every node of ``flow`` and of the flows nested in it,
+        each ready (``nursery.start``) before this returns.
+        """
         if flow in self._registered:
             return
+        if self._workers is None and _needs_workers(flow):
+            self._workers = await self._nursery.start(self._hold_workers)
+        for actor in self._new_node_actors(flow):
+            await self._nursery.start(self._supervise, actor)
+
+    def _register_nowait(self, flow: Flow) -> None:
+        """Like :meth:`_register`, without waiting: a node actor needs no set-up, and
+        steps sent before it runs wait in its mailbox."""
+        if flow not in self._registered:
+            for actor in self._new_node_actors(flow):
+                self._nursery.start_soon(self._supervise, actor)
+
+    def _new_node_actors(self, flow: Flow) -> list[NodeActor]:
+        """Make (and record) the node actors ``flow`` and its nested flows still lack."""
+        self._registered.add(flow)
+        actors = []
         for node_id, node in flow.nodes.items():
             if isinstance(node, Flow):
-                await self._register(node)
+                if node not in self._registered:
+                    actors += self._new_node_actors(node)
             elif (flow, node_id) not in self._node_actors:
-                await self._start_node_actor(flow, node_id, node)
-        self._registered.add(flow)
+                actor = NodeActor(
+                    flow,
+                    node_id,
+                    node,
+                    self._router.inbox,
+                    self._mailbox_size,
+                    self._workers,
+                    self.run,
+                )
+                self._node_actors[flow, node_id] = actor
+                actors.append(actor)
+        return actors
 
-    async def _start_node_actor(self, flow: Flow, node_id: str, node: Node) -> None:
-        actor = NodeActor(flow, node_id, node, self._router.inbox, self._mailbox_size)
-        # Registered before it is ready: a concurrent run's steps wait in its mailbox.
-        self._node_actors[flow, node_id] = actor
-        await self._nursery.start(self._supervise, actor)
+    async def _hold_workers(
+        self, *, task_status: trio.TaskStatus[trio_parallel.WorkerContext]
+    ) -> None:
+        """Keep the worker processes of "process" nodes open as long as the engine."""
+        async with trio_parallel.open_worker_context() as workers:
+            task_status.started(workers)
+            await trio.sleep_forever()
 
-    async def _acquire_store(self, store: Storage | dict[str, Any] | None) -> StoreActor:
-        """The store actor for ``store``, started if needed; shared by every run on it.
+    async def _acquire_store(self, storage: Storage) -> StoreActor:
+        """The store actor for ``storage``, started if needed; shared by every run on it.
 
         Blocks while the actor opens its backend; raises StorageError if it cannot.
         """
-        if store is None:
-            store = MemoryStorage()
-        key = id(store)
+        key = _actor_key(storage)
         actor = self._stores.get(key)
         while actor is not None and actor.retiring:
             await actor.exited.wait()
             actor = self._stores.get(key)
         if actor is None:
-            actor = StoreActor(_as_storage(store), self._mailbox_size)
-            self._stores[key] = actor
+            actor = self._new_store_actor(key, storage)
             await self._nursery.start(self._supervise_store, actor, key)
         else:
             await actor.opened.wait()
             if not actor.serving:
                 raise StorageError(f"{actor.name} could not be opened")
-        actor.users += 1
+        return actor
+
+    def _store_actor_nowait(self, storage: Storage) -> StoreActor:
+        """The store actor for ``storage``; a memory one is started at once if needed.
+
+        Raises trio.WouldBlock when a backend that must be opened has no actor serving.
+        """
+        key = _actor_key(storage)
+        actor = self._stores.get(key)
+        if storage.shared_actor:
+            if actor is None or actor.retiring:
+                actor = self._new_store_actor(key, storage)
+                self._nursery.start_soon(self._supervise_store, actor, key)
+            return actor
+        if actor is not None and actor.serving and not actor.retiring:
+            return actor
+        raise trio.WouldBlock(f"{storage!r} has no store actor open yet; use start_run")
+
+    def _new_store_actor(self, key: object, storage: Storage) -> StoreActor:
+        if storage.shared_actor:
+            actor = StoreActor("store:memory", self._mailbox_size)
+        else:
+            actor = StoreActor(f"store:{_describe(storage)}", self._mailbox_size, storage)
+        self._stores[key] = actor
         return actor
 
     async def _supervise_store(
         self,
         actor: StoreActor,
-        key: int,
+        key: object,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -236,11 +372,13 @@ class Engine:
     def _finished(self, store: StoreActor, run: Run) -> None:
         """Called once when ``run`` ends, whatever ended it."""
         del self._runs[run.run_id]
-        self._counts[run.state.value] += 1
+        self._counts[run.current_state] += 1
         self._in_flight.value -= 1
         store.users -= 1
         if store.users == 0:
             store.retire()
+        if self._admission is not None:
+            self._admission.release()
 
     async def _wait_idle(self) -> None:
         await self._in_flight.wait_value(0)
@@ -254,17 +392,24 @@ class Engine:
 
 
 @asynccontextmanager
-async def open_engine(*, mailbox_size: int = DEFAULT_MAILBOX_SIZE) -> AsyncIterator[Engine]:
+async def open_engine(
+    *, mailbox_size: int = DEFAULT_MAILBOX_SIZE, max_runs: int | None = None
+) -> AsyncIterator[Engine]:
     """Open an engine inside the current trio task; close it when the block ends.
+
+    ``mailbox_size`` bounds every mailbox (a node may set its own); ``max_runs`` bounds
+    the runs in flight: ``start_run`` waits for one to end (None: no bound). Together
+    they carry backpressure from the slowest node back to whoever starts runs.
 
     Leaving the block normally waits for every run started in it. An error in the block,
     a crashing actor or a cancelled enclosing scope cancels the runs in flight and stops
     every actor before this returns; errors leave as trio nursery errors do.
     """
-    if isinstance(mailbox_size, bool) or not isinstance(mailbox_size, int) or mailbox_size < 1:
-        raise ValueError(f"mailbox_size must be an int >= 1, got {mailbox_size!r}")
+    _require_positive("mailbox_size", mailbox_size)
+    if max_runs is not None:
+        _require_positive("max_runs", max_runs)
     async with trio.open_nursery() as nursery:
-        engine = Engine(nursery, mailbox_size)
+        engine = Engine(nursery, mailbox_size, max_runs)
         await nursery.start(engine._supervise, engine._router)
         try:
             yield engine
@@ -273,9 +418,34 @@ async def open_engine(*, mailbox_size: int = DEFAULT_MAILBOX_SIZE) -> AsyncItera
             engine._close()
 
 
-def _as_storage(store: Storage | dict[str, Any]) -> Storage:
-    if isinstance(store, dict):
+def _as_storage(store: Storage | dict[str, Any] | None) -> Storage:
+    if store is None or isinstance(store, dict):
         return MemoryStorage(store)
     if isinstance(store, Storage):
         return store
     raise TypeError(f"store must be a Storage, a dict or None, got {type(store).__name__}")
+
+
+def _actor_key(storage: Storage) -> object:
+    """Storages with the same key share a store actor: every memory one, or each other."""
+    return MemoryStorage if storage.shared_actor else storage
+
+
+def _needs_workers(flow: Flow) -> bool:
+    """Whether ``flow`` or a flow nested in it has a node with ``executor="process"``."""
+    return any(
+        _needs_workers(node) if isinstance(node, Flow) else node.executor == "process"
+        for node in flow.nodes.values()
+    )
+
+
+def _describe(storage: Storage) -> str:
+    """The storage's own repr if it has one (a path, a URL), else class and address."""
+    if type(storage).__repr__ is not object.__repr__:
+        return repr(storage)
+    return f"{type(storage).__name__}@{id(storage):x}"
+
+
+def _require_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")

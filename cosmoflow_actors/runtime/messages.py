@@ -17,7 +17,8 @@ import trio
 
 if TYPE_CHECKING:
     from cosmoflow_actors.action import Action
-    from cosmoflow_actors.runtime.run import Run
+    from cosmoflow_actors.runtime.run import Branch, Run
+    from cosmoflow_actors.storage.base import Storage
 
 T = TypeVar("T")
 M = TypeVar("M")
@@ -75,13 +76,13 @@ class Reply(Generic[T]):
             await trio.lowlevel.checkpoint()
             return answer.unwrap()
         self._task = trio.lowlevel.current_task()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        result: T = await trio.lowlevel.wait_task_rescheduled(self._abandon)
         return result
+
+    def _abandon(self, _: object) -> trio.lowlevel.Abort:
+        """The waiter was cancelled: forget it, so a late answer is dropped."""
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class StoreOp(enum.Enum):
@@ -116,6 +117,7 @@ class StoreRequest:
     """
 
     op: StoreOp
+    storage: Storage
     key: str
     argument: Any
     reply: Reply[Any]
@@ -123,17 +125,19 @@ class StoreRequest:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """Engine or router → node actor: run one step of ``run`` with these params."""
+    """Engine or router → node actor: run one step of ``branch`` of ``run``."""
 
     run: Run
+    branch: Branch
     params: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
 class StepDone:
-    """Node actor → router: the step of ``run`` at ``node_id`` returned ``action``."""
+    """Node actor → router: the step of ``branch`` at ``node_id`` returned ``action``."""
 
     run: Run
+    branch: Branch
     node_id: str
     action: Action
 
@@ -143,6 +147,7 @@ class StepFailed:
     """Node actor → router: the step of ``run`` at ``node_id`` failed with ``error``."""
 
     run: Run
+    branch: Branch
     node_id: str
     error: Exception
 

@@ -1,24 +1,38 @@
 """The node actor: the only place a node's prep, exec and post ever run.
 
-One actor per node of a registered flow. It takes :class:`Step` messages from its bounded
-mailbox and runs each as a task in its own nursery, at most ``max_concurrency`` at once,
-then tells the router how the step ended (:class:`StepDone` / :class:`StepFailed`).
+One actor per node of a registered flow. Its workers take :class:`Step` messages from
+its bounded mailbox and run them; a worker that finishes a step takes the next one
+straight away, so a busy node spawns no task per step. The pool grows to cover the
+steps waiting (up to ``max_concurrency``) and shrinks when idle. Each step ends with a
+:class:`StepDone` or :class:`StepFailed` to the router.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
+import dataclasses
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Final
 
 import trio
+import trio_parallel
 
-from cosmoflow_actors.action import Action, as_action
+from cosmoflow_actors.action import as_action
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.errors import NodeError
-from cosmoflow_actors.flow import Flow
-from cosmoflow_actors.node import Node
-from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone, StepFailed, take
-from cosmoflow_actors.runtime.run import Run, RunState
+from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
+from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode
+from cosmoflow_actors.runtime.executor import exec_call
+from cosmoflow_actors.runtime.limits import RateLimiter
+from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone, StepFailed
+from cosmoflow_actors.runtime.run import Run
+from cosmoflow_actors.storage.base import Storage
+
+RunChild = Callable[..., Awaitable[FlowResult]]
+"""``Engine.run``: how a BatchFlow node starts its child runs."""
+
+KEEP_IDLE: Final = 8
+"""Idle workers a node actor keeps; more exit until work comes back."""
 
 
 class NodeActor:
@@ -33,20 +47,31 @@ class NodeActor:
         node: Node,
         router: trio.MemorySendChannel[RouterMessage],
         mailbox_size: int,
+        workers: trio_parallel.WorkerContext | None = None,
+        run_child: RunChild | None = None,
     ) -> None:
         self.flow_name = flow.name
         self.node_id = node_id
         self.node = node
         self.name = f"{flow.name}/{node_id}"
         self._router = router
-        send, receive = trio.open_memory_channel[Step](mailbox_size)
+        self.mailbox_size = node.mailbox_size or mailbox_size
+        send, receive = trio.open_memory_channel[Step](self.mailbox_size)
         self.mailbox = send
         self._receive = receive
-        limit = node.max_concurrency
-        self._slots = trio.Semaphore(limit) if limit is not None else None
+        self.max_concurrency = node.max_concurrency
+        self._limit = node.max_concurrency or math.inf
+        self.rate = RateLimiter(*node.rate_limit) if node.rate_limit else None
+        self._exec_call = exec_call(node, workers)
+        self._direct = node.executor == "inline" and node.timeout is None and self.rate is None
+        self._plain = not isinstance(node, BatchNode | BatchFlow)
+        self._simple = self._direct and self._plain and node.max_retries == 1
+        self._run_child = run_child
+        self._nursery: trio.Nursery | None = None
         self.serving = False
         self.messages_processed = 0
         self.in_flight = 0
+        self._workers = 0
 
     @property
     def mailbox_depth(self) -> int:
@@ -54,72 +79,165 @@ class NodeActor:
         return self.mailbox.statistics().current_buffer_used
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve steps until cancelled.
-
-        With ``max_concurrency`` it waits for a free slot before taking the next step,
-        so waiting steps stay in the mailbox and its senders feel the backpressure.
-        """
-        async with trio.open_nursery() as steps:
+        """Hold the workers' nursery until cancelled; one worker waits from the start."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._spawn(1)
             self.serving = True
             task_status.started()
+            await trio.sleep_forever()
+
+    def _spawn(self, count: int) -> None:
+        assert self._nursery is not None
+        for _ in range(count):
+            self._workers += 1
+            self._nursery.start_soon(self._work)
+
+    async def _work(self) -> None:
+        """Take steps until idle with enough other workers idle; a checkpoint per wait."""
+        receive = self._receive
+        try:
             while True:
-                if self._slots is not None:
-                    await _acquire(self._slots)
-                step = await take(self._receive)
+                try:
+                    step = receive.receive_nowait()
+                except trio.WouldBlock:
+                    if self._workers - self.in_flight > KEEP_IDLE:
+                        return
+                    step = await receive.receive()
                 self.in_flight += 1
-                steps.start_soon(self._step, step)
+                self._grow()
+                try:
+                    await self._step(step)
+                finally:
+                    self.in_flight -= 1
+                    self.messages_processed += 1
+        finally:
+            self._workers -= 1
+
+    def _grow(self) -> None:
+        """With no spare worker left, spawn one per step waiting plus a spare, within
+        max_concurrency. (A spare worker that takes a step grows the pool in turn.)
+        """
+        if self._workers > self.in_flight:
+            return
+        room = self._limit - self._workers
+        if room > 0:
+            self._spawn(int(min(self.mailbox_depth + 1, room)))
 
     async def _step(self, step: Step) -> None:
+        """Run prep → exec → post under a cancel scope of the run's, then report to the
+        router: StepDone, or StepFailed for a NodeError (or a TypeError from post).
+
+        Kept as one frame with the common exec inline: a suspended step costs memory
+        per coroutine frame, and 100,000 of them may be suspended at once.
+        """
         run = step.run
-        try:
-            if not run.finished:
-                await self._step_in_scope(run, step)
-        finally:
-            self.in_flight -= 1
-            self.messages_processed += 1
-            if self._slots is not None:
-                self._slots.release()
-
-    async def _step_in_scope(self, run: Run, step: Step) -> None:
-        """Run the step under the run's cancel scope, then report it to the router."""
-        if run.state.value is RunState.PENDING:
-            run.state.value = RunState.RUNNING
+        if run.finished:
+            return
+        run.start()
         run.path.append(self.node_id)
-        message: StepDone | StepFailed
-        with trio.CancelScope() as scope:
-            run.scope = scope
-            try:
-                action = await self._lifecycle(run, step)
-                message = StepDone(run, self.node_id, action)
-            except (NodeError, TypeError) as exc:
-                message = StepFailed(run, self.node_id, exc)
-            finally:
-                run.scope = None
-        if not scope.cancelled_caught:
-            self._router.send_nowait(message)
-
-    async def _lifecycle(self, run: Run, step: Step) -> Action:
-        """prep → exec (retries, timeout, fallback) → post. Raises NodeError or TypeError."""
         node = self.node
+        store = run.store
         ctx = ExecutionContext(
             run_id=run.run_id,
             node_id=self.node_id,
             flow_name=self.flow_name,
             execution_id=f"{run.run_id}:{len(run.path)}",
-            store=run.store,
+            store=store,
             params=step.params,
             max_retries=node.max_retries,
         )
-        prep_res = await self._phase("prep", ctx, node.prep, run.store, ctx)
-        exec_res = await self._exec(prep_res, ctx)
-        post_res = await self._phase("post", ctx, node.post, run.store, prep_res, exec_res, ctx)
-        return as_action(post_res, self.node_id)
+        message: StepDone | StepFailed
+        with trio.CancelScope() as scope:
+            run.scopes.append(scope)
+            try:
+                prep_res = await self._phase("prep", ctx, node.prep, store, ctx)
+                if self._simple:
+                    try:
+                        exec_res = node.exec(prep_res, ctx)
+                        if hasattr(exec_res, "__await__"):
+                            exec_res = await exec_res
+                    except Exception as exc:
+                        exec_res = await self._fallback(prep_res, exc, ctx, 1)
+                else:
+                    exec_res = await self._exec_phase(run, prep_res, ctx)
+                post_res = await self._phase("post", ctx, node.post, store, prep_res, exec_res, ctx)
+                action = as_action(post_res, self.node_id)
+                message = StepDone(run, step.branch, self.node_id, action)
+            except (NodeError, TypeError) as exc:
+                message = StepFailed(run, step.branch, self.node_id, exc)
+            finally:
+                run.scopes.remove(scope)
+        if not scope.cancelled_caught:
+            self._router.send_nowait(message)
 
     async def _phase(self, phase: str, ctx: ExecutionContext, method: Any, *args: Any) -> Any:
         try:
-            return await _call(method, *args)
+            result = method(*args)
+            if hasattr(result, "__await__"):
+                return await result
+            return result
         except Exception as exc:
             raise NodeError(self.node_id, phase, ctx.run_id, 1) from exc
+
+    async def _exec_phase(self, run: Run, prep_res: Any, ctx: ExecutionContext) -> Any:
+        """The exec phase, when it is more than one inline attempt."""
+        if self._plain:
+            return await self._exec(prep_res, ctx)
+        if isinstance(self.node, BatchFlow):
+            param_sets = _items(self.node_id, ctx, prep_res)
+            return await self._run_children(self.node, param_sets, run.storage, ctx)
+        if isinstance(self.node, ParallelBatchNode):
+            return await self._exec_parallel(_items(self.node_id, ctx, prep_res), ctx)
+        return [await self._exec(item, ctx) for item in _items(self.node_id, ctx, prep_res)]
+
+    async def _exec_parallel(self, items: list[Any], ctx: ExecutionContext) -> list[Any]:
+        """Exec every item at once (within max_concurrency); the first failure cancels all."""
+        results: list[Any] = [None] * len(items)
+        failures: list[NodeError] = []
+        slots = trio.CapacityLimiter(self.max_concurrency or max(len(items), 1))
+
+        async def one(index: int, item: Any, nursery: trio.Nursery) -> None:
+            async with slots:
+                try:
+                    results[index] = await self._exec(item, dataclasses.replace(ctx))
+                except NodeError as exc:
+                    failures.append(exc)
+                    nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for index, item in enumerate(items):
+                nursery.start_soon(one, index, item, nursery)
+        if failures:
+            raise failures[0]
+        return results
+
+    async def _run_children(
+        self, batch: BatchFlow, param_sets: list[Any], storage: Storage, ctx: ExecutionContext
+    ) -> list[FlowResult]:
+        """Run ``batch.flow`` once per parameter set as child runs on this run's store."""
+        run_child = self._run_child
+        assert run_child is not None
+        results: list[Any] = [None] * len(param_sets)
+        failures: list[Exception] = []
+        slots = trio.CapacityLimiter(self.max_concurrency or max(len(param_sets), 1))
+
+        async def child(index: int, params: Any, nursery: trio.Nursery) -> None:
+            async with slots:
+                try:
+                    results[index] = await run_child(
+                        batch.flow, storage, params=params, run_id=f"{ctx.run_id}/{index}"
+                    )
+                except Exception as exc:
+                    failures.append(exc)
+                    nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for index, params in enumerate(param_sets):
+                nursery.start_soon(child, index, params, nursery)
+        if failures:
+            raise NodeError(self.node_id, "exec", ctx.run_id, 1) from failures[0]
+        return results
 
     async def _exec(self, prep_res: Any, ctx: ExecutionContext) -> Any:
         """Attempt exec up to ``max_retries`` times, then fall back."""
@@ -129,7 +247,12 @@ class NodeActor:
         while True:
             ctx.current_retry = attempt
             try:
-                return await self._attempt(prep_res, ctx)
+                if not self._direct:
+                    return await self._attempt(prep_res, ctx)
+                result = node.exec(prep_res, ctx)
+                if hasattr(result, "__await__"):
+                    return await result
+                return result
             except Exception as exc:
                 attempt += 1
                 if attempt == node.max_retries or not self._retryable(exc):
@@ -138,15 +261,20 @@ class NodeActor:
             delay *= node.backoff
 
     async def _attempt(self, prep_res: Any, ctx: ExecutionContext) -> Any:
-        """One exec attempt. Past ``timeout`` it fails with TooSlowError: an async exec
-        is cancelled at the deadline; a sync one cannot be, so its late result is dropped.
+        """One exec attempt, after the rate limit allows it.
+
+        Past ``timeout`` it fails with TooSlowError: an async or process exec is
+        cancelled at the deadline; a sync or thread one cannot be, so its late result
+        is dropped.
         """
+        if self.rate is not None:
+            await self.rate.acquire()
         timeout = self.node.timeout
         if timeout is None:
-            return await _call(self.node.exec, prep_res, ctx)
+            return await self._exec_call(prep_res, ctx)
         deadline = trio.current_time() + timeout
         with trio.fail_after(timeout):
-            result = await _call(self.node.exec, prep_res, ctx)
+            result = await self._exec_call(prep_res, ctx)
         if trio.current_time() > deadline:
             raise trio.TooSlowError(f"exec of {self.node_id!r} overran its {timeout}s timeout")
         return result
@@ -158,22 +286,17 @@ class NodeActor:
         self, prep_res: Any, error: Exception, ctx: ExecutionContext, attempts: int
     ) -> Any:
         try:
-            return await _call(self.node.exec_fallback, prep_res, error, ctx)
+            result = self.node.exec_fallback(prep_res, error, ctx)
+            if hasattr(result, "__await__"):
+                return await result
+            return result
         except Exception as exc:
             raise NodeError(self.node_id, "exec", ctx.run_id, attempts) from exc
 
 
-async def _acquire(slots: trio.Semaphore) -> None:
-    """Take a slot; wait (a checkpoint) only when none is free."""
-    try:
-        slots.acquire_nowait()
-    except trio.WouldBlock:
-        await slots.acquire()
-
-
-async def _call(method: Any, *args: Any) -> Any:
-    """Call a node method that may be sync or async."""
-    result = method(*args)
-    if inspect.isawaitable(result):
-        return await result
-    return result
+def _items(node_id: str, ctx: ExecutionContext, prep_res: Any) -> list[Any]:
+    """A batch node's items: what prep returned, as a list."""
+    if not isinstance(prep_res, Iterable) or isinstance(prep_res, str | bytes):
+        error = TypeError(f"batch node {node_id!r}: prep must return an iterable of items")
+        raise NodeError(node_id, "prep", ctx.run_id, 1) from error
+    return list(prep_res)

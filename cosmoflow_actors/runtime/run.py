@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, final
 
 import trio
@@ -39,9 +39,9 @@ _FINISHED = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
 
 @dataclass(slots=True)
 class Frame:
-    """Where a run is inside one flow: the node it is at and the steps taken there.
+    """Where a branch is inside one flow: the node it is at and the steps taken there.
 
-    A run has one frame per flow it is inside; a nested flow pushes a frame.
+    A branch has one frame per flow it is inside; a nested flow pushes a frame.
     """
 
     flow: Flow
@@ -49,25 +49,59 @@ class Frame:
     steps: int = 0
 
 
+@dataclass(slots=True, eq=False)
+class Branch:
+    """One line of execution of a run: a frame stack, and the fan-out it is part of.
+
+    A run starts with one branch; a route to several nodes forks the branch into one
+    child per target, each with a copy of its frames.
+    """
+
+    frames: list[Frame]
+    fork: Fork | None = None
+
+    def child(self, fork: Fork) -> Branch:
+        """A new branch of ``fork`` starting where this one is."""
+        return Branch([Frame(f.flow, f.node_id, f.steps) for f in self.frames], fork)
+
+
+@dataclass(slots=True, eq=False)
+class Fork:
+    """A fan-out in progress: its branches gather at a join node or end.
+
+    When every branch has arrived or ended, ``parent`` goes on at the join with the
+    arrivals' params merged (or, if none arrived, ends as the last branch did).
+    """
+
+    parent: Branch
+    depth: int
+    pending: int
+    join_id: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
 @final
 class Run:
     """Handle on a run started with ``Engine.start_run``.
 
     ``state`` is an observable ``trio_util.AsyncValue[RunState]``. The actors keep the
-    run's position (its frames) and its path here; only they change them.
+    run's position (its branches) and its path here; only they change them.
     """
 
     __slots__ = (
+        "_done",
         "_error",
+        "_observed",
         "_on_finish",
         "_result",
+        "_state",
         "flow",
-        "frames",
+        "main",
         "path",
         "run_id",
-        "scope",
+        "scopes",
         "started_at",
-        "state",
+        "steps",
         "storage",
         "store",
     )
@@ -84,42 +118,70 @@ class Run:
         self.flow = flow
         self.storage = storage
         self.store = store
-        self.state: AsyncValue[RunState] = AsyncValue(RunState.PENDING)
-        self.frames: list[Frame] = []
+        self._state = RunState.PENDING
+        self._observed: AsyncValue[RunState] | None = None
+        self._done: trio.Event | None = None
+        self.main = Branch([Frame(flow, flow.start_id)])
         self.path: list[str] = []
-        self.scope: trio.CancelScope | None = None
+        self.steps = 0
+        self.scopes: list[trio.CancelScope] = []
         self.started_at = trio.current_time()
         self._on_finish = on_finish
         self._result: FlowResult | None = None
         self._error: BaseException | None = None
 
     @property
+    def state(self) -> AsyncValue[RunState]:
+        """The run's state as an observable ``trio_util.AsyncValue[RunState]``.
+
+        Made on first use, so runs nobody observes carry none.
+        """
+        if self._observed is None:
+            self._observed = AsyncValue(self._state)
+        return self._observed
+
+    @property
+    def current_state(self) -> RunState:
+        """The state now (no AsyncValue needed)."""
+        return self._state
+
+    @property
     def finished(self) -> bool:
         """Whether the run has ended."""
-        state: RunState = self.state.value
-        return state.finished
+        return self._state.finished
+
+    def start(self) -> None:
+        """Mark the run RUNNING (its first step has started)."""
+        if self._state is RunState.PENDING:
+            self._set_state(RunState.RUNNING)
+
+    def _set_state(self, state: RunState) -> None:
+        self._state = state
+        if self._observed is not None:
+            self._observed.value = state
 
     async def wait(self) -> FlowResult:
         """Block until the run ends; return its result or raise its error.
 
         Raises RunCancelledError for a cancelled run. Cancelling the waiter does not
-        cancel the run (``Engine.run`` does).
+        cancel the run (``Engine.run`` does). A checkpoint.
         """
-        await self.state.wait_value(lambda state: state.finished)
+        if not self.finished:
+            if self._done is None:
+                self._done = trio.Event()
+            await self._done.wait()
+        else:
+            await trio.lowlevel.checkpoint()
         if self._error is not None:
             raise self._error
         assert self._result is not None
         return self._result
 
     def cancel(self) -> None:
-        """Cancel the run: it ends now as CANCELLED and its step in flight is cancelled.
+        """Cancel the run: it ends now as CANCELLED and its steps in flight are cancelled.
 
         Does nothing if the run has already ended. Never blocks.
         """
-        if self.finished:
-            return
-        if self.scope is not None:
-            self.scope.cancel()
         self.fail(RunCancelledError(f"run {self.run_id} was cancelled"), RunState.CANCELLED)
 
     def succeed(self, action: Action, last_node_id: str, result: Any) -> None:
@@ -154,7 +216,12 @@ class Run:
         self._finish(state)
 
     def _finish(self, state: RunState) -> None:
-        self.state.value = state
+        """Record the end, cancel every step still in flight (other branches), notify."""
+        self._set_state(state)
+        if self._done is not None:
+            self._done.set()
+        for scope in self.scopes:
+            scope.cancel()
         self._on_finish(self)
 
     def __repr__(self) -> str:

@@ -23,21 +23,25 @@ from cosmoflow_actors.store import MISSING, SharedStore
 MAX_BATCH: Final = 1024
 """Most requests applied under one commit; bounds the latency of the first in a batch."""
 
-Handler = Callable[[StoreRequest], Awaitable[outcome.Outcome[Any]]]
+Handler = Callable[[StoreRequest], Awaitable[Any]]
 
 
 class StoreActor:
-    """Owns one backend; serves :class:`StoreRequest` messages from a bounded mailbox."""
+    """Owns a backend (or, for a ``shared_actor`` backend, every instance of it); serves
+    :class:`StoreRequest` messages from a bounded mailbox.
+    """
 
     kind = "store"
+    max_concurrency = 1
+    rate = None
 
-    def __init__(self, storage: Storage, mailbox_size: int) -> None:
-        self.storage = storage
-        self.name = f"store:{type(storage).__name__}@{id(storage):x}"
+    def __init__(self, name: str, mailbox_size: int, storage: Storage | None = None) -> None:
+        self.name = name
+        self.mailbox_size = mailbox_size
+        self._storage = storage
         send, receive = trio.open_memory_channel[StoreRequest](mailbox_size)
         self._send = send
         self._receive = receive
-        self.handle = SharedStore(send, self.name)
         self.users = 0
         self.serving = False
         self.retiring = False
@@ -58,6 +62,10 @@ class StoreActor:
             StoreOp.CLEAR: self._clear,
         }
 
+    def handle(self, storage: Storage) -> SharedStore:
+        """A SharedStore whose calls this actor serves against ``storage``."""
+        return SharedStore(self._send, storage, self.name)
+
     @property
     def mailbox_depth(self) -> int:
         """Requests waiting in the mailbox."""
@@ -69,13 +77,14 @@ class StoreActor:
         self._send.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open the backend, report ready, then serve until :meth:`retire` is called.
+        """Open its backend, report ready, then serve until :meth:`retire` is called.
 
         Raises the backend's StorageError from ``nursery.start`` if it cannot open.
         """
         try:
             try:
-                await self.storage.open()
+                if self._storage is not None:
+                    await self._storage.open()
                 self.serving = True
             finally:
                 self.opened.set()
@@ -101,101 +110,128 @@ class StoreActor:
 
     async def _apply(self, batch: list[StoreRequest]) -> None:
         self.in_flight = len(batch)
-        answers = [await self._handlers[request.op](request) for request in batch]
+        answers = [await self._answer(request) for request in batch]
         writes = [
             i
             for i, (request, answer) in enumerate(zip(batch, answers, strict=True))
             if request.op.writes and isinstance(answer, outcome.Value)
         ]
-        if writes:
-            answers = await self._commit(batch, answers, writes)
+        for storage in {batch[i].storage for i in writes}:
+            await self._commit(storage, batch, answers, writes)
         for request, answer in zip(batch, answers, strict=True):
             request.reply.send(answer)
         self.messages_processed += len(batch)
         self.in_flight = 0
 
-    async def _commit(
-        self, batch: list[StoreRequest], answers: list[outcome.Outcome[Any]], writes: list[int]
-    ) -> list[outcome.Outcome[Any]]:
+    async def _answer(self, request: StoreRequest) -> outcome.Outcome[Any]:
+        """Apply one request. What the requester should see (a StorageError, a missing
+        key, an error of an update function) is its answer; anything else crashes the
+        actor, as a broken backend must.
+        """
         try:
-            await self.storage.commit()
+            return outcome.Value(await self._handlers[request.op](request))
+        except _Refused as refused:
+            return outcome.Error(refused.error)
+        except (StorageError, StoreKeyError) as exc:
+            return outcome.Error(exc)
+
+    async def _commit(
+        self,
+        storage: Storage,
+        batch: list[StoreRequest],
+        answers: list[outcome.Outcome[Any]],
+        writes: list[int],
+    ) -> None:
+        """Commit ``storage``; if that fails, every write to it in the batch fails."""
+        try:
+            await storage.commit()
         except StorageError as exc:
             for i in writes:
-                error = StorageError(f"{self.name}: commit failed: {exc}")
-                error.__cause__ = exc
-                answers[i] = outcome.Error(error)
-        return answers
+                if batch[i].storage is storage:
+                    error = StorageError(f"{self.name}: commit failed: {exc}")
+                    error.__cause__ = exc
+                    answers[i] = outcome.Error(error)
 
-    async def _read(self, key: str, default: Any) -> outcome.Outcome[Any]:
-        try:
-            return outcome.Value(await self.storage.get(key))
-        except KeyError:
-            if default is MISSING:
-                return outcome.Error(StoreKeyError(key))
-            return outcome.Value(default)
+    async def _get(self, request: StoreRequest) -> Any:
+        return await _read(request.storage, request.key, request.argument)
 
-    async def _get(self, request: StoreRequest) -> outcome.Outcome[Any]:
-        return await self._read(request.key, request.argument)
+    async def _contains(self, request: StoreRequest) -> Any:
+        return await request.storage.contains(request.key)
 
-    async def _contains(self, request: StoreRequest) -> outcome.Outcome[Any]:
-        return outcome.Value(await self.storage.contains(request.key))
+    async def _keys(self, request: StoreRequest) -> Any:
+        return await request.storage.keys()
 
-    async def _keys(self, request: StoreRequest) -> outcome.Outcome[Any]:
-        return outcome.Value(await self.storage.keys())
+    async def _size(self, request: StoreRequest) -> Any:
+        return await request.storage.size()
 
-    async def _size(self, request: StoreRequest) -> outcome.Outcome[Any]:
-        return outcome.Value(await self.storage.size())
-
-    async def _get_many(self, request: StoreRequest) -> outcome.Outcome[Any]:
+    async def _get_many(self, request: StoreRequest) -> Any:
         found: dict[str, Any] = {}
         for key in request.argument:
-            value = await self._read(key, MISSING)
-            if isinstance(value, outcome.Value):
-                found[key] = value.value
-        return outcome.Value(found)
+            try:
+                found[key] = await request.storage.get(key)
+            except KeyError:
+                continue
+        return found
 
-    async def _set(self, request: StoreRequest) -> outcome.Outcome[Any]:
-        return await _refusing_storage_errors(self.storage.set(request.key, request.argument))
+    async def _set(self, request: StoreRequest) -> Any:
+        await request.storage.set(request.key, request.argument)
 
-    async def _set_many(self, request: StoreRequest) -> outcome.Outcome[Any]:
-        return await _refusing_storage_errors(self._set_all_or_nothing(request.argument))
-
-    async def _set_all_or_nothing(self, mapping: dict[str, Any]) -> None:
-        """Set every key; if one value is refused, put back what was there before."""
-        previous: dict[str, outcome.Outcome[Any]] = {}
+    async def _set_many(self, request: StoreRequest) -> Any:
+        """Set every key; if the backend refuses one value, put back what was there."""
+        storage = request.storage
+        previous: dict[str, Any] = {}
         try:
-            for key, value in mapping.items():
-                previous[key] = await self._read(key, MISSING)
-                await self.storage.set(key, value)
+            for key, value in request.argument.items():
+                previous[key] = await _read(storage, key, MISSING_VALUE)
+                await storage.set(key, value)
         except StorageError:
             for key, old in previous.items():
-                if isinstance(old, outcome.Value):
-                    await self.storage.set(key, old.value)
+                if old is MISSING_VALUE:
+                    await storage.delete(key)
                 else:
-                    await self.storage.delete(key)
+                    await storage.set(key, old)
             raise
 
-    async def _update(self, request: StoreRequest) -> outcome.Outcome[Any]:
-        function: Callable[[Any], Any] = request.argument[0]
-        current = await self._read(request.key, request.argument[1])
-        if not isinstance(current, outcome.Value):
-            return current
-        new: outcome.Outcome[Any] = outcome.capture(function, current.value)
-        if not isinstance(new, outcome.Value):
-            return new
-        stored = await _refusing_storage_errors(self.storage.set(request.key, new.value))
-        return new if isinstance(stored, outcome.Value) else stored
+    async def _update(self, request: StoreRequest) -> Any:
+        """The backend's atomic read-modify-write, with the caller's function guarded so
+        that its errors (and a missing key without default) reach the caller."""
+        function, default = request.argument
+        key = request.key
 
-    async def _delete(self, request: StoreRequest) -> outcome.Outcome[Any]:
-        return outcome.Value(await self.storage.delete(request.key))
+        def apply(value: Any) -> Any:
+            if value is MISSING:
+                raise _Refused(StoreKeyError(key))
+            try:
+                return function(value)
+            except Exception as exc:
+                raise _Refused(exc) from None
 
-    async def _clear(self, request: StoreRequest) -> outcome.Outcome[Any]:
-        return await _refusing_storage_errors(self.storage.clear())
+        return await request.storage.update(key, apply, default)
+
+    async def _delete(self, request: StoreRequest) -> Any:
+        return await request.storage.delete(request.key)
+
+    async def _clear(self, request: StoreRequest) -> Any:
+        await request.storage.clear()
 
 
-async def _refusing_storage_errors(write: Awaitable[Any]) -> outcome.Outcome[Any]:
-    """Run a write; a StorageError (a value it cannot encode) is the requester's answer."""
+class _Refused(Exception):
+    """Carries an error meant for the requester out of a backend call."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+MISSING_VALUE: Final[Any] = object()
+"""Marks a key that was absent before a set_many."""
+
+
+async def _read(storage: Storage, key: str, default: Any) -> Any:
+    """The value of ``key``, else ``default``; StoreKeyError when there is no default."""
     try:
-        return outcome.Value(await write)
-    except StorageError as exc:
-        return outcome.Error(exc)
+        return await storage.get(key)
+    except KeyError:
+        if default is MISSING:
+            raise StoreKeyError(key) from None
+        return default

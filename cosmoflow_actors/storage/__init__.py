@@ -1,7 +1,9 @@
-"""Storage backends: the Storage ABC and the built-in memory and file backends."""
+"""Storage backends: the Storage ABC and the built-in memory, file, SQLite and Redis ones."""
 
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.file import FileStorage
 from cosmoflow_actors.storage.memory import MemoryStorage
+from cosmoflow_actors.storage.redis import RedisStorage
+from cosmoflow_actors.storage.sqlite import SQLiteStorage
 
-__all__ = ["FileStorage", "MemoryStorage", "Storage"]
+__all__ = ["FileStorage", "MemoryStorage", "RedisStorage", "SQLiteStorage", "Storage"]

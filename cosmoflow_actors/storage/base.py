@@ -8,7 +8,8 @@ never calls a backend directly; it goes through :class:`cosmoflow_actors.SharedS
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 
 class Storage(ABC):
@@ -18,6 +19,11 @@ class Storage(ABC):
     defaults built on those. Every method may block only by awaiting (run blocking I/O
     with ``trio.to_thread``); each is a checkpoint only if the backend awaits.
     """
+
+    shared_actor: ClassVar[bool] = False
+    """True for a volatile backend that needs no :meth:`open`, never awaits and never
+    fails a commit: one engine-wide store actor then serves every instance (memory).
+    False: each instance gets a store actor of its own."""
 
     async def open(self) -> None:  # noqa: B027 (an optional hook; no-op by default)
         """Prepare the backend (for example load a file); called before first use.
@@ -62,6 +68,27 @@ class Storage(ABC):
         """Remove every key."""
         for key in await self.keys():
             await self.delete(key)
+
+    async def update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
+        """Store ``function(value)`` under ``key`` in one atomic step and return it.
+
+        ``value`` is the stored value, or ``default`` when ``key`` is missing. When
+        ``function`` raises, the error propagates and nothing is stored; a result the
+        backend cannot encode raises :class:`~cosmoflow_actors.StorageError` and nothing is
+        stored. The default reads with :meth:`get` and writes with :meth:`set`: atomic
+        because the store actor runs one call at a time, so enough for any backend that
+        only one store actor writes. A backend that other processes write to at the same
+        time overrides it with an atomic read-modify-write of its own (``RedisStorage``);
+        such an override may call ``function`` more than once, and may commit the writes
+        staged before it together with its own.
+        """
+        try:
+            current = await self.get(key)
+        except KeyError:
+            current = default
+        new = function(current)
+        await self.set(key, new)
+        return new
 
     async def commit(self) -> None:  # noqa: B027 (an optional hook; no-op by default)
         """Make every write since the last commit durable, all or nothing.

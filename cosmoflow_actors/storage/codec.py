@@ -1,18 +1,34 @@
-"""Key checks and the JSON value codec shared by the storage backends.
+"""Key checks and the value codecs shared by the persistent storage backends.
 
-Values are encoded with msgspec as soon as they are stored, so a value that cannot be
-encoded fails the call that stored it. Nothing here blocks or awaits.
+A codec turns values into bytes as soon as they are stored, so a value that cannot be
+encoded fails the call that stored it and nothing is stored. Two codecs exist:
+
+- ``"json"`` (the default): msgspec JSON. Values come back as plain JSON types (dict,
+  list, str, int, float, bool, None); ``SharedStore.get(key, type=T)`` rebuilds a
+  dataclass or other typed value.
+- ``"pickle"``: cloudpickle, for arbitrary Python objects. Reading a pickle runs code
+  chosen by whoever wrote it, so use it for trusted data only. It is never chosen
+  implicitly: a store records its codec, and opening it with another one is a
+  :class:`~cosmoflow_actors.StorageError`.
+
+Nothing here blocks or awaits.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import binascii
+import pickle
+from abc import ABC, abstractmethod
+from typing import Any, Final, final
 
+import cloudpickle
 import msgspec
 
 from cosmoflow_actors.errors import StorageError
 
 _encoder = msgspec.json.Encoder()
+_string_decoder = msgspec.json.Decoder(str)
 
 
 def check_key(key: object) -> None:
@@ -22,7 +38,7 @@ def check_key(key: object) -> None:
 
 
 def check_json_key(key: object) -> None:
-    """Check ``key`` as :func:`check_key` does, and that it can be written as UTF-8 JSON.
+    """Check ``key`` as :func:`check_key` does, and that it can be written as UTF-8.
 
     A key holding a lone surrogate raises :class:`~cosmoflow_actors.StorageError`.
     """
@@ -30,26 +46,136 @@ def check_json_key(key: object) -> None:
     try:
         _encoder.encode(key)
     except UnicodeEncodeError as exc:
-        raise StorageError(f"key {key!r} cannot be encoded as JSON: {exc}") from exc
+        raise StorageError(f"key {key!r} cannot be encoded as UTF-8: {exc}") from exc
 
 
-def encode_value(key: str, value: Any) -> msgspec.Raw:
-    """Return ``value`` encoded as compact JSON; ``key`` only names it in errors.
-
-    Anything msgspec encodes works: dicts, lists, tuples, str, int, float, bool, None,
-    dataclasses, msgspec Structs, datetimes and more. Anything else raises
-    :class:`~cosmoflow_actors.StorageError` naming the key and the value's type, with the
-    encoder's error as ``__cause__``.
-    """
+def utf8_key(key: str) -> bytes | None:
+    """Return ``key`` as UTF-8, or None when it cannot be encoded (so it is never stored)."""
     try:
-        return msgspec.Raw(_encoder.encode(value))
-    except (TypeError, ValueError, RecursionError) as exc:
+        return key.encode()
+    except UnicodeEncodeError:
+        return None
+
+
+class Codec(ABC):
+    """Encodes values to bytes and back; each form also has a JSON-document form.
+
+    ``encode``/``decode`` give the bytes a database stores. ``encode_json``/``decode_json``
+    give the same value as a JSON fragment, which is how the file backend embeds it in
+    its snapshot and journal.
+    """
+
+    name: str
+
+    @abstractmethod
+    def encode(self, key: str, value: Any) -> bytes:
+        """Return ``value`` as bytes; ``key`` only names it in the StorageError raised
+        when the value cannot be encoded."""
+
+    @abstractmethod
+    def decode(self, data: bytes) -> Any:
+        """Return a fresh value from bytes :meth:`encode` made; StorageError if it cannot."""
+
+    @abstractmethod
+    def encode_json(self, key: str, value: Any) -> msgspec.Raw:
+        """Return ``value`` as a JSON fragment (the file backend's form)."""
+
+    @abstractmethod
+    def decode_json(self, raw: msgspec.Raw) -> Any:
+        """Return a fresh value from a fragment :meth:`encode_json` made."""
+
+    @abstractmethod
+    def check_json(self, raw: msgspec.Raw) -> bool:
+        """Return whether ``raw`` (already valid JSON) is a fragment this codec wrote."""
+
+
+@final
+class JsonCodec(Codec):
+    """msgspec JSON: dicts, lists, str, numbers, bool, None, dataclasses, Structs, datetimes."""
+
+    name = "json"
+
+    def encode(self, key: str, value: Any) -> bytes:
+        try:
+            return _encoder.encode(value)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise StorageError(
+                f"cannot store key {key!r}: a value of type {type(value).__qualname__} "
+                f"cannot be encoded as JSON ({exc})"
+            ) from exc
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return msgspec.json.decode(data)
+        except msgspec.DecodeError as exc:
+            raise StorageError(f"a stored value is not valid JSON: {exc}") from exc
+
+    def encode_json(self, key: str, value: Any) -> msgspec.Raw:
+        return msgspec.Raw(self.encode(key, value))
+
+    def decode_json(self, raw: msgspec.Raw) -> Any:
+        return msgspec.json.decode(raw)
+
+    def check_json(self, raw: msgspec.Raw) -> bool:
+        return True
+
+
+@final
+class PickleCodec(Codec):
+    """cloudpickle: any picklable object, lambdas and local classes included.
+
+    Trusted data only: decoding a pickle can run arbitrary code. In JSON documents a
+    pickle is a base64 string.
+    """
+
+    name = "pickle"
+
+    def encode(self, key: str, value: Any) -> bytes:
+        try:
+            data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # pickling reports failure with many exception types
+            raise StorageError(
+                f"cannot store key {key!r}: a value of type {type(value).__qualname__} "
+                f"cannot be pickled ({exc})"
+            ) from exc
+        return data
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return pickle.loads(data)
+        except Exception as exc:  # unpickling reports failure with many exception types
+            raise StorageError(f"a stored value cannot be unpickled: {exc}") from exc
+
+    def encode_json(self, key: str, value: Any) -> msgspec.Raw:
+        return msgspec.Raw(_encoder.encode(base64.b64encode(self.encode(key, value)).decode()))
+
+    def decode_json(self, raw: msgspec.Raw) -> Any:
+        return self.decode(base64.b64decode(_string_decoder.decode(raw)))
+
+    def check_json(self, raw: msgspec.Raw) -> bool:
+        try:
+            base64.b64decode(_string_decoder.decode(raw), validate=True)
+        except (msgspec.ValidationError, binascii.Error):
+            return False
+        return True
+
+
+CODECS: Final[dict[str, Codec]] = {codec.name: codec for codec in (JsonCodec(), PickleCodec())}
+
+
+def get_codec(name: object) -> Codec:
+    """Return the codec called ``name`` (``"json"`` or ``"pickle"``); ``ValueError`` otherwise."""
+    codec = CODECS.get(name) if isinstance(name, str) else None
+    if codec is None:
+        raise ValueError(f"codec must be one of {sorted(CODECS)}, not {name!r}")
+    return codec
+
+
+def check_codec(where: str, recorded: object, codec: Codec) -> None:
+    """Raise StorageError unless the codec ``where`` records is ``codec``."""
+    if recorded != codec.name:
         raise StorageError(
-            f"cannot store key {key!r}: a value of type {type(value).__qualname__} "
-            f"cannot be encoded as JSON ({exc})"
-        ) from exc
-
-
-def decode_value(raw: msgspec.Raw) -> Any:
-    """Return a fresh object of plain JSON types (dict, list, str, int, float, bool, None)."""
-    return msgspec.json.decode(raw)
+            f"{where} was written with codec {recorded!r} but is opened with codec "
+            f"{codec.name!r}; open it with codec={recorded!r} (the pickle codec is for "
+            f"trusted data only and is never chosen implicitly)"
+        )

@@ -1,49 +1,57 @@
-"""The JSON file backend: one pretty-printed JSON object on disk, replaced atomically."""
+"""The file backend: a human-readable JSON snapshot plus an append-only journal."""
 
 from __future__ import annotations
 
 import os
-import re
-import secrets
-import stat
-from contextlib import suppress
 from pathlib import Path
-from typing import Any, final
+from typing import Any, Final, final
 
 import msgspec
 import trio
 
 from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.storage import journal
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.codec import check_json_key, decode_value, encode_value
+from cosmoflow_actors.storage.codec import check_json_key, get_codec
+from cosmoflow_actors.storage.staged import StagedWrites
 
-_entries_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
-_entries_encoder = msgspec.json.Encoder()
+COMPACT_MIN_BYTES: Final = 256 * 1024
+"""The journal is compacted once it is larger than this and than the snapshot."""
 
 
 @final
 class FileStorage(Storage):
-    """Storage in one JSON file: an object mapping each key to its value, indented by 2.
+    """Storage in a JSON file ``PATH`` and its journal ``PATH.journal``.
 
-    The constructor does no I/O. :meth:`open` (called by every other method when needed)
-    loads the file; a missing file is an empty store, created by the first commit that has
-    something to write. Values are encoded to JSON by :meth:`set` and kept in memory as
-    raw JSON; :meth:`get` decodes them into plain JSON types (use ``msgspec.convert`` for
-    dataclasses and other types). Only :meth:`commit` writes the file: it replaces the
-    whole file atomically (temporary file, fsync, rename, directory fsync), so the file
-    always holds the last successful commit. A file the commit creates gets mode 0600; an
-    existing file keeps its mode. Keys are JSON object keys, never paths.
+    ``PATH`` is a snapshot: a pretty-printed JSON object holding every key and value
+    under ``"data"``, next to the codec and a generation number. Each commit appends one
+    line to the journal and syncs it, so a commit costs the size of its writes, not of
+    the store. When the journal grows larger than the snapshot (and than
+    :data:`COMPACT_MIN_BYTES`), the commit compacts instead: it writes the next snapshot
+    atomically (temporary file, fsync, rename, directory fsync) and starts an empty
+    journal. :meth:`aclose` compacts too, so a closed store is one readable file. Loading
+    replays the journal and ignores a last line cut short by a crash. Every commit is
+    durable when it returns, closed or not. The format is in
+    :mod:`cosmoflow_actors.storage.journal`.
 
-    :meth:`open` and :meth:`commit` block in a worker thread (``trio.to_thread``), which
-    cancellation does not interrupt; every other method is pure memory work and awaits
-    nothing once the file is loaded.
+    ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only; values
+    are base64 strings in the files). Values are encoded by :meth:`set` and kept in
+    memory encoded; :meth:`get` decodes a fresh copy. Keys are JSON strings, never paths.
+    Files this backend creates get mode 0600; a snapshot that exists keeps its mode and
+    the journal gets the same one. One process at a time may use a file.
+
+    The constructor does no I/O. :meth:`open`, :meth:`commit` and :meth:`aclose` block in
+    a worker thread (``trio.to_thread``), which cancellation does not interrupt; every
+    other method is memory work and awaits nothing once the file is loaded.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, codec: str = "json") -> None:
         self._path = Path(path).absolute()
-        self._data: dict[str, msgspec.Raw] = {}
+        self._journal = journal.journal_path(self._path)
+        self._codec = get_codec(codec)
         self._committed: dict[str, msgspec.Raw] = {}
-        self._dirty = False
+        self._staged: StagedWrites[msgspec.Raw] = StagedWrites()
+        self._state = journal.Loaded()
         self._opened = False
 
     def __repr__(self) -> str:
@@ -51,166 +59,180 @@ class FileStorage(Storage):
 
     @property
     def path(self) -> Path:
-        """The file's absolute path."""
+        """The snapshot's absolute path."""
         return self._path
 
-    async def open(self) -> None:
-        """Load the file, the first time only; later calls return at once.
+    @property
+    def journal_path(self) -> Path:
+        """The journal's absolute path: the snapshot's with ``.journal`` appended."""
+        return self._journal
 
-        Blocks in a worker thread while it removes temporary files that a crash during an
-        earlier commit left next to the file, and reads and parses the file. Raises
-        :class:`~cosmoflow_actors.StorageError` naming the path when the file cannot be
-        read or does not hold a JSON object; the file is left as it is.
+    @property
+    def codec(self) -> str:
+        """The codec's name: ``"json"`` or ``"pickle"``."""
+        return self._codec.name
+
+    async def open(self) -> None:
+        """Load the snapshot and replay the journal, the first time only.
+
+        Blocks in a worker thread while it removes temporary files a crash left next to
+        the files, reads them and checks them. Raises
+        :class:`~cosmoflow_actors.StorageError` naming the file when one cannot be read,
+        is not in this backend's format or was written with another codec; no file is
+        changed.
         """
         if self._opened:
             return
-        entries = await trio.to_thread.run_sync(_load, self._path)
-        self._committed = entries
-        self._data = entries.copy()
+        self._state = await trio.to_thread.run_sync(journal.load, self._path, self._codec)
+        self._committed = self._state.entries
         self._opened = True
 
     async def get(self, key: str) -> Any:
         """Return a fresh decoded copy of the value; raise ``KeyError`` when it is missing."""
+        return self._codec.decode_json(await self._raw(key))
+
+    async def _raw(self, key: str) -> msgspec.Raw:
         await self.open()
-        return decode_value(self._data[key])
+        staged = self._staged.lookup(key)
+        if isinstance(staged, msgspec.Raw):
+            return staged
+        if staged is None:
+            raise KeyError(key)
+        return self._committed[key]
 
     async def set(self, key: str, value: Any) -> None:
         """Encode ``value`` now and keep it in memory until :meth:`commit`.
 
-        A non-``str`` key raises ``TypeError``. A key or value that cannot be encoded as
-        JSON raises :class:`~cosmoflow_actors.StorageError` and stores nothing.
+        A non-``str`` key raises ``TypeError``. A key or value the codec cannot encode
+        raises :class:`~cosmoflow_actors.StorageError` and stores nothing.
         """
         await self.open()
         check_json_key(key)
-        self._data[key] = encode_value(key, value)
-        self._dirty = True
+        self._staged.set(key, self._codec.encode_json(key, value))
 
     async def delete(self, key: str) -> bool:
         """Remove ``key``; return whether it was there."""
-        await self.open()
-        if self._data.pop(key, None) is None:
+        if not await self.contains(key):
             return False
-        self._dirty = True
+        self._staged.delete(key)
         return True
 
     async def keys(self) -> list[str]:
         """Return every key, in insertion order."""
         await self.open()
-        return list(self._data)
+        if not self._staged:
+            return list(self._committed)
+        return self._staged.merge_keys(self._committed)
 
     async def contains(self, key: str) -> bool:
         """Return whether ``key`` is stored."""
-        await self.open()
-        return key in self._data
+        try:
+            await self._raw(key)
+        except KeyError:
+            return False
+        return True
 
     async def size(self) -> int:
         """Return the number of keys."""
         await self.open()
-        return len(self._data)
+        if not self._staged:
+            return len(self._committed)
+        return len(self._staged.merge_keys(self._committed))
 
     async def clear(self) -> None:
         """Remove every key."""
-        await self.open()
-        if self._data:
-            self._data.clear()
-            self._dirty = True
+        if await self.size():
+            self._staged.clear()
 
     async def commit(self) -> None:
-        """Write the file if anything changed since the last commit; all or nothing.
+        """Make the writes since the last commit durable, all or nothing.
 
-        Blocks in a worker thread while it writes and syncs a temporary file in the same
-        directory, renames it onto the path and syncs the directory. When the write fails
-        the previous file stays intact, the in-memory state returns to the last commit and
-        :class:`~cosmoflow_actors.StorageError` names the path, with the ``OSError`` as
-        ``__cause__``. When only the directory sync fails, the new file is already in place,
-        so it stays the committed state and the StorageError says so.
+        Blocks in a worker thread while it appends them to the journal as one line and
+        syncs it, or, when the journal has grown too large or cannot be appended to,
+        while it compacts (see the class). When the write fails the files keep the last
+        commit, the in-memory state returns to it and
+        :class:`~cosmoflow_actors.StorageError` names the file, with the ``OSError`` as
+        ``__cause__``.
         """
         await self.open()
-        if not self._dirty:
+        if not self._staged:
             return
-        pending = self._data.copy()
-        content = msgspec.json.format(_entries_encoder.encode(pending), indent=2) + b"\n"
-        await self._write(content)
-        self._committed = pending
-        self._dirty = False
         try:
-            await trio.to_thread.run_sync(_sync_directory, self._path.parent)
-        except OSError as exc:
-            raise StorageError(f"wrote {self._path} but cannot sync its directory: {exc}") from exc
+            if self._must_compact():
+                await self._compact(self._staged_state())
+            else:
+                await self._append()
+        finally:
+            self._staged.reset()
 
-    async def _write(self, content: bytes) -> None:
-        """Replace the file with ``content``; on failure roll back to the last commit."""
+    async def aclose(self) -> None:
+        """Compact the committed state into the snapshot and forget the in-memory state.
+
+        Uncommitted writes are dropped. Blocks in a worker thread while it writes. The
+        storage can be used again: the next call loads the files afresh.
+        """
+        if not self._opened:
+            return
+        self._staged.reset()
+        state = self._state
+        records = state.journal_bytes > len(self._header())
+        if records or (state.generation > 0 and not state.journal_usable):
+            await self._compact(self._committed)
+        self._committed = {}
+        self._opened = False
+
+    def _must_compact(self) -> bool:
+        state = self._state
+        limit = max(COMPACT_MIN_BYTES, state.snapshot_bytes)
+        return not state.journal_usable or state.journal_bytes > limit
+
+    def _staged_state(self) -> dict[str, msgspec.Raw]:
+        entries = self._committed.copy()
+        journal.apply_ops(entries, self._staged.ops)
+        return entries
+
+    def _header(self) -> bytes:
+        return journal.encode_header(self._codec, self._state.generation)
+
+    async def _append(self) -> None:
+        line = journal.encode_commit(self._staged.ops)
+        state = self._state
         try:
-            await trio.to_thread.run_sync(_replace_file, self._path, content)
+            await trio.to_thread.run_sync(journal.append, self._journal, line, state.journal_bytes)
+        except (OSError, StorageError) as exc:
+            state.journal_usable = False
+            raise StorageError(f"cannot append to {self._journal}: {exc}") from exc
+        journal.apply_ops(self._committed, self._staged.ops)
+        state.journal_bytes += len(line)
+
+    async def _compact(self, entries: dict[str, msgspec.Raw]) -> None:
+        """Write ``entries`` as the next snapshot, then start an empty journal for it."""
+        generation = self._state.generation + 1
+        snapshot = journal.encode_snapshot(self._codec, generation, entries)
+        try:
+            mode = await trio.to_thread.run_sync(self._write_snapshot, snapshot)
         except OSError as exc:
-            self._data = self._committed.copy()
-            self._dirty = False
             raise StorageError(f"cannot write {self._path}: {exc}") from exc
+        self._committed = entries
+        self._state = journal.Loaded(entries, generation, len(snapshot))
+        header = self._header()
+        try:
+            await trio.to_thread.run_sync(self._restart_journal, header, mode)
+        except OSError as exc:
+            raise StorageError(
+                f"wrote {self._path}, but cannot sync its directory or start its journal: {exc}"
+            ) from exc
+        self._state.journal_bytes = len(header)
+        self._state.journal_usable = True
 
+    def _write_snapshot(self, content: bytes) -> int:
+        """Replace the snapshot; return its mode (blocks; runs in a worker thread)."""
+        mode = journal.mode_of(self._path)
+        journal.replace_file(self._path, content, mode)
+        return mode
 
-def _load(path: Path) -> dict[str, msgspec.Raw]:
-    """Remove stray temporary files, then read and parse ``path`` (blocks: run in a thread)."""
-    try:
-        _remove_stray_temps(path)
-        content = path.read_bytes()
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc}") from exc
-    try:
-        return _entries_decoder.decode(content)
-    except msgspec.DecodeError as exc:
-        raise StorageError(f"{path} does not hold a JSON object: {exc}") from exc
-
-
-def _temp_path(path: Path) -> Path:
-    """Return a fresh name for a temporary file next to ``path``."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-
-
-def _remove_stray_temps(path: Path) -> None:
-    """Remove the temporary files :func:`_temp_path` names for ``path`` (blocks)."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{16}}\.tmp")
-    for name in os.listdir(path.parent):
-        if pattern.fullmatch(name):
-            with suppress(FileNotFoundError):
-                os.unlink(path.parent / name)
-
-
-def _replace_file(path: Path, content: bytes) -> None:
-    """Atomically replace ``path`` with ``content`` via a synced temporary file (blocks)."""
-    mode = _mode_of(path)
-    temp = _temp_path(path)
-    try:
-        with open(temp, "xb", opener=_open_private) as file:
-            file.write(content)
-            file.flush()
-            os.fchmod(file.fileno(), mode)
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temp)
-        raise
-
-
-def _open_private(path: str, flags: int) -> int:
-    """Open ``path`` for :func:`open`, creating it readable and writable by its owner only."""
-    return os.open(path, flags, 0o600)
-
-
-def _mode_of(path: Path) -> int:
-    """Return the permission bits of ``path``, or 0o600 when it does not exist (blocks)."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return 0o600
-
-
-def _sync_directory(directory: Path) -> None:
-    """Flush ``directory``'s entries to disk, making a rename durable (blocks)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def _restart_journal(self, header: bytes, mode: int) -> None:
+        """Sync the snapshot's rename, then replace the journal with ``header`` (blocks)."""
+        journal.sync_directory(self._path.parent)
+        journal.replace_file(self._journal, header, mode)
+        journal.sync_directory(self._path.parent)

@@ -20,8 +20,10 @@ class MemoryStorage(Storage):
     raises ``TypeError``. Other methods just look keys up.
 
     Nothing is durable: :meth:`commit` does nothing. No method blocks or awaits, so no
-    method is a checkpoint.
+    method is a checkpoint. One engine-wide store actor serves every memory storage.
     """
+
+    shared_actor = True
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         self._data: dict[str, Any] = {} if data is None else data

@@ -1,0 +1,85 @@
+"""Where a node's exec runs: inline on the trio thread, in a thread, or in a process.
+
+"thread" uses ``trio.to_thread.run_sync`` (not cancellable: a timeout or cancel waits
+for the call to return). "process" sends the node (pickled once per actor with
+cloudpickle), the prep result and the context to a trio-parallel worker process, which
+is killed if the step is cancelled or times out. Both need a plain ``def exec``; the
+context they get has no store access.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import cloudpickle
+import outcome
+import trio
+import trio_parallel
+
+from cosmoflow_actors.context import ExecutionContext
+from cosmoflow_actors.node import Node
+
+ExecCall = Callable[[Any, ExecutionContext], Awaitable[Any]]
+"""Runs one exec attempt: ``await call(prep_res_or_item, ctx)``."""
+
+
+def exec_call(node: Node, workers: trio_parallel.WorkerContext | None) -> ExecCall:
+    """The function that runs ``node.exec`` on the node's executor."""
+    if node.executor == "thread":
+        return _InThread(node)
+    if node.executor == "process":
+        assert workers is not None
+        return _InProcess(node, workers)
+    return _Inline(node)
+
+
+class _Inline:
+    def __init__(self, node: Node) -> None:
+        self._exec = node.exec
+
+    async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
+        result = self._exec(prep_res, ctx)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+
+class _InThread:
+    def __init__(self, node: Node) -> None:
+        self._exec = node.exec
+
+    async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
+        detached = dataclasses.replace(ctx, store=ctx.store.detached())
+        return await trio.to_thread.run_sync(self._exec, prep_res, detached)
+
+
+class _InProcess:
+    def __init__(self, node: Node, workers: trio_parallel.WorkerContext) -> None:
+        self._node = cloudpickle.dumps(node)
+        self._workers = workers
+
+    async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
+        job = cloudpickle.dumps((prep_res, ctx))
+        answer = await self._workers.run_sync(_exec_in_worker, self._node, job, kill_on_cancel=True)
+        result: outcome.Outcome[Any] = cloudpickle.loads(answer)
+        return result.unwrap()
+
+
+_nodes: dict[bytes, Node] = {}
+"""Nodes already unpickled in this worker process, by their pickled form."""
+_MAX_CACHED_NODES = 64
+
+
+def _exec_in_worker(node_bytes: bytes, job: bytes) -> bytes:
+    """Runs in the worker process: unpickle, run exec, pickle the outcome."""
+    node = _nodes.get(node_bytes)
+    if node is None:
+        if len(_nodes) >= _MAX_CACHED_NODES:
+            _nodes.clear()
+        node = _nodes[node_bytes] = cloudpickle.loads(node_bytes)
+    prep_res, ctx = cloudpickle.loads(job)
+    answer: bytes = cloudpickle.dumps(outcome.capture(node.exec, prep_res, ctx))
+    return answer

@@ -1,0 +1,335 @@
+"""The on-disk format of :class:`~cosmoflow_actors.FileStorage`: a snapshot and a journal.
+
+``PATH`` holds the *snapshot*, one JSON object indented by 2::
+
+    {"format": "cosmoflow-store", "version": 1, "codec": "json", "generation": 3,
+     "data": {"key": value, ...}}
+
+``PATH.journal`` holds the commits made since that snapshot, as JSON lines. The first
+line is a header naming the snapshot generation the journal continues; each further
+line is one commit, a JSON array of its writes in order::
+
+    {"format": "cosmoflow-journal", "version": 1, "codec": "json", "generation": 3}
+    [["set", "key", value], ["delete", "other"]]
+    [["clear"], ["set", "key", value]]
+
+A commit is one appended line followed by ``fdatasync``. Compaction writes generation
+``g + 1`` of the snapshot (temporary file, fsync, rename, directory fsync), then replaces
+the journal with a bare header for ``g + 1`` the same way. Loading replays a journal whose
+generation equals the snapshot's; a journal one generation behind was already folded into
+the snapshot by a compaction that stopped before replacing it, and is ignored. A last
+line that is cut short or unreadable is a commit a crash interrupted: it is ignored.
+
+Every function here except the encoders blocks on the file system: run them in a worker
+thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.storage.codec import Codec, check_codec
+from cosmoflow_actors.storage.staged import ClearOp, DeleteOp, Op, SetOp
+
+SNAPSHOT_FORMAT: Final = "cosmoflow-store"
+JOURNAL_FORMAT: Final = "cosmoflow-journal"
+VERSION: Final = 1
+
+
+class Snapshot(msgspec.Struct, forbid_unknown_fields=True):
+    """The snapshot file's object."""
+
+    format: str
+    version: int
+    codec: str
+    generation: int
+    data: dict[str, msgspec.Raw]
+
+
+class JournalHeader(msgspec.Struct, forbid_unknown_fields=True):
+    """The journal's first line."""
+
+    format: str
+    version: int
+    codec: str
+    generation: int
+
+
+class SetRecord(msgspec.Struct, tag="set", array_like=True):
+    """``["set", key, value]``."""
+
+    key: str
+    value: msgspec.Raw
+
+
+class DeleteRecord(msgspec.Struct, tag="delete", array_like=True):
+    """``["delete", key]``."""
+
+    key: str
+
+
+class ClearRecord(msgspec.Struct, tag="clear", array_like=True):
+    """``["clear"]``."""
+
+
+Record = SetRecord | DeleteRecord | ClearRecord
+
+_encoder = msgspec.json.Encoder()
+_snapshot_decoder = msgspec.json.Decoder(Snapshot)
+_header_decoder = msgspec.json.Decoder(JournalHeader)
+_commit_decoder = msgspec.json.Decoder(list[Record])
+
+
+@dataclass
+class Loaded:
+    """What :func:`load` read: the committed entries and the state of both files."""
+
+    entries: dict[str, msgspec.Raw] = field(default_factory=dict)
+    generation: int = 0
+    snapshot_bytes: int = 0
+    journal_bytes: int = 0
+    journal_usable: bool = False
+    """Whether the next commit may append to the journal (else it must compact)."""
+
+
+def journal_path(path: Path) -> Path:
+    """Return the journal's path for the snapshot at ``path``."""
+    return path.with_name(f"{path.name}.journal")
+
+
+def encode_snapshot(codec: Codec, generation: int, entries: dict[str, msgspec.Raw]) -> bytes:
+    """Return the snapshot file's content. Does not block."""
+    snapshot = Snapshot(SNAPSHOT_FORMAT, VERSION, codec.name, generation, entries)
+    return msgspec.json.format(_encoder.encode(snapshot), indent=2) + b"\n"
+
+
+def encode_header(codec: Codec, generation: int) -> bytes:
+    """Return the journal's header line. Does not block."""
+    return _encoder.encode(JournalHeader(JOURNAL_FORMAT, VERSION, codec.name, generation)) + b"\n"
+
+
+def encode_commit(ops: list[Op[msgspec.Raw]]) -> bytes:
+    """Return one commit's journal line. Does not block."""
+    return _encoder.encode([_record(op) for op in ops]) + b"\n"
+
+
+def _record(op: Op[msgspec.Raw]) -> Record:
+    if isinstance(op, SetOp):
+        return SetRecord(op.key, op.value)
+    if isinstance(op, DeleteOp):
+        return DeleteRecord(op.key)
+    return ClearRecord()
+
+
+def apply_ops(entries: dict[str, msgspec.Raw], ops: list[Op[msgspec.Raw]]) -> None:
+    """Apply staged ops to ``entries`` in place. Does not block."""
+    for op in ops:
+        if isinstance(op, SetOp):
+            entries[op.key] = op.value
+        elif isinstance(op, DeleteOp):
+            entries.pop(op.key, None)
+        else:
+            entries.clear()
+
+
+def load(path: Path, codec: Codec) -> Loaded:
+    """Remove stray temporary files, read the snapshot, replay the journal (blocks).
+
+    Raises StorageError naming the file when a file cannot be read or is not what this
+    format writes; no file is changed.
+    """
+    journal = journal_path(path)
+    try:
+        remove_stray_temps(path)
+        remove_stray_temps(journal)
+        snapshot = _read(path)
+        journal_content = _read(journal)
+    except OSError as exc:
+        raise StorageError(f"cannot read {exc.filename or path}: {exc}") from exc
+    loaded = Loaded()
+    if snapshot is not None:
+        _load_snapshot(path, snapshot, codec, loaded)
+    if journal_content is not None:
+        _load_journal(journal, journal_content, codec, loaded)
+    return loaded
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _load_snapshot(path: Path, content: bytes, codec: Codec, loaded: Loaded) -> None:
+    try:
+        snapshot = _snapshot_decoder.decode(content)
+    except msgspec.DecodeError as exc:
+        raise StorageError(f"{path} does not hold a cosmoflow store: {exc}") from exc
+    if snapshot.format != SNAPSHOT_FORMAT or snapshot.version != VERSION:
+        raise StorageError(
+            f"{path} holds format {snapshot.format!r} version {snapshot.version}, "
+            f"not {SNAPSHOT_FORMAT!r} version {VERSION}"
+        )
+    check_codec(str(path), snapshot.codec, codec)
+    for key, raw in snapshot.data.items():
+        _check_value(path, codec, key, raw)
+    loaded.entries = snapshot.data
+    loaded.generation = snapshot.generation
+    loaded.snapshot_bytes = len(content)
+
+
+def _check_value(path: Path, codec: Codec, key: str, raw: msgspec.Raw) -> None:
+    if not codec.check_json(raw):
+        raise StorageError(f"{path}: the value of {key!r} was not written by codec {codec.name!r}")
+
+
+def _load_journal(journal: Path, content: bytes, codec: Codec, loaded: Loaded) -> None:
+    header_line, _, body = content.partition(b"\n")
+    try:
+        header = _header_decoder.decode(header_line)
+    except msgspec.DecodeError as exc:
+        raise StorageError(f"{journal} does not start with a journal header: {exc}") from exc
+    if header.format != JOURNAL_FORMAT or header.version != VERSION:
+        raise StorageError(f"{journal} is not a {JOURNAL_FORMAT!r} version {VERSION} journal")
+    check_codec(str(journal), header.codec, codec)
+    if header.generation == loaded.generation - 1:
+        return  # already folded into the snapshot; the next commit replaces it
+    if header.generation != loaded.generation:
+        raise StorageError(
+            f"{journal} continues snapshot generation {header.generation}, but the snapshot "
+            f"is generation {loaded.generation}: the two files do not belong together"
+        )
+    replayed = _replay(journal, body, codec, loaded.entries)
+    loaded.journal_bytes = len(header_line) + 1 + replayed
+    loaded.journal_usable = replayed == len(body)
+
+
+def _replay(journal: Path, body: bytes, codec: Codec, entries: dict[str, msgspec.Raw]) -> int:
+    """Apply every complete commit line; return the bytes replayed (a torn tail is left)."""
+    lines = body.split(b"\n")
+    offset = 0
+    for number, line in enumerate(lines[:-1], start=2):
+        try:
+            records = _commit_decoder.decode(line)
+        except msgspec.DecodeError as exc:
+            if number == len(lines):  # the last complete line: a torn append
+                return offset
+            raise StorageError(f"{journal}, line {number}: not a journal commit: {exc}") from exc
+        for record in records:
+            if isinstance(record, SetRecord):
+                _check_value(journal, codec, record.key, record.value)
+        apply_ops(entries, [_op(record) for record in records])
+        offset += len(line) + 1
+    return offset
+
+
+def _op(record: Record) -> Op[msgspec.Raw]:
+    if isinstance(record, SetRecord):
+        return SetOp(record.key, record.value)
+    if isinstance(record, DeleteRecord):
+        return DeleteOp(record.key)
+    return ClearOp()
+
+
+def append(journal: Path, content: bytes, expected_size: int) -> None:
+    """Append one commit line and ``fdatasync`` it (blocks).
+
+    Raises OSError when the write fails, after cutting the journal back to
+    ``expected_size`` if it can, and StorageError when the journal is not the size this
+    process last left it at (another writer).
+    """
+    fd = os.open(journal, os.O_WRONLY | os.O_APPEND)
+    try:
+        size = os.fstat(fd).st_size
+        if size != expected_size:
+            raise StorageError(
+                f"{journal} is {size} bytes, not the {expected_size} this store wrote: "
+                f"another process writes to it"
+            )
+        try:
+            _write_all(fd, content)
+            os.fdatasync(fd)
+        except OSError:
+            with suppress(OSError):
+                os.ftruncate(fd, expected_size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, content: bytes) -> None:
+    """Write all of ``content``: a write cut short (a file size limit) is retried, and
+    that retry raises the OSError (blocks)."""
+    view = memoryview(content)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def temp_path(path: Path) -> Path:
+    """Return a fresh name for a temporary file next to ``path``."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
+def remove_stray_temps(path: Path) -> None:
+    """Remove the temporary files :func:`temp_path` names for ``path`` (blocks)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{16}}\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return  # no directory yet: an empty store, which the first commit creates
+    for name in names:
+        if pattern.fullmatch(name):
+            with suppress(FileNotFoundError):
+                os.unlink(path.parent / name)
+
+
+def replace_file(path: Path, content: bytes, mode: int) -> None:
+    """Atomically replace ``path`` with ``content`` via a synced temporary file (blocks).
+
+    The new file gets permission bits ``mode``. The directory is not synced.
+    """
+    temp = temp_path(path)
+    try:
+        with open(temp, "xb", opener=_open_private) as file:
+            file.write(content)
+            file.flush()
+            os.fchmod(file.fileno(), mode)
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _open_private(path: str, flags: int) -> int:
+    """Open ``path`` for :func:`open`, creating it readable and writable by its owner only."""
+    return os.open(path, flags, 0o600)
+
+
+def mode_of(path: Path) -> int:
+    """Return the permission bits of ``path``, or 0o600 when it does not exist (blocks)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o600
+
+
+def sync_directory(directory: Path) -> None:
+    """Flush ``directory``'s entries to disk, making a rename durable (blocks)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

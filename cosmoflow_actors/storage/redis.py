@@ -1,0 +1,335 @@
+"""The Redis backend: one hash per namespace on a redis-server, via redis-py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
+from urllib.parse import urlsplit, urlunsplit
+
+import trio
+
+from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.codec import check_codec, check_json_key, get_codec, utf8_key
+from cosmoflow_actors.storage.staged import DeleteOp, Op, SetOp, StagedWrites
+
+if TYPE_CHECKING:
+    import redis
+    from redis.client import Pipeline
+
+FORMAT: Final = "cosmoflow-store"
+VERSION: Final = "1"
+MAX_UPDATE_ATTEMPTS: Final = 1000
+"""``update`` gives up (StorageError) after this many attempts lost to other writers."""
+
+T = TypeVar("T")
+
+
+@final
+class RedisStorage(Storage):
+    """Storage on a Redis server: the keys of one namespace are the fields of one hash.
+
+    ``url`` is a redis-py URL (``redis://host:port/db``, ``rediss://`` for TLS,
+    ``unix://path``). ``namespace`` keeps flows and tenants apart: the data lives in the
+    hash ``cosmoflow:<namespace>:data`` and the format and codec in the hash
+    ``cosmoflow:<namespace>:meta``; two namespaces never share a key. A namespace whose
+    keys hold something else, or that was written with another codec, is refused at
+    :meth:`open`.
+
+    Writes are staged in memory, encoded at once (an unencodable value fails :meth:`set`
+    and stores nothing), and sent by :meth:`commit` as one ``MULTI``/``EXEC``
+    transaction: other clients see all of them or none. A commit is as durable as the
+    server's persistence settings make it. Reads ask the server each time, with the
+    staged writes laid over the answer. :meth:`update` is atomic across processes: it
+    ``WATCH``es the hash, reads, calls the function and commits with ``MULTI``/``EXEC``,
+    and starts again when another client changed the hash in between (so the function
+    may run more than once); the writes staged before it are committed with it.
+
+    ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only). Keys
+    come back from :meth:`keys` in the server's order, not insertion order.
+
+    Every call to the server runs in a worker thread (``trio.to_thread``, one at a time
+    per instance), which cancellation does not interrupt. Connection failures raise
+    :class:`~cosmoflow_actors.StorageError`. Requires the ``redis`` package.
+    """
+
+    def __init__(
+        self, url: str, *, namespace: str = "default", codec: str = "json", timeout: float = 10.0
+    ) -> None:
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError(f"namespace must be a non-empty str, not {namespace!r}")
+        self._url = url
+        self._namespace = namespace
+        self._data = f"cosmoflow:{namespace}:data"
+        self._meta = f"cosmoflow:{namespace}:meta"
+        self._codec = get_codec(codec)
+        self._timeout = timeout
+        self._client: redis.Redis | None = None
+        self._staged: StagedWrites[bytes] = StagedWrites()
+        self._limiter = trio.CapacityLimiter(1)
+
+    def __repr__(self) -> str:
+        return f"RedisStorage({_redacted(self._url)!r}, namespace={self._namespace!r})"
+
+    @property
+    def namespace(self) -> str:
+        """The namespace: the data is in the hash ``cosmoflow:<namespace>:data``."""
+        return self._namespace
+
+    @property
+    def codec(self) -> str:
+        """The codec's name: ``"json"`` or ``"pickle"``."""
+        return self._codec.name
+
+    async def open(self) -> None:
+        """Connect and check the namespace, claiming it if it is empty; once only.
+
+        Blocks in a worker thread. Raises :class:`~cosmoflow_actors.StorageError` when the
+        server cannot be reached or the namespace holds data this backend did not write
+        (a key of another type, data without metadata, another codec); nothing is
+        changed then.
+        """
+        await self._connected()
+
+    async def get(self, key: str) -> Any:
+        """Return a fresh decoded copy of the value; raise ``KeyError`` when it is missing.
+
+        Blocks in a worker thread unless the key has a staged write.
+        """
+        data = await self._lookup(key)
+        if data is None:
+            raise KeyError(key)
+        return self._codec.decode(data)
+
+    async def set(self, key: str, value: Any) -> None:
+        """Encode ``value`` now and stage it until :meth:`commit`; does not block.
+
+        A non-``str`` key raises ``TypeError``; a key or value that cannot be encoded
+        raises :class:`~cosmoflow_actors.StorageError` and stores nothing.
+        """
+        await self.open()
+        check_json_key(key)
+        self._staged.set(key, self._codec.encode(key, value))
+
+    async def delete(self, key: str) -> bool:
+        """Stage removing ``key``; return whether it was there."""
+        if not await self.contains(key):
+            return False
+        self._staged.delete(key)
+        return True
+
+    async def contains(self, key: str) -> bool:
+        """Return whether ``key`` is stored (blocks in a worker thread, as :meth:`get`)."""
+        return await self._lookup(key) is not None
+
+    async def keys(self) -> list[str]:
+        """Return every key (blocks in a worker thread)."""
+        fields: list[bytes] = await self._command("HKEYS", self._data)
+        return self._staged.merge_keys(field.decode() for field in fields)
+
+    async def size(self) -> int:
+        """Return the number of keys (blocks in a worker thread)."""
+        if self._staged:
+            return len(await self.keys())
+        count: int = await self._command("HLEN", self._data)
+        return count
+
+    async def clear(self) -> None:
+        """Stage removing every key; does not block."""
+        await self.open()
+        self._staged.clear()
+
+    async def update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
+        """Store ``function(value)`` under ``key`` atomically across processes; return it.
+
+        ``value`` is the stored value, or ``default`` when ``key`` is missing. Watches the
+        hash, reads the key and commits the new value together with the writes staged
+        before it in one ``MULTI``/``EXEC``; when another client changed the hash in
+        between, it reads and calls ``function`` again (at most
+        :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError). An error ``function``
+        raises, or a result that cannot be encoded, stores nothing. Blocks in a worker
+        thread for each round trip; ``function`` runs in the calling task.
+        """
+        check_json_key(key)
+        client = await self._connected()
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            async with self._pipeline(client) as pipe:
+                current = await self._watch(pipe, key)
+                new = function(default if current is None else self._codec.decode(current))
+                ops = [*self._staged.ops, SetOp(key, self._codec.encode(key, new))]
+                if await self._in_thread(self._exec, pipe, ops):
+                    self._staged.reset()
+                    return new
+        raise StorageError(
+            f"{self!r}: update of {key!r} lost to other writers {MAX_UPDATE_ATTEMPTS} times"
+        )
+
+    async def commit(self) -> None:
+        """Send the staged writes as one ``MULTI``/``EXEC`` transaction; all or nothing.
+
+        Blocks in a worker thread. On failure the staged writes are dropped and
+        :class:`~cosmoflow_actors.StorageError` has the redis-py error as ``__cause__``.
+        """
+        if not self._staged:
+            return
+        ops = self._staged.ops
+        self._staged.reset()
+        async with self._pipeline(await self._connected()) as pipe:
+            await self._in_thread(self._exec, pipe, ops)
+
+    async def aclose(self) -> None:
+        """Drop staged writes and close the connections; the next call reconnects."""
+        self._staged.reset()
+        client, self._client = self._client, None
+        if client is not None:
+            await self._in_thread(client.close)
+
+    async def _connected(self) -> redis.Redis:
+        """Return the client, connecting and checking the namespace the first time."""
+        if self._client is None:
+            client = _client(self._url, self._timeout)
+            try:
+                await self._in_thread(self._claim, client)
+            except BaseException:
+                client.close()
+                raise
+            self._client = client
+        return self._client
+
+    async def _command(self, *args: Any) -> Any:
+        """Send one command and return the reply (blocks in a worker thread)."""
+        return await self._in_thread(_call, await self._connected(), *args)
+
+    async def _lookup(self, key: str) -> bytes | None:
+        """Return the encoded value of ``key`` (staged or on the server), None if missing."""
+        staged = self._staged.lookup(key)
+        if isinstance(staged, bytes) or staged is None:
+            return staged
+        field = utf8_key(key)
+        if field is None:
+            return None
+        value: bytes | None = await self._command("HGET", self._data, field)
+        return value
+
+    async def _watch(self, pipe: Pipeline, key: str) -> bytes | None:
+        """Watch the hash, then return the encoded value ``update`` starts from."""
+        await self._in_thread(_call, pipe, "WATCH", self._data)
+        staged = self._staged.lookup(key)
+        if isinstance(staged, bytes) or staged is None:
+            return staged
+        value: bytes | None = await self._in_thread(_call, pipe, "HGET", self._data, key.encode())
+        return value
+
+    def _exec(self, pipe: Pipeline, ops: list[Op[bytes]]) -> bool:
+        """Queue ``ops`` after MULTI and EXEC them; False if a watched key changed (blocks)."""
+        from redis.exceptions import WatchError
+
+        pipe.multi()
+        for op in ops:
+            if isinstance(op, SetOp):
+                _call(pipe, "HSET", self._data, op.key.encode(), op.value)
+            elif isinstance(op, DeleteOp):
+                _call(pipe, "HDEL", self._data, op.key.encode())
+            else:
+                _call(pipe, "DEL", self._data)
+        try:
+            pipe.execute()
+        except WatchError:
+            return False
+        return True
+
+    def _claim(self, client: redis.Redis) -> None:
+        """Check the namespace; write its metadata if it is empty (blocks)."""
+        from redis.exceptions import WatchError
+
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            with client.pipeline(transaction=True) as pipe:
+                try:
+                    self._claim_once(pipe)
+                except WatchError:
+                    continue  # another client claimed it meanwhile: check what it wrote
+                return
+        raise StorageError(f"{self!r}: cannot claim the namespace: it keeps changing")
+
+    def _claim_once(self, pipe: Pipeline) -> None:
+        _call(pipe, "WATCH", self._meta, self._data)
+        meta = _decoded(_call(pipe, "HGETALL", self._meta))
+        kind = _call(pipe, "TYPE", self._data).decode()
+        if meta:
+            self._check_meta(meta, kind)
+            return
+        if kind != "none":
+            raise StorageError(f"{self!r}: {self._data} holds a {kind} without cosmoflow metadata")
+        pipe.multi()
+        fields = {"format": FORMAT, "version": VERSION, "codec": self._codec.name}
+        _call(pipe, "HSET", self._meta, *(item for pair in fields.items() for item in pair))
+        pipe.execute()
+
+    def _check_meta(self, meta: dict[str, str], kind: str) -> None:
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise StorageError(
+                f"{self!r}: {self._meta} holds format {meta.get('format')!r} version "
+                f"{meta.get('version')!r}, not {FORMAT!r} version {VERSION!r}"
+            )
+        check_codec(repr(self), meta.get("codec"), self._codec)
+        if kind not in ("hash", "none"):
+            raise StorageError(f"{self!r}: {self._data} holds a {kind}, not a hash")
+
+    @asynccontextmanager
+    async def _pipeline(self, client: redis.Redis) -> AsyncIterator[Pipeline]:
+        """A transactional pipeline, reset at exit in the worker thread (shielded from
+        cancellation, bounded by the socket timeout) so that its connection goes back to
+        the pool unwatched."""
+        pipe = client.pipeline(transaction=True)
+        try:
+            yield pipe
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._in_thread(pipe.reset)
+
+    async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function(*args)`` in this instance's worker thread; redis-py errors become
+        StorageError."""
+        from redis.exceptions import RedisError
+
+        try:
+            return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
+        except RedisError as exc:
+            raise StorageError(f"{self!r}: {exc}") from exc
+
+
+def _call(connection: redis.Redis | Pipeline, *args: Any) -> Any:
+    """Send one command, or queue it in a pipeline after MULTI (blocks)."""
+    return connection.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _client(url: str, timeout: float) -> redis.Redis:
+    """Return a client for ``url``; it connects on first use. Does not block."""
+    try:
+        import redis
+    except ImportError as exc:
+        raise StorageError(
+            "RedisStorage needs the redis package: pip install 'cosmoflow-actors[redis]'"
+        ) from exc
+    try:
+        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    except ValueError as exc:
+        raise StorageError(f"not a Redis URL: {_redacted(url)!r} ({exc})") from exc
+
+
+def _redacted(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for messages and actor names."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _decoded(mapping: dict[bytes, bytes]) -> dict[str, str]:
+    """Decode a hash's fields and values, replacing what is not UTF-8."""
+    return {
+        key.decode(errors="replace"): value.decode(errors="replace")
+        for key, value in mapping.items()
+    }

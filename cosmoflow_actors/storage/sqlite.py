@@ -1,0 +1,324 @@
+"""The SQLite backend: one row per key in a WAL-mode database, via the stdlib ``sqlite3``."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Final, TypeVar, final
+
+import trio
+
+from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.codec import (
+    Codec,
+    check_codec,
+    check_json_key,
+    get_codec,
+    utf8_key,
+)
+from cosmoflow_actors.storage.staged import DeleteOp, Op, SetOp, StagedWrites
+
+FORMAT: Final = "cosmoflow-store"
+VERSION: Final = "1"
+STORE_TABLE: Final = "cosmoflow_store"
+META_TABLE: Final = "cosmoflow_meta"
+SCHEMA: Final = {
+    STORE_TABLE: f"CREATE TABLE {STORE_TABLE} (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)",
+    META_TABLE: f"CREATE TABLE {META_TABLE} (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
+}
+_UPSERT: Final = (
+    f"INSERT INTO {STORE_TABLE} (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+
+T = TypeVar("T")
+
+
+@final
+class SQLiteStorage(Storage):
+    """Storage in an SQLite database file: one row per key, values encoded by the codec.
+
+    The database runs in WAL mode with ``synchronous=FULL``, so every commit is synced to
+    disk before :meth:`commit` returns, and other processes may read it while this one
+    writes. It holds two tables, ``cosmoflow_store (key, value)`` and ``cosmoflow_meta``
+    (the format and the codec); a database holding anything else is refused. A file this
+    backend creates gets mode 0600 (SQLite gives its ``-wal`` and ``-shm`` files the same).
+
+    Writes are staged in memory, encoded at once (an unencodable value fails :meth:`set`
+    and stores nothing), and written by :meth:`commit` in one transaction. Reads ask the
+    database each time, so they see what other processes committed, with the staged
+    writes laid over it. ``update`` is the default get-then-set: atomic within the one
+    store actor that owns this instance, not against other processes writing the file.
+
+    ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only).
+    ``timeout`` is how long a call waits for another process's lock, in seconds.
+
+    Every call to the database runs in a worker thread (``trio.to_thread``, one at a
+    time per instance), which cancellation does not interrupt. :meth:`set` and staged
+    reads block nothing. The connection is opened by :meth:`open` and closed by
+    :meth:`aclose`.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, codec: str = "json", timeout: float = 5.0
+    ) -> None:
+        self._path = Path(path).absolute()
+        self._codec = get_codec(codec)
+        self._timeout = timeout
+        self._connection: sqlite3.Connection | None = None
+        self._staged: StagedWrites[bytes] = StagedWrites()
+        self._limiter = trio.CapacityLimiter(1)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStorage({str(self._path)!r})"
+
+    @property
+    def path(self) -> Path:
+        """The database file's absolute path."""
+        return self._path
+
+    @property
+    def codec(self) -> str:
+        """The codec's name: ``"json"`` or ``"pickle"``."""
+        return self._codec.name
+
+    async def open(self) -> None:
+        """Open the database, creating it if needed; later calls return at once.
+
+        Blocks in a worker thread. Raises :class:`~cosmoflow_actors.StorageError` when the
+        file cannot be opened, is not an SQLite database, holds tables this backend did
+        not create or was written with another codec; such a file is not changed.
+        """
+        await self._connected()
+
+    async def get(self, key: str) -> Any:
+        """Return a fresh decoded copy of the value; raise ``KeyError`` when it is missing.
+
+        Blocks in a worker thread unless the key has a staged write.
+        """
+        staged = self._staged.lookup(key)
+        if isinstance(staged, bytes):
+            return self._codec.decode(staged)
+        if staged is None or utf8_key(key) is None:
+            raise KeyError(key)
+        row = await self._query(f"SELECT value FROM {STORE_TABLE} WHERE key = ?", key)
+        if row is None:
+            raise KeyError(key)
+        return self._codec.decode(_as_bytes(row[0]))
+
+    async def set(self, key: str, value: Any) -> None:
+        """Encode ``value`` now and stage it until :meth:`commit`; does not block.
+
+        A non-``str`` key raises ``TypeError``; a key or value that cannot be encoded
+        raises :class:`~cosmoflow_actors.StorageError` and stores nothing.
+        """
+        await self.open()
+        check_json_key(key)
+        self._staged.set(key, self._codec.encode(key, value))
+
+    async def delete(self, key: str) -> bool:
+        """Stage removing ``key``; return whether it was there."""
+        if not await self.contains(key):
+            return False
+        self._staged.delete(key)
+        return True
+
+    async def contains(self, key: str) -> bool:
+        """Return whether ``key`` is stored (blocks in a worker thread, as :meth:`get`)."""
+        staged = self._staged.lookup(key)
+        if isinstance(staged, bytes) or staged is None:
+            return staged is not None
+        if utf8_key(key) is None:
+            return False
+        return await self._query(f"SELECT 1 FROM {STORE_TABLE} WHERE key = ?", key) is not None
+
+    async def keys(self) -> list[str]:
+        """Return every key, in insertion order (blocks in a worker thread)."""
+        rows = await self._query_all(f"SELECT key FROM {STORE_TABLE} ORDER BY rowid")
+        return self._staged.merge_keys(row[0] for row in rows)
+
+    async def size(self) -> int:
+        """Return the number of keys (blocks in a worker thread)."""
+        if self._staged:
+            return len(await self.keys())
+        count: int = (await self._query(f"SELECT count(*) FROM {STORE_TABLE}"))[0]
+        return count
+
+    async def clear(self) -> None:
+        """Stage removing every key; does not block."""
+        await self.open()
+        self._staged.clear()
+
+    async def commit(self) -> None:
+        """Write the staged writes in one transaction, synced to disk; all or nothing.
+
+        Blocks in a worker thread. On failure the transaction is rolled back, the staged
+        writes are dropped and :class:`~cosmoflow_actors.StorageError` names the file,
+        with the ``sqlite3`` error as ``__cause__``.
+        """
+        if not self._staged:
+            return
+        ops = self._staged.ops
+        self._staged.reset()
+        await self._in_thread(_write, await self._connected(), ops)
+
+    async def aclose(self) -> None:
+        """Drop staged writes and close the connection (blocks in a worker thread).
+
+        The storage can be used again: the next call opens the database afresh.
+        """
+        self._staged.reset()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await self._in_thread(connection.close)
+
+    async def _connected(self) -> sqlite3.Connection:
+        """Return the connection, opening the database the first time."""
+        if self._connection is None:
+            self._connection = await self._in_thread(
+                _connect, self._path, self._codec, self._timeout
+            )
+        return self._connection
+
+    async def _query(self, sql: str, *parameters: Any) -> Any:
+        connection = await self._connected()
+        return await self._in_thread(_fetch_one, connection, sql, parameters)
+
+    async def _query_all(self, sql: str) -> list[Any]:
+        connection = await self._connected()
+        return await self._in_thread(_fetch_all, connection, sql)
+
+    async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function(*args)`` in this instance's worker thread; sqlite3 errors become
+        StorageError naming the file."""
+        try:
+            return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"{self._path}: {exc}") from exc
+
+
+def _as_bytes(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise StorageError(f"a stored value is a {type(value).__name__}, not bytes")
+    return value
+
+
+def _fetch_one(connection: sqlite3.Connection, sql: str, parameters: tuple[Any, ...]) -> Any:
+    """Run one query and return its first row or None (blocks)."""
+    return connection.execute(sql, parameters).fetchone()
+
+
+def _fetch_all(connection: sqlite3.Connection, sql: str) -> list[Any]:
+    """Run one query and return every row (blocks)."""
+    return connection.execute(sql).fetchall()
+
+
+def _connect(path: Path, codec: Codec, timeout: float) -> sqlite3.Connection:
+    """Open (or create) the database and check it is a store of ours (blocks)."""
+    _create_private(path)
+    connection = sqlite3.connect(
+        path, timeout=timeout, isolation_level=None, check_same_thread=False
+    )
+    try:
+        _prepare(connection, path, codec)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _create_private(path: Path) -> None:
+    """Create an empty file with mode 0600 unless ``path`` exists (blocks)."""
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _prepare(connection: sqlite3.Connection, path: Path, codec: Codec) -> None:
+    """Check the schema without writing; then switch to WAL and create what is missing."""
+    tables = _tables(connection)
+    if tables:
+        _check_store(connection, path, codec, tables)
+    (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+    if mode != "wal":
+        raise StorageError(f"{path}: cannot switch to WAL mode (journal mode is {mode!r})")
+    connection.execute("PRAGMA synchronous = FULL")
+    if not tables:
+        _create_schema(connection, path, codec)
+
+
+def _tables(connection: sqlite3.Connection) -> dict[str, str | None]:
+    rows = connection.execute(
+        "SELECT name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+    ).fetchall()
+    return {name: sql for name, sql in rows}
+
+
+def _check_store(
+    connection: sqlite3.Connection, path: Path, codec: Codec, tables: dict[str, str | None]
+) -> None:
+    """Raise StorageError unless ``tables`` and the metadata are exactly ours."""
+    if tables != SCHEMA:
+        foreign = sorted(name for name in tables if tables[name] != SCHEMA.get(name))
+        missing = sorted(set(SCHEMA) - set(tables))
+        raise StorageError(
+            f"{path} is not a cosmoflow store: it holds tables or indexes this backend did "
+            f"not create ({', '.join(foreign) or 'none'}) or lacks its own "
+            f"({', '.join(missing) or 'none'})"
+        )
+    _check_meta(connection, path, codec)
+
+
+def _check_meta(connection: sqlite3.Connection, path: Path, codec: Codec) -> None:
+    meta = dict(connection.execute(f"SELECT name, value FROM {META_TABLE}").fetchall())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise StorageError(
+            f"{path} holds format {meta.get('format')!r} version {meta.get('version')!r}, "
+            f"not {FORMAT!r} version {VERSION!r}"
+        )
+    check_codec(str(path), meta.get("codec"), codec)
+
+
+def _create_schema(connection: sqlite3.Connection, path: Path, codec: Codec) -> None:
+    """Create the tables, unless another process created them since they were checked."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        tables = _tables(connection)
+        if tables:
+            _check_store(connection, path, codec, tables)
+        else:
+            for sql in SCHEMA.values():
+                connection.execute(sql)
+            connection.executemany(
+                f"INSERT INTO {META_TABLE} (name, value) VALUES (?, ?)",
+                [("format", FORMAT), ("version", VERSION), ("codec", codec.name)],
+            )
+        connection.execute("COMMIT")
+    except BaseException:
+        _roll_back(connection)
+        raise
+
+
+def _write(connection: sqlite3.Connection, ops: list[Op[bytes]]) -> None:
+    """Apply ``ops`` in one transaction and commit it (blocks); roll back on failure."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for op in ops:
+            if isinstance(op, SetOp):
+                connection.execute(_UPSERT, (op.key, op.value))
+            elif isinstance(op, DeleteOp):
+                connection.execute(f"DELETE FROM {STORE_TABLE} WHERE key = ?", (op.key,))
+            else:
+                connection.execute(f"DELETE FROM {STORE_TABLE}")
+        connection.execute("COMMIT")
+    except BaseException:
+        _roll_back(connection)
+        raise
+
+
+def _roll_back(connection: sqlite3.Connection) -> None:
+    if connection.in_transaction:
+        connection.execute("ROLLBACK")

@@ -1,0 +1,114 @@
+"""Writes staged in memory between two commits, in order, with an overlay for reads.
+
+The persistent backends apply nothing to their durable state until ``commit``: ``set``,
+``delete`` and ``clear`` are recorded here, reads consult :meth:`StagedWrites.lookup`
+before the committed state, and ``commit`` applies :attr:`StagedWrites.ops` in order and
+then calls :meth:`StagedWrites.reset`. Rolling back is just :meth:`StagedWrites.reset`.
+Nothing here blocks or awaits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final, Generic, TypeVar, final
+
+V = TypeVar("V")
+
+
+class _Unknown:
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN: Final = _Unknown()
+""":meth:`StagedWrites.lookup`'s answer when only the committed state knows the key."""
+
+
+@final
+class SetOp(Generic[V]):
+    """Store ``value`` under ``key``."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self, key: str, value: V) -> None:
+        self.key = key
+        self.value = value
+
+
+@final
+class DeleteOp:
+    """Remove ``key`` if it is there."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+@final
+class ClearOp:
+    """Remove every key."""
+
+    __slots__ = ()
+
+
+Op = SetOp[V] | DeleteOp | ClearOp
+
+
+@final
+class StagedWrites(Generic[V]):
+    """The writes since the last commit: an ordered op list and the latest state per key."""
+
+    __slots__ = ("_overlay", "cleared", "ops")
+
+    def __init__(self) -> None:
+        self.ops: list[Op[V]] = []
+        self._overlay: dict[str, V | None] = {}
+        self.cleared = False
+        """Whether a ``clear`` is staged: keys not in the overlay are then absent."""
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    def set(self, key: str, value: V) -> None:
+        """Stage storing ``value`` (already encoded) under ``key``."""
+        self.ops.append(SetOp(key, value))
+        self._overlay[key] = value
+
+    def delete(self, key: str) -> None:
+        """Stage removing ``key``."""
+        self.ops.append(DeleteOp(key))
+        self._overlay[key] = None
+
+    def clear(self) -> None:
+        """Stage removing every key."""
+        self.ops.append(ClearOp())
+        self._overlay.clear()
+        self.cleared = True
+
+    def lookup(self, key: str) -> V | _Unknown | None:
+        """Return the staged value of ``key``, ``None`` if staged as absent, else UNKNOWN."""
+        if key in self._overlay:
+            return self._overlay[key]
+        return None if self.cleared else UNKNOWN
+
+    def merge_keys(self, committed: Iterable[str]) -> list[str]:
+        """Return the keys after the staged ops are applied to ``committed``, in order.
+
+        A key that is set anew goes to the end, as it does in a ``dict``.
+        """
+        keys = dict.fromkeys(committed)
+        for op in self.ops:
+            if isinstance(op, SetOp):
+                keys.setdefault(op.key)
+            elif isinstance(op, DeleteOp):
+                keys.pop(op.key, None)
+            else:
+                keys.clear()
+        return list(keys)
+
+    def reset(self) -> None:
+        """Forget every staged write (after a commit, or to roll back)."""
+        self.ops = []
+        self._overlay = {}
+        self.cleared = False

@@ -1,0 +1,140 @@
+"""Executors: exec inline, in a thread, in a worker process; checks at build()."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import pytest
+import trio
+import trio_parallel
+
+import cosmoflow_actors as cf
+from tests.support import single
+
+
+class WhereAmI(cf.Node):
+    """exec reports the process and thread it ran in."""
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> tuple[int, int]:
+        return os.getpid(), threading.get_ident()
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+async def test_inline_runs_on_the_trio_thread() -> None:
+    pid, thread = (await single(WhereAmI()).run()).result
+    assert (pid, thread) == (os.getpid(), threading.get_ident())
+
+
+async def test_thread_runs_in_a_worker_thread_of_this_process() -> None:
+    pid, thread = (await single(WhereAmI(executor="thread")).run()).result
+    assert pid == os.getpid()
+    assert thread != threading.get_ident()
+
+
+class Square(cf.Node):
+    executor = "process"
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> int:
+        return int(ctx.params["n"])
+
+    def exec(self, n: int, ctx: cf.ExecutionContext) -> tuple[int, int]:
+        return n * n, os.getpid()
+
+    def post(
+        self, store: cf.SharedStore, prep_res: int, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+async def test_process_runs_exec_in_a_worker_process() -> None:
+    flow = single(Square())
+    async with cf.open_engine() as engine:
+        results = [(await engine.run(flow, params={"n": n})).result for n in range(4)]
+    assert [value for value, _ in results] == [0, 1, 4, 9]
+    assert os.getpid() not in {pid for _, pid in results}
+
+
+class StoreInWorker(cf.Node):
+    executor = "process"
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        trio.run(ctx.store.get, "x")
+
+
+async def test_the_store_is_not_reachable_from_a_worker_process() -> None:
+    with pytest.raises(cf.NodeError) as info:
+        await single(StoreInWorker()).run({"x": 1})
+    assert isinstance(info.value.__cause__, cf.StorageError)
+    assert "not reachable" in str(info.value.__cause__)
+
+
+class SuicidalOnce(cf.Node):
+    """The first attempt kills its own worker process with SIGKILL."""
+
+    executor = "process"
+    max_retries = 2
+
+    def exec(self, marker: str, ctx: cf.ExecutionContext) -> int:
+        if ctx.current_retry == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return os.getpid()
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: int, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+async def test_a_worker_killed_mid_exec_is_a_failed_attempt_and_the_engine_survives() -> None:
+    async with cf.open_engine() as engine:
+        retried = await engine.run(single(SuicidalOnce()))
+        assert retried.result != os.getpid()
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(SuicidalOnce(max_retries=1)))
+        assert isinstance(info.value.__cause__, trio_parallel.BrokenWorkerError)
+        assert (await engine.run(single(Square()), params={"n": 3})).result[0] == 9
+
+
+def test_build_refuses_an_async_exec_on_a_thread() -> None:
+    class AsyncExec(cf.Node):
+        executor = "thread"
+
+        async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+            pass
+
+    with pytest.raises(cf.FlowValidationError, match="'bad': executor='thread' needs a plain def"):
+        cf.Flow.builder("f").add_node("bad", AsyncExec()).build()
+
+
+def test_build_refuses_a_node_that_cannot_be_pickled() -> None:
+    node = Square()
+    node.lock = threading.Lock()  # type: ignore[attr-defined]
+    with pytest.raises(cf.FlowValidationError, match="'sq': executor='process' cannot send"):
+        cf.Flow.builder("f").add_node("sq", node).build()
+
+
+async def test_the_store_is_not_reachable_from_a_thread() -> None:
+    class StoreInThread(cf.Node):
+        executor = "thread"
+
+        def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> Any:
+            return trio.from_thread.run(ctx.store.get, "x")
+
+    with pytest.raises(cf.NodeError) as info:
+        await single(StoreInThread()).run({"x": 1})
+    assert isinstance(info.value.__cause__, cf.StorageError)
+
+
+async def test_a_function_node_runs_on_a_thread() -> None:
+    @cf.node(executor="thread")
+    def blocking(ctx: cf.ExecutionContext) -> cf.Action:
+        return cf.Action.complete(threading.get_ident())
+
+    assert (await single(blocking).run()).result != threading.get_ident()

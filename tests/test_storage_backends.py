@@ -1,0 +1,403 @@
+"""One test suite for every backend: memory, file, SQLite, Redis and a custom Storage.
+
+The first half calls the backend directly, as the store actor does; the second half goes
+through the engine and the whole SharedStore API. Backends differ only where their
+:class:`~tests.storage_suite.Backend` flags say so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cosmoflow_actors as cf
+from tests.storage_suite import (
+    BACKENDS,
+    ENCODING,
+    PERSISTENT,
+    Backend,
+    RedisServer,
+    file_size_limit,
+    make_backend,
+    running_redis,
+)
+from tests.support import in_run, single
+
+ODD_KEYS = [
+    "",
+    "ünïcødé ключ 🔑 鍵",
+    "a/b/c",
+    "../../etc/passwd",
+    "/absolute",
+    "C:\\windows\\path",
+    ".",
+    "with\nnewline and \x00 nul",
+    "k" * 10_000,
+]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for this module; tests keep apart by namespace."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: float
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each backend in turn, over fresh data; ``@persistent`` and ``@encoding`` narrow it."""
+    return make_backend(request.param, tmp_path, request)
+
+
+persistent = pytest.mark.parametrize("backend", PERSISTENT, indirect=True)
+"""Only the backends whose data outlives the instance (and that take ``codec=``)."""
+encoding = pytest.mark.parametrize("backend", ENCODING, indirect=True)
+"""Only the backends that store values encoded (not memory, which keeps the objects)."""
+
+
+async def committed(backend: Backend, **values: Any) -> cf.Storage:
+    storage = backend.open()
+    await storage.open()
+    for key, value in values.items():
+        await storage.set(key, value)
+    await storage.commit()
+    return storage
+
+
+async def contents(storage: cf.Storage) -> dict[str, Any]:
+    return {key: await storage.get(key) for key in await storage.keys()}
+
+
+# --- the Storage contract, called directly ------------------------------------------------
+
+
+async def test_set_get_delete_keys_contains_size(backend: Backend) -> None:
+    storage = await committed(backend, z=1, a={"nested": [1, "two", None]}, m="text")
+
+    keys = await storage.keys()
+    assert keys == ["z", "a", "m"] if backend.ordered else sorted(keys) == ["a", "m", "z"]
+    assert await storage.get("a") == {"nested": [1, "two", None]}
+    assert await storage.contains("m") is True
+    assert await storage.size() == 3
+    assert await storage.delete("m") is True
+    assert await storage.delete("m") is False
+    assert await storage.contains("m") is False
+    assert await storage.size() == 2
+    await storage.commit()
+    assert await contents(backend.open()) == {"z": 1, "a": {"nested": [1, "two", None]}}
+
+
+async def test_missing_key(backend: Backend) -> None:
+    storage = backend.open()
+
+    with pytest.raises(KeyError):
+        await storage.get("absent")
+    assert await storage.contains("absent") is False
+    assert await storage.delete("absent") is False
+
+
+async def test_clear(backend: Backend) -> None:
+    storage = await committed(backend, a=1, b=2)
+
+    await storage.clear()
+    await storage.set("c", 3)
+    await storage.commit()
+
+    assert await contents(backend.open()) == {"c": 3}
+
+
+@persistent
+async def test_a_new_instance_sees_what_was_committed(backend: Backend) -> None:
+    await committed(backend, n=1, f=2.5, s="text", b=True, none=None, l=[1, [2]])
+
+    assert await contents(backend.open()) == {
+        "n": 1,
+        "f": 2.5,
+        "s": "text",
+        "b": True,
+        "none": None,
+        "l": [1, [2]],
+    }
+
+
+async def test_odd_keys_round_trip_and_never_become_paths(backend: Backend, tmp_path: Path) -> None:
+    await committed(backend, **{key: index for index, key in enumerate(ODD_KEYS)})
+    files = sorted(os.listdir(tmp_path))
+
+    reopened = backend.open()
+
+    assert [await reopened.get(key) for key in ODD_KEYS] == list(range(len(ODD_KEYS)))
+    assert sorted(await reopened.keys()) == sorted(ODD_KEYS)
+    assert len(files) <= 3  # the store's own files (data, journal or -wal/-shm) only
+    assert not (tmp_path / "etc").exists()
+    assert not (tmp_path / "a").exists()
+
+
+async def test_a_ten_megabyte_value_round_trips(backend: Backend) -> None:
+    value = {"blob": "x" * 10_000_000, "tail": [1, 2, 3]}
+    await committed(backend, big=value)
+
+    assert await backend.open().get("big") == value
+
+
+@encoding
+async def test_an_unencodable_value_raises_and_stores_nothing(backend: Backend) -> None:
+    storage = await committed(backend, kept=1)
+
+    with pytest.raises(cf.StorageError):
+        await storage.set("new", object())
+    with pytest.raises(cf.StorageError):
+        await storage.set("kept", [object()])
+    await storage.commit()
+
+    assert await storage.contains("new") is False
+    assert await storage.get("kept") == 1
+    assert await contents(backend.open()) == {"kept": 1}
+
+
+@encoding
+async def test_get_returns_a_fresh_copy(backend: Backend) -> None:
+    storage = await committed(backend, d={"l": [1]})
+
+    (await storage.get("d"))["l"].append(2)
+
+    assert await storage.get("d") == {"l": [1]}
+
+
+async def test_a_key_that_is_not_valid_unicode_is_missing(backend: Backend) -> None:
+    storage = backend.open()
+
+    with pytest.raises(KeyError):
+        await storage.get("\ud800")
+    assert await storage.contains("\ud800") is False
+    assert await storage.delete("\ud800") is False
+
+
+@persistent
+async def test_a_key_that_is_not_valid_unicode_is_never_stored(backend: Backend) -> None:
+    storage = backend.open()
+
+    with pytest.raises(cf.StorageError, match="key"):
+        await storage.set("\ud800", 1)
+
+    assert await storage.size() == 0
+
+
+async def test_non_str_key_raises_type_error(backend: Backend) -> None:
+    storage = backend.open()
+
+    with pytest.raises(TypeError):
+        await storage.set(1, "one")  # type: ignore[arg-type]
+
+    assert await storage.size() == 0
+
+
+async def test_update_hook(backend: Backend) -> None:
+    storage = backend.open()
+
+    assert await storage.update("n", lambda n: n + 1, 0) == 1
+    assert await storage.update("n", lambda n: n * 10, 0) == 10
+    with pytest.raises(ZeroDivisionError):
+        await storage.update("n", lambda n: n / 0, 0)
+    await storage.commit()
+
+    assert await backend.open().get("n") == 10
+
+
+@encoding
+async def test_update_of_an_unencodable_result_stores_nothing(backend: Backend) -> None:
+    storage = await committed(backend, n=1)
+
+    with pytest.raises(cf.StorageError):
+        await storage.update("n", lambda n: object(), 0)
+    await storage.commit()
+
+    assert await backend.open().get("n") == 1
+
+
+@persistent
+async def test_the_json_codec_stores_dataclasses_and_tuples_as_json(backend: Backend) -> None:
+    storage = backend.open(codec="json")
+    await storage.set("p", Point(1, 2.5))
+    await storage.set("t", (1, 2))
+    await storage.commit()
+
+    assert await contents(backend.open()) == {"p": {"x": 1, "y": 2.5}, "t": [1, 2]}
+    assert await in_run(lambda store: store.get("p", type=Point), backend.open()) == Point(1, 2.5)
+
+
+@persistent
+async def test_the_pickle_codec_round_trips_arbitrary_objects(backend: Backend) -> None:
+    storage = backend.open(codec="pickle")
+    value = {"point": Point(3, 4.0), "tuple": (1, 2), "set": {1, 2}, "function": lambda x: x + 1}
+    await storage.set("value", value)
+    await storage.commit()
+
+    stored = await backend.open(codec="pickle").get("value")
+
+    assert stored["point"] == Point(3, 4.0)
+    assert (stored["tuple"], stored["set"], stored["function"](1)) == ((1, 2), {1, 2}, 2)
+
+
+@persistent
+async def test_a_store_opened_with_another_codec_is_refused(backend: Backend) -> None:
+    await committed(backend, a=1)
+
+    with pytest.raises(cf.StorageError, match="codec"):
+        await backend.open(codec="pickle").open()
+    assert await backend.open(codec="json").get("a") == 1
+
+
+@persistent
+async def test_the_pickle_codec_is_never_chosen_implicitly(backend: Backend) -> None:
+    pickled = backend.open(codec="pickle")
+    await pickled.set("a", 1)
+    await pickled.commit()
+
+    with pytest.raises(cf.StorageError, match="codec='pickle'"):
+        await backend.open().open()
+    with pytest.raises(ValueError, match="codec"):
+        backend.open(codec="marshal")
+
+
+# --- through the engine: the SharedStore API -----------------------------------------------
+
+
+async def test_the_shared_store_api(backend: Backend) -> None:
+    async def body(store: cf.SharedStore) -> dict[str, Any]:
+        await store.set("a", 1)
+        await store.set_many({"b": [2], "p": Point(1, 2.0)})
+        seen = {
+            "get": await store.get("a"),
+            "default": await store.get("absent", "fallback"),
+            "typed": await store.get("p", type=Point),
+            "update": await store.update("a", lambda a: a + 1),
+            "update_default": await store.update("c", lambda c: c + 1, default=0),
+            "delete": await store.delete("b"),
+            "delete_again": await store.delete("b"),
+            "contains": await store.contains("a"),
+            "keys": sorted(await store.keys()),
+            "size": await store.size(),
+            "many": await store.get_many(["a", "b", "c"]),
+        }
+        with pytest.raises(cf.StoreKeyError):
+            await store.get("absent")
+        with pytest.raises(cf.StoreKeyError):
+            await store.update("absent", lambda value: value)
+        await store.clear()
+        seen["after_clear"] = await store.size()
+        return seen
+
+    seen = await in_run(body, backend.open())
+
+    assert seen == {
+        "get": 1,
+        "default": "fallback",
+        "typed": Point(1, 2.0),
+        "update": 2,
+        "update_default": 1,
+        "delete": True,
+        "delete_again": False,
+        "contains": True,
+        "keys": ["a", "c", "p"],
+        "size": 3,
+        "many": {"a": 2, "c": 1},
+        "after_clear": 0,
+    }
+
+
+@encoding
+async def test_set_many_is_all_or_nothing(backend: Backend) -> None:
+    await committed(backend, a="old")
+
+    async def body(store: cf.SharedStore) -> Any:
+        with pytest.raises(cf.StorageError):
+            await store.set_many({"a": "new", "b": object()})
+        return await store.get_many(["a", "b"])
+
+    assert await in_run(body, backend.open()) == {"a": "old"}
+    assert await contents(backend.open()) == {"a": "old"}
+
+
+@encoding
+async def test_an_unencodable_value_fails_only_its_run(backend: Backend) -> None:
+
+    @cf.node
+    async def write(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set(ctx.params["key"], ctx.params["value"])
+
+    flow = single(write)
+    storage = backend.open()
+    async with cf.open_engine() as engine:
+        assert (await engine.run(flow, storage, params={"key": "a", "value": 1})).success
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(flow, storage, params={"key": "b", "value": object()})
+        assert isinstance(info.value.__cause__, cf.StorageError)
+        assert (await engine.run(flow, storage, params={"key": "c", "value": 3})).success
+
+    assert await contents(backend.open()) == {"a": 1, "c": 3}
+
+
+async def test_a_thousand_runs_of_ten_increments_count_to_ten_thousand(
+    backend: Backend,
+) -> None:
+    @cf.node
+    async def increment(ctx: cf.ExecutionContext) -> None:
+        for _ in range(10):
+            await ctx.store.update("counter", lambda n: n + 1, default=0)
+
+    flow = single(increment)
+    storage = backend.open()
+    async with cf.open_engine() as engine:
+        runs = [await engine.start_run(flow, storage) for _ in range(1000)]
+        results = [await run.wait() for run in runs]
+
+    assert all(result.success for result in results)
+    assert await in_run(lambda store: store.get("counter"), backend.open()) == 10_000
+
+
+@persistent
+async def test_runs_see_what_earlier_runs_committed(backend: Backend) -> None:
+    await in_run(lambda store: store.set_many({"x": 1, "y": "two"}), backend.open())
+
+    assert await in_run(lambda store: store.get_many(["x", "y"]), backend.open()) == {
+        "x": 1,
+        "y": "two",
+    }
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+async def test_a_full_disk_fails_the_writing_run_only(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    backend = make_backend(kind, tmp_path, request)
+    await committed(backend, kept="before")
+
+    @cf.node
+    async def write(ctx: cf.ExecutionContext) -> None:
+        if ctx.params.get("fill"):
+            with file_size_limit():
+                await ctx.store.set("big", "x" * 200_000)
+        else:
+            await ctx.store.set("small", 1)
+
+    flow = single(write)
+    storage = backend.open()
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(flow, storage, params={"fill": True})
+        assert isinstance(info.value.__cause__, cf.StorageError)
+        assert (await engine.run(flow, storage)).success
+
+    assert await contents(backend.open()) == {"kept": "before", "small": 1}

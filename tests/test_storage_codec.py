@@ -1,0 +1,88 @@
+"""Tests for :mod:`cosmoflow_actors.storage.codec` and :mod:`cosmoflow_actors.storage.staged`."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import msgspec
+import pytest
+
+from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.storage.codec import check_codec, get_codec, utf8_key
+from cosmoflow_actors.storage.staged import UNKNOWN, StagedWrites
+
+
+@pytest.mark.parametrize("name", ["json", "pickle"])
+def test_codecs_round_trip_bytes_and_json_fragments(name: str) -> None:
+    codec = get_codec(name)
+    value = {"a": [1, 2.5, "three", None, True]}
+
+    assert codec.name == name
+    assert codec.decode(codec.encode("k", value)) == value
+    raw = codec.encode_json("k", value)
+    assert codec.check_json(raw)
+    assert codec.decode_json(raw) == value
+    assert msgspec.json.decode(msgspec.json.encode({"k": raw})) == {"k": msgspec.json.decode(raw)}
+
+
+@pytest.mark.parametrize("name", [None, "", "JSON", "marshal", 1])
+def test_unknown_codec_names_are_refused(name: Any) -> None:
+    with pytest.raises(ValueError, match="codec must be one of"):
+        get_codec(name)
+
+
+def test_json_refuses_what_it_cannot_encode_naming_key_and_type() -> None:
+    with pytest.raises(StorageError, match=r"'k'.*type object") as info:
+        get_codec("json").encode("k", object())
+
+    assert isinstance(info.value.__cause__, TypeError)
+
+
+def test_pickle_refuses_what_it_cannot_pickle_naming_key_and_type() -> None:
+    with pytest.raises(StorageError, match=r"'k'.*type lock"):
+        get_codec("pickle").encode("k", threading.Lock())
+
+
+@pytest.mark.parametrize(("name", "data"), [("json", b"{not json"), ("pickle", b"not a pickle")])
+def test_undecodable_bytes_are_a_storage_error(name: str, data: bytes) -> None:
+    with pytest.raises(StorageError):
+        get_codec(name).decode(data)
+
+
+def test_pickle_fragments_must_be_base64_strings() -> None:
+    codec = get_codec("pickle")
+
+    assert not codec.check_json(msgspec.Raw(b"1"))
+    assert not codec.check_json(msgspec.Raw(b'"not base64!"'))
+
+
+def test_check_codec_names_both_codecs_and_the_way_out() -> None:
+    with pytest.raises(StorageError, match=r"codec 'pickle'.*codec 'json'.*codec='pickle'"):
+        check_codec("store.json", "pickle", get_codec("json"))
+
+
+def test_utf8_key() -> None:
+    assert utf8_key("ключ") == "ключ".encode()
+    assert utf8_key("\ud800") is None
+
+
+def test_staged_writes_overlay_and_merge_in_dict_order() -> None:
+    staged: StagedWrites[int] = StagedWrites()
+    staged.set("b", 1)
+    staged.delete("a")
+    staged.set("a", 2)
+    staged.delete("c")
+
+    assert staged.merge_keys(["a", "c", "d"]) == ["d", "b", "a"]
+    assert (staged.lookup("a"), staged.lookup("c"), staged.lookup("d")) == (2, None, UNKNOWN)
+
+    staged.clear()
+    staged.set("e", 3)
+    assert staged.merge_keys(["d"]) == ["e"]
+    assert (staged.lookup("d"), staged.lookup("e")) == (None, 3)
+    assert len(staged.ops) == 6
+
+    staged.reset()
+    assert not staged
+    assert staged.lookup("d") is UNKNOWN

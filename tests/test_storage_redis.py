@@ -1,0 +1,276 @@
+"""Tests for :mod:`cosmoflow_actors.storage.redis`, against a real redis-server."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.storage.redis import RedisStorage
+from tests.storage_suite import (
+    RedisServer,
+    free_port,
+    running_redis,
+    unique_namespace,
+)
+from tests.support import single
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for this module; tests keep apart by namespace."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, for tests that reconfigure or stop it."""
+    with running_redis(tmp_path) as server:
+        yield server
+
+
+async def test_two_clients_racing_updates_lose_nothing(redis_server: RedisServer) -> None:
+    namespace = unique_namespace()
+    first, second = redis_server.storage(namespace), redis_server.storage(namespace)
+
+    async def increment(storage: RedisStorage) -> None:
+        for _ in range(300):
+            await storage.update("n", lambda n: n + 1, 0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(increment, first)
+        nursery.start_soon(increment, second)
+
+    assert await redis_server.storage(namespace).get("n") == 600
+
+
+async def test_update_starts_again_when_another_client_writes_in_between(
+    redis_server: RedisServer,
+) -> None:
+    storage = redis_server.storage()
+    await storage.set("n", 1)
+    await storage.commit()
+    seen: list[int] = []
+
+    def add_ten(n: int) -> int:
+        seen.append(n)
+        if len(seen) == 1:  # another client writes after the read, before the commit
+            with redis_server.client() as other:
+                other.hset(f"cosmoflow:{storage.namespace}:data", "n", b"100")
+        return n + 10
+
+    assert await storage.update("n", add_ten, 0) == 110
+    assert seen == [1, 100]
+    assert await storage.get("n") == 110
+
+
+UPDATER = textwrap.dedent(
+    """
+    import sys, trio
+    from cosmoflow_actors.storage.redis import RedisStorage
+
+    async def main(url, namespace, count):
+        storage = RedisStorage(url, namespace=namespace)
+        for _ in range(count):
+            await storage.update("n", lambda n: n + 1, 0)
+        await storage.aclose()
+
+    trio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    """
+)
+
+
+async def test_updates_from_two_processes_are_atomic(redis_server: RedisServer) -> None:
+    namespace = unique_namespace()
+    command = [sys.executable, "-c", UPDATER, redis_server.url, namespace, "300"]
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(partial(trio.run_process, command, check=True))
+
+    assert await redis_server.storage(namespace).get("n") == 600
+
+
+async def test_update_commits_the_writes_staged_before_it(redis_server: RedisServer) -> None:
+    storage = redis_server.storage()
+    await storage.set("a", 1)
+    await storage.delete("missing")
+
+    await storage.update("n", lambda n: n + 1, 0)
+
+    assert await redis_server.storage(storage.namespace).get("a") == 1
+    await storage.commit()  # nothing left to send
+
+
+async def test_a_failing_update_function_stores_nothing(redis_server: RedisServer) -> None:
+    storage = redis_server.storage()
+    await storage.set("a", 1)
+
+    with pytest.raises(ZeroDivisionError):
+        await storage.update("n", lambda n: n / 0, 0)
+
+    other = redis_server.storage(storage.namespace)
+    assert await other.keys() == []
+    await storage.commit()
+    assert await other.keys() == ["a"]
+
+
+async def test_staged_writes_are_invisible_to_other_clients_until_commit(
+    redis_server: RedisServer,
+) -> None:
+    storage = redis_server.storage()
+    other = redis_server.storage(storage.namespace)
+    await storage.set("a", 1)
+    await storage.clear()
+    await storage.set("b", 2)
+
+    assert await other.size() == 0
+    assert await storage.keys() == ["b"]
+    await storage.commit()
+    assert await other.keys() == ["b"]
+
+
+async def test_namespaces_keep_data_apart(redis_server: RedisServer) -> None:
+    names = [unique_namespace(), "tenant:a", "tenant:a:data", "tenant"]
+    stores = [redis_server.storage(name) for name in names]
+    for index, storage in enumerate(stores):
+        await storage.set("key", index)
+        await storage.set(f"only-{index}", True)
+        await storage.commit()
+
+    await stores[0].clear()
+    await stores[0].commit()
+
+    assert [await storage.size() for storage in stores] == [0, 2, 2, 2]
+    assert [await storage.get("key") for storage in stores[1:]] == [1, 2, 3]
+    with redis_server.client() as client:
+        client.delete(*(f"cosmoflow:{name}:{part}" for name in names for part in ("data", "meta")))
+
+
+async def test_values_are_readable_json_and_the_codec_is_recorded(
+    redis_server: RedisServer,
+) -> None:
+    storage = redis_server.storage()
+    await storage.set("a", {"b": [1, "c"]})
+    await storage.commit()
+
+    with redis_server.client() as client:
+        assert client.hget(f"cosmoflow:{storage.namespace}:data", "a") == b'{"b":[1,"c"]}'
+        assert client.hgetall(f"cosmoflow:{storage.namespace}:meta") == {
+            b"format": b"cosmoflow-store",
+            b"version": b"1",
+            b"codec": b"json",
+        }
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda c, n: c.set(f"cosmoflow:{n}:data", "x"), "string without cosmoflow metadata"),
+        (lambda c, n: c.hset(f"cosmoflow:{n}:data", "k", "v"), "without cosmoflow metadata"),
+        (lambda c, n: c.set(f"cosmoflow:{n}:meta", "x"), "WRONGTYPE"),
+        (lambda c, n: c.hset(f"cosmoflow:{n}:meta", "format", "other"), "format 'other'"),
+    ],
+)
+async def test_data_written_by_someone_else_is_refused_and_left_alone(
+    redis_server: RedisServer, setup: Any, message: str
+) -> None:
+    namespace = unique_namespace()
+    with redis_server.client() as client:
+        setup(client, namespace)
+        before = (
+            client.dump(f"cosmoflow:{namespace}:data"),
+            client.dump(f"cosmoflow:{namespace}:meta"),
+        )
+
+        with pytest.raises(cf.StorageError, match=message):
+            await redis_server.storage(namespace).open()
+
+        after = (
+            client.dump(f"cosmoflow:{namespace}:data"),
+            client.dump(f"cosmoflow:{namespace}:meta"),
+        )
+        assert after == before
+
+
+async def test_an_unreachable_server_is_a_storage_error_at_open() -> None:
+    storage = RedisStorage(f"redis://127.0.0.1:{free_port()}/0", timeout=5)
+
+    with pytest.raises(cf.StorageError, match=r"127\.0\.0\.1"):
+        await storage.open()
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError):
+            await engine.start_run(single(cf.node(lambda ctx: None)), storage)
+        assert (await engine.run(single(cf.node(lambda ctx: None)), {})).success
+
+
+async def test_a_bad_url_or_namespace_is_refused() -> None:
+    with pytest.raises(cf.StorageError, match="not a Redis URL"):
+        await RedisStorage("http://example.invalid").open()
+    with pytest.raises(ValueError, match="namespace"):
+        RedisStorage("redis://127.0.0.1/0", namespace="")
+
+
+async def test_a_refused_commit_fails_the_writing_run_only(private_redis: RedisServer) -> None:
+    storage = private_redis.storage()
+
+    @cf.node
+    async def write(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set(ctx.params["key"], ctx.params["value"])
+
+    flow = single(write)
+    with private_redis.client() as client:
+        async with cf.open_engine() as engine:
+            await engine.run(flow, storage, params={"key": "kept", "value": 1})
+            client.config_set("maxmemory", 1)  # every write is now refused (OOM)
+            with pytest.raises(cf.NodeError) as info:
+                await engine.run(flow, storage, params={"key": "lost", "value": 2})
+            assert isinstance(info.value.__cause__, cf.StorageError)
+            assert "maxmemory" in str(info.value.__cause__)
+            client.config_set("maxmemory", 0)
+            await engine.run(flow, storage, params={"key": "later", "value": 3})
+
+    assert sorted(await private_redis.storage(storage.namespace).keys()) == ["kept", "later"]
+
+
+async def test_a_server_that_went_away_fails_commits(private_redis: RedisServer) -> None:
+    storage = private_redis.storage(timeout=5)
+    await storage.set("a", 1)
+    await storage.commit()
+    private_redis.process.terminate()
+    private_redis.process.wait()
+
+    await storage.set("b", 2)
+    with pytest.raises(cf.StorageError):
+        await storage.commit()
+    with pytest.raises(cf.StorageError):
+        await storage.get("a")
+
+
+async def test_aclose_drops_staged_writes_and_reconnects_on_use(redis_server: RedisServer) -> None:
+    storage = redis_server.storage()
+    await storage.set("a", 1)
+    await storage.commit()
+    await storage.set("b", 2)
+
+    await storage.aclose()
+
+    assert await storage.keys() == ["a"]
+    await storage.aclose()
+
+
+async def test_a_password_in_the_url_never_shows() -> None:
+    storage = RedisStorage("redis://user:s3cret@127.0.0.1:1/0", namespace="n")
+
+    assert repr(storage) == "RedisStorage('redis://user:***@127.0.0.1:1/0', namespace='n')"
+    with pytest.raises(cf.StorageError) as info:
+        await storage.open()
+    assert "s3cret" not in str(info.value)

@@ -1,0 +1,207 @@
+"""Tests for :mod:`cosmoflow_actors.storage.sqlite`, on real database files."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import stat
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.storage.sqlite import SQLiteStorage
+from tests.storage_suite import file_size_limit
+
+
+async def stored(path: Path, **values: Any) -> SQLiteStorage:
+    storage = SQLiteStorage(path)
+    for key, value in values.items():
+        await storage.set(key, value)
+    await storage.commit()
+    return storage
+
+
+@contextmanager
+def database(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain sqlite3 connection of another writer, closed at exit."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as connection:
+        yield connection
+
+
+async def test_the_database_is_in_wal_mode_with_its_schema_and_codec(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    await stored(path, a={"b": 1})
+
+    with database(path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        tables = other.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        assert sorted(tables) == [("cosmoflow_meta",), ("cosmoflow_store",)]
+        assert dict(other.execute("SELECT name, value FROM cosmoflow_meta")) == {
+            "format": "cosmoflow-store",
+            "version": "1",
+            "codec": "json",
+        }
+        assert other.execute("SELECT key, value FROM cosmoflow_store").fetchall() == [
+            ("a", b'{"b":1}')
+        ]
+
+
+async def test_files_are_created_with_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    storage = await stored(path, a=1)
+
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / name).st_mode) for name in os.listdir(tmp_path)}
+
+    assert modes == {"store.db": 0o600, "store.db-wal": 0o600, "store.db-shm": 0o600}
+    await storage.aclose()
+
+
+async def test_staged_writes_are_invisible_to_other_connections_until_commit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.db"
+    storage = await stored(path, a=1)
+    await storage.set("b", 2)
+    await storage.delete("a")
+
+    with database(path) as other:
+        assert other.execute("SELECT key FROM cosmoflow_store").fetchall() == [("a",)]
+        assert await storage.keys() == ["b"]
+        await storage.commit()
+        assert other.execute("SELECT key FROM cosmoflow_store").fetchall() == [("b",)]
+
+
+async def test_reads_see_what_other_instances_commit(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    reader = await stored(path, a=1)
+    assert await reader.get("a") == 1
+
+    await stored(path, a=2, b=3)
+
+    assert await reader.get("a") == 2
+    assert await reader.keys() == ["a", "b"]
+    assert await reader.size() == 2
+
+
+async def test_insertion_order_survives_overwrites_and_moves_on_re_insert(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    storage = await stored(path, a=1, b=2, c=3)
+
+    await storage.set("a", 10)
+    await storage.commit()
+    assert await storage.keys() == ["a", "b", "c"]
+
+    await storage.delete("a")
+    await storage.set("a", 11)
+    assert await storage.keys() == ["b", "c", "a"]
+    await storage.commit()
+    assert await SQLiteStorage(path).keys() == ["b", "c", "a"]
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        ["CREATE TABLE users (name TEXT)", "INSERT INTO users VALUES ('ada')"],
+        [
+            "CREATE TABLE cosmoflow_store (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)",
+            "CREATE TABLE cosmoflow_meta (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
+            "CREATE TABLE extra (x)",
+        ],
+        ["CREATE TABLE cosmoflow_store (key TEXT, value TEXT)"],
+        [
+            "CREATE TABLE cosmoflow_store (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)",
+            "CREATE TABLE cosmoflow_meta (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
+            "INSERT INTO cosmoflow_meta VALUES ('format', 'something-else')",
+        ],
+    ],
+)
+async def test_a_database_written_by_someone_else_is_refused_and_untouched(
+    tmp_path: Path, schema: list[str]
+) -> None:
+    path = tmp_path / "store.db"
+    with database(path) as other:
+        for sql in schema:
+            other.execute(sql)
+    before = path.read_bytes()
+
+    with pytest.raises(cf.StorageError, match=re.escape(str(path))):
+        await SQLiteStorage(path).open()
+
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["store.db"]
+
+
+@pytest.mark.parametrize("content", [b"not a database at all, just text" * 10, b"{}"])
+async def test_a_file_that_is_not_a_database_is_refused_and_untouched(
+    tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "store.db"
+    path.write_bytes(content)
+
+    with pytest.raises(cf.StorageError, match="not a database") as info:
+        await SQLiteStorage(path).open()
+
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+    assert path.read_bytes() == content
+
+
+async def test_a_missing_directory_is_a_storage_error_at_open(tmp_path: Path) -> None:
+    with pytest.raises(cf.StorageError, match="missing"):
+        await SQLiteStorage(tmp_path / "missing" / "store.db").open()
+
+
+async def test_a_full_disk_fails_the_commit_and_rolls_back(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    storage = await stored(path, a=1)
+    await storage.set("a", "x" * 200_000)
+    await storage.set("b", 2)
+
+    with file_size_limit(), pytest.raises(cf.StorageError, match="full") as info:
+        await storage.commit()
+
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert await storage.keys() == ["a"]
+    assert await storage.get("a") == 1
+    await storage.set("c", 3)
+    await storage.commit()
+    assert await SQLiteStorage(path).keys() == ["a", "c"]
+
+
+async def test_a_database_locked_by_another_writer_fails_the_commit(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    storage = await stored(path, a=1)
+    storage = SQLiteStorage(path, timeout=0.01)
+    await storage.set("a", 2)
+
+    with database(path) as other:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(cf.StorageError, match="locked"):
+            await storage.commit()
+        other.execute("ROLLBACK")
+
+    assert await storage.get("a") == 1
+
+
+async def test_aclose_drops_staged_writes_and_reopens_on_use(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    storage = await stored(path, a=1)
+    await storage.set("b", 2)
+
+    await storage.aclose()
+
+    assert os.listdir(tmp_path) == ["store.db"]
+    assert await storage.keys() == ["a"]
+    await storage.aclose()
+
+
+async def test_repr_path_and_codec(tmp_path: Path) -> None:
+    storage = SQLiteStorage(tmp_path / "s.db", codec="pickle")
+
+    assert repr(storage) == f"SQLiteStorage({str(tmp_path / 's.db')!r})"
+    assert storage.path == tmp_path / "s.db"
+    assert storage.codec == "pickle"
