@@ -21,6 +21,18 @@ import trio_parallel
 from trio_util import AsyncValue
 
 from cosmoflow_actors.errors import ActorCrashedError, StorageError
+from cosmoflow_actors.events import (
+    DEFAULT_BUFFER as DEFAULT_EVENT_BUFFER,
+)
+from cosmoflow_actors.events import (
+    Event,
+    EventHub,
+    EventStream,
+    RunCancelled,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+)
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import Step, deliver
@@ -129,6 +141,7 @@ class Engine:
         self._registered: set[Flow] = set()
         self._stores: dict[object, StoreActor] = {}
         self._workers: trio_parallel.WorkerContext | None = None
+        self._events = EventHub()
         self._runs: dict[str, Run] = {}
         self._in_flight = AsyncValue(0)
         self._closed = False
@@ -231,7 +244,18 @@ class Engine:
         self._runs[run_id] = run
         self._started += 1
         self._in_flight.value += 1
+        if self._events.active:
+            self._events.emit(RunStarted(run_id, run.started_at, flow.name))
         return run
+
+    def events(self, *, buffer: int = DEFAULT_EVENT_BUFFER) -> EventStream:
+        """A stream of every run and step event from now on; never blocks the engine.
+
+        Use as ``async with engine.events() as events: async for event in events: ...``.
+        At most ``buffer`` events wait for the consumer; later ones are dropped and
+        reported by one EventsDropped. The stream ends when the engine closes.
+        """
+        return self._events.open(buffer)
 
     def statistics(self) -> EngineStatistics:
         """A snapshot of the run counters and of every live actor. Never blocks."""
@@ -283,6 +307,7 @@ class Engine:
                     self._mailbox_size,
                     self._workers,
                     self.run,
+                    self._events,
                 )
                 self._node_actors[flow, node_id] = actor
                 actors.append(actor)
@@ -379,6 +404,8 @@ class Engine:
             store.retire()
         if self._admission is not None:
             self._admission.release()
+        if self._events.active:
+            self._events.emit(_run_event(run))
 
     async def _wait_idle(self) -> None:
         await self._in_flight.wait_value(0)
@@ -388,6 +415,7 @@ class Engine:
         self._closed = True
         for run in list(self._runs.values()):
             run.cancel()
+        self._events.close()
         self._nursery.cancel_scope.cancel()
 
 
@@ -449,3 +477,17 @@ def _describe(storage: Storage) -> str:
 def _require_positive(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _run_event(run: Run) -> Event:
+    """The event for a run that has just ended."""
+    now = trio.current_time()
+    duration = now - run.started_at
+    name = run.flow.name
+    if run.result is not None:
+        final = run.result.final_action.name
+        return RunFinished(run.run_id, now, name, duration, run.result.steps_executed, final)
+    if run.current_state is RunState.CANCELLED:
+        return RunCancelled(run.run_id, now, name, duration)
+    assert run.error is not None
+    return RunFailed(run.run_id, now, name, duration, run.error)

@@ -20,6 +20,7 @@ import trio_parallel
 from cosmoflow_actors.action import as_action
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.errors import NodeError
+from cosmoflow_actors.events import EventHub, Fallback, Retry, StepFinished, StepStarted
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
 from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode
 from cosmoflow_actors.runtime.executor import exec_call
@@ -49,6 +50,7 @@ class NodeActor:
         mailbox_size: int,
         workers: trio_parallel.WorkerContext | None = None,
         run_child: RunChild | None = None,
+        events: EventHub | None = None,
     ) -> None:
         self.flow_name = flow.name
         self.node_id = node_id
@@ -67,6 +69,7 @@ class NodeActor:
         self._plain = not isinstance(node, BatchNode | BatchFlow)
         self._simple = self._direct and self._plain and node.max_retries == 1
         self._run_child = run_child
+        self._events = events if events is not None else EventHub()
         self._nursery: trio.Nursery | None = None
         self.serving = False
         self.messages_processed = 0
@@ -147,6 +150,12 @@ class NodeActor:
             params=step.params,
             max_retries=node.max_retries,
         )
+        events = self._events
+        started = trio.current_time()
+        if events.active:
+            events.emit(
+                StepStarted(run.run_id, started, self.flow_name, self.node_id, ctx.execution_id)
+            )
         message: StepDone | StepFailed
         with trio.CancelScope() as scope:
             run.scopes.append(scope)
@@ -168,8 +177,30 @@ class NodeActor:
                 message = StepFailed(run, step.branch, self.node_id, exc)
             finally:
                 run.scopes.remove(scope)
+        if events.active:
+            self._step_finished(ctx, started, None if scope.cancelled_caught else message)
         if not scope.cancelled_caught:
             self._router.send_nowait(message)
+
+    def _step_finished(
+        self, ctx: ExecutionContext, started: float, message: StepDone | StepFailed | None
+    ) -> None:
+        """Emit StepFinished: the action, the error, or neither for a cancelled step."""
+        now = trio.current_time()
+        action = message.action.name if isinstance(message, StepDone) else None
+        error = message.error if isinstance(message, StepFailed) else None
+        self._events.emit(
+            StepFinished(
+                ctx.run_id,
+                now,
+                self.flow_name,
+                self.node_id,
+                ctx.execution_id,
+                now - started,
+                action,
+                error,
+            )
+        )
 
     async def _phase(self, phase: str, ctx: ExecutionContext, method: Any, *args: Any) -> Any:
         try:
@@ -257,6 +288,9 @@ class NodeActor:
                 attempt += 1
                 if attempt == node.max_retries or not self._retryable(exc):
                     return await self._fallback(prep_res, exc, ctx, attempt)
+                if self._events.active:
+                    now = trio.current_time()
+                    self._events.emit(Retry(ctx.run_id, now, self.node_id, attempt, exc, delay))
             await trio.sleep(delay)
             delay *= node.backoff
 
@@ -285,6 +319,9 @@ class NodeActor:
     async def _fallback(
         self, prep_res: Any, error: Exception, ctx: ExecutionContext, attempts: int
     ) -> Any:
+        if self._events.active:
+            now = trio.current_time()
+            self._events.emit(Fallback(ctx.run_id, now, self.node_id, attempts, error))
         try:
             result = self.node.exec_fallback(prep_res, error, ctx)
             if hasattr(result, "__await__"):

@@ -141,6 +141,16 @@ class Run:
         return self._observed
 
     @property
+    def result(self) -> FlowResult | None:
+        """The result of a run that succeeded; None until then."""
+        return self._result
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error of a run that failed or was cancelled; None otherwise."""
+        return self._error
+
+    @property
     def current_state(self) -> RunState:
         """The state now (no AsyncValue needed)."""
         return self._state
