@@ -34,10 +34,12 @@ from cosmoflow_actors.events import (
 )
 from cosmoflow_actors.flow import END, BatchFlow, Flow, FlowBuilder, FlowResult, Route
 from cosmoflow_actors.node import BatchNode, FunctionNode, Node, ParallelBatchNode, node
+from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.engine import (
     ActorStatistics,
     Engine,
     EngineStatistics,
+    list_runs,
     open_engine,
 )
 from cosmoflow_actors.runtime.run import Run, RunState
@@ -87,6 +89,7 @@ __all__ = [
     "RunCancelledError",
     "RunFailed",
     "RunFinished",
+    "RunRecord",
     "RunStarted",
     "RunState",
     "SQLiteStorage",
@@ -98,6 +101,7 @@ __all__ = [
     "StoreKeyError",
     "StoreTypeError",
     "__version__",
+    "list_runs",
     "node",
     "open_engine",
 ]

@@ -14,7 +14,7 @@ from typing import Any, Final, TypeVar, final, overload
 import msgspec
 import trio
 
-from cosmoflow_actors.errors import StorageError, StoreTypeError
+from cosmoflow_actors.errors import StorageError, StoreKeyError, StoreTypeError
 from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest, deliver
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.codec import check_key
@@ -39,7 +39,7 @@ class SharedStore:
     fresh decoded copies for persistent storage.
     """
 
-    __slots__ = ("_mailbox", "_storage", "name")
+    __slots__ = ("_mailbox", "_step", "_storage", "name")
 
     def __init__(
         self,
@@ -49,7 +49,31 @@ class SharedStore:
     ) -> None:
         self._mailbox = mailbox
         self._storage = storage
+        self._step: _StepWrites | None = None
         self.name = name
+
+    def begin_step(self) -> None:
+        """Stage writes from now on (a durable run's step): they are seen by this
+        handle's reads and reach the store only with :meth:`commit_step`."""
+        self._step = _StepWrites()
+
+    def end_step(self) -> list[StagedOp]:
+        """Stop staging; return the staged operations, in order."""
+        step, self._step = self._step, None
+        return [] if step is None else step.ops
+
+    async def commit_step(self, ops: list[StagedOp], record_key: str, record: Any) -> None:
+        """Apply ``ops`` and store ``record`` in one commit, all or nothing."""
+        await self._request(StoreOp.COMMIT_STEP, record_key, (ops, record))
+
+    async def put_record(self, record_key: str, record: Any) -> None:
+        """Store a run record (outside any step's staging)."""
+        await self._request(StoreOp.SET, record_key, record)
+
+    async def records(self) -> list[Any]:
+        """Every run record in the store."""
+        found: list[Any] = await self._request(StoreOp.RECORDS)
+        return found
 
     def detached(self) -> SharedStore:
         """A handle that refuses every call (for exec in a thread or a process)."""
@@ -83,13 +107,26 @@ class SharedStore:
         the value is returned as a ``T`` (a dataclass is rebuilt from its JSON form) or
         StoreTypeError is raised.
         """
-        value = await self._request(StoreOp.GET, key, default)
+        staged = _UNKNOWN if self._step is None else self._step.lookup(key)
+        if staged is _UNKNOWN:
+            value = await self._request(StoreOp.GET, key, default)
+        elif staged is _ABSENT:
+            if default is MISSING:
+                raise StoreKeyError(key)
+            value = default
+        else:
+            value = staged
         if type is None or (value is default and default is not MISSING):
             return value
         return as_type(key, value, type)
 
     async def set(self, key: str, value: Any) -> None:
-        """Store ``value`` under ``key``; returns once the write is committed."""
+        """Store ``value`` under ``key``; returns once the write is committed (in a
+        durable run's step: once it is staged, to be committed with the step)."""
+        if self._step is not None:
+            check_key(key)
+            self._step.stage(("set", key, value), key, value)
+            return
         await self._request(StoreOp.SET, key, value)
 
     async def update(self, key: str, function: Callable[[Any], Any], default: Any = MISSING) -> Any:
@@ -98,32 +135,55 @@ class SharedStore:
         ``function`` is a plain (sync) function, run inside the store actor: no other
         access to this store happens in between. A missing key uses ``default``, or
         raises StoreKeyError when there is none. An error ``function`` raises is raised
-        here and nothing is stored.
+        here and nothing is stored. In a durable run's step the update is staged: the
+        value returned is ``function`` of what the step sees, and at the step's commit
+        ``function`` is applied again, in the store actor, to the value stored then, so
+        concurrent updates are never lost (``function`` must be pure).
         """
-        return await self._request(StoreOp.UPDATE, key, (function, default))
+        if self._step is None:
+            return await self._request(StoreOp.UPDATE, key, (function, default))
+        new = function(await self.get(key, default))
+        self._step.stage(("update", key, (function, default)), key, new)
+        return new
 
     async def delete(self, key: str) -> bool:
         """Remove ``key``; return whether it was there."""
+        if self._step is not None:
+            existed = await self.contains(key)
+            self._step.stage(("delete", key, None), key, _ABSENT)
+            return existed
         result: bool = await self._request(StoreOp.DELETE, key)
         return result
 
     async def contains(self, key: str) -> bool:
         """Return whether ``key`` is stored."""
+        staged = _UNKNOWN if self._step is None else self._step.lookup(key)
+        if staged is not _UNKNOWN:
+            return staged is not _ABSENT
         result: bool = await self._request(StoreOp.CONTAINS, key)
         return result
 
     async def keys(self) -> list[str]:
         """Return every key."""
-        result: list[str] = await self._request(StoreOp.KEYS)
-        return result
+        step = self._step
+        if step is None:
+            result: list[str] = await self._request(StoreOp.KEYS)
+            return result
+        stored: list[str] = [] if step.cleared else await self._request(StoreOp.KEYS)
+        return step.keys(stored)
 
     async def size(self) -> int:
         """Return the number of keys."""
+        if self._step is not None:
+            return len(await self.keys())
         result: int = await self._request(StoreOp.SIZE)
         return result
 
     async def clear(self) -> None:
         """Remove every key."""
+        if self._step is not None:
+            self._step.clear()
+            return
         await self._request(StoreOp.CLEAR)
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
@@ -131,17 +191,78 @@ class SharedStore:
         wanted = list(keys)
         for key in wanted:
             check_key(key)
-        result: dict[str, Any] = await self._request(StoreOp.GET_MANY, argument=wanted)
-        return result
+        step = self._step
+        if step is None:
+            result: dict[str, Any] = await self._request(StoreOp.GET_MANY, argument=wanted)
+            return result
+        unknown = [key for key in wanted if step.lookup(key) is _UNKNOWN]
+        stored = await self._request(StoreOp.GET_MANY, argument=unknown) if unknown else {}
+        return step.pick(wanted, stored)
 
     async def set_many(self, mapping: Mapping[str, Any]) -> None:
         """Store every item in one message, all or nothing."""
         for key in mapping:
             check_key(key)
+        if self._step is not None:
+            for key, value in mapping.items():
+                self._step.stage(("set", key, value), key, value)
+            return
         await self._request(StoreOp.SET_MANY, argument=dict(mapping))
 
     def __repr__(self) -> str:
         return f"<SharedStore {self.name}>"
+
+
+StagedOp = tuple[str, str, Any]
+"""A write staged by a durable step: ("set", key, value), ("delete", key, None),
+("update", key, (function, default)) or ("clear", "", None)."""
+
+_ABSENT: Final[Any] = object()
+_UNKNOWN: Final[Any] = object()
+
+
+class _StepWrites:
+    """The writes of one durable step: its view (key → value or absent) and its ops."""
+
+    __slots__ = ("cleared", "ops", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.ops: list[StagedOp] = []
+        self.cleared = False
+
+    def lookup(self, key: str) -> Any:
+        """The staged value, _ABSENT if the step removed it, else _UNKNOWN."""
+        if key in self.values:
+            return self.values[key]
+        return _ABSENT if self.cleared else _UNKNOWN
+
+    def stage(self, op: StagedOp, key: str, value: Any) -> None:
+        self.ops.append(op)
+        self.values[key] = value
+
+    def clear(self) -> None:
+        self.ops.append(("clear", "", None))
+        self.values.clear()
+        self.cleared = True
+
+    def keys(self, stored: list[str]) -> list[str]:
+        """The keys the step sees, given the keys in the store."""
+        seen = [key for key in stored if self.values.get(key) is not _ABSENT]
+        known = set(stored)
+        added = [k for k, v in self.values.items() if v is not _ABSENT and k not in known]
+        return seen + added
+
+    def pick(self, wanted: list[str], stored: dict[str, Any]) -> dict[str, Any]:
+        """``get_many``'s answer: staged values first, then what the store had."""
+        found: dict[str, Any] = {}
+        for key in wanted:
+            value = self.lookup(key)
+            if value is _UNKNOWN and key in stored:
+                found[key] = stored[key]
+            elif value is not _UNKNOWN and value is not _ABSENT:
+                found[key] = value
+        return found
 
 
 def as_type(key: str, value: Any, expected: Any) -> Any:

@@ -62,4 +62,5 @@ def test_write_operations_are_marked() -> None:
         StoreOp.UPDATE,
         StoreOp.DELETE,
         StoreOp.CLEAR,
+        StoreOp.COMMIT_STEP,
     }

@@ -20,7 +20,7 @@ import trio
 import trio_parallel
 from trio_util import AsyncValue
 
-from cosmoflow_actors.errors import ActorCrashedError, StorageError
+from cosmoflow_actors.errors import ActorCrashedError, CosmoFlowError, StorageError
 from cosmoflow_actors.events import (
     DEFAULT_BUFFER as DEFAULT_EVENT_BUFFER,
 )
@@ -34,8 +34,10 @@ from cosmoflow_actors.events import (
     RunStarted,
 )
 from cosmoflow_actors.flow import Flow, FlowResult
+from cosmoflow_actors.runtime import durability
+from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.limits import RateLimiter
-from cosmoflow_actors.runtime.messages import Step, deliver
+from cosmoflow_actors.runtime.messages import Step, StepDone, deliver
 from cosmoflow_actors.runtime.node_actor import NodeActor
 from cosmoflow_actors.runtime.router import Router
 from cosmoflow_actors.runtime.run import Run, RunState
@@ -180,21 +182,116 @@ class Engine:
         fresh MemoryStorage. Blocks while ``max_runs`` runs are in flight and while the
         entry node's mailbox is full. Raises StorageError when the storage cannot be
         opened.
+
+        With a ``run_id`` on a persistent storage the run is durable: each step commits
+        its writes with the run's record. A run_id whose run already succeeded returns
+        a finished handle with the recorded result; one that is still recorded as
+        running or failed raises CosmoFlowError (continue it with :meth:`resume`).
         """
+        return await self._start(flow, store, params, run_id, resume=False)
+
+    async def resume(
+        self,
+        flow: Flow,
+        store: Storage | dict[str, Any],
+        *,
+        run_id: str,
+        params: Mapping[str, Any] | None = None,
+    ) -> FlowResult:
+        """Continue the durable run ``run_id`` after its last committed step and return
+        its result; blocks until the run ends.
+
+        A run that succeeded returns its recorded result; one that failed or was
+        interrupted goes on from its last committed step (no committed step runs
+        again); one the store does not know starts from the beginning with ``params``.
+        """
+        run = await self._start(flow, store, params, run_id, resume=True)
+        try:
+            return await run.wait()
+        finally:
+            run.cancel()
+
+    async def list_runs(self, store: Storage | dict[str, Any]) -> list[RunRecord]:
+        """The durable runs recorded in ``store``, with their state, last node and steps."""
+        storage = _as_storage(store)
+        actor = await self._acquire_store(storage)
+        try:
+            records = await actor.handle(storage).records()
+        finally:
+            self._release(actor)
+        return [RunRecord.of(record) for record in records]
+
+    async def _start(
+        self,
+        flow: Flow,
+        store: Storage | dict[str, Any] | None,
+        params: Mapping[str, Any] | None,
+        run_id: str | None,
+        *,
+        resume: bool,
+    ) -> Run:
+        durable = run_id is not None and _as_storage_kind(store).persistent
         run_id = self._check_start(flow, run_id)
+        if durable:
+            _check_durable(flow)
         await self._register(flow)
         storage = _as_storage(store)
         actor = await self._acquire_store(storage)
-        if self._admission is not None:
-            await self._admission.acquire()
+        try:
+            record = await self._record(actor, storage, run_id, resume) if durable else None
+            if self._admission is not None:
+                await self._admission.acquire()
+        except BaseException:
+            self._release(actor)
+            raise
         run = self._new_run(run_id, flow, storage, actor)
         try:
-            entry = self._router.prepare(run, run.main, flow.start_id)
-            await deliver(entry.mailbox, Step(run, run.main, dict(params or {})))
+            await self._launch(run, params, record, durable=durable)
         except BaseException:
             run.cancel()
             raise
         return run
+
+    async def _record(
+        self, actor: StoreActor, storage: Storage, run_id: str, resume: bool
+    ) -> dict[str, Any] | None:
+        """The stored record of ``run_id``; refuses to start a recorded run afresh."""
+        record: dict[str, Any] | None = await actor.handle(storage).get(
+            durability.record_key(run_id), None
+        )
+        if record is not None and record["state"] != "succeeded" and not resume:
+            raise CosmoFlowError(
+                f"run {run_id!r} is already recorded in {storage!r} as {record['state']}; "
+                "continue it with engine.resume"
+            )
+        return record
+
+    async def _launch(
+        self,
+        run: Run,
+        params: Mapping[str, Any] | None,
+        record: dict[str, Any] | None,
+        *,
+        durable: bool,
+    ) -> None:
+        """Send the run on its way: a first step, a recorded result, or a resumed step."""
+        if record is not None and record["state"] == "succeeded":
+            run.succeed(durability.recorded_result(record, run.storage))
+            return
+        if record is not None:
+            run.record = {**record, "state": "running", "error": None}
+            position = durability.restore(run, record)
+            if position is not None:
+                branch, node_id, action = position
+                self._router.inbox.send_nowait(StepDone(run, branch, node_id, action))
+                return
+            params = record["params"]
+        first_params = dict(params or {})
+        if durable and record is None:
+            run.record = durability.started(run, first_params)
+            await run.store.put_record(durability.record_key(run.run_id), run.record)
+        entry = self._router.prepare(run, run.main, run.flow.start_id)
+        await deliver(entry.mailbox, Step(run, run.main, first_params))
 
     def start_run_nowait(
         self,
@@ -222,6 +319,7 @@ class Engine:
             raise trio.WouldBlock(f"the mailbox of {entry.name!r} is full")
         if self._admission is not None:
             self._admission.acquire_nowait()
+        actor.users += 1
         run = self._new_run(run_id, flow, storage, actor)
         self._router.prepare(run, run.main, flow.start_id)
         entry.mailbox.send_nowait(Step(run, run.main, dict(params or {})))
@@ -238,7 +336,7 @@ class Engine:
         return run_id
 
     def _new_run(self, run_id: str, flow: Flow, storage: Storage, actor: StoreActor) -> Run:
-        actor.users += 1
+        """Record a new run; it holds one use of ``actor`` until it ends."""
         on_finish = functools.partial(self._finished, actor)
         run = Run(run_id, flow, storage, actor.handle(storage), on_finish)
         self._runs[run_id] = run
@@ -247,6 +345,12 @@ class Engine:
         if self._events.active:
             self._events.emit(RunStarted(run_id, run.started_at, flow.name))
         return run
+
+    async def _run_or_resume(
+        self, flow: Flow, store: Storage, *, params: Mapping[str, Any], run_id: str
+    ) -> FlowResult:
+        """How a BatchFlow runs a child: resumed (or recorded) if durable, else afresh."""
+        return await self.resume(flow, store, run_id=run_id, params=params)
 
     def events(self, *, buffer: int = DEFAULT_EVENT_BUFFER) -> EventStream:
         """A stream of every run and step event from now on; never blocks the engine.
@@ -306,7 +410,7 @@ class Engine:
                     self._router.inbox,
                     self._mailbox_size,
                     self._workers,
-                    self.run,
+                    self._run_or_resume,
                     self._events,
                 )
                 self._node_actors[flow, node_id] = actor
@@ -338,7 +442,14 @@ class Engine:
             await actor.opened.wait()
             if not actor.serving:
                 raise StorageError(f"{actor.name} could not be opened")
+        actor.users += 1
         return actor
+
+    def _release(self, actor: StoreActor) -> None:
+        """One use of ``actor`` ended; the last one retires it."""
+        actor.users -= 1
+        if actor.users == 0:
+            actor.retire()
 
     def _store_actor_nowait(self, storage: Storage) -> StoreActor:
         """The store actor for ``storage``; a memory one is started at once if needed.
@@ -399,9 +510,7 @@ class Engine:
         del self._runs[run.run_id]
         self._counts[run.current_state] += 1
         self._in_flight.value -= 1
-        store.users -= 1
-        if store.users == 0:
-            store.retire()
+        self._release(store)
         if self._admission is not None:
             self._admission.release()
         if self._events.active:
@@ -491,3 +600,27 @@ def _run_event(run: Run) -> Event:
         return RunCancelled(run.run_id, now, name, duration)
     assert run.error is not None
     return RunFailed(run.run_id, now, name, duration, run.error)
+
+
+def _as_storage_kind(store: Storage | dict[str, Any] | None) -> type[Storage]:
+    """The storage class ``store`` stands for (a dict or None is memory)."""
+    return type(store) if isinstance(store, Storage) else MemoryStorage
+
+
+def _check_durable(flow: Flow) -> None:
+    """Durable runs keep one position per run: fan-outs are refused for now."""
+    for route in flow.routes:
+        if isinstance(route.target, tuple):
+            raise CosmoFlowError(
+                f"flow {flow.name!r} fans out from {route.source!r}; durable runs do not "
+                "support fan-out yet (run it without a run_id, or on memory storage)"
+            )
+    for node in flow.nodes.values():
+        if isinstance(node, Flow):
+            _check_durable(node)
+
+
+async def list_runs(store: Storage | dict[str, Any]) -> list[RunRecord]:
+    """The durable runs recorded in ``store`` (on a temporary engine; blocks until read)."""
+    async with open_engine() as engine:
+        return await engine.list_runs(store)

@@ -98,6 +98,8 @@ class StoreOp(enum.Enum):
     UPDATE = enum.auto()
     DELETE = enum.auto()
     CLEAR = enum.auto()
+    COMMIT_STEP = enum.auto()
+    RECORDS = enum.auto()
 
     @property
     def writes(self) -> bool:
@@ -105,7 +107,16 @@ class StoreOp(enum.Enum):
         return self in _WRITES
 
 
-_WRITES = frozenset({StoreOp.SET, StoreOp.SET_MANY, StoreOp.UPDATE, StoreOp.DELETE, StoreOp.CLEAR})
+_WRITES = frozenset(
+    {
+        StoreOp.SET,
+        StoreOp.SET_MANY,
+        StoreOp.UPDATE,
+        StoreOp.DELETE,
+        StoreOp.CLEAR,
+        StoreOp.COMMIT_STEP,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)

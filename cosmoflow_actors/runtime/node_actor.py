@@ -17,12 +17,13 @@ from typing import Any, Final
 import trio
 import trio_parallel
 
-from cosmoflow_actors.action import as_action
+from cosmoflow_actors.action import Action, as_action
 from cosmoflow_actors.context import ExecutionContext
-from cosmoflow_actors.errors import NodeError
+from cosmoflow_actors.errors import NodeError, StorageError
 from cosmoflow_actors.events import EventHub, Fallback, Retry, StepFinished, StepStarted
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
 from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode
+from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.executor import exec_call
 from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone, StepFailed
@@ -159,6 +160,8 @@ class NodeActor:
         message: StepDone | StepFailed
         with trio.CancelScope() as scope:
             run.scopes.append(scope)
+            if run.record is not None:
+                store.begin_step()
             try:
                 prep_res = await self._phase("prep", ctx, node.prep, store, ctx)
                 if self._simple:
@@ -172,10 +175,13 @@ class NodeActor:
                     exec_res = await self._exec_phase(run, prep_res, ctx)
                 post_res = await self._phase("post", ctx, node.post, store, prep_res, exec_res, ctx)
                 action = as_action(post_res, self.node_id)
+                if run.record is not None:
+                    action = await self._commit(run, step, action)
                 message = StepDone(run, step.branch, self.node_id, action)
-            except (NodeError, TypeError) as exc:
+            except (NodeError, TypeError, StorageError) as exc:
                 message = StepFailed(run, step.branch, self.node_id, exc)
             finally:
+                store.end_step()
                 run.scopes.remove(scope)
         if events.active:
             self._step_finished(ctx, started, None if scope.cancelled_caught else message)
@@ -201,6 +207,21 @@ class NodeActor:
                 error,
             )
         )
+
+    async def _commit(self, run: Run, step: Step, action: Action) -> Action:
+        """Commit a durable step: its staged writes with its record, in one commit.
+
+        A conditional action is resolved first (reading through the step's writes), so
+        the record holds where the run goes. Raises StorageError when the commit fails.
+        """
+        assert run.record is not None
+        if action.is_conditional:
+            action = action.resolve(await run.store.get_many(action.condition_keys()))
+        ops = run.store.end_step()
+        record = durability.step_done(run.record, run, step.branch, self.node_id, action)
+        await run.store.commit_step(ops, durability.record_key(run.run_id), record)
+        run.record = record
+        return action
 
     async def _phase(self, phase: str, ctx: ExecutionContext, method: Any, *args: Any) -> Any:
         try:

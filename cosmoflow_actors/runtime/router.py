@@ -9,6 +9,7 @@ its end pops it and routes the inner flow's final action in the parent.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -17,8 +18,9 @@ from typing import Any
 import trio
 
 from cosmoflow_actors.action import Action
-from cosmoflow_actors.errors import CosmoFlowError, MaxStepsExceeded, NoRouteError
+from cosmoflow_actors.errors import CosmoFlowError, MaxStepsExceeded, NoRouteError, StorageError
 from cosmoflow_actors.flow import END, Flow, Route, Target
+from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone, take
 from cosmoflow_actors.runtime.node_actor import NodeActor
 from cosmoflow_actors.runtime.run import Branch, Fork, Frame, Run
@@ -75,19 +77,35 @@ class Router:
     async def _handle(self, message: RouterMessage) -> None:
         run = message.run
         if not isinstance(message, StepDone):
-            run.fail(message.error)
+            await self._fail(run, message.error)
             return
         try:
             await self._advance(run, message.branch, message.node_id, message.action)
         except CosmoFlowError as exc:
-            run.fail(exc)
+            await self._fail(run, exc)
+
+    async def _succeed(self, run: Run, action: Action, node_id: str, value: Any) -> None:
+        """End the run; a durable one records its result first (then ``wait`` sees it)."""
+        result = run.result_of(action, node_id, value)
+        if run.record is not None:
+            record = durability.succeeded(run.record, result)
+            await run.store.put_record(durability.record_key(run.run_id), record)
+        run.succeed(result)
+
+    async def _fail(self, run: Run, error: BaseException) -> None:
+        """Fail the run; a durable one records the failure (best effort) first."""
+        if run.record is not None and not run.finished:
+            record = durability.failed(run.record, error)
+            with contextlib.suppress(StorageError):
+                await run.store.put_record(durability.record_key(run.run_id), record)
+        run.fail(error)
 
     async def _advance(self, run: Run, branch: Branch, node_id: str, action: Action) -> None:
         """Move ``branch`` on from the step at ``node_id`` that returned ``action``."""
         if action.is_conditional:
             action = action.resolve(await _values(run, action.condition_keys()))
         if action.is_complete:
-            run.succeed(action, node_id, action.result)
+            await self._succeed(run, action, node_id, action.result)
             return
         frame = branch.frames[-1]
         target = await self._target(run, frame, action)
@@ -122,7 +140,7 @@ class Router:
             branch.frames.pop()
             await self._advance(run, branch, node_id, action)
         else:
-            run.succeed(action, node_id, None)
+            await self._succeed(run, action, node_id, None)
 
     def _fork(
         self, run: Run, branch: Branch, targets: tuple[str, ...], params: Mapping[str, Any]

@@ -98,6 +98,7 @@ class Run:
         "flow",
         "main",
         "path",
+        "record",
         "run_id",
         "scopes",
         "started_at",
@@ -129,6 +130,8 @@ class Run:
         self._on_finish = on_finish
         self._result: FlowResult | None = None
         self._error: BaseException | None = None
+        self.record: dict[str, Any] | None = None
+        """The durable record of a durable run (see runtime.durability); None otherwise."""
 
     @property
     def state(self) -> AsyncValue[RunState]:
@@ -194,14 +197,9 @@ class Run:
         """
         self.fail(RunCancelledError(f"run {self.run_id} was cancelled"), RunState.CANCELLED)
 
-    def succeed(self, action: Action, last_node_id: str, result: Any) -> None:
-        """End the run successfully with ``action`` as its final action.
-
-        Does nothing if the run has already ended (it was cancelled meanwhile).
-        """
-        if self.finished:
-            return
-        self._result = FlowResult(
+    def result_of(self, action: Action, last_node_id: str, result: Any) -> FlowResult:
+        """The FlowResult this run would have if it ended now with ``action``."""
+        return FlowResult(
             run_id=self.run_id,
             flow_name=self.flow.name,
             final_action=action,
@@ -213,6 +211,15 @@ class Run:
             duration=trio.current_time() - self.started_at,
             store=self.storage,
         )
+
+    def succeed(self, result: FlowResult) -> None:
+        """End the run successfully with ``result``.
+
+        Does nothing if the run has already ended (it was cancelled meanwhile).
+        """
+        if self.finished:
+            return
+        self._result = result
         self._finish(RunState.SUCCEEDED)
 
     def fail(self, error: BaseException, state: RunState = RunState.FAILED) -> None:

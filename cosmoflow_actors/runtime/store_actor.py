@@ -16,6 +16,7 @@ import outcome
 import trio
 
 from cosmoflow_actors.errors import StorageError, StoreKeyError
+from cosmoflow_actors.runtime.durability import RECORD_PREFIX, RESERVED_PREFIX
 from cosmoflow_actors.runtime.messages import StoreOp, StoreRequest
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.store import MISSING, SharedStore
@@ -60,6 +61,8 @@ class StoreActor:
             StoreOp.UPDATE: self._update,
             StoreOp.DELETE: self._delete,
             StoreOp.CLEAR: self._clear,
+            StoreOp.COMMIT_STEP: self._commit_step,
+            StoreOp.RECORDS: self._records,
         }
 
     def handle(self, storage: Storage) -> SharedStore:
@@ -159,10 +162,12 @@ class StoreActor:
         return await request.storage.contains(request.key)
 
     async def _keys(self, request: StoreRequest) -> Any:
-        return await request.storage.keys()
+        return await _user_keys(request.storage)
 
     async def _size(self, request: StoreRequest) -> Any:
-        return await request.storage.size()
+        if not request.storage.persistent:
+            return await request.storage.size()
+        return len(await _user_keys(request.storage))
 
     async def _get_many(self, request: StoreRequest) -> Any:
         found: dict[str, Any] = {}
@@ -179,17 +184,13 @@ class StoreActor:
     async def _set_many(self, request: StoreRequest) -> Any:
         """Set every key; if the backend refuses one value, put back what was there."""
         storage = request.storage
-        previous: dict[str, Any] = {}
+        undo = _Undo(storage)
         try:
             for key, value in request.argument.items():
-                previous[key] = await _read(storage, key, MISSING_VALUE)
+                await undo.remember(key)
                 await storage.set(key, value)
         except StorageError:
-            for key, old in previous.items():
-                if old is MISSING_VALUE:
-                    await storage.delete(key)
-                else:
-                    await storage.set(key, old)
+            await undo.restore()
             raise
 
     async def _update(self, request: StoreRequest) -> Any:
@@ -212,7 +213,83 @@ class StoreActor:
         return await request.storage.delete(request.key)
 
     async def _clear(self, request: StoreRequest) -> Any:
-        await request.storage.clear()
+        await _clear_user_keys(request.storage)
+
+    async def _commit_step(self, request: StoreRequest) -> Any:
+        """A durable step's staged writes and its run record, all or nothing."""
+        storage = request.storage
+        ops, record = request.argument
+        undo = _Undo(storage)
+        try:
+            for op, key, argument in ops:
+                await _apply_staged(storage, undo, op, key, argument)
+            await undo.remember(request.key)
+            await storage.set(request.key, record)
+        except (StorageError, _Refused):
+            await undo.restore()
+            raise
+
+    async def _records(self, request: StoreRequest) -> Any:
+        storage = request.storage
+        keys = [key for key in await storage.keys() if key.startswith(RECORD_PREFIX)]
+        return [await storage.get(key) for key in keys]
+
+
+async def _user_keys(storage: Storage) -> list[str]:
+    """The keys a user sees: a persistent store's run records are hidden."""
+    keys = await storage.keys()
+    if not storage.persistent:
+        return keys
+    return [key for key in keys if not key.startswith(RESERVED_PREFIX)]
+
+
+async def _clear_user_keys(storage: Storage) -> None:
+    if not storage.persistent:
+        await storage.clear()
+        return
+    for key in await _user_keys(storage):
+        await storage.delete(key)
+
+
+async def _apply_staged(storage: Storage, undo: _Undo, op: str, key: str, argument: Any) -> None:
+    """Apply one staged write of a durable step, remembering what it replaces."""
+    if op == "clear":
+        for stored in await _user_keys(storage):
+            await undo.remember(stored)
+        await _clear_user_keys(storage)
+        return
+    await undo.remember(key)
+    if op == "set":
+        await storage.set(key, argument)
+    elif op == "delete":
+        await storage.delete(key)
+    else:
+        function, default = argument
+        current = await _read(storage, key, default)
+        try:
+            new = function(current)
+        except Exception as exc:
+            raise _Refused(exc) from None
+        await storage.set(key, new)
+
+
+class _Undo:
+    """What a multi-write request replaced, to put back if a later write is refused."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._previous: dict[str, Any] = {}
+
+    async def remember(self, key: str) -> None:
+        if key not in self._previous:
+            self._previous[key] = await _read(self._storage, key, MISSING_VALUE)
+
+    async def restore(self) -> None:
+        for key, old in self._previous.items():
+            if old is MISSING_VALUE:
+                await self._storage.delete(key)
+            else:
+                await self._storage.set(key, old)
 
 
 class _Refused(Exception):

@@ -20,6 +20,10 @@ class Storage(ABC):
     with ``trio.to_thread``); each is a checkpoint only if the backend awaits.
     """
 
+    persistent: ClassVar[bool] = False
+    """True for a backend whose commits survive the process (file, SQLite, Redis): runs
+    given a ``run_id`` on it are durable (see docs/durability.md)."""
+
     shared_actor: ClassVar[bool] = False
     """True for a volatile backend that needs no :meth:`open`, never awaits and never
     fails a commit: one engine-wide store actor then serves every instance (memory).

@@ -45,6 +45,8 @@ class FileStorage(Storage):
     other method is memory work and awaits nothing once the file is loaded.
     """
 
+    persistent = True
+
     def __init__(self, path: str | os.PathLike[str], *, codec: str = "json") -> None:
         self._path = Path(path).absolute()
         self._journal = journal.journal_path(self._path)

@@ -54,6 +54,8 @@ class RedisStorage(Storage):
     :class:`~cosmoflow_actors.StorageError`. Requires the ``redis`` package.
     """
 
+    persistent = True
+
     def __init__(
         self, url: str, *, namespace: str = "default", codec: str = "json", timeout: float = 10.0
     ) -> None:

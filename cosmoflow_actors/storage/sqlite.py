@@ -63,6 +63,8 @@ class SQLiteStorage(Storage):
     :meth:`aclose`.
     """
 
+    persistent = True
+
     def __init__(
         self, path: str | os.PathLike[str], *, codec: str = "json", timeout: float = 5.0
     ) -> None:
