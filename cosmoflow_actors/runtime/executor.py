@@ -10,7 +10,6 @@ context they get has no store access.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,15 +35,20 @@ def exec_call(node: Node, workers: trio_parallel.WorkerContext | None) -> ExecCa
     return _Inline(node)
 
 
+async def call(method: Callable[..., Any], *args: Any) -> Any:
+    """Call a node method that may be plain or async; return its result."""
+    result = method(*args)
+    if hasattr(result, "__await__"):
+        return await result
+    return result
+
+
 class _Inline:
     def __init__(self, node: Node) -> None:
         self._exec = node.exec
 
     async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
-        result = self._exec(prep_res, ctx)
-        if inspect.isawaitable(result):
-            return await result
-        return result
+        return await call(self._exec, prep_res, ctx)
 
 
 class _InThread:

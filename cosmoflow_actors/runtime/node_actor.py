@@ -10,8 +10,9 @@ steps waiting (up to ``max_concurrency``) and shrinks when idle. Each step ends 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final
 
 import trio
@@ -24,14 +25,14 @@ from cosmoflow_actors.events import EventHub, Fallback, Retry, StepFinished, Ste
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
 from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode
 from cosmoflow_actors.runtime import durability
-from cosmoflow_actors.runtime.executor import exec_call
+from cosmoflow_actors.runtime.executor import call, exec_call
 from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone, StepFailed
 from cosmoflow_actors.runtime.run import Run
 from cosmoflow_actors.storage.base import Storage
 
 RunChild = Callable[..., Awaitable[FlowResult]]
-"""``Engine.run``: how a BatchFlow node starts its child runs."""
+"""How a BatchFlow node runs a child run (the engine's run-or-resume)."""
 
 KEEP_IDLE: Final = 8
 """Idle workers a node actor keeps; more exit until work comes back."""
@@ -165,6 +166,7 @@ class NodeActor:
             try:
                 prep_res = await self._phase("prep", ctx, node.prep, store, ctx)
                 if self._simple:
+                    # executor.call inlined: one coroutine frame less per suspended step.
                     try:
                         exec_res = node.exec(prep_res, ctx)
                         if hasattr(exec_res, "__await__"):
@@ -225,10 +227,7 @@ class NodeActor:
 
     async def _phase(self, phase: str, ctx: ExecutionContext, method: Any, *args: Any) -> Any:
         try:
-            result = method(*args)
-            if hasattr(result, "__await__"):
-                return await result
-            return result
+            return await call(method, *args)
         except Exception as exc:
             raise NodeError(self.node_id, phase, ctx.run_id, 1) from exc
 
@@ -245,24 +244,8 @@ class NodeActor:
 
     async def _exec_parallel(self, items: list[Any], ctx: ExecutionContext) -> list[Any]:
         """Exec every item at once (within max_concurrency); the first failure cancels all."""
-        results: list[Any] = [None] * len(items)
-        failures: list[NodeError] = []
-        slots = trio.CapacityLimiter(self.max_concurrency or max(len(items), 1))
-
-        async def one(index: int, item: Any, nursery: trio.Nursery) -> None:
-            async with slots:
-                try:
-                    results[index] = await self._exec(item, dataclasses.replace(ctx))
-                except NodeError as exc:
-                    failures.append(exc)
-                    nursery.cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            for index, item in enumerate(items):
-                nursery.start_soon(one, index, item, nursery)
-        if failures:
-            raise failures[0]
-        return results
+        jobs = [functools.partial(self._exec, item, dataclasses.replace(ctx)) for item in items]
+        return await _all_or_first_error(self.max_concurrency, jobs)
 
     async def _run_children(
         self, batch: BatchFlow, param_sets: list[Any], storage: Storage, ctx: ExecutionContext
@@ -270,26 +253,16 @@ class NodeActor:
         """Run ``batch.flow`` once per parameter set as child runs on this run's store."""
         run_child = self._run_child
         assert run_child is not None
-        results: list[Any] = [None] * len(param_sets)
-        failures: list[Exception] = []
-        slots = trio.CapacityLimiter(self.max_concurrency or max(len(param_sets), 1))
-
-        async def child(index: int, params: Any, nursery: trio.Nursery) -> None:
-            async with slots:
-                try:
-                    results[index] = await run_child(
-                        batch.flow, storage, params=params, run_id=f"{ctx.run_id}/{index}"
-                    )
-                except Exception as exc:
-                    failures.append(exc)
-                    nursery.cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            for index, params in enumerate(param_sets):
-                nursery.start_soon(child, index, params, nursery)
-        if failures:
-            raise NodeError(self.node_id, "exec", ctx.run_id, 1) from failures[0]
-        return results
+        jobs = [
+            functools.partial(
+                run_child, batch.flow, storage, params=params, run_id=f"{ctx.run_id}/{index}"
+            )
+            for index, params in enumerate(param_sets)
+        ]
+        try:
+            return await _all_or_first_error(self.max_concurrency, jobs)
+        except Exception as exc:
+            raise NodeError(self.node_id, "exec", ctx.run_id, 1) from exc
 
     async def _exec(self, prep_res: Any, ctx: ExecutionContext) -> Any:
         """Attempt exec up to ``max_retries`` times, then fall back."""
@@ -301,10 +274,7 @@ class NodeActor:
             try:
                 if not self._direct:
                     return await self._attempt(prep_res, ctx)
-                result = node.exec(prep_res, ctx)
-                if hasattr(result, "__await__"):
-                    return await result
-                return result
+                return await call(node.exec, prep_res, ctx)
             except Exception as exc:
                 attempt += 1
                 if attempt == node.max_retries or not self._retryable(exc):
@@ -344,12 +314,35 @@ class NodeActor:
             now = trio.current_time()
             self._events.emit(Fallback(ctx.run_id, now, self.node_id, attempts, error))
         try:
-            result = self.node.exec_fallback(prep_res, error, ctx)
-            if hasattr(result, "__await__"):
-                return await result
-            return result
+            return await call(self.node.exec_fallback, prep_res, error, ctx)
         except Exception as exc:
             raise NodeError(self.node_id, "exec", ctx.run_id, attempts) from exc
+
+
+async def _all_or_first_error(
+    limit: int | None, jobs: Sequence[Callable[[], Awaitable[Any]]]
+) -> list[Any]:
+    """Run ``jobs`` concurrently, at most ``limit`` at once (None = all); return their
+    results in order. The first job that raises cancels the others; its error is raised.
+    """
+    results: list[Any] = [None] * len(jobs)
+    failures: list[Exception] = []
+    slots = trio.CapacityLimiter(limit or max(len(jobs), 1))
+
+    async def one(index: int, job: Callable[[], Awaitable[Any]], nursery: trio.Nursery) -> None:
+        async with slots:
+            try:
+                results[index] = await job()
+            except Exception as exc:
+                failures.append(exc)
+                nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for index, job in enumerate(jobs):
+            nursery.start_soon(one, index, job, nursery)
+    if failures:
+        raise failures[0]
+    return results
 
 
 def _items(node_id: str, ctx: ExecutionContext, prep_res: Any) -> list[Any]:
