@@ -51,6 +51,7 @@ from cosmoflow_actors.storage import (
     Storage,
 )
 from cosmoflow_actors.store import SharedStore
+from cosmoflow_actors.tracing import format_event, trace_events
 
 __all__ = [
     "END",
@@ -101,9 +102,11 @@ __all__ = [
     "StoreKeyError",
     "StoreTypeError",
     "__version__",
+    "format_event",
     "list_runs",
     "node",
     "open_engine",
+    "trace_events",
 ]
 
 __version__ = "0.1.0"

@@ -1,23 +1,63 @@
 """The ``cosmoflow`` command (also ``python -m cosmoflow_actors``).
 
-``cosmoflow run FILE.py[:NAME] [--param KEY=VALUE ...] [--json] [--debug]`` loads the
-Python file, picks the Flow named NAME (or the only Flow defined in it), runs it once
-on a fresh dict store with the params, and prints the outcome. Errors are one line on
-stderr and a non-zero exit status; ``--debug`` shows the traceback.
+- ``cosmoflow run FILE.py[:NAME]`` runs a flow defined in a Python file once, or
+  ``--runs N`` times with at most ``--concurrency C`` at once, on a ``--store``, and
+  prints the outcome (a summary per node for several runs); ``--trace`` prints every
+  event on stderr as it happens.
+- ``cosmoflow graph FILE.py[:NAME]`` prints the flow's diagram (Mermaid or dot).
+- ``cosmoflow inspect STORE`` lists the keys of a persistent store.
+
+Errors are one line on stderr and a non-zero exit status: 2 for bad input (a file, a
+flow, a store, an option), 1 for runs that failed; ``--debug`` shows the traceback.
+docs/cli.md has every option and example outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import runpy
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from cosmoflow_actors.flow import Flow, FlowResult
+import trio
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cosmoflow_actors.action import Action
+from cosmoflow_actors.context import ExecutionContext
+from cosmoflow_actors.diagram import to_dot, to_mermaid
+from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.events import (
+    Event,
+    EventsDropped,
+    Retry,
+    RunCancelled,
+    RunFailed,
+    RunFinished,
+    StepFinished,
+    StepStarted,
+)
+from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
+from cosmoflow_actors.node import Node, node
+from cosmoflow_actors.runtime.durability import RunRecord
+from cosmoflow_actors.runtime.engine import Engine, open_engine
+from cosmoflow_actors.runtime.run import Run
+from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
+from cosmoflow_actors.tracing import describe_error, format_event
+
+EVENT_BUFFER: Final = 100_000
+"""Events ``--runs`` keeps for its summary before it drops some (and says so)."""
+PREVIEW_CHARS: Final = 60
+"""``inspect`` shows at most this much of each value's repr."""
+STORE_SYNTAX: Final = "memory, file:PATH, sqlite:PATH or redis://HOST[:PORT][/DB][#NAMESPACE]"
 
 
 class CliError(Exception):
@@ -27,25 +67,28 @@ class CliError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 failed run, 2 bad input)."""
     args = _parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.command
     try:
-        flow = load_flow(args.target)
-        params = _parse_params(args.param)
-    except CliError as exc:
-        return _report(args, exc, status=2)
-    try:
-        store: dict[str, Any] = {}
-        result = flow.run_sync(store, params=params)
+        return command(args)
     except Exception as exc:
-        return _report(args, exc, status=1)
-    print(_render(result, store, as_json=args.json))
-    return 0
+        error = _leaf(exc)
+        return _report(args, error, status=2 if isinstance(error, CliError) else 1)
+    except (KeyboardInterrupt, BaseExceptionGroup) as exc:
+        if isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is None:
+            raise
+        print("cosmoflow: interrupted", file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosmoflow", description="Run cosmoflow_actors flows.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a flow defined in a Python file")
-    run.add_argument("target", help="FILE.py or FILE.py:NAME (NAME: the Flow's variable)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    run = commands.add_parser("run", parents=[common], help="run a flow defined in a Python file")
+    run.set_defaults(command=_run_command)
+    _add_target(run)
+    _add_store(run, default="memory")
     run.add_argument(
         "--param",
         action="append",
@@ -53,13 +96,56 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a parameter for the entry node (VALUE parsed as JSON if it can be)",
     )
+    run.add_argument("--runs", type=_positive, metavar="N", help="run N times; print a summary")
+    run.add_argument(
+        "--concurrency", type=_positive, metavar="C", help="with --runs: at most C at once (1)"
+    )
+    run.add_argument("--trace", action="store_true", help="print every event on stderr")
     run.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    run.add_argument("--debug", action="store_true", help="show tracebacks")
+    graph = commands.add_parser("graph", parents=[common], help="print a flow's diagram")
+    graph.set_defaults(command=_graph_command)
+    _add_target(graph)
+    graph.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    inspect = commands.add_parser("inspect", parents=[common], help="show a persistent store")
+    inspect.set_defaults(command=_inspect_command)
+    _add_store(inspect, default=None)
+    inspect.add_argument("--json", action="store_true", help="print the keys and values as JSON")
     return parser
 
 
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", help="FILE.py or FILE.py:NAME (NAME: the Flow's variable)")
+
+
+def _add_store(parser: argparse.ArgumentParser, default: str | None) -> None:
+    if default is None:
+        parser.add_argument("store", help=STORE_SYNTAX)
+    else:
+        parser.add_argument("--store", default=default, help=f"{STORE_SYNTAX} ({default})")
+    parser.add_argument(
+        "--codec", choices=["json", "pickle"], default="json", help="a persistent store's codec"
+    )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+# Loading flows and stores
+
+
 def load_flow(target: str) -> Flow:
-    """Load ``FILE.py[:NAME]`` and return the flow it names; raise CliError if it cannot."""
+    """Load ``FILE.py[:NAME]`` and return the flow it names; raise CliError if it cannot.
+
+    Without NAME, the file must define exactly one Flow that no other Flow of the file
+    contains (a nested flow, or a BatchFlow's flow, goes with its parent).
+    """
     path_text, _, name = target.partition(":")
     path = Path(path_text)
     if not path.is_file():
@@ -73,10 +159,67 @@ def load_flow(target: str) -> Flow:
         if name not in flows:
             raise CliError(f"{path}: no Flow named {name!r} (found: {', '.join(flows) or 'none'})")
         return flows[name]
-    if len(flows) != 1:
-        found = ", ".join(flows) if flows else "none"
+    inner = {id(child) for flow in flows.values() for child in _children(flow)}
+    outer = [key for key, flow in flows.items() if id(flow) not in inner]
+    if len(outer) != 1:
+        found = ", ".join(outer) if outer else "none"
         raise CliError(f"{path}: expected exactly one Flow, found {found}; name one as {path}:NAME")
-    return next(iter(flows.values()))
+    return flows[outer[0]]
+
+
+def _children(flow: Flow) -> list[Flow]:
+    """The flows nested in ``flow`` (as nodes, or as the flow of a BatchFlow node)."""
+    children = []
+    for member in flow.nodes.values():
+        child = member.flow if isinstance(member, BatchFlow) else member
+        if isinstance(child, Flow):
+            children += [child, *_children(child)]
+    return children
+
+
+def parse_store(text: str, codec: str = "json") -> Storage | None:
+    """The storage ``--store TEXT`` names; None for ``memory`` (a fresh dict per run)."""
+    kind, separator, rest = text.partition(":")
+    if text == "memory":
+        return None
+    if kind in ("file", "sqlite") and separator and rest:
+        backend = FileStorage if kind == "file" else SQLiteStorage
+        return backend(rest, codec=codec)
+    if kind in ("redis", "rediss") and rest.startswith("//"):
+        url, _, namespace = text.partition("#")
+        return RedisStorage(url, namespace=namespace or "default", codec=codec)
+    raise CliError(f"store {text!r}: expected {STORE_SYNTAX}")
+
+
+def _describe_store(text: str, storage: Storage) -> str:
+    """How to name the store to people: as given, but a Redis URL without its password."""
+    return repr(storage) if isinstance(storage, RedisStorage) else text
+
+
+async def _open_store(engine: Engine, storage: Storage | None) -> None:
+    """Have ``engine`` open ``storage`` now (a one-step run that touches nothing), so
+    that a store that cannot be opened is bad input, not a failed run."""
+    if storage is not None:
+        try:
+            await engine.run(_NOTHING, storage)
+        except StorageError as exc:
+            raise CliError(f"cannot open the store: {exc}") from exc
+
+
+async def _contents(engine: Engine, storage: Storage) -> dict[str, Any]:
+    """Every key and value of ``storage``, read through ``engine``'s store actor."""
+    result = await engine.run(_READ_ALL, storage)
+    contents: dict[str, Any] = result.result
+    return contents
+
+
+@node
+async def _read_all(ctx: ExecutionContext) -> Action:
+    return Action.complete(await ctx.store.get_many(await ctx.store.keys()))
+
+
+_NOTHING: Final = Flow.builder("cosmoflow-open").add_node("open", Node()).build()
+_READ_ALL: Final = Flow.builder("cosmoflow-read").add_node("read", _read_all).build()
 
 
 def _parse_params(items: Sequence[str]) -> dict[str, Any]:
@@ -90,6 +233,88 @@ def _parse_params(items: Sequence[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             params[key] = text
     return params
+
+
+# cosmoflow run
+
+
+@dataclass(frozen=True, slots=True)
+class _RunOptions:
+    flow: Flow
+    storage: Storage | None
+    params: dict[str, Any]
+    trace: bool
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    if args.concurrency is not None and args.runs is None:
+        raise CliError("--concurrency needs --runs")
+    options = _RunOptions(
+        load_flow(args.target),
+        parse_store(args.store, args.codec),
+        _parse_params(args.param),
+        args.trace,
+    )
+    if args.runs is None:
+        result, store = trio.run(_run_once, options)
+        print(_render(result, store, as_json=args.json))
+        return 0
+    batch = trio.run(_run_many, options, args.runs, args.concurrency or 1)
+    _print_summary(batch, as_json=args.json)
+    if batch.failed:
+        assert batch.first_error is not None
+        if args.debug:
+            traceback.print_exception(batch.first_error)
+        error = describe_error(batch.first_error)
+        message = f"{batch.failed} of {batch.runs} runs failed; first: {error}"
+        print(f"cosmoflow: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run_once(options: _RunOptions) -> tuple[FlowResult, dict[str, Any]]:
+    """Run the flow once; return its result and what its store holds afterwards."""
+    store = _store(options)
+    failure: Exception | None = None
+    async with trio.open_nursery() as nursery, open_engine() as engine:
+        await _open_store(engine, options.storage)
+        if options.trace:
+            await nursery.start(_watch, engine, [_printer()])
+        try:
+            result = await engine.run(options.flow, store, params=options.params)
+        except Exception as exc:  # the run's own error, raised below as is
+            failure = exc
+        contents = await _contents(engine, store) if isinstance(store, Storage) else store
+    if isinstance(store, Storage):
+        await store.aclose()
+    if failure is not None:
+        raise failure
+    return result, contents
+
+
+def _store(options: _RunOptions) -> Storage | dict[str, Any]:
+    """The store of one run: the storage named, or a fresh dict for ``memory``."""
+    return {} if options.storage is None else options.storage
+
+
+async def _watch(
+    engine: Engine,
+    handlers: Sequence[Callable[[Event], None]],
+    *,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """Hand every event of ``engine`` to ``handlers`` until the engine closes."""
+    async with engine.events(buffer=EVENT_BUFFER) as stream:
+        task_status.started()
+        async for event in stream:
+            for handle in handlers:
+                handle(event)
+
+
+def _printer() -> Callable[[Event], None]:
+    """An event handler that prints each event on stderr (``--trace``), timed from now."""
+    origin = trio.current_time()
+    return lambda event: print(format_event(event, origin), file=sys.stderr)
 
 
 def _render(result: FlowResult, store: dict[str, Any], *, as_json: bool) -> str:
@@ -117,13 +342,307 @@ def _render(result: FlowResult, store: dict[str, Any], *, as_json: bool) -> str:
     return "\n".join(lines)
 
 
+# cosmoflow run --runs N
+
+
+@dataclass(slots=True)
+class NodeStats:
+    """What ``--runs`` measured of one node: its step durations, retries and failures."""
+
+    durations: list[float] = field(default_factory=list)
+    retries: int = 0
+    failures: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """Steps, mean/p50/p99 latency in ms, retries and failures."""
+        return {
+            "steps": len(self.durations),
+            **_latency(self.durations),
+            "retries": self.retries,
+            "failures": self.failures,
+        }
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """What ``--runs`` measured: run outcomes (from the runs) and, per node, the steps
+    (from the engine's events). Nodes of nested flows are named ``flow/node``."""
+
+    flow_name: str
+    runs: int
+    concurrency: int
+    succeeded: int = 0
+    failed: int = 0
+    first_error: BaseException | None = None
+    duration: float = 0.0
+    run_durations: list[float] = field(default_factory=list)
+    nodes: dict[str, NodeStats] = field(default_factory=dict)
+    events_dropped: int = 0
+    _steps: dict[tuple[str, str], str] = field(default_factory=dict, init=False, repr=False)
+    """The row of each step in progress, by (run id, node id): where retries count."""
+
+    def record(self, event: Event) -> None:
+        """Count ``event`` in the per-node statistics."""
+        match event:
+            case StepStarted():
+                self._steps[event.run_id, event.node_id] = self._row(event.flow_name, event.node_id)
+            case StepFinished():
+                self._steps.pop((event.run_id, event.node_id), None)
+                stats = self.nodes.setdefault(
+                    self._row(event.flow_name, event.node_id), NodeStats()
+                )
+                stats.durations.append(event.duration)
+                stats.failures += event.error is not None
+            case Retry():
+                row = self._steps.get((event.run_id, event.node_id), event.node_id)
+                self.nodes.setdefault(row, NodeStats()).retries += 1
+            case RunFinished() | RunFailed() | RunCancelled():
+                self.run_durations.append(event.duration)
+            case EventsDropped():
+                self.events_dropped += event.count
+
+    def _row(self, flow_name: str, node_id: str) -> str:
+        return node_id if flow_name == self.flow_name else f"{flow_name}/{node_id}"
+
+    def finished(self, error: BaseException | None) -> None:
+        """Count a run that ended, with its error if it failed."""
+        if error is None:
+            self.succeeded += 1
+            return
+        self.failed += 1
+        if self.first_error is None:
+            self.first_error = error
+
+    def summary(self) -> dict[str, Any]:
+        """Everything measured, as JSON-ready values."""
+        return {
+            "flow": self.flow_name,
+            "runs": self.runs,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "concurrency": self.concurrency,
+            "duration": round(self.duration, 6),
+            "runs_per_second": round(self.runs / self.duration, 1) if self.duration else None,
+            "latency_ms": _latency(self.run_durations),
+            "nodes": {row: stats.summary() for row, stats in self.nodes.items()},
+            "events_dropped": self.events_dropped,
+            "first_error": None if self.first_error is None else describe_error(self.first_error),
+        }
+
+
+def _latency(durations: list[float]) -> dict[str, float | None]:
+    """Mean, median and 99th percentile (nearest rank) of ``durations``, in ms."""
+    if not durations:
+        return {"mean_ms": None, "p50_ms": None, "p99_ms": None}
+    ordered = sorted(durations)
+
+    def rank(q: float) -> float:
+        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1000, 3)
+
+    mean = round(sum(ordered) / len(ordered) * 1000, 3)
+    return {"mean_ms": mean, "p50_ms": rank(0.5), "p99_ms": rank(0.99)}
+
+
+async def _run_many(options: _RunOptions, runs: int, concurrency: int) -> BatchStats:
+    """Run the flow ``runs`` times, at most ``concurrency`` at once; measure them."""
+    batch = BatchStats(options.flow.name, runs, concurrency)
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery, open_engine(max_runs=concurrency) as engine:
+        await _open_store(engine, options.storage)
+        handlers = [batch.record, *([_printer()] if options.trace else [])]
+        await nursery.start(_watch, engine, handlers)
+        with _ProgressBar(runs) as progress:
+            await _start_and_wait(engine, options, batch, progress)
+    batch.duration = trio.current_time() - started
+    if options.storage is not None:
+        await options.storage.aclose()
+    return batch
+
+
+async def _start_and_wait(
+    engine: Engine, options: _RunOptions, batch: BatchStats, progress: _ProgressBar
+) -> None:
+    """Start ``batch.runs`` runs (``start_run`` waits while ``max_runs`` are in flight)
+    and wait for them all."""
+    async with trio.open_nursery() as waiters:
+        for _ in range(batch.runs):
+            run = await engine.start_run(options.flow, _store(options), params=options.params)
+            waiters.start_soon(_await_run, run, batch, progress)
+
+
+async def _await_run(run: Run, batch: BatchStats, progress: _ProgressBar) -> None:
+    error: Exception | None = None
+    try:
+        await run.wait()
+    except Exception as exc:  # the run's failure, counted
+        error = exc
+    batch.finished(error)
+    progress.advance(batch)
+
+
+class _ProgressBar:
+    """A live rich progress bar on stderr: runs done, runs/s, failures. Shown only when
+    stderr is an interactive terminal (a log gets the summary alone)."""
+
+    def __init__(self, total: int) -> None:
+        console = Console(stderr=True)
+        self._bar = Progress(
+            TextColumn("runs"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} runs/s"),
+            TextColumn("{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not console.is_interactive,
+        )
+        self._task = self._bar.add_task("runs", total=total, rate="0.0", failed=0)
+        self._started = trio.current_time()
+
+    def __enter__(self) -> _ProgressBar:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._bar.stop()
+
+    def advance(self, batch: BatchStats) -> None:
+        """Show one more run done."""
+        done = batch.succeeded + batch.failed
+        elapsed = trio.current_time() - self._started
+        rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
+        self._bar.update(self._task, completed=done, rate=rate, failed=batch.failed)
+
+
+def _print_summary(batch: BatchStats, *, as_json: bool) -> None:
+    summary = batch.summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    latency = summary["latency_ms"]
+    rate = summary["runs_per_second"]
+    lines = [
+        f"flow:         {batch.flow_name}",
+        f"runs:         {batch.runs} ({batch.succeeded} succeeded, {batch.failed} failed), "
+        f"{batch.concurrency} at a time",
+        f"duration:     {_seconds(batch.duration)} ({rate} runs/s)",
+        f"run latency:  mean {_ms(latency['mean_ms'])}, p50 {_ms(latency['p50_ms'])}, "
+        f"p99 {_ms(latency['p99_ms'])}",
+    ]
+    if batch.events_dropped:
+        lines.append(f"warning:      {batch.events_dropped} events dropped; the table is partial")
+    print("\n".join(lines))
+    Console(highlight=False).print(_node_table(summary["nodes"]))
+
+
+def _node_table(nodes: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="steps per node", title_justify="left")
+    table.add_column("node")
+    for name in ("steps", "mean", "p50", "p99", "retries", "failures"):
+        table.add_column(name, justify="right")
+    for row, stats in nodes.items():
+        latencies = [_ms(stats[key]) for key in ("mean_ms", "p50_ms", "p99_ms")]
+        counts = [str(stats[key]) for key in ("retries", "failures")]
+        table.add_row(row, str(stats["steps"]), *latencies, *counts)
+    return table
+
+
+def _ms(value: float | None) -> str:
+    """A latency given in ms, for people: ``0.42 ms``, ``3.10 s``, or ``-`` for none."""
+    if value is None:
+        return "-"
+    return f"{value:.2f} ms" if value < 1000 else f"{value / 1000:.2f} s"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+# cosmoflow graph
+
+
+def _graph_command(args: argparse.Namespace) -> int:
+    flow = load_flow(args.target)
+    print(to_mermaid(flow) if args.format == "mermaid" else to_dot(flow), end="")
+    return 0
+
+
+# cosmoflow inspect
+
+
+def _inspect_command(args: argparse.Namespace) -> int:
+    storage = parse_store(args.store, args.codec)
+    if storage is None:
+        raise CliError("memory: a memory store lives only as long as its run; nothing to inspect")
+    if isinstance(storage, FileStorage | SQLiteStorage) and not storage.path.exists():
+        raise CliError(f"{args.store}: no such file")
+    contents, runs = trio.run(_read_store, storage)
+    name = _describe_store(args.store, storage)
+    if args.json:
+        report = {"store": name, "keys": contents, "runs": [dataclasses.asdict(r) for r in runs]}
+        print(json.dumps(report, default=repr, indent=2))
+        return 0
+    print(f"store: {name}")
+    console = Console(highlight=False)
+    console.print(_keys_table(contents))
+    console.print(_runs_table(runs))
+    return 0
+
+
+async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
+    """Every key and value of ``storage`` and its durable runs, read through an engine.
+
+    The store is left as it was: a FileStorage is not closed, since closing compacts
+    its journal into the snapshot, a write; it holds nothing open once loaded.
+    """
+    try:
+        async with open_engine() as engine:
+            await _open_store(engine, storage)
+            return await _contents(engine, storage), await engine.list_runs(storage)
+    finally:
+        if not isinstance(storage, FileStorage):
+            await storage.aclose()
+
+
+def _runs_table(runs: list[RunRecord]) -> Table:
+    table = Table(title=f"runs ({len(runs)})", title_justify="left")
+    for column in ("run id", "flow", "state", "last node", "steps"):
+        table.add_column(column)
+    for run in runs:
+        table.add_row(run.run_id, run.flow_name, run.state, run.last_node_id or "-", str(run.steps))
+    return table
+
+
+def _keys_table(contents: dict[str, Any]) -> Table:
+    table = Table(title=f"keys ({len(contents)})", title_justify="left")
+    table.add_column("key", overflow="fold")
+    table.add_column("type")
+    table.add_column("value", overflow="fold")
+    for key, value in contents.items():
+        table.add_row(key, type(value).__name__, _preview(value))
+    return table
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
+
+
+# Errors
+
+
+def _leaf(error: Exception) -> Exception:
+    """The error inside a trio ExceptionGroup of one (an engine that crashed)."""
+    while isinstance(error, ExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
 def _report(args: argparse.Namespace, error: Exception, *, status: int) -> int:
     if args.debug:
         traceback.print_exception(error)
-    cause = (
-        f" (caused by {type(error.__cause__).__name__}: {error.__cause__})"
-        if error.__cause__
-        else ""
-    )
-    print(f"cosmoflow: error: {error}{cause}", file=sys.stderr)
+    text = str(error)
+    if error.__cause__ is not None and not isinstance(error, CliError):
+        text += f" (caused by {describe_error(error.__cause__)})"
+    print(f"cosmoflow: error: {text}", file=sys.stderr)
     return status

@@ -73,6 +73,12 @@ class FlowResult:
     duration: float
     store: Storage
 
+    def to_mermaid(self, flow: Flow) -> str:
+        """``flow.to_mermaid()`` with the nodes this run executed highlighted."""
+        from cosmoflow_actors.diagram import result_to_mermaid
+
+        return result_to_mermaid(self, flow)
+
 
 @final
 class Flow:
@@ -152,6 +158,12 @@ class Flow:
     ) -> FlowResult:
         """Run once from synchronous code (``trio.run``); blocks until the run ends."""
         return trio.run(lambda: self.run(store, params=params, run_id=run_id))
+
+    def to_mermaid(self) -> str:
+        """This flow as a Mermaid flowchart (see :mod:`cosmoflow_actors.diagram`)."""
+        from cosmoflow_actors.diagram import to_mermaid
+
+        return to_mermaid(self)
 
     def __repr__(self) -> str:
         return f"<Flow {self.name!r}: {len(self.nodes)} nodes, {len(self.routes)} routes>"

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+import cosmoflow_actors as cf
 from cosmoflow_actors.cli import main
+from tests.storage_suite import RedisServer, running_redis, unique_namespace
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -116,3 +120,372 @@ def test_python_dash_m_runs_the_command() -> None:
         check=True,
     )
     assert json.loads(done.stdout)["path"] == ["check", "login"]
+
+
+# --store, --runs, --trace, graph and inspect
+
+COUNTER = """
+import cosmoflow_actors as cf
+
+
+class Flaky(cf.Node):
+    max_retries = 2
+
+    def exec(self, prep_res, ctx):
+        if ctx.current_retry == 0:
+            raise ConnectionError("first attempt fails")
+
+    async def post(self, store, prep_res, exec_res, ctx):
+        await store.set("who", ctx.params.get("who", "nobody"))
+
+
+@cf.node
+async def count(ctx):
+    total = await ctx.store.update("count", lambda n: n + 1, default=0)
+    return cf.Action.complete(total)
+
+
+checks = cf.Flow.builder("checks").add_node("flaky", Flaky()).build()
+counter = (
+    cf.Flow.builder("counter")
+    .add_node("checks", checks)
+    .add_node("count", count)
+    .add_route("checks", "count")
+    .build()
+)
+"""
+"""Two flows, one nested in the other: the command picks the outer one by itself."""
+
+SOMETIMES = """
+import itertools
+
+import cosmoflow_actors as cf
+
+calls = itertools.count()
+
+
+@cf.node
+def sometimes(ctx):
+    if next(calls) % 2:
+        raise ValueError("odd call")
+
+
+flow = cf.Flow.builder("sometimes").add_node("sometimes", sometimes).build()
+"""
+"""Every second run fails (the runs of one command share the module)."""
+
+
+@pytest.fixture(autouse=True)
+def plain_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let rich see what the test sees (a pipe), whatever the environment says."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "NO_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def counter_file(tmp_path: Path) -> Path:
+    path = tmp_path / "counter.py"
+    path.write_text(COUNTER)
+    return path
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for this module (skips when redis-server is not installed)."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+def table_row(out: str, name: str) -> list[str]:
+    """The cells of the table row whose first cell is ``name``."""
+    for line in out.splitlines():
+        cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+        if cells[0] == name:
+            return cells
+    raise AssertionError(f"no row {name!r} in:\n{out}")
+
+
+def test_graph_prints_the_diagram(counter_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["graph", str(counter_file)]) == 0
+    assert capsys.readouterr().out.splitlines()[3:] == [
+        "flowchart TD",
+        '    subgraph checks ["checks"]',
+        '        checks__flaky["flaky"]',
+        "    end",
+        '    count["count"]',
+        "    checks --> count",
+    ]
+    assert main(["graph", f"{counter_file}:checks", "--format", "dot"]) == 0
+    assert capsys.readouterr().out == (
+        'digraph "checks" {\n'
+        "    compound=true;\n"
+        "    node [shape=box];\n"
+        '    "flaky" [label="flaky"];\n'
+        "}\n"
+    )
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_run_on_a_persistent_store_then_inspect_it(
+    kind: str, tmp_path: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"{kind}:{tmp_path / 'state'}"
+    for _ in range(2):
+        assert main(["run", str(counter_file), "--store", store, "--param", "who=ada"]) == 0
+    assert "result:       2" in capsys.readouterr().out
+    assert main(["inspect", store]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"store: {store}\nkeys (2)")
+    assert table_row(out, "count") == ["count", "int", "2"]
+    assert table_row(out, "who") == ["who", "str", "'ada'"]
+    assert main(["inspect", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "store": store,
+        "keys": {"count": 2, "who": "ada"},
+        "runs": [],
+    }
+
+
+def test_run_json_shows_a_persistent_store(
+    tmp_path: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"sqlite:{tmp_path / 'state.db'}"
+    assert main(["run", str(counter_file), "--store", store, "--json"]) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    assert (outcome["path"], outcome["store"]) == (
+        ["flaky", "count"],
+        {"count": 1, "who": "nobody"},
+    )
+
+
+def test_run_and_inspect_on_redis(
+    redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"{redis_server.url}#{unique_namespace()}"
+    assert main(["run", str(counter_file), "--store", store, "--runs", "3"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", store]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"store: RedisStorage('{redis_server.url}', namespace=")
+    assert table_row(out, "count") == ["count", "int", "3"]
+
+
+def test_inspect_shows_long_values_shortened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def fill() -> None:
+        storage = cf.FileStorage(tmp_path / "s.json")
+        await storage.set("items", list(range(100)))
+        await storage.commit()
+        await storage.aclose()
+
+    trio.run(fill)
+    before = (tmp_path / "s.json").read_bytes()
+    assert main(["inspect", f"file:{tmp_path / 's.json'}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"] == {"items": list(range(100))}
+    assert main(["inspect", f"file:{tmp_path / 's.json'}"]) == 0
+    [_, kind, value] = table_row(capsys.readouterr().out, "items")
+    assert (kind, value) == ("list", repr(list(range(100)))[:59] + "…")
+    assert (tmp_path / "s.json").read_bytes() == before
+
+
+def test_runs_print_a_summary_per_node(
+    counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", str(counter_file), "--runs", "4", "--concurrency", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    out = captured.out
+    assert "runs:         4 (4 succeeded, 0 failed), 2 at a time" in out
+    assert "run latency:  mean " in out
+    assert "steps per node" in out
+    flaky = table_row(out, "checks/flaky")
+    assert (flaky[1], flaky[5], flaky[6]) == ("4", "4", "0")
+    assert all(cell.endswith(" ms") for cell in flaky[2:5])
+    count = table_row(out, "count")
+    assert (count[1], count[5], count[6]) == ("4", "0", "0")
+
+
+def test_runs_as_json(counter_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(counter_file), "--runs", "3", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {key: summary[key] for key in ("flow", "runs", "succeeded", "failed")} == {
+        "flow": "counter",
+        "runs": 3,
+        "succeeded": 3,
+        "failed": 0,
+    }
+    assert (summary["concurrency"], summary["events_dropped"], summary["first_error"]) == (
+        1,
+        0,
+        None,
+    )
+    assert summary["runs_per_second"] > 0
+    assert set(summary["latency_ms"]) == {"mean_ms", "p50_ms", "p99_ms"}
+    flaky = summary["nodes"]["checks/flaky"]
+    assert (flaky["steps"], flaky["retries"], flaky["failures"]) == (3, 3, 0)
+    assert flaky["p50_ms"] <= flaky["p99_ms"]
+
+
+def test_runs_share_a_persistent_store(
+    tmp_path: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"file:{tmp_path / 'shared.json'}"
+    argv = ["run", str(counter_file), "--store", store, "--runs", "5", "--concurrency", "5"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["inspect", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"]["count"] == 5
+
+
+def test_failed_runs_are_counted_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "sometimes.py"
+    flow_file.write_text(SOMETIMES)
+    assert main(["run", str(flow_file), "--runs", "4"]) == 1
+    captured = capsys.readouterr()
+    assert "runs:         4 (2 succeeded, 2 failed), 1 at a time" in captured.out
+    assert table_row(captured.out, "sometimes")[6] == "2"
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith(
+        "cosmoflow: error: 2 of 4 runs failed; first: NodeError: node 'sometimes' failed in exec"
+    )
+    assert captured.err.endswith("(caused by ValueError: odd call)\n")
+    assert main(["run", str(flow_file), "--runs", "2", "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_trace_prints_every_event_on_stderr(
+    counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", str(counter_file), "--trace"]) == 0
+    captured = capsys.readouterr()
+    assert "result:       1" in captured.out
+    what = [line[22:36].strip() for line in captured.err.splitlines()]
+    assert what == [
+        "run started",
+        "step started",
+        "retry",
+        "step finished",
+        "step started",
+        "step finished",
+        "run finished",
+    ]
+    assert "flaky attempt 1 failed: ConnectionError: first attempt fails" in captured.err
+
+
+def test_trace_with_runs(counter_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(counter_file), "--runs", "2", "--trace"]) == 0
+    assert capsys.readouterr().err.count("run finished") == 2
+
+
+def test_a_progress_bar_when_stderr_is_a_terminal(
+    counter_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    assert main(["run", str(counter_file), "--runs", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "3/3" in err
+    assert "runs/s" in err
+    assert "0 failed" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--concurrency", "2"], "--concurrency needs --runs"),
+        (["--store", "nowhere"], "store 'nowhere': expected memory, file:PATH, sqlite:PATH"),
+        (["--store", "file:"], "store 'file:': expected"),
+    ],
+)
+def test_bad_run_options_are_refused(
+    counter_file: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(["run", str(counter_file), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_a_store_that_cannot_be_opened_is_bad_input(
+    tmp_path: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for argv in (
+        ["run", str(counter_file), "--store", f"file:{broken}"],
+        ["inspect", f"file:{broken}"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"cosmoflow: error: cannot open the store: {broken}")
+        assert err.count("\n") == 1
+    assert broken.read_text() == "{not json"
+
+
+def test_runs_must_be_positive(counter_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(counter_file), "--runs", "0"])
+    assert exit_info.value.code == 2
+    assert "expected an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ("memory", "memory: a memory store lives only as long as its run"),
+        ("file:missing.json", "file:missing.json: no such file"),
+        ("sqlite:missing.db", "sqlite:missing.db: no such file"),
+    ],
+)
+def test_inspect_needs_an_existing_persistent_store(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    store: str,
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", store]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_is_one_line_and_status_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "interrupted.py"
+    flow_file.write_text(
+        "import cosmoflow_actors as cf\n"
+        "@cf.node\n"
+        "def stop(ctx):\n"
+        "    raise KeyboardInterrupt\n"
+        "flow = cf.Flow.builder('f').add_node('stop', stop).build()\n"
+    )
+    assert main(["run", str(flow_file)]) == 130
+    assert capsys.readouterr().err == "cosmoflow: interrupted\n"
+
+
+def test_inspect_lists_the_durable_runs_of_a_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "runs.json"
+    flow = cf.Flow.builder("chain").add_node("a", cf.Node()).add_node("b", cf.Node())
+    flow.add_route("a", "b").build().run_sync(cf.FileStorage(path), run_id="nightly")
+    assert main(["inspect", f"file:{path}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runs"] == [
+        {
+            "run_id": "nightly",
+            "flow_name": "chain",
+            "state": "succeeded",
+            "last_node_id": "b",
+            "steps": 2,
+        }
+    ]
+    assert main(["inspect", f"file:{path}"]) == 0
+    out = capsys.readouterr().out
+    assert "runs (1)" in out
+    assert "nightly" in out and "succeeded" in out

@@ -1,0 +1,285 @@
+"""Run events for people and for tracing systems.
+
+:func:`format_event` turns an event from ``engine.events()`` into one readable line (the
+``cosmoflow run --trace`` output). :func:`trace_events` turns the events of an engine
+into OpenTelemetry spans: a run is a trace (its root span) and each step a child span.
+OpenTelemetry is optional (``pip install 'cosmoflow-actors[otel]'``) and imported only
+when :func:`trace_events` starts, so this module imports without it.
+
+Events carry trio times; spans need wall-clock times in nanoseconds since the epoch.
+:func:`trace_events` reads both clocks once when it starts, ``offset = time.time_ns() -
+trio.current_time() * 1e9``, and stamps every span and span event with ``offset +
+event.time * 1e9``. Durations in spans are therefore exactly the trio durations (also
+under a test's ``MockClock``); wall-clock adjustments after the start are not followed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import trio
+
+from cosmoflow_actors.events import (
+    DEFAULT_BUFFER,
+    Event,
+    EventsDropped,
+    Fallback,
+    Retry,
+    RunCancelled,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    StepFinished,
+    StepStarted,
+)
+
+if TYPE_CHECKING:
+    from cosmoflow_actors.events import EventStream
+
+OTEL_MISSING: Final = (
+    "tracing needs OpenTelemetry, which is not installed: pip install 'cosmoflow-actors[otel]'"
+)
+
+
+class EventSource(Protocol):
+    """What :func:`trace_events` reads events from: an :class:`~cosmoflow_actors.Engine`."""
+
+    def events(self, *, buffer: int = ...) -> EventStream: ...
+
+
+class SpanLike(Protocol):
+    """The part of an OpenTelemetry ``Span`` that :func:`trace_events` uses."""
+
+    def set_attribute(self, key: str, value: Any) -> None: ...
+
+    def add_event(
+        self, name: str, attributes: Any = None, timestamp: int | None = None
+    ) -> None: ...
+
+    def record_exception(
+        self, exception: BaseException, attributes: Any = None, timestamp: int | None = None
+    ) -> None: ...
+
+    def set_status(self, status: Any, description: str | None = None) -> None: ...
+
+    def end(self, end_time: int | None = None) -> None: ...
+
+
+class TracerLike(Protocol):
+    """The part of an OpenTelemetry ``Tracer`` that :func:`trace_events` uses."""
+
+    def start_span(
+        self, name: str, context: Any = None, *, attributes: Any = None, start_time: Any = None
+    ) -> SpanLike: ...
+
+
+def format_event(event: Event, origin: float = 0.0) -> str:
+    """One line for ``event``: its time since ``origin`` (trio time), its run id (cut to
+    8 characters), what happened and the details."""
+    run = event.run_id[:8] or "-"
+    what, details = _describe(event)
+    return f"{event.time - origin:+9.3f}s  {run:8}  {what:14}  {details}"
+
+
+def _describe(event: Event) -> tuple[str, str]:
+    match event:
+        case RunStarted():
+            return "run started", f"flow {event.flow_name!r}"
+        case StepStarted():
+            return "step started", event.node_id
+        case StepFinished():
+            return _step_end(event)
+        case Retry():
+            failed = f"{event.node_id} attempt {event.attempt} failed"
+            return "retry", f"{failed}: {describe_error(event.error)}; next in {event.delay:g}s"
+        case Fallback():
+            failed = f"{event.node_id} after {event.attempts} attempts"
+            return "fallback", f"{failed}: {describe_error(event.error)}"
+        case RunFinished():
+            steps = f"{event.steps} step" + ("" if event.steps == 1 else "s")
+            return "run finished", f"{event.final_action} after {steps} ({_ms(event.duration)})"
+        case RunFailed():
+            return "run failed", f"{describe_error(event.error)} ({_ms(event.duration)})"
+        case RunCancelled():
+            return "run cancelled", f"({_ms(event.duration)})"
+        case EventsDropped():
+            return "events dropped", f"{event.count} (the consumer fell behind)"
+    return type(event).__name__, repr(event)
+
+
+def _step_end(event: StepFinished) -> tuple[str, str]:
+    took = f"{event.node_id} ({_ms(event.duration)})"
+    if event.action is not None:
+        return "step finished", f"{event.node_id} -> {event.action} ({_ms(event.duration)})"
+    if event.error is not None:
+        return "step failed", f"{took}: {describe_error(event.error)}"
+    return "step cancelled", took
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: message``, followed by its cause (and the cause's) the same way."""
+    text = f"{type(error).__name__}: {error}"
+    if error.__cause__ is not None:
+        text += f" (caused by {describe_error(error.__cause__)})"
+    return text
+
+
+async def trace_events(
+    engine: EventSource,
+    tracer: TracerLike | None = None,
+    *,
+    buffer: int = DEFAULT_BUFFER,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Turn the engine's events into OpenTelemetry spans until the engine closes.
+
+    ``tracer`` defaults to ``opentelemetry.trace.get_tracer("cosmoflow_actors")``. Start
+    it with ``await nursery.start(trace_events, engine)`` in a nursery *around* the
+    ``open_engine`` block: it is ready (its event stream open) when ``start`` returns,
+    and it returns when the engine closes. Spans still open then are ended. Raises
+    ImportError naming the ``otel`` extra when OpenTelemetry is not installed.
+    """
+    otel = _opentelemetry()
+    spans = _Spans(otel, tracer or otel.get_tracer("cosmoflow_actors"))
+    try:
+        async with engine.events(buffer=buffer) as stream:
+            task_status.started()
+            async for event in stream:
+                spans.handle(event)
+    finally:
+        spans.end_all()
+
+
+def _opentelemetry() -> ModuleType:
+    """The ``opentelemetry.trace`` module, or ImportError naming the extra."""
+    try:
+        return importlib.import_module("opentelemetry.trace")
+    except ImportError as exc:
+        raise ImportError(OTEL_MISSING) from exc
+
+
+class _Spans:
+    """The spans of the runs and steps in progress, built from events."""
+
+    def __init__(self, otel: ModuleType, tracer: TracerLike) -> None:
+        self._otel = otel
+        self._tracer = tracer
+        self._offset = time.time_ns() - round(trio.current_time() * 1e9)
+        self._runs: dict[str, SpanLike] = {}
+        self._steps: dict[str, SpanLike] = {}
+        """Open step spans by execution id."""
+        self._latest: dict[tuple[str, str], str] = {}
+        """The execution id of the latest step of (run id, node id): where retries go."""
+
+    def handle(self, event: Event) -> None:
+        """Start, annotate or end the spans ``event`` concerns."""
+        match event:
+            case RunStarted():
+                self._start_run(event)
+            case StepStarted():
+                self._start_step(event)
+            case StepFinished():
+                self._end_step(event)
+            case Retry() | Fallback():
+                self._step_event(event)
+            case RunFinished() | RunFailed() | RunCancelled():
+                self._end_run(event)
+            case EventsDropped():
+                for span in self._runs.values():
+                    span.add_event(
+                        "events dropped", {"cosmoflow.count": event.count}, self._ns(event.time)
+                    )
+
+    def end_all(self) -> None:
+        """End every span still open (the stream ended), now."""
+        for span in [*self._steps.values(), *self._runs.values()]:
+            span.end()
+        self._steps.clear()
+        self._runs.clear()
+
+    def _ns(self, trio_time: float) -> int:
+        return self._offset + round(trio_time * 1e9)
+
+    def _start_run(self, event: RunStarted) -> None:
+        attributes = {"cosmoflow.run_id": event.run_id, "cosmoflow.flow": event.flow_name}
+        self._runs[event.run_id] = self._tracer.start_span(
+            event.flow_name, attributes=attributes, start_time=self._ns(event.time)
+        )
+
+    def _start_step(self, event: StepStarted) -> None:
+        run = self._runs.get(event.run_id)
+        if run is None:
+            return
+        attributes = {
+            "cosmoflow.run_id": event.run_id,
+            "cosmoflow.flow": event.flow_name,
+            "cosmoflow.node_id": event.node_id,
+            "cosmoflow.execution_id": event.execution_id,
+        }
+        self._steps[event.execution_id] = self._tracer.start_span(
+            f"{event.flow_name}/{event.node_id}",
+            self._otel.set_span_in_context(run),
+            attributes=attributes,
+            start_time=self._ns(event.time),
+        )
+        self._latest[event.run_id, event.node_id] = event.execution_id
+
+    def _end_step(self, event: StepFinished) -> None:
+        span = self._steps.pop(event.execution_id, None)
+        if self._latest.get((event.run_id, event.node_id)) == event.execution_id:
+            del self._latest[event.run_id, event.node_id]
+        if span is None:
+            return
+        if event.action is not None:
+            span.set_attribute("cosmoflow.action", event.action)
+        elif event.error is not None:
+            self._fail(span, event.error, event.time)
+        else:
+            span.set_attribute("cosmoflow.cancelled", True)
+        span.end(self._ns(event.time))
+
+    def _step_event(self, event: Retry | Fallback) -> None:
+        execution_id = self._latest.get((event.run_id, event.node_id))
+        span = None if execution_id is None else self._steps.get(execution_id)
+        if span is None:
+            return
+        attributes: dict[str, str | int | float] = {
+            "exception.type": _qualified_name(type(event.error)),
+            "exception.message": str(event.error),
+        }
+        if isinstance(event, Retry):
+            attributes |= {"cosmoflow.attempt": event.attempt, "cosmoflow.delay": event.delay}
+            span.add_event("retry", attributes, self._ns(event.time))
+        else:
+            attributes["cosmoflow.attempts"] = event.attempts
+            span.add_event("fallback", attributes, self._ns(event.time))
+
+    def _end_run(self, event: RunFinished | RunFailed | RunCancelled) -> None:
+        span = self._runs.pop(event.run_id, None)
+        if span is None:
+            return
+        if isinstance(event, RunFinished):
+            span.set_attribute("cosmoflow.steps", event.steps)
+            span.set_attribute("cosmoflow.final_action", event.final_action)
+        elif isinstance(event, RunFailed):
+            self._fail(span, event.error, event.time)
+        else:
+            span.set_attribute("cosmoflow.cancelled", True)
+        span.end(self._ns(event.time))
+
+    def _fail(self, span: SpanLike, error: BaseException, at: float) -> None:
+        span.record_exception(error, timestamp=self._ns(at))
+        span.set_status(self._otel.Status(self._otel.StatusCode.ERROR, describe_error(error)))
+
+
+def _qualified_name(kind: type) -> str:
+    """An exception type's name as OpenTelemetry's ``exception.type`` has it."""
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"

@@ -1,0 +1,272 @@
+"""Events as readable lines, and as OpenTelemetry spans (the SDK's in-memory exporter)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.tracing import describe_error, format_event, trace_events
+from tests.support import Gate, Recorder, single
+
+pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+from opentelemetry.trace import StatusCode, Tracer
+
+
+class FlakyOnce(cf.Node):
+    """Takes 1 s; the first attempt fails, the retry follows 0.5 s later."""
+
+    max_retries = 2
+    retry_delay = 0.5
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        await trio.sleep(1)
+        if ctx.current_retry == 0:
+            raise ConnectionError("first attempt fails")
+
+
+@cf.node
+def broken(ctx: cf.ExecutionContext) -> None:
+    raise ValueError("no")
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def tracer(exporter: InMemorySpanExporter) -> Tracer:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("tests")
+
+
+def by_name(spans: Iterator[ReadableSpan] | tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
+    return {span.name: span for span in spans}
+
+
+async def test_a_run_is_a_trace_and_each_step_a_child_span(
+    autojump_clock: trio.testing.MockClock, tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    flow = (
+        cf.Flow.builder("ev")
+        .add_node("a", FlakyOnce())
+        .add_node("b", Recorder("done"))
+        .add_route("a", "b")
+        .build()
+    )
+    async with trio.open_nursery() as nursery, cf.open_engine() as engine:
+        await nursery.start(trace_events, engine, tracer)
+        await engine.run(flow, run_id="r1")
+    spans = by_name(exporter.get_finished_spans())
+    assert sorted(spans) == ["ev", "ev/a", "ev/b"]
+    run, a, b = spans["ev"], spans["ev/a"], spans["ev/b"]
+    assert run.parent is None
+    assert {a.parent.span_id, b.parent.span_id} == {run.context.span_id}  # type: ignore[union-attr]
+    assert {a.context.trace_id, b.context.trace_id} == {run.context.trace_id}
+    assert dict(run.attributes or {}) == {
+        "cosmoflow.run_id": "r1",
+        "cosmoflow.flow": "ev",
+        "cosmoflow.steps": 2,
+        "cosmoflow.final_action": "done",
+    }
+    assert dict(a.attributes or {}) == {
+        "cosmoflow.run_id": "r1",
+        "cosmoflow.flow": "ev",
+        "cosmoflow.node_id": "a",
+        "cosmoflow.execution_id": "r1:1",
+        "cosmoflow.action": "default",
+    }
+    assert_times(run, start=0.0, end=2.5)
+    assert_times(a, start=0.0, end=2.5, origin=run)
+    assert_times(b, start=2.5, end=2.5, origin=run)
+    [retry] = a.events
+    assert retry.name == "retry"
+    assert retry.timestamp - run.start_time == 1_000_000_000  # type: ignore[operator]
+    assert dict(retry.attributes or {}) == {
+        "exception.type": "ConnectionError",
+        "exception.message": "first attempt fails",
+        "cosmoflow.attempt": 1,
+        "cosmoflow.delay": 0.5,
+    }
+    assert all(span.status.status_code is StatusCode.UNSET for span in spans.values())
+
+
+def assert_times(
+    span: ReadableSpan, *, start: float, end: float, origin: ReadableSpan | None = None
+) -> None:
+    """The span's start and end, in seconds after ``origin``'s start, are exact."""
+    zero = (origin or span).start_time
+    assert span.start_time is not None and span.end_time is not None and zero is not None
+    assert (span.start_time - zero, span.end_time - zero) == (
+        round(start * 1e9),
+        round(end * 1e9),
+    )
+
+
+async def test_failures_set_error_status_and_record_the_exception(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    async with trio.open_nursery() as nursery, cf.open_engine() as engine:
+        await nursery.start(trace_events, engine, tracer)
+        with pytest.raises(cf.NodeError):
+            await engine.run(single(broken, "fails"), run_id="bad")
+    spans = by_name(exporter.get_finished_spans())
+    step, run = spans["fails/only"], spans["fails"]
+    for span in (step, run):
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.status.description is not None
+        assert "failed in exec" in span.status.description
+        assert "(caused by ValueError: no)" in span.status.description
+    assert [event.name for event in step.events] == ["fallback", "exception"]
+    assert dict(step.events[0].attributes or {})["cosmoflow.attempts"] == 1
+    exception_type = "cosmoflow_actors.errors.NodeError"
+    assert dict(run.events[0].attributes or {})["exception.type"] == exception_type
+
+
+async def test_a_cancelled_run_and_its_step_are_marked(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    gate = Gate()
+    async with trio.open_nursery() as nursery, cf.open_engine() as engine:
+        await nursery.start(trace_events, engine, tracer)
+        run = await engine.start_run(single(gate, "waits"), run_id="stopped")
+        await trio.testing.wait_all_tasks_blocked()
+        run.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+    spans = by_name(exporter.get_finished_spans())
+    assert spans["waits"].attributes == {
+        "cosmoflow.run_id": "stopped",
+        "cosmoflow.flow": "waits",
+        "cosmoflow.cancelled": True,
+    }
+    assert (spans["waits/only"].attributes or {})["cosmoflow.cancelled"] is True
+
+
+async def test_concurrent_runs_are_separate_traces(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    flow = single(Recorder(), "many")
+    async with trio.open_nursery() as nursery, cf.open_engine() as engine:
+        await nursery.start(trace_events, engine, tracer)
+        runs = [await engine.start_run(flow) for _ in range(3)]
+        for run in runs:
+            await run.wait()
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 6
+    traces = {span.context.trace_id for span in spans}
+    assert len(traces) == 3
+    for trace_id in traces:
+        names = sorted(span.name for span in spans if span.context.trace_id == trace_id)
+        assert names == ["many", "many/only"]
+
+
+class FedEngine:
+    """An event source whose stream the test fills by hand: exact events, exact drops."""
+
+    def __init__(self) -> None:
+        self.stream: cf.EventStream | None = None
+
+    def events(self, *, buffer: int = 10) -> cf.EventStream:
+        self.stream = cf.EventStream(buffer, lambda stream: None)
+        return self.stream
+
+
+async def test_dropped_events_are_noted_and_open_spans_end_with_the_stream(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    source = FedEngine()
+    error = ConnectionError("down")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(trace_events, source, tracer, buffer=1))
+        assert source.stream is not None
+        source.stream.offer(cf.RunStarted("r1", 0.0, "flow"))
+        await trio.testing.wait_all_tasks_blocked()
+        source.stream.offer(cf.StepStarted("r1", 0.1, "flow", "a", "r1:1"))
+        source.stream.offer(cf.Retry("r1", 0.2, "a", 1, error, 0.0))
+        source.stream.offer(cf.StepFinished("r1", 0.3, "flow", "a", "r1:1", 0.2, "x", None))
+        await trio.testing.wait_all_tasks_blocked()
+        source.stream.close()
+    [step, run] = exporter.get_finished_spans()
+    assert (step.name, [event.name for event in step.events]) == ("flow/a", ["retry"])
+    assert "cosmoflow.action" not in (step.attributes or {})
+    assert run.name == "flow"
+    [dropped] = run.events
+    assert (dropped.name, dict(dropped.attributes or {})) == (
+        "events dropped",
+        {"cosmoflow.count": 1},
+    )
+
+
+async def test_without_opentelemetry_the_error_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.trace", None)
+    async with cf.open_engine() as engine:
+        with pytest.raises(ImportError, match=r"pip install 'cosmoflow-actors\[otel\]'"):
+            await trace_events(engine)
+
+
+def test_every_event_has_a_readable_line() -> None:
+    error = ValueError("bad data")
+    events: list[tuple[cf.Event, str]] = [
+        (cf.RunStarted("r1", 10.0, "ev"), "run started     flow 'ev'"),
+        (cf.StepStarted("r1", 10.0, "ev", "a", "r1:1"), "step started    a"),
+        (
+            cf.StepFinished("r1", 10.5, "ev", "a", "r1:1", 0.5, "next", None),
+            "step finished   a -> next (500.0 ms)",
+        ),
+        (
+            cf.StepFinished("r1", 10.5, "ev", "a", "r1:1", 0.5, None, error),
+            "step failed     a (500.0 ms): ValueError: bad data",
+        ),
+        (
+            cf.StepFinished("r1", 10.5, "ev", "a", "r1:1", 0.5, None, None),
+            "step cancelled  a (500.0 ms)",
+        ),
+        (
+            cf.Retry("r1", 10.0, "a", 1, error, 0.25),
+            "retry           a attempt 1 failed: ValueError: bad data; next in 0.25s",
+        ),
+        (
+            cf.Fallback("r1", 10.0, "a", 3, error),
+            "fallback        a after 3 attempts: ValueError: bad data",
+        ),
+        (
+            cf.RunFinished("r1", 12.0, "ev", 2.0, 4, "done"),
+            "run finished    done after 4 steps (2000.0 ms)",
+        ),
+        (cf.RunFailed("r1", 12.0, "ev", 2.0, error), "run failed      ValueError: bad data"),
+        (cf.RunCancelled("r1", 12.0, "ev", 2.0), "run cancelled   (2000.0 ms)"),
+        (cf.EventsDropped("", 12.0, 7), "events dropped  7 (the consumer fell behind)"),
+    ]
+    for event, line in events:
+        formatted = format_event(event, origin=10.0)
+        assert formatted[22:].startswith(line), formatted
+    assert format_event(cf.RunStarted("0123456789abcdef", 12.25, "ev"), origin=10.0) == (
+        "   +2.250s  01234567  run started     flow 'ev'"
+    )
+    assert format_event(cf.EventsDropped("", 12.0, 7), origin=10.0)[12:22] == "-         "
+
+
+def test_errors_are_described_with_their_causes() -> None:
+    try:
+        try:
+            raise KeyError("k")
+        except KeyError as exc:
+            raise RuntimeError("outer") from exc
+    except RuntimeError as exc:
+        assert describe_error(exc) == "RuntimeError: outer (caused by KeyError: 'k')"
