@@ -190,3 +190,47 @@ async def test_list_runs_on_a_temporary_engine(tmp_path: Path) -> None:
     assert await cf.list_runs(cf.SQLiteStorage(path)) == [
         cf.RunRecord("only", "loop", "succeeded", "count", 1)
     ]
+
+
+class EachName(cf.BatchFlow):
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, Any]]:
+        return [{"name": name} for name in ("a", "b", "c")]
+
+
+def batch_parent(fail_on: str | None = None) -> tuple[cf.Flow, list[str]]:
+    ran: list[str] = []
+
+    @cf.node
+    async def child(ctx: cf.ExecutionContext) -> None:
+        name = ctx.params["name"]
+        if name == fail_on and name not in ran:
+            ran.append(name)
+            raise RuntimeError(f"child {name} fails once")
+        ran.append(name)
+        await ctx.store.set(f"done:{name}", True)
+
+    inner = cf.Flow.builder("child").add_node("child", child).build()
+    return cf.Flow.builder("parent").add_node(
+        "each", EachName(inner, max_concurrency=1)
+    ).build(), ran
+
+
+async def test_children_of_a_plain_run_leave_no_records(tmp_path: Path) -> None:
+    flow, ran = batch_parent()
+    storage = cf.FileStorage(tmp_path / "store.json")
+    await flow.run(storage)
+    assert sorted(ran) == ["a", "b", "c"]
+    assert await cf.list_runs(storage) == []
+
+
+async def test_children_of_a_durable_run_are_durable_and_not_run_again(tmp_path: Path) -> None:
+    flow, ran = batch_parent(fail_on="b")
+    storage = cf.FileStorage(tmp_path / "store.json")
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError):
+            await engine.run(flow, storage, run_id="p")
+        result = await engine.resume(flow, storage, run_id="p")
+        records = {r.run_id: r.state for r in await engine.list_runs(storage)}
+    assert sorted(ran) == ["a", "b", "b", "c"]
+    assert result.success
+    assert records == {"p": "succeeded", "p/0": "succeeded", "p/1": "succeeded", "p/2": "succeeded"}

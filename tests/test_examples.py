@@ -20,6 +20,12 @@ ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples"
 
 EXPECTED = {
+    "durable_resume.py": [
+        "crashed:  the first attempt died in step 3 (exit status 1)",
+        "recorded: nightly-report running after 2 steps (last node: clean)",
+        "resumed:  summarize -> publish",
+        "log:      fetch, clean, summarize, publish (each step once: True)",
+    ],
     "hello_world.py": [
         "greeting: Hello, CosmoFlow!",
         "result:   HELLO, COSMOFLOW!",

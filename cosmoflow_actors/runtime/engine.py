@@ -229,8 +229,11 @@ class Engine:
         run_id: str | None,
         *,
         resume: bool,
+        durable: bool = True,
     ) -> Run:
-        durable = run_id is not None and _as_storage_kind(store).persistent
+        """Start (or resume) a run; durable only if ``durable`` allows and it has a
+        ``run_id`` on a persistent storage."""
+        durable = durable and run_id is not None and _as_storage_kind(store).persistent
         run_id = self._check_start(flow, run_id)
         if durable:
             _check_durable(flow)
@@ -346,11 +349,22 @@ class Engine:
             self._events.emit(RunStarted(run_id, run.started_at, flow.name))
         return run
 
-    async def _run_or_resume(
-        self, flow: Flow, store: Storage, *, params: Mapping[str, Any], run_id: str
+    async def _run_child(
+        self,
+        flow: Flow,
+        store: Storage,
+        *,
+        params: Mapping[str, Any],
+        run_id: str,
+        durable: bool,
     ) -> FlowResult:
-        """How a BatchFlow runs a child: resumed (or recorded) if durable, else afresh."""
-        return await self.resume(flow, store, run_id=run_id, params=params)
+        """How a BatchFlow runs a child: durable (resumed, or its recorded result) when
+        its parent is durable, else an ordinary run."""
+        run = await self._start(flow, store, params, run_id, resume=durable, durable=durable)
+        try:
+            return await run.wait()
+        finally:
+            run.cancel()
 
     def events(self, *, buffer: int = DEFAULT_EVENT_BUFFER) -> EventStream:
         """A stream of every run and step event from now on; never blocks the engine.
@@ -410,7 +424,7 @@ class Engine:
                     self._router.inbox,
                     self._mailbox_size,
                     self._workers,
-                    self._run_or_resume,
+                    self._run_child,
                     self._events,
                 )
                 self._node_actors[flow, node_id] = actor

@@ -29,10 +29,10 @@ from cosmoflow_actors.runtime.executor import call, exec_call
 from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone, StepFailed
 from cosmoflow_actors.runtime.run import Run
-from cosmoflow_actors.storage.base import Storage
 
 RunChild = Callable[..., Awaitable[FlowResult]]
-"""How a BatchFlow node runs a child run (the engine's run-or-resume)."""
+"""How a BatchFlow node runs a child run: ``run_child(flow, storage, params=...,
+run_id=..., durable=...)``."""
 
 KEEP_IDLE: Final = 8
 """Idle workers a node actor keeps; more exit until work comes back."""
@@ -237,7 +237,7 @@ class NodeActor:
             return await self._exec(prep_res, ctx)
         if isinstance(self.node, BatchFlow):
             param_sets = _items(self.node_id, ctx, prep_res)
-            return await self._run_children(self.node, param_sets, run.storage, ctx)
+            return await self._run_children(self.node, param_sets, run, ctx)
         if isinstance(self.node, ParallelBatchNode):
             return await self._exec_parallel(_items(self.node_id, ctx, prep_res), ctx)
         return [await self._exec(item, ctx) for item in _items(self.node_id, ctx, prep_res)]
@@ -248,14 +248,20 @@ class NodeActor:
         return await _all_or_first_error(self.max_concurrency, jobs)
 
     async def _run_children(
-        self, batch: BatchFlow, param_sets: list[Any], storage: Storage, ctx: ExecutionContext
+        self, batch: BatchFlow, param_sets: list[Any], run: Run, ctx: ExecutionContext
     ) -> list[FlowResult]:
-        """Run ``batch.flow`` once per parameter set as child runs on this run's store."""
+        """Run ``batch.flow`` once per parameter set as child runs on this run's store;
+        they are durable when this run is."""
         run_child = self._run_child
         assert run_child is not None
         jobs = [
             functools.partial(
-                run_child, batch.flow, storage, params=params, run_id=f"{ctx.run_id}/{index}"
+                run_child,
+                batch.flow,
+                run.storage,
+                params=params,
+                run_id=f"{ctx.run_id}/{index}",
+                durable=run.record is not None,
             )
             for index, params in enumerate(param_sets)
         ]

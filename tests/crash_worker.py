@@ -1,0 +1,233 @@
+"""The process tests/test_crash.py kills: durable work that reports what it committed.
+
+``python -m tests.crash_worker serve`` imports everything once, then serves jobs: for
+each JSON job line on stdin it forks a child that runs the job, so a trial costs a
+fork instead of an interpreter start. The server and its children share one stdout:
+
+    pid <pid>        a child started (the child's first line)
+    step <n>         "flow" job: step n of the durable run is committed
+    done             "flow" job: the run's result is recorded (after every "step")
+    begin <i>        "file" job: commit i's writes are about to be staged and committed
+    commit <i>       "file" job: commit i returned, so it is durable
+    done             "file" job: all its commits returned
+    exit <status>    the server reaped the child (after a "reap" line on stdin)
+
+On stdin the server takes, after a job line, any number of "go" lines and then one
+"reap" line. "go" lets the "file" job's child start the commit it announced with
+"begin" (so the test can watch the files before it writes). The server reaps a child
+only on "reap", so until then its pid cannot be reused and the test may SIGKILL it at
+any moment. Each line is one ``os.write`` of fewer than PIPE_BUF bytes: a killed child
+never leaves half a line.
+
+A job is ``{"job": "flow" | "file", "backend": "file" | "sqlite" | "redis",
+"target": path or URL, "namespace": Redis namespace or null}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+import traceback
+from typing import Any, Final
+
+import trio
+
+import cosmoflow_actors as cf
+
+STEPS: Final = 50
+"""Steps of the durable run."""
+
+RUN_ID: Final = "crash"
+
+FILE_COMMITS: Final = 12
+"""Commits of the "file" job."""
+
+BLOBS: Final = 3
+"""Keys the "file" job's commits overwrite in turn."""
+
+BLOB_BYTES: Final = 1024 * 1024
+"""Size of each value the "file" job writes: the journal outgrows the snapshot (and
+compacts) every few commits, and each write lasts long enough for the test to see it
+and kill the child in it."""
+
+GO_FD: Final = 3
+"""A child's end of its "go" pipe."""
+
+
+class CountingStep(cf.Node):
+    """One step of the run: ``n += 1``, ``step:<n> = step_value(n)``, ``log += [n]``.
+
+    In a durable run the three writes are staged and committed with the step's record.
+    ``posts`` lists the ``n`` of every post that ran in this process.
+    """
+
+    def __init__(self) -> None:
+        self.posts: list[int] = []
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> int:
+        count: int = await store.get("n", 0)
+        return count
+
+    def exec(self, prep_res: int, ctx: cf.ExecutionContext) -> dict[str, int]:
+        return step_value(prep_res + 1)
+
+    async def post(
+        self,
+        store: cf.SharedStore,
+        prep_res: int,
+        exec_res: dict[str, int],
+        ctx: cf.ExecutionContext,
+    ) -> str:
+        n: int = await store.update("n", _increment, default=0)
+        await store.set(f"step:{n}", exec_res)
+        await store.update("log", functools.partial(_append, n), default=[])
+        self.posts.append(n)
+        return "again"
+
+
+def step_value(n: int) -> dict[str, int]:
+    """What step ``n`` stores under ``step:<n>``."""
+    return {"n": n, "square": n * n}
+
+
+def _increment(count: int) -> int:
+    return count + 1
+
+
+def _append(n: int, log: list[int]) -> list[int]:
+    return [*log, n]
+
+
+def crash_flow(node: cf.Node | None = None) -> cf.Flow:
+    """A one-node loop that runs :data:`STEPS` steps."""
+    again = cf.ActionCondition.compare("n", "<", STEPS)
+    return (
+        cf.Flow.builder("crash")
+        .add_node("step", node or CountingStep())
+        .add_route("step", "step", "again", when=again)
+        .add_route("step", cf.END, "again")
+        .build()
+    )
+
+
+def blob(i: int) -> str:
+    """The value commit ``i`` of the "file" job writes under ``blob:<i % BLOBS>``."""
+    prefix = f"{i}:"
+    return prefix + "x" * (BLOB_BYTES - len(prefix))
+
+
+def open_storage(job: dict[str, Any]) -> cf.Storage:
+    """The storage a job names (a new instance over its data)."""
+    backend, target = job["backend"], job["target"]
+    if backend == "file":
+        return cf.FileStorage(target)
+    if backend == "sqlite":
+        return cf.SQLiteStorage(target)
+    if backend == "redis":
+        return cf.RedisStorage(target, namespace=job["namespace"])
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def emit(line: str) -> None:
+    """Write one whole line to stdout at once (never buffered, never torn)."""
+    os.write(sys.stdout.fileno(), f"{line}\n".encode())
+
+
+async def run_flow(job: dict[str, Any]) -> None:
+    """Start or continue the durable run; report each committed step, then "done"."""
+    storage = open_storage(job)
+    async with cf.open_engine() as engine, engine.events() as events:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_report_steps, events)
+            await engine.resume(crash_flow(), storage, run_id=RUN_ID)
+            events.close()  # the reporter reports what is buffered, then ends
+        emit("done")
+
+
+async def _report_steps(events: cf.EventStream) -> None:
+    """StepFinished with an action comes after the step's commit returned."""
+    async for event in events:
+        if isinstance(event, cf.StepFinished) and event.action is not None:
+            emit(f"step {event.execution_id.rpartition(':')[2]}")
+
+
+async def run_file_commits(job: dict[str, Any]) -> None:
+    """Commit big values to a FileStorage, reporting before and after each commit.
+
+    Before each commit it waits for a "go" from the test (a byte on :data:`GO_FD`); it
+    blocks the trio thread meanwhile, which nothing else needs here. It runs at a low
+    priority so that on a busy machine the test watching its files is the one that
+    gets the CPU, and sees its writes as they happen.
+    """
+    os.nice(10)
+    storage = cf.FileStorage(job["target"])
+    await storage.open()
+    for i in range(1, FILE_COMMITS + 1):
+        emit(f"begin {i}")
+        if os.read(GO_FD, 1) != b"g":
+            raise RuntimeError("the server closed the go pipe")
+        await storage.set(f"blob:{i % BLOBS}", blob(i))
+        await storage.set("i", i)
+        await storage.commit()
+        emit(f"commit {i}")
+    emit("done")
+
+
+JOBS: Final = {"flow": run_flow, "file": run_file_commits}
+
+
+def _child(job: dict[str, Any], go: int) -> None:
+    """Run ``job`` in a forked child; never returns."""
+    status = 1
+    try:
+        os.dup2(go, GO_FD)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        emit(f"pid {os.getpid()}")
+        trio.run(JOBS[job["job"]], job)
+        status = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def serve() -> None:
+    """Fork a child per job line; reap it once a "reap" line arrives."""
+    with contextlib.suppress(ImportError):
+        import redis  # noqa: F401 (imported once here, not in every child)
+    for line in sys.stdin:
+        job = json.loads(line)
+        go_read, go_write = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_write)
+            _child(job, go_read)
+        os.close(go_read)
+        _pass_go(go_write)
+        os.close(go_write)
+        _, status = os.waitpid(pid, 0)
+        emit(f"exit {os.waitstatus_to_exitcode(status)}")
+
+
+def _pass_go(go: int) -> None:
+    """Hand each "go" line to the child, until "reap"."""
+    for line in sys.stdin:
+        if line.strip() == "reap":
+            return
+        if line.strip() != "go":
+            raise SystemExit(f"expected 'go' or 'reap', got {line!r}")
+        with contextlib.suppress(BrokenPipeError):  # the child is gone
+            os.write(go, b"g")
+    raise SystemExit("expected 'reap' after a job")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["serve"]:
+        raise SystemExit("usage: python -m tests.crash_worker serve")
+    serve()

@@ -1,0 +1,407 @@
+"""Durable runs against SIGKILL: real worker processes killed at random moments.
+
+The worker (:mod:`tests.crash_worker`) runs in forked children of one server process
+per test. A trial starts a child, reads a random number of its progress lines (each
+one a fact it acknowledged: a committed step, a returned commit), kills it with
+SIGKILL, and then checks in this process what the store holds, and that resuming
+finishes the run exactly as an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+import trio
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.durability import record_key
+from tests.crash_worker import (
+    BLOBS,
+    FILE_COMMITS,
+    RUN_ID,
+    STEPS,
+    CountingStep,
+    blob,
+    crash_flow,
+    open_storage,
+    step_value,
+)
+from tests.storage_suite import RedisServer, running_redis, unique_namespace
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+TRIALS: Final = 20
+"""Trials per backend, and the least number of trials of the FileStorage commit test."""
+MAX_FILE_TRIALS: Final = 200
+"""Bound on the FileStorage commit trials, which go on until every kind of crash is seen."""
+TIMEOUT: Final = 60.0
+"""Seconds a trial (or the server's start or stop) may take before the test fails."""
+RECORD: Final = record_key(RUN_ID)
+STRAY_TEMP: Final = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
+
+
+class Child:
+    """A forked worker child and the lines it wrote so far."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.lines: list[str] = []
+        self.status: int | None = None
+        """How it ended, once reaped: 0 (it finished) or -9 (killed)."""
+
+    def kill(self) -> None:
+        """SIGKILL it. Safe until it is reaped: until then its pid stays its own."""
+        os.kill(self.pid, signal.SIGKILL)
+
+    def last(self, word: str) -> int:
+        """The highest ``n`` of its lines ``"<word> <n>"`` (0 if none)."""
+        numbers = [int(line.split()[1]) for line in self.lines if line.startswith(f"{word} ")]
+        return max(numbers, default=0)
+
+    @property
+    def done(self) -> bool:
+        return "done" in self.lines
+
+
+class Server:
+    """The worker server (see :mod:`tests.crash_worker`): one forked child per trial."""
+
+    def __init__(self, process: trio.Process, log: Path) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self._process = process
+        self._stdin = process.stdin
+        self._stdout = process.stdout
+        self._buffer = bytearray()
+        self.log = log
+
+    async def start(self, job: dict[str, Any]) -> Child:
+        """Fork a child that runs ``job``; return once it runs."""
+        await self._send(json.dumps(job))
+        return Child(int((await self._line()).removeprefix("pid ")))
+
+    async def read(self, child: Child) -> str:
+        """Wait for ``child``'s next line; return it (it is also in ``child.lines``)."""
+        line = await self._line()
+        child.lines.append(line)
+        return line
+
+    async def go(self) -> None:
+        """Let the "file" job's child start the commit it announced."""
+        await self._send("go")
+
+    async def reap(self, child: Child) -> None:
+        """SIGKILL ``child`` (if it has not finished), reap it and collect every line
+        it wrote before it died."""
+        child.kill()
+        await self._send("reap")
+        while not (line := await self._line()).startswith("exit "):
+            child.lines.append(line)
+        child.status = int(line.removeprefix("exit "))
+        assert child.status in (0, -signal.SIGKILL), f"the worker failed: {self.log.read_text()}"
+
+    async def close(self) -> None:
+        """End the server (end of its input) and wait for it."""
+        with trio.fail_after(TIMEOUT):
+            await self._stdin.aclose()
+            assert await self._process.wait() == 0, self.log.read_text()
+
+    async def _send(self, line: str) -> None:
+        await self._stdin.send_all(f"{line}\n".encode())
+
+    async def _line(self) -> str:
+        while b"\n" not in self._buffer:
+            chunk = await self._stdout.receive_some()
+            if not chunk:
+                raise EOFError(f"the worker server exited: {self.log.read_text()}")
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer[:] = rest
+        return line.decode()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    log = tmp_path / "worker.log"
+    with log.open("wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tests.crash_worker", "serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=ROOT,
+        )
+    running = Server(process, log)
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the module; every trial has a namespace of its own."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as running:
+        yield running
+
+
+def job_for(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, name: str
+) -> dict[str, Any]:
+    """A "flow" job over fresh data called ``name`` of ``backend``."""
+    job: dict[str, Any] = {"job": "flow", "backend": backend, "namespace": None}
+    if backend == "redis":
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        return {**job, "target": redis_server.url, "namespace": unique_namespace()}
+    suffix = ".json" if backend == "file" else ".db"
+    return {**job, "target": str(tmp_path / f"{name}{suffix}")}
+
+
+async def read_all(storage: cf.Storage) -> dict[str, Any]:
+    """Every key of ``storage`` (run records included), read straight from the backend."""
+    await storage.open()
+    return {key: await storage.get(key) for key in await storage.keys()}
+
+
+async def read_closed(storage: cf.Storage) -> dict[str, Any]:
+    """:func:`read_all`, then close ``storage``."""
+    try:
+        return await read_all(storage)
+    finally:
+        await storage.aclose()
+
+
+def normalized(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the run's duration, which no two runs share."""
+    record = data.get(RECORD)
+    if record is None or record["result"] is None:
+        return data
+    result = {key: value for key, value in record["result"].items() if key != "duration"}
+    return {**data, RECORD: {**record, "result": result}}
+
+
+async def kill_after_lines(server: Server, job: dict[str, Any], count: int) -> Child:
+    """Run ``job`` and kill it once it wrote ``count`` lines (or finished)."""
+    with trio.fail_after(TIMEOUT):
+        child = await server.start(job)
+        while len(child.lines) < count and not child.done:
+            await server.read(child)
+        await server.reap(child)
+    return child
+
+
+def kill_point(trial: int, rng: random.Random) -> int:
+    """How many lines a child of the flow job writes before the kill: none (right after
+    it starts), all (after the result is recorded), or any number in between."""
+    if trial == 0:
+        return 0
+    if trial == 1:
+        return STEPS + 1
+    return rng.randint(0, STEPS + 1)
+
+
+def check_interrupted(data: dict[str, Any], child: Child, seed: str) -> int:
+    """Check what a killed run left behind; return the number of steps it committed."""
+    n: int = data.get("n", 0)
+    context = f"seed {seed!r}, killed after {child.lines[-3:]}, store n={n}"
+    acknowledged = child.last("step")
+    assert n >= acknowledged, f"{context}: step {acknowledged} was acknowledged, then lost"
+    steps = {key: value for key, value in data.items() if key.startswith("step:")}
+    assert steps == {f"step:{i}": step_value(i) for i in range(1, n + 1)}, context
+    assert data.get("log", []) == list(range(1, n + 1)), f"{context}: a step applied twice"
+    record = data.get(RECORD)
+    if record is None:
+        assert data == {}, f"{context}: writes without the run's record"
+    else:
+        assert len(record["path"]) == n, f"{context}: writes and record committed apart"
+    if child.done:
+        assert record is not None and record["state"] == "succeeded", context
+    return n
+
+
+@pytest.mark.parametrize("backend", ["file", "sqlite", "redis"])
+async def test_a_killed_durable_run_resumes_to_the_uninterrupted_result(
+    backend: str, server: Server, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    async with cf.open_engine() as engine:
+        reference_job = job_for(backend, tmp_path, request, "reference")
+        await engine.run(crash_flow(), open_storage(reference_job), run_id=RUN_ID)
+        reference = normalized(await read_closed(open_storage(reference_job)))
+        assert reference["log"] == list(range(1, STEPS + 1))
+        for trial in range(TRIALS):
+            seed = f"{backend}-{trial}"
+            job = job_for(backend, tmp_path, request, f"trial-{trial}")
+            child = await kill_after_lines(server, job, kill_point(trial, random.Random(seed)))
+            storage = open_storage(job)
+            try:
+                committed = check_interrupted(await read_all(storage), child, seed)
+                node = CountingStep()
+                result = await engine.resume(crash_flow(node), storage, run_id=RUN_ID)
+            finally:
+                await storage.aclose()
+            assert node.posts == list(range(committed + 1, STEPS + 1)), f"seed {seed!r}"
+            assert result.execution_path == ("step",) * STEPS, f"seed {seed!r}"
+            final = normalized(await read_closed(open_storage(job)))
+            assert final == reference, f"seed {seed!r}"
+
+
+MOMENTS: Final = ("writing", "renamed", "writing", "begun")
+"""When a "file" job child is killed, in its commit i: once it announced "begin i" (and
+waits for "go"); once it writes (a journal line is open, or a temporary file exists);
+or once the snapshot was renamed into place (a compaction's next step is replacing the
+journal). A commit that never reaches the moment is killed when it returns."""
+
+
+async def kill_during_commit(server: Server, path: Path, commit: int, moment: str) -> Child:
+    """Run the "file" job on ``path``; kill it at ``moment`` of its commit ``commit``."""
+    job = {"job": "file", "backend": "file", "target": str(path), "namespace": None}
+    with trio.fail_after(TIMEOUT):
+        child = await server.start(job)
+        while (line := await server.read(child)) != f"begin {commit}":
+            if line.startswith("begin "):
+                await server.go()
+        if moment != "begun":
+            await kill_when(server, child, Watch(path, moment))
+        await server.reap(child)
+    return child
+
+
+async def kill_when(server: Server, child: Child, watch: Watch) -> None:
+    """Let ``child`` commit, and kill it as soon as ``watch`` sees its moment, unless
+    the commit returns first."""
+    stop = threading.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def watching() -> None:
+                killed = await trio.to_thread.run_sync(
+                    watch.kill_at_moment, child, stop, abandon_on_cancel=True
+                )
+                if killed:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watching)
+            await server.go()
+            await server.read(child)  # "commit <i>": the commit returned first
+            stop.set()
+    finally:
+        stop.set()
+
+
+class Watch:
+    """A FileStorage's files as a commit about to start leaves them, and the moment of
+    that commit to kill it at: "writing" (a journal line is open, or a temporary file
+    exists) or "renamed" (a new snapshot is in place)."""
+
+    def __init__(self, path: Path, moment: str) -> None:
+        self._path = path
+        self._journal = path.with_name(f"{path.name}.journal")
+        self._moment = moment
+        self._inode = snapshot_inode(path)
+
+    def kill_at_moment(self, child: Child, stop: threading.Event) -> bool:
+        """Spin (in a thread) until the moment comes, then kill ``child`` and return
+        True; return False once ``stop`` is set. The closest a test can follow a write
+        without a hook in the code that writes."""
+        while not stop.is_set():
+            if self._reached():
+                child.kill()
+                return True
+        return False
+
+    def _reached(self) -> bool:
+        if self._moment == "renamed":
+            return snapshot_inode(self._path) != self._inode
+        return journal_line_open(self._journal) or bool(stray_temps(self._path.parent))
+
+
+def snapshot_inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def journal_line_open(journal: Path) -> bool:
+    """Whether the journal's last line is being written (it does not end a line)."""
+    try:
+        fd = os.open(journal, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+    finally:
+        os.close(fd)
+
+
+def stray_temps(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if STRAY_TEMP.fullmatch(name))
+
+
+def check_whole_files(path: Path, context: str) -> str:
+    """Check that the snapshot is complete and every journal line but the last is;
+    return what a crash left: "journal behind" (a compaction stopped between its two
+    renames), "torn line" (the journal's last line is cut short) or ""."""
+    generation = 0
+    if path.exists():
+        snapshot = json.loads(path.read_bytes())
+        assert snapshot["format"] == "cosmoflow-store", context
+        generation = snapshot["generation"]
+    journal = path.with_name(f"{path.name}.journal")
+    if not journal.exists():
+        return ""
+    header, *whole, last = journal.read_bytes().split(b"\n")
+    for line in whole:
+        json.loads(line)
+    if json.loads(header)["generation"] == generation - 1:
+        return "journal behind"
+    return "torn line" if last else ""
+
+
+async def check_file_after_kill(path: Path, child: Child, context: str) -> str:
+    """Check the files a killed commit left and how the next open treats them; return
+    what the kill left: "stray temp", "journal behind", "torn line" or "clean"."""
+    context = f"{context}, killed after {child.lines[-2:]}"
+    temps = stray_temps(path.parent)
+    left = check_whole_files(path, context)
+    storage = cf.FileStorage(path)
+    stored = await read_all(storage)
+    assert stray_temps(path.parent) == [], f"{context}: temporary files left after open"
+    count = stored.get("i", 0)
+    assert child.last("commit") <= count <= child.last("begin"), context
+    expected = {f"blob:{i % BLOBS}": blob(i) for i in range(1, count + 1)}
+    assert stored == ({**expected, "i": count} if count else {}), context
+    await storage.set("i", count + 1)
+    await storage.commit()  # compacts if the journal was torn or behind
+    assert check_whole_files(path, context) == "", f"{context}: {left} after a commit"
+    assert await read_all(cf.FileStorage(path)) == {**stored, "i": count + 1}, context
+    return "stray temp" if temps else left or "clean"
+
+
+async def test_a_file_storage_killed_during_commits_opens_cleanly(
+    server: Server, tmp_path: Path
+) -> None:
+    seen: Counter[str] = Counter()
+    for trial in range(MAX_FILE_TRIALS):
+        if trial >= TRIALS and seen["stray temp"] and seen["torn line"]:
+            break
+        seed = f"file-commit-{trial}"
+        commit = random.Random(seed).randint(1, FILE_COMMITS)
+        moment = MOMENTS[trial % len(MOMENTS)]
+        path = tmp_path / f"trial-{trial}" / "store.json"
+        path.parent.mkdir()
+        child = await kill_during_commit(server, path, commit, moment)
+        context = f"seed {seed!r}: {moment} commit {commit}"
+        seen[await check_file_after_kill(path, child, context)] += 1
+    assert seen["stray temp"] and seen["torn line"], f"after {trial + 1} trials: {seen}"
