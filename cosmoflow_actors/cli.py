@@ -100,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--concurrency", type=_positive, metavar="C", help="with --runs: at most C at once (1)"
     )
+    run.add_argument(
+        "--run-id",
+        metavar="ID",
+        help="name the run; on a persistent --store it is durable (see docs/durability.md)",
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="with --run-id: continue the run ID if recorded"
+    )
     run.add_argument("--trace", action="store_true", help="print every event on stderr")
     run.add_argument("--json", action="store_true", help="print the outcome as JSON")
     graph = commands.add_parser("graph", parents=[common], help="print a flow's diagram")
@@ -244,16 +252,24 @@ class _RunOptions:
     storage: Storage | None
     params: dict[str, Any]
     trace: bool
+    run_id: str | None = None
+    resume: bool = False
 
 
 def _run_command(args: argparse.Namespace) -> int:
     if args.concurrency is not None and args.runs is None:
         raise CliError("--concurrency needs --runs")
+    if args.run_id is not None and args.runs is not None:
+        raise CliError("--run-id names one run; it does not go with --runs")
+    if args.resume and args.run_id is None:
+        raise CliError("--resume needs --run-id")
     options = _RunOptions(
         load_flow(args.target),
         parse_store(args.store, args.codec),
         _parse_params(args.param),
         args.trace,
+        args.run_id,
+        args.resume,
     )
     if args.runs is None:
         result, store = trio.run(_run_once, options)
@@ -281,7 +297,7 @@ async def _run_once(options: _RunOptions) -> tuple[FlowResult, dict[str, Any]]:
         if options.trace:
             await nursery.start(_watch, engine, [_printer()])
         try:
-            result = await engine.run(options.flow, store, params=options.params)
+            result = await _run_or_resume(engine, options, store)
         except Exception as exc:  # the run's own error, raised below as is
             failure = exc
         contents = await _contents(engine, store) if isinstance(store, Storage) else store
@@ -290,6 +306,17 @@ async def _run_once(options: _RunOptions) -> tuple[FlowResult, dict[str, Any]]:
     if failure is not None:
         raise failure
     return result, contents
+
+
+async def _run_or_resume(
+    engine: Engine, options: _RunOptions, store: Storage | dict[str, Any]
+) -> FlowResult:
+    if options.resume:
+        assert options.run_id is not None
+        return await engine.resume(
+            options.flow, store, run_id=options.run_id, params=options.params
+        )
+    return await engine.run(options.flow, store, params=options.params, run_id=options.run_id)
 
 
 def _store(options: _RunOptions) -> Storage | dict[str, Any]:

@@ -489,3 +489,27 @@ def test_inspect_lists_the_durable_runs_of_a_store(
     out = capsys.readouterr().out
     assert "runs (1)" in out
     assert "nightly" in out and "succeeded" in out
+
+
+def test_run_id_makes_a_durable_run_that_resume_does_not_repeat(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "counted.py"
+    flow_file.write_text(
+        "import cosmoflow_actors as cf\n"
+        "@cf.node\n"
+        "async def bump(ctx):\n"
+        "    return cf.Action.complete(await ctx.store.update('n', lambda n: n + 1, default=0))\n"
+        "flow = cf.Flow.builder('counted').add_node('bump', bump).build()\n"
+    )
+    store = f"sqlite:{tmp_path / 'runs.db'}"
+    for argv in (
+        ["run", str(flow_file), "--store", store, "--run-id", "r1", "--json"],
+        ["run", str(flow_file), "--store", store, "--run-id", "r1", "--resume", "--json"],
+    ):
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["result"] == 1
+    assert main(["run", str(flow_file), "--runs", "2", "--run-id", "r1"]) == 2
+    assert "--run-id names one run" in capsys.readouterr().err
+    assert main(["run", str(flow_file), "--resume"]) == 2
+    assert "--resume needs --run-id" in capsys.readouterr().err
