@@ -35,14 +35,9 @@ from cosmoflow_actors.events import (
 from cosmoflow_actors.flow import END, BatchFlow, Flow, FlowBuilder, FlowResult, Route
 from cosmoflow_actors.node import BatchNode, FunctionNode, Node, ParallelBatchNode, node
 from cosmoflow_actors.runtime.durability import RunRecord
-from cosmoflow_actors.runtime.engine import (
-    ActorStatistics,
-    Engine,
-    EngineStatistics,
-    list_runs,
-    open_engine,
-)
+from cosmoflow_actors.runtime.engine import Engine, list_runs, open_engine
 from cosmoflow_actors.runtime.run import Run, RunState
+from cosmoflow_actors.runtime.statistics import ActorStatistics, EngineStatistics
 from cosmoflow_actors.storage import (
     FileStorage,
     MemoryStorage,

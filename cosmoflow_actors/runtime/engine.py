@@ -9,18 +9,16 @@ waits for the runs started in it.
 from __future__ import annotations
 
 import functools
-import math
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Final, Protocol, final
+from typing import Any, Final, final
 
 import trio
 import trio_parallel
 from trio_util import AsyncValue
 
-from cosmoflow_actors.errors import ActorCrashedError, CosmoFlowError, StorageError
+from cosmoflow_actors.errors import ActorCrashedError, CosmoFlowError
 from cosmoflow_actors.events import (
     DEFAULT_BUFFER as DEFAULT_EVENT_BUFFER,
 )
@@ -36,97 +34,17 @@ from cosmoflow_actors.events import (
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.durability import RunRecord
-from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import Step, StepDone, deliver
 from cosmoflow_actors.runtime.node_actor import NodeActor
 from cosmoflow_actors.runtime.router import Router
 from cosmoflow_actors.runtime.run import Run, RunState
+from cosmoflow_actors.runtime.statistics import Actor, ActorStatistics, EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
+from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.memory import MemoryStorage
 
 DEFAULT_MAILBOX_SIZE: Final = 256
 """Steps (or store requests) an actor's mailbox holds before senders wait."""
-
-
-class _Actor(Protocol):
-    """What the engine reads of every actor (node, router, store)."""
-
-    @property
-    def kind(self) -> str: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def serving(self) -> bool: ...
-    @property
-    def messages_processed(self) -> int: ...
-    @property
-    def in_flight(self) -> int: ...
-    @property
-    def mailbox_size(self) -> float: ...
-    @property
-    def max_concurrency(self) -> int | None: ...
-    @property
-    def rate(self) -> RateLimiter | None: ...
-    @property
-    def mailbox_depth(self) -> int: ...
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ActorStatistics:
-    """One actor's counters and limits: ``kind`` is "node", "router" or "store".
-
-    ``mailbox_size`` is None for the router's unbounded inbox; ``rate_limit`` is
-    ``(calls, per_seconds)`` or None, and ``rate_waiting`` the exec attempts waiting
-    for it.
-    """
-
-    name: str
-    kind: str
-    messages_processed: int
-    mailbox_depth: int
-    in_flight: int
-    mailbox_size: int | None
-    max_concurrency: int | None
-    rate_limit: tuple[int, float] | None
-    rate_waiting: int
-
-    @classmethod
-    def of(cls, actor: _Actor) -> ActorStatistics:
-        """Read an actor's counters now."""
-        rate = actor.rate
-        return cls(
-            name=actor.name,
-            kind=actor.kind,
-            messages_processed=actor.messages_processed,
-            mailbox_depth=actor.mailbox_depth,
-            in_flight=actor.in_flight,
-            mailbox_size=None if math.isinf(actor.mailbox_size) else int(actor.mailbox_size),
-            max_concurrency=actor.max_concurrency,
-            rate_limit=None if rate is None else (rate.calls, rate.per_seconds),
-            rate_waiting=0 if rate is None else rate.waiting,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStatistics:
-    """Run counters and every live actor's statistics, taken at one moment."""
-
-    runs_started: int
-    runs_succeeded: int
-    runs_failed: int
-    runs_cancelled: int
-    runs_in_flight: int
-    actors: tuple[ActorStatistics, ...]
-
-    def actor(self, name: str) -> ActorStatistics:
-        """The statistics of the actor called ``name`` (``"flow/node"``, ``"router"``...)."""
-        for stats in self.actors:
-            if stats.name == name:
-                return stats
-        raise KeyError(name)
 
 
 @final
@@ -141,7 +59,7 @@ class Engine:
         self._router = Router(self._node_actor)
         self._node_actors: dict[tuple[Flow, str], NodeActor] = {}
         self._registered: set[Flow] = set()
-        self._stores: dict[object, StoreActor] = {}
+        self._stores = StoreRegistry(nursery, mailbox_size, self._supervise)
         self._workers: trio_parallel.WorkerContext | None = None
         self._events = EventHub()
         self._runs: dict[str, Run] = {}
@@ -213,12 +131,12 @@ class Engine:
 
     async def list_runs(self, store: Storage | dict[str, Any]) -> list[RunRecord]:
         """The durable runs recorded in ``store``, with their state, last node and steps."""
-        storage = _as_storage(store)
-        actor = await self._acquire_store(storage)
+        storage = as_storage(store)
+        actor = await self._stores.acquire(storage)
         try:
             records = await actor.handle(storage).records()
         finally:
-            self._release(actor)
+            self._stores.release(actor)
         return [RunRecord.of(record) for record in records]
 
     async def _start(
@@ -233,19 +151,19 @@ class Engine:
     ) -> Run:
         """Start (or resume) a run; durable only if ``durable`` allows and it has a
         ``run_id`` on a persistent storage."""
-        durable = durable and run_id is not None and _as_storage_kind(store).persistent
+        storage = as_storage(store)
+        durable = durable and run_id is not None and storage.persistent
         run_id = self._check_start(flow, run_id)
         if durable:
             _check_durable(flow)
         await self._register(flow)
-        storage = _as_storage(store)
-        actor = await self._acquire_store(storage)
+        actor = await self._stores.acquire(storage)
         try:
             record = await self._record(actor, storage, run_id, resume) if durable else None
             if self._admission is not None:
                 await self._admission.acquire()
         except BaseException:
-            self._release(actor)
+            self._stores.release(actor)
             raise
         run = self._new_run(run_id, flow, storage, actor)
         try:
@@ -314,15 +232,18 @@ class Engine:
         run_id = self._check_start(flow, run_id)
         if self._workers is None and _needs_workers(flow):
             raise trio.WouldBlock("the flow's worker processes are not set up yet")
-        storage = _as_storage(store)
-        actor = self._store_actor_nowait(storage)
+        storage = as_storage(store)
         self._register_nowait(flow)
         entry = self._router.entry(flow)
-        if entry.mailbox_depth >= entry.mailbox_size:
-            raise trio.WouldBlock(f"the mailbox of {entry.name!r} is full")
-        if self._admission is not None:
-            self._admission.acquire_nowait()
-        actor.users += 1
+        actor = self._stores.acquire_nowait(storage)
+        try:
+            if entry.mailbox_depth >= entry.mailbox_size:
+                raise trio.WouldBlock(f"the mailbox of {entry.name!r} is full")
+            if self._admission is not None:
+                self._admission.acquire_nowait()
+        except trio.WouldBlock:
+            self._stores.release(actor)
+            raise
         run = self._new_run(run_id, flow, storage, actor)
         self._router.prepare(run, run.main, flow.start_id)
         entry.mailbox.send_nowait(Step(run, run.main, dict(params or {})))
@@ -377,7 +298,7 @@ class Engine:
 
     def statistics(self) -> EngineStatistics:
         """A snapshot of the run counters and of every live actor. Never blocks."""
-        actors: list[_Actor] = [self._router, *self._node_actors.values(), *self._stores.values()]
+        actors: list[Actor] = [self._router, *self._node_actors.values(), *self._stores.actors()]
         return EngineStatistics(
             runs_started=self._started,
             runs_succeeded=self._counts[RunState.SUCCEEDED],
@@ -439,71 +360,8 @@ class Engine:
             task_status.started(workers)
             await trio.sleep_forever()
 
-    async def _acquire_store(self, storage: Storage) -> StoreActor:
-        """The store actor for ``storage``, started if needed; shared by every run on it.
-
-        Blocks while the actor opens its backend; raises StorageError if it cannot.
-        """
-        key = _actor_key(storage)
-        actor = self._stores.get(key)
-        while actor is not None and actor.retiring:
-            await actor.exited.wait()
-            actor = self._stores.get(key)
-        if actor is None:
-            actor = self._new_store_actor(key, storage)
-            await self._nursery.start(self._supervise_store, actor, key)
-        else:
-            await actor.opened.wait()
-            if not actor.serving:
-                raise StorageError(f"{actor.name} could not be opened")
-        actor.users += 1
-        return actor
-
-    def _release(self, actor: StoreActor) -> None:
-        """One use of ``actor`` ended; the last one retires it."""
-        actor.users -= 1
-        if actor.users == 0:
-            actor.retire()
-
-    def _store_actor_nowait(self, storage: Storage) -> StoreActor:
-        """The store actor for ``storage``; a memory one is started at once if needed.
-
-        Raises trio.WouldBlock when a backend that must be opened has no actor serving.
-        """
-        key = _actor_key(storage)
-        actor = self._stores.get(key)
-        if storage.shared_actor:
-            if actor is None or actor.retiring:
-                actor = self._new_store_actor(key, storage)
-                self._nursery.start_soon(self._supervise_store, actor, key)
-            return actor
-        if actor is not None and actor.serving and not actor.retiring:
-            return actor
-        raise trio.WouldBlock(f"{storage!r} has no store actor open yet; use start_run")
-
-    def _new_store_actor(self, key: object, storage: Storage) -> StoreActor:
-        if storage.shared_actor:
-            actor = StoreActor("store:memory", self._mailbox_size)
-        else:
-            actor = StoreActor(f"store:{_describe(storage)}", self._mailbox_size, storage)
-        self._stores[key] = actor
-        return actor
-
-    async def _supervise_store(
-        self,
-        actor: StoreActor,
-        key: object,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        try:
-            await self._supervise(actor, task_status=task_status)
-        finally:
-            if self._stores.get(key) is actor:
-                del self._stores[key]
-
     async def _supervise(
-        self, actor: _Actor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, actor: Actor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Run an actor; if it crashes after it started, fail every run in flight."""
         try:
@@ -524,7 +382,7 @@ class Engine:
         del self._runs[run.run_id]
         self._counts[run.current_state] += 1
         self._in_flight.value -= 1
-        self._release(store)
+        self._stores.release(store)
         if self._admission is not None:
             self._admission.release()
         if self._events.active:
@@ -569,32 +427,12 @@ async def open_engine(
             engine._close()
 
 
-def _as_storage(store: Storage | dict[str, Any] | None) -> Storage:
-    if store is None or isinstance(store, dict):
-        return MemoryStorage(store)
-    if isinstance(store, Storage):
-        return store
-    raise TypeError(f"store must be a Storage, a dict or None, got {type(store).__name__}")
-
-
-def _actor_key(storage: Storage) -> object:
-    """Storages with the same key share a store actor: every memory one, or each other."""
-    return MemoryStorage if storage.shared_actor else storage
-
-
 def _needs_workers(flow: Flow) -> bool:
     """Whether ``flow`` or a flow nested in it has a node with ``executor="process"``."""
     return any(
         _needs_workers(node) if isinstance(node, Flow) else node.executor == "process"
         for node in flow.nodes.values()
     )
-
-
-def _describe(storage: Storage) -> str:
-    """The storage's own repr if it has one (a path, a URL), else class and address."""
-    if type(storage).__repr__ is not object.__repr__:
-        return repr(storage)
-    return f"{type(storage).__name__}@{id(storage):x}"
 
 
 def _require_positive(name: str, value: object) -> None:
@@ -614,11 +452,6 @@ def _run_event(run: Run) -> Event:
         return RunCancelled(run.run_id, now, name, duration)
     assert run.error is not None
     return RunFailed(run.run_id, now, name, duration, run.error)
-
-
-def _as_storage_kind(store: Storage | dict[str, Any] | None) -> type[Storage]:
-    """The storage class ``store`` stands for (a dict or None is memory)."""
-    return type(store) if isinstance(store, Storage) else MemoryStorage
 
 
 def _check_durable(flow: Flow) -> None:

@@ -1,0 +1,124 @@
+"""The engine's store actors: one per storage backend in use, shared by its runs.
+
+Every memory storage is served by one engine-wide actor (``Storage.shared_actor``);
+any other backend gets an actor of its own, started (and its backend opened) on first
+use and retired when its last user is done. A later user of a retiring backend waits
+for the old actor to exit, so two actors never serve one backend at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import trio
+
+from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.runtime.store_actor import StoreActor
+from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.memory import MemoryStorage
+
+Supervise = Callable[..., Awaitable[None]]
+"""The engine's supervisor: ``await supervise(actor, task_status=...)``."""
+
+
+def as_storage(store: Storage | dict[str, Any] | None) -> Storage:
+    """The Storage a run uses: a dict (in place) or None (fresh) is memory storage."""
+    if store is None or isinstance(store, dict):
+        return MemoryStorage(store)
+    if isinstance(store, Storage):
+        return store
+    raise TypeError(f"store must be a Storage, a dict or None, got {type(store).__name__}")
+
+
+class StoreRegistry:
+    """Starts, shares and retires store actors in the engine's nursery.
+
+    Every :meth:`acquire` or :meth:`acquire_nowait` is matched by one :meth:`release`.
+    """
+
+    def __init__(self, nursery: trio.Nursery, mailbox_size: int, supervise: Supervise) -> None:
+        self._nursery = nursery
+        self._mailbox_size = mailbox_size
+        self._supervise = supervise
+        self._actors: dict[object, StoreActor] = {}
+
+    def actors(self) -> Iterable[StoreActor]:
+        """The store actors alive now."""
+        return self._actors.values()
+
+    async def acquire(self, storage: Storage) -> StoreActor:
+        """The actor serving ``storage``, started if needed.
+
+        Blocks while the actor opens its backend (or an old one retires); raises
+        StorageError if the backend cannot be opened.
+        """
+        key = _key(storage)
+        actor = self._actors.get(key)
+        while actor is not None and actor.retiring:
+            await actor.exited.wait()
+            actor = self._actors.get(key)
+        if actor is None:
+            actor = self._new(key, storage)
+            await self._nursery.start(self._run, actor, key)
+        else:
+            await actor.opened.wait()
+            if not actor.serving:
+                raise StorageError(f"{actor.name} could not be opened")
+        actor.users += 1
+        return actor
+
+    def acquire_nowait(self, storage: Storage) -> StoreActor:
+        """Like :meth:`acquire` without waiting: a memory actor is started at once.
+
+        Raises trio.WouldBlock when a backend that must be opened has no actor serving.
+        """
+        key = _key(storage)
+        actor = self._actors.get(key)
+        if storage.shared_actor:
+            if actor is None or actor.retiring:
+                actor = self._new(key, storage)
+                self._nursery.start_soon(self._run, actor, key)
+        elif actor is None or not actor.serving or actor.retiring:
+            raise trio.WouldBlock(f"{storage!r} has no store actor open yet; use start_run")
+        actor.users += 1
+        return actor
+
+    def release(self, actor: StoreActor) -> None:
+        """One use of ``actor`` ended; the last one retires it. Never blocks."""
+        actor.users -= 1
+        if actor.users == 0:
+            actor.retire()
+
+    def _new(self, key: object, storage: Storage) -> StoreActor:
+        if storage.shared_actor:
+            actor = StoreActor("store:memory", self._mailbox_size)
+        else:
+            actor = StoreActor(f"store:{_describe(storage)}", self._mailbox_size, storage)
+        self._actors[key] = actor
+        return actor
+
+    async def _run(
+        self,
+        actor: StoreActor,
+        key: object,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await self._supervise(actor, task_status=task_status)
+        finally:
+            if self._actors.get(key) is actor:
+                del self._actors[key]
+
+
+def _key(storage: Storage) -> object:
+    """Storages with the same key share a store actor: every memory one, or each other."""
+    return MemoryStorage if storage.shared_actor else storage
+
+
+def _describe(storage: Storage) -> str:
+    """The storage's own repr if it has one (a path, a URL), else class and address."""
+    if type(storage).__repr__ is not object.__repr__:
+        return repr(storage)
+    return f"{type(storage).__name__}@{id(storage):x}"
