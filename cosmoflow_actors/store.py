@@ -16,7 +16,7 @@ import trio
 
 from cosmoflow_actors.errors import StorageError, StoreKeyError, StoreTypeError
 from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest, deliver
-from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.base import StagedOp, Storage
 from cosmoflow_actors.storage.codec import check_key
 
 T = TypeVar("T")
@@ -212,10 +212,6 @@ class SharedStore:
     def __repr__(self) -> str:
         return f"<SharedStore {self.name}>"
 
-
-StagedOp = tuple[str, str, Any]
-"""A write staged by a durable step: ("set", key, value), ("delete", key, None),
-("update", key, (function, default)) or ("clear", "", None)."""
 
 _ABSENT: Final[Any] = object()
 _UNKNOWN: Final[Any] = object()

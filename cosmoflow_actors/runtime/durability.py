@@ -17,9 +17,8 @@ from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import CosmoFlowError
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.run import Branch, Frame, Run
-from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.base import RESERVED_PREFIX, Storage
 
-RESERVED_PREFIX: Final = "__cosmoflow__/"
 RECORD_PREFIX: Final = RESERVED_PREFIX + "runs/"
 
 

@@ -16,9 +16,9 @@ import outcome
 import trio
 
 from cosmoflow_actors.errors import StorageError, StoreKeyError
-from cosmoflow_actors.runtime.durability import RECORD_PREFIX, RESERVED_PREFIX
+from cosmoflow_actors.runtime.durability import RECORD_PREFIX
 from cosmoflow_actors.runtime.messages import StoreOp, StoreRequest
-from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.base import RESERVED_PREFIX, Storage
 from cosmoflow_actors.store import MISSING, SharedStore
 
 MAX_BATCH: Final = 1024
@@ -218,7 +218,10 @@ class StoreActor:
     async def _commit_step(self, request: StoreRequest) -> Any:
         """A durable step's staged writes and its run record, all or nothing."""
         storage = request.storage
-        ops, record = request.argument
+        ops = [_guarded(op) for op in request.argument[0]]
+        record = request.argument[1]
+        if await storage.commit_step(ops, request.key, record):
+            return
         undo = _Undo(storage)
         try:
             for op, key, argument in ops:
@@ -265,12 +268,26 @@ async def _apply_staged(storage: Storage, undo: _Undo, op: str, key: str, argume
         await storage.delete(key)
     else:
         function, default = argument
-        current = await _read(storage, key, default)
+        await storage.set(key, function(await _read(storage, key, default)))
+
+
+def _guarded(op: tuple[str, str, Any]) -> tuple[str, str, Any]:
+    """A staged op whose update function hands its errors (and a missing key without a
+    default) to the requester instead of crashing the actor."""
+    kind, key, argument = op
+    if kind != "update":
+        return op
+    function, default = argument
+
+    def apply(value: Any) -> Any:
+        if value is MISSING:
+            raise _Refused(StoreKeyError(key))
         try:
-            new = function(current)
+            return function(value)
         except Exception as exc:
             raise _Refused(exc) from None
-        await storage.set(key, new)
+
+    return (kind, key, (apply, default))
 
 
 class _Undo:

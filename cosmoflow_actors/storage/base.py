@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
+
+RESERVED_PREFIX: Final = "__cosmoflow__/"
+"""Keys under this prefix belong to the engine (durable run records)."""
+
+StagedOp = tuple[str, str, Any]
+"""A write staged by a durable step: ("set", key, value), ("delete", key, None),
+("update", key, (function, default)) or ("clear", "", None)."""
 
 
 class Storage(ABC):
@@ -93,6 +100,19 @@ class Storage(ABC):
         new = function(current)
         await self.set(key, new)
         return new
+
+    async def commit_step(self, ops: list[StagedOp], record_key: str, record: Any) -> bool:
+        """Optionally apply a durable step's writes and its run record as one transaction
+        of the backend's own, atomic against other processes writing the same data.
+
+        ``ops`` are ``("set", key, value)``, ``("delete", key, None)``, ``("clear", "",
+        None)`` (every key outside :data:`RESERVED_PREFIX`) and ``("update", key,
+        (function, default))`` (store ``function(value or default)``; ``function`` may
+        raise, and then nothing is stored). Return False (the default) to let the store
+        actor apply them with :meth:`get`, :meth:`set` and :meth:`delete` in its batch,
+        which is atomic within one engine.
+        """
+        return False
 
     async def commit(self) -> None:  # noqa: B027 (an optional hook; no-op by default)
         """Make every write since the last commit durable, all or nothing.

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import trio
 
 from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, Storage
 from cosmoflow_actors.storage.codec import check_codec, check_json_key, get_codec, utf8_key
 from cosmoflow_actors.storage.staged import DeleteOp, Op, SetOp, StagedWrites
 
@@ -167,6 +167,65 @@ class RedisStorage(Storage):
             f"{self!r}: update of {key!r} lost to other writers {MAX_UPDATE_ATTEMPTS} times"
         )
 
+    async def commit_step(self, ops: list[StagedOp], record_key: str, record: Any) -> bool:
+        """Commit a durable step atomically across processes; always returns True.
+
+        Watches the hash, re-applies the step's updates to the values stored now, and
+        sends the writes staged before, the step's writes and its run record in one
+        ``MULTI``/``EXEC``; when another client changed the hash in between, it starts
+        over (at most :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError). An error of
+        an update function stores nothing. Blocks in a worker thread per round trip.
+        """
+        client = await self._connected()
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            async with self._pipeline(client) as pipe:
+                await self._in_thread(_call, pipe, "WATCH", self._data)
+                writes = await self._step_writes(pipe, ops)
+                writes.append(SetOp(record_key, self._codec.encode(record_key, record)))
+                if await self._in_thread(self._exec, pipe, [*self._staged.ops, *writes]):
+                    self._staged.reset()
+                    return True
+        raise StorageError(
+            f"{self!r}: a step's commit lost to other writers {MAX_UPDATE_ATTEMPTS} times"
+        )
+
+    async def _step_writes(self, pipe: Pipeline, ops: list[StagedOp]) -> list[Op[bytes]]:
+        """The writes of a durable step's ``ops``, its updates applied to what is stored
+        now (read under the watch)."""
+        seen: dict[str, bytes | None] = {}
+        writes: list[Op[bytes]] = []
+        for kind, key, argument in ops:
+            if kind == "clear":
+                for name in await self._user_keys(pipe, seen):
+                    seen[name] = None
+                    writes.append(DeleteOp(name))
+            elif kind == "delete":
+                seen[key] = None
+                writes.append(DeleteOp(key))
+            else:
+                value = argument
+                if kind == "update":
+                    value = await self._updated(pipe, seen, key, argument)
+                data = self._codec.encode(key, value)
+                seen[key] = data
+                writes.append(SetOp(key, data))
+        return writes
+
+    async def _updated(
+        self, pipe: Pipeline, seen: dict[str, bytes | None], key: str, update: Any
+    ) -> Any:
+        """``function(value or default)``, the value as the step has left it so far."""
+        function, default = update
+        current = seen[key] if key in seen else await self._current(pipe, key)
+        return function(default if current is None else self._codec.decode(current))
+
+    async def _user_keys(self, pipe: Pipeline, seen: dict[str, bytes | None]) -> list[str]:
+        """Every key a ``clear`` removes: stored or set by the step, outside the engine's."""
+        fields = await self._in_thread(_call, pipe, "HKEYS", self._data)
+        stored = self._staged.merge_keys(field.decode() for field in fields)
+        names = dict.fromkeys([*stored, *(k for k, v in seen.items() if v is not None)])
+        return [name for name in names if not name.startswith(RESERVED_PREFIX)]
+
     async def commit(self) -> None:
         """Send the staged writes as one ``MULTI``/``EXEC`` transaction; all or nothing.
 
@@ -217,6 +276,10 @@ class RedisStorage(Storage):
     async def _watch(self, pipe: Pipeline, key: str) -> bytes | None:
         """Watch the hash, then return the encoded value ``update`` starts from."""
         await self._in_thread(_call, pipe, "WATCH", self._data)
+        return await self._current(pipe, key)
+
+    async def _current(self, pipe: Pipeline, key: str) -> bytes | None:
+        """The encoded value of ``key``: staged, else read through the watching pipe."""
         staged = self._staged.lookup(key)
         if isinstance(staged, bytes) or staged is None:
             return staged
