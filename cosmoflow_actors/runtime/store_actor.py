@@ -197,17 +197,7 @@ class StoreActor:
         """The backend's atomic read-modify-write, with the caller's function guarded so
         that its errors (and a missing key without default) reach the caller."""
         function, default = request.argument
-        key = request.key
-
-        def apply(value: Any) -> Any:
-            if value is MISSING:
-                raise _Refused(StoreKeyError(key))
-            try:
-                return function(value)
-            except Exception as exc:
-                raise _Refused(exc) from None
-
-        return await request.storage.update(key, apply, default)
+        return await request.storage.update(request.key, _guard(request.key, function), default)
 
     async def _delete(self, request: StoreRequest) -> Any:
         return await request.storage.delete(request.key)
@@ -278,6 +268,12 @@ def _guarded(op: tuple[str, str, Any]) -> tuple[str, str, Any]:
     if kind != "update":
         return op
     function, default = argument
+    return (kind, key, (_guard(key, function), default))
+
+
+def _guard(key: str, function: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``function`` for a backend to call: its errors, and a missing key without a
+    default (the value MISSING), leave the backend as _Refused, for the requester."""
 
     def apply(value: Any) -> Any:
         if value is MISSING:
@@ -287,7 +283,7 @@ def _guarded(op: tuple[str, str, Any]) -> tuple[str, str, Any]:
         except Exception as exc:
             raise _Refused(exc) from None
 
-    return (kind, key, (apply, default))
+    return apply
 
 
 class _Undo:
