@@ -61,3 +61,15 @@ async def in_run(
 
     result = await single(step, "in-run").run(store)
     return result.result
+
+
+class FlakyOnce(cf.Node):
+    """Takes 1 s; the first attempt fails, the retry follows 0.5 s later."""
+
+    max_retries = 2
+    retry_delay = 0.5
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        await trio.sleep(1)
+        if ctx.current_retry == 0:
+            raise ConnectionError("first attempt fails")

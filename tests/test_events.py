@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from tests.support import Gate, Recorder, single
+from tests.support import FlakyOnce, Gate, Recorder, single
 
 
 async def collect(stream: cf.EventStream, into: list[cf.Event]) -> None:
     async for event in stream:
         into.append(event)
-
-
-class FlakyOnce(cf.Node):
-    max_retries = 2
-    retry_delay = 0.5
-
-    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
-        await trio.sleep(1)
-        if ctx.current_retry == 0:
-            raise ConnectionError("first attempt fails")
 
 
 async def test_a_run_reports_its_steps_retries_and_end(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import trio
@@ -13,7 +12,7 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.tracing import describe_error, format_event, trace_events
-from tests.support import Gate, Recorder, single
+from tests.support import FlakyOnce, Gate, Recorder, single
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
 
@@ -23,18 +22,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
 from opentelemetry.trace import StatusCode, Tracer
-
-
-class FlakyOnce(cf.Node):
-    """Takes 1 s; the first attempt fails, the retry follows 0.5 s later."""
-
-    max_retries = 2
-    retry_delay = 0.5
-
-    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
-        await trio.sleep(1)
-        if ctx.current_retry == 0:
-            raise ConnectionError("first attempt fails")
 
 
 @cf.node
