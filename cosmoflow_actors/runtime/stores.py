@@ -58,14 +58,21 @@ class StoreRegistry:
         while actor is not None and actor.retiring:
             await actor.exited.wait()
             actor = self._actors.get(key)
+        # Counted before any wait below, so that no other run's release retires it
+        # while this one waits for it.
         if actor is None:
             actor = self._new(key, storage)
+            actor.users += 1
             await self._nursery.start(self._run, actor, key)
-        else:
-            await actor.opened.wait()
-            if not actor.serving:
-                raise StorageError(f"{actor.name} could not be opened")
+            return actor
         actor.users += 1
+        try:
+            await actor.opened.wait()
+        except BaseException:
+            self.release(actor)
+            raise
+        if not actor.serving:
+            raise StorageError(f"{actor.name} could not be opened")
         return actor
 
     def acquire_nowait(self, storage: Storage) -> StoreActor:
