@@ -15,6 +15,7 @@ be unhashable); conditions are compared by value and hash like tuples of their p
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -491,9 +492,16 @@ def as_action(value: object, node_id: str) -> Action:
     if isinstance(value, Action):
         return value
     if isinstance(value, str):
-        return Action.simple(value)
+        return _simple(value)
     if value is None:
-        return Action.simple("default")
+        return _simple("default")
     raise TypeError(
         f"node {node_id!r} returned {type(value).__name__} from post; expected Action, str or None"
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _simple(name: str) -> Action:
+    """``Action.simple(name)``, shared: an Action is immutable, and a node returns the
+    same few names step after step."""
+    return Action.simple(name)

@@ -21,12 +21,19 @@ class ExecutionContext:
     run_id: str
     node_id: str
     flow_name: str
-    execution_id: str
+    step_number: int
+    """The step's place in the run: 1 for its first step."""
     store: SharedStore
     params: Mapping[str, Any]
     max_retries: int
     current_retry: int = 0
     _metadata: dict[str, Any] | None = None
+
+    @property
+    def execution_id(self) -> str:
+        """``"<run_id>:<step number>"``: unique within the run, and the same when a
+        resumed durable run runs the step again."""
+        return f"{self.run_id}:{self.step_number}"
 
     @property
     def metadata(self) -> dict[str, Any]:

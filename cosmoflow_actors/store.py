@@ -2,20 +2,22 @@
 
 Every method sends one message to the store actor that owns the backend and waits for
 its answer, so every call is a checkpoint and may block while the actor's mailbox is
-full (backpressure) or while it commits.
+full (backpressure) or while it commits. (``get`` and ``set``, the hottest, are plain
+methods that send the message and return the awaitable to wait on; ``await`` them as
+the others.)
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, TypeVar, final, overload
 
 import msgspec
 import trio
 
 from cosmoflow_actors.errors import StorageError, StoreKeyError, StoreTypeError
-from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest, deliver
+from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest
 from cosmoflow_actors.storage.base import StagedOp, Storage
 from cosmoflow_actors.storage.codec import check_key
 
@@ -83,30 +85,56 @@ class SharedStore:
         """Pickled (for a worker process) it becomes a detached handle."""
         return (SharedStore, (None, None, self.name))
 
-    async def _request(self, op: StoreOp, key: str = "", argument: Any = None) -> Any:
+    def _request(self, op: StoreOp, key: str = "", argument: Any = None) -> Awaitable[Any]:
+        """Send one request to the store actor now; return what to await for its answer.
+
+        Not a coroutine: while the mailbox has room, the caller awaits trio's own parking
+        directly (fewer objects per store call, which matters at 100,000 runs).
+        """
         check_key(key)
         if self._mailbox is None or self._storage is None:
             raise StorageError(f"{self.name} is not reachable here: use the store in prep and post")
         reply: Reply[Any] = Reply()
+        request = StoreRequest(op, self._storage, key, argument, reply)
         try:
-            await deliver(self._mailbox, StoreRequest(op, self._storage, key, argument, reply))
+            self._mailbox.send_nowait(request)
+        except trio.WouldBlock:
+            return self._send_then_wait(request)
         except trio.ClosedResourceError as exc:
-            raise StorageError(f"{self.name} is closed: its store actor has stopped") from exc
-        return await reply.wait()
+            raise self._closed() from exc
+        return reply.wait()
+
+    async def _send_then_wait(self, request: StoreRequest) -> Any:
+        """Wait for room in the full mailbox, send, then wait for the answer."""
+        assert self._mailbox is not None
+        try:
+            await self._mailbox.send(request)
+        except trio.ClosedResourceError as exc:
+            raise self._closed() from exc
+        return await request.reply.wait()
+
+    def _closed(self) -> StorageError:
+        return StorageError(f"{self.name} is closed: its store actor has stopped")
 
     @overload
-    async def get(self, key: str, default: Any = ..., *, type: None = None) -> Any: ...
+    def get(self, key: str, default: Any = ..., *, type: None = None) -> Awaitable[Any]: ...
 
     @overload
-    async def get(self, key: str, default: Any = ..., *, type: builtins.type[T]) -> T: ...
+    def get(self, key: str, default: Any = ..., *, type: builtins.type[T]) -> Awaitable[T]: ...
 
-    async def get(self, key: str, default: Any = MISSING, *, type: Any = None) -> Any:
-        """Return the value of ``key``, or ``default`` when it is missing.
+    def get(self, key: str, default: Any = MISSING, *, type: Any = None) -> Awaitable[Any]:
+        """Await it for the value of ``key``, or ``default`` when it is missing.
 
         Raises StoreKeyError when it is missing and there is no default. With ``type=T``
         the value is returned as a ``T`` (a dataclass is rebuilt from its JSON form) or
         StoreTypeError is raised.
         """
+        if self._step is None and type is None:
+            return self._request(StoreOp.GET, key, default)
+        return self._get(key, default, type)
+
+    async def _get(self, key: str, default: Any, type: Any) -> Any:
+        """``get`` through a durable step's writes, or with a ``type``."""
         staged = _UNKNOWN if self._step is None else self._step.lookup(key)
         if staged is _UNKNOWN:
             value = await self._request(StoreOp.GET, key, default)
@@ -120,14 +148,15 @@ class SharedStore:
             return value
         return as_type(key, value, type)
 
-    async def set(self, key: str, value: Any) -> None:
-        """Store ``value`` under ``key``; returns once the write is committed (in a
-        durable run's step: once it is staged, to be committed with the step)."""
+    def set(self, key: str, value: Any) -> Awaitable[None]:
+        """Await it to store ``value`` under ``key``; it returns once the write is
+        committed (in a durable run's step: once it is staged, to be committed with the
+        step)."""
         if self._step is not None:
             check_key(key)
             self._step.stage(("set", key, value), key, value)
-            return
-        await self._request(StoreOp.SET, key, value)
+            return _staged()
+        return self._request(StoreOp.SET, key, value)
 
     async def update(self, key: str, function: Callable[[Any], Any], default: Any = MISSING) -> Any:
         """Atomically replace the value of ``key`` with ``function(value)``; return it.
@@ -211,6 +240,10 @@ class SharedStore:
 
     def __repr__(self) -> str:
         return f"<SharedStore {self.name}>"
+
+
+async def _staged() -> None:
+    """What a staged ``set`` returns to await: nothing to wait for."""
 
 
 _ABSENT: Final[Any] = object()

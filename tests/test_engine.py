@@ -378,3 +378,12 @@ async def test_open_engine_rejects_a_bad_max_runs() -> None:
     with pytest.raises(ValueError, match="max_runs must be an int >= 1, got 0"):
         async with cf.open_engine(max_runs=0):
             pass
+
+
+async def test_generated_run_ids_differ_within_and_across_engines() -> None:
+    flow = cf.Flow.builder("ids").add_node("only", cf.node(lambda ctx: None)).build()
+    ids: list[str] = []
+    for _ in range(2):
+        async with cf.open_engine() as engine:
+            ids += [(await engine.start_run(flow)).run_id for _ in range(500)]
+    assert len(set(ids)) == 1000

@@ -326,6 +326,33 @@ async def test_cancelling_a_run_stops_its_hundred_batch_items() -> None:
         assert (stats.in_flight, stats.mailbox_depth) == (0, 0)
 
 
+async def test_a_worker_goes_on_with_other_runs_after_one_is_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The one worker's cancel scope is cancelled by run a (with no checkpoint left in
+    its step); run b's step on the same worker must not see that cancellation."""
+    runs: list[cf.Run] = []
+    seen: list[str] = []
+
+    @cf.node(max_concurrency=1)
+    async def cancel_first(ctx: cf.ExecutionContext) -> None:
+        seen.append(ctx.params["name"])
+        if ctx.params["name"] == "a":
+            runs[0].cancel()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    flow = single(cancel_first, "cancel-first")
+    async with cf.open_engine() as engine:
+        runs.append(engine.start_run_nowait(flow, params={"name": "a"}))
+        second = engine.start_run_nowait(flow, params={"name": "b"})  # queued behind a
+        with trio.fail_after(10):
+            result = await second.wait()
+    assert seen == ["a", "b"]
+    assert runs[0].current_state is cf.RunState.CANCELLED
+    assert result.success
+
+
 async def test_the_rate_limit_is_never_exceeded(autojump_clock: trio.testing.MockClock) -> None:
     starts: list[float] = []
 

@@ -11,14 +11,17 @@ import pickle
 import re
 import shutil
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.storage import journal as journal_format
 from cosmoflow_actors.storage.file import COMPACT_MIN_BYTES, FileStorage
 from tests.storage_suite import file_size_limit, read_only, skip_unless_read_only_works
 
@@ -146,6 +149,53 @@ async def test_the_journal_is_replayed_in_order_at_open(tmp_path: Path) -> None:
 
     assert await reopened.keys() == ["z", "m", "a"]
     assert await on_disk(path) == {"z": 4, "m": 3, "a": 5}
+
+
+async def test_a_commit_syncs_its_line_in_a_worker_thread_before_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    trio_thread = threading.get_ident()
+    real_fdatasync = os.fdatasync
+    synced: list[tuple[bool, str]] = []
+
+    def fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
+        synced.append((threading.get_ident() != trio_thread, journal(path)))
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    await storage.set("b", 2)
+    await storage.commit()
+
+    assert synced == [(True, HEADER % 1 + '[["set","b",2]]\n')]
+
+
+async def test_a_commit_cancelled_while_it_writes_still_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    token = trio.lowlevel.current_trio_token()
+    real_append = journal_format.append
+    returned = False
+
+    with trio.CancelScope() as scope:
+
+        def append(*args: Any) -> None:
+            trio.from_thread.run_sync(scope.cancel, trio_token=token)
+            real_append(*args)
+
+        monkeypatch.setattr(journal_format, "append", append)
+        await storage.set("b", 2)
+        await storage.commit()
+        returned = True
+        await trio.lowlevel.checkpoint()
+
+    assert returned
+    assert scope.cancelled_caught
+    assert await storage.keys() == ["a", "b"]
+    assert await on_disk(path) == {"a": 1, "b": 2}
 
 
 async def test_set_without_commit_is_not_on_disk(tmp_path: Path) -> None:
@@ -431,6 +481,22 @@ async def test_the_journal_is_compacted_once_it_outgrows_the_snapshot(tmp_path: 
     assert snapshot(path)["generation"] == 2
     assert len(journal(path)) < COMPACT_MIN_BYTES
     assert await on_disk(path) == {"a": 0} | {f"k{index}": value for index in range(10)}
+
+
+async def test_a_growing_store_compacts_only_when_the_journal_outgrows_it(
+    tmp_path: Path,
+) -> None:
+    """Each compaction rewrites the whole store, so the journal must grow as large as the
+    snapshot before the next one: 256 commits of new 8 KiB values compact 4 times."""
+    path = tmp_path / "store.json"
+    storage = FileStorage(path)
+    value = "v" * 8192
+    for index in range(256):
+        await storage.set(f"k{index}", value)
+        await storage.commit()
+
+    assert snapshot(path)["generation"] == 4
+    assert len(await on_disk(path)) == 256
 
 
 async def test_aclose_compacts_into_one_readable_file(tmp_path: Path) -> None:

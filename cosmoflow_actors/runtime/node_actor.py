@@ -99,23 +99,29 @@ class NodeActor:
             self._nursery.start_soon(self._work)
 
     async def _work(self) -> None:
-        """Take steps until idle with enough other workers idle; a checkpoint per wait."""
+        """Take steps until idle with enough other workers idle; a checkpoint per wait.
+
+        The worker's steps run in a cancel scope of its own, which a run cancelled in
+        the middle of a step cancels; the worker then carries on in a fresh scope.
+        """
         receive = self._receive
         try:
             while True:
-                try:
-                    step = receive.receive_nowait()
-                except trio.WouldBlock:
-                    if self._workers - self.in_flight > KEEP_IDLE:
-                        return
-                    step = await receive.receive()
-                self.in_flight += 1
-                self._grow()
-                try:
-                    await self._step(step)
-                finally:
-                    self.in_flight -= 1
-                    self.messages_processed += 1
+                with trio.CancelScope() as scope:
+                    while not scope.cancel_called:
+                        try:
+                            step = receive.receive_nowait()
+                        except trio.WouldBlock:
+                            if self._workers - self.in_flight > KEEP_IDLE:
+                                return
+                            step = await receive.receive()
+                        self.in_flight += 1
+                        self._grow()
+                        try:
+                            await self._step(step, scope)
+                        finally:
+                            self.in_flight -= 1
+                            self.messages_processed += 1
         finally:
             self._workers -= 1
 
@@ -129,9 +135,10 @@ class NodeActor:
         if room > 0:
             self._spawn(int(min(self.mailbox_depth + 1, room)))
 
-    async def _step(self, step: Step) -> None:
-        """Run prep → exec → post under a cancel scope of the run's, then report to the
-        router: StepDone, or StepFailed for a NodeError (or a TypeError from post).
+    async def _step(self, step: Step, scope: trio.CancelScope) -> None:
+        """Run prep → exec → post, cancellable through ``scope`` by the run, then report
+        to the router: StepDone, or StepFailed for a NodeError (or a TypeError from post).
+        A cancelled step reports nothing (trio.Cancelled leaves it).
 
         Kept as one frame with the common exec inline: a suspended step costs memory
         per coroutine frame, and 100,000 of them may be suspended at once.
@@ -147,7 +154,7 @@ class NodeActor:
             run_id=run.run_id,
             node_id=self.node_id,
             flow_name=self.flow_name,
-            execution_id=f"{run.run_id}:{len(run.path)}",
+            step_number=len(run.path),
             store=store,
             params=step.params,
             max_retries=node.max_retries,
@@ -158,37 +165,47 @@ class NodeActor:
             events.emit(
                 StepStarted(run.run_id, started, self.flow_name, self.node_id, ctx.execution_id)
             )
-        message: StepDone | StepFailed
-        with trio.CancelScope() as scope:
-            run.scopes.append(scope)
-            if run.record is not None:
-                store.begin_step()
+        message: StepDone | StepFailed | None = None
+        run.scopes.append(scope)
+        if run.record is not None:
+            store.begin_step()
+        try:
+            # prep and post are called here, not through a helper coroutine: fewer
+            # objects per step keep the garbage collector's share down at scale.
             try:
-                prep_res = await self._phase("prep", ctx, node.prep, store, ctx)
-                if self._simple:
-                    # executor.call inlined: one coroutine frame less per suspended step.
-                    try:
-                        exec_res = node.exec(prep_res, ctx)
-                        if hasattr(exec_res, "__await__"):
-                            exec_res = await exec_res
-                    except Exception as exc:
-                        exec_res = await self._fallback(prep_res, exc, ctx, 1)
-                else:
-                    exec_res = await self._exec_phase(run, prep_res, ctx)
-                post_res = await self._phase("post", ctx, node.post, store, prep_res, exec_res, ctx)
-                action = as_action(post_res, self.node_id)
-                if run.record is not None:
-                    action = await self._commit(run, step, action)
-                message = StepDone(run, step.branch, self.node_id, action)
-            except (NodeError, TypeError, StorageError) as exc:
-                message = StepFailed(run, step.branch, self.node_id, exc)
-            finally:
-                store.end_step()
-                run.scopes.remove(scope)
-        if events.active:
-            self._step_finished(ctx, started, None if scope.cancelled_caught else message)
-        if not scope.cancelled_caught:
-            self._router.send_nowait(message)
+                prep_res = node.prep(store, ctx)
+                if hasattr(prep_res, "__await__"):
+                    prep_res = await prep_res
+            except Exception as exc:
+                raise NodeError(self.node_id, "prep", ctx.run_id, 1) from exc
+            if self._simple:
+                # executor.call inlined: one coroutine frame less per suspended step.
+                try:
+                    exec_res = node.exec(prep_res, ctx)
+                    if hasattr(exec_res, "__await__"):
+                        exec_res = await exec_res
+                except Exception as exc:
+                    exec_res = await self._fallback(prep_res, exc, ctx, 1)
+            else:
+                exec_res = await self._exec_phase(run, prep_res, ctx)
+            try:
+                post_res: Any = node.post(store, prep_res, exec_res, ctx)
+                if hasattr(post_res, "__await__"):
+                    post_res = await post_res
+            except Exception as exc:
+                raise NodeError(self.node_id, "post", ctx.run_id, 1) from exc
+            action = as_action(post_res, self.node_id)
+            if run.record is not None:
+                action = await self._commit(run, step, action)
+            message = StepDone(run, step.branch, self.node_id, action)
+        except (NodeError, TypeError, StorageError) as exc:
+            message = StepFailed(run, step.branch, self.node_id, exc)
+        finally:
+            store.end_step()
+            run.scopes.remove(scope)
+            if events.active:
+                self._step_finished(ctx, started, message)
+        self._router.send_nowait(message)
 
     def _step_finished(
         self, ctx: ExecutionContext, started: float, message: StepDone | StepFailed | None
@@ -224,12 +241,6 @@ class NodeActor:
         await run.store.commit_step(ops, durability.record_key(run.run_id), record)
         run.record = record
         return action
-
-    async def _phase(self, phase: str, ctx: ExecutionContext, method: Any, *args: Any) -> Any:
-        try:
-            return await call(method, *args)
-        except Exception as exc:
-            raise NodeError(self.node_id, phase, ctx.run_id, 1) from exc
 
     async def _exec_phase(self, run: Run, prep_res: Any, ctx: ExecutionContext) -> Any:
         """The exec phase, when it is more than one inline attempt."""

@@ -21,7 +21,7 @@ from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import CosmoFlowError, MaxStepsExceeded, NoRouteError, StorageError
 from cosmoflow_actors.flow import END, Flow, Route, Target
 from cosmoflow_actors.runtime import durability
-from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone, take
+from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone
 from cosmoflow_actors.runtime.node_actor import NodeActor
 from cosmoflow_actors.runtime.run import Branch, Fork, Frame, Run
 
@@ -68,21 +68,23 @@ class Router:
             self._deliveries = deliveries
             self.serving = True
             task_status.started()
+            receive = self._receive
             while True:
-                message = await take(self._receive)
-                if not message.run.finished:
-                    await self._handle(message)
+                try:
+                    message = receive.receive_nowait()
+                except trio.WouldBlock:
+                    message = await receive.receive()
+                run = message.run
+                if run.finished:
+                    pass
+                elif not isinstance(message, StepDone):
+                    await self._fail(run, message.error)
+                else:
+                    try:
+                        await self._advance(run, message.branch, message.node_id, message.action)
+                    except CosmoFlowError as exc:
+                        await self._fail(run, exc)
                 self.messages_processed += 1
-
-    async def _handle(self, message: RouterMessage) -> None:
-        run = message.run
-        if not isinstance(message, StepDone):
-            await self._fail(run, message.error)
-            return
-        try:
-            await self._advance(run, message.branch, message.node_id, message.action)
-        except CosmoFlowError as exc:
-            await self._fail(run, exc)
 
     async def _succeed(self, run: Run, action: Action, node_id: str, value: Any) -> None:
         """End the run; a durable one records its result first (then ``wait`` sees it)."""
@@ -108,7 +110,10 @@ class Router:
             await self._succeed(run, action, node_id, action.result)
             return
         frame = branch.frames[-1]
-        target = await self._target(run, frame, action)
+        routes = _routes(frame, action)
+        keys = _condition_keys(routes)
+        values = await run.store.get_many(keys) if keys else _NO_VALUES
+        target = _target(frame, action, routes, values)
         if target is END:
             await self._end_frame(run, branch, node_id, action)
         elif isinstance(target, tuple):
@@ -118,18 +123,6 @@ class Router:
             self._arrive(run, branch.fork, target, action.params)
         else:
             self.enter(run, branch, target, action.params)
-
-    async def _target(self, run: Run, frame: Frame, action: Action) -> Target:
-        """The target of the first route out of the frame's node that accepts ``action``."""
-        flow = frame.flow
-        if not flow.has_routes(frame.node_id):
-            return END
-        routes = flow.routes_for(frame.node_id, action.name)
-        values = await _values(run, _condition_keys(routes))
-        for route in routes:
-            if route.when is None or route.when.evaluate(values):
-                return route.target
-        raise NoRouteError(frame.node_id, action.name, flow.actions_from(frame.node_id))
 
     async def _end_frame(self, run: Run, branch: Branch, node_id: str, action: Action) -> None:
         """The branch reached the end of its innermost flow."""
@@ -234,9 +227,32 @@ class Router:
         return self._node_actor(frame.flow, frame.node_id)
 
 
-def _condition_keys(routes: tuple[Route, ...]) -> frozenset[str]:
-    keys: frozenset[str] = frozenset()
+def _routes(frame: Frame, action: Action) -> tuple[Route, ...] | None:
+    """The routes out of the frame's node for ``action``; None when it has no routes
+    at all (the frame's flow ends there)."""
+    flow = frame.flow
+    if not flow.has_routes(frame.node_id):
+        return None
+    return flow.routes_for(frame.node_id, action.name)
+
+
+def _target(
+    frame: Frame, action: Action, routes: tuple[Route, ...] | None, values: Mapping[str, Any]
+) -> Target:
+    """The target of the first of ``routes`` that accepts ``action``, given the store
+    ``values`` their conditions read; END for a node without routes."""
+    if routes is None:
+        return END
     for route in routes:
+        if route.when is None or route.when.evaluate(values):
+            return route.target
+    flow = frame.flow
+    raise NoRouteError(frame.node_id, action.name, flow.actions_from(frame.node_id))
+
+
+def _condition_keys(routes: tuple[Route, ...] | None) -> frozenset[str]:
+    keys: frozenset[str] = frozenset()
+    for route in routes or ():
         if route.when is not None:
             keys |= route.when.keys
     return keys

@@ -15,8 +15,8 @@ from cosmoflow_actors.flow import Flow, FlowResult
 
 if TYPE_CHECKING:
     from cosmoflow_actors.action import Action
+    from cosmoflow_actors.runtime.store_actor import StoreActor
     from cosmoflow_actors.storage.base import Storage
-    from cosmoflow_actors.store import SharedStore
 
 
 class RunState(enum.Enum):
@@ -105,20 +105,23 @@ class Run:
         "steps",
         "storage",
         "store",
+        "store_actor",
     )
 
     def __init__(
         self,
         run_id: str,
         flow: Flow,
+        store_actor: StoreActor,
         storage: Storage,
-        store: SharedStore,
         on_finish: Callable[[Run], None],
     ) -> None:
         self.run_id = run_id
         self.flow = flow
         self.storage = storage
-        self.store = store
+        self.store_actor = store_actor
+        """The store actor serving ``storage``; the run holds one use of it."""
+        self.store = store_actor.handle(storage)
         self._state = RunState.PENDING
         self._observed: AsyncValue[RunState] | None = None
         self._done: trio.Event | None = None

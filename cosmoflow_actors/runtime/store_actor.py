@@ -113,7 +113,9 @@ class StoreActor:
 
     async def _apply(self, batch: list[StoreRequest]) -> None:
         self.in_flight = len(batch)
-        answers = [await self._answer(request) for request in batch]
+        answers = []
+        for request in batch:
+            answers.append(await self._answer(request))
         writes = [
             i
             for i, (request, answer) in enumerate(zip(batch, answers, strict=True))
@@ -155,11 +157,14 @@ class StoreActor:
                     error.__cause__ = exc
                     answers[i] = outcome.Error(error)
 
-    async def _get(self, request: StoreRequest) -> Any:
-        return await _read(request.storage, request.key, request.argument)
+    # The simplest handlers are plain functions returning the backend's awaitable: one
+    # coroutine less per request.
 
-    async def _contains(self, request: StoreRequest) -> Any:
-        return await request.storage.contains(request.key)
+    def _get(self, request: StoreRequest) -> Awaitable[Any]:
+        return _read(request.storage, request.key, request.argument)
+
+    def _contains(self, request: StoreRequest) -> Awaitable[bool]:
+        return request.storage.contains(request.key)
 
     async def _keys(self, request: StoreRequest) -> Any:
         return await _user_keys(request.storage)
@@ -178,8 +183,8 @@ class StoreActor:
                 continue
         return found
 
-    async def _set(self, request: StoreRequest) -> Any:
-        await request.storage.set(request.key, request.argument)
+    def _set(self, request: StoreRequest) -> Awaitable[None]:
+        return request.storage.set(request.key, request.argument)
 
     async def _set_many(self, request: StoreRequest) -> Any:
         """Set every key; if the backend refuses one value, put back what was there."""
@@ -199,8 +204,8 @@ class StoreActor:
         function, default = request.argument
         return await request.storage.update(request.key, _guard(request.key, function), default)
 
-    async def _delete(self, request: StoreRequest) -> Any:
-        return await request.storage.delete(request.key)
+    def _delete(self, request: StoreRequest) -> Awaitable[bool]:
+        return request.storage.delete(request.key)
 
     async def _clear(self, request: StoreRequest) -> Any:
         await _clear_user_keys(request.storage)

@@ -67,7 +67,8 @@ class StoreRegistry:
             return actor
         actor.users += 1
         try:
-            await actor.opened.wait()
+            if not actor.opened.is_set():
+                await actor.opened.wait()
         except BaseException:
             self.release(actor)
             raise
