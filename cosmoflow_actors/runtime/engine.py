@@ -84,10 +84,7 @@ class Engine:
         Blocks until the run ends. Cancelling the caller cancels the run.
         """
         run = await self.start_run(flow, store, params=params, run_id=run_id)
-        try:
-            return await run.wait()
-        finally:
-            run.cancel()
+        return await _to_the_end(run)
 
     async def start_run(
         self,
@@ -127,10 +124,7 @@ class Engine:
         again); one the store does not know starts from the beginning with ``params``.
         """
         run = await self._start(flow, store, params, run_id, resume=True)
-        try:
-            return await run.wait()
-        finally:
-            run.cancel()
+        return await _to_the_end(run)
 
     async def list_runs(self, store: Storage | dict[str, Any]) -> list[RunRecord]:
         """The durable runs recorded in ``store``, with their state, last node and steps."""
@@ -290,10 +284,7 @@ class Engine:
         """How a BatchFlow runs a child: durable (resumed, or its recorded result) when
         its parent is durable, else an ordinary run."""
         run = await self._start(flow, store, params, run_id, resume=durable, durable=durable)
-        try:
-            return await run.wait()
-        finally:
-            run.cancel()
+        return await _to_the_end(run)
 
     def events(self, *, buffer: int = DEFAULT_EVENT_BUFFER) -> EventStream:
         """A stream of every run and step event from now on; never blocks the engine.
@@ -433,6 +424,14 @@ async def open_engine(
             await engine._wait_idle()
         finally:
             engine._close()
+
+
+async def _to_the_end(run: Run) -> FlowResult:
+    """Wait for ``run`` and return its result; cancelling the waiter cancels the run."""
+    try:
+        return await run.wait()
+    finally:
+        run.cancel()
 
 
 async def _acquire(semaphore: trio.Semaphore) -> None:
