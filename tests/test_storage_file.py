@@ -21,6 +21,7 @@ import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.storage import file as file_backend
 from cosmoflow_actors.storage import journal as journal_format
 from cosmoflow_actors.storage.file import COMPACT_MIN_BYTES, FileStorage
 from tests.storage_suite import file_size_limit, read_only, skip_unless_read_only_works
@@ -472,7 +473,7 @@ async def test_stray_temporary_files_are_removed_at_open(tmp_path: Path) -> None
 async def test_the_journal_is_compacted_once_it_outgrows_the_snapshot(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
     storage = await stored(path, a=0)
-    value = "v" * 1024
+    value = "v" * 65536
     commits = COMPACT_MIN_BYTES // len(value) + 2
     for index in range(commits):
         await storage.set(f"k{index % 10}", value)
@@ -484,10 +485,12 @@ async def test_the_journal_is_compacted_once_it_outgrows_the_snapshot(tmp_path: 
 
 
 async def test_a_growing_store_compacts_only_when_the_journal_outgrows_it(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each compaction rewrites the whole store, so the journal must grow as large as the
-    snapshot before the next one: 256 commits of new 8 KiB values compact 4 times."""
+    snapshot before the next one: with a 256 KiB minimum, 256 commits of new 8 KiB values
+    compact 4 times."""
+    monkeypatch.setattr(file_backend, "COMPACT_MIN_BYTES", 256 * 1024)
     path = tmp_path / "store.json"
     storage = FileStorage(path)
     value = "v" * 8192
