@@ -10,9 +10,9 @@ from urllib.parse import urlsplit, urlunsplit
 import trio
 
 from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, Storage
-from cosmoflow_actors.storage.codec import check_codec, check_json_key, get_codec, utf8_key
-from cosmoflow_actors.storage.staged import DeleteOp, Op, SetOp, StagedWrites
+from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp
+from cosmoflow_actors.storage.codec import check_codec, check_json_key, utf8_key
+from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
 
 if TYPE_CHECKING:
     import redis
@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 
 @final
-class RedisStorage(Storage):
+class RedisStorage(DatabaseStorage):
     """Storage on a Redis server: the keys of one namespace are the fields of one hash.
 
     ``url`` is a redis-py URL (``redis://host:port/db``, ``rediss://`` for TLS,
@@ -54,22 +54,18 @@ class RedisStorage(Storage):
     :class:`~cosmoflow_actors.StorageError`. Requires the ``redis`` package.
     """
 
-    persistent = True
-
     def __init__(
         self, url: str, *, namespace: str = "default", codec: str = "json", timeout: float = 10.0
     ) -> None:
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(f"namespace must be a non-empty str, not {namespace!r}")
+        super().__init__(codec)
         self._url = url
         self._namespace = namespace
         self._data = f"cosmoflow:{namespace}:data"
         self._meta = f"cosmoflow:{namespace}:meta"
-        self._codec = get_codec(codec)
         self._timeout = timeout
         self._client: redis.Redis | None = None
-        self._staged: StagedWrites[bytes] = StagedWrites()
-        self._limiter = trio.CapacityLimiter(1)
 
     def __repr__(self) -> str:
         return f"RedisStorage({_redacted(self._url)!r}, namespace={self._namespace!r})"
@@ -78,11 +74,6 @@ class RedisStorage(Storage):
     def namespace(self) -> str:
         """The namespace: the data is in the hash ``cosmoflow:<namespace>:data``."""
         return self._namespace
-
-    @property
-    def codec(self) -> str:
-        """The codec's name: ``"json"`` or ``"pickle"``."""
-        return self._codec.name
 
     async def open(self) -> None:
         """Connect and check the namespace, claiming it if it is empty; once only.
@@ -104,23 +95,6 @@ class RedisStorage(Storage):
             raise KeyError(key)
         return self._codec.decode(data)
 
-    async def set(self, key: str, value: Any) -> None:
-        """Encode ``value`` now and stage it until :meth:`commit`; does not block.
-
-        A non-``str`` key raises ``TypeError``; a key or value that cannot be encoded
-        raises :class:`~cosmoflow_actors.StorageError` and stores nothing.
-        """
-        await self.open()
-        check_json_key(key)
-        self._staged.set(key, self._codec.encode(key, value))
-
-    async def delete(self, key: str) -> bool:
-        """Stage removing ``key``; return whether it was there."""
-        if not await self.contains(key):
-            return False
-        self._staged.delete(key)
-        return True
-
     async def contains(self, key: str) -> bool:
         """Return whether ``key`` is stored (blocks in a worker thread, as :meth:`get`)."""
         return await self._lookup(key) is not None
@@ -130,17 +104,9 @@ class RedisStorage(Storage):
         fields: list[bytes] = await self._command("HKEYS", self._data)
         return self._staged.merge_keys(field.decode() for field in fields)
 
-    async def size(self) -> int:
-        """Return the number of keys (blocks in a worker thread)."""
-        if self._staged:
-            return len(await self.keys())
+    async def _stored_count(self) -> int:
         count: int = await self._command("HLEN", self._data)
         return count
-
-    async def clear(self) -> None:
-        """Stage removing every key; does not block."""
-        await self.open()
-        self._staged.clear()
 
     async def update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
         """Store ``function(value)`` under ``key`` atomically across processes; return it.

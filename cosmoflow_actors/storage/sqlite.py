@@ -12,15 +12,12 @@ from typing import Any, Final, TypeVar, final
 import trio
 
 from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.codec import (
     Codec,
     check_codec,
-    check_json_key,
-    get_codec,
     utf8_key,
 )
-from cosmoflow_actors.storage.staged import DeleteOp, Op, SetOp, StagedWrites
+from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
 
 FORMAT: Final = "cosmoflow-store"
 VERSION: Final = "1"
@@ -39,7 +36,7 @@ T = TypeVar("T")
 
 
 @final
-class SQLiteStorage(Storage):
+class SQLiteStorage(DatabaseStorage):
     """Storage in an SQLite database file: one row per key, values encoded by the codec.
 
     The database runs in WAL mode with ``synchronous=FULL``, so every commit is synced to
@@ -63,17 +60,13 @@ class SQLiteStorage(Storage):
     :meth:`aclose`.
     """
 
-    persistent = True
-
     def __init__(
         self, path: str | os.PathLike[str], *, codec: str = "json", timeout: float = 5.0
     ) -> None:
+        super().__init__(codec)
         self._path = Path(path).absolute()
-        self._codec = get_codec(codec)
         self._timeout = timeout
         self._connection: sqlite3.Connection | None = None
-        self._staged: StagedWrites[bytes] = StagedWrites()
-        self._limiter = trio.CapacityLimiter(1)
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({str(self._path)!r})"
@@ -82,11 +75,6 @@ class SQLiteStorage(Storage):
     def path(self) -> Path:
         """The database file's absolute path."""
         return self._path
-
-    @property
-    def codec(self) -> str:
-        """The codec's name: ``"json"`` or ``"pickle"``."""
-        return self._codec.name
 
     async def open(self) -> None:
         """Open the database, creating it if needed; later calls return at once.
@@ -112,23 +100,6 @@ class SQLiteStorage(Storage):
             raise KeyError(key)
         return self._codec.decode(_as_bytes(row[0]))
 
-    async def set(self, key: str, value: Any) -> None:
-        """Encode ``value`` now and stage it until :meth:`commit`; does not block.
-
-        A non-``str`` key raises ``TypeError``; a key or value that cannot be encoded
-        raises :class:`~cosmoflow_actors.StorageError` and stores nothing.
-        """
-        await self.open()
-        check_json_key(key)
-        self._staged.set(key, self._codec.encode(key, value))
-
-    async def delete(self, key: str) -> bool:
-        """Stage removing ``key``; return whether it was there."""
-        if not await self.contains(key):
-            return False
-        self._staged.delete(key)
-        return True
-
     async def contains(self, key: str) -> bool:
         """Return whether ``key`` is stored (blocks in a worker thread, as :meth:`get`)."""
         staged = self._staged.lookup(key)
@@ -143,17 +114,9 @@ class SQLiteStorage(Storage):
         rows = await self._query_all(f"SELECT key FROM {STORE_TABLE} ORDER BY rowid")
         return self._staged.merge_keys(row[0] for row in rows)
 
-    async def size(self) -> int:
-        """Return the number of keys (blocks in a worker thread)."""
-        if self._staged:
-            return len(await self.keys())
+    async def _stored_count(self) -> int:
         count: int = (await self._query(f"SELECT count(*) FROM {STORE_TABLE}"))[0]
         return count
-
-    async def clear(self) -> None:
-        """Stage removing every key; does not block."""
-        await self.open()
-        self._staged.clear()
 
     async def commit(self) -> None:
         """Write the staged writes in one transaction, synced to disk; all or nothing.

@@ -4,13 +4,20 @@ The persistent backends apply nothing to their durable state until ``commit``: `
 ``delete`` and ``clear`` are recorded here, reads consult :meth:`StagedWrites.lookup`
 before the committed state, and ``commit`` applies :attr:`StagedWrites.ops` in order and
 then calls :meth:`StagedWrites.reset`. Rolling back is just :meth:`StagedWrites.reset`.
-Nothing here blocks or awaits.
+Nothing in :class:`StagedWrites` blocks or awaits. :class:`DatabaseStorage` is what the
+SQLite and Redis backends share on top of it.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterable
-from typing import Final, Generic, TypeVar, final
+from typing import Any, Final, Generic, TypeVar, final
+
+import trio
+
+from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.codec import check_json_key, get_codec
 
 V = TypeVar("V")
 
@@ -112,3 +119,58 @@ class StagedWrites(Generic[V]):
         self.ops = []
         self._overlay = {}
         self.cleared = False
+
+
+class DatabaseStorage(Storage):
+    """The shared part of the backends that keep their data in a database
+    (SQLiteStorage, RedisStorage): values encoded by a codec, writes staged here until
+    ``commit``, and reads that ask the database, with the staged writes laid over.
+
+    A subclass connects in :meth:`open`, answers :meth:`get`, :meth:`contains`,
+    :meth:`keys` and :meth:`_stored_count` from the database, and writes in ``commit``.
+    Its calls to the database run one at a time through ``_limiter`` in a worker thread.
+    """
+
+    persistent = True
+
+    def __init__(self, codec: str) -> None:
+        self._codec = get_codec(codec)
+        self._staged: StagedWrites[bytes] = StagedWrites()
+        self._limiter = trio.CapacityLimiter(1)
+
+    @property
+    def codec(self) -> str:
+        """The codec's name: ``"json"`` or ``"pickle"``."""
+        return self._codec.name
+
+    async def set(self, key: str, value: Any) -> None:
+        """Encode ``value`` now and stage it until ``commit``; does not block.
+
+        A non-``str`` key raises ``TypeError``; a key or value that cannot be encoded
+        raises :class:`~cosmoflow_actors.StorageError` and stores nothing.
+        """
+        await self.open()
+        check_json_key(key)
+        self._staged.set(key, self._codec.encode(key, value))
+
+    async def delete(self, key: str) -> bool:
+        """Stage removing ``key``; return whether it was there."""
+        if not await self.contains(key):
+            return False
+        self._staged.delete(key)
+        return True
+
+    async def size(self) -> int:
+        """Return the number of keys (blocks in a worker thread)."""
+        if self._staged:
+            return len(await self.keys())
+        return await self._stored_count()
+
+    async def clear(self) -> None:
+        """Stage removing every key; does not block."""
+        await self.open()
+        self._staged.clear()
+
+    @abstractmethod
+    async def _stored_count(self) -> int:
+        """The number of keys in the database, with nothing staged (blocks in a thread)."""
