@@ -89,6 +89,15 @@ class StorageError(CosmoFlowError):
     """A storage backend could not read, encode or commit data."""
 
 
+class RunConflictError(StorageError):
+    """Another engine committed a step of this durable run first.
+
+    Two engines (or processes) ran the same ``run_id`` at once, and the other committed
+    the step this one was about to commit. Nothing of this step is stored, and the run
+    fails here without touching the record, which stays the other engine's.
+    """
+
+
 class StoreKeyError(CosmoFlowError, KeyError):
     """The key is not in the store and no default was given."""
 

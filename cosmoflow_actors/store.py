@@ -64,9 +64,12 @@ class SharedStore:
         step, self._step = self._step, None
         return [] if step is None else step.ops
 
-    async def commit_step(self, ops: list[StagedOp], record_key: str, record: Any) -> None:
-        """Apply ``ops`` and store ``record`` in one commit, all or nothing."""
-        await self._request(StoreOp.COMMIT_STEP, record_key, (ops, record))
+    async def commit_step(
+        self, ops: list[StagedOp], record_key: str, record: Any, steps_before: int
+    ) -> None:
+        """Apply ``ops`` and store ``record`` in one commit, all or nothing, if the stored
+        record still counts ``steps_before`` steps; else raise RunConflictError."""
+        await self._request(StoreOp.COMMIT_STEP, record_key, (ops, record, steps_before))
 
     async def put_record(self, record_key: str, record: Any) -> None:
         """Store a run record (outside any step's staging)."""

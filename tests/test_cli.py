@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.cli import main
-from tests.storage_suite import RedisServer, running_redis, unique_namespace
+from tests.storage_suite import RedisServer, unique_namespace
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -187,13 +186,6 @@ def counter_file(tmp_path: Path) -> Path:
     path = tmp_path / "counter.py"
     path.write_text(COUNTER)
     return path
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for this module (skips when redis-server is not installed)."""
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 def table_row(out: str, name: str) -> list[str]:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -38,7 +38,7 @@ from tests.crash_worker import (
     open_storage,
     step_value,
 )
-from tests.storage_suite import RedisServer, running_redis, unique_namespace
+from tests.storage_suite import RedisServer, unique_namespace
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 TRIALS: Final = 20
@@ -146,13 +146,6 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         yield running
     finally:
         await running.close()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for the module; every trial has a namespace of its own."""
-    with running_redis(tmp_path_factory.mktemp("redis")) as running:
-        yield running
 
 
 def job_for(

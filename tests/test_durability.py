@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from tests.storage_suite import JsonDictStorage, make_backend
 
 
 class Counted(cf.Node):
@@ -234,3 +235,71 @@ async def test_children_of_a_durable_run_are_durable_and_not_run_again(tmp_path:
     assert sorted(ran) == ["a", "b", "b", "c"]
     assert result.success
     assert records == {"p": "succeeded", "p/0": "succeeded", "p/1": "succeeded", "p/2": "succeeded"}
+
+
+# --- two engines running one durable run -------------------------------------------------
+
+
+class PersistentDictStorage(JsonDictStorage):
+    """The custom backend, declared persistent: its durable steps take the store actor's
+    own commit path (no ``commit_step`` of its own)."""
+
+    persistent = True
+
+
+class Held(cf.Node):
+    """Waits in exec until ``gate`` opens; post counts itself in "n" and signs "by"."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.arrived = trio.Event()
+        self.gate = trio.Event()
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self.arrived.set()
+        await self.gate.wait()
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        await store.update("n", lambda n: n + 1, default=0)
+        await store.set("by", self.label)
+
+
+def held_flow(node: Held) -> cf.Flow:
+    return cf.Flow.builder("held").add_node("step", node).build()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "custom"])
+async def test_two_engines_running_one_run_commit_each_step_once(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Engine a runs run "r"; engine b resumes it meanwhile (another process would do the
+    same, over a storage instance of its own). Both reach the step's commit: a's lands,
+    b's fails with RunConflictError, applies nothing, and leaves a's record alone."""
+    if kind == "custom":
+        text: dict[str, str] = {}
+        storages = [PersistentDictStorage(text), PersistentDictStorage(text)]
+    else:
+        backend = make_backend(kind, tmp_path, request)
+        storages = [backend.open(), backend.open()]
+    a, b = Held("a"), Held("b")
+
+    async def resume_in_b(engine: cf.Engine) -> None:
+        with pytest.raises(cf.RunConflictError, match="another engine committed step 1"):
+            await engine.resume(held_flow(b), storages[1], run_id="r")
+
+    async with cf.open_engine() as engine_a, cf.open_engine() as engine_b:
+        run = await engine_a.start_run(held_flow(a), storages[0], run_id="r")
+        await a.arrived.wait()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(resume_in_b, engine_b)
+            await b.arrived.wait()
+            a.gate.set()
+            assert (await run.wait()).execution_path == ("step",)
+            b.gate.set()
+        records = await engine_a.list_runs(storages[0])
+        stored = {key: await storages[0].get(key) for key in ("n", "by")}
+
+    assert stored == {"n": 1, "by": "a"}
+    assert [(r.run_id, r.state, r.steps) for r in records] == [("r", "succeeded", 1)]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 import cosmoflow_actors as cf
 from tests.storage_suite import (
@@ -21,10 +22,8 @@ from tests.storage_suite import (
     ENCODING,
     PERSISTENT,
     Backend,
-    RedisServer,
     file_size_limit,
     make_backend,
-    running_redis,
 )
 from tests.support import in_run, single
 
@@ -39,13 +38,6 @@ ODD_KEYS = [
     "with\nnewline and \x00 nul",
     "k" * 10_000,
 ]
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for this module; tests keep apart by namespace."""
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @dataclasses.dataclass
@@ -401,3 +393,28 @@ async def test_a_full_disk_fails_the_writing_run_only(
         assert (await engine.run(flow, storage)).success
 
     assert await contents(backend.open()) == {"kept": "before", "small": 1}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"], indirect=True)
+async def test_durable_steps_on_two_instances_lose_no_update(backend: Backend) -> None:
+    """Two instances over one store stand for two processes. A durable step commits
+    through Storage.commit_step, in one transaction of the backend's own that reads the
+    values it updates (SQLite's BEGIN IMMEDIATE, Redis's WATCH/MULTI/EXEC), so updates
+    from both all land."""
+    storages = [backend.open(), backend.open()]
+
+    @cf.node
+    async def bump(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.update("count", lambda n: n + 1, default=0)
+        await ctx.store.update("log", lambda log: [*log, ctx.run_id], default=[])
+
+    flow = cf.Flow.builder("bump").add_node("bump", bump).build()
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        for index in range(50):
+            for name, storage in zip("ab", storages, strict=True):
+                nursery.start_soon(partial(engine.run, flow, storage, run_id=f"{name}{index}"))
+    reader = backend.open()
+    assert await reader.get("count") == 100
+    assert sorted(await reader.get("log")) == sorted(f"{n}{i}" for n in "ab" for i in range(50))
+    for storage in [reader, *storages]:
+        await storage.aclose()

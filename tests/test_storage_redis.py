@@ -23,13 +23,6 @@ from tests.storage_suite import (
 from tests.support import single
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for this module; tests keep apart by namespace."""
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own, for tests that reconfigure or stop it."""
@@ -274,28 +267,3 @@ async def test_a_password_in_the_url_never_shows() -> None:
     with pytest.raises(cf.StorageError) as info:
         await storage.open()
     assert "s3cret" not in str(info.value)
-
-
-async def test_durable_steps_on_two_clients_lose_no_update(redis_server: RedisServer) -> None:
-    """Two RedisStorage instances on one namespace stand for two processes: durable
-    steps commit through Storage.commit_step, watched, so concurrent updates all land."""
-    namespace = unique_namespace()
-    clients = [redis_server.storage(namespace), redis_server.storage(namespace)]
-
-    @cf.node
-    async def bump(ctx: cf.ExecutionContext) -> None:
-        await ctx.store.update("count", lambda n: n + 1, default=0)
-        await ctx.store.update("log", lambda log: [*log, ctx.run_id], default=[])
-
-    flow = cf.Flow.builder("bump").add_node("bump", bump).build()
-    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
-        for index in range(50):
-            for name, storage in zip("ab", clients, strict=True):
-                nursery.start_soon(partial(engine.run, flow, storage, run_id=f"{name}{index}"))
-    reader = redis_server.storage(namespace)
-    await reader.open()
-    assert await reader.get("count") == 100
-    assert sorted(await reader.get("log")) == sorted(f"{n}{i}" for n in "ab" for i in range(50))
-    await reader.aclose()
-    for storage in clients:
-        await storage.aclose()

@@ -231,14 +231,16 @@ class NodeActor:
         """Commit a durable step: its staged writes with its record, in one commit.
 
         A conditional action is resolved first (reading through the step's writes), so
-        the record holds where the run goes. Raises StorageError when the commit fails.
+        the record holds where the run goes. Raises StorageError when the commit fails,
+        RunConflictError when another engine committed this step of the run first.
         """
         assert run.record is not None
         if action.is_conditional:
             action = action.resolve(await run.store.get_many(action.condition_keys()))
         ops = run.store.end_step()
+        steps_before = len(run.record["path"])
         record = durability.step_done(run.record, run, step.branch, self.node_id, action)
-        await run.store.commit_step(ops, durability.record_key(run.run_id), record)
+        await run.store.commit_step(ops, durability.record_key(run.run_id), record, steps_before)
         run.record = record
         return action
 

@@ -18,7 +18,13 @@ from typing import Any
 import trio
 
 from cosmoflow_actors.action import Action
-from cosmoflow_actors.errors import CosmoFlowError, MaxStepsExceeded, NoRouteError, StorageError
+from cosmoflow_actors.errors import (
+    CosmoFlowError,
+    MaxStepsExceeded,
+    NoRouteError,
+    RunConflictError,
+    StorageError,
+)
 from cosmoflow_actors.flow import END, Flow, Route, Target
 from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone
@@ -95,8 +101,9 @@ class Router:
         run.succeed(result)
 
     async def _fail(self, run: Run, error: BaseException) -> None:
-        """Fail the run; a durable one records the failure (best effort) first."""
-        if run.record is not None and not run.finished:
+        """Fail the run; a durable one records the failure (best effort) first, unless
+        another engine has taken the run over (RunConflictError): the record is its."""
+        if run.record is not None and not run.finished and not isinstance(error, RunConflictError):
             record = durability.failed(run.record, error)
             with contextlib.suppress(StorageError):
                 await run.store.put_record(durability.record_key(run.run_id), record)

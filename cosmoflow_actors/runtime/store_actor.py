@@ -18,7 +18,7 @@ import trio
 from cosmoflow_actors.errors import StorageError, StoreKeyError
 from cosmoflow_actors.runtime.durability import RECORD_PREFIX
 from cosmoflow_actors.runtime.messages import StoreOp, StoreRequest
-from cosmoflow_actors.storage.base import RESERVED_PREFIX, Storage
+from cosmoflow_actors.storage.base import RESERVED_PREFIX, Storage, check_steps
 from cosmoflow_actors.store import MISSING, SharedStore
 
 MAX_BATCH: Final = 1024
@@ -213,10 +213,11 @@ class StoreActor:
     async def _commit_step(self, request: StoreRequest) -> Any:
         """A durable step's staged writes and its run record, all or nothing."""
         storage = request.storage
-        ops = [_guarded(op) for op in request.argument[0]]
-        record = request.argument[1]
-        if await storage.commit_step(ops, request.key, record):
+        staged, record, steps_before = request.argument
+        ops = [_guarded(op) for op in staged]
+        if await storage.commit_step(ops, request.key, record, steps_before):
             return
+        check_steps(request.key, await _read(storage, request.key, None), steps_before)
         undo = _Undo(storage)
         try:
             for op, key, argument in ops:

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar, Final
 
+from cosmoflow_actors.errors import RunConflictError
+
 RESERVED_PREFIX: Final = "__cosmoflow__/"
 """Keys under this prefix belong to the engine (durable run records)."""
 
@@ -101,16 +103,23 @@ class Storage(ABC):
         await self.set(key, new)
         return new
 
-    async def commit_step(self, ops: list[StagedOp], record_key: str, record: Any) -> bool:
+    async def commit_step(
+        self, ops: list[StagedOp], record_key: str, record: Any, steps_before: int
+    ) -> bool:
         """Optionally apply a durable step's writes and its run record as one transaction
         of the backend's own, atomic against other processes writing the same data.
 
         ``ops`` are ``("set", key, value)``, ``("delete", key, None)``, ``("clear", "",
         None)`` (every key outside :data:`RESERVED_PREFIX`) and ``("update", key,
         (function, default))`` (store ``function(value or default)``; ``function`` may
-        raise, and then nothing is stored). Return False (the default) to let the store
-        actor apply them with :meth:`get`, :meth:`set` and :meth:`delete` in its batch,
-        which is atomic within one engine.
+        raise, and then nothing is stored). The record stored under ``record_key`` must
+        still count ``steps_before`` completed steps: check it inside the transaction
+        with :func:`check_steps`, which raises RunConflictError when another engine
+        committed a step first, and then store nothing.
+
+        Return False (the default) to let the store actor check the record and apply the
+        ops with :meth:`get`, :meth:`set` and :meth:`delete` in its batch, which is
+        atomic within one engine.
         """
         return False
 
@@ -125,3 +134,15 @@ class Storage(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 (an optional hook; no-op by default)
         """Release resources (files, connections). The default does nothing."""
+
+
+def check_steps(record_key: str, stored: Any, steps_before: int) -> None:
+    """Raise RunConflictError unless ``stored``, the run record read from the store under
+    ``record_key`` (None when missing), counts ``steps_before`` completed steps."""
+    steps = None if stored is None else len(stored["path"])
+    if steps != steps_before:
+        run_id = record_key.rpartition("/")[2]
+        raise RunConflictError(
+            f"run {run_id!r}: another engine committed step {steps_before + 1} first "
+            f"(the store's record counts {steps} steps); this step is not applied"
+        )

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import trio
 
 from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp
+from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, check_steps
 from cosmoflow_actors.storage.codec import check_codec, check_json_key, utf8_key
 from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
 
@@ -133,19 +133,25 @@ class RedisStorage(DatabaseStorage):
             f"{self!r}: update of {key!r} lost to other writers {MAX_UPDATE_ATTEMPTS} times"
         )
 
-    async def commit_step(self, ops: list[StagedOp], record_key: str, record: Any) -> bool:
+    async def commit_step(
+        self, ops: list[StagedOp], record_key: str, record: Any, steps_before: int
+    ) -> bool:
         """Commit a durable step atomically across processes; always returns True.
 
-        Watches the hash, re-applies the step's updates to the values stored now, and
-        sends the writes staged before, the step's writes and its run record in one
-        ``MULTI``/``EXEC``; when another client changed the hash in between, it starts
-        over (at most :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError). An error of
-        an update function stores nothing. Blocks in a worker thread per round trip.
+        Watches the hash, checks that the run's record still counts ``steps_before``
+        steps (else RunConflictError, nothing stored), re-applies the step's updates to
+        the values stored now, and sends the writes staged before, the step's writes and
+        its run record in one ``MULTI``/``EXEC``; when another client changed the hash in
+        between, it starts over (at most :data:`MAX_UPDATE_ATTEMPTS` times, then
+        StorageError). An error of an update function stores nothing. Blocks in a worker
+        thread per round trip.
         """
         client = await self._connected()
         for _ in range(MAX_UPDATE_ATTEMPTS):
             async with self._pipeline(client) as pipe:
-                await self._in_thread(_call, pipe, "WATCH", self._data)
+                stored = await self._watch(pipe, record_key)
+                record_before = None if stored is None else self._codec.decode(stored)
+                check_steps(record_key, record_before, steps_before)
                 writes = await self._step_writes(pipe, ops)
                 writes.append(SetOp(record_key, self._codec.encode(record_key, record)))
                 if await self._in_thread(self._exec, pipe, [*self._staged.ops, *writes]):

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final, TypeVar, final
 
 import trio
 
 from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, check_steps
 from cosmoflow_actors.storage.codec import (
     Codec,
     check_codec,
+    check_json_key,
     utf8_key,
 )
 from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
@@ -31,6 +33,11 @@ _UPSERT: Final = (
     f"INSERT INTO {STORE_TABLE} (key, value) VALUES (?, ?) "
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
+
+_SELECT: Final = f"SELECT value FROM {STORE_TABLE} WHERE key = ?"
+_DELETE: Final = f"DELETE FROM {STORE_TABLE} WHERE key = ?"
+_DELETE_USER_KEYS: Final = f"DELETE FROM {STORE_TABLE} WHERE substr(key, 1, ?) <> ?"
+"""Every key outside the engine's reserved prefix (LIKE would read ``_`` as a wildcard)."""
 
 T = TypeVar("T")
 
@@ -50,6 +57,8 @@ class SQLiteStorage(DatabaseStorage):
     database each time, so they see what other processes committed, with the staged
     writes laid over it. ``update`` is the default get-then-set: atomic within the one
     store actor that owns this instance, not against other processes writing the file.
+    A durable step is atomic against them: :meth:`commit_step` applies it, updates
+    included, in one ``BEGIN IMMEDIATE`` transaction.
 
     ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only).
     ``timeout`` is how long a call waits for another process's lock, in seconds.
@@ -95,7 +104,7 @@ class SQLiteStorage(DatabaseStorage):
             return self._codec.decode(staged)
         if staged is None or utf8_key(key) is None:
             raise KeyError(key)
-        row = await self._query(f"SELECT value FROM {STORE_TABLE} WHERE key = ?", key)
+        row = await self._query(_SELECT, key)
         if row is None:
             raise KeyError(key)
         return self._codec.decode(_as_bytes(row[0]))
@@ -130,6 +139,60 @@ class SQLiteStorage(DatabaseStorage):
         ops = self._staged.ops
         self._staged.reset()
         await self._in_thread(_write, await self._connected(), ops)
+
+    async def commit_step(
+        self, ops: list[StagedOp], record_key: str, record: Any, steps_before: int
+    ) -> bool:
+        """Commit a durable step in one transaction, atomic across processes; returns True.
+
+        In one ``BEGIN IMMEDIATE`` transaction, which holds other writers off: the writes
+        staged before, a check that the run's record still counts ``steps_before`` steps
+        (else RunConflictError), the step's ops (updates applied to the values stored
+        then, their functions called in the worker thread) and the record. Any failure
+        rolls it all back, and the writes staged before stay staged for :meth:`commit`.
+        Blocks in a worker thread.
+        """
+        connection = await self._connected()
+        await self._in_thread(self._write_step, connection, ops, record_key, record, steps_before)
+        self._staged.reset()
+        return True
+
+    def _write_step(
+        self,
+        connection: sqlite3.Connection,
+        ops: list[StagedOp],
+        record_key: str,
+        record: Any,
+        steps_before: int,
+    ) -> None:
+        """:meth:`commit_step`'s transaction (blocks)."""
+        with _transaction(connection):
+            _apply(connection, self._staged.ops)
+            check_steps(record_key, self._stored(connection, record_key, None), steps_before)
+            for kind, key, argument in ops:
+                self._apply_step_op(connection, kind, key, argument)
+            connection.execute(_UPSERT, (record_key, self._codec.encode(record_key, record)))
+
+    def _apply_step_op(
+        self, connection: sqlite3.Connection, kind: str, key: str, argument: Any
+    ) -> None:
+        """Apply one op of a durable step inside the open transaction (blocks)."""
+        if kind == "clear":
+            connection.execute(_DELETE_USER_KEYS, (len(RESERVED_PREFIX), RESERVED_PREFIX))
+        elif kind == "delete":
+            connection.execute(_DELETE, (key,))
+        else:
+            value = argument
+            if kind == "update":
+                function, default = argument
+                value = function(self._stored(connection, key, default))
+            check_json_key(key)
+            connection.execute(_UPSERT, (key, self._codec.encode(key, value)))
+
+    def _stored(self, connection: sqlite3.Connection, key: str, missing: Any) -> Any:
+        """The decoded value of ``key`` in the database, ``missing`` when absent (blocks)."""
+        row = _fetch_one(connection, _SELECT, (key,))
+        return missing if row is None else self._codec.decode(_as_bytes(row[0]))
 
     async def aclose(self) -> None:
         """Drop staged writes and close the connection (blocks in a worker thread).
@@ -269,19 +332,31 @@ def _create_schema(connection: sqlite3.Connection, path: Path, codec: Codec) -> 
 
 def _write(connection: sqlite3.Connection, ops: list[Op[bytes]]) -> None:
     """Apply ``ops`` in one transaction and commit it (blocks); roll back on failure."""
+    with _transaction(connection):
+        _apply(connection, ops)
+
+
+@contextmanager
+def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE``, then ``COMMIT``, or a rollback on failure (blocks)."""
     connection.execute("BEGIN IMMEDIATE")
     try:
-        for op in ops:
-            if isinstance(op, SetOp):
-                connection.execute(_UPSERT, (op.key, op.value))
-            elif isinstance(op, DeleteOp):
-                connection.execute(f"DELETE FROM {STORE_TABLE} WHERE key = ?", (op.key,))
-            else:
-                connection.execute(f"DELETE FROM {STORE_TABLE}")
+        yield
         connection.execute("COMMIT")
     except BaseException:
         _roll_back(connection)
         raise
+
+
+def _apply(connection: sqlite3.Connection, ops: list[Op[bytes]]) -> None:
+    """Apply staged ``ops`` inside the open transaction (blocks)."""
+    for op in ops:
+        if isinstance(op, SetOp):
+            connection.execute(_UPSERT, (op.key, op.value))
+        elif isinstance(op, DeleteOp):
+            connection.execute(_DELETE, (op.key,))
+        else:
+            connection.execute(f"DELETE FROM {STORE_TABLE}")
 
 
 def _roll_back(connection: sqlite3.Connection) -> None:
