@@ -633,6 +633,31 @@ async def test_a_journal_another_writer_appended_to_fails_the_commit(tmp_path: P
     assert await on_disk(path) == {"a": 1, "b": 2}
 
 
+async def test_a_compaction_over_another_writers_commit_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction writes the snapshot from this instance's state: had another writer
+    appended since this one looked, its commit would be lost. The compaction is refused
+    and no file changes."""
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    await storage.set("big", "x" * 1024)
+    await storage.commit()  # appends: the journal is now larger than the snapshot
+    late = FileStorage(path)
+    await late.open()
+    await storage.set("b", 2)
+    await storage.commit()  # appends
+    before = files(tmp_path)
+    monkeypatch.setattr(file_backend, "COMPACT_MIN_BYTES", 0)
+    await late.set("c", 3)
+
+    with pytest.raises(StorageError, match="another process"):
+        await late.commit()  # compacts, from a state without "b"
+
+    assert files(tmp_path) == before
+    assert await on_disk(path) == {"a": 1, "big": "x" * 1024, "b": 2}
+
+
 # --- permissions -------------------------------------------------------------------------
 
 

@@ -163,7 +163,8 @@ class FileStorage(Storage):
         while it compacts (see the class). When the write fails the files keep the last
         commit, the in-memory state returns to it and
         :class:`~cosmoflow_actors.StorageError` names the file, with the ``OSError`` as
-        ``__cause__``.
+        ``__cause__``. So it does, changing no file, when another process wrote the
+        journal since this store last read or wrote it.
         """
         await self.open()
         if not self._staged:
@@ -180,7 +181,9 @@ class FileStorage(Storage):
         """Compact the committed state into the snapshot and forget the in-memory state.
 
         Uncommitted writes are dropped. Blocks in a worker thread while it writes. The
-        storage can be used again: the next call loads the files afresh.
+        storage can be used again: the next call loads the files afresh. Raises
+        :class:`~cosmoflow_actors.StorageError`, and changes no file, when another
+        process wrote the journal since this store last read or wrote it.
         """
         if not self._opened:
             return
@@ -208,45 +211,57 @@ class FileStorage(Storage):
     async def _append(self) -> None:
         line = journal.encode_commit(self._staged.ops)
         state = self._state
+        assert state.journal_seen is not None  # a usable journal was read or written
         try:
-            await _in_thread(journal.append, self._journal, line, state.journal_bytes)
+            seen = await _in_thread(journal.append, self._journal, line, state.journal_seen)
         except (OSError, StorageError) as exc:
             state.journal_usable = False
             raise StorageError(f"cannot append to {self._journal}: {exc}") from exc
         journal.apply_ops(self._committed, self._staged.ops)
         state.journal_bytes += len(line)
+        state.journal_seen = seen
 
     async def _compact(self, entries: dict[str, msgspec.Raw]) -> None:
-        """Write ``entries`` as the next snapshot, then start an empty journal for it."""
+        """Write ``entries`` as the next snapshot, then start an empty journal for it.
+
+        Refuses (StorageError, no file changed) when the journal is not as this store
+        last left it: the snapshot would drop another writer's commits.
+        """
         generation = self._state.generation + 1
         snapshot = journal.encode_snapshot(self._codec, generation, entries)
+        seen = self._state.journal_seen
         try:
-            mode = await _in_thread(self._write_snapshot, snapshot)
+            mode = await _in_thread(self._write_snapshot, snapshot, seen)
         except OSError as exc:
             raise StorageError(f"cannot write {self._path}: {exc}") from exc
         self._committed = entries
-        self._state = journal.Loaded(entries, generation, len(snapshot))
+        self._state = journal.Loaded(entries, generation, len(snapshot), journal_seen=seen)
         header = self._header()
         try:
-            await _in_thread(self._restart_journal, header, mode)
+            seen = await _in_thread(self._restart_journal, header, mode)
         except OSError as exc:
             raise StorageError(
                 f"wrote {self._path}, but cannot sync its directory or start its journal: {exc}"
             ) from exc
         self._state.journal_bytes = len(header)
         self._state.journal_usable = True
+        self._state.journal_seen = seen
 
-    def _write_snapshot(self, content: bytes) -> int:
-        """Replace the snapshot; return its mode (blocks; runs in a worker thread)."""
+    def _write_snapshot(self, content: bytes, seen: journal.Seen | None) -> int:
+        """Check that the journal is as ``seen``, then replace the snapshot; return its
+        mode (blocks; runs in a worker thread)."""
+        journal.check_unchanged(self._journal, seen)
         mode = journal.mode_of(self._path)
         journal.replace_file(self._path, content, mode)
         return mode
 
-    def _restart_journal(self, header: bytes, mode: int) -> None:
-        """Sync the snapshot's rename, then replace the journal with ``header`` (blocks)."""
+    def _restart_journal(self, header: bytes, mode: int) -> journal.Seen:
+        """Sync the snapshot's rename, then replace the journal with ``header``; return
+        the new journal as seen (blocks)."""
         journal.sync_directory(self._path.parent)
-        journal.replace_file(self._journal, header, mode)
+        seen = journal.replace_file(self._journal, header, mode)
         journal.sync_directory(self._path.parent)
+        return seen
 
 
 async def _in_thread(function: Callable[[*Ts], T], *args: *Ts) -> T:

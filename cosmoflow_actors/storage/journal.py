@@ -90,6 +90,15 @@ _header_decoder = msgspec.json.Decoder(JournalHeader)
 _commit_decoder = msgspec.json.Decoder(list[Record])
 
 
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """The journal file as a store last read or wrote it: a file of another size, or
+    another file under the journal's name, means that another writer got there."""
+
+    inode: int
+    size: int
+
+
 @dataclass
 class Loaded:
     """What :func:`load` read: the committed entries and the state of both files."""
@@ -100,6 +109,8 @@ class Loaded:
     journal_bytes: int = 0
     journal_usable: bool = False
     """Whether the next commit may append to the journal (else it must compact)."""
+    journal_seen: Seen | None = None
+    """The journal file as loaded or last written; None when there was none."""
 
 
 def journal_path(path: Path) -> Path:
@@ -153,10 +164,10 @@ def load(path: Path, codec: Codec) -> Loaded:
         remove_stray_temps(path)
         remove_stray_temps(journal)
         snapshot = _read(path)
-        journal_content = _read(journal)
+        journal_content, journal_seen = _read_journal(journal)
     except OSError as exc:
         raise StorageError(f"cannot read {exc.filename or path}: {exc}") from exc
-    loaded = Loaded()
+    loaded = Loaded(journal_seen=journal_seen)
     if snapshot is not None:
         _load_snapshot(path, snapshot, codec, loaded)
     if journal_content is not None:
@@ -169,6 +180,35 @@ def _read(path: Path) -> bytes | None:
         return path.read_bytes()
     except FileNotFoundError:
         return None
+
+
+def _read_journal(journal: Path) -> tuple[bytes | None, Seen | None]:
+    """The journal's content and how it was seen, or (None, None) when it is missing."""
+    try:
+        with open(journal, "rb") as file:
+            content = file.read()
+            return content, Seen(os.fstat(file.fileno()).st_ino, len(content))
+    except FileNotFoundError:
+        return None, None
+
+
+def check_unchanged(journal: Path, seen: Seen | None) -> None:
+    """Raise StorageError unless the journal is as a store last saw it (blocks)."""
+    try:
+        status = os.stat(journal)
+    except FileNotFoundError:
+        now = None
+    else:
+        now = Seen(status.st_ino, status.st_size)
+    if now != seen:
+        raise _another_writer(journal)
+
+
+def _another_writer(journal: Path) -> StorageError:
+    return StorageError(
+        f"{journal} is not as this store last left it: another process writes to it "
+        "(a FileStorage serves one process at a time; reopen the store to see its writes)"
+    )
 
 
 def _load_snapshot(path: Path, content: bytes, codec: Codec, loaded: Loaded) -> None:
@@ -242,30 +282,29 @@ def _op(record: Record) -> Op[msgspec.Raw]:
     return ClearOp()
 
 
-def append(journal: Path, content: bytes, expected_size: int) -> None:
-    """Append one commit line and ``fdatasync`` it (blocks).
+def append(journal: Path, content: bytes, seen: Seen) -> Seen:
+    """Append one commit line and ``fdatasync`` it (blocks); return the journal as seen
+    after it.
 
-    Raises OSError when the write fails, after cutting the journal back to
-    ``expected_size`` if it can, and StorageError when the journal is not the size this
-    process last left it at (another writer).
+    Raises OSError when the write fails, after cutting the journal back to its size
+    before if it can, and StorageError when the journal is not as ``seen`` (another
+    writer).
     """
     fd = os.open(journal, os.O_WRONLY | os.O_APPEND)
     try:
-        size = os.fstat(fd).st_size
-        if size != expected_size:
-            raise StorageError(
-                f"{journal} is {size} bytes, not the {expected_size} this store wrote: "
-                f"another process writes to it"
-            )
+        status = os.fstat(fd)
+        if Seen(status.st_ino, status.st_size) != seen:
+            raise _another_writer(journal)
         try:
             _write_all(fd, content)
             os.fdatasync(fd)
         except OSError:
             with suppress(OSError):
-                os.ftruncate(fd, expected_size)
+                os.ftruncate(fd, seen.size)
             raise
     finally:
         os.close(fd)
+    return Seen(seen.inode, seen.size + len(content))
 
 
 def _write_all(fd: int, content: bytes) -> None:
@@ -294,8 +333,9 @@ def remove_stray_temps(path: Path) -> None:
                 os.unlink(path.parent / name)
 
 
-def replace_file(path: Path, content: bytes, mode: int) -> None:
-    """Atomically replace ``path`` with ``content`` via a synced temporary file (blocks).
+def replace_file(path: Path, content: bytes, mode: int) -> Seen:
+    """Atomically replace ``path`` with ``content`` via a synced temporary file (blocks);
+    return the new file as seen.
 
     The new file gets permission bits ``mode``. The directory is not synced.
     """
@@ -306,11 +346,13 @@ def replace_file(path: Path, content: bytes, mode: int) -> None:
             file.flush()
             os.fchmod(file.fileno(), mode)
             os.fsync(file.fileno())
+            inode = os.fstat(file.fileno()).st_ino
         os.replace(temp, path)
     except BaseException:
         with suppress(OSError):
             os.unlink(temp)
         raise
+    return Seen(inode, len(content))
 
 
 def _open_private(path: str, flags: int) -> int:
