@@ -1,6 +1,6 @@
 """storage: 10,000 durable sets through the engine, per backend, against a rewrite baseline.
 
-    python benchmarks/storage.py            # the full run (about two minutes)
+    python benchmarks/storage.py            # the full run, three rounds (about six minutes)
     python benchmarks/storage.py --smoke    # a few seconds, for CI
 
 Two scenarios, each run through ``cf.open_engine`` so the store actor's batching applies:
@@ -16,8 +16,12 @@ own cost). Every persistent backend syncs each commit to disk. Each result is ch
 reading the store back. ``fsync floor`` is N appends of one line, each followed by
 fdatasync, with no engine at all: the least a durable sequential writer can take.
 
-Prints a table with each backend's speedup over the baseline and writes JSON
-(``benchmarks/results/storage.json``, or ``storage-smoke.json`` with ``--smoke``).
+Every measurement is repeated ``--rounds`` times (3; 1 with ``--smoke``), the rounds
+interleaved so that a slow spell of the machine hits every backend alike: the concurrent
+scenario varies by tens of percent from one run to the next (docs/storage.md says why).
+Prints a table with each backend's median, range and median speedup over the baseline,
+and writes JSON with every round's seconds (``benchmarks/results/storage.json``, or
+``storage-smoke.json`` with ``--smoke``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -140,14 +145,18 @@ SCENARIOS: dict[str, Callable[[cf.Storage, int], Awaitable[None]]] = {
 class Result:
     scenario: str
     backend: str
-    seconds: float
-    sets_per_second: float
+    rounds: list[float]
+    """Seconds of each round."""
+    seconds: float = 0.0
+    """The median round."""
+    sets_per_second: float = 0.0
     speedup: float = 0.0
-    """Baseline seconds / these seconds, in the same scenario."""
+    """Baseline median / this median, in the same scenario."""
 
 
-async def measure(scenario: str, backend: str, sets: int) -> Result:
-    """Run one scenario on a fresh store in a fresh directory; check what it stored."""
+async def measure(scenario: str, backend: str, sets: int) -> float:
+    """Run one scenario on a fresh store in a fresh directory, check what it stored, and
+    return the seconds it took."""
     with tempfile.TemporaryDirectory(prefix="cosmoflow-bench-") as name:
         directory = Path(name)
         storage = BACKENDS[backend](directory)
@@ -157,7 +166,7 @@ async def measure(scenario: str, backend: str, sets: int) -> Result:
         seconds = time.perf_counter() - started
         await check(storage if backend == "memory" else BACKENDS[backend](directory), sets)
         await storage.aclose()
-    return Result(scenario, backend, seconds, sets / seconds)
+    return seconds
 
 
 async def check(storage: cf.Storage, sets: int) -> None:
@@ -187,25 +196,33 @@ def fsync_floor(sets: int) -> float:
             os.close(fd)
 
 
-async def run_all(sets: int) -> list[Result]:
+async def run_all(sets: int, rounds: int) -> list[Result]:
     results = []
     for scenario in SCENARIOS:
-        rows = [await measure(scenario, backend, sets) for backend in BACKENDS]
+        rows = [Result(scenario, backend, []) for backend in BACKENDS]
+        for _ in range(rounds):
+            for row in rows:
+                row.rounds.append(await measure(scenario, row.backend, sets))
         for row in rows:
+            row.seconds = statistics.median(row.rounds)
+            row.sets_per_second = sets / row.seconds
             row.speedup = rows[0].seconds / row.seconds
         results += rows
     return results
 
 
 def render(sets: int, results: list[Result], floor: float) -> str:
+    rounds = len(results[0].rounds)
     lines = [
         f"storage: {sets:,} sets of a {len(msgspec.json.encode(record(sets)))}-byte JSON record;"
-        " every persistent commit is synced to disk",
-        f"{'scenario':<12}{'backend':<10}{'seconds':>10}{'sets/s':>12}{'vs rewrite':>12}",
+        f" every persistent commit is synced to disk; median of {rounds} round(s)",
+        f"{'scenario':<12}{'backend':<10}{'seconds':>10}{'range':>18}{'sets/s':>12}"
+        f"{'vs rewrite':>12}",
     ]
     for row in results:
+        spread = f"{min(row.rounds):.3f}-{max(row.rounds):.3f}"
         lines.append(
-            f"{row.scenario:<12}{row.backend:<10}{row.seconds:>10.3f}"
+            f"{row.scenario:<12}{row.backend:<10}{row.seconds:>10.3f}{spread:>18}"
             f"{row.sets_per_second:>12,.0f}{row.speedup:>11.1f}x"
         )
     baseline = next(r for r in results if r.scenario == "sequential" and r.backend == "rewrite")
@@ -224,6 +241,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--smoke", action="store_true", help="200 sets: seconds, for CI")
     parser.add_argument("--sets", type=int, help="sets per measurement (default 10,000)")
+    parser.add_argument("--rounds", type=int, help="rounds per measurement (default 3, smoke 1)")
     parser.add_argument("--json", type=Path, help="where to write the results")
     return parser.parse_args(argv)
 
@@ -231,7 +249,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
     sets = args.sets or (200 if args.smoke else 10_000)
-    results = trio.run(run_all, sets)
+    rounds = args.rounds or (1 if args.smoke else 3)
+    results = trio.run(run_all, sets, rounds)
     floor = fsync_floor(sets)
     print(render(sets, results, floor))
     output = args.json or RESULTS / ("storage-smoke.json" if args.smoke else "storage.json")
@@ -240,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "benchmark": "storage",
         "smoke": args.smoke,
         "sets": sets,
+        "rounds": rounds,
         "python": platform.python_version(),
         "system": platform.system(),
         "fsync_floor_seconds": floor,

@@ -18,7 +18,7 @@ def test_the_smoke_run_measures_every_backend_in_both_scenarios(tmp_path: Path) 
 
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(output.read_text(encoding="utf-8"))
-    assert (report["smoke"], report["sets"]) == (True, 200)
+    assert (report["smoke"], report["sets"], report["rounds"]) == (True, 200, 1)
     measured = {(row["scenario"], row["backend"]) for row in report["results"]}
     assert measured == {
         (scenario, backend)
@@ -26,5 +26,6 @@ def test_the_smoke_run_measures_every_backend_in_both_scenarios(tmp_path: Path) 
         for backend in ("rewrite", "file", "sqlite", "memory")
     }
     assert all(row["seconds"] > 0 and row["speedup"] > 0 for row in report["results"])
+    assert all(row["rounds"] == [row["seconds"]] for row in report["results"])
     assert "vs rewrite" in done.stdout
     assert "fsync floor" in done.stdout
