@@ -303,3 +303,19 @@ async def test_two_engines_running_one_run_commit_each_step_once(
 
     assert stored == {"n": 1, "by": "a"}
     assert [(r.run_id, r.state, r.steps) for r in records] == [("r", "succeeded", 1)]
+
+
+async def test_a_step_whose_record_was_removed_meanwhile_is_not_applied() -> None:
+    """Another process removed the run's record while a step ran: its commit is
+    refused, so the step cannot recreate a run the store no longer knows."""
+    text: dict[str, str] = {}
+    node = Held("a")
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(held_flow(node), PersistentDictStorage(text), run_id="r")
+        await node.arrived.wait()
+        del text["__cosmoflow__/runs/r"]
+        node.gate.set()
+        with pytest.raises(cf.RunConflictError, match="no longer holds its record"):
+            await run.wait()
+
+    assert text == {}

@@ -139,9 +139,14 @@ class Storage(ABC):
 def check_steps(record_key: str, stored: Any, steps_before: int) -> None:
     """Raise RunConflictError unless ``stored``, the run record read from the store under
     ``record_key`` (None when missing), counts ``steps_before`` completed steps."""
-    steps = None if stored is None else len(stored["path"])
+    run_id = record_key.rpartition("/")[2]
+    if stored is None:
+        raise RunConflictError(
+            f"run {run_id!r}: the store no longer holds its record; step {steps_before + 1} "
+            "is not applied"
+        )
+    steps = len(stored["path"])
     if steps != steps_before:
-        run_id = record_key.rpartition("/")[2]
         raise RunConflictError(
             f"run {run_id!r}: another engine committed step {steps_before + 1} first "
             f"(the store's record counts {steps} steps); this step is not applied"
