@@ -418,3 +418,57 @@ async def test_durable_steps_on_two_instances_lose_no_update(backend: Backend) -
     assert sorted(await reader.get("log")) == sorted(f"{n}{i}" for n in "ab" for i in range(50))
     for storage in [reader, *storages]:
         await storage.aclose()
+
+
+# --- durable steps: a step's writes and its record, in one commit -------------------------
+
+
+async def user_contents(storage: cf.Storage) -> dict[str, Any]:
+    """The contents without the engine's run records."""
+    stored = await contents(storage)
+    return {key: value for key, value in stored.items() if not key.startswith("__cosmoflow__/")}
+
+
+@persistent
+async def test_a_durable_step_applies_its_writes_in_order(backend: Backend) -> None:
+    """clear, delete, set and update of one durable step land together, in order, and
+    leave the run records alone."""
+    storage = await committed(backend, keep="old", gone=1, n=1)
+
+    @cf.node
+    async def rewrite(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.delete("gone")
+        await ctx.store.clear()
+        await ctx.store.set("keep", "new")
+        await ctx.store.update("n", lambda n: n + 1, default=10)
+        await ctx.store.set("after", [1, 2])
+
+    flow = cf.Flow.builder("rewrite").add_node("rewrite", rewrite).build()
+    async with cf.open_engine() as engine:
+        await engine.run(flow, storage, run_id="r")
+        records = await engine.list_runs(storage)
+
+    assert await user_contents(backend.open()) == {"keep": "new", "n": 11, "after": [1, 2]}
+    assert [(r.run_id, r.state, r.steps) for r in records] == [("r", "succeeded", 1)]
+
+
+@persistent
+async def test_a_durable_step_that_cannot_be_encoded_stores_nothing(backend: Backend) -> None:
+    """The step's commit fails as a whole: none of its writes land, its record stays at
+    no step, and the run fails with StorageError."""
+    storage = await committed(backend, n=1)
+
+    @cf.node
+    async def half(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.update("n", lambda n: n + 1, default=0)
+        await ctx.store.set("a", 1)
+        await ctx.store.set("bad", object())
+
+    flow = cf.Flow.builder("half").add_node("half", half).build()
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError):
+            await engine.run(flow, storage, run_id="r")
+        records = await engine.list_runs(storage)
+
+    assert await user_contents(backend.open()) == {"n": 1}
+    assert [(r.state, r.steps) for r in records] == [("failed", 0)]
