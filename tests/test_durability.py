@@ -311,11 +311,14 @@ async def test_a_step_whose_record_was_removed_meanwhile_is_not_applied() -> Non
     text: dict[str, str] = {}
     node = Held("a")
     async with cf.open_engine() as engine:
-        run = await engine.start_run(held_flow(node), PersistentDictStorage(text), run_id="r")
+        storage = PersistentDictStorage(text)
+        run = await engine.start_run(held_flow(node), storage, run_id="jobs/7")
         await node.arrived.wait()
-        del text["__cosmoflow__/runs/r"]
+        del text["__cosmoflow__/runs/jobs/7"]
         node.gate.set()
-        with pytest.raises(cf.RunConflictError, match="no longer holds its record"):
+        with pytest.raises(
+            cf.RunConflictError, match="run 'jobs/7': the store no longer holds its record"
+        ):
             await run.wait()
 
     assert text == {}

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import CosmoFlowError
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.run import Branch, Frame, Run
-from cosmoflow_actors.storage.base import RESERVED_PREFIX, Storage
-
-RECORD_PREFIX: Final = RESERVED_PREFIX + "runs/"
+from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage
 
 
 def record_key(run_id: str) -> str:

@@ -16,9 +16,8 @@ import outcome
 import trio
 
 from cosmoflow_actors.errors import StorageError, StoreKeyError
-from cosmoflow_actors.runtime.durability import RECORD_PREFIX
 from cosmoflow_actors.runtime.messages import StoreOp, StoreRequest
-from cosmoflow_actors.storage.base import RESERVED_PREFIX, Storage, check_steps
+from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX, Storage, check_steps
 from cosmoflow_actors.store import MISSING, SharedStore
 
 MAX_BATCH: Final = 1024

@@ -16,6 +16,9 @@ from cosmoflow_actors.errors import RunConflictError
 RESERVED_PREFIX: Final = "__cosmoflow__/"
 """Keys under this prefix belong to the engine (durable run records)."""
 
+RECORD_PREFIX: Final = RESERVED_PREFIX + "runs/"
+"""A durable run's record is stored under this prefix followed by its run id."""
+
 StagedOp = tuple[str, str, Any]
 """A write staged by a durable step: ("set", key, value), ("delete", key, None),
 ("update", key, (function, default)) or ("clear", "", None)."""
@@ -139,7 +142,7 @@ class Storage(ABC):
 def check_steps(record_key: str, stored: Any, steps_before: int) -> None:
     """Raise RunConflictError unless ``stored``, the run record read from the store under
     ``record_key`` (None when missing), counts ``steps_before`` completed steps."""
-    run_id = record_key.rpartition("/")[2]
+    run_id = record_key.removeprefix(RECORD_PREFIX)
     if stored is None:
         raise RunConflictError(
             f"run {run_id!r}: the store no longer holds its record; step {steps_before + 1} "
