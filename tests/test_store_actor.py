@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.gil import SWITCH_INTERVAL
+from tests.storage_suite import JsonDictStorage
 from tests.support import single
 
 
@@ -97,3 +101,37 @@ async def test_a_failed_commit_fails_the_writer_keeps_old_data_and_the_engine(
         assert await on_disk(storage.path) == {"value": "first"}
         await engine.run(single(write), storage, params={"value": "third"})
     assert await on_disk(storage.path) == {"value": "third"}
+
+
+class IntervalRecordingStorage(JsonDictStorage):
+    """A custom storage that notes the GIL switch interval each time it is opened or set."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.intervals: list[float] = []
+
+    async def open(self) -> None:
+        self.intervals.append(sys.getswitchinterval())
+        await super().open()
+
+    async def set(self, key: str, value: Any) -> None:
+        self.intervals.append(sys.getswitchinterval())
+        await super().set(key, value)
+
+
+@cf.node
+async def set_answer(ctx: cf.ExecutionContext) -> None:
+    await ctx.store.set("answer", 42)
+
+
+async def test_the_backend_is_served_with_a_short_switch_interval_and_restored_after() -> None:
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        storage = IntervalRecordingStorage()
+        async with cf.open_engine() as engine:
+            await engine.run(single(set_answer), storage)
+            assert sys.getswitchinterval() == pytest.approx(0.005)
+        assert storage.intervals == [pytest.approx(SWITCH_INTERVAL)] * 2
+    finally:
+        sys.setswitchinterval(saved)

@@ -16,6 +16,7 @@ import outcome
 import trio
 
 from cosmoflow_actors.errors import StorageError, StoreKeyError
+from cosmoflow_actors.runtime.gil import SHORT_SWITCH_INTERVAL
 from cosmoflow_actors.runtime.messages import StoreOp, StoreRequest
 from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX, Storage, check_steps
 from cosmoflow_actors.store import MISSING, SharedStore
@@ -86,7 +87,8 @@ class StoreActor:
         try:
             try:
                 if self._storage is not None:
-                    await self._storage.open()
+                    with SHORT_SWITCH_INTERVAL:
+                        await self._storage.open()
                 self.serving = True
             finally:
                 self.opened.set()
@@ -108,7 +110,8 @@ class StoreActor:
                     batch.append(receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            await self._apply(batch)
+            with SHORT_SWITCH_INTERVAL:
+                await self._apply(batch)
 
     async def _apply(self, batch: list[StoreRequest]) -> None:
         self.in_flight = len(batch)

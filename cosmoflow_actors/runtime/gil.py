@@ -1,0 +1,65 @@
+"""The GIL switch interval while the engine waits for a worker thread.
+
+A worker thread that returns from a system call (a storage backend's write or fsync)
+needs the GIL back. CPython gives it to the waiting thread only once its wait has lasted
+the switch interval (5 ms by default) without the GIL changing hands. A busy trio thread
+releases and retakes the GIL at every scheduler pass (its ``epoll`` call), which wakes
+the waiting thread, lets it lose the race, and restarts its wait: a commit that takes
+0.3 ms on an idle loop took 5 to 120 ms while thousands of runs were starting. With a
+switch interval shorter than most scheduler passes, the waiting thread asks for the GIL
+and gets it within that interval.
+
+The interval is a setting of the whole process, so :data:`SHORT_SWITCH_INTERVAL`
+shortens it only while some store actor opens its backend or applies a batch (when the
+engine waits for a backend's threads), and puts back the value it found when the last
+one is done. With no other thread wanting the GIL, a shorter interval changes nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from types import TracebackType
+from typing import Final, final
+
+SWITCH_INTERVAL: Final = 0.0001
+"""Seconds: 100 µs, shorter than a busy scheduler pass. Measured on 10,000 concurrent
+FileStorage sets: 1.15 s at the default 5 ms, 0.61 to 0.65 s with 100 µs around each
+batch."""
+
+
+@final
+class ShortSwitchInterval:
+    """A context manager, re-entrant across tasks and threads, that keeps
+    ``sys.getswitchinterval()`` at most ``seconds`` while anyone is inside it.
+
+    Never blocks (beyond an uncontended lock) and is not a checkpoint.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 0.0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, self._seconds))
+            self._users += 1
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                sys.setswitchinterval(self._saved)
+
+
+SHORT_SWITCH_INTERVAL: Final = ShortSwitchInterval(SWITCH_INTERVAL)
+"""The one the store actors share."""
