@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.storage.sqlite import SQLiteStorage
+from cosmoflow_actors.storage.sqlite import UPSERT_ROWS, SQLiteStorage
 from tests.storage_suite import file_size_limit
 
 
@@ -101,6 +101,32 @@ async def test_insertion_order_survives_overwrites_and_moves_on_re_insert(tmp_pa
     assert await storage.keys() == ["b", "c", "a"]
     await storage.commit()
     assert await SQLiteStorage(path).keys() == ["b", "c", "a"]
+
+
+async def test_one_commit_applies_many_sets_deletes_and_a_clear_in_order(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.db"
+    storage = await stored(path, old=0)
+    expected: dict[str, int] = {"old": 0}
+    writes = [("set", f"k{i % 300}", i) for i in range(UPSERT_ROWS * 2 + 50)]
+    writes[100:100] = [("delete", "k5", 0), ("clear", "", 0), ("set", "old", 1)]
+    writes.append(("delete", "k7", 0))
+    for op, key, value in writes:
+        if op == "set":
+            await storage.set(key, value)
+            expected[key] = value
+        elif op == "delete":
+            await storage.delete(key)
+            expected.pop(key, None)
+        else:
+            await storage.clear()
+            expected.clear()
+    await storage.commit()
+
+    fresh = SQLiteStorage(path)
+    assert await fresh.keys() == list(expected)
+    assert {key: await fresh.get(key) for key in expected} == expected
 
 
 @pytest.mark.parametrize(

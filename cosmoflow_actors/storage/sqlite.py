@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -29,10 +30,22 @@ SCHEMA: Final = {
     STORE_TABLE: f"CREATE TABLE {STORE_TABLE} (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)",
     META_TABLE: f"CREATE TABLE {META_TABLE} (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
 }
-_UPSERT: Final = (
-    f"INSERT INTO {STORE_TABLE} (key, value) VALUES (?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-)
+UPSERT_ROWS: Final = 200
+"""Most rows one INSERT upserts: 400 parameters, under the 999 of SQLite before 3.32."""
+
+
+@functools.cache
+def _upsert(rows: int) -> str:
+    """An INSERT of ``rows`` (key, value) rows that replaces the values of existing keys
+    (a key given twice takes its last value)."""
+    values = ", ".join(["(?, ?)"] * rows)
+    return (
+        f"INSERT INTO {STORE_TABLE} (key, value) VALUES {values} "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    )
+
+
+_UPSERT: Final = _upsert(1)
 
 _SELECT: Final = f"SELECT value FROM {STORE_TABLE} WHERE key = ?"
 _DELETE: Final = f"DELETE FROM {STORE_TABLE} WHERE key = ?"
@@ -349,14 +362,33 @@ def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
 
 
 def _apply(connection: sqlite3.Connection, ops: list[Op[bytes]]) -> None:
-    """Apply staged ``ops`` inside the open transaction (blocks)."""
+    """Apply staged ``ops`` inside the open transaction, in order (blocks).
+
+    Consecutive sets go in multi-row statements: ``sqlite3`` releases the GIL for every
+    statement it runs, and a worker thread must win the GIL back each time from the
+    event loop. One statement per set made 10,000 concurrent sets 20 % slower.
+    """
+    rows: list[str | bytes] = []
     for op in ops:
         if isinstance(op, SetOp):
-            connection.execute(_UPSERT, (op.key, op.value))
-        elif isinstance(op, DeleteOp):
+            rows += (op.key, op.value)
+            continue
+        _upsert_rows(connection, rows)
+        rows.clear()
+        if isinstance(op, DeleteOp):
             connection.execute(_DELETE, (op.key,))
         else:
             connection.execute(f"DELETE FROM {STORE_TABLE}")
+    _upsert_rows(connection, rows)
+
+
+def _upsert_rows(connection: sqlite3.Connection, rows: list[str | bytes]) -> None:
+    """Upsert ``rows`` (key, value, key, value, ...) in statements of up to
+    :data:`UPSERT_ROWS` rows (blocks)."""
+    chunk = 2 * UPSERT_ROWS
+    for start in range(0, len(rows), chunk):
+        parameters = rows[start : start + chunk]
+        connection.execute(_upsert(len(parameters) // 2), parameters)
 
 
 def _roll_back(connection: sqlite3.Connection) -> None:
