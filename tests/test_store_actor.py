@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,14 +125,31 @@ async def set_answer(ctx: cf.ExecutionContext) -> None:
     await ctx.store.set("answer", 42)
 
 
-async def test_the_backend_is_served_with_a_short_switch_interval_and_restored_after() -> None:
+class SharedIntervalRecordingStorage(IntervalRecordingStorage):
+    """The same, served like memory storage by the engine-wide actor (it never awaits)."""
+
+    shared_actor = True
+
+
+@pytest.fixture
+def default_switch_interval() -> Iterator[None]:
     saved = sys.getswitchinterval()
     sys.setswitchinterval(0.005)
-    try:
-        storage = IntervalRecordingStorage()
-        async with cf.open_engine() as engine:
-            await engine.run(single(set_answer), storage)
-            assert sys.getswitchinterval() == pytest.approx(0.005)
-        assert storage.intervals == [pytest.approx(SWITCH_INTERVAL)] * 2
-    finally:
-        sys.setswitchinterval(saved)
+    yield
+    sys.setswitchinterval(saved)
+
+
+@pytest.mark.usefixtures("default_switch_interval")
+async def test_a_backend_instance_is_served_with_a_short_switch_interval_restored_after() -> None:
+    storage = IntervalRecordingStorage()
+    async with cf.open_engine() as engine:
+        await engine.run(single(set_answer), storage)
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+    assert storage.intervals == [pytest.approx(SWITCH_INTERVAL)] * 2
+
+
+@pytest.mark.usefixtures("default_switch_interval")
+async def test_the_shared_actor_leaves_the_switch_interval_alone() -> None:
+    storage = SharedIntervalRecordingStorage()
+    await single(set_answer).run(storage)
+    assert storage.intervals == [pytest.approx(0.005)]
