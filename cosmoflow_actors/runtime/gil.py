@@ -13,7 +13,8 @@ The interval is a setting of the whole process, so :data:`SHORT_SWITCH_INTERVAL`
 shortens it only while the store actor of a backend instance opens it or applies a
 batch (when the engine waits for a backend's threads), and puts back the value it found
 when the last one is done. The engine-wide actor of memory storage, whose backends never
-await, leaves it alone. With no other thread wanting the GIL, a shorter interval changes nothing.
+await, leaves it alone. With no other thread wanting the GIL, a shorter interval changes
+nothing.
 """
 
 from __future__ import annotations

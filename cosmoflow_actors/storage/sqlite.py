@@ -368,27 +368,27 @@ def _apply(connection: sqlite3.Connection, ops: list[Op[bytes]]) -> None:
     statement it runs, and a worker thread must win the GIL back each time from the
     event loop. One statement per set made 10,000 concurrent sets 20 % slower.
     """
-    rows: list[str | bytes] = []
+    parameters: list[str | bytes] = []
     for op in ops:
         if isinstance(op, SetOp):
-            rows += (op.key, op.value)
+            parameters += (op.key, op.value)
             continue
-        _upsert_rows(connection, rows)
-        rows.clear()
+        _upsert_all(connection, parameters)
+        parameters.clear()
         if isinstance(op, DeleteOp):
             connection.execute(_DELETE, (op.key,))
         else:
             connection.execute(f"DELETE FROM {STORE_TABLE}")
-    _upsert_rows(connection, rows)
+    _upsert_all(connection, parameters)
 
 
-def _upsert_rows(connection: sqlite3.Connection, rows: list[str | bytes]) -> None:
-    """Upsert ``rows`` (key, value, key, value, ...) in statements of up to
-    :data:`UPSERT_ROWS` rows (blocks)."""
+def _upsert_all(connection: sqlite3.Connection, parameters: list[str | bytes]) -> None:
+    """Upsert the rows ``parameters`` holds (key, value, key, value, ...), in statements
+    of up to :data:`UPSERT_ROWS` rows (blocks)."""
     chunk = 2 * UPSERT_ROWS
-    for start in range(0, len(rows), chunk):
-        parameters = rows[start : start + chunk]
-        connection.execute(_upsert(len(parameters) // 2), parameters)
+    for start in range(0, len(parameters), chunk):
+        rows = parameters[start : start + chunk]
+        connection.execute(_upsert(len(rows) // 2), rows)
 
 
 def _roll_back(connection: sqlite3.Connection) -> None:
