@@ -5,8 +5,8 @@ each JSON job line on stdin it forks a child that runs the job, so a trial costs
 fork instead of an interpreter start. The server and its children share one stdout:
 
     pid <pid>        a child started (the child's first line)
-    step <n>         "flow" job: step n of the durable run is committed
-    done             "flow" job: the run's result is recorded (after every "step")
+    step <n>         "flow" or "fan" job: step n of the durable run is committed
+    done             "flow" or "fan" job: the run's result is recorded (after every "step")
     begin <i>        "file" job: commit i's writes are about to be staged and committed
     commit <i>       "file" job: commit i returned, so it is durable
     done             "file" job: all its commits returned
@@ -19,7 +19,9 @@ only on "reap", so until then its pid cannot be reused and the test may SIGKILL 
 any moment. Each line is one ``os.write`` of fewer than PIPE_BUF bytes: a killed child
 never leaves half a line.
 
-A job is ``{"job": "flow" | "file", "backend": "file" | "sqlite" | "redis",
+The "flow" job's run is a 50-step loop; the "fan" job's run fans out into two loops of
+10 steps that meet at a join. A job is ``{"job": "flow" | "fan" | "file", "backend":
+"file" | "sqlite" | "redis",
 "target": path or URL, "namespace": Redis namespace or null}``.
 """
 
@@ -52,6 +54,12 @@ BLOB_BYTES: Final = 1024 * 1024
 """Size of each value the "file" job writes: the journal outgrows the snapshot (and
 compacts) every few commits, and each write lasts long enough for the test to see it
 and kill the child in it."""
+
+LINES: Final = ("left", "right")
+"""The branches of the "fan" job's run."""
+
+LINE_STEPS: Final = 10
+"""Steps of each branch of the "fan" job's run."""
 
 GO_FD: Final = 3
 """A child's end of its "go" pipe."""
@@ -113,6 +121,39 @@ def crash_flow(node: cf.Node | None = None) -> cf.Flow:
     )
 
 
+class LineStep(cf.Node):
+    """One step of a branch of the "fan" run, named by its node id ``line``:
+    ``<line>:n += 1`` and ``<line>:log += [n]``; the join counts itself in "joined"."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> str:
+        line = ctx.node_id
+        n: int = await store.update(f"{line}:n", _increment, default=0)
+        await store.update(f"{line}:log", functools.partial(_append, n), default=[])
+        return "again"
+
+
+def fan_flow() -> cf.Flow:
+    """ "split" fans out to one loop of :data:`LINE_STEPS` steps per :data:`LINES`; the
+    loops meet at the join "joined"."""
+    builder = (
+        cf.Flow.builder("fan")
+        .add_node("split", cf.Node())
+        .add_route("split", list(LINES))
+        .add_join("joined", LineStep())
+    )
+    for line in LINES:
+        again = cf.ActionCondition.compare(f"{line}:n", "<", LINE_STEPS)
+        builder.add_node(line, LineStep())
+        builder.add_route(line, line, "again", when=again)
+        builder.add_route(line, "joined", "again")
+    return builder.build()
+
+
+FLOWS: Final = {"flow": crash_flow, "fan": fan_flow}
+
+
 def blob(i: int) -> str:
     """The value commit ``i`` of the "file" job writes under ``blob:<i % BLOBS>``."""
     prefix = f"{i}:"
@@ -142,7 +183,7 @@ async def run_flow(job: dict[str, Any]) -> None:
     async with cf.open_engine() as engine, engine.events() as events:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_report_steps, events)
-            await engine.resume(crash_flow(), storage, run_id=RUN_ID)
+            await engine.resume(FLOWS[job["job"]](), storage, run_id=RUN_ID)
             events.close()  # the reporter reports what is buffered, then ends
         emit("done")
 
@@ -176,7 +217,7 @@ async def run_file_commits(job: dict[str, Any]) -> None:
     emit("done")
 
 
-JOBS: Final = {"flow": run_flow, "file": run_file_commits}
+JOBS: Final = {"flow": run_flow, "fan": run_flow, "file": run_file_commits}
 
 
 def _child(job: dict[str, Any], go: int) -> None:

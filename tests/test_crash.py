@@ -30,11 +30,14 @@ from cosmoflow_actors.runtime.durability import record_key
 from tests.crash_worker import (
     BLOBS,
     FILE_COMMITS,
+    LINE_STEPS,
+    LINES,
     RUN_ID,
     STEPS,
     CountingStep,
     blob,
     crash_flow,
+    fan_flow,
     open_storage,
     step_value,
 )
@@ -246,6 +249,63 @@ async def test_a_killed_durable_run_resumes_to_the_uninterrupted_result(
             assert result.execution_path == ("step",) * STEPS, f"seed {seed!r}"
             final = normalized(await read_closed(open_storage(job)))
             assert final == reference, f"seed {seed!r}"
+
+
+FAN_STEPS: Final = 1 + len(LINES) * LINE_STEPS + 1
+"""Steps of the "fan" job's run: the split, each branch's loop, the join."""
+
+
+def check_fan_interrupted(data: dict[str, Any], child: Child, seed: str) -> None:
+    """Check what a killed fan-out run left behind: each branch's steps applied once and
+    in order, with the record, and every acknowledged step there."""
+    context = f"seed {seed!r}, killed after {child.lines[-3:]}"
+    record = data.get(RECORD)
+    if record is None:
+        assert data == {}, f"{context}: writes without the run's record"
+        return
+    committed = Counter(record["path"])
+    acknowledged = sum(1 for line in child.lines if line.startswith("step "))
+    assert committed.total() >= acknowledged, f"{context}: an acknowledged step was lost"
+    for line in LINES:
+        n = data.get(f"{line}:n", 0)
+        assert data.get(f"{line}:log", []) == list(range(1, n + 1)), f"{context}: twice"
+        assert committed[line] == n, f"{context}: writes and record committed apart"
+    assert committed["joined"] == data.get("joined:n", 0), context
+    if child.done:
+        assert record["state"] == "succeeded", context
+
+
+def user_data(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in data.items() if key != RECORD}
+
+
+@pytest.mark.parametrize("backend", ["file", "sqlite", "redis"])
+async def test_a_killed_durable_fan_out_resumes_to_the_uninterrupted_result(
+    backend: str, server: Server, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """As above for a run whose two branches commit their steps in between each other's."""
+    async with cf.open_engine() as engine:
+        reference_job = {**job_for(backend, tmp_path, request, "reference"), "job": "fan"}
+        whole = await engine.run(fan_flow(), open_storage(reference_job), run_id=RUN_ID)
+        reference = user_data(await read_closed(open_storage(reference_job)))
+        assert reference["joined:n"] == 1
+        for trial in range(TRIALS):
+            seed = f"fan-{backend}-{trial}"
+            job = {**job_for(backend, tmp_path, request, f"fan-{trial}"), "job": "fan"}
+            kill_at = random.Random(seed).randint(0, FAN_STEPS + 1)
+            child = await kill_after_lines(server, job, kill_at)
+            storage = open_storage(job)
+            try:
+                check_fan_interrupted(await read_all(storage), child, seed)
+                with trio.fail_after(TIMEOUT):
+                    result = await engine.resume(fan_flow(), storage, run_id=RUN_ID)
+            finally:
+                await storage.aclose()
+            path = Counter(result.execution_path)
+            assert path == Counter(whole.execution_path), f"seed {seed!r}"
+            final = await read_closed(open_storage(job))
+            assert user_data(final) == reference, f"seed {seed!r}"
+            assert final[RECORD]["state"] == "succeeded", f"seed {seed!r}"
 
 
 MOMENTS: Final = ("writing", "renamed", "writing", "begun")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,21 +172,6 @@ async def test_records_are_hidden_from_keys_size_and_clear(tmp_path: Path) -> No
         assert [r.run_id for r in await engine.list_runs(cf.FileStorage(path))] == ["a"]
 
 
-async def test_durable_runs_refuse_fan_out(tmp_path: Path) -> None:
-    flow = (
-        cf.Flow.builder("fan")
-        .add_node("a", cf.Node())
-        .add_node("b", cf.Node())
-        .add_node("c", cf.Node())
-        .add_route("a", ["b", "c"])
-        .build()
-    )
-    async with cf.open_engine() as engine:
-        with pytest.raises(cf.CosmoFlowError, match="fans out from 'a'"):
-            await engine.run(flow, cf.FileStorage(tmp_path / "s.json"), run_id="f")
-        assert (await engine.run(flow, {}, run_id="f")).success
-
-
 async def test_list_runs_on_a_temporary_engine(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     await loop_flow(Counted(), 1).run(cf.SQLiteStorage(path), run_id="only")
@@ -322,3 +309,152 @@ async def test_a_step_whose_record_was_removed_meanwhile_is_not_applied() -> Non
             await run.wait()
 
     assert text == {}
+
+
+# --- fan-out in durable runs -------------------------------------------------------------
+
+
+class Tally(cf.Node):
+    """Counts its posts in the store ("posts:<node>") and logs its steps, with the
+    params it was sent with, in the store's "log"."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        await store.update(f"posts:{ctx.node_id}", lambda n: n + 1, default=0)
+        entry = [ctx.node_id, sorted(ctx.params.items())]
+        await store.update("log", lambda log: sorted([*log, entry]), default=[])
+
+
+class Sent(Tally):
+    """A Tally that sends the run on with ``params``."""
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__()
+        self.params = params
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        await super().post(store, prep_res, exec_res, ctx)
+        return cf.Action.with_params("default", **self.params)
+
+
+def fan_and_join() -> cf.Flow:
+    """a fans out to b and c; b goes straight to the join j, c through c2."""
+    return (
+        cf.Flow.builder("fan")
+        .add_node("a", Tally())
+        .add_node("b", Sent(from_b=1))
+        .add_node("c", Tally())
+        .add_node("c2", Sent(from_c=2))
+        .add_join("j", Tally())
+        .add_route("a", ["b", "c"])
+        .add_route("b", "j")
+        .add_route("c", "c2")
+        .add_route("c2", "j")
+        .build()
+    )
+
+
+def nested_fans() -> cf.Flow:
+    """s fans out to a nested flow and to a chain; the nested flow fans out with no join
+    and ends when its branches end; both lines meet at the join j."""
+    inner = (
+        cf.Flow.builder("inner")
+        .add_node("x", Tally())
+        .add_node("y", Tally())
+        .add_node("z", Tally())
+        .add_node("y2", Tally())
+        .add_route("x", ["y", "z"])
+        .add_route("y", "y2")
+        .build()
+    )
+    return (
+        cf.Flow.builder("outer")
+        .add_node("s", Tally())
+        .add_node("inner", inner)
+        .add_node("slow", Tally())
+        .add_node("slow2", Tally())
+        .add_join("j", Tally())
+        .add_route("s", ["inner", "slow"])
+        .add_route("inner", "j", when=cf.ActionCondition.compare("posts:x", "==", 1))
+        .add_route("slow", "slow2")
+        .add_route("slow2", "j")
+        .build()
+    )
+
+
+LOST_BRANCH_TIMEOUT = 60
+"""Virtual seconds (autojump clock) after which a resumed run counts as stuck."""
+
+
+class Snapshots(PersistentDictStorage):
+    """A persistent custom store that keeps a copy of everything it holds each time a
+    run record is written: the store as a crash right after that commit would leave it."""
+
+    def __init__(self, data: dict[str, str] | None = None) -> None:
+        super().__init__(dict(data or {}))
+        self.taken: list[dict[str, str]] = []
+
+    async def set(self, key: str, value: Any) -> None:
+        await super().set(key, value)
+        if key.startswith("__cosmoflow__/runs/"):
+            self.taken.append(dict(self.data))
+
+
+def user_data(data: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in data.items() if not key.startswith("__cosmoflow__")}
+
+
+@pytest.mark.parametrize("flow", [fan_and_join, nested_fans])
+async def test_a_fan_out_resumed_from_any_commit_ends_as_an_uninterrupted_run(
+    flow: Callable[[], cf.Flow], autojump_clock: trio.abc.Clock
+) -> None:
+    """Every record a durable fan-out commits is a crash point: resumed from each, the
+    run ends with the store an uninterrupted run leaves (every step applied once). On
+    the autojump clock, a resumed run that waits for a branch it lost fails at once."""
+    whole = Snapshots()
+    async with cf.open_engine() as engine:
+        expected = await engine.run(flow(), whole, run_id="f")
+    assert json.loads(whole.data["posts:j"]) == 1
+    records = [json.loads(taken["__cosmoflow__/runs/f"]) for taken in whole.taken]
+    assert any(record["branches"] for record in records[1:-1])  # branches were in flight
+    for taken in whole.taken[:-1]:
+        resumed = Snapshots(taken)
+        with trio.fail_after(LOST_BRANCH_TIMEOUT):
+            async with cf.open_engine() as engine:
+                result = await engine.resume(flow(), resumed, run_id="f")
+        assert user_data(resumed.data) == user_data(whole.data)
+        assert sorted(result.execution_path) == sorted(expected.execution_path)
+
+
+async def test_a_branch_whose_fan_out_ended_without_a_join_goes_on_after_a_crash(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A crash can find a branch whose fan-out's last branch has just ended, on its way
+    out of the nested flow (the router reading a route condition). Its record, made here
+    from the commit of the nested fan-out's last step, holds the branch at the flow's end:
+    resumed, it leaves the nested flow and the run ends as an uninterrupted one."""
+    whole = Snapshots()
+    async with cf.open_engine() as engine:
+        await engine.run(nested_fans(), whole, run_id="f")
+    taken, record = next(
+        (taken, record)
+        for taken, record in ((t, json.loads(t["__cosmoflow__/runs/f"])) for t in whole.taken)
+        if record["last"] is not None
+        and record["last"]["node"] in ("y2", "z")
+        and record["forks"][-1]["depth"] == 2
+        and record["forks"][-1]["pending"] == 1
+    )
+    inner = record["forks"].pop()
+    end = {"node": record["last"]["node"], "action": record["last"]["action"]}
+    ended = {"frames": inner["parent"]["frames"], "end": end, "fork": 0}
+    record["branches"] = [
+        ended if branch["fork"] == len(record["forks"]) else branch for branch in record["branches"]
+    ]
+    crashed = Snapshots({**taken, "__cosmoflow__/runs/f": json.dumps(record)})
+    with trio.fail_after(LOST_BRANCH_TIMEOUT):
+        async with cf.open_engine() as engine:
+            await engine.resume(nested_fans(), crashed, run_id="f")
+    assert user_data(crashed.data) == user_data(whole.data)

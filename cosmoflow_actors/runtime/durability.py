@@ -5,6 +5,12 @@ A durable run (a ``run_id`` on a persistent storage) keeps one record under
 writes in the same commit as the step finishes, and when the run ends. Records are
 plain JSON, so every codec can store them; store keys under ``__cosmoflow__/`` are
 hidden from ``keys()``, ``size()`` and ``clear()``.
+
+A step's record says where every branch of the run goes on after a crash: the step's
+own branch routes its action again, a branch whose step was under way is sent to that
+node again, and a branch whose fan-out ended without a join ends its flow again. The
+fan-outs in progress are saved with their parent branch and their count of branches
+still out, so branches that had reached the join or ended are not waited for twice.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from typing import Any
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import CosmoFlowError
 from cosmoflow_actors.flow import Flow, FlowResult
-from cosmoflow_actors.runtime.run import Branch, Frame, Run
+from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone
+from cosmoflow_actors.runtime.run import Branch, Durable, Fork, Frame, Run
 from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage
 
 
@@ -65,19 +72,82 @@ def started(run: Run, params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def entered(durable: Durable, branch: Branch, params: Mapping[str, Any]) -> None:
+    """``branch`` was sent to the node its frames point at, with ``params``: after a
+    crash it is sent there again."""
+    branch.resume_at = {"frames": _saved_frames(branch), "params": dict(params)}
+    durable.branches[branch] = None
+
+
+def ended(durable: Durable, branch: Branch, node_id: str, action: Action) -> None:
+    """The innermost flow of ``branch`` ended (its fan-out's branches all ended) after a
+    step at ``node_id`` returned ``action``: after a crash it goes on from there."""
+    end = {"node": node_id, "action": _encode_action(action)}
+    branch.resume_at = {"frames": _saved_frames(branch), "end": end}
+    durable.branches[branch] = None
+
+
+def left(run: Run, branch: Branch) -> None:
+    """``branch`` forked, reached its join or ended: its fork holds where it went.
+    (Nothing to do for a run that is not durable.)"""
+    if run.durable is not None:
+        run.durable.branches.pop(branch, None)
+
+
 def step_done(
-    record: Mapping[str, Any], run: Run, branch: Branch, node_id: str, action: Action
-) -> dict[str, Any]:
-    """``record`` after the step at ``node_id`` returned the (resolved) ``action``."""
-    return {
-        **record,
-        "path": list(run.path),
-        "last": {
-            "node": node_id,
-            "frames": [[frame.node_id, frame.steps] for frame in branch.frames],
-            "action": _encode_action(action),
-        },
+    durable: Durable, branch: Branch, node_id: str, action: Action
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The record once the step of ``branch`` at ``node_id`` returned the (resolved)
+    ``action``, and where the branch goes on from after a crash until it is routed.
+
+    The record holds the step under ``"last"``, where every branch in flight goes on
+    under ``"branches"`` and the fan-outs they belong to under ``"forks"``.
+    """
+    resume_at = {"frames": _saved_frames(branch), "node": node_id, "action": _encode_action(action)}
+    forks = _Forks()
+    branches = []
+    for other in durable.branches:
+        saved = resume_at if other is branch else other.resume_at
+        assert saved is not None
+        branches.append({**saved, "fork": forks.index(other.fork)})
+    record = {
+        **durable.record,
+        "path": [*durable.record["path"], node_id],
+        "last": resume_at,
+        "branches": branches,
+        "forks": forks.saved,
     }
+    return record, resume_at
+
+
+def _saved_frames(branch: Branch) -> list[list[Any]]:
+    return [[frame.node_id, frame.steps] for frame in branch.frames]
+
+
+class _Forks:
+    """The fan-outs a record refers to, numbered as they are saved (a fork's parent's
+    fork comes before it)."""
+
+    def __init__(self) -> None:
+        self.saved: list[dict[str, Any]] = []
+        self._numbers: dict[Fork, int] = {}
+
+    def index(self, fork: Fork | None) -> int | None:
+        if fork is None:
+            return None
+        if fork not in self._numbers:
+            parent = {"frames": _saved_frames(fork.parent), "fork": self.index(fork.parent.fork)}
+            self._numbers[fork] = len(self.saved)
+            self.saved.append(
+                {
+                    "parent": parent,
+                    "depth": fork.depth,
+                    "pending": fork.pending,
+                    "join": fork.join_id,
+                    "params": dict(fork.params),
+                }
+            )
+        return self._numbers[fork]
 
 
 def succeeded(record: Mapping[str, Any], result: FlowResult) -> dict[str, Any]:
@@ -118,9 +188,9 @@ def recorded_result(record: Mapping[str, Any], storage: Storage) -> FlowResult:
     )
 
 
-def restore(run: Run, record: Mapping[str, Any]) -> tuple[Branch, str, Action] | None:
-    """Put ``run`` back where its record says; return (branch, node id, action) of the
-    last committed step, or None when no step had completed.
+def restore(run: Run, record: Mapping[str, Any]) -> list[Branch]:
+    """Put ``run`` back where its record says; return its branches in flight, each with
+    its ``resume_at`` (none when no step had completed).
 
     Raises CosmoFlowError when the record does not fit the flow (it was changed).
     """
@@ -130,11 +200,40 @@ def restore(run: Run, record: Mapping[str, Any]) -> tuple[Branch, str, Action] |
         )
     run.path.extend(record["path"])
     run.steps = len(run.path)
-    last = record["last"]
-    if last is None:
-        return None
-    run.main = Branch(_frames(run.flow, last["frames"], run.run_id))
-    return run.main, last["node"], _decode_action(last["action"])
+    if record["last"] is None:
+        return []
+    forks: list[Fork] = []
+    for saved in record.get("forks", []):
+        parent = Branch(_frames(run.flow, saved["parent"]["frames"], run.run_id))
+        parent.fork = _fork(forks, saved["parent"]["fork"])
+        fork = Fork(parent, saved["depth"], saved["pending"], saved["join"], saved["params"])
+        forks.append(fork)
+    branches = []
+    for saved in record.get("branches", [record["last"]]):
+        branch = Branch(_frames(run.flow, saved["frames"], run.run_id))
+        branch.fork = _fork(forks, saved.get("fork"))
+        branch.resume_at = {key: value for key, value in saved.items() if key != "fork"}
+        if "params" in saved:
+            run.steps += 1  # its step was under way: counted when it was sent
+        branches.append(branch)
+    return branches
+
+
+def resumed(run: Run, branch: Branch) -> Step | StepDone | FlowEnded:
+    """What sends a restored ``branch`` on: a Step for the node its frames point at
+    (its step was under way), or a StepDone or FlowEnded for the router to route."""
+    saved = branch.resume_at
+    assert saved is not None
+    if "params" in saved:
+        return Step(run, branch, saved["params"])
+    if "end" in saved:
+        end = saved["end"]
+        return FlowEnded(run, branch, end["node"], _decode_action(end["action"]))
+    return StepDone(run, branch, saved["node"], _decode_action(saved["action"]))
+
+
+def _fork(forks: list[Fork], number: int | None) -> Fork | None:
+    return None if number is None else forks[number]
 
 
 def _frames(flow: Flow, saved: list[list[Any]], run_id: str) -> list[Frame]:

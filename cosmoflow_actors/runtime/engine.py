@@ -34,10 +34,10 @@ from cosmoflow_actors.events import (
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.durability import RunRecord
-from cosmoflow_actors.runtime.messages import Step, StepDone, deliver
+from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone, deliver
 from cosmoflow_actors.runtime.node_actor import NodeActor
 from cosmoflow_actors.runtime.router import Router
-from cosmoflow_actors.runtime.run import Run, RunState
+from cosmoflow_actors.runtime.run import Durable, Run, RunState
 from cosmoflow_actors.runtime.statistics import Actor, ActorStatistics, EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
@@ -157,8 +157,6 @@ class Engine:
         storage = as_storage(store)
         durable = durable and run_id is not None and storage.persistent
         run_id = self._check_start(flow, run_id)
-        if durable:
-            _check_durable(flow)
         await self._register(flow)
         actor = await self._stores.acquire(storage)
         try:
@@ -203,19 +201,30 @@ class Engine:
             run.succeed(durability.recorded_result(record, run.storage))
             return
         if record is not None:
-            run.record = {**record, "state": "running", "error": None}
-            position = durability.restore(run, record)
-            if position is not None:
-                branch, node_id, action = position
-                self._router.inbox.send_nowait(StepDone(run, branch, node_id, action))
+            run.durable = Durable({**record, "state": "running", "error": None})
+            branches = durability.restore(run, record)
+            if branches:
+                run.durable.branches = dict.fromkeys(branches)
+                for branch in branches:
+                    await self._resume(durability.resumed(run, branch))
                 return
             params = record["params"]
         first_params = dict(params or {})
         if durable and record is None:
-            run.record = durability.started(run, first_params)
-            await run.store.put_record(durability.record_key(run.run_id), run.record)
+            run.durable = Durable(durability.started(run, first_params))
+            await run.store.put_record(durability.record_key(run.run_id), run.durable.record)
         entry = self._router.prepare(run, run.main, run.flow.start_id)
+        if run.durable is not None:
+            durability.entered(run.durable, run.main, first_params)
         await deliver(entry.mailbox, Step(run, run.main, first_params))
+
+    async def _resume(self, message: Step | StepDone | FlowEnded) -> None:
+        """Send a restored branch on: a step to its node's mailbox, the rest to the router."""
+        if isinstance(message, Step):
+            frame = message.branch.frames[-1]
+            await deliver(self._node_actor(frame.flow, frame.node_id).mailbox, message)
+        else:
+            self._router.inbox.send_nowait(message)
 
     def start_run_nowait(
         self,
@@ -478,19 +487,6 @@ def _run_event(run: Run) -> Event:
         return RunCancelled(run.run_id, now, name, duration)
     assert run.error is not None
     return RunFailed(run.run_id, now, name, duration, run.error)
-
-
-def _check_durable(flow: Flow) -> None:
-    """Durable runs keep one position per run: fan-outs are refused for now."""
-    for route in flow.routes:
-        if isinstance(route.target, tuple):
-            raise CosmoFlowError(
-                f"flow {flow.name!r} fans out from {route.source!r}; durable runs do not "
-                "support fan-out yet (run it without a run_id, or on memory storage)"
-            )
-    for node in flow.nodes.values():
-        if isinstance(node, Flow):
-            _check_durable(node)
 
 
 async def list_runs(store: Storage | dict[str, Any]) -> list[RunRecord]:

@@ -163,4 +163,16 @@ class StepFailed:
     error: Exception
 
 
-RouterMessage = StepDone | StepFailed
+@dataclass(frozen=True, slots=True)
+class FlowEnded:
+    """Engine → router, resuming a durable run: the innermost flow of ``branch`` ended,
+    its last step at ``node_id`` having returned ``action`` (the last branch of a
+    fan-out without a join had ended)."""
+
+    run: Run
+    branch: Branch
+    node_id: str
+    action: Action
+
+
+RouterMessage = StepDone | StepFailed | FlowEnded

@@ -28,7 +28,8 @@ from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.executor import call, exec_call
 from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone, StepFailed
-from cosmoflow_actors.runtime.run import Run
+from cosmoflow_actors.runtime.run import Branch, Durable, Run
+from cosmoflow_actors.store import SharedStore
 
 RunChild = Callable[..., Awaitable[FlowResult]]
 """How a BatchFlow node runs a child run: ``run_child(flow, storage, params=...,
@@ -149,7 +150,10 @@ class NodeActor:
         run.start()
         run.path.append(self.node_id)
         node = self.node
-        store = run.store
+        durable = run.durable
+        # A durable step stages its writes in a handle of its own: a fan-out's branches
+        # run steps of one run at once.
+        store = run.store if durable is None else run.store_actor.handle(run.storage)
         ctx = ExecutionContext(
             run_id=run.run_id,
             node_id=self.node_id,
@@ -167,7 +171,7 @@ class NodeActor:
             )
         message: StepDone | StepFailed | None = None
         run.scopes.append(scope)
-        if run.record is not None:
+        if durable is not None:
             store.begin_step()
         try:
             # prep and post are called here, not through a helper coroutine: fewer
@@ -195,8 +199,8 @@ class NodeActor:
             except Exception as exc:
                 raise NodeError(self.node_id, "post", ctx.run_id, 1) from exc
             action = as_action(post_res, self.node_id)
-            if run.record is not None:
-                action = await self._commit(run, step, action)
+            if durable is not None:
+                action = await self._commit(run, durable, store, step.branch, action)
             message = StepDone(run, step.branch, self.node_id, action)
         except (NodeError, TypeError, StorageError) as exc:
             message = StepFailed(run, step.branch, self.node_id, exc)
@@ -227,21 +231,26 @@ class NodeActor:
             )
         )
 
-    async def _commit(self, run: Run, step: Step, action: Action) -> Action:
-        """Commit a durable step: its staged writes with its record, in one commit.
+    async def _commit(
+        self, run: Run, durable: Durable, store: SharedStore, branch: Branch, action: Action
+    ) -> Action:
+        """Commit a durable step: its staged writes with the run's record, in one commit.
 
         A conditional action is resolved first (reading through the step's writes), so
-        the record holds where the run goes. Raises StorageError when the commit fails,
+        the record holds where the run goes. The steps of a run commit one at a time,
+        each record built on the last. Raises StorageError when the commit fails,
         RunConflictError when another engine committed this step of the run first.
         """
-        assert run.record is not None
         if action.is_conditional:
-            action = action.resolve(await run.store.get_many(action.condition_keys()))
-        ops = run.store.end_step()
-        steps_before = len(run.record["path"])
-        record = durability.step_done(run.record, run, step.branch, self.node_id, action)
-        await run.store.commit_step(ops, durability.record_key(run.run_id), record, steps_before)
-        run.record = record
+            action = action.resolve(await store.get_many(action.condition_keys()))
+        ops = store.end_step()
+        async with durable.lock:
+            record, resume_at = durability.step_done(durable, branch, self.node_id, action)
+            steps_before = len(durable.record["path"])
+            key = durability.record_key(run.run_id)
+            await store.commit_step(ops, key, record, steps_before)
+            durable.record = record
+            branch.resume_at = resume_at
         return action
 
     async def _exec_phase(self, run: Run, prep_res: Any, ctx: ExecutionContext) -> Any:
@@ -274,7 +283,7 @@ class NodeActor:
                 run.storage,
                 params=params,
                 run_id=f"{ctx.run_id}/{index}",
-                durable=run.record is not None,
+                durable=run.durable is not None,
             )
             for index, params in enumerate(param_sets)
         ]

@@ -27,7 +27,7 @@ from cosmoflow_actors.errors import (
 )
 from cosmoflow_actors.flow import END, Flow, Route, Target
 from cosmoflow_actors.runtime import durability
-from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone
+from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone, StepFailed
 from cosmoflow_actors.runtime.node_actor import NodeActor
 from cosmoflow_actors.runtime.run import Branch, Fork, Frame, Run
 
@@ -83,11 +83,18 @@ class Router:
                 run = message.run
                 if run.finished:
                     pass
-                elif not isinstance(message, StepDone):
+                elif isinstance(message, StepFailed):
                     await self._fail(run, message.error)
                 else:
                     try:
-                        await self._advance(run, message.branch, message.node_id, message.action)
+                        if isinstance(message, StepDone):
+                            await self._advance(
+                                run, message.branch, message.node_id, message.action
+                            )
+                        else:
+                            await self._end_frame(
+                                run, message.branch, message.node_id, message.action
+                            )
                     except CosmoFlowError as exc:
                         await self._fail(run, exc)
                 self.messages_processed += 1
@@ -95,16 +102,17 @@ class Router:
     async def _succeed(self, run: Run, action: Action, node_id: str, value: Any) -> None:
         """End the run; a durable one records its result first (then ``wait`` sees it)."""
         result = run.result_of(action, node_id, value)
-        if run.record is not None:
-            record = durability.succeeded(run.record, result)
+        if run.durable is not None:
+            record = durability.succeeded(run.durable.record, result)
             await run.store.put_record(durability.record_key(run.run_id), record)
         run.succeed(result)
 
     async def _fail(self, run: Run, error: BaseException) -> None:
         """Fail the run; a durable one records the failure (best effort) first, unless
         another engine has taken the run over (RunConflictError): the record is its."""
-        if run.record is not None and not run.finished and not isinstance(error, RunConflictError):
-            record = durability.failed(run.record, error)
+        durable = run.durable
+        if durable is not None and not run.finished and not isinstance(error, RunConflictError):
+            record = durability.failed(durable.record, error)
             with contextlib.suppress(StorageError):
                 await run.store.put_record(durability.record_key(run.run_id), record)
         run.fail(error)
@@ -127,6 +135,7 @@ class Router:
             self._fork(run, branch, target, action.params)
         elif self._joins_here(branch, frame.flow, target):
             assert branch.fork is not None
+            durability.left(run, branch)
             self._arrive(run, branch.fork, target, action.params)
         else:
             self.enter(run, branch, target, action.params)
@@ -135,6 +144,7 @@ class Router:
         """The branch reached the end of its innermost flow."""
         fork = branch.fork
         if fork is not None and len(branch.frames) == fork.depth:
+            durability.left(run, branch)
             await self._settle(run, fork, node_id, action)
         elif len(branch.frames) > 1:
             branch.frames.pop()
@@ -146,6 +156,7 @@ class Router:
         self, run: Run, branch: Branch, targets: tuple[str, ...], params: Mapping[str, Any]
     ) -> None:
         fork = Fork(parent=branch, depth=len(branch.frames), pending=len(targets))
+        durability.left(run, branch)
         flow = branch.frames[-1].flow
         for target in targets:
             if target in flow.joins:
@@ -177,8 +188,10 @@ class Router:
             return
         if fork.join_id is not None:
             self.enter(run, fork.parent, fork.join_id, fork.params)
-        else:
-            await self._end_frame(run, fork.parent, node_id, action)
+            return
+        if run.durable is not None:
+            durability.ended(run.durable, fork.parent, node_id, action)
+        await self._end_frame(run, fork.parent, node_id, action)
 
     def enter(self, run: Run, branch: Branch, node_id: str, params: Mapping[str, Any]) -> None:
         """Send ``branch`` to ``node_id`` of its current flow, descending into nested flows.
@@ -187,6 +200,8 @@ class Router:
         Raises MaxStepsExceeded when the step would exceed a flow's ``max_steps``.
         """
         actor = self.prepare(run, branch, node_id)
+        if run.durable is not None:
+            durability.entered(run.durable, branch, params)
         step = Step(run, branch, params)
         try:
             actor.mailbox.send_nowait(step)

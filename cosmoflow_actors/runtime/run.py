@@ -59,6 +59,9 @@ class Branch:
 
     frames: list[Frame]
     fork: Fork | None = None
+    resume_at: dict[str, Any] | None = None
+    """In a durable run, where the branch goes on after a crash, as JSON for the record
+    (see runtime.durability); None in other runs."""
 
     def child(self, fork: Fork) -> Branch:
         """A new branch of ``fork`` starting where this one is."""
@@ -80,6 +83,17 @@ class Fork:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(slots=True, eq=False)
+class Durable:
+    """What a durable run keeps for its record: the record as last committed, its
+    branches in flight, and a lock that commits their steps one at a time."""
+
+    record: dict[str, Any]
+    branches: dict[Branch, None] = field(default_factory=dict)
+    """The branches whose position the record must hold (a dict as an ordered set)."""
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
 @final
 class Run:
     """Handle on a run started with ``Engine.start_run``.
@@ -95,10 +109,10 @@ class Run:
         "_on_finish",
         "_result",
         "_state",
+        "durable",
         "flow",
         "main",
         "path",
-        "record",
         "run_id",
         "scopes",
         "started_at",
@@ -133,8 +147,8 @@ class Run:
         self._on_finish = on_finish
         self._result: FlowResult | None = None
         self._error: BaseException | None = None
-        self.record: dict[str, Any] | None = None
-        """The durable record of a durable run (see runtime.durability); None otherwise."""
+        self.durable: Durable | None = None
+        """A durable run's record and branches (see runtime.durability); None otherwise."""
 
     @property
     def state(self) -> AsyncValue[RunState]:
