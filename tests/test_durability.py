@@ -439,22 +439,31 @@ async def test_a_branch_whose_fan_out_ended_without_a_join_goes_on_after_a_crash
     whole = Snapshots()
     async with cf.open_engine() as engine:
         await engine.run(nested_fans(), whole, run_id="f")
-    taken, record = next(
-        (taken, record)
-        for taken, record in ((t, json.loads(t["__cosmoflow__/runs/f"])) for t in whole.taken)
-        if record["last"] is not None
-        and record["last"]["node"] in ("y2", "z")
-        and record["forks"][-1]["depth"] == 2
-        and record["forks"][-1]["pending"] == 1
-    )
+    taken, record = last_commit_of_inner_fan_out(whole.taken)
     inner = record["forks"].pop()
     end = {"node": record["last"]["node"], "action": record["last"]["action"]}
-    ended = {"frames": inner["parent"]["frames"], "end": end, "fork": 0}
+    ended = {"frames": inner["parent"]["frames"], "end": end, "fork": inner["parent"]["fork"]}
+    inner_number = len(record["forks"])
     record["branches"] = [
-        ended if branch["fork"] == len(record["forks"]) else branch for branch in record["branches"]
+        ended if branch["fork"] == inner_number else branch for branch in record["branches"]
     ]
     crashed = Snapshots({**taken, "__cosmoflow__/runs/f": json.dumps(record)})
     with trio.fail_after(LOST_BRANCH_TIMEOUT):
         async with cf.open_engine() as engine:
             await engine.resume(nested_fans(), crashed, run_id="f")
     assert user_data(crashed.data) == user_data(whole.data)
+
+
+def last_commit_of_inner_fan_out(
+    taken: list[dict[str, str]],
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """The store and record at the commit of the nested fan-out's last branch's last step
+    (y2 or z, with that fan-out, the last one saved, waiting for that branch alone)."""
+    for data in taken:
+        record = json.loads(data["__cosmoflow__/runs/f"])
+        if record["last"] is None or record["last"]["node"] not in ("y2", "z"):
+            continue
+        inner = record["forks"][-1]
+        if inner["depth"] == 2 and inner["pending"] == 1:
+            return data, record
+    raise AssertionError("no commit ended the nested fan-out")
