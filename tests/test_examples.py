@@ -21,10 +21,10 @@ EXAMPLES = ROOT / "examples"
 
 EXPECTED = {
     "durable_resume.py": [
-        "crashed:  the first attempt died in step 3 (exit status 1)",
-        "recorded: nightly-report running after 2 steps (last node: clean)",
+        "crashed:  the first attempt died in summarize (exit status 1)",
+        "recorded: nightly-report running after 3 steps",
         "resumed:  summarize -> publish",
-        "log:      fetch, clean, summarize, publish (each step once: True)",
+        "log:      fetch, clean, enrich, summarize, publish (each step once: True)",
     ],
     "hello_world.py": [
         "greeting: Hello, CosmoFlow!",
