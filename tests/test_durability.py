@@ -87,18 +87,20 @@ async def test_a_failed_step_commits_nothing_and_resume_goes_on_from_it(tmp_path
 
 
 async def test_a_cancelled_run_resumes_after_its_last_committed_step(tmp_path: Path) -> None:
+    paused = trio.Event()
     release = trio.Event()
 
     class Pausing(Counted):
         async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
             if len(self.posts) == 2:
+                paused.set()  # step 2 has committed: the run moved on
                 await release.wait()
 
     node = Pausing()
     path = tmp_path / "store.json"
     async with cf.open_engine() as engine:
         run = await engine.start_run(loop_flow(node), cf.FileStorage(path), run_id="r3")
-        await trio.testing.wait_all_tasks_blocked()
+        await paused.wait()
         run.cancel()
         assert [r.state for r in await engine.list_runs(cf.FileStorage(path))] == ["running"]
         release.set()
