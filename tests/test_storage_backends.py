@@ -395,24 +395,28 @@ async def test_a_full_disk_fails_the_writing_run_only(
     assert await contents(backend.open()) == {"kept": "before", "small": 1}
 
 
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "plain"])
 @pytest.mark.parametrize("backend", ["sqlite", "redis"], indirect=True)
-async def test_durable_steps_on_two_instances_lose_no_update(backend: Backend) -> None:
-    """Two instances over one store stand for two processes. A durable step commits
-    through Storage.commit_step, in one transaction of the backend's own that reads the
-    values it updates (SQLite's BEGIN IMMEDIATE, Redis's WATCH/MULTI/EXEC), so updates
-    from both all land."""
+async def test_updates_on_two_instances_are_not_lost(backend: Backend, durable: bool) -> None:
+    """Two instances over one store stand for two processes. An update reads and writes
+    in a transaction of the backend's own (SQLite's BEGIN IMMEDIATE, Redis's
+    WATCH/MULTI/EXEC), and so does a durable step's commit (Storage.commit_step), so
+    updates from both all land."""
     storages = [backend.open(), backend.open()]
 
     @cf.node
     async def bump(ctx: cf.ExecutionContext) -> None:
         await ctx.store.update("count", lambda n: n + 1, default=0)
-        await ctx.store.update("log", lambda log: [*log, ctx.run_id], default=[])
+        name = ctx.params.get("id", ctx.run_id)
+        await ctx.store.update("log", lambda log: [*log, name], default=[])
 
     flow = cf.Flow.builder("bump").add_node("bump", bump).build()
     async with cf.open_engine() as engine, trio.open_nursery() as nursery:
         for index in range(50):
             for name, storage in zip("ab", storages, strict=True):
-                nursery.start_soon(partial(engine.run, flow, storage, run_id=f"{name}{index}"))
+                run_id = f"{name}{index}"
+                options = {"run_id": run_id} if durable else {"params": {"id": run_id}}
+                nursery.start_soon(partial(engine.run, flow, storage, **options))
     reader = backend.open()
     assert await reader.get("count") == 100
     assert sorted(await reader.get("log")) == sorted(f"{n}{i}" for n in "ab" for i in range(50))

@@ -127,7 +127,9 @@ class StoreActor:
             for i, (request, answer) in enumerate(zip(batch, answers, strict=True))
             if request.op.writes and isinstance(answer, outcome.Value)
         ]
-        for storage in {batch[i].storage for i in writes}:
+        # Every backend a write went to commits, a refused one's too: an SQLite update
+        # may have opened the transaction before its function raised.
+        for storage in {request.storage for request in batch if request.op.writes}:
             await self._commit(storage, batch, answers, writes)
         for request, answer in zip(batch, answers, strict=True):
             request.reply.send(answer)

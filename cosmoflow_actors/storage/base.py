@@ -94,7 +94,8 @@ class Storage(ABC):
         stored. The default reads with :meth:`get` and writes with :meth:`set`: atomic
         because the store actor runs one call at a time, so enough for any backend that
         only one store actor writes. A backend that other processes write to at the same
-        time overrides it with an atomic read-modify-write of its own (``RedisStorage``);
+        time overrides it with an atomic read-modify-write of its own (``RedisStorage``,
+        ``SQLiteStorage``);
         such an override may call ``function`` more than once, and may commit the writes
         staged before it together with its own.
         """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -30,6 +31,10 @@ SCHEMA: Final = {
     STORE_TABLE: f"CREATE TABLE {STORE_TABLE} (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)",
     META_TABLE: f"CREATE TABLE {META_TABLE} (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
 }
+WAL_RETRY_SECONDS: Final = 0.005
+"""How long opening waits before it tries the switch to WAL mode again (see
+:func:`_switch_to_wal`)."""
+
 UPSERT_ROWS: Final = 200
 """Most rows one INSERT upserts: 400 parameters, under the 999 of SQLite before 3.32."""
 
@@ -68,10 +73,11 @@ class SQLiteStorage(DatabaseStorage):
     Writes are staged in memory, encoded at once (an unencodable value fails :meth:`set`
     and stores nothing), and written by :meth:`commit` in one transaction. Reads ask the
     database each time, so they see what other processes committed, with the staged
-    writes laid over it. ``update`` is the default get-then-set: atomic within the one
-    store actor that owns this instance, not against other processes writing the file.
-    A durable step is atomic against them: :meth:`commit_step` applies it, updates
-    included, in one ``BEGIN IMMEDIATE`` transaction.
+    writes laid over it. :meth:`update` is atomic against other processes too: it opens
+    the transaction that :meth:`commit` then commits (``BEGIN IMMEDIATE``, which holds
+    other writers off meanwhile) before it reads. So is a durable step:
+    :meth:`commit_step` applies it, updates included, in a transaction of its own, or in
+    a savepoint of the one an update opened.
 
     ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only).
     ``timeout`` is how long a call waits for another process's lock, in seconds.
@@ -147,11 +153,28 @@ class SQLiteStorage(DatabaseStorage):
         writes are dropped and :class:`~cosmoflow_actors.StorageError` names the file,
         with the ``sqlite3`` error as ``__cause__``.
         """
-        if not self._staged:
+        connection = self._connection
+        if not self._staged and (connection is None or not connection.in_transaction):
             return
         ops = self._staged.ops
         self._staged.reset()
         await self._in_thread(_write, await self._connected(), ops)
+
+    async def update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
+        """Store ``function(value)`` under ``key`` atomically across processes; return it.
+
+        Opens the transaction :meth:`commit` commits, unless it is open (``BEGIN
+        IMMEDIATE``: other processes' writes wait until the commit), then reads the key
+        (the staged writes laid over the database) and stages the new value, as
+        :meth:`Storage.update <cosmoflow_actors.Storage.update>` does. While the
+        transaction is open nobody else writes, so the read stays true until the commit,
+        and further updates of a batch cost no more than a staged read and write. Blocks
+        in a worker thread to open the transaction and to read a key not staged.
+        """
+        connection = await self._connected()
+        if not connection.in_transaction:
+            await self._in_thread(_begin, connection)
+        return await super().update(key, function, default)
 
     async def commit_step(
         self, ops: list[StagedOp], record_key: str, record: Any, steps_before: int
@@ -163,6 +186,8 @@ class SQLiteStorage(DatabaseStorage):
         (else RunConflictError), the step's ops (updates applied to the values stored
         then, their functions called in the worker thread) and the record. Any failure
         rolls it all back, and the writes staged before stay staged for :meth:`commit`.
+        When an :meth:`update` has opened a transaction, the step goes in a savepoint of
+        it instead, all or nothing too, and is durable once :meth:`commit` returns.
         Blocks in a worker thread.
         """
         connection = await self._connected()
@@ -179,7 +204,7 @@ class SQLiteStorage(DatabaseStorage):
         steps_before: int,
     ) -> None:
         """:meth:`commit_step`'s transaction (blocks)."""
-        with _transaction(connection):
+        with _atomically(connection):
             _apply(connection, self._staged.ops)
             check_steps(record_key, self._stored(connection, record_key, None), steps_before)
             for kind, key, argument in ops:
@@ -265,7 +290,7 @@ def _connect(path: Path, codec: Codec, timeout: float) -> sqlite3.Connection:
         path, timeout=timeout, isolation_level=None, check_same_thread=False
     )
     try:
-        _prepare(connection, path, codec)
+        _prepare(connection, path, codec, timeout)
     except BaseException:
         connection.close()
         raise
@@ -278,17 +303,35 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def _prepare(connection: sqlite3.Connection, path: Path, codec: Codec) -> None:
+def _prepare(connection: sqlite3.Connection, path: Path, codec: Codec, timeout: float) -> None:
     """Check the schema without writing; then switch to WAL and create what is missing."""
     tables = _tables(connection)
     if tables:
         _check_store(connection, path, codec, tables)
-    (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+    mode = _switch_to_wal(connection, timeout)
     if mode != "wal":
         raise StorageError(f"{path}: cannot switch to WAL mode (journal mode is {mode!r})")
     connection.execute("PRAGMA synchronous = FULL")
     if not tables:
         _create_schema(connection, path, codec)
+
+
+def _switch_to_wal(connection: sqlite3.Connection, timeout: float) -> str:
+    """Switch the database to WAL mode; return the journal mode it is in (blocks).
+
+    Two connections switching a new database at once make one of them fail at once with
+    SQLITE_BUSY (SQLite calls no busy handler there): it tries again every
+    :data:`WAL_RETRY_SECONDS` until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            mode: str = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            return mode
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(WAL_RETRY_SECONDS)
 
 
 def _tables(connection: sqlite3.Connection) -> dict[str, str | None]:
@@ -344,9 +387,40 @@ def _create_schema(connection: sqlite3.Connection, path: Path, codec: Codec) -> 
 
 
 def _write(connection: sqlite3.Connection, ops: list[Op[bytes]]) -> None:
-    """Apply ``ops`` in one transaction and commit it (blocks); roll back on failure."""
-    with _transaction(connection):
+    """Apply ``ops`` in the open transaction (or a new one) and commit it (blocks); roll
+    it all back on failure."""
+    _begin(connection)
+    try:
         _apply(connection, ops)
+        connection.execute("COMMIT")
+    except BaseException:
+        _roll_back(connection)
+        raise
+
+
+def _begin(connection: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE`` unless a transaction is open (blocks while another process
+    writes, up to the connection's timeout)."""
+    if not connection.in_transaction:
+        connection.execute("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def _atomically(connection: sqlite3.Connection) -> Iterator[None]:
+    """A transaction of its own (``BEGIN IMMEDIATE`` ... ``COMMIT``), or a savepoint of
+    the open one; rolled back on failure (blocks)."""
+    if not connection.in_transaction:
+        with _transaction(connection):
+            yield
+        return
+    connection.execute("SAVEPOINT step")
+    try:
+        yield
+        connection.execute("RELEASE step")
+    except BaseException:
+        connection.execute("ROLLBACK TO step")
+        connection.execute("RELEASE step")
+        raise
 
 
 @contextmanager
