@@ -389,13 +389,8 @@ def _create_schema(connection: sqlite3.Connection, path: Path, codec: Codec) -> 
 def _write(connection: sqlite3.Connection, ops: list[Op[bytes]]) -> None:
     """Apply ``ops`` in the open transaction (or a new one) and commit it (blocks); roll
     it all back on failure."""
-    _begin(connection)
-    try:
+    with _transaction(connection):
         _apply(connection, ops)
-        connection.execute("COMMIT")
-    except BaseException:
-        _roll_back(connection)
-        raise
 
 
 def _begin(connection: sqlite3.Connection) -> None:
@@ -425,8 +420,9 @@ def _atomically(connection: sqlite3.Connection) -> Iterator[None]:
 
 @contextmanager
 def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE``, then ``COMMIT``, or a rollback on failure (blocks)."""
-    connection.execute("BEGIN IMMEDIATE")
+    """``BEGIN IMMEDIATE`` (unless an update opened the transaction), then ``COMMIT``, or
+    a rollback on failure (blocks)."""
+    _begin(connection)
     try:
         yield
         connection.execute("COMMIT")
