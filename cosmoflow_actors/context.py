@@ -22,18 +22,23 @@ class ExecutionContext:
     node_id: str
     flow_name: str
     step_number: int
-    """The step's place in the run: 1 for its first step."""
+    """The step's place in its branch: 1 for the run's first step. A branch of a fan-out
+    goes on counting from the step that forked it (see ``branch``)."""
     store: SharedStore
     params: Mapping[str, Any]
     max_retries: int
     current_retry: int = 0
+    branch: str = ""
+    """Which branch of the run the step is on: ``""`` until the run fans out; the
+    ``i``-th branch of a fork at step ``n`` adds ``"<n>.<i>/"`` to its parent's."""
     _metadata: dict[str, Any] | None = None
 
     @property
     def execution_id(self) -> str:
-        """``"<run_id>:<step number>"``: unique within the run, and the same when a
-        resumed durable run runs the step again."""
-        return f"{self.run_id}:{self.step_number}"
+        """``"<run_id>:<branch><step number>"`` (``"r:3"``, or ``"r:2.1/3"`` on a
+        fan-out's second branch): unique within the run, and the same when a resumed
+        durable run runs the step again."""
+        return f"{self.run_id}:{self.branch}{self.step_number}"
 
     @property
     def metadata(self) -> dict[str, Any]:

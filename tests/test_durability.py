@@ -318,13 +318,13 @@ async def test_a_step_whose_record_was_removed_meanwhile_is_not_applied() -> Non
 
 class Tally(cf.Node):
     """Counts its posts in the store ("posts:<node>") and logs its steps, with the
-    params it was sent with, in the store's "log"."""
+    params it was sent with and their execution ids, in the store's "log"."""
 
     async def post(
         self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
     ) -> None:
         await store.update(f"posts:{ctx.node_id}", lambda n: n + 1, default=0)
-        entry = [ctx.node_id, sorted(ctx.params.items())]
+        entry = [ctx.node_id, sorted(ctx.params.items()), ctx.execution_id]
         await store.update("log", lambda log: sorted([*log, entry]), default=[])
 
 
@@ -414,8 +414,9 @@ async def test_a_fan_out_resumed_from_any_commit_ends_as_an_uninterrupted_run(
     flow: Callable[[], cf.Flow], autojump_clock: trio.abc.Clock
 ) -> None:
     """Every record a durable fan-out commits is a crash point: resumed from each, the
-    run ends with the store an uninterrupted run leaves (every step applied once). On
-    the autojump clock, a resumed run that waits for a branch it lost fails at once."""
+    run ends with the store an uninterrupted run leaves (every step applied once, with
+    the execution id it had there). On the autojump clock, a resumed run that waits for
+    a branch it lost fails at once."""
     whole = Snapshots()
     async with cf.open_engine() as engine:
         expected = await engine.run(flow(), whole, run_id="f")

@@ -451,3 +451,42 @@ async def test_a_fan_out_straight_into_its_join_arrives_at_once() -> None:
     result = await flow.run(store)
     assert result.execution_path == ("a", "b", "join")
     assert store["params:join"] == {"via": "a", "via_b": True}
+
+
+class Numbered(cf.Node):
+    """Notes each step's execution id in the store's "ids"."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        await store.update("ids", lambda ids: [*ids, ctx.execution_id], default=[])
+
+
+async def test_every_step_of_branches_has_its_own_execution_id() -> None:
+    """Branches number their steps from their fork: the first branch of a fork at step
+    2 runs "r:2.0/3". A nested fan-out that ends without a join, followed at once by a
+    second fan-out, labels the second fork's branches apart from the first's."""
+    inner = (
+        cf.Flow.builder("inner")
+        .add_node("x", Numbered())
+        .add_node("y", Numbered())
+        .add_node("z", Numbered())
+        .add_route("x", ["y", "z"])
+        .build()
+    )
+    flow = (
+        cf.Flow.builder("outer")
+        .add_node("s", Numbered())
+        .add_node("inner", inner)
+        .add_node("p", Numbered())
+        .add_node("q", Numbered())
+        .add_join("j", Numbered())
+        .add_route("s", "inner")
+        .add_route("inner", ["p", "q"])
+        .add_route("p", "j")
+        .add_route("q", "j")
+        .build()
+    )
+    store: dict[str, Any] = {}
+    await flow.run(store, run_id="r")
+    assert sorted(store["ids"]) == ["r:1", "r:2", "r:2.0/3", "r:2.1/3", "r:3.0/4", "r:3.1/4", "r:5"]

@@ -75,7 +75,7 @@ def started(run: Run, params: Mapping[str, Any]) -> dict[str, Any]:
 def entered(durable: Durable, branch: Branch, params: Mapping[str, Any]) -> None:
     """``branch`` was sent to the node its frames point at, with ``params``: after a
     crash it is sent there again."""
-    branch.resume_at = {"frames": _saved_frames(branch), "params": dict(params)}
+    branch.resume_at = {**_position(branch), "params": dict(params)}
     durable.branches[branch] = None
 
 
@@ -83,7 +83,7 @@ def ended(durable: Durable, branch: Branch, node_id: str, action: Action) -> Non
     """The innermost flow of ``branch`` ended (its fan-out's branches all ended) after a
     step at ``node_id`` returned ``action``: after a crash it goes on from there."""
     end = {"node": node_id, "action": _encode_action(action)}
-    branch.resume_at = {"frames": _saved_frames(branch), "end": end}
+    branch.resume_at = {**_position(branch), "end": end}
     durable.branches[branch] = None
 
 
@@ -103,7 +103,7 @@ def step_done(
     The record holds the step under ``"last"``, where every branch in flight goes on
     under ``"branches"`` and the fan-outs they belong to under ``"forks"``.
     """
-    resume_at = {"frames": _saved_frames(branch), "node": node_id, "action": _encode_action(action)}
+    resume_at = {**_position(branch), "node": node_id, "action": _encode_action(action)}
     forks = _Forks()
     branches = []
     for other in durable.branches:
@@ -120,8 +120,11 @@ def step_done(
     return record, resume_at
 
 
-def _saved_frames(branch: Branch) -> list[list[Any]]:
-    return [[frame.node_id, frame.steps] for frame in branch.frames]
+def _position(branch: Branch) -> dict[str, Any]:
+    """Where ``branch`` is (its frames) and what its steps are numbered (its label and
+    count), as JSON."""
+    frames = [[frame.node_id, frame.steps] for frame in branch.frames]
+    return {"frames": frames, "label": branch.label, "count": branch.count}
 
 
 class _Forks:
@@ -136,7 +139,7 @@ class _Forks:
         if fork is None:
             return None
         if fork not in self._numbers:
-            parent = {"frames": _saved_frames(fork.parent), "fork": self.index(fork.parent.fork)}
+            parent = {**_position(fork.parent), "fork": self.index(fork.parent.fork)}
             self._numbers[fork] = len(self.saved)
             self.saved.append(
                 {
@@ -204,14 +207,12 @@ def restore(run: Run, record: Mapping[str, Any]) -> list[Branch]:
         return []
     forks: list[Fork] = []
     for saved in record.get("forks", []):
-        parent = Branch(_frames(run.flow, saved["parent"]["frames"], run.run_id))
-        parent.fork = _fork(forks, saved["parent"]["fork"])
+        parent = _branch(run, saved["parent"], forks)
         fork = Fork(parent, saved["depth"], saved["pending"], saved["join"], saved["params"])
         forks.append(fork)
     branches = []
     for saved in record.get("branches", [record["last"]]):
-        branch = Branch(_frames(run.flow, saved["frames"], run.run_id))
-        branch.fork = _fork(forks, saved.get("fork"))
+        branch = _branch(run, saved, forks)
         branch.resume_at = {key: value for key, value in saved.items() if key != "fork"}
         if "params" in saved:
             run.steps += 1  # its step was under way: counted when it was sent
@@ -232,8 +233,16 @@ def resumed(run: Run, branch: Branch) -> Step | StepDone | FlowEnded:
     return StepDone(run, branch, saved["node"], _decode_action(saved["action"]))
 
 
-def _fork(forks: list[Fork], number: int | None) -> Fork | None:
-    return None if number is None else forks[number]
+def _branch(run: Run, saved: Mapping[str, Any], forks: list[Fork]) -> Branch:
+    """The branch a record saved (a record written before branches were numbered holds
+    one branch, whose steps were numbered by the run's path)."""
+    number = saved.get("fork")
+    return Branch(
+        _frames(run.flow, saved["frames"], run.run_id),
+        None if number is None else forks[number],
+        saved.get("label", ""),
+        saved.get("count", len(run.path)),
+    )
 
 
 def _frames(flow: Flow, saved: list[list[Any]], run_id: str) -> list[Frame]:

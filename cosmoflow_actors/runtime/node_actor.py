@@ -158,10 +158,11 @@ class NodeActor:
             run_id=run.run_id,
             node_id=self.node_id,
             flow_name=self.flow_name,
-            step_number=len(run.path),
+            step_number=step.branch.count,
             store=store,
             params=step.params,
             max_retries=node.max_retries,
+            branch=step.branch.label,
         )
         events = self._events
         started = trio.current_time()

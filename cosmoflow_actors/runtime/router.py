@@ -157,12 +157,16 @@ class Router:
     ) -> None:
         fork = Fork(parent=branch, depth=len(branch.frames), pending=len(targets))
         durability.left(run, branch)
+        children = [branch.child(fork, index) for index in range(len(targets))]
+        # Counted so that a second fork before the branch's next step labels its
+        # branches apart from this one's.
+        branch.count += 1
         flow = branch.frames[-1].flow
-        for target in targets:
+        for target, child in zip(targets, children, strict=True):
             if target in flow.joins:
                 self._arrive(run, fork, target, params)
             else:
-                self.enter(run, branch.child(fork), target, params)
+                self.enter(run, child, target, params)
 
     def _joins_here(self, branch: Branch, flow: Flow, target: str) -> bool:
         fork = branch.fork
@@ -240,6 +244,7 @@ class Router:
             branch.frames.append(frame)
             node = node.nodes[node.start_id]
         run.steps += 1
+        branch.count += 1
         if run.steps > run.flow.max_steps:
             raise MaxStepsExceeded(run.flow.max_steps, run.path)
         for inner in branch.frames[1:]:

@@ -59,13 +59,20 @@ class Branch:
 
     frames: list[Frame]
     fork: Fork | None = None
+    label: str = ""
+    """Names the branch among the run's: ``""`` for the first, ``"<count>.<i>/"`` added
+    for the ``i``-th child of a fork (see :meth:`child`)."""
+    count: int = 0
+    """The steps taken on this branch and the branches it came from, plus one per fork:
+    its steps' numbers, which a resumed durable run gives its steps again."""
     resume_at: dict[str, Any] | None = None
     """In a durable run, where the branch goes on after a crash, as JSON for the record
     (see runtime.durability); None in other runs."""
 
-    def child(self, fork: Fork) -> Branch:
-        """A new branch of ``fork`` starting where this one is."""
-        return Branch([Frame(f.flow, f.node_id, f.steps) for f in self.frames], fork)
+    def child(self, fork: Fork, index: int) -> Branch:
+        """The ``index``-th branch of ``fork``, starting where this one is."""
+        frames = [Frame(f.flow, f.node_id, f.steps) for f in self.frames]
+        return Branch(frames, fork, f"{self.label}{self.count}.{index}/", self.count)
 
 
 @dataclass(slots=True, eq=False)
