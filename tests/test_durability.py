@@ -342,14 +342,14 @@ class Sent(Tally):
         return cf.Action.with_params("default", **self.params)
 
 
-def fan_and_join() -> cf.Flow:
+def fan_and_join(c2: cf.Node | None = None) -> cf.Flow:
     """a fans out to b and c; b goes straight to the join j, c through c2."""
     return (
         cf.Flow.builder("fan")
         .add_node("a", Tally())
         .add_node("b", Sent(from_b=1))
         .add_node("c", Tally())
-        .add_node("c2", Sent(from_c=2))
+        .add_node("c2", c2 or Sent(from_c=2))
         .add_join("j", Tally())
         .add_route("a", ["b", "c"])
         .add_route("b", "j")
@@ -470,3 +470,36 @@ def last_commit_of_inner_fan_out(
         if inner["depth"] == 2 and inner["pending"] == 1:
             return data, record
     raise AssertionError("no commit ended the nested fan-out")
+
+
+class FailsOnce(Sent):
+    """A Sent whose first post raises."""
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.failed = False
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("c2 fails once")
+        return await super().post(store, prep_res, exec_res, ctx)
+
+
+async def test_a_fan_out_whose_branch_failed_resumes_to_the_uninterrupted_result() -> None:
+    """A branch that fails fails the run and cancels its sibling; the record says
+    "failed", and resume runs the failed step (and any step it cancelled) again."""
+    reference = Snapshots()
+    async with cf.open_engine() as engine:
+        await engine.run(fan_and_join(), reference, run_id="f")
+
+    flow = fan_and_join(c2=FailsOnce(from_c=2))
+    storage = Snapshots()
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError, match="c2"):
+            await engine.run(flow, storage, run_id="f")
+        assert [record.state for record in await engine.list_runs(storage)] == ["failed"]
+        await engine.resume(flow, storage, run_id="f")
+    assert user_data(storage.data) == user_data(reference.data)
