@@ -72,24 +72,29 @@ def started(run: Run, params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def entered(durable: Durable, branch: Branch, params: Mapping[str, Any]) -> None:
+# entered, ended and left keep a durable run's branches up to date for its next record;
+# for any other run they do nothing.
+
+
+def entered(run: Run, branch: Branch, params: Mapping[str, Any]) -> None:
     """``branch`` was sent to the node its frames point at, with ``params``: after a
     crash it is sent there again."""
-    branch.resume_at = {**_position(branch), "params": dict(params)}
-    durable.branches[branch] = None
+    if run.durable is not None:
+        branch.resume_at = {**_position(branch), "params": dict(params)}
+        run.durable.branches[branch] = None
 
 
-def ended(durable: Durable, branch: Branch, node_id: str, action: Action) -> None:
+def ended(run: Run, branch: Branch, node_id: str, action: Action) -> None:
     """The innermost flow of ``branch`` ended (its fan-out's branches all ended) after a
     step at ``node_id`` returned ``action``: after a crash it goes on from there."""
-    end = {"node": node_id, "action": _encode_action(action)}
-    branch.resume_at = {**_position(branch), "end": end}
-    durable.branches[branch] = None
+    if run.durable is not None:
+        end = {"node": node_id, "action": _encode_action(action)}
+        branch.resume_at = {**_position(branch), "end": end}
+        run.durable.branches[branch] = None
 
 
 def left(run: Run, branch: Branch) -> None:
-    """``branch`` forked, reached its join or ended: its fork holds where it went.
-    (Nothing to do for a run that is not durable.)"""
+    """``branch`` forked, reached its join or ended: its fork holds where it went."""
     if run.durable is not None:
         run.durable.branches.pop(branch, None)
 

@@ -214,8 +214,7 @@ class Engine:
             run.durable = Durable(durability.started(run, first_params))
             await run.store.put_record(durability.record_key(run.run_id), run.durable.record)
         entry = self._router.prepare(run, run.main, run.flow.start_id)
-        if run.durable is not None:
-            durability.entered(run.durable, run.main, first_params)
+        durability.entered(run, run.main, first_params)
         await deliver(entry.mailbox, Step(run, run.main, first_params))
 
     async def _resume(self, message: Step | StepDone | FlowEnded) -> None:

@@ -193,8 +193,7 @@ class Router:
         if fork.join_id is not None:
             self.enter(run, fork.parent, fork.join_id, fork.params)
             return
-        if run.durable is not None:
-            durability.ended(run.durable, fork.parent, node_id, action)
+        durability.ended(run, fork.parent, node_id, action)
         await self._end_frame(run, fork.parent, node_id, action)
 
     def enter(self, run: Run, branch: Branch, node_id: str, params: Mapping[str, Any]) -> None:
@@ -204,8 +203,7 @@ class Router:
         Raises MaxStepsExceeded when the step would exceed a flow's ``max_steps``.
         """
         actor = self.prepare(run, branch, node_id)
-        if run.durable is not None:
-            durability.entered(run.durable, branch, params)
+        durability.entered(run, branch, params)
         step = Step(run, branch, params)
         try:
             actor.mailbox.send_nowait(step)
