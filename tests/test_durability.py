@@ -473,11 +473,16 @@ def last_commit_of_inner_fan_out(
 
 
 class FailsOnce(Sent):
-    """A Sent whose first post raises."""
+    """A Sent whose first attempt waits in exec for ``go``, then fails in post."""
 
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, go: trio.Event, **params: Any) -> None:
         super().__init__(**params)
+        self.go = go
         self.failed = False
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        if not self.failed:
+            await self.go.wait()
 
     async def post(
         self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
@@ -488,18 +493,38 @@ class FailsOnce(Sent):
         return await super().post(store, prep_res, exec_res, ctx)
 
 
-async def test_a_fan_out_whose_branch_failed_resumes_to_the_uninterrupted_result() -> None:
-    """A branch that fails fails the run and cancels its sibling; the record says
-    "failed", and resume runs the failed step (and any step it cancelled) again."""
+class HeldRecord(Snapshots):
+    """Holds the write of the record of b's step until ``release``, telling ``holding``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = trio.Event()
+        self.release = trio.Event()
+
+    async def set(self, key: str, value: Any) -> None:
+        last = value.get("last") if key.startswith("__cosmoflow__/runs/") else None
+        if last is not None and last["node"] == "b" and value["state"] == "running":
+            self.holding.set()
+            await self.release.wait()
+        await super().set(key, value)
+
+
+async def test_a_branch_failing_while_another_commits_is_recorded_after_that_commit() -> None:
+    """c2 fails while b's step is committing. The failure is recorded on top of b's
+    commit, not over it with the record from before: resumed, b's step does not run
+    again, and the run ends with the store an uninterrupted run leaves."""
     reference = Snapshots()
     async with cf.open_engine() as engine:
         await engine.run(fan_and_join(), reference, run_id="f")
 
-    flow = fan_and_join(c2=FailsOnce(from_c=2))
-    storage = Snapshots()
+    storage = HeldRecord()
+    flow = fan_and_join(c2=FailsOnce(storage.holding, from_c=2))
     async with cf.open_engine() as engine:
+        run = await engine.start_run(flow, storage, run_id="f")
+        await trio.testing.wait_all_tasks_blocked()  # c2 failed; b's record is held
+        storage.release.set()
         with pytest.raises(cf.NodeError, match="c2"):
-            await engine.run(flow, storage, run_id="f")
+            await run.wait()
         assert [record.state for record in await engine.list_runs(storage)] == ["failed"]
         await engine.resume(flow, storage, run_id="f")
     assert user_data(storage.data) == user_data(reference.data)

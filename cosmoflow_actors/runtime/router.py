@@ -102,20 +102,29 @@ class Router:
     async def _succeed(self, run: Run, action: Action, node_id: str, value: Any) -> None:
         """End the run; a durable one records its result first (then ``wait`` sees it)."""
         result = run.result_of(action, node_id, value)
-        if run.durable is not None:
-            record = durability.succeeded(run.durable.record, result)
+        durable = run.durable
+        if durable is None:
+            run.succeed(result)
+            return
+        # Under the lock, after a step commit of another branch still in flight: the
+        # record is built on the last one committed, never over it.
+        async with durable.lock:
+            record = durability.succeeded(durable.record, result)
             await run.store.put_record(durability.record_key(run.run_id), record)
-        run.succeed(result)
+            run.succeed(result)
 
     async def _fail(self, run: Run, error: BaseException) -> None:
         """Fail the run; a durable one records the failure (best effort) first, unless
         another engine has taken the run over (RunConflictError): the record is its."""
         durable = run.durable
-        if durable is not None and not run.finished and not isinstance(error, RunConflictError):
+        if durable is None or run.finished or isinstance(error, RunConflictError):
+            run.fail(error)
+            return
+        async with durable.lock:  # as in _succeed
             record = durability.failed(durable.record, error)
             with contextlib.suppress(StorageError):
                 await run.store.put_record(durability.record_key(run.run_id), record)
-        run.fail(error)
+            run.fail(error)
 
     async def _advance(self, run: Run, branch: Branch, node_id: str, action: Action) -> None:
         """Move ``branch`` on from the step at ``node_id`` that returned ``action``."""
