@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -257,6 +259,46 @@ async def test_runs_on_one_backend_share_one_store_actor_until_the_last_ends() -
         await second.wait()
         await trio.testing.wait_all_tasks_blocked()
         assert [a for a in engine.statistics().actors if a.kind == "store"] == []
+
+
+class GatedFileStorage(cf.FileStorage):
+    """A real FileStorage whose commits wait for ``gate`` (and tell ``waiting``)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.waiting = trio.Event()
+        self.gate = trio.Event()
+
+    async def commit(self) -> None:
+        self.waiting.set()
+        await self.gate.wait()
+        await super().commit()
+
+
+async def test_a_new_instance_over_a_file_waits_for_the_old_ones_last_commit(
+    tmp_path: Path,
+) -> None:
+    """A run cancelled while its store commits leaves that commit landing; a new
+    FileStorage over the same file opens only once the old store actor has exited, so
+    it sees that commit and neither store finds the other's writes in its journal."""
+    path = tmp_path / "store.json"
+
+    @cf.node
+    async def write(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set(ctx.params["key"], 1)
+
+    old = GatedFileStorage(path)
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        cancelled = await engine.start_run(single(write), old, params={"key": "first"})
+        await old.waiting.wait()
+        cancelled.cancel()
+        new = cf.FileStorage(path)
+        nursery.start_soon(partial(engine.run, single(write), new, params={"key": "second"}))
+        await trio.testing.wait_all_tasks_blocked()
+        old.gate.set()
+    fresh = cf.FileStorage(path)
+    await fresh.open()
+    assert {key: await fresh.get(key) for key in await fresh.keys()} == {"first": 1, "second": 1}
 
 
 async def test_bad_arguments_to_start_run() -> None:

@@ -41,6 +41,8 @@ class StoreActor:
         self.name = name
         self.mailbox_size = mailbox_size
         self._storage = storage
+        self.path: object = getattr(storage, "path", None)
+        """The file its backend is on (``storage.path``), if it has one."""
         # A shared actor's backends never await (see Storage.shared_actor), so there is no
         # worker thread to let in; the switch interval's lock cost the chain 3 µs a step.
         self._waiting = nullcontext() if storage is None else SHORT_SWITCH_INTERVAL
@@ -305,6 +307,8 @@ class _Undo:
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
+        self.path: object = getattr(storage, "path", None)
+        """The file its backend is on (``storage.path``), if it has one."""
         self._previous: dict[str, Any] = {}
 
     async def remember(self, key: str) -> None:

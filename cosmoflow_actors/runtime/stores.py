@@ -3,7 +3,9 @@
 Every memory storage is served by one engine-wide actor (``Storage.shared_actor``);
 any other backend gets an actor of its own, started (and its backend opened) on first
 use and retired when its last user is done. A later user of a retiring backend waits
-for the old actor to exit, so two actors never serve one backend at once.
+for the old actor to exit, so two actors never serve one backend at once; so does the
+first user of another instance over the same file (``storage.path``), whose opening
+must see the old actor's last commit.
 """
 
 from __future__ import annotations
@@ -54,10 +56,9 @@ class StoreRegistry:
         StorageError if the backend cannot be opened.
         """
         key = _key(storage)
+        while (old := self._in_the_way(key, storage)) is not None:
+            await old.exited.wait()
         actor = self._actors.get(key)
-        while actor is not None and actor.retiring:
-            await actor.exited.wait()
-            actor = self._actors.get(key)
         # Counted before any wait below, so that no other run's release retires it
         # while this one waits for it.
         if actor is None:
@@ -97,6 +98,21 @@ class StoreRegistry:
         actor.users -= 1
         if actor.users == 0:
             actor.retire()
+
+    def _in_the_way(self, key: object, storage: Storage) -> StoreActor | None:
+        """A retiring actor that must exit before ``storage`` is served: its own old one,
+        or that of another instance over the same file (``storage.path``), whose last
+        commit may still be landing (one its cancelled runs were waiting for)."""
+        actor = self._actors.get(key)
+        if actor is not None:
+            return actor if actor.retiring else None
+        path = getattr(storage, "path", None)
+        if path is None:
+            return None
+        for other in self._actors.values():
+            if other.retiring and other.path == path:
+                return other
+        return None
 
     def _new(self, key: object, storage: Storage) -> StoreActor:
         if storage.shared_actor:
