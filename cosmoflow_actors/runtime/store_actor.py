@@ -307,8 +307,6 @@ class _Undo:
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
-        self.path: object = getattr(storage, "path", None)
-        """The file its backend is on (``storage.path``), if it has one."""
         self._previous: dict[str, Any] = {}
 
     async def remember(self, key: str) -> None:
