@@ -8,6 +8,7 @@ Metric: runs per second, from the first run started to the last run finished.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from typing import Any
@@ -17,6 +18,7 @@ import trio
 
 import cosmoflow_actors as cf
 from benchmarks.common import Case, Implementation, Measurement, Store, verify
+from benchmarks.skeleton import open_skeleton
 
 CHAIN_LENGTH = 5
 KEY = "hops"
@@ -89,6 +91,27 @@ async def cosmoflow_runs(case: Case) -> float:
     return seconds
 
 
+async def hop(delay: float, hops: int) -> int:
+    """The actor floor's exec."""
+    await trio.sleep(delay)
+    return hops + 1
+
+
+async def floor_runs(case: Case) -> float:
+    """Like ``cosmoflow_runs``: one task starts the runs, a checkpoint each, then waits."""
+    exec_ = functools.partial(hop, DELAYS[case.variant])
+    stores: list[Store] = [{} for _ in range(case.size)]
+    async with open_skeleton(CHAIN_LENGTH, CHAIN_LENGTH, exec_, KEY) as skeleton:
+        start = time.perf_counter()
+        for store in stores:
+            skeleton.start(store)
+            await trio.lowlevel.checkpoint()
+        await skeleton.wait(case.size)
+        seconds = time.perf_counter() - start
+    verify(stores, KEY, CHAIN_LENGTH)
+    return seconds
+
+
 async def trio_chain(store: Store, delay: float) -> None:
     for _ in range(CHAIN_LENGTH):
         hops = store.get(KEY, 0)
@@ -127,6 +150,7 @@ def throughput(case: Case, seconds: float) -> Measurement:
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "cosmoflow": lambda case: throughput(case, trio.run(cosmoflow_runs, case)),
+    "floor": lambda case: throughput(case, trio.run(floor_runs, case)),
     "trio": lambda case: throughput(case, trio.run(trio_runs, case)),
     "pocketflow": lambda case: throughput(case, asyncio.run(pocketflow_runs(case))),
 }

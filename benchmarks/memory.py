@@ -9,6 +9,7 @@ and every run writes ``value + 1`` in post and ends.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import TypeVar
 
@@ -18,6 +19,7 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from benchmarks.common import Case, Implementation, Measurement, Store, rss_kib, verify
+from benchmarks.skeleton import open_skeleton
 
 KEY = "value"
 
@@ -137,6 +139,27 @@ async def trio_parked(case: Case) -> Measurement:
     return measurement
 
 
+async def park(gate: TrioGate, value: int) -> int:
+    """The actor floor's exec."""
+    await gate.pass_through()
+    return value + 1
+
+
+async def floor_parked(case: Case) -> Measurement:
+    gate = TrioGate(case.size)
+    async with open_skeleton(1, 1, functools.partial(park, gate), KEY) as skeleton:
+        await trio.testing.wait_all_tasks_blocked()
+        before = rss_kib()
+        start = time.perf_counter()
+        stores: list[Store] = [{} for _ in range(case.size)]
+        for store in stores:
+            skeleton.start(store)
+        measurement = await trio_measure(case, gate, before, start)
+        await skeleton.wait(case.size)
+    verify(stores, KEY, 1)
+    return measurement
+
+
 async def trio_measure(case: Case, gate: TrioGate, before: int, start: float) -> Measurement:
     """Once every run waits at ``gate`` and nothing else can run, measure; then open it."""
     await gate.all_in.wait()
@@ -173,6 +196,7 @@ def per_run(case: Case, before: int, after: int, seconds: float) -> Measurement:
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "cosmoflow": lambda case: trio.run(cosmoflow_parked, case),
+    "floor": lambda case: trio.run(floor_parked, case),
     "trio": lambda case: trio.run(trio_parked, case),
     "pocketflow": lambda case: asyncio.run(pocketflow_parked(case)),
 }

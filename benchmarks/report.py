@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks.common import Case
-from benchmarks.suite import POCKETFLOW, TIMES, TRIO, Benchmark, Target
+from benchmarks.suite import FLOOR, POCKETFLOW, TIMES, TRIO, Benchmark, Target
 
 BASELINES = {TRIO: "vs trio", POCKETFLOW: "vs PocketFlow"}
 HEADER = ["implementation", "variant", "size", "time"]
@@ -45,13 +45,14 @@ class CaseResult:
         base = self.values.get(baseline)
         return row.value / base if row.value is not None and base else None
 
-    def verdict(self, unit: str) -> tuple[str, bool | None]:
-        """The target in words with what was measured, and whether it was met (None: n/a)."""
+    def verdict(self, unit: str, impl: str) -> tuple[str, bool | None]:
+        """The target in words with what ``impl`` measured, and whether ``impl`` met it
+        (None: n/a)."""
         if self.target is None:
             return "", None
         parts, passed = [], True
         for bound in self.target.bounds:
-            measured = bound.measure(self.values, self.target.impl)
+            measured = bound.measure(self.values, impl)
             shown = "n/a" if measured is None else number(measured)
             suffix = "" if bound.baseline is None or measured is None else TIMES
             parts.append(f"{bound.describe(unit)} ({shown}{suffix})")
@@ -68,8 +69,11 @@ class CaseResult:
     def target_json(self, unit: str) -> dict[str, Any] | None:
         if self.target is None:
             return None
-        text, passed = self.verdict(unit)
-        return {"impl": self.target.impl, "text": text, "passed": passed}
+        text, passed = self.verdict(unit, self.target.impl)
+        found = {"impl": self.target.impl, "text": text, "passed": passed}
+        if FLOOR in self.values:
+            found["floor_passed"] = self.verdict(unit, FLOOR)[1]
+        return found
 
 
 def number(value: float) -> str:
@@ -90,9 +94,9 @@ def row_cells(result: CaseResult, row: Row, unit: str) -> list[str]:
     cells += [f"{row.seconds:.2f} s", number(row.value)]
     cells += [ratio_cell(result.ratio(row, baseline)) for baseline in BASELINES]
     target = result.target
-    if target is None or target.impl != row.impl:
+    if target is None or row.impl not in (target.impl, FLOOR):
         return [*cells, ""]
-    text, passed = result.verdict(unit)
+    text, passed = result.verdict(unit, row.impl)
     return [*cells, f"{text}: {'PASS' if passed else 'MISS'}"]
 
 

@@ -67,11 +67,27 @@ def test_ratios_and_targets_are_computed_per_case() -> None:
     result = CaseResult(Case(10, "checkpoint"), rows, target)
     assert result.ratio(rows[0], "trio") == pytest.approx(0.6)
     assert result.ratio(rows[0], "pocketflow") == pytest.approx(1.2)
-    text, passed = result.verdict("runs/s")
+    text, passed = result.verdict("runs/s", "cosmoflow")
     assert text.replace(TIMES, "x") == "≥ 1x pocketflow (1.20x), ≥ 0.5x trio (0.60x)"
     assert passed is True
     strict = CaseResult(result.case, rows, Target((Bound(0.7, True, "trio"),)))
-    assert strict.verdict("runs/s")[1] is False
+    assert strict.verdict("runs/s", "cosmoflow")[1] is False
+
+
+def test_the_actor_floor_row_shows_whether_the_floor_meets_the_target() -> None:
+    rows = (
+        Row("cosmoflow", "cosmoflow", 4.0, 40.0),
+        Row("floor", "actor floor", 2.0, 20.0),
+        Row("trio", "bare trio", 1.0, 3.0),
+        Row("pocketflow", "pocketflow", 1.0, 4.0),
+    )
+    result = CaseResult(Case(100), rows, Target((Bound(15.0, False),)))
+    lines = render(BENCHMARKS[1], [result]).splitlines()
+    floor_line = next(line for line in lines if line.startswith("actor floor"))
+    assert floor_line.endswith("≤ 15 µs/step (20.0): MISS")
+    bare_line = next(line for line in lines if line.startswith("bare trio"))
+    assert "MISS" not in bare_line and "PASS" not in bare_line
+    assert result.to_json("µs/step")["target"]["floor_passed"] is False
 
 
 def test_a_failed_measurement_shows_as_an_error_and_misses_its_target() -> None:
@@ -81,7 +97,7 @@ def test_a_failed_measurement_shows_as_an_error_and_misses_its_target() -> None:
         Row("pocketflow", "pocketflow", 1.0, 4.0),
     )
     result = CaseResult(Case(100), rows, Target((Bound(15.0, False),)))
-    assert result.verdict("µs/step") == ("≤ 15 µs/step (n/a)", False)
+    assert result.verdict("µs/step", "cosmoflow") == ("≤ 15 µs/step (n/a)", False)
     table = render(BENCHMARKS[1], [result])
     assert "ERROR" in table and "RuntimeError: boom" in table
     assert result.to_json("µs/step")["results"][0]["vs_trio"] is None
