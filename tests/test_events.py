@@ -74,6 +74,19 @@ async def test_failures_fallbacks_and_cancellations_are_reported() -> None:
     await trio.testing.wait_all_tasks_blocked()
 
 
+async def test_a_stream_opened_during_a_step_gets_no_end_of_it_without_its_start() -> None:
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(gate), run_id="late")
+        await trio.testing.wait_all_tasks_blocked()
+        assert gate.inside == 1
+        async with engine.events() as stream:
+            gate.open.set()
+            await run.wait()
+            event = await stream.__anext__()
+    assert isinstance(event, cf.RunFinished) and event.run_id == "late"
+
+
 async def test_a_slow_consumer_loses_events_and_is_told_how_many() -> None:
     flow = single(Recorder(), "many")
     async with cf.open_engine() as engine:

@@ -88,35 +88,28 @@ async def _checkpoint_then(answer: outcome.Outcome[T]) -> T:
 class StoreOp(enum.Enum):
     """What a :class:`StoreRequest` asks the store actor to do."""
 
-    GET = enum.auto()
-    CONTAINS = enum.auto()
-    KEYS = enum.auto()
-    SIZE = enum.auto()
-    GET_MANY = enum.auto()
-    SET = enum.auto()
-    SET_MANY = enum.auto()
-    UPDATE = enum.auto()
-    DELETE = enum.auto()
-    CLEAR = enum.auto()
-    COMMIT_STEP = enum.auto()
-    RECORDS = enum.auto()
+    GET = (1, False)
+    CONTAINS = (2, False)
+    KEYS = (3, False)
+    SIZE = (4, False)
+    GET_MANY = (5, False)
+    SET = (6, True)
+    SET_MANY = (7, True)
+    UPDATE = (8, True)
+    DELETE = (9, True)
+    CLEAR = (10, True)
+    COMMIT_STEP = (11, True)
+    RECORDS = (12, False)
 
-    @property
-    def writes(self) -> bool:
-        """Whether the operation changes the store (and so needs a commit)."""
-        return self in _WRITES
+    writes: bool
+    """Whether the operation changes the store (and so needs a commit)."""
 
+    def __init__(self, number: int, writes: bool) -> None:
+        self.writes = writes
 
-_WRITES = frozenset(
-    {
-        StoreOp.SET,
-        StoreOp.SET_MANY,
-        StoreOp.UPDATE,
-        StoreOp.DELETE,
-        StoreOp.CLEAR,
-        StoreOp.COMMIT_STEP,
-    }
-)
+    # Members are singletons, equal only to themselves: hashing by identity agrees with
+    # that, and spares a Python-level Enum.__hash__ per handler lookup.
+    __hash__ = object.__hash__
 
 
 @dataclass(frozen=True, slots=True)

@@ -165,8 +165,10 @@ class NodeActor:
             branch=step.branch.label,
         )
         events = self._events
-        started = trio.current_time()
-        if events.active:
+        # The clock is read only for a subscriber: a step that emitted no StepStarted
+        # emits no StepFinished either.
+        started = trio.current_time() if events.active else None
+        if started is not None:
             events.emit(
                 StepStarted(run.run_id, started, self.flow_name, self.node_id, ctx.execution_id)
             )
@@ -208,7 +210,7 @@ class NodeActor:
         finally:
             store.end_step()
             run.scopes.remove(scope)
-            if events.active:
+            if started is not None and events.active:
                 self._step_finished(ctx, started, message)
         self._router.send_nowait(message)
 

@@ -120,49 +120,45 @@ class StoreActor:
                 await self._apply(batch)
 
     async def _apply(self, batch: list[StoreRequest]) -> None:
+        """Answer every request of ``batch`` after committing its writes.
+
+        What a requester should see (a StorageError, a missing key, an error of an
+        update function) is its answer; anything else crashes the actor, as a broken
+        backend must. Each request is applied in this frame: no coroutine of its own.
+        """
         self.in_flight = len(batch)
-        answers = []
+        handlers = self._handlers
+        answers: list[outcome.Outcome[Any]] = []
         for request in batch:
-            answers.append(await self._answer(request))
-        writes = [
-            i
-            for i, (request, answer) in enumerate(zip(batch, answers, strict=True))
-            if request.op.writes and isinstance(answer, outcome.Value)
-        ]
+            try:
+                answers.append(outcome.Value(await handlers[request.op](request)))
+            except _Refused as refused:
+                answers.append(outcome.Error(refused.error))
+            except (StorageError, StoreKeyError) as exc:
+                answers.append(outcome.Error(exc))
         # Every backend a write went to commits, a refused one's too: an SQLite update
         # may have opened the transaction before its function raised.
         for storage in {request.storage for request in batch if request.op.writes}:
-            await self._commit(storage, batch, answers, writes)
+            if type(storage).commit is not Storage.commit:  # the default does nothing
+                await self._commit(storage, batch, answers)
         for request, answer in zip(batch, answers, strict=True):
             request.reply.send(answer)
         self.messages_processed += len(batch)
         self.in_flight = 0
 
-    async def _answer(self, request: StoreRequest) -> outcome.Outcome[Any]:
-        """Apply one request. What the requester should see (a StorageError, a missing
-        key, an error of an update function) is its answer; anything else crashes the
-        actor, as a broken backend must.
-        """
-        try:
-            return outcome.Value(await self._handlers[request.op](request))
-        except _Refused as refused:
-            return outcome.Error(refused.error)
-        except (StorageError, StoreKeyError) as exc:
-            return outcome.Error(exc)
-
     async def _commit(
-        self,
-        storage: Storage,
-        batch: list[StoreRequest],
-        answers: list[outcome.Outcome[Any]],
-        writes: list[int],
+        self, storage: Storage, batch: list[StoreRequest], answers: list[outcome.Outcome[Any]]
     ) -> None:
         """Commit ``storage``; if that fails, every write to it in the batch fails."""
         try:
             await storage.commit()
         except StorageError as exc:
-            for i in writes:
-                if batch[i].storage is storage:
+            for i, request in enumerate(batch):
+                if (
+                    request.storage is storage
+                    and request.op.writes
+                    and isinstance(answers[i], outcome.Value)
+                ):
                     error = StorageError(f"{self.name}: commit failed: {exc}")
                     error.__cause__ = exc
                     answers[i] = outcome.Error(error)
