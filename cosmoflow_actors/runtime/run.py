@@ -31,10 +31,8 @@ class RunState(enum.Enum):
     @property
     def finished(self) -> bool:
         """Whether the run has ended (succeeded, failed or cancelled)."""
-        return self in _FINISHED
-
-
-_FINISHED = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
+        # Identity tests: Enum's __hash__ is Python-level, and this runs twice a step.
+        return self is not RunState.PENDING and self is not RunState.RUNNING
 
 
 @dataclass(slots=True)

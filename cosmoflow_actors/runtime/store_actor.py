@@ -10,7 +10,6 @@ once per batch instead of once per ``set``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
 from typing import Any, Final
 
 import outcome
@@ -43,9 +42,6 @@ class StoreActor:
         self._storage = storage
         self.path: object = getattr(storage, "path", None)
         """The file its backend is on (``storage.path``), if it has one."""
-        # A shared actor's backends never await (see Storage.shared_actor), so there is no
-        # worker thread to let in; the switch interval's lock cost the chain 3 µs a step.
-        self._waiting = nullcontext() if storage is None else SHORT_SWITCH_INTERVAL
         send, receive = trio.open_memory_channel[StoreRequest](mailbox_size)
         self._send = send
         self._receive = receive
@@ -93,7 +89,7 @@ class StoreActor:
         try:
             try:
                 if self._storage is not None:
-                    with self._waiting:
+                    with SHORT_SWITCH_INTERVAL:
                         await self._storage.open()
                 self.serving = True
             finally:
@@ -116,8 +112,14 @@ class StoreActor:
                     batch.append(receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            with self._waiting:
+            if self._storage is None:
+                # A shared actor's backends never await (see Storage.shared_actor): no
+                # worker thread to let in, and the switch interval's lock cost the chain
+                # 3 µs a step.
                 await self._apply(batch)
+            else:
+                with SHORT_SWITCH_INTERVAL:
+                    await self._apply(batch)
 
     async def _apply(self, batch: list[StoreRequest]) -> None:
         """Answer every request of ``batch`` after committing its writes.
