@@ -39,6 +39,7 @@ from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.engine import Engine, list_runs, open_engine
 from cosmoflow_actors.runtime.run import Run, RunState
 from cosmoflow_actors.runtime.statistics import ActorStatistics, EngineStatistics
+from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.storage import (
     FileStorage,
     MemoryStorage,
@@ -46,7 +47,6 @@ from cosmoflow_actors.storage import (
     SQLiteStorage,
     Storage,
 )
-from cosmoflow_actors.store import SharedStore
 from cosmoflow_actors.tracing import format_event, trace_events
 
 __all__ = [

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cosmoflow_actors.store import SharedStore
+    from cosmoflow_actors.runtime.store_client import SharedStore
 
 
 @dataclass(slots=True, eq=False)

@@ -17,9 +17,9 @@ from cosmoflow_actors.action import Action, ActionCondition
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.errors import FlowValidationError
 from cosmoflow_actors.node import Node, executor_problem, validate_config
-from cosmoflow_actors.store import SharedStore
 
 if TYPE_CHECKING:
+    from cosmoflow_actors.runtime.store_client import SharedStore
     from cosmoflow_actors.storage.base import Storage
 
 DEFAULT_MAX_STEPS: Final = 1000

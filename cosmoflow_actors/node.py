@@ -9,13 +9,15 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import cloudpickle
 
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.context import ExecutionContext
-from cosmoflow_actors.store import SharedStore
+
+if TYPE_CHECKING:
+    from cosmoflow_actors.runtime.store_client import SharedStore
 
 PostResult = Action | str | None
 StepFunction = Callable[[ExecutionContext], Awaitable[PostResult] | PostResult]

@@ -15,21 +15,46 @@ still out, so branches that had reached the join or ended are not waited for twi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+import trio
 
 from cosmoflow_actors.action import Action
-from cosmoflow_actors.errors import CosmoFlowError
+from cosmoflow_actors.errors import CosmoFlowError, RunConflictError, StorageError
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone
-from cosmoflow_actors.runtime.run import Branch, Durable, Fork, Frame, Run
+from cosmoflow_actors.runtime.run import Branch, Fork, Frame, Run
+from cosmoflow_actors.runtime.store_client import SharedStore, StagedStore
 from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage
+
+if TYPE_CHECKING:
+    from cosmoflow_actors.runtime.node_actor import NodeActor
 
 
 def record_key(run_id: str) -> str:
     """The store key of ``run_id``'s record."""
     return RECORD_PREFIX + run_id
+
+
+_RECORD_FIELDS: Final = ("run_id", "flow", "state", "params", "path", "last")
+
+
+def checked_record(key: str, value: Any) -> dict[str, Any] | None:
+    """``value``, read from the store under ``key``, as a run record (None stays None).
+
+    Raises StorageError naming the key when it is not a record the engine wrote.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict) or any(field not in value for field in _RECORD_FIELDS):
+        raise StorageError(
+            f"the store holds no valid run record under {key!r} (found {type(value).__name__}):"
+            " it was not written by the engine"
+        )
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +72,11 @@ class RunRecord:
     steps: int
 
     @classmethod
-    def of(cls, record: Mapping[str, Any]) -> RunRecord:
+    def of(cls, value: Any) -> RunRecord:
+        """The summary of a stored record; StorageError if it is not one."""
+        run_id = value.get("run_id") if isinstance(value, dict) else None
+        record = checked_record(record_key(str(run_id)), value)
+        assert record is not None
         last = record.get("last")
         return cls(
             run_id=record["run_id"],
@@ -72,35 +101,128 @@ def started(run: Run, params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-# entered, ended and left keep a durable run's branches up to date for its next record;
-# for any other run they do nothing.
+class Durability:
+    """What the actors do for a run at fixed points to keep its record: nothing, for a
+    run that is not durable (:data:`NOT_DURABLE`); see :class:`DurableRun`."""
+
+    durable: ClassVar[bool] = False
+    """Whether the run keeps a record: its steps commit, and ending it waits for the
+    store (so its outcomes go through the router's own task)."""
+
+    def entered(self, branch: Branch, params: Mapping[str, Any]) -> None:
+        """``branch`` was sent to the node its frames point at, with ``params``."""
+
+    def ended(self, branch: Branch, node_id: str, action: Action) -> None:
+        """The innermost flow of ``branch`` ended (its fan-out's branches all ended)
+        after a step at ``node_id`` returned ``action``."""
+
+    def left(self, branch: Branch) -> None:
+        """``branch`` forked, reached its join or ended."""
+
+    def step_store(self, store: SharedStore) -> SharedStore:
+        """The handle a step of the run gets on ``store``."""
+        return store.for_step()
+
+    async def commit(
+        self, run: Run, branch: Branch, node_id: str, action: Action, store: SharedStore
+    ) -> None:
+        """Commit the step of ``branch`` at ``node_id`` that returned the resolved
+        ``action``, with the writes it staged in ``store``."""
+
+    async def succeed(self, run: Run, result: FlowResult) -> None:
+        """End the run with ``result``."""
+        run.succeed(result)
+
+    async def fail(self, run: Run, error: BaseException) -> None:
+        """End the run with ``error``."""
+        run.fail(error)
 
 
-def entered(run: Run, branch: Branch, params: Mapping[str, Any]) -> None:
-    """``branch`` was sent to the node its frames point at, with ``params``: after a
-    crash it is sent there again."""
-    if run.durable is not None:
+NOT_DURABLE: Final = Durability()
+"""The durability of every run that is not durable (it holds no state)."""
+
+
+class DurableRun(Durability):
+    """A durable run's record as last committed, its branches in flight, and the lock
+    that commits their steps (and the run's end) one at a time.
+
+    ``entered``, ``ended`` and ``left`` keep the branches up to date for the next
+    record; a step's writes are staged in a :class:`StagedStore` of its own, since a
+    fan-out's branches run steps of one run at once.
+    """
+
+    durable = True
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+        self.branches: dict[Branch, None] = {}
+        """The branches whose position the record must hold (a dict as an ordered set)."""
+        self.lock = trio.Lock()
+
+    def entered(self, branch: Branch, params: Mapping[str, Any]) -> None:
+        """After a crash, ``branch`` is sent to this node again."""
         branch.resume_at = {**_position(branch), "params": dict(params)}
-        run.durable.branches[branch] = None
+        self.branches[branch] = None
 
-
-def ended(run: Run, branch: Branch, node_id: str, action: Action) -> None:
-    """The innermost flow of ``branch`` ended (its fan-out's branches all ended) after a
-    step at ``node_id`` returned ``action``: after a crash it goes on from there."""
-    if run.durable is not None:
+    def ended(self, branch: Branch, node_id: str, action: Action) -> None:
+        """After a crash, ``branch`` goes on from the end of its innermost flow."""
         end = {"node": node_id, "action": _encode_action(action)}
         branch.resume_at = {**_position(branch), "end": end}
-        run.durable.branches[branch] = None
+        self.branches[branch] = None
 
+    def left(self, branch: Branch) -> None:
+        """Its fork holds where ``branch`` went."""
+        self.branches.pop(branch, None)
 
-def left(run: Run, branch: Branch) -> None:
-    """``branch`` forked, reached its join or ended: its fork holds where it went."""
-    if run.durable is not None:
-        run.durable.branches.pop(branch, None)
+    def step_store(self, store: SharedStore) -> SharedStore:
+        """A handle that stages the step's writes."""
+        return StagedStore(store)
+
+    async def commit(
+        self, run: Run, branch: Branch, node_id: str, action: Action, store: SharedStore
+    ) -> None:
+        """Commit the step's staged writes with the run's record, in one commit, built
+        on the last record committed.
+
+        Raises StorageError when the commit fails, RunConflictError when another
+        engine committed this step of the run first.
+        """
+        assert isinstance(store, StagedStore)
+        async with self.lock:
+            record, resume_at = step_done(self, branch, node_id, action)
+            steps_before = len(self.record["path"])
+            await run.store_actor.commit_step(
+                run.storage, store.ops, record_key(run.run_id), record, steps_before
+            )
+            self.record = record
+            branch.resume_at = resume_at
+
+    async def succeed(self, run: Run, result: FlowResult) -> None:
+        """Record the result, then end the run (so ``wait`` sees it recorded).
+
+        Under the lock, after a step commit of another branch still in flight: the
+        record is built on the last one committed, never over it.
+        """
+        async with self.lock:
+            record = succeeded(self.record, result)
+            await run.store_actor.write_record(run.storage, record_key(run.run_id), record)
+            run.succeed(result)
+
+    async def fail(self, run: Run, error: BaseException) -> None:
+        """Record the failure (best effort), then fail the run; unless another engine
+        has taken the run over (RunConflictError): the record is its."""
+        if run.finished or isinstance(error, RunConflictError):
+            run.fail(error)
+            return
+        async with self.lock:
+            record = failed(self.record, error)
+            with contextlib.suppress(StorageError):
+                await run.store_actor.write_record(run.storage, record_key(run.run_id), record)
+            run.fail(error)
 
 
 def step_done(
-    durable: Durable, branch: Branch, node_id: str, action: Action
+    durable: DurableRun, branch: Branch, node_id: str, action: Action
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The record once the step of ``branch`` at ``node_id`` returned the (resolved)
     ``action``, and where the branch goes on from after a crash until it is routed.
@@ -225,17 +347,20 @@ def restore(run: Run, record: Mapping[str, Any]) -> list[Branch]:
     return branches
 
 
-def resumed(run: Run, branch: Branch) -> Step | StepDone | FlowEnded:
-    """What sends a restored ``branch`` on: a Step for the node its frames point at
-    (its step was under way), or a StepDone or FlowEnded for the router to route."""
+def resumed(
+    run: Run, branch: Branch, actor: NodeActor, values: Mapping[str, Any]
+) -> Step | StepDone | FlowEnded:
+    """What sends a restored ``branch`` on: a Step for ``actor``, the node its frames
+    point at (its step was under way), or a StepDone or FlowEnded for the router to
+    route with the store ``values`` the run's conditions read."""
     saved = branch.resume_at
     assert saved is not None
     if "params" in saved:
-        return Step(run, branch, saved["params"])
+        return Step(run, branch, saved["params"], actor)
     if "end" in saved:
         end = saved["end"]
-        return FlowEnded(run, branch, end["node"], _decode_action(end["action"]))
-    return StepDone(run, branch, saved["node"], _decode_action(saved["action"]))
+        return FlowEnded(run, branch, end["node"], _decode_action(end["action"]), values)
+    return StepDone(run, branch, saved["node"], _decode_action(saved["action"]), values)
 
 
 def _branch(run: Run, saved: Mapping[str, Any], forks: list[Fork]) -> Branch:

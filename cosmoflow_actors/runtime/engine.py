@@ -8,9 +8,10 @@ waits for the runs started in it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
@@ -18,7 +19,7 @@ import trio
 import trio_parallel
 from trio_util import AsyncValue
 
-from cosmoflow_actors.errors import ActorCrashedError, CosmoFlowError
+from cosmoflow_actors.errors import ActorCrashedError, CosmoFlowError, RunCancelledError
 from cosmoflow_actors.events import (
     DEFAULT_BUFFER as DEFAULT_EVENT_BUFFER,
 )
@@ -33,18 +34,23 @@ from cosmoflow_actors.events import (
 )
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import durability
-from cosmoflow_actors.runtime.durability import RunRecord
-from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone, deliver
-from cosmoflow_actors.runtime.node_actor import NodeActor
-from cosmoflow_actors.runtime.router import Router
-from cosmoflow_actors.runtime.run import Durable, Run, RunState
-from cosmoflow_actors.runtime.statistics import Actor, ActorStatistics, EngineStatistics
+from cosmoflow_actors.runtime.actor import Actor
+from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun, RunRecord
+from cosmoflow_actors.runtime.messages import Step
+from cosmoflow_actors.runtime.node_actor import NodeActor, carry
+from cosmoflow_actors.runtime.router import Router, condition_keys
+from cosmoflow_actors.runtime.run import Run, RunState
+from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
 from cosmoflow_actors.storage.base import Storage
 
 DEFAULT_MAILBOX_SIZE: Final = 256
 """Steps (or store requests) an actor's mailbox holds before senders wait."""
+
+DEFAULT_MAX_RUNS: Final = 1000
+"""Runs in flight before further starts wait (see docs/performance.md for the
+measurement that sized it)."""
 
 
 @final
@@ -56,9 +62,10 @@ class Engine:
         self._mailbox_size = mailbox_size
         self.max_runs = max_runs
         self._admission = trio.Semaphore(max_runs) if max_runs is not None else None
-        self._router = Router(self._node_actor)
+        self._router = Router(self._node_actor, mailbox_size)
         self._node_actors: dict[tuple[Flow, str], NodeActor] = {}
         self._registered: set[Flow] = set()
+        self._condition_keys: dict[Flow, frozenset[str]] = {}
         self._stores = StoreRegistry(nursery, mailbox_size, self._supervise)
         self._workers: trio_parallel.WorkerContext | None = None
         self._events = EventHub()
@@ -81,10 +88,12 @@ class Engine:
     ) -> FlowResult:
         """Run ``flow`` to its end and return its result; raise its error if it fails.
 
-        Blocks until the run ends. Cancelling the caller cancels the run.
+        Blocks until the run ends; waits first like :meth:`start_run`. The calling task
+        runs the run's steps itself while their nodes are idle (under those nodes'
+        slots), and waits for the rest. Cancelling the caller cancels the run.
         """
-        run = await self.start_run(flow, store, params=params, run_id=run_id)
-        return await _to_the_end(run)
+        run, first = await self._start(flow, store, params, run_id, resume=False)
+        return await self._drive(run, first)
 
     async def start_run(
         self,
@@ -98,15 +107,18 @@ class Engine:
 
         ``store`` is a Storage, a dict used in place as memory storage, or None for a
         fresh MemoryStorage. A checkpoint; blocks while ``max_runs`` runs are in flight
-        and while the entry node's mailbox is full. Raises StorageError when the storage
-        cannot be opened.
+        (callers wait in FIFO order), while the storage opens and while the entry
+        node's mailbox is full. Raises StorageError when the storage cannot be opened.
 
         With a ``run_id`` on a persistent storage the run is durable: each step commits
         its writes with the run's record. A run_id whose run already succeeded returns
         a finished handle with the recorded result; one that is still recorded as
         running or failed raises CosmoFlowError (continue it with :meth:`resume`).
         """
-        return await self._start(flow, store, params, run_id, resume=False)
+        run, first = await self._start(flow, store, params, run_id, resume=False)
+        if first is not None:
+            await _send(run, first)
+        return run
 
     async def resume(
         self,
@@ -123,107 +135,8 @@ class Engine:
         interrupted goes on from its last committed step (no committed step runs
         again); one the store does not know starts from the beginning with ``params``.
         """
-        run = await self._start(flow, store, params, run_id, resume=True)
-        return await _to_the_end(run)
-
-    async def list_runs(self, store: Storage | dict[str, Any]) -> list[RunRecord]:
-        """The durable runs recorded in ``store``, with their state, last node and steps."""
-        storage = as_storage(store)
-        actor = await self._stores.acquire(storage)
-        try:
-            records = await actor.handle(storage).records()
-        finally:
-            self._stores.release(actor)
-        return [RunRecord.of(record) for record in records]
-
-    async def _start(
-        self,
-        flow: Flow,
-        store: Storage | dict[str, Any] | None,
-        params: Mapping[str, Any] | None,
-        run_id: str | None,
-        *,
-        resume: bool,
-        durable: bool = True,
-    ) -> Run:
-        """Start (or resume) a run; durable only if ``durable`` allows and it has a
-        ``run_id`` on a persistent storage.
-
-        Always one checkpoint first, and no other unless it must wait: a loop starting
-        runs lets the runs in flight move on at each start (few runs in flight, which
-        keeps the garbage collector's work small), and nothing yields twice per start.
-        """
-        await trio.lowlevel.checkpoint()
-        storage = as_storage(store)
-        durable = durable and run_id is not None and storage.persistent
-        run_id = self._check_start(flow, run_id)
-        await self._register(flow)
-        actor = await self._stores.acquire(storage)
-        try:
-            record = await self._record(actor, storage, run_id, resume) if durable else None
-            if self._admission is not None:
-                await _acquire(self._admission)
-        except BaseException:
-            self._stores.release(actor)
-            raise
-        run = self._new_run(run_id, flow, storage, actor)
-        try:
-            await self._launch(run, params, record, durable=durable)
-        except BaseException:
-            run.cancel()
-            raise
-        return run
-
-    async def _record(
-        self, actor: StoreActor, storage: Storage, run_id: str, resume: bool
-    ) -> dict[str, Any] | None:
-        """The stored record of ``run_id``; refuses to start a recorded run afresh."""
-        record: dict[str, Any] | None = await actor.handle(storage).get(
-            durability.record_key(run_id), None
-        )
-        if record is not None and record["state"] != "succeeded" and not resume:
-            raise CosmoFlowError(
-                f"run {run_id!r} is already recorded in {storage!r} as {record['state']}; "
-                "continue it with engine.resume"
-            )
-        return record
-
-    async def _launch(
-        self,
-        run: Run,
-        params: Mapping[str, Any] | None,
-        record: dict[str, Any] | None,
-        *,
-        durable: bool,
-    ) -> None:
-        """Send the run on its way: a first step, a recorded result, or a resumed step."""
-        if record is not None and record["state"] == "succeeded":
-            run.succeed(durability.recorded_result(record, run.storage))
-            return
-        if record is not None:
-            run.durable = Durable({**record, "state": "running", "error": None})
-            branches = durability.restore(run, record)
-            if branches:
-                run.durable.branches = dict.fromkeys(branches)
-                for branch in branches:
-                    await self._resume(durability.resumed(run, branch))
-                return
-            params = record["params"]
-        first_params = dict(params or {})
-        if durable and record is None:
-            run.durable = Durable(durability.started(run, first_params))
-            await run.store.put_record(durability.record_key(run.run_id), run.durable.record)
-        entry = self._router.prepare(run, run.main, run.flow.start_id)
-        durability.entered(run, run.main, first_params)
-        await deliver(entry.mailbox, Step(run, run.main, first_params))
-
-    async def _resume(self, message: Step | StepDone | FlowEnded) -> None:
-        """Send a restored branch on: a step to its node's mailbox, the rest to the router."""
-        if isinstance(message, Step):
-            frame = message.branch.frames[-1]
-            await deliver(self._node_actor(frame.flow, frame.node_id).mailbox, message)
-        else:
-            self._router.inbox.send_nowait(message)
+        run, first = await self._start(flow, store, params, run_id, resume=True)
+        return await self._drive(run, first)
 
     def start_run_nowait(
         self,
@@ -238,27 +151,159 @@ class Engine:
         Raises ``trio.WouldBlock`` when it would have to wait: ``max_runs`` runs are in
         flight, the entry node's mailbox is full, the store (other than memory) has no
         store actor open yet, or the flow has process nodes and no worker processes are
-        set up yet (``start_run`` waits for all of these).
+        set up yet (``start_run`` waits for all of these). A durable run (a ``run_id``
+        on a persistent storage) reads and writes its record in a task of the engine's
+        before its first step.
         """
+        storage = as_storage(store)
+        durable = run_id is not None and storage.persistent
         run_id = self._check_start(flow, run_id)
         if self._workers is None and _needs_workers(flow):
             raise trio.WouldBlock("the flow's worker processes are not set up yet")
-        storage = as_storage(store)
         self._register_nowait(flow)
         entry = self._router.entry(flow)
+        if not (entry.idle or entry.mailbox.has_room):
+            raise trio.WouldBlock(f"the mailbox of {entry.name!r} is full")
         actor = self._stores.acquire_nowait(storage)
         try:
-            if entry.mailbox_depth >= entry.mailbox_size:
-                raise trio.WouldBlock(f"the mailbox of {entry.name!r} is full")
             if self._admission is not None:
                 self._admission.acquire_nowait()
         except trio.WouldBlock:
             self._stores.release(actor)
             raise
-        run = self._new_run(run_id, flow, storage, actor)
-        self._router.prepare(run, run.main, flow.start_id)
-        entry.mailbox.send_nowait(Step(run, run.main, dict(params or {})))
+        run = self._new_run(run_id, flow, storage, actor, self._on_finish)
+        if durable:
+            self._nursery.start_soon(self._launch_later, run, params)
+        else:
+            entry.send_nowait(self._first_step(run, params))
         return run
+
+    async def list_runs(self, store: Storage | dict[str, Any]) -> list[RunRecord]:
+        """The durable runs recorded in ``store``, with their state, last node and steps."""
+        storage = as_storage(store)
+        actor = await self._stores.acquire(storage)
+        try:
+            records = await actor.records(storage)
+        finally:
+            self._stores.release(actor)
+        return [RunRecord.of(record) for record in records]
+
+    async def _drive(self, run: Run, first: Step | None) -> FlowResult:
+        """Carry ``run`` from ``first`` in this task while its nodes are idle, then wait
+        for its end; cancelling this task cancels the run. If the run was its
+        storage's last user, waits until the backend is closed (a FileStorage is then
+        compacted into its JSON file)."""
+        try:
+            if first is not None:
+                await _carry_here(first)
+            if not run.finished:
+                with contextlib.suppress(Exception):  # raised by unwrap below
+                    await run.wait()
+        finally:
+            run.cancel()
+        actor = run.store_actor
+        if actor.retiring and not actor.exited.is_set():
+            await actor.exited.wait()
+        return run.unwrap()
+
+    async def _start(
+        self,
+        flow: Flow,
+        store: Storage | dict[str, Any] | None,
+        params: Mapping[str, Any] | None,
+        run_id: str | None,
+        *,
+        resume: bool,
+        durable: bool | None = None,
+        child: bool = False,
+    ) -> tuple[Run, Step | None]:
+        """Start (or resume) a run: admit it (FIFO; a child of a running BatchFlow
+        needs no admission), open its store, read and write its record if it is
+        durable; return it with its first step to send (None when the run is over, or
+        a resumed one's branches were sent on).
+
+        Always one checkpoint first, and no other unless it must wait.
+        """
+        await trio.lowlevel.checkpoint()
+        storage = as_storage(store)
+        if durable is None:
+            durable = run_id is not None and storage.persistent
+        run_id = self._check_start(flow, run_id)
+        await self._register(flow)
+        if self._admission is not None and not child:
+            await _acquire(self._admission)
+        try:
+            actor = await self._stores.acquire(storage)
+        except BaseException:
+            if self._admission is not None and not child:
+                self._admission.release()
+            raise
+        on_finish = self._child_finished if child else self._on_finish
+        run = self._new_run(run_id, flow, storage, actor, on_finish)
+        try:
+            return run, await self._launch(run, params, resume=resume, durable=durable)
+        except BaseException as exc:
+            run.fail(exc if isinstance(exc, Exception) else RunCancelledError(str(exc)))
+            raise
+
+    async def _launch_later(self, run: Run, params: Mapping[str, Any] | None) -> None:
+        """start_run_nowait's durable start, in a task of the engine's: its failure
+        (the store refused the record) fails the run alone."""
+        try:
+            first = await self._launch(run, params, resume=False, durable=True)
+        except Exception as exc:
+            run.fail(exc)
+            return
+        if first is not None:
+            await _send(run, first)
+
+    async def _launch(
+        self, run: Run, params: Mapping[str, Any] | None, *, resume: bool, durable: bool
+    ) -> Step | None:
+        """Return the run's first step; for a ``durable`` one, after reading and writing
+        its record (None after sending a resumed run's branches on, or ending a
+        recorded one)."""
+        if not durable:
+            return self._first_step(run, params)
+        key = durability.record_key(run.run_id)
+        record = durability.checked_record(key, await run.store_actor.read_record(run.storage, key))
+        if record is not None and record["state"] == "succeeded":
+            run.succeed(durability.recorded_result(record, run.storage))
+            return None
+        if record is not None and not resume:
+            raise CosmoFlowError(
+                f"run {run.run_id!r} is already recorded in {run.storage!r} as "
+                f"{record['state']}; continue it with engine.resume"
+            )
+        if record is None:
+            first_params = dict(params or {})
+            run.durability = DurableRun(durability.started(run, first_params))
+            await run.store_actor.write_record(run.storage, key, run.durability.record)
+            return self._first_step(run, first_params)
+        return await self._restore(run, record)
+
+    async def _restore(self, run: Run, record: dict[str, Any]) -> Step | None:
+        """Put a recorded run back where it was; send its branches on."""
+        durable = DurableRun({**record, "state": "running", "error": None})
+        run.durability = durable
+        branches = durability.restore(run, record)
+        if not branches:
+            return self._first_step(run, record["params"])
+        durable.branches = dict.fromkeys(branches)
+        values = await run.store.get_many(run.condition_keys) if run.condition_keys else {}
+        for branch in branches:
+            frame = branch.frames[-1]
+            actor = self._node_actor(frame.flow, frame.node_id)
+            message = durability.resumed(run, branch, actor, values)
+            if isinstance(message, Step):
+                await actor.send(message)
+            else:
+                for step in await self._router.route(message):
+                    await _send(run, step)
+        return None
+
+    def _first_step(self, run: Run, params: Mapping[str, Any] | None) -> Step:
+        return self._router.first_step(run, dict(params or {}))
 
     def _check_start(self, flow: Flow, run_id: str | None) -> str:
         if not isinstance(flow, Flow):
@@ -270,9 +315,17 @@ class Engine:
             raise ValueError(f"run {run_id!r} is already in flight")
         return run_id
 
-    def _new_run(self, run_id: str, flow: Flow, storage: Storage, actor: StoreActor) -> Run:
+    def _new_run(
+        self,
+        run_id: str,
+        flow: Flow,
+        storage: Storage,
+        actor: StoreActor,
+        on_finish: Callable[[Run], None],
+    ) -> Run:
         """Record a new run; it holds one use of ``actor`` until it ends."""
-        run = Run(run_id, flow, actor, storage, self._on_finish)
+        keys = self._condition_keys[flow]
+        run = Run(run_id, flow, actor, storage, on_finish, NOT_DURABLE, keys)
         self._runs[run_id] = run
         self._started += 1
         self._in_flight.value += 1
@@ -289,10 +342,13 @@ class Engine:
         run_id: str,
         durable: bool,
     ) -> FlowResult:
-        """How a BatchFlow runs a child: durable (resumed, or its recorded result) when
-        its parent is durable, else an ordinary run."""
-        run = await self._start(flow, store, params, run_id, resume=durable, durable=durable)
-        return await _to_the_end(run)
+        """How a BatchFlow runs a child, in the node's task: durable (resumed, or its
+        recorded result) when its parent is durable, else an ordinary run. It needs no
+        admission: its parent was admitted."""
+        run, first = await self._start(
+            flow, store, params, run_id, resume=durable, durable=durable, child=True
+        )
+        return await self._drive(run, first)
 
     def events(self, *, buffer: int = DEFAULT_EVENT_BUFFER) -> EventStream:
         """A stream of every run and step event from now on; never blocks the engine.
@@ -305,14 +361,18 @@ class Engine:
 
     def statistics(self) -> EngineStatistics:
         """A snapshot of the run counters and of every live actor. Never blocks."""
-        actors: list[Actor] = [self._router, *self._node_actors.values(), *self._stores.actors()]
+        actors: list[Actor[Any]] = [
+            self._router,
+            *self._node_actors.values(),
+            *self._stores.actors(),
+        ]
         return EngineStatistics(
             runs_started=self._started,
             runs_succeeded=self._counts[RunState.SUCCEEDED],
             runs_failed=self._counts[RunState.FAILED],
             runs_cancelled=self._counts[RunState.CANCELLED],
             runs_in_flight=len(self._runs),
-            actors=tuple(ActorStatistics.of(actor) for actor in actors),
+            actors=tuple(actor.statistics() for actor in actors),
         )
 
     def _node_actor(self, flow: Flow, node_id: str) -> NodeActor:
@@ -324,6 +384,7 @@ class Engine:
         """
         if flow in self._registered:
             return
+        self._condition_keys[flow] = condition_keys(flow)
         if self._workers is None and _needs_workers(flow):
             self._workers = await self._nursery.start(self._hold_workers)
         for actor in self._new_node_actors(flow):
@@ -333,6 +394,7 @@ class Engine:
         """Like :meth:`_register`, without waiting: a node actor needs no set-up, and
         steps sent before it runs wait in its mailbox."""
         if flow not in self._registered:
+            self._condition_keys[flow] = condition_keys(flow)
             for actor in self._new_node_actors(flow):
                 self._nursery.start_soon(self._supervise, actor)
 
@@ -349,7 +411,7 @@ class Engine:
                     flow,
                     node_id,
                     node,
-                    self._router.inbox,
+                    self._router,
                     self._mailbox_size,
                     self._workers,
                     self._run_child,
@@ -368,7 +430,10 @@ class Engine:
             await trio.sleep_forever()
 
     async def _supervise(
-        self, actor: Actor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        actor: NodeActor | Router | StoreActor,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run an actor; if it crashes after it started, fail every run in flight."""
         try:
@@ -385,13 +450,17 @@ class Engine:
             run.fail(error)
 
     def _finished(self, run: Run) -> None:
+        """Called once when an admitted ``run`` ends, whatever ended it."""
+        self._child_finished(run)
+        if self._admission is not None:
+            self._admission.release()
+
+    def _child_finished(self, run: Run) -> None:
         """Called once when ``run`` ends, whatever ended it."""
         del self._runs[run.run_id]
         self._counts[run.current_state] += 1
         self._in_flight.value -= 1
         self._stores.release(run.store_actor)
-        if self._admission is not None:
-            self._admission.release()
         if self._events.active:
             self._events.emit(_run_event(run))
 
@@ -409,13 +478,14 @@ class Engine:
 
 @asynccontextmanager
 async def open_engine(
-    *, mailbox_size: int = DEFAULT_MAILBOX_SIZE, max_runs: int | None = None
+    *, mailbox_size: int = DEFAULT_MAILBOX_SIZE, max_runs: int | None = DEFAULT_MAX_RUNS
 ) -> AsyncIterator[Engine]:
     """Open an engine inside the current trio task; close it when the block ends.
 
-    ``mailbox_size`` bounds every mailbox (a node may set its own); ``max_runs`` bounds
-    the runs in flight: ``start_run`` waits for one to end (None: no bound). Together
-    they carry backpressure from the slowest node back to whoever starts runs.
+    ``mailbox_size`` bounds every mailbox (a node may set its own). ``max_runs`` bounds
+    the runs in flight (default :data:`DEFAULT_MAX_RUNS`; None: no bound): a start
+    beyond it waits, in FIFO order, before its run is built. Together they carry
+    backpressure from the slowest node back to whoever starts runs.
 
     Leaving the block normally waits for every run started in it. An error in the block,
     a crashing actor or a cancelled enclosing scope cancels the runs in flight and stops
@@ -434,12 +504,26 @@ async def open_engine(
             engine._close()
 
 
-async def _to_the_end(run: Run) -> FlowResult:
-    """Wait for ``run`` and return its result; cancelling the waiter cancels the run."""
+async def _carry_here(step: Step) -> None:
+    """Run ``step`` and those that follow it in this task while their nodes are idle
+    (see node_actor.carry), in a cancel scope of the run's; else send it on."""
+    actor = step.actor
+    if not actor.idle:
+        await actor.send(step)
+        return
+    actor.enter()
+    with trio.CancelScope() as scope:
+        await carry(step, scope)
+
+
+async def _send(run: Run, step: Step) -> None:
+    """Send ``step`` of ``run`` to its actor; cancelled while the mailbox is full, the
+    run is cancelled (it would have no step left)."""
     try:
-        return await run.wait()
-    finally:
+        await step.actor.send(step)
+    except BaseException:
         run.cancel()
+        raise
 
 
 async def _acquire(semaphore: trio.Semaphore) -> None:

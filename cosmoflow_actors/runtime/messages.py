@@ -8,7 +8,7 @@ per request) and the actor answers with :meth:`Reply.send`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -17,23 +17,12 @@ import trio
 
 if TYPE_CHECKING:
     from cosmoflow_actors.action import Action
+    from cosmoflow_actors.runtime.node_actor import NodeActor
     from cosmoflow_actors.runtime.run import Branch, Run
     from cosmoflow_actors.storage.base import Storage
 
 T = TypeVar("T")
 M = TypeVar("M")
-
-
-async def deliver(mailbox: trio.MemorySendChannel[M], message: M) -> None:
-    """Put ``message`` in ``mailbox``; wait only while it is full.
-
-    Not a checkpoint when there is room: actors hand messages on without yielding, and
-    yield when they wait for their own mailbox.
-    """
-    try:
-        mailbox.send_nowait(message)
-    except trio.WouldBlock:
-        await mailbox.send(message)
 
 
 class Reply(Generic[T]):
@@ -58,31 +47,25 @@ class Reply(Generic[T]):
         self._task = None
         trio.lowlevel.reschedule(task, answer)
 
-    def wait(self) -> Awaitable[T]:
-        """Await the result to block until the answer arrives; it is the answer's value,
-        or its error is raised. A checkpoint: cancellable while waiting.
+    async def wait(self) -> T:
+        """Block until the answer arrives; return its value or raise its error.
 
-        Call it once, from the waiting task. It returns trio's own parking awaitable
-        rather than being a coroutine itself: one object less per request.
+        Call it once, from the waiting task. A checkpoint: cancellable while waiting.
         """
         answer = self._answer
-        if answer is not None:
-            return _checkpoint_then(answer)
-        self._task = trio.lowlevel.current_task()
-        # The reply is its own abort function: no bound method made per wait.
-        waiting: Awaitable[T] = trio.lowlevel.wait_task_rescheduled(self)  # noqa: ASYNC105 (awaited by the caller)
-        return waiting
+        if answer is None:
+            self._task = trio.lowlevel.current_task()
+            # The reply is its own abort function: no bound method made per wait.
+            value: T = await trio.lowlevel.wait_task_rescheduled(self)
+            return value
+        await trio.lowlevel.checkpoint()
+        return answer.unwrap()
 
     def __call__(self, _: object) -> trio.lowlevel.Abort:
         """Trio's abort function for the waiter: it was cancelled, so forget it and
         drop a late answer."""
         self._task = None
         return trio.lowlevel.Abort.SUCCEEDED
-
-
-async def _checkpoint_then(answer: outcome.Outcome[T]) -> T:
-    await trio.lowlevel.checkpoint()
-    return answer.unwrap()
 
 
 class StoreOp(enum.Enum):
@@ -129,26 +112,29 @@ class StoreRequest:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """Engine or router → node actor: run one step of ``branch`` of ``run``."""
+    """To a node actor: run one step of ``branch`` of ``run`` with ``params``."""
 
     run: Run
     branch: Branch
     params: Mapping[str, Any]
+    actor: NodeActor
 
 
 @dataclass(frozen=True, slots=True)
 class StepDone:
-    """Node actor → router: the step of ``branch`` at ``node_id`` returned ``action``."""
+    """To the router: the step of ``branch`` at ``node_id`` returned ``action``
+    (resolved), and ``values`` holds the store values its routes' conditions read."""
 
     run: Run
     branch: Branch
     node_id: str
     action: Action
+    values: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
 class StepFailed:
-    """Node actor → router: the step of ``run`` at ``node_id`` failed with ``error``."""
+    """To the router: the step of ``run`` at ``node_id`` failed with ``error``."""
 
     run: Run
     branch: Branch
@@ -158,7 +144,7 @@ class StepFailed:
 
 @dataclass(frozen=True, slots=True)
 class FlowEnded:
-    """Engine → router, resuming a durable run: the innermost flow of ``branch`` ended,
+    """To the router, resuming a durable run: the innermost flow of ``branch`` ended,
     its last step at ``node_id`` having returned ``action`` (the last branch of a
     fan-out without a join had ended)."""
 
@@ -166,6 +152,17 @@ class FlowEnded:
     branch: Branch
     node_id: str
     action: Action
+    values: Mapping[str, Any]
 
 
-RouterMessage = StepDone | StepFailed | FlowEnded
+Outcome = StepDone | StepFailed | FlowEnded
+"""What the router routes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """An outcome queued in the router's mailbox, with the reply its sender waits on:
+    the steps to send on."""
+
+    outcome: Outcome
+    reply: Reply[list[Step]]

@@ -1,45 +1,59 @@
 """The node actor: the only place a node's prep, exec and post ever run.
 
-One actor per node of a registered flow. Its workers take :class:`Step` messages from
-its bounded mailbox and run them; a worker that finishes a step takes the next one
-straight away, so a busy node spawns no task per step. The pool grows to cover the
-steps waiting (up to ``max_concurrency``) and shrinks when idle. Each step ends with a
-:class:`StepDone` or :class:`StepFailed` to the router.
+One actor per node of a registered flow, with ``max_concurrency`` slots. A step sent to
+an idle actor (a free slot, an empty mailbox) goes at once to a parked worker of the
+actor, or a new one; otherwise it waits in the actor's bounded mailbox, and the next
+slot freed takes it. A worker that ends a step routes it (the router's handler runs in
+its task when the router is idle) and, if the next node is idle, takes that node's slot
+and runs the next step itself (hand-off; :func:`carry`). So a run moves through idle
+nodes in one task, with no message queued and no task woken.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Final
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
 
+import outcome
 import trio
 import trio_parallel
 
 from cosmoflow_actors.action import Action, as_action
 from cosmoflow_actors.context import ExecutionContext
-from cosmoflow_actors.errors import NodeError, StorageError
+from cosmoflow_actors.errors import CosmoFlowError, NodeError, StorageError
 from cosmoflow_actors.events import EventHub, Fallback, Retry, StepFinished, StepStarted
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
 from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode
-from cosmoflow_actors.runtime import durability
+from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.executor import call, exec_call
 from cosmoflow_actors.runtime.limits import RateLimiter
-from cosmoflow_actors.runtime.messages import RouterMessage, Step, StepDone, StepFailed
-from cosmoflow_actors.runtime.run import Branch, Durable, Run
-from cosmoflow_actors.store import SharedStore
+from cosmoflow_actors.runtime.messages import Step, StepDone, StepFailed
+from cosmoflow_actors.runtime.run import Run
+from cosmoflow_actors.runtime.statistics import ActorStatistics
+from cosmoflow_actors.runtime.store_client import SharedStore
+
+if TYPE_CHECKING:
+    from cosmoflow_actors.runtime.router import Router
 
 RunChild = Callable[..., Awaitable[FlowResult]]
 """How a BatchFlow node runs a child run: ``run_child(flow, storage, params=...,
 run_id=..., durable=...)``."""
 
 KEEP_IDLE: Final = 8
-"""Idle workers a node actor keeps; more exit until work comes back."""
+"""Parked workers a node actor keeps; a worker finding that many parked exits."""
+
+RUN_FAILURES: Final = (NodeError, CosmoFlowError, StorageError, TypeError, ValueError)
+"""What a step may end with that fails its run alone: the node's own errors (wrapped in
+NodeError), what its post returned, its conditions, and its store's refusals."""
+
+_NO_VALUES: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
-class NodeActor:
+class NodeActor(Actor[Step]):
     """Runs the steps of every run that reaches one node."""
 
     kind = "node"
@@ -49,111 +63,129 @@ class NodeActor:
         flow: Flow,
         node_id: str,
         node: Node,
-        router: trio.MemorySendChannel[RouterMessage],
+        router: Router,
         mailbox_size: int,
         workers: trio_parallel.WorkerContext | None = None,
         run_child: RunChild | None = None,
         events: EventHub | None = None,
     ) -> None:
+        super().__init__(
+            f"{flow.name}/{node_id}", node.mailbox_size or mailbox_size, node.max_concurrency
+        )
         self.flow_name = flow.name
         self.node_id = node_id
         self.node = node
-        self.name = f"{flow.name}/{node_id}"
         self._router = router
-        self.mailbox_size = node.mailbox_size or mailbox_size
-        send, receive = trio.open_memory_channel[Step](self.mailbox_size)
-        self.mailbox = send
-        self._receive = receive
-        self.max_concurrency = node.max_concurrency
-        self._limit = node.max_concurrency or math.inf
         self.rate = RateLimiter(*node.rate_limit) if node.rate_limit else None
         self._exec_call = exec_call(node, workers)
-        self._direct = node.executor == "inline" and node.timeout is None and self.rate is None
-        self._plain = not isinstance(node, BatchNode | BatchFlow)
-        self._simple = self._direct and self._plain and node.max_retries == 1
         self._run_child = run_child
         self._events = events if events is not None else EventHub()
         self._nursery: trio.Nursery | None = None
-        self.serving = False
-        self.messages_processed = 0
-        self.in_flight = 0
-        self._workers = 0
+        self._parked: deque[trio.lowlevel.Task] = deque()
+        self.workers = 0
 
-    @property
-    def mailbox_depth(self) -> int:
-        """Steps waiting in the mailbox."""
-        return self.mailbox.statistics().current_buffer_used
+    def statistics(self) -> ActorStatistics:
+        """This actor's counters now, with its rate limit. Never blocks."""
+        stats = super().statistics()
+        rate = self.rate
+        if rate is None:
+            return stats
+        return dataclasses.replace(
+            stats, rate_limit=(rate.calls, rate.per_seconds), rate_waiting=rate.waiting
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the workers' nursery until cancelled; one worker waits from the start."""
+        """Hold the workers' nursery until cancelled; start the steps sent before."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self._spawn(1)
             self.serving = True
+            self._drain()
             task_status.started()
             await trio.sleep_forever()
 
-    def _spawn(self, count: int) -> None:
-        assert self._nursery is not None
-        for _ in range(count):
-            self._workers += 1
-            self._nursery.start_soon(self._work)
+    async def send(self, step: Step) -> None:
+        """Deliver ``step``: to a worker at once when the actor is idle, else to the
+        mailbox. Blocks (a checkpoint) only while the mailbox is full."""
+        if self.idle:
+            self.enter()
+            self._dispatch(step)
+            return
+        await self.mailbox.put(step)
+        self._drain()
 
-    async def _work(self) -> None:
-        """Take steps until idle with enough other workers idle; a checkpoint per wait.
+    def send_nowait(self, step: Step) -> None:
+        """Like :meth:`send`; raises trio.WouldBlock instead of waiting. Never blocks."""
+        if self.idle:
+            self.enter()
+            self._dispatch(step)
+            return
+        self.mailbox.put_nowait(step)
 
-        The worker's steps run in a cancel scope of its own, which a run cancelled in
-        the middle of a step cancels; the worker then carries on in a fresh scope.
+    def _drain(self) -> None:
+        """Start what waits in the mailbox while slots are free (a slot freed while a
+        sender waited for room found nothing to take)."""
+        while self.serving and self.mailbox and self.busy < self.limit:
+            self.enter()
+            self._dispatch(self.mailbox.take())
+
+    def _dispatch(self, step: Step) -> None:
+        """Give ``step``, whose slot is taken, to a parked worker or a new one."""
+        if self._parked:
+            trio.lowlevel.reschedule(self._parked.pop(), outcome.Value(step))
+            return
+        assert self._nursery is not None, f"{self.name} is not running"
+        self.workers += 1
+        self._nursery.start_soon(self._work, step)
+
+    def release(self) -> None:
+        """Free the slot of a step that ended; a step waiting in the mailbox takes it
+        and goes to another worker. Never blocks."""
+        queued = self.leave()
+        if queued is not None:
+            self._dispatch(queued)
+
+    async def _work(self, step: Step) -> None:
+        """A worker: carries steps (see :func:`carry`), then parks here until given
+        another; exits when KEEP_IDLE others are parked. Each stretch of steps runs in
+        a cancel scope that a run cancelled mid-step cancels; the next gets a new one.
         """
-        receive = self._receive
         try:
             while True:
                 with trio.CancelScope() as scope:
-                    while not scope.cancel_called:
-                        try:
-                            step = receive.receive_nowait()
-                        except trio.WouldBlock:
-                            if self._workers - self.in_flight > KEEP_IDLE:
-                                return
-                            step = await receive.receive()
-                        self.in_flight += 1
-                        self._grow()
-                        try:
-                            await self._step(step, scope)
-                        finally:
-                            self.in_flight -= 1
-                            self.messages_processed += 1
+                    await carry(step, scope)
+                if len(self._parked) >= KEEP_IDLE:
+                    return
+                step = await self._park()
         finally:
-            self._workers -= 1
+            self.workers -= 1
 
-    def _grow(self) -> None:
-        """With no spare worker left, spawn one per step waiting plus a spare, within
-        max_concurrency. (A spare worker that takes a step grows the pool in turn.)
+    async def _park(self) -> Step:
+        """Wait, parked, until :meth:`_dispatch` gives this worker a step."""
+        task = trio.lowlevel.current_task()
+        self._parked.append(task)
+
+        def unpark(_: object) -> trio.lowlevel.Abort:
+            self._parked.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        step: Step = await trio.lowlevel.wait_task_rescheduled(unpark)
+        return step
+
+    async def handle(self, step: Step) -> list[Step]:
+        """Run ``step`` (its slot taken) and route its outcome; return the steps its
+        branch goes on with. A cancelled step raises trio.Cancelled and routes nothing.
         """
-        if self._workers > self.in_flight:
-            return
-        room = self._limit - self._workers
-        if room > 0:
-            self._spawn(int(min(self.mailbox_depth + 1, room)))
+        if step.run.finished:
+            return []
+        return await self._router.route(await self._outcome(step))
 
-    async def _step(self, step: Step, scope: trio.CancelScope) -> None:
-        """Run prep → exec → post, cancellable through ``scope`` by the run, then report
-        to the router: StepDone, or StepFailed for a NodeError (or a TypeError from post).
-        A cancelled step reports nothing (trio.Cancelled leaves it).
-
-        Kept as one frame with the common exec inline: a suspended step costs memory
-        per coroutine frame, and 100,000 of them may be suspended at once.
-        """
+    async def _outcome(self, step: Step) -> StepDone | StepFailed:
+        """Run prep, exec and post, resolve the action, commit a durable step; the
+        outcome for the router. Anything the run caused is a StepFailed."""
         run = step.run
-        if run.finished:
-            return
         run.start()
         run.path.append(self.node_id)
-        node = self.node
-        durable = run.durable
-        # A durable step stages its writes in a handle of its own: a fan-out's branches
-        # run steps of one run at once.
-        store = run.store if durable is None else run.store_actor.handle(run.storage)
+        store = run.durability.step_store(run.store)
         ctx = ExecutionContext(
             run_id=run.run_id,
             node_id=self.node_id,
@@ -161,58 +193,69 @@ class NodeActor:
             step_number=step.branch.count,
             store=store,
             params=step.params,
-            max_retries=node.max_retries,
+            max_retries=self.node.max_retries,
             branch=step.branch.label,
         )
-        events = self._events
-        # The clock is read only for a subscriber: a step that emitted no StepStarted
-        # emits no StepFinished either.
-        started = trio.current_time() if events.active else None
-        if started is not None:
-            events.emit(
-                StepStarted(run.run_id, started, self.flow_name, self.node_id, ctx.execution_id)
-            )
-        message: StepDone | StepFailed | None = None
-        run.scopes.append(scope)
-        if durable is not None:
-            store.begin_step()
+        started = self._step_started(ctx)
+        result: StepDone | StepFailed | None = None
         try:
-            # prep and post are called here, not through a helper coroutine: fewer
-            # objects per step keep the garbage collector's share down at scale.
-            try:
-                prep_res = node.prep(store, ctx)
-                if hasattr(prep_res, "__await__"):
-                    prep_res = await prep_res
-            except Exception as exc:
-                raise NodeError(self.node_id, "prep", ctx.run_id, 1) from exc
-            if self._simple:
-                # executor.call inlined: one coroutine frame less per suspended step.
-                try:
-                    exec_res = node.exec(prep_res, ctx)
-                    if hasattr(exec_res, "__await__"):
-                        exec_res = await exec_res
-                except Exception as exc:
-                    exec_res = await self._fallback(prep_res, exc, ctx, 1)
-            else:
-                exec_res = await self._exec_phase(run, prep_res, ctx)
-            try:
-                post_res: Any = node.post(store, prep_res, exec_res, ctx)
-                if hasattr(post_res, "__await__"):
-                    post_res = await post_res
-            except Exception as exc:
-                raise NodeError(self.node_id, "post", ctx.run_id, 1) from exc
-            action = as_action(post_res, self.node_id)
-            if durable is not None:
-                action = await self._commit(run, durable, store, step.branch, action)
-            message = StepDone(run, step.branch, self.node_id, action)
-        except (NodeError, TypeError, StorageError) as exc:
-            message = StepFailed(run, step.branch, self.node_id, exc)
+            action = await self._phases(run, store, ctx)
+            values = await _condition_values(store, run.condition_keys)
+            await run.durability.commit(run, step.branch, self.node_id, action, store)
+            result = StepDone(run, step.branch, self.node_id, action, values)
+        except RUN_FAILURES as exc:
+            result = StepFailed(run, step.branch, self.node_id, exc)
         finally:
-            store.end_step()
-            run.scopes.remove(scope)
-            if started is not None and events.active:
-                self._step_finished(ctx, started, message)
-        self._router.send_nowait(message)
+            if started is not None and self._events.active:
+                self._step_finished(ctx, started, result)
+        return result
+
+    async def _phases(self, run: Run, store: SharedStore, ctx: ExecutionContext) -> Action:
+        """prep → exec → post; the action post returned, resolved against the store."""
+        node = self.node
+        prep_res = await self._user_call("prep", ctx, node.prep, store, ctx)
+        exec_res = await self._exec_phase(run, prep_res, ctx)
+        self._check_awaited("exec", ctx)
+        post_res = await self._user_call("post", ctx, node.post, store, prep_res, exec_res, ctx)
+        action = as_action(post_res, self.node_id)
+        if action.is_conditional:
+            action = action.resolve(await store.get_many(action.condition_keys()))
+        return action
+
+    async def _user_call(
+        self, phase: str, ctx: ExecutionContext, method: Callable[..., Any], *args: Any
+    ) -> Any:
+        """Call prep or post (plain or async); its errors become a NodeError."""
+        try:
+            result = method(*args)
+            if hasattr(result, "__await__"):
+                result = await result
+        except Exception as exc:
+            raise NodeError(self.node_id, phase, ctx.run_id, 1) from exc
+        self._check_awaited(phase, ctx)
+        return result
+
+    def _check_awaited(self, phase: str, ctx: ExecutionContext) -> None:
+        """Fail the step if a store call made in ``phase`` was never awaited."""
+        lost = ctx.store.unawaited()
+        if lost:
+            calls = ", ".join(f"store.{call}" for call in lost)
+            error = RuntimeError(
+                f"{calls} in {phase} of node {self.node_id!r} was never awaited "
+                "(a coroutine: write `await store...`); nothing was done"
+            )
+            raise NodeError(self.node_id, phase, ctx.run_id, 1) from error
+
+    def _step_started(self, ctx: ExecutionContext) -> float | None:
+        """Emit StepStarted and return its time, if anyone listens (the clock is read
+        only then: a step that emitted no StepStarted emits no StepFinished)."""
+        if not self._events.active:
+            return None
+        started = trio.current_time()
+        self._events.emit(
+            StepStarted(ctx.run_id, started, self.flow_name, self.node_id, ctx.execution_id)
+        )
+        return started
 
     def _step_finished(
         self, ctx: ExecutionContext, started: float, message: StepDone | StepFailed | None
@@ -234,31 +277,9 @@ class NodeActor:
             )
         )
 
-    async def _commit(
-        self, run: Run, durable: Durable, store: SharedStore, branch: Branch, action: Action
-    ) -> Action:
-        """Commit a durable step: its staged writes with the run's record, in one commit.
-
-        A conditional action is resolved first (reading through the step's writes), so
-        the record holds where the run goes. The steps of a run commit one at a time,
-        each record built on the last. Raises StorageError when the commit fails,
-        RunConflictError when another engine committed this step of the run first.
-        """
-        if action.is_conditional:
-            action = action.resolve(await store.get_many(action.condition_keys()))
-        ops = store.end_step()
-        async with durable.lock:
-            record, resume_at = durability.step_done(durable, branch, self.node_id, action)
-            steps_before = len(durable.record["path"])
-            key = durability.record_key(run.run_id)
-            await store.commit_step(ops, key, record, steps_before)
-            durable.record = record
-            branch.resume_at = resume_at
-        return action
-
     async def _exec_phase(self, run: Run, prep_res: Any, ctx: ExecutionContext) -> Any:
-        """The exec phase, when it is more than one inline attempt."""
-        if self._plain:
+        """The exec phase: every attempt, or every item of a batch node."""
+        if not isinstance(self.node, BatchNode | BatchFlow):
             return await self._exec(prep_res, ctx)
         if isinstance(self.node, BatchFlow):
             param_sets = _items(self.node_id, ctx, prep_res)
@@ -286,7 +307,7 @@ class NodeActor:
                 run.storage,
                 params=params,
                 run_id=f"{ctx.run_id}/{index}",
-                durable=run.durable is not None,
+                durable=run.durability.durable,
             )
             for index, params in enumerate(param_sets)
         ]
@@ -303,9 +324,7 @@ class NodeActor:
         while True:
             ctx.current_retry = attempt
             try:
-                if not self._direct:
-                    return await self._attempt(prep_res, ctx)
-                return await call(node.exec, prep_res, ctx)
+                return await self._attempt(prep_res, ctx)
             except Exception as exc:
                 attempt += 1
                 if attempt == node.max_retries or not self._retryable(exc):
@@ -382,3 +401,38 @@ def _items(node_id: str, ctx: ExecutionContext, prep_res: Any) -> list[Any]:
         error = TypeError(f"batch node {node_id!r}: prep must return an iterable of items")
         raise NodeError(node_id, "prep", ctx.run_id, 1) from error
     return list(prep_res)
+
+
+async def carry(step: Step, scope: trio.CancelScope) -> None:
+    """Run ``step`` (its actor's slot taken) in this task, then the steps that follow
+    it while their node is idle (hand-off: this task takes that node's slot).
+
+    Steps that cannot be handed off are sent to their actors (blocks while a mailbox
+    is full, holding no slot). Runs each step in ``scope``, which the step's run can
+    cancel; once it is cancelled nothing more is carried.
+    """
+    while True:
+        actor = step.actor
+        scopes = step.run.scopes
+        scopes.append(scope)
+        try:
+            following = await actor.handle(step)
+        finally:
+            scopes.remove(scope)
+            actor.release()
+        if not following:
+            return
+        for other in following[:-1]:
+            await other.actor.send(other)
+        step = following[-1]
+        if scope.cancel_called or not step.actor.idle:
+            await step.actor.send(step)
+            return
+        step.actor.enter()
+
+
+async def _condition_values(store: SharedStore, keys: frozenset[str]) -> Mapping[str, Any]:
+    """The store values the run's route conditions read: one request, or none."""
+    if not keys:
+        return _NO_VALUES
+    return await store.get_many(keys)

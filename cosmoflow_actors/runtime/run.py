@@ -15,6 +15,7 @@ from cosmoflow_actors.flow import Flow, FlowResult
 
 if TYPE_CHECKING:
     from cosmoflow_actors.action import Action
+    from cosmoflow_actors.runtime.durability import Durability
     from cosmoflow_actors.runtime.store_actor import StoreActor
     from cosmoflow_actors.storage.base import Storage
 
@@ -88,17 +89,6 @@ class Fork:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True, eq=False)
-class Durable:
-    """What a durable run keeps for its record: the record as last committed, its
-    branches in flight, and a lock that commits their steps one at a time."""
-
-    record: dict[str, Any]
-    branches: dict[Branch, None] = field(default_factory=dict)
-    """The branches whose position the record must hold (a dict as an ordered set)."""
-    lock: trio.Lock = field(default_factory=trio.Lock)
-
-
 @final
 class Run:
     """Handle on a run started with ``Engine.start_run``.
@@ -114,7 +104,8 @@ class Run:
         "_on_finish",
         "_result",
         "_state",
-        "durable",
+        "condition_keys",
+        "durability",
         "flow",
         "main",
         "path",
@@ -134,6 +125,8 @@ class Run:
         store_actor: StoreActor,
         storage: Storage,
         on_finish: Callable[[Run], None],
+        durability: Durability,
+        condition_keys: frozenset[str],
     ) -> None:
         self.run_id = run_id
         self.flow = flow
@@ -152,8 +145,10 @@ class Run:
         self._on_finish = on_finish
         self._result: FlowResult | None = None
         self._error: BaseException | None = None
-        self.durable: Durable | None = None
-        """A durable run's record and branches (see runtime.durability); None otherwise."""
+        self.durability = durability
+        """What keeps the run's record at the actors' fixed points (runtime.durability)."""
+        self.condition_keys = condition_keys
+        """The store keys the flow's route conditions read (read after each step)."""
 
     @property
     def state(self) -> AsyncValue[RunState]:
@@ -207,9 +202,13 @@ class Run:
             await self._done.wait()
         else:
             await trio.lowlevel.checkpoint()
+        return self.unwrap()
+
+    def unwrap(self) -> FlowResult:
+        """The result of a run that has ended, or its error raised. Never blocks."""
         if self._error is not None:
             raise self._error
-        assert self._result is not None
+        assert self._result is not None, "the run has not ended"
         return self._result
 
     def cancel(self) -> None:

@@ -2,38 +2,7 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Protocol
-
-import trio
-
-from cosmoflow_actors.runtime.limits import RateLimiter
-
-
-class Actor(Protocol):
-    """What the engine reads of every actor (node, router, store)."""
-
-    @property
-    def kind(self) -> str: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def serving(self) -> bool: ...
-    @property
-    def messages_processed(self) -> int: ...
-    @property
-    def in_flight(self) -> int: ...
-    @property
-    def mailbox_size(self) -> float: ...
-    @property
-    def max_concurrency(self) -> int | None: ...
-    @property
-    def rate(self) -> RateLimiter | None: ...
-    @property
-    def mailbox_depth(self) -> int: ...
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,22 +23,7 @@ class ActorStatistics:
     max_concurrency: int | None
     rate_limit: tuple[int, float] | None
     rate_waiting: int
-
-    @classmethod
-    def of(cls, actor: Actor) -> ActorStatistics:
-        """Read an actor's counters now."""
-        rate = actor.rate
-        return cls(
-            name=actor.name,
-            kind=actor.kind,
-            messages_processed=actor.messages_processed,
-            mailbox_depth=actor.mailbox_depth,
-            in_flight=actor.in_flight,
-            mailbox_size=None if math.isinf(actor.mailbox_size) else int(actor.mailbox_size),
-            max_concurrency=actor.max_concurrency,
-            rate_limit=None if rate is None else (rate.calls, rate.per_seconds),
-            rate_waiting=0 if rate is None else rate.waiting,
-        )
+    senders_waiting: int = 0
 
 
 @dataclass(frozen=True, slots=True)

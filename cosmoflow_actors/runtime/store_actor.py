@@ -1,56 +1,64 @@
-"""The store actor: the one task that touches a storage backend.
+"""The store actor: the only code that touches a storage backend.
 
-Every SharedStore call is a :class:`StoreRequest` in this actor's mailbox. The actor
-takes whatever is waiting in the mailbox as one batch, applies it in order, commits the
-batch's writes once, and only then answers. So access is serialized (``update`` is an
-atomic read-modify-write), concurrent writers lose nothing, and a file backend writes
-once per batch instead of once per ``set``.
+One actor serves every memory storage of the engine; each other backend instance gets
+an actor of its own (see :mod:`cosmoflow_actors.runtime.stores`). Requests are handled
+one at a time in mailbox order:
+
+- **directly**, in the requesting task, when the actor is idle and the backend is a
+  :class:`MemoryStorage`, whose operations are dict operations that never wait
+  (:meth:`StoreActor.handle_now`);
+- otherwise **in batches** by the actor's own task: it takes every request waiting in
+  its mailbox, applies them in order, commits the batch's writes once, and only then
+  answers. So ``update`` is an atomic read-modify-write, concurrent writers lose
+  nothing, and a file backend writes once per batch instead of once per ``set``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import outcome
 import trio
 
-from cosmoflow_actors.errors import StorageError, StoreKeyError
+from cosmoflow_actors.errors import ActorCrashedError, StorageError, StoreKeyError
+from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.gil import SHORT_SWITCH_INTERVAL
-from cosmoflow_actors.runtime.messages import StoreOp, StoreRequest
-from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX, Storage, check_steps
-from cosmoflow_actors.store import MISSING, SharedStore
+from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest
+from cosmoflow_actors.runtime.store_client import MISSING, SharedStore
+from cosmoflow_actors.storage.base import (
+    RECORD_PREFIX,
+    RESERVED_PREFIX,
+    StagedOp,
+    Storage,
+    check_steps,
+)
+from cosmoflow_actors.storage.memory import MemoryStorage
 
 MAX_BATCH: Final = 1024
 """Most requests applied under one commit; bounds the latency of the first in a batch."""
 
+CLOSE_SECONDS: Final = 30.0
+"""How long a retiring actor's backend may take to close (``aclose``) when cancelled."""
+
 Handler = Callable[[StoreRequest], Awaitable[Any]]
 
 
-class StoreActor:
-    """Owns a backend (or, for a ``shared_actor`` backend, every instance of it); serves
-    :class:`StoreRequest` messages from a bounded mailbox.
-    """
+class StoreActor(Actor[StoreRequest]):
+    """Owns a backend (or, for ``shared_actor`` backends, every instance of them) and
+    serves its requests."""
 
     kind = "store"
-    max_concurrency = 1
-    rate = None
 
     def __init__(self, name: str, mailbox_size: int, storage: Storage | None = None) -> None:
-        self.name = name
-        self.mailbox_size = mailbox_size
+        super().__init__(name, mailbox_size, 1)
         self._storage = storage
         self.path: object = getattr(storage, "path", None)
         """The file its backend is on (``storage.path``), if it has one."""
-        send, receive = trio.open_memory_channel[StoreRequest](mailbox_size)
-        self._send = send
-        self._receive = receive
         self.users = 0
-        self.serving = False
         self.retiring = False
         self.opened = trio.Event()
-        self.messages_processed = 0
-        self.in_flight = 0
         self.exited = trio.Event()
         self._handlers: dict[StoreOp, Handler] = {
             StoreOp.GET: self._get,
@@ -69,20 +77,69 @@ class StoreActor:
 
     def handle(self, storage: Storage) -> SharedStore:
         """A SharedStore whose calls this actor serves against ``storage``."""
-        return SharedStore(self._send, storage, self.name)
+        return SharedStore(self, storage, self.name)
 
-    @property
-    def mailbox_depth(self) -> int:
-        """Requests waiting in the mailbox."""
-        return self._send.statistics().current_buffer_used
+    async def request(self, op: StoreOp, storage: Storage, key: str, argument: Any) -> Any:
+        """Have ``op`` done on ``storage``; return its answer or raise its error.
+
+        Handled at once when :meth:`handle_now` may; else queued (blocks while the
+        mailbox is full) and answered after the actor commits it (blocks until then).
+        Raises StorageError once the actor has retired.
+        """
+        if self.retiring:
+            raise StorageError(f"{self.name} is closed: its store actor has stopped")
+        if self.idle and type(storage) is MemoryStorage:
+            return self.handle_now(op, storage, key, argument)
+        reply: Reply[Any] = Reply()
+        await self.mailbox.put(StoreRequest(op, storage, key, argument, reply))
+        return await reply.wait()
+
+    def handle_now(self, op: StoreOp, storage: MemoryStorage, key: str, argument: Any) -> Any:
+        """Direct dispatch: handle one request on a memory storage in the caller's task.
+
+        Invariant: the caller found the actor idle (no slot taken, nothing queued), and a
+        memory storage's handlers never wait, so no other request can run in between:
+        the actor's serial order holds, and the answer is what :meth:`request` would
+        give through the mailbox (the same handlers answer there). Never blocks.
+        """
+        self.enter()
+        try:
+            return _MEMORY[op](storage.data, key, argument)
+        except _Refused as refused:
+            raise refused.error from refused.error.__cause__
+        finally:
+            self.leave()
+
+    async def records(self, storage: Storage) -> list[Any]:
+        """Every run record in ``storage``."""
+        found: list[Any] = await self.request(StoreOp.RECORDS, storage, "", None)
+        return found
+
+    async def read_record(self, storage: Storage, key: str) -> Any:
+        """The run record under ``key``, or None."""
+        return await self.request(StoreOp.GET, storage, key, None)
+
+    async def write_record(self, storage: Storage, key: str, record: Any) -> None:
+        """Store a run record (outside any step)."""
+        await self.request(StoreOp.SET, storage, key, record)
+
+    async def commit_step(
+        self, storage: Storage, ops: list[StagedOp], key: str, record: Any, steps_before: int
+    ) -> None:
+        """Apply a durable step's ``ops`` and store its ``record`` in one commit, all or
+        nothing, if the stored record still counts ``steps_before`` steps; else raise
+        RunConflictError."""
+        await self.request(StoreOp.COMMIT_STEP, storage, key, (ops, record, steps_before))
 
     def retire(self) -> None:
-        """Close the mailbox: the actor answers what is queued, then exits. Never blocks."""
+        """Refuse new requests; the actor answers what is queued, closes its backend and
+        exits. Never blocks."""
         self.retiring = True
-        self._send.close()
+        self.mailbox.wake()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open its backend, report ready, then serve until :meth:`retire` is called.
+        """Open its backend, report ready, serve until :meth:`retire`, then close the
+        backend (shielded, at most CLOSE_SECONDS).
 
         Raises the backend's StorageError from ``nursery.start`` if it cannot open.
         """
@@ -95,49 +152,62 @@ class StoreActor:
             finally:
                 self.opened.set()
             task_status.started()
-            async with self._receive:
-                await self._serve()
+            await self._serve()
         finally:
+            if self.serving and self._storage is not None:
+                await self._close_backend(self._storage)
             self.exited.set()
 
-    async def _serve(self) -> None:
-        receive = self._receive
-        while True:
+    async def _close_backend(self, storage: Storage) -> None:
+        """Close the backend after its last run. Every write was committed before, so
+        a backend that cannot close (a read-only FileStorage cannot compact) loses
+        nothing: that is a warning, not a crash of the engine."""
+        with trio.CancelScope(shield=True) as cleanup:
+            cleanup.deadline = trio.current_time() + CLOSE_SECONDS
             try:
-                batch = [await receive.receive()]
-            except trio.EndOfChannel:
+                await storage.aclose()
+            except StorageError as exc:
+                warnings.warn(f"{self.name}: closing failed: {exc}", RuntimeWarning, stacklevel=1)
+
+    async def _serve(self) -> None:
+        """Apply what waits in the mailbox, batch after batch, until retired and empty."""
+        mailbox = self.mailbox
+        while True:
+            while not mailbox and not self.retiring:
+                await mailbox.wait()
+            if not mailbox:
                 return
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            if self._storage is None:
-                # A shared actor's backends never await (see Storage.shared_actor): no
-                # worker thread to let in, and the switch interval's lock cost the chain
-                # 3 µs a step.
-                await self._apply(batch)
-            else:
-                with SHORT_SWITCH_INTERVAL:
+            batch = mailbox.take_batch(MAX_BATCH)
+            try:
+                if self._storage is None:
+                    # The shared actor's backends never await (see Storage.shared_actor):
+                    # no worker thread to let in.
                     await self._apply(batch)
+                else:
+                    with SHORT_SWITCH_INTERVAL:
+                        await self._apply(batch)
+            except Exception as exc:
+                self._crashed(batch, exc)
+                raise
+
+    def _crashed(self, batch: list[StoreRequest], exc: Exception) -> None:
+        """Answer the batch in hand and every queued request with ActorCrashedError,
+        so that no requester waits for an actor that is gone."""
+        error = ActorCrashedError(self.name)
+        error.__cause__ = exc
+        self.retiring = True
+        for request in [*batch, *self.mailbox.take_batch(len(self.mailbox))]:
+            request.reply.send(outcome.Error(error))
 
     async def _apply(self, batch: list[StoreRequest]) -> None:
         """Answer every request of ``batch`` after committing its writes.
 
         What a requester should see (a StorageError, a missing key, an error of an
         update function) is its answer; anything else crashes the actor, as a broken
-        backend must. Each request is applied in this frame: no coroutine of its own.
+        backend must.
         """
-        self.in_flight = len(batch)
-        handlers = self._handlers
-        answers: list[outcome.Outcome[Any]] = []
-        for request in batch:
-            try:
-                answers.append(outcome.Value(await handlers[request.op](request)))
-            except _Refused as refused:
-                answers.append(outcome.Error(refused.error))
-            except (StorageError, StoreKeyError) as exc:
-                answers.append(outcome.Error(exc))
+        self.busy = 1
+        answers = [await self._answer(request) for request in batch]
         # Every backend a write went to commits, a refused one's too: an SQLite update
         # may have opened the transaction before its function raised.
         for storage in {request.storage for request in batch if request.op.writes}:
@@ -146,7 +216,21 @@ class StoreActor:
         for request, answer in zip(batch, answers, strict=True):
             request.reply.send(answer)
         self.messages_processed += len(batch)
-        self.in_flight = 0
+        self.busy = 0
+
+    async def _answer(self, request: StoreRequest) -> outcome.Outcome[Any]:
+        """Apply one request; its outcome is the requester's answer."""
+        storage = request.storage
+        try:
+            if type(storage) is MemoryStorage:
+                return outcome.Value(
+                    _MEMORY[request.op](storage.data, request.key, request.argument)
+                )
+            return outcome.Value(await self._handlers[request.op](request))
+        except _Refused as refused:
+            return outcome.Error(refused.error)
+        except (StorageError, StoreKeyError) as exc:
+            return outcome.Error(exc)
 
     async def _commit(
         self, storage: Storage, batch: list[StoreRequest], answers: list[outcome.Outcome[Any]]
@@ -165,14 +249,13 @@ class StoreActor:
                     error.__cause__ = exc
                     answers[i] = outcome.Error(error)
 
-    # The simplest handlers are plain functions returning the backend's awaitable: one
-    # coroutine less per request.
+    # The handlers of backends that may wait, one per StoreOp.
 
-    def _get(self, request: StoreRequest) -> Awaitable[Any]:
-        return _read(request.storage, request.key, request.argument)
+    async def _get(self, request: StoreRequest) -> Any:
+        return await _read(request.storage, request.key, request.argument)
 
-    def _contains(self, request: StoreRequest) -> Awaitable[bool]:
-        return request.storage.contains(request.key)
+    async def _contains(self, request: StoreRequest) -> Any:
+        return await request.storage.contains(request.key)
 
     async def _keys(self, request: StoreRequest) -> Any:
         return await _user_keys(request.storage)
@@ -191,8 +274,8 @@ class StoreActor:
                 continue
         return found
 
-    def _set(self, request: StoreRequest) -> Awaitable[None]:
-        return request.storage.set(request.key, request.argument)
+    async def _set(self, request: StoreRequest) -> Any:
+        await request.storage.set(request.key, request.argument)
 
     async def _set_many(self, request: StoreRequest) -> Any:
         """Set every key; if the backend refuses one value, put back what was there."""
@@ -212,8 +295,8 @@ class StoreActor:
         function, default = request.argument
         return await request.storage.update(request.key, _guard(request.key, function), default)
 
-    def _delete(self, request: StoreRequest) -> Awaitable[bool]:
-        return request.storage.delete(request.key)
+    async def _delete(self, request: StoreRequest) -> Any:
+        return await request.storage.delete(request.key)
 
     async def _clear(self, request: StoreRequest) -> Any:
         await _clear_user_keys(request.storage)
@@ -339,3 +422,75 @@ async def _read(storage: Storage, key: str, default: Any) -> Any:
         if default is MISSING:
             raise StoreKeyError(key) from None
         return default
+
+
+# The handlers of memory storage: dict operations that never wait, used by direct
+# dispatch and by the actor's own task alike. Each takes (data, key, argument).
+
+_NOTHING: Final[Any] = object()
+
+
+def _memory_get(data: dict[str, Any], key: str, default: Any) -> Any:
+    # .get, not [], so that a defaultdict given as data does not create the key.
+    value = data.get(key, _NOTHING)
+    if value is not _NOTHING:
+        return value
+    if default is MISSING:
+        raise StoreKeyError(key)
+    return default
+
+
+def _memory_set(data: dict[str, Any], key: str, value: Any) -> None:
+    data[key] = value
+
+
+def _memory_update(data: dict[str, Any], key: str, argument: Any) -> Any:
+    function, default = argument
+    value = data.get(key, default)
+    if value is MISSING:
+        raise StoreKeyError(key)
+    try:
+        new = function(value)
+    except Exception as exc:
+        raise _Refused(exc) from None
+    data[key] = new
+    return new
+
+
+def _memory_delete(data: dict[str, Any], key: str, _: Any) -> bool:
+    return data.pop(key, _NOTHING) is not _NOTHING
+
+
+def _memory_get_many(data: dict[str, Any], _: str, keys: list[str]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key in keys:
+        value = data.get(key, _NOTHING)
+        if value is not _NOTHING:
+            found[key] = value
+    return found
+
+
+def _memory_set_many(data: dict[str, Any], _: str, items: dict[str, Any]) -> None:
+    data.update(items)
+
+
+def _memory_clear(data: dict[str, Any], _: str, __: Any) -> None:
+    data.clear()
+
+
+_MEMORY: Final[dict[StoreOp, Callable[[dict[str, Any], str, Any], Any]]] = {
+    StoreOp.GET: _memory_get,
+    StoreOp.CONTAINS: lambda data, key, _: key in data,
+    StoreOp.KEYS: lambda data, _, __: list(data),
+    StoreOp.SIZE: lambda data, _, __: len(data),
+    StoreOp.GET_MANY: _memory_get_many,
+    StoreOp.SET: _memory_set,
+    StoreOp.SET_MANY: _memory_set_many,
+    StoreOp.UPDATE: _memory_update,
+    StoreOp.DELETE: _memory_delete,
+    StoreOp.CLEAR: _memory_clear,
+    StoreOp.RECORDS: lambda data, _, __: [
+        v for k, v in data.items() if k.startswith(RECORD_PREFIX)
+    ],
+}
+"""Memory storage keeps no durable runs: a step is never committed there."""

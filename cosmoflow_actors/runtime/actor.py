@@ -1,0 +1,173 @@
+"""The actor kernel: a bounded FIFO mailbox, and the slots that bound an actor's work.
+
+An actor is its own state, a :class:`Mailbox`, a handler and a concurrency limit (1 for
+the router and the store actors, ``max_concurrency`` for a node actor). The kernel keeps
+three promises for every actor:
+
+- each message is handled by the actor's handler, at most ``limit`` at once, each under
+  one of the actor's slots;
+- messages are handled in mailbox order: a message goes straight to the handler only
+  when a slot is free and nothing waits in the mailbox, and a freed slot takes the
+  mailbox's head before anything new;
+- a mailbox is bounded: a sender finding it full waits (first come, first served).
+
+Within those promises a message may be handled in the sender's own task (DESIGN: direct
+dispatch and hand-off); trio runs one task at a time, so the serial order holds. Which
+task handles a message is the concrete actor's business; this module counts and orders.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import ClassVar, Generic, TypeVar
+
+import trio
+
+from cosmoflow_actors.runtime.statistics import ActorStatistics
+
+M = TypeVar("M")
+
+
+class Mailbox(Generic[M]):
+    """A bounded FIFO queue of messages with at most one receiver task.
+
+    Senders that find it full park in arrival order and are let in one per message
+    taken out. Never blocks except in :meth:`put` (while full) and :meth:`wait` (while
+    empty).
+    """
+
+    __slots__ = ("_items", "_receiver", "_room", "capacity")
+
+    def __init__(self, capacity: float) -> None:
+        self.capacity = capacity
+        self._items: deque[M] = deque()
+        self._room = trio.lowlevel.ParkingLot()
+        self._receiver: trio.lowlevel.Task | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether a message may be put now without overtaking a waiting sender."""
+        return len(self._items) < self.capacity and not self._room
+
+    @property
+    def senders_waiting(self) -> int:
+        """Senders parked until there is room."""
+        return self._room.statistics().tasks_waiting
+
+    def put_nowait(self, message: M) -> None:
+        """Append ``message``; raise trio.WouldBlock when full. Never blocks."""
+        if not self.has_room:
+            raise trio.WouldBlock(f"mailbox full ({self.capacity} messages)")
+        self._append(message)
+
+    async def put(self, message: M) -> None:
+        """Append ``message``, waiting first while the mailbox is full.
+
+        A checkpoint only when it waits. Cancelled while waiting, nothing is appended.
+        """
+        if not self.has_room:
+            await self._room.park()
+            while len(self._items) >= self.capacity:  # a later put_nowait took the room
+                await self._room.park()
+        self._append(message)
+
+    def _append(self, message: M) -> None:
+        self._items.append(message)
+        self.wake()
+
+    def take(self) -> M:
+        """Remove and return the oldest message (the mailbox must not be empty); let
+        one waiting sender in. Never blocks."""
+        message = self._items.popleft()
+        if self._room:
+            self._room.unpark()
+        return message
+
+    def take_batch(self, most: int) -> list[M]:
+        """Remove and return up to ``most`` of the oldest messages. Never blocks."""
+        batch = [self.take() for _ in range(min(most, len(self._items)))]
+        return batch
+
+    def wake(self) -> None:
+        """Wake the receiver if it waits, to see a change other than a new message.
+        Never blocks."""
+        receiver = self._receiver
+        if receiver is not None:
+            self._receiver = None
+            trio.lowlevel.reschedule(receiver)
+
+    async def wait(self) -> None:
+        """Block the one receiver task until a message is in the mailbox. A checkpoint."""
+        if self._items:
+            await trio.lowlevel.checkpoint()
+            return
+        self._receiver = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+
+    def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
+        self._receiver = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+class Actor(Generic[M]):
+    """What every actor shares: a name, a mailbox, slots and counters.
+
+    ``busy`` counts the slots taken (messages being handled); ``messages_processed``
+    the messages whose handling ended. Subclasses decide which task handles a message
+    and call :meth:`enter` / :meth:`leave` around the handling.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, name: str, mailbox_size: float, max_concurrency: int | None) -> None:
+        self.name = name
+        self.mailbox: Mailbox[M] = Mailbox(mailbox_size)
+        self.max_concurrency = max_concurrency
+        self.limit: float = math.inf if max_concurrency is None else max_concurrency
+        self.busy = 0
+        self.messages_processed = 0
+        self.serving = False
+        """True once the actor is ready; a crash after that fails the engine's runs."""
+
+    @property
+    def idle(self) -> bool:
+        """Whether a message sent now may be handled at once: the actor is serving, a
+        slot is free and no message waits before it."""
+        return self.serving and self.busy < self.limit and not self.mailbox
+
+    def enter(self) -> None:
+        """Take a slot for a message about to be handled. Never blocks."""
+        self.busy += 1
+
+    def leave(self) -> M | None:
+        """Free the slot of a message whose handling ended; if messages wait, take the
+        slot again for the oldest and return it (its handling is the caller's to
+        arrange). Never blocks."""
+        self.busy -= 1
+        self.messages_processed += 1
+        if self.mailbox and self.busy < self.limit:
+            self.busy += 1
+            return self.mailbox.take()
+        return None
+
+    def statistics(self) -> ActorStatistics:
+        """This actor's counters now. Never blocks."""
+        return ActorStatistics(
+            name=self.name,
+            kind=self.kind,
+            messages_processed=self.messages_processed,
+            mailbox_depth=len(self.mailbox),
+            in_flight=self.busy,
+            mailbox_size=None if math.isinf(self.mailbox.capacity) else int(self.mailbox.capacity),
+            max_concurrency=self.max_concurrency,
+            rate_limit=None,
+            rate_waiting=0,
+            senders_waiting=self.mailbox.senders_waiting,
+        )

@@ -1,0 +1,356 @@
+"""SharedStore: the handle node code uses to reach a run's storage.
+
+Every call is a request to the store actor that owns the backend (see
+:mod:`cosmoflow_actors.runtime.store_actor`): handled at once in the caller's task when
+that actor is idle and its handler never waits (memory storage), otherwise queued in
+its mailbox and answered after the actor's next commit. Nothing is sent before the call
+is awaited, so a call never awaited changes nothing; inside a step it fails the step's
+run (see :meth:`SharedStore.unawaited`).
+
+A durable run's step gets a :class:`StagedStore`: its writes are kept back and reach the
+store together with the step's record, all or nothing.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from types import CoroutineType
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final, overload
+
+import msgspec
+
+from cosmoflow_actors.errors import StorageError, StoreKeyError, StoreTypeError
+from cosmoflow_actors.runtime.messages import StoreOp
+from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp
+from cosmoflow_actors.storage.codec import check_key
+
+if TYPE_CHECKING:
+    from cosmoflow_actors.runtime.store_actor import StoreActor
+    from cosmoflow_actors.storage.base import Storage
+
+T = TypeVar("T")
+Call = Coroutine[Any, Any, T]
+"""What a store method returns: a coroutine that does the call when awaited."""
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final[Any] = _Missing()
+"""Marks an absent default."""
+
+
+class SharedStore:
+    """A run's view of its storage; all access goes through the store actor.
+
+    Values are returned as the backend holds them: the same objects for memory storage,
+    fresh decoded copies for persistent storage. Every method returns a coroutine and
+    does nothing until it is awaited. A call handled directly (an idle memory store
+    actor) is not a checkpoint; one that goes through the mailbox blocks while the
+    mailbox is full and until the actor has committed it.
+    """
+
+    __slots__ = ("_actor", "_made", "_storage", "name")
+
+    def __init__(self, actor: StoreActor | None, storage: Storage | None, name: str) -> None:
+        self._actor = actor
+        self._storage = storage
+        self._made: list[Coroutine[Any, Any, Any]] | None = None
+        self.name = name
+
+    def for_step(self) -> SharedStore:
+        """A handle on the same storage that remembers the calls it makes, for
+        :meth:`unawaited` (one per step)."""
+        handle = SharedStore(self._actor, self._storage, self.name)
+        handle._made = []
+        return handle
+
+    def unawaited(self) -> list[str]:
+        """The calls made through this step handle since the last check that were never
+        awaited, described as ``"set('k')"``; each is closed (it will never run).
+
+        Empty for a handle that does not remember its calls. Never blocks.
+        """
+        made = self._made
+        if not made:
+            return []
+        lost = [call for call in made if inspect.getcoroutinestate(call) == "CORO_CREATED"]
+        made.clear()
+        for call in lost:
+            call.close()
+        return [_describe(call) for call in lost]
+
+    def detached(self) -> SharedStore:
+        """A handle that refuses every call (for exec in a thread or a process)."""
+        return SharedStore(None, None, self.name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (for a worker process) it becomes a detached handle."""
+        return (SharedStore, (None, None, self.name))
+
+    def _made_now(self, call: Call[T]) -> Call[T]:
+        """Remember ``call`` in a step handle; return it unchanged."""
+        if self._made is not None:
+            self._made.append(call)
+        return call
+
+    async def _request(self, op: StoreOp, key: str = "", argument: Any = None) -> Any:
+        """One request to the store actor: handled now if it is idle and its handler
+        for the backend never waits, else through its mailbox."""
+        actor = self._actor
+        if actor is None or self._storage is None:
+            raise StorageError(f"{self.name} is not reachable here: use the store in prep and post")
+        return await actor.request(op, self._storage, key, argument)
+
+    # The public methods make the coroutine of the call and remember it in a step
+    # handle; the ``_``-prefixed coroutines do the work (StagedStore overrides them).
+
+    @overload
+    def get(self, key: str, default: Any = ..., *, type: None = None) -> Call[Any]: ...
+
+    @overload
+    def get(self, key: str, default: Any = ..., *, type: builtins.type[T]) -> Call[T]: ...
+
+    def get(self, key: str, default: Any = MISSING, *, type: Any = None) -> Call[Any]:
+        """Return the value of ``key``, or ``default`` when it is missing.
+
+        Raises StoreKeyError when it is missing and there is no default. With ``type=T``
+        the value is returned as a ``T`` (a dataclass is rebuilt from its JSON form) or
+        StoreTypeError is raised.
+        """
+        check_key(key)
+        return self._made_now(self._get(key, default, type))
+
+    def set(self, key: str, value: Any) -> Call[None]:
+        """Store ``value`` under ``key``; return once the write is committed (in a
+        durable run's step: once it is staged, to be committed with the step).
+
+        Keys under ``__cosmoflow__/`` belong to the engine: StorageError.
+        """
+        _check_writable(key)
+        return self._made_now(self._set(key, value))
+
+    def update(self, key: str, function: Callable[[Any], Any], default: Any = MISSING) -> Call[Any]:
+        """Atomically replace the value of ``key`` with ``function(value)``; return it.
+
+        ``function`` is a plain (sync) function, run inside the store actor: no other
+        access to this store happens in between. A missing key uses ``default``, or
+        raises StoreKeyError when there is none. An error ``function`` raises is raised
+        here and nothing is stored. In a durable run's step the update is staged: the
+        value returned is ``function`` of what the step sees, and at the step's commit
+        ``function`` is applied again, in the store actor, to the value stored then, so
+        concurrent updates are never lost (``function`` must be pure).
+        """
+        _check_writable(key)
+        return self._made_now(self._update(key, function, default))
+
+    def delete(self, key: str) -> Call[bool]:
+        """Remove ``key``; return whether it was there."""
+        _check_writable(key)
+        return self._made_now(self._delete(key))
+
+    def contains(self, key: str) -> Call[bool]:
+        """Return whether ``key`` is stored."""
+        check_key(key)
+        return self._made_now(self._contains(key))
+
+    def keys(self) -> Call[list[str]]:
+        """Return every key."""
+        return self._made_now(self._keys())
+
+    def size(self) -> Call[int]:
+        """Return the number of keys."""
+        return self._made_now(self._size())
+
+    def clear(self) -> Call[None]:
+        """Remove every key."""
+        return self._made_now(self._clear())
+
+    def get_many(self, keys: Iterable[str]) -> Call[dict[str, Any]]:
+        """Return ``{key: value}`` for those of ``keys`` that are stored (one request)."""
+        wanted = list(keys)
+        for key in wanted:
+            check_key(key)
+        return self._made_now(self._get_many(wanted))
+
+    def set_many(self, mapping: Mapping[str, Any]) -> Call[None]:
+        """Store every item in one request, all or nothing."""
+        items = dict(mapping)
+        for key in items:
+            _check_writable(key)
+        return self._made_now(self._set_many(items))
+
+    async def _get(self, key: str, default: Any, type: Any) -> Any:
+        value = await self._request(StoreOp.GET, key, default)
+        return _typed(key, value, default, type)
+
+    async def _set(self, key: str, value: Any) -> None:
+        await self._request(StoreOp.SET, key, value)
+
+    async def _update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
+        return await self._request(StoreOp.UPDATE, key, (function, default))
+
+    async def _delete(self, key: str) -> bool:
+        existed: bool = await self._request(StoreOp.DELETE, key)
+        return existed
+
+    async def _contains(self, key: str) -> bool:
+        found: bool = await self._request(StoreOp.CONTAINS, key)
+        return found
+
+    async def _keys(self) -> list[str]:
+        keys: list[str] = await self._request(StoreOp.KEYS)
+        return keys
+
+    async def _size(self) -> int:
+        size: int = await self._request(StoreOp.SIZE)
+        return size
+
+    async def _clear(self) -> None:
+        await self._request(StoreOp.CLEAR)
+
+    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
+        found: dict[str, Any] = await self._request(StoreOp.GET_MANY, argument=keys)
+        return found
+
+    async def _set_many(self, items: dict[str, Any]) -> None:
+        await self._request(StoreOp.SET_MANY, argument=items)
+
+    def __repr__(self) -> str:
+        return f"<SharedStore {self.name}>"
+
+
+@final
+class StagedStore(SharedStore):
+    """The handle of a durable run's step: writes are staged, reads see them.
+
+    Reads of keys the step has not written go to the store; writes stay here until
+    the node actor commits the step (:attr:`ops`) with the run's record.
+    """
+
+    __slots__ = ("_cleared", "_values", "ops")
+
+    def __init__(self, base: SharedStore) -> None:
+        super().__init__(base._actor, base._storage, base.name)
+        self._made = []
+        self._values: dict[str, Any] = {}
+        self._cleared = False
+        self.ops: list[StagedOp] = []
+        """The staged writes, in order."""
+
+    def _lookup(self, key: str) -> Any:
+        """The staged value, _ABSENT if the step removed it, else _UNKNOWN."""
+        if key in self._values:
+            return self._values[key]
+        return _ABSENT if self._cleared else _UNKNOWN
+
+    def _stage(self, op: StagedOp, key: str, value: Any) -> None:
+        self.ops.append(op)
+        self._values[key] = value
+
+    async def _get(self, key: str, default: Any, type: Any) -> Any:
+        staged = self._lookup(key)
+        if staged is _UNKNOWN:
+            return await super()._get(key, default, type)
+        if staged is _ABSENT:
+            if default is MISSING:
+                raise StoreKeyError(key)
+            return default
+        return _typed(key, staged, default, type)
+
+    async def _set(self, key: str, value: Any) -> None:
+        self._stage(("set", key, value), key, value)
+
+    async def _update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
+        new = function(await self._get(key, default, None))
+        self._stage(("update", key, (function, default)), key, new)
+        return new
+
+    async def _delete(self, key: str) -> bool:
+        existed = await self._contains(key)
+        self._stage(("delete", key, None), key, _ABSENT)
+        return existed
+
+    async def _contains(self, key: str) -> bool:
+        staged = self._lookup(key)
+        if staged is _UNKNOWN:
+            return await super()._contains(key)
+        return staged is not _ABSENT
+
+    async def _keys(self) -> list[str]:
+        stored = [] if self._cleared else await super()._keys()
+        seen = [key for key in stored if self._values.get(key) is not _ABSENT]
+        known = set(stored)
+        added = [k for k, v in self._values.items() if v is not _ABSENT and k not in known]
+        return seen + added
+
+    async def _size(self) -> int:
+        return len(await self._keys())
+
+    async def _clear(self) -> None:
+        self.ops.append(("clear", "", None))
+        self._values.clear()
+        self._cleared = True
+
+    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
+        unknown = [key for key in keys if self._lookup(key) is _UNKNOWN]
+        stored = await super()._get_many(unknown) if unknown else {}
+        found: dict[str, Any] = {}
+        for key in keys:
+            value = self._lookup(key)
+            if value is _UNKNOWN and key in stored:
+                found[key] = stored[key]
+            elif value is not _UNKNOWN and value is not _ABSENT:
+                found[key] = value
+        return found
+
+    async def _set_many(self, items: dict[str, Any]) -> None:
+        for key, value in items.items():
+            self._stage(("set", key, value), key, value)
+
+
+_ABSENT: Final[Any] = object()
+_UNKNOWN: Final[Any] = object()
+
+
+def _check_writable(key: str) -> None:
+    """Refuse a write to a key that is not a str or lies under the engine's prefix."""
+    check_key(key)
+    if key.startswith(RESERVED_PREFIX):
+        raise StorageError(
+            f"key {key!r} is under {RESERVED_PREFIX!r}, which is reserved for the "
+            "engine's run records; nodes cannot write there"
+        )
+
+
+def _typed(key: str, value: Any, default: Any, expected: Any) -> Any:
+    """``value`` as ``expected`` (a missing key's default is returned as it is)."""
+    if expected is None or (value is default and default is not MISSING):
+        return value
+    return as_type(key, value, expected)
+
+
+def as_type(key: str, value: Any, expected: Any) -> Any:
+    """Return ``value`` as an ``expected``; raise StoreTypeError naming ``key`` if it is not."""
+    if isinstance(expected, type) and isinstance(value, expected):
+        return value
+    try:
+        return msgspec.convert(value, expected)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise StoreTypeError(key, _type_name(expected), _type_name(type(value))) from exc
+
+
+def _type_name(value: Any) -> str:
+    return getattr(value, "__qualname__", None) or repr(value)
+
+
+def _describe(call: Coroutine[Any, Any, Any]) -> str:
+    """``"set('k')"`` for the coroutine of a store call."""
+    assert isinstance(call, CoroutineType) and call.cr_frame is not None
+    name = call.cr_code.co_name.lstrip("_")
+    key = call.cr_frame.f_locals.get("key")
+    return f"{name}({key!r})" if isinstance(key, str) else f"{name}()"
