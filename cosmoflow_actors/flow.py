@@ -175,6 +175,8 @@ class FlowBuilder:
     def __init__(self, name: str) -> None:
         self._name = name
         self._nodes: dict[str, Node | Flow] = {}
+        self._ids: list[str] = []
+        """Every id added, in order, including those of nodes that were rejected."""
         self._routes: list[Route] = []
         self._start: str | None = None
         self._max_steps = DEFAULT_MAX_STEPS
@@ -183,15 +185,23 @@ class FlowBuilder:
 
     def add_node(self, node_id: str, node: Node | Flow) -> FlowBuilder:
         """Add ``node`` (a Node or a nested Flow) under ``node_id``."""
-        if node_id in self._nodes:
+        if node_id in self._ids:
             self._problems.append(f"duplicate node id {node_id!r}")
-        elif not isinstance(node, Node | Flow):
-            self._problems.append(
-                f"node {node_id!r} is a {type(node).__name__}, not a Node or Flow"
-            )
-        else:
+            return self
+        self._ids.append(node_id)
+        if isinstance(node, Node | Flow):
             self._nodes[node_id] = node
+        else:
+            self._problems.append(self._not_a_node(node_id, node))
         return self
+
+    @staticmethod
+    def _not_a_node(node_id: str, value: object) -> str:
+        """The problem with adding ``value``, neither a Node nor a Flow, as a node."""
+        problem = f"node {node_id!r} is a {type(value).__name__}, not a Node or Flow"
+        if callable(value):
+            problem += " (decorate a function with @cf.node to make it a node)"
+        return problem
 
     def add_join(self, node_id: str, node: Node | Flow) -> FlowBuilder:
         """Add a join node: the branches of a fan-out that reach it run it once, together.
@@ -232,13 +242,21 @@ class FlowBuilder:
         return self
 
     def build(self) -> Flow:
-        """Validate and return the flow; raise FlowValidationError naming every fault."""
+        """Validate and return the flow; raise FlowValidationError naming every fault.
+
+        Besides malformed input, a node that no route reaches from the start node is a
+        fault (the branches of a fan-out and a join reached by routes count as reached).
+        A node rejected by ``add_node`` still counts as a node here, so that it is
+        reported once, for what it is.
+        """
         problems = [*self._problems, *self._route_problems(), *self._config_problems()]
-        start = self._start if self._start is not None else next(iter(self._nodes), None)
-        if not self._nodes:
+        start = self._start if self._start is not None else next(iter(self._ids), None)
+        if not self._ids:
             problems.append("the flow has no nodes")
-        elif start not in self._nodes:
+        elif start not in self._ids:
             problems.append(f"start node {start!r} is not a node of the flow")
+        else:
+            problems += self._reach_problems(start)
         if isinstance(self._max_steps, bool) or not isinstance(self._max_steps, int):
             problems.append(f"max_steps must be an int, got {self._max_steps!r}")
         elif self._max_steps < 1:
@@ -251,16 +269,34 @@ class FlowBuilder:
     def _route_problems(self) -> list[str]:
         problems = []
         for route in self._routes:
-            if route.source not in self._nodes:
+            if route.source not in self._ids:
                 problems.append(f"route from unknown node {route.source!r}")
             if isinstance(route.target, tuple) and len(set(route.target)) != len(route.target):
                 problems.append(f"route from {route.source!r} fans out to a node twice")
             if isinstance(route.target, tuple) and not route.target:
                 problems.append(f"route from {route.source!r} fans out to no node")
             for target in route.targets:
-                if target not in self._nodes:
+                if target not in self._ids:
                     problems.append(f"route from {route.source!r} to unknown node {target!r}")
         return problems
+
+    def _reach_problems(self, start: str) -> list[str]:
+        """Name each node that no chain of routes leads to from ``start``."""
+        successors: dict[str, list[str]] = {}
+        for route in self._routes:
+            successors.setdefault(route.source, []).extend(route.targets)
+        reached = {start}
+        pending = [start]
+        while pending:
+            for node_id in successors.get(pending.pop(), ()):
+                if node_id not in reached:
+                    reached.add(node_id)
+                    pending.append(node_id)
+        return [
+            f"node {node_id!r} is unreachable: no route leads to it from the start node {start!r}"
+            for node_id in self._ids
+            if node_id not in reached
+        ]
 
     def _config_problems(self) -> list[str]:
         problems = []

@@ -65,8 +65,77 @@ def test_validation_error_is_a_value_error() -> None:
 
 
 def test_the_first_node_added_is_the_default_start() -> None:
-    flow = cf.Flow.builder("f").add_node("x", Recorder()).add_node("y", Recorder()).build()
-    assert flow.start_id == "x"
+    builder = cf.Flow.builder("f").add_node("x", Recorder()).add_node("y", Recorder())
+    assert builder.add_route("x", "y").build().start_id == "x"
+
+
+async def plain_function(ctx: cf.ExecutionContext) -> None:
+    """Not a node: it lacks the @cf.node decorator."""
+
+
+def test_a_plain_function_is_refused_with_a_hint_and_nothing_else() -> None:
+    """The function is the only fault: the flow is not also said to have no nodes, nor its
+    routes to come from an unknown node."""
+    builder = cf.Flow.builder("f").add_node("a", plain_function)  # type: ignore[arg-type]
+    builder.add_node("b", Recorder()).add_route("a", "b")
+    with pytest.raises(cf.FlowValidationError) as info:
+        builder.build()
+    assert info.value.problems == (
+        "node 'a' is a function, not a Node or Flow "
+        "(decorate a function with @cf.node to make it a node)",
+    )
+
+
+def test_build_names_the_nodes_no_route_reaches() -> None:
+    builder = (
+        cf.Flow.builder("f")
+        .add_node("start", Recorder())
+        .add_node("next", Recorder())
+        .add_node("orphan", Recorder())
+        .add_node("after_orphan", Recorder())
+        .add_node("loop", Recorder())
+        .add_route("start", "next")
+        .add_route("orphan", "after_orphan")
+        .add_route("loop", "loop")
+    )
+    with pytest.raises(cf.FlowValidationError) as info:
+        builder.build()
+    assert info.value.problems == tuple(
+        f"node {node_id!r} is unreachable: no route leads to it from the start node 'start'"
+        for node_id in ("orphan", "after_orphan", "loop")
+    )
+
+
+def test_reachability_starts_at_the_start_node() -> None:
+    builder = cf.Flow.builder("f").add_node("a", Recorder()).add_node("b", Recorder())
+    builder.add_route("a", "b").start("b")
+    with pytest.raises(cf.FlowValidationError, match="node 'a' is unreachable"):
+        builder.build()
+
+
+def test_fan_out_branches_joins_and_nested_flows_are_reachable() -> None:
+    inner = (
+        cf.Flow.builder("inner")
+        .add_node("i1", Recorder())
+        .add_node("i2", Recorder())
+        .add_route("i1", "i2")
+        .build()
+    )
+    flow = (
+        cf.Flow.builder("outer")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_node("nested", inner)
+        .add_join("join", Recorder())
+        .add_node("after", Recorder())
+        .add_route("a", ["b", "nested"])
+        .add_route("b", "join")
+        .add_route("nested", "join", action="default")
+        .add_route("join", "after", when=cf.ActionCondition.never())
+        .add_route("join", cf.END)
+        .build()
+    )
+    assert set(flow.nodes) == {"a", "b", "nested", "join", "after"}
 
 
 def test_routes_are_looked_up_in_the_order_added() -> None:
