@@ -6,8 +6,10 @@ immutable; one flow serves any number of concurrent runs.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, final
 
@@ -34,6 +36,33 @@ class _End(enum.Enum):
 
 END: Final = _End.END
 """Route target that ends the flow."""
+
+_IMPORTING: ContextVar[bool] = ContextVar("cosmoflow_importing", default=False)
+"""Whether the cosmoflow command is importing a file to find its flows."""
+
+
+@contextlib.contextmanager
+def refusing_runs() -> Iterator[None]:
+    """Make running a flow (``Flow.run``, ``Flow.run_sync``) raise RuntimeError inside.
+
+    The cosmoflow command imports a file inside to find its flows: the file's top-level
+    code should only define them, and run them under ``if __name__ == "__main__":``.
+    """
+    token = _IMPORTING.set(True)
+    try:
+        yield
+    finally:
+        _IMPORTING.reset(token)
+
+
+def check_runs_allowed(flow_name: str) -> None:
+    """Raise RuntimeError, naming ``flow_name``, inside :func:`refusing_runs`."""
+    if _IMPORTING.get():
+        raise RuntimeError(
+            f"flow {flow_name!r} was run while the cosmoflow command imported its file to "
+            'find the flows in it; put the code that runs flows under `if __name__ == "__main__":`'
+        )
+
 
 Target = str | Literal[_End.END] | tuple[str, ...]
 """A node id, ``END``, or a tuple of node ids (a fan-out)."""
@@ -139,6 +168,7 @@ class Flow:
         """
         from cosmoflow_actors.runtime.engine import open_engine
 
+        check_runs_allowed(self.name)
         failure: Exception | None = None
         async with open_engine() as engine:
             try:
@@ -156,8 +186,43 @@ class Flow:
         params: Mapping[str, Any] | None = None,
         run_id: str | None = None,
     ) -> FlowResult:
-        """Run once from synchronous code (``trio.run``); blocks until the run ends."""
-        return trio.run(lambda: self.run(store, params=params, run_id=run_id))
+        """Run once from synchronous code (``trio.run``); blocks until the run ends.
+
+        Raises the run's error as :meth:`run` does. Ctrl-C raises ``KeyboardInterrupt``
+        itself, as it does out of ``trio.run`` (not inside an exception group).
+
+        Raises:
+            RuntimeError: called inside a trio run, where ``trio.run`` cannot be called:
+                use ``await flow.run(...)`` or an engine there.
+        """
+        if trio.lowlevel.in_trio_run():
+            raise RuntimeError(
+                f"flow {self.name!r}: run_sync() cannot be called inside a trio run; "
+                "use `await flow.run(...)`, or an engine: "
+                "`async with cf.open_engine() as engine: await engine.run(flow, ...)`"
+            )
+        check_runs_allowed(self.name)
+        try:
+            return trio.run(lambda: self.run(store, params=params, run_id=run_id))
+        except BaseExceptionGroup as group:
+            interrupt = self._only_interrupt(group)
+            if interrupt is None:
+                raise
+            # The group only carries the interrupt out of the engine's nurseries; the
+            # interrupt's traceback still shows where it struck.
+            raise interrupt from None
+
+    @staticmethod
+    def _only_interrupt(group: BaseExceptionGroup[BaseException]) -> KeyboardInterrupt | None:
+        """The KeyboardInterrupt that ``group`` (or the groups in it) holds, if that is all
+        it holds; None otherwise."""
+        if group.split(KeyboardInterrupt)[1] is not None:
+            return None
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        assert isinstance(leaf, KeyboardInterrupt)
+        return leaf
 
     def to_mermaid(self) -> str:
         """This flow as a Mermaid flowchart (see :mod:`cosmoflow_actors.diagram`)."""
