@@ -240,8 +240,8 @@ class FlowBuilder:
     def __init__(self, name: str) -> None:
         self._name = name
         self._nodes: dict[str, Node | Flow] = {}
-        self._ids: list[str] = []
-        """Every id added, in order, including those of nodes that were rejected."""
+        # Every id added, in order, including those of nodes that were rejected.
+        self._ids: dict[str, None] = {}
         self._routes: list[Route] = []
         self._start: str | None = None
         self._max_steps = DEFAULT_MAX_STEPS
@@ -253,7 +253,7 @@ class FlowBuilder:
         if node_id in self._ids:
             self._problems.append(f"duplicate node id {node_id!r}")
             return self
-        self._ids.append(node_id)
+        self._ids[node_id] = None
         if isinstance(node, Node | Flow):
             self._nodes[node_id] = node
         else:
