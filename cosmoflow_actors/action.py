@@ -11,6 +11,8 @@ key in ``condition.keys`` in one message and calls ``condition.evaluate(values)`
 
 Actions are compared by value and are deliberately unhashable (their params and results may
 be unhashable); conditions are compared by value and hash like tuples of their parts.
+Both can be copied and pickled (with ``pickle`` or ``cloudpickle``), so they cross process
+boundaries; a copy equals the original.
 """
 
 from __future__ import annotations
@@ -383,6 +385,12 @@ class Action:
             raise ValueError("an action name must not be empty")
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle (and copy) an action as the call that rebuilds it, its params as a dict
+        (the read-only view of them cannot be pickled)."""
+        fields = (self.name, dict(self.params), self.result, self.is_complete, self._branches)
+        return (_rebuild, fields)
+
     @staticmethod
     def simple(name: str) -> Action:
         """Go to the route for ``name``."""
@@ -462,6 +470,19 @@ class Action:
             return f"Action.simple({self.name!r})"
         params = ", ".join(_param_repr(key, value) for key, value in self.params.items())
         return f"Action.with_params({self.name!r}, {params})"
+
+
+def _rebuild(
+    name: str,
+    params: dict[str, Any],
+    result: Any,
+    is_complete: bool,
+    branches: _Branches | None,
+) -> Action:
+    """The Action an unpickled or copied action stands for (see ``Action.__reduce__``)."""
+    return Action(
+        name=name, params=params, result=result, is_complete=is_complete, _branches=branches
+    )
 
 
 def _as_branch(branch: object) -> Action:

@@ -7,21 +7,26 @@
 - ``cosmoflow graph FILE.py[:NAME]`` prints the flow's diagram (Mermaid or dot).
 - ``cosmoflow inspect STORE`` lists the keys of a persistent store.
 
+Arguments after ``--`` go to the file: while the command loads and runs it, ``sys.argv``
+is ``[FILE, *arguments]``. The file is imported under the name ``__cosmoflow__``, and a
+flow it runs while it is imported (outside ``if __name__ == "__main__":``) is an error.
+
 Errors are one line on stderr and a non-zero exit status: 2 for bad input (a file, a
-flow, a store, an option), 1 for runs that failed; ``--debug`` shows the traceback.
-docs/cli.md has every option and example outputs.
+flow, a store, an option), 1 for runs that failed, 130 for Ctrl-C; ``--debug`` shows the
+traceback. docs/cli.md has every option and example outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import runpy
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -31,6 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cosmoflow_actors import __version__
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.diagram import to_dot, to_mermaid
@@ -45,7 +51,7 @@ from cosmoflow_actors.events import (
     StepFinished,
     StepStarted,
 )
-from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
+from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult, refusing_runs
 from cosmoflow_actors.node import Node, node
 from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.engine import Engine, open_engine
@@ -65,11 +71,17 @@ class CliError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 1 failed run, 2 bad input)."""
-    args = _parser().parse_args(argv)
+    """Run the command line; return the exit status (0 ok, 1 failed run, 2 bad input,
+    130 interrupted). ``argv`` defaults to ``sys.argv[1:]``."""
+    own, file_args = _split_file_args(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(own)
+    if file_args and not hasattr(args, "target"):
+        parser.error("arguments after -- go to a flow file; inspect reads no file")
     command: Callable[[argparse.Namespace], int] = args.command
     try:
-        return command(args)
+        with _file_argv(getattr(args, "target", None), file_args):
+            return command(args)
     except Exception as exc:
         error = _leaf(exc)
         return _report(args, error, status=2 if isinstance(error, CliError) else 1)
@@ -80,8 +92,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _split_file_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The command's own arguments, and those after the first ``--`` (for the file)."""
+    arguments = list(argv)
+    if "--" not in arguments:
+        return arguments, []
+    split = arguments.index("--")
+    return arguments[:split], arguments[split + 1 :]
+
+
+@contextlib.contextmanager
+def _file_argv(target: str | None, file_args: list[str]) -> Iterator[None]:
+    """Inside, ``sys.argv`` is what the flow file would see as a script: ``[FILE, *args]``
+    (left alone for ``inspect``, which reads no file)."""
+    if target is None:
+        yield
+        return
+    saved = sys.argv
+    sys.argv = [target.partition(":")[0], *file_args]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cosmoflow", description="Run cosmoflow_actors flows.")
+    parser = argparse.ArgumentParser(
+        prog="cosmoflow",
+        description="Run cosmoflow_actors flows. Arguments after -- go to the flow file "
+        "(its sys.argv[1:]).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -159,9 +200,11 @@ def load_flow(target: str) -> Flow:
     if not path.is_file():
         raise CliError(f"{path}: no such file")
     try:
-        namespace = runpy.run_path(str(path), run_name="__cosmoflow__")
+        with refusing_runs():
+            namespace = runpy.run_path(str(path), run_name="__cosmoflow__")
     except Exception as exc:
-        raise CliError(f"{path}: {type(exc).__name__}: {exc}") from exc
+        where = _line_in(path, exc)
+        raise CliError(f"{where}: {type(exc).__name__}: {exc}") from exc
     flows = {key: value for key, value in namespace.items() if isinstance(value, Flow)}
     if name:
         if name not in flows:
@@ -173,6 +216,16 @@ def load_flow(target: str) -> Flow:
         found = ", ".join(outer) if outer else "none"
         raise CliError(f"{path}: expected exactly one Flow, found {found}; name one as {path}:NAME")
     return flows[outer[0]]
+
+
+def _line_in(path: Path, error: BaseException) -> str:
+    """``PATH:LINE``, the line of the file ``path`` that ``error`` left last; ``PATH``
+    alone when it did not pass through the file (a syntax error says where itself)."""
+    where = str(path)
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        if frame.f_code.co_filename == str(path):
+            where = f"{path}:{line}"
+    return where
 
 
 def _children(flow: Flow) -> list[Flow]:
@@ -272,8 +325,11 @@ def _run_command(args: argparse.Namespace) -> int:
         args.resume,
     )
     if args.runs is None:
-        result, store = trio.run(_run_once, options)
-        print(_render(result, store, as_json=args.json))
+        outcome, store = trio.run(_run_once, options)
+        if args.json or outcome.error is None:
+            print(_render(options.flow.name, outcome, store, as_json=args.json))
+        if outcome.error is not None:
+            raise outcome.error
         return 0
     batch = trio.run(_run_many, options, args.runs, args.concurrency or 1)
     _print_summary(batch, as_json=args.json)
@@ -288,35 +344,45 @@ def _run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_once(options: _RunOptions) -> tuple[FlowResult, dict[str, Any]]:
-    """Run the flow once; return its result and what its store holds afterwards."""
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How one run ended: its result, or the error it failed with."""
+
+    run_id: str | None
+    result: FlowResult | None = None
+    error: Exception | None = None
+
+
+async def _run_once(options: _RunOptions) -> tuple[_Outcome, dict[str, Any]]:
+    """Run the flow once; return how it ended and what its store holds afterwards."""
     store = _store(options)
-    failure: Exception | None = None
     async with trio.open_nursery() as nursery, open_engine() as engine:
         await _open_store(engine, options.storage)
         if options.trace:
             await nursery.start(_watch, engine, [_printer()])
-        try:
-            result = await _run_or_resume(engine, options, store)
-        except Exception as exc:  # the run's own error, raised below as is
-            failure = exc
+        outcome = await _run_or_resume(engine, options, store)
         contents = await _contents(engine, store) if isinstance(store, Storage) else store
     if isinstance(store, Storage):
         await store.aclose()
-    if failure is not None:
-        raise failure
-    return result, contents
+    return outcome, contents
 
 
 async def _run_or_resume(
     engine: Engine, options: _RunOptions, store: Storage | dict[str, Any]
-) -> FlowResult:
-    if options.resume:
-        assert options.run_id is not None
-        return await engine.resume(
-            options.flow, store, run_id=options.run_id, params=options.params
-        )
-    return await engine.run(options.flow, store, params=options.params, run_id=options.run_id)
+) -> _Outcome:
+    """Run the flow (or resume the run ``--run-id``) to its end; blocks until it ends."""
+    run_id = options.run_id
+    try:
+        if options.resume:
+            assert run_id is not None
+            result = await engine.resume(options.flow, store, run_id=run_id, params=options.params)
+        else:
+            run = await engine.start_run(options.flow, store, params=options.params, run_id=run_id)
+            run_id = run.run_id
+            result = await run.wait()
+    except Exception as exc:  # the run's own error, part of its outcome
+        return _Outcome(run_id, error=exc)
+    return _Outcome(result.run_id, result)
 
 
 def _store(options: _RunOptions) -> Storage | dict[str, Any]:
@@ -344,19 +410,12 @@ def _printer() -> Callable[[Event], None]:
     return lambda event: print(format_event(event, origin), file=sys.stderr)
 
 
-def _render(result: FlowResult, store: dict[str, Any], *, as_json: bool) -> str:
-    outcome = {
-        "flow": result.flow_name,
-        "run_id": result.run_id,
-        "final_action": result.final_action.name,
-        "result": result.result,
-        "path": list(result.execution_path),
-        "steps": result.steps_executed,
-        "duration": round(result.duration, 6),
-        "store": store,
-    }
+def _render(flow_name: str, outcome: _Outcome, store: dict[str, Any], *, as_json: bool) -> str:
+    """The outcome of one run, for people or (``as_json``) as JSON, failed or not."""
     if as_json:
-        return json.dumps(outcome, default=repr, indent=2)
+        return json.dumps(_outcome_json(flow_name, outcome, store), default=repr, indent=2)
+    result = outcome.result
+    assert result is not None
     lines = [
         f"flow:         {result.flow_name}",
         f"final action: {result.final_action.name}",
@@ -367,6 +426,24 @@ def _render(result: FlowResult, store: dict[str, Any], *, as_json: bool) -> str:
     if result.result is not None:
         lines.append(f"result:       {result.result!r}")
     return "\n".join(lines)
+
+
+def _outcome_json(flow_name: str, outcome: _Outcome, store: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``--json``: those of a failed run that only a result has are null."""
+    result = outcome.result
+    error = None if outcome.error is None else describe_error(outcome.error)
+    return {
+        "flow": flow_name,
+        "run_id": outcome.run_id,
+        "success": result is not None,
+        "error": error,
+        "final_action": None if result is None else result.final_action.name,
+        "result": None if result is None else result.result,
+        "path": None if result is None else list(result.execution_path),
+        "steps": None if result is None else result.steps_executed,
+        "duration": None if result is None else round(result.duration, 6),
+        "store": store,
+    }
 
 
 # cosmoflow run --runs N

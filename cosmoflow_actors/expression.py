@@ -19,6 +19,8 @@ Grammar, from the lowest precedence to the highest::
   ``1e3``). Strings use single or double quotes with the escapes ``\\\\ \\' \\" \\n \\t``.
 - Chained comparisons (``1 < ${x} < 3``) are rejected; write ``1 < ${x} and ${x} < 3``.
   Parentheses may nest at most 50 levels deep (``not`` counts as a level too).
+- An expression is at most ``MAX_EXPRESSION_LENGTH`` characters long (65,536: 64 Ki); a
+  longer one is refused before it is parsed.
 - Anything else (other names, attribute access, calls, indexing, arithmetic, trailing
   tokens, unbalanced parentheses, unterminated strings, empty input) raises
   :class:`~cosmoflow_actors.errors.ConditionError` with the column and the offending token.
@@ -51,6 +53,7 @@ from cosmoflow_actors.errors import ConditionError
 
 __all__ = [
     "COMPARISON_OPERATORS",
+    "MAX_EXPRESSION_LENGTH",
     "Expression",
     "compare_values",
     "is_number",
@@ -78,6 +81,8 @@ _NUMBER: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OPERATOR: Final = re.compile(r"==|!=|<=|>=|<|>")
 _MAX_DEPTH: Final = 50
+MAX_EXPRESSION_LENGTH: Final = 64 * 1024
+"""The longest expression :func:`parse` accepts, in characters."""
 _MAX_QUOTED: Final = 80
 
 
@@ -512,8 +517,14 @@ def parse(text: str) -> Expression:
 
     Raises:
         ConditionError: ``text`` is not a valid expression; the message gives the column and
-            the offending token.
+            the offending token. Or ``text`` is longer than ``MAX_EXPRESSION_LENGTH``
+            characters (refused before parsing it); the message gives both lengths.
     """
     if not isinstance(text, str):
         raise TypeError(f"an expression must be a str, not {type(text).__name__}")
+    if len(text) > MAX_EXPRESSION_LENGTH:
+        raise ConditionError(
+            f"expression of {len(text):,} characters is too long; "
+            f"the limit is {MAX_EXPRESSION_LENGTH:,} characters"
+        )
     return Expression(text, _Parser(text).parse())

@@ -6,8 +6,10 @@ immutable; one flow serves any number of concurrent runs.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, final
 
@@ -34,6 +36,33 @@ class _End(enum.Enum):
 
 END: Final = _End.END
 """Route target that ends the flow."""
+
+_IMPORTING: ContextVar[bool] = ContextVar("cosmoflow_importing", default=False)
+"""Whether the cosmoflow command is importing a file to find its flows."""
+
+
+@contextlib.contextmanager
+def refusing_runs() -> Iterator[None]:
+    """Make running a flow (``Flow.run``, ``Flow.run_sync``) raise RuntimeError inside.
+
+    The cosmoflow command imports a file inside to find its flows: the file's top-level
+    code should only define them, and run them under ``if __name__ == "__main__":``.
+    """
+    token = _IMPORTING.set(True)
+    try:
+        yield
+    finally:
+        _IMPORTING.reset(token)
+
+
+def check_runs_allowed(flow_name: str) -> None:
+    """Raise RuntimeError, naming ``flow_name``, inside :func:`refusing_runs`."""
+    if _IMPORTING.get():
+        raise RuntimeError(
+            f"flow {flow_name!r} was run while the cosmoflow command imported its file to "
+            'find the flows in it; put the code that runs flows under `if __name__ == "__main__":`'
+        )
+
 
 Target = str | Literal[_End.END] | tuple[str, ...]
 """A node id, ``END``, or a tuple of node ids (a fan-out)."""
@@ -139,6 +168,7 @@ class Flow:
         """
         from cosmoflow_actors.runtime.engine import open_engine
 
+        check_runs_allowed(self.name)
         failure: Exception | None = None
         async with open_engine() as engine:
             try:
@@ -156,8 +186,43 @@ class Flow:
         params: Mapping[str, Any] | None = None,
         run_id: str | None = None,
     ) -> FlowResult:
-        """Run once from synchronous code (``trio.run``); blocks until the run ends."""
-        return trio.run(lambda: self.run(store, params=params, run_id=run_id))
+        """Run once from synchronous code (``trio.run``); blocks until the run ends.
+
+        Raises the run's error as :meth:`run` does. Ctrl-C raises ``KeyboardInterrupt``
+        itself, as it does out of ``trio.run`` (not inside an exception group).
+
+        Raises:
+            RuntimeError: called inside a trio run, where ``trio.run`` cannot be called:
+                use ``await flow.run(...)`` or an engine there.
+        """
+        if trio.lowlevel.in_trio_run():
+            raise RuntimeError(
+                f"flow {self.name!r}: run_sync() cannot be called inside a trio run; "
+                "use `await flow.run(...)`, or an engine: "
+                "`async with cf.open_engine() as engine: await engine.run(flow, ...)`"
+            )
+        check_runs_allowed(self.name)
+        try:
+            return trio.run(lambda: self.run(store, params=params, run_id=run_id))
+        except BaseExceptionGroup as group:
+            interrupt = self._only_interrupt(group)
+            if interrupt is None:
+                raise
+            # The group only carries the interrupt out of the engine's nurseries; the
+            # interrupt's traceback still shows where it struck.
+            raise interrupt from None
+
+    @staticmethod
+    def _only_interrupt(group: BaseExceptionGroup[BaseException]) -> KeyboardInterrupt | None:
+        """The KeyboardInterrupt that ``group`` (or the groups in it) holds, if that is all
+        it holds; None otherwise."""
+        if group.split(KeyboardInterrupt)[1] is not None:
+            return None
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        assert isinstance(leaf, KeyboardInterrupt)
+        return leaf
 
     def to_mermaid(self) -> str:
         """This flow as a Mermaid flowchart (see :mod:`cosmoflow_actors.diagram`)."""
@@ -175,6 +240,8 @@ class FlowBuilder:
     def __init__(self, name: str) -> None:
         self._name = name
         self._nodes: dict[str, Node | Flow] = {}
+        # Every id added, in order, including those of nodes that were rejected.
+        self._ids: dict[str, None] = {}
         self._routes: list[Route] = []
         self._start: str | None = None
         self._max_steps = DEFAULT_MAX_STEPS
@@ -183,15 +250,23 @@ class FlowBuilder:
 
     def add_node(self, node_id: str, node: Node | Flow) -> FlowBuilder:
         """Add ``node`` (a Node or a nested Flow) under ``node_id``."""
-        if node_id in self._nodes:
+        if node_id in self._ids:
             self._problems.append(f"duplicate node id {node_id!r}")
-        elif not isinstance(node, Node | Flow):
-            self._problems.append(
-                f"node {node_id!r} is a {type(node).__name__}, not a Node or Flow"
-            )
-        else:
+            return self
+        self._ids[node_id] = None
+        if isinstance(node, Node | Flow):
             self._nodes[node_id] = node
+        else:
+            self._problems.append(self._not_a_node(node_id, node))
         return self
+
+    @staticmethod
+    def _not_a_node(node_id: str, value: object) -> str:
+        """The problem with adding ``value``, neither a Node nor a Flow, as a node."""
+        problem = f"node {node_id!r} is a {type(value).__name__}, not a Node or Flow"
+        if callable(value):
+            problem += " (decorate a function with @cf.node to make it a node)"
+        return problem
 
     def add_join(self, node_id: str, node: Node | Flow) -> FlowBuilder:
         """Add a join node: the branches of a fan-out that reach it run it once, together.
@@ -232,13 +307,21 @@ class FlowBuilder:
         return self
 
     def build(self) -> Flow:
-        """Validate and return the flow; raise FlowValidationError naming every fault."""
+        """Validate and return the flow; raise FlowValidationError naming every fault.
+
+        Besides malformed input, a node that no route reaches from the start node is a
+        fault (the branches of a fan-out and a join reached by routes count as reached).
+        A node rejected by ``add_node`` still counts as a node here, so that it is
+        reported once, for what it is.
+        """
         problems = [*self._problems, *self._route_problems(), *self._config_problems()]
-        start = self._start if self._start is not None else next(iter(self._nodes), None)
-        if not self._nodes:
+        start = self._start if self._start is not None else next(iter(self._ids), None)
+        if not self._ids:
             problems.append("the flow has no nodes")
-        elif start not in self._nodes:
+        elif start not in self._ids:
             problems.append(f"start node {start!r} is not a node of the flow")
+        else:
+            problems += self._reach_problems(start)
         if isinstance(self._max_steps, bool) or not isinstance(self._max_steps, int):
             problems.append(f"max_steps must be an int, got {self._max_steps!r}")
         elif self._max_steps < 1:
@@ -251,16 +334,34 @@ class FlowBuilder:
     def _route_problems(self) -> list[str]:
         problems = []
         for route in self._routes:
-            if route.source not in self._nodes:
+            if route.source not in self._ids:
                 problems.append(f"route from unknown node {route.source!r}")
             if isinstance(route.target, tuple) and len(set(route.target)) != len(route.target):
                 problems.append(f"route from {route.source!r} fans out to a node twice")
             if isinstance(route.target, tuple) and not route.target:
                 problems.append(f"route from {route.source!r} fans out to no node")
             for target in route.targets:
-                if target not in self._nodes:
+                if target not in self._ids:
                     problems.append(f"route from {route.source!r} to unknown node {target!r}")
         return problems
+
+    def _reach_problems(self, start: str) -> list[str]:
+        """Name each node that no chain of routes leads to from ``start``."""
+        successors: dict[str, list[str]] = {}
+        for route in self._routes:
+            successors.setdefault(route.source, []).extend(route.targets)
+        reached = {start}
+        pending = [start]
+        while pending:
+            for node_id in successors.get(pending.pop(), ()):
+                if node_id not in reached:
+                    reached.add(node_id)
+                    pending.append(node_id)
+        return [
+            f"node {node_id!r} is unreachable: no route leads to it from the start node {start!r}"
+            for node_id in self._ids
+            if node_id not in reached
+        ]
 
     def _config_problems(self) -> list[str]:
         problems = []

@@ -12,11 +12,16 @@ first one: never more than the limit.
 No network is needed: client and server are both in this process, written with trio
 streams, with no HTTP library.
 
-Run it: python examples/rate_limited_api.py
+Run it: python examples/rate_limited_api.py [--requests N] [--fail-all]
+
+`--fail-all` makes the server answer every request with a 503, as an API that is down
+would: each request is tried three times and fails, and the summary reports the
+failures (the exit status is then 1).
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import functools
@@ -39,10 +44,12 @@ RATE_LIMIT = (400, 1.0)  # at most 400 request starts in any 1.0 s
 
 
 class ApiServer:
-    """Answers `GET /items/<n>` with JSON; the first request for every 100th item is a 503."""
+    """Answers `GET /items/<n>` with JSON; the first request for every 100th item is a 503
+    (every request, with `fail_all`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_all: bool = False) -> None:
         self.hits: collections.Counter[int] = collections.Counter()
+        self.fail_all = fail_all
 
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -54,7 +61,7 @@ class ApiServer:
                 await _respond(stream, 400, {"error": "bad request"})
                 return
             self.hits[item] += 1
-            if item % 100 == 0 and self.hits[item] == 1:
+            if self.fail_all or (item % 100 == 0 and self.hits[item] == 1):
                 await _respond(stream, 503, {"error": "busy, try again"})
             else:
                 await _respond(stream, 200, {"item": item, "square": item * item})
@@ -90,6 +97,14 @@ class HttpError(Exception):
         self.status = status
 
 
+class RequestFailed(Exception):
+    """Every attempt of a request failed; holds when each attempt started."""
+
+    def __init__(self, starts: list[float]) -> None:
+        super().__init__(f"{len(starts)} attempts failed")
+        self.starts = starts
+
+
 async def http_get(port: int, path: str) -> dict[str, Any]:
     """One GET over a new connection; the JSON body, or HttpError for a non-200 answer."""
     async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
@@ -119,6 +134,11 @@ class CallApi(cf.Node):
         # ctx is this step's context (shared by its attempts), so the note is per run.
         ctx.metadata.setdefault("starts", []).append(trio.current_time())
         return await http_get(ctx.params["port"], f"/items/{ctx.params['item']}")
+
+    def exec_fallback(self, prep_res: None, error: Exception, ctx: cf.ExecutionContext) -> None:
+        # The last attempt failed: the run fails, and its error carries the attempts'
+        # starts, so that the summary counts them too.
+        raise RequestFailed(ctx.metadata.get("starts", [])) from error
 
     async def post(
         self, store: cf.SharedStore, prep_res: None, answer: Any, ctx: cf.ExecutionContext
@@ -168,15 +188,15 @@ async def follow(events: cf.EventStream, engine: cf.Engine, bar: Progress, tally
         bar.update(tally.done)
 
 
-async def run_requests(port: int, bar: Progress) -> dict[str, Any]:
-    stores: list[dict[str, Any]] = [{} for _ in range(REQUESTS)]
+async def run_requests(port: int, bar: Progress, requests: int) -> dict[str, Any]:
+    stores: list[dict[str, Any]] = [{} for _ in range(requests)]
     tally = Tally()
     async with trio.open_nursery() as nursery, cf.open_engine(max_runs=200) as engine:
         nursery.start_soon(follow, engine.events(), engine, bar, tally)
         started = trio.current_time()
         runs = [  # start_run waits while 200 runs are in flight: backpressure
             await engine.start_run(flow, stores[i], params={"item": i, "port": port})
-            for i in range(REQUESTS)
+            for i in range(requests)
         ]
         answers, errors = [], []
         for run in runs:
@@ -185,18 +205,37 @@ async def run_requests(port: int, bar: Progress) -> dict[str, Any]:
             except cf.NodeError as exc:  # the last attempt failed too
                 errors.append(exc)
         elapsed = trio.current_time() - started
-    # Every attempt's start, retries included, counted per whole second since the first.
+    # Every attempt's start, retries and failed requests included, counted per whole
+    # second since the first.
     starts = [t for store in stores for t in store.get("attempt_starts", [])]
+    starts += [t for error in errors for t in failed_starts(error)]
     per_second = collections.Counter(int(t - started) for t in starts)
     return {
-        "requests": REQUESTS,
+        "requests": requests,
         "succeeded": len(answers),
         "failed": len(errors),
+        "first_error": errors[0] if errors else None,
         "retries": tally.retries,
         "elapsed": elapsed,
-        "per_second": [per_second[s] for s in range(max(per_second) + 1)],
+        "per_second": [per_second[s] for s in range(max(per_second, default=-1) + 1)],
         "checksum": sum(answer["square"] for answer in answers),
     }
+
+
+def failed_starts(error: cf.NodeError) -> list[float]:
+    """When the attempts of a failed request started (none if it failed otherwise)."""
+    cause = error.__cause__
+    return cause.starts if isinstance(cause, RequestFailed) else []
+
+
+def describe(error: BaseException) -> str:
+    """The error and its causes: `node 'call_api' failed ... <- ... <- HttpError: HTTP 503`."""
+    text = str(error)
+    cause = error.__cause__
+    while cause is not None:
+        text += f" <- {type(cause).__name__}: {cause}"
+        cause = cause.__cause__
+    return text
 
 
 @contextlib.contextmanager
@@ -222,19 +261,26 @@ class RichBar:
         self.progress.update(self.task, completed=done)
 
 
-async def main() -> dict[str, Any]:
-    server = ApiServer()
+async def main(requests: int = REQUESTS, fail_all: bool = False) -> dict[str, Any]:
+    server = ApiServer(fail_all)
     async with trio.open_nursery() as nursery:
         serve = functools.partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1")
         listeners = await nursery.start(serve)  # returns once the server is listening
         port = listeners[0].socket.getsockname()[1]
-        with progress_bar(REQUESTS) as bar:
-            summary = await run_requests(port, bar)
+        with progress_bar(requests) as bar:
+            summary = await run_requests(port, bar, requests)
         nursery.cancel_scope.cancel()  # stop the server
+    report(summary)
+    return summary
+
+
+def report(summary: dict[str, Any]) -> None:
     calls, per = RATE_LIMIT
-    peak = max(summary["per_second"])
+    peak = max(summary["per_second"], default=0)
     print(f"requests: {summary['requests']} ({summary['succeeded']} answered)")
     print(f"failures: {summary['failed']}")
+    if summary["first_error"] is not None:
+        print(f"first failure: {describe(summary['first_error'])}")
     print(f"retries:  {summary['retries']} (the server's 503s, retried by the node)")
     print(f"elapsed:  {summary['elapsed']:.2f} s")
     print(f"started in each second: {summary['per_second']}")
@@ -242,8 +288,19 @@ async def main() -> dict[str, Any]:
         f"observed max rate: {peak} per second (limit: {calls} per {per:g} s, ok: {peak <= calls})"
     )
     print(f"checksum: {summary['checksum']}")
-    return summary
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":
-    trio.run(main)
+    parser = argparse.ArgumentParser(description="Requests through a rate-limited node.")
+    parser.add_argument("--requests", type=positive, default=REQUESTS, metavar="N")
+    parser.add_argument("--fail-all", action="store_true", help="the server answers only 503s")
+    options = parser.parse_args()
+    outcome = trio.run(main, options.requests, options.fail_all)
+    sys.exit(1 if outcome["failed"] else 0)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
+from collections.abc import Callable
 from typing import Any
 
+import cloudpickle
 import pytest
 
 from cosmoflow_actors.action import Action, ActionCondition, as_action
@@ -340,3 +344,54 @@ def test_condition_keys_are_validated(key: Any) -> None:
 def test_expression_syntax_error_is_raised_at_construction() -> None:
     with pytest.raises(ConditionError, match="column 5"):
         ActionCondition.expression("${x}.y")
+
+
+# --- copying and pickling ------------------------------------------------------------------
+
+_EVERY_CONDITION = ActionCondition.any_of(
+    ActionCondition.always(),
+    ActionCondition.never(),
+    ActionCondition.key_exists("a") & ActionCondition.key_equals("b", [1, {"x": 2}]),
+    ~ActionCondition.compare("c", ">=", 2.5),
+    ActionCondition.expression("${d} > 1 and (${e} == 'ok' or not ${f})"),
+    ActionCondition.all_of(ActionCondition.key_equals("g", None)),
+)
+
+_ROUND_TRIPS: dict[str, Callable[[Any], Any]] = {
+    "copy": copy.copy,
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda value: pickle.loads(pickle.dumps(value)),
+    "cloudpickle": lambda value: cloudpickle.loads(cloudpickle.dumps(value)),
+}
+
+
+@pytest.mark.parametrize("round_trip", list(_ROUND_TRIPS.values()), ids=list(_ROUND_TRIPS))
+@pytest.mark.parametrize(
+    "action",
+    [
+        Action.simple("next"),
+        Action.with_params("retry", count=3, tags=["a"], **{"not-an-identifier": {"n": 1}}),
+        Action.complete(),
+        Action.complete({"rows": [1, 2], "ok": True}),
+        Action.conditional(
+            _EVERY_CONDITION,
+            Action.with_params("go", n=1),
+            Action.conditional(ActionCondition.key_exists("z"), "left", Action.complete(7)),
+        ),
+    ],
+    ids=["simple", "with_params", "complete", "complete_with_result", "conditional"],
+)
+def test_actions_survive_copies_and_pickles(
+    action: Action, round_trip: Callable[[Action], Action]
+) -> None:
+    """Actions cross process boundaries (a process executor, a durable record): a copy
+    is an equal Action that behaves the same, with read-only params of its own."""
+    copied = round_trip(action)
+    assert type(copied) is Action
+    assert copied == action
+    assert repr(copied) == repr(action)
+    assert copied.condition_keys() == action.condition_keys()
+    for values in ({}, {"d": 2, "e": "ok"}, {"z": 1}):
+        assert copied.resolve(values) == action.resolve(values)
+    with pytest.raises(TypeError):
+        copied.params["count"] = 4  # type: ignore[index]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,162 @@ def test_a_failing_node_exits_1_naming_the_cause(
     assert "ValueError: bad data" in err
     assert main(["run", str(flow_file), "--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_json_shows_a_failed_run_with_its_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "fails.py"
+    flow_file.write_text(
+        "import cosmoflow_actors as cf\n"
+        "@cf.node\n"
+        "async def boom(ctx):\n"
+        "    await ctx.store.set('before', 1)\n"
+        "    raise ValueError('bad data')\n"
+        "flow = cf.Flow.builder('f').add_node('boom', boom).build()\n"
+    )
+    assert main(["run", str(flow_file), "--json"]) == 1
+    captured = capsys.readouterr()
+    outcome = json.loads(captured.out)
+    run_id = outcome["run_id"]
+    assert outcome == {
+        "flow": "f",
+        "run_id": run_id,
+        "success": False,
+        "error": f"NodeError: node 'boom' failed in exec (run {run_id}, 1 attempt) "
+        "(caused by ValueError: bad data)",
+        "final_action": None,
+        "result": None,
+        "path": None,
+        "steps": None,
+        "duration": None,
+        "store": {"before": 1},
+    }
+    assert captured.err.startswith("cosmoflow: error: node 'boom' failed in exec")
+    assert main(["run", str(flow_file), "--json", "--runs", "3"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["succeeded"], summary["failed"]) == (0, 3)
+    assert summary["first_error"].endswith("(caused by ValueError: bad data)")
+
+
+def test_json_of_a_run_that_succeeded_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(EXAMPLES / "hello_world.py"), "--json"]) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    assert (outcome["success"], outcome["error"]) == (True, None)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"cosmoflow {cf.__version__}\n"
+
+
+ARGV = """
+import sys
+
+import cosmoflow_actors as cf
+
+AT_IMPORT = list(sys.argv)
+
+
+@cf.node
+def report(ctx):
+    return cf.Action.complete({"at_import": AT_IMPORT, "at_run": list(sys.argv)})
+
+
+flow = cf.Flow.builder("argv").add_node("report", report).build()
+"""
+"""A flow file that reads sys.argv when it is imported and when it runs."""
+
+
+def test_arguments_after_dashes_are_the_files_argv(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "argv.py"
+    flow_file.write_text(ARGV)
+    saved = list(sys.argv)
+    args = ["run", f"{flow_file}:flow", "--json", "--", "--name", "ada", "--"]
+    assert main(args) == 0
+    expected = [str(flow_file), "--name", "ada", "--"]
+    assert json.loads(capsys.readouterr().out)["result"] == {
+        "at_import": expected,
+        "at_run": expected,
+    }
+    assert sys.argv == saved
+    assert main(["run", str(flow_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["result"]["at_run"] == [str(flow_file)]
+
+
+def test_inspect_takes_no_arguments_for_a_file(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "file:x.json", "--", "extra"])
+    assert exit_info.value.code == 2
+    assert "inspect reads no file" in capsys.readouterr().err
+
+
+RUNS_AT_IMPORT = {
+    "run_sync": "flow.run_sync()\n",
+    "await flow.run": "trio.run(flow.run)\n",
+}
+
+
+@pytest.mark.parametrize("command", ["run", "graph"])
+@pytest.mark.parametrize("call", sorted(RUNS_AT_IMPORT))
+def test_a_file_that_runs_a_flow_when_imported_is_refused_at_that_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, call: str
+) -> None:
+    """The command imports the file to find its flows; running one then is an error at
+    the line that runs it, and the flow's nodes never run."""
+    marker = tmp_path / "ran"
+    flow_file = tmp_path / "eager.py"
+    flow_file.write_text(
+        "import pathlib\n"
+        "import trio\n"
+        "import cosmoflow_actors as cf\n"
+        "@cf.node\n"
+        "def touch(ctx):\n"
+        f"    pathlib.Path({str(marker)!r}).touch()\n"
+        "flow = cf.Flow.builder('eager').add_node('touch', touch).build()\n" + RUNS_AT_IMPORT[call]
+    )
+    assert main([command, str(flow_file)]) == 2
+    assert capsys.readouterr().err == (
+        f"cosmoflow: error: {flow_file}:8: RuntimeError: flow 'eager' was run while the "
+        "cosmoflow command imported its file to find the flows in it; put the code that "
+        'runs flows under `if __name__ == "__main__":`\n'
+    )
+    assert not marker.exists()
+
+
+def test_a_file_that_runs_its_flow_under_a_main_guard_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "guarded.py"
+    flow_file.write_text(
+        "import cosmoflow_actors as cf\n"
+        "flow = cf.Flow.builder('guarded').add_node('a', cf.Node()).build()\n"
+        "if __name__ == '__main__':\n"
+        "    flow.run_sync()\n"
+    )
+    assert main(["run", str(flow_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == ["a"]
+
+
+def test_an_error_at_import_names_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "broken.py"
+    flow_file.write_text(
+        "import cosmoflow_actors as cf\n"
+        "def build():\n"
+        "    return cf.Flow.builder('b').add_node('a', cf.Node()).add_route('a', 'z').build()\n"
+        "flow = build()\n"
+    )
+    assert main(["graph", str(flow_file)]) == 2
+    assert capsys.readouterr().err == (
+        f"cosmoflow: error: {flow_file}:3: FlowValidationError: flow 'b' is invalid: "
+        "route from 'a' to unknown node 'z'\n"
+    )
 
 
 def test_a_malformed_param_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -458,6 +615,30 @@ def test_an_interrupt_is_one_line_and_status_130(
     )
     assert main(["run", str(flow_file)]) == 130
     assert capsys.readouterr().err == "cosmoflow: interrupted\n"
+
+
+def test_ctrl_c_exits_with_status_130(tmp_path: Path) -> None:
+    """A real SIGINT, as Ctrl-C sends, while a run is in a node."""
+    flow_file = tmp_path / "waits.py"
+    flow_file.write_text(
+        "import trio\n"
+        "import cosmoflow_actors as cf\n"
+        "@cf.node\n"
+        "async def wait(ctx):\n"
+        "    print('waiting', flush=True)\n"
+        "    await trio.sleep_forever()\n"
+        "flow = cf.Flow.builder('waits').add_node('wait', wait).build()\n"
+    )
+    command = [sys.executable, "-m", "cosmoflow_actors", "run", str(flow_file)]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "waiting\n"  # the run is in its node
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert (out, err) == ("", "cosmoflow: interrupted\n")
 
 
 def test_inspect_lists_the_durable_runs_of_a_store(

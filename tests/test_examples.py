@@ -171,6 +171,25 @@ def test_example_runs(name: str) -> None:
         assert text in done.stdout
 
 
+def test_rate_limited_api_reports_requests_that_all_fail() -> None:
+    """With the API down, every request fails after its three attempts, and the summary
+    says so, counting those attempts against the rate limit too."""
+    done = run(str(EXAMPLES / "rate_limited_api.py"), "--requests", "20", "--fail-all")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == ""
+    assert "requests: 20 (0 answered)\nfailures: 20\n" in done.stdout
+    assert re.search(
+        r"first failure: node 'call_api' failed in exec \(run \S+, 3 attempts\)"
+        r" <- RequestFailed: 3 attempts failed <- HttpError: HTTP 503\n",
+        done.stdout,
+    )
+    assert "retries:  40 " in done.stdout
+    per_second = re.search(r"started in each second: \[(.*)\]", done.stdout)
+    assert per_second is not None
+    assert sum(map(int, per_second.group(1).split(", "))) == 20 * 3
+    assert "checksum: 0" in done.stdout
+
+
 @pytest.mark.parametrize("target", sorted(CLI))
 def test_example_flow_runs_from_the_command_line(target: str) -> None:
     args, expected = CLI[target]

@@ -9,13 +9,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cosmoflow_actors.action import ActionCondition
 from cosmoflow_actors.errors import ConditionError
 from cosmoflow_actors.expression import (
     COMPARISON_OPERATORS,
+    MAX_EXPRESSION_LENGTH,
     Expression,
     compare_values,
     parse,
@@ -135,6 +136,29 @@ def test_long_chains_do_not_recurse() -> None:
 
 def test_nesting_within_the_limit_parses() -> None:
     assert parse("(" * 50 + "true" + ")" * 50).evaluate({}) is True
+
+
+def test_an_expression_at_the_length_limit_parses() -> None:
+    text = "${x} == 1" + " " * (MAX_EXPRESSION_LENGTH - len("${x} == 1"))
+    assert len(text) == MAX_EXPRESSION_LENGTH == 65_536
+    assert parse(text).evaluate({"x": 1}) is True
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "${x} == 1" + " " * MAX_EXPRESSION_LENGTH,
+        " or ".join(["${key} == 'value'"] * 200_000),  # about 4 MB
+        "(" * (MAX_EXPRESSION_LENGTH + 1),  # refused before any syntax error is found
+    ],
+    ids=["one-over", "4MB", "invalid"],
+)
+def test_an_expression_over_the_length_limit_is_refused_before_parsing(text: str) -> None:
+    with pytest.raises(ConditionError) as caught:
+        ActionCondition.expression(text)
+    assert str(caught.value) == (
+        f"expression of {len(text):,} characters is too long; the limit is 65,536 characters"
+    )
 
 
 def test_non_str_source_is_a_type_error() -> None:
@@ -371,6 +395,7 @@ def _refs(tree: Tree) -> set[str]:
     return set().union(*(_refs(child) for child in children))
 
 
+@settings(deadline=None)  # no test depends on the machine's speed
 @given(_trees, _stores)
 def test_generated_expressions_match_the_reference(tree: Tree, values: dict[str, Any]) -> None:
     expression = parse(_render(tree))
@@ -384,6 +409,7 @@ def test_every_comparison_of_pool_values_matches_the_reference() -> None:
         assert parse(_render(tree)).evaluate({"a": right}) is expected, (left, op, right)
 
 
+@settings(deadline=None)  # no test depends on the machine's speed
 @given(_trees)
 def test_generated_expressions_report_their_keys(tree: Tree) -> None:
     assert parse(_render(tree)).keys == frozenset(_refs(tree))
@@ -396,6 +422,7 @@ def _parse_or_reject(text: str) -> Expression | None:
         return None
 
 
+@settings(deadline=None)  # no test depends on the machine's speed
 @given(st.text())
 def test_arbitrary_text_parses_or_raises_condition_error(text: str) -> None:
     expression = _parse_or_reject(text)
@@ -403,6 +430,7 @@ def test_arbitrary_text_parses_or_raises_condition_error(text: str) -> None:
         assert isinstance(expression.evaluate({}), bool)
 
 
+@settings(deadline=None)  # no test depends on the machine's speed
 @given(st.text(alphabet="${}()'\"\\ .-=!<>0123456789eabndortuflsx"))
 def test_expression_like_text_parses_or_raises_condition_error(text: str) -> None:
     expression = _parse_or_reject(text)

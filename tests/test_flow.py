@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -9,6 +12,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.flow import refusing_runs
 from tests.support import Recorder
 
 
@@ -65,8 +69,77 @@ def test_validation_error_is_a_value_error() -> None:
 
 
 def test_the_first_node_added_is_the_default_start() -> None:
-    flow = cf.Flow.builder("f").add_node("x", Recorder()).add_node("y", Recorder()).build()
-    assert flow.start_id == "x"
+    builder = cf.Flow.builder("f").add_node("x", Recorder()).add_node("y", Recorder())
+    assert builder.add_route("x", "y").build().start_id == "x"
+
+
+async def plain_function(ctx: cf.ExecutionContext) -> None:
+    """Not a node: it lacks the @cf.node decorator."""
+
+
+def test_a_plain_function_is_refused_with_a_hint_and_nothing_else() -> None:
+    """The function is the only fault: the flow is not also said to have no nodes, nor its
+    routes to come from an unknown node."""
+    builder = cf.Flow.builder("f").add_node("a", plain_function)  # type: ignore[arg-type]
+    builder.add_node("b", Recorder()).add_route("a", "b")
+    with pytest.raises(cf.FlowValidationError) as info:
+        builder.build()
+    assert info.value.problems == (
+        "node 'a' is a function, not a Node or Flow "
+        "(decorate a function with @cf.node to make it a node)",
+    )
+
+
+def test_build_names_the_nodes_no_route_reaches() -> None:
+    builder = (
+        cf.Flow.builder("f")
+        .add_node("start", Recorder())
+        .add_node("next", Recorder())
+        .add_node("orphan", Recorder())
+        .add_node("after_orphan", Recorder())
+        .add_node("loop", Recorder())
+        .add_route("start", "next")
+        .add_route("orphan", "after_orphan")
+        .add_route("loop", "loop")
+    )
+    with pytest.raises(cf.FlowValidationError) as info:
+        builder.build()
+    assert info.value.problems == tuple(
+        f"node {node_id!r} is unreachable: no route leads to it from the start node 'start'"
+        for node_id in ("orphan", "after_orphan", "loop")
+    )
+
+
+def test_reachability_starts_at_the_start_node() -> None:
+    builder = cf.Flow.builder("f").add_node("a", Recorder()).add_node("b", Recorder())
+    builder.add_route("a", "b").start("b")
+    with pytest.raises(cf.FlowValidationError, match="node 'a' is unreachable"):
+        builder.build()
+
+
+def test_fan_out_branches_joins_and_nested_flows_are_reachable() -> None:
+    inner = (
+        cf.Flow.builder("inner")
+        .add_node("i1", Recorder())
+        .add_node("i2", Recorder())
+        .add_route("i1", "i2")
+        .build()
+    )
+    flow = (
+        cf.Flow.builder("outer")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_node("nested", inner)
+        .add_join("join", Recorder())
+        .add_node("after", Recorder())
+        .add_route("a", ["b", "nested"])
+        .add_route("b", "join")
+        .add_route("nested", "join", action="default")
+        .add_route("join", "after", when=cf.ActionCondition.never())
+        .add_route("join", cf.END)
+        .build()
+    )
+    assert set(flow.nodes) == {"a", "b", "nested", "join", "after"}
 
 
 def test_routes_are_looked_up_in_the_order_added() -> None:
@@ -97,6 +170,97 @@ def test_run_sync_runs_from_plain_code() -> None:
     result = flow.add_route("a", "b").build().run_sync({})
     assert result.execution_path == ("a", "b")
     assert result.success
+
+
+@cf.node
+def interrupt(ctx: cf.ExecutionContext) -> None:
+    raise KeyboardInterrupt
+
+
+@cf.node
+async def ctrl_c(ctx: cf.ExecutionContext) -> None:
+    signal.raise_signal(signal.SIGINT)
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("node", [interrupt, ctrl_c], ids=["raised", "signal"])
+def test_run_sync_raises_an_interrupt_as_itself(node: cf.Node) -> None:
+    """As out of ``trio.run``: ``except KeyboardInterrupt`` catches it."""
+    flow = cf.Flow.builder("interrupted").add_node("a", node).build()
+    with pytest.raises(BaseException) as info:
+        flow.run_sync()
+    assert type(info.value) is KeyboardInterrupt
+
+
+def test_run_sync_keeps_a_group_that_holds_more_than_an_interrupt() -> None:
+    class Both(cf.Node):
+        async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.interrupt)
+                raise ValueError("bad")
+
+        async def interrupt(self) -> None:
+            raise KeyboardInterrupt
+
+    flow = cf.Flow.builder("both").add_node("a", Both()).build()
+    with pytest.raises(BaseExceptionGroup) as info:
+        flow.run_sync()
+    assert info.group_contains(KeyboardInterrupt)
+    assert info.group_contains(ValueError)
+
+
+CTRL_C_SCRIPT = """
+import trio
+import cosmoflow_actors as cf
+
+
+@cf.node
+async def wait(ctx):
+    print("waiting", flush=True)
+    await trio.sleep_forever()
+
+
+try:
+    cf.Flow.builder("waits").add_node("wait", wait).build().run_sync()
+except KeyboardInterrupt:
+    print("KeyboardInterrupt caught")
+"""
+
+
+def test_ctrl_c_during_run_sync_is_a_keyboard_interrupt() -> None:
+    """A real SIGINT, as Ctrl-C sends, while a run is in a node."""
+    with subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SCRIPT], stdout=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "waiting\n"  # the run is in its node
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+    assert (process.returncode, out) == (0, "KeyboardInterrupt caught\n")
+
+
+async def test_run_sync_inside_trio_says_what_to_use_instead() -> None:
+    flow = cf.Flow.builder("f").add_node("a", Recorder()).build()
+    with pytest.raises(RuntimeError) as info:
+        flow.run_sync()
+    assert str(info.value) == (
+        "flow 'f': run_sync() cannot be called inside a trio run; use `await flow.run(...)`, "
+        "or an engine: `async with cf.open_engine() as engine: await engine.run(flow, ...)`"
+    )
+    assert (await flow.run()).execution_path == ("a",)
+
+
+def test_no_flow_runs_inside_refusing_runs() -> None:
+    """The cosmoflow command imports flow files inside ``refusing_runs``."""
+    store: dict[str, Any] = {}
+    flow = cf.Flow.builder("f").add_node("a", Recorder()).build()
+    with refusing_runs():
+        with pytest.raises(RuntimeError, match="flow 'f' was run while the cosmoflow command"):
+            flow.run_sync(store)
+        with pytest.raises(RuntimeError, match='under `if __name__ == "__main__":`'):
+            trio.run(flow.run, store)
+    assert store == {}
+    assert flow.run_sync(store).execution_path == ("a",)
 
 
 class PerFile(cf.BatchFlow):

@@ -167,6 +167,7 @@ async def test_params_of_an_action_reach_the_next_step_only() -> None:
 
 async def test_start_sets_the_entry_node() -> None:
     flow = cf.Flow.builder("f").add_node("a", Recorder()).add_node("b", Recorder()).start("b")
+    flow.add_route("b", "a", action="back").add_route("b", cf.END)
     assert (await flow.build().run({})).execution_path == ("b",)
 
 
