@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cosmoflow_actors.runtime.limits import RateLimiter
 
@@ -165,3 +169,42 @@ async def test_on_the_real_clock_no_window_holds_more_than_the_limit() -> None:
     assert granted == sorted(granted)
     assert most_in_any_window(granted, per) <= calls
     assert granted[-1] - granted[0] >= 2 * per
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    calls=st.integers(1, 4),
+    per=st.sampled_from([0.5, 1.0, 3.0]),
+    callers=st.lists(
+        st.tuples(st.sampled_from([0.0, 0.25, 1.0]), st.none() | st.sampled_from([0.5, 2.0])),
+        min_size=1,
+        max_size=15,
+    ),
+)
+def test_any_mix_of_arrivals_and_cancellations_keeps_the_limit_and_the_order(
+    calls: int, per: float, callers: list[tuple[float, float | None]]
+) -> None:
+    """Callers arrive after a delay each, some giving up after a while: every window
+    holds at most ``calls`` grants, callers are granted in arrival order, every caller
+    that does not give up is granted, and the limiter ends with nobody waiting."""
+    granted: list[tuple[float, int]] = []
+    limiter = RateLimiter(calls, per)
+
+    async def call(index: int, patience: float | None) -> None:
+        with trio.move_on_after(math.inf if patience is None else patience):
+            granted.append((await limiter.acquire(), index))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for index, (delay, patience) in enumerate(callers):
+                await trio.sleep(delay)
+                nursery.start_soon(call, index, patience)
+                await trio.testing.wait_all_tasks_blocked()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    times = [at for at, _ in granted]
+    assert not times or most_in_any_window(times, per) <= calls
+    assert sorted(granted) == sorted(granted, key=lambda grant: grant[1])
+    assert limiter.waiting == 0
+    patient = {index for index, (_, patience) in enumerate(callers) if patience is None}
+    assert patient <= {index for _, index in granted}
