@@ -1,21 +1,36 @@
 """Run events: what the engine reports as runs and steps happen.
 
 ``engine.events()`` gives an :class:`EventStream`; every event is a frozen dataclass
-with the run id and the trio time it happened. A stream never slows the engine: events
-go into a bounded buffer without waiting, and a consumer that falls behind loses the
-events that do not fit and then receives one :class:`EventsDropped` saying how many.
+with the run id and the trio time it happened. Emitting never waits. A stream is one of
+two kinds:
+
+- *dropping* (the default): it never slows the engine. Events go into a buffer of
+  ``buffer`` events; a consumer that falls behind loses the events that do not fit and
+  then receives one :class:`EventsDropped` saying how many.
+- *lossless*: it never drops. Every event is kept; while the stream holds ``buffer``
+  events or more the hub is :attr:`~EventHub.congested`, and the engine waits in
+  :meth:`EventHub.wait_for_room` before it starts more work. The stream can exceed
+  ``buffer`` by the events of the work already under way when it filled.
+
+Listeners (:meth:`EventHub.listen`) are called inside ``emit`` itself, in the emitting
+task, for consumers that must see each event as it happens (tracing).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, Protocol, final
 
 import trio
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
+
+    from cosmoflow_actors.context import ExecutionContext
 
 DEFAULT_BUFFER: Final = 10_000
 
@@ -105,35 +120,129 @@ class EventsDropped(Event):
     count: int
 
 
+class StepSpans(Protocol):
+    """Tracing that makes a span current while each step runs
+    (:class:`cosmoflow_actors.tracing.LiveSpans`)."""
+
+    def handle(self, event: Event) -> None:
+        """Called with every event, inside ``emit``."""
+
+    def step_span(self, step: ExecutionContext) -> AbstractContextManager[object]:
+        """What the node actor runs the step ``step`` inside. Never blocks."""
+
+
 @final
 class EventHub:
-    """The engine's side: hands each event to every open stream, never waiting."""
+    """The engine's side: hands each event to every open stream and listener.
 
-    __slots__ = ("_streams",)
+    ``emit`` never blocks. With a lossless stream open the engine slows down instead of
+    dropping: it checks :attr:`congested` before it starts more work and, when it is
+    true, awaits :meth:`wait_for_room`.
+    """
+
+    __slots__ = ("_room", "_sinks", "_streams", "step_spans")
 
     def __init__(self) -> None:
         self._streams: list[EventStream] = []
+        self._sinks: list[Callable[[Event], None]] = []
+        """What ``emit`` calls: each stream's ``offer`` and each listener."""
+        self._room = _Room()
+        self.step_spans: StepSpans | None = None
+        """While :meth:`trace` has set it: what node actors run each step inside."""
 
     @property
     def active(self) -> bool:
         """Whether anyone listens (emitters skip building events otherwise)."""
-        return bool(self._streams)
+        return bool(self._sinks)
+
+    @property
+    def congested(self) -> bool:
+        """Whether a lossless stream holds its buffer or more. Never blocks."""
+        return self._room.full > 0
 
     def emit(self, event: Event) -> None:
-        """Offer ``event`` to every stream. Never blocks."""
-        for stream in self._streams:
-            stream.offer(event)
+        """Offer ``event`` to every stream and call every listener. Never blocks."""
+        for sink in self._sinks:
+            sink(event)
 
-    def open(self, buffer: int) -> EventStream:
-        """A new stream that receives every event from now on."""
-        stream = EventStream(buffer, self._streams.remove)
+    def open(self, buffer: int, *, lossless: bool = False) -> EventStream:
+        """A new stream that receives every event from now on; see :class:`EventStream`
+        for ``buffer`` and ``lossless``."""
+        stream = EventStream(buffer, self._remove, room=self._room if lossless else None)
         self._streams.append(stream)
+        self._sinks.append(stream.offer)
         return stream
 
+    def listen(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``listener(event)`` for every event from now on; return the function
+        that stops it.
+
+        The listener runs inside :meth:`emit`, in the emitting task (a node actor's
+        worker, the engine), at the moment the event happens. It must not block and
+        should be quick: the engine waits for it. An exception it raises leaves
+        ``emit``.
+        """
+        self._sinks.append(listener)
+        return functools.partial(self._sinks.remove, listener)
+
+    def trace(self, spans: StepSpans) -> Callable[[], None]:
+        """Give every event to ``spans.handle`` (a listener) and make ``spans`` the
+        :attr:`step_spans` node actors run their steps inside; return the function
+        that undoes both. Raises RuntimeError if the hub is traced already.
+        """
+        if self.step_spans is not None:
+            raise RuntimeError("the engine's steps are traced already (one tracer at a time)")
+        stop_listening = self.listen(spans.handle)
+        self.step_spans = spans
+
+        def stop() -> None:
+            stop_listening()
+            self.step_spans = None
+
+        return stop
+
+    async def wait_for_room(self) -> None:
+        """Block until no lossless stream holds its buffer or more. A checkpoint.
+
+        Returns at once when none does. Otherwise it returns when the last full stream
+        is read below its buffer or closes; every task waiting then goes on together.
+        """
+        await self._room.wait()
+
     def close(self) -> None:
-        """End every stream (the engine is closing)."""
+        """End every stream (the engine is closing); waiters for room go on."""
         for stream in list(self._streams):
             stream.close()
+
+    def _remove(self, stream: EventStream) -> None:
+        self._streams.remove(stream)
+        self._sinks.remove(stream.offer)
+
+
+@final
+class _Room:
+    """The lossless streams that are full, and the tasks waiting until none is."""
+
+    __slots__ = ("_waiters", "full")
+
+    def __init__(self) -> None:
+        self.full = 0
+        self._waiters = trio.lowlevel.ParkingLot()
+
+    def filled(self) -> None:
+        self.full += 1
+
+    def freed(self) -> None:
+        self.full -= 1
+        if not self.full:
+            self._waiters.unpark_all()
+
+    async def wait(self) -> None:
+        """Block while a stream is full (all waiters wake together). A checkpoint."""
+        if self.full:
+            await self._waiters.park()
+        else:
+            await trio.lowlevel.checkpoint()
 
 
 @final
@@ -142,30 +251,58 @@ class EventStream:
 
     ``async for event in stream`` blocks until the next event and ends when the stream
     or the engine closes.
+
+    A dropping stream (``room`` None) buffers at most ``buffer`` events and counts the
+    ones that do not fit. A lossless one (``EventHub.open(buffer, lossless=True)``)
+    keeps every event, and marks ``room`` full while it holds ``buffer`` or more.
     """
 
-    def __init__(self, buffer: int, on_close: Callable[[EventStream], None]) -> None:
+    def __init__(
+        self,
+        buffer: int,
+        on_close: Callable[[EventStream], None],
+        *,
+        room: _Room | None = None,
+    ) -> None:
         if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
             raise ValueError(f"buffer must be an int >= 1, got {buffer!r}")
-        self._send, self._receive = trio.open_memory_channel[Event](buffer)
+        self.buffer = buffer
+        capacity = buffer if room is None else math.inf
+        self._send, self._receive = trio.open_memory_channel[Event](capacity)
         self._on_close: Callable[[EventStream], None] | None = on_close
+        self._room = room
+        self.lossless = room is not None
+        """Whether this stream keeps every event (and slows the engine down instead)."""
+        self.held = 0
+        """Events a lossless stream holds for its reader while it is open (0 for a
+        dropping one)."""
         self.dropped = 0
         """Events lost so far and not yet reported by an EventsDropped."""
 
     def offer(self, event: Event) -> None:
-        """Buffer ``event``, or count it as dropped when the buffer is full."""
+        """Buffer ``event``; a dropping stream whose buffer is full counts it as dropped."""
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:
             self.dropped += 1
+            return
         except trio.ClosedResourceError:
-            pass
+            return
+        if self._room is not None:
+            self.held += 1
+            if self.held == self.buffer:
+                self._room.filled()
 
     def close(self) -> None:
-        """Stop receiving events; iteration ends after the buffered ones."""
+        """Stop receiving events; iteration ends after the buffered ones. A lossless
+        stream no longer holds the engine back."""
         if self._on_close is not None:
             self._on_close(self)
             self._on_close = None
+        if self._room is not None:
+            if self.held >= self.buffer:
+                self._room.freed()
+            self._room = None
         self._send.close()
 
     def __aiter__(self) -> EventStream:
@@ -178,9 +315,14 @@ class EventStream:
             await trio.lowlevel.checkpoint()
             return EventsDropped("", trio.current_time(), count)
         try:
-            return await self._receive.receive()
+            event = await self._receive.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
+        if self._room is not None:
+            self.held -= 1
+            if self.held + 1 == self.buffer:
+                self._room.freed()
+        return event
 
     async def __aenter__(self) -> EventStream:
         return self

@@ -4,7 +4,14 @@
 ``cosmoflow run --trace`` output). :func:`trace_events` turns the events of an engine
 into OpenTelemetry spans: a run is a trace (its root span) and each step a child span.
 OpenTelemetry is optional (``pip install 'cosmoflow-actors[otel]'``) and imported only
-when :func:`trace_events` starts, so this module imports without it.
+when :func:`trace_events` starts (or a :class:`LiveSpans` is made), so this module
+imports without it.
+
+:func:`trace_events` reads an event stream in a task of its own, so it builds each span
+after the fact, when it reads the event. :class:`LiveSpans` builds the same spans at the
+moment each event is emitted (as a listener of the engine's event hub, called inside
+``emit`` in the emitting task) and makes a step's span the current OpenTelemetry span
+while the step's prep, exec and post run: see :meth:`LiveSpans.step_span`.
 
 Events carry trio times; spans need wall-clock times in nanoseconds since the epoch.
 :func:`trace_events` reads both clocks once when it starts, ``offset = time.time_ns() -
@@ -15,6 +22,7 @@ under a test's ``MockClock``); wall-clock adjustments after the start are not fo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from types import ModuleType
@@ -66,6 +74,14 @@ class SpanLike(Protocol):
     def set_status(self, status: Any, description: str | None = None) -> None: ...
 
     def end(self, end_time: int | None = None) -> None: ...
+
+
+class StepLike(Protocol):
+    """What :meth:`LiveSpans.step_span` needs of a step: an
+    :class:`~cosmoflow_actors.ExecutionContext`."""
+
+    @property
+    def execution_id(self) -> str: ...
 
 
 class TracerLike(Protocol):
@@ -157,6 +173,54 @@ async def trace_events(
         spans.end_all()
 
 
+class LiveSpans:
+    """The spans of :func:`trace_events`, made while the engine works, with each step's
+    span current in the step's own code.
+
+    The engine's event hub takes it with ``hub.trace(spans)``: :meth:`handle` then runs
+    inside ``emit``, in the emitting task, so a step's span exists from the moment its
+    StepStarted is emitted, before prep; and the node actor runs the step inside
+    :meth:`step_span`. Spans are named, parented, timed and ended exactly as
+    :func:`trace_events` does it, and no event is ever lost to a buffer.
+
+    Make it inside trio (it reads the trio clock once, as :func:`trace_events` does).
+    Raises ImportError naming the ``otel`` extra when OpenTelemetry is not installed.
+    """
+
+    def __init__(self, tracer: TracerLike | None = None) -> None:
+        otel = _opentelemetry()
+        self._otel = otel
+        self._spans = _Spans(otel, tracer or otel.get_tracer("cosmoflow_actors"))
+
+    def handle(self, event: Event) -> None:
+        """Start, annotate or end the spans ``event`` concerns. Never blocks."""
+        self._spans.handle(event)
+
+    def step_span(self, step: StepLike) -> contextlib.AbstractContextManager[object]:
+        """A context manager that makes the span of ``step`` the current OpenTelemetry
+        span (``opentelemetry.context``, a contextvar) until the block ends. Never
+        blocks.
+
+        Code run in the block's task sees it as ``trace.get_current_span()``, and so do
+        the tasks it spawns and ``trio.to_thread`` threads (both copy the task's
+        context); a worker process does not. Spans that code starts are children of the
+        step's span. Leaving the block restores the context as it was, and neither ends
+        the span nor records an error: the step's StepFinished does both. A step with no
+        span (it started before these spans did) changes nothing.
+        """
+        span = self._spans.step(step.execution_id)
+        if span is None:
+            return contextlib.nullcontext()
+        use_span: contextlib.AbstractContextManager[object] = self._otel.use_span(
+            span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+        )
+        return use_span
+
+    def end_all(self) -> None:
+        """End every span still open, now (the engine is closing)."""
+        self._spans.end_all()
+
+
 def _opentelemetry() -> ModuleType:
     """The ``opentelemetry.trace`` module, or ImportError naming the extra."""
     try:
@@ -196,6 +260,10 @@ class _Spans:
                     span.add_event(
                         "events dropped", {"cosmoflow.count": event.count}, self._ns(event.time)
                     )
+
+    def step(self, execution_id: str) -> SpanLike | None:
+        """The open span of step ``execution_id``, if it has one."""
+        return self._steps.get(execution_id)
 
     def end_all(self) -> None:
         """End every span still open (the stream ended), now."""

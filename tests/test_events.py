@@ -1,12 +1,16 @@
-"""engine.events(): run and step events, a bounded buffer that never blocks the engine."""
+"""engine.events(): run and step events; dropping streams that never slow the engine,
+lossless ones that slow it down instead, and listeners called as events happen."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.events import EventHub
 from tests.support import FlakyOnce, Gate, Recorder, single
 
 
@@ -115,3 +119,154 @@ async def test_streams_end_when_the_engine_closes() -> None:
 def test_a_stream_needs_a_positive_buffer() -> None:
     with pytest.raises(ValueError, match="buffer must be an int >= 1"):
         cf.EventStream(0, lambda stream: None)
+
+
+def emitted(count: int, start: int = 0) -> list[cf.Event]:
+    return [cf.RunStarted(f"r{index}", 0.0, "flow") for index in range(start, start + count)]
+
+
+async def read(stream: cf.EventStream, count: int) -> list[cf.Event]:
+    return [await stream.__anext__() for _ in range(count)]
+
+
+async def test_a_lossless_stream_keeps_every_event_past_its_buffer() -> None:
+    hub = EventHub()
+    stream = hub.open(3, lossless=True)
+    for event in emitted(10):
+        hub.emit(event)
+    assert (stream.lossless, stream.held) == (True, 10)
+    assert await read(stream, 10) == emitted(10)
+    assert stream.held == 0
+
+
+async def test_the_hub_is_congested_while_a_lossless_stream_holds_its_buffer() -> None:
+    hub = EventHub()
+    dropping = hub.open(1)
+    lossless = hub.open(3, lossless=True)
+    for event in emitted(2):
+        hub.emit(event)
+    assert not hub.congested  # the dropping stream is full and drops: it never congests
+    hub.emit(emitted(1, 2)[0])
+    assert hub.congested
+    await read(lossless, 1)
+    assert not hub.congested
+    assert dropping.dropped == 2
+
+
+async def test_wait_for_room_blocks_every_emitter_until_the_reader_catches_up() -> None:
+    hub = EventHub()
+    stream = hub.open(2, lossless=True)
+    for event in emitted(3):
+        hub.emit(event)
+    went_on: list[int] = []
+
+    async def emitter(index: int) -> None:
+        await hub.wait_for_room()
+        went_on.append(index)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(emitter, 1)
+        nursery.start_soon(emitter, 2)
+        await trio.testing.wait_all_tasks_blocked()
+        await read(stream, 1)  # 2 left: still full
+        await trio.testing.wait_all_tasks_blocked()
+        assert went_on == []
+        await read(stream, 1)
+    assert sorted(went_on) == [1, 2]
+
+
+async def test_wait_for_room_returns_at_once_without_a_full_lossless_stream() -> None:
+    hub = EventHub()
+    hub.open(5, lossless=True)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await hub.wait_for_room()  # a checkpoint, even when it need not wait
+    await hub.wait_for_room()
+
+
+async def test_closing_a_full_lossless_stream_lets_the_emitters_go_on() -> None:
+    hub = EventHub()
+    first = hub.open(1, lossless=True)
+    second = hub.open(1, lossless=True)
+    hub.emit(emitted(1)[0])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.wait_for_room)
+        await trio.testing.wait_all_tasks_blocked()
+        first.close()  # the other one is still full
+        await trio.testing.wait_all_tasks_blocked()
+        assert hub.congested
+        hub.close()
+    assert not hub.congested
+    assert await read(second, 1) == emitted(1)  # the buffered events stay readable
+
+
+async def test_an_emitter_that_waits_for_room_loses_nothing_to_a_slow_reader() -> None:
+    """5,000 "runs" of 6 events each, emitted as the engine does (never blocking in
+    emit, waiting for room before each run) to a reader that only counts and yields
+    after each event: it gets all 30,000, and the stream never holds more than its
+    buffer plus one run's events."""
+    hub = EventHub()
+    stream = hub.open(100, lossless=True)
+    most_held = 0
+
+    async def engine() -> None:
+        nonlocal most_held
+        for run in range(5_000):
+            if hub.congested:
+                await hub.wait_for_room()
+            for event in emitted(6, 6 * run):
+                hub.emit(event)
+            most_held = max(most_held, stream.held)
+        hub.close()
+
+    count = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(engine)
+        async for _ in stream:
+            count += 1
+            await trio.lowlevel.checkpoint()
+    assert count == 30_000
+    assert 100 <= most_held < 100 + 6
+
+
+async def test_a_listener_sees_each_event_in_the_emitting_task_until_removed() -> None:
+    hub = EventHub()
+    seen: list[tuple[cf.Event, trio.lowlevel.Task]] = []
+    stop = hub.listen(lambda event: seen.append((event, trio.lowlevel.current_task())))
+    assert hub.active
+    [first, second] = emitted(2)
+    hub.emit(first)
+    stop()
+    assert not hub.active
+    hub.emit(second)
+    assert seen == [(first, trio.lowlevel.current_task())]
+
+
+class Traced:
+    """The least a tracer of steps needs: it records events and gives a no-op scope."""
+
+    def __init__(self) -> None:
+        self.events: list[cf.Event] = []
+
+    def handle(self, event: cf.Event) -> None:
+        self.events.append(event)
+
+    def step_span(self, step: cf.ExecutionContext) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+
+def test_a_hub_is_traced_by_one_tracer_at_a_time_until_it_stops() -> None:
+    hub = EventHub()
+    first, second = Traced(), Traced()
+    stop = hub.trace(first)
+    assert (hub.step_spans, hub.active) == (first, True)
+    with pytest.raises(RuntimeError, match="traced already"):
+        hub.trace(second)
+    [event, later] = emitted(2)
+    hub.emit(event)
+    stop()
+    assert (hub.step_spans, hub.active) == (None, False)
+    hub.emit(later)
+    hub.trace(second)
+    assert (first.events, hub.step_spans) == ([event], second)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.tracing import describe_error, format_event, trace_events
+from cosmoflow_actors.events import EventHub
+from cosmoflow_actors.tracing import LiveSpans, describe_error, format_event, trace_events
 from tests.support import FlakyOnce, Gate, Recorder, single
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
 
+from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
@@ -257,3 +260,102 @@ def test_errors_are_described_with_their_causes() -> None:
             raise RuntimeError("outer") from exc
     except RuntimeError as exc:
         assert describe_error(exc) == "RuntimeError: outer (caused by KeyError: 'k')"
+
+
+@dataclass(frozen=True, slots=True)
+class StepRef:
+    """What LiveSpans.step_span reads of a step's ExecutionContext."""
+
+    execution_id: str
+
+
+def live_step(tracer: Tracer) -> tuple[LiveSpans, EventHub]:
+    """LiveSpans tracing a hub, with run r1 and its step r1:1 of node a started."""
+    spans = LiveSpans(tracer)
+    hub = EventHub()
+    hub.trace(spans)
+    assert hub.step_spans is spans
+    hub.emit(cf.RunStarted("r1", 0.0, "flow"))
+    hub.emit(cf.StepStarted("r1", 0.0, "flow", "a", "r1:1"))
+    return spans, hub
+
+
+async def test_step_span_makes_the_step_span_current_in_the_steps_code(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    spans, hub = live_step(tracer)
+    seen: dict[str, str] = {}
+
+    def name_of_current() -> str:
+        span = otel_trace.get_current_span()
+        return span.name if isinstance(span, ReadableSpan) else "none"
+
+    async def child_task() -> None:
+        seen["child task"] = name_of_current()
+
+    with spans.step_span(StepRef("r1:1")):
+        seen["step"] = name_of_current()
+        with tracer.start_as_current_span("call"):
+            pass
+        seen["thread"] = await trio.to_thread.run_sync(name_of_current)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child_task)
+    seen["after"] = name_of_current()
+    hub.emit(cf.StepFinished("r1", 1.0, "flow", "a", "r1:1", 1.0, "default", None))
+    hub.emit(cf.RunFinished("r1", 1.0, "flow", 1.0, 1, "default"))
+
+    assert seen == {"step": "flow/a", "thread": "flow/a", "child task": "flow/a", "after": "none"}
+    finished = by_name(exporter.get_finished_spans())
+    assert sorted(finished) == ["call", "flow", "flow/a"]
+    call, step, run = finished["call"], finished["flow/a"], finished["flow"]
+    assert call.parent is not None and call.parent.span_id == step.context.span_id
+    assert step.parent is not None and step.parent.span_id == run.context.span_id
+    assert (step.attributes or {})["cosmoflow.action"] == "default"
+
+
+async def test_concurrent_steps_each_see_their_own_span(tracer: Tracer) -> None:
+    spans, hub = live_step(tracer)
+    hub.emit(cf.StepStarted("r1", 0.0, "flow", "b", "r1:2.1/2"))
+    seen: dict[str, str] = {}
+    both_inside = trio.Event()
+    inside = 0
+
+    async def step(execution_id: str) -> None:
+        nonlocal inside
+        with spans.step_span(StepRef(execution_id)):
+            inside += 1
+            if inside == 2:
+                both_inside.set()
+            await both_inside.wait()
+            span = otel_trace.get_current_span()
+            assert isinstance(span, ReadableSpan)
+            seen[execution_id] = span.name
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(step, "r1:1")
+        nursery.start_soon(step, "r1:2.1/2")
+    assert seen == {"r1:1": "flow/a", "r1:2.1/2": "flow/b"}
+
+
+async def test_step_span_leaves_errors_and_the_end_to_the_step_events(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    spans, _ = live_step(tracer)
+    with pytest.raises(ValueError, match="no"), spans.step_span(StepRef("r1:1")):
+        raise ValueError("no")
+    assert otel_trace.get_current_span() is otel_trace.INVALID_SPAN
+    assert exporter.get_finished_spans() == ()  # still open: StepFinished ends it
+    with trio.CancelScope() as scope, spans.step_span(StepRef("r1:1")):
+        scope.cancel()
+        await trio.lowlevel.checkpoint()
+    assert otel_trace.get_current_span() is otel_trace.INVALID_SPAN
+    spans.end_all()
+    [step, run] = exporter.get_finished_spans()
+    assert (step.name, step.status.status_code, step.events) == ("flow/a", StatusCode.UNSET, ())
+    assert run.name == "flow"
+
+
+async def test_a_step_without_a_span_changes_nothing(tracer: Tracer) -> None:
+    spans, _ = live_step(tracer)
+    with spans.step_span(StepRef("r1:7")):
+        assert otel_trace.get_current_span() is otel_trace.INVALID_SPAN
