@@ -25,13 +25,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
 from cosmoflow_actors.events import (
-    DEFAULT_BUFFER,
     Event,
     EventsDropped,
     Fallback,
@@ -41,11 +41,12 @@ from cosmoflow_actors.events import (
     RunFinished,
     RunStarted,
     StepFinished,
+    StepSpans,
     StepStarted,
 )
 
 if TYPE_CHECKING:
-    from cosmoflow_actors.events import EventStream
+    pass
 
 OTEL_MISSING: Final = (
     "tracing needs OpenTelemetry, which is not installed: pip install 'cosmoflow-actors[otel]'"
@@ -55,7 +56,9 @@ OTEL_MISSING: Final = (
 class EventSource(Protocol):
     """What :func:`trace_events` reads events from: an :class:`~cosmoflow_actors.Engine`."""
 
-    def events(self, *, buffer: int = ...) -> EventStream: ...
+    def trace(self, spans: StepSpans) -> Callable[[], None]: ...
+
+    async def wait_closed(self) -> None: ...
 
 
 class SpanLike(Protocol):
@@ -151,10 +154,10 @@ async def trace_events(
     engine: EventSource,
     tracer: TracerLike | None = None,
     *,
-    buffer: int = DEFAULT_BUFFER,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Turn the engine's events into OpenTelemetry spans until the engine closes.
+    """Turn the engine's events into OpenTelemetry spans until the engine closes; each
+    step's span is the current span in the step's own code.
 
     ``tracer`` defaults to ``opentelemetry.trace.get_tracer("cosmoflow_actors")``. Start
     it with ``await nursery.start(trace_events, engine)`` in a nursery *around* the
@@ -162,14 +165,13 @@ async def trace_events(
     and it returns when the engine closes. Spans still open then are ended. Raises
     ImportError naming the ``otel`` extra when OpenTelemetry is not installed.
     """
-    otel = _opentelemetry()
-    spans = _Spans(otel, tracer or otel.get_tracer("cosmoflow_actors"))
+    spans = LiveSpans(tracer)
+    stop = engine.trace(spans)
     try:
-        async with engine.events(buffer=buffer) as stream:
-            task_status.started()
-            async for event in stream:
-                spans.handle(event)
+        task_status.started()
+        await engine.wait_closed()
     finally:
+        stop()
         spans.end_all()
 
 

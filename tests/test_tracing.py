@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -12,7 +11,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.events import EventHub
+from cosmoflow_actors.events import EventHub, StepSpans
 from cosmoflow_actors.tracing import LiveSpans, describe_error, format_event, trace_events
 from tests.support import FlakyOnce, Gate, Recorder, single
 
@@ -165,40 +164,35 @@ async def test_concurrent_runs_are_separate_traces(
 
 
 class FedEngine:
-    """An event source whose stream the test fills by hand: exact events, exact drops."""
+    """An event source the test emits into by hand: exact events, closed on demand."""
 
     def __init__(self) -> None:
-        self.stream: cf.EventStream | None = None
+        self.hub = EventHub()
+        self.closed = trio.Event()
 
-    def events(self, *, buffer: int = 10) -> cf.EventStream:
-        self.stream = cf.EventStream(buffer, lambda stream: None)
-        return self.stream
+    def trace(self, spans: StepSpans) -> Callable[[], None]:
+        return self.hub.trace(spans)
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
 
 
-async def test_dropped_events_are_noted_and_open_spans_end_with_the_stream(
+async def test_spans_still_open_when_the_engine_closes_are_ended(
     tracer: Tracer, exporter: InMemorySpanExporter
 ) -> None:
     source = FedEngine()
     error = ConnectionError("down")
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(trace_events, source, tracer, buffer=1))
-        assert source.stream is not None
-        source.stream.offer(cf.RunStarted("r1", 0.0, "flow"))
-        await trio.testing.wait_all_tasks_blocked()
-        source.stream.offer(cf.StepStarted("r1", 0.1, "flow", "a", "r1:1"))
-        source.stream.offer(cf.Retry("r1", 0.2, "a", 1, error, 0.0))
-        source.stream.offer(cf.StepFinished("r1", 0.3, "flow", "a", "r1:1", 0.2, "x", None))
-        await trio.testing.wait_all_tasks_blocked()
-        source.stream.close()
+        await nursery.start(trace_events, source, tracer)
+        source.hub.emit(cf.RunStarted("r1", 0.0, "flow"))
+        source.hub.emit(cf.StepStarted("r1", 0.1, "flow", "a", "r1:1"))
+        source.hub.emit(cf.Retry("r1", 0.2, "a", 1, error, 0.0))
+        source.hub.emit(cf.StepFinished("r1", 0.3, "flow", "a", "r1:1", 0.2, "x", None))
+        source.closed.set()
     [step, run] = exporter.get_finished_spans()
     assert (step.name, [event.name for event in step.events]) == ("flow/a", ["retry"])
-    assert "cosmoflow.action" not in (step.attributes or {})
+    assert step.attributes is not None and step.attributes["cosmoflow.action"] == "x"
     assert run.name == "flow"
-    [dropped] = run.events
-    assert (dropped.name, dict(dropped.attributes or {})) == (
-        "events dropped",
-        {"cosmoflow.count": 1},
-    )
 
 
 async def test_without_opentelemetry_the_error_names_the_extra(

@@ -31,8 +31,10 @@ from cosmoflow_actors.events import (
     RunFailed,
     RunFinished,
     RunStarted,
+    StepSpans,
 )
-from cosmoflow_actors.flow import Flow, FlowResult
+from cosmoflow_actors.flow import Flow, FlowResult, check_runs_allowed
+from cosmoflow_actors.progress import Progress
 from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun, RunRecord
@@ -72,6 +74,8 @@ class Engine:
         self._runs: dict[str, Run] = {}
         self._in_flight = AsyncValue(0)
         self._closed = False
+        self._closed_event = trio.Event()
+        self._progress = Progress()
         self._counts = dict.fromkeys(RunState, 0)
         self._started = 0
         self._on_finish = self._finished
@@ -160,6 +164,8 @@ class Engine:
         run_id = self._check_start(flow, run_id)
         if self._workers is None and _needs_workers(flow):
             raise trio.WouldBlock("the flow's worker processes are not set up yet")
+        if self._events.congested:
+            raise trio.WouldBlock("a lossless event stream is full")
         self._register_nowait(flow)
         entry = self._router.entry(flow)
         if not (entry.idle or entry.mailbox.has_room):
@@ -225,6 +231,8 @@ class Engine:
         Always one checkpoint first, and no other unless it must wait.
         """
         await trio.lowlevel.checkpoint()
+        if self._events.congested:
+            await self._events.wait_for_room()
         storage = as_storage(store)
         if durable is None:
             durable = run_id is not None and storage.persistent
@@ -328,6 +336,7 @@ class Engine:
         run = Run(run_id, flow, actor, storage, on_finish, NOT_DURABLE, keys)
         self._runs[run_id] = run
         self._started += 1
+        self._progress.run_started()
         self._in_flight.value += 1
         if self._events.active:
             self._events.emit(RunStarted(run_id, run.started_at, flow.name))
@@ -350,14 +359,30 @@ class Engine:
         )
         return await self._drive(run, first)
 
-    def events(self, *, buffer: int = DEFAULT_EVENT_BUFFER) -> EventStream:
-        """A stream of every run and step event from now on; never blocks the engine.
+    def events(self, *, buffer: int = DEFAULT_EVENT_BUFFER, lossless: bool = False) -> EventStream:
+        """A stream of every run and step event from now on.
 
         Use as ``async with engine.events() as events: async for event in events: ...``.
-        At most ``buffer`` events wait for the consumer; later ones are dropped and
-        reported by one EventsDropped. The stream ends when the engine closes.
+        At most ``buffer`` events wait for the consumer; by default later ones are
+        dropped (never blocking the engine) and reported by one EventsDropped. With
+        ``lossless=True`` nothing is dropped: while the stream holds ``buffer`` events,
+        new runs and steps wait for the consumer (the engine slows down). The stream
+        ends when the engine closes.
         """
-        return self._events.open(buffer)
+        return self._events.open(buffer, lossless=lossless)
+
+    def progress(self) -> Progress:
+        """The engine's run counts, exact, with an awaitable for change. Never blocks."""
+        return self._progress
+
+    def trace(self, spans: StepSpans) -> Callable[[], None]:
+        """Have ``spans`` (a tracing.LiveSpans) see every event as it is emitted and make
+        each step's span current in its code; returns the function that stops it."""
+        return self._events.trace(spans)
+
+    async def wait_closed(self) -> None:
+        """Block until the engine closes."""
+        await self._closed_event.wait()
 
     def statistics(self) -> EngineStatistics:
         """A snapshot of the run counters and of every live actor. Never blocks."""
@@ -459,6 +484,7 @@ class Engine:
         """Called once when ``run`` ends, whatever ended it."""
         del self._runs[run.run_id]
         self._counts[run.current_state] += 1
+        self._progress.run_finished(run.current_state.value)
         self._in_flight.value -= 1
         self._stores.release(run.store_actor)
         if self._events.active:
@@ -470,6 +496,7 @@ class Engine:
     def _close(self) -> None:
         """Refuse new runs, cancel the ones still in flight, and stop every actor."""
         self._closed = True
+        self._closed_event.set()
         for run in list(self._runs.values()):
             run.cancel()
         self._events.close()
@@ -491,6 +518,7 @@ async def open_engine(
     a crashing actor or a cancelled enclosing scope cancels the runs in flight and stops
     every actor before this returns; errors leave as trio nursery errors do.
     """
+    check_runs_allowed("<engine>")
     _require_positive("mailbox_size", mailbox_size)
     if max_runs is not None:
         _require_positive("max_runs", max_runs)

@@ -175,6 +175,8 @@ class NodeActor(Actor[Step]):
         """Run ``step`` (its slot taken) and route its outcome; return the steps its
         branch goes on with. A cancelled step raises trio.Cancelled and routes nothing.
         """
+        if self._events.congested:
+            await self._events.wait_for_room()
         if step.run.finished:
             return []
         return await self._router.route(await self._outcome(step))
@@ -197,8 +199,12 @@ class NodeActor(Actor[Step]):
             branch=step.branch.label,
         )
         started = self._step_started(ctx)
+        spans = self._events.step_spans
+        span = spans.step_span(ctx) if spans is not None and started is not None else None
         result: StepDone | StepFailed | None = None
         try:
+            if span is not None:
+                span.__enter__()
             action = await self._phases(run, store, ctx)
             values = await _condition_values(store, run.condition_keys)
             await run.durability.commit(run, step.branch, self.node_id, action, store)
@@ -206,6 +212,8 @@ class NodeActor(Actor[Step]):
         except RUN_FAILURES as exc:
             result = StepFailed(run, step.branch, self.node_id, exc)
         finally:
+            if span is not None:
+                span.__exit__(None, None, None)
             if started is not None and self._events.active:
                 self._step_finished(ctx, started, result)
         return result
