@@ -302,6 +302,35 @@ async def test_a_batch_flow_runs_its_flow_once_per_parameter_set() -> None:
     assert store == {"size:a.txt": 5, "size:b.txt": 5, "size:c.txt": 5}
 
 
+@pytest.mark.parametrize("limit", [1, 3, None])
+async def test_a_batch_flow_starts_its_children_in_parameter_order(limit: int | None) -> None:
+    started: list[int] = []
+
+    @cf.node
+    async def record(ctx: cf.ExecutionContext) -> cf.Action:
+        started.append(ctx.params["i"])
+        await trio.lowlevel.checkpoint()
+        return cf.Action.complete(ctx.params["i"] * 10)
+
+    class InOrder(cf.BatchFlow):
+        def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, Any]]:
+            return [{"i": i} for i in range(20)]
+
+        def post(
+            self, store: cf.SharedStore, prep_res: Any, results: Any, ctx: cf.ExecutionContext
+        ) -> cf.Action:
+            return cf.Action.complete([r.result for r in results])
+
+    child = cf.Flow.builder("child").add_node("record", record).build()
+    flow = cf.Flow.builder("batch").add_node("each", InOrder(child, max_concurrency=limit))
+    result = await flow.build().run({})
+    assert result.result == [i * 10 for i in range(20)]
+    if limit == 1:
+        assert started == list(range(20))
+    else:
+        assert sorted(started) == list(range(20))
+
+
 async def test_a_batch_flow_bounds_its_children(autojump_clock: trio.testing.MockClock) -> None:
     inside: list[int] = []
     most = 0

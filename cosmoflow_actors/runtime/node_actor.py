@@ -380,23 +380,27 @@ class NodeActor(Actor[Step]):
 async def _all_or_first_error(
     limit: int | None, jobs: Sequence[Callable[[], Awaitable[Any]]]
 ) -> list[Any]:
-    """Run ``jobs`` concurrently, at most ``limit`` at once (None = all); return their
-    results in order. The first job that raises cancels the others; its error is raised.
+    """Run ``jobs`` concurrently, at most ``limit`` at once (None = all), starting them in
+    order; return their results in order. The first job that raises cancels the
+    others; its error is raised.
     """
     results: list[Any] = [None] * len(jobs)
     failures: list[Exception] = []
     slots = trio.CapacityLimiter(limit or max(len(jobs), 1))
 
     async def one(index: int, job: Callable[[], Awaitable[Any]], nursery: trio.Nursery) -> None:
-        async with slots:
-            try:
-                results[index] = await job()
-            except Exception as exc:
-                failures.append(exc)
-                nursery.cancel_scope.cancel()
+        try:
+            results[index] = await job()
+        except Exception as exc:
+            failures.append(exc)
+            nursery.cancel_scope.cancel()
+        finally:
+            slots.release_on_behalf_of(index)
 
     async with trio.open_nursery() as nursery:
         for index, job in enumerate(jobs):
+            # Taken here, in order: job i + 1 starts only once job i has its slot.
+            await slots.acquire_on_behalf_of(index)
             nursery.start_soon(one, index, job, nursery)
     if failures:
         raise failures[0]
