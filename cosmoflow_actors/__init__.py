@@ -34,8 +34,8 @@ from cosmoflow_actors.events import (
     StepStarted,
 )
 from cosmoflow_actors.flow import END, BatchFlow, Flow, FlowBuilder, FlowResult, Route
-from cosmoflow_actors.progress import Progress, ProgressSnapshot
 from cosmoflow_actors.node import BatchNode, FunctionNode, Node, ParallelBatchNode, node
+from cosmoflow_actors.progress import Progress, ProgressSnapshot
 from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.engine import Engine, list_runs, open_engine
 from cosmoflow_actors.runtime.run import Run, RunState

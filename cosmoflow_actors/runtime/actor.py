@@ -37,11 +37,14 @@ class Mailbox(Generic[M]):
     empty).
     """
 
-    __slots__ = ("_items", "_receiver", "_room", "capacity")
+    __slots__ = ("_items", "_receiver", "_room", "capacity", "items")
 
     def __init__(self, capacity: float) -> None:
         self.capacity = capacity
         self._items: deque[M] = deque()
+        self.items = self._items
+        """The messages waiting, oldest first (read it; change it only through the
+        methods)."""
         self._room = trio.lowlevel.ParkingLot()
         self._receiver: trio.lowlevel.Task | None = None
 
@@ -140,7 +143,7 @@ class Actor(Generic[M]):
     def idle(self) -> bool:
         """Whether a message sent now may be handled at once: the actor is serving, a
         slot is free and no message waits before it."""
-        return self.serving and self.busy < self.limit and not self.mailbox
+        return self.serving and self.busy < self.limit and not self.mailbox.items
 
     def enter(self) -> None:
         """Take a slot for a message about to be handled. Never blocks."""
@@ -152,7 +155,7 @@ class Actor(Generic[M]):
         arrange). Never blocks."""
         self.busy -= 1
         self.messages_processed += 1
-        if self.mailbox and self.busy < self.limit:
+        if self.mailbox.items and self.busy < self.limit:
             self.busy += 1
             return self.mailbox.take()
         return None

@@ -195,13 +195,18 @@ class Engine:
         return [RunRecord.of(record) for record in records]
 
     async def _drive(self, run: Run, first: Step | None) -> FlowResult:
-        """Carry ``run`` from ``first`` in this task while its nodes are idle, then wait
+        """Carry ``run`` from ``first`` in this task while its nodes are idle (see
+        node_actor.carry; in a cancel scope of the run's), then wait
         for its end; cancelling this task cancels the run. If the run was its
         storage's last user, waits until the backend is closed (a FileStorage is then
         compacted into its JSON file)."""
         try:
-            if first is not None:
-                await _carry_here(first)
+            if first is not None and first.actor.idle:
+                first.actor.enter()
+                with trio.CancelScope() as scope:
+                    await carry(first, scope)
+            elif first is not None:
+                await first.actor.send(first)
             if not run.finished:
                 with contextlib.suppress(Exception):  # raised by unwrap below
                     await run.wait()
@@ -530,18 +535,6 @@ async def open_engine(
             await engine._wait_idle()
         finally:
             engine._close()
-
-
-async def _carry_here(step: Step) -> None:
-    """Run ``step`` and those that follow it in this task while their nodes are idle
-    (see node_actor.carry), in a cancel scope of the run's; else send it on."""
-    actor = step.actor
-    if not actor.idle:
-        await actor.send(step)
-        return
-    actor.enter()
-    with trio.CancelScope() as scope:
-        await carry(step, scope)
 
 
 async def _send(run: Run, step: Step) -> None:

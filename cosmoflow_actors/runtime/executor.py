@@ -10,6 +10,7 @@ context they get has no store access.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,12 +27,16 @@ ExecCall = Callable[[Any, ExecutionContext], Awaitable[Any]]
 
 
 def exec_call(node: Node, workers: trio_parallel.WorkerContext | None) -> ExecCall:
-    """The function that runs ``node.exec`` on the node's executor."""
+    """The function that runs ``node.exec`` on the node's executor: for an inline
+    ``async def exec``, the node's own method."""
     if node.executor == "thread":
         return _InThread(node)
     if node.executor == "process":
         assert workers is not None
         return _InProcess(node, workers)
+    if inspect.iscoroutinefunction(node.exec):
+        coroutine_exec: ExecCall = node.exec
+        return coroutine_exec
     return _Inline(node)
 
 
@@ -44,6 +49,8 @@ async def call(method: Callable[..., Any], *args: Any) -> Any:
 
 
 class _Inline:
+    """A plain ``def exec`` (or one returning an awaitable), on the trio thread."""
+
     def __init__(self, node: Node) -> None:
         self._exec = node.exec
 

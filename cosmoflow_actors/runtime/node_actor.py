@@ -29,7 +29,7 @@ from cosmoflow_actors.events import EventHub, Fallback, Retry, StepFinished, Ste
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
 from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode
 from cosmoflow_actors.runtime.actor import Actor
-from cosmoflow_actors.runtime.executor import call, exec_call
+from cosmoflow_actors.runtime.executor import ExecCall, call, exec_call
 from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import Step, StepDone, StepFailed
 from cosmoflow_actors.runtime.run import Run
@@ -78,6 +78,11 @@ class NodeActor(Actor[Step]):
         self._router = router
         self.rate = RateLimiter(*node.rate_limit) if node.rate_limit else None
         self._exec_call = exec_call(node, workers)
+        self._attempt: ExecCall = self._exec_call
+        """One exec attempt: the executor's call itself, unless the node has a rate
+        limit or a timeout to apply around it (chosen once, here)."""
+        if self.rate is not None or node.timeout is not None:
+            self._attempt = self._limited_attempt
         self._run_child = run_child
         self._events = events if events is not None else EventHub()
         self._nursery: trio.Nursery | None = None
@@ -174,17 +179,15 @@ class NodeActor(Actor[Step]):
     async def handle(self, step: Step) -> list[Step]:
         """Run ``step`` (its slot taken) and route its outcome; return the steps its
         branch goes on with. A cancelled step raises trio.Cancelled and routes nothing.
+
+        Runs prep, exec and post, resolves the action and commits a durable step;
+        anything the run caused is a StepFailed for the router.
         """
         if self._events.congested:
             await self._events.wait_for_room()
-        if step.run.finished:
-            return []
-        return await self._router.route(await self._outcome(step))
-
-    async def _outcome(self, step: Step) -> StepDone | StepFailed:
-        """Run prep, exec and post, resolve the action, commit a durable step; the
-        outcome for the router. Anything the run caused is a StepFailed."""
         run = step.run
+        if run.finished:
+            return []
         run.start()
         run.path.append(self.node_id)
         store = run.durability.step_store(run.store)
@@ -206,7 +209,8 @@ class NodeActor(Actor[Step]):
             if span is not None:
                 span.__enter__()
             action = await self._phases(run, store, ctx)
-            values = await _condition_values(store, run.condition_keys)
+            keys = run.condition_keys
+            values = await store.get_many(keys) if keys else _NO_VALUES
             await run.durability.commit(run, step.branch, self.node_id, action, store)
             result = StepDone(run, step.branch, self.node_id, action, values)
         except RUN_FAILURES as exc:
@@ -216,13 +220,17 @@ class NodeActor(Actor[Step]):
                 span.__exit__(None, None, None)
             if started is not None and self._events.active:
                 self._step_finished(ctx, started, result)
-        return result
+        assert result is not None  # set unless an exception left above
+        return await self._router.route(result)
 
     async def _phases(self, run: Run, store: SharedStore, ctx: ExecutionContext) -> Action:
         """prep → exec → post; the action post returned, resolved against the store."""
         node = self.node
         prep_res = await self._user_call("prep", ctx, node.prep, store, ctx)
-        exec_res = await self._exec_phase(run, prep_res, ctx)
+        if isinstance(node, BatchNode | BatchFlow):
+            exec_res = await self._exec_batch(run, prep_res, ctx)
+        else:
+            exec_res = await self._exec(prep_res, ctx)
         self._check_awaited("exec", ctx)
         post_res = await self._user_call("post", ctx, node.post, store, prep_res, exec_res, ctx)
         action = as_action(post_res, self.node_id)
@@ -285,10 +293,8 @@ class NodeActor(Actor[Step]):
             )
         )
 
-    async def _exec_phase(self, run: Run, prep_res: Any, ctx: ExecutionContext) -> Any:
-        """The exec phase: every attempt, or every item of a batch node."""
-        if not isinstance(self.node, BatchNode | BatchFlow):
-            return await self._exec(prep_res, ctx)
+    async def _exec_batch(self, run: Run, prep_res: Any, ctx: ExecutionContext) -> Any:
+        """The exec phase of a batch node: every item, or every child run."""
         if isinstance(self.node, BatchFlow):
             param_sets = _items(self.node_id, ctx, prep_res)
             return await self._run_children(self.node, param_sets, run, ctx)
@@ -343,8 +349,8 @@ class NodeActor(Actor[Step]):
             await trio.sleep(delay)
             delay *= node.backoff
 
-    async def _attempt(self, prep_res: Any, ctx: ExecutionContext) -> Any:
-        """One exec attempt, after the rate limit allows it.
+    async def _limited_attempt(self, prep_res: Any, ctx: ExecutionContext) -> Any:
+        """One exec attempt, after the rate limit allows it, within the timeout.
 
         Past ``timeout`` it fails with TooSlowError: an async or process exec is
         cancelled at the deadline; a sync or thread one cannot be, so its late result
@@ -420,8 +426,9 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
     it while their node is idle (hand-off: this task takes that node's slot).
 
     Steps that cannot be handed off are sent to their actors (blocks while a mailbox
-    is full, holding no slot). Runs each step in ``scope``, which the step's run can
-    cancel; once it is cancelled nothing more is carried.
+    is full, holding no slot). Runs each step in ``scope``, which is in the step's
+    run's scopes while the step runs: only a run that ends cancels it, and an ended
+    run's routing gives no step, so nothing is carried on in a cancelled scope.
     """
     while True:
         actor = step.actor
@@ -437,14 +444,7 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
         for other in following[:-1]:
             await other.actor.send(other)
         step = following[-1]
-        if scope.cancel_called or not step.actor.idle:
+        if not step.actor.idle:
             await step.actor.send(step)
             return
         step.actor.enter()
-
-
-async def _condition_values(store: SharedStore, keys: frozenset[str]) -> Mapping[str, Any]:
-    """The store values the run's route conditions read: one request, or none."""
-    if not keys:
-        return _NO_VALUES
-    return await store.get_many(keys)

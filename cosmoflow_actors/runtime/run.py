@@ -106,6 +106,7 @@ class Run:
         "_state",
         "condition_keys",
         "durability",
+        "finished",
         "flow",
         "main",
         "path",
@@ -135,6 +136,8 @@ class Run:
         """The store actor serving ``storage``; the run holds one use of it."""
         self.store = store_actor.handle(storage)
         self._state = RunState.PENDING
+        self.finished = False
+        """Whether the run has ended (succeeded, failed or was cancelled)."""
         self._observed: AsyncValue[RunState] | None = None
         self._done: trio.Event | None = None
         self.main = Branch([Frame(flow, flow.start_id)])
@@ -175,11 +178,6 @@ class Run:
         """The state now (no AsyncValue needed)."""
         return self._state
 
-    @property
-    def finished(self) -> bool:
-        """Whether the run has ended."""
-        return self._state.finished
-
     def start(self) -> None:
         """Mark the run RUNNING (its first step has started)."""
         if self._state is RunState.PENDING:
@@ -187,6 +185,7 @@ class Run:
 
     def _set_state(self, state: RunState) -> None:
         self._state = state
+        self.finished = state.finished
         if self._observed is not None:
             self._observed.value = state
 

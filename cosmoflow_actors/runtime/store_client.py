@@ -78,7 +78,13 @@ class SharedStore:
         made = self._made
         if not made:
             return []
-        lost = [call for call in made if inspect.getcoroutinestate(call) == "CORO_CREATED"]
+        # A call that ran to its end has no frame left: only the others need a look.
+        lost = [
+            call
+            for call in made
+            if getattr(call, "cr_frame", None) is not None
+            and inspect.getcoroutinestate(call) == "CORO_CREATED"
+        ]
         made.clear()
         for call in lost:
             call.close()
