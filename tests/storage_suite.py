@@ -44,6 +44,23 @@ class Backend:
     """``open(codec=...)``: a new instance over this backend's data."""
     ordered: bool = True
     """``keys()`` keeps insertion order."""
+    exclusive: bool = False
+    """One instance at a time may be open over the data (FileStorage's lock)."""
+    made: list[cf.Storage] = dataclasses.field(default_factory=list)
+    """The instances :meth:`instance` made so far, of an exclusive backend."""
+
+    async def instance(self, **options: Any) -> cf.Storage:
+        """Return :attr:`open` ``(**options)``; for an exclusive backend, first close the
+        instances this method made before, as one process closes a store before another
+        one opens it."""
+        if self.exclusive:
+            for storage in self.made:
+                await storage.aclose()
+            self.made.clear()
+        storage = self.open(**options)
+        if self.exclusive:
+            self.made.append(storage)
+        return storage
 
 
 class JsonDictStorage(cf.Storage):
@@ -166,7 +183,8 @@ def make_backend(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> B
         text: dict[str, str] = {}
         return Backend(name, lambda: JsonDictStorage(text))
     if name == "file":
-        return Backend(name, lambda **options: FileStorage(tmp_path / "store.json", **options))
+        path = tmp_path / "store.json"
+        return Backend(name, lambda **options: FileStorage(path, **options), exclusive=True)
     if name == "sqlite":
         return Backend(name, lambda **options: SQLiteStorage(tmp_path / "store.db", **options))
     server: RedisServer = request.getfixturevalue("redis_server")
