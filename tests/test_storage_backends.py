@@ -8,7 +8,11 @@ through the engine and the whole SharedStore API. Backends differ only where the
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import decimal
+import math
 import os
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -229,6 +233,72 @@ async def test_the_json_codec_stores_dataclasses_and_tuples_as_json(backend: Bac
     assert await in_run(
         lambda store: store.get("p", type=Point), await backend.instance()
     ) == Point(1, 2.5)
+
+
+@persistent
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), {"readings": [1.5, float("-inf")]}, (1, float("nan"))],
+    ids=["nan", "inf", "nested", "tuple"],
+)
+async def test_the_json_codec_refuses_a_float_it_would_change(backend: Backend, value: Any) -> None:
+    storage = await committed(backend, kept=1)
+
+    with pytest.raises(cf.StorageError, match=r"key 'x': a value of type \w+ holds the float"):
+        await storage.set("x", value)
+    await storage.commit()
+
+    assert await contents(await backend.instance()) == {"kept": 1}
+
+
+EXACT = {
+    "set": ({1, 2}, set[int]),
+    "frozenset": (frozenset({"a"}), frozenset[str]),
+    "tuple": ((1, "a", None), tuple[int, str, None]),
+    "bytes": (b"\x00\xff", bytes),
+    "bytearray": (bytearray(b"\x01"), bytearray),
+    "datetime": (datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.UTC), datetime.datetime),
+    "decimal": (decimal.Decimal("1.10"), decimal.Decimal),
+    "uuid": (uuid.UUID(int=7), uuid.UUID),
+    "negative zero": (-0.0, float),
+    "big int": (2**80, int),
+}
+"""Values the JSON codec stores as another JSON type, each with the type that restores it."""
+
+
+@persistent
+async def test_the_json_codec_gives_back_exact_values_when_asked_for_their_type(
+    backend: Backend,
+) -> None:
+    await in_run(
+        lambda store: store.set_many({k: v for k, (v, _) in EXACT.items()}),
+        await backend.instance(),
+    )
+
+    async def typed(store: cf.SharedStore) -> dict[str, Any]:
+        return {key: await store.get(key, type=kind) for key, (_, kind) in EXACT.items()}
+
+    restored = await in_run(typed, await backend.instance())
+
+    assert restored == {key: value for key, (value, _) in EXACT.items()}
+    assert {key: type(value) for key, value in restored.items()} == {
+        key: type(value) for key, (value, _) in EXACT.items()
+    }
+    assert math.copysign(1, restored["negative zero"]) == -1
+
+
+@persistent
+async def test_the_pickle_codec_keeps_every_value_exactly(backend: Backend) -> None:
+    storage = await backend.instance(codec="pickle")
+    values = {key: value for key, (value, _) in EXACT.items()}
+    await storage.set("values", values)
+    await storage.set("nan", float("nan"))
+    await storage.commit()
+
+    reopened = await backend.instance(codec="pickle")
+
+    assert await reopened.get("values") == values
+    assert math.isnan(await reopened.get("nan"))
 
 
 @persistent
