@@ -18,13 +18,14 @@ import socket
 import subprocess
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.storage.file import FileStorage
@@ -165,6 +166,28 @@ def _read_log(server: RedisServer, ready: threading.Event) -> None:
         if b"Ready to accept connections" in line:
             ready.set()
     ready.set()
+
+
+@asynccontextmanager
+async def holder(command: list[str], ready: bytes) -> AsyncIterator[trio.Process]:
+    """Run ``command``, a real process that takes hold of something (a lock, a store)
+    and then prints ``ready`` and a newline; yield it once it has. At exit its stdin is
+    closed, which tells it to let go and exit, and it is waited for."""
+    process = await trio.lowlevel.open_process(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        output = b""
+        while not output.endswith(b"\n"):
+            chunk = await process.stdout.receive_some()
+            assert chunk, f"{command[:3]} exited before it was ready: {output!r}"
+            output += chunk
+        assert output == ready + b"\n"
+        yield process
+    finally:
+        await process.stdin.aclose()
+        await process.wait()
 
 
 BACKENDS = ["memory", "file", "sqlite", "redis", "custom"]

@@ -13,12 +13,10 @@ import re
 import shutil
 import signal
 import stat
-import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,12 @@ from cosmoflow_actors.storage import file as file_backend
 from cosmoflow_actors.storage import journal as journal_format
 from cosmoflow_actors.storage.codec import get_codec
 from cosmoflow_actors.storage.file import COMPACT_MIN_BYTES, FileStorage
-from tests.storage_suite import file_size_limit, read_only, skip_unless_read_only_works
+from tests.storage_suite import (
+    file_size_limit,
+    holder,
+    read_only,
+    skip_unless_read_only_works,
+)
 
 STRAY_SUFFIX = ".0123456789abcdef.tmp"
 SNAPSHOT = (
@@ -557,25 +560,10 @@ HOLDER = textwrap.dedent(
 more and closes it."""
 
 
-@asynccontextmanager
-async def holder(path: Path) -> AsyncIterator[trio.Process]:
-    """A real second process holding the store at ``path`` open; at exit it is told to
-    close it, and waited for."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    assert process.stdin is not None and process.stdout is not None
-    try:
-        output = b""
-        while not output.endswith(b"\n"):
-            chunk = await process.stdout.receive_some()
-            assert chunk, f"the holder exited: {output!r}"
-            output += chunk
-        assert output == b"open\n"
-        yield process
-    finally:
-        await process.stdin.aclose()
-        await process.wait()
+def holding(path: Path) -> AbstractAsyncContextManager[trio.Process]:
+    """A real second process holding the store at ``path`` open (see :data:`HOLDER`);
+    at exit it is told to close it, and waited for."""
+    return holder([sys.executable, "-c", HOLDER, str(path)], b"open")
 
 
 async def test_a_store_another_process_holds_open_is_refused_naming_its_pid(
@@ -583,7 +571,7 @@ async def test_a_store_another_process_holds_open_is_refused_naming_its_pid(
 ) -> None:
     path = tmp_path / "store.json"
 
-    async with holder(path) as process:
+    async with holding(path) as process:
         with pytest.raises(StorageError) as info:
             await FileStorage(path).open()
         message = str(info.value)
@@ -604,7 +592,7 @@ async def test_an_opener_that_waits_opens_once_the_other_process_closes(tmp_path
         await storage.open()
         opened.set()
 
-    async with holder(path) as process, trio.open_nursery() as nursery:
+    async with holding(path) as process, trio.open_nursery() as nursery:
         nursery.start_soon(open_it)
         await trio.testing.wait_all_tasks_blocked()
         assert not opened.is_set()
@@ -619,7 +607,7 @@ async def test_an_opener_that_waits_opens_once_the_other_process_closes(tmp_path
 async def test_a_holder_that_dies_leaves_no_lock(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
 
-    async with holder(path) as process:
+    async with holding(path) as process:
         process.send_signal(signal.SIGKILL)
         await process.wait()
         storage = FileStorage(path)
