@@ -18,13 +18,14 @@ import socket
 import subprocess
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.storage.file import FileStorage
@@ -44,6 +45,23 @@ class Backend:
     """``open(codec=...)``: a new instance over this backend's data."""
     ordered: bool = True
     """``keys()`` keeps insertion order."""
+    exclusive: bool = False
+    """One instance at a time may be open over the data (FileStorage's lock)."""
+    made: list[cf.Storage] = dataclasses.field(default_factory=list)
+    """The instances :meth:`instance` made so far, of an exclusive backend."""
+
+    async def instance(self, **options: Any) -> cf.Storage:
+        """Return :attr:`open` ``(**options)``; for an exclusive backend, first close the
+        instances this method made before, as one process closes a store before another
+        one opens it."""
+        if self.exclusive:
+            for storage in self.made:
+                await storage.aclose()
+            self.made.clear()
+        storage = self.open(**options)
+        if self.exclusive:
+            self.made.append(storage)
+        return storage
 
 
 class JsonDictStorage(cf.Storage):
@@ -150,6 +168,28 @@ def _read_log(server: RedisServer, ready: threading.Event) -> None:
     ready.set()
 
 
+@asynccontextmanager
+async def holder(command: list[str], ready: bytes) -> AsyncIterator[trio.Process]:
+    """Run ``command``, a real process that takes hold of something (a lock, a store)
+    and then prints ``ready`` and a newline; yield it once it has. At exit its stdin is
+    closed, which tells it to let go and exit, and it is waited for."""
+    process = await trio.lowlevel.open_process(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        output = b""
+        while not output.endswith(b"\n"):
+            chunk = await process.stdout.receive_some()
+            assert chunk, f"{command[:3]} exited before it was ready: {output!r}"
+            output += chunk
+        assert output == ready + b"\n"
+        yield process
+    finally:
+        await process.stdin.aclose()
+        await process.wait()
+
+
 BACKENDS = ["memory", "file", "sqlite", "redis", "custom"]
 ENCODING = ["file", "sqlite", "redis", "custom"]
 """Values are stored encoded: copies come back, unencodable values are refused."""
@@ -166,7 +206,8 @@ def make_backend(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> B
         text: dict[str, str] = {}
         return Backend(name, lambda: JsonDictStorage(text))
     if name == "file":
-        return Backend(name, lambda **options: FileStorage(tmp_path / "store.json", **options))
+        path = tmp_path / "store.json"
+        return Backend(name, lambda **options: FileStorage(path, **options), exclusive=True)
     if name == "sqlite":
         return Backend(name, lambda **options: SQLiteStorage(tmp_path / "store.db", **options))
     server: RedisServer = request.getfixturevalue("redis_server")

@@ -8,7 +8,11 @@ through the engine and the whole SharedStore API. Backends differ only where the
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import decimal
+import math
 import os
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,7 +63,7 @@ encoding = pytest.mark.parametrize("backend", ENCODING, indirect=True)
 
 
 async def committed(backend: Backend, **values: Any) -> cf.Storage:
-    storage = backend.open()
+    storage = await backend.instance()
     await storage.open()
     for key, value in values.items():
         await storage.set(key, value)
@@ -87,11 +91,11 @@ async def test_set_get_delete_keys_contains_size(backend: Backend) -> None:
     assert await storage.contains("m") is False
     assert await storage.size() == 2
     await storage.commit()
-    assert await contents(backend.open()) == {"z": 1, "a": {"nested": [1, "two", None]}}
+    assert await contents(await backend.instance()) == {"z": 1, "a": {"nested": [1, "two", None]}}
 
 
 async def test_missing_key(backend: Backend) -> None:
-    storage = backend.open()
+    storage = await backend.instance()
 
     with pytest.raises(KeyError):
         await storage.get("absent")
@@ -106,14 +110,14 @@ async def test_clear(backend: Backend) -> None:
     await storage.set("c", 3)
     await storage.commit()
 
-    assert await contents(backend.open()) == {"c": 3}
+    assert await contents(await backend.instance()) == {"c": 3}
 
 
 @persistent
 async def test_a_new_instance_sees_what_was_committed(backend: Backend) -> None:
     await committed(backend, n=1, f=2.5, s="text", b=True, none=None, l=[1, [2]])
 
-    assert await contents(backend.open()) == {
+    assert await contents(await backend.instance()) == {
         "n": 1,
         "f": 2.5,
         "s": "text",
@@ -127,7 +131,7 @@ async def test_odd_keys_round_trip_and_never_become_paths(backend: Backend, tmp_
     await committed(backend, **{key: index for index, key in enumerate(ODD_KEYS)})
     files = sorted(os.listdir(tmp_path))
 
-    reopened = backend.open()
+    reopened = await backend.instance()
 
     assert [await reopened.get(key) for key in ODD_KEYS] == list(range(len(ODD_KEYS)))
     assert sorted(await reopened.keys()) == sorted(ODD_KEYS)
@@ -140,7 +144,7 @@ async def test_a_ten_megabyte_value_round_trips(backend: Backend) -> None:
     value = {"blob": "x" * 10_000_000, "tail": [1, 2, 3]}
     await committed(backend, big=value)
 
-    assert await backend.open().get("big") == value
+    assert await (await backend.instance()).get("big") == value
 
 
 @encoding
@@ -155,7 +159,7 @@ async def test_an_unencodable_value_raises_and_stores_nothing(backend: Backend) 
 
     assert await storage.contains("new") is False
     assert await storage.get("kept") == 1
-    assert await contents(backend.open()) == {"kept": 1}
+    assert await contents(await backend.instance()) == {"kept": 1}
 
 
 @encoding
@@ -168,7 +172,7 @@ async def test_get_returns_a_fresh_copy(backend: Backend) -> None:
 
 
 async def test_a_key_that_is_not_valid_unicode_is_missing(backend: Backend) -> None:
-    storage = backend.open()
+    storage = await backend.instance()
 
     with pytest.raises(KeyError):
         await storage.get("\ud800")
@@ -178,7 +182,7 @@ async def test_a_key_that_is_not_valid_unicode_is_missing(backend: Backend) -> N
 
 @persistent
 async def test_a_key_that_is_not_valid_unicode_is_never_stored(backend: Backend) -> None:
-    storage = backend.open()
+    storage = await backend.instance()
 
     with pytest.raises(cf.StorageError, match="key"):
         await storage.set("\ud800", 1)
@@ -187,7 +191,7 @@ async def test_a_key_that_is_not_valid_unicode_is_never_stored(backend: Backend)
 
 
 async def test_non_str_key_raises_type_error(backend: Backend) -> None:
-    storage = backend.open()
+    storage = await backend.instance()
 
     with pytest.raises(TypeError):
         await storage.set(1, "one")  # type: ignore[arg-type]
@@ -196,7 +200,7 @@ async def test_non_str_key_raises_type_error(backend: Backend) -> None:
 
 
 async def test_update_hook(backend: Backend) -> None:
-    storage = backend.open()
+    storage = await backend.instance()
 
     assert await storage.update("n", lambda n: n + 1, 0) == 1
     assert await storage.update("n", lambda n: n * 10, 0) == 10
@@ -204,7 +208,7 @@ async def test_update_hook(backend: Backend) -> None:
         await storage.update("n", lambda n: n / 0, 0)
     await storage.commit()
 
-    assert await backend.open().get("n") == 10
+    assert await (await backend.instance()).get("n") == 10
 
 
 @encoding
@@ -215,28 +219,96 @@ async def test_update_of_an_unencodable_result_stores_nothing(backend: Backend) 
         await storage.update("n", lambda n: object(), 0)
     await storage.commit()
 
-    assert await backend.open().get("n") == 1
+    assert await (await backend.instance()).get("n") == 1
 
 
 @persistent
 async def test_the_json_codec_stores_dataclasses_and_tuples_as_json(backend: Backend) -> None:
-    storage = backend.open(codec="json")
+    storage = await backend.instance(codec="json")
     await storage.set("p", Point(1, 2.5))
     await storage.set("t", (1, 2))
     await storage.commit()
 
-    assert await contents(backend.open()) == {"p": {"x": 1, "y": 2.5}, "t": [1, 2]}
-    assert await in_run(lambda store: store.get("p", type=Point), backend.open()) == Point(1, 2.5)
+    assert await contents(await backend.instance()) == {"p": {"x": 1, "y": 2.5}, "t": [1, 2]}
+    assert await in_run(
+        lambda store: store.get("p", type=Point), await backend.instance()
+    ) == Point(1, 2.5)
+
+
+@persistent
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), {"readings": [1.5, float("-inf")]}, (1, float("nan"))],
+    ids=["nan", "inf", "nested", "tuple"],
+)
+async def test_the_json_codec_refuses_a_float_it_would_change(backend: Backend, value: Any) -> None:
+    storage = await committed(backend, kept=1)
+
+    with pytest.raises(cf.StorageError, match=r"key 'x': a value of type \w+ holds the float"):
+        await storage.set("x", value)
+    await storage.commit()
+
+    assert await contents(await backend.instance()) == {"kept": 1}
+
+
+EXACT = {
+    "set": ({1, 2}, set[int]),
+    "frozenset": (frozenset({"a"}), frozenset[str]),
+    "tuple": ((1, "a", None), tuple[int, str, None]),
+    "bytes": (b"\x00\xff", bytes),
+    "bytearray": (bytearray(b"\x01"), bytearray),
+    "datetime": (datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.UTC), datetime.datetime),
+    "decimal": (decimal.Decimal("1.10"), decimal.Decimal),
+    "uuid": (uuid.UUID(int=7), uuid.UUID),
+    "negative zero": (-0.0, float),
+    "big int": (2**80, int),
+}
+"""Values the JSON codec stores as another JSON type, each with the type that restores it."""
+
+
+@persistent
+async def test_the_json_codec_gives_back_exact_values_when_asked_for_their_type(
+    backend: Backend,
+) -> None:
+    await in_run(
+        lambda store: store.set_many({k: v for k, (v, _) in EXACT.items()}),
+        await backend.instance(),
+    )
+
+    async def typed(store: cf.SharedStore) -> dict[str, Any]:
+        return {key: await store.get(key, type=kind) for key, (_, kind) in EXACT.items()}
+
+    restored = await in_run(typed, await backend.instance())
+
+    assert restored == {key: value for key, (value, _) in EXACT.items()}
+    assert {key: type(value) for key, value in restored.items()} == {
+        key: type(value) for key, (value, _) in EXACT.items()
+    }
+    assert math.copysign(1, restored["negative zero"]) == -1
+
+
+@persistent
+async def test_the_pickle_codec_keeps_every_value_exactly(backend: Backend) -> None:
+    storage = await backend.instance(codec="pickle")
+    values = {key: value for key, (value, _) in EXACT.items()}
+    await storage.set("values", values)
+    await storage.set("nan", float("nan"))
+    await storage.commit()
+
+    reopened = await backend.instance(codec="pickle")
+
+    assert await reopened.get("values") == values
+    assert math.isnan(await reopened.get("nan"))
 
 
 @persistent
 async def test_the_pickle_codec_round_trips_arbitrary_objects(backend: Backend) -> None:
-    storage = backend.open(codec="pickle")
+    storage = await backend.instance(codec="pickle")
     value = {"point": Point(3, 4.0), "tuple": (1, 2), "set": {1, 2}, "function": lambda x: x + 1}
     await storage.set("value", value)
     await storage.commit()
 
-    stored = await backend.open(codec="pickle").get("value")
+    stored = await (await backend.instance(codec="pickle")).get("value")
 
     assert stored["point"] == Point(3, 4.0)
     assert (stored["tuple"], stored["set"], stored["function"](1)) == ((1, 2), {1, 2}, 2)
@@ -247,20 +319,20 @@ async def test_a_store_opened_with_another_codec_is_refused(backend: Backend) ->
     await committed(backend, a=1)
 
     with pytest.raises(cf.StorageError, match="codec"):
-        await backend.open(codec="pickle").open()
-    assert await backend.open(codec="json").get("a") == 1
+        await (await backend.instance(codec="pickle")).open()
+    assert await (await backend.instance(codec="json")).get("a") == 1
 
 
 @persistent
 async def test_the_pickle_codec_is_never_chosen_implicitly(backend: Backend) -> None:
-    pickled = backend.open(codec="pickle")
+    pickled = await backend.instance(codec="pickle")
     await pickled.set("a", 1)
     await pickled.commit()
 
     with pytest.raises(cf.StorageError, match="codec='pickle'"):
-        await backend.open().open()
+        await (await backend.instance()).open()
     with pytest.raises(ValueError, match="codec"):
-        backend.open(codec="marshal")
+        await backend.instance(codec="marshal")
 
 
 # --- through the engine: the SharedStore API -----------------------------------------------
@@ -291,7 +363,7 @@ async def test_the_shared_store_api(backend: Backend) -> None:
         seen["after_clear"] = await store.size()
         return seen
 
-    seen = await in_run(body, backend.open())
+    seen = await in_run(body, await backend.instance())
 
     assert seen == {
         "get": 1,
@@ -318,8 +390,8 @@ async def test_set_many_is_all_or_nothing(backend: Backend) -> None:
             await store.set_many({"a": "new", "b": object()})
         return await store.get_many(["a", "b"])
 
-    assert await in_run(body, backend.open()) == {"a": "old"}
-    assert await contents(backend.open()) == {"a": "old"}
+    assert await in_run(body, await backend.instance()) == {"a": "old"}
+    assert await contents(await backend.instance()) == {"a": "old"}
 
 
 @encoding
@@ -330,7 +402,7 @@ async def test_an_unencodable_value_fails_only_its_run(backend: Backend) -> None
         await ctx.store.set(ctx.params["key"], ctx.params["value"])
 
     flow = single(write)
-    storage = backend.open()
+    storage = await backend.instance()
     async with cf.open_engine() as engine:
         assert (await engine.run(flow, storage, params={"key": "a", "value": 1})).success
         with pytest.raises(cf.NodeError) as info:
@@ -338,7 +410,7 @@ async def test_an_unencodable_value_fails_only_its_run(backend: Backend) -> None
         assert isinstance(info.value.__cause__, cf.StorageError)
         assert (await engine.run(flow, storage, params={"key": "c", "value": 3})).success
 
-    assert await contents(backend.open()) == {"a": 1, "c": 3}
+    assert await contents(await backend.instance()) == {"a": 1, "c": 3}
 
 
 async def test_a_thousand_runs_of_ten_increments_count_to_ten_thousand(
@@ -350,20 +422,20 @@ async def test_a_thousand_runs_of_ten_increments_count_to_ten_thousand(
             await ctx.store.update("counter", lambda n: n + 1, default=0)
 
     flow = single(increment)
-    storage = backend.open()
+    storage = await backend.instance()
     async with cf.open_engine() as engine:
         runs = [await engine.start_run(flow, storage) for _ in range(1000)]
         results = [await run.wait() for run in runs]
 
     assert all(result.success for result in results)
-    assert await in_run(lambda store: store.get("counter"), backend.open()) == 10_000
+    assert await in_run(lambda store: store.get("counter"), await backend.instance()) == 10_000
 
 
 @persistent
 async def test_runs_see_what_earlier_runs_committed(backend: Backend) -> None:
-    await in_run(lambda store: store.set_many({"x": 1, "y": "two"}), backend.open())
+    await in_run(lambda store: store.set_many({"x": 1, "y": "two"}), await backend.instance())
 
-    assert await in_run(lambda store: store.get_many(["x", "y"]), backend.open()) == {
+    assert await in_run(lambda store: store.get_many(["x", "y"]), await backend.instance()) == {
         "x": 1,
         "y": "two",
     }
@@ -385,14 +457,14 @@ async def test_a_full_disk_fails_the_writing_run_only(
             await ctx.store.set("small", 1)
 
     flow = single(write)
-    storage = backend.open()
+    storage = await backend.instance()
     async with cf.open_engine() as engine:
         with pytest.raises(cf.NodeError) as info:
             await engine.run(flow, storage, params={"fill": True})
         assert isinstance(info.value.__cause__, cf.StorageError)
         assert (await engine.run(flow, storage)).success
 
-    assert await contents(backend.open()) == {"kept": "before", "small": 1}
+    assert await contents(await backend.instance()) == {"kept": "before", "small": 1}
 
 
 @pytest.mark.parametrize("durable", [True, False], ids=["durable", "plain"])
@@ -402,7 +474,7 @@ async def test_updates_on_two_instances_are_not_lost(backend: Backend, durable: 
     in a transaction of the backend's own (SQLite's BEGIN IMMEDIATE, Redis's
     WATCH/MULTI/EXEC), and so does a durable step's commit (Storage.commit_step), so
     updates from both all land."""
-    storages = [backend.open(), backend.open()]
+    storages = [await backend.instance(), await backend.instance()]
 
     @cf.node
     async def bump(ctx: cf.ExecutionContext) -> None:
@@ -417,7 +489,7 @@ async def test_updates_on_two_instances_are_not_lost(backend: Backend, durable: 
                 run_id = f"{name}{index}"
                 options = {"run_id": run_id} if durable else {"params": {"id": run_id}}
                 nursery.start_soon(partial(engine.run, flow, storage, **options))
-    reader = backend.open()
+    reader = await backend.instance()
     assert await reader.get("count") == 100
     assert sorted(await reader.get("log")) == sorted(f"{n}{i}" for n in "ab" for i in range(50))
     for storage in [reader, *storages]:
@@ -452,7 +524,11 @@ async def test_a_durable_step_applies_its_writes_in_order(backend: Backend) -> N
         await engine.run(flow, storage, run_id="r")
         records = await engine.list_runs(storage)
 
-    assert await user_contents(backend.open()) == {"keep": "new", "n": 11, "after": [1, 2]}
+    assert await user_contents(await backend.instance()) == {
+        "keep": "new",
+        "n": 11,
+        "after": [1, 2],
+    }
     assert [(r.run_id, r.state, r.steps) for r in records] == [("r", "succeeded", 1)]
 
 
@@ -474,5 +550,5 @@ async def test_a_durable_step_that_cannot_be_encoded_stores_nothing(backend: Bac
             await engine.run(flow, storage, run_id="r")
         records = await engine.list_runs(storage)
 
-    assert await user_contents(backend.open()) == {"n": 1}
+    assert await user_contents(await backend.instance()) == {"n": 1}
     assert [(r.state, r.steps) for r in records] == [("failed", 0)]

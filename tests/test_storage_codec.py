@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import threading
 from typing import Any
 
@@ -37,6 +39,54 @@ def test_json_refuses_what_it_cannot_encode_naming_key_and_type() -> None:
         get_codec("json").encode("k", object())
 
     assert isinstance(info.value.__cause__, TypeError)
+
+
+@dataclasses.dataclass
+class Reading:
+    value: float
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name", "bad"),
+    [
+        (NAN, "float", "nan"),
+        (float("inf"), "float", "inf"),
+        ({"a": [1, float("-inf")]}, "dict", "-inf"),
+        ((1, NAN), "tuple", "nan"),
+        ({NAN}, "set", "nan"),
+        (Reading(NAN), "Reading", "nan"),
+    ],
+)
+def test_json_refuses_the_floats_it_would_write_as_null(
+    value: Any, type_name: str, bad: str
+) -> None:
+    with pytest.raises(StorageError) as info:
+        get_codec("json").encode("k", value)
+
+    message = str(info.value)
+    assert f"key 'k': a value of type {type_name} holds the float {bad}" in message
+    assert "codec='pickle'" in message
+
+
+def test_json_keeps_null_and_the_strings_that_look_like_floats() -> None:
+    codec = get_codec("json")
+    value = {"none": None, "text": ["null", "nan", "inf"], "big": 1.7976931348623157e308}
+
+    assert codec.decode(codec.encode("k", value)) == value
+
+
+def test_pickle_keeps_nan_infinities_sets_bytes_and_tuples_exactly() -> None:
+    codec = get_codec("pickle")
+    value = {"set": {1, 2}, "bytes": b"\x00\xff", "tuple": (1, "a"), "inf": float("-inf")}
+
+    stored = codec.decode_json(codec.encode_json("k", {**value, "nan": NAN}))
+
+    assert math.isnan(stored.pop("nan"))
+    assert stored == value
+    assert [type(stored[key]) for key in value] == [set, bytes, tuple, float]
 
 
 def test_pickle_refuses_what_it_cannot_pickle_naming_key_and_type() -> None:

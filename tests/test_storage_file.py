@@ -5,26 +5,38 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import pickle
 import re
 import shutil
+import signal
 import stat
+import sys
+import textwrap
 import threading
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage import file as file_backend
 from cosmoflow_actors.storage import journal as journal_format
+from cosmoflow_actors.storage.codec import get_codec
 from cosmoflow_actors.storage.file import COMPACT_MIN_BYTES, FileStorage
-from tests.storage_suite import file_size_limit, read_only, skip_unless_read_only_works
+from tests.storage_suite import (
+    file_size_limit,
+    holder,
+    read_only,
+    skip_unless_read_only_works,
+)
 
 STRAY_SUFFIX = ".0123456789abcdef.tmp"
 SNAPSHOT = (
@@ -48,7 +60,7 @@ class Track:
 
 
 async def stored(path: Path, **values: Any) -> FileStorage:
-    """Return a storage at ``path`` holding ``values``, committed."""
+    """Return a storage at ``path`` holding ``values``, committed; it stays open."""
     storage = FileStorage(path)
     for key, value in values.items():
         await storage.set(key, value)
@@ -56,10 +68,17 @@ async def stored(path: Path, **values: Any) -> FileStorage:
     return storage
 
 
-async def on_disk(path: Path, codec: str = "json") -> dict[str, Any]:
-    """What a fresh instance reads from the files: the committed state."""
-    storage = FileStorage(path, codec=codec)
-    return {key: await storage.get(key) for key in await storage.keys()}
+async def saved(path: Path, **values: Any) -> None:
+    """Leave a closed store at ``path`` holding ``values``: the files are as
+    :func:`stored` leaves them (its one commit compacts, so closing writes nothing)."""
+    await (await stored(path, **values)).aclose()
+
+
+def on_disk(path: Path, codec: str = "json") -> dict[str, Any]:
+    """What the files hold, in key order: the committed state, loaded as an instance
+    loads it, but without the lock, so beside an instance that holds it."""
+    loaded = journal_format.load(path, get_codec(codec))
+    return {key: get_codec(codec).decode_json(raw) for key, raw in loaded.entries.items()}
 
 
 def snapshot(path: Path) -> dict[str, Any]:
@@ -80,8 +99,13 @@ def append(path: Path, text: str) -> None:
         file.write(text)
 
 
+def listing(directory: Path) -> list[str]:
+    """The names in ``directory``, but for the lock files of open stores."""
+    return sorted(name for name in os.listdir(directory) if not name.endswith(".lock"))
+
+
 def files(directory: Path) -> dict[str, bytes]:
-    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+    return {name: (directory / name).read_bytes() for name in listing(directory)}
 
 
 @pytest.fixture
@@ -133,7 +157,7 @@ async def test_a_commit_appends_one_line_and_leaves_the_snapshot_alone(tmp_path:
     assert journal(path) == (
         HEADER % 1 + '[["set","c",{"d":[3]}],["delete","a"]]\n[["clear"],["set","e",null]]\n'
     )
-    assert await on_disk(path) == {"e": None}
+    assert on_disk(path) == {"e": None}
 
 
 async def test_the_journal_is_replayed_in_order_at_open(tmp_path: Path) -> None:
@@ -146,10 +170,7 @@ async def test_the_journal_is_replayed_in_order_at_open(tmp_path: Path) -> None:
     await storage.set("a", 5)
     await storage.commit()
 
-    reopened = FileStorage(path)
-
-    assert await reopened.keys() == ["z", "m", "a"]
-    assert await on_disk(path) == {"z": 4, "m": 3, "a": 5}
+    assert list(on_disk(path).items()) == [("z", 4), ("m", 3), ("a", 5)]
 
 
 async def test_a_commit_syncs_its_line_in_a_worker_thread_before_it_returns(
@@ -196,7 +217,7 @@ async def test_a_commit_cancelled_while_it_writes_still_completes(
     assert returned
     assert scope.cancelled_caught
     assert await storage.keys() == ["a", "b"]
-    assert await on_disk(path) == {"a": 1, "b": 2}
+    assert on_disk(path) == {"a": 1, "b": 2}
 
 
 async def test_set_without_commit_is_not_on_disk(tmp_path: Path) -> None:
@@ -204,11 +225,11 @@ async def test_set_without_commit_is_not_on_disk(tmp_path: Path) -> None:
     storage = FileStorage(path)
 
     await storage.set("a", 1)
-    assert os.listdir(tmp_path) == []
+    assert listing(tmp_path) == []
 
     await storage.commit()
     await storage.set("b", 2)
-    assert await on_disk(path) == {"a": 1}
+    assert on_disk(path) == {"a": 1}
 
 
 async def test_commit_without_changes_does_not_write(tmp_path: Path) -> None:
@@ -231,8 +252,8 @@ async def test_missing_file_is_an_empty_store_until_a_commit_writes(tmp_path: Pa
     await storage.commit()
     await storage.aclose()
 
-    assert await storage.keys() == []
     assert os.listdir(tmp_path) == []
+    assert await storage.keys() == []
 
 
 async def test_constructor_does_no_io(tmp_path: Path) -> None:
@@ -248,16 +269,14 @@ async def test_constructor_does_no_io(tmp_path: Path) -> None:
     assert not path.parent.exists()
 
 
-async def test_a_missing_directory_is_an_empty_store_until_a_commit_fails(
-    tmp_path: Path,
-) -> None:
+async def test_a_missing_directory_is_a_storage_error_at_open(tmp_path: Path) -> None:
     storage = FileStorage(tmp_path / "missing" / "store.json")
-    await storage.set("a", 1)
 
-    with pytest.raises(StorageError, match="missing"):
-        await storage.commit()
+    with pytest.raises(StorageError, match="missing") as info:
+        await storage.open()
 
-    assert await storage.keys() == []
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    assert os.listdir(tmp_path) == []
 
 
 async def test_relative_path_is_made_absolute() -> None:
@@ -266,7 +285,7 @@ async def test_relative_path_is_made_absolute() -> None:
 
 async def test_open_is_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
-    await stored(path, a=1)
+    await saved(path, a=1)
     storage = FileStorage(path)
 
     await storage.open()
@@ -287,7 +306,7 @@ async def test_dataclasses_round_trip_through_msgspec_convert(tmp_path: Path) ->
     path = tmp_path / "store.json"
     started = datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.UTC)
     track = Track("t", [Point(1, 2.5, "p"), Point(3, 4.0)], started)
-    await stored(path, p=Point(1, 2.5, "p"), track=track)
+    await saved(path, p=Point(1, 2.5, "p"), track=track)
 
     reopened = FileStorage(path)
 
@@ -336,7 +355,7 @@ async def test_pickled_values_are_base64_strings_in_both_files(tmp_path: Path) -
     assert snapshot(path)["codec"] == "pickle"
     assert pickle.loads(base64.b64decode(data["a"])) == {1, 2}
     assert pickle.loads(base64.b64decode(line[0][2])) == Point(1, 2.0)
-    assert await on_disk(path, codec="pickle") == {"a": {1, 2}, "b": Point(1, 2.0)}
+    assert on_disk(path, codec="pickle") == {"a": {1, 2}, "b": Point(1, 2.0)}
 
 
 # --- files written by someone else, or cut short by a crash -------------------------------
@@ -375,7 +394,7 @@ async def test_a_snapshot_written_by_someone_else_is_refused_and_untouched(
 
 async def test_a_pickle_value_that_is_not_base64_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
-    await stored(path, a="not base64!")
+    await saved(path, a="not base64!")
     journal_of(path).unlink()
     path.write_text(path.read_text().replace('"json"', '"pickle"'))
 
@@ -398,7 +417,7 @@ async def test_a_bad_journal_is_refused_and_untouched(
     tmp_path: Path, content: str, message: str
 ) -> None:
     path = tmp_path / "store.json"
-    await stored(path, a=0)
+    await saved(path, a=0)
     journal_of(path).write_text(content)
     before = files(tmp_path)
 
@@ -410,7 +429,7 @@ async def test_a_bad_journal_is_refused_and_untouched(
 
 async def test_a_journal_without_its_snapshot_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
-    await stored(path, a=1)
+    await saved(path, a=1)
     path.unlink()
 
     with pytest.raises(StorageError, match="do not belong together"):
@@ -422,10 +441,8 @@ async def test_a_torn_last_line_is_ignored_and_the_next_commit_compacts(
     tmp_path: Path, torn: str
 ) -> None:
     path = tmp_path / "store.json"
-    storage = await stored(path, a=1)
-    await storage.set("b", 2)
-    await storage.commit()
-    append(journal_of(path), torn)
+    await saved(path, a=1)
+    append(journal_of(path), '[["set","b",2]]\n' + torn)
     before = files(tmp_path)
 
     reopened = FileStorage(path)
@@ -450,12 +467,12 @@ async def test_a_journal_one_generation_behind_was_already_compacted(tmp_path: P
 
     journal_of(path).write_text(stale)  # as if a crash hit before its replacement
 
-    assert await on_disk(path) == {"a": 1}
+    assert on_disk(path) == {"a": 1}
 
 
 async def test_stray_temporary_files_are_removed_at_open(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
-    await stored(path, a=1)
+    await saved(path, a=1)
     (tmp_path / f".store.json{STRAY_SUFFIX}").write_bytes(b'{"a": ')
     (tmp_path / f".store.json.journal{STRAY_SUFFIX}").write_bytes(b"{")
     others = [f".other.json{STRAY_SUFFIX}", ".store.json.notes.tmp", "store.json.tmp"]
@@ -464,7 +481,7 @@ async def test_stray_temporary_files_are_removed_at_open(tmp_path: Path) -> None
 
     await FileStorage(path).open()
 
-    assert sorted(os.listdir(tmp_path)) == sorted(["store.json", "store.json.journal", *others])
+    assert listing(tmp_path) == sorted(["store.json", "store.json.journal", *others])
 
 
 # --- compaction --------------------------------------------------------------------------
@@ -481,7 +498,7 @@ async def test_the_journal_is_compacted_once_it_outgrows_the_snapshot(tmp_path: 
 
     assert snapshot(path)["generation"] == 2
     assert len(journal(path)) < COMPACT_MIN_BYTES
-    assert await on_disk(path) == {"a": 0} | {f"k{index}": value for index in range(10)}
+    assert on_disk(path) == {"a": 0} | {f"k{index}": value for index in range(10)}
 
 
 async def test_a_growing_store_compacts_only_when_the_journal_outgrows_it(
@@ -499,7 +516,7 @@ async def test_a_growing_store_compacts_only_when_the_journal_outgrows_it(
         await storage.commit()
 
     assert snapshot(path)["generation"] == 4
-    assert len(await on_disk(path)) == 256
+    assert len(on_disk(path)) == 256
 
 
 async def test_aclose_compacts_into_one_readable_file(tmp_path: Path) -> None:
@@ -513,9 +530,233 @@ async def test_aclose_compacts_into_one_readable_file(tmp_path: Path) -> None:
 
     assert snapshot(path)["data"] == {"a": 1, "b": 2}
     assert journal(path) == HEADER % 2
+    assert sorted(os.listdir(tmp_path)) == ["store.json", "store.json.journal"]
     assert await storage.keys() == ["a", "b"]
     await storage.aclose()
     assert snapshot(path)["generation"] == 2
+
+
+# --- one open instance at a time: the lock ---------------------------------------------
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, trio
+    from cosmoflow_actors.storage.file import FileStorage
+
+    async def main(path):
+        storage = FileStorage(path)
+        await storage.set("first", 1)
+        await storage.commit()
+        print("open", flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)  # until the test closes stdin
+        await storage.set("last", 2)
+        await storage.commit()
+        await storage.aclose()
+
+    trio.run(main, sys.argv[1])
+    """
+)
+"""A process that holds a FileStorage open until its stdin is closed, then writes once
+more and closes it."""
+
+
+def holding(path: Path) -> AbstractAsyncContextManager[trio.Process]:
+    """A real second process holding the store at ``path`` open (see :data:`HOLDER`);
+    at exit it is told to close it, and waited for."""
+    return holder([sys.executable, "-c", HOLDER, str(path)], b"open")
+
+
+async def test_a_store_another_process_holds_open_is_refused_naming_its_pid(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.json"
+
+    async with holding(path) as process:
+        with pytest.raises(StorageError) as info:
+            await FileStorage(path).open()
+        message = str(info.value)
+        assert str(path) in message
+        assert f"process {process.pid} holds its lock file {path}.lock" in message
+        assert "wait=" in message
+
+    assert process.returncode == 0
+    assert on_disk(path) == {"first": 1, "last": 2}
+
+
+async def test_an_opener_that_waits_opens_once_the_other_process_closes(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    storage = FileStorage(path, wait=60)
+    opened = trio.Event()
+
+    async def open_it() -> None:
+        await storage.open()
+        opened.set()
+
+    async with holding(path) as process, trio.open_nursery() as nursery:
+        nursery.start_soon(open_it)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not opened.is_set()
+        assert process.stdin is not None
+        await process.stdin.aclose()  # the holder closes the store and exits
+        await opened.wait()
+
+    assert await storage.get("last") == 2
+    await storage.aclose()
+
+
+async def test_a_holder_that_dies_leaves_no_lock(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+
+    async with holding(path) as process:
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        storage = FileStorage(path)
+        assert await storage.get("first") == 1
+
+    assert (tmp_path / "store.json.lock").read_text() == f"{os.getpid()}\n"
+    await storage.aclose()
+
+
+async def test_a_second_instance_in_this_process_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.json"
+    first = await stored(path, a=1)
+    second = FileStorage(path)
+
+    with pytest.raises(StorageError, match=rf"process {os.getpid()} \(this process"):
+        await second.set("b", 2)
+    await first.set("c", 3)
+    await first.commit()
+    await first.aclose()
+
+    await second.set("b", 2)
+    await second.commit()
+    assert on_disk(path) == {"a": 1, "c": 3, "b": 2}
+    with pytest.raises(StorageError, match="in use"):
+        await first.open()
+    await second.aclose()
+
+
+async def test_an_opener_that_waits_opens_once_the_holder_closes(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    first = await stored(path, a=1)
+    second = FileStorage(path, wait=60)
+    opened = trio.Event()
+
+    async def open_second() -> None:
+        await second.open()
+        opened.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not opened.is_set()
+        await first.aclose()
+        await opened.wait()
+
+    assert await second.get("a") == 1
+    await second.aclose()
+
+
+async def test_an_opener_waits_no_longer_than_asked(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "store.json"
+    first = await stored(path, a=1)
+    start = trio.current_time()
+
+    with pytest.raises(StorageError, match=r"in use after waiting 2\.5 s"):
+        await FileStorage(path, wait=2.5).open()
+
+    assert trio.current_time() - start == pytest.approx(2.5)
+    await first.aclose()
+
+
+@pytest.mark.parametrize("wait", [-1, float("nan"), "1", None])
+async def test_wait_must_be_seconds(tmp_path: Path, wait: Any) -> None:
+    with pytest.raises(ValueError, match="wait must be a number of seconds"):
+        FileStorage(tmp_path / "store.json", wait=wait)
+
+
+async def test_the_lock_file_names_the_holder_while_open_and_goes_at_close(
+    tmp_path: Path,
+) -> None:
+    storage = FileStorage(tmp_path / "store.json")
+
+    await storage.open()
+    assert storage.lock_path == tmp_path / "store.json.lock"
+    assert storage.lock_path.read_text() == f"{os.getpid()}\n"
+    assert stat.S_IMODE(storage.lock_path.stat().st_mode) == 0o600
+
+    await storage.aclose()
+    assert os.listdir(tmp_path) == []
+
+
+async def test_open_after_aclose_locks_and_loads_afresh(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    await storage.aclose()
+    other = FileStorage(path)
+    await other.set("b", 2)
+    await other.commit()
+    await other.aclose()
+
+    await storage.open()
+
+    assert await storage.keys() == ["a", "b"]
+    with pytest.raises(StorageError, match="in use"):
+        await other.open()
+    await storage.aclose()
+    await storage.aclose()
+
+
+async def test_aclose_of_an_instance_never_opened_does_nothing(tmp_path: Path) -> None:
+    storage = FileStorage(tmp_path / "store.json")
+
+    await storage.aclose()
+    await storage.aclose()
+
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_failed_open_keeps_no_lock(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    path.write_text("{not json")
+    storage = FileStorage(path)
+
+    with pytest.raises(StorageError, match="does not hold a cosmoflow store"):
+        await storage.open()
+
+    assert os.listdir(tmp_path) == ["store.json"]
+    path.unlink()
+    await storage.open()
+    await storage.aclose()
+
+
+async def test_an_instance_collected_while_open_unlocks(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    await stored(path, a=1)  # dropped at once, still open
+    gc.collect()
+
+    storage = FileStorage(path)
+    assert await storage.get("a") == 1
+    await storage.aclose()
+
+
+async def test_aclose_unlocks_even_when_its_compaction_fails(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    await storage.set("b", 2)
+    await storage.commit()
+    append(journal_of(path), '[["set","c",3]]\n')  # a writer that ignored the lock
+
+    with pytest.raises(StorageError, match="another process"):
+        await storage.aclose()
+
+    other = FileStorage(path)
+    assert {key: await other.get(key) for key in await other.keys()} == {"a": 1, "b": 2, "c": 3}
+    await other.aclose()
 
 
 # --- failures ----------------------------------------------------------------------------
@@ -536,7 +777,7 @@ async def test_a_full_disk_fails_an_append_and_rolls_back(tmp_path: Path) -> Non
     assert await storage.keys() == ["a", "b"]
     await storage.set("c", 3)
     await storage.commit()
-    assert await on_disk(path) == {"a": 1, "b": 2, "c": 3}
+    assert on_disk(path) == {"a": 1, "b": 2, "c": 3}
 
 
 async def test_a_full_disk_fails_a_compaction_and_rolls_back(tmp_path: Path) -> None:
@@ -547,7 +788,7 @@ async def test_a_full_disk_fails_a_compaction_and_rolls_back(tmp_path: Path) -> 
     with file_size_limit(), pytest.raises(StorageError, match=re.escape(str(path))):
         await storage.commit()
 
-    assert os.listdir(tmp_path) == []
+    assert listing(tmp_path) == []
     assert await storage.keys() == []
 
 
@@ -562,7 +803,7 @@ async def test_a_read_only_directory_fails_the_first_commit(tmp_path: Path) -> N
         await storage.commit()
 
     assert isinstance(info.value.__cause__, OSError)
-    assert os.listdir(directory) == []
+    assert listing(directory) == []
     assert await storage.keys() == []
 
 
@@ -582,7 +823,7 @@ async def test_read_only_files_fail_a_commit_and_keep_the_last_one(tmp_path: Pat
     assert await storage.get("a") == 1
     await storage.set("b", 2)
     await storage.commit()
-    assert await on_disk(path) == {"a": 1, "b": 2}
+    assert on_disk(path) == {"a": 1, "b": 2}
 
 
 async def test_a_directory_that_moved_away_fails_the_commit(tmp_path: Path) -> None:
@@ -596,7 +837,7 @@ async def test_a_directory_that_moved_away_fails_the_commit(tmp_path: Path) -> N
         await storage.commit()
 
     (tmp_path / "moved").rename(directory)
-    assert await on_disk(directory / "store.json") == {"a": 1}
+    assert on_disk(directory / "store.json") == {"a": 1}
 
 
 async def test_a_commit_onto_a_directory_rolls_back(tmp_path: Path) -> None:
@@ -609,7 +850,7 @@ async def test_a_commit_onto_a_directory_rolls_back(tmp_path: Path) -> None:
         await storage.commit()
 
     assert await storage.keys() == []
-    assert os.listdir(tmp_path) == ["store.json"]
+    assert listing(tmp_path) == ["store.json"]
 
 
 async def test_a_path_that_is_a_directory_raises_at_open(tmp_path: Path) -> None:
@@ -620,42 +861,39 @@ async def test_a_path_that_is_a_directory_raises_at_open(tmp_path: Path) -> None
 
 
 async def test_a_journal_another_writer_appended_to_fails_the_commit(tmp_path: Path) -> None:
+    """A writer that ignores the lock (or a file system where flock locks nothing) is
+    still caught at the next commit."""
     path = tmp_path / "store.json"
     storage = await stored(path, a=1)
-    other = FileStorage(path)
-    await other.set("b", 2)
-    await other.commit()
+    append(journal_of(path), '[["set","b",2]]\n')
     await storage.set("c", 3)
 
     with pytest.raises(StorageError, match="another process"):
         await storage.commit()
 
-    assert await on_disk(path) == {"a": 1, "b": 2}
+    assert on_disk(path) == {"a": 1, "b": 2}
 
 
 async def test_a_compaction_over_another_writers_commit_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A compaction writes the snapshot from this instance's state: had another writer
-    appended since this one looked, its commit would be lost. The compaction is refused
-    and no file changes."""
+    (one that ignores the lock) appended since this one looked, its commit would be
+    lost. The compaction is refused and no file changes."""
     path = tmp_path / "store.json"
     storage = await stored(path, a=1)
     await storage.set("big", "x" * 1024)
     await storage.commit()  # appends: the journal is now larger than the snapshot
-    late = FileStorage(path)
-    await late.open()
-    await storage.set("b", 2)
-    await storage.commit()  # appends
+    append(journal_of(path), '[["set","b",2]]\n')
     before = files(tmp_path)
     monkeypatch.setattr(file_backend, "COMPACT_MIN_BYTES", 0)
-    await late.set("c", 3)
+    await storage.set("c", 3)
 
     with pytest.raises(StorageError, match="another process"):
-        await late.commit()  # compacts, from a state without "b"
+        await storage.commit()  # compacts, from a state without "b"
 
     assert files(tmp_path) == before
-    assert await on_disk(path) == {"a": 1, "big": "x" * 1024, "b": 2}
+    assert on_disk(path) == {"a": 1, "big": "x" * 1024, "b": 2}
 
 
 # --- permissions -------------------------------------------------------------------------
@@ -663,7 +901,7 @@ async def test_a_compaction_over_another_writers_commit_is_refused(
 
 async def test_new_files_have_mode_0600(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
-    await stored(path, a=1)
+    await saved(path, a=1)
 
     modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in os.listdir(tmp_path)}
 
@@ -696,12 +934,15 @@ async def test_a_commit_leaves_no_temporary_file(tmp_path: Path) -> None:
 
 async def test_a_copied_store_opens_elsewhere(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
-    await stored(path, a=1)
+    storage = await stored(path, a=1)
     (tmp_path / "copy").mkdir()
     for name in ("store.json", "store.json.journal"):
         shutil.copy(tmp_path / name, tmp_path / "copy" / name)
 
-    assert await on_disk(tmp_path / "copy" / "store.json") == {"a": 1}
+    copy = FileStorage(tmp_path / "copy" / "store.json")
+    assert await copy.get("a") == 1
+    await storage.aclose()
+    await copy.aclose()
 
 
 @pytest.mark.usefixtures("read_only_works")
@@ -723,4 +964,4 @@ async def test_a_read_only_store_fails_the_writing_run_only(tmp_path: Path) -> N
         assert (await engine.run(flow, {}, params={"value": 2})).success
         assert (await engine.run(flow, storage, params={"value": 3})).success
 
-    assert await on_disk(path) == {"kept": 1, "new": 3}
+    assert on_disk(path) == {"kept": 1, "new": 3}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import pytest
 import trio
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.storage.base import RECORD_PREFIX
 from cosmoflow_actors.storage.redis import RedisStorage
 from tests.storage_suite import (
     RedisServer,
@@ -267,3 +271,126 @@ async def test_a_password_in_the_url_never_shows() -> None:
     with pytest.raises(cf.StorageError) as info:
         await storage.open()
     assert "s3cret" not in str(info.value)
+
+
+# --- a server that stops answering ---------------------------------------------------------
+
+TIMEOUT = 1.0
+"""The ``timeout`` of the storages these tests freeze the server under."""
+BOUND = TIMEOUT * 1.5 + 0.25
+"""How long a call may take to fail, in real seconds: the timeout with room to spare
+for a busy machine, yet short of two timeouts."""
+
+
+def freeze(server: RedisServer) -> None:
+    """Stop the server's process (SIGSTOP): its port still accepts connections, but
+    nothing answers."""
+    os.kill(server.process.pid, signal.SIGSTOP)
+
+
+@contextmanager
+def resumed_at_exit(server: RedisServer) -> Iterator[None]:
+    """Let the server's process go on (SIGCONT) at exit, whether it was stopped or not."""
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+async def time_to_fail(call: Callable[[], Awaitable[Any]]) -> tuple[type[BaseException], float]:
+    """The error ``call()`` raises (or ``type(None)``) and how many seconds it took."""
+    start = trio.current_time()
+    try:
+        await call()
+    except Exception as exc:
+        return type(exc), trio.current_time() - start
+    return type(None), trio.current_time() - start
+
+
+async def connected(server: RedisServer, namespace: str, **values: Any) -> RedisStorage:
+    """A storage over ``namespace`` that has connected and committed ``values``."""
+    storage = server.storage(namespace, timeout=TIMEOUT)
+    for key, value in values.items():
+        await storage.set(key, value)
+    await storage.commit()
+    return storage
+
+
+async def test_every_call_fails_within_the_timeout_when_the_server_stops_answering(
+    private_redis: RedisServer,
+) -> None:
+    namespace = unique_namespace()
+    await connected(private_redis, namespace, n=1)
+    record_key = RECORD_PREFIX + "r"
+
+    async def staged_then_commit(storage: RedisStorage) -> None:
+        await storage.set("m", 2)
+        await storage.commit()
+
+    calls: dict[str, Callable[[RedisStorage], Awaitable[Any]]] = {
+        "get": lambda storage: storage.get("n"),
+        "contains": lambda storage: storage.contains("n"),
+        "keys": lambda storage: storage.keys(),
+        "size": lambda storage: storage.size(),
+        "delete": lambda storage: storage.delete("n"),
+        "commit": staged_then_commit,
+        "update": lambda storage: storage.update("n", lambda n: n + 1, 0),
+        "commit_step": lambda storage: storage.commit_step(
+            [("set", "a", 1)], record_key, {"path": ["x"]}, 0
+        ),
+    }
+    storages = {name: await connected(private_redis, namespace) for name in calls}
+    shared = await connected(private_redis, namespace)
+    fresh = private_redis.storage(namespace, timeout=TIMEOUT)
+    outcomes: dict[str, tuple[type[BaseException], float]] = {}
+
+    async def record(name: str, call: Callable[[], Awaitable[Any]]) -> None:
+        outcomes[name] = await time_to_fail(call)
+
+    with resumed_at_exit(private_redis):
+        freeze(private_redis)
+        async with trio.open_nursery() as nursery:
+            for name, call in calls.items():
+                nursery.start_soon(record, name, partial(call, storages[name]))
+            nursery.start_soon(record, "open (connecting)", fresh.open)
+            nursery.start_soon(record, "get, first of two", partial(shared.get, "n"))
+            nursery.start_soon(record, "get, second of two", partial(shared.get, "n"))
+
+    assert {name: error for name, (error, _) in outcomes.items()} == dict.fromkeys(
+        [*calls, "open (connecting)", "get, first of two", "get, second of two"], cf.StorageError
+    )
+    slow = {name: seconds for name, (_, seconds) in outcomes.items() if seconds >= BOUND}
+    assert slow == {}, f"timeout={TIMEOUT}: these calls took too long"
+    assert await shared.get("n") in (1, 2)  # it connects afresh once the server answers
+    for storage in [*storages.values(), shared, fresh]:
+        await storage.aclose()
+
+
+@pytest.mark.parametrize("call", ["update", "commit_step"])
+async def test_a_call_the_server_stops_answering_halfway_fails_within_the_timeout(
+    private_redis: RedisServer, call: str
+) -> None:
+    """The server stops between the read and the transaction of an update: the commit
+    and the clean-up after it share the call's one timeout."""
+    storage = await connected(private_redis, unique_namespace(), n=1)
+    await storage.set(RECORD_PREFIX + "r", {"path": []})
+    await storage.commit()
+
+    def freeze_then_add_one(n: int) -> int:
+        freeze(private_redis)
+        return n + 1
+
+    async def run_call() -> None:
+        if call == "update":
+            await storage.update("n", freeze_then_add_one, 0)
+        else:
+            update = ("update", "n", (freeze_then_add_one, 0))
+            await storage.commit_step([update], RECORD_PREFIX + "r", {"path": ["x"]}, 0)
+
+    with resumed_at_exit(private_redis):
+        error, seconds = await time_to_fail(run_call)
+
+    assert error is cf.StorageError
+    assert seconds < BOUND, f"timeout={TIMEOUT}, took {seconds:.2f} s"
+    assert await storage.get("n") in (1, 2)
+    await storage.aclose()

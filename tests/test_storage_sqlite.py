@@ -6,8 +6,10 @@ import os
 import re
 import sqlite3
 import stat
+import sys
+import textwrap
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import AbstractAsyncContextManager, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import trio
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.durability import record_key
 from cosmoflow_actors.storage.sqlite import UPSERT_ROWS, SQLiteStorage
-from tests.storage_suite import file_size_limit
+from tests.storage_suite import file_size_limit, holder
 from tests.support import single
 
 
@@ -289,3 +291,86 @@ async def test_repr_path_and_codec(tmp_path: Path) -> None:
     assert repr(storage) == f"SQLiteStorage({str(tmp_path / 's.db')!r})"
     assert storage.path == tmp_path / "s.db"
     assert storage.codec == "pickle"
+
+
+# --- another process holding a lock ------------------------------------------------------
+
+LOCKER = textwrap.dedent(
+    """
+    import sqlite3, sys
+
+    connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+    for statement in sys.argv[2:]:
+        connection.execute(statement)
+    print("locked", flush=True)
+    sys.stdin.read()  # until the test closes stdin
+    """
+)
+"""A process that runs SQL statements on a database, then keeps its connection (and the
+locks it holds) until its stdin is closed."""
+
+TIMEOUT = 1.0
+"""The ``timeout`` of the storages these tests lock out."""
+BOUND = TIMEOUT * 1.5 + 0.25
+"""How long a call may wait for a lock, in real seconds: the timeout with room to spare
+for a busy machine, yet short of two timeouts."""
+WRITE = "INSERT INTO cosmoflow_store (key, value) VALUES ('other', x'31')"
+
+
+def locking(path: Path, *statements: str) -> AbstractAsyncContextManager[trio.Process]:
+    """Another process that ran ``statements`` on the database at ``path`` and keeps
+    its locks until exit."""
+    return holder([sys.executable, "-c", LOCKER, str(path), *statements], b"locked")
+
+
+async def test_the_writes_of_a_batch_wait_for_a_lock_one_timeout_in_all(tmp_path: Path) -> None:
+    """An update that waited the whole timeout for another process's write lock leaves
+    nothing to the commit after it: together they fail within one timeout. The next
+    batch waits the whole timeout again."""
+    path = tmp_path / "store.db"
+    await (await stored(path, n=1)).aclose()
+    storage = SQLiteStorage(path, timeout=TIMEOUT)
+    await storage.open()
+
+    async with locking(path, "BEGIN IMMEDIATE", WRITE):
+        start = trio.current_time()
+        with pytest.raises(cf.StorageError, match="locked"):
+            await storage.update("n", lambda n: n + 1, 0)
+        await storage.set("a", 1)
+        with pytest.raises(cf.StorageError, match="locked"):
+            await storage.commit()
+        batch = trio.current_time() - start
+
+        start = trio.current_time()
+        await storage.set("b", 2)
+        with pytest.raises(cf.StorageError, match="locked"):
+            await storage.commit()
+        next_batch = trio.current_time() - start
+
+    assert batch < BOUND, f"timeout={TIMEOUT}, the batch waited {batch:.2f} s"
+    assert next_batch >= TIMEOUT * 0.9
+    await storage.set("c", 3)
+    await storage.commit()
+    assert await storage.keys() == ["n", "c"]
+    await storage.aclose()
+
+
+async def test_an_exclusive_lock_elsewhere_fails_open_saying_the_file_is_locked(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.db"
+    await (await stored(path, n=1)).aclose()
+    storage = SQLiteStorage(path, timeout=TIMEOUT)
+
+    async with locking(path, "PRAGMA locking_mode = EXCLUSIVE", WRITE):
+        start = trio.current_time()
+        with pytest.raises(cf.StorageError) as info:
+            await storage.open()
+        waited = trio.current_time() - start
+
+    assert str(info.value).startswith(f"{path} is locked by another connection")
+    assert "timeout=1 s" in str(info.value)
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert waited < BOUND
+    assert await storage.get("other") == 1
+    await storage.aclose()

@@ -11,7 +11,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar, Final
 
-from cosmoflow_actors.errors import RunConflictError
+from cosmoflow_actors.errors import RunConflictError, StorageError
+from cosmoflow_actors.storage.codec import check_key
 
 RESERVED_PREFIX: Final = "__cosmoflow__/"
 """Keys under this prefix belong to the engine (durable run records)."""
@@ -138,6 +139,18 @@ class Storage(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 (an optional hook; no-op by default)
         """Release resources (files, connections). The default does nothing."""
+
+
+def check_user_key(key: str) -> None:
+    """Check a key node code writes: ``TypeError`` unless it is a ``str`` (as
+    :func:`~cosmoflow_actors.storage.codec.check_key`), StorageError when it is under
+    :data:`RESERVED_PREFIX`, where the engine keeps its run records. Does not block."""
+    check_key(key)
+    if key.startswith(RESERVED_PREFIX):
+        raise StorageError(
+            f"cannot write key {key!r}: keys starting with {RESERVED_PREFIX!r} are reserved "
+            "for the engine's run records; choose a key without that prefix"
+        )
 
 
 def check_steps(record_key: str, stored: Any, steps_before: int) -> None:

@@ -5,7 +5,8 @@ encoded fails the call that stored it and nothing is stored. Two codecs exist:
 
 - ``"json"`` (the default): msgspec JSON. Values come back as plain JSON types (dict,
   list, str, int, float, bool, None); ``SharedStore.get(key, type=T)`` rebuilds a
-  dataclass or other typed value.
+  dataclass, set, tuple, bytes or other typed value. A float JSON cannot hold (NaN,
+  infinity) is refused rather than stored as ``null``.
 - ``"pickle"``: cloudpickle, for arbitrary Python objects. Reading a pickle runs code
   chosen by whoever wrote it, so use it for trusted data only. It is never chosen
   implicitly: a store records its codec, and opening it with another one is a
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import pickle
 from abc import ABC, abstractmethod
 from typing import Any, Final, final
@@ -91,18 +93,25 @@ class Codec(ABC):
 
 @final
 class JsonCodec(Codec):
-    """msgspec JSON: dicts, lists, str, numbers, bool, None, dataclasses, Structs, datetimes."""
+    """msgspec JSON: dicts, lists, str, numbers, bool, None, dataclasses, Structs,
+    datetimes, sets, tuples, bytes; see docs/storage.md for what comes back as what.
+
+    A value holding NaN or an infinity is refused: msgspec would write ``null``.
+    """
 
     name = "json"
 
     def encode(self, key: str, value: Any) -> bytes:
         try:
-            return _encoder.encode(value)
+            data = _encoder.encode(value)
         except (TypeError, ValueError, RecursionError) as exc:
             raise StorageError(
                 f"cannot store key {key!r}: a value of type {type(value).__qualname__} "
                 f"cannot be encoded as JSON ({exc})"
             ) from exc
+        if b"null" in data:  # where msgspec wrote NaN or an infinity, if anywhere
+            _check_finite(key, value)
+        return data
 
     def decode(self, data: bytes) -> Any:
         try:
@@ -118,6 +127,23 @@ class JsonCodec(Codec):
 
     def check_json(self, raw: msgspec.Raw) -> bool:
         return True
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """Raise StorageError if ``value`` holds a float that JSON cannot hold."""
+    pending = [msgspec.to_builtins(value)]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):  # to_builtins makes sets lists
+            pending.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise StorageError(
+                f"cannot store key {key!r}: a value of type {type(value).__qualname__} "
+                f"holds the float {item!r}, which JSON cannot hold (it would come back "
+                "as null); store it as a string, or use codec='pickle'"
+            )
 
 
 @final

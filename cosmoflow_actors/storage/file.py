@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar, TypeVarTuple, final
@@ -13,7 +14,7 @@ import outcome
 import trio
 
 from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.storage import journal
+from cosmoflow_actors.storage import journal, lock
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.codec import check_json_key, get_codec
 from cosmoflow_actors.storage.staged import StagedWrites
@@ -23,6 +24,10 @@ COMPACT_MIN_BYTES: Final = 4 * 1024 * 1024
 as SQLite's default WAL checkpoint: a compaction stalls the store actor while it rewrites
 the whole store, while replaying a 4 MiB journal at open takes about 80 ms (53,000
 one-key commits)."""
+
+LOCK_POLL_SECONDS: Final = 0.05
+"""How often :meth:`FileStorage.open` tries the lock again while it waits for another
+holder (``wait=``)."""
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -47,7 +52,14 @@ class FileStorage(Storage):
     are base64 strings in the files). Values are encoded by :meth:`set` and kept in
     memory encoded; :meth:`get` decodes a fresh copy. Keys are JSON strings, never paths.
     Files this backend creates get mode 0600; a snapshot that exists keeps its mode and
-    the journal gets the same one. One process at a time may use a file.
+    the journal and lock file get the same one.
+
+    One open instance at a time may use a file: :meth:`open` locks ``PATH.lock`` (see
+    :mod:`cosmoflow_actors.storage.lock`) and :meth:`aclose` unlocks it. Another
+    opener, in another process or this one, gets :class:`~cosmoflow_actors.StorageError`
+    naming the file and the holder's pid, or with ``wait`` (seconds) first waits that
+    long for the holder to close. An instance that is garbage collected while open
+    unlocks then.
 
     The constructor does no I/O. :meth:`open`, :meth:`commit` and :meth:`aclose` block in
     a worker thread (see :func:`_in_thread`), which cancellation does not interrupt;
@@ -56,13 +68,20 @@ class FileStorage(Storage):
 
     persistent = True
 
-    def __init__(self, path: str | os.PathLike[str], *, codec: str = "json") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, codec: str = "json", wait: float = 0.0
+    ) -> None:
+        if not (isinstance(wait, int | float) and wait >= 0):
+            raise ValueError(f"wait must be a number of seconds >= 0, not {wait!r}")
         self._path = Path(path).absolute()
         self._journal = journal.journal_path(self._path)
+        self._lock_path = lock.lock_path(self._path)
         self._codec = get_codec(codec)
+        self._wait = wait
         self._committed: dict[str, msgspec.Raw] = {}
         self._staged: StagedWrites[msgspec.Raw] = StagedWrites()
         self._state = journal.Loaded()
+        self._unlock: weakref.finalize[[lock.Held], FileStorage] | None = None
         self._opened = False
 
     def __repr__(self) -> str:
@@ -79,24 +98,72 @@ class FileStorage(Storage):
         return self._journal
 
     @property
+    def lock_path(self) -> Path:
+        """The lock file's absolute path: the snapshot's with ``.lock`` appended."""
+        return self._lock_path
+
+    @property
     def codec(self) -> str:
         """The codec's name: ``"json"`` or ``"pickle"``."""
         return self._codec.name
 
     async def open(self) -> None:
-        """Load the snapshot and replay the journal, the first time only.
+        """Lock the files, load the snapshot and replay the journal, unless open already.
 
-        Blocks in a worker thread while it removes temporary files a crash left next to
-        the files, reads them and checks them. Raises
-        :class:`~cosmoflow_actors.StorageError` naming the file when one cannot be read,
-        is not in this backend's format or was written with another codec; no file is
-        changed.
+        Blocks in a worker thread while it locks ``PATH.lock``, removes temporary files a
+        crash left next to the files, reads them and checks them; while another instance
+        holds the lock, waits up to ``wait`` seconds for it (trying again every
+        :data:`LOCK_POLL_SECONDS`). Raises :class:`~cosmoflow_actors.StorageError` naming
+        the file when another instance still holds it (with the holder's pid), or when a
+        file cannot be read, is not in this backend's format or was written with another
+        codec; no file is changed and the lock is not kept. After :meth:`aclose` it
+        opens the files afresh.
         """
         if self._opened:
             return
-        self._state = await _in_thread(journal.load, self._path, self._codec)
+        held = await self._lock()
+        unlock = weakref.finalize(self, lock.release, held)
+        try:
+            self._state = await _in_thread(journal.load, self._path, self._codec)
+        except BaseException:
+            await _unlocked(unlock)
+            raise
+        self._unlock = unlock
         self._committed = self._state.entries
         self._opened = True
+
+    async def _lock(self) -> lock.Held:
+        """Take the lock file, waiting up to ``wait`` seconds for another holder."""
+        deadline = trio.current_time() + self._wait
+        while True:
+            try:
+                found = await _in_thread(self._try_lock)
+            except OSError as exc:
+                raise StorageError(f"cannot lock {self._path}: {exc}") from exc
+            if isinstance(found, lock.Held):
+                return found
+            now = trio.current_time()
+            if now >= deadline:
+                raise self._in_use(found)
+            await trio.sleep(min(LOCK_POLL_SECONDS, deadline - now))
+
+    def _try_lock(self) -> lock.Held | lock.Busy:
+        """Try the lock once, creating the lock file with the snapshot's mode (blocks)."""
+        return lock.try_lock(self._lock_path, journal.mode_of(self._path))
+
+    def _in_use(self, busy: lock.Busy) -> StorageError:
+        if busy.pid is None:
+            holder = "another process"
+        elif busy.pid == os.getpid():
+            holder = f"process {busy.pid} (this process: another FileStorage over it is open)"
+        else:
+            holder = f"process {busy.pid}"
+        waited = f" after waiting {self._wait:g} s" if self._wait else ""
+        return StorageError(
+            f"{self._path} is in use{waited}: {holder} holds its lock file {self._lock_path}. "
+            "A FileStorage file serves one open instance at a time: close the other one "
+            "(aclose) or pass wait=seconds to wait for it"
+        )
 
     async def get(self, key: str) -> Any:
         """Return a fresh decoded copy of the value; raise ``KeyError`` when it is missing."""
@@ -178,22 +245,34 @@ class FileStorage(Storage):
             self._staged.reset()
 
     async def aclose(self) -> None:
-        """Compact the committed state into the snapshot and forget the in-memory state.
+        """Compact the committed state into the snapshot, unlock the files and forget
+        the in-memory state; does nothing unless open.
 
-        Uncommitted writes are dropped. Blocks in a worker thread while it writes. The
-        storage can be used again: the next call loads the files afresh. Raises
-        :class:`~cosmoflow_actors.StorageError`, and changes no file, when another
-        process wrote the journal since this store last read or wrote it.
+        Afterwards ``PATH`` alone holds every committed key and the journal holds no
+        commit. Uncommitted writes are dropped. Blocks in a worker thread while it writes
+        and unlocks. The storage can be used again: the next call opens the files
+        afresh. When the compaction fails (:class:`~cosmoflow_actors.StorageError`, no
+        file changed: every commit stays in the journal) the files are unlocked all the
+        same. A cancelled close unlocks before the cancellation goes on.
         """
         if not self._opened:
             return
         self._staged.reset()
+        try:
+            if self._must_compact_at_close():
+                await self._compact(self._committed)
+        finally:
+            unlock, self._unlock = self._unlock, None
+            self._committed = {}
+            self._opened = False
+            assert unlock is not None  # set by open
+            await _unlocked(unlock)
+
+    def _must_compact_at_close(self) -> bool:
+        """Whether the journal holds commits, or belongs to no snapshot it can continue."""
         state = self._state
         records = state.journal_bytes > len(self._header())
-        if records or (state.generation > 0 and not state.journal_usable):
-            await self._compact(self._committed)
-        self._committed = {}
-        self._opened = False
+        return records or (state.generation > 0 and not state.journal_usable)
 
     def _must_compact(self) -> bool:
         state = self._state
@@ -262,6 +341,13 @@ class FileStorage(Storage):
         seen = journal.replace_file(self._journal, header, mode)
         journal.sync_directory(self._path.parent)
         return seen
+
+
+async def _unlocked(unlock: weakref.finalize[[lock.Held], FileStorage]) -> None:
+    """Release the lock ``unlock`` releases (once), in a worker thread, shielded from
+    cancellation so that the lock is never kept."""
+    with trio.CancelScope(shield=True):
+        await _in_thread(unlock)
 
 
 async def _in_thread(function: Callable[[*Ts], T], *args: *Ts) -> T:

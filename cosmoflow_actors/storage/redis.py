@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,6 +23,10 @@ FORMAT: Final = "cosmoflow-store"
 VERSION: Final = "1"
 MAX_UPDATE_ATTEMPTS: Final = 1000
 """``update`` gives up (StorageError) after this many attempts lost to other writers."""
+
+_deadline: ContextVar[float | None] = ContextVar("cosmoflow_redis_deadline", default=None)
+"""When the RedisStorage call running in this task must end (trio time), None outside
+one: every round trip of the call shares it (see :meth:`RedisStorage._bounded`)."""
 
 T = TypeVar("T")
 
@@ -49,9 +54,16 @@ class RedisStorage(DatabaseStorage):
     ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only). Keys
     come back from :meth:`keys` in the server's order, not insertion order.
 
+    ``timeout`` bounds every call, connecting included: a call that has not finished
+    within ``timeout`` seconds, all its round trips and its wait for an earlier call of
+    the same instance together, raises :class:`~cosmoflow_actors.StorageError`. The
+    instance then drops its connections and connects afresh on the next call. A write
+    in flight when the time ran out may still be applied, if the server reads it later.
+
     Every call to the server runs in a worker thread (``trio.to_thread``, one at a time
-    per instance), which cancellation does not interrupt. Connection failures raise
-    :class:`~cosmoflow_actors.StorageError`. Requires the ``redis`` package.
+    per instance), which cancellation does not interrupt (the timeout does). Connection
+    failures raise :class:`~cosmoflow_actors.StorageError`. Requires the ``redis``
+    package.
     """
 
     def __init__(
@@ -120,15 +132,16 @@ class RedisStorage(DatabaseStorage):
         thread for each round trip; ``function`` runs in the calling task.
         """
         check_json_key(key)
-        client = await self._connected()
-        for _ in range(MAX_UPDATE_ATTEMPTS):
-            async with self._pipeline(client) as pipe:
-                current = await self._watch(pipe, key)
-                new = function(default if current is None else self._codec.decode(current))
-                ops = [*self._staged.ops, SetOp(key, self._codec.encode(key, new))]
-                if await self._in_thread(self._exec, pipe, ops):
-                    self._staged.reset()
-                    return new
+        with self._bounded():
+            client = await self._connected()
+            for _ in range(MAX_UPDATE_ATTEMPTS):
+                async with self._pipeline(client) as pipe:
+                    current = await self._watch(pipe, key)
+                    new = function(default if current is None else self._codec.decode(current))
+                    ops = [*self._staged.ops, SetOp(key, self._codec.encode(key, new))]
+                    if await self._in_thread(self._exec, pipe, ops):
+                        self._staged.reset()
+                        return new
         raise StorageError(
             f"{self!r}: update of {key!r} lost to other writers {MAX_UPDATE_ATTEMPTS} times"
         )
@@ -146,17 +159,18 @@ class RedisStorage(DatabaseStorage):
         StorageError). An error of an update function stores nothing. Blocks in a worker
         thread per round trip.
         """
-        client = await self._connected()
-        for _ in range(MAX_UPDATE_ATTEMPTS):
-            async with self._pipeline(client) as pipe:
-                stored = await self._watch(pipe, record_key)
-                record_before = None if stored is None else self._codec.decode(stored)
-                check_steps(record_key, record_before, steps_before)
-                writes = await self._step_writes(pipe, ops)
-                writes.append(SetOp(record_key, self._codec.encode(record_key, record)))
-                if await self._in_thread(self._exec, pipe, [*self._staged.ops, *writes]):
-                    self._staged.reset()
-                    return True
+        with self._bounded():
+            client = await self._connected()
+            for _ in range(MAX_UPDATE_ATTEMPTS):
+                async with self._pipeline(client) as pipe:
+                    stored = await self._watch(pipe, record_key)
+                    record_before = None if stored is None else self._codec.decode(stored)
+                    check_steps(record_key, record_before, steps_before)
+                    writes = await self._step_writes(pipe, ops)
+                    writes.append(SetOp(record_key, self._codec.encode(record_key, record)))
+                    if await self._in_thread(self._exec, pipe, [*self._staged.ops, *writes]):
+                        self._staged.reset()
+                        return True
         raise StorageError(
             f"{self!r}: a step's commit lost to other writers {MAX_UPDATE_ATTEMPTS} times"
         )
@@ -208,8 +222,9 @@ class RedisStorage(DatabaseStorage):
             return
         ops = self._staged.ops
         self._staged.reset()
-        async with self._pipeline(await self._connected()) as pipe:
-            await self._in_thread(self._exec, pipe, ops)
+        with self._bounded():
+            async with self._pipeline(await self._connected()) as pipe:
+                await self._in_thread(self._exec, pipe, ops)
 
     async def aclose(self) -> None:
         """Drop staged writes and close the connections; the next call reconnects."""
@@ -231,8 +246,10 @@ class RedisStorage(DatabaseStorage):
         return self._client
 
     async def _command(self, *args: Any) -> Any:
-        """Send one command and return the reply (blocks in a worker thread)."""
-        return await self._in_thread(_call, await self._connected(), *args)
+        """Send one command and return the reply, connecting first if need be (blocks
+        in a worker thread, within one timeout)."""
+        with self._bounded():
+            return await self._in_thread(_call, await self._connected(), *args)
 
     async def _lookup(self, key: str) -> bytes | None:
         """Return the encoded value of ``key`` (staged or on the server), None if missing."""
@@ -315,25 +332,64 @@ class RedisStorage(DatabaseStorage):
 
     @asynccontextmanager
     async def _pipeline(self, client: redis.Redis) -> AsyncIterator[Pipeline]:
-        """A transactional pipeline, reset at exit in the worker thread (shielded from
-        cancellation, bounded by the socket timeout) so that its connection goes back to
-        the pool unwatched."""
+        """A transactional pipeline, reset at exit in the worker thread so that its
+        connection goes back to the pool unwatched; not reset when the call ran out of
+        time, since its client is dropped then."""
         pipe = client.pipeline(transaction=True)
         try:
             yield pipe
         finally:
-            with trio.CancelScope(shield=True):
+            if self._client is client:
                 await self._in_thread(pipe.reset)
 
+    @contextmanager
+    def _bounded(self) -> Iterator[None]:
+        """Make the round trips inside share one deadline, ``timeout`` from now, unless a
+        call around them set one already. Does not block."""
+        if _deadline.get() is not None:
+            yield
+            return
+        token = _deadline.set(trio.current_time() + self._timeout)
+        try:
+            yield
+        finally:
+            _deadline.reset(token)
+
     async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
-        """Run ``function(*args)`` in this instance's worker thread; redis-py errors become
-        StorageError."""
+        """Run ``function(*args)`` in this instance's worker thread, waiting for it until
+        the call's deadline (``timeout`` from now outside :meth:`_bounded`); redis-py
+        errors become StorageError.
+
+        Cancellation does not interrupt the wait (it is shielded); the deadline does: the
+        thread, stuck on a server that does not answer, is abandoned with its client
+        (see :meth:`_abandon`) and StorageError is raised.
+        """
         from redis.exceptions import RedisError
 
-        try:
-            return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
-        except RedisError as exc:
-            raise StorageError(f"{self!r}: {exc}") from exc
+        deadline = _deadline.get()
+        if deadline is None:
+            deadline = trio.current_time() + self._timeout
+        with trio.CancelScope(deadline=deadline, shield=True):
+            try:
+                return await trio.to_thread.run_sync(
+                    function, *args, limiter=self._limiter, abandon_on_cancel=True
+                )
+            except RedisError as exc:
+                raise StorageError(f"{self!r}: {exc}") from exc
+        self._abandon()
+        raise StorageError(
+            f"{self!r}: no answer from the server within timeout={self._timeout:g} s; "
+            "the connection is dropped (a write it carried may still be applied)"
+        )
+
+    def _abandon(self) -> None:
+        """Drop the client and the limiter that the abandoned worker thread holds: the
+        next call connects afresh. Closing the client shuts its sockets down, which ends
+        the thread's wait. Does not block."""
+        client, self._client = self._client, None
+        self._limiter = trio.CapacityLimiter(1)
+        if client is not None:
+            client.close()
 
 
 def _call(connection: redis.Redis | Pipeline, *args: Any) -> Any:

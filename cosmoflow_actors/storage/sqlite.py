@@ -80,7 +80,12 @@ class SQLiteStorage(DatabaseStorage):
     a savepoint of the one an update opened.
 
     ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only).
-    ``timeout`` is how long a call waits for another process's lock, in seconds.
+    ``timeout`` is how long, in seconds, :meth:`open` waits for other connections' locks
+    in all, and so do the calls that write between two commits (a batch of the store
+    actor): an :meth:`update` that waited 3 of 5 s leaves 2 s to the :meth:`commit`
+    after it. A call that runs out of time raises
+    :class:`~cosmoflow_actors.StorageError` saying the file is locked, with the
+    ``sqlite3`` error as ``__cause__``.
 
     Every call to the database runs in a worker thread (``trio.to_thread``, one at a
     time per instance), which cancellation does not interrupt. :meth:`set` and staged
@@ -95,6 +100,7 @@ class SQLiteStorage(DatabaseStorage):
         self._path = Path(path).absolute()
         self._timeout = timeout
         self._connection: sqlite3.Connection | None = None
+        self._waits = _LockWaits(timeout)
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({str(self._path)!r})"
@@ -154,11 +160,15 @@ class SQLiteStorage(DatabaseStorage):
         with the ``sqlite3`` error as ``__cause__``.
         """
         connection = self._connection
-        if not self._staged and (connection is None or not connection.in_transaction):
-            return
-        ops = self._staged.ops
-        self._staged.reset()
-        await self._in_thread(_write, await self._connected(), ops)
+        try:
+            if self._staged or (connection is not None and connection.in_transaction):
+                ops = self._staged.ops
+                self._staged.reset()
+                await self._in_thread(_write, await self._connected(), ops, self._waits)
+            elif connection is not None and self._waits.shortened:
+                await self._in_thread(self._waits.restore, connection)
+        finally:
+            self._waits.forget()  # the next batch waits for locks afresh
 
     async def update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
         """Store ``function(value)`` under ``key`` atomically across processes; return it.
@@ -173,7 +183,7 @@ class SQLiteStorage(DatabaseStorage):
         """
         connection = await self._connected()
         if not connection.in_transaction:
-            await self._in_thread(_begin, connection)
+            await self._in_thread(_begin, connection, self._waits)
         return await super().update(key, function, default)
 
     async def commit_step(
@@ -204,7 +214,7 @@ class SQLiteStorage(DatabaseStorage):
         steps_before: int,
     ) -> None:
         """:meth:`commit_step`'s transaction (blocks)."""
-        with _atomically(connection):
+        with _atomically(connection, self._waits):
             _apply(connection, self._staged.ops)
             check_steps(record_key, self._stored(connection, record_key, None), steps_before)
             for kind, key, argument in ops:
@@ -238,6 +248,7 @@ class SQLiteStorage(DatabaseStorage):
         The storage can be used again: the next call opens the database afresh.
         """
         self._staged.reset()
+        self._waits = _LockWaits(self._timeout)
         connection, self._connection = self._connection, None
         if connection is not None:
             await self._in_thread(connection.close)
@@ -260,11 +271,82 @@ class SQLiteStorage(DatabaseStorage):
 
     async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
         """Run ``function(*args)`` in this instance's worker thread; sqlite3 errors become
-        StorageError naming the file."""
+        StorageError naming the file (and saying it is locked, when it is)."""
         try:
             return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
-        except (sqlite3.Error, OSError) as exc:
+        except sqlite3.Error as exc:
+            if _is_locked(exc):
+                raise StorageError(
+                    f"{self._path} is locked by another connection, in this process or "
+                    f"another; gave up waiting for it (timeout={self._timeout:g} s): {exc}"
+                ) from exc
             raise StorageError(f"{self._path}: {exc}") from exc
+        except OSError as exc:
+            raise StorageError(f"{self._path}: {exc}") from exc
+
+
+class _LockWaits:
+    """How long the writes of one batch (up to :meth:`SQLiteStorage.commit`) may still
+    wait for other connections' locks: ``timeout`` seconds in all.
+
+    Each ``BEGIN IMMEDIATE`` of the batch gets what the ones before it left (as the
+    connection's busy timeout), and :meth:`SQLiteStorage.commit` gives the next batch
+    the whole timeout again. Used in the instance's worker thread, one call at a time.
+    """
+
+    __slots__ = ("_busy_ms", "_timeout", "_waited")
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._waited = 0.0
+        self._busy_ms = _milliseconds(timeout)
+        """The connection's busy timeout: the whole timeout, unless :meth:`begin`
+        shortened it."""
+
+    @property
+    def shortened(self) -> bool:
+        """Whether the connection's busy timeout is shorter than the whole timeout."""
+        return self._busy_ms != _milliseconds(self._timeout)
+
+    def begin(self, connection: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``, waiting for another writer no longer than the batch has
+        left (blocks)."""
+        self._wait_at_most(connection, self._timeout - self._waited)
+        start = time.monotonic()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        finally:
+            self._waited += time.monotonic() - start
+
+    def restore(self, connection: sqlite3.Connection) -> None:
+        """Give the connection's busy timeout back the whole timeout (blocks)."""
+        self._wait_at_most(connection, self._timeout)
+
+    def forget(self) -> None:
+        """Start a new batch: nothing waited yet. Does not block."""
+        self._waited = 0.0
+
+    def _wait_at_most(self, connection: sqlite3.Connection, seconds: float) -> None:
+        milliseconds = _milliseconds(seconds)
+        if milliseconds != self._busy_ms:
+            _set_busy_timeout(connection, seconds)
+            self._busy_ms = milliseconds
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def _set_busy_timeout(connection: sqlite3.Connection, seconds: float) -> None:
+    """Make the connection's statements wait up to ``seconds`` for another connection's
+    lock (blocks, briefly: it does no I/O)."""
+    connection.execute(f"PRAGMA busy_timeout = {_milliseconds(seconds)}")
+
+
+def _is_locked(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` says that another connection holds the lock that was needed."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _as_bytes(value: object) -> bytes:
@@ -284,13 +366,16 @@ def _fetch_all(connection: sqlite3.Connection, sql: str) -> list[Any]:
 
 
 def _connect(path: Path, codec: Codec, timeout: float) -> sqlite3.Connection:
-    """Open (or create) the database and check it is a store of ours (blocks)."""
+    """Open (or create) the database and check it is a store of ours (blocks), waiting
+    for other connections' locks ``timeout`` seconds in all."""
+    deadline = time.monotonic() + timeout
     _create_private(path)
     connection = sqlite3.connect(
         path, timeout=timeout, isolation_level=None, check_same_thread=False
     )
     try:
-        _prepare(connection, path, codec, timeout)
+        _prepare(connection, path, codec, deadline)
+        _set_busy_timeout(connection, timeout)
     except BaseException:
         connection.close()
         raise
@@ -303,28 +388,31 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def _prepare(connection: sqlite3.Connection, path: Path, codec: Codec, timeout: float) -> None:
-    """Check the schema without writing; then switch to WAL and create what is missing."""
+def _prepare(connection: sqlite3.Connection, path: Path, codec: Codec, deadline: float) -> None:
+    """Check the schema without writing; then switch to WAL and create what is missing.
+    Each step waits for other connections' locks until ``deadline`` (``time.monotonic``)."""
     tables = _tables(connection)
     if tables:
         _check_store(connection, path, codec, tables)
-    mode = _switch_to_wal(connection, timeout)
+    mode = _switch_to_wal(connection, deadline)
     if mode != "wal":
         raise StorageError(f"{path}: cannot switch to WAL mode (journal mode is {mode!r})")
     connection.execute("PRAGMA synchronous = FULL")
     if not tables:
+        _set_busy_timeout(connection, deadline - time.monotonic())
         _create_schema(connection, path, codec)
 
 
-def _switch_to_wal(connection: sqlite3.Connection, timeout: float) -> str:
+def _switch_to_wal(connection: sqlite3.Connection, deadline: float) -> str:
     """Switch the database to WAL mode; return the journal mode it is in (blocks).
 
     Two connections switching a new database at once make one of them fail at once with
     SQLITE_BUSY (SQLite calls no busy handler there): it tries again every
-    :data:`WAL_RETRY_SECONDS` until ``timeout``.
+    :data:`WAL_RETRY_SECONDS` until ``deadline``, each try waiting for a lock no longer
+    than that.
     """
-    deadline = time.monotonic() + timeout
     while True:
+        _set_busy_timeout(connection, deadline - time.monotonic())
         try:
             mode: str = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             return mode
@@ -386,26 +474,29 @@ def _create_schema(connection: sqlite3.Connection, path: Path, codec: Codec) -> 
         raise
 
 
-def _write(connection: sqlite3.Connection, ops: list[Op[bytes]]) -> None:
+def _write(connection: sqlite3.Connection, ops: list[Op[bytes]], waits: _LockWaits) -> None:
     """Apply ``ops`` in the open transaction (or a new one) and commit it (blocks); roll
-    it all back on failure."""
-    with _transaction(connection):
-        _apply(connection, ops)
+    it all back on failure. Ends the batch: the busy timeout is whole again."""
+    try:
+        with _transaction(connection, waits):
+            _apply(connection, ops)
+    finally:
+        waits.restore(connection)
 
 
-def _begin(connection: sqlite3.Connection) -> None:
+def _begin(connection: sqlite3.Connection, waits: _LockWaits) -> None:
     """``BEGIN IMMEDIATE`` unless a transaction is open (blocks while another process
-    writes, up to the connection's timeout)."""
+    writes, up to what the batch has left of the timeout)."""
     if not connection.in_transaction:
-        connection.execute("BEGIN IMMEDIATE")
+        waits.begin(connection)
 
 
 @contextmanager
-def _atomically(connection: sqlite3.Connection) -> Iterator[None]:
+def _atomically(connection: sqlite3.Connection, waits: _LockWaits) -> Iterator[None]:
     """A transaction of its own (``BEGIN IMMEDIATE`` ... ``COMMIT``), or a savepoint of
     the open one; rolled back on failure (blocks)."""
     if not connection.in_transaction:
-        with _transaction(connection):
+        with _transaction(connection, waits):
             yield
         return
     connection.execute("SAVEPOINT step")
@@ -419,10 +510,10 @@ def _atomically(connection: sqlite3.Connection) -> Iterator[None]:
 
 
 @contextmanager
-def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+def _transaction(connection: sqlite3.Connection, waits: _LockWaits) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` (unless an update opened the transaction), then ``COMMIT``, or
     a rollback on failure (blocks)."""
-    _begin(connection)
+    _begin(connection, waits)
     try:
         yield
         connection.execute("COMMIT")

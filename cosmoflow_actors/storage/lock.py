@@ -1,0 +1,97 @@
+"""The lock that keeps a :class:`~cosmoflow_actors.FileStorage`'s files to one user.
+
+``PATH.lock``, beside the snapshot ``PATH``, is locked with ``flock`` for as long as a
+FileStorage over ``PATH`` is open. A ``flock`` lock belongs to an open file description,
+so it keeps two instances in one process apart as well as two processes, and the
+operating system drops it when its process dies: a crash leaves no stale lock. The
+holder writes its pid into the file, for the error another opener gets, and removes the
+file when it lets go, while it still holds the lock; an opener that locked a file which
+was removed meanwhile locks the new one instead.
+
+Every function here blocks on the file system (briefly: none waits for the holder). Run
+them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A lock this process holds: the lock file and the descriptor that locks it."""
+
+    path: Path
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """The lock is held by another holder: process ``pid``, or None when the holder
+    has not written its pid yet."""
+
+    pid: int | None
+
+
+def lock_path(path: Path) -> Path:
+    """Return the lock file's path for the snapshot at ``path``."""
+    return path.with_name(f"{path.name}.lock")
+
+
+def try_lock(path: Path, mode: int) -> Held | Busy:
+    """Lock the file ``path``, created with permission bits ``mode`` if missing, unless
+    another holder has it locked (blocks, never for long).
+
+    Raises OSError when the file cannot be created or opened.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            return Busy(pid)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_at(path, fd):
+            _write_pid(fd)
+            return Held(path, fd)
+        os.close(fd)  # the holder removed it as it let go: lock the file there now
+
+
+def release(held: Held) -> None:
+    """Remove the lock file, then unlock it (blocks).
+
+    A lock file that cannot be removed (a read-only directory) is left: the next holder
+    locks it and writes its own pid.
+    """
+    with suppress(OSError):
+        if _is_at(held.path, held.fd):
+            os.unlink(held.path)
+    os.close(held.fd)
+
+
+def _is_at(path: Path, fd: int) -> bool:
+    """Whether ``fd`` is the file at ``path`` (not one removed since it was opened)."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (status.st_dev, status.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdecimal() else None

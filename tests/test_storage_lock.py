@@ -1,0 +1,83 @@
+"""Tests for :mod:`cosmoflow_actors.storage.lock`, the FileStorage lock file."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from cosmoflow_actors.storage import lock
+
+
+def test_a_second_try_is_refused_with_the_holders_pid_until_release(tmp_path: Path) -> None:
+    path = tmp_path / "store.json.lock"
+
+    held = lock.try_lock(path, 0o600)
+
+    assert isinstance(held, lock.Held)
+    assert path.read_text() == f"{os.getpid()}\n"
+    assert lock.try_lock(path, 0o600) == lock.Busy(os.getpid())
+    lock.release(held)
+    assert not path.exists()
+    again = lock.try_lock(path, 0o600)
+    assert isinstance(again, lock.Held)
+    lock.release(again)
+
+
+def test_a_holder_that_has_not_written_its_pid_yet_is_busy_without_one(tmp_path: Path) -> None:
+    path = tmp_path / "store.json.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+        assert lock.try_lock(path, 0o600) == lock.Busy(None)
+    finally:
+        os.close(fd)
+
+
+def test_a_file_removed_by_the_holder_letting_go_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last holder removes the file after this opener opened it and before it locked
+    it: the lock it would get is on a file nobody else sees, so it locks the new one."""
+    path = tmp_path / "store.json.lock"
+    real_flock = fcntl.flock
+    calls: list[int] = []
+
+    def flock(fd: int, operation: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            os.unlink(path)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    held = lock.try_lock(path, 0o600)
+
+    assert isinstance(held, lock.Held)
+    assert len(calls) == 2
+    assert os.fstat(held.fd).st_ino == path.stat().st_ino
+    assert path.read_text() == f"{os.getpid()}\n"
+    lock.release(held)
+
+
+def test_release_leaves_a_file_that_replaced_the_lock_file(tmp_path: Path) -> None:
+    path = tmp_path / "store.json.lock"
+    held = lock.try_lock(path, 0o600)
+    assert isinstance(held, lock.Held)
+    path.unlink()
+    path.write_text("another holder's file\n")
+
+    lock.release(held)
+
+    assert path.read_text() == "another holder's file\n"
+
+
+def test_a_missing_directory_is_an_os_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        lock.try_lock(tmp_path / "missing" / "store.json.lock", 0o600)
+
+
+def test_the_lock_file_is_beside_the_snapshot() -> None:
+    assert lock.lock_path(Path("/data/state.json")) == Path("/data/state.json.lock")
