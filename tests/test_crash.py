@@ -438,7 +438,8 @@ async def check_file_after_kill(path: Path, child: Child, context: str) -> str:
     await storage.set("i", count + 1)
     await storage.commit()  # compacts if the journal was torn or behind
     assert check_whole_files(path, context) == "", f"{context}: {left} after a commit"
-    assert await read_all(cf.FileStorage(path)) == {**stored, "i": count + 1}, context
+    await storage.aclose()
+    assert await read_closed(cf.FileStorage(path)) == {**stored, "i": count + 1}, context
     return "stray temp" if temps else left or "clean"
 
 
