@@ -9,6 +9,12 @@ import pytest
 from tests.storage_suite import RedisServer, running_redis
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: a test that takes seconds (deselect with -m 'not slow')"
+    )
+
+
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One real redis-server on a free loopback port per test module; tests keep apart by

@@ -429,3 +429,114 @@ async def test_generated_run_ids_differ_within_and_across_engines() -> None:
         async with cf.open_engine() as engine:
             ids += [(await engine.start_run(flow)).run_id for _ in range(500)]
     assert len(set(ids)) == 1000
+
+
+async def test_start_run_nowait_with_a_run_id_on_an_open_file_is_durable(tmp_path: Path) -> None:
+    storage = cf.FileStorage(tmp_path / "store.json")
+    gate = Gate()
+    flow = (
+        cf.Flow.builder("durable")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder(cf.Action.complete("done")))
+        .add_route("a", "b")
+        .build()
+    )
+    async with cf.open_engine() as engine:
+        with pytest.raises(trio.WouldBlock, match="no store actor open yet"):
+            engine.start_run_nowait(flow, storage, run_id="r1")
+        holder = await engine.start_run(single(gate), storage)  # keeps the store actor open
+        run = engine.start_run_nowait(flow, storage, run_id="r1")
+        assert (await run.wait()).result == "done"
+        assert await engine.list_runs(storage) == [
+            cf.RunRecord("r1", "durable", "succeeded", "b", 2)
+        ]
+        again = engine.start_run_nowait(flow, storage, run_id="r1")
+        assert (await again.wait()).result == "done"  # the recorded result: nothing runs
+        gate.open.set()
+        await holder.wait()
+    assert await cf.list_runs(cf.FileStorage(storage.path)) == [
+        cf.RunRecord("r1", "durable", "succeeded", "b", 2)
+    ]
+    fresh = cf.FileStorage(storage.path)
+    await fresh.open()
+    assert await fresh.get("seen") == ["a", "b"]
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", "durable"])
+async def test_statistics_count_every_message_handled_directly_or_queued(
+    kind: str, tmp_path: Path
+) -> None:
+    """Three runs of a -> b (one store update per step): each node counts three steps
+    and the router six outcomes, whether handled in the sender's task or queued (a
+    durable run's); the store actor counts each request, handled in the sender's task
+    (memory) or by its own (a file)."""
+    flow = (
+        cf.Flow.builder("counted")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b")
+        .build()
+    )
+    storage = cf.MemoryStorage() if kind == "memory" else cf.FileStorage(tmp_path / "s.json")
+    ids = iter(["r1", "r2", "r3"] if kind == "durable" else [None] * 3)
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        holder = await engine.start_run(single(gate, "holder"), storage)  # keeps the store
+        for _ in range(2):
+            await engine.run(flow, storage, run_id=next(ids))  # carried by the caller
+        await (await engine.start_run(flow, storage, run_id=next(ids))).wait()  # by workers
+        await trio.testing.wait_all_tasks_blocked()  # the worker of a durable run's end
+        stats = engine.statistics()
+        gate.open.set()
+        await holder.wait()
+    assert stats.actor("counted/a").messages_processed == 3
+    assert stats.actor("counted/b").messages_processed == 3
+    assert stats.actor("router").messages_processed == 6
+    store = next(actor for actor in stats.actors if actor.kind == "store")
+    # A durable run's step reads "seen" and commits; its record is read, written at the
+    # start and written at the end.
+    assert store.messages_processed == (7 * 3 if kind == "durable" else 6)
+    assert stats.runs_succeeded == 3
+
+
+class Waits(cf.Node):
+    """exec waits for the shared ``opened`` event; counts the steps waiting."""
+
+    def __init__(self, opened: trio.Event) -> None:
+        super().__init__()
+        self.opened = opened
+        self.waiting = 0
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self.waiting += 1
+        await self.opened.wait()
+
+
+@pytest.mark.slow
+async def test_a_hundred_thousand_runs_in_flight_at_once_all_succeed() -> None:
+    runs = 100_000
+    opened = trio.Event()
+    first = Waits(opened)
+    flow = (
+        cf.Flow.builder("crowd")
+        .add_node("first", first)
+        .add_node("second", Recorder())
+        .add_route("first", "second")
+        .build()
+    )
+    results: list[cf.FlowResult] = []
+
+    async def one(engine: cf.Engine) -> None:
+        results.append(await engine.run(flow))
+
+    async with cf.open_engine(mailbox_size=1, max_runs=None) as engine:
+        async with trio.open_nursery() as nursery:
+            for _ in range(runs):
+                nursery.start_soon(one, engine)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (first.waiting, engine.statistics().runs_in_flight) == (runs, runs)
+            opened.set()
+        stats = engine.statistics()
+    assert len(results) == runs
+    assert {result.execution_path for result in results} == {("first", "second")}
+    assert (stats.runs_succeeded, stats.runs_in_flight) == (runs, 0)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import cosmoflow_actors as cf
-from tests.support import Recorder
+from cosmoflow_actors.storage.base import RECORD_PREFIX
+from tests.support import Recorder, single
 
 
 class Counter(cf.Node):
@@ -491,3 +496,165 @@ async def test_every_step_of_branches_has_its_own_execution_id() -> None:
     store: dict[str, Any] = {}
     await flow.run(store, run_id="r")
     assert sorted(store["ids"]) == ["r:1", "r:2", "r:2.0/3", "r:2.1/3", "r:3.0/4", "r:3.1/4", "r:5"]
+
+
+class HeldAtTheEnd(cf.FileStorage):
+    """A real FileStorage whose commit of run "held"'s final record waits for
+    ``release``: the router's task, which writes that record, stays busy meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.holding = trio.Event()
+        self.release = trio.Event()
+
+    async def commit(self) -> None:
+        key = RECORD_PREFIX + "held"
+        if await self.contains(key) and (await self.get(key))["state"] == "succeeded":
+            self.holding.set()
+            await self.release.wait()
+        await super().commit()
+
+
+@asynccontextmanager
+async def router_held(engine: cf.Engine, path: Path) -> AsyncIterator[None]:
+    """Keep the router's own task busy (ending a durable run) for the block: outcomes
+    sent meanwhile wait in its mailbox."""
+    storage = HeldAtTheEnd(path)
+    held = await engine.start_run(single(Recorder(), "held"), storage, run_id="held")
+    await storage.holding.wait()
+    assert engine.statistics().actor("router").in_flight == 1
+    try:
+        yield
+    finally:
+        storage.release.set()
+        await held.wait()
+
+
+def routing_cases() -> dict[str, cf.Flow]:
+    """Flows whose first outcome needs each kind of routing decision."""
+    nested = cf.Flow.builder("inner").add_node("x", Recorder("out")).build()
+    return {
+        "next": cf.Flow.builder("next")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b")
+        .build(),
+        "condition": cf.Flow.builder("condition")
+        .add_node("a", Recorder("go"))
+        .add_node("big", Recorder())
+        .add_node("small", Recorder())
+        .add_route("a", "big", "go", when=cf.ActionCondition.compare("size", ">", 10))
+        .add_route("a", "small", "go")
+        .build(),
+        "fan-out": cf.Flow.builder("fan-out")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_node("c", Recorder())
+        .add_join("j", Recorder())
+        .add_route("a", ["b", "c"])
+        .add_route("b", "j")
+        .add_route("c", "j")
+        .build(),
+        "nested": cf.Flow.builder("nested")
+        .add_node("a", Recorder())
+        .add_node("inner", nested)
+        .add_node("z", Recorder())
+        .add_route("a", "inner")
+        .add_route("inner", "z", "out")
+        .build(),
+        "complete": cf.Flow.builder("complete")
+        .add_node("a", Recorder(cf.Action.complete({"answer": 42})))
+        .add_node("b", Recorder())
+        .add_route("a", "b")
+        .build(),
+        "end": cf.Flow.builder("end")
+        .add_node("a", Recorder("stop"))
+        .add_route("a", cf.END, "stop")
+        .build(),
+        "no route": cf.Flow.builder("no-route")
+        .add_node("a", Recorder("sideways"))
+        .add_node("b", Recorder())
+        .add_route("a", "b", "left")
+        .build(),
+        "max steps": cf.Flow.builder("max-steps")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b")
+        .max_steps(1)
+        .build(),
+    }
+
+
+async def routed(engine: cf.Engine, flow: cf.Flow) -> tuple[Any, ...]:
+    """How a run of ``flow`` (on a store with size 50) ended, and what it stored."""
+    data: dict[str, Any] = {"size": 50}
+    try:
+        result = await engine.run(flow, data)
+    except cf.CosmoFlowError as exc:
+        ended: tuple[Any, ...] = (type(exc).__name__, str(exc))
+    else:
+        ended = (
+            result.final_action,
+            result.result,
+            result.last_node_id,
+            sorted(result.execution_path),
+            result.steps_executed,
+        )
+    return (*ended, sorted(data.get("seen", [])))
+
+
+async def test_routing_in_the_senders_task_decides_as_the_routers_own_task(
+    tmp_path: Path,
+) -> None:
+    """Each routing decision, made by route_now in the sender's task (the router
+    idle) and by the router's task (its mailbox, while it is busy): the same ends."""
+    cases = routing_cases()
+    queued: dict[str, tuple[Any, ...]] = {}
+
+    async def route_queued(engine: cf.Engine, name: str) -> None:
+        queued[name] = await routed(engine, cases[name])
+
+    async with cf.open_engine() as engine:
+        async with trio.open_nursery() as nursery, router_held(engine, tmp_path / "held.json"):
+            for name in cases:
+                nursery.start_soon(route_queued, engine, name)
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.statistics().actor("router").mailbox_depth == len(cases)
+        direct = {name: await routed(engine, flow) for name, flow in cases.items()}
+        assert engine.statistics().actor("router").mailbox_depth == 0
+    assert queued == direct
+    assert direct["condition"][3] == ["a", "big"]
+    assert direct["fan-out"][3] == ["a", "b", "c", "j"]
+    assert direct["no route"][0] == "NoRouteError"
+    assert direct["max steps"][0] == "MaxStepsExceeded"
+
+
+async def test_a_run_cancelled_while_its_outcome_waits_for_the_router_goes_no_further(
+    tmp_path: Path,
+) -> None:
+    first = Recorder(max_concurrency=1)
+    second = Recorder()
+    flow = cf.Flow.builder("waits").add_node("a", first).add_node("b", second)
+    flow_built = flow.add_route("a", "b").build()
+    data: dict[str, Any] = {}
+    async with cf.open_engine() as engine:
+        async with router_held(engine, tmp_path / "held.json"):
+            doomed = await engine.start_run(flow_built, data, run_id="doomed")
+            kept = await engine.start_run(flow_built, data, run_id="kept")
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.statistics().actor("router").mailbox_depth == 1
+            assert engine.statistics().actor("waits/a").mailbox_depth == 1
+            doomed.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            stats = engine.statistics()
+            # a's slot went to kept, whose outcome now waits behind doomed's.
+            assert (stats.actor("waits/a").in_flight, stats.actor("router").mailbox_depth) == (
+                1,
+                2,
+            )
+        assert (await kept.wait()).execution_path == ("a", "b")
+        await trio.testing.wait_all_tasks_blocked()
+        busy = [(a.name, a.in_flight, a.mailbox_depth) for a in engine.statistics().actors]
+        assert [entry for entry in busy if entry[1] or entry[2]] == []
+    assert doomed.current_state is cf.RunState.CANCELLED
+    assert data == {"seen": ["a", "a", "b"]}

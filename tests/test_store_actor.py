@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.gil import SWITCH_INTERVAL
+from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest
+from cosmoflow_actors.runtime.store_actor import StoreActor
+from cosmoflow_actors.runtime.store_client import MISSING
 from tests.storage_suite import JsonDictStorage
 from tests.support import single
 
@@ -153,3 +158,72 @@ async def test_the_shared_actor_leaves_the_switch_interval_alone() -> None:
     storage = SharedIntervalRecordingStorage()
     await single(set_answer).run(storage)
     assert storage.intervals == [pytest.approx(0.005)]
+
+
+def explode(value: Any) -> Any:
+    raise ArithmeticError(f"cannot update {value!r}")
+
+
+MEMORY_OPS: list[tuple[StoreOp, str, Any]] = [
+    (StoreOp.SET, "a", 1),
+    (StoreOp.GET, "a", MISSING),
+    (StoreOp.GET, "missing", MISSING),
+    (StoreOp.GET, "missing", "fallback"),
+    (StoreOp.UPDATE, "a", (lambda n: n + 1, MISSING)),
+    (StoreOp.UPDATE, "missing", (lambda n: n + 1, MISSING)),
+    (StoreOp.UPDATE, "fresh", (lambda n: [*n, "x"], [])),
+    (StoreOp.UPDATE, "a", (explode, MISSING)),
+    (StoreOp.CONTAINS, "a", None),
+    (StoreOp.CONTAINS, "missing", None),
+    (StoreOp.SET_MANY, "", {"b": 2, "c": 3}),
+    (StoreOp.GET_MANY, "", ["a", "c", "missing"]),
+    (StoreOp.KEYS, "", None),
+    (StoreOp.SIZE, "", None),
+    (StoreOp.DELETE, "b", None),
+    (StoreOp.DELETE, "b", None),
+    (StoreOp.KEYS, "", None),
+    (StoreOp.CLEAR, "", None),
+    (StoreOp.SIZE, "", None),
+]
+"""A sequence of memory store requests, errors included."""
+
+
+def answer_of(call: Callable[[], Any]) -> tuple[str, Any]:
+    """What a request answered: its value, or its error's type and text."""
+    try:
+        return ("value", call())
+    except Exception as exc:
+        return (type(exc).__name__, str(exc))
+
+
+async def through_the_mailbox(actor: StoreActor, request: StoreRequest) -> Any:
+    """Queue ``request`` as a busy actor would, and wait for the actor's own task."""
+    await actor.mailbox.put(request)
+    return await request.reply.wait()
+
+
+async def test_direct_dispatch_answers_as_the_actors_own_task_does() -> None:
+    """The same memory requests, handled in the caller's task (handle_now) and queued
+    for the actor's task: the same answers, errors and store contents after each."""
+    direct_actor = StoreActor("direct", 16)
+    queued_actor = StoreActor("queued", 16)
+    direct, queued = cf.MemoryStorage(), cf.MemoryStorage()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(direct_actor.run)
+        await nursery.start(queued_actor.run)
+        for op, key, argument in MEMORY_OPS:
+            assert direct_actor.idle
+            now = answer_of(partial(direct_actor.handle_now, op, direct, key, argument))
+            request = StoreRequest(op, queued, key, argument, Reply())
+            try:
+                later: tuple[str, Any] = ("value", await through_the_mailbox(queued_actor, request))
+            except Exception as exc:
+                later = (type(exc).__name__, str(exc))
+            assert (op, key, now, direct.data) == (op, key, later, queued.data)
+        counts = [actor.statistics() for actor in (direct_actor, queued_actor)]
+        direct_actor.retire()
+        queued_actor.retire()
+    assert [(c.messages_processed, c.in_flight, c.mailbox_depth) for c in counts] == [
+        (len(MEMORY_OPS), 0, 0)
+    ] * 2
+    assert direct.data == {}
