@@ -513,6 +513,8 @@ def as_action(value: object, node_id: str) -> Action:
     if isinstance(value, Action):
         return value
     if isinstance(value, str):
+        if not value:
+            raise ValueError(f"node {node_id!r} returned an empty action name from post")
         return _simple(value)
     if value is None:
         return _simple("default")

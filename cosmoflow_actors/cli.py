@@ -696,16 +696,12 @@ def _inspect_command(args: argparse.Namespace) -> int:
 async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
     """Every key and value of ``storage`` and its durable runs, read through an engine.
 
-    The store is left as it was: a FileStorage is not closed, since closing compacts
-    its journal into the snapshot, a write; it holds nothing open once loaded.
+    The engine closes the store once it is read (a FileStorage folds its journal into
+    its snapshot then; the data stays the same).
     """
-    try:
-        async with open_engine() as engine:
-            await _open_store(engine, storage)
-            return await _contents(engine, storage), await engine.list_runs(storage)
-    finally:
-        if not isinstance(storage, FileStorage):
-            await storage.aclose()
+    async with open_engine() as engine:
+        await _open_store(engine, storage)
+        return await _contents(engine, storage), await engine.list_runs(storage)
 
 
 def _runs_table(runs: list[RunRecord]) -> Table:

@@ -57,12 +57,6 @@ async def test_put_blocks_while_full_and_senders_get_in_in_their_order() -> None
     assert done == ["s1", "s2", "s3"]
 
 
-@pytest.mark.xfail(
-    reason="Mailbox.take unparks the head sender but has_room is True again until it runs"
-    " (the lot is empty): a put_nowait or put made meanwhile appends first and the sender"
-    " parks again, overtaken",
-    strict=True,
-)
 async def test_a_sender_let_in_is_not_overtaken_by_a_later_put_nowait() -> None:
     """A take lets the parked sender in; a put_nowait made before that sender has run
     must not take its room (the sender came first)."""

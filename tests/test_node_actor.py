@@ -411,15 +411,7 @@ class Picky(cf.Node):
 @pytest.mark.parametrize(
     ("returned", "error_type"),
     [
-        pytest.param(
-            "",
-            ValueError,
-            marks=pytest.mark.xfail(
-                reason="as_action('') builds Action(name='') whose ValueError 'an action"
-                " name must not be empty' does not name the node",
-                strict=True,
-            ),
-        ),
+        ("", ValueError),
         (42, TypeError),
         ("unknown", cf.NoRouteError),
     ],
@@ -584,13 +576,6 @@ async def test_a_run_cancelled_in_post_is_not_handed_off_and_its_worker_goes_on(
     assert (stats.runs_cancelled, stats.runs_succeeded, stats.runs_in_flight) == (1, 1, 0)
 
 
-@pytest.mark.xfail(
-    reason="carry() hands off after checking only its own scope's cancel_called: a"
-    " cancelled engine.run caller (an enclosing scope) is not seen until the next"
-    " checkpoint, and there is none between a step's post and the next node's prep,"
-    " so the next step starts (its prep writes the store) for a run being cancelled",
-    strict=True,
-)
 async def test_a_caller_cancelled_in_post_does_not_start_the_next_step() -> None:
     first = CancelsInPost()
     second = Touches()

@@ -17,15 +17,18 @@ from cosmoflow_actors.runtime.gil import SWITCH_INTERVAL
 from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.store_client import MISSING
+from cosmoflow_actors.storage import journal as journal_format
+from cosmoflow_actors.storage.codec import get_codec
 from tests.storage_suite import JsonDictStorage
 from tests.support import single
 
 
 async def on_disk(path: Path) -> dict[str, Any]:
-    """What a fresh FileStorage opened on ``path`` reads: the committed state."""
-    storage = cf.FileStorage(path)
-    await storage.open()
-    return {key: await storage.get(key) for key in await storage.keys()}
+    """The committed state in the files, read as an instance loads it but without its
+    lock (so beside the engine's instance, which holds it)."""
+    codec = get_codec("json")
+    loaded = journal_format.load(path, codec)
+    return {key: codec.decode_json(raw) for key, raw in loaded.entries.items()}
 
 
 class CountingFileStorage(cf.FileStorage):

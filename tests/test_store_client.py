@@ -171,15 +171,6 @@ class LosesACall(cf.Node):
             await store.update("good", lambda n: n + 1, default=0)
 
 
-NEVER_AWAITED_BUG = pytest.mark.xfail(
-    reason="SharedStore.unawaited closes the lost coroutines before _describe reads their"
-    " frame (None once closed): AssertionError, which is no run failure and crashes the"
-    " engine",
-    strict=True,
-)
-
-
-@NEVER_AWAITED_BUG
 @pytest.mark.parametrize("op", ["get", "set", "update"])
 @pytest.mark.parametrize("phase", ["prep", "exec", "post"])
 async def test_a_store_call_never_awaited_fails_its_run_alone(phase: str, op: str) -> None:
@@ -207,7 +198,6 @@ async def test_a_store_call_never_awaited_fails_its_run_alone(phase: str, op: st
     assert data == {"k": "before", "good": 4}
 
 
-@NEVER_AWAITED_BUG
 async def test_a_durable_step_that_never_awaits_a_write_commits_nothing(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
     await in_run(lambda store: store.set("k", "before"), cf.FileStorage(path))

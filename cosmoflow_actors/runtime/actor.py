@@ -37,7 +37,7 @@ class Mailbox(Generic[M]):
     empty).
     """
 
-    __slots__ = ("_items", "_receiver", "_room", "capacity", "items")
+    __slots__ = ("_admitted", "_items", "_receiver", "_room", "capacity", "items")
 
     def __init__(self, capacity: float) -> None:
         self.capacity = capacity
@@ -46,6 +46,9 @@ class Mailbox(Generic[M]):
         """The messages waiting, oldest first (read it; change it only through the
         methods)."""
         self._room = trio.lowlevel.ParkingLot()
+        self._admitted = 0
+        """Parked senders let in by :meth:`take` that have not appended yet: their room
+        is kept for them."""
         self._receiver: trio.lowlevel.Task | None = None
 
     def __len__(self) -> int:
@@ -57,7 +60,7 @@ class Mailbox(Generic[M]):
     @property
     def has_room(self) -> bool:
         """Whether a message may be put now without overtaking a waiting sender."""
-        return len(self._items) < self.capacity and not self._room
+        return len(self._items) + self._admitted < self.capacity and not self._room
 
     @property
     def senders_waiting(self) -> int:
@@ -77,8 +80,7 @@ class Mailbox(Generic[M]):
         """
         if not self.has_room:
             await self._room.park()
-            while len(self._items) >= self.capacity:  # a later put_nowait took the room
-                await self._room.park()
+            self._admitted -= 1
         self._append(message)
 
     def _append(self, message: M) -> None:
@@ -90,6 +92,7 @@ class Mailbox(Generic[M]):
         one waiting sender in. Never blocks."""
         message = self._items.popleft()
         if self._room:
+            self._admitted += 1
             self._room.unpark()
         return message
 

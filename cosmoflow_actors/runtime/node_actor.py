@@ -444,6 +444,9 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
         for other in following[:-1]:
             await other.actor.send(other)
         step = following[-1]
+        # The caller of engine.run may have been cancelled during the step, with no
+        # checkpoint since: the next step must not start.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if not step.actor.idle:
             await step.actor.send(step)
             return

@@ -59,6 +59,8 @@ class StoreActor(Actor[StoreRequest]):
         self.users = 0
         self.retiring = False
         self.opened = trio.Event()
+        self.open_error: StorageError | None = None
+        """Why the backend could not be opened, for every run that waited for it."""
         self.exited = trio.Event()
         self._handlers: dict[StoreOp, Handler] = {
             StoreOp.GET: self._get,
@@ -149,6 +151,9 @@ class StoreActor(Actor[StoreRequest]):
                     with SHORT_SWITCH_INTERVAL:
                         await self._storage.open()
                 self.serving = True
+            except StorageError as exc:
+                self.open_error = exc
+                raise
             finally:
                 self.opened.set()
             task_status.started()

@@ -23,7 +23,7 @@ import msgspec
 
 from cosmoflow_actors.errors import StorageError, StoreKeyError, StoreTypeError
 from cosmoflow_actors.runtime.messages import StoreOp
-from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp
+from cosmoflow_actors.storage.base import StagedOp, check_user_key
 from cosmoflow_actors.storage.codec import check_key
 
 if TYPE_CHECKING:
@@ -86,9 +86,10 @@ class SharedStore:
             and inspect.getcoroutinestate(call) == "CORO_CREATED"
         ]
         made.clear()
+        described = [_describe(call) for call in lost]
         for call in lost:
             call.close()
-        return [_describe(call) for call in lost]
+        return described
 
     def detached(self) -> SharedStore:
         """A handle that refuses every call (for exec in a thread or a process)."""
@@ -137,7 +138,7 @@ class SharedStore:
 
         Keys under ``__cosmoflow__/`` belong to the engine: StorageError.
         """
-        _check_writable(key)
+        check_user_key(key)
         return self._made_now(self._set(key, value))
 
     def update(self, key: str, function: Callable[[Any], Any], default: Any = MISSING) -> Call[Any]:
@@ -151,12 +152,12 @@ class SharedStore:
         ``function`` is applied again, in the store actor, to the value stored then, so
         concurrent updates are never lost (``function`` must be pure).
         """
-        _check_writable(key)
+        check_user_key(key)
         return self._made_now(self._update(key, function, default))
 
     def delete(self, key: str) -> Call[bool]:
         """Remove ``key``; return whether it was there."""
-        _check_writable(key)
+        check_user_key(key)
         return self._made_now(self._delete(key))
 
     def contains(self, key: str) -> Call[bool]:
@@ -187,7 +188,7 @@ class SharedStore:
         """Store every item in one request, all or nothing."""
         items = dict(mapping)
         for key in items:
-            _check_writable(key)
+            check_user_key(key)
         return self._made_now(self._set_many(items))
 
     async def _get(self, key: str, default: Any, type: Any) -> Any:
@@ -323,16 +324,6 @@ _ABSENT: Final[Any] = object()
 _UNKNOWN: Final[Any] = object()
 
 
-def _check_writable(key: str) -> None:
-    """Refuse a write to a key that is not a str or lies under the engine's prefix."""
-    check_key(key)
-    if key.startswith(RESERVED_PREFIX):
-        raise StorageError(
-            f"key {key!r} is under {RESERVED_PREFIX!r}, which is reserved for the "
-            "engine's run records; nodes cannot write there"
-        )
-
-
 def _typed(key: str, value: Any, default: Any, expected: Any) -> Any:
     """``value`` as ``expected`` (a missing key's default is returned as it is)."""
     if expected is None or (value is default and default is not MISSING):
@@ -345,7 +336,7 @@ def as_type(key: str, value: Any, expected: Any) -> Any:
     if isinstance(expected, type) and isinstance(value, expected):
         return value
     try:
-        return msgspec.convert(value, expected)
+        return msgspec.convert(value, expected, str_keys=True)
     except (msgspec.ValidationError, TypeError) as exc:
         raise StoreTypeError(key, _type_name(expected), _type_name(type(value))) from exc
 

@@ -74,7 +74,7 @@ class StoreRegistry:
             self.release(actor)
             raise
         if not actor.serving:
-            raise StorageError(f"{actor.name} could not be opened")
+            raise StorageError(f"{actor.name} could not be opened") from actor.open_error
         return actor
 
     def acquire_nowait(self, storage: Storage) -> StoreActor:
