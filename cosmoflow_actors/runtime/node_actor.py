@@ -11,10 +11,12 @@ nodes in one task, with no message queued and no task woken.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -51,6 +53,7 @@ RUN_FAILURES: Final = (NodeError, CosmoFlowError, StorageError, TypeError, Value
 NodeError), what its post returned, its conditions, and its store's refusals."""
 
 _NO_VALUES: Final[Mapping[str, Any]] = MappingProxyType({})
+_NO_SPAN: Final = contextlib.nullcontext()
 
 
 class NodeActor(Actor[Step]):
@@ -179,20 +182,40 @@ class NodeActor(Actor[Step]):
     async def handle(self, step: Step) -> list[Step]:
         """Run ``step`` (its slot taken) and route its outcome; return the steps its
         branch goes on with. A cancelled step raises trio.Cancelled and routes nothing.
-
-        Runs prep, exec and post, resolves the action and commits a durable step;
-        anything the run caused is a StepFailed for the router.
-        """
+        Waits first while a lossless event stream is full."""
         if self._events.congested:
             await self._events.wait_for_room()
-        run = step.run
-        if run.finished:
+        if step.run.finished:
             return []
+        return await self._router.route(await self._outcome(step))
+
+    async def _outcome(self, step: Step) -> StepDone | StepFailed:
+        """Run prep, exec and post, read the route conditions' values and commit a
+        durable step; anything the run caused is a StepFailed."""
+        run = step.run
         run.start()
         run.path.append(self.node_id)
         store = run.durability.step_store(run.store)
-        ctx = ExecutionContext(
-            run_id=run.run_id,
+        ctx = self._context(step, store)
+        started = self._step_started(ctx)
+        result: StepDone | StepFailed | None = None
+        try:
+            with self._span(ctx, started):
+                action = await self._phases(run, store, ctx)
+                keys = run.condition_keys
+                values = await store.get_many(keys) if keys else _NO_VALUES
+                await run.durability.commit(run, step.branch, self.node_id, action, store)
+            result = StepDone(run, step.branch, self.node_id, action, values)
+        except RUN_FAILURES as exc:
+            result = StepFailed(run, step.branch, self.node_id, exc)
+        finally:
+            if started is not None and self._events.active:
+                self._step_finished(ctx, started, result)
+        return result
+
+    def _context(self, step: Step, store: SharedStore) -> ExecutionContext:
+        return ExecutionContext(
+            run_id=step.run.run_id,
             node_id=self.node_id,
             flow_name=self.flow_name,
             step_number=step.branch.count,
@@ -201,27 +224,14 @@ class NodeActor(Actor[Step]):
             max_retries=self.node.max_retries,
             branch=step.branch.label,
         )
-        started = self._step_started(ctx)
+
+    def _span(self, ctx: ExecutionContext, started: float | None) -> AbstractContextManager[Any]:
+        """The step's tracing span made current for its code, if a tracer follows the
+        engine (and the step emitted StepStarted)."""
         spans = self._events.step_spans
-        span = spans.step_span(ctx) if spans is not None and started is not None else None
-        result: StepDone | StepFailed | None = None
-        try:
-            if span is not None:
-                span.__enter__()
-            action = await self._phases(run, store, ctx)
-            keys = run.condition_keys
-            values = await store.get_many(keys) if keys else _NO_VALUES
-            await run.durability.commit(run, step.branch, self.node_id, action, store)
-            result = StepDone(run, step.branch, self.node_id, action, values)
-        except RUN_FAILURES as exc:
-            result = StepFailed(run, step.branch, self.node_id, exc)
-        finally:
-            if span is not None:
-                span.__exit__(None, None, None)
-            if started is not None and self._events.active:
-                self._step_finished(ctx, started, result)
-        assert result is not None  # set unless an exception left above
-        return await self._router.route(result)
+        if spans is None or started is None:
+            return _NO_SPAN
+        return spans.step_span(ctx)
 
     async def _phases(self, run: Run, store: SharedStore, ctx: ExecutionContext) -> Action:
         """prep → exec → post; the action post returned, resolved against the store."""
