@@ -528,3 +528,33 @@ async def test_a_branch_failing_while_another_commits_is_recorded_after_that_com
         assert [record.state for record in await engine.list_runs(storage)] == ["failed"]
         await engine.resume(flow, storage, run_id="f")
     assert user_data(storage.data) == user_data(reference.data)
+
+
+async def test_nodes_cannot_write_the_engines_run_records(tmp_path: Path) -> None:
+    @cf.node
+    async def vandal(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set("__cosmoflow__/runs/victim", "garbage")
+
+    storage = cf.FileStorage(tmp_path / "store.json")
+    with pytest.raises(cf.NodeError) as info:
+        await cf.Flow.builder("f").add_node("vandal", vandal).build().run(storage)
+    assert isinstance(info.value.__cause__, cf.StorageError)
+    assert "__cosmoflow__/runs/victim" in str(info.value.__cause__)
+    assert await cf.list_runs(cf.FileStorage(tmp_path / "store.json")) == []
+
+
+async def test_a_malformed_run_record_is_a_storage_error_naming_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    storage = cf.FileStorage(path)
+    await storage.open()
+    await storage.set("__cosmoflow__/runs/victim", "garbage")
+    await storage.commit()
+    await storage.aclose()
+    flow = loop_flow(Counted())
+    with pytest.raises(cf.StorageError, match="__cosmoflow__/runs/victim"):
+        await cf.list_runs(cf.FileStorage(path))
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError, match="__cosmoflow__/runs/victim"):
+            await engine.run(flow, cf.FileStorage(path), run_id="victim")
+        with pytest.raises(cf.StorageError, match="__cosmoflow__/runs/victim"):
+            await engine.resume(flow, cf.FileStorage(path), run_id="victim")

@@ -540,3 +540,51 @@ async def test_a_hundred_thousand_runs_in_flight_at_once_all_succeed() -> None:
     assert len(results) == runs
     assert {result.execution_path for result in results} == {("first", "second")}
     assert (stats.runs_succeeded, stats.runs_in_flight) == (runs, 0)
+
+
+async def test_a_lossless_event_stream_gets_every_event_of_many_runs() -> None:
+    flow = (
+        cf.Flow.builder("many")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b")
+        .build()
+    )
+    counts: dict[str, int] = {}
+    async with cf.open_engine() as engine:
+        stream = engine.events(buffer=16, lossless=True)
+
+        async def count() -> None:
+            async with stream:
+                async for event in stream:
+                    name = type(event).__name__
+                    counts[name] = counts.get(name, 0) + 1
+
+        async with trio.open_nursery() as readers:
+            readers.start_soon(count)
+            async with trio.open_nursery() as runs:
+                for _ in range(2000):
+                    runs.start_soon(engine.run, flow)
+            await trio.testing.wait_all_tasks_blocked()
+            readers.cancel_scope.cancel()
+    assert counts == {
+        "RunStarted": 2000,
+        "StepStarted": 4000,
+        "StepFinished": 4000,
+        "RunFinished": 2000,
+    }
+    assert engine.progress().snapshot().succeeded == 2000
+
+
+async def test_progress_counts_runs_as_they_start_and_end() -> None:
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        progress = engine.progress()
+        before = progress.snapshot()
+        run = await engine.start_run(single(gate))
+        started = await progress.wait_changed(before)
+        assert (started.started, started.in_flight) == (1, 1)
+        gate.open.set()
+        await run.wait()
+        ended = progress.snapshot()
+    assert (ended.started, ended.succeeded, ended.in_flight) == (1, 1, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -230,3 +231,17 @@ async def test_direct_dispatch_answers_as_the_actors_own_task_does() -> None:
         (len(MEMORY_OPS), 0, 0)
     ] * 2
     assert direct.data == {}
+
+
+async def test_when_its_last_run_ends_a_file_storage_is_compacted_into_its_json_file(
+    tmp_path: Path,
+) -> None:
+    @cf.node
+    async def write(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set("last", ctx.params["n"])
+
+    path = tmp_path / "store.json"
+    async with cf.open_engine() as engine:
+        for n in range(3):
+            await engine.run(single(write), cf.FileStorage(path), params={"n": n})
+            assert json.loads(path.read_bytes())["data"] == {"last": n}

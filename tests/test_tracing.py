@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import trio
@@ -353,3 +354,22 @@ async def test_a_step_without_a_span_changes_nothing(tracer: Tracer) -> None:
     spans, _ = live_step(tracer)
     with spans.step_span(StepRef("r1:7")):
         assert otel_trace.get_current_span() is otel_trace.INVALID_SPAN
+
+
+async def test_a_span_opened_in_exec_is_a_child_of_the_step_span(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    class CallsAnInstrumentedClient(cf.Node):
+        async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+            with tracer.start_as_current_span("http GET"):
+                await trio.lowlevel.checkpoint()
+
+    flow = cf.Flow.builder("traced").add_node("call", CallsAnInstrumentedClient()).build()
+    async with trio.open_nursery() as nursery, cf.open_engine() as engine:
+        await nursery.start(trace_events, engine, tracer)
+        await engine.run(flow, run_id="r1")
+    spans = by_name(exporter.get_finished_spans())
+    step, client = spans["traced/call"], spans["http GET"]
+    assert client.parent is not None and client.parent.span_id == step.context.span_id
+    assert client.context.trace_id == step.context.trace_id
+    assert otel_trace.get_current_span() is otel_trace.INVALID_SPAN

@@ -42,13 +42,11 @@ def record_key(run_id: str) -> str:
 _RECORD_FIELDS: Final = ("run_id", "flow", "state", "params", "path", "last")
 
 
-def checked_record(key: str, value: Any) -> dict[str, Any] | None:
-    """``value``, read from the store under ``key``, as a run record (None stays None).
+def checked_record(key: str, value: Any) -> dict[str, Any]:
+    """``value``, read from the store under ``key``, as a run record.
 
     Raises StorageError naming the key when it is not a record the engine wrote.
     """
-    if value is None:
-        return None
     if not isinstance(value, dict) or any(field not in value for field in _RECORD_FIELDS):
         raise StorageError(
             f"the store holds no valid run record under {key!r} (found {type(value).__name__}):"
@@ -72,11 +70,8 @@ class RunRecord:
     steps: int
 
     @classmethod
-    def of(cls, value: Any) -> RunRecord:
-        """The summary of a stored record; StorageError if it is not one."""
-        run_id = value.get("run_id") if isinstance(value, dict) else None
-        record = checked_record(record_key(str(run_id)), value)
-        assert record is not None
+    def of(cls, record: Mapping[str, Any]) -> RunRecord:
+        """The summary of a record (see :func:`checked_record`)."""
         last = record.get("last")
         return cls(
             run_id=record["run_id"],

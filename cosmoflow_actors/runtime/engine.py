@@ -19,7 +19,12 @@ import trio
 import trio_parallel
 from trio_util import AsyncValue
 
-from cosmoflow_actors.errors import ActorCrashedError, CosmoFlowError, RunCancelledError
+from cosmoflow_actors.errors import (
+    ActorCrashedError,
+    CosmoFlowError,
+    RunCancelledError,
+    StorageError,
+)
 from cosmoflow_actors.events import (
     DEFAULT_BUFFER as DEFAULT_EVENT_BUFFER,
 )
@@ -192,7 +197,9 @@ class Engine:
             records = await actor.records(storage)
         finally:
             self._stores.release(actor)
-        return [RunRecord.of(record) for record in records]
+        return [
+            RunRecord.of(durability.checked_record(key, value)) for key, value in records.items()
+        ]
 
     async def _drive(self, run: Run, first: Step | None) -> FlowResult:
         """Carry ``run`` from ``first`` in this task while its nodes are idle (see
@@ -279,7 +286,8 @@ class Engine:
         if not durable:
             return self._first_step(run, params)
         key = durability.record_key(run.run_id)
-        record = durability.checked_record(key, await run.store_actor.read_record(run.storage, key))
+        stored = await run.store_actor.read_record(run.storage, key)
+        record = None if stored is None else durability.checked_record(key, stored)
         if record is not None and record["state"] == "succeeded":
             run.succeed(durability.recorded_result(record, run.storage))
             return None
@@ -594,6 +602,15 @@ def _run_event(run: Run) -> Event:
 
 
 async def list_runs(store: Storage | dict[str, Any]) -> list[RunRecord]:
-    """The durable runs recorded in ``store`` (on a temporary engine; blocks until read)."""
+    """The durable runs recorded in ``store`` (on a temporary engine; blocks until read).
+
+    Raises StorageError, as itself, when the store cannot be read or holds a record
+    the engine did not write.
+    """
+    failure: StorageError | None = None
     async with open_engine() as engine:
-        return await engine.list_runs(store)
+        try:
+            return await engine.list_runs(store)
+        except StorageError as exc:  # raised below, outside the engine's nursery
+            failure = exc
+    raise failure

@@ -112,9 +112,9 @@ class StoreActor(Actor[StoreRequest]):
         finally:
             self.leave()
 
-    async def records(self, storage: Storage) -> list[Any]:
-        """Every run record in ``storage``."""
-        found: list[Any] = await self.request(StoreOp.RECORDS, storage, "", None)
+    async def records(self, storage: Storage) -> dict[str, Any]:
+        """Every run record in ``storage``, by key."""
+        found: dict[str, Any] = await self.request(StoreOp.RECORDS, storage, "", None)
         return found
 
     async def read_record(self, storage: Storage, key: str) -> Any:
@@ -327,7 +327,7 @@ class StoreActor(Actor[StoreRequest]):
     async def _records(self, request: StoreRequest) -> Any:
         storage = request.storage
         keys = [key for key in await storage.keys() if key.startswith(RECORD_PREFIX)]
-        return [await storage.get(key) for key in keys]
+        return {key: await storage.get(key) for key in keys}
 
 
 async def _user_keys(storage: Storage) -> list[str]:
@@ -494,8 +494,8 @@ _MEMORY: Final[dict[StoreOp, Callable[[dict[str, Any], str, Any], Any]]] = {
     StoreOp.UPDATE: _memory_update,
     StoreOp.DELETE: _memory_delete,
     StoreOp.CLEAR: _memory_clear,
-    StoreOp.RECORDS: lambda data, _, __: [
-        v for k, v in data.items() if k.startswith(RECORD_PREFIX)
-    ],
+    StoreOp.RECORDS: lambda data, _, __: {
+        key: value for key, value in data.items() if key.startswith(RECORD_PREFIX)
+    },
 }
 """Memory storage keeps no durable runs: a step is never committed there."""
