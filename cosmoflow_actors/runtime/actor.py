@@ -11,9 +11,10 @@ three promises for every actor:
   mailbox's head before anything new;
 - a mailbox is bounded: a sender finding it full waits (first come, first served).
 
-Within those promises a message may be handled in the sender's own task (DESIGN: direct
-dispatch and hand-off); trio runs one task at a time, so the serial order holds. Which
-task handles a message is the concrete actor's business; this module counts and orders.
+Within those promises a message may be handled in the sender's own task (direct
+dispatch and hand-off, see docs/architecture.md); trio runs one task at a time, so the
+serial order holds. Which task handles a message is the concrete actor's business; this
+module counts and orders.
 """
 
 from __future__ import annotations
