@@ -16,7 +16,6 @@ import trio
 
 import cosmoflow_actors as cf
 from benchmarks.common import Case, Implementation, Measurement, Store, verify
-from benchmarks.skeleton import open_skeleton
 
 KEY = "count"
 
@@ -72,20 +71,6 @@ async def cosmoflow_loop(steps: int, store: Store) -> float:
         return time.perf_counter() - start
 
 
-async def tick(count: int) -> int:
-    """The actor floor's exec."""
-    await trio.lowlevel.checkpoint()
-    return count + 1
-
-
-async def floor_loop(steps: int, store: Store) -> float:
-    async with open_skeleton(1, steps, tick, KEY) as skeleton:
-        start = time.perf_counter()
-        skeleton.start(store)
-        await skeleton.wait(1)
-        return time.perf_counter() - start
-
-
 async def trio_loop(steps: int, store: Store) -> float:
     start = time.perf_counter()
     count = 0
@@ -117,7 +102,6 @@ def per_step(case: Case, run: Callable[[Store], float]) -> Measurement:
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "cosmoflow": lambda case: per_step(case, lambda s: trio.run(cosmoflow_loop, case.size, s)),
-    "floor": lambda case: per_step(case, lambda s: trio.run(floor_loop, case.size, s)),
     "trio": lambda case: per_step(case, lambda s: trio.run(trio_loop, case.size, s)),
     "pocketflow": lambda case: per_step(case, lambda s: asyncio.run(pocketflow_loop(case.size, s))),
 }

@@ -1,14 +1,14 @@
 """fanout: N concurrent runs of a 5-node chain, each run with its own dict store.
 
 Every node reads ``hops`` in prep, awaits a checkpoint (variant ``checkpoint``) or 1 ms
-of simulated latency (variant ``1ms``) in exec, and writes ``hops + 1`` in post.
+of simulated latency (variant ``1ms``; ``10ms`` for ``benchmarks.sweep`` only) in exec,
+and writes ``hops + 1`` in post.
 Metric: runs per second, from the first run started to the last run finished.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import time
 from typing import Any
@@ -18,11 +18,10 @@ import trio
 
 import cosmoflow_actors as cf
 from benchmarks.common import Case, Implementation, Measurement, Store, verify
-from benchmarks.skeleton import open_skeleton
 
 CHAIN_LENGTH = 5
 KEY = "hops"
-DELAYS = {"checkpoint": 0.0, "1ms": 0.001}
+DELAYS = {"checkpoint": 0.0, "1ms": 0.001, "10ms": 0.01}
 """Seconds each exec awaits; ``sleep(0)`` is a bare checkpoint in trio and asyncio."""
 
 
@@ -77,36 +76,34 @@ def pocketflow_chain(delay: float) -> Any:
     return pocketflow.AsyncFlow(start=nodes[0])
 
 
-async def cosmoflow_runs(case: Case) -> float:
+async def cosmoflow_nursery(case: Case, **engine_options: Any) -> float:
+    """One task per run, each awaiting ``engine.run`` (which carries its run's steps).
+
+    ``engine_options`` go to ``cf.open_engine``; without them the engine has its defaults.
+    """
     flow = cosmoflow_chain(DELAYS[case.variant])
     stores: list[Store] = [{} for _ in range(case.size)]
-    async with cf.open_engine() as engine:
+    async with cf.open_engine(**engine_options) as engine:
         await engine.run(flow, {})  # warm-up: starts the node actors
         start = time.perf_counter()
-        runs = [await engine.start_run(flow, store) for store in stores]
-        for run in runs:
-            await run.wait()
+        async with trio.open_nursery() as nursery:
+            for store in stores:
+                nursery.start_soon(engine.run, flow, store)
         seconds = time.perf_counter() - start
     verify(stores, KEY, CHAIN_LENGTH)
     return seconds
 
 
-async def hop(delay: float, hops: int) -> int:
-    """The actor floor's exec."""
-    await trio.sleep(delay)
-    return hops + 1
-
-
-async def floor_runs(case: Case) -> float:
-    """Like ``cosmoflow_runs``: one task starts the runs, a checkpoint each, then waits."""
-    exec_ = functools.partial(hop, DELAYS[case.variant])
+async def cosmoflow_start_run(case: Case, **engine_options: Any) -> float:
+    """One task starts every run with ``engine.start_run``, then waits for each."""
+    flow = cosmoflow_chain(DELAYS[case.variant])
     stores: list[Store] = [{} for _ in range(case.size)]
-    async with open_skeleton(CHAIN_LENGTH, CHAIN_LENGTH, exec_, KEY) as skeleton:
+    async with cf.open_engine(**engine_options) as engine:
+        await engine.run(flow, {})  # warm-up: starts the node actors
         start = time.perf_counter()
-        for store in stores:
-            skeleton.start(store)
-            await trio.lowlevel.checkpoint()
-        await skeleton.wait(case.size)
+        runs = [await engine.start_run(flow, store) for store in stores]
+        for run in runs:
+            await run.wait()
         seconds = time.perf_counter() - start
     verify(stores, KEY, CHAIN_LENGTH)
     return seconds
@@ -149,8 +146,8 @@ def throughput(case: Case, seconds: float) -> Measurement:
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
-    "cosmoflow": lambda case: throughput(case, trio.run(cosmoflow_runs, case)),
-    "floor": lambda case: throughput(case, trio.run(floor_runs, case)),
+    "cosmoflow-nursery": lambda case: throughput(case, trio.run(cosmoflow_nursery, case)),
+    "cosmoflow-start_run": lambda case: throughput(case, trio.run(cosmoflow_start_run, case)),
     "trio": lambda case: throughput(case, trio.run(trio_runs, case)),
     "pocketflow": lambda case: throughput(case, asyncio.run(pocketflow_runs(case))),
 }

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks.common import Case
-from benchmarks.suite import FLOOR, POCKETFLOW, TIMES, TRIO, Benchmark, Target
+from benchmarks.suite import POCKETFLOW, SCALING_BASE, TIMES, TRIO, Benchmark, Target
 
 BASELINES = {TRIO: "vs trio", POCKETFLOW: "vs PocketFlow"}
 HEADER = ["implementation", "variant", "size", "time"]
@@ -67,13 +67,36 @@ class CaseResult:
         return {**dataclasses.asdict(self.case), "results": rows, "target": self.target_json(unit)}
 
     def target_json(self, unit: str) -> dict[str, Any] | None:
+        """The target's verdict for each implementation it is about; ``passed``: all met."""
         if self.target is None:
             return None
-        text, passed = self.verdict(unit, self.target.impl)
-        found = {"impl": self.target.impl, "text": text, "passed": passed}
-        if FLOOR in self.values:
-            found["floor_passed"] = self.verdict(unit, FLOOR)[1]
-        return found
+        verdicts = {impl: self.verdict(unit, impl) for impl in self.target.impls}
+        return {
+            "bounds": ", ".join(bound.describe(unit) for bound in self.target.bounds),
+            "passed": all(passed for _, passed in verdicts.values()),
+            "impls": {
+                impl: {"text": text, "passed": passed} for impl, (text, passed) in verdicts.items()
+            },
+        }
+
+
+def scaled(
+    case: Case, source: Sequence[CaseResult], smoke: bool, target: Target | None
+) -> CaseResult:
+    """Each implementation's metric at ``case.size`` divided by its metric at
+    ``SCALING_BASE`` runs, both taken from ``source`` (the same variant)."""
+    by_size = {result.case.size: result for result in source if result.case.variant == case.variant}
+    base, top = by_size[SCALING_BASE[smoke]], by_size[case.size]
+    rows = tuple(scaled_row(row, base.values.get(row.impl)) for row in top.rows)
+    return CaseResult(case, rows, target)
+
+
+def scaled_row(row: Row, base: float | None) -> Row:
+    if row.value is None or not base:
+        error = row.error or "no measurement at the base size"
+        return dataclasses.replace(row, value=None, error=error)
+    extra = {"value": row.value, "base_value": base}
+    return dataclasses.replace(row, value=row.value / base, extra=extra)
 
 
 def number(value: float) -> str:
@@ -94,7 +117,7 @@ def row_cells(result: CaseResult, row: Row, unit: str) -> list[str]:
     cells += [f"{row.seconds:.2f} s", number(row.value)]
     cells += [ratio_cell(result.ratio(row, baseline)) for baseline in BASELINES]
     target = result.target
-    if target is None or row.impl not in (target.impl, FLOOR):
+    if target is None or row.impl not in target.impls:
         return [*cells, ""]
     text, passed = result.verdict(unit, row.impl)
     return [*cells, f"{text}: {'PASS' if passed else 'MISS'}"]

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Case
-from benchmarks.report import CaseResult, Row, render
+from benchmarks.report import CaseResult, Row, render, scaled
 from benchmarks.suite import BENCHMARKS, Benchmark
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = PACKAGE_DIR / "results" / "latest.json"
-TIMEOUT = {True: 300.0, False: 3600.0}
+TIMEOUT = {True: 30.0, False: 3600.0}
 """Seconds one measurement may take, by ``smoke``."""
 
 
@@ -110,9 +110,18 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_benchmark(bench: Benchmark, smoke: bool) -> dict[str, Any]:
-    """Run every case of ``bench``, print its table, and return its JSON section."""
-    results = [run_case(bench, case, smoke) for case in bench.cases(smoke)]
+def run_benchmark(
+    bench: Benchmark, smoke: bool, done: dict[str, list[CaseResult]]
+) -> dict[str, Any]:
+    """Run every case of ``bench`` (or scale the results in ``done`` it is computed from),
+    print its table, keep its results in ``done`` and return its JSON section."""
+    cases = bench.cases(smoke)
+    if bench.scaling_of is None:
+        results = [run_case(bench, case, smoke) for case in cases]
+    else:
+        source = done[bench.scaling_of]
+        results = [scaled(case, source, smoke, bench.target(case)) for case in cases]
+    done[bench.name] = results
     print(render(bench, results), flush=True)
     return {
         "title": bench.title,
@@ -122,20 +131,30 @@ def run_benchmark(bench: Benchmark, smoke: bool) -> dict[str, Any]:
     }
 
 
+def selection(names: Sequence[str]) -> list[Benchmark]:
+    """The benchmarks named, with those they are computed from, in the suite's order."""
+    wanted = set(names)
+    wanted |= {
+        bench.scaling_of for bench in BENCHMARKS if bench.name in wanted and bench.scaling_of
+    }
+    return [bench for bench in BENCHMARKS if bench.name in wanted]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected benchmarks; 1 if any measurement failed (a missed target is not)."""
     args = parse(argv)
-    selected = [bench for bench in BENCHMARKS if bench.name in args.only.split(",")]
+    selected = selection(args.only.split(","))
     info = machine()
     print(
         f"Python {info['python']}, {info['cpus']} CPUs, load average"
         f" {info['load_average_at_start']:.2f} at start (other work skews the numbers)\n"
     )
+    done: dict[str, list[CaseResult]] = {}
     report = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "smoke": args.smoke,
         "machine": info,
-        "benchmarks": {bench.name: run_benchmark(bench, args.smoke) for bench in selected},
+        "benchmarks": {bench.name: run_benchmark(bench, args.smoke, done) for bench in selected},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

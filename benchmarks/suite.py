@@ -11,18 +11,25 @@ from benchmarks.work import calibrate
 TRIO = "trio"
 POCKETFLOW = "pocketflow"
 ENGINE = "cosmoflow"
-FLOOR = "floor"
+NURSERY = "cosmoflow-nursery"
+START_RUN = "cosmoflow-start_run"
+PATTERNS = (NURSERY, START_RUN)
+"""fanout's two ways of starting runs: a task per ``engine.run``, or ``engine.start_run``."""
 
 TIMES = "\N{MULTIPLICATION SIGN}"
 
-WITH_FLOOR = {
-    ENGINE: "cosmoflow",
-    FLOOR: "actor floor",
+SIDE_BY_SIDE = {ENGINE: "cosmoflow", TRIO: "bare trio", POCKETFLOW: "pocketflow"}
+WITH_PATTERNS = {
+    NURSERY: "cosmoflow, nursery",
+    START_RUN: "cosmoflow, start_run",
     TRIO: "bare trio",
     POCKETFLOW: "pocketflow",
 }
-"""The engine, its baselines and the actor floor (``benchmarks/skeleton.py``): what any
-engine that keeps DESIGN.md's actors pays at least."""
+
+FANOUT_SIZES = {True: [300], False: [10_000, 100_000]}
+"""Runs of fanout's cases that have targets, by ``smoke``."""
+SCALING_BASE = {True: 100, False: 1_000}
+"""Runs of the extra fanout case (checkpoint) that scaling compares the largest with."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +61,10 @@ class Bound:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What ``impl`` must reach in a case: every bound must hold."""
+    """What each of ``impls`` must reach in a case: every bound must hold."""
 
     bounds: tuple[Bound, ...]
-    impl: str = ENGINE
+    impls: tuple[str, ...] = (ENGINE,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,17 +78,28 @@ class Benchmark:
     cases: Callable[[bool], list[Case]]
     """The cases to run, given ``smoke``."""
     target: Callable[[Case], Target | None]
+    scaling_of: str | None = None
+    """Set: nothing is measured for this benchmark. Its metric is, for each of its cases,
+    the named benchmark's metric at the case's size divided by its metric at
+    ``SCALING_BASE`` runs, in the same variant."""
 
 
 def fanout_cases(smoke: bool) -> list[Case]:
-    sizes = [300] if smoke else [10_000, 100_000]
-    return [Case(size, variant) for variant in ("checkpoint", "1ms") for size in sizes]
+    base = Case(SCALING_BASE[smoke], "checkpoint")
+    sizes = FANOUT_SIZES[smoke]
+    return [base, *(Case(size, variant) for variant in ("checkpoint", "1ms") for size in sizes)]
 
 
-def fanout_target(case: Case) -> Target:
+def fanout_target(case: Case) -> Target | None:
     if case.variant == "1ms":
-        return Target((Bound(0.7, True, TRIO),))
-    return Target((Bound(1.0, True, POCKETFLOW), Bound(0.5, True, TRIO)))
+        return Target((Bound(1.0, True, TRIO),), PATTERNS)
+    if case.size in SCALING_BASE.values():
+        return None  # measured for scaling only
+    return Target((Bound(1.0, True, POCKETFLOW), Bound(0.6, True, TRIO)), PATTERNS)
+
+
+def scaling_cases(smoke: bool) -> list[Case]:
+    return [Case(FANOUT_SIZES[smoke][-1], "checkpoint")]
 
 
 def cpu_cases(smoke: bool) -> list[Case]:
@@ -96,27 +114,37 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "N concurrent runs of a 5-node chain, each with its own dict store",
         "runs/s",
         True,
-        WITH_FLOOR,
+        WITH_PATTERNS,
         fanout_cases,
         fanout_target,
+    ),
+    Benchmark(
+        "scaling",
+        "fanout's runs/s (checkpoint) at the largest size / at 1,000 runs (smoke: 100)",
+        "ratio",
+        True,
+        WITH_PATTERNS,
+        scaling_cases,
+        lambda case: Target((Bound(0.8, True),), PATTERNS),
+        scaling_of="fanout",
     ),
     Benchmark(
         "chain",
         "one run looping one node",
         "µs/step",
         False,
-        WITH_FLOOR,
+        SIDE_BY_SIDE,
         lambda smoke: [Case(2_000 if smoke else 100_000)],
-        lambda case: Target((Bound(15.0, False),)),
+        lambda case: Target((Bound(1.25, False, POCKETFLOW),)),
     ),
     Benchmark(
         "memory",
         "RSS per run suspended in exec",
         "KiB/run",
         False,
-        WITH_FLOOR,
+        SIDE_BY_SIDE,
         lambda smoke: [Case(2_000 if smoke else 100_000)],
-        lambda case: Target((Bound(1.5, False, TRIO),)),
+        lambda case: Target((Bound(1.75, False, TRIO),)),
     ),
     Benchmark(
         "cpu",
