@@ -53,6 +53,7 @@ from cosmoflow_actors.events import (
 )
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult, refusing_runs
 from cosmoflow_actors.node import Node, node
+from cosmoflow_actors.progress import Progress as EngineProgress
 from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.engine import Engine, open_engine
 from cosmoflow_actors.runtime.run import Run
@@ -396,8 +397,9 @@ async def _watch(
     *,
     task_status: trio.TaskStatus[None],
 ) -> None:
-    """Hand every event of ``engine`` to ``handlers`` until the engine closes."""
-    async with engine.events(buffer=EVENT_BUFFER) as stream:
+    """Hand every event of ``engine`` to ``handlers`` until the engine closes; none is
+    dropped (the engine waits for this reader rather than lose an event)."""
+    async with engine.events(buffer=EVENT_BUFFER, lossless=True) as stream:
         task_status.started()
         async for event in stream:
             for handle in handlers:
@@ -555,33 +557,33 @@ async def _run_many(options: _RunOptions, runs: int, concurrency: int) -> BatchS
         await _open_store(engine, options.storage)
         handlers = [batch.record, *([_printer()] if options.trace else [])]
         await nursery.start(_watch, engine, handlers)
-        with _ProgressBar(runs) as progress:
-            await _start_and_wait(engine, options, batch, progress)
+        following = trio.CancelScope()
+        with _ProgressBar(runs) as bar:
+            nursery.start_soon(bar.follow, engine.progress(), following)
+            await _start_and_wait(engine, options, batch)
+            following.cancel()
     batch.duration = trio.current_time() - started
     if options.storage is not None:
         await options.storage.aclose()
     return batch
 
 
-async def _start_and_wait(
-    engine: Engine, options: _RunOptions, batch: BatchStats, progress: _ProgressBar
-) -> None:
+async def _start_and_wait(engine: Engine, options: _RunOptions, batch: BatchStats) -> None:
     """Start ``batch.runs`` runs (``start_run`` waits while ``max_runs`` are in flight)
     and wait for them all."""
     async with trio.open_nursery() as waiters:
         for _ in range(batch.runs):
             run = await engine.start_run(options.flow, _store(options), params=options.params)
-            waiters.start_soon(_await_run, run, batch, progress)
+            waiters.start_soon(_await_run, run, batch)
 
 
-async def _await_run(run: Run, batch: BatchStats, progress: _ProgressBar) -> None:
+async def _await_run(run: Run, batch: BatchStats) -> None:
     error: Exception | None = None
     try:
         await run.wait()
     except Exception as exc:  # the run's failure, counted
         error = exc
     batch.finished(error)
-    progress.advance(batch)
 
 
 class _ProgressBar:
@@ -610,12 +612,16 @@ class _ProgressBar:
     def __exit__(self, *exc_info: object) -> None:
         self._bar.stop()
 
-    def advance(self, batch: BatchStats) -> None:
-        """Show one more run done."""
-        done = batch.succeeded + batch.failed
-        elapsed = trio.current_time() - self._started
-        rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
-        self._bar.update(self._task, completed=done, rate=rate, failed=batch.failed)
+    async def follow(self, progress: EngineProgress, scope: trio.CancelScope) -> None:
+        """Show the engine's run counts each time they change, until ``scope`` is
+        cancelled."""
+        with scope:
+            seen = progress.snapshot()
+            while True:
+                seen = await progress.wait_changed(seen)
+                elapsed = trio.current_time() - self._started
+                rate = f"{seen.finished / elapsed:.1f}" if elapsed > 0 else "-"
+                self._bar.update(self._task, completed=seen.finished, rate=rate, failed=seen.failed)
 
 
 def _print_summary(batch: BatchStats, *, as_json: bool) -> None:
