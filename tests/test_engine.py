@@ -169,7 +169,7 @@ async def test_cancelling_the_engine_scope_stops_a_thousand_runs_promptly(
     tasks_before = count_tasks()
     runs: list[cf.Run] = []
     with trio.CancelScope() as scope:
-        async with cf.open_engine() as engine:
+        async with cf.open_engine(max_runs=None) as engine:
             for _ in range(1000):
                 runs.append(await engine.start_run(flow))
             await trio.testing.wait_all_tasks_blocked()
