@@ -7,6 +7,10 @@ takeover tests start real worker processes and SIGKILL one of them.
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -196,3 +200,140 @@ async def test_a_worker_cut_off_from_redis_cancels_its_run_when_its_lease_expire
                 await trio.sleep_forever()
     elapsed = trio.current_time() - started
     assert lease <= elapsed <= lease + lease / 3
+
+
+WORKER_FLOW = '''
+import os
+
+import redis
+import trio
+
+import cosmoflow_actors as cf
+
+executions = redis.Redis.from_url(os.environ["EXECUTIONS"])
+
+
+class Count(cf.Node):
+    """Counts each execution in Redis, then its commit in the run's store."""
+
+    async def exec(self, prep_res, ctx):
+        await trio.to_thread.run_sync(executions.incr, f"{ctx.run_id}:{ctx.node_id}")
+        await trio.sleep(0.02)
+
+    async def post(self, store, prep_res, exec_res, ctx):
+        await store.update("count", lambda n: n + 1, default=0)
+        await store.update(f"step:{ctx.node_id}", lambda n: n + 1, default=0)
+        return cf.Action.complete(ctx.run_id) if ctx.node_id == "c" else None
+
+
+flow = (
+    cf.Flow.builder("count")
+    .add_node("a", Count())
+    .add_node("b", Count())
+    .add_node("c", Count())
+    .add_route("a", "b")
+    .add_route("b", "c")
+    .build()
+)
+'''
+
+
+async def owner_of_a_running_run(queue: RunQueue) -> str:
+    for run in await cf.queue_status(queue):
+        if run.state == "running" and run.owner is not None:
+            return run.owner
+    raise AssertionError("no run is running")
+
+
+RUNS = 120
+KILL_AFTER = 30
+LEASE = 1.0
+
+
+@asynccontextmanager
+async def worker_process(
+    flow_file: Path, queue: RunQueue, store: str, name: str, env: dict[str, str]
+) -> AsyncIterator[trio.Process]:
+    """``cosmoflow worker`` in a process of its own, once it reads the queue; killed at
+    exit if it still runs."""
+    command = [sys.executable, "-m", "cosmoflow_actors", "worker", str(flow_file)]
+    command += ["--queue", f"{queue.url}/{queue.name}", "--store", store]
+    command += ["--concurrency", "4", "--lease", str(queue.lease), "--name", name]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=env)
+    assert process.stdout is not None
+    try:
+        output = b""
+        while not output.endswith(b"\n"):
+            chunk = await process.stdout.receive_some()
+            assert chunk, f"worker {name} exited before it was ready: {output!r}"
+            output += chunk
+        assert output.startswith(f"worker {name} serving {queue.name}".encode())
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await process.stdout.aclose()
+
+
+async def test_three_worker_processes_one_killed_every_step_committed_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """120 runs on 3 worker processes; one is SIGKILLed after 30 results, with runs in
+    flight. Every run succeeds, each step of each run is committed exactly once, and
+    the dead worker's runs finish on the others within the lease and a few seconds."""
+    flow_file = tmp_path / "count.py"
+    flow_file.write_text(WORKER_FLOW)
+    queue, store = new_queue(redis_server, lease=LEASE), store_url(redis_server)
+    env = {**os.environ, "EXECUTIONS": redis_server.url}
+    results: dict[str, cf.QueuedResult] = {}
+    done_at: dict[str, float] = {}
+    enough = trio.Event()
+
+    async def wait_for(run_id: str) -> None:
+        results[run_id] = await cf.result(queue, run_id, poll=0.2)
+        done_at[run_id] = trio.current_time()
+        if len(results) == KILL_AFTER:
+            enough.set()
+
+    async with (
+        worker_process(flow_file, queue, store, "w0", env) as w0,
+        worker_process(flow_file, queue, store, "w1", env) as w1,
+        worker_process(flow_file, queue, store, "w2", env) as w2,
+    ):
+        processes = {"w0": w0, "w1": w1, "w2": w2}
+        run_ids = [await cf.submit(queue, "count", run_id=f"r{n:03}") for n in range(RUNS)]
+        async with trio.open_nursery() as nursery:
+            for run_id in run_ids:
+                nursery.start_soon(wait_for, run_id)
+            await enough.wait()
+            victim = await owner_of_a_running_run(queue)
+            # Stopped first, the victim finishes nothing more: the runs the queue says it
+            # runs now are the ones it leaves behind.
+            processes[victim].send_signal(signal.SIGSTOP)
+            killed_at = trio.current_time()
+            statuses = await cf.queue_status(queue)
+            orphans = {
+                run.run_id for run in statuses if run.owner == victim and run.state == "running"
+            }
+            processes[victim].send_signal(signal.SIGKILL)
+    assert sorted(results) == run_ids
+    assert orphans
+    for run_id in run_ids:
+        assert results[run_id].result == run_id
+        assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    statuses = {run.run_id: run for run in await cf.queue_status(queue)}
+    assert all(run.state == "succeeded" for run in statuses.values())
+    for run_id in orphans:
+        assert statuses[run_id].owner != victim
+        assert statuses[run_id].attempts == 2
+    takeover = max(done_at[run_id] for run_id in orphans) - killed_at
+    assert takeover <= LEASE + 5
+    executions = [
+        int(await queue.call("GET", f"{run_id}:{node}")) for run_id in run_ids for node in "abc"
+    ]
+    assert min(executions) == 1  # at least once; more only for steps the kill cut short
+    print(
+        f"\n{len(orphans)} runs taken over from {victim} in {takeover:.2f} s; "
+        f"{sum(executions) - 3 * RUNS} step executions repeated"
+    )
