@@ -31,10 +31,18 @@ FAILURES: dict[str, int] = {}
 """Times ``Count`` still fails in step ``b`` of a run (by run id); tests set it."""
 
 
+GATES: dict[str, tuple[trio.Event, trio.Event]] = {}
+"""Step ``a`` of a run in here sets the first event and waits for the second (once)."""
+
+
 class Count(cf.Node):
     """Counts its own step in the run's store: a per-run counter and a key per step."""
 
     async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        if ctx.node_id == "a" and ctx.run_id in GATES:
+            entered, release = GATES.pop(ctx.run_id)
+            entered.set()
+            await release.wait()
         if ctx.node_id == "b" and FAILURES.get(ctx.run_id, 0) > 0:
             FAILURES[ctx.run_id] -= 1
             raise RuntimeError("b is down")
@@ -162,6 +170,29 @@ async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last
         done = await cf.result(queue, run_id)
     assert done.worker == "alive"
     assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
+    redis_server: RedisServer,
+) -> None:
+    """Another engine runs the run to its end while the worker is in step a: the
+    worker's commit raises RunConflictError, so it records no outcome (the queue counts
+    a second attempt) and lets the lease go; the run's entry is taken over once idle for
+    a lease, and gives the other engine's result. No step committed twice."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    entered, release = trio.Event(), trio.Event()
+    GATES["raced"] = (entered, release)
+    async with worker(queue, store, "loser"):
+        await cf.submit(queue, "count", run_id="raced")
+        await entered.wait()
+        async with cf.open_engine() as other:
+            first = await other.resume(FLOW, per_run_redis(store)("raced"), run_id="raced")
+        release.set()
+        done = await cf.result(queue, "raced")
+    assert done.result == first.result == "done raced"
+    assert await counts(store, "raced") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
     [status] = await cf.queue_status(queue)
     assert (status.state, status.attempts) == ("succeeded", 2)
 
