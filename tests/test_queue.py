@@ -197,6 +197,31 @@ async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
     assert (status.state, status.attempts) == ("succeeded", 2)
 
 
+async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
+    redis_server: RedisServer,
+) -> None:
+    """The first claim gets a store on a port nothing listens on: the run is dropped
+    (no outcome recorded) and runs again once its entry has been idle for a lease."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    stores = per_run_redis(store)
+    unreachable = per_run_redis(f"redis://127.0.0.1:{free_port()}/0")
+    claims: list[str] = []
+
+    def store_of(run_id: str) -> cf.Storage:
+        claims.append(run_id)
+        return unreachable(run_id) if len(claims) == 1 else stores(run_id)
+
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(engine.serve, queue, [FLOW], store_of))
+        run_id = await cf.submit(queue, "count")
+        done = await cf.result(queue, run_id)
+        nursery.cancel_scope.cancel()
+    assert claims == [run_id, run_id]
+    assert done.result == f"done {run_id}"
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
 async def test_a_lease_without_its_worker_is_shown_as_orphaned(
     redis_server: RedisServer,
 ) -> None:

@@ -474,15 +474,17 @@ class _Worker:
             slots.release()
 
     async def _outcome(self, claim: _Claim, scope: trio.CancelScope) -> dict[str, Any] | None:
-        """The run's outcome as the queue records it; None when it was dropped (its
-        lease was lost, or another engine committed a step of it first)."""
+        """The run's outcome as the queue records it; None when it was dropped: its
+        lease was lost, another engine committed a step of it first, or its store
+        failed (out of reach): the run is taken over once its entry has been idle for a
+        lease. A node's own error (StorageError included) fails the run."""
         with scope:
             try:
                 done = await self.engine.resume(
                     claim.flow, self.stores(claim.run_id), run_id=claim.run_id, params=claim.params
                 )
             except Exception as exc:
-                if _conflict(exc):
+                if _conflict(exc) or isinstance(exc, StorageError):
                     return None
                 return {"state": "failed", "error": describe_error(exc)}
             return {"state": "succeeded", "error": None, "result": _result_info(done)}
