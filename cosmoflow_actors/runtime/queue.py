@@ -366,6 +366,8 @@ class _Worker:
         self.name = name
         self.lease_ms = max(1, round(queue.lease * 1000))
         self._cursor = "0-0"
+        self._running: set[str] = set()
+        """The runs this worker runs now."""
 
     async def next_claim(self) -> _Claim:
         """Claim a run: one whose lease expired first, else a new one. Blocks until
@@ -429,8 +431,9 @@ class _Worker:
         return _entries(reply[0][1]) if reply else []
 
     async def _claim(self, entry_id: str, run_id: str) -> _Claim | None:
-        """Take the lease of ``run_id`` (SET NX PX); None when another worker holds it
-        or the run has ended (its entry is acknowledged then)."""
+        """Take the lease of ``run_id`` (SET NX PX); None when another worker holds it,
+        the run has ended (its entry is acknowledged then) or this worker runs it still
+        (its lease had expired: taken again, it is renewed as before)."""
         queue = self.queue
         info = await queue.info(run_id)
         if info is None or info["state"] in FINISHED:
@@ -439,8 +442,8 @@ class _Worker:
         taken = await queue.call(
             "SET", queue.lease_key(run_id), self.name, "NX", "PX", self.lease_ms
         )
-        if not taken:
-            return None
+        if not taken or run_id in self._running:
+            return None  # held by another worker, or by this one, which runs it still
         flow = self.flows.get(info["flow"])
         running = {**info, "state": "running", "owner": self.name}
         running["attempts"] = info.get("attempts", 0) + 1
@@ -455,6 +458,7 @@ class _Worker:
     async def run_claimed(self, claim: _Claim, slots: trio.Semaphore) -> None:
         """Run (or resume) the claimed run while renewing its lease; record its outcome
         unless the lease was lost or another engine committed first. Frees a slot."""
+        self._running.add(claim.run_id)
         try:
             async with trio.open_nursery() as nursery:
                 scope = trio.CancelScope()
@@ -471,6 +475,7 @@ class _Worker:
                 else:
                     await self._finish(claim.entry_id, claim.run_id, {**claim.info, **outcome})
         finally:
+            self._running.discard(claim.run_id)
             slots.release()
 
     async def _outcome(self, claim: _Claim, scope: trio.CancelScope) -> dict[str, Any] | None:
