@@ -53,6 +53,7 @@ MAX_POLL: Final = 0.5
 GROUP: Final = "workers"
 """The stream's consumer group: every worker of every queue reads through it."""
 FINISHED: Final = ("succeeded", "failed")
+"""The states of a run whose outcome is recorded."""
 
 _FINISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
