@@ -38,6 +38,14 @@ from cosmoflow_actors.node import BatchNode, FunctionNode, Node, ParallelBatchNo
 from cosmoflow_actors.progress import Progress, ProgressSnapshot
 from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.engine import Engine, list_runs, open_engine
+from cosmoflow_actors.runtime.queue import (
+    QueuedResult,
+    QueuedRun,
+    RunQueue,
+    queue_status,
+    result,
+    submit,
+)
 from cosmoflow_actors.runtime.run import Run, RunState
 from cosmoflow_actors.runtime.statistics import ActorStatistics, EngineStatistics
 from cosmoflow_actors.runtime.store_client import SharedStore
@@ -81,6 +89,8 @@ __all__ = [
     "ParallelBatchNode",
     "Progress",
     "ProgressSnapshot",
+    "QueuedResult",
+    "QueuedRun",
     "RedisStorage",
     "Retry",
     "Route",
@@ -90,6 +100,7 @@ __all__ = [
     "RunConflictError",
     "RunFailed",
     "RunFinished",
+    "RunQueue",
     "RunRecord",
     "RunStarted",
     "RunState",
@@ -106,6 +117,9 @@ __all__ = [
     "list_runs",
     "node",
     "open_engine",
+    "queue_status",
+    "result",
+    "submit",
     "trace_events",
 ]
 

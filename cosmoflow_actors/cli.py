@@ -6,6 +6,9 @@
   event on stderr as it happens.
 - ``cosmoflow graph FILE.py[:NAME]`` prints the flow's diagram (Mermaid or dot).
 - ``cosmoflow inspect STORE`` lists the keys of a persistent store.
+- ``cosmoflow submit FILE.py[:NAME] --queue URL`` adds a run to a run queue on Redis,
+  ``cosmoflow worker FILE.py[:NAME]... --queue URL --store URL`` runs the queue's runs,
+  ``cosmoflow status --queue URL`` shows them (see docs/distributed.md).
 
 Arguments after ``--`` go to the file: while the command loads and runs it, ``sys.argv``
 is ``[FILE, *arguments]``. The file is imported under the name ``__cosmoflow__``, and a
@@ -56,6 +59,14 @@ from cosmoflow_actors.node import Node, node
 from cosmoflow_actors.progress import Progress as EngineProgress
 from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.engine import Engine, open_engine
+from cosmoflow_actors.runtime.queue import (
+    DEFAULT_LEASE,
+    QueuedRun,
+    RunQueue,
+    per_run_redis,
+    queue_status,
+    submit,
+)
 from cosmoflow_actors.runtime.run import Run
 from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
 from cosmoflow_actors.tracing import describe_error, format_event
@@ -160,7 +171,51 @@ def _parser() -> argparse.ArgumentParser:
     inspect.set_defaults(command=_inspect_command)
     _add_store(inspect, default=None)
     inspect.add_argument("--json", action="store_true", help="print the keys and values as JSON")
+    _add_queue_commands(commands, common)
     return parser
+
+
+def _add_queue_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    """``submit``, ``worker`` and ``status``: runs across processes (docs/distributed.md)."""
+    submit = commands.add_parser("submit", parents=[common], help="add a run to a queue")
+    submit.set_defaults(command=_submit_command)
+    _add_target(submit)
+    _add_queue(submit)
+    submit.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="as for run"
+    )
+    submit.add_argument("--run-id", metavar="ID", help="name the run (default: a fresh id)")
+    worker = commands.add_parser("worker", parents=[common], help="run the runs of a queue")
+    worker.set_defaults(command=_worker_command)
+    worker.add_argument("targets", nargs="+", metavar="target", help="FILE.py or FILE.py:NAME")
+    _add_queue(worker)
+    worker.add_argument(
+        "--store",
+        required=True,
+        help="redis://HOST[:PORT][/DB][#PREFIX]: run R keeps its data in namespace PREFIX/R",
+    )
+    worker.add_argument(
+        "--concurrency", type=_positive, default=1, metavar="C", help="runs at once (1)"
+    )
+    worker.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE,
+        metavar="SECONDS",
+        help=f"how long a claim lasts unrenewed ({DEFAULT_LEASE:g})",
+    )
+    worker.add_argument("--name", help="the worker's name in the queue's status")
+    status = commands.add_parser("status", parents=[common], help="show the runs of a queue")
+    status.set_defaults(command=_status_command)
+    _add_queue(status)
+    status.add_argument("--json", action="store_true", help="print the runs as JSON")
+
+
+def _add_queue(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queue", required=True, help="redis://HOST[:PORT][/DB]/NAME")
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
@@ -732,6 +787,105 @@ def _keys_table(contents: dict[str, Any]) -> Table:
 def _preview(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
+
+
+# cosmoflow submit, worker and status
+
+
+def _queue(text: str, lease: float = DEFAULT_LEASE) -> RunQueue:
+    try:
+        return RunQueue.from_url(text, lease=lease)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _submit_command(args: argparse.Namespace) -> int:
+    flow = load_flow(args.target)
+    queue = _queue(args.queue)
+    params = _parse_params(args.param)
+    run_id = trio.run(_submit, queue, flow.name, params, args.run_id)
+    print(run_id)
+    return 0
+
+
+async def _submit(
+    queue: RunQueue, flow_name: str, params: dict[str, Any], run_id: str | None
+) -> str:
+    try:
+        return await submit(queue, flow_name, params=params, run_id=run_id)
+    except StorageError as exc:
+        raise CliError(f"cannot reach the queue: {exc}") from exc
+    finally:
+        await queue.aclose()
+
+
+def _worker_command(args: argparse.Namespace) -> int:
+    if not args.lease > 0:
+        raise CliError(f"--lease must be > 0 seconds, got {args.lease:g}")
+    flows = [load_flow(target) for target in args.targets]
+    queue = _queue(args.queue, args.lease)
+    try:
+        stores = per_run_redis(args.store)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    trio.run(_serve, queue, flows, stores, args)
+    return 0
+
+
+async def _serve(
+    queue: RunQueue,
+    flows: list[Flow],
+    stores: Callable[[str], Storage],
+    args: argparse.Namespace,
+) -> None:
+    """Serve ``queue`` until interrupted; say on stdout once the worker reads it."""
+    async with open_engine() as engine, trio.open_nursery() as nursery:
+        options = {"concurrency": args.concurrency, "name": args.name}
+        try:
+            name = await nursery.start(
+                lambda task_status: engine.serve(
+                    queue, flows, stores, **options, task_status=task_status
+                )
+            )
+        except StorageError as exc:
+            raise CliError(f"cannot reach the queue: {exc}") from exc
+        names = ", ".join(flow.name for flow in flows)
+        print(f"worker {name} serving {queue.name} (flows: {names})", flush=True)
+
+
+def _status_command(args: argparse.Namespace) -> int:
+    queue = _queue(args.queue)
+    runs = trio.run(_read_status, queue)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(run) for run in runs], indent=2))
+        return 0
+    counts = {state: 0 for state in ("pending", "running", "orphaned", "succeeded", "failed")}
+    for run in runs:
+        counts[run.state] += 1
+    print(f"queue: {queue!r}")
+    print(", ".join(f"{count} {state}" for state, count in counts.items()))
+    Console(highlight=False).print(_queue_table(runs))
+    return 0
+
+
+async def _read_status(queue: RunQueue) -> list[QueuedRun]:
+    try:
+        return await queue_status(queue)
+    except StorageError as exc:
+        raise CliError(f"cannot reach the queue: {exc}") from exc
+    finally:
+        await queue.aclose()
+
+
+def _queue_table(runs: list[QueuedRun]) -> Table:
+    table = Table(title=f"runs ({len(runs)})", title_justify="left")
+    for column in ("run id", "flow", "state", "owner", "lease left", "attempts"):
+        table.add_column(column)
+    for run in runs:
+        lease = "-" if run.lease_left is None else f"{run.lease_left:.1f} s"
+        cells = (run.flow_name, run.state, run.owner or "-", lease, str(run.attempts))
+        table.add_row(run.run_id, *cells)
+    return table
 
 
 # Errors

@@ -686,3 +686,60 @@ def test_run_id_makes_a_durable_run_that_resume_does_not_repeat(
     assert "--run-id names one run" in capsys.readouterr().err
     assert main(["run", str(flow_file), "--resume"]) == 2
     assert "--resume needs --run-id" in capsys.readouterr().err
+
+
+def test_submit_prints_the_run_id_and_status_shows_the_run_pending(
+    redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    argv = ["submit", str(counter_file), "--queue", queue, "--param", "n=1", "--run-id", "job-1"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == "job-1\n"
+    assert main(["status", "--queue", queue]) == 0
+    out = capsys.readouterr().out
+    assert "0 pending" not in out and "1 pending, 0 running, 0 orphaned" in out
+    assert table_row(out, "job-1") == ["job-1", "counter", "pending", "-", "-", "0"]
+    assert main(["status", "--queue", queue, "--json"]) == 0
+    [run] = json.loads(capsys.readouterr().out)
+    assert (run["run_id"], run["state"], run["owner"]) == ("job-1", "pending", None)
+
+
+def test_a_worker_process_runs_the_submitted_runs(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    hello = str(EXAMPLES / "hello_world.py")
+    command = [sys.executable, "-m", "cosmoflow_actors", "worker", hello, "--queue", queue]
+    command += ["--store", f"{redis_server.url}#{unique_namespace()}", "--name", "w1"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as worker:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().startswith("worker w1 serving ")
+        assert main(["submit", hello, "--queue", queue]) == 0
+        run_id = capsys.readouterr().out.strip()
+        done = trio.run(cf.result, queue, run_id)
+        worker.terminate()
+    assert (done.result, done.worker) == ("HELLO, WORLD!", "w1")
+    assert main(["status", "--queue", queue]) == 0
+    assert table_row(capsys.readouterr().out, run_id)[2:4] == ["succeeded", "w1"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["submit", "FILE", "--queue", "redis://127.0.0.1:1"], "expected redis://HOST"),
+        (["status", "--queue", "http://host/q"], "expected redis://HOST"),
+        (["worker", "FILE", "--queue", "redis://h/q", "--store", "file:x"], "store 'file:x'"),
+        (
+            ["worker", "FILE", "--queue", "redis://h/q", "--store", "redis://h", "--lease", "0"],
+            "--lease must be > 0",
+        ),
+    ],
+)
+def test_queue_commands_refuse_a_bad_queue_or_store(
+    counter_file: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    argv = [str(counter_file) if arg == "FILE" else arg for arg in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1

@@ -116,6 +116,13 @@ EXPECTED = {
         "  A: I don't know.  (5 steps)",
         "  A: (gave up after 2 tool calls)  (6 steps)",
     ],
+    "workers.py": [
+        "invoice-1: total 30.60 (price -> tax -> total)",
+        "invoice-2: total 15.00 (price -> tax -> total)",
+        "invoice-3: total 126.00 (price -> tax -> total)",
+        "invoice-4: total 19.20 (price -> tax -> total)",
+        "4 runs succeeded on ",
+    ],
 }
 
 CLI: dict[str, tuple[list[str], object]] = {  # target: (arguments, the run's result)
@@ -134,6 +141,7 @@ CLI: dict[str, tuple[list[str], object]] = {  # target: (arguments, the run's re
             {"kind": "EOF", "text": "", "at": "1:8"},
         ],
     ),
+    "workers.py": (["--param", "items=[[2, 10.0]]"], 24.0),
     "agent.py": (
         ["--param", "question=When was Trio released?"],
         {

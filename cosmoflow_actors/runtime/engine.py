@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
@@ -41,10 +41,12 @@ from cosmoflow_actors.events import (
 from cosmoflow_actors.flow import Flow, FlowResult, check_runs_allowed
 from cosmoflow_actors.progress import Progress
 from cosmoflow_actors.runtime import durability
+from cosmoflow_actors.runtime import queue as run_queue
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun, RunRecord
 from cosmoflow_actors.runtime.messages import Step
 from cosmoflow_actors.runtime.node_actor import NodeActor, carry
+from cosmoflow_actors.runtime.queue import RunQueue, RunStores
 from cosmoflow_actors.runtime.router import Router, condition_keys
 from cosmoflow_actors.runtime.run import Run, RunState
 from cosmoflow_actors.runtime.statistics import EngineStatistics
@@ -519,6 +521,39 @@ class Engine:
             run.cancel()
         self._events.close()
         self._nursery.cancel_scope.cancel()
+
+    async def serve(
+        self,
+        queue: RunQueue | str,
+        flows: Mapping[str, Flow] | Iterable[Flow],
+        store: str | RunStores,
+        *,
+        concurrency: int = 1,
+        name: str | None = None,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Be a worker of ``queue``: claim its runs and run them, at most
+        ``concurrency`` at once; blocks until cancelled.
+
+        ``queue`` is a :class:`RunQueue` or its URL ``redis://HOST:PORT[/DB]/NAME``;
+        ``flows`` maps flow names to flows (a list is keyed by each flow's name). Each
+        run is durable, on the store ``store(run_id)`` gives, or, for a URL
+        ``redis://HOST:PORT[/DB][#PREFIX]``, in the Redis namespace ``PREFIX/<run_id>``.
+        The worker holds a lease on each run it runs and renews it every third of
+        ``queue.lease``; runs whose lease expired are taken over and resumed from their
+        last committed step. ``name`` names the worker in the queue's status (default:
+        host, process id and a random part); ``task_status`` gets it once the worker
+        reads the queue. Raises StorageError if the queue cannot be reached at first.
+        """
+        await run_queue.serve(
+            self,
+            queue,
+            flows,
+            store,
+            concurrency=concurrency,
+            name=name,
+            task_status=task_status,
+        )
 
 
 @asynccontextmanager

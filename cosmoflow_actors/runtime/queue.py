@@ -1,0 +1,622 @@
+"""Runs across engine processes: a run queue on Redis, served by workers with leases.
+
+A :class:`RunQueue` is a Redis stream with one consumer group (``workers``) and a hash
+of what is known about each submitted run. :func:`submit` adds a run to both;
+:func:`serve` (``engine.serve``) makes an engine a worker: it claims runs from the
+stream and runs each one durably (its ``run_id`` on a store of the run's own), so every
+step commits with the run's record.
+
+A worker holds a lease on each run it runs: a key ``...:lease:<run_id>`` naming the
+worker, set with ``SET NX PX`` (so two workers never hold it at once) and renewed every
+``lease / 3`` seconds while the run is alive. A worker that dies or is cut off stops
+renewing; once the lease has expired, another worker takes the run's stream entry over
+(``XAUTOCLAIM`` of entries idle for at least the lease) and resumes the run from its last
+committed step. A worker that lost its lease cancels the run, and one whose commit
+lost to another engine (RunConflictError) drops it: neither reports an outcome.
+
+Redis keys of the queue ``NAME``: ``cosmoflow:queue:NAME:stream`` (the stream),
+``cosmoflow:queue:NAME:runs`` (a hash, run id -> JSON) and
+``cosmoflow:queue:NAME:lease:<run_id>`` (the leases).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, final
+from urllib.parse import urlsplit, urlunsplit
+
+import trio
+
+from cosmoflow_actors.errors import CosmoFlowError, RunConflictError, StorageError
+from cosmoflow_actors.flow import Flow, FlowResult
+from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.redis import RedisStorage
+from cosmoflow_actors.tracing import describe_error
+
+if TYPE_CHECKING:
+    import redis
+
+    from cosmoflow_actors.runtime.engine import Engine
+
+DEFAULT_LEASE: Final = 10.0
+"""Seconds a worker's lease on a run lasts unless renewed (renewed every third of it)."""
+RESULT_POLL_INTERVAL: Final = 0.05
+"""Seconds :func:`result` waits between two reads of a run's state."""
+MAX_POLL: Final = 0.5
+"""The longest a worker waits for a new entry before it looks for expired leases again."""
+GROUP: Final = "workers"
+"""The stream's consumer group: every worker of every queue reads through it."""
+FINISHED: Final = ("succeeded", "failed")
+"""The states of a run whose outcome is recorded."""
+
+_FINISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+"""Record a run's outcome, acknowledge its entry and drop its lease, if the lease is
+still the caller's (KEYS: lease, runs, stream; ARGV: owner, run id, info, group, id)."""
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+"""Extend the lease KEYS[1] to ARGV[2] ms if it is still held by ARGV[1]; 1 if it was."""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+"""Drop the lease KEYS[1] if it is held by ARGV[1]."""
+_SUBMIT = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])
+return 1
+"""
+"""Add run ARGV[1] (info ARGV[2]) to the hash KEYS[1] and the stream KEYS[2], unless
+the hash has it already; 1 if it was added."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRun:
+    """What the queue says about one submitted run (see :func:`queue_status`).
+
+    ``state`` is "pending" (not claimed yet), "running" (a worker holds its lease),
+    "orphaned" (claimed, but its lease expired: its worker died or was cut off; another
+    worker takes it over), "succeeded" or "failed". ``owner`` names the worker that
+    holds (or last held) the run, ``lease_left`` the seconds its lease has left (None
+    when no lease is held).
+    """
+
+    run_id: str
+    flow_name: str
+    state: str
+    owner: str | None
+    lease_left: float | None
+    attempts: int
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedResult:
+    """The outcome of a run that succeeded on a worker (see :func:`result`)."""
+
+    run_id: str
+    flow_name: str
+    result: Any
+    final_action: str
+    execution_path: tuple[str, ...]
+    duration: float
+    worker: str
+
+
+@final
+class RunQueue:
+    """A run queue on a Redis server: ``RunQueue(url, name)``, or
+    :meth:`from_url` of ``redis://HOST:PORT[/DB]/NAME``.
+
+    ``lease`` is how long (seconds) a worker's claim on a run lasts without renewal:
+    the time after which a dead worker's runs go to others. Every call to the server
+    runs in a worker thread; connection failures raise StorageError. Requires the
+    ``redis`` package.
+    """
+
+    def __init__(self, url: str, name: str, *, lease: float = DEFAULT_LEASE) -> None:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"a queue name must be a non-empty str without '/', not {name!r}")
+        if not lease > 0:
+            raise ValueError(f"lease must be > 0 seconds, got {lease!r}")
+        self.url = url
+        self.name = name
+        self.lease = lease
+        self.stream = f"cosmoflow:queue:{name}:stream"
+        self.runs = f"cosmoflow:queue:{name}:runs"
+        self._client: redis.Redis | None = None
+
+    @classmethod
+    def from_url(cls, text: str, *, lease: float = DEFAULT_LEASE) -> RunQueue:
+        """The queue ``redis://HOST:PORT[/DB]/NAME`` names: NAME is the last path part."""
+        parts = urlsplit(text)
+        head, _, name = parts.path.rpartition("/")
+        if parts.scheme not in ("redis", "rediss") or not parts.netloc or not name:
+            raise ValueError(f"queue {text!r}: expected redis://HOST[:PORT][/DB]/NAME")
+        return cls(urlunsplit(parts._replace(path=head)), name, lease=lease)
+
+    def __repr__(self) -> str:
+        return f"RunQueue({_redacted(self.url)!r}, {self.name!r})"
+
+    def lease_key(self, run_id: str) -> str:
+        """The key of ``run_id``'s lease (its value names the worker holding it)."""
+        return f"cosmoflow:queue:{self.name}:lease:{run_id}"
+
+    async def call(self, *args: Any) -> Any:
+        """Send one command and return its reply (blocks in a worker thread; a
+        cancelled caller abandons the thread, which ends with the command)."""
+        client = self._connected()
+        return await self._in_thread(_call, client, *args)
+
+    async def script(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        """Run the Lua ``source`` atomically on the server; return its reply."""
+        return await self.call("EVAL", source, len(keys), *keys, *args)
+
+    async def info(self, run_id: str) -> dict[str, Any] | None:
+        """What the queue's hash holds about ``run_id`` (None if it was not submitted)."""
+        data = await self.call("HGET", self.runs, run_id)
+        return None if data is None else _decoded_info(run_id, data)
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if they do not exist yet."""
+        from redis.exceptions import ResponseError
+
+        try:
+            await self.call("XGROUP", "CREATE", self.stream, GROUP, "0", "MKSTREAM")
+        except StorageError as exc:
+            if not (isinstance(exc.__cause__, ResponseError) and "BUSYGROUP" in str(exc)):
+                raise
+
+    async def aclose(self) -> None:
+        """Close the connections; the next call connects again."""
+        client, self._client = self._client, None
+        if client is not None:
+            await trio.to_thread.run_sync(client.close)
+
+    def _connected(self) -> redis.Redis:
+        if self._client is None:
+            self._client = _client(self.url, self.lease)
+        return self._client
+
+    async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await trio.to_thread.run_sync(function, *args, abandon_on_cancel=True)
+        except RedisError as exc:
+            raise StorageError(f"{self!r}: {exc}") from exc
+
+
+def as_queue(queue: RunQueue | str) -> RunQueue:
+    """``queue``, or the queue its URL names (see :meth:`RunQueue.from_url`)."""
+    return queue if isinstance(queue, RunQueue) else RunQueue.from_url(queue)
+
+
+async def submit(
+    queue: RunQueue | str,
+    flow_name: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+) -> str:
+    """Add a run of the flow called ``flow_name`` to ``queue``; return its run id.
+
+    Without ``run_id`` a fresh one is made. Submitting a run id the queue already has
+    adds nothing (the first submission stands). ``params`` must be JSON. Blocks until
+    the server has it; raises StorageError when it cannot be reached.
+    """
+    queue = as_queue(queue)
+    run_id = secrets.token_hex(8) if run_id is None else run_id
+    if not isinstance(run_id, str) or not run_id:
+        raise ValueError(f"run_id must be a non-empty str, not {run_id!r}")
+    info = {"flow": flow_name, "params": dict(params or {}), "state": "pending"}
+    try:
+        encoded = json.dumps(info, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"params of run {run_id!r} are not JSON: {exc}") from exc
+    await queue.ensure_group()
+    await queue.script(_SUBMIT, [queue.runs, queue.stream], [run_id, encoded])
+    return run_id
+
+
+async def result(
+    queue: RunQueue | str, run_id: str, *, poll: float = RESULT_POLL_INTERVAL
+) -> QueuedResult:
+    """Wait for the submitted run ``run_id`` to end; return its outcome.
+
+    Reads the run's state every ``poll`` seconds (default
+    :data:`RESULT_POLL_INTERVAL`) until a worker recorded it; blocks until then (put a
+    ``trio.fail_after`` around it to bound the wait). Raises CosmoFlowError when the
+    run failed (naming the worker and the error) or the queue does not know the run.
+    """
+    queue = as_queue(queue)
+    while True:
+        info = await queue.info(run_id)
+        if info is None:
+            raise CosmoFlowError(f"{queue!r} has no run {run_id!r}")
+        if info["state"] == "succeeded":
+            return _result_of(run_id, info)
+        if info["state"] == "failed":
+            raise CosmoFlowError(
+                f"run {run_id!r} failed on worker {info.get('owner')}: {info.get('error')}"
+            )
+        await trio.sleep(poll)
+
+
+async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
+    """Every run submitted to ``queue``, with its state, owner and lease (blocks while
+    it reads them; raises StorageError when the server cannot be reached)."""
+    queue = as_queue(queue)
+    raw: dict[bytes, bytes] = await queue.call("HGETALL", queue.runs)
+    runs = []
+    for key, data in sorted(raw.items()):
+        run_id = key.decode()
+        info = _decoded_info(run_id, data)
+        lease_left = None
+        owner = info.get("owner")
+        state = info["state"]
+        if state not in FINISHED:
+            ttl_ms: int = await queue.call("PTTL", queue.lease_key(run_id))
+            lease_left = ttl_ms / 1000 if ttl_ms >= 0 else None
+            if state == "running" and lease_left is None:
+                state = "orphaned"
+        runs.append(
+            QueuedRun(
+                run_id,
+                info["flow"],
+                state,
+                owner,
+                lease_left,
+                info.get("attempts", 0),
+                info.get("error"),
+            )
+        )
+    return runs
+
+
+RunStores = Callable[[str], Storage]
+"""A function giving the store of the run whose id it is given."""
+
+
+def per_run_redis(text: str) -> RunStores:
+    """The stores ``redis://HOST:PORT[/DB][#PREFIX]`` names: run R gets the namespace
+    ``PREFIX/R`` of its own (``runs/R`` without PREFIX), so runs neither share keys nor
+    make each other's commits start over."""
+    url, _, prefix = text.partition("#")
+    if urlsplit(url).scheme not in ("redis", "rediss"):
+        raise ValueError(f"store {text!r}: expected redis://HOST[:PORT][/DB][#PREFIX]")
+    prefix = prefix or "runs"
+    return lambda run_id: RedisStorage(url, namespace=f"{prefix}/{run_id}")
+
+
+async def serve(
+    engine: Engine,
+    queue: RunQueue | str,
+    flows: Mapping[str, Flow] | Iterable[Flow],
+    store: str | RunStores,
+    *,
+    concurrency: int = 1,
+    name: str | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the runs of ``queue`` on ``engine``, at most ``concurrency`` at once, until
+    cancelled (see :meth:`Engine.serve`). Reports the worker's name to ``task_status``
+    once it reads the queue."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    worker = _Worker(
+        engine,
+        as_queue(queue),
+        _flows_by_name(flows),
+        per_run_redis(store) if isinstance(store, str) else store,
+        name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
+    )
+    await worker.queue.ensure_group()
+    slots = trio.Semaphore(concurrency)
+    async with trio.open_nursery() as nursery:
+        task_status.started(worker.name)
+        while True:
+            await slots.acquire()
+            try:
+                claim = await worker.next_claim()
+            except BaseException:
+                slots.release()
+                raise
+            nursery.start_soon(worker.run_claimed, claim, slots)
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """A run a worker holds the lease of: its stream entry, flow and parameters."""
+
+    entry_id: str
+    run_id: str
+    flow: Flow
+    params: dict[str, Any]
+    info: dict[str, Any]
+
+
+class _Worker:
+    """One engine serving a queue: claims runs, runs them, renews their leases."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        queue: RunQueue,
+        flows: dict[str, Flow],
+        stores: RunStores,
+        name: str,
+    ) -> None:
+        self.engine = engine
+        self.queue = queue
+        self.flows = flows
+        self.stores = stores
+        self.name = name
+        self.lease_ms = max(1, round(queue.lease * 1000))
+        self._cursor = "0-0"
+        self._running: set[str] = set()
+        """The runs this worker runs now."""
+
+    async def next_claim(self) -> _Claim:
+        """Claim a run: one whose lease expired first, else a new one. Blocks until
+        there is one to claim."""
+        while True:
+            try:
+                claim = await self._claim_one()
+            except StorageError:
+                # The server is out of reach, or restarted without the stream: wait a
+                # third of a lease, make the group again if need be, and go on.
+                await trio.sleep(self.queue.lease / 3)
+                with contextlib.suppress(StorageError):
+                    await self.queue.ensure_group()
+                continue
+            if claim is not None:
+                return claim
+
+    async def _claim_one(self) -> _Claim | None:
+        """Claim an expired run, else wait a little for a new one; None if neither."""
+        for entry_id, run_id in await self._expired():
+            claim = await self._claim(entry_id, run_id)
+            if claim is not None:
+                return claim
+        poll_ms = max(1, round(min(MAX_POLL, self.queue.lease / 3) * 1000))
+        for entry_id, run_id in await self._new(poll_ms):
+            claim = await self._claim(entry_id, run_id)
+            if claim is not None:
+                return claim
+        return None
+
+    async def _expired(self) -> list[tuple[str, str]]:
+        """Take over one entry idle for at least a lease (its worker may be gone)."""
+        reply = await self.queue.call(
+            "XAUTOCLAIM",
+            self.queue.stream,
+            GROUP,
+            self.name,
+            self.lease_ms,
+            self._cursor,
+            "COUNT",
+            1,
+        )
+        self._cursor = _text(reply[0])
+        return _entries(reply[1])
+
+    async def _new(self, block_ms: int) -> list[tuple[str, str]]:
+        """Read one new entry, waiting at most ``block_ms`` for it."""
+        reply = await self.queue.call(
+            "XREADGROUP",
+            "GROUP",
+            GROUP,
+            self.name,
+            "COUNT",
+            1,
+            "BLOCK",
+            block_ms,
+            "STREAMS",
+            self.queue.stream,
+            ">",
+        )
+        return _entries(reply[0][1]) if reply else []
+
+    async def _claim(self, entry_id: str, run_id: str) -> _Claim | None:
+        """Take the lease of ``run_id`` (SET NX PX); None when another worker holds it,
+        the run has ended (its entry is acknowledged then) or this worker runs it still
+        (its lease had expired: taken again, it is renewed as before)."""
+        queue = self.queue
+        info = await queue.info(run_id)
+        if info is None or info["state"] in FINISHED:
+            await queue.call("XACK", queue.stream, GROUP, entry_id)
+            return None
+        taken = await queue.call(
+            "SET", queue.lease_key(run_id), self.name, "NX", "PX", self.lease_ms
+        )
+        if not taken or run_id in self._running:
+            return None  # held by another worker, or by this one, which runs it still
+        flow = self.flows.get(info["flow"])
+        running = {**info, "state": "running", "owner": self.name}
+        running["attempts"] = info.get("attempts", 0) + 1
+        if flow is None:
+            known = ", ".join(sorted(self.flows)) or "none"
+            error = f"CosmoFlowError: worker {self.name} has no flow {info['flow']!r} ({known})"
+            await self._finish(entry_id, run_id, {**running, "state": "failed", "error": error})
+            return None
+        await queue.call("HSET", queue.runs, run_id, json.dumps(running))
+        return _Claim(entry_id, run_id, flow, info.get("params", {}), running)
+
+    async def run_claimed(self, claim: _Claim, slots: trio.Semaphore) -> None:
+        """Run (or resume) the claimed run while renewing its lease; record its outcome
+        unless the lease was lost or another engine committed first. Frees a slot."""
+        self._running.add(claim.run_id)
+        try:
+            async with trio.open_nursery() as nursery:
+                scope = trio.CancelScope()
+                nursery.start_soon(self._renew, claim.run_id, scope)
+                outcome = await self._outcome(claim, scope)
+                nursery.cancel_scope.cancel()
+            # If the server is out of reach, the lease expires instead and another
+            # worker takes the run over: its record says how far it got.
+            with contextlib.suppress(StorageError):
+                if outcome is None:
+                    await self.queue.script(
+                        _RELEASE, [self.queue.lease_key(claim.run_id)], [self.name]
+                    )
+                else:
+                    await self._finish(claim.entry_id, claim.run_id, {**claim.info, **outcome})
+        finally:
+            self._running.discard(claim.run_id)
+            slots.release()
+
+    async def _outcome(self, claim: _Claim, scope: trio.CancelScope) -> dict[str, Any] | None:
+        """The run's outcome as the queue records it; None when it was dropped: its
+        lease was lost, another engine committed a step of it first, or its store
+        failed (out of reach): the run is taken over once its entry has been idle for a
+        lease. A node's own error (StorageError included) fails the run."""
+        with scope:
+            try:
+                done = await self.engine.resume(
+                    claim.flow, self.stores(claim.run_id), run_id=claim.run_id, params=claim.params
+                )
+            except Exception as exc:
+                if _conflict(exc) or isinstance(exc, StorageError):
+                    return None
+                return {"state": "failed", "error": describe_error(exc)}
+            return {"state": "succeeded", "error": None, "result": _result_info(done)}
+        return None
+
+    async def _renew(self, run_id: str, scope: trio.CancelScope) -> None:
+        """Renew the lease of ``run_id`` every third of a lease; cancel ``scope`` (the
+        run) once the lease is lost or could not be renewed before it would expire."""
+        lease = self.queue.lease
+        expires = trio.current_time() + lease
+        while True:
+            await trio.sleep(lease / 3)
+            try:
+                with trio.fail_after(max(0.0, expires - trio.current_time())):
+                    held = await self.queue.script(
+                        _RENEW, [self.queue.lease_key(run_id)], [self.name, self.lease_ms]
+                    )
+            except (StorageError, trio.TooSlowError):
+                held = trio.current_time() < expires
+            else:
+                expires = trio.current_time() + lease
+            if not held:
+                scope.cancel()
+                return
+
+    async def _finish(self, entry_id: str, run_id: str, info: dict[str, Any]) -> None:
+        """Record ``info``, acknowledge the entry and drop the lease, if it is ours."""
+        queue = self.queue
+        await queue.script(
+            _FINISH,
+            [queue.lease_key(run_id), queue.runs, queue.stream],
+            [self.name, run_id, json.dumps(info, default=repr), GROUP, entry_id],
+        )
+
+
+def _conflict(error: BaseException) -> bool:
+    """Whether ``error`` is, or was caused by, a RunConflictError."""
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, RunConflictError):
+            return True
+        current = current.__cause__
+    return False
+
+
+def _result_info(done: FlowResult) -> dict[str, Any]:
+    return {
+        "value": done.result,
+        "final_action": done.final_action.name,
+        "path": list(done.execution_path),
+        "duration": done.duration,
+    }
+
+
+def _result_of(run_id: str, info: Mapping[str, Any]) -> QueuedResult:
+    saved = info["result"]
+    return QueuedResult(
+        run_id=run_id,
+        flow_name=info["flow"],
+        result=saved["value"],
+        final_action=saved["final_action"],
+        execution_path=tuple(saved["path"]),
+        duration=saved["duration"],
+        worker=info["owner"],
+    )
+
+
+def _flows_by_name(flows: Mapping[str, Flow] | Iterable[Flow]) -> dict[str, Flow]:
+    """``flows`` as a mapping name -> Flow (a list is keyed by each flow's name)."""
+    named = dict(flows) if isinstance(flows, Mapping) else {flow.name: flow for flow in flows}
+    for key, flow in named.items():
+        if not isinstance(flow, Flow):
+            raise TypeError(f"flow {key!r}: expected a built Flow, got {type(flow).__name__}")
+    if not named:
+        raise ValueError("a worker needs at least one flow")
+    return named
+
+
+def _decoded_info(run_id: str, data: bytes) -> dict[str, Any]:
+    try:
+        info = json.loads(data)
+    except ValueError as exc:
+        raise StorageError(f"the queue's entry for run {run_id!r} is not JSON") from exc
+    if not isinstance(info, dict) or "state" not in info or "flow" not in info:
+        raise StorageError(f"the queue's entry for run {run_id!r} was not written by a queue")
+    return info
+
+
+def _entries(raw: Iterable[Any]) -> list[tuple[str, str]]:
+    """(entry id, run id) of stream entries as redis-py returns them (a deleted entry
+    comes back without fields and is skipped)."""
+    entries = []
+    for entry in raw:
+        if not entry or not entry[1]:
+            continue
+        entry_id, fields = entry
+        run_id = fields.get(b"run_id") if isinstance(fields, dict) else None
+        if run_id is not None:
+            entries.append((_text(entry_id), _text(run_id)))
+    return entries
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _call(client: redis.Redis, *args: Any) -> Any:
+    """Send one command (blocks)."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _client(url: str, lease: float) -> redis.Redis:
+    """A client for ``url`` whose socket waits are longer than a worker's longest
+    blocking read. Does not block."""
+    try:
+        import redis
+    except ImportError as exc:
+        raise StorageError(
+            "RunQueue needs the redis package: pip install 'cosmoflow-actors[redis]'"
+        ) from exc
+    timeout = max(10.0, 3 * lease)
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))

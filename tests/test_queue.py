@@ -1,0 +1,421 @@
+"""The run queue on Redis: submit, workers with leases, takeover of a dead worker's runs.
+
+Every test uses a real redis-server (one per module) and a queue of its own; the
+takeover tests start real worker processes and SIGKILL one of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.queue import RunQueue, per_run_redis
+from tests.storage_suite import RedisServer, free_port
+
+ROOT = Path(__file__).parent.parent
+
+FAILURES: dict[str, int] = {}
+"""Times ``Count`` still fails in step ``b`` of a run (by run id); tests set it."""
+
+
+GATES: dict[str, tuple[trio.Event, trio.Event]] = {}
+"""Step ``a`` of a run in here sets the first event and waits for the second (once)."""
+
+
+SLOW: dict[str, float] = {}
+"""Seconds each step of a run in here takes."""
+
+
+class Count(cf.Node):
+    """Counts its own step in the run's store: a per-run counter and a key per step."""
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        await trio.sleep(SLOW.get(ctx.run_id, 0))
+        if ctx.node_id == "a" and ctx.run_id in GATES:
+            entered, release = GATES.pop(ctx.run_id)
+            entered.set()
+            await release.wait()
+        if ctx.node_id == "b" and FAILURES.get(ctx.run_id, 0) > 0:
+            FAILURES[ctx.run_id] -= 1
+            raise RuntimeError("b is down")
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action | None:
+        await store.update("count", lambda n: n + 1, default=0)
+        await store.update(f"step:{ctx.node_id}", lambda n: n + 1, default=0)
+        if ctx.node_id == "c":
+            return cf.Action.complete(f"done {ctx.run_id}")
+        return None
+
+
+FLOW = (
+    cf.Flow.builder("count")
+    .add_node("a", Count())
+    .add_node("b", Count())
+    .add_node("c", Count())
+    .add_route("a", "b")
+    .add_route("b", "c")
+    .build()
+)
+
+
+def new_queue(server: RedisServer, lease: float = 1.0) -> RunQueue:
+    return RunQueue(server.url, f"q-{uuid.uuid4().hex[:8]}", lease=lease)
+
+
+def store_url(server: RedisServer) -> str:
+    return f"{server.url}#runs-{uuid.uuid4().hex[:8]}"
+
+
+@asynccontextmanager
+async def worker(
+    queue: RunQueue, store: str, name: str, concurrency: int = 4
+) -> AsyncIterator[cf.Engine]:
+    """An engine serving ``queue`` in this process until the block ends."""
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        serve = functools.partial(engine.serve, concurrency=concurrency, name=name)
+        await nursery.start(serve, queue, [FLOW], store)
+        yield engine
+        nursery.cancel_scope.cancel()
+
+
+async def counts(store: str, run_id: str) -> dict[str, Any]:
+    storage = per_run_redis(store)(run_id)
+    await storage.open()
+    try:
+        keys = [key for key in await storage.keys() if not key.startswith("__cosmoflow__/")]
+        return {key: await storage.get(key) for key in keys}
+    finally:
+        await storage.aclose()
+
+
+async def test_a_submitted_run_is_run_by_a_worker_and_its_result_returned(
+    redis_server: RedisServer,
+) -> None:
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    async with worker(queue, store, "w1"):
+        run_id = await cf.submit(queue, "count", params={"x": 1})
+        done = await cf.result(queue, run_id)
+    assert done.result == f"done {run_id}"
+    assert done.execution_path == ("a", "b", "c")
+    assert done.worker == "w1"
+    assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.run_id, status.state, status.owner, status.attempts) == (
+        run_id,
+        "succeeded",
+        "w1",
+        1,
+    )
+
+
+async def test_a_queue_url_names_the_queue_by_its_last_path_part(
+    redis_server: RedisServer,
+) -> None:
+    queue = RunQueue.from_url(f"{redis_server.url}/jobs")
+    assert (queue.url, queue.name) == (redis_server.url, "jobs")
+    with pytest.raises(ValueError, match="expected redis://HOST"):
+        RunQueue.from_url("http://example/jobs")
+
+
+async def test_submitting_one_run_id_twice_adds_one_run(redis_server: RedisServer) -> None:
+    queue = new_queue(redis_server)
+    assert await cf.submit(queue, "count", run_id="r1", params={"n": 1}) == "r1"
+    assert await cf.submit(queue, "count", run_id="r1", params={"n": 2}) == "r1"
+    assert await queue.call("XLEN", queue.stream) == 1
+    [status] = await cf.queue_status(queue)
+    assert (status.run_id, status.state, status.owner) == ("r1", "pending", None)
+
+
+async def test_a_failed_run_is_reported_by_result(redis_server: RedisServer) -> None:
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    async with worker(queue, store, "w1"):
+        run_id = await cf.submit(queue, "no-such-flow")
+        with pytest.raises(cf.CosmoFlowError, match="worker w1 has no flow 'no-such-flow'"):
+            await cf.result(queue, run_id)
+    [status] = await cf.queue_status(queue)
+    assert status.state == "failed"
+
+
+async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last_commit(
+    redis_server: RedisServer,
+) -> None:
+    """A worker "dead" claimed the run and committed step a before it failed in b;
+    once its lease expires, a live worker takes the run over and resumes it at b."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    run_id = await cf.submit(queue, "count")
+    await queue.call("XREADGROUP", "GROUP", "workers", "dead", "STREAMS", queue.stream, ">")
+    await queue.call("SET", queue.lease_key(run_id), "dead", "PX", 500)
+    await queue.call(
+        "HSET",
+        queue.runs,
+        run_id,
+        '{"flow": "count", "state": "running", "owner": "dead", "params": {}, "attempts": 1}',
+    )
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.owner) == ("running", "dead")
+    assert status.lease_left is not None and 0 < status.lease_left <= 0.5
+    FAILURES[run_id] = 1
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError, match="node 'b' failed in exec"):
+            await engine.run(FLOW, per_run_redis(store)(run_id), run_id=run_id)
+    async with worker(queue, store, "alive"):
+        done = await cf.result(queue, run_id)
+    assert done.worker == "alive"
+    assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
+    redis_server: RedisServer,
+) -> None:
+    """Another engine runs the run to its end while the worker is in step a: the
+    worker's commit raises RunConflictError, so it records no outcome (the queue counts
+    a second attempt) and lets the lease go; the run's entry is taken over once idle for
+    a lease, and gives the other engine's result. No step committed twice."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    entered, release = trio.Event(), trio.Event()
+    GATES["raced"] = (entered, release)
+    async with worker(queue, store, "loser"):
+        await cf.submit(queue, "count", run_id="raced")
+        await entered.wait()
+        async with cf.open_engine() as other:
+            first = await other.resume(FLOW, per_run_redis(store)("raced"), run_id="raced")
+        release.set()
+        done = await cf.result(queue, "raced")
+    assert done.result == first.result == "done raced"
+    assert await counts(store, "raced") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
+    redis_server: RedisServer,
+) -> None:
+    """The first claim gets a store on a port nothing listens on: the run is dropped
+    (no outcome recorded) and runs again once its entry has been idle for a lease."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    stores = per_run_redis(store)
+    unreachable = per_run_redis(f"redis://127.0.0.1:{free_port()}/0")
+    claims: list[str] = []
+
+    def store_of(run_id: str) -> cf.Storage:
+        claims.append(run_id)
+        return unreachable(run_id) if len(claims) == 1 else stores(run_id)
+
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(engine.serve, queue, [FLOW], store_of))
+        run_id = await cf.submit(queue, "count")
+        done = await cf.result(queue, run_id)
+        nursery.cancel_scope.cancel()
+    assert claims == [run_id, run_id]
+    assert done.result == f"done {run_id}"
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+async def test_a_run_longer_than_its_lease_keeps_its_worker(redis_server: RedisServer) -> None:
+    """Each step takes longer than the lease: the worker's renewals keep the run its
+    own, so the other worker never takes it over. (With one slot each, a worker busy
+    with the run does not look for expired leases itself.)"""
+    queue, store = new_queue(redis_server, lease=0.3), store_url(redis_server)
+    SLOW["long"] = 0.4
+    async with worker(queue, store, "w1", 1), worker(queue, store, "w2", 1):
+        await cf.submit(queue, "count", run_id="long")
+        with trio.fail_after(20):  # without renewals the workers take it from each other
+            done = await cf.result(queue, "long")
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.owner, status.attempts) == ("succeeded", done.worker, 1)
+    assert await counts(store, "long") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
+async def test_a_lease_without_its_worker_is_shown_as_orphaned(
+    redis_server: RedisServer,
+) -> None:
+    queue = new_queue(redis_server)
+    run_id = await cf.submit(queue, "count")
+    await queue.call(
+        "HSET",
+        queue.runs,
+        run_id,
+        '{"flow": "count", "state": "running", "owner": "gone", "params": {}}',
+    )
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.owner, status.lease_left) == ("orphaned", "gone", None)
+
+
+async def test_a_worker_cut_off_from_redis_cancels_its_run_when_its_lease_expires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The renewals fail (nothing listens on the port): the run is cancelled once the
+    lease the worker last got would have expired, not before."""
+    from cosmoflow_actors.runtime.queue import _Worker
+
+    lease = 3.0
+    queue = RunQueue(f"redis://127.0.0.1:{free_port()}/0", "cut-off", lease=lease)
+    async with cf.open_engine() as engine:
+        cut_off = _Worker(engine, queue, {"count": FLOW}, per_run_redis("redis://x"), "w")
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+            nursery.start_soon(cut_off._renew, "r1", scope)
+            with scope:
+                await trio.sleep_forever()
+    elapsed = trio.current_time() - started
+    assert lease <= elapsed <= lease + lease / 3
+
+
+WORKER_FLOW = '''
+import os
+
+import redis
+import trio
+
+import cosmoflow_actors as cf
+
+executions = redis.Redis.from_url(os.environ["EXECUTIONS"])
+
+
+class Count(cf.Node):
+    """Counts each execution in Redis, then its commit in the run's store."""
+
+    async def exec(self, prep_res, ctx):
+        await trio.to_thread.run_sync(executions.incr, f"{ctx.run_id}:{ctx.node_id}")
+        await trio.sleep(0.02)
+
+    async def post(self, store, prep_res, exec_res, ctx):
+        await store.update("count", lambda n: n + 1, default=0)
+        await store.update(f"step:{ctx.node_id}", lambda n: n + 1, default=0)
+        return cf.Action.complete(ctx.run_id) if ctx.node_id == "c" else None
+
+
+flow = (
+    cf.Flow.builder("count")
+    .add_node("a", Count())
+    .add_node("b", Count())
+    .add_node("c", Count())
+    .add_route("a", "b")
+    .add_route("b", "c")
+    .build()
+)
+'''
+
+
+async def owner_of_a_running_run(queue: RunQueue) -> str:
+    for run in await cf.queue_status(queue):
+        if run.state == "running" and run.owner is not None:
+            return run.owner
+    raise AssertionError("no run is running")
+
+
+KILL_AFTER = 30
+LEASE = 1.0
+
+
+@asynccontextmanager
+async def worker_process(
+    flow_file: Path, queue: RunQueue, store: str, name: str, env: dict[str, str]
+) -> AsyncIterator[trio.Process]:
+    """``cosmoflow worker`` in a process of its own, once it reads the queue; killed at
+    exit if it still runs."""
+    command = [sys.executable, "-m", "cosmoflow_actors", "worker", str(flow_file)]
+    command += ["--queue", f"{queue.url}/{queue.name}", "--store", store]
+    command += ["--concurrency", "4", "--lease", str(queue.lease), "--name", name]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=env)
+    assert process.stdout is not None
+    try:
+        output = b""
+        while not output.endswith(b"\n"):
+            chunk = await process.stdout.receive_some()
+            assert chunk, f"worker {name} exited before it was ready: {output!r}"
+            output += chunk
+        assert output.startswith(f"worker {name} serving {queue.name}".encode())
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await process.stdout.aclose()
+
+
+@pytest.mark.parametrize("runs", [120, pytest.param(300, marks=pytest.mark.slow)])
+async def test_three_worker_processes_one_killed_every_step_committed_once(
+    redis_server: RedisServer, tmp_path: Path, runs: int
+) -> None:
+    """``runs`` runs on 3 worker processes; one is SIGKILLed after 30 results, with runs
+    in flight. Every run succeeds, each step of each run is committed exactly once, and
+    the dead worker's runs finish on the others within the lease and a few seconds."""
+    flow_file = tmp_path / "count.py"
+    flow_file.write_text(WORKER_FLOW)
+    queue, store = new_queue(redis_server, lease=LEASE), store_url(redis_server)
+    env = {**os.environ, "EXECUTIONS": redis_server.url}
+    results: dict[str, cf.QueuedResult] = {}
+    done_at: dict[str, float] = {}
+
+    async def wait_for(run_id: str) -> None:
+        results[run_id] = await cf.result(queue, run_id)
+        done_at[run_id] = trio.current_time()
+
+    async with (
+        worker_process(flow_file, queue, store, "w0", env) as w0,
+        worker_process(flow_file, queue, store, "w1", env) as w1,
+        worker_process(flow_file, queue, store, "w2", env) as w2,
+    ):
+        processes = {"w0": w0, "w1": w1, "w2": w2}
+        run_ids = [f"{queue.name}-{n:03}" for n in range(runs)]
+        for run_id in run_ids:
+            await cf.submit(queue, "count", run_id=run_id)
+        for run_id in run_ids[:KILL_AFTER]:
+            await wait_for(run_id)
+        victim = await owner_of_a_running_run(queue)
+        # Stopped first, the victim finishes nothing more: the runs the queue says it
+        # runs now are the ones it leaves behind.
+        processes[victim].send_signal(signal.SIGSTOP)
+        killed_at = trio.current_time()
+        statuses = await cf.queue_status(queue)
+        orphans = {run.run_id for run in statuses if run.owner == victim and run.state == "running"}
+        processes[victim].send_signal(signal.SIGKILL)
+        async with trio.open_nursery() as nursery:
+            for run_id in orphans:
+                nursery.start_soon(wait_for, run_id)
+        for run_id in run_ids:
+            if run_id not in results:
+                await wait_for(run_id)
+    assert sorted(results) == run_ids
+    assert orphans
+    for run_id in run_ids:
+        assert results[run_id].result == run_id
+        assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    statuses = {run.run_id: run for run in await cf.queue_status(queue)}
+    assert all(run.state == "succeeded" for run in statuses.values())
+    for run_id in orphans:
+        assert statuses[run_id].owner != victim
+        assert statuses[run_id].attempts == 2
+    takeover = max(done_at[run_id] for run_id in orphans) - killed_at
+    assert takeover <= LEASE + 5
+    executions = [
+        int(await queue.call("GET", f"{run_id}:{node}")) for run_id in run_ids for node in "abc"
+    ]
+    assert min(executions) == 1  # at least once; more only for steps the kill cut short
+    retried = sum(run.attempts > 1 for run in statuses.values())
+    retried = sum(run.attempts > 1 for run in statuses.values())
+    print(
+        f"\n{len(orphans)} runs taken over from {victim} in {takeover:.2f} s; "
+        f"{retried} runs claimed more than once; "
+        f"{sum(executions) - 3 * runs} step executions repeated"
+    )
