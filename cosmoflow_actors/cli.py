@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(own)
     if file_args and not hasattr(args, "target"):
-        parser.error("arguments after -- go to a flow file; inspect reads no file")
+        parser.error(f"arguments after -- go to a flow file; {own[0]} runs no file")
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         with _file_argv(getattr(args, "target", None), file_args):

@@ -189,7 +189,7 @@ def test_inspect_takes_no_arguments_for_a_file(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as exit_info:
         main(["inspect", "file:x.json", "--", "extra"])
     assert exit_info.value.code == 2
-    assert "inspect reads no file" in capsys.readouterr().err
+    assert "inspect runs no file" in capsys.readouterr().err
 
 
 RUNS_AT_IMPORT = {
