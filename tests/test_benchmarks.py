@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,18 @@ def test_the_sweep_takes_positive_counts_or_none() -> None:
         bound("0")
     with pytest.raises(argparse.ArgumentTypeError, match="'lots'"):
         bound("lots")
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_the_workers_benchmark_measures_each_worker_count_and_the_takeover() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.workers", "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    )
+    rows = [line.split() for line in done.stdout.splitlines() if line[:1] == " "]
+    assert [row[0] for row in rows[:3]] == ["1", "2", "3"]
+    assert all(float(row[1].replace(",", "")) > 0 for row in rows[:3])
+    assert "takeover: " in done.stdout and "s from the kill" in done.stdout

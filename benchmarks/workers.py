@@ -1,0 +1,212 @@
+"""workers: runs/s of worker processes sharing one Redis run queue, and lease takeover.
+
+Starts a redis-server of its own on a free loopback port, then 1, 2 and 3 worker
+processes (``cosmoflow worker``) on a 5-node flow whose exec awaits a checkpoint. For
+each count it submits N runs with ``cf.submit``, waits until the queue reports every
+one succeeded and reports runs/s from the first submit to the last success. Then, with
+two workers and a short lease, runs whose steps each take 0.2 s, it SIGKILLs one worker
+while it holds runs and reports how long after the kill the other worker had taken
+every one of them over.
+
+Run it: ``python -m benchmarks.workers`` (``--smoke`` for tiny sizes). Needs
+redis-server on PATH; without it the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import trio
+
+import cosmoflow_actors as cf
+
+FLOW_FILE = """
+import trio
+import cosmoflow_actors as cf
+
+
+@cf.node
+async def hop(ctx):
+    hops = await ctx.store.get("hops", 0)
+    await trio.sleep(ctx.params.get("delay", 0))
+    await ctx.store.set("hops", hops + 1)
+
+
+builder = cf.Flow.builder("chain")
+for index in range(5):
+    builder.add_node(f"n{index}", hop)
+    if index:
+        builder.add_route(f"n{index - 1}", f"n{index}")
+chain = builder.build()
+"""
+"""The flow the workers serve: five nodes, each reading, checkpointing and writing."""
+
+SIZES = {True: 20, False: 600}
+"""Runs submitted per worker count, by ``--smoke``."""
+
+POLL = 0.02
+"""Seconds between two reads of the queue's status while waiting for runs."""
+
+LEASE = 1.0
+"""Seconds: the takeover measurement's lease (the throughput runs use the default)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.workers", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
+    args = parser.parse_args(argv)
+    if shutil.which("redis-server") is None:
+        print("redis-server is not installed: nothing to measure")
+        return 0
+    runs = SIZES[args.smoke]
+    with ExitStack() as stack:
+        url = stack.enter_context(_redis_server())
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        flow_file = folder / "chain.py"
+        flow_file.write_text(FLOW_FILE)
+        print(f"workers: {runs} runs of a 5-node chain per row, one redis-server on loopback")
+        print("workers  runs/s")
+        for count in (1, 2, 3):
+            rate = trio.run(_throughput, url, flow_file, count, runs, f"q{count}")
+            print(f"{count:7d}  {rate:6,.0f}")
+        takeover = trio.run(_takeover, url, flow_file)
+        print(f"takeover: {takeover:.2f} s from the kill until the other worker held every run")
+        print(f"          the killed worker held (lease {LEASE:g} s)")
+    return 0
+
+
+async def _throughput(url: str, flow_file: Path, count: int, runs: int, queue: str) -> float:
+    """Runs/s of ``count`` workers on ``runs`` submitted runs."""
+    with _workers(url, flow_file, count, queue, lease=None):
+        run_queue = cf.RunQueue(url, queue)
+        await cf.submit(run_queue, "chain", run_id="warm-up")
+        await cf.result(run_queue, "warm-up")
+        start = time.perf_counter()
+        ids = [await cf.submit(run_queue, "chain") for _ in range(runs)]
+        await _all_succeeded(run_queue, ids)
+        return runs / (time.perf_counter() - start)
+
+
+async def _takeover(url: str, flow_file: Path) -> float:
+    """Seconds from SIGKILLing one of two workers until the other holds every run the
+    killed one held."""
+    run_queue = cf.RunQueue(url, "takeover", lease=LEASE)
+    with _workers(url, flow_file, 2, "takeover", lease=LEASE) as processes:
+        victim = _worker_name("takeover", 0)
+        ids = [await cf.submit(run_queue, "chain", params={"delay": 0.2}) for _ in range(4)]
+        held = await _runs_held_by(run_queue, victim)
+        processes[0].send_signal(signal.SIGKILL)
+        killed = time.perf_counter()
+        await _taken_over(run_queue, held, victim)
+        taken_over = time.perf_counter() - killed
+        await _all_succeeded(run_queue, ids)
+        return taken_over
+
+
+async def _all_succeeded(run_queue: cf.RunQueue, ids: list[str]) -> None:
+    """Return once every run of ``ids`` succeeded (one status read per poll, every
+    POLL seconds); raise if one failed."""
+    wanted = set(ids)
+    while True:
+        states = {run.run_id: run.state for run in await cf.queue_status(run_queue)}
+        if "failed" in {states.get(run_id) for run_id in wanted}:
+            raise RuntimeError("a run failed")
+        if all(states.get(run_id) == "succeeded" for run_id in wanted):
+            return
+        await trio.sleep(POLL)
+
+
+async def _taken_over(run_queue: cf.RunQueue, held: list[str], victim: str) -> None:
+    """Return once no run of ``held`` is still owned by the worker ``victim``."""
+    wanted = set(held)
+    while True:
+        status = await cf.queue_status(run_queue)
+        if not any(run.run_id in wanted and run.owner == victim for run in status):
+            return
+        await trio.sleep(POLL)
+
+
+async def _runs_held_by(run_queue: cf.RunQueue, name: str) -> list[str]:
+    """The runs the worker ``name`` holds (is running), once it holds some."""
+    while True:
+        status = await cf.queue_status(run_queue)
+        held = [run.run_id for run in status if run.owner == name and run.state == "running"]
+        if held:
+            return held
+        await trio.sleep(POLL)
+
+
+@contextmanager
+def _workers(
+    url: str, flow_file: Path, count: int, queue: str, *, lease: float | None
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` worker processes serving ``queue``, ready when entered; killed after."""
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for index in range(count):
+            command = [
+                sys.executable, "-m", "cosmoflow_actors", "worker", str(flow_file),
+                "--queue", f"{url}/{queue}", "--store", f"{url}#{queue}", "--concurrency", "64",
+                "--name", _worker_name(queue, index),
+            ]  # fmt: skip
+            if lease is not None:
+                command += ["--lease", str(lease)]
+            processes.append(subprocess.Popen(command, stdout=subprocess.PIPE))
+        for process in processes:
+            assert process.stdout is not None
+            process.stdout.readline()  # the worker's "ready" line
+        yield processes
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def _worker_name(queue: str, index: int) -> str:
+    return f"bench-{queue}-{index}"
+
+
+@contextmanager
+def _redis_server() -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port; its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", folder],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            _wait_for_port(port)
+            yield f"redis://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait()
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"redis-server did not listen on port {port}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
