@@ -206,10 +206,10 @@ class Engine:
 
     async def _drive(self, run: Run, first: Step | None) -> FlowResult:
         """Carry ``run`` from ``first`` in this task while its nodes are idle (see
-        node_actor.carry; in a cancel scope of the run's), then wait
-        for its end; cancelling this task cancels the run. If the run was its
-        storage's last user, waits until the backend is closed (a FileStorage is then
-        compacted into its JSON file)."""
+        node_actor.carry; in a cancel scope of the run's), then wait for its end;
+        cancelling this task cancels the run. If the run was its storage's last user,
+        wait until the backend is closed (a FileStorage is then compacted into its JSON
+        file)."""
         try:
             if first is not None and first.actor.idle:
                 first.actor.enter()
