@@ -68,6 +68,39 @@ async def test_exec_runs_in_a_ray_worker_and_returns_its_result(ray_cluster: Non
     assert os.getpid() not in {pid for _, pid in results}
 
 
+class Squares(cf.ParallelBatchNode):
+    executor = "ray"
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[int]:
+        return list(range(int(ctx.params["n"])))
+
+    def exec(self, item: int, ctx: cf.ExecutionContext) -> int:
+        return item * item
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: list[int], ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+@pytest.mark.ray
+async def test_each_item_of_a_parallel_batch_is_a_ray_task(ray_cluster: None) -> None:
+    result = (await single(Squares()).run(params={"n": 6})).result
+    assert result == [0, 1, 4, 9, 16, 25]
+
+
+@pytest.mark.ray
+async def test_start_run_nowait_would_block_until_the_engine_has_connected_to_ray(
+    ray_cluster: None,
+) -> None:
+    flow = single(WhereAmI())
+    async with cf.open_engine() as engine:
+        with pytest.raises(trio.WouldBlock, match="not connected to Ray"):
+            engine.start_run_nowait(flow, params={"n": 2})
+        await engine.start_run(flow, params={"n": 2})
+        assert (await engine.start_run_nowait(flow, params={"n": 3}).wait()).result[0] == 9
+
+
 class Failing(cf.Node):
     executor = "ray"
     max_retries = 3

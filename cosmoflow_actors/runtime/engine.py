@@ -88,6 +88,7 @@ class Engine:
         self._workers: trio_parallel.WorkerContext | None = None
         self._ray_address = ray_address
         self._ray_connected = False
+        self._ray_connecting = trio.Lock()
         self._events = EventHub()
         self._runs: dict[str, Run] = {}
         self._in_flight = AsyncValue(0)
@@ -445,7 +446,7 @@ class Engine:
         if self._workers is None and _needs_workers(flow):
             self._workers = await self._nursery.start(self._hold_workers)
         if not self._ray_connected and _needs_workers(flow, "ray"):
-            await self._nursery.start(self._hold_ray)
+            await self._connect_ray()
         for actor in self._new_node_actors(flow):
             await self._nursery.start(self._supervise, actor)
 
@@ -488,18 +489,20 @@ class Engine:
             task_status.started(workers)
             await trio.sleep_forever()
 
-    async def _hold_ray(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """Connect to Ray for "ray" nodes (in a thread) and hold the connection as long
-        as the engine; a Ray the engine started is shut down when it closes."""
+    async def _connect_ray(self) -> None:
+        """Connect to Ray for "ray" nodes, once, in a thread (starting a Ray may take
+        seconds); :meth:`_disconnect_ray` lets go of it when the engine has closed."""
+        async with self._ray_connecting:
+            if not self._ray_connected:
+                await trio.to_thread.run_sync(ray_executor.connect, self._ray_address)
+                self._ray_connected = True
+
+    async def _disconnect_ray(self) -> None:
+        """Let go of the Ray connection, if any, once no node actor runs: a Ray the
+        engine started is shut down (in a thread, shielded, for at most
+        ``RAY_SHUTDOWN_TIMEOUT`` seconds)."""
         if self._ray_connected:
-            task_status.started()
-            return
-        await trio.to_thread.run_sync(ray_executor.connect, self._ray_address)
-        self._ray_connected = True
-        try:
-            task_status.started()
-            await trio.sleep_forever()
-        finally:
+            self._ray_connected = False
             with trio.move_on_after(RAY_SHUTDOWN_TIMEOUT, shield=True):
                 await trio.to_thread.run_sync(ray_executor.disconnect, abandon_on_cancel=True)
 
@@ -612,14 +615,19 @@ async def open_engine(
     _require_positive("mailbox_size", mailbox_size)
     if max_runs is not None:
         _require_positive("max_runs", max_runs)
-    async with trio.open_nursery() as nursery:
-        engine = Engine(nursery, mailbox_size, max_runs, ray_address)
-        await nursery.start(engine._supervise, engine._router)
-        try:
-            yield engine
-            await engine._wait_idle()
-        finally:
-            engine._close()
+    engine: Engine | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            engine = Engine(nursery, mailbox_size, max_runs, ray_address)
+            await nursery.start(engine._supervise, engine._router)
+            try:
+                yield engine
+                await engine._wait_idle()
+            finally:
+                engine._close()
+    finally:
+        if engine is not None:
+            await engine._disconnect_ray()
 
 
 async def _send(run: Run, step: Step) -> None:
