@@ -173,8 +173,9 @@ class Engine:
 
         Raises ``trio.WouldBlock`` when it would have to wait: ``max_runs`` runs are in
         flight, the entry node's mailbox is full, the store (other than memory) has no
-        store actor open yet, or the flow has process nodes and no worker processes are
-        set up yet (``start_run`` waits for all of these). A durable run (a ``run_id``
+        store actor open yet, the flow has process nodes and no worker processes are
+        set up yet, or it has Ray nodes and the engine has not connected to Ray yet
+        (``start_run`` waits for all of these). A durable run (a ``run_id``
         on a persistent storage) reads and writes its record in a task of the engine's
         before its first step.
         """
