@@ -2,7 +2,8 @@
 
 The middle stage burns ``work`` iterations of pure-Python CPU (about 20 ms) in a plain
 ``def exec``. cosmoflow runs it with ``executor = "process"`` and, for comparison, with
-``executor = "inline"``; bare trio hands it to ``trio_parallel.run_sync``; PocketFlow runs
+``executor = "inline"`` and ``executor = "ray"`` (a Ray started on this machine; needs
+the ray extra); bare trio hands it to ``trio_parallel.run_sync``; PocketFlow runs
 it inline on the event loop. Before timing, ``WARMUP`` items go through the pipeline, so
 worker processes are already started. Metric: items per second.
 """
@@ -56,6 +57,10 @@ class Crunch(cf.Node):
 
 class InlineCrunch(Crunch):
     executor = "inline"
+
+
+class RayCrunch(Crunch):
+    executor = "ray"
 
 
 class Save(cf.Node):
@@ -191,6 +196,9 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     ),
     "cosmoflow-inline": lambda case: throughput(
         case, trio.run(cosmoflow_pipeline, case, InlineCrunch(case.work))
+    ),
+    "cosmoflow-ray": lambda case: throughput(
+        case, trio.run(cosmoflow_pipeline, case, RayCrunch(case.work))
     ),
     "trio": lambda case: throughput(case, trio.run(trio_pipeline, case)),
     "pocketflow": lambda case: throughput(case, asyncio.run(pocketflow_pipeline(case))),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, overload
 
 import cloudpickle
@@ -32,8 +32,11 @@ _CONFIG_NAMES = (
     "mailbox_size",
     "rate_limit",
     "executor",
+    "ray_options",
 )
-EXECUTORS = ("inline", "thread", "process")
+EXECUTORS = ("inline", "thread", "process", "ray")
+RAY_OPTIONS = ("num_cpus", "num_gpus", "resources", "runtime_env")
+"""The Ray task options a node may set in ``ray_options``."""
 
 
 class Node:
@@ -63,9 +66,12 @@ class Node:
     """``(calls, per_seconds)``: at most ``calls`` exec attempts start in any window of
     ``per_seconds`` (None = no limit)."""
     executor: str = "inline"
-    """Where exec runs: "inline" (the trio thread), "thread" (``trio.to_thread``) or
-    "process" (a trio-parallel worker process). Thread and process need a plain ``def
-    exec`` and get no store access."""
+    """Where exec runs: "inline" (the trio thread), "thread" (``trio.to_thread``),
+    "process" (a trio-parallel worker process) or "ray" (a Ray task). All but inline
+    need a plain ``def exec`` and get no store access."""
+    ray_options: Mapping[str, Any] | None = None
+    """Options of the Ray task of an ``executor="ray"`` node: ``num_cpus``, ``num_gpus``
+    (numbers >= 0), ``resources`` (name → amount), ``runtime_env`` (a dict)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -119,6 +125,7 @@ def validate_config(target: object, owner: str) -> None:
         raise ValueError(
             f"{owner}: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}"
         )
+    _validate_ray_options(owner, getattr(target, "ray_options", None))
     retry_on = getattr(target, "retry_on", (Exception,))
     if not isinstance(retry_on, tuple) or not all(_is_exception_type(t) for t in retry_on):
         raise ValueError(f"{owner}: retry_on must be a tuple of exception types")
@@ -151,6 +158,28 @@ def _validate_rate_limit(owner: str, value: object) -> None:
         raise ValueError(message)
 
 
+def _validate_ray_options(owner: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{owner}: ray_options must be a dict or None, got {value!r}")
+    unknown = sorted(set(value) - set(RAY_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"{owner}: ray_options may set {', '.join(RAY_OPTIONS)}, not {', '.join(unknown)}"
+        )
+    for name in ("num_cpus", "num_gpus"):
+        if name in value:
+            _require_number(owner, f"ray_options[{name!r}]", value[name], allow_none=False)
+    resources = value.get("resources", {})
+    if not isinstance(resources, Mapping) or not all(isinstance(k, str) for k in resources):
+        raise ValueError(f"{owner}: ray_options['resources'] must map names to amounts")
+    for name, amount in resources.items():
+        _require_number(owner, f"ray_options['resources'][{name!r}]", amount, allow_none=False)
+    if not isinstance(value.get("runtime_env", {}), Mapping):
+        raise ValueError(f"{owner}: ray_options['runtime_env'] must be a dict")
+
+
 def _is_exception_type(value: object) -> bool:
     return isinstance(value, type) and issubclass(value, BaseException)
 
@@ -162,11 +191,16 @@ def executor_problem(node: Node) -> str | None:
     exec_method = node.function if isinstance(node, FunctionNode) else type(node).exec
     if inspect.iscoroutinefunction(exec_method):
         return f"executor={node.executor!r} needs a plain def exec, not async def"
-    if node.executor == "process":
+    if node.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            return "executor='ray' needs Ray: pip install 'cosmoflow-actors[ray]'"
+    if node.executor in ("process", "ray"):
         try:
             cloudpickle.dumps(node)
         except Exception as exc:
-            return f"executor='process' cannot send the node to a worker: {exc}"
+            return f"executor={node.executor!r} cannot send the node to a worker: {exc}"
     return None
 
 

@@ -13,6 +13,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: a test that takes seconds (deselect with -m 'not slow')"
     )
+    config.addinivalue_line(
+        "markers", "ray: a test on a local Ray cluster (skipped when ray is not installed)"
+    )
 
 
 @pytest.fixture(scope="module")

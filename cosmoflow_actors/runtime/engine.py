@@ -40,7 +40,7 @@ from cosmoflow_actors.events import (
 )
 from cosmoflow_actors.flow import Flow, FlowResult, check_runs_allowed
 from cosmoflow_actors.progress import Progress
-from cosmoflow_actors.runtime import durability
+from cosmoflow_actors.runtime import durability, ray_executor
 from cosmoflow_actors.runtime import queue as run_queue
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun, RunRecord
@@ -57,6 +57,8 @@ from cosmoflow_actors.storage.base import Storage
 DEFAULT_MAILBOX_SIZE: Final = 256
 """Steps (or store requests) an actor's mailbox holds before senders wait."""
 
+RAY_SHUTDOWN_TIMEOUT: Final = 30.0
+"""Seconds a closing engine waits for a Ray it started to shut down."""
 DEFAULT_MAX_RUNS: Final = 256
 """Runs in flight before further starts wait. Measured (docs/performance.md): with
 callers starting runs from a nursery, 256 ran 10 to 34% faster than 1,000 and than no
@@ -67,7 +69,13 @@ bound, and unlike 64 or 128 it does not cap runs that wait on I/O."""
 class Engine:
     """Runs flows. Get one from :func:`open_engine`; all methods run in its trio context."""
 
-    def __init__(self, nursery: trio.Nursery, mailbox_size: int, max_runs: int | None) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        mailbox_size: int,
+        max_runs: int | None,
+        ray_address: str | None = None,
+    ) -> None:
         self._nursery = nursery
         self._mailbox_size = mailbox_size
         self.max_runs = max_runs
@@ -78,6 +86,9 @@ class Engine:
         self._condition_keys: dict[Flow, frozenset[str]] = {}
         self._stores = StoreRegistry(nursery, mailbox_size, self._supervise)
         self._workers: trio_parallel.WorkerContext | None = None
+        self._ray_address = ray_address
+        self._ray_connected = False
+        self._ray_connecting = trio.Lock()
         self._events = EventHub()
         self._runs: dict[str, Run] = {}
         self._in_flight = AsyncValue(0)
@@ -162,8 +173,9 @@ class Engine:
 
         Raises ``trio.WouldBlock`` when it would have to wait: ``max_runs`` runs are in
         flight, the entry node's mailbox is full, the store (other than memory) has no
-        store actor open yet, or the flow has process nodes and no worker processes are
-        set up yet (``start_run`` waits for all of these). A durable run (a ``run_id``
+        store actor open yet, the flow has process nodes and no worker processes are
+        set up yet, or it has Ray nodes and the engine has not connected to Ray yet
+        (``start_run`` waits for all of these). A durable run (a ``run_id``
         on a persistent storage) reads and writes its record in a task of the engine's
         before its first step.
         """
@@ -172,6 +184,8 @@ class Engine:
         run_id = self._check_start(flow, run_id)
         if self._workers is None and _needs_workers(flow):
             raise trio.WouldBlock("the flow's worker processes are not set up yet")
+        if not self._ray_connected and _needs_workers(flow, "ray"):
+            raise trio.WouldBlock("the engine is not connected to Ray yet")
         if self._events.congested:
             raise trio.WouldBlock("a lossless event stream is full")
         self._register_nowait(flow)
@@ -432,6 +446,8 @@ class Engine:
         self._condition_keys[flow] = condition_keys(flow)
         if self._workers is None and _needs_workers(flow):
             self._workers = await self._nursery.start(self._hold_workers)
+        if not self._ray_connected and _needs_workers(flow, "ray"):
+            await self._connect_ray()
         for actor in self._new_node_actors(flow):
             await self._nursery.start(self._supervise, actor)
 
@@ -473,6 +489,23 @@ class Engine:
         async with trio_parallel.open_worker_context() as workers:
             task_status.started(workers)
             await trio.sleep_forever()
+
+    async def _connect_ray(self) -> None:
+        """Connect to Ray for "ray" nodes, once, in a thread (starting a Ray may take
+        seconds); :meth:`_disconnect_ray` lets go of it when the engine has closed."""
+        async with self._ray_connecting:
+            if not self._ray_connected:
+                await trio.to_thread.run_sync(ray_executor.connect, self._ray_address)
+                self._ray_connected = True
+
+    async def _disconnect_ray(self) -> None:
+        """Let go of the Ray connection, if any, once no node actor runs: a Ray the
+        engine started is shut down (in a thread, shielded, for at most
+        ``RAY_SHUTDOWN_TIMEOUT`` seconds)."""
+        if self._ray_connected:
+            self._ray_connected = False
+            with trio.move_on_after(RAY_SHUTDOWN_TIMEOUT, shield=True):
+                await trio.to_thread.run_sync(ray_executor.disconnect, abandon_on_cancel=True)
 
     async def _supervise(
         self,
@@ -558,7 +591,10 @@ class Engine:
 
 @asynccontextmanager
 async def open_engine(
-    *, mailbox_size: int = DEFAULT_MAILBOX_SIZE, max_runs: int | None = DEFAULT_MAX_RUNS
+    *,
+    mailbox_size: int = DEFAULT_MAILBOX_SIZE,
+    max_runs: int | None = DEFAULT_MAX_RUNS,
+    ray_address: str | None = None,
 ) -> AsyncIterator[Engine]:
     """Open an engine inside the current trio task; close it when the block ends.
 
@@ -566,6 +602,11 @@ async def open_engine(
     the runs in flight (default :data:`DEFAULT_MAX_RUNS`; None: no bound): a start
     beyond it waits, in FIFO order, before its run is built. Together they carry
     backpressure from the slowest node back to whoever starts runs.
+
+    ``ray_address`` is the Ray cluster of ``executor="ray"`` nodes (None: the
+    ``RAY_ADDRESS`` environment variable, else a Ray started on this machine). The engine
+    connects the first time it registers a flow with a Ray node, unless this process is
+    connected already, and shuts down a Ray it started when it closes.
 
     Leaving the block normally waits for every run started in it. An error in the block,
     a crashing actor or a cancelled enclosing scope cancels the runs in flight and stops
@@ -575,14 +616,19 @@ async def open_engine(
     _require_positive("mailbox_size", mailbox_size)
     if max_runs is not None:
         _require_positive("max_runs", max_runs)
-    async with trio.open_nursery() as nursery:
-        engine = Engine(nursery, mailbox_size, max_runs)
-        await nursery.start(engine._supervise, engine._router)
-        try:
-            yield engine
-            await engine._wait_idle()
-        finally:
-            engine._close()
+    engine: Engine | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            engine = Engine(nursery, mailbox_size, max_runs, ray_address)
+            await nursery.start(engine._supervise, engine._router)
+            try:
+                yield engine
+                await engine._wait_idle()
+            finally:
+                engine._close()
+    finally:
+        if engine is not None:
+            await engine._disconnect_ray()
 
 
 async def _send(run: Run, step: Step) -> None:
@@ -619,10 +665,11 @@ def _run_ids() -> Iterator[str]:
         yield f"{prefix}-{number:x}"
 
 
-def _needs_workers(flow: Flow) -> bool:
-    """Whether ``flow`` or a flow nested in it has a node with ``executor="process"``."""
+def _needs_workers(flow: Flow, executor: str = "process") -> bool:
+    """Whether ``flow`` or a flow nested in it has a node with ``executor`` (by default
+    "process", which needs the engine's worker processes)."""
     return any(
-        _needs_workers(node) if isinstance(node, Flow) else node.executor == "process"
+        _needs_workers(node, executor) if isinstance(node, Flow) else node.executor == executor
         for node in flow.nodes.values()
     )
 

@@ -1,4 +1,5 @@
-"""Where a node's exec runs: inline on the trio thread, in a thread, or in a process.
+"""Where a node's exec runs: inline on the trio thread, in a thread, in a process, or
+as a Ray task (see ``ray_executor``).
 
 "thread" uses ``trio.to_thread.run_sync`` (not cancellable: a timeout or cancel waits
 for the call to return). "process" sends the node (pickled once per actor with
@@ -21,6 +22,7 @@ import trio_parallel
 
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.node import Node
+from cosmoflow_actors.runtime.ray_executor import OnRay
 
 ExecCall = Callable[[Any, ExecutionContext], Awaitable[Any]]
 """Runs one exec attempt: ``await call(prep_res_or_item, ctx)``."""
@@ -34,6 +36,8 @@ def exec_call(node: Node, workers: trio_parallel.WorkerContext | None) -> ExecCa
     if node.executor == "process":
         assert workers is not None
         return _InProcess(node, workers)
+    if node.executor == "ray":
+        return OnRay(node)
     if inspect.iscoroutinefunction(node.exec):
         coroutine_exec: ExecCall = node.exec
         return coroutine_exec

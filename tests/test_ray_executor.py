@@ -1,0 +1,330 @@
+"""The "ray" executor: exec as a Ray task on a local Ray cluster; checks at build().
+
+The Ray tests share one local cluster per module and skip when ray is not installed.
+An exec that must be watched from the test reports its pid over a loopback TCP
+connection to the test and then blocks reading it, so the test knows when the Ray task
+runs, can kill its worker, and sees the connection close when the worker dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.ray_executor import LOCAL_RAY_ENV
+from tests.support import single
+
+GUARD = 60.0
+"""Seconds after which a Ray test gives up rather than hang (never reached when it works)."""
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray cluster for the module, with one unit of a custom "gadget" resource."""
+    ray = pytest.importorskip("ray")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in LOCAL_RAY_ENV.items():
+            patch.setenv(name, value)
+        ray.init(address="local", include_dashboard=False, resources={"gadget": 1})
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+class WhereAmI(cf.Node):
+    executor = "ray"
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> int:
+        return int(ctx.params["n"])
+
+    def exec(self, n: int, ctx: cf.ExecutionContext) -> tuple[int, int]:
+        return n * n, os.getpid()
+
+    def post(
+        self, store: cf.SharedStore, prep_res: int, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+@pytest.mark.ray
+async def test_exec_runs_in_a_ray_worker_and_returns_its_result(ray_cluster: None) -> None:
+    flow = single(WhereAmI())
+    async with cf.open_engine() as engine:
+        results = [(await engine.run(flow, params={"n": n})).result for n in range(3)]
+    assert [value for value, _ in results] == [0, 1, 4]
+    assert os.getpid() not in {pid for _, pid in results}
+
+
+class Squares(cf.ParallelBatchNode):
+    executor = "ray"
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[int]:
+        return list(range(int(ctx.params["n"])))
+
+    def exec(self, item: int, ctx: cf.ExecutionContext) -> int:
+        return item * item
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: list[int], ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+@pytest.mark.ray
+async def test_each_item_of_a_parallel_batch_is_a_ray_task(ray_cluster: None) -> None:
+    result = (await single(Squares()).run(params={"n": 6})).result
+    assert result == [0, 1, 4, 9, 16, 25]
+
+
+@pytest.mark.ray
+async def test_start_run_nowait_would_block_until_the_engine_has_connected_to_ray(
+    ray_cluster: None,
+) -> None:
+    flow = single(WhereAmI())
+    async with cf.open_engine() as engine:
+        with pytest.raises(trio.WouldBlock, match="not connected to Ray"):
+            engine.start_run_nowait(flow, params={"n": 2})
+        await engine.start_run(flow, params={"n": 2})
+        assert (await engine.start_run_nowait(flow, params={"n": 3}).wait()).result[0] == 9
+
+
+class Failing(cf.Node):
+    executor = "ray"
+    max_retries = 3
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> int:
+        if ctx.current_retry < 2:
+            raise ValueError(f"attempt {ctx.current_retry}")
+        return ctx.current_retry
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: int, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+@pytest.mark.ray
+async def test_the_engine_retries_an_exec_that_raises(ray_cluster: None) -> None:
+    assert (await single(Failing()).run()).result == 2
+    with pytest.raises(cf.NodeError) as info:
+        await single(Failing(max_retries=2)).run()
+    assert isinstance(info.value.__cause__, ValueError)
+    assert str(info.value.__cause__) == "attempt 1"
+
+
+class Resources(cf.Node):
+    executor = "ray"
+    ray_options = {"num_cpus": 0.5, "resources": {"gadget": 1}}  # noqa: RUF012
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> dict[str, float]:
+        import ray
+
+        assigned: dict[str, float] = ray.get_runtime_context().get_assigned_resources()
+        return assigned
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+@pytest.mark.ray
+async def test_ray_options_reach_the_ray_task(ray_cluster: None) -> None:
+    assigned = (await single(Resources()).run()).result
+    assert assigned == {"CPU": 0.5, "gadget": 1.0}
+
+
+class Reporter(cf.Node):
+    """exec connects to the test's port, sends its pid and waits for a reply; with the
+    reply it writes the file named in the params and returns the pid. post counts
+    itself in the store."""
+
+    executor = "ray"
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> tuple[int, str]:
+        return int(ctx.params["port"]), str(ctx.params["effect"])
+
+    def exec(self, job: tuple[int, str], ctx: cf.ExecutionContext) -> int:
+        port, effect = job
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(f"{os.getpid()}\n".encode())
+            reply = conn.recv(16)
+        Path(effect).write_bytes(reply)
+        return os.getpid()
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: int, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        await store.update("posts", lambda n: n + 1, default=0)
+        return cf.Action.complete(exec_res)
+
+
+async def _listen() -> trio.SocketListener:
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    return listener
+
+
+def _port(listener: trio.SocketListener) -> int:
+    port: int = listener.socket.getsockname()[1]
+    return port
+
+
+async def _next_exec(listener: trio.SocketListener) -> tuple[trio.SocketStream, int]:
+    """Accept the next exec's connection; return it and the pid the exec sent."""
+    stream = await listener.accept()
+    received = b""
+    while not received.endswith(b"\n"):
+        chunk = await stream.receive_some()
+        assert chunk, "the exec closed its connection before sending its pid"
+        received += chunk
+    return stream, int(received)
+
+
+async def _closed_by_peer(stream: trio.SocketStream) -> None:
+    """Return when the other end of ``stream`` is gone (its process died)."""
+    with contextlib.suppress(trio.BrokenResourceError):
+        assert await stream.receive_some() == b""
+
+
+@pytest.mark.ray
+async def test_a_killed_ray_worker_is_retried_by_ray_and_the_step_completes_once(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    store: dict[str, Any] = {}
+    effect = tmp_path / "effect"
+    with trio.fail_after(GUARD):
+        listener = await _listen()
+        async with cf.open_engine() as engine:
+            run = await engine.start_run(
+                single(Reporter()), store, params={"port": _port(listener), "effect": effect}
+            )
+            first, first_pid = await _next_exec(listener)
+            os.kill(first_pid, signal.SIGKILL)
+            await _closed_by_peer(first)
+            second, second_pid = await _next_exec(listener)
+            await second.send_all(b"go")
+            result = await run.wait()
+    assert second_pid != first_pid
+    assert result.result == second_pid
+    assert store["posts"] == 1
+    assert effect.read_bytes() == b"go"
+
+
+@pytest.mark.ray
+async def test_cancelling_the_run_force_cancels_the_ray_task(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    effect = tmp_path / "effect"
+    with trio.fail_after(GUARD):
+        listener = await _listen()
+        async with cf.open_engine() as engine:
+            params = {"port": _port(listener), "effect": effect}
+            run = await engine.start_run(single(Reporter()), params=params)
+            stream, _ = await _next_exec(listener)
+            run.cancel()
+            await _closed_by_peer(stream)
+    assert run.current_state is cf.RunState.CANCELLED
+    assert not effect.exists()
+
+
+@pytest.mark.ray
+async def test_a_timeout_force_cancels_the_ray_task(ray_cluster: None, tmp_path: Path) -> None:
+    effect = tmp_path / "effect"
+    with trio.fail_after(GUARD):
+        listener = await _listen()
+        async with cf.open_engine() as engine:
+            params = {"port": _port(listener), "effect": effect}
+            run = await engine.start_run(single(Reporter(timeout=5.0)), params=params)
+            stream, _ = await _next_exec(listener)
+            with pytest.raises(cf.NodeError) as info:
+                await run.wait()
+            await _closed_by_peer(stream)
+    assert isinstance(info.value.__cause__, trio.TooSlowError)
+    assert not effect.exists()
+
+
+@pytest.mark.ray
+def test_build_refuses_a_ray_node_that_cannot_be_pickled(ray_cluster: None) -> None:
+    node = WhereAmI()
+    node.lock = threading.Lock()  # type: ignore[attr-defined]
+    with pytest.raises(cf.FlowValidationError, match="'sq': executor='ray' cannot send"):
+        cf.Flow.builder("f").add_node("sq", node).build()
+
+
+_OWN_RAY_SCRIPT = """
+import os, trio, ray
+import cosmoflow_actors as cf
+from tests.support import single
+from tests.test_ray_executor import WhereAmI
+
+async def main():
+    async with cf.open_engine() as engine:
+        value, pid = (await engine.run(single(WhereAmI()), params={"n": 7})).result
+        print(value, pid != os.getpid(), ray.is_initialized())
+    print(ray.is_initialized())
+
+trio.run(main)
+"""
+
+
+@pytest.mark.ray
+def test_an_engine_starts_a_local_ray_on_first_use_and_shuts_it_down(ray_cluster: None) -> None:
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", _OWN_RAY_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=GUARD,
+        check=True,
+    )
+    assert done.stdout.split() == ["49", "True", "True", "False"]
+
+
+def test_build_names_the_ray_extra_when_ray_is_missing() -> None:
+    script = (
+        "import sys; sys.modules['ray'] = None\n"
+        "import cosmoflow_actors as cf\n"
+        "from tests.test_ray_executor import WhereAmI\n"
+        "try:\n"
+        "    cf.Flow.builder('f').add_node('remote', WhereAmI()).build()\n"
+        "except cf.FlowValidationError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert "'remote'" in done.stdout
+    assert "pip install 'cosmoflow-actors[ray]'" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ([1], "ray_options must be a dict"),
+        ({"num_cpu": 1}, "ray_options may set .*, not num_cpu"),
+        ({"num_cpus": -1}, r"ray_options\['num_cpus'\] must be >= 0"),
+        ({"num_gpus": "1"}, r"ray_options\['num_gpus'\] must be a number"),
+        (
+            {"resources": {"gadget": None}},
+            r"ray_options\['resources'\]\['gadget'\] must be a number",
+        ),
+        ({"runtime_env": "env"}, r"ray_options\['runtime_env'\] must be a dict"),
+    ],
+)
+def test_invalid_ray_options_fail_at_construction(options: object, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"WhereAmI: {message}"):
+        WhereAmI(ray_options=options)
