@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable, Mapping
 
 from benchmarks.common import Case
@@ -17,6 +18,9 @@ PATTERNS = (NURSERY, START_RUN)
 """fanout's two ways of starting runs: a task per ``engine.run``, or ``engine.start_run``."""
 
 TIMES = "\N{MULTIPLICATION SIGN}"
+
+_HAS_RAY = importlib.util.find_spec("ray") is not None
+"""cpu measures the ray executor too when the ray extra is installed."""
 
 SIDE_BY_SIDE = {ENGINE: "cosmoflow", TRIO: "bare trio", POCKETFLOW: "pocketflow"}
 WITH_PATTERNS = {
@@ -153,6 +157,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         True,
         {
             ENGINE: "cosmoflow, process",
+            **({"cosmoflow-ray": "cosmoflow, ray"} if _HAS_RAY else {}),
             "cosmoflow-inline": "cosmoflow, inline",
             TRIO: "bare trio + trio-parallel",
             POCKETFLOW: "pocketflow (inline)",

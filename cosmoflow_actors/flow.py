@@ -383,6 +383,7 @@ _NOT_FOR_BATCH_FLOW = (
     ("timeout", None),
     ("rate_limit", None),
     ("executor", "inline"),
+    ("ray_options", None),
 )
 """Node config a BatchFlow would have to ignore, with the only value it accepts."""
 

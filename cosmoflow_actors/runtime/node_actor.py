@@ -362,7 +362,7 @@ class NodeActor(Actor[Step]):
     async def _limited_attempt(self, prep_res: Any, ctx: ExecutionContext) -> Any:
         """One exec attempt, after the rate limit allows it, within the timeout.
 
-        Past ``timeout`` it fails with TooSlowError: an async or process exec is
+        Past ``timeout`` it fails with TooSlowError: an async, process or ray exec is
         cancelled at the deadline; a sync or thread one cannot be, so its late result
         is dropped.
         """
