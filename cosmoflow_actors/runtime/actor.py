@@ -38,12 +38,11 @@ class Mailbox(Generic[M]):
     empty).
     """
 
-    __slots__ = ("_admitted", "_items", "_receiver", "_room", "capacity", "items")
+    __slots__ = ("_admitted", "_receiver", "_room", "capacity", "items")
 
     def __init__(self, capacity: float) -> None:
         self.capacity = capacity
-        self._items: deque[M] = deque()
-        self.items = self._items
+        self.items: deque[M] = deque()
         """The messages waiting, oldest first (read it; change it only through the
         methods)."""
         self._room = trio.lowlevel.ParkingLot()
@@ -53,15 +52,15 @@ class Mailbox(Generic[M]):
         self._receiver: trio.lowlevel.Task | None = None
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.items)
 
     def __bool__(self) -> bool:
-        return bool(self._items)
+        return bool(self.items)
 
     @property
     def has_room(self) -> bool:
         """Whether a message may be put now without overtaking a waiting sender."""
-        return len(self._items) + self._admitted < self.capacity and not self._room
+        return len(self.items) + self._admitted < self.capacity and not self._room
 
     @property
     def senders_waiting(self) -> int:
@@ -85,13 +84,13 @@ class Mailbox(Generic[M]):
         self._append(message)
 
     def _append(self, message: M) -> None:
-        self._items.append(message)
+        self.items.append(message)
         self.wake()
 
     def take(self) -> M:
         """Remove and return the oldest message (the mailbox must not be empty); let
         one waiting sender in. Never blocks."""
-        message = self._items.popleft()
+        message = self.items.popleft()
         if self._room:
             self._admitted += 1
             self._room.unpark()
@@ -99,7 +98,7 @@ class Mailbox(Generic[M]):
 
     def take_batch(self, most: int) -> list[M]:
         """Remove and return up to ``most`` of the oldest messages. Never blocks."""
-        batch = [self.take() for _ in range(min(most, len(self._items)))]
+        batch = [self.take() for _ in range(min(most, len(self.items)))]
         return batch
 
     def wake(self) -> None:
@@ -112,7 +111,7 @@ class Mailbox(Generic[M]):
 
     async def wait(self) -> None:
         """Block the one receiver task until a message is in the mailbox. A checkpoint."""
-        if self._items:
+        if self.items:
             await trio.lowlevel.checkpoint()
             return
         self._receiver = trio.lowlevel.current_task()

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from cosmoflow_actors.storage.base import Storage
 
 T = TypeVar("T")
-M = TypeVar("M")
 
 
 class Reply(Generic[T]):

@@ -90,7 +90,6 @@ class NodeActor(Actor[Step]):
         self._events = events if events is not None else EventHub()
         self._nursery: trio.Nursery | None = None
         self._parked: deque[trio.lowlevel.Task] = deque()
-        self.workers = 0
 
     def statistics(self) -> ActorStatistics:
         """This actor's counters now, with its rate limit. Never blocks."""
@@ -142,7 +141,6 @@ class NodeActor(Actor[Step]):
             trio.lowlevel.reschedule(self._parked.pop(), outcome.Value(step))
             return
         assert self._nursery is not None, f"{self.name} is not running"
-        self.workers += 1
         self._nursery.start_soon(self._work, step)
 
     def release(self) -> None:
@@ -157,15 +155,12 @@ class NodeActor(Actor[Step]):
         another; exits when KEEP_IDLE others are parked. Each stretch of steps runs in
         a cancel scope that a run cancelled mid-step cancels; the next gets a new one.
         """
-        try:
-            while True:
-                with trio.CancelScope() as scope:
-                    await carry(step, scope)
-                if len(self._parked) >= KEEP_IDLE:
-                    return
-                step = await self._park()
-        finally:
-            self.workers -= 1
+        while True:
+            with trio.CancelScope() as scope:
+                await carry(step, scope)
+            if len(self._parked) >= KEEP_IDLE:
+                return
+            step = await self._park()
 
     async def _park(self) -> Step:
         """Wait, parked, until :meth:`_dispatch` gives this worker a step."""
