@@ -25,6 +25,7 @@ import trio
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.ray_executor import LOCAL_RAY_ENV
 from tests.support import single
+from tests.test_executor import Square
 
 GUARD = 60.0
 """Seconds after which a Ray test gives up rather than hang (never reached when it works)."""
@@ -44,24 +45,9 @@ def ray_cluster() -> Iterator[None]:
             ray.shutdown()
 
 
-class WhereAmI(cf.Node):
-    executor = "ray"
-
-    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> int:
-        return int(ctx.params["n"])
-
-    def exec(self, n: int, ctx: cf.ExecutionContext) -> tuple[int, int]:
-        return n * n, os.getpid()
-
-    def post(
-        self, store: cf.SharedStore, prep_res: int, exec_res: Any, ctx: cf.ExecutionContext
-    ) -> cf.Action:
-        return cf.Action.complete(exec_res)
-
-
 @pytest.mark.ray
 async def test_exec_runs_in_a_ray_worker_and_returns_its_result(ray_cluster: None) -> None:
-    flow = single(WhereAmI())
+    flow = single(Square(executor="ray"))
     async with cf.open_engine() as engine:
         results = [(await engine.run(flow, params={"n": n})).result for n in range(3)]
     assert [value for value, _ in results] == [0, 1, 4]
@@ -93,7 +79,7 @@ async def test_each_item_of_a_parallel_batch_is_a_ray_task(ray_cluster: None) ->
 async def test_start_run_nowait_would_block_until_the_engine_has_connected_to_ray(
     ray_cluster: None,
 ) -> None:
-    flow = single(WhereAmI())
+    flow = single(Square(executor="ray"))
     async with cf.open_engine() as engine:
         with pytest.raises(trio.WouldBlock, match="not connected to Ray"):
             engine.start_run_nowait(flow, params={"n": 2})
@@ -258,7 +244,7 @@ async def test_a_timeout_force_cancels_the_ray_task(ray_cluster: None, tmp_path:
 
 @pytest.mark.ray
 def test_build_refuses_a_ray_node_that_cannot_be_pickled(ray_cluster: None) -> None:
-    node = WhereAmI()
+    node = Square(executor="ray")
     node.lock = threading.Lock()  # type: ignore[attr-defined]
     with pytest.raises(cf.FlowValidationError, match="'sq': executor='ray' cannot send"):
         cf.Flow.builder("f").add_node("sq", node).build()
@@ -268,11 +254,11 @@ _OWN_RAY_SCRIPT = """
 import os, trio, ray
 import cosmoflow_actors as cf
 from tests.support import single
-from tests.test_ray_executor import WhereAmI
+from tests.test_executor import Square
 
 async def main():
     async with cf.open_engine() as engine:
-        value, pid = (await engine.run(single(WhereAmI()), params={"n": 7})).result
+        value, pid = (await engine.run(single(Square(executor="ray")), params={"n": 7})).result
         print(value, pid != os.getpid(), ray.is_initialized())
     print(ray.is_initialized())
 
@@ -298,9 +284,9 @@ def test_build_names_the_ray_extra_when_ray_is_missing() -> None:
     script = (
         "import sys; sys.modules['ray'] = None\n"
         "import cosmoflow_actors as cf\n"
-        "from tests.test_ray_executor import WhereAmI\n"
+        "from tests.test_executor import Square\n"
         "try:\n"
-        "    cf.Flow.builder('f').add_node('remote', WhereAmI()).build()\n"
+        "    cf.Flow.builder('f').add_node('remote', Square(executor='ray')).build()\n"
         "except cf.FlowValidationError as exc:\n"
         "    print(exc)\n"
     )
@@ -326,5 +312,5 @@ def test_build_names_the_ray_extra_when_ray_is_missing() -> None:
     ],
 )
 def test_invalid_ray_options_fail_at_construction(options: object, message: str) -> None:
-    with pytest.raises(ValueError, match=rf"WhereAmI: {message}"):
-        WhereAmI(ray_options=options)
+    with pytest.raises(ValueError, match=rf"Square: {message}"):
+        Square(executor="ray", ray_options=options)
