@@ -166,18 +166,12 @@ class Flow:
 
         Raises the run's error (``NodeError``, ``NoRouteError``...) when it fails.
         """
-        from cosmoflow_actors.runtime.engine import open_engine
+        from cosmoflow_actors.runtime.engine import on_temporary_engine
 
         check_runs_allowed(self.name)
-        failure: Exception | None = None
-        async with open_engine() as engine:
-            try:
-                result = await engine.run(self, store, params=params, run_id=run_id)
-            except Exception as exc:  # the run's own error, raised below as is
-                failure = exc
-        if failure is not None:
-            raise failure
-        return result
+        return await on_temporary_engine(
+            lambda engine: engine.run(self, store, params=params, run_id=run_id)
+        )
 
     def run_sync(
         self,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Final, final
+from typing import Any, Final, TypeVar, final
 
 import trio
 import trio_parallel
@@ -23,7 +23,6 @@ from cosmoflow_actors.errors import (
     ActorCrashedError,
     CosmoFlowError,
     RunCancelledError,
-    StorageError,
 )
 from cosmoflow_actors.events import (
     DEFAULT_BUFFER as DEFAULT_EVENT_BUFFER,
@@ -53,6 +52,8 @@ from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
 from cosmoflow_actors.storage.base import Storage
+
+T = TypeVar("T")
 
 DEFAULT_MAILBOX_SIZE: Final = 256
 """Steps (or store requests) an actor's mailbox holds before senders wait."""
@@ -699,10 +700,18 @@ async def list_runs(store: Storage | dict[str, Any]) -> list[RunRecord]:
     Raises StorageError, as itself, when the store cannot be read or holds a record
     the engine did not write.
     """
-    failure: StorageError | None = None
+    return await on_temporary_engine(lambda engine: engine.list_runs(store))
+
+
+async def on_temporary_engine(work: Callable[[Engine], Awaitable[T]]) -> T:
+    """Do ``work`` on an engine opened for it; blocks until the work is done and the
+    engine closed. An Exception the work raises leaves as itself, not wrapped in the
+    group of the engine's nursery."""
+    failure: Exception | None = None
     async with open_engine() as engine:
         try:
-            return await engine.list_runs(store)
-        except StorageError as exc:  # raised below, outside the engine's nursery
+            return await work(engine)
+        except Exception as exc:  # raised below, outside the engine's nursery
             failure = exc
+    assert failure is not None
     raise failure
