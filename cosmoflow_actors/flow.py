@@ -11,6 +11,7 @@ import enum
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, final
 
 import trio
@@ -146,6 +147,10 @@ class Flow:
     def routes_for(self, node_id: str, action: str) -> tuple[Route, ...]:
         """The routes out of ``node_id`` for ``action``, in the order added."""
         return self._table.get((node_id, action), ())
+
+    def route_table(self) -> Mapping[tuple[str, str], tuple[Route, ...]]:
+        """Every route, by (source node, action), in the order added."""
+        return MappingProxyType(self._table)
 
     def has_routes(self, node_id: str) -> bool:
         """Whether any route leaves ``node_id``."""

@@ -481,6 +481,7 @@ class Engine:
                 )
                 self._node_actors[flow, node_id] = actor
                 actors.append(actor)
+        self._router.learn(flow)
         return actors
 
     async def _hold_workers(

@@ -36,7 +36,6 @@ from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import Step, StepDone, StepFailed
 from cosmoflow_actors.runtime.run import Run
 from cosmoflow_actors.runtime.statistics import ActorStatistics
-from cosmoflow_actors.runtime.store_client import SharedStore
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.router import Router
@@ -178,59 +177,75 @@ class NodeActor(Actor[Step]):
         """Run ``step`` (its slot taken) and route its outcome; return the steps its
         branch goes on with. A cancelled step raises trio.Cancelled and routes nothing.
         Waits first while a lossless event stream is full."""
-        if self._events.congested:
-            await self._events.wait_for_room()
-        if step.run.finished:
+        events = self._events
+        if events.congested:
+            await events.wait_for_room()
+        run = step.run
+        if run.finished:
             return []
-        return await self._router.route(await self._outcome(step))
+        run.start()
+        run.path.append(self.node_id)
+        ctx = self._context(step)
+        if events.active:
+            outcome = await self._observed_outcome(step, ctx)
+        else:
+            outcome = await self._outcome(step, ctx)
+        return await self._router.route(outcome)
 
-    async def _outcome(self, step: Step) -> StepDone | StepFailed:
+    async def _outcome(self, step: Step, ctx: ExecutionContext) -> StepDone | StepFailed:
         """Run prep, exec and post, read the route conditions' values and commit a
         durable step; anything the run caused is a StepFailed."""
         run = step.run
-        run.start()
-        run.path.append(self.node_id)
-        store = run.durability.step_store(run.store)
-        ctx = self._context(step, store)
+        try:
+            action = await self._phases(run, ctx)
+            keys = run.condition_keys
+            values = await ctx.store.get_many(keys) if keys else _NO_VALUES
+            durability = run.durability
+            if durability.durable:
+                await durability.commit(run, step.branch, self.node_id, action, ctx.store)
+        except RUN_FAILURES as exc:
+            return StepFailed(run, step.branch, self.node_id, exc)
+        return StepDone(run, step.branch, self.node_id, action, values)
+
+    async def _observed_outcome(self, step: Step, ctx: ExecutionContext) -> StepDone | StepFailed:
+        """:meth:`_outcome` between StepStarted and StepFinished, inside the step's
+        tracing span when a tracer follows the engine."""
         started = self._step_started(ctx)
         result: StepDone | StepFailed | None = None
         try:
-            with self._span(ctx, started):
-                action = await self._phases(run, store, ctx)
-                keys = run.condition_keys
-                values = await store.get_many(keys) if keys else _NO_VALUES
-                await run.durability.commit(run, step.branch, self.node_id, action, store)
-            result = StepDone(run, step.branch, self.node_id, action, values)
-        except RUN_FAILURES as exc:
-            result = StepFailed(run, step.branch, self.node_id, exc)
+            with self._span(ctx):
+                result = await self._outcome(step, ctx)
         finally:
-            if started is not None and self._events.active:
-                self._step_finished(ctx, started, result)
+            self._step_finished(ctx, started, result)
         return result
 
-    def _context(self, step: Step, store: SharedStore) -> ExecutionContext:
+    def _context(self, step: Step) -> ExecutionContext:
+        run = step.run
+        branch = step.branch
         return ExecutionContext(
-            run_id=step.run.run_id,
-            node_id=self.node_id,
-            flow_name=self.flow_name,
-            step_number=step.branch.count,
-            store=store,
-            params=step.params,
-            max_retries=self.node.max_retries,
-            branch=step.branch.label,
+            run.run_id,
+            self.node_id,
+            self.flow_name,
+            branch.count,
+            run.durability.step_store(run.store),
+            step.params,
+            self.node.max_retries,
+            0,
+            branch.label,
         )
 
-    def _span(self, ctx: ExecutionContext, started: float | None) -> AbstractContextManager[Any]:
+    def _span(self, ctx: ExecutionContext) -> AbstractContextManager[Any]:
         """The step's tracing span made current for its code, if a tracer follows the
-        engine (and the step emitted StepStarted)."""
+        engine."""
         spans = self._events.step_spans
-        if spans is None or started is None:
+        if spans is None:
             return _NO_SPAN
         return spans.step_span(ctx)
 
-    async def _phases(self, run: Run, store: SharedStore, ctx: ExecutionContext) -> Action:
+    async def _phases(self, run: Run, ctx: ExecutionContext) -> Action:
         """prep → exec → post; the action post returned, resolved against the store."""
         node = self.node
+        store = ctx.store
         prep_res = await self._user_call("prep", ctx, node.prep, store, ctx)
         if isinstance(node, BatchNode | BatchFlow):
             exec_res = await self._exec_batch(run, prep_res, ctx)
@@ -258,20 +273,17 @@ class NodeActor(Actor[Step]):
 
     def _check_awaited(self, phase: str, ctx: ExecutionContext) -> None:
         """Fail the step if a store call made in ``phase`` was never awaited."""
-        lost = ctx.store.unawaited()
-        if lost:
-            calls = ", ".join(f"store.{call}" for call in lost)
-            error = RuntimeError(
-                f"{calls} in {phase} of node {self.node_id!r} was never awaited "
-                "(a coroutine: write `await store...`); nothing was done"
-            )
-            raise NodeError(self.node_id, phase, ctx.run_id, 1) from error
+        if ctx.store.all_awaited():
+            return
+        calls = ", ".join(f"store.{call}" for call in ctx.store.unawaited())
+        error = RuntimeError(
+            f"{calls} in {phase} of node {self.node_id!r} was never awaited "
+            "(a coroutine: write `await store...`); nothing was done"
+        )
+        raise NodeError(self.node_id, phase, ctx.run_id, 1) from error
 
-    def _step_started(self, ctx: ExecutionContext) -> float | None:
-        """Emit StepStarted and return its time, if anyone listens (the clock is read
-        only then: a step that emitted no StepStarted emits no StepFinished)."""
-        if not self._events.active:
-            return None
+    def _step_started(self, ctx: ExecutionContext) -> float:
+        """Emit StepStarted; return its time."""
         started = trio.current_time()
         self._events.emit(
             StepStarted(ctx.run_id, started, self.flow_name, self.node_id, ctx.execution_id)
@@ -281,7 +293,10 @@ class NodeActor(Actor[Step]):
     def _step_finished(
         self, ctx: ExecutionContext, started: float, message: StepDone | StepFailed | None
     ) -> None:
-        """Emit StepFinished: the action, the error, or neither for a cancelled step."""
+        """Emit StepFinished: the action, the error, or neither for a cancelled step
+        (unless the last listener left during the step)."""
+        if not self._events.active:
+            return
         now = trio.current_time()
         action = message.action.name if isinstance(message, StepDone) else None
         error = message.error if isinstance(message, StepFailed) else None
@@ -431,28 +446,30 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
     it while their node is idle (hand-off: this task takes that node's slot).
 
     Steps that cannot be handed off are sent to their actors (blocks while a mailbox
-    is full, holding no slot). Runs each step in ``scope``, which is in the step's
-    run's scopes while the step runs: only a run that ends cancels it, and an ended
-    run's routing gives no step, so nothing is carried on in a cancelled scope.
+    is full, holding no slot). Every step that follows is of the same run, whose
+    scopes hold ``scope`` meanwhile: only the run's end cancels it, and an ended run's
+    routing gives no step, so nothing is carried on in a cancelled scope.
     """
-    while True:
-        actor = step.actor
-        scopes = step.run.scopes
-        scopes.append(scope)
-        try:
-            following = await actor.handle(step)
-        finally:
-            scopes.remove(scope)
-            actor.release()
-        if not following:
-            return
-        for other in following[:-1]:
-            await other.actor.send(other)
-        step = following[-1]
-        # The caller of engine.run may have been cancelled during the step, with no
-        # checkpoint since: the next step must not start.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not step.actor.idle:
-            await step.actor.send(step)
-            return
-        step.actor.enter()
+    scopes = step.run.scopes
+    scopes.append(scope)
+    try:
+        while True:
+            actor = step.actor
+            try:
+                following = await actor.handle(step)
+            finally:
+                actor.release()
+            if not following:
+                return
+            step = following.pop()
+            for other in following:
+                await other.actor.send(other)
+            # The caller of engine.run may have been cancelled during the step, with no
+            # checkpoint since: the next step must not start.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if not step.actor.idle:
+                await step.actor.send(step)
+                return
+            step.actor.enter()
+    finally:
+        scopes.remove(scope)

@@ -25,6 +25,7 @@ from cosmoflow_actors.errors import CosmoFlowError, MaxStepsExceeded, NoRouteErr
 from cosmoflow_actors.flow import END, Flow, FlowResult, Route, Target
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.messages import (
+    FlowEnded,
     Outcome,
     Reply,
     Routing,
@@ -46,6 +47,20 @@ class Router(Actor[Routing]):
     def __init__(self, node_actor: NodeLookup, mailbox_size: int) -> None:
         super().__init__("router", mailbox_size, 1)
         self._node_actor = node_actor
+        self._hops: dict[tuple[Flow, str, str], NodeActor] = {}
+        """The plain hops of the flows learnt: (flow, node, action) → the next node's
+        actor (see :meth:`_plain_hop`)."""
+
+    def learn(self, flow: Flow) -> None:
+        """Record the plain hops of ``flow``, whose node actors exist: each action of a
+        node that has one route, unconditional, to a node of ``flow`` that is neither a
+        join nor a nested flow. Never blocks."""
+        for (source, action), routes in flow.route_table().items():
+            if len(routes) != 1 or routes[0].when is not None:
+                continue
+            target = routes[0].target
+            if isinstance(target, str) and _plain_node(flow, target):
+                self._hops[flow, source, action] = self._node_actor(flow, target)
 
     async def route(self, outcome: Outcome) -> list[Step]:
         """Route ``outcome``; return the steps the branch goes on with (send each to
@@ -64,22 +79,20 @@ class Router(Actor[Routing]):
         """Direct dispatch: route ``outcome`` in the caller's task.
 
         Invariant: the caller found the router idle and the run is not durable, so
-        deciding and ending the run never wait; no other outcome can be handled in
-        between, and the result is the one the router's task would give. Never blocks.
+        deciding and ending the run never wait; no other outcome can be handled, or
+        queued, in between, so the serial order holds without the router's slot being
+        taken, and the result is the one the router's task would give. Never blocks.
         """
-        self.enter()
-        try:
-            decision = self._decide(outcome)
-            if isinstance(decision, list):
-                return decision
-            run = outcome.run
-            if isinstance(decision, FlowResult):
-                run.succeed(decision)
-            else:
-                run.fail(decision)
-            return []
-        finally:
-            self.leave()
+        self.messages_processed += 1
+        decision = self._decide(outcome)
+        if isinstance(decision, list):
+            return decision
+        run = outcome.run
+        if isinstance(decision, FlowResult):
+            run.succeed(decision)
+        else:
+            run.fail(decision)
+        return []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Route queued outcomes until cancelled, all that wait before yielding again."""
@@ -113,15 +126,36 @@ class Router(Actor[Routing]):
             return []
         if isinstance(outcome, StepFailed):
             return outcome.error
-        decision = _Decision(self, run)
         try:
             if isinstance(outcome, StepDone):
-                decision.advance(outcome.branch, outcome.node_id, outcome.action, outcome.values)
-            else:
-                decision.end_frame(outcome.branch, outcome.node_id, outcome.action, outcome.values)
+                hop = self._plain_hop(outcome)
+                if hop is not None:
+                    return [hop]
+            decision = _Decision(self, run)
+            decision.follow(outcome)
         except CosmoFlowError as exc:
             return exc
         return decision.result if decision.result is not None else decision.steps
+
+    def _plain_hop(self, outcome: StepDone) -> Step | None:
+        """The next step when ``outcome`` takes a plain hop (see :meth:`learn`) from
+        its run's top flow; else None. Raises MaxStepsExceeded as :func:`enter` does.
+
+        Invariant: for a plain hop :class:`_Decision` would find the one route, take
+        it (no condition, no join, no nested flow to enter or leave) and :func:`enter`
+        the node; this moves the branch there and counts the step the same way.
+        """
+        branch = outcome.branch
+        frames = branch.frames
+        action = outcome.action
+        if len(frames) != 1 or action.is_complete:
+            return None
+        frame = frames[0]
+        actor = self._hops.get((frame.flow, outcome.node_id, action.name))
+        if actor is None:
+            return None
+        frame.node_id = actor.node_id
+        return counted_step(outcome.run, branch, action.params, actor)
 
     def entry(self, flow: Flow) -> NodeActor:
         """The node actor where runs of ``flow`` start (inside nested start flows)."""
@@ -144,6 +178,14 @@ class _Decision:
         self.run = run
         self.steps: list[Step] = []
         self.result: FlowResult | None = None
+
+    def follow(self, outcome: StepDone | FlowEnded) -> None:
+        """Move the outcome's branch on: from its step, or from the end of its flow."""
+        args = (outcome.branch, outcome.node_id, outcome.action, outcome.values)
+        if isinstance(outcome, StepDone):
+            self.advance(*args)
+        else:
+            self.end_frame(*args)
 
     def advance(
         self, branch: Branch, node_id: str, action: Action, values: Mapping[str, Any]
@@ -237,6 +279,14 @@ def enter(
         frame = Frame(node, node.start_id)
         branch.frames.append(frame)
         node = node.nodes[node.start_id]
+    return counted_step(run, branch, params, node_actor(frame.flow, frame.node_id))
+
+
+def counted_step(run: Run, branch: Branch, params: Mapping[str, Any], actor: NodeActor) -> Step:
+    """Count the step of ``branch``, which is at ``actor``'s node, and return it.
+
+    Raises MaxStepsExceeded when the step would exceed a flow's ``max_steps``.
+    """
     run.steps += 1
     branch.count += 1
     if run.steps > run.flow.max_steps:
@@ -246,7 +296,7 @@ def enter(
         if inner.steps > inner.flow.max_steps:
             raise MaxStepsExceeded(inner.flow.max_steps, run.path)
     run.durability.entered(branch, params)
-    return Step(run, branch, params, node_actor(frame.flow, frame.node_id))
+    return Step(run, branch, params, actor)
 
 
 def condition_keys(flow: Flow) -> frozenset[str]:
@@ -261,6 +311,11 @@ def condition_keys(flow: Flow) -> frozenset[str]:
         if isinstance(node, Flow):
             keys |= condition_keys(node)
     return keys
+
+
+def _plain_node(flow: Flow, node_id: str) -> bool:
+    """Whether ``node_id`` is a node of ``flow`` that is neither a join nor a flow."""
+    return node_id not in flow.joins and not isinstance(flow.nodes[node_id], Flow)
 
 
 def _joins_here(branch: Branch, flow: Flow, target: str) -> bool:

@@ -100,17 +100,16 @@ class StoreActor(Actor[StoreRequest]):
         """Direct dispatch: handle one request on a memory storage in the caller's task.
 
         Invariant: the caller found the actor idle (no slot taken, nothing queued), and a
-        memory storage's handlers never wait, so no other request can run in between:
-        the actor's serial order holds, and the answer is what :meth:`request` would
-        give through the mailbox (the same handlers answer there). Never blocks.
+        memory storage's handlers never wait, so no other request can run in between
+        and none can be queued meanwhile: the actor's serial order holds without its
+        slot being taken, and the answer is what :meth:`request` would give through the
+        mailbox (the same handlers answer there). Never blocks.
         """
-        self.enter()
+        self.messages_processed += 1
         try:
             return _MEMORY[op](storage.data, key, argument)
         except _Refused as refused:
             raise refused.error from refused.error.__cause__
-        finally:
-            self.leave()
 
     async def records(self, storage: Storage) -> dict[str, Any]:
         """Every run record in ``storage``, by key."""

@@ -17,7 +17,7 @@ import builtins
 import inspect
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import CoroutineType
-from typing import TYPE_CHECKING, Any, Final, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, final, overload
 
 import msgspec
 
@@ -25,9 +25,9 @@ from cosmoflow_actors.errors import StorageError, StoreKeyError, StoreTypeError
 from cosmoflow_actors.runtime.messages import StoreOp
 from cosmoflow_actors.storage.base import StagedOp, check_user_key
 from cosmoflow_actors.storage.codec import check_key
+from cosmoflow_actors.storage.memory import MemoryStorage
 
 if TYPE_CHECKING:
-    from cosmoflow_actors.runtime.store_actor import StoreActor
     from cosmoflow_actors.storage.base import Storage
 
 T = TypeVar("T")
@@ -44,6 +44,25 @@ MISSING: Final[Any] = _Missing()
 """Marks an absent default."""
 
 
+class StoreService(Protocol):
+    """What a SharedStore sends its calls to: the store actor (or :class:`Unreachable`)."""
+
+    async def request(self, op: StoreOp, storage: Storage, key: str, argument: Any) -> Any:
+        """Have ``op`` done on ``storage``; return its answer or raise its error."""
+
+
+class Unreachable:
+    """The service of a detached handle: every call raises StorageError naming the
+    store (exec in a thread, a process or on Ray has no store access)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def request(self, op: StoreOp, storage: Storage, key: str, argument: Any) -> Any:
+        """Raise StorageError. Never blocks."""
+        raise StorageError(f"{self.name} is not reachable here: use the store in prep and post")
+
+
 class SharedStore:
     """A run's view of its storage; all access goes through the store actor.
 
@@ -54,37 +73,50 @@ class SharedStore:
     mailbox is full and until the actor has committed it.
     """
 
-    __slots__ = ("_actor", "_made", "_storage", "name")
+    __slots__ = ("_made", "_service", "_storage", "name")
 
-    def __init__(self, actor: StoreActor | None, storage: Storage | None, name: str) -> None:
-        self._actor = actor
+    def __init__(
+        self,
+        service: StoreService,
+        storage: Storage,
+        name: str,
+        made: list[Coroutine[Any, Any, Any]] | None = None,
+    ) -> None:
+        self._service = service
         self._storage = storage
-        self._made: list[Coroutine[Any, Any, Any]] | None = None
+        self._made = made
         self.name = name
 
     def for_step(self) -> SharedStore:
         """A handle on the same storage that remembers the calls it makes, for
-        :meth:`unawaited` (one per step)."""
-        handle = SharedStore(self._actor, self._storage, self.name)
-        handle._made = []
-        return handle
+        :meth:`all_awaited` (one per step)."""
+        return SharedStore(self._service, self._storage, self.name, [])
 
-    def unawaited(self) -> list[str]:
-        """The calls made through this step handle since the last check that were never
-        awaited, described as ``"set('k')"``; each is closed (it will never run).
+    def all_awaited(self) -> bool:
+        """Whether every call made through this step handle since the last check has
+        been awaited (a call still running counts as awaited); if so, forget them.
 
-        Empty for a handle that does not remember its calls. Never blocks.
+        Always true for a handle that does not remember its calls. Never blocks.
         """
         made = self._made
         if not made:
-            return []
-        # A call that ran to its end has no frame left: only the others need a look.
-        lost = [
-            call
-            for call in made
-            if getattr(call, "cr_frame", None) is not None
-            and inspect.getcoroutinestate(call) == "CORO_CREATED"
-        ]
+            return True
+        for call in made:
+            # A call that ran to its end has no frame left: only the others need a look.
+            if (
+                getattr(call, "cr_frame", None) is not None
+                and inspect.getcoroutinestate(call) == "CORO_CREATED"
+            ):
+                return False
+        made.clear()
+        return True
+
+    def unawaited(self) -> list[str]:
+        """The calls made through this step handle since the last check that were never
+        awaited, described as ``"set('k')"``; each is closed (it will never run), and
+        all are forgotten. Never blocks."""
+        made = self._made or []
+        lost = [call for call in made if inspect.getcoroutinestate(call) == "CORO_CREATED"]
         made.clear()
         described = [_describe(call) for call in lost]
         for call in lost:
@@ -93,25 +125,17 @@ class SharedStore:
 
     def detached(self) -> SharedStore:
         """A handle that refuses every call (for exec in a thread or a process)."""
-        return SharedStore(None, None, self.name)
+        return SharedStore(Unreachable(self.name), self._storage, self.name)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (for a worker process) it becomes a detached handle."""
-        return (SharedStore, (None, None, self.name))
+        return (_detached, (self.name,))
 
     def _made_now(self, call: Call[T]) -> Call[T]:
         """Remember ``call`` in a step handle; return it unchanged."""
         if self._made is not None:
             self._made.append(call)
         return call
-
-    async def _request(self, op: StoreOp, key: str = "", argument: Any = None) -> Any:
-        """One request to the store actor: handled now if it is idle and its handler
-        for the backend never waits, else through its mailbox."""
-        actor = self._actor
-        if actor is None or self._storage is None:
-            raise StorageError(f"{self.name} is not reachable here: use the store in prep and post")
-        return await actor.request(op, self._storage, key, argument)
 
     # The public methods make the coroutine of the call and remember it in a step
     # handle; the ``_``-prefixed coroutines do the work (StagedStore overrides them).
@@ -192,40 +216,44 @@ class SharedStore:
         return self._made_now(self._set_many(items))
 
     async def _get(self, key: str, default: Any, type: Any) -> Any:
-        value = await self._request(StoreOp.GET, key, default)
+        value = await self._service.request(StoreOp.GET, self._storage, key, default)
+        if type is None:
+            return value
         return _typed(key, value, default, type)
 
     async def _set(self, key: str, value: Any) -> None:
-        await self._request(StoreOp.SET, key, value)
+        await self._service.request(StoreOp.SET, self._storage, key, value)
 
     async def _update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
-        return await self._request(StoreOp.UPDATE, key, (function, default))
+        return await self._service.request(StoreOp.UPDATE, self._storage, key, (function, default))
 
     async def _delete(self, key: str) -> bool:
-        existed: bool = await self._request(StoreOp.DELETE, key)
+        existed: bool = await self._service.request(StoreOp.DELETE, self._storage, key, None)
         return existed
 
     async def _contains(self, key: str) -> bool:
-        found: bool = await self._request(StoreOp.CONTAINS, key)
+        found: bool = await self._service.request(StoreOp.CONTAINS, self._storage, key, None)
         return found
 
     async def _keys(self) -> list[str]:
-        keys: list[str] = await self._request(StoreOp.KEYS)
+        keys: list[str] = await self._service.request(StoreOp.KEYS, self._storage, "", None)
         return keys
 
     async def _size(self) -> int:
-        size: int = await self._request(StoreOp.SIZE)
+        size: int = await self._service.request(StoreOp.SIZE, self._storage, "", None)
         return size
 
     async def _clear(self) -> None:
-        await self._request(StoreOp.CLEAR)
+        await self._service.request(StoreOp.CLEAR, self._storage, "", None)
 
     async def _get_many(self, keys: list[str]) -> dict[str, Any]:
-        found: dict[str, Any] = await self._request(StoreOp.GET_MANY, argument=keys)
+        found: dict[str, Any] = await self._service.request(
+            StoreOp.GET_MANY, self._storage, "", keys
+        )
         return found
 
     async def _set_many(self, items: dict[str, Any]) -> None:
-        await self._request(StoreOp.SET_MANY, argument=items)
+        await self._service.request(StoreOp.SET_MANY, self._storage, "", items)
 
     def __repr__(self) -> str:
         return f"<SharedStore {self.name}>"
@@ -242,8 +270,7 @@ class StagedStore(SharedStore):
     __slots__ = ("_cleared", "_values", "ops")
 
     def __init__(self, base: SharedStore) -> None:
-        super().__init__(base._actor, base._storage, base.name)
-        self._made = []
+        super().__init__(base._service, base._storage, base.name, [])
         self._values: dict[str, Any] = {}
         self._cleared = False
         self.ops: list[StagedOp] = []
@@ -320,8 +347,16 @@ class StagedStore(SharedStore):
             self._stage(("set", key, value), key, value)
 
 
+_NOWHERE: Final = MemoryStorage()
+"""The storage of an unpickled detached handle, which no call reaches."""
+
 _ABSENT: Final[Any] = object()
 _UNKNOWN: Final[Any] = object()
+
+
+def _detached(name: str) -> SharedStore:
+    """A detached handle on the store ``name`` (what a pickled SharedStore becomes)."""
+    return SharedStore(Unreachable(name), _NOWHERE, name)
 
 
 def _typed(key: str, value: Any, default: Any, expected: Any) -> Any:
