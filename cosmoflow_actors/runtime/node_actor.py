@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import outcome
 import trio
@@ -85,6 +85,8 @@ class NodeActor(Actor[Step]):
         limit or a timeout to apply around it (chosen once, here)."""
         if self.rate is not None or node.timeout is not None:
             self._attempt = self._limited_attempt
+        self.batch = isinstance(node, BatchNode | BatchFlow)
+        """Whether exec runs once per item (or child run) prep returns."""
         self._run_child = run_child
         self._events = events if events is not None else EventHub()
         self._nursery: trio.Nursery | None = None
@@ -149,20 +151,24 @@ class NodeActor(Actor[Step]):
         if queued is not None:
             self._dispatch(queued)
 
-    async def _work(self, step: Step) -> None:
-        """A worker: carries steps (see :func:`carry`), then parks here until given
-        another; exits when KEEP_IDLE others are parked. Each stretch of steps runs in
-        a cancel scope that a run cancelled mid-step cancels; the next gets a new one.
-        """
-        while True:
+    async def _work(self, first: Step) -> None:
+        """A worker: carries steps (see :func:`carry`), parked between them; exits when
+        KEEP_IDLE others are parked. Its steps run in one cancel scope until the end of
+        a run cancels it during a step of that run; the next step gets a new one."""
+        step: Step | None = first
+        while step is not None:
             with trio.CancelScope() as scope:
-                await carry(step, scope)
-            if len(self._parked) >= KEEP_IDLE:
-                return
-            step = await self._park()
+                while step is not None:
+                    await carry(step, scope)
+                    step = await self._park()
+            if step is not None:
+                step = await self._park()
 
-    async def _park(self) -> Step:
-        """Wait, parked, until :meth:`_dispatch` gives this worker a step."""
+    async def _park(self) -> Step | None:
+        """Wait, parked, until :meth:`_dispatch` gives this worker a step; None, at
+        once, when KEEP_IDLE workers are parked already."""
+        if len(self._parked) >= KEEP_IDLE:
+            return None
         task = trio.lowlevel.current_task()
         self._parked.append(task)
 
@@ -173,10 +179,15 @@ class NodeActor(Actor[Step]):
         step: Step = await trio.lowlevel.wait_task_rescheduled(unpark)
         return step
 
-    async def handle(self, step: Step) -> list[Step]:
-        """Run ``step`` (its slot taken) and route its outcome; return the steps its
-        branch goes on with. A cancelled step raises trio.Cancelled and routes nothing.
-        Waits first while a lossless event stream is full."""
+    async def handle(self, step: Step, scope: trio.CancelScope) -> list[Step]:
+        """Run ``step`` (its slot taken) in ``scope`` and route its outcome; return the
+        steps its branch goes on with. Waits first while a lossless event stream is
+        full.
+
+        ``scope`` is in the run's scopes while the step runs: if the run ends meanwhile
+        (another branch failed, it was cancelled), the step is cancelled, raises
+        trio.Cancelled and routes nothing.
+        """
         events = self._events
         if events.congested:
             await events.wait_for_room()
@@ -186,11 +197,16 @@ class NodeActor(Actor[Step]):
         run.start()
         run.path.append(self.node_id)
         ctx = self._context(step)
-        if events.active:
-            outcome = await self._observed_outcome(step, ctx)
-        else:
-            outcome = await self._outcome(step, ctx)
-        return await self._router.route(outcome)
+        scopes = run.scopes
+        scopes.append(scope)
+        try:
+            if events.active:
+                outcome = await self._observed_outcome(step, ctx)
+            else:
+                outcome = await self._outcome(step, ctx)
+        finally:
+            scopes.remove(scope)
+        return await self._router.route(outcome, scope)
 
     async def _outcome(self, step: Step, ctx: ExecutionContext) -> StepDone | StepFailed:
         """Run prep, exec and post, read the route conditions' values and commit a
@@ -247,11 +263,12 @@ class NodeActor(Actor[Step]):
         node = self.node
         store = ctx.store
         prep_res = await self._user_call("prep", ctx, node.prep, store, ctx)
-        if isinstance(node, BatchNode | BatchFlow):
+        if self.batch:
             exec_res = await self._exec_batch(run, prep_res, ctx)
         else:
             exec_res = await self._exec(prep_res, ctx)
-        self._check_awaited("exec", ctx)
+        if not store.all_awaited():
+            self._lost_calls("exec", ctx)
         post_res = await self._user_call("post", ctx, node.post, store, prep_res, exec_res, ctx)
         action = as_action(post_res, self.node_id)
         if action.is_conditional:
@@ -268,13 +285,12 @@ class NodeActor(Actor[Step]):
                 result = await result
         except Exception as exc:
             raise NodeError(self.node_id, phase, ctx.run_id, 1) from exc
-        self._check_awaited(phase, ctx)
+        if not ctx.store.all_awaited():
+            self._lost_calls(phase, ctx)
         return result
 
-    def _check_awaited(self, phase: str, ctx: ExecutionContext) -> None:
-        """Fail the step if a store call made in ``phase`` was never awaited."""
-        if ctx.store.all_awaited():
-            return
+    def _lost_calls(self, phase: str, ctx: ExecutionContext) -> NoReturn:
+        """Fail the step: store calls made in ``phase`` were never awaited."""
         calls = ", ".join(f"store.{call}" for call in ctx.store.unawaited())
         error = RuntimeError(
             f"{calls} in {phase} of node {self.node_id!r} was never awaited "
@@ -446,30 +462,24 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
     it while their node is idle (hand-off: this task takes that node's slot).
 
     Steps that cannot be handed off are sent to their actors (blocks while a mailbox
-    is full, holding no slot). Every step that follows is of the same run, whose
-    scopes hold ``scope`` meanwhile: only the run's end cancels it, and an ended run's
-    routing gives no step, so nothing is carried on in a cancelled scope.
+    is full, holding no slot). Each step runs in ``scope`` (see
+    :meth:`NodeActor.handle`), so nothing is carried on once the run has ended.
     """
-    scopes = step.run.scopes
-    scopes.append(scope)
-    try:
-        while True:
-            actor = step.actor
-            try:
-                following = await actor.handle(step)
-            finally:
-                actor.release()
-            if not following:
-                return
-            step = following.pop()
-            for other in following:
-                await other.actor.send(other)
-            # The caller of engine.run may have been cancelled during the step, with no
-            # checkpoint since: the next step must not start.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            if not step.actor.idle:
-                await step.actor.send(step)
-                return
-            step.actor.enter()
-    finally:
-        scopes.remove(scope)
+    while True:
+        actor = step.actor
+        try:
+            following = await actor.handle(step, scope)
+        finally:
+            actor.release()
+        if not following:
+            return
+        step = following.pop()
+        for other in following:
+            await other.actor.send(other)
+        # The caller of engine.run may have been cancelled during the step, with no
+        # checkpoint since: the next step must not start.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not step.actor.idle:
+            await step.actor.send(step)
+            return
+        step.actor.enter()

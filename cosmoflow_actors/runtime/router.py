@@ -62,18 +62,27 @@ class Router(Actor[Routing]):
             if isinstance(target, str) and _plain_node(flow, target):
                 self._hops[flow, source, action] = self._node_actor(flow, target)
 
-    async def route(self, outcome: Outcome) -> list[Step]:
+    async def route(self, outcome: Outcome, scope: trio.CancelScope | None = None) -> list[Step]:
         """Route ``outcome``; return the steps the branch goes on with (send each to
         its actor). Ends the run when the outcome ends it.
 
         Handled at once by :meth:`route_now` when it may; else queued, and answered
-        by the router's task (blocks until then; a checkpoint).
+        by the router's task (blocks until then; a checkpoint). While it waits,
+        ``scope`` (the one its step ran in) is in the run's scopes: if the run ends
+        meanwhile, the wait is cancelled.
         """
-        if self.idle and not outcome.run.durability.durable:
+        run = outcome.run
+        if self.idle and not run.durability.durable:
             return self.route_now(outcome)
         reply: Reply[list[Step]] = Reply()
-        await self.mailbox.put(Routing(outcome, reply))
-        return await reply.wait()
+        if scope is not None:
+            run.scopes.append(scope)
+        try:
+            await self.mailbox.put(Routing(outcome, reply))
+            return await reply.wait()
+        finally:
+            if scope is not None:
+                run.scopes.remove(scope)
 
     def route_now(self, outcome: Outcome) -> list[Step]:
         """Direct dispatch: route ``outcome`` in the caller's task.
