@@ -613,3 +613,29 @@ async def test_a_run_cancelled_while_it_waits_for_the_next_node_never_enters_it(
         assert_no_slot_taken(engine)
     assert second.entered == ["holder", "after"]
     assert data == {"prep:holder": True, "prep:after": True}
+
+
+class HoldsRun(cf.Node):
+    """exec waits forever in the runs named ``held-*``; passes a checkpoint and returns
+    1 in the others."""
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> int:
+        if ctx.run_id.startswith("held-"):
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+        return 1
+
+
+async def test_workers_whose_step_a_run_end_cancelled_run_later_steps_uncancelled() -> None:
+    """A worker's cancel scope is cancelled when a run ends during its step; the worker
+    then takes later runs' steps in a new scope: they all succeed."""
+    flow = single(HoldsRun(max_concurrency=3))
+    async with cf.open_engine() as engine:
+        held = [await engine.start_run(flow, {}, run_id=f"held-{i}") for i in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        for run in held:
+            run.cancel()
+        later = [await engine.start_run(flow, {}) for _ in range(20)]
+        results = [await run.wait() for run in later]
+    assert [result.execution_path for result in results] == [("only",)] * 20
+    assert [run.current_state for run in held] == [cf.RunState.CANCELLED] * 3

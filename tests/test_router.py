@@ -658,3 +658,90 @@ async def test_a_run_cancelled_while_its_outcome_waits_for_the_router_goes_no_fu
         assert [entry for entry in busy if entry[1] or entry[2]] == []
     assert doomed.current_state is cf.RunState.CANCELLED
     assert data == {"seen": ["a", "a", "b"]}
+
+
+class StepLog(cf.Node):
+    """Records (node, step number, params) and returns ``action``."""
+
+    def __init__(self, action: cf.Action | str | None = None) -> None:
+        self.action = action
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> Any:
+        entry = [ctx.node_id, ctx.execution_id, dict(ctx.params)]
+        await store.update("log", lambda log: [*log, entry], default=[])
+        return self.action
+
+
+def plain_hop_flows() -> dict[str, cf.Flow]:
+    """Flows whose steps take plain hops, with params, loops and a step cap."""
+    return {
+        "chain": cf.Flow.builder("hop-chain")
+        .add_node("a", StepLog(cf.Action.with_params("next", n=1)))
+        .add_node("b", StepLog("next"))
+        .add_node("c", StepLog())
+        .add_route("a", "b", "next")
+        .add_route("b", "c", "next")
+        .build(),
+        "capped loop": cf.Flow.builder("hop-loop")
+        .add_node("a", StepLog("again"))
+        .add_route("a", "a", "again")
+        .max_steps(5)
+        .build(),
+    }
+
+
+async def test_a_plain_hop_routes_as_the_full_decision() -> None:
+    """The same runs with the router's plain hops and with every outcome given the full
+    decision (its table emptied): the same results, steps, execution ids and params."""
+
+    async def outcome(engine: cf.Engine, flow: cf.Flow) -> tuple[Any, ...]:
+        data: dict[str, Any] = {}
+        try:
+            result = await engine.run(flow, data, run_id=flow.name)
+        except cf.CosmoFlowError as exc:
+            return (type(exc).__name__, str(exc), data["log"])
+        return (result.final_action, result.execution_path, result.steps_executed, data["log"])
+
+    async with cf.open_engine() as engine:
+        flows = plain_hop_flows()
+        with_hops = {name: await outcome(engine, flow) for name, flow in flows.items()}
+        assert len(engine._router._hops) == 3
+        engine._router._hops.clear()
+        full = {name: await outcome(engine, flow) for name, flow in flows.items()}
+    assert with_hops == full
+    assert [(node, step, params) for node, step, params in full["chain"][3]] == [
+        ("a", "hop-chain:1", {}),
+        ("b", "hop-chain:2", {"n": 1}),
+        ("c", "hop-chain:3", {}),
+    ]
+    assert full["capped loop"][0] == "MaxStepsExceeded"
+
+
+async def test_the_router_learns_only_plain_hops() -> None:
+    """A conditional route, a route with two choices, a join and a nested flow are not
+    plain hops."""
+    inner = cf.Flow.builder("inner").add_node("x", Recorder()).build()
+    flow = (
+        cf.Flow.builder("mixed")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_node("c", Recorder())
+        .add_join("j", Recorder())
+        .add_node("inner", inner)
+        .add_route("a", ["b", "c"], "split")
+        .add_route("b", "j")
+        .add_route("c", "j")
+        .add_route("a", "b", "maybe", when=cf.ActionCondition.key_exists("k"))
+        .add_route("a", "c", "maybe")
+        .add_route("a", "inner", "deep")
+        .add_route("inner", "b", "default")
+        .add_route("j", "c", "on")
+        .build()
+    )
+    async with cf.open_engine() as engine:
+        await engine.start_run(flow, {})
+        learnt = engine._router._hops.items()
+        hops = {(node, action): actor.node_id for (f, node, action), actor in learnt if f is flow}
+    assert hops == {("inner", "default"): "b", ("j", "on"): "c"}
