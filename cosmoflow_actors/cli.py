@@ -63,6 +63,7 @@ from cosmoflow_actors.runtime.queue import (
     DEFAULT_LEASE,
     QueuedRun,
     RunQueue,
+    leases_checked,
     per_run_redis,
     queue_status,
     submit,
@@ -755,22 +756,28 @@ def _inspect_command(args: argparse.Namespace) -> int:
 
 
 async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
-    """Every key and value of ``storage`` and its durable runs, read through an engine.
+    """Every key and value of ``storage`` and its durable runs, read through an engine;
+    the runs of a queue's workers with their leases, where the store can tell (see
+    ``leases_checked``).
 
     The engine closes the store once it is read (a FileStorage folds its journal into
     its snapshot then; the data stays the same).
     """
     async with open_engine() as engine:
         await _open_store(engine, storage)
-        return await _contents(engine, storage), await engine.list_runs(storage)
+        contents = await _contents(engine, storage)
+        runs = await engine.list_runs(storage)
+    return contents, await leases_checked(storage, runs)
 
 
 def _runs_table(runs: list[RunRecord]) -> Table:
     table = Table(title=f"runs ({len(runs)})", title_justify="left")
-    for column in ("run id", "flow", "state", "last node", "steps"):
+    for column in ("run id", "flow", "state", "last node", "steps", "owner", "lease left"):
         table.add_column(column)
     for run in runs:
-        table.add_row(run.run_id, run.flow_name, run.state, run.last_node_id or "-", str(run.steps))
+        lease = "-" if run.lease_left is None else f"{run.lease_left:.1f} s"
+        cells = (run.state, run.last_node_id or "-", str(run.steps), run.owner or "-", lease)
+        table.add_row(run.run_id, run.flow_name, *cells)
     return table
 
 

@@ -656,6 +656,9 @@ def test_inspect_lists_the_durable_runs_of_a_store(
             "state": "succeeded",
             "last_node_id": "b",
             "steps": 2,
+            "owner": None,
+            "queue": None,
+            "lease_left": None,
         }
     ]
     assert main(["inspect", f"file:{path}"]) == 0
@@ -708,9 +711,10 @@ def test_a_worker_process_runs_the_submitted_runs(
     redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     queue = f"{redis_server.url}/{unique_namespace()}"
+    store = f"{redis_server.url}#{unique_namespace()}"
     hello = str(EXAMPLES / "hello_world.py")
     command = [sys.executable, "-m", "cosmoflow_actors", "worker", hello, "--queue", queue]
-    command += ["--store", f"{redis_server.url}#{unique_namespace()}", "--name", "w1"]
+    command += ["--store", store, "--name", "w1"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as worker:
         assert worker.stdout is not None
         assert worker.stdout.readline().startswith("worker w1 serving ")
@@ -721,6 +725,10 @@ def test_a_worker_process_runs_the_submitted_runs(
     assert (done.result, done.worker) == ("HELLO, WORLD!", "w1")
     assert main(["status", "--queue", queue]) == 0
     assert table_row(capsys.readouterr().out, run_id)[2:4] == ["succeeded", "w1"]
+    assert main(["inspect", f"{store}/{run_id}", "--json"]) == 0
+    [record] = json.loads(capsys.readouterr().out)["runs"]
+    assert (record["run_id"], record["state"], record["owner"]) == (run_id, "succeeded", "w1")
+    assert record["queue"] == queue
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.queue import RunQueue, per_run_redis
+from cosmoflow_actors.runtime.queue import RunQueue, leases_checked, per_run_redis
 from tests.storage_suite import RedisServer, free_port
 
 ROOT = Path(__file__).parent.parent
@@ -257,6 +257,60 @@ async def test_a_lease_without_its_worker_is_shown_as_orphaned(
     )
     [status] = await cf.queue_status(queue)
     assert (status.state, status.owner, status.lease_left) == ("orphaned", "gone", None)
+
+
+async def test_the_run_record_names_the_worker_that_runs_it_and_its_lease(
+    redis_server: RedisServer,
+) -> None:
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    entered, release = trio.Event(), trio.Event()
+    GATES["owned"] = (entered, release)
+    storage = per_run_redis(store)("owned")
+    async with worker(queue, store, "w1"):
+        await cf.submit(queue, "count", run_id="owned")
+        await entered.wait()
+        [listed] = await cf.list_runs(storage)
+        [checked] = await leases_checked(storage, [listed])
+        release.set()
+        await cf.result(queue, "owned")
+    assert (listed.state, listed.owner, listed.queue) == ("running", "w1", queue.address)
+    assert listed.lease_left is None  # the record alone does not know the lease
+    assert (checked.state, checked.owner) == ("running", "w1")
+    assert checked.lease_left is not None and 0 < checked.lease_left <= 10.0
+    [done] = await leases_checked(storage, await cf.list_runs(storage))
+    assert (done.state, done.owner, done.steps, done.lease_left) == ("succeeded", "w1", 3, None)
+
+
+async def test_a_run_whose_lease_is_gone_is_listed_as_orphaned_where_the_store_can_tell(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The lease of a run in flight disappears (as when its worker is cut off): a store
+    on the queue's server shows the run orphaned; a lease taken by another worker names
+    that worker. A store elsewhere cannot tell, and lists the run as its record says."""
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    entered, release = trio.Event(), trio.Event()
+    GATES["dropped"] = (entered, release)
+    storage = per_run_redis(store)("dropped")
+    async with worker(queue, store, "w1"):
+        await cf.submit(queue, "count", run_id="dropped")
+        await entered.wait()
+        [listed] = await cf.list_runs(storage)
+        await queue.call("DEL", queue.lease_key("dropped"))
+        [orphaned] = await leases_checked(storage, [listed])
+        await queue.call("SET", queue.lease_key("dropped"), "w2", "PX", 5000)
+        [taken] = await leases_checked(storage, [listed])
+        await queue.call("DEL", queue.lease_key("dropped"))
+        elsewhere = [
+            cf.FileStorage(tmp_path / "other.json"),
+            per_run_redis(f"redis://localhost:{redis_server.port}/0#{uuid.uuid4().hex}")("x"),
+            per_run_redis(f"{redis_server.url[:-1]}1#{uuid.uuid4().hex}")("x"),
+        ]
+        unknown = [await leases_checked(other, [listed]) for other in elsewhere]
+        release.set()
+    assert (orphaned.state, orphaned.owner, orphaned.lease_left) == ("orphaned", "w1", None)
+    assert (taken.state, taken.owner) == ("running", "w2")
+    assert taken.lease_left is not None and 0 < taken.lease_left <= 5.0
+    assert unknown == [[listed]] * 3
 
 
 async def test_a_worker_cut_off_from_redis_cancels_its_run_when_its_lease_expires(

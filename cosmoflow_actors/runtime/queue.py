@@ -22,6 +22,7 @@ Redis keys of the queue ``NAME``: ``cosmoflow:queue:NAME:stream`` (the stream),
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -35,6 +36,8 @@ import trio
 
 from cosmoflow_actors.errors import CosmoFlowError, RunConflictError, StorageError
 from cosmoflow_actors.flow import Flow, FlowResult
+from cosmoflow_actors.runtime import durability
+from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.redis import RedisStorage
 from cosmoflow_actors.tracing import describe_error
@@ -74,6 +77,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 """
 """Drop the lease KEYS[1] if it is held by ARGV[1]."""
+_LEASE = """
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
+"""The holder of the lease KEYS[1] (nil when none) and its milliseconds left."""
 _SUBMIT = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])
@@ -150,6 +157,11 @@ class RunQueue:
 
     def __repr__(self) -> str:
         return f"RunQueue({_redacted(self.url)!r}, {self.name!r})"
+
+    @property
+    def address(self) -> str:
+        """The queue's URL, ``redis://HOST:PORT[/DB]/NAME``, without a password."""
+        return f"{_redacted(self.url)}/{self.name}"
 
     def lease_key(self, run_id: str) -> str:
         """The key of ``run_id``'s lease (its value names the worker holding it)."""
@@ -285,6 +297,62 @@ async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
             )
         )
     return runs
+
+
+async def leases_checked(storage: Storage, runs: Iterable[RunRecord]) -> list[RunRecord]:
+    """``runs``, the durable runs recorded in ``storage``, with what their queue says.
+
+    A running run that a worker of a queue claimed can be checked when ``storage`` is
+    a RedisStorage on the queue's server (the same host, port and database in the
+    URLs): it gets the worker holding its lease as ``owner`` and the seconds the lease
+    has left, or the state "orphaned" when no worker holds it (the worker died, was cut
+    off or dropped the run; the queue gives it to another worker). Every other run is
+    returned as it is. Blocks while it reads the leases; raises StorageError when the
+    server cannot be reached.
+    """
+    checked = []
+    for run in runs:
+        queue = _queue_of(storage, run)
+        if queue is not None:
+            try:
+                run = await _with_lease(queue, run)
+            finally:
+                await queue.aclose()
+        checked.append(run)
+    return checked
+
+
+def _queue_of(storage: Storage, run: RunRecord) -> RunQueue | None:
+    """The queue holding the lease of ``run``, reached through ``storage``'s server;
+    None unless ``run`` is running for a queue on that server."""
+    if run.state != "running" or run.queue is None or not isinstance(storage, RedisStorage):
+        return None
+    server, _, name = run.queue.rpartition("/")
+    here = _server(storage.url)
+    if here is None or _server(server) != here:
+        return None
+    return RunQueue(storage.url, name)
+
+
+async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
+    """``run`` with its lease's holder and time left, or orphaned if it has none."""
+    holder, left_ms = await queue.script(_LEASE, [queue.lease_key(run.run_id)], [])
+    if holder is None:
+        return dataclasses.replace(run, state="orphaned", lease_left=None)
+    return dataclasses.replace(run, owner=_text(holder), lease_left=max(0, left_ms) / 1000)
+
+
+def _server(url: str) -> tuple[str, int, str] | None:
+    """The host, port and database a ``redis://`` or ``rediss://`` URL names (None for
+    another URL): two URLs naming the same ones reach the same data."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return None
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        return None
+    return parts.hostname or "localhost", port, parts.path.strip("/") or "0"
 
 
 RunStores = Callable[[str], Storage]
@@ -486,8 +554,10 @@ class _Worker:
         lease. A node's own error (StorageError included) fails the run."""
         with scope:
             try:
+                storage = self.stores(claim.run_id)
+                await self._own_record(storage, claim)
                 done = await self.engine.resume(
-                    claim.flow, self.stores(claim.run_id), run_id=claim.run_id, params=claim.params
+                    claim.flow, storage, run_id=claim.run_id, params=claim.params
                 )
             except Exception as exc:
                 if _conflict(exc) or isinstance(exc, StorageError):
@@ -495,6 +565,19 @@ class _Worker:
                 return {"state": "failed", "error": describe_error(exc)}
             return {"state": "succeeded", "error": None, "result": _result_info(done)}
         return None
+
+    async def _own_record(self, storage: Storage, claim: _Claim) -> None:
+        """Name this worker and its queue in the run's record (written first if the run
+        has none yet), so that the store tells who runs it. Blocks while ``storage``
+        opens and commits; raises StorageError when it cannot."""
+        owner = {"worker": self.name, "queue": self.queue.address}
+
+        def named(stored: Any) -> Any:
+            return durability.owned(stored, claim.run_id, claim.flow.name, claim.params, owner)
+
+        await storage.open()
+        await storage.update(durability.record_key(claim.run_id), named, None)
+        await storage.commit()
 
     async def _renew(self, run_id: str, scope: trio.CancelScope) -> None:
         """Renew the lease of ``run_id`` every third of a lease; cancel ``scope`` (the

@@ -83,6 +83,11 @@ class RedisStorage(DatabaseStorage):
         return f"RedisStorage({_redacted(self._url)!r}, namespace={self._namespace!r})"
 
     @property
+    def url(self) -> str:
+        """The URL of the server (as given, password included)."""
+        return self._url
+
+    @property
     def namespace(self) -> str:
         """The namespace: the data is in the hash ``cosmoflow:<namespace>:data``."""
         return self._namespace
