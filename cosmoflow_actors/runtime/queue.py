@@ -39,7 +39,7 @@ from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.redis import RedisStorage
+from cosmoflow_actors.storage.redis import RedisStorage, shared_client
 from cosmoflow_actors.tracing import describe_error
 
 if TYPE_CHECKING:
@@ -130,8 +130,8 @@ class RunQueue:
 
     ``lease`` is how long (seconds) a worker's claim on a run lasts without renewal:
     the time after which a dead worker's runs go to others. Every call to the server
-    runs in a worker thread; connection failures raise StorageError. Requires the
-    ``redis`` package.
+    runs in a worker thread, on a connection of the process's pool for the server;
+    connection failures raise StorageError. Requires the ``redis`` package.
     """
 
     def __init__(self, url: str, name: str, *, lease: float = DEFAULT_LEASE) -> None:
@@ -193,14 +193,17 @@ class RunQueue:
                 raise
 
     async def aclose(self) -> None:
-        """Close the connections; the next call connects again."""
-        client, self._client = self._client, None
-        if client is not None:
-            await trio.to_thread.run_sync(client.close)
+        """Let go of the server: its connections stay in the process's pool (see
+        ``RedisStorage``). Does not block."""
+        self._client = None
+        await trio.lowlevel.checkpoint()
 
     def _connected(self) -> redis.Redis:
+        """The client, on connections whose socket waits are longer than a worker's
+        longest blocking read."""
         if self._client is None:
-            self._client = _client(self.url, self.lease)
+            timeout = max(10.0, 3 * self.lease)
+            self._client = shared_client(self.url, timeout, "RunQueue")
         return self._client
 
     async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -683,19 +686,6 @@ def _text(value: bytes | str) -> str:
 def _call(client: redis.Redis, *args: Any) -> Any:
     """Send one command (blocks)."""
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def _client(url: str, lease: float) -> redis.Redis:
-    """A client for ``url`` whose socket waits are longer than a worker's longest
-    blocking read. Does not block."""
-    try:
-        import redis
-    except ImportError as exc:
-        raise StorageError(
-            "RunQueue needs the redis package: pip install 'cosmoflow-actors[redis]'"
-        ) from exc
-    timeout = max(10.0, 3 * lease)
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 def _redacted(url: str) -> str:
