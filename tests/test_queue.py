@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -332,6 +333,67 @@ async def test_a_worker_cut_off_from_redis_cancels_its_run_when_its_lease_expire
                 await trio.sleep_forever()
     elapsed = trio.current_time() - started
     assert lease <= elapsed <= lease + lease / 3
+
+
+async def persistent_redis(directory: Path, port: int) -> trio.Process:
+    """A redis-server on ``port`` that keeps its data in ``directory`` (an append-only
+    file, synced at every write), once it accepts connections."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(directory)]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    output = b""
+    while b"Ready to accept connections" not in output:
+        chunk = await process.stdout.receive_some()
+        assert chunk, f"redis-server exited before it was ready: {output!r}"
+        output += chunk
+    return process
+
+
+async def killed(process: trio.Process) -> None:
+    """SIGKILL ``process`` (unless it has exited) and wait for it."""
+    if process.returncode is None:
+        process.kill()
+    await process.wait()
+    assert process.stdout is not None
+    await process.stdout.aclose()
+
+
+async def test_runs_go_on_after_redis_restarts_and_every_step_is_committed_once(
+    tmp_path: Path,
+) -> None:
+    """redis-server is SIGKILLed while a worker runs runs (four of them held in step a)
+    and started again on the same port and data: every run succeeds, and each of its
+    steps is committed once."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    queue, store = RunQueue(url, "restart", lease=1.0), f"{url}#runs"
+    run_ids = [f"restart-{n:02}" for n in range(12)]
+    gates = {run_id: (trio.Event(), trio.Event()) for run_id in run_ids[:4]}
+    GATES.update(gates)
+    servers = [await persistent_redis(tmp_path, port)]
+    try:
+        async with worker(queue, store, "w1", concurrency=8):
+            for run_id in run_ids:
+                await cf.submit(queue, "count", run_id=run_id)
+            for entered, _ in gates.values():
+                await entered.wait()
+            await killed(servers[0])
+            servers.append(await persistent_redis(tmp_path, port))
+            for _, release in gates.values():
+                release.set()
+            results = [await cf.result(queue, run_id) for run_id in run_ids]
+        stored = [await counts(store, run_id) for run_id in run_ids]
+        statuses = await cf.queue_status(queue)
+    finally:
+        for server in servers:
+            await killed(server)
+    assert [done.result for done in results] == [f"done {run_id}" for run_id in run_ids]
+    assert stored == [{"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}] * len(run_ids)
+    assert {run.state for run in statuses} == {"succeeded"}
 
 
 WORKER_FLOW = '''
