@@ -41,6 +41,7 @@ from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.redis import RedisStorage, shared_client
 from cosmoflow_actors.tracing import describe_error
+from cosmoflow_actors.validation import require_positive
 
 if TYPE_CHECKING:
     import redis
@@ -386,8 +387,7 @@ async def serve(
     """Run the runs of ``queue`` on ``engine``, at most ``concurrency`` at once, until
     cancelled (see :meth:`Engine.serve`). Reports the worker's name to ``task_status``
     once it reads the queue."""
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    require_positive("concurrency", concurrency)
     worker = _Worker(
         engine,
         as_queue(queue),
