@@ -731,6 +731,42 @@ def test_a_worker_process_runs_the_submitted_runs(
     assert record["queue"] == queue
 
 
+async def passed_over(queue: str) -> None:
+    """Return once a worker has passed a run of ``queue`` over (read every 20 ms);
+    raise TooSlowError after 10 s."""
+    with trio.fail_after(10):
+        while True:
+            if any(run.passed_over for run in await cf.queue_status(queue)):
+                return
+            await trio.sleep(0.02)
+
+
+def test_status_names_the_workers_that_passed_a_run_over(
+    redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker serving only another flow leaves the run pending, and says so."""
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    hello = str(EXAMPLES / "hello_world.py")
+    command = [sys.executable, "-m", "cosmoflow_actors", "worker", hello, "--queue", queue]
+    command += ["--store", f"{redis_server.url}#{unique_namespace()}", "--name", "w1"]
+    assert main(["submit", str(counter_file), "--queue", queue, "--run-id", "job-1"]) == 0
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as worker:
+        try:
+            assert worker.stdout is not None
+            assert worker.stdout.readline().startswith("worker w1 serving ")
+            trio.run(passed_over, queue)
+        finally:
+            worker.terminate()
+    capsys.readouterr()
+    assert main(["status", "--queue", queue]) == 0
+    out = capsys.readouterr().out
+    assert "1 pending, 0 running" in out
+    assert "1 wait for a worker with their flow (passed over by w1)" in out
+    assert main(["status", "--queue", queue, "--json"]) == 0
+    [run] = json.loads(capsys.readouterr().out)
+    assert (run["state"], run["passed_over"]) == ("pending", ["w1"])
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -740,6 +776,10 @@ def test_a_worker_process_runs_the_submitted_runs(
         (
             ["worker", "FILE", "--queue", "redis://h/q", "--store", "redis://h", "--lease", "0"],
             "--lease must be > 0",
+        ),
+        (
+            ["worker", "FILE", "--queue", "redis://h/q", "--store", "redis://h", "--flow-wait=-1"],
+            "--flow-wait must be >= 0",
         ),
     ],
 )

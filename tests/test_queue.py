@@ -82,16 +82,34 @@ def store_url(server: RedisServer) -> str:
     return f"{server.url}#runs-{uuid.uuid4().hex[:8]}"
 
 
+OTHER = cf.Flow.builder("other").add_node("a", Count()).build()
+"""A flow of another name: a worker that has only this one lacks ``count``."""
+
+
 @asynccontextmanager
 async def worker(
-    queue: RunQueue, store: str, name: str, concurrency: int = 4
+    queue: RunQueue,
+    store: str,
+    name: str,
+    concurrency: int = 4,
+    flows: tuple[cf.Flow, ...] = (FLOW,),
 ) -> AsyncIterator[cf.Engine]:
-    """An engine serving ``queue`` in this process until the block ends."""
+    """An engine serving ``queue`` with ``flows`` in this process until the block ends."""
     async with cf.open_engine() as engine, trio.open_nursery() as nursery:
         serve = functools.partial(engine.serve, concurrency=concurrency, name=name)
-        await nursery.start(serve, queue, [FLOW], store)
+        await nursery.start(serve, queue, flows, store)
         yield engine
         nursery.cancel_scope.cancel()
+
+
+async def passed_over(queue: RunQueue, run_id: str) -> cf.QueuedRun:
+    """The status of ``run_id`` once a worker has passed it over; reads the queue every
+    20 ms, as ``cf.result`` does."""
+    while True:
+        for run in await cf.queue_status(queue):
+            if run.run_id == run_id and run.passed_over:
+                return run
+        await trio.sleep(0.02)
 
 
 async def counts(store: str, run_id: str) -> dict[str, Any]:
@@ -144,12 +162,59 @@ async def test_submitting_one_run_id_twice_adds_one_run(redis_server: RedisServe
 
 async def test_a_failed_run_is_reported_by_result(redis_server: RedisServer) -> None:
     queue, store = new_queue(redis_server), store_url(redis_server)
+    FAILURES["broken"] = 1
     async with worker(queue, store, "w1"):
-        run_id = await cf.submit(queue, "no-such-flow")
-        with pytest.raises(cf.CosmoFlowError, match="worker w1 has no flow 'no-such-flow'"):
-            await cf.result(queue, run_id)
+        await cf.submit(queue, "count", run_id="broken")
+        with pytest.raises(cf.CosmoFlowError, match=r"'broken' failed on worker w1: .*b is down"):
+            await cf.result(queue, "broken")
     [status] = await cf.queue_status(queue)
-    assert status.state == "failed"
+    assert (status.state, status.owner) == ("failed", "w1")
+
+
+async def test_a_worker_without_the_runs_flow_leaves_it_to_a_worker_that_has_it(
+    redis_server: RedisServer,
+) -> None:
+    """A worker that has only another flow passes the run over and leaves it pending;
+    a worker that has the flow, started later, takes it over at once and runs it."""
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    async with worker(queue, store, "lacks", flows=(OTHER,)):
+        await cf.submit(queue, "count", run_id="left")
+        with trio.fail_after(10):
+            passed = await passed_over(queue, "left")
+        async with worker(queue, store, "has"):
+            with trio.fail_after(10):  # far less than a lease of waiting for the entry
+                done = await cf.result(queue, "left")
+    assert (passed.state, passed.owner, passed.passed_over) == ("pending", None, ("lacks",))
+    assert done.worker == "has"
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts, status.passed_over) == ("succeeded", 1, ())
+    assert await counts(store, "left") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
+@pytest.mark.parametrize("flow_wait", [0.0, 0.3])
+async def test_a_run_whose_flow_no_worker_takes_fails_after_flow_wait(
+    redis_server: RedisServer, flow_wait: float
+) -> None:
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", flow_wait=flow_wait)
+    async with worker(queue, store_url(redis_server), "w1"):
+        run_id = await cf.submit(queue, "no-such-flow")
+        started = trio.current_time()
+        with pytest.raises(cf.CosmoFlowError) as info:
+            await cf.result(queue, run_id)
+        waited = trio.current_time() - started
+    assert str(info.value).startswith(
+        f"run {run_id!r} failed on worker w1: CosmoFlowError: no worker took flow "
+        "'no-such-flow' in "
+    )
+    assert f"(passed over by w1; flow_wait={flow_wait:g} s)" in str(info.value)
+    assert waited >= flow_wait
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.owner, status.passed_over) == ("failed", "w1", ("w1",))
+
+
+def test_a_queue_refuses_a_negative_flow_wait() -> None:
+    with pytest.raises(ValueError, match="flow_wait must be >= 0 seconds, got -1"):
+        RunQueue("redis://127.0.0.1:1/0", "q", flow_wait=-1)
 
 
 async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last_commit(

@@ -14,9 +14,16 @@ renewing; once the lease has expired, another worker takes the run's stream entr
 committed step. A worker that lost its lease cancels the run, and one whose commit
 lost to another engine (RunConflictError) drops it: neither reports an outcome.
 
+A worker that lacks a run's flow leaves the run to the others: it notes itself among
+the workers that passed the run over and gives the stream entry back, idle enough for
+any worker to take over at once. Once workers have passed a run over for
+``flow_wait`` seconds with none taking it, the next one to pass it over fails it.
+
 Redis keys of the queue ``NAME``: ``cosmoflow:queue:NAME:stream`` (the stream),
-``cosmoflow:queue:NAME:runs`` (a hash, run id -> JSON) and
-``cosmoflow:queue:NAME:lease:<run_id>`` (the leases).
+``cosmoflow:queue:NAME:runs`` (a hash, run id -> JSON),
+``cosmoflow:queue:NAME:lease:<run_id>`` (the leases) and
+``cosmoflow:queue:NAME:passed`` (a hash, run id -> JSON: since when workers lacking
+its flow pass the run over, and which).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import json
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, final
@@ -50,6 +58,8 @@ if TYPE_CHECKING:
 
 DEFAULT_LEASE: Final = 10.0
 """Seconds a worker's lease on a run lasts unless renewed (renewed every third of it)."""
+DEFAULT_FLOW_WAIT: Final = 60.0
+"""Seconds a run whose flow the workers that saw it lack waits for one that has it."""
 RESULT_POLL_INTERVAL: Final = 0.05
 """Seconds :func:`result` waits between two reads of a run's state."""
 MAX_POLL: Final = 0.5
@@ -68,6 +78,32 @@ return 1
 """
 """Record a run's outcome, acknowledge its entry and drop its lease, if the lease is
 still the caller's (KEYS: lease, runs, stream; ARGV: owner, run id, info, group, id)."""
+_CLAIM = """
+if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[4] then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
+redis.call('HDEL', KEYS[3], ARGV[3])
+return 1
+"""
+"""Take the lease of a run and record it running, if its entry is still what the
+caller read and no one holds the lease; forget who passed it over (KEYS: lease, runs,
+passed; ARGV: owner, lease ms, run id, entry as read, entry running). 1 if taken."""
+_PASS_OVER = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+local saved = redis.call('HGET', KEYS[1], ARGV[1])
+local passed = {since = tonumber(ARGV[3]), by = {}}
+if saved then passed = cjson.decode(saved) end
+for _, name in ipairs(passed.by) do
+  if name == ARGV[2] then return saved end
+end
+table.insert(passed.by, ARGV[2])
+local encoded = cjson.encode(passed)
+redis.call('HSET', KEYS[1], ARGV[1], encoded)
+return encoded
+"""
+"""Note that worker ARGV[2] passed run ARGV[1] over at ARGV[3] (Unix time) in the hash
+KEYS[1]; return the run's JSON ``{"since": first time, "by": [workers]}``, or nil
+when a worker holds the run's lease KEYS[2] (it is no one's to pass over)."""
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -99,7 +135,8 @@ class QueuedRun:
     "orphaned" (claimed, but its lease expired: its worker died or was cut off; another
     worker takes it over), "succeeded" or "failed". ``owner`` names the worker that
     holds (or last held) the run, ``lease_left`` the seconds its lease has left (None
-    when no lease is held).
+    when no lease is held). ``passed_over`` names the workers that lacked its flow and
+    left it to others, while no worker that has it took it.
     """
 
     run_id: str
@@ -109,6 +146,7 @@ class QueuedRun:
     lease_left: float | None
     attempts: int
     error: str | None
+    passed_over: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,31 +168,46 @@ class RunQueue:
     :meth:`from_url` of ``redis://HOST:PORT[/DB]/NAME``.
 
     ``lease`` is how long (seconds) a worker's claim on a run lasts without renewal:
-    the time after which a dead worker's runs go to others. Every call to the server
-    runs in a worker thread, on a connection of the process's pool for the server;
-    connection failures raise StorageError. Requires the ``redis`` package.
+    the time after which a dead worker's runs go to others. ``flow_wait`` is how long
+    (seconds) a run whose flow the workers that saw it lack waits for a worker that
+    has it, before one of them fails it (0: the first one does). Every call to the
+    server runs in a worker thread, on a connection of the process's pool for the
+    server; connection failures raise StorageError. Requires the ``redis`` package.
     """
 
-    def __init__(self, url: str, name: str, *, lease: float = DEFAULT_LEASE) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        *,
+        lease: float = DEFAULT_LEASE,
+        flow_wait: float = DEFAULT_FLOW_WAIT,
+    ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"a queue name must be a non-empty str without '/', not {name!r}")
         if not lease > 0:
             raise ValueError(f"lease must be > 0 seconds, got {lease!r}")
+        if not flow_wait >= 0:
+            raise ValueError(f"flow_wait must be >= 0 seconds, got {flow_wait!r}")
         self.url = url
         self.name = name
         self.lease = lease
+        self.flow_wait = flow_wait
         self.stream = f"cosmoflow:queue:{name}:stream"
         self.runs = f"cosmoflow:queue:{name}:runs"
+        self.passed = f"cosmoflow:queue:{name}:passed"
         self._client: redis.Redis | None = None
 
     @classmethod
-    def from_url(cls, text: str, *, lease: float = DEFAULT_LEASE) -> RunQueue:
+    def from_url(
+        cls, text: str, *, lease: float = DEFAULT_LEASE, flow_wait: float = DEFAULT_FLOW_WAIT
+    ) -> RunQueue:
         """The queue ``redis://HOST:PORT[/DB]/NAME`` names: NAME is the last path part."""
         parts = urlsplit(text)
         head, _, name = parts.path.rpartition("/")
         if parts.scheme not in ("redis", "rediss") or not parts.netloc or not name:
             raise ValueError(f"queue {text!r}: expected redis://HOST[:PORT][/DB]/NAME")
-        return cls(urlunsplit(parts._replace(path=head)), name, lease=lease)
+        return cls(urlunsplit(parts._replace(path=head)), name, lease=lease, flow_wait=flow_wait)
 
     def __repr__(self) -> str:
         return f"RunQueue({_redacted(self.url)!r}, {self.name!r})"
@@ -277,6 +330,7 @@ async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
     it reads them; raises StorageError when the server cannot be reached)."""
     queue = as_queue(queue)
     raw: dict[bytes, bytes] = await queue.call("HGETALL", queue.runs)
+    passed = await _passed_over(queue)
     runs = []
     for key, data in sorted(raw.items()):
         run_id = key.decode()
@@ -298,9 +352,16 @@ async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
                 lease_left,
                 info.get("attempts", 0),
                 info.get("error"),
+                passed.get(run_id, ()),
             )
         )
     return runs
+
+
+async def _passed_over(queue: RunQueue) -> dict[str, tuple[str, ...]]:
+    """The workers that passed each run over (lacking its flow), by run id."""
+    raw: dict[bytes, bytes] = await queue.call("HGETALL", queue.passed)
+    return {_text(key): tuple(json.loads(value)["by"]) for key, value in raw.items()}
 
 
 async def leases_checked(storage: Storage, runs: Iterable[RunRecord]) -> list[RunRecord]:
@@ -503,29 +564,61 @@ class _Worker:
         return _entries(reply[0][1]) if reply else []
 
     async def _claim(self, entry_id: str, run_id: str) -> _Claim | None:
-        """Take the lease of ``run_id`` (SET NX PX); None when another worker holds it,
-        the run has ended (its entry is acknowledged then) or this worker runs it still
+        """Take the lease of ``run_id`` and record it running (see ``_CLAIM``); None
+        when another worker holds it, the run has ended (its entry is acknowledged
+        then), this worker lacks its flow (it passes the run over) or runs it still
         (its lease had expired: taken again, it is renewed as before)."""
         queue = self.queue
-        info = await queue.info(run_id)
+        data = await queue.call("HGET", queue.runs, run_id)
+        info = None if data is None else _decoded_info(run_id, data)
         if info is None or info["state"] in FINISHED:
             await queue.call("XACK", queue.stream, GROUP, entry_id)
             return None
-        taken = await queue.call(
-            "SET", queue.lease_key(run_id), self.name, "NX", "PX", self.lease_ms
-        )
-        if not taken or run_id in self._running:
-            return None  # held by another worker, or by this one, which runs it still
+        lease_key = queue.lease_key(run_id)
+        if run_id in self._running:
+            await queue.call("SET", lease_key, self.name, "NX", "PX", self.lease_ms)
+            return None
         flow = self.flows.get(info["flow"])
+        if flow is None:
+            await self._pass_over(entry_id, run_id, info)
+            return None
         running = {**info, "state": "running", "owner": self.name}
         running["attempts"] = info.get("attempts", 0) + 1
-        if flow is None:
-            known = ", ".join(sorted(self.flows)) or "none"
-            error = f"CosmoFlowError: worker {self.name} has no flow {info['flow']!r} ({known})"
-            await self._finish(entry_id, run_id, {**running, "state": "failed", "error": error})
+        encoded = json.dumps(running)
+        taken = await queue.script(
+            _CLAIM,
+            [lease_key, queue.runs, queue.passed],
+            [self.name, self.lease_ms, run_id, data, encoded],
+        )
+        if not taken:
             return None
-        await queue.call("HSET", queue.runs, run_id, json.dumps(running))
         return _Claim(entry_id, run_id, flow, info.get("params", {}), running)
+
+    async def _pass_over(self, entry_id: str, run_id: str, info: dict[str, Any]) -> None:
+        """Leave ``run_id``, whose flow this worker lacks, to the other workers: note
+        this worker among those that passed it over and give its entry back, idle for
+        a lease, so that the next worker to look for expired leases takes it over.
+        Fail the run instead once workers have passed it over for ``flow_wait``
+        seconds. Leave it alone while a worker holds its lease."""
+        queue = self.queue
+        lease_key = queue.lease_key(run_id)
+        now = time.time()
+        reply = await queue.script(_PASS_OVER, [queue.passed, lease_key], [run_id, self.name, now])
+        if reply is None:
+            return
+        passed = json.loads(reply)
+        waited = now - passed["since"]
+        if waited < queue.flow_wait:
+            idle = ["IDLE", self.lease_ms]
+            await queue.call("XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, *idle)
+            return
+        if await queue.call("SET", lease_key, self.name, "NX", "PX", self.lease_ms):
+            error = (
+                f"CosmoFlowError: no worker took flow {info['flow']!r} in {waited:.1f} s "
+                f"(passed over by {', '.join(passed['by'])}; flow_wait={queue.flow_wait:g} s)"
+            )
+            failed = {**info, "state": "failed", "owner": self.name, "error": error}
+            await self._finish(entry_id, run_id, failed)
 
     async def run_claimed(self, claim: _Claim, slots: trio.Semaphore) -> None:
         """Run (or resume) the claimed run while renewing its lease; record its outcome
