@@ -60,9 +60,12 @@ from cosmoflow_actors.progress import Progress as EngineProgress
 from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.engine import Engine, open_engine
 from cosmoflow_actors.runtime.queue import (
+    DEFAULT_FLOW_WAIT,
     DEFAULT_LEASE,
+    FINISHED,
     QueuedRun,
     RunQueue,
+    leases_checked,
     per_run_redis,
     queue_status,
     submit,
@@ -206,6 +209,14 @@ def _add_queue_commands(
         default=DEFAULT_LEASE,
         metavar="SECONDS",
         help=f"how long a claim lasts unrenewed ({DEFAULT_LEASE:g})",
+    )
+    worker.add_argument(
+        "--flow-wait",
+        type=float,
+        default=DEFAULT_FLOW_WAIT,
+        metavar="SECONDS",
+        help="how long a run whose flow no worker took waits before it fails "
+        f"({DEFAULT_FLOW_WAIT:g})",
     )
     worker.add_argument("--name", help="the worker's name in the queue's status")
     status = commands.add_parser("status", parents=[common], help="show the runs of a queue")
@@ -755,22 +766,28 @@ def _inspect_command(args: argparse.Namespace) -> int:
 
 
 async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
-    """Every key and value of ``storage`` and its durable runs, read through an engine.
+    """Every key and value of ``storage`` and its durable runs, read through an engine;
+    the runs of a queue's workers with their leases, where the store can tell (see
+    ``leases_checked``).
 
     The engine closes the store once it is read (a FileStorage folds its journal into
     its snapshot then; the data stays the same).
     """
     async with open_engine() as engine:
         await _open_store(engine, storage)
-        return await _contents(engine, storage), await engine.list_runs(storage)
+        contents = await _contents(engine, storage)
+        runs = await engine.list_runs(storage)
+    return contents, await leases_checked(storage, runs)
 
 
 def _runs_table(runs: list[RunRecord]) -> Table:
     table = Table(title=f"runs ({len(runs)})", title_justify="left")
-    for column in ("run id", "flow", "state", "last node", "steps"):
+    for column in ("run id", "flow", "state", "last node", "steps", "owner", "lease left"):
         table.add_column(column)
     for run in runs:
-        table.add_row(run.run_id, run.flow_name, run.state, run.last_node_id or "-", str(run.steps))
+        lease = "-" if run.lease_left is None else f"{run.lease_left:.1f} s"
+        cells = (run.state, run.last_node_id or "-", str(run.steps), run.owner or "-", lease)
+        table.add_row(run.run_id, run.flow_name, *cells)
     return table
 
 
@@ -792,9 +809,11 @@ def _preview(value: Any) -> str:
 # cosmoflow submit, worker and status
 
 
-def _queue(text: str, lease: float = DEFAULT_LEASE) -> RunQueue:
+def _queue(
+    text: str, lease: float = DEFAULT_LEASE, flow_wait: float = DEFAULT_FLOW_WAIT
+) -> RunQueue:
     try:
-        return RunQueue.from_url(text, lease=lease)
+        return RunQueue.from_url(text, lease=lease, flow_wait=flow_wait)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
 
@@ -822,8 +841,10 @@ async def _submit(
 def _worker_command(args: argparse.Namespace) -> int:
     if not args.lease > 0:
         raise CliError(f"--lease must be > 0 seconds, got {args.lease:g}")
+    if not args.flow_wait >= 0:
+        raise CliError(f"--flow-wait must be >= 0 seconds, got {args.flow_wait:g}")
     flows = [load_flow(target) for target in args.targets]
-    queue = _queue(args.queue, args.lease)
+    queue = _queue(args.queue, args.lease, args.flow_wait)
     try:
         stores = per_run_redis(args.store)
     except ValueError as exc:
@@ -864,6 +885,10 @@ def _status_command(args: argparse.Namespace) -> int:
         counts[run.state] += 1
     print(f"queue: {queue!r}")
     print(", ".join(f"{count} {state}" for state, count in counts.items()))
+    waiting = [run for run in runs if run.passed_over and run.state not in FINISHED]
+    if waiting:
+        names = ", ".join(sorted({name for run in waiting for name in run.passed_over}))
+        print(f"{len(waiting)} wait for a worker with their flow (passed over by {names})")
     Console(highlight=False).print(_queue_table(runs))
     return 0
 

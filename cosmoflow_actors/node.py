@@ -35,7 +35,7 @@ _CONFIG_NAMES = (
     "ray_options",
 )
 EXECUTORS = ("inline", "thread", "process", "ray")
-RAY_OPTIONS = ("num_cpus", "num_gpus", "resources", "runtime_env")
+RAY_OPTIONS = ("num_cpus", "num_gpus", "resources", "runtime_env", "max_retries")
 """The Ray task options a node may set in ``ray_options``."""
 
 
@@ -71,7 +71,9 @@ class Node:
     need a plain ``def exec`` and get no store access."""
     ray_options: Mapping[str, Any] | None = None
     """Options of the Ray task of an ``executor="ray"`` node: ``num_cpus``, ``num_gpus``
-    (numbers >= 0), ``resources`` (name → amount), ``runtime_env`` (a dict)."""
+    (numbers >= 0), ``resources`` (name → amount), ``runtime_env`` (a dict),
+    ``max_retries`` (times Ray runs the task again when its worker is lost; an int >= 0,
+    default 3)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -178,6 +180,11 @@ def _validate_ray_options(owner: str, value: object) -> None:
         _require_number(owner, f"ray_options['resources'][{name!r}]", amount, allow_none=False)
     if not isinstance(value.get("runtime_env", {}), Mapping):
         raise ValueError(f"{owner}: ray_options['runtime_env'] must be a dict")
+    retries = value.get("max_retries", 0)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(
+            f"{owner}: ray_options['max_retries'] must be an int >= 0, got {retries!r}"
+        )
 
 
 def _is_exception_type(value: object) -> bool:

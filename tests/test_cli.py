@@ -656,6 +656,9 @@ def test_inspect_lists_the_durable_runs_of_a_store(
             "state": "succeeded",
             "last_node_id": "b",
             "steps": 2,
+            "owner": None,
+            "queue": None,
+            "lease_left": None,
         }
     ]
     assert main(["inspect", f"file:{path}"]) == 0
@@ -708,9 +711,10 @@ def test_a_worker_process_runs_the_submitted_runs(
     redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     queue = f"{redis_server.url}/{unique_namespace()}"
+    store = f"{redis_server.url}#{unique_namespace()}"
     hello = str(EXAMPLES / "hello_world.py")
     command = [sys.executable, "-m", "cosmoflow_actors", "worker", hello, "--queue", queue]
-    command += ["--store", f"{redis_server.url}#{unique_namespace()}", "--name", "w1"]
+    command += ["--store", store, "--name", "w1"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as worker:
         assert worker.stdout is not None
         assert worker.stdout.readline().startswith("worker w1 serving ")
@@ -721,6 +725,46 @@ def test_a_worker_process_runs_the_submitted_runs(
     assert (done.result, done.worker) == ("HELLO, WORLD!", "w1")
     assert main(["status", "--queue", queue]) == 0
     assert table_row(capsys.readouterr().out, run_id)[2:4] == ["succeeded", "w1"]
+    assert main(["inspect", f"{store}/{run_id}", "--json"]) == 0
+    [record] = json.loads(capsys.readouterr().out)["runs"]
+    assert (record["run_id"], record["state"], record["owner"]) == (run_id, "succeeded", "w1")
+    assert record["queue"] == queue
+
+
+async def passed_over(queue: str) -> None:
+    """Return once a worker has passed a run of ``queue`` over (read every 20 ms);
+    raise TooSlowError after 10 s."""
+    with trio.fail_after(10):
+        while True:
+            if any(run.passed_over for run in await cf.queue_status(queue)):
+                return
+            await trio.sleep(0.02)
+
+
+def test_status_names_the_workers_that_passed_a_run_over(
+    redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker serving only another flow leaves the run pending, and says so."""
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    hello = str(EXAMPLES / "hello_world.py")
+    command = [sys.executable, "-m", "cosmoflow_actors", "worker", hello, "--queue", queue]
+    command += ["--store", f"{redis_server.url}#{unique_namespace()}", "--name", "w1"]
+    assert main(["submit", str(counter_file), "--queue", queue, "--run-id", "job-1"]) == 0
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as worker:
+        try:
+            assert worker.stdout is not None
+            assert worker.stdout.readline().startswith("worker w1 serving ")
+            trio.run(passed_over, queue)
+        finally:
+            worker.terminate()
+    capsys.readouterr()
+    assert main(["status", "--queue", queue]) == 0
+    out = capsys.readouterr().out
+    assert "1 pending, 0 running" in out
+    assert "1 wait for a worker with their flow (passed over by w1)" in out
+    assert main(["status", "--queue", queue, "--json"]) == 0
+    [run] = json.loads(capsys.readouterr().out)
+    assert (run["state"], run["passed_over"]) == ("pending", ["w1"])
 
 
 @pytest.mark.parametrize(
@@ -732,6 +776,10 @@ def test_a_worker_process_runs_the_submitted_runs(
         (
             ["worker", "FILE", "--queue", "redis://h/q", "--store", "redis://h", "--lease", "0"],
             "--lease must be > 0",
+        ),
+        (
+            ["worker", "FILE", "--queue", "redis://h/q", "--store", "redis://h", "--flow-wait=-1"],
+            "--flow-wait must be >= 0",
         ),
     ],
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.queue import RunQueue, per_run_redis
+from cosmoflow_actors.runtime.queue import RunQueue, leases_checked, per_run_redis
 from tests.storage_suite import RedisServer, free_port
 
 ROOT = Path(__file__).parent.parent
@@ -81,16 +82,34 @@ def store_url(server: RedisServer) -> str:
     return f"{server.url}#runs-{uuid.uuid4().hex[:8]}"
 
 
+OTHER = cf.Flow.builder("other").add_node("a", Count()).build()
+"""A flow of another name: a worker that has only this one lacks ``count``."""
+
+
 @asynccontextmanager
 async def worker(
-    queue: RunQueue, store: str, name: str, concurrency: int = 4
+    queue: RunQueue,
+    store: str,
+    name: str,
+    concurrency: int = 4,
+    flows: tuple[cf.Flow, ...] = (FLOW,),
 ) -> AsyncIterator[cf.Engine]:
-    """An engine serving ``queue`` in this process until the block ends."""
+    """An engine serving ``queue`` with ``flows`` in this process until the block ends."""
     async with cf.open_engine() as engine, trio.open_nursery() as nursery:
         serve = functools.partial(engine.serve, concurrency=concurrency, name=name)
-        await nursery.start(serve, queue, [FLOW], store)
+        await nursery.start(serve, queue, flows, store)
         yield engine
         nursery.cancel_scope.cancel()
+
+
+async def passed_over(queue: RunQueue, run_id: str) -> cf.QueuedRun:
+    """The status of ``run_id`` once a worker has passed it over; reads the queue every
+    20 ms, as ``cf.result`` does."""
+    while True:
+        for run in await cf.queue_status(queue):
+            if run.run_id == run_id and run.passed_over:
+                return run
+        await trio.sleep(0.02)
 
 
 async def counts(store: str, run_id: str) -> dict[str, Any]:
@@ -143,12 +162,59 @@ async def test_submitting_one_run_id_twice_adds_one_run(redis_server: RedisServe
 
 async def test_a_failed_run_is_reported_by_result(redis_server: RedisServer) -> None:
     queue, store = new_queue(redis_server), store_url(redis_server)
+    FAILURES["broken"] = 1
     async with worker(queue, store, "w1"):
-        run_id = await cf.submit(queue, "no-such-flow")
-        with pytest.raises(cf.CosmoFlowError, match="worker w1 has no flow 'no-such-flow'"):
-            await cf.result(queue, run_id)
+        await cf.submit(queue, "count", run_id="broken")
+        with pytest.raises(cf.CosmoFlowError, match=r"'broken' failed on worker w1: .*b is down"):
+            await cf.result(queue, "broken")
     [status] = await cf.queue_status(queue)
-    assert status.state == "failed"
+    assert (status.state, status.owner) == ("failed", "w1")
+
+
+async def test_a_worker_without_the_runs_flow_leaves_it_to_a_worker_that_has_it(
+    redis_server: RedisServer,
+) -> None:
+    """A worker that has only another flow passes the run over and leaves it pending;
+    a worker that has the flow, started later, takes it over at once and runs it."""
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    async with worker(queue, store, "lacks", flows=(OTHER,)):
+        await cf.submit(queue, "count", run_id="left")
+        with trio.fail_after(10):
+            passed = await passed_over(queue, "left")
+        async with worker(queue, store, "has"):
+            with trio.fail_after(10):  # far less than a lease of waiting for the entry
+                done = await cf.result(queue, "left")
+    assert (passed.state, passed.owner, passed.passed_over) == ("pending", None, ("lacks",))
+    assert done.worker == "has"
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts, status.passed_over) == ("succeeded", 1, ())
+    assert await counts(store, "left") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
+@pytest.mark.parametrize("flow_wait", [0.0, 0.3])
+async def test_a_run_whose_flow_no_worker_takes_fails_after_flow_wait(
+    redis_server: RedisServer, flow_wait: float
+) -> None:
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", flow_wait=flow_wait)
+    async with worker(queue, store_url(redis_server), "w1"):
+        run_id = await cf.submit(queue, "no-such-flow")
+        started = trio.current_time()
+        with pytest.raises(cf.CosmoFlowError) as info:
+            await cf.result(queue, run_id)
+        waited = trio.current_time() - started
+    assert str(info.value).startswith(
+        f"run {run_id!r} failed on worker w1: CosmoFlowError: no worker took flow "
+        "'no-such-flow' in "
+    )
+    assert f"(passed over by w1; flow_wait={flow_wait:g} s)" in str(info.value)
+    assert waited >= flow_wait
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.owner, status.passed_over) == ("failed", "w1", ("w1",))
+
+
+def test_a_queue_refuses_a_negative_flow_wait() -> None:
+    with pytest.raises(ValueError, match="flow_wait must be >= 0 seconds, got -1"):
+        RunQueue("redis://127.0.0.1:1/0", "q", flow_wait=-1)
 
 
 async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last_commit(
@@ -259,6 +325,60 @@ async def test_a_lease_without_its_worker_is_shown_as_orphaned(
     assert (status.state, status.owner, status.lease_left) == ("orphaned", "gone", None)
 
 
+async def test_the_run_record_names_the_worker_that_runs_it_and_its_lease(
+    redis_server: RedisServer,
+) -> None:
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    entered, release = trio.Event(), trio.Event()
+    GATES["owned"] = (entered, release)
+    storage = per_run_redis(store)("owned")
+    async with worker(queue, store, "w1"):
+        await cf.submit(queue, "count", run_id="owned")
+        await entered.wait()
+        [listed] = await cf.list_runs(storage)
+        [checked] = await leases_checked(storage, [listed])
+        release.set()
+        await cf.result(queue, "owned")
+    assert (listed.state, listed.owner, listed.queue) == ("running", "w1", queue.address)
+    assert listed.lease_left is None  # the record alone does not know the lease
+    assert (checked.state, checked.owner) == ("running", "w1")
+    assert checked.lease_left is not None and 0 < checked.lease_left <= 10.0
+    [done] = await leases_checked(storage, await cf.list_runs(storage))
+    assert (done.state, done.owner, done.steps, done.lease_left) == ("succeeded", "w1", 3, None)
+
+
+async def test_a_run_whose_lease_is_gone_is_listed_as_orphaned_where_the_store_can_tell(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The lease of a run in flight disappears (as when its worker is cut off): a store
+    on the queue's server shows the run orphaned; a lease taken by another worker names
+    that worker. A store elsewhere cannot tell, and lists the run as its record says."""
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    entered, release = trio.Event(), trio.Event()
+    GATES["dropped"] = (entered, release)
+    storage = per_run_redis(store)("dropped")
+    async with worker(queue, store, "w1"):
+        await cf.submit(queue, "count", run_id="dropped")
+        await entered.wait()
+        [listed] = await cf.list_runs(storage)
+        await queue.call("DEL", queue.lease_key("dropped"))
+        [orphaned] = await leases_checked(storage, [listed])
+        await queue.call("SET", queue.lease_key("dropped"), "w2", "PX", 5000)
+        [taken] = await leases_checked(storage, [listed])
+        await queue.call("DEL", queue.lease_key("dropped"))
+        elsewhere = [
+            cf.FileStorage(tmp_path / "other.json"),
+            per_run_redis(f"redis://localhost:{redis_server.port}/0#{uuid.uuid4().hex}")("x"),
+            per_run_redis(f"{redis_server.url[:-1]}1#{uuid.uuid4().hex}")("x"),
+        ]
+        unknown = [await leases_checked(other, [listed]) for other in elsewhere]
+        release.set()
+    assert (orphaned.state, orphaned.owner, orphaned.lease_left) == ("orphaned", "w1", None)
+    assert (taken.state, taken.owner) == ("running", "w2")
+    assert taken.lease_left is not None and 0 < taken.lease_left <= 5.0
+    assert unknown == [[listed]] * 3
+
+
 async def test_a_worker_cut_off_from_redis_cancels_its_run_when_its_lease_expires(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -278,6 +398,67 @@ async def test_a_worker_cut_off_from_redis_cancels_its_run_when_its_lease_expire
                 await trio.sleep_forever()
     elapsed = trio.current_time() - started
     assert lease <= elapsed <= lease + lease / 3
+
+
+async def persistent_redis(directory: Path, port: int) -> trio.Process:
+    """A redis-server on ``port`` that keeps its data in ``directory`` (an append-only
+    file, synced at every write), once it accepts connections."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(directory)]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    output = b""
+    while b"Ready to accept connections" not in output:
+        chunk = await process.stdout.receive_some()
+        assert chunk, f"redis-server exited before it was ready: {output!r}"
+        output += chunk
+    return process
+
+
+async def killed(process: trio.Process) -> None:
+    """SIGKILL ``process`` (unless it has exited) and wait for it."""
+    if process.returncode is None:
+        process.kill()
+    await process.wait()
+    assert process.stdout is not None
+    await process.stdout.aclose()
+
+
+async def test_runs_go_on_after_redis_restarts_and_every_step_is_committed_once(
+    tmp_path: Path,
+) -> None:
+    """redis-server is SIGKILLed while a worker runs runs (four of them held in step a)
+    and started again on the same port and data: every run succeeds, and each of its
+    steps is committed once."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    queue, store = RunQueue(url, "restart", lease=1.0), f"{url}#runs"
+    run_ids = [f"restart-{n:02}" for n in range(12)]
+    gates = {run_id: (trio.Event(), trio.Event()) for run_id in run_ids[:4]}
+    GATES.update(gates)
+    servers = [await persistent_redis(tmp_path, port)]
+    try:
+        async with worker(queue, store, "w1", concurrency=8):
+            for run_id in run_ids:
+                await cf.submit(queue, "count", run_id=run_id)
+            for entered, _ in gates.values():
+                await entered.wait()
+            await killed(servers[0])
+            servers.append(await persistent_redis(tmp_path, port))
+            for _, release in gates.values():
+                release.set()
+            results = [await cf.result(queue, run_id) for run_id in run_ids]
+        stored = [await counts(store, run_id) for run_id in run_ids]
+        statuses = await cf.queue_status(queue)
+    finally:
+        for server in servers:
+            await killed(server)
+    assert [done.result for done in results] == [f"done {run_id}" for run_id in run_ids]
+    assert stored == [{"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}] * len(run_ids)
+    assert {run.state for run in statuses} == {"succeeded"}
 
 
 WORKER_FLOW = '''

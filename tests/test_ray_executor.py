@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,11 @@ import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.ray_executor import LOCAL_RAY_ENV
+from tests.storage_suite import free_port
 from tests.support import single
 from tests.test_executor import Square
+
+ROOT = Path(__file__).parent.parent
 
 GUARD = 60.0
 """Seconds after which a Ray test gives up rather than hang (never reached when it works)."""
@@ -210,6 +214,30 @@ async def test_a_killed_ray_worker_is_retried_by_ray_and_the_step_completes_once
 
 
 @pytest.mark.ray
+async def test_a_node_without_ray_retries_fails_when_its_ray_worker_is_lost(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    from ray.exceptions import WorkerCrashedError
+
+    effect = tmp_path / "effect"
+    store: dict[str, Any] = {}
+    with trio.fail_after(GUARD):
+        listener = await _listen()
+        async with cf.open_engine() as engine:
+            params = {"port": _port(listener), "effect": effect}
+            node = Reporter(ray_options={"max_retries": 0})
+            run = await engine.start_run(single(node), store, params=params)
+            stream, pid = await _next_exec(listener)
+            os.kill(pid, signal.SIGKILL)
+            await _closed_by_peer(stream)
+            with pytest.raises(cf.NodeError) as info:
+                await run.wait()
+    assert isinstance(info.value.__cause__, WorkerCrashedError)
+    assert store == {}
+    assert not effect.exists()
+
+
+@pytest.mark.ray
 async def test_cancelling_the_run_force_cancels_the_ray_task(
     ray_cluster: None, tmp_path: Path
 ) -> None:
@@ -309,8 +337,82 @@ def test_build_names_the_ray_extra_when_ray_is_missing() -> None:
             r"ray_options\['resources'\]\['gadget'\] must be a number",
         ),
         ({"runtime_env": "env"}, r"ray_options\['runtime_env'\] must be a dict"),
+        ({"max_retries": -1}, r"ray_options\['max_retries'\] must be an int >= 0, got -1"),
+        ({"max_retries": 1.0}, r"ray_options\['max_retries'\] must be an int >= 0"),
+        ({"max_retries": True}, r"ray_options\['max_retries'\] must be an int >= 0"),
     ],
 )
 def test_invalid_ray_options_fail_at_construction(options: object, message: str) -> None:
     with pytest.raises(ValueError, match=rf"Square: {message}"):
         Square(executor="ray", ray_options=options)
+
+
+def test_build_refuses_ray_options_changed_after_construction() -> None:
+    node = Square(executor="ray", ray_options={"max_retries": 1})
+    node.ray_options = {"max_retries": "3"}
+    with pytest.raises(
+        cf.FlowValidationError, match=r"node 'sq': ray_options\['max_retries'\] must be an int"
+    ):
+        cf.Flow.builder("f").add_node("sq", node).build()
+
+
+_JOINING_SCRIPT = """
+import os, sys, trio, ray
+import cosmoflow_actors as cf
+from tests.support import single
+from tests.test_executor import Square
+
+async def main():
+    async with cf.open_engine(ray_address=sys.argv[1]) as engine:
+        value, pid = (await engine.run(single(Square(executor="ray")), params={"n": 7})).result
+        print(value, pid != os.getpid(), ray.get_runtime_context().gcs_address)
+    print(ray.is_initialized())
+
+trio.run(main)
+"""
+
+
+@asynccontextmanager
+async def ray_head(port: int, env: dict[str, str]) -> AsyncIterator[trio.Process]:
+    """``ray start --head --block`` on ``port`` (one CPU, no dashboard), once it has
+    started; stopped with SIGTERM at exit, which stops the processes it started."""
+    ports = ["--port", str(port), "--dashboard-agent-listen-port", str(free_port())]
+    ports += ["--metrics-export-port", str(free_port())]
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", *ports]
+    command += ["--node-ip-address", "127.0.0.1", "--num-cpus", "1"]
+    command += ["--include-dashboard", "false", "--disable-usage-stats"]
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    assert process.stdout is not None
+    try:
+        output = b""
+        while b"Ray runtime started" not in output:
+            chunk = await process.stdout.receive_some()
+            assert chunk, f"ray start exited: {output.decode(errors='replace')}"
+            output += chunk
+        yield process
+    finally:
+        process.terminate()
+        with trio.move_on_after(GUARD, shield=True):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+        await process.stdout.aclose()
+
+
+@pytest.mark.ray
+async def test_an_engine_runs_ray_nodes_on_a_cluster_started_apart() -> None:
+    """A Ray head started by ``ray start`` in a process of its own: an engine given its
+    address runs the exec there, then disconnects and leaves the cluster running."""
+    pytest.importorskip("ray")
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    env.update(LOCAL_RAY_ENV, PYTHONPATH=str(ROOT))
+    address = f"127.0.0.1:{free_port()}"
+    with trio.fail_after(GUARD):
+        async with ray_head(int(address.rpartition(":")[2]), env) as head:
+            done = await trio.run_process(
+                [sys.executable, "-c", _JOINING_SCRIPT, address], capture_stdout=True, env=env
+            )
+            assert head.returncode is None
+    assert done.stdout.decode().split() == ["49", "True", address, "False"]

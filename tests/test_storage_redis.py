@@ -264,6 +264,25 @@ async def test_aclose_drops_staged_writes_and_reconnects_on_use(redis_server: Re
     await storage.aclose()
 
 
+def connections_received(server: RedisServer) -> int:
+    """How many connections the server has accepted so far, this call's own included."""
+    with server.client() as client:
+        return int(client.info("stats")["total_connections_received"])
+
+
+async def test_instances_on_one_server_share_its_connections(redis_server: RedisServer) -> None:
+    """Twenty namespaces used one after the other take turns on one connection of the
+    process's pool (a pool of their own: no other test uses their timeout)."""
+    before = connections_received(redis_server)
+    for n in range(20):
+        storage = redis_server.storage(timeout=7.25)
+        await storage.set("n", n)
+        await storage.commit()
+        assert await storage.get("n") == n
+        await storage.aclose()
+    assert connections_received(redis_server) - before == 2  # the pool's one, and this count
+
+
 async def test_a_password_in_the_url_never_shows() -> None:
     storage = RedisStorage("redis://user:s3cret@127.0.0.1:1/0", namespace="n")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeGuard
 
 import trio
 
@@ -47,12 +47,16 @@ def checked_record(key: str, value: Any) -> dict[str, Any]:
 
     Raises StorageError naming the key when it is not a record the engine wrote.
     """
-    if not isinstance(value, dict) or any(field not in value for field in _RECORD_FIELDS):
+    if not _is_record(value):
         raise StorageError(
             f"the store holds no valid run record under {key!r} (found {type(value).__name__}):"
             " it was not written by the engine"
         )
     return value
+
+
+def _is_record(value: Any) -> TypeGuard[dict[str, Any]]:
+    return isinstance(value, dict) and all(field in value for field in _RECORD_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,13 @@ class RunRecord:
 
     ``state`` is "running" (in flight, or interrupted by a crash or a cancel),
     "succeeded" or "failed"; ``last_node_id`` is the node of the last committed step.
+
+    A run that a worker of a run queue claimed names it: ``owner`` is the worker's
+    name and ``queue`` the queue's URL (``redis://HOST:PORT/DB/NAME``, without a
+    password); both are None for a run started otherwise. Where the queue's leases can
+    be read (see ``queue.leases_checked``), ``lease_left`` is the seconds left on the
+    owner's lease, and a running run whose lease is gone is "orphaned": no worker runs
+    it now, and the queue gives it to another worker.
     """
 
     run_id: str
@@ -68,25 +79,36 @@ class RunRecord:
     state: str
     last_node_id: str | None
     steps: int
+    owner: str | None = None
+    queue: str | None = None
+    lease_left: float | None = None
 
     @classmethod
     def of(cls, record: Mapping[str, Any]) -> RunRecord:
         """The summary of a record (see :func:`checked_record`)."""
         last = record.get("last")
+        owner = record.get("owner") or {}
         return cls(
             run_id=record["run_id"],
             flow_name=record["flow"],
             state=record["state"],
             last_node_id=None if last is None else last["node"],
             steps=len(record["path"]),
+            owner=owner.get("worker"),
+            queue=owner.get("queue"),
         )
 
 
 def started(run: Run, params: Mapping[str, Any]) -> dict[str, Any]:
     """The record of a run that has not completed a step yet."""
+    return new_record(run.run_id, run.flow.name, params)
+
+
+def new_record(run_id: str, flow_name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The record of the run ``run_id`` of ``flow_name`` before its first step."""
     return {
-        "run_id": run.run_id,
-        "flow": run.flow.name,
+        "run_id": run_id,
+        "flow": flow_name,
         "state": "running",
         "params": dict(params),
         "path": [],
@@ -94,6 +116,23 @@ def started(run: Run, params: Mapping[str, Any]) -> dict[str, Any]:
         "result": None,
         "error": None,
     }
+
+
+def owned(
+    stored: Any, run_id: str, flow_name: str, params: Mapping[str, Any], owner: Mapping[str, Any]
+) -> Any:
+    """The record of ``run_id`` once the worker ``owner`` (``{"worker": NAME, "queue":
+    URL}``) has claimed it: ``stored`` (the record as stored, None when there is none
+    yet) naming ``owner``, or a new record naming it.
+
+    A succeeded record, or a value that is no record, is returned as it is: the engine
+    returns the one's result and refuses the other.
+    """
+    if stored is None:
+        return {**new_record(run_id, flow_name, params), "owner": dict(owner)}
+    if not _is_record(stored) or stored["state"] == "succeeded":
+        return stored
+    return {**stored, "owner": dict(owner)}
 
 
 class Durability:

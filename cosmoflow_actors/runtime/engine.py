@@ -52,6 +52,7 @@ from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
 from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.validation import require_positive
 
 T = TypeVar("T")
 
@@ -615,9 +616,9 @@ async def open_engine(
     every actor before this returns; errors leave as trio nursery errors do.
     """
     check_runs_allowed("<engine>")
-    _require_positive("mailbox_size", mailbox_size)
+    require_positive("mailbox_size", mailbox_size)
     if max_runs is not None:
-        _require_positive("max_runs", max_runs)
+        require_positive("max_runs", max_runs)
     engine: Engine | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -674,11 +675,6 @@ def _needs_workers(flow: Flow, executor: str = "process") -> bool:
         _needs_workers(node, executor) if isinstance(node, Flow) else node.executor == executor
         for node in flow.nodes.values()
     )
-
-
-def _require_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _run_event(run: Run) -> Event:

@@ -14,18 +14,27 @@ renewing; once the lease has expired, another worker takes the run's stream entr
 committed step. A worker that lost its lease cancels the run, and one whose commit
 lost to another engine (RunConflictError) drops it: neither reports an outcome.
 
+A worker that lacks a run's flow leaves the run to the others: it notes itself among
+the workers that passed the run over and gives the stream entry back, idle enough for
+any worker to take over at once. Once workers have passed a run over for
+``flow_wait`` seconds with none taking it, the next one to pass it over fails it.
+
 Redis keys of the queue ``NAME``: ``cosmoflow:queue:NAME:stream`` (the stream),
-``cosmoflow:queue:NAME:runs`` (a hash, run id -> JSON) and
-``cosmoflow:queue:NAME:lease:<run_id>`` (the leases).
+``cosmoflow:queue:NAME:runs`` (a hash, run id -> JSON),
+``cosmoflow:queue:NAME:lease:<run_id>`` (the leases) and
+``cosmoflow:queue:NAME:passed`` (a hash, run id -> JSON: since when workers lacking
+its flow pass the run over, and which).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, final
@@ -35,9 +44,12 @@ import trio
 
 from cosmoflow_actors.errors import CosmoFlowError, RunConflictError, StorageError
 from cosmoflow_actors.flow import Flow, FlowResult
+from cosmoflow_actors.runtime import durability
+from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.redis import RedisStorage
+from cosmoflow_actors.storage.redis import RedisStorage, shared_client
 from cosmoflow_actors.tracing import describe_error
+from cosmoflow_actors.validation import require_positive
 
 if TYPE_CHECKING:
     import redis
@@ -46,6 +58,8 @@ if TYPE_CHECKING:
 
 DEFAULT_LEASE: Final = 10.0
 """Seconds a worker's lease on a run lasts unless renewed (renewed every third of it)."""
+DEFAULT_FLOW_WAIT: Final = 60.0
+"""Seconds a run whose flow the workers that saw it lack waits for one that has it."""
 RESULT_POLL_INTERVAL: Final = 0.05
 """Seconds :func:`result` waits between two reads of a run's state."""
 MAX_POLL: Final = 0.5
@@ -64,6 +78,32 @@ return 1
 """
 """Record a run's outcome, acknowledge its entry and drop its lease, if the lease is
 still the caller's (KEYS: lease, runs, stream; ARGV: owner, run id, info, group, id)."""
+_CLAIM = """
+if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[4] then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
+redis.call('HDEL', KEYS[3], ARGV[3])
+return 1
+"""
+"""Take the lease of a run and record it running, if its entry is still what the
+caller read and no one holds the lease; forget who passed it over (KEYS: lease, runs,
+passed; ARGV: owner, lease ms, run id, entry as read, entry running). 1 if taken."""
+_PASS_OVER = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+local saved = redis.call('HGET', KEYS[1], ARGV[1])
+local passed = {since = tonumber(ARGV[3]), by = {}}
+if saved then passed = cjson.decode(saved) end
+for _, name in ipairs(passed.by) do
+  if name == ARGV[2] then return saved end
+end
+table.insert(passed.by, ARGV[2])
+local encoded = cjson.encode(passed)
+redis.call('HSET', KEYS[1], ARGV[1], encoded)
+return encoded
+"""
+"""Note that worker ARGV[2] passed run ARGV[1] over at ARGV[3] (Unix time) in the hash
+KEYS[1]; return the run's JSON ``{"since": first time, "by": [workers]}``, or nil
+when a worker holds the run's lease KEYS[2] (it is no one's to pass over)."""
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -74,6 +114,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 """
 """Drop the lease KEYS[1] if it is held by ARGV[1]."""
+_LEASE = """
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
+"""The holder of the lease KEYS[1] (nil when none) and its milliseconds left."""
 _SUBMIT = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])
@@ -91,7 +135,8 @@ class QueuedRun:
     "orphaned" (claimed, but its lease expired: its worker died or was cut off; another
     worker takes it over), "succeeded" or "failed". ``owner`` names the worker that
     holds (or last held) the run, ``lease_left`` the seconds its lease has left (None
-    when no lease is held).
+    when no lease is held). ``passed_over`` names the workers that lacked its flow and
+    left it to others, while no worker that has it took it.
     """
 
     run_id: str
@@ -101,6 +146,7 @@ class QueuedRun:
     lease_left: float | None
     attempts: int
     error: str | None
+    passed_over: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,34 +168,54 @@ class RunQueue:
     :meth:`from_url` of ``redis://HOST:PORT[/DB]/NAME``.
 
     ``lease`` is how long (seconds) a worker's claim on a run lasts without renewal:
-    the time after which a dead worker's runs go to others. Every call to the server
-    runs in a worker thread; connection failures raise StorageError. Requires the
-    ``redis`` package.
+    the time after which a dead worker's runs go to others. ``flow_wait`` is how long
+    (seconds) a run whose flow the workers that saw it lack waits for a worker that
+    has it, before one of them fails it (0: the first one does). Every call to the
+    server runs in a worker thread, on a connection of the process's pool for the
+    server; connection failures raise StorageError. Requires the ``redis`` package.
     """
 
-    def __init__(self, url: str, name: str, *, lease: float = DEFAULT_LEASE) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        *,
+        lease: float = DEFAULT_LEASE,
+        flow_wait: float = DEFAULT_FLOW_WAIT,
+    ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"a queue name must be a non-empty str without '/', not {name!r}")
         if not lease > 0:
             raise ValueError(f"lease must be > 0 seconds, got {lease!r}")
+        if not flow_wait >= 0:
+            raise ValueError(f"flow_wait must be >= 0 seconds, got {flow_wait!r}")
         self.url = url
         self.name = name
         self.lease = lease
+        self.flow_wait = flow_wait
         self.stream = f"cosmoflow:queue:{name}:stream"
         self.runs = f"cosmoflow:queue:{name}:runs"
+        self.passed = f"cosmoflow:queue:{name}:passed"
         self._client: redis.Redis | None = None
 
     @classmethod
-    def from_url(cls, text: str, *, lease: float = DEFAULT_LEASE) -> RunQueue:
+    def from_url(
+        cls, text: str, *, lease: float = DEFAULT_LEASE, flow_wait: float = DEFAULT_FLOW_WAIT
+    ) -> RunQueue:
         """The queue ``redis://HOST:PORT[/DB]/NAME`` names: NAME is the last path part."""
         parts = urlsplit(text)
         head, _, name = parts.path.rpartition("/")
         if parts.scheme not in ("redis", "rediss") or not parts.netloc or not name:
             raise ValueError(f"queue {text!r}: expected redis://HOST[:PORT][/DB]/NAME")
-        return cls(urlunsplit(parts._replace(path=head)), name, lease=lease)
+        return cls(urlunsplit(parts._replace(path=head)), name, lease=lease, flow_wait=flow_wait)
 
     def __repr__(self) -> str:
         return f"RunQueue({_redacted(self.url)!r}, {self.name!r})"
+
+    @property
+    def address(self) -> str:
+        """The queue's URL, ``redis://HOST:PORT[/DB]/NAME``, without a password."""
+        return f"{_redacted(self.url)}/{self.name}"
 
     def lease_key(self, run_id: str) -> str:
         """The key of ``run_id``'s lease (its value names the worker holding it)."""
@@ -181,14 +247,17 @@ class RunQueue:
                 raise
 
     async def aclose(self) -> None:
-        """Close the connections; the next call connects again."""
-        client, self._client = self._client, None
-        if client is not None:
-            await trio.to_thread.run_sync(client.close)
+        """Let go of the server: its connections stay in the process's pool (see
+        ``RedisStorage``). Does not block."""
+        self._client = None
+        await trio.lowlevel.checkpoint()
 
     def _connected(self) -> redis.Redis:
+        """The client, on connections whose socket waits are longer than a worker's
+        longest blocking read."""
         if self._client is None:
-            self._client = _client(self.url, self.lease)
+            timeout = max(10.0, 3 * self.lease)
+            self._client = shared_client(self.url, timeout, "RunQueue")
         return self._client
 
     async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -261,6 +330,7 @@ async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
     it reads them; raises StorageError when the server cannot be reached)."""
     queue = as_queue(queue)
     raw: dict[bytes, bytes] = await queue.call("HGETALL", queue.runs)
+    passed = await _passed_over(queue)
     runs = []
     for key, data in sorted(raw.items()):
         run_id = key.decode()
@@ -282,9 +352,72 @@ async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
                 lease_left,
                 info.get("attempts", 0),
                 info.get("error"),
+                passed.get(run_id, ()),
             )
         )
     return runs
+
+
+async def _passed_over(queue: RunQueue) -> dict[str, tuple[str, ...]]:
+    """The workers that passed each run over (lacking its flow), by run id."""
+    raw: dict[bytes, bytes] = await queue.call("HGETALL", queue.passed)
+    return {_text(key): tuple(json.loads(value)["by"]) for key, value in raw.items()}
+
+
+async def leases_checked(storage: Storage, runs: Iterable[RunRecord]) -> list[RunRecord]:
+    """``runs``, the durable runs recorded in ``storage``, with what their queue says.
+
+    A running run that a worker of a queue claimed can be checked when ``storage`` is
+    a RedisStorage on the queue's server (the same host, port and database in the
+    URLs): it gets the worker holding its lease as ``owner`` and the seconds the lease
+    has left, or the state "orphaned" when no worker holds it (the worker died, was cut
+    off or dropped the run; the queue gives it to another worker). Every other run is
+    returned as it is. Blocks while it reads the leases; raises StorageError when the
+    server cannot be reached.
+    """
+    checked = []
+    for run in runs:
+        queue = _queue_of(storage, run)
+        if queue is not None:
+            try:
+                run = await _with_lease(queue, run)
+            finally:
+                await queue.aclose()
+        checked.append(run)
+    return checked
+
+
+def _queue_of(storage: Storage, run: RunRecord) -> RunQueue | None:
+    """The queue holding the lease of ``run``, reached through ``storage``'s server;
+    None unless ``run`` is running for a queue on that server."""
+    if run.state != "running" or run.queue is None or not isinstance(storage, RedisStorage):
+        return None
+    server, _, name = run.queue.rpartition("/")
+    here = _server(storage.url)
+    if here is None or _server(server) != here:
+        return None
+    return RunQueue(storage.url, name)
+
+
+async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
+    """``run`` with its lease's holder and time left, or orphaned if it has none."""
+    holder, left_ms = await queue.script(_LEASE, [queue.lease_key(run.run_id)], [])
+    if holder is None:
+        return dataclasses.replace(run, state="orphaned", lease_left=None)
+    return dataclasses.replace(run, owner=_text(holder), lease_left=max(0, left_ms) / 1000)
+
+
+def _server(url: str) -> tuple[str, int, str] | None:
+    """The host, port and database a ``redis://`` or ``rediss://`` URL names (None for
+    another URL): two URLs naming the same ones reach the same data."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return None
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        return None
+    return parts.hostname or "localhost", port, parts.path.strip("/") or "0"
 
 
 RunStores = Callable[[str], Storage]
@@ -315,8 +448,7 @@ async def serve(
     """Run the runs of ``queue`` on ``engine``, at most ``concurrency`` at once, until
     cancelled (see :meth:`Engine.serve`). Reports the worker's name to ``task_status``
     once it reads the queue."""
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    require_positive("concurrency", concurrency)
     worker = _Worker(
         engine,
         as_queue(queue),
@@ -432,29 +564,61 @@ class _Worker:
         return _entries(reply[0][1]) if reply else []
 
     async def _claim(self, entry_id: str, run_id: str) -> _Claim | None:
-        """Take the lease of ``run_id`` (SET NX PX); None when another worker holds it,
-        the run has ended (its entry is acknowledged then) or this worker runs it still
+        """Take the lease of ``run_id`` and record it running (see ``_CLAIM``); None
+        when another worker holds it, the run has ended (its entry is acknowledged
+        then), this worker lacks its flow (it passes the run over) or runs it still
         (its lease had expired: taken again, it is renewed as before)."""
         queue = self.queue
-        info = await queue.info(run_id)
+        data = await queue.call("HGET", queue.runs, run_id)
+        info = None if data is None else _decoded_info(run_id, data)
         if info is None or info["state"] in FINISHED:
             await queue.call("XACK", queue.stream, GROUP, entry_id)
             return None
-        taken = await queue.call(
-            "SET", queue.lease_key(run_id), self.name, "NX", "PX", self.lease_ms
-        )
-        if not taken or run_id in self._running:
-            return None  # held by another worker, or by this one, which runs it still
+        lease_key = queue.lease_key(run_id)
+        if run_id in self._running:
+            await queue.call("SET", lease_key, self.name, "NX", "PX", self.lease_ms)
+            return None
         flow = self.flows.get(info["flow"])
+        if flow is None:
+            await self._pass_over(entry_id, run_id, info)
+            return None
         running = {**info, "state": "running", "owner": self.name}
         running["attempts"] = info.get("attempts", 0) + 1
-        if flow is None:
-            known = ", ".join(sorted(self.flows)) or "none"
-            error = f"CosmoFlowError: worker {self.name} has no flow {info['flow']!r} ({known})"
-            await self._finish(entry_id, run_id, {**running, "state": "failed", "error": error})
+        encoded = json.dumps(running)
+        taken = await queue.script(
+            _CLAIM,
+            [lease_key, queue.runs, queue.passed],
+            [self.name, self.lease_ms, run_id, data, encoded],
+        )
+        if not taken:
             return None
-        await queue.call("HSET", queue.runs, run_id, json.dumps(running))
         return _Claim(entry_id, run_id, flow, info.get("params", {}), running)
+
+    async def _pass_over(self, entry_id: str, run_id: str, info: dict[str, Any]) -> None:
+        """Leave ``run_id``, whose flow this worker lacks, to the other workers: note
+        this worker among those that passed it over and give its entry back, idle for
+        a lease, so that the next worker to look for expired leases takes it over.
+        Fail the run instead once workers have passed it over for ``flow_wait``
+        seconds. Leave it alone while a worker holds its lease."""
+        queue = self.queue
+        lease_key = queue.lease_key(run_id)
+        now = time.time()
+        reply = await queue.script(_PASS_OVER, [queue.passed, lease_key], [run_id, self.name, now])
+        if reply is None:
+            return
+        passed = json.loads(reply)
+        waited = now - passed["since"]
+        if waited < queue.flow_wait:
+            idle = ["IDLE", self.lease_ms]
+            await queue.call("XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, *idle)
+            return
+        if await queue.call("SET", lease_key, self.name, "NX", "PX", self.lease_ms):
+            error = (
+                f"CosmoFlowError: no worker took flow {info['flow']!r} in {waited:.1f} s "
+                f"(passed over by {', '.join(passed['by'])}; flow_wait={queue.flow_wait:g} s)"
+            )
+            failed = {**info, "state": "failed", "owner": self.name, "error": error}
+            await self._finish(entry_id, run_id, failed)
 
     async def run_claimed(self, claim: _Claim, slots: trio.Semaphore) -> None:
         """Run (or resume) the claimed run while renewing its lease; record its outcome
@@ -486,8 +650,10 @@ class _Worker:
         lease. A node's own error (StorageError included) fails the run."""
         with scope:
             try:
+                storage = self.stores(claim.run_id)
+                await self._own_record(storage, claim)
                 done = await self.engine.resume(
-                    claim.flow, self.stores(claim.run_id), run_id=claim.run_id, params=claim.params
+                    claim.flow, storage, run_id=claim.run_id, params=claim.params
                 )
             except Exception as exc:
                 if _conflict(exc) or isinstance(exc, StorageError):
@@ -495,6 +661,19 @@ class _Worker:
                 return {"state": "failed", "error": describe_error(exc)}
             return {"state": "succeeded", "error": None, "result": _result_info(done)}
         return None
+
+    async def _own_record(self, storage: Storage, claim: _Claim) -> None:
+        """Name this worker and its queue in the run's record (written first if the run
+        has none yet), so that the store tells who runs it. Blocks while ``storage``
+        opens and commits; raises StorageError when it cannot."""
+        owner = {"worker": self.name, "queue": self.queue.address}
+
+        def named(stored: Any) -> Any:
+            return durability.owned(stored, claim.run_id, claim.flow.name, claim.params, owner)
+
+        await storage.open()
+        await storage.update(durability.record_key(claim.run_id), named, None)
+        await storage.commit()
 
     async def _renew(self, run_id: str, scope: trio.CancelScope) -> None:
         """Renew the lease of ``run_id`` every third of a lease; cancel ``scope`` (the
@@ -600,19 +779,6 @@ def _text(value: bytes | str) -> str:
 def _call(client: redis.Redis, *args: Any) -> Any:
     """Send one command (blocks)."""
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def _client(url: str, lease: float) -> redis.Redis:
-    """A client for ``url`` whose socket waits are longer than a worker's longest
-    blocking read. Does not block."""
-    try:
-        import redis
-    except ImportError as exc:
-        raise StorageError(
-            "RunQueue needs the redis package: pip install 'cosmoflow-actors[redis]'"
-        ) from exc
-    timeout = max(10.0, 3 * lease)
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 def _redacted(url: str) -> str:

@@ -8,7 +8,8 @@ trio token. Cancelling the attempt (run cancel, timeout) force-cancels the Ray t
 does not wait for it.
 
 Retries, backoff, timeout, rate limits and the fallback stay the engine's; Ray retries a
-task only when its worker process is lost (``RAY_SYSTEM_RETRIES`` times).
+task only when its worker process is lost: ``ray_options["max_retries"]`` times, by
+default ``RAY_SYSTEM_RETRIES``.
 
 Ray is imported only here, and only when a flow has a "ray" node.
 """
@@ -30,7 +31,8 @@ from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.node import Node
 
 RAY_SYSTEM_RETRIES = 3
-"""Times Ray resubmits a task whose worker process died (not when exec raises)."""
+"""Times Ray resubmits a task whose worker process died (not when exec raises), unless
+the node's ``ray_options`` set ``max_retries``."""
 LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
@@ -87,8 +89,8 @@ class OnRay:
         self._node = cloudpickle.dumps(node)
         self._node_ref: Any = None
         self._options: dict[str, Any] = {
-            **(node.ray_options or {}),
             "max_retries": RAY_SYSTEM_RETRIES,
+            **(node.ray_options or {}),
             "retry_exceptions": False,
         }
         self._remote: Any = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -27,6 +28,10 @@ MAX_UPDATE_ATTEMPTS: Final = 1000
 _deadline: ContextVar[float | None] = ContextVar("cosmoflow_redis_deadline", default=None)
 """When the RedisStorage call running in this task must end (trio time), None outside
 one: every round trip of the call shares it (see :meth:`RedisStorage._bounded`)."""
+
+_pools: dict[tuple[str, float], redis.ConnectionPool] = {}
+"""The process's pools of connections, by server URL and timeout (see
+:func:`shared_client`)."""
 
 T = TypeVar("T")
 
@@ -54,11 +59,17 @@ class RedisStorage(DatabaseStorage):
     ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only). Keys
     come back from :meth:`keys` in the server's order, not insertion order.
 
+    Instances with the same ``url`` and ``timeout`` share one pool of connections in a
+    process, whatever their namespace: a call takes a connection for one command or
+    transaction and gives it back, so many namespaces (a worker's runs each have one)
+    need no more connections than calls in flight.
+
     ``timeout`` bounds every call, connecting included: a call that has not finished
     within ``timeout`` seconds, all its round trips and its wait for an earlier call of
     the same instance together, raises :class:`~cosmoflow_actors.StorageError`. The
-    instance then drops its connections and connects afresh on the next call. A write
-    in flight when the time ran out may still be applied, if the server reads it later.
+    instance then leaves the connection of that call behind and takes another on the
+    next call. A write in flight when the time ran out may still be applied, if the
+    server reads it later.
 
     Every call to the server runs in a worker thread (``trio.to_thread``, one at a time
     per instance), which cancellation does not interrupt (the timeout does). Connection
@@ -81,6 +92,11 @@ class RedisStorage(DatabaseStorage):
 
     def __repr__(self) -> str:
         return f"RedisStorage({_redacted(self._url)!r}, namespace={self._namespace!r})"
+
+    @property
+    def url(self) -> str:
+        """The URL of the server (as given, password included)."""
+        return self._url
 
     @property
     def namespace(self) -> str:
@@ -227,21 +243,19 @@ class RedisStorage(DatabaseStorage):
                 await self._in_thread(self._exec, pipe, ops)
 
     async def aclose(self) -> None:
-        """Drop staged writes and close the connections; the next call reconnects."""
+        """Drop staged writes and let go of the server: its connections stay in the
+        process's pool for other instances. The next call checks the namespace again.
+        Does not block."""
         self._staged.reset()
-        client, self._client = self._client, None
-        if client is not None:
-            await self._in_thread(client.close)
+        self._client = None
+        await trio.lowlevel.checkpoint()
 
     async def _connected(self) -> redis.Redis:
-        """Return the client, connecting and checking the namespace the first time."""
+        """Return the client, checking the namespace the first time (which connects,
+        unless the pool holds a connection to the server already)."""
         if self._client is None:
-            client = _client(self._url, self._timeout)
-            try:
-                await self._in_thread(self._claim, client)
-            except BaseException:
-                client.close()
-                raise
+            client = shared_client(self._url, self._timeout, "RedisStorage")
+            await self._in_thread(self._claim, client)
             self._client = client
         return self._client
 
@@ -333,14 +347,18 @@ class RedisStorage(DatabaseStorage):
     @asynccontextmanager
     async def _pipeline(self, client: redis.Redis) -> AsyncIterator[Pipeline]:
         """A transactional pipeline, reset at exit in the worker thread so that its
-        connection goes back to the pool unwatched; not reset when the call ran out of
-        time, since its client is dropped then."""
+        connection goes back to the pool unwatched. When the call ran out of time, its
+        abandoned thread may still use the connection: a task of its own resets the
+        pipeline once that thread has ended."""
         pipe = client.pipeline(transaction=True)
+        limiter = self._limiter
         try:
             yield pipe
         finally:
-            if self._client is client:
+            if self._limiter is limiter:
                 await self._in_thread(pipe.reset)
+            else:
+                trio.lowlevel.spawn_system_task(_reset_after, pipe, limiter)
 
     @contextmanager
     def _bounded(self) -> Iterator[None]:
@@ -383,13 +401,22 @@ class RedisStorage(DatabaseStorage):
         )
 
     def _abandon(self) -> None:
-        """Drop the client and the limiter that the abandoned worker thread holds: the
-        next call connects afresh. Closing the client shuts its sockets down, which ends
-        the thread's wait. Does not block."""
-        client, self._client = self._client, None
+        """Leave the abandoned worker thread its limiter and start a new one, so the
+        next call need not wait for that thread. The thread ends by itself once its
+        socket times out (``timeout``), and its connection is dropped then; the next
+        call takes another one from the pool and checks the namespace again. Does not
+        block."""
+        self._client = None
         self._limiter = trio.CapacityLimiter(1)
-        if client is not None:
-            client.close()
+
+
+async def _reset_after(pipe: Pipeline, limiter: trio.CapacityLimiter) -> None:
+    """Reset ``pipe`` once the abandoned thread using it has ended (that thread holds
+    ``limiter`` until then), so that its connection goes back to the pool unwatched.
+    Blocks in a worker thread; an error (the server is still away) drops the
+    connection instead."""
+    with contextlib.suppress(Exception):  # nothing waits for this clean-up's outcome
+        await trio.to_thread.run_sync(pipe.reset, limiter=limiter, abandon_on_cancel=True)
 
 
 def _call(connection: redis.Redis | Pipeline, *args: Any) -> Any:
@@ -397,18 +424,30 @@ def _call(connection: redis.Redis | Pipeline, *args: Any) -> Any:
     return connection.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
-def _client(url: str, timeout: float) -> redis.Redis:
-    """Return a client for ``url``; it connects on first use. Does not block."""
+def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
+    """A client for ``url`` on the process's one pool of connections for ``url`` and
+    ``timeout`` (the socket timeout, connecting included): clients of one server share
+    its connections. Connects on first use; does not block.
+
+    Raises StorageError naming ``user`` when the redis package is missing, and one
+    naming the URL (without its password) when it is not a Redis URL.
+    """
     try:
         import redis
     except ImportError as exc:
         raise StorageError(
-            "RedisStorage needs the redis package: pip install 'cosmoflow-actors[redis]'"
+            f"{user} needs the redis package: pip install 'cosmoflow-actors[redis]'"
         ) from exc
-    try:
-        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-    except ValueError as exc:
-        raise StorageError(f"not a Redis URL: {_redacted(url)!r} ({exc})") from exc
+    pool = _pools.get((url, timeout))
+    if pool is None:
+        try:
+            pool = redis.ConnectionPool.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except ValueError as exc:
+            raise StorageError(f"not a Redis URL: {_redacted(url)!r} ({exc})") from exc
+        _pools[url, timeout] = pool
+    return redis.Redis(connection_pool=pool)
 
 
 def _redacted(url: str) -> str:

@@ -1,0 +1,39 @@
+"""Tests for :mod:`cosmoflow_actors.validation`, and for the modules that use it."""
+
+from __future__ import annotations
+
+import pytest
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.validation import require_positive
+
+
+@pytest.mark.parametrize("value", [1, 2, 10**9])
+def test_an_int_of_one_or_more_passes(value: int) -> None:
+    require_positive("size", value)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.0, True, "3", None])
+def test_anything_else_is_refused_naming_the_setting_and_the_value(value: object) -> None:
+    with pytest.raises(ValueError) as info:
+        require_positive("size", value)
+    assert str(info.value) == f"size must be an int >= 1, got {value!r}"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"mailbox_size": 0}, "mailbox_size must be an int >= 1, got 0"),
+        ({"max_runs": True}, "max_runs must be an int >= 1, got True"),
+    ],
+)
+async def test_open_engine_checks_its_sizes(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        async with cf.open_engine(**settings):  # type: ignore[arg-type]
+            pass
+
+
+async def test_a_worker_checks_its_concurrency() -> None:
+    async with cf.open_engine() as engine:
+        with pytest.raises(ValueError, match="concurrency must be an int >= 1, got 0"):
+            await engine.serve("redis://127.0.0.1:1/q", [], "redis://127.0.0.1:1", concurrency=0)
