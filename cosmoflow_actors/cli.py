@@ -65,7 +65,6 @@ from cosmoflow_actors.runtime.queue import (
     FINISHED,
     QueuedRun,
     RunQueue,
-    leases_checked,
     per_run_redis,
     queue_status,
     submit,
@@ -766,9 +765,8 @@ def _inspect_command(args: argparse.Namespace) -> int:
 
 
 async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
-    """Every key and value of ``storage`` and its durable runs, read through an engine;
-    the runs of a queue's workers with their leases, where the store can tell (see
-    ``leases_checked``).
+    """Every key and value of ``storage`` and its durable runs, read through an engine
+    (the runs of a queue's workers with their leases, where the store can tell).
 
     The engine closes the store once it is read (a FileStorage folds its journal into
     its snapshot then; the data stays the same).
@@ -777,7 +775,7 @@ async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]
         await _open_store(engine, storage)
         contents = await _contents(engine, storage)
         runs = await engine.list_runs(storage)
-    return contents, await leases_checked(storage, runs)
+    return contents, runs
 
 
 def _runs_table(runs: list[RunRecord]) -> Table:

@@ -209,16 +209,18 @@ class Engine:
         return run
 
     async def list_runs(self, store: Storage | dict[str, Any]) -> list[RunRecord]:
-        """The durable runs recorded in ``store``, with their state, last node and steps."""
+        """The durable runs recorded in ``store``, with their state, last node and steps,
+        and, for a run a queue's worker claimed, its owner; a running one is "orphaned"
+        when the store is on the queue's server and no worker holds its lease (see
+        ``queue.leases_checked``). Blocks while it reads."""
         storage = as_storage(store)
         actor = await self._stores.acquire(storage)
         try:
             records = await actor.records(storage)
         finally:
             self._stores.release(actor)
-        return [
-            RunRecord.of(durability.checked_record(key, value)) for key, value in records.items()
-        ]
+        runs = [RunRecord.of(durability.checked_record(k, v)) for k, v in records.items()]
+        return await run_queue.leases_checked(storage, runs)
 
     async def _drive(self, run: Run, first: Step | None) -> FlowResult:
         """Carry ``run`` from ``first`` in this task while its nodes are idle (see
