@@ -246,9 +246,15 @@ async def test_statistics_cover_every_actor() -> None:
     assert (stats.runs_started, stats.runs_succeeded, stats.runs_in_flight) == (1, 1, 0)
 
 
+class OwnActorStorage(cf.MemoryStorage):
+    """A memory storage served by an actor of its own, like a file or a database."""
+
+    shared_actor = False
+
+
 async def test_runs_on_one_backend_share_one_store_actor_until_the_last_ends() -> None:
     gate = Gate()
-    store = cf.MemoryStorage()
+    store = OwnActorStorage()
     async with cf.open_engine() as engine:
         first = await engine.start_run(single(gate), store)
         second = await engine.start_run(single(gate), store)
@@ -259,6 +265,20 @@ async def test_runs_on_one_backend_share_one_store_actor_until_the_last_ends() -
         await second.wait()
         await trio.testing.wait_all_tasks_blocked()
         assert [a for a in engine.statistics().actors if a.kind == "store"] == []
+
+
+async def test_the_memory_store_actor_serves_every_memory_run_until_the_engine_closes() -> None:
+    """The engine-wide memory actor is not retired between runs: later runs reach the
+    same actor (its counters go on), and none waits for it to restart."""
+    flow = single(Recorder())
+    async with cf.open_engine() as engine:
+        await engine.run(flow, {})
+        await trio.testing.wait_all_tasks_blocked()
+        [first] = [a for a in engine.statistics().actors if a.kind == "store"]
+        await engine.run(flow, {})
+        [second] = [a for a in engine.statistics().actors if a.kind == "store"]
+    assert first.name == second.name == "store:memory"
+    assert 0 < first.messages_processed < second.messages_processed
 
 
 class GatedFileStorage(cf.FileStorage):

@@ -62,6 +62,8 @@ class StoreActor(Actor[StoreRequest]):
         self.open_error: StorageError | None = None
         """Why the backend could not be opened, for every run that waited for it."""
         self.exited = trio.Event()
+        self.shared = storage is None
+        """Whether it serves every ``shared_actor`` backend (memory storage) of the engine."""
         self._handlers: dict[StoreOp, Handler] = {
             StoreOp.GET: self._get,
             StoreOp.CONTAINS: self._contains,

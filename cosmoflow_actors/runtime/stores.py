@@ -1,8 +1,9 @@
 """The engine's store actors: one per storage backend in use, shared by its runs.
 
-Every memory storage is served by one engine-wide actor (``Storage.shared_actor``);
-any other backend gets an actor of its own, started (and its backend opened) on first
-use and retired when its last user is done. A later user of a retiring backend waits
+Every memory storage is served by one engine-wide actor (``Storage.shared_actor``),
+started on first use and kept until the engine closes; any other backend gets an actor
+of its own, started (and its backend opened) on first use and retired when its last
+user is done. A later user of a retiring backend waits
 for the old actor to exit, so two actors never serve one backend at once; so does the
 first user of another instance over the same file (``storage.path``), whose opening
 must see the old actor's last commit.
@@ -85,7 +86,7 @@ class StoreRegistry:
         key = _key(storage)
         actor = self._actors.get(key)
         if storage.shared_actor:
-            if actor is None or actor.retiring:
+            if actor is None:
                 actor = self._new(key, storage)
                 self._nursery.start_soon(self._run, actor, key)
         elif actor is None or not actor.serving or actor.retiring:
@@ -94,9 +95,11 @@ class StoreRegistry:
         return actor
 
     def release(self, actor: StoreActor) -> None:
-        """One use of ``actor`` ended; the last one retires it. Never blocks."""
+        """One use of ``actor`` ended; the last one retires it, unless it is the shared
+        actor (it has no backend to close: it serves until the engine closes, so a
+        stream of runs never waits for it to restart). Never blocks."""
         actor.users -= 1
-        if actor.users == 0:
+        if actor.users == 0 and not actor.shared:
             actor.retire()
 
     def _in_the_way(self, key: object, storage: Storage) -> StoreActor | None:
