@@ -261,16 +261,18 @@ class Engine:
         durable; return it with its first step to send (None when the run is over, or
         a resumed one's branches were sent on).
 
-        Always one checkpoint first, and no other unless it must wait. A caller waiting
-        for admission has built nothing yet (it holds only its arguments).
+        A checkpoint: admission is one (it parks while ``max_runs`` runs are in flight),
+        else one is taken; no other unless it must wait. A caller waiting for admission
+        has built nothing yet (it holds only its arguments).
         """
-        await trio.lowlevel.checkpoint()
         _check_flow(flow)
         if self._events.congested:
             await self._events.wait_for_room()
         admission = None if child else self._admission
         if admission is not None:
-            await _acquire(admission)
+            await admission.acquire()
+        else:
+            await trio.lowlevel.checkpoint()
         try:
             storage = as_storage(store)
             if durable is None:
@@ -644,14 +646,6 @@ async def _send(run: Run, step: Step) -> None:
     except BaseException:
         run.cancel()
         raise
-
-
-async def _acquire(semaphore: trio.Semaphore) -> None:
-    """Acquire ``semaphore``, yielding to the scheduler only if it must wait."""
-    try:
-        semaphore.acquire_nowait()
-    except trio.WouldBlock:
-        await semaphore.acquire()
 
 
 def _check_flow(flow: object) -> None:
