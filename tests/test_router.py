@@ -689,6 +689,31 @@ def plain_hop_flows() -> dict[str, cf.Flow]:
         .add_route("a", "a", "again")
         .max_steps(5)
         .build(),
+        "nested": cf.Flow.builder("hop-nested")
+        .add_node("a", StepLog())
+        .add_node(
+            "inner",
+            cf.Flow.builder("hop-inner")
+            .add_node("x", StepLog(cf.Action.with_params("next", m=2)))
+            .add_node("y", StepLog("out"))
+            .add_route("x", "y", "next")
+            .build(),
+        )
+        .add_node("z", StepLog())
+        .add_route("a", "inner")
+        .add_route("inner", "z", "out")
+        .build(),
+        "nested capped loop": cf.Flow.builder("hop-nested-loop")
+        .add_node(
+            "inner",
+            cf.Flow.builder("hop-inner-loop")
+            .add_node("x", StepLog("again"))
+            .add_route("x", "x", "again")
+            .max_steps(3)
+            .build(),
+        )
+        .max_steps(50)
+        .build(),
     }
 
 
@@ -707,7 +732,7 @@ async def test_a_plain_hop_routes_as_the_full_decision() -> None:
     async with cf.open_engine() as engine:
         flows = plain_hop_flows()
         with_hops = {name: await outcome(engine, flow) for name, flow in flows.items()}
-        assert len(engine._router._hops) == 3
+        assert len(engine._router._hops) == 6
         engine._router._hops.clear()
         full = {name: await outcome(engine, flow) for name, flow in flows.items()}
     assert with_hops == full
@@ -717,6 +742,10 @@ async def test_a_plain_hop_routes_as_the_full_decision() -> None:
         ("c", "hop-chain:3", {}),
     ]
     assert full["capped loop"][0] == "MaxStepsExceeded"
+    assert full["nested"][1] == ("a", "x", "y", "z")
+    assert full["nested"][3][2][2] == {"m": 2}
+    assert full["nested capped loop"][0] == "MaxStepsExceeded"
+    assert len(full["nested capped loop"][2]) == 3
 
 
 async def test_the_router_learns_only_plain_hops() -> None:

@@ -147,19 +147,19 @@ class Router(Actor[Routing]):
         return decision.result if decision.result is not None else decision.steps
 
     def _plain_hop(self, outcome: StepDone) -> Step | None:
-        """The next step when ``outcome`` takes a plain hop (see :meth:`learn`) from
-        its run's top flow; else None. Raises MaxStepsExceeded as :func:`enter` does.
+        """The next step when ``outcome`` takes a plain hop (see :meth:`learn`) in the
+        branch's innermost flow; else None. Raises MaxStepsExceeded as :func:`enter`
+        does.
 
         Invariant: for a plain hop :class:`_Decision` would find the one route, take
         it (no condition, no join, no nested flow to enter or leave) and :func:`enter`
         the node; this moves the branch there and counts the step the same way.
         """
-        branch = outcome.branch
-        frames = branch.frames
         action = outcome.action
-        if len(frames) != 1 or action.is_complete:
+        if action.is_complete:
             return None
-        frame = frames[0]
+        branch = outcome.branch
+        frame = branch.frames[-1]
         actor = self._hops.get((frame.flow, outcome.node_id, action.name))
         if actor is None:
             return None

@@ -217,8 +217,6 @@ class SharedStore:
 
     async def _get(self, key: str, default: Any, type: Any) -> Any:
         value = await self._service.request(StoreOp.GET, self._storage, key, default)
-        if type is None:
-            return value
         return _typed(key, value, default, type)
 
     async def _set(self, key: str, value: Any) -> None:
