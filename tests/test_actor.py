@@ -164,3 +164,17 @@ def test_an_actor_that_is_not_serving_or_has_mail_is_not_idle() -> None:
         8,
     )
     assert stats.max_concurrency is None
+
+
+def test_try_enter_takes_a_slot_only_when_the_actor_is_idle() -> None:
+    actor = Plain("plain", mailbox_size=8, max_concurrency=2)
+    assert not actor.try_enter()  # not serving yet
+    actor.serving = True
+    assert actor.try_enter()
+    assert actor.try_enter()
+    assert not actor.try_enter()  # both slots taken
+    assert actor.busy == 2
+    assert actor.leave() is None
+    actor.mailbox.put_nowait("waiting")
+    assert not actor.try_enter()  # a free slot, but a message waits before
+    assert actor.busy == 1

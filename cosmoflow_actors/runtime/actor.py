@@ -152,6 +152,14 @@ class Actor(Generic[M]):
         """Take a slot for a message about to be handled. Never blocks."""
         self.busy += 1
 
+    def try_enter(self) -> bool:
+        """Take a slot if the actor is :attr:`idle`; return whether it did (the message
+        may then be handled at once). Never blocks."""
+        if not self.idle:
+            return False
+        self.busy += 1
+        return True
+
     def leave(self) -> M | None:
         """Free the slot of a message whose handling ended; if messages wait, take the
         slot again for the oldest and return it (its handling is the caller's to

@@ -229,8 +229,7 @@ class Engine:
         wait until the backend is closed (a FileStorage is then compacted into its JSON
         file)."""
         try:
-            if first is not None and first.actor.idle:
-                first.actor.enter()
+            if first is not None and first.actor.try_enter():
                 with trio.CancelScope() as scope:
                     await carry(first, scope)
             elif first is not None:

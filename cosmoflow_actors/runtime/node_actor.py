@@ -114,8 +114,7 @@ class NodeActor(Actor[Step]):
     async def send(self, step: Step) -> None:
         """Deliver ``step``: to a worker at once when the actor is idle, else to the
         mailbox. Blocks (a checkpoint) only while the mailbox is full."""
-        if self.idle:
-            self.enter()
+        if self.try_enter():
             self._dispatch(step)
             return
         await self.mailbox.put(step)
@@ -123,8 +122,7 @@ class NodeActor(Actor[Step]):
 
     def send_nowait(self, step: Step) -> None:
         """Like :meth:`send`; raises trio.WouldBlock instead of waiting. Never blocks."""
-        if self.idle:
-            self.enter()
+        if self.try_enter():
             self._dispatch(step)
             return
         self.mailbox.put_nowait(step)
@@ -479,7 +477,6 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
         # The caller of engine.run may have been cancelled during the step, with no
         # checkpoint since: the next step must not start.
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not step.actor.idle:
+        if not step.actor.try_enter():
             await step.actor.send(step)
             return
-        step.actor.enter()
