@@ -31,6 +31,7 @@ import cosmoflow_actors as cf
 from cosmoflow_actors.storage.file import FileStorage
 from cosmoflow_actors.storage.redis import RedisStorage
 from cosmoflow_actors.storage.sqlite import SQLiteStorage
+from tests.support import received_until
 
 READY_TIMEOUT = 30.0
 """Seconds redis-server may take to report that it accepts connections."""
@@ -178,11 +179,7 @@ async def holder(command: list[str], ready: bytes) -> AsyncIterator[trio.Process
     )
     assert process.stdin is not None and process.stdout is not None
     try:
-        output = b""
-        while not output.endswith(b"\n"):
-            chunk = await process.stdout.receive_some()
-            assert chunk, f"{command[:3]} exited before it was ready: {output!r}"
-            output += chunk
+        output = await received_until(process.stdout, b"\n", f"{command[:3]}")
         assert output == ready + b"\n"
         yield process
     finally:

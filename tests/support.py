@@ -44,6 +44,17 @@ class Gate(cf.Node):
             self.inside -= 1
 
 
+async def received_until(stream: trio.abc.ReceiveStream, marker: bytes, sender: str) -> bytes:
+    """Read ``stream`` until ``marker`` has arrived; return all that was read. Fails the
+    test, naming ``sender`` and showing what came, if the stream ends first."""
+    received = b""
+    while marker not in received:
+        chunk = await stream.receive_some()
+        assert chunk, f"{sender} ended before {marker!r} arrived: {received!r}"
+        received += chunk
+    return received
+
+
 def single(node: cf.Node, name: str = "single") -> cf.Flow:
     """A flow of one node."""
     return cf.Flow.builder(name).add_node("only", node).build()

@@ -25,6 +25,7 @@ import trio.testing
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.queue import RunQueue, leases_checked, per_run_redis
 from tests.storage_suite import RedisServer, free_port
+from tests.support import received_until
 
 ROOT = Path(__file__).parent.parent
 
@@ -409,11 +410,7 @@ async def persistent_redis(directory: Path, port: int) -> trio.Process:
     command += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(directory)]
     process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
     assert process.stdout is not None
-    output = b""
-    while b"Ready to accept connections" not in output:
-        chunk = await process.stdout.receive_some()
-        assert chunk, f"redis-server exited before it was ready: {output!r}"
-        output += chunk
+    await received_until(process.stdout, b"Ready to accept connections", "redis-server")
     return process
 
 
@@ -519,11 +516,7 @@ async def worker_process(
     process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=env)
     assert process.stdout is not None
     try:
-        output = b""
-        while not output.endswith(b"\n"):
-            chunk = await process.stdout.receive_some()
-            assert chunk, f"worker {name} exited before it was ready: {output!r}"
-            output += chunk
+        output = await received_until(process.stdout, b"\n", f"worker {name}")
         assert output.startswith(f"worker {name} serving {queue.name}".encode())
         yield process
     finally:

@@ -26,7 +26,7 @@ import trio
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.ray_executor import LOCAL_RAY_ENV
 from tests.storage_suite import free_port
-from tests.support import single
+from tests.support import received_until, single
 from tests.test_executor import Square
 
 ROOT = Path(__file__).parent.parent
@@ -175,11 +175,7 @@ def _port(listener: trio.SocketListener) -> int:
 async def _next_exec(listener: trio.SocketListener) -> tuple[trio.SocketStream, int]:
     """Accept the next exec's connection; return it and the pid the exec sent."""
     stream = await listener.accept()
-    received = b""
-    while not received.endswith(b"\n"):
-        chunk = await stream.receive_some()
-        assert chunk, "the exec closed its connection before sending its pid"
-        received += chunk
+    received = await received_until(stream, b"\n", "the exec's connection")
     return stream, int(received)
 
 
@@ -386,11 +382,7 @@ async def ray_head(port: int, env: dict[str, str]) -> AsyncIterator[trio.Process
     )
     assert process.stdout is not None
     try:
-        output = b""
-        while b"Ray runtime started" not in output:
-            chunk = await process.stdout.receive_some()
-            assert chunk, f"ray start exited: {output.decode(errors='replace')}"
-            output += chunk
+        await received_until(process.stdout, b"Ray runtime started", "ray start")
         yield process
     finally:
         process.terminate()
