@@ -214,9 +214,7 @@ class NodeActor(Actor[Step]):
             action = await self._phases(run, ctx)
             keys = run.condition_keys
             values = await ctx.store.get_many(keys) if keys else _NO_VALUES
-            durability = run.durability
-            if durability.durable:
-                await durability.commit(run, step.branch, self.node_id, action, ctx.store)
+            await run.durability.commit(run, step.branch, self.node_id, action, ctx.store)
         except RUN_FAILURES as exc:
             return StepFailed(run, step.branch, self.node_id, exc)
         return StepDone(run, step.branch, self.node_id, action, values)

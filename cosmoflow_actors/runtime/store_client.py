@@ -102,11 +102,7 @@ class SharedStore:
         if not made:
             return True
         for call in made:
-            # A call that ran to its end has no frame left: only the others need a look.
-            if (
-                getattr(call, "cr_frame", None) is not None
-                and inspect.getcoroutinestate(call) == "CORO_CREATED"
-            ):
+            if _never_started(call):
                 return False
         made.clear()
         return True
@@ -116,7 +112,7 @@ class SharedStore:
         awaited, described as ``"set('k')"``; each is closed (it will never run), and
         all are forgotten. Never blocks."""
         made = self._made or []
-        lost = [call for call in made if inspect.getcoroutinestate(call) == "CORO_CREATED"]
+        lost = [call for call in made if _never_started(call)]
         made.clear()
         described = [_describe(call) for call in lost]
         for call in lost:
@@ -376,6 +372,15 @@ def as_type(key: str, value: Any, expected: Any) -> Any:
 
 def _type_name(value: Any) -> str:
     return getattr(value, "__qualname__", None) or repr(value)
+
+
+def _never_started(call: Coroutine[Any, Any, Any]) -> bool:
+    """Whether ``call`` was never awaited. A call that ran to its end has no frame left,
+    so only the others need a look."""
+    return (
+        getattr(call, "cr_frame", None) is not None
+        and inspect.getcoroutinestate(call) == "CORO_CREATED"
+    )
 
 
 def _describe(call: Coroutine[Any, Any, Any]) -> str:
