@@ -62,8 +62,6 @@ class StoreActor(Actor[StoreRequest]):
         self.open_error: StorageError | None = None
         """Why the backend could not be opened, for every run that waited for it."""
         self.exited = trio.Event()
-        self.shared = storage is None
-        """Whether it serves every ``shared_actor`` backend (memory storage) of the engine."""
         self._handlers: dict[StoreOp, Handler] = {
             StoreOp.GET: self._get,
             StoreOp.CONTAINS: self._contains,
@@ -78,6 +76,12 @@ class StoreActor(Actor[StoreRequest]):
             StoreOp.COMMIT_STEP: self._commit_step,
             StoreOp.RECORDS: self._records,
         }
+
+    @property
+    def shared(self) -> bool:
+        """Whether it serves every ``shared_actor`` backend (memory storage) of the
+        engine, rather than one backend of its own."""
+        return self._storage is None
 
     def handle(self, storage: Storage) -> SharedStore:
         """A SharedStore whose calls this actor serves against ``storage``."""
