@@ -11,6 +11,7 @@ context they get has no store access.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,28 +39,24 @@ def exec_call(node: Node, workers: trio_parallel.WorkerContext | None) -> ExecCa
         return _InProcess(node, workers)
     if node.executor == "ray":
         return OnRay(node)
-    if inspect.iscoroutinefunction(node.exec):
-        coroutine_exec: ExecCall = node.exec
-        return coroutine_exec
-    return _Inline(node)
+    return as_coroutine_function(node.exec)
+
+
+def as_coroutine_function(method: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """A node method as a coroutine function: the method itself when it is an ``async
+    def``; else one that calls it on the trio thread (see :func:`call`)."""
+    if inspect.iscoroutinefunction(method):
+        return method
+    return functools.partial(call, method)
 
 
 async def call(method: Callable[..., Any], *args: Any) -> Any:
-    """Call a node method that may be plain or async; return its result."""
+    """Call a node method that may be plain or async (or return an awaitable); return
+    its result."""
     result = method(*args)
     if hasattr(result, "__await__"):
         return await result
     return result
-
-
-class _Inline:
-    """A plain ``def exec`` (or one returning an awaitable), on the trio thread."""
-
-    def __init__(self, node: Node) -> None:
-        self._exec = node.exec
-
-    async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
-        return await call(self._exec, prep_res, ctx)
 
 
 class _InThread:

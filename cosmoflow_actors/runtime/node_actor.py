@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final
 
 import outcome
 import trio
@@ -31,7 +31,7 @@ from cosmoflow_actors.events import EventHub, Fallback, Retry, StepFinished, Ste
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
 from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode
 from cosmoflow_actors.runtime.actor import Actor
-from cosmoflow_actors.runtime.executor import ExecCall, call, exec_call
+from cosmoflow_actors.runtime.executor import ExecCall, as_coroutine_function, call, exec_call
 from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import Step, StepDone, StepFailed
 from cosmoflow_actors.runtime.run import Run
@@ -79,6 +79,8 @@ class NodeActor(Actor[Step]):
         self.node = node
         self._router = router
         self.rate = RateLimiter(*node.rate_limit) if node.rate_limit else None
+        self._prep = as_coroutine_function(node.prep)
+        self._post = as_coroutine_function(node.post)
         self._exec_call = exec_call(node, workers)
         self._attempt: ExecCall = self._exec_call
         """One exec attempt: the executor's call itself, unless the node has a rate
@@ -204,7 +206,10 @@ class NodeActor(Actor[Step]):
                 outcome = await self._outcome(step, ctx)
         finally:
             scopes.remove(scope)
-        return await self._router.route(outcome, scope)
+        steps = self._router.route_now(outcome)
+        if steps is None:
+            steps = await self._router.route(outcome, scope)
+        return steps
 
     async def _outcome(self, step: Step, ctx: ExecutionContext) -> StepDone | StepFailed:
         """Run prep, exec and post, read the route conditions' values and commit a
@@ -255,44 +260,46 @@ class NodeActor(Actor[Step]):
         return spans.step_span(ctx)
 
     async def _phases(self, run: Run, ctx: ExecutionContext) -> Action:
-        """prep → exec → post; the action post returned, resolved against the store."""
-        node = self.node
+        """prep → exec → post; the action post returned, resolved against the store.
+
+        Each phase's errors, and its store calls never awaited, fail the step with a
+        NodeError naming the phase.
+        """
         store = ctx.store
-        prep_res = await self._user_call("prep", ctx, node.prep, store, ctx)
+        try:
+            prep_res = await self._prep(store, ctx)
+        except Exception as exc:
+            raise self._failed("prep", ctx) from exc
+        self._check_awaited("prep", ctx)
         if self.batch:
             exec_res = await self._exec_batch(run, prep_res, ctx)
         else:
             exec_res = await self._exec(prep_res, ctx)
-        if not store.all_awaited():
-            self._lost_calls("exec", ctx)
-        post_res = await self._user_call("post", ctx, node.post, store, prep_res, exec_res, ctx)
+        self._check_awaited("exec", ctx)
+        try:
+            post_res = await self._post(store, prep_res, exec_res, ctx)
+        except Exception as exc:
+            raise self._failed("post", ctx) from exc
+        self._check_awaited("post", ctx)
         action = as_action(post_res, self.node_id)
         if action.is_conditional:
             action = action.resolve(await store.get_many(action.condition_keys()))
         return action
 
-    async def _user_call(
-        self, phase: str, ctx: ExecutionContext, method: Callable[..., Any], *args: Any
-    ) -> Any:
-        """Call prep or post (plain or async); its errors become a NodeError."""
-        try:
-            result = method(*args)
-            if hasattr(result, "__await__"):
-                result = await result
-        except Exception as exc:
-            raise NodeError(self.node_id, phase, ctx.run_id, 1) from exc
-        if not ctx.store.all_awaited():
-            self._lost_calls(phase, ctx)
-        return result
+    def _failed(self, phase: str, ctx: ExecutionContext, attempts: int = 1) -> NodeError:
+        """The error that fails the step in ``phase`` (raise it from its cause)."""
+        return NodeError(self.node_id, phase, ctx.run_id, attempts)
 
-    def _lost_calls(self, phase: str, ctx: ExecutionContext) -> NoReturn:
-        """Fail the step: store calls made in ``phase`` were never awaited."""
+    def _check_awaited(self, phase: str, ctx: ExecutionContext) -> None:
+        """Fail the step if store calls made in ``phase`` were never awaited."""
+        if ctx.store.all_awaited():
+            return
         calls = ", ".join(f"store.{call}" for call in ctx.store.unawaited())
         error = RuntimeError(
             f"{calls} in {phase} of node {self.node_id!r} was never awaited "
             "(a coroutine: write `await store...`); nothing was done"
         )
-        raise NodeError(self.node_id, phase, ctx.run_id, 1) from error
+        raise self._failed(phase, ctx) from error
 
     def _step_started(self, ctx: ExecutionContext) -> float:
         """Emit StepStarted; return its time."""
@@ -360,26 +367,34 @@ class NodeActor(Actor[Step]):
         try:
             return await _all_or_first_error(self.max_concurrency, jobs)
         except Exception as exc:
-            raise NodeError(self.node_id, "exec", ctx.run_id, 1) from exc
+            raise self._failed("exec", ctx) from exc
 
     async def _exec(self, prep_res: Any, ctx: ExecutionContext) -> Any:
-        """Attempt exec up to ``max_retries`` times, then fall back."""
+        """One exec attempt; if it fails, the retries and the fallback (:meth:`_retry`)."""
+        try:
+            return await self._attempt(prep_res, ctx)
+        except Exception as exc:
+            return await self._retry(prep_res, exc, ctx)
+
+    async def _retry(self, prep_res: Any, error: Exception, ctx: ExecutionContext) -> Any:
+        """After the first attempt failed with ``error``: attempt exec again until
+        ``max_retries`` attempts were made or an error is not retryable, then fall back."""
         node = self.node
         delay = node.retry_delay
-        attempt = 0
-        while True:
+        attempt = 1
+        while attempt < node.max_retries and self._retryable(error):
+            if self._events.active:
+                now = trio.current_time()
+                self._events.emit(Retry(ctx.run_id, now, self.node_id, attempt, error, delay))
+            await trio.sleep(delay)
+            delay *= node.backoff
             ctx.current_retry = attempt
+            attempt += 1
             try:
                 return await self._attempt(prep_res, ctx)
             except Exception as exc:
-                attempt += 1
-                if attempt == node.max_retries or not self._retryable(exc):
-                    return await self._fallback(prep_res, exc, ctx, attempt)
-                if self._events.active:
-                    now = trio.current_time()
-                    self._events.emit(Retry(ctx.run_id, now, self.node_id, attempt, exc, delay))
-            await trio.sleep(delay)
-            delay *= node.backoff
+                error = exc
+        return await self._fallback(prep_res, error, ctx, attempt)
 
     async def _limited_attempt(self, prep_res: Any, ctx: ExecutionContext) -> Any:
         """One exec attempt, after the rate limit allows it, within the timeout.
@@ -412,7 +427,7 @@ class NodeActor(Actor[Step]):
         try:
             return await call(self.node.exec_fallback, prep_res, error, ctx)
         except Exception as exc:
-            raise NodeError(self.node_id, "exec", ctx.run_id, attempts) from exc
+            raise self._failed("exec", ctx, attempts) from exc
 
 
 async def _all_or_first_error(

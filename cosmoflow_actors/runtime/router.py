@@ -71,9 +71,10 @@ class Router(Actor[Routing]):
         ``scope`` (the one its step ran in) is in the run's scopes: if the run ends
         meanwhile, the wait is cancelled.
         """
+        steps = self.route_now(outcome)
+        if steps is not None:
+            return steps
         run = outcome.run
-        if self.idle and not run.durability.durable:
-            return self.route_now(outcome)
         reply: Reply[list[Step]] = Reply()
         if scope is not None:
             run.scopes.append(scope)
@@ -84,19 +85,23 @@ class Router(Actor[Routing]):
             if scope is not None:
                 run.scopes.remove(scope)
 
-    def route_now(self, outcome: Outcome) -> list[Step]:
-        """Direct dispatch: route ``outcome`` in the caller's task.
+    def route_now(self, outcome: Outcome) -> list[Step] | None:
+        """Direct dispatch: route ``outcome`` in the caller's task if the router is
+        idle and the run is not durable, and return the steps (as :meth:`route`);
+        else None (the outcome must go through :meth:`route`). Never blocks.
 
-        Invariant: the caller found the router idle and the run is not durable, so
-        deciding and ending the run never wait; no other outcome can be handled, or
-        queued, in between, so the serial order holds without the router's slot being
-        taken, and the result is the one the router's task would give. Never blocks.
+        Invariant: with the router idle and the run not durable, deciding and ending
+        the run never wait; no other outcome can be handled, or queued, in between,
+        so the serial order holds without the router's slot being taken, and the
+        result is the one the router's task would give.
         """
+        run = outcome.run
+        if not self.idle or run.durability.durable:
+            return None
         self.messages_processed += 1
         decision = self._decide(outcome)
         if isinstance(decision, list):
             return decision
-        run = outcome.run
         if isinstance(decision, FlowResult):
             run.succeed(decision)
         else:
