@@ -282,3 +282,38 @@ async def test_store_calls_awaited_later_or_in_a_nursery_do_not_fail_the_run(
     result = await flow.run(storage, run_id=run_id)
     assert result.result == [1, 2, 3]
     assert await stored(storage) == {"gathered": True, "n": 3, "seen": 1}
+
+
+async def every_call(store: cf.SharedStore) -> list[Any]:
+    """Every SharedStore call, on a store holding ``{"old": 0}``; the answers."""
+    seen: list[Any] = [await store.get("old"), await store.contains("old")]
+    await store.set("a", 1)
+    await store.set_many({"b": [1, 2], "c": "x"})
+    seen += [await store.get("a"), await store.get("a", type=int), await store.keys()]
+    seen += [await store.update("a", lambda n: n + 1), await store.update("n", len, "ab")]
+    seen += [await store.get_many(["a", "old", "missing"]), await store.size()]
+    seen += [await store.delete("a"), await store.delete("a"), await store.contains("a")]
+    seen += [await store.get("a", "fallback"), await store.size()]
+    await store.clear()
+    seen += [await store.keys(), await store.get("old", None)]
+    await store.set("after", True)
+    return seen
+
+
+async def test_a_durable_steps_staged_handle_answers_as_a_plain_handle(tmp_path: Path) -> None:
+    """A durable step's handle stages its writes and reads them back: every call
+    answers what it answers on memory storage, and the commit stores the same."""
+    memory: dict[str, Any] = {"old": 0}
+    plain = await in_run(every_call, memory)
+    path = tmp_path / "store.json"
+    await in_run(lambda store: store.set("old", 0), cf.FileStorage(path))
+
+    @cf.node
+    async def step(ctx: cf.ExecutionContext) -> cf.Action:
+        return cf.Action.complete(await every_call(ctx.store))
+
+    flow = cf.Flow.builder("staged").add_node("step", step).build()
+    result = await flow.run(cf.FileStorage(path), run_id="durable")
+    assert result.result == plain
+    stored = await in_run(lambda store: store.get_many(["old", "a", "after"]), cf.FileStorage(path))
+    assert stored == memory == {"after": True}

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import outcome
 import trio
@@ -270,17 +270,20 @@ class NodeActor(Actor[Step]):
             prep_res = await self._prep(store, ctx)
         except Exception as exc:
             raise self._failed("prep", ctx) from exc
-        self._check_awaited("prep", ctx)
+        if not store.all_awaited():
+            self._lost_calls("prep", ctx)
         if self.batch:
             exec_res = await self._exec_batch(run, prep_res, ctx)
         else:
             exec_res = await self._exec(prep_res, ctx)
-        self._check_awaited("exec", ctx)
+        if not store.all_awaited():
+            self._lost_calls("exec", ctx)
         try:
             post_res = await self._post(store, prep_res, exec_res, ctx)
         except Exception as exc:
             raise self._failed("post", ctx) from exc
-        self._check_awaited("post", ctx)
+        if not store.all_awaited():
+            self._lost_calls("post", ctx)
         action = as_action(post_res, self.node_id)
         if action.is_conditional:
             action = action.resolve(await store.get_many(action.condition_keys()))
@@ -290,10 +293,8 @@ class NodeActor(Actor[Step]):
         """The error that fails the step in ``phase`` (raise it from its cause)."""
         return NodeError(self.node_id, phase, ctx.run_id, attempts)
 
-    def _check_awaited(self, phase: str, ctx: ExecutionContext) -> None:
-        """Fail the step if store calls made in ``phase`` were never awaited."""
-        if ctx.store.all_awaited():
-            return
+    def _lost_calls(self, phase: str, ctx: ExecutionContext) -> NoReturn:
+        """Fail the step: store calls made in ``phase`` were never awaited."""
         calls = ", ".join(f"store.{call}" for call in ctx.store.unawaited())
         error = RuntimeError(
             f"{calls} in {phase} of node {self.node_id!r} was never awaited "

@@ -127,14 +127,16 @@ class SharedStore:
         """Pickled (for a worker process) it becomes a detached handle."""
         return (_detached, (self.name,))
 
+    def _call(self, op: StoreOp, key: str, argument: Any) -> Call[Any]:
+        """The coroutine of one request to the service (it does nothing until awaited),
+        remembered in a step handle."""
+        return self._made_now(self._service.request(op, self._storage, key, argument))
+
     def _made_now(self, call: Call[T]) -> Call[T]:
         """Remember ``call`` in a step handle; return it unchanged."""
         if self._made is not None:
             self._made.append(call)
         return call
-
-    # The public methods make the coroutine of the call and remember it in a step
-    # handle; the ``_``-prefixed coroutines do the work (StagedStore overrides them).
 
     @overload
     def get(self, key: str, default: Any = ..., *, type: None = None) -> Call[Any]: ...
@@ -150,7 +152,9 @@ class SharedStore:
         StoreTypeError is raised.
         """
         check_key(key)
-        return self._made_now(self._get(key, default, type))
+        if type is None:
+            return self._call(StoreOp.GET, key, default)
+        return self._made_now(self._typed_get(key, default, type))
 
     def set(self, key: str, value: Any) -> Call[None]:
         """Store ``value`` under ``key``; return once the write is committed (in a
@@ -159,7 +163,7 @@ class SharedStore:
         Keys under ``__cosmoflow__/`` belong to the engine: StorageError.
         """
         check_user_key(key)
-        return self._made_now(self._set(key, value))
+        return self._call(StoreOp.SET, key, value)
 
     def update(self, key: str, function: Callable[[Any], Any], default: Any = MISSING) -> Call[Any]:
         """Atomically replace the value of ``key`` with ``function(value)``; return it.
@@ -173,81 +177,47 @@ class SharedStore:
         concurrent updates are never lost (``function`` must be pure).
         """
         check_user_key(key)
-        return self._made_now(self._update(key, function, default))
+        return self._call(StoreOp.UPDATE, key, (function, default))
 
     def delete(self, key: str) -> Call[bool]:
         """Remove ``key``; return whether it was there."""
         check_user_key(key)
-        return self._made_now(self._delete(key))
+        return self._call(StoreOp.DELETE, key, None)
 
     def contains(self, key: str) -> Call[bool]:
         """Return whether ``key`` is stored."""
         check_key(key)
-        return self._made_now(self._contains(key))
+        return self._call(StoreOp.CONTAINS, key, None)
 
     def keys(self) -> Call[list[str]]:
         """Return every key."""
-        return self._made_now(self._keys())
+        return self._call(StoreOp.KEYS, "", None)
 
     def size(self) -> Call[int]:
         """Return the number of keys."""
-        return self._made_now(self._size())
+        return self._call(StoreOp.SIZE, "", None)
 
     def clear(self) -> Call[None]:
         """Remove every key."""
-        return self._made_now(self._clear())
+        return self._call(StoreOp.CLEAR, "", None)
 
     def get_many(self, keys: Iterable[str]) -> Call[dict[str, Any]]:
         """Return ``{key: value}`` for those of ``keys`` that are stored (one request)."""
         wanted = list(keys)
         for key in wanted:
             check_key(key)
-        return self._made_now(self._get_many(wanted))
+        return self._call(StoreOp.GET_MANY, "", wanted)
 
     def set_many(self, mapping: Mapping[str, Any]) -> Call[None]:
         """Store every item in one request, all or nothing."""
         items = dict(mapping)
         for key in items:
             check_user_key(key)
-        return self._made_now(self._set_many(items))
+        return self._call(StoreOp.SET_MANY, "", items)
 
-    async def _get(self, key: str, default: Any, type: Any) -> Any:
+    async def _typed_get(self, key: str, default: Any, expected: Any) -> Any:
         value = await self._service.request(StoreOp.GET, self._storage, key, default)
-        return _typed(key, value, default, type)
-
-    async def _set(self, key: str, value: Any) -> None:
-        await self._service.request(StoreOp.SET, self._storage, key, value)
-
-    async def _update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
-        return await self._service.request(StoreOp.UPDATE, self._storage, key, (function, default))
-
-    async def _delete(self, key: str) -> bool:
-        existed: bool = await self._service.request(StoreOp.DELETE, self._storage, key, None)
-        return existed
-
-    async def _contains(self, key: str) -> bool:
-        found: bool = await self._service.request(StoreOp.CONTAINS, self._storage, key, None)
-        return found
-
-    async def _keys(self) -> list[str]:
-        keys: list[str] = await self._service.request(StoreOp.KEYS, self._storage, "", None)
-        return keys
-
-    async def _size(self) -> int:
-        size: int = await self._service.request(StoreOp.SIZE, self._storage, "", None)
-        return size
-
-    async def _clear(self) -> None:
-        await self._service.request(StoreOp.CLEAR, self._storage, "", None)
-
-    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
-        found: dict[str, Any] = await self._service.request(
-            StoreOp.GET_MANY, self._storage, "", keys
-        )
-        return found
-
-    async def _set_many(self, items: dict[str, Any]) -> None:
-        await self._service.request(StoreOp.SET_MANY, self._storage, "", items)
+        return _typed(key, value, default, expected)
 
     def __repr__(self) -> str:
         return f"<SharedStore {self.name}>"
@@ -255,20 +225,39 @@ class SharedStore:
 
 @final
 class StagedStore(SharedStore):
-    """The handle of a durable run's step: writes are staged, reads see them.
+    """The handle of a durable run's step: its requests go to a :class:`Staging` that
+    keeps its writes back (:attr:`ops`) until the node actor commits the step with the
+    run's record; its reads see them."""
 
-    Reads of keys the step has not written go to the store; writes stay here until
-    the node actor commits the step (:attr:`ops`) with the run's record.
-    """
-
-    __slots__ = ("_cleared", "_values", "ops")
+    __slots__ = ("ops",)
 
     def __init__(self, base: SharedStore) -> None:
-        super().__init__(base._service, base._storage, base.name, [])
+        staging = Staging(base._service)
+        super().__init__(staging, base._storage, base.name, [])
+        self.ops = staging.ops
+        """The staged writes, in order."""
+
+
+@final
+class Staging:
+    """The service of a durable step's handle: writes are staged, in order, and reads
+    see them; reads of keys the step has not written go to ``service``."""
+
+    def __init__(self, service: StoreService) -> None:
+        self._service = service
         self._values: dict[str, Any] = {}
         self._cleared = False
         self.ops: list[StagedOp] = []
-        """The staged writes, in order."""
+
+    async def request(self, op: StoreOp, storage: Storage, key: str, argument: Any) -> Any:
+        """Stage a write, or answer a read from the staged writes and the store.
+        Blocks only while a read waits for the store."""
+        handler = _STAGED[op]
+        return await handler(self, storage, key, argument)
+
+    async def _stored(self, op: StoreOp, storage: Storage, key: str, argument: Any) -> Any:
+        """What the store answers (the step's writes aside)."""
+        return await self._service.request(op, storage, key, argument)
 
     def _lookup(self, key: str) -> Any:
         """The staged value, _ABSENT if the step removed it, else _UNKNOWN."""
@@ -280,53 +269,55 @@ class StagedStore(SharedStore):
         self.ops.append(op)
         self._values[key] = value
 
-    async def _get(self, key: str, default: Any, type: Any) -> Any:
+    async def _get(self, storage: Storage, key: str, default: Any) -> Any:
         staged = self._lookup(key)
         if staged is _UNKNOWN:
-            return await super()._get(key, default, type)
-        if staged is _ABSENT:
-            if default is MISSING:
-                raise StoreKeyError(key)
-            return default
-        return _typed(key, staged, default, type)
+            return await self._stored(StoreOp.GET, storage, key, default)
+        if staged is not _ABSENT:
+            return staged
+        if default is MISSING:
+            raise StoreKeyError(key)
+        return default
 
-    async def _set(self, key: str, value: Any) -> None:
+    async def _set(self, storage: Storage, key: str, value: Any) -> None:
         self._stage(("set", key, value), key, value)
 
-    async def _update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
-        new = function(await self._get(key, default, None))
-        self._stage(("update", key, (function, default)), key, new)
+    async def _update(self, storage: Storage, key: str, argument: Any) -> Any:
+        function, default = argument
+        new = function(await self._get(storage, key, default))
+        self._stage(("update", key, argument), key, new)
         return new
 
-    async def _delete(self, key: str) -> bool:
-        existed = await self._contains(key)
+    async def _delete(self, storage: Storage, key: str, _: Any) -> bool:
+        existed = await self._contains(storage, key, None)
         self._stage(("delete", key, None), key, _ABSENT)
         return existed
 
-    async def _contains(self, key: str) -> bool:
+    async def _contains(self, storage: Storage, key: str, _: Any) -> bool:
         staged = self._lookup(key)
         if staged is _UNKNOWN:
-            return await super()._contains(key)
+            found: bool = await self._stored(StoreOp.CONTAINS, storage, key, None)
+            return found
         return staged is not _ABSENT
 
-    async def _keys(self) -> list[str]:
-        stored = [] if self._cleared else await super()._keys()
+    async def _keys(self, storage: Storage, _: str, __: Any) -> list[str]:
+        stored = [] if self._cleared else await self._stored(StoreOp.KEYS, storage, "", None)
         seen = [key for key in stored if self._values.get(key) is not _ABSENT]
         known = set(stored)
         added = [k for k, v in self._values.items() if v is not _ABSENT and k not in known]
         return seen + added
 
-    async def _size(self) -> int:
-        return len(await self._keys())
+    async def _size(self, storage: Storage, _: str, __: Any) -> int:
+        return len(await self._keys(storage, "", None))
 
-    async def _clear(self) -> None:
+    async def _clear(self, storage: Storage, _: str, __: Any) -> None:
         self.ops.append(("clear", "", None))
         self._values.clear()
         self._cleared = True
 
-    async def _get_many(self, keys: list[str]) -> dict[str, Any]:
+    async def _get_many(self, storage: Storage, _: str, keys: list[str]) -> dict[str, Any]:
         unknown = [key for key in keys if self._lookup(key) is _UNKNOWN]
-        stored = await super()._get_many(unknown) if unknown else {}
+        stored = await self._stored(StoreOp.GET_MANY, storage, "", unknown) if unknown else {}
         found: dict[str, Any] = {}
         for key in keys:
             value = self._lookup(key)
@@ -336,9 +327,24 @@ class StagedStore(SharedStore):
                 found[key] = value
         return found
 
-    async def _set_many(self, items: dict[str, Any]) -> None:
+    async def _set_many(self, storage: Storage, _: str, items: dict[str, Any]) -> None:
         for key, value in items.items():
             self._stage(("set", key, value), key, value)
+
+
+_STAGED: Final[dict[StoreOp, Callable[..., Coroutine[Any, Any, Any]]]] = {
+    StoreOp.GET: Staging._get,
+    StoreOp.CONTAINS: Staging._contains,
+    StoreOp.KEYS: Staging._keys,
+    StoreOp.SIZE: Staging._size,
+    StoreOp.GET_MANY: Staging._get_many,
+    StoreOp.SET: Staging._set,
+    StoreOp.SET_MANY: Staging._set_many,
+    StoreOp.UPDATE: Staging._update,
+    StoreOp.DELETE: Staging._delete,
+    StoreOp.CLEAR: Staging._clear,
+}
+"""How a :class:`Staging` answers each request a step's handle makes."""
 
 
 _NOWHERE: Final = MemoryStorage()
@@ -384,8 +390,11 @@ def _never_started(call: Coroutine[Any, Any, Any]) -> bool:
 
 
 def _describe(call: Coroutine[Any, Any, Any]) -> str:
-    """``"set('k')"`` for the coroutine of a store call."""
+    """``"set('k')"`` for the coroutine of a store call: a request to the handle's
+    service, or a typed get."""
     assert isinstance(call, CoroutineType) and call.cr_frame is not None
-    name = call.cr_code.co_name.lstrip("_")
-    key = call.cr_frame.f_locals.get("key")
-    return f"{name}({key!r})" if isinstance(key, str) else f"{name}()"
+    arguments = call.cr_frame.f_locals
+    op = arguments.get("op", StoreOp.GET)
+    key = arguments.get("key")
+    name = op.name.lower()
+    return f"{name}({key!r})" if key else f"{name}()"
