@@ -38,6 +38,28 @@ async def test_thread_runs_in_a_worker_thread_of_this_process() -> None:
     assert thread != threading.get_ident()
 
 
+class ReturnsAwaitables(cf.Node):
+    """Plain ``def`` phases that return store calls: the engine awaits what they return."""
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        return store.get("n")
+
+    def exec(self, n: int, ctx: cf.ExecutionContext) -> Any:
+        return ctx.store.get("step", n)
+
+    def post(
+        self, store: cf.SharedStore, prep_res: int, exec_res: int, ctx: cf.ExecutionContext
+    ) -> Any:
+        return store.set("sum", prep_res + exec_res)
+
+
+async def test_a_plain_phase_returning_an_awaitable_has_it_awaited() -> None:
+    data: dict[str, Any] = {"n": 2, "step": 3}
+    result = await single(ReturnsAwaitables()).run(data)
+    assert result.success
+    assert data["sum"] == 5
+
+
 class Square(cf.Node):
     executor = "process"
 
