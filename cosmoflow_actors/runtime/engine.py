@@ -41,6 +41,7 @@ from cosmoflow_actors.progress import Progress
 from cosmoflow_actors.runtime import durability, ray_executor
 from cosmoflow_actors.runtime import queue as run_queue
 from cosmoflow_actors.runtime.actor import Actor
+from cosmoflow_actors.runtime.admission import Admission
 from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun, RunRecord
 from cosmoflow_actors.runtime.messages import Step
 from cosmoflow_actors.runtime.node_actor import NodeActor, carry
@@ -80,7 +81,7 @@ class Engine:
         self._nursery = nursery
         self._mailbox_size = mailbox_size
         self.max_runs = max_runs
-        self._admission = trio.Semaphore(max_runs) if max_runs is not None else None
+        self._admission = Admission(max_runs) if max_runs is not None else None
         self._router = Router(self._node_actor, mailbox_size)
         self._node_actors: dict[tuple[Flow, str], NodeActor] = {}
         self._registered: set[Flow] = set()
