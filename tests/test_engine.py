@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -434,6 +435,32 @@ async def test_max_runs_bounds_the_runs_in_flight(autojump_clock: trio.testing.M
                 with pytest.raises(trio.WouldBlock):
                     engine.start_run_nowait(flow)
     assert started == [0, 0, 5, 5, 10]
+
+
+class Arrivals(cf.Node):
+    """Records each run's ``index`` param as its step starts, then waits for ``open``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = trio.Event()
+        self.order: list[int] = []
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self.order.append(ctx.params["index"])
+        await self.open.wait()
+
+
+async def test_callers_waiting_for_max_runs_start_in_order_and_hold_no_exception() -> None:
+    arrivals = Arrivals()
+    flow = single(arrivals, "bounded")
+    async with cf.open_engine(max_runs=1) as engine, trio.open_nursery() as nursery:
+        for index in range(4):
+            nursery.start_soon(partial(engine.run, flow, params={"index": index}))
+            await trio.testing.wait_all_tasks_blocked()
+        held = [o for o in gc.get_objects() if isinstance(o, trio.WouldBlock)]
+        assert (engine.statistics().runs_in_flight, held) == (1, [])
+        arrivals.open.set()
+    assert arrivals.order == [0, 1, 2, 3]
 
 
 async def test_open_engine_rejects_a_bad_max_runs() -> None:

@@ -17,7 +17,6 @@ from typing import Any, Final, TypeVar, final
 
 import trio
 import trio_parallel
-from trio_util import AsyncValue
 
 from cosmoflow_actors.errors import (
     ActorCrashedError,
@@ -42,6 +41,7 @@ from cosmoflow_actors.progress import Progress
 from cosmoflow_actors.runtime import durability, ray_executor
 from cosmoflow_actors.runtime import queue as run_queue
 from cosmoflow_actors.runtime.actor import Actor
+from cosmoflow_actors.runtime.admission import Admission
 from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun, RunRecord
 from cosmoflow_actors.runtime.messages import Step
 from cosmoflow_actors.runtime.node_actor import NodeActor, carry
@@ -81,7 +81,7 @@ class Engine:
         self._nursery = nursery
         self._mailbox_size = mailbox_size
         self.max_runs = max_runs
-        self._admission = trio.Semaphore(max_runs) if max_runs is not None else None
+        self._admission = Admission(max_runs) if max_runs is not None else None
         self._router = Router(self._node_actor, mailbox_size)
         self._node_actors: dict[tuple[Flow, str], NodeActor] = {}
         self._registered: set[Flow] = set()
@@ -93,12 +93,14 @@ class Engine:
         self._ray_connecting = trio.Lock()
         self._events = EventHub()
         self._runs: dict[str, Run] = {}
-        self._in_flight = AsyncValue(0)
+        """The runs in flight, by id."""
+        self._idle: trio.Event | None = None
+        """Set when the last run in flight ends; made only while :meth:`_wait_idle`
+        waits for that."""
         self._closed = False
         self._closed_event = trio.Event()
         self._progress = Progress()
-        self._counts = dict.fromkeys(RunState, 0)
-        self._started = 0
+        """The run counts (also those of :meth:`statistics`)."""
         self._on_finish = self._finished
         """One bound method shared by every run (made once, not once per run)."""
         self._run_ids = _run_ids()
@@ -181,9 +183,10 @@ class Engine:
         on a persistent storage) reads and writes its record in a task of the engine's
         before its first step.
         """
+        _check_flow(flow)
         storage = as_storage(store)
         durable = run_id is not None and storage.persistent
-        run_id = self._check_start(flow, run_id)
+        run_id = self._check_start(run_id)
         if self._workers is None and _needs_workers(flow):
             raise trio.WouldBlock("the flow's worker processes are not set up yet")
         if not self._ray_connected and _needs_workers(flow, "ray"):
@@ -276,7 +279,7 @@ class Engine:
             storage = as_storage(store)
             if durable is None:
                 durable = run_id is not None and storage.persistent
-            run_id = self._check_start(flow, run_id)
+            run_id = self._check_start(run_id)
             await self._register(flow)
             actor = await self._stores.acquire(storage)
         except BaseException:
@@ -351,10 +354,9 @@ class Engine:
     def _first_step(self, run: Run, params: Mapping[str, Any] | None) -> Step:
         return self._router.first_step(run, dict(params or {}))
 
-    def _check_start(self, flow: Flow, run_id: str | None) -> str:
+    def _check_start(self, run_id: str | None) -> str:
         """The run's id (a fresh one if None); refuses a closed engine and an id in
         flight."""
-        _check_flow(flow)
         if self._closed:
             raise RuntimeError("the engine is closed")
         run_id = next(self._run_ids) if run_id is None else run_id
@@ -374,9 +376,7 @@ class Engine:
         keys = self._condition_keys[flow]
         run = Run(run_id, flow, actor, storage, on_finish, NOT_DURABLE, keys)
         self._runs[run_id] = run
-        self._started += 1
         self._progress.run_started()
-        self._in_flight.value += 1
         if self._events.active:
             self._events.emit(RunStarted(run_id, run.started_at, flow.name))
         return run
@@ -430,11 +430,12 @@ class Engine:
             *self._node_actors.values(),
             *self._stores.actors(),
         ]
+        counts = self._progress.snapshot()
         return EngineStatistics(
-            runs_started=self._started,
-            runs_succeeded=self._counts[RunState.SUCCEEDED],
-            runs_failed=self._counts[RunState.FAILED],
-            runs_cancelled=self._counts[RunState.CANCELLED],
+            runs_started=counts.started,
+            runs_succeeded=counts.succeeded,
+            runs_failed=counts.failed,
+            runs_cancelled=counts.cancelled,
             runs_in_flight=len(self._runs),
             actors=tuple(actor.statistics() for actor in actors),
         )
@@ -542,15 +543,20 @@ class Engine:
     def _child_finished(self, run: Run) -> None:
         """Called once when ``run`` ends, whatever ended it."""
         del self._runs[run.run_id]
-        self._counts[run.current_state] += 1
         self._progress.run_finished(run.current_state.value)
-        self._in_flight.value -= 1
         self._stores.release(run.store_actor)
+        if not self._runs and self._idle is not None:
+            self._idle.set()
         if self._events.active:
             self._events.emit(_run_event(run))
 
     async def _wait_idle(self) -> None:
-        await self._in_flight.wait_value(0)
+        """Block until no run is in flight (a checkpoint, also when none is)."""
+        if not self._runs:
+            await trio.lowlevel.checkpoint()
+            return
+        self._idle = trio.Event()
+        await self._idle.wait()
 
     def _close(self) -> None:
         """Refuse new runs, cancel the ones still in flight, and stop every actor."""

@@ -184,8 +184,8 @@ class Run:
             self._set_state(RunState.RUNNING)
 
     def _set_state(self, state: RunState) -> None:
+        """Record ``state``; its observers (if any) see it."""
         self._state = state
-        self.finished = state.finished
         if self._observed is not None:
             self._observed.value = state
 
@@ -215,6 +215,8 @@ class Run:
 
         Does nothing if the run has already ended. Never blocks.
         """
+        if self.finished:
+            return
         self.fail(RunCancelledError(f"run {self.run_id} was cancelled"), RunState.CANCELLED)
 
     def result_of(self, action: Action, last_node_id: str, result: Any) -> FlowResult:
@@ -254,6 +256,7 @@ class Run:
 
     def _finish(self, state: RunState) -> None:
         """Record the end, cancel every step still in flight (other branches), notify."""
+        self.finished = True
         self._set_state(state)
         if self._done is not None:
             self._done.set()

@@ -1,0 +1,104 @@
+"""Admission: a bound on slots taken, FIFO waiters, and nothing held by a waiter."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import trio
+import trio.testing
+
+from cosmoflow_actors.runtime.admission import Admission
+
+
+async def test_takers_beyond_the_limit_get_freed_slots_in_arrival_order() -> None:
+    admission = Admission(2)
+    order: list[int] = []
+
+    async def take(index: int) -> None:
+        await admission.acquire()
+        order.append(index)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(6):
+            nursery.start_soon(take, index)
+            await trio.testing.wait_all_tasks_blocked()
+        assert (order, admission.waiting) == ([0, 1], 4)
+        for released in range(4):
+            admission.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == [0, 1, *range(2, 3 + released)]
+    assert admission.waiting == 0
+
+
+async def test_a_freed_slot_goes_to_a_waiter_before_a_newcomer() -> None:
+    admission = Admission(1)
+    await admission.acquire()
+    got: list[str] = []
+
+    async def take(name: str) -> None:
+        await admission.acquire()
+        got.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "waiter")
+        await trio.testing.wait_all_tasks_blocked()
+        admission.release()
+        with pytest.raises(trio.WouldBlock):
+            admission.acquire_nowait()
+        nursery.start_soon(take, "newcomer")
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == ["waiter"]
+        admission.release()
+    assert got == ["waiter", "newcomer"]
+
+
+async def test_acquire_is_a_checkpoint_even_with_a_free_slot() -> None:
+    admission = Admission(1)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await admission.acquire()
+    assert scope.cancelled_caught
+    admission.acquire_nowait()  # the cancelled acquire took no slot
+    with pytest.raises(trio.WouldBlock):
+        admission.acquire_nowait()
+
+
+async def test_a_waiter_cancelled_takes_no_slot_and_passes_its_turn_on() -> None:
+    admission = Admission(1)
+    await admission.acquire()
+    got: list[str] = []
+
+    async def take(name: str) -> None:
+        await admission.acquire()
+        got.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "first")
+        async with trio.open_nursery() as inner:
+            inner.start_soon(take, "gives up")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(take, "second")
+            await trio.testing.wait_all_tasks_blocked()
+            inner.cancel_scope.cancel()
+        assert admission.waiting == 2
+        admission.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == ["first"]
+        admission.release()
+    assert (got, admission.waiting) == (["first", "second"], 0)
+
+
+async def test_a_waiter_holds_no_exception() -> None:
+    # A trio.Semaphore's waiter keeps the WouldBlock it caught (and its traceback's
+    # frames) for as long as it waits: with many callers waiting, that is many objects
+    # for the garbage collector to walk.
+    admission = Admission(1)
+    await admission.acquire()
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(admission.acquire)
+        await trio.testing.wait_all_tasks_blocked()
+        held = [o for o in gc.get_objects() if isinstance(o, trio.WouldBlock)]
+        assert (admission.waiting, held) == (3, [])
+        nursery.cancel_scope.cancel()
