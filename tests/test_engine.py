@@ -154,6 +154,29 @@ async def test_leaving_the_engine_waits_for_started_runs() -> None:
         assert run.state.value is cf.RunState.SUCCEEDED
 
 
+async def test_every_task_waiting_for_the_engine_to_be_idle_wakes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    gate = Gate()
+    woken: list[int] = []
+
+    async def wait_idle(engine: cf.Engine, index: int) -> None:
+        await engine._wait_idle()
+        woken.append(index)
+
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(gate))
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_idle, engine, 1)
+                nursery.start_soon(wait_idle, engine, 2)
+                await trio.testing.wait_all_tasks_blocked()
+                assert woken == []
+                gate.open.set()
+        assert sorted(woken) == [1, 2]
+        assert (await run.wait()).success
+
+
 async def _open_later(gate: Gate) -> None:
     await trio.testing.wait_all_tasks_blocked()
     gate.open.set()

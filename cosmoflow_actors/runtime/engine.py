@@ -555,7 +555,8 @@ class Engine:
         if not self._runs:
             await trio.lowlevel.checkpoint()
             return
-        self._idle = trio.Event()
+        if self._idle is None or self._idle.is_set():
+            self._idle = trio.Event()
         await self._idle.wait()
 
     def _close(self) -> None:
