@@ -35,11 +35,28 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, done in seconds")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
+    parser.add_argument(
+        "--rounds",
+        type=rounds,
+        default=1,
+        help="measure each implementation this many times, in turn; keep the best",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.only.split(",")) - set(names)
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     return args
+
+
+def rounds(text: str) -> int:
+    """``--rounds``: a count of at least 1."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"--rounds must be a whole number >= 1, not {text!r}")
+    return count
 
 
 def child_env() -> dict[str, str]:
@@ -75,19 +92,33 @@ def error_line(stderr: str, returncode: int) -> str:
     return f"exit status {returncode}"
 
 
-def run_case(bench: Benchmark, case: Case, smoke: bool) -> CaseResult:
-    rows = []
-    for impl, label in bench.implementations.items():
-        result = measure(bench, case, impl, smoke)
-        seconds, value, error = result.get("seconds"), result.get("value"), result.get("error")
-        row = Row(impl, label, seconds, value, error, result.get("extra", {}))
-        rows.append(row)
-        print(
-            f"  {bench.name} {case.variant} {case.size:,} {label}: {row.summary(bench.unit)}",
-            file=sys.stderr,
-            flush=True,
-        )
-    return CaseResult(case, tuple(rows), bench.target(case))
+def run_case(bench: Benchmark, case: Case, smoke: bool, rounds: int = 1) -> CaseResult:
+    """Measure every implementation ``rounds`` times, taking turns (so a slow minute of
+    the machine hits them all alike); each keeps its best measurement."""
+    measured: dict[str, list[Row]] = {impl: [] for impl in bench.implementations}
+    for _ in range(rounds):
+        for impl, label in bench.implementations.items():
+            result = measure(bench, case, impl, smoke)
+            seconds, value, error = result.get("seconds"), result.get("value"), result.get("error")
+            row = Row(impl, label, seconds, value, error, result.get("extra", {}))
+            measured[impl].append(row)
+            print(
+                f"  {bench.name} {case.variant} {case.size:,} {label}: {row.summary(bench.unit)}",
+                file=sys.stderr,
+                flush=True,
+            )
+    rows = tuple(best(found, bench.higher_is_better) for found in measured.values())
+    return CaseResult(case, rows, bench.target(case))
+
+
+def best(rows: Sequence[Row], higher_is_better: bool) -> Row:
+    """The best of one implementation's measurements; its first error if none worked."""
+    worked = [row for row in rows if row.value is not None]
+    if not worked:
+        return rows[0]
+    if higher_is_better:
+        return max(worked, key=lambda row: row.value or 0.0)
+    return min(worked, key=lambda row: row.value or 0.0)
 
 
 def versions() -> dict[str, str | None]:
@@ -111,13 +142,13 @@ def machine() -> dict[str, Any]:
 
 
 def run_benchmark(
-    bench: Benchmark, smoke: bool, done: dict[str, list[CaseResult]]
+    bench: Benchmark, smoke: bool, done: dict[str, list[CaseResult]], rounds: int = 1
 ) -> dict[str, Any]:
     """Run every case of ``bench`` (or scale the results in ``done`` it is computed from),
     print its table, keep its results in ``done`` and return its JSON section."""
     cases = bench.cases(smoke)
     if bench.scaling_of is None:
-        results = [run_case(bench, case, smoke) for case in cases]
+        results = [run_case(bench, case, smoke, rounds) for case in cases]
     else:
         source = done[bench.scaling_of]
         results = [scaled(case, source, smoke, bench.target(case)) for case in cases]
@@ -147,14 +178,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     print(
         f"Python {info['python']}, {info['cpus']} CPUs, load average"
-        f" {info['load_average_at_start']:.2f} at start (other work skews the numbers)\n"
+        f" {info['load_average_at_start']:.2f} at start (other work skews the numbers),"
+        f" best of {args.rounds} round(s)\n"
     )
     done: dict[str, list[CaseResult]] = {}
     report = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "smoke": args.smoke,
+        "rounds": args.rounds,
         "machine": info,
-        "benchmarks": {bench.name: run_benchmark(bench, args.smoke, done) for bench in selected},
+        "benchmarks": {
+            bench.name: run_benchmark(bench, args.smoke, done, args.rounds) for bench in selected
+        },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

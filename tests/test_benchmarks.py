@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.common import Case
 from benchmarks.report import CaseResult, Row, render, scaled
-from benchmarks.runner import error_line, parse, selection
+from benchmarks.runner import best, error_line, parse, selection
 from benchmarks.suite import BENCHMARKS, PATTERNS, SCALING_BASE, TIMES, Benchmark, Bound, Target
 from benchmarks.sweep import bound
 
@@ -66,6 +66,22 @@ def test_only_accepts_known_benchmarks(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit):
         parse(["--only", "chain,nope"])
     assert "unknown benchmark(s): nope" in capsys.readouterr().err
+
+
+def test_rounds_keep_each_implementations_best_measurement(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert parse([]).rounds == 1
+    assert parse(["--rounds", "3"]).rounds == 3
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            parse(["--rounds", bad])
+        assert "--rounds must be a whole number >= 1" in capsys.readouterr().err
+    failed = Row("x", "x", None, None, "crashed")
+    rows = [failed, Row("x", "x", 1.0, 5.0), Row("x", "x", 1.0, 7.0)]
+    assert best(rows, higher_is_better=True).value == 7.0
+    assert best(rows, higher_is_better=False).value == 5.0
+    assert best([failed, Row("x", "x", None, None, "later")], higher_is_better=True) is failed
 
 
 def test_ratios_and_targets_are_computed_per_case() -> None:
