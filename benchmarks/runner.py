@@ -17,6 +17,7 @@ from typing import Any
 from benchmarks.common import Case
 from benchmarks.report import CaseResult, Row, render, scaled
 from benchmarks.suite import BENCHMARKS, Benchmark
+from cosmoflow_actors.validation import positive_int
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = PACKAGE_DIR / "results" / "latest.json"
@@ -37,7 +38,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
     parser.add_argument(
         "--rounds",
-        type=rounds,
+        type=positive_int,
         default=1,
         help="measure each implementation this many times, in turn; keep the best",
     )
@@ -46,17 +47,6 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     return args
-
-
-def rounds(text: str) -> int:
-    """``--rounds``: a count of at least 1."""
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"--rounds must be a whole number >= 1, not {text!r}")
-    return count
 
 
 def child_env() -> dict[str, str]:

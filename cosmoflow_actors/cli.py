@@ -72,6 +72,7 @@ from cosmoflow_actors.runtime.queue import (
 from cosmoflow_actors.runtime.run import Run
 from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
 from cosmoflow_actors.tracing import describe_error, format_event
+from cosmoflow_actors.validation import positive_int
 
 EVENT_BUFFER: Final = 100_000
 """Events ``--runs`` keeps for its summary before it drops some (and says so)."""
@@ -151,9 +152,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a parameter for the entry node (VALUE parsed as JSON if it can be)",
     )
-    run.add_argument("--runs", type=_positive, metavar="N", help="run N times; print a summary")
+    run.add_argument("--runs", type=positive_int, metavar="N", help="run N times; print a summary")
     run.add_argument(
-        "--concurrency", type=_positive, metavar="C", help="with --runs: at most C at once (1)"
+        "--concurrency", type=positive_int, metavar="C", help="with --runs: at most C at once (1)"
     )
     run.add_argument(
         "--run-id",
@@ -200,7 +201,7 @@ def _add_queue_commands(
         help="redis://HOST[:PORT][/DB][#PREFIX]: run R keeps its data in namespace PREFIX/R",
     )
     worker.add_argument(
-        "--concurrency", type=_positive, default=1, metavar="C", help="runs at once (1)"
+        "--concurrency", type=positive_int, default=1, metavar="C", help="runs at once (1)"
     )
     worker.add_argument(
         "--lease",
@@ -240,16 +241,6 @@ def _add_store(parser: argparse.ArgumentParser, default: str | None) -> None:
     parser.add_argument(
         "--codec", choices=["json", "pickle"], default="json", help="a persistent store's codec"
     )
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 # Loading flows and stores

@@ -11,17 +11,19 @@ import trio.testing
 from cosmoflow_actors.runtime.admission import Admission
 
 
+async def take(admission: Admission, taken: list[object], name: object) -> None:
+    """Take a slot of ``admission``, then note ``name`` in ``taken``."""
+    await admission.acquire()
+    taken.append(name)
+
+
 async def test_takers_beyond_the_limit_get_freed_slots_in_arrival_order() -> None:
     admission = Admission(2)
-    order: list[int] = []
-
-    async def take(index: int) -> None:
-        await admission.acquire()
-        order.append(index)
+    order: list[object] = []
 
     async with trio.open_nursery() as nursery:
         for index in range(6):
-            nursery.start_soon(take, index)
+            nursery.start_soon(take, admission, order, index)
             await trio.testing.wait_all_tasks_blocked()
         assert (order, admission.waiting) == ([0, 1], 4)
         for released in range(4):
@@ -34,19 +36,15 @@ async def test_takers_beyond_the_limit_get_freed_slots_in_arrival_order() -> Non
 async def test_a_freed_slot_goes_to_a_waiter_before_a_newcomer() -> None:
     admission = Admission(1)
     await admission.acquire()
-    got: list[str] = []
-
-    async def take(name: str) -> None:
-        await admission.acquire()
-        got.append(name)
+    got: list[object] = []
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(take, "waiter")
+        nursery.start_soon(take, admission, got, "waiter")
         await trio.testing.wait_all_tasks_blocked()
         admission.release()
         with pytest.raises(trio.WouldBlock):
             admission.acquire_nowait()
-        nursery.start_soon(take, "newcomer")
+        nursery.start_soon(take, admission, got, "newcomer")
         await trio.testing.wait_all_tasks_blocked()
         assert got == ["waiter"]
         admission.release()
@@ -67,18 +65,14 @@ async def test_acquire_is_a_checkpoint_even_with_a_free_slot() -> None:
 async def test_a_waiter_cancelled_takes_no_slot_and_passes_its_turn_on() -> None:
     admission = Admission(1)
     await admission.acquire()
-    got: list[str] = []
-
-    async def take(name: str) -> None:
-        await admission.acquire()
-        got.append(name)
+    got: list[object] = []
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(take, "first")
+        nursery.start_soon(take, admission, got, "first")
         async with trio.open_nursery() as inner:
-            inner.start_soon(take, "gives up")
+            inner.start_soon(take, admission, got, "gives up")
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(take, "second")
+            nursery.start_soon(take, admission, got, "second")
             await trio.testing.wait_all_tasks_blocked()
             inner.cancel_scope.cancel()
         assert admission.waiting == 2

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.validation import require_positive
+from cosmoflow_actors.validation import positive_int, require_positive
 
 
 @pytest.mark.parametrize("value", [1, 2, 10**9])
@@ -37,3 +39,11 @@ async def test_a_worker_checks_its_concurrency() -> None:
     async with cf.open_engine() as engine:
         with pytest.raises(ValueError, match="concurrency must be an int >= 1, got 0"):
             await engine.serve("redis://127.0.0.1:1/q", [], "redis://127.0.0.1:1", concurrency=0)
+
+
+def test_a_command_line_count_is_an_int_of_one_or_more() -> None:
+    assert positive_int("3") == 3
+    for text in ("0", "-2", "1.5", "many"):
+        with pytest.raises(argparse.ArgumentTypeError) as info:
+            positive_int(text)
+        assert str(info.value) == f"expected an integer >= 1, got {text!r}"
