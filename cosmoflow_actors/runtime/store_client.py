@@ -255,10 +255,6 @@ class Staging:
         handler = _STAGED[op]
         return await handler(self, storage, key, argument)
 
-    async def _stored(self, op: StoreOp, storage: Storage, key: str, argument: Any) -> Any:
-        """What the store answers (the step's writes aside)."""
-        return await self._service.request(op, storage, key, argument)
-
     def _lookup(self, key: str) -> Any:
         """The staged value, _ABSENT if the step removed it, else _UNKNOWN."""
         if key in self._values:
@@ -272,7 +268,7 @@ class Staging:
     async def _get(self, storage: Storage, key: str, default: Any) -> Any:
         staged = self._lookup(key)
         if staged is _UNKNOWN:
-            return await self._stored(StoreOp.GET, storage, key, default)
+            return await self._service.request(StoreOp.GET, storage, key, default)
         if staged is not _ABSENT:
             return staged
         if default is MISSING:
@@ -296,12 +292,14 @@ class Staging:
     async def _contains(self, storage: Storage, key: str, _: Any) -> bool:
         staged = self._lookup(key)
         if staged is _UNKNOWN:
-            found: bool = await self._stored(StoreOp.CONTAINS, storage, key, None)
+            found: bool = await self._service.request(StoreOp.CONTAINS, storage, key, None)
             return found
         return staged is not _ABSENT
 
     async def _keys(self, storage: Storage, _: str, __: Any) -> list[str]:
-        stored = [] if self._cleared else await self._stored(StoreOp.KEYS, storage, "", None)
+        stored: list[str] = []
+        if not self._cleared:
+            stored = await self._service.request(StoreOp.KEYS, storage, "", None)
         seen = [key for key in stored if self._values.get(key) is not _ABSENT]
         known = set(stored)
         added = [k for k, v in self._values.items() if v is not _ABSENT and k not in known]
@@ -317,7 +315,9 @@ class Staging:
 
     async def _get_many(self, storage: Storage, _: str, keys: list[str]) -> dict[str, Any]:
         unknown = [key for key in keys if self._lookup(key) is _UNKNOWN]
-        stored = await self._stored(StoreOp.GET_MANY, storage, "", unknown) if unknown else {}
+        stored: dict[str, Any] = {}
+        if unknown:
+            stored = await self._service.request(StoreOp.GET_MANY, storage, "", unknown)
         found: dict[str, Any] = {}
         for key in keys:
             value = self._lookup(key)
