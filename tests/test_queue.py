@@ -103,6 +103,20 @@ async def worker(
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def held_in_step_a(
+    queue: RunQueue, store: str, run_id: str, name: str = "w1"
+) -> AsyncIterator[trio.Event]:
+    """A worker ``name`` serving ``queue`` until the block ends, with ``run_id`` submitted
+    and held in its step a; yields the event that lets the run go on."""
+    entered, release = trio.Event(), trio.Event()
+    GATES[run_id] = (entered, release)
+    async with worker(queue, store, name):
+        await cf.submit(queue, "count", run_id=run_id)
+        await entered.wait()
+        yield release
+
+
 async def passed_over(queue: RunQueue, run_id: str) -> cf.QueuedRun:
     """The status of ``run_id`` once a worker has passed it over; reads the queue every
     20 ms, as ``cf.result`` does."""
@@ -256,11 +270,7 @@ async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
     a second attempt) and lets the lease go; the run's entry is taken over once idle for
     a lease, and gives the other engine's result. No step committed twice."""
     queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
-    entered, release = trio.Event(), trio.Event()
-    GATES["raced"] = (entered, release)
-    async with worker(queue, store, "loser"):
-        await cf.submit(queue, "count", run_id="raced")
-        await entered.wait()
+    async with held_in_step_a(queue, store, "raced", "loser") as release:
         async with cf.open_engine() as other:
             first = await other.resume(FLOW, per_run_redis(store)("raced"), run_id="raced")
         release.set()
@@ -330,12 +340,8 @@ async def test_the_run_record_names_the_worker_that_runs_it_and_its_lease(
     redis_server: RedisServer,
 ) -> None:
     queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
-    entered, release = trio.Event(), trio.Event()
-    GATES["owned"] = (entered, release)
     storage = per_run_redis(store)("owned")
-    async with worker(queue, store, "w1"):
-        await cf.submit(queue, "count", run_id="owned")
-        await entered.wait()
+    async with held_in_step_a(queue, store, "owned") as release:
         [listed] = await cf.list_runs(storage)
         release.set()
         await cf.result(queue, "owned")
@@ -352,12 +358,8 @@ async def test_a_run_whose_lease_is_gone_is_listed_as_orphaned_where_the_store_c
     on the queue's server shows the run orphaned; a lease taken by another worker names
     that worker. A store elsewhere cannot tell, and lists the run as its record says."""
     queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
-    entered, release = trio.Event(), trio.Event()
-    GATES["dropped"] = (entered, release)
     storage = per_run_redis(store)("dropped")
-    async with worker(queue, store, "w1"):
-        await cf.submit(queue, "count", run_id="dropped")
-        await entered.wait()
+    async with held_in_step_a(queue, store, "dropped") as release:
         [listed] = await cf.list_runs(storage)
         await queue.call("DEL", queue.lease_key("dropped"))
         [orphaned] = await leases_checked(storage, [listed])
