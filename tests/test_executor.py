@@ -83,6 +83,15 @@ async def test_process_runs_exec_in_a_worker_process() -> None:
     assert os.getpid() not in {pid for _, pid in results}
 
 
+async def test_start_run_nowait_would_block_until_the_worker_processes_are_set_up() -> None:
+    flow = single(Square())
+    async with cf.open_engine() as engine:
+        with pytest.raises(trio.WouldBlock, match="worker processes are not set up yet"):
+            engine.start_run_nowait(flow, params={"n": 2})
+        await engine.start_run(flow, params={"n": 2})
+        assert (await engine.start_run_nowait(flow, params={"n": 3}).wait()).result[0] == 9
+
+
 class StoreInWorker(cf.Node):
     executor = "process"
 

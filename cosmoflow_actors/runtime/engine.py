@@ -187,10 +187,6 @@ class Engine:
         storage = as_storage(store)
         durable = run_id is not None and storage.persistent
         run_id = self._check_start(run_id)
-        if self._workers is None and _needs_workers(flow):
-            raise trio.WouldBlock("the flow's worker processes are not set up yet")
-        if not self._ray_connected and _needs_workers(flow, "ray"):
-            raise trio.WouldBlock("the engine is not connected to Ray yet")
         if self._events.congested:
             raise trio.WouldBlock("a lossless event stream is full")
         self._register_nowait(flow)
@@ -459,11 +455,18 @@ class Engine:
 
     def _register_nowait(self, flow: Flow) -> None:
         """Like :meth:`_register`, without waiting: a node actor needs no set-up, and
-        steps sent before it runs wait in its mailbox."""
-        if flow not in self._registered:
-            self._condition_keys[flow] = condition_keys(flow)
-            for actor in self._new_node_actors(flow):
-                self._nursery.start_soon(self._supervise, actor)
+        steps sent before it runs wait in its mailbox. Raises trio.WouldBlock when the
+        flow needs worker processes or Ray that the engine has not set up yet (a flow
+        registered before had them set up then)."""
+        if flow in self._registered:
+            return
+        if self._workers is None and _needs_workers(flow):
+            raise trio.WouldBlock("the flow's worker processes are not set up yet")
+        if not self._ray_connected and _needs_workers(flow, "ray"):
+            raise trio.WouldBlock("the engine is not connected to Ray yet")
+        self._condition_keys[flow] = condition_keys(flow)
+        for actor in self._new_node_actors(flow):
+            self._nursery.start_soon(self._supervise, actor)
 
     def _new_node_actors(self, flow: Flow) -> list[NodeActor]:
         """Make (and record) the node actors ``flow`` and its nested flows still lack."""
