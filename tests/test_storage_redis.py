@@ -17,7 +17,7 @@ import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.storage.base import RECORD_PREFIX
-from cosmoflow_actors.storage.redis import RedisStorage
+from cosmoflow_actors.storage.redis import RedisStorage, shared_client
 from tests.storage_suite import (
     RedisServer,
     free_port,
@@ -413,3 +413,29 @@ async def test_a_call_the_server_stops_answering_halfway_fails_within_the_timeou
     assert seconds < BOUND, f"timeout={TIMEOUT}, took {seconds:.2f} s"
     assert await storage.get("n") in (1, 2)
     await storage.aclose()
+
+
+def connections_in_use(storage: RedisStorage) -> int:
+    """How many connections of the storage's pool are taken out now (redis-py keeps no
+    public count)."""
+    pool = shared_client(storage.url, TIMEOUT, "test").connection_pool
+    return len(pool._in_use_connections)  # type: ignore[attr-defined]
+
+
+async def test_closing_after_a_timed_out_commit_gives_its_connection_back(
+    private_redis: RedisServer,
+) -> None:
+    """The commit's thread is left behind holding its connection; once the server
+    answers again, aclose waits for that thread and returns the connection to the
+    pool."""
+    storage = await connected(private_redis, unique_namespace(), n=1)
+    await storage.set("m", 2)
+    with resumed_at_exit(private_redis):
+        freeze(private_redis)
+        error, _ = await time_to_fail(storage.commit)
+    assert error is cf.StorageError
+    assert connections_in_use(storage) == 1
+
+    await storage.aclose()
+
+    assert connections_in_use(storage) == 0

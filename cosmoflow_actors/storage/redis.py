@@ -89,6 +89,10 @@ class RedisStorage(DatabaseStorage):
         self._meta = f"cosmoflow:{namespace}:meta"
         self._timeout = timeout
         self._client: redis.Redis | None = None
+        self._abandoned: list[tuple[Pipeline, trio.CapacityLimiter]] = []
+        """Pipelines of calls that timed out, each with the limiter its abandoned thread
+        holds until it ends: :meth:`aclose` resets them, giving their connections back
+        to the pool."""
 
     def __repr__(self) -> str:
         return f"RedisStorage({_redacted(self._url)!r}, namespace={self._namespace!r})"
@@ -245,9 +249,17 @@ class RedisStorage(DatabaseStorage):
     async def aclose(self) -> None:
         """Drop staged writes and let go of the server: its connections stay in the
         process's pool for other instances. The next call checks the namespace again.
-        Does not block."""
+
+        Blocks only when calls timed out: until the threads they left behind have ended,
+        at most ``timeout`` seconds (shielded), to give their connections back to the
+        pool; one whose thread is still stuck then keeps its connection out of it.
+        """
         self._staged.reset()
         self._client = None
+        abandoned, self._abandoned = self._abandoned, []
+        with trio.move_on_after(self._timeout, shield=True):
+            for pipe, limiter in abandoned:
+                await _reset_after(pipe, limiter)
         await trio.lowlevel.checkpoint()
 
     async def _connected(self) -> redis.Redis:
@@ -348,8 +360,8 @@ class RedisStorage(DatabaseStorage):
     async def _pipeline(self, client: redis.Redis) -> AsyncIterator[Pipeline]:
         """A transactional pipeline, reset at exit in the worker thread so that its
         connection goes back to the pool unwatched. When the call ran out of time, its
-        abandoned thread may still use the connection: a task of its own resets the
-        pipeline once that thread has ended."""
+        abandoned thread may still use the connection: the pipeline is kept for
+        :meth:`aclose` to reset once that thread has ended."""
         pipe = client.pipeline(transaction=True)
         limiter = self._limiter
         try:
@@ -358,7 +370,7 @@ class RedisStorage(DatabaseStorage):
             if self._limiter is limiter:
                 await self._in_thread(pipe.reset)
             else:
-                trio.lowlevel.spawn_system_task(_reset_after, pipe, limiter)
+                self._abandoned.append((pipe, limiter))
 
     @contextmanager
     def _bounded(self) -> Iterator[None]:
@@ -415,7 +427,7 @@ async def _reset_after(pipe: Pipeline, limiter: trio.CapacityLimiter) -> None:
     ``limiter`` until then), so that its connection goes back to the pool unwatched.
     Blocks in a worker thread; an error (the server is still away) drops the
     connection instead."""
-    with contextlib.suppress(Exception):  # nothing waits for this clean-up's outcome
+    with contextlib.suppress(Exception):  # a clean-up: the call it follows has failed
         await trio.to_thread.run_sync(pipe.reset, limiter=limiter, abandon_on_cancel=True)
 
 
