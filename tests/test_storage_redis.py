@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.storage.base import RECORD_PREFIX
@@ -415,25 +416,51 @@ async def test_a_call_the_server_stops_answering_halfway_fails_within_the_timeou
     await storage.aclose()
 
 
+OWN_POOL_TIMEOUT = 1.125
+"""The timeout of the storage whose pool the test below counts: no other test uses it,
+so the pool is that storage's alone."""
+
+
 def connections_in_use(storage: RedisStorage) -> int:
     """How many connections of the storage's pool are taken out now (redis-py keeps no
     public count)."""
-    pool = shared_client(storage.url, TIMEOUT, "test").connection_pool
+    pool = shared_client(storage.url, OWN_POOL_TIMEOUT, "test").connection_pool
     return len(pool._in_use_connections)  # type: ignore[attr-defined]
 
 
-async def test_closing_after_a_timed_out_commit_gives_its_connection_back(
-    private_redis: RedisServer,
+async def test_closing_after_a_timed_out_call_gives_its_watched_connection_back(
+    private_redis: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
-    """The commit's thread is left behind holding its connection; once the server
-    answers again, aclose waits for that thread and returns the connection to the
-    pool."""
-    storage = await connected(private_redis, unique_namespace(), n=1)
-    await storage.set("m", 2)
-    with resumed_at_exit(private_redis):
+    """A step's commit times out reading under WATCH; its thread, left behind, gets the
+    answer once the server goes on and keeps the watched connection. aclose waits for
+    that thread and gives the connection back to the pool."""
+    storage = private_redis.storage(unique_namespace(), timeout=OWN_POOL_TIMEOUT)
+    record_key = RECORD_PREFIX + "r"
+    await storage.set(record_key, {"path": []})
+    await storage.commit()
+    frozen = trio.Event()
+
+    def freeze_then_add_one(n: int) -> int:
         freeze(private_redis)
-        error, _ = await time_to_fail(storage.commit)
-    assert error is cf.StorageError
+        frozen.set()
+        return n + 1
+
+    updates = [("update", "a", (freeze_then_add_one, 0)), ("update", "b", (lambda n: n, 0))]
+    errors: list[type[BaseException]] = []
+
+    async def commit() -> None:
+        error, _ = await time_to_fail(
+            partial(storage.commit_step, updates, record_key, {"path": ["x"]}, 0)
+        )
+        errors.append(error)
+
+    with resumed_at_exit(private_redis):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(commit)
+            await frozen.wait()
+            await trio.testing.wait_all_tasks_blocked()  # reading "b" from the stopped server
+            mock_clock.jump(OWN_POOL_TIMEOUT)
+    assert errors == [cf.StorageError]
     assert connections_in_use(storage) == 1
 
     await storage.aclose()
