@@ -20,6 +20,12 @@ class Point:
     y: int
 
 
+def test_the_public_handle_has_the_store_calls_and_nothing_of_the_engine() -> None:
+    public = {name for name in dir(cf.SharedStore) if not name.startswith("_")}
+    calls = {"get", "set", "update", "delete", "contains", "keys", "size", "clear"}
+    assert public == calls | {"get_many", "set_many", "name"}
+
+
 async def test_get_set_delete_contains_keys_size_clear() -> None:
     async def body(store: cf.SharedStore) -> list[Any]:
         await store.set("a", 1)

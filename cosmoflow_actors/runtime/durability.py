@@ -27,7 +27,7 @@ from cosmoflow_actors.errors import CosmoFlowError, RunConflictError, StorageErr
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone
 from cosmoflow_actors.runtime.run import Branch, Fork, Frame, Run
-from cosmoflow_actors.runtime.store_client import SharedStore, StagedStore
+from cosmoflow_actors.runtime.store_client import SharedStore, StagedStore, step_handle
 from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ class Durability:
 
     def step_store(self, store: SharedStore) -> SharedStore:
         """The handle a step of the run gets on ``store``."""
-        return store.for_step()
+        return step_handle(store)
 
     async def commit(
         self, run: Run, branch: Branch, node_id: str, action: Action, store: SharedStore

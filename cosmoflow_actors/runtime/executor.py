@@ -24,6 +24,7 @@ import trio_parallel
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.ray_executor import OnRay
+from cosmoflow_actors.runtime.store_client import detached
 
 ExecCall = Callable[[Any, ExecutionContext], Awaitable[Any]]
 """Runs one exec attempt: ``await call(prep_res_or_item, ctx)``."""
@@ -64,8 +65,8 @@ class _InThread:
         self._exec = node.exec
 
     async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
-        detached = dataclasses.replace(ctx, store=ctx.store.detached())
-        return await trio.to_thread.run_sync(self._exec, prep_res, detached)
+        thread_ctx = dataclasses.replace(ctx, store=detached(ctx.store))
+        return await trio.to_thread.run_sync(self._exec, prep_res, thread_ctx)
 
 
 class _InProcess:

@@ -36,6 +36,7 @@ from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import Step, StepDone, StepFailed
 from cosmoflow_actors.runtime.run import Run
 from cosmoflow_actors.runtime.statistics import ActorStatistics
+from cosmoflow_actors.runtime.store_client import all_awaited, unawaited
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.router import Router
@@ -270,19 +271,19 @@ class NodeActor(Actor[Step]):
             prep_res = await self._prep(store, ctx)
         except Exception as exc:
             raise self._failed("prep", ctx) from exc
-        if not store.all_awaited():
+        if not all_awaited(store):
             self._lost_calls("prep", ctx)
         if self.batch:
             exec_res = await self._exec_batch(run, prep_res, ctx)
         else:
             exec_res = await self._exec(prep_res, ctx)
-        if not store.all_awaited():
+        if not all_awaited(store):
             self._lost_calls("exec", ctx)
         try:
             post_res = await self._post(store, prep_res, exec_res, ctx)
         except Exception as exc:
             raise self._failed("post", ctx) from exc
-        if not store.all_awaited():
+        if not all_awaited(store):
             self._lost_calls("post", ctx)
         action = as_action(post_res, self.node_id)
         if action.is_conditional:
@@ -295,7 +296,7 @@ class NodeActor(Actor[Step]):
 
     def _lost_calls(self, phase: str, ctx: ExecutionContext) -> NoReturn:
         """Fail the step: store calls made in ``phase`` were never awaited."""
-        calls = ", ".join(f"store.{call}" for call in ctx.store.unawaited())
+        calls = ", ".join(f"store.{call}" for call in unawaited(ctx.store))
         error = RuntimeError(
             f"{calls} in {phase} of node {self.node_id!r} was never awaited "
             "(a coroutine: write `await store...`); nothing was done"

@@ -29,6 +29,7 @@ import trio
 
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.node import Node
+from cosmoflow_actors.runtime.store_client import detached
 
 RAY_SYSTEM_RETRIES = 3
 """Times Ray resubmits a task whose worker process died (not when exec raises), unless
@@ -96,8 +97,8 @@ class OnRay:
         self._remote: Any = None
 
     async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
-        detached = dataclasses.replace(ctx, store=ctx.store.detached())
-        job = cloudpickle.dumps((prep_res, detached))
+        remote_ctx = dataclasses.replace(ctx, store=detached(ctx.store))
+        job = cloudpickle.dumps((prep_res, remote_ctx))
         if self._node_ref is None:
             await self._put_node()
         ref = self._remote.remote(self._node_ref, job)

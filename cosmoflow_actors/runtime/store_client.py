@@ -5,7 +5,7 @@ Every call is a request to the store actor that owns the backend (see
 that actor is idle and its handler never waits (memory storage), otherwise queued in
 its mailbox and answered after the actor's next commit. Nothing is sent before the call
 is awaited, so a call never awaited changes nothing; inside a step it fails the step's
-run (see :meth:`SharedStore.unawaited`).
+run (see :func:`unawaited`).
 
 A durable run's step gets a :class:`StagedStore`: its writes are kept back and reach the
 store together with the step's record, all or nothing.
@@ -87,45 +87,9 @@ class SharedStore:
         self._made = made
         self.name = name
 
-    def for_step(self) -> SharedStore:
-        """A handle on the same storage that remembers the calls it makes, for
-        :meth:`all_awaited` (one per step)."""
-        return SharedStore(self._service, self._storage, self.name, [])
-
-    def all_awaited(self) -> bool:
-        """Whether every call made through this step handle since the last check has
-        been awaited (a call still running counts as awaited); if so, forget them.
-
-        Always true for a handle that does not remember its calls. Never blocks.
-        """
-        made = self._made
-        if not made:
-            return True
-        for call in made:
-            if _never_started(call):
-                return False
-        made.clear()
-        return True
-
-    def unawaited(self) -> list[str]:
-        """The calls made through this step handle since the last check that were never
-        awaited, described as ``"set('k')"``; each is closed (it will never run), and
-        all are forgotten. Never blocks."""
-        made = self._made or []
-        lost = [call for call in made if _never_started(call)]
-        made.clear()
-        described = [_describe(call) for call in lost]
-        for call in lost:
-            call.close()
-        return described
-
-    def detached(self) -> SharedStore:
-        """A handle that refuses every call (for exec in a thread or a process)."""
-        return SharedStore(Unreachable(self.name), self._storage, self.name)
-
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (for a worker process) it becomes a detached handle."""
-        return (_detached, (self.name,))
+        return (_unpickled, (self.name,))
 
     def _call(self, op: StoreOp, key: str, argument: Any) -> Call[Any]:
         """The coroutine of one request to the service (it does nothing until awaited),
@@ -221,6 +185,47 @@ class SharedStore:
 
     def __repr__(self) -> str:
         return f"<SharedStore {self.name}>"
+
+
+def step_handle(store: SharedStore) -> SharedStore:
+    """A handle on ``store``'s storage that remembers the calls made through it, for
+    :func:`all_awaited` (one per step)."""
+    return SharedStore(store._service, store._storage, store.name, [])
+
+
+def all_awaited(store: SharedStore) -> bool:
+    """Whether every call made through the step handle ``store`` since the last check
+    has been awaited (a call still running counts as awaited); if so, forget them.
+
+    Always true for a handle that does not remember its calls. Never blocks.
+    """
+    made = store._made
+    if not made:
+        return True
+    for call in made:
+        if _never_started(call):
+            return False
+    made.clear()
+    return True
+
+
+def unawaited(store: SharedStore) -> list[str]:
+    """The calls made through the step handle ``store`` since the last check that were
+    never awaited, described as ``"set('k')"``; each is closed (it will never run), and
+    all are forgotten. Never blocks."""
+    made = store._made or []
+    lost = [call for call in made if _never_started(call)]
+    made.clear()
+    described = [_describe(call) for call in lost]
+    for call in lost:
+        call.close()
+    return described
+
+
+def detached(store: SharedStore) -> SharedStore:
+    """A handle on ``store``'s storage that refuses every call (for exec in a thread,
+    a process or on Ray)."""
+    return SharedStore(Unreachable(store.name), store._storage, store.name)
 
 
 @final
@@ -354,7 +359,7 @@ _ABSENT: Final[Any] = object()
 _UNKNOWN: Final[Any] = object()
 
 
-def _detached(name: str) -> SharedStore:
+def _unpickled(name: str) -> SharedStore:
     """A detached handle on the store ``name`` (what a pickled SharedStore becomes)."""
     return SharedStore(Unreachable(name), _NOWHERE, name)
 
