@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from tests.support import Gate, single
+from tests.support import Gate, Recorder, single
 
 
 class Flaky(cf.Node):
@@ -639,3 +640,16 @@ async def test_workers_whose_step_a_run_end_cancelled_run_later_steps_uncancelle
         results = [await run.wait() for run in later]
     assert [result.execution_path for result in results] == [("only",)] * 20
     assert [run.current_state for run in held] == [cf.RunState.CANCELLED] * 3
+
+
+async def test_a_durable_runs_last_node_is_free_when_its_wait_returns(tmp_path: Path) -> None:
+    """A durable run ends in the router's task, which wakes its waiter and the worker
+    of its last step together, in either order; the step's slot was released before,
+    so the waiter finds the node free (twenty runs make both orders come up)."""
+    flow = single(Recorder())
+    async with cf.open_engine() as engine:
+        storage = cf.SQLiteStorage(tmp_path / "runs.db")
+        for index in range(20):
+            run = await engine.start_run(flow, storage, run_id=f"run-{index}")
+            await run.wait()
+            assert engine.statistics().actor("single/only").in_flight == 0

@@ -3,10 +3,11 @@
 One actor per node of a registered flow, with ``max_concurrency`` slots. A step sent to
 an idle actor (a free slot, an empty mailbox) goes at once to a parked worker of the
 actor, or a new one; otherwise it waits in the actor's bounded mailbox, and the next
-slot freed takes it. A worker that ends a step routes it (the router's handler runs in
-its task when the router is idle) and, if the next node is idle, takes that node's slot
-and runs the next step itself (hand-off; :func:`carry`). So a run moves through idle
-nodes in one task, with no message queued and no task woken.
+slot freed takes it. A worker that ends a step frees its slot and routes its outcome
+(the router's handler runs in its task when the router is idle) and, if the next node
+is idle, takes that node's slot and runs the next step itself (hand-off;
+:func:`carry`). So a run moves through idle nodes in one task, with no message queued
+and no task woken.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class NodeActor(Actor[Step]):
         self.flow_name = flow.name
         self.node_id = node_id
         self.node = node
-        self._router = router
+        self.router = router
+        """The router of the outcomes of this actor's steps."""
         self.rate = RateLimiter(*node.rate_limit) if node.rate_limit else None
         self._prep = as_coroutine_function(node.prep)
         self._post = as_coroutine_function(node.post)
@@ -180,21 +182,21 @@ class NodeActor(Actor[Step]):
         step: Step = await trio.lowlevel.wait_task_rescheduled(unpark)
         return step
 
-    async def handle(self, step: Step, scope: trio.CancelScope) -> list[Step]:
-        """Run ``step`` (its slot taken) in ``scope`` and route its outcome; return the
-        steps its branch goes on with. Waits first while a lossless event stream is
-        full.
+    async def handle(self, step: Step, scope: trio.CancelScope) -> StepDone | StepFailed | None:
+        """Run ``step`` (its slot taken) in ``scope``; return its outcome, for the
+        router, or None if the run had ended before. Waits first while a lossless event
+        stream is full.
 
         ``scope`` is in the run's scopes while the step runs: if the run ends meanwhile
-        (another branch failed, it was cancelled), the step is cancelled, raises
-        trio.Cancelled and routes nothing.
+        (another branch failed, it was cancelled), the step is cancelled and raises
+        trio.Cancelled.
         """
         events = self._events
         if events.congested:
             await events.wait_for_room()
         run = step.run
         if run.finished:
-            return []
+            return None
         run.start()
         run.path.append(self.node_id)
         ctx = self._context(step)
@@ -202,15 +204,10 @@ class NodeActor(Actor[Step]):
         scopes.append(scope)
         try:
             if events.active:
-                outcome = await self._observed_outcome(step, ctx)
-            else:
-                outcome = await self._outcome(step, ctx)
+                return await self._observed_outcome(step, ctx)
+            return await self._outcome(step, ctx)
         finally:
             scopes.remove(scope)
-        steps = self._router.route_now(outcome)
-        if steps is None:
-            steps = await self._router.route(outcome, scope)
-        return steps
 
     async def _outcome(self, step: Step, ctx: ExecutionContext) -> StepDone | StepFailed:
         """Run prep, exec and post, read the route conditions' values and commit a
@@ -474,16 +471,25 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
     """Run ``step`` (its actor's slot taken) in this task, then the steps that follow
     it while their node is idle (hand-off: this task takes that node's slot).
 
-    Steps that cannot be handed off are sent to their actors (blocks while a mailbox
-    is full, holding no slot). Each step runs in ``scope`` (see
-    :meth:`NodeActor.handle`), so nothing is carried on once the run has ended.
+    A step's slot is released once its outcome is known, before the router has it:
+    when routing ends the run, the run's waiters find its last node free. Steps that
+    cannot be handed off are sent to their actors (blocks while a mailbox is full,
+    holding no slot). Each step and its routing run in ``scope`` (see
+    :meth:`NodeActor.handle` and :meth:`Router.route`), so nothing is carried on once
+    the run has ended.
     """
     while True:
         actor = step.actor
         try:
-            following = await actor.handle(step, scope)
+            outcome = await actor.handle(step, scope)
         finally:
             actor.release()
+        if outcome is None:
+            return
+        router = actor.router
+        following = router.route_now(outcome)
+        if following is None:
+            following = await router.route(outcome, scope)
         if not following:
             return
         step = following.pop()
