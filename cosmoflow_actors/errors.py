@@ -11,7 +11,15 @@ from typing import Any
 
 
 class CosmoFlowError(Exception):
-    """The root of every error raised by cosmoflow_actors."""
+    """The root of every error raised by cosmoflow_actors.
+
+    Every one pickles with its message and attributes (to and from a worker process or
+    a Ray task), whatever its constructor takes; like any exception, it leaves its
+    ``__cause__`` and traceback behind.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuilt, (type(self), self.args, self.__dict__))
 
 
 class FlowValidationError(CosmoFlowError, ValueError):
@@ -66,9 +74,6 @@ class NodeError(CosmoFlowError):
             f"{'' if attempts == 1 else 's'})"
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.node_id, self.phase, self.run_id, self.attempts))
-
 
 class RunCancelledError(CosmoFlowError):
     """The run was cancelled (``run.cancel()``, a cancelled caller, or the engine closing)."""
@@ -117,3 +122,13 @@ class StoreTypeError(CosmoFlowError, TypeError):
         self.expected = expected
         self.actual = actual
         super().__init__(f"key {key!r} holds a {actual}, not a {expected}")
+
+
+def _rebuilt(
+    cls: type[CosmoFlowError], args: tuple[Any, ...], state: dict[str, Any]
+) -> CosmoFlowError:
+    """An unpickled error: its message arguments and attributes restored, without
+    calling its constructor (whose parameters differ from ``args``)."""
+    error = cls.__new__(cls, *args)
+    error.__dict__.update(state)
+    return error

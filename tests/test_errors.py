@@ -1,0 +1,58 @@
+"""The error hierarchy: what each error says, and that it survives pickling."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+
+import cloudpickle
+import pytest
+
+import cosmoflow_actors as cf
+
+EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
+    cf.CosmoFlowError: cf.CosmoFlowError("root"),
+    cf.FlowValidationError: cf.FlowValidationError("f", ["no start node", "route to 'x'"]),
+    cf.ConditionError: cf.ConditionError("bad operator '=>'"),
+    cf.NoRouteError: cf.NoRouteError("a", "maybe", ["yes", "no"]),
+    cf.MaxStepsExceeded: cf.MaxStepsExceeded(3, ["a", "b", "a", "b"]),
+    cf.NodeError: cf.NodeError("a", "exec", "run-1", 3),
+    cf.RunCancelledError: cf.RunCancelledError("run run-1 was cancelled"),
+    cf.ActorCrashedError: cf.ActorCrashedError("router"),
+    cf.StorageError: cf.StorageError("disk full"),
+    cf.RunConflictError: cf.RunConflictError("another engine committed step 2"),
+    cf.StoreKeyError: cf.StoreKeyError("k"),
+    cf.StoreTypeError: cf.StoreTypeError("k", "int", "str"),
+}
+
+
+def test_every_public_error_is_a_cosmoflow_error_with_an_example_here() -> None:
+    public = {
+        value
+        for value in map(vars(cf).get, cf.__all__)
+        if isinstance(value, type) and issubclass(value, BaseException)
+    }
+    assert public == set(EXAMPLES)
+    assert all(issubclass(error, cf.CosmoFlowError) for error in public)
+
+
+@pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps], ids=["pickle", "cloudpickle"])
+@pytest.mark.parametrize("error", EXAMPLES.values(), ids=lambda error: type(error).__name__)
+def test_an_error_pickles_with_its_message_and_attributes(
+    error: cf.CosmoFlowError, dumps: Callable[[object], bytes]
+) -> None:
+    copy = pickle.loads(dumps(error))
+
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert vars(copy) == vars(error)
+
+
+def test_messages_name_what_is_at_fault() -> None:
+    assert str(EXAMPLES[cf.NoRouteError]) == (
+        "node 'a' returned action 'maybe', which no route accepts; available actions: 'yes', 'no'"
+    )
+    assert str(EXAMPLES[cf.NodeError]) == "node 'a' failed in exec (run run-1, 3 attempts)"
+    assert str(EXAMPLES[cf.MaxStepsExceeded]).endswith("last steps: ... -> a -> b -> a -> b")
+    assert str(EXAMPLES[cf.StoreKeyError]) == "key 'k' is not in the store"
+    assert isinstance(EXAMPLES[cf.StoreKeyError], KeyError)
