@@ -1,4 +1,4 @@
-"""The engine: run handles, concurrency, cancellation, crashes, closing, statistics."""
+"""The engine: starting runs, concurrency, cancellation, crashes, closing."""
 
 from __future__ import annotations
 
@@ -67,30 +67,6 @@ async def test_a_dict_store_is_used_in_place_and_none_means_fresh_memory() -> No
     fresh = await flow.run(None)
     assert isinstance(fresh.store, cf.MemoryStorage)
     assert fresh.store.data == {"seen": ["only"]}
-
-
-async def test_the_run_handle_reports_its_states() -> None:
-    gate = Gate()
-    async with cf.open_engine() as engine:
-        run = await engine.start_run(single(gate), params={"user": "ada"}, run_id="handle")
-        assert run.run_id == "handle"
-        seen = [run.state.value]
-        await trio.testing.wait_all_tasks_blocked()
-        seen.append(run.state.value)
-        gate.open.set()
-        result = await run.wait()
-        seen.append(run.state.value)
-    assert seen == [cf.RunState.PENDING, cf.RunState.RUNNING, cf.RunState.SUCCEEDED]
-    assert result.run_id == "handle"
-    assert result.flow_name == "single"
-
-
-async def test_duration_is_measured_on_the_trio_clock(autojump_clock: trio.abc.Clock) -> None:
-    @cf.node
-    async def nap(ctx: cf.ExecutionContext) -> None:
-        await trio.sleep(2.5)
-
-    assert (await single(nap).run()).duration == 2.5
 
 
 async def test_cancelling_a_run_cancels_its_step_and_spares_the_others() -> None:
@@ -248,103 +224,6 @@ async def test_an_actor_crash_fails_the_runs_in_flight_and_leaves_open_engine() 
     assert "store:ExplodingStorage" in str(errors[0])
 
 
-async def test_statistics_cover_every_actor() -> None:
-    flow = (
-        cf.Flow.builder("stats")
-        .add_node("a", Recorder())
-        .add_node("b", Recorder())
-        .add_route("a", "b")
-        .build()
-    )
-    store = cf.MemoryStorage()
-    async with cf.open_engine() as engine:
-        await engine.run(flow, store)
-        stats = engine.statistics()
-    assert {(a.kind, a.name) for a in stats.actors if a.kind != "store"} == {
-        ("router", "router"),
-        ("node", "stats/a"),
-        ("node", "stats/b"),
-    }
-    assert stats.actor("stats/a").messages_processed == 1
-    assert stats.actor("router").messages_processed == 2
-    assert (stats.runs_started, stats.runs_succeeded, stats.runs_in_flight) == (1, 1, 0)
-
-
-class OwnActorStorage(cf.MemoryStorage):
-    """A memory storage served by an actor of its own, like a file or a database."""
-
-    shared_actor = False
-
-
-async def test_runs_on_one_backend_share_one_store_actor_until_the_last_ends() -> None:
-    gate = Gate()
-    store = OwnActorStorage()
-    async with cf.open_engine() as engine:
-        first = await engine.start_run(single(gate), store)
-        second = await engine.start_run(single(gate), store)
-        stores = [a for a in engine.statistics().actors if a.kind == "store"]
-        assert len(stores) == 1
-        gate.open.set()
-        await first.wait()
-        await second.wait()
-        await trio.testing.wait_all_tasks_blocked()
-        assert [a for a in engine.statistics().actors if a.kind == "store"] == []
-
-
-async def test_the_memory_store_actor_serves_every_memory_run_until_the_engine_closes() -> None:
-    """The engine-wide memory actor is not retired between runs: later runs reach the
-    same actor (its counters go on), and none waits for it to restart."""
-    flow = single(Recorder())
-    async with cf.open_engine() as engine:
-        await engine.run(flow, {})
-        await trio.testing.wait_all_tasks_blocked()
-        [first] = [a for a in engine.statistics().actors if a.kind == "store"]
-        await engine.run(flow, {})
-        [second] = [a for a in engine.statistics().actors if a.kind == "store"]
-    assert first.name == second.name == "store:memory"
-    assert 0 < first.messages_processed < second.messages_processed
-
-
-class GatedFileStorage(cf.FileStorage):
-    """A real FileStorage whose commits wait for ``gate`` (and tell ``waiting``)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.waiting = trio.Event()
-        self.gate = trio.Event()
-
-    async def commit(self) -> None:
-        self.waiting.set()
-        await self.gate.wait()
-        await super().commit()
-
-
-async def test_a_new_instance_over_a_file_waits_for_the_old_ones_last_commit(
-    tmp_path: Path,
-) -> None:
-    """A run cancelled while its store commits leaves that commit landing; a new
-    FileStorage over the same file opens only once the old store actor has exited, so
-    it sees that commit and neither store finds the other's writes in its journal."""
-    path = tmp_path / "store.json"
-
-    @cf.node
-    async def write(ctx: cf.ExecutionContext) -> None:
-        await ctx.store.set(ctx.params["key"], 1)
-
-    old = GatedFileStorage(path)
-    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
-        cancelled = await engine.start_run(single(write), old, params={"key": "first"})
-        await old.waiting.wait()
-        cancelled.cancel()
-        new = cf.FileStorage(path)
-        nursery.start_soon(partial(engine.run, single(write), new, params={"key": "second"}))
-        await trio.testing.wait_all_tasks_blocked()
-        old.gate.set()
-    fresh = cf.FileStorage(path)
-    await fresh.open()
-    assert {key: await fresh.get(key) for key in await fresh.keys()} == {"first": 1, "second": 1}
-
-
 async def test_bad_arguments_to_start_run() -> None:
     builder = cf.Flow.builder("unbuilt").add_node("a", Recorder())
     async with cf.open_engine() as engine:
@@ -357,16 +236,6 @@ async def test_bad_arguments_to_start_run() -> None:
         with pytest.raises(ValueError, match="'same' is already in flight"):
             await engine.start_run(single(gate), run_id="same")
         gate.open.set()
-
-
-async def test_a_storage_that_cannot_open_fails_start_run_only(tmp_path: Any) -> None:
-    path = tmp_path / "store.json"
-    path.write_bytes(b"{not json")
-    async with cf.open_engine() as engine:
-        with pytest.raises(cf.StorageError, match=r"store\.json"):
-            await engine.run(single(Recorder()), cf.FileStorage(path))
-        assert (await engine.run(single(Recorder()), {})).success
-    assert path.read_bytes() == b"{not json"
 
 
 async def test_open_engine_rejects_a_bad_mailbox_size() -> None:
@@ -530,43 +399,6 @@ async def test_start_run_nowait_with_a_run_id_on_an_open_file_is_durable(tmp_pat
     fresh = cf.FileStorage(storage.path)
     await fresh.open()
     assert await fresh.get("seen") == ["a", "b"]
-
-
-@pytest.mark.parametrize("kind", ["memory", "file", "durable"])
-async def test_statistics_count_every_message_handled_directly_or_queued(
-    kind: str, tmp_path: Path
-) -> None:
-    """Three runs of a -> b (one store update per step): each node counts three steps
-    and the router six outcomes, whether handled in the sender's task or queued (a
-    durable run's); the store actor counts each request, handled in the sender's task
-    (memory) or by its own (a file)."""
-    flow = (
-        cf.Flow.builder("counted")
-        .add_node("a", Recorder())
-        .add_node("b", Recorder())
-        .add_route("a", "b")
-        .build()
-    )
-    storage = cf.MemoryStorage() if kind == "memory" else cf.FileStorage(tmp_path / "s.json")
-    ids = iter(["r1", "r2", "r3"] if kind == "durable" else [None] * 3)
-    gate = Gate()
-    async with cf.open_engine() as engine:
-        holder = await engine.start_run(single(gate, "holder"), storage)  # keeps the store
-        for _ in range(2):
-            await engine.run(flow, storage, run_id=next(ids))  # carried by the caller
-        await (await engine.start_run(flow, storage, run_id=next(ids))).wait()  # by workers
-        await trio.testing.wait_all_tasks_blocked()  # the worker of a durable run's end
-        stats = engine.statistics()
-        gate.open.set()
-        await holder.wait()
-    assert stats.actor("counted/a").messages_processed == 3
-    assert stats.actor("counted/b").messages_processed == 3
-    assert stats.actor("router").messages_processed == 6
-    store = next(actor for actor in stats.actors if actor.kind == "store")
-    # A durable run's step reads "seen" and commits; its record is read, written at the
-    # start and written at the end.
-    assert store.messages_processed == (7 * 3 if kind == "durable" else 6)
-    assert stats.runs_succeeded == 3
 
 
 class Waits(cf.Node):

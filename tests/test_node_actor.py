@@ -172,29 +172,6 @@ async def test_max_concurrency_bounds_the_steps_in_flight() -> None:
     assert gate.entered == 10
 
 
-async def test_the_context_describes_the_step() -> None:
-    contexts: list[cf.ExecutionContext] = []
-
-    @cf.node(max_retries=4)
-    def look(ctx: cf.ExecutionContext) -> str:
-        contexts.append(ctx)
-        return "again" if len(contexts) < 3 else "stop"
-
-    flow = (
-        cf.Flow.builder("ctx-flow")
-        .add_node("look", look)
-        .add_route("look", "look", "again")
-        .add_route("look", cf.END, "stop")
-        .build()
-    )
-    await flow.run(run_id="abc", params={"k": 1})
-    assert {(c.run_id, c.node_id, c.flow_name, c.max_retries) for c in contexts} == {
-        ("abc", "look", "ctx-flow", 4)
-    }
-    assert len({c.execution_id for c in contexts}) == 3
-    assert [dict(c.params) for c in contexts] == [{"k": 1}, {}, {}]
-
-
 async def test_a_sync_exec_that_overruns_its_timeout_is_a_failed_attempt(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

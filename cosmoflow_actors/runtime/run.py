@@ -265,4 +265,4 @@ class Run:
         self._on_finish(self)
 
     def __repr__(self) -> str:
-        return f"<Run {self.run_id} of {self.flow.name!r}: {self.state.value.value}>"
+        return f"<Run {self.run_id} of {self.flow.name!r}: {self._state.value}>"

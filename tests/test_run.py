@@ -1,0 +1,62 @@
+"""The run handle: its states, its result or error, its end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import cosmoflow_actors as cf
+from tests.support import Gate, single
+
+
+async def test_the_run_handle_reports_its_states() -> None:
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(gate), params={"user": "ada"}, run_id="handle")
+        assert run.run_id == "handle"
+        seen = [run.state.value]
+        await trio.testing.wait_all_tasks_blocked()
+        seen.append(run.state.value)
+        assert repr(run) == "<Run handle of 'single': running>"
+        gate.open.set()
+        result = await run.wait()
+        seen.append(run.state.value)
+    assert seen == [cf.RunState.PENDING, cf.RunState.RUNNING, cf.RunState.SUCCEEDED]
+    assert (result.run_id, result.flow_name) == ("handle", "single")
+    assert (run.result, run.error) == (result, None)
+
+
+async def test_duration_is_measured_on_the_trio_clock(autojump_clock: trio.abc.Clock) -> None:
+    @cf.node
+    async def nap(ctx: cf.ExecutionContext) -> None:
+        await trio.sleep(2.5)
+
+    assert (await single(nap).run()).duration == 2.5
+
+
+class Fails(cf.Node):
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        raise RuntimeError("no")
+
+
+async def test_a_failed_run_raises_its_error_from_wait_and_keeps_it() -> None:
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(Fails()), run_id="failing")
+        with pytest.raises(cf.NodeError) as info:
+            await run.wait()
+    assert run.current_state is cf.RunState.FAILED
+    assert (run.result, run.error) == (None, info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert repr(run) == "<Run failing of 'single': failed>"
+
+
+async def test_cancelling_a_run_that_ended_changes_nothing() -> None:
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(cf.Node()))
+        result = await run.wait()
+        run.cancel()
+    assert run.current_state is cf.RunState.SUCCEEDED
+    assert await run.wait() == result

@@ -1,0 +1,77 @@
+"""What ``Engine.statistics()`` reports: the run counters and every actor's counters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import cosmoflow_actors as cf
+from tests.support import Gate, Recorder, single
+
+
+async def test_statistics_cover_every_actor() -> None:
+    flow = (
+        cf.Flow.builder("stats")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b")
+        .build()
+    )
+    store = cf.MemoryStorage()
+    async with cf.open_engine() as engine:
+        await engine.run(flow, store)
+        stats = engine.statistics()
+    assert {(a.kind, a.name) for a in stats.actors if a.kind != "store"} == {
+        ("router", "router"),
+        ("node", "stats/a"),
+        ("node", "stats/b"),
+    }
+    assert stats.actor("stats/a").messages_processed == 1
+    assert stats.actor("router").messages_processed == 2
+    assert (stats.runs_started, stats.runs_succeeded, stats.runs_in_flight) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", "durable"])
+async def test_statistics_count_every_message_handled_directly_or_queued(
+    kind: str, tmp_path: Path
+) -> None:
+    """Three runs of a -> b (one store update per step): each node counts three steps
+    and the router six outcomes, whether handled in the sender's task or queued (a
+    durable run's); the store actor counts each request, handled in the sender's task
+    (memory) or by its own (a file)."""
+    flow = (
+        cf.Flow.builder("counted")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b")
+        .build()
+    )
+    storage = cf.MemoryStorage() if kind == "memory" else cf.FileStorage(tmp_path / "s.json")
+    ids = iter(["r1", "r2", "r3"] if kind == "durable" else [None] * 3)
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        holder = await engine.start_run(single(gate, "holder"), storage)  # keeps the store
+        for _ in range(2):
+            await engine.run(flow, storage, run_id=next(ids))  # carried by the caller
+        await (await engine.start_run(flow, storage, run_id=next(ids))).wait()  # by workers
+        stats = engine.statistics()
+        gate.open.set()
+        await holder.wait()
+    assert stats.actor("counted/a").messages_processed == 3
+    assert stats.actor("counted/b").messages_processed == 3
+    assert stats.actor("router").messages_processed == 6
+    store = next(actor for actor in stats.actors if actor.kind == "store")
+    # A durable run's step reads "seen" and commits; its record is read, written at the
+    # start and written at the end.
+    assert store.messages_processed == (7 * 3 if kind == "durable" else 6)
+    assert stats.runs_succeeded == 3
+
+
+async def test_an_actor_is_found_by_name_and_an_unknown_name_is_refused() -> None:
+    async with cf.open_engine() as engine:
+        await engine.run(single(Recorder()), {})
+        stats = engine.statistics()
+    assert (stats.actor("single/only").kind, stats.actor("router").kind) == ("node", "router")
+    with pytest.raises(KeyError, match="single/elsewhere"):
+        stats.actor("single/elsewhere")

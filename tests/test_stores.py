@@ -1,0 +1,99 @@
+"""The store actors' registry: one actor per backend, shared by its runs, retired
+after the last; a backend over the same file opens only once the old actor has exited."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+import cosmoflow_actors as cf
+from tests.support import Gate, Recorder, single
+
+
+class OwnActorStorage(cf.MemoryStorage):
+    """A memory storage served by an actor of its own, like a file or a database."""
+
+    shared_actor = False
+
+
+async def test_runs_on_one_backend_share_one_store_actor_until_the_last_ends() -> None:
+    gate = Gate()
+    store = OwnActorStorage()
+    async with cf.open_engine() as engine:
+        first = await engine.start_run(single(gate), store)
+        second = await engine.start_run(single(gate), store)
+        stores = [a for a in engine.statistics().actors if a.kind == "store"]
+        assert len(stores) == 1
+        gate.open.set()
+        await first.wait()
+        await second.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [a for a in engine.statistics().actors if a.kind == "store"] == []
+
+
+async def test_the_memory_store_actor_serves_every_memory_run_until_the_engine_closes() -> None:
+    """The engine-wide memory actor is not retired between runs: later runs reach the
+    same actor (its counters go on), and none waits for it to restart."""
+    flow = single(Recorder())
+    async with cf.open_engine() as engine:
+        await engine.run(flow, {})
+        await trio.testing.wait_all_tasks_blocked()
+        [first] = [a for a in engine.statistics().actors if a.kind == "store"]
+        await engine.run(flow, {})
+        [second] = [a for a in engine.statistics().actors if a.kind == "store"]
+    assert first.name == second.name == "store:memory"
+    assert 0 < first.messages_processed < second.messages_processed
+
+
+class GatedFileStorage(cf.FileStorage):
+    """A real FileStorage whose commits wait for ``gate`` (and tell ``waiting``)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.waiting = trio.Event()
+        self.gate = trio.Event()
+
+    async def commit(self) -> None:
+        self.waiting.set()
+        await self.gate.wait()
+        await super().commit()
+
+
+async def test_a_new_instance_over_a_file_waits_for_the_old_ones_last_commit(
+    tmp_path: Path,
+) -> None:
+    """A run cancelled while its store commits leaves that commit landing; a new
+    FileStorage over the same file opens only once the old store actor has exited, so
+    it sees that commit and neither store finds the other's writes in its journal."""
+    path = tmp_path / "store.json"
+
+    @cf.node
+    async def write(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set(ctx.params["key"], 1)
+
+    old = GatedFileStorage(path)
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        cancelled = await engine.start_run(single(write), old, params={"key": "first"})
+        await old.waiting.wait()
+        cancelled.cancel()
+        new = cf.FileStorage(path)
+        nursery.start_soon(partial(engine.run, single(write), new, params={"key": "second"}))
+        await trio.testing.wait_all_tasks_blocked()
+        old.gate.set()
+    fresh = cf.FileStorage(path)
+    await fresh.open()
+    assert {key: await fresh.get(key) for key in await fresh.keys()} == {"first": 1, "second": 1}
+
+
+async def test_a_storage_that_cannot_open_fails_start_run_only(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    path.write_bytes(b"{not json")
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError, match=r"store\.json"):
+            await engine.run(single(Recorder()), cf.FileStorage(path))
+        assert (await engine.run(single(Recorder()), {})).success
+    assert path.read_bytes() == b"{not json"
