@@ -92,6 +92,23 @@ async def test_start_run_nowait_would_block_until_the_worker_processes_are_set_u
         assert (await engine.start_run_nowait(flow, params={"n": 3}).wait()).result[0] == 9
 
 
+class RaisesAnEngineError(cf.Node):
+    """exec, in a worker process, raises an error whose constructor takes two values."""
+
+    executor = "process"
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        raise cf.MaxStepsExceeded(3, ["a", "b"])
+
+
+async def test_an_engine_error_raised_in_a_worker_process_comes_back_whole() -> None:
+    with pytest.raises(cf.NodeError) as info:
+        await single(RaisesAnEngineError()).run()
+    cause = info.value.__cause__
+    assert isinstance(cause, cf.MaxStepsExceeded)
+    assert (cause.max_steps, cause.execution_path) == (3, ("a", "b"))
+
+
 class StoreInWorker(cf.Node):
     executor = "process"
 
