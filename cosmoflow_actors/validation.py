@@ -6,6 +6,8 @@ It imports nothing of the package, so that any module may import it.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from typing import Any
 
 
 def require_positive(name: str, value: object) -> None:
@@ -13,6 +15,27 @@ def require_positive(name: str, value: object) -> None:
     not an int here)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def require_run_id(run_id: object) -> None:
+    """Raise ``ValueError`` unless ``run_id`` is a non-empty str."""
+    if not isinstance(run_id, str) or not run_id:
+        raise ValueError(f"run_id must be a non-empty str, not {run_id!r}")
+
+
+def checked_params(params: object) -> dict[str, Any]:
+    """A run's ``params`` (a mapping with str keys, or None for none) as a new dict.
+
+    Raises ``TypeError`` naming what is wrong otherwise.
+    """
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping or None, got {type(params).__name__}")
+    for key in params:
+        if not isinstance(key, str):
+            raise TypeError(f"params keys must be str, got {key!r}")
+    return dict(params)
 
 
 def positive_int(text: str) -> int:

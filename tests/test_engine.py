@@ -231,10 +231,28 @@ async def test_bad_arguments_to_start_run() -> None:
             await engine.start_run(builder)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="store must be"):
             await engine.start_run(builder.build(), 42)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="params must be a mapping or None, got str"):
+            await engine.start_run(builder.build(), params="user=ada")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="run_id must be a non-empty str, not ''"):
+            engine.start_run_nowait(builder.build(), run_id="")
         gate = Gate()
         await engine.start_run(single(gate), run_id="same")
         with pytest.raises(ValueError, match="'same' is already in flight"):
             await engine.start_run(single(gate), run_id="same")
+        gate.open.set()
+        assert engine.statistics().runs_started == 1
+
+
+async def test_bad_arguments_fail_before_waiting_for_admission(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    gate = Gate()
+    async with cf.open_engine(max_runs=1) as engine:
+        await engine.start_run(single(gate))
+        with trio.fail_after(1), pytest.raises(ValueError, match="run_id"):
+            await engine.start_run(single(gate), run_id=7)  # type: ignore[arg-type]
+        with trio.fail_after(1), pytest.raises(TypeError, match="params"):
+            await engine.run(single(gate), params=[("k", 1)])  # type: ignore[arg-type]
         gate.open.set()
 
 

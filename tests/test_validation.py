@@ -7,7 +7,12 @@ import argparse
 import pytest
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.validation import positive_int, require_positive
+from cosmoflow_actors.validation import (
+    checked_params,
+    positive_int,
+    require_positive,
+    require_run_id,
+)
 
 
 @pytest.mark.parametrize("value", [1, 2, 10**9])
@@ -20,6 +25,35 @@ def test_anything_else_is_refused_naming_the_setting_and_the_value(value: object
     with pytest.raises(ValueError) as info:
         require_positive("size", value)
     assert str(info.value) == f"size must be an int >= 1, got {value!r}"
+
+
+@pytest.mark.parametrize("run_id", ["", 5, None, b"id"])
+def test_a_run_id_is_a_non_empty_str(run_id: object) -> None:
+    require_run_id("r-1")
+    with pytest.raises(ValueError, match=f"run_id must be a non-empty str, not {run_id!r}"):
+        require_run_id(run_id)
+
+
+def test_params_become_a_fresh_dict_and_none_an_empty_one() -> None:
+    given = {"user": "ada"}
+    params = checked_params(given)
+    given["user"] = "bob"
+    assert (params, checked_params(None)) == ({"user": "ada"}, {})
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ("user=ada", "params must be a mapping or None, got str"),
+        ([("user", "ada")], "params must be a mapping or None, got list"),
+        ({1: "ada"}, "params keys must be str, got 1"),
+    ],
+)
+def test_params_that_are_not_a_mapping_of_str_keys_are_refused(
+    params: object, message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+        checked_params(params)
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.validation import require_positive
+from cosmoflow_actors.validation import checked_params, require_positive, require_run_id
 
 T = TypeVar("T")
 
@@ -135,7 +135,9 @@ class Engine:
         ``store`` is a Storage, a dict used in place as memory storage, or None for a
         fresh MemoryStorage. A checkpoint; blocks while ``max_runs`` runs are in flight
         (callers wait in FIFO order), while the storage opens and while the entry
-        node's mailbox is full. Raises StorageError when the storage cannot be opened.
+        node's mailbox is full. Raises StorageError when the storage cannot be opened,
+        and, before it waits, TypeError for ``params`` that are not a mapping with str
+        keys and ValueError for a ``run_id`` that is not a non-empty str or is in flight.
 
         With a ``run_id`` on a persistent storage the run is durable: each step commits
         its writes with the run's record. A run_id whose run already succeeded returns
@@ -183,7 +185,7 @@ class Engine:
         on a persistent storage) reads and writes its record in a task of the engine's
         before its first step.
         """
-        _check_flow(flow)
+        first_params = _checked_arguments(flow, params, run_id)
         storage = as_storage(store)
         durable = run_id is not None and storage.persistent
         run_id = self._check_start(run_id)
@@ -202,9 +204,9 @@ class Engine:
             raise
         run = self._new_run(run_id, flow, storage, actor, self._on_finish)
         if durable:
-            self._nursery.start_soon(self._launch_later, run, params)
+            self._nursery.start_soon(self._launch_later, run, first_params)
         else:
-            entry.send_nowait(self._first_step(run, params))
+            entry.send_nowait(self._first_step(run, first_params))
         return run
 
     async def list_runs(self, store: Storage | dict[str, Any]) -> list[RunRecord]:
@@ -263,7 +265,7 @@ class Engine:
         else one is taken; no other unless it must wait. A caller waiting for admission
         has built nothing yet (it holds only its arguments).
         """
-        _check_flow(flow)
+        first_params = _checked_arguments(flow, params, run_id)
         if self._events.congested:
             await self._events.wait_for_room()
         admission = None if child else self._admission
@@ -285,12 +287,12 @@ class Engine:
         on_finish = self._child_finished if child else self._on_finish
         run = self._new_run(run_id, flow, storage, actor, on_finish)
         try:
-            return run, await self._launch(run, params, resume=resume, durable=durable)
+            return run, await self._launch(run, first_params, resume=resume, durable=durable)
         except BaseException as exc:
             run.fail(exc if isinstance(exc, Exception) else RunCancelledError(str(exc)))
             raise
 
-    async def _launch_later(self, run: Run, params: Mapping[str, Any] | None) -> None:
+    async def _launch_later(self, run: Run, params: dict[str, Any]) -> None:
         """start_run_nowait's durable start, in a task of the engine's: its failure
         (the store refused the record) fails the run alone."""
         try:
@@ -302,7 +304,7 @@ class Engine:
             await _send(run, first)
 
     async def _launch(
-        self, run: Run, params: Mapping[str, Any] | None, *, resume: bool, durable: bool
+        self, run: Run, params: dict[str, Any], *, resume: bool, durable: bool
     ) -> Step | None:
         """Return the run's first step; for a ``durable`` one, after reading and writing
         its record (None after sending a resumed run's branches on, or ending a
@@ -321,10 +323,9 @@ class Engine:
                 f"{record['state']}; continue it with engine.resume"
             )
         if record is None:
-            first_params = dict(params or {})
-            run.durability = DurableRun(durability.started(run, first_params))
+            run.durability = DurableRun(durability.started(run, params))
             await run.store_actor.write_record(run.storage, key, run.durability.record)
-            return self._first_step(run, first_params)
+            return self._first_step(run, params)
         return await self._restore(run, record)
 
     async def _restore(self, run: Run, record: dict[str, Any]) -> Step | None:
@@ -347,8 +348,8 @@ class Engine:
                     await _send(run, step)
         return None
 
-    def _first_step(self, run: Run, params: Mapping[str, Any] | None) -> Step:
-        return self._router.first_step(run, dict(params or {}))
+    def _first_step(self, run: Run, params: dict[str, Any]) -> Step:
+        return self._router.first_step(run, params)
 
     def _check_start(self, run_id: str | None) -> str:
         """The run's id (a fresh one if None); refuses a closed engine and an id in
@@ -657,9 +658,14 @@ async def _send(run: Run, step: Step) -> None:
         raise
 
 
-def _check_flow(flow: object) -> None:
+def _checked_arguments(flow: object, params: object, run_id: object) -> dict[str, Any]:
+    """Check what a start was given, before it waits for anything; return ``params``
+    as a new dict. Raises TypeError or ValueError naming the argument at fault."""
     if not isinstance(flow, Flow):
         raise TypeError(f"expected a built Flow, got {type(flow).__name__}")
+    if run_id is not None:
+        require_run_id(run_id)
+    return checked_params(params)
 
 
 def _run_ids() -> Iterator[str]:

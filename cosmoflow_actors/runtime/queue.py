@@ -49,7 +49,7 @@ from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.redis import RedisStorage, shared_client
 from cosmoflow_actors.tracing import describe_error
-from cosmoflow_actors.validation import require_positive
+from cosmoflow_actors.validation import checked_params, require_positive, require_run_id
 
 if TYPE_CHECKING:
     import redis
@@ -289,9 +289,8 @@ async def submit(
     """
     queue = as_queue(queue)
     run_id = secrets.token_hex(8) if run_id is None else run_id
-    if not isinstance(run_id, str) or not run_id:
-        raise ValueError(f"run_id must be a non-empty str, not {run_id!r}")
-    info = {"flow": flow_name, "params": dict(params or {}), "state": "pending"}
+    require_run_id(run_id)
+    info = {"flow": flow_name, "params": checked_params(params), "state": "pending"}
     try:
         encoded = json.dumps(info, allow_nan=False)
     except (TypeError, ValueError) as exc:
