@@ -248,7 +248,10 @@ class FlowBuilder:
         self._problems: list[str] = []
 
     def add_node(self, node_id: str, node: Node | Flow) -> FlowBuilder:
-        """Add ``node`` (a Node or a nested Flow) under ``node_id``."""
+        """Add ``node`` (a Node or a nested Flow) under ``node_id``, a non-empty str."""
+        if not isinstance(node_id, str) or not node_id:
+            self._problems.append(f"a node id must be a non-empty str, got {node_id!r}")
+            return self
         if node_id in self._ids:
             self._problems.append(f"duplicate node id {node_id!r}")
             return self
@@ -314,6 +317,8 @@ class FlowBuilder:
         reported once, for what it is.
         """
         problems = [*self._problems, *self._route_problems(), *self._config_problems()]
+        if not isinstance(self._name, str) or not self._name:
+            problems.append(f"the flow's name must be a non-empty str, got {self._name!r}")
         start = self._start if self._start is not None else next(iter(self._ids), None)
         if not self._ids:
             problems.append("the flow has no nodes")
@@ -335,6 +340,11 @@ class FlowBuilder:
         for route in self._routes:
             if route.source not in self._ids:
                 problems.append(f"route from unknown node {route.source!r}")
+            if not isinstance(route.action, str) or not route.action:
+                problems.append(
+                    f"route from {route.source!r}: an action must be a non-empty str, "
+                    f"got {route.action!r}"
+                )
             if isinstance(route.target, tuple) and len(set(route.target)) != len(route.target):
                 problems.append(f"route from {route.source!r} fans out to a node twice")
             if isinstance(route.target, tuple) and not route.target:

@@ -57,6 +57,25 @@ def test_build_rejects_a_non_node_and_a_bad_max_steps() -> None:
     assert "max_steps must be >= 1, got 0" in info.value.problems
 
 
+def test_build_names_a_bad_flow_name_node_id_and_action() -> None:
+    builder = (
+        cf.Flow.builder("")
+        .add_node("a", Recorder())
+        .add_node("", Recorder())
+        .add_node(3, Recorder())  # type: ignore[arg-type]
+        .add_node("b", Recorder())
+        .add_route("a", "b", action="")
+    )
+    with pytest.raises(cf.FlowValidationError) as info:
+        builder.build()
+    assert info.value.problems == (
+        "a node id must be a non-empty str, got ''",
+        "a node id must be a non-empty str, got 3",
+        "route from 'a': an action must be a non-empty str, got ''",
+        "the flow's name must be a non-empty str, got ''",
+    )
+
+
 def test_build_rejects_config_changed_after_construction() -> None:
     node = Recorder()
     node.max_retries = 0
