@@ -6,6 +6,7 @@ It imports nothing of the package, so that any module may import it.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,16 @@ def require_positive(name: str, value: object) -> None:
     not an int here)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def require_seconds(name: str, value: object, *, zero: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a number of seconds above
+    0, or 0 itself with ``zero`` (a bool or NaN is not a number here)."""
+    bound = ">= 0" if zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+    if value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
 
 
 def require_run_id(run_id: object) -> None:

@@ -675,7 +675,7 @@ async def test_an_opener_waits_no_longer_than_asked(
 
 @pytest.mark.parametrize("wait", [-1, float("nan"), "1", None])
 async def test_wait_must_be_seconds(tmp_path: Path, wait: Any) -> None:
-    with pytest.raises(ValueError, match="wait must be a number of seconds"):
+    with pytest.raises(ValueError, match="wait must be >= 0 seconds"):
         FileStorage(tmp_path / "store.json", wait=wait)
 
 

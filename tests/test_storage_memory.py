@@ -39,6 +39,11 @@ async def test_without_data_each_storage_gets_a_new_dict() -> None:
     assert second.data == {}
 
 
+def test_data_that_is_not_a_dict_is_refused() -> None:
+    with pytest.raises(TypeError, match="data must be a dict or None, got list"):
+        MemoryStorage([("k", 1)])  # type: ignore[arg-type]
+
+
 async def test_snapshot_is_a_shallow_copy_taken_now() -> None:
     value = {"x": 1}
     storage = MemoryStorage({"a": value})

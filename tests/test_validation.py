@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import pytest
 
@@ -12,6 +13,7 @@ from cosmoflow_actors.validation import (
     positive_int,
     require_positive,
     require_run_id,
+    require_seconds,
 )
 
 
@@ -25,6 +27,31 @@ def test_anything_else_is_refused_naming_the_setting_and_the_value(value: object
     with pytest.raises(ValueError) as info:
         require_positive("size", value)
     assert str(info.value) == f"size must be an int >= 1, got {value!r}"
+
+
+@pytest.mark.parametrize(
+    ("value", "zero", "bound"),
+    [(0, False, "> 0"), (-1, True, ">= 0"), (float("nan"), True, ">= 0"), (True, False, "> 0")],
+)
+def test_seconds_out_of_bounds_are_refused(value: object, zero: bool, bound: str) -> None:
+    require_seconds("timeout", 0.5)
+    require_seconds("wait", 0, zero=True)
+    with pytest.raises(ValueError) as info:
+        require_seconds("timeout", value, zero=zero)
+    assert str(info.value) == f"timeout must be {bound} seconds, got {value!r}"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: cf.SQLiteStorage("x.db", timeout=-1), "timeout must be >= 0 seconds"),
+        (lambda: cf.RedisStorage("redis://127.0.0.1:1/0", timeout=0), "timeout must be > 0"),
+        (lambda: cf.FileStorage("x.json", wait=float("nan")), "wait must be >= 0 seconds"),
+    ],
+)
+def test_storages_check_their_seconds_when_made(make: Callable[[], object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 @pytest.mark.parametrize("run_id", ["", 5, None, b"id"])

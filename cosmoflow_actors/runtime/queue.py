@@ -49,7 +49,12 @@ from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.redis import RedisStorage, shared_client
 from cosmoflow_actors.tracing import describe_error
-from cosmoflow_actors.validation import checked_params, require_positive, require_run_id
+from cosmoflow_actors.validation import (
+    checked_params,
+    require_positive,
+    require_run_id,
+    require_seconds,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -185,10 +190,8 @@ class RunQueue:
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"a queue name must be a non-empty str without '/', not {name!r}")
-        if not lease > 0:
-            raise ValueError(f"lease must be > 0 seconds, got {lease!r}")
-        if not flow_wait >= 0:
-            raise ValueError(f"flow_wait must be >= 0 seconds, got {flow_wait!r}")
+        require_seconds("lease", lease)
+        require_seconds("flow_wait", flow_wait, zero=True)
         self.url = url
         self.name = name
         self.lease = lease

@@ -18,6 +18,7 @@ from cosmoflow_actors.storage import journal, lock
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.codec import check_json_key, get_codec
 from cosmoflow_actors.storage.staged import StagedWrites
+from cosmoflow_actors.validation import require_seconds
 
 COMPACT_MIN_BYTES: Final = 4 * 1024 * 1024
 """The journal is compacted once it is larger than this and than the snapshot. 4 MiB,
@@ -71,8 +72,7 @@ class FileStorage(Storage):
     def __init__(
         self, path: str | os.PathLike[str], *, codec: str = "json", wait: float = 0.0
     ) -> None:
-        if not (isinstance(wait, int | float) and wait >= 0):
-            raise ValueError(f"wait must be a number of seconds >= 0, not {wait!r}")
+        require_seconds("wait", wait, zero=True)
         self._path = Path(path).absolute()
         self._journal = journal.journal_path(self._path)
         self._lock_path = lock.lock_path(self._path)

@@ -26,6 +26,8 @@ class MemoryStorage(Storage):
     shared_actor = True
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
+        if data is not None and not isinstance(data, dict):
+            raise TypeError(f"data must be a dict or None, got {type(data).__name__}")
         self._data: dict[str, Any] = {} if data is None else data
 
     @property

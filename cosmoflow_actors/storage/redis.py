@@ -15,6 +15,7 @@ from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, check_steps
 from cosmoflow_actors.storage.codec import check_codec, check_json_key, utf8_key
 from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
+from cosmoflow_actors.validation import require_seconds
 
 if TYPE_CHECKING:
     import redis
@@ -64,7 +65,7 @@ class RedisStorage(DatabaseStorage):
     transaction and gives it back, so many namespaces (a worker's runs each have one)
     need no more connections than calls in flight.
 
-    ``timeout`` bounds every call, connecting included: a call that has not finished
+    ``timeout`` (seconds, > 0) bounds every call, connecting included: a call that has not finished
     within ``timeout`` seconds, all its round trips and its wait for an earlier call of
     the same instance together, raises :class:`~cosmoflow_actors.StorageError`. The
     instance then leaves the connection of that call behind and takes another on the
@@ -82,6 +83,7 @@ class RedisStorage(DatabaseStorage):
     ) -> None:
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(f"namespace must be a non-empty str, not {namespace!r}")
+        require_seconds("timeout", timeout)
         super().__init__(codec)
         self._url = url
         self._namespace = namespace

@@ -22,6 +22,7 @@ from cosmoflow_actors.storage.codec import (
     utf8_key,
 )
 from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
+from cosmoflow_actors.validation import require_seconds
 
 FORMAT: Final = "cosmoflow-store"
 VERSION: Final = "1"
@@ -80,7 +81,7 @@ class SQLiteStorage(DatabaseStorage):
     a savepoint of the one an update opened.
 
     ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only).
-    ``timeout`` is how long, in seconds, :meth:`open` waits for other connections' locks
+    ``timeout`` (seconds, >= 0) is how long :meth:`open` waits for other connections' locks
     in all, and so do the calls that write between two commits (a batch of the store
     actor): an :meth:`update` that waited 3 of 5 s leaves 2 s to the :meth:`commit`
     after it. A call that runs out of time raises
@@ -96,6 +97,7 @@ class SQLiteStorage(DatabaseStorage):
     def __init__(
         self, path: str | os.PathLike[str], *, codec: str = "json", timeout: float = 5.0
     ) -> None:
+        require_seconds("timeout", timeout, zero=True)
         super().__init__(codec)
         self._path = Path(path).absolute()
         self._timeout = timeout
