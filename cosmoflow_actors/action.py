@@ -33,6 +33,7 @@ from cosmoflow_actors.expression import (
     parse,
     values_equal,
 )
+from cosmoflow_actors.validation import checked_params
 
 __all__ = ["Action", "ActionCondition", "as_action"]
 
@@ -383,7 +384,7 @@ class Action:
             raise TypeError(f"an action name must be a str, not {type(self.name).__name__}")
         if not self.name:
             raise ValueError("an action name must not be empty")
-        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+        object.__setattr__(self, "params", MappingProxyType(checked_params(self.params)))
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle (and copy) an action as the call that rebuilds it, its params as a dict

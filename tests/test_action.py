@@ -44,6 +44,15 @@ def test_params_are_read_only_and_copied() -> None:
         action.params["count"] = 5  # type: ignore[index]
 
 
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [([("count", 3)], "params must be a mapping or None, got list"), ({3: 3}, "keys must be str")],
+)
+def test_params_that_are_not_a_mapping_of_str_keys_are_refused(params: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        Action(name="retry", params=params)
+
+
 def test_complete_action() -> None:
     action = Action.complete(result={"answer": 42})
     assert action.name == "complete"
