@@ -235,6 +235,8 @@ async def test_bad_arguments_to_start_run() -> None:
             await engine.start_run(builder.build(), params="user=ada")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="run_id must be a non-empty str, not ''"):
             engine.start_run_nowait(builder.build(), run_id="")
+        with pytest.raises(ValueError, match="run_id must be a non-empty str, not None"):
+            await engine.resume(builder.build(), {}, run_id=None)  # type: ignore[arg-type]
         gate = Gate()
         await engine.start_run(single(gate), run_id="same")
         with pytest.raises(ValueError, match="'same' is already in flight"):

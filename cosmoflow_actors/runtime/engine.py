@@ -163,7 +163,9 @@ class Engine:
         A run that succeeded returns its recorded result; one that failed or was
         interrupted goes on from its last committed step (no committed step runs
         again); one the store does not know starts from the beginning with ``params``.
+        Raises ValueError unless ``run_id`` is a non-empty str.
         """
+        require_run_id(run_id)
         run, first = await self._start(flow, store, params, run_id, resume=True)
         return await self._drive(run, first)
 
