@@ -60,6 +60,12 @@ def single(node: cf.Node, name: str = "single") -> cf.Flow:
     return cf.Flow.builder(name).add_node("only", node).build()
 
 
+def a_then_b(name: str) -> cf.Flow:
+    """A flow of two Recorders, ``a`` then ``b``."""
+    builder = cf.Flow.builder(name).add_node("a", Recorder()).add_node("b", Recorder())
+    return builder.add_route("a", "b").build()
+
+
 async def in_run(
     body: Callable[[cf.SharedStore], Awaitable[Any]],
     store: cf.Storage | dict[str, Any] | None = None,

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from tests.support import Gate, Recorder, single
+from tests.support import Gate, Recorder, a_then_b, single
 
 
 def count_tasks() -> int:
@@ -465,13 +465,7 @@ async def test_a_hundred_thousand_runs_in_flight_at_once_all_succeed() -> None:
 
 
 async def test_a_lossless_event_stream_gets_every_event_of_many_runs() -> None:
-    flow = (
-        cf.Flow.builder("many")
-        .add_node("a", Recorder())
-        .add_node("b", Recorder())
-        .add_route("a", "b")
-        .build()
-    )
+    flow = a_then_b("many")
     counts: dict[str, int] = {}
     async with cf.open_engine() as engine:
         stream = engine.events(buffer=16, lossless=True)

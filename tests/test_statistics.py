@@ -7,17 +7,11 @@ from pathlib import Path
 import pytest
 
 import cosmoflow_actors as cf
-from tests.support import Gate, Recorder, single
+from tests.support import Gate, Recorder, a_then_b, single
 
 
 async def test_statistics_cover_every_actor() -> None:
-    flow = (
-        cf.Flow.builder("stats")
-        .add_node("a", Recorder())
-        .add_node("b", Recorder())
-        .add_route("a", "b")
-        .build()
-    )
+    flow = a_then_b("stats")
     store = cf.MemoryStorage()
     async with cf.open_engine() as engine:
         await engine.run(flow, store)
@@ -40,13 +34,7 @@ async def test_statistics_count_every_message_handled_directly_or_queued(
     and the router six outcomes, whether handled in the sender's task or queued (a
     durable run's); the store actor counts each request, handled in the sender's task
     (memory) or by its own (a file)."""
-    flow = (
-        cf.Flow.builder("counted")
-        .add_node("a", Recorder())
-        .add_node("b", Recorder())
-        .add_route("a", "b")
-        .build()
-    )
+    flow = a_then_b("counted")
     storage = cf.MemoryStorage() if kind == "memory" else cf.FileStorage(tmp_path / "s.json")
     ids = iter(["r1", "r2", "r3"] if kind == "durable" else [None] * 3)
     gate = Gate()
