@@ -235,6 +235,7 @@ class FunctionNode(Node):
     """
 
     def __init__(self, function: StepFunction, **config: Any) -> None:
+        _check_step_function(function)
         super().__init__(**config)
         self.function = function
         self.__name__ = getattr(function, "__name__", "node")
@@ -251,6 +252,27 @@ class FunctionNode(Node):
 
     def __repr__(self) -> str:
         return f"<node {self.__name__}>"
+
+
+def _check_step_function(function: object) -> None:
+    """Raise TypeError unless ``function`` may be called as ``function(ctx)`` and return
+    the action (or an awaitable of it, as an ``async def`` does)."""
+    if not callable(function):
+        raise TypeError(f"@node needs a function of the context, got {type(function).__name__}")
+    name = getattr(function, "__qualname__", repr(function))
+    if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
+        raise TypeError(f"@node needs a function that returns the action; {name} is a generator")
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return  # no signature to read (some builtins): a wrong call fails the step
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        raise TypeError(
+            f"@node needs a function of one argument, the context; {name}{signature} "
+            f"cannot be called so ({exc})"
+        ) from exc
 
 
 @overload

@@ -124,6 +124,28 @@ async def test_the_node_decorator_without_arguments() -> None:
     assert repr(greet) == "<node greet>"
 
 
+async def _two(ctx: cf.ExecutionContext, extra: int) -> None: ...
+
+
+async def _steps(ctx: cf.ExecutionContext) -> Any:
+    yield "a"
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        (42, "@node needs a function of the context, got int"),
+        (_two, r"needs a function of one argument, the context; _two\(ctx"),
+        (_steps, "_steps is a generator"),
+    ],
+)
+def test_the_node_decorator_refuses_what_cannot_be_a_step(function: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        cf.node(function)
+    with pytest.raises(TypeError, match=message):
+        cf.node(max_retries=2)(function)
+
+
 async def test_the_node_decorator_with_config_retries_the_function() -> None:
     calls: list[int] = []
 
