@@ -19,7 +19,7 @@ import trio
 from cosmoflow_actors.action import Action, ActionCondition
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.errors import FlowValidationError
-from cosmoflow_actors.node import Node, executor_problem, validate_config
+from cosmoflow_actors.node import Node, executor_problem, phase_problem, validate_config
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.store_client import SharedStore
@@ -381,9 +381,9 @@ class FlowBuilder:
                 except ValueError as exc:
                     problems.append(str(exc))
                     continue
-                problem = executor_problem(node)
-                if problem is not None:
-                    problems.append(f"node {node_id!r}: {problem}")
+                for problem in (phase_problem(node), executor_problem(node)):
+                    if problem is not None:
+                        problems.append(f"node {node_id!r}: {problem}")
         return problems
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Final, overload
 
 import cloudpickle
 
@@ -189,6 +189,37 @@ def _validate_ray_options(owner: str, value: object) -> None:
 
 def _is_exception_type(value: object) -> bool:
     return isinstance(value, type) and issubclass(value, BaseException)
+
+
+_PHASE_ARGUMENTS: Final = {
+    "prep": "store, ctx",
+    "exec": "prep_res, ctx",
+    "exec_fallback": "prep_res, error, ctx",
+    "post": "store, prep_res, exec_res, ctx",
+}
+"""What the node actor passes each phase method."""
+
+
+def phase_problem(node: Node) -> str | None:
+    """Which phase method of ``node`` cannot take what the node actor passes it, or None;
+    checked by ``Flow.build``."""
+    for name, arguments in _PHASE_ARGUMENTS.items():
+        method = getattr(node, name)
+        try:
+            signature = inspect.signature(method)
+        except (TypeError, ValueError):
+            continue  # no signature to read: a wrong call fails the step
+        try:
+            signature.bind(*arguments.split(", "))
+        except TypeError:
+            return f"{name}{_unannotated(signature)} cannot be called as {name}({arguments})"
+    return None
+
+
+def _unannotated(signature: inspect.Signature) -> inspect.Signature:
+    """``signature`` without its annotations, to name a method's parameters briefly."""
+    parameters = [p.replace(annotation=p.empty) for p in signature.parameters.values()]
+    return signature.replace(parameters=parameters, return_annotation=signature.empty)
 
 
 def executor_problem(node: Node) -> str | None:

@@ -76,6 +76,41 @@ def test_build_names_a_bad_flow_name_node_id_and_action() -> None:
     )
 
 
+class ExecWithoutContext(cf.Node):
+    def exec(self, prep_res: Any) -> None:  # type: ignore[override]
+        return None
+
+
+class PostWithoutResult(cf.Node):
+    async def post(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> None:  # type: ignore[override]
+        return None
+
+
+class TakesMore(cf.Node):
+    def exec(self, *args: Any) -> None:
+        return None
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext, extra: int = 1) -> None:
+        return None
+
+
+def test_build_names_a_phase_method_the_engine_cannot_call() -> None:
+    builder = (
+        cf.Flow.builder("f")
+        .add_node("a", ExecWithoutContext())
+        .add_node("b", PostWithoutResult())
+        .add_node("c", TakesMore())
+        .add_route("a", "b")
+        .add_route("b", "c")
+    )
+    with pytest.raises(cf.FlowValidationError) as info:
+        builder.build()
+    assert info.value.problems == (
+        "node 'a': exec(prep_res) cannot be called as exec(prep_res, ctx)",
+        "node 'b': post(store, ctx) cannot be called as post(store, prep_res, exec_res, ctx)",
+    )
+
+
 def test_build_rejects_config_changed_after_construction() -> None:
     node = Recorder()
     node.max_retries = 0
