@@ -1,4 +1,5 @@
-"""Checks of configuration values, shared by the modules that take them.
+"""Checks of what users pass in (sizes, seconds, run ids, params), shared by the modules
+that take them.
 
 It imports nothing of the package, so that any module may import it.
 """
