@@ -12,6 +12,11 @@ import cosmoflow_actors as cf
 from tests.support import Gate, single
 
 
+def test_the_handle_offers_watching_waiting_and_cancelling_and_nothing_of_the_engine() -> None:
+    handle = {"run_id", "flow", "state", "current_state", "result", "error", "wait", "cancel"}
+    assert {name for name in dir(cf.Run) if not name.startswith("_")} == handle
+
+
 async def test_the_run_handle_reports_its_states() -> None:
     gate = Gate()
     async with cf.open_engine() as engine:

@@ -26,7 +26,7 @@ from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import CosmoFlowError, RunConflictError, StorageError
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone
-from cosmoflow_actors.runtime.run import Branch, Fork, Frame, Run
+from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork, Frame
 from cosmoflow_actors.runtime.store_client import SharedStore, StagedStore, step_handle
 from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage
 
@@ -99,7 +99,7 @@ class RunRecord:
         )
 
 
-def started(run: Run, params: Mapping[str, Any]) -> dict[str, Any]:
+def started(run: ActiveRun, params: Mapping[str, Any]) -> dict[str, Any]:
     """The record of a run that has not completed a step yet."""
     return new_record(run.run_id, run.flow.name, params)
 
@@ -158,16 +158,16 @@ class Durability:
         return step_handle(store)
 
     async def commit(
-        self, run: Run, branch: Branch, node_id: str, action: Action, store: SharedStore
+        self, run: ActiveRun, branch: Branch, node_id: str, action: Action, store: SharedStore
     ) -> None:
         """Commit the step of ``branch`` at ``node_id`` that returned the resolved
         ``action``, with the writes it staged in ``store``."""
 
-    async def succeed(self, run: Run, result: FlowResult) -> None:
+    async def succeed(self, run: ActiveRun, result: FlowResult) -> None:
         """End the run with ``result``."""
         run.succeed(result)
 
-    async def fail(self, run: Run, error: BaseException) -> None:
+    async def fail(self, run: ActiveRun, error: BaseException) -> None:
         """End the run with ``error``."""
         run.fail(error)
 
@@ -213,7 +213,7 @@ class DurableRun(Durability):
         return StagedStore(store)
 
     async def commit(
-        self, run: Run, branch: Branch, node_id: str, action: Action, store: SharedStore
+        self, run: ActiveRun, branch: Branch, node_id: str, action: Action, store: SharedStore
     ) -> None:
         """Commit the step's staged writes with the run's record, in one commit, built
         on the last record committed.
@@ -231,7 +231,7 @@ class DurableRun(Durability):
             self.record = record
             branch.resume_at = resume_at
 
-    async def succeed(self, run: Run, result: FlowResult) -> None:
+    async def succeed(self, run: ActiveRun, result: FlowResult) -> None:
         """Record the result, then end the run (so ``wait`` sees it recorded).
 
         Under the lock, after a step commit of another branch still in flight: the
@@ -242,7 +242,7 @@ class DurableRun(Durability):
             await run.store_actor.write_record(run.storage, record_key(run.run_id), record)
             run.succeed(result)
 
-    async def fail(self, run: Run, error: BaseException) -> None:
+    async def fail(self, run: ActiveRun, error: BaseException) -> None:
         """Record the failure (best effort), then fail the run; unless another engine
         has taken the run over (RunConflictError): the record is its."""
         if run.finished or isinstance(error, RunConflictError):
@@ -352,7 +352,7 @@ def recorded_result(record: Mapping[str, Any], storage: Storage) -> FlowResult:
     )
 
 
-def restore(run: Run, record: Mapping[str, Any]) -> list[Branch]:
+def restore(run: ActiveRun, record: Mapping[str, Any]) -> list[Branch]:
     """Put ``run`` back where its record says; return its branches in flight, each with
     its ``resume_at`` (none when no step had completed).
 
@@ -382,7 +382,7 @@ def restore(run: Run, record: Mapping[str, Any]) -> list[Branch]:
 
 
 def resumed(
-    run: Run, branch: Branch, actor: NodeActor, values: Mapping[str, Any]
+    run: ActiveRun, branch: Branch, actor: NodeActor, values: Mapping[str, Any]
 ) -> Step | StepDone | FlowEnded:
     """What sends a restored ``branch`` on: a Step for ``actor``, the node its frames
     point at (its step was under way), or a StepDone or FlowEnded for the router to
@@ -397,7 +397,7 @@ def resumed(
     return StepDone(run, branch, saved["node"], _decode_action(saved["action"]), values)
 
 
-def _branch(run: Run, saved: Mapping[str, Any], forks: list[Fork]) -> Branch:
+def _branch(run: ActiveRun, saved: Mapping[str, Any], forks: list[Fork]) -> Branch:
     """The branch a record saved (a record written before branches were numbered holds
     one branch, whose steps were numbered by the run's path)."""
     number = saved.get("fork")

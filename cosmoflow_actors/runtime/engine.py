@@ -47,7 +47,7 @@ from cosmoflow_actors.runtime.messages import Step
 from cosmoflow_actors.runtime.node_actor import NodeActor, carry
 from cosmoflow_actors.runtime.queue import RunQueue, RunStores
 from cosmoflow_actors.runtime.router import Router, condition_keys
-from cosmoflow_actors.runtime.run import Run, RunState
+from cosmoflow_actors.runtime.run import ActiveRun, Run, RunState
 from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
@@ -92,7 +92,7 @@ class Engine:
         self._ray_connected = False
         self._ray_connecting = trio.Lock()
         self._events = EventHub()
-        self._runs: dict[str, Run] = {}
+        self._runs: dict[str, ActiveRun] = {}
         """The runs in flight, by id."""
         self._idle: trio.Event | None = None
         """Set when the last run in flight ends; made only while :meth:`_wait_idle`
@@ -147,7 +147,7 @@ class Engine:
         run, first = await self._start(flow, store, params, run_id, resume=False)
         if first is not None:
             await _send(run, first)
-        return run
+        return Run(run)
 
     async def resume(
         self,
@@ -209,7 +209,7 @@ class Engine:
             self._nursery.start_soon(self._launch_later, run, first_params)
         else:
             entry.send_nowait(self._first_step(run, first_params))
-        return run
+        return Run(run)
 
     async def list_runs(self, store: Storage | dict[str, Any]) -> list[RunRecord]:
         """The durable runs recorded in ``store``, with their state, last node and steps,
@@ -225,7 +225,7 @@ class Engine:
         runs = [RunRecord.of(durability.checked_record(k, v)) for k, v in records.items()]
         return await run_queue.leases_checked(storage, runs)
 
-    async def _drive(self, run: Run, first: Step | None) -> FlowResult:
+    async def _drive(self, run: ActiveRun, first: Step | None) -> FlowResult:
         """Carry ``run`` from ``first`` in this task while its nodes are idle (see
         node_actor.carry; in a cancel scope of the run's), then wait for its end;
         cancelling this task cancels the run. If the run was its storage's last user,
@@ -257,7 +257,7 @@ class Engine:
         resume: bool,
         durable: bool | None = None,
         child: bool = False,
-    ) -> tuple[Run, Step | None]:
+    ) -> tuple[ActiveRun, Step | None]:
         """Start (or resume) a run: admit it (FIFO; a child of a running BatchFlow
         needs no admission), open its store, read and write its record if it is
         durable; return it with its first step to send (None when the run is over, or
@@ -294,7 +294,7 @@ class Engine:
             run.fail(exc if isinstance(exc, Exception) else RunCancelledError(str(exc)))
             raise
 
-    async def _launch_later(self, run: Run, params: dict[str, Any]) -> None:
+    async def _launch_later(self, run: ActiveRun, params: dict[str, Any]) -> None:
         """start_run_nowait's durable start, in a task of the engine's: its failure
         (the store refused the record) fails the run alone."""
         try:
@@ -306,7 +306,7 @@ class Engine:
             await _send(run, first)
 
     async def _launch(
-        self, run: Run, params: dict[str, Any], *, resume: bool, durable: bool
+        self, run: ActiveRun, params: dict[str, Any], *, resume: bool, durable: bool
     ) -> Step | None:
         """Return the run's first step; for a ``durable`` one, after reading and writing
         its record (None after sending a resumed run's branches on, or ending a
@@ -330,7 +330,7 @@ class Engine:
             return self._first_step(run, params)
         return await self._restore(run, record)
 
-    async def _restore(self, run: Run, record: dict[str, Any]) -> Step | None:
+    async def _restore(self, run: ActiveRun, record: dict[str, Any]) -> Step | None:
         """Put a recorded run back where it was; send its branches on."""
         durable = DurableRun({**record, "state": "running", "error": None})
         run.durability = durable
@@ -350,7 +350,7 @@ class Engine:
                     await _send(run, step)
         return None
 
-    def _first_step(self, run: Run, params: dict[str, Any]) -> Step:
+    def _first_step(self, run: ActiveRun, params: dict[str, Any]) -> Step:
         return self._router.first_step(run, params)
 
     def _check_start(self, run_id: str | None) -> str:
@@ -369,11 +369,11 @@ class Engine:
         flow: Flow,
         storage: Storage,
         actor: StoreActor,
-        on_finish: Callable[[Run], None],
-    ) -> Run:
+        on_finish: Callable[[ActiveRun], None],
+    ) -> ActiveRun:
         """Record a new run; it holds one use of ``actor`` until it ends."""
         keys = self._condition_keys[flow]
-        run = Run(run_id, flow, actor, storage, on_finish, NOT_DURABLE, keys)
+        run = ActiveRun(run_id, flow, actor, storage, on_finish, NOT_DURABLE, keys)
         self._runs[run_id] = run
         self._progress.run_started()
         if self._events.active:
@@ -540,13 +540,13 @@ class Engine:
             error.__cause__ = exc
             run.fail(error)
 
-    def _finished(self, run: Run) -> None:
+    def _finished(self, run: ActiveRun) -> None:
         """Called once when an admitted ``run`` ends, whatever ended it."""
         self._child_finished(run)
         if self._admission is not None:
             self._admission.release()
 
-    def _child_finished(self, run: Run) -> None:
+    def _child_finished(self, run: ActiveRun) -> None:
         """Called once when ``run`` ends, whatever ended it."""
         del self._runs[run.run_id]
         self._progress.run_finished(run.current_state.value)
@@ -650,7 +650,7 @@ async def open_engine(
             await engine._disconnect_ray()
 
 
-async def _send(run: Run, step: Step) -> None:
+async def _send(run: ActiveRun, step: Step) -> None:
     """Send ``step`` of ``run`` to its actor; cancelled while the mailbox is full, the
     run is cancelled (it would have no step left)."""
     try:
@@ -690,7 +690,7 @@ def _needs_workers(flow: Flow, executor: str = "process") -> bool:
     )
 
 
-def _run_event(run: Run) -> Event:
+def _run_event(run: ActiveRun) -> Event:
     """The event for a run that has just ended."""
     now = trio.current_time()
     duration = now - run.started_at

@@ -18,7 +18,7 @@ import trio
 if TYPE_CHECKING:
     from cosmoflow_actors.action import Action
     from cosmoflow_actors.runtime.node_actor import NodeActor
-    from cosmoflow_actors.runtime.run import Branch, Run
+    from cosmoflow_actors.runtime.run import ActiveRun, Branch
     from cosmoflow_actors.storage.base import Storage
 
 T = TypeVar("T")
@@ -113,7 +113,7 @@ class StoreRequest:
 class Step:
     """To a node actor: run one step of ``branch`` of ``run`` with ``params``."""
 
-    run: Run
+    run: ActiveRun
     branch: Branch
     params: Mapping[str, Any]
     actor: NodeActor
@@ -124,7 +124,7 @@ class StepDone:
     """To the router: the step of ``branch`` at ``node_id`` returned ``action``
     (resolved), and ``values`` holds the store values its routes' conditions read."""
 
-    run: Run
+    run: ActiveRun
     branch: Branch
     node_id: str
     action: Action
@@ -135,7 +135,7 @@ class StepDone:
 class StepFailed:
     """To the router: the step of ``run`` at ``node_id`` failed with ``error``."""
 
-    run: Run
+    run: ActiveRun
     branch: Branch
     node_id: str
     error: Exception
@@ -147,7 +147,7 @@ class FlowEnded:
     its last step at ``node_id`` having returned ``action`` (the last branch of a
     fan-out without a join had ended)."""
 
-    run: Run
+    run: ActiveRun
     branch: Branch
     node_id: str
     action: Action

@@ -35,7 +35,7 @@ from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.executor import ExecCall, as_coroutine_function, call, exec_call
 from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import Step, StepDone, StepFailed
-from cosmoflow_actors.runtime.run import Run
+from cosmoflow_actors.runtime.run import ActiveRun
 from cosmoflow_actors.runtime.statistics import ActorStatistics
 from cosmoflow_actors.runtime.store_client import all_awaited, unawaited
 
@@ -257,7 +257,7 @@ class NodeActor(Actor[Step]):
             return _NO_SPAN
         return spans.step_span(ctx)
 
-    async def _phases(self, run: Run, ctx: ExecutionContext) -> Action:
+    async def _phases(self, run: ActiveRun, ctx: ExecutionContext) -> Action:
         """prep → exec → post; the action post returned, resolved against the store.
 
         Each phase's errors, and its store calls never awaited, fail the step with a
@@ -331,7 +331,7 @@ class NodeActor(Actor[Step]):
             )
         )
 
-    async def _exec_batch(self, run: Run, prep_res: Any, ctx: ExecutionContext) -> Any:
+    async def _exec_batch(self, run: ActiveRun, prep_res: Any, ctx: ExecutionContext) -> Any:
         """The exec phase of a batch node: every item, or every child run."""
         if isinstance(self.node, BatchFlow):
             param_sets = _items(self.node_id, ctx, prep_res)
@@ -346,7 +346,7 @@ class NodeActor(Actor[Step]):
         return await _all_or_first_error(self.max_concurrency, jobs)
 
     async def _run_children(
-        self, batch: BatchFlow, param_sets: list[Any], run: Run, ctx: ExecutionContext
+        self, batch: BatchFlow, param_sets: list[Any], run: ActiveRun, ctx: ExecutionContext
     ) -> list[FlowResult]:
         """Run ``batch.flow`` once per parameter set as child runs on this run's store;
         they are durable when this run is."""

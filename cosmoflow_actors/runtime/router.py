@@ -34,7 +34,7 @@ from cosmoflow_actors.runtime.messages import (
     StepFailed,
 )
 from cosmoflow_actors.runtime.node_actor import NodeActor
-from cosmoflow_actors.runtime.run import Branch, Fork, Frame, Run
+from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork, Frame
 
 NodeLookup = Callable[[Flow, str], NodeActor]
 
@@ -179,7 +179,7 @@ class Router(Actor[Routing]):
             node = flow.nodes[flow.start_id]
         return self._node_actor(flow, flow.start_id)
 
-    def first_step(self, run: Run, params: Mapping[str, Any]) -> Step:
+    def first_step(self, run: ActiveRun, params: Mapping[str, Any]) -> Step:
         """The step a new run starts with. Raises MaxStepsExceeded as :func:`enter` does."""
         return enter(self._node_actor, run, run.main, run.flow.start_id, params)
 
@@ -187,7 +187,7 @@ class Router(Actor[Routing]):
 class _Decision:
     """One routing decision: the steps it sends and, if the run ends, its result."""
 
-    def __init__(self, router: Router, run: Run) -> None:
+    def __init__(self, router: Router, run: ActiveRun) -> None:
         self._node_actor = router._node_actor
         self.run = run
         self.steps: list[Step] = []
@@ -279,7 +279,7 @@ class _Decision:
 
 
 def enter(
-    node_actor: NodeLookup, run: Run, branch: Branch, node_id: str, params: Mapping[str, Any]
+    node_actor: NodeLookup, run: ActiveRun, branch: Branch, node_id: str, params: Mapping[str, Any]
 ) -> Step:
     """Move ``branch`` to ``node_id`` of its current flow (descending into nested flows)
     and count the step; return the step to send.
@@ -296,7 +296,9 @@ def enter(
     return counted_step(run, branch, params, node_actor(frame.flow, frame.node_id))
 
 
-def counted_step(run: Run, branch: Branch, params: Mapping[str, Any], actor: NodeActor) -> Step:
+def counted_step(
+    run: ActiveRun, branch: Branch, params: Mapping[str, Any], actor: NodeActor
+) -> Step:
     """Count the step of ``branch``, which is at ``actor``'s node, and return it.
 
     Raises MaxStepsExceeded when the step would exceed a flow's ``max_steps``.

@@ -1,4 +1,5 @@
-"""A run: its handle for callers and its record for the actors that move it along."""
+"""A run: the engine's record of it, which its actors move along, and the handle a caller
+gets."""
 
 from __future__ import annotations
 
@@ -90,11 +91,10 @@ class Fork:
 
 
 @final
-class Run:
-    """Handle on a run started with ``Engine.start_run``.
-
-    ``state`` is an observable ``trio_util.AsyncValue[RunState]``. The actors keep the
-    run's position (its branches) and its path here; only they change them.
+class ActiveRun:
+    """The engine's record of one run: what its actors move along (its branches, path,
+    step count and the cancel scopes of its steps in flight), its durability, and how
+    it ended. Only the engine and its actors hold it; a caller gets a :class:`Run`.
     """
 
     __slots__ = (
@@ -125,7 +125,7 @@ class Run:
         flow: Flow,
         store_actor: StoreActor,
         storage: Storage,
-        on_finish: Callable[[Run], None],
+        on_finish: Callable[[ActiveRun], None],
         durability: Durability,
         condition_keys: frozenset[str],
     ) -> None:
@@ -266,3 +266,67 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<Run {self.run_id} of {self.flow.name!r}: {self._state.value}>"
+
+
+@final
+class Run:
+    """Handle on a run started with ``Engine.start_run``: watch it, wait for it, cancel
+    it.
+
+    ``state`` is an observable ``trio_util.AsyncValue[RunState]``. The engine moves the
+    run along; nothing the handle offers changes where the run is.
+    """
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: ActiveRun) -> None:
+        self._run = run
+
+    @property
+    def run_id(self) -> str:
+        """The run's id."""
+        return self._run.run_id
+
+    @property
+    def flow(self) -> Flow:
+        """The flow the run runs."""
+        return self._run.flow
+
+    @property
+    def state(self) -> AsyncValue[RunState]:
+        """The run's state as an observable ``trio_util.AsyncValue[RunState]`` (made
+        on first use)."""
+        return self._run.state
+
+    @property
+    def current_state(self) -> RunState:
+        """The state now (no AsyncValue needed)."""
+        return self._run.current_state
+
+    @property
+    def result(self) -> FlowResult | None:
+        """The result of a run that succeeded; None until then."""
+        return self._run.result
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error of a run that failed or was cancelled; None otherwise."""
+        return self._run.error
+
+    async def wait(self) -> FlowResult:
+        """Block until the run ends; return its result or raise its error.
+
+        Raises RunCancelledError for a cancelled run. Cancelling the waiter does not
+        cancel the run (``Engine.run`` does). A checkpoint.
+        """
+        return await self._run.wait()
+
+    def cancel(self) -> None:
+        """Cancel the run: it ends now as CANCELLED and its steps in flight are cancelled.
+
+        Does nothing if the run has already ended. Never blocks.
+        """
+        self._run.cancel()
+
+    def __repr__(self) -> str:
+        return repr(self._run)
