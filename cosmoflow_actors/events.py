@@ -140,9 +140,10 @@ class EventHub:
     true, awaits :meth:`wait_for_room`.
     """
 
-    __slots__ = ("_room", "_sinks", "_streams", "step_spans")
+    __slots__ = ("_closed", "_room", "_sinks", "_streams", "step_spans")
 
     def __init__(self) -> None:
+        self._closed = False
         self._streams: list[EventStream] = []
         self._sinks: list[Callable[[Event], None]] = []
         """What ``emit`` calls: each stream's ``offer`` and each listener."""
@@ -167,10 +168,12 @@ class EventHub:
 
     def open(self, buffer: int, *, lossless: bool = False) -> EventStream:
         """A new stream that receives every event from now on; see :class:`EventStream`
-        for ``buffer`` and ``lossless``."""
+        for ``buffer`` and ``lossless``. Once the hub is closed, the stream ends at once."""
         stream = EventStream(buffer, self._remove, room=self._room if lossless else None)
         self._streams.append(stream)
         self._sinks.append(stream.offer)
+        if self._closed:
+            stream.close()
         return stream
 
     def listen(self, listener: Callable[[Event], None]) -> Callable[[], None]:
@@ -210,7 +213,9 @@ class EventHub:
         await self._room.wait()
 
     def close(self) -> None:
-        """End every stream (the engine is closing); waiters for room go on."""
+        """End every stream (the engine is closing), and those opened later at once;
+        waiters for room go on."""
+        self._closed = True
         for stream in list(self._streams):
             stream.close()
 

@@ -116,6 +116,17 @@ async def test_streams_end_when_the_engine_closes() -> None:
     assert type(events[-1]).__name__ == "RunFinished"
 
 
+async def test_a_stream_opened_after_the_engine_closed_ends_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with cf.open_engine() as engine:
+        await engine.run(single(Recorder()))
+    events: list[cf.Event] = []
+    with trio.fail_after(1):
+        await collect(engine.events(lossless=True), events)
+    assert events == []
+
+
 def test_a_stream_needs_a_positive_buffer() -> None:
     with pytest.raises(ValueError, match="buffer must be an int >= 1"):
         cf.EventStream(0, lambda stream: None)

@@ -405,7 +405,7 @@ class Engine:
         dropped (never blocking the engine) and reported by one EventsDropped. With
         ``lossless=True`` nothing is dropped: while the stream holds ``buffer`` events,
         new runs and steps wait for the consumer (the engine slows down). The stream
-        ends when the engine closes.
+        ends when the engine closes (at once if it has closed already).
         """
         return self._events.open(buffer, lossless=lossless)
 
