@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,25 @@ async def test_bad_arguments_fail_before_waiting_for_admission(
         with trio.fail_after(1), pytest.raises(TypeError, match="params"):
             await engine.run(single(gate), params=[("k", 1)])  # type: ignore[arg-type]
         gate.open.set()
+
+
+CLOSED_ENGINE_CALLS: dict[str, Callable[[cf.Engine, Path], Awaitable[object]]] = {
+    "run": lambda engine, _: engine.run(single(Recorder()), {}),
+    "start_run": lambda engine, _: engine.start_run(single(Recorder()), {}),
+    "resume": lambda engine, _: engine.resume(single(Recorder()), {}, run_id="r"),
+    "list_runs": lambda engine, path: engine.list_runs(cf.FileStorage(path / "s.json")),
+    "serve": lambda engine, _: engine.serve("redis://127.0.0.1:1/q", [single(Recorder())], "m"),
+}
+
+
+@pytest.mark.parametrize("call", CLOSED_ENGINE_CALLS)
+async def test_a_closed_engine_refuses_new_work_saying_so(call: str, tmp_path: Path) -> None:
+    async with cf.open_engine() as engine:
+        pass
+    with pytest.raises(RuntimeError, match="the engine is closed"):
+        await CLOSED_ENGINE_CALLS[call](engine, tmp_path)
+    with pytest.raises(RuntimeError, match="the engine is closed"):
+        engine.start_run_nowait(single(Recorder()), {})
 
 
 async def test_open_engine_rejects_a_bad_mailbox_size() -> None:

@@ -215,7 +215,9 @@ class Engine:
         """The durable runs recorded in ``store``, with their state, last node and steps,
         and, for a run a queue's worker claimed, its owner; a running one is "orphaned"
         when the store is on the queue's server and no worker holds its lease (see
-        ``queue.leases_checked``). Blocks while it reads."""
+        ``queue.leases_checked``). Blocks while it reads; raises RuntimeError once the
+        engine is closed."""
+        self._require_open()
         storage = as_storage(store)
         actor = await self._stores.acquire(storage)
         try:
@@ -356,12 +358,16 @@ class Engine:
     def _check_start(self, run_id: str | None) -> str:
         """The run's id (a fresh one if None); refuses a closed engine and an id in
         flight."""
-        if self._closed:
-            raise RuntimeError("the engine is closed")
+        self._require_open()
         run_id = next(self._run_ids) if run_id is None else run_id
         if run_id in self._runs:
             raise ValueError(f"run {run_id!r} is already in flight")
         return run_id
+
+    def _require_open(self) -> None:
+        """Raise RuntimeError once the engine is closed."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
 
     def _new_run(
         self,
@@ -595,8 +601,10 @@ class Engine:
         ``queue.lease``; runs whose lease expired are taken over and resumed from their
         last committed step. ``name`` names the worker in the queue's status (default:
         host, process id and a random part); ``task_status`` gets it once the worker
-        reads the queue. Raises StorageError if the queue cannot be reached at first.
+        reads the queue. Raises StorageError if the queue cannot be reached at first,
+        RuntimeError once the engine is closed.
         """
+        self._require_open()
         await run_queue.serve(
             self,
             queue,
