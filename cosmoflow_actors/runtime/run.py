@@ -155,10 +155,8 @@ class ActiveRun:
 
     @property
     def state(self) -> AsyncValue[RunState]:
-        """The run's state as an observable ``trio_util.AsyncValue[RunState]``.
-
-        Made on first use, so runs nobody observes carry none.
-        """
+        """The state as an observable AsyncValue (see :attr:`Run.state`), made on first
+        use, so runs nobody observes carry none."""
         if self._observed is None:
             self._observed = AsyncValue(self._state)
         return self._observed
@@ -190,11 +188,7 @@ class ActiveRun:
             self._observed.value = state
 
     async def wait(self) -> FlowResult:
-        """Block until the run ends; return its result or raise its error.
-
-        Raises RunCancelledError for a cancelled run. Cancelling the waiter does not
-        cancel the run (``Engine.run`` does). A checkpoint.
-        """
+        """What :meth:`Run.wait` does. A checkpoint."""
         if not self.finished:
             if self._done is None:
                 self._done = trio.Event()
@@ -211,10 +205,7 @@ class ActiveRun:
         return self._result
 
     def cancel(self) -> None:
-        """Cancel the run: it ends now as CANCELLED and its steps in flight are cancelled.
-
-        Does nothing if the run has already ended. Never blocks.
-        """
+        """What :meth:`Run.cancel` does. Never blocks."""
         if self.finished:
             return
         self.fail(RunCancelledError(f"run {self.run_id} was cancelled"), RunState.CANCELLED)
