@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 import trio
 
 import cosmoflow_actors as cf
@@ -90,3 +91,10 @@ class FlakyOnce(cf.Node):
         await trio.sleep(1)
         if ctx.current_retry == 0:
             raise ConnectionError("first attempt fails")
+
+
+def refused(builder: cf.FlowBuilder) -> cf.FlowValidationError:
+    """The error ``builder.build()`` raises (the test fails if it builds)."""
+    with pytest.raises(cf.FlowValidationError) as info:
+        builder.build()
+    return info.value

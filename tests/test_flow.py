@@ -13,7 +13,7 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.flow import refusing_runs
-from tests.support import Recorder
+from tests.support import Recorder, refused
 
 
 def test_build_rejects_a_flow_without_nodes() -> None:
@@ -34,13 +34,12 @@ def test_build_names_routes_from_and_to_unknown_nodes() -> None:
         .add_route("ghost", "a")
         .add_route("a", "phantom")
     )
-    with pytest.raises(cf.FlowValidationError) as info:
-        builder.build()
-    assert info.value.problems == (
+    error = refused(builder)
+    assert error.problems == (
         "route from unknown node 'ghost'",
         "route from 'a' to unknown node 'phantom'",
     )
-    assert info.value.flow_name == "bad-routes"
+    assert error.flow_name == "bad-routes"
 
 
 def test_build_names_an_unknown_start_node() -> None:
@@ -51,10 +50,9 @@ def test_build_names_an_unknown_start_node() -> None:
 
 def test_build_rejects_a_non_node_and_a_bad_max_steps() -> None:
     builder = cf.Flow.builder("f").add_node("a", object()).max_steps(0)  # type: ignore[arg-type]
-    with pytest.raises(cf.FlowValidationError) as info:
-        builder.build()
-    assert "node 'a' is a object, not a Node or Flow" in info.value.problems
-    assert "max_steps must be >= 1, got 0" in info.value.problems
+    error = refused(builder)
+    assert "node 'a' is a object, not a Node or Flow" in error.problems
+    assert "max_steps must be >= 1, got 0" in error.problems
 
 
 def test_build_names_a_bad_flow_name_node_id_and_action() -> None:
@@ -66,9 +64,8 @@ def test_build_names_a_bad_flow_name_node_id_and_action() -> None:
         .add_node("b", Recorder())
         .add_route("a", "b", action="")
     )
-    with pytest.raises(cf.FlowValidationError) as info:
-        builder.build()
-    assert info.value.problems == (
+    error = refused(builder)
+    assert error.problems == (
         "a node id must be a non-empty str, got ''",
         "a node id must be a non-empty str, got 3",
         "route from 'a': an action must be a non-empty str, got ''",
@@ -103,9 +100,8 @@ def test_build_names_a_phase_method_the_engine_cannot_call() -> None:
         .add_route("a", "b")
         .add_route("b", "c")
     )
-    with pytest.raises(cf.FlowValidationError) as info:
-        builder.build()
-    assert info.value.problems == (
+    error = refused(builder)
+    assert error.problems == (
         "node 'a': exec(prep_res) cannot be called as exec(prep_res, ctx)",
         "node 'b': post(store, ctx) cannot be called as post(store, prep_res, exec_res, ctx)",
     )
@@ -136,9 +132,8 @@ def test_a_plain_function_is_refused_with_a_hint_and_nothing_else() -> None:
     routes to come from an unknown node."""
     builder = cf.Flow.builder("f").add_node("a", plain_function)  # type: ignore[arg-type]
     builder.add_node("b", Recorder()).add_route("a", "b")
-    with pytest.raises(cf.FlowValidationError) as info:
-        builder.build()
-    assert info.value.problems == (
+    error = refused(builder)
+    assert error.problems == (
         "node 'a' is a function, not a Node or Flow "
         "(decorate a function with @cf.node to make it a node)",
     )
@@ -156,9 +151,8 @@ def test_build_names_the_nodes_no_route_reaches() -> None:
         .add_route("orphan", "after_orphan")
         .add_route("loop", "loop")
     )
-    with pytest.raises(cf.FlowValidationError) as info:
-        builder.build()
-    assert info.value.problems == tuple(
+    error = refused(builder)
+    assert error.problems == tuple(
         f"node {node_id!r} is unreachable: no route leads to it from the start node 'start'"
         for node_id in ("orphan", "after_orphan", "loop")
     )
