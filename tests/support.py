@@ -98,3 +98,13 @@ def refused(builder: cf.FlowBuilder) -> cf.FlowValidationError:
     with pytest.raises(cf.FlowValidationError) as info:
         builder.build()
     return info.value
+
+
+async def started_nowait_once_set_up(flow: cf.Flow, not_yet: str) -> Any:
+    """Check that ``start_run_nowait`` refuses ``flow`` (WouldBlock matching ``not_yet``)
+    until ``start_run`` has set up its executor; return a nowait run's result then."""
+    async with cf.open_engine() as engine:
+        with pytest.raises(trio.WouldBlock, match=not_yet):
+            engine.start_run_nowait(flow, params={"n": 2})
+        await engine.start_run(flow, params={"n": 2})
+        return (await engine.start_run_nowait(flow, params={"n": 3}).wait()).result

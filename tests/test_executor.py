@@ -12,7 +12,7 @@ import trio
 import trio_parallel
 
 import cosmoflow_actors as cf
-from tests.support import single
+from tests.support import single, started_nowait_once_set_up
 
 
 class WhereAmI(cf.Node):
@@ -84,12 +84,8 @@ async def test_process_runs_exec_in_a_worker_process() -> None:
 
 
 async def test_start_run_nowait_would_block_until_the_worker_processes_are_set_up() -> None:
-    flow = single(Square())
-    async with cf.open_engine() as engine:
-        with pytest.raises(trio.WouldBlock, match="worker processes are not set up yet"):
-            engine.start_run_nowait(flow, params={"n": 2})
-        await engine.start_run(flow, params={"n": 2})
-        assert (await engine.start_run_nowait(flow, params={"n": 3}).wait()).result[0] == 9
+    not_yet = "worker processes are not set up yet"
+    assert (await started_nowait_once_set_up(single(Square()), not_yet))[0] == 9
 
 
 class RaisesAnEngineError(cf.Node):

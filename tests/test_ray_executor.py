@@ -26,7 +26,7 @@ import trio
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.ray_executor import LOCAL_RAY_ENV
 from tests.storage_suite import free_port
-from tests.support import received_until, single
+from tests.support import received_until, single, started_nowait_once_set_up
 from tests.test_executor import Square
 
 ROOT = Path(__file__).parent.parent
@@ -84,11 +84,7 @@ async def test_start_run_nowait_would_block_until_the_engine_has_connected_to_ra
     ray_cluster: None,
 ) -> None:
     flow = single(Square(executor="ray"))
-    async with cf.open_engine() as engine:
-        with pytest.raises(trio.WouldBlock, match="not connected to Ray"):
-            engine.start_run_nowait(flow, params={"n": 2})
-        await engine.start_run(flow, params={"n": 2})
-        assert (await engine.start_run_nowait(flow, params={"n": 3}).wait()).result[0] == 9
+    assert (await started_nowait_once_set_up(flow, "not connected to Ray"))[0] == 9
 
 
 class Failing(cf.Node):
