@@ -475,7 +475,7 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
     when routing ends the run, the run's waiters find its last node free. Steps that
     cannot be handed off are sent to their actors (blocks while a mailbox is full,
     holding no slot). Each step and its routing run in ``scope`` (see
-    :meth:`NodeActor.handle` and :meth:`Router.route`), so nothing is carried on once
+    :meth:`NodeActor.handle` and :meth:`Router.route_queued`), so nothing is carried on once
     the run has ended.
     """
     while True:
@@ -489,7 +489,7 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
         router = actor.router
         following = router.route_now(outcome)
         if following is None:
-            following = await router.route(outcome, scope)
+            following = await router.route_queued(outcome, scope)
         if not following:
             return
         step = following.pop()

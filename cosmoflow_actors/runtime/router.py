@@ -62,18 +62,26 @@ class Router(Actor[Routing]):
             if isinstance(target, str) and _plain_node(flow, target):
                 self._hops[flow, source, action] = self._node_actor(flow, target)
 
-    async def route(self, outcome: Outcome, scope: trio.CancelScope | None = None) -> list[Step]:
+    async def route(self, outcome: Outcome) -> list[Step]:
         """Route ``outcome``; return the steps the branch goes on with (send each to
         its actor). Ends the run when the outcome ends it.
 
-        Handled at once by :meth:`route_now` when it may; else queued, and answered
-        by the router's task (blocks until then; a checkpoint). While it waits,
-        ``scope`` (the one its step ran in) is in the run's scopes: if the run ends
-        meanwhile, the wait is cancelled.
+        Handled at once by :meth:`route_now` when it may; else by :meth:`route_queued`
+        (blocks until answered).
         """
         steps = self.route_now(outcome)
         if steps is not None:
             return steps
+        return await self.route_queued(outcome)
+
+    async def route_queued(
+        self, outcome: Outcome, scope: trio.CancelScope | None = None
+    ) -> list[Step]:
+        """Route ``outcome`` through the router's own task: queue it, and return the
+        steps the router answers (blocks until then; a checkpoint). While it waits,
+        ``scope`` (the one its step ran in) is in the run's scopes: if the run ends
+        meanwhile, the wait is cancelled.
+        """
         run = outcome.run
         reply: Reply[list[Step]] = Reply()
         if scope is not None:
@@ -88,7 +96,7 @@ class Router(Actor[Routing]):
     def route_now(self, outcome: Outcome) -> list[Step] | None:
         """Direct dispatch: route ``outcome`` in the caller's task if the router is
         idle and the run is not durable, and return the steps (as :meth:`route`);
-        else None (the outcome must go through :meth:`route`). Never blocks.
+        else None (the outcome must go through :meth:`route_queued`). Never blocks.
 
         Invariant: with the router idle and the run not durable, deciding and ending
         the run never wait; no other outcome can be handled, or queued, in between,
