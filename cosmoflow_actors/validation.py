@@ -22,11 +22,15 @@ def require_positive(name: str, value: object) -> None:
 def require_seconds(name: str, value: object, *, zero: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is a number of seconds above
     0, or 0 itself with ``zero`` (a bool or NaN is not a number here)."""
-    bound = ">= 0" if zero else "> 0"
+    if not _is_seconds(value, zero=zero):
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+
+
+def _is_seconds(value: object, *, zero: bool) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
-    if value < 0 or (value == 0 and not zero):
-        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+        return False
+    return value >= 0 if zero else value > 0
 
 
 def require_run_id(run_id: object) -> None:
