@@ -13,12 +13,16 @@ two kinds:
   ``buffer`` by the events of the work already under way when it filled.
 
 Listeners (:meth:`EventHub.listen`) are called inside ``emit`` itself, in the emitting
-task, for consumers that must see each event as it happens (tracing).
+task, for consumers that must see each event as it happens (tracing). A listener that
+raises is removed and its error logged, as trio does with an instrument that raises:
+observing the engine never fails a run or the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from types import TracebackType
@@ -33,6 +37,11 @@ if TYPE_CHECKING:
     from cosmoflow_actors.context import ExecutionContext
 
 DEFAULT_BUFFER: Final = 10_000
+
+LOGGER: Final = logging.getLogger("cosmoflow_actors.events")
+"""Where a listener or tracer that raised is reported, with its traceback."""
+
+_NO_SPAN: Final = contextlib.nullcontext()
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +154,9 @@ class EventHub:
     def __init__(self) -> None:
         self._closed = False
         self._streams: list[EventStream] = []
-        self._sinks: list[Callable[[Event], None]] = []
-        """What ``emit`` calls: each stream's ``offer`` and each listener."""
+        self._sinks: tuple[Callable[[Event], None], ...] = ()
+        """What ``emit`` calls: each stream's ``offer`` and each listener (replaced, never
+        changed in place, so that ``emit`` may remove a sink while it iterates)."""
         self._room = _Room()
         self.step_spans: StepSpans | None = None
         """While :meth:`trace` has set it: what node actors run each step inside."""
@@ -162,16 +172,23 @@ class EventHub:
         return self._room.full > 0
 
     def emit(self, event: Event) -> None:
-        """Offer ``event`` to every stream and call every listener. Never blocks."""
+        """Offer ``event`` to every stream and call every listener. Never blocks.
+
+        A listener that raises is removed (see :meth:`listen`); the others still get
+        ``event``.
+        """
         for sink in self._sinks:
-            sink(event)
+            try:
+                sink(event)
+            except Exception:
+                self._listener_failed(sink, f"on {event!r}")
 
     def open(self, buffer: int, *, lossless: bool = False) -> EventStream:
         """A new stream that receives every event from now on; see :class:`EventStream`
         for ``buffer`` and ``lossless``. Once the hub is closed, the stream ends at once."""
         stream = EventStream(buffer, self._remove, room=self._room if lossless else None)
         self._streams.append(stream)
-        self._sinks.append(stream.offer)
+        self._sinks += (stream.offer,)
         if self._closed:
             stream.close()
         return stream
@@ -182,27 +199,61 @@ class EventHub:
 
         The listener runs inside :meth:`emit`, in the emitting task (a node actor's
         worker, the engine), at the moment the event happens. It must not block and
-        should be quick: the engine waits for it. An exception it raises leaves
-        ``emit``.
+        should be quick: the engine waits for it. If it raises an Exception, it is
+        removed and the error is logged to :data:`LOGGER` with its traceback; the
+        event's other listeners and streams, the run and the engine go on.
         """
-        self._sinks.append(listener)
-        return functools.partial(self._sinks.remove, listener)
+        self._sinks += (listener,)
+        return functools.partial(self._unlisten, listener)
+
+    def _unlisten(self, listener: Callable[[Event], None]) -> None:
+        """Stop calling ``listener`` (once, if it was added twice); nothing if it was
+        removed already."""
+        sinks = list(self._sinks)
+        with contextlib.suppress(ValueError):
+            sinks.remove(listener)
+        self._sinks = tuple(sinks)
 
     def trace(self, spans: StepSpans) -> Callable[[], None]:
         """Give every event to ``spans.handle`` (a listener) and make ``spans`` the
         :attr:`step_spans` node actors run their steps inside; return the function
         that undoes both. Raises RuntimeError if the hub is traced already.
+
+        A tracer whose ``handle`` or ``step_span`` raises is removed as a listener that
+        raises is (see :meth:`listen`): steps then run outside any span.
         """
         if self.step_spans is not None:
             raise RuntimeError("the engine's steps are traced already (one tracer at a time)")
-        stop_listening = self.listen(spans.handle)
+        self.listen(spans.handle)
         self.step_spans = spans
+        return functools.partial(self._untrace, spans)
 
-        def stop() -> None:
-            stop_listening()
+    def _untrace(self, spans: StepSpans) -> None:
+        self._unlisten(spans.handle)
+        if self.step_spans is spans:
             self.step_spans = None
 
-        return stop
+    def step_span(self, step: ExecutionContext) -> AbstractContextManager[object]:
+        """What ``step`` runs inside: its span made current by the tracer, if one
+        follows the engine, else a context that does nothing. Never blocks."""
+        spans = self.step_spans
+        if spans is None:
+            return _NO_SPAN
+        try:
+            return spans.step_span(step)
+        except Exception:
+            self._listener_failed(spans.handle, f"making the span of step {step.execution_id}")
+            return _NO_SPAN
+
+    def _listener_failed(self, listener: Callable[[Event], None], doing: str) -> None:
+        """Remove ``listener``, which raised the exception being handled while
+        ``doing``, and log it; a tracer's whole tracing goes with its ``handle``."""
+        LOGGER.exception("%r raised %s; it is removed and sees no more events", listener, doing)
+        spans = self.step_spans
+        if spans is not None and spans.handle == listener:
+            self._untrace(spans)
+        else:
+            self._unlisten(listener)
 
     async def wait_for_room(self) -> None:
         """Block until no lossless stream holds its buffer or more. A checkpoint.
@@ -221,7 +272,7 @@ class EventHub:
 
     def _remove(self, stream: EventStream) -> None:
         self._streams.remove(stream)
-        self._sinks.remove(stream.offer)
+        self._unlisten(stream.offer)
 
 
 @final

@@ -11,7 +11,7 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.events import EventHub
-from tests.support import FlakyOnce, Gate, Recorder, single
+from tests.support import FlakyOnce, Gate, Recorder, a_then_b, single
 
 
 async def collect(stream: cf.EventStream, into: list[cf.Event]) -> None:
@@ -281,3 +281,74 @@ def test_a_hub_is_traced_by_one_tracer_at_a_time_until_it_stops() -> None:
     hub.emit(later)
     hub.trace(second)
     assert (first.events, hub.step_spans) == ([event], second)
+
+
+def test_a_listener_that_raises_is_removed_and_logged_and_the_others_see_the_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = EventHub()
+    before: list[cf.Event] = []
+    after: list[cf.Event] = []
+
+    def broken(event: cf.Event) -> None:
+        raise ValueError("listener bug")
+
+    hub.listen(before.append)
+    hub.listen(broken)
+    hub.listen(after.append)
+    [first, second] = emitted(2)
+    hub.emit(first)
+    hub.emit(second)
+    assert (before, after) == ([first, second], [first, second])
+    [record] = caplog.records
+    assert record.name == "cosmoflow_actors.events"
+    assert "removed" in record.getMessage() and repr(broken) in record.getMessage()
+    assert record.exc_info is not None and str(record.exc_info[1]) == "listener bug"
+
+
+class BrokenHandle(Traced):
+    def handle(self, event: cf.Event) -> None:
+        super().handle(event)
+        raise RuntimeError("exporter down")
+
+
+class BrokenSpan(Traced):
+    def step_span(self, step: cf.ExecutionContext) -> contextlib.nullcontext[None]:
+        raise RuntimeError("no span")
+
+
+async def traced_runs(tracer: Traced) -> list[dict[str, object]]:
+    """Three runs of a two-node flow, one after the other, with ``tracer`` following the
+    engine from the start; their stores. A new tracer can follow the engine after."""
+    flow = a_then_b("traced")
+    stores: list[dict[str, object]] = [{} for _ in range(3)]
+    async with cf.open_engine() as engine:
+        stop = engine.trace(tracer)
+        for store in stores:
+            await engine.run(flow, store)
+        stop()
+        engine.trace(Traced())()
+    return stores
+
+
+async def test_a_tracer_whose_handle_raises_is_removed_and_every_run_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracer = BrokenHandle()
+    stores = await traced_runs(tracer)
+    assert [store["seen"] for store in stores] == [["a", "b"]] * 3
+    assert [type(event).__name__ for event in tracer.events] == ["RunStarted"]
+    [record] = caplog.records
+    assert record.exc_info is not None and str(record.exc_info[1]) == "exporter down"
+
+
+async def test_a_tracer_whose_step_span_raises_is_removed_and_every_run_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracer = BrokenSpan()
+    stores = await traced_runs(tracer)
+    assert [store["seen"] for store in stores] == [["a", "b"]] * 3
+    assert [type(event).__name__ for event in tracer.events] == ["RunStarted", "StepStarted"]
+    [record] = caplog.records
+    assert "making the span of step" in record.getMessage()
+    assert record.exc_info is not None and str(record.exc_info[1]) == "no span"

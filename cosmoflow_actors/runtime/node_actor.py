@@ -12,12 +12,10 @@ and no task woken.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -54,7 +52,6 @@ RUN_FAILURES: Final = (NodeError, CosmoFlowError, StorageError, TypeError, Value
 NodeError), what its post returned, its conditions, and its store's refusals."""
 
 _NO_VALUES: Final[Mapping[str, Any]] = MappingProxyType({})
-_NO_SPAN: Final = contextlib.nullcontext()
 
 
 class NodeActor(Actor[Step]):
@@ -228,7 +225,7 @@ class NodeActor(Actor[Step]):
         started = self._step_started(ctx)
         result: StepDone | StepFailed | None = None
         try:
-            with self._span(ctx):
+            with self._events.step_span(ctx):
                 result = await self._outcome(step, ctx)
         finally:
             self._step_finished(ctx, started, result)
@@ -248,14 +245,6 @@ class NodeActor(Actor[Step]):
             0,
             branch.label,
         )
-
-    def _span(self, ctx: ExecutionContext) -> AbstractContextManager[Any]:
-        """The step's tracing span made current for its code, if a tracer follows the
-        engine."""
-        spans = self._events.step_spans
-        if spans is None:
-            return _NO_SPAN
-        return spans.step_span(ctx)
 
     async def _phases(self, run: ActiveRun, ctx: ExecutionContext) -> Action:
         """prep → exec → post; the action post returned, resolved against the store.
