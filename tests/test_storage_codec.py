@@ -1,4 +1,4 @@
-"""Tests for :mod:`cosmoflow_actors.storage.codec` and :mod:`cosmoflow_actors.storage.staged`."""
+"""Tests for :mod:`cosmoflow_actors.storage.codec`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage.codec import check_codec, get_codec, utf8_key
-from cosmoflow_actors.storage.staged import UNKNOWN, StagedWrites
 
 
 @pytest.mark.parametrize("name", ["json", "pickle"])
@@ -115,24 +114,3 @@ def test_check_codec_names_both_codecs_and_the_way_out() -> None:
 def test_utf8_key() -> None:
     assert utf8_key("ключ") == "ключ".encode()
     assert utf8_key("\ud800") is None
-
-
-def test_staged_writes_overlay_and_merge_in_dict_order() -> None:
-    staged: StagedWrites[int] = StagedWrites()
-    staged.set("b", 1)
-    staged.delete("a")
-    staged.set("a", 2)
-    staged.delete("c")
-
-    assert staged.merge_keys(["a", "c", "d"]) == ["d", "b", "a"]
-    assert (staged.lookup("a"), staged.lookup("c"), staged.lookup("d")) == (2, None, UNKNOWN)
-
-    staged.clear()
-    staged.set("e", 3)
-    assert staged.merge_keys(["d"]) == ["e"]
-    assert (staged.lookup("d"), staged.lookup("e")) == (None, 3)
-    assert len(staged.ops) == 6
-
-    staged.reset()
-    assert not staged
-    assert staged.lookup("d") is UNKNOWN

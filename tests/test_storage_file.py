@@ -455,6 +455,20 @@ async def test_a_torn_last_line_is_ignored_and_the_next_commit_compacts(
     assert snapshot(path)["data"] == {"a": 1, "b": 2, "c": 3}
 
 
+async def test_a_journal_header_without_its_newline_is_compacted_not_appended_to(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.json"
+    await saved(path, a=1)
+    journal_of(path).write_text(journal(path).rstrip("\n"))
+
+    reopened = await stored(path, b=2)
+
+    assert on_disk(path) == {"a": 1, "b": 2}
+    assert journal(path) == HEADER % 2
+    await reopened.aclose()
+
+
 async def test_a_journal_one_generation_behind_was_already_compacted(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
     storage = await stored(path, a=1)

@@ -235,7 +235,7 @@ def _check_value(path: Path, codec: Codec, key: str, raw: msgspec.Raw) -> None:
 
 
 def _load_journal(journal: Path, content: bytes, codec: Codec, loaded: Loaded) -> None:
-    header_line, _, body = content.partition(b"\n")
+    header_line, newline, body = content.partition(b"\n")
     try:
         header = _header_decoder.decode(header_line)
     except msgspec.DecodeError as exc:
@@ -251,19 +251,26 @@ def _load_journal(journal: Path, content: bytes, codec: Codec, loaded: Loaded) -
             f"is generation {loaded.generation}: the two files do not belong together"
         )
     replayed = _replay(journal, body, codec, loaded.entries)
-    loaded.journal_bytes = len(header_line) + 1 + replayed
-    loaded.journal_usable = replayed == len(body)
+    loaded.journal_bytes = len(header_line) + len(newline) + replayed
+    # A header whose line is not ended (an editor removed the newline) takes no
+    # appended line: the next commit compacts instead.
+    loaded.journal_usable = bool(newline) and replayed == len(body)
 
 
 def _replay(journal: Path, body: bytes, codec: Codec, entries: dict[str, msgspec.Raw]) -> int:
-    """Apply every complete commit line; return the bytes replayed (a torn tail is left)."""
+    """Apply every complete commit line; return the bytes replayed (a torn tail is left).
+
+    A torn tail is what a crash during the last append leaves: a last line without its
+    newline, or an unreadable last line with nothing after it. An unreadable line
+    anywhere else is damage, and raises StorageError naming the line.
+    """
     lines = body.split(b"\n")
     offset = 0
     for number, line in enumerate(lines[:-1], start=2):
         try:
             records = _commit_decoder.decode(line)
         except msgspec.DecodeError as exc:
-            if number == len(lines):  # the last complete line: a torn append
+            if number == len(lines) and not lines[-1]:
                 return offset
             raise StorageError(f"{journal}, line {number}: not a journal commit: {exc}") from exc
         for record in records:
