@@ -19,6 +19,7 @@ from cosmoflow_actors.errors import (
     StorageError,
     StoreKeyError,
     StoreTypeError,
+    StoreValueError,
 )
 from cosmoflow_actors.events import (
     Event,
@@ -112,6 +113,7 @@ __all__ = [
     "StorageError",
     "StoreKeyError",
     "StoreTypeError",
+    "StoreValueError",
     "__version__",
     "format_event",
     "list_runs",

@@ -59,7 +59,8 @@ class MaxStepsExceeded(CosmoFlowError):
 
 
 class NodeError(CosmoFlowError):
-    """A node's prep, exec (after retries and fallback) or post raised.
+    """A node's prep, exec (after retries and fallback) or post raised, or (phase
+    ``"commit"``) a durable step's storage could not encode what the step wrote.
 
     The exception the node raised is ``__cause__``.
     """
@@ -92,6 +93,17 @@ class ActorCrashedError(CosmoFlowError):
 
 class StorageError(CosmoFlowError):
     """A storage backend could not read, encode or commit data."""
+
+
+class StoreValueError(StorageError, ValueError):
+    """A key or value the storage cannot encode (its codec refuses it); nothing of the
+    write is stored. It is the data's fault, never the storage's: retrying cannot help.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"cannot store key {key!r}: {problem}")
 
 
 class RunConflictError(StorageError):

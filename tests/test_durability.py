@@ -86,6 +86,53 @@ async def test_a_failed_step_commits_nothing_and_resume_goes_on_from_it(tmp_path
     assert (await read_all(path))["n"] == 5
 
 
+class Unstorable(cf.Node):
+    """Writes "n" = 1, then ends its step with what ``outcome`` gives: a write, an
+    action's params or a result that JSON cannot hold."""
+
+    def __init__(self, outcome: str) -> None:
+        self.outcome = outcome
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action | None:
+        await store.set("n", 1)
+        if self.outcome == "write":
+            await store.set("x", float("nan"))
+        elif self.outcome == "params":
+            return cf.Action.with_params("default", handle=object())
+        elif self.outcome == "result":
+            return cf.Action.complete(object())
+        return None
+
+
+@pytest.mark.parametrize(
+    ("outcome", "named"),
+    [
+        ("write", "cannot store key 'x': a value of type float holds the float nan"),
+        ("params", "the run's record holds the params and result of the action 'default'"),
+        ("result", "the run's record holds the params and result of the action 'complete'"),
+    ],
+)
+async def test_a_step_whose_data_cannot_be_stored_fails_naming_the_node_and_stores_nothing(
+    tmp_path: Path, outcome: str, named: str
+) -> None:
+    flow = cf.Flow.builder("unstorable").add_node("w", Unstorable(outcome)).build()
+    path = tmp_path / "store.db"
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(flow, cf.SQLiteStorage(path), run_id="u")
+        runs = await engine.list_runs(cf.SQLiteStorage(path))
+        assert await engine.run(flow, {}) is not None  # the engine goes on
+    assert (info.value.node_id, info.value.phase) == ("w", "commit")
+    cause = info.value.__cause__
+    assert isinstance(cause, cf.StoreValueError) and named in str(cause)
+    assert runs == [cf.RunRecord("u", "unstorable", "failed", None, 0)]
+    storage = cf.SQLiteStorage(path)
+    assert await storage.keys() == ["__cosmoflow__/runs/u"]
+    await storage.aclose()
+
+
 async def test_a_cancelled_run_resumes_after_its_last_committed_step(tmp_path: Path) -> None:
     paused = trio.Event()
     release = trio.Event()

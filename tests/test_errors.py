@@ -23,6 +23,7 @@ EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.RunConflictError: cf.RunConflictError("another engine committed step 2"),
     cf.StoreKeyError: cf.StoreKeyError("k"),
     cf.StoreTypeError: cf.StoreTypeError("k", "int", "str"),
+    cf.StoreValueError: cf.StoreValueError("k", "a value of type object cannot be pickled"),
 }
 
 
@@ -56,3 +57,7 @@ def test_messages_name_what_is_at_fault() -> None:
     assert str(EXAMPLES[cf.MaxStepsExceeded]).endswith("last steps: ... -> a -> b -> a -> b")
     assert str(EXAMPLES[cf.StoreKeyError]) == "key 'k' is not in the store"
     assert isinstance(EXAMPLES[cf.StoreKeyError], KeyError)
+    assert str(EXAMPLES[cf.StoreValueError]) == (
+        "cannot store key 'k': a value of type object cannot be pickled"
+    )
+    assert isinstance(EXAMPLES[cf.StoreValueError], cf.StorageError | ValueError)

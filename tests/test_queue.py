@@ -186,6 +186,26 @@ async def test_a_failed_run_is_reported_by_result(redis_server: RedisServer) -> 
     assert (status.state, status.owner) == ("failed", "w1")
 
 
+@cf.node
+def unstorable(ctx: cf.ExecutionContext) -> cf.Action:
+    return cf.Action.complete(float("nan"))
+
+
+async def test_a_run_whose_data_its_store_cannot_encode_fails_once(
+    redis_server: RedisServer,
+) -> None:
+    """Its data, not its store, is at fault: the run fails on its first attempt, and
+    no worker takes it again."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    flow = cf.Flow.builder("unstorable").add_node("nan", unstorable).build()
+    async with worker(queue, store, "w1", flows=(flow,)):
+        await cf.submit(queue, "unstorable", run_id="nan")
+        with trio.fail_after(10), pytest.raises(cf.CosmoFlowError, match=r"'nan' failed in commit"):
+            await cf.result(queue, "nan")
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("failed", 1)
+
+
 async def test_a_worker_without_the_runs_flow_leaves_it_to_a_worker_that_has_it(
     redis_server: RedisServer,
 ) -> None:

@@ -535,7 +535,7 @@ async def test_a_durable_step_applies_its_writes_in_order(backend: Backend) -> N
 @persistent
 async def test_a_durable_step_that_cannot_be_encoded_stores_nothing(backend: Backend) -> None:
     """The step's commit fails as a whole: none of its writes land, its record stays at
-    no step, and the run fails with StorageError."""
+    no step, and the run fails with NodeError naming the node and the key."""
     storage = await committed(backend, n=1)
 
     @cf.node
@@ -546,9 +546,11 @@ async def test_a_durable_step_that_cannot_be_encoded_stores_nothing(backend: Bac
 
     flow = cf.Flow.builder("half").add_node("half", half).build()
     async with cf.open_engine() as engine:
-        with pytest.raises(cf.StorageError):
+        with pytest.raises(cf.NodeError, match="node 'half' failed in commit") as info:
             await engine.run(flow, storage, run_id="r")
         records = await engine.list_runs(storage)
 
+    assert isinstance(info.value.__cause__, cf.StoreValueError)
+    assert info.value.__cause__.key == "bad"
     assert await user_contents(await backend.instance()) == {"n": 1}
     assert [(r.state, r.steps) for r in records] == [("failed", 0)]

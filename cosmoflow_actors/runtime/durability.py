@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeGuard
 import trio
 
 from cosmoflow_actors.action import Action
-from cosmoflow_actors.errors import CosmoFlowError, RunConflictError, StorageError
+from cosmoflow_actors.errors import (
+    CosmoFlowError,
+    NodeError,
+    RunConflictError,
+    StorageError,
+    StoreValueError,
+)
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork, Frame
@@ -218,16 +224,22 @@ class DurableRun(Durability):
         """Commit the step's staged writes with the run's record, in one commit, built
         on the last record committed.
 
-        Raises StorageError when the commit fails, RunConflictError when another
-        engine committed this step of the run first.
+        Raises NodeError (phase ``"commit"``, caused by a StoreValueError) when the
+        storage cannot encode what the step wrote or the params or result of its
+        action, which the record holds: nothing is stored. Raises StorageError when the
+        commit fails, RunConflictError when another engine committed this step of the
+        run first.
         """
         assert isinstance(store, StagedStore)
         async with self.lock:
             record, resume_at = step_done(self, branch, node_id, action)
             steps_before = len(self.record["path"])
-            await run.store_actor.commit_step(
-                run.storage, store.ops, record_key(run.run_id), record, steps_before
-            )
+            key = record_key(run.run_id)
+            try:
+                await run.store_actor.commit_step(run.storage, store.ops, key, record, steps_before)
+            except StoreValueError as exc:
+                cause = exc if exc.key != key else _unstorable_action(exc, action)
+                raise NodeError(node_id, "commit", run.run_id, 1) from cause
             self.record = record
             branch.resume_at = resume_at
 
@@ -253,6 +265,18 @@ class DurableRun(Durability):
             with contextlib.suppress(StorageError):
                 await run.store_actor.write_record(run.storage, record_key(run.run_id), record)
             run.fail(error)
+
+
+def _unstorable_action(error: StoreValueError, action: Action) -> StoreValueError:
+    """``error``, raised for a run's record, said of the step's ``action``: the record
+    holds its params and result, the only values in it that the run's code chose."""
+    problem = (
+        f"the run's record holds the params and result of the action {action.name!r} "
+        f"the step returned, and {error.problem}"
+    )
+    unstorable = StoreValueError(error.key, problem)
+    unstorable.__cause__ = error
+    return unstorable
 
 
 def step_done(

@@ -42,7 +42,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
-from cosmoflow_actors.errors import CosmoFlowError, RunConflictError, StorageError
+from cosmoflow_actors.errors import (
+    CosmoFlowError,
+    RunConflictError,
+    StorageError,
+    StoreValueError,
+)
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.durability import RunRecord
@@ -649,7 +654,8 @@ class _Worker:
         """The run's outcome as the queue records it; None when it was dropped: its
         lease was lost, another engine committed a step of it first, or its store
         failed (out of reach): the run is taken over once its entry has been idle for a
-        lease. A node's own error (StorageError included) fails the run."""
+        lease. A node's own error (StorageError included) fails the run, and so does
+        data its store cannot encode (StoreValueError)."""
         with scope:
             try:
                 storage = self.stores(claim.run_id)
@@ -658,7 +664,7 @@ class _Worker:
                     claim.flow, storage, run_id=claim.run_id, params=claim.params
                 )
             except Exception as exc:
-                if _conflict(exc) or isinstance(exc, StorageError):
+                if _conflict(exc) or _out_of_reach(exc):
                     return None
                 return {"state": "failed", "error": describe_error(exc)}
             return {"state": "succeeded", "error": None, "result": _result_info(done)}
@@ -705,6 +711,11 @@ class _Worker:
             [queue.lease_key(run_id), queue.runs, queue.stream],
             [self.name, run_id, json.dumps(info, default=repr), GROUP, entry_id],
         )
+
+
+def _out_of_reach(error: BaseException) -> bool:
+    """Whether ``error`` says the run's store failed, not its data (StoreValueError)."""
+    return isinstance(error, StorageError) and not isinstance(error, StoreValueError)
 
 
 def _conflict(error: BaseException) -> bool:

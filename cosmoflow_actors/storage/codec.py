@@ -27,28 +27,30 @@ from typing import Any, Final, final
 import cloudpickle
 import msgspec
 
-from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.errors import StorageError, StoreValueError
 
 _encoder = msgspec.json.Encoder()
 _string_decoder = msgspec.json.Decoder(str)
 
 
-def check_key(key: object) -> None:
-    """Raise ``TypeError`` unless ``key`` is a ``str`` (keys are never coerced)."""
+def check_key(key: object) -> str:
+    """Return ``key``; raise ``TypeError`` unless it is a ``str`` (keys are never
+    coerced)."""
     if not isinstance(key, str):
         raise TypeError(f"storage keys must be str, not {type(key).__qualname__}: {key!r}")
+    return key
 
 
 def check_json_key(key: object) -> None:
     """Check ``key`` as :func:`check_key` does, and that it can be written as UTF-8.
 
-    A key holding a lone surrogate raises :class:`~cosmoflow_actors.StorageError`.
+    A key holding a lone surrogate raises :class:`~cosmoflow_actors.StoreValueError`.
     """
-    check_key(key)
+    text = check_key(key)
     try:
-        _encoder.encode(key)
+        _encoder.encode(text)
     except UnicodeEncodeError as exc:
-        raise StorageError(f"key {key!r} cannot be encoded as UTF-8: {exc}") from exc
+        raise StoreValueError(text, f"the key cannot be encoded as UTF-8 ({exc})") from exc
 
 
 def utf8_key(key: str) -> bytes | None:
@@ -71,7 +73,7 @@ class Codec(ABC):
 
     @abstractmethod
     def encode(self, key: str, value: Any) -> bytes:
-        """Return ``value`` as bytes; ``key`` only names it in the StorageError raised
+        """Return ``value`` as bytes; ``key`` only names it in the StoreValueError raised
         when the value cannot be encoded."""
 
     @abstractmethod
@@ -105,9 +107,8 @@ class JsonCodec(Codec):
         try:
             data = _encoder.encode(value)
         except (TypeError, ValueError, RecursionError) as exc:
-            raise StorageError(
-                f"cannot store key {key!r}: a value of type {type(value).__qualname__} "
-                f"cannot be encoded as JSON ({exc})"
+            raise StoreValueError(
+                key, f"a value of type {type(value).__qualname__} cannot be encoded as JSON ({exc})"
             ) from exc
         if b"null" in data:  # where msgspec wrote NaN or an infinity, if anywhere
             _check_finite(key, value)
@@ -130,7 +131,7 @@ class JsonCodec(Codec):
 
 
 def _check_finite(key: str, value: Any) -> None:
-    """Raise StorageError if ``value`` holds a float that JSON cannot hold."""
+    """Raise StoreValueError if ``value`` holds a float that JSON cannot hold."""
     pending = [msgspec.to_builtins(value)]
     while pending:
         item = pending.pop()
@@ -139,10 +140,11 @@ def _check_finite(key: str, value: Any) -> None:
         elif isinstance(item, list | tuple):  # to_builtins makes sets lists
             pending.extend(item)
         elif isinstance(item, float) and not math.isfinite(item):
-            raise StorageError(
-                f"cannot store key {key!r}: a value of type {type(value).__qualname__} "
-                f"holds the float {item!r}, which JSON cannot hold (it would come back "
-                "as null); store it as a string, or use codec='pickle'"
+            raise StoreValueError(
+                key,
+                f"a value of type {type(value).__qualname__} holds the float {item!r}, which "
+                "JSON cannot hold (it would come back as null); store it as a string, or use "
+                "codec='pickle'",
             )
 
 
@@ -160,9 +162,8 @@ class PickleCodec(Codec):
         try:
             data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # pickling reports failure with many exception types
-            raise StorageError(
-                f"cannot store key {key!r}: a value of type {type(value).__qualname__} "
-                f"cannot be pickled ({exc})"
+            raise StoreValueError(
+                key, f"a value of type {type(value).__qualname__} cannot be pickled ({exc})"
             ) from exc
         return data
 
