@@ -218,6 +218,86 @@ async def test_a_batch_node_whose_prep_is_not_iterable_fails_in_prep() -> None:
     assert "iterable" in str(info.value.__cause__)
 
 
+@pytest.mark.parametrize("base", [cf.BatchNode, cf.ParallelBatchNode])
+async def test_a_batch_whose_items_raise_while_read_fails_in_prep_alone(
+    base: type[cf.BatchNode],
+) -> None:
+    class Lazy(base):  # type: ignore[valid-type,misc]
+        def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+            return (1 // item for item in [1, 0])
+
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(Lazy(), "lazy"))
+        assert await engine.run(single(Recorder())) is not None
+    assert (info.value.node_id, info.value.phase) == ("only", "prep")
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+class Escapes(cf.Node):
+    """Raises ``error`` from ``phase``, a BaseException that is not an Exception."""
+
+    def __init__(self, phase: str, error: BaseException, **config: Any) -> None:
+        super().__init__(**config)
+        self.phase = phase
+        self.error = error
+
+    def _maybe(self, phase: str) -> None:
+        if phase == self.phase:
+            raise self.error
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> None:
+        self._maybe("prep")
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self._maybe("exec")
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        self._maybe("post")
+
+
+class Custom(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("phase", ["prep", "exec", "post"])
+@pytest.mark.parametrize(
+    "error",
+    [SystemExit(3), Custom("mine"), trio.Cancelled._create(), GeneratorExit()],
+    ids=["SystemExit", "custom", "Cancelled", "GeneratorExit"],
+)
+@pytest.mark.parametrize("executor", ["inline", "thread"])
+async def test_a_base_exception_a_node_raises_fails_its_run_alone_naming_the_phase(
+    phase: str, error: BaseException, executor: str
+) -> None:
+    """However the run was started, and whichever task carries its step."""
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(single(gate, "other"))
+        await trio.testing.wait_all_tasks_blocked()
+        bad = single(Escapes(phase, error, executor=executor), "bad")
+        with pytest.raises(cf.NodeError) as carried:
+            await engine.run(bad)
+        started = await engine.start_run(bad)
+        with pytest.raises(cf.NodeError) as sent:
+            await started.wait()
+        gate.open.set()
+        assert (await other.wait()).success
+        assert await engine.run(bad.__class__.builder("ok").add_node("r", Recorder()).build())
+    for info in (carried, sent):
+        assert (info.value.node_id, info.value.phase) == ("only", phase)
+        assert info.value.__cause__ is error
+
+
+async def test_a_keyboard_interrupt_in_a_node_goes_on_up() -> None:
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with cf.open_engine() as engine:
+            await engine.start_run(single(Escapes("exec", KeyboardInterrupt())))
+    assert info.group_contains(KeyboardInterrupt, depth=None)
+
+
 class Sleepy(cf.ParallelBatchNode):
     """Item i sleeps i seconds; tracks how many items run at once."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -255,19 +256,26 @@ class NodeActor(Actor[Step]):
         store = ctx.store
         try:
             prep_res = await self._prep(store, ctx)
-        except Exception as exc:
+        except BaseException as exc:
+            if not fails_the_step(exc):
+                raise
             raise self._failed("prep", ctx) from exc
         if not all_awaited(store):
             self._lost_calls("prep", ctx)
-        if self.batch:
-            exec_res = await self._exec_batch(run, prep_res, ctx)
-        else:
-            exec_res = await self._exec(prep_res, ctx)
+        try:
+            exec_res = await self._exec_phase(run, prep_res, ctx)
+        except BaseException as exc:
+            # exec's Exceptions are NodeErrors already, after its retries and fallback.
+            if isinstance(exc, Exception) or not fails_the_step(exc):
+                raise
+            raise self._failed("exec", ctx) from exc
         if not all_awaited(store):
             self._lost_calls("exec", ctx)
         try:
             post_res = await self._post(store, prep_res, exec_res, ctx)
-        except Exception as exc:
+        except BaseException as exc:
+            if not fails_the_step(exc):
+                raise
             raise self._failed("post", ctx) from exc
         if not all_awaited(store):
             self._lost_calls("post", ctx)
@@ -319,6 +327,12 @@ class NodeActor(Actor[Step]):
                 error,
             )
         )
+
+    async def _exec_phase(self, run: ActiveRun, prep_res: Any, ctx: ExecutionContext) -> Any:
+        """The exec phase: one exec with its retries and fallback, or a batch's."""
+        if self.batch:
+            return await self._exec_batch(run, prep_res, ctx)
+        return await self._exec(prep_res, ctx)
 
     async def _exec_batch(self, run: ActiveRun, prep_res: Any, ctx: ExecutionContext) -> Any:
         """The exec phase of a batch node: every item, or every child run."""
@@ -449,11 +463,28 @@ async def _all_or_first_error(
 
 
 def _items(node_id: str, ctx: ExecutionContext, prep_res: Any) -> list[Any]:
-    """A batch node's items: what prep returned, as a list."""
+    """A batch node's items: what prep returned, as a list. An error while reading
+    them (a generator that raises) fails the step in prep."""
     if not isinstance(prep_res, Iterable) or isinstance(prep_res, str | bytes):
         error = TypeError(f"batch node {node_id!r}: prep must return an iterable of items")
         raise NodeError(node_id, "prep", ctx.run_id, 1) from error
-    return list(prep_res)
+    try:
+        return list(prep_res)
+    except Exception as exc:
+        raise NodeError(node_id, "prep", ctx.run_id, 1) from exc
+
+
+def fails_the_step(error: BaseException) -> bool:
+    """Whether ``error``, which left a node's code, is the node's failure (its step
+    fails, and its run alone): every Exception, and any other BaseException the code
+    raised itself (``sys.exit()``, a ``trio.Cancelled`` of its own making), except
+    KeyboardInterrupt (the operator's), and except while the step is being cancelled
+    (the run or the engine ending), when it goes on up."""
+    if isinstance(error, Exception):
+        return True
+    if isinstance(error, KeyboardInterrupt):
+        return False
+    return trio.current_effective_deadline() != -math.inf
 
 
 async def carry(step: Step, scope: trio.CancelScope) -> None:
