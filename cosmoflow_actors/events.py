@@ -102,9 +102,11 @@ class StepFinished(Event):
 
 @dataclass(frozen=True, slots=True)
 class Retry(Event):
-    """An exec attempt failed with ``error``; attempt ``attempt + 1`` follows ``delay``s on."""
+    """An exec attempt of step ``execution_id`` failed with ``error``; attempt
+    ``attempt + 1`` follows ``delay``s on."""
 
     node_id: str
+    execution_id: str
     attempt: int
     error: BaseException
     delay: float
@@ -112,9 +114,11 @@ class Retry(Event):
 
 @dataclass(frozen=True, slots=True)
 class Fallback(Event):
-    """Exec failed ``attempts`` times; ``exec_fallback`` runs with the last ``error``."""
+    """Exec of step ``execution_id`` failed ``attempts`` times; ``exec_fallback`` runs
+    with the last ``error``."""
 
     node_id: str
+    execution_id: str
     attempts: int
     error: BaseException
 

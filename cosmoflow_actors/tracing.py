@@ -241,8 +241,6 @@ class _Spans:
         self._runs: dict[str, SpanLike] = {}
         self._steps: dict[str, SpanLike] = {}
         """Open step spans by execution id."""
-        self._latest: dict[tuple[str, str], str] = {}
-        """The execution id of the latest step of (run id, node id): where retries go."""
 
     def handle(self, event: Event) -> None:
         """Start, annotate or end the spans ``event`` concerns."""
@@ -299,12 +297,9 @@ class _Spans:
             attributes=attributes,
             start_time=self._ns(event.time),
         )
-        self._latest[event.run_id, event.node_id] = event.execution_id
 
     def _end_step(self, event: StepFinished) -> None:
         span = self._steps.pop(event.execution_id, None)
-        if self._latest.get((event.run_id, event.node_id)) == event.execution_id:
-            del self._latest[event.run_id, event.node_id]
         if span is None:
             return
         if event.action is not None:
@@ -316,8 +311,7 @@ class _Spans:
         span.end(self._ns(event.time))
 
     def _step_event(self, event: Retry | Fallback) -> None:
-        execution_id = self._latest.get((event.run_id, event.node_id))
-        span = None if execution_id is None else self._steps.get(execution_id)
+        span = self._steps.get(event.execution_id)
         if span is None:
             return
         attributes: dict[str, str | int | float] = {

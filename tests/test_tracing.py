@@ -187,13 +187,38 @@ async def test_spans_still_open_when_the_engine_closes_are_ended(
         await nursery.start(trace_events, source, tracer)
         source.hub.emit(cf.RunStarted("r1", 0.0, "flow"))
         source.hub.emit(cf.StepStarted("r1", 0.1, "flow", "a", "r1:1"))
-        source.hub.emit(cf.Retry("r1", 0.2, "a", 1, error, 0.0))
+        source.hub.emit(cf.Retry("r1", 0.2, "a", "r1:1", 1, error, 0.0))
         source.hub.emit(cf.StepFinished("r1", 0.3, "flow", "a", "r1:1", 0.2, "x", None))
         source.closed.set()
     [step, run] = exporter.get_finished_spans()
     assert (step.name, [event.name for event in step.events]) == ("flow/a", ["retry"])
     assert step.attributes is not None and step.attributes["cosmoflow.action"] == "x"
     assert run.name == "flow"
+
+
+async def test_a_retry_goes_to_its_own_steps_span_when_two_steps_of_a_node_overlap(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    """Two fan-out branches run the same node at once: each retry names its step."""
+    source = FedEngine()
+    error = ConnectionError("down")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trace_events, source, tracer)
+        source.hub.emit(cf.RunStarted("r1", 0.0, "flow"))
+        source.hub.emit(cf.StepStarted("r1", 0.1, "flow", "a", "r1:1.0/2"))
+        source.hub.emit(cf.StepStarted("r1", 0.1, "flow", "a", "r1:1.1/2"))
+        source.hub.emit(cf.Retry("r1", 0.2, "a", "r1:1.0/2", 1, error, 0.0))
+        source.hub.emit(cf.Fallback("r1", 0.3, "a", "r1:1.0/2", 2, error))
+        for execution_id in ("r1:1.1/2", "r1:1.0/2"):
+            source.hub.emit(cf.StepFinished("r1", 0.4, "flow", "a", execution_id, 0.3, "x", None))
+        source.closed.set()
+    steps = [span for span in exporter.get_finished_spans() if span.name == "flow/a"]
+    events = {
+        span.attributes["cosmoflow.execution_id"]: [event.name for event in span.events]
+        for span in steps
+        if span.attributes is not None
+    }
+    assert events == {"r1:1.0/2": ["retry", "fallback"], "r1:1.1/2": []}
 
 
 async def test_without_opentelemetry_the_error_names_the_extra(
@@ -223,11 +248,11 @@ def test_every_event_has_a_readable_line() -> None:
             "step cancelled  a (500.0 ms)",
         ),
         (
-            cf.Retry("r1", 10.0, "a", 1, error, 0.25),
+            cf.Retry("r1", 10.0, "a", "r1:1", 1, error, 0.25),
             "retry           a attempt 1 failed: ValueError: bad data; next in 0.25s",
         ),
         (
-            cf.Fallback("r1", 10.0, "a", 3, error),
+            cf.Fallback("r1", 10.0, "a", "r1:1", 3, error),
             "fallback        a after 3 attempts: ValueError: bad data",
         ),
         (

@@ -263,7 +263,10 @@ class NodeActor(Actor[Step]):
         if not all_awaited(store):
             self._lost_calls("prep", ctx)
         try:
-            exec_res = await self._exec_phase(run, prep_res, ctx)
+            if self.batch:
+                exec_res = await self._exec_batch(run, prep_res, ctx)
+            else:
+                exec_res = await self._exec(prep_res, ctx)
         except BaseException as exc:
             # exec's Exceptions are NodeErrors already, after its retries and fallback.
             if isinstance(exc, Exception) or not fails_the_step(exc):
@@ -328,12 +331,6 @@ class NodeActor(Actor[Step]):
             )
         )
 
-    async def _exec_phase(self, run: ActiveRun, prep_res: Any, ctx: ExecutionContext) -> Any:
-        """The exec phase: one exec with its retries and fallback, or a batch's."""
-        if self.batch:
-            return await self._exec_batch(run, prep_res, ctx)
-        return await self._exec(prep_res, ctx)
-
     async def _exec_batch(self, run: ActiveRun, prep_res: Any, ctx: ExecutionContext) -> Any:
         """The exec phase of a batch node: every item, or every child run."""
         if isinstance(self.node, BatchFlow):
@@ -387,7 +384,9 @@ class NodeActor(Actor[Step]):
         while attempt < node.max_retries and self._retryable(error):
             if self._events.active:
                 now = trio.current_time()
-                self._events.emit(Retry(ctx.run_id, now, self.node_id, attempt, error, delay))
+                self._events.emit(
+                    Retry(ctx.run_id, now, self.node_id, ctx.execution_id, attempt, error, delay)
+                )
             await trio.sleep(delay)
             delay *= node.backoff
             ctx.current_retry = attempt
@@ -425,7 +424,9 @@ class NodeActor(Actor[Step]):
     ) -> Any:
         if self._events.active:
             now = trio.current_time()
-            self._events.emit(Fallback(ctx.run_id, now, self.node_id, attempts, error))
+            self._events.emit(
+                Fallback(ctx.run_id, now, self.node_id, ctx.execution_id, attempts, error)
+            )
         try:
             return await call(self.node.exec_fallback, prep_res, error, ctx)
         except Exception as exc:
