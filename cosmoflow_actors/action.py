@@ -7,7 +7,10 @@ against the store (``Action.conditional(condition, if_true, if_false)``).
 
 An :class:`ActionCondition` is an immutable test of store values. The router fetches every
 key in ``condition.keys`` in one message and calls ``condition.evaluate(values)``, where
-``values`` holds the keys that exist. Evaluating a condition never raises.
+``values`` holds the keys that exist. Evaluating a condition raises nothing but
+:class:`~cosmoflow_actors.errors.ConditionError`: when a store value's comparison (or
+truthiness) raises, the error names the condition, the operator and the store keys, and is
+chained from the original.
 
 Actions are compared by value and are deliberately unhashable (their params and results may
 be unhashable); conditions are compared by value and hash like tuples of their parts.
@@ -29,6 +32,7 @@ from cosmoflow_actors.expression import (
     COMPARISON_OPERATORS,
     Expression,
     compare_values,
+    evaluation_error,
     is_number,
     parse,
     values_equal,
@@ -49,7 +53,13 @@ class ActionCondition(ABC):
 
     @abstractmethod
     def evaluate(self, values: Mapping[str, Any]) -> bool:
-        """Return whether the condition holds for ``values`` (missing keys are absent)."""
+        """Return whether the condition holds for ``values`` (missing keys are absent).
+
+        Raises:
+            ConditionError: a store value's comparison or truthiness raised; the message
+                names the condition, the operator and the store keys, and the original
+                exception is ``__cause__``.
+        """
 
     @property
     @abstractmethod
@@ -202,7 +212,12 @@ class _KeyEquals(ActionCondition):
 
     def evaluate(self, values: Mapping[str, Any]) -> bool:
         """Return whether the key is present with a value equal to ours."""
-        return self.key in values and values_equal(values[self.key], self.value)
+        if self.key not in values:
+            return False
+        try:
+            return values_equal(values[self.key], self.value)
+        except Exception as exc:
+            raise evaluation_error(repr(self), "'=='", self.keys, exc) from exc
 
     @property
     def keys(self) -> frozenset[str]:
@@ -237,7 +252,10 @@ class _Compare(ActionCondition):
     def evaluate(self, values: Mapping[str, Any]) -> bool:
         """Return whether the key holds a number for which ``value op number`` is true."""
         value = values.get(self.key)
-        return is_number(value) and compare_values(self.op, value, self.number)
+        try:
+            return is_number(value) and compare_values(self.op, value, self.number)
+        except Exception as exc:
+            raise evaluation_error(repr(self), repr(self.op), self.keys, exc) from exc
 
     @property
     def keys(self) -> frozenset[str]:

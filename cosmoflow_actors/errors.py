@@ -32,7 +32,9 @@ class FlowValidationError(CosmoFlowError, ValueError):
 
 
 class ConditionError(CosmoFlowError, ValueError):
-    """A condition could not be built: a malformed expression or a bad operator."""
+    """A condition could not be built (a malformed expression, a bad operator), or could
+    not be evaluated: a store value's comparison or truthiness raised (its
+    ``__cause__``), which fails that run alone."""
 
 
 class NoRouteError(CosmoFlowError):

@@ -25,7 +25,7 @@ Grammar, from the lowest precedence to the highest::
   tokens, unbalanced parentheses, unterminated strings, empty input) raises
   :class:`~cosmoflow_actors.errors.ConditionError` with the column and the offending token.
 
-Semantics (evaluation never raises):
+Semantics:
 
 - Equality (``==``, ``!=``; also ``ActionCondition.key_equals``): numbers (``int`` or
   ``float``, never ``bool``) compare numerically with each other; a bool equals only a bool;
@@ -36,7 +36,9 @@ Semantics (evaluation never raises):
   compared as Python does; any other pair (including null) gives false.
 - ``and``, ``or`` and ``not`` use the Python truthiness of their operands and produce a
   bool. A bare operand as the whole expression (``${flag}``) yields its truthiness.
-- A store value whose ``==`` or truthiness raises counts as unequal or false.
+- Evaluation raises nothing but :class:`~cosmoflow_actors.errors.ConditionError`: when a
+  store value's comparison or truthiness raises, the error names the expression, the
+  operator (or truthiness) and the store keys at fault, and is chained from the original.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from __future__ import annotations
 import operator
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any, Final, TypeGuard, final
@@ -56,6 +58,7 @@ __all__ = [
     "MAX_EXPRESSION_LENGTH",
     "Expression",
     "compare_values",
+    "evaluation_error",
     "is_number",
     "parse",
     "values_equal",
@@ -92,21 +95,22 @@ def is_number(value: object) -> TypeGuard[int | float]:
 
 
 def values_equal(left: object, right: object) -> bool:
-    """Return whether ``left == right`` under the language's equality (see the module doc)."""
+    """Return whether ``left == right`` under the language's equality (see the module doc).
+
+    Raises whatever the values' ``==`` or the truthiness of its result raises.
+    """
     if is_number(left) or is_number(right):
-        return is_number(left) and is_number(right) and left == right
+        return is_number(left) and is_number(right) and bool(left == right)
     if isinstance(left, str) or isinstance(right, str):
-        return isinstance(left, str) and isinstance(right, str) and left == right
-    if type(left) is not type(right):
-        return False
-    try:
-        return bool(left == right)
-    except Exception:
-        return False
+        return isinstance(left, str) and isinstance(right, str) and bool(left == right)
+    return type(left) is type(right) and bool(left == right)
 
 
 def compare_values(op: str, left: object, right: object) -> bool:
-    """Return the result of ``left op right``; ``op`` must be in ``COMPARISON_OPERATORS``."""
+    """Return the result of ``left op right``; ``op`` must be in ``COMPARISON_OPERATORS``.
+
+    Raises whatever the values' comparison or the truthiness of its result raises.
+    """
     if op == "==":
         return values_equal(left, right)
     if op == "!=":
@@ -118,12 +122,41 @@ def compare_values(op: str, left: object, right: object) -> bool:
     return bool(_ORDERINGS[op](left, right))
 
 
-def _truthy(value: object) -> bool:
-    """Return the Python truthiness of ``value``; false when ``bool()`` raises."""
+def evaluation_error(
+    condition: str, operation: str, keys: Collection[str], cause: Exception
+) -> ConditionError:
+    """Return the ConditionError for ``operation`` on the store ``keys`` raising ``cause``
+    while ``condition`` was evaluated; raise it ``from cause``."""
+    noun = "key" if len(keys) == 1 else "keys"
+    names = ", ".join(map(repr, sorted(keys)))
+    return ConditionError(
+        f"{condition} could not be evaluated: {operation} on store {noun} {names} "
+        f"raised {type(cause).__name__}: {cause}"
+    )
+
+
+class _EvaluationFault(Exception):
+    """A store value's comparison or truthiness raised ``cause`` while a node was computed;
+    :meth:`Expression.evaluate` turns it into a ConditionError naming the expression."""
+
+    def __init__(self, operation: str, keys: frozenset[str], cause: Exception) -> None:
+        super().__init__(operation)
+        self.operation = operation
+        self.keys = keys
+        self.cause = cause
+
+
+def _truthy(node: _Node, values: Mapping[str, Any]) -> bool:
+    """Return the Python truthiness of the value of ``node`` for the store ``values``.
+
+    Raises:
+        _EvaluationFault: ``bool()`` of the value raised.
+    """
+    value = node.compute(values)
     try:
         return bool(value)
-    except Exception:
-        return False
+    except Exception as exc:
+        raise _EvaluationFault("truthiness", node.keys(), exc) from exc
 
 
 # --- the parsed tree -----------------------------------------------------------------------
@@ -185,8 +218,17 @@ class _Compare(_Node):
     right: _Node
 
     def compute(self, values: Mapping[str, Any]) -> object:
-        """Return the comparison of both operands."""
-        return compare_values(self.op, self.left.compute(values), self.right.compute(values))
+        """Return the comparison of both operands.
+
+        Raises:
+            _EvaluationFault: the operands' comparison raised.
+        """
+        left = self.left.compute(values)
+        right = self.right.compute(values)
+        try:
+            return compare_values(self.op, left, right)
+        except Exception as exc:
+            raise _EvaluationFault(f"{self.op!r}", self.keys(), exc) from exc
 
     def keys(self) -> frozenset[str]:
         """Return the keys of both operands."""
@@ -202,7 +244,7 @@ class _Not(_Node):
 
     def compute(self, values: Mapping[str, Any]) -> object:
         """Return the negated truthiness of the operand."""
-        return not _truthy(self.operand.compute(values))
+        return not _truthy(self.operand, values)
 
     def keys(self) -> frozenset[str]:
         """Return the keys of the operand."""
@@ -218,7 +260,7 @@ class _And(_Node):
 
     def compute(self, values: Mapping[str, Any]) -> object:
         """Return whether every operand is truthy (stopping at the first that is not)."""
-        return all(_truthy(operand.compute(values)) for operand in self.operands)
+        return all(_truthy(operand, values) for operand in self.operands)
 
     def keys(self) -> frozenset[str]:
         """Return the keys of every operand."""
@@ -234,7 +276,7 @@ class _Or(_Node):
 
     def compute(self, values: Mapping[str, Any]) -> object:
         """Return whether any operand is truthy (stopping at the first that is)."""
-        return any(_truthy(operand.compute(values)) for operand in self.operands)
+        return any(_truthy(operand, values) for operand in self.operands)
 
     def keys(self) -> frozenset[str]:
         """Return the keys of every operand."""
@@ -255,8 +297,19 @@ class Expression:
         return self.root.keys()
 
     def evaluate(self, values: Mapping[str, Any]) -> bool:
-        """Return the truthiness of the expression for the store ``values``; never raises."""
-        return _truthy(self.root.compute(values))
+        """Return the truthiness of the expression for the store ``values``.
+
+        Raises:
+            ConditionError: a store value's comparison or truthiness raised; the message
+                names the expression, the operator (or truthiness) and the store keys, and
+                the original exception is ``__cause__``.
+        """
+        try:
+            return _truthy(self.root, values)
+        except _EvaluationFault as fault:
+            condition = f"expression {_quoted(self.source)}"
+            error = evaluation_error(condition, fault.operation, fault.keys, fault.cause)
+            raise error from fault.cause
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
@@ -294,11 +347,16 @@ class _Token:
         return repr(self.text)
 
 
-def _syntax_error(source: str, column: int, message: str) -> ConditionError:
-    """Return the ConditionError for a fault at ``column`` of ``source``."""
+def _quoted(source: str) -> str:
+    """Return ``repr(source)``, cut to about ``_MAX_QUOTED`` characters for a message."""
     if len(source) > _MAX_QUOTED:
         source = source[: _MAX_QUOTED - 3] + "..."
-    return ConditionError(f"invalid expression {source!r} at column {column}: {message}")
+    return repr(source)
+
+
+def _syntax_error(source: str, column: int, message: str) -> ConditionError:
+    """Return the ConditionError for a fault at ``column`` of ``source``."""
+    return ConditionError(f"invalid expression {_quoted(source)} at column {column}: {message}")
 
 
 class _Lexer:

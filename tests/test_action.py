@@ -10,7 +10,9 @@ from typing import Any
 
 import cloudpickle
 import pytest
+import trio
 
+import cosmoflow_actors as cf
 from cosmoflow_actors.action import Action, ActionCondition, as_action
 from cosmoflow_actors.errors import ConditionError
 
@@ -255,6 +257,87 @@ def test_condition_evaluation(
     assert condition.evaluate(values) is expected
 
 
+class _HostileInt(int):
+    """A number whose equality and ordering raise."""
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("refused")
+
+    def __lt__(self, other: object) -> bool:
+        raise RuntimeError("refused")
+
+    def __le__(self, other: object) -> bool:
+        raise RuntimeError("refused")
+
+    def __gt__(self, other: object) -> bool:
+        raise RuntimeError("refused")
+
+    def __ge__(self, other: object) -> bool:
+        raise RuntimeError("refused")
+
+    __hash__ = int.__hash__
+
+
+class _HostileList(list[int]):
+    """A list whose equality raises."""
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("refused")
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("condition", "values", "named", "operation"),
+    [
+        (ActionCondition.key_equals("k", 1), {"k": _HostileInt(1)}, "key_equals('k', 1)", "'=='"),
+        (
+            ActionCondition.key_equals("k", _HostileList()),
+            {"k": _HostileList()},
+            "key_equals('k', [])",
+            "'=='",
+        ),
+        *(
+            (ActionCondition.compare("n", op, 3), {"n": _HostileInt(1)}, f"'{op}', 3)", f"'{op}'")
+            for op in ("==", "!=", "<", "<=", ">", ">=")
+        ),
+        (
+            ActionCondition.expression("${n} < 3"),
+            {"n": _HostileInt(1)},
+            "expression '${n} < 3'",
+            "'<'",
+        ),
+        (
+            ActionCondition.key_exists("n") & ActionCondition.compare("n", "<", 3),
+            {"n": _HostileInt(1)},
+            "compare('n', '<', 3)",
+            "'<'",
+        ),
+        (
+            ~ActionCondition.any_of(ActionCondition.never(), ActionCondition.key_equals("n", 1)),
+            {"n": _HostileInt(1)},
+            "key_equals('n', 1)",
+            "'=='",
+        ),
+    ],
+)
+def test_a_value_whose_comparison_raises_fails_the_condition_with_condition_error(
+    condition: ActionCondition, values: dict[str, Any], named: str, operation: str
+) -> None:
+    key = next(iter(values))
+    with pytest.raises(ConditionError) as caught:
+        condition.evaluate(values)
+    message = str(caught.value)
+    assert f"{named} could not be evaluated: {operation} on store key {key!r} raised" in message
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_resolving_a_conditional_action_whose_comparison_raises_raises_condition_error() -> None:
+    action = Action.conditional(ActionCondition.compare("n", ">", 3), "big", "small")
+    with pytest.raises(ConditionError, match="compare\\('n', '>', 3\\) could not be evaluated"):
+        action.resolve({"n": _HostileInt(5)})
+
+
 _TRUE = ActionCondition.always()
 _FALSE = ActionCondition.never()
 
@@ -404,3 +487,72 @@ def test_actions_survive_copies_and_pickles(
         assert copied.resolve(values) == action.resolve(values)
     with pytest.raises(TypeError):
         copied.params["count"] = 4  # type: ignore[index]
+
+
+# --- in an engine --------------------------------------------------------------------------
+
+
+class _Put(cf.Node):
+    """Stores ``n`` (a hostile int when the run's params say so) and returns "next";
+    a run with ``hold`` waits in exec until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = trio.Event()
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        if ctx.params.get("hold"):
+            await self.release.wait()
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> Action:
+        n = _HostileInt(5) if ctx.params.get("hostile") else ctx.params.get("n", 5)
+        await store.set("n", n)
+        if ctx.params.get("conditional"):
+            return Action.conditional(ActionCondition.compare("n", ">", 3), "big", "small")
+        return Action.simple("next")
+
+
+class _Done(cf.Node):
+    """Completes the run with its label."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> Action:
+        return Action.complete(self.label)
+
+
+def _sizing_flow(put: _Put) -> cf.Flow:
+    """put -> big when ``${n} > 3`` (route condition) or on "big" (conditional action);
+    put -> small otherwise."""
+    builder = cf.Flow.builder("sizing").add_node("put", put)
+    builder = builder.add_node("big", _Done("big")).add_node("small", _Done("small"))
+    builder = builder.add_route("put", "big", "next", when=ActionCondition.expression("${n} > 3"))
+    builder = builder.add_route("put", "small", "next")
+    builder = builder.add_route("put", "big", "big").add_route("put", "small", "small")
+    return builder.build()
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["route_condition", "conditional"])
+async def test_a_condition_that_raises_fails_its_run_alone(conditional: bool) -> None:
+    """The router (route conditions) and the node actor (conditional actions) fail the
+    run with ConditionError; a run in flight meanwhile and later runs succeed."""
+    put = _Put()
+    flow = _sizing_flow(put)
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(flow, params={"hold": True, "conditional": conditional})
+        doomed = await engine.start_run(flow, params={"hostile": True, "conditional": conditional})
+        with pytest.raises(ConditionError) as caught:
+            await doomed.wait()
+        assert "on store key 'n' raised RuntimeError: refused" in str(caught.value)
+        assert isinstance(caught.value.__cause__, RuntimeError)
+        put.release.set()
+        assert (await other.wait()).result == "big"
+        later = await engine.run(flow, params={"n": 1, "conditional": conditional})
+        assert later.result == "small"
+        assert engine.statistics().runs_failed == 1

@@ -96,22 +96,113 @@ def test_semantics(text: str, values: dict[str, Any], expected: bool) -> None:
     assert parse(text).evaluate(values) is expected
 
 
+def _refuse() -> bool:
+    raise RuntimeError("refused")
+
+
 class _Hostile:
     """A store value whose equality and truthiness raise."""
 
     def __eq__(self, other: object) -> bool:
-        raise RuntimeError("no equality")
+        return _refuse()
 
     def __bool__(self) -> bool:
-        raise RuntimeError("no truthiness")
+        return _refuse()
+
+
+class _HostileInt(int):
+    """A number whose comparisons raise."""
+
+    def __eq__(self, other: object) -> bool:
+        return _refuse()
+
+    def __lt__(self, other: object) -> bool:
+        return _refuse()
+
+    def __le__(self, other: object) -> bool:
+        return _refuse()
+
+    def __gt__(self, other: object) -> bool:
+        return _refuse()
+
+    def __ge__(self, other: object) -> bool:
+        return _refuse()
+
+    __hash__ = int.__hash__
+
+
+class _HostileStr(str):
+    """A string whose equality and ordering raise."""
+
+    def __eq__(self, other: object) -> bool:
+        return _refuse()
+
+    def __lt__(self, other: object) -> bool:
+        return _refuse()
+
+    __hash__ = str.__hash__
+
+
+class _Ambiguous:
+    """A store value whose ``==`` gives a result without a truthiness (like a numpy array)."""
+
+    def __eq__(self, other: object) -> Any:
+        return _Hostile()
+
+
+@pytest.mark.parametrize(
+    ("text", "values", "operation", "keys"),
+    [
+        ("${x} == 3", {"x": _HostileInt(1)}, "'=='", ["x"]),
+        ("${x} != 3", {"x": _HostileInt(1)}, "'!='", ["x"]),
+        ("${x} < 3", {"x": _HostileInt(1)}, "'<'", ["x"]),
+        ("${x} <= 3", {"x": _HostileInt(1)}, "'<='", ["x"]),
+        ("3 > ${x}", {"x": _HostileInt(1)}, "'>'", ["x"]),
+        ("${x} >= 3.5", {"x": _HostileInt(1)}, "'>='", ["x"]),
+        ("${x} == 'a'", {"x": _HostileStr("a")}, "'=='", ["x"]),
+        ("${x} < 'b'", {"x": _HostileStr("a")}, "'<'", ["x"]),
+        ("${x} == ${y}", {"x": _Hostile(), "y": _Hostile()}, "'=='", ["x", "y"]),
+        ("${x} == ${y}", {"x": _Ambiguous(), "y": _Ambiguous()}, "'=='", ["x", "y"]),
+        ("${x}", {"x": _Hostile()}, "truthiness", ["x"]),
+        ("not ${x}", {"x": _Hostile()}, "truthiness", ["x"]),
+        ("true and (${x})", {"x": _Hostile()}, "truthiness", ["x"]),
+        ("false or ${x}", {"x": _Hostile()}, "truthiness", ["x"]),
+        ("${y} == 1 or ${x} < 3", {"x": _HostileInt(1), "y": 2}, "'<'", ["x"]),
+    ],
+)
+def test_a_value_whose_comparison_raises_fails_evaluation_with_condition_error(
+    text: str, values: dict[str, Any], operation: str, keys: list[str]
+) -> None:
+    with pytest.raises(ConditionError) as caught:
+        parse(text).evaluate(values)
+    message = str(caught.value)
+    assert message.startswith(f"expression {text!r} could not be evaluated: {operation} on ")
+    assert all(repr(key) in message for key in keys)
+    assert "RuntimeError: refused" in message
+    assert isinstance(caught.value.__cause__, RuntimeError)
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("${x} == ${y}", False), ("${x} != ${y}", True), ("${x}", False), ("not ${x}", True)],
+    [
+        ("${x} == 3", False),
+        ("${x} != 'a'", True),
+        ("${x} < 3", False),
+        ("${x} == null", False),
+        ("${n} == ${x}", False),
+        ("false and ${x}", False),  # and stops at the first false operand
+        ("true or ${x}", True),
+    ],
 )
-def test_evaluate_never_raises(text: str, expected: bool) -> None:
-    assert parse(text).evaluate({"x": _Hostile(), "y": _Hostile()}) is expected
+def test_a_hostile_value_that_is_not_compared_does_not_raise(text: str, expected: bool) -> None:
+    """Values of different kinds are unequal without calling their ``==``."""
+    assert parse(text).evaluate({"x": _Hostile(), "n": _HostileInt(1)}) is expected
+
+
+def test_evaluation_error_names_a_long_expression_briefly() -> None:
+    text = "${x} < 3" + " or ${y} == 1" * 20
+    with pytest.raises(ConditionError, match=r"\.\.\.' could not be evaluated: '<' on"):
+        parse(text).evaluate({"x": _HostileInt(1)})
 
 
 def test_keys_source_and_repr() -> None:
