@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 import cosmoflow_actors as cf
 
@@ -50,3 +53,60 @@ async def test_metadata_lasts_one_step() -> None:
     store: dict[str, Any] = {}
     await flow.add_route("a", "b").build().run(store)
     assert store["seen"] == [({}, {"node": "a"}), ({}, {"node": "b"})]
+
+
+async def test_params_are_read_only_at_the_entry_after_a_hop_and_at_a_join(
+    tmp_path: Path,
+) -> None:
+    """Whatever the step's params came from: the start, an action, merged arrivals, or
+    a durable run's record when it resumes."""
+    seen: dict[str, Any] = {}
+
+    @cf.node
+    def look(ctx: cf.ExecutionContext) -> cf.Action:
+        seen[ctx.node_id] = ctx.params
+        return cf.Action.with_params("default", **{ctx.node_id: True})
+
+    flow = (
+        cf.Flow.builder("params")
+        .add_node("entry", look)
+        .add_node("b", look)
+        .add_node("c", look)
+        .add_join("join", look)
+        .add_route("entry", ["b", "c"])
+        .add_route("b", "join")
+        .add_route("c", "join")
+        .build()
+    )
+    await flow.run(cf.SQLiteStorage(tmp_path / "runs.db"), run_id="r", params={"start": 1})
+    assert dict(seen["entry"]) == {"start": 1}
+    assert dict(seen["b"]) == {"entry": True}
+    assert dict(seen["join"]) == {"b": True, "c": True}
+    for params in seen.values():
+        with pytest.raises(TypeError):
+            params["changed"] = True
+
+
+async def test_params_of_a_resumed_step_are_read_only(tmp_path: Path) -> None:
+    calls: list[Any] = []
+
+    @cf.node
+    def once_failing(ctx: cf.ExecutionContext) -> None:
+        calls.append(ctx.params)
+        if len(calls) == 1:
+            raise RuntimeError("first try")
+
+    @cf.node
+    def hop(ctx: cf.ExecutionContext) -> cf.Action:
+        return cf.Action.with_params("default", k=1)
+
+    flow = cf.Flow.builder("resumed").add_node("a", hop).add_node("b", once_failing)
+    built = flow.add_route("a", "b").build()
+    storage = tmp_path / "runs.db"
+    with pytest.raises(cf.NodeError):
+        await built.run(cf.SQLiteStorage(storage), run_id="r")
+    async with cf.open_engine() as engine:
+        await engine.resume(built, cf.SQLiteStorage(storage), run_id="r")
+    assert [dict(params) for params in calls] == [{"k": 1}, {"k": 1}]
+    with pytest.raises(TypeError):
+        calls[1]["k"] = 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeGuard
 
 import trio
@@ -414,7 +415,7 @@ def resumed(
     saved = branch.resume_at
     assert saved is not None
     if "params" in saved:
-        return Step(run, branch, saved["params"], actor)
+        return Step(run, branch, MappingProxyType(saved["params"]), actor)
     if "end" in saved:
         end = saved["end"]
         return FlowEnded(run, branch, end["node"], _decode_action(end["action"]), values)

@@ -13,6 +13,7 @@ import itertools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
+from types import MappingProxyType
 from typing import Any, Final, TypeVar, final
 
 import trio
@@ -353,7 +354,7 @@ class Engine:
         return None
 
     def _first_step(self, run: ActiveRun, params: dict[str, Any]) -> Step:
-        return self._router.first_step(run, params)
+        return self._router.first_step(run, MappingProxyType(params))
 
     def _check_start(self, run_id: str | None) -> str:
         """The run's id (a fresh one if None); refuses a closed engine and an id in

@@ -15,6 +15,7 @@ its end pops it and routes the inner flow's final action in the parent.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import trio
@@ -271,7 +272,7 @@ class _Decision:
         fork.params.update(params)
         fork.pending -= 1
         if not fork.pending:
-            self._enter(fork.parent, join_id, fork.params)
+            self._enter(fork.parent, join_id, MappingProxyType(fork.params))
 
     def _settle(self, fork: Fork, node_id: str, action: Action, values: Mapping[str, Any]) -> None:
         """A branch of ``fork`` ended without reaching a join; when all branches are
@@ -280,7 +281,7 @@ class _Decision:
         if fork.pending:
             return
         if fork.join_id is not None:
-            self._enter(fork.parent, fork.join_id, fork.params)
+            self._enter(fork.parent, fork.join_id, MappingProxyType(fork.params))
             return
         self.run.durability.ended(fork.parent, node_id, action)
         self.end_frame(fork.parent, node_id, action, values)
