@@ -15,7 +15,8 @@ is ``[FILE, *arguments]``. The file is imported under the name ``__cosmoflow__``
 flow it runs while it is imported (outside ``if __name__ == "__main__":``) is an error.
 
 Errors are one line on stderr and a non-zero exit status: 2 for bad input (a file, a
-flow, a store, an option), 1 for runs that failed, 130 for Ctrl-C; ``--debug`` shows the
+flow, a store, an option), 1 for runs that failed, 130 for Ctrl-C, 143 for SIGTERM on
+``worker`` (which hands its runs back to the queue either way); ``--debug`` shows the
 traceback. docs/cli.md has every option and example outputs.
 """
 
@@ -27,6 +28,7 @@ import dataclasses
 import json
 import math
 import runpy
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -79,6 +81,10 @@ EVENT_BUFFER: Final = 100_000
 PREVIEW_CHARS: Final = 60
 """``inspect`` shows at most this much of each value's repr."""
 STORE_SYNTAX: Final = "memory, file:PATH, sqlite:PATH or redis://HOST[:PORT][/DB][#NAMESPACE]"
+INTERRUPTED: Final = 130
+"""The exit status after Ctrl-C (SIGINT): 128 + 2, as a shell reports it."""
+TERMINATED: Final = 143
+"""The exit status of ``worker`` stopped by SIGTERM: 128 + 15, as a shell reports it."""
 
 
 class CliError(Exception):
@@ -87,7 +93,7 @@ class CliError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 failed run, 2 bad input,
-    130 interrupted). ``argv`` defaults to ``sys.argv[1:]``."""
+    130 interrupted, 143 worker terminated). ``argv`` defaults to ``sys.argv[1:]``."""
     own, file_args = _split_file_args(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(own)
@@ -104,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is None:
             raise
         print("cosmoflow: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 def _split_file_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -839,7 +845,8 @@ def _worker_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     trio.run(_serve, queue, flows, stores, args)
-    return 0
+    print("cosmoflow: terminated", file=sys.stderr)
+    return TERMINATED
 
 
 async def _serve(
@@ -848,19 +855,25 @@ async def _serve(
     stores: Callable[[str], Storage],
     args: argparse.Namespace,
 ) -> None:
-    """Serve ``queue`` until interrupted; say on stdout once the worker reads it."""
-    async with open_engine() as engine, trio.open_nursery() as nursery:
-        options = {"concurrency": args.concurrency, "name": args.name}
-        try:
-            name = await nursery.start(
-                lambda task_status: engine.serve(
-                    queue, flows, stores, **options, task_status=task_status
+    """Serve ``queue`` until SIGTERM (then return) or Ctrl-C (KeyboardInterrupt); say
+    on stdout once the worker reads it. Stopped either way, the worker cancels its runs
+    and hands them back to the queue: blocks a couple of seconds at most for that."""
+    with trio.open_signal_receiver(signal.SIGTERM) as terminations:
+        async with open_engine() as engine, trio.open_nursery() as nursery:
+            options = {"concurrency": args.concurrency, "name": args.name}
+            try:
+                name = await nursery.start(
+                    lambda task_status: engine.serve(
+                        queue, flows, stores, **options, task_status=task_status
+                    )
                 )
-            )
-        except StorageError as exc:
-            raise CliError(f"cannot reach the queue: {exc}") from exc
-        names = ", ".join(flow.name for flow in flows)
-        print(f"worker {name} serving {queue.name} (flows: {names})", flush=True)
+            except StorageError as exc:
+                raise CliError(f"cannot reach the queue: {exc}") from exc
+            names = ", ".join(flow.name for flow in flows)
+            print(f"worker {name} serving {queue.name} (flows: {names})", flush=True)
+            async for _ in terminations:
+                nursery.cancel_scope.cancel()
+                break
 
 
 def _status_command(args: argparse.Namespace) -> int:

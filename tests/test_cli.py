@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -729,6 +730,71 @@ def test_a_worker_process_runs_the_submitted_runs(
     [record] = json.loads(capsys.readouterr().out)["runs"]
     assert (record["run_id"], record["state"], record["owner"]) == (run_id, "succeeded", "w1")
     assert record["queue"] == queue
+
+
+BLOCKS = """
+import os
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+@cf.node
+async def step(ctx):
+    if os.environ.get("BLOCK"):
+        print("in step", flush=True)
+        await trio.sleep_forever()
+    return cf.Action.complete("done")
+
+
+flow = cf.Flow.builder("blocks").add_node("step", step).build()
+"""
+"""A flow whose step never ends in a worker started with BLOCK set in its environment."""
+
+
+async def result_within(queue: str, run_id: str, seconds: float) -> cf.QueuedResult:
+    with trio.fail_after(seconds):
+        return await cf.result(queue, run_id)
+
+
+def test_sigterm_stops_a_worker_which_hands_its_run_back(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A real SIGTERM while the worker's run is in its node: the worker exits with status
+    143 and one line, having dropped its lease and given the run back to the queue, so
+    that a worker started afterwards takes the run over at once, not after the lease."""
+    flow_file = tmp_path / "blocks.py"
+    flow_file.write_text(BLOCKS)
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    command = [sys.executable, "-m", "cosmoflow_actors", "worker", str(flow_file), "--queue"]
+    command += [queue, "--store", f"{redis_server.url}#{unique_namespace()}", "--lease", "60"]
+    blocking = {**os.environ, "BLOCK": "1"}
+    with subprocess.Popen(
+        [*command, "--name", "w1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=blocking,
+    ) as w1:
+        assert w1.stdout is not None
+        assert w1.stdout.readline().startswith("worker w1 serving ")
+        run_id = trio.run(cf.submit, queue, "blocks")
+        assert w1.stdout.readline() == "in step\n"
+        w1.send_signal(signal.SIGTERM)
+        out, err = w1.communicate(timeout=60)
+    assert w1.returncode == 143
+    assert (out, err) == ("", "cosmoflow: terminated\n")
+    [run] = trio.run(cf.queue_status, queue)
+    assert (run.state, run.owner, run.lease_left) == ("orphaned", "w1", None)
+    with subprocess.Popen([*command, "--name", "w2"], stdout=subprocess.PIPE, text=True) as w2:
+        try:
+            assert w2.stdout is not None
+            assert w2.stdout.readline().startswith("worker w2 serving ")
+            done = trio.run(result_within, queue, run_id, 10)  # far less than the lease
+        finally:
+            w2.terminate()
+    assert (done.result, done.worker) == ("done", "w2")
 
 
 async def passed_over(queue: str) -> None:

@@ -23,7 +23,12 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.queue import RunQueue, leases_checked, per_run_redis
+from cosmoflow_actors.runtime.queue import (
+    HAND_BACK_SECONDS,
+    RunQueue,
+    leases_checked,
+    per_run_redis,
+)
 from tests.storage_suite import RedisServer, free_port
 from tests.support import received_until
 
@@ -301,6 +306,32 @@ async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
     assert (status.state, status.attempts) == ("succeeded", 2)
 
 
+async def test_a_stopped_worker_hands_its_run_back_to_the_next_worker_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """Worker w1 is stopped (its serve cancelled) while the run is in step a: it drops
+    the run's lease and gives its entry back, so w2, started afterwards, takes the run
+    over at once, not after the 60 s lease, and resumes it. Each step commits once."""
+    queue, store = new_queue(redis_server, lease=60.0), store_url(redis_server)
+    async with held_in_step_a(queue, store, "stopped"):
+        pass  # leaving the block stops w1 with the run in step a
+    [handed_back] = await cf.queue_status(queue)
+    started = trio.current_time()
+    async with worker(queue, store, "w2"):
+        with trio.fail_after(5):  # the lease would hold the run for 60 s
+            done = await cf.result(queue, "stopped")
+    print(f"\ntaken over and finished {trio.current_time() - started:.2f} s after w1 stopped")
+    assert (handed_back.state, handed_back.owner, handed_back.lease_left) == (
+        "orphaned",
+        "w1",
+        None,
+    )
+    assert (done.result, done.worker) == ("done stopped", "w2")
+    assert await counts(store, "stopped") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
 async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
     redis_server: RedisServer,
 ) -> None:
@@ -477,6 +508,34 @@ async def test_runs_go_on_after_redis_restarts_and_every_step_is_committed_once(
     assert [done.result for done in results] == [f"done {run_id}" for run_id in run_ids]
     assert stored == [{"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}] * len(run_ids)
     assert {run.state for run in statuses} == {"succeeded"}
+
+
+async def test_a_stopped_worker_gives_up_handing_back_a_run_when_redis_does_not_answer(
+    tmp_path: Path,
+) -> None:
+    """redis-server is SIGSTOPped (it accepts connections, answers nothing) while a
+    worker holds a run in step a: stopping the worker waits HAND_BACK_SECONDS for the
+    hand-back, not the connections' timeout (180 s with a 60 s lease)."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    queue, store = RunQueue(url, "frozen", lease=60.0), f"{url}#runs"
+    entered, release = trio.Event(), trio.Event()
+    GATES["frozen"] = (entered, release)
+    server = await persistent_redis(tmp_path, port)
+    try:
+        async with cf.open_engine() as engine:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(engine.serve, queue, [FLOW], store))
+                await cf.submit(queue, "count", run_id="frozen")
+                await entered.wait()
+                server.send_signal(signal.SIGSTOP)
+                stopping = trio.current_time()
+                nursery.cancel_scope.cancel()
+            stopped = trio.current_time() - stopping
+            server.send_signal(signal.SIGCONT)  # lets the engine close its stores
+    finally:
+        await killed(server)
+    assert HAND_BACK_SECONDS <= stopped < HAND_BACK_SECONDS + 1
 
 
 WORKER_FLOW = '''

@@ -12,7 +12,10 @@ worker, set with ``SET NX PX`` (so two workers never hold it at once) and renewe
 renewing; once the lease has expired, another worker takes the run's stream entry over
 (``XAUTOCLAIM`` of entries idle for at least the lease) and resumes the run from its last
 committed step. A worker that lost its lease cancels the run, and one whose commit
-lost to another engine (RunConflictError) drops it: neither reports an outcome.
+lost to another engine (RunConflictError) drops it: neither reports an outcome. A
+worker that is stopped (its ``serve`` cancelled) cancels its runs and hands each one
+back: it drops the lease and makes the stream entry idle for a lease, so the next
+worker that looks for expired leases takes the run over at once.
 
 A worker that lacks a run's flow leaves the run to the others: it notes itself among
 the workers that passed the run over and gives the stream entry back, idle enough for
@@ -78,6 +81,9 @@ GROUP: Final = "workers"
 """The stream's consumer group: every worker of every queue reads through it."""
 FINISHED: Final = ("succeeded", "failed")
 """The states of a run whose outcome is recorded."""
+HAND_BACK_SECONDS: Final = 2.0
+"""The longest a stopped worker waits for the server while it hands a run back (beyond
+it, the run's lease expires by itself instead)."""
 
 _FINISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -124,6 +130,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 """
 """Drop the lease KEYS[1] if it is held by ARGV[1]."""
+_HAND_BACK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[1], 0, ARGV[3], 'IDLE', ARGV[4])
+return 1
+"""
+"""Drop the lease KEYS[1] if it is held by ARGV[1], and make the entry ARGV[3] of the
+stream KEYS[2] (group ARGV[2]) idle for ARGV[4] ms, so that a worker looking for
+expired leases takes it over at once; 1 if the lease was ARGV[1]'s."""
 _LEASE = """
 return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
@@ -142,11 +157,12 @@ class QueuedRun:
     """What the queue says about one submitted run (see :func:`queue_status`).
 
     ``state`` is "pending" (not claimed yet), "running" (a worker holds its lease),
-    "orphaned" (claimed, but its lease expired: its worker died or was cut off; another
-    worker takes it over), "succeeded" or "failed". ``owner`` names the worker that
-    holds (or last held) the run, ``lease_left`` the seconds its lease has left (None
-    when no lease is held). ``passed_over`` names the workers that lacked its flow and
-    left it to others, while no worker that has it took it.
+    "orphaned" (claimed, but its lease is gone: its worker died, was cut off, or was
+    stopped and handed it back; another worker takes it over), "succeeded" or
+    "failed". ``owner`` names the worker that holds (or last held) the run,
+    ``lease_left`` the seconds its lease has left (None when no lease is held).
+    ``passed_over`` names the workers that lacked its flow and left it to others,
+    while no worker that has it took it.
     """
 
     run_id: str
@@ -629,26 +645,54 @@ class _Worker:
 
     async def run_claimed(self, claim: _Claim, slots: trio.Semaphore) -> None:
         """Run (or resume) the claimed run while renewing its lease; record its outcome
-        unless the lease was lost or another engine committed first. Frees a slot."""
+        unless the lease was lost or another engine committed first. Blocks until the
+        run ends. A worker stopped meanwhile (this task cancelled) cancels the run and
+        hands it back to the queue (see :meth:`_hand_back`: at most
+        HAND_BACK_SECONDS more) before the cancellation goes on. Frees a slot."""
         self._running.add(claim.run_id)
         try:
-            async with trio.open_nursery() as nursery:
-                scope = trio.CancelScope()
-                nursery.start_soon(self._renew, claim.run_id, scope)
-                outcome = await self._outcome(claim, scope)
-                nursery.cancel_scope.cancel()
-            # If the server is out of reach, the lease expires instead and another
-            # worker takes the run over: its record says how far it got.
-            with contextlib.suppress(StorageError):
-                if outcome is None:
-                    await self.queue.script(
-                        _RELEASE, [self.queue.lease_key(claim.run_id)], [self.name]
-                    )
-                else:
-                    await self._finish(claim.entry_id, claim.run_id, {**claim.info, **outcome})
+            outcome = await self._renewed_outcome(claim)
+            await self._settle(claim, outcome)
+        except BaseException:
+            await self._hand_back(claim)
+            raise
         finally:
             self._running.discard(claim.run_id)
             slots.release()
+
+    async def _renewed_outcome(self, claim: _Claim) -> dict[str, Any] | None:
+        """The run's outcome (see :meth:`_outcome`), renewing its lease until then;
+        blocks until the run ends."""
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+            nursery.start_soon(self._renew, claim.run_id, scope)
+            outcome = await self._outcome(claim, scope)
+            nursery.cancel_scope.cancel()
+        return outcome
+
+    async def _settle(self, claim: _Claim, outcome: dict[str, Any] | None) -> None:
+        """Record ``outcome`` and acknowledge the entry, or only drop the lease for a
+        dropped run (None). Blocks while the server answers. If it is out of reach,
+        the lease expires instead and another worker takes the run over: its record
+        says how far it got."""
+        with contextlib.suppress(StorageError):
+            if outcome is None:
+                await self.queue.script(_RELEASE, [self.queue.lease_key(claim.run_id)], [self.name])
+            else:
+                await self._finish(claim.entry_id, claim.run_id, {**claim.info, **outcome})
+
+    async def _hand_back(self, claim: _Claim) -> None:
+        """Give the run of a stopped worker back to the queue: drop its lease and make
+        its entry idle for a lease (see ``_HAND_BACK``), so that the next worker to look
+        for expired leases takes it over at once and resumes it after its last
+        committed step. Shielded from cancellation; blocks at most HAND_BACK_SECONDS.
+        A server out of reach or too slow leaves the lease to expire by itself."""
+        queue = self.queue
+        keys = [queue.lease_key(claim.run_id), queue.stream]
+        args = [self.name, GROUP, claim.entry_id, self.lease_ms]
+        with trio.move_on_after(HAND_BACK_SECONDS, shield=True):
+            with contextlib.suppress(StorageError):
+                await queue.script(_HAND_BACK, keys, args)
 
     async def _outcome(self, claim: _Claim, scope: trio.CancelScope) -> dict[str, Any] | None:
         """The run's outcome as the queue records it; None when it was dropped: its
