@@ -19,7 +19,13 @@ import trio
 from cosmoflow_actors.action import Action, ActionCondition
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.errors import FlowValidationError
-from cosmoflow_actors.node import Node, executor_problem, phase_problem, validate_config
+from cosmoflow_actors.node import (
+    BatchNode,
+    Node,
+    executor_problem,
+    phase_problem,
+    validate_config,
+)
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.store_client import SharedStore
@@ -128,7 +134,8 @@ class Flow:
         joins: frozenset[str] = frozenset(),
     ) -> None:
         self.name = name
-        self.nodes: Mapping[str, Node | Flow] = dict(nodes)
+        # Read-only: a node swapped in after build() would bypass its validation.
+        self.nodes: Mapping[str, Node | Flow] = MappingProxyType(dict(nodes))
         self.routes = routes
         self.start_id = start_id
         self.max_steps = max_steps
@@ -138,6 +145,11 @@ class Flow:
             table.setdefault((route.source, route.action), []).append(route)
         self._table = {key: tuple(candidates) for key, candidates in table.items()}
         self._sources = frozenset(route.source for route in routes)
+
+    def __reduce__(self) -> tuple[type[Flow], tuple[Any, ...]]:
+        """Pickle the flow from its parts (a read-only mapping cannot be pickled)."""
+        parts = (self.name, dict(self.nodes), self.routes, self.start_id, self.max_steps)
+        return (Flow, (*parts, self.joins))
 
     @staticmethod
     def builder(name: str) -> FlowBuilder:
@@ -294,8 +306,15 @@ class FlowBuilder:
         """
         if when is not None and not isinstance(when, ActionCondition):
             self._problems.append(f"route {from_id!r} -> {to_id!r}: when is not an ActionCondition")
-        target: Target = to_id if isinstance(to_id, str | _End) else tuple(to_id)
-        self._routes.append(Route(from_id, action, target, when))
+        if isinstance(to_id, str | _End):
+            self._routes.append(Route(from_id, action, to_id, when))
+        elif isinstance(to_id, Sequence) and not isinstance(to_id, bytes | bytearray):
+            self._routes.append(Route(from_id, action, tuple(to_id), when))
+        else:
+            self._problems.append(
+                f"route from {from_id!r} on action {action!r}: the target must be a node id, "
+                f"cf.END or a non-empty list of node ids, got {to_id!r}"
+            )
         return self
 
     def start(self, node_id: str) -> FlowBuilder:
@@ -312,11 +331,14 @@ class FlowBuilder:
         """Validate and return the flow; raise FlowValidationError naming every fault.
 
         Besides malformed input, a node that no route reaches from the start node is a
-        fault (the branches of a fan-out and a join reached by routes count as reached).
+        fault (the branches of a fan-out and a join reached by routes count as reached),
+        and so is a route added after one without ``when`` for the same source and action
+        (it could never be taken).
         A node rejected by ``add_node`` still counts as a node here, so that it is
         reported once, for what it is.
         """
-        problems = [*self._problems, *self._route_problems(), *self._config_problems()]
+        problems = [*self._problems, *self._route_problems(), *self._shadowed_routes()]
+        problems += self._config_problems()
         if not isinstance(self._name, str) or not self._name:
             problems.append(f"the flow's name must be a non-empty str, got {self._name!r}")
         start = self._start if self._start is not None else next(iter(self._ids), None)
@@ -354,6 +376,26 @@ class FlowBuilder:
                     problems.append(f"route from {route.source!r} to unknown node {target!r}")
         return problems
 
+    def _shadowed_routes(self) -> list[str]:
+        """Name each route that can never be taken: one added after a route without a
+        condition for the same source and action (a route with one falls through)."""
+        problems = []
+        unconditional: dict[tuple[str, str], Route] = {}
+        for route in self._routes:
+            if not isinstance(route.source, str) or not isinstance(route.action, str):
+                continue  # reported by _route_problems
+            key = (route.source, route.action)
+            first = unconditional.get(key)
+            if first is not None:
+                problems.append(
+                    f"route from {route.source!r} on action {route.action!r} to "
+                    f"{route.target!r} can never be taken: the route to {first.target!r} "
+                    "added before it has no when= (only an action's last route may lack one)"
+                )
+            elif route.when is None:
+                unconditional[key] = route
+        return problems
+
     def _reach_problems(self, start: str) -> list[str]:
         """Name each node that no chain of routes leads to from ``start``."""
         successors: dict[str, list[str]] = {}
@@ -381,7 +423,8 @@ class FlowBuilder:
                 except ValueError as exc:
                     problems.append(str(exc))
                     continue
-                for problem in (phase_problem(node), executor_problem(node)):
+                batch = isinstance(node, BatchNode | BatchFlow)
+                for problem in (phase_problem(node, batch=batch), executor_problem(node)):
                     if problem is not None:
                         problems.append(f"node {node_id!r}: {problem}")
         return problems

@@ -200,11 +200,18 @@ _PHASE_ARGUMENTS: Final = {
 """What the node actor passes each phase method."""
 
 
-def phase_problem(node: Node) -> str | None:
-    """Which phase method of ``node`` cannot take what the node actor passes it, or None;
-    checked by ``Flow.build``."""
+def phase_problem(node: Node, *, batch: bool = False) -> str | None:
+    """Which phase method of ``node`` cannot take what the node actor passes it, or
+    cannot return a result (a generator function), or None; checked by ``Flow.build``.
+
+    With ``batch`` (a BatchNode or BatchFlow, whose prep returns an iterable of items),
+    a plain generator prep is its items.
+    """
     for name, arguments in _PHASE_ARGUMENTS.items():
         method = getattr(node, name)
+        problem = _generator_problem(name, method, items=batch and name == "prep")
+        if problem is not None:
+            return problem
         try:
             signature = inspect.signature(method)
         except (TypeError, ValueError):
@@ -214,6 +221,18 @@ def phase_problem(node: Node) -> str | None:
         except TypeError:
             return f"{name}{_unannotated(signature)} cannot be called as {name}({arguments})"
     return None
+
+
+def _generator_problem(name: str, method: object, *, items: bool) -> str | None:
+    """Why phase ``name`` cannot be ``method``, a generator function, or None. A plain
+    generator is fine when the phase returns ``items`` (an iterable)."""
+    if inspect.isasyncgenfunction(method):
+        kind = "an async generator"
+    elif inspect.isgeneratorfunction(method) and not items:
+        kind = "a generator"
+    else:
+        return None
+    return f"{name} is {kind} function (it yields); it must return its result"
 
 
 def _unannotated(signature: inspect.Signature) -> inspect.Signature:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import signal
 import subprocess
 import sys
@@ -107,11 +108,114 @@ def test_build_names_a_phase_method_the_engine_cannot_call() -> None:
     )
 
 
+class AsyncGeneratorExec(cf.Node):
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> Any:
+        yield prep_res
+
+
+class GeneratorPost(cf.Node):
+    def post(self, store: Any, prep_res: Any, exec_res: Any, ctx: Any) -> Any:
+        yield "default"
+
+
+class GeneratorPrep(cf.Node):
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        yield 1
+
+
+class GeneratorItems(cf.BatchNode):
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        yield from (1, 2)
+
+    def exec(self, item: int, ctx: cf.ExecutionContext) -> int:
+        return item * 10
+
+    async def post(self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: Any) -> Any:
+        return cf.Action.complete(exec_res)
+
+
+def test_build_names_a_phase_method_that_yields_instead_of_returning() -> None:
+    builder = (
+        cf.Flow.builder("f")
+        .add_node("a", AsyncGeneratorExec())
+        .add_node("b", GeneratorPost())
+        .add_node("c", GeneratorPrep())
+        .add_route("a", "b")
+        .add_route("b", "c")
+    )
+    error = refused(builder)
+    assert error.problems == (
+        "node 'a': exec is an async generator function (it yields); it must return its result",
+        "node 'b': post is a generator function (it yields); it must return its result",
+        "node 'c': prep is a generator function (it yields); it must return its result",
+    )
+
+
+def test_a_batch_node_prep_may_yield_its_items() -> None:
+    flow = cf.Flow.builder("f").add_node("items", GeneratorItems()).build()
+    assert flow.run_sync().result == [10, 20]
+
+
 def test_build_rejects_config_changed_after_construction() -> None:
     node = Recorder()
     node.max_retries = 0
     with pytest.raises(cf.FlowValidationError, match="node 'a': max_retries"):
         cf.Flow.builder("f").add_node("a", node).build()
+
+
+def test_build_names_a_route_whose_target_is_not_a_node_id_end_or_list() -> None:
+    builder = cf.Flow.builder("f").add_node("a", Recorder())
+    builder.add_route("a", None, action="go")  # type: ignore[arg-type]
+    builder.add_route("a", 5)  # type: ignore[arg-type]
+    error = refused(builder)
+    assert error.problems == (
+        "route from 'a' on action 'go': the target must be a node id, cf.END or a "
+        "non-empty list of node ids, got None",
+        "route from 'a' on action 'default': the target must be a node id, cf.END or a "
+        "non-empty list of node ids, got 5",
+    )
+
+
+def test_build_names_a_route_that_an_unconditional_route_before_it_shadows() -> None:
+    builder = (
+        cf.Flow.builder("f")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_node("c", Recorder())
+        .add_route("a", "b", action="go")
+        .add_route("a", "c", action="go", when=cf.ActionCondition.always())
+        .add_route("a", ["b", "c"], action="go")
+        .add_route("a", cf.END)
+    )
+    error = refused(builder)
+    assert error.problems == (
+        "route from 'a' on action 'go' to 'c' can never be taken: the route to 'b' "
+        "added before it has no when= (only an action's last route may lack one)",
+        "route from 'a' on action 'go' to ('b', 'c') can never be taken: the route to 'b' "
+        "added before it has no when= (only an action's last route may lack one)",
+    )
+
+
+def test_conditional_routes_may_precede_one_unconditional_fallback() -> None:
+    flow = (
+        cf.Flow.builder("f")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b", when=cf.ActionCondition.key_exists("x"))
+        .add_route("a", "a", when=cf.ActionCondition.key_exists("y"))
+        .add_route("a", cf.END)
+        .add_route("b", cf.END, action="other")
+        .build()
+    )
+    assert [route.target for route in flow.routes_for("a", "default")] == ["b", "a", cf.END]
+
+
+def test_a_built_flows_nodes_are_read_only_and_it_still_pickles() -> None:
+    flow = cf.Flow.builder("f").add_node("a", Recorder()).build()
+    with pytest.raises(TypeError):
+        flow.nodes["a"] = flow  # type: ignore[index]
+    copy = pickle.loads(pickle.dumps(flow))
+    assert list(copy.nodes) == ["a"] and copy.start_id == "a"
 
 
 def test_validation_error_is_a_value_error() -> None:
@@ -195,7 +299,7 @@ def test_routes_are_looked_up_in_the_order_added() -> None:
         cf.Flow.builder("f")
         .add_node("a", Recorder())
         .add_node("b", Recorder())
-        .add_route("a", "b", action="go")
+        .add_route("a", "b", action="go", when=cf.ActionCondition.key_exists("b"))
         .add_route("a", cf.END, action="go")
         .add_route("a", "a", action="again")
         .build()

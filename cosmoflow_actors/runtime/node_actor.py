@@ -479,11 +479,13 @@ def fails_the_step(error: BaseException) -> bool:
     """Whether ``error``, which left a node's code, is the node's failure (its step
     fails, and its run alone): every Exception, and any other BaseException the code
     raised itself (``sys.exit()``, a ``trio.Cancelled`` of its own making), except
-    KeyboardInterrupt (the operator's), and except while the step is being cancelled
-    (the run or the engine ending), when it goes on up."""
+    KeyboardInterrupt (the operator's; also inside a group), and except while the step
+    is being cancelled (the run or the engine ending), when it goes on up."""
     if isinstance(error, Exception):
         return True
     if isinstance(error, KeyboardInterrupt):
+        return False
+    if isinstance(error, BaseExceptionGroup) and error.subgroup(KeyboardInterrupt):
         return False
     return trio.current_effective_deadline() != -math.inf
 
