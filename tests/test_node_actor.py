@@ -122,6 +122,7 @@ async def test_a_timeout_is_a_failed_attempt(autojump_clock: trio.abc.Clock) -> 
         await single(Slow(retry_on=(ValueError,))).run()
     assert trio.current_time() - start == 3 * 2.0 + 2 * 1.0
     assert isinstance(info.value.__cause__, trio.TooSlowError)
+    assert str(info.value.__cause__) == "exec of 'only' overran its 2.0s timeout"
     assert info.value.attempts == 3
 
 

@@ -410,9 +410,9 @@ class NodeActor(Actor[Step]):
         if timeout is None:
             return await self._exec_call(prep_res, ctx)
         deadline = trio.current_time() + timeout
-        with trio.fail_after(timeout):
+        with trio.move_on_after(timeout) as scope:
             result = await self._exec_call(prep_res, ctx)
-        if trio.current_time() > deadline:
+        if scope.cancelled_caught or trio.current_time() > deadline:
             raise trio.TooSlowError(f"exec of {self.node_id!r} overran its {timeout}s timeout")
         return result
 
