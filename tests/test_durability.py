@@ -165,6 +165,19 @@ async def test_resuming_an_unknown_run_starts_it(tmp_path: Path) -> None:
     assert result.execution_path == ("count", "count")
 
 
+@pytest.mark.parametrize("start", ["run", "resume"])
+async def test_a_recorded_run_of_another_flow_is_refused_whatever_its_state(
+    tmp_path: Path, start: str
+) -> None:
+    path = tmp_path / "s.json"
+    other = cf.Flow.builder("other").add_node("a", Counted()).build()
+    async with cf.open_engine() as engine:
+        await engine.run(loop_flow(Counted(), 2), cf.FileStorage(path), run_id="done")
+        begin = engine.run if start == "run" else engine.resume
+        with pytest.raises(cf.CosmoFlowError, match="belongs to flow 'loop', not 'other'"):
+            await begin(other, cf.FileStorage(path), run_id="done")
+
+
 async def test_concurrent_durable_updates_lose_nothing(tmp_path: Path) -> None:
     flow = (
         cf.Flow.builder("inc")

@@ -62,6 +62,15 @@ def checked_record(key: str, value: Any) -> dict[str, Any]:
     return value
 
 
+def require_flow(run: ActiveRun, record: Mapping[str, Any]) -> None:
+    """Raise CosmoFlowError unless ``record`` is of a run of ``run``'s flow (whatever
+    the state it records)."""
+    if record["flow"] != run.flow.name:
+        raise CosmoFlowError(
+            f"run {run.run_id!r} belongs to flow {record['flow']!r}, not {run.flow.name!r}"
+        )
+
+
 def _is_record(value: Any) -> TypeGuard[dict[str, Any]]:
     return isinstance(value, dict) and all(field in value for field in _RECORD_FIELDS)
 
@@ -383,10 +392,6 @@ def restore(run: ActiveRun, record: Mapping[str, Any]) -> list[Branch]:
 
     Raises CosmoFlowError when the record does not fit the flow (it was changed).
     """
-    if record["flow"] != run.flow.name:
-        raise CosmoFlowError(
-            f"run {run.run_id!r} belongs to flow {record['flow']!r}, not {run.flow.name!r}"
-        )
     run.path.extend(record["path"])
     run.steps = len(run.path)
     if record["last"] is None:

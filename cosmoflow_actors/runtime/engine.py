@@ -318,19 +318,20 @@ class Engine:
             return self._first_step(run, params)
         key = durability.record_key(run.run_id)
         stored = await run.store_actor.read_record(run.storage, key)
-        record = None if stored is None else durability.checked_record(key, stored)
-        if record is not None and record["state"] == "succeeded":
+        if stored is None:
+            run.durability = DurableRun(durability.started(run, params))
+            await run.store_actor.write_record(run.storage, key, run.durability.record)
+            return self._first_step(run, params)
+        record = durability.checked_record(key, stored)
+        durability.require_flow(run, record)
+        if record["state"] == "succeeded":
             run.succeed(durability.recorded_result(record, run.storage))
             return None
-        if record is not None and not resume:
+        if not resume:
             raise CosmoFlowError(
                 f"run {run.run_id!r} is already recorded in {run.storage!r} as "
                 f"{record['state']}; continue it with engine.resume"
             )
-        if record is None:
-            run.durability = DurableRun(durability.started(run, params))
-            await run.store_actor.write_record(run.storage, key, run.durability.record)
-            return self._first_step(run, params)
         return await self._restore(run, record)
 
     async def _restore(self, run: ActiveRun, record: dict[str, Any]) -> Step | None:
