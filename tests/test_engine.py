@@ -395,6 +395,45 @@ async def test_callers_waiting_for_max_runs_start_in_order_and_hold_no_exception
     assert arrivals.order == [0, 1, 2, 3]
 
 
+class Nesting(cf.Node):
+    """Starts ``inner`` on the engine from its exec, in each of the ways a node can."""
+
+    def __init__(self, engine: cf.Engine, inner: cf.Flow) -> None:
+        super().__init__()
+        self.engine = engine
+        self.inner = inner
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> int:
+        engine, inner = self.engine, self.inner
+        results = [await engine.run(inner)]
+        results.append(await (await engine.start_run(inner)).wait())
+        results.append(await engine.start_run_nowait(inner).wait())
+        async with trio.open_nursery() as nursery:  # a task the step starts
+            nursery.start_soon(engine.run, inner)
+        return len(results)
+
+
+async def test_runs_started_inside_steps_need_no_admission(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every outer run holds a place among the max_runs in flight while its step waits
+    for the runs it started: admitting those would wait forever."""
+    inner = single(Sleeper(1), "inner")
+    async with cf.open_engine(max_runs=2) as engine:
+        outer = single(Nesting(engine, inner), "outer")
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(engine.run, outer)
+        stats = engine.statistics()
+        later = [await engine.start_run(outer) for _ in range(2)]
+        with pytest.raises(trio.WouldBlock):
+            engine.start_run_nowait(outer)
+        for run in later:
+            await run.wait()
+    assert (stats.runs_succeeded, stats.runs_in_flight) == (4 * 5, 0)
+
+
 async def test_open_engine_rejects_a_bad_max_runs() -> None:
     with pytest.raises(ValueError, match="max_runs must be an int >= 1, got 0"):
         async with cf.open_engine(max_runs=0):

@@ -45,7 +45,7 @@ from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.admission import Admission
 from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun, RunRecord
 from cosmoflow_actors.runtime.messages import Step
-from cosmoflow_actors.runtime.node_actor import NodeActor, carry
+from cosmoflow_actors.runtime.node_actor import CARRIER, NodeActor, carry
 from cosmoflow_actors.runtime.queue import RunQueue, RunStores
 from cosmoflow_actors.runtime.router import Router, condition_keys
 from cosmoflow_actors.runtime.run import ActiveRun, Run, RunState
@@ -199,13 +199,15 @@ class Engine:
         if not (entry.idle or entry.mailbox.has_room):
             raise trio.WouldBlock(f"the mailbox of {entry.name!r} is full")
         actor = self._stores.acquire_nowait(storage)
+        admission = None if self._inside_a_step() else self._admission
         try:
-            if self._admission is not None:
-                self._admission.acquire_nowait()
+            if admission is not None:
+                admission.acquire_nowait()
         except trio.WouldBlock:
             self._stores.release(actor)
             raise
-        run = self._new_run(run_id, flow, storage, actor, self._on_finish)
+        on_finish = self._ended if admission is None else self._on_finish
+        run = self._new_run(run_id, flow, storage, actor, on_finish)
         if durable:
             self._nursery.start_soon(self._launch_later, run, first_params)
         else:
@@ -237,7 +239,7 @@ class Engine:
         try:
             if first is not None and first.actor.try_enter():
                 with trio.CancelScope() as scope:
-                    await carry(first, scope)
+                    await self._carry_here(first, scope)
             elif first is not None:
                 await first.actor.send(first)
             if not run.finished:
@@ -249,6 +251,22 @@ class Engine:
         if actor.retiring and not actor.exited.is_set():
             await actor.exited.wait()
         return run.unwrap()
+
+    def _inside_a_step(self) -> bool:
+        """Whether this task carries a step of this engine (or was started by a step's
+        code): a run it starts is part of that step's work, which already holds a
+        place among the runs in flight. Admitting it would deadlock once ``max_runs``
+        such steps wait for their runs. Never blocks."""
+        return CARRIER.get() is self._router
+
+    async def _carry_here(self, first: Step, scope: trio.CancelScope) -> None:
+        """:func:`carry` ``first`` and its run's next steps in this task, marked (for the
+        runs its steps may start) as carrying steps of this engine."""
+        token = CARRIER.set(self._router)
+        try:
+            await carry(first, scope)
+        finally:
+            CARRIER.reset(token)
 
     async def _start(
         self,
@@ -268,12 +286,13 @@ class Engine:
 
         A checkpoint: admission is one (it parks while ``max_runs`` runs are in flight),
         else one is taken; no other unless it must wait. A caller waiting for admission
-        has built nothing yet (it holds only its arguments).
+        has built nothing yet (it holds only its arguments). A run started from inside a
+        step of this engine (see :meth:`_inside_a_step`) needs no admission either.
         """
         first_params = _checked_arguments(flow, params, run_id)
         if self._events.congested:
             await self._events.wait_for_room()
-        admission = None if child else self._admission
+        admission = None if child or self._inside_a_step() else self._admission
         if admission is not None:
             await admission.acquire()
         else:
@@ -289,7 +308,7 @@ class Engine:
             if admission is not None:
                 admission.release()
             raise
-        on_finish = self._child_finished if child else self._on_finish
+        on_finish = self._ended if admission is None else self._on_finish
         run = self._new_run(run_id, flow, storage, actor, on_finish)
         try:
             return run, await self._launch(run, first_params, resume=resume, durable=durable)
@@ -550,12 +569,14 @@ class Engine:
 
     def _finished(self, run: ActiveRun) -> None:
         """Called once when an admitted ``run`` ends, whatever ended it."""
-        self._child_finished(run)
+        self._ended(run)
         if self._admission is not None:
             self._admission.release()
 
-    def _child_finished(self, run: ActiveRun) -> None:
-        """Called once when ``run`` ends, whatever ended it."""
+    def _ended(self, run: ActiveRun) -> None:
+        """Called once when ``run`` ends, whatever ended it (directly for a run that
+        was not admitted: with no ``max_runs``, a BatchFlow's child, one started inside
+        a step)."""
         del self._runs[run.run_id]
         self._progress.run_finished(run.current_state.value)
         self._stores.release(run.store_actor)

@@ -17,6 +17,7 @@ import functools
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -51,6 +52,11 @@ KEEP_IDLE: Final = 8
 RUN_FAILURES: Final = (NodeError, CosmoFlowError, StorageError, TypeError, ValueError)
 """What a step may end with that fails its run alone: the node's own errors (wrapped in
 NodeError), what its post returned, its conditions, and its store's refusals."""
+
+CARRIER: Final[ContextVar[Router | None]] = ContextVar("cosmoflow_carrier", default=None)
+"""The router of the engine whose steps the current task carries (a node actor's worker,
+or the caller of ``engine.run`` while it carries its run), else None. The tasks a
+step's code starts inherit it."""
 
 _NO_VALUES: Final[Mapping[str, Any]] = MappingProxyType({})
 
@@ -156,6 +162,7 @@ class NodeActor(Actor[Step]):
         """A worker: carries steps (see :func:`carry`), parked between them; exits when
         KEEP_IDLE others are parked. Its steps run in one cancel scope until the end of
         a run cancels it during a step of that run; the next step gets a new one."""
+        CARRIER.set(self.router)
         step: Step | None = first
         while step is not None:
             with trio.CancelScope() as scope:
