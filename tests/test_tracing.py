@@ -178,18 +178,27 @@ class FedEngine:
         await self.closed.wait()
 
 
+async def fed(tracer: Tracer, *events: cf.Event) -> None:
+    """Have trace_events make spans of ``events``, emitted in order; then the engine
+    closes."""
+    source = FedEngine()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trace_events, source, tracer)
+        for event in events:
+            source.hub.emit(event)
+        source.closed.set()
+
+
 async def test_spans_still_open_when_the_engine_closes_are_ended(
     tracer: Tracer, exporter: InMemorySpanExporter
 ) -> None:
-    source = FedEngine()
-    error = ConnectionError("down")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trace_events, source, tracer)
-        source.hub.emit(cf.RunStarted("r1", 0.0, "flow"))
-        source.hub.emit(cf.StepStarted("r1", 0.1, "flow", "a", "r1:1"))
-        source.hub.emit(cf.Retry("r1", 0.2, "a", "r1:1", 1, error, 0.0))
-        source.hub.emit(cf.StepFinished("r1", 0.3, "flow", "a", "r1:1", 0.2, "x", None))
-        source.closed.set()
+    await fed(
+        tracer,
+        cf.RunStarted("r1", 0.0, "flow"),
+        cf.StepStarted("r1", 0.1, "flow", "a", "r1:1"),
+        cf.Retry("r1", 0.2, "a", "r1:1", 1, ConnectionError("down"), 0.0),
+        cf.StepFinished("r1", 0.3, "flow", "a", "r1:1", 0.2, "x", None),
+    )
     [step, run] = exporter.get_finished_spans()
     assert (step.name, [event.name for event in step.events]) == ("flow/a", ["retry"])
     assert step.attributes is not None and step.attributes["cosmoflow.action"] == "x"
@@ -200,25 +209,25 @@ async def test_a_retry_goes_to_its_own_steps_span_when_two_steps_of_a_node_overl
     tracer: Tracer, exporter: InMemorySpanExporter
 ) -> None:
     """Two fan-out branches run the same node at once: each retry names its step."""
-    source = FedEngine()
     error = ConnectionError("down")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trace_events, source, tracer)
-        source.hub.emit(cf.RunStarted("r1", 0.0, "flow"))
-        source.hub.emit(cf.StepStarted("r1", 0.1, "flow", "a", "r1:1.0/2"))
-        source.hub.emit(cf.StepStarted("r1", 0.1, "flow", "a", "r1:1.1/2"))
-        source.hub.emit(cf.Retry("r1", 0.2, "a", "r1:1.0/2", 1, error, 0.0))
-        source.hub.emit(cf.Fallback("r1", 0.3, "a", "r1:1.0/2", 2, error))
-        for execution_id in ("r1:1.1/2", "r1:1.0/2"):
-            source.hub.emit(cf.StepFinished("r1", 0.4, "flow", "a", execution_id, 0.3, "x", None))
-        source.closed.set()
+    first, second = "r1:1.0/2", "r1:1.1/2"
+    await fed(
+        tracer,
+        cf.RunStarted("r1", 0.0, "flow"),
+        cf.StepStarted("r1", 0.1, "flow", "a", first),
+        cf.StepStarted("r1", 0.1, "flow", "a", second),
+        cf.Retry("r1", 0.2, "a", first, 1, error, 0.0),
+        cf.Fallback("r1", 0.3, "a", first, 2, error),
+        cf.StepFinished("r1", 0.4, "flow", "a", second, 0.3, "x", None),
+        cf.StepFinished("r1", 0.4, "flow", "a", first, 0.3, "x", None),
+    )
     steps = [span for span in exporter.get_finished_spans() if span.name == "flow/a"]
     events = {
         span.attributes["cosmoflow.execution_id"]: [event.name for event in span.events]
         for span in steps
         if span.attributes is not None
     }
-    assert events == {"r1:1.0/2": ["retry", "fallback"], "r1:1.1/2": []}
+    assert events == {first: ["retry", "fallback"], second: []}
 
 
 async def test_without_opentelemetry_the_error_names_the_extra(
