@@ -15,9 +15,11 @@ is ``[FILE, *arguments]``. The file is imported under the name ``__cosmoflow__``
 flow it runs while it is imported (outside ``if __name__ == "__main__":``) is an error.
 
 Errors are one line on stderr and a non-zero exit status: 2 for bad input (a file, a
-flow, a store, an option), 1 for runs that failed, 130 for Ctrl-C, 143 for SIGTERM on
+flow, a store, an option), 1 for runs that failed, 130 for Ctrl-C (a second one exits at
+once), 141 when the reader of stdout went away (``| head``), 143 for SIGTERM on
 ``worker`` (which hands its runs back to the queue either way); ``--debug`` shows the
-traceback. docs/cli.md has every option and example outputs.
+traceback. ``inspect`` changes nothing, and ``--json`` prints strict JSON.
+docs/cli.md has every option and example outputs.
 """
 
 from __future__ import annotations
@@ -25,18 +27,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
+import os
 import runpy
 import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from types import FrameType
+from typing import Any, Final, NoReturn, TypeVar, TypeVarTuple
 
 import trio
+from outcome import Outcome
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -59,7 +66,7 @@ from cosmoflow_actors.events import (
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult, refusing_runs
 from cosmoflow_actors.node import Node, node
 from cosmoflow_actors.progress import Progress as EngineProgress
-from cosmoflow_actors.runtime.durability import RunRecord
+from cosmoflow_actors.runtime.durability import RunRecord, checked_record
 from cosmoflow_actors.runtime.engine import Engine, open_engine
 from cosmoflow_actors.runtime.queue import (
     DEFAULT_FLOW_WAIT,
@@ -73,7 +80,11 @@ from cosmoflow_actors.runtime.queue import (
 )
 from cosmoflow_actors.runtime.run import Run
 from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
-from cosmoflow_actors.tracing import describe_error, format_event
+from cosmoflow_actors.storage import file as file_storage
+from cosmoflow_actors.storage import sqlite as sqlite_storage
+from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX
+from cosmoflow_actors.storage.redis import shared_client
+from cosmoflow_actors.tracing import format_event
 from cosmoflow_actors.validation import positive_int
 
 EVENT_BUFFER: Final = 100_000
@@ -85,15 +96,33 @@ INTERRUPTED: Final = 130
 """The exit status after Ctrl-C (SIGINT): 128 + 2, as a shell reports it."""
 TERMINATED: Final = 143
 """The exit status of ``worker`` stopped by SIGTERM: 128 + 15, as a shell reports it."""
+BROKEN_PIPE: Final = 141
+"""The exit status when stdout is a pipe its reader closed (``| head``): 128 + 13
+(SIGPIPE), as a shell reports a command that SIGPIPE killed."""
+STORE_CHECK_TIMEOUT: Final = 5.0
+"""How long ``worker`` waits for its ``--store``'s server to answer at start."""
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 class CliError(Exception):
     """A problem the person running the command can fix; printed as one line."""
 
 
+class _StdoutConsole(Console):
+    """rich's Console on stdout, where a reader that went away (``| head``) raises
+    BrokenPipeError for :func:`main` to handle, not rich's ``SystemExit(1)``."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 failed run, 2 bad input,
-    130 interrupted, 143 worker terminated). ``argv`` defaults to ``sys.argv[1:]``."""
+    130 interrupted, 141 stdout closed, 143 worker terminated). ``argv`` defaults to
+    ``sys.argv[1:]``."""
     own, file_args = _split_file_args(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(own)
@@ -105,12 +134,69 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command(args)
     except Exception as exc:
         error = _leaf(exc)
+        if isinstance(error, BrokenPipeError):
+            return _stdout_closed()
         return _report(args, error, status=2 if isinstance(error, CliError) else 1)
     except (KeyboardInterrupt, BaseExceptionGroup) as exc:
         if isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is None:
             raise
         print("cosmoflow: interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def _stdout_closed() -> int:
+    """Exit quietly when the reader of stdout went away (``cosmoflow ... | head``):
+    stdout becomes /dev/null, so that Python's flush at exit finds nothing to
+    complain about; return :data:`BROKEN_PIPE`."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return BROKEN_PIPE
+
+
+def _trio_run(function: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> T:
+    """``trio.run(function, *args)``, where a second Ctrl-C exits at once."""
+    return trio.run(_second_interrupt_exits, function, *args)
+
+
+async def _second_interrupt_exits(function: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> T:
+    """``await function(*args)``. The first Ctrl-C (SIGINT) goes to trio's handler as
+    always: the command cancels its runs and waits for them to stop, which can take as
+    long as a thread executor's call. A second one prints ``cosmoflow: interrupted`` and
+    exits at once, with status 130 (the process ends there: nothing is cleaned up)."""
+    trio_handler = signal.getsignal(signal.SIGINT)
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or not callable(trio_handler)
+        or trio_handler is signal.default_int_handler  # trio did not take SIGINT over
+    ):
+        return await function(*args)
+    interrupted = False
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupted
+        if interrupted:
+            _exit_interrupted()
+        interrupted = True
+        trio_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        return await function(*args)
+    finally:
+        signal.signal(signal.SIGINT, trio_handler)
+
+
+def _exit_interrupted() -> NoReturn:
+    """Flush what can be flushed, say ``cosmoflow: interrupted`` and end the process
+    now, with status 130 (from a signal handler: the stderr line is a raw write)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(OSError):
+        os.write(2, b"cosmoflow: interrupted\n")
+    os._exit(INTERRUPTED)
 
 
 def _split_file_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -130,7 +216,7 @@ def _file_argv(target: str | None, file_args: list[str]) -> Iterator[None]:
         yield
         return
     saved = sys.argv
-    sys.argv = [target.partition(":")[0], *file_args]
+    sys.argv = [str(_split_target(target)[0]), *file_args]
     try:
         yield
     finally:
@@ -258,16 +344,17 @@ def load_flow(target: str) -> Flow:
     Without NAME, the file must define exactly one Flow that no other Flow of the file
     contains (a nested flow, or a BatchFlow's flow, goes with its parent).
     """
-    path_text, _, name = target.partition(":")
-    path = Path(path_text)
+    path, name = _split_target(target)
     if not path.is_file():
         raise CliError(f"{path}: no such file")
     try:
         with refusing_runs():
             namespace = runpy.run_path(str(path), run_name="__cosmoflow__")
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise  # Ctrl-C while the file loads: interrupted, as anywhere else
+    except BaseException as exc:  # SystemExit too: a file that exits loads no flow
         where = _line_in(path, exc)
-        raise CliError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        raise CliError(f"{where}: {_one_error(exc)}") from exc
     flows = {key: value for key, value in namespace.items() if isinstance(value, Flow)}
     if name:
         if name not in flows:
@@ -279,6 +366,15 @@ def load_flow(target: str) -> Flow:
         found = ", ".join(outer) if outer else "none"
         raise CliError(f"{path}: expected exactly one Flow, found {found}; name one as {path}:NAME")
     return flows[outer[0]]
+
+
+def _split_target(target: str) -> tuple[Path, str]:
+    """``FILE.py[:NAME]`` as (FILE, NAME or ""): the whole of ``target`` when it names an
+    existing file (``co:lon.py``), else split at its last ``:``."""
+    path_text, separator, name = target.rpartition(":")
+    if Path(target).is_file() or not separator:
+        return Path(target), ""
+    return Path(path_text), name
 
 
 def _line_in(path: Path, error: BaseException) -> str:
@@ -337,9 +433,42 @@ async def _contents(engine: Engine, storage: Storage) -> dict[str, Any]:
     return contents
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """In what the command shows of a store: a value that could not be read."""
+
+    error: BaseException
+
+    def __repr__(self) -> str:
+        return f"<unreadable: {_one_error(self.error)}>"
+
+
 @node
 async def _read_all(ctx: ExecutionContext) -> Action:
-    return Action.complete(await ctx.store.get_many(await ctx.store.keys()))
+    """Every key and value of the store; a value that cannot be read is Unreadable."""
+    keys = await ctx.store.keys()
+    try:
+        return Action.complete(await ctx.store.get_many(keys))
+    except Exception:  # a value cannot be read: read them one by one to find which
+        return Action.complete({key: await _read_one(ctx, key) for key in keys})
+
+
+async def _read_one(ctx: ExecutionContext, key: str) -> Any:
+    try:
+        return await ctx.store.get(key)
+    except Exception as exc:
+        return Unreadable(exc)
+
+
+def _unreadable(store: str, contents: dict[str, Any]) -> str | None:
+    """The line that names the first value of ``contents`` that could not be read (and
+    says how many more there are), or None when every value was read."""
+    bad = [(key, value) for key, value in contents.items() if isinstance(value, Unreadable)]
+    if not bad:
+        return None
+    key, value = bad[0]
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return f"{store}: the value of {key!r} cannot be read{more}: {_one_error(value.error)}"
 
 
 _NOTHING: Final = Flow.builder("cosmoflow-open").add_node("open", Node()).build()
@@ -379,6 +508,7 @@ def _run_command(args: argparse.Namespace) -> int:
         raise CliError("--run-id names one run; it does not go with --runs")
     if args.resume and args.run_id is None:
         raise CliError("--resume needs --run-id")
+    _check_run_id(args.run_id)
     options = _RunOptions(
         load_flow(args.target),
         parse_store(args.store, args.codec),
@@ -388,19 +518,23 @@ def _run_command(args: argparse.Namespace) -> int:
         args.resume,
     )
     if args.runs is None:
-        outcome, store = trio.run(_run_once, options)
-        if args.json or outcome.error is None:
-            print(_render(options.flow.name, outcome, store, as_json=args.json))
-        if outcome.error is not None:
-            raise outcome.error
+        ended, store = _trio_run(_run_once, options)
+        if args.json or ended.error is None:
+            print(_render(options.flow.name, ended, store, as_json=args.json))
+        problem = _unreadable(args.store, store)
+        if problem is not None:
+            print(f"cosmoflow: warning: {problem}", file=sys.stderr)
+        if ended.error is not None:
+            raise ended.error
         return 0
-    batch = trio.run(_run_many, options, args.runs, args.concurrency or 1)
+    concurrency = min(args.concurrency or 1, args.runs)
+    batch = _trio_run(_run_many, options, args.runs, concurrency)
     _print_summary(batch, as_json=args.json)
     if batch.failed:
         assert batch.first_error is not None
         if args.debug:
             traceback.print_exception(batch.first_error)
-        error = describe_error(batch.first_error)
+        error = _describe(batch.first_error)
         message = f"{batch.failed} of {batch.runs} runs failed; first: {error}"
         print(f"cosmoflow: error: {message}", file=sys.stderr)
         return 1
@@ -477,7 +611,7 @@ def _printer() -> Callable[[Event], None]:
 def _render(flow_name: str, outcome: _Outcome, store: dict[str, Any], *, as_json: bool) -> str:
     """The outcome of one run, for people or (``as_json``) as JSON, failed or not."""
     if as_json:
-        return json.dumps(_outcome_json(flow_name, outcome, store), default=repr, indent=2)
+        return _dump_json(_outcome_json(flow_name, outcome, store))
     result = outcome.result
     assert result is not None
     lines = [
@@ -495,7 +629,7 @@ def _render(flow_name: str, outcome: _Outcome, store: dict[str, Any], *, as_json
 def _outcome_json(flow_name: str, outcome: _Outcome, store: dict[str, Any]) -> dict[str, Any]:
     """The fields of ``--json``: those of a failed run that only a result has are null."""
     result = outcome.result
-    error = None if outcome.error is None else describe_error(outcome.error)
+    error = None if outcome.error is None else _describe(outcome.error)
     return {
         "flow": flow_name,
         "run_id": outcome.run_id,
@@ -594,7 +728,7 @@ class BatchStats:
             "latency_ms": _latency(self.run_durations),
             "nodes": {row: stats.summary() for row, stats in self.nodes.items()},
             "events_dropped": self.events_dropped,
-            "first_error": None if self.first_error is None else describe_error(self.first_error),
+            "first_error": None if self.first_error is None else _describe(self.first_error),
         }
 
 
@@ -689,7 +823,7 @@ class _ProgressBar:
 def _print_summary(batch: BatchStats, *, as_json: bool) -> None:
     summary = batch.summary()
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(_dump_json(summary))
         return
     latency = summary["latency_ms"]
     rate = summary["runs_per_second"]
@@ -704,7 +838,7 @@ def _print_summary(batch: BatchStats, *, as_json: bool) -> None:
     if batch.events_dropped:
         lines.append(f"warning:      {batch.events_dropped} events dropped; the table is partial")
     print("\n".join(lines))
-    Console(highlight=False).print(_node_table(summary["nodes"]))
+    _StdoutConsole(highlight=False).print(_node_table(summary["nodes"]))
 
 
 def _node_table(nodes: dict[str, dict[str, Any]]) -> Table:
@@ -746,28 +880,62 @@ def _inspect_command(args: argparse.Namespace) -> int:
     storage = parse_store(args.store, args.codec)
     if storage is None:
         raise CliError("memory: a memory store lives only as long as its run; nothing to inspect")
-    if isinstance(storage, FileStorage | SQLiteStorage) and not storage.path.exists():
-        raise CliError(f"{args.store}: no such file")
-    contents, runs = trio.run(_read_store, storage)
+    if isinstance(storage, FileStorage | SQLiteStorage):
+        if not storage.path.exists():
+            raise CliError(f"{args.store}: no such file")
+        contents, runs = _peek(storage, args.codec)
+    else:
+        contents, runs = _trio_run(_read_store, storage)
     name = _describe_store(args.store, storage)
     if args.json:
         report = {"store": name, "keys": contents, "runs": [dataclasses.asdict(r) for r in runs]}
-        print(json.dumps(report, default=repr, indent=2))
-        return 0
-    print(f"store: {name}")
-    console = Console(highlight=False)
-    console.print(_keys_table(contents))
-    console.print(_runs_table(runs))
+        print(_dump_json(report))
+    else:
+        print(f"store: {name}")
+        console = _StdoutConsole(highlight=False)
+        console.print(_keys_table(contents))
+        console.print(_runs_table(runs))
+    problem = _unreadable(name, contents)
+    if problem is not None:
+        raise CliError(problem)
     return 0
 
 
-async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
-    """Every key and value of ``storage`` and its durable runs, read through an engine
-    (the runs of a queue's workers with their leases, where the store can tell).
+def _peek(
+    storage: FileStorage | SQLiteStorage, codec: str
+) -> tuple[dict[str, Any], list[RunRecord]]:
+    """Every key and value of a file or SQLite store and its durable runs, read without
+    an engine, a lock or a write (blocks): inspecting changes no file. A value or run
+    record that cannot be read is an Unreadable value (a record under its own key)."""
+    peek = file_storage.peek if isinstance(storage, FileStorage) else sqlite_storage.peek
+    try:
+        entries = peek(storage.path, codec=codec)
+    except StorageError as exc:
+        raise CliError(f"cannot open the store: {exc}") from exc
+    contents = {
+        key: _value(entry) for key, entry in entries.items() if not key.startswith(RESERVED_PREFIX)
+    }
+    runs = []
+    for key, entry in entries.items():
+        if key.startswith(RECORD_PREFIX):
+            try:
+                runs.append(RunRecord.of(checked_record(key, entry.unwrap())))
+            except Exception as exc:  # undecodable, or not a record the engine wrote
+                contents[key] = Unreadable(exc)
+    return contents, runs
 
-    The engine closes the store once it is read (a FileStorage folds its journal into
-    its snapshot then; the data stays the same).
-    """
+
+def _value(entry: Outcome[Any]) -> Any:
+    """The value ``entry`` holds, or Unreadable with the error it holds."""
+    try:
+        return entry.unwrap()
+    except Exception as exc:
+        return Unreadable(exc)
+
+
+async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
+    """Every key and value of ``storage`` (a Redis store) and its durable runs, read
+    through an engine (the runs of a queue's workers with their leases)."""
     async with open_engine() as engine:
         await _open_store(engine, storage)
         contents = await _contents(engine, storage)
@@ -792,7 +960,8 @@ def _keys_table(contents: dict[str, Any]) -> Table:
     table.add_column("type")
     table.add_column("value", overflow="fold")
     for key, value in contents.items():
-        table.add_row(key, type(value).__name__, _preview(value))
+        kind = "unreadable" if isinstance(value, Unreadable) else type(value).__name__
+        table.add_row(key, kind, _preview(value))
     return table
 
 
@@ -813,11 +982,17 @@ def _queue(
         raise CliError(str(exc)) from exc
 
 
+def _check_run_id(run_id: str | None) -> None:
+    if run_id is not None and not run_id:
+        raise CliError("--run-id must not be empty")
+
+
 def _submit_command(args: argparse.Namespace) -> int:
+    _check_run_id(args.run_id)
     flow = load_flow(args.target)
     queue = _queue(args.queue)
     params = _parse_params(args.param)
-    run_id = trio.run(_submit, queue, flow.name, params, args.run_id)
+    run_id = _trio_run(_submit, queue, flow.name, params, args.run_id)
     print(run_id)
     return 0
 
@@ -844,7 +1019,7 @@ def _worker_command(args: argparse.Namespace) -> int:
         stores = per_run_redis(args.store)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    trio.run(_serve, queue, flows, stores, args)
+    _trio_run(_serve, queue, flows, stores, args)
     print("cosmoflow: terminated", file=sys.stderr)
     return TERMINATED
 
@@ -858,6 +1033,7 @@ async def _serve(
     """Serve ``queue`` until SIGTERM (then return) or Ctrl-C (KeyboardInterrupt); say
     on stdout once the worker reads it. Stopped either way, the worker cancels its runs
     and hands them back to the queue: blocks a couple of seconds at most for that."""
+    await _check_store_reachable(args.store)
     with trio.open_signal_receiver(signal.SIGTERM) as terminations:
         async with open_engine() as engine, trio.open_nursery() as nursery:
             options = {"concurrency": args.concurrency, "name": args.name}
@@ -876,11 +1052,34 @@ async def _serve(
                 break
 
 
+async def _check_store_reachable(text: str) -> None:
+    """Raise CliError unless the Redis server of ``worker --store TEXT`` answers a PING
+    (within :data:`STORE_CHECK_TIMEOUT`): a worker that cannot reach its store would
+    claim runs only to hand them back. Writes nothing."""
+    url, _, prefix = text.partition("#")
+    name = repr(RedisStorage(url, namespace=prefix or "runs"))
+    try:
+        await trio.to_thread.run_sync(_ping, url, abandon_on_cancel=True)
+    except StorageError as exc:
+        raise CliError(f"cannot reach the store {name}: {exc}") from exc
+
+
+def _ping(url: str) -> None:
+    """PING the Redis server at ``url`` (blocks); StorageError when it does not answer."""
+    client = shared_client(url, STORE_CHECK_TIMEOUT, "worker --store")
+    from redis.exceptions import RedisError
+
+    try:
+        client.ping()
+    except RedisError as exc:
+        raise StorageError(str(exc)) from exc
+
+
 def _status_command(args: argparse.Namespace) -> int:
     queue = _queue(args.queue)
-    runs = trio.run(_read_status, queue)
+    runs = _trio_run(_read_status, queue)
     if args.json:
-        print(json.dumps([dataclasses.asdict(run) for run in runs], indent=2))
+        print(_dump_json([dataclasses.asdict(run) for run in runs]))
         return 0
     counts = {state: 0 for state in ("pending", "running", "orphaned", "succeeded", "failed")}
     for run in runs:
@@ -891,7 +1090,7 @@ def _status_command(args: argparse.Namespace) -> int:
     if waiting:
         names = ", ".join(sorted({name for run in waiting for name in run.passed_over}))
         print(f"{len(waiting)} wait for a worker with their flow (passed over by {names})")
-    Console(highlight=False).print(_queue_table(runs))
+    _StdoutConsole(highlight=False).print(_queue_table(runs))
     return 0
 
 
@@ -915,6 +1114,32 @@ def _queue_table(runs: list[QueuedRun]) -> Table:
     return table
 
 
+# JSON output
+
+
+def _dump_json(value: Any) -> str:
+    """``value`` as strict JSON, indented by 2 (see :func:`_jsonable`)."""
+    return json.dumps(_jsonable(value), indent=2, allow_nan=False)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with what JSON cannot hold replaced by its ``repr``: NaN and the
+    infinities, keys that are not str, and values of other types (a tuple is a list)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if value is None or isinstance(value, str | int | float):
+        return value
+    if isinstance(value, dict):
+        return {_json_key(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return repr(value)
+
+
+def _json_key(key: object) -> str:
+    return key if isinstance(key, str) else repr(key)
+
+
 # Errors
 
 
@@ -928,8 +1153,32 @@ def _leaf(error: Exception) -> Exception:
 def _report(args: argparse.Namespace, error: Exception, *, status: int) -> int:
     if args.debug:
         traceback.print_exception(error)
-    text = str(error)
+    text = _text(error)
     if error.__cause__ is not None and not isinstance(error, CliError):
-        text += f" (caused by {describe_error(error.__cause__)})"
+        text += f" (caused by {_describe(error.__cause__)})"
     print(f"cosmoflow: error: {text}", file=sys.stderr)
     return status
+
+
+def _text(error: BaseException) -> str:
+    """``str(error)``, or ``<unprintable>`` when its ``__str__`` raises."""
+    try:
+        return str(error)
+    except Exception:
+        return "<unprintable>"
+
+
+def _one_error(error: BaseException) -> str:
+    """``Type: message``, or ``Type`` alone for an error without a message
+    (``sys.exit()``)."""
+    text = _text(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message``, followed by its cause (and the cause's) the same way; an
+    error whose ``__str__`` raises is ``Type: <unprintable>``."""
+    text = f"{type(error).__name__}: {_text(error)}"
+    if error.__cause__ is not None:
+        text += f" (caused by {_describe(error.__cause__)})"
+    return text

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -857,3 +859,241 @@ def test_queue_commands_refuse_a_bad_queue_or_store(
     err = capsys.readouterr().err
     assert message in err
     assert err.count("\n") == 1
+
+
+# inspect changes nothing; what the command prints is what happened
+
+
+def snapshot_of(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of ``directory`` with its content and mtime."""
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in directory.iterdir()}
+
+
+async def fill_file_store(path: Path) -> None:
+    """A file store with commits in its journal (not closed: not compacted)."""
+    storage = cf.FileStorage(path)
+    await storage.set("a", 1)
+    await storage.commit()
+    await storage.set("b", [1, 2])
+    await storage.commit()
+
+
+async def fill_sqlite_store(path: Path) -> None:
+    storage = cf.SQLiteStorage(path)
+    await storage.set("a", 1)
+    await storage.set("b", [1, 2])
+    await storage.commit()
+    await storage.aclose()
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_inspect_changes_no_file_of_the_store(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "store"
+    trio.run(fill_file_store if kind == "file" else fill_sqlite_store, path)
+    if kind == "file":  # and a torn last line, as a crash during an append leaves
+        with (tmp_path / "store.journal").open("ab") as journal:
+            journal.write(b'[["set","c",')
+    before = snapshot_of(tmp_path)
+    assert main(["inspect", f"{kind}:{path}"]) == 0
+    assert table_row(capsys.readouterr().out, "b") == ["b", "list", "[1, 2]"]
+    assert main(["inspect", f"{kind}:{path}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"] == {"a": 1, "b": [1, 2]}
+    assert snapshot_of(tmp_path) == before
+
+
+def test_inspect_shows_an_empty_sqlite_file_as_an_empty_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    before = snapshot_of(tmp_path)
+    assert main(["inspect", f"sqlite:{path}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"] == {}
+    assert snapshot_of(tmp_path) == before
+
+
+def test_a_worker_refuses_a_store_it_cannot_reach(
+    redis_server: RedisServer, counter_file: Path
+) -> None:
+    """Not a worker that claims runs only to drop them: a process, in case it serves."""
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    command = [sys.executable, "-m", "cosmoflow_actors", "worker", str(counter_file)]
+    command += ["--queue", queue, "--store", "redis://127.0.0.1:1#x"]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert (process.returncode, process.stdout) == (2, "")
+    assert process.stderr.startswith("cosmoflow: error: cannot reach the store RedisStorage(")
+    assert process.stderr.count("\n") == 1
+
+
+def no_constant(name: str) -> object:
+    raise AssertionError(f"not JSON: {name}")
+
+
+ODD_VALUES = """
+import cosmoflow_actors as cf
+
+
+@cf.node
+async def odd(ctx):
+    odd = {(1, 2): "pair", 3: "three", "nan": float("nan"), "inf": float("-inf")}
+    return cf.Action.complete(odd)
+
+
+flow = cf.Flow.builder("odd").add_node("odd", odd).build()
+"""
+
+
+def test_json_output_is_strict_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flow_file = tmp_path / "odd.py"
+    flow_file.write_text(ODD_VALUES)
+    assert main(["run", str(flow_file), "--json"]) == 0
+    outcome = json.loads(capsys.readouterr().out, parse_constant=no_constant)
+    assert outcome["result"] == {"(1, 2)": "pair", "3": "three", "nan": "nan", "inf": "-inf"}
+    assert main(["run", f"{EXAMPLES / 'hello_world.py'}", "--param", "k=NaN", "--json"]) == 0
+    json.loads(capsys.readouterr().out, parse_constant=no_constant)
+
+    async def fill() -> None:
+        storage = cf.FileStorage(tmp_path / "p.json", codec="pickle")
+        await storage.set("odd", {(1, 2): float("nan")})
+        await storage.commit()
+        await storage.aclose()
+
+    trio.run(fill)
+    assert main(["inspect", f"file:{tmp_path / 'p.json'}", "--codec", "pickle", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=no_constant)
+    assert report["keys"] == {"odd": {"(1, 2)": "nan"}}
+
+
+def test_a_value_that_cannot_be_read_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.db"
+    trio.run(fill_sqlite_store, path)
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("UPDATE cosmoflow_store SET value = 'text' WHERE key = 'b'")
+    store = f"sqlite:{path}"
+    assert main(["run", str(EXAMPLES / "hello_world.py"), "--store", store, "--json"]) == 0
+    captured = capsys.readouterr()
+    unreadable = "<unreadable: StorageError: a stored value is a str, not bytes>"
+    assert json.loads(captured.out)["store"] == {
+        "a": 1,
+        "b": unreadable,
+        "greeting": "Hello, world!",
+    }
+    message = f"{store}: the value of 'b' cannot be read: StorageError: a stored value is a str"
+    assert captured.err.startswith(f"cosmoflow: warning: {message}")
+    assert main(["inspect", store]) == 2
+    captured = capsys.readouterr()
+    assert table_row(captured.out, "b")[1] == "unreadable"
+    assert captured.err.startswith(f"cosmoflow: error: {message}")
+    assert captured.err.count("\n") == 1
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("import sys\nsys.exit(3)\n", "flows.py:2: SystemExit: 3\n"),
+        ("import sys\n\nsys.exit()\n", "flows.py:3: SystemExit\n"),
+        ("raise BaseException('x')\n", "flows.py:1: BaseException: x\n"),
+        (
+            "class E(Exception):\n    def __str__(self):\n        raise RuntimeError\nraise E()\n",
+            "flows.py:4: E: <unprintable>\n",
+        ),
+    ],
+)
+def test_a_file_that_exits_or_raises_anything_at_import_is_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
+) -> None:
+    flow_file = tmp_path / "flows.py"
+    flow_file.write_text(content)
+    assert main(["run", str(flow_file)]) == 2
+    assert capsys.readouterr().err == f"cosmoflow: error: {flow_file.parent}/{message}"
+
+
+def test_a_file_name_with_a_colon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flow_file = tmp_path / "co:lon.py"
+    flow_file.write_text(
+        "import cosmoflow_actors as cf\na = cf.Flow.builder('a').add_node('x', cf.Node()).build()\n"
+    )
+    assert main(["run", str(flow_file)]) == 0
+    assert main(["graph", f"{flow_file}:a"]) == 0
+    assert main(["run", f"{flow_file}:b"]) == 2
+    assert "co:lon.py: no Flow named 'b'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--runs", "3"]])
+def test_output_to_a_closed_pipe_ends_quietly(extra: list[str]) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone, as `| head` leaves it
+    command = [sys.executable, "-m", "cosmoflow_actors", "run", str(EXAMPLES / "hello_world.py")]
+    try:
+        process = subprocess.run(
+            [*command, *extra], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    finally:
+        os.close(write_end)
+    assert (process.returncode, process.stderr) == (141, "")
+
+
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_an_empty_run_id_is_refused(
+    command: str, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = ["--queue", "redis://127.0.0.1:1/q"] if command == "submit" else []
+    assert main([command, str(counter_file), *queue, "--run-id", ""]) == 2
+    assert capsys.readouterr().err == "cosmoflow: error: --run-id must not be empty\n"
+
+
+def test_concurrency_is_at_most_the_runs(
+    counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", str(counter_file), "--runs", "2", "--concurrency", "100000"]) == 0
+    assert "runs:         2 (2 succeeded, 0 failed), 2 at a time" in capsys.readouterr().out
+
+
+STUCK = """
+import time
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+@cf.node
+async def stuck(ctx):
+    try:
+        print("waiting", flush=True)
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            print("stopping", flush=True)
+            await trio.to_thread.run_sync(time.sleep, 60)
+
+
+flow = cf.Flow.builder("stuck").add_node("stuck", stuck).build()
+"""
+"""A run that, once cancelled, waits a minute for a thread, as a thread executor can."""
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
+    flow_file = tmp_path / "stuck.py"
+    flow_file.write_text(STUCK)
+    command = [sys.executable, "-m", "cosmoflow_actors", "run", str(flow_file)]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "waiting\n"
+        process.send_signal(signal.SIGINT)
+        assert process.stdout.readline() == "stopping\n"  # the first one is under way
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert (out, err) == ("", "cosmoflow: interrupted\n")

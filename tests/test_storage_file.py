@@ -985,3 +985,27 @@ async def test_a_read_only_store_fails_the_writing_run_only(tmp_path: Path) -> N
         assert (await engine.run(flow, storage, params={"value": 3})).success
 
     assert on_disk(path) == {"kept": 1, "new": 3}
+
+
+def files_of(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of ``directory`` with its content and mtime."""
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in directory.iterdir()}
+
+
+async def test_peek_reads_the_journal_without_changing_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "peeked.json"
+    storage = FileStorage(path)
+    await storage.set("a", 1)
+    await storage.commit()
+    await storage.set("b", [1, 2])
+    await storage.commit()
+    del storage  # not closed, so not compacted: as if its process died
+    gc.collect()
+    with journal_format.journal_path(path).open("ab") as journal:
+        journal.write(b'[["set","c",')
+    stray = journal_format.temp_path(path)
+    stray.write_bytes(b"left by a crash")
+    before = files_of(tmp_path)
+    entries = file_backend.peek(path)
+    assert {key: entry.unwrap() for key, entry in entries.items()} == {"a": 1, "b": [1, 2]}
+    assert files_of(tmp_path) == before

@@ -18,7 +18,7 @@ import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.durability import record_key
-from cosmoflow_actors.storage.sqlite import UPSERT_ROWS, SQLiteStorage
+from cosmoflow_actors.storage.sqlite import UPSERT_ROWS, SQLiteStorage, peek
 from tests.storage_suite import file_size_limit, holder
 from tests.support import single
 
@@ -374,3 +374,32 @@ async def test_an_exclusive_lock_elsewhere_fails_open_saying_the_file_is_locked(
     assert waited < BOUND
     assert await storage.get("other") == 1
     await storage.aclose()
+
+
+def files_of(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of ``directory`` with its content and mtime."""
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in directory.iterdir()}
+
+
+async def test_peek_reads_without_creating_or_changing_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "peeked.db"
+    path.touch()
+    assert peek(path) == {}
+    storage = await stored(path, a=1)
+    await storage.set("b", b"x")
+    await storage.commit()
+    with database(path) as connection:
+        connection.execute("UPDATE cosmoflow_store SET value = 'text' WHERE key = 'b'")
+    before = files_of(tmp_path)
+    # The writer is open: its commits are in the -wal file, and the -shm index (shared
+    # memory, not data) gets the marks of every reader.
+    before.pop(f"{path.name}-shm")
+    entries = peek(path)
+    assert entries["a"].unwrap() == 1
+    with pytest.raises(cf.StorageError, match="a stored value is a str, not bytes"):
+        entries["b"].unwrap()
+    assert {name: file for name, file in files_of(tmp_path).items() if name in before} == before
+    await storage.aclose()
+    path.write_bytes(b"garbage garbage garbage")
+    with pytest.raises(cf.StorageError, match="file is not a database"):
+        peek(path)

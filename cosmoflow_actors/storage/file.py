@@ -375,3 +375,17 @@ async def _in_thread(function: Callable[[*Ts], T], *args: *Ts) -> T:
 def _keep_waiting(raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
     """Refuse to abandon the thread's call: a cancellation arrives once it returns."""
     return trio.lowlevel.Abort.FAILED
+
+
+def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outcome.Outcome[Any]]:
+    """Every committed key of the store at ``path`` (the engine's reserved keys too),
+    each with its decoded value or the error decoding it raised (blocks).
+
+    Reads the snapshot and replays the journal as :meth:`FileStorage.open` does, but
+    takes no lock and changes no file: it removes no temporary file and compacts
+    nothing. Raises :class:`~cosmoflow_actors.StorageError` naming the file when a file
+    cannot be read, is not in this backend's format or was written with another codec.
+    """
+    reader = get_codec(codec)
+    loaded = journal.read(Path(path).absolute(), reader)
+    return {key: outcome.capture(reader.decode_json, raw) for key, raw in loaded.entries.items()}

@@ -154,15 +154,27 @@ def apply_ops(entries: dict[str, msgspec.Raw], ops: list[Op[msgspec.Raw]]) -> No
 
 
 def load(path: Path, codec: Codec) -> Loaded:
-    """Remove stray temporary files, read the snapshot, replay the journal (blocks).
+    """Remove stray temporary files, then :func:`read` the store (blocks).
 
     Raises StorageError naming the file when a file cannot be read or is not what this
-    format writes; no file is changed.
+    format writes; no file is changed but the temporary ones.
+    """
+    try:
+        remove_stray_temps(path)
+        remove_stray_temps(journal_path(path))
+    except OSError as exc:
+        raise StorageError(f"cannot read {exc.filename or path}: {exc}") from exc
+    return read(path, codec)
+
+
+def read(path: Path, codec: Codec) -> Loaded:
+    """Read the snapshot and replay the journal, changing no file (blocks).
+
+    Raises StorageError naming the file when a file cannot be read or is not what this
+    format writes.
     """
     journal = journal_path(path)
     try:
-        remove_stray_temps(path)
-        remove_stray_temps(journal)
         snapshot = _read(path)
         journal_content, journal_seen = _read_journal(journal)
     except OSError as exc:

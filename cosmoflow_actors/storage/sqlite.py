@@ -11,6 +11,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final, TypeVar, final
 
+import outcome
 import trio
 
 from cosmoflow_actors.errors import StorageError
@@ -19,6 +20,7 @@ from cosmoflow_actors.storage.codec import (
     Codec,
     check_codec,
     check_json_key,
+    get_codec,
     utf8_key,
 )
 from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
@@ -557,3 +559,49 @@ def _upsert_all(connection: sqlite3.Connection, parameters: list[str | bytes]) -
 def _roll_back(connection: sqlite3.Connection) -> None:
     if connection.in_transaction:
         connection.execute("ROLLBACK")
+
+
+def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outcome.Outcome[Any]]:
+    """Every key of the database at ``path`` (the engine's reserved keys too), each with
+    its decoded value or the error decoding it raised (blocks).
+
+    Opens the database read-only (see :func:`_read_only_uri`): it creates no file and
+    no table and changes none (while another connection has the database open, the
+    ``-shm`` index, shared memory rather than data, gets this reader's marks). A
+    database without tables (an empty file) holds no key. Raises
+    :class:`~cosmoflow_actors.StorageError` naming the file when it cannot be read, is
+    not an SQLite database, holds tables this backend did not create or was written
+    with another codec.
+    """
+    absolute = Path(path).absolute()
+    reader = get_codec(codec)
+    try:
+        connection = sqlite3.connect(_read_only_uri(absolute), uri=True)
+        try:
+            rows = _read_rows(connection, absolute, reader)
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"{absolute}: {exc}") from exc
+    return {key: outcome.capture(_decoded, reader, value) for key, value in rows}
+
+
+def _read_only_uri(path: Path) -> str:
+    """The URI that opens ``path`` read-only without creating its ``-wal`` and ``-shm``
+    files: ``immutable`` while they are missing (every commit is in the database file
+    then), ``mode=ro`` to read a writer's WAL too (the files exist then)."""
+    wal = path.with_name(f"{path.name}-wal")
+    return f"{path.as_uri()}?{'mode=ro' if wal.exists() else 'immutable=1'}"
+
+
+def _read_rows(connection: sqlite3.Connection, path: Path, codec: Codec) -> list[Any]:
+    """Every (key, value) row in insertion order, once the schema is checked (blocks)."""
+    tables = _tables(connection)
+    if not tables:
+        return []
+    _check_store(connection, path, codec, tables)
+    return _fetch_all(connection, f"SELECT key, value FROM {STORE_TABLE} ORDER BY rowid")
+
+
+def _decoded(codec: Codec, value: object) -> Any:
+    return codec.decode(_as_bytes(value))
