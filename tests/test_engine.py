@@ -434,6 +434,40 @@ async def test_runs_started_inside_steps_need_no_admission(
     assert (stats.runs_succeeded, stats.runs_in_flight) == (4 * 5, 0)
 
 
+async def test_a_caller_cancelled_as_it_is_handed_a_slot_starts_no_run() -> None:
+    """A waiting caller gets the slot of a run that ends, and is cancelled before it
+    runs again: its run must not start."""
+    ran: list[str] = []
+    gate = trio.Event()
+
+    @cf.node
+    async def record(ctx: cf.ExecutionContext) -> None:
+        ran.append(ctx.params["who"])
+        if ctx.params["who"] == "a":
+            await gate.wait()
+
+    flow = single(record, "handed")
+    waiting = trio.CancelScope()
+
+    async with cf.open_engine(max_runs=1) as engine, trio.open_nursery() as nursery:
+
+        async def first() -> None:
+            await engine.run(flow, params={"who": "a"})
+            waiting.cancel()  # the slot is the waiter's now; it has not run since
+
+        async def second() -> None:
+            with waiting:
+                await engine.run(flow, params={"who": "b"})
+
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert ran == ["a"]
+    assert (engine.statistics().runs_in_flight, engine.statistics().runs_succeeded) == (0, 1)
+
+
 async def test_open_engine_rejects_a_bad_max_runs() -> None:
     with pytest.raises(ValueError, match="max_runs must be an int >= 1, got 0"):
         async with cf.open_engine(max_runs=0):

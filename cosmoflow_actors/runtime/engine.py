@@ -298,6 +298,9 @@ class Engine:
         else:
             await trio.lowlevel.checkpoint()
         try:
+            # A slot handed over by a run that ended comes without a cancellation
+            # check: a caller cancelled meanwhile must not start its run.
+            await trio.lowlevel.checkpoint_if_cancelled()
             storage = as_storage(store)
             if durable is None:
                 durable = run_id is not None and storage.persistent
