@@ -97,3 +97,19 @@ async def test_a_storage_that_cannot_open_fails_start_run_only(tmp_path: Path) -
             await engine.run(single(Recorder()), cf.FileStorage(path))
         assert (await engine.run(single(Recorder()), {})).success
     assert path.read_bytes() == b"{not json"
+
+
+async def test_an_instance_another_engine_serves_is_refused_until_that_one_lets_go(
+    tmp_path: Path,
+) -> None:
+    """Two actors on one instance would interleave its staged writes: a second engine
+    gets a clear error, and the instance once the first engine is done with it."""
+    gate = Gate()
+    storage = cf.FileStorage(tmp_path / "s.json")
+    async with cf.open_engine() as second:
+        async with cf.open_engine() as first:
+            await first.start_run(single(gate), storage)
+            with pytest.raises(cf.StorageError, match="in use by another engine"):
+                await second.run(single(Recorder()), storage)
+            gate.open.set()
+        assert (await second.run(single(Recorder()), storage)).success

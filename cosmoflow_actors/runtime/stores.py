@@ -6,7 +6,8 @@ of its own, started (and its backend opened) on first use and retired when its l
 user is done. A later user of a retiring backend waits
 for the old actor to exit, so two actors never serve one backend at once; so does the
 first user of another instance over the same file (``storage.path``), whose opening
-must see the old actor's last commit.
+must see the old actor's last commit. An instance with an actor of its own serves one
+engine at a time: another engine's start on it is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from cosmoflow_actors.storage.memory import MemoryStorage
 
 Supervise = Callable[..., Awaitable[None]]
 """The engine's supervisor: ``await supervise(actor, task_status=...)``."""
+
+_SERVED_BY: dict[int, StoreRegistry] = {}
+"""The registry (engine) whose actor serves each storage instance with an actor of its
+own, by ``id``: the actor holds the instance until its entry goes, so the id stays its."""
 
 
 def as_storage(store: Storage | dict[str, Any] | None) -> Storage:
@@ -118,9 +123,16 @@ class StoreRegistry:
         return None
 
     def _new(self, key: object, storage: Storage) -> StoreActor:
+        """A new actor for ``storage``. Raises StorageError when another engine's actor
+        serves the instance: two actors would interleave its staged writes."""
         if storage.shared_actor:
             actor = StoreActor("store:memory", self._mailbox_size)
         else:
+            if _SERVED_BY.setdefault(id(storage), self) is not self:
+                raise StorageError(
+                    f"{_describe(storage)} is in use by another engine; give each engine "
+                    "its own instance (an instance serves one engine at a time)"
+                )
             actor = StoreActor(f"store:{_describe(storage)}", self._mailbox_size, storage)
         self._actors[key] = actor
         return actor
@@ -137,6 +149,8 @@ class StoreRegistry:
         finally:
             if self._actors.get(key) is actor:
                 del self._actors[key]
+            if key is not MemoryStorage:
+                del _SERVED_BY[id(key)]
 
 
 def _key(storage: Storage) -> object:
