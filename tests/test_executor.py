@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +13,6 @@ import trio
 import trio_parallel
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.executor import WorkerTransferError
 from tests.support import single, started_nowait_once_set_up
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,132 +147,6 @@ async def test_a_worker_killed_mid_exec_is_a_failed_attempt_and_the_engine_survi
             await engine.run(single(SuicidalOnce(max_retries=1)))
         assert isinstance(info.value.__cause__, trio_parallel.BrokenWorkerError)
         assert (await engine.run(single(Square()), params={"n": 3})).result[0] == 9
-
-
-class SpinsForever(cf.Node):
-    """exec, in a worker process, writes its pid to the file named by the ``pid_file``
-    param (whole, by a rename), then spins forever."""
-
-    executor = "process"
-
-    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> str:
-        return str(ctx.params["pid_file"])
-
-    def exec(self, pid_file: str, ctx: cf.ExecutionContext) -> None:
-        Path(f"{pid_file}.tmp").write_text(str(os.getpid()))
-        os.replace(f"{pid_file}.tmp", pid_file)
-        while True:
-            pass
-
-
-def run_spinning_engine(pid_file: str) -> None:
-    """The engine process that test_a_worker_process_ends_when_its_engine_is_killed
-    kills: it runs SpinsForever, which never ends."""
-    single(SpinsForever()).run_sync(params={"pid_file": pid_file})
-
-
-def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    """Poll ``condition`` (the state of another process) until it holds; fail the test,
-    naming ``what``, after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up after {seconds}s waiting for {what}"
-        time.sleep(0.005)
-
-
-def running(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie (read from /proc)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def pid_written(pid_file: Path, engine: subprocess.Popen[bytes]) -> bool:
-    """Whether the worker wrote its pid; fails the test if the engine ended first."""
-    assert engine.poll() is None, f"the engine process exited with {engine.returncode}"
-    return pid_file.exists()
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_a_worker_process_ends_when_its_engine_is_killed(tmp_path: Path) -> None:
-    pid_file = tmp_path / "worker.pid"
-    code = f"import tests.test_executor as t; t.run_spinning_engine({str(pid_file)!r})"
-    engine = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-    worker = 0
-    try:
-        wait_for(lambda: pid_written(pid_file, engine), 60, "the exec to write its pid")
-        worker = int(pid_file.read_text())
-        assert running(worker)
-        os.kill(engine.pid, signal.SIGKILL)
-        engine.wait()
-        wait_for(lambda: not running(worker), 10, f"orphaned worker {worker} to end")
-    finally:
-        engine.kill()
-        engine.wait()
-        if worker and running(worker):
-            os.kill(worker, signal.SIGKILL)
-
-
-class HoldsALock(Exception):
-    """An error that cannot be pickled."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.lock = threading.Lock()
-
-
-class TakesTwo(Exception):
-    """An error that pickles but cannot be unpickled: Exception gets one of its two
-    values."""
-
-    def __init__(self, first: str, second: str) -> None:
-        super().__init__(first)
-
-
-class Untransferable(cf.Node):
-    """Something that cannot cross to or from a worker process: the ``kind`` param."""
-
-    executor = "process"
-
-    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
-        kind = ctx.params["kind"]
-        return threading.Lock() if kind == "prep result" else kind
-
-    def exec(self, kind: Any, ctx: cf.ExecutionContext) -> Any:
-        if kind == "unpicklable error":
-            raise HoldsALock("the lock is mine")
-        if kind == "error that cannot be unpickled":
-            raise TakesTwo("one", "two")
-        return threading.Lock()
-
-
-@pytest.mark.parametrize(
-    ("kind", "message"),
-    [
-        ("prep result", "cannot send the prep result (_thread.lock) to a worker process: "),
-        (
-            "unpicklable error",
-            "exec raised tests.test_executor.HoldsALock: the lock is mine, which cannot be "
-            "sent back from the worker process: TypeError: cannot pickle '_thread.lock'",
-        ),
-        (
-            "error that cannot be unpickled",
-            "exec raised tests.test_executor.TakesTwo: one, which cannot be sent back from "
-            "the worker process: TypeError: ",
-        ),
-        ("result", "exec returned a _thread.lock, which cannot be sent back from the worker"),
-    ],
-)
-async def test_what_cannot_cross_to_or_from_a_worker_is_named(kind: str, message: str) -> None:
-    with pytest.raises(cf.NodeError) as info:
-        await single(Untransferable()).run(params={"kind": kind})
-    cause = info.value.__cause__
-    assert isinstance(cause, WorkerTransferError)
-    assert message in str(cause)
-    if "exec raised" in message:
-        assert "in exec" in cause.__notes__[0]
 
 
 def test_build_refuses_an_async_exec_on_a_thread() -> None:

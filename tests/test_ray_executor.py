@@ -28,6 +28,12 @@ from cosmoflow_actors.runtime.ray_executor import LOCAL_RAY_ENV
 from tests.storage_suite import free_port
 from tests.support import received_until, single, started_nowait_once_set_up
 from tests.test_executor import Square
+from tests.test_worker import (
+    TRANSFER_CASES,
+    check_a_node_changed_after_build_is_named,
+    check_a_workers_keyboard_interrupt_fails_its_run_alone,
+    check_what_cannot_cross_is_named,
+)
 
 ROOT = Path(__file__).parent.parent
 
@@ -270,6 +276,26 @@ def test_build_refuses_a_ray_node_that_cannot_be_pickled(ray_cluster: None) -> N
         cf.Flow.builder("f").add_node("sq", node).build()
 
 
+@pytest.mark.ray
+@pytest.mark.parametrize(("kind", "message"), TRANSFER_CASES)
+async def test_what_cannot_cross_to_or_from_a_ray_task_is_named(
+    ray_cluster: None, kind: str, message: str
+) -> None:
+    await check_what_cannot_cross_is_named("ray", kind, message)
+
+
+@pytest.mark.ray
+async def test_a_ray_node_that_cannot_be_pickled_after_build_fails_its_run(
+    ray_cluster: None,
+) -> None:
+    await check_a_node_changed_after_build_is_named("ray")
+
+
+@pytest.mark.ray
+async def test_a_keyboard_interrupt_in_a_ray_task_fails_its_run_alone(ray_cluster: None) -> None:
+    await check_a_workers_keyboard_interrupt_fails_its_run_alone("ray")
+
+
 _OWN_RAY_SCRIPT = """
 import os, trio, ray
 import cosmoflow_actors as cf
@@ -404,3 +430,107 @@ async def test_an_engine_runs_ray_nodes_on_a_cluster_started_apart() -> None:
             )
             assert head.returncode is None
     assert done.stdout.decode().split() == ["49", "True", address, "False"]
+
+
+TRIO_IDLE_THREAD_SECONDS = 10.0
+"""How long trio keeps an idle worker thread before it exits (trio's thread cache
+``IDLE_TIMEOUT``, not configurable)."""
+
+_IDLE_SCRIPT = f"""
+import trio, ray
+import cosmoflow_actors as cf
+from tests.support import single
+from tests.test_executor import Square
+
+async def main():
+    flow = single(Square(executor="ray"))
+    async with cf.open_engine() as engine:
+        print((await engine.run(flow, params={{"n": 2}})).result[0], flush=True)
+        await trio.sleep({TRIO_IDLE_THREAD_SECONDS + 2})
+        with trio.fail_after(30):
+            print((await engine.run(flow, params={{"n": 3}})).result[0], flush=True)
+    print(ray.is_initialized())
+
+trio.run(main)
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_local_ray_started_by_an_engine_outlives_trios_idle_worker_threads() -> None:
+    """Ray ties the daemons of a local Ray to the thread that started it: the engine's
+    Ray must not die when trio lets the worker thread that connected go (after 10 s
+    idle). A real wait of 12 s, for trio to end its idle threads."""
+    pytest.importorskip("ray")
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", _IDLE_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=2 * GUARD,
+        check=False,
+    )
+    assert done.stdout.split() == ["4", "9", "False"], done.stderr[-3000:]
+
+
+_CONNECT_SCRIPT = """
+import socket, sys, time, trio
+import cosmoflow_actors as cf
+from cosmoflow_actors.runtime import ray_executor
+from tests.support import single
+from tests.test_executor import Square
+
+async def main(address, deadline):
+    start = time.monotonic()
+    try:
+        with trio.fail_after(deadline):
+            async with cf.open_engine(ray_address=address) as engine:
+                await engine.run(single(Square(executor="ray")), params={"n": 2})
+    except* (ConnectionError, trio.TooSlowError) as group:
+        error = group.exceptions[0]
+        print(f"{type(error).__name__}: {error}")
+    print(f"{time.monotonic() - start:.1f}")
+    print(ray_executor._holders, ray_executor._keeper)
+
+listener = socket.create_server(("127.0.0.1", 0))  # accepts TCP, never answers
+address = sys.argv[1] or "127.0.0.1:%d" % listener.getsockname()[1]
+trio.run(main, address, float(sys.argv[2]))
+"""
+
+
+def connect_in_a_process(address: str, deadline: float) -> list[str]:
+    """Run an engine in a new process whose ray flow connects to ``address`` ("": a port
+    that accepts TCP connections and never answers) within ``deadline`` seconds; return
+    the lines it printed: the error, the seconds it took, the holders and keeper left."""
+    pytest.importorskip("ray")
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CONNECT_SCRIPT, address, str(deadline)],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=GUARD,
+        check=True,
+    )
+    return done.stdout.splitlines()
+
+
+@pytest.mark.ray
+def test_an_unreachable_ray_address_fails_the_run_at_once_naming_it() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    error, seconds, left = connect_in_a_process(address, GUARD)
+    assert error.startswith(f"ConnectionError: cannot reach the Ray cluster at {address}: ")
+    assert error.endswith("Connection refused")
+    assert float(seconds) < 5.0
+    assert left == "0 None"
+
+
+@pytest.mark.ray
+def test_connecting_to_ray_gives_way_to_a_deadline_and_holds_nothing() -> None:
+    """The port takes the TCP connection, so ray.init tries for a minute: the deadline
+    abandons it, and the engine's hold on the connection is let go."""
+    error, seconds, left = connect_in_a_process("", 2.0)
+    assert error == "TooSlowError: "
+    assert float(seconds) < 5.0
+    assert left == "0 None"

@@ -534,21 +534,23 @@ class Engine:
             await trio.sleep_forever()
 
     async def _connect_ray(self) -> None:
-        """Connect to Ray for "ray" nodes, once, in a thread (starting a Ray may take
-        seconds); :meth:`_disconnect_ray` lets go of it when the engine has closed."""
+        """Connect to Ray for "ray" nodes, once; :meth:`_disconnect_ray` lets go of it
+        when the engine has closed. Blocks while Ray starts or is joined (seconds), or
+        until an unreachable ``host:port`` is given up on (ConnectionError naming it);
+        cancellable."""
         async with self._ray_connecting:
             if not self._ray_connected:
-                await trio.to_thread.run_sync(ray_executor.connect, self._ray_address)
+                await ray_executor.connect(self._ray_address)
                 self._ray_connected = True
 
     async def _disconnect_ray(self) -> None:
-        """Let go of the Ray connection, if any, once no node actor runs: a Ray the
-        engine started is shut down (in a thread, shielded, for at most
-        ``RAY_SHUTDOWN_TIMEOUT`` seconds)."""
+        """Let go of the Ray connection, if any, once no node actor runs. Blocks while a
+        Ray the engine started or joined shuts down (shielded, for at most
+        ``RAY_SHUTDOWN_TIMEOUT`` seconds; the keeper's thread finishes it after that)."""
         if self._ray_connected:
             self._ray_connected = False
             with trio.move_on_after(RAY_SHUTDOWN_TIMEOUT, shield=True):
-                await trio.to_thread.run_sync(ray_executor.disconnect, abandon_on_cancel=True)
+                await ray_executor.disconnect()
 
     async def _supervise(
         self,

@@ -1,0 +1,212 @@
+"""What crosses between the engine and a worker process: the errors for what cannot,
+a worker's KeyboardInterrupt, and a worker that outlives its engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.worker import WorkerInterruptedError, WorkerTransferError
+from tests.support import Gate, single
+from tests.test_executor import Square
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SpinsForever(cf.Node):
+    """exec, in a worker process, writes its pid to the file named by the ``pid_file``
+    param (whole, by a rename), then spins forever."""
+
+    executor = "process"
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> str:
+        return str(ctx.params["pid_file"])
+
+    def exec(self, pid_file: str, ctx: cf.ExecutionContext) -> None:
+        Path(f"{pid_file}.tmp").write_text(str(os.getpid()))
+        os.replace(f"{pid_file}.tmp", pid_file)
+        while True:
+            pass
+
+
+def run_spinning_engine(pid_file: str) -> None:
+    """The engine process that test_a_worker_process_ends_when_its_engine_is_killed
+    kills: it runs SpinsForever, which never ends."""
+    single(SpinsForever()).run_sync(params={"pid_file": pid_file})
+
+
+def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """Poll ``condition`` (the state of another process) until it holds; fail the test,
+    naming ``what``, after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up after {seconds}s waiting for {what}"
+        time.sleep(0.005)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (read from /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def pid_written(pid_file: Path, engine: subprocess.Popen[bytes]) -> bool:
+    """Whether the worker wrote its pid; fails the test if the engine ended first."""
+    assert engine.poll() is None, f"the engine process exited with {engine.returncode}"
+    return pid_file.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_worker_process_ends_when_its_engine_is_killed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "worker.pid"
+    code = f"import tests.test_worker as t; t.run_spinning_engine({str(pid_file)!r})"
+    engine = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    worker = 0
+    try:
+        wait_for(lambda: pid_written(pid_file, engine), 60, "the exec to write its pid")
+        worker = int(pid_file.read_text())
+        assert running(worker)
+        os.kill(engine.pid, signal.SIGKILL)
+        engine.wait()
+        wait_for(lambda: not running(worker), 10, f"orphaned worker {worker} to end")
+    finally:
+        engine.kill()
+        engine.wait()
+        if worker and running(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+class HoldsALock(Exception):
+    """An error that cannot be pickled."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class TakesTwo(Exception):
+    """An error that pickles but cannot be unpickled: Exception gets one of its two
+    values."""
+
+    def __init__(self, first: str, second: str) -> None:
+        super().__init__(first)
+
+
+class Untransferable(cf.Node):
+    """Something that cannot cross to or from a worker process: the ``kind`` param."""
+
+    executor = "process"
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        kind = ctx.params["kind"]
+        return threading.Lock() if kind == "prep result" else kind
+
+    def exec(self, kind: Any, ctx: cf.ExecutionContext) -> Any:
+        if kind == "unpicklable error":
+            raise HoldsALock("the lock is mine")
+        if kind == "error that cannot be unpickled":
+            raise TakesTwo("one", "two")
+        return threading.Lock()
+
+
+TRANSFER_CASES = [
+    ("prep result", "cannot send the prep result (_thread.lock) to a worker process: "),
+    (
+        "unpicklable error",
+        "exec raised tests.test_worker.HoldsALock: the lock is mine, which cannot be "
+        "sent back from the worker process: TypeError: cannot pickle '_thread.lock'",
+    ),
+    (
+        "error that cannot be unpickled",
+        "exec raised tests.test_worker.TakesTwo: one, which cannot be sent back from "
+        "the worker process: TypeError: ",
+    ),
+    ("result", "exec returned a _thread.lock, which cannot be sent back from the worker"),
+]
+"""What :class:`Untransferable` is asked not to send (its ``kind`` param), and what the
+WorkerTransferError says."""
+
+
+async def check_what_cannot_cross_is_named(executor: str, kind: str, message: str) -> None:
+    """Run Untransferable on ``executor``: the run fails with a WorkerTransferError
+    saying ``message``."""
+    with pytest.raises(cf.NodeError) as info:
+        await single(Untransferable(executor=executor)).run(params={"kind": kind})
+    cause = info.value.__cause__
+    assert isinstance(cause, WorkerTransferError)
+    assert message in str(cause)
+    if "exec raised" in message:
+        assert "in exec" in cause.__notes__[0]
+
+
+@pytest.mark.parametrize(("kind", "message"), TRANSFER_CASES)
+async def test_what_cannot_cross_to_or_from_a_worker_is_named(kind: str, message: str) -> None:
+    await check_what_cannot_cross_is_named("process", kind, message)
+
+
+async def check_a_node_changed_after_build_is_named(executor: str) -> None:
+    """A node on ``executor`` that cannot be pickled any more after build(): its run
+    fails with a WorkerTransferError naming the node and the executor, and the engine
+    goes on."""
+    node = Square(executor=executor)
+    flow = cf.Flow.builder("f").add_node("sq", node).build()
+    node.lock = threading.Lock()  # type: ignore[attr-defined]
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(flow, params={"n": 2})
+        again = await engine.run(single(Square(executor=executor)), params={"n": 3})
+    assert info.value.node_id == "sq"
+    cause = info.value.__cause__
+    assert isinstance(cause, WorkerTransferError)
+    assert str(cause).startswith(
+        f"executor={executor!r} cannot send node 'sq' to a worker: TypeError: cannot pickle"
+    )
+    assert again.result[0] == 9
+
+
+async def test_a_process_node_that_cannot_be_pickled_after_build_fails_its_run() -> None:
+    await check_a_node_changed_after_build_is_named("process")
+
+
+class Interrupted(cf.Node):
+    """exec raises KeyboardInterrupt where it runs, as a Ctrl-C of its own would."""
+
+    executor = "process"
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        raise KeyboardInterrupt
+
+
+async def check_a_workers_keyboard_interrupt_fails_its_run_alone(executor: str) -> None:
+    """Interrupted on ``executor``: its run fails with WorkerInterruptedError (from the
+    KeyboardInterrupt); a run started before it, and one after, complete."""
+    async with cf.open_engine() as engine:
+        gate = Gate()
+        other = await engine.start_run(single(gate, "gated"))
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(Interrupted(executor=executor)))
+        gate.open.set()
+        assert (await other.wait()).success
+        again = await engine.run(single(Square(executor=executor)), params={"n": 3})
+    cause = info.value.__cause__
+    assert isinstance(cause, WorkerInterruptedError)
+    assert str(cause) == "exec was interrupted in the worker process (KeyboardInterrupt)"
+    assert isinstance(cause.__cause__, KeyboardInterrupt)
+    assert again.result[0] == 9
+
+
+async def test_a_keyboard_interrupt_in_a_worker_process_fails_its_run_alone() -> None:
+    await check_a_workers_keyboard_interrupt_fails_its_run_alone("process")
