@@ -84,7 +84,7 @@ from cosmoflow_actors.storage import file as file_storage
 from cosmoflow_actors.storage import sqlite as sqlite_storage
 from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX
 from cosmoflow_actors.storage.redis import shared_client
-from cosmoflow_actors.tracing import format_event
+from cosmoflow_actors.tracing import describe_error, format_event
 from cosmoflow_actors.validation import positive_int
 
 EVENT_BUFFER: Final = 100_000
@@ -534,7 +534,7 @@ def _run_command(args: argparse.Namespace) -> int:
         assert batch.first_error is not None
         if args.debug:
             traceback.print_exception(batch.first_error)
-        error = _describe(batch.first_error)
+        error = describe_error(batch.first_error)
         message = f"{batch.failed} of {batch.runs} runs failed; first: {error}"
         print(f"cosmoflow: error: {message}", file=sys.stderr)
         return 1
@@ -629,7 +629,7 @@ def _render(flow_name: str, outcome: _Outcome, store: dict[str, Any], *, as_json
 def _outcome_json(flow_name: str, outcome: _Outcome, store: dict[str, Any]) -> dict[str, Any]:
     """The fields of ``--json``: those of a failed run that only a result has are null."""
     result = outcome.result
-    error = None if outcome.error is None else _describe(outcome.error)
+    error = None if outcome.error is None else describe_error(outcome.error)
     return {
         "flow": flow_name,
         "run_id": outcome.run_id,
@@ -728,7 +728,7 @@ class BatchStats:
             "latency_ms": _latency(self.run_durations),
             "nodes": {row: stats.summary() for row, stats in self.nodes.items()},
             "events_dropped": self.events_dropped,
-            "first_error": None if self.first_error is None else _describe(self.first_error),
+            "first_error": None if self.first_error is None else describe_error(self.first_error),
         }
 
 
@@ -1155,7 +1155,7 @@ def _report(args: argparse.Namespace, error: Exception, *, status: int) -> int:
         traceback.print_exception(error)
     text = _text(error)
     if error.__cause__ is not None and not isinstance(error, CliError):
-        text += f" (caused by {_describe(error.__cause__)})"
+        text += f" (caused by {describe_error(error.__cause__)})"
     print(f"cosmoflow: error: {text}", file=sys.stderr)
     return status
 
@@ -1173,12 +1173,3 @@ def _one_error(error: BaseException) -> str:
     (``sys.exit()``)."""
     text = _text(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _describe(error: BaseException) -> str:
-    """``Type: message``, followed by its cause (and the cause's) the same way; an
-    error whose ``__str__`` raises is ``Type: <unprintable>``."""
-    text = f"{type(error).__name__}: {_text(error)}"
-    if error.__cause__ is not None:
-        text += f" (caused by {_describe(error.__cause__)})"
-    return text

@@ -143,11 +143,19 @@ def _ms(seconds: float) -> str:
 
 
 def describe_error(error: BaseException) -> str:
-    """``Type: message``, followed by its cause (and the cause's) the same way."""
-    text = f"{type(error).__name__}: {error}"
+    """``Type: message``, followed by its cause (and the cause's) the same way; an error
+    whose ``__str__`` raises is ``Type: <unprintable>``."""
+    text = f"{type(error).__name__}: {_printed(error)}"
     if error.__cause__ is not None:
         text += f" (caused by {describe_error(error.__cause__)})"
     return text
+
+
+def _printed(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:
+        return "<unprintable>"
 
 
 async def trace_events(

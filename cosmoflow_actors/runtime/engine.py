@@ -45,7 +45,7 @@ from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.admission import Admission
 from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun, RunRecord
 from cosmoflow_actors.runtime.messages import Step
-from cosmoflow_actors.runtime.node_actor import CARRIER, NodeActor, carry
+from cosmoflow_actors.runtime.node_actor import NodeActor, carry
 from cosmoflow_actors.runtime.queue import RunQueue, RunStores
 from cosmoflow_actors.runtime.router import Router, condition_keys
 from cosmoflow_actors.runtime.run import ActiveRun, Run, RunState
@@ -103,7 +103,9 @@ class Engine:
         self._progress = Progress()
         """The run counts (also those of :meth:`statistics`)."""
         self._on_finish = self._finished
-        """One bound method shared by every run (made once, not once per run)."""
+        self._on_end = self._ended
+        """The bound methods an admitted run and another one call when they end (made
+        once, not once per run)."""
         self._run_ids = _run_ids()
 
     async def run(
@@ -206,7 +208,7 @@ class Engine:
         except trio.WouldBlock:
             self._stores.release(actor)
             raise
-        on_finish = self._ended if admission is None else self._on_finish
+        on_finish = self._on_end if admission is None else self._on_finish
         run = self._new_run(run_id, flow, storage, actor, on_finish)
         if durable:
             self._nursery.start_soon(self._launch_later, run, first_params)
@@ -253,20 +255,32 @@ class Engine:
         return run.unwrap()
 
     def _inside_a_step(self) -> bool:
-        """Whether this task carries a step of this engine (or was started by a step's
-        code): a run it starts is part of that step's work, which already holds a
-        place among the runs in flight. Admitting it would deadlock once ``max_runs``
-        such steps wait for their runs. Never blocks."""
-        return CARRIER.get() is self._router
+        """Whether this task, or a task that started it, carries steps of this engine
+        (the router's carriers): a run it starts is part of a step's work, which
+        already holds a place among the runs in flight. Admitting it would deadlock
+        once ``max_runs`` such steps wait for their runs. Never blocks."""
+        carriers = self._router.carriers
+        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        while task is not None:
+            if task in carriers:
+                return True
+            nursery = task.parent_nursery
+            task = None if nursery is None else nursery.parent_task
+        return False
 
     async def _carry_here(self, first: Step, scope: trio.CancelScope) -> None:
-        """:func:`carry` ``first`` and its run's next steps in this task, marked (for the
-        runs its steps may start) as carrying steps of this engine."""
-        token = CARRIER.set(self._router)
+        """:func:`carry` ``first`` and its run's next steps in this task, among the
+        router's carriers meanwhile (it may be one already: a run started in a step)."""
+        task = trio.lowlevel.current_task()
+        carriers = self._router.carriers
+        if task in carriers:
+            await carry(first, scope)
+            return
+        carriers.add(task)
         try:
             await carry(first, scope)
         finally:
-            CARRIER.reset(token)
+            carriers.discard(task)
 
     async def _start(
         self,
@@ -311,7 +325,7 @@ class Engine:
             if admission is not None:
                 admission.release()
             raise
-        on_finish = self._ended if admission is None else self._on_finish
+        on_finish = self._on_end if admission is None else self._on_finish
         run = self._new_run(run_id, flow, storage, actor, on_finish)
         try:
             return run, await self._launch(run, first_params, resume=resume, durable=durable)
@@ -377,7 +391,7 @@ class Engine:
         return None
 
     def _first_step(self, run: ActiveRun, params: dict[str, Any]) -> Step:
-        return self._router.first_step(run, MappingProxyType(params))
+        return self._router.first_step(run, MappingProxyType(params) if params else _NO_PARAMS)
 
     def _check_start(self, run_id: str | None) -> str:
         """The run's id (a fresh one if None); refuses a closed engine and an id in
@@ -694,6 +708,10 @@ async def _send(run: ActiveRun, step: Step) -> None:
     except BaseException:
         run.cancel()
         raise
+
+
+_NO_PARAMS: Final[Mapping[str, Any]] = MappingProxyType({})
+"""The params of a run started without any (one read-only mapping for all of them)."""
 
 
 def _checked_arguments(flow: object, params: object, run_id: object) -> dict[str, Any]:

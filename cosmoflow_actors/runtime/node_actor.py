@@ -17,7 +17,6 @@ import functools
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextvars import ContextVar
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -52,11 +51,6 @@ KEEP_IDLE: Final = 8
 RUN_FAILURES: Final = (NodeError, CosmoFlowError, StorageError, TypeError, ValueError)
 """What a step may end with that fails its run alone: the node's own errors (wrapped in
 NodeError), what its post returned, its conditions, and its store's refusals."""
-
-CARRIER: Final[ContextVar[Router | None]] = ContextVar("cosmoflow_carrier", default=None)
-"""The router of the engine whose steps the current task carries (a node actor's worker,
-or the caller of ``engine.run`` while it carries its run), else None. The tasks a
-step's code starts inherit it."""
 
 _NO_VALUES: Final[Mapping[str, Any]] = MappingProxyType({})
 
@@ -161,16 +155,21 @@ class NodeActor(Actor[Step]):
     async def _work(self, first: Step) -> None:
         """A worker: carries steps (see :func:`carry`), parked between them; exits when
         KEEP_IDLE others are parked. Its steps run in one cancel scope until the end of
-        a run cancels it during a step of that run; the next step gets a new one."""
-        CARRIER.set(self.router)
-        step: Step | None = first
-        while step is not None:
-            with trio.CancelScope() as scope:
-                while step is not None:
-                    await carry(step, scope)
+        a run cancels it during a step of that run; the next step gets a new one. It is
+        among the router's carriers while it lives."""
+        task = trio.lowlevel.current_task()
+        self.router.carriers.add(task)
+        try:
+            step: Step | None = first
+            while step is not None:
+                with trio.CancelScope() as scope:
+                    while step is not None:
+                        await carry(step, scope)
+                        step = await self._park()
+                if step is not None:
                     step = await self._park()
-            if step is not None:
-                step = await self._park()
+        finally:
+            self.router.carriers.discard(task)
 
     async def _park(self) -> Step | None:
         """Wait, parked, until :meth:`_dispatch` gives this worker a step; None, at

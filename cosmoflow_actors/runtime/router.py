@@ -51,6 +51,9 @@ class Router(Actor[Routing]):
         self._hops: dict[tuple[Flow, str, str], NodeActor] = {}
         """The plain hops of the flows learnt: (flow, node, action) → the next node's
         actor (see :meth:`_plain_hop`)."""
+        self.carriers: set[trio.lowlevel.Task] = set()
+        """The tasks carrying steps of this engine's runs now: its node actors' workers,
+        and each caller of ``engine.run`` while it carries its run."""
 
     def learn(self, flow: Flow) -> None:
         """Record the plain hops of ``flow``, whose node actors exist: each action of a
