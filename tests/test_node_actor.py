@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -711,3 +712,35 @@ async def test_a_durable_runs_last_node_is_free_when_its_wait_returns(tmp_path: 
             run = await engine.start_run(flow, storage, run_id=f"run-{index}")
             await run.wait()
             assert engine.statistics().actor("single/only").in_flight == 0
+
+
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("REQUEST", default="none")
+
+
+async def test_workers_see_the_context_the_engine_was_opened_in_not_a_senders() -> None:
+    """A worker serves many runs: it must not keep the context variables of the task
+    that sent it its first step, and sees those of the engine's opener."""
+    seen: list[tuple[str, str]] = []
+    gate = trio.Event()
+
+    @cf.node
+    async def look(ctx: cf.ExecutionContext) -> None:
+        seen.append((ctx.params["who"], REQUEST.get()))
+        if ctx.params["who"] == "a":
+            await gate.wait()
+
+    flow = single(look, "context")
+
+    async def started(engine: cf.Engine, who: str) -> cf.Run:
+        REQUEST.set(who)
+        return await engine.start_run(flow, params={"who": who})
+
+    REQUEST.set("opener")
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        first = await started(engine, "a")  # its worker starts from this task
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+        await first.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(started, engine, "b")
+    assert seen == [("a", "opener"), ("b", "opener")]

@@ -9,6 +9,7 @@ waits for the runs started in it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -102,6 +103,9 @@ class Engine:
         self._closed_event = trio.Event()
         self._progress = Progress()
         """The run counts (also those of :meth:`statistics`)."""
+        self._context = contextvars.copy_context()
+        """The context variables where the engine was opened, which its node actors'
+        workers start with."""
         self._on_finish = self._finished
         self._on_end = self._ended
         """The bound methods an admitted run and another one call when they end (made
@@ -533,6 +537,7 @@ class Engine:
                     self._workers,
                     self._run_child,
                     self._events,
+                    self._context,
                 )
                 self._node_actors[flow, node_id] = actor
                 actors.append(actor)

@@ -12,6 +12,7 @@ and no task woken.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -70,6 +71,7 @@ class NodeActor(Actor[Step]):
         workers: trio_parallel.WorkerContext | None = None,
         run_child: RunChild | None = None,
         events: EventHub | None = None,
+        context: contextvars.Context | None = None,
     ) -> None:
         super().__init__(
             f"{flow.name}/{node_id}", node.mailbox_size or mailbox_size, node.max_concurrency
@@ -94,6 +96,10 @@ class NodeActor(Actor[Step]):
         self._events = events if events is not None else EventHub()
         self._nursery: trio.Nursery | None = None
         self._parked: deque[trio.lowlevel.Task] = deque()
+        self._worker_context = context if context is not None else contextvars.copy_context()
+        """The context variables a new worker starts with (the engine's, as where it was
+        opened): a worker serves many runs, so it takes none from the task that happens
+        to send it its first step."""
 
     def statistics(self) -> ActorStatistics:
         """This actor's counters now, with its rate limit. Never blocks."""
@@ -143,7 +149,7 @@ class NodeActor(Actor[Step]):
             trio.lowlevel.reschedule(self._parked.pop(), outcome.Value(step))
             return
         assert self._nursery is not None, f"{self.name} is not running"
-        self._nursery.start_soon(self._work, step)
+        self._worker_context.copy().run(self._nursery.start_soon, self._work, step)
 
     def release(self) -> None:
         """Free the slot of a step that ended; a step waiting in the mailbox takes it
