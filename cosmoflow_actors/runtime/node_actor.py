@@ -149,7 +149,9 @@ class NodeActor(Actor[Step]):
             trio.lowlevel.reschedule(self._parked.pop(), outcome.Value(step))
             return
         assert self._nursery is not None, f"{self.name} is not running"
-        self._worker_context.copy().run(self._nursery.start_soon, self._work, step)
+        # start_soon gives the worker a copy of the context it is called in; entered
+        # only for this call, which never comes back here.
+        self._worker_context.run(self._nursery.start_soon, self._work, step)
 
     def release(self) -> None:
         """Free the slot of a step that ended; a step waiting in the mailbox takes it
