@@ -314,16 +314,24 @@ trio.run(main)
 
 @pytest.mark.ray
 def test_an_engine_starts_a_local_ray_on_first_use_and_shuts_it_down(ray_cluster: None) -> None:
+    done = in_a_process_without_ray_address(_OWN_RAY_SCRIPT)
+    assert (done.returncode, done.stdout.split()) == (0, ["49", "True", "True", "False"])
+
+
+def in_a_process_without_ray_address(
+    script: str, *args: str, timeout: float = GUARD
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` (with ``args``) in a new Python process without RAY_ADDRESS, so
+    that an engine there starts a Ray of its own or joins the address it is given."""
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "-c", _OWN_RAY_SCRIPT],
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
-        env=env,
-        timeout=GUARD,
-        check=True,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=timeout,
+        check=False,
     )
-    assert done.stdout.split() == ["49", "True", "True", "False"]
 
 
 def test_build_names_the_ray_extra_when_ray_is_missing() -> None:
@@ -462,15 +470,7 @@ def test_a_local_ray_started_by_an_engine_outlives_trios_idle_worker_threads() -
     Ray must not die when trio lets the worker thread that connected go (after 10 s
     idle). A real wait of 12 s, for trio to end its idle threads."""
     pytest.importorskip("ray")
-    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "-c", _IDLE_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=2 * GUARD,
-        check=False,
-    )
+    done = in_a_process_without_ray_address(_IDLE_SCRIPT, timeout=2 * GUARD)
     assert done.stdout.split() == ["4", "9", "False"], done.stderr[-3000:]
 
 
@@ -504,15 +504,8 @@ def connect_in_a_process(address: str, deadline: float) -> list[str]:
     that accepts TCP connections and never answers) within ``deadline`` seconds; return
     the lines it printed: the error, the seconds it took, the holders and keeper left."""
     pytest.importorskip("ray")
-    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "-c", _CONNECT_SCRIPT, address, str(deadline)],
-        capture_output=True,
-        text=True,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        timeout=GUARD,
-        check=True,
-    )
+    done = in_a_process_without_ray_address(_CONNECT_SCRIPT, address, str(deadline))
+    assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.splitlines()
 
 
