@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.node_actor import fails_the_step
 from tests.support import Gate, Recorder, single
 
 
@@ -267,8 +268,8 @@ class Custom(BaseException):
 @pytest.mark.parametrize("phase", ["prep", "exec", "post"])
 @pytest.mark.parametrize(
     "error",
-    [SystemExit(3), Custom("mine"), trio.Cancelled._create(), GeneratorExit()],
-    ids=["SystemExit", "custom", "Cancelled", "GeneratorExit"],
+    [SystemExit(3), Custom("mine"), trio.Cancelled._create()],
+    ids=["SystemExit", "custom", "Cancelled"],
 )
 @pytest.mark.parametrize("executor", ["inline", "thread"])
 async def test_a_base_exception_a_node_raises_fails_its_run_alone_naming_the_phase(
@@ -744,3 +745,16 @@ async def test_workers_see_the_context_the_engine_was_opened_in_not_a_senders() 
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(started, engine, "b")
     assert seen == [("a", "opener"), ("b", "opener")]
+
+
+async def test_what_fails_a_step_and_what_goes_on_up() -> None:
+    """A coroutine being closed (GeneratorExit) and the operator's Ctrl-C go on up; so
+    does anything while the step is being cancelled."""
+    assert fails_the_step(ValueError()) and fails_the_step(SystemExit(1))
+    assert not fails_the_step(GeneratorExit())
+    assert not fails_the_step(BaseExceptionGroup("g", [KeyboardInterrupt()]))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        assert not fails_the_step(SystemExit(1))
+        assert fails_the_step(ValueError())
+        await trio.lowlevel.checkpoint()

@@ -493,11 +493,12 @@ def fails_the_step(error: BaseException) -> bool:
     """Whether ``error``, which left a node's code, is the node's failure (its step
     fails, and its run alone): every Exception, and any other BaseException the code
     raised itself (``sys.exit()``, a ``trio.Cancelled`` of its own making), except
-    KeyboardInterrupt (the operator's; also inside a group), and except while the step
-    is being cancelled (the run or the engine ending), when it goes on up."""
+    KeyboardInterrupt (the operator's; also inside a group), GeneratorExit (Python
+    closing the step's coroutine), and except while the step is being cancelled (the
+    run or the engine ending): those go on up."""
     if isinstance(error, Exception):
         return True
-    if isinstance(error, KeyboardInterrupt):
+    if isinstance(error, KeyboardInterrupt | GeneratorExit):
         return False
     if isinstance(error, BaseExceptionGroup) and error.subgroup(KeyboardInterrupt):
         return False
