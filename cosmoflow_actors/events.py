@@ -244,10 +244,11 @@ class EventHub:
         if spans is None:
             return _NO_SPAN
         try:
-            return spans.step_span(step)
+            span = spans.step_span(step)
         except Exception:
             self._listener_failed(spans.handle, f"making the span of step {step.execution_id}")
             return _NO_SPAN
+        return _GuardedSpan(self, spans.handle, span)
 
     def _listener_failed(self, listener: Callable[[Event], None], doing: str) -> None:
         """Remove ``listener``, which raised the exception being handled while
@@ -277,6 +278,47 @@ class EventHub:
     def _remove(self, stream: EventStream) -> None:
         self._streams.remove(stream)
         self._unlisten(stream.offer)
+
+
+@final
+class _GuardedSpan:
+    """A tracer's span of one step, whose entering and leaving never fail the step: a
+    tracer that raises there is removed (see :meth:`EventHub.trace`) and the step goes
+    on outside its span. Never suppresses the step's own exception."""
+
+    __slots__ = ("_handle", "_hub", "_span")
+
+    def __init__(
+        self,
+        hub: EventHub,
+        handle: Callable[[Event], None],
+        span: AbstractContextManager[object],
+    ) -> None:
+        self._hub = hub
+        self._handle = handle
+        self._span: AbstractContextManager[object] | None = span
+
+    def __enter__(self) -> None:
+        assert self._span is not None
+        try:
+            self._span.__enter__()
+        except Exception:
+            self._span = None
+            self._hub._listener_failed(self._handle, "entering a step's span")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._span is None:
+            return
+        try:
+            self._span.__exit__(exc_type, exc, traceback)
+        except Exception as error:
+            if error is not exc:
+                self._hub._listener_failed(self._handle, "leaving a step's span")
 
 
 @final

@@ -4,6 +4,7 @@ lossless ones that slow it down instead, and listeners called as events happen."
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -352,3 +353,19 @@ async def test_a_tracer_whose_step_span_raises_is_removed_and_every_run_goes_on(
     [record] = caplog.records
     assert "making the span of step" in record.getMessage()
     assert record.exc_info is not None and str(record.exc_info[1]) == "no span"
+
+
+class BrokenEntry(Traced):
+    @contextlib.contextmanager
+    def step_span(self, step: cf.ExecutionContext) -> Iterator[None]:
+        raise RuntimeError("cannot enter")
+        yield
+
+
+async def test_a_tracer_whose_span_cannot_be_entered_is_removed_and_every_run_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stores = await traced_runs(BrokenEntry())
+    assert [store["seen"] for store in stores] == [["a", "b"]] * 3
+    [record] = caplog.records
+    assert "entering a step's span" in record.getMessage()

@@ -748,13 +748,36 @@ async def test_workers_see_the_context_the_engine_was_opened_in_not_a_senders() 
 
 
 async def test_what_fails_a_step_and_what_goes_on_up() -> None:
-    """A coroutine being closed (GeneratorExit) and the operator's Ctrl-C go on up; so
-    does anything while the step is being cancelled."""
+    """A coroutine being closed (GeneratorExit), the operator's Ctrl-C and the
+    cancellation of a step being cancelled go on up; anything else fails the step."""
     assert fails_the_step(ValueError()) and fails_the_step(SystemExit(1))
+    assert fails_the_step(trio.Cancelled._create())
     assert not fails_the_step(GeneratorExit())
     assert not fails_the_step(BaseExceptionGroup("g", [KeyboardInterrupt()]))
     with trio.CancelScope() as scope:
         scope.cancel()
-        assert not fails_the_step(SystemExit(1))
+        assert not fails_the_step(trio.Cancelled._create())
+        assert not fails_the_step(BaseExceptionGroup("g", [trio.Cancelled._create()]))
+        assert fails_the_step(SystemExit(1))
         assert fails_the_step(ValueError())
         await trio.lowlevel.checkpoint()
+
+
+async def test_a_node_exiting_while_its_run_is_cancelled_fails_only_that_run() -> None:
+    class GivesUp(cf.Node):
+        async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                raise SystemExit("cleanup gave up")
+
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(single(gate, "other"))
+        victim = await engine.start_run(single(GivesUp(), "victim"))
+        await trio.testing.wait_all_tasks_blocked()
+        victim.cancel()
+        gate.open.set()
+        assert (await other.wait()).success
+        assert (await engine.run(single(Recorder()))).success
+    assert victim.current_state == cf.RunState.CANCELLED

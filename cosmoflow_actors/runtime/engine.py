@@ -141,7 +141,8 @@ class Engine:
 
         ``store`` is a Storage, a dict used in place as memory storage, or None for a
         fresh MemoryStorage. A checkpoint; blocks while ``max_runs`` runs are in flight
-        (callers wait in FIFO order), while the storage opens and while the entry
+        (callers wait in FIFO order; a run started inside a step of this engine does
+        not), while the storage opens and while the entry
         node's mailbox is full. Raises StorageError when the storage cannot be opened,
         and, before it waits, TypeError for ``params`` that are not a mapping with str
         keys and ValueError for a ``run_id`` that is not a non-empty str or is in flight.
@@ -187,10 +188,11 @@ class Engine:
         """Start a run like :meth:`start_run`, without waiting. Never blocks.
 
         Raises ``trio.WouldBlock`` when it would have to wait: ``max_runs`` runs are in
-        flight, the entry node's mailbox is full, the store (other than memory) has no
-        store actor open yet, the flow has process nodes and no worker processes are
-        set up yet, or it has Ray nodes and the engine has not connected to Ray yet
-        (``start_run`` waits for all of these). A durable run (a ``run_id``
+        flight (unless it is called inside a step of this engine), the entry node's
+        mailbox is full, the store (other than memory) has no store actor open yet, the
+        flow has process nodes and no worker processes are set up yet, or it has Ray
+        nodes and the engine has not connected to Ray yet (``start_run`` waits for all
+        of these). A durable run (a ``run_id``
         on a persistent storage) reads and writes its record in a task of the engine's
         before its first step.
         """
@@ -592,10 +594,11 @@ class Engine:
             run.fail(error)
 
     def _finished(self, run: ActiveRun) -> None:
-        """Called once when an admitted ``run`` ends, whatever ended it."""
+        """Called once when an admitted ``run`` ends, whatever ended it (so the engine
+        has an admission)."""
         self._ended(run)
-        if self._admission is not None:
-            self._admission.release()
+        assert self._admission is not None
+        self._admission.release()
 
     def _ended(self, run: ActiveRun) -> None:
         """Called once when ``run`` ends, whatever ended it (directly for a run that
@@ -674,7 +677,8 @@ async def open_engine(
 
     ``mailbox_size`` bounds every mailbox (a node may set its own). ``max_runs`` bounds
     the runs in flight (default :data:`DEFAULT_MAX_RUNS`; None: no bound): a start
-    beyond it waits, in FIFO order, before its run is built. Together they carry
+    beyond it waits, in FIFO order, before its run is built; a run that a step's code
+    starts on this engine is part of that step's work and does not count. Together they carry
     backpressure from the slowest node back to whoever starts runs.
 
     ``ray_address`` is the Ray cluster of ``executor="ray"`` nodes (None: the

@@ -494,15 +494,24 @@ def fails_the_step(error: BaseException) -> bool:
     fails, and its run alone): every Exception, and any other BaseException the code
     raised itself (``sys.exit()``, a ``trio.Cancelled`` of its own making), except
     KeyboardInterrupt (the operator's; also inside a group), GeneratorExit (Python
-    closing the step's coroutine), and except while the step is being cancelled (the
-    run or the engine ending): those go on up."""
+    closing the step's coroutine), and the Cancelled of a step being cancelled (the run
+    or the engine ending; also a group of nothing else): those go on up."""
     if isinstance(error, Exception):
         return True
     if isinstance(error, KeyboardInterrupt | GeneratorExit):
         return False
     if isinstance(error, BaseExceptionGroup) and error.subgroup(KeyboardInterrupt):
         return False
-    return trio.current_effective_deadline() != -math.inf
+    if trio.current_effective_deadline() != -math.inf:
+        return True
+    return not _only_cancelled(error)
+
+
+def _only_cancelled(error: BaseException) -> bool:
+    """Whether ``error`` is a trio.Cancelled, or a group holding nothing else."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)[1] is None
+    return isinstance(error, trio.Cancelled)
 
 
 async def carry(step: Step, scope: trio.CancelScope) -> None:

@@ -652,7 +652,9 @@ class _Worker:
         self._running.add(claim.run_id)
         try:
             outcome = await self._renewed_outcome(claim)
-            await self._settle(claim, outcome)
+            # The outcome is known: a worker stopped now records it, bounded.
+            with trio.move_on_after(HAND_BACK_SECONDS, shield=True):
+                await self._settle(claim, outcome)
         except BaseException:
             await self._hand_back(claim)
             raise
