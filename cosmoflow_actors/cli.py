@@ -84,7 +84,7 @@ from cosmoflow_actors.storage import file as file_storage
 from cosmoflow_actors.storage import sqlite as sqlite_storage
 from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX
 from cosmoflow_actors.storage.redis import shared_client
-from cosmoflow_actors.tracing import describe_error, format_event
+from cosmoflow_actors.tracing import describe_error, error_text, format_event
 from cosmoflow_actors.validation import positive_int
 
 EVENT_BUFFER: Final = 100_000
@@ -1153,23 +1153,15 @@ def _leaf(error: Exception) -> Exception:
 def _report(args: argparse.Namespace, error: Exception, *, status: int) -> int:
     if args.debug:
         traceback.print_exception(error)
-    text = _text(error)
+    text = error_text(error)
     if error.__cause__ is not None and not isinstance(error, CliError):
         text += f" (caused by {describe_error(error.__cause__)})"
     print(f"cosmoflow: error: {text}", file=sys.stderr)
     return status
 
 
-def _text(error: BaseException) -> str:
-    """``str(error)``, or ``<unprintable>`` when its ``__str__`` raises."""
-    try:
-        return str(error)
-    except Exception:
-        return "<unprintable>"
-
-
 def _one_error(error: BaseException) -> str:
     """``Type: message``, or ``Type`` alone for an error without a message
     (``sys.exit()``)."""
-    text = _text(error)
+    text = error_text(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

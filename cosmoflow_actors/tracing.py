@@ -145,13 +145,14 @@ def _ms(seconds: float) -> str:
 def describe_error(error: BaseException) -> str:
     """``Type: message``, followed by its cause (and the cause's) the same way; an error
     whose ``__str__`` raises is ``Type: <unprintable>``."""
-    text = f"{type(error).__name__}: {_printed(error)}"
+    text = f"{type(error).__name__}: {error_text(error)}"
     if error.__cause__ is not None:
         text += f" (caused by {describe_error(error.__cause__)})"
     return text
 
 
-def _printed(error: BaseException) -> str:
+def error_text(error: BaseException) -> str:
+    """``str(error)``, or ``<unprintable>`` when its ``__str__`` raises."""
     try:
         return str(error)
     except Exception:
