@@ -52,7 +52,7 @@ from cosmoflow_actors import __version__
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.diagram import to_dot, to_mermaid
-from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.errors import StorageError, error_text, type_and_message
 from cosmoflow_actors.events import (
     Event,
     EventsDropped,
@@ -84,7 +84,7 @@ from cosmoflow_actors.storage import file as file_storage
 from cosmoflow_actors.storage import sqlite as sqlite_storage
 from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX
 from cosmoflow_actors.storage.redis import shared_client
-from cosmoflow_actors.tracing import describe_error, error_text, format_event
+from cosmoflow_actors.tracing import describe_error, format_event
 from cosmoflow_actors.validation import positive_int
 
 EVENT_BUFFER: Final = 100_000
@@ -354,7 +354,7 @@ def load_flow(target: str) -> Flow:
         raise  # Ctrl-C while the file loads: interrupted, as anywhere else
     except BaseException as exc:  # SystemExit too: a file that exits loads no flow
         where = _line_in(path, exc)
-        raise CliError(f"{where}: {_one_error(exc)}") from exc
+        raise CliError(f"{where}: {type_and_message(exc)}") from exc
     flows = {key: value for key, value in namespace.items() if isinstance(value, Flow)}
     if name:
         if name not in flows:
@@ -440,7 +440,7 @@ class Unreadable:
     error: BaseException
 
     def __repr__(self) -> str:
-        return f"<unreadable: {_one_error(self.error)}>"
+        return f"<unreadable: {type_and_message(self.error)}>"
 
 
 @node
@@ -468,7 +468,7 @@ def _unreadable(store: str, contents: dict[str, Any]) -> str | None:
         return None
     key, value = bad[0]
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-    return f"{store}: the value of {key!r} cannot be read{more}: {_one_error(value.error)}"
+    return f"{store}: the value of {key!r} cannot be read{more}: {type_and_message(value.error)}"
 
 
 _NOTHING: Final = Flow.builder("cosmoflow-open").add_node("open", Node()).build()
@@ -1158,10 +1158,3 @@ def _report(args: argparse.Namespace, error: Exception, *, status: int) -> int:
         text += f" (caused by {describe_error(error.__cause__)})"
     print(f"cosmoflow: error: {text}", file=sys.stderr)
     return status
-
-
-def _one_error(error: BaseException) -> str:
-    """``Type: message``, or ``Type`` alone for an error without a message
-    (``sys.exit()``)."""
-    text = error_text(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

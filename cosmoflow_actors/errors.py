@@ -1,7 +1,8 @@
 """The error hierarchy: every error the engine raises is a :class:`CosmoFlowError`.
 
 Errors keep their origin: a :class:`NodeError` names the node, the phase and the run,
-and carries the exception the node raised as ``__cause__`` (never as a string).
+and carries the exception the node raised as ``__cause__`` (never as a string). Where a
+message must quote another exception, :func:`type_and_message` writes it.
 """
 
 from __future__ import annotations
@@ -136,6 +137,21 @@ class StoreTypeError(CosmoFlowError, TypeError):
         self.expected = expected
         self.actual = actual
         super().__init__(f"key {key!r} holds a {actual}, not a {expected}")
+
+
+def error_text(error: BaseException) -> str:
+    """``str(error)``, or ``<unprintable>`` when its ``__str__`` raises."""
+    try:
+        return str(error)
+    except Exception:
+        return "<unprintable>"
+
+
+def type_and_message(error: BaseException) -> str:
+    """``Type: message`` for ``error`` alone (not its cause): ``Type`` alone when it has
+    no message (``sys.exit()``), ``Type: <unprintable>`` when its ``__str__`` raises."""
+    text = error_text(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _rebuilt(

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any, Final, TypeGuard, final
 
-from cosmoflow_actors.errors import ConditionError
+from cosmoflow_actors.errors import ConditionError, type_and_message
 
 __all__ = [
     "COMPARISON_OPERATORS",
@@ -131,7 +131,7 @@ def evaluation_error(
     names = ", ".join(map(repr, sorted(keys)))
     return ConditionError(
         f"{condition} could not be evaluated: {operation} on store {noun} {names} "
-        f"raised {type(cause).__name__}: {cause}"
+        f"raised {type_and_message(cause)}"
     )
 
 

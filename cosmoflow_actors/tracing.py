@@ -27,10 +27,11 @@ import importlib
 import time
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
+from cosmoflow_actors.errors import type_and_message
 from cosmoflow_actors.events import (
     Event,
     EventsDropped,
@@ -44,9 +45,6 @@ from cosmoflow_actors.events import (
     StepSpans,
     StepStarted,
 )
-
-if TYPE_CHECKING:
-    pass
 
 OTEL_MISSING: Final = (
     "tracing needs OpenTelemetry, which is not installed: pip install 'cosmoflow-actors[otel]'"
@@ -143,20 +141,13 @@ def _ms(seconds: float) -> str:
 
 
 def describe_error(error: BaseException) -> str:
-    """``Type: message``, followed by its cause (and the cause's) the same way; an error
-    whose ``__str__`` raises is ``Type: <unprintable>``."""
-    text = f"{type(error).__name__}: {error_text(error)}"
+    """``Type: message``, followed by its cause (and the cause's) the same way; see
+    :func:`~cosmoflow_actors.errors.type_and_message` for an error without a message or
+    whose ``__str__`` raises."""
+    text = type_and_message(error)
     if error.__cause__ is not None:
         text += f" (caused by {describe_error(error.__cause__)})"
     return text
-
-
-def error_text(error: BaseException) -> str:
-    """``str(error)``, or ``<unprintable>`` when its ``__str__`` raises."""
-    try:
-        return str(error)
-    except Exception:
-        return "<unprintable>"
 
 
 async def trace_events(

@@ -9,6 +9,7 @@ import cloudpickle
 import pytest
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.errors import type_and_message
 
 EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.CosmoFlowError: cf.CosmoFlowError("root"),
@@ -61,3 +62,21 @@ def test_messages_name_what_is_at_fault() -> None:
         "cannot store key 'k': a value of type object cannot be pickled"
     )
     assert isinstance(EXAMPLES[cf.StoreValueError], cf.StorageError | ValueError)
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (ValueError("bad data"), "ValueError: bad data"),
+        (cf.StoreKeyError("k"), "StoreKeyError: key 'k' is not in the store"),
+        (SystemExit(), "SystemExit"),
+        (Unprintable("x"), "Unprintable: <unprintable>"),
+    ],
+)
+def test_an_error_is_quoted_as_its_type_and_message(error: BaseException, line: str) -> None:
+    assert type_and_message(error) == line

@@ -289,6 +289,10 @@ def test_errors_are_described_with_their_causes() -> None:
             raise RuntimeError("outer") from exc
     except RuntimeError as exc:
         assert describe_error(exc) == "RuntimeError: outer (caused by KeyError: 'k')"
+    try:
+        raise RuntimeError("stopped") from KeyboardInterrupt()
+    except RuntimeError as exc:
+        assert describe_error(exc) == "RuntimeError: stopped (caused by KeyboardInterrupt)"
 
 
 @dataclass(frozen=True, slots=True)

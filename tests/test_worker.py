@@ -97,6 +97,13 @@ class HoldsALock(Exception):
         self.lock = threading.Lock()
 
 
+class UnprintableLock(HoldsALock):
+    """An error that cannot be pickled, and whose ``__str__`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
 class TakesTwo(Exception):
     """An error that pickles but cannot be unpickled: Exception gets one of its two
     values."""
@@ -117,6 +124,8 @@ class Untransferable(cf.Node):
     def exec(self, kind: Any, ctx: cf.ExecutionContext) -> Any:
         if kind == "unpicklable error":
             raise HoldsALock("the lock is mine")
+        if kind == "unpicklable, unprintable error":
+            raise UnprintableLock("never shown")
         if kind == "error that cannot be unpickled":
             raise TakesTwo("one", "two")
         return threading.Lock()
@@ -127,6 +136,11 @@ TRANSFER_CASES = [
     (
         "unpicklable error",
         "exec raised tests.test_worker.HoldsALock: the lock is mine, which cannot be "
+        "sent back from the worker process: TypeError: cannot pickle '_thread.lock'",
+    ),
+    (
+        "unpicklable, unprintable error",
+        "exec raised tests.test_worker.UnprintableLock: <unprintable>, which cannot be "
         "sent back from the worker process: TypeError: cannot pickle '_thread.lock'",
     ),
     (

@@ -25,6 +25,7 @@ import cloudpickle
 import outcome
 
 from cosmoflow_actors.context import ExecutionContext
+from cosmoflow_actors.errors import error_text, type_and_message
 from cosmoflow_actors.node import Node
 
 ORPHAN_EXIT_STATUS: Final = 70
@@ -55,7 +56,7 @@ def pickled_node(node: Node, node_id: str) -> bytes:
     except Exception as exc:
         raise WorkerTransferError(
             f"executor={node.executor!r} cannot send node {node_id!r} to a worker: "
-            f"{type(exc).__name__}: {exc}"
+            f"{type_and_message(exc)}"
         ) from exc
     return pickled
 
@@ -67,7 +68,7 @@ def job(prep_res: Any, ctx: ExecutionContext) -> bytes:
     except Exception as exc:
         what = "the context" if _pickles(prep_res) else f"the prep result ({_type_name(prep_res)})"
         raise WorkerTransferError(
-            f"cannot send {what} to a worker process: {type(exc).__name__}: {exc}"
+            f"cannot send {what} to a worker process: {type_and_message(exc)}"
         ) from exc
     return pickled
 
@@ -96,7 +97,7 @@ def _unpickled_answer(pickled: bytes) -> outcome.Outcome[Any]:
         result: outcome.Outcome[Any] = cloudpickle.loads(pickled)
     except Exception as exc:
         raise WorkerTransferError(
-            f"exec's result could not be unpickled in the engine: {type(exc).__name__}: {exc}"
+            f"exec's result could not be unpickled in the engine: {type_and_message(exc)}"
         ) from exc
     return result
 
@@ -148,7 +149,7 @@ def _sendable(result: outcome.Outcome[Any]) -> bytes:
 
 def _not_sent(result: outcome.Outcome[Any], error: Exception) -> WorkerTransferError:
     """The error that stands for ``result``, which pickling failed with ``error``."""
-    why = f"{type(error).__name__}: {error}"
+    why = type_and_message(error)
     if isinstance(result, outcome.Error):
         return _exception_not_sent(result.error, why)
     assert isinstance(result, outcome.Value)
@@ -161,7 +162,7 @@ def _not_sent(result: outcome.Outcome[Any], error: Exception) -> WorkerTransferE
 def _exception_not_sent(raised: BaseException, why: str) -> WorkerTransferError:
     """The error that stands for ``raised``, with its traceback in a note."""
     substitute = WorkerTransferError(
-        f"exec raised {_type_name(raised)}: {raised}, which cannot be sent back from "
+        f"exec raised {_type_name(raised)}: {error_text(raised)}, which cannot be sent back from "
         f"the worker process: {why}"
     )
     worker_traceback = "".join(traceback.format_exception(raised))
