@@ -50,6 +50,7 @@ from cosmoflow_actors.runtime.queue import (
 from cosmoflow_actors.runtime.run import Run, RunState
 from cosmoflow_actors.runtime.statistics import ActorStatistics, EngineStatistics
 from cosmoflow_actors.runtime.store_client import SharedStore
+from cosmoflow_actors.runtime.transfer import WorkerInterruptedError, WorkerTransferError
 from cosmoflow_actors.storage import (
     FileStorage,
     MemoryStorage,
@@ -114,6 +115,8 @@ __all__ = [
     "StoreKeyError",
     "StoreTypeError",
     "StoreValueError",
+    "WorkerInterruptedError",
+    "WorkerTransferError",
     "__version__",
     "format_event",
     "list_runs",

@@ -25,6 +25,8 @@ EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.StoreKeyError: cf.StoreKeyError("k"),
     cf.StoreTypeError: cf.StoreTypeError("k", "int", "str"),
     cf.StoreValueError: cf.StoreValueError("k", "a value of type object cannot be pickled"),
+    cf.WorkerTransferError: cf.WorkerTransferError("cannot send the context to a worker"),
+    cf.WorkerInterruptedError: cf.WorkerInterruptedError("exec was interrupted"),
 }
 
 

@@ -28,7 +28,7 @@ from cosmoflow_actors.runtime.ray_executor import LOCAL_RAY_ENV
 from tests.storage_suite import free_port
 from tests.support import received_until, single, started_nowait_once_set_up
 from tests.test_executor import Square
-from tests.test_worker import (
+from tests.test_transfer import (
     TRANSFER_CASES,
     check_a_node_changed_after_build_is_named,
     check_a_workers_keyboard_interrupt_fails_its_run_alone,

@@ -8,7 +8,7 @@ worker process, which is killed if the step is cancelled or times out. Both need
 ``def exec``; the context they get has no store access.
 
 What crosses to a worker process and back, and the errors for what cannot, are the
-``worker`` module's (the "ray" executor shares them).
+``transfer`` module's (the "ray" executor shares them).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.ray_executor import OnRay
 from cosmoflow_actors.runtime.store_client import detached
-from cosmoflow_actors.runtime.worker import answer, exec_in_worker, job, pickled_node
+from cosmoflow_actors.runtime.transfer import answer, exec_in_worker, job, pickled_node
 
 ExecCall = Callable[[Any, ExecutionContext], Awaitable[Any]]
 """Runs one exec attempt: ``await call(prep_res_or_item, ctx)``."""

@@ -4,8 +4,8 @@ The node is pickled once per node actor (cloudpickle), at its first attempt, and
 Ray's object store; each attempt sends the prep result and the context (its store
 detached) to a Ray task, which runs ``node.exec`` and sends back the pickled outcome.
 What cannot make the trip fails the attempt with ``WorkerTransferError``, as with the
-"process" executor (both use the ``worker`` module). The trio task waits for the result without
-a thread: a done-callback on the task's future wakes it through the trio token.
+"process" executor (both use the ``transfer`` module). The trio task waits for the result
+without a thread: a done-callback on the task's future wakes it through the trio token.
 Cancelling the attempt (run cancel, timeout) force-cancels the Ray task and does not
 wait for it.
 
@@ -36,7 +36,7 @@ import trio
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.store_client import detached
-from cosmoflow_actors.runtime.worker import answer, exec_in_worker, job, pickled_node
+from cosmoflow_actors.runtime.transfer import answer, exec_in_worker, job, pickled_node
 
 RAY_SYSTEM_RETRIES = 3
 """Times Ray resubmits a task whose worker process died (not when exec raises), unless

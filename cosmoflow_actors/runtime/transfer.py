@@ -25,7 +25,7 @@ import cloudpickle
 import outcome
 
 from cosmoflow_actors.context import ExecutionContext
-from cosmoflow_actors.errors import error_text, type_and_message
+from cosmoflow_actors.errors import CosmoFlowError, error_text, type_and_message
 from cosmoflow_actors.node import Node
 
 ORPHAN_EXIT_STATUS: Final = 70
@@ -33,7 +33,7 @@ ORPHAN_EXIT_STATUS: Final = 70
 was gone (EX_SOFTWARE)."""
 
 
-class WorkerTransferError(TypeError):
+class WorkerTransferError(CosmoFlowError, TypeError):
     """exec's input (the node, the prep result, the context) could not be sent to a
     worker process, or what exec returned or raised could not be sent back: pickling
     (or, for an exception, unpickling) failed. The message says which value it was (the
@@ -41,7 +41,7 @@ class WorkerTransferError(TypeError):
     worker's traceback in a note."""
 
 
-class WorkerInterruptedError(RuntimeError):
+class WorkerInterruptedError(CosmoFlowError, RuntimeError):
     """exec raised KeyboardInterrupt in a worker process (or Ray task): a failed attempt
     of that step alone, not the operator's Ctrl-C in the engine. The KeyboardInterrupt
     is ``__cause__``."""

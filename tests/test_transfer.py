@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.worker import WorkerInterruptedError, WorkerTransferError
 from tests.support import Gate, single
 from tests.test_executor import Square
 
@@ -72,7 +71,7 @@ def pid_written(pid_file: Path, engine: subprocess.Popen[bytes]) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_a_worker_process_ends_when_its_engine_is_killed(tmp_path: Path) -> None:
     pid_file = tmp_path / "worker.pid"
-    code = f"import tests.test_worker as t; t.run_spinning_engine({str(pid_file)!r})"
+    code = f"import tests.test_transfer as t; t.run_spinning_engine({str(pid_file)!r})"
     engine = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     worker = 0
     try:
@@ -135,17 +134,17 @@ TRANSFER_CASES = [
     ("prep result", "cannot send the prep result (_thread.lock) to a worker process: "),
     (
         "unpicklable error",
-        "exec raised tests.test_worker.HoldsALock: the lock is mine, which cannot be "
+        "exec raised tests.test_transfer.HoldsALock: the lock is mine, which cannot be "
         "sent back from the worker process: TypeError: cannot pickle '_thread.lock'",
     ),
     (
         "unpicklable, unprintable error",
-        "exec raised tests.test_worker.UnprintableLock: <unprintable>, which cannot be "
+        "exec raised tests.test_transfer.UnprintableLock: <unprintable>, which cannot be "
         "sent back from the worker process: TypeError: cannot pickle '_thread.lock'",
     ),
     (
         "error that cannot be unpickled",
-        "exec raised tests.test_worker.TakesTwo: one, which cannot be sent back from "
+        "exec raised tests.test_transfer.TakesTwo: one, which cannot be sent back from "
         "the worker process: TypeError: ",
     ),
     ("result", "exec returned a _thread.lock, which cannot be sent back from the worker"),
@@ -160,7 +159,7 @@ async def check_what_cannot_cross_is_named(executor: str, kind: str, message: st
     with pytest.raises(cf.NodeError) as info:
         await single(Untransferable(executor=executor)).run(params={"kind": kind})
     cause = info.value.__cause__
-    assert isinstance(cause, WorkerTransferError)
+    assert isinstance(cause, cf.WorkerTransferError)
     assert message in str(cause)
     if "exec raised" in message:
         assert "in exec" in cause.__notes__[0]
@@ -184,7 +183,7 @@ async def check_a_node_changed_after_build_is_named(executor: str) -> None:
         again = await engine.run(single(Square(executor=executor)), params={"n": 3})
     assert info.value.node_id == "sq"
     cause = info.value.__cause__
-    assert isinstance(cause, WorkerTransferError)
+    assert isinstance(cause, cf.WorkerTransferError)
     assert str(cause).startswith(
         f"executor={executor!r} cannot send node 'sq' to a worker: TypeError: cannot pickle"
     )
@@ -216,7 +215,7 @@ async def check_a_workers_keyboard_interrupt_fails_its_run_alone(executor: str) 
         assert (await other.wait()).success
         again = await engine.run(single(Square(executor=executor)), params={"n": 3})
     cause = info.value.__cause__
-    assert isinstance(cause, WorkerInterruptedError)
+    assert isinstance(cause, cf.WorkerInterruptedError)
     assert str(cause) == "exec was interrupted in the worker process (KeyboardInterrupt)"
     assert isinstance(cause.__cause__, KeyboardInterrupt)
     assert again.result[0] == 9
