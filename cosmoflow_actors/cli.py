@@ -72,6 +72,7 @@ from cosmoflow_actors.runtime.queue import (
     DEFAULT_FLOW_WAIT,
     DEFAULT_LEASE,
     FINISHED,
+    PerRunRedis,
     QueuedRun,
     RunQueue,
     per_run_redis,
@@ -1027,13 +1028,13 @@ def _worker_command(args: argparse.Namespace) -> int:
 async def _serve(
     queue: RunQueue,
     flows: list[Flow],
-    stores: Callable[[str], Storage],
+    stores: PerRunRedis,
     args: argparse.Namespace,
 ) -> None:
     """Serve ``queue`` until SIGTERM (then return) or Ctrl-C (KeyboardInterrupt); say
     on stdout once the worker reads it. Stopped either way, the worker cancels its runs
     and hands them back to the queue: blocks a couple of seconds at most for that."""
-    await _check_store_reachable(args.store)
+    await _check_store_reachable(stores)
     with trio.open_signal_receiver(signal.SIGTERM) as terminations:
         async with open_engine() as engine, trio.open_nursery() as nursery:
             options = {"concurrency": args.concurrency, "name": args.name}
@@ -1052,14 +1053,13 @@ async def _serve(
                 break
 
 
-async def _check_store_reachable(text: str) -> None:
-    """Raise CliError unless the Redis server of ``worker --store TEXT`` answers a PING
+async def _check_store_reachable(stores: PerRunRedis) -> None:
+    """Raise CliError unless the Redis server of ``worker --store`` answers a PING
     (within :data:`STORE_CHECK_TIMEOUT`): a worker that cannot reach its store would
     claim runs only to hand them back. Writes nothing."""
-    url, _, prefix = text.partition("#")
-    name = repr(RedisStorage(url, namespace=prefix or "runs"))
+    name = repr(RedisStorage(stores.url, namespace=stores.prefix))
     try:
-        await trio.to_thread.run_sync(_ping, url, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(_ping, stores.url, abandon_on_cancel=True)
     except StorageError as exc:
         raise CliError(f"cannot reach the store {name}: {exc}") from exc
 

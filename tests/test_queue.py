@@ -171,6 +171,16 @@ async def test_a_queue_url_names_the_queue_by_its_last_path_part(
         RunQueue.from_url("http://example/jobs")
 
 
+def test_a_store_url_names_one_store_per_run_under_its_prefix() -> None:
+    stores = per_run_redis("redis://:secret@host:7/2#jobs")
+    assert (stores.url, stores.prefix) == ("redis://:secret@host:7/2", "jobs")
+    assert repr(stores("r1")) == "RedisStorage('redis://:***@host:7/2', namespace='jobs/r1')"
+    assert "secret" not in repr(stores)
+    assert per_run_redis("rediss://host").prefix == "runs"
+    with pytest.raises(ValueError, match="store 'file:x': expected redis://HOST"):
+        per_run_redis("file:x")
+
+
 async def test_submitting_one_run_id_twice_adds_one_run(redis_server: RedisServer) -> None:
     queue = new_queue(redis_server)
     assert await cf.submit(queue, "count", run_id="r1", params={"n": 1}) == "r1"

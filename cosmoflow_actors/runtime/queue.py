@@ -447,15 +447,28 @@ RunStores = Callable[[str], Storage]
 """A function giving the store of the run whose id it is given."""
 
 
-def per_run_redis(text: str) -> RunStores:
-    """The stores ``redis://HOST:PORT[/DB][#PREFIX]`` names: run R gets the namespace
-    ``PREFIX/R`` of its own (``runs/R`` without PREFIX), so runs neither share keys nor
-    make each other's commits start over."""
+@dataclass(frozen=True, slots=True)
+class PerRunRedis:
+    """The stores of a Redis server, one per run: run R's is the namespace
+    ``PREFIX/R``, so runs neither share keys nor make each other's commits start over.
+    Made by :func:`per_run_redis`; calling it makes run R's store (connecting to
+    nothing)."""
+
+    url: str = dataclasses.field(repr=False)
+    """The server's URL (a password included, so left out of the repr)."""
+    prefix: str
+
+    def __call__(self, run_id: str) -> RedisStorage:
+        return RedisStorage(self.url, namespace=f"{self.prefix}/{run_id}")
+
+
+def per_run_redis(text: str) -> PerRunRedis:
+    """The stores ``redis://HOST:PORT[/DB][#PREFIX]`` names, PREFIX ``runs`` by default.
+    ValueError naming ``text`` when it is not a redis:// or rediss:// URL."""
     url, _, prefix = text.partition("#")
     if urlsplit(url).scheme not in ("redis", "rediss"):
         raise ValueError(f"store {text!r}: expected redis://HOST[:PORT][/DB][#PREFIX]")
-    prefix = prefix or "runs"
-    return lambda run_id: RedisStorage(url, namespace=f"{prefix}/{run_id}")
+    return PerRunRedis(url, prefix or "runs")
 
 
 async def serve(
