@@ -23,6 +23,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.queue import (
     HAND_BACK_SECONDS,
     RunQueue,
@@ -440,6 +441,34 @@ async def test_a_run_whose_lease_is_gone_is_listed_as_orphaned_where_the_store_c
     assert (taken.state, taken.owner) == ("running", "w2")
     assert taken.lease_left is not None and 0 < taken.lease_left <= 5.0
     assert unknown == [[listed]] * 3
+
+
+async def test_the_leases_of_runs_of_several_queues_are_read_each_from_its_queue(
+    redis_server: RedisServer,
+) -> None:
+    """Records of runs of two queues on the store's server, and one finished run: each
+    running run gets the holder of its own queue's lease, in the order given."""
+    storage = per_run_redis(store_url(redis_server))("listing")
+    first, second = new_queue(redis_server), new_queue(redis_server)
+    runs = [
+        RunRecord("r1", "count", "running", "a", 1, "w1", first.address),
+        RunRecord("r2", "count", "running", "a", 1, "w1", second.address),
+        RunRecord("r3", "count", "running", "a", 1, "w1", first.address),
+        RunRecord("r4", "count", "succeeded", "c", 3, "w1", first.address),
+    ]
+    await first.call("SET", first.lease_key("r1"), "w1", "PX", 5000)
+    await second.call("SET", second.lease_key("r2"), "w2", "PX", 5000)
+    await first.call("SET", second.lease_key("r3"), "w3", "PX", 5000)
+
+    checked = await leases_checked(storage, iter(runs))
+
+    assert [(run.run_id, run.state, run.owner) for run in checked] == [
+        ("r1", "running", "w1"),
+        ("r2", "running", "w2"),
+        ("r3", "orphaned", "w1"),
+        ("r4", "succeeded", "w1"),
+    ]
+    assert checked[3] == runs[3]
 
 
 async def test_a_worker_cut_off_from_redis_cancels_its_run_when_its_lease_expires(

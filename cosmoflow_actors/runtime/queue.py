@@ -398,28 +398,32 @@ async def leases_checked(storage: Storage, runs: Iterable[RunRecord]) -> list[Ru
     returned as it is. Blocks while it reads the leases; raises StorageError when the
     server cannot be reached.
     """
+    if not isinstance(storage, RedisStorage):
+        return list(runs)
+    here = _server(storage.url)
+    queues: dict[str, RunQueue] = {}
     checked = []
-    for run in runs:
-        queue = _queue_of(storage, run)
-        if queue is not None:
-            try:
-                run = await _with_lease(queue, run)
-            finally:
-                await queue.aclose()
-        checked.append(run)
+    try:
+        for run in runs:
+            name = _queue_name(run, here)
+            if name is not None:
+                if name not in queues:
+                    queues[name] = RunQueue(storage.url, name)
+                run = await _with_lease(queues[name], run)
+            checked.append(run)
+    finally:
+        for queue in queues.values():
+            await queue.aclose()
     return checked
 
 
-def _queue_of(storage: Storage, run: RunRecord) -> RunQueue | None:
-    """The queue holding the lease of ``run``, reached through ``storage``'s server;
-    None unless ``run`` is running for a queue on that server."""
-    if run.state != "running" or run.queue is None or not isinstance(storage, RedisStorage):
+def _queue_name(run: RunRecord, here: tuple[str, int, str] | None) -> str | None:
+    """The name of the queue holding the lease of ``run``; None unless ``run`` is running
+    for a queue on the server ``here`` (see :func:`_server`)."""
+    if here is None or run.state != "running" or run.queue is None:
         return None
     server, _, name = run.queue.rpartition("/")
-    here = _server(storage.url)
-    if here is None or _server(server) != here:
-        return None
-    return RunQueue(storage.url, name)
+    return name if _server(server) == here else None
 
 
 async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
