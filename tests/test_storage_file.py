@@ -26,6 +26,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from cosmoflow_actors import cli
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage import file as file_backend
 from cosmoflow_actors.storage import journal as journal_format
@@ -37,6 +38,7 @@ from tests.storage_suite import (
     read_only,
     skip_unless_read_only_works,
 )
+from tests.support import received_until
 
 STRAY_SUFFIX = ".0123456789abcdef.tmp"
 SNAPSHOT = (
@@ -784,7 +786,10 @@ async def test_a_full_disk_fails_an_append_and_rolls_back(tmp_path: Path) -> Non
     await storage.delete("b")
 
     with file_size_limit(), pytest.raises(StorageError, match="journal") as info:
-        await storage.commit()
+        await storage.commit()  # the append fails; so does the compaction it falls back to
+
+    assert f"cannot append to {journal_of(path)}" in str(info.value)
+    assert f"nor compact instead: cannot write {path}" in str(info.value)
 
     assert isinstance(info.value.__cause__, OSError)
     assert files(tmp_path) == before
@@ -804,6 +809,73 @@ async def test_a_full_disk_fails_a_compaction_and_rolls_back(tmp_path: Path) -> 
 
     assert listing(tmp_path) == []
     assert await storage.keys() == []
+
+
+async def test_a_commit_the_journal_has_no_room_for_compacts_instead(tmp_path: Path) -> None:
+    """The journal holds the store's history, the snapshot the store once: under a file
+    size limit the journal reaches, the commit that cannot append still fits."""
+    path = tmp_path / "store.json"
+    storage = await stored(path, big="a" * 30_000)
+    for letter in "bc":
+        await storage.set("big", letter * 30_000)
+        await storage.commit()  # appends: the journal holds two 30 kB values
+    await storage.set("big", "d" * 30_000)
+    await storage.set("small", 1)
+
+    with file_size_limit(64 * 1024):
+        await storage.commit()
+
+    assert journal(path) == HEADER % 2
+    assert snapshot(path)["data"] == {"big": "d" * 30_000, "small": 1}
+    await storage.aclose()
+    assert listing(tmp_path) == ["store.json", "store.json.journal"]
+
+
+def cut_short(journal: Path) -> None:
+    os.truncate(journal, 10)
+
+
+@pytest.mark.parametrize("damage", [os.unlink, cut_short], ids=["removed", "cut short"])
+async def test_a_journal_damaged_while_open_gets_its_commits_back_at_the_next_commit(
+    tmp_path: Path, damage: Any
+) -> None:
+    """A journal removed or cut short under an open store lost commits that the store
+    still holds: the next commit, which cannot append, compacts them back into the
+    files. No writer removes the journal or cuts it short, so no other writer's commit
+    is dropped."""
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    await storage.set("b", 2)
+    await storage.commit()
+    damage(journal_of(path))
+    await storage.set("c", 3)
+
+    await storage.commit()
+
+    assert on_disk(path) == {"a": 1, "b": 2, "c": 3}
+    assert journal(path) == HEADER % 2
+    await storage.aclose()
+    assert file_backend.peek(path).keys() == {"a", "b", "c"}
+
+
+async def test_a_journal_replaced_by_a_directory_fails_the_commit_naming_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    await storage.set("b", 2)
+    await storage.commit()
+    journal_of(path).unlink()
+    journal_of(path).mkdir()
+    await storage.set("c", 3)
+
+    with pytest.raises(StorageError, match=re.escape(f"{journal_of(path)}: [Errno 21]")):
+        await storage.commit()
+
+    assert await storage.keys() == ["a", "b"]
+    journal_of(path).rmdir()
+    await storage.aclose()  # compacts: the commits the journal held are back
+    assert on_disk(path) == {"a": 1, "b": 2}
 
 
 @pytest.mark.usefixtures("read_only_works")
@@ -882,9 +954,10 @@ async def test_a_journal_another_writer_appended_to_fails_the_commit(tmp_path: P
     append(journal_of(path), '[["set","b",2]]\n')
     await storage.set("c", 3)
 
-    with pytest.raises(StorageError, match="another process"):
+    with pytest.raises(StorageError, match="another process") as info:
         await storage.commit()
 
+    assert "compact" not in str(info.value)  # nor would a compaction keep "b"
     assert on_disk(path) == {"a": 1, "b": 2}
 
 
@@ -985,6 +1058,68 @@ async def test_a_read_only_store_fails_the_writing_run_only(tmp_path: Path) -> N
         assert (await engine.run(flow, storage, params={"value": 3})).success
 
     assert on_disk(path) == {"kept": 1, "new": 3}
+
+
+COMPACTOR = textwrap.dedent(
+    """
+    import sys, trio
+    from cosmoflow_actors.storage.file import FileStorage
+
+    async def main(path):
+        storage = FileStorage(path)
+        i = 0
+        while True:
+            i += 1
+            await storage.set("i", i)
+            await storage.set("copy", i)
+            await storage.commit()
+            await storage.aclose()  # compacts: a new snapshot, then a new journal
+            print(f"compacted {i}", flush=True)
+            if not await trio.to_thread.run_sync(sys.stdin.readline):
+                return  # the test closed stdin
+
+    trio.run(main, sys.argv[1])
+    """
+)
+"""A process that commits ``i`` and ``copy`` together and closes the store (compacting
+it) once, then again for each line the test sends."""
+
+
+async def test_peek_reads_again_when_another_process_compacts_between_its_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cosmoflow inspect`` reads without the lock while an engine in another process
+    works: a compaction there can replace the snapshot it read and then the journal
+    before it reads that. The reads are made to meet that compaction every time."""
+    path = tmp_path / "store.json"
+    read_journal = journal_format._read_journal
+    async with holder([sys.executable, "-c", COMPACTOR, str(path)], b"compacted 1") as writer:
+        assert writer.stdin is not None and writer.stdout is not None
+        compacted = 1
+
+        async def compact() -> None:
+            nonlocal compacted
+            compacted += 1
+            await writer.stdin.send_all(b"next\n")
+            done = await received_until(writer.stdout, b"\n", "the compactor")
+            assert done == f"compacted {compacted}\n".encode()
+
+        def read_after_a_compaction(name: Path) -> Any:
+            """The journal's read, once a compaction replaced both files after the
+            snapshot's read: the first read of each peek."""
+            if not reread.is_set():
+                reread.set()
+                trio.from_thread.run(compact)
+            return read_journal(name)
+
+        monkeypatch.setattr(journal_format, "_read_journal", read_after_a_compaction)
+        reread = threading.Event()
+        entries = await trio.to_thread.run_sync(file_backend.peek, path)
+        assert {key: entry.unwrap() for key, entry in entries.items()} == {"i": 2, "copy": 2}
+
+        reread.clear()
+        status = await trio.to_thread.run_sync(cli.main, ["inspect", "--json", f"file:{path}"])
+        assert (status, json.loads(capsys.readouterr().out)["keys"]) == (0, {"i": 3, "copy": 3})
 
 
 def files_of(directory: Path) -> dict[str, tuple[bytes, int]]:

@@ -302,11 +302,25 @@ def test_append_refuses_a_journal_not_as_seen_and_writes_nothing(
         replaced(name, name.read_bytes())
     content = name.read_bytes()
 
-    with pytest.raises(StorageError) as info:
+    with pytest.raises(journal.AnotherWriter) as info:
         journal.append(name, b'[["clear"]]\n', before)
 
     assert str(info.value).startswith(f"{name} is not as this store last left it")
     assert name.read_bytes() == content
+
+
+def test_append_refuses_a_journal_cut_short_and_writes_nothing(tmp_path: Path) -> None:
+    """The lines cut off are commits that the appending store holds; appending after
+    them would leave a journal without them (the store compacts instead)."""
+    name = journal.journal_path(store(tmp_path, SNAPSHOT % 1, HEADER % 1 + '[["clear"]]\n'))
+    before = seen(name)
+    os.truncate(name, 10)
+
+    with pytest.raises(StorageError, match="cut short to 10 bytes") as info:
+        journal.append(name, b'[["clear"]]\n', before)
+
+    assert not isinstance(info.value, journal.AnotherWriter)
+    assert name.read_bytes() == (HEADER % 1).encode()[:10]
 
 
 def test_append_never_creates_a_journal(tmp_path: Path) -> None:
@@ -342,7 +356,24 @@ def test_check_unchanged_accepts_the_journal_as_seen_or_still_missing(tmp_path: 
     journal.check_unchanged(name, seen(name))
 
 
-@pytest.mark.parametrize("change", ["appended", "replaced", "removed", "created"])
+@pytest.mark.parametrize("change", ["removed", "cut short"])
+def test_check_unchanged_accepts_a_journal_that_lost_commits_this_store_holds(
+    tmp_path: Path, change: str
+) -> None:
+    """No writer removes the journal or cuts it short: what it lost are the checking
+    store's own commits, which its compaction writes back."""
+    name = tmp_path / "store.json.journal"
+    name.write_text(HEADER % 1 + '[["clear"]]\n')
+    before = seen(name)
+    if change == "removed":
+        name.unlink()
+    else:
+        os.truncate(name, 10)
+
+    journal.check_unchanged(name, before)
+
+
+@pytest.mark.parametrize("change", ["appended", "replaced", "created"])
 def test_check_unchanged_refuses_a_journal_that_changed_naming_it(
     tmp_path: Path, change: str
 ) -> None:
@@ -353,8 +384,6 @@ def test_check_unchanged_refuses_a_journal_that_changed_naming_it(
         name.write_text(HEADER % 1 + '[["clear"]]\n')
     elif change == "replaced":
         replaced(name, name.read_bytes())
-    elif change == "removed":
-        name.unlink()
     else:
         before = None
 

@@ -6,6 +6,7 @@ import functools
 import os
 import weakref
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Final, TypeVar, TypeVarTuple, final
 
@@ -16,7 +17,7 @@ import trio
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage import journal, lock
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.codec import check_json_key, get_codec
+from cosmoflow_actors.storage.codec import Codec, check_json_key, get_codec
 from cosmoflow_actors.storage.staged import StagedWrites
 from cosmoflow_actors.validation import require_seconds
 
@@ -29,6 +30,12 @@ one-key commits)."""
 LOCK_POLL_SECONDS: Final = 0.05
 """How often :meth:`FileStorage.open` tries the lock again while it waits for another
 holder (``wait=``)."""
+
+PEEK_TRIES: Final = 5
+"""How many times :func:`peek` reads the files while compactions replace them between
+its reads of the snapshot and of the journal. A compaction syncs twice between the
+two replacements, far longer than a read takes, so the second read mostly meets it
+done; the others allow for a writer that compacts again and again."""
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -227,11 +234,14 @@ class FileStorage(Storage):
 
         Blocks in a worker thread while it appends them to the journal as one line and
         syncs it, or, when the journal has grown too large or cannot be appended to,
-        while it compacts (see the class). When the write fails the files keep the last
-        commit, the in-memory state returns to it and
-        :class:`~cosmoflow_actors.StorageError` names the file, with the ``OSError`` as
-        ``__cause__``. So it does, changing no file, when another process wrote the
-        journal since this store last read or wrote it.
+        while it compacts (see the class). An append that fails (a file size limit or a
+        full disk, a journal removed or cut short meanwhile) is undone and the commit
+        compacts instead: the snapshot holds the store once, where the journal holds
+        its history, and it writes back every commit a removed journal held. When the
+        write fails the files keep the last commit, the in-memory state returns to it
+        and :class:`~cosmoflow_actors.StorageError` names the file, with the
+        ``OSError`` as ``__cause__``. So it does, changing no file, when another process
+        wrote the journal since this store last read or wrote it.
         """
         await self.open()
         if not self._staged:
@@ -240,7 +250,7 @@ class FileStorage(Storage):
             if self._must_compact():
                 await self._compact(self._staged_state())
             else:
-                await self._append()
+                await self._append_or_compact()
         finally:
             self._staged.reset()
 
@@ -286,6 +296,25 @@ class FileStorage(Storage):
 
     def _header(self) -> bytes:
         return journal.encode_header(self._codec, self._state.generation)
+
+    async def _append_or_compact(self) -> None:
+        """Append the staged writes to the journal, or compact them in when the journal
+        cannot take them; raise StorageError naming both failures when neither works.
+
+        A journal that another writer wrote to is no place for either: that fails the
+        commit at once.
+        """
+        try:
+            await self._append()
+        except StorageError as append_error:
+            if isinstance(append_error.__cause__, journal.AnotherWriter):
+                raise
+            try:
+                await self._compact(self._staged_state())
+            except StorageError as exc:
+                raise StorageError(f"{append_error}; nor compact instead: {exc}") from (
+                    exc.__cause__ or append_error.__cause__
+                )
 
     async def _append(self) -> None:
         line = journal.encode_commit(self._staged.ops)
@@ -383,9 +412,23 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
 
     Reads the snapshot and replays the journal as :meth:`FileStorage.open` does, but
     takes no lock and changes no file: it removes no temporary file and compacts
-    nothing. Raises :class:`~cosmoflow_actors.StorageError` naming the file when a file
+    nothing. So it reads a store an engine in another process has open: it sees the
+    commits made before it read, every one whole (a line being appended is left out),
+    and reads again when that process's compaction replaced the files between its two
+    reads. Raises :class:`~cosmoflow_actors.StorageError` naming the file when a file
     cannot be read, is not in this backend's format or was written with another codec.
     """
     reader = get_codec(codec)
-    loaded = journal.read(Path(path).absolute(), reader)
+    loaded = _read_between_compactions(Path(path).absolute(), reader)
     return {key: outcome.capture(reader.decode_json, raw) for key, raw in loaded.entries.items()}
+
+
+def _read_between_compactions(path: Path, codec: Codec) -> journal.Loaded:
+    """:func:`journal.read` without the lock (blocks): read again, up to
+    :data:`PEEK_TRIES` times in all, while the journal continues a later snapshot than
+    the one read, as it does when a compaction in the lock holder replaced both files
+    between the two reads."""
+    for _ in range(PEEK_TRIES - 1):
+        with suppress(journal.JournalAhead):
+            return journal.read(path, codec)
+    return journal.read(path, codec)

@@ -90,6 +90,12 @@ _header_decoder = msgspec.json.Decoder(JournalHeader)
 _commit_decoder = msgspec.json.Decoder(list[Record])
 
 
+class JournalAhead(StorageError):
+    """The journal continues a later snapshot than the one read: the two files do not
+    belong together, or a compaction replaced both between the reads of a reader
+    without the lock (see :func:`cosmoflow_actors.storage.file.peek`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Seen:
     """The journal file as a store last read or wrote it: a file of another size, or
@@ -205,20 +211,35 @@ def _read_journal(journal: Path) -> tuple[bytes | None, Seen | None]:
 
 
 def check_unchanged(journal: Path, seen: Seen | None) -> None:
-    """Raise StorageError unless the journal is as a store last saw it (blocks)."""
+    """Raise StorageError when the journal may hold commits a store has not seen: it
+    grew, or another file took its name, since the store last read or wrote it (blocks).
+
+    A journal that was removed, or cut short in place, holds no commit of another
+    writer (a writer only appends to the journal, or replaces it whole): what it lost
+    are this store's own commits, which the compaction that checks writes back.
+    """
     try:
         status = os.stat(journal)
     except FileNotFoundError:
-        now = None
-    else:
-        now = Seen(status.st_ino, status.st_size)
-    if now != seen:
+        return
+    if _another_wrote(status, seen):
         raise _another_writer(journal)
 
 
+def _another_wrote(status: os.stat_result, seen: Seen | None) -> bool:
+    """Whether the journal file ``status`` describes may hold commits that a store
+    which saw it as ``seen`` has not seen: another file took its name, or it grew."""
+    return seen is None or status.st_ino != seen.inode or status.st_size > seen.size
+
+
+class AnotherWriter(StorageError):
+    """The journal may hold commits of another writer, which the store has not seen."""
+
+
 def _another_writer(journal: Path) -> StorageError:
-    return StorageError(
-        f"{journal} is not as this store last left it: another process writes to it "
+    return AnotherWriter(
+        f"{journal} is not as this store last left it: another process wrote to it or "
+        "put another file in its place "
         "(a FileStorage serves one process at a time; reopen the store to see its writes)"
     )
 
@@ -258,7 +279,8 @@ def _load_journal(journal: Path, content: bytes, codec: Codec, loaded: Loaded) -
     if header.generation == loaded.generation - 1:
         return  # already folded into the snapshot; the next commit replaces it
     if header.generation != loaded.generation:
-        raise StorageError(
+        mismatch = JournalAhead if header.generation > loaded.generation else StorageError
+        raise mismatch(
             f"{journal} continues snapshot generation {header.generation}, but the snapshot "
             f"is generation {loaded.generation}: the two files do not belong together"
         )
@@ -306,14 +328,19 @@ def append(journal: Path, content: bytes, seen: Seen) -> Seen:
     after it.
 
     Raises OSError when the write fails, after cutting the journal back to its size
-    before if it can, and StorageError when the journal is not as ``seen`` (another
-    writer).
+    before if it can; AnotherWriter when the journal may hold commits ``seen`` does not
+    (another writer), and StorageError when it was cut short, appending nothing.
     """
     fd = os.open(journal, os.O_WRONLY | os.O_APPEND)
     try:
         status = os.fstat(fd)
-        if Seen(status.st_ino, status.st_size) != seen:
+        if _another_wrote(status, seen):
             raise _another_writer(journal)
+        if status.st_size < seen.size:
+            raise StorageError(
+                f"{journal} was cut short to {status.st_size} bytes (it held {seen.size}): "
+                "commits were lost from it"
+            )
         try:
             _write_all(fd, content)
             os.fdatasync(fd)

@@ -284,7 +284,7 @@ class SQLiteStorage(DatabaseStorage):
                     f"{self._path} is locked by another connection, in this process or "
                     f"another; gave up waiting for it (timeout={self._timeout:g} s): {exc}"
                 ) from exc
-            raise StorageError(f"{self._path}: {exc}") from exc
+            raise StorageError(f"{self._path}: {_described(exc)}") from exc
         except OSError as exc:
             raise StorageError(f"{self._path}: {exc}") from exc
 
@@ -345,6 +345,13 @@ def _set_busy_timeout(connection: sqlite3.Connection, seconds: float) -> None:
     """Make the connection's statements wait up to ``seconds`` for another connection's
     lock (blocks, briefly: it does no I/O)."""
     connection.execute(f"PRAGMA busy_timeout = {_milliseconds(seconds)}")
+
+
+def _described(exc: sqlite3.Error) -> str:
+    """``exc``'s message with SQLite's name for its error, which says what failed where
+    the message does not: ``disk I/O error (SQLITE_IOERR_WRITE)`` is a refused write."""
+    name = getattr(exc, "sqlite_errorname", None)
+    return f"{exc} ({name})" if name else str(exc)
 
 
 def _is_locked(exc: sqlite3.Error) -> bool:
@@ -582,7 +589,7 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
         finally:
             connection.close()
     except sqlite3.Error as exc:
-        raise StorageError(f"{absolute}: {exc}") from exc
+        raise StorageError(f"{absolute}: {_described(exc)}") from exc
     return {key: outcome.capture(_decoded, reader, value) for key, value in rows}
 
 
