@@ -7,8 +7,13 @@ fork instead of an interpreter start. The server and its children share one stdo
     pid <pid>        a child started (the child's first line)
     step <n>         "flow" or "fan" job: step n of the durable run is committed
     done             "flow" or "fan" job: the run's result is recorded (after every "step")
+    failed <json>    "flow" or "fan" job: the run raised StorageError (its message, a
+                     JSON string); the job then runs a flow on a memory store on the
+                     same engine, and writes
+    served           once that run succeeded
     begin <i>        "file" job: commit i's writes are about to be staged and committed
-    commit <i>       "file" job: commit i returned, so it is durable
+    commit <i>       "file" job: commit i returned, so it is durable (and, every
+                     :data:`CLOSE_EVERY` commits, the close after it returned)
     done             "file" job: all its commits returned
     exit <status>    the server reaped the child (after a "reap" line on stdin)
 
@@ -22,7 +27,9 @@ never leaves half a line.
 The "flow" job's run is a 50-step loop; the "fan" job's run fans out into two loops of
 10 steps that meet at a join. A job is ``{"job": "flow" | "fan" | "file", "backend":
 "file" | "sqlite" | "redis",
-"target": path or URL, "namespace": Redis namespace or null}``.
+"target": path or URL, "namespace": Redis namespace or null}``, with an optional
+``"file_size_limit"``: the child's ``RLIMIT_FSIZE`` in bytes, so that a write past it
+fails with EFBIG (Python ignores SIGXFSZ), as on a full disk.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import contextlib
 import functools
 import json
 import os
+import resource
 import sys
 import traceback
 from typing import Any, Final
@@ -46,6 +54,10 @@ RUN_ID: Final = "crash"
 
 FILE_COMMITS: Final = 12
 """Commits of the "file" job."""
+
+CLOSE_EVERY: Final = 4
+"""The "file" job closes its store (compacting it) after every this many commits, and
+opens it again with the next."""
 
 BLOBS: Final = 3
 """Keys the "file" job's commits overwrite in turn."""
@@ -178,14 +190,25 @@ def emit(line: str) -> None:
 
 
 async def run_flow(job: dict[str, Any]) -> None:
-    """Start or continue the durable run; report each committed step, then "done"."""
+    """Start or continue the durable run; report each committed step, then "done", or
+    "failed" and, once a run on a memory store succeeded after it, "served"."""
     storage = open_storage(job)
+    failure: cf.StorageError | None = None
     async with cf.open_engine() as engine, engine.events() as events:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_report_steps, events)
-            await engine.resume(FLOWS[job["job"]](), storage, run_id=RUN_ID)
-            events.close()  # the reporter reports what is buffered, then ends
-        emit("done")
+            try:
+                await engine.resume(FLOWS[job["job"]](), storage, run_id=RUN_ID)
+            except cf.StorageError as exc:
+                failure = exc
+            finally:
+                events.close()  # the reporter reports what is buffered, then ends
+        if failure is None:
+            emit("done")
+            return
+        emit(f"failed {json.dumps(str(failure))}")
+        if (await engine.run(crash_flow(), cf.MemoryStorage())).success:
+            emit("served")
 
 
 async def _report_steps(events: cf.EventStream) -> None:
@@ -196,7 +219,8 @@ async def _report_steps(events: cf.EventStream) -> None:
 
 
 async def run_file_commits(job: dict[str, Any]) -> None:
-    """Commit big values to a FileStorage, reporting before and after each commit.
+    """Commit big values to a FileStorage, reporting before and after each commit;
+    every :data:`CLOSE_EVERY` commits, close it too (a compaction) before the report.
 
     Before each commit it waits for a "go" from the test (a byte on :data:`GO_FD`); it
     blocks the trio thread meanwhile, which nothing else needs here. It runs at a low
@@ -213,6 +237,8 @@ async def run_file_commits(job: dict[str, Any]) -> None:
         await storage.set(f"blob:{i % BLOBS}", blob(i))
         await storage.set("i", i)
         await storage.commit()
+        if i % CLOSE_EVERY == 0:
+            await storage.aclose()
         emit(f"commit {i}")
     emit("done")
 
@@ -227,6 +253,9 @@ def _child(job: dict[str, Any], go: int) -> None:
         os.dup2(go, GO_FD)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         emit(f"pid {os.getpid()}")
+        if "file_size_limit" in job:
+            _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (job["file_size_limit"], hard))
         trio.run(JOBS[job["job"]], job)
         status = 0
     except BaseException:

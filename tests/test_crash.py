@@ -27,6 +27,8 @@ import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.durability import record_key
+from cosmoflow_actors.storage import file as file_storage
+from cosmoflow_actors.storage import sqlite as sqlite_storage
 from tests.crash_worker import (
     BLOBS,
     FILE_COMMITS,
@@ -251,6 +253,50 @@ async def test_a_killed_durable_run_resumes_to_the_uninterrupted_result(
             assert final == reference, f"seed {seed!r}"
 
 
+FILE_SIZE_LIMITS: Final = {"file": 4 * 1024, "sqlite": 64 * 1024}
+"""A file size limit each backend's files outgrow in the middle of the "flow" job's run
+(a FileStorage's journal several times before its snapshot: it compacts instead)."""
+
+
+@pytest.mark.parametrize("backend", ["file", "sqlite"])
+async def test_a_durable_run_past_a_file_size_limit_fails_alone_and_resumes(
+    backend: str, server: Server, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Writes that the operating system refuses (EFBIG, as on a full disk) fail the run
+    with a StorageError naming the file, not the engine; every step committed before
+    stays readable, by the backend and by ``cosmoflow inspect``, and the run resumes
+    from there once the limit is gone."""
+    job = job_for(backend, tmp_path, request, "limited")
+    job["file_size_limit"] = FILE_SIZE_LIMITS[backend]
+    with trio.fail_after(TIMEOUT):
+        child = await server.start(job)
+        while not (line := await server.read(child)).startswith(("failed ", "done")):
+            pass
+        assert line.startswith("failed "), "the run finished within the limit"
+        assert await server.read(child) == "served"
+        await server.reap(child)
+    failure = json.loads(child.lines[-2].removeprefix("failed "))
+    assert job["target"] in failure
+
+    data = await read_closed(open_storage(job))
+    committed = check_interrupted(data, child, backend)
+    assert 0 < committed < STEPS, f"the limit failed step {committed + 1} of {STEPS}"
+    peek = file_storage.peek if backend == "file" else sqlite_storage.peek
+    assert {key: entry.unwrap() for key, entry in peek(job["target"]).items()} == data
+
+    node = CountingStep()
+    storage = open_storage(job)
+    try:
+        async with cf.open_engine() as engine:
+            await engine.resume(crash_flow(node), storage, run_id=RUN_ID)
+    finally:
+        await storage.aclose()
+    assert node.posts == list(range(committed + 1, STEPS + 1))
+    final = await read_closed(open_storage(job))
+    assert final["log"] == list(range(1, STEPS + 1))
+    assert final[RECORD]["state"] == "succeeded"
+
+
 FAN_STEPS: Final = 1 + len(LINES) * LINE_STEPS + 1
 """Steps of the "fan" job's run: the split, each branch's loop, the join."""
 
@@ -308,11 +354,13 @@ async def test_a_killed_durable_fan_out_resumes_to_the_uninterrupted_result(
             assert final[RECORD]["state"] == "succeeded", f"seed {seed!r}"
 
 
-MOMENTS: Final = ("writing", "renamed", "writing", "begun")
+MOMENTS: Final = ("writing", "renamed", "writing", "compacting", "begun")
 """When a "file" job child is killed, in its commit i: once it announced "begin i" (and
 waits for "go"); once it writes (a journal line is open, or a temporary file exists);
-or once the snapshot was renamed into place (a compaction's next step is replacing the
-journal). A commit that never reaches the moment is killed when it returns."""
+once it compacts (a temporary file exists: the commit's compaction, or the close's
+after an append); or once the snapshot was renamed into place (a compaction's next step
+is replacing the journal). A commit that never reaches the moment is killed when it
+returns."""
 
 
 async def kill_during_commit(server: Server, path: Path, commit: int, moment: str) -> Child:
@@ -354,7 +402,8 @@ async def kill_when(server: Server, child: Child, watch: Watch) -> None:
 class Watch:
     """A FileStorage's files as a commit about to start leaves them, and the moment of
     that commit to kill it at: "writing" (a journal line is open, or a temporary file
-    exists) or "renamed" (a new snapshot is in place)."""
+    exists), "compacting" (a temporary file exists) or "renamed" (a new snapshot is in
+    place)."""
 
     def __init__(self, path: Path, moment: str) -> None:
         self._path = path
@@ -375,6 +424,8 @@ class Watch:
     def _reached(self) -> bool:
         if self._moment == "renamed":
             return snapshot_inode(self._path) != self._inode
+        if self._moment == "compacting":
+            return bool(stray_temps(self._path.parent))
         return journal_line_open(self._journal) or bool(stray_temps(self._path.parent))
 
 
@@ -443,6 +494,7 @@ async def check_file_after_kill(path: Path, child: Child, context: str) -> str:
     return "stray temp" if temps else left or "clean"
 
 
+@pytest.mark.slow
 async def test_a_file_storage_killed_during_commits_opens_cleanly(
     server: Server, tmp_path: Path
 ) -> None:
