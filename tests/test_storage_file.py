@@ -858,6 +858,24 @@ async def test_a_journal_damaged_while_open_gets_its_commits_back_at_the_next_co
     assert file_backend.peek(path).keys() == {"a", "b", "c"}
 
 
+@pytest.mark.parametrize("damage", [os.unlink, cut_short], ids=["removed", "cut short"])
+async def test_a_snapshot_damaged_while_open_is_written_back_at_close(
+    tmp_path: Path, damage: Any
+) -> None:
+    """Even with no commit since it opened (so no compaction was due), a store whose
+    snapshot was removed or cut short writes back what it holds when it closes."""
+    path = tmp_path / "store.json"
+    await saved(path, a=1)
+    storage = FileStorage(path)
+    await storage.open()
+    damage(path)
+
+    await storage.aclose()
+
+    assert on_disk(path) == {"a": 1}
+    assert journal(path) == HEADER % 2
+
+
 async def test_a_journal_replaced_by_a_directory_fails_the_commit_naming_it(
     tmp_path: Path,
 ) -> None:

@@ -259,17 +259,20 @@ class FileStorage(Storage):
         the in-memory state; does nothing unless open.
 
         Afterwards ``PATH`` alone holds every committed key and the journal holds no
-        commit. Uncommitted writes are dropped. Blocks in a worker thread while it writes
-        and unlocks. The storage can be used again: the next call opens the files
-        afresh. When the compaction fails (:class:`~cosmoflow_actors.StorageError`, no
-        file changed: every commit stays in the journal) the files are unlocked all the
-        same. A cancelled close unlocks before the cancellation goes on.
+        commit: it compacts when the journal holds commits, and when the snapshot is not
+        the size this store last read or wrote (removed or cut short from outside while
+        open), which writes back what the store holds. Uncommitted writes are dropped.
+        Blocks in a worker thread while it checks, writes and unlocks. The storage can
+        be used again: the next call opens the files afresh. When the compaction fails
+        (:class:`~cosmoflow_actors.StorageError`, no file changed: every commit stays in
+        the journal) the files are unlocked all the same. A cancelled close unlocks
+        before the cancellation goes on.
         """
         if not self._opened:
             return
         self._staged.reset()
         try:
-            if self._must_compact_at_close():
+            if self._must_compact_at_close() or await _in_thread(self._snapshot_changed):
                 await self._compact(self._committed)
         finally:
             unlock, self._unlock = self._unlock, None
@@ -283,6 +286,15 @@ class FileStorage(Storage):
         state = self._state
         records = state.journal_bytes > len(self._header())
         return records or (state.generation > 0 and not state.journal_usable)
+
+    def _snapshot_changed(self) -> bool:
+        """Whether the snapshot is not the size this store last read or wrote, 0 when
+        missing (blocks)."""
+        try:
+            size = os.stat(self._path).st_size
+        except FileNotFoundError:
+            size = 0
+        return size != self._state.snapshot_bytes
 
     def _must_compact(self) -> bool:
         state = self._state
