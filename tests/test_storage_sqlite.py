@@ -260,6 +260,41 @@ async def test_a_full_disk_fails_the_commit_and_rolls_back(tmp_path: Path) -> No
     assert await SQLiteStorage(path).keys() == ["a", "c"]
 
 
+def removed(path: Path) -> None:
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        (path.parent / name).unlink()
+
+
+def replaced_by_a_copy(path: Path) -> None:
+    with database(path) as connection:
+        connection.execute(f"VACUUM INTO '{path}.copy'")
+    os.replace(f"{path}.copy", path)
+
+
+@pytest.mark.parametrize("change", [removed, replaced_by_a_copy], ids=["removed", "replaced"])
+@pytest.mark.parametrize("write", ["commit", "step"])
+async def test_a_database_removed_or_replaced_while_open_fails_the_commit(
+    tmp_path: Path, change: Any, write: str
+) -> None:
+    """The connection still has the file it opened: a commit would land where no later
+    open looks, and be lost once the connection closes. It is refused instead."""
+    path = tmp_path / "store.db"
+    key = record_key("r")
+    storage = await stored(path, a=1, **{key: {"path": []}})
+    change(path)
+    await storage.set("b", 2)
+
+    with pytest.raises(cf.StorageError, match=re.escape(f"{path} was removed or replaced")):
+        if write == "commit":
+            await storage.commit()
+        else:
+            await storage.commit_step([("set", "c", 3)], key, {"path": ["x"]}, 0)
+
+    await storage.aclose()
+    after = await SQLiteStorage(path).keys()
+    assert after == ([] if change is removed else ["a", key])
+
+
 async def test_a_database_locked_by_another_writer_fails_the_commit(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     storage = await stored(path, a=1)

@@ -8,6 +8,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar, final
 
@@ -104,6 +105,8 @@ class SQLiteStorage(DatabaseStorage):
         self._path = Path(path).absolute()
         self._timeout = timeout
         self._connection: sqlite3.Connection | None = None
+        self._file: _DatabaseFile | None = None
+        """The file the connection opened, which every commit checks is still there."""
         self._waits = _LockWaits(timeout)
 
     def __repr__(self) -> str:
@@ -161,14 +164,17 @@ class SQLiteStorage(DatabaseStorage):
 
         Blocks in a worker thread. On failure the transaction is rolled back, the staged
         writes are dropped and :class:`~cosmoflow_actors.StorageError` names the file,
-        with the ``sqlite3`` error as ``__cause__``.
+        with the ``sqlite3`` error as ``__cause__``. So it is, before ``COMMIT``, when
+        the file this instance opened is no longer at its path (removed or replaced):
+        the connection would commit to a file that no later open finds.
         """
         connection = self._connection
         try:
             if self._staged or (connection is not None and connection.in_transaction):
                 ops = self._staged.ops
                 self._staged.reset()
-                await self._in_thread(_write, await self._connected(), ops, self._waits)
+                connection = await self._connected()
+                await self._in_thread(_write, connection, self._opened_file, ops, self._waits)
             elif connection is not None and self._waits.shortened:
                 await self._in_thread(self._waits.restore, connection)
         finally:
@@ -218,7 +224,7 @@ class SQLiteStorage(DatabaseStorage):
         steps_before: int,
     ) -> None:
         """:meth:`commit_step`'s transaction (blocks)."""
-        with _atomically(connection, self._waits):
+        with _atomically(connection, self._opened_file, self._waits):
             _apply(connection, self._staged.ops)
             check_steps(record_key, self._stored(connection, record_key, None), steps_before)
             for kind, key, argument in ops:
@@ -254,16 +260,24 @@ class SQLiteStorage(DatabaseStorage):
         self._staged.reset()
         self._waits = _LockWaits(self._timeout)
         connection, self._connection = self._connection, None
+        self._file = None
         if connection is not None:
             await self._in_thread(connection.close)
 
     async def _connected(self) -> sqlite3.Connection:
         """Return the connection, opening the database the first time."""
         if self._connection is None:
-            self._connection = await self._in_thread(
+            connection, file = await self._in_thread(
                 _connect, self._path, self._codec, self._timeout
             )
+            self._connection, self._file = connection, file
+            return connection
         return self._connection
+
+    @property
+    def _opened_file(self) -> _DatabaseFile:
+        assert self._file is not None  # set with the connection
+        return self._file
 
     async def _query(self, sql: str, *parameters: Any) -> Any:
         connection = await self._connected()
@@ -376,9 +390,10 @@ def _fetch_all(connection: sqlite3.Connection, sql: str) -> list[Any]:
     return connection.execute(sql).fetchall()
 
 
-def _connect(path: Path, codec: Codec, timeout: float) -> sqlite3.Connection:
+def _connect(path: Path, codec: Codec, timeout: float) -> tuple[sqlite3.Connection, _DatabaseFile]:
     """Open (or create) the database and check it is a store of ours (blocks), waiting
-    for other connections' locks ``timeout`` seconds in all."""
+    for other connections' locks ``timeout`` seconds in all; return the connection and
+    the file it opened."""
     deadline = time.monotonic() + timeout
     _create_private(path)
     connection = sqlite3.connect(
@@ -387,10 +402,43 @@ def _connect(path: Path, codec: Codec, timeout: float) -> sqlite3.Connection:
     try:
         _prepare(connection, path, codec, deadline)
         _set_busy_timeout(connection, timeout)
+        opened = _DatabaseFile.at(path)
     except BaseException:
         connection.close()
         raise
-    return connection
+    return connection, opened
+
+
+@dataclass(frozen=True, slots=True)
+class _DatabaseFile:
+    """The database file a connection opened: its path, device and inode.
+
+    A connection keeps the file it opened, so once that file is removed or replaced its
+    commits go where no later open finds them: every commit checks first.
+    """
+
+    path: Path
+    device: int
+    inode: int
+
+    @classmethod
+    def at(cls, path: Path) -> _DatabaseFile:
+        """The file at ``path`` now (blocks)."""
+        status = os.stat(path)
+        return cls(path, status.st_dev, status.st_ino)
+
+    def check(self) -> None:
+        """Raise StorageError unless ``path`` still names this file (blocks, briefly)."""
+        try:
+            now = _DatabaseFile.at(self.path)
+        except FileNotFoundError:
+            now = None
+        if now != self:
+            raise StorageError(
+                f"{self.path} was removed or replaced while this store had it open: a "
+                "commit would go to a file that no later open finds, so nothing was "
+                "committed (close the store; the next use opens the file at that path)"
+            )
 
 
 def _create_private(path: Path) -> None:
@@ -485,11 +533,14 @@ def _create_schema(connection: sqlite3.Connection, path: Path, codec: Codec) -> 
         raise
 
 
-def _write(connection: sqlite3.Connection, ops: list[Op[bytes]], waits: _LockWaits) -> None:
-    """Apply ``ops`` in the open transaction (or a new one) and commit it (blocks); roll
-    it all back on failure. Ends the batch: the busy timeout is whole again."""
+def _write(
+    connection: sqlite3.Connection, file: _DatabaseFile, ops: list[Op[bytes]], waits: _LockWaits
+) -> None:
+    """Apply ``ops`` in the open transaction (or a new one) and commit it, if ``file`` is
+    still at its path (blocks); roll it all back on failure. Ends the batch: the busy
+    timeout is whole again."""
     try:
-        with _transaction(connection, waits):
+        with _transaction(connection, file, waits):
             _apply(connection, ops)
     finally:
         waits.restore(connection)
@@ -503,11 +554,14 @@ def _begin(connection: sqlite3.Connection, waits: _LockWaits) -> None:
 
 
 @contextmanager
-def _atomically(connection: sqlite3.Connection, waits: _LockWaits) -> Iterator[None]:
-    """A transaction of its own (``BEGIN IMMEDIATE`` ... ``COMMIT``), or a savepoint of
-    the open one; rolled back on failure (blocks)."""
+def _atomically(
+    connection: sqlite3.Connection, file: _DatabaseFile, waits: _LockWaits
+) -> Iterator[None]:
+    """A transaction of its own (``BEGIN IMMEDIATE`` ... ``COMMIT``, see
+    :func:`_transaction`), or a savepoint of the open one; rolled back on failure
+    (blocks)."""
     if not connection.in_transaction:
-        with _transaction(connection, waits):
+        with _transaction(connection, file, waits):
             yield
         return
     connection.execute("SAVEPOINT step")
@@ -521,12 +575,15 @@ def _atomically(connection: sqlite3.Connection, waits: _LockWaits) -> Iterator[N
 
 
 @contextmanager
-def _transaction(connection: sqlite3.Connection, waits: _LockWaits) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` (unless an update opened the transaction), then ``COMMIT``, or
-    a rollback on failure (blocks)."""
+def _transaction(
+    connection: sqlite3.Connection, file: _DatabaseFile, waits: _LockWaits
+) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` (unless an update opened the transaction), then ``COMMIT`` if
+    ``file`` is still at its path, or a rollback on failure (blocks)."""
     _begin(connection, waits)
     try:
         yield
+        file.check()
         connection.execute("COMMIT")
     except BaseException:
         _roll_back(connection)
