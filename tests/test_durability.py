@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime import durability
 from tests.storage_suite import JsonDictStorage, make_backend
 
 
@@ -618,3 +619,15 @@ async def test_a_malformed_run_record_is_a_storage_error_naming_its_key(tmp_path
             await engine.run(flow, cf.FileStorage(path), run_id="victim")
         with pytest.raises(cf.StorageError, match="__cosmoflow__/runs/victim"):
             await engine.resume(flow, cf.FileStorage(path), run_id="victim")
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+def test_the_record_of_a_failed_run_names_an_error_that_cannot_be_printed() -> None:
+    assert durability.failed({"state": "running"}, Unprintable())["error"] == (
+        "Unprintable: <unprintable>"
+    )
+    assert durability.failed({}, ValueError("bad"))["error"] == "ValueError: bad"

@@ -30,6 +30,7 @@ from cosmoflow_actors.errors import (
     RunConflictError,
     StorageError,
     StoreValueError,
+    type_and_message,
 )
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone
@@ -365,7 +366,7 @@ def succeeded(record: Mapping[str, Any], result: FlowResult) -> dict[str, Any]:
 
 def failed(record: Mapping[str, Any], error: BaseException) -> dict[str, Any]:
     """``record`` of a run that failed with ``error``."""
-    return {**record, "state": "failed", "error": f"{type(error).__name__}: {error}"}
+    return {**record, "state": "failed", "error": type_and_message(error)}
 
 
 def recorded_result(record: Mapping[str, Any], storage: Storage) -> FlowResult:
