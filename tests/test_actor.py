@@ -178,3 +178,32 @@ def test_try_enter_takes_a_slot_only_when_the_actor_is_idle() -> None:
     actor.mailbox.put_nowait("waiting")
     assert not actor.try_enter()  # a free slot, but a message waits before
     assert actor.busy == 1
+
+
+async def test_a_take_moves_the_longest_waiters_message_in_at_once() -> None:
+    """The waiting sender's message is in the mailbox before that sender runs again:
+    the mailbox is not empty for a moment in which a later message could go first."""
+    mailbox: Mailbox[str] = Mailbox(1)
+    mailbox.put_nowait("first")
+    done: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_and_note, mailbox, "waiting", done)
+        await trio.testing.wait_all_tasks_blocked()
+        assert mailbox.take() == "first"
+        assert (list(mailbox.items), mailbox.senders_waiting, done) == (["waiting"], 0, [])
+    assert done == ["waiting"]
+
+
+async def test_a_closed_mailbox_drops_what_waits_and_what_comes_and_frees_its_senders() -> None:
+    mailbox: Mailbox[str] = Mailbox(1)
+    mailbox.put_nowait("queued")
+    done: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for message in ["s1", "s2"]:
+            nursery.start_soon(put_and_note, mailbox, message, done)
+        await trio.testing.wait_all_tasks_blocked()
+        mailbox.close()
+    assert (sorted(done), len(mailbox), mailbox.senders_waiting) == (["s1", "s2"], 0, 0)
+    mailbox.put_nowait("late")
+    await mailbox.put("later")
+    assert not mailbox

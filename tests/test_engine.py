@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import gc
+import math
+import random
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -11,8 +17,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.node_actor import KEEP_IDLE
+from cosmoflow_actors.runtime.statistics import EngineStatistics
 from tests.support import Gate, Recorder, a_then_b, single
 
 
@@ -597,3 +607,582 @@ async def test_progress_counts_runs_as_they_start_and_end() -> None:
         await run.wait()
         ended = progress.snapshot()
     assert (ended.started, ended.succeeded, ended.in_flight) == (1, 1, 0)
+
+
+# Randomised stress: the kernel's promises under cancellation and backpressure. Each
+# scenario opens an engine with tiny mailboxes and few runs in flight, starts runs in
+# every way there is while nodes fail, sleep and forget awaits, callers give up, runs
+# are cancelled and the engine may be closed early; then it checks what must hold.
+
+FATES = ("ok", "sleep", "prep", "exec", "forget", "bad", "nowhere")
+"""What a stress step may do: succeed, sleep first, raise in prep or exec, leave a store
+call unawaited, return a bad action, or return an action no route takes."""
+FATE_WEIGHTS = (30, 20, 1, 1, 1, 1, 1)
+DELAYS = (0.0, 0.5, 1.0, 3.0)
+
+
+class Fault(Exception):
+    """A failure a stress node injected into run ``run_id`` at ``node_id``."""
+
+    def __init__(self, run_id: str, node_id: str) -> None:
+        super().__init__(f"planned failure of run {run_id} at {node_id}")
+        self.run_id = run_id
+        self.node_id = node_id
+
+
+class Ledger:
+    """What the stress nodes did and saw: their draws, the failures they injected (by
+    run), the runs whose steps started and ended at each actor (in order), and every
+    breach of a promise they observed."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.engine: cf.Engine | None = None
+        self.breaches: list[str] = []
+        self.started: dict[str, list[str]] = defaultdict(list)
+        self.ended: dict[str, list[str]] = defaultdict(list)
+        self.faults: dict[str, list[str]] = defaultdict(list)
+
+    def fate(self) -> str:
+        return self.rng.choices(FATES, FATE_WEIGHTS)[0]
+
+    def delay(self) -> float:
+        return self.rng.choice(DELAYS)
+
+    def inject(self, ctx: cf.ExecutionContext, kind: str) -> None:
+        self.faults[ctx.run_id].append(f"{kind}@{ctx.node_id}")
+
+    def step_started(self, ctx: cf.ExecutionContext, limit: int | None) -> None:
+        """Record the step's start; its actor must hold at most ``limit`` steps."""
+        name = f"{ctx.flow_name}/{ctx.node_id}"
+        self.started[name].append(ctx.run_id)
+        assert self.engine is not None
+        in_flight = self.engine.statistics().actor(name).in_flight
+        if limit is not None and in_flight > limit:
+            self.breaches.append(f"{name}: {in_flight} steps in flight, limit {limit}")
+
+    def step_ended(self, ctx: cf.ExecutionContext) -> None:
+        self.ended[f"{ctx.flow_name}/{ctx.node_id}"].append(ctx.run_id)
+
+    def faults_of(self, run_id: str) -> list[str]:
+        """The failures injected into ``run_id`` and the runs it waited for inside
+        its steps (``run_id/...``)."""
+        return [
+            fault
+            for other, faults in self.faults.items()
+            if _own(run_id, other)
+            for fault in faults
+        ]
+
+
+def _own(run_id: str, other: str) -> bool:
+    """Whether ``other`` is ``run_id`` or a run one of its steps waited for."""
+    return other == run_id or other.startswith(f"{run_id}/")
+
+
+class Probe(cf.Node):
+    """A stress step: does what the ledger draws, and counts the execs inside at once
+    (never more than max_concurrency)."""
+
+    def __init__(self, ledger: Ledger, *, final: bool = False, **config: Any) -> None:
+        super().__init__(**config)
+        self.ledger = ledger
+        self.final = final
+        """Whether the node has no routes (an unknown action then ends its flow)."""
+        self.inside = 0
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> str:
+        self.ledger.step_started(ctx, self.max_concurrency)
+        fate = self.ledger.fate()
+        if fate == "prep":
+            self.ledger.inject(ctx, fate)
+            raise Fault(ctx.run_id, ctx.node_id)
+        return fate
+
+    async def exec(self, fate: str, ctx: cf.ExecutionContext) -> None:
+        self.inside += 1
+        try:
+            limit = self.max_concurrency
+            if limit is not None and self.inside > limit:
+                self.ledger.breaches.append(f"{ctx.node_id}: {self.inside} execs, limit {limit}")
+            if fate == "sleep":
+                await trio.sleep(self.ledger.delay())
+            if fate == "exec":
+                self.ledger.inject(ctx, fate)
+                raise Fault(ctx.run_id, ctx.node_id)
+        finally:
+            self.inside -= 1
+
+    async def post(
+        self, store: cf.SharedStore, fate: str, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> Any:
+        await store.update("steps", lambda n: n + 1, default=0)
+        self.ledger.step_ended(ctx)
+        if fate == "forget":
+            self.ledger.inject(ctx, fate)
+            store.set("lost", ctx.run_id)  # never awaited: fails the step
+        elif fate == "bad":
+            self.ledger.inject(ctx, fate)
+            return 42
+        elif fate == "nowhere" and not self.final:
+            self.ledger.inject(ctx, fate)
+            return "nowhere"
+        return None
+
+
+class Items(cf.ParallelBatchNode):
+    """A stress batch node: a few items, each maybe sleeping or failing; the items of
+    one step inside at once never exceed max_concurrency."""
+
+    def __init__(self, ledger: Ledger, **config: Any) -> None:
+        super().__init__(**config)
+        self.ledger = ledger
+        self.inside: collections.Counter[str] = collections.Counter()
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[str]:
+        self.ledger.step_started(ctx, self.max_concurrency)
+        return [self.ledger.fate() for _ in range(self.ledger.rng.randint(0, 3))]
+
+    async def exec(self, fate: str, ctx: cf.ExecutionContext) -> None:
+        self.inside[ctx.run_id] += 1
+        try:
+            limit = self.max_concurrency
+            if limit is not None and self.inside[ctx.run_id] > limit:
+                self.ledger.breaches.append(f"{ctx.run_id}: items above {limit}")
+            await trio.sleep(self.ledger.delay() if fate == "sleep" else 0)
+            if fate == "exec":
+                self.ledger.inject(ctx, fate)
+                raise Fault(ctx.run_id, ctx.node_id)
+        finally:
+            self.inside[ctx.run_id] -= 1
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        self.ledger.step_ended(ctx)
+
+
+class Children(cf.BatchFlow):
+    """A stress BatchFlow: zero to three child runs of its sub-flow."""
+
+    def __init__(self, flow: cf.Flow, ledger: Ledger, **config: Any) -> None:
+        super().__init__(flow, **config)
+        self.ledger = ledger
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        self.ledger.step_started(ctx, self.max_concurrency)
+        return [{"child": index} for index in range(self.ledger.rng.randint(0, 3))]
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        self.ledger.step_ended(ctx)
+
+
+class Nester(cf.Node):
+    """A stress step that starts a run of ``inner`` on the engine: waits for it
+    (``<run>/n``, its failure fails this step), or leaves it running (``<run>~n``)."""
+
+    def __init__(self, ledger: Ledger, inner: cf.Flow, **config: Any) -> None:
+        super().__init__(**config)
+        self.ledger = ledger
+        self.inner = inner
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> None:
+        self.ledger.step_started(ctx, self.max_concurrency)
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        engine = self.ledger.engine
+        assert engine is not None
+        how = self.ledger.rng.choice(["run", "start", "nowait"])
+        if how == "run":
+            await engine.run(self.inner, run_id=f"{ctx.run_id}/n")
+        elif how == "start":
+            await engine.start_run(self.inner, run_id=f"{ctx.run_id}~n")
+        else:
+            with contextlib.suppress(trio.WouldBlock):
+                engine.start_run_nowait(self.inner, run_id=f"{ctx.run_id}~n")
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        self.ledger.step_ended(ctx)
+
+
+FEEDS = {
+    "chain/b": "chain/a",
+    "chain/c": "chain/b",
+    "fan/b": "fan/a",
+    "batch/children": "batch/items",
+    "batch/nest": "batch/children",
+}
+"""Each stress node reached from one node alone, and sent its step as soon as that
+node's step has ended: the node that sends it its steps. (fan/c is not: a fan-out
+sends its first branch first, which may wait for room.)"""
+
+
+def stress_flows(ledger: Ledger) -> list[cf.Flow]:
+    """The flows a stress scenario runs: a chain, a fan-out to a join, and a batch node
+    followed by a BatchFlow and a step that starts runs; each node's max_concurrency
+    drawn from 1 to 3 or None."""
+    rng = ledger.rng
+
+    def limit() -> int | None:
+        return rng.choice([1, 1, 2, 3, None])
+
+    def probe(*, final: bool = False) -> Probe:
+        return Probe(ledger, final=final, max_concurrency=limit())
+
+    chain = cf.Flow.builder("chain").add_node("a", probe()).add_node("b", probe())
+    chain = chain.add_node("c", probe(final=True)).add_route("a", "b").add_route("b", "c")
+    fan = cf.Flow.builder("fan").add_node("a", probe()).add_node("b", probe())
+    fan = fan.add_node("c", probe()).add_join("d", probe(final=True))
+    fan = fan.add_route("a", ["b", "c"]).add_route("b", "d").add_route("c", "d")
+    leaf = single(probe(final=True), "leaf")
+    built_chain = chain.build()
+    batch = cf.Flow.builder("batch").add_node("items", Items(ledger, max_concurrency=limit()))
+    batch = batch.add_node("children", Children(leaf, ledger, max_concurrency=limit()))
+    batch = batch.add_node("nest", Nester(ledger, built_chain, max_concurrency=limit()))
+    batch = batch.add_route("items", "children").add_route("children", "nest")
+    return [built_chain, fan.build(), batch.build()]
+
+
+@dataclass
+class Caller:
+    """One run the scenario started (or tried to), and what became of it."""
+
+    run_id: str
+    how: str
+    handle: cf.Run | None = None
+    result: cf.FlowResult | None = None
+    error: BaseException | None = None
+    refused: bool = False
+    """start_run_nowait raised WouldBlock."""
+    gave_up: float | None = None
+    """When the caller of engine.run was cancelled (its own deadline), if it was."""
+    cancelled: bool = False
+    """run.cancel() found the run in flight."""
+
+
+class LimitWatch(trio.abc.Instrument):
+    """Checks, after every task step, that no actor holds more steps than its limit or
+    more messages than its mailbox, and that admission gives no slot it lacks."""
+
+    def __init__(self, engine: cf.Engine) -> None:
+        self.engine = engine
+        self.breaches: list[str] = []
+        self.busiest: dict[str, int] = defaultdict(int)
+        self.fullest: dict[str, int] = defaultdict(int)
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        for actor in self.engine.statistics().actors:
+            limit = actor.max_concurrency
+            if actor.in_flight < 0 or (limit is not None and actor.in_flight > limit):
+                self.breaches.append(f"{actor.name}: {actor.in_flight} in flight")
+            size = actor.mailbox_size
+            if size is not None and actor.mailbox_depth > size:
+                self.breaches.append(f"{actor.name}: {actor.mailbox_depth} queued")
+            self.busiest[actor.name] = max(self.busiest[actor.name], actor.in_flight)
+            self.fullest[actor.name] = max(self.fullest[actor.name], actor.mailbox_depth)
+        admission = self.engine._admission
+        if admission is not None:
+            free, waiting = admission._free, admission.waiting
+            if free < 0 or (waiting and free):
+                self.breaches.append(f"admission: {free} free, {waiting} waiting")
+
+
+async def record_events(
+    engine: cf.Engine, events: list[cf.Event], *, task_status: trio.TaskStatus[None]
+) -> None:
+    """Keep every event of ``engine`` until it closes."""
+    async with engine.events(buffer=1_000_000) as stream:
+        task_status.started()
+        async for event in stream:
+            events.append(event)
+
+
+async def call_run(engine: cf.Engine, flow: cf.Flow, caller: Caller, patience: float) -> None:
+    """engine.run, given up after ``patience`` seconds."""
+    with trio.move_on_after(patience) as scope:
+        try:
+            caller.result = await engine.run(flow, run_id=caller.run_id)
+        except Exception as exc:
+            caller.error = exc
+    if scope.cancelled_caught:
+        caller.gave_up = trio.current_time()
+
+
+async def call_start(
+    engine: cf.Engine, flow: cf.Flow, caller: Caller, ledger: Ledger, patience: float
+) -> None:
+    """start_run (given up after ``patience`` seconds); then maybe wait, maybe cancel."""
+    with trio.move_on_after(patience):
+        caller.handle = await engine.start_run(flow, run_id=caller.run_id)
+    await then_wait_or_cancel(caller, ledger)
+
+
+async def then_wait_or_cancel(caller: Caller, ledger: Ledger) -> None:
+    """Leave the run be, wait for it, or cancel it after a while."""
+    handle = caller.handle
+    if handle is None:
+        return
+    choice = ledger.rng.choice(["leave", "wait", "cancel"])
+    if choice == "wait":
+        with contextlib.suppress(Exception):
+            await handle.wait()
+    elif choice == "cancel":
+        await trio.sleep(ledger.delay())
+        in_flight = not handle.current_state.finished
+        handle.cancel()
+        caller.cancelled = in_flight
+        if in_flight and handle.current_state is not cf.RunState.CANCELLED:
+            ledger.breaches.append(f"{caller.run_id}: {handle.current_state} after cancel()")
+
+
+def start_one(
+    engine: cf.Engine, nursery: trio.Nursery, flow: cf.Flow, ledger: Ledger, run_id: str
+) -> Caller:
+    """Start a run of ``flow`` in one of the ways there are, drawn."""
+    rng = ledger.rng
+    caller = Caller(run_id, rng.choice(["run", "start", "nowait"]))
+    patience = rng.choice([math.inf, math.inf, 0.0, 0.5, 2.0])
+    if caller.how == "run":
+        nursery.start_soon(call_run, engine, flow, caller, patience)
+    elif caller.how == "start":
+        nursery.start_soon(call_start, engine, flow, caller, ledger, patience)
+    else:
+        try:
+            caller.handle = engine.start_run_nowait(flow, run_id=run_id)
+        except trio.WouldBlock:
+            caller.refused = True
+        nursery.start_soon(then_wait_or_cancel, caller, ledger)
+    return caller
+
+
+@dataclass
+class Scenario:
+    """What a stress scenario did, for the checks."""
+
+    ledger: Ledger
+    engine: cf.Engine
+    watch: LimitWatch
+    callers: list[Caller]
+    events: list[cf.Event] | None
+    closed_early: bool
+    max_runs: int | None
+
+
+async def stress(seed: int, mailbox_size: int, max_runs: int | None, runs: int) -> Scenario:
+    """Run one drawn scenario to its end (the engine closed); blocks until then."""
+    ledger = Ledger(random.Random(seed))
+    rng = ledger.rng
+    flows = stress_flows(ledger)
+    callers: list[Caller] = []
+    events: list[cf.Event] | None = [] if rng.random() < 0.5 else None
+    close_at = rng.choice([None, None, None, 0.0, 1.0, 4.0])
+    with trio.fail_after(100_000):  # a deadlock: the clock jumps here
+        async with trio.open_nursery() as outer:
+            with trio.CancelScope() as engine_scope:
+                async with cf.open_engine(mailbox_size=mailbox_size, max_runs=max_runs) as engine:
+                    ledger.engine = engine
+                    watch = LimitWatch(engine)
+                    trio.lowlevel.add_instrument(watch)
+                    if events is not None:
+                        await outer.start(record_events, engine, events)
+                    async with trio.open_nursery() as nursery:
+                        if close_at is not None:
+                            nursery.start_soon(_cancel_after, engine_scope, close_at)
+                        for index in range(runs):
+                            flow = rng.choice(flows)
+                            callers.append(start_one(engine, nursery, flow, ledger, f"r{index}"))
+                            await trio.sleep(rng.choice([0, 0, 0.25, 1]))
+                    await _check_quiet(engine)
+    trio.lowlevel.remove_instrument(watch)
+    return Scenario(ledger, engine, watch, callers, events, close_at is not None, max_runs)
+
+
+async def _cancel_after(scope: trio.CancelScope, delay: float) -> None:
+    await trio.sleep(delay)
+    scope.cancel()
+
+
+async def _check_quiet(engine: cf.Engine) -> None:
+    """Once every run has ended and the engine has nothing left to do: no step in
+    flight or queued, and at most KEEP_IDLE workers parked per node actor."""
+    await engine._wait_idle()
+    await trio.testing.wait_all_tasks_blocked()
+    for actor in engine._node_actors.values():
+        assert (actor.busy, len(actor.mailbox)) == (0, 0), actor.name
+        assert actor._nursery is not None
+        assert len(actor._nursery.child_tasks) <= KEEP_IDLE, actor.name
+
+
+def check_scenario(scenario: Scenario) -> None:
+    """Everything that must hold once a stress scenario's engine has closed."""
+    ledger, engine = scenario.ledger, scenario.engine
+    assert ledger.breaches == [] and scenario.watch.breaches == []
+    stats = engine.statistics()
+    assert stats.runs_in_flight == 0
+    ended = stats.runs_succeeded + stats.runs_failed + stats.runs_cancelled
+    assert stats.runs_started == ended
+    for actor in stats.actors:
+        assert (actor.in_flight, actor.mailbox_depth, actor.senders_waiting) == (0, 0, 0), actor
+    assert engine._router.carriers == set()
+    admission = engine._admission
+    if admission is not None:
+        assert (admission._free, admission.waiting) == (scenario.max_runs, 0)
+    _check_fifo(ledger, {actor.name: actor.max_concurrency for actor in stats.actors})
+    ends = _run_ends(scenario.events, stats) if scenario.events is not None else None
+    for caller in scenario.callers:
+        _check_caller(caller, scenario, ends)
+
+
+def _check_fifo(ledger: Ledger, limits: dict[str, int | None]) -> None:
+    """At a node of one slot reached from one node alone, steps start in the order
+    their previous steps ended (sent in that order, they are handled in that order)."""
+    for name, sender in FEEDS.items():
+        if limits.get(name) == 1:
+            assert _subsequence(ledger.started[name], ledger.ended[sender]), name
+
+
+def _subsequence(items: list[str], of: list[str]) -> bool:
+    remaining = iter(of)
+    return all(item in remaining for item in items)
+
+
+def _run_ends(events: list[cf.Event], stats: EngineStatistics) -> dict[str, cf.Event]:
+    """Each run's end event; every run started ends once, none is dropped."""
+    assert not any(isinstance(event, cf.EventsDropped) for event in events)
+    started = [e.run_id for e in events if isinstance(e, cf.RunStarted)]
+    ends = [e for e in events if isinstance(e, cf.RunFinished | cf.RunFailed | cf.RunCancelled)]
+    assert sorted(started) == sorted(e.run_id for e in ends)
+    assert len(set(started)) == len(started) == stats.runs_started
+    return {e.run_id: e for e in ends}
+
+
+def _check_caller(caller: Caller, scenario: Scenario, ends: dict[str, cf.Event] | None) -> None:
+    """The run ``caller`` started ended as what happened to it says it must."""
+    if ends is not None:
+        _check_end_event(caller, ends.get(caller.run_id))
+    handle = caller.handle
+    if handle is not None:
+        state = handle.current_state
+        assert state.finished, caller
+        if caller.cancelled:
+            assert state is cf.RunState.CANCELLED, caller
+        _check_ending(caller, scenario, handle.result, handle.error)
+    elif caller.result is not None or caller.error is not None:
+        _check_ending(caller, scenario, caller.result, caller.error)
+
+
+def _check_end_event(caller: Caller, end: cf.Event | None) -> None:
+    """A refused start started no run; a run whose caller gave up was cancelled, unless
+    it ended at that very moment (in another task, before the caller's cancellation
+    was handled)."""
+    if caller.refused:
+        assert end is None, (caller, end)
+    if caller.gave_up is not None and end is not None:
+        assert isinstance(end, cf.RunCancelled) or end.time == caller.gave_up, (caller, end)
+
+
+def _check_ending(
+    caller: Caller,
+    scenario: Scenario,
+    result: cf.FlowResult | None,
+    error: BaseException | None,
+) -> None:
+    faults = scenario.ledger.faults_of(caller.run_id)
+    if result is not None:
+        assert result.run_id == caller.run_id
+        assert faults == [], (caller, faults)
+    elif isinstance(error, cf.RunCancelledError):
+        assert caller.cancelled or scenario.closed_early, caller
+    else:
+        assert error is not None
+        _check_provenance(caller.run_id, error, faults)
+
+
+def _check_provenance(run_id: str, error: BaseException, faults: list[str]) -> None:
+    """``error`` failed ``run_id``: it must come from a failure injected into that run
+    (or into a run it waited for), never from another run."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, cf.NodeError | Fault):
+            assert _own(run_id, cause.run_id), (run_id, error)
+        bottom = cause
+        cause = cause.__cause__
+    kinds = {fault.split("@")[0] for fault in faults}
+    expected = {
+        Fault: {"prep", "exec"},
+        RuntimeError: {"forget"},
+        TypeError: {"bad"},
+        cf.NoRouteError: {"nowhere"},
+    }.get(type(bottom))
+    assert expected is not None and kinds & expected, (run_id, error, faults)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32),
+    mailbox_size=st.integers(1, 3),
+    max_runs=st.none() | st.integers(1, 5),
+    runs=st.integers(5, 40),
+)
+def test_random_runs_cancellations_and_failures_keep_every_promise(
+    seed: int, mailbox_size: int, max_runs: int | None, runs: int
+) -> None:
+    """Under random starts, failures, cancellations, give-ups and early closes: every
+    actor stays within its limits at every moment, a one-slot node takes steps in the
+    order they were sent, each run ends once, as what happened to it says, with an
+    error of its own, and the closed engine holds nothing."""
+    scenario = trio.run(
+        stress,
+        seed,
+        mailbox_size,
+        max_runs,
+        runs,
+        clock=trio.testing.MockClock(autojump_threshold=0),
+    )
+    check_scenario(scenario)
+
+
+class Paced(cf.Node):
+    """exec sleeps ``seconds``."""
+
+    def __init__(self, seconds: float, **config: Any) -> None:
+        super().__init__(**config)
+        self.seconds = seconds
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        await trio.sleep(self.seconds)
+
+
+async def test_no_actor_ever_holds_more_than_its_limits_while_runs_are_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Checked after every task step while 300 runs crowd three nodes of one to three
+    slots and one-step mailboxes: no actor ever holds more steps than its slots or more
+    messages than its mailbox, and admission never leaves a slot free while a caller
+    waits. The load reaches every limit (so the checks saw them reached)."""
+    nodes = {"a": Paced(1, max_concurrency=3), "b": Paced(2, max_concurrency=1)}
+    nodes["c"] = Paced(5, max_concurrency=2)
+    builder = cf.Flow.builder("crowded")
+    for node_id, node in nodes.items():
+        builder.add_node(node_id, node)
+    flow = builder.add_route("a", "b").add_route("b", "c").build()
+    async with cf.open_engine(mailbox_size=1, max_runs=5) as engine:
+        watch = LimitWatch(engine)
+        trio.lowlevel.add_instrument(watch)
+        async with trio.open_nursery() as nursery:
+            for _ in range(100):
+                nursery.start_soon(engine.run, flow)
+            runs = [await engine.start_run(flow) for _ in range(100)]
+            for _ in range(100):
+                with contextlib.suppress(trio.WouldBlock):
+                    runs.append(engine.start_run_nowait(flow))
+                await trio.sleep(0.5)
+        trio.lowlevel.remove_instrument(watch)
+    assert watch.breaches == []
+    assert [watch.busiest[f"crowded/{n}"] for n in "abc"] == [3, 1, 2]
+    assert [watch.fullest[f"crowded/{n}"] for n in "abc"] == [1, 1, 1]
+    assert engine.statistics().runs_succeeded == 200 + len(runs) - 100

@@ -781,3 +781,116 @@ async def test_a_node_exiting_while_its_run_is_cancelled_fails_only_that_run() -
         assert (await other.wait()).success
         assert (await engine.run(single(Recorder()))).success
     assert victim.current_state == cf.RunState.CANCELLED
+
+
+class SlowToStop(cf.Node):
+    """exec waits until cancelled, then takes ``cleanup`` seconds, shielded, to stop."""
+
+    max_concurrency = 1
+
+    def __init__(self, cleanup: float) -> None:
+        super().__init__()
+        self.cleanup = cleanup
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(self.cleanup)
+
+
+async def test_a_handed_off_step_ending_after_its_node_stopped_closes_the_engine_cleanly(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker of ``a`` carries a step of ``b`` that is still stopping when ``b`` has
+    stopped with the engine; the step queued behind it is dropped (its run is cancelled),
+    not started in b's closed nursery, and b's slot is free."""
+    flow = cf.Flow.builder("stop").add_node("a", Recorder()).add_node("b", SlowToStop(1.0))
+    flow = flow.add_route("a", "b").build()
+    with trio.CancelScope() as scope:
+        async with cf.open_engine(mailbox_size=1) as engine:
+            carried = await engine.start_run(flow)
+            queued = await engine.start_run(flow)
+            await trio.testing.wait_all_tasks_blocked()
+            stats = engine.statistics().actor("stop/b")
+            assert (stats.in_flight, stats.mailbox_depth) == (1, 1)
+            scope.cancel()
+    stats = engine.statistics().actor("stop/b")
+    assert (stats.in_flight, stats.mailbox_depth, stats.senders_waiting) == (0, 0, 0)
+    assert {carried.current_state, queued.current_state} == {cf.RunState.CANCELLED}
+
+
+class ComesBack(cf.Node):
+    """One slot; records each step's run as it starts. Run "held" waits in exec for
+    ``gate``; run "loops" comes back once (its step ends without a checkpoint)."""
+
+    max_concurrency = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.order: list[str] = []
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> None:
+        self.order.append(ctx.run_id)
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        if ctx.run_id == "held":
+            await self.gate.wait()
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> str | None:
+        if ctx.run_id == "loops" and not await store.contains("back"):
+            await store.set("back", True)
+            return "again"
+        return None
+
+
+async def test_a_sender_let_into_a_full_nodes_mailbox_is_not_overtaken_by_a_hand_off() -> None:
+    """The slot freed by "held" takes "loops" from the mailbox and lets the waiting
+    sender of "waits" in. "loops" ends at once and comes back to the node: it must
+    queue behind "waits", whose sender came first, not take the free slot. (Which of
+    the two woken tasks runs first is trio's choice; every try must keep the order.)"""
+    for _ in range(10):
+        node = ComesBack()
+        flow = cf.Flow.builder("loop").add_node("b", node).add_route("b", "b", "again")
+        flow = flow.add_route("b", cf.END).build()
+        async with cf.open_engine(mailbox_size=1) as engine, trio.open_nursery() as nursery:
+            await engine.start_run(flow, run_id="held")
+            await engine.start_run(flow, run_id="loops")
+            nursery.start_soon(partial(engine.start_run, flow, run_id="waits"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.statistics().actor("loop/b").senders_waiting == 1
+            node.gate.set()
+        assert node.order == ["held", "loops", "waits", "loops"]
+
+
+class FailsDoomed(cf.Node):
+    """exec raises at once in the run called "doomed"."""
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        if ctx.run_id == "doomed":
+            raise ValueError("doomed")
+
+
+async def test_a_run_ending_while_its_sender_waits_for_a_full_node_ends_its_caller_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The caller of engine.run fans out to ``b`` and ``c``; ``c`` is full, so the
+    caller waits for room there while ``b`` fails the run. engine.run raises the run's
+    error then, not once ``c`` has room; the step meant for ``c`` never runs."""
+    gate = Gate(max_concurrency=1, mailbox_size=1)
+    flow = cf.Flow.builder("fan").add_node("a", Recorder()).add_node("b", FailsDoomed())
+    flow = flow.add_node("c", gate).add_route("a", ["b", "c"]).build()
+    async with cf.open_engine() as engine:
+        held = [await engine.start_run(flow) for _ in range(2)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.statistics().actor("fan/c").mailbox_depth == 1
+        with trio.fail_after(60), pytest.raises(cf.NodeError, match="'b' failed in exec"):
+            await engine.run(flow, run_id="doomed")
+        assert engine.statistics().actor("fan/c").senders_waiting == 0
+        gate.open.set()
+        assert [(await run.wait()).success for run in held] == [True, True]
+    assert gate.entered == 2

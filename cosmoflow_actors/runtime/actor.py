@@ -20,7 +20,7 @@ module counts and orders.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from typing import ClassVar, Generic, TypeVar
 
 import trio
@@ -33,23 +33,23 @@ M = TypeVar("M")
 class Mailbox(Generic[M]):
     """A bounded FIFO queue of messages with at most one receiver task.
 
-    Senders that find it full park in arrival order and are let in one per message
-    taken out. Never blocks except in :meth:`put` (while full) and :meth:`wait` (while
-    empty).
+    Senders that find it full wait in arrival order with their messages; each message
+    taken out moves the longest waiter's message in at once, so a message let in is
+    never overtaken by one sent later. Once closed it drops every message. Never blocks
+    except in :meth:`put` (while full) and :meth:`wait` (while empty).
     """
 
-    __slots__ = ("_admitted", "_receiver", "_room", "capacity", "items")
+    __slots__ = ("_closed", "_receiver", "_senders", "capacity", "items")
 
     def __init__(self, capacity: float) -> None:
         self.capacity = capacity
         self.items: deque[M] = deque()
         """The messages waiting, oldest first (read it; change it only through the
         methods)."""
-        self._room = trio.lowlevel.ParkingLot()
-        self._admitted = 0
-        """Parked senders let in by :meth:`take` that have not appended yet: their room
-        is kept for them."""
+        self._senders: OrderedDict[trio.lowlevel.Task, M] = OrderedDict()
+        """The senders waiting for room, longest first, with their messages."""
         self._receiver: trio.lowlevel.Task | None = None
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self.items)
@@ -60,12 +60,12 @@ class Mailbox(Generic[M]):
     @property
     def has_room(self) -> bool:
         """Whether a message may be put now without overtaking a waiting sender."""
-        return len(self.items) + self._admitted < self.capacity and not self._room
+        return len(self.items) < self.capacity and not self._senders
 
     @property
     def senders_waiting(self) -> int:
-        """Senders parked until there is room."""
-        return self._room.statistics().tasks_waiting
+        """Senders waiting until there is room."""
+        return len(self._senders)
 
     def put_nowait(self, message: M) -> None:
         """Append ``message``; raise trio.WouldBlock when full. Never blocks."""
@@ -74,26 +74,46 @@ class Mailbox(Generic[M]):
         self._append(message)
 
     async def put(self, message: M) -> None:
-        """Append ``message``, waiting first while the mailbox is full.
+        """Append ``message``, waiting first while the mailbox is full (the message is
+        in when this returns).
 
         A checkpoint only when it waits. Cancelled while waiting, nothing is appended.
         """
-        if not self.has_room:
-            await self._room.park()
-            self._admitted -= 1
-        self._append(message)
+        if self.has_room:
+            self._append(message)
+            return
+        task = trio.lowlevel.current_task()
+        self._senders[task] = message
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            del self._senders[task]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def _append(self, message: M) -> None:
+        if self._closed:
+            return
         self.items.append(message)
         self.wake()
 
+    def close(self) -> None:
+        """Drop the messages waiting and take no more: every waiting sender returns,
+        its message dropped, and so is what any later sender puts. Never blocks."""
+        self._closed = True
+        self.items.clear()
+        while self._senders:
+            task, _ = self._senders.popitem(last=False)
+            trio.lowlevel.reschedule(task)
+
     def take(self) -> M:
-        """Remove and return the oldest message (the mailbox must not be empty); let
-        one waiting sender in. Never blocks."""
+        """Remove and return the oldest message (the mailbox must not be empty); the
+        longest waiting sender's message takes its place. Never blocks."""
         message = self.items.popleft()
-        if self._room:
-            self._admitted += 1
-            self._room.unpark()
+        if self._senders:
+            task, waiting = self._senders.popitem(last=False)
+            self._append(waiting)
+            trio.lowlevel.reschedule(task)
         return message
 
     def take_batch(self, most: int) -> list[M]:

@@ -112,22 +112,49 @@ class NodeActor(Actor[Step]):
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the workers' nursery until cancelled; start the steps sent before."""
+        """Hold the workers' nursery until cancelled; start the steps sent before.
+        Cancelled (the engine is closing), the actor stops before its nursery closes."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.serving = True
             self._drain()
             task_status.started()
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._stop()
 
-    async def send(self, step: Step) -> None:
+    def _stop(self) -> None:
+        """Take no more steps: the engine is closing, and it cancels every run in
+        flight, so the steps queued and those sent from now on are dropped. A step
+        still running (maybe in another actor's worker, handed off) frees its slot
+        as it ends; nothing starts in the nursery after this. Never blocks."""
+        # No slot left: the actor is never idle again and a freed slot takes nothing.
+        # (``serving`` stays: an exception leaving the nursery is still a crash.)
+        self.limit = 0
+        self.mailbox.close()
+
+    async def send(self, step: Step, scope: trio.CancelScope | None = None) -> None:
         """Deliver ``step``: to a worker at once when the actor is idle, else to the
-        mailbox. Blocks (a checkpoint) only while the mailbox is full."""
+        mailbox. Blocks (a checkpoint) only while the mailbox is full; meanwhile
+        ``scope`` (the sender's, if given) is in the run's scopes: if the run ends, the
+        wait is cancelled and the step dropped. A step of a run that has ended is
+        dropped at once."""
         if self.try_enter():
             self._dispatch(step)
             return
-        await self.mailbox.put(step)
-        self._drain()
+        mailbox = self.mailbox
+        if scope is None or mailbox.has_room:
+            await mailbox.put(step)
+            return
+        run = step.run
+        if run.finished:
+            return
+        run.scopes.append(scope)
+        try:
+            await mailbox.put(step)
+        finally:
+            run.scopes.remove(scope)
 
     def send_nowait(self, step: Step) -> None:
         """Like :meth:`send`; raises trio.WouldBlock instead of waiting. Never blocks."""
@@ -137,8 +164,8 @@ class NodeActor(Actor[Step]):
         self.mailbox.put_nowait(step)
 
     def _drain(self) -> None:
-        """Start what waits in the mailbox while slots are free (a slot freed while a
-        sender waited for room found nothing to take)."""
+        """Start what waits in the mailbox while slots are free (the steps sent before
+        the actor ran)."""
         while self.serving and self.mailbox and self.busy < self.limit:
             self.enter()
             self._dispatch(self.mailbox.take())
@@ -521,9 +548,10 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
     A step's slot is released once its outcome is known, before the router has it:
     when routing ends the run, the run's waiters find its last node free. Steps that
     cannot be handed off are sent to their actors (blocks while a mailbox is full,
-    holding no slot). Each step and its routing run in ``scope`` (see
-    :meth:`NodeActor.handle` and :meth:`Router.route_queued`), so nothing is carried on once
-    the run has ended.
+    holding no slot). Each step, its routing and the sending of the steps that follow
+    run in ``scope`` (see :meth:`NodeActor.handle`, :meth:`Router.route_queued` and
+    :meth:`NodeActor.send`), so nothing is carried on, nor waited for, once the run has
+    ended.
     """
     while True:
         actor = step.actor
@@ -541,10 +569,10 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
             return
         step = following.pop()
         for other in following:
-            await other.actor.send(other)
+            await other.actor.send(other, scope)
         # The caller of engine.run may have been cancelled during the step, with no
         # checkpoint since: the next step must not start.
         await trio.lowlevel.checkpoint_if_cancelled()
         if not step.actor.try_enter():
-            await step.actor.send(step)
+            await step.actor.send(step, scope)
             return
