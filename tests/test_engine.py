@@ -1186,3 +1186,22 @@ async def test_no_actor_ever_holds_more_than_its_limits_while_runs_are_in_flight
     assert [watch.busiest[f"crowded/{n}"] for n in "abc"] == [3, 1, 2]
     assert [watch.fullest[f"crowded/{n}"] for n in "abc"] == [1, 1, 1]
     assert engine.statistics().runs_succeeded == 200 + len(runs) - 100
+
+
+async def test_a_durable_run_whose_caller_is_cancelled_before_its_first_step_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    """The caller of engine.run is cancelled while the run's record is read: the run
+    ends CANCELLED, as any run whose caller is cancelled, not FAILED."""
+    flow = single(Recorder(), "durable")
+    async with cf.open_engine() as engine, engine.events() as events:
+        storage = cf.FileStorage(tmp_path / "store.json")
+        await engine.run(flow, storage, run_id="opens-the-store")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(engine.run, flow, storage, run_id="doomed"))
+            async for event in events:
+                if isinstance(event, cf.RunStarted) and event.run_id == "doomed":
+                    nursery.cancel_scope.cancel()
+                    break
+        stats = engine.statistics()
+    assert (stats.runs_succeeded, stats.runs_failed, stats.runs_cancelled) == (1, 0, 1)

@@ -23,7 +23,6 @@ import trio_parallel
 from cosmoflow_actors.errors import (
     ActorCrashedError,
     CosmoFlowError,
-    RunCancelledError,
 )
 from cosmoflow_actors.events import (
     DEFAULT_BUFFER as DEFAULT_EVENT_BUFFER,
@@ -335,8 +334,11 @@ class Engine:
         run = self._new_run(run_id, flow, storage, actor, on_finish)
         try:
             return run, await self._launch(run, first_params, resume=resume, durable=durable)
-        except BaseException as exc:
-            run.fail(exc if isinstance(exc, Exception) else RunCancelledError(str(exc)))
+        except Exception as exc:
+            run.fail(exc)
+            raise
+        except BaseException:
+            run.cancel()
             raise
 
     async def _launch_later(self, run: ActiveRun, params: dict[str, Any]) -> None:
