@@ -1,21 +1,23 @@
 """The flows tests/test_crash_resume.py runs, and the process it kills in the middle of them.
 
-Every node of these flows counts its steps in the store (``count:<node id>``), appends
-``"<execution id> <node id>"`` to its run's log (``log:<run id>``) and writes what its
-``exec`` returned under ``out:<execution id>``, all in ``post``. A step applied twice
-therefore shows in a counter and as a duplicate in a log. ``exec`` depends only on the
-step's context, so every run of a flow computes the same values.
+Every node of these flows counts its steps in the store (``prep:<node id>`` in ``prep``,
+``count:<node id>`` in ``post``), appends ``"<execution id> <node id>"`` to its run's
+log (``log:<run id>``) and writes what its ``exec`` returned under
+``out:<execution id>``, in ``post``. A step applied twice therefore shows in a counter
+and as a duplicate in a log. ``exec`` depends only on the step's context, so every run
+of a flow computes the same values.
 
 The nodes call a :class:`Hooks` at fixed points of each step. In the test process the
 hooks only note which steps ran (by execution id). In the killed process a
 :class:`Gate` also stops the run at a known place: it lets ``k`` steps reach ``post``
-and commit, and then stops the next one, either before it writes anything ("between"
-mode: at the start of its ``prep``, or of its ``post`` if its ``prep`` ran before the
-k-th step did) or after its ``post`` has staged its writes ("mid" mode). Every later
-step stops before its ``post`` writes. A stopped step waits for an event nobody sets,
-so after the k-th commit the process commits nothing more, whatever the kill's timing.
-In "end" mode, with ``k`` all the steps, the storage (:class:`HeldAtEnd`) stops the
-run instead, once its last step is committed and before its end is recorded.
+and commit, and then stops the next one: in "between" mode at the start of its
+``prep``, before it writes anything (or, if its ``prep`` ran before the k-th step's
+``post``, at the start of its ``post``); in "mid" mode once its ``post`` has staged its
+writes. Every later step stops at the start of its ``post``. A stopped step waits for
+an event nobody sets, so after the k-th commit the process commits nothing more,
+whatever the kill's timing. In "end" mode, with ``k`` all the steps, the storage
+(:class:`HeldAtEnd`) stops the run instead, once its last step is committed and before
+its end is recorded.
 
 ``python -m tests.crash_resume_worker serve`` imports everything once, then forks one
 child per JSON job line on stdin (``{"flow", "backend", "target", "namespace", "k",
@@ -125,6 +127,13 @@ def _append(entry: str, log: list[str]) -> list[str]:
     return [*log, entry]
 
 
+async def record_prep(hooks: Hooks, store: cf.SharedStore, ctx: cf.ExecutionContext) -> None:
+    """The write every step makes in ``prep``, after the hook: it counts the step in
+    ``prep:<node id>``, staged with the step's other writes."""
+    await hooks.prep(ctx)
+    await store.update(f"prep:{ctx.node_id}", _increment, default=0)
+
+
 async def record_step(
     hooks: Hooks,
     store: cf.SharedStore,
@@ -172,7 +181,7 @@ class Step(cf.Node):
         self.decides = decides
 
     async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> None:
-        await self.hooks.prep(ctx)
+        await record_prep(self.hooks, store, ctx)
 
     def exec(self, prep_res: None, ctx: cf.ExecutionContext) -> dict[str, Any]:
         self.hooks.exec(ctx)
@@ -214,7 +223,7 @@ class Each(cf.BatchFlow):
         self.hooks = hooks
 
     async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, str]]:
-        await self.hooks.prep(ctx)
+        await record_prep(self.hooks, store, ctx)
         return [{"name": name} for name in NAMES]
 
     async def post(

@@ -231,6 +231,8 @@ def check_interrupted(data: dict[str, Any], committed: list[str], context: str) 
         if key.startswith("count:") and key.count(":") == 1
     }
     assert counters == dict(counted), context
+    preps = {key.removeprefix("prep:"): n for key, n in data.items() if key.startswith("prep:")}
+    assert preps == counters, f"{context}: writes of prep and post committed apart"
     for key, record in data.items():
         if key.startswith(RECORD_PREFIX):
             run_id = key.removeprefix(RECORD_PREFIX)
