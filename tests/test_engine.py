@@ -1205,3 +1205,36 @@ async def test_a_durable_run_whose_caller_is_cancelled_before_its_first_step_is_
                     break
         stats = engine.statistics()
     assert (stats.runs_succeeded, stats.runs_failed, stats.runs_cancelled) == (1, 0, 1)
+
+
+class CancelAtSpawn(trio.abc.Instrument):
+    """Cancels ``scope`` as soon as a task whose name ends with ``name`` is spawned."""
+
+    def __init__(self, scope: trio.CancelScope, name: str) -> None:
+        self.scope = scope
+        self.name = name
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.name):
+            self.scope.cancel()
+
+
+async def test_a_caller_cancelled_as_its_flows_node_actors_start_leaves_the_flow_runnable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The first run of a flow starts the flow's node actors; its caller is cancelled
+    as the first actor's task is spawned. Every node actor of the flow must still
+    serve: a later run of the flow succeeds."""
+    flow = a_then_b("registers")
+    async with cf.open_engine() as engine:
+        with trio.CancelScope() as scope:
+            spawn = CancelAtSpawn(scope, "_supervise")
+            trio.lowlevel.add_instrument(spawn)
+            try:
+                await engine.run(flow)
+            finally:
+                trio.lowlevel.remove_instrument(spawn)
+        assert scope.cancelled_caught
+        with trio.fail_after(60):
+            result = await engine.run(flow)
+    assert result.execution_path == ("a", "b")

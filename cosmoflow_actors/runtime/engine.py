@@ -1,7 +1,9 @@
 """The engine: one trio nursery holding the router, the node actors and the store actors.
 
-``open_engine()`` is the only way to get an engine. Actors start with ``nursery.start``
-and are ready before first use. A crashing actor fails every run in flight with
+``open_engine()`` is the only way to get an engine. The router and the store actors start
+with ``nursery.start`` and are ready before first use; a flow's node actors start with
+``start_soon`` when it is first run (steps sent before one runs wait in its mailbox).
+A crashing actor fails every run in flight with
 ActorCrashedError and its exception leaves ``open_engine``; leaving the block normally
 waits for the runs started in it.
 """
@@ -495,24 +497,28 @@ class Engine:
         return self._node_actors[flow, node_id]
 
     async def _register(self, flow: Flow) -> None:
-        """Start a node actor for every node of ``flow`` and of the flows nested in it,
-        each ready (``nursery.start``) before this returns.
+        """Start a node actor for every node of ``flow`` and of the flows nested in it
+        (see :meth:`_register_nowait`), after setting up the worker processes or Ray
+        the flow needs, if not done yet (blocks only for that).
+
+        The actors start in the engine's nursery, all at once, whatever becomes of the
+        caller: one started by ``nursery.start`` for a caller cancelled meanwhile would
+        stay in the caller's cancelled scope and stop at once.
         """
         if flow in self._registered:
             return
-        self._condition_keys[flow] = condition_keys(flow)
         if self._workers is None and _needs_workers(flow):
             self._workers = await self._nursery.start(self._hold_workers)
         if not self._ray_connected and _needs_workers(flow, "ray"):
             await self._connect_ray()
-        for actor in self._new_node_actors(flow):
-            await self._nursery.start(self._supervise, actor)
+        self._register_nowait(flow)
 
     def _register_nowait(self, flow: Flow) -> None:
-        """Like :meth:`_register`, without waiting: a node actor needs no set-up, and
-        steps sent before it runs wait in its mailbox. Raises trio.WouldBlock when the
-        flow needs worker processes or Ray that the engine has not set up yet (a flow
-        registered before had them set up then)."""
+        """Start a node actor for every node of ``flow`` and of the flows nested in it
+        (``start_soon`` in the engine's nursery), without waiting: a node actor needs
+        no set-up, and steps sent before it runs wait in its mailbox. Raises
+        trio.WouldBlock when the flow needs worker processes or Ray that the engine has
+        not set up yet (a flow registered before had them set up then)."""
         if flow in self._registered:
             return
         if self._workers is None and _needs_workers(flow):
