@@ -730,9 +730,9 @@ class Probe(cf.Node):
         return None
 
 
-class Items(cf.ParallelBatchNode):
-    """A stress batch node: a few items, each maybe sleeping or failing; the items of
-    one step inside at once never exceed max_concurrency."""
+class Items(cf.BatchNode):
+    """A stress batch node: a few items, each maybe sleeping or failing, one after the
+    other (:class:`ParallelItems`: at once, never more than max_concurrency)."""
 
     def __init__(self, ledger: Ledger, **config: Any) -> None:
         super().__init__(**config)
@@ -746,7 +746,7 @@ class Items(cf.ParallelBatchNode):
     async def exec(self, fate: str, ctx: cf.ExecutionContext) -> None:
         self.inside[ctx.run_id] += 1
         try:
-            limit = self.max_concurrency
+            limit = self.max_concurrency if isinstance(self, cf.ParallelBatchNode) else 1
             if limit is not None and self.inside[ctx.run_id] > limit:
                 self.ledger.breaches.append(f"{ctx.run_id}: items above {limit}")
             await trio.sleep(self.ledger.delay() if fate == "sleep" else 0)
@@ -760,6 +760,10 @@ class Items(cf.ParallelBatchNode):
         self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
     ) -> None:
         self.ledger.step_ended(ctx)
+
+
+class ParallelItems(Items, cf.ParallelBatchNode):
+    """:class:`Items`, run at once."""
 
 
 class Children(cf.BatchFlow):
@@ -840,7 +844,8 @@ def stress_flows(ledger: Ledger) -> list[cf.Flow]:
     fan = fan.add_route("a", ["b", "c"]).add_route("b", "d").add_route("c", "d")
     leaf = single(probe(final=True), "leaf")
     built_chain = chain.build()
-    batch = cf.Flow.builder("batch").add_node("items", Items(ledger, max_concurrency=limit()))
+    items = rng.choice([Items, ParallelItems])(ledger, max_concurrency=limit())
+    batch = cf.Flow.builder("batch").add_node("items", items)
     batch = batch.add_node("children", Children(leaf, ledger, max_concurrency=limit()))
     batch = batch.add_node("nest", Nester(ledger, built_chain, max_concurrency=limit()))
     batch = batch.add_route("items", "children").add_route("children", "nest")
