@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import collections
+import itertools
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.storage.base import RECORD_PREFIX
@@ -772,3 +778,915 @@ async def test_the_router_learns_only_plain_hops() -> None:
         learnt = engine._router._hops.items()
         hops = {(node, action): actor.node_id for (f, node, action), actor in learnt if f is flow}
     assert hops == {("inner", "default"): "b", ("j", "on"): "c"}
+
+
+class Gated(cf.Node):
+    """Says it has started, then waits for its gate before it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = trio.Event()
+        self.gate = trio.Event()
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self.started.set()
+        await self.gate.wait()
+
+
+class RecordOf(cf.Node):
+    """Completes with the record of the durable run ``run_id``."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__()
+        self.run_id = run_id
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(await store.get(RECORD_PREFIX + self.run_id))
+
+
+class CommitHeldAtW(cf.SQLiteStorage):
+    """A real SQLiteStorage that says when each node's step has committed, and holds
+    the commit of node "w"'s step until ``release``: the run's commits wait meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.committed: dict[str, trio.Event] = {"x": trio.Event(), "w": trio.Event()}
+        self.holding = trio.Event()
+        self.release = trio.Event()
+
+    async def commit_step(
+        self, ops: list[Any], record_key: str, record: Any, steps_before: int
+    ) -> bool:
+        node_id = record["last"]["node"]
+        if node_id == "w":
+            self.holding.set()
+            await self.release.wait()
+        done = await super().commit_step(ops, record_key, record, steps_before)
+        if node_id in self.committed:
+            self.committed[node_id].set()
+        return done
+
+
+async def test_a_durable_run_failing_while_a_branch_waits_to_commit_keeps_it_resumable(
+    tmp_path: Path,
+) -> None:
+    """A branch's routing fails (its nested flow's fan-out exceeds max_steps) while
+    another branch waits to commit a step: that commit, and the failure's record, still
+    hold the failing branch, so resume routes it again and fails the same way (a
+    branch left out of the record made the resumed run wait for it forever)."""
+    x, w, c = Gated(), Gated(), Gated()
+    inner = (
+        cf.Flow.builder("inner")
+        .add_node("x", x)
+        .add_node("y", Recorder())
+        .add_node("z", Recorder())
+        .add_route("x", ["y", "z"])
+        .max_steps(1)
+        .build()
+    )
+    flow = (
+        cf.Flow.builder("held-commit")
+        .add_node("a", Recorder())
+        .add_node("sub", inner)
+        .add_node("w", w)
+        .add_node("c", c)
+        .add_join("j", Recorder())
+        .add_route("a", ["sub", "w", "c"])
+        .add_route("w", "j")
+        .add_route("c", "j")
+        .build()
+    )
+    storage = CommitHeldAtW(tmp_path / "runs.db")
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(flow, storage, run_id="r")
+        for node in (x, w, c):
+            await node.started.wait()
+        async with router_held(engine, tmp_path / "held.json"):
+            x.gate.set()
+            await storage.committed["x"].wait()
+            w.gate.set()
+            await storage.holding.wait()
+            c.gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            # x's outcome waits for the router; w's commit holds the run's commits,
+            # and c's waits behind it.
+            assert engine.statistics().actor("router").mailbox_depth == 1
+        await trio.testing.wait_all_tasks_blocked()
+        storage.release.set()
+        with pytest.raises(cf.MaxStepsExceeded):
+            await run.wait()
+        record = (await engine.run(single(RecordOf("r"), "record"), storage)).result
+        assert "x" in [branch.get("node") for branch in record["branches"]]
+        with pytest.raises(cf.MaxStepsExceeded):
+            await engine.resume(flow, storage, run_id="r")
+
+
+# Differential test: the engine against a reference interpreter of the documented
+# routing rules (docs/concepts.md "Routing rules", docs/concurrency.md "Fan-out and join",
+# docs/howto-nested-flows.md), on random flows.
+
+ACTION_NAMES = ("default", "go", "again", "hi", "lo", "out")
+
+
+@dataclass(frozen=True)
+class Cond:
+    """A test of one store key: ``value op number`` (a missing or non-int value fails
+    it), or ``key in store`` for the op "exists"."""
+
+    key: str
+    op: str
+    number: int
+
+    def holds(self, values: Mapping[str, Any]) -> bool:
+        """Whether the test holds for ``values``, in plain Python."""
+        if self.op == "exists":
+            return self.key in values
+        value = values.get(self.key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return False
+        if self.op == "<":
+            return value < self.number
+        if self.op == ">=":
+            return value >= self.number
+        return value == self.number
+
+    def condition(self) -> cf.ActionCondition:
+        """The same test as the engine's ActionCondition."""
+        if self.op == "exists":
+            return cf.ActionCondition.key_exists(self.key)
+        return cf.ActionCondition.compare(self.key, self.op, self.number)
+
+
+@dataclass(frozen=True)
+class Script:
+    """What a generated node does. Its post counts its visits under ``c_<id>`` and
+    appends its params to ``p_<id>``, then returns by ``kind``: "fixed" returns
+    ``name``; "switch" tests the store itself, "conditional" returns
+    ``Action.conditional`` (the engine tests it), both ``name`` if ``test`` holds else
+    ``other``; "complete" completes the run if ``test`` holds, else returns ``name``;
+    "fail" raises in prep if ``test`` holds then, else returns ``name``. With
+    ``params``, the action carries ``{"v_<id>": visits}``. Exec awaits ``checkpoints``
+    trio checkpoints, so that branches interleave."""
+
+    node_id: str
+    kind: str
+    name: str
+    other: str
+    test: Cond | None
+    params: bool
+    checkpoints: int
+
+    def names(self) -> tuple[str, ...]:
+        """The action names the node may return (besides complete)."""
+        if self.kind in ("switch", "conditional"):
+            return tuple(dict.fromkeys((self.name, self.other)))
+        return (self.name,)
+
+    def fails(self, store: Mapping[str, Any]) -> bool:
+        """Whether prep raises, given the store before the step."""
+        return self.kind == "fail" and self.test is not None and self.test.holds(store)
+
+    def action(self, store: Mapping[str, Any]) -> tuple[str, dict[str, int], Any]:
+        """(name, params, result) of the action post returns, given the store after its
+        writes; the name is "complete" for a completion, with the run's result."""
+        visits = store[f"c_{self.node_id}"]
+        params = {f"v_{self.node_id}": visits} if self.params else {}
+        if self.test is None or self.kind in ("fixed", "fail"):
+            return self.name, params, None
+        if self.kind == "complete":
+            if self.test.holds(store):
+                return "complete", {}, f"done by {self.node_id} at {visits}"
+            return self.name, params, None
+        return (self.name if self.test.holds(store) else self.other), params, None
+
+
+@dataclass
+class FlowSpec:
+    """A generated flow: nodes (Scripts or nested FlowSpecs), routes in the order added
+    (source, action, target, condition), joins, start and max_steps."""
+
+    name: str
+    nodes: dict[str, Script | FlowSpec] = field(default_factory=dict)
+    routes: list[tuple[str, str, str | tuple[str, ...] | None, Cond | None]] = field(
+        default_factory=list
+    )
+    joins: set[str] = field(default_factory=set)
+    start: str = ""
+    max_steps: int = 1000
+    end_names: set[str] = field(default_factory=set)
+    """The action names with which a branch may end in this flow (so leave it)."""
+
+    def sources(self) -> set[str]:
+        return {source for source, _, _, _ in self.routes}
+
+    def build(self) -> cf.Flow:
+        """The engine's Flow for this spec (nested specs built first)."""
+        builder = cf.Flow.builder(self.name)
+        for node_id, node in self.nodes.items():
+            built: cf.Node | cf.Flow = Scripted(node) if isinstance(node, Script) else node.build()
+            if node_id in self.joins:
+                builder.add_join(node_id, built)
+            else:
+                builder.add_node(node_id, built)
+        for source, action, target, when in self.routes:
+            to = cf.END if target is None else list(target) if isinstance(target, tuple) else target
+            builder.add_route(source, to, action, when=None if when is None else when.condition())
+        return builder.start(self.start).max_steps(self.max_steps).build()
+
+
+class Scripted(cf.Node):
+    """The engine's node for a Script."""
+
+    def __init__(self, script: Script) -> None:
+        super().__init__()
+        self.script = script
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> None:
+        test = self.script.test
+        if test is not None and self.script.fails(await store.get_many([test.key])):
+            raise ValueError(f"{self.script.node_id} fails")
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        for _ in range(self.script.checkpoints):
+            await trio.lowlevel.checkpoint()
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        script = self.script
+        node_id = script.node_id
+        params = dict(ctx.params)
+        await store.update(f"c_{node_id}", lambda visits: visits + 1, default=0)
+        await store.update(f"p_{node_id}", lambda log: [*log, params], default=[])
+        keys = [f"c_{node_id}"] + ([script.test.key] if script.test is not None else [])
+        values = await store.get_many(keys)
+        if script.kind == "conditional":
+            assert script.test is not None
+            _, action_params, _ = script.action(values)
+            if_true = cf.Action.with_params(script.name, **action_params)
+            if_false = cf.Action.with_params(script.other, **action_params)
+            return cf.Action.conditional(script.test.condition(), if_true, if_false)
+        name, action_params, result = script.action(values)
+        if name == "complete":
+            return cf.Action.complete(result)
+        return cf.Action.with_params(name, **action_params)
+
+
+Exit = tuple[str, str]
+"""(node id, action name): an action of a node that still needs a route."""
+
+
+class FlowMaker:
+    """Draws random valid flows: chains, loops bounded by a visit counter, conditional
+    routes, fan-outs with and without joins, nested flows (depth <= 2).
+
+    Every store key a node or route reads belongs to a node that cannot run at the same
+    time as the reader (its own lane, an enclosing one, or a fan-out already gathered),
+    so each branch runs the same whatever the interleaving. ``lane_of`` maps each node
+    to its lane: nodes of one lane never run concurrently.
+    """
+
+    def __init__(self, draw: st.DrawFn) -> None:
+        self.draw = draw
+        self.budget = draw(st.integers(3, 16))
+        self.next_id = 0
+        self.lanes = 0
+        self.lane_of: dict[str, int] = {}
+
+    def flow(self, name: str, keys: list[str], lane: int, nest: int) -> FlowSpec:
+        spec = FlowSpec(name)
+        spec.start, exits, _ = self.lane(spec, keys, lane, nest, main=True, may_end=True)
+        self.finish(spec, exits)
+        spec.max_steps = self.draw(st.sampled_from([1000, 1000, self.draw(st.integers(1, 12))]))
+        return spec
+
+    def lane(
+        self, spec: FlowSpec, keys: list[str], lane: int, nest: int, main: bool, may_end: bool
+    ) -> tuple[str, list[Exit], bool]:
+        """Draw a lane of blocks; return its entry, its open exits, and whether a
+        fan-out without a join ends it."""
+        entry = ""
+        exits: list[Exit] = []
+        for _ in range(self.draw(st.integers(1, 3))):
+            start, block_exits, ended = self.block(spec, keys, lane, nest, main, may_end)
+            self.connect(spec, exits, start)
+            entry = entry or start
+            exits = block_exits
+            if ended or self.budget <= 0:
+                return entry, exits, ended
+        return entry, exits, False
+
+    def block(
+        self, spec: FlowSpec, keys: list[str], lane: int, nest: int, main: bool, may_end: bool
+    ) -> tuple[str, list[Exit], bool]:
+        kinds = ["node"]
+        if self.budget > 2:
+            kinds += ["if", "loop", "fork"] + (["nested"] if nest < 2 else [])
+        kind = self.draw(st.sampled_from(kinds))
+        if kind == "if":
+            return (*self.if_block(spec, keys, lane, nest, main), False)
+        if kind == "loop":
+            return (*self.loop(spec, keys, lane, nest, main), False)
+        if kind == "fork":
+            return self.fork(spec, keys, lane, nest, may_end)
+        if kind == "nested":
+            return (*self.nested(spec, keys, lane, nest, join=False), False)
+        node_id = self.node(spec, keys, lane, join=main and self.draw(st.booleans()))
+        return node_id, self.exits(spec, node_id), False
+
+    def node(self, spec: FlowSpec, keys: list[str], lane: int, join: bool = False) -> str:
+        """Add a scripted node to ``spec``. A join outside any fan-out of ``spec`` (its
+        main lane) runs as an ordinary node."""
+        node_id = f"n{self.next_id}"
+        self.next_id += 1
+        self.budget -= 1
+        kind = self.draw(
+            st.sampled_from(["fixed"] * 3 + ["switch", "conditional", "complete", "fail"])
+        )
+        names = self.draw(st.lists(st.sampled_from(ACTION_NAMES), min_size=2, max_size=2))
+        test = None if kind == "fixed" else self.cond(keys, node_id)
+        script = Script(
+            node_id,
+            kind,
+            names[0],
+            names[1],
+            test,
+            self.draw(st.booleans()),
+            self.draw(st.integers(0, 3)),
+        )
+        spec.nodes[node_id] = script
+        if join:
+            spec.joins.add(node_id)
+        keys.append(f"c_{node_id}")
+        self.lane_of[node_id] = lane
+        return node_id
+
+    def cond(self, keys: list[str], node_id: str) -> Cond:
+        """A test of a key in ``keys`` or of the visits of ``node_id``."""
+        key = self.draw(st.sampled_from([*keys, f"c_{node_id}"]))
+        op = self.draw(st.sampled_from(["<", ">=", "==", "exists"]))
+        return Cond(key, op, self.draw(st.integers(0, 3)))
+
+    def exits(self, spec: FlowSpec, node_id: str) -> list[Exit]:
+        node = spec.nodes[node_id]
+        assert isinstance(node, Script)
+        return [(node_id, name) for name in node.names()]
+
+    def if_block(
+        self, spec: FlowSpec, keys: list[str], lane: int, nest: int, main: bool
+    ) -> tuple[str, list[Exit]]:
+        """A node (or nested flow) whose first action goes through a sub-lane when a
+        condition holds, and (unless it fails the run with NoRouteError) straight on
+        otherwise."""
+        test_id, exits = self.source(spec, keys, lane, nest)
+        when = self.cond(keys, test_id)
+        start, then_exits, ended = self.lane(spec, keys, lane, nest, main, may_end=True)
+        name = exits[0][1]
+        spec.routes.append((test_id, name, start, when))
+        fallback = ended or not then_exits or self.draw(st.integers(0, 5)) > 0
+        return test_id, then_exits + (exits if fallback else exits[1:])
+
+    def loop(
+        self, spec: FlowSpec, keys: list[str], lane: int, nest: int, main: bool
+    ) -> tuple[str, list[Exit]]:
+        """A body lane and a tail node that goes back to the body while its own visit
+        counter is below a bound."""
+        start, body_exits, _ = self.lane(spec, keys, lane, nest, main, may_end=False)
+        tail = self.node(spec, keys, lane)
+        spec.nodes[tail] = Script(tail, "fixed", "again", "again", None, False, 0)
+        self.connect(spec, body_exits, tail)
+        bound = Cond(f"c_{tail}", "<", self.draw(st.integers(1, 3)))
+        spec.routes.append((tail, "again", start, bound))
+        return start, [(tail, "again")]
+
+    def source(
+        self, spec: FlowSpec, keys: list[str], lane: int, nest: int
+    ) -> tuple[str, list[Exit]]:
+        """A node, or a nested flow, whose actions a block routes."""
+        if nest < 2 and self.budget > 2 and self.draw(st.integers(0, 3)) == 0:
+            return self.nested(spec, keys, lane, nest, join=False)
+        node_id = self.node(spec, keys, lane)
+        return node_id, self.exits(spec, node_id)
+
+    def fork(
+        self, spec: FlowSpec, keys: list[str], lane: int, nest: int, may_end: bool
+    ) -> tuple[str, list[Exit], bool]:
+        """A node (or nested flow) fanning out to 2-3 branch lanes, gathered at a join
+        (which may also be a target itself), or (only where the lane may end) ending the
+        lane. A branch may arrive at a second join instead (CosmoFlowError if another
+        arrives at the first)."""
+        source, source_exits = self.source(spec, keys, lane, nest)
+        join = not may_end or self.draw(st.booleans())
+        targets: list[str] = []
+        added: list[str] = []
+        arrivals: list[Exit] = []
+        stray: list[Exit] = []
+        for _ in range(self.draw(st.integers(2, 3))):
+            self.lanes += 1
+            branch_keys = list(keys)
+            start, exits, _ = self.lane(
+                spec, branch_keys, self.lanes, nest, main=False, may_end=True
+            )
+            targets.append(start)
+            added += branch_keys[len(keys) :]
+            arrives = self.draw(st.integers(0, 9))
+            if join and arrives > 1:
+                arrivals += exits
+            elif join and arrives == 1:
+                stray += exits
+            else:
+                self.finish(spec, exits)
+        keys += added
+        if not join:
+            self.connect(spec, source_exits, tuple(targets))
+            return source, [], True
+        if stray:
+            other_join = self.node(spec, keys, lane, join=True)
+            self.connect(spec, stray, other_join)
+        if self.draw(st.booleans()) and nest < 2 and self.budget > 2:
+            join_id, exits = self.nested(spec, keys, lane, nest, join=True)
+        else:
+            join_id = self.node(spec, keys, lane, join=True)
+            spec.joins.add(join_id)
+            exits = self.exits(spec, join_id)
+        if not arrivals or self.draw(st.integers(0, 3)) == 0:
+            targets.append(join_id)
+        self.connect(spec, arrivals, join_id)
+        self.connect(spec, source_exits, tuple(targets))
+        return source, exits, False
+
+    def nested(
+        self, spec: FlowSpec, keys: list[str], lane: int, nest: int, join: bool
+    ) -> tuple[str, list[Exit]]:
+        """A nested flow node; its flow's end names are routed on (one of several may be
+        left unrouted, for NoRouteError)."""
+        node_id = f"n{self.next_id}"
+        self.next_id += 1
+        inner = self.flow(f"sub_{node_id}", keys, lane, nest + 1)
+        spec.nodes[node_id] = inner
+        if join:
+            spec.joins.add(node_id)
+        names = sorted(inner.end_names)
+        if len(names) > 1 and self.draw(st.integers(0, 5)) == 0:
+            names.pop(self.draw(st.integers(0, len(names) - 1)))
+        return node_id, [(node_id, name) for name in names]
+
+    def connect(self, spec: FlowSpec, exits: list[Exit], target: str | tuple[str, ...]) -> None:
+        for source, name in exits:
+            spec.routes.append((source, name, target, None))
+
+    def finish(self, spec: FlowSpec, exits: list[Exit]) -> None:
+        """End the lane's open exits: a route to END, or (for a node with no route
+        yet) no route at all."""
+        routed = spec.sources()
+        for source, name in exits:
+            if source in routed or self.draw(st.booleans()):
+                spec.routes.append((source, name, None, None))
+            spec.end_names.add(name)
+
+
+Case = tuple[FlowSpec, dict[str, int], dict[str, int], dict[str, int]]
+"""A flow, the lane of each of its nodes, a store of visit counters, the run's params."""
+
+
+@st.composite
+def flows_and_stores(draw: st.DrawFn) -> Case:
+    """A random flow, the lane of each of its nodes, a store of visit counters and the
+    run's params."""
+    maker = FlowMaker(draw)
+    spec = maker.flow("top", [], 0, 0)
+    counters = draw(
+        st.dictionaries(st.sampled_from(sorted(maker.lane_of)), st.integers(0, 2), max_size=3)
+    )
+    params = draw(st.dictionaries(st.sampled_from(["x", "y"]), st.integers(0, 3), max_size=2))
+    store = {f"c_{node}": visits for node, visits in counters.items()}
+    return spec, maker.lane_of, store, params
+
+
+Ending = tuple[Any, ...]
+"""How a run ended: ("ok", action name, params, result, last node) or ("error", type
+name, the error's identifying attributes)."""
+
+
+class Loud(Exception):
+    """Reference: the run ends here (complete or an error), with the endings possible
+    (several when branches in flight could each have ended it first)."""
+
+    def __init__(self, *endings: Ending) -> None:
+        self.endings = endings
+
+
+@dataclass
+class RefFrame:
+    flow: FlowSpec
+    node_id: str
+    steps: int = 0
+
+
+@dataclass(frozen=True)
+class Arrive:
+    join_id: str
+    params: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class End:
+    node_id: str
+    action: tuple[str, tuple[tuple[str, Any], ...]]
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One outcome the docs allow. ``exact``: the run's steps all ran (nothing was cut
+    short by another branch ending the run), so the path multiset, its order within
+    each lane and the store are determined. Otherwise only the ending is, and the path
+    lies between ``least`` (the steps before the first fan-out in flight) and ``path``
+    (every step the branches would take)."""
+
+    endings: frozenset[Ending]
+    exact: bool
+    path: tuple[str, ...]
+    least: tuple[str, ...]
+    store: tuple[tuple[str, Any], ...]
+
+
+class Chooser:
+    """Picks which branch of a fan-out ends last, enumerating every sequence of picks
+    over successive reference runs (depth first)."""
+
+    def __init__(self) -> None:
+        self.picks: list[tuple[int, int]] = []
+        self.position = 0
+
+    def choose(self, options: int) -> int:
+        if self.position == len(self.picks):
+            self.picks.append((0, options))
+        pick = self.picks[self.position][0]
+        self.position += 1
+        return pick
+
+    def next_sequence(self) -> bool:
+        """Move to the next sequence of picks; False when every one has been made."""
+        del self.picks[self.position :]
+        self.position = 0
+        while self.picks:
+            pick, options = self.picks.pop()
+            if pick + 1 < options:
+                self.picks.append((pick + 1, options))
+                return True
+        return False
+
+
+class Reference:
+    """The routing rules as the docs state them, run sequentially in plain Python: one
+    branch after another (branches touch disjoint keys, so the store is as after any
+    interleaving)."""
+
+    def __init__(
+        self,
+        top: FlowSpec,
+        store: Mapping[str, Any],
+        params: Mapping[str, Any],
+        chooser: Chooser,
+    ) -> None:
+        self.top = top
+        self.params = params
+        self.store = dict(store)
+        self.chooser = chooser
+        self.path: list[str] = []
+        self.steps = 0
+        self.forks = 0
+        self.over = False
+        self.cut = False
+        self.least: list[str] = []
+
+    def run(self) -> Expected:
+        try:
+            frames = [RefFrame(self.top, self.top.start)]
+            end = self.branch(frames, self.top.start, self.params, None)
+        except Loud as loud:
+            return self.expected(frozenset(loud.endings))
+        assert isinstance(end, End)
+        name, params = end.action
+        return self.expected(frozenset({("ok", name, params, None, end.node_id)}))
+
+    def expected(self, endings: frozenset[Ending]) -> Expected:
+        exact = not (self.cut or self.over)
+        least = tuple(self.path) if exact else tuple(self.least)
+        store = tuple(sorted(self.store.items()))
+        return Expected(endings, exact, tuple(self.path), least, store)
+
+    def enter(self, frames: list[RefFrame], node_id: str) -> str:
+        """Move to ``node_id`` (into nested flows, down to a node) and count the step."""
+        frames[-1].node_id = node_id
+        node = frames[-1].flow.nodes[node_id]
+        while isinstance(node, FlowSpec):
+            frames.append(RefFrame(node, node.start))
+            node_id = node.start
+            node = node.nodes[node_id]
+        self.steps += 1
+        if self.steps > self.top.max_steps:
+            if not self.forks:
+                raise Loud(("error", "MaxStepsExceeded", (self.top.max_steps,)))
+            self.over = True
+        for frame in frames[1:]:
+            frame.steps += 1
+            if frame.steps > frame.flow.max_steps:
+                raise Loud(("error", "MaxStepsExceeded", (frame.flow.max_steps,)))
+        return node_id
+
+    def step(self, script: Script, params: Mapping[str, Any]) -> tuple[str, dict[str, int], Any]:
+        """Run a node: prep's test, post's writes, its action."""
+        node_id = script.node_id
+        self.path.append(node_id)
+        if script.fails(self.store):
+            raise Loud(("error", "NodeError", (node_id, "prep")))
+        self.store[f"c_{node_id}"] = self.store.get(f"c_{node_id}", 0) + 1
+        self.store[f"p_{node_id}"] = [*self.store.get(f"p_{node_id}", []), dict(params)]
+        return script.action(self.store)
+
+    def target(self, frame: RefFrame, name: str) -> str | tuple[str, ...] | None:
+        """Rules 2-4: the first matching route's target; None (END) without routes."""
+        routes = [r for r in frame.flow.routes if r[0] == frame.node_id]
+        if not routes:
+            return None
+        for _, action, target, when in routes:
+            if action == name and (when is None or when.holds(self.store)):
+                return target
+        raise Loud(("error", "NoRouteError", (frame.node_id, name)))
+
+    def branch(
+        self,
+        frames: list[RefFrame],
+        node_id: str,
+        params: Mapping[str, Any],
+        fork_depth: int | None,
+    ) -> Arrive | End:
+        """Run a branch from entering ``node_id`` until it ends at the fan-out's depth
+        (or the run's end), or arrives at a join of its fan-out."""
+        state: tuple[str, str, Any] = ("enter", node_id, params)
+        while True:
+            what, node_id, detail = state
+            if what == "enter":
+                node_id = self.enter(frames, node_id)
+                script = frames[-1].flow.nodes[node_id]
+                assert isinstance(script, Script)
+                name, action_params, result = self.step(script, detail)
+                if name == "complete":
+                    raise Loud(("ok", "complete", (), result, node_id))
+                state = ("route", node_id, (name, tuple(sorted(action_params.items()))))
+            elif what == "route":
+                state, arrival = self.route(frames, node_id, detail, fork_depth)
+                if arrival is not None:
+                    return arrival
+            else:
+                if len(frames) == fork_depth or len(frames) == 1:
+                    return End(node_id, detail)
+                frames.pop()
+                state = ("route", node_id, detail)
+
+    def route(
+        self,
+        frames: list[RefFrame],
+        node_id: str,
+        action: tuple[str, tuple[tuple[str, Any], ...]],
+        fork_depth: int | None,
+    ) -> tuple[tuple[str, str, Any], Arrive | None]:
+        """Where the branch goes after ``node_id`` returned ``action``."""
+        frame = frames[-1]
+        target = self.target(frame, action[0])
+        if target is None:
+            return ("end", node_id, action), None
+        if isinstance(target, tuple):
+            gathered = self.fork(frames, target, dict(action[1]))
+            if isinstance(gathered, Arrive):
+                return ("enter", gathered.join_id, dict(gathered.params)), None
+            return ("end", gathered.node_id, gathered.action), None
+        if target in frame.flow.joins and len(frames) == fork_depth:
+            return ("arrived", node_id, None), Arrive(target, action[1])
+        return ("enter", target, dict(action[1])), None
+
+    def fork(
+        self, frames: list[RefFrame], targets: tuple[str, ...], params: dict[str, Any]
+    ) -> Arrive | End:
+        """Rules 6-7: run each branch; gather at the join, or end as the last branch
+        did (any of them: the reference tries each)."""
+        if not self.forks:
+            self.least = list(self.path)
+        self.forks += 1
+        flow = frames[-1].flow
+        outcomes: list[Arrive | End] = []
+        endings: list[Ending] = []
+        for target in targets:
+            if target in flow.joins:
+                outcomes.append(Arrive(target, tuple(sorted(params.items()))))
+                continue
+            child = [RefFrame(f.flow, f.node_id, f.steps) for f in frames]
+            try:
+                outcomes.append(self.branch(child, target, params, len(frames)))
+            except Loud as loud:
+                self.cut = True
+                endings += loud.endings
+        self.forks -= 1
+        arrivals = [o for o in outcomes if isinstance(o, Arrive)]
+        joins = tuple(sorted({arrival.join_id for arrival in arrivals}))
+        if len(joins) > 1:
+            self.cut = True
+            endings.append(("error", "CosmoFlowError", joins))
+        if self.over and (endings or not self.forks):
+            endings.append(("error", "MaxStepsExceeded", (self.top.max_steps,)))
+        if endings:
+            raise Loud(*endings)
+        if arrivals:
+            merged = dict(item for arrival in arrivals for item in arrival.params)
+            return Arrive(arrivals[0].join_id, tuple(sorted(merged.items())))
+        ends = list(dict.fromkeys(o for o in outcomes if isinstance(o, End)))
+        return ends[self.chooser.choose(len(ends))]
+
+
+def expected_outcomes(
+    spec: FlowSpec, store: Mapping[str, Any], params: Mapping[str, Any]
+) -> list[Expected]:
+    """Every outcome the reference allows (one per sequence of last branches)."""
+    chooser = Chooser()
+    outcomes = [Reference(spec, store, params, chooser).run()]
+    while chooser.next_sequence():
+        outcomes.append(Reference(spec, store, params, chooser).run())
+        assume(len(outcomes) <= 64)
+    return outcomes
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a run of the engine gave: its ending, path and store."""
+
+    ending: Ending
+    path: tuple[str, ...]
+    steps: int
+    store: tuple[tuple[str, Any], ...]
+
+    def unordered(self) -> Seen:
+        """The same with its path sorted: branches may interleave differently."""
+        return Seen(self.ending, tuple(sorted(self.path)), self.steps, self.store)
+
+
+def ending_of(result: cf.FlowResult) -> Ending:
+    action = result.final_action
+    params = tuple(sorted(action.params.items()))
+    return ("ok", action.name, params, result.result, result.last_node_id)
+
+
+def error_ending(error: cf.CosmoFlowError) -> Ending:
+    if isinstance(error, cf.NodeError):
+        return ("error", "NodeError", (error.node_id, error.phase))
+    if isinstance(error, cf.NoRouteError):
+        return ("error", "NoRouteError", (error.node_id, error.action))
+    if isinstance(error, cf.MaxStepsExceeded):
+        return ("error", "MaxStepsExceeded", (error.max_steps,))
+    return ("error", type(error).__name__, tuple(sorted(re.findall("'([^']*)'", str(error)))))
+
+
+async def user_data(engine: cf.Engine, storage: cf.Storage) -> tuple[tuple[str, Any], ...]:
+    """Every user key of ``storage`` and its value, read by a run on ``engine``."""
+
+    @cf.node
+    async def dump(ctx: cf.ExecutionContext) -> cf.Action:
+        keys = await ctx.store.keys()
+        return cf.Action.complete(sorted((await ctx.store.get_many(keys)).items()))
+
+    result = await engine.run(single(dump, "dump"), storage)
+    return tuple(tuple(item) for item in result.result)
+
+
+async def observe(
+    engine: cf.Engine,
+    flow: cf.Flow,
+    storage: cf.Storage,
+    params: Mapping[str, Any],
+    run_id: str | None,
+    resume: bool = False,
+) -> tuple[Seen, cf.FlowResult | None]:
+    """Run ``flow`` on ``storage`` (resume the durable run ``run_id``); what it gave,
+    and its result if it succeeded."""
+    try:
+        if resume:
+            assert run_id is not None
+            result = await engine.resume(flow, storage, run_id=run_id)
+        else:
+            result = await engine.run(flow, storage, params=params, run_id=run_id)
+    except cf.CosmoFlowError as error:
+        return Seen(error_ending(error), (), 0, await user_data(engine, storage)), None
+    path = result.execution_path
+    seen = Seen(ending_of(result), path, result.steps_executed, await user_data(engine, storage))
+    return seen, result
+
+
+def lanes(path: Sequence[str], lane_of: Mapping[str, int]) -> dict[int, list[str]]:
+    """``path`` split by lane, each in path order."""
+    split: dict[int, list[str]] = {}
+    for node_id in path:
+        split.setdefault(lane_of[node_id], []).append(node_id)
+    return split
+
+
+def allowed(seen: Seen, expected: Expected, lane_of: Mapping[str, int]) -> bool:
+    """Whether ``seen`` is the outcome ``expected`` describes (see Expected)."""
+    if seen.ending not in expected.endings:
+        return False
+    succeeded = seen.ending[0] == "ok"
+    if succeeded and seen.steps != len(seen.path):
+        return False
+    if not expected.exact:
+        used = collections.Counter(seen.path)
+        return not succeeded or collections.Counter(expected.least) <= used <= collections.Counter(
+            expected.path
+        )
+    if seen.store != expected.store:
+        return False
+    if not succeeded:
+        return True
+    same_steps = collections.Counter(seen.path) == collections.Counter(expected.path)
+    return same_steps and lanes(seen.path, lane_of) == lanes(expected.path, lane_of)
+
+
+def described(spec: FlowSpec, depth: int = 0) -> str:
+    """``spec`` as text, for a failing example's report."""
+    pad = "  " * depth
+    lines = [f"{pad}flow {spec.name} start={spec.start} max_steps={spec.max_steps}"]
+    for node_id, node in spec.nodes.items():
+        join = " (join)" if node_id in spec.joins else ""
+        if isinstance(node, FlowSpec):
+            lines += [f"{pad}  {node_id}{join}:", described(node, depth + 2)]
+        else:
+            lines.append(f"{pad}  {node_id}{join}: {node}")
+    lines += [f"{pad}  route {route}" for route in spec.routes]
+    return "\n".join(lines)
+
+
+_durable_runs = itertools.count()
+
+
+@settings(
+    max_examples=500,
+    deadline=None,  # no test depends on the machine's speed
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(flows_and_stores())
+async def test_runs_route_as_the_documented_rules_say(tmp_path: Path, case: Case) -> None:
+    """Random flows (chains, bounded loops, conditional routes and actions, fan-outs
+    with and without joins, nested flows, completions, failures, max_steps) run on a
+    memory store and durably on SQLite give an outcome the reference interpreter allows:
+
+    - the ending always matches: success or the error's type (with its node, action or
+      max_steps), final action with its params, result and last node. Where a fan-out
+      ends without a join, the last branch to end is any of them.
+    - when every step ran to the end (no branch cut short by another ending the run):
+      the same store, the same multiset of steps with ``steps_executed`` its size, and
+      the same order within each lane (the steps no two branches can run at once);
+      branches of a fan-out interleave freely.
+    - when a branch ended the run while others were in flight: the path holds every step
+      before the first fan-out and no step the branches would not take.
+
+    A durable run that succeeded is resumed: it returns its recorded result and runs
+    nothing again.
+    """
+    spec, lane_of, initial, params = case
+    outcomes = expected_outcomes(spec, initial, params)
+    flow = spec.build()
+    store = dict(initial)
+    async with cf.open_engine() as engine:
+        memory, _ = await observe(engine, flow, cf.MemoryStorage(store), params, None)
+        storage = cf.SQLiteStorage(tmp_path / f"durable-{next(_durable_runs)}.db")
+        await engine.run(single(Seeds(initial), "seed"), storage)
+        durable, result = await observe(engine, flow, storage, params, "durable")
+        again, resumed = await observe(engine, flow, storage, params, "durable", resume=True)
+    if result is not None:
+        assert resumed is not None
+        assert again == durable
+        assert resumed.execution_path == result.execution_path
+    elif len(outcomes) == 1 and outcomes[0].exact:
+        assert again == durable
+    report = f"{described(spec)}\nstore {initial} params {params}\noutcomes {outcomes}"
+    assert any(allowed(memory, outcome, lane_of) for outcome in outcomes), (
+        f"{report}\nmemory run {memory}"
+    )
+    assert any(allowed(durable, outcome, lane_of) for outcome in outcomes), (
+        f"{report}\ndurable run {durable}"
+    )
+    if len(outcomes) == 1 and outcomes[0].exact:
+        assert durable.unordered() == memory.unordered()
+
+
+class Seeds(cf.Node):
+    """Sets the given keys."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.data = data
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        await store.set_many(self.data)

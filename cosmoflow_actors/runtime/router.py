@@ -25,6 +25,7 @@ from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import CosmoFlowError, MaxStepsExceeded, NoRouteError
 from cosmoflow_actors.flow import END, Flow, FlowResult, Route, Target
 from cosmoflow_actors.runtime.actor import Actor
+from cosmoflow_actors.runtime.durability import DurableRun
 from cosmoflow_actors.runtime.messages import (
     FlowEnded,
     Outcome,
@@ -146,12 +147,18 @@ class Router(Actor[Routing]):
         return []
 
     def _decide(self, outcome: Outcome) -> list[Step] | FlowResult | BaseException:
-        """The steps ``outcome`` leads to, the run's result, or its error. Never waits."""
+        """The steps ``outcome`` leads to, the run's result, or its error. Never waits.
+
+        A decision that fails leaves a durable run's branches, forks and durability as
+        they were: the branches of the run still in flight may commit a step before
+        the failure is recorded, and their record must say where every branch is.
+        """
         run = outcome.run
         if run.finished:
             return []
         if isinstance(outcome, StepFailed):
             return outcome.error
+        undo = _Undo(run, outcome.branch) if run.durability.durable else None
         try:
             if isinstance(outcome, StepDone):
                 hop = self._plain_hop(outcome)
@@ -160,6 +167,8 @@ class Router(Actor[Routing]):
             decision = _Decision(self, run)
             decision.follow(outcome)
         except CosmoFlowError as exc:
+            if undo is not None:
+                undo.restore()
             return exc
         return decision.result if decision.result is not None else decision.steps
 
@@ -194,6 +203,48 @@ class Router(Actor[Routing]):
     def first_step(self, run: ActiveRun, params: Mapping[str, Any]) -> Step:
         """The step a new run starts with. Raises MaxStepsExceeded as :func:`enter` does."""
         return enter(self._node_actor, run, run.main, run.flow.start_id, params)
+
+
+class _Undo:
+    """What a routing decision of a durable run may change, saved to be put back if
+    the decision fails: the run's step count, its durable branches, and the branch
+    routed with its fork, that fork's parent, its fork and so on up (their frames,
+    step counts, resume points, and the forks' counts, joins and params)."""
+
+    def __init__(self, run: ActiveRun, branch: Branch) -> None:
+        self.run = run
+        self.steps = run.steps
+        durability = run.durability
+        assert isinstance(durability, DurableRun)
+        self.durability = durability
+        self.branches = dict(durability.branches)
+        self.saved: list[tuple[Branch, list[Frame], list[tuple[str, int]], int, Any]] = []
+        self.forks: list[tuple[Fork, int, str | None, dict[str, Any]]] = []
+        current: Branch | None = branch
+        while current is not None:
+            frames = list(current.frames)
+            places = [(frame.node_id, frame.steps) for frame in frames]
+            self.saved.append((current, frames, places, current.count, current.resume_at))
+            fork = current.fork
+            if fork is not None:
+                self.forks.append((fork, fork.pending, fork.join_id, dict(fork.params)))
+            current = None if fork is None else fork.parent
+
+    def restore(self) -> None:
+        """Put back everything saved. Never blocks."""
+        self.run.steps = self.steps
+        self.durability.branches = self.branches
+        for branch, frames, places, count, resume_at in self.saved:
+            branch.frames[:] = frames
+            for frame, (node_id, steps) in zip(frames, places, strict=True):
+                frame.node_id = node_id
+                frame.steps = steps
+            branch.count = count
+            branch.resume_at = resume_at
+        for fork, pending, join_id, params in self.forks:
+            fork.pending = pending
+            fork.join_id = join_id
+            fork.params = params
 
 
 class _Decision:
