@@ -9,6 +9,7 @@ import pytest
 import trio
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.node_actor import NodeActor
 
 
 class Recorder(cf.Node):
@@ -108,3 +109,8 @@ async def started_nowait_once_set_up(flow: cf.Flow, not_yet: str) -> Any:
             engine.start_run_nowait(flow, params={"n": 2})
         await engine.start_run(flow, params={"n": 2})
         return (await engine.start_run_nowait(flow, params={"n": 3}).wait()).result
+
+
+def node_actors(engine: cf.Engine) -> list[NodeActor]:
+    """Every node actor of the flows ``engine`` holds now."""
+    return [actor for flow in engine._flows.values() for actor in flow.actors.values()]

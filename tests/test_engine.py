@@ -7,6 +7,8 @@ import contextlib
 import gc
 import math
 import random
+import sys
+import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.node_actor import KEEP_IDLE
 from cosmoflow_actors.runtime.statistics import EngineStatistics
-from tests.support import Gate, Recorder, a_then_b, single
+from tests.support import Gate, Recorder, a_then_b, node_actors, single
 
 
 def count_tasks() -> int:
@@ -100,10 +102,11 @@ async def test_cancelling_a_run_cancels_its_step_and_spares_the_others() -> None
 
 async def test_a_cancelled_caller_cancels_its_run() -> None:
     gate = Gate()
+    flow = single(gate)
     async with cf.open_engine() as engine:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(engine.run, single(gate))
+                nursery.start_soon(engine.run, flow)
                 await trio.testing.wait_all_tasks_blocked()
                 assert gate.inside == 1
                 scope.cancel()
@@ -1016,7 +1019,7 @@ async def _check_quiet(engine: cf.Engine) -> None:
     flight or queued, and at most KEEP_IDLE workers parked per node actor."""
     await engine._wait_idle()
     await trio.testing.wait_all_tasks_blocked()
-    for actor in engine._node_actors.values():
+    for actor in node_actors(engine):
         assert (actor.busy, len(actor.mailbox)) == (0, 0), actor.name
         assert actor._nursery is not None
         assert len(actor._nursery.child_tasks) <= KEEP_IDLE, actor.name
@@ -1243,3 +1246,89 @@ async def test_a_caller_cancelled_as_its_flows_node_actors_start_leaves_the_flow
         with trio.fail_after(60):
             result = await engine.run(flow)
     assert result.execution_path == ("a", "b")
+
+
+class Held:
+    """A value a test watches through a weak reference."""
+
+
+async def test_a_run_that_ended_is_not_kept_alive_by_the_engine() -> None:
+    """Its store is freed once the caller lets go, although the workers that carried
+    its steps stay parked for later runs."""
+    flow = a_then_b("released")
+    async with cf.open_engine() as engine:
+        watched = []
+        for start in ("start_run", "run"):
+            value = Held()
+            watched.append(weakref.ref(value))
+            if start == "start_run":
+                await (await engine.start_run(flow, {"value": value})).wait()
+            else:
+                await engine.run(flow, {"value": value})
+            del value
+        gc.collect()
+        assert [ref() for ref in watched] == [None, None]
+        assert engine.statistics().actor("released/a").messages_processed == 2
+
+
+def per_request(name: str) -> cf.Flow:
+    """A flow built anew for each use, as a request handler might."""
+    return a_then_b(name)
+
+
+async def test_a_flow_that_is_garbage_has_its_node_actors_retired() -> None:
+    async with cf.open_engine() as engine:
+        kept = single(Recorder())
+        await engine.run(kept, {})  # the memory store actor starts
+        tasks_before = count_tasks()
+        flow = per_request("short-lived")
+        await (await engine.start_run(flow, {})).wait()
+        actors = [weakref.ref(a) for a in node_actors(engine) if a.flow_name == "short-lived"]
+        assert {s.name for s in engine.statistics().actors} >= {"short-lived/a", "short-lived/b"}
+        del flow
+        gc.collect()
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()
+        assert [actor() for actor in actors] == [None, None]
+        assert count_tasks() == tasks_before
+        names = {s.name for s in engine.statistics().actors}
+        assert not names & {"short-lived/a", "short-lived/b"}
+        assert (await engine.run(per_request("short-lived"), {})).execution_path == ("a", "b")
+
+
+async def test_a_flow_run_alone_after_running_nested_has_its_own_registration() -> None:
+    """A flow first met nested in another, then run on its own (its route conditions'
+    keys are its own)."""
+    inner = (
+        cf.Flow.builder("inner")
+        .add_node("x", Recorder())
+        .add_node("y", Recorder())
+        .add_route("x", "y", when=cf.ActionCondition.key_exists("go"))
+        .add_route("x", cf.END)
+        .build()
+    )
+    outer = cf.Flow.builder("outer").add_node("nested", inner).build()
+    async with cf.open_engine() as engine:
+        assert (await engine.run(outer, {"go": 1})).execution_path == ("x", "y")
+        assert (await engine.run(inner, {"go": 1})).execution_path == ("x", "y")
+        assert (await engine.run(inner, {})).execution_path == ("x",)
+
+
+def test_a_flow_dropped_after_its_engine_closed_is_no_trouble(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The engine stops watching its flows when it closes: one that becomes garbage
+    afterwards, outside any trio run, raises nothing."""
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    async def main() -> cf.Flow:
+        flow = per_request("outlives")
+        async with cf.open_engine() as engine:
+            await engine.run(flow, {})
+        return flow
+
+    flow = trio.run(main)
+    del flow
+    gc.collect()
+    assert unraisable == []

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.storage.base import RECORD_PREFIX
-from tests.support import Recorder, refused, single
+from tests.support import Recorder, node_actors, refused, single
 
 
 class Counter(cf.Node):
@@ -736,8 +736,9 @@ async def test_a_plain_hop_routes_as_the_full_decision() -> None:
     async with cf.open_engine() as engine:
         flows = plain_hop_flows()
         with_hops = {name: await outcome(engine, flow) for name, flow in flows.items()}
-        assert len(engine._router._hops) == 6
-        engine._router._hops.clear()
+        assert len(plain_hops(engine)) == 5
+        for actor in node_actors(engine):
+            actor.hops.clear()
         full = {name: await outcome(engine, flow) for name, flow in flows.items()}
     assert with_hops == full
     assert [(node, step, params) for node, step, params in full["chain"][3]] == [
@@ -753,8 +754,8 @@ async def test_a_plain_hop_routes_as_the_full_decision() -> None:
 
 
 async def test_the_router_learns_only_plain_hops() -> None:
-    """A conditional route, a route with two choices, a join and a nested flow are not
-    plain hops."""
+    """A conditional route, a route with two choices, a route to a join or into a
+    nested flow, and a route out of a nested flow are not plain hops."""
     inner = cf.Flow.builder("inner").add_node("x", Recorder()).build()
     flow = (
         cf.Flow.builder("mixed")
@@ -775,9 +776,18 @@ async def test_the_router_learns_only_plain_hops() -> None:
     )
     async with cf.open_engine() as engine:
         await engine.start_run(flow, {})
-        learnt = engine._router._hops.items()
-        hops = {(node, action): actor.node_id for (f, node, action), actor in learnt if f is flow}
-    assert hops == {("inner", "default"): "b", ("j", "on"): "c"}
+        hops = plain_hops(engine)
+    assert hops == {("mixed", "j", "on"): "c"}
+
+
+def plain_hops(engine: cf.Engine) -> dict[tuple[str, str, str], str]:
+    """The plain hops the router taught ``engine``'s node actors: (flow name, node,
+    action) → the next node."""
+    return {
+        (actor.flow_name, actor.node_id, action): target.node_id
+        for actor in node_actors(engine)
+        for action, target in actor.hops.items()
+    }
 
 
 class Gated(cf.Node):

@@ -57,8 +57,9 @@ async def test_statistics_count_every_message_handled_directly_or_queued(
 
 
 async def test_an_actor_is_found_by_name_and_an_unknown_name_is_refused() -> None:
+    flow = single(Recorder())
     async with cf.open_engine() as engine:
-        await engine.run(single(Recorder()), {})
+        await engine.run(flow, {})
         stats = engine.statistics()
     assert (stats.actor("single/only").kind, stats.actor("router").kind) == ("node", "router")
     with pytest.raises(KeyError, match="single/elsewhere"):

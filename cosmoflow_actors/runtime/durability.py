@@ -425,7 +425,7 @@ def resumed(
     if "end" in saved:
         end = saved["end"]
         return FlowEnded(run, branch, end["node"], _decode_action(end["action"]), values)
-    return StepDone(run, branch, saved["node"], _decode_action(saved["action"]), values)
+    return StepDone(run, branch, actor, _decode_action(saved["action"]), values)
 
 
 def _branch(run: ActiveRun, saved: Mapping[str, Any], forks: list[Fork]) -> Branch:

@@ -14,8 +14,10 @@ import contextlib
 import contextvars
 import itertools
 import secrets
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, TypeVar, final
 
@@ -40,6 +42,7 @@ from cosmoflow_actors.events import (
     StepSpans,
 )
 from cosmoflow_actors.flow import Flow, FlowResult, check_runs_allowed
+from cosmoflow_actors.node import Node
 from cosmoflow_actors.progress import Progress
 from cosmoflow_actors.runtime import durability, ray_executor
 from cosmoflow_actors.runtime import queue as run_queue
@@ -86,9 +89,11 @@ class Engine:
         self.max_runs = max_runs
         self._admission = Admission(max_runs) if max_runs is not None else None
         self._router = Router(self._node_actor, mailbox_size)
-        self._node_actors: dict[tuple[Flow, str], NodeActor] = {}
-        self._registered: set[Flow] = set()
-        self._condition_keys: dict[Flow, frozenset[str]] = {}
+        self._flows: weakref.WeakKeyDictionary[Flow, _Registration] = weakref.WeakKeyDictionary()
+        """The flows registered (and the flows nested in them), as long as something
+        else holds them: a flow that is garbage has its node actors retired (see
+        :meth:`_retire_with`)."""
+        self._token = trio.lowlevel.current_trio_token()
         self._stores = StoreRegistry(nursery, mailbox_size, self._supervise)
         self._workers: trio_parallel.WorkerContext | None = None
         self._ray_address = ray_address
@@ -203,7 +208,7 @@ class Engine:
         run_id = self._check_start(run_id)
         if self._events.congested:
             raise trio.WouldBlock("a lossless event stream is full")
-        self._register_nowait(flow)
+        keys = self._register_nowait(flow).condition_keys
         entry = self._router.entry(flow)
         if not (entry.idle or entry.mailbox.has_room):
             raise trio.WouldBlock(f"the mailbox of {entry.name!r} is full")
@@ -216,7 +221,7 @@ class Engine:
             self._stores.release(actor)
             raise
         on_finish = self._on_end if admission is None else self._on_finish
-        run = self._new_run(run_id, flow, storage, actor, on_finish)
+        run = self._new_run(run_id, flow, storage, actor, on_finish, keys)
         if durable:
             self._nursery.start_soon(self._launch_later, run, first_params)
         else:
@@ -326,14 +331,14 @@ class Engine:
             if durable is None:
                 durable = run_id is not None and storage.persistent
             run_id = self._check_start(run_id)
-            await self._register(flow)
+            keys = (await self._register(flow)).condition_keys
             actor = await self._stores.acquire(storage)
         except BaseException:
             if admission is not None:
                 admission.release()
             raise
         on_finish = self._on_end if admission is None else self._on_finish
-        run = self._new_run(run_id, flow, storage, actor, on_finish)
+        run = self._new_run(run_id, flow, storage, actor, on_finish, keys)
         try:
             return run, await self._launch(run, first_params, resume=resume, durable=durable)
         except Exception as exc:
@@ -424,10 +429,10 @@ class Engine:
         storage: Storage,
         actor: StoreActor,
         on_finish: Callable[[ActiveRun], None],
+        condition_keys: frozenset[str],
     ) -> ActiveRun:
         """Record a new run; it holds one use of ``actor`` until it ends."""
-        keys = self._condition_keys[flow]
-        run = ActiveRun(run_id, flow, actor, storage, on_finish, NOT_DURABLE, keys)
+        run = ActiveRun(run_id, flow, actor, storage, on_finish, NOT_DURABLE, condition_keys)
         self._runs[run_id] = run
         self._progress.run_started()
         if self._events.active:
@@ -478,11 +483,10 @@ class Engine:
 
     def statistics(self) -> EngineStatistics:
         """A snapshot of the run counters and of every live actor. Never blocks."""
-        actors: list[Actor[Any]] = [
-            self._router,
-            *self._node_actors.values(),
-            *self._stores.actors(),
-        ]
+        actors: list[Actor[Any]] = [self._router]
+        for registration in list(self._flows.values()):
+            actors += registration.actors.values()
+        actors += self._stores.actors()
         counts = self._progress.snapshot()
         return EngineStatistics(
             runs_started=counts.started,
@@ -494,65 +498,80 @@ class Engine:
         )
 
     def _node_actor(self, flow: Flow, node_id: str) -> NodeActor:
-        return self._node_actors[flow, node_id]
+        return self._flows[flow].actors[node_id]
 
-    async def _register(self, flow: Flow) -> None:
+    async def _register(self, flow: Flow) -> _Registration:
         """Start a node actor for every node of ``flow`` and of the flows nested in it
         (see :meth:`_register_nowait`), after setting up the worker processes or Ray
-        the flow needs, if not done yet (blocks only for that).
+        the flow needs, if not done yet (blocks only for that); return what the engine
+        keeps of ``flow``.
 
         The actors start in the engine's nursery, all at once, whatever becomes of the
         caller: one started by ``nursery.start`` for a caller cancelled meanwhile would
         stay in the caller's cancelled scope and stop at once.
         """
-        if flow in self._registered:
-            return
+        known = self._flows.get(flow)
+        if known is not None:
+            return known
         if self._workers is None and _needs_workers(flow):
             self._workers = await self._nursery.start(self._hold_workers)
         if not self._ray_connected and _needs_workers(flow, "ray"):
             await self._connect_ray()
-        self._register_nowait(flow)
+        return self._register_nowait(flow)
 
-    def _register_nowait(self, flow: Flow) -> None:
+    def _register_nowait(self, flow: Flow) -> _Registration:
         """Start a node actor for every node of ``flow`` and of the flows nested in it
-        (``start_soon`` in the engine's nursery), without waiting: a node actor needs
-        no set-up, and steps sent before it runs wait in its mailbox. Raises
-        trio.WouldBlock when the flow needs worker processes or Ray that the engine has
-        not set up yet (a flow registered before had them set up then)."""
-        if flow in self._registered:
-            return
+        (``start_soon`` in the engine's nursery), without waiting, and return what the
+        engine keeps of ``flow``: a node actor needs no set-up, and steps sent before
+        it runs wait in its mailbox. Raises trio.WouldBlock when the flow needs worker
+        processes or Ray that the engine has not set up yet (a flow registered before
+        had them set up then)."""
+        known = self._flows.get(flow)
+        if known is not None:
+            return known
         if self._workers is None and _needs_workers(flow):
             raise trio.WouldBlock("the flow's worker processes are not set up yet")
         if not self._ray_connected and _needs_workers(flow, "ray"):
             raise trio.WouldBlock("the engine is not connected to Ray yet")
-        self._condition_keys[flow] = condition_keys(flow)
         for actor in self._new_node_actors(flow):
             self._nursery.start_soon(self._supervise, actor)
+        return self._flows[flow]
 
     def _new_node_actors(self, flow: Flow) -> list[NodeActor]:
-        """Make (and record) the node actors ``flow`` and its nested flows still lack."""
-        self._registered.add(flow)
-        actors = []
+        """Make (and record) the node actors of ``flow`` and of the flows nested in it
+        that the engine does not know yet; none if another task made them meanwhile."""
+        if flow in self._flows:
+            return []
+        made: list[NodeActor] = []
+        actors: dict[str, NodeActor] = {}
         for node_id, node in flow.nodes.items():
             if isinstance(node, Flow):
-                if node not in self._registered:
-                    actors += self._new_node_actors(node)
-            elif (flow, node_id) not in self._node_actors:
-                actor = NodeActor(
-                    flow,
-                    node_id,
-                    node,
-                    self._router,
-                    self._mailbox_size,
-                    self._workers,
-                    self._run_child,
-                    self._events,
-                    self._context,
-                )
-                self._node_actors[flow, node_id] = actor
-                actors.append(actor)
+                made += self._new_node_actors(node)
+            else:
+                actors[node_id] = self._new_node_actor(flow, node_id, node)
+        retirement = weakref.finalize(flow, self._retire_soon, list(actors.values()))
+        self._flows[flow] = _Registration(actors, condition_keys(flow), retirement)
         self._router.learn(flow)
-        return actors
+        return made + list(actors.values())
+
+    def _new_node_actor(self, flow: Flow, node_id: str, node: Node) -> NodeActor:
+        return NodeActor(
+            flow,
+            node_id,
+            node,
+            self._router,
+            self._mailbox_size,
+            self._workers,
+            self._run_child,
+            self._events,
+            self._context,
+        )
+
+    def _retire_soon(self, actors: list[NodeActor]) -> None:
+        """Called once the flow of ``actors`` is garbage (no run of it can be in
+        flight: each holds its flow): retire them in the engine's next scheduler pass.
+        Safe wherever the garbage collector runs, in any thread. Never blocks."""
+        self._token.run_sync_soon(_retire, actors)
 
     async def _hold_workers(
         self, *, task_status: trio.TaskStatus[trio_parallel.WorkerContext]
@@ -633,6 +652,8 @@ class Engine:
         """Refuse new runs, cancel the ones still in flight, and stop every actor."""
         self._closed = True
         self._closed_event.set()
+        for registration in list(self._flows.values()):
+            registration.retirement.detach()
         for run in list(self._runs.values()):
             run.cancel()
         self._events.close()
@@ -725,6 +746,23 @@ async def _send(run: ActiveRun, step: Step) -> None:
     except BaseException:
         run.cancel()
         raise
+
+
+@dataclass(frozen=True, slots=True)
+class _Registration:
+    """What the engine keeps of a registered flow: its node actors by node id, the
+    store keys its route conditions read, and the finalizer that retires the actors
+    once the flow is garbage."""
+
+    actors: dict[str, NodeActor]
+    condition_keys: frozenset[str]
+    retirement: weakref.finalize[[list[NodeActor]], Flow]
+
+
+def _retire(actors: list[NodeActor]) -> None:
+    """Retire ``actors`` (see :meth:`NodeActor.retire`). Never blocks."""
+    for actor in actors:
+        actor.retire()
 
 
 _NO_PARAMS: Final[Mapping[str, Any]] = MappingProxyType({})

@@ -121,14 +121,19 @@ class Step:
 
 @dataclass(frozen=True, slots=True)
 class StepDone:
-    """To the router: the step of ``branch`` at ``node_id`` returned ``action``
+    """To the router: the step of ``branch`` at ``actor``'s node returned ``action``
     (resolved), and ``values`` holds the store values its routes' conditions read."""
 
     run: ActiveRun
     branch: Branch
-    node_id: str
+    actor: NodeActor
     action: Action
     values: Mapping[str, Any]
+
+    @property
+    def node_id(self) -> str:
+        """The node the step ran at."""
+        return self.actor.node_id
 
 
 @dataclass(frozen=True, slots=True)

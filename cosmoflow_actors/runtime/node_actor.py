@@ -94,7 +94,11 @@ class NodeActor(Actor[Step]):
         """Whether exec runs once per item (or child run) prep returns."""
         self._run_child = run_child
         self._events = events if events is not None else EventHub()
+        self.hops: dict[str, NodeActor] = {}
+        """The plain hops out of this node: action name → the next node's actor (the
+        router's :meth:`~Router.learn` fills it)."""
         self._nursery: trio.Nursery | None = None
+        self._retired = trio.CancelScope()
         self._parked: deque[trio.lowlevel.Task] = deque()
         self._worker_context = context if context is not None else contextvars.copy_context()
         """The context variables a new worker starts with (the engine's, as where it was
@@ -112,17 +116,25 @@ class NodeActor(Actor[Step]):
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the workers' nursery until cancelled; start the steps sent before.
-        Cancelled (the engine is closing), the actor stops before its nursery closes."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self.serving = True
-            self._drain()
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._stop()
+        """Hold the workers' nursery until cancelled or retired; start the steps sent
+        before. Cancelled (the engine is closing) or retired, the actor stops before its
+        nursery closes."""
+        with self._retired:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.serving = True
+                self._drain()
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._stop()
+
+    def retire(self) -> None:
+        """End :meth:`run` (at once, or as soon as it starts), cancelling the parked
+        workers. Only for an actor that no run can reach any more (its flow is gone).
+        Never blocks."""
+        self._retired.cancel()
 
     def _stop(self) -> None:
         """Take no more steps: the engine is closing, and it cancels every run in
@@ -188,20 +200,23 @@ class NodeActor(Actor[Step]):
             self._dispatch(queued)
 
     async def _work(self, first: Step) -> None:
-        """A worker: carries steps (see :func:`carry`), parked between them; exits when
-        KEEP_IDLE others are parked. Its steps run in one cancel scope until the end of
-        a run cancels it during a step of that run; the next step gets a new one. It is
-        among the router's carriers while it lives."""
+        """A worker: carries steps (see :func:`carry`) in one cancel scope, parked
+        between them; exits when KEEP_IDLE others are parked, or when the end of a run
+        cancelled it during a step of that run. It is among the router's carriers while
+        it lives.
+
+        Parked, it holds no step: a run that has ended (with its store) is not kept
+        alive by the workers that carried it.
+        """
         task = trio.lowlevel.current_task()
         self.router.carriers.add(task)
+        step: Step | None = first
+        del first
         try:
-            step: Step | None = first
-            while step is not None:
-                with trio.CancelScope() as scope:
-                    while step is not None:
-                        await carry(step, scope)
-                        step = await self._park()
-                if step is not None:
+            with trio.CancelScope() as scope:
+                while step is not None:
+                    await carry(step, scope)
+                    del step
                     step = await self._park()
         finally:
             self.router.carriers.discard(task)
@@ -259,7 +274,7 @@ class NodeActor(Actor[Step]):
             await run.durability.commit(run, step.branch, self.node_id, action, ctx.store)
         except RUN_FAILURES as exc:
             return StepFailed(run, step.branch, self.node_id, exc)
-        return StepDone(run, step.branch, self.node_id, action, values)
+        return StepDone(run, step.branch, self, action, values)
 
     async def _observed_outcome(self, step: Step, ctx: ExecutionContext) -> StepDone | StepFailed:
         """:meth:`_outcome` between StepStarted and StepFinished, inside the step's

@@ -49,23 +49,22 @@ class Router(Actor[Routing]):
     def __init__(self, node_actor: NodeLookup, mailbox_size: int) -> None:
         super().__init__("router", mailbox_size, 1)
         self._node_actor = node_actor
-        self._hops: dict[tuple[Flow, str, str], NodeActor] = {}
-        """The plain hops of the flows learnt: (flow, node, action) → the next node's
-        actor (see :meth:`_plain_hop`)."""
         self.carriers: set[trio.lowlevel.Task] = set()
         """The tasks carrying steps of this engine's runs now: its node actors' workers,
         and each caller of ``engine.run`` while it carries its run."""
 
     def learn(self, flow: Flow) -> None:
-        """Record the plain hops of ``flow``, whose node actors exist: each action of a
-        node that has one route, unconditional, to a node of ``flow`` that is neither a
-        join nor a nested flow. Never blocks."""
+        """Give the node actors of ``flow`` (they exist) their plain hops: each action
+        of a node (not a nested flow) that has one route, unconditional, to a node of
+        ``flow`` that is neither a join nor a nested flow (see :meth:`_plain_hop`).
+        Never blocks."""
         for (source, action), routes in flow.route_table().items():
-            if len(routes) != 1 or routes[0].when is not None:
+            target = _plain_target(routes)
+            if isinstance(flow.nodes[source], Flow) or target is None:
                 continue
-            target = routes[0].target
-            if isinstance(target, str) and _plain_node(flow, target):
-                self._hops[flow, source, action] = self._node_actor(flow, target)
+            if _plain_node(flow, target):
+                hops = self._node_actor(flow, source).hops
+                hops[action] = self._node_actor(flow, target)
 
     async def route(self, outcome: Outcome) -> list[Step]:
         """Route ``outcome``; return the steps the branch goes on with (send each to
@@ -184,12 +183,11 @@ class Router(Actor[Routing]):
         action = outcome.action
         if action.is_complete:
             return None
-        branch = outcome.branch
-        frame = branch.frames[-1]
-        actor = self._hops.get((frame.flow, outcome.node_id, action.name))
+        actor = outcome.actor.hops.get(action.name)
         if actor is None:
             return None
-        frame.node_id = actor.node_id
+        branch = outcome.branch
+        branch.frames[-1].node_id = actor.node_id
         return counted_step(outcome.run, branch, action.params, actor)
 
     def entry(self, flow: Flow) -> NodeActor:
@@ -390,6 +388,15 @@ def condition_keys(flow: Flow) -> frozenset[str]:
         if isinstance(node, Flow):
             keys |= condition_keys(node)
     return keys
+
+
+def _plain_target(routes: tuple[Route, ...]) -> str | None:
+    """The one node ``routes`` lead to when they are one unconditional route to one
+    node; else None."""
+    if len(routes) != 1 or routes[0].when is not None:
+        return None
+    target = routes[0].target
+    return target if isinstance(target, str) else None
 
 
 def _plain_node(flow: Flow, node_id: str) -> bool:
