@@ -344,38 +344,3 @@ async def test_a_run_killed_after_each_commit_resumes_to_the_uninterrupted_run(
         for k in range(total):
             rest = total - k
             await trial(engine, server, place, flow, reference, [(k, "mid"), (rest // 2, "mid")])
-
-
-# --- found on the way: list_runs and the storage it was given ----------------------------
-
-LIST_RUNS_BUG: Final = (
-    "bug: Engine.list_runs releases (retires) the store actor of the storage it is given "
-    "but returns before that actor has closed it, unlike engine.run; the backend is "
-    "closed later, in the actor's task"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=LIST_RUNS_BUG + ": the file is still locked")
-async def test_a_file_storage_opens_again_once_list_runs_returns(tmp_path: Path) -> None:
-    path = tmp_path / "store.json"
-    async with cf.open_engine() as engine:
-        await engine.run(FLOWS["chain"].build(Hooks()), cf.FileStorage(path), run_id=RUN_ID)
-        await engine.list_runs(cf.FileStorage(path))
-        again = cf.FileStorage(path)
-        await again.open()  # StorageError: "is in use: process <this one>"
-        assert await again.get("count:b") == 3
-        await again.aclose()
-
-
-@pytest.mark.xfail(strict=True, reason=LIST_RUNS_BUG + ": closing it too crashes the engine")
-async def test_closing_the_storage_list_runs_read_leaves_the_engine_running(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "store.json"
-    storage = cf.FileStorage(path)
-    async with cf.open_engine() as engine:
-        await engine.run(FLOWS["chain"].build(Hooks()), storage, run_id=RUN_ID)
-        assert [run.state for run in await engine.list_runs(storage)] == ["succeeded"]
-        await storage.aclose()  # races the actor's own close: AssertionError in the engine
-        result = await engine.resume(FLOWS["chain"].build(Hooks()), storage, run_id=RUN_ID)
-        assert result.success

@@ -1332,3 +1332,21 @@ def test_a_flow_dropped_after_its_engine_closed_is_no_trouble(
     del flow
     gc.collect()
     assert unraisable == []
+
+
+async def test_list_runs_lets_go_of_a_storage_no_run_uses(tmp_path: Path) -> None:
+    """As a run does when it ends: once list_runs returns, the store's backend is
+    closed, so another FileStorage on the file opens, and closing the one it read
+    changes nothing and leaves the engine running."""
+    path = tmp_path / "store.json"
+    storage = cf.FileStorage(path)
+    flow = single(Recorder(), "listed")
+    async with cf.open_engine() as engine:
+        await engine.run(flow, storage, run_id="r")
+        assert [run.state for run in await engine.list_runs(storage)] == ["succeeded"]
+        again = cf.FileStorage(path)
+        await again.open()
+        assert await again.get("seen") == ["only"]
+        await again.aclose()
+        await storage.aclose()
+        assert (await engine.resume(flow, storage, run_id="r")).execution_path == ("only",)

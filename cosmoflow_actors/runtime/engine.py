@@ -232,8 +232,9 @@ class Engine:
         """The durable runs recorded in ``store``, with their state, last node and steps,
         and, for a run a queue's worker claimed, its owner; a running one is "orphaned"
         when the store is on the queue's server and no worker holds its lease (see
-        ``queue.leases_checked``). Blocks while it reads; raises RuntimeError once the
-        engine is closed."""
+        ``queue.leases_checked``). Blocks while it reads and, when no run uses the
+        store, until its backend is closed (as at the end of a run); raises
+        RuntimeError once the engine is closed."""
         self._require_open()
         storage = as_storage(store)
         actor = await self._stores.acquire(storage)
@@ -241,6 +242,7 @@ class Engine:
             records = await actor.records(storage)
         finally:
             self._stores.release(actor)
+        await _closed_if_retired(actor)
         runs = [RunRecord.of(durability.checked_record(k, v)) for k, v in records.items()]
         return await run_queue.leases_checked(storage, runs)
 
@@ -261,9 +263,7 @@ class Engine:
                     await run.wait()
         finally:
             run.cancel()
-        actor = run.store_actor
-        if actor.retiring and not actor.exited.is_set():
-            await actor.exited.wait()
+        await _closed_if_retired(run.store_actor)
         return run.unwrap()
 
     def _inside_a_step(self) -> bool:
@@ -736,6 +736,14 @@ async def open_engine(
     finally:
         if engine is not None:
             await engine._disconnect_ray()
+
+
+async def _closed_if_retired(actor: StoreActor) -> None:
+    """Once its last user let go of ``actor`` (it is retiring), block until it has
+    closed its backend: the storage is then free for another opener (a FileStorage is
+    compacted into its JSON file and unlocked)."""
+    if actor.retiring and not actor.exited.is_set():
+        await actor.exited.wait()
 
 
 async def _send(run: ActiveRun, step: Step) -> None:
