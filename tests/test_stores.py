@@ -113,3 +113,40 @@ async def test_an_instance_another_engine_serves_is_refused_until_that_one_lets_
                 await second.run(single(Recorder()), storage)
             gate.open.set()
         assert (await second.run(single(Recorder()), storage)).success
+
+
+class SlowToOpen(OwnActorStorage):
+    """Its backend opens once the test lets it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.may_open = trio.Event()
+
+    async def open(self) -> None:
+        await self.may_open.wait()
+        await super().open()
+
+
+async def test_a_caller_cancelled_while_its_backend_opens_leaves_it_to_the_others() -> None:
+    """The first run on a backend gives up while the backend opens: the store actor
+    opens all the same and serves the run that waited with it."""
+    store = SlowToOpen()
+    flow = single(Recorder(), "opens")
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        impatient = trio.CancelScope()
+
+        async def first() -> None:
+            with impatient:
+                await engine.run(flow, store)
+
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(partial(engine.run, flow, store))
+        await trio.testing.wait_all_tasks_blocked()
+        impatient.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        store.may_open.set()
+    assert impatient.cancelled_caught
+    assert store.data["seen"] == ["only"]
+    stats = engine.statistics()
+    assert (stats.runs_started, stats.runs_succeeded) == (1, 1)

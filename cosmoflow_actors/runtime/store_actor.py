@@ -148,7 +148,8 @@ class StoreActor(Actor[StoreRequest]):
         """Open its backend, report ready, serve until :meth:`retire`, then close the
         backend (shielded, at most CLOSE_SECONDS).
 
-        Raises the backend's StorageError from ``nursery.start`` if it cannot open.
+        A backend that cannot open is no crash: its StorageError is kept in
+        :attr:`open_error`, for every run that waits for the actor, and the actor exits.
         """
         try:
             try:
@@ -158,7 +159,7 @@ class StoreActor(Actor[StoreRequest]):
                 self.serving = True
             except StorageError as exc:
                 self.open_error = exc
-                raise
+                return
             finally:
                 self.opened.set()
             task_status.started()

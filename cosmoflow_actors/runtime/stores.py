@@ -23,7 +23,7 @@ from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.memory import MemoryStorage
 
 Supervise = Callable[..., Awaitable[None]]
-"""The engine's supervisor: ``await supervise(actor, task_status=...)``."""
+"""The engine's supervisor: ``await supervise(actor)``."""
 
 _SERVED_BY: dict[int, StoreRegistry] = {}
 """The registry (engine) whose actor serves each storage instance with an actor of its
@@ -59,19 +59,19 @@ class StoreRegistry:
         """The actor serving ``storage``, started if needed.
 
         Blocks while the actor opens its backend (or an old one retires); raises
-        StorageError if the backend cannot be opened.
+        StorageError if the backend cannot be opened. The actor starts in the engine's
+        nursery and opens whatever becomes of the caller: a caller cancelled while it
+        opens gives up its use, and the runs waiting with it still get the actor.
         """
         key = _key(storage)
         while (old := self._in_the_way(key, storage)) is not None:
             await old.exited.wait()
         actor = self._actors.get(key)
-        # Counted before any wait below, so that no other run's release retires it
-        # while this one waits for it.
         if actor is None:
             actor = self._new(key, storage)
-            actor.users += 1
-            await self._nursery.start(self._run, actor, key)
-            return actor
+            self._nursery.start_soon(self._run, actor, key)
+        # Counted before the wait below, so that no other run's release retires it
+        # while this one waits for it.
         actor.users += 1
         try:
             if not actor.opened.is_set():
@@ -80,7 +80,9 @@ class StoreRegistry:
             self.release(actor)
             raise
         if not actor.serving:
-            raise StorageError(f"{actor.name} could not be opened") from actor.open_error
+            raise StorageError(f"{actor.name} could not be opened: {actor.open_error}") from (
+                actor.open_error
+            )
         return actor
 
     def acquire_nowait(self, storage: Storage) -> StoreActor:
@@ -137,15 +139,9 @@ class StoreRegistry:
         self._actors[key] = actor
         return actor
 
-    async def _run(
-        self,
-        actor: StoreActor,
-        key: object,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def _run(self, actor: StoreActor, key: object) -> None:
         try:
-            await self._supervise(actor, task_status=task_status)
+            await self._supervise(actor)
         finally:
             if self._actors.get(key) is actor:
                 del self._actors[key]
