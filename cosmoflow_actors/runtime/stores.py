@@ -80,9 +80,8 @@ class StoreRegistry:
             self.release(actor)
             raise
         if not actor.serving:
-            raise StorageError(f"{actor.name} could not be opened: {actor.open_error}") from (
-                actor.open_error
-            )
+            # Each waiting run gets an error of its own, saying what the backend said.
+            raise StorageError(str(actor.open_error)) from actor.open_error
         return actor
 
     def acquire_nowait(self, storage: Storage) -> StoreActor:
