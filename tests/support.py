@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final, TypeVar
 
 import pytest
 import trio
@@ -114,3 +118,62 @@ async def started_nowait_once_set_up(flow: cf.Flow, not_yet: str) -> Any:
 def node_actors(engine: cf.Engine) -> list[NodeActor]:
     """Every node actor of the flows ``engine`` holds now."""
     return [actor for flow in engine._flows.values() for actor in flow.actors.values()]
+
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+SERVER_TIMEOUT: Final = 30.0
+"""Seconds a worker server may take to stop once its input ends."""
+
+
+class WorkerServer:
+    """A worker server of the crash tests: a process that reads job lines on its
+    stdin and writes progress lines on its stdout (its stderr goes to ``log``)."""
+
+    def __init__(self, process: trio.Process, log: Path) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self._process = process
+        self._stdin = process.stdin
+        self._stdout = process.stdout
+        self._buffer = bytearray()
+        self.log = log
+
+    async def close(self) -> None:
+        """End the server (end of its input) and wait for it to exit cleanly."""
+        with trio.fail_after(SERVER_TIMEOUT):
+            await self._stdin.aclose()
+            assert await self._process.wait() == 0, self.log.read_text()
+
+    async def _send(self, line: str) -> None:
+        await self._stdin.send_all(f"{line}\n".encode())
+
+    async def _line(self) -> str:
+        """The server's next line (blocks until it has written one)."""
+        while b"\n" not in self._buffer:
+            chunk = await self._stdout.receive_some()
+            if not chunk:
+                raise EOFError(f"the worker server exited: {self.log.read_text()}")
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer[:] = rest
+        return line.decode()
+
+
+S = TypeVar("S", bound=WorkerServer)
+
+
+@asynccontextmanager
+async def worker_server(kind: type[S], module: str, log: Path) -> AsyncIterator[S]:
+    """Run ``python -m module serve`` as a ``kind`` of server until the block ends."""
+    with log.open("wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", module, "serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=ROOT,
+        )
+    running = kind(process, log)
+    try:
+        yield running
+    finally:
+        await running.close()

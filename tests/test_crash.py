@@ -14,8 +14,6 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -44,8 +42,8 @@ from tests.crash_worker import (
     step_value,
 )
 from tests.storage_suite import RedisServer, unique_namespace
+from tests.support import WorkerServer, worker_server
 
-ROOT: Final = Path(__file__).resolve().parent.parent
 TRIALS: Final = 20
 """Trials per backend, and the least number of trials of the FileStorage commit test."""
 MAX_FILE_TRIALS: Final = 200
@@ -79,16 +77,8 @@ class Child:
         return "done" in self.lines
 
 
-class Server:
+class Server(WorkerServer):
     """The worker server (see :mod:`tests.crash_worker`): one forked child per trial."""
-
-    def __init__(self, process: trio.Process, log: Path) -> None:
-        assert process.stdin is not None and process.stdout is not None
-        self._process = process
-        self._stdin = process.stdin
-        self._stdout = process.stdout
-        self._buffer = bytearray()
-        self.log = log
 
     async def start(self, job: dict[str, Any]) -> Child:
         """Fork a child that runs ``job``; return once it runs."""
@@ -115,42 +105,11 @@ class Server:
         child.status = int(line.removeprefix("exit "))
         assert child.status in (0, -signal.SIGKILL), f"the worker failed: {self.log.read_text()}"
 
-    async def close(self) -> None:
-        """End the server (end of its input) and wait for it."""
-        with trio.fail_after(TIMEOUT):
-            await self._stdin.aclose()
-            assert await self._process.wait() == 0, self.log.read_text()
-
-    async def _send(self, line: str) -> None:
-        await self._stdin.send_all(f"{line}\n".encode())
-
-    async def _line(self) -> str:
-        while b"\n" not in self._buffer:
-            chunk = await self._stdout.receive_some()
-            if not chunk:
-                raise EOFError(f"the worker server exited: {self.log.read_text()}")
-            self._buffer += chunk
-        line, _, rest = bytes(self._buffer).partition(b"\n")
-        self._buffer[:] = rest
-        return line.decode()
-
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    log = tmp_path / "worker.log"
-    with log.open("wb") as stderr:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "tests.crash_worker", "serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            cwd=ROOT,
-        )
-    running = Server(process, log)
-    try:
+    async with worker_server(Server, "tests.crash_worker", tmp_path / "worker.log") as running:
         yield running
-    finally:
-        await running.close()
 
 
 def job_for(

@@ -33,8 +33,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -49,8 +47,8 @@ from cosmoflow_actors.runtime.durability import record_key
 from cosmoflow_actors.storage.base import RECORD_PREFIX
 from tests.crash_resume_worker import BATCH_NODE, FLOWS, RUN_ID, Hooks, open_storage
 from tests.storage_suite import RedisServer, unique_namespace
+from tests.support import WorkerServer, worker_server
 
-ROOT: Final = Path(__file__).resolve().parent.parent
 TIMEOUT: Final = 30.0
 """Seconds a trial (or the server's start or stop) may take before the test fails."""
 
@@ -81,16 +79,8 @@ class Child:
         return "staged" in places if mode == "mid" else bool(places)
 
 
-class Server:
+class Server(WorkerServer):
     """The worker server (see :mod:`tests.crash_resume_worker`)."""
-
-    def __init__(self, process: trio.Process, log: Path) -> None:
-        assert process.stdin is not None and process.stdout is not None
-        self._process = process
-        self._stdin = process.stdin
-        self._stdout = process.stdout
-        self._buffer = bytearray()
-        self.log = log
 
     async def stop_after(self, job: dict[str, Any]) -> Child:
         """Run ``job``; once it reported its ``k`` commits and its stop (or its end),
@@ -111,41 +101,12 @@ class Server:
         assert status in (0, -signal.SIGKILL), f"the worker failed: {self.log.read_text()}"
         return child
 
-    async def close(self) -> None:
-        with trio.fail_after(TIMEOUT):
-            await self._stdin.aclose()
-            assert await self._process.wait() == 0, self.log.read_text()
-
-    async def _send(self, line: str) -> None:
-        await self._stdin.send_all(f"{line}\n".encode())
-
-    async def _line(self) -> str:
-        while b"\n" not in self._buffer:
-            chunk = await self._stdout.receive_some()
-            if not chunk:
-                raise EOFError(f"the worker server exited: {self.log.read_text()}")
-            self._buffer += chunk
-        line, _, rest = bytes(self._buffer).partition(b"\n")
-        self._buffer[:] = rest
-        return line.decode()
-
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
     log = tmp_path / "worker.log"
-    with log.open("wb") as stderr:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "tests.crash_resume_worker", "serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            cwd=ROOT,
-        )
-    running = Server(process, log)
-    try:
+    async with worker_server(Server, "tests.crash_resume_worker", log) as running:
         yield running
-    finally:
-        await running.close()
 
 
 class Place:
