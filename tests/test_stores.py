@@ -150,3 +150,68 @@ async def test_a_caller_cancelled_while_its_backend_opens_leaves_it_to_the_other
     assert store.data["seen"] == ["only"]
     stats = engine.statistics()
     assert (stats.runs_started, stats.runs_succeeded) == (1, 1)
+
+
+class BrokenOpen(OwnActorStorage):
+    """Its backend's open raises an error of its own (not a StorageError)."""
+
+    async def open(self) -> None:
+        raise OSError("disk on fire")
+
+
+async def test_a_backend_whose_open_raises_fails_the_runs_on_it_alone() -> None:
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(single(gate), {})
+        with pytest.raises(cf.StorageError, match="could not be opened: OSError: disk") as caught:
+            await engine.run(single(Recorder()), BrokenOpen())
+        assert isinstance(caught.value.__cause__.__cause__, OSError)
+        gate.open.set()
+        assert (await other.wait()).success
+
+
+async def test_a_run_waiting_for_its_backend_when_the_engine_closes_is_told_so() -> None:
+    store = SlowToOpen()
+    flow = single(Recorder(), "late")
+    async with trio.open_nursery() as nursery:
+        closing = trio.CancelScope()
+
+        async def engine_until_closed(task_status: trio.TaskStatus[cf.Engine]) -> None:
+            with closing:
+                async with cf.open_engine() as engine:
+                    task_status.started(engine)
+                    await trio.sleep_forever()
+
+        engine = await nursery.start(engine_until_closed)
+        with pytest.raises(cf.StorageError, match="not opened: the engine closed first"):
+            nursery.start_soon(_close_when_blocked, closing)
+            await engine.run(flow, store)
+    assert engine.statistics().runs_in_flight == 0
+
+
+async def _close_when_blocked(scope: trio.CancelScope) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    scope.cancel()
+
+
+async def test_two_starts_of_one_run_id_waiting_for_its_backend_start_it_once() -> None:
+    """Both starts pass the check for a run id in flight before they wait for the
+    backend to open; the second to go on is refused, and the engine goes on."""
+    store = SlowToOpen()
+    flow = single(Recorder(), "twice")
+    outcomes: list[object] = []
+
+    async def start() -> None:
+        try:
+            outcomes.append((await engine.run(flow, store, run_id="same")).success)
+        except ValueError as exc:
+            outcomes.append(str(exc))
+
+    async with cf.open_engine() as engine:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start)
+            nursery.start_soon(start)
+            await trio.testing.wait_all_tasks_blocked()
+            store.may_open.set()
+        assert sorted(map(str, outcomes)) == ["True", "run 'same' is already in flight"]
+        assert (await engine.run(flow, store, run_id="after")).success

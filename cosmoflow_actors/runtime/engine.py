@@ -92,7 +92,7 @@ class Engine:
         self._flows: weakref.WeakKeyDictionary[Flow, _Registration] = weakref.WeakKeyDictionary()
         """The flows registered (and the flows nested in them), as long as something
         else holds them: a flow that is garbage has its node actors retired (see
-        :meth:`_retire_with`)."""
+        :meth:`_retire_soon`)."""
         self._token = trio.lowlevel.current_trio_token()
         self._stores = StoreRegistry(nursery, mailbox_size, self._supervise)
         self._workers: trio_parallel.WorkerContext | None = None
@@ -333,6 +333,7 @@ class Engine:
             run_id = self._check_start(run_id)
             keys = (await self._register(flow)).condition_keys
             actor = await self._stores.acquire(storage)
+            self._check_again(run_id, actor)
         except BaseException:
             if admission is not None:
                 admission.release()
@@ -416,6 +417,16 @@ class Engine:
         if run_id in self._runs:
             raise ValueError(f"run {run_id!r} is already in flight")
         return run_id
+
+    def _check_again(self, run_id: str, actor: StoreActor) -> None:
+        """After a start waited (for set-up, for its store): refuse it, letting go of
+        ``actor``, if the engine closed or another start took ``run_id`` meanwhile (as
+        :meth:`_check_start`). Never blocks."""
+        try:
+            self._check_start(run_id)
+        except (RuntimeError, ValueError):
+            self._stores.release(actor)
+            raise
 
     def _require_open(self) -> None:
         """Raise RuntimeError once the engine is closed."""
@@ -525,10 +536,12 @@ class Engine:
         engine keeps of ``flow``: a node actor needs no set-up, and steps sent before
         it runs wait in its mailbox. Raises trio.WouldBlock when the flow needs worker
         processes or Ray that the engine has not set up yet (a flow registered before
-        had them set up then)."""
+        had them set up then), and RuntimeError once the engine is closed (it may have
+        closed while :meth:`_register` set those up)."""
         known = self._flows.get(flow)
         if known is not None:
             return known
+        self._require_open()
         if self._workers is None and _needs_workers(flow):
             raise trio.WouldBlock("the flow's worker processes are not set up yet")
         if not self._ray_connected and _needs_workers(flow, "ray"):

@@ -22,7 +22,12 @@ from typing import Any, Final
 import outcome
 import trio
 
-from cosmoflow_actors.errors import ActorCrashedError, StorageError, StoreKeyError
+from cosmoflow_actors.errors import (
+    ActorCrashedError,
+    StorageError,
+    StoreKeyError,
+    type_and_message,
+)
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.gil import SHORT_SWITCH_INTERVAL
 from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest
@@ -148,8 +153,9 @@ class StoreActor(Actor[StoreRequest]):
         """Open its backend, report ready, serve until :meth:`retire`, then close the
         backend (shielded, at most CLOSE_SECONDS).
 
-        A backend that cannot open is no crash: its StorageError is kept in
-        :attr:`open_error`, for every run that waits for the actor, and the actor exits.
+        A backend that cannot open is no crash: whatever its ``open`` raised is kept in
+        :attr:`open_error` (as a StorageError), for every run that waits for the actor,
+        and the actor exits.
         """
         try:
             try:
@@ -157,8 +163,8 @@ class StoreActor(Actor[StoreRequest]):
                     with SHORT_SWITCH_INTERVAL:
                         await self._storage.open()
                 self.serving = True
-            except StorageError as exc:
-                self.open_error = exc
+            except Exception as exc:
+                self.open_error = self._open_failed(exc)
                 return
             finally:
                 self.opened.set()
@@ -168,6 +174,24 @@ class StoreActor(Actor[StoreRequest]):
             if self.serving and self._storage is not None:
                 await self._close_backend(self._storage)
             self.exited.set()
+
+    def _open_failed(self, error: Exception) -> StorageError:
+        """Why the backend could not open: its StorageError, or one naming this actor
+        for any other error (the cause)."""
+        if isinstance(error, StorageError):
+            return error
+        failure = StorageError(f"{self.name} could not be opened: {type_and_message(error)}")
+        failure.__cause__ = error
+        return failure
+
+    def open_failure(self) -> StorageError:
+        """A new error for a run that waited for a backend this actor did not open: what
+        :attr:`open_error` says, or that the engine closed first. Never blocks."""
+        if self.open_error is None:
+            return StorageError(f"{self.name} was not opened: the engine closed first")
+        failure = StorageError(str(self.open_error))
+        failure.__cause__ = self.open_error
+        return failure
 
     async def _close_backend(self, storage: Storage) -> None:
         """Close the backend after its last run. Every write was committed before, so

@@ -80,8 +80,7 @@ class StoreRegistry:
             self.release(actor)
             raise
         if not actor.serving:
-            # Each waiting run gets an error of its own, saying what the backend said.
-            raise StorageError(str(actor.open_error)) from actor.open_error
+            raise actor.open_failure()
         return actor
 
     def acquire_nowait(self, storage: Storage) -> StoreActor:
