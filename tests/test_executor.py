@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,30 @@ async def test_process_runs_exec_in_a_worker_process() -> None:
 async def test_start_run_nowait_would_block_until_the_worker_processes_are_set_up() -> None:
     not_yet = "worker processes are not set up yet"
     assert (await started_nowait_once_set_up(single(Square()), not_yet))[0] == 9
+
+
+async def test_flows_first_run_at_once_share_one_set_of_worker_processes() -> None:
+    """Two flows with process nodes, first run at the same moment: the engine sets up
+    its worker processes once, and both flows' execs run there."""
+
+    def holders(task: trio.lowlevel.Task) -> int:
+        """The tasks under ``task`` (itself too) that hold a set of worker processes."""
+        own = task.name.endswith("_hold_workers")
+        children = [child for nursery in task.child_nurseries for child in nursery.child_tasks]
+        return own + sum(holders(child) for child in children)
+
+    flows = [single(Square(), f"squares-{index}") for index in range(2)]
+    results: list[Any] = []
+    async with cf.open_engine() as engine:
+        async with trio.open_nursery() as nursery:
+            for flow in flows:
+                nursery.start_soon(_result_into, results, engine.run(flow, params={"n": 3}))
+        assert holders(trio.lowlevel.current_root_task()) == 1
+    assert [value for value, _ in results] == [9, 9]
+
+
+async def _result_into(results: list[Any], run: Awaitable[cf.FlowResult]) -> None:
+    results.append((await run).result)
 
 
 class RaisesAnEngineError(cf.Node):

@@ -99,6 +99,7 @@ class Engine:
         self._ray_address = ray_address
         self._ray_connected = False
         self._ray_connecting = trio.Lock()
+        self._workers_starting = trio.Lock()
         self._events = EventHub()
         self._runs: dict[str, ActiveRun] = {}
         """The runs in flight, by id."""
@@ -525,7 +526,7 @@ class Engine:
         if known is not None:
             return known
         if self._workers is None and _needs_workers(flow):
-            self._workers = await self._nursery.start(self._hold_workers)
+            await self._start_workers()
         if not self._ray_connected and _needs_workers(flow, "ray"):
             await self._connect_ray()
         return self._register_nowait(flow)
@@ -585,6 +586,13 @@ class Engine:
         flight: each holds its flow): retire them in the engine's next scheduler pass.
         Safe wherever the garbage collector runs, in any thread. Never blocks."""
         self._token.run_sync_soon(_retire, actors)
+
+    async def _start_workers(self) -> None:
+        """Set up the worker processes of "process" nodes, once (blocks while they
+        start)."""
+        async with self._workers_starting:
+            if self._workers is None:
+                self._workers = await self._nursery.start(self._hold_workers)
 
     async def _hold_workers(
         self, *, task_status: trio.TaskStatus[trio_parallel.WorkerContext]
