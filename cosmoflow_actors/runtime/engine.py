@@ -564,6 +564,7 @@ class Engine:
             else:
                 actors[node_id] = self._new_node_actor(flow, node_id, node)
         retirement = weakref.finalize(flow, self._retire_soon, list(actors.values()))
+        retirement.atexit = False  # at interpreter exit there is no engine left to tell
         self._flows[flow] = _Registration(actors, condition_keys(flow), retirement)
         self._router.learn(flow)
         return made + list(actors.values())
