@@ -1,11 +1,12 @@
 """The engine: one trio nursery holding the router, the node actors and the store actors.
 
-``open_engine()`` is the only way to get an engine. The router and the store actors start
-with ``nursery.start`` and are ready before first use; a flow's node actors start with
-``start_soon`` when it is first run (steps sent before one runs wait in its mailbox).
-A crashing actor fails every run in flight with
-ActorCrashedError and its exception leaves ``open_engine``; leaving the block normally
-waits for the runs started in it.
+``open_engine()`` is the only way to get an engine. The router starts with
+``nursery.start`` and is ready before first use. A store actor starts with ``start_soon``
+when its backend is first used, and its first runs wait until it has opened the backend;
+a flow's node actors start with ``start_soon`` when the flow is first run (steps sent
+before one runs wait in its mailbox), and are retired once the flow is garbage. A
+crashing actor fails every run in flight with ActorCrashedError and its exception leaves
+``open_engine``; leaving the block normally waits for the runs started in it.
 """
 
 from __future__ import annotations
