@@ -552,6 +552,23 @@ async def test_aclose_compacts_into_one_readable_file(tmp_path: Path) -> None:
     assert snapshot(path)["generation"] == 2
 
 
+async def test_two_closes_at_once_compact_once_and_raise_nothing(tmp_path: Path) -> None:
+    """A second close while the first compacts does nothing (it used to compact too,
+    and fail on the lock the first had released)."""
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    await storage.set("b", 2)
+    await storage.commit()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(storage.aclose)
+        nursery.start_soon(storage.aclose)
+    assert snapshot(path)["data"] == {"a": 1, "b": 2}
+    assert snapshot(path)["generation"] == 2
+    assert journal(path) == HEADER % 2
+    assert await storage.keys() == ["a", "b"]
+    await storage.aclose()
+
+
 # --- one open instance at a time: the lock ---------------------------------------------
 
 HOLDER = textwrap.dedent(

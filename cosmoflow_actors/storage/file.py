@@ -266,19 +266,20 @@ class FileStorage(Storage):
         be used again: the next call opens the files afresh. When the compaction fails
         (:class:`~cosmoflow_actors.StorageError`, no file changed: every commit stays in
         the journal) the files are unlocked all the same. A cancelled close unlocks
-        before the cancellation goes on.
+        before the cancellation goes on. A close while another is under way does
+        nothing.
         """
         if not self._opened:
             return
+        self._opened = False
         self._staged.reset()
+        unlock, self._unlock = self._unlock, None
+        assert unlock is not None  # set by open
         try:
             if self._must_compact_at_close() or await _in_thread(self._snapshot_changed):
                 await self._compact(self._committed)
         finally:
-            unlock, self._unlock = self._unlock, None
             self._committed = {}
-            self._opened = False
-            assert unlock is not None  # set by open
             await _unlocked(unlock)
 
     def _must_compact_at_close(self) -> bool:
