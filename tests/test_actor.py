@@ -195,14 +195,16 @@ async def test_a_take_moves_the_longest_waiters_message_in_at_once() -> None:
 
 
 async def test_a_closed_mailbox_drops_what_waits_and_what_comes_and_frees_its_senders() -> None:
+    """close() hands back every message it dropped, the waiting senders' too, oldest
+    first: an actor that must answer its requests answers them all."""
     mailbox: Mailbox[str] = Mailbox(1)
     mailbox.put_nowait("queued")
     done: list[str] = []
     async with trio.open_nursery() as nursery:
         for message in ["s1", "s2"]:
             nursery.start_soon(put_and_note, mailbox, message, done)
-        await trio.testing.wait_all_tasks_blocked()
-        mailbox.close()
+            await trio.testing.wait_all_tasks_blocked()
+        assert mailbox.close() == ["queued", "s1", "s2"]
     assert (sorted(done), len(mailbox), mailbox.senders_waiting) == (["s1", "s2"], 0, 0)
     mailbox.put_nowait("late")
     await mailbox.put("later")

@@ -245,3 +245,113 @@ async def test_when_its_last_run_ends_a_file_storage_is_compacted_into_its_json_
         for n in range(3):
             await engine.run(single(write), cf.FileStorage(path), params={"n": n})
             assert json.loads(path.read_bytes())["data"] == {"last": n}
+
+
+class Stalling(JsonDictStorage):
+    """A custom backend whose ``open`` or ``get`` (``stalls``) waits until ``release``
+    is set, then raises ``error`` (a bug of the backend: not a StorageError)."""
+
+    def __init__(self, stalls: str, error: Exception) -> None:
+        super().__init__({})
+        self.stalls = stalls
+        self.error = error
+        self.release = trio.Event()
+
+    async def _stall(self, method: str) -> None:
+        if self.stalls == method:
+            await self.release.wait()
+            raise self.error
+
+    async def open(self) -> None:
+        await self._stall("open")
+
+    async def get(self, key: str) -> Any:
+        await self._stall("get")
+        return await super().get(key)
+
+
+async def ask(actor: StoreActor, storage: cf.Storage, key: str, answers: dict[str, Any]) -> None:
+    """Request ``key`` from ``actor``; note the answer, or the error raised."""
+    try:
+        answers[key] = await actor.request(StoreOp.GET, storage, key, None)
+    except Exception as exc:
+        answers[key] = exc
+
+
+async def queue_requests(
+    actor: StoreActor, storage: cf.Storage, nursery: trio.Nursery, answers: dict[str, Any]
+) -> None:
+    """Six requests from tasks of ``nursery``: with a mailbox of one, the first in the
+    actor's hands (if it serves), one queued, the others waiting for room."""
+    for i in range(6):
+        nursery.start_soon(ask, actor, storage, f"k{i}", answers)
+        await trio.testing.wait_all_tasks_blocked()
+    stats = actor.statistics()
+    waiting = (stats.in_flight, stats.mailbox_depth, stats.senders_waiting)
+    assert waiting == ((1, 1, 4) if actor.serving else (0, 1, 5))
+
+
+def errors_of(answers: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {key: (type(error).__name__, str(error)) for key, error in answers.items()}
+
+
+async def test_a_crashed_actor_answers_every_request_held_back_by_a_full_mailbox() -> None:
+    """A backend bug crashes the actor with a request in hand, one queued and four
+    senders waiting for room: all six are answered with ActorCrashedError, caused by
+    the bug, and a later request is refused."""
+    storage = Stalling("get", ZeroDivisionError("storage bug"))
+    actor = StoreActor("store:stalling", 1, storage)
+    answers: dict[str, Any] = {}
+    async with trio.open_nursery() as requesters:
+        with pytest.RaisesGroup(ZeroDivisionError):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(actor.run)
+                await queue_requests(actor, storage, requesters, answers)
+                storage.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert errors_of(answers) == {
+            f"k{i}": (
+                "ActorCrashedError",
+                "actor 'store:stalling' crashed; the engine is shutting down",
+            )
+            for i in range(6)
+        }
+        assert all(error.__cause__ is storage.error for error in answers.values())
+    with pytest.raises(cf.StorageError, match="store:stalling is closed"):
+        await actor.request(StoreOp.GET, storage, "later", None)
+
+
+async def test_an_actor_stopped_by_its_engine_answers_every_request_held_back() -> None:
+    """The engine closes (its nursery is cancelled) while the actor waits for its
+    backend with one request in hand, one queued and four senders waiting for room:
+    all six are told the actor stopped."""
+    storage = Stalling("get", ZeroDivisionError("never raised"))
+    actor = StoreActor("store:stalling", 1, storage)
+    answers: dict[str, Any] = {}
+    async with trio.open_nursery() as requesters:
+        async with trio.open_nursery() as engine:
+            await engine.start(actor.run)
+            await queue_requests(actor, storage, requesters, answers)
+            engine.cancel_scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert errors_of(answers) == {
+            f"k{i}": ("StorageError", "store:stalling stopped before answering: its engine closed")
+            for i in range(6)
+        }
+
+
+async def test_an_actor_whose_backend_cannot_open_answers_every_request_sent_meanwhile() -> None:
+    storage = Stalling("open", OSError("disk gone"))
+    actor = StoreActor("store:stalling", 1, storage)
+    answers: dict[str, Any] = {}
+    async with trio.open_nursery() as requesters:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(actor.run)
+            await trio.testing.wait_all_tasks_blocked()
+            await queue_requests(actor, storage, requesters, answers)
+            storage.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert errors_of(answers) == {
+            f"k{i}": ("StorageError", "store:stalling could not be opened: OSError: disk gone")
+            for i in range(6)
+        }

@@ -97,14 +97,19 @@ class Mailbox(Generic[M]):
         self.items.append(message)
         self.wake()
 
-    def close(self) -> None:
+    def close(self) -> list[M]:
         """Drop the messages waiting and take no more: every waiting sender returns,
-        its message dropped, and so is what any later sender puts. Never blocks."""
+        its message dropped, and so is what any later sender puts. Return the messages
+        dropped, those in the mailbox then the waiting senders', oldest first (for an
+        actor that must answer them). Never blocks."""
         self._closed = True
+        dropped = list(self.items)
         self.items.clear()
         while self._senders:
-            task, _ = self._senders.popitem(last=False)
+            task, message = self._senders.popitem(last=False)
+            dropped.append(message)
             trio.lowlevel.reschedule(task)
+        return dropped
 
     def take(self) -> M:
         """Remove and return the oldest message (the mailbox must not be empty); the

@@ -67,6 +67,8 @@ class StoreActor(Actor[StoreRequest]):
         self.open_error: StorageError | None = None
         """Why the backend could not be opened, for every run that waited for it."""
         self.exited = trio.Event()
+        self._in_hand: list[StoreRequest] = []
+        """The batch being applied (answered only once it is all applied)."""
         self._handlers: dict[StoreOp, Handler] = {
             StoreOp.GET: self._get,
             StoreOp.CONTAINS: self._contains,
@@ -155,8 +157,11 @@ class StoreActor(Actor[StoreRequest]):
 
         A backend that cannot open is no crash: whatever its ``open`` raised is kept in
         :attr:`open_error` (as a StorageError), for every run that waits for the actor,
-        and the actor exits.
+        and the actor exits. However the actor ends (retired, crashed, cancelled, not
+        opened), every request not answered yet is answered before the backend closes
+        (see :meth:`_stop`).
         """
+        stopped_by: BaseException | None = None
         try:
             try:
                 if self._storage is not None:
@@ -170,7 +175,11 @@ class StoreActor(Actor[StoreRequest]):
                 self.opened.set()
             task_status.started()
             await self._serve()
+        except BaseException as exc:
+            stopped_by = exc
+            raise
         finally:
+            self._stop(stopped_by)
             if self.serving and self._storage is not None:
                 await self._close_backend(self._storage)
             self.exited.set()
@@ -212,27 +221,37 @@ class StoreActor(Actor[StoreRequest]):
                 await mailbox.wait()
             if not mailbox:
                 return
-            batch = mailbox.take_batch(MAX_BATCH)
-            try:
-                if self._storage is None:
-                    # The shared actor's backends never await (see Storage.shared_actor):
-                    # no worker thread to let in.
-                    await self._apply(batch)
-                else:
-                    with SHORT_SWITCH_INTERVAL:
-                        await self._apply(batch)
-            except Exception as exc:
-                self._crashed(batch, exc)
-                raise
+            self._in_hand = mailbox.take_batch(MAX_BATCH)
+            if self._storage is None:
+                # The shared actor's backends never await (see Storage.shared_actor):
+                # no worker thread to let in.
+                await self._apply(self._in_hand)
+            else:
+                with SHORT_SWITCH_INTERVAL:
+                    await self._apply(self._in_hand)
+            self._in_hand = []
 
-    def _crashed(self, batch: list[StoreRequest], exc: Exception) -> None:
-        """Answer the batch in hand and every queued request with ActorCrashedError,
-        so that no requester waits for an actor that is gone."""
-        error = ActorCrashedError(self.name)
-        error.__cause__ = exc
+    def _stop(self, stopped_by: BaseException | None) -> None:
+        """Take no more requests, and answer every one not answered yet (the batch in
+        hand, those queued, those of senders waiting for room) with why the actor
+        stopped, so that no requester waits for an actor that is gone. Never blocks."""
         self.retiring = True
-        for request in [*batch, *self.mailbox.take_batch(len(self.mailbox))]:
-            request.reply.send(outcome.Error(error))
+        unanswered = [*self._in_hand, *self.mailbox.close()]
+        self._in_hand = []
+        for request in unanswered:
+            request.reply.send(outcome.Error(self._stopped_error(stopped_by)))
+
+    def _stopped_error(self, stopped_by: BaseException | None) -> Exception:
+        """A new error for a request the actor stopped without answering: why its
+        backend did not open, ActorCrashedError (caused by what crashed it), or that
+        it stopped (its engine closed)."""
+        if not self.serving:
+            return self.open_failure()
+        if isinstance(stopped_by, Exception):
+            crashed = ActorCrashedError(self.name)
+            crashed.__cause__ = stopped_by
+            return crashed
+        return StorageError(f"{self.name} stopped before answering: its engine closed")
 
     async def _apply(self, batch: list[StoreRequest]) -> None:
         """Answer every request of ``batch`` after committing its writes.
