@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,42 @@ async def test_an_actor_is_found_by_name_and_an_unknown_name_is_refused() -> Non
     assert (stats.actor("single/only").kind, stats.actor("router").kind) == ("node", "router")
     with pytest.raises(KeyError, match="single/elsewhere"):
         stats.actor("single/elsewhere")
+
+
+async def test_flows_of_the_same_name_alive_at_once_have_actors_of_their_own_names() -> None:
+    """Two Flow objects called "answer" (two tenants, a flow built per request): the
+    second's actors are "answer#2/...", each counting its own steps; a flow whose name
+    is taken by a label gets the next number; once the first flow is garbage, a new one
+    takes its name again, its actors counting their own steps. Another engine labels
+    its flows on its own."""
+    first, second, literal = a_then_b("answer"), a_then_b("answer"), a_then_b("answer#2")
+    elsewhere = a_then_b("answer")
+    async with cf.open_engine() as engine, cf.open_engine() as other:
+        await engine.run(first)
+        for _ in range(2):
+            await engine.run(second)
+        await engine.run(literal)
+        await other.run(elsewhere)
+        stats = engine.statistics()
+        del first
+        gc.collect()
+        fresh = a_then_b("answer")
+        for _ in range(3):
+            await engine.run(fresh)
+        later = engine.statistics()
+        other_stats = other.statistics()
+    assert node_counts(stats) == {
+        "answer/a": 1,
+        "answer/b": 1,
+        "answer#2/a": 2,
+        "answer#2/b": 2,
+        "answer#2#2/a": 1,
+        "answer#2#2/b": 1,
+    }
+    assert node_counts(later) == {**node_counts(stats), "answer/a": 3, "answer/b": 3}
+    assert node_counts(other_stats) == {"answer/a": 1, "answer/b": 1}
+
+
+def node_counts(stats: cf.EngineStatistics) -> dict[str, int]:
+    """The steps each node actor counted, by actor name."""
+    return {a.name: a.messages_processed for a in stats.actors if a.kind == "node"}

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 class ActorStatistics:
     """One actor's counters and limits: ``kind`` is "node", "router" or "store".
 
+    A node actor's ``name`` is ``"<flow>/<node_id>"``, or ``"<flow>#2/<node_id>"``
+    (``#3``...) for the actors of a second Flow object of the same name alive on the
+    engine at the same time, so that each flow's actors have names of their own.
+
     ``mailbox_size`` is None for the router's unbounded inbox; ``rate_limit`` is
     ``(calls, per_seconds)`` or None, and ``rate_waiting`` the exec attempts waiting
     for it.
@@ -38,7 +42,8 @@ class EngineStatistics:
     actors: tuple[ActorStatistics, ...]
 
     def actor(self, name: str) -> ActorStatistics:
-        """The statistics of the actor called ``name`` (``"flow/node"``, ``"router"``...)."""
+        """The statistics of the actor called ``name`` (``"flow/node"``, ``"flow#2/node"``,
+        ``"router"``...); raises KeyError for a name no live actor has."""
         for stats in self.actors:
             if stats.name == name:
                 return stats
