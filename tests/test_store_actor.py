@@ -249,17 +249,19 @@ async def test_when_its_last_run_ends_a_file_storage_is_compacted_into_its_json_
 
 class Stalling(JsonDictStorage):
     """A custom backend whose ``open`` or ``get`` (``stalls``) waits until ``release``
-    is set, then raises ``error`` (a bug of the backend: not a StorageError)."""
+    is set, then raises ``error`` (a bug of the backend: not a StorageError), if any."""
 
-    def __init__(self, stalls: str, error: Exception) -> None:
+    def __init__(self, stalls: str, error: Exception | None) -> None:
         super().__init__({})
         self.stalls = stalls
         self.error = error
         self.release = trio.Event()
 
     async def _stall(self, method: str) -> None:
-        if self.stalls == method:
-            await self.release.wait()
+        if self.stalls != method:
+            return
+        await self.release.wait()
+        if self.error is not None:
             raise self.error
 
     async def open(self) -> None:
@@ -355,3 +357,18 @@ async def test_an_actor_whose_backend_cannot_open_answers_every_request_sent_mea
             f"k{i}": ("StorageError", "store:stalling could not be opened: OSError: disk gone")
             for i in range(6)
         }
+
+
+async def test_a_retired_actor_serves_every_request_held_back_before_it_exits() -> None:
+    storage = Stalling("get", None)
+    storage.data.update({f"k{i}": str(i) for i in range(6)})
+    actor = StoreActor("store:stalling", 1, storage)
+    answers: dict[str, Any] = {}
+    async with trio.open_nursery() as requesters:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            await queue_requests(actor, storage, requesters, answers)
+            actor.retire()
+            storage.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers == {f"k{i}": i for i in range(6)}
