@@ -179,12 +179,22 @@ class Flow:
         params: Mapping[str, Any] | None = None,
         run_id: str | None = None,
     ) -> FlowResult:
-        """Run once on a temporary engine; returns when the run ends.
+        """Run once on a temporary engine, inside a trio run; returns when the run ends.
 
         Raises the run's error (``NodeError``, ``NoRouteError``...) when it fails.
+
+        Raises:
+            RuntimeError: awaited outside a trio run (by asyncio, say), where the
+                engine cannot run: use ``run_sync`` from synchronous code.
         """
         from cosmoflow_actors.runtime.engine import on_temporary_engine
 
+        if not trio.lowlevel.in_trio_run():
+            raise RuntimeError(
+                f"flow {self.name!r}: run() was awaited outside a trio run; flows run on "
+                "trio, not asyncio: call `flow.run_sync(...)` from synchronous code, or "
+                "`await flow.run(...)` inside `trio.run`"
+            )
         check_runs_allowed(self.name)
         return await on_temporary_engine(
             lambda engine: engine.run(self, store, params=params, run_id=run_id)

@@ -82,7 +82,7 @@ class Node:
     def __init__(self, **config: Any) -> None:
         unknown = sorted(set(config) - set(_CONFIG_NAMES))
         if unknown:
-            raise TypeError(f"{type(self).__qualname__}: unknown config {', '.join(unknown)}")
+            raise TypeError(_unknown_config_message(type(self).__qualname__, unknown))
         for name, value in config.items():
             setattr(self, name, value)
         validate_config(self, type(self).__qualname__)
@@ -107,6 +107,24 @@ class Node:
     ) -> Awaitable[PostResult] | PostResult:
         """Write results and choose the action. The default returns None ("default")."""
         return None
+
+
+_POCKETFLOW_CONFIG: Final = {"wait": "retry_delay"}
+"""PocketFlow's node config names that have another name here."""
+
+
+def _unknown_config_message(owner: str, unknown: list[str]) -> str:
+    """Name the ``unknown`` config of ``owner``, the names a node takes, and the name
+    here of a PocketFlow config among them."""
+    message = f"{owner}: unknown config {', '.join(unknown)}"
+    renamed = [
+        f"{name!r} is {_POCKETFLOW_CONFIG[name]!r}"
+        for name in unknown
+        if name in _POCKETFLOW_CONFIG
+    ]
+    if renamed:
+        message += f" (PocketFlow's {', '.join(renamed)} here)"
+    return f"{message}; a node takes {', '.join(_CONFIG_NAMES)}"
 
 
 def validate_config(target: object, owner: str) -> None:
@@ -202,13 +220,17 @@ _PHASE_ARGUMENTS: Final = {
 
 def phase_problem(node: Node, *, batch: bool = False) -> str | None:
     """Which phase method of ``node`` cannot take what the node actor passes it, or
-    cannot return a result (a generator function), or None; checked by ``Flow.build``.
+    cannot return a result (a generator function), or is missing while PocketFlow's
+    ``<phase>_async`` is there, or None; checked by ``Flow.build``.
 
     With ``batch`` (a BatchNode or BatchFlow, whose prep returns an iterable of items),
     a plain generator prep is its items.
     """
     for name, arguments in _PHASE_ARGUMENTS.items():
         method = getattr(node, name)
+        problem = _async_name_problem(node, name)
+        if problem is not None:
+            return problem
         problem = _generator_problem(name, method, items=batch and name == "prep")
         if problem is not None:
             return problem
@@ -221,6 +243,20 @@ def phase_problem(node: Node, *, batch: bool = False) -> str | None:
         except TypeError:
             return f"{name}{_unannotated(signature)} cannot be called as {name}({arguments})"
     return None
+
+
+def _async_name_problem(node: Node, name: str) -> str | None:
+    """Why ``node`` defines PocketFlow's ``<name>_async`` instead of phase ``name``, or
+    None. The engine never calls ``<name>_async``, so without this the phase would
+    silently do nothing. A class that defines both keeps its ``<name>_async`` as its own
+    helper."""
+    async_name = f"{name}_async"
+    if not hasattr(node, async_name) or getattr(type(node), name) is not getattr(Node, name):
+        return None
+    return (
+        f"{async_name} is never called (it is PocketFlow's name); "
+        f"name it {name}, as async def {name}(self, {_PHASE_ARGUMENTS[name]})"
+    )
 
 
 def _generator_problem(name: str, method: object, *, items: bool) -> str | None:

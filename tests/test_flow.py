@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import signal
 import subprocess
@@ -149,6 +150,42 @@ def test_build_names_a_phase_method_that_yields_instead_of_returning() -> None:
         "node 'b': post is a generator function (it yields); it must return its result",
         "node 'c': prep is a generator function (it yields); it must return its result",
     )
+
+
+class PocketFlowNames(cf.Node):
+    """A node ported from PocketFlow's AsyncNode with its method names kept."""
+
+    async def prep_async(self, shared: dict[str, Any]) -> Any:
+        return shared["text"]
+
+    async def post_async(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> Any:
+        shared["out"] = prep_res
+
+
+class ExecAsyncHelper(cf.Node):
+    """A node whose exec_async is its own helper, called by its exec."""
+
+    async def exec_async(self, prep_res: Any) -> str:
+        return "helped"
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
+        return await self.exec_async(prep_res)
+
+    def post(self, store: Any, prep_res: Any, exec_res: Any, ctx: Any) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+def test_build_names_pocketflow_async_methods_the_engine_never_calls() -> None:
+    error = refused(cf.Flow.builder("f").add_node("a", PocketFlowNames()))
+    assert error.problems == (
+        "node 'a': prep_async is never called (it is PocketFlow's name); "
+        "name it prep, as async def prep(self, store, ctx)",
+    )
+
+
+def test_an_async_named_helper_beside_its_phase_is_accepted() -> None:
+    flow = cf.Flow.builder("f").add_node("a", ExecAsyncHelper()).build()
+    assert flow.run_sync().result == "helped"
 
 
 def test_a_batch_node_prep_may_yield_its_items() -> None:
@@ -400,6 +437,19 @@ async def test_run_sync_inside_trio_says_what_to_use_instead() -> None:
         "or an engine: `async with cf.open_engine() as engine: await engine.run(flow, ...)`"
     )
     assert (await flow.run()).execution_path == ("a",)
+
+
+def test_run_awaited_by_asyncio_says_flows_run_on_trio() -> None:
+    store: dict[str, Any] = {}
+    flow = cf.Flow.builder("f").add_node("a", Recorder()).build()
+    with pytest.raises(RuntimeError) as info:
+        asyncio.run(flow.run(store))
+    assert str(info.value) == (
+        "flow 'f': run() was awaited outside a trio run; flows run on trio, not asyncio: "
+        "call `flow.run_sync(...)` from synchronous code, or `await flow.run(...)` inside "
+        "`trio.run`"
+    )
+    assert store == {}
 
 
 def test_no_flow_runs_inside_refusing_runs() -> None:

@@ -42,6 +42,16 @@ def test_unknown_config_is_a_type_error() -> None:
         cf.Node(max_retry=3)
 
 
+def test_unknown_config_names_the_config_a_node_takes_and_pocketflow_wait() -> None:
+    with pytest.raises(TypeError) as info:
+        cf.Node(wait=0.1, max_retry=3)
+    assert str(info.value) == (
+        "Node: unknown config max_retry, wait (PocketFlow's 'wait' is 'retry_delay' here); "
+        "a node takes max_retries, retry_delay, backoff, timeout, max_concurrency, "
+        "retry_on, mailbox_size, rate_limit, executor, ray_options"
+    )
+
+
 def test_keyword_config_overrides_the_class_default_per_instance() -> None:
     class Patient(cf.Node):
         max_retries = 3
