@@ -269,11 +269,12 @@ class EventHub:
         await self._room.wait()
 
     def close(self) -> None:
-        """End every stream (the engine is closing), and those opened later at once;
-        waiters for room go on."""
+        """The engine is closing: end every stream once the steps in flight it saw
+        start have finished (see :meth:`EventStream.end`), and those opened later at
+        once; waiters for room go on."""
         self._closed = True
         for stream in list(self._streams):
-            stream.close()
+            stream.end()
 
     def _remove(self, stream: EventStream) -> None:
         self._streams.remove(stream)
@@ -357,6 +358,12 @@ class EventStream:
     A dropping stream (``room`` None) buffers at most ``buffer`` events and counts the
     ones that do not fit. A lossless one (``EventHub.open(buffer, lossless=True)``)
     keeps every event, and marks ``room`` full while it holds ``buffer`` or more.
+
+    Each run's events reach the stream well formed: a step's StepFinished, Retry and
+    Fallback only if the stream got its StepStarted, and a run's end after the
+    StepFinished of every step of it the stream saw start (the run's end cancels its
+    steps still in flight, and they finish afterwards). When the engine closes, the
+    stream ends once those steps have finished.
     """
 
     def __init__(
@@ -380,8 +387,78 @@ class EventStream:
         dropping one)."""
         self.dropped = 0
         """Events lost so far and not yet reported by an EventsDropped."""
+        self._steps: dict[str, set[str]] = {}
+        """The execution ids of the steps each run has in flight, of those whose
+        StepStarted this stream got."""
+        self._ends: dict[str, Event] = {}
+        """Each run's end, kept back until its steps in ``_steps`` have finished."""
+        self._ending = False
+        """The engine has closed: the stream takes only its steps' ends, then closes."""
 
     def offer(self, event: Event) -> None:
+        """Take ``event`` if it belongs to this stream's view of its run (see the class
+        docstring), keeping a run's end back while steps of it are in flight. Never
+        blocks."""
+        match event:
+            case StepStarted():
+                self._step_started(event)
+            case StepFinished():
+                self._step_finished(event)
+            case Retry() | Fallback():
+                steps = self._steps.get(event.run_id)
+                if steps is not None and event.execution_id in steps:
+                    self._put(event)
+            case RunFinished() | RunFailed() | RunCancelled():
+                self._run_ended(event)
+            case _:
+                self._run_started(event)
+
+    def _step_started(self, event: StepStarted) -> None:
+        if self._ending:
+            return
+        steps = self._steps.get(event.run_id)
+        if steps is None:
+            steps = self._steps[event.run_id] = set()
+        steps.add(event.execution_id)
+        self._put(event)
+
+    def _step_finished(self, event: StepFinished) -> None:
+        """Take the end of a step this stream saw start; then the end of its run, if
+        this was the run's last step in flight."""
+        run_id = event.run_id
+        steps = self._steps.get(run_id)
+        if steps is None or event.execution_id not in steps:
+            return
+        steps.remove(event.execution_id)
+        self._put(event)
+        if steps:
+            return
+        del self._steps[run_id]
+        end = self._ends.pop(run_id, None)
+        if end is not None:
+            self._put(end)
+        if self._ending and not self._steps:
+            self.close()
+
+    def _run_ended(self, event: RunFinished | RunFailed | RunCancelled) -> None:
+        if event.run_id in self._steps:
+            self._ends[event.run_id] = event
+        else:
+            self._put(event)
+
+    def _run_started(self, event: Event) -> None:
+        """Take ``event`` (a RunStarted, or an event of another kind) unless the engine
+        has closed. A run id in use again while steps of the run that had it still
+        finish: that run's end is taken first, and its steps' ends are not waited for."""
+        if self._ending:
+            return
+        end = self._ends.pop(event.run_id, None)
+        if end is not None:
+            del self._steps[event.run_id]
+            self._put(end)
+        self._put(event)
+
+    def _put(self, event: Event) -> None:
         """Buffer ``event``; a dropping stream whose buffer is full counts it as dropped."""
         try:
             self._send.send_nowait(event)
@@ -395,17 +472,30 @@ class EventStream:
             if self.held == self.buffer:
                 self._room.filled()
 
+    def end(self) -> None:
+        """The engine is closing: stop holding it back, take no new run or step, and
+        close once the steps in flight this stream saw start have finished (at once
+        if there are none)."""
+        self._ending = True
+        self._let_go_of_room()
+        if not self._steps:
+            self.close()
+
     def close(self) -> None:
         """Stop receiving events; iteration ends after the buffered ones. A lossless
         stream no longer holds the engine back."""
         if self._on_close is not None:
             self._on_close(self)
             self._on_close = None
+        self._let_go_of_room()
+        self._send.close()
+
+    def _let_go_of_room(self) -> None:
+        """A lossless stream stops counting toward the engine's congestion."""
         if self._room is not None:
             if self.held >= self.buffer:
                 self._room.freed()
             self._room = None
-        self._send.close()
 
     def __aiter__(self) -> EventStream:
         return self

@@ -69,13 +69,17 @@ async def test_failures_fallbacks_and_cancellations_are_reported() -> None:
         await trio.testing.wait_all_tasks_blocked()
         run.cancel()
         await trio.testing.wait_all_tasks_blocked()
-        while len(events) < 8:
+        while len(events) < 9:
             events.append(await stream.__anext__())
     fallback, failed_step, failed_run = events[2], events[3], events[4]
     assert isinstance(fallback, cf.Fallback) and fallback.attempts == 1
     assert isinstance(failed_step, cf.StepFinished) and isinstance(failed_step.error, cf.NodeError)
     assert isinstance(failed_run, cf.RunFailed) and failed_run.run_id == "bad"
-    assert [type(e).__name__ for e in events[5:]] == ["RunStarted", "StepStarted", "RunCancelled"]
+    kinds = [type(e).__name__ for e in events[5:]]
+    assert kinds == ["RunStarted", "StepStarted", "StepFinished", "RunCancelled"]
+    cancelled_step = events[7]
+    assert isinstance(cancelled_step, cf.StepFinished)
+    assert (cancelled_step.action, cancelled_step.error) == (None, None)
     await trio.testing.wait_all_tasks_blocked()
 
 
@@ -369,3 +373,92 @@ async def test_a_tracer_whose_span_cannot_be_entered_is_removed_and_every_run_go
     assert [store["seen"] for store in stores] == [["a", "b"]] * 3
     [record] = caplog.records
     assert "entering a step's span" in record.getMessage()
+
+
+async def test_a_stream_opened_during_a_step_gets_no_end_of_it_while_another_stream_is_open() -> (
+    None
+):
+    gate = Gate()
+    async with cf.open_engine() as engine, engine.events() as first:
+        run = await engine.start_run(single(gate), run_id="late")
+        await trio.testing.wait_all_tasks_blocked()
+        async with engine.events() as second:
+            gate.open.set()
+            await run.wait()
+            event = await second.__anext__()
+        kinds = [type(e).__name__ for e in await read(first, 4)]
+    assert isinstance(event, cf.RunFinished) and event.run_id == "late"
+    assert kinds == ["RunStarted", "StepStarted", "StepFinished", "RunFinished"]
+
+
+async def test_a_stream_gets_no_retry_or_fallback_of_a_step_it_did_not_see_start() -> None:
+    hub = EventHub()
+    stream = hub.open(10)
+    error = ConnectionError("down")
+    hub.emit(cf.Retry("r", 0.0, "a", "r:1", 1, error, 0.0))
+    hub.emit(cf.Fallback("r", 0.0, "a", "r:1", 2, error))
+    hub.emit(cf.StepFinished("r", 0.0, "flow", "a", "r:1", 0.0, None, error))
+    hub.emit(cf.RunFailed("r", 0.0, "flow", 0.0, error))
+    hub.close()
+    assert [type(event).__name__ for event in await drained(stream)] == ["RunFailed"]
+
+
+async def drained(stream: cf.EventStream) -> list[cf.Event]:
+    """Every event of ``stream``, read until it ends."""
+    events: list[cf.Event] = []
+    await collect(stream, events)
+    return events
+
+
+async def test_a_run_ends_in_the_stream_after_the_steps_its_end_cancelled() -> None:
+    hub = EventHub()
+    stream = hub.open(10)
+    hub.emit(cf.RunStarted("r", 0.0, "flow"))
+    hub.emit(cf.StepStarted("r", 0.0, "flow", "a", "r:1.0/2"))
+    hub.emit(cf.StepStarted("r", 0.0, "flow", "b", "r:1.1/2"))
+    hub.emit(cf.RunCancelled("r", 1.0, "flow", 1.0))
+    hub.emit(cf.StepFinished("r", 1.5, "flow", "b", "r:1.1/2", 1.5, None, None))
+    hub.emit(cf.StepFinished("r", 2.0, "flow", "a", "r:1.0/2", 2.0, None, None))
+    stream.close()
+    events = await drained(stream)
+    assert [type(event).__name__ for event in events] == [
+        "RunStarted",
+        "StepStarted",
+        "StepStarted",
+        "StepFinished",
+        "StepFinished",
+        "RunCancelled",
+    ]
+    assert events[-1].time == 1.0
+
+
+async def test_when_the_engine_closes_a_stream_ends_once_its_steps_in_flight_have_finished() -> (
+    None
+):
+    hub = EventHub()
+    lossless = hub.open(1, lossless=True)
+    hub.emit(cf.RunStarted("r", 0.0, "flow"))
+    hub.emit(cf.StepStarted("r", 0.0, "flow", "a", "r:1"))
+    hub.emit(cf.RunCancelled("r", 1.0, "flow", 1.0))
+    assert hub.congested
+    hub.close()
+    assert not hub.congested
+    hub.emit(cf.RunStarted("s", 1.0, "flow"))
+    hub.emit(cf.StepFinished("r", 1.0, "flow", "a", "r:1", 1.0, None, None))
+    hub.emit(cf.RunStarted("t", 1.0, "flow"))
+    assert not hub.active
+    kinds = [type(event).__name__ for event in await drained(lossless)]
+    assert kinds == ["RunStarted", "StepStarted", "StepFinished", "RunCancelled"]
+
+
+async def test_a_run_id_used_again_releases_the_end_of_the_run_that_had_it() -> None:
+    hub = EventHub()
+    stream = hub.open(10)
+    hub.emit(cf.RunStarted("r", 0.0, "flow"))
+    hub.emit(cf.StepStarted("r", 0.0, "flow", "a", "r:1"))
+    hub.emit(cf.RunCancelled("r", 1.0, "flow", 1.0))
+    hub.emit(cf.RunStarted("r", 1.0, "flow"))
+    hub.emit(cf.StepFinished("r", 1.0, "flow", "a", "r:1", 1.0, None, None))
+    stream.close()
+    kinds = [type(event).__name__ for event in await drained(stream)]
+    assert kinds == ["RunStarted", "StepStarted", "RunCancelled", "RunStarted"]
