@@ -7,11 +7,13 @@ OpenTelemetry is optional (``pip install 'cosmoflow-actors[otel]'``) and importe
 when :func:`trace_events` starts (or a :class:`LiveSpans` is made), so this module
 imports without it.
 
-:func:`trace_events` reads an event stream in a task of its own, so it builds each span
-after the fact, when it reads the event. :class:`LiveSpans` builds the same spans at the
-moment each event is emitted (as a listener of the engine's event hub, called inside
-``emit`` in the emitting task) and makes a step's span the current OpenTelemetry span
-while the step's prep, exec and post run: see :meth:`LiveSpans.step_span`.
+:func:`trace_events` follows the engine with a :class:`LiveSpans`, which builds the spans
+at the moment each event is emitted (as a listener of the engine's event hub, called
+inside ``emit`` in the emitting task) and makes a step's span the current OpenTelemetry
+span while the step's prep, exec and post run: see :meth:`LiveSpans.step_span`. A run's
+span is a child of the span current where the run was started, if any (so a BatchFlow's
+child runs are children of its step's span), and ends after its steps' spans, also
+those of the steps that the run's end cancelled.
 
 Events carry trio times; spans need wall-clock times in nanoseconds since the epoch.
 :func:`trace_events` reads both clocks once when it starts, ``offset = time.time_ns() -
@@ -241,6 +243,12 @@ class _Spans:
         self._runs: dict[str, SpanLike] = {}
         self._steps: dict[str, SpanLike] = {}
         """Open step spans by execution id."""
+        self._in_flight: dict[str, set[str]] = {}
+        """The execution ids of each run's open step spans."""
+        self._ending: dict[str, SpanLike] = {}
+        """The spans of runs that ended while steps of theirs were in flight (the run's
+        end cancelled them): each ends with its last step's span, so that it holds
+        them."""
 
     def handle(self, event: Event) -> None:
         """Start, annotate or end the spans ``event`` concerns."""
@@ -267,15 +275,24 @@ class _Spans:
 
     def end_all(self) -> None:
         """End every span still open (the stream ended), now."""
-        for span in [*self._steps.values(), *self._runs.values()]:
+        for span in [*self._steps.values(), *self._runs.values(), *self._ending.values()]:
             span.end()
         self._steps.clear()
         self._runs.clear()
+        self._in_flight.clear()
+        self._ending.clear()
 
     def _ns(self, trio_time: float) -> int:
         return self._offset + round(trio_time * 1e9)
 
     def _start_run(self, event: RunStarted) -> None:
+        """Start the run's span, a child of the span current in the task that emits
+        ``event`` (the one that starts the run), if any. A run id in use again while
+        steps of the run that had it still finish: that run's span ends now."""
+        ending = self._ending.pop(event.run_id, None)
+        if ending is not None:
+            del self._in_flight[event.run_id]
+            ending.end(self._ns(event.time))
         attributes = {"cosmoflow.run_id": event.run_id, "cosmoflow.flow": event.flow_name}
         self._runs[event.run_id] = self._tracer.start_span(
             event.flow_name, attributes=attributes, start_time=self._ns(event.time)
@@ -291,6 +308,10 @@ class _Spans:
             "cosmoflow.node_id": event.node_id,
             "cosmoflow.execution_id": event.execution_id,
         }
+        in_flight = self._in_flight.get(event.run_id)
+        if in_flight is None:
+            in_flight = self._in_flight[event.run_id] = set()
+        in_flight.add(event.execution_id)
         self._steps[event.execution_id] = self._tracer.start_span(
             f"{event.flow_name}/{event.node_id}",
             self._otel.set_span_in_context(run),
@@ -309,6 +330,21 @@ class _Spans:
         else:
             span.set_attribute("cosmoflow.cancelled", True)
         span.end(self._ns(event.time))
+        self._step_ended(event)
+
+    def _step_ended(self, event: StepFinished) -> None:
+        """End the span of the step's run too if the run has ended and this was the
+        last of its steps in flight."""
+        in_flight = self._in_flight.get(event.run_id)
+        if in_flight is None:
+            return
+        in_flight.discard(event.execution_id)
+        if in_flight:
+            return
+        del self._in_flight[event.run_id]
+        ending = self._ending.pop(event.run_id, None)
+        if ending is not None:
+            ending.end(self._ns(event.time))
 
     def _step_event(self, event: Retry | Fallback) -> None:
         span = self._steps.get(event.execution_id)
@@ -336,7 +372,10 @@ class _Spans:
             self._fail(span, event.error, event.time)
         else:
             span.set_attribute("cosmoflow.cancelled", True)
-        span.end(self._ns(event.time))
+        if event.run_id in self._in_flight:
+            self._ending[event.run_id] = span
+        else:
+            span.end(self._ns(event.time))
 
     def _fail(self, span: SpanLike, error: BaseException, at: float) -> None:
         span.record_exception(error, timestamp=self._ns(at))

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import random
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.events import EventHub, StepSpans
@@ -411,3 +416,389 @@ async def test_a_span_opened_in_exec_is_a_child_of_the_step_span(
     assert client.parent is not None and client.parent.span_id == step.context.span_id
     assert client.context.trace_id == step.context.trace_id
     assert otel_trace.get_current_span() is otel_trace.INVALID_SPAN
+
+
+async def test_a_run_span_holds_the_step_spans_its_end_cancelled(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    await fed(
+        tracer,
+        cf.RunStarted("r1", 0.0, "flow"),
+        cf.StepStarted("r1", 0.1, "flow", "a", "r1:1"),
+        cf.RunCancelled("r1", 0.2, "flow", 0.2),
+        cf.StepFinished("r1", 0.3, "flow", "a", "r1:1", 0.2, None, None),
+    )
+    spans = by_name(exporter.get_finished_spans())
+    run, step = spans["flow"], spans["flow/a"]
+    assert_times(run, start=0.0, end=0.3)
+    assert_times(step, start=0.1, end=0.3, origin=run)
+    assert (run.attributes or {})["cosmoflow.cancelled"] is True
+
+
+async def test_a_batch_flows_child_runs_are_children_of_its_step_span(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    class Twice(cf.BatchFlow):
+        def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+            return [{}, {}]
+
+    flow = single(Twice(single(Recorder(), "child")), "parent")
+    async with trio.open_nursery() as nursery, cf.open_engine() as engine:
+        await nursery.start(trace_events, engine, tracer)
+        await engine.run(flow, run_id="p")
+    spans = exporter.get_finished_spans()
+    [batch_step] = [span for span in spans if span.name == "parent/only"]
+    children = [span for span in spans if span.name == "child"]
+    assert sorted((span.attributes or {})["cosmoflow.run_id"] for span in children) == [
+        "p/0",
+        "p/1",
+    ]
+    for child in children:
+        assert child.parent is not None
+        assert child.parent.span_id == batch_step.context.span_id
+        assert child.context.trace_id == batch_step.context.trace_id
+
+
+# Under load: many runs of every kind, subscribers of every kind, and the spans.
+
+RUN_ENDS = (cf.RunFinished, cf.RunFailed, cf.RunCancelled)
+STEP_PARTS = (cf.StepFinished, cf.Retry, cf.Fallback)
+BEHAVIOURS = ("ok", "ok", "ok", "flaky", "fails", "bad", "slow")
+
+
+class Planned(cf.Node):
+    """exec takes 0.1 s, 0.5 s when "slow"; ``plan`` says what each step does, by run
+    id and node id: "flaky" fails its first attempt, "fails" every attempt, "bad"
+    returns 42 from post."""
+
+    max_retries = 2
+    retry_delay = 0.25
+
+    def __init__(self, plan: dict[tuple[str, str], str]) -> None:
+        super().__init__()
+        self.plan = plan
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        how = self.plan[ctx.run_id, ctx.node_id]
+        await trio.sleep(0.5 if how == "slow" else 0.1)
+        if how == "fails" or (how == "flaky" and ctx.current_retry == 0):
+            raise ConnectionError(f"{how} {ctx.execution_id}")
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> Any:
+        return 42 if self.plan[ctx.run_id, ctx.node_id] == "bad" else None
+
+
+class TwoChildren(cf.BatchFlow):
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        return [{}, {}]
+
+
+def chain(name: str, *nodes: tuple[str, cf.Node]) -> cf.Flow:
+    """A flow through ``nodes`` (id and node) in order."""
+    builder = cf.Flow.builder(name)
+    for node_id, node in nodes:
+        builder.add_node(node_id, node)
+    for (first, _), (second, _) in itertools.pairwise(nodes):
+        builder.add_route(first, second)
+    return builder.build()
+
+
+def load_flows(plan: dict[tuple[str, str], str]) -> dict[str, tuple[cf.Flow, tuple[str, ...]]]:
+    """A plain, a nested and a batch flow, each with the node ids its steps go through."""
+
+    def planned(*ids: str) -> list[tuple[str, cf.Node]]:
+        return [(node_id, Planned(plan)) for node_id in ids]
+
+    inner = chain("inner", *planned("x", "y"))
+    children = chain("child", *planned("x", "y"))
+    a, c = planned("a", "c")
+    return {
+        "plain": (chain("plain", *planned("a", "b", "c")), ("a", "b", "c")),
+        "nested": (chain("nested", a, ("in", inner), c), ("a", "x", "y", "c")),
+        "batch": (chain("batch", a, ("kids", TwoChildren(children)), c), ("a", "kids", "c")),
+    }
+
+
+@dataclass
+class Subscriber:
+    """A reader of an event stream, reading ``pause`` seconds apart; it leaves after
+    ``stop_after`` events, if set."""
+
+    lossless: bool
+    buffer: int
+    pause: float = 0.0
+    stop_after: int | None = None
+    events: list[cf.Event] = field(default_factory=list)
+    ended: bool = False
+    """Whether the stream ended by itself (the engine closed)."""
+
+
+async def subscribe(
+    engine: cf.Engine, subscriber: Subscriber, *, task_status: trio.TaskStatus[None]
+) -> None:
+    async with engine.events(buffer=subscriber.buffer, lossless=subscriber.lossless) as stream:
+        task_status.started()
+        async for event in stream:
+            subscriber.events.append(event)
+            await trio.sleep(subscriber.pause)
+            if len(subscriber.events) == subscriber.stop_after:
+                return
+    subscriber.ended = True
+
+
+async def subscribe_for_a_while(
+    engine: cf.Engine, subscriber: Subscriber, after: float, length: float
+) -> None:
+    """Open a stream ``after`` seconds on, while runs are in flight; read it for
+    ``length`` seconds."""
+    await trio.sleep(after)
+    with trio.move_on_after(length):
+        await subscribe(engine, subscriber, task_status=trio.TASK_STATUS_IGNORED)
+
+
+@dataclass
+class Load:
+    """What a load scenario did, for the checks."""
+
+    subscribers: list[Subscriber]
+    visitor: Subscriber
+    paths: dict[str, tuple[str, ...]]
+    ended: dict[str, tuple[type[cf.Event], BaseException | None]]
+    """How each run whose caller saw its end ended, and its error."""
+    statistics: cf.EngineStatistics
+    spans: tuple[ReadableSpan, ...]
+
+
+async def load(seed: int, runs: int, max_runs: int | None) -> Load:
+    """Start ``runs`` drawn runs in drawn ways under drawn subscribers; blocks until the
+    engine has closed (maybe early, cancelling the runs in flight)."""
+    rng = random.Random(seed)
+    plan: dict[tuple[str, str], str] = {}
+    flows = load_flows(plan)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    subscribers = [
+        Subscriber(True, rng.randint(1, 4), rng.choice([0.0, 0.05, 0.3])),
+        Subscriber(False, rng.randint(1, 6), rng.choice([0.05, 0.3])),
+        Subscriber(rng.random() < 0.5, 3, stop_after=rng.randint(1, 20)),
+    ]
+    visitor = Subscriber(rng.random() < 0.5, rng.randint(1, 5))
+    paths: dict[str, tuple[str, ...]] = {}
+    ended: dict[str, tuple[type[cf.Event], BaseException | None]] = {}
+    async with trio.open_nursery() as outer:
+        with trio.CancelScope() as engine_scope:
+            async with cf.open_engine(max_runs=max_runs) as engine:
+                await outer.start(trace_events, engine, provider.get_tracer("load"))
+                for subscriber in subscribers:
+                    await outer.start(subscribe, engine, subscriber)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        subscribe_for_a_while, engine, visitor, rng.random(), 2 * rng.random()
+                    )
+                    if rng.random() < 0.3:
+                        engine_scope.deadline = trio.current_time() + 3 * rng.random()
+                    for index in range(runs):
+                        name = rng.choice(list(flows))
+                        flow, paths[f"r{index}"] = flows[name]
+                        plan_run(plan, rng, f"r{index}")
+                        how = rng.choice(["wait", "cancel", "run", "give up"])
+                        nursery.start_soon(start, engine, flow, f"r{index}", how, rng, ended)
+                        await trio.sleep(rng.choice([0, 0, 0.1]))
+    spans = exporter.get_finished_spans()
+    return Load(subscribers, visitor, paths, ended, engine.statistics(), spans)
+
+
+def plan_run(plan: dict[tuple[str, str], str], rng: random.Random, run_id: str) -> None:
+    """Draw what each step of run ``run_id`` and of its child runs does."""
+    for node_id in ("a", "b", "c", "x", "y"):
+        for one in (run_id, f"{run_id}/0", f"{run_id}/1"):
+            plan[one, node_id] = rng.choice(BEHAVIOURS)
+
+
+async def start(
+    engine: cf.Engine,
+    flow: cf.Flow,
+    run_id: str,
+    how: str,
+    rng: random.Random,
+    ended: dict[str, tuple[type[cf.Event], BaseException | None]],
+) -> None:
+    """Start a run and wait for it, cancel it after a while, or give up on it."""
+    patience = rng.random()
+    if how in ("run", "give up"):
+        with trio.move_on_after(patience if how == "give up" else 100):
+            try:
+                await engine.run(flow, run_id=run_id)
+            except cf.RunCancelledError:
+                ended[run_id] = (cf.RunCancelled, None)
+            except Exception as exc:
+                ended[run_id] = (cf.RunFailed, exc)
+            else:
+                ended[run_id] = (cf.RunFinished, None)
+        return
+    run = await engine.start_run(flow, run_id=run_id)
+    if how == "cancel":
+        await trio.sleep(patience)
+        run.cancel()
+    with contextlib.suppress(Exception):
+        await run.wait()
+    ends = {"succeeded": cf.RunFinished, "failed": cf.RunFailed, "cancelled": cf.RunCancelled}
+    error = None if isinstance(run.error, cf.RunCancelledError) else run.error
+    ended[run_id] = (ends[run.current_state.value], error)
+
+
+def check_load(scenario: Load) -> None:
+    reference = scenario.subscribers[0]
+    assert reference.ended
+    events = reference.events
+    for run_id, of_run in events_by_run(events).items():
+        check_run(run_id, of_run, scenario)
+    check_statistics(events, scenario.statistics)
+    for subscriber in scenario.subscribers[1:]:
+        check_subscriber(subscriber, events)
+    check_visitor(scenario.visitor, events)
+    check_spans(events, scenario.spans)
+
+
+def events_by_run(events: list[cf.Event]) -> dict[str, list[cf.Event]]:
+    by_run: dict[str, list[cf.Event]] = {}
+    for event in events:
+        by_run.setdefault(event.run_id, []).append(event)
+    return by_run
+
+
+def check_run(run_id: str, events: list[cf.Event], scenario: Load) -> None:
+    """Started first, ended last and once as its caller saw it end, every step
+    started ended, steps in the flow's order."""
+    assert isinstance(events[0], cf.RunStarted), events
+    end = events[-1]
+    assert isinstance(end, RUN_ENDS) and sum(isinstance(e, RUN_ENDS) for e in events) == 1
+    check_steps_paired(Subscriber(True, 1, events=events), complete=True)
+    kind, error = scenario.ended.get(run_id, (type(end), None))
+    assert type(end) is kind, (run_id, end, kind)
+    if isinstance(end, cf.RunFailed) and error is not None:
+        assert end.error is error
+    parent, _, child = run_id.partition("/")
+    path = ("x", "y") if child else scenario.paths[parent]
+    started = tuple(e.node_id for e in events if isinstance(e, cf.StepStarted))
+    assert started == path[: len(started)], (run_id, started)
+    if isinstance(end, cf.RunFinished):
+        assert started == path and end.steps == len(path)
+
+
+def check_steps_paired(subscriber: Subscriber, *, complete: bool = False) -> None:
+    """A lossless stream gives a step's end, retries and fallback only after its start
+    (and, ``complete``, the end of every step started)."""
+    if not subscriber.lossless:
+        return
+    running: set[str] = set()
+    for event in subscriber.events:
+        if isinstance(event, cf.StepStarted):
+            running.add(event.execution_id)
+        elif isinstance(event, STEP_PARTS):
+            assert event.execution_id in running, event
+            if isinstance(event, cf.StepFinished):
+                running.remove(event.execution_id)
+    assert not complete or running == set()
+
+
+def check_statistics(events: list[cf.Event], statistics: cf.EngineStatistics) -> None:
+    counts = [sum(isinstance(e, kind) for e in events) for kind in (cf.RunStarted, *RUN_ENDS)]
+    assert counts == [
+        statistics.runs_started,
+        statistics.runs_succeeded,
+        statistics.runs_failed,
+        statistics.runs_cancelled,
+    ]
+
+
+def check_subscriber(subscriber: Subscriber, reference: list[cf.Event]) -> None:
+    """What a subscriber read is a part of what the reference read, in order; a
+    lossless one lost nothing, a dropping one counted what it lost."""
+    read = [e for e in subscriber.events if not isinstance(e, cf.EventsDropped)]
+    dropped = sum(e.count for e in subscriber.events if isinstance(e, cf.EventsDropped))
+    remaining = iter(reference)
+    assert all(any(event is other for other in remaining) for event in read)
+    if subscriber.lossless:
+        assert dropped == 0
+    if subscriber.ended:
+        assert len(read) + dropped == len(reference)
+    if subscriber.lossless and subscriber.stop_after is not None:
+        assert read == reference[: len(read)]
+
+
+def check_visitor(visitor: Subscriber, reference: list[cf.Event]) -> None:
+    """A stream opened and closed while runs were in flight: each run's events in it
+    are a part of that run's in the reference, in order (the run's end comes at once
+    when the stream saw none of its steps in flight start), and each step's events
+    follow its start."""
+    read = events_by_run([e for e in visitor.events if not isinstance(e, cf.EventsDropped)])
+    everything = events_by_run(reference)
+    for run_id, events in read.items():
+        remaining = iter(everything[run_id])
+        assert all(any(event is other for other in remaining) for event in events)
+    check_steps_paired(visitor)
+
+
+def check_spans(events: list[cf.Event], spans: tuple[ReadableSpan, ...]) -> None:
+    """A span for every run and step, ended; a step's span inside its run's; a batch's
+    child runs inside its step's span; errors on the spans of what failed."""
+    runs = {attribute(s, "cosmoflow.run_id"): s for s in spans if "/" not in s.name}
+    steps = {attribute(s, "cosmoflow.execution_id"): s for s in spans if "/" in s.name}
+    assert sorted(runs) == sorted(e.run_id for e in events if isinstance(e, cf.RunStarted))
+    assert len(steps) == sum(isinstance(e, cf.StepStarted) for e in events)
+    for event in events:
+        if isinstance(event, cf.StepFinished):
+            check_step_span(steps[event.execution_id], runs[event.run_id], event.error)
+        elif isinstance(event, RUN_ENDS):
+            check_run_span(event, runs[event.run_id], steps)
+
+
+def attribute(span: ReadableSpan, name: str) -> Any:
+    return (span.attributes or {})[name]
+
+
+def check_step_span(step: ReadableSpan, run: ReadableSpan, error: BaseException | None) -> None:
+    assert step.parent is not None and step.parent.span_id == run.context.span_id
+    assert run.start_time is not None and run.end_time is not None
+    assert step.start_time is not None and step.end_time is not None
+    assert run.start_time <= step.start_time <= step.end_time <= run.end_time
+    assert (step.status.status_code is StatusCode.ERROR) == (error is not None)
+
+
+def check_run_span(event: cf.Event, run: ReadableSpan, steps: dict[str, ReadableSpan]) -> None:
+    parent, _, child = event.run_id.partition("/")
+    if child:
+        batch = [s for s in steps.values() if s.name == "batch/kids"]
+        [step] = [s for s in batch if attribute(s, "cosmoflow.run_id") == parent]
+        assert run.parent is not None and run.parent.span_id == step.context.span_id
+    else:
+        assert run.parent is None
+    failed = isinstance(event, cf.RunFailed)
+    assert (run.status.status_code is StatusCode.ERROR) == failed
+    assert ("exception" in [e.name for e in run.events]) == failed
+    if isinstance(event, cf.RunCancelled):
+        assert attribute(run, "cosmoflow.cancelled") is True
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32),
+    runs=st.integers(1, 12),
+    max_runs=st.none() | st.integers(1, 3),
+)
+def test_under_load_every_subscriber_and_span_keeps_its_promises(
+    seed: int, runs: int, max_runs: int | None
+) -> None:
+    """Plain, nested and batch runs that succeed, retry, fail, return a bad action,
+    are cancelled or given up, under max_runs, an engine that may close early, and
+    subscribers lossless, dropping, leaving early or coming and going: every run's
+    events are well formed and end as the run did, every subscriber gets its share of
+    them, the spans nest and end, and the statistics count the same runs."""
+    scenario = trio.run(
+        load, seed, runs, max_runs, clock=trio.testing.MockClock(autojump_threshold=0)
+    )
+    check_load(scenario)
