@@ -207,13 +207,19 @@ def test_example_flow_runs_from_the_command_line(target: str) -> None:
 
 
 # Pages whose ```python blocks are complete scripts (```py marks a fragment), and
-# pytest files when the first line is "# test_<name>.py".
-GUIDES = ["index.md", "from-pocketflow.md", *(p.name for p in (ROOT / "docs").glob("howto-*.md"))]
+# pytest files when the first line is "# test_<name>.py"; paths from the repository root.
+GUIDES = [
+    "README.md",
+    "docs/index.md",
+    "docs/getting-started.md",
+    "docs/from-pocketflow.md",
+    *(f"docs/{p.name}" for p in (ROOT / "docs").glob("howto-*.md")),
+]
 SNIPPETS = [
     (page, number, code)
     for page in sorted(GUIDES)
     for number, code in enumerate(
-        re.findall(r"^```python\n(.*?)^```", (ROOT / "docs" / page).read_text(), re.S | re.M),
+        re.findall(r"^```python\n(.*?)^```", (ROOT / page).read_text(), re.S | re.M),
         start=1,
     )
 ]
