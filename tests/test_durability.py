@@ -591,6 +591,58 @@ async def test_a_branch_failing_while_another_commits_is_recorded_after_that_com
     assert user_data(storage.data) == user_data(reference.data)
 
 
+def last_node(taken: dict[str, str]) -> str | None:
+    """The node of the last step committed in the record of run "r" in ``taken``."""
+    last = json.loads(taken["__cosmoflow__/runs/r"])["last"]
+    return None if last is None else str(last["node"])
+
+
+class FailsWhenTold(Tally):
+    """A Tally whose exec fails when the store's "fail" is true."""
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> bool:
+        told: bool = await store.get("fail", False)
+        return told
+
+    async def exec(self, prep_res: bool, ctx: cf.ExecutionContext) -> None:
+        if prep_res:
+            raise RuntimeError("told to fail")
+
+
+async def test_a_resumed_run_that_fails_while_a_branch_waits_for_room_ends_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A run resumed at its fan-out: the first branch fails while the second waits for
+    room in a full node's mailbox. The resume returns the failure at once, without
+    waiting for that node's mailbox to drain."""
+    held = Held("x")
+    held.mailbox_size = 1
+    held.max_concurrency = 1
+    flow = (
+        cf.Flow.builder("fan")
+        .add_node("a", Tally())
+        .add_node("f", FailsWhenTold())
+        .add_node("x", held)
+        .add_route("a", ["f", "x"])
+        .build()
+    )
+    whole = Snapshots()
+    held.gate.set()
+    async with cf.open_engine() as engine:
+        await engine.run(flow, whole, run_id="r")
+    held.gate = trio.Event()
+    forking = next(taken for taken in whole.taken if last_node(taken) == "a")
+    crashed = Snapshots({**forking, "fail": json.dumps(True)})
+    async with cf.open_engine() as engine:
+        others = [await engine.start_run(flow, {}) for _ in range(2)]
+        await trio.testing.wait_all_tasks_blocked()  # x busy with one, its mailbox full
+        with trio.fail_after(LOST_BRANCH_TIMEOUT), pytest.raises(cf.NodeError, match="'f'"):
+            await engine.resume(flow, crashed, run_id="r")
+        held.gate.set()
+        for run in others:
+            await run.wait()
+
+
 async def test_nodes_cannot_write_the_engines_run_records(tmp_path: Path) -> None:
     @cf.node
     async def vandal(ctx: cf.ExecutionContext) -> None:

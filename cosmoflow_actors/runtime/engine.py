@@ -54,7 +54,7 @@ from cosmoflow_actors.runtime.messages import Step
 from cosmoflow_actors.runtime.node_actor import NodeActor, carry
 from cosmoflow_actors.runtime.queue import RunQueue, RunStores
 from cosmoflow_actors.runtime.router import Router, condition_keys
-from cosmoflow_actors.runtime.run import ActiveRun, Run, RunState
+from cosmoflow_actors.runtime.run import ActiveRun, Branch, Run, RunState
 from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
@@ -389,7 +389,9 @@ class Engine:
         return await self._restore(run, record)
 
     async def _restore(self, run: ActiveRun, record: dict[str, Any]) -> Step | None:
-        """Put a recorded run back where it was; send its branches on."""
+        """Put a recorded run back where it was; send its branches on. Blocks while a
+        mailbox (a node's, the router's) is full, until the run ends: a branch sent
+        first may fail it meanwhile."""
         durable = DurableRun({**record, "state": "running", "error": None})
         run.durability = durable
         branches = durability.restore(run, record)
@@ -397,16 +399,24 @@ class Engine:
             return self._first_step(run, record["params"])
         durable.branches = dict.fromkeys(branches)
         values = await run.store.get_many(run.condition_keys) if run.condition_keys else {}
-        for branch in branches:
-            frame = branch.frames[-1]
-            actor = self._node_actor(frame.flow, frame.node_id)
-            message = durability.resumed(run, branch, actor, values)
-            if isinstance(message, Step):
-                await actor.send(message)
-            else:
-                for step in await self._router.route(message):
-                    await _send(run, step)
+        with trio.CancelScope() as scope:
+            for branch in branches:
+                await self._resend(run, branch, values, scope)
         return None
+
+    async def _resend(
+        self, run: ActiveRun, branch: Branch, values: Mapping[str, Any], scope: trio.CancelScope
+    ) -> None:
+        """Send a restored ``branch`` on: its step, or the steps its recorded outcome
+        routes to. Blocks as :meth:`_restore`; ``scope`` is cancelled if the run ends."""
+        frame = branch.frames[-1]
+        actor = self._node_actor(frame.flow, frame.node_id)
+        message = durability.resumed(run, branch, actor, values)
+        if isinstance(message, Step):
+            await actor.send(message, scope)
+            return
+        for step in await self._router.route_queued(message, scope):
+            await step.actor.send(step, scope)
 
     def _first_step(self, run: ActiveRun, params: dict[str, Any]) -> Step:
         return self._router.first_step(run, MappingProxyType(params) if params else _NO_PARAMS)
