@@ -372,3 +372,20 @@ async def test_a_retired_actor_serves_every_request_held_back_before_it_exits() 
             storage.release.set()
         await trio.testing.wait_all_tasks_blocked()
         assert answers == {f"k{i}": i for i in range(6)}
+
+
+async def test_a_request_to_a_stopped_actor_is_refused_or_cancelled_in_a_cancelled_scope() -> None:
+    """An engine cancelled from outside stops its store actors before it cancels its runs:
+    a step's request in that moment, from the engine's cancelled scope, is cancelled (its
+    run ends cancelled, not failed); a request from outside it is refused."""
+    actor = StoreActor("store:memory", 1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        nursery.cancel_scope.cancel()
+    storage = cf.MemoryStorage()
+    with pytest.raises(cf.StorageError, match="store:memory is closed"):
+        await actor.request(StoreOp.GET, storage, "k", MISSING)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await actor.request(StoreOp.GET, storage, "k", MISSING)
+    assert scope.cancelled_caught

@@ -55,7 +55,7 @@ from cosmoflow_actors.runtime.node_actor import NodeActor, carry
 from cosmoflow_actors.runtime.queue import RunQueue, RunStores
 from cosmoflow_actors.runtime.router import Router, condition_keys
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Run, RunState
-from cosmoflow_actors.runtime.statistics import EngineStatistics
+from cosmoflow_actors.runtime.statistics import EngineStatistics, FlowLabels
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
 from cosmoflow_actors.storage.base import Storage
@@ -90,6 +90,7 @@ class Engine:
         self.max_runs = max_runs
         self._admission = Admission(max_runs) if max_runs is not None else None
         self._router = Router(self._node_actor, mailbox_size)
+        self._flow_labels = FlowLabels()
         self._flows: weakref.WeakKeyDictionary[Flow, _Registration] = weakref.WeakKeyDictionary()
         """The flows registered (and the flows nested in them), as long as something
         else holds them: a flow that is garbage has its node actors retired (see
@@ -582,6 +583,7 @@ class Engine:
 
     def _new_node_actor(self, flow: Flow, node_id: str, node: Node) -> NodeActor:
         return NodeActor(
+            f"{self._flow_labels.label(flow)}/{node_id}",
             flow,
             node_id,
             node,

@@ -16,7 +16,6 @@ import contextvars
 import dataclasses
 import functools
 import math
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -57,59 +56,15 @@ NodeError), what its post returned, its conditions, and its store's refusals."""
 _NO_VALUES: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
-class FlowLabels:
-    """The labels of one engine's flows, which name their node actors
-    (``"<label>/<node_id>"``), so that two live flows of one name never share actor
-    names.
-
-    A flow's label is its name, or, when another Flow object of that name holds it, the
-    name followed by ``#2``, ``#3``... (the lowest number free). A flow keeps its label
-    while it lives; once it is garbage (its actors leave the statistics) the label is
-    free for the next flow of that name.
-    """
-
-    def __init__(self) -> None:
-        self._holders: weakref.WeakValueDictionary[str, Flow] = weakref.WeakValueDictionary()
-        self._labels: weakref.WeakKeyDictionary[Flow, str] = weakref.WeakKeyDictionary()
-
-    def label(self, flow: Flow) -> str:
-        """The label of ``flow``, given it now if it has none. Never blocks."""
-        label = self._labels.get(flow)
-        if label is not None:
-            return label
-        label = flow.name
-        number = 1
-        while label in self._holders:
-            number += 1
-            label = f"{flow.name}#{number}"
-        self._holders[label] = flow
-        self._labels[flow] = label
-        return label
-
-
-_LABELS: Final[weakref.WeakKeyDictionary[Router, FlowLabels]] = weakref.WeakKeyDictionary()
-"""The flow labels of each engine, by its router (one per engine)."""
-
-
-def actor_name(router: Router, flow: Flow, node_id: str) -> str:
-    """The name of the node actor of ``node_id`` in ``flow`` on the engine of
-    ``router``: ``"<flow label>/<node_id>"`` (see :class:`FlowLabels`). Never blocks."""
-    labels = _LABELS.get(router)
-    if labels is None:
-        labels = FlowLabels()
-        _LABELS[router] = labels
-    return f"{labels.label(flow)}/{node_id}"
-
-
 class NodeActor(Actor[Step]):
-    """Runs the steps of every run that reaches one node; named ``"<flow>/<node_id>"``,
-    or ``"<flow>#2/<node_id>"``... for a second flow of the same name alive on the
-    engine (see :class:`FlowLabels`)."""
+    """Runs the steps of every run that reaches one node; the engine names it
+    ``"<flow label>/<node_id>"`` (see :class:`~cosmoflow_actors.runtime.statistics.FlowLabels`)."""
 
     kind = "node"
 
     def __init__(
         self,
+        name: str,
         flow: Flow,
         node_id: str,
         node: Node,
@@ -121,7 +76,7 @@ class NodeActor(Actor[Step]):
         context: contextvars.Context | None = None,
     ) -> None:
         super().__init__(
-            actor_name(router, flow, node_id),
+            name,
             node.mailbox_size or mailbox_size,
             node.max_concurrency,
         )

@@ -1,8 +1,14 @@
-"""What ``Engine.statistics()`` reports: run counters and every actor's counters."""
+"""What ``Engine.statistics()`` reports: run counters and every actor's counters, under
+names that tell each live flow's actors apart."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cosmoflow_actors.flow import Flow
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,3 +54,33 @@ class EngineStatistics:
             if stats.name == name:
                 return stats
         raise KeyError(name)
+
+
+class FlowLabels:
+    """The labels of one engine's flows, which name their node actors
+    (``"<label>/<node_id>"``), so that two live flows of one name never share actor
+    names.
+
+    A flow's label is its name, or, when another Flow object of that name holds it, the
+    name followed by ``#2``, ``#3``... (the lowest number free). A flow keeps its label
+    while it lives; once it is garbage (its actors leave the statistics) the label is
+    free for the next flow of that name.
+    """
+
+    def __init__(self) -> None:
+        self._holders: weakref.WeakValueDictionary[str, Flow] = weakref.WeakValueDictionary()
+        self._labels: weakref.WeakKeyDictionary[Flow, str] = weakref.WeakKeyDictionary()
+
+    def label(self, flow: Flow) -> str:
+        """The label of ``flow``, given it now if it has none. Never blocks."""
+        label = self._labels.get(flow)
+        if label is not None:
+            return label
+        label = flow.name
+        number = 1
+        while label in self._holders:
+            number += 1
+            label = f"{flow.name}#{number}"
+        self._holders[label] = flow
+        self._labels[flow] = label
+        return label

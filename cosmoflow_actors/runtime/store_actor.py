@@ -99,9 +99,12 @@ class StoreActor(Actor[StoreRequest]):
 
         Handled at once when :meth:`handle_now` may; else queued (blocks while the
         mailbox is full) and answered after the actor commits it (blocks until then).
-        Raises StorageError once the actor has retired.
+        Raises StorageError once the actor has retired; trio.Cancelled instead in a
+        cancelled scope (an engine cancelled from outside stops its store actors before
+        it cancels its runs: a step's request meanwhile must not fail its run).
         """
         if self.retiring:
+            await trio.lowlevel.checkpoint_if_cancelled()
             raise StorageError(f"{self.name} is closed: its store actor has stopped")
         if self.idle and type(storage) is MemoryStorage:
             return self.handle_now(op, storage, key, argument)
