@@ -210,3 +210,17 @@ async def test_a_function_node_runs_on_a_thread() -> None:
         return cf.Action.complete(threading.get_ident())
 
     assert (await single(blocking).run()).result != threading.get_ident()
+
+
+SHORTER_THAN_A_WORKER_START = 0.05
+"""Seconds: a timeout that a fast exec keeps, but that starting a worker process (a
+Python interpreter importing the engine and the node's module) always overruns."""
+
+
+async def test_a_timeout_shorter_than_a_worker_start_does_not_kill_the_starting_worker() -> None:
+    """The first attempt overruns its timeout while the worker process starts; the
+    worker is let start all the same, so the retry runs in it and keeps the timeout."""
+    node = Square(timeout=SHORTER_THAN_A_WORKER_START, max_retries=4)
+    async with cf.open_engine() as engine:
+        result = await engine.run(single(node), params={"n": 3})
+    assert result.result[0] == 9

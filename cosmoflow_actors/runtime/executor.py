@@ -4,8 +4,9 @@ as a Ray task (see ``ray_executor``).
 "thread" uses ``trio.to_thread.run_sync`` (not cancellable: a timeout or cancel waits
 for the call to return). "process" sends the node (pickled once per actor with
 cloudpickle, at its first attempt), the prep result and the context to a trio-parallel
-worker process, which is killed if the step is cancelled or times out. Both need a plain
-``def exec``; the context they get has no store access.
+worker process, which is killed if the step is cancelled or times out; a worker still
+starting (when none was idle) is not, so that it serves the next attempt. Both need a
+plain ``def exec``; the context they get has no store access.
 
 What crosses to a worker process and back, and the errors for what cannot, are the
 ``transfer`` module's (the "ray" executor shares them).
@@ -17,7 +18,7 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import trio
 import trio_parallel
@@ -26,7 +27,17 @@ from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.ray_executor import OnRay
 from cosmoflow_actors.runtime.store_client import detached
-from cosmoflow_actors.runtime.transfer import answer, exec_in_worker, job, pickled_node
+from cosmoflow_actors.runtime.transfer import (
+    answer,
+    exec_in_worker,
+    job,
+    pickled_node,
+    start_worker,
+)
+
+WORKER_START_TIMEOUT: Final = 10.0
+"""Seconds a worker process may go on starting once the exec attempt that needed it is
+cancelled; past them the start is abandoned (the worker killed)."""
 
 ExecCall = Callable[[Any, ExecutionContext], Awaitable[Any]]
 """Runs one exec attempt: ``await call(prep_res_or_item, ctx)``."""
@@ -85,7 +96,35 @@ class _InProcess:
         if self._pickled is None:
             self._pickled = pickled_node(self._node, ctx.node_id)
         work = job(prep_res, ctx)
+        if self._workers.statistics().idle_workers == 0:
+            await self._start_worker(self._pickled)
         pickled = await self._workers.run_sync(
             exec_in_worker, self._pickled, work, kill_on_cancel=True
         )
         return answer(pickled)
+
+    async def _start_worker(self, node: bytes) -> None:
+        """Blocks until a new worker process has started, unpickled ``node`` (imported
+        its modules) and waits, idle, for an exec.
+
+        Killed at a timeout shorter than a start, every attempt would start a worker
+        again and none would run exec. So the start goes on when the attempt is
+        cancelled (its timeout, a cancelled run, the engine closing), for at most
+        :data:`WORKER_START_TIMEOUT` seconds more (then the worker is killed), and the
+        worker serves the next attempt. A cancelled attempt ends once the start is over.
+        """
+        starting = trio.CancelScope(shield=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_bound_when_cancelled, starting)
+            with starting:
+                await self._workers.run_sync(start_worker, node, kill_on_cancel=True)
+            nursery.cancel_scope.cancel()
+
+
+async def _bound_when_cancelled(starting: trio.CancelScope) -> None:
+    """Blocks until cancelled, then gives the shielded ``starting`` scope a deadline of
+    :data:`WORKER_START_TIMEOUT` seconds from now."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        starting.deadline = trio.current_time() + WORKER_START_TIMEOUT

@@ -120,17 +120,32 @@ _nodes: dict[bytes, Node] = {}
 _MAX_CACHED_NODES = 64
 
 
+def start_worker(node_bytes: bytes) -> None:
+    """Runs in a new worker process before its first exec: returns once the process has
+    started, watches its parent (:func:`_watch_parent`) and has unpickled the node
+    (imported its modules). Blocks while it unpickles."""
+    _watch_parent()
+    _node(node_bytes)
+
+
 def exec_in_worker(node_bytes: bytes, job: bytes) -> bytes:
     """Runs in the worker process: unpickle, run exec, pickle the outcome. Blocks while
     exec runs."""
     _watch_parent()
+    node = _node(node_bytes)
+    prep_res, ctx = cloudpickle.loads(job)
+    return _sendable(outcome.capture(node.exec, prep_res, ctx))
+
+
+def _node(node_bytes: bytes) -> Node:
+    """The node pickled as ``node_bytes``, unpickled once per worker process: kept in
+    :data:`_nodes`, which is emptied when it holds :data:`_MAX_CACHED_NODES`."""
     node = _nodes.get(node_bytes)
     if node is None:
         if len(_nodes) >= _MAX_CACHED_NODES:
             _nodes.clear()
         node = _nodes[node_bytes] = cloudpickle.loads(node_bytes)
-    prep_res, ctx = cloudpickle.loads(job)
-    return _sendable(outcome.capture(node.exec, prep_res, ctx))
+    return node
 
 
 def _sendable(result: outcome.Outcome[Any]) -> bytes:
