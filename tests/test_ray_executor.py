@@ -93,6 +93,39 @@ async def test_start_run_nowait_would_block_until_the_engine_has_connected_to_ra
     assert (await started_nowait_once_set_up(flow, "not connected to Ray"))[0] == 9
 
 
+class CountsItsPickles(cf.ParallelBatchNode):
+    """A parallel batch of "ray" items that counts, in the engine's process, the times
+    the node is pickled."""
+
+    executor = "ray"
+    pickled = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        type(self).pickled += 1
+        return dict(self.__dict__)
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[int]:
+        return list(range(8))
+
+    def exec(self, item: int, ctx: cf.ExecutionContext) -> int:
+        return item + 1
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: list[int], ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+@pytest.mark.ray
+async def test_a_ray_node_is_pickled_once_for_attempts_that_start_together(
+    ray_cluster: None,
+) -> None:
+    flow = single(CountsItsPickles())
+    pickled_at_build = CountsItsPickles.pickled
+    assert (await flow.run()).result == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert CountsItsPickles.pickled == pickled_at_build + 1
+
+
 class Failing(cf.Node):
     executor = "ray"
     max_retries = 3

@@ -253,6 +253,7 @@ class OnRay:
             "retry_exceptions": False,
         }
         self._remote: Any = None
+        self._putting = trio.Lock()
 
     async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
         """Blocks until a Ray task has run exec (the first call also puts the node in
@@ -266,20 +267,22 @@ class OnRay:
         return answer(await _result(ref))
 
     async def _put_node(self, node_id: str) -> None:
-        """Pickle the node (WorkerTransferError naming ``node_id`` if it cannot be), put
-        it in Ray's object store and make the remote function. Blocks in a thread while
-        talking to Ray."""
+        """Unless another attempt has done it meanwhile: pickle the node
+        (WorkerTransferError naming ``node_id`` if it cannot be), put it in Ray's object
+        store and make the remote function. Blocks while another attempt does it, and
+        in a thread while talking to Ray."""
         import ray
 
-        pickled = pickled_node(self._node, node_id)
+        async with self._putting:
+            if self._node_ref is not None:
+                return
+            pickled = pickled_node(self._node, node_id)
 
-        def prepare() -> tuple[Any, Any]:
-            remote = ray.remote(exec_in_worker).options(**self._options)
-            return ray.put(pickled), remote
+            def prepare() -> tuple[Any, Any]:
+                remote = ray.remote(exec_in_worker).options(**self._options)
+                return ray.put(pickled), remote
 
-        node_ref, remote = await trio.to_thread.run_sync(prepare)
-        if self._node_ref is None:
-            self._node_ref, self._remote = node_ref, remote
+            self._node_ref, self._remote = await trio.to_thread.run_sync(prepare)
 
 
 async def _result(ref: Any) -> bytes:
