@@ -465,7 +465,9 @@ class _Lexer:
 
     def _keyword(self, name: str) -> _Token:
         if name not in _KEYWORDS:
-            raise self._error(self._pos, f"unknown name {name!r}")
+            raise self._error(
+                self._pos, f"unknown name {name!r} (a store value is read as ${{{name}}})"
+            )
         return self._take(_Kind.KEYWORD, len(name), _KEYWORD_VALUES.get(name))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import gc
@@ -1350,3 +1351,12 @@ async def test_list_runs_lets_go_of_a_storage_no_run_uses(tmp_path: Path) -> Non
         await again.aclose()
         await storage.aclose()
         assert (await engine.resume(flow, storage, run_id="r")).execution_path == ("only",)
+
+
+def test_an_engine_entered_under_asyncio_says_it_runs_on_trio() -> None:
+    async def enter() -> None:
+        async with cf.open_engine():
+            pass
+
+    with pytest.raises(RuntimeError, match=r"open_engine\(\) was entered outside a trio run"):
+        asyncio.run(enter())

@@ -268,6 +268,7 @@ def test_non_str_source_is_a_type_error() -> None:
         ("__import__('os')", 1, "unknown name '__import__'"),
         ("f()", 1, "unknown name 'f'"),
         ("foo", 1, "unknown name 'foo'"),
+        ("n > 3", 1, "unknown name 'n' (a store value is read as ${n})"),
         ("${x}[0]", 5, "'['"),
         ("1 +", 3, "'+'"),
         ("1 - 2", 3, "'-'"),

@@ -753,7 +753,14 @@ async def open_engine(
     Leaving the block normally waits for every run started in it. An error in the block,
     a crashing actor or a cancelled enclosing scope cancels the runs in flight and stops
     every actor before this returns; errors leave as trio nursery errors do.
+
+    Raises RuntimeError when entered outside a trio run (under asyncio, say).
     """
+    if not trio.lowlevel.in_trio_run():
+        raise RuntimeError(
+            "open_engine() was entered outside a trio run; the engine runs on trio, not "
+            "asyncio: enter it inside `trio.run`"
+        )
     check_runs_allowed("<engine>")
     require_positive("mailbox_size", mailbox_size)
     if max_runs is not None:
