@@ -32,6 +32,7 @@ from tests.test_transfer import (
     TRANSFER_CASES,
     check_a_node_changed_after_build_is_named,
     check_a_workers_keyboard_interrupt_fails_its_run_alone,
+    check_an_error_from_a_worker_keeps_its_traceback,
     check_what_cannot_cross_is_named,
 )
 
@@ -327,6 +328,11 @@ async def test_a_ray_node_that_cannot_be_pickled_after_build_fails_its_run(
 @pytest.mark.ray
 async def test_a_keyboard_interrupt_in_a_ray_task_fails_its_run_alone(ray_cluster: None) -> None:
     await check_a_workers_keyboard_interrupt_fails_its_run_alone("ray")
+
+
+@pytest.mark.ray
+async def test_an_error_from_a_ray_task_keeps_its_traceback(ray_cluster: None) -> None:
+    await check_an_error_from_a_worker_keeps_its_traceback("ray")
 
 
 _OWN_RAY_SCRIPT = """

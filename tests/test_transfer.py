@@ -223,3 +223,35 @@ async def check_a_workers_keyboard_interrupt_fails_its_run_alone(executor: str) 
 
 async def test_a_keyboard_interrupt_in_a_worker_process_fails_its_run_alone() -> None:
     await check_a_workers_keyboard_interrupt_fails_its_run_alone("process")
+
+
+def missing_key(key: str) -> Any:
+    """Raise KeyError for ``key`` (a frame of exec's traceback in the worker)."""
+    return {}[key]
+
+
+class RaisesKeyError(cf.Node):
+    """exec raises a KeyError from a function it calls."""
+
+    executor = "process"
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> Any:
+        return missing_key("gone")
+
+
+async def check_an_error_from_a_worker_keeps_its_traceback(executor: str) -> None:
+    """RaisesKeyError on ``executor``: the KeyError comes back with a note holding its
+    traceback in the worker, down to the function that raised it."""
+    with pytest.raises(cf.NodeError) as info:
+        await single(RaisesKeyError(executor=executor)).run()
+    cause = info.value.__cause__
+    assert isinstance(cause, KeyError)
+    (note,) = cause.__notes__
+    assert note.startswith("exec's traceback in the worker process:\n")
+    assert ", in exec\n" in note
+    assert ", in missing_key\n" in note
+    assert note.endswith("KeyError: 'gone'\n")
+
+
+async def test_an_error_from_a_worker_process_keeps_its_traceback() -> None:
+    await check_an_error_from_a_worker_keeps_its_traceback("process")

@@ -3,14 +3,17 @@ or a Ray task of the "ray" one.
 
 The engine side pickles the node (:func:`pickled_node`) and each attempt's prep result
 and context (:func:`job`), and reads the outcome back (:func:`answer`); the worker side
-is :func:`exec_in_worker`. Values that cannot make the trip (the node included) fail the
-attempt with :class:`WorkerTransferError`, which says what they were. A KeyboardInterrupt
+is :func:`exec_in_worker` (and :func:`start_worker` for a new worker process). An
+exception exec raises comes back with its traceback in the worker in a note. Values that
+cannot make the trip (the node included) fail the attempt with
+:class:`WorkerTransferError`, which says what they were. A KeyboardInterrupt
 raised in a worker is not the operator's Ctrl-C in the engine: it fails the attempt with
 :class:`WorkerInterruptedError`. A worker process ends itself as soon as the engine's
 process is gone (killed with SIGKILL, crashed), even in the middle of an exec: see
 :func:`_watch_parent`.
 
-Nothing here blocks but :func:`exec_in_worker` (while exec runs).
+Nothing here blocks but the worker side: :func:`start_worker` (while it unpickles the
+node) and :func:`exec_in_worker` (while exec runs).
 """
 
 from __future__ import annotations
@@ -149,40 +152,41 @@ def _node(node_bytes: bytes) -> Node:
 
 
 def _sendable(result: outcome.Outcome[Any]) -> bytes:
-    """``result`` pickled for the engine; an exception is also unpickled, to check that
-    it makes the trip. When it cannot, an Error(WorkerTransferError) that says what it
-    was. Never blocks."""
+    """``result`` pickled for the engine (see :func:`_sendable_error` for an exception).
+    When a value cannot be, an Error(WorkerTransferError) that says what it was. Never
+    blocks."""
+    if isinstance(result, outcome.Error):
+        return _sendable_error(result.error)
+    assert isinstance(result, outcome.Value)
     try:
         pickled: bytes = cloudpickle.dumps(result)
-        if isinstance(result, outcome.Error):
-            cloudpickle.loads(pickled)
-        return pickled
     except Exception as exc:
-        failed: bytes = cloudpickle.dumps(outcome.Error(_not_sent(result, exc)))
-        return failed
+        failed = WorkerTransferError(
+            f"exec returned a {_type_name(result.value)}, which cannot be sent back from "
+            f"the worker process: {type_and_message(exc)}"
+        )
+        pickled = cloudpickle.dumps(outcome.Error(failed))
+    return pickled
 
 
-def _not_sent(result: outcome.Outcome[Any], error: Exception) -> WorkerTransferError:
-    """The error that stands for ``result``, which pickling failed with ``error``."""
-    why = type_and_message(error)
-    if isinstance(result, outcome.Error):
-        return _exception_not_sent(result.error, why)
-    assert isinstance(result, outcome.Value)
-    return WorkerTransferError(
-        f"exec returned a {_type_name(result.value)}, which cannot be sent back from "
-        f"the worker process: {why}"
-    )
-
-
-def _exception_not_sent(raised: BaseException, why: str) -> WorkerTransferError:
-    """The error that stands for ``raised``, with its traceback in a note."""
-    substitute = WorkerTransferError(
-        f"exec raised {_type_name(raised)}: {error_text(raised)}, which cannot be sent back from "
-        f"the worker process: {why}"
-    )
-    worker_traceback = "".join(traceback.format_exception(raised))
-    substitute.add_note(f"exec's traceback in the worker process:\n{worker_traceback}")
-    return substitute
+def _sendable_error(raised: BaseException) -> bytes:
+    """Error(``raised``) pickled for the engine, with exec's traceback in the worker in a
+    note (pickling drops the traceback); it is also unpickled, to check that it makes
+    the trip. When it cannot, an Error(WorkerTransferError) that says what it was, with
+    that note. Never blocks."""
+    note = f"exec's traceback in the worker process:\n{''.join(traceback.format_exception(raised))}"
+    raised.add_note(note)
+    try:
+        pickled: bytes = cloudpickle.dumps(outcome.Error(raised))
+        cloudpickle.loads(pickled)
+    except Exception as exc:
+        substitute = WorkerTransferError(
+            f"exec raised {_type_name(raised)}: {error_text(raised)}, which cannot be sent "
+            f"back from the worker process: {type_and_message(exc)}"
+        )
+        substitute.add_note(note)
+        pickled = cloudpickle.dumps(outcome.Error(substitute))
+    return pickled
 
 
 _watching_parent = False
