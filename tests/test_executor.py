@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 import trio_parallel
+from trio.testing import wait_all_tasks_blocked
 
 import cosmoflow_actors as cf
 from tests.support import single, started_nowait_once_set_up
@@ -224,3 +226,37 @@ async def test_a_timeout_shorter_than_a_worker_start_does_not_kill_the_starting_
     async with cf.open_engine() as engine:
         result = await engine.run(single(node), params={"n": 3})
     assert result.result[0] == 9
+
+
+class Sleeps(cf.Node):
+    """exec sleeps in its worker process for the ``seconds`` param."""
+
+    executor = "process"
+    max_concurrency = 2
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> float:
+        return float(ctx.params["seconds"])
+
+    def exec(self, seconds: float, ctx: cf.ExecutionContext) -> None:
+        time.sleep(seconds)
+
+
+def steps_in_flight(engine: cf.Engine, actor: str) -> int:
+    """The steps that node actor ``actor`` holds a slot for."""
+    (stats,) = [stats for stats in engine.statistics().actors if stats.name == actor]
+    return stats.in_flight
+
+
+async def test_a_cancelled_run_waiting_for_a_busy_worker_gives_its_slot_back_at_once() -> None:
+    trio_parallel.current_default_worker_limiter().total_tokens = 1
+    flow = single(Sleeps())
+    async with cf.open_engine() as engine:
+        busy = await engine.start_run(flow, params={"seconds": 60})
+        await wait_all_tasks_blocked()
+        waiting = await engine.start_run(flow, params={"seconds": 0})
+        await wait_all_tasks_blocked()
+        assert steps_in_flight(engine, "single/only") == 2
+        waiting.cancel()
+        await wait_all_tasks_blocked()
+        assert steps_in_flight(engine, "single/only") == 1
+        busy.cancel()

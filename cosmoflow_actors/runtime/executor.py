@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -87,20 +88,25 @@ class _InProcess:
         self._node = node
         self._pickled: bytes | None = None
         self._workers = workers
+        self._limiter = trio_parallel.current_default_worker_limiter()
+        # trio-parallel's limiter for this node's calls: the token taken from _limiter
+        # is held around the whole attempt, the start of its worker included.
+        self._held = trio.CapacityLimiter(math.inf)
 
     async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
         """Blocks until a worker process (one of trio-parallel's limited number) has run
-        exec; cancelling kills that worker. Raises what exec raised, WorkerTransferError
-        for what could not make the trip, WorkerInterruptedError for a KeyboardInterrupt
-        in the worker."""
+        exec; cancelling kills that worker (not one still starting). Raises what exec
+        raised, WorkerTransferError for what could not make the trip,
+        WorkerInterruptedError for a KeyboardInterrupt in the worker."""
         if self._pickled is None:
             self._pickled = pickled_node(self._node, ctx.node_id)
         work = job(prep_res, ctx)
-        if self._workers.statistics().idle_workers == 0:
-            await self._start_worker(self._pickled)
-        pickled = await self._workers.run_sync(
-            exec_in_worker, self._pickled, work, kill_on_cancel=True
-        )
+        async with self._limiter:
+            if self._workers.statistics().idle_workers == 0:
+                await self._start_worker(self._pickled)
+            pickled = await self._workers.run_sync(
+                exec_in_worker, self._pickled, work, kill_on_cancel=True, limiter=self._held
+            )
         return answer(pickled)
 
     async def _start_worker(self, node: bytes) -> None:
@@ -117,7 +123,9 @@ class _InProcess:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_bound_when_cancelled, starting)
             with starting:
-                await self._workers.run_sync(start_worker, node, kill_on_cancel=True)
+                await self._workers.run_sync(
+                    start_worker, node, kill_on_cancel=True, limiter=self._held
+                )
             nursery.cancel_scope.cancel()
 
 
