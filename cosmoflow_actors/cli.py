@@ -1005,13 +1005,15 @@ async def _submit(
         return await submit(queue, flow_name, params=params, run_id=run_id)
     except StorageError as exc:
         raise CliError(f"cannot reach the queue: {exc}") from exc
+    except ValueError as exc:  # a --param the queue cannot hold (NaN, Infinity)
+        raise CliError(str(exc)) from exc
     finally:
         await queue.aclose()
 
 
 def _worker_command(args: argparse.Namespace) -> int:
-    if not args.lease > 0:
-        raise CliError(f"--lease must be > 0 seconds, got {args.lease:g}")
+    if not 0 < args.lease < math.inf:
+        raise CliError(f"--lease must be > 0 seconds and finite, got {args.lease:g}")
     if not args.flow_wait >= 0:
         raise CliError(f"--flow-wait must be >= 0 seconds, got {args.flow_wait:g}")
     flows = [load_flow(target) for target in args.targets]

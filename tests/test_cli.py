@@ -849,6 +849,14 @@ def test_status_names_the_workers_that_passed_a_run_over(
             ["worker", "FILE", "--queue", "redis://h/q", "--store", "redis://h", "--flow-wait=-1"],
             "--flow-wait must be >= 0",
         ),
+        (
+            ["worker", "FILE", "--queue", "redis://h/q", "--store", "redis://h", "--lease", "inf"],
+            "--lease must be > 0 seconds and finite, got inf",
+        ),
+        (
+            ["submit", "FILE", "--queue", "redis://127.0.0.1:1/q", "--param", "x=NaN"],
+            "param 'x' of run",
+        ),
     ],
 )
 def test_queue_commands_refuse_a_bad_queue_or_store(

@@ -7,6 +7,7 @@ takeover tests start real worker processes and SIGKILL one of them.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 import signal
@@ -263,9 +264,11 @@ async def test_a_run_whose_flow_no_worker_takes_fails_after_flow_wait(
     assert (status.state, status.owner, status.passed_over) == ("failed", "w1", ("w1",))
 
 
-def test_a_queue_refuses_a_negative_flow_wait() -> None:
+def test_a_queue_refuses_a_negative_flow_wait_and_an_endless_lease() -> None:
     with pytest.raises(ValueError, match="flow_wait must be >= 0 seconds, got -1"):
         RunQueue("redis://127.0.0.1:1/0", "q", flow_wait=-1)
+    with pytest.raises(ValueError, match="lease must be a finite number of seconds"):
+        RunQueue("redis://127.0.0.1:1/0", "q", lease=math.inf)
 
 
 async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last_commit(
@@ -398,6 +401,31 @@ async def test_a_lease_without_its_worker_is_shown_as_orphaned(
     assert (status.state, status.owner, status.lease_left) == ("orphaned", "gone", None)
 
 
+async def test_a_run_that_ends_while_the_status_is_read_is_not_shown_orphaned(
+    redis_server: RedisServer,
+) -> None:
+    """The run ends (recording its outcome and dropping its lease) just after the status
+    has listed the runs and before it reads their leases: it is shown as it ended, not
+    as a running run whose lease is gone."""
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    async with held_in_step_a(queue, store, "ending") as release:
+        listed = trio.Event()
+        read = queue.call
+
+        async def run_ends_after_the_listing(*args: Any) -> Any:
+            reply = await read(*args)
+            if args[:2] == ("HGETALL", queue.runs) and not listed.is_set():
+                listed.set()
+                release.set()
+                await cf.result(queue, "ending")
+            return reply
+
+        queue.call = run_ends_after_the_listing  # type: ignore[method-assign]
+        [status] = await cf.queue_status(queue)
+    assert listed.is_set()
+    assert (status.state, status.owner, status.lease_left) == ("succeeded", "w1", None)
+
+
 async def test_the_run_record_names_the_worker_that_runs_it_and_its_lease(
     redis_server: RedisServer,
 ) -> None:
@@ -411,6 +439,22 @@ async def test_the_run_record_names_the_worker_that_runs_it_and_its_lease(
     assert listed.lease_left is not None and 0 < listed.lease_left <= 10.0
     [done] = await cf.list_runs(storage)
     assert (done.state, done.owner, done.steps, done.lease_left) == ("succeeded", "w1", 3, None)
+
+
+async def test_a_run_that_ended_after_its_record_was_read_is_not_listed_orphaned(
+    redis_server: RedisServer,
+) -> None:
+    """A record read while the run was running, checked against the queue once the run
+    has ended (and dropped its lease): the run is listed as it ended."""
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    storage = per_run_redis(store)("ended")
+    async with held_in_step_a(queue, store, "ended") as release:
+        [listed] = await cf.list_runs(storage)
+        release.set()
+        await cf.result(queue, "ended")
+    [checked] = await leases_checked(storage, [listed])
+    assert listed.state == "running"
+    assert (checked.state, checked.owner, checked.lease_left) == ("succeeded", "w1", None)
 
 
 async def test_a_run_whose_lease_is_gone_is_listed_as_orphaned_where_the_store_can_tell(

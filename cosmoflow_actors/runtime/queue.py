@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import secrets
 import socket
@@ -140,9 +141,21 @@ return 1
 stream KEYS[2] (group ARGV[2]) idle for ARGV[4] ms, so that a worker looking for
 expired leases takes it over at once; 1 if the lease was ARGV[1]'s."""
 _LEASE = """
-return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+return {
+  redis.call('GET', KEYS[1]),
+  redis.call('PTTL', KEYS[1]),
+  redis.call('HGET', KEYS[2], ARGV[1]),
+}
 """
-"""The holder of the lease KEYS[1] (nil when none) and its milliseconds left."""
+"""The holder of the lease KEYS[1] (nil when none), its milliseconds left, and what
+the hash KEYS[2] holds about run ARGV[1] (nil when nothing), read at one instant."""
+_RUN_NOW = """
+return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('PTTL', KEYS[2])}
+"""
+"""What the hash KEYS[1] holds about run ARGV[1] and the milliseconds its lease KEYS[2]
+has left (negative when no one holds it), read at one instant: a run that ends
+meanwhile drops its lease as it records its outcome, so read apart they could show a
+finished run as orphaned."""
 _SUBMIT = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])
@@ -212,6 +225,11 @@ class RunQueue:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"a queue name must be a non-empty str without '/', not {name!r}")
         require_seconds("lease", lease)
+        if math.isinf(lease):
+            raise ValueError(
+                "lease must be a finite number of seconds: a dead worker's runs"
+                " would never be taken over"
+            )
         require_seconds("flow_wait", flow_wait, zero=True)
         self.url = url
         self.name = name
@@ -314,11 +332,14 @@ async def submit(
     queue = as_queue(queue)
     run_id = secrets.token_hex(8) if run_id is None else run_id
     require_run_id(run_id)
-    info = {"flow": flow_name, "params": checked_params(params), "state": "pending"}
-    try:
-        encoded = json.dumps(info, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"params of run {run_id!r} are not JSON: {exc}") from exc
+    checked = checked_params(params)
+    for key, value in checked.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"param {key!r} of run {run_id!r} is not JSON: {exc}") from exc
+    info = {"flow": flow_name, "params": checked, "state": "pending"}
+    encoded = json.dumps(info, allow_nan=False)
     await queue.ensure_group()
     await queue.script(_SUBMIT, [queue.runs, queue.stream], [run_id, encoded])
     return run_id
@@ -359,19 +380,17 @@ async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
         run_id = key.decode()
         info = _decoded_info(run_id, data)
         lease_left = None
-        owner = info.get("owner")
+        if info["state"] not in FINISHED:
+            info, lease_left = await _run_now(queue, run_id)
         state = info["state"]
-        if state not in FINISHED:
-            ttl_ms: int = await queue.call("PTTL", queue.lease_key(run_id))
-            lease_left = ttl_ms / 1000 if ttl_ms >= 0 else None
-            if state == "running" and lease_left is None:
-                state = "orphaned"
+        if state == "running" and lease_left is None:
+            state = "orphaned"
         runs.append(
             QueuedRun(
                 run_id,
                 info["flow"],
                 state,
-                owner,
+                info.get("owner"),
                 lease_left,
                 info.get("attempts", 0),
                 info.get("error"),
@@ -379,6 +398,13 @@ async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
             )
         )
     return runs
+
+
+async def _run_now(queue: RunQueue, run_id: str) -> tuple[dict[str, Any], float | None]:
+    """What the queue holds about the submitted run ``run_id`` and the seconds left on
+    its lease (None when no one holds it), read together (see ``_RUN_NOW``)."""
+    data, ttl_ms = await queue.script(_RUN_NOW, [queue.runs, queue.lease_key(run_id)], [run_id])
+    return _decoded_info(run_id, data), ttl_ms / 1000 if ttl_ms >= 0 else None
 
 
 async def _passed_over(queue: RunQueue) -> dict[str, tuple[str, ...]]:
@@ -394,7 +420,8 @@ async def leases_checked(storage: Storage, runs: Iterable[RunRecord]) -> list[Ru
     a RedisStorage on the queue's server (the same host, port and database in the
     URLs): it gets the worker holding its lease as ``owner`` and the seconds the lease
     has left, or the state "orphaned" when no worker holds it (the worker died, was cut
-    off or dropped the run; the queue gives it to another worker). Every other run is
+    off or dropped the run; the queue gives it to another worker), or the outcome the
+    queue recorded when the run ended after its record was read. Every other run is
     returned as it is. Blocks while it reads the leases; raises StorageError when the
     server cannot be reached.
     """
@@ -427,11 +454,16 @@ def _queue_name(run: RunRecord, here: tuple[str, int, str] | None) -> str | None
 
 
 async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
-    """``run`` with its lease's holder and time left, or orphaned if it has none."""
-    holder, left_ms = await queue.script(_LEASE, [queue.lease_key(run.run_id)], [])
-    if holder is None:
-        return dataclasses.replace(run, state="orphaned", lease_left=None)
-    return dataclasses.replace(run, owner=_text(holder), lease_left=max(0, left_ms) / 1000)
+    """``run`` with its lease's holder and time left; without a lease, orphaned, or
+    ended as the queue recorded it if it ended after its record was read (a run drops
+    its lease as it records its outcome)."""
+    keys = [queue.lease_key(run.run_id), queue.runs]
+    holder, left_ms, data = await queue.script(_LEASE, keys, [run.run_id])
+    if holder is not None:
+        return dataclasses.replace(run, owner=_text(holder), lease_left=max(0, left_ms) / 1000)
+    ended = None if data is None else _decoded_info(run.run_id, data)["state"]
+    state = ended if ended in FINISHED else "orphaned"
+    return dataclasses.replace(run, state=state, lease_left=None)
 
 
 def _server(url: str) -> tuple[str, int, str] | None:
