@@ -1016,7 +1016,7 @@ def _worker_command(args: argparse.Namespace) -> int:
         raise CliError(f"--lease must be > 0 seconds and finite, got {args.lease:g}")
     if not args.flow_wait >= 0:
         raise CliError(f"--flow-wait must be >= 0 seconds, got {args.flow_wait:g}")
-    flows = [load_flow(target) for target in args.targets]
+    flows = _distinct_flows(args.targets)
     queue = _queue(args.queue, args.lease, args.flow_wait)
     try:
         stores = per_run_redis(args.store)
@@ -1025,6 +1025,23 @@ def _worker_command(args: argparse.Namespace) -> int:
     _trio_run(_serve, queue, flows, stores, args)
     print("cosmoflow: terminated", file=sys.stderr)
     return TERMINATED
+
+
+def _distinct_flows(targets: list[str]) -> list[Flow]:
+    """The flows ``targets`` name; CliError when two share a name (a queued run names
+    its flow by name, so a worker serves one flow per name)."""
+    by_name: dict[str, str] = {}
+    flows = []
+    for target in targets:
+        flow = load_flow(target)
+        if flow.name in by_name:
+            raise CliError(
+                f"{by_name[flow.name]} and {target} both give a flow named {flow.name!r};"
+                " a worker serves one flow per name"
+            )
+        by_name[flow.name] = target
+        flows.append(flow)
+    return flows
 
 
 async def _serve(

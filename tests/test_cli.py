@@ -857,6 +857,10 @@ def test_status_names_the_workers_that_passed_a_run_over(
             ["submit", "FILE", "--queue", "redis://127.0.0.1:1/q", "--param", "x=NaN"],
             "param 'x' of run",
         ),
+        (
+            ["worker", "FILE", "FILE", "--queue", "redis://h/q", "--store", "redis://h"],
+            "both give a flow named 'counter'; a worker serves one flow per name",
+        ),
     ],
 )
 def test_queue_commands_refuse_a_bad_queue_or_store(

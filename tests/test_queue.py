@@ -264,6 +264,13 @@ async def test_a_run_whose_flow_no_worker_takes_fails_after_flow_wait(
     assert (status.state, status.owner, status.passed_over) == ("failed", "w1", ("w1",))
 
 
+async def test_a_worker_refuses_two_flows_of_one_name() -> None:
+    twin = cf.Flow.builder("count").add_node("a", Count()).build()
+    async with cf.open_engine() as engine:
+        with pytest.raises(ValueError, match="two flows are named 'count'"):
+            await engine.serve("redis://127.0.0.1:1/q", [FLOW, twin], "redis://127.0.0.1:1")
+
+
 def test_a_queue_refuses_a_negative_flow_wait_and_an_endless_lease() -> None:
     with pytest.raises(ValueError, match="flow_wait must be >= 0 seconds, got -1"):
         RunQueue("redis://127.0.0.1:1/0", "q", flow_wait=-1)

@@ -846,13 +846,26 @@ def _result_of(run_id: str, info: Mapping[str, Any]) -> QueuedResult:
 
 
 def _flows_by_name(flows: Mapping[str, Flow] | Iterable[Flow]) -> dict[str, Flow]:
-    """``flows`` as a mapping name -> Flow (a list is keyed by each flow's name)."""
-    named = dict(flows) if isinstance(flows, Mapping) else {flow.name: flow for flow in flows}
+    """``flows`` as a mapping name -> Flow (a list is keyed by each flow's name; two
+    flows of one name in it are a ValueError: a run names its flow by name)."""
+    named = dict(flows) if isinstance(flows, Mapping) else _keyed_by_name(flows)
     for key, flow in named.items():
         if not isinstance(flow, Flow):
             raise TypeError(f"flow {key!r}: expected a built Flow, got {type(flow).__name__}")
     if not named:
         raise ValueError("a worker needs at least one flow")
+    return named
+
+
+def _keyed_by_name(flows: Iterable[Flow]) -> dict[str, Flow]:
+    """``flows`` keyed by name; ValueError when two of them share one."""
+    named: dict[str, Flow] = {}
+    for flow in flows:
+        if not isinstance(flow, Flow):
+            raise TypeError(f"expected a built Flow, got {type(flow).__name__}")
+        if flow.name in named and named[flow.name] is not flow:
+            raise ValueError(f"two flows are named {flow.name!r}: a run names its flow by name")
+        named[flow.name] = flow
     return named
 
 
