@@ -983,6 +983,17 @@ def _queue(
         raise CliError(str(exc)) from exc
 
 
+def _queue_error(queue: RunQueue, error: StorageError) -> CliError:
+    """The line for a queue whose server could not be reached, or whose server
+    answered with an error (a key of another type, an entry that is not JSON, a
+    read-only replica...)."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    if isinstance(error.__cause__, ConnectionError | TimeoutError):
+        return CliError(f"cannot reach the queue: {error}")
+    return CliError(f"queue {queue.address}: {error}")
+
+
 def _check_run_id(run_id: str | None) -> None:
     if run_id is not None and not run_id:
         raise CliError("--run-id must not be empty")
@@ -1004,7 +1015,7 @@ async def _submit(
     try:
         return await submit(queue, flow_name, params=params, run_id=run_id)
     except StorageError as exc:
-        raise CliError(f"cannot reach the queue: {exc}") from exc
+        raise _queue_error(queue, exc) from exc
     except ValueError as exc:  # a --param the queue cannot hold (NaN, Infinity)
         raise CliError(str(exc)) from exc
     finally:
@@ -1064,7 +1075,7 @@ async def _serve(
                     )
                 )
             except StorageError as exc:
-                raise CliError(f"cannot reach the queue: {exc}") from exc
+                raise _queue_error(queue, exc) from exc
             names = ", ".join(flow.name for flow in flows)
             print(f"worker {name} serving {queue.name} (flows: {names})", flush=True)
             async for _ in terminations:
@@ -1117,7 +1128,7 @@ async def _read_status(queue: RunQueue) -> list[QueuedRun]:
     try:
         return await queue_status(queue)
     except StorageError as exc:
-        raise CliError(f"cannot reach the queue: {exc}") from exc
+        raise _queue_error(queue, exc) from exc
     finally:
         await queue.aclose()
 

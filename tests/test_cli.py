@@ -873,6 +873,19 @@ def test_queue_commands_refuse_a_bad_queue_or_store(
     assert err.count("\n") == 1
 
 
+def test_a_queue_whose_keys_no_queue_wrote_is_named_not_called_unreachable(
+    redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = unique_namespace()
+    queue = f"{redis_server.url}/{name}"
+    trio.run(cf.RunQueue(redis_server.url, name).call, "SET", f"cosmoflow:queue:{name}:runs", "x")
+    for argv in (["status", "--queue", queue], ["submit", str(counter_file), "--queue", queue]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"cosmoflow: error: queue {queue}: ")
+        assert "WRONGTYPE" in err and err.count("\n") == 1
+
+
 # inspect changes nothing; what the command prints is what happened
 
 
