@@ -36,7 +36,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -49,8 +49,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cosmoflow_actors import __version__
-from cosmoflow_actors.action import Action
-from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.diagram import to_dot, to_mermaid
 from cosmoflow_actors.errors import StorageError, error_text, type_and_message
 from cosmoflow_actors.events import (
@@ -64,7 +62,6 @@ from cosmoflow_actors.events import (
     StepStarted,
 )
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult, refusing_runs
-from cosmoflow_actors.node import Node, node
 from cosmoflow_actors.progress import Progress as EngineProgress
 from cosmoflow_actors.runtime.durability import RunRecord, checked_record
 from cosmoflow_actors.runtime.engine import Engine, open_engine
@@ -80,6 +77,7 @@ from cosmoflow_actors.runtime.queue import (
     submit,
 )
 from cosmoflow_actors.runtime.run import Run
+from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
 from cosmoflow_actors.storage import file as file_storage
 from cosmoflow_actors.storage import sqlite as sqlite_storage
@@ -417,21 +415,32 @@ def _describe_store(text: str, storage: Storage) -> str:
     return repr(storage) if isinstance(storage, RedisStorage) else text
 
 
-async def _open_store(engine: Engine, storage: Storage | None) -> None:
-    """Have ``engine`` open ``storage`` now (a one-step run that touches nothing), so
-    that a store that cannot be opened is bad input, not a failed run."""
-    if storage is not None:
+@contextlib.asynccontextmanager
+async def _opened(engine: Engine, store: Storage | dict[str, Any]) -> AsyncIterator[SharedStore]:
+    """``engine.open_store(store)``: the store is opened now, so that one that cannot be
+    is bad input (CliError), not a failed run, and stays open for the command's runs."""
+    async with contextlib.AsyncExitStack() as stack:
         try:
-            await engine.run(_NOTHING, storage)
+            handle = await stack.enter_async_context(engine.open_store(store))
         except StorageError as exc:
             raise CliError(f"cannot open the store: {exc}") from exc
+        yield handle
 
 
-async def _contents(engine: Engine, storage: Storage) -> dict[str, Any]:
-    """Every key and value of ``storage``, read through ``engine``'s store actor."""
-    result = await engine.run(_READ_ALL, storage)
-    contents: dict[str, Any] = result.result
-    return contents
+async def _contents(store: SharedStore) -> dict[str, Any]:
+    """Every key and value of ``store``; a value that cannot be read is Unreadable."""
+    keys = await store.keys()
+    try:
+        return await store.get_many(keys)
+    except Exception:  # a value cannot be read: read them one by one to find which
+        return {key: await _read_one(store, key) for key in keys}
+
+
+async def _read_one(store: SharedStore, key: str) -> Any:
+    try:
+        return await store.get(key)
+    except Exception as exc:
+        return Unreadable(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,23 +453,6 @@ class Unreadable:
         return f"<unreadable: {type_and_message(self.error)}>"
 
 
-@node
-async def _read_all(ctx: ExecutionContext) -> Action:
-    """Every key and value of the store; a value that cannot be read is Unreadable."""
-    keys = await ctx.store.keys()
-    try:
-        return Action.complete(await ctx.store.get_many(keys))
-    except Exception:  # a value cannot be read: read them one by one to find which
-        return Action.complete({key: await _read_one(ctx, key) for key in keys})
-
-
-async def _read_one(ctx: ExecutionContext, key: str) -> Any:
-    try:
-        return await ctx.store.get(key)
-    except Exception as exc:
-        return Unreadable(exc)
-
-
 def _unreadable(store: str, contents: dict[str, Any]) -> str | None:
     """The line that names the first value of ``contents`` that could not be read (and
     says how many more there are), or None when every value was read."""
@@ -470,10 +462,6 @@ def _unreadable(store: str, contents: dict[str, Any]) -> str | None:
     key, value = bad[0]
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
     return f"{store}: the value of {key!r} cannot be read{more}: {type_and_message(value.error)}"
-
-
-_NOTHING: Final = Flow.builder("cosmoflow-open").add_node("open", Node()).build()
-_READ_ALL: Final = Flow.builder("cosmoflow-read").add_node("read", _read_all).build()
 
 
 def _parse_params(items: Sequence[str]) -> dict[str, Any]:
@@ -554,12 +542,15 @@ class _Outcome:
 async def _run_once(options: _RunOptions) -> tuple[_Outcome, dict[str, Any]]:
     """Run the flow once; return how it ended and what its store holds afterwards."""
     store = _store(options)
-    async with trio.open_nursery() as nursery, open_engine() as engine:
-        await _open_store(engine, options.storage)
+    async with (
+        trio.open_nursery() as nursery,
+        open_engine() as engine,
+        _opened(engine, store) as handle,
+    ):
         if options.trace:
             await nursery.start(_watch, engine, [_printer()])
         outcome = await _run_or_resume(engine, options, store)
-        contents = await _contents(engine, store) if isinstance(store, Storage) else store
+        contents = await _contents(handle)
     if isinstance(store, Storage):
         await store.aclose()
     return outcome, contents
@@ -750,8 +741,11 @@ async def _run_many(options: _RunOptions, runs: int, concurrency: int) -> BatchS
     """Run the flow ``runs`` times, at most ``concurrency`` at once; measure them."""
     batch = BatchStats(options.flow.name, runs, concurrency)
     started = trio.current_time()
-    async with trio.open_nursery() as nursery, open_engine(max_runs=concurrency) as engine:
-        await _open_store(engine, options.storage)
+    async with (
+        trio.open_nursery() as nursery,
+        open_engine(max_runs=concurrency) as engine,
+        _opened(engine, _store(options)),
+    ):
         handlers = [batch.record, *([_printer()] if options.trace else [])]
         await nursery.start(_watch, engine, handlers)
         following = trio.CancelScope()
@@ -937,9 +931,8 @@ def _value(entry: Outcome[Any]) -> Any:
 async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
     """Every key and value of ``storage`` (a Redis store) and its durable runs, read
     through an engine (the runs of a queue's workers with their leases)."""
-    async with open_engine() as engine:
-        await _open_store(engine, storage)
-        contents = await _contents(engine, storage)
+    async with open_engine() as engine, _opened(engine, storage) as handle:
+        contents = await _contents(handle)
         runs = await engine.list_runs(storage)
     return contents, runs
 

@@ -1360,3 +1360,51 @@ def test_an_engine_entered_under_asyncio_says_it_runs_on_trio() -> None:
 
     with pytest.raises(RuntimeError, match=r"open_engine\(\) was entered outside a trio run"):
         asyncio.run(enter())
+
+
+class CloseCount(cf.FileStorage):
+    """A real FileStorage that counts its closes."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.closes = 0
+
+    async def aclose(self) -> None:
+        self.closes += 1
+        await super().aclose()
+
+
+async def test_open_store_keeps_a_backend_open_across_runs_and_reads_what_they_wrote(
+    tmp_path: Path,
+) -> None:
+    @cf.node
+    async def count(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.update("n", lambda n: n + 1, default=0)
+
+    flow = single(count)
+    apart = CloseCount(tmp_path / "apart.json")
+    held = CloseCount(tmp_path / "held.json")
+    async with cf.open_engine() as engine:
+        for _ in range(3):
+            await engine.run(flow, apart)
+        async with engine.open_store(held) as store:
+            for _ in range(3):
+                await engine.run(flow, held)
+            assert held.closes == 0
+            assert await store.get("n") == 3
+            await store.set("by", "hand")
+        assert held.closes == 1
+    assert apart.closes == 3
+    reopened = cf.FileStorage(tmp_path / "held.json")
+    await reopened.open()
+    assert (await reopened.get("n"), await reopened.get("by")) == (3, "hand")
+    await reopened.aclose()
+
+
+async def test_open_store_on_a_backend_that_cannot_open_raises_its_storage_error(
+    tmp_path: Path,
+) -> None:
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError, match="Is a directory"):
+            async with engine.open_store(cf.FileStorage(tmp_path)):
+                pass

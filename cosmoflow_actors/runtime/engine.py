@@ -232,6 +232,27 @@ class Engine:
             entry.send_nowait(self._first_step(run, first_params))
         return Run(run)
 
+    @asynccontextmanager
+    async def open_store(self, store: Storage | dict[str, Any]) -> AsyncIterator[SharedStore]:
+        """Open ``store``'s backend, unless a run has it open, and keep it open until the
+        block ends; yield a handle on it, whose calls its store actor serves in order
+        with the runs' (as a step's are).
+
+        Without it, a backend is closed (a FileStorage compacted into its JSON file)
+        whenever its last run ends, and the next run opens it again: hold it open
+        around a series of runs on one store. Blocks while the backend opens (raises
+        StorageError if it cannot) and, when the block ends and no run uses it, until
+        it is closed. Raises RuntimeError once the engine is closed.
+        """
+        self._require_open()
+        storage = as_storage(store)
+        actor = await self._stores.acquire(storage)
+        try:
+            yield actor.handle(storage)
+        finally:
+            self._stores.release(actor)
+        await _closed_if_retired(actor)
+
     async def list_runs(self, store: Storage | dict[str, Any]) -> list[RunRecord]:
         """The durable runs recorded in ``store``, with their state, last node and steps,
         and, for a run a queue's worker claimed, its owner; a running one is "orphaned"
