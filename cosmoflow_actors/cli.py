@@ -50,7 +50,7 @@ from rich.table import Table
 
 from cosmoflow_actors import __version__
 from cosmoflow_actors.diagram import to_dot, to_mermaid
-from cosmoflow_actors.errors import StorageError, error_text, type_and_message
+from cosmoflow_actors.errors import RunRecordedError, StorageError, error_text, type_and_message
 from cosmoflow_actors.events import (
     Event,
     EventsDropped,
@@ -569,9 +569,19 @@ async def _run_or_resume(
             run = await engine.start_run(options.flow, store, params=options.params, run_id=run_id)
             run_id = run.run_id
             result = await run.wait()
+    except RunRecordedError as exc:
+        raise CliError(_recorded(exc, options.flow)) from exc
     except Exception as exc:  # the run's own error, part of its outcome
         return _Outcome(run_id, error=exc)
     return _Outcome(result.run_id, result)
+
+
+def _recorded(error: RunRecordedError, flow: Flow) -> str:
+    """What to tell the person whose ``--run-id`` names a run of ``flow`` the store has
+    recorded that the command cannot take, or a run of another flow."""
+    if error.flow == flow.name:
+        return f"run {error.run_id!r} is recorded as {error.state}: continue it with --resume"
+    return str(error)
 
 
 def _store(options: _RunOptions) -> Storage | dict[str, Any]:

@@ -118,6 +118,19 @@ class RunConflictError(StorageError):
     """
 
 
+class RunRecordedError(CosmoFlowError):
+    """The store holds a record for the ``run_id`` that the call cannot take: a run of
+    another flow (``flow``), which ``run``, ``start_run`` and ``resume`` refuse, or a
+    run recorded as ``state`` "running" or "failed", which ``run`` and ``start_run``
+    refuse (continue it with ``resume``)."""
+
+    def __init__(self, message: str, run_id: str, flow: str, state: str) -> None:
+        self.run_id = run_id
+        self.flow = flow
+        self.state = state
+        super().__init__(message)
+
+
 class StoreKeyError(CosmoFlowError, KeyError):
     """The key is not in the store and no default was given."""
 

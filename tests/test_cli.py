@@ -694,6 +694,35 @@ def test_run_id_makes_a_durable_run_that_resume_does_not_repeat(
     assert "--resume needs --run-id" in capsys.readouterr().err
 
 
+def test_a_run_id_recorded_as_failed_or_for_another_flow_is_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    failing = tmp_path / "failing.py"
+    failing.write_text(
+        "import cosmoflow_actors as cf\n"
+        "@cf.node\n"
+        "async def fail(ctx):\n"
+        "    raise RuntimeError('no')\n"
+        "flow = cf.Flow.builder('failing').add_node('fail', fail).build()\n"
+    )
+    other = tmp_path / "other.py"
+    other.write_text(
+        "import cosmoflow_actors as cf\n"
+        "flow = cf.Flow.builder('other').add_node('n', cf.Node()).build()\n"
+    )
+    store = f"sqlite:{tmp_path / 'runs.db'}"
+    assert main(["run", str(failing), "--store", store, "--run-id", "r1"]) == 1
+    capsys.readouterr()
+    assert main(["run", str(failing), "--store", store, "--run-id", "r1"]) == 2
+    assert capsys.readouterr().err == (
+        "cosmoflow: error: run 'r1' is recorded as failed: continue it with --resume\n"
+    )
+    assert main(["run", str(other), "--store", store, "--run-id", "r1", "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        "cosmoflow: error: run 'r1' belongs to flow 'failing', not 'other'\n"
+    )
+
+
 def test_submit_prints_the_run_id_and_status_shows_the_run_pending(
     redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

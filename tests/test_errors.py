@@ -22,6 +22,7 @@ EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.ActorCrashedError: cf.ActorCrashedError("router"),
     cf.StorageError: cf.StorageError("disk full"),
     cf.RunConflictError: cf.RunConflictError("another engine committed step 2"),
+    cf.RunRecordedError: cf.RunRecordedError("run 'r' belongs to flow 'a'", "r", "a", "running"),
     cf.StoreKeyError: cf.StoreKeyError("k"),
     cf.StoreTypeError: cf.StoreTypeError("k", "int", "str"),
     cf.StoreValueError: cf.StoreValueError("k", "a value of type object cannot be pickled"),

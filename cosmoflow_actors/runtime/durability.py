@@ -28,6 +28,7 @@ from cosmoflow_actors.errors import (
     CosmoFlowError,
     NodeError,
     RunConflictError,
+    RunRecordedError,
     StorageError,
     StoreValueError,
     type_and_message,
@@ -64,11 +65,14 @@ def checked_record(key: str, value: Any) -> dict[str, Any]:
 
 
 def require_flow(run: ActiveRun, record: Mapping[str, Any]) -> None:
-    """Raise CosmoFlowError unless ``record`` is of a run of ``run``'s flow (whatever
+    """Raise RunRecordedError unless ``record`` is of a run of ``run``'s flow (whatever
     the state it records)."""
     if record["flow"] != run.flow.name:
-        raise CosmoFlowError(
-            f"run {run.run_id!r} belongs to flow {record['flow']!r}, not {run.flow.name!r}"
+        raise RunRecordedError(
+            f"run {run.run_id!r} belongs to flow {record['flow']!r}, not {run.flow.name!r}",
+            run.run_id,
+            record["flow"],
+            record["state"],
         )
 
 

@@ -27,7 +27,7 @@ import trio_parallel
 
 from cosmoflow_actors.errors import (
     ActorCrashedError,
-    CosmoFlowError,
+    RunRecordedError,
 )
 from cosmoflow_actors.events import (
     DEFAULT_BUFFER as DEFAULT_EVENT_BUFFER,
@@ -160,7 +160,8 @@ class Engine:
         With a ``run_id`` on a persistent storage the run is durable: each step commits
         its writes with the run's record. A run_id whose run already succeeded returns
         a finished handle with the recorded result; one that is still recorded as
-        running or failed raises CosmoFlowError (continue it with :meth:`resume`).
+        running or failed raises RunRecordedError (continue it with :meth:`resume`), as
+        does a run_id recorded for another flow.
         """
         run, first = await self._start(flow, store, params, run_id, resume=False)
         if first is not None:
@@ -410,9 +411,12 @@ class Engine:
             run.succeed(durability.recorded_result(record, run.storage))
             return None
         if not resume:
-            raise CosmoFlowError(
+            raise RunRecordedError(
                 f"run {run.run_id!r} is already recorded in {run.storage!r} as "
-                f"{record['state']}; continue it with engine.resume"
+                f"{record['state']}; continue it with engine.resume",
+                run.run_id,
+                record["flow"],
+                record["state"],
             )
         return await self._restore(run, record)
 
