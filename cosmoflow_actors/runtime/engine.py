@@ -740,9 +740,10 @@ class Engine:
         ``concurrency`` at once; blocks until cancelled.
 
         ``queue`` is a :class:`RunQueue` or its URL ``redis://HOST:PORT[/DB]/NAME``;
-        ``flows`` maps flow names to flows (a list is keyed by each flow's name). Each
-        run is durable, on the store ``store(run_id)`` gives, or, for a URL
-        ``redis://HOST:PORT[/DB][#PREFIX]``, in the Redis namespace ``PREFIX/<run_id>``.
+        ``flows`` maps flow names to flows (a list is keyed by each flow's name; two
+        flows of one name in it raise ValueError). Each run is durable, on the store
+        ``store(run_id)`` gives, or, for a URL ``redis://HOST:PORT[/DB][#PREFIX]``, in
+        the Redis namespace ``PREFIX/<run_id>``.
         The worker holds a lease on each run it runs and renews it every third of
         ``queue.lease``; runs whose lease expired are taken over and resumed from their
         last committed step. ``name`` names the worker in the queue's status (default:
