@@ -466,3 +466,26 @@ async def test_closing_after_a_timed_out_call_gives_its_watched_connection_back(
     await storage.aclose()
 
     assert connections_in_use(storage) == 0
+
+
+async def test_a_durable_step_with_a_key_that_is_not_valid_unicode_fails_alone(
+    redis_server: RedisServer,
+) -> None:
+    """Such a key is never stored: a step's delete of it deletes nothing, and a set or
+    update of it is StoreValueError naming it, with nothing of the step stored. Neither
+    may raise anything else: the store actor would take it for a broken backend."""
+    storage = redis_server.storage()
+    key, bad = RECORD_PREFIX + "r", "bad \udc80"
+    await storage.set(key, {"path": []})
+    await storage.set("kept", 1)
+    await storage.commit()
+    assert await storage.commit_step([("delete", bad, None)], key, {"path": ["a"]}, 0)
+    for op in [("set", bad, 1), ("update", bad, (lambda value: value, 0))]:
+        with pytest.raises(cf.StoreValueError) as info:
+            await storage.commit_step([("set", "x", 2), op], key, {"path": ["a", "b"]}, 1)
+        assert info.value.key == bad
+    await storage.aclose()
+
+    fresh = redis_server.storage(storage.namespace)
+    assert {k: await fresh.get(k) for k in await fresh.keys()} == {key: {"path": ["a"]}, "kept": 1}
+    await fresh.aclose()

@@ -440,3 +440,25 @@ async def test_peek_reads_without_creating_or_changing_a_file(tmp_path: Path) ->
     path.write_bytes(b"garbage garbage garbage")
     with pytest.raises(cf.StorageError, match="file is not a database"):
         peek(path)
+
+
+async def test_a_durable_step_with_a_key_that_is_not_valid_unicode_fails_alone(
+    tmp_path: Path,
+) -> None:
+    """Such a key is never stored: a step's delete of it deletes nothing, and a set or
+    update of it is StoreValueError naming it, with nothing of the step stored. Neither
+    may raise anything else: the store actor would take it for a broken backend."""
+    path = tmp_path / "store.db"
+    key, bad = record_key("r"), "bad \udc80"
+    storage = await stored(path, **{key: {"path": []}}, kept=1)
+    assert await storage.commit_step([("delete", bad, None)], key, {"path": ["a"]}, 0)
+    for op in [("set", bad, 1), ("update", bad, (lambda value: value, 0))]:
+        with pytest.raises(cf.StoreValueError) as info:
+            await storage.commit_step([("set", "x", 2), op], key, {"path": ["a", "b"]}, 1)
+        assert info.value.key == bad
+    await storage.commit()
+    await storage.aclose()
+
+    fresh = SQLiteStorage(path)
+    assert {k: await fresh.get(k) for k in await fresh.keys()} == {key: {"path": ["a"]}, "kept": 1}
+    await fresh.aclose()

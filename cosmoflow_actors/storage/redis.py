@@ -209,8 +209,10 @@ class RedisStorage(DatabaseStorage):
                     writes.append(DeleteOp(name))
             elif kind == "delete":
                 seen[key] = None
-                writes.append(DeleteOp(key))
+                if utf8_key(key) is not None:  # a key that is not valid Unicode is never stored
+                    writes.append(DeleteOp(key))
             else:
+                check_json_key(key)
                 value = argument
                 if kind == "update":
                     value = await self._updated(pipe, seen, key, argument)

@@ -238,13 +238,14 @@ class SQLiteStorage(DatabaseStorage):
         if kind == "clear":
             connection.execute(_DELETE_USER_KEYS, (len(RESERVED_PREFIX), RESERVED_PREFIX))
         elif kind == "delete":
-            connection.execute(_DELETE, (key,))
+            if utf8_key(key) is not None:  # a key that is not valid Unicode is never stored
+                connection.execute(_DELETE, (key,))
         else:
+            check_json_key(key)
             value = argument
             if kind == "update":
                 function, default = argument
                 value = function(self._stored(connection, key, default))
-            check_json_key(key)
             connection.execute(_UPSERT, (key, self._codec.encode(key, value)))
 
     def _stored(self, connection: sqlite3.Connection, key: str, missing: Any) -> Any:
