@@ -323,3 +323,34 @@ async def test_a_durable_steps_staged_handle_answers_as_a_plain_handle(tmp_path:
     assert result.result == plain
     stored = await in_run(lambda store: store.get_many(["old", "a", "after"]), cf.FileStorage(path))
     assert stored == memory == {"after": True}
+
+
+async def test_a_durable_steps_keys_are_in_the_order_a_plain_step_sees(tmp_path: Path) -> None:
+    """A key that a durable step deletes (or clears) and sets again goes to the end, as
+    in a step that is not durable and in the store once the step is committed."""
+
+    async def reorder(store: cf.SharedStore) -> list[list[str]]:
+        await store.delete("a")
+        await store.set("a", 3)
+        seen = [await store.keys()]
+        await store.clear()
+        await store.delete("c")
+        await store.set("d", 4)
+        await store.set("c", 5)
+        return [*seen, await store.keys()]
+
+    async def seeded(name: str) -> cf.FileStorage:
+        storage = cf.FileStorage(tmp_path / name)
+        await in_run(lambda store: store.set_many({"a": 1, "b": 2}), storage)
+        return storage
+
+    plain = await in_run(reorder, await seeded("plain.json"))
+
+    @cf.node
+    async def step(ctx: cf.ExecutionContext) -> cf.Action:
+        return cf.Action.complete(await reorder(ctx.store))
+
+    durable = await seeded("durable.json")
+    result = await cf.Flow.builder("order").add_node("step", step).build().run(durable, run_id="r")
+    assert result.result == plain == [["b", "a"], ["d", "c"]]
+    assert await in_run(lambda store: store.keys(), durable) == ["d", "c"]

@@ -309,13 +309,20 @@ class Staging:
         return staged is not _ABSENT
 
     async def _keys(self, storage: Storage, _: str, __: Any) -> list[str]:
+        """The stored keys with the staged writes replayed over them, in the order the
+        commit leaves them: a key set anew goes to the end, as in a ``dict``."""
         stored: list[str] = []
         if not self._cleared:
             stored = await self._service.request(StoreOp.KEYS, storage, "", None)
-        seen = [key for key in stored if self._values.get(key) is not _ABSENT]
-        known = set(stored)
-        added = [k for k, v in self._values.items() if v is not _ABSENT and k not in known]
-        return seen + added
+        keys = dict.fromkeys(stored)
+        for kind, key, _argument in self.ops:
+            if kind == "clear":
+                keys.clear()
+            elif kind == "delete":
+                keys.pop(key, None)
+            else:
+                keys.setdefault(key)
+        return list(keys)
 
     async def _size(self, storage: Storage, _: str, __: Any) -> int:
         return len(await self._keys(storage, "", None))
