@@ -1179,3 +1179,28 @@ async def test_peek_reads_the_journal_without_changing_a_file(tmp_path: Path) ->
     entries = file_backend.peek(path)
     assert {key: entry.unwrap() for key, entry in entries.items()} == {"a": 1, "b": [1, 2]}
     assert files_of(tmp_path) == before
+
+
+async def test_a_refused_durable_step_leaves_the_keys_in_their_order(tmp_path: Path) -> None:
+    """A durable step that deletes a key and then sets it to a value that cannot be
+    encoded stores nothing: the key stays where it was, not at the end."""
+    path = tmp_path / "store.json"
+    storage = FileStorage(path)
+    await storage.set("a", 1)
+    await storage.set("b", 2)
+    await storage.commit()
+    await storage.aclose()
+
+    @cf.node
+    async def refused(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.delete("a")
+        await ctx.store.set("a", object())
+
+    with pytest.raises(cf.NodeError) as info:
+        await cf.Flow.builder("r").add_node("r", refused).build().run(storage, run_id="r")
+    assert isinstance(info.value.__cause__, cf.StoreValueError)
+    reopened = FileStorage(path)
+    user_keys = [key for key in await reopened.keys() if not key.startswith("__cosmoflow__/")]
+    assert user_keys == ["a", "b"]
+    assert await reopened.get("a") == 1
+    await reopened.aclose()

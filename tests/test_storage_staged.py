@@ -48,6 +48,21 @@ def test_nothing_staged_is_false_and_knows_no_key() -> None:
     assert staged
 
 
+def test_roll_back_forgets_what_was_staged_since_the_mark() -> None:
+    staged: StagedWrites[bytes] = StagedWrites()
+    staged.set("a", b"1")
+    mark = staged.mark()
+    staged.delete("a")
+    staged.clear()
+    staged.set("b", b"2")
+
+    staged.roll_back(mark)
+
+    assert [type(op) for op in staged.ops] == [SetOp]
+    assert (staged.lookup("a"), staged.lookup("b"), staged.cleared) == (b"1", UNKNOWN, False)
+    assert staged.merge_keys(["c", "a"]) == ["c", "a"]
+
+
 def test_ops_are_recorded_in_order_with_their_types() -> None:
     staged: StagedWrites[bytes] = StagedWrites()
 

@@ -16,7 +16,7 @@ import trio
 
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage import journal, lock
-from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, Storage, check_steps
 from cosmoflow_actors.storage.codec import Codec, check_json_key, get_codec
 from cosmoflow_actors.storage.staged import StagedWrites
 from cosmoflow_actors.validation import require_seconds
@@ -228,6 +228,53 @@ class FileStorage(Storage):
         """Remove every key."""
         if await self.size():
             self._staged.clear()
+
+    async def commit_step(
+        self, ops: list[StagedOp], record_key: str, record: Any, steps_before: int
+    ) -> bool:
+        """Stage a durable step's writes and its run record together, all or nothing;
+        returns True. The batch's :meth:`commit` writes them (one instance holds the
+        file, so nobody else writes in between).
+
+        Checks that the stored record counts ``steps_before`` steps (else
+        RunConflictError), then stages the ops in order (an update reads the value as
+        the ops before it left it) and the record. When anything fails (the record
+        check, a value that cannot be encoded, an update function's error) the step's
+        writes are dropped, leaving the writes staged before it, and the order of the
+        keys, as they were, and the error is raised. Awaits nothing once open.
+        """
+        await self.open()
+        mark = self._staged.mark()
+        try:
+            check_steps(record_key, await self._value_or(record_key, None), steps_before)
+            for kind, key, argument in ops:
+                await self._stage_step_op(kind, key, argument)
+            await self.set(record_key, record)
+        except BaseException:
+            self._staged.roll_back(mark)
+            raise
+        return True
+
+    async def _stage_step_op(self, kind: str, key: str, argument: Any) -> None:
+        """Stage one op of a durable step; ``clear`` leaves the run records alone."""
+        if kind == "clear":
+            for stored in await self.keys():
+                if not stored.startswith(RESERVED_PREFIX):
+                    self._staged.delete(stored)
+        elif kind == "delete":
+            await self.delete(key)
+        elif kind == "set":
+            await self.set(key, argument)
+        else:
+            function, default = argument
+            await self.set(key, function(await self._value_or(key, default)))
+
+    async def _value_or(self, key: str, missing: Any) -> Any:
+        """The value of ``key``, or ``missing`` when it is not stored."""
+        try:
+            return await self.get(key)
+        except KeyError:
+            return missing
 
     async def commit(self) -> None:
         """Make the writes since the last commit durable, all or nothing.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar, final
 
 import trio
@@ -60,6 +61,18 @@ class ClearOp:
 
 
 Op = SetOp[V] | DeleteOp | ClearOp
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class StagedMark(Generic[V]):
+    """The staged writes at one moment (see :meth:`StagedWrites.mark`)."""
+
+    count: int
+    """How many ops were staged."""
+    overlay: dict[str, V | None]
+    """A copy of the latest state per key then."""
+    cleared: bool
 
 
 @final
@@ -113,6 +126,17 @@ class StagedWrites(Generic[V]):
             else:
                 keys.clear()
         return list(keys)
+
+    def mark(self) -> StagedMark[V]:
+        """Where the staged writes stand now, for :meth:`roll_back`."""
+        return StagedMark(len(self.ops), self._overlay.copy(), self.cleared)
+
+    def roll_back(self, mark: StagedMark[V]) -> None:
+        """Forget the writes staged since ``mark`` (made by :meth:`mark`, with no
+        :meth:`reset` since)."""
+        del self.ops[mark.count :]
+        self._overlay = mark.overlay.copy()
+        self.cleared = mark.cleared
 
     def reset(self) -> None:
         """Forget every staged write (after a commit, or to roll back)."""
