@@ -13,14 +13,18 @@ import decimal
 import math
 import os
 import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.storage.base import RECORD_PREFIX
 from tests.storage_suite import (
     BACKENDS,
     ENCODING,
@@ -554,3 +558,423 @@ async def test_a_durable_step_that_cannot_be_encoded_stores_nothing(backend: Bac
     assert info.value.__cause__.key == "bad"
     assert await user_contents(await backend.instance()) == {"n": 1}
     assert [(r.state, r.steps) for r in records] == [("failed", 0)]
+
+
+# --- differential: every backend against a dict, with random operation sequences -------
+
+
+class Opaque:
+    """An object no codec of a persistent backend can encode (memory keeps it)."""
+
+    def __repr__(self) -> str:
+        return "Opaque()"
+
+
+UNSTORABLE: dict[str, Any] = {
+    "object": Opaque(),
+    "nan": float("nan"),
+    "infinity": {"readings": [1.5, float("-inf")]},
+    "surrogate": ["text", "\ud800"],
+}
+"""Values a persistent backend refuses with StoreValueError. The custom backend (JSON text)
+refuses all but the lone surrogate, which ``json.dumps`` escapes; memory refuses none."""
+
+SURROGATE_KEY = "key \udc80"
+"""A key that is not valid Unicode: persistent backends refuse to write it and never hold it."""
+
+DIFF_KEYS = ["", " ", "a", "A", "a/b", "../../etc/passwd", "ünï 🔑", "line\nnul\x00", "__cosmo"]
+DIFF_KEYS.append(SURROGATE_KEY)
+
+NO_DEFAULT = Opaque()
+"""An update or get drawn without a default."""
+RECORD = Opaque()
+"""The model's value for a durable run's record (which no drawn call reads)."""
+
+
+class Refused(Exception):
+    """What the update function ``Change("raise")`` raises."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """A pure update function: wrap the value in a list, replace it, raise Refused, or
+    return an object that a persistent backend cannot encode."""
+
+    kind: str
+    value: Any = None
+
+    def __call__(self, old: Any) -> Any:
+        if self.kind == "wrap":
+            return [old]
+        if self.kind == "replace":
+            return self.value
+        if self.kind == "raise":
+            raise Refused(old)
+        return UNSTORABLE["object"]
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**100), max_value=2**100)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=4,
+)
+values = st.integers(0, 9).flatmap(
+    lambda n: st.sampled_from(list(UNSTORABLE.values())) if n == 0 else json_values
+)
+changes = st.builds(Change, st.sampled_from(["wrap", "replace", "raise", "unstorable"]), values)
+
+
+def updates(
+    keys: st.SearchStrategy[str], defaults: st.SearchStrategy[Any]
+) -> st.SearchStrategy[tuple[Any, ...]]:
+    """``("update", key, change, default)``. A key a backend refuses is updated with a
+    default and a function that returns: otherwise a backend may fail either way, as
+    it checks the key or reads and calls the function first (both name the fault)."""
+    return st.tuples(st.just("update"), keys, changes, defaults).filter(
+        lambda op: op[1] != SURROGATE_KEY or (op[2].kind != "raise" and op[3] is not NO_DEFAULT)
+    )
+
+
+def segments(keys: st.SearchStrategy[str]) -> st.SearchStrategy[tuple[str, list[Any]]]:
+    """A stretch of work on one fresh instance over the data, with ``keys``:
+    calls to the Storage itself, as the store actor makes them (then closed without a
+    commit), or one step of a run, durable or not, making calls on ``ctx.store`` (the
+    last one is ``keys()``, which sees what the step's writes did to their order)."""
+    common = st.one_of(
+        st.tuples(st.just("get"), keys),
+        st.tuples(st.just("set"), keys, values),
+        st.tuples(st.just("delete"), keys),
+        st.tuples(st.just("contains"), keys),
+        st.tuples(st.sampled_from(["keys", "size", "clear"])),
+    )
+    direct = common | updates(keys, values) | st.tuples(st.just("commit"))
+    in_step = common | st.one_of(
+        updates(keys, st.just(NO_DEFAULT) | values),
+        st.tuples(st.just("get"), keys, values),
+        st.tuples(st.just("get_many"), st.lists(keys, max_size=4)),
+        st.tuples(st.just("set_many"), st.dictionaries(keys, values, max_size=3)),
+    )
+    return st.one_of(
+        st.tuples(st.just("direct"), st.lists(direct, max_size=8)),
+        st.tuples(
+            st.sampled_from(["plain", "durable"]),
+            st.lists(in_step, max_size=8).map(lambda ops: [*ops, ("keys",)]),
+        ),
+    )
+
+
+programs = st.lists(
+    segments(st.sampled_from(["a", "b", SURROGATE_KEY]) | st.sampled_from(DIFF_KEYS)),
+    min_size=1,
+    max_size=3,
+)
+"""Up to three segments. Half the keys are "a", "b" or one that is not valid Unicode,
+so that calls often meet a key again; the others are the odd keys."""
+
+
+def refused_by(backend: str, key: str, value: Any) -> bool:
+    """Whether ``backend`` refuses to store ``value`` under ``key``."""
+    if backend == "memory":
+        return False
+    if backend == "custom":
+        return any(isinstance(part, Opaque | float) for part in unstorable_parts(value))
+    return key == SURROGATE_KEY or any(True for _ in unstorable_parts(value))
+
+
+def unstorable_parts(value: Any) -> Iterator[Any]:
+    """The parts of ``value`` JSON cannot hold: opaque objects, NaN and infinities,
+    strings that are not valid Unicode."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from unstorable_parts(key)
+            yield from unstorable_parts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from unstorable_parts(item)
+    elif isinstance(value, Opaque) or not_json(value):
+        yield value
+
+
+def not_json(value: Any) -> bool:
+    """Whether ``value`` is a float JSON cannot hold or a string that is not valid Unicode."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, str) and any("\ud800" <= char <= "\udfff" for char in value)
+
+
+def refusal(backend: str, key: str) -> tuple[Any, ...]:
+    """The answer to a write ``backend`` refuses: StoreValueError naming the key (the
+    custom backend raises a plain StorageError)."""
+    return ("refused", None if backend == "custom" else key)
+
+
+def answer_to(error: Exception) -> tuple[Any, ...]:
+    """The answer an expected error stands for; any other error fails the test."""
+    if isinstance(error, KeyError):
+        return ("missing",)
+    if isinstance(error, Refused):
+        return ("function raised",)
+    if isinstance(error, cf.StoreValueError):
+        return ("refused", error.key)
+    if isinstance(error, cf.StorageError) and not isinstance(error, cf.RunConflictError):
+        return ("refused", None)
+    raise error
+
+
+async def answer_of(call: Callable[[], Awaitable[Any]]) -> tuple[Any, ...]:
+    try:
+        return ("value", await call())
+    except Exception as exc:
+        return answer_to(exc)
+
+
+@dataclasses.dataclass
+class Model:
+    """What a dict says each call answers, and what the store holds."""
+
+    backend: str
+    ordered: bool
+    staged: bool
+    """Writes wait for a commit (persistent backends); else they land at once."""
+    update_commits: bool
+    """An update commits the writes staged before it with its own (Redis)."""
+    committed: dict[str, Any] = dataclasses.field(default_factory=dict)
+    current: dict[str, Any] = dataclasses.field(default_factory=dict)
+    user: bool = True
+
+    def apply(
+        self, op: tuple[Any, ...], *, check: bool = True, user: bool = True
+    ) -> tuple[Any, ...]:
+        """Apply ``op`` to :attr:`current` and return its answer; ``check=False`` stores
+        what the backend would refuse (a durable step refuses it only at its commit).
+        ``user``: as a SharedStore answers, which hides the run records (the Storage
+        itself shows them)."""
+        kind, *args = op
+        self.user = user
+        answer = getattr(self, f"_{kind}")(*args, check=check)
+        if kind == "keys" and not self.ordered:
+            return ("value", sorted(answer[1]))
+        return answer
+
+    def refuses(self, key: str, value: Any, check: bool) -> bool:
+        return check and refused_by(self.backend, key, value)
+
+    def _get(self, key: str, default: Any = NO_DEFAULT, *, check: bool) -> tuple[Any, ...]:
+        if key in self.current:
+            return ("value", self.current[key])
+        return ("missing",) if default is NO_DEFAULT else ("value", default)
+
+    def _set(self, key: str, value: Any, *, check: bool) -> tuple[Any, ...]:
+        if self.refuses(key, value, check):
+            return refusal(self.backend, key)
+        self.current[key] = value
+        return ("value", None)
+
+    def _update(self, key: str, change: Change, default: Any, *, check: bool) -> tuple[Any, ...]:
+        if key not in self.current and default is NO_DEFAULT:
+            return ("missing",)
+        try:
+            new = change(self.current.get(key, default))
+        except Refused:
+            return ("function raised",)
+        answer = self._set(key, new, check=check)
+        if answer != ("value", None):
+            return answer
+        if self.update_commits and not self.user:  # the Storage's own update
+            self.committed = self.current.copy()
+        return ("value", new)
+
+    def _delete(self, key: str, *, check: bool) -> tuple[Any, ...]:
+        return ("value", self.current.pop(key, NO_DEFAULT) is not NO_DEFAULT)
+
+    def _contains(self, key: str, *, check: bool) -> tuple[Any, ...]:
+        return ("value", key in self.current)
+
+    def _keys(self, *, check: bool) -> tuple[Any, ...]:
+        return ("value", [key for key in self.current if self.shown(key)])
+
+    def _size(self, *, check: bool) -> tuple[Any, ...]:
+        return ("value", len(self._keys(check=check)[1]))
+
+    def _clear(self, *, check: bool) -> tuple[Any, ...]:
+        self.current = {key: value for key, value in self.current.items() if not self.shown(key)}
+        return ("value", None)
+
+    def shown(self, key: str) -> bool:
+        """Whether the caller sees ``key``: a SharedStore hides the run records."""
+        return not (self.user and key.startswith(RECORD_PREFIX))
+
+    def recorded(self, run_id: str) -> None:
+        """A durable run has written its record."""
+        self.current.setdefault(RECORD_PREFIX + run_id, RECORD)
+        self.committed.setdefault(RECORD_PREFIX + run_id, RECORD)
+
+    def user_items(self) -> list[tuple[str, Any]]:
+        """What the store holds, without the run records."""
+        return [(key, value) for key, value in self.committed.items() if value is not RECORD]
+
+    def _get_many(self, wanted: list[str], *, check: bool) -> tuple[Any, ...]:
+        return ("value", {key: self.current[key] for key in wanted if key in self.current})
+
+    def _set_many(self, items: dict[str, Any], *, check: bool) -> tuple[Any, ...]:
+        for key, value in items.items():
+            if self.refuses(key, value, check):
+                return refusal(self.backend, key)
+        self.current.update(items)
+        return ("value", None)
+
+    def _commit(self, *, check: bool) -> tuple[Any, ...]:
+        self.committed = self.current.copy()
+        return ("value", None)
+
+    def closed(self) -> None:
+        """A close drops what was not committed."""
+        if self.staged:
+            self.current = self.committed.copy()
+        else:
+            self.committed = self.current.copy()
+
+
+def first_refused_write(backend: str, op: tuple[Any, ...], answer: tuple[Any, ...]) -> str | None:
+    """The key of the first write of ``op`` that ``backend`` cannot store, if any: a
+    durable step stages it and its commit refuses it."""
+    kind = op[0]
+    if kind == "set":
+        written = [(op[1], op[2])]
+    elif kind == "set_many":
+        written = list(op[1].items())
+    elif kind == "update" and answer[0] == "value":
+        written = [(op[1], answer[1])]
+    else:
+        return None
+    return next((key for key, value in written if refused_by(backend, key, value)), None)
+
+
+def seen_as(model: Model, op: tuple[Any, ...], answer: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``answer`` as the model gives it: keys sorted where the backend keeps no order."""
+    if op[0] == "keys" and answer[0] == "value" and not model.ordered:
+        return ("value", sorted(answer[1]))
+    return answer
+
+
+def shared_store_call(store: cf.SharedStore, op: tuple[Any, ...]) -> Awaitable[Any]:
+    """The SharedStore call ``op`` stands for (an argument NO_DEFAULT is left out)."""
+    kind, *args = op
+    return getattr(store, kind)(*[arg for arg in args if arg is not NO_DEFAULT])
+
+
+async def direct_calls(backend: Backend, ops: list[tuple[Any, ...]], model: Model) -> None:
+    """Make ``ops`` on a new instance as the store actor does, then close it uncommitted."""
+    storage = backend.open()
+    try:
+        for op in ops:
+            expected = model.apply(op, user=False)
+            answer = await answer_of(partial(getattr(storage, op[0]), *op[1:]))
+            assert (op, seen_as(model, op, answer)) == (op, expected)
+    finally:
+        await storage.aclose()
+    model.closed()
+
+
+async def one_step(
+    backend: Backend, ops: list[tuple[Any, ...]], run_id: str | None
+) -> tuple[list[tuple[Any, ...]], cf.NodeError | None]:
+    """Make ``ops`` on ``ctx.store`` in the one step of a run on a new instance; return
+    their answers and the run's error."""
+    answers: list[tuple[Any, ...]] = []
+
+    @cf.node
+    async def step(ctx: cf.ExecutionContext) -> None:
+        for op in ops:
+            answers.append(await answer_of(partial(shared_store_call, ctx.store, op)))
+
+    async with cf.open_engine() as engine:
+        try:
+            await engine.run(single(step, "differential"), backend.open(), run_id=run_id)
+        except cf.NodeError as exc:
+            return answers, exc
+    return answers, None
+
+
+async def step_calls(backend: Backend, ops: list[tuple[Any, ...]], model: Model) -> None:
+    """Make ``ops`` in a step of a run that is not durable: each call is committed."""
+    answers, error = await one_step(backend, ops, None)
+    assert error is None
+    for op, answer in zip(ops, answers, strict=True):
+        assert (op, seen_as(model, op, answer)) == (op, model.apply(op))
+    model.committed = model.current.copy()
+
+
+async def durable_step_calls(backend: Backend, ops: list[tuple[Any, ...]], model: Model) -> None:
+    """Make ``ops`` in a durable step: they answer as in a step that is not durable,
+    except that a value the backend cannot store is refused at the step's commit, which
+    then stores nothing and fails the run with StoreValueError naming its key."""
+    run_id = f"run-{uuid.uuid4().hex}"
+    answers, error = await one_step(backend, ops, run_id)
+    model.recorded(run_id)
+    refused: list[str] = []
+    for op, answer in zip(ops, answers, strict=True):
+        expected = model.apply(op, check=False)
+        assert (op, seen_as(model, op, answer)) == (op, expected)
+        key = first_refused_write(model.backend, op, expected)
+        if key is not None:
+            refused.append(key)
+    if refused:
+        assert error is not None and isinstance(error.__cause__, cf.StoreValueError), error
+        assert error.__cause__.key == refused[0]
+        model.current = model.committed.copy()
+    else:
+        assert error is None, repr(error.__cause__) if error else None
+        model.committed = model.current.copy()
+
+
+async def stored_items(backend: Backend) -> list[tuple[str, Any]]:
+    """What a new instance holds, without the engine's run records."""
+    storage = backend.open()
+    try:
+        found = [(key, await storage.get(key)) for key in await storage.keys()]
+    finally:
+        await storage.aclose()
+    return [(key, value) for key, value in found if not key.startswith(RECORD_PREFIX)]
+
+
+async def check_program(backend: Backend, program: list[tuple[str, list[Any]]]) -> None:
+    persistent = backend.name in PERSISTENT
+    model = Model(backend.name, backend.ordered, persistent, update_commits=backend.name == "redis")
+    for mode, ops in program:
+        if mode == "direct":
+            await direct_calls(backend, ops, model)
+        elif mode == "durable" and persistent:
+            await durable_step_calls(backend, ops, model)
+        else:
+            await step_calls(backend, ops, model)
+    stored = await stored_items(backend)
+    if backend.ordered:
+        assert stored == model.user_items()
+    else:
+        assert dict(stored) == dict(model.user_items())
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(program=programs)
+def test_random_calls_answer_as_a_dict_does(
+    name: str, program: list[tuple[str, list[Any]]], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Random calls (the Storage's own, closed without a commit now and then, and a
+    step's on ctx.store, durable or not), each on a new instance over the same data,
+    answer as a dict does, and leave what the dict holds; a value a backend cannot
+    encode is refused with StoreValueError naming its key, and changes nothing."""
+    directory = tmp_path / uuid.uuid4().hex
+    directory.mkdir()
+    trio.run(check_program, make_backend(name, directory, request), program)
