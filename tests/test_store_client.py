@@ -354,3 +354,29 @@ async def test_a_durable_steps_keys_are_in_the_order_a_plain_step_sees(tmp_path:
     result = await cf.Flow.builder("order").add_node("step", step).build().run(durable, run_id="r")
     assert result.result == plain == [["b", "a"], ["d", "c"]]
     assert await in_run(lambda store: store.keys(), durable) == ["d", "c"]
+
+
+async def test_a_durable_step_stores_a_value_as_it_was_set(tmp_path: Path) -> None:
+    """A durable step stages a value encoded, as the backend holds it: changing the
+    object after the set changes neither what the step reads nor what is committed,
+    each read is a fresh copy, and a tuple reads back as a list; as in a plain step."""
+
+    async def mutate(store: cf.SharedStore) -> list[Any]:
+        value = [1]
+        await store.set("k", value)
+        value.append(2)
+        first = await store.get("k")
+        first.append(3)
+        await store.set_many({"t": (1, "a")})
+        return [await store.get("k"), await store.get_many(["t"])]
+
+    plain = await in_run(mutate, cf.SQLiteStorage(tmp_path / "plain.db"))
+
+    @cf.node
+    async def step(ctx: cf.ExecutionContext) -> cf.Action:
+        return cf.Action.complete(await mutate(ctx.store))
+
+    durable = cf.SQLiteStorage(tmp_path / "durable.db")
+    result = await cf.Flow.builder("as set").add_node("step", step).build().run(durable, run_id="r")
+    assert result.result == plain == [[1], {"t": [1, "a"]}]
+    assert await in_run(lambda store: store.get("k"), durable) == [1]

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, final, overload
 
 import msgspec
 
-from cosmoflow_actors.errors import StorageError, StoreKeyError, StoreTypeError
+from cosmoflow_actors.errors import StorageError, StoreKeyError, StoreTypeError, StoreValueError
 from cosmoflow_actors.runtime.messages import StoreOp
 from cosmoflow_actors.storage.base import StagedOp, check_user_key
-from cosmoflow_actors.storage.codec import check_key
+from cosmoflow_actors.storage.codec import CODECS, Codec, check_key
 from cosmoflow_actors.storage.memory import MemoryStorage
 
 if TYPE_CHECKING:
@@ -253,7 +253,24 @@ class StagedStore(SharedStore):
 @final
 class Staging:
     """The service of a durable step's handle: writes are staged, in order, and reads
-    see them; reads of keys the step has not written go to ``service``."""
+    see them; reads of keys the step has not written go to ``service``.
+
+    A value is staged as the backend will hold it: encoded by its codec, so that every
+    read returns a fresh decoded copy and the commit stores the value as it was when it
+    was set, as in a step that is not durable. A value the codec cannot encode is kept
+    as it is, for the step's commit to refuse (see docs/durability.md), and so is every
+    value of a backend without a codec.
+    """
+
+    @final
+    class _Encoded:
+        """A staged value as the backend will hold it."""
+
+        __slots__ = ("codec", "data")
+
+        def __init__(self, codec: Codec, data: bytes) -> None:
+            self.codec = codec
+            self.data = data
 
     def __init__(self, service: StoreService) -> None:
         self._service = service
@@ -277,23 +294,44 @@ class Staging:
         self.ops.append(op)
         self._values[key] = value
 
+    @staticmethod
+    def _held(storage: Storage, key: str, value: Any) -> Any:
+        """``value`` encoded as ``storage`` will hold it, if its codec (the one its
+        ``codec`` attribute names) can encode it; else ``value`` itself."""
+        name = getattr(storage, "codec", None)
+        codec = CODECS.get(name) if isinstance(name, str) else None
+        if codec is None:
+            return value
+        try:
+            return Staging._Encoded(codec, codec.encode(key, value))
+        except StoreValueError:
+            return value
+
+    @staticmethod
+    def _fresh(held: Any) -> Any:
+        """A staged value as a read returns it: a fresh copy of an encoded one."""
+        if isinstance(held, Staging._Encoded):
+            return held.codec.decode(held.data)
+        return held
+
     async def _get(self, storage: Storage, key: str, default: Any) -> Any:
         staged = self._lookup(key)
         if staged is _UNKNOWN:
             return await self._service.request(StoreOp.GET, storage, key, default)
         if staged is not _ABSENT:
-            return staged
+            return self._fresh(staged)
         if default is MISSING:
             raise StoreKeyError(key)
         return default
 
     async def _set(self, storage: Storage, key: str, value: Any) -> None:
-        self._stage(("set", key, value), key, value)
+        held = self._held(storage, key, value)
+        self._stage(("set", key, self._fresh(held)), key, held)
 
     async def _update(self, storage: Storage, key: str, argument: Any) -> Any:
         function, default = argument
         new = function(await self._get(storage, key, default))
-        self._stage(("update", key, argument), key, new)
+        self._stage(("update", key, argument), key, self._held(storage, key, new))
         return new
 
     async def _delete(self, storage: Storage, key: str, _: Any) -> bool:
@@ -343,12 +381,12 @@ class Staging:
             if value is _UNKNOWN and key in stored:
                 found[key] = stored[key]
             elif value is not _UNKNOWN and value is not _ABSENT:
-                found[key] = value
+                found[key] = self._fresh(value)
         return found
 
     async def _set_many(self, storage: Storage, _: str, items: dict[str, Any]) -> None:
         for key, value in items.items():
-            self._stage(("set", key, value), key, value)
+            await self._set(storage, key, value)
 
 
 _STAGED: Final[dict[StoreOp, Callable[..., Coroutine[Any, Any, Any]]]] = {
