@@ -176,6 +176,46 @@ async def test_a_worker_killed_mid_exec_is_a_failed_attempt_and_the_engine_survi
         assert (await engine.run(single(Square()), params={"n": 3})).result[0] == 9
 
 
+def rebuilt_in(pid: int) -> UnpicklesOnlyIn:
+    """Unpickle an UnpicklesOnlyIn; RuntimeError in any process but ``pid``."""
+    if os.getpid() != pid:
+        raise RuntimeError("cannot be unpickled in a worker process")
+    return UnpicklesOnlyIn()
+
+
+class UnpicklesOnlyIn:
+    """A value that unpickles only in the process that pickled it."""
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return rebuilt_in, (os.getpid(),)
+
+
+class CannotStartItsWorker(cf.Node):
+    """A "process" node that its worker process cannot unpickle as it starts."""
+
+    executor = "process"
+    max_retries = 2
+    retry_on = (RuntimeError,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = UnpicklesOnlyIn()
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        raise AssertionError("a worker that cannot unpickle the node runs no exec")
+
+
+async def test_a_worker_start_that_fails_fails_the_attempt_with_its_own_error() -> None:
+    """The error of a worker start reaches the step as it is, not in a group: retry_on
+    retries it, and the run's NodeError is caused by it."""
+    with pytest.raises(cf.NodeError) as info:
+        await single(CannotStartItsWorker()).run()
+    assert info.value.attempts == 2
+    cause = info.value.__cause__
+    assert isinstance(cause, RuntimeError)
+    assert str(cause) == "cannot be unpickled in a worker process"
+
+
 def test_build_refuses_an_async_exec_on_a_thread() -> None:
     class AsyncExec(cf.Node):
         executor = "thread"

@@ -118,15 +118,25 @@ class _InProcess:
         cancelled (its timeout, a cancelled run, the engine closing), for at most
         :data:`WORKER_START_TIMEOUT` seconds more (then the worker is killed), and the
         worker serves the next attempt. A cancelled attempt ends once the start is over.
+
+        Raises what the start raised (the worker could not unpickle the node, or died)
+        as it is, not in an ExceptionGroup: ``retry_on`` and the step's error see it.
         """
         starting = trio.CancelScope(shield=True)
+        failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_bound_when_cancelled, starting)
             with starting:
-                await self._workers.run_sync(
-                    start_worker, node, kill_on_cancel=True, limiter=self._held
-                )
+                try:
+                    await self._workers.run_sync(
+                        start_worker, node, kill_on_cancel=True, limiter=self._held
+                    )
+                except Exception as exc:
+                    # Raised inside the nursery, it would leave wrapped in a group.
+                    failure = exc
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
 
 async def _bound_when_cancelled(starting: trio.CancelScope) -> None:
