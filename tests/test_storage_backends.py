@@ -583,7 +583,7 @@ SURROGATE_KEY = "key \udc80"
 """A key that is not valid Unicode: persistent backends refuse to write it and never hold it."""
 
 DIFF_KEYS = ["", " ", "a", "A", "a/b", "../../etc/passwd", "ünï 🔑", "line\nnul\x00", "__cosmo"]
-DIFF_KEYS.append(SURROGATE_KEY)
+DIFF_KEYS += [SURROGATE_KEY]
 
 NO_DEFAULT = Opaque()
 """An update or get drawn without a default."""
@@ -627,6 +627,7 @@ json_values = st.recursive(
 values = st.integers(0, 9).flatmap(
     lambda n: st.sampled_from(list(UNSTORABLE.values())) if n == 0 else json_values
 )
+"""JSON values; one in ten is one of :data:`UNSTORABLE`."""
 changes = st.builds(Change, st.sampled_from(["wrap", "replace", "raise", "unstorable"]), values)
 
 
