@@ -248,15 +248,23 @@ def phase_problem(node: Node, *, batch: bool = False) -> str | None:
 def _async_name_problem(node: Node, name: str) -> str | None:
     """Why ``node`` defines PocketFlow's ``<name>_async`` instead of phase ``name``, or
     None. The engine never calls ``<name>_async``, so without this the phase would
-    silently do nothing. A class that defines both keeps its ``<name>_async`` as its own
+    silently do nothing (the default of Node, or of a class of this package such as
+    BatchFlow's prep). A class that defines both keeps its ``<name>_async`` as its own
     helper."""
     async_name = f"{name}_async"
-    if not hasattr(node, async_name) or getattr(type(node), name) is not getattr(Node, name):
+    if not hasattr(node, async_name) or _defined_outside_the_package(type(node), name):
         return None
     return (
         f"{async_name} is never called (it is PocketFlow's name); "
         f"name it {name}, as async def {name}(self, {_PHASE_ARGUMENTS[name]})"
     )
+
+
+def _defined_outside_the_package(cls: type, name: str) -> bool:
+    """Whether the attribute ``name`` of ``cls`` comes from a class of the user's, not
+    from one of this package's (Node, BatchFlow...)."""
+    owner = next(base for base in cls.__mro__ if name in vars(base))
+    return not owner.__module__.startswith("cosmoflow_actors.")
 
 
 def _generator_problem(name: str, method: object, *, items: bool) -> str | None:

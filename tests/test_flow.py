@@ -183,6 +183,23 @@ def test_build_names_pocketflow_async_methods_the_engine_never_calls() -> None:
     )
 
 
+class PocketFlowBatch(cf.BatchFlow):
+    """A BatchFlow ported from PocketFlow's AsyncBatchFlow with prep_async kept: the
+    BatchFlow's own prep (no parameter sets) would run no child."""
+
+    async def prep_async(self, shared: dict[str, Any]) -> Any:
+        return [{"n": n} for n in shared["numbers"]]
+
+
+def test_build_names_pocketflow_prep_async_on_a_batch_flow() -> None:
+    inner = cf.Flow.builder("inner").add_node("a", Recorder()).build()
+    error = refused(cf.Flow.builder("f").add_node("each", PocketFlowBatch(inner)))
+    assert error.problems == (
+        "node 'each': prep_async is never called (it is PocketFlow's name); "
+        "name it prep, as async def prep(self, store, ctx)",
+    )
+
+
 def test_an_async_named_helper_beside_its_phase_is_accepted() -> None:
     flow = cf.Flow.builder("f").add_node("a", ExecAsyncHelper()).build()
     assert flow.run_sync().result == "helped"
