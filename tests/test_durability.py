@@ -287,62 +287,6 @@ async def test_children_of_a_durable_run_are_durable_and_not_run_again(tmp_path:
     assert records == {"p": "succeeded", "p/0": "succeeded", "p/1": "succeeded", "p/2": "succeeded"}
 
 
-class ChunksInStore(cf.BatchFlow):
-    """Writes each chunk of "text" to the store in prep; each child reads its chunk."""
-
-    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, Any]]:
-        words = str(await store.get("text")).split()
-        for index, word in enumerate(words):
-            await store.set(f"chunk:{index}", word)
-        await store.update("preps", lambda n: n + 1, default=0)
-        return [{"index": index} for index in range(len(words))]
-
-
-def chunked(fail_once: set[int]) -> cf.Flow:
-    """A BatchFlow whose children read what its prep wrote; the child of each index in
-    ``fail_once`` fails the first time."""
-
-    @cf.node
-    async def shout(ctx: cf.ExecutionContext) -> None:
-        index = ctx.params["index"]
-        word = await ctx.store.get(f"chunk:{index}")
-        if index in fail_once:
-            fail_once.discard(index)
-            raise RuntimeError(f"child {index} fails once")
-        await ctx.store.set(f"shout:{index}", word.upper())
-
-    inner = cf.Flow.builder("shout").add_node("shout", shout).build()
-    return cf.Flow.builder("chunks").add_node("each", ChunksInStore(inner)).build()
-
-
-@pytest.mark.parametrize("run_id", [None, "p"])
-async def test_the_children_of_a_batch_flow_read_what_its_prep_wrote(
-    tmp_path: Path, run_id: str | None
-) -> None:
-    """Durable or not, a child sees the writes of its BatchFlow step's prep (a durable
-    step stages them until it commits, after post); after a failure, the resumed step
-    runs prep again on the committed store and the children that succeeded do not run
-    again."""
-    storage = cf.FileStorage(tmp_path / "store.json")
-    await storage.open()
-    await storage.set("text", "to be or not")
-    await storage.commit()
-    await storage.aclose()
-    flow = chunked(fail_once={2})
-    async with cf.open_engine() as engine:
-        with pytest.raises(cf.NodeError, match="'each'"):
-            await engine.run(flow, storage, run_id=run_id)
-        if run_id is None:
-            await engine.run(flow, storage)
-        else:
-            await engine.resume(flow, storage, run_id=run_id)
-    stored = cf.FileStorage(tmp_path / "store.json")
-    await stored.open()
-    assert [await stored.get(f"shout:{index}") for index in range(4)] == ["TO", "BE", "OR", "NOT"]
-    assert await stored.get("preps") == (2 if run_id is None else 1)
-    await stored.aclose()
-
-
 # --- two engines running one durable run -------------------------------------------------
 
 

@@ -57,7 +57,6 @@ from cosmoflow_actors.runtime.router import Router, condition_keys
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Run, RunState
 from cosmoflow_actors.runtime.statistics import EngineStatistics, FlowLabels
 from cosmoflow_actors.runtime.store_actor import StoreActor
-from cosmoflow_actors.runtime.store_client import SharedStore, StagedStore
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.validation import checked_params, require_positive, require_run_id
@@ -329,15 +328,12 @@ class Engine:
         *,
         resume: bool,
         durable: bool | None = None,
-        parent: SharedStore | None = None,
+        child: bool = False,
     ) -> tuple[ActiveRun, Step | None]:
-        """Start (or resume) a run: admit it (FIFO; a child of a running BatchFlow,
-        whose step's store handle is ``parent``, needs no admission), open its store,
-        read and write its record if it is durable; return it with its first step to
-        send (None when the run is over, or a resumed one's branches were sent on).
-
-        A durable child reads what its parent step staged (see
-        :meth:`StagedStore.reader`): its BatchFlow's ``prep`` writes.
+        """Start (or resume) a run: admit it (FIFO; a child of a running BatchFlow
+        needs no admission), open its store, read and write its record if it is
+        durable; return it with its first step to send (None when the run is over, or
+        a resumed one's branches were sent on).
 
         A checkpoint: admission is one (it parks while ``max_runs`` runs are in flight),
         else one is taken; no other unless it must wait. A caller waiting for admission
@@ -347,7 +343,7 @@ class Engine:
         first_params = _checked_arguments(flow, params, run_id)
         if self._events.congested:
             await self._events.wait_for_room()
-        admission = None if parent is not None or self._inside_a_step() else self._admission
+        admission = None if child or self._inside_a_step() else self._admission
         if admission is not None:
             await admission.acquire()
         else:
@@ -369,8 +365,6 @@ class Engine:
             raise
         on_finish = self._on_end if admission is None else self._on_finish
         run = self._new_run(run_id, flow, storage, actor, on_finish, keys)
-        if isinstance(parent, StagedStore):
-            run.store = parent.reader()
         try:
             return run, await self._launch(run, first_params, resume=resume, durable=durable)
         except Exception as exc:
@@ -502,13 +496,12 @@ class Engine:
         params: Mapping[str, Any],
         run_id: str,
         durable: bool,
-        parent: SharedStore,
     ) -> FlowResult:
-        """How a BatchFlow runs a child, in the node's task, given its step's store
-        handle ``parent``: durable (resumed, or its recorded result) when its parent is
-        durable, else an ordinary run. It needs no admission: its parent was admitted."""
+        """How a BatchFlow runs a child, in the node's task: durable (resumed, or its
+        recorded result) when its parent is durable, else an ordinary run. It needs no
+        admission: its parent was admitted."""
         run, first = await self._start(
-            flow, store, params, run_id, resume=durable, durable=durable, parent=parent
+            flow, store, params, run_id, resume=durable, durable=durable, child=True
         )
         return await self._drive(run, first)
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 RunChild = Callable[..., Awaitable[FlowResult]]
 """How a BatchFlow node runs a child run: ``run_child(flow, storage, params=...,
-run_id=..., durable=..., parent=<the BatchFlow step's store handle>)``."""
+run_id=..., durable=...)``."""
 
 KEEP_IDLE: Final = 8
 """Parked workers a node actor keeps; a worker finding that many parked exits."""
@@ -409,7 +409,7 @@ class NodeActor(Actor[Step]):
         self, batch: BatchFlow, param_sets: list[Any], run: ActiveRun, ctx: ExecutionContext
     ) -> list[FlowResult]:
         """Run ``batch.flow`` once per parameter set as child runs on this run's store;
-        they are durable when this run is, and then read what this step staged."""
+        they are durable when this run is."""
         run_child = self._run_child
         assert run_child is not None
         jobs = [
@@ -420,7 +420,6 @@ class NodeActor(Actor[Step]):
                 params=params,
                 run_id=f"{ctx.run_id}/{index}",
                 durable=run.durability.durable,
-                parent=ctx.store,
             )
             for index, params in enumerate(param_sets)
         ]

@@ -242,13 +242,6 @@ class StagedStore(SharedStore):
         self.ops = staging.ops
         """The staged writes, in order."""
 
-    def reader(self) -> SharedStore:
-        """A handle whose reads see this step's staged writes over the store: the base
-        of a durable BatchFlow step's child runs, so that they read what its ``prep``
-        wrote. Its writes would be staged in this step; a durable run writes only
-        through its steps' own staged handles, so none reaches it. Never blocks."""
-        return SharedStore(self._service, self._storage, self.name)
-
 
 @final
 class Staging:
