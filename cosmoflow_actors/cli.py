@@ -990,9 +990,9 @@ def _queue_error(queue: RunQueue, error: StorageError) -> CliError:
     """The line for a queue whose server could not be reached, or whose server
     answered with an error (a key of another type, an entry that is not JSON, a
     read-only replica...)."""
-    from redis.exceptions import ConnectionError, TimeoutError
+    from redis import exceptions as redis_errors
 
-    if isinstance(error.__cause__, ConnectionError | TimeoutError):
+    if isinstance(error.__cause__, redis_errors.ConnectionError | redis_errors.TimeoutError):
         return CliError(f"cannot reach the queue: {error}")
     return CliError(f"queue {queue.address}: {error}")
 
