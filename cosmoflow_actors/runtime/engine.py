@@ -57,6 +57,7 @@ from cosmoflow_actors.runtime.router import Router, condition_keys
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Run, RunState
 from cosmoflow_actors.runtime.statistics import EngineStatistics, FlowLabels
 from cosmoflow_actors.runtime.store_actor import StoreActor
+from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.validation import checked_params, require_positive, require_run_id
