@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.statistics import FlowLabels
 from tests.support import Gate, Recorder, a_then_b, single
 
 
@@ -104,3 +105,15 @@ async def test_flows_of_the_same_name_alive_at_once_have_actors_of_their_own_nam
 def node_counts(stats: cf.EngineStatistics) -> dict[str, int]:
     """The steps each node actor counted, by actor name."""
     return {a.name: a.messages_processed for a in stats.actors if a.kind == "node"}
+
+
+def test_many_live_flows_of_one_name_get_distinct_labels_and_a_freed_name_is_taken_again() -> None:
+    labels = FlowLabels()
+    flows = [a_then_b("req") for _ in range(500)]
+    given = [labels.label(flow) for flow in flows]
+    assert len(set(given)) == 500
+    assert given[0] == "req"
+    assert [labels.label(flow) for flow in flows] == given
+    del flows[0]
+    gc.collect()
+    assert labels.label(a_then_b("req")) == "req"

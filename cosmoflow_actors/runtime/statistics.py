@@ -62,14 +62,17 @@ class FlowLabels:
     names.
 
     A flow's label is its name, or, when another Flow object of that name holds it, the
-    name followed by ``#2``, ``#3``... (the lowest number free). A flow keeps its label
-    while it lives; once it is garbage (its actors leave the statistics) the label is
-    free for the next flow of that name.
+    name followed by ``#2``, ``#3``..., numbered on from the last label of that name
+    (so giving a label takes constant time, however many flows of the name live). A
+    flow keeps its label while it lives; once it is garbage (its actors leave the
+    statistics) its name is free for the next flow of that name.
     """
 
     def __init__(self) -> None:
         self._holders: weakref.WeakValueDictionary[str, Flow] = weakref.WeakValueDictionary()
         self._labels: weakref.WeakKeyDictionary[Flow, str] = weakref.WeakKeyDictionary()
+        self._numbers: dict[str, int] = {}
+        """The last number given to each flow name (one entry per name ever labelled)."""
 
     def label(self, flow: Flow) -> str:
         """The label of ``flow``, given it now if it has none. Never blocks."""
@@ -77,9 +80,9 @@ class FlowLabels:
         if label is not None:
             return label
         label = flow.name
-        number = 1
         while label in self._holders:
-            number += 1
+            number = self._numbers.get(flow.name, 1) + 1
+            self._numbers[flow.name] = number
             label = f"{flow.name}#{number}"
         self._holders[label] = flow
         self._labels[flow] = label
