@@ -96,9 +96,10 @@ class TracerLike(Protocol):
 
 
 def format_event(event: Event, origin: float = 0.0) -> str:
-    """One line for ``event``: its time since ``origin`` (trio time), its run id (cut to
-    8 characters), what happened and the details."""
-    run = event.run_id[:8] or "-"
+    """One line for ``event``: its time since ``origin`` (trio time), its whole run id
+    (the runs of one engine share their first twelve characters), what happened and
+    the details."""
+    run = event.run_id or "-"
     what, details = _describe(event)
     return f"{event.time - origin:+9.3f}s  {run:8}  {what:14}  {details}"
 

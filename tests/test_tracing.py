@@ -280,10 +280,18 @@ def test_every_event_has_a_readable_line() -> None:
     for event, line in events:
         formatted = format_event(event, origin=10.0)
         assert formatted[22:].startswith(line), formatted
-    assert format_event(cf.RunStarted("0123456789abcdef", 12.25, "ev"), origin=10.0) == (
-        "   +2.250s  01234567  run started     flow 'ev'"
+    assert format_event(cf.RunStarted("0123456", 12.25, "ev"), origin=10.0) == (
+        "   +2.250s  0123456   run started     flow 'ev'"
     )
     assert format_event(cf.EventsDropped("", 12.0, 7), origin=10.0)[12:22] == "-         "
+
+
+async def test_lines_of_two_runs_of_one_engine_name_each_run() -> None:
+    flow = cf.Flow.builder("ev").add_node("a", cf.Node()).build()
+    async with cf.open_engine() as engine:
+        results = [await engine.run(flow) for _ in range(2)]
+    lines = [format_event(cf.RunStarted(result.run_id, 0.0, "ev")) for result in results]
+    assert [line.split()[1] for line in lines] == [result.run_id for result in results]
 
 
 def test_errors_are_described_with_their_causes() -> None:
