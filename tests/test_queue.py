@@ -186,10 +186,23 @@ def test_a_store_url_names_one_store_per_run_under_its_prefix() -> None:
 async def test_submitting_one_run_id_twice_adds_one_run(redis_server: RedisServer) -> None:
     queue = new_queue(redis_server)
     assert await cf.submit(queue, "count", run_id="r1", params={"n": 1}) == "r1"
-    assert await cf.submit(queue, "count", run_id="r1", params={"n": 2}) == "r1"
+    assert await cf.submit(queue, "count", run_id="r1", params={"n": 1}) == "r1"
     assert await queue.call("XLEN", queue.stream) == 1
     [status] = await cf.queue_status(queue)
     assert (status.run_id, status.state, status.owner) == ("r1", "pending", None)
+
+
+async def test_resubmitting_a_run_id_with_other_params_or_flow_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    queue = new_queue(redis_server)
+    await cf.submit(queue, "count", run_id="r1", params={"n": 1})
+    with pytest.raises(ValueError, match=r"run 'r1' is on .* already, .*\{\"n\": 1\} \(pending\)"):
+        await cf.submit(queue, "count", run_id="r1", params={"n": 2})
+    with pytest.raises(ValueError, match="as flow 'count'"):
+        await cf.submit(queue, "other", run_id="r1", params={"n": 1})
+    assert await queue.call("XLEN", queue.stream) == 1
+    assert (await queue.info("r1") or {})["params"] == {"n": 1}
 
 
 async def test_a_failed_run_is_reported_by_result(redis_server: RedisServer) -> None:

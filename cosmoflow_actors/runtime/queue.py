@@ -326,8 +326,9 @@ async def submit(
     """Add a run of the flow called ``flow_name`` to ``queue``; return its run id.
 
     Without ``run_id`` a fresh one is made. Submitting a run id the queue already has
-    adds nothing (the first submission stands). ``params`` must be JSON. Blocks until
-    the server has it; raises StorageError when it cannot be reached.
+    adds nothing (the first submission stands), and raises ValueError when it names
+    another flow or other params, which would be lost. ``params`` must be JSON.
+    Blocks until the server has it; raises StorageError when it cannot be reached.
     """
     queue = as_queue(queue)
     run_id = secrets.token_hex(8) if run_id is None else run_id
@@ -341,8 +342,24 @@ async def submit(
     info = {"flow": flow_name, "params": checked, "state": "pending"}
     encoded = json.dumps(info, allow_nan=False)
     await queue.ensure_group()
-    await queue.script(_SUBMIT, [queue.runs, queue.stream], [run_id, encoded])
+    if not await queue.script(_SUBMIT, [queue.runs, queue.stream], [run_id, encoded]):
+        await _check_resubmitted(queue, run_id, json.loads(encoded))
     return run_id
+
+
+async def _check_resubmitted(queue: RunQueue, run_id: str, info: dict[str, Any]) -> None:
+    """Raise ValueError unless the run ``run_id`` that ``queue`` has already was submitted
+    with the flow and params of ``info`` (blocks while it reads the queue)."""
+    first = await queue.info(run_id)
+    if first is None:
+        return
+    submitted = {"flow": first["flow"], "params": first["params"]}
+    if submitted != {"flow": info["flow"], "params": info["params"]}:
+        raise ValueError(
+            f"run {run_id!r} is on {queue!r} already, as flow {first['flow']!r} with params "
+            f"{json.dumps(first['params'])} ({first['state']}); nothing is submitted: "
+            "give the new run another run id"
+        )
 
 
 async def result(
