@@ -145,6 +145,26 @@ async def test_leaving_the_engine_waits_for_started_runs() -> None:
         assert run.state.value is cf.RunState.SUCCEEDED
 
 
+async def test_leaving_the_engine_waits_for_a_start_still_waiting_for_admission() -> None:
+    # A service drains by leaving the engine's block: a request that called engine.run
+    # before that, and still waits for a place among max_runs, is a run of the block.
+    # It runs to its end, and never meets a closed engine.
+    gate = Gate()
+    results: list[cf.FlowResult] = []
+
+    async def request(engine: cf.Engine) -> None:
+        results.append(await engine.run(single(Recorder())))
+
+    async with trio.open_nursery() as nursery, cf.open_engine(max_runs=1) as engine:
+        first = await engine.start_run(single(gate))
+        nursery.start_soon(request, engine)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(_open_later, gate)
+    assert first.state.value is cf.RunState.SUCCEEDED
+    assert [result.success for result in results] == [True]
+    assert engine.statistics().runs_succeeded == 2
+
+
 async def test_every_task_waiting_for_the_engine_to_be_idle_wakes(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -286,9 +306,10 @@ CLOSED_ENGINE_CALLS: dict[str, Callable[[cf.Engine, Path], Awaitable[object]]] =
 async def test_a_closed_engine_refuses_new_work_saying_so(call: str, tmp_path: Path) -> None:
     async with cf.open_engine() as engine:
         pass
-    with pytest.raises(RuntimeError, match="the engine is closed"):
+    closed = r"the engine is closed \(its open_engine block has ended\): start runs while"
+    with pytest.raises(RuntimeError, match=closed):
         await CLOSED_ENGINE_CALLS[call](engine, tmp_path)
-    with pytest.raises(RuntimeError, match="the engine is closed"):
+    with pytest.raises(RuntimeError, match=closed):
         engine.start_run_nowait(single(Recorder()), {})
 
 

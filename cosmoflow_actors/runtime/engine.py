@@ -107,8 +107,11 @@ class Engine:
         self._runs: dict[str, ActiveRun] = {}
         """The runs in flight, by id."""
         self._idle: trio.Event | None = None
-        """Set when the last run in flight ends; made only while :meth:`_wait_idle`
-        waits for that."""
+        """Set once no run is in flight or being started; made only while
+        :meth:`_wait_idle` waits for that."""
+        self._starting = 0
+        """Start calls of :meth:`_start` that have no run in flight yet (waiting for
+        admission, a storage, set-up): leaving the engine's block waits for them too."""
         self._closed = False
         self._closed_event = trio.Event()
         self._progress = Progress()
@@ -342,6 +345,34 @@ class Engine:
         step of this engine (see :meth:`_inside_a_step`) needs no admission either.
         """
         first_params = _checked_arguments(flow, params, run_id)
+        self._starting += 1
+        try:
+            run = await self._open_run(flow, store, run_id, child=child)
+        finally:
+            self._starting -= 1
+            self._wake_if_idle()
+        if durable is None:
+            durable = run_id is not None and run.storage.persistent
+        try:
+            return run, await self._launch(run, first_params, resume=resume, durable=durable)
+        except Exception as exc:
+            run.fail(exc)
+            raise
+        except BaseException:
+            run.cancel()
+            raise
+
+    async def _open_run(
+        self,
+        flow: Flow,
+        store: Storage | dict[str, Any] | None,
+        run_id: str | None,
+        *,
+        child: bool,
+    ) -> ActiveRun:
+        """Admit a run (see :meth:`_start`), open its store and record it as in flight.
+        Blocks while it waits for admission, for room in a lossless event stream, for
+        the flow's set-up and for its store."""
         if self._events.congested:
             await self._events.wait_for_room()
         admission = None if child or self._inside_a_step() else self._admission
@@ -354,8 +385,6 @@ class Engine:
             # check: a caller cancelled meanwhile must not start its run.
             await trio.lowlevel.checkpoint_if_cancelled()
             storage = as_storage(store)
-            if durable is None:
-                durable = run_id is not None and storage.persistent
             run_id = self._check_start(run_id)
             keys = (await self._register(flow)).condition_keys
             actor = await self._stores.acquire(storage)
@@ -365,15 +394,7 @@ class Engine:
                 admission.release()
             raise
         on_finish = self._on_end if admission is None else self._on_finish
-        run = self._new_run(run_id, flow, storage, actor, on_finish, keys)
-        try:
-            return run, await self._launch(run, first_params, resume=resume, durable=durable)
-        except Exception as exc:
-            run.fail(exc)
-            raise
-        except BaseException:
-            run.cancel()
-            raise
+        return self._new_run(run_id, flow, storage, actor, on_finish, keys)
 
     async def _launch_later(self, run: ActiveRun, params: dict[str, Any]) -> None:
         """start_run_nowait's durable start, in a task of the engine's: its failure
@@ -470,7 +491,10 @@ class Engine:
     def _require_open(self) -> None:
         """Raise RuntimeError once the engine is closed."""
         if self._closed:
-            raise RuntimeError("the engine is closed")
+            raise RuntimeError(
+                "the engine is closed (its open_engine block has ended): start runs while "
+                "the block is open"
+            )
 
     def _new_run(
         self,
@@ -695,14 +719,20 @@ class Engine:
         del self._runs[run.run_id]
         self._progress.run_finished(run.current_state.value)
         self._stores.release(run.store_actor)
-        if not self._runs and self._idle is not None:
-            self._idle.set()
+        self._wake_if_idle()
         if self._events.active:
             self._events.emit(_run_event(run))
 
+    def _wake_if_idle(self) -> None:
+        """Wake :meth:`_wait_idle` once no run is in flight or being started. Never
+        blocks."""
+        if not self._runs and not self._starting and self._idle is not None:
+            self._idle.set()
+
     async def _wait_idle(self) -> None:
-        """Block until no run is in flight (a checkpoint, also when none is)."""
-        if not self._runs:
+        """Block until no run is in flight or being started (a checkpoint, also when
+        none is)."""
+        if not self._runs and not self._starting:
             await trio.lowlevel.checkpoint()
             return
         if self._idle is None or self._idle.is_set():
