@@ -51,6 +51,16 @@ async def test_a_freed_slot_goes_to_a_waiter_before_a_newcomer() -> None:
     assert got == ["waiter", "newcomer"]
 
 
+def test_a_refusal_names_the_limit_and_what_to_do() -> None:
+    # A service that sheds load on WouldBlock logs this message: it says which bound
+    # was reached and how to get past it.
+    admission = Admission(3)
+    for _ in range(3):
+        admission.acquire_nowait()
+    with pytest.raises(trio.WouldBlock, match=r"max_runs=3 runs are in flight: start_run waits"):
+        admission.acquire_nowait()
+
+
 async def test_acquire_is_a_checkpoint_even_with_a_free_slot() -> None:
     admission = Admission(1)
     with trio.CancelScope() as scope:

@@ -19,9 +19,10 @@ class Admission:
     for as long as it waits).
     """
 
-    __slots__ = ("_free", "_waiting")
+    __slots__ = ("_free", "_limit", "_waiting")
 
     def __init__(self, limit: int) -> None:
+        self._limit = limit
         self._free = limit
         """Slots nobody holds. Never above 0 while a task waits: a freed slot goes to
         a waiter."""
@@ -54,9 +55,13 @@ class Admission:
         await trio.lowlevel.wait_task_rescheduled(abort)
 
     def acquire_nowait(self) -> None:
-        """Take a slot; raise trio.WouldBlock when none is free. Never blocks."""
+        """Take a slot; raise trio.WouldBlock, naming the limit, when none is free.
+        Never blocks."""
         if not self._free:
-            raise trio.WouldBlock("max_runs runs are in flight")
+            raise trio.WouldBlock(
+                f"max_runs={self._limit} runs are in flight: start_run waits for one to "
+                "end, or open the engine with a higher max_runs"
+            )
         self._free -= 1
 
     @trio.lowlevel.enable_ki_protection
