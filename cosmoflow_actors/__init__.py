@@ -45,6 +45,7 @@ from cosmoflow_actors.runtime.queue import (
     QueuedRun,
     RunQueue,
     queue_status,
+    requeue,
     result,
     submit,
 )
@@ -125,6 +126,7 @@ __all__ = [
     "node",
     "open_engine",
     "queue_status",
+    "requeue",
     "result",
     "submit",
     "trace_events",

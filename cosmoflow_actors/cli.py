@@ -8,7 +8,8 @@
 - ``cosmoflow inspect STORE`` lists the keys of a persistent store.
 - ``cosmoflow submit FILE.py[:NAME] --queue URL`` adds a run to a run queue on Redis,
   ``cosmoflow worker FILE.py[:NAME]... --queue URL --store URL`` runs the queue's runs,
-  ``cosmoflow status --queue URL`` shows them (see docs/distributed.md).
+  ``cosmoflow status --queue URL`` shows them, ``cosmoflow requeue RUN_ID --queue URL``
+  puts a failed one back (see docs/distributed.md).
 
 Arguments after ``--`` go to the file: while the command loads and runs it, ``sys.argv``
 is ``[FILE, *arguments]``. The file is imported under the name ``__cosmoflow__``, and a
@@ -74,6 +75,7 @@ from cosmoflow_actors.runtime.queue import (
     RunQueue,
     per_run_redis,
     queue_status,
+    requeue,
     submit,
 )
 from cosmoflow_actors.runtime.run import Run
@@ -273,7 +275,8 @@ def _add_queue_commands(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
     common: argparse.ArgumentParser,
 ) -> None:
-    """``submit``, ``worker`` and ``status``: runs across processes (docs/distributed.md)."""
+    """``submit``, ``worker``, ``requeue`` and ``status``: runs across processes
+    (docs/distributed.md)."""
     submit = commands.add_parser("submit", parents=[common], help="add a run to a queue")
     submit.set_defaults(command=_submit_command)
     _add_target(submit)
@@ -310,6 +313,10 @@ def _add_queue_commands(
         f"({DEFAULT_FLOW_WAIT:g})",
     )
     worker.add_argument("--name", help="the worker's name in the queue's status")
+    again = commands.add_parser("requeue", parents=[common], help="put a failed run back")
+    again.set_defaults(command=_requeue_command)
+    again.add_argument("run_id", metavar="RUN_ID", help="the failed run")
+    _add_queue(again)
     status = commands.add_parser("status", parents=[common], help="show the runs of a queue")
     status.set_defaults(command=_status_command)
     _add_queue(status)
@@ -1020,6 +1027,24 @@ async def _submit(
     except StorageError as exc:
         raise _queue_error(queue, exc) from exc
     except ValueError as exc:  # a --param the queue cannot hold (NaN, Infinity)
+        raise CliError(str(exc)) from exc
+    finally:
+        await queue.aclose()
+
+
+def _requeue_command(args: argparse.Namespace) -> int:
+    queue = _queue(args.queue)
+    _trio_run(_requeue, queue, args.run_id)
+    print(args.run_id)
+    return 0
+
+
+async def _requeue(queue: RunQueue, run_id: str) -> None:
+    try:
+        await requeue(queue, run_id)
+    except StorageError as exc:
+        raise _queue_error(queue, exc) from exc
+    except ValueError as exc:  # not on the queue, or not failed
         raise CliError(str(exc)) from exc
     finally:
         await queue.aclose()

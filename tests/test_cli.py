@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -514,7 +515,7 @@ def test_trace_prints_every_event_on_stderr(
     assert main(["run", str(counter_file), "--trace"]) == 0
     captured = capsys.readouterr()
     assert "result:       1" in captured.out
-    what = [line[22:36].strip() for line in captured.err.splitlines()]
+    what = [re.split(r"\s{2,}", line.strip())[2] for line in captured.err.splitlines()]
     assert what == [
         "run started",
         "step started",
@@ -737,6 +738,18 @@ def test_submit_prints_the_run_id_and_status_shows_the_run_pending(
     assert main(["status", "--queue", queue, "--json"]) == 0
     [run] = json.loads(capsys.readouterr().out)
     assert (run["run_id"], run["state"], run["owner"]) == ("job-1", "pending", None)
+
+
+def test_requeue_refuses_a_run_that_is_not_failed_or_not_on_the_queue(
+    redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    assert main(["submit", str(counter_file), "--queue", queue, "--run-id", "job-1"]) == 0
+    capsys.readouterr()
+    assert main(["requeue", "job-1", "--queue", queue]) == 2
+    assert "run 'job-1' is pending on" in capsys.readouterr().err
+    assert main(["requeue", "nobody", "--queue", queue]) == 2
+    assert "run 'nobody' is not on" in capsys.readouterr().err
 
 
 def test_a_worker_process_runs_the_submitted_runs(

@@ -216,6 +216,27 @@ async def test_a_failed_run_is_reported_by_result(redis_server: RedisServer) -> 
     assert (status.state, status.owner) == ("failed", "w1")
 
 
+async def test_a_requeued_failed_run_is_resumed_after_its_last_commit(
+    redis_server: RedisServer,
+) -> None:
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    FAILURES["flaky"] = 1
+    async with worker(queue, store, "w1"):
+        await cf.submit(queue, "count", run_id="flaky")
+        with pytest.raises(cf.CosmoFlowError, match="b is down"):
+            await cf.result(queue, "flaky")
+        await cf.requeue(queue, "flaky")
+        done = await cf.result(queue, "flaky")
+    assert done.execution_path == ("a", "b", "c")
+    assert await counts(store, "flaky") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts, status.error) == ("succeeded", 2, None)
+    with pytest.raises(ValueError, match=r"'flaky' is succeeded on .*: only a failed run"):
+        await cf.requeue(queue, "flaky")
+    with pytest.raises(ValueError, match="'nobody' is not on"):
+        await cf.requeue(queue, "nobody")
+
+
 @cf.node
 def unstorable(ctx: cf.ExecutionContext) -> cf.Action:
     return cf.Action.complete(float("nan"))

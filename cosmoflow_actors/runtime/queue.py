@@ -163,6 +163,14 @@ return 1
 """
 """Add run ARGV[1] (info ARGV[2]) to the hash KEYS[1] and the stream KEYS[2], unless
 the hash has it already; 1 if it was added."""
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])
+return 1
+"""
+"""Replace run ARGV[1]'s entry in the hash KEYS[1] by ARGV[3] and add the run to the
+stream KEYS[2] again, if its entry is still ARGV[2] (what the caller read); 1 if done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +368,29 @@ async def _check_resubmitted(queue: RunQueue, run_id: str, info: dict[str, Any])
             f"{json.dumps(first['params'])} ({first['state']}); nothing is submitted: "
             "give the new run another run id"
         )
+
+
+async def requeue(queue: RunQueue | str, run_id: str) -> None:
+    """Put the failed run ``run_id`` back on ``queue``, pending: a worker resumes it after
+    its last committed step (the step that failed runs again), as it takes over a run
+    whose worker died. Raises ValueError when the queue does not have the run, or has
+    it in another state than "failed". Blocks while it talks to the server; raises
+    StorageError when it cannot be reached."""
+    queue = as_queue(queue)
+    while True:
+        data = await queue.call("HGET", queue.runs, run_id)
+        if data is None:
+            raise ValueError(f"run {run_id!r} is not on {queue!r}")
+        info = _decoded_info(run_id, data)
+        if info["state"] != "failed":
+            raise ValueError(
+                f"run {run_id!r} is {info['state']} on {queue!r}: only a failed run is requeued"
+            )
+        pending = {key: value for key, value in info.items() if key != "error"}
+        pending["state"] = "pending"
+        keys = [queue.runs, queue.stream]
+        if await queue.script(_REQUEUE, keys, [run_id, data, json.dumps(pending)]):
+            return
 
 
 async def result(
