@@ -93,6 +93,8 @@ EVENT_BUFFER: Final = 100_000
 PREVIEW_CHARS: Final = 60
 """``inspect`` shows at most this much of each value's repr."""
 STORE_SYNTAX: Final = "memory, file:PATH, sqlite:PATH or redis://HOST[:PORT][/DB][#NAMESPACE]"
+QUEUE_STATES: Final = ("pending", "running", "orphaned", "succeeded", "failed")
+"""The states ``status`` counts and lists a queue's runs by."""
 INTERRUPTED: Final = 130
 """The exit status after Ctrl-C (SIGINT): 128 + 2, as a shell reports it."""
 TERMINATED: Final = 143
@@ -321,6 +323,9 @@ def _add_queue_commands(
     status.set_defaults(command=_status_command)
     _add_queue(status)
     status.add_argument("--json", action="store_true", help="print the runs as JSON")
+    status.add_argument(
+        "--state", choices=QUEUE_STATES, help="list only the runs in this state (all)"
+    )
 
 
 def _add_queue(parser: argparse.ArgumentParser) -> None:
@@ -1136,10 +1141,11 @@ def _ping(url: str) -> None:
 def _status_command(args: argparse.Namespace) -> int:
     queue = _queue(args.queue)
     runs = _trio_run(_read_status, queue)
+    listed = [run for run in runs if args.state in (None, run.state)]
     if args.json:
-        print(_dump_json([dataclasses.asdict(run) for run in runs]))
+        print(_dump_json([dataclasses.asdict(run) for run in listed]))
         return 0
-    counts = {state: 0 for state in ("pending", "running", "orphaned", "succeeded", "failed")}
+    counts = dict.fromkeys(QUEUE_STATES, 0)
     for run in runs:
         counts[run.state] += 1
     print(f"queue: {queue!r}")
@@ -1148,7 +1154,11 @@ def _status_command(args: argparse.Namespace) -> int:
     if waiting:
         names = ", ".join(sorted({name for run in waiting for name in run.passed_over}))
         print(f"{len(waiting)} wait for a worker with their flow (passed over by {names})")
-    _StdoutConsole(highlight=False).print(_queue_table(runs))
+    console = _StdoutConsole(highlight=False)
+    console.print(_queue_table(listed))
+    for run in listed:
+        if run.error is not None:
+            console.print(f"{run.run_id} failed: {run.error}", markup=False)
     return 0
 
 

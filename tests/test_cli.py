@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -738,6 +739,11 @@ def test_submit_prints_the_run_id_and_status_shows_the_run_pending(
     assert main(["status", "--queue", queue, "--json"]) == 0
     [run] = json.loads(capsys.readouterr().out)
     assert (run["run_id"], run["state"], run["owner"]) == ("job-1", "pending", None)
+    assert main(["status", "--queue", queue, "--state", "failed"]) == 0
+    out = capsys.readouterr().out
+    assert "1 pending, 0 running" in out and "runs (0)" in out
+    assert main(["status", "--queue", queue, "--state", "pending", "--json"]) == 0
+    assert [run["run_id"] for run in json.loads(capsys.readouterr().out)] == ["job-1"]
 
 
 def test_requeue_refuses_a_run_that_is_not_failed_or_not_on_the_queue(
@@ -750,6 +756,33 @@ def test_requeue_refuses_a_run_that_is_not_failed_or_not_on_the_queue(
     assert "run 'job-1' is pending on" in capsys.readouterr().err
     assert main(["requeue", "nobody", "--queue", queue]) == 2
     assert "run 'nobody' is not on" in capsys.readouterr().err
+
+
+def test_status_prints_the_error_of_each_failed_run(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    store = f"{redis_server.url}#{unique_namespace()}"
+
+    @cf.node
+    async def broken(ctx: cf.ExecutionContext) -> None:
+        raise RuntimeError("disk full")
+
+    flow = cf.Flow.builder("broken").add_node("broken", broken).build()
+
+    async def fail_one() -> None:
+        async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+            await nursery.start(partial(engine.serve, name="w1"), queue, [flow], store)
+            await cf.submit(queue, "broken", run_id="job-1")
+            with pytest.raises(cf.CosmoFlowError, match="disk full"):
+                await cf.result(queue, "job-1")
+            nursery.cancel_scope.cancel()
+
+    trio.run(fail_one)
+    assert main(["status", "--queue", queue, "--state", "failed"]) == 0
+    out = capsys.readouterr().out
+    assert table_row(out, "job-1")[2] == "failed"
+    assert "job-1 failed: NodeError: node 'broken' failed in exec" in out
 
 
 def test_a_worker_process_runs_the_submitted_runs(
