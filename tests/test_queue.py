@@ -7,6 +7,7 @@ takeover tests start real worker processes and SIGKILL one of them.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import shutil
@@ -632,6 +633,49 @@ async def test_runs_go_on_after_redis_restarts_and_every_step_is_committed_once(
     assert [done.result for done in results] == [f"done {run_id}" for run_id in run_ids]
     assert stored == [{"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}] * len(run_ids)
     assert {run.state for run in statuses} == {"succeeded"}
+
+
+class Warnings(logging.Handler):
+    """The messages logged to ``cosmoflow_actors.queue``; :meth:`wait_for` blocks until
+    one contains a text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        self._logged = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self._logged.set()
+        self._logged = trio.Event()
+
+    async def wait_for(self, text: str) -> None:
+        while not any(text in message for message in self.messages):
+            await self._logged.wait()
+
+
+async def test_a_worker_logs_once_that_its_queue_is_out_of_reach_and_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    queue = RunQueue(f"redis://127.0.0.1:{port}/0", "outage", lease=0.3)
+    warnings = Warnings()
+    logger = logging.getLogger("cosmoflow_actors.queue")
+    logger.addHandler(warnings)
+    server = await persistent_redis(tmp_path, port)
+    try:
+        async with worker(queue, f"redis://127.0.0.1:{port}/0#runs", "w1"):
+            await killed(server)
+            with trio.fail_after(30):
+                await warnings.wait_for("worker w1 cannot use RunQueue(")
+            server = await persistent_redis(tmp_path, port)
+            with trio.fail_after(30):
+                await warnings.wait_for("worker w1 uses RunQueue(")
+    finally:
+        logger.removeHandler(warnings)
+        await killed(server)
+    assert len(warnings.messages) == 2, warnings.messages
+    assert "trying again every 0.1 s" in warnings.messages[0]
 
 
 async def test_a_stopped_worker_gives_up_handing_back_a_run_when_redis_does_not_answer(

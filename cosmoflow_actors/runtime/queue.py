@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import secrets
@@ -69,6 +70,10 @@ if TYPE_CHECKING:
     import redis
 
     from cosmoflow_actors.runtime.engine import Engine
+
+LOGGER: Final = logging.getLogger("cosmoflow_actors.queue")
+"""Where a worker says that its queue is out of reach, once per outage, and when it is
+back (warnings; with logging not set up, Python prints them on stderr)."""
 
 DEFAULT_LEASE: Final = 10.0
 """Seconds a worker's lease on a run lasts unless renewed (renewed every third of it)."""
@@ -621,6 +626,9 @@ class _Worker:
         self._cursor = "0-0"
         self._running: set[str] = set()
         """The runs this worker runs now."""
+        self._out_of_reach = False
+        """Whether the worker's last attempt to claim a run found the queue out of
+        reach (or refusing), so that an outage is logged once, and its end."""
 
     async def next_claim(self) -> _Claim:
         """Claim a run: one whose lease expired first, else a new one. Blocks until
@@ -628,15 +636,37 @@ class _Worker:
         while True:
             try:
                 claim = await self._claim_one()
-            except StorageError:
+            except StorageError as exc:
                 # The server is out of reach, or restarted without the stream: wait a
                 # third of a lease, make the group again if need be, and go on.
+                self._lost(exc)
                 await trio.sleep(self.queue.lease / 3)
                 with contextlib.suppress(StorageError):
                     await self.queue.ensure_group()
                 continue
+            self._found()
             if claim is not None:
                 return claim
+
+    def _lost(self, error: StorageError) -> None:
+        """Log to :data:`LOGGER`, once an outage starts, that the queue cannot be used.
+        Never blocks."""
+        if not self._out_of_reach:
+            self._out_of_reach = True
+            retry = self.queue.lease / 3
+            LOGGER.warning(
+                "worker %s cannot use %r: %s; trying again every %.3g s",
+                self.name,
+                self.queue,
+                error,
+                retry,
+            )
+
+    def _found(self) -> None:
+        """Log to :data:`LOGGER` that an outage of the queue has ended. Never blocks."""
+        if self._out_of_reach:
+            self._out_of_reach = False
+            LOGGER.warning("worker %s uses %r again", self.name, self.queue)
 
     async def _claim_one(self) -> _Claim | None:
         """Claim an expired run, else wait a little for a new one; None if neither."""
