@@ -14,6 +14,7 @@ import trio.testing
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import durability
 from tests.storage_suite import JsonDictStorage, make_backend
+from tests.support import single
 
 
 class Counted(cf.Node):
@@ -641,6 +642,34 @@ async def test_a_resumed_run_that_fails_while_a_branch_waits_for_room_ends_at_on
         held.gate.set()
         for run in others:
             await run.wait()
+
+
+async def test_a_durable_step_whose_update_finds_its_key_deleted_at_commit_stores_nothing() -> None:
+    """On a custom backend (the store actor's own commit of a durable step): the step
+    stages a set and an update of "k", which another run deletes before the step
+    commits. The commit is refused with StoreKeyError and stores nothing of the step."""
+    storage = PersistentDictStorage({"k": "1"})
+    staged, deleted = trio.Event(), trio.Event()
+
+    @cf.node
+    async def bump(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set("a", 1)
+        await ctx.store.update("k", lambda n: n + 1)
+        staged.set()
+        await deleted.wait()
+
+    @cf.node
+    async def remove(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.delete("k")
+
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(bump), storage, run_id="r")
+        await staged.wait()
+        await engine.run(single(remove), storage)
+        deleted.set()
+        with pytest.raises(cf.StoreKeyError, match="'k'"):
+            await run.wait()
+    assert user_data(storage.data) == {}
 
 
 async def test_nodes_cannot_write_the_engines_run_records(tmp_path: Path) -> None:

@@ -37,7 +37,9 @@ from cosmoflow_actors.storage.base import (
     RESERVED_PREFIX,
     StagedOp,
     Storage,
+    apply_step_op,
     check_steps,
+    value_or,
 )
 from cosmoflow_actors.storage.memory import MemoryStorage
 
@@ -365,7 +367,7 @@ class StoreActor(Actor[StoreRequest]):
         ops = [_guarded(op) for op in staged]
         if await storage.commit_step(ops, request.key, record, steps_before):
             return
-        check_steps(request.key, await _read(storage, request.key, None), steps_before)
+        check_steps(request.key, await value_or(storage, request.key, None), steps_before)
         undo = _Undo(storage)
         try:
             for op, key, argument in ops:
@@ -403,16 +405,9 @@ async def _apply_staged(storage: Storage, undo: _Undo, op: str, key: str, argume
     if op == "clear":
         for stored in await _user_keys(storage):
             await undo.remember(stored)
-        await _clear_user_keys(storage)
-        return
-    await undo.remember(key)
-    if op == "set":
-        await storage.set(key, argument)
-    elif op == "delete":
-        await storage.delete(key)
     else:
-        function, default = argument
-        await storage.set(key, function(await _read(storage, key, default)))
+        await undo.remember(key)
+    await apply_step_op(storage, op, key, argument)
 
 
 def _guarded(op: tuple[str, str, Any]) -> tuple[str, str, Any]:
@@ -449,7 +444,7 @@ class _Undo:
 
     async def remember(self, key: str) -> None:
         if key not in self._previous:
-            self._previous[key] = await _read(self._storage, key, MISSING_VALUE)
+            self._previous[key] = await value_or(self._storage, key, MISSING_VALUE)
 
     async def restore(self) -> None:
         for key, old in self._previous.items():

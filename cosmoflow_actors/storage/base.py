@@ -168,3 +168,29 @@ def check_steps(record_key: str, stored: Any, steps_before: int) -> None:
             f"run {run_id!r}: another engine committed step {steps_before + 1} first "
             f"(the store's record counts {steps} steps); this step is not applied"
         )
+
+
+async def value_or(storage: Storage, key: str, missing: Any) -> Any:
+    """The value of ``key`` in ``storage``, or ``missing`` when it is not stored."""
+    try:
+        return await storage.get(key)
+    except KeyError:
+        return missing
+
+
+async def apply_step_op(storage: Storage, kind: str, key: str, argument: Any) -> None:
+    """Apply one staged op of a durable step (see :data:`StagedOp`) with ``storage``'s
+    own ``get``, ``set`` and ``delete``: an update calls its function on the value the
+    ops before it left, or on its default (which may be the store client's MISSING) when
+    there is none; a clear deletes the user's keys and leaves the run records."""
+    if kind == "clear":
+        for stored in await storage.keys():
+            if not stored.startswith(RESERVED_PREFIX):
+                await storage.delete(stored)
+    elif kind == "delete":
+        await storage.delete(key)
+    elif kind == "set":
+        await storage.set(key, argument)
+    else:
+        function, default = argument
+        await storage.set(key, function(await value_or(storage, key, default)))

@@ -16,7 +16,13 @@ import trio
 
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage import journal, lock
-from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, Storage, check_steps
+from cosmoflow_actors.storage.base import (
+    StagedOp,
+    Storage,
+    apply_step_op,
+    check_steps,
+    value_or,
+)
 from cosmoflow_actors.storage.codec import Codec, check_json_key, get_codec
 from cosmoflow_actors.storage.staged import StagedWrites
 from cosmoflow_actors.validation import require_seconds
@@ -246,35 +252,14 @@ class FileStorage(Storage):
         await self.open()
         mark = self._staged.mark()
         try:
-            check_steps(record_key, await self._value_or(record_key, None), steps_before)
+            check_steps(record_key, await value_or(self, record_key, None), steps_before)
             for kind, key, argument in ops:
-                await self._stage_step_op(kind, key, argument)
+                await apply_step_op(self, kind, key, argument)
             await self.set(record_key, record)
         except BaseException:
             self._staged.roll_back(mark)
             raise
         return True
-
-    async def _stage_step_op(self, kind: str, key: str, argument: Any) -> None:
-        """Stage one op of a durable step; ``clear`` leaves the run records alone."""
-        if kind == "clear":
-            for stored in await self.keys():
-                if not stored.startswith(RESERVED_PREFIX):
-                    self._staged.delete(stored)
-        elif kind == "delete":
-            await self.delete(key)
-        elif kind == "set":
-            await self.set(key, argument)
-        else:
-            function, default = argument
-            await self.set(key, function(await self._value_or(key, default)))
-
-    async def _value_or(self, key: str, missing: Any) -> Any:
-        """The value of ``key``, or ``missing`` when it is not stored."""
-        try:
-            return await self.get(key)
-        except KeyError:
-            return missing
 
     async def commit(self) -> None:
         """Make the writes since the last commit durable, all or nothing.
