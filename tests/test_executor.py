@@ -259,13 +259,105 @@ SHORTER_THAN_A_WORKER_START = 0.05
 Python interpreter importing the engine and the node's module) always overruns."""
 
 
-async def test_a_timeout_shorter_than_a_worker_start_does_not_kill_the_starting_worker() -> None:
-    """The first attempt overruns its timeout while the worker process starts; the
-    worker is let start all the same, so the retry runs in it and keeps the timeout."""
-    node = Square(timeout=SHORTER_THAN_A_WORKER_START, max_retries=4)
+async def test_a_timeout_does_not_count_the_start_of_the_worker_process() -> None:
+    node = Square(timeout=SHORTER_THAN_A_WORKER_START)
     async with cf.open_engine() as engine:
         result = await engine.run(single(node), params={"n": 3})
     assert result.result[0] == 9
+
+
+EXEC_SECONDS = 0.25
+"""How long each exec below works (really: a thread or a worker process)."""
+
+LONGER_THAN_ONE_EXEC = 0.6
+"""A timeout one exec keeps by far, but that three execs one after the other overrun."""
+
+
+class Works(cf.Node):
+    """exec works :data:`EXEC_SECONDS`, within :data:`LONGER_THAN_ONE_EXEC`."""
+
+    max_concurrency = 3
+    timeout = LONGER_THAN_ONE_EXEC
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
+        time.sleep(EXEC_SECONDS)
+        return "done"
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: str, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+async def three_at_once(node: cf.Node) -> list[str]:
+    """The exec results of three runs of ``node`` started at once."""
+    flow = single(node)
+    async with cf.open_engine() as engine:
+        runs = [await engine.start_run(flow) for _ in range(3)]
+        return [(await run.wait()).result for run in runs]
+
+
+async def test_a_timeout_does_not_count_the_wait_for_a_free_thread() -> None:
+    trio.to_thread.current_default_thread_limiter().total_tokens = 1
+    assert await three_at_once(Works(executor="thread")) == ["done"] * 3
+
+
+async def test_a_timeout_does_not_count_the_wait_for_a_free_worker_process() -> None:
+    trio_parallel.current_default_worker_limiter().total_tokens = 1
+    assert await three_at_once(Works(executor="process")) == ["done"] * 3
+
+
+def rebuilt_slowly(pid: int, fifo: str) -> StartsSlowly:
+    """Unpickle a StartsSlowly: in any process but ``pid``, write a byte to ``fifo``,
+    then take a minute."""
+    if os.getpid() != pid:
+        Path(fifo).write_bytes(b"!")
+        time.sleep(60)
+    return StartsSlowly(fifo)
+
+
+class StartsSlowly:
+    """A value whose unpickling in a worker process says so on ``fifo`` and then takes
+    a minute."""
+
+    def __init__(self, fifo: str) -> None:
+        self.fifo = fifo
+
+    def __reduce__(self) -> tuple[Any, tuple[int, str]]:
+        return rebuilt_slowly, (os.getpid(), self.fifo)
+
+
+class SlowToStart(cf.Node):
+    """A "process" node whose worker process takes a minute to start."""
+
+    executor = "process"
+
+    def __init__(self, fifo: str) -> None:
+        super().__init__()
+        self.value = StartsSlowly(fifo)
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        raise AssertionError("the run was cancelled before its worker started")
+
+
+HANG = 5.0
+"""Seconds after which an engine that has not closed counts as hung."""
+
+
+async def test_a_run_cancelled_while_its_worker_process_starts_lets_the_engine_close(
+    tmp_path: Path,
+) -> None:
+    """The starting worker is killed: the step ends with the run, not after the start."""
+    fifo = tmp_path / "starting"
+    os.mkfifo(fifo)
+    with trio.fail_after(HANG):
+        async with cf.open_engine() as engine:
+            run = await engine.start_run(single(SlowToStart(str(fifo))))
+            async with await trio.open_file(fifo, "rb") as starting:
+                assert await starting.read(1) == b"!"
+            run.cancel()
+            with pytest.raises(cf.RunCancelledError):
+                await run.wait()
 
 
 class Sleeps(cf.Node):

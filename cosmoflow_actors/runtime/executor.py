@@ -4,9 +4,9 @@ as a Ray task (see ``ray_executor``).
 "thread" uses ``trio.to_thread.run_sync`` (not cancellable: a timeout or cancel waits
 for the call to return). "process" sends the node (pickled once per actor with
 cloudpickle, at its first attempt), the prep result and the context to a trio-parallel
-worker process, which is killed if the step is cancelled or times out; a worker still
-starting (when none was idle) is not, so that it serves the next attempt. Both need a
-plain ``def exec``; the context they get has no store access.
+worker process, which is killed if the step is cancelled or times out. A timeout
+starts once the attempt has its thread or worker process. Both need a plain ``def
+exec``; the context they get has no store access.
 
 What crosses to a worker process and back, and the errors for what cannot, are the
 ``transfer`` module's (the "ray" executor shares them).
@@ -19,7 +19,7 @@ import functools
 import inspect
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, TypeVar
 
 import trio
 import trio_parallel
@@ -36,12 +36,14 @@ from cosmoflow_actors.runtime.transfer import (
     start_worker,
 )
 
-WORKER_START_TIMEOUT: Final = 10.0
-"""Seconds a worker process may go on starting once the exec attempt that needed it is
-cancelled; past them the start is abandoned (the worker killed)."""
+T = TypeVar("T")
 
 ExecCall = Callable[[Any, ExecutionContext], Awaitable[Any]]
 """Runs one exec attempt: ``await call(prep_res_or_item, ctx)``."""
+
+TimedCall = Callable[[Any, ExecutionContext, float], Awaitable[Any]]
+"""Runs one exec attempt that must end within a time limit in seconds: ``await
+timed(prep_res_or_item, ctx, time_limit)``; past it, trio.TooSlowError."""
 
 
 def exec_call(node: Node, workers: trio_parallel.WorkerContext | None) -> ExecCall:
@@ -55,6 +57,36 @@ def exec_call(node: Node, workers: trio_parallel.WorkerContext | None) -> ExecCa
     if node.executor == "ray":
         return OnRay(node)
     return as_coroutine_function(node.exec)
+
+
+def timed_call(call: ExecCall) -> TimedCall:
+    """``call`` within a timeout. On a thread or a worker process the timeout starts once
+    the attempt has its thread or worker (waiting for a free one, and starting a
+    worker process, are not counted); elsewhere it covers the whole call."""
+    if isinstance(call, _InThread | _InProcess):
+        return call.attempt
+    return functools.partial(_timed, call)
+
+
+async def _timed(call: ExecCall, prep_res: Any, ctx: ExecutionContext, time_limit: float) -> Any:
+    return await within(time_limit, ctx.node_id, call(prep_res, ctx))
+
+
+async def within(time_limit: float | None, node_id: str, attempt: Awaitable[T]) -> T:
+    """Await ``attempt`` (an exec attempt of ``node_id``), cancelling it after
+    ``time_limit`` seconds (None: no limit). Blocks until it ends.
+
+    Raises trio.TooSlowError when it was cancelled at the deadline, or ended after it
+    (a sync or thread exec cannot be cancelled: its late result is dropped).
+    """
+    if time_limit is None:
+        return await attempt
+    deadline = trio.current_time() + time_limit
+    with trio.move_on_at(deadline) as scope:
+        result = await attempt
+    if scope.cancelled_caught or trio.current_time() > deadline:
+        raise trio.TooSlowError(f"exec of {node_id!r} overran its {time_limit}s timeout")
+    return result
 
 
 def as_coroutine_function(method: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
@@ -77,10 +109,20 @@ async def call(method: Callable[..., Any], *args: Any) -> Any:
 class _InThread:
     def __init__(self, node: Node) -> None:
         self._exec = node.exec
+        # For the calls made holding a token of trio's default thread limiter already.
+        self._held = trio.CapacityLimiter(math.inf)
 
     async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
+        """Blocks until a thread (one of trio's default limiter's) has run exec."""
+        return await self.attempt(prep_res, ctx, None)
+
+    async def attempt(self, prep_res: Any, ctx: ExecutionContext, time_limit: float | None) -> Any:
+        """Blocks until a thread is free, then until it has run exec; ``time_limit``
+        starts once it is free (see :func:`within`)."""
         thread_ctx = dataclasses.replace(ctx, store=detached(ctx.store))
-        return await trio.to_thread.run_sync(self._exec, prep_res, thread_ctx)
+        async with trio.to_thread.current_default_thread_limiter():
+            running = trio.to_thread.run_sync(self._exec, prep_res, thread_ctx, limiter=self._held)
+            return await within(time_limit, ctx.node_id, running)
 
 
 class _InProcess:
@@ -95,54 +137,28 @@ class _InProcess:
 
     async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
         """Blocks until a worker process (one of trio-parallel's limited number) has run
-        exec; cancelling kills that worker (not one still starting). Raises what exec
+        exec; cancelling kills that worker. Raises what exec
         raised, WorkerTransferError for what could not make the trip,
         WorkerInterruptedError for a KeyboardInterrupt in the worker."""
+        return await self.attempt(prep_res, ctx, None)
+
+    async def attempt(self, prep_res: Any, ctx: ExecutionContext, time_limit: float | None) -> Any:
+        """As a call; ``time_limit`` starts once the attempt has an idle worker, started
+        if none was (see :func:`within`)."""
         if self._pickled is None:
             self._pickled = pickled_node(self._node, ctx.node_id)
         work = job(prep_res, ctx)
         async with self._limiter:
             if self._workers.statistics().idle_workers == 0:
                 await self._start_worker(self._pickled)
-            pickled = await self._workers.run_sync(
+            running = self._workers.run_sync(
                 exec_in_worker, self._pickled, work, kill_on_cancel=True, limiter=self._held
             )
+            pickled = await within(time_limit, ctx.node_id, running)
         return answer(pickled)
 
     async def _start_worker(self, node: bytes) -> None:
         """Blocks until a new worker process has started, unpickled ``node`` (imported
-        its modules) and waits, idle, for an exec.
-
-        Killed at a timeout shorter than a start, every attempt would start a worker
-        again and none would run exec. So the start goes on when the attempt is
-        cancelled (its timeout, a cancelled run, the engine closing), for at most
-        :data:`WORKER_START_TIMEOUT` seconds more (then the worker is killed), and the
-        worker serves the next attempt. A cancelled attempt ends once the start is over.
-
-        Raises what the start raised (the worker could not unpickle the node, or died)
-        as it is, not in an ExceptionGroup: ``retry_on`` and the step's error see it.
-        """
-        starting = trio.CancelScope(shield=True)
-        failure: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_bound_when_cancelled, starting)
-            with starting:
-                try:
-                    await self._workers.run_sync(
-                        start_worker, node, kill_on_cancel=True, limiter=self._held
-                    )
-                except Exception as exc:
-                    # Raised inside the nursery, it would leave wrapped in a group.
-                    failure = exc
-            nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-
-
-async def _bound_when_cancelled(starting: trio.CancelScope) -> None:
-    """Blocks until cancelled, then gives the shielded ``starting`` scope a deadline of
-    :data:`WORKER_START_TIMEOUT` seconds from now."""
-    try:
-        await trio.sleep_forever()
-    finally:
-        starting.deadline = trio.current_time() + WORKER_START_TIMEOUT
+        its modules) and waits, idle, for an exec. Cancelled, it kills the worker.
+        Raises what the start raised (the worker could not unpickle the node, or died)."""
+        await self._workers.run_sync(start_worker, node, kill_on_cancel=True, limiter=self._held)

@@ -32,7 +32,13 @@ from cosmoflow_actors.events import EventHub, Fallback, Retry, StepFinished, Ste
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
 from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode
 from cosmoflow_actors.runtime.actor import Actor
-from cosmoflow_actors.runtime.executor import ExecCall, as_coroutine_function, call, exec_call
+from cosmoflow_actors.runtime.executor import (
+    ExecCall,
+    as_coroutine_function,
+    call,
+    exec_call,
+    timed_call,
+)
 from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import Step, StepDone, StepFailed
 from cosmoflow_actors.runtime.run import ActiveRun
@@ -89,6 +95,7 @@ class NodeActor(Actor[Step]):
         self._prep = as_coroutine_function(node.prep)
         self._post = as_coroutine_function(node.post)
         self._exec_call = exec_call(node, workers)
+        self._timed_call = timed_call(self._exec_call)
         self._attempt: ExecCall = self._exec_call
         """One exec attempt: the executor's call itself, unless the node has a rate
         limit or a timeout to apply around it (chosen once, here)."""
@@ -462,19 +469,14 @@ class NodeActor(Actor[Step]):
 
         Past ``timeout`` it fails with TooSlowError: an async, process or ray exec is
         cancelled at the deadline; a sync or thread one cannot be, so its late result
-        is dropped.
+        is dropped. On a thread or a process, the wait for a free one is not counted.
         """
         if self.rate is not None:
             await self.rate.acquire()
         timeout = self.node.timeout
         if timeout is None:
             return await self._exec_call(prep_res, ctx)
-        deadline = trio.current_time() + timeout
-        with trio.move_on_after(timeout) as scope:
-            result = await self._exec_call(prep_res, ctx)
-        if scope.cancelled_caught or trio.current_time() > deadline:
-            raise trio.TooSlowError(f"exec of {self.node_id!r} overran its {timeout}s timeout")
-        return result
+        return await self._timed_call(prep_res, ctx, timeout)
 
     def _retryable(self, error: Exception) -> bool:
         return isinstance(error, (trio.TooSlowError, *self.node.retry_on))
