@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, final
 
-from cosmoflow_actors.errors import ConditionError
+from cosmoflow_actors.errors import ConditionError, type_and_message
 from cosmoflow_actors.expression import (
     COMPARISON_OPERATORS,
     Expression,
@@ -39,7 +39,7 @@ from cosmoflow_actors.expression import (
 )
 from cosmoflow_actors.validation import checked_params
 
-__all__ = ["Action", "ActionCondition", "as_action"]
+__all__ = ["Action", "ActionCondition", "as_action", "checked_keys"]
 
 
 class ActionCondition(ABC):
@@ -47,9 +47,21 @@ class ActionCondition(ABC):
 
     Build conditions with the static constructors (:meth:`always`, :meth:`key_exists`,
     :meth:`compare`, :meth:`expression`, ...) and combine them with ``&``, ``|`` and ``~``.
+
+    For a test in Python, subclass it: implement :meth:`evaluate` and :attr:`keys`. An
+    error the subclass's ``evaluate`` raises reaches the run as a ``ConditionError``
+    naming the condition and its keys, chained from the error, so it fails that run
+    alone, as the built-in conditions' errors do.
     """
 
     __slots__ = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        evaluate = cls.__dict__.get("evaluate")
+        if evaluate is not None and not cls.__module__.startswith("cosmoflow_actors."):
+            # setattr: a type checker cannot match a wrapper to the method it replaces.
+            setattr(cls, "evaluate", _guarded(evaluate))  # noqa: B010
 
     @abstractmethod
     def evaluate(self, values: Mapping[str, Any]) -> bool:
@@ -140,6 +152,52 @@ class ActionCondition(ABC):
     def any_of(*conditions: ActionCondition) -> ActionCondition:
         """Holds when any of ``conditions`` holds (so ``any_of()`` never holds)."""
         return _AnyOf(_check_conditions("any_of", conditions))
+
+
+Evaluate = Callable[["ActionCondition", Mapping[str, Any]], bool]
+
+
+def _guarded(evaluate: Evaluate) -> Evaluate:
+    """``evaluate``, a user subclass's, raising ConditionError (chained from the
+    error) for any error it raises, as the built-in conditions do."""
+
+    @functools.wraps(evaluate)
+    def guarded(condition: ActionCondition, values: Mapping[str, Any]) -> bool:
+        try:
+            return evaluate(condition, values)
+        except ConditionError:
+            raise
+        except Exception as exc:
+            raise ConditionError(
+                f"condition {type(condition).__qualname__} could not be evaluated: its "
+                f"evaluate raised {type_and_message(exc)}; it must return a bool for any "
+                "store values (a key that is not stored is absent from them)"
+            ) from exc
+
+    return guarded
+
+
+def checked_keys(condition: ActionCondition) -> frozenset[str]:
+    """The ``keys`` of ``condition``, a frozenset of str (a user subclass's may be
+    anything, or raise).
+
+    Raises:
+        ConditionError: naming the condition's class, and chained from the error its
+            ``keys`` raised, if any.
+    """
+    name = type(condition).__qualname__
+    try:
+        keys = condition.keys
+    except Exception as exc:
+        raise ConditionError(
+            f"the keys of condition {name} raised {type_and_message(exc)}"
+        ) from exc
+    if not isinstance(keys, frozenset) or not all(isinstance(key, str) for key in keys):
+        raise ConditionError(
+            f"the keys of condition {name} must be a frozenset of str (the store keys "
+            f"evaluate reads), got {keys!r}"
+        )
+    return keys
 
 
 def _check_key(key: object) -> str:
@@ -432,6 +490,7 @@ class Action:
         if not isinstance(condition, ActionCondition):
             kind = type(condition).__name__
             raise TypeError(f"conditional() needs an ActionCondition, not {kind}")
+        checked_keys(condition)
         branches = _Branches(condition, _as_branch(if_true), _as_branch(if_false))
         return Action(name="<conditional>", _branches=branches)
 

@@ -52,13 +52,24 @@ class NoRouteError(CosmoFlowError):
 
 
 class MaxStepsExceeded(CosmoFlowError):
-    """A run would take more steps than its flow's ``max_steps`` allows."""
+    """A run would take more steps than its flow's ``max_steps`` allows (``flow_name``,
+    when given, names the flow whose limit it is: the run's or a nested flow's)."""
 
-    def __init__(self, max_steps: int, execution_path: Sequence[str]) -> None:
+    def __init__(
+        self, max_steps: int, execution_path: Sequence[str], flow_name: str | None = None
+    ) -> None:
         self.max_steps = max_steps
         self.execution_path = tuple(execution_path)
+        self.flow_name = flow_name
         tail = " -> ".join(self.execution_path[-5:])
-        super().__init__(f"run exceeded max_steps={max_steps}; last steps: ... -> {tail}")
+        limit = f"max_steps={max_steps}"
+        if flow_name is not None:
+            limit += f" of flow {flow_name!r}"
+        super().__init__(
+            f"run exceeded {limit}; last steps: ... -> {tail}. A loop that never ends? Give "
+            "it an exit (a route with when=, or an action that leaves the loop), or raise the "
+            "bound with .max_steps(n) on the flow's builder"
+        )
 
 
 class NodeError(CosmoFlowError):

@@ -12,16 +12,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Literal, final
+from typing import TYPE_CHECKING, Any, Final, Literal, Unpack, final
 
 import trio
 
-from cosmoflow_actors.action import Action, ActionCondition
+from cosmoflow_actors.action import Action, ActionCondition, checked_keys
 from cosmoflow_actors.context import ExecutionContext
-from cosmoflow_actors.errors import FlowValidationError
+from cosmoflow_actors.errors import ConditionError, FlowValidationError
 from cosmoflow_actors.node import (
     BatchNode,
     Node,
+    NodeConfig,
     executor_problem,
     phase_problem,
     validate_config,
@@ -315,7 +316,16 @@ class FlowBuilder:
         With ``when``, the route is taken only if the condition holds on the run's store.
         """
         if when is not None and not isinstance(when, ActionCondition):
-            self._problems.append(f"route {from_id!r} -> {to_id!r}: when is not an ActionCondition")
+            self._problems.append(
+                f"route {from_id!r} -> {to_id!r}: when is a {type(when).__name__}, not an "
+                "ActionCondition (write cf.ActionCondition.expression(...), or subclass "
+                "cf.ActionCondition for a test in Python)"
+            )
+        elif when is not None:
+            try:
+                checked_keys(when)
+            except ConditionError as exc:
+                self._problems.append(f"route {from_id!r} -> {to_id!r}: {exc}")
         if isinstance(to_id, str | _End):
             self._routes.append(Route(from_id, action, to_id, when))
         elif isinstance(to_id, Sequence) and not isinstance(to_id, bytes | bytearray):
@@ -383,8 +393,16 @@ class FlowBuilder:
                 problems.append(f"route from {route.source!r} fans out to no node")
             for target in route.targets:
                 if target not in self._ids:
-                    problems.append(f"route from {route.source!r} to unknown node {target!r}")
+                    problems.append(self._unknown_target(route.source, target))
         return problems
+
+    @staticmethod
+    def _unknown_target(source: str, target: object) -> str:
+        """The problem with a route from ``source`` to ``target``, not a node id."""
+        problem = f"route from {source!r} to unknown node {target!r}"
+        if isinstance(target, str) and target.upper() == "END":
+            problem += " (to end the run there, route to cf.END)"
+        return problem
 
     def _shadowed_routes(self) -> list[str]:
         """Name each route that can never be taken: one added after a route without a
@@ -460,7 +478,7 @@ class BatchFlow(Node):
     children's FlowResults in parameter order. Children are not retried.
     """
 
-    def __init__(self, flow: Flow, **config: Any) -> None:
+    def __init__(self, flow: Flow, **config: Unpack[NodeConfig]) -> None:
         if not isinstance(flow, Flow):
             raise TypeError(f"BatchFlow needs a built Flow, got {type(flow).__name__}")
         super().__init__(**config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, Unpack, overload
 
 import cloudpickle
 
@@ -22,18 +22,25 @@ if TYPE_CHECKING:
 PostResult = Action | str | None
 StepFunction = Callable[[ExecutionContext], Awaitable[PostResult] | PostResult]
 
-_CONFIG_NAMES = (
-    "max_retries",
-    "retry_delay",
-    "backoff",
-    "timeout",
-    "max_concurrency",
-    "retry_on",
-    "mailbox_size",
-    "rate_limit",
-    "executor",
-    "ray_options",
-)
+
+class NodeConfig(TypedDict, total=False):
+    """The config a node takes as keyword arguments (``Fetch(max_retries=5)``,
+    ``@node(timeout=2.0)``), typed so that a type checker catches a wrong name or
+    type; :class:`Node` documents each."""
+
+    max_retries: int
+    retry_delay: float
+    backoff: float
+    timeout: float | None
+    max_concurrency: int | None
+    retry_on: tuple[type[BaseException], ...]
+    mailbox_size: int | None
+    rate_limit: tuple[int, float] | None
+    executor: Literal["inline", "thread", "process", "ray"]
+    ray_options: Mapping[str, Any] | None
+
+
+_CONFIG_NAMES: Final = tuple(NodeConfig.__annotations__)
 EXECUTORS = ("inline", "thread", "process", "ray")
 RAY_OPTIONS = ("num_cpus", "num_gpus", "resources", "runtime_env", "max_retries")
 """The Ray task options a node may set in ``ray_options``."""
@@ -79,13 +86,18 @@ class Node:
         super().__init_subclass__(**kwargs)
         validate_config(cls, cls.__qualname__)
 
-    def __init__(self, **config: Any) -> None:
+    def __init__(self, **config: Unpack[NodeConfig]) -> None:
+        owner = self._config_owner()
         unknown = sorted(set(config) - set(_CONFIG_NAMES))
         if unknown:
-            raise TypeError(_unknown_config_message(type(self).__qualname__, unknown))
+            raise TypeError(_unknown_config_message(owner, unknown))
         for name, value in config.items():
             setattr(self, name, value)
-        validate_config(self, type(self).__qualname__)
+        validate_config(self, owner)
+
+    def _config_owner(self) -> str:
+        """How errors in this node's config name it."""
+        return type(self).__qualname__
 
     def prep(self, store: SharedStore, ctx: ExecutionContext) -> Any:
         """Read what exec needs from the store. The default returns None."""
@@ -328,12 +340,16 @@ class FunctionNode(Node):
     use ``ctx.store``; what it returns is the action.
     """
 
-    def __init__(self, function: StepFunction, **config: Any) -> None:
+    def __init__(self, function: StepFunction, **config: Unpack[NodeConfig]) -> None:
         _check_step_function(function)
-        super().__init__(**config)
         self.function = function
         self.__name__ = getattr(function, "__name__", "node")
         self.__doc__ = function.__doc__
+        super().__init__(**config)
+
+    def _config_owner(self) -> str:
+        """``@node <the function's name>``."""
+        return f"@node {getattr(self.function, '__qualname__', self.__name__)}"
 
     def exec(self, prep_res: Any, ctx: ExecutionContext) -> Awaitable[PostResult] | PostResult:
         """Call the function; the node actor awaits what an async one returns."""
@@ -374,11 +390,11 @@ def node(function: StepFunction, /) -> FunctionNode: ...
 
 
 @overload
-def node(**config: Any) -> Callable[[StepFunction], FunctionNode]: ...
+def node(**config: Unpack[NodeConfig]) -> Callable[[StepFunction], FunctionNode]: ...
 
 
 def node(
-    function: StepFunction | None = None, /, **config: Any
+    function: StepFunction | None = None, /, **config: Unpack[NodeConfig]
 ) -> FunctionNode | Callable[[StepFunction], FunctionNode]:
     """Make a node from ``fn(ctx) -> Action | str | None``; use as ``@node`` or ``@node(...)``."""
     if function is not None:

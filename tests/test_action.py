@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import cloudpickle
@@ -556,3 +556,64 @@ async def test_a_condition_that_raises_fails_its_run_alone(conditional: bool) ->
         later = await engine.run(flow, params={"n": 1, "conditional": conditional})
         assert later.result == "small"
         assert engine.statistics().runs_failed == 1
+
+
+class _AboveLimit(ActionCondition):
+    """A condition in Python: ``n`` is above the store's ``limit``, which it reads
+    without checking that it is there (``values["limit"]`` raises KeyError when not)."""
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        return bool(values["n"] > values["limit"])
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset({"n", "limit"})
+
+
+@cf.node
+async def _decide(ctx: cf.ExecutionContext) -> Action:
+    if ctx.params.get("conditional"):
+        return Action.conditional(_AboveLimit(), "big", "small")
+    return Action.simple("next")
+
+
+_DECIDE = (
+    cf.Flow.builder("decide")
+    .add_node("decide", _decide)
+    .add_node("big", _Done("big"))
+    .add_node("small", _Done("small"))
+    .add_route("decide", "big", "next", when=_AboveLimit())
+    .add_route("decide", "small", "next")
+    .add_route("decide", "big", "big")
+    .add_route("decide", "small", "small")
+    .build()
+)
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["route_condition", "conditional"])
+async def test_a_user_condition_that_raises_fails_its_run_alone(conditional: bool) -> None:
+    """An ActionCondition subclass's error reaches the run as a ConditionError naming
+    the condition; the engine serves the next run."""
+    params = {"conditional": conditional}
+    async with cf.open_engine() as engine:
+        with pytest.raises(ConditionError) as caught:
+            await engine.run(_DECIDE, {"n": 5}, params=params)
+        assert str(caught.value) == (
+            "condition _AboveLimit could not be evaluated: its evaluate raised KeyError: "
+            "'limit'; it must return a bool for any store values (a key that is not stored "
+            "is absent from them)"
+        )
+        assert isinstance(caught.value.__cause__, KeyError)
+        later = await engine.run(_DECIDE, {"n": 5, "limit": 3}, params=params)
+        assert later.result == "big"
+
+
+def test_a_user_condition_evaluates_directly_and_its_keys_are_checked() -> None:
+    class KeysRaise(_AboveLimit):
+        @property
+        def keys(self) -> frozenset[str]:
+            raise LookupError("no keys")
+
+    assert _AboveLimit().evaluate({"n": 2, "limit": 1})
+    with pytest.raises(ConditionError, match=r"keys of condition .*KeysRaise raised LookupError"):
+        Action.conditional(KeysRaise(), "big", "small")

@@ -44,6 +44,41 @@ def test_build_names_routes_from_and_to_unknown_nodes() -> None:
     assert error.flow_name == "bad-routes"
 
 
+def test_build_says_to_route_to_cf_end_instead_of_the_string_end() -> None:
+    builder = cf.Flow.builder("f").add_node("a", Recorder()).add_route("a", "END", "done")
+
+    assert refused(builder).problems == (
+        "route from 'a' to unknown node 'END' (to end the run there, route to cf.END)",
+    )
+
+
+class KeysAsList(cf.ActionCondition):
+    def evaluate(self, values: Any) -> bool:
+        return True
+
+    @property
+    def keys(self) -> Any:
+        return ["label"]
+
+
+def test_build_says_what_a_route_condition_must_be() -> None:
+    builder = (
+        cf.Flow.builder("f")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b", "x", when=lambda store: True)  # type: ignore[arg-type]
+        .add_route("a", "b", "y", when=KeysAsList())
+    )
+
+    assert refused(builder).problems == (
+        "route 'a' -> 'b': when is a function, not an ActionCondition (write "
+        "cf.ActionCondition.expression(...), or subclass cf.ActionCondition for a test in "
+        "Python)",
+        "route 'a' -> 'b': the keys of condition KeysAsList must be a frozenset of str (the "
+        "store keys evaluate reads), got ['label']",
+    )
+
+
 def test_build_names_an_unknown_start_node() -> None:
     builder = cf.Flow.builder("f").add_node("a", Recorder()).start("nowhere")
     with pytest.raises(cf.FlowValidationError, match="start node 'nowhere'"):

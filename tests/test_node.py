@@ -156,6 +156,19 @@ def test_the_node_decorator_refuses_what_cannot_be_a_step(function: Any, message
         cf.node(max_retries=2)(function)
 
 
+def test_the_node_decorator_names_the_function_whose_config_is_wrong() -> None:
+    async def summarize(ctx: cf.ExecutionContext) -> None: ...
+
+    with pytest.raises(ValueError) as bad_value:
+        cf.node(max_retries=0)(summarize)
+    with pytest.raises(TypeError) as unknown:
+        cf.node(retries=3)(summarize)  # type: ignore[call-overload]
+
+    owner = "@node test_the_node_decorator_names_the_function_whose_config_is_wrong.<locals>"
+    assert str(bad_value.value) == f"{owner}.summarize: max_retries must be an int >= 1, got 0"
+    assert str(unknown.value).startswith(f"{owner}.summarize: unknown config retries;")
+
+
 async def test_the_node_decorator_with_config_retries_the_function() -> None:
     calls: list[int] = []
 
