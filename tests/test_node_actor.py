@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,9 @@ async def test_a_batch_node_whose_prep_is_not_iterable_fails_in_prep() -> None:
     with pytest.raises(cf.NodeError) as info:
         await single(Scalar()).run()
     assert info.value.phase == "prep"
-    assert "iterable" in str(info.value.__cause__)
+    assert str(info.value.__cause__) == (
+        "batch node 'only': prep must return an iterable of items, not int"
+    )
 
 
 @pytest.mark.parametrize("base", [cf.BatchNode, cf.ParallelBatchNode])
@@ -894,3 +897,52 @@ async def test_a_run_ending_while_its_sender_waits_for_a_full_node_ends_its_call
         gate.open.set()
         assert [(await run.wait()).success for run in held] == [True, True]
     assert gate.entered == 2
+
+
+class Scripted(cf.BatchNode):
+    """A batch node whose item is the list of what each attempt does: "fail" or a result;
+    records the ``current_retry`` of each attempt."""
+
+    max_retries = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retries_seen: list[int] = []
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[list[str]]:
+        return [["fail", "one"], ["two"]]
+
+    async def exec(self, script: list[str], ctx: cf.ExecutionContext) -> str:
+        self.retries_seen.append(ctx.current_retry)
+        if script[ctx.current_retry] == "fail":
+            raise ConnectionError("failed")
+        return script[ctx.current_retry]
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: list[str], ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+async def test_each_item_of_a_batch_node_starts_from_its_first_attempt() -> None:
+    node = Scripted()
+    result = await single(node).run()
+    assert result.result == ["one", "two"]
+    assert node.retries_seen == [0, 1, 0]
+
+
+class Unreadable(cf.ActionCondition):
+    """A condition whose evaluate raises."""
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        raise KeyError("missing")
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset({"x"})
+
+
+async def test_a_conditional_action_that_cannot_be_resolved_names_its_node() -> None:
+    node = Recorder(cf.Action.conditional(Unreadable(), "yes", "no"))
+    with pytest.raises(cf.ConditionError, match=r"^conditional action of node 'only': condition"):
+        await single(node).run()

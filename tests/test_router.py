@@ -159,6 +159,7 @@ async def test_a_runaway_loop_fails_with_max_steps_exceeded() -> None:
         await flow.max_steps(7).build().run({})
     assert info.value.max_steps == 7
     assert info.value.execution_path == ("count",) * 7
+    assert info.value.flow_name == "runaway"
 
 
 async def test_params_of_an_action_reach_the_next_step_only() -> None:
@@ -251,6 +252,30 @@ async def test_a_nested_flow_max_steps_bounds_its_own_loop() -> None:
     with pytest.raises(cf.MaxStepsExceeded) as info:
         await flow.run({})
     assert info.value.max_steps == 3
+    assert info.value.flow_name == "inner"
+
+
+class Fragile(cf.ActionCondition):
+    """A condition whose evaluate raises."""
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        raise KeyError("missing")
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset({"x"})
+
+
+async def test_a_route_condition_that_cannot_be_evaluated_names_its_route() -> None:
+    flow = (
+        cf.Flow.builder("f")
+        .add_node("a", Recorder("go"))
+        .add_node("b", Recorder())
+        .add_route("a", "b", "go", when=Fragile())
+        .build()
+    )
+    with pytest.raises(cf.ConditionError, match=r"^route 'a' on action 'go': condition Fragile"):
+        await flow.run({})
 
 
 class SlowReads(cf.MemoryStorage):

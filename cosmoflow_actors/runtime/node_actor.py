@@ -27,7 +27,7 @@ import trio_parallel
 
 from cosmoflow_actors.action import Action, as_action
 from cosmoflow_actors.context import ExecutionContext
-from cosmoflow_actors.errors import CosmoFlowError, NodeError, StorageError
+from cosmoflow_actors.errors import ConditionError, CosmoFlowError, NodeError, StorageError
 from cosmoflow_actors.events import EventHub, Fallback, Retry, StepFinished, StepStarted
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
 from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode
@@ -351,8 +351,17 @@ class NodeActor(Actor[Step]):
             self._lost_calls("post", ctx)
         action = as_action(post_res, self.node_id)
         if action.is_conditional:
-            action = action.resolve(await store.get_many(action.condition_keys()))
+            action = self._resolved(action, await store.get_many(action.condition_keys()))
         return action
+
+    def _resolved(self, action: Action, values: Mapping[str, Any]) -> Action:
+        """The conditional ``action`` post returned, resolved against the store
+        ``values``; a ConditionError names this node."""
+        try:
+            return action.resolve(values)
+        except ConditionError as exc:
+            message = f"conditional action of node {self.node_id!r}: {exc}"
+            raise ConditionError(message) from exc
 
     def _failed(self, phase: str, ctx: ExecutionContext, attempts: int = 1) -> NodeError:
         """The error that fails the step in ``phase`` (raise it from its cause)."""
@@ -405,7 +414,15 @@ class NodeActor(Actor[Step]):
             return await self._run_children(self.node, param_sets, run, ctx)
         if isinstance(self.node, ParallelBatchNode):
             return await self._exec_parallel(_items(self.node_id, ctx, prep_res), ctx)
-        return [await self._exec(item, ctx) for item in _items(self.node_id, ctx, prep_res)]
+        return await self._exec_in_turn(_items(self.node_id, ctx, prep_res), ctx)
+
+    async def _exec_in_turn(self, items: list[Any], ctx: ExecutionContext) -> list[Any]:
+        """Exec every item, one after the other, each from its first attempt."""
+        results = []
+        for item in items:
+            ctx.current_retry = 0
+            results.append(await self._exec(item, ctx))
+        return results
 
     async def _exec_parallel(self, items: list[Any], ctx: ExecutionContext) -> list[Any]:
         """Exec every item at once (within max_concurrency); the first failure cancels all."""
@@ -529,7 +546,10 @@ def _items(node_id: str, ctx: ExecutionContext, prep_res: Any) -> list[Any]:
     """A batch node's items: what prep returned, as a list. An error while reading
     them (a generator that raises) fails the step in prep."""
     if not isinstance(prep_res, Iterable) or isinstance(prep_res, str | bytes):
-        error = TypeError(f"batch node {node_id!r}: prep must return an iterable of items")
+        error = TypeError(
+            f"batch node {node_id!r}: prep must return an iterable of items, "
+            f"not {type(prep_res).__name__}"
+        )
         raise NodeError(node_id, "prep", ctx.run_id, 1) from error
     try:
         return list(prep_res)

@@ -21,8 +21,13 @@ from typing import Any
 import trio
 from outcome import Value
 
-from cosmoflow_actors.action import Action
-from cosmoflow_actors.errors import CosmoFlowError, MaxStepsExceeded, NoRouteError
+from cosmoflow_actors.action import Action, ActionCondition
+from cosmoflow_actors.errors import (
+    ConditionError,
+    CosmoFlowError,
+    MaxStepsExceeded,
+    NoRouteError,
+)
 from cosmoflow_actors.flow import END, Flow, FlowResult, Route, Target
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.durability import DurableRun
@@ -367,11 +372,11 @@ def counted_step(
     run.steps += 1
     branch.count += 1
     if run.steps > run.flow.max_steps:
-        raise MaxStepsExceeded(run.flow.max_steps, run.path)
+        raise MaxStepsExceeded(run.flow.max_steps, run.path, run.flow.name)
     for inner in branch.frames[1:]:
         inner.steps += 1
         if inner.steps > inner.flow.max_steps:
-            raise MaxStepsExceeded(inner.flow.max_steps, run.path)
+            raise MaxStepsExceeded(inner.flow.max_steps, run.path, inner.flow.name)
     run.durability.entered(branch, params)
     return Step(run, branch, params, actor)
 
@@ -426,7 +431,17 @@ def _target(
     if routes is None:
         return END
     for route in routes:
-        if route.when is None or route.when.evaluate(values):
+        if route.when is None or _holds(route, route.when, values):
             return route.target
     flow = frame.flow
     raise NoRouteError(frame.node_id, action.name, flow.actions_from(frame.node_id))
+
+
+def _holds(route: Route, condition: ActionCondition, values: Mapping[str, Any]) -> bool:
+    """Whether ``route``'s ``condition`` holds for the store ``values``; a
+    ConditionError names the route."""
+    try:
+        return condition.evaluate(values)
+    except ConditionError as exc:
+        message = f"route {route.source!r} on action {route.action!r}: {exc}"
+        raise ConditionError(message) from exc
