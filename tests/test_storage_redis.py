@@ -489,3 +489,49 @@ async def test_a_durable_step_with_a_key_that_is_not_valid_unicode_fails_alone(
     fresh = redis_server.storage(storage.namespace)
     assert {k: await fresh.get(k) for k in await fresh.keys()} == {key: {"path": ["a"]}, "kept": 1}
     await fresh.aclose()
+
+
+def as_updates(ops: list[tuple[str, str, Any]]) -> list[tuple[str, str, Any]]:
+    """``ops`` with each set written as an update to the same value (which a step's
+    commit applies through its general path: watch, read, write)."""
+    return [
+        ("update", key, (partial(lambda value, _: value, argument), None))
+        if kind == "set"
+        else (kind, key, argument)
+        for kind, key, argument in ops
+    ]
+
+
+async def committed_step(
+    server: RedisServer, ops: list[tuple[str, str, Any]], steps_before: int
+) -> tuple[dict[str, Any], str | None]:
+    """What a namespace holds after a step of ``ops`` was committed on it (after a
+    write staged before), and the error that refused the step, if any."""
+    storage = server.storage()
+    record_key = RECORD_PREFIX + "r"
+    await storage.set(record_key, {"path": ["a"]})
+    await storage.set("old", 1)
+    await storage.commit()
+    await storage.set("staged before", 2)
+    error = None
+    try:
+        await storage.commit_step(ops, record_key, {"path": ["a", "b"]}, steps_before)
+    except cf.CosmoFlowError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    stored = {key: await storage.get(key) for key in await storage.keys()}
+    await storage.aclose()
+    return stored, error
+
+
+@pytest.mark.parametrize("steps_before", [1, 0])
+async def test_a_step_of_sets_and_deletes_commits_as_a_step_with_updates_does(
+    redis_server: RedisServer, steps_before: int
+) -> None:
+    """Its commit takes one trip to the thread; the same writes made as updates take the
+    general path. Both store the same, or refuse the same (a record counting other
+    steps)."""
+    ops = [("set", "new", [1, "x"]), ("delete", "old", None), ("set", "old", {"y": 2})]
+    blind = await committed_step(redis_server, ops, steps_before)
+    general = await committed_step(redis_server, as_updates(ops), steps_before)
+    assert blind == general
+    assert (blind[1] is None) == (steps_before == 1)

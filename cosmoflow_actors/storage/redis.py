@@ -36,6 +36,9 @@ _pools: dict[tuple[str, float], redis.ConnectionPool] = {}
 
 T = TypeVar("T")
 
+_BLIND: Final = frozenset({"set", "delete"})
+"""The kinds of a durable step's ops whose writes do not depend on what is stored."""
+
 
 @final
 class RedisStorage(DatabaseStorage):
@@ -179,10 +182,13 @@ class RedisStorage(DatabaseStorage):
         its run record in one ``MULTI``/``EXEC``; when another client changed the hash in
         between, it starts over (at most :data:`MAX_UPDATE_ATTEMPTS` times, then
         StorageError). An error of an update function stores nothing. Blocks in a worker
-        thread per round trip.
+        thread per round trip; a step of sets and deletes only takes one trip to its
+        thread (see :meth:`_commit_blind_step`).
         """
         with self._bounded():
             client = await self._connected()
+            if all(kind in _BLIND for kind, _, _ in ops):
+                return await self._commit_blind_step(client, ops, record_key, record, steps_before)
             for _ in range(MAX_UPDATE_ATTEMPTS):
                 async with self._pipeline(client) as pipe:
                     stored = await self._watch(pipe, record_key)
@@ -197,6 +203,69 @@ class RedisStorage(DatabaseStorage):
             f"{self!r}: a step's commit lost to other writers {MAX_UPDATE_ATTEMPTS} times"
         )
 
+    async def _commit_blind_step(
+        self,
+        client: redis.Redis,
+        ops: list[StagedOp],
+        record_key: str,
+        record: Any,
+        steps_before: int,
+    ) -> bool:
+        """:meth:`commit_step` of a step whose ops are sets and deletes only (blocks in
+        a worker thread, one trip per attempt).
+
+        Invariant: such a step's writes do not depend on what is stored (no update to
+        apply, no keys to clear), so they are encoded before the hash is watched, and
+        one function in the thread does what the round trips of the general commit do:
+        watch the hash, read the record, check its steps, ``MULTI``/``EXEC``, reset the
+        pipeline. The outcome is the general commit's (a step refused both for a value
+        its codec cannot encode and for a record that counts other steps is refused
+        for the value).
+        """
+        seen: dict[str, bytes | None] = {}
+        written = (self._blind_write(seen, kind, key, value) for kind, key, value in ops)
+        writes = [write for write in written if write is not None]
+        writes.append(SetOp(record_key, self._codec.encode(record_key, record)))
+        staged_record = self._staged.lookup(record_key)
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            committed = await self._in_thread(
+                self._watched_commit,
+                client,
+                record_key,
+                staged_record,
+                steps_before,
+                [*self._staged.ops, *writes],
+            )
+            if committed:
+                self._staged.reset()
+                return True
+        raise StorageError(
+            f"{self!r}: a step's commit lost to other writers {MAX_UPDATE_ATTEMPTS} times"
+        )
+
+    def _watched_commit(
+        self,
+        client: redis.Redis,
+        record_key: str,
+        staged_record: object,
+        steps_before: int,
+        writes: list[Op[bytes]],
+    ) -> bool:
+        """Watch the hash, check that the run's record counts ``steps_before`` steps,
+        and send ``writes`` in one ``MULTI``/``EXEC``; False if the hash changed
+        meanwhile. ``staged_record`` is the record as staged (bytes, or None for a
+        staged delete), else it is read. Resets the pipeline, so that its connection
+        goes back to the pool unwatched. Blocks: for a worker thread."""
+        with client.pipeline(transaction=True) as pipe:
+            _call(pipe, "WATCH", self._data)
+            stored = staged_record
+            if not isinstance(stored, bytes) and stored is not None:
+                stored = _call(pipe, "HGET", self._data, record_key.encode())
+            check_steps(
+                record_key, None if stored is None else self._codec.decode(stored), steps_before
+            )
+            return self._exec(pipe, writes)
+
     async def _step_writes(self, pipe: Pipeline, ops: list[StagedOp]) -> list[Op[bytes]]:
         """The writes of a durable step's ``ops``, its updates applied to what is stored
         now (read under the watch)."""
@@ -207,19 +276,28 @@ class RedisStorage(DatabaseStorage):
                 for name in await self._user_keys(pipe, seen):
                     seen[name] = None
                     writes.append(DeleteOp(name))
-            elif kind == "delete":
-                seen[key] = None
-                if utf8_key(key) is not None:  # a key that is not valid Unicode is never stored
-                    writes.append(DeleteOp(key))
-            else:
+                continue
+            value = argument
+            if kind == "update":
                 check_json_key(key)
-                value = argument
-                if kind == "update":
-                    value = await self._updated(pipe, seen, key, argument)
-                data = self._codec.encode(key, value)
-                seen[key] = data
-                writes.append(SetOp(key, data))
+                kind, value = "set", await self._updated(pipe, seen, key, argument)
+            write = self._blind_write(seen, kind, key, value)
+            if write is not None:
+                writes.append(write)
         return writes
+
+    def _blind_write(
+        self, seen: dict[str, bytes | None], kind: str, key: str, value: Any
+    ) -> Op[bytes] | None:
+        """The write of a step's "set" or "delete" of ``key`` (None for the delete of a
+        key that is not valid Unicode: it is never stored), noted in ``seen``."""
+        if kind == "delete":
+            seen[key] = None
+            return DeleteOp(key) if utf8_key(key) is not None else None
+        check_json_key(key)
+        data = self._codec.encode(key, value)
+        seen[key] = data
+        return SetOp(key, data)
 
     async def _updated(
         self, pipe: Pipeline, seen: dict[str, bytes | None], key: str, update: Any
@@ -247,8 +325,7 @@ class RedisStorage(DatabaseStorage):
         ops = self._staged.ops
         self._staged.reset()
         with self._bounded():
-            async with self._pipeline(await self._connected()) as pipe:
-                await self._in_thread(self._exec, pipe, ops)
+            await self._in_thread(self._send, await self._connected(), ops)
 
     async def aclose(self) -> None:
         """Drop staged writes and let go of the server: its connections stay in the
@@ -304,6 +381,11 @@ class RedisStorage(DatabaseStorage):
             return staged
         value: bytes | None = await self._in_thread(_call, pipe, "HGET", self._data, key.encode())
         return value
+
+    def _send(self, client: redis.Redis, ops: list[Op[bytes]]) -> None:
+        """Send ``ops`` in one ``MULTI``/``EXEC`` on a pipeline reset at the end (blocks)."""
+        with client.pipeline(transaction=True) as pipe:
+            self._exec(pipe, ops)
 
     def _exec(self, pipe: Pipeline, ops: list[Op[bytes]]) -> bool:
         """Queue ``ops`` after MULTI and EXEC them; False if a watched key changed (blocks)."""
