@@ -6,7 +6,7 @@
   event on stderr as it happens.
 - ``cosmoflow graph FILE.py[:NAME]`` prints the flow's diagram (Mermaid or dot).
 - ``cosmoflow inspect STORE`` lists the keys of a persistent store.
-- ``cosmoflow submit FILE.py[:NAME] --queue URL`` adds a run to a run queue on Redis,
+- ``cosmoflow submit FILE.py[:NAME] --queue URL`` adds runs to a run queue on Redis,
   ``cosmoflow worker FILE.py[:NAME]... --queue URL --store URL`` runs the queue's runs,
   ``cosmoflow status --queue URL`` shows them, ``cosmoflow requeue RUN_ID --queue URL``
   puts a failed one back (see docs/distributed.md).
@@ -16,11 +16,11 @@ is ``[FILE, *arguments]``. The file is imported under the name ``__cosmoflow__``
 flow it runs while it is imported (outside ``if __name__ == "__main__":``) is an error.
 
 Errors are one line on stderr and a non-zero exit status: 2 for bad input (a file, a
-flow, a store, an option), 1 for runs that failed, 130 for Ctrl-C (a second one exits at
-once), 141 when the reader of stdout went away (``| head``), 143 for SIGTERM on
-``worker`` (which hands its runs back to the queue either way); ``--debug`` shows the
-traceback. ``inspect`` changes nothing, and ``--json`` prints strict JSON.
-docs/cli.md has every option and example outputs.
+flow, a store, an option), 1 for runs that failed, 130 for Ctrl-C (within
+:data:`STOP_GRACE` seconds; a second one exits at once), 141 when the reader of stdout
+went away (``| head``), 143 for SIGTERM on ``worker`` (which hands its runs back to the
+queue either way); ``--debug`` shows the traceback. ``inspect`` changes nothing, and
+``--json`` prints strict JSON. docs/cli.md has every option and example outputs.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from cosmoflow_actors.errors import RunRecordedError, StorageError, error_text, 
 from cosmoflow_actors.events import (
     Event,
     EventsDropped,
+    Fallback,
     Retry,
     RunCancelled,
     RunFailed,
@@ -70,6 +71,7 @@ from cosmoflow_actors.runtime.queue import (
     DEFAULT_FLOW_WAIT,
     DEFAULT_LEASE,
     FINISHED,
+    HAND_BACK_SECONDS,
     PerRunRedis,
     QueuedRun,
     RunQueue,
@@ -102,8 +104,17 @@ TERMINATED: Final = 143
 BROKEN_PIPE: Final = 141
 """The exit status when stdout is a pipe its reader closed (``| head``): 128 + 13
 (SIGPIPE), as a shell reports a command that SIGPIPE killed."""
+STOP_GRACE: Final = 1.0
+"""Seconds a command that was interrupted (Ctrl-C) waits for its runs to stop before it
+exits without them (a worker waits :data:`HAND_BACK_SECONDS` longer, to hand its runs
+back; for SIGTERM too)."""
+FLUSH_WAIT: Final = 0.2
+"""Seconds a command that exits at once waits for stdout and stderr to be flushed."""
 STORE_CHECK_TIMEOUT: Final = 5.0
 """How long ``worker`` waits for its ``--store``'s server to answer at start."""
+
+StepEvent = StepStarted | StepFinished | Retry | Fallback
+"""The events of one step, which name its node."""
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -158,16 +169,25 @@ def _stdout_closed() -> int:
     return BROKEN_PIPE
 
 
-def _trio_run(function: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> T:
-    """``trio.run(function, *args)``, where a second Ctrl-C exits at once."""
-    return trio.run(_second_interrupt_exits, function, *args)
+def _trio_run(function: Callable[[*Ts], Awaitable[T]], *args: *Ts, grace: float = STOP_GRACE) -> T:
+    """``trio.run(function, *args)``, where Ctrl-C ends the process ``grace`` seconds on
+    at the latest, and a second Ctrl-C at once (see :func:`_interrupts_end`)."""
+    deadline = _Deadline(grace, INTERRUPTED, "interrupted")
+    try:
+        return trio.run(_interrupts_end, deadline, function, *args)
+    finally:
+        deadline.disarm()
 
 
-async def _second_interrupt_exits(function: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> T:
+async def _interrupts_end(
+    deadline: _Deadline, function: Callable[[*Ts], Awaitable[T]], *args: *Ts
+) -> T:
     """``await function(*args)``. The first Ctrl-C (SIGINT) goes to trio's handler as
-    always: the command cancels its runs and waits for them to stop, which can take as
-    long as a thread executor's call. A second one prints ``cosmoflow: interrupted`` and
-    exits at once, with status 130 (the process ends there: nothing is cleaned up)."""
+    always: the command cancels its runs and waits for them to stop. It also arms
+    ``deadline``: a step that does not stop (a call on a thread executor, code that
+    ignores the cancellation) keeps the command no longer than that. A second Ctrl-C
+    prints ``cosmoflow: interrupted`` and exits at once, with status 130 (the process
+    ends there: nothing is cleaned up)."""
     trio_handler = signal.getsignal(signal.SIGINT)
     if (
         threading.current_thread() is not threading.main_thread()
@@ -175,13 +195,11 @@ async def _second_interrupt_exits(function: Callable[[*Ts], Awaitable[T]], *args
         or trio_handler is signal.default_int_handler  # trio did not take SIGINT over
     ):
         return await function(*args)
-    interrupted = False
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        nonlocal interrupted
-        if interrupted:
-            _exit_interrupted()
-        interrupted = True
+        if deadline.armed:
+            _exit_now(INTERRUPTED, "cosmoflow: interrupted")
+        deadline.arm()
         trio_handler(signum, frame)
 
     signal.signal(signal.SIGINT, handler)
@@ -191,15 +209,55 @@ async def _second_interrupt_exits(function: Callable[[*Ts], Awaitable[T]], *args
         signal.signal(signal.SIGINT, trio_handler)
 
 
-def _exit_interrupted() -> NoReturn:
-    """Flush what can be flushed, say ``cosmoflow: interrupted`` and end the process
-    now, with status 130 (from a signal handler: the stderr line is a raw write)."""
+class _Deadline:
+    """Ends the process ``grace`` seconds after :meth:`arm`, unless :meth:`disarm` comes
+    first, with ``status`` and the line ``cosmoflow: WORD (...)``. A command that stops
+    (Ctrl-C, a worker's SIGTERM) cancels its runs and waits for them, but a step in a
+    thread cannot be cancelled and may never end. For the runs, the exit is a crash: a
+    durable run resumes after its last committed step."""
+
+    def __init__(self, grace: float, status: int, word: str) -> None:
+        self._grace = grace
+        self._status = status
+        self._line = (
+            f"cosmoflow: {word} (stopped without waiting for a step still running"
+            f" after {grace:g} s)"
+        )
+        self._timer: threading.Timer | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._timer is not None
+
+    def arm(self) -> None:
+        """Start counting (in a daemon thread, which the trio thread cannot block)."""
+        if self._timer is None:
+            self._timer = threading.Timer(self._grace, _exit_now, (self._status, self._line))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def disarm(self) -> None:
+        """Stop counting: the command stopped in time."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _exit_now(status: int, line: str) -> NoReturn:
+    """Flush what can be flushed within :data:`FLUSH_WAIT`, write ``line`` on stderr and
+    end the process now, with ``status`` (called from a signal handler or a timer's
+    thread: the line is a raw write)."""
+    flushing = threading.Thread(target=_flush_output, daemon=True)
+    flushing.start()
+    flushing.join(FLUSH_WAIT)  # a pipe nobody reads, or a lock the trio thread holds
+    with contextlib.suppress(OSError):
+        os.write(2, line.encode() + b"\n")
+    os._exit(status)
+
+
+def _flush_output() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    with contextlib.suppress(OSError):
-        os.write(2, b"cosmoflow: interrupted\n")
-    os._exit(INTERRUPTED)
 
 
 def _split_file_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -279,14 +337,26 @@ def _add_queue_commands(
 ) -> None:
     """``submit``, ``worker``, ``requeue`` and ``status``: runs across processes
     (docs/distributed.md)."""
-    submit = commands.add_parser("submit", parents=[common], help="add a run to a queue")
+    submit = commands.add_parser("submit", parents=[common], help="add runs to a queue")
     submit.set_defaults(command=_submit_command)
     _add_target(submit)
     _add_queue(submit)
     submit.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="as for run"
     )
-    submit.add_argument("--run-id", metavar="ID", help="name the run (default: a fresh id)")
+    submit.add_argument(
+        "--run-id",
+        metavar="ID",
+        help="name the run (default: a fresh id); with --runs or --params-file, ID-1, ID-2...",
+    )
+    submit.add_argument(
+        "--runs", type=positive_int, metavar="N", help="submit N runs with the same params"
+    )
+    submit.add_argument(
+        "--params-file",
+        metavar="FILE",
+        help="submit one run per line of FILE (- for stdin), a JSON object of params",
+    )
     worker = commands.add_parser("worker", parents=[common], help="run the runs of a queue")
     worker.set_defaults(command=_worker_command)
     worker.add_argument("targets", nargs="+", metavar="target", help="FILE.py or FILE.py:NAME")
@@ -355,7 +425,27 @@ def load_flow(target: str) -> Flow:
     Without NAME, the file must define exactly one Flow that no other Flow of the file
     contains (a nested flow, or a BatchFlow's flow, goes with its parent).
     """
-    path, name = _split_target(target)
+    [flow] = load_flows([target])
+    return flow
+
+
+def load_flows(targets: Sequence[str]) -> list[Flow]:
+    """The flows ``targets`` (``FILE.py[:NAME]`` each) name, as :func:`load_flow` finds
+    them; a file that several targets name is imported once, for all of them."""
+    modules: dict[Path, dict[str, Flow]] = {}
+    flows = []
+    for target in targets:
+        path, name = _split_target(target)
+        key = path.resolve()
+        if key not in modules:
+            modules[key] = _import_flows(path)
+        flows.append(_pick_flow(path, name, modules[key]))
+    return flows
+
+
+def _import_flows(path: Path) -> dict[str, Flow]:
+    """Import the file ``path`` (blocks while its top level runs); return its flows by
+    variable name. CliError when it is missing, raises, exits or runs a flow."""
     if not path.is_file():
         raise CliError(f"{path}: no such file")
     try:
@@ -366,7 +456,11 @@ def load_flow(target: str) -> Flow:
     except BaseException as exc:  # SystemExit too: a file that exits loads no flow
         where = _line_in(path, exc)
         raise CliError(f"{where}: {type_and_message(exc)}") from exc
-    flows = {key: value for key, value in namespace.items() if isinstance(value, Flow)}
+    return {key: value for key, value in namespace.items() if isinstance(value, Flow)}
+
+
+def _pick_flow(path: Path, name: str, flows: dict[str, Flow]) -> Flow:
+    """The flow ``NAME`` of the file ``path``, or its one outer flow without a NAME."""
     if name:
         if name not in flows:
             raise CliError(f"{path}: no Flow named {name!r} (found: {', '.join(flows) or 'none'})")
@@ -399,13 +493,40 @@ def _line_in(path: Path, error: BaseException) -> str:
 
 
 def _children(flow: Flow) -> list[Flow]:
-    """The flows nested in ``flow`` (as nodes, or as the flow of a BatchFlow node)."""
+    """The flows nested in ``flow``, at any depth."""
+    children = []
+    for child in _nested(flow):
+        children += [child, *_children(child)]
+    return children
+
+
+def _nested(flow: Flow) -> list[Flow]:
+    """The flows nested in ``flow`` itself (as nodes, or as the flow of a BatchFlow
+    node)."""
     children = []
     for member in flow.nodes.values():
         child = member.flow if isinstance(member, BatchFlow) else member
         if isinstance(child, Flow):
-            children += [child, *_children(child)]
+            children.append(child)
     return children
+
+
+def _flow_paths(flow: Flow) -> dict[str, str]:
+    """The path of each flow in ``flow`` by name: the names of the flows nested one in
+    the other down to it, ``checks`` or ``checks/inner``, and "" for ``flow`` itself.
+    Events name a step's flow by its name only, so a name found at several places
+    keeps the shallowest path."""
+    paths = {flow.name: ""}
+    level = [(flow, "")]
+    while level:
+        below = []
+        for parent, prefix in level:
+            for child in _nested(parent):
+                if child.name not in paths:
+                    paths[child.name] = prefix + child.name
+                    below.append((child, paths[child.name] + "/"))
+        level = below
+    return paths
 
 
 def parse_store(text: str, codec: str = "json") -> Storage | None:
@@ -560,7 +681,7 @@ async def _run_once(options: _RunOptions) -> tuple[_Outcome, dict[str, Any]]:
         _opened(engine, store) as handle,
     ):
         if options.trace:
-            await nursery.start(_watch, engine, [_printer()])
+            await nursery.start(_watch, engine, [_Printer(options.flow)])
         outcome = await _run_or_resume(engine, options, store)
         contents = await _contents(handle)
     if isinstance(store, Storage):
@@ -616,10 +737,46 @@ async def _watch(
                 handle(event)
 
 
-def _printer() -> Callable[[Event], None]:
-    """An event handler that prints each event on stderr (``--trace``), timed from now."""
-    origin = trio.current_time()
-    return lambda event: print(format_event(event, origin), file=sys.stderr)
+class _NodeNames:
+    """Names the node of each step event of a command's flow by its path: the node
+    ``split`` of the flow ``checks`` nested in it is ``checks/split`` (see
+    :func:`_flow_paths`; a flow it does not hold is named by its name). A Retry or
+    Fallback event, which names no flow, gets the name its step started with."""
+
+    def __init__(self, flow: Flow) -> None:
+        self._paths = _flow_paths(flow)
+        self._steps: dict[tuple[str, str], str] = {}
+        """The name of each step in progress, by (run id, execution id)."""
+
+    def of(self, event: StepEvent) -> str:
+        """The name of the node of ``event``."""
+        match event:
+            case StepStarted():
+                name = self._path(event.flow_name, event.node_id)
+                self._steps[event.run_id, event.execution_id] = name
+                return name
+            case StepFinished():
+                self._steps.pop((event.run_id, event.execution_id), None)
+                return self._path(event.flow_name, event.node_id)
+        return self._steps.get((event.run_id, event.execution_id), event.node_id)
+
+    def _path(self, flow_name: str, node_id: str) -> str:
+        prefix = self._paths.get(flow_name, flow_name)
+        return f"{prefix}/{node_id}" if prefix else node_id
+
+
+class _Printer:
+    """Prints each event on stderr (``--trace``), timed from its creation, with the
+    node of a step named by its path in the flow (``checks/split``)."""
+
+    def __init__(self, flow: Flow) -> None:
+        self._origin = trio.current_time()
+        self._names = _NodeNames(flow)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StepEvent):
+            event = dataclasses.replace(event, node_id=self._names.of(event))
+        print(format_event(event, self._origin), file=sys.stderr)
 
 
 def _render(flow_name: str, outcome: _Outcome, store: dict[str, Any], *, as_json: bool) -> str:
@@ -679,53 +836,56 @@ class NodeStats:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class FailedRun:
+    """A run of ``--runs`` that failed: its id and its error, as one line."""
+
+    run_id: str
+    error: str
+
+
 @dataclass(slots=True)
 class BatchStats:
     """What ``--runs`` measured: run outcomes (from the runs) and, per node, the steps
-    (from the engine's events). Nodes of nested flows are named ``flow/node``."""
+    (from the engine's events). A node of a nested flow is named by its path,
+    ``flow/node`` (see :class:`_NodeNames`)."""
 
     flow_name: str
     runs: int
     concurrency: int
+    names: _NodeNames
     succeeded: int = 0
     failed: int = 0
     first_error: BaseException | None = None
+    failed_runs: list[FailedRun] = field(default_factory=list)
     duration: float = 0.0
     run_durations: list[float] = field(default_factory=list)
     nodes: dict[str, NodeStats] = field(default_factory=dict)
     events_dropped: int = 0
-    _steps: dict[tuple[str, str], str] = field(default_factory=dict, init=False, repr=False)
-    """The row of each step in progress, by (run id, node id): where retries count."""
 
     def record(self, event: Event) -> None:
         """Count ``event`` in the per-node statistics."""
         match event:
             case StepStarted():
-                self._steps[event.run_id, event.node_id] = self._row(event.flow_name, event.node_id)
+                self.names.of(event)  # noted, for the step's retries
             case StepFinished():
-                self._steps.pop((event.run_id, event.node_id), None)
-                stats = self.nodes.setdefault(
-                    self._row(event.flow_name, event.node_id), NodeStats()
-                )
+                stats = self.nodes.setdefault(self.names.of(event), NodeStats())
                 stats.durations.append(event.duration)
                 stats.failures += event.error is not None
             case Retry():
-                row = self._steps.get((event.run_id, event.node_id), event.node_id)
-                self.nodes.setdefault(row, NodeStats()).retries += 1
+                self.nodes.setdefault(self.names.of(event), NodeStats()).retries += 1
             case RunFinished() | RunFailed() | RunCancelled():
                 self.run_durations.append(event.duration)
             case EventsDropped():
                 self.events_dropped += event.count
 
-    def _row(self, flow_name: str, node_id: str) -> str:
-        return node_id if flow_name == self.flow_name else f"{flow_name}/{node_id}"
-
-    def finished(self, error: BaseException | None) -> None:
-        """Count a run that ended, with its error if it failed."""
+    def finished(self, run_id: str, error: BaseException | None) -> None:
+        """Count the run ``run_id`` that ended, with its error if it failed."""
         if error is None:
             self.succeeded += 1
             return
         self.failed += 1
+        self.failed_runs.append(FailedRun(run_id, describe_error(error)))
         if self.first_error is None:
             self.first_error = error
 
@@ -743,6 +903,7 @@ class BatchStats:
             "nodes": {row: stats.summary() for row, stats in self.nodes.items()},
             "events_dropped": self.events_dropped,
             "first_error": None if self.first_error is None else describe_error(self.first_error),
+            "failed_runs": [dataclasses.asdict(run) for run in self.failed_runs],
         }
 
 
@@ -761,14 +922,14 @@ def _latency(durations: list[float]) -> dict[str, float | None]:
 
 async def _run_many(options: _RunOptions, runs: int, concurrency: int) -> BatchStats:
     """Run the flow ``runs`` times, at most ``concurrency`` at once; measure them."""
-    batch = BatchStats(options.flow.name, runs, concurrency)
+    batch = BatchStats(options.flow.name, runs, concurrency, _NodeNames(options.flow))
     started = trio.current_time()
     async with (
         trio.open_nursery() as nursery,
         open_engine(max_runs=concurrency) as engine,
         _opened(engine, _store(options)),
     ):
-        handlers = [batch.record, *([_printer()] if options.trace else [])]
+        handlers = [batch.record, *([_Printer(options.flow)] if options.trace else [])]
         await nursery.start(_watch, engine, handlers)
         following = trio.CancelScope()
         with _ProgressBar(runs) as bar:
@@ -796,7 +957,7 @@ async def _await_run(run: Run, batch: BatchStats) -> None:
         await run.wait()
     except Exception as exc:  # the run's failure, counted
         error = exc
-    batch.finished(error)
+    batch.finished(run.run_id, error)
 
 
 class _ProgressBar:
@@ -1018,23 +1179,102 @@ def _submit_command(args: argparse.Namespace) -> int:
     _check_run_id(args.run_id)
     flow = load_flow(args.target)
     queue = _queue(args.queue)
-    params = _parse_params(args.param)
-    run_id = _trio_run(_submit, queue, flow.name, params, args.run_id)
-    print(run_id)
+    _trio_run(_submit_all, queue, flow.name, _submissions(args))
     return 0
 
 
-async def _submit(
-    queue: RunQueue, flow_name: str, params: dict[str, Any], run_id: str | None
-) -> str:
+@dataclass(frozen=True, slots=True)
+class _Submission:
+    """One run ``submit`` adds: its run id (None for a fresh one) and its params."""
+
+    run_id: str | None
+    params: dict[str, Any]
+
+
+def _submissions(args: argparse.Namespace) -> list[_Submission]:
+    """The runs ``submit`` adds: one, ``--runs N`` alike, or one per line of
+    ``--params-file`` (its params over those of ``--param``). With several, ``--run-id
+    ID`` names them ``ID-1``, ``ID-2``... Reads the params file (blocks)."""
+    params = _parse_params(args.param)
+    if args.runs is not None and args.params_file is not None:
+        raise CliError("--runs and --params-file do not go together: give one")
+    if args.params_file is not None:
+        each = _read_params_file(args.params_file)
+    elif args.runs is not None:
+        each = [{} for _ in range(args.runs)]
+    else:
+        return [_Submission(args.run_id, params)]
+    submissions = []
+    for number, extra in enumerate(each, start=1):
+        run_id = None if args.run_id is None else f"{args.run_id}-{number}"
+        submissions.append(_Submission(run_id, {**params, **extra}))
+    return submissions
+
+
+def _read_params_file(name: str) -> list[dict[str, Any]]:
+    """The params of each run in the file ``name`` (``-``: stdin), one JSON object per
+    line, blank lines skipped; CliError naming the line of one that is not. Blocks
+    while it reads."""
+    label = "<stdin>" if name == "-" else name
     try:
-        return await submit(queue, flow_name, params=params, run_id=run_id)
+        if name == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            lines = Path(name).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"--params-file {label}: {type_and_message(exc)}") from exc
+    runs = [
+        _params_line(label, number, line)
+        for number, line in enumerate(lines, start=1)
+        if line.strip()
+    ]
+    if not runs:
+        raise CliError(f"--params-file {label}: no runs (expected a JSON object of params a line)")
+    return runs
+
+
+def _params_line(label: str, number: int, line: str) -> dict[str, Any]:
+    """The params one line of a params file gives; CliError naming ``label:number``."""
+    try:
+        params = json.loads(line, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise CliError(f"{label}:{number}: not JSON: {exc}") from exc
+    if not isinstance(params, dict):
+        kind = type(params).__name__
+        raise CliError(f"{label}:{number}: expected a JSON object of params, got a {kind}")
+    return params
+
+
+def _no_constant(name: str) -> NoReturn:
+    """Refuse ``NaN`` and the infinities, which Python's JSON reader accepts and a run
+    queue cannot hold."""
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _submit_all(queue: RunQueue, flow_name: str, submissions: list[_Submission]) -> None:
+    """Submit each run in order and print its run id as the queue has it (blocks on
+    the server). If one fails, the error says how many went in before it."""
+    done = 0
+    try:
+        for submission in submissions:
+            params, run_id = submission.params, submission.run_id
+            print(await submit(queue, flow_name, params=params, run_id=run_id), flush=True)
+            done += 1
     except StorageError as exc:
-        raise _queue_error(queue, exc) from exc
-    except ValueError as exc:  # a --param the queue cannot hold (NaN, Infinity)
-        raise CliError(str(exc)) from exc
+        raise _stopped(_queue_error(queue, exc), done, len(submissions)) from exc
+    except ValueError as exc:  # a param the queue cannot hold, or a run id it has
+        raise _stopped(CliError(str(exc)), done, len(submissions)) from exc
     finally:
         await queue.aclose()
+
+
+def _stopped(error: CliError, done: int, total: int) -> CliError:
+    """``error``, saying for a batch how many of its runs were submitted before it."""
+    if total == 1:
+        return error
+    if done == 0:
+        return CliError(f"{error} (none of the {total} runs submitted)")
+    return CliError(f"{error} ({done} of {total} runs submitted; their ids are on stdout)")
 
 
 def _requeue_command(args: argparse.Namespace) -> int:
@@ -1066,7 +1306,12 @@ def _worker_command(args: argparse.Namespace) -> int:
         stores = per_run_redis(args.store)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    _trio_run(_serve, queue, flows, stores, args)
+    grace = HAND_BACK_SECONDS + STOP_GRACE
+    terminating = _Deadline(grace, TERMINATED, "terminated")
+    try:
+        _trio_run(_serve, queue, flows, stores, args, terminating, grace=grace)
+    finally:
+        terminating.disarm()
     print("cosmoflow: terminated", file=sys.stderr)
     return TERMINATED
 
@@ -1075,16 +1320,14 @@ def _distinct_flows(targets: list[str]) -> list[Flow]:
     """The flows ``targets`` name; CliError when two share a name (a queued run names
     its flow by name, so a worker serves one flow per name)."""
     by_name: dict[str, str] = {}
-    flows = []
-    for target in targets:
-        flow = load_flow(target)
+    flows = load_flows(targets)
+    for target, flow in zip(targets, flows, strict=True):
         if flow.name in by_name:
             raise CliError(
                 f"{by_name[flow.name]} and {target} both give a flow named {flow.name!r};"
                 " a worker serves one flow per name"
             )
         by_name[flow.name] = target
-        flows.append(flow)
     return flows
 
 
@@ -1093,10 +1336,12 @@ async def _serve(
     flows: list[Flow],
     stores: PerRunRedis,
     args: argparse.Namespace,
+    terminating: _Deadline,
 ) -> None:
     """Serve ``queue`` until SIGTERM (then return) or Ctrl-C (KeyboardInterrupt); say
     on stdout once the worker reads it. Stopped either way, the worker cancels its runs
-    and hands them back to the queue: blocks a couple of seconds at most for that."""
+    and hands them back to the queue: blocks a couple of seconds at most for that (a
+    SIGTERM arms ``terminating``, in case a run does not stop)."""
     await _check_store_reachable(stores)
     with trio.open_signal_receiver(signal.SIGTERM) as terminations:
         async with open_engine() as engine, trio.open_nursery() as nursery:
@@ -1112,6 +1357,7 @@ async def _serve(
             names = ", ".join(flow.name for flow in flows)
             print(f"worker {name} serving {queue.name} (flows: {names})", flush=True)
             async for _ in terminations:
+                terminating.arm()
                 nursery.cancel_scope.cancel()
                 break
 
@@ -1158,7 +1404,7 @@ def _status_command(args: argparse.Namespace) -> int:
     console.print(_queue_table(listed))
     for run in listed:
         if run.error is not None:
-            console.print(f"{run.run_id} failed: {run.error}", markup=False)
+            console.print(f"{run.run_id} failed: {run.error}", markup=False, soft_wrap=True)
     return 0
 
 

@@ -510,6 +510,26 @@ def test_failed_runs_are_counted_and_exit_1(
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_runs_as_json_list_the_failed_runs_with_their_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "sometimes.py"
+    flow_file.write_text(SOMETIMES)
+    assert main(["run", str(flow_file), "--runs", "4", "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    failed_runs = summary["failed_runs"]
+    assert (summary["failed"], len(failed_runs)) == (2, 2)
+    assert [set(run) for run in failed_runs] == [{"run_id", "error"}] * 2
+    engine = failed_runs[0]["run_id"].rpartition("-")[0]
+    assert [run["run_id"] for run in failed_runs] == [f"{engine}-2", f"{engine}-4"]
+    for run in failed_runs:  # one run at a time: every second one fails
+        assert run["error"] == (
+            f"NodeError: node 'sometimes' failed in exec (run {run['run_id']}, 1 attempt)"
+            " (caused by ValueError: odd call)"
+        )
+    assert summary["first_error"] == failed_runs[0]["error"]
+
+
 def test_trace_prints_every_event_on_stderr(
     counter_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -526,7 +546,57 @@ def test_trace_prints_every_event_on_stderr(
         "step finished",
         "run finished",
     ]
-    assert "flaky attempt 1 failed: ConnectionError: first attempt fails" in captured.err
+    assert "checks/flaky attempt 1 failed: ConnectionError: first attempt fails" in captured.err
+
+
+TWINS = """
+import cosmoflow_actors as cf
+
+
+class Check(cf.Node):
+    max_retries = 2
+
+    def exec(self, prep_res, ctx):
+        if ctx.current_retry == 0:
+            raise ConnectionError("first attempt fails")
+
+
+left = cf.Flow.builder("left").add_node("check", Check()).build()
+right = cf.Flow.builder("right").add_node("check", Check()).build()
+inner = cf.Flow.builder("inner").add_node("check", Check()).build()
+deep = cf.Flow.builder("deep").add_node("inner", inner).build()
+twins = (
+    cf.Flow.builder("twins")
+    .add_node("left", left)
+    .add_node("right", right)
+    .add_node("deep", deep)
+    .add_node("check", Check())
+    .add_route("left", "right")
+    .add_route("right", "deep")
+    .add_route("deep", "check")
+    .build()
+)
+"""
+"""Nested flows with a node of the same name (``check``), one of them two levels down."""
+
+
+def test_trace_and_runs_name_a_nested_node_by_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "twins.py"
+    flow_file.write_text(TWINS)
+    paths = ["left/check", "right/check", "deep/inner/check", "check"]
+    assert main(["run", str(flow_file), "--trace"]) == 0
+    lines = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().err.splitlines()]
+    started = [details for _, _, what, details in lines if what == "step started"]
+    assert started == paths
+    retries = [details.split(" attempt")[0] for _, _, what, details in lines if what == "retry"]
+    assert retries == paths
+    finished = [details.split(" ->")[0] for _, _, what, details in lines if what == "step finished"]
+    assert finished == paths
+    assert main(["run", str(flow_file), "--runs", "2", "--json"]) == 0
+    nodes = json.loads(capsys.readouterr().out)["nodes"]
+    assert {row: stats["retries"] for row, stats in nodes.items()} == dict.fromkeys(paths, 2)
 
 
 def test_trace_with_runs(counter_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -746,6 +816,71 @@ def test_submit_prints_the_run_id_and_status_shows_the_run_pending(
     assert [run["run_id"] for run in json.loads(capsys.readouterr().out)] == ["job-1"]
 
 
+IMPORTS_COUNTED = """
+from pathlib import Path
+
+import cosmoflow_actors as cf
+
+with Path(__file__).with_name("imports.log").open("a") as log:
+    log.write("imported\\n")
+
+
+@cf.node
+async def greet(ctx):
+    return cf.Action.complete(ctx.params)
+
+
+hello = cf.Flow.builder("hello").add_node("greet", greet).build()
+bye = cf.Flow.builder("bye").add_node("greet", greet).build()
+"""
+"""Two flows in a file that notes each time it is imported, in imports.log beside it."""
+
+
+def test_submit_adds_many_runs_and_imports_the_file_once(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flows = tmp_path / "flows.py"
+    flows.write_text(IMPORTS_COUNTED)
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    target = f"{flows}:hello"
+    assert main(["submit", target, "--queue", queue, "--runs", "3", "--param", "n=1"]) == 0
+    fresh = capsys.readouterr().out.split()
+    assert len(set(fresh)) == 3
+    params_file = tmp_path / "params.jsonl"
+    params_file.write_text('{"n": 2}\n\n{"n": 3, "who": "ada"}\n')
+    argv = ["submit", target, "--queue", queue, "--param", "who=bob", "--run-id", "b"]
+    assert main([*argv, "--params-file", str(params_file)]) == 0
+    assert capsys.readouterr().out == "b-1\nb-2\n"
+    assert (tmp_path / "imports.log").read_text() == "imported\n" * 2  # once a command
+
+    async def params_of(run_ids: list[str]) -> list[object]:
+        runs = cf.RunQueue.from_url(queue)
+        return [(await runs.info(run_id) or {}).get("params") for run_id in run_ids]
+
+    assert trio.run(params_of, [*fresh, "b-1", "b-2"]) == [
+        *[{"n": 1}] * 3,
+        {"who": "bob", "n": 2},
+        {"who": "ada", "n": 3},
+    ]
+    params_file.write_text('{"n": 4}\n{"n": NaN}\n')
+    assert main([*argv, "--params-file", str(params_file)]) == 2
+    assert capsys.readouterr().err == (
+        f"cosmoflow: error: {params_file}:2: not JSON: NaN is not JSON\n"
+    )
+    assert trio.run(params_of, ["b-3"]) == [None]  # a bad line: nothing submitted
+
+
+def test_a_worker_imports_a_file_once_for_all_its_flows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flows = tmp_path / "flows.py"
+    flows.write_text(IMPORTS_COUNTED)
+    argv = ["worker", f"{flows}:hello", f"{flows}:bye", "--queue", "redis://h/q"]
+    assert main([*argv, "--store", "file:x"]) == 2  # refused once the flows are loaded
+    assert "store 'file:x'" in capsys.readouterr().err
+    assert (tmp_path / "imports.log").read_text() == "imported\n"
+
+
 def test_requeue_refuses_a_run_that_is_not_failed_or_not_on_the_queue(
     redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -782,7 +917,8 @@ def test_status_prints_the_error_of_each_failed_run(
     assert main(["status", "--queue", queue, "--state", "failed"]) == 0
     out = capsys.readouterr().out
     assert table_row(out, "job-1")[2] == "failed"
-    assert "job-1 failed: NodeError: node 'broken' failed in exec" in out
+    error = "NodeError: node 'broken' failed in exec (run job-1, 1 attempt)"
+    assert f"\njob-1 failed: {error} (caused by RuntimeError: disk full)\n" in out  # one line
 
 
 def test_a_worker_process_runs_the_submitted_runs(
@@ -1197,3 +1333,65 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
         out, err = process.communicate(timeout=30)
     assert process.returncode == 130
     assert (out, err) == ("", "cosmoflow: interrupted\n")
+
+
+IN_A_THREAD = """
+import os
+import time
+
+import cosmoflow_actors as cf
+
+
+@cf.node
+async def first(ctx):
+    await ctx.store.update("first", lambda n: n + 1, default=0)
+
+
+class Block(cf.Node):
+    executor = "thread"
+
+    def exec(self, prep_res, ctx):
+        if os.environ.get("BLOCK"):
+            print("blocking", flush=True)
+            time.sleep(60)
+        return "done"
+
+    async def post(self, store, prep_res, exec_res, ctx):
+        await store.set("block", exec_res)
+
+
+flow = (
+    cf.Flow.builder("threads")
+    .add_node("first", first)
+    .add_node("block", Block())
+    .add_route("first", "block")
+    .build()
+)
+"""
+"""A durable flow whose second step blocks a thread for a minute when BLOCK is set."""
+
+
+def test_ctrl_c_does_not_wait_for_a_thread_and_the_run_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "threads.py"
+    flow_file.write_text(IN_A_THREAD)
+    store = f"sqlite:{tmp_path / 'runs.db'}"
+    argv = ["run", str(flow_file), "--store", store, "--run-id", "r1"]
+    command = [sys.executable, "-m", "cosmoflow_actors", *argv]
+    env = {**os.environ, "BLOCK": "1"}
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as process:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "blocking\n"  # "first" has committed
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+    assert process.returncode == 130
+    assert (out, err) == (
+        "",
+        "cosmoflow: interrupted (stopped without waiting for a step still running after 1 s)\n",
+    )
+    assert main([*argv, "--resume", "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["store"] == {"first": 1, "block": "done"}  # "first" ran once
