@@ -392,3 +392,24 @@ async def test_a_cancelled_run_waiting_for_a_busy_worker_gives_its_slot_back_at_
         await wait_all_tasks_blocked()
         assert steps_in_flight(engine, "single/only") == 1
         busy.cancel()
+
+
+class InterruptsItself(cf.Node):
+    """A thread exec that raises KeyboardInterrupt, as a Ctrl-C of its own would."""
+
+    executor = "thread"
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        raise KeyboardInterrupt
+
+
+async def test_a_keyboard_interrupt_in_a_thread_exec_fails_its_run_alone() -> None:
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(InterruptsItself()))
+        after = await engine.run(single(WhereAmI(executor="thread")))
+    cause = info.value.__cause__
+    assert isinstance(cause, cf.WorkerInterruptedError)
+    assert str(cause) == "exec was interrupted in its thread (KeyboardInterrupt)"
+    assert isinstance(cause.__cause__, KeyboardInterrupt)
+    assert after.success

@@ -29,6 +29,7 @@ from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.ray_executor import OnRay
 from cosmoflow_actors.runtime.store_client import detached
 from cosmoflow_actors.runtime.transfer import (
+    WorkerInterruptedError,
     answer,
     exec_in_worker,
     job,
@@ -121,8 +122,22 @@ class _InThread:
         starts once it is free (see :func:`within`)."""
         thread_ctx = dataclasses.replace(ctx, store=detached(ctx.store))
         async with trio.to_thread.current_default_thread_limiter():
-            running = trio.to_thread.run_sync(self._exec, prep_res, thread_ctx, limiter=self._held)
+            running = trio.to_thread.run_sync(
+                _exec_in_thread, self._exec, prep_res, thread_ctx, limiter=self._held
+            )
             return await within(time_limit, ctx.node_id, running)
+
+
+def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -> Any:
+    """Call ``exec_`` in a worker thread (blocks it). A KeyboardInterrupt there is exec's
+    own (signals reach only the main thread): WorkerInterruptedError, a failed
+    attempt."""
+    try:
+        return exec_(*args)
+    except KeyboardInterrupt as exc:
+        raise WorkerInterruptedError(
+            "exec was interrupted in its thread (KeyboardInterrupt)"
+        ) from exc
 
 
 class _InProcess:

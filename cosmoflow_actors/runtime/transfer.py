@@ -45,9 +45,9 @@ class WorkerTransferError(CosmoFlowError, TypeError):
 
 
 class WorkerInterruptedError(CosmoFlowError, RuntimeError):
-    """exec raised KeyboardInterrupt in a worker process (or Ray task): a failed attempt
-    of that step alone, not the operator's Ctrl-C in the engine. The KeyboardInterrupt
-    is ``__cause__``."""
+    """exec raised KeyboardInterrupt in a worker thread, process or Ray task: a failed
+    attempt of that step alone, not the operator's Ctrl-C in the engine. The
+    KeyboardInterrupt is ``__cause__``."""
 
 
 def pickled_node(node: Node, node_id: str) -> bytes:
