@@ -593,13 +593,18 @@ _DECIDE = (
 @pytest.mark.parametrize("conditional", [False, True], ids=["route_condition", "conditional"])
 async def test_a_user_condition_that_raises_fails_its_run_alone(conditional: bool) -> None:
     """An ActionCondition subclass's error reaches the run as a ConditionError naming
-    the condition; the engine serves the next run."""
+    where it was evaluated and the condition; the engine serves the next run."""
     params = {"conditional": conditional}
     async with cf.open_engine() as engine:
         with pytest.raises(ConditionError) as caught:
             await engine.run(_DECIDE, {"n": 5}, params=params)
+        where = (
+            "conditional action of node 'decide'"
+            if conditional
+            else "route 'decide' on action 'next'"
+        )
         assert str(caught.value) == (
-            "condition _AboveLimit could not be evaluated: its evaluate raised KeyError: "
+            f"{where}: condition _AboveLimit could not be evaluated: its evaluate raised KeyError: "
             "'limit'; it must return a bool for any store values (a key that is not stored "
             "is absent from them)"
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -929,20 +928,3 @@ async def test_each_item_of_a_batch_node_starts_from_its_first_attempt() -> None
     result = await single(node).run()
     assert result.result == ["one", "two"]
     assert node.retries_seen == [0, 1, 0]
-
-
-class Unreadable(cf.ActionCondition):
-    """A condition whose evaluate raises."""
-
-    def evaluate(self, values: Mapping[str, Any]) -> bool:
-        raise KeyError("missing")
-
-    @property
-    def keys(self) -> frozenset[str]:
-        return frozenset({"x"})
-
-
-async def test_a_conditional_action_that_cannot_be_resolved_names_its_node() -> None:
-    node = Recorder(cf.Action.conditional(Unreadable(), "yes", "no"))
-    with pytest.raises(cf.ConditionError, match=r"^conditional action of node 'only': condition"):
-        await single(node).run()

@@ -255,29 +255,6 @@ async def test_a_nested_flow_max_steps_bounds_its_own_loop() -> None:
     assert info.value.flow_name == "inner"
 
 
-class Fragile(cf.ActionCondition):
-    """A condition whose evaluate raises."""
-
-    def evaluate(self, values: Mapping[str, Any]) -> bool:
-        raise KeyError("missing")
-
-    @property
-    def keys(self) -> frozenset[str]:
-        return frozenset({"x"})
-
-
-async def test_a_route_condition_that_cannot_be_evaluated_names_its_route() -> None:
-    flow = (
-        cf.Flow.builder("f")
-        .add_node("a", Recorder("go"))
-        .add_node("b", Recorder())
-        .add_route("a", "b", "go", when=Fragile())
-        .build()
-    )
-    with pytest.raises(cf.ConditionError, match=r"^route 'a' on action 'go': condition Fragile"):
-        await flow.run({})
-
-
 class SlowReads(cf.MemoryStorage):
     """Memory storage whose reads of "slow" wait for ``release`` (holds the router)."""
 

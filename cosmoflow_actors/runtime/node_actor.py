@@ -356,12 +356,13 @@ class NodeActor(Actor[Step]):
 
     def _resolved(self, action: Action, values: Mapping[str, Any]) -> Action:
         """The conditional ``action`` post returned, resolved against the store
-        ``values``; a ConditionError names this node."""
+        ``values``; a ConditionError is raised again naming this node, from the same
+        cause."""
         try:
             return action.resolve(values)
         except ConditionError as exc:
             message = f"conditional action of node {self.node_id!r}: {exc}"
-            raise ConditionError(message) from exc
+            raise ConditionError(message) from exc.__cause__
 
     def _failed(self, phase: str, ctx: ExecutionContext, attempts: int = 1) -> NodeError:
         """The error that fails the step in ``phase`` (raise it from its cause)."""

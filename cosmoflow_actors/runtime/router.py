@@ -439,9 +439,9 @@ def _target(
 
 def _holds(route: Route, condition: ActionCondition, values: Mapping[str, Any]) -> bool:
     """Whether ``route``'s ``condition`` holds for the store ``values``; a
-    ConditionError names the route."""
+    ConditionError is raised again naming the route, from the same cause."""
     try:
         return condition.evaluate(values)
     except ConditionError as exc:
         message = f"route {route.source!r} on action {route.action!r}: {exc}"
-        raise ConditionError(message) from exc
+        raise ConditionError(message) from exc.__cause__
