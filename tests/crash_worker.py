@@ -15,6 +15,7 @@ fork instead of an interpreter start. The server and its children share one stdo
     commit <i>       "file" job: commit i returned, so it is durable (and, every
                      :data:`CLOSE_EVERY` commits, the close after it returned)
     done             "file" job: all its commits returned
+    tick             "torture" job: a step of one of its runs is committed
     exit <status>    the server reaped the child (after a "reap" line on stdin)
 
 On stdin the server takes, after a job line, any number of "go" lines and then one
@@ -25,7 +26,10 @@ any moment. Each line is one ``os.write`` of fewer than PIPE_BUF bytes: a killed
 never leaves half a line.
 
 The "flow" job's run is a 50-step loop; the "fan" job's run fans out into two loops of
-10 steps that meet at a join. A job is ``{"job": "flow" | "fan" | "file", "backend":
+10 steps that meet at a join. The "torture" job starts or continues
+:data:`TORTURE_RUNS` runs of :func:`torture_flow` at once on one store (see there), and
+writes "done" once all of them are recorded. A job is ``{"job": "flow" | "fan" |
+"file" | "torture", "backend":
 "file" | "sqlite" | "redis",
 "target": path or URL, "namespace": Redis namespace or null}``, with an optional
 ``"file_size_limit"``: the child's ``RLIMIT_FSIZE`` in bytes, so that a write past it
@@ -165,6 +169,221 @@ def fan_flow() -> cf.Flow:
 
 FLOWS: Final = {"flow": crash_flow, "fan": fan_flow}
 
+TORTURE_RUNS: Final = ("t0", "t1", "t2")
+"""The run ids of the "torture" job, run at once on one store."""
+
+BIG_BYTES: Final = 256 * 1024
+"""Size of the large values the torture flow writes, four times per run."""
+
+ODD_KEYS: Final = (
+    'quote " backslash \\ newline \n tab \t braces {} 💥',
+    "\u2028line\u2029separators",
+    " ",
+    "a:b/../c",
+    "nul\x00byte",
+    "%s%d{0}",
+    "__cosmoflow__/runs/not-a-record",
+)
+"""Key suffixes the torture flow writes: characters that JSON, SQL or Redis escape,
+and a key that only looks like a run record (a record's key is the whole key)."""
+
+SHARED: Final = "shared:steps"
+"""The key every step of every torture run increments: an update that the runs race
+for, which must count each committed step once."""
+
+
+def big(run_id: str, generation: int) -> str:
+    """The large value run ``run_id`` writes under ``<run_id>:big`` the ``generation``-th
+    time."""
+    prefix = f"{run_id}:{generation}:"
+    return prefix + "z" * (BIG_BYTES - len(prefix))
+
+
+async def count_step(store: cf.SharedStore, run_id: str, entry: str) -> None:
+    """What every torture step writes: ``shared:steps += 1``, ``<run_id>:log += [entry]``."""
+    await store.update(SHARED, _increment, default=0)
+    await store.update(f"{run_id}:log", functools.partial(_append, entry), default=[])
+
+
+class Seed(cf.Node):
+    """Writes a large value, the odd keys, two keys that later steps delete, and the
+    "mode" that the join's conditional action reads."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        run = ctx.run_id
+        await count_step(store, run, "seed")
+        await store.set(f"{run}:big", big(run, 1))
+        for index, key in enumerate(ODD_KEYS):
+            await store.set(f"{run}:{key}", {"index": index, "key": key})
+        await store.set_many({f"{run}:doomed": 1, f"{run}:doomed too": [1, 2]})
+        await store.set(f"{run}:mode", "hi")
+
+
+class Spin(cf.Node):
+    """A loop of four steps, which counts itself in ``<run_id>:spins``."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> str:
+        spins: int = await store.update(f"{ctx.run_id}:spins", _increment, default=0)
+        await count_step(store, ctx.run_id, f"spin {spins}")
+        return "again" if spins < 4 else "done"
+
+
+class Squares(cf.BatchNode):
+    """A BatchNode over six items whose even items fail their first two attempts."""
+
+    max_retries = 3
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[int]:
+        return list(range(6))
+
+    def exec(self, item: int, ctx: cf.ExecutionContext) -> int:
+        if item % 2 == 0 and ctx.current_retry < 2:
+            raise ConnectionError(f"item {item}: attempt {ctx.current_retry + 1} fails")
+        return item * item
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: list[int], ctx: cf.ExecutionContext
+    ) -> None:
+        await count_step(store, ctx.run_id, "squares")
+        await store.set(f"{ctx.run_id}:squares", exec_res)
+        await store.delete(f"{ctx.run_id}:doomed")
+
+
+class Meet(cf.Node):
+    """The join: writes what both branches left, deletes a key, and returns an action
+    conditional on "mode" ("high" while it is "hi")."""
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[Any]:
+        run = ctx.run_id
+        return [await store.get(f"{run}:spins"), await store.get(f"{run}:squares")]
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: list[Any], exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        run = ctx.run_id
+        await count_step(store, run, "meet")
+        await store.set(f"{run}:met", prep_res)
+        await store.delete(f"{run}:doomed too")
+        high = cf.ActionCondition.key_equals(f"{run}:mode", "hi")
+        return cf.Action.conditional(high, "high", "low")
+
+
+class Rewrite(cf.Node):
+    """A loop of three steps in a nested flow, each replacing the large value."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> str:
+        run = ctx.run_id
+        rewrites: int = await store.update(f"{run}:rewrites", _increment, default=0)
+        await count_step(store, run, f"rewrite {rewrites}")
+        await store.set(f"{run}:big", big(run, rewrites + 1))
+        return "again" if rewrites < 3 else "done"
+
+
+class Settle(cf.Node):
+    """Ends the nested flow: sets "mode" to "lo"."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        await count_step(store, ctx.run_id, "settle")
+        await store.set(f"{ctx.run_id}:mode", "lo")
+
+
+class Child(cf.Node):
+    """A step of a BatchFlow's child run ``<parent>/<index>``: counts itself under its
+    parent's keys (c1 loops twice)."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> str:
+        parent, _, index = ctx.run_id.rpartition("/")
+        key = f"{parent}:child {index}:{ctx.node_id}"
+        made: int = await store.update(key, _increment, default=0)
+        await count_step(store, parent, f"child {index} {ctx.node_id}")
+        return "again" if ctx.node_id == "c1" and made < 2 else "done"
+
+
+class Children(cf.BatchFlow):
+    """Three child runs, two at a time; writes their run ids and step counts."""
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, str]]:
+        return [{"name": name} for name in ("a", "b", "c")]
+
+    async def post(
+        self,
+        store: cf.SharedStore,
+        prep_res: Any,
+        exec_res: list[cf.FlowResult],
+        ctx: cf.ExecutionContext,
+    ) -> None:
+        await count_step(store, ctx.run_id, "children")
+        results = [[child.run_id, child.steps_executed] for child in exec_res]
+        await store.set(f"{ctx.run_id}:children", results)
+
+
+class Finish(cf.Node):
+    """Lists the run's keys and completes the run with "mode"."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        run = ctx.run_id
+        await count_step(store, run, "finish")
+        keys = sorted(key for key in await store.keys() if key.startswith(f"{run}:"))
+        await store.set(f"{run}:keys", keys)
+        return cf.Action.complete(await store.get(f"{run}:mode"))
+
+
+def torture_flow() -> cf.Flow:
+    """seed, then a fan-out to the Spin loop (its route reads the shared counter) and
+    the Squares BatchNode, joined at "meet"; its conditional action leads to the nested
+    flow of Rewrite and Settle, then the Children BatchFlow, then "finish". A run that
+    took a wrong route ends at "wrong"."""
+    rewrite = (
+        cf.Flow.builder("rewrite")
+        .add_node("rewrite", Rewrite())
+        .add_node("settle", Settle())
+        .add_route("rewrite", "rewrite", "again")
+        .add_route("rewrite", "settle", "done")
+        .build()
+    )
+    child = (
+        cf.Flow.builder("child")
+        .add_node("c1", Child())
+        .add_node("c2", Child())
+        .add_route("c1", "c1", "again")
+        .add_route("c1", "c2", "done")
+        .build()
+    )
+    counted = cf.ActionCondition.compare(SHARED, ">", 0)
+    return (
+        cf.Flow.builder("torture")
+        .add_node("seed", Seed())
+        .add_node("spin", Spin())
+        .add_node("squares", Squares())
+        .add_join("meet", Meet())
+        .add_node("rewrite", rewrite)
+        .add_node("children", Children(child, max_concurrency=2))
+        .add_node("finish", Finish())
+        .add_node("wrong", cf.Node())
+        .add_route("seed", ["spin", "squares"])
+        .add_route("spin", "spin", "again", when=counted)
+        .add_route("spin", "wrong", "again")
+        .add_route("spin", "meet", "done")
+        .add_route("squares", "meet")
+        .add_route("meet", "rewrite", "high")
+        .add_route("meet", "wrong", "low")
+        .add_route("rewrite", "children")
+        .add_route("children", "finish")
+        .build()
+    )
+
 
 def blob(i: int) -> str:
     """The value commit ``i`` of the "file" job writes under ``blob:<i % BLOBS>``."""
@@ -243,7 +462,40 @@ async def run_file_commits(job: dict[str, Any]) -> None:
     emit("done")
 
 
-JOBS: Final = {"flow": run_flow, "fan": run_flow, "file": run_file_commits}
+async def run_torture(job: dict[str, Any]) -> None:
+    """Start or continue every run of :data:`TORTURE_RUNS` at once; write "tick" for
+    each committed step, then "done"."""
+    storage = open_storage(job)
+    flow = torture_flow()
+    async with (
+        cf.open_engine() as engine,
+        engine.events() as events,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(_report_ticks, events)
+        try:
+            async with trio.open_nursery() as runs:
+                for run_id in TORTURE_RUNS:
+                    resume = functools.partial(engine.resume, run_id=run_id)
+                    runs.start_soon(resume, flow, storage)
+        finally:
+            events.close()  # the reporter reports what is buffered, then ends
+    emit("done")
+
+
+async def _report_ticks(events: cf.EventStream) -> None:
+    """StepFinished with an action comes after the step's commit returned."""
+    async for event in events:
+        if isinstance(event, cf.StepFinished) and event.action is not None:
+            emit("tick")
+
+
+JOBS: Final = {
+    "flow": run_flow,
+    "fan": run_flow,
+    "file": run_file_commits,
+    "torture": run_torture,
+}
 
 
 def _child(job: dict[str, Any], go: int) -> None:

@@ -27,13 +27,17 @@ import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.durability import record_key
 from cosmoflow_actors.storage import file as file_storage
 from cosmoflow_actors.storage import sqlite as sqlite_storage
+from cosmoflow_actors.storage.base import RECORD_PREFIX
 from tests.crash_worker import (
     BLOBS,
+    CLOSE_EVERY,
     FILE_COMMITS,
     LINE_STEPS,
     LINES,
     RUN_ID,
+    SHARED,
     STEPS,
+    TORTURE_RUNS,
     CountingStep,
     blob,
     crash_flow,
@@ -313,6 +317,81 @@ async def test_a_killed_durable_fan_out_resumes_to_the_uninterrupted_result(
             assert final[RECORD]["state"] == "succeeded", f"seed {seed!r}"
 
 
+TORTURE_TRIALS: Final = 12
+"""Trials per backend of the torture test."""
+TORTURE_KILLS: Final = 5
+"""Children a torture trial kills in a row, each going on from what the last one left."""
+TORTURE_TICKS: Final = 22 * len(TORTURE_RUNS)
+"""Steps of the "torture" job's runs, their BatchFlow children's included (each run: the
+seed, four spins, the squares, the join, three rewrites, the settle, the BatchFlow step
+and its children's nine, the finish)."""
+
+
+async def peeked(job: dict[str, Any]) -> dict[str, Any]:
+    """What the job's store holds, read without changing it: a FileStorage closed
+    compacts, which would tidy what a kill left for the next child to meet."""
+    if job["backend"] == "file":
+        return {key: entry.unwrap() for key, entry in file_storage.peek(job["target"]).items()}
+    return await read_closed(open_storage(job))
+
+
+def check_torture_interrupted(data: dict[str, Any], context: str) -> None:
+    """Check what killed torture runs left: every committed step (the records' paths
+    count them) counted once in the shared counter and in its run's log."""
+    records = {key: value for key, value in data.items() if key.startswith(RECORD_PREFIX)}
+    committed = sum(len(record["path"]) for record in records.values())
+    assert data.get(SHARED, 0) == committed, f"{context}: a step applied twice or lost"
+    for run_id in TORTURE_RUNS:
+        runs = [r for r in records.values() if r["run_id"].split("/")[0] == run_id]
+        steps = sum(len(record["path"]) for record in runs)
+        assert len(data.get(f"{run_id}:log", [])) == steps, f"{context}: {run_id}'s log"
+
+
+def comparable(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as two runs of the torture flow leave it alike: the records without
+    their durations, and paths and logs as multisets (branches and children
+    interleave differently from one run to the next)."""
+    alike: dict[str, Any] = {}
+    for key, value in data.items():
+        if key.startswith(RECORD_PREFIX):
+            result = {k: v for k, v in value["result"].items() if k != "duration"}
+            alike[key] = {**value, "path": sorted(value["path"]), "result": result}
+        elif key.endswith(":log"):
+            alike[key] = sorted(value)
+        else:
+            alike[key] = value
+    return alike
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["file", "sqlite", "redis"])
+async def test_concurrent_runs_killed_again_and_again_end_as_uninterrupted_ones(
+    backend: str, server: Server, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Three runs of the torture flow (fan-out and join, a nested flow, a BatchNode
+    with retries, a BatchFlow, conditional routes, updates the runs race for, deletes,
+    large values, odd keys) share one store. A trial kills its children
+    :data:`TORTURE_KILLS` times in a row at random points, a kill in a compaction left
+    behind or in the first open included, then lets one finish: after each kill every
+    committed step is in the store once, and in the end the store is the one an
+    uninterrupted run leaves."""
+    reference_job = {**job_for(backend, tmp_path, request, "reference"), "job": "torture"}
+    assert (await kill_after_lines(server, reference_job, TORTURE_TICKS + 1)).done
+    reference = comparable(await read_closed(open_storage(reference_job)))
+    assert reference[SHARED] == TORTURE_TICKS
+    for trial in range(TORTURE_TRIALS):
+        seed = f"torture-{backend}-{trial}"
+        rng = random.Random(seed)
+        job = {**job_for(backend, tmp_path, request, f"torture-{trial}"), "job": "torture"}
+        for kill in range(TORTURE_KILLS):
+            child = await kill_after_lines(server, job, rng.randint(0, TORTURE_TICKS))
+            context = f"seed {seed!r}, kill {kill} after {len(child.lines)} lines"
+            check_torture_interrupted(await peeked(job), context)
+        assert (await kill_after_lines(server, job, TORTURE_TICKS + 1)).done, f"seed {seed!r}"
+        final = comparable(await read_closed(open_storage(job)))
+        assert final == reference, f"seed {seed!r}"
+
+
 MOMENTS: Final = ("writing", "renamed", "writing", "compacting", "begun")
 """When a "file" job child is killed, in its commit i: once it announced "begin i" (and
 waits for "go"); once it writes (a journal line is open, or a temporary file exists);
@@ -451,6 +530,53 @@ async def check_file_after_kill(path: Path, child: Child, context: str) -> str:
     await storage.aclose()
     assert await read_closed(cf.FileStorage(path)) == {**stored, "i": count + 1}, context
     return "stray temp" if temps else left or "clean"
+
+
+def generations(path: Path) -> tuple[int, int]:
+    """The generations of the snapshot at ``path`` and of its journal."""
+    snapshot = json.loads(path.read_bytes())["generation"]
+    journal = path.with_name(f"{path.name}.journal").read_bytes()
+    return snapshot, json.loads(journal.partition(b"\n")[0])["generation"]
+
+
+async def killed_between_renames(server: Server, path: Path, commit: int) -> bool:
+    """Kill a "file" job's child on ``path`` once a new snapshot is in place in its
+    commit ``commit``; return whether the kill landed before the journal's replacement."""
+    await kill_during_commit(server, path, commit, "renamed")
+    snapshot, journal = generations(path)
+    return snapshot > journal
+
+
+async def test_a_file_storage_killed_twice_between_a_compactions_renames_opens(
+    server: Server, tmp_path: Path
+) -> None:
+    """The first kill leaves the journal one generation behind; so the next child's
+    first commit compacts, and the second kill stops that compaction at the same point:
+    the journal is two generations behind, which the next open ignores too. (A kill
+    that misses the moment is tried again on a copy of the files it started from.)"""
+    first = await killed_in_a_copy(server, tmp_path, "first", None, CLOSE_EVERY)
+    assert generations(first) == (2, 1)  # the close after commit 4 compacted
+    second = await killed_in_a_copy(server, tmp_path, "second", first, 1)
+    assert generations(second) == (3, 1)
+    stored = await read_closed(cf.FileStorage(second))
+    assert stored == {"blob:0": blob(3), "blob:1": blob(1), "blob:2": blob(2), "i": 1}
+
+
+async def killed_in_a_copy(
+    server: Server, tmp_path: Path, name: str, start: Path | None, commit: int
+) -> Path:
+    """The store a child killed between the renames of commit ``commit`` left, in a
+    directory ``name-<attempt>`` that held a copy of the snapshot and journal at
+    ``start`` (or nothing) before it."""
+    for attempt in range(MAX_FILE_TRIALS):
+        path = tmp_path / f"{name}-{attempt}" / "store.json"
+        path.parent.mkdir()
+        if start is not None:
+            for source in (start, start.with_name(f"{start.name}.journal")):
+                path.with_name(source.name).write_bytes(source.read_bytes())
+        if await killed_between_renames(server, path, commit):
+            return path
+    raise AssertionError(f"no kill landed between the renames of commit {commit}")
 
 
 @pytest.mark.slow

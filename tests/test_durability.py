@@ -356,6 +356,62 @@ async def test_two_engines_running_one_run_commit_each_step_once(
     assert [(r.run_id, r.state, r.steps) for r in records] == [("r", "succeeded", 1)]
 
 
+class HeldThenFails(Held):
+    """A Held whose exec fails once its gate opens."""
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        await super().exec(prep_res, ctx)
+        raise RuntimeError(f"{self.label} fails")
+
+
+def two_step_flow(first: Held, second: Held) -> cf.Flow:
+    return (
+        cf.Flow.builder("held")
+        .add_node("first", first)
+        .add_node("second", second)
+        .add_route("first", "second")
+        .build()
+    )
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "custom"])
+async def test_a_failure_in_another_engine_leaves_the_record_of_a_later_commit_alone(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Engine b resumes run "r" while engine a runs it; a commits step 1, then b's step 1
+    fails. b's record of the failure would count no step, and put step 1 back in the
+    run's future: it is not written, so a commits step 2 and each step is applied once."""
+    if kind == "custom":
+        text: dict[str, str] = {}
+        storages = [PersistentDictStorage(text), PersistentDictStorage(text)]
+    else:
+        backend = make_backend(kind, tmp_path, request)
+        storages = [backend.open(), backend.open()]
+    first, second, failing = Held("a"), Held("a"), HeldThenFails("b")
+
+    async def resume_in_b(engine: cf.Engine) -> None:
+        with pytest.raises(cf.NodeError, match="node 'first' failed in exec"):
+            await engine.resume(two_step_flow(failing, Held("b")), storages[1], run_id="r")
+
+    async with cf.open_engine() as engine_a, cf.open_engine() as engine_b:
+        run = await engine_a.start_run(two_step_flow(first, second), storages[0], run_id="r")
+        await first.arrived.wait()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(resume_in_b, engine_b)
+            await failing.arrived.wait()
+            first.gate.set()
+            await second.arrived.wait()  # step 1 is committed
+            failing.gate.set()
+        second.gate.set()
+        result = await run.wait()
+        records = await engine_a.list_runs(storages[0])
+        n = await storages[0].get("n")
+
+    assert result.execution_path == ("first", "second")
+    assert [(r.run_id, r.state, r.steps) for r in records] == [("r", "succeeded", 2)]
+    assert n == 2
+
+
 async def test_a_step_whose_record_was_removed_meanwhile_is_not_applied() -> None:
     """Another process removed the run's record while a step ran: its commit is
     refused, so the step cannot recreate a run the store no longer knows."""

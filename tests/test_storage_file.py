@@ -486,6 +486,28 @@ async def test_a_journal_one_generation_behind_was_already_compacted(tmp_path: P
     assert on_disk(path) == {"a": 1}
 
 
+async def test_two_compactions_stopped_before_the_journal_leave_a_store_that_opens(
+    tmp_path: Path,
+) -> None:
+    """The first compaction left the journal behind, so the next commit compacted, and
+    stopped at the same point: the journal is two generations behind."""
+    path = tmp_path / "store.json"
+    storage = await stored(path, a=1)
+    await storage.set("x", 1)
+    await storage.commit()
+    stale = journal(path)
+    await storage.aclose()  # compacts: generation 2
+    journal_of(path).write_text(stale)  # as if a crash hit before its replacement
+    storage = await stored(path, b=2)  # the journal is behind: this commit compacts
+    await storage.aclose()
+    journal_of(path).write_text(stale)  # the same crash again
+
+    assert on_disk(path) == {"a": 1, "x": 1, "b": 2}
+    reopened = await stored(path, c=3)
+    await reopened.aclose()
+    assert on_disk(path) == {"a": 1, "x": 1, "b": 2, "c": 3}
+
+
 async def test_stray_temporary_files_are_removed_at_open(tmp_path: Path) -> None:
     path = tmp_path / "store.json"
     await saved(path, a=1)

@@ -272,6 +272,17 @@ def test_a_journal_one_generation_behind_is_skipped_but_seen(tmp_path: Path) -> 
     journal.check_unchanged(journal.journal_path(path), loaded.journal_seen)
 
 
+def test_a_journal_two_generations_behind_is_skipped_too(tmp_path: Path) -> None:
+    """Two compactions stopped before they replaced the journal (the second one ran
+    because the first left the journal behind): it is stale, not from another store."""
+    path = store(tmp_path, SNAPSHOT % 3, HEADER % 1 + '[["set","x",1]]\n')
+
+    loaded = journal.load(path, JSON)
+
+    assert values(loaded) == [("a", 1)]
+    assert (loaded.generation, loaded.journal_bytes, loaded.journal_usable) == (3, 0, False)
+
+
 # --- append and check_unchanged ----------------------------------------------------------
 
 

@@ -271,14 +271,22 @@ class DurableRun(Durability):
 
     async def fail(self, run: ActiveRun, error: BaseException) -> None:
         """Record the failure (best effort), then fail the run; unless another engine
-        has taken the run over (RunConflictError): the record is its."""
+        has taken the run over (RunConflictError): the record is its.
+
+        The failure is recorded as a step's commit is, only if the stored record still
+        counts the steps this engine committed: another engine that committed a step of
+        the run meanwhile keeps its record, which a record counting fewer steps would
+        put back in the run's future (to be applied again on resume).
+        """
         if run.finished or isinstance(error, RunConflictError):
             run.fail(error)
             return
         async with self.lock:
             record = failed(self.record, error)
-            with contextlib.suppress(StorageError):
-                await run.store_actor.write_record(run.storage, record_key(run.run_id), record)
+            steps = len(self.record["path"])
+            key = record_key(run.run_id)
+            with contextlib.suppress(StorageError):  # RunConflictError among them
+                await run.store_actor.commit_step(run.storage, [], key, record, steps)
             run.fail(error)
 
 

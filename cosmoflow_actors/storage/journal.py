@@ -16,8 +16,10 @@ line is one commit, a JSON array of its writes in order::
 A commit is one appended line followed by ``fdatasync``. Compaction writes generation
 ``g + 1`` of the snapshot (temporary file, fsync, rename, directory fsync), then replaces
 the journal with a bare header for ``g + 1`` the same way. Loading replays a journal whose
-generation equals the snapshot's; a journal one generation behind was already folded into
-the snapshot by a compaction that stopped before replacing it, and is ignored. A last
+generation equals the snapshot's. A journal of an earlier generation was already folded
+into the snapshot by a compaction that stopped before replacing it, and is ignored: it
+can be several generations behind, because while it is there every commit compacts, and
+each of those compactions may stop at the same point. A last
 line that is cut short or unreadable is a commit a crash interrupted: it is ignored.
 
 Every function here except the encoders blocks on the file system: run them in a worker
@@ -276,11 +278,10 @@ def _load_journal(journal: Path, content: bytes, codec: Codec, loaded: Loaded) -
     if header.format != JOURNAL_FORMAT or header.version != VERSION:
         raise StorageError(f"{journal} is not a {JOURNAL_FORMAT!r} version {VERSION} journal")
     check_codec(str(journal), header.codec, codec)
-    if header.generation == loaded.generation - 1:
+    if header.generation < loaded.generation:
         return  # already folded into the snapshot; the next commit replaces it
-    if header.generation != loaded.generation:
-        mismatch = JournalAhead if header.generation > loaded.generation else StorageError
-        raise mismatch(
+    if header.generation > loaded.generation:
+        raise JournalAhead(
             f"{journal} continues snapshot generation {header.generation}, but the snapshot "
             f"is generation {loaded.generation}: the two files do not belong together"
         )
