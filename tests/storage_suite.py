@@ -3,6 +3,10 @@
 Every backend is described by a :class:`Backend`: ``open()`` returns a new storage
 instance over the same data each time (so a second call shows what the first one
 committed), and the flags say what the backend promises beyond the common contract.
+
+A backend of your own joins the suite through the environment variable
+:data:`EXTERNAL_VARIABLE` (see :func:`external_backends` and
+docs/howto-custom-storage.md).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import fcntl
+import importlib
 import json
 import os
 import resource
@@ -21,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import redis
@@ -37,6 +42,33 @@ READY_TIMEOUT = 30.0
 """Seconds redis-server may take to report that it accepts connections."""
 
 
+def refuses_nothing(key: str, value: Any) -> bool:
+    """A backend that keeps every value as it is (memory)."""
+    return False
+
+
+def refuses_unless_json_text(key: str, value: Any) -> bool:
+    """A backend that stores ``json.dumps(value, allow_nan=False)``: it refuses what that
+    cannot write (an object JSON has no type for, NaN, an infinity). A lone surrogate
+    in a string is written escaped, so it is kept."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return True
+    return False
+
+
+def refuses_unless_utf8_json(key: str, value: Any) -> bool:
+    """A backend that stores keys and values as JSON in UTF-8 (the built-in persistent
+    ones): it also refuses a key or a string that is not valid Unicode (a lone
+    surrogate), which UTF-8 cannot hold."""
+    try:
+        json.dumps([key, value], allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
+        return True
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """One backend under test, over data of its own."""
@@ -45,16 +77,38 @@ class Backend:
     open: Callable[..., cf.Storage]
     """``open(codec=...)``: a new instance over this backend's data."""
     ordered: bool = True
-    """``keys()`` keeps insertion order."""
+    """``keys()`` keeps insertion order, as a ``dict`` does: a key set again keeps its
+    place, one deleted and set again goes to the end."""
     exclusive: bool = False
     """One instance at a time may be open over the data (FileStorage's lock)."""
+    encoding: bool = True
+    """Values are stored encoded: ``get`` returns a fresh copy, and a value the backend
+    cannot encode (see :attr:`refuses`) is refused with StorageError, storing nothing."""
+    refuses: Callable[[str, Any], bool] = refuses_unless_json_text
+    """``refuses(key, value)``: whether the backend refuses to store ``value`` under
+    ``key``."""
+    names_key: bool = True
+    """A refused write raises StoreValueError naming its key (else any StorageError)."""
+    staged: bool = True
+    """Writes wait for a commit: an instance closed (or dropped) without one loses them.
+    False: a write lands at once (memory, the custom backend)."""
+    update_commits: bool = False
+    """Its own ``update`` commits the writes staged before it with its own (Redis)."""
     made: list[cf.Storage] = dataclasses.field(default_factory=list)
     """The instances :meth:`instance` made so far, of an exclusive backend."""
 
+    @property
+    def persistent(self) -> bool:
+        """What its storage class says (``Storage.persistent``): a new instance sees what
+        an earlier one committed, writes wait for a commit, and runs given a ``run_id``
+        on it are durable."""
+        return type(self.open()).persistent
+
     async def instance(self, **options: Any) -> cf.Storage:
-        """Return :attr:`open` ``(**options)``; for an exclusive backend, first close the
-        instances this method made before, as one process closes a store before another
-        one opens it."""
+        """Return :attr:`open` ``(**options)``, opened (``Storage.open``), as the store
+        actor opens a storage before its first call; for an exclusive backend, first
+        close the instances this method made before, as one process closes a store
+        before another one opens it."""
         if self.exclusive:
             for storage in self.made:
                 await storage.aclose()
@@ -62,6 +116,7 @@ class Backend:
         storage = self.open(**options)
         if self.exclusive:
             self.made.append(storage)
+        await storage.open()
         return storage
 
 
@@ -187,29 +242,111 @@ async def holder(command: list[str], ready: bytes) -> AsyncIterator[trio.Process
         await process.wait()
 
 
-BACKENDS = ["memory", "file", "sqlite", "redis", "custom"]
+EXTERNAL_VARIABLE: Final = "COSMOFLOW_TEST_STORAGE"
+"""The environment variable that names backends of your own for the suite to test:
+``module:function``, several separated by commas. ``function(directory)`` returns a
+:class:`Backend` whose data lives in ``directory`` (a new one for each test); its tests
+are named after the function. The module is imported when its first test runs."""
+
+
+def external_backends(names: str) -> dict[str, str]:
+    """The entries of ``names`` (the value of :data:`EXTERNAL_VARIABLE`), by the name of
+    their function. Raises ValueError naming an entry not of the form
+    ``module:function``, or whose function has the name of another backend. Does not
+    import anything."""
+    found: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in names.split(","))):
+        module_name, _, function_name = entry.partition(":")
+        if not module_name or not function_name.isidentifier():
+            raise ValueError(
+                f"{EXTERNAL_VARIABLE}: {entry!r} is not of the form module:function "
+                "(for example mypackage.test_backends:json_directory)"
+            )
+        if function_name in BUILT_IN or function_name in found:
+            raise ValueError(
+                f"{EXTERNAL_VARIABLE}: {entry!r}: the name {function_name!r} is taken by "
+                "another backend of the suite; rename the function"
+            )
+        found[function_name] = entry
+    return found
+
+
+def external_backend(entry: str) -> Callable[[Path], Backend]:
+    """The function the entry ``module:function`` names. Imports the module; raises
+    ValueError naming the entry when it cannot be imported or has no such function."""
+    module_name, _, function_name = entry.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"{EXTERNAL_VARIABLE}: {entry!r}: cannot import module {module_name!r} ({exc}); "
+            "is its directory on PYTHONPATH?"
+        ) from exc
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(
+            f"{EXTERNAL_VARIABLE}: {entry!r}: module {module_name!r} has no function "
+            f"{function_name!r}"
+        )
+    backend: Callable[[Path], Backend] = function
+    return backend
+
+
+BUILT_IN = ["memory", "file", "sqlite", "redis", "custom"]
+"""The suite's own backends: the four the library ships, and JsonDictStorage."""
+EXTERNAL = external_backends(os.environ.get(EXTERNAL_VARIABLE, ""))
+"""The backends :data:`EXTERNAL_VARIABLE` names: ``module:function`` by function name."""
+BACKENDS = [*BUILT_IN, *EXTERNAL]
+ORDERED = ["memory", "file", "sqlite", "custom"]
+"""The built-in backends whose ``keys()`` keep insertion order (:attr:`Backend.ordered`)."""
 ENCODING = ["file", "sqlite", "redis", "custom"]
-"""Values are stored encoded: copies come back, unencodable values are refused."""
+"""The built-in backends that store values encoded: copies come back, unencodable
+values are refused (:attr:`Backend.encoding`)."""
 PERSISTENT = ["file", "sqlite", "redis"]
-"""A new instance sees what an earlier one committed; ``codec=`` is accepted."""
+"""The built-in backends whose data outlives the instance (:attr:`Backend.persistent`)."""
+CODECS = PERSISTENT
+"""The built-in backends that take ``codec="json"`` or ``"pickle"`` and record it."""
 
 
 def make_backend(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
     """Return the backend called ``name`` over fresh data of this test's own."""
+    if name in EXTERNAL:
+        return external_backend(EXTERNAL[name])(tmp_path)
     if name == "memory":
         memory: dict[str, Any] = {}
-        return Backend(name, lambda: cf.MemoryStorage(memory))
+        return Backend(
+            name,
+            lambda: cf.MemoryStorage(memory),
+            encoding=False,
+            refuses=refuses_nothing,
+            staged=False,
+        )
     if name == "custom":
         text: dict[str, str] = {}
-        return Backend(name, lambda: JsonDictStorage(text))
+        return Backend(name, lambda: JsonDictStorage(text), names_key=False, staged=False)
     if name == "file":
         path = tmp_path / "store.json"
-        return Backend(name, lambda **options: FileStorage(path, **options), exclusive=True)
+        return Backend(
+            name,
+            lambda **options: FileStorage(path, **options),
+            exclusive=True,
+            refuses=refuses_unless_utf8_json,
+        )
     if name == "sqlite":
-        return Backend(name, lambda **options: SQLiteStorage(tmp_path / "store.db", **options))
+        return Backend(
+            name,
+            lambda **options: SQLiteStorage(tmp_path / "store.db", **options),
+            refuses=refuses_unless_utf8_json,
+        )
     server: RedisServer = request.getfixturevalue("redis_server")
     namespace = unique_namespace()
-    return Backend(name, lambda **options: server.storage(namespace, **options), ordered=False)
+    return Backend(
+        name,
+        lambda **options: server.storage(namespace, **options),
+        ordered=False,
+        refuses=refuses_unless_utf8_json,
+        update_commits=True,
+    )
 
 
 @contextmanager

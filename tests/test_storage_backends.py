@@ -1,4 +1,5 @@
-"""One test suite for every backend: memory, file, SQLite, Redis and a custom Storage.
+"""One test suite for every backend: memory, file, SQLite, Redis, a custom Storage, and
+those of your own that ``COSMOFLOW_TEST_STORAGE`` names (see tests/storage_suite.py).
 
 The first half calls the backend directly, as the store actor does; the second half goes
 through the engine and the whole SharedStore API. Backends differ only where their
@@ -13,7 +14,7 @@ import decimal
 import math
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,16 @@ import cosmoflow_actors as cf
 from cosmoflow_actors.storage.base import RECORD_PREFIX
 from tests.storage_suite import (
     BACKENDS,
+    BUILT_IN,
+    CODECS,
     ENCODING,
+    EXTERNAL,
+    ORDERED,
     PERSISTENT,
     Backend,
+    JsonDictStorage,
+    external_backend,
+    external_backends,
     file_size_limit,
     make_backend,
 )
@@ -56,14 +64,31 @@ class Point:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """Each backend in turn, over fresh data; ``@persistent`` and ``@encoding`` narrow it."""
-    return make_backend(request.param, tmp_path, request)
+    """Each backend in turn, over fresh data; ``@persistent`` and ``@encoding`` narrow it
+    to those that keep that promise (an external backend that does not is skipped,
+    saying so), ``@codecs`` to the built-in persistent ones."""
+    name, promise = request.param if isinstance(request.param, tuple) else (request.param, "")
+    chosen = make_backend(name, tmp_path, request)
+    if promise and not getattr(chosen, promise):
+        assert name in EXTERNAL, f"{name!r} is listed as {promise} but does not promise it"
+        pytest.skip(f"{name} does not promise {promise} (see tests.storage_suite.Backend)")
+    return chosen
 
 
-persistent = pytest.mark.parametrize("backend", PERSISTENT, indirect=True)
-"""Only the backends whose data outlives the instance (and that take ``codec=``)."""
-encoding = pytest.mark.parametrize("backend", ENCODING, indirect=True)
+def for_backends(promise: str, built_in: list[str]) -> pytest.MarkDecorator:
+    """Run a test on the ``built_in`` backends, which keep ``promise`` (a
+    :class:`Backend` property), and on every external one that does."""
+    names = [*built_in, *EXTERNAL]
+    params = [pytest.param((name, promise), id=name) for name in names]
+    return pytest.mark.parametrize("backend", params, indirect=True)
+
+
+persistent = for_backends("persistent", PERSISTENT)
+"""Only the backends whose data outlives the instance."""
+encoding = for_backends("encoding", ENCODING)
 """Only the backends that store values encoded (not memory, which keeps the objects)."""
+codecs = pytest.mark.parametrize("backend", CODECS, indirect=True)
+"""Only the backends that take ``codec=`` (the built-in persistent ones)."""
 
 
 async def committed(backend: Backend, **values: Any) -> cf.Storage:
@@ -96,6 +121,20 @@ async def test_set_get_delete_keys_contains_size(backend: Backend) -> None:
     assert await storage.size() == 2
     await storage.commit()
     assert await contents(await backend.instance()) == {"z": 1, "a": {"nested": [1, "two", None]}}
+
+
+@for_backends("ordered", ORDERED)
+async def test_keys_keep_the_order_a_dict_keeps(backend: Backend) -> None:
+    storage = await committed(backend, a=1, b=2, c=3)
+
+    await storage.set("a", 10)  # set again: keeps its place
+    await storage.delete("b")
+    await storage.set("b", 20)  # deleted and set again: goes to the end
+    staged = await storage.keys()
+    await storage.commit()
+
+    assert staged == ["a", "c", "b"]
+    assert await (await backend.instance()).keys() == ["a", "c", "b"]
 
 
 async def test_missing_key(backend: Backend) -> None:
@@ -133,15 +172,13 @@ async def test_a_new_instance_sees_what_was_committed(backend: Backend) -> None:
 
 async def test_odd_keys_round_trip_and_never_become_paths(backend: Backend, tmp_path: Path) -> None:
     await committed(backend, **{key: index for index, key in enumerate(ODD_KEYS)})
-    files = sorted(os.listdir(tmp_path))
+    names = {name for _, folders, files in os.walk(tmp_path) for name in [*folders, *files]}
 
     reopened = await backend.instance()
 
     assert [await reopened.get(key) for key in ODD_KEYS] == list(range(len(ODD_KEYS)))
     assert sorted(await reopened.keys()) == sorted(ODD_KEYS)
-    assert len(files) <= 3  # the store's own files (data, journal or -wal/-shm) only
-    assert not (tmp_path / "etc").exists()
-    assert not (tmp_path / "a").exists()
+    assert not names & {"etc", "passwd", "a", "b", "c", "absolute", "windows", "path"}
 
 
 async def test_a_ten_megabyte_value_round_trips(backend: Backend) -> None:
@@ -184,7 +221,7 @@ async def test_a_key_that_is_not_valid_unicode_is_missing(backend: Backend) -> N
     assert await storage.delete("\ud800") is False
 
 
-@persistent
+@codecs
 async def test_a_key_that_is_not_valid_unicode_is_never_stored(backend: Backend) -> None:
     storage = await backend.instance()
 
@@ -194,6 +231,7 @@ async def test_a_key_that_is_not_valid_unicode_is_never_stored(backend: Backend)
     assert await storage.size() == 0
 
 
+@pytest.mark.parametrize("backend", BUILT_IN, indirect=True)
 async def test_non_str_key_raises_type_error(backend: Backend) -> None:
     storage = await backend.instance()
 
@@ -226,7 +264,7 @@ async def test_update_of_an_unencodable_result_stores_nothing(backend: Backend) 
     assert await (await backend.instance()).get("n") == 1
 
 
-@persistent
+@codecs
 async def test_the_json_codec_stores_dataclasses_and_tuples_as_json(backend: Backend) -> None:
     storage = await backend.instance(codec="json")
     await storage.set("p", Point(1, 2.5))
@@ -239,7 +277,7 @@ async def test_the_json_codec_stores_dataclasses_and_tuples_as_json(backend: Bac
     ) == Point(1, 2.5)
 
 
-@persistent
+@codecs
 @pytest.mark.parametrize(
     "value",
     [float("nan"), float("inf"), {"readings": [1.5, float("-inf")]}, (1, float("nan"))],
@@ -270,7 +308,7 @@ EXACT = {
 """Values the JSON codec stores as another JSON type, each with the type that restores it."""
 
 
-@persistent
+@codecs
 async def test_the_json_codec_gives_back_exact_values_when_asked_for_their_type(
     backend: Backend,
 ) -> None:
@@ -291,7 +329,7 @@ async def test_the_json_codec_gives_back_exact_values_when_asked_for_their_type(
     assert math.copysign(1, restored["negative zero"]) == -1
 
 
-@persistent
+@codecs
 async def test_the_pickle_codec_keeps_every_value_exactly(backend: Backend) -> None:
     storage = await backend.instance(codec="pickle")
     values = {key: value for key, (value, _) in EXACT.items()}
@@ -305,7 +343,7 @@ async def test_the_pickle_codec_keeps_every_value_exactly(backend: Backend) -> N
     assert math.isnan(await reopened.get("nan"))
 
 
-@persistent
+@codecs
 async def test_the_pickle_codec_round_trips_arbitrary_objects(backend: Backend) -> None:
     storage = await backend.instance(codec="pickle")
     value = {"point": Point(3, 4.0), "tuple": (1, 2), "set": {1, 2}, "function": lambda x: x + 1}
@@ -318,7 +356,7 @@ async def test_the_pickle_codec_round_trips_arbitrary_objects(backend: Backend) 
     assert (stored["tuple"], stored["set"], stored["function"](1)) == ((1, 2), {1, 2}, 2)
 
 
-@persistent
+@codecs
 async def test_a_store_opened_with_another_codec_is_refused(backend: Backend) -> None:
     await committed(backend, a=1)
 
@@ -327,7 +365,7 @@ async def test_a_store_opened_with_another_codec_is_refused(backend: Backend) ->
     assert await (await backend.instance(codec="json")).get("a") == 1
 
 
-@persistent
+@codecs
 async def test_the_pickle_codec_is_never_chosen_implicitly(backend: Backend) -> None:
     pickled = await backend.instance(codec="pickle")
     await pickled.set("a", 1)
@@ -339,17 +377,95 @@ async def test_the_pickle_codec_is_never_chosen_implicitly(backend: Backend) -> 
         await backend.instance(codec="marshal")
 
 
+# --- the suite itself: a backend of your own joins it ------------------------------------
+
+
+BACKENDS_MODULE = """
+from tests.storage_suite import Backend, JsonDictStorage
+
+
+def mine(directory):
+    data = {}
+    return Backend("mine", lambda: JsonDictStorage(data))
+"""
+
+
+def test_a_backend_of_your_own_is_found_by_module_and_function(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = f"backends_{uuid.uuid4().hex}"
+    (tmp_path / f"{module}.py").write_text(BACKENDS_MODULE)
+    monkeypatch.syspath_prepend(tmp_path)
+
+    found = external_backends(f" {module}:mine ,")
+
+    assert found == {"mine": f"{module}:mine"}
+    assert external_backend(found["mine"])(tmp_path).name == "mine"
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("tests.storage_suite", "is not of the form module:function"),
+        (":mine", "is not of the form module:function"),
+        ("tests.storage_suite:sqlite", "the name 'sqlite' is taken"),
+        ("a:make_backend", "the name 'make_backend' is taken"),
+    ],
+)
+def test_an_entry_of_the_wrong_form_is_refused_naming_it(entry: str, problem: str) -> None:
+    with pytest.raises(ValueError) as info:
+        external_backends(f"tests.storage_suite:make_backend,{entry}")
+
+    assert f"COSMOFLOW_TEST_STORAGE: {entry!r}" in str(info.value)
+    assert problem in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("tests.no_such_module:mine", "cannot import module 'tests.no_such_module'"),
+        ("tests.storage_suite:absent", "module 'tests.storage_suite' has no function 'absent'"),
+    ],
+)
+def test_an_entry_that_names_no_function_is_refused_naming_it(entry: str, problem: str) -> None:
+    with pytest.raises(ValueError) as info:
+        external_backend(entry)
+
+    assert f"COSMOFLOW_TEST_STORAGE: {entry!r}" in str(info.value)
+    assert problem in str(info.value)
+
+
+class LoadedInOpen(JsonDictStorage):
+    """A backend that loads its data in ``open`` (counted), as most persistent ones do."""
+
+    def __init__(self, data: dict[str, str]) -> None:
+        super().__init__(data)
+        self.opened = 0
+
+    async def open(self) -> None:
+        self.opened += 1
+
+
+async def test_the_suite_opens_an_instance_before_its_first_call() -> None:
+    backend = Backend("loaded", lambda: LoadedInOpen({}))
+
+    storage = await backend.instance()
+
+    assert isinstance(storage, LoadedInOpen)
+    assert storage.opened == 1
+
+
 # --- through the engine: the SharedStore API -----------------------------------------------
 
 
 async def test_the_shared_store_api(backend: Backend) -> None:
     async def body(store: cf.SharedStore) -> dict[str, Any]:
         await store.set("a", 1)
-        await store.set_many({"b": [2], "p": Point(1, 2.0)})
+        await store.set_many({"b": [2], "t": (1, 2.0)})
         seen = {
             "get": await store.get("a"),
             "default": await store.get("absent", "fallback"),
-            "typed": await store.get("p", type=Point),
+            "typed": await store.get("t", type=tuple[int, float]),
             "update": await store.update("a", lambda a: a + 1),
             "update_default": await store.update("c", lambda c: c + 1, default=0),
             "delete": await store.delete("b"),
@@ -372,13 +488,13 @@ async def test_the_shared_store_api(backend: Backend) -> None:
     assert seen == {
         "get": 1,
         "default": "fallback",
-        "typed": Point(1, 2.0),
+        "typed": (1, 2.0),
         "update": 2,
         "update_default": 1,
         "delete": True,
         "delete_again": False,
         "contains": True,
-        "keys": ["a", "c", "p"],
+        "keys": ["a", "c", "t"],
         "size": 3,
         "many": {"a": 2, "c": 1},
         "after_clear": 0,
@@ -679,40 +795,10 @@ programs = st.lists(
 so that calls often meet a key again; the others are the odd keys."""
 
 
-def refused_by(backend: str, key: str, value: Any) -> bool:
-    """Whether ``backend`` refuses to store ``value`` under ``key``."""
-    if backend == "memory":
-        return False
-    if backend == "custom":
-        return any(isinstance(part, Opaque | float) for part in unstorable_parts(value))
-    return key == SURROGATE_KEY or any(True for _ in unstorable_parts(value))
-
-
-def unstorable_parts(value: Any) -> Iterator[Any]:
-    """The parts of ``value`` JSON cannot hold: opaque objects, NaN and infinities,
-    strings that are not valid Unicode."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from unstorable_parts(key)
-            yield from unstorable_parts(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from unstorable_parts(item)
-    elif isinstance(value, Opaque) or not_json(value):
-        yield value
-
-
-def not_json(value: Any) -> bool:
-    """Whether ``value`` is a float JSON cannot hold or a string that is not valid Unicode."""
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    return isinstance(value, str) and any("\ud800" <= char <= "\udfff" for char in value)
-
-
-def refusal(backend: str, key: str) -> tuple[Any, ...]:
-    """The answer to a write ``backend`` refuses: StoreValueError naming the key (the
-    custom backend raises a plain StorageError)."""
-    return ("refused", None if backend == "custom" else key)
+def refusal(backend: Backend, key: str) -> tuple[Any, ...]:
+    """The answer to a write ``backend`` refuses: StoreValueError naming the key, or a
+    plain StorageError from a backend that does not name it (the custom one)."""
+    return ("refused", key if backend.names_key else None)
 
 
 def answer_to(error: Exception) -> tuple[Any, ...]:
@@ -739,10 +825,10 @@ async def answer_of(call: Callable[[], Awaitable[Any]]) -> tuple[Any, ...]:
 class Model:
     """What a dict says each call answers, and what the store holds."""
 
-    backend: str
+    backend: Backend
     ordered: bool
     staged: bool
-    """Writes wait for a commit (persistent backends); else they land at once."""
+    """Writes wait for a commit (:attr:`Backend.staged`); else they land at once."""
     update_commits: bool
     """An update commits the writes staged before it with its own (Redis)."""
     committed: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -764,7 +850,7 @@ class Model:
         return answer
 
     def refuses(self, key: str, value: Any, check: bool) -> bool:
-        return check and refused_by(self.backend, key, value)
+        return check and self.backend.refuses(key, value)
 
     def _get(self, key: str, default: Any = NO_DEFAULT, *, check: bool) -> tuple[Any, ...]:
         if key in self.current:
@@ -842,7 +928,9 @@ class Model:
             self.committed = self.current.copy()
 
 
-def first_refused_write(backend: str, op: tuple[Any, ...], answer: tuple[Any, ...]) -> str | None:
+def first_refused_write(
+    backend: Backend, op: tuple[Any, ...], answer: tuple[Any, ...]
+) -> str | None:
     """The key of the first write of ``op`` that ``backend`` cannot store, if any: a
     durable step stages it and its commit refuses it."""
     kind = op[0]
@@ -854,7 +942,7 @@ def first_refused_write(backend: str, op: tuple[Any, ...], answer: tuple[Any, ..
         written = [(op[1], answer[1])]
     else:
         return None
-    return next((key for key, value in written if refused_by(backend, key, value)), None)
+    return next((key for key, value in written if backend.refuses(key, value)), None)
 
 
 def seen_as(model: Model, op: tuple[Any, ...], answer: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -873,6 +961,7 @@ def shared_store_call(store: cf.SharedStore, op: tuple[Any, ...]) -> Awaitable[A
 async def direct_calls(backend: Backend, ops: list[tuple[Any, ...]], model: Model) -> None:
     """Make ``ops`` on a new instance as the store actor does, then close it uncommitted."""
     storage = backend.open()
+    await storage.open()
     try:
         for op in ops:
             expected = model.apply(op, user=False)
@@ -938,6 +1027,7 @@ async def durable_step_calls(backend: Backend, ops: list[tuple[Any, ...]], model
 async def stored_items(backend: Backend) -> list[tuple[str, Any]]:
     """What a new instance holds, without the engine's run records."""
     storage = backend.open()
+    await storage.open()
     try:
         found = [(key, await storage.get(key)) for key in await storage.keys()]
     finally:
@@ -946,8 +1036,8 @@ async def stored_items(backend: Backend) -> list[tuple[str, Any]]:
 
 
 async def check_program(backend: Backend, program: list[tuple[str, list[Any]]]) -> None:
-    persistent = backend.name in PERSISTENT
-    model = Model(backend.name, backend.ordered, persistent, update_commits=backend.name == "redis")
+    persistent = backend.persistent
+    model = Model(backend, backend.ordered, backend.staged, update_commits=backend.update_commits)
     for mode, ops in program:
         if mode == "direct":
             await direct_calls(backend, ops, model)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 
-from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.storage.base import RESERVED_PREFIX, check_user_key
+import cosmoflow_actors as cf
+from cosmoflow_actors.errors import RunConflictError, StorageError
+from cosmoflow_actors.storage.base import (
+    RECORD_PREFIX,
+    RESERVED_PREFIX,
+    check_steps,
+    check_user_key,
+)
+from tests.support import single
 
 
 @pytest.mark.parametrize("key", ["__cosmoflow__/runs/r1", "__cosmoflow__/", RESERVED_PREFIX + "x"])
@@ -28,3 +38,60 @@ def test_any_other_key_may_be_written(key: str) -> None:
 def test_a_key_that_is_not_a_str_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="must be str"):
         check_user_key(1)  # type: ignore[arg-type]
+
+
+class UndecodedStorage(cf.Storage):
+    """A persistent backend with a common mistake: ``get`` returns the JSON text that
+    ``set`` stored, not the value it was given."""
+
+    persistent = True
+
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
+
+    async def get(self, key: str) -> Any:
+        return self.data[key]
+
+    async def set(self, key: str, value: Any) -> None:
+        self.data[key] = json.dumps(value)
+
+    async def delete(self, key: str) -> bool:
+        return self.data.pop(key, None) is not None
+
+    async def keys(self) -> list[str]:
+        return list(self.data)
+
+
+RECORD_KEY = RECORD_PREFIX + "r1"
+
+
+@pytest.mark.parametrize("stored", ['{"path": []}', {"state": "running"}, {"path": "ab"}, 3])
+def test_check_steps_refuses_what_is_no_run_record_naming_its_key(stored: Any) -> None:
+    with pytest.raises(StorageError) as info:
+        check_steps(RECORD_KEY, stored, 0)
+
+    message = str(info.value)
+    assert f"no run record under {RECORD_KEY!r}" in message
+    assert f"its get returned a {type(stored).__name__}" in message
+
+
+def test_check_steps_counts_the_recorded_steps() -> None:
+    check_steps(RECORD_KEY, {"path": ["a", "b"]}, 2)
+
+    with pytest.raises(RunConflictError, match="another engine committed step 2 first"):
+        check_steps(RECORD_KEY, {"path": ["a", "b"]}, 1)
+
+
+@cf.node
+async def write(ctx: cf.ExecutionContext) -> None:
+    await ctx.store.set("x", 1)
+
+
+async def test_a_backend_that_loses_a_run_record_fails_that_run_not_the_engine() -> None:
+    flow = single(write)
+    async with cf.open_engine() as engine:
+        with pytest.raises(StorageError, match=f"no run record under {RECORD_KEY!r}"):
+            await engine.run(flow, UndecodedStorage(), run_id="r1")
+        later = await engine.run(flow, {})
+
+    assert later.success

@@ -31,11 +31,36 @@ class Storage(ABC):
     Required: :meth:`get`, :meth:`set`, :meth:`delete`, :meth:`keys`. The rest have
     defaults built on those. Every method may block only by awaiting (run blocking I/O
     with ``trio.to_thread``); each is a checkpoint only if the backend awaits.
+
+    Errors: a :class:`~cosmoflow_actors.StorageError` fails only the requests concerned
+    (``KeyError`` from :meth:`get` means a missing key); any other exception from any
+    method but :meth:`open` is taken as a broken backend and crashes the engine. So a
+    backend wraps its I/O errors (``raise StorageError(...) from exc``), and never lets
+    a key it cannot use escape as another error: a ``str`` holding a lone surrogate is a
+    key like any other (``key.encode()`` raises ``UnicodeEncodeError`` for it;
+    ``key.encode("utf-8", "surrogatepass")`` does not).
+
+    The engine also reads two optional attributes, when a backend has them:
+
+    - ``path``: the file or directory the data lives in. A new instance whose ``path``
+      equals that of an instance whose store actor is still closing waits until it has
+      closed (its last commit may still be landing).
+    - ``codec``: ``"json"`` or ``"pickle"``, the built-in codec the backend encodes
+      values with. A durable step then stages its values encoded that way, so it reads
+      back a fresh copy of what it set. Without it, a durable step stages the objects
+      themselves, and reads back the very object it set.
     """
 
     persistent: ClassVar[bool] = False
     """True for a backend whose commits survive the process (file, SQLite, Redis): runs
-    given a ``run_id`` on it are durable (see docs/durability.md)."""
+    given a ``run_id`` on it are durable (see docs/durability.md). Set it only when
+    :meth:`commit` is all or nothing, since a durable step is one commit.
+
+    On a persistent backend the engine keeps its run records under
+    :data:`RESERVED_PREFIX` and hides them from node code: it counts and clears the
+    user's keys itself with :meth:`keys` and :meth:`delete`, so the backend's own
+    :meth:`size` and :meth:`clear` are not called (a faster override of them is
+    unused)."""
 
     shared_actor: ClassVar[bool] = False
     """True for a volatile backend that needs no :meth:`open`, never awaits and never
@@ -45,8 +70,11 @@ class Storage(ABC):
     async def open(self) -> None:  # noqa: B027 (an optional hook; no-op by default)
         """Prepare the backend (for example load a file); called before first use.
 
-        The store actor calls it before it reports ready; it must be idempotent.
-        Raises :class:`~cosmoflow_actors.StorageError` when the data cannot be read.
+        The store actor calls it before it reports ready; it must be idempotent, and it
+        must work again after :meth:`aclose` (the engine opens a storage again for a
+        later run). Raises :class:`~cosmoflow_actors.StorageError` when the data cannot
+        be read; any other error fails the runs waiting for the backend too (as a
+        StorageError saying what ``open`` raised), not the engine.
         """
 
     @abstractmethod
@@ -57,8 +85,11 @@ class Storage(ABC):
     async def set(self, key: str, value: Any) -> None:
         """Store ``value`` under ``key``.
 
-        A value the backend cannot encode raises :class:`~cosmoflow_actors.StorageError`
-        and stores nothing. The write is durable once :meth:`commit` returns.
+        A value the backend cannot encode raises
+        :class:`~cosmoflow_actors.StoreValueError` ``(key, problem)`` (a StorageError
+        naming the key: a durable run then fails naming the node and the key, and a run
+        queue does not hand the run to another worker) and stores nothing. The write is
+        durable once :meth:`commit` returns.
         """
 
     @abstractmethod
@@ -67,7 +98,11 @@ class Storage(ABC):
 
     @abstractmethod
     async def keys(self) -> list[str]:
-        """Return every key, in insertion order where the backend keeps one."""
+        """Return every key, in insertion order where the backend keeps one.
+
+        Insertion order is a ``dict``'s: a key set again keeps its place; a key deleted
+        (or cleared) and then set again goes to the end.
+        """
 
     async def contains(self, key: str) -> bool:
         """Return whether ``key`` is stored."""
@@ -78,11 +113,12 @@ class Storage(ABC):
         return True
 
     async def size(self) -> int:
-        """Return the number of keys."""
+        """Return the number of keys. Not called on a :attr:`persistent` backend (see
+        there)."""
         return len(await self.keys())
 
     async def clear(self) -> None:
-        """Remove every key."""
+        """Remove every key. Not called on a :attr:`persistent` backend (see there)."""
         for key in await self.keys():
             await self.delete(key)
 
@@ -124,7 +160,18 @@ class Storage(ABC):
 
         Return False (the default) to let the store actor check the record and apply the
         ops with :meth:`get`, :meth:`set` and :meth:`delete` in its batch, which is
-        atomic within one engine.
+        atomic within one engine; an override that returns False must have changed
+        nothing.
+
+        Return True once the step is applied. The store actor then calls :meth:`commit`,
+        as after any write: an override may stage the step's writes for that commit
+        (``FileStorage``), or write them in a transaction of its own (``SQLiteStorage``).
+        :func:`apply_step_op` applies one op with the backend's own ``get``, ``set``
+        and ``delete``, and :func:`value_or` reads the record. On any error (the
+        RunConflictError of :func:`check_steps`, a StorageError, or whatever an update's
+        ``function`` raised) the override puts back what it staged and lets the error
+        propagate unchanged: the store actor hands an update function's error to the
+        run as it is, so wrapping it in a StorageError would change what the run sees.
         """
         return False
 
@@ -138,7 +185,13 @@ class Storage(ABC):
         """
 
     async def aclose(self) -> None:  # noqa: B027 (an optional hook; no-op by default)
-        """Release resources (files, connections). The default does nothing."""
+        """Release resources (files, connections) and drop the writes never committed.
+
+        The engine calls it when the last run using the storage ends. It must do nothing
+        on an instance that is not open, and :meth:`open` must work again after it.
+        Durability never depends on it: every commit is durable on its own. A
+        StorageError from it is a warning, not a crash. The default does nothing.
+        """
 
 
 def check_user_key(key: str) -> None:
@@ -155,19 +208,34 @@ def check_user_key(key: str) -> None:
 
 def check_steps(record_key: str, stored: Any, steps_before: int) -> None:
     """Raise RunConflictError unless ``stored``, the run record read from the store under
-    ``record_key`` (None when missing), counts ``steps_before`` completed steps."""
+    ``record_key`` (None when missing), counts ``steps_before`` completed steps;
+    StorageError when ``stored`` is not a run record. Does not block."""
     run_id = record_key.removeprefix(RECORD_PREFIX)
     if stored is None:
         raise RunConflictError(
             f"run {run_id!r}: the store no longer holds its record; step {steps_before + 1} "
             "is not applied"
         )
-    steps = len(stored["path"])
+    steps = _recorded_steps(record_key, stored)
     if steps != steps_before:
         raise RunConflictError(
             f"run {run_id!r}: another engine committed step {steps_before + 1} first "
             f"(the store's record counts {steps} steps); this step is not applied"
         )
+
+
+def _recorded_steps(record_key: str, stored: Any) -> int:
+    """How many steps the run record ``stored`` counts; StorageError naming the key when
+    it is no run record (a dict holding the run's ``path``), as when a backend's ``get``
+    does not return what its ``set`` was given."""
+    path = stored.get("path") if isinstance(stored, dict) else None
+    if not isinstance(path, list | tuple):
+        raise StorageError(
+            f"the storage holds no run record under {record_key!r}: its get returned a "
+            f"{type(stored).__name__} ({stored!r:.60}) where a dict with the run's 'path' "
+            "was stored; a storage's get must return the value its set was given"
+        )
+    return len(path)
 
 
 async def value_or(storage: Storage, key: str, missing: Any) -> Any:
