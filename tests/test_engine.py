@@ -1429,3 +1429,95 @@ async def test_open_store_on_a_backend_that_cannot_open_raises_its_storage_error
         with pytest.raises(cf.StorageError, match="Is a directory"):
             async with engine.open_store(cf.FileStorage(tmp_path)):
                 pass
+
+
+NEW_RUN = "__cosmoflow__/runs/x"
+"""The record key of run "x"."""
+
+
+class Counts(cf.Node):
+    """Counts its steps in the store, and logs each: three, then done."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> str:
+        n = await store.update("n", lambda n: n + 1, default=0)
+        await store.update("log", lambda log: [*log, ctx.execution_id], default=[])
+        return "again" if n < 3 else "done"
+
+
+def counting() -> cf.Flow:
+    builder = cf.Flow.builder("count").add_node("c", Counts())
+    return builder.add_route("c", "c", "again").add_route("c", cf.END, "done").build()
+
+
+class FirstToStart(cf.SQLiteStorage):
+    """Creates its run's record only once ``other_read`` is set (the other engine has
+    read no record), and sets ``committed`` after its first step's commit."""
+
+    def __init__(self, path: Path, other_read: trio.Event, committed: trio.Event) -> None:
+        super().__init__(path)
+        self.other_read = other_read
+        self.committed = committed
+
+    async def update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
+        if key == NEW_RUN:
+            await self.other_read.wait()
+        return await super().update(key, function, default)
+
+    async def commit_step(self, ops: Any, record_key: str, record: Any, steps_before: int) -> bool:
+        done = await super().commit_step(ops, record_key, record, steps_before)
+        self.committed.set()
+        return done
+
+
+class SecondToStart(cf.SQLiteStorage):
+    """Sets ``read`` once it has read its run's record (none), and creates the record
+    only once ``other_committed`` is set."""
+
+    def __init__(self, path: Path, read: trio.Event, other_committed: trio.Event) -> None:
+        super().__init__(path)
+        self.read = read
+        self.other_committed = other_committed
+
+    async def get(self, key: str) -> Any:
+        try:
+            return await super().get(key)
+        finally:
+            if key == NEW_RUN:
+                self.read.set()
+
+    async def update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
+        if key == NEW_RUN:
+            await self.other_committed.wait()
+        return await super().update(key, function, default)
+
+
+async def test_of_two_engines_starting_one_new_run_id_the_second_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Both read no record; the first creates it and commits a step; the second, which
+    would have put a new record over it and run that step again, is refused."""
+    path = tmp_path / "store.db"
+    read, committed = trio.Event(), trio.Event()
+    first = FirstToStart(path, read, committed)
+    second = SecondToStart(path, read, committed)
+    outcomes: dict[str, Any] = {}
+
+    async def start(name: str, engine: cf.Engine, storage: cf.Storage) -> None:
+        try:
+            outcomes[name] = (await engine.resume(counting(), storage, run_id="x")).success
+        except cf.RunConflictError as exc:
+            outcomes[name] = str(exc)
+
+    async with cf.open_engine() as one, cf.open_engine() as two, trio.open_nursery() as nursery:
+        nursery.start_soon(start, "first", one, first)
+        nursery.start_soon(start, "second", two, second)
+    assert outcomes == {
+        "first": True,
+        "second": "run 'x': another engine started it first (its record appeared in the "
+        "store meanwhile); continue it with engine.resume",
+    }
+    stored = cf.SQLiteStorage(path)
+    assert await stored.get("log") == ["x:1", "x:2", "x:3"]
+    await stored.aclose()

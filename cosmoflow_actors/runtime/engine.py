@@ -419,7 +419,7 @@ class Engine:
         stored = await run.store_actor.read_record(run.storage, key)
         if stored is None:
             run.durability = DurableRun(durability.started(run, params))
-            await run.store_actor.write_record(run.storage, key, run.durability.record)
+            await run.store_actor.create_record(run.storage, key, run.durability.record)
             return self._first_step(run, params)
         record = durability.checked_record(key, stored)
         durability.require_flow(run, record)

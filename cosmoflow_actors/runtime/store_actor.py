@@ -15,6 +15,7 @@ one at a time in mailbox order:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -24,6 +25,7 @@ import trio
 
 from cosmoflow_actors.errors import (
     ActorCrashedError,
+    RunConflictError,
     StorageError,
     StoreKeyError,
     type_and_message,
@@ -141,6 +143,14 @@ class StoreActor(Actor[StoreRequest]):
     async def write_record(self, storage: Storage, key: str, record: Any) -> None:
         """Store a run record (outside any step)."""
         await self.request(StoreOp.SET, storage, key, record)
+
+    async def create_record(self, storage: Storage, key: str, record: Any) -> None:
+        """Store the record of a run that starts, unless the store holds one under ``key``
+        already: another engine started the run since it was read (RunConflictError,
+        nothing stored). Atomic across processes on a backend whose ``update`` is."""
+        await self.request(
+            StoreOp.UPDATE, storage, key, (functools.partial(_new, key, record), None)
+        )
 
     async def commit_step(
         self, storage: Storage, ops: list[StagedOp], key: str, record: Any, steps_before: int
@@ -452,6 +462,17 @@ class _Undo:
                 await self._storage.delete(key)
             else:
                 await self._storage.set(key, old)
+
+
+def _new(key: str, record: Any, stored: Any) -> Any:
+    """``record``, to be stored under ``key`` where ``stored`` (None: nothing) is."""
+    if stored is not None:
+        run_id = key.removeprefix(RECORD_PREFIX)
+        raise RunConflictError(
+            f"run {run_id!r}: another engine started it first (its record appeared in "
+            "the store meanwhile); continue it with engine.resume"
+        )
+    return record
 
 
 class _Refused(Exception):
