@@ -8,6 +8,7 @@ through the engine and the whole SharedStore API. Backends differ only where the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import decimal
@@ -135,6 +136,25 @@ async def test_keys_keep_the_order_a_dict_keeps(backend: Backend) -> None:
 
     assert staged == ["a", "c", "b"]
     assert await (await backend.instance()).keys() == ["a", "c", "b"]
+
+
+async def test_get_many_answers_as_one_get_per_key(backend: Backend) -> None:
+    """Over committed values, staged writes and deletes, missing keys, a repeated key
+    and a key that is not valid Unicode; in the order of the keys asked for."""
+    storage = await committed(backend, a=1, b=2, c=3)
+    await storage.set("b", 20)
+    await storage.delete("c")
+    await storage.set("d", 4)
+    wanted = ["d", "missing", "c", "a", "\ud800", "b", "a"]
+
+    one_by_one = {}
+    for key in wanted:
+        with contextlib.suppress(KeyError):
+            one_by_one[key] = await storage.get(key)
+    found = await storage.get_many(wanted)
+
+    assert found == one_by_one == {"d": 4, "a": 1, "b": 20}
+    assert list(found) == ["d", "a", "b"]
 
 
 async def test_missing_key(backend: Backend) -> None:

@@ -335,13 +335,7 @@ class StoreActor(Actor[StoreRequest]):
         return len(await _user_keys(request.storage))
 
     async def _get_many(self, request: StoreRequest) -> Any:
-        found: dict[str, Any] = {}
-        for key in request.argument:
-            try:
-                found[key] = await request.storage.get(key)
-            except KeyError:
-                continue
-        return found
+        return await request.storage.get_many(request.argument)
 
     async def _set(self, request: StoreRequest) -> Any:
         await request.storage.set(request.key, request.argument)

@@ -112,6 +112,20 @@ class Storage(ABC):
             return False
         return True
 
+    async def get_many(self, keys: list[str]) -> dict[str, Any]:
+        """Return ``{key: value}`` for those of ``keys`` that are stored, in their order.
+
+        One :meth:`get` per key; a backend that can read several keys in one round trip
+        overrides it.
+        """
+        found: dict[str, Any] = {}
+        for key in keys:
+            try:
+                found[key] = await self.get(key)
+            except KeyError:
+                continue
+        return found
+
     async def size(self) -> int:
         """Return the number of keys. Not called on a :attr:`persistent` backend (see
         there)."""

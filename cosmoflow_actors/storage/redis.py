@@ -141,6 +141,13 @@ class RedisStorage(DatabaseStorage):
         fields: list[bytes] = await self._command("HKEYS", self._data)
         return self._staged.merge_keys(field.decode() for field in fields)
 
+    async def _read_many(self, keys: list[str]) -> dict[str, bytes]:
+        """One ``HMGET`` (blocks in a worker thread)."""
+        values: list[bytes | None] = await self._command(
+            "HMGET", self._data, *(key.encode() for key in keys)
+        )
+        return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
+
     async def _stored_count(self) -> int:
         count: int = await self._command("HLEN", self._data)
         return count

@@ -57,6 +57,8 @@ def _upsert(rows: int) -> str:
 _UPSERT: Final = _upsert(1)
 
 _SELECT: Final = f"SELECT value FROM {STORE_TABLE} WHERE key = ?"
+READ_BATCH: Final = 500
+"""Keys a query of ``get_many`` reads at most (SQLite bounds a query's parameters)."""
 _DELETE: Final = f"DELETE FROM {STORE_TABLE} WHERE key = ?"
 _DELETE_USER_KEYS: Final = f"DELETE FROM {STORE_TABLE} WHERE substr(key, 1, ?) <> ?"
 """Every key outside the engine's reserved prefix (LIKE would read ``_`` as a wildcard)."""
@@ -154,6 +156,12 @@ class SQLiteStorage(DatabaseStorage):
         """Return every key, in insertion order (blocks in a worker thread)."""
         rows = await self._query_all(f"SELECT key FROM {STORE_TABLE} ORDER BY rowid")
         return self._staged.merge_keys(row[0] for row in rows)
+
+    async def _read_many(self, keys: list[str]) -> dict[str, bytes]:
+        """One query per :data:`READ_BATCH` keys, all in one call to the worker thread."""
+        connection = await self._connected()
+        rows = await self._in_thread(_fetch_keys, connection, keys)
+        return {key: _as_bytes(value) for key, value in rows}
 
     async def _stored_count(self) -> int:
         count: int = (await self._query(f"SELECT count(*) FROM {STORE_TABLE}"))[0]
@@ -384,6 +392,18 @@ def _as_bytes(value: object) -> bytes:
 def _fetch_one(connection: sqlite3.Connection, sql: str, parameters: tuple[Any, ...]) -> Any:
     """Run one query and return its first row or None (blocks)."""
     return connection.execute(sql, parameters).fetchone()
+
+
+def _fetch_keys(connection: sqlite3.Connection, keys: list[str]) -> list[Any]:
+    """The ``(key, value)`` rows of those of ``keys`` that are stored, fetched
+    :data:`READ_BATCH` keys a query (blocks)."""
+    rows: list[Any] = []
+    for start in range(0, len(keys), READ_BATCH):
+        batch = keys[start : start + READ_BATCH]
+        marks = ", ".join("?" * len(batch))
+        sql = f"SELECT key, value FROM {STORE_TABLE} WHERE key IN ({marks})"
+        rows.extend(connection.execute(sql, batch).fetchall())
+    return rows
 
 
 def _fetch_all(connection: sqlite3.Connection, sql: str) -> list[Any]:

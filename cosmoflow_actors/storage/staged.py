@@ -18,7 +18,7 @@ from typing import Any, Final, Generic, TypeVar, final
 import trio
 
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.codec import check_json_key, get_codec
+from cosmoflow_actors.storage.codec import check_json_key, get_codec, utf8_key
 
 V = TypeVar("V")
 
@@ -183,6 +183,31 @@ class DatabaseStorage(Storage):
             return False
         self._staged.delete(key)
         return True
+
+    async def get_many(self, keys: list[str]) -> dict[str, Any]:
+        """Return ``{key: value}`` for those of ``keys`` that are stored, in their order:
+        the staged writes laid over one read of the other keys (blocks in a worker
+        thread, once, unless every key has a staged write)."""
+        staged: dict[str, bytes | None] = {}
+        unread: list[str] = []
+        for key in keys:
+            value = self._staged.lookup(key)
+            if isinstance(value, bytes) or value is None:
+                staged[key] = value
+            elif utf8_key(key) is not None:  # a key that is not valid Unicode is never stored
+                unread.append(key)
+        stored = await self._read_many(unread) if unread else {}
+        found: dict[str, Any] = {}
+        for key in keys:
+            data = staged[key] if key in staged else stored.get(key)
+            if data is not None:
+                found[key] = self._codec.decode(data)
+        return found
+
+    @abstractmethod
+    async def _read_many(self, keys: list[str]) -> dict[str, bytes]:
+        """The encoded values of those of ``keys`` (valid Unicode) that the database
+        holds, by key (blocks in a worker thread, once)."""
 
     async def size(self) -> int:
         """Return the number of keys (blocks in a worker thread)."""
