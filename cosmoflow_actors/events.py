@@ -448,13 +448,15 @@ class _RunView:
     have finished, and, while an earlier run of the same id is still ending in the
     stream, the events kept back until that one has ended."""
 
-    __slots__ = ("end", "kept", "steps")
+    __slots__ = ("end", "kept", "lost", "steps")
 
     def __init__(self) -> None:
         self.steps = 0
         """Its steps in flight that the stream saw start."""
         self.end: Event | None = None
         self.kept: list[Event] = []
+        self.lost = False
+        """The stream dropped its RunStarted: it drops the run's other events too."""
 
 
 @final
@@ -469,10 +471,11 @@ class EventStream:
     keeps every event, and marks ``room`` full while it holds ``buffer`` or more.
 
     Each run's events reach the stream well formed: a step's StepFinished, Retry and
-    Fallback only if the stream took its StepStarted (a dropping stream that dropped it
-    drops them too), and a run's end after the StepFinished of every step of it the
-    stream saw start (the run's end cancels its steps still in flight, and they finish
-    afterwards). A run whose id is in use again
+    Fallback only if the stream took its StepStarted; a run's other events only if it
+    took its RunStarted, or the run was in flight when the stream opened (a dropping
+    stream that dropped a start drops what follows it); a run's end after the
+    StepFinished of every step of it the stream saw start (the run's end cancels its
+    steps still in flight, and they finish afterwards). A run whose id is in use again
     while steps of the run that had it still finish comes after that run's end: its
     events are kept back until then (see :class:`StepsInFlight`). When the engine
     closes, the stream ends once the steps in flight it saw start have finished.
@@ -576,9 +579,12 @@ class EventStream:
         if self._ending:
             return
         if event.run_id in self._runs:
-            self._take(self._current(event.run_id), event)
-        else:
-            self._put(event)
+            run = self._current(event.run_id)
+            run.lost = not self._take(run, event)
+        elif not self._put(event):
+            run = _RunView()
+            run.lost = True
+            self._runs[event.run_id] = [run]
 
     def _settle(self, run_id: str) -> None:
         """Give the end of each run of id ``run_id`` that has ended and has no step in
@@ -589,10 +595,11 @@ class EventStream:
             end = runs[0].end
             if end is None:
                 # In flight with no step: nothing of it is kept (runs after it come
-                # only once it has ended).
-                del self._runs[run_id]
+                # only once it has ended), unless its events are dropped.
+                if not runs[0].lost:
+                    del self._runs[run_id]
                 return
-            self._put(end)
+            self._take(runs[0], end)
             del runs[0]
             if not runs:
                 del self._runs[run_id]
@@ -611,6 +618,9 @@ class EventStream:
     def _take(self, run: _RunView, event: Event) -> bool:
         """Give ``event`` of ``run`` to the buffer, or keep it back if an earlier run of
         its id is still ending; return whether it was taken (not dropped)."""
+        if run.lost:
+            self.dropped += 1
+            return False
         if run is self._runs[event.run_id][0]:
             return self._put(event)
         if not self._fits():

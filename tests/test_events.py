@@ -530,15 +530,21 @@ async def test_a_run_resumed_while_its_cancelled_step_unwinds_keeps_each_step_en
 
 async def test_runs_of_one_id_come_whole_in_turn_while_their_cancelled_steps_finish() -> None:
     """Three runs of id r, each started while the steps of the ones before still
-    finish, each step in a task of its own, as node actors run them; every step's end
-    pairs with its own start (node a1, a2 or a3), whatever order they finish in."""
+    finish, each step in a task of its own, as node actors run them, with a retry
+    emitted in a task the step started (a ParallelBatchNode's item): every step's retry
+    and end pair with its own start (node a1, a2 or a3), whatever order they finish in."""
     hub = EventHub()
     stream = hub.open(10, lossless=True)
     finish = {node: trio.Event() for node in ("a1", "a2", "a3")}
 
+    async def item(node: str) -> None:
+        hub.emit(cf.Retry("r", 1.0, node, "r:1", 1, ConnectionError("down"), 0.0))
+
     async def step(node: str, action: str | None) -> None:
         hub.emit(cf.StepStarted("r", 0.0, "flow", node, "r:1"))
         await finish[node].wait()
+        async with trio.open_nursery() as items:
+            items.start_soon(item, node)
         hub.emit(cf.StepFinished("r", 1.0, "flow", node, "r:1", 1.0, action, None))
 
     async with trio.open_nursery() as nursery:
@@ -548,27 +554,30 @@ async def test_runs_of_one_id_come_whole_in_turn_while_their_cancelled_steps_fin
             await trio.testing.wait_all_tasks_blocked()
             if node != "a3":
                 hub.emit(cf.RunCancelled("r", 0.0, "flow", 0.0))
-        for node in ("a3", "a2", "a1"):
+        for node in ("a2", "a1", "a3"):
             finish[node].set()
             await trio.testing.wait_all_tasks_blocked()
         hub.emit(cf.RunFinished("r", 1.0, "flow", 1.0, 1, "done"))
-    assert stream.held == 12  # those kept back counted once
+    assert stream.held == 15  # those kept back counted once
     stream.close()
     events = await drained(stream)
+    step_kinds = cf.StepStarted | cf.Retry | cf.StepFinished
     steps = [
         (type(event).__name__, event.node_id, getattr(event, "action", None))
         for event in events
-        if isinstance(event, cf.StepStarted | cf.StepFinished)
+        if isinstance(event, step_kinds)
     ]
     assert steps == [
         ("StepStarted", "a1", None),
+        ("Retry", "a1", None),
         ("StepFinished", "a1", None),
         ("StepStarted", "a2", None),
+        ("Retry", "a2", None),
         ("StepFinished", "a2", None),
         ("StepStarted", "a3", None),
+        ("Retry", "a3", None),
         ("StepFinished", "a3", "done"),
     ]
-    step_kinds = cf.StepStarted | cf.StepFinished
     assert [type(event).__name__ for event in events if not isinstance(event, step_kinds)] == [
         "RunStarted",
         "RunCancelled",
@@ -579,21 +588,28 @@ async def test_runs_of_one_id_come_whole_in_turn_while_their_cancelled_steps_fin
     ]
 
 
-async def test_a_dropping_stream_that_dropped_a_steps_start_drops_its_end_too() -> None:
+async def test_a_dropping_stream_drops_what_follows_a_start_it_dropped() -> None:
+    """Run r's step b and run s start while the buffer is full: their later events are
+    dropped too, though the reader has made room meanwhile."""
     hub = EventHub()
     stream = hub.open(2)
     hub.emit(cf.RunStarted("r", 0.0, "flow"))
     hub.emit(cf.StepStarted("r", 0.0, "flow", "a", "r:1.0/2"))
-    hub.emit(cf.StepStarted("r", 0.0, "flow", "b", "r:1.1/2"))  # the buffer is full
+    hub.emit(cf.StepStarted("r", 0.0, "flow", "b", "r:1.1/2"))
+    hub.emit(cf.RunStarted("s", 0.0, "flow"))
     [dropped, started] = await read(stream, 2)
-    assert isinstance(dropped, cf.EventsDropped) and dropped.count == 1
+    assert isinstance(dropped, cf.EventsDropped) and dropped.count == 2
     assert started == cf.RunStarted("r", 0.0, "flow")
+    hub.emit(cf.StepStarted("s", 0.0, "flow", "c", "s:1"))
+    hub.emit(cf.StepFinished("s", 1.0, "flow", "c", "s:1", 1.0, None, None))
+    hub.emit(cf.RunCancelled("s", 1.0, "flow", 1.0))
     hub.emit(cf.StepFinished("r", 1.0, "flow", "b", "r:1.1/2", 1.0, "x", None))
     hub.emit(cf.StepFinished("r", 1.0, "flow", "a", "r:1.0/2", 1.0, "x", None))
     hub.close()
     events = await drained(stream)
     assert [(type(event).__name__, getattr(event, "node_id", None)) for event in events] == [
-        ("EventsDropped", None),  # b's end, dropped with its start though there was room
+        ("EventsDropped", None),
         ("StepStarted", "a"),
         ("StepFinished", "a"),
     ]
+    assert isinstance(events[0], cf.EventsDropped) and events[0].count == 4
