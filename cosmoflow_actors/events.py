@@ -703,20 +703,28 @@ class EventStream:
         return self
 
     async def __anext__(self) -> Event:
-        """The next event (an EventsDropped first, if any were lost). A checkpoint."""
+        """The next event (an EventsDropped first, if any were lost, also as the last
+        one when the stream ends). A checkpoint."""
         if self.dropped:
-            count, self.dropped = self.dropped, 0
             await trio.lowlevel.checkpoint()
-            return EventsDropped("", trio.current_time(), count)
+            return self._report_dropped()
         try:
             event = await self._receive.receive()
         except trio.EndOfChannel:
+            # The events that follow a dropped start are dropped even when the buffer
+            # has room: some may have been while this waited.
+            if self.dropped:
+                return self._report_dropped()
             raise StopAsyncIteration from None
         if self._room is not None:
             self.held -= 1
             if self.held + 1 == self.buffer:
                 self._room.freed()
         return event
+
+    def _report_dropped(self) -> EventsDropped:
+        count, self.dropped = self.dropped, 0
+        return EventsDropped("", trio.current_time(), count)
 
     async def __aenter__(self) -> EventStream:
         return self

@@ -613,3 +613,24 @@ async def test_a_dropping_stream_drops_what_follows_a_start_it_dropped() -> None
         ("StepFinished", "a"),
     ]
     assert isinstance(events[0], cf.EventsDropped) and events[0].count == 4
+
+
+async def test_a_stream_that_ends_reports_the_events_it_dropped_last() -> None:
+    """Run s's end is dropped with its start while the reader waits on an empty
+    buffer: the stream ends with an EventsDropped."""
+    hub = EventHub()
+    stream = hub.open(1)
+    hub.emit(cf.RunStarted("r", 0.0, "flow"))
+    hub.emit(cf.RunStarted("s", 0.0, "flow"))
+    assert [type(event).__name__ for event in await read(stream, 2)] == [
+        "EventsDropped",
+        "RunStarted",
+    ]
+    last: list[cf.Event] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect, stream, last)
+        await trio.testing.wait_all_tasks_blocked()
+        hub.emit(cf.RunCancelled("s", 1.0, "flow", 1.0))
+        hub.close()
+    [dropped] = last
+    assert isinstance(dropped, cf.EventsDropped) and dropped.count == 1

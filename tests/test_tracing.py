@@ -811,10 +811,9 @@ def check_run(run_id: str, events: list[cf.Event], scenario: Load) -> None:
 
 
 def check_steps_paired(subscriber: Subscriber, *, complete: bool = False) -> None:
-    """A lossless stream gives a step's end, retries and fallback only after its start
-    (and, ``complete``, the end of every step started)."""
-    if not subscriber.lossless:
-        return
+    """A stream gives a step's end, retries and fallback only after its start, also
+    after it dropped events; and, ``complete`` and lossless, the end of every step
+    started."""
     running: set[str] = set()
     for event in subscriber.events:
         if isinstance(event, cf.StepStarted):
@@ -823,7 +822,7 @@ def check_steps_paired(subscriber: Subscriber, *, complete: bool = False) -> Non
             assert event.execution_id in running, event
             if isinstance(event, cf.StepFinished):
                 running.remove(event.execution_id)
-    assert not complete or running == set()
+    assert not (complete and subscriber.lossless) or running == set()
 
 
 def check_statistics(events: list[cf.Event], statistics: cf.EngineStatistics) -> None:
@@ -838,7 +837,8 @@ def check_statistics(events: list[cf.Event], statistics: cf.EngineStatistics) ->
 
 def check_subscriber(subscriber: Subscriber, reference: list[cf.Event]) -> None:
     """What a subscriber read is a part of what the reference read, in order; a
-    lossless one lost nothing, a dropping one counted what it lost."""
+    lossless one lost nothing, a dropping one counted what it lost; each step's
+    events follow its start."""
     read = [e for e in subscriber.events if not isinstance(e, cf.EventsDropped)]
     dropped = sum(e.count for e in subscriber.events if isinstance(e, cf.EventsDropped))
     remaining = iter(reference)
@@ -849,6 +849,7 @@ def check_subscriber(subscriber: Subscriber, reference: list[cf.Event]) -> None:
         assert len(read) + dropped == len(reference)
     if subscriber.lossless and subscriber.stop_after is not None:
         assert read == reference[: len(read)]
+    check_steps_paired(subscriber)
 
 
 def check_visitor(visitor: Subscriber, reference: list[cf.Event]) -> None:
