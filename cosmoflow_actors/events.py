@@ -502,6 +502,8 @@ class EventStream:
         back included (0 for a dropping one)."""
         self.dropped = 0
         """Events lost so far and not yet reported by an EventsDropped."""
+        self._reported = False
+        """The last event read was an EventsDropped."""
         self._steps = StepsInFlight[tuple[_RunView, bool]]()
         """The run of each step in flight this stream saw start, and whether it took
         the StepStarted (the step's other events are dropped if it did not)."""
@@ -703,9 +705,11 @@ class EventStream:
         return self
 
     async def __anext__(self) -> Event:
-        """The next event (an EventsDropped first, if any were lost, also as the last
-        one when the stream ends). A checkpoint."""
-        if self.dropped:
+        """The next event: an EventsDropped first if any were lost, unless the last
+        one read was an EventsDropped (a reader slower than the drops still gets the
+        buffered events, every other read); also as the last one when the stream
+        ends. A checkpoint."""
+        if self.dropped and not self._reported:
             await trio.lowlevel.checkpoint()
             return self._report_dropped()
         try:
@@ -716,6 +720,7 @@ class EventStream:
             if self.dropped:
                 return self._report_dropped()
             raise StopAsyncIteration from None
+        self._reported = False
         if self._room is not None:
             self.held -= 1
             if self.held + 1 == self.buffer:
@@ -724,6 +729,7 @@ class EventStream:
 
     def _report_dropped(self) -> EventsDropped:
         count, self.dropped = self.dropped, 0
+        self._reported = True
         return EventsDropped("", trio.current_time(), count)
 
     async def __aenter__(self) -> EventStream:

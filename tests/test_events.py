@@ -634,3 +634,20 @@ async def test_a_stream_that_ends_reports_the_events_it_dropped_last() -> None:
         hub.close()
     [dropped] = last
     assert isinstance(dropped, cf.EventsDropped) and dropped.count == 1
+
+
+async def test_a_reader_slower_than_the_drops_still_gets_the_buffered_events() -> None:
+    """Events are dropped between every two reads: the reads alternate between an
+    EventsDropped and the oldest buffered event."""
+    hub = EventHub()
+    stream = hub.open(2)
+    [a, b, c, d, e, f] = emitted(6)
+    for event in (a, b, c):  # c is dropped
+        hub.emit(event)
+    reads = [await stream.__anext__()]
+    hub.emit(d)  # dropped: a and b fill the buffer
+    reads.append(await stream.__anext__())
+    hub.emit(e)
+    hub.emit(f)  # dropped: b and e fill the buffer
+    reads += [await stream.__anext__(), await stream.__anext__()]
+    assert [getattr(event, "count", event) for event in reads] == [1, a, 2, b]
