@@ -26,12 +26,12 @@ import logging
 import math
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Protocol, final
+from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar, final
 
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from contextlib import AbstractContextManager
 
     from cosmoflow_actors.context import ExecutionContext
@@ -42,6 +42,8 @@ LOGGER: Final = logging.getLogger("cosmoflow_actors.events")
 """Where a listener or tracer that raised is reported, with its traceback."""
 
 _NO_SPAN: Final = contextlib.nullcontext()
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,11 @@ class StepSpans(Protocol):
     def step_span(self, step: ExecutionContext) -> AbstractContextManager[object]:
         """What the node actor runs the step ``step`` inside. Never blocks."""
 
+    def detached(self) -> None:
+        """Called once when the hub stops following the engine with it (the function
+        :meth:`EventHub.trace` returned was called, or it raised): no more events come.
+        Never blocks."""
+
 
 @final
 class EventHub:
@@ -224,7 +231,8 @@ class EventHub:
         that undoes both. Raises RuntimeError if the hub is traced already.
 
         A tracer whose ``handle`` or ``step_span`` raises is removed as a listener that
-        raises is (see :meth:`listen`): steps then run outside any span.
+        raises is (see :meth:`listen`): steps then run outside any span. Either way,
+        ``spans.detached()`` is called once when it is undone.
         """
         if self.step_spans is not None:
             raise RuntimeError("the engine's steps are traced already (one tracer at a time)")
@@ -233,9 +241,16 @@ class EventHub:
         return functools.partial(self._untrace, spans)
 
     def _untrace(self, spans: StepSpans) -> None:
+        """Stop following with ``spans`` and tell it so; nothing if it does not follow
+        any more. Its ``detached`` raising is logged: it fails nothing."""
+        if self.step_spans is not spans:
+            return
         self._unlisten(spans.handle)
-        if self.step_spans is spans:
-            self.step_spans = None
+        self.step_spans = None
+        try:
+            spans.detached()
+        except Exception:
+            LOGGER.exception("%r raised when it was detached", spans)
 
     def step_span(self, step: ExecutionContext) -> AbstractContextManager[object]:
         """What ``step`` runs inside: its span made current by the tracer, if one
@@ -349,6 +364,102 @@ class _Room:
 
 
 @final
+class StepsInFlight(Generic[T]):
+    """What a consumer of events keeps of each step in flight, by execution id: a
+    ``T`` per step, from its StepStarted to its StepFinished.
+
+    An execution id is unique within a run, but a run's id can be in use again (a run
+    resumed or started with it) while a step of the run that had it still finishes
+    (cancelled, in a shielded cleanup or a slow ``finally``): two steps in flight may
+    then have one execution id. A node actor emits a step's events in the task that
+    runs the step (Retry and Fallback also in a task the step started, a
+    ParallelBatchNode's item), so the two are told apart by that task: each event
+    goes to the step that runs in the emitting task or its nearest parent.
+    """
+
+    __slots__ = ("_steps",)
+
+    def __init__(self) -> None:
+        self._steps: dict[str, list[tuple[trio.lowlevel.Task, T]]] = {}
+
+    def __bool__(self) -> bool:
+        """Whether a step is in flight."""
+        return bool(self._steps)
+
+    def add(self, execution_id: str, value: T) -> None:
+        """Keep ``value`` for the step ``execution_id`` the current task starts."""
+        task = trio.lowlevel.current_task()
+        steps = self._steps.get(execution_id)
+        if steps is None:
+            self._steps[execution_id] = [(task, value)]
+        else:
+            steps.append((task, value))
+
+    def get(self, execution_id: str) -> T | None:
+        """The value of the step ``execution_id`` that emits in the current task, if
+        it is in flight."""
+        steps = self._steps.get(execution_id)
+        if steps is None:
+            return None
+        return steps[_emitting(steps)][1]
+
+    def pop(self, execution_id: str) -> T | None:
+        """Forget the step ``execution_id`` that emits in the current task (it ended);
+        return its value, None if it was not in flight."""
+        steps = self._steps.get(execution_id)
+        if steps is None:
+            return None
+        index = _emitting(steps)
+        value = steps[index][1]
+        if len(steps) == 1:
+            del self._steps[execution_id]
+        else:
+            del steps[index]
+        return value
+
+    def values(self) -> Iterator[T]:
+        """The values of every step in flight."""
+        for steps in self._steps.values():
+            for _, value in steps:
+                yield value
+
+    def clear(self) -> None:
+        self._steps.clear()
+
+
+def _emitting(steps: list[tuple[trio.lowlevel.Task, T]]) -> int:
+    """The index in ``steps`` (one execution id's) of the step that runs in the current
+    task or its nearest parent; the last one started if none does."""
+    if len(steps) == 1:
+        return 0
+    task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+    while task is not None:
+        for index, (runner, _) in enumerate(steps):
+            if runner is task:
+                return index
+        nursery = task.parent_nursery
+        task = None if nursery is None else nursery.parent_task
+    return len(steps) - 1
+
+
+@final
+class _RunView:
+    """One run as a stream sees it: its steps in flight, its end kept back until they
+    have finished, and, while an earlier run of the same id is still ending in the
+    stream, the events kept back until that one has ended."""
+
+    __slots__ = ("end", "kept", "lost", "steps")
+
+    def __init__(self) -> None:
+        self.steps = 0
+        """Its steps in flight that the stream saw start."""
+        self.end: Event | None = None
+        self.kept: list[Event] = []
+        self.lost = False
+        """The stream dropped its RunStarted: it drops the run's other events too."""
+
+
+@final
 class EventStream:
     """An async iterator of events; also an async context manager that closes it.
 
@@ -360,10 +471,14 @@ class EventStream:
     keeps every event, and marks ``room`` full while it holds ``buffer`` or more.
 
     Each run's events reach the stream well formed: a step's StepFinished, Retry and
-    Fallback only if the stream got its StepStarted, and a run's end after the
+    Fallback only if the stream took its StepStarted; a run's other events only if it
+    took its RunStarted, or the run was in flight when the stream opened (a dropping
+    stream that dropped a start drops what follows it); a run's end after the
     StepFinished of every step of it the stream saw start (the run's end cancels its
-    steps still in flight, and they finish afterwards). When the engine closes, the
-    stream ends once those steps have finished.
+    steps still in flight, and they finish afterwards). A run whose id is in use again
+    while steps of the run that had it still finish comes after that run's end: its
+    events are kept back until then (see :class:`StepsInFlight`). When the engine
+    closes, the stream ends once the steps in flight it saw start have finished.
     """
 
     def __init__(
@@ -383,15 +498,20 @@ class EventStream:
         self.lossless = room is not None
         """Whether this stream keeps every event (and slows the engine down instead)."""
         self.held = 0
-        """Events a lossless stream holds for its reader while it is open (0 for a
-        dropping one)."""
+        """Events a lossless stream holds for its reader while it is open, those kept
+        back included (0 for a dropping one)."""
         self.dropped = 0
         """Events lost so far and not yet reported by an EventsDropped."""
-        self._steps: dict[str, set[str]] = {}
-        """The execution ids of the steps each run has in flight, of those whose
-        StepStarted this stream got."""
-        self._ends: dict[str, Event] = {}
-        """Each run's end, kept back until its steps in ``_steps`` have finished."""
+        self._reported = False
+        """The last event read was an EventsDropped."""
+        self._steps = StepsInFlight[tuple[_RunView, bool]]()
+        """The run of each step in flight this stream saw start, and whether it took
+        the StepStarted (the step's other events are dropped if it did not)."""
+        self._runs: dict[str, list[_RunView]] = {}
+        """The runs of each id with steps in flight, an end or events kept back, oldest
+        first: only the oldest one's events go to the buffer."""
+        self._kept = 0
+        """Events kept back in ``_runs``; a dropping stream counts them in its buffer."""
         self._ending = False
         """The engine has closed: the stream takes only its steps' ends, then closes."""
 
@@ -405,9 +525,9 @@ class EventStream:
             case StepFinished():
                 self._step_finished(event)
             case Retry() | Fallback():
-                steps = self._steps.get(event.run_id)
-                if steps is not None and event.execution_id in steps:
-                    self._put(event)
+                step = self._steps.get(event.execution_id)
+                if step is not None:
+                    self._take_of_step(step, event)
             case RunFinished() | RunFailed() | RunCancelled():
                 self._run_ended(event)
             case _:
@@ -416,57 +536,141 @@ class EventStream:
     def _step_started(self, event: StepStarted) -> None:
         if self._ending:
             return
-        steps = self._steps.get(event.run_id)
-        if steps is None:
-            steps = self._steps[event.run_id] = set()
-        steps.add(event.execution_id)
-        self._put(event)
+        run = self._current(event.run_id)
+        run.steps += 1
+        self._steps.add(event.execution_id, (run, self._take(run, event)))
+
+    def _current(self, run_id: str) -> _RunView:
+        """The view of the run in flight with id ``run_id`` (made if there is none)."""
+        runs = self._runs.get(run_id)
+        if runs is None:
+            run = _RunView()
+            self._runs[run_id] = [run]
+            return run
+        if runs[-1].end is not None:
+            runs.append(_RunView())
+        return runs[-1]
 
     def _step_finished(self, event: StepFinished) -> None:
         """Take the end of a step this stream saw start; then the end of its run, if
         this was the run's last step in flight."""
-        run_id = event.run_id
-        steps = self._steps.get(run_id)
-        if steps is None or event.execution_id not in steps:
+        step = self._steps.pop(event.execution_id)
+        if step is None:
             return
-        steps.remove(event.execution_id)
-        self._put(event)
-        if steps:
-            return
-        del self._steps[run_id]
-        end = self._ends.pop(run_id, None)
-        if end is not None:
-            self._put(end)
+        self._take_of_step(step, event)
+        run = step[0]
+        run.steps -= 1
+        if not run.steps:
+            self._settle(event.run_id)
         if self._ending and not self._steps:
             self.close()
 
     def _run_ended(self, event: RunFinished | RunFailed | RunCancelled) -> None:
-        if event.run_id in self._steps:
-            self._ends[event.run_id] = event
-        else:
+        runs = self._runs.get(event.run_id)
+        if runs is None:
             self._put(event)
+            return
+        runs[-1].end = event
+        if not runs[-1].steps:
+            self._settle(event.run_id)
 
     def _run_started(self, event: Event) -> None:
         """Take ``event`` (a RunStarted, or an event of another kind) unless the engine
-        has closed. A run id in use again while steps of the run that had it still
-        finish: that run's end is taken first, and its steps' ends are not waited for."""
+        has closed; a run id in use again while steps of the run that had it still
+        finish: keep it back (see the class docstring)."""
         if self._ending:
             return
-        end = self._ends.pop(event.run_id, None)
-        if end is not None:
-            del self._steps[event.run_id]
-            self._put(end)
-        self._put(event)
+        if event.run_id in self._runs:
+            run = self._current(event.run_id)
+            run.lost = not self._take(run, event)
+        elif not self._put(event):
+            run = _RunView()
+            run.lost = True
+            self._runs[event.run_id] = [run]
 
-    def _put(self, event: Event) -> None:
-        """Buffer ``event``; a dropping stream whose buffer is full counts it as dropped."""
+    def _settle(self, run_id: str) -> None:
+        """Give the end of each run of id ``run_id`` that has ended and has no step in
+        flight, oldest first, and after each the events kept back for the next one;
+        forget the id once none is left waiting."""
+        runs = self._runs[run_id]
+        while not runs[0].steps:
+            end = runs[0].end
+            if end is None:
+                # In flight with no step: nothing of it is kept (runs after it come
+                # only once it has ended), unless its events are dropped.
+                if not runs[0].lost:
+                    del self._runs[run_id]
+                return
+            self._take(runs[0], end)
+            del runs[0]
+            if not runs:
+                del self._runs[run_id]
+                return
+            self._release(runs[0])
+
+    def _take_of_step(self, step: tuple[_RunView, bool], event: Event) -> None:
+        """Take ``event`` of a step in flight (its run, and whether its StepStarted was
+        taken); drop it if the StepStarted was dropped."""
+        run, started = step
+        if started:
+            self._take(run, event)
+        else:
+            self.dropped += 1
+
+    def _take(self, run: _RunView, event: Event) -> bool:
+        """Give ``event`` of ``run`` to the buffer, or keep it back if an earlier run of
+        its id is still ending; return whether it was taken (not dropped)."""
+        if run.lost:
+            self.dropped += 1
+            return False
+        if run is self._runs[event.run_id][0]:
+            return self._put(event)
+        if not self._fits():
+            self.dropped += 1
+            return False
+        self._count_held()
+        run.kept.append(event)
+        self._kept += 1
+        return True
+
+    def _release(self, run: _RunView) -> None:
+        """``run`` is now the oldest of its id: give its kept events to the buffer (they
+        were counted when kept)."""
+        self._kept -= len(run.kept)
+        for event in run.kept:
+            try:
+                self._send.send_nowait(event)
+            except trio.WouldBlock:
+                self.dropped += 1
+            except trio.ClosedResourceError:
+                return
+        run.kept = []
+
+    def _fits(self) -> bool:
+        """Whether one more event fits: always in a lossless stream; in a dropping one
+        while its buffer and the events kept back are fewer than ``buffer``."""
+        if self.lossless:
+            return True
+        return self._send.statistics().current_buffer_used + self._kept < self.buffer
+
+    def _put(self, event: Event) -> bool:
+        """Buffer ``event``; a dropping stream whose buffer is full counts it as
+        dropped. Return whether it was buffered."""
+        if self._kept and not self._fits():
+            self.dropped += 1
+            return False
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:
             self.dropped += 1
-            return
+            return False
         except trio.ClosedResourceError:
-            return
+            return False
+        self._count_held()
+        return True
+
+    def _count_held(self) -> None:
+        """A lossless stream holds one more event: it fills at ``buffer``."""
         if self._room is not None:
             self.held += 1
             if self.held == self.buffer:
@@ -482,8 +686,8 @@ class EventStream:
             self.close()
 
     def close(self) -> None:
-        """Stop receiving events; iteration ends after the buffered ones. A lossless
-        stream no longer holds the engine back."""
+        """Stop receiving events; iteration ends after the buffered ones (events kept
+        back are not given). A lossless stream no longer holds the engine back."""
         if self._on_close is not None:
             self._on_close(self)
             self._on_close = None
@@ -501,20 +705,32 @@ class EventStream:
         return self
 
     async def __anext__(self) -> Event:
-        """The next event (an EventsDropped first, if any were lost). A checkpoint."""
-        if self.dropped:
-            count, self.dropped = self.dropped, 0
+        """The next event: an EventsDropped first if any were lost, unless the last
+        one read was an EventsDropped (a reader slower than the drops still gets the
+        buffered events, every other read); also as the last one when the stream
+        ends. A checkpoint."""
+        if self.dropped and not self._reported:
             await trio.lowlevel.checkpoint()
-            return EventsDropped("", trio.current_time(), count)
+            return self._report_dropped()
         try:
             event = await self._receive.receive()
         except trio.EndOfChannel:
+            # The events that follow a dropped start are dropped even when the buffer
+            # has room: some may have been while this waited.
+            if self.dropped:
+                return self._report_dropped()
             raise StopAsyncIteration from None
+        self._reported = False
         if self._room is not None:
             self.held -= 1
             if self.held + 1 == self.buffer:
                 self._room.freed()
         return event
+
+    def _report_dropped(self) -> EventsDropped:
+        count, self.dropped = self.dropped, 0
+        self._reported = True
+        return EventsDropped("", trio.current_time(), count)
 
     async def __aenter__(self) -> EventStream:
         return self

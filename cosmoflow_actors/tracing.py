@@ -29,7 +29,7 @@ import importlib
 import time
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, final
 
 import trio
 
@@ -44,6 +44,7 @@ from cosmoflow_actors.events import (
     RunFinished,
     RunStarted,
     StepFinished,
+    StepsInFlight,
     StepSpans,
     StepStarted,
 )
@@ -164,8 +165,10 @@ async def trace_events(
 
     ``tracer`` defaults to ``opentelemetry.trace.get_tracer("cosmoflow_actors")``. Start
     it with ``await nursery.start(trace_events, engine)`` in a nursery *around* the
-    ``open_engine`` block: it is ready (its event stream open) when ``start`` returns,
-    and it returns when the engine closes. Spans still open then are ended. Raises
+    ``open_engine`` block: it is ready (its event stream open) when ``start`` returns.
+    It returns once the engine has closed and the steps it saw start have ended (the
+    close cancels them; each step's span, and its run's, ends when the step does), as
+    an event stream ends. Cancelled, it ends the spans still open at once. Raises
     ImportError naming the ``otel`` extra when OpenTelemetry is not installed.
     """
     spans = LiveSpans(tracer)
@@ -173,6 +176,7 @@ async def trace_events(
     try:
         task_status.started()
         await engine.wait_closed()
+        await spans.wait_steps_ended()
     finally:
         stop()
         spans.end_all()
@@ -196,10 +200,36 @@ class LiveSpans:
         otel = _opentelemetry()
         self._otel = otel
         self._spans = _Spans(otel, tracer or otel.get_tracer("cosmoflow_actors"))
+        self._detached = False
+        self._steps_ended: trio.Event | None = None
+        """Set, while :meth:`wait_steps_ended` waits, when it may return."""
 
     def handle(self, event: Event) -> None:
         """Start, annotate or end the spans ``event`` concerns. Never blocks."""
         self._spans.handle(event)
+        if self._steps_ended is not None and not self._spans.steps_in_flight:
+            self._wake()
+
+    def detached(self) -> None:
+        """No more events come (the hub stopped following with these spans): a wait
+        for the steps to end returns. Never blocks."""
+        self._detached = True
+        self._wake()
+
+    async def wait_steps_ended(self) -> None:
+        """Block until no step these spans saw start is in flight, or they no longer
+        follow the engine (see :meth:`detached`). A checkpoint."""
+        if self._detached or not self._spans.steps_in_flight:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._steps_ended is None:
+            self._steps_ended = trio.Event()
+        await self._steps_ended.wait()
+
+    def _wake(self) -> None:
+        if self._steps_ended is not None:
+            self._steps_ended.set()
+            self._steps_ended = None
 
     def step_span(self, step: StepLike) -> contextlib.AbstractContextManager[object]:
         """A context manager that makes the span of ``step`` the current OpenTelemetry
@@ -211,7 +241,9 @@ class LiveSpans:
         context); a worker process does not. Spans that code starts are children of the
         step's span. Leaving the block restores the context as it was, and neither ends
         the span nor records an error: the step's StepFinished does both. A step with no
-        span (it started before these spans did) changes nothing.
+        span (it started before these spans did) changes nothing. Call it in the task
+        that emitted the step's StepStarted (see
+        :class:`~cosmoflow_actors.events.StepsInFlight`).
         """
         span = self._spans.step(step.execution_id)
         if span is None:
@@ -234,6 +266,19 @@ def _opentelemetry() -> ModuleType:
         raise ImportError(OTEL_MISSING) from exc
 
 
+@final
+class _RunSpan:
+    """A run's span, and its steps in flight: a run that ended while some were (its end
+    cancelled them) ends with the last of them."""
+
+    __slots__ = ("ended", "span", "steps")
+
+    def __init__(self, span: SpanLike) -> None:
+        self.span = span
+        self.steps = 0
+        self.ended = False
+
+
 class _Spans:
     """The spans of the runs and steps in progress, built from events."""
 
@@ -241,15 +286,16 @@ class _Spans:
         self._otel = otel
         self._tracer = tracer
         self._offset = time.time_ns() - round(trio.current_time() * 1e9)
-        self._runs: dict[str, SpanLike] = {}
-        self._steps: dict[str, SpanLike] = {}
-        """Open step spans by execution id."""
-        self._in_flight: dict[str, set[str]] = {}
-        """The execution ids of each run's open step spans."""
-        self._ending: dict[str, SpanLike] = {}
-        """The spans of runs that ended while steps of theirs were in flight (the run's
-        end cancelled them): each ends with its last step's span, so that it holds
-        them."""
+        self._runs: dict[str, _RunSpan] = {}
+        """The runs in flight by id."""
+        self._steps = StepsInFlight[tuple[SpanLike, _RunSpan]]()
+        """The open span of each step and its run's (see StepsInFlight for two steps
+        of one execution id)."""
+
+    @property
+    def steps_in_flight(self) -> bool:
+        """Whether a step span is open."""
+        return bool(self._steps)
 
     def handle(self, event: Event) -> None:
         """Start, annotate or end the spans ``event`` concerns."""
@@ -265,39 +311,41 @@ class _Spans:
             case RunFinished() | RunFailed() | RunCancelled():
                 self._end_run(event)
             case EventsDropped():
-                for span in self._runs.values():
-                    span.add_event(
+                for run in self._runs.values():
+                    run.span.add_event(
                         "events dropped", {"cosmoflow.count": event.count}, self._ns(event.time)
                     )
 
     def step(self, execution_id: str) -> SpanLike | None:
-        """The open span of step ``execution_id``, if it has one."""
-        return self._steps.get(execution_id)
+        """The open span of step ``execution_id`` running in the current task, if it
+        has one."""
+        step = self._steps.get(execution_id)
+        return None if step is None else step[0]
 
     def end_all(self) -> None:
-        """End every span still open (the stream ended), now."""
-        for span in [*self._steps.values(), *self._runs.values(), *self._ending.values()]:
+        """End every span still open (the stream ended), now: the steps', then the
+        runs'."""
+        ended_runs: dict[_RunSpan, None] = {}
+        for span, run in self._steps.values():
             span.end()
+            if run.ended:
+                ended_runs[run] = None
+        for run in [*ended_runs, *self._runs.values()]:
+            run.span.end()
         self._steps.clear()
         self._runs.clear()
-        self._in_flight.clear()
-        self._ending.clear()
 
     def _ns(self, trio_time: float) -> int:
         return self._offset + round(trio_time * 1e9)
 
     def _start_run(self, event: RunStarted) -> None:
         """Start the run's span, a child of the span current in the task that emits
-        ``event`` (the one that starts the run), if any. A run id in use again while
-        steps of the run that had it still finish: that run's span ends now."""
-        ending = self._ending.pop(event.run_id, None)
-        if ending is not None:
-            del self._in_flight[event.run_id]
-            ending.end(self._ns(event.time))
+        ``event`` (the one that starts the run), if any."""
         attributes = {"cosmoflow.run_id": event.run_id, "cosmoflow.flow": event.flow_name}
-        self._runs[event.run_id] = self._tracer.start_span(
+        span = self._tracer.start_span(
             event.flow_name, attributes=attributes, start_time=self._ns(event.time)
         )
+        self._runs[event.run_id] = _RunSpan(span)
 
     def _start_step(self, event: StepStarted) -> None:
         run = self._runs.get(event.run_id)
@@ -309,21 +357,22 @@ class _Spans:
             "cosmoflow.node_id": event.node_id,
             "cosmoflow.execution_id": event.execution_id,
         }
-        in_flight = self._in_flight.get(event.run_id)
-        if in_flight is None:
-            in_flight = self._in_flight[event.run_id] = set()
-        in_flight.add(event.execution_id)
-        self._steps[event.execution_id] = self._tracer.start_span(
+        span = self._tracer.start_span(
             f"{event.flow_name}/{event.node_id}",
-            self._otel.set_span_in_context(run),
+            self._otel.set_span_in_context(run.span),
             attributes=attributes,
             start_time=self._ns(event.time),
         )
+        run.steps += 1
+        self._steps.add(event.execution_id, (span, run))
 
     def _end_step(self, event: StepFinished) -> None:
-        span = self._steps.pop(event.execution_id, None)
-        if span is None:
+        """End the step's span; and its run's, if the run has ended and this was the
+        last of its steps in flight."""
+        step = self._steps.pop(event.execution_id)
+        if step is None:
             return
+        span, run = step
         if event.action is not None:
             span.set_attribute("cosmoflow.action", event.action)
         elif event.error is not None:
@@ -331,25 +380,13 @@ class _Spans:
         else:
             span.set_attribute("cosmoflow.cancelled", True)
         span.end(self._ns(event.time))
-        self._step_ended(event)
-
-    def _step_ended(self, event: StepFinished) -> None:
-        """End the span of the step's run too if the run has ended and this was the
-        last of its steps in flight."""
-        in_flight = self._in_flight.get(event.run_id)
-        if in_flight is None:
-            return
-        in_flight.discard(event.execution_id)
-        if in_flight:
-            return
-        del self._in_flight[event.run_id]
-        ending = self._ending.pop(event.run_id, None)
-        if ending is not None:
-            ending.end(self._ns(event.time))
+        run.steps -= 1
+        if run.ended and not run.steps:
+            run.span.end(self._ns(event.time))
 
     def _step_event(self, event: Retry | Fallback) -> None:
-        span = self._steps.get(event.execution_id)
-        if span is None:
+        step = self._steps.get(event.execution_id)
+        if step is None:
             return
         attributes: dict[str, str | int | float] = {
             "exception.type": _qualified_name(type(event.error)),
@@ -357,15 +394,16 @@ class _Spans:
         }
         if isinstance(event, Retry):
             attributes |= {"cosmoflow.attempt": event.attempt, "cosmoflow.delay": event.delay}
-            span.add_event("retry", attributes, self._ns(event.time))
+            step[0].add_event("retry", attributes, self._ns(event.time))
         else:
             attributes["cosmoflow.attempts"] = event.attempts
-            span.add_event("fallback", attributes, self._ns(event.time))
+            step[0].add_event("fallback", attributes, self._ns(event.time))
 
     def _end_run(self, event: RunFinished | RunFailed | RunCancelled) -> None:
-        span = self._runs.pop(event.run_id, None)
-        if span is None:
+        run = self._runs.pop(event.run_id, None)
+        if run is None:
             return
+        span = run.span
         if isinstance(event, RunFinished):
             span.set_attribute("cosmoflow.steps", event.steps)
             span.set_attribute("cosmoflow.final_action", event.final_action)
@@ -373,8 +411,8 @@ class _Spans:
             self._fail(span, event.error, event.time)
         else:
             span.set_attribute("cosmoflow.cancelled", True)
-        if event.run_id in self._in_flight:
-            self._ending[event.run_id] = span
+        if run.steps:
+            run.ended = True
         else:
             span.end(self._ns(event.time))
 

@@ -4,7 +4,10 @@ lossless ones that slow it down instead, and listeners called as events happen."
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -260,16 +263,21 @@ async def test_a_listener_sees_each_event_in_the_emitting_task_until_removed() -
 
 
 class Traced:
-    """The least a tracer of steps needs: it records events and gives a no-op scope."""
+    """The least a tracer of steps needs: it records events and gives a no-op scope;
+    it counts how often it was detached."""
 
     def __init__(self) -> None:
         self.events: list[cf.Event] = []
+        self.detachments = 0
 
     def handle(self, event: cf.Event) -> None:
         self.events.append(event)
 
     def step_span(self, step: cf.ExecutionContext) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()
+
+    def detached(self) -> None:
+        self.detachments += 1
 
 
 def test_a_hub_is_traced_by_one_tracer_at_a_time_until_it_stops() -> None:
@@ -282,10 +290,11 @@ def test_a_hub_is_traced_by_one_tracer_at_a_time_until_it_stops() -> None:
     [event, later] = emitted(2)
     hub.emit(event)
     stop()
-    assert (hub.step_spans, hub.active) == (None, False)
+    assert (hub.step_spans, hub.active, first.detachments) == (None, False, 1)
     hub.emit(later)
     hub.trace(second)
-    assert (first.events, hub.step_spans) == ([event], second)
+    stop()
+    assert (first.events, hub.step_spans, first.detachments) == ([event], second, 1)
 
 
 def test_a_listener_that_raises_is_removed_and_logged_and_the_others_see_the_event(
@@ -343,6 +352,7 @@ async def test_a_tracer_whose_handle_raises_is_removed_and_every_run_goes_on(
     stores = await traced_runs(tracer)
     assert [store["seen"] for store in stores] == [["a", "b"]] * 3
     assert [type(event).__name__ for event in tracer.events] == ["RunStarted"]
+    assert tracer.detachments == 1
     [record] = caplog.records
     assert record.exc_info is not None and str(record.exc_info[1]) == "exporter down"
 
@@ -451,14 +461,193 @@ async def test_when_the_engine_closes_a_stream_ends_once_its_steps_in_flight_hav
     assert kinds == ["RunStarted", "StepStarted", "StepFinished", "RunCancelled"]
 
 
-async def test_a_run_id_used_again_releases_the_end_of_the_run_that_had_it() -> None:
+class UnwindsSlowly(cf.Node):
+    """Its first step waits until cancelled, then cleans up, shielded, until ``cleaned``
+    is set; its second sets ``again`` and waits for ``later``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+        self.cleaned = trio.Event()
+        self.again = trio.Event()
+        self.later = trio.Event()
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self.steps += 1
+        if self.steps > 1:
+            self.again.set()
+            await self.later.wait()
+            return
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.cleaned.wait()
+
+
+def pairs(events: list[cf.Event]) -> list[tuple[str, str | None]]:
+    """Each event's kind, with a step end's action ("cancelled" when it has none)."""
+    return [
+        (type(event).__name__, (event.action or "cancelled"))
+        if isinstance(event, cf.StepFinished)
+        else (type(event).__name__, None)
+        for event in events
+    ]
+
+
+async def test_a_run_resumed_while_its_cancelled_step_unwinds_keeps_each_step_end_with_its_start(
+    tmp_path: Path,
+) -> None:
+    """The resumed run's first step has the execution id of the cancelled one still
+    cleaning up: the stream gives the old run whole (its step's end, then its end),
+    then the resumed run, each step ending as it did."""
+    node = UnwindsSlowly()
+    flow = single(node, "unwinds")
+    storage = cf.SQLiteStorage(tmp_path / "runs.db")
+    async with cf.open_engine() as engine, engine.events(lossless=True) as stream:
+        old = await engine.start_run(flow, storage, run_id="r")
+        await trio.testing.wait_all_tasks_blocked()
+        old.cancel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(engine.resume, flow, storage, run_id="r"))
+            await node.again.wait()
+            node.cleaned.set()
+            await trio.testing.wait_all_tasks_blocked()
+            node.later.set()
+        stream.close()
+        events = await drained(stream)
+    assert pairs(events) == [
+        ("RunStarted", None),
+        ("StepStarted", None),
+        ("StepFinished", "cancelled"),
+        ("RunCancelled", None),
+        ("RunStarted", None),
+        ("StepStarted", None),
+        ("StepFinished", "default"),
+        ("RunFinished", None),
+    ]
+
+
+async def test_runs_of_one_id_come_whole_in_turn_while_their_cancelled_steps_finish() -> None:
+    """Three runs of id r, each started while the steps of the ones before still
+    finish, each step in a task of its own, as node actors run them, with a retry
+    emitted in a task the step started (a ParallelBatchNode's item): every step's retry
+    and end pair with its own start (node a1, a2 or a3), whatever order they finish in."""
     hub = EventHub()
-    stream = hub.open(10)
-    hub.emit(cf.RunStarted("r", 0.0, "flow"))
-    hub.emit(cf.StepStarted("r", 0.0, "flow", "a", "r:1"))
-    hub.emit(cf.RunCancelled("r", 1.0, "flow", 1.0))
-    hub.emit(cf.RunStarted("r", 1.0, "flow"))
-    hub.emit(cf.StepFinished("r", 1.0, "flow", "a", "r:1", 1.0, None, None))
+    stream = hub.open(10, lossless=True)
+    finish = {node: trio.Event() for node in ("a1", "a2", "a3")}
+
+    async def item(node: str) -> None:
+        hub.emit(cf.Retry("r", 1.0, node, "r:1", 1, ConnectionError("down"), 0.0))
+
+    async def step(node: str, action: str | None) -> None:
+        hub.emit(cf.StepStarted("r", 0.0, "flow", node, "r:1"))
+        await finish[node].wait()
+        async with trio.open_nursery() as items:
+            items.start_soon(item, node)
+        hub.emit(cf.StepFinished("r", 1.0, "flow", node, "r:1", 1.0, action, None))
+
+    async with trio.open_nursery() as nursery:
+        for node in ("a1", "a2", "a3"):
+            hub.emit(cf.RunStarted("r", 0.0, "flow"))
+            nursery.start_soon(step, node, "done" if node == "a3" else None)
+            await trio.testing.wait_all_tasks_blocked()
+            if node != "a3":
+                hub.emit(cf.RunCancelled("r", 0.0, "flow", 0.0))
+        for node in ("a2", "a1", "a3"):
+            finish[node].set()
+            await trio.testing.wait_all_tasks_blocked()
+        hub.emit(cf.RunFinished("r", 1.0, "flow", 1.0, 1, "done"))
+    assert stream.held == 15  # those kept back counted once
     stream.close()
-    kinds = [type(event).__name__ for event in await drained(stream)]
-    assert kinds == ["RunStarted", "StepStarted", "RunCancelled", "RunStarted"]
+    events = await drained(stream)
+    step_kinds = cf.StepStarted | cf.Retry | cf.StepFinished
+    steps = [
+        (type(event).__name__, event.node_id, getattr(event, "action", None))
+        for event in events
+        if isinstance(event, step_kinds)
+    ]
+    assert steps == [
+        ("StepStarted", "a1", None),
+        ("Retry", "a1", None),
+        ("StepFinished", "a1", None),
+        ("StepStarted", "a2", None),
+        ("Retry", "a2", None),
+        ("StepFinished", "a2", None),
+        ("StepStarted", "a3", None),
+        ("Retry", "a3", None),
+        ("StepFinished", "a3", "done"),
+    ]
+    assert [type(event).__name__ for event in events if not isinstance(event, step_kinds)] == [
+        "RunStarted",
+        "RunCancelled",
+        "RunStarted",
+        "RunCancelled",
+        "RunStarted",
+        "RunFinished",
+    ]
+
+
+async def test_a_dropping_stream_drops_what_follows_a_start_it_dropped() -> None:
+    """Run r's step b and run s start while the buffer is full: their later events are
+    dropped too, though the reader has made room meanwhile."""
+    hub = EventHub()
+    stream = hub.open(2)
+    hub.emit(cf.RunStarted("r", 0.0, "flow"))
+    hub.emit(cf.StepStarted("r", 0.0, "flow", "a", "r:1.0/2"))
+    hub.emit(cf.StepStarted("r", 0.0, "flow", "b", "r:1.1/2"))
+    hub.emit(cf.RunStarted("s", 0.0, "flow"))
+    [dropped, started] = await read(stream, 2)
+    assert isinstance(dropped, cf.EventsDropped) and dropped.count == 2
+    assert started == cf.RunStarted("r", 0.0, "flow")
+    hub.emit(cf.StepStarted("s", 0.0, "flow", "c", "s:1"))
+    hub.emit(cf.StepFinished("s", 1.0, "flow", "c", "s:1", 1.0, None, None))
+    hub.emit(cf.RunCancelled("s", 1.0, "flow", 1.0))
+    hub.emit(cf.StepFinished("r", 1.0, "flow", "b", "r:1.1/2", 1.0, "x", None))
+    hub.emit(cf.StepFinished("r", 1.0, "flow", "a", "r:1.0/2", 1.0, "x", None))
+    hub.close()
+    events = await drained(stream)
+    assert [(type(event).__name__, getattr(event, "node_id", None)) for event in events] == [
+        ("EventsDropped", None),
+        ("StepStarted", "a"),
+        ("StepFinished", "a"),
+    ]
+    assert isinstance(events[0], cf.EventsDropped) and events[0].count == 4
+
+
+async def test_a_stream_that_ends_reports_the_events_it_dropped_last() -> None:
+    """Run s's end is dropped with its start while the reader waits on an empty
+    buffer: the stream ends with an EventsDropped."""
+    hub = EventHub()
+    stream = hub.open(1)
+    hub.emit(cf.RunStarted("r", 0.0, "flow"))
+    hub.emit(cf.RunStarted("s", 0.0, "flow"))
+    assert [type(event).__name__ for event in await read(stream, 2)] == [
+        "EventsDropped",
+        "RunStarted",
+    ]
+    last: list[cf.Event] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect, stream, last)
+        await trio.testing.wait_all_tasks_blocked()
+        hub.emit(cf.RunCancelled("s", 1.0, "flow", 1.0))
+        hub.close()
+    [dropped] = last
+    assert isinstance(dropped, cf.EventsDropped) and dropped.count == 1
+
+
+async def test_a_reader_slower_than_the_drops_still_gets_the_buffered_events() -> None:
+    """Events are dropped between every two reads: the reads alternate between an
+    EventsDropped and the oldest buffered event."""
+    hub = EventHub()
+    stream = hub.open(2)
+    [a, b, c, d, e, f] = emitted(6)
+    for event in (a, b, c):  # c is dropped
+        hub.emit(event)
+    reads = [await stream.__anext__()]
+    hub.emit(d)  # dropped: a and b fill the buffer
+    reads.append(await stream.__anext__())
+    hub.emit(e)
+    hub.emit(f)  # dropped: b and e fill the buffer
+    reads += [await stream.__anext__(), await stream.__anext__()]
+    assert [getattr(event, "count", event) for event in reads] == [1, a, 2, b]
