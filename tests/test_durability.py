@@ -14,7 +14,7 @@ import trio.testing
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import durability
 from tests.storage_suite import JsonDictStorage, make_backend
-from tests.support import single
+from tests.support import Gate, single
 
 
 class Counted(cf.Node):
@@ -768,3 +768,39 @@ def test_the_record_of_a_failed_run_names_an_error_that_cannot_be_printed() -> N
         "Unprintable: <unprintable>"
     )
     assert durability.failed({}, ValueError("bad"))["error"] == "ValueError: bad"
+
+
+class RefusesTheEnd(cf.SQLiteStorage):
+    """SQLite that refuses to store a run record saying the run succeeded, as a full
+    disk or a lost connection would."""
+
+    async def set(self, key: str, value: Any) -> None:
+        if isinstance(value, dict) and value.get("state") == "succeeded":
+            raise cf.StorageError(f"{self!r}: disk full")
+        await super().set(key, value)
+
+
+class Finished(cf.Node):
+    """Completes its run with "done"."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete("done")
+
+
+async def test_a_run_whose_end_cannot_be_recorded_fails_alone_and_resumes(
+    tmp_path: Path,
+) -> None:
+    """The refusal fails that run (the engine and a run in flight go on), and its record
+    still says running, so that resume ends it."""
+    path = tmp_path / "store.db"
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(single(gate), {})
+        with pytest.raises(cf.StorageError, match="disk full"):
+            await engine.run(single(Finished()), RefusesTheEnd(path), run_id="r")
+        gate.open.set()
+        assert (await other.wait()).success
+        resumed = await engine.resume(single(Finished()), cf.SQLiteStorage(path), run_id="r")
+    assert resumed.result == "done"

@@ -262,11 +262,17 @@ class DurableRun(Durability):
         """Record the result, then end the run (so ``wait`` sees it recorded).
 
         Under the lock, after a step commit of another branch still in flight: the
-        record is built on the last one committed, never over it.
+        record is built on the last one committed, never over it. When the store
+        refuses the record (StorageError), the run fails with that error alone; its
+        record still says it is running after its last step, for ``resume`` to end it.
         """
         async with self.lock:
             record = succeeded(self.record, result)
-            await run.store_actor.write_record(run.storage, record_key(run.run_id), record)
+            try:
+                await run.store_actor.write_record(run.storage, record_key(run.run_id), record)
+            except StorageError as exc:
+                run.fail(exc)
+                return
             run.succeed(result)
 
     async def fail(self, run: ActiveRun, error: BaseException) -> None:
