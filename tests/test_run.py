@@ -65,3 +65,27 @@ async def test_cancelling_a_run_that_ended_changes_nothing() -> None:
         run.cancel()
     assert run.current_state is cf.RunState.SUCCEEDED
     assert await run.wait() == result
+
+
+def traceback_depth(error: BaseException) -> int:
+    depth = 0
+    frame = error.__traceback__
+    while frame is not None:
+        depth += 1
+        frame = frame.tb_next
+    return depth
+
+
+async def test_each_wait_of_a_failed_run_raises_its_error_with_the_same_traceback() -> None:
+    @cf.node
+    async def boom(ctx: cf.ExecutionContext) -> None:
+        raise RuntimeError("boom")
+
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(boom))
+        depths = set()
+        for _ in range(3):
+            with pytest.raises(cf.NodeError) as info:
+                await run.wait()
+            depths.add(traceback_depth(info.value))
+    assert len(depths) == 1

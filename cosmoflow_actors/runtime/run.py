@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, final
 
 import trio
@@ -100,6 +101,7 @@ class ActiveRun:
     __slots__ = (
         "_done",
         "_error",
+        "_error_traceback",
         "_observed",
         "_on_finish",
         "_result",
@@ -148,6 +150,9 @@ class ActiveRun:
         self._on_finish = on_finish
         self._result: FlowResult | None = None
         self._error: BaseException | None = None
+        self._error_traceback: TracebackType | None = None
+        """The error's traceback as it ended the run: each :meth:`unwrap` raises the
+        error from there, so its traceback does not grow with every wait."""
         self.durability = durability
         """What keeps the run's record at the actors' fixed points (runtime.durability)."""
         self.condition_keys = condition_keys
@@ -200,7 +205,7 @@ class ActiveRun:
     def unwrap(self) -> FlowResult:
         """The result of a run that has ended, or its error raised. Never blocks."""
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(self._error_traceback)
         assert self._result is not None, "the run has not ended"
         return self._result
 
@@ -243,6 +248,7 @@ class ActiveRun:
         if self.finished:
             return
         self._error = error
+        self._error_traceback = error.__traceback__
         self._finish(state)
 
     def _finish(self, state: RunState) -> None:
