@@ -11,7 +11,8 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from tests.support import in_run
+from cosmoflow_actors.runtime.store_client import FORGET_AT
+from tests.support import in_run, single
 
 
 @dataclasses.dataclass
@@ -202,6 +203,27 @@ async def test_a_store_call_never_awaited_fails_its_run_alone(phase: str, op: st
     assert isinstance(cause, RuntimeError)
     assert f"store.{op}('k') in {phase} of node 'careless' was never awaited" in str(cause)
     assert data == {"k": "before", "good": 4}
+
+
+class ManyCalls(cf.Node):
+    """prep loses one call, then awaits a thousand; notes how many calls its store
+    handle remembers then."""
+
+    remembered = 0
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> None:
+        _ = store.set("lost", 1)
+        for _ in range(1000):
+            await store.get("k", None)
+        self.remembered = len(store._made or [])
+
+
+async def test_a_phase_making_many_calls_keeps_few_and_still_finds_the_lost_one() -> None:
+    node = ManyCalls()
+    with pytest.raises(cf.NodeError) as info:
+        await single(node).run({})
+    assert node.remembered < 2 * FORGET_AT
+    assert "store.set('lost') in prep of node 'only' was never awaited" in str(info.value.__cause__)
 
 
 async def test_a_durable_step_that_never_awaits_a_write_commits_nothing(tmp_path: Path) -> None:

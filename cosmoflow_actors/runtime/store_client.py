@@ -43,6 +43,9 @@ class _Missing:
 MISSING: Final[Any] = _Missing()
 """Marks an absent default."""
 
+FORGET_AT: Final = 64
+"""Calls a step handle remembers before it forgets those that have started."""
+
 
 class StoreService(Protocol):
     """What a SharedStore sends its calls to: the store actor (or :class:`Unreachable`)."""
@@ -73,7 +76,7 @@ class SharedStore:
     mailbox is full and until the actor has committed it.
     """
 
-    __slots__ = ("_made", "_service", "_storage", "name")
+    __slots__ = ("_forget_at", "_made", "_service", "_storage", "name")
 
     def __init__(
         self,
@@ -85,6 +88,7 @@ class SharedStore:
         self._service = service
         self._storage = storage
         self._made = made
+        self._forget_at = FORGET_AT
         self.name = name
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -98,9 +102,19 @@ class SharedStore:
 
     def _made_now(self, call: Call[T]) -> Call[T]:
         """Remember ``call`` in a step handle; return it unchanged."""
-        if self._made is not None:
-            self._made.append(call)
+        made = self._made
+        if made is not None:
+            made.append(call)
+            if len(made) >= self._forget_at:
+                self._forget_started(made)
         return call
+
+    def _forget_started(self, made: list[Coroutine[Any, Any, Any]]) -> None:
+        """Forget the remembered calls that have started (none of them can be lost any
+        more), so that a phase making many calls keeps few of them; the next time comes
+        when the handle remembers twice as many as it keeps now. Never blocks."""
+        made[:] = [call for call in made if _never_started(call)]
+        self._forget_at = max(FORGET_AT, 2 * len(made))
 
     @overload
     def get(self, key: str, default: Any = ..., *, type: None = None) -> Call[Any]: ...
