@@ -1057,7 +1057,7 @@ def check_scenario(scenario: Scenario) -> None:
     assert stats.runs_started == ended
     for actor in stats.actors:
         assert (actor.in_flight, actor.mailbox_depth, actor.senders_waiting) == (0, 0, 0), actor
-    assert engine._router.carriers == set()
+    assert engine._router.carriers == {}
     admission = engine._admission
     if admission is not None:
         assert (admission._free, admission.waiting) == (scenario.max_runs, 0)
@@ -1521,3 +1521,28 @@ async def test_of_two_engines_starting_one_new_run_id_the_second_is_refused(
     stored = cf.SQLiteStorage(path)
     assert await stored.get("log") == ["x:1", "x:2", "x:3"]
     await stored.aclose()
+
+
+async def test_runs_started_by_tasks_of_a_carrying_callers_older_nursery_are_admitted(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The caller of engine.run carries its run; tasks it started before, in a nursery
+    of its own, are not its step's work: their runs wait for admission."""
+    gate = Gate(max_concurrency=None)
+    flow = single(gate)
+
+    async def later(engine: cf.Engine) -> None:
+        await trio.sleep(1)  # while the main task carries its own run
+        await engine.run(flow)
+
+    async def open_later(engine: cf.Engine) -> None:
+        await trio.sleep(2)
+        gate.open.set()
+
+    async with cf.open_engine(max_runs=2) as engine, trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(later, engine)
+        nursery.start_soon(open_later, engine)
+        await engine.run(flow)
+    assert gate.most_inside == 2
+    assert gate.entered == 11

@@ -296,17 +296,20 @@ class Engine:
         return run.unwrap()
 
     def _inside_a_step(self) -> bool:
-        """Whether this task, or a task that started it, carries steps of this engine
-        (the router's carriers): a run it starts is part of a step's work, which
-        already holds a place among the runs in flight. Admitting it would deadlock
-        once ``max_runs`` such steps wait for their runs. Never blocks."""
+        """Whether this task carries steps of this engine (it is among the router's
+        carriers), or was started, directly or not, by a carrier in a nursery it opened
+        since it began: a run it starts is part of a step's work, which already holds
+        a place among the runs in flight. Admitting it would deadlock once
+        ``max_runs`` such steps wait for their runs. Never blocks."""
         carriers = self._router.carriers
         task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        came_through: trio.Nursery | None = None
         while task is not None:
-            if task in carriers:
+            opened_before = carriers.get(task)
+            if opened_before is not None and came_through not in opened_before:
                 return True
-            nursery = task.parent_nursery
-            task = None if nursery is None else nursery.parent_task
+            came_through = task.parent_nursery
+            task = None if came_through is None else came_through.parent_task
         return False
 
     async def _carry_here(self, first: Step, scope: trio.CancelScope) -> None:
@@ -317,11 +320,11 @@ class Engine:
         if task in carriers:
             await carry(first, scope)
             return
-        carriers.add(task)
+        carriers[task] = frozenset(task.child_nurseries)
         try:
             await carry(first, scope)
         finally:
-            carriers.discard(task)
+            del carriers[task]
 
     async def _start(
         self,

@@ -220,7 +220,7 @@ class NodeActor(Actor[Step]):
         alive by the workers that carried it.
         """
         task = trio.lowlevel.current_task()
-        self.router.carriers.add(task)
+        self.router.carriers[task] = frozenset()
         step: Step | None = first
         del first
         try:
@@ -230,7 +230,7 @@ class NodeActor(Actor[Step]):
                     del step
                     step = await self._park()
         finally:
-            self.router.carriers.discard(task)
+            del self.router.carriers[task]
 
     async def _park(self) -> Step | None:
         """Wait, parked, until :meth:`_dispatch` gives this worker a step; None, at

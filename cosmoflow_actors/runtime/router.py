@@ -54,9 +54,11 @@ class Router(Actor[Routing]):
     def __init__(self, node_actor: NodeLookup, mailbox_size: int) -> None:
         super().__init__("router", mailbox_size, 1)
         self._node_actor = node_actor
-        self.carriers: set[trio.lowlevel.Task] = set()
+        self.carriers: dict[trio.lowlevel.Task, frozenset[trio.Nursery]] = {}
         """The tasks carrying steps of this engine's runs now: its node actors' workers,
-        and each caller of ``engine.run`` while it carries its run."""
+        and each caller of ``engine.run`` while it carries its run; each with the
+        nurseries it had open before it began (what runs in those is not its steps'
+        work)."""
 
     def learn(self, flow: Flow) -> None:
         """Give the node actors of ``flow`` (they exist) their plain hops: each action
