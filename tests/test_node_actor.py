@@ -928,3 +928,20 @@ async def test_each_item_of_a_batch_node_starts_from_its_first_attempt() -> None
     result = await single(node).run()
     assert result.result == ["one", "two"]
     assert node.retries_seen == [0, 1, 0]
+
+
+def in_flight(engine: cf.Engine, actor: str) -> int:
+    """The steps that node actor ``actor`` holds a slot for."""
+    (stats,) = [stats for stats in engine.statistics().actors if stats.name == actor]
+    return stats.in_flight
+
+
+async def test_a_run_cancelled_while_its_step_waits_for_a_full_lossless_stream_ends_it() -> None:
+    """The step waits for room holding its node's slot; cancelling the run frees it."""
+    async with cf.open_engine() as engine, engine.events(buffer=1, lossless=True):
+        run = await engine.start_run(single(Recorder()))
+        await trio.testing.wait_all_tasks_blocked()
+        assert in_flight(engine, "single/only") == 1
+        run.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert in_flight(engine, "single/only") == 0

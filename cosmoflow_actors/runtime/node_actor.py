@@ -252,22 +252,22 @@ class NodeActor(Actor[Step]):
         router, or None if the run had ended before. Waits first while a lossless event
         stream is full.
 
-        ``scope`` is in the run's scopes while the step runs: if the run ends meanwhile
-        (another branch failed, it was cancelled), the step is cancelled and raises
-        trio.Cancelled.
+        ``scope`` is in the run's scopes while the step waits and runs: if the run ends
+        meanwhile (another branch failed, it was cancelled), the step is cancelled and
+        raises trio.Cancelled.
         """
-        events = self._events
-        if events.congested:
-            await events.wait_for_room()
         run = step.run
         if run.finished:
             return None
-        run.start()
-        run.path.append(self.node_id)
-        ctx = self._context(step)
         scopes = run.scopes
         scopes.append(scope)
         try:
+            events = self._events
+            if events.congested:
+                await events.wait_for_room()
+            run.start()
+            run.path.append(self.node_id)
+            ctx = self._context(step)
             if events.active:
                 return await self._observed_outcome(step, ctx)
             return await self._outcome(step, ctx)
