@@ -75,7 +75,7 @@ class Mailbox(Generic[M]):
 
     async def put(self, message: M) -> None:
         """Append ``message``, waiting first while the mailbox is full (the message is
-        in when this returns).
+        in when this returns, unless the mailbox was closed: then it is dropped).
 
         A checkpoint only when it waits. Cancelled while waiting, nothing is appended.
         """
@@ -123,12 +123,11 @@ class Mailbox(Generic[M]):
 
     def take_batch(self, most: int) -> list[M]:
         """Remove and return up to ``most`` of the oldest messages. Never blocks."""
-        batch = [self.take() for _ in range(min(most, len(self.items)))]
-        return batch
+        return [self.take() for _ in range(min(most, len(self.items)))]
 
     def wake(self) -> None:
-        """Wake the receiver if it waits, to see a change other than a new message.
-        Never blocks."""
+        """Wake the receiver if it waits: a message came, or another change it must
+        see (the actor is told to stop). Never blocks."""
         receiver = self._receiver
         if receiver is not None:
             self._receiver = None

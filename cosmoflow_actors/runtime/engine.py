@@ -119,7 +119,7 @@ class Engine:
         self._context = contextvars.copy_context()
         """The context variables where the engine was opened, which its node actors'
         workers start with."""
-        self._on_finish = self._finished
+        self._on_admitted_end = self._admitted_ended
         self._on_end = self._ended
         """The bound methods an admitted run and another one call when they end (made
         once, not once per run)."""
@@ -156,9 +156,10 @@ class Engine:
         fresh MemoryStorage. A checkpoint; blocks while ``max_runs`` runs are in flight
         (callers wait in FIFO order; a run started inside a step of this engine does
         not), while the storage opens and while the entry
-        node's mailbox is full. Raises StorageError when the storage cannot be opened,
-        and, before it waits, TypeError for ``params`` that are not a mapping with str
-        keys and ValueError for a ``run_id`` that is not a non-empty str or is in flight.
+        node's mailbox is full. Raises StorageError when the storage cannot be opened;
+        before it waits, TypeError for ``params`` that are not a mapping with str keys
+        and ValueError for a ``run_id`` that is not a non-empty str; once admitted,
+        ValueError for a ``run_id`` in flight.
 
         With a ``run_id`` on a persistent storage the run is durable: each step commits
         its writes with the run's record. A run_id whose run already succeeded returns
@@ -228,7 +229,7 @@ class Engine:
         except trio.WouldBlock:
             self._stores.release(actor)
             raise
-        on_finish = self._on_end if admission is None else self._on_finish
+        on_finish = self._on_end if admission is None else self._on_admitted_end
         run = self._new_run(run_id, flow, storage, actor, on_finish, keys)
         if durable:
             self._nursery.start_soon(self._launch_later, run, first_params)
@@ -252,7 +253,7 @@ class Engine:
         storage = as_storage(store)
         actor = await self._stores.acquire(storage)
         try:
-            yield actor.handle(storage)
+            yield actor.client(storage)
         finally:
             self._stores.release(actor)
         await _closed_if_retired(actor)
@@ -396,7 +397,7 @@ class Engine:
             if admission is not None:
                 admission.release()
             raise
-        on_finish = self._on_end if admission is None else self._on_finish
+        on_finish = self._on_end if admission is None else self._on_admitted_end
         return self._new_run(run_id, flow, storage, actor, on_finish, keys)
 
     async def _launch_later(self, run: ActiveRun, params: dict[str, Any]) -> None:
@@ -708,7 +709,7 @@ class Engine:
             error.__cause__ = exc
             run.fail(error)
 
-    def _finished(self, run: ActiveRun) -> None:
+    def _admitted_ended(self, run: ActiveRun) -> None:
         """Called once when an admitted ``run`` ends, whatever ended it (so the engine
         has an admission)."""
         self._ended(run)

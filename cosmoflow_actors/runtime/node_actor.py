@@ -148,8 +148,9 @@ class NodeActor(Actor[Step]):
         self._retired.cancel()
 
     def _stop(self) -> None:
-        """Take no more steps: the engine is closing, and it cancels every run in
-        flight, so the steps queued and those sent from now on are dropped. A step
+        """Take no more steps: the engine is closing (it cancels every run in flight)
+        or the actor retires (no run can reach it), so the steps queued and those sent
+        from now on are dropped. A step
         still running (maybe in another actor's worker, handed off) frees its slot
         as it ends; nothing starts in the nursery after this. Never blocks."""
         # No slot left: the actor is never idle again and a freed slot takes nothing.
@@ -162,7 +163,7 @@ class NodeActor(Actor[Step]):
         mailbox. Blocks (a checkpoint) only while the mailbox is full; meanwhile
         ``scope`` (the sender's, if given) is in the run's scopes: if the run ends, the
         wait is cancelled and the step dropped. A step of a run that has ended is
-        dropped at once."""
+        dropped here when the mailbox is full, else by :meth:`handle`."""
         if self.try_enter():
             self._dispatch(step)
             return
@@ -598,15 +599,15 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
     while True:
         actor = step.actor
         try:
-            outcome = await actor.handle(step, scope)
+            result = await actor.handle(step, scope)
         finally:
             actor.release()
-        if outcome is None:
+        if result is None:
             return
         router = actor.router
-        following = router.route_now(outcome)
+        following = router.route_now(result)
         if following is None:
-            following = await router.route_queued(outcome, scope)
+            following = await router.route_queued(result, scope)
         if not following:
             return
         step = following.pop()

@@ -73,40 +73,25 @@ class Router(Actor[Routing]):
                 hops = self._node_actor(flow, source).hops
                 hops[action] = self._node_actor(flow, target)
 
-    async def route(self, outcome: Outcome) -> list[Step]:
-        """Route ``outcome``; return the steps the branch goes on with (send each to
-        its actor). Ends the run when the outcome ends it.
-
-        Handled at once by :meth:`route_now` when it may; else by :meth:`route_queued`
-        (blocks until answered).
-        """
-        steps = self.route_now(outcome)
-        if steps is not None:
-            return steps
-        return await self.route_queued(outcome)
-
-    async def route_queued(
-        self, outcome: Outcome, scope: trio.CancelScope | None = None
-    ) -> list[Step]:
-        """Route ``outcome`` through the router's own task: queue it, and return the
-        steps the router answers (blocks until then; a checkpoint). While it waits,
-        ``scope`` (the one its step ran in) is in the run's scopes: if the run ends
-        meanwhile, the wait is cancelled.
+    async def route_queued(self, outcome: Outcome, scope: trio.CancelScope) -> list[Step]:
+        """Route ``outcome`` through the router's own task (when :meth:`route_now`
+        may not): queue it, and return the steps the router answers, to send each to
+        its actor (blocks until then; a checkpoint). While it waits, ``scope`` (the
+        sender's) is in the run's scopes: if the run ends meanwhile, the wait is
+        cancelled.
         """
         run = outcome.run
         reply: Reply[list[Step]] = Reply()
-        if scope is not None:
-            run.scopes.append(scope)
+        run.scopes.append(scope)
         try:
             await self.mailbox.put(Routing(outcome, reply))
             return await reply.wait()
         finally:
-            if scope is not None:
-                run.scopes.remove(scope)
+            run.scopes.remove(scope)
 
     def route_now(self, outcome: Outcome) -> list[Step] | None:
         """Direct dispatch: route ``outcome`` in the caller's task if the router is
-        idle and the run is not durable, and return the steps (as :meth:`route`);
+        idle and the run is not durable, and return the steps (as :meth:`route_queued`);
         else None (the outcome must go through :meth:`route_queued`). Never blocks.
 
         Invariant: with the router idle and the run not durable, deciding and ending
@@ -164,7 +149,7 @@ class Router(Actor[Routing]):
             return []
         if isinstance(outcome, StepFailed):
             return outcome.error
-        undo = _Undo(run, outcome.branch) if run.durability.durable else None
+        undo = _RoutingUndo(run, outcome.branch) if run.durability.durable else None
         try:
             if isinstance(outcome, StepDone):
                 hop = self._plain_hop(outcome)
@@ -210,7 +195,7 @@ class Router(Actor[Routing]):
         return enter(self._node_actor, run, run.main, run.flow.start_id, params)
 
 
-class _Undo:
+class _RoutingUndo:
     """What a routing decision of a durable run may change, saved to be put back if
     the decision fails: the run's step count, its durable branches, and the branch
     routed with its fork, that fork's parent, its fork and so on up (their frames,

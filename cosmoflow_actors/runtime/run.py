@@ -34,7 +34,7 @@ class RunState(enum.Enum):
     @property
     def finished(self) -> bool:
         """Whether the run has ended (succeeded, failed or cancelled)."""
-        # Identity tests: Enum's __hash__ is Python-level, and this runs twice a step.
+        # Identity tests: an Enum's == is Python-level.
         return self is not RunState.PENDING and self is not RunState.RUNNING
 
 
@@ -136,7 +136,7 @@ class ActiveRun:
         self.storage = storage
         self.store_actor = store_actor
         """The store actor serving ``storage``; the run holds one use of it."""
-        self.store = store_actor.handle(storage)
+        self.store = store_actor.client(storage)
         self._state = RunState.PENDING
         self.finished = False
         """Whether the run has ended (succeeded, failed or was cancelled)."""

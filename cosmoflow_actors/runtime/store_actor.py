@@ -94,7 +94,7 @@ class StoreActor(Actor[StoreRequest]):
         engine, rather than one backend of its own."""
         return self._storage is None
 
-    def handle(self, storage: Storage) -> SharedStore:
+    def client(self, storage: Storage) -> SharedStore:
         """A SharedStore whose calls this actor serves against ``storage``."""
         return SharedStore(self, storage, self.name)
 
@@ -343,7 +343,7 @@ class StoreActor(Actor[StoreRequest]):
     async def _set_many(self, request: StoreRequest) -> Any:
         """Set every key; if the backend refuses one value, put back what was there."""
         storage = request.storage
-        undo = _Undo(storage)
+        undo = _StoreUndo(storage)
         try:
             for key, value in request.argument.items():
                 await undo.remember(key)
@@ -372,7 +372,7 @@ class StoreActor(Actor[StoreRequest]):
         if await storage.commit_step(ops, request.key, record, steps_before):
             return
         check_steps(request.key, await value_or(storage, request.key, None), steps_before)
-        undo = _Undo(storage)
+        undo = _StoreUndo(storage)
         try:
             for op, key, argument in ops:
                 await _apply_staged(storage, undo, op, key, argument)
@@ -404,7 +404,9 @@ async def _clear_user_keys(storage: Storage) -> None:
         await storage.delete(key)
 
 
-async def _apply_staged(storage: Storage, undo: _Undo, op: str, key: str, argument: Any) -> None:
+async def _apply_staged(
+    storage: Storage, undo: _StoreUndo, op: str, key: str, argument: Any
+) -> None:
     """Apply one staged write of a durable step, remembering what it replaces."""
     if op == "clear":
         for stored in await _user_keys(storage):
@@ -439,7 +441,7 @@ def _guard(key: str, function: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return apply
 
 
-class _Undo:
+class _StoreUndo:
     """What a multi-write request replaced, to put back if a later write is refused."""
 
     def __init__(self, storage: Storage) -> None:

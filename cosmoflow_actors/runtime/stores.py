@@ -42,7 +42,8 @@ def as_storage(store: Storage | dict[str, Any] | None) -> Storage:
 class StoreRegistry:
     """Starts, shares and retires store actors in the engine's nursery.
 
-    Every :meth:`acquire` or :meth:`acquire_nowait` is matched by one :meth:`release`.
+    Every :meth:`acquire` or :meth:`acquire_nowait` that returns an actor is matched by
+    one :meth:`release`.
     """
 
     def __init__(self, nursery: trio.Nursery, mailbox_size: int, supervise: Supervise) -> None:
@@ -80,6 +81,7 @@ class StoreRegistry:
             self.release(actor)
             raise
         if not actor.serving:
+            self.release(actor)
             raise actor.open_failure()
         return actor
 
