@@ -1702,3 +1702,35 @@ class Seeds(cf.Node):
         self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
     ) -> None:
         await store.set_many(self.data)
+
+
+class CountsReads(cf.MemoryStorage):
+    """Memory storage (served by the store actor's task, not directly) that counts the
+    keys each get_many asks for."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self.asked: list[list[str]] = []
+
+    async def get_many(self, keys: list[str]) -> dict[str, Any]:
+        self.asked.append(sorted(keys))
+        return await super().get_many(keys)
+
+
+async def test_a_step_reads_the_condition_keys_its_routing_may_evaluate_only() -> None:
+    """``a`` has one plain route: no read. ``b`` may end the flow and ``c`` has no
+    routes: each reads the run's keys."""
+    flow = (
+        cf.Flow.builder("reads")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_node("c", Recorder())
+        .add_route("a", "b")
+        .add_route("b", "c", when=cf.ActionCondition.key_exists("go"))
+        .add_route("b", cf.END)
+        .build()
+    )
+    storage = CountsReads({"go": True})
+    result = await flow.run(storage)
+    assert result.execution_path == ("a", "b", "c")
+    assert storage.asked == [["go"], ["go"]]

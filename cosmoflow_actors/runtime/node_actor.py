@@ -108,6 +108,10 @@ class NodeActor(Actor[Step]):
         self.hops: dict[str, NodeActor] = {}
         """The plain hops out of this node: action name → the next node's actor (the
         router's :meth:`~Router.learn` fills it)."""
+        self.route_keys: frozenset[str] | None = None
+        """The store keys routing this node's steps reads (see
+        :func:`~cosmoflow_actors.runtime.router.keys_after`); None: the run's
+        ``condition_keys``. The router's :meth:`~Router.learn` sets it."""
         self._nursery: trio.Nursery | None = None
         self._retired = trio.CancelScope()
         self._parked: deque[trio.lowlevel.Task] = deque()
@@ -276,12 +280,14 @@ class NodeActor(Actor[Step]):
             scopes.remove(scope)
 
     async def _outcome(self, step: Step, ctx: ExecutionContext) -> StepDone | StepFailed:
-        """Run prep, exec and post, read the route conditions' values and commit a
-        durable step; anything the run caused is a StepFailed."""
+        """Run prep, exec and post, read the values of the route conditions routing may
+        evaluate and commit a durable step; anything the run caused is a StepFailed."""
         run = step.run
         try:
             action = await self._phases(run, ctx)
-            keys = run.condition_keys
+            keys = self.route_keys
+            if keys is None:
+                keys = run.condition_keys
             values = await ctx.store.get_many(keys) if keys else _NO_VALUES
             await run.durability.commit(run, step.branch, self.node_id, action, ctx.store)
         except RUN_FAILURES as exc:

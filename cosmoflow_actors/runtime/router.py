@@ -72,6 +72,9 @@ class Router(Actor[Routing]):
             if _plain_node(flow, target):
                 hops = self._node_actor(flow, source).hops
                 hops[action] = self._node_actor(flow, target)
+        for node_id, node in flow.nodes.items():
+            if not isinstance(node, Flow):
+                self._node_actor(flow, node_id).route_keys = keys_after(flow, node_id)
 
     async def route_queued(self, outcome: Outcome, scope: trio.CancelScope) -> list[Step]:
         """Route ``outcome`` through the router's own task (when :meth:`route_now`
@@ -379,6 +382,23 @@ def condition_keys(flow: Flow) -> frozenset[str]:
     for node in flow.nodes.values():
         if isinstance(node, Flow):
             keys |= condition_keys(node)
+    return keys
+
+
+def keys_after(flow: Flow, node_id: str) -> frozenset[str] | None:
+    """The store keys that routing a step at ``node_id`` of ``flow`` reads: its routes'
+    conditions' keys, when no route of the node ends ``flow``; None when the step may
+    end it (routing may then go on in the flows around it: the run's keys)."""
+    if not flow.has_routes(node_id):
+        return None
+    keys: frozenset[str] = frozenset()
+    for route in flow.routes:
+        if route.source != node_id:
+            continue
+        if route.target is END:
+            return None
+        if route.when is not None:
+            keys |= route.when.keys
     return keys
 
 
