@@ -9,9 +9,17 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.storage.codec import check_codec, get_codec, utf8_key
+from cosmoflow_actors.storage.codec import (
+    _check_finite,
+    _comes_back,
+    check_codec,
+    get_codec,
+    utf8_key,
+)
 
 
 @pytest.mark.parametrize("name", ["json", "pickle"])
@@ -114,3 +122,30 @@ def test_check_codec_names_both_codecs_and_the_way_out() -> None:
 def test_utf8_key() -> None:
     assert utf8_key("ключ") == "ключ".encode()
     assert utf8_key("\ud800") is None
+
+
+json_like = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=3) | st.integers(-9, 9), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_like)
+def test_the_quick_check_for_nan_agrees_with_the_walk(value: Any) -> None:
+    """Where the walk finds a float JSON cannot hold, the decode-and-compare check
+    says the value does not come back (so the walk runs and refuses it)."""
+    data = msgspec.json.encode(value)
+    try:
+        _check_finite("k", value)
+    except StorageError:
+        assert not _comes_back(value, data)
