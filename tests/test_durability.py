@@ -321,6 +321,16 @@ def held_flow(node: Held) -> cf.Flow:
     return cf.Flow.builder("held").add_node("step", node).build()
 
 
+def two_instances(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> list[cf.Storage]:
+    """Two storage instances over the same data of backend ``kind``, as two engines
+    (or processes) would each have."""
+    if kind == "custom":
+        text: dict[str, str] = {}
+        return [PersistentDictStorage(text), PersistentDictStorage(text)]
+    backend = make_backend(kind, tmp_path, request)
+    return [backend.open(), backend.open()]
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "custom"])
 async def test_two_engines_running_one_run_commit_each_step_once(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -328,12 +338,7 @@ async def test_two_engines_running_one_run_commit_each_step_once(
     """Engine a runs run "r"; engine b resumes it meanwhile (another process would do the
     same, over a storage instance of its own). Both reach the step's commit: a's lands,
     b's fails with RunConflictError, applies nothing, and leaves a's record alone."""
-    if kind == "custom":
-        text: dict[str, str] = {}
-        storages = [PersistentDictStorage(text), PersistentDictStorage(text)]
-    else:
-        backend = make_backend(kind, tmp_path, request)
-        storages = [backend.open(), backend.open()]
+    storages = two_instances(kind, tmp_path, request)
     a, b = Held("a"), Held("b")
 
     async def resume_in_b(engine: cf.Engine) -> None:
@@ -381,12 +386,7 @@ async def test_a_failure_in_another_engine_leaves_the_record_of_a_later_commit_a
     """Engine b resumes run "r" while engine a runs it; a commits step 1, then b's step 1
     fails. b's record of the failure would count no step, and put step 1 back in the
     run's future: it is not written, so a commits step 2 and each step is applied once."""
-    if kind == "custom":
-        text: dict[str, str] = {}
-        storages = [PersistentDictStorage(text), PersistentDictStorage(text)]
-    else:
-        backend = make_backend(kind, tmp_path, request)
-        storages = [backend.open(), backend.open()]
+    storages = two_instances(kind, tmp_path, request)
     first, second, failing = Held("a"), Held("a"), HeldThenFails("b")
 
     async def resume_in_b(engine: cf.Engine) -> None:
