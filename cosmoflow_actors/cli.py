@@ -6,6 +6,9 @@
   event on stderr as it happens.
 - ``cosmoflow graph FILE.py[:NAME]`` prints the flow's diagram (Mermaid or dot).
 - ``cosmoflow inspect STORE`` lists the keys of a persistent store.
+- ``--store`` takes the built-in stores, or one of the user's own:
+  ``python:MODULE:FACTORY[:ARGUMENT]``, or ``SCHEME:ARGUMENT`` for a scheme a package
+  declares in the entry point group ``cosmoflow_actors.storage``.
 - ``cosmoflow submit FILE.py[:NAME] --queue URL`` adds runs to a run queue on Redis,
   ``cosmoflow worker FILE.py[:NAME]... --queue URL --store URL`` runs the queue's runs,
   ``cosmoflow status --queue URL`` shows them, ``cosmoflow requeue RUN_ID --queue URL``
@@ -29,9 +32,12 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import importlib
+import importlib.metadata
 import json
 import math
 import os
+import re
 import runpy
 import signal
 import sys
@@ -39,6 +45,7 @@ import threading
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from inspect import signature
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, NoReturn, TypeVar, TypeVarTuple
@@ -75,6 +82,7 @@ from cosmoflow_actors.runtime.queue import (
     PerRunRedis,
     QueuedRun,
     RunQueue,
+    RunStores,
     per_run_redis,
     queue_status,
     requeue,
@@ -94,7 +102,23 @@ EVENT_BUFFER: Final = 100_000
 """Events ``--runs`` keeps for its summary before it drops some (and says so)."""
 PREVIEW_CHARS: Final = 60
 """``inspect`` shows at most this much of each value's repr."""
-STORE_SYNTAX: Final = "memory, file:PATH, sqlite:PATH or redis://HOST[:PORT][/DB][#NAMESPACE]"
+PYTHON_STORE: Final = "python:MODULE:FACTORY[:ARGUMENT]"
+"""``--store`` for a backend of the user's own: ``FACTORY(ARGUMENT)`` returns the Storage."""
+STORE_SYNTAX: Final = (
+    "memory, file:PATH, sqlite:PATH, redis://HOST[:PORT][/DB][#NAMESPACE], "
+    f"{PYTHON_STORE} or SCHEME:ARGUMENT (a scheme an installed package declares)"
+)
+WORKER_STORE_SYNTAX: Final = (
+    f"redis://HOST[:PORT][/DB][#PREFIX], {PYTHON_STORE} or SCHEME:ARGUMENT"
+    " (a scheme an installed package declares)"
+)
+STORAGE_GROUP: Final = "cosmoflow_actors.storage"
+"""The entry point group in which a package declares a ``--store`` scheme of its own:
+``SCHEME = "module:factory"``, where ``factory(ARGUMENT)`` returns a Storage."""
+RESERVED_SCHEMES: Final = frozenset({"memory", "file", "sqlite", "redis", "rediss", "python"})
+"""The schemes of the built-in stores, which no package's scheme replaces."""
+SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+")
+"""A scheme name, as in a URL, of two characters at least: ``C:`` is a drive letter."""
 QUEUE_STATES: Final = ("pending", "running", "orphaned", "succeeded", "failed")
 """The states ``status`` counts and lists a queue's runs by."""
 INTERRUPTED: Final = 130
@@ -364,7 +388,8 @@ def _add_queue_commands(
     worker.add_argument(
         "--store",
         required=True,
-        help="redis://HOST[:PORT][/DB][#PREFIX]: run R keeps its data in namespace PREFIX/R",
+        help="redis://HOST[:PORT][/DB][#PREFIX]: run R keeps its data in namespace PREFIX/R; "
+        f"{PYTHON_STORE} or SCHEME:ARGUMENT: FACTORY(ARGUMENT, run_id=R) gives run R's store",
     )
     worker.add_argument(
         "--concurrency", type=positive_int, default=1, metavar="C", help="runs at once (1)"
@@ -412,7 +437,9 @@ def _add_store(parser: argparse.ArgumentParser, default: str | None) -> None:
     else:
         parser.add_argument("--store", default=default, help=f"{STORE_SYNTAX} ({default})")
     parser.add_argument(
-        "--codec", choices=["json", "pickle"], default="json", help="a persistent store's codec"
+        "--codec",
+        choices=["json", "pickle"],
+        help="a persistent store's codec (json); given, a factory gets it as codec=CODEC",
     )
 
 
@@ -529,18 +556,193 @@ def _flow_paths(flow: Flow) -> dict[str, str]:
     return paths
 
 
-def parse_store(text: str, codec: str = "json") -> Storage | None:
-    """The storage ``--store TEXT`` names; None for ``memory`` (a fresh dict per run)."""
+def parse_store(text: str, codec: str | None = None) -> Storage | None:
+    """The storage ``--store TEXT`` names; None for ``memory`` (a fresh dict per run).
+    ``codec`` is that of ``--codec``, None when it was not given (a built-in store's is
+    then ``json``). A store of the user's own is built now: blocks while its module is
+    imported and its factory runs. CliError naming what is wrong."""
     kind, separator, rest = text.partition(":")
     if text == "memory":
         return None
     if kind in ("file", "sqlite") and separator and rest:
         backend = FileStorage if kind == "file" else SQLiteStorage
-        return backend(rest, codec=codec)
+        return backend(rest, codec=codec or "json")
     if kind in ("redis", "rediss") and rest.startswith("//"):
         url, _, namespace = text.partition("#")
-        return RedisStorage(url, namespace=namespace or "default", codec=codec)
-    raise CliError(f"store {text!r}: expected {STORE_SYNTAX}")
+        return RedisStorage(url, namespace=namespace or "default", codec=codec or "json")
+    custom = custom_store(text, STORE_SYNTAX)
+    if custom is None:
+        raise CliError(f"store {text!r}: expected {STORE_SYNTAX}")
+    return custom.build_now({} if codec is None else {"codec": codec})
+
+
+@dataclass(frozen=True, slots=True)
+class CustomStore:
+    """A storage backend of the user's own that ``--store`` names: its factory (a
+    function or class) and the argument to call it with (None: called without one)."""
+
+    label: str
+    """How errors name the store: ``store 'TEXT'``, and the package of a scheme."""
+    reference: str
+    """The factory as ``module:name``."""
+    factory: Callable[..., object]
+    argument: str | None
+
+    def call_text(self, keywords: dict[str, str]) -> str:
+        """The call, for people: ``module:name('ARGUMENT', codec='pickle')``."""
+        arguments = [] if self.argument is None else [repr(self.argument)]
+        arguments += [f"{key}={value!r}" for key, value in keywords.items()]
+        return f"{self.reference}({', '.join(arguments)})"
+
+    def check_call(self, keywords: dict[str, str]) -> None:
+        """CliError unless the factory's signature takes the argument and ``keywords``
+        (a factory whose signature Python cannot read is taken as it is)."""
+        try:
+            parameters = signature(self.factory)
+        except (TypeError, ValueError):  # a builtin without a signature: the call will tell
+            return
+        try:
+            parameters.bind(*self.arguments(), **keywords)
+        except TypeError as exc:
+            raise CliError(f"{self.label}: cannot call {self.call_text(keywords)}: {exc}") from exc
+
+    def arguments(self) -> list[str]:
+        return [] if self.argument is None else [self.argument]
+
+    def build(self, keywords: dict[str, str]) -> Storage:
+        """Call the factory with the argument and ``keywords``; blocks while it runs.
+        Raises what the factory raises, and TypeError when it returns no Storage."""
+        made = self.factory(*self.arguments(), **keywords)
+        return _as_storage(self.call_text(keywords), made)
+
+    def build_now(self, keywords: dict[str, str]) -> Storage:
+        """:meth:`build`, where whatever goes wrong is a CliError naming the store."""
+        self.check_call(keywords)
+        call = self.call_text(keywords)
+        try:
+            made = self.factory(*self.arguments(), **keywords)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: a factory that exits builds nothing
+            raise CliError(f"{self.label}: {call} raised {type_and_message(exc)}") from exc
+        try:
+            return _as_storage(call, made)
+        except TypeError as exc:
+            raise CliError(f"{self.label}: {exc}") from exc
+
+
+def _as_storage(call: str, made: object) -> Storage:
+    """``made``, what ``call`` returned; TypeError saying so unless it is a Storage."""
+    if not isinstance(made, Storage):
+        kind = "None" if made is None else _a(type(made).__name__)
+        raise TypeError(f"{call} returned {kind}, not a Storage")
+    return made
+
+
+def _a(noun: str) -> str:
+    """``noun`` after its indefinite article: ``a dict``, ``an int``."""
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
+
+
+@dataclass(frozen=True, slots=True)
+class PerRunStores:
+    """A worker's stores from a factory of the user's own: run R's store is
+    ``FACTORY(ARGUMENT, run_id=R)``. A factory that raises, or returns no Storage,
+    fails that run alone."""
+
+    custom: CustomStore
+
+    def __call__(self, run_id: str) -> Storage:
+        return self.custom.build({"run_id": run_id})
+
+
+def custom_store(text: str, expected: str) -> CustomStore | None:
+    """The store of the user's own that ``text`` names: ``python:MODULE:FACTORY[:ARGUMENT]``,
+    or ``SCHEME:ARGUMENT`` for a scheme an installed package declares (in the entry point
+    group :data:`STORAGE_GROUP`). None when ``text`` has neither form (nor that of a
+    scheme), or names a built-in scheme; CliError when it names one that cannot be
+    loaded, or a scheme no package declares (saying the command ``expected`` this).
+    Blocks while the factory's module is imported."""
+    scheme, separator, rest = text.partition(":")
+    if scheme == "python" and separator:
+        return _python_store(text, rest)
+    if not separator or scheme in RESERVED_SCHEMES or not SCHEME.fullmatch(scheme):
+        return None
+    return _declared_store(text, scheme, rest, expected)
+
+
+def _python_store(text: str, reference: str) -> CustomStore:
+    """The store ``python:MODULE:FACTORY[:ARGUMENT]`` names (``reference`` is what follows
+    ``python:``); ARGUMENT is the rest, colons and all."""
+    module, _, rest = reference.partition(":")
+    name, given, argument = rest.partition(":")
+    label = f"store {text!r}"
+    if not (_dotted(module) and _dotted(name)):
+        problem = "MODULE and FACTORY are dotted Python names"
+        raise CliError(f"{label}: expected {PYTHON_STORE}, where {problem}")
+    factory = _load_factory(label, module, name)
+    return CustomStore(label, f"{module}:{name}", factory, argument if given else None)
+
+
+def _declared_store(text: str, scheme: str, argument: str, expected: str) -> CustomStore:
+    """The store ``SCHEME:ARGUMENT`` names, for a scheme an installed package declares.
+    CliError when none does or several do, or its factory cannot be loaded."""
+    points = importlib.metadata.entry_points(group=STORAGE_GROUP, name=scheme)
+    if not points:
+        raise CliError(
+            f"store {text!r}: no installed package declares the scheme {scheme!r}"
+            f" (entry point group {STORAGE_GROUP}); expected {expected}"
+        )
+    packages = sorted(point.dist.name if point.dist else point.value for point in points)
+    if len(packages) > 1:
+        raise CliError(
+            f"store {text!r}: the scheme {scheme!r} is declared by several packages:"
+            f" {', '.join(packages)}"
+        )
+    [point] = points
+    label = f"store {text!r} (scheme {scheme!r} of {packages[0]})"
+    if not (_dotted(point.module) and _dotted(point.attr or "")):
+        raise CliError(f"{label}: the entry point {point.value!r} is not module:factory")
+    factory = _load_factory(label, point.module, point.attr)
+    return CustomStore(label, f"{point.module}:{point.attr}", factory, argument)
+
+
+def _dotted(name: str) -> bool:
+    """Whether ``name`` is a dotted Python name (``package.module``, ``Class.method``)."""
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def _load_factory(label: str, module_name: str, name: str) -> Callable[..., object]:
+    """The callable ``name`` (dotted) of the module ``module_name``, imported now (blocks
+    while its top level runs). CliError when the module is not found or raises, lacks
+    an attribute, or the object is not callable."""
+    try:
+        found: object = importlib.import_module(module_name)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: a module that exits gives no factory
+        raise CliError(f"{label}: {_import_failure(module_name, exc)}") from exc
+    parts = name.split(".")
+    for depth, part in enumerate(parts):
+        try:
+            found = getattr(found, part)
+        except AttributeError as exc:
+            owner = ".".join(parts[:depth])
+            where = f"{module_name}:{owner}" if owner else f"module {module_name!r}"
+            raise CliError(f"{label}: {where} has no attribute {part!r}") from exc
+    if not callable(found):
+        kind = _a(type(found).__name__)
+        raise CliError(f"{label}: {module_name}:{name} is {kind}, not a function or class")
+    return found
+
+
+def _import_failure(module_name: str, error: BaseException) -> str:
+    """Why importing ``module_name`` failed: the module (or its package) is not found, or
+    its code raised ``error`` (a module it imports not found included)."""
+    missing = error.name if isinstance(error, ModuleNotFoundError) else None
+    if missing is not None and (module_name + ".").startswith(missing + "."):
+        return f"no module named {missing!r}"
+    return f"importing {module_name} raised {type_and_message(error)}"
 
 
 def _describe_store(text: str, storage: Storage) -> str:
@@ -1061,7 +1263,7 @@ def _inspect_command(args: argparse.Namespace) -> int:
     if isinstance(storage, FileStorage | SQLiteStorage):
         if not storage.path.exists():
             raise CliError(f"{args.store}: no such file")
-        contents, runs = _peek(storage, args.codec)
+        contents, runs = _peek(storage, args.codec or "json")
     else:
         contents, runs = _trio_run(_read_store, storage)
     name = _describe_store(args.store, storage)
@@ -1112,8 +1314,9 @@ def _value(entry: Outcome[Any]) -> Any:
 
 
 async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
-    """Every key and value of ``storage`` (a Redis store) and its durable runs, read
-    through an engine (the runs of a queue's workers with their leases)."""
+    """Every key and value of ``storage`` (a Redis store, or one of the user's own) and
+    its durable runs, read through an engine (the runs of a queue's workers with their
+    leases)."""
     async with open_engine() as engine, _opened(engine, storage) as handle:
         contents = await _contents(handle)
         runs = await engine.list_runs(storage)
@@ -1302,10 +1505,7 @@ def _worker_command(args: argparse.Namespace) -> int:
         raise CliError(f"--flow-wait must be >= 0 seconds, got {args.flow_wait:g}")
     flows = _distinct_flows(args.targets)
     queue = _queue(args.queue, args.lease, args.flow_wait)
-    try:
-        stores = per_run_redis(args.store)
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
+    stores = _worker_stores(args.store)
     grace = HAND_BACK_SECONDS + STOP_GRACE
     terminating = _Deadline(grace, TERMINATED, "terminated")
     try:
@@ -1314,6 +1514,20 @@ def _worker_command(args: argparse.Namespace) -> int:
         terminating.disarm()
     print("cosmoflow: terminated", file=sys.stderr)
     return TERMINATED
+
+
+def _worker_stores(text: str) -> RunStores:
+    """The stores ``worker --store TEXT`` gives runs: namespaces of a Redis server, or a
+    factory of the user's own called once per run (checked now to take ``run_id``;
+    blocks while its module is imported). CliError when ``text`` names neither."""
+    custom = custom_store(text, WORKER_STORE_SYNTAX)
+    if custom is not None:
+        custom.check_call({"run_id": "RUN_ID"})
+        return PerRunStores(custom)
+    try:
+        return per_run_redis(text)
+    except ValueError as exc:
+        raise CliError(f"store {text!r}: expected {WORKER_STORE_SYNTAX}") from exc
 
 
 def _distinct_flows(targets: list[str]) -> list[Flow]:
@@ -1334,7 +1548,7 @@ def _distinct_flows(targets: list[str]) -> list[Flow]:
 async def _serve(
     queue: RunQueue,
     flows: list[Flow],
-    stores: PerRunRedis,
+    stores: RunStores,
     args: argparse.Namespace,
     terminating: _Deadline,
 ) -> None:
@@ -1342,7 +1556,8 @@ async def _serve(
     on stdout once the worker reads it. Stopped either way, the worker cancels its runs
     and hands them back to the queue: blocks a couple of seconds at most for that (a
     SIGTERM arms ``terminating``, in case a run does not stop)."""
-    await _check_store_reachable(stores)
+    if isinstance(stores, PerRunRedis):
+        await _check_store_reachable(stores)
     with trio.open_signal_receiver(signal.SIGTERM) as terminations:
         async with open_engine() as engine, trio.open_nursery() as nursery:
             options = {"concurrency": args.concurrency, "name": args.name}
