@@ -213,6 +213,9 @@ GUIDES = [
     "docs/index.md",
     "docs/getting-started.md",
     "docs/from-pocketflow.md",
+    "docs/durability.md",
+    "docs/storage.md",
+    "docs/tracing.md",
     *(f"docs/{p.name}" for p in (ROOT / "docs").glob("howto-*.md")),
 ]
 SNIPPETS = [
