@@ -121,11 +121,13 @@ class StoreValueError(StorageError, ValueError):
 
 
 class RunConflictError(StorageError):
-    """Another engine committed a step of this durable run first.
+    """Another engine committed a step of this durable run first, or created its
+    record first.
 
     Two engines (or processes) ran the same ``run_id`` at once, and the other committed
-    the step this one was about to commit. Nothing of this step is stored, and the run
-    fails here without touching the record, which stays the other engine's.
+    the step this one was about to commit, or (both starting a run the store did not
+    know) stored the new run's record first. Nothing of this step or run is stored,
+    and the run fails here without touching the record, which stays the other engine's.
     """
 
 

@@ -41,7 +41,7 @@ class Mailbox(Generic[M]):
 
     __slots__ = ("_closed", "_receiver", "_senders", "capacity", "items")
 
-    def __init__(self, capacity: float) -> None:
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.items: deque[M] = deque()
         """The messages waiting, oldest first (read it; change it only through the
@@ -156,7 +156,7 @@ class Actor(Generic[M]):
 
     kind: ClassVar[str]
 
-    def __init__(self, name: str, mailbox_size: float, max_concurrency: int | None) -> None:
+    def __init__(self, name: str, mailbox_size: int, max_concurrency: int | None) -> None:
         self.name = name
         self.mailbox: Mailbox[M] = Mailbox(mailbox_size)
         self.max_concurrency = max_concurrency
@@ -203,7 +203,7 @@ class Actor(Generic[M]):
             messages_processed=self.messages_processed,
             mailbox_depth=len(self.mailbox),
             in_flight=self.busy,
-            mailbox_size=None if math.isinf(self.mailbox.capacity) else int(self.mailbox.capacity),
+            mailbox_size=self.mailbox.capacity,
             max_concurrency=self.max_concurrency,
             rate_limit=None,
             rate_waiting=0,

@@ -165,7 +165,8 @@ class Engine:
         its writes with the run's record. A run_id whose run already succeeded returns
         a finished handle with the recorded result; one that is still recorded as
         running or failed raises RunRecordedError (continue it with :meth:`resume`), as
-        does a run_id recorded for another flow.
+        does a run_id recorded for another flow. RunConflictError: another engine
+        created the new run's record first.
         """
         run, first = await self._start(flow, store, params, run_id, resume=False)
         if first is not None:

@@ -19,7 +19,7 @@ class ActorStatistics:
     (``#3``...) for the actors of a second Flow object of the same name alive on the
     engine at the same time, so that each flow's actors have names of their own.
 
-    ``mailbox_size`` is None for the router's unbounded inbox; ``rate_limit`` is
+    ``mailbox_size`` is the mailbox's bound; ``rate_limit`` is
     ``(calls, per_seconds)`` or None, and ``rate_waiting`` the exec attempts waiting
     for it.
     """
@@ -29,7 +29,7 @@ class ActorStatistics:
     messages_processed: int
     mailbox_depth: int
     in_flight: int
-    mailbox_size: int | None
+    mailbox_size: int
     max_concurrency: int | None
     rate_limit: tuple[int, float] | None
     rate_waiting: int
