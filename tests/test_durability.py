@@ -804,3 +804,16 @@ async def test_a_run_whose_end_cannot_be_recorded_fails_alone_and_resumes(
         assert (await other.wait()).success
         resumed = await engine.resume(single(Finished()), cf.SQLiteStorage(path), run_id="r")
     assert resumed.result == "done"
+
+
+async def test_a_durable_run_cancelled_as_start_run_nowait_returns_is_not_recorded() -> None:
+    """Its record would be written by a task of the engine's after the cancel."""
+    text: dict[str, str] = {}
+    storage = PersistentDictStorage(text)
+    async with cf.open_engine() as engine, engine.open_store(storage):
+        run = engine.start_run_nowait(single(Finished()), storage, run_id="r")
+        run.cancel()
+        with pytest.raises(cf.RunCancelledError):
+            await run.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert await engine.list_runs(storage) == []

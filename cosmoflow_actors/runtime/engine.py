@@ -403,7 +403,10 @@ class Engine:
 
     async def _launch_later(self, run: ActiveRun, params: dict[str, Any]) -> None:
         """start_run_nowait's durable start, in a task of the engine's: its failure
-        (the store refused the record) fails the run alone."""
+        (the store refused the record) fails the run alone. A run cancelled before
+        this task ran is not recorded."""
+        if run.finished:
+            return
         try:
             first = await self._launch(run, params, resume=False, durable=True)
         except Exception as exc:
