@@ -35,7 +35,9 @@ class Storage(ABC):
     Errors: a :class:`~cosmoflow_actors.StorageError` fails only the requests concerned
     (``KeyError`` from :meth:`get` means a missing key); any other exception from any
     method but :meth:`open` is taken as a broken backend and crashes the engine. So a
-    backend wraps its I/O errors (``raise StorageError(...) from exc``), and never lets
+    backend wraps its I/O errors (``raise StorageError(...) from exc``, with a message
+    that names the store, its file or server: the run that fails gets it as it is),
+    and never lets
     a key it cannot use escape as another error: a ``str`` holding a lone surrogate is a
     key like any other (``key.encode()`` raises ``UnicodeEncodeError`` for it;
     ``key.encode("utf-8", "surrogatepass")`` does not).
