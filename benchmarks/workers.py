@@ -7,10 +7,10 @@ each count it submits N runs with ``cf.submit``, waits for each one's result wit
 machine) and reports runs/s from the first submit to the last success, and the CPU
 time the worker processes spent meanwhile per run (user and system, read from
 ``/proc``; "n/a" where there is none): on a shared machine the CPU time says more than
-the rate about what a change saves. Then, with
-two workers and a short lease, runs whose steps each take 0.2 s, it SIGKILLs one worker
-while it holds runs and reports how long after the kill the other worker had taken
-every one of them over.
+the rate about what a change saves. Then, with two workers and a short lease, runs
+whose first step takes 0.2 s (params reach the first step only), it SIGKILLs one
+worker while it holds runs and reports how long after the kill the other worker had
+taken every one of them over.
 
 Run it: ``python -m benchmarks.workers`` (``--smoke`` for tiny sizes). Needs
 redis-server on PATH; without it the script says so and exits 0.

@@ -438,6 +438,43 @@ async def test_a_worker_reads_each_waiting_run_in_one_round_trip(
     assert len(reads) <= 20 + 2 * polls
 
 
+async def test_a_worker_renews_the_leases_of_all_its_runs_in_one_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    """Three runs are held in step a longer than their 0.3 s lease: each renewal, once
+    they all run, names the three leases in one command, and the runs keep their
+    worker and finish, each step committed once."""
+    queue, store = new_queue(redis_server, lease=0.3), store_url(redis_server)
+    run_ids = [f"held-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    gates = {run_id: (trio.Event(), trio.Event()) for run_id in run_ids}
+    GATES.update(gates)
+    leases = [queue.lease_key(run_id) for run_id in run_ids]
+
+    def renewals(commands: list[str]) -> list[str]:
+        return [line for line in commands if "PEXPIRE" in line and leases[0] in line]
+
+    async with monitored(redis_server) as monitor, worker(queue, store, "w1"):
+        for run_id in run_ids:
+            await cf.submit(queue, "count", run_id=run_id)
+        for entered, _ in gates.values():
+            await entered.wait()
+        before = len(renewals(monitor.commands))
+        with trio.fail_after(10):
+            commands = await monitor.until(lambda commands: len(renewals(commands)) >= before + 2)
+        for _, release in gates.values():
+            release.set()
+        done = [await cf.result(queue, run_id) for run_id in run_ids]
+    # The first renewal after they all ran may have been sent before the last began.
+    renewal = renewals(commands)[before + 1]
+    assert [lease in renewal for lease in leases] == [True, True, True]
+    assert sum("PEXPIRE" in line for line in commands) == len(renewals(commands))
+    assert {(result.worker, result.result) for result in done} == {
+        ("w1", f"done {run_id}") for run_id in run_ids
+    }
+    for run_id in run_ids:
+        assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
 async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
     redis_server: RedisServer,
 ) -> None:
@@ -657,18 +694,20 @@ async def test_a_worker_cut_off_from_redis_cancels_its_run_when_its_lease_expire
 ) -> None:
     """The renewals fail (nothing listens on the port): the run is cancelled once the
     lease the worker last got would have expired, not before."""
-    from cosmoflow_actors.runtime.queue import _Worker
+    from cosmoflow_actors.runtime.queue import _Lease, _Worker
 
     lease = 3.0
     queue = RunQueue(f"redis://127.0.0.1:{free_port()}/0", "cut-off", lease=lease)
     async with cf.open_engine() as engine:
         cut_off = _Worker(engine, queue, {"count": FLOW}, per_run_redis("redis://x"), "w")
         started = trio.current_time()
+        scope = trio.CancelScope()
+        cut_off._leases["r1"] = _Lease(scope, started + lease)
         async with trio.open_nursery() as nursery:
-            scope = trio.CancelScope()
-            nursery.start_soon(cut_off._renew, "r1", scope)
+            nursery.start_soon(cut_off.renew_leases)
             with scope:
                 await trio.sleep_forever()
+            nursery.cancel_scope.cancel()
     elapsed = trio.current_time() - started
     assert lease <= elapsed <= lease + lease / 3
 

@@ -177,10 +177,18 @@ return encoded
 KEYS[1]; return the run's JSON ``{"since": first time, "by": [workers]}``, or nil
 when a worker holds the run's lease KEYS[2] (it is no one's to pass over)."""
 _RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local held = {}
+for index, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    held[index] = redis.call('PEXPIRE', key, ARGV[2])
+  else
+    held[index] = 0
+  end
+end
+return held
 """
-"""Extend the lease KEYS[1] to ARGV[2] ms if it is still held by ARGV[1]; 1 if it was."""
+"""Extend each lease of KEYS to ARGV[2] ms if it is still held by ARGV[1]; for each,
+1 if it was, else 0."""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
@@ -634,6 +642,7 @@ async def serve(
     await worker.queue.ensure_group()
     slots = trio.Semaphore(concurrency)
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.renew_leases)
         task_status.started(worker.name)
         while True:
             await slots.acquire()
@@ -647,13 +656,24 @@ async def serve(
 
 @dataclass(frozen=True, slots=True)
 class _Claim:
-    """A run a worker holds the lease of: its stream entry, flow and parameters."""
+    """A run a worker holds the lease of: its stream entry, flow and parameters, and
+    when (trio time) the lease expires unless renewed."""
 
     entry_id: str
     run_id: str
     flow: Flow
     params: dict[str, Any]
     info: dict[str, Any]
+    expires: float
+
+
+@dataclass(slots=True)
+class _Lease:
+    """A lease its worker holds on a run it runs: the run's scope, cancelled once the
+    lease is lost, and when (trio time) the lease expires unless renewed."""
+
+    scope: trio.CancelScope
+    expires: float
 
 
 class _Worker:
@@ -680,8 +700,8 @@ class _Worker:
         """Where the look for expired leases goes on ("0-0": from the start)."""
         self._next_look = -math.inf
         """When (trio time) the next look for expired leases is due."""
-        self._running: set[str] = set()
-        """The runs this worker runs now."""
+        self._leases: dict[str, _Lease] = {}
+        """The leases of the runs this worker runs now, by run id."""
         self._out_of_reach = False
         """Whether the worker's last attempt to claim a run found the queue out of
         reach (or refusing), so that an outage is logged once, and its end."""
@@ -804,7 +824,7 @@ class _Worker:
             await queue.call("XACK", queue.stream, GROUP, entry_id)
             return None
         lease_key = queue.lease_key(run_id)
-        if run_id in self._running:
+        if run_id in self._leases:
             await queue.call("SET", lease_key, self.name, "NX", "PX", self.lease_ms)
             return None
         flow = self.flows.get(info["flow"])
@@ -814,6 +834,7 @@ class _Worker:
         running = {**info, "state": "running", "owner": self.name}
         running["attempts"] = info.get("attempts", 0) + 1
         encoded = json.dumps(running)
+        expires = trio.current_time() + queue.lease
         taken = await queue.script(
             _CLAIM,
             [lease_key, queue.runs, queue.passed],
@@ -821,7 +842,7 @@ class _Worker:
         )
         if not taken:
             return None
-        return _Claim(entry_id, run_id, flow, info.get("params", {}), running)
+        return _Claim(entry_id, run_id, flow, info.get("params", {}), running, expires)
 
     async def _pass_over(self, entry_id: str, run_id: str, info: dict[str, Any]) -> None:
         """Leave ``run_id``, whose flow this worker lacks, to the other workers: note
@@ -850,14 +871,15 @@ class _Worker:
             await self._finish(entry_id, run_id, failed)
 
     async def run_claimed(self, claim: _Claim, slots: trio.Semaphore) -> None:
-        """Run (or resume) the claimed run while renewing its lease; record its outcome
-        unless the lease was lost or another engine committed first. Blocks until the
-        run ends. A worker stopped meanwhile (this task cancelled) cancels the run and
-        hands it back to the queue (see :meth:`_hand_back`: at most
+        """Run (or resume) the claimed run while :meth:`renew_leases` renews its lease;
+        record its outcome unless the lease was lost or another engine committed first.
+        Blocks until the run ends. A worker stopped meanwhile (this task cancelled)
+        cancels the run and hands it back to the queue (see :meth:`_hand_back`: at most
         HAND_BACK_SECONDS more) before the cancellation goes on. Frees a slot."""
-        self._running.add(claim.run_id)
+        lease = _Lease(trio.CancelScope(), claim.expires)
+        self._leases[claim.run_id] = lease
         try:
-            outcome = await self._renewed_outcome(claim)
+            outcome = await self._outcome(claim, lease.scope)
             # The outcome is known: a worker stopped now records it, bounded.
             with trio.move_on_after(HAND_BACK_SECONDS, shield=True):
                 await self._settle(claim, outcome)
@@ -865,18 +887,8 @@ class _Worker:
             await self._hand_back(claim)
             raise
         finally:
-            self._running.discard(claim.run_id)
+            del self._leases[claim.run_id]
             slots.release()
-
-    async def _renewed_outcome(self, claim: _Claim) -> dict[str, Any] | None:
-        """The run's outcome (see :meth:`_outcome`), renewing its lease until then;
-        blocks until the run ends."""
-        async with trio.open_nursery() as nursery:
-            scope = trio.CancelScope()
-            nursery.start_soon(self._renew, claim.run_id, scope)
-            outcome = await self._outcome(claim, scope)
-            nursery.cancel_scope.cancel()
-        return outcome
 
     async def _settle(self, claim: _Claim, outcome: dict[str, Any] | None) -> None:
         """Record ``outcome`` and acknowledge the entry, or only drop the lease for a
@@ -935,25 +947,37 @@ class _Worker:
         await storage.update(durability.record_key(claim.run_id), named, None)
         await storage.commit()
 
-    async def _renew(self, run_id: str, scope: trio.CancelScope) -> None:
-        """Renew the lease of ``run_id`` every third of a lease; cancel ``scope`` (the
-        run) once the lease is lost or could not be renewed before it would expire."""
-        lease = self.queue.lease
-        expires = trio.current_time() + lease
+    async def renew_leases(self) -> None:
+        """Every third of a lease, renew the leases of all the runs this worker runs in
+        one round trip (see :meth:`_renew`). Blocks until cancelled."""
         while True:
-            await trio.sleep(lease / 3)
-            try:
-                with trio.fail_after(max(0.0, expires - trio.current_time())):
-                    held = await self.queue.script(
-                        _RENEW, [self.queue.lease_key(run_id)], [self.name, self.lease_ms]
-                    )
-            except (StorageError, trio.TooSlowError):
-                held = trio.current_time() < expires
+            await trio.sleep(self.queue.lease / 3)
+            if self._leases:
+                await self._renew(dict(self._leases))
+
+    async def _renew(self, leases: dict[str, _Lease]) -> None:
+        """Renew ``leases`` (by run id); cancel the run of each one that is lost, or
+        that could not be renewed before it expired (renewing the others). Blocks while
+        the server answers, until the first of them expires at most."""
+        queue = self.queue
+        sent = trio.current_time()
+        live = _unexpired(leases, sent)
+        if not live:
+            return
+        first = min(lease.expires for lease in live.values())
+        keys = [queue.lease_key(run_id) for run_id in live]
+        try:
+            with trio.fail_after(first - sent):
+                held = await queue.script(_RENEW, keys, [self.name, self.lease_ms])
+        except (StorageError, trio.TooSlowError):
+            _unexpired(live, trio.current_time())
+            return
+        for lease, renewed in zip(live.values(), held, strict=True):
+            if renewed:
+                # The server renewed it after ``sent``: it expires no sooner than this.
+                lease.expires = sent + queue.lease
             else:
-                expires = trio.current_time() + lease
-            if not held:
-                scope.cancel()
-                return
+                lease.scope.cancel()
 
     async def _finish(self, entry_id: str, run_id: str, info: dict[str, Any]) -> None:
         """Record ``info``, acknowledge the entry and drop the lease, if it is ours."""
@@ -963,6 +987,18 @@ class _Worker:
             [queue.lease_key(run_id), queue.runs, queue.stream],
             [self.name, run_id, json.dumps(info, default=repr), GROUP, entry_id],
         )
+
+
+def _unexpired(leases: dict[str, _Lease], now: float) -> dict[str, _Lease]:
+    """The leases of ``leases`` that have not expired at ``now``; cancel the runs of the
+    others. Never blocks."""
+    live = {}
+    for run_id, lease in leases.items():
+        if lease.expires > now:
+            live[run_id] = lease
+        else:
+            lease.scope.cancel()
+    return live
 
 
 def _out_of_reach(error: BaseException) -> bool:
