@@ -441,10 +441,10 @@ async def test_a_worker_reads_each_waiting_run_in_one_round_trip(
 async def test_a_worker_renews_the_leases_of_all_its_runs_in_one_round_trip(
     redis_server: RedisServer,
 ) -> None:
-    """Three runs are held in step a longer than their 0.3 s lease: each renewal, once
-    they all run, names the three leases in one command, and the runs keep their
-    worker and finish, each step committed once."""
-    queue, store = new_queue(redis_server, lease=0.3), store_url(redis_server)
+    """Three runs are held in step a for two renewals (a third of their 0.6 s lease
+    apart): each renewal, once they all run, names the three leases in one command,
+    and the runs keep their worker and finish, each step committed once."""
+    queue, store = new_queue(redis_server, lease=0.6), store_url(redis_server)
     run_ids = [f"held-{uuid.uuid4().hex[:6]}" for _ in range(3)]
     gates = {run_id: (trio.Event(), trio.Event()) for run_id in run_ids}
     GATES.update(gates)
