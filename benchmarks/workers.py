@@ -4,10 +4,13 @@ Starts a redis-server of its own on a free loopback port, then 1, 2 and 3 worker
 processes (``cosmoflow worker``) on a 5-node flow whose exec awaits a checkpoint. For
 each count it submits N runs with ``cf.submit``, waits for each one's result with
 ``cf.result`` (one read of one run per poll, so that waiting takes little of the
-machine) and reports runs/s from the first submit to the last success. Then, with
-two workers and a short lease, runs whose steps each take 0.2 s, it SIGKILLs one worker
-while it holds runs and reports how long after the kill the other worker had taken
-every one of them over.
+machine) and reports runs/s from the first submit to the last success, and the CPU
+time the worker processes spent meanwhile per run (user and system, read from
+``/proc``; "n/a" where there is none): on a shared machine the CPU time says more than
+the rate about what a change saves. Then, with two workers and a short lease, runs
+whose first step takes 0.2 s (params reach the first step only), it SIGKILLs one
+worker while it holds runs and reports how long after the kill the other worker had
+taken every one of them over.
 
 Run it: ``python -m benchmarks.workers`` (``--smoke`` for tiny sizes). Needs
 redis-server on PATH; without it the script says so and exits 0.
@@ -77,27 +80,51 @@ def main(argv: list[str] | None = None) -> int:
         flow_file = folder / "chain.py"
         flow_file.write_text(FLOW_FILE)
         print(f"workers: {runs} runs of a 5-node chain per row, one redis-server on loopback")
-        print("workers  runs/s")
+        print("workers  runs/s  worker CPU ms/run")
         for count in (1, 2, 3):
-            rate = trio.run(_throughput, url, flow_file, count, runs, f"q{count}")
-            print(f"{count:7d}  {rate:6,.0f}")
+            rate, cpu = trio.run(_throughput, url, flow_file, count, runs, f"q{count}")
+            per_run = "n/a" if cpu is None else f"{cpu / runs * 1000:.2f}"
+            print(f"{count:7d}  {rate:6,.0f}  {per_run:>17}")
         takeover = trio.run(_takeover, url, flow_file)
         print(f"takeover: {takeover:.2f} s from the kill until the other worker held every run")
         print(f"          the killed worker held (lease {LEASE:g} s)")
     return 0
 
 
-async def _throughput(url: str, flow_file: Path, count: int, runs: int, queue: str) -> float:
-    """Runs/s of ``count`` workers on ``runs`` submitted runs."""
-    with _workers(url, flow_file, count, queue, lease=None):
+async def _throughput(
+    url: str, flow_file: Path, count: int, runs: int, queue: str
+) -> tuple[float, float | None]:
+    """Runs/s of ``count`` workers on ``runs`` submitted runs, and the CPU seconds the
+    workers spent on them (None where ``/proc`` cannot tell)."""
+    with _workers(url, flow_file, count, queue, lease=None) as processes:
         run_queue = cf.RunQueue(url, queue)
         await cf.submit(run_queue, "chain", run_id="warm-up")
         await cf.result(run_queue, "warm-up")
+        cpu_before = _cpu_seconds(processes)
         start = time.perf_counter()
         ids = [await cf.submit(run_queue, "chain") for _ in range(runs)]
         for run_id in ids:
             await cf.result(run_queue, run_id, poll=POLL)
-        return runs / (time.perf_counter() - start)
+        rate = runs / (time.perf_counter() - start)
+        cpu_after = _cpu_seconds(processes)
+    if cpu_before is None or cpu_after is None:
+        return rate, None
+    return rate, cpu_after - cpu_before
+
+
+def _cpu_seconds(processes: list[subprocess.Popen[bytes]]) -> float | None:
+    """The CPU seconds (user and system) ``processes`` have used so far, read from
+    ``/proc``; None where it does not exist."""
+    ticks = 0
+    for process in processes:
+        try:
+            stat = Path(f"/proc/{process.pid}/stat").read_text()
+        except OSError:
+            return None
+        # The fields after the command name (which may hold spaces) end with ")".
+        fields = stat.rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime and stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def _takeover(url: str, flow_file: Path) -> float:

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -343,6 +343,138 @@ async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last
     assert (status.state, status.attempts) == ("succeeded", 2)
 
 
+async def test_a_dead_workers_runs_are_taken_over_one_after_another_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """Six runs a "dead" worker read have been idle for longer than their lease: a
+    worker takes each one over right after the one before, not a poll interval
+    (0.5 s) later, and resumes them."""
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    run_ids = [await cf.submit(queue, "count") for _ in range(6)]
+    reply = await queue.call(
+        "XREADGROUP", "GROUP", "workers", "dead", "COUNT", 6, "STREAMS", queue.stream, ">"
+    )
+    entry_ids = [entry_id for entry_id, _ in reply[0][1]]
+    await queue.call("XCLAIM", queue.stream, "workers", "dead", 0, *entry_ids, "IDLE", 20_000)
+    async with worker(queue, store, "alive", concurrency=6):
+        with trio.fail_after(1.5):  # a poll interval per run would take 2.5 s at least
+            done = [await cf.result(queue, run_id) for run_id in run_ids]
+    assert {result.worker for result in done} == {"alive"}
+    assert [await counts(store, run_id) for run_id in run_ids] == [
+        {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    ] * 6
+
+
+class Monitor:
+    """The commands a server was sent (MONITOR), as it prints them, those that Lua
+    scripts ran left out."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+        self._grown = trio.Event()
+
+    def add(self, lines: list[str]) -> None:
+        self.commands.extend(lines)
+        self._grown.set()
+        self._grown = trio.Event()
+
+    async def until(self, enough: Callable[[list[str]], bool]) -> list[str]:
+        """The commands so far, once ``enough`` of them says so."""
+        while not enough(self.commands):
+            await self._grown.wait()
+        return list(self.commands)
+
+
+@asynccontextmanager
+async def monitored(server: RedisServer) -> AsyncIterator[Monitor]:
+    """A Monitor of what ``server`` is sent while the block runs."""
+    monitor = Monitor()
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    await stream.send_all(b"MONITOR\r\n")
+    pending = await received_until(stream, b"+OK\r\n", "MONITOR")
+
+    async def read() -> None:
+        nonlocal pending
+        while True:
+            *lines, pending = pending.split(b"\r\n")
+            monitor.add([line.decode() for line in lines if b" lua] " not in line])
+            chunk = await stream.receive_some()
+            assert chunk, "MONITOR ended"
+            pending += chunk
+
+    async with stream, trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        yield monitor
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_reads_each_waiting_run_in_one_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    """Twenty runs wait when a worker with four slots starts. For each one it sends the
+    queue one command to read it (with what the queue holds about it), one to claim
+    it and one to record its outcome; it looks for expired leases once a poll interval
+    (0.5 s) at most, not before each claim."""
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    for _ in range(20):
+        await cf.submit(queue, "count")
+    key = f"cosmoflow:queue:{queue.name}:"
+
+    def recorded(commands: list[str]) -> bool:
+        return sum(key in line and "'XACK'" in line for line in commands) >= 20
+
+    async with monitored(redis_server) as monitor:
+        started = trio.current_time()
+        async with worker(queue, store, "w1"):
+            with trio.fail_after(10):
+                commands = [line for line in await monitor.until(recorded) if key in line]
+            polls = 1 + int((trio.current_time() - started) / 0.5)
+    looks = [line for line in commands if "XAUTOCLAIM" in line]
+    reads = [line for line in commands if "XREADGROUP" in line or '"HGET"' in line]
+    claims = [line for line in commands if "'NX', 'PX'" in line]
+    assert len(claims) == 20
+    assert len(looks) <= polls
+    # After the last claim, the worker reads once more and waits for a new entry.
+    assert len(reads) <= 20 + 2 * polls
+
+
+async def test_a_worker_renews_the_leases_of_all_its_runs_in_one_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    """Three runs are held in step a for two renewals (a third of their 0.6 s lease
+    apart): each renewal, once they all run, names the three leases in one command,
+    and the runs keep their worker and finish, each step committed once."""
+    queue, store = new_queue(redis_server, lease=0.6), store_url(redis_server)
+    run_ids = [f"held-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    gates = {run_id: (trio.Event(), trio.Event()) for run_id in run_ids}
+    GATES.update(gates)
+    leases = [queue.lease_key(run_id) for run_id in run_ids]
+
+    def renewals(commands: list[str]) -> list[str]:
+        return [line for line in commands if "PEXPIRE" in line and leases[0] in line]
+
+    async with monitored(redis_server) as monitor, worker(queue, store, "w1"):
+        for run_id in run_ids:
+            await cf.submit(queue, "count", run_id=run_id)
+        for entered, _ in gates.values():
+            await entered.wait()
+        before = len(renewals(monitor.commands))
+        with trio.fail_after(10):
+            commands = await monitor.until(lambda commands: len(renewals(commands)) >= before + 2)
+        for _, release in gates.values():
+            release.set()
+        done = [await cf.result(queue, run_id) for run_id in run_ids]
+    # The first renewal after they all ran may have been sent before the last began.
+    renewal = renewals(commands)[before + 1]
+    assert [lease in renewal for lease in leases] == [True, True, True]
+    assert sum("PEXPIRE" in line for line in commands) == len(renewals(commands))
+    assert {(result.worker, result.result) for result in done} == {
+        ("w1", f"done {run_id}") for run_id in run_ids
+    }
+    for run_id in run_ids:
+        assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
 async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
     redis_server: RedisServer,
 ) -> None:
@@ -562,18 +694,20 @@ async def test_a_worker_cut_off_from_redis_cancels_its_run_when_its_lease_expire
 ) -> None:
     """The renewals fail (nothing listens on the port): the run is cancelled once the
     lease the worker last got would have expired, not before."""
-    from cosmoflow_actors.runtime.queue import _Worker
+    from cosmoflow_actors.runtime.queue import _Lease, _Worker
 
     lease = 3.0
     queue = RunQueue(f"redis://127.0.0.1:{free_port()}/0", "cut-off", lease=lease)
     async with cf.open_engine() as engine:
         cut_off = _Worker(engine, queue, {"count": FLOW}, per_run_redis("redis://x"), "w")
         started = trio.current_time()
+        scope = trio.CancelScope()
+        cut_off._leases["r1"] = _Lease(scope, started + lease)
         async with trio.open_nursery() as nursery:
-            scope = trio.CancelScope()
-            nursery.start_soon(cut_off._renew, "r1", scope)
+            nursery.start_soon(cut_off.renew_leases)
             with scope:
                 await trio.sleep_forever()
+            nursery.cancel_scope.cancel()
     elapsed = trio.current_time() - started
     assert lease <= elapsed <= lease + lease / 3
 

@@ -82,7 +82,11 @@ DEFAULT_FLOW_WAIT: Final = 60.0
 RESULT_POLL_INTERVAL: Final = 0.05
 """Seconds :func:`result` waits between two reads of a run's state."""
 MAX_POLL: Final = 0.5
-"""The longest a worker waits for a new entry before it looks for expired leases again."""
+"""The longest a worker waits for a new entry before it looks for expired leases again,
+and the longest between two of its looks for expired leases while it has free slots."""
+SCAN_STEPS: Final = 100
+"""The most ``XAUTOCLAIM`` steps (each examines up to 10 pending entries) one look for
+expired leases takes on the server before it answers; the worker goes on from there."""
 GROUP: Final = "workers"
 """The stream's consumer group: every worker of every queue reads through it."""
 FINISHED: Final = ("succeeded", "failed")
@@ -110,6 +114,52 @@ return 1
 """Take the lease of a run and record it running, if its entry is still what the
 caller read and no one holds the lease; forget who passed it over (KEYS: lease, runs,
 passed; ARGV: owner, lease ms, run id, entry as read, entry running). 1 if taken."""
+_RUN_ID_OF = """
+local function run_id_of(fields)
+  if not fields then return nil end
+  for index = 1, #fields, 2 do
+    if fields[index] == 'run_id' then return fields[index + 1] end
+  end
+  return nil
+end
+"""
+"""A Lua function: the ``run_id`` field of a stream entry's fields (nil when none)."""
+_EXPIRED = (
+    _RUN_ID_OF
+    + """
+local cursor = ARGV[4]
+for _ = 1, tonumber(ARGV[5]) do
+  local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', 1)
+  cursor = reply[1]
+  local entry = reply[2][1]
+  local run_id = entry and run_id_of(entry[2])
+  if run_id then
+    return {cursor, entry[1], run_id, redis.call('HGET', KEYS[2], run_id)}
+  end
+  if cursor == '0-0' then break end
+end
+return {cursor}
+"""
+)
+"""Go on with the scan of the pending entries of the stream KEYS[1] (group ARGV[1])
+from the cursor ARGV[4] for entries idle for at least ARGV[3] ms, taking over the first
+one that names a run for consumer ARGV[2]; at most ARGV[5] steps. Returns the next
+cursor ("0-0" once the scan is complete), then that entry's id, its run id and what
+the hash KEYS[2] holds about the run (nil when nothing) if one was taken."""
+_WAITING = (
+    _RUN_ID_OF
+    + """
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1,
+  'STREAMS', KEYS[1], '>')
+local entry = reply and reply[1][2][1]
+local run_id = entry and run_id_of(entry[2])
+if not run_id then return {} end
+return {entry[1], run_id, redis.call('HGET', KEYS[2], run_id)}
+"""
+)
+"""Read a new entry of the stream KEYS[1] for consumer ARGV[2] of group ARGV[1], without
+waiting; return its id, its run id and what the hash KEYS[2] holds about the run (nil
+when nothing), or nothing when there is no new entry (or it names no run)."""
 _PASS_OVER = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return false end
 local saved = redis.call('HGET', KEYS[1], ARGV[1])
@@ -127,10 +177,18 @@ return encoded
 KEYS[1]; return the run's JSON ``{"since": first time, "by": [workers]}``, or nil
 when a worker holds the run's lease KEYS[2] (it is no one's to pass over)."""
 _RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local held = {}
+for index, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    held[index] = redis.call('PEXPIRE', key, ARGV[2])
+  else
+    held[index] = 0
+  end
+end
+return held
 """
-"""Extend the lease KEYS[1] to ARGV[2] ms if it is still held by ARGV[1]; 1 if it was."""
+"""Extend each lease of KEYS to ARGV[2] ms if it is still held by ARGV[1]; for each,
+1 if it was, else 0."""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
@@ -584,6 +642,7 @@ async def serve(
     await worker.queue.ensure_group()
     slots = trio.Semaphore(concurrency)
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.renew_leases)
         task_status.started(worker.name)
         while True:
             await slots.acquire()
@@ -597,13 +656,24 @@ async def serve(
 
 @dataclass(frozen=True, slots=True)
 class _Claim:
-    """A run a worker holds the lease of: its stream entry, flow and parameters."""
+    """A run a worker holds the lease of: its stream entry, flow and parameters, and
+    when (trio time) the lease expires unless renewed."""
 
     entry_id: str
     run_id: str
     flow: Flow
     params: dict[str, Any]
     info: dict[str, Any]
+    expires: float
+
+
+@dataclass(slots=True)
+class _Lease:
+    """A lease its worker holds on a run it runs: the run's scope, cancelled once the
+    lease is lost, and when (trio time) the lease expires unless renewed."""
+
+    scope: trio.CancelScope
+    expires: float
 
 
 class _Worker:
@@ -623,16 +693,22 @@ class _Worker:
         self.stores = stores
         self.name = name
         self.lease_ms = max(1, round(queue.lease * 1000))
+        self._poll = min(MAX_POLL, queue.lease / 3)
+        """Seconds: the longest wait for a new entry, and the shortest between two looks
+        for expired leases that found none."""
         self._cursor = "0-0"
-        self._running: set[str] = set()
-        """The runs this worker runs now."""
+        """Where the look for expired leases goes on ("0-0": from the start)."""
+        self._next_look = -math.inf
+        """When (trio time) the next look for expired leases is due."""
+        self._leases: dict[str, _Lease] = {}
+        """The leases of the runs this worker runs now, by run id."""
         self._out_of_reach = False
         """Whether the worker's last attempt to claim a run found the queue out of
         reach (or refusing), so that an outage is logged once, and its end."""
 
     async def next_claim(self) -> _Claim:
-        """Claim a run: one whose lease expired first, else a new one. Blocks until
-        there is one to claim."""
+        """Claim a run: one whose lease expired, when it is time to look for one (see
+        :meth:`_claim_one`), else a new one. Blocks until there is one to claim."""
         while True:
             try:
                 claim = await self._claim_one()
@@ -669,36 +745,55 @@ class _Worker:
             LOGGER.warning("worker %s uses %r again", self.name, self.queue)
 
     async def _claim_one(self) -> _Claim | None:
-        """Claim an expired run, else wait a little for a new one; None if neither."""
-        for entry_id, run_id in await self._expired():
-            claim = await self._claim(entry_id, run_id)
+        """Claim a run whose lease expired, if it is time to look for one (see
+        :meth:`_expired_claim`), else a new run, waiting a poll interval at most for
+        one. None when there is none."""
+        if trio.current_time() >= self._next_look:
+            claim = await self._expired_claim()
             if claim is not None:
                 return claim
-        poll_ms = max(1, round(min(MAX_POLL, self.queue.lease / 3) * 1000))
-        for entry_id, run_id in await self._new(poll_ms):
-            claim = await self._claim(entry_id, run_id)
-            if claim is not None:
-                return claim
-        return None
+        entry = await self._waiting()
+        if entry is None:
+            entry = await self._new()
+        if entry is None:
+            return None
+        return await self._claim(*entry)
 
-    async def _expired(self) -> list[tuple[str, str]]:
-        """Take over one entry idle for at least a lease (its worker may be gone)."""
-        reply = await self.queue.call(
-            "XAUTOCLAIM",
-            self.queue.stream,
-            GROUP,
-            self.name,
-            self.lease_ms,
-            self._cursor,
-            "COUNT",
-            1,
-        )
-        self._cursor = _text(reply[0])
-        return _entries(reply[1])
+    async def _expired_claim(self) -> _Claim | None:
+        """Go on looking through the pending entries for one idle for at least a
+        lease, until this worker claims its run (the next look goes on from there, at
+        once) or has looked through them all (the next look starts again a poll
+        interval later, so that a run whose lease expired waits at most that long,
+        whether the worker is busy or idle). None when it claimed none."""
+        queue = self.queue
+        while True:
+            reply = await queue.script(
+                _EXPIRED,
+                [queue.stream, queue.runs],
+                [GROUP, self.name, self.lease_ms, self._cursor, SCAN_STEPS],
+            )
+            self._cursor = _text(reply[0])
+            if len(reply) > 1:
+                claim = await self._claim(_text(reply[1]), _text(reply[2]), reply[3])
+                if claim is not None:
+                    return claim
+            if self._cursor == "0-0":
+                self._next_look = trio.current_time() + self._poll
+                return None
 
-    async def _new(self, block_ms: int) -> list[tuple[str, str]]:
-        """Read one new entry, waiting at most ``block_ms`` for it."""
-        reply = await self.queue.call(
+    async def _waiting(self) -> tuple[str, str, bytes | None] | None:
+        """A new entry, without waiting for one: its id, its run id and what the
+        queue's hash holds about the run (None when nothing); None when there is none.
+        One round trip, where :meth:`_new` takes two."""
+        queue = self.queue
+        reply = await queue.script(_WAITING, [queue.stream, queue.runs], [GROUP, self.name])
+        return (_text(reply[0]), _text(reply[1]), reply[2]) if reply else None
+
+    async def _new(self) -> tuple[str, str, bytes | None] | None:
+        """A new entry, as :meth:`_waiting` gives it, waiting a poll interval at most
+        for one."""
+        queue = self.queue
+        reply = await queue.call(
             "XREADGROUP",
             "GROUP",
             GROUP,
@@ -706,26 +801,30 @@ class _Worker:
             "COUNT",
             1,
             "BLOCK",
-            block_ms,
+            max(1, round(self._poll * 1000)),
             "STREAMS",
-            self.queue.stream,
+            queue.stream,
             ">",
         )
-        return _entries(reply[0][1]) if reply else []
+        entries = _entries(reply[0][1]) if reply else []
+        if not entries:
+            return None
+        entry_id, run_id = entries[0]
+        return entry_id, run_id, await queue.call("HGET", queue.runs, run_id)
 
-    async def _claim(self, entry_id: str, run_id: str) -> _Claim | None:
-        """Take the lease of ``run_id`` and record it running (see ``_CLAIM``); None
-        when another worker holds it, the run has ended (its entry is acknowledged
-        then), this worker lacks its flow (it passes the run over) or runs it still
-        (its lease had expired: taken again, it is renewed as before)."""
+    async def _claim(self, entry_id: str, run_id: str, data: bytes | None) -> _Claim | None:
+        """Take the lease of ``run_id``, of which the queue's hash held ``data`` (None:
+        nothing), and record it running (see ``_CLAIM``); None when another worker
+        holds it, the run has ended (its entry is acknowledged then), this worker lacks
+        its flow (it passes the run over) or runs it still (its lease had expired: taken
+        again, it is renewed as before)."""
         queue = self.queue
-        data = await queue.call("HGET", queue.runs, run_id)
         info = None if data is None else _decoded_info(run_id, data)
         if info is None or info["state"] in FINISHED:
             await queue.call("XACK", queue.stream, GROUP, entry_id)
             return None
         lease_key = queue.lease_key(run_id)
-        if run_id in self._running:
+        if run_id in self._leases:
             await queue.call("SET", lease_key, self.name, "NX", "PX", self.lease_ms)
             return None
         flow = self.flows.get(info["flow"])
@@ -735,6 +834,7 @@ class _Worker:
         running = {**info, "state": "running", "owner": self.name}
         running["attempts"] = info.get("attempts", 0) + 1
         encoded = json.dumps(running)
+        expires = trio.current_time() + queue.lease
         taken = await queue.script(
             _CLAIM,
             [lease_key, queue.runs, queue.passed],
@@ -742,7 +842,7 @@ class _Worker:
         )
         if not taken:
             return None
-        return _Claim(entry_id, run_id, flow, info.get("params", {}), running)
+        return _Claim(entry_id, run_id, flow, info.get("params", {}), running, expires)
 
     async def _pass_over(self, entry_id: str, run_id: str, info: dict[str, Any]) -> None:
         """Leave ``run_id``, whose flow this worker lacks, to the other workers: note
@@ -771,14 +871,15 @@ class _Worker:
             await self._finish(entry_id, run_id, failed)
 
     async def run_claimed(self, claim: _Claim, slots: trio.Semaphore) -> None:
-        """Run (or resume) the claimed run while renewing its lease; record its outcome
-        unless the lease was lost or another engine committed first. Blocks until the
-        run ends. A worker stopped meanwhile (this task cancelled) cancels the run and
-        hands it back to the queue (see :meth:`_hand_back`: at most
+        """Run (or resume) the claimed run while :meth:`renew_leases` renews its lease;
+        record its outcome unless the lease was lost or another engine committed first.
+        Blocks until the run ends. A worker stopped meanwhile (this task cancelled)
+        cancels the run and hands it back to the queue (see :meth:`_hand_back`: at most
         HAND_BACK_SECONDS more) before the cancellation goes on. Frees a slot."""
-        self._running.add(claim.run_id)
+        lease = _Lease(trio.CancelScope(), claim.expires)
+        self._leases[claim.run_id] = lease
         try:
-            outcome = await self._renewed_outcome(claim)
+            outcome = await self._outcome(claim, lease.scope)
             # The outcome is known: a worker stopped now records it, bounded.
             with trio.move_on_after(HAND_BACK_SECONDS, shield=True):
                 await self._settle(claim, outcome)
@@ -786,18 +887,8 @@ class _Worker:
             await self._hand_back(claim)
             raise
         finally:
-            self._running.discard(claim.run_id)
+            del self._leases[claim.run_id]
             slots.release()
-
-    async def _renewed_outcome(self, claim: _Claim) -> dict[str, Any] | None:
-        """The run's outcome (see :meth:`_outcome`), renewing its lease until then;
-        blocks until the run ends."""
-        async with trio.open_nursery() as nursery:
-            scope = trio.CancelScope()
-            nursery.start_soon(self._renew, claim.run_id, scope)
-            outcome = await self._outcome(claim, scope)
-            nursery.cancel_scope.cancel()
-        return outcome
 
     async def _settle(self, claim: _Claim, outcome: dict[str, Any] | None) -> None:
         """Record ``outcome`` and acknowledge the entry, or only drop the lease for a
@@ -856,25 +947,37 @@ class _Worker:
         await storage.update(durability.record_key(claim.run_id), named, None)
         await storage.commit()
 
-    async def _renew(self, run_id: str, scope: trio.CancelScope) -> None:
-        """Renew the lease of ``run_id`` every third of a lease; cancel ``scope`` (the
-        run) once the lease is lost or could not be renewed before it would expire."""
-        lease = self.queue.lease
-        expires = trio.current_time() + lease
+    async def renew_leases(self) -> None:
+        """Every third of a lease, renew the leases of all the runs this worker runs in
+        one round trip (see :meth:`_renew`). Blocks until cancelled."""
         while True:
-            await trio.sleep(lease / 3)
-            try:
-                with trio.fail_after(max(0.0, expires - trio.current_time())):
-                    held = await self.queue.script(
-                        _RENEW, [self.queue.lease_key(run_id)], [self.name, self.lease_ms]
-                    )
-            except (StorageError, trio.TooSlowError):
-                held = trio.current_time() < expires
+            await trio.sleep(self.queue.lease / 3)
+            if self._leases:
+                await self._renew(dict(self._leases))
+
+    async def _renew(self, leases: dict[str, _Lease]) -> None:
+        """Renew ``leases`` (by run id); cancel the run of each one that is lost, or
+        that could not be renewed before it expired (renewing the others). Blocks while
+        the server answers, until the first of them expires at most."""
+        queue = self.queue
+        sent = trio.current_time()
+        live = _unexpired(leases, sent)
+        if not live:
+            return
+        first = min(lease.expires for lease in live.values())
+        keys = [queue.lease_key(run_id) for run_id in live]
+        try:
+            with trio.fail_after(first - sent):
+                held = await queue.script(_RENEW, keys, [self.name, self.lease_ms])
+        except (StorageError, trio.TooSlowError):
+            _unexpired(live, trio.current_time())
+            return
+        for lease, renewed in zip(live.values(), held, strict=True):
+            if renewed:
+                # The server renewed it after ``sent``: it expires no sooner than this.
+                lease.expires = sent + queue.lease
             else:
-                expires = trio.current_time() + lease
-            if not held:
-                scope.cancel()
-                return
+                lease.scope.cancel()
 
     async def _finish(self, entry_id: str, run_id: str, info: dict[str, Any]) -> None:
         """Record ``info``, acknowledge the entry and drop the lease, if it is ours."""
@@ -884,6 +987,18 @@ class _Worker:
             [queue.lease_key(run_id), queue.runs, queue.stream],
             [self.name, run_id, json.dumps(info, default=repr), GROUP, entry_id],
         )
+
+
+def _unexpired(leases: dict[str, _Lease], now: float) -> dict[str, _Lease]:
+    """The leases of ``leases`` that have not expired at ``now``; cancel the runs of the
+    others. Never blocks."""
+    live = {}
+    for run_id, lease in leases.items():
+        if lease.expires > now:
+            live[run_id] = lease
+        else:
+            lease.scope.cancel()
+    return live
 
 
 def _out_of_reach(error: BaseException) -> bool:
