@@ -30,9 +30,9 @@ _deadline: ContextVar[float | None] = ContextVar("cosmoflow_redis_deadline", def
 """When the RedisStorage call running in this task must end (trio time), None outside
 one: every round trip of the call shares it (see :meth:`RedisStorage._bounded`)."""
 
-_pools: dict[tuple[str, float], redis.ConnectionPool] = {}
-"""The process's pools of connections, by server URL and timeout (see
-:func:`shared_client`)."""
+_clients: dict[tuple[str, float], redis.Redis] = {}
+"""The process's clients, by server URL and timeout, each on a pool of connections of
+its own (see :func:`shared_client`)."""
 
 T = TypeVar("T")
 
@@ -530,9 +530,10 @@ def _call(connection: redis.Redis | Pipeline, *args: Any) -> Any:
 
 
 def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
-    """A client for ``url`` on the process's one pool of connections for ``url`` and
-    ``timeout`` (the socket timeout, connecting included): clients of one server share
-    its connections. Connects on first use; does not block.
+    """The process's one client for ``url`` and ``timeout`` (the socket timeout,
+    connecting included), on its pool of connections: the users of one server share
+    them (a redis-py client is safe to share between threads). Connects on first use;
+    does not block.
 
     Raises StorageError naming ``user`` when the redis package is missing, and one
     naming the URL (without its password) when it is not a Redis URL.
@@ -543,16 +544,17 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
         raise StorageError(
             f"{user} needs the redis package: pip install 'cosmoflow-actors[redis]'"
         ) from exc
-    pool = _pools.get((url, timeout))
-    if pool is None:
+    client = _clients.get((url, timeout))
+    if client is None:
         try:
             pool = redis.ConnectionPool.from_url(
                 url, socket_timeout=timeout, socket_connect_timeout=timeout
             )
         except ValueError as exc:
             raise StorageError(f"not a Redis URL: {_redacted(url)!r} ({exc})") from exc
-        _pools[url, timeout] = pool
-    return redis.Redis(connection_pool=pool)
+        client = redis.Redis(connection_pool=pool)
+        _clients[url, timeout] = client
+    return client
 
 
 def _redacted(url: str) -> str:
