@@ -61,6 +61,10 @@ NodeError), what its post returned, its conditions, and its store's refusals."""
 
 _NO_VALUES: Final[Mapping[str, Any]] = MappingProxyType({})
 
+NO_NURSERIES: Final[frozenset[trio.Nursery]] = frozenset()
+"""A worker's nurseries open before it carried steps: none (one empty set for all
+workers: each ``frozenset()`` is a new object)."""
+
 
 class NodeActor(Actor[Step]):
     """Runs the steps of every run that reaches one node; the engine names it
@@ -225,7 +229,7 @@ class NodeActor(Actor[Step]):
         alive by the workers that carried it.
         """
         task = trio.lowlevel.current_task()
-        self.router.carriers[task] = frozenset()
+        self.router.carriers[task] = NO_NURSERIES
         step: Step | None = first
         del first
         try:
