@@ -738,9 +738,10 @@ async def killed(process: trio.Process) -> None:
 async def test_runs_go_on_after_redis_restarts_and_every_step_is_committed_once(
     tmp_path: Path,
 ) -> None:
-    """redis-server is SIGKILLed while a worker runs runs (four of them held in step a)
-    and started again on the same port and data: every run succeeds, and each of its
-    steps is committed once."""
+    """redis-server is SIGKILLed while a worker runs four runs, each held in step a (its
+    four slots taken: a run whose store call the kill cuts fails, as a step's store
+    error does), and started again on the same port and data: every run succeeds, and
+    each of its steps is committed once."""
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     queue, store = RunQueue(url, "restart", lease=1.0), f"{url}#runs"
@@ -749,7 +750,7 @@ async def test_runs_go_on_after_redis_restarts_and_every_step_is_committed_once(
     GATES.update(gates)
     servers = [await persistent_redis(tmp_path, port)]
     try:
-        async with worker(queue, store, "w1", concurrency=8):
+        async with worker(queue, store, "w1", concurrency=len(gates)):
             for run_id in run_ids:
                 await cf.submit(queue, "count", run_id=run_id)
             for entered, _ in gates.values():
