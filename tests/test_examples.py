@@ -216,6 +216,8 @@ GUIDES = [
     "docs/durability.md",
     "docs/storage.md",
     "docs/tracing.md",
+    "docs/concurrency.md",
+    "docs/concepts.md",
     *(f"docs/{p.name}" for p in (ROOT / "docs").glob("howto-*.md")),
 ]
 SNIPPETS = [
