@@ -14,7 +14,7 @@ its end pops it and routes the inner flow's final action in the parent.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -375,10 +375,7 @@ def condition_keys(flow: Flow) -> frozenset[str]:
     """Every store key a route condition of ``flow`` or of a flow nested in it reads:
     what a step's sender reads for the router (one request, and none for a flow
     without conditions)."""
-    keys: frozenset[str] = frozenset()
-    for route in flow.routes:
-        if route.when is not None:
-            keys |= route.when.keys
+    keys = _when_keys(flow.routes)
     for node in flow.nodes.values():
         if isinstance(node, Flow):
             keys |= condition_keys(node)
@@ -389,14 +386,16 @@ def keys_after(flow: Flow, node_id: str) -> frozenset[str] | None:
     """The store keys that routing a step at ``node_id`` of ``flow`` reads: its routes'
     conditions' keys, when no route of the node ends ``flow``; None when the step may
     end it (routing may then go on in the flows around it: the run's keys)."""
-    if not flow.has_routes(node_id):
+    routes = [route for route in flow.routes if route.source == node_id]
+    if not routes or any(route.target is END for route in routes):
         return None
+    return _when_keys(routes)
+
+
+def _when_keys(routes: Iterable[Route]) -> frozenset[str]:
+    """The store keys the conditions of ``routes`` read."""
     keys: frozenset[str] = frozenset()
-    for route in flow.routes:
-        if route.source != node_id:
-            continue
-        if route.target is END:
-            return None
+    for route in routes:
         if route.when is not None:
             keys |= route.when.keys
     return keys
