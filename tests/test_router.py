@@ -5,8 +5,7 @@ from __future__ import annotations
 import collections
 import itertools
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -507,7 +506,7 @@ async def test_every_step_of_branches_has_its_own_execution_id() -> None:
 
 class HeldAtTheEnd(cf.FileStorage):
     """A real FileStorage whose commit of run "held"'s final record waits for
-    ``release``: the router's task, which writes that record, stays busy meanwhile."""
+    ``release``."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -520,21 +519,6 @@ class HeldAtTheEnd(cf.FileStorage):
             self.holding.set()
             await self.release.wait()
         await super().commit()
-
-
-@asynccontextmanager
-async def router_held(engine: cf.Engine, path: Path) -> AsyncIterator[None]:
-    """Keep the router's own task busy (ending a durable run) for the block: outcomes
-    sent meanwhile wait in its mailbox."""
-    storage = HeldAtTheEnd(path)
-    held = await engine.start_run(single(Recorder(), "held"), storage, run_id="held")
-    await storage.holding.wait()
-    assert engine.statistics().actor("router").in_flight == 1
-    try:
-        yield
-    finally:
-        storage.release.set()
-        await held.wait()
 
 
 def routing_cases() -> dict[str, cf.Flow]:
@@ -592,11 +576,14 @@ def routing_cases() -> dict[str, cf.Flow]:
     }
 
 
-async def routed(engine: cf.Engine, flow: cf.Flow) -> tuple[Any, ...]:
-    """How a run of ``flow`` (on a store with size 50) ended, and what it stored."""
-    data: dict[str, Any] = {"size": 50}
+async def routed(
+    engine: cf.Engine, flow: cf.Flow, storage: cf.Storage, run_id: str | None = None
+) -> tuple[Any, ...]:
+    """How a run of ``flow`` (on ``storage``, with size 50) ended, and what it stored."""
+    async with engine.open_store(storage) as store:
+        await store.set("size", 50)
     try:
-        result = await engine.run(flow, data)
+        result = await engine.run(flow, storage, run_id=run_id)
     except cf.CosmoFlowError as exc:
         ended: tuple[Any, ...] = (type(exc).__name__, str(exc))
     else:
@@ -607,63 +594,107 @@ async def routed(engine: cf.Engine, flow: cf.Flow) -> tuple[Any, ...]:
             sorted(result.execution_path),
             result.steps_executed,
         )
-    return (*ended, sorted(data.get("seen", [])))
+    async with engine.open_store(storage) as store:
+        seen = await store.get("seen", [])
+    return (*ended, sorted(seen))
 
 
-async def test_routing_in_the_senders_task_decides_as_the_routers_own_task(
-    tmp_path: Path,
-) -> None:
-    """Each routing decision, made by route_now in the sender's task (the router
-    idle) and by the router's task (its mailbox, while it is busy): the same ends."""
+async def test_a_durable_run_is_routed_as_a_run_that_is_not(tmp_path: Path) -> None:
+    """Each routing decision, for a durable run (whose decisions can be undone, and
+    whose end is recorded by the task that routed it) and for a run in memory: the
+    same ends."""
     cases = routing_cases()
-    queued: dict[str, tuple[Any, ...]] = {}
-
-    async def route_queued(engine: cf.Engine, name: str) -> None:
-        queued[name] = await routed(engine, cases[name])
-
     async with cf.open_engine() as engine:
-        async with trio.open_nursery() as nursery, router_held(engine, tmp_path / "held.json"):
-            for name in cases:
-                nursery.start_soon(route_queued, engine, name)
-            await trio.testing.wait_all_tasks_blocked()
-            assert engine.statistics().actor("router").mailbox_depth == len(cases)
-        direct = {name: await routed(engine, flow) for name, flow in cases.items()}
-        assert engine.statistics().actor("router").mailbox_depth == 0
-    assert queued == direct
-    assert direct["condition"][3] == ["a", "big"]
-    assert direct["fan-out"][3] == ["a", "b", "c", "j"]
-    assert direct["no route"][0] == "NoRouteError"
-    assert direct["max steps"][0] == "MaxStepsExceeded"
+        plain = {
+            name: await routed(engine, flow, cf.MemoryStorage()) for name, flow in cases.items()
+        }
+        durable = {
+            name: await routed(engine, flow, cf.FileStorage(tmp_path / f"{index}.json"), "r")
+            for index, (name, flow) in enumerate(cases.items())
+        }
+    assert durable == plain
+    assert plain["condition"][3] == ["a", "big"]
+    assert plain["fan-out"][3] == ["a", "b", "c", "j"]
+    assert plain["no route"][0] == "NoRouteError"
+    assert plain["max steps"][0] == "MaxStepsExceeded"
 
 
-async def test_a_run_cancelled_while_its_outcome_waits_for_the_router_goes_no_further(
+async def test_routing_goes_on_while_a_durable_runs_end_is_recorded(tmp_path: Path) -> None:
+    """The task that routed a durable run's last outcome writes its record; other runs
+    are routed meanwhile, and the run ends once its record is written."""
+    storage = HeldAtTheEnd(tmp_path / "held.json")
+    async with cf.open_engine() as engine:
+        held = await engine.start_run(single(Recorder(), "held"), storage, run_id="held")
+        await storage.holding.wait()
+        result = await engine.run(routing_cases()["fan-out"], {})
+        assert result.execution_path[-1] == "j"
+        assert held.current_state is cf.RunState.RUNNING
+        storage.release.set()
+        assert (await held.wait()).execution_path == ("only",)
+
+
+class FailureHeld(cf.SQLiteStorage):
+    """A real SQLiteStorage that holds the commit of a run's failure record until
+    ``release``, and keeps every failure record it commits."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.holding = trio.Event()
+        self.release = trio.Event()
+        self.failures: list[Any] = []
+
+    async def commit_step(
+        self, ops: list[Any], record_key: str, record: Any, steps_before: int
+    ) -> bool:
+        if record["state"] == "failed":
+            self.failures.append(record["error"])
+            self.holding.set()
+            await self.release.wait()
+        return await super().commit_step(ops, record_key, record, steps_before)
+
+
+class Raises(cf.Node):
+    """Raises ``RuntimeError(message)`` in exec once ``gate`` is set."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+        self.gate = trio.Event()
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        await self.gate.wait()
+        raise RuntimeError(self.message)
+
+
+async def test_a_durable_run_whose_end_is_decided_is_routed_nowhere_else(
     tmp_path: Path,
 ) -> None:
-    first = Recorder(max_concurrency=1)
-    second = Recorder()
-    flow = cf.Flow.builder("waits").add_node("a", first).add_node("b", second)
-    flow_built = flow.add_route("a", "b").build()
-    data: dict[str, Any] = {}
-    async with cf.open_engine() as engine:
-        async with router_held(engine, tmp_path / "held.json"):
-            doomed = await engine.start_run(flow_built, data, run_id="doomed")
-            kept = await engine.start_run(flow_built, data, run_id="kept")
-            await trio.testing.wait_all_tasks_blocked()
-            stats = engine.statistics()
-            # Each step freed a's one slot as its outcome went to the router: kept's
-            # outcome waits behind doomed's.
-            assert (stats.actor("waits/a").in_flight, stats.actor("router").mailbox_depth) == (
-                0,
-                2,
-            )
-            doomed.cancel()
-            await trio.testing.wait_all_tasks_blocked()
-        assert (await kept.wait()).execution_path == ("a", "b")
+    """One branch of a durable run fails; while its failure is recorded, another branch
+    fails too: its outcome leads nowhere, and the run and its record keep the first
+    error alone."""
+    first, second = Raises("first"), Raises("second")
+    flow = (
+        cf.Flow.builder("two-fail")
+        .add_node("a", Recorder())
+        .add_node("b", first)
+        .add_node("c", second)
+        .add_route("a", ["b", "c"])
+        .build()
+    )
+    storage = FailureHeld(tmp_path / "runs.db")
+    async with cf.open_engine() as engine, engine.open_store(storage):
+        run = await engine.start_run(flow, storage, run_id="r")
+        first.gate.set()
+        await storage.holding.wait()
+        second.gate.set()
         await trio.testing.wait_all_tasks_blocked()
-        busy = [(a.name, a.in_flight, a.mailbox_depth) for a in engine.statistics().actors]
-        assert [entry for entry in busy if entry[1] or entry[2]] == []
-    assert doomed.current_state is cf.RunState.CANCELLED
-    assert data == {"seen": ["a", "a", "b"]}
+        assert run.current_state is cf.RunState.RUNNING
+        storage.release.set()
+        with pytest.raises(cf.NodeError) as failed:
+            await run.wait()
+    assert failed.value.node_id == "b"
+    assert len(storage.failures) == 1
+    assert "node 'b'" in str(storage.failures[0])
 
 
 class StepLog(cf.Node):
@@ -845,9 +876,10 @@ async def test_a_durable_run_failing_while_a_branch_waits_to_commit_keeps_it_res
     tmp_path: Path,
 ) -> None:
     """A branch's routing fails (its nested flow's fan-out exceeds max_steps) while
-    another branch waits to commit a step: that commit, and the failure's record, still
-    hold the failing branch, so resume routes it again and fails the same way (a
-    branch left out of the record made the resumed run wait for it forever)."""
+    another branch waits to commit a step: that commit, made after the failed routing,
+    and the failure's record still hold the failing branch, so resume routes it again
+    and fails the same way (a branch left out of the record made the resumed run wait
+    for it forever)."""
     x, w, c = Gated(), Gated(), Gated()
     inner = (
         cf.Flow.builder("inner")
@@ -875,17 +907,14 @@ async def test_a_durable_run_failing_while_a_branch_waits_to_commit_keeps_it_res
         run = await engine.start_run(flow, storage, run_id="r")
         for node in (x, w, c):
             await node.started.wait()
-        async with router_held(engine, tmp_path / "held.json"):
-            x.gate.set()
-            await storage.committed["x"].wait()
-            w.gate.set()
-            await storage.holding.wait()
-            c.gate.set()
-            await trio.testing.wait_all_tasks_blocked()
-            # x's outcome waits for the router; w's commit holds the run's commits,
-            # and c's waits behind it.
-            assert engine.statistics().actor("router").mailbox_depth == 1
+        w.gate.set()
+        await storage.holding.wait()
+        # w's commit holds the run's commits: x's waits behind it, then c's.
+        x.gate.set()
         await trio.testing.wait_all_tasks_blocked()
+        c.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not storage.committed["x"].is_set()
         storage.release.set()
         with pytest.raises(cf.MaxStepsExceeded):
             await run.wait()

@@ -162,7 +162,7 @@ class Durability:
 
     durable: ClassVar[bool] = False
     """Whether the run keeps a record: its steps commit, and ending it waits for the
-    store (so its outcomes go through the router's own task)."""
+    store."""
 
     def entered(self, branch: Branch, params: Mapping[str, Any]) -> None:
         """``branch`` was sent to the node its frames point at, with ``params``."""
@@ -183,6 +183,14 @@ class Durability:
     ) -> None:
         """Commit the step of ``branch`` at ``node_id`` that returned the resolved
         ``action``, with the writes it staged in ``store``."""
+
+    async def end(self, run: ActiveRun, end: FlowResult | BaseException) -> None:
+        """End the run with the result or the error routing decided (see
+        :meth:`succeed`, :meth:`fail`)."""
+        if isinstance(end, FlowResult):
+            await self.succeed(run, end)
+        else:
+            await self.fail(run, end)
 
     async def succeed(self, run: ActiveRun, result: FlowResult) -> None:
         """End the run with ``result``."""

@@ -446,8 +446,9 @@ class Engine:
 
     async def _restore(self, run: ActiveRun, record: dict[str, Any]) -> Step | None:
         """Put a recorded run back where it was; send its branches on. Blocks while a
-        mailbox (a node's, the router's) is full, until the run ends: a branch sent
-        first may fail it meanwhile."""
+        node's mailbox is full, until the run ends (a branch sent first may fail it
+        meanwhile), and while the run's end is recorded when a branch's recorded
+        outcome ends it."""
         durable = DurableRun({**record, "state": "running", "error": None})
         run.durability = durable
         branches = durability.restore(run, record)
@@ -471,7 +472,7 @@ class Engine:
         if isinstance(message, Step):
             await actor.send(message, scope)
             return
-        for step in await self._router.route_queued(message, scope):
+        for step in await self._router.route(message):
             await step.actor.send(step, scope)
 
     def _first_step(self, run: ActiveRun, params: dict[str, Any]) -> Step:
@@ -695,7 +696,7 @@ class Engine:
 
     async def _supervise(
         self,
-        actor: NodeActor | Router | StoreActor,
+        actor: NodeActor | StoreActor,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -834,7 +835,6 @@ async def open_engine(
     try:
         async with trio.open_nursery() as nursery:
             engine = Engine(nursery, mailbox_size, max_runs, ray_address)
-            await nursery.start(engine._supervise, engine._router)
             try:
                 yield engine
                 await engine._wait_idle()

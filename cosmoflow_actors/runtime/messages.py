@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import outcome
 import trio
 
+from cosmoflow_actors.flow import FlowResult
+
 if TYPE_CHECKING:
     from cosmoflow_actors.action import Action
     from cosmoflow_actors.runtime.node_actor import NodeActor
@@ -162,11 +164,6 @@ class FlowEnded:
 Outcome = StepDone | StepFailed | FlowEnded
 """What the router routes."""
 
-
-@dataclass(frozen=True, slots=True)
-class Routing:
-    """An outcome queued in the router's mailbox, with the reply its sender waits on:
-    the steps to send on."""
-
-    outcome: Outcome
-    reply: Reply[list[Step]]
+Decision = list[Step] | FlowResult | BaseException
+"""What routing an outcome decides: the steps it leads to, or the run's end (its
+result or its error)."""

@@ -601,10 +601,10 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
     A step's slot is released once its outcome is known, before the router has it:
     when routing ends the run, the run's waiters find its last node free. Steps that
     cannot be handed off are sent to their actors (blocks while a mailbox is full,
-    holding no slot). Each step, its routing and the sending of the steps that follow
-    run in ``scope`` (see :meth:`NodeActor.handle`, :meth:`Router.route_queued` and
-    :meth:`NodeActor.send`), so nothing is carried on, nor waited for, once the run has
-    ended.
+    holding no slot). Each step and the sending of the steps that follow run in
+    ``scope`` (see :meth:`NodeActor.handle` and :meth:`NodeActor.send`), so nothing is
+    carried on, nor waited for, once the run has ended. When routing ends the run,
+    this task ends it (see :meth:`Router.route`).
     """
     while True:
         actor = step.actor
@@ -614,10 +614,7 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
             actor.release()
         if result is None:
             return
-        router = actor.router
-        following = router.route_now(result)
-        if following is None:
-            following = await router.route_queued(result, scope)
+        following = await actor.router.route(result)
         if not following:
             return
         step = following.pop()

@@ -3,10 +3,10 @@
 It receives every step's outcome and forwards the branch: to the next node, into a
 fan-out, to a join, to the end of a nested flow, or to the end of the run. Routing
 reads nothing itself: the step's sender hands it the store values that the run's
-conditions read (see :func:`condition_keys`), so a decision never waits, and the
-router's handler runs in the sender's task when the router is idle (direct dispatch).
-Only ending a durable run waits (its record is written under the run's lock), so a
-durable run's outcomes go through the router's mailbox and its own task.
+conditions read (see :func:`condition_keys`), so a decision never waits and is
+always made in the sender's task (direct dispatch). The router only decides a run's
+end: the task that routed the outcome ends the run (for a durable run, writing its
+record under the run's lock), so no store is waited for while routing.
 
 A nested flow is a frame on the branch's frame stack: entering pushes one, reaching
 its end pops it and routes the inner flow's final action in the parent.
@@ -19,7 +19,6 @@ from types import MappingProxyType
 from typing import Any
 
 import trio
-from outcome import Value
 
 from cosmoflow_actors.action import Action, ActionCondition
 from cosmoflow_actors.errors import (
@@ -32,10 +31,9 @@ from cosmoflow_actors.flow import END, Flow, FlowResult, Route, Target
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.durability import DurableRun
 from cosmoflow_actors.runtime.messages import (
+    Decision,
     FlowEnded,
     Outcome,
-    Reply,
-    Routing,
     Step,
     StepDone,
     StepFailed,
@@ -46,13 +44,19 @@ from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork, Frame
 NodeLookup = Callable[[Flow, str], NodeActor]
 
 
-class Router(Actor[Routing]):
-    """Forwards runs between node actors; one per engine."""
+class Router(Actor[Outcome]):
+    """Forwards runs between node actors; one per engine.
+
+    Its handler never waits, so every outcome is handled in the task that sends it, at
+    once (direct dispatch, :meth:`decide`): the router has no task of its own, and its
+    mailbox stays empty.
+    """
 
     kind = "router"
 
     def __init__(self, node_actor: NodeLookup, mailbox_size: int) -> None:
         super().__init__("router", mailbox_size, 1)
+        self.serving = True
         self._node_actor = node_actor
         self.carriers: dict[trio.lowlevel.Task, frozenset[trio.Nursery]] = {}
         """The tasks carrying steps of this engine's runs now: its node actors' workers,
@@ -76,80 +80,41 @@ class Router(Actor[Routing]):
             if not isinstance(node, Flow):
                 self._node_actor(flow, node_id).route_keys = keys_after(flow, node_id)
 
-    async def route_queued(self, outcome: Outcome, scope: trio.CancelScope) -> list[Step]:
-        """Route ``outcome`` through the router's own task (when :meth:`route_now`
-        may not): queue it, and return the steps the router answers, to send each to
-        its actor (blocks until then; a checkpoint). While it waits, ``scope`` (the
-        sender's) is in the run's scopes: if the run ends meanwhile, the wait is
-        cancelled.
-        """
-        run = outcome.run
-        reply: Reply[list[Step]] = Reply()
-        run.scopes.append(scope)
-        try:
-            await self.mailbox.put(Routing(outcome, reply))
-            return await reply.wait()
-        finally:
-            run.scopes.remove(scope)
+    async def route(self, outcome: Outcome) -> list[Step]:
+        """Route ``outcome`` and return the steps it leads to, to send each to its
+        actor; when :meth:`decide` ends the run, end it here and return none. Blocks
+        only while a durable run's end is recorded (the router is free meanwhile)."""
+        decision = self.decide(outcome)
+        if isinstance(decision, list):
+            return decision
+        await outcome.run.durability.end(outcome.run, decision)
+        return []
 
-    def route_now(self, outcome: Outcome) -> list[Step] | None:
-        """Direct dispatch: route ``outcome`` in the caller's task if the router is
-        idle and the run is not durable, and return the steps (as :meth:`route_queued`);
-        else None (the outcome must go through :meth:`route_queued`). Never blocks.
+    def decide(self, outcome: Outcome) -> Decision:
+        """The router's handler, run in the caller's task: the steps ``outcome`` leads
+        to, the run's result, or its error. Never blocks.
 
-        Invariant: with the router idle and the run not durable, deciding and ending
-        the run never wait; no other outcome can be handled, or queued, in between,
-        so the serial order holds without the router's slot being taken, and the
-        result is the one the router's task would give.
+        A result or an error marks the run as ending (``end_decided``): ending it is the
+        caller's business (:meth:`route`), and the run's later outcomes lead nowhere.
+        Invariant: a decision never waits, so no other outcome can be handled while it
+        is made (the router's serial order) and no slot need be taken.
         """
-        run = outcome.run
-        if not self.idle or run.durability.durable:
-            return None
         self.messages_processed += 1
-        decision = self._decide(outcome)
-        if isinstance(decision, list):
-            return decision
-        if isinstance(decision, FlowResult):
-            run.succeed(decision)
-        else:
-            run.fail(decision)
-        return []
+        run = outcome.run
+        if run.finished or run.end_decided:
+            return []
+        decision = self._decision(run, outcome)
+        if not isinstance(decision, list):
+            run.end_decided = True
+        return decision
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Route queued outcomes until cancelled, all that wait before yielding again."""
-        self.serving = True
-        task_status.started()
-        mailbox = self.mailbox
-        while True:
-            await mailbox.wait()
-            self.enter()
-            routing: Routing | None = mailbox.take()
-            while routing is not None:
-                routing.reply.send(Value(await self._handle(routing.outcome)))
-                routing = self.leave()
-
-    async def _handle(self, outcome: Outcome) -> list[Step]:
-        """Route one queued outcome, ending a durable run through its record."""
-        decision = self._decide(outcome)
-        if isinstance(decision, list):
-            return decision
-        durability = outcome.run.durability
-        if isinstance(decision, FlowResult):
-            await durability.succeed(outcome.run, decision)
-        else:
-            await durability.fail(outcome.run, decision)
-        return []
-
-    def _decide(self, outcome: Outcome) -> list[Step] | FlowResult | BaseException:
-        """The steps ``outcome`` leads to, the run's result, or its error. Never waits.
+    def _decision(self, run: ActiveRun, outcome: Outcome) -> Decision:
+        """:meth:`decide`, for a run whose end is not decided yet.
 
         A decision that fails leaves a durable run's branches, forks and durability as
         they were: the branches of the run still in flight may commit a step before
         the failure is recorded, and their record must say where every branch is.
         """
-        run = outcome.run
-        if run.finished:
-            return []
         if isinstance(outcome, StepFailed):
             return outcome.error
         undo = _RoutingUndo(run, outcome.branch) if run.durability.durable else None

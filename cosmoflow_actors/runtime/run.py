@@ -108,6 +108,7 @@ class ActiveRun:
         "_state",
         "condition_keys",
         "durability",
+        "end_decided",
         "finished",
         "flow",
         "main",
@@ -140,6 +141,10 @@ class ActiveRun:
         self._state = RunState.PENDING
         self.finished = False
         """Whether the run has ended (succeeded, failed or was cancelled)."""
+        self.end_decided = False
+        """Whether routing has decided the run's end (the task that routed the outcome
+        ends it, after writing a durable run's record): routing leads the run nowhere
+        from then on."""
         self._observed: AsyncValue[RunState] | None = None
         self._done: trio.Event | None = None
         self.main = Branch([Frame(flow, flow.start_id)])
