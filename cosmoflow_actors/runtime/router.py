@@ -56,7 +56,6 @@ class Router(Actor[Outcome]):
 
     def __init__(self, node_actor: NodeLookup, mailbox_size: int) -> None:
         super().__init__("router", mailbox_size, 1)
-        self.serving = True
         self._node_actor = node_actor
         self.carriers: dict[trio.lowlevel.Task, frozenset[trio.Nursery]] = {}
         """The tasks carrying steps of this engine's runs now: its node actors' workers,
