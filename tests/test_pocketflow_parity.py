@@ -5,6 +5,7 @@ params each saw) and the final action."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import warnings
 from collections.abc import Callable, Mapping
@@ -37,8 +38,17 @@ class Outcome:
     warnings: list[str] = field(default_factory=list)
 
 
-def run_pocketflow(flow: pf.AsyncFlow, shared: dict[str, Any], visits: list[Visit]) -> Outcome:
-    """Run ``flow`` with PocketFlow's ``run_async``, keeping the warnings it gives."""
+def run_pocketflow(
+    make: Callable[[list[Visit]], pf.AsyncFlow],
+    shared: dict[str, Any],
+    params: dict[str, Any] | None = None,
+) -> Outcome:
+    """Run the flow ``make`` builds with PocketFlow's ``run_async`` and ``set_params``,
+    keeping the warnings it gives."""
+    visits: list[Visit] = []
+    flow = make(visits)
+    if params is not None:
+        flow.set_params(params)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         action = asyncio.run(flow.run_async(shared))
@@ -46,13 +56,14 @@ def run_pocketflow(flow: pf.AsyncFlow, shared: dict[str, Any], visits: list[Visi
 
 
 def run_cosmoflow(
-    flow: cf.Flow,
+    make: Callable[[list[Visit]], cf.Flow],
     shared: dict[str, Any],
-    visits: list[Visit],
     params: Mapping[str, Any] | None = None,
 ) -> Outcome:
-    """Run ``flow`` with ``run_sync``; the final action is ``final_action.name``."""
-    result = flow.run_sync(shared, params=params)
+    """Run the flow ``make`` builds with ``run_sync``; the final action is
+    ``final_action.name``."""
+    visits: list[Visit] = []
+    result = make(visits).run_sync(shared, params=params)
     return Outcome(shared, visits, result.final_action.name)
 
 
@@ -151,8 +162,8 @@ def cosmo_agent(visits: list[Visit], max_steps: int = 1000) -> cf.Flow:
 @pytest.mark.parametrize(("question", "needed"), [("what is an actor?", 2), ("x", 9)])
 def test_an_agent_loop_visits_and_writes_as_in_pocketflow(question: str, needed: int) -> None:
     shared = {"question": question, "needed": needed}
-    pocket = run_pocketflow(pocket_agent(visits := []), dict(shared), visits)
-    cosmo = run_cosmoflow(cosmo_agent(visits := []), dict(shared), visits)
+    pocket = run_pocketflow(pocket_agent, dict(shared))
+    cosmo = run_cosmoflow(cosmo_agent, dict(shared))
 
     assert cosmo == pocket
     assert cosmo.action == "done"
@@ -307,10 +318,10 @@ def test_map_reduce_retries_and_falls_back_per_item_as_in_pocketflow(
 ) -> None:
     pocket_barrier = Barrier(len(DOCUMENTS), together=parallel)
     cosmo_barrier = Barrier(len(DOCUMENTS), together=parallel)
-    pocket_flow = pocket_map_reduce(pocket_kind, pocket_barrier, visits := [])
-    pocket = run_pocketflow(pocket_flow, {"documents": dict(DOCUMENTS)}, visits)
-    cosmo_flow = cosmo_map_reduce(cosmo_kind, cosmo_barrier, visits := [])
-    cosmo = run_cosmoflow(cosmo_flow, {"documents": dict(DOCUMENTS)}, visits)
+    pocket_flow = functools.partial(pocket_map_reduce, pocket_kind, pocket_barrier)
+    pocket = run_pocketflow(pocket_flow, {"documents": dict(DOCUMENTS)})
+    cosmo_flow = functools.partial(cosmo_map_reduce, cosmo_kind, cosmo_barrier)
+    cosmo = run_cosmoflow(cosmo_flow, {"documents": dict(DOCUMENTS)})
 
     assert cosmo.store == pocket.store
     assert cosmo.visits == pocket.visits == [("map", {}), ("reduce", {})]
@@ -343,8 +354,8 @@ def report(values: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[dict[s
 FILES = {"x.md": "hello", "y.md": "world", "z.md": "again"}
 
 
-def pocket_batch(kind: type[pf.AsyncBatchFlow], visits: list[Visit]) -> pf.AsyncFlow:
-    class Files(kind):  # type: ignore[misc, valid-type]
+def pocket_batch(visits: list[Visit]) -> pf.AsyncFlow:
+    class Files(pf.AsyncBatchFlow):  # type: ignore[misc]
         async def prep_async(self, shared: dict[str, Any]) -> list[dict[str, str]]:
             visits.append(("files", dict(self.params)))
             return [{"file": name} for name in sorted(shared["files"])]
@@ -376,7 +387,7 @@ class Files(cf.BatchFlow):
 
     async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
         self.visits.append((ctx.node_id, dict(ctx.params)))
-        # PocketFlow merges the BatchFlow's own params into each set; here, say so.
+        # PocketFlow merges the BatchFlow's own params into each set; here prep does.
         return [{**ctx.params, "file": name} for name in sorted(await store.get("files"))]
 
     async def post(self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: Any) -> str:
@@ -403,11 +414,8 @@ def cosmo_batch(visits: list[Visit]) -> cf.Flow:
 
 
 def test_a_batch_flow_with_max_concurrency_1_runs_its_children_as_pocketflow_does() -> None:
-    pocket_flow = pocket_batch(pf.AsyncBatchFlow, visits := [])
-    pocket_flow.set_params({"lang": "fr"})
-    pocket = run_pocketflow(pocket_flow, {"files": dict(FILES)}, visits)
-    cosmo_flow = cosmo_batch(visits := [])
-    cosmo = run_cosmoflow(cosmo_flow, {"files": dict(FILES)}, visits, params={"lang": "fr"})
+    pocket = run_pocketflow(pocket_batch, {"files": dict(FILES)}, params={"lang": "fr"})
+    cosmo = run_cosmoflow(cosmo_batch, {"files": dict(FILES)}, params={"lang": "fr"})
 
     assert cosmo.store == pocket.store
     assert cosmo.store["out"]["y.md"] == fake_llm("world to fr")
@@ -418,7 +426,7 @@ def test_a_batch_flow_with_max_concurrency_1_runs_its_children_as_pocketflow_doe
     assert cosmo.visits[-1] == ("report", {})
 
 
-def pocket_parallel_batch(barrier: Barrier) -> pf.AsyncFlow:
+def pocket_parallel_batch(barrier: Barrier, visits: list[Visit]) -> pf.AsyncFlow:
     everyone_in = asyncio.Event()
 
     class Translate(pf.AsyncNode):  # type: ignore[misc]
@@ -435,7 +443,7 @@ def pocket_parallel_batch(barrier: Barrier) -> pf.AsyncFlow:
     return pf.AsyncFlow(start=Files(start=Translate()))
 
 
-def cosmo_parallel_batch(barrier: Barrier) -> cf.Flow:
+def cosmo_parallel_batch(barrier: Barrier, visits: list[Visit]) -> cf.Flow:
     everyone_in = trio.Event()
 
     class Translate(cf.Node):
@@ -455,10 +463,11 @@ def cosmo_parallel_batch(barrier: Barrier) -> cf.Flow:
 
 def test_a_batch_flow_runs_its_children_at_once_as_an_async_parallel_batch_flow() -> None:
     pocket_barrier = Barrier(len(FILES), together=True)
-    pocket_flow = pocket_parallel_batch(pocket_barrier)
-    pocket = run_pocketflow(pocket_flow, {"files": dict(FILES)}, [])
+    pocket_flow = functools.partial(pocket_parallel_batch, pocket_barrier)
+    pocket = run_pocketflow(pocket_flow, {"files": dict(FILES)})
     cosmo_barrier = Barrier(len(FILES), together=True)
-    cosmo = run_cosmoflow(cosmo_parallel_batch(cosmo_barrier), {"files": dict(FILES)}, [])
+    cosmo_flow = functools.partial(cosmo_parallel_batch, cosmo_barrier)
+    cosmo = run_cosmoflow(cosmo_flow, {"files": dict(FILES)})
 
     assert cosmo.store == pocket.store
     assert cosmo.store["out:z.md"] == fake_llm("z.md")
@@ -515,8 +524,8 @@ def cosmo_signup(visits: list[Visit]) -> cf.Flow:
 
 @pytest.mark.parametrize("email", ["ada@example.org", "nobody", "eve@example.invalid"])
 def test_a_nested_flows_final_action_routes_in_the_parent_as_in_pocketflow(email: str) -> None:
-    pocket = run_pocketflow(pocket_signup(visits := []), {"email": email}, visits)
-    cosmo = run_cosmoflow(cosmo_signup(visits := []), {"email": email}, visits)
+    pocket = run_pocketflow(pocket_signup, {"email": email})
+    cosmo = run_cosmoflow(cosmo_signup, {"email": email})
 
     assert (cosmo.store, cosmo.visits, cosmo.action) == (pocket.store, pocket.visits, pocket.action)
     assert cosmo.action in ("welcomed", "rejected")
@@ -575,10 +584,12 @@ async def test_retries_wait_and_fall_back_as_in_pocketflow(
     wait = 0.01
     pocket_times: list[float] = []
     pocket_node = PocketCall(failures, pocket_times, max_retries=max_retries, wait=wait)
-    pocket = asyncio.run(pf.AsyncFlow(start=pocket_node).run_async(pocket_store := {}))
+    pocket_store: dict[str, Any] = {}
+    pocket = asyncio.run(pf.AsyncFlow(start=pocket_node).run_async(pocket_store))
     cosmo_times: list[float] = []
     cosmo_node = CosmoCall(failures, cosmo_times, max_retries=max_retries, retry_delay=wait)
-    result = await cf.Flow.builder("call").add_node("call", cosmo_node).build().run(store := {})
+    store: dict[str, Any] = {}
+    result = await cf.Flow.builder("call").add_node("call", cosmo_node).build().run(store)
     ended = trio.current_time()
 
     assert store == pocket_store
@@ -594,7 +605,8 @@ async def test_backoff_multiplies_the_wait_pocketflow_keeps_fixed(
 ) -> None:
     times: list[float] = []
     node = CosmoCall(9, times, max_retries=4, retry_delay=1.0, backoff=2.0)
-    await cf.Flow.builder("call").add_node("call", node).build().run(store := {})
+    store: dict[str, Any] = {}
+    await cf.Flow.builder("call").add_node("call", node).build().run(store)
 
     assert gaps(times) == pytest.approx([1.0, 2.0, 4.0])
     assert store == {"result": "fallback after 4: busy #4"}
@@ -617,9 +629,7 @@ def pocket_chain(last: str | None, visits: list[Visit]) -> pf.AsyncFlow:
     a >> b  # the default action
     b - "next" >> c
     c - "again" >> a
-    flow = pf.AsyncFlow(start=a)
-    flow.set_params({"user": "ada"})
-    return flow
+    return pf.AsyncFlow(start=a)
 
 
 def cosmo_chain(last: str | None, visits: list[Visit], *, forward: bool) -> cf.FlowBuilder:
@@ -635,14 +645,20 @@ def cosmo_chain(last: str | None, visits: list[Visit], *, forward: bool) -> cf.F
     )
 
 
+def ends_on(last: str, *, forward: bool) -> Callable[[list[Visit]], cf.Flow]:
+    """Builds the chain with a route from ``c`` to END for ``last``."""
+
+    def make(visits: list[Visit]) -> cf.Flow:
+        return cosmo_chain(last, visits, forward=forward).add_route("c", cf.END, last).build()
+
+    return make
+
+
 def test_params_reach_the_first_node_only_unless_actions_carry_them() -> None:
-    pocket = run_pocketflow(pocket_chain("stop", visits := []), {}, visits)
-    flow = cosmo_chain("stop", cosmo_visits := [], forward=True).add_route("c", cf.END, "stop")
-    cosmo = run_cosmoflow(flow.build(), {}, cosmo_visits, params={"user": "ada"})
-    bare_flow = cosmo_chain("stop", bare_visits := [], forward=False)
-    bare = run_cosmoflow(
-        bare_flow.add_route("c", cf.END, "stop").build(), {}, bare_visits, {"user": "ada"}
-    )
+    make_pocket = functools.partial(pocket_chain, "stop")
+    pocket = run_pocketflow(make_pocket, {}, params={"user": "ada"})
+    cosmo = run_cosmoflow(ends_on("stop", forward=True), {}, params={"user": "ada"})
+    bare = run_cosmoflow(ends_on("stop", forward=False), {}, params={"user": "ada"})
 
     assert cosmo == Outcome(pocket.store, pocket.visits, pocket.action)
     assert pocket.visits == [(name, {"user": "ada"}) for name in "abc"]
@@ -654,14 +670,15 @@ def test_params_reach_the_first_node_only_unless_actions_carry_them() -> None:
 def test_an_action_with_no_successor_fails_the_run_where_pocketflow_warns_and_ends(
     last: str | None,
 ) -> None:
-    pocket = run_pocketflow(pocket_chain(last, visits := []), {}, visits)
-    flow = cosmo_chain(last, cosmo_visits := [], forward=True).build()
+    pocket = run_pocketflow(functools.partial(pocket_chain, last), {}, params={"user": "ada"})
+    visits: list[Visit] = []
+    store: dict[str, Any] = {}
     with pytest.raises(cf.NoRouteError) as caught:
-        flow.run_sync(store := {}, params={"user": "ada"})
+        cosmo_chain(last, visits, forward=True).build().run_sync(store, params={"user": "ada"})
 
     assert pocket.action == last
     assert pocket.warnings == [f"Flow ends: '{last}' not found in ['again']"]
     error = caught.value
     assert (error.node_id, error.action, error.available) == ("c", last or "default", ("again",))
     # The steps before the unrouted action ran, and wrote, as in PocketFlow.
-    assert (store, cosmo_visits) == (pocket.store, pocket.visits)
+    assert (store, visits) == (pocket.store, pocket.visits)
