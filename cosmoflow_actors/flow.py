@@ -288,8 +288,17 @@ class FlowBuilder:
     @staticmethod
     def _not_a_node(node_id: str, value: object) -> str:
         """The problem with adding ``value``, neither a Node nor a Flow, as a node."""
+        if isinstance(value, type) and issubclass(value, Node | Flow):
+            return f"node {node_id!r} is the class {value.__qualname__}, not an instance of it"
+        if isinstance(value, type):
+            return f"node {node_id!r} is the class {value.__qualname__}, not a Node or Flow"
         problem = f"node {node_id!r} is a {type(value).__name__}, not a Node or Flow"
-        if callable(value):
+        if _from_pocketflow(type(value)):
+            problem += (
+                " (it is a PocketFlow node: subclass cf.Node, with prep(store, ctx), "
+                "exec(prep_res, ctx) and post(store, prep_res, exec_res, ctx))"
+            )
+        elif callable(value):
             problem += " (decorate a function with @cf.node to make it a node)"
         return problem
 
@@ -456,6 +465,11 @@ class FlowBuilder:
                     if problem is not None:
                         problems.append(f"node {node_id!r}: {problem}")
         return problems
+
+
+def _from_pocketflow(cls: type) -> bool:
+    """Whether ``cls`` is, or subclasses, a class of the pocketflow package."""
+    return any(base.__module__.partition(".")[0] == "pocketflow" for base in cls.__mro__)
 
 
 _NOT_FOR_BATCH_FLOW = (

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from typing import Any
 
+import pocketflow
 import pytest
 import trio
 import trio.testing
@@ -329,6 +330,34 @@ def test_a_plain_function_is_refused_with_a_hint_and_nothing_else() -> None:
     assert error.problems == (
         "node 'a' is a function, not a Node or Flow "
         "(decorate a function with @cf.node to make it a node)",
+    )
+
+
+def test_a_node_class_is_refused_with_the_instance_to_add() -> None:
+    """A class is callable, but decorating it with @cf.node is not the fix: making an
+    instance is."""
+    builder = cf.Flow.builder("f").add_node("a", Recorder)  # type: ignore[arg-type]
+    builder.add_node("b", cf.BatchFlow).add_node("c", int)  # type: ignore[arg-type]
+    builder.add_route("a", "b").add_route("b", "c")
+
+    assert refused(builder).problems == (
+        "node 'a' is the class Recorder, not an instance of it",
+        "node 'b' is the class BatchFlow, not an instance of it",
+        "node 'c' is the class int, not a Node or Flow",
+    )
+
+
+class PocketFlowNode(pocketflow.AsyncNode):  # type: ignore[misc]
+    """A node of PocketFlow, not ported."""
+
+
+def test_a_pocketflow_node_is_refused_with_where_to_port_it() -> None:
+    builder = cf.Flow.builder("f").add_node("a", PocketFlowNode())  # type: ignore[arg-type]
+
+    assert refused(builder).problems == (
+        "node 'a' is a PocketFlowNode, not a Node or Flow (it is a PocketFlow node: "
+        "subclass cf.Node, with prep(store, ctx), exec(prep_res, ctx) and "
+        "post(store, prep_res, exec_res, ctx))",
     )
 
 
