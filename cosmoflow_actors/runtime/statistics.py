@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from cosmoflow_actors.flow import Flow
+
+FORGET_ABOVE: Final = 64
+"""Names numbered (see :class:`FlowLabels`) below which none is forgotten."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +69,21 @@ class FlowLabels:
     (so giving a label takes constant time, however many flows of the name live). A
     flow keeps its label while it lives; once it is garbage (its actors leave the
     statistics) its name is free for the next flow of that name.
+
+    The last numbers of names that no live flow has are forgotten (their numbering
+    starts again at ``#2``) whenever the names numbered have doubled since the last
+    time: an engine that labels flows of ever new names keeps at most about twice as
+    many numbers as it has flows alive, at a constant cost per label on average.
     """
 
     def __init__(self) -> None:
         self._holders: weakref.WeakValueDictionary[str, Flow] = weakref.WeakValueDictionary()
         self._labels: weakref.WeakKeyDictionary[Flow, str] = weakref.WeakKeyDictionary()
         self._numbers: dict[str, int] = {}
-        """The last number given to each flow name (one entry per name ever labelled)."""
+        """The last number given to each flow name numbered, until :meth:`_forget_gone`
+        drops those of names no live flow has."""
+        self._forget_above = FORGET_ABOVE
+        """How many names may be numbered before :meth:`_forget_gone` runs."""
 
     def label(self, flow: Flow) -> str:
         """The label of ``flow``, given it now if it has none. Never blocks."""
@@ -86,4 +97,13 @@ class FlowLabels:
             label = f"{flow.name}#{number}"
         self._holders[label] = flow
         self._labels[flow] = label
+        if len(self._numbers) > self._forget_above:
+            self._forget_gone()
         return label
+
+    def _forget_gone(self) -> None:
+        """Drop the numbers of the names no live flow has; run again once the names
+        numbered have doubled. Never blocks."""
+        alive = {flow.name for flow in self._labels}
+        self._numbers = {name: n for name, n in self._numbers.items() if name in alive}
+        self._forget_above = max(FORGET_ABOVE, 2 * len(self._numbers))
