@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     from cosmoflow_actors.flow import Flow
 
 FORGET_ABOVE: Final = 64
-"""Names numbered (see :class:`FlowLabels`) below which none is forgotten."""
+"""Fewest names numbered (see :class:`FlowLabels`) between two times the names no live
+flow has are forgotten."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +72,10 @@ class FlowLabels:
     statistics) its name is free for the next flow of that name.
 
     The last numbers of names that no live flow has are forgotten (their numbering
-    starts again at ``#2``) whenever the names numbered have doubled since the last
-    time: an engine that labels flows of ever new names keeps at most about twice as
-    many numbers as it has flows alive, at a constant cost per label on average.
+    starts again at ``#2``) once as many names have been numbered since the last time
+    as there were flows or numbers alive then (at least :data:`FORGET_ABOVE`): an
+    engine that labels flows of ever new names keeps about as many numbers as it has
+    flows alive, and forgetting costs a constant time per label on average.
     """
 
     def __init__(self) -> None:
@@ -83,7 +85,7 @@ class FlowLabels:
         """The last number given to each flow name numbered, until :meth:`_forget_gone`
         drops those of names no live flow has."""
         self._forget_above = FORGET_ABOVE
-        """How many names may be numbered before :meth:`_forget_gone` runs."""
+        """How many names may be numbered before :meth:`_forget_gone` runs again."""
 
     def label(self, flow: Flow) -> str:
         """The label of ``flow``, given it now if it has none. Never blocks."""
@@ -102,8 +104,10 @@ class FlowLabels:
         return label
 
     def _forget_gone(self) -> None:
-        """Drop the numbers of the names no live flow has; run again once the names
-        numbered have doubled. Never blocks."""
+        """Drop the numbers of the names no live flow has; run again once as many names
+        have been numbered as there are flows or numbers left (the work done here).
+        Never blocks."""
         alive = {flow.name for flow in self._labels}
         self._numbers = {name: n for name, n in self._numbers.items() if name in alive}
-        self._forget_above = max(FORGET_ABOVE, 2 * len(self._numbers))
+        kept = len(self._numbers)
+        self._forget_above = kept + max(FORGET_ABOVE, len(self._labels), kept)
