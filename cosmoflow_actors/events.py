@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar, final
@@ -164,9 +165,11 @@ class EventHub:
 
     def __init__(self) -> None:
         self._closed = False
-        self._streams: list[EventStream] = []
+        self._streams: list[_StreamSink] = []
+        """The sinks of the open streams, which hold them weakly: a stream its reader
+        let go of without closing it is forgotten once it is garbage (see :meth:`open`)."""
         self._sinks: tuple[Callable[[Event], None], ...] = ()
-        """What ``emit`` calls: each stream's ``offer`` and each listener (replaced, never
+        """What ``emit`` calls: each stream's sink and each listener (replaced, never
         changed in place, so that ``emit`` may remove a sink while it iterates)."""
         self._room = _Room()
         self.step_spans: StepSpans | None = None
@@ -180,7 +183,7 @@ class EventHub:
     @property
     def congested(self) -> bool:
         """Whether a lossless stream holds its buffer or more. Never blocks."""
-        return self._room.full > 0
+        return bool(self._room.full)
 
     def emit(self, event: Event) -> None:
         """Offer ``event`` to every stream and call every listener. Never blocks.
@@ -196,10 +199,22 @@ class EventHub:
 
     def open(self, buffer: int, *, lossless: bool = False) -> EventStream:
         """A new stream that receives every event from now on; see :class:`EventStream`
-        for ``buffer`` and ``lossless``. Once the hub is closed, the stream ends at once."""
+        for ``buffer`` and ``lossless``. Once the hub is closed, the stream ends at once.
+        Call it in trio.
+
+        The hub holds the stream weakly: one that becomes garbage unclosed (its reader
+        left ``async for`` without closing it) is forgotten in the next scheduler pass,
+        with its buffer, and no longer holds the engine back.
+        """
         stream = EventStream(buffer, self._remove, room=self._room if lossless else None)
-        self._streams.append(stream)
-        self._sinks += (stream.offer,)
+        sink = _StreamSink(stream)
+        forget = weakref.finalize(
+            stream, _forget_soon, trio.lowlevel.current_trio_token(), self._forget, sink
+        )
+        forget.atexit = False  # at interpreter exit there is no hub left to tell
+        sink.forget = forget
+        self._streams.append(sink)
+        self._sinks += (sink,)
         if self._closed:
             stream.close()
         return stream
@@ -288,12 +303,58 @@ class EventHub:
         start have finished (see :meth:`EventStream.end`), and those opened later at
         once; waiters for room go on."""
         self._closed = True
-        for stream in list(self._streams):
-            stream.end()
+        for sink in list(self._streams):
+            stream = sink.stream()
+            if stream is not None:
+                stream.end()
 
     def _remove(self, stream: EventStream) -> None:
-        self._streams.remove(stream)
-        self._unlisten(stream.offer)
+        """``stream`` closes: stop offering it events."""
+        for sink in self._streams:
+            if sink.stream() is stream:
+                sink.forget.detach()
+                self._forget(sink)
+                return
+
+    def _forget(self, sink: _StreamSink) -> None:
+        """Stop offering events to the stream of ``sink`` (closed, or garbage unclosed);
+        a lossless one no longer holds the engine back. Nothing if it was forgotten
+        already. Never blocks."""
+        if sink in self._streams:
+            self._streams.remove(sink)
+            self._unlisten(sink)
+            self._room.freed(sink.room_key)
+
+
+@final
+class _StreamSink:
+    """What the hub offers a stream's events to: the stream, held weakly."""
+
+    __slots__ = ("forget", "room_key", "stream")
+
+    def __init__(self, stream: EventStream) -> None:
+        self.stream = weakref.ref(stream)
+        self.room_key = stream.room_key
+        """What marks the stream full in the hub's room (see :class:`_Room`)."""
+        self.forget: weakref.finalize[..., EventStream]
+        """Forgets the sink once the stream is garbage (detached when it closes)."""
+
+    def __call__(self, event: Event) -> None:
+        stream = self.stream()
+        if stream is not None:
+            stream.offer(event)
+
+
+def _forget_soon(
+    token: trio.lowlevel.TrioToken,
+    forget: Callable[[_StreamSink], None],
+    sink: _StreamSink,
+) -> None:
+    """Called once the stream of ``sink`` is garbage, unclosed: have the hub ``forget``
+    it in trio's next scheduler pass (wherever the garbage collector runs, in any
+    thread); nothing once that trio run has ended. Never blocks."""
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(forget, sink)
 
 
 @final
@@ -339,21 +400,24 @@ class _GuardedSpan:
 
 @final
 class _Room:
-    """The lossless streams that are full, and the tasks waiting until none is."""
+    """The lossless streams that are full (each by its ``room_key``), and the tasks
+    waiting until none is."""
 
     __slots__ = ("_waiters", "full")
 
     def __init__(self) -> None:
-        self.full = 0
+        self.full: set[object] = set()
         self._waiters = trio.lowlevel.ParkingLot()
 
-    def filled(self) -> None:
-        self.full += 1
+    def filled(self, key: object) -> None:
+        self.full.add(key)
 
-    def freed(self) -> None:
-        self.full -= 1
-        if not self.full:
-            self._waiters.unpark_all()
+    def freed(self, key: object) -> None:
+        """The stream of ``key`` is not full (any more). Never blocks."""
+        if key in self.full:
+            self.full.remove(key)
+            if not self.full:
+                self._waiters.unpark_all()
 
     async def wait(self) -> None:
         """Block while a stream is full (all waiters wake together). A checkpoint."""
@@ -495,6 +559,9 @@ class EventStream:
         self._send, self._receive = trio.open_memory_channel[Event](capacity)
         self._on_close: Callable[[EventStream], None] | None = on_close
         self._room = room
+        self.room_key = object()
+        """What marks this stream full in ``room`` (the room must not hold the stream:
+        an unclosed one that is garbage is let go of, see :meth:`EventHub.open`)."""
         self.lossless = room is not None
         """Whether this stream keeps every event (and slows the engine down instead)."""
         self.held = 0
@@ -674,7 +741,7 @@ class EventStream:
         if self._room is not None:
             self.held += 1
             if self.held == self.buffer:
-                self._room.filled()
+                self._room.filled(self.room_key)
 
     def end(self) -> None:
         """The engine is closing: stop holding it back, take no new run or step, and
@@ -697,8 +764,7 @@ class EventStream:
     def _let_go_of_room(self) -> None:
         """A lossless stream stops counting toward the engine's congestion."""
         if self._room is not None:
-            if self.held >= self.buffer:
-                self._room.freed()
+            self._room.freed(self.room_key)
             self._room = None
 
     def __aiter__(self) -> EventStream:
@@ -724,7 +790,7 @@ class EventStream:
         if self._room is not None:
             self.held -= 1
             if self.held + 1 == self.buffer:
-                self._room.freed()
+                self._room.freed(self.room_key)
         return event
 
     def _report_dropped(self) -> EventsDropped:

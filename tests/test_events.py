@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -651,3 +652,67 @@ async def test_a_reader_slower_than_the_drops_still_gets_the_buffered_events() -
     hub.emit(f)  # dropped: b and e fill the buffer
     reads += [await stream.__anext__(), await stream.__anext__()]
     assert [getattr(event, "count", event) for event in reads] == [1, a, 2, b]
+
+
+async def test_a_stream_let_go_of_unclosed_holds_no_events_of_later_runs() -> None:
+    """A reader that leaves ``async for`` without closing its stream (no ``async
+    with``): once the stream is garbage the engine forgets it, so after 2N more runs
+    it holds no more of their events than after N (it held up to ``buffer`` events of
+    each run, errors and tracebacks included)."""
+    flow = single(Recorder())
+
+    async def run_and_count(engine: cf.Engine, count: int) -> int:
+        for _ in range(count):
+            await engine.run(flow)
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()
+        await trio.testing.wait_all_tasks_blocked()
+        return sum(isinstance(o, cf.Event) for o in gc.get_objects())
+
+    async with cf.open_engine() as engine:
+        stream = engine.events()
+        await engine.run(flow)
+        async for _ in stream:
+            break
+        del stream
+        after_n = await run_and_count(engine, 50)
+        after_2n = await run_and_count(engine, 50)
+    assert after_2n <= after_n
+
+
+async def test_a_full_lossless_stream_let_go_of_unclosed_no_longer_holds_the_engine_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A run's step waits for room in a full lossless stream; once its reader lets go
+    of the stream without closing it, the step goes on and the run ends."""
+    flow = single(Recorder())
+    async with cf.open_engine() as engine:
+        stream = engine.events(buffer=1, lossless=True)
+        run = await engine.start_run(flow)  # its RunStarted fills the stream
+        await trio.testing.wait_all_tasks_blocked()
+        assert run.current_state is cf.RunState.PENDING  # its step waits for room
+        del stream
+        with trio.fail_after(60):
+            await run.wait()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs NodeActor.handle to check again that the run is in flight after "
+    "waiting for room in a lossless stream",
+)
+async def test_a_step_that_waited_for_room_does_not_start_once_its_run_has_ended() -> None:
+    """A step waits for room in a full lossless stream; reading one event makes room
+    and wakes it, and its run is cancelled before it goes on: the step does not start,
+    and the stream ends the run with its RunCancelled, no StepStarted after it."""
+    flow = single(Recorder())
+    async with cf.open_engine() as engine:
+        stream = engine.events(buffer=1, lossless=True)
+        run = await engine.start_run(flow)  # its RunStarted fills the stream
+        await trio.testing.wait_all_tasks_blocked()  # its step waits for room
+        first = await stream.__anext__()
+        run.cancel()  # before the step, woken, goes on
+        with pytest.raises(cf.RunCancelledError):
+            await run.wait()
+    kinds = [type(event).__name__ for event in [first, *await drained(stream)]]
+    assert kinds == ["RunStarted", "RunCancelled"]

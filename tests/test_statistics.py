@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime import statistics
 from cosmoflow_actors.runtime.statistics import FlowLabels
 from tests.support import Gate, Recorder, a_then_b, single
 
@@ -117,3 +119,35 @@ def test_many_live_flows_of_one_name_get_distinct_labels_and_a_freed_name_is_tak
     del flows[0]
     gc.collect()
     assert labels.label(a_then_b("req")) == "req"
+
+
+def test_labels_keep_nothing_of_names_whose_flows_are_gone() -> None:
+    """Flows built per request, each request a name of its own and two flows of it
+    alive at once (the second is numbered): once they are garbage, the labels hold
+    about as much after 2N such names as after N."""
+    labels = FlowLabels()
+    node = Recorder()
+    where = [tracemalloc.Filter(True, statistics.__file__)]
+
+    def label_pairs(first: int, count: int) -> int:
+        """Label two flows of each of ``count`` new names and drop them; return the
+        memory that the labels' code allocated and still holds."""
+        for number in range(first, first + count):
+            name = f"request-{number}"
+            pair = [cf.Flow.builder(name).add_node("a", node).build() for _ in range(2)]
+            for flow in pair:
+                labels.label(flow)
+        gc.collect()
+        held = tracemalloc.take_snapshot().filter_traces(where).statistics("filename")
+        return sum(stat.size for stat in held)
+
+    tracemalloc.start()
+    try:
+        after_n = label_pairs(0, 400)
+        after_2n = label_pairs(400, 400)
+    finally:
+        tracemalloc.stop()
+    # Each name kept would hold about 32 bytes here; what the labels hold between two
+    # clean-ups is bounded whatever N.
+    assert after_2n - after_n < 400 * 16
+    assert labels.label(cf.Flow.builder("request-0").add_node("a", node).build()) == "request-0"

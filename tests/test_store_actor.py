@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -14,6 +15,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime import store_actor
 from cosmoflow_actors.runtime.gil import SWITCH_INTERVAL
 from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest
 from cosmoflow_actors.runtime.store_actor import StoreActor
@@ -21,7 +23,7 @@ from cosmoflow_actors.runtime.store_client import MISSING
 from cosmoflow_actors.storage import journal as journal_format
 from cosmoflow_actors.storage.codec import get_codec
 from tests.storage_suite import JsonDictStorage
-from tests.support import single
+from tests.support import Recorder, single
 
 
 async def on_disk(path: Path) -> dict[str, Any]:
@@ -389,3 +391,34 @@ async def test_a_request_to_a_stopped_actor_is_refused_or_cancelled_in_a_cancell
         scope.cancel()
         await actor.request(StoreOp.GET, storage, "k", MISSING)
     assert scope.cancelled_caught
+
+
+class FailsToClose(cf.FileStorage):
+    """A real FileStorage whose closing fails after it closed (its compaction lost)."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        raise cf.StorageError(f"{self.path}: compaction lost")
+
+
+async def test_stores_that_fail_to_close_leave_nothing_in_the_warning_registry(
+    tmp_path: Path,
+) -> None:
+    """Each backend that cannot close is a warning naming it; a long-lived engine
+    whose stores fail to close keeps no more after 2N of them than after N (the
+    warning registry of the module kept each message for good)."""
+    flow = single(Recorder())
+    registry = vars(store_actor).setdefault("__warningregistry__", {})
+
+    async def run_on_new_stores(engine: cf.Engine, first: int, count: int) -> int:
+        for number in range(first, first + count):
+            await engine.run(flow, FailsToClose(tmp_path / f"{number}.json"))
+        return len(registry)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        async with cf.open_engine() as engine:
+            after_n = await run_on_new_stores(engine, 0, 10)
+            after_2n = await run_on_new_stores(engine, 10, 10)
+    assert [str(warning.message).endswith("compaction lost") for warning in caught] == [True] * 20
+    assert after_2n <= after_n

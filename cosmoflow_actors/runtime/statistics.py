@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from cosmoflow_actors.flow import Flow
+
+FORGET_ABOVE: Final = 64
+"""Fewest names numbered (see :class:`FlowLabels`) between two times the names no live
+flow has are forgotten."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +70,22 @@ class FlowLabels:
     (so giving a label takes constant time, however many flows of the name live). A
     flow keeps its label while it lives; once it is garbage (its actors leave the
     statistics) its name is free for the next flow of that name.
+
+    The last numbers of names that no live flow has are forgotten (their numbering
+    starts again at ``#2``) once as many names have been numbered since the last time
+    as there were flows or numbers alive then (at least :data:`FORGET_ABOVE`): an
+    engine that labels flows of ever new names keeps about as many numbers as it has
+    flows alive, and forgetting costs a constant time per label on average.
     """
 
     def __init__(self) -> None:
         self._holders: weakref.WeakValueDictionary[str, Flow] = weakref.WeakValueDictionary()
         self._labels: weakref.WeakKeyDictionary[Flow, str] = weakref.WeakKeyDictionary()
         self._numbers: dict[str, int] = {}
-        """The last number given to each flow name (one entry per name ever labelled)."""
+        """The last number given to each flow name numbered, until :meth:`_forget_gone`
+        drops those of names no live flow has."""
+        self._forget_above = FORGET_ABOVE
+        """How many names may be numbered before :meth:`_forget_gone` runs again."""
 
     def label(self, flow: Flow) -> str:
         """The label of ``flow``, given it now if it has none. Never blocks."""
@@ -86,4 +99,15 @@ class FlowLabels:
             label = f"{flow.name}#{number}"
         self._holders[label] = flow
         self._labels[flow] = label
+        if len(self._numbers) > self._forget_above:
+            self._forget_gone()
         return label
+
+    def _forget_gone(self) -> None:
+        """Drop the numbers of the names no live flow has; run again once as many names
+        have been numbered as there are flows or numbers left (the work done here).
+        Never blocks."""
+        alive = {flow.name for flow in self._labels}
+        self._numbers = {name: n for name, n in self._numbers.items() if name in alive}
+        kept = len(self._numbers)
+        self._forget_above = kept + max(FORGET_ABOVE, len(self._labels), kept)

@@ -226,7 +226,7 @@ class StoreActor(Actor[StoreRequest]):
             try:
                 await storage.aclose()
             except StorageError as exc:
-                warnings.warn(f"{self.name}: closing failed: {exc}", RuntimeWarning, stacklevel=1)
+                _warn_unregistered(f"{self.name}: closing failed: {exc}")
 
     async def _serve(self) -> None:
         """Apply what waits in the mailbox, batch after batch, until retired and empty."""
@@ -386,6 +386,14 @@ class StoreActor(Actor[StoreRequest]):
         storage = request.storage
         keys = [key for key in await storage.keys() if key.startswith(RECORD_PREFIX)]
         return {key: await storage.get(key) for key in keys}
+
+
+def _warn_unregistered(message: str) -> None:
+    """Warn ``message`` (a RuntimeWarning of this module, shown or not as the warning
+    filters say) without entering it in the module's warning registry, which keeps
+    every message warned once for good: each message names a store and its error, so
+    a long-lived engine whose stores fail to close would add one entry per store."""
+    warnings.warn_explicit(message, RuntimeWarning, __file__, 0, module=__name__, registry=None)
 
 
 async def _user_keys(storage: Storage) -> list[str]:
