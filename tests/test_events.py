@@ -696,11 +696,6 @@ async def test_a_full_lossless_stream_let_go_of_unclosed_no_longer_holds_the_eng
             await run.wait()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs NodeActor.handle to check again that the run is in flight after "
-    "waiting for room in a lossless stream",
-)
 async def test_a_step_that_waited_for_room_does_not_start_once_its_run_has_ended() -> None:
     """A step waits for room in a full lossless stream; reading one event makes room
     and wakes it, and its run is cancelled before it goes on: the step does not start,

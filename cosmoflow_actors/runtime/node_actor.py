@@ -258,8 +258,8 @@ class NodeActor(Actor[Step]):
 
     async def handle(self, step: Step, scope: trio.CancelScope) -> StepDone | StepFailed | None:
         """Run ``step`` (its slot taken) in ``scope``; return its outcome, for the
-        router, or None if the run had ended before. Waits first while a lossless event
-        stream is full.
+        router, or None if the run had ended before the step began (also while it
+        waited for room). Waits first while a lossless event stream is full.
 
         ``scope`` is in the run's scopes while the step waits and runs: if the run ends
         meanwhile (another branch failed, it was cancelled), the step is cancelled and
@@ -274,6 +274,8 @@ class NodeActor(Actor[Step]):
             events = self._events
             if events.congested:
                 await events.wait_for_room()
+                if run.finished:
+                    return None
             run.start()
             run.path.append(self.node_id)
             ctx = self._context(step)
