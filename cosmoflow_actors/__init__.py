@@ -49,7 +49,7 @@ from cosmoflow_actors.runtime.queue import (
     result,
     submit,
 )
-from cosmoflow_actors.runtime.run import Run, RunState
+from cosmoflow_actors.runtime.run import Run, RunState, RunStateValue
 from cosmoflow_actors.runtime.statistics import ActorStatistics, EngineStatistics
 from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.runtime.transfer import WorkerInterruptedError, WorkerTransferError
@@ -109,6 +109,7 @@ __all__ = [
     "RunRecordedError",
     "RunStarted",
     "RunState",
+    "RunStateValue",
     "SQLiteStorage",
     "SharedStore",
     "StepFinished",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from trio_util import AsyncValue
 
 import cosmoflow_actors as cf
 from tests.support import Gate, single
@@ -32,6 +34,44 @@ async def test_the_run_handle_reports_its_states() -> None:
     assert seen == [cf.RunState.PENDING, cf.RunState.RUNNING, cf.RunState.SUCCEEDED]
     assert (result.run_id, result.flow_name) == ("handle", "single")
     assert (run.result, run.error) == (result, None)
+
+
+def test_the_typed_view_of_the_state_has_trio_utils_calls_and_parameters() -> None:
+    """RunStateValue, what mypy sees of ``run.state``, names each public call of
+    trio_util's AsyncValue with the same parameters (so code it accepts runs)."""
+    calls = {name for name in dir(AsyncValue) if not name.startswith("_")}
+    assert {name for name in dir(cf.RunStateValue) if not name.startswith("_")} == calls
+    for name in calls - {"value"}:
+        ours = inspect.signature(getattr(cf.RunStateValue, name)).parameters
+        theirs = inspect.signature(getattr(AsyncValue, name)).parameters
+        assert [(p.name, p.kind) for p in ours.values()] == [
+            (p.name, p.kind) for p in theirs.values()
+        ], name
+
+
+async def test_the_state_is_watched_through_each_call_of_its_typed_view() -> None:
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(gate))
+        state: cf.RunStateValue = run.state
+        changes: list[tuple[cf.RunState, cf.RunState]] = []
+
+        async def watch() -> None:
+            async for change in state.transitions():
+                changes.append(change)
+                if change[0] is cf.RunState.SUCCEEDED:
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            assert await state.wait_value(cf.RunState.RUNNING) is cf.RunState.RUNNING
+            async for now in state.eventual_values(lambda value: value is cf.RunState.RUNNING):
+                assert now is cf.RunState.RUNNING
+                break
+            gate.open.set()
+            assert await state.wait_transition() == (cf.RunState.SUCCEEDED, cf.RunState.RUNNING)
+    assert state.value is cf.RunState.SUCCEEDED
+    assert changes[-1] == (cf.RunState.SUCCEEDED, cf.RunState.RUNNING)
 
 
 async def test_duration_is_measured_on_the_trio_clock(autojump_clock: trio.abc.Clock) -> None:

@@ -4,10 +4,11 @@ gets."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, Protocol, final
 
 import trio
 from trio_util import AsyncValue
@@ -36,6 +37,43 @@ class RunState(enum.Enum):
         """Whether the run has ended (succeeded, failed or cancelled)."""
         # Identity tests: an Enum's == is Python-level.
         return self is not RunState.PENDING and self is not RunState.RUNNING
+
+
+class RunStateValue(Protocol):
+    """What :attr:`Run.state` is, typed: a ``trio_util.AsyncValue[RunState]`` (see
+    trio_util's documentation for each call). A predicate is given the state (and, for
+    a transition, the state before)."""
+
+    @property
+    def value(self) -> RunState:
+        """The state now."""
+
+    async def wait_value(
+        self, value_or_predicate: RunState | Callable[[RunState], bool], *, held_for: float = 0.0
+    ) -> RunState:
+        """Block until the state is ``value`` (or meets the predicate); return it."""
+
+    async def wait_transition(
+        self, value_or_predicate: RunState | Callable[[RunState, RunState], bool] = ...
+    ) -> tuple[RunState, RunState]:
+        """Block until the state next changes (to ``value``, or meeting the predicate);
+        return the new state and the one before."""
+
+    def eventual_values(
+        self,
+        value_or_predicate: RunState | Callable[[RunState], bool] = ...,
+        held_for: float = 0.0,
+    ) -> AsyncIterator[RunState]:
+        """The state now and each later one (that is ``value``, or meets the predicate)."""
+
+    def transitions(
+        self, value_or_predicate: RunState | Callable[[RunState, RunState], bool] = ...
+    ) -> AsyncIterator[tuple[RunState, RunState]]:
+        """Each later change of state (to ``value``, or meeting the predicate): the new
+        state and the one before."""
+
+    def open_transform(self, function: Callable[[RunState], Any]) -> AbstractContextManager[Any]:
+        """A context manager giving a derived AsyncValue: ``function`` of the state."""
 
 
 @dataclass(slots=True)
@@ -164,12 +202,14 @@ class ActiveRun:
         """The store keys the flow's route conditions read (read after each step)."""
 
     @property
-    def state(self) -> AsyncValue[RunState]:
+    def state(self) -> RunStateValue:
         """The state as an observable AsyncValue (see :attr:`Run.state`), made on first
         use, so runs nobody observes carry none."""
         if self._observed is None:
             self._observed = AsyncValue(self._state)
-        return self._observed
+        # trio_util carries no type marker: to mypy an AsyncValue is Any.
+        observed: RunStateValue = self._observed
+        return observed
 
     @property
     def result(self) -> FlowResult | None:
@@ -295,9 +335,9 @@ class Run:
         return self._run.flow
 
     @property
-    def state(self) -> AsyncValue[RunState]:
+    def state(self) -> RunStateValue:
         """The run's state as an observable ``trio_util.AsyncValue[RunState]`` (made
-        on first use)."""
+        on first use), typed as :class:`RunStateValue`."""
         return self._run.state
 
     @property
