@@ -76,16 +76,21 @@ class NodeError(CosmoFlowError):
     """A node's prep, exec (after retries and fallback) or post raised, or (phase
     ``"commit"``) a durable step's storage could not encode what the step wrote.
 
-    The exception the node raised is ``__cause__``.
+    The exception the node raised is ``__cause__``. ``flow_name`` is the name of the
+    flow that holds the node (a nested flow's, for a node of one), when known.
     """
 
-    def __init__(self, node_id: str, phase: str, run_id: str, attempts: int) -> None:
+    def __init__(
+        self, node_id: str, phase: str, run_id: str, attempts: int, flow_name: str | None = None
+    ) -> None:
         self.node_id = node_id
         self.phase = phase
         self.run_id = run_id
         self.attempts = attempts
+        self.flow_name = flow_name
+        flow = "" if flow_name is None else f"flow {flow_name!r}, "
         super().__init__(
-            f"node {node_id!r} failed in {phase} (run {run_id}, {attempts} attempt"
+            f"node {node_id!r} failed in {phase} ({flow}run {run_id}, {attempts} attempt"
             f"{'' if attempts == 1 else 's'})"
         )
 

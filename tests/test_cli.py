@@ -126,7 +126,7 @@ def test_json_shows_a_failed_run_with_its_error(
         "flow": "f",
         "run_id": run_id,
         "success": False,
-        "error": f"NodeError: node 'boom' failed in exec (run {run_id}, 1 attempt) "
+        "error": f"NodeError: node 'boom' failed in exec (flow 'f', run {run_id}, 1 attempt) "
         "(caused by ValueError: bad data)",
         "final_action": None,
         "result": None,
@@ -525,7 +525,8 @@ def test_runs_as_json_list_the_failed_runs_with_their_errors(
     assert [run["run_id"] for run in failed_runs] == [f"{engine}-2", f"{engine}-4"]
     for run in failed_runs:  # one run at a time: every second one fails
         assert run["error"] == (
-            f"NodeError: node 'sometimes' failed in exec (run {run['run_id']}, 1 attempt)"
+            "NodeError: node 'sometimes' failed in exec "
+            f"(flow 'sometimes', run {run['run_id']}, 1 attempt)"
             " (caused by ValueError: odd call)"
         )
     assert summary["first_error"] == failed_runs[0]["error"]
@@ -918,7 +919,7 @@ def test_status_prints_the_error_of_each_failed_run(
     assert main(["status", "--queue", queue, "--state", "failed"]) == 0
     out = capsys.readouterr().out
     assert table_row(out, "job-1")[2] == "failed"
-    error = "NodeError: node 'broken' failed in exec (run job-1, 1 attempt)"
+    error = "NodeError: node 'broken' failed in exec (flow 'broken', run job-1, 1 attempt)"
     assert f"\njob-1 failed: {error} (caused by RuntimeError: disk full)\n" in out  # one line
 
 

@@ -126,7 +126,11 @@ async def test_a_step_whose_data_cannot_be_stored_fails_naming_the_node_and_stor
             await engine.run(flow, cf.SQLiteStorage(path), run_id="u")
         runs = await engine.list_runs(cf.SQLiteStorage(path))
         assert await engine.run(flow, {}) is not None  # the engine goes on
-    assert (info.value.node_id, info.value.phase) == ("w", "commit")
+    assert (info.value.node_id, info.value.phase, info.value.flow_name) == (
+        "w",
+        "commit",
+        "unstorable",
+    )
     cause = info.value.__cause__
     assert isinstance(cause, cf.StoreValueError) and named in str(cause)
     assert runs == [cf.RunRecord("u", "unstorable", "failed", None, 0)]

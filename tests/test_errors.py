@@ -17,7 +17,7 @@ EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.ConditionError: cf.ConditionError("bad operator '=>'"),
     cf.NoRouteError: cf.NoRouteError("a", "maybe", ["yes", "no"]),
     cf.MaxStepsExceeded: cf.MaxStepsExceeded(3, ["a", "b", "a", "b"]),
-    cf.NodeError: cf.NodeError("a", "exec", "run-1", 3),
+    cf.NodeError: cf.NodeError("a", "exec", "run-1", 3, "f"),
     cf.RunCancelledError: cf.RunCancelledError("run run-1 was cancelled"),
     cf.ActorCrashedError: cf.ActorCrashedError("router"),
     cf.StorageError: cf.StorageError("disk full"),
@@ -57,7 +57,13 @@ def test_messages_name_what_is_at_fault() -> None:
     assert str(EXAMPLES[cf.NoRouteError]) == (
         "node 'a' returned action 'maybe', which no route accepts; available actions: 'yes', 'no'"
     )
-    assert str(EXAMPLES[cf.NodeError]) == "node 'a' failed in exec (run run-1, 3 attempts)"
+    assert (
+        str(EXAMPLES[cf.NodeError]) == "node 'a' failed in exec (flow 'f', run run-1, 3 attempts)"
+    )
+    assert (
+        str(cf.NodeError("a", "post", "run-1", 1))
+        == "node 'a' failed in post (run run-1, 1 attempt)"
+    )
     assert str(EXAMPLES[cf.MaxStepsExceeded]).startswith(
         "run exceeded max_steps=3; last steps: ... -> a -> b -> a -> b. A loop that never ends?"
     )

@@ -55,7 +55,7 @@ EXPECTED = {
         "  3 attempt(s) failed (ServiceDown), exec_fallback runs\n"
         "  => Lyon: sunny, 20 C (cached, after ServiceDown)",
         "  => Lyon: no forecast (unknown city 'Lyon')",
-        "  => run failed: node 'forecast' failed in exec (run bug, 1 attempt)"
+        "  => run failed: node 'forecast' failed in exec (flow 'forecast', run bug, 1 attempt)"
         " <- KeyError: 'temperature'",
     ],
     "chat_assistant.py": [
@@ -187,7 +187,8 @@ def test_rate_limited_api_reports_requests_that_all_fail() -> None:
     assert done.stderr == ""
     assert "requests: 20 (0 answered)\nfailures: 20\n" in done.stdout
     assert re.search(
-        r"first failure: node 'call_api' failed in exec \(run \S+, 3 attempts\)"
+        r"first failure: node 'call_api' failed in exec "
+        r"\(flow 'rate-limited-api', run \S+, 3 attempts\)"
         r" <- RequestFailed: 3 attempts failed <- HttpError: HTTP 503\n",
         done.stdout,
     )

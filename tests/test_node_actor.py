@@ -945,3 +945,24 @@ async def test_a_run_cancelled_while_its_step_waits_for_a_full_lossless_stream_e
         run.cancel()
         await trio.testing.wait_all_tasks_blocked()
         assert in_flight(engine, "single/only") == 0
+
+
+async def test_a_node_error_names_the_nested_flow_that_holds_the_node() -> None:
+    """Two flows hold a node "work": the error of the one in the nested flow names it."""
+
+    @cf.node
+    async def work(ctx: cf.ExecutionContext) -> None:
+        raise ValueError("inner trouble")
+
+    inner = cf.Flow.builder("inner").add_node("work", work).build()
+    outer = (
+        cf.Flow.builder("outer")
+        .add_node("work", Recorder())
+        .add_node("nested", inner)
+        .add_route("work", "nested")
+        .build()
+    )
+    with pytest.raises(cf.NodeError) as info:
+        await outer.run({})
+    assert (info.value.node_id, info.value.flow_name) == ("work", "inner")
+    assert str(info.value).startswith("node 'work' failed in exec (flow 'inner', run ")

@@ -262,7 +262,8 @@ class DurableRun(Durability):
                 await run.store_actor.commit_step(run.storage, store.ops, key, record, steps_before)
             except StoreValueError as exc:
                 cause = exc if exc.key != key else _unstorable_action(exc, action)
-                raise NodeError(node_id, "commit", run.run_id, 1) from cause
+                flow_name = branch.frames[-1].flow.name
+                raise NodeError(node_id, "commit", run.run_id, 1, flow_name) from cause
             self.record = record
             branch.resume_at = resume_at
 

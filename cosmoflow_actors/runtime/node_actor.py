@@ -379,7 +379,7 @@ class NodeActor(Actor[Step]):
 
     def _failed(self, phase: str, ctx: ExecutionContext, attempts: int = 1) -> NodeError:
         """The error that fails the step in ``phase`` (raise it from its cause)."""
-        return NodeError(self.node_id, phase, ctx.run_id, attempts)
+        return NodeError(self.node_id, phase, ctx.run_id, attempts, ctx.flow_name)
 
     def _lost_calls(self, phase: str, ctx: ExecutionContext) -> NoReturn:
         """Fail the step: store calls made in ``phase`` were never awaited."""
@@ -564,11 +564,11 @@ def _items(node_id: str, ctx: ExecutionContext, prep_res: Any) -> list[Any]:
             f"batch node {node_id!r}: prep must return an iterable of items, "
             f"not {type(prep_res).__name__}"
         )
-        raise NodeError(node_id, "prep", ctx.run_id, 1) from error
+        raise NodeError(node_id, "prep", ctx.run_id, 1, ctx.flow_name) from error
     try:
         return list(prep_res)
     except Exception as exc:
-        raise NodeError(node_id, "prep", ctx.run_id, 1) from exc
+        raise NodeError(node_id, "prep", ctx.run_id, 1, ctx.flow_name) from exc
 
 
 def fails_the_step(error: BaseException) -> bool:
