@@ -778,10 +778,12 @@ class RefusesTheEnd(cf.SQLiteStorage):
     """SQLite that refuses to store a run record saying the run succeeded, as a full
     disk or a lost connection would."""
 
-    async def set(self, key: str, value: Any) -> None:
-        if isinstance(value, dict) and value.get("state") == "succeeded":
+    async def commit_step(
+        self, ops: list[Any], record_key: str, record: Any, steps_before: int
+    ) -> bool:
+        if record["state"] == "succeeded":
             raise cf.StorageError(f"{self!r}: disk full")
-        await super().set(key, value)
+        return await super().commit_step(ops, record_key, record, steps_before)
 
 
 class Finished(cf.Node):
@@ -821,3 +823,147 @@ async def test_a_durable_run_cancelled_as_start_run_nowait_returns_is_not_record
             await run.wait()
         await trio.testing.wait_all_tasks_blocked()
         assert await engine.list_runs(storage) == []
+
+
+class CommitsHeld(cf.SQLiteStorage):
+    """A real SQLiteStorage that holds each commit whose record's state or last node
+    is in ``held`` until its ``release``; ``holding`` says a commit waits there."""
+
+    def __init__(self, path: Path, held: list[str]) -> None:
+        super().__init__(path)
+        self.holding = {name: trio.Event() for name in held}
+        self.release = {name: trio.Event() for name in held}
+
+    async def commit_step(
+        self, ops: list[Any], record_key: str, record: Any, steps_before: int
+    ) -> bool:
+        last = (record["last"] or {}).get("node")
+        name = last if record["state"] == "running" else record["state"]
+        if name in self.holding:
+            self.holding[name].set()
+            await self.release[name].wait()
+        return await super().commit_step(ops, record_key, record, steps_before)
+
+
+class WaitsFor(cf.Node):
+    """exec waits for ``event``; records the runs whose exec began."""
+
+    def __init__(self, event: trio.Event, **config: Any) -> None:
+        super().__init__(**config)
+        self.event = event
+        self.ran: list[str] = []
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self.ran.append(ctx.run_id)
+        await self.event.wait()
+
+
+def completes_beside(other: cf.Node) -> cf.Flow:
+    """s fans out to "a", which completes the run, and to ``other``."""
+    return (
+        cf.Flow.builder("beside")
+        .add_node("s", cf.Node())
+        .add_node("a", Finished())
+        .add_node("other", other)
+        .add_route("s", ["a", "other"])
+        .build()
+    )
+
+
+async def test_a_run_cancelled_while_its_end_waits_for_the_lock_stays_running_in_its_record(
+    tmp_path: Path,
+) -> None:
+    """Branch a completes the run while branch other's commit holds the run's lock; the
+    run is cancelled before the end is written: its record still says running, and
+    resume ends it."""
+    path = tmp_path / "store.db"
+    storage = CommitsHeld(path, ["a", "other"])
+    flow = completes_beside(WaitsFor(storage.holding["a"]))
+    async with cf.open_engine() as engine, engine.open_store(storage):
+        run = await engine.start_run(flow, storage, run_id="r")
+        await storage.holding["a"].wait()
+        await trio.testing.wait_all_tasks_blocked()  # other's commit waits for the lock
+        storage.release["a"].set()
+        await storage.holding["other"].wait()
+        await trio.testing.wait_all_tasks_blocked()  # a's end waits behind other's commit
+        run.cancel()
+        storage.release["other"].set()
+        with pytest.raises(cf.RunCancelledError):
+            await run.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        [record] = await engine.list_runs(storage)
+        assert record.state == "running"
+        resumed = await engine.resume(flow, cf.SQLiteStorage(path), run_id="r")
+    assert resumed.result == "done"
+
+
+class CompletesUnlessHeld(cf.Node):
+    """Completes its run with "done"; first, in a run named in ``held``, waits for that
+    event."""
+
+    def __init__(self, held: dict[str, trio.Event]) -> None:
+        super().__init__()
+        self.held = held
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        if ctx.run_id in self.held:
+            await self.held[ctx.run_id].wait()
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete("done")
+
+
+async def test_no_step_of_a_durable_run_starts_once_its_end_is_decided(tmp_path: Path) -> None:
+    """Run r's step at node "other" waits in its mailbox (run busy holds the node's one
+    slot) when r's branch a completes r; the slot frees while r's end is written: r's
+    step never starts."""
+    free = trio.Event()
+    other = WaitsFor(free, max_concurrency=1)
+    flow = (
+        cf.Flow.builder("beside")
+        .add_node("s", cf.Node())
+        .add_node("a", CompletesUnlessHeld({"busy": trio.Event()}))
+        .add_node("other", other)
+        .add_route("s", ["a", "other"])
+        .build()
+    )
+    storage = CommitsHeld(tmp_path / "store.db", ["succeeded"])
+    async with cf.open_engine() as engine, engine.open_store(storage):
+        busy = await engine.start_run(flow, {}, run_id="busy")
+        await trio.testing.wait_all_tasks_blocked()
+        run = await engine.start_run(flow, storage, run_id="r")
+        await storage.holding["succeeded"].wait()
+        assert engine.statistics().actor("beside/other").mailbox_depth == 1
+        free.set()
+        await trio.testing.wait_all_tasks_blocked()
+        storage.release["succeeded"].set()
+        assert (await run.wait()).result == "done"
+        busy.cancel()
+    assert other.ran == ["busy"]
+
+
+async def test_a_durable_runs_end_is_not_written_over_a_record_another_engine_advanced(
+    tmp_path: Path,
+) -> None:
+    """While the end of run r is held, another engine commits a step of r (its record
+    counts more steps): the end is refused with RunConflictError and that record
+    stays."""
+    path = tmp_path / "store.db"
+    storage = CommitsHeld(path, ["succeeded"])
+    async with cf.open_engine() as engine, engine.open_store(storage):
+        run = await engine.start_run(single(Finished()), storage, run_id="r")
+        await storage.holding["succeeded"].wait()
+        key = durability.record_key("r")
+        other = cf.SQLiteStorage(path)
+        await other.open()
+        advanced = {**await other.get(key), "path": ["only", "only"]}
+        await other.set(key, advanced)
+        await other.commit()
+        await other.aclose()
+        storage.release["succeeded"].set()
+        with pytest.raises(cf.RunConflictError):
+            await run.wait()
+        [record] = await engine.list_runs(storage)
+    assert (record.state, record.steps) == ("running", 2)

@@ -705,9 +705,8 @@ async def test_workers_whose_step_a_run_end_cancelled_run_later_steps_uncancelle
 
 
 async def test_a_durable_runs_last_node_is_free_when_its_wait_returns(tmp_path: Path) -> None:
-    """A durable run ends in the router's task, which wakes its waiter and the worker
-    of its last step together, in either order; the step's slot was released before,
-    so the waiter finds the node free (twenty runs make both orders come up)."""
+    """A durable run's end is written by the task that ran its last step, after that
+    step's slot was released, so the waiter finds the node free."""
     flow = single(Recorder())
     async with cf.open_engine() as engine:
         storage = cf.SQLiteStorage(tmp_path / "runs.db")

@@ -186,7 +186,8 @@ class Durability:
 
     async def end(self, run: ActiveRun, end: FlowResult | BaseException) -> None:
         """End the run with the result or the error routing decided (see
-        :meth:`succeed`, :meth:`fail`)."""
+        :meth:`succeed`, :meth:`fail`); for a durable run, blocks while its record is
+        written."""
         if isinstance(end, FlowResult):
             await self.succeed(run, end)
         else:
@@ -268,41 +269,52 @@ class DurableRun(Durability):
             branch.resume_at = resume_at
 
     async def succeed(self, run: ActiveRun, result: FlowResult) -> None:
-        """Record the result, then end the run (so ``wait`` sees it recorded).
+        """Record the result, then end the run (so ``wait`` sees it recorded). Blocks
+        while it waits for the run's lock and while the record is written.
 
         Under the lock, after a step commit of another branch still in flight: the
-        record is built on the last one committed, never over it. When the store
-        refuses the record (StorageError), the run fails with that error alone; its
-        record still says it is running after its last step, for ``resume`` to end it.
+        record is built on the last one committed, never over it (see
+        :meth:`_write_end`). A run that ended while this waited for the lock (it was
+        cancelled) is not recorded: it stays running in its record. When the store
+        refuses the record (StorageError; RunConflictError: another engine went on with
+        the run), the run fails with that error alone; its record still says it is
+        running after its last step, for ``resume`` to end it.
         """
         async with self.lock:
-            record = succeeded(self.record, result)
+            if run.finished:
+                return
             try:
-                await run.store_actor.write_record(run.storage, record_key(run.run_id), record)
+                await self._write_end(run, succeeded(self.record, result))
             except StorageError as exc:
                 run.fail(exc)
                 return
             run.succeed(result)
 
     async def fail(self, run: ActiveRun, error: BaseException) -> None:
-        """Record the failure (best effort), then fail the run; unless another engine
-        has taken the run over (RunConflictError): the record is its.
-
-        The failure is recorded as a step's commit is, only if the stored record still
-        counts the steps this engine committed: another engine that committed a step of
-        the run meanwhile keeps its record, which a record counting fewer steps would
-        put back in the run's future (to be applied again on resume).
+        """Record the failure (best effort, see :meth:`_write_end`), then fail the run;
+        unless another engine has taken the run over (RunConflictError): the record is
+        its. Blocks as :meth:`succeed`; a run that ended meanwhile is not recorded.
         """
         if run.finished or isinstance(error, RunConflictError):
             run.fail(error)
             return
         async with self.lock:
-            record = failed(self.record, error)
-            steps = len(self.record["path"])
-            key = record_key(run.run_id)
+            if run.finished:
+                return
             with contextlib.suppress(StorageError):  # RunConflictError among them
-                await run.store_actor.commit_step(run.storage, [], key, record, steps)
+                await self._write_end(run, failed(self.record, error))
             run.fail(error)
+
+    async def _write_end(self, run: ActiveRun, record: dict[str, Any]) -> None:
+        """Write the run's final ``record`` as a step's commit is, only if the stored
+        record still counts the steps this engine committed: another engine that
+        committed a step of the run meanwhile keeps its record, which a record counting
+        fewer steps would put back in the run's future (to be applied again on resume).
+        Blocks while it is written; raises StorageError, RunConflictError when the
+        stored record counts other steps."""
+        steps = len(self.record["path"])
+        key = record_key(run.run_id)
+        await run.store_actor.commit_step(run.storage, [], key, record, steps)
 
 
 def _unstorable_action(error: StoreValueError, action: Action) -> StoreValueError:

@@ -1,7 +1,7 @@
-"""The engine: one trio nursery holding the router, the node actors and the store actors.
+"""The engine: one trio nursery holding the node actors and the store actors, and the
+router (which has no task: its handler runs in the tasks that route).
 
-``open_engine()`` is the only way to get an engine. The router starts with
-``nursery.start`` and is ready before first use. A store actor starts with ``start_soon``
+``open_engine()`` is the only way to get an engine. A store actor starts with ``start_soon``
 when its backend is first used, and its first runs wait until it has opened the backend;
 a flow's node actors start with ``start_soon`` when the flow is first run (steps sent
 before one runs wait in its mailbox), and are retired once the flow is garbage. A

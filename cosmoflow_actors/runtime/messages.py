@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import outcome
 import trio
 
-from cosmoflow_actors.flow import FlowResult
-
 if TYPE_CHECKING:
     from cosmoflow_actors.action import Action
     from cosmoflow_actors.runtime.node_actor import NodeActor
@@ -163,7 +161,3 @@ class FlowEnded:
 
 Outcome = StepDone | StepFailed | FlowEnded
 """What the router routes."""
-
-Decision = list[Step] | FlowResult | BaseException
-"""What routing an outcome decides: the steps it leads to, or the run's end (its
-result or its error)."""

@@ -258,15 +258,16 @@ class NodeActor(Actor[Step]):
 
     async def handle(self, step: Step, scope: trio.CancelScope) -> StepDone | StepFailed | None:
         """Run ``step`` (its slot taken) in ``scope``; return its outcome, for the
-        router, or None if the run had ended before the step began (also while it
-        waited for room). Waits first while a lossless event stream is full.
+        router, or None if the run had ended, or routing had decided its end, before the
+        step began (also while it waited for room). Waits first while a lossless event
+        stream is full.
 
         ``scope`` is in the run's scopes while the step waits and runs: if the run ends
         meanwhile (another branch failed, it was cancelled), the step is cancelled and
         raises trio.Cancelled.
         """
         run = step.run
-        if run.finished:
+        if run.settled:
             return None
         scopes = run.scopes
         scopes.append(scope)
@@ -274,7 +275,7 @@ class NodeActor(Actor[Step]):
             events = self._events
             if events.congested:
                 await events.wait_for_room()
-                if run.finished:
+                if run.settled:
                     return None
             run.start()
             run.path.append(self.node_id)
@@ -604,9 +605,10 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
     when routing ends the run, the run's waiters find its last node free. Steps that
     cannot be handed off are sent to their actors (blocks while a mailbox is full,
     holding no slot). Each step and the sending of the steps that follow run in
-    ``scope`` (see :meth:`NodeActor.handle` and :meth:`NodeActor.send`), so nothing is
-    carried on, nor waited for, once the run has ended. When routing ends the run,
-    this task ends it (see :meth:`Router.route`).
+    ``scope`` (see :meth:`NodeActor.handle` and :meth:`NodeActor.send`), so no step is
+    carried on, nor a mailbox waited for, once the run has ended. When routing ends the
+    run, this task ends it, blocking while a durable run's record is written (see
+    :meth:`Router.route`).
     """
     while True:
         actor = step.actor

@@ -31,7 +31,6 @@ from cosmoflow_actors.flow import END, Flow, FlowResult, Route, Target
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.durability import DurableRun
 from cosmoflow_actors.runtime.messages import (
-    Decision,
     FlowEnded,
     Outcome,
     Step,
@@ -42,6 +41,10 @@ from cosmoflow_actors.runtime.node_actor import NodeActor
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork, Frame
 
 NodeLookup = Callable[[Flow, str], NodeActor]
+
+Decision = list[Step] | FlowResult | BaseException
+"""What routing an outcome decides: the steps it leads to, or the run's end (its
+result or its error)."""
 
 
 class Router(Actor[Outcome]):
@@ -93,18 +96,18 @@ class Router(Actor[Outcome]):
         """The router's handler, run in the caller's task: the steps ``outcome`` leads
         to, the run's result, or its error. Never blocks.
 
-        A result or an error marks the run as ending (``end_decided``): ending it is the
-        caller's business (:meth:`route`), and the run's later outcomes lead nowhere.
+        A result or an error settles the run (``settled``): ending it is the caller's
+        business (:meth:`route`), and the run's later outcomes lead nowhere.
         Invariant: a decision never waits, so no other outcome can be handled while it
         is made (the router's serial order) and no slot need be taken.
         """
         self.messages_processed += 1
         run = outcome.run
-        if run.finished or run.end_decided:
+        if run.settled:
             return []
         decision = self._decision(run, outcome)
         if not isinstance(decision, list):
-            run.end_decided = True
+            run.settled = True
         return decision
 
     def _decision(self, run: ActiveRun, outcome: Outcome) -> Decision:

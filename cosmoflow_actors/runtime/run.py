@@ -146,13 +146,13 @@ class ActiveRun:
         "_state",
         "condition_keys",
         "durability",
-        "end_decided",
         "finished",
         "flow",
         "main",
         "path",
         "run_id",
         "scopes",
+        "settled",
         "started_at",
         "steps",
         "storage",
@@ -179,10 +179,10 @@ class ActiveRun:
         self._state = RunState.PENDING
         self.finished = False
         """Whether the run has ended (succeeded, failed or was cancelled)."""
-        self.end_decided = False
-        """Whether routing has decided the run's end (the task that routed the outcome
-        ends it, after writing a durable run's record): routing leads the run nowhere
-        from then on."""
+        self.settled = False
+        """Whether the run has ended or routing has decided its end (the task that
+        routed the outcome ends it, after writing a durable run's record): no step of
+        it starts from then on, and its outcomes lead nowhere."""
         self._observed: AsyncValue[RunState] | None = None
         self._done: trio.Event | None = None
         self.main = Branch([Frame(flow, flow.start_id)])
@@ -299,6 +299,7 @@ class ActiveRun:
     def _finish(self, state: RunState) -> None:
         """Record the end, cancel every step still in flight (other branches), notify."""
         self.finished = True
+        self.settled = True
         self._set_state(state)
         if self._done is not None:
             self._done.set()

@@ -140,10 +140,6 @@ class StoreActor(Actor[StoreRequest]):
         """The run record under ``key``, or None."""
         return await self.request(StoreOp.GET, storage, key, None)
 
-    async def write_record(self, storage: Storage, key: str, record: Any) -> None:
-        """Store a run record (outside any step)."""
-        await self.request(StoreOp.SET, storage, key, record)
-
     async def create_record(self, storage: Storage, key: str, record: Any) -> None:
         """Store the record of a run that starts, unless the store holds one under ``key``
         already: another engine started the run since it was read (RunConflictError,
