@@ -475,6 +475,50 @@ async def test_a_worker_renews_the_leases_of_all_its_runs_in_one_round_trip(
         assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
 
 
+@asynccontextmanager
+async def default_threads_taken() -> AsyncIterator[None]:
+    """Every token of trio's default thread limiter is held while the block runs, as
+    thread executor steps hold them (entering waits for the tokens in use)."""
+    limiter = trio.to_thread.current_default_thread_limiter()
+    holders = [object() for _ in range(int(limiter.total_tokens))]
+    try:
+        for holder in holders:
+            await limiter.acquire_on_behalf_of(holder)
+        yield
+    finally:
+        for holder in holders:
+            if holder in limiter.statistics().borrowers:
+                limiter.release_on_behalf_of(holder)
+
+
+async def test_a_worker_renews_its_leases_while_thread_steps_hold_every_default_thread(
+    redis_server: RedisServer,
+) -> None:
+    """The run is held in step a while trio's default thread limiter has no token left:
+    the worker still renews the run's lease (three renewals, a third of the 0.3 s lease
+    apart; the monitor may not have shown the one sent before), so the run keeps its
+    worker and its first claim."""
+    queue, store = new_queue(redis_server, lease=0.3), store_url(redis_server)
+    lease = queue.lease_key("threads")
+
+    def renewals(commands: list[str]) -> int:
+        return sum("PEXPIRE" in line and lease in line for line in commands)
+
+    async with (
+        monitored(redis_server) as monitor,
+        held_in_step_a(queue, store, "threads") as release,
+    ):
+        async with default_threads_taken():
+            before = renewals(monitor.commands)
+            with trio.fail_after(5):
+                await monitor.until(lambda commands: renewals(commands) >= before + 3)
+        release.set()
+        done = await cf.result(queue, "threads")
+    [status] = await cf.queue_status(queue)
+    assert (done.worker, status.attempts) == ("w1", 1)
+    assert await counts(store, "threads") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
 async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
     redis_server: RedisServer,
 ) -> None:

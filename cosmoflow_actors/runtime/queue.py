@@ -91,6 +91,10 @@ GROUP: Final = "workers"
 """The stream's consumer group: every worker of every queue reads through it."""
 FINISHED: Final = ("succeeded", "failed")
 """The states of a run whose outcome is recorded."""
+THREADS: Final = 40
+"""The most worker threads one :class:`RunQueue`'s calls to the server take at once.
+They come from a limiter of the queue's own, not trio's default one, which thread
+executor steps hold: a worker whose steps hold every thread still renews its leases."""
 HAND_BACK_SECONDS: Final = 2.0
 """The longest a stopped worker waits for the server while it hands a run back (beyond
 it, the run's lease expires by itself instead)."""
@@ -281,7 +285,8 @@ class RunQueue:
     the time after which a dead worker's runs go to others. ``flow_wait`` is how long
     (seconds) a run whose flow the workers that saw it lack waits for a worker that
     has it, before one of them fails it (0: the first one does). Every call to the
-    server runs in a worker thread, on a connection of the process's pool for the
+    server runs in a worker thread (at most :data:`THREADS` at once, apart from the
+    threads of trio's default limiter), on a connection of the process's pool for the
     server; connection failures raise StorageError. Requires the ``redis`` package.
     """
 
@@ -310,6 +315,7 @@ class RunQueue:
         self.runs = f"cosmoflow:queue:{name}:runs"
         self.passed = f"cosmoflow:queue:{name}:passed"
         self._client: redis.Redis | None = None
+        self._limiter = trio.CapacityLimiter(THREADS)
 
     @classmethod
     def from_url(
@@ -377,7 +383,9 @@ class RunQueue:
         from redis.exceptions import RedisError
 
         try:
-            return await trio.to_thread.run_sync(function, *args, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(
+                function, *args, limiter=self._limiter, abandon_on_cancel=True
+            )
         except RedisError as exc:
             raise StorageError(f"{self!r}: {exc}") from exc
 
