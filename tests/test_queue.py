@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -204,6 +205,58 @@ async def test_resubmitting_a_run_id_with_other_params_or_flow_is_refused(
         await cf.submit(queue, "other", run_id="r1", params={"n": 1})
     assert await queue.call("XLEN", queue.stream) == 1
     assert (await queue.info("r1") or {})["params"] == {"n": 1}
+
+
+@pytest.mark.parametrize("flow_name", [["count"], "", None])
+async def test_submit_refuses_a_flow_name_that_is_not_a_non_empty_str(
+    redis_server: RedisServer, flow_name: Any
+) -> None:
+    queue = new_queue(redis_server)
+    message = f"flow_name must be a non-empty str, not {flow_name!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        await cf.submit(queue, flow_name)
+    assert await queue.call("EXISTS", queue.stream, queue.runs) == 0
+
+
+async def test_a_worker_leaves_a_run_whose_queue_entry_it_cannot_read_and_goes_on(
+    redis_server: RedisServer,
+) -> None:
+    """Two runs are on the queue with entries no queue writes (a flow name that is a
+    list, and no JSON at all), then a good run: the worker acknowledges the bad ones
+    and logs each once, naming the queue and the run, and runs the good one. The
+    status shows the bad ones as unreadable; ``result`` raises for them."""
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    await queue.ensure_group()
+    bad = {"listed": '{"flow": ["count"], "params": {}, "state": "pending"}', "garbled": "{"}
+    for run_id, data in bad.items():
+        await queue.call("HSET", queue.runs, run_id, data)
+        await queue.call("XADD", queue.stream, "*", "run_id", run_id)
+    warnings = Warnings()
+    logger = logging.getLogger("cosmoflow_actors.queue")
+    logger.addHandler(warnings)
+    try:
+        async with worker(queue, store, "w1"):
+            run_id = await cf.submit(queue, "count")
+            with trio.fail_after(10):
+                done = await cf.result(queue, run_id)
+    finally:
+        logger.removeHandler(warnings)
+    statuses = {run.run_id: run for run in await cf.queue_status(queue)}
+    pending = await queue.call("XPENDING", queue.stream, "workers")
+    assert done.result == f"done {run_id}"
+    assert statuses[run_id].state == "succeeded"
+    assert [(statuses[name].state, statuses[name].flow_name) for name in bad] == [
+        ("unreadable", ""),
+        ("unreadable", ""),
+    ]
+    assert "was not written by a queue" in (statuses["listed"].error or "")
+    assert "is not JSON" in (statuses["garbled"].error or "")
+    assert pending["pending"] == 0
+    assert len(warnings.messages) == 2, warnings.messages
+    for name, message in zip(bad, warnings.messages, strict=True):
+        assert message.startswith(f"worker w1 leaves run {name!r}: {queue!r}: the entry of run")
+    with pytest.raises(cf.CosmoFlowError, match=r"the entry of run 'garbled' is not JSON"):
+        await cf.result(queue, "garbled")
 
 
 async def test_a_failed_run_is_reported_by_result(redis_server: RedisServer) -> None:

@@ -240,15 +240,24 @@ return 1
 stream KEYS[2] again, if its entry is still ARGV[2] (what the caller read); 1 if done."""
 
 
+class UnreadableEntryError(CosmoFlowError):
+    """The queue's hash holds an entry for a run that is not what a queue writes (not
+    JSON, or without a str flow name): no worker can run it. A worker that claims it
+    acknowledges its stream entry and logs it; :func:`queue_status` shows it as
+    "unreadable"; the entry itself is left as it is."""
+
+
 @dataclass(frozen=True, slots=True)
 class QueuedRun:
     """What the queue says about one submitted run (see :func:`queue_status`).
 
     ``state`` is "pending" (not claimed yet), "running" (a worker holds its lease),
     "orphaned" (claimed, but its lease is gone: its worker died, was cut off, or was
-    stopped and handed it back; another worker takes it over), "succeeded" or
-    "failed". ``owner`` names the worker that holds (or last held) the run,
-    ``lease_left`` the seconds its lease has left (None when no lease is held).
+    stopped and handed it back; another worker takes it over), "succeeded",
+    "failed" or "unreadable" (the queue's entry for it is not what a queue writes:
+    ``error`` says why, ``flow_name`` is empty; no worker runs it). ``owner`` names
+    the worker that holds (or last held) the run, ``lease_left`` the seconds its
+    lease has left (None when no lease is held).
     ``passed_over`` names the workers that lacked its flow and left it to others,
     while no worker that has it took it.
     """
@@ -353,7 +362,7 @@ class RunQueue:
     async def info(self, run_id: str) -> dict[str, Any] | None:
         """What the queue's hash holds about ``run_id`` (None if it was not submitted)."""
         data = await self.call("HGET", self.runs, run_id)
-        return None if data is None else _decoded_info(run_id, data)
+        return None if data is None else _decoded_info(self, run_id, data)
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if they do not exist yet."""
@@ -410,6 +419,8 @@ async def submit(
     Blocks until the server has it; raises StorageError when it cannot be reached.
     """
     queue = as_queue(queue)
+    if not isinstance(flow_name, str) or not flow_name:
+        raise ValueError(f"flow_name must be a non-empty str, not {flow_name!r}")
     run_id = secrets.token_hex(8) if run_id is None else run_id
     require_run_id(run_id)
     checked = checked_params(params)
@@ -452,7 +463,7 @@ async def requeue(queue: RunQueue | str, run_id: str) -> None:
         data = await queue.call("HGET", queue.runs, run_id)
         if data is None:
             raise ValueError(f"run {run_id!r} is not on {queue!r}")
-        info = _decoded_info(run_id, data)
+        info = _decoded_info(queue, run_id, data)
         if info["state"] != "failed":
             raise ValueError(
                 f"run {run_id!r} is {info['state']} on {queue!r}: only a failed run is requeued"
@@ -497,33 +508,41 @@ async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
     runs = []
     for key, data in sorted(raw.items()):
         run_id = key.decode()
-        info = _decoded_info(run_id, data)
-        lease_left = None
-        if info["state"] not in FINISHED:
-            info, lease_left = await _run_now(queue, run_id)
-        state = info["state"]
-        if state == "running" and lease_left is None:
-            state = "orphaned"
-        runs.append(
-            QueuedRun(
-                run_id,
-                info["flow"],
-                state,
-                info.get("owner"),
-                lease_left,
-                info.get("attempts", 0),
-                info.get("error"),
-                passed.get(run_id, ()),
-            )
-        )
+        try:
+            run = await _queued_run(queue, run_id, data)
+        except UnreadableEntryError as exc:
+            run = QueuedRun(run_id, "", "unreadable", None, None, 0, str(exc))
+        runs.append(dataclasses.replace(run, passed_over=passed.get(run_id, ())))
     return runs
+
+
+async def _queued_run(queue: RunQueue, run_id: str, data: bytes) -> QueuedRun:
+    """The status of ``run_id``, of which the queue's hash held ``data``; its lease is
+    read unless ``data`` says it ended (blocks while it reads it). Raises
+    UnreadableEntryError when the entry is not what a queue writes."""
+    info = _decoded_info(queue, run_id, data)
+    lease_left = None
+    if info["state"] not in FINISHED:
+        info, lease_left = await _run_now(queue, run_id)
+    state = info["state"]
+    if state == "running" and lease_left is None:
+        state = "orphaned"
+    return QueuedRun(
+        run_id,
+        info["flow"],
+        state,
+        info.get("owner"),
+        lease_left,
+        info.get("attempts", 0),
+        info.get("error"),
+    )
 
 
 async def _run_now(queue: RunQueue, run_id: str) -> tuple[dict[str, Any], float | None]:
     """What the queue holds about the submitted run ``run_id`` and the seconds left on
     its lease (None when no one holds it), read together (see ``_RUN_NOW``)."""
     data, ttl_ms = await queue.script(_RUN_NOW, [queue.runs, queue.lease_key(run_id)], [run_id])
-    return _decoded_info(run_id, data), ttl_ms / 1000 if ttl_ms >= 0 else None
+    return _decoded_info(queue, run_id, data), ttl_ms / 1000 if ttl_ms >= 0 else None
 
 
 async def _passed_over(queue: RunQueue) -> dict[str, tuple[str, ...]]:
@@ -580,9 +599,18 @@ async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
     holder, left_ms, data = await queue.script(_LEASE, keys, [run.run_id])
     if holder is not None:
         return dataclasses.replace(run, owner=_text(holder), lease_left=max(0, left_ms) / 1000)
-    ended = None if data is None else _decoded_info(run.run_id, data)["state"]
+    ended = None if data is None else _ended_state(queue, run.run_id, data)
     state = ended if ended in FINISHED else "orphaned"
     return dataclasses.replace(run, state=state, lease_left=None)
+
+
+def _ended_state(queue: RunQueue, run_id: str, data: bytes) -> str | None:
+    """The state ``data``, the queue's entry for ``run_id``, records (None when the
+    entry is not what a queue writes). Never blocks."""
+    try:
+        return str(_decoded_info(queue, run_id, data)["state"])
+    except UnreadableEntryError:
+        return None
 
 
 def _server(url: str) -> tuple[str, int, str] | None:
@@ -823,11 +851,17 @@ class _Worker:
     async def _claim(self, entry_id: str, run_id: str, data: bytes | None) -> _Claim | None:
         """Take the lease of ``run_id``, of which the queue's hash held ``data`` (None:
         nothing), and record it running (see ``_CLAIM``); None when another worker
-        holds it, the run has ended (its entry is acknowledged then), this worker lacks
+        holds it, the run has ended or its entry in the hash is not what a queue
+        writes (its stream entry is acknowledged then; the latter is logged), this
+        worker lacks
         its flow (it passes the run over) or runs it still (its lease had expired: taken
         again, it is renewed as before)."""
         queue = self.queue
-        info = None if data is None else _decoded_info(run_id, data)
+        try:
+            info = None if data is None else _decoded_info(queue, run_id, data)
+        except UnreadableEntryError as exc:
+            LOGGER.warning("worker %s leaves run %r: %s", self.name, run_id, exc)
+            info = None
         if info is None or info["state"] in FINISHED:
             await queue.call("XACK", queue.stream, GROUP, entry_id)
             return None
@@ -1070,13 +1104,22 @@ def _keyed_by_name(flows: Iterable[Flow]) -> dict[str, Flow]:
     return named
 
 
-def _decoded_info(run_id: str, data: bytes) -> dict[str, Any]:
+def _decoded_info(queue: RunQueue, run_id: str, data: bytes) -> dict[str, Any]:
+    """``data``, what ``queue``'s hash holds about ``run_id``, decoded. Raises
+    UnreadableEntryError naming the queue and the run when it is not JSON, or not an
+    object with a state and a str flow name (as a queue writes it)."""
     try:
         info = json.loads(data)
     except ValueError as exc:
-        raise StorageError(f"the queue's entry for run {run_id!r} is not JSON") from exc
-    if not isinstance(info, dict) or "state" not in info or "flow" not in info:
-        raise StorageError(f"the queue's entry for run {run_id!r} was not written by a queue")
+        raise UnreadableEntryError(f"{queue!r}: the entry of run {run_id!r} is not JSON") from exc
+    if (
+        not isinstance(info, dict)
+        or not isinstance(info.get("state"), str)
+        or not isinstance(info.get("flow"), str)
+    ):
+        raise UnreadableEntryError(
+            f"{queue!r}: the entry of run {run_id!r} was not written by a queue: {info!r}"
+        )
     return info
 
 
