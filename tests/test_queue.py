@@ -352,6 +352,28 @@ async def test_a_run_whose_flow_no_worker_takes_fails_after_flow_wait(
     assert (status.state, status.owner, status.passed_over) == ("failed", "w1", ("w1",))
 
 
+async def test_a_requeued_run_whose_flow_no_worker_took_waits_flow_wait_again(
+    redis_server: RedisServer,
+) -> None:
+    """A run whose flow the only worker lacks fails after flow_wait; requeued, it
+    waits flow_wait again before it fails again, and the status names the worker
+    that passed it over once."""
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", lease=0.3, flow_wait=0.2)
+    waits = []
+    async with worker(queue, store_url(redis_server), "lacks", flows=(OTHER,)):
+        run_id = await cf.submit(queue, "count")
+        for attempt in range(2):
+            started = trio.current_time()
+            with trio.fail_after(10), pytest.raises(cf.CosmoFlowError, match="no worker took"):
+                await cf.result(queue, run_id)
+            waits.append(trio.current_time() - started)
+            if attempt == 0:
+                await cf.requeue(queue, run_id)
+    assert min(waits) >= 0.2, waits
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.passed_over) == ("failed", ("lacks",))
+
+
 async def test_a_worker_refuses_two_flows_of_one_name() -> None:
     twin = cf.Flow.builder("count").add_node("a", Count()).build()
     async with cf.open_engine() as engine:

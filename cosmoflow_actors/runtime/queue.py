@@ -233,11 +233,13 @@ the hash has it already; 1 if it was added."""
 _REQUEUE = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])
 return 1
 """
-"""Replace run ARGV[1]'s entry in the hash KEYS[1] by ARGV[3] and add the run to the
-stream KEYS[2] again, if its entry is still ARGV[2] (what the caller read); 1 if done."""
+"""Replace run ARGV[1]'s entry in the hash KEYS[1] by ARGV[3], forget who passed it
+over (the hash KEYS[3]) and add the run to the stream KEYS[2] again, if its entry is
+still ARGV[2] (what the caller read); 1 if done."""
 
 
 class UnreadableEntryError(CosmoFlowError):
@@ -258,8 +260,9 @@ class QueuedRun:
     ``error`` says why, ``flow_name`` is empty; no worker runs it). ``owner`` names
     the worker that holds (or last held) the run, ``lease_left`` the seconds its
     lease has left (None when no lease is held).
-    ``passed_over`` names the workers that lacked its flow and left it to others,
-    while no worker that has it took it.
+    ``passed_over`` names the workers that lacked its flow and left it to others
+    since it was submitted or requeued, until a worker that has the flow claims it (a
+    run failed for want of one keeps them).
     """
 
     run_id: str
@@ -455,9 +458,11 @@ async def _check_resubmitted(queue: RunQueue, run_id: str, info: dict[str, Any])
 async def requeue(queue: RunQueue | str, run_id: str) -> None:
     """Put the failed run ``run_id`` back on ``queue``, pending: a worker resumes it after
     its last committed step (the step that failed runs again), as it takes over a run
-    whose worker died. Raises ValueError when the queue does not have the run, or has
-    it in another state than "failed". Blocks while it talks to the server; raises
-    StorageError when it cannot be reached."""
+    whose worker died. The workers that passed it over are forgotten, so a run that
+    failed for want of a worker with its flow waits ``flow_wait`` again. Raises
+    ValueError when the queue does not have the run, or has it in another state than
+    "failed". Blocks while it talks to the server; raises StorageError when it cannot
+    be reached."""
     queue = as_queue(queue)
     while True:
         data = await queue.call("HGET", queue.runs, run_id)
@@ -470,7 +475,7 @@ async def requeue(queue: RunQueue | str, run_id: str) -> None:
             )
         pending = {key: value for key, value in info.items() if key != "error"}
         pending["state"] = "pending"
-        keys = [queue.runs, queue.stream]
+        keys = [queue.runs, queue.stream, queue.passed]
         if await queue.script(_REQUEUE, keys, [run_id, data, json.dumps(pending)]):
             return
 
