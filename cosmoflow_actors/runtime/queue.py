@@ -963,10 +963,11 @@ class _Worker:
 
     async def _outcome(self, claim: _Claim, scope: trio.CancelScope) -> dict[str, Any] | None:
         """The run's outcome as the queue records it; None when it was dropped: its
-        lease was lost, another engine committed a step of it first, or its store
-        failed (out of reach): the run is taken over once its entry has been idle for a
-        lease. A node's own error (StorageError included) fails the run, and so does
-        data its store cannot encode (StoreValueError)."""
+        lease was lost, another engine committed a step of it first, or its store was
+        out of reach (see :func:`_out_of_reach`: when the worker opened it, or when a
+        step called it or committed): the run is taken over once its entry has been
+        idle for a lease. A node's own error (another StorageError included) fails the
+        run, and so does data its store cannot encode (StoreValueError)."""
         with scope:
             try:
                 storage = self.stores(claim.run_id)
@@ -1049,8 +1050,26 @@ def _unexpired(leases: dict[str, _Lease], now: float) -> dict[str, _Lease]:
 
 
 def _out_of_reach(error: BaseException) -> bool:
-    """Whether ``error`` says the run's store failed, not its data (StoreValueError)."""
-    return isinstance(error, StorageError) and not isinstance(error, StoreValueError)
+    """Whether ``error`` says the run's store could not be reached: a StorageError the
+    worker's own calls to the store raised that is not about the data
+    (StoreValueError), or a StorageError caused by a failed connection anywhere in the
+    chain of causes (a step's store call, wrapped in NodeError)."""
+    if isinstance(error, StorageError) and not isinstance(error, StoreValueError):
+        return True
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, StorageError) and _connection_failed(current.__cause__):
+            return True
+        current = current.__cause__
+    return False
+
+
+def _connection_failed(error: BaseException | None) -> bool:
+    """Whether ``error`` is redis-py's: the server could not be reached or did not
+    answer in time (it was loading its data, restarting or away)."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    return isinstance(error, ConnectionError | TimeoutError)
 
 
 def _conflict(error: BaseException) -> bool:
