@@ -450,6 +450,34 @@ async def test_a_dead_workers_runs_are_taken_over_one_after_another_at_once(
     ] * 6
 
 
+async def test_a_run_whose_lease_was_held_at_a_look_is_taken_over_when_it_expires(
+    redis_server: RedisServer,
+) -> None:
+    """A "dead" worker's run has been idle for a lease (2 s), but its lease has 0.5 s
+    left when a live worker first looks for expired leases: the live worker takes the
+    run over once that lease has expired (a poll interval, 0.5 s, later at most), not
+    a lease after its look."""
+    queue, store = new_queue(redis_server, lease=2.0), store_url(redis_server)
+    run_id = await cf.submit(queue, "count")
+    reply = await queue.call("XREADGROUP", "GROUP", "workers", "dead", "STREAMS", queue.stream, ">")
+    [[entry_id, _]] = reply[0][1]
+    await queue.call("XCLAIM", queue.stream, "workers", "dead", 0, entry_id, "IDLE", 2000)
+    await queue.call("SET", queue.lease_key(run_id), "dead", "PX", 500)
+    await queue.call(
+        "HSET",
+        queue.runs,
+        run_id,
+        '{"flow": "count", "state": "running", "owner": "dead", "params": {}, "attempts": 1}',
+    )
+    started = trio.current_time()
+    async with worker(queue, store, "alive"):
+        with trio.fail_after(5):
+            done = await cf.result(queue, run_id)
+    took = trio.current_time() - started
+    assert done.worker == "alive"
+    assert 0.5 <= took < 1.5, took
+
+
 class Monitor:
     """The commands a server was sent (MONITOR), as it prints them, those that Lua
     scripts ran left out."""

@@ -108,16 +108,44 @@ return 1
 """
 """Record a run's outcome, acknowledge its entry and drop its lease, if the lease is
 still the caller's (KEYS: lease, runs, stream; ARGV: owner, run id, info, group, id)."""
-_CLAIM = """
+_IDLE_UNTIL_EXPIRY = """
+local function idle_until_expiry(lease, stream, group, consumer, entry_id, lease_ms)
+  local left = redis.call('PTTL', lease)
+  local idle = math.max(0, tonumber(lease_ms) - left)
+  redis.call('XCLAIM', stream, group, consumer, 0, entry_id, 'IDLE', idle)
+end
+"""
+"""A Lua function: make the stream entry ``entry_id`` idle for ``lease_ms`` less the
+milliseconds the lease key ``lease`` has left, so that it has been idle for a lease
+(and a look for expired leases takes it over) when that lease expires, not a lease
+after the look that found it held."""
+_CLAIM = (
+    _IDLE_UNTIL_EXPIRY
+    + """
 if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[4] then return 0 end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  idle_until_expiry(KEYS[1], KEYS[4], ARGV[6], ARGV[1], ARGV[7], ARGV[2])
+  return 0
+end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
 redis.call('HDEL', KEYS[3], ARGV[3])
 return 1
 """
+)
 """Take the lease of a run and record it running, if its entry is still what the
-caller read and no one holds the lease; forget who passed it over (KEYS: lease, runs,
-passed; ARGV: owner, lease ms, run id, entry as read, entry running). 1 if taken."""
+caller read and no one holds the lease; forget who passed it over. When another
+worker holds the lease, make the stream entry due when it expires (KEYS: lease, runs,
+passed, stream; ARGV: owner, lease ms, run id, entry as read, entry running, group,
+entry id). 1 if taken."""
+_HELD = (
+    _IDLE_UNTIL_EXPIRY
+    + """
+idle_until_expiry(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return 0
+"""
+)
+"""Make the entry ARGV[3] of the stream KEYS[2] (group ARGV[1], now consumer
+ARGV[2]'s) due when the lease KEYS[1] expires (ARGV[4]: the lease in ms)."""
 _RUN_ID_OF = """
 local function run_id_of(fields)
   if not fields then return nil end
@@ -164,8 +192,13 @@ return {entry[1], run_id, redis.call('HGET', KEYS[2], run_id)}
 """Read a new entry of the stream KEYS[1] for consumer ARGV[2] of group ARGV[1], without
 waiting; return its id, its run id and what the hash KEYS[2] holds about the run (nil
 when nothing), or nothing when there is no new entry (or it names no run)."""
-_PASS_OVER = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+_PASS_OVER = (
+    _IDLE_UNTIL_EXPIRY
+    + """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  idle_until_expiry(KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[5], ARGV[6])
+  return false
+end
 local saved = redis.call('HGET', KEYS[1], ARGV[1])
 local passed = {since = tonumber(ARGV[3]), by = {}}
 if saved then passed = cjson.decode(saved) end
@@ -177,9 +210,12 @@ local encoded = cjson.encode(passed)
 redis.call('HSET', KEYS[1], ARGV[1], encoded)
 return encoded
 """
+)
 """Note that worker ARGV[2] passed run ARGV[1] over at ARGV[3] (Unix time) in the hash
 KEYS[1]; return the run's JSON ``{"since": first time, "by": [workers]}``, or nil
-when a worker holds the run's lease KEYS[2] (it is no one's to pass over)."""
+when a worker holds the run's lease KEYS[2] (it is no one's to pass over: its entry
+ARGV[5] of the stream KEYS[3], group ARGV[4], is made due when the lease of ARGV[6] ms
+expires)."""
 _RENEW = """
 local held = {}
 for index, key in ipairs(KEYS) do
@@ -856,11 +892,10 @@ class _Worker:
     async def _claim(self, entry_id: str, run_id: str, data: bytes | None) -> _Claim | None:
         """Take the lease of ``run_id``, of which the queue's hash held ``data`` (None:
         nothing), and record it running (see ``_CLAIM``); None when another worker
-        holds it, the run has ended or its entry in the hash is not what a queue
-        writes (its stream entry is acknowledged then; the latter is logged), this
-        worker lacks
-        its flow (it passes the run over) or runs it still (its lease had expired: taken
-        again, it is renewed as before)."""
+        holds it or this worker runs it still (its stream entry is made due when the
+        lease expires), the run has ended or its entry in the hash is not what a queue
+        writes (its stream entry is acknowledged then; the latter is logged), or this
+        worker lacks its flow (it passes the run over)."""
         queue = self.queue
         try:
             info = None if data is None else _decoded_info(queue, run_id, data)
@@ -872,7 +907,8 @@ class _Worker:
             return None
         lease_key = queue.lease_key(run_id)
         if run_id in self._leases:
-            await queue.call("SET", lease_key, self.name, "NX", "PX", self.lease_ms)
+            keys = [lease_key, queue.stream]
+            await queue.script(_HELD, keys, [GROUP, self.name, entry_id, self.lease_ms])
             return None
         flow = self.flows.get(info["flow"])
         if flow is None:
@@ -884,8 +920,8 @@ class _Worker:
         expires = trio.current_time() + queue.lease
         taken = await queue.script(
             _CLAIM,
-            [lease_key, queue.runs, queue.passed],
-            [self.name, self.lease_ms, run_id, data, encoded],
+            [lease_key, queue.runs, queue.passed, queue.stream],
+            [self.name, self.lease_ms, run_id, data, encoded, GROUP, entry_id],
         )
         if not taken:
             return None
@@ -896,11 +932,16 @@ class _Worker:
         this worker among those that passed it over and give its entry back, idle for
         a lease, so that the next worker to look for expired leases takes it over.
         Fail the run instead once workers have passed it over for ``flow_wait``
-        seconds. Leave it alone while a worker holds its lease."""
+        seconds. Leave it alone while a worker holds its lease (its entry is due
+        again when the lease expires)."""
         queue = self.queue
         lease_key = queue.lease_key(run_id)
         now = time.time()
-        reply = await queue.script(_PASS_OVER, [queue.passed, lease_key], [run_id, self.name, now])
+        reply = await queue.script(
+            _PASS_OVER,
+            [queue.passed, lease_key, queue.stream],
+            [run_id, self.name, now, GROUP, entry_id, self.lease_ms],
+        )
         if reply is None:
             return
         passed = json.loads(reply)
