@@ -384,6 +384,46 @@ async def test_a_requeued_run_whose_flow_no_worker_took_waits_flow_wait_again(
     assert (status.state, status.passed_over) == ("failed", ("lacks",))
 
 
+async def test_a_run_finished_while_a_worker_fails_it_for_flow_wait_stays_finished(
+    redis_server: RedisServer,
+) -> None:
+    """Worker A lacks the run's flow, which workers have passed over for longer than
+    flow_wait: right after A has noted its pass over, and before it records the
+    failure, worker B takes the run over and finishes it. A's failure then records
+    nothing: the run stays succeeded."""
+    from cosmoflow_actors.runtime.queue import _EXPIRED, _PASS_OVER, _WAITING
+
+    name, store = f"q-{uuid.uuid4().hex[:8]}", store_url(redis_server)
+    lacking = RunQueue(redis_server.url, name, lease=0.3, flow_wait=1)
+    having = RunQueue(redis_server.url, name, lease=0.3)
+    passed, finished, back = trio.Event(), trio.Event(), trio.Event()
+    call = lacking.call
+
+    async def held_after_the_pass_over(*args: Any) -> Any:
+        if passed.is_set() and not finished.is_set():
+            await finished.wait()
+        if finished.is_set() and (args[0] == "XREADGROUP" or args[1] in (_EXPIRED, _WAITING)):
+            back.set()
+        reply = await call(*args)
+        if args[:2] == ("EVAL", _PASS_OVER) and reply is not None:
+            passed.set()
+        return reply
+
+    lacking.call = held_after_the_pass_over  # type: ignore[method-assign]
+    async with worker(lacking, store, "A", flows=(OTHER,)):
+        run_id = await cf.submit(having, "count", run_id="raced")
+        await lacking.call("HSET", lacking.passed, run_id, '{"since": 0, "by": ["X"]}')
+        with trio.fail_after(10):
+            await passed.wait()
+            async with worker(having, store, "B"):
+                done = await cf.result(having, run_id)
+            finished.set()
+            await back.wait()
+    [status] = await cf.queue_status(having)
+    assert done.worker == "B"
+    assert (status.state, status.owner, status.error) == ("succeeded", "B", None)
+
+
 async def test_a_worker_refuses_two_flows_of_one_name() -> None:
     twin = cf.Flow.builder("count").add_node("a", Count()).build()
     async with cf.open_engine() as engine:

@@ -216,6 +216,16 @@ KEYS[1]; return the run's JSON ``{"since": first time, "by": [workers]}``, or ni
 when a worker holds the run's lease KEYS[2] (it is no one's to pass over: its entry
 ARGV[5] of the stream KEYS[3], group ARGV[4], is made due when the lease of ARGV[6] ms
 expires)."""
+_FAIL_PASSED = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+return 1
+"""
+"""Record run ARGV[1] failed (entry ARGV[3] in the hash KEYS[1]) and acknowledge its
+entry ARGV[5] of the stream KEYS[3] (group ARGV[4]), if its entry in the hash is still
+ARGV[2] (what the caller read) and no worker holds its lease KEYS[2]; 1 if done."""
 _RENEW = """
 local held = {}
 for index, key in ipairs(KEYS) do
@@ -902,7 +912,7 @@ class _Worker:
         except UnreadableEntryError as exc:
             LOGGER.warning("worker %s leaves run %r: %s", self.name, run_id, exc)
             info = None
-        if info is None or info["state"] in FINISHED:
+        if data is None or info is None or info["state"] in FINISHED:
             await queue.call("XACK", queue.stream, GROUP, entry_id)
             return None
         lease_key = queue.lease_key(run_id)
@@ -912,7 +922,7 @@ class _Worker:
             return None
         flow = self.flows.get(info["flow"])
         if flow is None:
-            await self._pass_over(entry_id, run_id, info)
+            await self._pass_over(entry_id, run_id, data, info)
             return None
         running = {**info, "state": "running", "owner": self.name}
         running["attempts"] = info.get("attempts", 0) + 1
@@ -927,13 +937,16 @@ class _Worker:
             return None
         return _Claim(entry_id, run_id, flow, info.get("params", {}), running, expires)
 
-    async def _pass_over(self, entry_id: str, run_id: str, info: dict[str, Any]) -> None:
+    async def _pass_over(
+        self, entry_id: str, run_id: str, data: bytes, info: dict[str, Any]
+    ) -> None:
         """Leave ``run_id``, whose flow this worker lacks, to the other workers: note
         this worker among those that passed it over and give its entry back, idle for
         a lease, so that the next worker to look for expired leases takes it over.
         Fail the run instead once workers have passed it over for ``flow_wait``
-        seconds. Leave it alone while a worker holds its lease (its entry is due
-        again when the lease expires)."""
+        seconds, unless it changed since ``data`` (what the queue's hash held about it,
+        decoded as ``info``) was read. Leave it alone while a worker holds its lease
+        (its entry is due again when the lease expires)."""
         queue = self.queue
         lease_key = queue.lease_key(run_id)
         now = time.time()
@@ -945,18 +958,23 @@ class _Worker:
         if reply is None:
             return
         passed = json.loads(reply)
-        waited = now - passed["since"]
+        # cjson keeps 14 digits of ``since``: this pass's own may read a little later
+        # than ``now``, and flow_wait=0 must fail the run at its first pass.
+        waited = max(0.0, now - passed["since"])
         if waited < queue.flow_wait:
             idle = ["IDLE", self.lease_ms]
             await queue.call("XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, *idle)
             return
-        if await queue.call("SET", lease_key, self.name, "NX", "PX", self.lease_ms):
-            error = (
-                f"CosmoFlowError: no worker took flow {info['flow']!r} in {waited:.1f} s "
-                f"(passed over by {', '.join(passed['by'])}; flow_wait={queue.flow_wait:g} s)"
-            )
-            failed = {**info, "state": "failed", "owner": self.name, "error": error}
-            await self._finish(entry_id, run_id, failed)
+        error = (
+            f"CosmoFlowError: no worker took flow {info['flow']!r} in {waited:.1f} s "
+            f"(passed over by {', '.join(passed['by'])}; flow_wait={queue.flow_wait:g} s)"
+        )
+        failed = {**info, "state": "failed", "owner": self.name, "error": error}
+        await queue.script(
+            _FAIL_PASSED,
+            [queue.runs, lease_key, queue.stream],
+            [run_id, data, json.dumps(failed), GROUP, entry_id],
+        )
 
     async def run_claimed(self, claim: _Claim, slots: trio.Semaphore) -> None:
         """Run (or resume) the claimed run while :meth:`renew_leases` renews its lease;
