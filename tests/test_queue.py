@@ -269,6 +269,29 @@ async def test_a_worker_leaves_a_run_whose_queue_entry_it_cannot_read_and_goes_o
         await cf.result(queue, "garbled")
 
 
+@pytest.mark.parametrize(
+    ("params", "key"), [({"by_id": {1: "one"}}, "by_id"), ({"n": 1, "pair": (1, 2)}, "pair")]
+)
+async def test_submit_refuses_params_that_json_would_change(
+    redis_server: RedisServer, params: dict[str, Any], key: str
+) -> None:
+    queue = new_queue(redis_server)
+    with pytest.raises(ValueError, match=f"param '{key}' of run 'r1' would reach the worker"):
+        await cf.submit(queue, "count", params=params, run_id="r1")
+    assert await queue.call("EXISTS", queue.stream, queue.runs) == 0
+
+
+async def test_result_and_requeue_refuse_a_run_id_that_is_not_a_non_empty_str(
+    redis_server: RedisServer,
+) -> None:
+    queue = new_queue(redis_server)
+    for run_id in (None, ""):
+        with pytest.raises(ValueError, match=f"run_id must be a non-empty str, not {run_id!r}"):
+            await cf.result(queue, run_id)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=f"run_id must be a non-empty str, not {run_id!r}"):
+            await cf.requeue(queue, run_id)  # type: ignore[arg-type]
+
+
 async def test_a_failed_run_is_reported_by_result(redis_server: RedisServer) -> None:
     queue, store = new_queue(redis_server), store_url(redis_server)
     FAILURES["broken"] = 1

@@ -464,7 +464,9 @@ async def submit(
 
     Without ``run_id`` a fresh one is made. Submitting a run id the queue already has
     adds nothing (the first submission stands), and raises ValueError when it names
-    another flow or other params, which would be lost. ``params`` must be JSON.
+    another flow or other params, which would be lost. ``params`` must be JSON that
+    comes back equal (ValueError naming the param otherwise: no tuple, no key that is
+    not a str).
     Blocks until the server has it; raises StorageError when it cannot be reached.
     """
     queue = as_queue(queue)
@@ -474,16 +476,27 @@ async def submit(
     require_run_id(run_id)
     checked = checked_params(params)
     for key, value in checked.items():
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"param {key!r} of run {run_id!r} is not JSON: {exc}") from exc
+        _check_param(run_id, key, value)
     info = {"flow": flow_name, "params": checked, "state": "pending"}
     encoded = json.dumps(info, allow_nan=False)
     await queue.ensure_group()
     if not await queue.script(_SUBMIT, [queue.runs, queue.stream], [run_id, encoded]):
         await _check_resubmitted(queue, run_id, json.loads(encoded))
     return run_id
+
+
+def _check_param(run_id: str, key: str, value: Any) -> None:
+    """Raise ValueError naming ``key`` unless ``value`` goes through JSON unchanged (a
+    tuple would come back a list, a dict's int keys str)."""
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"param {key!r} of run {run_id!r} is not JSON: {exc}") from exc
+    if json.loads(encoded) != value:
+        raise ValueError(
+            f"param {key!r} of run {run_id!r} would reach the worker changed by JSON, as "
+            f"{encoded}: give lists for tuples and str keys"
+        )
 
 
 async def _check_resubmitted(queue: RunQueue, run_id: str, info: dict[str, Any]) -> None:
@@ -510,6 +523,7 @@ async def requeue(queue: RunQueue | str, run_id: str) -> None:
     "failed". Blocks while it talks to the server; raises StorageError when it cannot
     be reached."""
     queue = as_queue(queue)
+    require_run_id(run_id)
     while True:
         data = await queue.call("HGET", queue.runs, run_id)
         if data is None:
@@ -534,9 +548,11 @@ async def result(
     Reads the run's state every ``poll`` seconds (default
     :data:`RESULT_POLL_INTERVAL`) until a worker recorded it; blocks until then (put a
     ``trio.fail_after`` around it to bound the wait). Raises CosmoFlowError when the
-    run failed (naming the worker and the error) or the queue does not know the run.
+    run failed (naming the worker and the error) or the queue does not know the run,
+    ValueError when ``run_id`` is not a non-empty str.
     """
     queue = as_queue(queue)
+    require_run_id(run_id)
     while True:
         info = await queue.info(run_id)
         if info is None:
