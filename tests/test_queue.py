@@ -1219,7 +1219,6 @@ async def test_three_worker_processes_one_killed_every_step_committed_once(
     ]
     assert min(executions) == 1  # at least once; more only for steps the kill cut short
     retried = sum(run.attempts > 1 for run in statuses.values())
-    retried = sum(run.attempts > 1 for run in statuses.values())
     print(
         f"\n{len(orphans)} runs taken over from {victim} in {takeover:.2f} s; "
         f"{retried} runs claimed more than once; "

@@ -26,7 +26,9 @@ Redis keys of the queue ``NAME``: ``cosmoflow:queue:NAME:stream`` (the stream),
 ``cosmoflow:queue:NAME:runs`` (a hash, run id -> JSON),
 ``cosmoflow:queue:NAME:lease:<run_id>`` (the leases) and
 ``cosmoflow:queue:NAME:passed`` (a hash, run id -> JSON: since when workers lacking
-its flow pass the run over, and which).
+its flow pass the run over, and which). Nothing of these is ever deleted but the
+leases: the entries of finished runs stay in the hash and the stream (acknowledged),
+every worker name stays a consumer of the group, and the runs' stores keep their data.
 """
 
 from __future__ import annotations
@@ -96,8 +98,10 @@ THREADS: Final = 40
 They come from a limiter of the queue's own, not trio's default one, which thread
 executor steps hold: a worker whose steps hold every thread still renews its leases."""
 HAND_BACK_SECONDS: Final = 2.0
-"""The longest a stopped worker waits for the server while it hands a run back (beyond
-it, the run's lease expires by itself instead)."""
+"""The longest a worker waits for the server while it records a run's outcome, and a
+stopped worker while it hands a run back. Beyond it the worker goes on without, and
+the run's lease expires by itself: another worker takes the run over and resumes it
+after its last committed step (a run that ended gives the result its record holds)."""
 
 _FINISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -260,15 +264,10 @@ return {
   redis.call('HGET', KEYS[2], ARGV[1]),
 }
 """
-"""The holder of the lease KEYS[1] (nil when none), its milliseconds left, and what
-the hash KEYS[2] holds about run ARGV[1] (nil when nothing), read at one instant."""
-_RUN_NOW = """
-return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('PTTL', KEYS[2])}
-"""
-"""What the hash KEYS[1] holds about run ARGV[1] and the milliseconds its lease KEYS[2]
-has left (negative when no one holds it), read at one instant: a run that ends
-meanwhile drops its lease as it records its outcome, so read apart they could show a
-finished run as orphaned."""
+"""The holder of the lease KEYS[1] (nil when none), its milliseconds left (negative
+when no one holds it), and what the hash KEYS[2] holds about run ARGV[1] (nil when
+nothing), read at one instant: a run that ends meanwhile drops its lease as it
+records its outcome, so read apart they could show a finished run as orphaned."""
 _SUBMIT = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])
@@ -501,10 +500,11 @@ def _check_param(run_id: str, key: str, value: Any) -> None:
 
 async def _check_resubmitted(queue: RunQueue, run_id: str, info: dict[str, Any]) -> None:
     """Raise ValueError unless the run ``run_id`` that ``queue`` has already was submitted
-    with the flow and params of ``info`` (blocks while it reads the queue)."""
+    with the flow and params of ``info`` (blocks while it reads the queue);
+    CosmoFlowError if the queue no longer has it (something else deleted it)."""
     first = await queue.info(run_id)
     if first is None:
-        return
+        raise CosmoFlowError(f"run {run_id!r} left {queue!r} while it was submitted")
     submitted = {"flow": first["flow"], "params": first["params"]}
     if submitted != {"flow": info["flow"], "params": info["params"]}:
         raise ValueError(
@@ -607,8 +607,8 @@ async def _queued_run(queue: RunQueue, run_id: str, data: bytes) -> QueuedRun:
 
 async def _run_now(queue: RunQueue, run_id: str) -> tuple[dict[str, Any], float | None]:
     """What the queue holds about the submitted run ``run_id`` and the seconds left on
-    its lease (None when no one holds it), read together (see ``_RUN_NOW``)."""
-    data, ttl_ms = await queue.script(_RUN_NOW, [queue.runs, queue.lease_key(run_id)], [run_id])
+    its lease (None when no one holds it), read together (see ``_LEASE``)."""
+    _, ttl_ms, data = await queue.script(_LEASE, [queue.lease_key(run_id), queue.runs], [run_id])
     return _decoded_info(queue, run_id, data), ttl_ms / 1000 if ttl_ms >= 0 else None
 
 
@@ -1002,7 +1002,8 @@ class _Worker:
         self._leases[claim.run_id] = lease
         try:
             outcome = await self._outcome(claim, lease.scope)
-            # The outcome is known: a worker stopped now records it, bounded.
+            # The outcome is known: record it, even if the worker is stopped now, for
+            # HAND_BACK_SECONDS at most.
             with trio.move_on_after(HAND_BACK_SECONDS, shield=True):
                 await self._settle(claim, outcome)
         except BaseException:
@@ -1014,9 +1015,9 @@ class _Worker:
 
     async def _settle(self, claim: _Claim, outcome: dict[str, Any] | None) -> None:
         """Record ``outcome`` and acknowledge the entry, or only drop the lease for a
-        dropped run (None). Blocks while the server answers. If it is out of reach,
-        the lease expires instead and another worker takes the run over: its record
-        says how far it got."""
+        dropped run (None). Blocks while the server answers (run_claimed bounds it by
+        HAND_BACK_SECONDS). If it is out of reach, the lease expires instead and another
+        worker takes the run over: its record says how far it got."""
         with contextlib.suppress(StorageError):
             if outcome is None:
                 await self.queue.script(_RELEASE, [self.queue.lease_key(claim.run_id)], [self.name])
@@ -1079,9 +1080,11 @@ class _Worker:
                 await self._renew(dict(self._leases))
 
     async def _renew(self, leases: dict[str, _Lease]) -> None:
-        """Renew ``leases`` (by run id); cancel the run of each one that is lost, or
-        that could not be renewed before it expired (renewing the others). Blocks while
-        the server answers, until the first of them expires at most."""
+        """Renew ``leases`` (by run id) in one round trip; cancel the run of each one
+        that is lost, or expired before the round trip was sent. When the server is out
+        of reach or does not answer before the first of them expires, none is renewed,
+        and the runs of those that have expired by then are cancelled. Blocks while the
+        server answers, until the first of them expires at most."""
         queue = self.queue
         sent = trio.current_time()
         live = _unexpired(leases, sent)
