@@ -59,7 +59,7 @@ from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.redis import RedisStorage, shared_client
+from cosmoflow_actors.storage.redis import RedisStorage, _call, _redacted, shared_client
 from cosmoflow_actors.tracing import describe_error
 from cosmoflow_actors.validation import (
     checked_params,
@@ -1241,15 +1241,3 @@ def _entries(raw: Iterable[Any]) -> list[tuple[str, str]]:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _call(client: redis.Redis, *args: Any) -> Any:
-    """Send one command (blocks)."""
-    return client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
