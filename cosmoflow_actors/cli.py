@@ -120,7 +120,8 @@ RESERVED_SCHEMES: Final = frozenset({"memory", "file", "sqlite", "redis", "redis
 SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+")
 """A scheme name, as in a URL, of two characters at least: ``C:`` is a drive letter."""
 QUEUE_STATES: Final = ("pending", "running", "orphaned", "succeeded", "failed")
-"""The states ``status`` counts and lists a queue's runs by."""
+"""The states ``status`` counts a queue's runs by, even when none is in them (it counts
+"unreadable" runs only when there are some)."""
 INTERRUPTED: Final = 130
 """The exit status after Ctrl-C (SIGINT): 128 + 2, as a shell reports it."""
 TERMINATED: Final = 143
@@ -419,7 +420,9 @@ def _add_queue_commands(
     _add_queue(status)
     status.add_argument("--json", action="store_true", help="print the runs as JSON")
     status.add_argument(
-        "--state", choices=QUEUE_STATES, help="list only the runs in this state (all)"
+        "--state",
+        choices=(*QUEUE_STATES, "unreadable"),
+        help="list only the runs in this state (all)",
     )
 
 
@@ -1364,8 +1367,7 @@ def _queue(
 
 def _queue_error(queue: RunQueue, error: StorageError) -> CliError:
     """The line for a queue whose server could not be reached, or whose server
-    answered with an error (a key of another type, an entry that is not JSON, a
-    read-only replica...)."""
+    answered with an error (a key of another type, a read-only replica...)."""
     from redis import exceptions as redis_errors
 
     if isinstance(error.__cause__, redis_errors.ConnectionError | redis_errors.TimeoutError):
@@ -1608,7 +1610,7 @@ def _status_command(args: argparse.Namespace) -> int:
         return 0
     counts = dict.fromkeys(QUEUE_STATES, 0)
     for run in runs:
-        counts[run.state] += 1
+        counts[run.state] = counts.get(run.state, 0) + 1
     print(f"queue: {queue!r}")
     print(", ".join(f"{count} {state}" for state, count in counts.items()))
     waiting = [run for run in runs if run.passed_over and run.state not in FINISHED]
@@ -1619,7 +1621,7 @@ def _status_command(args: argparse.Namespace) -> int:
     console.print(_queue_table(listed))
     for run in listed:
         if run.error is not None:
-            console.print(f"{run.run_id} failed: {run.error}", markup=False, soft_wrap=True)
+            console.print(f"{run.run_id} {run.state}: {run.error}", markup=False, soft_wrap=True)
     return 0
 
 

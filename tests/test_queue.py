@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,6 +136,16 @@ async def passed_over(queue: RunQueue, run_id: str) -> cf.QueuedRun:
         await trio.sleep(0.02)
 
 
+async def left_running(queue: RunQueue, run_id: str) -> cf.QueuedRun:
+    """The status of ``run_id`` once its worker no longer holds its lease; reads the
+    queue every 20 ms, as ``cf.result`` does."""
+    while True:
+        [run] = [run for run in await cf.queue_status(queue) if run.run_id == run_id]
+        if run.state != "running":
+            return run
+        await trio.sleep(0.02)
+
+
 async def counts(store: str, run_id: str) -> dict[str, Any]:
     storage = per_run_redis(store)(run_id)
     await storage.open()
@@ -204,6 +215,81 @@ async def test_resubmitting_a_run_id_with_other_params_or_flow_is_refused(
         await cf.submit(queue, "other", run_id="r1", params={"n": 1})
     assert await queue.call("XLEN", queue.stream) == 1
     assert (await queue.info("r1") or {})["params"] == {"n": 1}
+
+
+@pytest.mark.parametrize("flow_name", [["count"], "", None])
+async def test_submit_refuses_a_flow_name_that_is_not_a_non_empty_str(
+    redis_server: RedisServer, flow_name: Any
+) -> None:
+    queue = new_queue(redis_server)
+    message = f"flow_name must be a non-empty str, not {flow_name!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        await cf.submit(queue, flow_name)
+    assert await queue.call("EXISTS", queue.stream, queue.runs) == 0
+
+
+async def test_a_worker_leaves_a_run_whose_queue_entry_it_cannot_read_and_goes_on(
+    redis_server: RedisServer,
+) -> None:
+    """Two runs are on the queue with entries no queue writes (a flow name that is a
+    list, and no JSON at all), then a good run: the worker acknowledges the bad ones
+    and logs each once, naming the queue and the run, and runs the good one. The
+    status shows the bad ones as unreadable; ``result`` raises for them."""
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    await queue.ensure_group()
+    bad = {"listed": '{"flow": ["count"], "params": {}, "state": "pending"}', "garbled": "{"}
+    for run_id, data in bad.items():
+        await queue.call("HSET", queue.runs, run_id, data)
+        await queue.call("XADD", queue.stream, "*", "run_id", run_id)
+    warnings = Warnings()
+    logger = logging.getLogger("cosmoflow_actors.queue")
+    logger.addHandler(warnings)
+    try:
+        async with worker(queue, store, "w1"):
+            run_id = await cf.submit(queue, "count")
+            with trio.fail_after(10):
+                done = await cf.result(queue, run_id)
+    finally:
+        logger.removeHandler(warnings)
+    statuses = {run.run_id: run for run in await cf.queue_status(queue)}
+    pending = await queue.call("XPENDING", queue.stream, "workers")
+    assert done.result == f"done {run_id}"
+    assert statuses[run_id].state == "succeeded"
+    assert [(statuses[name].state, statuses[name].flow_name) for name in bad] == [
+        ("unreadable", ""),
+        ("unreadable", ""),
+    ]
+    assert "was not written by a queue" in (statuses["listed"].error or "")
+    assert "is not JSON" in (statuses["garbled"].error or "")
+    assert pending["pending"] == 0
+    assert len(warnings.messages) == 2, warnings.messages
+    for name, message in zip(bad, warnings.messages, strict=True):
+        assert message.startswith(f"worker w1 leaves run {name!r}: {queue!r}: the entry of run")
+    with pytest.raises(cf.CosmoFlowError, match=r"the entry of run 'garbled' is not JSON"):
+        await cf.result(queue, "garbled")
+
+
+@pytest.mark.parametrize(
+    ("params", "key"), [({"by_id": {1: "one"}}, "by_id"), ({"n": 1, "pair": (1, 2)}, "pair")]
+)
+async def test_submit_refuses_params_that_json_would_change(
+    redis_server: RedisServer, params: dict[str, Any], key: str
+) -> None:
+    queue = new_queue(redis_server)
+    with pytest.raises(ValueError, match=f"param '{key}' of run 'r1' would reach the worker"):
+        await cf.submit(queue, "count", params=params, run_id="r1")
+    assert await queue.call("EXISTS", queue.stream, queue.runs) == 0
+
+
+async def test_result_and_requeue_refuse_a_run_id_that_is_not_a_non_empty_str(
+    redis_server: RedisServer,
+) -> None:
+    queue = new_queue(redis_server)
+    for run_id in (None, ""):
+        with pytest.raises(ValueError, match=f"run_id must be a non-empty str, not {run_id!r}"):
+            await cf.result(queue, run_id)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=f"run_id must be a non-empty str, not {run_id!r}"):
+            await cf.requeue(queue, run_id)  # type: ignore[arg-type]
 
 
 async def test_a_failed_run_is_reported_by_result(redis_server: RedisServer) -> None:
@@ -299,6 +385,68 @@ async def test_a_run_whose_flow_no_worker_takes_fails_after_flow_wait(
     assert (status.state, status.owner, status.passed_over) == ("failed", "w1", ("w1",))
 
 
+async def test_a_requeued_run_whose_flow_no_worker_took_waits_flow_wait_again(
+    redis_server: RedisServer,
+) -> None:
+    """A run whose flow the only worker lacks fails after flow_wait; requeued, it
+    waits flow_wait again before it fails again, and the status names the worker
+    that passed it over once."""
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", lease=0.3, flow_wait=0.2)
+    waits = []
+    async with worker(queue, store_url(redis_server), "lacks", flows=(OTHER,)):
+        run_id = await cf.submit(queue, "count")
+        for attempt in range(2):
+            started = trio.current_time()
+            with trio.fail_after(10), pytest.raises(cf.CosmoFlowError, match="no worker took"):
+                await cf.result(queue, run_id)
+            waits.append(trio.current_time() - started)
+            if attempt == 0:
+                await cf.requeue(queue, run_id)
+    assert min(waits) >= 0.2, waits
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.passed_over) == ("failed", ("lacks",))
+
+
+async def test_a_run_finished_while_a_worker_fails_it_for_flow_wait_stays_finished(
+    redis_server: RedisServer,
+) -> None:
+    """Worker A lacks the run's flow, which workers have passed over for longer than
+    flow_wait: right after A has noted its pass over, and before it records the
+    failure, worker B takes the run over and finishes it. A's failure then records
+    nothing: the run stays succeeded."""
+    from cosmoflow_actors.runtime.queue import _EXPIRED, _PASS_OVER, _WAITING
+
+    name, store = f"q-{uuid.uuid4().hex[:8]}", store_url(redis_server)
+    lacking = RunQueue(redis_server.url, name, lease=0.3, flow_wait=1)
+    having = RunQueue(redis_server.url, name, lease=0.3)
+    passed, finished, back = trio.Event(), trio.Event(), trio.Event()
+    call = lacking.call
+
+    async def held_after_the_pass_over(*args: Any) -> Any:
+        if passed.is_set() and not finished.is_set():
+            await finished.wait()
+        if finished.is_set() and (args[0] == "XREADGROUP" or args[1] in (_EXPIRED, _WAITING)):
+            back.set()
+        reply = await call(*args)
+        if args[:2] == ("EVAL", _PASS_OVER) and reply is not None:
+            passed.set()
+        return reply
+
+    lacking.call = held_after_the_pass_over  # type: ignore[method-assign]
+    async with worker(lacking, store, "A", flows=(OTHER,)):
+        run_id = await cf.submit(having, "count", run_id="raced")
+        await lacking.call("HSET", lacking.passed, run_id, '{"since": 0, "by": ["X"]}')
+        with trio.fail_after(10):
+            await passed.wait()
+            async with worker(having, store, "B"):
+                done = await cf.result(having, run_id)
+            finished.set()
+            await back.wait()
+    [status] = await cf.queue_status(having)
+    assert done.worker == "B"
+    assert (status.state, status.owner, status.error) == ("succeeded", "B", None)
+
+
 async def test_a_worker_refuses_two_flows_of_one_name() -> None:
     twin = cf.Flow.builder("count").add_node("a", Count()).build()
     async with cf.open_engine() as engine:
@@ -363,6 +511,34 @@ async def test_a_dead_workers_runs_are_taken_over_one_after_another_at_once(
     assert [await counts(store, run_id) for run_id in run_ids] == [
         {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
     ] * 6
+
+
+async def test_a_run_whose_lease_was_held_at_a_look_is_taken_over_when_it_expires(
+    redis_server: RedisServer,
+) -> None:
+    """A "dead" worker's run has been idle for a lease (2 s), but its lease has 0.5 s
+    left when a live worker first looks for expired leases: the live worker takes the
+    run over once that lease has expired (a poll interval, 0.5 s, later at most), not
+    a lease after its look."""
+    queue, store = new_queue(redis_server, lease=2.0), store_url(redis_server)
+    run_id = await cf.submit(queue, "count")
+    reply = await queue.call("XREADGROUP", "GROUP", "workers", "dead", "STREAMS", queue.stream, ">")
+    [[entry_id, _]] = reply[0][1]
+    await queue.call("XCLAIM", queue.stream, "workers", "dead", 0, entry_id, "IDLE", 2000)
+    await queue.call("SET", queue.lease_key(run_id), "dead", "PX", 500)
+    await queue.call(
+        "HSET",
+        queue.runs,
+        run_id,
+        '{"flow": "count", "state": "running", "owner": "dead", "params": {}, "attempts": 1}',
+    )
+    started = trio.current_time()
+    async with worker(queue, store, "alive"):
+        with trio.fail_after(5):
+            done = await cf.result(queue, run_id)
+    took = trio.current_time() - started
+    assert done.worker == "alive"
+    assert 0.5 <= took < 1.5, took
 
 
 class Monitor:
@@ -475,6 +651,50 @@ async def test_a_worker_renews_the_leases_of_all_its_runs_in_one_round_trip(
         assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
 
 
+@asynccontextmanager
+async def default_threads_taken() -> AsyncIterator[None]:
+    """Every token of trio's default thread limiter is held while the block runs, as
+    thread executor steps hold them (entering waits for the tokens in use)."""
+    limiter = trio.to_thread.current_default_thread_limiter()
+    holders = [object() for _ in range(int(limiter.total_tokens))]
+    try:
+        for holder in holders:
+            await limiter.acquire_on_behalf_of(holder)
+        yield
+    finally:
+        for holder in holders:
+            if holder in limiter.statistics().borrowers:
+                limiter.release_on_behalf_of(holder)
+
+
+async def test_a_worker_renews_its_leases_while_thread_steps_hold_every_default_thread(
+    redis_server: RedisServer,
+) -> None:
+    """The run is held in step a while trio's default thread limiter has no token left:
+    the worker still renews the run's lease (three renewals, a third of the 0.3 s lease
+    apart; the monitor may not have shown the one sent before), so the run keeps its
+    worker and its first claim."""
+    queue, store = new_queue(redis_server, lease=0.3), store_url(redis_server)
+    lease = queue.lease_key("threads")
+
+    def renewals(commands: list[str]) -> int:
+        return sum("PEXPIRE" in line and lease in line for line in commands)
+
+    async with (
+        monitored(redis_server) as monitor,
+        held_in_step_a(queue, store, "threads") as release,
+    ):
+        async with default_threads_taken():
+            before = renewals(monitor.commands)
+            with trio.fail_after(5):
+                await monitor.until(lambda commands: renewals(commands) >= before + 3)
+        release.set()
+        done = await cf.result(queue, "threads")
+    [status] = await cf.queue_status(queue)
+    assert (done.worker, status.attempts) == ("w1", 1)
+    assert await counts(store, "threads") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
 async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
     redis_server: RedisServer,
 ) -> None:
@@ -541,6 +761,36 @@ async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
         nursery.cancel_scope.cancel()
     assert claims == [run_id, run_id]
     assert done.result == f"done {run_id}"
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+async def test_a_run_whose_store_goes_away_during_a_step_is_taken_over_not_failed(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The run's store (redis-server with AOF) is SIGKILLed while the run is in step
+    a, so that a's post cannot reach it: the worker drops the run (no outcome). Once
+    the store is back on the same data, the run is taken over and resumed at a, each
+    step committed once."""
+    port = free_port()
+    queue, store = new_queue(redis_server, lease=0.5), f"redis://127.0.0.1:{port}/0#runs"
+    servers = [await persistent_redis(tmp_path, port)]
+    try:
+        async with held_in_step_a(queue, store, "cut") as release:
+            await killed(servers[0])
+            release.set()
+            with trio.fail_after(10):
+                dropped = await left_running(queue, "cut")
+            servers.append(await persistent_redis(tmp_path, port))
+            with trio.fail_after(10):
+                done = await cf.result(queue, "cut")
+        stored = await counts(store, "cut")
+    finally:
+        for server in servers:
+            await killed(server)
+    assert (dropped.state, dropped.error) == ("orphaned", None)
+    assert done.result == "done cut"
+    assert stored == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
     [status] = await cf.queue_status(queue)
     assert (status.state, status.attempts) == ("succeeded", 2)
 
@@ -739,9 +989,8 @@ async def test_runs_go_on_after_redis_restarts_and_every_step_is_committed_once(
     tmp_path: Path,
 ) -> None:
     """redis-server is SIGKILLed while a worker runs four runs, each held in step a (its
-    four slots taken: a run whose store call the kill cuts fails, as a step's store
-    error does), and started again on the same port and data: every run succeeds, and
-    each of its steps is committed once."""
+    four slots taken), and started again on the same port and data: every run
+    succeeds, and each of its steps is committed once."""
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     queue, store = RunQueue(url, "restart", lease=1.0), f"{url}#runs"
@@ -969,7 +1218,6 @@ async def test_three_worker_processes_one_killed_every_step_committed_once(
         int(await queue.call("GET", f"{run_id}:{node}")) for run_id in run_ids for node in "abc"
     ]
     assert min(executions) == 1  # at least once; more only for steps the kill cut short
-    retried = sum(run.attempts > 1 for run in statuses.values())
     retried = sum(run.attempts > 1 for run in statuses.values())
     print(
         f"\n{len(orphans)} runs taken over from {victim} in {takeover:.2f} s; "

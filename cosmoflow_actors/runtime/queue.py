@@ -26,7 +26,9 @@ Redis keys of the queue ``NAME``: ``cosmoflow:queue:NAME:stream`` (the stream),
 ``cosmoflow:queue:NAME:runs`` (a hash, run id -> JSON),
 ``cosmoflow:queue:NAME:lease:<run_id>`` (the leases) and
 ``cosmoflow:queue:NAME:passed`` (a hash, run id -> JSON: since when workers lacking
-its flow pass the run over, and which).
+its flow pass the run over, and which). Nothing of these is ever deleted but the
+leases: the entries of finished runs stay in the hash and the stream (acknowledged),
+every worker name stays a consumer of the group, and the runs' stores keep their data.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.redis import RedisStorage, shared_client
+from cosmoflow_actors.storage.redis import RedisStorage, _call, _redacted, shared_client
 from cosmoflow_actors.tracing import describe_error
 from cosmoflow_actors.validation import (
     checked_params,
@@ -91,9 +93,15 @@ GROUP: Final = "workers"
 """The stream's consumer group: every worker of every queue reads through it."""
 FINISHED: Final = ("succeeded", "failed")
 """The states of a run whose outcome is recorded."""
+THREADS: Final = 40
+"""The most worker threads one :class:`RunQueue`'s calls to the server take at once.
+They come from a limiter of the queue's own, not trio's default one, which thread
+executor steps hold: a worker whose steps hold every thread still renews its leases."""
 HAND_BACK_SECONDS: Final = 2.0
-"""The longest a stopped worker waits for the server while it hands a run back (beyond
-it, the run's lease expires by itself instead)."""
+"""The longest a worker waits for the server while it records a run's outcome, and a
+stopped worker while it hands a run back. Beyond it the worker goes on without, and
+the run's lease expires by itself: another worker takes the run over and resumes it
+after its last committed step (a run that ended gives the result its record holds)."""
 
 _FINISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -104,16 +112,44 @@ return 1
 """
 """Record a run's outcome, acknowledge its entry and drop its lease, if the lease is
 still the caller's (KEYS: lease, runs, stream; ARGV: owner, run id, info, group, id)."""
-_CLAIM = """
+_IDLE_UNTIL_EXPIRY = """
+local function idle_until_expiry(lease, stream, group, consumer, entry_id, lease_ms)
+  local left = redis.call('PTTL', lease)
+  local idle = math.max(0, tonumber(lease_ms) - left)
+  redis.call('XCLAIM', stream, group, consumer, 0, entry_id, 'IDLE', idle)
+end
+"""
+"""A Lua function: make the stream entry ``entry_id`` idle for ``lease_ms`` less the
+milliseconds the lease key ``lease`` has left, so that it has been idle for a lease
+(and a look for expired leases takes it over) when that lease expires, not a lease
+after the look that found it held."""
+_CLAIM = (
+    _IDLE_UNTIL_EXPIRY
+    + """
 if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[4] then return 0 end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  idle_until_expiry(KEYS[1], KEYS[4], ARGV[6], ARGV[1], ARGV[7], ARGV[2])
+  return 0
+end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
 redis.call('HDEL', KEYS[3], ARGV[3])
 return 1
 """
+)
 """Take the lease of a run and record it running, if its entry is still what the
-caller read and no one holds the lease; forget who passed it over (KEYS: lease, runs,
-passed; ARGV: owner, lease ms, run id, entry as read, entry running). 1 if taken."""
+caller read and no one holds the lease; forget who passed it over. When another
+worker holds the lease, make the stream entry due when it expires (KEYS: lease, runs,
+passed, stream; ARGV: owner, lease ms, run id, entry as read, entry running, group,
+entry id). 1 if taken."""
+_HELD = (
+    _IDLE_UNTIL_EXPIRY
+    + """
+idle_until_expiry(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return 0
+"""
+)
+"""Make the entry ARGV[3] of the stream KEYS[2] (group ARGV[1], now consumer
+ARGV[2]'s) due when the lease KEYS[1] expires (ARGV[4]: the lease in ms)."""
 _RUN_ID_OF = """
 local function run_id_of(fields)
   if not fields then return nil end
@@ -160,8 +196,13 @@ return {entry[1], run_id, redis.call('HGET', KEYS[2], run_id)}
 """Read a new entry of the stream KEYS[1] for consumer ARGV[2] of group ARGV[1], without
 waiting; return its id, its run id and what the hash KEYS[2] holds about the run (nil
 when nothing), or nothing when there is no new entry (or it names no run)."""
-_PASS_OVER = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+_PASS_OVER = (
+    _IDLE_UNTIL_EXPIRY
+    + """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  idle_until_expiry(KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[5], ARGV[6])
+  return false
+end
 local saved = redis.call('HGET', KEYS[1], ARGV[1])
 local passed = {since = tonumber(ARGV[3]), by = {}}
 if saved then passed = cjson.decode(saved) end
@@ -173,9 +214,22 @@ local encoded = cjson.encode(passed)
 redis.call('HSET', KEYS[1], ARGV[1], encoded)
 return encoded
 """
+)
 """Note that worker ARGV[2] passed run ARGV[1] over at ARGV[3] (Unix time) in the hash
 KEYS[1]; return the run's JSON ``{"since": first time, "by": [workers]}``, or nil
-when a worker holds the run's lease KEYS[2] (it is no one's to pass over)."""
+when a worker holds the run's lease KEYS[2] (it is no one's to pass over: its entry
+ARGV[5] of the stream KEYS[3], group ARGV[4], is made due when the lease of ARGV[6] ms
+expires)."""
+_FAIL_PASSED = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+return 1
+"""
+"""Record run ARGV[1] failed (entry ARGV[3] in the hash KEYS[1]) and acknowledge its
+entry ARGV[5] of the stream KEYS[3] (group ARGV[4]), if its entry in the hash is still
+ARGV[2] (what the caller read) and no worker holds its lease KEYS[2]; 1 if done."""
 _RENEW = """
 local held = {}
 for index, key in ipairs(KEYS) do
@@ -210,15 +264,10 @@ return {
   redis.call('HGET', KEYS[2], ARGV[1]),
 }
 """
-"""The holder of the lease KEYS[1] (nil when none), its milliseconds left, and what
-the hash KEYS[2] holds about run ARGV[1] (nil when nothing), read at one instant."""
-_RUN_NOW = """
-return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('PTTL', KEYS[2])}
-"""
-"""What the hash KEYS[1] holds about run ARGV[1] and the milliseconds its lease KEYS[2]
-has left (negative when no one holds it), read at one instant: a run that ends
-meanwhile drops its lease as it records its outcome, so read apart they could show a
-finished run as orphaned."""
+"""The holder of the lease KEYS[1] (nil when none), its milliseconds left (negative
+when no one holds it), and what the hash KEYS[2] holds about run ARGV[1] (nil when
+nothing), read at one instant: a run that ends meanwhile drops its lease as it
+records its outcome, so read apart they could show a finished run as orphaned."""
 _SUBMIT = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])
@@ -229,11 +278,20 @@ the hash has it already; 1 if it was added."""
 _REQUEUE = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])
 return 1
 """
-"""Replace run ARGV[1]'s entry in the hash KEYS[1] by ARGV[3] and add the run to the
-stream KEYS[2] again, if its entry is still ARGV[2] (what the caller read); 1 if done."""
+"""Replace run ARGV[1]'s entry in the hash KEYS[1] by ARGV[3], forget who passed it
+over (the hash KEYS[3]) and add the run to the stream KEYS[2] again, if its entry is
+still ARGV[2] (what the caller read); 1 if done."""
+
+
+class UnreadableEntryError(CosmoFlowError):
+    """The queue's hash holds an entry for a run that is not what a queue writes (not
+    JSON, or without a str flow name): no worker can run it. A worker that claims it
+    acknowledges its stream entry and logs it; :func:`queue_status` shows it as
+    "unreadable"; the entry itself is left as it is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,11 +300,14 @@ class QueuedRun:
 
     ``state`` is "pending" (not claimed yet), "running" (a worker holds its lease),
     "orphaned" (claimed, but its lease is gone: its worker died, was cut off, or was
-    stopped and handed it back; another worker takes it over), "succeeded" or
-    "failed". ``owner`` names the worker that holds (or last held) the run,
-    ``lease_left`` the seconds its lease has left (None when no lease is held).
-    ``passed_over`` names the workers that lacked its flow and left it to others,
-    while no worker that has it took it.
+    stopped and handed it back; another worker takes it over), "succeeded",
+    "failed" or "unreadable" (the queue's entry for it is not what a queue writes:
+    ``error`` says why, ``flow_name`` is empty; no worker runs it). ``owner`` names
+    the worker that holds (or last held) the run, ``lease_left`` the seconds its
+    lease has left (None when no lease is held).
+    ``passed_over`` names the workers that lacked its flow and left it to others
+    since it was submitted or requeued, until a worker that has the flow claims it (a
+    run failed for want of one keeps them).
     """
 
     run_id: str
@@ -281,7 +342,8 @@ class RunQueue:
     the time after which a dead worker's runs go to others. ``flow_wait`` is how long
     (seconds) a run whose flow the workers that saw it lack waits for a worker that
     has it, before one of them fails it (0: the first one does). Every call to the
-    server runs in a worker thread, on a connection of the process's pool for the
+    server runs in a worker thread (at most :data:`THREADS` at once, apart from the
+    threads of trio's default limiter), on a connection of the process's pool for the
     server; connection failures raise StorageError. Requires the ``redis`` package.
     """
 
@@ -310,6 +372,7 @@ class RunQueue:
         self.runs = f"cosmoflow:queue:{name}:runs"
         self.passed = f"cosmoflow:queue:{name}:passed"
         self._client: redis.Redis | None = None
+        self._limiter = trio.CapacityLimiter(THREADS)
 
     @classmethod
     def from_url(
@@ -347,7 +410,7 @@ class RunQueue:
     async def info(self, run_id: str) -> dict[str, Any] | None:
         """What the queue's hash holds about ``run_id`` (None if it was not submitted)."""
         data = await self.call("HGET", self.runs, run_id)
-        return None if data is None else _decoded_info(run_id, data)
+        return None if data is None else _decoded_info(self, run_id, data)
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if they do not exist yet."""
@@ -377,7 +440,9 @@ class RunQueue:
         from redis.exceptions import RedisError
 
         try:
-            return await trio.to_thread.run_sync(function, *args, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(
+                function, *args, limiter=self._limiter, abandon_on_cancel=True
+            )
         except RedisError as exc:
             raise StorageError(f"{self!r}: {exc}") from exc
 
@@ -398,18 +463,19 @@ async def submit(
 
     Without ``run_id`` a fresh one is made. Submitting a run id the queue already has
     adds nothing (the first submission stands), and raises ValueError when it names
-    another flow or other params, which would be lost. ``params`` must be JSON.
+    another flow or other params, which would be lost. ``params`` must be JSON that
+    comes back equal (ValueError naming the param otherwise: no tuple, no key that is
+    not a str).
     Blocks until the server has it; raises StorageError when it cannot be reached.
     """
     queue = as_queue(queue)
+    if not isinstance(flow_name, str) or not flow_name:
+        raise ValueError(f"flow_name must be a non-empty str, not {flow_name!r}")
     run_id = secrets.token_hex(8) if run_id is None else run_id
     require_run_id(run_id)
     checked = checked_params(params)
     for key, value in checked.items():
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"param {key!r} of run {run_id!r} is not JSON: {exc}") from exc
+        _check_param(run_id, key, value)
     info = {"flow": flow_name, "params": checked, "state": "pending"}
     encoded = json.dumps(info, allow_nan=False)
     await queue.ensure_group()
@@ -418,12 +484,27 @@ async def submit(
     return run_id
 
 
+def _check_param(run_id: str, key: str, value: Any) -> None:
+    """Raise ValueError naming ``key`` unless ``value`` goes through JSON unchanged (a
+    tuple would come back a list, a dict's int keys str)."""
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"param {key!r} of run {run_id!r} is not JSON: {exc}") from exc
+    if json.loads(encoded) != value:
+        raise ValueError(
+            f"param {key!r} of run {run_id!r} would reach the worker changed by JSON, as "
+            f"{encoded}: give lists for tuples and str keys"
+        )
+
+
 async def _check_resubmitted(queue: RunQueue, run_id: str, info: dict[str, Any]) -> None:
     """Raise ValueError unless the run ``run_id`` that ``queue`` has already was submitted
-    with the flow and params of ``info`` (blocks while it reads the queue)."""
+    with the flow and params of ``info`` (blocks while it reads the queue);
+    CosmoFlowError if the queue no longer has it (something else deleted it)."""
     first = await queue.info(run_id)
     if first is None:
-        return
+        raise CosmoFlowError(f"run {run_id!r} left {queue!r} while it was submitted")
     submitted = {"flow": first["flow"], "params": first["params"]}
     if submitted != {"flow": info["flow"], "params": info["params"]}:
         raise ValueError(
@@ -436,22 +517,25 @@ async def _check_resubmitted(queue: RunQueue, run_id: str, info: dict[str, Any])
 async def requeue(queue: RunQueue | str, run_id: str) -> None:
     """Put the failed run ``run_id`` back on ``queue``, pending: a worker resumes it after
     its last committed step (the step that failed runs again), as it takes over a run
-    whose worker died. Raises ValueError when the queue does not have the run, or has
-    it in another state than "failed". Blocks while it talks to the server; raises
-    StorageError when it cannot be reached."""
+    whose worker died. The workers that passed it over are forgotten, so a run that
+    failed for want of a worker with its flow waits ``flow_wait`` again. Raises
+    ValueError when the queue does not have the run, or has it in another state than
+    "failed". Blocks while it talks to the server; raises StorageError when it cannot
+    be reached."""
     queue = as_queue(queue)
+    require_run_id(run_id)
     while True:
         data = await queue.call("HGET", queue.runs, run_id)
         if data is None:
             raise ValueError(f"run {run_id!r} is not on {queue!r}")
-        info = _decoded_info(run_id, data)
+        info = _decoded_info(queue, run_id, data)
         if info["state"] != "failed":
             raise ValueError(
                 f"run {run_id!r} is {info['state']} on {queue!r}: only a failed run is requeued"
             )
         pending = {key: value for key, value in info.items() if key != "error"}
         pending["state"] = "pending"
-        keys = [queue.runs, queue.stream]
+        keys = [queue.runs, queue.stream, queue.passed]
         if await queue.script(_REQUEUE, keys, [run_id, data, json.dumps(pending)]):
             return
 
@@ -464,9 +548,11 @@ async def result(
     Reads the run's state every ``poll`` seconds (default
     :data:`RESULT_POLL_INTERVAL`) until a worker recorded it; blocks until then (put a
     ``trio.fail_after`` around it to bound the wait). Raises CosmoFlowError when the
-    run failed (naming the worker and the error) or the queue does not know the run.
+    run failed (naming the worker and the error) or the queue does not know the run,
+    ValueError when ``run_id`` is not a non-empty str.
     """
     queue = as_queue(queue)
+    require_run_id(run_id)
     while True:
         info = await queue.info(run_id)
         if info is None:
@@ -489,33 +575,41 @@ async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
     runs = []
     for key, data in sorted(raw.items()):
         run_id = key.decode()
-        info = _decoded_info(run_id, data)
-        lease_left = None
-        if info["state"] not in FINISHED:
-            info, lease_left = await _run_now(queue, run_id)
-        state = info["state"]
-        if state == "running" and lease_left is None:
-            state = "orphaned"
-        runs.append(
-            QueuedRun(
-                run_id,
-                info["flow"],
-                state,
-                info.get("owner"),
-                lease_left,
-                info.get("attempts", 0),
-                info.get("error"),
-                passed.get(run_id, ()),
-            )
-        )
+        try:
+            run = await _queued_run(queue, run_id, data)
+        except UnreadableEntryError as exc:
+            run = QueuedRun(run_id, "", "unreadable", None, None, 0, str(exc))
+        runs.append(dataclasses.replace(run, passed_over=passed.get(run_id, ())))
     return runs
+
+
+async def _queued_run(queue: RunQueue, run_id: str, data: bytes) -> QueuedRun:
+    """The status of ``run_id``, of which the queue's hash held ``data``; its lease is
+    read unless ``data`` says it ended (blocks while it reads it). Raises
+    UnreadableEntryError when the entry is not what a queue writes."""
+    info = _decoded_info(queue, run_id, data)
+    lease_left = None
+    if info["state"] not in FINISHED:
+        info, lease_left = await _run_now(queue, run_id)
+    state = info["state"]
+    if state == "running" and lease_left is None:
+        state = "orphaned"
+    return QueuedRun(
+        run_id,
+        info["flow"],
+        state,
+        info.get("owner"),
+        lease_left,
+        info.get("attempts", 0),
+        info.get("error"),
+    )
 
 
 async def _run_now(queue: RunQueue, run_id: str) -> tuple[dict[str, Any], float | None]:
     """What the queue holds about the submitted run ``run_id`` and the seconds left on
-    its lease (None when no one holds it), read together (see ``_RUN_NOW``)."""
-    data, ttl_ms = await queue.script(_RUN_NOW, [queue.runs, queue.lease_key(run_id)], [run_id])
-    return _decoded_info(run_id, data), ttl_ms / 1000 if ttl_ms >= 0 else None
+    its lease (None when no one holds it), read together (see ``_LEASE``)."""
+    _, ttl_ms, data = await queue.script(_LEASE, [queue.lease_key(run_id), queue.runs], [run_id])
+    return _decoded_info(queue, run_id, data), ttl_ms / 1000 if ttl_ms >= 0 else None
 
 
 async def _passed_over(queue: RunQueue) -> dict[str, tuple[str, ...]]:
@@ -572,9 +666,18 @@ async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
     holder, left_ms, data = await queue.script(_LEASE, keys, [run.run_id])
     if holder is not None:
         return dataclasses.replace(run, owner=_text(holder), lease_left=max(0, left_ms) / 1000)
-    ended = None if data is None else _decoded_info(run.run_id, data)["state"]
+    ended = None if data is None else _ended_state(queue, run.run_id, data)
     state = ended if ended in FINISHED else "orphaned"
     return dataclasses.replace(run, state=state, lease_left=None)
+
+
+def _ended_state(queue: RunQueue, run_id: str, data: bytes) -> str | None:
+    """The state ``data``, the queue's entry for ``run_id``, records (None when the
+    entry is not what a queue writes). Never blocks."""
+    try:
+        return str(_decoded_info(queue, run_id, data)["state"])
+    except UnreadableEntryError:
+        return None
 
 
 def _server(url: str) -> tuple[str, int, str] | None:
@@ -815,21 +918,27 @@ class _Worker:
     async def _claim(self, entry_id: str, run_id: str, data: bytes | None) -> _Claim | None:
         """Take the lease of ``run_id``, of which the queue's hash held ``data`` (None:
         nothing), and record it running (see ``_CLAIM``); None when another worker
-        holds it, the run has ended (its entry is acknowledged then), this worker lacks
-        its flow (it passes the run over) or runs it still (its lease had expired: taken
-        again, it is renewed as before)."""
+        holds it or this worker runs it still (its stream entry is made due when the
+        lease expires), the run has ended or its entry in the hash is not what a queue
+        writes (its stream entry is acknowledged then; the latter is logged), or this
+        worker lacks its flow (it passes the run over)."""
         queue = self.queue
-        info = None if data is None else _decoded_info(run_id, data)
-        if info is None or info["state"] in FINISHED:
+        try:
+            info = None if data is None else _decoded_info(queue, run_id, data)
+        except UnreadableEntryError as exc:
+            LOGGER.warning("worker %s leaves run %r: %s", self.name, run_id, exc)
+            info = None
+        if data is None or info is None or info["state"] in FINISHED:
             await queue.call("XACK", queue.stream, GROUP, entry_id)
             return None
         lease_key = queue.lease_key(run_id)
         if run_id in self._leases:
-            await queue.call("SET", lease_key, self.name, "NX", "PX", self.lease_ms)
+            keys = [lease_key, queue.stream]
+            await queue.script(_HELD, keys, [GROUP, self.name, entry_id, self.lease_ms])
             return None
         flow = self.flows.get(info["flow"])
         if flow is None:
-            await self._pass_over(entry_id, run_id, info)
+            await self._pass_over(entry_id, run_id, data, info)
             return None
         running = {**info, "state": "running", "owner": self.name}
         running["attempts"] = info.get("attempts", 0) + 1
@@ -837,38 +946,51 @@ class _Worker:
         expires = trio.current_time() + queue.lease
         taken = await queue.script(
             _CLAIM,
-            [lease_key, queue.runs, queue.passed],
-            [self.name, self.lease_ms, run_id, data, encoded],
+            [lease_key, queue.runs, queue.passed, queue.stream],
+            [self.name, self.lease_ms, run_id, data, encoded, GROUP, entry_id],
         )
         if not taken:
             return None
         return _Claim(entry_id, run_id, flow, info.get("params", {}), running, expires)
 
-    async def _pass_over(self, entry_id: str, run_id: str, info: dict[str, Any]) -> None:
+    async def _pass_over(
+        self, entry_id: str, run_id: str, data: bytes, info: dict[str, Any]
+    ) -> None:
         """Leave ``run_id``, whose flow this worker lacks, to the other workers: note
         this worker among those that passed it over and give its entry back, idle for
         a lease, so that the next worker to look for expired leases takes it over.
         Fail the run instead once workers have passed it over for ``flow_wait``
-        seconds. Leave it alone while a worker holds its lease."""
+        seconds, unless it changed since ``data`` (what the queue's hash held about it,
+        decoded as ``info``) was read. Leave it alone while a worker holds its lease
+        (its entry is due again when the lease expires)."""
         queue = self.queue
         lease_key = queue.lease_key(run_id)
         now = time.time()
-        reply = await queue.script(_PASS_OVER, [queue.passed, lease_key], [run_id, self.name, now])
+        reply = await queue.script(
+            _PASS_OVER,
+            [queue.passed, lease_key, queue.stream],
+            [run_id, self.name, now, GROUP, entry_id, self.lease_ms],
+        )
         if reply is None:
             return
         passed = json.loads(reply)
-        waited = now - passed["since"]
+        # cjson keeps 14 digits of ``since``: this pass's own may read a little later
+        # than ``now``, and flow_wait=0 must fail the run at its first pass.
+        waited = max(0.0, now - passed["since"])
         if waited < queue.flow_wait:
             idle = ["IDLE", self.lease_ms]
             await queue.call("XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, *idle)
             return
-        if await queue.call("SET", lease_key, self.name, "NX", "PX", self.lease_ms):
-            error = (
-                f"CosmoFlowError: no worker took flow {info['flow']!r} in {waited:.1f} s "
-                f"(passed over by {', '.join(passed['by'])}; flow_wait={queue.flow_wait:g} s)"
-            )
-            failed = {**info, "state": "failed", "owner": self.name, "error": error}
-            await self._finish(entry_id, run_id, failed)
+        error = (
+            f"CosmoFlowError: no worker took flow {info['flow']!r} in {waited:.1f} s "
+            f"(passed over by {', '.join(passed['by'])}; flow_wait={queue.flow_wait:g} s)"
+        )
+        failed = {**info, "state": "failed", "owner": self.name, "error": error}
+        await queue.script(
+            _FAIL_PASSED,
+            [queue.runs, lease_key, queue.stream],
+            [run_id, data, json.dumps(failed), GROUP, entry_id],
+        )
 
     async def run_claimed(self, claim: _Claim, slots: trio.Semaphore) -> None:
         """Run (or resume) the claimed run while :meth:`renew_leases` renews its lease;
@@ -880,7 +1002,8 @@ class _Worker:
         self._leases[claim.run_id] = lease
         try:
             outcome = await self._outcome(claim, lease.scope)
-            # The outcome is known: a worker stopped now records it, bounded.
+            # The outcome is known: record it, even if the worker is stopped now, for
+            # HAND_BACK_SECONDS at most.
             with trio.move_on_after(HAND_BACK_SECONDS, shield=True):
                 await self._settle(claim, outcome)
         except BaseException:
@@ -892,9 +1015,9 @@ class _Worker:
 
     async def _settle(self, claim: _Claim, outcome: dict[str, Any] | None) -> None:
         """Record ``outcome`` and acknowledge the entry, or only drop the lease for a
-        dropped run (None). Blocks while the server answers. If it is out of reach,
-        the lease expires instead and another worker takes the run over: its record
-        says how far it got."""
+        dropped run (None). Blocks while the server answers (run_claimed bounds it by
+        HAND_BACK_SECONDS). If it is out of reach, the lease expires instead and another
+        worker takes the run over: its record says how far it got."""
         with contextlib.suppress(StorageError):
             if outcome is None:
                 await self.queue.script(_RELEASE, [self.queue.lease_key(claim.run_id)], [self.name])
@@ -916,10 +1039,11 @@ class _Worker:
 
     async def _outcome(self, claim: _Claim, scope: trio.CancelScope) -> dict[str, Any] | None:
         """The run's outcome as the queue records it; None when it was dropped: its
-        lease was lost, another engine committed a step of it first, or its store
-        failed (out of reach): the run is taken over once its entry has been idle for a
-        lease. A node's own error (StorageError included) fails the run, and so does
-        data its store cannot encode (StoreValueError)."""
+        lease was lost, another engine committed a step of it first, or its store was
+        out of reach (see :func:`_out_of_reach`: when the worker opened it, or when a
+        step called it or committed): the run is taken over once its entry has been
+        idle for a lease. A node's own error (another StorageError included) fails the
+        run, and so does data its store cannot encode (StoreValueError)."""
         with scope:
             try:
                 storage = self.stores(claim.run_id)
@@ -956,9 +1080,11 @@ class _Worker:
                 await self._renew(dict(self._leases))
 
     async def _renew(self, leases: dict[str, _Lease]) -> None:
-        """Renew ``leases`` (by run id); cancel the run of each one that is lost, or
-        that could not be renewed before it expired (renewing the others). Blocks while
-        the server answers, until the first of them expires at most."""
+        """Renew ``leases`` (by run id) in one round trip; cancel the run of each one
+        that is lost, or expired before the round trip was sent. When the server is out
+        of reach or does not answer before the first of them expires, none is renewed,
+        and the runs of those that have expired by then are cancelled. Blocks while the
+        server answers, until the first of them expires at most."""
         queue = self.queue
         sent = trio.current_time()
         live = _unexpired(leases, sent)
@@ -1002,8 +1128,26 @@ def _unexpired(leases: dict[str, _Lease], now: float) -> dict[str, _Lease]:
 
 
 def _out_of_reach(error: BaseException) -> bool:
-    """Whether ``error`` says the run's store failed, not its data (StoreValueError)."""
-    return isinstance(error, StorageError) and not isinstance(error, StoreValueError)
+    """Whether ``error`` says the run's store could not be reached: a StorageError the
+    worker's own calls to the store raised that is not about the data
+    (StoreValueError), or a StorageError caused by a failed connection anywhere in the
+    chain of causes (a step's store call, wrapped in NodeError)."""
+    if isinstance(error, StorageError) and not isinstance(error, StoreValueError):
+        return True
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, StorageError) and _connection_failed(current.__cause__):
+            return True
+        current = current.__cause__
+    return False
+
+
+def _connection_failed(error: BaseException | None) -> bool:
+    """Whether ``error`` is redis-py's: the server could not be reached or did not
+    answer in time (it was loading its data, restarting or away)."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    return isinstance(error, ConnectionError | TimeoutError)
 
 
 def _conflict(error: BaseException) -> bool:
@@ -1062,13 +1206,22 @@ def _keyed_by_name(flows: Iterable[Flow]) -> dict[str, Flow]:
     return named
 
 
-def _decoded_info(run_id: str, data: bytes) -> dict[str, Any]:
+def _decoded_info(queue: RunQueue, run_id: str, data: bytes) -> dict[str, Any]:
+    """``data``, what ``queue``'s hash holds about ``run_id``, decoded. Raises
+    UnreadableEntryError naming the queue and the run when it is not JSON, or not an
+    object with a state and a str flow name (as a queue writes it)."""
     try:
         info = json.loads(data)
     except ValueError as exc:
-        raise StorageError(f"the queue's entry for run {run_id!r} is not JSON") from exc
-    if not isinstance(info, dict) or "state" not in info or "flow" not in info:
-        raise StorageError(f"the queue's entry for run {run_id!r} was not written by a queue")
+        raise UnreadableEntryError(f"{queue!r}: the entry of run {run_id!r} is not JSON") from exc
+    if (
+        not isinstance(info, dict)
+        or not isinstance(info.get("state"), str)
+        or not isinstance(info.get("flow"), str)
+    ):
+        raise UnreadableEntryError(
+            f"{queue!r}: the entry of run {run_id!r} was not written by a queue: {info!r}"
+        )
     return info
 
 
@@ -1088,15 +1241,3 @@ def _entries(raw: Iterable[Any]) -> list[tuple[str, str]]:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _call(client: redis.Redis, *args: Any) -> Any:
-    """Send one command (blocks)."""
-    return client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
