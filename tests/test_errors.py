@@ -27,6 +27,7 @@ EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.StoreTypeError: cf.StoreTypeError("k", "int", "str"),
     cf.StoreValueError: cf.StoreValueError("k", "a value of type object cannot be pickled"),
     cf.WorkerTransferError: cf.WorkerTransferError("cannot send the context to a worker"),
+    cf.UnreadableEntryError: cf.UnreadableEntryError("run 'r' of queue 'q' is not JSON"),
     cf.WorkerInterruptedError: cf.WorkerInterruptedError("exec was interrupted"),
 }
 

@@ -535,3 +535,20 @@ async def test_a_step_of_sets_and_deletes_commits_as_a_step_with_updates_does(
     general = await committed_step(redis_server, as_updates(ops), steps_before)
     assert blind == general
     assert (blind[1] is None) == (steps_before == 1)
+
+
+async def test_a_call_the_server_does_not_answer_fails_from_a_connection_failure(
+    private_redis: RedisServer,
+) -> None:
+    """The StorageError of a call cut by the timeout is caused by redis-py's
+    TimeoutError, as one cut by a lost connection is by its ConnectionError: what tells
+    a run queue that the store is out of reach, not at fault."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    storage = await connected(private_redis, unique_namespace(), n=1)
+    with resumed_at_exit(private_redis):
+        freeze(private_redis)
+        with pytest.raises(cf.StorageError, match="no answer") as failed:
+            await storage.get("n")
+    assert isinstance(failed.value.__cause__, TimeoutError | ConnectionError)
+    await storage.aclose()

@@ -487,7 +487,7 @@ class RedisStorage(DatabaseStorage):
         thread, stuck on a server that does not answer, is abandoned with its client
         (see :meth:`_abandon`) and StorageError is raised.
         """
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError, TimeoutError
 
         deadline = _deadline.get()
         if deadline is None:
@@ -500,10 +500,11 @@ class RedisStorage(DatabaseStorage):
             except RedisError as exc:
                 raise StorageError(f"{self!r}: {exc}") from exc
         self._abandon()
+        problem = f"no answer from the server within timeout={self._timeout:g} s"
         raise StorageError(
-            f"{self!r}: no answer from the server within timeout={self._timeout:g} s; "
-            "the connection is dropped (a write it carried may still be applied)"
-        )
+            f"{self!r}: {problem}; the connection is dropped (a write it carried may "
+            "still be applied)"
+        ) from TimeoutError(problem)
 
     def _abandon(self) -> None:
         """Leave the abandoned worker thread its limiter and start a new one, so the
