@@ -170,8 +170,9 @@ class NodeActor(Actor[Step]):
         """Deliver ``step``: to a worker at once when the actor is idle, else to the
         mailbox. Blocks (a checkpoint) only while the mailbox is full; meanwhile
         ``scope`` (the sender's, if given) is in the run's scopes: if the run ends, the
-        wait is cancelled and the step dropped. A step of a run that has ended is
-        dropped here when the mailbox is full, else by :meth:`handle`."""
+        wait is cancelled and the step dropped. A step of a run that has ended, or whose
+        end is decided, is dropped here when the mailbox is full, else by
+        :meth:`handle`."""
         if self.try_enter():
             self._dispatch(step)
             return
@@ -180,7 +181,7 @@ class NodeActor(Actor[Step]):
             await mailbox.put(step)
             return
         run = step.run
-        if run.finished:
+        if run.settled:
             return
         run.scopes.append(scope)
         try:
