@@ -461,14 +461,11 @@ def test_a_queue_refuses_a_negative_flow_wait_and_an_endless_lease() -> None:
         RunQueue("redis://127.0.0.1:1/0", "q", lease=math.inf)
 
 
-async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last_commit(
-    redis_server: RedisServer,
-) -> None:
-    """A worker "dead" claimed the run and committed step a before it failed in b;
-    once its lease expires, a live worker takes the run over and resumes it at b."""
-    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
-    run_id = await cf.submit(queue, "count")
-    await queue.call("XREADGROUP", "GROUP", "workers", "dead", "STREAMS", queue.stream, ">")
+async def claimed_by_dead(queue: cf.RunQueue, run_id: str) -> Any:
+    """Claim the stream entry of ``run_id`` as a worker "dead" does, with a lease of
+    500 ms left; return the entry's id."""
+    reply = await queue.call("XREADGROUP", "GROUP", "workers", "dead", "STREAMS", queue.stream, ">")
+    [[entry_id, _]] = reply[0][1]
     await queue.call("SET", queue.lease_key(run_id), "dead", "PX", 500)
     await queue.call(
         "HSET",
@@ -476,6 +473,17 @@ async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last
         run_id,
         '{"flow": "count", "state": "running", "owner": "dead", "params": {}, "attempts": 1}',
     )
+    return entry_id
+
+
+async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last_commit(
+    redis_server: RedisServer,
+) -> None:
+    """A worker "dead" claimed the run and committed step a before it failed in b;
+    once its lease expires, a live worker takes the run over and resumes it at b."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    run_id = await cf.submit(queue, "count")
+    await claimed_by_dead(queue, run_id)
     [status] = await cf.queue_status(queue)
     assert (status.state, status.owner) == ("running", "dead")
     assert status.lease_left is not None and 0 < status.lease_left <= 0.5
@@ -522,16 +530,8 @@ async def test_a_run_whose_lease_was_held_at_a_look_is_taken_over_when_it_expire
     a lease after its look."""
     queue, store = new_queue(redis_server, lease=2.0), store_url(redis_server)
     run_id = await cf.submit(queue, "count")
-    reply = await queue.call("XREADGROUP", "GROUP", "workers", "dead", "STREAMS", queue.stream, ">")
-    [[entry_id, _]] = reply[0][1]
+    entry_id = await claimed_by_dead(queue, run_id)
     await queue.call("XCLAIM", queue.stream, "workers", "dead", 0, entry_id, "IDLE", 2000)
-    await queue.call("SET", queue.lease_key(run_id), "dead", "PX", 500)
-    await queue.call(
-        "HSET",
-        queue.runs,
-        run_id,
-        '{"flow": "count", "state": "running", "owner": "dead", "params": {}, "attempts": 1}',
-    )
     started = trio.current_time()
     async with worker(queue, store, "alive"):
         with trio.fail_after(5):
