@@ -59,7 +59,7 @@ from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.redis import RedisStorage, _call, _redacted, shared_client
+from cosmoflow_actors.storage.redis import RedisStorage, redacted, send_command, shared_client
 from cosmoflow_actors.tracing import describe_error
 from cosmoflow_actors.validation import (
     checked_params,
@@ -386,12 +386,12 @@ class RunQueue:
         return cls(urlunsplit(parts._replace(path=head)), name, lease=lease, flow_wait=flow_wait)
 
     def __repr__(self) -> str:
-        return f"RunQueue({_redacted(self.url)!r}, {self.name!r})"
+        return f"RunQueue({redacted(self.url)!r}, {self.name!r})"
 
     @property
     def address(self) -> str:
         """The queue's URL, ``redis://HOST:PORT[/DB]/NAME``, without a password."""
-        return f"{_redacted(self.url)}/{self.name}"
+        return f"{redacted(self.url)}/{self.name}"
 
     def lease_key(self, run_id: str) -> str:
         """The key of ``run_id``'s lease (its value names the worker holding it)."""
@@ -401,7 +401,7 @@ class RunQueue:
         """Send one command and return its reply (blocks in a worker thread; a
         cancelled caller abandons the thread, which ends with the command)."""
         client = self._connected()
-        return await self._in_thread(_call, client, *args)
+        return await self._in_thread(send_command, client, *args)
 
     async def script(self, source: str, keys: list[str], args: list[Any]) -> Any:
         """Run the Lua ``source`` atomically on the server; return its reply."""

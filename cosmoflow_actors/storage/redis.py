@@ -100,7 +100,7 @@ class RedisStorage(DatabaseStorage):
         to the pool."""
 
     def __repr__(self) -> str:
-        return f"RedisStorage({_redacted(self._url)!r}, namespace={self._namespace!r})"
+        return f"RedisStorage({redacted(self._url)!r}, namespace={self._namespace!r})"
 
     @property
     def url(self) -> str:
@@ -264,10 +264,10 @@ class RedisStorage(DatabaseStorage):
         staged delete), else it is read. Resets the pipeline, so that its connection
         goes back to the pool unwatched. Blocks: for a worker thread."""
         with client.pipeline(transaction=True) as pipe:
-            _call(pipe, "WATCH", self._data)
+            send_command(pipe, "WATCH", self._data)
             stored = staged_record
             if not isinstance(stored, bytes) and stored is not None:
-                stored = _call(pipe, "HGET", self._data, record_key.encode())
+                stored = send_command(pipe, "HGET", self._data, record_key.encode())
             check_steps(
                 record_key, None if stored is None else self._codec.decode(stored), steps_before
             )
@@ -316,7 +316,7 @@ class RedisStorage(DatabaseStorage):
 
     async def _user_keys(self, pipe: Pipeline, seen: dict[str, bytes | None]) -> list[str]:
         """Every key a ``clear`` removes: stored or set by the step, outside the engine's."""
-        fields = await self._in_thread(_call, pipe, "HKEYS", self._data)
+        fields = await self._in_thread(send_command, pipe, "HKEYS", self._data)
         stored = self._staged.merge_keys(field.decode() for field in fields)
         names = dict.fromkeys([*stored, *(k for k, v in seen.items() if v is not None)])
         return [name for name in names if not name.startswith(RESERVED_PREFIX)]
@@ -363,7 +363,7 @@ class RedisStorage(DatabaseStorage):
         """Send one command and return the reply, connecting first if need be (blocks
         in a worker thread, within one timeout)."""
         with self._bounded():
-            return await self._in_thread(_call, await self._connected(), *args)
+            return await self._in_thread(send_command, await self._connected(), *args)
 
     async def _lookup(self, key: str) -> bytes | None:
         """Return the encoded value of ``key`` (staged or on the server), None if missing."""
@@ -378,7 +378,7 @@ class RedisStorage(DatabaseStorage):
 
     async def _watch(self, pipe: Pipeline, key: str) -> bytes | None:
         """Watch the hash, then return the encoded value ``update`` starts from."""
-        await self._in_thread(_call, pipe, "WATCH", self._data)
+        await self._in_thread(send_command, pipe, "WATCH", self._data)
         return await self._current(pipe, key)
 
     async def _current(self, pipe: Pipeline, key: str) -> bytes | None:
@@ -386,7 +386,9 @@ class RedisStorage(DatabaseStorage):
         staged = self._staged.lookup(key)
         if isinstance(staged, bytes) or staged is None:
             return staged
-        value: bytes | None = await self._in_thread(_call, pipe, "HGET", self._data, key.encode())
+        value: bytes | None = await self._in_thread(
+            send_command, pipe, "HGET", self._data, key.encode()
+        )
         return value
 
     def _send(self, client: redis.Redis, ops: list[Op[bytes]]) -> None:
@@ -401,11 +403,11 @@ class RedisStorage(DatabaseStorage):
         pipe.multi()
         for op in ops:
             if isinstance(op, SetOp):
-                _call(pipe, "HSET", self._data, op.key.encode(), op.value)
+                send_command(pipe, "HSET", self._data, op.key.encode(), op.value)
             elif isinstance(op, DeleteOp):
-                _call(pipe, "HDEL", self._data, op.key.encode())
+                send_command(pipe, "HDEL", self._data, op.key.encode())
             else:
-                _call(pipe, "DEL", self._data)
+                send_command(pipe, "DEL", self._data)
         try:
             pipe.execute()
         except WatchError:
@@ -426,9 +428,9 @@ class RedisStorage(DatabaseStorage):
         raise StorageError(f"{self!r}: cannot claim the namespace: it keeps changing")
 
     def _claim_once(self, pipe: Pipeline) -> None:
-        _call(pipe, "WATCH", self._meta, self._data)
-        meta = _decoded(_call(pipe, "HGETALL", self._meta))
-        kind = _call(pipe, "TYPE", self._data).decode()
+        send_command(pipe, "WATCH", self._meta, self._data)
+        meta = _decoded(send_command(pipe, "HGETALL", self._meta))
+        kind = send_command(pipe, "TYPE", self._data).decode()
         if meta:
             self._check_meta(meta, kind)
             return
@@ -436,7 +438,7 @@ class RedisStorage(DatabaseStorage):
             raise StorageError(f"{self!r}: {self._data} holds a {kind} without cosmoflow metadata")
         pipe.multi()
         fields = {"format": FORMAT, "version": VERSION, "codec": self._codec.name}
-        _call(pipe, "HSET", self._meta, *(item for pair in fields.items() for item in pair))
+        send_command(pipe, "HSET", self._meta, *(item for pair in fields.items() for item in pair))
         pipe.execute()
 
     def _check_meta(self, meta: dict[str, str], kind: str) -> None:
@@ -525,7 +527,7 @@ async def _reset_after(pipe: Pipeline, limiter: trio.CapacityLimiter) -> None:
         await trio.to_thread.run_sync(pipe.reset, limiter=limiter, abandon_on_cancel=True)
 
 
-def _call(connection: redis.Redis | Pipeline, *args: Any) -> Any:
+def send_command(connection: redis.Redis | Pipeline, *args: Any) -> Any:
     """Send one command, or queue it in a pipeline after MULTI (blocks)."""
     return connection.execute_command(*args)  # type: ignore[no-untyped-call]
 
@@ -552,13 +554,13 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
                 url, socket_timeout=timeout, socket_connect_timeout=timeout
             )
         except ValueError as exc:
-            raise StorageError(f"not a Redis URL: {_redacted(url)!r} ({exc})") from exc
+            raise StorageError(f"not a Redis URL: {redacted(url)!r} ({exc})") from exc
         client = redis.Redis(connection_pool=pool)
         _clients[url, timeout] = client
     return client
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """``url`` with any password replaced by ``***``, for messages and actor names."""
     parts = urlsplit(url)
     if parts.password is None:
