@@ -195,7 +195,7 @@ class EventHub:
             try:
                 sink(event)
             except Exception:
-                self._listener_failed(sink, f"on {event!r}")
+                self._listener_failed(sink, f"on {type(event).__name__} of run {event.run_id!r}")
 
     def open(self, buffer: int, *, lossless: bool = False) -> EventStream:
         """A new stream that receives every event from now on; see :class:`EventStream`

@@ -27,13 +27,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import time
+import traceback
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Final, Protocol, final
 
 import trio
 
-from cosmoflow_actors.errors import type_and_message
+from cosmoflow_actors.errors import error_text, type_and_message
 from cosmoflow_actors.events import (
     Event,
     EventsDropped,
@@ -390,7 +391,7 @@ class _Spans:
             return
         attributes: dict[str, str | int | float] = {
             "exception.type": _qualified_name(type(event.error)),
-            "exception.message": str(event.error),
+            "exception.message": error_text(event.error),
         }
         if isinstance(event, Retry):
             attributes |= {"cosmoflow.attempt": event.attempt, "cosmoflow.delay": event.delay}
@@ -417,8 +418,24 @@ class _Spans:
             span.end(self._ns(event.time))
 
     def _fail(self, span: SpanLike, error: BaseException, at: float) -> None:
-        span.record_exception(error, timestamp=self._ns(at))
+        _record_exception(span, error, self._ns(at))
         span.set_status(self._otel.Status(self._otel.StatusCode.ERROR, describe_error(error)))
+
+
+def _record_exception(span: SpanLike, error: BaseException, at: int) -> None:
+    """Record ``error`` on ``span`` as OpenTelemetry's ``record_exception`` does; for an
+    error whose ``__str__`` raises (which ``record_exception`` calls), the same event
+    with ``<unprintable>`` as its message: the user's exception must not end the
+    tracing of the engine."""
+    try:
+        span.record_exception(error, timestamp=at)
+    except Exception:
+        attributes = {
+            "exception.type": _qualified_name(type(error)),
+            "exception.message": error_text(error),
+            "exception.stacktrace": "".join(traceback.format_exception(error)),
+        }
+        span.add_event("exception", attributes, at)
 
 
 def _qualified_name(kind: type) -> str:

@@ -321,6 +321,32 @@ def test_a_listener_that_raises_is_removed_and_logged_and_the_others_see_the_eve
     assert record.exc_info is not None and str(record.exc_info[1]) == "listener bug"
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_a_listener_raising_on_an_event_that_cannot_be_shown_is_removed_and_emit_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = EventHub()
+    after: list[cf.Event] = []
+
+    def broken(event: cf.Event) -> None:
+        raise ValueError("listener bug")
+
+    hub.listen(broken)
+    hub.listen(after.append)
+    event = cf.StepFinished("r1", 1.0, "f", "n", "r1:1", 0.5, None, Unprintable())
+    hub.emit(event)
+    assert after == [event]
+    [record] = caplog.records
+    assert "on StepFinished of run 'r1'" in record.getMessage()
+
+
 class BrokenHandle(Traced):
     def handle(self, event: cf.Event) -> None:
         super().handle(event)

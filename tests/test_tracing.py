@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cosmoflow_actors as cf
+from cosmoflow_actors import tracing
 from cosmoflow_actors.events import EventHub, StepSpans
 from cosmoflow_actors.tracing import LiveSpans, describe_error, format_event, trace_events
 from tests.support import FlakyOnce, Gate, Recorder, single
@@ -130,6 +131,62 @@ async def test_failures_set_error_status_and_record_the_exception(
     assert dict(step.events[0].attributes or {})["cosmoflow.attempts"] == 1
     exception_type = "cosmoflow_actors.errors.NodeError"
     assert dict(run.events[0].attributes or {})["exception.type"] == exception_type
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@cf.node
+async def unprintable(ctx: cf.ExecutionContext) -> None:
+    raise Unprintable()
+
+
+async def test_an_error_that_cannot_be_shown_fails_its_run_alone_and_tracing_goes_on(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    gate = Gate()
+    async with trio.open_nursery() as nursery, cf.open_engine() as engine:
+        await nursery.start(trace_events, engine, tracer)
+        waiting = await engine.start_run(single(gate, "waits"), run_id="waits")
+        await trio.testing.wait_all_tasks_blocked()
+        bad = await engine.start_run(single(unprintable, "bad"), run_id="bad")
+        with pytest.raises(cf.NodeError) as failed:
+            await bad.wait()
+        assert isinstance(failed.value.__cause__, Unprintable)
+        gate.open.set()
+        await waiting.wait()
+        await engine.run(single(Recorder("done"), "after"), run_id="after")
+    spans = by_name(exporter.get_finished_spans())
+    assert {"bad/only", "waits/only", "after/only"} <= set(spans)
+    fallback = spans["bad/only"].events[0]
+    assert dict(fallback.attributes or {})["exception.message"] == "<unprintable>"
+
+
+def test_an_exception_that_cannot_be_shown_is_recorded_with_its_type_and_trace(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    try:
+        raise Unprintable()
+    except Unprintable as exc:
+        error = exc
+    with tracer.start_as_current_span("s") as span:
+        tracing._record_exception(span, error, 5)
+    [event] = single_span(exporter).events
+    attributes = dict(event.attributes or {})
+    assert (event.name, event.timestamp) == ("exception", 5)
+    assert attributes["exception.message"] == "<unprintable>"
+    assert attributes["exception.type"] == "tests.test_tracing.Unprintable"
+    assert "raise Unprintable()" in str(attributes["exception.stacktrace"])
+
+
+def single_span(exporter: InMemorySpanExporter) -> ReadableSpan:
+    [span] = exporter.get_finished_spans()
+    return span
 
 
 async def test_a_cancelled_run_and_its_step_are_marked(
