@@ -306,11 +306,39 @@ CLOSED_ENGINE_CALLS: dict[str, Callable[[cf.Engine, Path], Awaitable[object]]] =
 async def test_a_closed_engine_refuses_new_work_saying_so(call: str, tmp_path: Path) -> None:
     async with cf.open_engine() as engine:
         pass
-    closed = r"the engine is closed \(its open_engine block has ended\): start runs while"
+    closed = r"the engine is closed \(its open_engine block has ended\): use it while"
     with pytest.raises(RuntimeError, match=closed):
         await CLOSED_ENGINE_CALLS[call](engine, tmp_path)
     with pytest.raises(RuntimeError, match=closed):
         engine.start_run_nowait(single(Recorder()), {})
+
+
+async def test_callers_waiting_to_start_when_the_engine_closes_get_run_cancelled_error() -> None:
+    # The callers are outside the engine's block, so its cancellation does not reach
+    # them: the runs cancelled free their places, and each waiter must learn that its
+    # run is cancelled too, not that it called a closed engine.
+    gate = Gate()
+    flow = single(gate)
+    errors: list[BaseException] = []
+
+    async def call(engine: cf.Engine) -> None:
+        try:
+            await engine.run(flow)
+        except cf.RunCancelledError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as callers:
+        with trio.CancelScope() as engine_scope:
+            async with cf.open_engine(max_runs=1) as engine:
+                for _ in range(3):
+                    callers.start_soon(call, engine)
+                await trio.testing.wait_all_tasks_blocked()
+                assert gate.inside == 1
+                engine_scope.cancel()
+    assert [str(error) for error in errors].count(
+        "the engine closed while the run waited to start"
+    ) == 2
+    assert len(errors) == 3
 
 
 async def test_open_engine_rejects_a_bad_mailbox_size() -> None:

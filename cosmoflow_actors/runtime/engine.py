@@ -27,6 +27,7 @@ import trio_parallel
 
 from cosmoflow_actors.errors import (
     ActorCrashedError,
+    RunCancelledError,
     RunRecordedError,
 )
 from cosmoflow_actors.events import (
@@ -378,6 +379,7 @@ class Engine:
         """Admit a run (see :meth:`_start`), open its store and record it as in flight.
         Blocks while it waits for admission, for room in a lossless event stream, for
         the flow's set-up and for its store."""
+        self._require_open()
         if self._events.congested:
             await self._events.wait_for_room()
         admission = None if child or self._inside_a_step() else self._admission
@@ -389,6 +391,7 @@ class Engine:
             # A slot handed over by a run that ended comes without a cancellation
             # check: a caller cancelled meanwhile must not start its run.
             await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_not_closed_meanwhile()
             storage = as_storage(store)
             run_id = self._check_start(run_id)
             keys = (await self._register(flow)).condition_keys
@@ -489,19 +492,26 @@ class Engine:
 
     def _check_again(self, run_id: str, actor: StoreActor) -> None:
         """After a start waited (for set-up, for its store): refuse it, letting go of
-        ``actor``, if the engine closed or another start took ``run_id`` meanwhile (as
-        :meth:`_check_start`). Never blocks."""
+        ``actor``, if the engine closed (see :meth:`_check_not_closed_meanwhile`) or
+        another start took ``run_id`` meanwhile (ValueError). Never blocks."""
         try:
+            self._check_not_closed_meanwhile()
             self._check_start(run_id)
-        except (RuntimeError, ValueError):
+        except (RunCancelledError, ValueError):
             self._stores.release(actor)
             raise
+
+    def _check_not_closed_meanwhile(self) -> None:
+        """Raise RunCancelledError if the engine closed while a start, called before
+        that, waited: its run is cancelled with the runs in flight. Never blocks."""
+        if self._closed:
+            raise RunCancelledError("the engine closed while the run waited to start")
 
     def _require_open(self) -> None:
         """Raise RuntimeError once the engine is closed."""
         if self._closed:
             raise RuntimeError(
-                "the engine is closed (its open_engine block has ended): start runs while "
+                "the engine is closed (its open_engine block has ended): use it while "
                 "the block is open"
             )
 
