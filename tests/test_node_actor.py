@@ -270,8 +270,8 @@ class Custom(BaseException):
 @pytest.mark.parametrize("phase", ["prep", "exec", "post"])
 @pytest.mark.parametrize(
     "error",
-    [SystemExit(3), Custom("mine"), trio.Cancelled._create()],
-    ids=["SystemExit", "custom", "Cancelled"],
+    [SystemExit(3), Custom("mine"), trio.Cancelled._create(), GeneratorExit()],
+    ids=["SystemExit", "custom", "Cancelled", "GeneratorExit"],
 )
 @pytest.mark.parametrize("executor", ["inline", "thread"])
 async def test_a_base_exception_a_node_raises_fails_its_run_alone_naming_the_phase(
@@ -749,11 +749,11 @@ async def test_workers_see_the_context_the_engine_was_opened_in_not_a_senders() 
 
 
 async def test_what_fails_a_step_and_what_goes_on_up() -> None:
-    """A coroutine being closed (GeneratorExit), the operator's Ctrl-C and the
-    cancellation of a step being cancelled go on up; anything else fails the step."""
+    """The operator's Ctrl-C and the cancellation of a step being cancelled go on up;
+    anything else fails the step (a coroutine closed outside trio: see below)."""
     assert fails_the_step(ValueError()) and fails_the_step(SystemExit(1))
     assert fails_the_step(trio.Cancelled._create())
-    assert not fails_the_step(GeneratorExit())
+    assert fails_the_step(GeneratorExit())
     assert not fails_the_step(BaseExceptionGroup("g", [KeyboardInterrupt()]))
     with trio.CancelScope() as scope:
         scope.cancel()
@@ -762,6 +762,12 @@ async def test_what_fails_a_step_and_what_goes_on_up() -> None:
         assert fails_the_step(SystemExit(1))
         assert fails_the_step(ValueError())
         await trio.lowlevel.checkpoint()
+
+
+def test_a_coroutine_closed_outside_trio_goes_on_closing() -> None:
+    """Python closes the coroutine of a step never finished, once its trio run is over,
+    by throwing GeneratorExit into it: that is no failure of the node's."""
+    assert not fails_the_step(GeneratorExit())
 
 
 async def test_a_node_exiting_while_its_run_is_cancelled_fails_only_that_run() -> None:

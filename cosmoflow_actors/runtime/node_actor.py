@@ -576,14 +576,18 @@ def _items(node_id: str, ctx: ExecutionContext, prep_res: Any) -> list[Any]:
 def fails_the_step(error: BaseException) -> bool:
     """Whether ``error``, which left a node's code, is the node's failure (its step
     fails, and its run alone): every Exception, and any other BaseException the code
-    raised itself (``sys.exit()``, a ``trio.Cancelled`` of its own making), except
-    KeyboardInterrupt (the operator's; also inside a group), GeneratorExit (Python
-    closing the step's coroutine), and the Cancelled of a step being cancelled (the run
+    raised itself (``sys.exit()``, a ``trio.Cancelled`` of its own making, a
+    GeneratorExit in a trio task), except KeyboardInterrupt (the operator's; also inside
+    a group), a GeneratorExit outside a trio task (Python closing the coroutine of a
+    step that was never finished, after its trio run ended: trio never closes the
+    coroutine of a task that runs), and the Cancelled of a step being cancelled (the run
     or the engine ending; also a group of nothing else): those go on up."""
     if isinstance(error, Exception):
         return True
-    if isinstance(error, KeyboardInterrupt | GeneratorExit):
+    if isinstance(error, KeyboardInterrupt):
         return False
+    if isinstance(error, GeneratorExit):
+        return trio.lowlevel.in_trio_task()
     if isinstance(error, BaseExceptionGroup) and error.subgroup(KeyboardInterrupt):
         return False
     if trio.current_effective_deadline() != -math.inf:
