@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.cli_support import COUNTER
 from tests.storage_suite import RedisServer, running_redis
 
 
@@ -24,3 +26,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     namespace."""
     with running_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+@pytest.fixture
+def plain_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let rich see what the test sees (a pipe), whatever the environment says (every
+    tests/test_cli_*.py module uses it)."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "NO_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def counter_file(tmp_path: Path) -> Path:
+    """A flow file defining ``counter``, with ``checks`` nested in it (COUNTER)."""
+    path = tmp_path / "counter.py"
+    path.write_text(COUNTER)
+    return path

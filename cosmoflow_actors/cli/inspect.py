@@ -1,0 +1,143 @@
+"""``cosmoflow graph`` (a flow's diagram, Mermaid or dot) and ``cosmoflow inspect`` (the
+keys, values and durable runs of a persistent store, read without changing it)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Final
+
+from outcome import Outcome
+from rich.table import Table
+
+from cosmoflow_actors.cli.errors import CliError
+from cosmoflow_actors.cli.loading import load_flow
+from cosmoflow_actors.cli.output import StdoutConsole, dump_json
+from cosmoflow_actors.cli.signals import trio_run
+from cosmoflow_actors.cli.stores import (
+    Unreadable,
+    first_unreadable,
+    opened,
+    parse_store,
+    read_contents,
+)
+from cosmoflow_actors.diagram import to_dot, to_mermaid
+from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.runtime.durability import RunRecord, checked_record
+from cosmoflow_actors.runtime.engine import open_engine
+from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
+from cosmoflow_actors.storage import file as file_storage
+from cosmoflow_actors.storage import sqlite as sqlite_storage
+from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX
+
+PREVIEW_CHARS: Final = 60
+"""``inspect`` shows at most this much of each value's repr."""
+
+
+def graph_command(args: argparse.Namespace) -> int:
+    """``cosmoflow graph``: print the diagram of the flow ``args.target`` names."""
+    flow = load_flow(args.target)
+    print(to_mermaid(flow) if args.format == "mermaid" else to_dot(flow), end="")
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    """``cosmoflow inspect``: print the keys, values and durable runs of the store
+    ``args.store``, a table each or JSON; CliError naming a value that cannot be read
+    (after printing). Blocks while it reads the store."""
+    storage = parse_store(args.store, args.codec)
+    if storage is None:
+        raise CliError("memory: a memory store lives only as long as its run; nothing to inspect")
+    if isinstance(storage, FileStorage | SQLiteStorage):
+        if not storage.path.exists():
+            raise CliError(f"{args.store}: no such file")
+        contents, runs = _peek(storage, args.codec or "json")
+    else:
+        contents, runs = trio_run(_read_store, storage)
+    name = _describe_store(args.store, storage)
+    if args.json:
+        report = {"store": name, "keys": contents, "runs": [dataclasses.asdict(r) for r in runs]}
+        print(dump_json(report))
+    else:
+        print(f"store: {name}")
+        console = StdoutConsole(highlight=False)
+        console.print(_keys_table(contents))
+        console.print(_runs_table(runs))
+    problem = first_unreadable(name, contents)
+    if problem is not None:
+        raise CliError(problem)
+    return 0
+
+
+def _describe_store(text: str, storage: Storage) -> str:
+    """How to name the store to people: as given, but a Redis URL without its password."""
+    return repr(storage) if isinstance(storage, RedisStorage) else text
+
+
+def _peek(
+    storage: FileStorage | SQLiteStorage, codec: str
+) -> tuple[dict[str, Any], list[RunRecord]]:
+    """Every key and value of a file or SQLite store and its durable runs, read without
+    an engine, a lock or a write (blocks): inspecting changes no file. A value or run
+    record that cannot be read is an Unreadable value (a record under its own key)."""
+    peek = file_storage.peek if isinstance(storage, FileStorage) else sqlite_storage.peek
+    try:
+        entries = peek(storage.path, codec=codec)
+    except StorageError as exc:
+        raise CliError(f"cannot open the store: {exc}") from exc
+    contents = {
+        key: _value(entry) for key, entry in entries.items() if not key.startswith(RESERVED_PREFIX)
+    }
+    runs = []
+    for key, entry in entries.items():
+        if key.startswith(RECORD_PREFIX):
+            try:
+                runs.append(RunRecord.of(checked_record(key, entry.unwrap())))
+            except Exception as exc:  # undecodable, or not a record the engine wrote
+                contents[key] = Unreadable(exc)
+    return contents, runs
+
+
+def _value(entry: Outcome[Any]) -> Any:
+    """The value ``entry`` holds, or Unreadable with the error it holds."""
+    try:
+        return entry.unwrap()
+    except Exception as exc:
+        return Unreadable(exc)
+
+
+async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
+    """Every key and value of ``storage`` (a Redis store, or one of the user's own) and
+    its durable runs, read through an engine (the runs of a queue's workers with their
+    leases)."""
+    async with open_engine() as engine, opened(engine, storage) as handle:
+        contents = await read_contents(handle)
+        runs = await engine.list_runs(storage)
+    return contents, runs
+
+
+def _runs_table(runs: list[RunRecord]) -> Table:
+    table = Table(title=f"runs ({len(runs)})", title_justify="left")
+    for column in ("run id", "flow", "state", "last node", "steps", "owner", "lease left"):
+        table.add_column(column)
+    for run in runs:
+        lease = "-" if run.lease_left is None else f"{run.lease_left:.1f} s"
+        cells = (run.state, run.last_node_id or "-", str(run.steps), run.owner or "-", lease)
+        table.add_row(run.run_id, run.flow_name, *cells)
+    return table
+
+
+def _keys_table(contents: dict[str, Any]) -> Table:
+    table = Table(title=f"keys ({len(contents)})", title_justify="left")
+    table.add_column("key", overflow="fold")
+    table.add_column("type")
+    table.add_column("value", overflow="fold")
+    for key, value in contents.items():
+        kind = "unreadable" if isinstance(value, Unreadable) else type(value).__name__
+        table.add_row(key, kind, _preview(value))
+    return table
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"

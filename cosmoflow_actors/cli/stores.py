@@ -1,0 +1,294 @@
+"""``--store``: the built-in stores (memory, file, SQLite, Redis) and stores of the
+user's own (``python:MODULE:FACTORY[:ARGUMENT]``, or ``SCHEME:ARGUMENT`` for a scheme a
+package declares in the entry point group :data:`STORAGE_GROUP`), for a command
+(:func:`parse_store`) or for each run of a worker (:func:`worker_stores`); and opening
+a store and reading all it holds, values that cannot be read included
+(:class:`Unreadable`)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from inspect import signature
+from typing import Any, Final
+
+from cosmoflow_actors.cli.errors import CliError
+from cosmoflow_actors.errors import StorageError, type_and_message
+from cosmoflow_actors.runtime.engine import Engine
+from cosmoflow_actors.runtime.queue import RunStores, per_run_redis
+from cosmoflow_actors.runtime.store_client import SharedStore
+from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
+
+PYTHON_STORE: Final = "python:MODULE:FACTORY[:ARGUMENT]"
+"""``--store`` for a backend of the user's own: ``FACTORY(ARGUMENT)`` returns the Storage."""
+STORE_SYNTAX: Final = (
+    "memory, file:PATH, sqlite:PATH, redis://HOST[:PORT][/DB][#NAMESPACE], "
+    f"{PYTHON_STORE} or SCHEME:ARGUMENT (a scheme an installed package declares)"
+)
+WORKER_STORE_SYNTAX: Final = (
+    f"redis://HOST[:PORT][/DB][#PREFIX], {PYTHON_STORE} or SCHEME:ARGUMENT"
+    " (a scheme an installed package declares)"
+)
+STORAGE_GROUP: Final = "cosmoflow_actors.storage"
+"""The entry point group in which a package declares a ``--store`` scheme of its own:
+``SCHEME = "module:factory"``, where ``factory(ARGUMENT)`` returns a Storage."""
+RESERVED_SCHEMES: Final = frozenset({"memory", "file", "sqlite", "redis", "rediss", "python"})
+"""The schemes of the built-in stores, which no package's scheme replaces."""
+SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+")
+"""A scheme name, as in a URL, of two characters at least: ``C:`` is a drive letter."""
+
+
+def parse_store(text: str, codec: str | None = None) -> Storage | None:
+    """The storage ``--store TEXT`` names; None for ``memory`` (a fresh dict per run).
+    ``codec`` is that of ``--codec``, None when it was not given (a built-in store's is
+    then ``json``). A store of the user's own is built now: blocks while its module is
+    imported and its factory runs. CliError naming what is wrong."""
+    kind, separator, rest = text.partition(":")
+    if text == "memory":
+        return None
+    if kind in ("file", "sqlite") and separator and rest:
+        backend = FileStorage if kind == "file" else SQLiteStorage
+        return backend(rest, codec=codec or "json")
+    if kind in ("redis", "rediss") and rest.startswith("//"):
+        url, _, namespace = text.partition("#")
+        return RedisStorage(url, namespace=namespace or "default", codec=codec or "json")
+    custom = custom_store(text, STORE_SYNTAX)
+    if custom is None:
+        raise CliError(f"store {text!r}: expected {STORE_SYNTAX}")
+    return custom.build_now({} if codec is None else {"codec": codec})
+
+
+def worker_stores(text: str) -> RunStores:
+    """The stores ``worker --store TEXT`` gives runs: namespaces of a Redis server, or a
+    factory of the user's own called once per run (checked now to take ``run_id``;
+    blocks while its module is imported). CliError when ``text`` names neither."""
+    custom = custom_store(text, WORKER_STORE_SYNTAX)
+    if custom is not None:
+        custom.check_call({"run_id": "RUN_ID"})
+        return PerRunStores(custom)
+    try:
+        return per_run_redis(text)
+    except ValueError as exc:
+        raise CliError(f"store {text!r}: expected {WORKER_STORE_SYNTAX}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class CustomStore:
+    """A storage backend of the user's own that ``--store`` names: its factory (a
+    function or class) and the argument to call it with (None: called without one)."""
+
+    label: str
+    """How errors name the store: ``store 'TEXT'``, and the package of a scheme."""
+    reference: str
+    """The factory as ``module:name``."""
+    factory: Callable[..., object]
+    argument: str | None
+
+    def call_text(self, keywords: dict[str, str]) -> str:
+        """The call, for people: ``module:name('ARGUMENT', codec='pickle')``."""
+        arguments = [] if self.argument is None else [repr(self.argument)]
+        arguments += [f"{key}={value!r}" for key, value in keywords.items()]
+        return f"{self.reference}({', '.join(arguments)})"
+
+    def check_call(self, keywords: dict[str, str]) -> None:
+        """CliError unless the factory's signature takes the argument and ``keywords``
+        (a factory whose signature Python cannot read is taken as it is)."""
+        try:
+            parameters = signature(self.factory)
+        except (TypeError, ValueError):  # a builtin without a signature: the call will tell
+            return
+        try:
+            parameters.bind(*self.arguments(), **keywords)
+        except TypeError as exc:
+            raise CliError(f"{self.label}: cannot call {self.call_text(keywords)}: {exc}") from exc
+
+    def arguments(self) -> list[str]:
+        return [] if self.argument is None else [self.argument]
+
+    def build(self, keywords: dict[str, str]) -> Storage:
+        """Call the factory with the argument and ``keywords``; blocks while it runs.
+        Raises what the factory raises, and TypeError when it returns no Storage."""
+        made = self.factory(*self.arguments(), **keywords)
+        return _as_storage(self.call_text(keywords), made)
+
+    def build_now(self, keywords: dict[str, str]) -> Storage:
+        """:meth:`build`, where whatever goes wrong is a CliError naming the store."""
+        self.check_call(keywords)
+        call = self.call_text(keywords)
+        try:
+            made = self.factory(*self.arguments(), **keywords)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: a factory that exits builds nothing
+            raise CliError(f"{self.label}: {call} raised {type_and_message(exc)}") from exc
+        try:
+            return _as_storage(call, made)
+        except TypeError as exc:
+            raise CliError(f"{self.label}: {exc}") from exc
+
+
+def _as_storage(call: str, made: object) -> Storage:
+    """``made``, what ``call`` returned; TypeError saying so unless it is a Storage."""
+    if not isinstance(made, Storage):
+        kind = "None" if made is None else _a(type(made).__name__)
+        raise TypeError(f"{call} returned {kind}, not a Storage")
+    return made
+
+
+def _a(noun: str) -> str:
+    """``noun`` after its indefinite article: ``a dict``, ``an int``."""
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
+
+
+@dataclass(frozen=True, slots=True)
+class PerRunStores:
+    """A worker's stores from a factory of the user's own: run R's store is
+    ``FACTORY(ARGUMENT, run_id=R)``. A factory that raises, or returns no Storage,
+    fails that run alone."""
+
+    custom: CustomStore
+
+    def __call__(self, run_id: str) -> Storage:
+        return self.custom.build({"run_id": run_id})
+
+
+def custom_store(text: str, expected: str) -> CustomStore | None:
+    """The store of the user's own that ``text`` names: ``python:MODULE:FACTORY[:ARGUMENT]``,
+    or ``SCHEME:ARGUMENT`` for a scheme an installed package declares (in the entry point
+    group :data:`STORAGE_GROUP`). None when ``text`` has neither form (nor that of a
+    scheme), or names a built-in scheme; CliError when it names one that cannot be
+    loaded, or a scheme no package declares (saying the command ``expected`` this).
+    Blocks while the factory's module is imported."""
+    scheme, separator, rest = text.partition(":")
+    if scheme == "python" and separator:
+        return _python_store(text, rest)
+    if not separator or scheme in RESERVED_SCHEMES or not SCHEME.fullmatch(scheme):
+        return None
+    return _declared_store(text, scheme, rest, expected)
+
+
+def _python_store(text: str, reference: str) -> CustomStore:
+    """The store ``python:MODULE:FACTORY[:ARGUMENT]`` names (``reference`` is what follows
+    ``python:``); ARGUMENT is the rest, colons and all."""
+    module, _, rest = reference.partition(":")
+    name, given, argument = rest.partition(":")
+    label = f"store {text!r}"
+    if not (_dotted(module) and _dotted(name)):
+        problem = "MODULE and FACTORY are dotted Python names"
+        raise CliError(f"{label}: expected {PYTHON_STORE}, where {problem}")
+    factory = _load_factory(label, module, name)
+    return CustomStore(label, f"{module}:{name}", factory, argument if given else None)
+
+
+def _declared_store(text: str, scheme: str, argument: str, expected: str) -> CustomStore:
+    """The store ``SCHEME:ARGUMENT`` names, for a scheme an installed package declares.
+    CliError when none does or several do, or its factory cannot be loaded."""
+    points = importlib.metadata.entry_points(group=STORAGE_GROUP, name=scheme)
+    if not points:
+        raise CliError(
+            f"store {text!r}: no installed package declares the scheme {scheme!r}"
+            f" (entry point group {STORAGE_GROUP}); expected {expected}"
+        )
+    packages = sorted(point.dist.name if point.dist else point.value for point in points)
+    if len(packages) > 1:
+        raise CliError(
+            f"store {text!r}: the scheme {scheme!r} is declared by several packages:"
+            f" {', '.join(packages)}"
+        )
+    [point] = points
+    label = f"store {text!r} (scheme {scheme!r} of {packages[0]})"
+    if not (_dotted(point.module) and _dotted(point.attr or "")):
+        raise CliError(f"{label}: the entry point {point.value!r} is not module:factory")
+    factory = _load_factory(label, point.module, point.attr)
+    return CustomStore(label, f"{point.module}:{point.attr}", factory, argument)
+
+
+def _dotted(name: str) -> bool:
+    """Whether ``name`` is a dotted Python name (``package.module``, ``Class.method``)."""
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def _load_factory(label: str, module_name: str, name: str) -> Callable[..., object]:
+    """The callable ``name`` (dotted) of the module ``module_name``, imported now (blocks
+    while its top level runs). CliError when the module is not found or raises, lacks
+    an attribute, or the object is not callable."""
+    try:
+        found: object = importlib.import_module(module_name)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: a module that exits gives no factory
+        raise CliError(f"{label}: {_import_failure(module_name, exc)}") from exc
+    parts = name.split(".")
+    for depth, part in enumerate(parts):
+        try:
+            found = getattr(found, part)
+        except AttributeError as exc:
+            owner = ".".join(parts[:depth])
+            where = f"{module_name}:{owner}" if owner else f"module {module_name!r}"
+            raise CliError(f"{label}: {where} has no attribute {part!r}") from exc
+    if not callable(found):
+        kind = _a(type(found).__name__)
+        raise CliError(f"{label}: {module_name}:{name} is {kind}, not a function or class")
+    return found
+
+
+def _import_failure(module_name: str, error: BaseException) -> str:
+    """Why importing ``module_name`` failed: the module (or its package) is not found, or
+    its code raised ``error`` (a module it imports not found included)."""
+    missing = error.name if isinstance(error, ModuleNotFoundError) else None
+    if missing is not None and (module_name + ".").startswith(missing + "."):
+        return f"no module named {missing!r}"
+    return f"importing {module_name} raised {type_and_message(error)}"
+
+
+@contextlib.asynccontextmanager
+async def opened(engine: Engine, store: Storage | dict[str, Any]) -> AsyncIterator[SharedStore]:
+    """``engine.open_store(store)``: the store is opened now, so that one that cannot be
+    is bad input (CliError), not a failed run, and stays open for the command's runs."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            handle = await stack.enter_async_context(engine.open_store(store))
+        except StorageError as exc:
+            raise CliError(f"cannot open the store: {exc}") from exc
+        yield handle
+
+
+async def read_contents(store: SharedStore) -> dict[str, Any]:
+    """Every key and value of ``store``; a value that cannot be read is Unreadable."""
+    keys = await store.keys()
+    try:
+        return await store.get_many(keys)
+    except Exception:  # a value cannot be read: read them one by one to find which
+        return {key: await _read_one(store, key) for key in keys}
+
+
+async def _read_one(store: SharedStore, key: str) -> Any:
+    try:
+        return await store.get(key)
+    except Exception as exc:
+        return Unreadable(exc)
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """In what the command shows of a store: a value that could not be read."""
+
+    error: BaseException
+
+    def __repr__(self) -> str:
+        return f"<unreadable: {type_and_message(self.error)}>"
+
+
+def first_unreadable(store: str, contents: dict[str, Any]) -> str | None:
+    """The line that names the first value of ``contents`` that could not be read (and
+    says how many more there are), or None when every value was read."""
+    bad = [(key, value) for key, value in contents.items() if isinstance(value, Unreadable)]
+    if not bad:
+        return None
+    key, value = bad[0]
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return f"{store}: the value of {key!r} cannot be read{more}: {type_and_message(value.error)}"

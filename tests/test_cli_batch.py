@@ -1,0 +1,133 @@
+"""``cosmoflow run --runs N`` (cli/batch.py): the summary per node, as text and JSON,
+failed runs counted, and the progress bar on a terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cosmoflow_actors.cli import main
+from tests.cli_support import table_row
+
+pytestmark = pytest.mark.usefixtures("plain_output")
+
+
+SOMETIMES = """
+import itertools
+
+import cosmoflow_actors as cf
+
+calls = itertools.count()
+
+
+@cf.node
+def sometimes(ctx):
+    if next(calls) % 2:
+        raise ValueError("odd call")
+
+
+flow = cf.Flow.builder("sometimes").add_node("sometimes", sometimes).build()
+"""
+"""Every second run fails (the runs of one command share the module)."""
+
+
+def test_runs_print_a_summary_per_node(
+    counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", str(counter_file), "--runs", "4", "--concurrency", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    out = captured.out
+    assert "runs:         4 (4 succeeded, 0 failed), 2 at a time" in out
+    assert "run latency:  mean " in out
+    assert "steps per node" in out
+    flaky = table_row(out, "checks/flaky")
+    assert (flaky[1], flaky[5], flaky[6]) == ("4", "4", "0")
+    assert all(cell.endswith(" ms") for cell in flaky[2:5])
+    count = table_row(out, "count")
+    assert (count[1], count[5], count[6]) == ("4", "0", "0")
+
+
+def test_runs_as_json(counter_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(counter_file), "--runs", "3", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {key: summary[key] for key in ("flow", "runs", "succeeded", "failed")} == {
+        "flow": "counter",
+        "runs": 3,
+        "succeeded": 3,
+        "failed": 0,
+    }
+    assert (summary["concurrency"], summary["events_dropped"], summary["first_error"]) == (
+        1,
+        0,
+        None,
+    )
+    assert summary["runs_per_second"] > 0
+    assert set(summary["latency_ms"]) == {"mean_ms", "p50_ms", "p99_ms"}
+    flaky = summary["nodes"]["checks/flaky"]
+    assert (flaky["steps"], flaky["retries"], flaky["failures"]) == (3, 3, 0)
+    assert flaky["p50_ms"] <= flaky["p99_ms"]
+
+
+def test_runs_share_a_persistent_store(
+    tmp_path: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"file:{tmp_path / 'shared.json'}"
+    argv = ["run", str(counter_file), "--store", store, "--runs", "5", "--concurrency", "5"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["inspect", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"]["count"] == 5
+
+
+def test_failed_runs_are_counted_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "sometimes.py"
+    flow_file.write_text(SOMETIMES)
+    assert main(["run", str(flow_file), "--runs", "4"]) == 1
+    captured = capsys.readouterr()
+    assert "runs:         4 (2 succeeded, 2 failed), 1 at a time" in captured.out
+    assert table_row(captured.out, "sometimes")[6] == "2"
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith(
+        "cosmoflow: error: 2 of 4 runs failed; first: NodeError: node 'sometimes' failed in exec"
+    )
+    assert captured.err.endswith("(caused by ValueError: odd call)\n")
+    assert main(["run", str(flow_file), "--runs", "2", "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_runs_as_json_list_the_failed_runs_with_their_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "sometimes.py"
+    flow_file.write_text(SOMETIMES)
+    assert main(["run", str(flow_file), "--runs", "4", "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    failed_runs = summary["failed_runs"]
+    assert (summary["failed"], len(failed_runs)) == (2, 2)
+    assert [set(run) for run in failed_runs] == [{"run_id", "error"}] * 2
+    engine = failed_runs[0]["run_id"].rpartition("-")[0]
+    assert [run["run_id"] for run in failed_runs] == [f"{engine}-2", f"{engine}-4"]
+    for run in failed_runs:  # one run at a time: every second one fails
+        assert run["error"] == (
+            "NodeError: node 'sometimes' failed in exec "
+            f"(flow 'sometimes', run {run['run_id']}, 1 attempt)"
+            " (caused by ValueError: odd call)"
+        )
+    assert summary["first_error"] == failed_runs[0]["error"]
+
+
+def test_a_progress_bar_when_stderr_is_a_terminal(
+    counter_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    assert main(["run", str(counter_file), "--runs", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "3/3" in err
+    assert "runs/s" in err
+    assert "0 failed" in err

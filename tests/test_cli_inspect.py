@@ -1,0 +1,178 @@
+"""``cosmoflow graph`` and ``cosmoflow inspect`` (cli/inspect.py): the diagram, and a
+store's keys and durable runs, read without changing a file of the store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.cli import main
+from tests.cli_support import fill_sqlite_store, table_row
+from tests.storage_suite import RedisServer, unique_namespace
+
+pytestmark = pytest.mark.usefixtures("plain_output")
+
+
+def test_graph_prints_the_diagram(counter_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["graph", str(counter_file)]) == 0
+    assert capsys.readouterr().out.splitlines()[3:] == [
+        "flowchart TD",
+        '    subgraph checks ["checks"]',
+        '        checks__flaky["flaky"]',
+        "    end",
+        '    count["count"]',
+        "    checks --> count",
+    ]
+    assert main(["graph", f"{counter_file}:checks", "--format", "dot"]) == 0
+    assert capsys.readouterr().out == (
+        'digraph "checks" {\n'
+        "    compound=true;\n"
+        "    node [shape=box];\n"
+        '    "flaky" [label="flaky"];\n'
+        "}\n"
+    )
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_run_on_a_persistent_store_then_inspect_it(
+    kind: str, tmp_path: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"{kind}:{tmp_path / 'state'}"
+    for _ in range(2):
+        assert main(["run", str(counter_file), "--store", store, "--param", "who=ada"]) == 0
+    assert "result:       2" in capsys.readouterr().out
+    assert main(["inspect", store]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"store: {store}\nkeys (2)")
+    assert table_row(out, "count") == ["count", "int", "2"]
+    assert table_row(out, "who") == ["who", "str", "'ada'"]
+    assert main(["inspect", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "store": store,
+        "keys": {"count": 2, "who": "ada"},
+        "runs": [],
+    }
+
+
+def test_run_and_inspect_on_redis(
+    redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"{redis_server.url}#{unique_namespace()}"
+    assert main(["run", str(counter_file), "--store", store, "--runs", "3"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", store]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"store: RedisStorage('{redis_server.url}', namespace=")
+    assert table_row(out, "count") == ["count", "int", "3"]
+
+
+def test_inspect_shows_long_values_shortened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def fill() -> None:
+        storage = cf.FileStorage(tmp_path / "s.json")
+        await storage.set("items", list(range(100)))
+        await storage.commit()
+        await storage.aclose()
+
+    trio.run(fill)
+    before = (tmp_path / "s.json").read_bytes()
+    assert main(["inspect", f"file:{tmp_path / 's.json'}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"] == {"items": list(range(100))}
+    assert main(["inspect", f"file:{tmp_path / 's.json'}"]) == 0
+    [_, kind, value] = table_row(capsys.readouterr().out, "items")
+    assert (kind, value) == ("list", repr(list(range(100)))[:59] + "…")
+    assert (tmp_path / "s.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ("memory", "memory: a memory store lives only as long as its run"),
+        ("file:missing.json", "file:missing.json: no such file"),
+        ("sqlite:missing.db", "sqlite:missing.db: no such file"),
+    ],
+)
+def test_inspect_needs_an_existing_persistent_store(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    store: str,
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", store]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_lists_the_durable_runs_of_a_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "runs.json"
+    flow = cf.Flow.builder("chain").add_node("a", cf.Node()).add_node("b", cf.Node())
+    flow.add_route("a", "b").build().run_sync(cf.FileStorage(path), run_id="nightly")
+    assert main(["inspect", f"file:{path}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runs"] == [
+        {
+            "run_id": "nightly",
+            "flow_name": "chain",
+            "state": "succeeded",
+            "last_node_id": "b",
+            "steps": 2,
+            "owner": None,
+            "queue": None,
+            "lease_left": None,
+        }
+    ]
+    assert main(["inspect", f"file:{path}"]) == 0
+    out = capsys.readouterr().out
+    assert "runs (1)" in out
+    assert "nightly" in out and "succeeded" in out
+
+
+def snapshot_of(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of ``directory`` with its content and mtime."""
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in directory.iterdir()}
+
+
+async def fill_file_store(path: Path) -> None:
+    """A file store with commits in its journal (not closed: not compacted)."""
+    storage = cf.FileStorage(path)
+    await storage.set("a", 1)
+    await storage.commit()
+    await storage.set("b", [1, 2])
+    await storage.commit()
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+def test_inspect_changes_no_file_of_the_store(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "store"
+    trio.run(fill_file_store if kind == "file" else fill_sqlite_store, path)
+    if kind == "file":  # and a torn last line, as a crash during an append leaves
+        with (tmp_path / "store.journal").open("ab") as journal:
+            journal.write(b'[["set","c",')
+    before = snapshot_of(tmp_path)
+    assert main(["inspect", f"{kind}:{path}"]) == 0
+    assert table_row(capsys.readouterr().out, "b") == ["b", "list", "[1, 2]"]
+    assert main(["inspect", f"{kind}:{path}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"] == {"a": 1, "b": [1, 2]}
+    assert snapshot_of(tmp_path) == before
+
+
+def test_inspect_shows_an_empty_sqlite_file_as_an_empty_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    before = snapshot_of(tmp_path)
+    assert main(["inspect", f"sqlite:{path}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"] == {}
+    assert snapshot_of(tmp_path) == before

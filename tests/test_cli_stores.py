@@ -1,0 +1,290 @@
+"""``--store`` (cli/stores.py): a store that cannot be opened or a value that cannot be
+read, and stores of the user's own: python:MODULE:FACTORY[:ARGUMENT], schemes of
+packages, and a worker's store per run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.cli import main
+from tests.cli_support import EXAMPLES, fill_sqlite_store, result_within, table_row
+from tests.storage_suite import RedisServer, unique_namespace
+
+pytestmark = pytest.mark.usefixtures("plain_output")
+
+
+def test_a_store_that_cannot_be_opened_is_bad_input(
+    tmp_path: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for argv in (
+        ["run", str(counter_file), "--store", f"file:{broken}"],
+        ["inspect", f"file:{broken}"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"cosmoflow: error: cannot open the store: {broken}")
+        assert err.count("\n") == 1
+    assert broken.read_text() == "{not json"
+
+
+def test_a_value_that_cannot_be_read_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.db"
+    trio.run(fill_sqlite_store, path)
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("UPDATE cosmoflow_store SET value = 'text' WHERE key = 'b'")
+    store = f"sqlite:{path}"
+    assert main(["run", str(EXAMPLES / "hello_world.py"), "--store", store, "--json"]) == 0
+    captured = capsys.readouterr()
+    unreadable = "<unreadable: StorageError: a stored value is a str, not bytes>"
+    assert json.loads(captured.out)["store"] == {
+        "a": 1,
+        "b": unreadable,
+        "greeting": "Hello, world!",
+    }
+    message = f"{store}: the value of 'b' cannot be read: StorageError: a stored value is a str"
+    assert captured.err.startswith(f"cosmoflow: warning: {message}")
+    assert main(["inspect", store]) == 2
+    captured = capsys.readouterr()
+    assert table_row(captured.out, "b")[1] == "unreadable"
+    assert captured.err.startswith(f"cosmoflow: error: {message}")
+    assert captured.err.count("\n") == 1
+
+
+USER_BACKEND = """
+import json
+from pathlib import Path
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+class JsonDocStorage(cf.Storage):
+    \"\"\"The whole store as one JSON document, written by each commit, with the codec
+    the store was built with.\"\"\"
+
+    def __init__(self, path, codec="json"):
+        self.document = Path(path)
+        self.requested_codec = codec
+        self.data = {}
+
+    async def open(self):
+        if self.document.exists():
+            text = await trio.to_thread.run_sync(self.document.read_text)
+            self.data = json.loads(text)["data"]
+
+    async def get(self, key):
+        return self.data[key]
+
+    async def set(self, key, value):
+        self.data[key] = value
+
+    async def delete(self, key):
+        return self.data.pop(key, None) is not None
+
+    async def keys(self):
+        return list(self.data)
+
+    async def commit(self):
+        text = json.dumps({"codec": self.requested_codec, "data": self.data})
+        await trio.to_thread.run_sync(self.document.write_text, text)
+
+
+def per_run(folder, run_id):
+    if run_id.startswith("forbidden"):
+        raise PermissionError(f"run {run_id} may not use {folder}")
+    return JsonDocStorage(Path(folder) / f"{run_id}.json")
+
+
+def not_storage(argument):
+    return {argument: 1}
+
+
+def broken(argument):
+    raise ValueError(f"no bucket {argument}")
+
+
+NOT_CALLABLE = 42
+"""
+
+
+@pytest.fixture
+def user_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The module ``user_backend`` (a Storage of its own and factories) in a folder on
+    sys.path, with ``raising_backend`` (raises when imported) and ``needy_backend``
+    (imports a module that is not installed); yields the folder."""
+    folder = tmp_path / "backends"
+    folder.mkdir()
+    (folder / "user_backend.py").write_text(USER_BACKEND)
+    (folder / "raising_backend.py").write_text("raise RuntimeError('no credentials')\n")
+    (folder / "needy_backend.py").write_text("import no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(folder))
+    yield folder
+    for name in ("user_backend", "raising_backend", "needy_backend"):
+        sys.modules.pop(name, None)
+
+
+def declare_schemes(folder: Path, package: str, schemes: dict[str, str]) -> None:
+    """Install (in ``folder``, on sys.path) a package's metadata that declares
+    ``schemes`` in the group cosmoflow_actors.storage, as its packaging would."""
+    info = folder / f"{package}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0\n")
+    lines = [f"{scheme} = {target}" for scheme, target in schemes.items()]
+    (info / "entry_points.txt").write_text("[cosmoflow_actors.storage]\n" + "\n".join(lines))
+
+
+def test_a_python_store_runs_a_flow_in_a_process(
+    user_backend: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The factory gets ARGUMENT (colons and all) and --codec; inspect reads the store."""
+    document = user_backend / "state:1.json"
+    store = f"python:user_backend:JsonDocStorage:{document}"
+    command = [sys.executable, "-m", "cosmoflow_actors", "run", str(counter_file)]
+    command += ["--store", store, "--codec", "pickle", "--param", "who=ada", "--json"]
+    paths = [str(user_backend), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert json.loads(done.stdout)["store"] == {"who": "ada", "count": 1}
+    assert json.loads(document.read_text()) == {
+        "codec": "pickle",
+        "data": {"who": "ada", "count": 1},
+    }
+    assert main(["inspect", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"] == {"who": "ada", "count": 1}
+
+
+def test_a_scheme_a_package_declares_names_its_store(
+    user_backend: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    declare_schemes(user_backend, "jsondoc", {"jsondoc": "user_backend:JsonDocStorage"})
+    document = user_backend / "doc.json"
+    for _ in range(2):
+        assert main(["run", str(counter_file), "--store", f"jsondoc:{document}"]) == 0
+    assert "result:       2" in capsys.readouterr().out
+    assert json.loads(document.read_text())["data"] == {"who": "nobody", "count": 2}
+
+
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ("python:no_such_module:make", "no module named 'no_such_module'"),
+        (
+            "python:needy_backend:make",
+            "importing needy_backend raised ModuleNotFoundError: No module named"
+            " 'no_such_dependency'",
+        ),
+        (
+            "python:raising_backend:make",
+            "importing raising_backend raised RuntimeError: no credentials",
+        ),
+        ("python:user_backend:absent", "module 'user_backend' has no attribute 'absent'"),
+        ("python:user_backend:broken.inner", "user_backend:broken has no attribute 'inner'"),
+        ("python:user_backend:NOT_CALLABLE", "user_backend:NOT_CALLABLE is an int, not a"),
+        (
+            "python:user_backend:not_storage:x",
+            "user_backend:not_storage('x') returned a dict, not a Storage",
+        ),
+        ("python:user_backend:broken:x", "user_backend:broken('x') raised ValueError: no bucket x"),
+        (
+            "python:user_backend:JsonDocStorage",
+            "cannot call user_backend:JsonDocStorage(): missing a required argument: 'path'",
+        ),
+        ("python:user_backend", "expected python:MODULE:FACTORY[:ARGUMENT], where MODULE"),
+        ("python://host/x", "expected python:MODULE:FACTORY[:ARGUMENT], where MODULE"),
+        ("C:\\stores\\x.db", "store 'C:\\\\stores\\\\x.db': expected memory, file:PATH"),
+        ("https://host/x", "no installed package declares the scheme 'https'"),
+    ],
+)
+def test_a_store_of_ones_own_that_cannot_be_built_is_bad_input(
+    user_backend: Path,
+    counter_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    store: str,
+    message: str,
+) -> None:
+    assert main(["run", str(counter_file), "--store", store]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cosmoflow: error: store {store!r}")
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_a_factory_that_takes_no_codec_is_refused_with_codec(
+    user_backend: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = "python:user_backend:not_storage:x"
+    assert main(["run", str(counter_file), "--store", store, "--codec", "json"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot call user_backend:not_storage('x', codec='json'): got an unexpected" in err
+
+
+def test_a_scheme_several_packages_declare_or_whose_factory_is_missing_is_bad_input(
+    user_backend: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    declare_schemes(user_backend, "first", {"twice": "user_backend:JsonDocStorage"})
+    declare_schemes(user_backend, "second", {"twice": "user_backend:per_run"})
+    declare_schemes(user_backend, "third", {"gone": "user_backend:absent"})
+    assert main(["run", str(counter_file), "--store", "twice:x"]) == 2
+    err = capsys.readouterr().err
+    assert "the scheme 'twice' is declared by several packages: first, second" in err
+    assert main(["inspect", "gone:x"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "cosmoflow: error: store 'gone:x' (scheme 'gone' of third):"
+        " module 'user_backend' has no attribute 'absent'\n"
+    )
+
+
+def test_a_worker_needs_a_factory_that_takes_the_run_id(
+    user_backend: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    command = ["worker", str(counter_file), "--queue", "redis://127.0.0.1:1/q", "--store"]
+    assert main([*command, f"python:user_backend:JsonDocStorage:{user_backend}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot call user_backend:JsonDocStorage('" in err
+    assert "got an unexpected keyword argument 'run_id'" in err
+
+
+def test_a_worker_gives_each_run_the_store_its_factory_makes(
+    redis_server: RedisServer, user_backend: Path, counter_file: Path
+) -> None:
+    """Run R's store is FACTORY(ARGUMENT, run_id=R); a factory that raises fails that
+    run alone, and the worker goes on."""
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    command = [sys.executable, "-m", "cosmoflow_actors", "worker", str(counter_file)]
+    command += ["--queue", queue, "--store", f"python:user_backend:per_run:{user_backend}"]
+    paths = [str(user_backend), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    with subprocess.Popen(
+        [*command, "--name", "w1"], stdout=subprocess.PIPE, text=True, env=env
+    ) as worker:
+        try:
+            assert worker.stdout is not None
+            assert worker.stdout.readline().startswith("worker w1 serving ")
+            trio.run(partial(cf.submit, queue, "counter", run_id="forbidden-1"))
+            with pytest.raises(cf.CosmoFlowError, match="PermissionError: run forbidden-1 may"):
+                trio.run(result_within, queue, "forbidden-1", 30)
+            trio.run(partial(cf.submit, queue, "counter", run_id="r2"))
+            done = trio.run(result_within, queue, "r2", 30)
+        finally:
+            worker.terminate()
+    assert (done.result, done.worker) == (1, "w1")
+    assert json.loads((user_backend / "r2.json").read_text())["data"]["count"] == 1
