@@ -115,11 +115,6 @@ def test_an_error_at_import_names_the_line(
     )
 
 
-class Unprintable(Exception):
-    def __str__(self) -> str:
-        raise RuntimeError("no str")
-
-
 @pytest.mark.parametrize(
     ("content", "message"),
     [
