@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -743,6 +744,35 @@ async def test_nodes_cannot_write_the_engines_run_records(tmp_path: Path) -> Non
     assert isinstance(info.value.__cause__, cf.StorageError)
     assert "__cosmoflow__/runs/victim" in str(info.value.__cause__)
     assert await cf.list_runs(cf.FileStorage(tmp_path / "store.json")) == []
+
+
+@pytest.mark.parametrize("outcome", ["committed", "failed"])
+async def test_a_durable_steps_store_used_after_the_step_refuses_and_changes_nothing(
+    tmp_path: Path, outcome: str
+) -> None:
+    # A write staged after the commit would be committed with no step: it must not be
+    # accepted and then lost.
+    kept: list[cf.SharedStore] = []
+
+    @cf.node
+    async def keeps(ctx: cf.ExecutionContext) -> None:
+        kept.append(ctx.store)
+        await ctx.store.set("inside", 1)
+        if outcome == "failed":
+            raise ValueError("fails")
+
+    storage = cf.FileStorage(tmp_path / "store.json")
+    flow = cf.Flow.builder("f").add_node("keeps", keeps).build()
+    async with cf.open_engine() as engine, engine.open_store(storage) as store:
+        with contextlib.suppress(cf.NodeError):
+            await engine.run(flow, storage, run_id="r1")
+        for call in (kept[0].set("after", 2), kept[0].get("inside")):
+            with pytest.raises(
+                cf.StorageError, match="durable step at node 'keeps' of run 'r1' is closed"
+            ):
+                await call
+        assert not await store.contains("after")
+        assert await store.get("inside", None) == (1 if outcome == "committed" else None)
 
 
 async def test_a_malformed_run_record_is_a_storage_error_naming_its_key(tmp_path: Path) -> None:

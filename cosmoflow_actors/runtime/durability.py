@@ -40,6 +40,7 @@ from cosmoflow_actors.runtime.store_client import SharedStore, StagedStore, step
 from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage
 
 if TYPE_CHECKING:
+    from cosmoflow_actors.context import ExecutionContext
     from cosmoflow_actors.runtime.node_actor import NodeActor
 
 
@@ -184,6 +185,10 @@ class Durability:
         """Commit the step of ``branch`` at ``node_id`` that returned the resolved
         ``action``, with the writes it staged in ``store``."""
 
+    def step_ended(self, ctx: ExecutionContext) -> None:
+        """The step of context ``ctx`` ended (committed, failed or cancelled). Never
+        blocks."""
+
     async def end(self, run: ActiveRun, end: FlowResult | BaseException) -> None:
         """End the run with the result or the error routing decided (see
         :meth:`succeed`, :meth:`fail`); for a durable run, blocks while its record is
@@ -267,6 +272,11 @@ class DurableRun(Durability):
                 raise NodeError(node_id, "commit", run.run_id, 1, flow_name) from cause
             self.record = record
             branch.resume_at = resume_at
+
+    def step_ended(self, ctx: ExecutionContext) -> None:
+        """Close the step's handle: what it stages now would be committed with no step."""
+        assert isinstance(ctx.store, StagedStore)
+        ctx.store.end(f"node {ctx.node_id!r} of run {ctx.run_id!r}")
 
     async def succeed(self, run: ActiveRun, result: FlowResult) -> None:
         """Record the result, then end the run (so ``wait`` sees it recorded). Blocks

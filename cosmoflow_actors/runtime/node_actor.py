@@ -289,7 +289,8 @@ class NodeActor(Actor[Step]):
 
     async def _outcome(self, step: Step, ctx: ExecutionContext) -> StepDone | StepFailed:
         """Run prep, exec and post, read the values of the route conditions routing may
-        evaluate and commit a durable step; anything the run caused is a StepFailed."""
+        evaluate and commit a durable step (whose store handle then closes, however the
+        step ended); anything the run caused is a StepFailed."""
         run = step.run
         try:
             action = await self._phases(run, ctx)
@@ -300,6 +301,8 @@ class NodeActor(Actor[Step]):
             await run.durability.commit(run, step.branch, self.node_id, action, ctx.store)
         except RUN_FAILURES as exc:
             return StepFailed(run, step.branch, self.node_id, exc)
+        finally:
+            run.durability.step_ended(ctx)
         return StepDone(run, step.branch, self, action, values)
 
     async def _observed_outcome(self, step: Step, ctx: ExecutionContext) -> StepDone | StepFailed:

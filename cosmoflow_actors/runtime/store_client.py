@@ -256,6 +256,17 @@ class StagedStore(SharedStore):
         self.ops = staging.ops
         """The staged writes, in order."""
 
+    def end(self, step: str) -> None:
+        """Refuse every later call, with a StorageError naming ``step`` (``"node 'n'
+        of run 'r'"``): the step has ended, and a write staged now would be committed
+        with no step. Never blocks."""
+        assert isinstance(self._service, Staging)
+        self._service.ended = (
+            f"the store handle of the durable step at {step} is closed: the step has "
+            "ended, and a call through it now would belong to no step; use the store in "
+            "prep and post, or engine.open_store outside a step"
+        )
+
 
 @final
 class Staging:
@@ -284,10 +295,16 @@ class Staging:
         self._values: dict[str, Any] = {}
         self._cleared = False
         self.ops: list[StagedOp] = []
+        self.ended: str | None = None
+        """Why every request is refused, once the step has ended (see
+        :meth:`StagedStore.end`)."""
 
     async def request(self, op: StoreOp, storage: Storage, key: str, argument: Any) -> Any:
         """Stage a write, or answer a read from the staged writes and the store.
-        Blocks only while a read waits for the store."""
+        Blocks only while a read waits for the store. Raises StorageError once the
+        step has ended."""
+        if self.ended is not None:
+            raise StorageError(self.ended)
         handler = _STAGED[op]
         return await handler(self, storage, key, argument)
 
