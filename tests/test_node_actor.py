@@ -748,6 +748,24 @@ async def test_workers_see_the_context_the_engine_was_opened_in_not_a_senders() 
     assert seen == [("a", "opener"), ("b", "opener")]
 
 
+async def test_what_a_runs_code_sets_in_a_worker_never_reaches_another_runs_step() -> None:
+    seen: list[str] = []
+
+    @cf.node(max_concurrency=1)
+    async def tags(ctx: cf.ExecutionContext) -> None:
+        seen.append(REQUEST.get())
+        REQUEST.set(ctx.params["who"])
+        await trio.lowlevel.checkpoint()
+
+    flow = single(tags, "tags")
+    async with cf.open_engine() as engine:
+        runs = [await engine.start_run(flow, params={"who": f"run{i}"}) for i in range(4)]
+        for run in runs:
+            await run.wait()
+        assert engine.statistics().actor("tags/only").messages_processed == 4
+    assert seen == ["none"] * 4
+
+
 async def test_what_fails_a_step_and_what_goes_on_up() -> None:
     """The operator's Ctrl-C and the cancellation of a step being cancelled go on up;
     anything else fails the step (a coroutine closed outside trio: see below)."""

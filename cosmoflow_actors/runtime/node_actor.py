@@ -204,9 +204,15 @@ class NodeActor(Actor[Step]):
             self._dispatch(self.mailbox.take())
 
     def _dispatch(self, step: Step) -> None:
-        """Give ``step``, whose slot is taken, to a parked worker or a new one."""
+        """Give ``step``, whose slot is taken, to a parked worker or a new one; either
+        starts it in a fresh copy of the engine's context variables, so nothing the
+        code of an earlier run set in the worker reaches this one."""
         if self._parked:
-            trio.lowlevel.reschedule(self._parked.pop(), outcome.Value(step))
+            worker = self._parked.pop()
+            # Parked, the worker runs no code: trio enters the new context when it
+            # resumes the worker.
+            worker.context = self._worker_context.copy()
+            trio.lowlevel.reschedule(worker, outcome.Value(step))
             return
         assert self._nursery is not None, f"{self.name} is not running"
         # start_soon gives the worker a copy of the context it is called in; entered
