@@ -741,10 +741,11 @@ async def test_a_stopped_worker_hands_its_run_back_to_the_next_worker_at_once(
 
 
 async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
-    redis_server: RedisServer,
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The first claim gets a store on a port nothing listens on: the run is dropped
-    (no outcome recorded) and runs again once its entry has been idle for a lease."""
+    (no outcome recorded, the worker logs why) and runs again once its entry has been
+    idle for a lease."""
     queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
     stores = per_run_redis(store)
     unreachable = per_run_redis(f"redis://127.0.0.1:{free_port()}/0")
@@ -763,6 +764,9 @@ async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
     assert done.result == f"done {run_id}"
     [status] = await cf.queue_status(queue)
     assert (status.state, status.attempts) == ("succeeded", 2)
+    [dropped] = [r for r in caplog.records if r.name == "cosmoflow_actors.queue"]
+    assert f"drops run {run_id!r}, to be taken over after a lease" in dropped.getMessage()
+    assert "StorageError" in dropped.getMessage()
 
 
 async def test_a_run_whose_store_goes_away_during_a_step_is_taken_over_not_failed(

@@ -1041,8 +1041,8 @@ class _Worker:
         """The run's outcome as the queue records it; None when it was dropped: its
         lease was lost, another engine committed a step of it first, or its store was
         out of reach (see :func:`_out_of_reach`: when the worker opened it, or when a
-        step called it or committed): the run is taken over once its entry has been
-        idle for a lease. A node's own error (another StorageError included) fails the
+        step called it or committed; logged): the run is taken over once its entry has
+        been idle for a lease. A node's own error (another StorageError included) fails the
         run, and so does data its store cannot encode (StoreValueError)."""
         with scope:
             try:
@@ -1052,11 +1052,26 @@ class _Worker:
                     claim.flow, storage, run_id=claim.run_id, params=claim.params
                 )
             except Exception as exc:
-                if _conflict(exc) or _out_of_reach(exc):
+                if _conflict(exc):
+                    return None
+                if _out_of_reach(exc):
+                    self._dropped(claim.run_id, exc)
                     return None
                 return {"state": "failed", "error": describe_error(exc)}
             return {"state": "succeeded", "error": None, "result": _result_info(done)}
         return None
+
+    def _dropped(self, run_id: str, error: Exception) -> None:
+        """Log to :data:`LOGGER` that the run ``run_id`` is dropped because its store is
+        out of reach (``error`` says why), to be taken over after a lease. Never
+        blocks."""
+        LOGGER.warning(
+            "worker %s drops run %r, to be taken over after a lease: its store is out of "
+            "reach (%s)",
+            self.name,
+            run_id,
+            describe_error(error),
+        )
 
     async def _own_record(self, storage: Storage, claim: _Claim) -> None:
         """Name this worker and its queue in the run's record (written first if the run
