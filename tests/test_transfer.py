@@ -170,6 +170,54 @@ async def test_what_cannot_cross_to_or_from_a_worker_is_named(kind: str, message
     await check_what_cannot_cross_is_named("process", kind, message)
 
 
+def refuse() -> None:
+    raise RuntimeError("not here")
+
+
+class RestoredNowhere:
+    """Pickles, but cannot be unpickled."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (refuse, ())
+
+
+class SendsTheUnrestorable(cf.Node):
+    """Its prep returns what cannot be unpickled."""
+
+    executor = "process"
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        return RestoredNowhere()
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        return None
+
+
+class Unrestorable(SendsTheUnrestorable):
+    """A node that pickles, but cannot be unpickled."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (refuse, ())
+
+
+@pytest.mark.parametrize(
+    ("node", "what"),
+    [
+        (Unrestorable, "the node"),
+        (SendsTheUnrestorable, "exec's input (what prep returned, and the context)"),
+    ],
+)
+async def test_what_cannot_be_restored_in_a_worker_is_named(node: type[cf.Node], what: str) -> None:
+    with pytest.raises(cf.NodeError) as info:
+        await single(node(), "restore").run()
+    assert info.value.node_id == "only"
+    cause = info.value.__cause__
+    assert isinstance(cause, cf.WorkerTransferError)
+    assert str(cause) == (
+        f"{what} could not be restored in the worker process: RuntimeError: not here"
+    )
+
+
 async def check_a_node_changed_after_build_is_named(executor: str) -> None:
     """A node on ``executor`` that cannot be pickled any more after build(): its run
     fails with a WorkerTransferError naming the node and the executor, and the engine

@@ -136,7 +136,7 @@ def exec_in_worker(node_bytes: bytes, job: bytes) -> bytes:
     exec runs."""
     _watch_parent()
     node = _node(node_bytes)
-    prep_res, ctx = cloudpickle.loads(job)
+    prep_res, ctx = _restored("exec's input (what prep returned, and the context)", job)
     return _sendable(outcome.capture(node.exec, prep_res, ctx))
 
 
@@ -147,8 +147,20 @@ def _node(node_bytes: bytes) -> Node:
     if node is None:
         if len(_nodes) >= _MAX_CACHED_NODES:
             _nodes.clear()
-        node = _nodes[node_bytes] = cloudpickle.loads(node_bytes)
+        node = _nodes[node_bytes] = _restored("the node", node_bytes)
     return node
+
+
+def _restored(what: str, pickled: bytes) -> Any:
+    """``pickled`` unpickled in the worker process; WorkerTransferError saying that
+    ``what`` could not be restored there, and why (its cause is lost on the way back
+    to the engine, so the message holds it). Blocks while it unpickles."""
+    try:
+        return cloudpickle.loads(pickled)
+    except Exception as exc:
+        raise WorkerTransferError(
+            f"{what} could not be restored in the worker process: {type_and_message(exc)}"
+        ) from exc
 
 
 def _sendable(result: outcome.Outcome[Any]) -> bytes:
