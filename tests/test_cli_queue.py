@@ -294,6 +294,10 @@ def test_status_names_the_workers_that_passed_a_run_over(
             ["worker", "FILE", "FILE", "--queue", "redis://h/q", "--store", "redis://h"],
             "both give a flow named 'counter'; a worker serves one flow per name",
         ),
+        (
+            ["worker", "FILE", "--queue", "redis://h/q", "--store", "redis://h", "--name="],
+            "--name must not be empty",
+        ),
     ],
 )
 def test_queue_commands_refuse_a_bad_queue_or_store(

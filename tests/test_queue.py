@@ -281,6 +281,12 @@ async def test_submit_refuses_params_that_json_would_change(
     assert await queue.call("EXISTS", queue.stream, queue.runs) == 0
 
 
+async def test_serve_refuses_an_empty_worker_name() -> None:
+    async with cf.open_engine() as engine:
+        with pytest.raises(ValueError, match="a worker's name must be a non-empty str, not ''"):
+            await engine.serve("redis://127.0.0.1:1/q", [FLOW], "redis://127.0.0.1:1", name="")
+
+
 async def test_result_and_requeue_refuse_a_run_id_that_is_not_a_non_empty_str(
     redis_server: RedisServer,
 ) -> None:

@@ -200,6 +200,8 @@ def worker_command(args: argparse.Namespace) -> int:
         raise CliError(f"--lease must be > 0 seconds and finite, got {args.lease:g}")
     if not args.flow_wait >= 0:
         raise CliError(f"--flow-wait must be >= 0 seconds, got {args.flow_wait:g}")
+    if args.name == "":
+        raise CliError("--name must not be empty (leave it out for a generated name)")
     flows = _distinct_flows(args.targets)
     queue = _queue(args.queue, args.lease, args.flow_wait)
     stores = worker_stores(args.store)

@@ -791,8 +791,9 @@ class Engine:
         ``queue.lease``; runs whose lease expired are taken over and resumed from their
         last committed step. ``name`` names the worker in the queue's status (default:
         host, process id and a random part); ``task_status`` gets it once the worker
-        reads the queue. Raises StorageError if the queue cannot be reached at first,
-        RuntimeError once the engine is closed.
+        reads the queue. Raises ValueError for a ``name`` that is not a non-empty str,
+        StorageError if the queue cannot be reached at first, RuntimeError once the
+        engine is closed.
         """
         self._require_open()
         await run_queue.serve(

@@ -735,6 +735,8 @@ async def serve(
     cancelled (see :meth:`Engine.serve`). Reports the worker's name to ``task_status``
     once it reads the queue."""
     require_positive("concurrency", concurrency)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"a worker's name must be a non-empty str, not {name!r}")
     worker = _Worker(
         engine,
         as_queue(queue),
