@@ -341,6 +341,21 @@ async def test_callers_waiting_to_start_when_the_engine_closes_get_run_cancelled
     assert len(errors) == 3
 
 
+async def test_the_first_run_of_a_flow_new_to_a_busy_engine_is_carried_by_its_caller() -> None:
+    carriers: list[trio.lowlevel.Task] = []
+
+    @cf.node
+    async def where(ctx: cf.ExecutionContext) -> None:
+        carriers.append(trio.lowlevel.current_task())
+
+    async with cf.open_engine() as engine:
+        await engine.run(single(Recorder(), "warm"))  # the store actor is open already
+        flow = single(where, "new")
+        await engine.run(flow)
+        await engine.run(flow)
+    assert carriers == [trio.lowlevel.current_task()] * 2
+
+
 async def test_open_engine_rejects_a_bad_mailbox_size() -> None:
     with pytest.raises(ValueError, match="mailbox_size"):
         async with cf.open_engine(mailbox_size=0):

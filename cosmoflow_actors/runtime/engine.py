@@ -596,8 +596,9 @@ class Engine:
     async def _register(self, flow: Flow) -> _Registration:
         """Start a node actor for every node of ``flow`` and of the flows nested in it
         (see :meth:`_register_nowait`), after setting up the worker processes or Ray
-        the flow needs, if not done yet (blocks only for that); return what the engine
-        keeps of ``flow``.
+        the flow needs, if not done yet; return what the engine keeps of ``flow``
+        once its entry node's actor has begun (so that the first run finds it idle, as
+        the next ones do). Blocks only for a flow new to the engine.
 
         The actors start in the engine's nursery, all at once, whatever becomes of the
         caller: one started by ``nursery.start`` for a caller cancelled meanwhile would
@@ -610,7 +611,9 @@ class Engine:
             await self._start_workers()
         if not self._ray_connected and _needs_workers(flow, "ray"):
             await self._connect_ray()
-        return self._register_nowait(flow)
+        registration = self._register_nowait(flow)
+        await self._router.entry(flow).began.wait()
+        return registration
 
     def _register_nowait(self, flow: Flow) -> _Registration:
         """Start a node actor for every node of ``flow`` and of the flows nested in it

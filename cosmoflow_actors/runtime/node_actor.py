@@ -117,6 +117,8 @@ class NodeActor(Actor[Step]):
         :func:`~cosmoflow_actors.runtime.router.keys_after`); None: the run's
         ``condition_keys``. The router's :meth:`~Router.learn` sets it."""
         self._nursery: trio.Nursery | None = None
+        self.began = trio.Event()
+        """Set once :meth:`run` has begun: the actor serves, or has stopped already."""
         self._retired = trio.CancelScope()
         self._parked: deque[trio.lowlevel.Task] = deque()
         self._worker_context = context if context is not None else contextvars.copy_context()
@@ -137,17 +139,22 @@ class NodeActor(Actor[Step]):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the workers' nursery until cancelled or retired; start the steps sent
         before. Cancelled (the engine is closing) or retired, the actor stops before its
-        nursery closes."""
-        with self._retired:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self.serving = True
-                self._drain()
-                task_status.started()
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    self._stop()
+        nursery closes. Sets :attr:`began` as it starts serving, or as it ends if it
+        never did."""
+        try:
+            with self._retired:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self.serving = True
+                    self.began.set()
+                    self._drain()
+                    task_status.started()
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self._stop()
+        finally:
+            self.began.set()
 
     def retire(self) -> None:
         """End :meth:`run` (at once, or as soon as it starts), cancelling the parked

@@ -152,15 +152,14 @@ def _node(node_bytes: bytes) -> Node:
 
 
 def _restored(what: str, pickled: bytes) -> Any:
-    """``pickled`` unpickled in the worker process; WorkerTransferError saying that
-    ``what`` could not be restored there, and why (its cause is lost on the way back
-    to the engine, so the message holds it). Blocks while it unpickles."""
+    """``pickled`` unpickled in the worker process. An error doing so is raised as it
+    is (so that ``retry_on`` sees its type), with a note saying that it was raised
+    restoring ``what`` there. Blocks while it unpickles."""
     try:
         return cloudpickle.loads(pickled)
     except Exception as exc:
-        raise WorkerTransferError(
-            f"{what} could not be restored in the worker process: {type_and_message(exc)}"
-        ) from exc
+        exc.add_note(f"raised while the worker process restored {what}")
+        raise
 
 
 def _sendable(result: outcome.Outcome[Any]) -> bytes:
