@@ -19,7 +19,8 @@ is ``[FILE, *arguments]``. The file is imported under the name ``__cosmoflow__``
 flow it runs while it is imported (outside ``if __name__ == "__main__":``) is an error.
 
 Errors are one line on stderr and a non-zero exit status: 2 for bad input (a file, a
-flow, a store, an option), 1 for runs that failed, 130 for Ctrl-C (within
+flow, a store, an option), 1 for runs that failed, 74 when stdout cannot be written
+(a full disk), 130 for Ctrl-C (within
 ``STOP_GRACE`` seconds; a second one exits at once), 141 when the reader of stdout
 went away (``| head``), 143 for SIGTERM on ``worker`` (which hands its runs back to the
 queue either way); ``--debug`` shows the traceback. ``inspect`` changes nothing, and

@@ -1,8 +1,8 @@
 """The ``cosmoflow`` command's entry point: :func:`main` parses the arguments, hands
 them to the command's module, and turns what went wrong into one line on stderr and an
-exit status (2 for bad input, 1 for runs that failed, 130 for Ctrl-C, 141 when the
-reader of stdout went away). Arguments after ``--`` are the flow file's ``sys.argv``
-while the command loads and runs it."""
+exit status (2 for bad input, 1 for runs that failed, 74 when stdout cannot be
+written, 130 for Ctrl-C, 141 when the reader of stdout went away). Arguments after
+``--`` are the flow file's ``sys.argv`` while the command loads and runs it."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from cosmoflow_actors import __version__
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.inspect import graph_command, inspect_command
 from cosmoflow_actors.cli.loading import split_target
+from cosmoflow_actors.cli.output import StdoutFailed, checked_stdout
 from cosmoflow_actors.cli.queue import (
     QUEUE_STATES,
     requeue_command,
@@ -37,11 +38,15 @@ BROKEN_PIPE: Final = 141
 """The exit status when stdout is a pipe its reader closed (``| head``): 128 + 13
 (SIGPIPE), as a shell reports a command that SIGPIPE killed."""
 
+STDOUT_FAILED: Final = 74
+"""The exit status when stdout cannot be written (a full disk): EX_IOERR of
+sysexits.h."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 failed run, 2 bad input,
-    130 interrupted, 141 stdout closed, 143 worker terminated). ``argv`` defaults to
-    ``sys.argv[1:]``."""
+    74 stdout cannot be written, 130 interrupted, 141 stdout closed, 143 worker
+    terminated). ``argv`` defaults to ``sys.argv[1:]``."""
     own, file_args = _split_file_args(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(own)
@@ -49,12 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"arguments after -- go to a flow file; {own[0]} runs no file")
     command: Callable[[argparse.Namespace], int] = args.command
     try:
-        with _file_argv(getattr(args, "target", None), file_args):
+        with checked_stdout(), _file_argv(getattr(args, "target", None), file_args):
             return command(args)
     except Exception as exc:
         error = _leaf(exc)
         if isinstance(error, BrokenPipeError):
             return _stdout_closed()
+        if isinstance(error, StdoutFailed):
+            _report(args, error, status=STDOUT_FAILED)
+            return _stdout_closed(STDOUT_FAILED)
         return _report(args, error, status=2 if isinstance(error, CliError) else 1)
     except (KeyboardInterrupt, BaseExceptionGroup) as exc:
         if isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is None:
@@ -63,15 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
 
 
-def _stdout_closed() -> int:
-    """Exit quietly when the reader of stdout went away (``cosmoflow ... | head``):
-    stdout becomes /dev/null, so that Python's flush at exit finds nothing to
-    complain about; return :data:`BROKEN_PIPE`."""
+def _stdout_closed(status: int = BROKEN_PIPE) -> int:
+    """Stop writing to stdout, whose reader went away (``cosmoflow ... | head``) or
+    which cannot be written: it becomes /dev/null, so that Python's flush at exit
+    finds nothing to complain about; return ``status``."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    return BROKEN_PIPE
+    return status
 
 
 def _split_file_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -4,13 +4,65 @@ on a console that leaves a reader gone away (``| head``) to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
-from typing import Any
+import sys
+from collections.abc import Iterator
+from typing import IO, Any, cast
 
 from rich.console import Console
+
+from cosmoflow_actors.cli.errors import CliError
+
+
+class StdoutFailed(CliError):
+    """stdout could not be written (a full disk): what the command printed is lost."""
+
+
+class _CheckedStdout:
+    """``stream`` (sys.stdout), whose failed writes and flushes raise StdoutFailed
+    from the OSError; BrokenPipeError (a reader gone away) goes on as it is."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        with _stdout_errors():
+            return self._stream.write(text)
+
+    def flush(self) -> None:
+        with _stdout_errors():
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _stdout_errors() -> Iterator[None]:
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise StdoutFailed(f"cannot write to stdout: {exc}") from exc
+
+
+@contextlib.contextmanager
+def checked_stdout() -> Iterator[None]:
+    """Inside, a write to stdout that fails raises StdoutFailed (see
+    :class:`_CheckedStdout`), and what stdout holds is flushed at the end (blocks
+    while it is written)."""
+    real = sys.stdout
+    sys.stdout = cast(IO[str], _CheckedStdout(real))
+    try:
+        yield
+        sys.stdout.flush()
+    finally:
+        sys.stdout = real
 
 
 class StdoutConsole(Console):
