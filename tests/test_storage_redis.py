@@ -18,7 +18,7 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.storage.base import RECORD_PREFIX
-from cosmoflow_actors.storage.redis import RedisStorage, shared_client
+from cosmoflow_actors.storage.redis import RedisStorage, redacted, shared_client
 from tests.storage_suite import (
     RedisServer,
     free_port,
@@ -284,13 +284,38 @@ async def test_instances_on_one_server_share_its_connections(redis_server: Redis
     assert connections_received(redis_server) - before == 2  # the pool's one, and this count
 
 
-async def test_a_password_in_the_url_never_shows() -> None:
-    storage = RedisStorage("redis://user:s3cret@127.0.0.1:1/0", namespace="n")
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:s3cret@127.0.0.1:1/0", "redis://user:***@127.0.0.1:1/0"),
+        ("redis://127.0.0.1:1/0?password=s3cret", "redis://127.0.0.1:1/0?password=***"),
+        (
+            "rediss://user@127.0.0.1:1/0?db=0&password=s3cret&ssl_password=s3cret",
+            "rediss://user@127.0.0.1:1/0?db=0&password=***&ssl_password=***",
+        ),
+        (
+            "unix://:s3cret@/run/redis.sock?password=s3cret",
+            "unix://:***@/run/redis.sock?password=***",
+        ),
+    ],
+)
+async def test_a_password_in_the_url_never_shows(url: str, shown: str) -> None:
+    storage = RedisStorage(url, namespace="n", timeout=1)
 
-    assert repr(storage) == "RedisStorage('redis://user:***@127.0.0.1:1/0', namespace='n')"
+    assert repr(storage) == f"RedisStorage({shown!r}, namespace='n')"
     with pytest.raises(cf.StorageError) as info:
         await storage.open()
     assert "s3cret" not in str(info.value)
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError) as failed:
+            await engine.list_runs(storage)
+    assert "s3cret" not in str(failed.value)
+
+
+def test_redacted_hides_the_value_of_every_query_parameter_naming_a_password() -> None:
+    assert redacted("redis://h/0?db=1&PassWord=a&x%5Fpassword=b&password&p=c") == (
+        "redis://h/0?db=1&PassWord=***&x%5Fpassword=***&password&p=c"
+    )
 
 
 # --- a server that stops answering ---------------------------------------------------------

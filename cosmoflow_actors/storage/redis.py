@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import trio
 
@@ -561,12 +561,27 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
 
 
 def redacted(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for messages and actor names."""
+    """``url`` with every password replaced by ``***``, for messages and actor names.
+
+    redis-py takes a password from the userinfo (``redis://user:secret@host``) and from
+    any query parameter, whose name it passes on as a connection option
+    (``?password=secret``, ``?ssl_password=secret``): the value of every parameter
+    whose name holds "password" is replaced, whatever its case. Does not block.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    query = "&".join(_redacted_parameter(part) for part in parts.query.split("&"))
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}", query=query))
+
+
+def _redacted_parameter(parameter: str) -> str:
+    """One ``name=value`` of a URL's query, its value ``***`` if ``name`` says password."""
+    name, equals, _ = parameter.partition("=")
+    if equals and "password" in unquote_plus(name).lower():
+        return f"{name}=***"
+    return parameter
 
 
 def _decoded(mapping: dict[bytes, bytes]) -> dict[str, str]:
