@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -576,4 +577,19 @@ async def test_a_call_the_server_does_not_answer_fails_from_a_connection_failure
         with pytest.raises(cf.StorageError, match="no answer") as failed:
             await storage.get("n")
     assert isinstance(failed.value.__cause__, TimeoutError | ConnectionError)
+    await storage.aclose()
+
+
+async def test_a_value_that_cannot_be_decoded_is_an_error_naming_the_store_and_key(
+    redis_server: RedisServer,
+) -> None:
+    storage = redis_server.storage()
+    await storage.open()
+    with redis_server.client() as client:
+        client.hset(f"cosmoflow:{storage.namespace}:data", "x", b"{oops")
+    where = re.escape(repr(storage))
+
+    for read in (storage.get("x"), storage.get_many(["x"]), storage.update("x", str, None)):
+        with pytest.raises(cf.StorageError, match=f"^{where}: cannot read key 'x': .*JSON"):
+            await read
     await storage.aclose()

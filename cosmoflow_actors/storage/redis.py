@@ -130,7 +130,7 @@ class RedisStorage(DatabaseStorage):
         data = await self._lookup(key)
         if data is None:
             raise KeyError(key)
-        return self._codec.decode(data)
+        return self._codec.read(repr(self), key, data)
 
     async def contains(self, key: str) -> bool:
         """Return whether ``key`` is stored (blocks in a worker thread, as :meth:`get`)."""
@@ -169,7 +169,9 @@ class RedisStorage(DatabaseStorage):
             for _ in range(MAX_UPDATE_ATTEMPTS):
                 async with self._pipeline(client) as pipe:
                     current = await self._watch(pipe, key)
-                    new = function(default if current is None else self._codec.decode(current))
+                    new = function(
+                        default if current is None else self._codec.read(repr(self), key, current)
+                    )
                     ops = [*self._staged.ops, SetOp(key, self._codec.encode(key, new))]
                     if await self._in_thread(self._exec, pipe, ops):
                         self._staged.reset()
@@ -199,7 +201,9 @@ class RedisStorage(DatabaseStorage):
             for _ in range(MAX_UPDATE_ATTEMPTS):
                 async with self._pipeline(client) as pipe:
                     stored = await self._watch(pipe, record_key)
-                    record_before = None if stored is None else self._codec.decode(stored)
+                    record_before = (
+                        None if stored is None else self._codec.read(repr(self), record_key, stored)
+                    )
                     check_steps(record_key, record_before, steps_before)
                     writes = await self._step_writes(pipe, ops)
                     writes.append(SetOp(record_key, self._codec.encode(record_key, record)))
@@ -269,7 +273,9 @@ class RedisStorage(DatabaseStorage):
             if not isinstance(stored, bytes) and stored is not None:
                 stored = send_command(pipe, "HGET", self._data, record_key.encode())
             check_steps(
-                record_key, None if stored is None else self._codec.decode(stored), steps_before
+                record_key,
+                None if stored is None else self._codec.read(repr(self), record_key, stored),
+                steps_before,
             )
             return self._exec(pipe, writes)
 
@@ -312,7 +318,7 @@ class RedisStorage(DatabaseStorage):
         """``function(value or default)``, the value as the step has left it so far."""
         function, default = update
         current = seen[key] if key in seen else await self._current(pipe, key)
-        return function(default if current is None else self._codec.decode(current))
+        return function(default if current is None else self._codec.read(repr(self), key, current))
 
     async def _user_keys(self, pipe: Pipeline, seen: dict[str, bytes | None]) -> list[str]:
         """Every key a ``clear`` removes: stored or set by the step, outside the engine's."""
