@@ -593,3 +593,30 @@ async def test_a_value_that_cannot_be_decoded_is_an_error_naming_the_store_and_k
         with pytest.raises(cf.StorageError, match=f"^{where}: cannot read key 'x': .*JSON"):
             await read
     await storage.aclose()
+
+
+async def test_a_field_another_client_wrote_that_is_not_utf8_fails_the_calls_that_meet_it(
+    redis_server: RedisServer,
+) -> None:
+    """keys() (and so a user's keys, list_runs) gets a StorageError naming the store and
+    the field's bytes; a run on another store and reads of other keys go on."""
+    storage = redis_server.storage()
+    await storage.set("a", 1)
+    await storage.commit()
+    with redis_server.client() as client:
+        client.hset(f"cosmoflow:{storage.namespace}:data", b"\xff", b"1")
+    named = f"^{re.escape(repr(storage))}: .* holds the field b'\\\\xff', which is not valid UTF-8"
+
+    with pytest.raises(cf.StorageError, match=named):
+        await storage.keys()
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(single(cf.node(lambda ctx: None)), {})
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(cf.node(lambda ctx: ctx.store.keys())), storage)
+        assert re.search(named, str(info.value.__cause__))
+        with pytest.raises(cf.StorageError, match=named):
+            await engine.list_runs(storage)
+        await engine.run(single(cf.node(lambda ctx: ctx.store.set("b", 2))), storage)
+        assert await storage.get("a") == 1
+        assert (await other.wait()).success
+    await storage.aclose()

@@ -492,3 +492,31 @@ async def test_a_value_that_cannot_be_decoded_is_an_error_naming_the_store_and_k
         with pytest.raises(cf.StorageError, match=f"cannot read key '{record_key('r1')}'"):
             await engine.list_runs(storage)
     await storage.aclose()
+
+
+async def test_a_blob_key_another_client_wrote_fails_the_calls_that_meet_it(
+    tmp_path: Path,
+) -> None:
+    """keys() (and so a user's keys, list_runs, peek) gets a StorageError naming the
+    store and the key's bytes; a run on another store and reads of other keys go on."""
+    path = tmp_path / "store.db"
+    storage = await stored(path, a=1)
+    with database(path) as connection:
+        connection.execute("INSERT INTO cosmoflow_store VALUES (?, ?)", (b"\xff", b"1"))
+    named = f"^{re.escape(repr(storage))}: a row's key is the bytes b'\\\\xff', not text"
+
+    with pytest.raises(cf.StorageError, match=named):
+        await storage.keys()
+    with pytest.raises(cf.StorageError, match="key is the bytes b'\\\\xff'"):
+        peek(path)
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(single(cf.node(lambda ctx: None)), {})
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(cf.node(lambda ctx: ctx.store.keys())), storage)
+        assert re.search(named, str(info.value.__cause__))
+        with pytest.raises(cf.StorageError, match=named):
+            await engine.list_runs(storage)
+        await engine.run(single(cf.node(lambda ctx: ctx.store.set("b", 2))), storage)
+        assert await storage.get("a") == 1
+        assert (await other.wait()).success
+    await storage.aclose()

@@ -139,7 +139,18 @@ class RedisStorage(DatabaseStorage):
     async def keys(self) -> list[str]:
         """Return every key (blocks in a worker thread)."""
         fields: list[bytes] = await self._command("HKEYS", self._data)
-        return self._staged.merge_keys(field.decode() for field in fields)
+        return self._staged.merge_keys(self._field_key(field) for field in fields)
+
+    def _field_key(self, field: bytes) -> str:
+        """The key a field of the data hash holds; StorageError naming it (its raw
+        bytes) when it is not UTF-8, which only another client writes. Does not block."""
+        try:
+            return field.decode()
+        except UnicodeDecodeError as exc:
+            raise StorageError(
+                f"{self!r}: {self._data} holds the field {field!r}, which is not valid UTF-8 "
+                "and so no key of this store (another client wrote it)"
+            ) from exc
 
     async def _read_many(self, keys: list[str]) -> dict[str, bytes]:
         """One ``HMGET`` (blocks in a worker thread)."""
@@ -323,7 +334,7 @@ class RedisStorage(DatabaseStorage):
     async def _user_keys(self, pipe: Pipeline, seen: dict[str, bytes | None]) -> list[str]:
         """Every key a ``clear`` removes: stored or set by the step, outside the engine's."""
         fields = await self._in_thread(send_command, pipe, "HKEYS", self._data)
-        stored = self._staged.merge_keys(field.decode() for field in fields)
+        stored = self._staged.merge_keys(self._field_key(field) for field in fields)
         names = dict.fromkeys([*stored, *(k for k, v in seen.items() if v is not None)])
         return [name for name in names if not name.startswith(RESERVED_PREFIX)]
 

@@ -155,7 +155,7 @@ class SQLiteStorage(DatabaseStorage):
     async def keys(self) -> list[str]:
         """Return every key, in insertion order (blocks in a worker thread)."""
         rows = await self._query_all(f"SELECT key FROM {STORE_TABLE} ORDER BY rowid")
-        return self._staged.merge_keys(row[0] for row in rows)
+        return self._staged.merge_keys(_text_key(repr(self), row[0]) for row in rows)
 
     async def _read_many(self, keys: list[str]) -> dict[str, bytes]:
         """One query per :data:`READ_BATCH` keys, all in one call to the worker thread."""
@@ -381,6 +381,17 @@ def _is_locked(exc: sqlite3.Error) -> bool:
     """Whether ``exc`` says that another connection holds the lock that was needed."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _text_key(where: str, key: object) -> str:
+    """``key``, the key column of a row; StorageError naming ``where`` (the store) and
+    the key unless it is text (another client wrote a BLOB there)."""
+    if not isinstance(key, str):
+        raise StorageError(
+            f"{where}: a row's key is the {type(key).__name__} {key!r}, not text, and so no "
+            "key of this store (another client wrote it)"
+        )
+    return key
 
 
 def _as_bytes(where: str, key: str, value: object) -> bytes:
@@ -660,8 +671,8 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
     ``-shm`` index, shared memory rather than data, gets this reader's marks). A
     database without tables (an empty file) holds no key. Raises
     :class:`~cosmoflow_actors.StorageError` naming the file when it cannot be read, is
-    not an SQLite database, holds tables this backend did not create or was written
-    with another codec.
+    not an SQLite database, holds tables this backend did not create, holds a key that
+    is not text or was written with another codec.
     """
     absolute = Path(path).absolute()
     reader = get_codec(codec)
@@ -674,7 +685,10 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
     except sqlite3.Error as exc:
         raise StorageError(f"{absolute}: {_described(exc)}") from exc
     where = str(absolute)
-    return {key: outcome.capture(_decoded, reader, where, key, value) for key, value in rows}
+    return {
+        _text_key(where, key): outcome.capture(_decoded, reader, where, key, value)
+        for key, value in rows
+    }
 
 
 def _read_only_uri(path: Path) -> str:
