@@ -620,3 +620,49 @@ async def test_a_field_another_client_wrote_that_is_not_utf8_fails_the_calls_tha
         assert await storage.get("a") == 1
         assert (await other.wait()).success
     await storage.aclose()
+
+
+@pytest.mark.parametrize("call", ["commit", "update", "commit_step sets", "commit_step update"])
+async def test_a_connection_the_server_drops_during_a_commit_is_no_lost_race(
+    private_redis: RedisServer, call: str
+) -> None:
+    """The server drops the connection of a command holding a value over its
+    proto-max-bulk-len: a commit, watched or not, fails at once naming the key and
+    saying the connection failed (redis-py's ConnectionError is the cause), and is not
+    tried again as a transaction another client won."""
+    from redis.exceptions import ConnectionError
+
+    storage = private_redis.storage()
+    record_key = RECORD_PREFIX + "r"
+    await storage.set(record_key, {"path": []})
+    await storage.commit()
+    with private_redis.client() as client:
+        client.config_set("proto-max-bulk-len", "1mb")
+    big = "x" * (2 * 1024 * 1024)
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "commit": partial(storage.set, "big", big),
+        "update": partial(storage.update, "big", lambda _: big, None),
+        "commit_step sets": partial(
+            storage.commit_step, [("set", "big", big)], record_key, {"path": ["a"]}, 0
+        ),
+        "commit_step update": partial(
+            storage.commit_step,
+            [("update", "big", (lambda _: big, None))],
+            record_key,
+            {"path": ["a"]},
+            0,
+        ),
+    }
+
+    with pytest.raises(cf.StorageError) as failed:
+        await calls[call]()
+        await storage.commit()
+
+    message = str(failed.value)
+    assert "the connection failed while committing" in message
+    assert "'big'" in message and "proto-max-bulk-len" in message
+    assert isinstance(failed.value.__cause__, ConnectionError)
+    await storage.set("small", 1)
+    await storage.commit()
+    assert await storage.keys() == [record_key, "small"]
+    await storage.aclose()

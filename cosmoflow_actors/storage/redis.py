@@ -14,7 +14,7 @@ import trio
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, check_steps
 from cosmoflow_actors.storage.codec import check_codec, check_json_key, utf8_key
-from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
+from cosmoflow_actors.storage.staged import ClearOp, DatabaseStorage, DeleteOp, Op, SetOp
 from cosmoflow_actors.validation import require_seconds
 
 if TYPE_CHECKING:
@@ -25,6 +25,10 @@ FORMAT: Final = "cosmoflow-store"
 VERSION: Final = "1"
 MAX_UPDATE_ATTEMPTS: Final = 1000
 """``update`` gives up (StorageError) after this many attempts lost to other writers."""
+
+SMALLEST_BULK_LIMIT: Final = 1024 * 1024
+"""The least ``proto-max-bulk-len`` a server takes: a value that long or longer may be
+over the server's limit, which drops the connection (its reply is lost with it)."""
 
 _deadline: ContextVar[float | None] = ContextVar("cosmoflow_redis_deadline", default=None)
 """When the RedisStorage call running in this task must end (trio time), None outside
@@ -414,8 +418,10 @@ class RedisStorage(DatabaseStorage):
             self._exec(pipe, ops)
 
     def _exec(self, pipe: Pipeline, ops: list[Op[bytes]]) -> bool:
-        """Queue ``ops`` after MULTI and EXEC them; False if a watched key changed (blocks)."""
-        from redis.exceptions import WatchError
+        """Queue ``ops`` after MULTI and EXEC them; False if a watched key changed
+        (blocks). A connection that fails meanwhile (redis-py then raises WatchError
+        too, when the pipeline watches) raises StorageError naming the keys written."""
+        from redis.exceptions import ConnectionError, TimeoutError, WatchError
 
         pipe.multi()
         for op in ops:
@@ -427,9 +433,34 @@ class RedisStorage(DatabaseStorage):
                 send_command(pipe, "DEL", self._data)
         try:
             pipe.execute()
-        except WatchError:
-            return False
+        except WatchError as exc:
+            lost = _connection_failure(exc)
+            if lost is None:
+                return False  # another client changed the hash: a lost race
+            raise self._cut_off(ops, lost) from lost
+        except (ConnectionError, TimeoutError) as exc:
+            raise self._cut_off(ops, exc) from exc
         return True
+
+    def _cut_off(self, ops: list[Op[bytes]], error: BaseException) -> StorageError:
+        """A new StorageError for a commit of ``ops`` whose connection failed with
+        ``error``: it names the keys written and the largest value. Does not block."""
+        keys = [op.key for op in ops if not isinstance(op, ClearOp)]
+        sizes = [len(op.value) for op in ops if isinstance(op, SetOp)]
+        written = f"key {keys[0]!r}" if len(keys) == 1 else f"{len(keys)} keys"
+        if len(keys) > 1:
+            written += f" ({', '.join(map(repr, keys[:3]))}{', ...' if len(keys) > 3 else ''})"
+        if sizes:
+            written += f", the largest value {max(sizes):,} bytes"
+        hint = ""
+        if sizes and max(sizes) >= SMALLEST_BULK_LIMIT:
+            hint = (
+                "; a server drops the connection of a command holding a value over its "
+                "proto-max-bulk-len (512 MB by default)"
+            )
+        return StorageError(
+            f"{self!r}: the connection failed while committing {written}: {error}{hint}"
+        )
 
     def _claim(self, client: redis.Redis) -> None:
         """Check the namespace; write its metadata if it is empty (blocks)."""
@@ -439,7 +470,9 @@ class RedisStorage(DatabaseStorage):
             with client.pipeline(transaction=True) as pipe:
                 try:
                     self._claim_once(pipe)
-                except WatchError:
+                except WatchError as exc:
+                    if _connection_failure(exc) is not None:
+                        raise  # no race: the connection failed (see _in_thread)
                     continue  # another client claimed it meanwhile: check what it wrote
                 return
         raise StorageError(f"{self!r}: cannot claim the namespace: it keeps changing")
@@ -517,6 +550,9 @@ class RedisStorage(DatabaseStorage):
                     function, *args, limiter=self._limiter, abandon_on_cancel=True
                 )
             except RedisError as exc:
+                lost = _connection_failure(exc)
+                if lost is not None:
+                    raise StorageError(f"{self!r}: the connection failed: {lost}") from lost
                 raise StorageError(f"{self!r}: {exc}") from exc
         self._abandon()
         problem = f"no answer from the server within timeout={self._timeout:g} s"
@@ -542,6 +578,18 @@ async def _reset_after(pipe: Pipeline, limiter: trio.CapacityLimiter) -> None:
     connection instead."""
     with contextlib.suppress(Exception):  # a clean-up: the call it follows has failed
         await trio.to_thread.run_sync(pipe.reset, limiter=limiter, abandon_on_cancel=True)
+
+
+def _connection_failure(error: BaseException) -> BaseException | None:
+    """The ConnectionError or TimeoutError behind ``error``, a WatchError redis-py
+    raises when the connection of a watching pipeline fails (its ``__context__``); None
+    for a WatchError of a watched key that changed, or any other error."""
+    from redis.exceptions import ConnectionError, TimeoutError, WatchError
+
+    lost = error.__context__
+    if isinstance(error, WatchError) and isinstance(lost, ConnectionError | TimeoutError):
+        return lost
+    return None
 
 
 def send_command(connection: redis.Redis | Pipeline, *args: Any) -> Any:
