@@ -666,3 +666,65 @@ async def test_a_connection_the_server_drops_during_a_commit_is_no_lost_race(
     await storage.commit()
     assert await storage.keys() == [record_key, "small"]
     await storage.aclose()
+
+
+async def test_an_open_instance_claims_its_namespace_again_once_the_server_lost_it(
+    redis_server: RedisServer,
+) -> None:
+    """The server lost the namespace (restarted without persistence, flushed) while an
+    instance held it open: its next commit writes the metadata with the data, so a new
+    instance opens the namespace and reads what was written."""
+    storage = redis_server.storage()
+    await storage.set("a", 1)
+    await storage.commit()
+    meta, data = f"cosmoflow:{storage.namespace}:meta", f"cosmoflow:{storage.namespace}:data"
+    with redis_server.client() as client:
+        client.delete(meta, data)
+
+        await storage.set("b", 2)
+        await storage.commit()
+        client.delete(meta, data)
+        assert await storage.update("n", lambda n: n + 1, 0) == 1
+
+        assert client.hgetall(meta) == {
+            b"format": b"cosmoflow-store",
+            b"version": b"1",
+            b"codec": b"json",
+        }
+    fresh = redis_server.storage(storage.namespace)
+    assert {key: await fresh.get(key) for key in await fresh.keys()} == {"n": 1}
+    await fresh.aclose()
+    await storage.aclose()
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "message"),
+    [
+        ("claimed with another codec", "no longer records format .* codec json"),
+        ("metadata deleted", "holds data without cosmoflow metadata"),
+    ],
+)
+async def test_a_namespace_whose_metadata_changed_under_an_open_instance_refuses_its_writes(
+    redis_server: RedisServer, meanwhile: str, message: str
+) -> None:
+    storage = redis_server.storage()
+    await storage.set("a", 1)
+    await storage.commit()
+    meta, data = f"cosmoflow:{storage.namespace}:meta", f"cosmoflow:{storage.namespace}:data"
+    other = redis_server.storage(storage.namespace, codec="pickle")
+    with redis_server.client() as client:
+        if meanwhile == "metadata deleted":
+            client.delete(meta)
+        else:
+            client.delete(meta, data)
+            await other.open()
+        before = client.dump(meta), client.dump(data)
+
+        for write in (storage.update("n", lambda n: n + 1, 0), storage.set("b", 2)):
+            with pytest.raises(cf.StorageError, match=message):
+                await write
+                await storage.commit()
+
+        assert (client.dump(meta), client.dump(data)) == before
+    await storage.aclose()
+    await other.aclose()

@@ -40,6 +40,46 @@ its own (see :func:`shared_client`)."""
 
 T = TypeVar("T")
 
+_REFUSAL: Final = "COSMOFLOW "
+"""How :data:`_WRITE_SCRIPT`'s own errors begin (an error code of Redis's reply)."""
+
+_WRITE_SCRIPT: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    return redis.error_reply('COSMOFLOW ' .. KEYS[2] .. ' holds data without cosmoflow '
+      .. 'metadata: ' .. KEYS[1] .. ' is gone')
+  end
+  redis.call('HSET', KEYS[1], 'format', ARGV[1], 'version', ARGV[2], 'codec', ARGV[3])
+else
+  local meta = redis.call('HMGET', KEYS[1], 'format', 'version', 'codec')
+  if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] or meta[3] ~= ARGV[3] then
+    return redis.error_reply('COSMOFLOW ' .. KEYS[1] .. ' no longer records format '
+      .. ARGV[1] .. ' version ' .. ARGV[2] .. ' codec ' .. ARGV[3] .. ': another client '
+      .. 'claimed the namespace after it was lost')
+  end
+end
+local i = 4
+while i <= #ARGV do
+  if ARGV[i] == 'S' then
+    redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+    i = i + 3
+  elseif ARGV[i] == 'D' then
+    redis.call('HDEL', KEYS[2], ARGV[i + 1])
+    i = i + 2
+  else
+    redis.call('DEL', KEYS[2])
+    i = i + 1
+  end
+end
+return 1
+"""
+"""A commit, atomic on the server: KEYS are the meta and data hashes; ARGV the format,
+version and codec this instance writes, then the ops (``S`` key value: set, ``D`` key:
+delete, ``C``: clear). It checks the metadata first, claiming the namespace again when
+both hashes are gone, and writes nothing when the metadata is not this instance's
+(the error begins with :data:`_REFUSAL`). Redis runs a script whole or, when its first
+write is refused (``maxmemory``), not at all."""
+
 _BLIND: Final = frozenset({"set", "delete"})
 """The kinds of a durable step's ops whose writes do not depend on what is stored."""
 
@@ -418,21 +458,36 @@ class RedisStorage(DatabaseStorage):
             self._exec(pipe, ops)
 
     def _exec(self, pipe: Pipeline, ops: list[Op[bytes]]) -> bool:
-        """Queue ``ops`` after MULTI and EXEC them; False if a watched key changed
-        (blocks). A connection that fails meanwhile (redis-py then raises WatchError
-        too, when the pipeline watches) raises StorageError naming the keys written."""
-        from redis.exceptions import ConnectionError, TimeoutError, WatchError
+        """Send ``ops`` as one :data:`_WRITE_SCRIPT` after MULTI and EXEC it; False if
+        a watched key changed (blocks).
 
-        pipe.multi()
+        The script writes nothing unless the namespace's metadata is this instance's,
+        and claims the namespace again when the server lost both hashes (a restart
+        without persistence, a ``FLUSHDB``): data is never written without its
+        metadata. A namespace another client claimed meanwhile, or whose data lost its
+        metadata, raises StorageError. A connection that fails meanwhile (redis-py then
+        raises WatchError too, when the pipeline watches) raises StorageError naming
+        the keys written."""
+        from redis.exceptions import ConnectionError, ResponseError, TimeoutError, WatchError
+
+        arguments: list[str | bytes] = [FORMAT, VERSION, self._codec.name]
         for op in ops:
             if isinstance(op, SetOp):
-                send_command(pipe, "HSET", self._data, op.key.encode(), op.value)
+                arguments += (b"S", op.key.encode(), op.value)
             elif isinstance(op, DeleteOp):
-                send_command(pipe, "HDEL", self._data, op.key.encode())
+                arguments += (b"D", op.key.encode())
             else:
-                send_command(pipe, "DEL", self._data)
+                arguments.append(b"C")
+        pipe.multi()
+        send_command(pipe, "EVAL", _WRITE_SCRIPT, 2, self._meta, self._data, *arguments)
         try:
             pipe.execute()
+        except ResponseError as exc:
+            problem = str(exc).partition("caused error: ")[2] or str(exc)
+            refused = problem.removeprefix(_REFUSAL)
+            if refused != problem:
+                raise StorageError(f"{self!r}: {refused}; nothing was written") from exc
+            raise StorageError(f"{self!r}: the server refused the commit: {problem}") from exc
         except WatchError as exc:
             lost = _connection_failure(exc)
             if lost is None:
