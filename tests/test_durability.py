@@ -997,3 +997,19 @@ async def test_a_durable_runs_end_is_not_written_over_a_record_another_engine_ad
             await run.wait()
         [record] = await engine.list_runs(storage)
     assert (record.state, record.steps) == ("running", 2)
+
+
+async def test_resuming_with_a_flow_that_lost_the_recorded_node_names_it(tmp_path: Path) -> None:
+    @cf.node
+    def fails(ctx: cf.ExecutionContext) -> None:
+        raise RuntimeError("b fails")
+
+    recorded = cf.Flow.builder("f").add_node("a", cf.node(lambda ctx: None))
+    recorded = recorded.add_node("b", fails).add_route("a", "b").build()
+    changed = cf.Flow.builder("f").add_node("b", cf.node(lambda ctx: None)).build()
+    storage = cf.FileStorage(tmp_path / "store.json")
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError):
+            await engine.run(recorded, storage, run_id="r")
+        with pytest.raises(cf.CosmoFlowError, match="names node 'a', which flow 'f' lacks"):
+            await engine.resume(changed, storage, run_id="r")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -18,7 +19,7 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.storage.base import RECORD_PREFIX
-from cosmoflow_actors.storage.redis import RedisStorage, shared_client
+from cosmoflow_actors.storage.redis import RedisStorage, redacted, shared_client
 from tests.storage_suite import (
     RedisServer,
     free_port,
@@ -284,13 +285,38 @@ async def test_instances_on_one_server_share_its_connections(redis_server: Redis
     assert connections_received(redis_server) - before == 2  # the pool's one, and this count
 
 
-async def test_a_password_in_the_url_never_shows() -> None:
-    storage = RedisStorage("redis://user:s3cret@127.0.0.1:1/0", namespace="n")
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:s3cret@127.0.0.1:1/0", "redis://user:***@127.0.0.1:1/0"),
+        ("redis://127.0.0.1:1/0?password=s3cret", "redis://127.0.0.1:1/0?password=***"),
+        (
+            "rediss://user@127.0.0.1:1/0?db=0&password=s3cret&ssl_password=s3cret",
+            "rediss://user@127.0.0.1:1/0?db=0&password=***&ssl_password=***",
+        ),
+        (
+            "unix://:s3cret@/run/redis.sock?password=s3cret",
+            "unix://:***@/run/redis.sock?password=***",
+        ),
+    ],
+)
+async def test_a_password_in_the_url_never_shows(url: str, shown: str) -> None:
+    storage = RedisStorage(url, namespace="n", timeout=1)
 
-    assert repr(storage) == "RedisStorage('redis://user:***@127.0.0.1:1/0', namespace='n')"
+    assert repr(storage) == f"RedisStorage({shown!r}, namespace='n')"
     with pytest.raises(cf.StorageError) as info:
         await storage.open()
     assert "s3cret" not in str(info.value)
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError) as failed:
+            await engine.list_runs(storage)
+    assert "s3cret" not in str(failed.value)
+
+
+def test_redacted_hides_the_value_of_every_query_parameter_naming_a_password() -> None:
+    assert redacted("redis://h/0?db=1&PassWord=a&x%5Fpassword=b&password&p=c") == (
+        "redis://h/0?db=1&PassWord=***&x%5Fpassword=***&password&p=c"
+    )
 
 
 # --- a server that stops answering ---------------------------------------------------------
@@ -552,3 +578,153 @@ async def test_a_call_the_server_does_not_answer_fails_from_a_connection_failure
             await storage.get("n")
     assert isinstance(failed.value.__cause__, TimeoutError | ConnectionError)
     await storage.aclose()
+
+
+async def test_a_value_that_cannot_be_decoded_is_an_error_naming_the_store_and_key(
+    redis_server: RedisServer,
+) -> None:
+    storage = redis_server.storage()
+    await storage.open()
+    with redis_server.client() as client:
+        client.hset(f"cosmoflow:{storage.namespace}:data", "x", b"{oops")
+    where = re.escape(repr(storage))
+
+    for read in (storage.get("x"), storage.get_many(["x"]), storage.update("x", str, None)):
+        with pytest.raises(cf.StorageError, match=f"^{where}: cannot read key 'x': .*JSON"):
+            await read
+    await storage.aclose()
+
+
+async def test_a_field_another_client_wrote_that_is_not_utf8_fails_the_calls_that_meet_it(
+    redis_server: RedisServer,
+) -> None:
+    """keys() (and so a user's keys, list_runs) gets a StorageError naming the store and
+    the field's bytes; a run on another store and reads of other keys go on."""
+    storage = redis_server.storage()
+    await storage.set("a", 1)
+    await storage.commit()
+    with redis_server.client() as client:
+        client.hset(f"cosmoflow:{storage.namespace}:data", b"\xff", b"1")
+    named = f"^{re.escape(repr(storage))}: .* holds the field b'\\\\xff', which is not valid UTF-8"
+
+    with pytest.raises(cf.StorageError, match=named):
+        await storage.keys()
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(single(cf.node(lambda ctx: None)), {})
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(cf.node(lambda ctx: ctx.store.keys())), storage)
+        assert re.search(named, str(info.value.__cause__))
+        with pytest.raises(cf.StorageError, match=named):
+            await engine.list_runs(storage)
+        await engine.run(single(cf.node(lambda ctx: ctx.store.set("b", 2))), storage)
+        assert await storage.get("a") == 1
+        assert (await other.wait()).success
+    await storage.aclose()
+
+
+@pytest.mark.parametrize("call", ["commit", "update", "commit_step sets", "commit_step update"])
+async def test_a_connection_the_server_drops_during_a_commit_is_no_lost_race(
+    private_redis: RedisServer, call: str
+) -> None:
+    """The server drops the connection of a command holding a value over its
+    proto-max-bulk-len: a commit, watched or not, fails at once naming the key and
+    saying the connection failed (redis-py's ConnectionError is the cause), and is not
+    tried again as a transaction another client won."""
+    from redis.exceptions import ConnectionError
+
+    storage = private_redis.storage()
+    record_key = RECORD_PREFIX + "r"
+    await storage.set(record_key, {"path": []})
+    await storage.commit()
+    with private_redis.client() as client:
+        client.config_set("proto-max-bulk-len", "1mb")
+    big = "x" * (2 * 1024 * 1024)
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "commit": partial(storage.set, "big", big),
+        "update": partial(storage.update, "big", lambda _: big, None),
+        "commit_step sets": partial(
+            storage.commit_step, [("set", "big", big)], record_key, {"path": ["a"]}, 0
+        ),
+        "commit_step update": partial(
+            storage.commit_step,
+            [("update", "big", (lambda _: big, None))],
+            record_key,
+            {"path": ["a"]},
+            0,
+        ),
+    }
+
+    with pytest.raises(cf.StorageError) as failed:
+        await calls[call]()
+        await storage.commit()
+
+    message = str(failed.value)
+    assert "the connection failed while committing" in message
+    assert "'big'" in message and "proto-max-bulk-len" in message
+    assert isinstance(failed.value.__cause__, ConnectionError)
+    await storage.set("small", 1)
+    await storage.commit()
+    assert await storage.keys() == [record_key, "small"]
+    await storage.aclose()
+
+
+async def test_an_open_instance_claims_its_namespace_again_once_the_server_lost_it(
+    redis_server: RedisServer,
+) -> None:
+    """The server lost the namespace (restarted without persistence, flushed) while an
+    instance held it open: its next commit writes the metadata with the data, so a new
+    instance opens the namespace and reads what was written."""
+    storage = redis_server.storage()
+    await storage.set("a", 1)
+    await storage.commit()
+    meta, data = f"cosmoflow:{storage.namespace}:meta", f"cosmoflow:{storage.namespace}:data"
+    with redis_server.client() as client:
+        client.delete(meta, data)
+
+        await storage.set("b", 2)
+        await storage.commit()
+        client.delete(meta, data)
+        assert await storage.update("n", lambda n: n + 1, 0) == 1
+
+        assert client.hgetall(meta) == {
+            b"format": b"cosmoflow-store",
+            b"version": b"1",
+            b"codec": b"json",
+        }
+    fresh = redis_server.storage(storage.namespace)
+    assert {key: await fresh.get(key) for key in await fresh.keys()} == {"n": 1}
+    await fresh.aclose()
+    await storage.aclose()
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "message"),
+    [
+        ("claimed with another codec", "no longer records format .* codec json"),
+        ("metadata deleted", "holds data without cosmoflow metadata"),
+    ],
+)
+async def test_a_namespace_whose_metadata_changed_under_an_open_instance_refuses_its_writes(
+    redis_server: RedisServer, meanwhile: str, message: str
+) -> None:
+    storage = redis_server.storage()
+    await storage.set("a", 1)
+    await storage.commit()
+    meta, data = f"cosmoflow:{storage.namespace}:meta", f"cosmoflow:{storage.namespace}:data"
+    other = redis_server.storage(storage.namespace, codec="pickle")
+    with redis_server.client() as client:
+        if meanwhile == "metadata deleted":
+            client.delete(meta)
+        else:
+            client.delete(meta, data)
+            await other.open()
+        before = client.dump(meta), client.dump(data)
+
+        for write in (storage.update("n", lambda n: n + 1, 0), storage.set("b", 2)):
+            with pytest.raises(cf.StorageError, match=message):
+                await write
+                await storage.commit()
+
+        assert (client.dump(meta), client.dump(data)) == before
+    await storage.aclose()
+    await other.aclose()

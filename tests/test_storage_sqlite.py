@@ -433,7 +433,7 @@ async def test_peek_reads_without_creating_or_changing_a_file(tmp_path: Path) ->
     before.pop(f"{path.name}-shm")
     entries = peek(path)
     assert entries["a"].unwrap() == 1
-    with pytest.raises(cf.StorageError, match="a stored value is a str, not bytes"):
+    with pytest.raises(cf.StorageError, match="its stored value is a str, not bytes"):
         entries["b"].unwrap()
     assert {name: file for name, file in files_of(tmp_path).items() if name in before} == before
     await storage.aclose()
@@ -462,3 +462,61 @@ async def test_a_durable_step_with_a_key_that_is_not_valid_unicode_fails_alone(
     fresh = SQLiteStorage(path)
     assert {k: await fresh.get(k) for k in await fresh.keys()} == {key: {"path": ["a"]}, "kept": 1}
     await fresh.aclose()
+
+
+async def test_a_value_that_cannot_be_decoded_is_an_error_naming_the_store_and_key(
+    tmp_path: Path,
+) -> None:
+    """Another client wrote a row this backend cannot read: every read of it says which
+    store and which key, and a damaged run record fails the engine call that read it."""
+    path = tmp_path / "store.db"
+    async with cf.open_engine() as engine:
+        await engine.run(single(cf.node(lambda ctx: None)), SQLiteStorage(path), run_id="r1")
+    with database(path) as connection:
+        connection.execute("INSERT INTO cosmoflow_store VALUES ('x', ?)", (b"{oops",))
+        connection.execute("INSERT INTO cosmoflow_store VALUES ('t', 'text')")
+        connection.execute(
+            "UPDATE cosmoflow_store SET value = ? WHERE key = ?", (b"[", record_key("r1"))
+        )
+    storage = SQLiteStorage(path)
+    where = re.escape(repr(storage))
+
+    with pytest.raises(cf.StorageError, match=f"^{where}: cannot read key 'x': .*not valid JSON"):
+        await storage.get("x")
+    with pytest.raises(cf.StorageError, match=f"^{where}: cannot read key 'x'"):
+        await storage.get_many(["x"])
+    with pytest.raises(cf.StorageError, match=f"^{where}: cannot read key 't': .*a str, not"):
+        await storage.get("t")
+    assert "cannot read key 'x'" in str(peek(path)["x"].error)  # type: ignore[union-attr]
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError, match=f"cannot read key '{record_key('r1')}'"):
+            await engine.list_runs(storage)
+    await storage.aclose()
+
+
+async def test_a_blob_key_another_client_wrote_fails_the_calls_that_meet_it(
+    tmp_path: Path,
+) -> None:
+    """keys() (and so a user's keys, list_runs, peek) gets a StorageError naming the
+    store and the key's bytes; a run on another store and reads of other keys go on."""
+    path = tmp_path / "store.db"
+    storage = await stored(path, a=1)
+    with database(path) as connection:
+        connection.execute("INSERT INTO cosmoflow_store VALUES (?, ?)", (b"\xff", b"1"))
+    named = f"^{re.escape(repr(storage))}: a row's key is the bytes b'\\\\xff', not text"
+
+    with pytest.raises(cf.StorageError, match=named):
+        await storage.keys()
+    with pytest.raises(cf.StorageError, match="key is the bytes b'\\\\xff'"):
+        peek(path)
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(single(cf.node(lambda ctx: None)), {})
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(cf.node(lambda ctx: ctx.store.keys())), storage)
+        assert re.search(named, str(info.value.__cause__))
+        with pytest.raises(cf.StorageError, match=named):
+            await engine.list_runs(storage)
+        await engine.run(single(cf.node(lambda ctx: ctx.store.set("b", 2))), storage)
+        assert await storage.get("a") == 1
+        assert (await other.wait()).success
+    await storage.aclose()

@@ -299,30 +299,32 @@ def errors_of(answers: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {key: (type(error).__name__, str(error)) for key, error in answers.items()}
 
 
-async def test_a_crashed_actor_answers_every_request_held_back_by_a_full_mailbox() -> None:
-    """A backend bug crashes the actor with a request in hand, one queued and four
-    senders waiting for room: all six are answered with ActorCrashedError, caused by
-    the bug, and a later request is refused."""
+async def test_a_backend_bug_fails_the_request_in_hand_alone() -> None:
+    """A backend's get raises an error that is no StorageError with a request in hand,
+    one queued and four senders waiting for room: that request alone fails, with a
+    StorageError naming the backend and the operation, caused by the bug; the actor
+    serves the other five and goes on serving."""
     storage = Stalling("get", ZeroDivisionError("storage bug"))
+    storage.data.update({f"k{i}": json.dumps(i) for i in range(6)})
     actor = StoreActor("store:stalling", 1, storage)
     answers: dict[str, Any] = {}
-    async with trio.open_nursery() as requesters:
-        with pytest.RaisesGroup(ZeroDivisionError):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(actor.run)
-                await queue_requests(actor, storage, requesters, answers)
-                storage.release.set()
-        await trio.testing.wait_all_tasks_blocked()
-        assert errors_of(answers) == {
-            f"k{i}": (
-                "ActorCrashedError",
-                "actor 'store:stalling' crashed; the engine is shutting down",
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        async with trio.open_nursery() as requesters:
+            await queue_requests(actor, storage, requesters, answers)
+            storage.stalls = ""  # only the get in hand fails
+            storage.release.set()
+        failed = answers.pop("k0")
+        assert errors_of({"k0": failed}) == {
+            "k0": (
+                "StorageError",
+                "store:stalling: get failed: the backend raised ZeroDivisionError: storage bug",
             )
-            for i in range(6)
         }
-        assert all(error.__cause__ is storage.error for error in answers.values())
-    with pytest.raises(cf.StorageError, match="store:stalling is closed"):
-        await actor.request(StoreOp.GET, storage, "later", None)
+        assert failed.__cause__ is storage.error
+        assert answers == {f"k{i}": i for i in range(1, 6)}
+        assert await actor.request(StoreOp.GET, storage, "k0", None) == 0
+        actor.retire()
 
 
 async def test_an_actor_stopped_by_its_engine_answers_every_request_held_back() -> None:
@@ -422,3 +424,55 @@ async def test_stores_that_fail_to_close_leave_nothing_in_the_warning_registry(
             after_2n = await run_on_new_stores(engine, 10, 10)
     assert [str(warning.message).endswith("compaction lost") for warning in caught] == [True] * 20
     assert after_2n <= after_n
+
+
+class Buggy(JsonDictStorage):
+    """A custom backend with bugs: ``set`` of a key in ``bad_keys`` raises ValueError
+    after writing it, and ``commit`` raises RuntimeError while ``commit_fails``."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.bad_keys: set[str] = set()
+        self.commit_fails = False
+
+    async def set(self, key: str, value: Any) -> None:
+        await super().set(key, value)
+        if key in self.bad_keys:
+            raise ValueError(f"bug writing {key}")
+
+    async def commit(self) -> None:
+        if self.commit_fails:
+            raise RuntimeError("bug committing")
+
+
+async def test_a_backend_bug_in_a_write_or_commit_fails_those_writes_alone() -> None:
+    """A set_many whose second write raises (no StorageError) stores nothing, a commit
+    that raises fails the writes of its batch, and each error is a StorageError naming
+    the backend and the operation, the bug its cause; a run on another store and later
+    writes go on."""
+    storage = Buggy()
+    write_many = single(cf.node(lambda ctx: ctx.store.set_many(ctx.params["items"])))
+    write = single(cf.node(lambda ctx: ctx.store.set("c", 3)))
+
+    async def failure(engine: cf.Engine, flow: cf.Flow, **params: Any) -> BaseException:
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(flow, storage, params=params)
+        assert isinstance(info.value.__cause__, cf.StorageError)
+        return info.value.__cause__
+
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(single(Recorder()), {})
+        await engine.run(write_many, storage, params={"items": {"a": 0}})
+        storage.bad_keys.add("b")
+        bug = await failure(engine, write_many, items={"a": 1, "b": 2})
+        assert str(bug).endswith("set_many failed: the backend raised ValueError: bug writing b")
+        assert isinstance(bug.__cause__, ValueError)
+        assert storage.data == {"a": "0"}
+        storage.commit_fails = True
+        bug = await failure(engine, write)
+        assert str(bug).endswith("commit failed: the backend raised RuntimeError: bug committing")
+        assert isinstance(bug.__cause__, RuntimeError)
+        storage.commit_fails = False
+        await engine.run(write_many, storage, params={"items": {"a": 4}})
+        assert (await other.wait()).success
+    assert storage.data == {"a": "4", "c": "3"}

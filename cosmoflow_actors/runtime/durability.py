@@ -492,10 +492,20 @@ def _branch(run: ActiveRun, saved: Mapping[str, Any], forks: list[Fork]) -> Bran
 def _frames(flow: Flow, saved: list[list[Any]], run_id: str) -> list[Frame]:
     frames: list[Frame] = []
     current: Flow | None = flow
+    parent = ""
     for node_id, steps in saved:
-        if current is None or node_id not in current.nodes:
-            raise CosmoFlowError(f"run {run_id!r}: its record names a node the flow lacks")
+        if current is None:
+            raise CosmoFlowError(
+                f"run {run_id!r}: its record names node {node_id!r} inside node {parent!r}, "
+                "which is no longer a flow"
+            )
+        if node_id not in current.nodes:
+            raise CosmoFlowError(
+                f"run {run_id!r}: its record names node {node_id!r}, which flow "
+                f"{current.name!r} lacks (removed or renamed since the run was recorded)"
+            )
         frames.append(Frame(current, node_id, steps))
+        parent = node_id
         inner = current.nodes[node_id]
         current = inner if isinstance(inner, Flow) else None
     return frames

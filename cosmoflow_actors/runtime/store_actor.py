@@ -215,14 +215,15 @@ class StoreActor(Actor[StoreRequest]):
 
     async def _close_backend(self, storage: Storage) -> None:
         """Close the backend after its last run. Every write was committed before, so
-        a backend that cannot close (a read-only FileStorage cannot compact) loses
-        nothing: that is a warning, not a crash of the engine."""
+        a backend that cannot close (a read-only FileStorage cannot compact), whatever
+        it raises, loses nothing: that is a warning, not a crash of the engine."""
         with trio.CancelScope(shield=True) as cleanup:
             cleanup.deadline = trio.current_time() + CLOSE_SECONDS
             try:
                 await storage.aclose()
-            except StorageError as exc:
-                _warn_unregistered(f"{self.name}: closing failed: {exc}")
+            except Exception as exc:
+                text = str(exc) if isinstance(exc, StorageError) else type_and_message(exc)
+                _warn_unregistered(f"{self.name}: closing failed: {text}")
 
     async def _serve(self) -> None:
         """Apply what waits in the mailbox, batch after batch, until retired and empty."""
@@ -268,8 +269,9 @@ class StoreActor(Actor[StoreRequest]):
         """Answer every request of ``batch`` after committing its writes.
 
         What a requester should see (a StorageError, a missing key, an error of an
-        update function) is its answer; anything else crashes the actor, as a broken
-        backend must.
+        update function) is its answer; so is any other error a backend raised, as a
+        StorageError naming the backend and the operation (see :meth:`_broken`): a
+        broken backend fails the requests it fails, never the actor.
         """
         self.busy = 1
         answers = [await self._answer(request) for request in batch]
@@ -296,23 +298,43 @@ class StoreActor(Actor[StoreRequest]):
             return outcome.Error(refused.error)
         except (StorageError, StoreKeyError) as exc:
             return outcome.Error(exc)
+        except Exception as exc:  # a backend bug: it fails this request alone
+            return outcome.Error(self._broken(request.op.name.lower(), exc))
+
+    def _broken(self, operation: str, error: Exception) -> StorageError:
+        """A new StorageError for an ``operation`` whose backend raised ``error``, which
+        is no StorageError: it names the backend (this actor) and the operation, with
+        ``error`` as its cause. Never blocks."""
+        failure = StorageError(
+            f"{self.name}: {operation} failed: the backend raised {type_and_message(error)}"
+        )
+        failure.__cause__ = error
+        return failure
 
     async def _commit(
         self, storage: Storage, batch: list[StoreRequest], answers: list[outcome.Outcome[Any]]
     ) -> None:
-        """Commit ``storage``; if that fails, every write to it in the batch fails."""
+        """Commit ``storage``; if that fails (whatever it raised), every write to it in
+        the batch fails."""
         try:
             await storage.commit()
-        except StorageError as exc:
+        except Exception as exc:
             for i, request in enumerate(batch):
                 if (
                     request.storage is storage
                     and request.op.writes
                     and isinstance(answers[i], outcome.Value)
                 ):
-                    error = StorageError(f"{self.name}: commit failed: {exc}")
-                    error.__cause__ = exc
-                    answers[i] = outcome.Error(error)
+                    answers[i] = outcome.Error(self._commit_failed(exc))
+
+    def _commit_failed(self, error: Exception) -> StorageError:
+        """A new StorageError for a write whose batch's commit raised ``error`` (its
+        cause). Never blocks."""
+        if isinstance(error, StorageError):
+            failure = StorageError(f"{self.name}: commit failed: {error}")
+            failure.__cause__ = error
+            return failure
+        return self._broken("commit", error)
 
     # The handlers of backends that may wait, one per StoreOp.
 
@@ -344,7 +366,7 @@ class StoreActor(Actor[StoreRequest]):
             for key, value in request.argument.items():
                 await undo.remember(key)
                 await storage.set(key, value)
-        except StorageError:
+        except Exception:
             await undo.restore()
             raise
 
@@ -374,7 +396,7 @@ class StoreActor(Actor[StoreRequest]):
                 await _apply_staged(storage, undo, op, key, argument)
             await undo.remember(request.key)
             await storage.set(request.key, record)
-        except (StorageError, _Refused):
+        except Exception:
             await undo.restore()
             raise
 

@@ -33,14 +33,17 @@ class Storage(ABC):
     with ``trio.to_thread``); each is a checkpoint only if the backend awaits.
 
     Errors: a :class:`~cosmoflow_actors.StorageError` fails only the requests concerned
-    (``KeyError`` from :meth:`get` means a missing key); any other exception from any
-    method but :meth:`open` is taken as a broken backend and crashes the engine. So a
-    backend wraps its I/O errors (``raise StorageError(...) from exc``, with a message
-    that names the store, its file or server: the run that fails gets it as it is),
-    and never lets
-    a key it cannot use escape as another error: a ``str`` holding a lone surrogate is a
-    key like any other (``key.encode()`` raises ``UnicodeEncodeError`` for it;
-    ``key.encode("utf-8", "surrogatepass")`` does not).
+    (``KeyError`` from :meth:`get` means a missing key). Any other exception is taken
+    as a bug of the backend: it fails the request that met it too, as a StorageError
+    that names the store actor and the operation and says what the backend raised (the
+    cause), and the engine goes on. So a backend wraps its I/O errors (``raise
+    StorageError(...) from exc``, with a message that names the store, its file or
+    server, and the key when there is one: the run that fails gets it as it is), and
+    never lets a key it cannot use escape as another error: a ``str`` holding a lone
+    surrogate is a key like any other (``key.encode()`` raises ``UnicodeEncodeError``
+    for it; ``key.encode("utf-8", "surrogatepass")`` does not), and a key another
+    client stored that is no ``str`` (bytes that are not UTF-8) is a StorageError
+    naming it.
 
     The engine also reads two optional attributes, when a backend has them:
 
@@ -205,8 +208,8 @@ class Storage(ABC):
 
         The engine calls it when the last run using the storage ends. It must do nothing
         on an instance that is not open, and :meth:`open` must work again after it.
-        Durability never depends on it: every commit is durable on its own. A
-        StorageError from it is a warning, not a crash. The default does nothing.
+        Durability never depends on it: every commit is durable on its own. An error
+        from it, StorageError or not, is a warning, not a crash. The default does nothing.
         """
 
 

@@ -80,6 +80,22 @@ class Codec(ABC):
     def decode(self, data: bytes) -> Any:
         """Return a fresh value from bytes :meth:`encode` made; StorageError if it cannot."""
 
+    def read(self, where: str, key: str, data: bytes) -> Any:
+        """:meth:`decode` the value stored under ``key``; its StorageError names
+        ``where`` (the store) and ``key``."""
+        try:
+            return self.decode(data)
+        except StorageError as exc:
+            raise _unreadable(where, key, exc) from exc
+
+    def read_json(self, where: str, key: str, raw: msgspec.Raw) -> Any:
+        """:meth:`decode_json` the value stored under ``key``; its StorageError names
+        ``where`` (the store) and ``key``."""
+        try:
+            return self.decode_json(raw)
+        except StorageError as exc:
+            raise _unreadable(where, key, exc) from exc
+
     @abstractmethod
     def encode_json(self, key: str, value: Any) -> msgspec.Raw:
         """Return ``value`` as a JSON fragment (the file backend's form)."""
@@ -91,6 +107,11 @@ class Codec(ABC):
     @abstractmethod
     def check_json(self, raw: msgspec.Raw) -> bool:
         """Return whether ``raw`` (already valid JSON) is a fragment this codec wrote."""
+
+
+def _unreadable(where: str, key: str, error: StorageError) -> StorageError:
+    """A new StorageError: ``where`` cannot read ``key``, for the reason ``error`` gives."""
+    return StorageError(f"{where}: cannot read key {key!r}: {error}")
 
 
 @final

@@ -180,7 +180,7 @@ class FileStorage(Storage):
 
     async def get(self, key: str) -> Any:
         """Return a fresh decoded copy of the value; raise ``KeyError`` when it is missing."""
-        return self._codec.decode_json(await self._raw(key))
+        return self._codec.read_json(repr(self), key, await self._raw(key))
 
     async def _raw(self, key: str) -> msgspec.Raw:
         await self.open()
@@ -464,8 +464,12 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
     cannot be read, is not in this backend's format or was written with another codec.
     """
     reader = get_codec(codec)
-    loaded = _read_between_compactions(Path(path).absolute(), reader)
-    return {key: outcome.capture(reader.decode_json, raw) for key, raw in loaded.entries.items()}
+    absolute = Path(path).absolute()
+    loaded = _read_between_compactions(absolute, reader)
+    return {
+        key: outcome.capture(reader.read_json, str(absolute), key, raw)
+        for key, raw in loaded.entries.items()
+    }
 
 
 def _read_between_compactions(path: Path, codec: Codec) -> journal.Loaded:

@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import trio
 
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, check_steps
 from cosmoflow_actors.storage.codec import check_codec, check_json_key, utf8_key
-from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
+from cosmoflow_actors.storage.staged import ClearOp, DatabaseStorage, DeleteOp, Op, SetOp
 from cosmoflow_actors.validation import require_seconds
 
 if TYPE_CHECKING:
@@ -26,6 +26,10 @@ VERSION: Final = "1"
 MAX_UPDATE_ATTEMPTS: Final = 1000
 """``update`` gives up (StorageError) after this many attempts lost to other writers."""
 
+SMALLEST_BULK_LIMIT: Final = 1024 * 1024
+"""The least ``proto-max-bulk-len`` a server takes: a value that long or longer may be
+over the server's limit, which drops the connection (its reply is lost with it)."""
+
 _deadline: ContextVar[float | None] = ContextVar("cosmoflow_redis_deadline", default=None)
 """When the RedisStorage call running in this task must end (trio time), None outside
 one: every round trip of the call shares it (see :meth:`RedisStorage._bounded`)."""
@@ -35,6 +39,46 @@ _clients: dict[tuple[str, float], redis.Redis] = {}
 its own (see :func:`shared_client`)."""
 
 T = TypeVar("T")
+
+_REFUSAL: Final = "COSMOFLOW "
+"""How :data:`_WRITE_SCRIPT`'s own errors begin (an error code of Redis's reply)."""
+
+_WRITE_SCRIPT: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    return redis.error_reply('COSMOFLOW ' .. KEYS[2] .. ' holds data without cosmoflow '
+      .. 'metadata: ' .. KEYS[1] .. ' is gone')
+  end
+  redis.call('HSET', KEYS[1], 'format', ARGV[1], 'version', ARGV[2], 'codec', ARGV[3])
+else
+  local meta = redis.call('HMGET', KEYS[1], 'format', 'version', 'codec')
+  if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] or meta[3] ~= ARGV[3] then
+    return redis.error_reply('COSMOFLOW ' .. KEYS[1] .. ' no longer records format '
+      .. ARGV[1] .. ' version ' .. ARGV[2] .. ' codec ' .. ARGV[3] .. ': another client '
+      .. 'claimed the namespace after it was lost')
+  end
+end
+local i = 4
+while i <= #ARGV do
+  if ARGV[i] == 'S' then
+    redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+    i = i + 3
+  elseif ARGV[i] == 'D' then
+    redis.call('HDEL', KEYS[2], ARGV[i + 1])
+    i = i + 2
+  else
+    redis.call('DEL', KEYS[2])
+    i = i + 1
+  end
+end
+return 1
+"""
+"""A commit, atomic on the server: KEYS are the meta and data hashes; ARGV the format,
+version and codec this instance writes, then the ops (``S`` key value: set, ``D`` key:
+delete, ``C``: clear). It checks the metadata first, claiming the namespace again when
+both hashes are gone, and writes nothing when the metadata is not this instance's
+(the error begins with :data:`_REFUSAL`). Redis runs a script whole or, when its first
+write is refused (``maxmemory``), not at all."""
 
 _BLIND: Final = frozenset({"set", "delete"})
 """The kinds of a durable step's ops whose writes do not depend on what is stored."""
@@ -130,7 +174,7 @@ class RedisStorage(DatabaseStorage):
         data = await self._lookup(key)
         if data is None:
             raise KeyError(key)
-        return self._codec.decode(data)
+        return self._codec.read(repr(self), key, data)
 
     async def contains(self, key: str) -> bool:
         """Return whether ``key`` is stored (blocks in a worker thread, as :meth:`get`)."""
@@ -139,7 +183,18 @@ class RedisStorage(DatabaseStorage):
     async def keys(self) -> list[str]:
         """Return every key (blocks in a worker thread)."""
         fields: list[bytes] = await self._command("HKEYS", self._data)
-        return self._staged.merge_keys(field.decode() for field in fields)
+        return self._staged.merge_keys(self._field_key(field) for field in fields)
+
+    def _field_key(self, field: bytes) -> str:
+        """The key a field of the data hash holds; StorageError naming it (its raw
+        bytes) when it is not UTF-8, which only another client writes. Does not block."""
+        try:
+            return field.decode()
+        except UnicodeDecodeError as exc:
+            raise StorageError(
+                f"{self!r}: {self._data} holds the field {field!r}, which is not valid UTF-8 "
+                "and so no key of this store (another client wrote it)"
+            ) from exc
 
     async def _read_many(self, keys: list[str]) -> dict[str, bytes]:
         """One ``HMGET`` (blocks in a worker thread)."""
@@ -169,7 +224,9 @@ class RedisStorage(DatabaseStorage):
             for _ in range(MAX_UPDATE_ATTEMPTS):
                 async with self._pipeline(client) as pipe:
                     current = await self._watch(pipe, key)
-                    new = function(default if current is None else self._codec.decode(current))
+                    new = function(
+                        default if current is None else self._codec.read(repr(self), key, current)
+                    )
                     ops = [*self._staged.ops, SetOp(key, self._codec.encode(key, new))]
                     if await self._in_thread(self._exec, pipe, ops):
                         self._staged.reset()
@@ -199,7 +256,9 @@ class RedisStorage(DatabaseStorage):
             for _ in range(MAX_UPDATE_ATTEMPTS):
                 async with self._pipeline(client) as pipe:
                     stored = await self._watch(pipe, record_key)
-                    record_before = None if stored is None else self._codec.decode(stored)
+                    record_before = (
+                        None if stored is None else self._codec.read(repr(self), record_key, stored)
+                    )
                     check_steps(record_key, record_before, steps_before)
                     writes = await self._step_writes(pipe, ops)
                     writes.append(SetOp(record_key, self._codec.encode(record_key, record)))
@@ -269,7 +328,9 @@ class RedisStorage(DatabaseStorage):
             if not isinstance(stored, bytes) and stored is not None:
                 stored = send_command(pipe, "HGET", self._data, record_key.encode())
             check_steps(
-                record_key, None if stored is None else self._codec.decode(stored), steps_before
+                record_key,
+                None if stored is None else self._codec.read(repr(self), record_key, stored),
+                steps_before,
             )
             return self._exec(pipe, writes)
 
@@ -312,12 +373,12 @@ class RedisStorage(DatabaseStorage):
         """``function(value or default)``, the value as the step has left it so far."""
         function, default = update
         current = seen[key] if key in seen else await self._current(pipe, key)
-        return function(default if current is None else self._codec.decode(current))
+        return function(default if current is None else self._codec.read(repr(self), key, current))
 
     async def _user_keys(self, pipe: Pipeline, seen: dict[str, bytes | None]) -> list[str]:
         """Every key a ``clear`` removes: stored or set by the step, outside the engine's."""
         fields = await self._in_thread(send_command, pipe, "HKEYS", self._data)
-        stored = self._staged.merge_keys(field.decode() for field in fields)
+        stored = self._staged.merge_keys(self._field_key(field) for field in fields)
         names = dict.fromkeys([*stored, *(k for k, v in seen.items() if v is not None)])
         return [name for name in names if not name.startswith(RESERVED_PREFIX)]
 
@@ -397,22 +458,64 @@ class RedisStorage(DatabaseStorage):
             self._exec(pipe, ops)
 
     def _exec(self, pipe: Pipeline, ops: list[Op[bytes]]) -> bool:
-        """Queue ``ops`` after MULTI and EXEC them; False if a watched key changed (blocks)."""
-        from redis.exceptions import WatchError
+        """Send ``ops`` as one :data:`_WRITE_SCRIPT` after MULTI and EXEC it; False if
+        a watched key changed (blocks).
 
-        pipe.multi()
+        The script writes nothing unless the namespace's metadata is this instance's,
+        and claims the namespace again when the server lost both hashes (a restart
+        without persistence, a ``FLUSHDB``): data is never written without its
+        metadata. A namespace another client claimed meanwhile, or whose data lost its
+        metadata, raises StorageError. A connection that fails meanwhile (redis-py then
+        raises WatchError too, when the pipeline watches) raises StorageError naming
+        the keys written."""
+        from redis.exceptions import ConnectionError, ResponseError, TimeoutError, WatchError
+
+        arguments: list[str | bytes] = [FORMAT, VERSION, self._codec.name]
         for op in ops:
             if isinstance(op, SetOp):
-                send_command(pipe, "HSET", self._data, op.key.encode(), op.value)
+                arguments += (b"S", op.key.encode(), op.value)
             elif isinstance(op, DeleteOp):
-                send_command(pipe, "HDEL", self._data, op.key.encode())
+                arguments += (b"D", op.key.encode())
             else:
-                send_command(pipe, "DEL", self._data)
+                arguments.append(b"C")
+        pipe.multi()
+        send_command(pipe, "EVAL", _WRITE_SCRIPT, 2, self._meta, self._data, *arguments)
         try:
             pipe.execute()
-        except WatchError:
-            return False
+        except ResponseError as exc:
+            problem = str(exc).partition("caused error: ")[2] or str(exc)
+            refused = problem.removeprefix(_REFUSAL)
+            if refused != problem:
+                raise StorageError(f"{self!r}: {refused}; nothing was written") from exc
+            raise StorageError(f"{self!r}: the server refused the commit: {problem}") from exc
+        except WatchError as exc:
+            lost = _connection_failure(exc)
+            if lost is None:
+                return False  # another client changed the hash: a lost race
+            raise self._cut_off(ops, lost) from lost
+        except (ConnectionError, TimeoutError) as exc:
+            raise self._cut_off(ops, exc) from exc
         return True
+
+    def _cut_off(self, ops: list[Op[bytes]], error: BaseException) -> StorageError:
+        """A new StorageError for a commit of ``ops`` whose connection failed with
+        ``error``: it names the keys written and the largest value. Does not block."""
+        keys = [op.key for op in ops if not isinstance(op, ClearOp)]
+        sizes = [len(op.value) for op in ops if isinstance(op, SetOp)]
+        written = f"key {keys[0]!r}" if len(keys) == 1 else f"{len(keys)} keys"
+        if len(keys) > 1:
+            written += f" ({', '.join(map(repr, keys[:3]))}{', ...' if len(keys) > 3 else ''})"
+        if sizes:
+            written += f", the largest value {max(sizes):,} bytes"
+        hint = ""
+        if sizes and max(sizes) >= SMALLEST_BULK_LIMIT:
+            hint = (
+                "; a server drops the connection of a command holding a value over its "
+                "proto-max-bulk-len (512 MB by default)"
+            )
+        return StorageError(
+            f"{self!r}: the connection failed while committing {written}: {error}{hint}"
+        )
 
     def _claim(self, client: redis.Redis) -> None:
         """Check the namespace; write its metadata if it is empty (blocks)."""
@@ -422,7 +525,9 @@ class RedisStorage(DatabaseStorage):
             with client.pipeline(transaction=True) as pipe:
                 try:
                     self._claim_once(pipe)
-                except WatchError:
+                except WatchError as exc:
+                    if _connection_failure(exc) is not None:
+                        raise  # no race: the connection failed (see _in_thread)
                     continue  # another client claimed it meanwhile: check what it wrote
                 return
         raise StorageError(f"{self!r}: cannot claim the namespace: it keeps changing")
@@ -500,6 +605,9 @@ class RedisStorage(DatabaseStorage):
                     function, *args, limiter=self._limiter, abandon_on_cancel=True
                 )
             except RedisError as exc:
+                lost = _connection_failure(exc)
+                if lost is not None:
+                    raise StorageError(f"{self!r}: the connection failed: {lost}") from lost
                 raise StorageError(f"{self!r}: {exc}") from exc
         self._abandon()
         problem = f"no answer from the server within timeout={self._timeout:g} s"
@@ -525,6 +633,18 @@ async def _reset_after(pipe: Pipeline, limiter: trio.CapacityLimiter) -> None:
     connection instead."""
     with contextlib.suppress(Exception):  # a clean-up: the call it follows has failed
         await trio.to_thread.run_sync(pipe.reset, limiter=limiter, abandon_on_cancel=True)
+
+
+def _connection_failure(error: BaseException) -> BaseException | None:
+    """The ConnectionError or TimeoutError behind ``error``, a WatchError redis-py
+    raises when the connection of a watching pipeline fails (its ``__context__``); None
+    for a WatchError of a watched key that changed, or any other error."""
+    from redis.exceptions import ConnectionError, TimeoutError, WatchError
+
+    lost = error.__context__
+    if isinstance(error, WatchError) and isinstance(lost, ConnectionError | TimeoutError):
+        return lost
+    return None
 
 
 def send_command(connection: redis.Redis | Pipeline, *args: Any) -> Any:
@@ -561,12 +681,27 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
 
 
 def redacted(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for messages and actor names."""
+    """``url`` with every password replaced by ``***``, for messages and actor names.
+
+    redis-py takes a password from the userinfo (``redis://user:secret@host``) and from
+    any query parameter, whose name it passes on as a connection option
+    (``?password=secret``, ``?ssl_password=secret``): the value of every parameter
+    whose name holds "password" is replaced, whatever its case. Does not block.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    query = "&".join(_redacted_parameter(part) for part in parts.query.split("&"))
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}", query=query))
+
+
+def _redacted_parameter(parameter: str) -> str:
+    """One ``name=value`` of a URL's query, its value ``***`` if ``name`` says password."""
+    name, equals, _ = parameter.partition("=")
+    if equals and "password" in unquote_plus(name).lower():
+        return f"{name}=***"
+    return parameter
 
 
 def _decoded(mapping: dict[bytes, bytes]) -> dict[str, str]:

@@ -135,13 +135,13 @@ class SQLiteStorage(DatabaseStorage):
         """
         staged = self._staged.lookup(key)
         if isinstance(staged, bytes):
-            return self._codec.decode(staged)
+            return self._codec.read(repr(self), key, staged)
         if staged is None or utf8_key(key) is None:
             raise KeyError(key)
         row = await self._query(_SELECT, key)
         if row is None:
             raise KeyError(key)
-        return self._codec.decode(_as_bytes(row[0]))
+        return _decoded(self._codec, repr(self), key, row[0])
 
     async def contains(self, key: str) -> bool:
         """Return whether ``key`` is stored (blocks in a worker thread, as :meth:`get`)."""
@@ -155,13 +155,13 @@ class SQLiteStorage(DatabaseStorage):
     async def keys(self) -> list[str]:
         """Return every key, in insertion order (blocks in a worker thread)."""
         rows = await self._query_all(f"SELECT key FROM {STORE_TABLE} ORDER BY rowid")
-        return self._staged.merge_keys(row[0] for row in rows)
+        return self._staged.merge_keys(_text_key(repr(self), row[0]) for row in rows)
 
     async def _read_many(self, keys: list[str]) -> dict[str, bytes]:
         """One query per :data:`READ_BATCH` keys, all in one call to the worker thread."""
         connection = await self._connected()
         rows = await self._in_thread(_fetch_keys, connection, keys)
-        return {key: _as_bytes(value) for key, value in rows}
+        return {key: _as_bytes(repr(self), key, value) for key, value in rows}
 
     async def _stored_count(self) -> int:
         count: int = (await self._query(f"SELECT count(*) FROM {STORE_TABLE}"))[0]
@@ -259,7 +259,7 @@ class SQLiteStorage(DatabaseStorage):
     def _stored(self, connection: sqlite3.Connection, key: str, missing: Any) -> Any:
         """The decoded value of ``key`` in the database, ``missing`` when absent (blocks)."""
         row = _fetch_one(connection, _SELECT, (key,))
-        return missing if row is None else self._codec.decode(_as_bytes(row[0]))
+        return missing if row is None else _decoded(self._codec, repr(self), key, row[0])
 
     async def aclose(self) -> None:
         """Drop staged writes and close the connection (blocks in a worker thread).
@@ -383,9 +383,25 @@ def _is_locked(exc: sqlite3.Error) -> bool:
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-def _as_bytes(value: object) -> bytes:
+def _text_key(where: str, key: object) -> str:
+    """``key``, the key column of a row; StorageError naming ``where`` (the store) and
+    the key unless it is text (another client wrote a BLOB there)."""
+    if not isinstance(key, str):
+        raise StorageError(
+            f"{where}: a row's key is the {type(key).__name__} {key!r}, not text, and so no "
+            "key of this store (another client wrote it)"
+        )
+    return key
+
+
+def _as_bytes(where: str, key: str, value: object) -> bytes:
+    """``value``, the value column of ``key``'s row; StorageError naming ``where`` (the
+    store) and ``key`` unless it is bytes (another client wrote it)."""
     if not isinstance(value, bytes):
-        raise StorageError(f"a stored value is a {type(value).__name__}, not bytes")
+        raise StorageError(
+            f"{where}: cannot read key {key!r}: its stored value is a "
+            f"{type(value).__name__}, not bytes"
+        )
     return value
 
 
@@ -655,8 +671,8 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
     ``-shm`` index, shared memory rather than data, gets this reader's marks). A
     database without tables (an empty file) holds no key. Raises
     :class:`~cosmoflow_actors.StorageError` naming the file when it cannot be read, is
-    not an SQLite database, holds tables this backend did not create or was written
-    with another codec.
+    not an SQLite database, holds tables this backend did not create, holds a key that
+    is not text or was written with another codec.
     """
     absolute = Path(path).absolute()
     reader = get_codec(codec)
@@ -668,7 +684,11 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
             connection.close()
     except sqlite3.Error as exc:
         raise StorageError(f"{absolute}: {_described(exc)}") from exc
-    return {key: outcome.capture(_decoded, reader, value) for key, value in rows}
+    where = str(absolute)
+    return {
+        _text_key(where, key): outcome.capture(_decoded, reader, where, key, value)
+        for key, value in rows
+    }
 
 
 def _read_only_uri(path: Path) -> str:
@@ -688,5 +708,7 @@ def _read_rows(connection: sqlite3.Connection, path: Path, codec: Codec) -> list
     return _fetch_all(connection, f"SELECT key, value FROM {STORE_TABLE} ORDER BY rowid")
 
 
-def _decoded(codec: Codec, value: object) -> Any:
-    return codec.decode(_as_bytes(value))
+def _decoded(codec: Codec, where: str, key: str, value: object) -> Any:
+    """The value of ``key``'s row decoded; StorageError naming ``where`` (the store) and
+    ``key`` when it cannot be."""
+    return codec.read(where, key, _as_bytes(where, key, value))

@@ -201,7 +201,7 @@ class DatabaseStorage(Storage):
         for key in keys:
             data = staged[key] if key in staged else stored.get(key)
             if data is not None:
-                found[key] = self._codec.decode(data)
+                found[key] = self._codec.read(repr(self), key, data)
         return found
 
     @abstractmethod
