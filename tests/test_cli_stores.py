@@ -51,18 +51,21 @@ def test_a_value_that_cannot_be_read_is_named(
     store = f"sqlite:{path}"
     assert main(["run", str(EXAMPLES / "hello_world.py"), "--store", store, "--json"]) == 0
     captured = capsys.readouterr()
-    unreadable = "<unreadable: StorageError: a stored value is a str, not bytes>"
+    problem = f"SQLiteStorage('{path}'): cannot read key 'b': its stored value is a str, not bytes"
     assert json.loads(captured.out)["store"] == {
         "a": 1,
-        "b": unreadable,
+        "b": f"<unreadable: StorageError: {problem}>",
         "greeting": "Hello, world!",
     }
-    message = f"{store}: the value of 'b' cannot be read: StorageError: a stored value is a str"
+    message = f"{store}: the value of 'b' cannot be read: StorageError: {problem}"
     assert captured.err.startswith(f"cosmoflow: warning: {message}")
     assert main(["inspect", store]) == 2
     captured = capsys.readouterr()
     assert table_row(captured.out, "b")[1] == "unreadable"
-    assert captured.err.startswith(f"cosmoflow: error: {message}")
+    assert captured.err == (
+        f"cosmoflow: error: {store}: the value of 'b' cannot be read: StorageError: {path}: "
+        "cannot read key 'b': its stored value is a str, not bytes\n"
+    )
     assert captured.err.count("\n") == 1
 
 

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.node_actor import KEEP_IDLE
 from cosmoflow_actors.runtime.statistics import EngineStatistics
-from tests.support import Gate, Recorder, a_then_b, node_actors, single
+from cosmoflow_actors.runtime.store_actor import StoreActor
+from tests.support import Gate, Recorder, a_then_b, engine_bug, node_actors, single
 
 
 def count_tasks() -> int:
@@ -232,7 +233,32 @@ class ExplodingStorage(cf.Storage):
         return []
 
 
-async def test_an_actor_crash_fails_the_runs_in_flight_and_leaves_open_engine() -> None:
+async def test_a_broken_backend_fails_the_run_that_met_it_alone() -> None:
+    @cf.node
+    async def touch_bomb(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.get("bomb")
+
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        bystander = await engine.start_run(single(gate))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(touch_bomb), ExplodingStorage())
+        gate.open.set()
+        assert (await bystander.wait()).success
+        assert await engine.run(single(Recorder()), {})
+    error = info.value.__cause__
+    assert isinstance(error, cf.StorageError)
+    assert str(error).startswith("store:ExplodingStorage")
+    assert str(error).endswith(": get failed: the backend raised ZeroDivisionError: storage bug")
+
+
+async def test_an_actor_crash_fails_the_runs_in_flight_and_leaves_open_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bug of the engine's own (injected: the store actor's handling of a backend's
+    # error raises it) is what still crashes an actor.
+    monkeypatch.setattr(StoreActor, "_broken", engine_bug)
     gate = Gate()
 
     @cf.node

@@ -23,7 +23,7 @@ from cosmoflow_actors.runtime.store_client import MISSING
 from cosmoflow_actors.storage import journal as journal_format
 from cosmoflow_actors.storage.codec import get_codec
 from tests.storage_suite import JsonDictStorage
-from tests.support import Recorder, single
+from tests.support import Recorder, engine_bug, single
 
 
 async def on_disk(path: Path) -> dict[str, Any]:
@@ -297,6 +297,35 @@ async def queue_requests(
 
 def errors_of(answers: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {key: (type(error).__name__, str(error)) for key, error in answers.items()}
+
+
+async def test_a_crashed_actor_answers_every_request_held_back_by_a_full_mailbox(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An engine bug crashes the actor with a request in hand, one queued and four
+    senders waiting for room: all six are answered with ActorCrashedError, caused by
+    the bug, and a later request is refused."""
+    monkeypatch.setattr(StoreActor, "_broken", engine_bug)
+    storage = Stalling("get", ZeroDivisionError("storage bug"))
+    actor = StoreActor("store:stalling", 1, storage)
+    answers: dict[str, Any] = {}
+    async with trio.open_nursery() as requesters:
+        with pytest.RaisesGroup(ZeroDivisionError):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(actor.run)
+                await queue_requests(actor, storage, requesters, answers)
+                storage.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert errors_of(answers) == {
+            f"k{i}": (
+                "ActorCrashedError",
+                "actor 'store:stalling' crashed; the engine is shutting down",
+            )
+            for i in range(6)
+        }
+        assert all(error.__cause__ is storage.error for error in answers.values())
+    with pytest.raises(cf.StorageError, match="store:stalling is closed"):
+        await actor.request(StoreOp.GET, storage, "later", None)
 
 
 async def test_a_backend_bug_fails_the_request_in_hand_alone() -> None:
