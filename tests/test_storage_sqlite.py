@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import stat
 import sys
@@ -239,6 +240,52 @@ async def test_an_update_that_raises_leaves_no_lock_held(tmp_path: Path) -> None
 async def test_a_missing_directory_is_a_storage_error_at_open(tmp_path: Path) -> None:
     with pytest.raises(cf.StorageError, match="missing"):
         await SQLiteStorage(tmp_path / "missing" / "store.db").open()
+
+
+OPEN_READ_ONLY = """
+import sys
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+async def main() -> None:
+    try:
+        await cf.SQLiteStorage(sys.argv[1]).open()
+    except cf.StorageError as exc:
+        print(exc)
+
+
+trio.run(main)
+"""
+
+
+def as_the_files_owner() -> list[str]:
+    """A command prefix under which a process obeys the files' permissions: as they are
+    for a user; for root, setpriv dropping the capabilities that bypass them."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to open a file as read-only for root")
+    capabilities = "-dac_override,-dac_read_search"
+    return ["setpriv", "--bounding-set", capabilities, "--inh-caps", capabilities]
+
+
+async def test_a_read_only_database_is_refused_at_open_not_at_the_first_write(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+    path.chmod(0o444)
+    command = [*as_the_files_owner(), sys.executable, "-c", OPEN_READ_ONLY, str(path)]
+    process = await trio.run_process(command, capture_stdout=True, check=True)
+    assert process.stdout.decode() == (
+        f"{path}: the database is read-only for this process (check the permissions of the "
+        "file, of its -wal and -shm files and of its folder)\n"
+    )
+    path.chmod(0o600)
+    assert await SQLiteStorage(path).get("a") == 1
 
 
 async def test_a_full_disk_fails_the_commit_and_rolls_back(tmp_path: Path) -> None:

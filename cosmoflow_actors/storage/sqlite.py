@@ -494,9 +494,32 @@ def _prepare(connection: sqlite3.Connection, path: Path, codec: Codec, deadline:
     if mode != "wal":
         raise StorageError(f"{path}: cannot switch to WAL mode (journal mode is {mode!r})")
     connection.execute("PRAGMA synchronous = FULL")
-    if not tables:
-        _set_busy_timeout(connection, deadline - time.monotonic())
+    _set_busy_timeout(connection, deadline - time.monotonic())
+    if tables:
+        _check_writable(connection, path)
+    else:
         _create_schema(connection, path, codec)
+
+
+def _check_writable(connection: sqlite3.Connection, path: Path) -> None:
+    """Raise StorageError when the database cannot be written (the file, or its folder,
+    is read-only for this process): SQLite then opens it read-only without a word, and
+    only the first write would fail. Tries a write that changes nothing (the header's
+    user version, set to itself) and rolls it back; blocks while it waits for another
+    connection's write lock."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+        connection.execute(f"PRAGMA user_version = {version}")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_READONLY:
+            raise
+        raise StorageError(
+            f"{path}: the database is read-only for this process (check the permissions "
+            "of the file, of its -wal and -shm files and of its folder)"
+        ) from exc
+    finally:
+        connection.execute("ROLLBACK")
 
 
 def _switch_to_wal(connection: sqlite3.Connection, deadline: float) -> str:
