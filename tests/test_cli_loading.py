@@ -17,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("plain_output")
     ("content", "target_suffix", "message"),
     [
         (None, "", "no such file"),
+        ("FOLDER", "", "a folder, not a Python file"),
         ("x = 1\n", "", "expected exactly one Flow, found none"),
         (
             "import cosmoflow_actors as cf\n"
@@ -42,7 +43,9 @@ def test_bad_input_is_one_line_on_stderr(
     message: str,
 ) -> None:
     flow_file = tmp_path / "flows.py"
-    if content is not None:
+    if content == "FOLDER":
+        flow_file.mkdir()
+    elif content is not None:
         flow_file.write_text(content)
     assert main(["run", f"{flow_file}{target_suffix}", "--param", "a=1"]) == 2
     err = capsys.readouterr().err

@@ -274,9 +274,12 @@ async def test_constructor_does_no_io(tmp_path: Path) -> None:
 async def test_a_missing_directory_is_a_storage_error_at_open(tmp_path: Path) -> None:
     storage = FileStorage(tmp_path / "missing" / "store.json")
 
-    with pytest.raises(StorageError, match="missing") as info:
+    with pytest.raises(StorageError) as info:
         await storage.open()
 
+    assert str(info.value) == (
+        f"cannot open {storage.path}: the folder {tmp_path / 'missing'} does not exist"
+    )
     assert isinstance(info.value.__cause__, FileNotFoundError)
     assert os.listdir(tmp_path) == []
 
@@ -773,6 +776,16 @@ async def test_aclose_of_an_instance_never_opened_does_nothing(tmp_path: Path) -
     await storage.aclose()
 
     assert os.listdir(tmp_path) == []
+
+
+async def test_an_empty_file_is_refused_saying_so_and_left_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "store.json"
+    path.write_bytes(b"")
+
+    with pytest.raises(StorageError, match=r"store.json is empty, which no store leaves"):
+        await FileStorage(path).open()
+
+    assert (os.listdir(tmp_path), path.read_bytes()) == (["store.json"], b"")
 
 
 async def test_a_failed_open_keeps_no_lock(tmp_path: Path) -> None:

@@ -41,6 +41,8 @@ def load_flows(targets: Sequence[str]) -> list[Flow]:
 def _import_flows(path: Path) -> dict[str, Flow]:
     """Import the file ``path`` (blocks while its top level runs); return its flows by
     variable name. CliError when it is missing, raises, exits or runs a flow."""
+    if path.is_dir():
+        raise CliError(f"{path}: a folder, not a Python file")
     if not path.is_file():
         raise CliError(f"{path}: no such file")
     try:

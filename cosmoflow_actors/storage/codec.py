@@ -237,6 +237,7 @@ def check_codec(where: str, recorded: object, codec: Codec) -> None:
     if recorded != codec.name:
         raise StorageError(
             f"{where} was written with codec {recorded!r} but is opened with codec "
-            f"{codec.name!r}; open it with codec={recorded!r} (the pickle codec is for "
-            f"trusted data only and is never chosen implicitly)"
+            f"{codec.name!r}; open it with codec={recorded!r} (--codec {recorded} on the "
+            "command line; the pickle codec is for trusted data only and is never chosen "
+            "implicitly)"
         )

@@ -151,6 +151,11 @@ class FileStorage(Storage):
         while True:
             try:
                 found = await _in_thread(self._try_lock)
+            except FileNotFoundError as exc:
+                folder = self._path.parent
+                raise StorageError(
+                    f"cannot open {self._path}: the folder {folder} does not exist"
+                ) from exc
             except OSError as exc:
                 raise StorageError(f"cannot lock {self._path}: {exc}") from exc
             if isinstance(found, lock.Held):

@@ -247,6 +247,11 @@ def _another_writer(journal: Path) -> StorageError:
 
 
 def _load_snapshot(path: Path, content: bytes, codec: Codec, loaded: Loaded) -> None:
+    if not content.strip():
+        raise StorageError(
+            f"{path} is empty, which no store leaves (an empty store is a snapshot with no "
+            "keys): remove it to start a new store there"
+        )
     try:
         snapshot = _snapshot_decoder.decode(content)
     except msgspec.DecodeError as exc:
