@@ -163,11 +163,14 @@ class StoreKeyError(CosmoFlowError, KeyError):
 class StoreTypeError(CosmoFlowError, TypeError):
     """The stored value is not of the type asked for."""
 
-    def __init__(self, key: str, expected: object, actual: object) -> None:
+    def __init__(
+        self, key: str, expected: object, actual: object, detail: str | None = None
+    ) -> None:
         self.key = key
         self.expected = expected
         self.actual = actual
-        super().__init__(f"key {key!r} holds a {actual}, not a {expected}")
+        message = f"key {key!r} holds a {actual}, not a {expected}"
+        super().__init__(message if detail is None else f"{message}: {detail}")
 
 
 def error_text(error: BaseException) -> str:

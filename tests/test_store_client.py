@@ -74,6 +74,17 @@ async def test_a_value_of_the_wrong_type_is_store_type_error() -> None:
     assert "'n' holds a str, not a int" in str(error)
 
 
+@pytest.mark.parametrize("store", [{"p": [1, "a"]}, {"p": (1, "a")}], ids=["list", "tuple"])
+async def test_a_type_error_names_the_type_asked_for_and_what_does_not_fit(
+    store: dict[str, Any],
+) -> None:
+    error = await store_error(lambda s: s.get("p", type=tuple[int, int]), store)
+    held = type(store["p"]).__name__
+    assert str(error) == (
+        f"key 'p' holds a {held}, not a tuple[int, int]: Expected `int`, got `str` - at `$[1]`"
+    )
+
+
 async def test_a_default_is_returned_without_a_type_check() -> None:
     assert await in_run(lambda store: store.get("missing", None, type=int)) is None
 

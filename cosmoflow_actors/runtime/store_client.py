@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import types
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, final, overload
@@ -454,11 +455,17 @@ def as_type(key: str, value: Any, expected: Any) -> Any:
     try:
         return msgspec.convert(value, expected, str_keys=True)
     except (msgspec.ValidationError, TypeError) as exc:
-        raise StoreTypeError(key, _type_name(expected), _type_name(type(value))) from exc
+        detail = str(exc) if isinstance(exc, msgspec.ValidationError) else None
+        actual = _type_name(type(value))
+        raise StoreTypeError(key, _type_name(expected), actual, detail) from exc
 
 
-def _type_name(value: Any) -> str:
-    return getattr(value, "__qualname__", None) or repr(value)
+def _type_name(kind: Any) -> str:
+    """A class's name; the form written in code of anything else (``tuple[int, int]``,
+    ``int | None``)."""
+    if isinstance(kind, type) and not isinstance(kind, types.GenericAlias):
+        return kind.__qualname__
+    return repr(kind)
 
 
 def _never_started(call: Coroutine[Any, Any, Any]) -> bool:
