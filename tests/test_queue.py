@@ -746,6 +746,40 @@ async def test_a_stopped_worker_hands_its_run_back_to_the_next_worker_at_once(
     assert (status.state, status.attempts) == ("succeeded", 2)
 
 
+async def blocked_clients(queue: RunQueue) -> int:
+    """How many clients of the queue's server wait in a blocking command now."""
+    clients: dict[str, Any] = await queue.call("INFO", "clients")
+    return int(clients["blocked_clients"])
+
+
+async def test_a_run_a_stopped_workers_last_read_got_is_given_back_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """w1 waits for new runs (its read blocked in the server) when it is stopped; a run
+    submitted then is delivered to that read: w1 gives its entry back, so w2 takes the
+    run at once, not after the 60 s lease."""
+    queue, store = new_queue(redis_server, lease=60.0), store_url(redis_server)
+    stop = trio.CancelScope()
+
+    async def serve_w1() -> None:
+        with stop:
+            async with worker(queue, store, "w1"):
+                await trio.sleep_forever()
+
+    before = await blocked_clients(queue)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_w1)
+        with trio.fail_after(5):
+            while await blocked_clients(queue) <= before:
+                pass
+        stop.cancel()
+        await cf.submit(queue, "count", run_id="late")
+    async with worker(queue, store, "w2"):
+        with trio.fail_after(5):  # the entry, left with w1, would wait out the lease
+            done = await cf.result(queue, "late")
+    assert (done.result, done.worker) == ("done late", "w2")
+
+
 async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

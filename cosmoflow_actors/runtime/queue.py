@@ -896,26 +896,51 @@ class _Worker:
 
     async def _new(self) -> tuple[str, str, bytes | None] | None:
         """A new entry, as :meth:`_waiting` gives it, waiting a poll interval at most
-        for one."""
+        for one.
+
+        The wait goes on in the server whatever becomes of this task, and may end with
+        an entry delivered to this worker: so a worker stopped meanwhile waits for it
+        too (shielded, a poll interval and HAND_BACK_SECONDS at most), and gives back
+        the entry it got (:meth:`_give_back`) before the cancellation goes on.
+        """
         queue = self.queue
-        reply = await queue.call(
-            "XREADGROUP",
-            "GROUP",
-            GROUP,
-            self.name,
-            "COUNT",
-            1,
-            "BLOCK",
-            max(1, round(self._poll * 1000)),
-            "STREAMS",
-            queue.stream,
-            ">",
-        )
+        reply = None
+        with trio.move_on_after(self._poll + HAND_BACK_SECONDS, shield=True):
+            reply = await queue.call(
+                "XREADGROUP",
+                "GROUP",
+                GROUP,
+                self.name,
+                "COUNT",
+                1,
+                "BLOCK",
+                max(1, round(self._poll * 1000)),
+                "STREAMS",
+                queue.stream,
+                ">",
+            )
         entries = _entries(reply[0][1]) if reply else []
         if not entries:
             return None
         entry_id, run_id = entries[0]
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except trio.Cancelled:
+            await self._give_back(entry_id)
+            raise
         return entry_id, run_id, await queue.call("HGET", queue.runs, run_id)
+
+    async def _give_back(self, entry_id: str) -> None:
+        """Make the entry ``entry_id``, delivered to this stopped worker and not
+        claimed, idle for a lease, so that the next worker to look for expired leases
+        takes its run at once. Shielded; blocks HAND_BACK_SECONDS at most (beyond, the
+        entry is taken over once it has been idle for a lease)."""
+        queue = self.queue
+        with trio.move_on_after(HAND_BACK_SECONDS, shield=True):
+            with contextlib.suppress(StorageError):
+                await queue.call(
+                    "XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, "IDLE", self.lease_ms
+                )
 
     async def _claim(self, entry_id: str, run_id: str, data: bytes | None) -> _Claim | None:
         """Take the lease of ``run_id``, of which the queue's hash held ``data`` (None:
