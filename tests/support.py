@@ -185,3 +185,13 @@ def engine_bug(self: StoreActor, operation: str, error: Exception) -> cf.Storage
     error raises it, as a bug of the engine's would (the one way left to crash a store
     actor)."""
     raise error
+
+
+class Unshowable(Exception):
+    """An error whose ``str`` and ``repr`` both raise."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")

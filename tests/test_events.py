@@ -16,7 +16,7 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.events import EventHub
-from tests.support import FlakyOnce, Gate, Recorder, a_then_b, single
+from tests.support import FlakyOnce, Gate, Recorder, Unshowable, a_then_b, single
 
 
 async def collect(stream: cf.EventStream, into: list[cf.Event]) -> None:
@@ -321,14 +321,6 @@ def test_a_listener_that_raises_is_removed_and_logged_and_the_others_see_the_eve
     assert record.exc_info is not None and str(record.exc_info[1]) == "listener bug"
 
 
-class Unprintable(Exception):
-    def __str__(self) -> str:
-        raise RuntimeError("no str")
-
-    def __repr__(self) -> str:
-        raise RuntimeError("no repr")
-
-
 def test_a_listener_raising_on_an_event_that_cannot_be_shown_is_removed_and_emit_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -340,7 +332,7 @@ def test_a_listener_raising_on_an_event_that_cannot_be_shown_is_removed_and_emit
 
     hub.listen(broken)
     hub.listen(after.append)
-    event = cf.StepFinished("r1", 1.0, "f", "n", "r1:1", 0.5, None, Unprintable())
+    event = cf.StepFinished("r1", 1.0, "f", "n", "r1:1", 0.5, None, Unshowable())
     hub.emit(event)
     assert after == [event]
     [record] = caplog.records

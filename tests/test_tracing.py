@@ -20,7 +20,7 @@ import cosmoflow_actors as cf
 from cosmoflow_actors import tracing
 from cosmoflow_actors.events import EventHub, StepSpans
 from cosmoflow_actors.tracing import LiveSpans, describe_error, format_event, trace_events
-from tests.support import FlakyOnce, Gate, Recorder, single
+from tests.support import FlakyOnce, Gate, Recorder, Unshowable, single
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
 
@@ -133,17 +133,9 @@ async def test_failures_set_error_status_and_record_the_exception(
     assert dict(run.events[0].attributes or {})["exception.type"] == exception_type
 
 
-class Unprintable(Exception):
-    def __str__(self) -> str:
-        raise RuntimeError("no str")
-
-    def __repr__(self) -> str:
-        raise RuntimeError("no repr")
-
-
 @cf.node
 async def unprintable(ctx: cf.ExecutionContext) -> None:
-    raise Unprintable()
+    raise Unshowable()
 
 
 async def test_an_error_that_cannot_be_shown_fails_its_run_alone_and_tracing_goes_on(
@@ -157,7 +149,7 @@ async def test_an_error_that_cannot_be_shown_fails_its_run_alone_and_tracing_goe
         bad = await engine.start_run(single(unprintable, "bad"), run_id="bad")
         with pytest.raises(cf.NodeError) as failed:
             await bad.wait()
-        assert isinstance(failed.value.__cause__, Unprintable)
+        assert isinstance(failed.value.__cause__, Unshowable)
         gate.open.set()
         await waiting.wait()
         await engine.run(single(Recorder("done"), "after"), run_id="after")
@@ -171,8 +163,8 @@ def test_an_exception_that_cannot_be_shown_is_recorded_with_its_type_and_trace(
     tracer: Tracer, exporter: InMemorySpanExporter
 ) -> None:
     try:
-        raise Unprintable()
-    except Unprintable as exc:
+        raise Unshowable()
+    except Unshowable as exc:
         error = exc
     with tracer.start_as_current_span("s") as span:
         tracing._record_exception(span, error, 5)
@@ -180,8 +172,8 @@ def test_an_exception_that_cannot_be_shown_is_recorded_with_its_type_and_trace(
     attributes = dict(event.attributes or {})
     assert (event.name, event.timestamp) == ("exception", 5)
     assert attributes["exception.message"] == "<unprintable>"
-    assert attributes["exception.type"] == "tests.test_tracing.Unprintable"
-    assert "raise Unprintable()" in str(attributes["exception.stacktrace"])
+    assert attributes["exception.type"] == "tests.support.Unshowable"
+    assert "raise Unshowable()" in str(attributes["exception.stacktrace"])
 
 
 def single_span(exporter: InMemorySpanExporter) -> ReadableSpan:
