@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import builtins
 import inspect
-import types
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from types import CoroutineType
+from types import CoroutineType, GenericAlias
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, final, overload
 
 import msgspec
@@ -463,7 +462,7 @@ def as_type(key: str, value: Any, expected: Any) -> Any:
 def _type_name(kind: Any) -> str:
     """A class's name; the form written in code of anything else (``tuple[int, int]``,
     ``int | None``)."""
-    if isinstance(kind, type) and not isinstance(kind, types.GenericAlias):
+    if isinstance(kind, type) and not isinstance(kind, GenericAlias):
         return kind.__qualname__
     return repr(kind)
 
