@@ -45,10 +45,16 @@ class NoRouteError(CosmoFlowError):
         self.node_id = node_id
         self.action = action
         self.available = tuple(available)
-        super().__init__(
+        message = (
             f"node {node_id!r} returned action {action!r}, which no route accepts; "
             f"available actions: {', '.join(map(repr, self.available))}"
         )
+        if action == "default":
+            message += (
+                f" (post returned nothing or 'default': to end the run there, add "
+                f"add_route({node_id!r}, cf.END))"
+            )
+        super().__init__(message)
 
 
 class MaxStepsExceeded(CosmoFlowError):

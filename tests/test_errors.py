@@ -58,6 +58,11 @@ def test_messages_name_what_is_at_fault() -> None:
     assert str(EXAMPLES[cf.NoRouteError]) == (
         "node 'a' returned action 'maybe', which no route accepts; available actions: 'yes', 'no'"
     )
+    assert str(cf.NoRouteError("chat", "default", ["continue"])) == (
+        "node 'chat' returned action 'default', which no route accepts; available actions: "
+        "'continue' (post returned nothing or 'default': to end the run there, add "
+        "add_route('chat', cf.END))"
+    )
     assert (
         str(EXAMPLES[cf.NodeError]) == "node 'a' failed in exec (flow 'f', run run-1, 3 attempts)"
     )
