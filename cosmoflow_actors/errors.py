@@ -7,7 +7,7 @@ message must quote another exception, :func:`type_and_message` writes it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -192,6 +192,18 @@ def type_and_message(error: BaseException) -> str:
     no message (``sys.exit()``), ``Type: <unprintable>`` when its ``__str__`` raises."""
     text = error_text(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then its ``__cause__``, then that one's, and so on, each once: a chain
+    that loops back (node code may build one) ends where it would repeat. Never
+    blocks."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__
 
 
 def _rebuilt(

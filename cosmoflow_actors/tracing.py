@@ -34,7 +34,7 @@ from typing import Any, Final, Protocol, final
 
 import trio
 
-from cosmoflow_actors.errors import error_text, type_and_message
+from cosmoflow_actors.errors import causes, error_text, type_and_message
 from cosmoflow_actors.events import (
     Event,
     EventsDropped,
@@ -146,12 +146,14 @@ def _ms(seconds: float) -> str:
 
 
 def describe_error(error: BaseException) -> str:
-    """``Type: message``, followed by its cause (and the cause's) the same way; see
+    """``Type: message``, followed by its cause (and the cause's) the same way, each
+    cause once (see :func:`~cosmoflow_actors.errors.causes`); see
     :func:`~cosmoflow_actors.errors.type_and_message` for an error without a message or
     whose ``__str__`` raises."""
-    text = type_and_message(error)
-    if error.__cause__ is not None:
-        text += f" (caused by {describe_error(error.__cause__)})"
+    *chain, last = [type_and_message(each) for each in causes(error)]
+    text = last
+    for outer in reversed(chain):
+        text = f"{outer} (caused by {text})"
     return text
 
 
@@ -374,16 +376,18 @@ class _Spans:
         if step is None:
             return
         span, run = step
-        if event.action is not None:
-            span.set_attribute("cosmoflow.action", event.action)
-        elif event.error is not None:
-            self._fail(span, event.error, event.time)
-        else:
-            span.set_attribute("cosmoflow.cancelled", True)
-        span.end(self._ns(event.time))
-        run.steps -= 1
-        if run.ended and not run.steps:
-            run.span.end(self._ns(event.time))
+        try:
+            if event.action is not None:
+                span.set_attribute("cosmoflow.action", event.action)
+            elif event.error is not None:
+                self._fail(span, event.error, event.time)
+            else:
+                span.set_attribute("cosmoflow.cancelled", True)
+        finally:
+            span.end(self._ns(event.time))
+            run.steps -= 1
+            if run.ended and not run.steps:
+                run.span.end(self._ns(event.time))
 
     def _step_event(self, event: Retry | Fallback) -> None:
         step = self._steps.get(event.execution_id)

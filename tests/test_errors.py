@@ -9,7 +9,7 @@ import cloudpickle
 import pytest
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.errors import type_and_message
+from cosmoflow_actors.errors import causes, type_and_message
 
 EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.CosmoFlowError: cf.CosmoFlowError("root"),
@@ -108,3 +108,12 @@ def test_max_steps_exceeded_says_how_to_end_the_loop_and_whose_limit_it_is() -> 
         "A loop that never ends? Give it an exit (a route with when=, or an action that "
         "leaves the loop), or raise the bound with .max_steps(n) on the flow's builder"
     )
+
+
+def test_causes_follow_a_chain_and_stop_where_it_loops() -> None:
+    first, second, third = ValueError("a"), KeyError("b"), OSError("c")
+    first.__cause__, second.__cause__ = second, third
+    assert list(causes(first)) == [first, second, third]
+    third.__cause__ = first
+    assert list(causes(first)) == [first, second, third]
+    assert list(causes(second)) == [second, third, first]

@@ -26,6 +26,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime import queue as run_queue
 from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.queue import (
     HAND_BACK_SECONDS,
@@ -1268,3 +1269,13 @@ async def test_three_worker_processes_one_killed_every_step_committed_once(
         f"{retried} runs claimed more than once; "
         f"{sum(executions) - 3 * runs} step executions repeated"
     )
+
+
+def test_an_error_whose_causes_loop_is_no_conflict_nor_an_outage() -> None:
+    """A node may raise such an error: the worker must still decide, and fail the run."""
+    first, second = ValueError("a"), KeyError("b")
+    first.__cause__, second.__cause__ = second, first
+    error = cf.NodeError("n", "exec", "r1", 1)
+    error.__cause__ = first
+    assert not run_queue._conflict(error)
+    assert not run_queue._out_of_reach(error)

@@ -357,6 +357,35 @@ def test_errors_are_described_with_their_causes() -> None:
         assert describe_error(exc) == "RuntimeError: stopped (caused by KeyboardInterrupt)"
 
 
+def test_a_chain_of_causes_that_loops_is_described_once_round() -> None:
+    first, second = ValueError("a"), KeyError("b")
+    first.__cause__, second.__cause__ = second, first
+    assert describe_error(first) == "ValueError: a (caused by KeyError: 'b')"
+
+
+@cf.node
+async def loops(ctx: cf.ExecutionContext) -> None:
+    first, second = ValueError("a"), KeyError("b")
+    first.__cause__, second.__cause__ = second, first
+    raise first
+
+
+async def test_a_step_whose_error_causes_loop_ends_its_span_and_tracing_goes_on(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    async with trio.open_nursery() as nursery, cf.open_engine() as engine:
+        await nursery.start(trace_events, engine, tracer)
+        with pytest.raises(cf.NodeError):
+            await engine.run(single(loops, "loops"), run_id="l")
+        await engine.run(single(Recorder("done"), "after"), run_id="a")
+    spans = by_name(exporter.get_finished_spans())
+    assert sorted(spans) == ["after", "after/only", "loops", "loops/only"]
+    assert spans["loops/only"].status.description == (
+        "NodeError: node 'only' failed in exec (flow 'loops', run l, 1 attempt) "
+        "(caused by ValueError: a (caused by KeyError: 'b'))"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StepRef:
     """What LiveSpans.step_span reads of a step's ExecutionContext."""

@@ -54,6 +54,7 @@ from cosmoflow_actors.errors import (
     RunConflictError,
     StorageError,
     StoreValueError,
+    causes,
 )
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import durability
@@ -1176,12 +1177,10 @@ def _out_of_reach(error: BaseException) -> bool:
     chain of causes (a step's store call, wrapped in NodeError)."""
     if isinstance(error, StorageError) and not isinstance(error, StoreValueError):
         return True
-    current: BaseException | None = error
-    while current is not None:
-        if isinstance(current, StorageError) and _connection_failed(current.__cause__):
-            return True
-        current = current.__cause__
-    return False
+    return any(
+        isinstance(each, StorageError) and _connection_failed(each.__cause__)
+        for each in causes(error)
+    )
 
 
 def _connection_failed(error: BaseException | None) -> bool:
@@ -1194,12 +1193,7 @@ def _connection_failed(error: BaseException | None) -> bool:
 
 def _conflict(error: BaseException) -> bool:
     """Whether ``error`` is, or was caused by, a RunConflictError."""
-    current: BaseException | None = error
-    while current is not None:
-        if isinstance(current, RunConflictError):
-            return True
-        current = current.__cause__
-    return False
+    return any(isinstance(each, RunConflictError) for each in causes(error))
 
 
 def _result_info(done: FlowResult) -> dict[str, Any]:
