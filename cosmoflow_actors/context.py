@@ -15,7 +15,8 @@ class ExecutionContext:
     """What a node knows about the step it is running.
 
     One context is made per step; ``current_retry`` advances with each exec attempt.
-    Per-run state belongs in the store or in ``metadata``, never on the node.
+    Per-run state belongs in the store, never on the node; ``metadata`` holds what the
+    prep, exec and post of this one step share.
     """
 
     run_id: str

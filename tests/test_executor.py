@@ -246,6 +246,26 @@ async def test_the_store_is_not_reachable_from_a_thread() -> None:
     assert isinstance(info.value.__cause__, cf.StorageError)
 
 
+class NotesInExec(cf.Node):
+    """exec, on a thread, writes to the step's metadata; post returns what it finds."""
+
+    executor = "thread"
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        ctx.metadata["exec"] = threading.current_thread() is not threading.main_thread()
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(dict(ctx.metadata))
+
+
+async def test_what_exec_on_a_thread_writes_to_the_metadata_reaches_post() -> None:
+    """Even when nothing of the step made the metadata dict before exec."""
+    result = await single(NotesInExec()).run()
+    assert result.result == {"exec": True}
+
+
 async def test_a_function_node_runs_on_a_thread() -> None:
     @cf.node(executor="thread")
     def blocking(ctx: cf.ExecutionContext) -> cf.Action:

@@ -120,7 +120,9 @@ class _InThread:
     async def attempt(self, prep_res: Any, ctx: ExecutionContext, time_limit: float | None) -> Any:
         """Blocks until a thread is free, then until it has run exec; ``time_limit``
         starts once it is free (see :func:`within`)."""
-        thread_ctx = dataclasses.replace(ctx, store=detached(ctx.store))
+        # The copy shares the step's metadata dict (made now if it was not yet), as a
+        # context copied for a retry does: what exec writes there reaches post.
+        thread_ctx = dataclasses.replace(ctx, store=detached(ctx.store), _metadata=ctx.metadata)
         async with trio.to_thread.current_default_thread_limiter():
             running = trio.to_thread.run_sync(
                 _exec_in_thread, self._exec, prep_res, thread_ctx, limiter=self._held
