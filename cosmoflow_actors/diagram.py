@@ -31,19 +31,20 @@ EXECUTED_STYLE: Final = "fill:#d7f5dd,stroke:#1e7b34,stroke-width:2px"
 
 _RESERVED: Final = frozenset(
     {"end", "graph", "flowchart", "subgraph", "style", "class", "classDef", "linkStyle"}
-    | {"click", "call", "href", "interpolate"}
+    | {"click", "call", "href", "interpolate", "default"}
 )
 """Words Mermaid reads as keywords rather than as node ids (case matters)."""
 
 _MERMAID_ESCAPES: Final = {
     "#": "#35;",
+    "&": "#38;",
     '"': "#quot;",
     "<": "#lt;",
     ">": "#gt;",
     "`": "#96;",
     "\n": " ",
 }
-_DOT_ESCAPES: Final = {"\\": "\\\\", '"': '\\"', "\n": "\\n"}
+_DOT_ESCAPES: Final = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "&": "&amp;"}
 
 Kind = Literal["node", "join", "end"]
 
@@ -214,7 +215,8 @@ def _mermaid_box(box: _Box) -> str:
 
 
 def _mermaid_text(text: str) -> str:
-    """``text`` for a quoted Mermaid label: quotes, ``<``, ``>`` and ``#`` as entities."""
+    """``text`` for a quoted Mermaid label: quotes, ``<``, ``>``, ``&`` and ``#`` as
+    entities."""
     return "".join(_MERMAID_ESCAPES.get(char, char) for char in text)
 
 

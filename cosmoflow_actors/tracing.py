@@ -28,6 +28,7 @@ import contextlib
 import importlib
 import time
 import traceback
+import unicodedata
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Final, Protocol, final
@@ -103,7 +104,16 @@ def format_event(event: Event, origin: float = 0.0) -> str:
     the details."""
     run = event.run_id or "-"
     what, details = _describe(event)
-    return f"{event.time - origin:+9.3f}s  {run:8}  {what:14}  {details}"
+    return _one_line(f"{event.time - origin:+9.3f}s  {run:8}  {what:14}  {details}")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its control characters (a newline, a terminal's escape) written
+    as Python escapes, so that what a run chose to name things cannot break the line or
+    drive the terminal."""
+    return "".join(
+        repr(char)[1:-1] if unicodedata.category(char) == "Cc" else char for char in text
+    )
 
 
 def _describe(event: Event) -> tuple[str, str]:
@@ -118,7 +128,8 @@ def _describe(event: Event) -> tuple[str, str]:
             failed = f"{event.node_id} attempt {event.attempt} failed"
             return "retry", f"{failed}: {describe_error(event.error)}; next in {event.delay:g}s"
         case Fallback():
-            failed = f"{event.node_id} after {event.attempts} attempts"
+            attempts = f"{event.attempts} attempt" + ("" if event.attempts == 1 else "s")
+            failed = f"{event.node_id} after {attempts}"
             return "fallback", f"{failed}: {describe_error(event.error)}"
         case RunFinished():
             steps = f"{event.steps} step" + ("" if event.steps == 1 else "s")
@@ -313,11 +324,6 @@ class _Spans:
                 self._step_event(event)
             case RunFinished() | RunFailed() | RunCancelled():
                 self._end_run(event)
-            case EventsDropped():
-                for run in self._runs.values():
-                    run.span.add_event(
-                        "events dropped", {"cosmoflow.count": event.count}, self._ns(event.time)
-                    )
 
     def step(self, execution_id: str) -> SpanLike | None:
         """The open span of step ``execution_id`` running in the current task, if it

@@ -178,6 +178,23 @@ def test_ids_are_made_safe_and_unique_and_labels_are_escaped() -> None:
     assert '    "a_b" -> "a_b_2" [label="two\\nlines"];' in to_dot(flow).splitlines()
 
 
+def test_a_nested_flow_named_default_and_an_ampersand_are_safe_in_both_languages() -> None:
+    # Mermaid reads `subgraph default` as a keyword; Mermaid and dot both decode an
+    # entity such as &amp; in a label, so a literal & is written as one.
+    inner = cf.Flow.builder("inner").add_node("a", Recorder()).build()
+    flow = (
+        cf.Flow.builder("outer")
+        .add_node("default", inner)
+        .add_node("a&amp;b", Recorder())
+        .add_route("default", "a&amp;b")
+        .build()
+    )
+    mermaid, dot = to_mermaid(flow), to_dot(flow)
+    assert '    subgraph default_ ["default: inner"]' in mermaid
+    assert 'a_amp_b["a#38;amp;b"]' in mermaid
+    assert '"a_amp_b" [label="a&amp;amp;b"];' in dot
+
+
 def test_flow_to_mermaid_is_the_diagram() -> None:
     flow = chain()
     assert flow.to_mermaid() == to_mermaid(flow)

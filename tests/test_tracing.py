@@ -335,6 +335,15 @@ def test_every_event_has_a_readable_line() -> None:
     assert format_event(cf.EventsDropped("", 12.0, 7), origin=10.0)[12:22] == "-         "
 
 
+def test_a_line_stays_one_line_whatever_a_run_named_things() -> None:
+    error = ValueError("two\nlines")
+    event = cf.Fallback("r\n1", 10.0, "a\x1b[31m", "r1:1", 1, error)
+    assert format_event(event, origin=10.0) == (
+        "   +0.000s  r\\n1       fallback        a\\x1b[31m after 1 attempt: "
+        "ValueError: two\\nlines"
+    )
+
+
 async def test_lines_of_two_runs_of_one_engine_name_each_run() -> None:
     flow = cf.Flow.builder("ev").add_node("a", cf.Node()).build()
     async with cf.open_engine() as engine:
