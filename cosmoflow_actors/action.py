@@ -21,6 +21,7 @@ boundaries; a copy equals the original.
 from __future__ import annotations
 
 import functools
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,11 @@ class ActionCondition(ABC):
         super().__init_subclass__(**kwargs)
         evaluate = cls.__dict__.get("evaluate")
         if evaluate is not None and not cls.__module__.startswith("cosmoflow_actors."):
+            if inspect.iscoroutinefunction(evaluate):
+                raise TypeError(
+                    f"{cls.__qualname__}.evaluate must be a plain def returning a bool, not "
+                    "an async def: routing evaluates conditions without awaiting"
+                )
             # setattr: a type checker cannot match a wrapper to the method it replaces.
             setattr(cls, "evaluate", _guarded(evaluate))  # noqa: B010
 
@@ -159,12 +165,13 @@ Evaluate = Callable[["ActionCondition", Mapping[str, Any]], bool]
 
 def _guarded(evaluate: Evaluate) -> Evaluate:
     """``evaluate``, a user subclass's, raising ConditionError (chained from the
-    error) for any error it raises, as the built-in conditions do."""
+    error) for any error it raises, as the built-in conditions do, and returning a
+    bool (see :func:`_truth`)."""
 
     @functools.wraps(evaluate)
     def guarded(condition: ActionCondition, values: Mapping[str, Any]) -> bool:
         try:
-            return evaluate(condition, values)
+            result = evaluate(condition, values)
         except ConditionError:
             raise
         except Exception as exc:
@@ -173,8 +180,30 @@ def _guarded(evaluate: Evaluate) -> Evaluate:
                 f"evaluate raised {type_and_message(exc)}; it must return a bool for any "
                 "store values (a key that is not stored is absent from them)"
             ) from exc
+        return _truth(condition, result)
 
     return guarded
+
+
+def _truth(condition: ActionCondition, result: object) -> bool:
+    """What a user subclass's evaluate returned, as a bool. ConditionError when it is
+    awaitable (an evaluate that hands back a coroutine: it is closed unrun) or has no
+    truth value (``bool()`` raises, as for an array of comparisons)."""
+    name = type(condition).__qualname__
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise ConditionError(
+            f"condition {name}: evaluate returned an awaitable ({type(result).__name__}), "
+            "not a bool"
+        )
+    try:
+        return bool(result)
+    except Exception as exc:
+        raise ConditionError(
+            f"condition {name}: what evaluate returned (of type {type(result).__name__}) "
+            f"has no truth value ({type_and_message(exc)}); it must return a bool"
+        ) from exc
 
 
 def checked_keys(condition: ActionCondition) -> frozenset[str]:

@@ -15,6 +15,7 @@ import trio
 import cosmoflow_actors as cf
 from cosmoflow_actors.action import Action, ActionCondition, as_action
 from cosmoflow_actors.errors import ConditionError
+from tests.support import Recorder, single
 
 # --- constructors --------------------------------------------------------------------------
 
@@ -611,6 +612,66 @@ async def test_a_user_condition_that_raises_fails_its_run_alone(conditional: boo
         assert isinstance(caught.value.__cause__, KeyError)
         later = await engine.run(_DECIDE, {"n": 5, "limit": 3}, params=params)
         assert later.result == "big"
+
+
+class _NoTruth:
+    """What numpy's ``values["xs"] > 3`` gives for an array: no truth value."""
+
+    def __bool__(self) -> bool:
+        raise ValueError("the truth value of an array is ambiguous")
+
+
+class _Ambiguous(ActionCondition):
+    """A condition in Python returning something whose bool() raises."""
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        return _NoTruth()  # type: ignore[return-value]
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset({"n"})
+
+
+@pytest.mark.parametrize("where", ["route", "all_of", "conditional"])
+async def test_a_user_condition_returning_what_has_no_truth_value_fails_its_run_alone(
+    where: str,
+) -> None:
+    condition: ActionCondition = _Ambiguous()
+    if where == "all_of":
+        condition = ActionCondition.all_of(condition)
+
+    @cf.node
+    async def decide(ctx: cf.ExecutionContext) -> Action | str:
+        return Action.conditional(condition, "go", "stop") if where == "conditional" else "go"
+
+    flow = (
+        cf.Flow.builder("ambiguous")
+        .add_node("decide", decide)
+        .add_node("done", _Done("done"))
+        .add_route("decide", "done", "go", when=None if where == "conditional" else condition)
+        .add_route("decide", cf.END, "stop")
+        .build()
+    )
+    async with cf.open_engine() as engine:
+        with pytest.raises(ConditionError) as caught:
+            await engine.run(flow, {"n": 1})
+        assert await engine.run(single(Recorder()), {})
+    assert str(caught.value).endswith(
+        "condition _Ambiguous: what evaluate returned (of type _NoTruth) has no truth value "
+        "(ValueError: the truth value of an array is ambiguous); it must return a bool"
+    )
+
+
+def test_an_async_evaluate_is_refused_when_its_class_is_made() -> None:
+    with pytest.raises(TypeError, match=r"Later.evaluate must be a plain def"):
+
+        class Later(ActionCondition):
+            async def evaluate(self, values: Mapping[str, Any]) -> bool:  # type: ignore[override]
+                return True
+
+            @property
+            def keys(self) -> frozenset[str]:
+                return frozenset()
 
 
 def test_a_user_condition_evaluates_directly_and_its_keys_are_checked() -> None:
