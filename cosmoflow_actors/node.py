@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, Unpack, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, TypeGuard, Unpack, overload
 
 import cloudpickle
 
@@ -145,10 +146,10 @@ def validate_config(target: object, owner: str) -> None:
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 1:
         raise ValueError(f"{owner}: max_retries must be an int >= 1, got {max_retries!r}")
     for name in ("retry_delay", "backoff"):
-        _require_number(owner, name, getattr(target, name, 0.0), allow_none=False)
-    _require_number(owner, "timeout", getattr(target, "timeout", None), allow_none=True)
-    if getattr(target, "timeout", None) == 0:
-        raise ValueError(f"{owner}: timeout must be > 0 or None")
+        _require_number(owner, name, getattr(target, name, 0.0))
+    timeout = getattr(target, "timeout", None)
+    if timeout is not None and (not _is_finite_number(timeout) or timeout <= 0):
+        raise ValueError(f"{owner}: timeout must be a finite number > 0 or None, got {timeout!r}")
     for name in ("max_concurrency", "mailbox_size"):
         _require_count(owner, name, getattr(target, name, None))
     _validate_rate_limit(owner, getattr(target, "rate_limit", None))
@@ -163,13 +164,19 @@ def validate_config(target: object, owner: str) -> None:
         raise ValueError(f"{owner}: retry_on must be a tuple of exception types")
 
 
-def _require_number(owner: str, name: str, value: object, *, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
+def _require_number(owner: str, name: str, value: object) -> None:
+    if not _is_finite_number(value) or value < 0:
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+
+
+def _is_finite_number(value: object) -> TypeGuard[int | float]:
+    """Whether ``value`` is an int or float (not a bool) that a float holds, finite."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
-    if value < 0 or math.isnan(value):
-        raise ValueError(f"{owner}: {name} must be >= 0, got {value!r}")
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _require_count(owner: str, name: str, value: object) -> None:
@@ -180,13 +187,16 @@ def _require_count(owner: str, name: str, value: object) -> None:
 def _validate_rate_limit(owner: str, value: object) -> None:
     if value is None:
         return
-    message = f"{owner}: rate_limit must be (calls >= 1, per_seconds > 0), got {value!r}"
+    message = (
+        f"{owner}: rate_limit must be (calls: an int from 1 to {sys.maxsize}, per_seconds: "
+        f"a finite number > 0), got {value!r}"
+    )
     if not isinstance(value, tuple) or len(value) != 2:
         raise ValueError(message)
     calls, per = value
-    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+    if isinstance(calls, bool) or not isinstance(calls, int) or not 1 <= calls <= sys.maxsize:
         raise ValueError(message)
-    if isinstance(per, bool) or not isinstance(per, int | float) or not per > 0:
+    if not _is_finite_number(per) or per <= 0:
         raise ValueError(message)
 
 
@@ -202,12 +212,12 @@ def _validate_ray_options(owner: str, value: object) -> None:
         )
     for name in ("num_cpus", "num_gpus"):
         if name in value:
-            _require_number(owner, f"ray_options[{name!r}]", value[name], allow_none=False)
+            _require_number(owner, f"ray_options[{name!r}]", value[name])
     resources = value.get("resources", {})
     if not isinstance(resources, Mapping) or not all(isinstance(k, str) for k in resources):
         raise ValueError(f"{owner}: ray_options['resources'] must map names to amounts")
     for name, amount in resources.items():
-        _require_number(owner, f"ray_options['resources'][{name!r}]", amount, allow_none=False)
+        _require_number(owner, f"ray_options['resources'][{name!r}]", amount)
     if not isinstance(value.get("runtime_env", {}), Mapping):
         raise ValueError(f"{owner}: ray_options['runtime_env'] must be a dict")
     retries = value.get("max_retries", 0)

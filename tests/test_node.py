@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -15,10 +16,15 @@ from tests.support import single
     [
         ({"max_retries": 0}, "max_retries must be an int >= 1"),
         ({"max_retries": 1.5}, "max_retries must be an int >= 1"),
-        ({"retry_delay": -1}, "retry_delay must be >= 0"),
-        ({"backoff": -0.5}, "backoff must be >= 0"),
-        ({"timeout": -3}, "timeout must be >= 0"),
-        ({"timeout": 0}, "timeout must be > 0"),
+        ({"retry_delay": -1}, "retry_delay must be a finite number >= 0, got -1"),
+        ({"backoff": -0.5}, "backoff must be a finite number >= 0, got -0.5"),
+        ({"backoff": math.inf}, "backoff must be a finite number >= 0, got inf"),
+        ({"retry_delay": 10**400}, "retry_delay must be a finite number >= 0"),
+        ({"timeout": -3}, "timeout must be a finite number > 0 or None, got -3"),
+        ({"timeout": 0}, "timeout must be a finite number > 0 or None, got 0"),
+        ({"timeout": math.inf}, "timeout must be a finite number > 0 or None, got inf"),
+        ({"rate_limit": (2**63, 1.0)}, r"rate_limit must be \(calls: an int from 1 to"),
+        ({"rate_limit": (1, 10**400)}, "per_seconds: a finite number > 0"),
         ({"max_concurrency": 0}, "max_concurrency must be an int >= 1"),
         ({"retry_on": (ValueError, 3)}, "retry_on must be a tuple of exception types"),
     ],

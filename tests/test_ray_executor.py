@@ -395,11 +395,11 @@ def test_build_names_the_ray_extra_when_ray_is_missing() -> None:
     [
         ([1], "ray_options must be a dict"),
         ({"num_cpu": 1}, "ray_options may set .*, not num_cpu"),
-        ({"num_cpus": -1}, r"ray_options\['num_cpus'\] must be >= 0"),
-        ({"num_gpus": "1"}, r"ray_options\['num_gpus'\] must be a number"),
+        ({"num_cpus": -1}, r"ray_options\['num_cpus'\] must be a finite number >= 0"),
+        ({"num_gpus": "1"}, r"ray_options\['num_gpus'\] must be a finite number"),
         (
             {"resources": {"gadget": None}},
-            r"ray_options\['resources'\]\['gadget'\] must be a number",
+            r"ray_options\['resources'\]\['gadget'\] must be a finite number",
         ),
         ({"runtime_env": "env"}, r"ray_options\['runtime_env'\] must be a dict"),
         ({"max_retries": -1}, r"ray_options\['max_retries'\] must be an int >= 0, got -1"),
