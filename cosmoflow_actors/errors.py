@@ -49,7 +49,12 @@ class NoRouteError(CosmoFlowError):
             f"node {node_id!r} returned action {action!r}, which no route accepts; "
             f"available actions: {', '.join(map(repr, self.available))}"
         )
-        if action == "default":
+        if action in self.available:
+            message = (
+                f"node {node_id!r} returned action {action!r}, and the condition of every "
+                "route on it failed; add a route on it without a condition to catch the rest"
+            )
+        elif action == "default":
             message += (
                 f" (post returned nothing or 'default': to end the run there, add "
                 f"add_route({node_id!r}, cf.END))"

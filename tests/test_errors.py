@@ -58,6 +58,10 @@ def test_messages_name_what_is_at_fault() -> None:
     assert str(EXAMPLES[cf.NoRouteError]) == (
         "node 'a' returned action 'maybe', which no route accepts; available actions: 'yes', 'no'"
     )
+    assert str(cf.NoRouteError("a", "go", ["go", "stop"])) == (
+        "node 'a' returned action 'go', and the condition of every route on it failed; add "
+        "a route on it without a condition to catch the rest"
+    )
     assert str(cf.NoRouteError("chat", "default", ["continue"])) == (
         "node 'chat' returned action 'default', which no route accepts; available actions: "
         "'continue' (post returned nothing or 'default': to end the run there, add "

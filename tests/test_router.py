@@ -394,6 +394,28 @@ async def test_a_branch_that_ends_elsewhere_does_not_hold_the_join() -> None:
     assert result.last_node_id == "join"
 
 
+async def test_branches_of_one_fan_out_at_two_joins_fail_the_run_naming_the_fan_out() -> None:
+    flow = (
+        cf.Flow.builder("two-joins")
+        .add_node("a", Branch())
+        .add_node("b", Branch())
+        .add_node("c", Branch())
+        .add_join("j1", Branch())
+        .add_join("j2", Branch())
+        .add_route("a", ["b", "c"])
+        .add_route("b", "j1")
+        .add_route("c", "j2")
+        .build()
+    )
+    with pytest.raises(cf.CosmoFlowError) as info:
+        await flow.run({})
+    message = str(info.value)
+    assert message.startswith(
+        "flow 'two-joins': branches of the fan-out at node 'a' reached two joins, "
+    )
+    assert "'j1'" in message and "'j2'" in message
+
+
 async def test_branches_that_all_end_end_the_run() -> None:
     flow = (
         cf.Flow.builder("split")
@@ -1586,7 +1608,9 @@ def error_ending(error: cf.CosmoFlowError) -> Ending:
         return ("error", "NoRouteError", (error.node_id, error.action))
     if isinstance(error, cf.MaxStepsExceeded):
         return ("error", "MaxStepsExceeded", (error.max_steps,))
-    return ("error", type(error).__name__, tuple(sorted(re.findall("'([^']*)'", str(error)))))
+    # The joins a fan-out's branches reached, after the flow and node it names first.
+    joins = str(error).partition("reached two joins")[2]
+    return ("error", type(error).__name__, tuple(sorted(re.findall("'([^']*)'", joins))))
 
 
 async def user_data(engine: cf.Engine, storage: cf.Storage) -> tuple[tuple[str, Any], ...]:

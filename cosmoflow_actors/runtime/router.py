@@ -279,8 +279,11 @@ class _Decision:
     def _arrive(self, fork: Fork, join_id: str, params: Mapping[str, Any]) -> None:
         """A branch of ``fork`` reached the join node: it waits there for the others."""
         if fork.join_id not in (None, join_id):
+            origin = fork.parent.frames[-1]
             raise CosmoFlowError(
-                f"branches of one fan-out reached two joins, {fork.join_id!r} and {join_id!r}"
+                f"flow {origin.flow.name!r}: branches of the fan-out at node "
+                f"{origin.node_id!r} reached two joins, {fork.join_id!r} and {join_id!r}; "
+                "give each fan-out one join"
             )
         fork.join_id = join_id
         fork.params.update(params)
