@@ -506,7 +506,13 @@ class BatchFlow(Node):
                 f"{type(self).__qualname__}: a BatchFlow runs child runs; it does not "
                 f"support {', '.join(unsupported)} (set them on the sub-flow's nodes)"
             )
-        self.flow = flow
+        self._flow = flow
+
+    @property
+    def flow(self) -> Flow:
+        """The sub-flow each parameter set runs (fixed: a flow that ran a BatchFlow
+        which runs that flow again would never end)."""
+        return self._flow
 
     def prep(self, store: SharedStore, ctx: ExecutionContext) -> Any:
         """Return the parameter sets (dicts), one child run each. Default: none."""

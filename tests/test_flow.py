@@ -585,6 +585,15 @@ async def test_a_batch_flow_runs_its_flow_once_per_parameter_set() -> None:
     assert store == {"size:a.txt": 5, "size:b.txt": 5, "size:c.txt": 5}
 
 
+def test_a_batch_flows_sub_flow_cannot_be_replaced_after_it_is_made() -> None:
+    # Replaced by its own flow, a BatchFlow would start child runs without end.
+    batch = PerFile(file_flow())
+    flow = cf.Flow.builder("batch").add_node("each", batch).build()
+    with pytest.raises(AttributeError):
+        batch.flow = flow  # type: ignore[misc]
+    assert batch.flow.name == "per-file"
+
+
 @pytest.mark.parametrize("limit", [1, 3, None])
 async def test_a_batch_flow_starts_its_children_in_parameter_order(limit: int | None) -> None:
     started: list[int] = []
