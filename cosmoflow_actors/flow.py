@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Literal, Unpack, final
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeGuard, Unpack, final
 
 import trio
 
@@ -308,7 +308,8 @@ class FlowBuilder:
         The run goes on from the join when every branch of the fan-out has arrived
         there or ended; a node that no fan-out reaches runs as an ordinary node.
         """
-        self._joins.add(node_id)
+        if isinstance(node_id, str):  # add_node reports any other id
+            self._joins.add(node_id)
         return self.add_node(node_id, node)
 
     def add_route(
@@ -335,9 +336,11 @@ class FlowBuilder:
                 checked_keys(when)
             except ConditionError as exc:
                 self._problems.append(f"route {from_id!r} -> {to_id!r}: {exc}")
-        if isinstance(to_id, str | _End):
+        if not isinstance(from_id, str):
+            self._problems.append(f"a route's source must be a node id (a str), got {from_id!r}")
+        elif isinstance(to_id, str | _End):
             self._routes.append(Route(from_id, action, to_id, when))
-        elif isinstance(to_id, Sequence) and not isinstance(to_id, bytes | bytearray):
+        elif _is_fan_out(to_id):
             self._routes.append(Route(from_id, action, tuple(to_id), when))
         else:
             self._problems.append(
@@ -373,7 +376,7 @@ class FlowBuilder:
         start = self._start if self._start is not None else next(iter(self._ids), None)
         if not self._ids:
             problems.append("the flow has no nodes")
-        elif start not in self._ids:
+        elif not isinstance(start, str) or start not in self._ids:
             problems.append(f"start node {start!r} is not a node of the flow")
         else:
             problems += self._reach_problems(start)
@@ -480,6 +483,13 @@ _NOT_FOR_BATCH_FLOW = (
     ("ray_options", None),
 )
 """Node config a BatchFlow would have to ignore, with the only value it accepts."""
+
+
+def _is_fan_out(target: object) -> TypeGuard[Sequence[str]]:
+    """Whether ``target`` is a list (or other sequence) of node ids, each a str."""
+    if not isinstance(target, Sequence) or isinstance(target, str | bytes | bytearray):
+        return False
+    return all(isinstance(node_id, str) for node_id in target)
 
 
 class BatchFlow(Node):

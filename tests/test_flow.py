@@ -7,6 +7,7 @@ import pickle
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pocketflow
@@ -84,6 +85,34 @@ def test_build_names_an_unknown_start_node() -> None:
     builder = cf.Flow.builder("f").add_node("a", Recorder()).start("nowhere")
     with pytest.raises(cf.FlowValidationError, match="start node 'nowhere'"):
         builder.build()
+
+
+@pytest.mark.parametrize(
+    ("build", "problem"),
+    [
+        (
+            lambda b: b.add_join(["j"], Recorder()),
+            "a node id must be a non-empty str, got ['j']",
+        ),
+        (
+            lambda b: b.add_route(["a"], cf.END),
+            "a route's source must be a node id (a str), got ['a']",
+        ),
+        (
+            lambda b: b.add_route("a", [["b"]]),
+            "the target must be a node id, cf.END or a non-empty list of node ids, got [['b']]",
+        ),
+        (lambda b: b.start(["a"]), "start node ['a'] is not a node of the flow"),
+    ],
+    ids=["join", "source", "fan-out", "start"],
+)
+def test_ids_that_are_no_str_are_problems_build_names(
+    build: Callable[[cf.FlowBuilder], cf.FlowBuilder], problem: str
+) -> None:
+    builder = build(cf.Flow.builder("f").add_node("a", Recorder()))
+    with pytest.raises(cf.FlowValidationError) as info:
+        builder.build()
+    assert problem in str(info.value)
 
 
 def test_build_rejects_a_non_node_and_a_bad_max_steps() -> None:
