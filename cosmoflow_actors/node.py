@@ -161,7 +161,7 @@ def validate_config(target: object, owner: str) -> None:
     _validate_ray_options(owner, getattr(target, "ray_options", None))
     retry_on = getattr(target, "retry_on", (Exception,))
     if not isinstance(retry_on, tuple) or not all(_is_exception_type(t) for t in retry_on):
-        raise ValueError(f"{owner}: retry_on must be a tuple of exception types")
+        raise ValueError(f"{owner}: retry_on must be a tuple of exception types, got {retry_on!r}")
 
 
 def _require_number(owner: str, name: str, value: object) -> None:
