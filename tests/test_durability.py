@@ -15,7 +15,7 @@ import trio.testing
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import durability
 from tests.storage_suite import JsonDictStorage, make_backend
-from tests.support import Gate, single
+from tests.support import Gate, Recorder, single
 
 
 class Counted(cf.Node):
@@ -773,6 +773,29 @@ async def test_a_durable_steps_store_used_after_the_step_refuses_and_changes_not
                 await call
         assert not await store.contains("after")
         assert await store.get("inside", None) == (1 if outcome == "committed" else None)
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["commits", "fails"])
+async def test_a_durable_step_whose_code_replaces_ctx_store_commits_through_its_own_handle(
+    tmp_path: Path, fails: bool
+) -> None:
+    class Swaps(cf.Node):
+        async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> None:
+            await store.set("before", 1)
+            ctx.store = {}  # type: ignore[assignment]
+            if fails:
+                raise ValueError("fails after replacing ctx.store")
+
+    storage = cf.FileStorage(tmp_path / "store.json")
+    flow = cf.Flow.builder("swap").add_node("a", Swaps()).build()
+    async with cf.open_engine() as engine, engine.open_store(storage) as store:
+        if fails:
+            with pytest.raises(cf.NodeError):
+                await engine.run(flow, storage, run_id="r1")
+        else:
+            await engine.run(flow, storage, run_id="r1")
+        assert await store.get("before", None) == (None if fails else 1)
+        assert (await engine.run(single(Recorder(), "after"), {})).success
 
 
 async def test_a_malformed_run_record_is_a_storage_error_naming_its_key(tmp_path: Path) -> None:

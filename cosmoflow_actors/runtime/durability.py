@@ -40,7 +40,6 @@ from cosmoflow_actors.runtime.store_client import SharedStore, StagedStore, step
 from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage
 
 if TYPE_CHECKING:
-    from cosmoflow_actors.context import ExecutionContext
     from cosmoflow_actors.runtime.node_actor import NodeActor
 
 
@@ -185,9 +184,9 @@ class Durability:
         """Commit the step of ``branch`` at ``node_id`` that returned the resolved
         ``action``, with the writes it staged in ``store``."""
 
-    def step_ended(self, ctx: ExecutionContext) -> None:
-        """The step of context ``ctx`` ended (committed, failed or cancelled). Never
-        blocks."""
+    def step_ended(self, run: ActiveRun, node_id: str, store: SharedStore) -> None:
+        """The step at ``node_id`` whose handle is ``store`` ended (committed, failed or
+        cancelled). Never blocks."""
 
     async def end(self, run: ActiveRun, end: FlowResult | BaseException) -> None:
         """End the run with the result or the error routing decided (see
@@ -273,10 +272,10 @@ class DurableRun(Durability):
             self.record = record
             branch.resume_at = resume_at
 
-    def step_ended(self, ctx: ExecutionContext) -> None:
+    def step_ended(self, run: ActiveRun, node_id: str, store: SharedStore) -> None:
         """Close the step's handle: what it stages now would be committed with no step."""
-        assert isinstance(ctx.store, StagedStore)
-        ctx.store.end(f"node {ctx.node_id!r} of run {ctx.run_id!r}")
+        assert isinstance(store, StagedStore)
+        store.end(f"node {node_id!r} of run {run.run_id!r}")
 
     async def succeed(self, run: ActiveRun, result: FlowResult) -> None:
         """Record the result, then end the run (so ``wait`` sees it recorded). Blocks

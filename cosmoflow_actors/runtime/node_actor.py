@@ -305,17 +305,18 @@ class NodeActor(Actor[Step]):
         evaluate and commit a durable step (whose store handle then closes, however the
         step ended); anything the run caused is a StepFailed."""
         run = step.run
+        store = ctx.store  # the step's handle, whatever the node's code puts in ctx
         try:
             action = await self._phases(run, ctx)
             keys = self.route_keys
             if keys is None:
                 keys = run.condition_keys
-            values = await ctx.store.get_many(keys) if keys else _NO_VALUES
-            await run.durability.commit(run, step.branch, self.node_id, action, ctx.store)
+            values = await store.get_many(keys) if keys else _NO_VALUES
+            await run.durability.commit(run, step.branch, self.node_id, action, store)
         except RUN_FAILURES as exc:
             return StepFailed(run, step.branch, self.node_id, exc)
         finally:
-            run.durability.step_ended(ctx)
+            run.durability.step_ended(run, self.node_id, store)
         return StepDone(run, step.branch, self, action, values)
 
     async def _observed_outcome(self, step: Step, ctx: ExecutionContext) -> StepDone | StepFailed:
