@@ -89,6 +89,31 @@ async def test_process_runs_exec_in_a_worker_process() -> None:
     assert os.getpid() not in {pid for _, pid in results}
 
 
+@pytest.mark.parametrize("checkpoints", range(6))
+async def test_a_start_waiting_for_worker_processes_when_the_engine_closes_is_cancelled(
+    checkpoints: int,
+) -> None:
+    """However far the set-up of the flow's worker processes got, a caller outside the
+    engine's block learns that its run was cancelled, not that it called a closed
+    engine."""
+    errors: list[Exception] = []
+
+    async def call(engine: cf.Engine) -> None:
+        try:
+            await engine.run(single(Square()), params={"n": 2})
+        except Exception as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as callers:
+        with trio.CancelScope() as engine_scope:
+            async with cf.open_engine() as engine:
+                callers.start_soon(call, engine)
+                for _ in range(checkpoints):
+                    await trio.lowlevel.checkpoint()
+                engine_scope.cancel()
+    assert [type(error) for error in errors] == [cf.RunCancelledError]
+
+
 async def test_start_run_nowait_would_block_until_the_worker_processes_are_set_up() -> None:
     not_yet = "worker processes are not set up yet"
     assert (await started_nowait_once_set_up(single(Square()), not_yet))[0] == 9

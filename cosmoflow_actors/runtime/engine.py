@@ -611,6 +611,7 @@ class Engine:
             await self._start_workers()
         if not self._ray_connected and _needs_workers(flow, "ray"):
             await self._connect_ray()
+        self._check_not_closed_meanwhile()
         registration = self._register_nowait(flow)
         await self._router.entry(flow).began.wait()
         return registration
@@ -675,8 +676,9 @@ class Engine:
 
     async def _start_workers(self) -> None:
         """Set up the worker processes of "process" nodes, once (blocks while they
-        start)."""
+        start); RunCancelledError if the engine has closed meanwhile."""
         async with self._workers_starting:
+            self._check_not_closed_meanwhile()
             if self._workers is None:
                 self._workers = await self._nursery.start(self._hold_workers)
 
@@ -692,8 +694,9 @@ class Engine:
         """Connect to Ray for "ray" nodes, once; :meth:`_disconnect_ray` lets go of it
         when the engine has closed. Blocks while Ray starts or is joined (seconds), or
         until an unreachable ``host:port`` is given up on (ConnectionError naming it);
-        cancellable."""
+        cancellable. RunCancelledError if the engine has closed meanwhile."""
         async with self._ray_connecting:
+            self._check_not_closed_meanwhile()
             if not self._ray_connected:
                 await ray_executor.connect(self._ray_address)
                 self._ray_connected = True
