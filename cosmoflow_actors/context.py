@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -47,3 +47,8 @@ class ExecutionContext:
         if self._metadata is None:
             self._metadata = {}
         return self._metadata
+
+    def copy(self, **changes: Any) -> ExecutionContext:
+        """A copy with ``changes``, for work of this step elsewhere (an exec on a thread,
+        an item of a parallel batch): it shares this step's ``metadata``."""
+        return replace(self, _metadata=self.metadata, **changes)

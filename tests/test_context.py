@@ -55,6 +55,35 @@ async def test_metadata_lasts_one_step() -> None:
     assert store["seen"] == [({}, {"node": "a"}), ({}, {"node": "b"})]
 
 
+class ItemNotes(cf.ParallelBatchNode):
+    """Each item's exec notes itself in the step's metadata; post returns the notes."""
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[int]:
+        return [1, 2, 3]
+
+    async def exec(self, item: int, ctx: cf.ExecutionContext) -> None:
+        ctx.metadata[f"item{item}"] = ctx.current_retry
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(sorted(ctx.metadata))
+
+
+async def test_the_items_of_a_parallel_batch_write_to_their_steps_metadata() -> None:
+    """Even when nothing of the step made the metadata dict before the items ran."""
+    result = await cf.Flow.builder("items").add_node("each", ItemNotes()).build().run({})
+    assert result.result == ["item1", "item2", "item3"]
+
+
+def test_a_copy_shares_the_metadata_and_keeps_the_rest_unless_changed() -> None:
+    ctx = cf.ExecutionContext("r", "n", "f", 1, None, {}, 3)  # type: ignore[arg-type]
+    copy = ctx.copy(current_retry=2)
+    copy.metadata["x"] = 1
+    assert (ctx.metadata, ctx.current_retry, copy.current_retry) == ({"x": 1}, 0, 2)
+    assert copy.execution_id == ctx.execution_id
+
+
 async def test_params_are_read_only_at_the_entry_after_a_hop_and_at_a_join(
     tmp_path: Path,
 ) -> None:

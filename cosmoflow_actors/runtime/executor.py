@@ -14,7 +14,6 @@ What crosses to a worker process and back, and the errors for what cannot, are t
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import math
@@ -120,9 +119,7 @@ class _InThread:
     async def attempt(self, prep_res: Any, ctx: ExecutionContext, time_limit: float | None) -> Any:
         """Blocks until a thread is free, then until it has run exec; ``time_limit``
         starts once it is free (see :func:`within`)."""
-        # The copy shares the step's metadata dict (made now if it was not yet), as a
-        # context copied for a retry does: what exec writes there reaches post.
-        thread_ctx = dataclasses.replace(ctx, store=detached(ctx.store), _metadata=ctx.metadata)
+        thread_ctx = ctx.copy(store=detached(ctx.store))
         async with trio.to_thread.current_default_thread_limiter():
             running = trio.to_thread.run_sync(
                 _exec_in_thread, self._exec, prep_res, thread_ctx, limiter=self._held

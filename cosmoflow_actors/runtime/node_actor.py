@@ -459,7 +459,7 @@ class NodeActor(Actor[Step]):
 
     async def _exec_parallel(self, items: list[Any], ctx: ExecutionContext) -> list[Any]:
         """Exec every item at once (within max_concurrency); the first failure cancels all."""
-        jobs = [functools.partial(self._exec, item, dataclasses.replace(ctx)) for item in items]
+        jobs = [functools.partial(self._exec, item, ctx.copy()) for item in items]
         return await _all_or_first_error(self.max_concurrency, jobs)
 
     async def _run_children(
