@@ -429,12 +429,16 @@ class RunQueue:
         self._client = None
         await trio.lowlevel.checkpoint()
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a connection waits for the server before it fails: longer than a
+        worker's longest blocking read."""
+        return max(10.0, 3 * self.lease)
+
     def _connected(self) -> redis.Redis:
-        """The client, on connections whose socket waits are longer than a worker's
-        longest blocking read."""
+        """The client, on connections that wait :attr:`timeout` for the server."""
         if self._client is None:
-            timeout = max(10.0, 3 * self.lease)
-            self._client = shared_client(self.url, timeout, "RunQueue")
+            self._client = shared_client(self.url, self.timeout, "RunQueue")
         return self._client
 
     async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -901,12 +905,13 @@ class _Worker:
 
         The wait goes on in the server whatever becomes of this task, and may end with
         an entry delivered to this worker: so a worker stopped meanwhile waits for it
-        too (shielded, a poll interval and HAND_BACK_SECONDS at most), and gives back
-        the entry it got (:meth:`_give_back`) before the cancellation goes on.
+        too (shielded: a poll interval, or the connection's timeout when the server is
+        slow), and gives back the entry it got (:meth:`_give_back`) before the
+        cancellation goes on.
         """
         queue = self.queue
         reply = None
-        with trio.move_on_after(self._poll + HAND_BACK_SECONDS, shield=True):
+        with trio.move_on_after(self._poll + queue.timeout, shield=True):
             reply = await queue.call(
                 "XREADGROUP",
                 "GROUP",
@@ -926,10 +931,11 @@ class _Worker:
         entry_id, run_id = entries[0]
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
+            data = await queue.call("HGET", queue.runs, run_id)
         except trio.Cancelled:
             await self._give_back(entry_id)
             raise
-        return entry_id, run_id, await queue.call("HGET", queue.runs, run_id)
+        return entry_id, run_id, data
 
     async def _give_back(self, entry_id: str) -> None:
         """Make the entry ``entry_id``, delivered to this stopped worker and not
