@@ -490,36 +490,34 @@ def _prepare(connection: sqlite3.Connection, path: Path, codec: Codec, deadline:
     tables = _tables(connection)
     if tables:
         _check_store(connection, path, codec, tables)
+    _check_writable(path)
     mode = _switch_to_wal(connection, deadline)
     if mode != "wal":
         raise StorageError(f"{path}: cannot switch to WAL mode (journal mode is {mode!r})")
     connection.execute("PRAGMA synchronous = FULL")
-    _set_busy_timeout(connection, deadline - time.monotonic())
-    if tables:
-        _check_writable(connection, path)
-    else:
+    if not tables:
+        _set_busy_timeout(connection, deadline - time.monotonic())
         _create_schema(connection, path, codec)
 
 
-def _check_writable(connection: sqlite3.Connection, path: Path) -> None:
-    """Raise StorageError when the database cannot be written (the file, or its folder,
-    is read-only for this process): SQLite then opens it read-only without a word, and
-    only the first write would fail. Tries a write that changes nothing (the header's
-    user version, set to itself) and rolls it back; blocks while it waits for another
-    connection's write lock."""
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        version = int(connection.execute("PRAGMA user_version").fetchone()[0])
-        connection.execute(f"PRAGMA user_version = {version}")
-    except sqlite3.OperationalError as exc:
-        if exc.sqlite_errorcode != sqlite3.SQLITE_READONLY:
-            raise
+def _check_writable(path: Path) -> None:
+    """Raise StorageError naming what this process may not write of the database: the
+    file, its ``-wal`` or ``-shm`` file, or their folder (where SQLite makes those).
+    SQLite would open it read-only without a word, and only the first write would fail.
+    Asks the system, as for the process's effective user and capabilities; takes no
+    lock (blocks only for the ``access`` calls)."""
+    parts = [path, *(path.with_name(path.name + end) for end in ("-wal", "-shm"))]
+    present = [part for part in parts if part.exists()]
+    read_only = [
+        str(part)
+        for part in [*present, path.parent]
+        if not os.access(part, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
+    ]
+    if read_only:
         raise StorageError(
-            f"{path}: the database is read-only for this process (check the permissions "
-            "of the file, of its -wal and -shm files and of its folder)"
-        ) from exc
-    finally:
-        connection.execute("ROLLBACK")
+            f"{path}: the database is read-only for this process: it may not write "
+            f"{', '.join(read_only)}"
+        )
 
 
 def _switch_to_wal(connection: sqlite3.Connection, deadline: float) -> str:
