@@ -1,8 +1,11 @@
-"""What the cosmoflow command prints (cli/output.py): strict JSON."""
+"""What the cosmoflow command prints (cli/output.py): strict JSON, and a stdout that
+cannot be written."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,18 @@ def test_json_output_is_strict_json(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["inspect", f"file:{tmp_path / 'p.json'}", "--codec", "pickle", "--json"]) == 0
     report = json.loads(capsys.readouterr().out, parse_constant=no_constant)
     assert report["keys"] == {"odd": {"(1, 2)": "nan"}}
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("extra", [[], ["--runs", "3"]])
+def test_output_to_a_full_disk_is_one_line_and_status_74(extra: list[str]) -> None:
+    """Not status 1, which says a run failed: the run succeeded, its output is lost."""
+    command = [sys.executable, "-m", "cosmoflow_actors", "run", str(EXAMPLES / "hello_world.py")]
+    with open("/dev/full", "w") as full:
+        process = subprocess.run(
+            [*command, *extra], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    assert (process.returncode, process.stderr) == (
+        74,
+        "cosmoflow: error: cannot write to stdout: [Errno 28] No space left on device\n",
+    )

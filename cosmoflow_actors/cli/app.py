@@ -1,7 +1,8 @@
 """The ``cosmoflow`` command's entry point: :func:`main` parses the arguments, hands
 them to the command's module, and turns what went wrong into one line on stderr and an
 exit status (2 for bad input, 1 for runs that failed, 74 when stdout cannot be
-written, 130 for Ctrl-C, 141 when the reader of stdout went away). Arguments after
+written, 130 for Ctrl-C, 141 when the reader of stdout went away, 143 for SIGTERM on
+``worker``). Arguments after
 ``--`` are the flow file's ``sys.argv`` while the command loads and runs it."""
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, BrokenPipeError):
             return _stdout_closed()
         if isinstance(error, StdoutFailed):
-            _report(args, error, status=STDOUT_FAILED)
+            print(f"cosmoflow: error: {error}", file=sys.stderr)
             return _stdout_closed(STDOUT_FAILED)
         return _report(args, error, status=2 if isinstance(error, CliError) else 1)
     except (KeyboardInterrupt, BaseExceptionGroup) as exc:

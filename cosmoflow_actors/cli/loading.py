@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cosmoflow_actors.cli.errors import CliError
+from cosmoflow_actors.cli.output import StdoutFailed
 from cosmoflow_actors.errors import type_and_message
 from cosmoflow_actors.flow import BatchFlow, Flow, refusing_runs
 
@@ -48,8 +49,8 @@ def _import_flows(path: Path) -> dict[str, Flow]:
     try:
         with refusing_runs():
             namespace = runpy.run_path(str(path), run_name="__cosmoflow__")
-    except KeyboardInterrupt:
-        raise  # Ctrl-C while the file loads: interrupted, as anywhere else
+    except (KeyboardInterrupt, StdoutFailed):
+        raise  # Ctrl-C, or stdout failing, while the file loads: as anywhere else
     except BaseException as exc:  # SystemExit too: a file that exits loads no flow
         where = _line_in(path, exc)
         raise CliError(f"{where}: {type_and_message(exc)}") from exc

@@ -1,6 +1,7 @@
-"""What the commands print on stdout: strict JSON (:func:`dump_json`), and rich tables
-on a console that leaves a reader gone away (``| head``) to
-:func:`~cosmoflow_actors.cli.app.main` (:class:`StdoutConsole`)."""
+"""What the commands print on stdout: strict JSON (:func:`dump_json`), rich tables on a
+console that leaves a reader gone away (``| head``) to
+:func:`~cosmoflow_actors.cli.app.main` (:class:`StdoutConsole`), and stdout itself
+checked (:func:`checked_stdout`): a write that fails raises :class:`StdoutFailed`."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any, cast
 
 from rich.console import Console
 
-from cosmoflow_actors.cli.errors import CliError
 
-
-class StdoutFailed(CliError):
-    """stdout could not be written (a full disk): what the command printed is lost."""
+class StdoutFailed(Exception):
+    """stdout could not be written (a full disk): what the command printed is lost.
+    :func:`~cosmoflow_actors.cli.app.main` prints it as one line, with its own exit
+    status."""
 
 
 class _CheckedStdout:
@@ -32,6 +33,10 @@ class _CheckedStdout:
     def write(self, text: str) -> int:
         with _stdout_errors():
             return self._stream.write(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        with _stdout_errors():
+            self._stream.writelines(lines)
 
     def flush(self) -> None:
         with _stdout_errors():
