@@ -112,8 +112,13 @@ def _one_line(text: str) -> str:
     as Python escapes, so that what a run chose to name things cannot break the line or
     drive the terminal."""
     return "".join(
-        repr(char)[1:-1] if unicodedata.category(char) == "Cc" else char for char in text
+        repr(char)[1:-1] if unicodedata.category(char) in _LINE_BREAKING else char for char in text
     )
+
+
+_LINE_BREAKING: Final = frozenset({"Cc", "Zl", "Zp"})
+"""The Unicode categories :func:`_one_line` escapes: control characters and the line
+and paragraph separators."""
 
 
 def _describe(event: Event) -> tuple[str, str]:

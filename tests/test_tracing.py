@@ -336,11 +336,11 @@ def test_every_event_has_a_readable_line() -> None:
 
 
 def test_a_line_stays_one_line_whatever_a_run_named_things() -> None:
-    error = ValueError("two\nlines")
+    error = ValueError("two\nlines\u2028")
     event = cf.Fallback("r\n1", 10.0, "a\x1b[31m", "r1:1", 1, error)
     assert format_event(event, origin=10.0) == (
         "   +0.000s  r\\n1       fallback        a\\x1b[31m after 1 attempt: "
-        "ValueError: two\\nlines"
+        "ValueError: two\\nlines\\u2028"
     )
 
 
