@@ -4,6 +4,7 @@ cannot be written."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,34 @@ def test_output_to_a_full_disk_is_one_line_and_status_74(extra: list[str]) -> No
     with open("/dev/full", "w") as full:
         process = subprocess.run(
             [*command, *extra], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    assert (process.returncode, process.stderr) == (
+        74,
+        "cosmoflow: error: cannot write to stdout: [Errno 28] No space left on device\n",
+    )
+
+
+NOISY_STORE = """
+import cosmoflow_actors as cf
+
+print("making the store", flush=True)
+
+
+def make():
+    return cf.MemoryStorage()
+"""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_store_module_writing_to_a_full_disk_is_status_74(tmp_path: Path) -> None:
+    """Not status 2: the store's module is fine, stdout is not."""
+    (tmp_path / "noisy_store.py").write_text(NOISY_STORE)
+    command = [sys.executable, "-m", "cosmoflow_actors", "run", str(EXAMPLES / "hello_world.py")]
+    command += ["--store", "python:noisy_store:make"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    with open("/dev/full", "w") as full:
+        process = subprocess.run(
+            command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, env=env
         )
     assert (process.returncode, process.stderr) == (
         74,

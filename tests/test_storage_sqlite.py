@@ -287,6 +287,43 @@ async def test_a_read_only_database_is_refused_at_open_not_at_the_first_write(
     assert await SQLiteStorage(path).get("a") == 1
 
 
+WRITE_THROUGH = """
+import sys
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+async def main() -> None:
+    storage = cf.SQLiteStorage(sys.argv[1])
+    await storage.set("b", 2)
+    await storage.commit()
+    await storage.aclose()
+
+
+trio.run(main)
+"""
+
+
+async def test_a_link_in_a_read_only_folder_to_a_writable_database_opens(
+    tmp_path: Path,
+) -> None:
+    """The check looks where SQLite writes: beside the file the link points to."""
+    data, links = tmp_path / "data", tmp_path / "links"
+    data.mkdir()
+    links.mkdir()
+    await (await stored(data / "store.db", a=1)).aclose()
+    (links / "store.db").symlink_to(data / "store.db")
+    links.chmod(0o555)
+    command = [*as_the_files_owner(), sys.executable, "-c", WRITE_THROUGH, str(links / "store.db")]
+    try:
+        await trio.run_process(command, check=True)
+    finally:
+        links.chmod(0o755)
+    assert await SQLiteStorage(data / "store.db").get("b") == 2
+
+
 async def test_a_full_disk_fails_the_commit_and_rolls_back(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     storage = await stored(path, a=1)

@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, BrokenPipeError):
             return _stdout_closed()
         if isinstance(error, StdoutFailed):
+            if args.debug:
+                traceback.print_exception(error)
             print(f"cosmoflow: error: {error}", file=sys.stderr)
             return _stdout_closed(STDOUT_FAILED)
         return _report(args, error, status=2 if isinstance(error, CliError) else 1)

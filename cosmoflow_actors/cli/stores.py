@@ -17,6 +17,7 @@ from inspect import signature
 from typing import Any, Final
 
 from cosmoflow_actors.cli.errors import CliError
+from cosmoflow_actors.cli.output import StdoutFailed
 from cosmoflow_actors.errors import StorageError, type_and_message
 from cosmoflow_actors.runtime.engine import Engine
 from cosmoflow_actors.runtime.queue import RunStores, per_run_redis
@@ -121,7 +122,7 @@ class CustomStore:
         call = self.call_text(keywords)
         try:
             made = self.factory(*self.arguments(), **keywords)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StdoutFailed):
             raise
         except BaseException as exc:  # SystemExit too: a factory that exits builds nothing
             raise CliError(f"{self.label}: {call} raised {type_and_message(exc)}") from exc
@@ -218,7 +219,7 @@ def _load_factory(label: str, module_name: str, name: str) -> Callable[..., obje
     an attribute, or the object is not callable."""
     try:
         found: object = importlib.import_module(module_name)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StdoutFailed):
         raise
     except BaseException as exc:  # SystemExit too: a module that exits gives no factory
         raise CliError(f"{label}: {_import_failure(module_name, exc)}") from exc

@@ -622,8 +622,7 @@ class Engine:
         engine keeps of ``flow``: a node actor needs no set-up, and steps sent before
         it runs wait in its mailbox. Raises trio.WouldBlock when the flow needs worker
         processes or Ray that the engine has not set up yet (a flow registered before
-        had them set up then), and RuntimeError once the engine is closed (it may have
-        closed while :meth:`_register` set those up)."""
+        had them set up then), and RuntimeError once the engine is closed."""
         known = self._flows.get(flow)
         if known is not None:
             return known

@@ -429,16 +429,12 @@ class RunQueue:
         self._client = None
         await trio.lowlevel.checkpoint()
 
-    @property
-    def timeout(self) -> float:
-        """Seconds a connection waits for the server before it fails: longer than a
-        worker's longest blocking read."""
-        return max(10.0, 3 * self.lease)
-
     def _connected(self) -> redis.Redis:
-        """The client, on connections that wait :attr:`timeout` for the server."""
+        """The client, on connections whose socket waits are longer than a worker's
+        longest blocking read."""
         if self._client is None:
-            self._client = shared_client(self.url, self.timeout, "RunQueue")
+            timeout = max(10.0, 3 * self.lease)
+            self._client = shared_client(self.url, timeout, "RunQueue")
         return self._client
 
     async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -905,13 +901,15 @@ class _Worker:
 
         The wait goes on in the server whatever becomes of this task, and may end with
         an entry delivered to this worker: so a worker stopped meanwhile waits for it
-        too (shielded: a poll interval, or the connection's timeout when the server is
-        slow), and gives back the entry it got (:meth:`_give_back`) before the
-        cancellation goes on.
+        too (shielded, a poll interval and HAND_BACK_SECONDS at most), and gives back
+        the entry it got (:meth:`_give_back`) before the cancellation goes on. A
+        server that has not answered by then raises StorageError (an outage, for a
+        worker that is not stopped).
         """
         queue = self.queue
         reply = None
-        with trio.move_on_after(self._poll + queue.timeout, shield=True):
+        limit = self._poll + HAND_BACK_SECONDS
+        with trio.move_on_after(limit, shield=True) as read:
             reply = await queue.call(
                 "XREADGROUP",
                 "GROUP",
@@ -925,6 +923,9 @@ class _Worker:
                 queue.stream,
                 ">",
             )
+        if read.cancelled_caught:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            raise StorageError(f"{queue!r}: no answer from the server within {limit:g} s")
         entries = _entries(reply[0][1]) if reply else []
         if not entries:
             return None

@@ -506,11 +506,12 @@ def _check_writable(path: Path) -> None:
     SQLite would open it read-only without a word, and only the first write would fail.
     Asks the system, as for the process's effective user and capabilities; takes no
     lock (blocks only for the ``access`` calls)."""
-    parts = [path, *(path.with_name(path.name + end) for end in ("-wal", "-shm"))]
+    real = path.resolve()  # SQLite writes the file a link points to, and beside it
+    parts = [real, *(real.with_name(real.name + end) for end in ("-wal", "-shm"))]
     present = [part for part in parts if part.exists()]
     read_only = [
         str(part)
-        for part in [*present, path.parent]
+        for part in [*present, real.parent]
         if not os.access(part, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
     ]
     if read_only:
