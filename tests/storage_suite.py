@@ -17,6 +17,7 @@ import fcntl
 import importlib
 import json
 import os
+import re
 import resource
 import shutil
 import socket
@@ -36,7 +37,7 @@ import cosmoflow_actors as cf
 from cosmoflow_actors.storage.file import FileStorage
 from cosmoflow_actors.storage.redis import RedisStorage
 from cosmoflow_actors.storage.sqlite import SQLiteStorage
-from tests.support import received_until
+from tests.support import received_until, single
 
 READY_TIMEOUT = 30.0
 """Seconds redis-server may take to report that it accepts connections."""
@@ -410,3 +411,19 @@ def skip_unless_read_only_works(directory: Path) -> None:
             pass
     except OSError as exc:
         pytest.skip(f"root cannot make files read-only here (chattr +i): {exc}")
+
+
+async def foreign_key_fails_only_what_meets_it(storage: cf.Storage, named: str) -> None:
+    """``storage`` (holding ``a`` = 1) also holds a key another client wrote that is no
+    text: a step listing the keys and ``list_runs`` fail with the StorageError matching
+    ``named``, while a run on another store, writes and reads of other keys go on."""
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(single(cf.node(lambda ctx: None)), {})
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(cf.node(lambda ctx: ctx.store.keys())), storage)
+        assert re.search(named, str(info.value.__cause__))
+        with pytest.raises(cf.StorageError, match=named):
+            await engine.list_runs(storage)
+        await engine.run(single(cf.node(lambda ctx: ctx.store.set("b", 2))), storage)
+        assert await storage.get("a") == 1
+        assert (await other.wait()).success

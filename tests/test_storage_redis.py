@@ -22,6 +22,7 @@ from cosmoflow_actors.storage.base import RECORD_PREFIX
 from cosmoflow_actors.storage.redis import RedisStorage, redacted, shared_client
 from tests.storage_suite import (
     RedisServer,
+    foreign_key_fails_only_what_meets_it,
     free_port,
     running_redis,
     unique_namespace,
@@ -609,16 +610,7 @@ async def test_a_field_another_client_wrote_that_is_not_utf8_fails_the_calls_tha
 
     with pytest.raises(cf.StorageError, match=named):
         await storage.keys()
-    async with cf.open_engine() as engine:
-        other = await engine.start_run(single(cf.node(lambda ctx: None)), {})
-        with pytest.raises(cf.NodeError) as info:
-            await engine.run(single(cf.node(lambda ctx: ctx.store.keys())), storage)
-        assert re.search(named, str(info.value.__cause__))
-        with pytest.raises(cf.StorageError, match=named):
-            await engine.list_runs(storage)
-        await engine.run(single(cf.node(lambda ctx: ctx.store.set("b", 2))), storage)
-        assert await storage.get("a") == 1
-        assert (await other.wait()).success
+    await foreign_key_fails_only_what_meets_it(storage, named)
     await storage.aclose()
 
 

@@ -20,7 +20,7 @@ import trio
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.durability import record_key
 from cosmoflow_actors.storage.sqlite import UPSERT_ROWS, SQLiteStorage, peek
-from tests.storage_suite import file_size_limit, holder
+from tests.storage_suite import file_size_limit, foreign_key_fails_only_what_meets_it, holder
 from tests.support import single
 
 
@@ -592,14 +592,5 @@ async def test_a_blob_key_another_client_wrote_fails_the_calls_that_meet_it(
         await storage.keys()
     with pytest.raises(cf.StorageError, match="key is the bytes b'\\\\xff'"):
         peek(path)
-    async with cf.open_engine() as engine:
-        other = await engine.start_run(single(cf.node(lambda ctx: None)), {})
-        with pytest.raises(cf.NodeError) as info:
-            await engine.run(single(cf.node(lambda ctx: ctx.store.keys())), storage)
-        assert re.search(named, str(info.value.__cause__))
-        with pytest.raises(cf.StorageError, match=named):
-            await engine.list_runs(storage)
-        await engine.run(single(cf.node(lambda ctx: ctx.store.set("b", 2))), storage)
-        assert await storage.get("a") == 1
-        assert (await other.wait()).success
+    await foreign_key_fails_only_what_meets_it(storage, named)
     await storage.aclose()
