@@ -25,7 +25,6 @@ Ray is imported only here, and only when a flow has a "ray" node.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import threading
 from concurrent.futures import Future
@@ -259,7 +258,7 @@ class OnRay:
         """Blocks until a Ray task has run exec (the first call also puts the node in
         Ray's object store); cancelled, it force-cancels the task. Raises what exec
         raised, or WorkerTransferError for what could not make the trip."""
-        remote_ctx = dataclasses.replace(ctx, store=detached(ctx.store))
+        remote_ctx = ctx.copy(store=detached(ctx.store))
         work = job(prep_res, remote_ctx)
         if self._node_ref is None:
             await self._put_node(ctx.node_id)
