@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from cosmoflow_actors.storage.base import Storage
 
 DEFAULT_MAX_STEPS: Final = 1000
+MAX_NESTING: Final = 100
+"""How many flows deep a flow may nest (see :attr:`Flow.depth`); deeper, the engine's
+walks through nested flows would exceed Python's recursion limit."""
 
 
 class _End(enum.Enum):
@@ -141,6 +144,10 @@ class Flow:
         self.start_id = start_id
         self.max_steps = max_steps
         self.joins = joins
+        self.depth: int = 1 + max(
+            (node.depth for node in self.nodes.values() if isinstance(node, Flow)), default=0
+        )
+        """How many flows deep this flow nests: 1 when no node of it is a flow."""
         table: dict[tuple[str, str], list[Route]] = {}
         for route in routes:
             table.setdefault((route.source, route.action), []).append(route)
@@ -271,9 +278,16 @@ class FlowBuilder:
         self._problems: list[str] = []
 
     def add_node(self, node_id: str, node: Node | Flow) -> FlowBuilder:
-        """Add ``node`` (a Node or a nested Flow) under ``node_id``, a non-empty str."""
+        """Add ``node`` (a Node or a nested Flow) under ``node_id``, a non-empty str
+        without '/'."""
         if not isinstance(node_id, str) or not node_id:
             self._problems.append(f"a node id must be a non-empty str, got {node_id!r}")
+            return self
+        if "/" in node_id:
+            self._problems.append(
+                f"node id {node_id!r} contains '/', which separates a flow's name from its "
+                "node ids (in statistics() and traces)"
+            )
             return self
         if node_id in self._ids:
             self._problems.append(f"duplicate node id {node_id!r}")
@@ -370,7 +384,7 @@ class FlowBuilder:
         reported once, for what it is.
         """
         problems = [*self._problems, *self._route_problems(), *self._shadowed_routes()]
-        problems += self._config_problems()
+        problems += self._config_problems() + self._nesting_problems()
         if not isinstance(self._name, str) or not self._name:
             problems.append(f"the flow's name must be a non-empty str, got {self._name!r}")
         start = self._start if self._start is not None else next(iter(self._ids), None)
@@ -388,6 +402,15 @@ class FlowBuilder:
             raise FlowValidationError(self._name, problems)
         joins = frozenset(self._joins)
         return Flow(self._name, self._nodes, tuple(self._routes), start, self._max_steps, joins)
+
+    def _nesting_problems(self) -> list[str]:
+        """The nested flows that would nest this flow more than MAX_NESTING deep."""
+        return [
+            f"node {node_id!r} is a flow {node.depth} deep, which makes this flow "
+            f"{node.depth + 1} deep: a flow nests at most {MAX_NESTING} deep"
+            for node_id, node in self._nodes.items()
+            if isinstance(node, Flow) and node.depth >= MAX_NESTING
+        ]
 
     def _route_problems(self) -> list[str]:
         problems = []

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.flow import refusing_runs
+from cosmoflow_actors.flow import MAX_NESTING, refusing_runs
 from tests.support import Recorder, refused
 
 
@@ -128,6 +128,7 @@ def test_build_names_a_bad_flow_name_node_id_and_action() -> None:
         .add_node("a", Recorder())
         .add_node("", Recorder())
         .add_node(3, Recorder())  # type: ignore[arg-type]
+        .add_node("x/y", Recorder())
         .add_node("b", Recorder())
         .add_route("a", "b", action="")
     )
@@ -135,6 +136,8 @@ def test_build_names_a_bad_flow_name_node_id_and_action() -> None:
     assert error.problems == (
         "a node id must be a non-empty str, got ''",
         "a node id must be a non-empty str, got 3",
+        "node id 'x/y' contains '/', which separates a flow's name from its node ids "
+        "(in statistics() and traces)",
         "route from 'a': an action must be a non-empty str, got ''",
         "the flow's name must be a non-empty str, got ''",
     )
@@ -713,3 +716,31 @@ def test_a_batch_flow_refuses_a_fallback() -> None:
 
     with pytest.raises(ValueError, match="exec_fallback"):
         WithFallback(file_flow())
+
+
+def nested(depth: int) -> cf.Flow:
+    """A flow ``depth`` deep: each level's one node is the flow of the level below."""
+    flow = cf.Flow.builder("level1").add_node("leaf", Recorder()).build()
+    for level in range(2, depth + 1):
+        flow = cf.Flow.builder(f"level{level}").add_node("inner", flow).build()
+    return flow
+
+
+async def test_a_flow_nested_as_deep_as_allowed_runs_durably(tmp_path: Any) -> None:
+    flow = nested(MAX_NESTING)
+    assert flow.depth == MAX_NESTING
+    assert "leaf" in flow.to_mermaid()
+    storage = cf.SQLiteStorage(str(tmp_path / "store.db"))
+    async with cf.open_engine() as engine:
+        await engine.run(flow, storage, run_id="deep")
+        runs = await engine.list_runs(storage)
+    assert runs == [cf.RunRecord("deep", f"level{MAX_NESTING}", "succeeded", "leaf", 1)]
+
+
+def test_build_refuses_a_flow_nested_deeper_than_allowed() -> None:
+    builder = cf.Flow.builder("top").add_node("inner", nested(MAX_NESTING))
+    error = refused(builder)
+    assert error.problems == (
+        f"node 'inner' is a flow {MAX_NESTING} deep, which makes this flow "
+        f"{MAX_NESTING + 1} deep: a flow nests at most {MAX_NESTING} deep",
+    )
