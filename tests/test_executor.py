@@ -458,3 +458,62 @@ async def test_a_keyboard_interrupt_in_a_thread_exec_fails_its_run_alone() -> No
     assert str(cause) == "exec was interrupted in its thread (KeyboardInterrupt)"
     assert isinstance(cause.__cause__, KeyboardInterrupt)
     assert after.success
+
+
+class HeldInThread(cf.Node):
+    """A thread exec that waits for ``release``; post stores what exec returned."""
+
+    executor = "thread"
+    max_concurrency = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
+        self.inside.set()
+        self.release.wait(timeout=30)
+        return ctx.run_id
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: str, ctx: cf.ExecutionContext
+    ) -> None:
+        await store.set("post", exec_res)
+
+
+async def test_a_caller_cancelled_during_a_thread_exec_gets_cancelled_and_post_never_runs() -> None:
+    node = HeldInThread()
+    store: dict[str, Any] = {}
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def caller() -> None:
+            with scope:
+                await engine.run(single(node), store)
+
+        nursery.start_soon(caller)
+        await trio.to_thread.run_sync(node.inside.wait)
+        scope.cancel()
+        node.release.set()
+    assert scope.cancelled_caught
+    assert store == {}
+    assert engine.statistics().runs_cancelled == 1
+
+
+async def test_a_run_cancelled_during_a_thread_exec_runs_no_post() -> None:
+    node = HeldInThread()
+    flow = single(node)
+    store: dict[str, Any] = {}
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(flow, store, run_id="cancelled")
+        await trio.to_thread.run_sync(node.inside.wait)
+        run.cancel()
+        node.release.set()
+        # The node's one slot is free once the cancelled step has ended.
+        after: dict[str, Any] = {}
+        await engine.run(flow, after, run_id="after")
+    assert after == {"post": "after"}
+    assert store == {}
+    with pytest.raises(cf.RunCancelledError):
+        await run.wait()

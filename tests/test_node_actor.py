@@ -296,6 +296,26 @@ async def test_a_base_exception_a_node_raises_fails_its_run_alone_naming_the_pha
         assert info.value.__cause__ is error
 
 
+async def test_a_base_exception_of_a_parallel_item_fails_the_step_as_it_is() -> None:
+    error = SystemExit(5)
+
+    class Exits(cf.ParallelBatchNode):
+        def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[int]:
+            return [1, 2, 3]
+
+        async def exec(self, item: int, ctx: cf.ExecutionContext) -> None:
+            if item == 2:
+                raise error
+            await trio.sleep_forever()
+
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(Exits()))
+        assert await engine.run(single(Recorder())) is not None
+    assert (info.value.node_id, info.value.phase) == ("only", "exec")
+    assert info.value.__cause__ is error
+
+
 async def test_a_keyboard_interrupt_in_a_node_goes_on_up() -> None:
     with pytest.raises(BaseExceptionGroup) as info:
         async with cf.open_engine() as engine:

@@ -118,13 +118,20 @@ class _InThread:
 
     async def attempt(self, prep_res: Any, ctx: ExecutionContext, time_limit: float | None) -> Any:
         """Blocks until a thread is free, then until it has run exec; ``time_limit``
-        starts once it is free (see :func:`within`)."""
+        starts once it is free (see :func:`within`).
+
+        A thread cannot be interrupted: when the step is cancelled meanwhile (its run
+        ended, its caller was cancelled), the thread's result is dropped once it comes
+        and trio.Cancelled raised, so nothing of the step runs after exec.
+        """
         thread_ctx = ctx.copy(store=detached(ctx.store))
         async with trio.to_thread.current_default_thread_limiter():
             running = trio.to_thread.run_sync(
                 _exec_in_thread, self._exec, prep_res, thread_ctx, limiter=self._held
             )
-            return await within(time_limit, ctx.node_id, running)
+            result = await within(time_limit, ctx.node_id, running)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return result
 
 
 def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -> Any:

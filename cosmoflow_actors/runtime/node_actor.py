@@ -549,17 +549,20 @@ async def _all_or_first_error(
     limit: int | None, jobs: Sequence[Callable[[], Awaitable[Any]]]
 ) -> list[Any]:
     """Run ``jobs`` concurrently, at most ``limit`` at once (None = all), starting them in
-    order; return their results in order. The first job that raises cancels the
-    others; its error is raised.
+    order; return their results in order. The first job that raises what fails a step
+    (see :func:`fails_the_step`; ``sys.exit()`` too) cancels the others; its error is
+    raised as it is.
     """
     results: list[Any] = [None] * len(jobs)
-    failures: list[Exception] = []
+    failures: list[BaseException] = []
     slots = trio.CapacityLimiter(limit or max(len(jobs), 1))
 
     async def one(index: int, job: Callable[[], Awaitable[Any]], nursery: trio.Nursery) -> None:
         try:
             results[index] = await job()
-        except Exception as exc:
+        except BaseException as exc:
+            if not fails_the_step(exc):
+                raise
             failures.append(exc)
             nursery.cancel_scope.cancel()
         finally:
