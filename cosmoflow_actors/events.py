@@ -111,7 +111,7 @@ class Retry(Event):
     node_id: str
     execution_id: str
     attempt: int
-    error: BaseException
+    error: Exception
     delay: float
 
 
@@ -123,7 +123,7 @@ class Fallback(Event):
     node_id: str
     execution_id: str
     attempts: int
-    error: BaseException
+    error: Exception
 
 
 @dataclass(frozen=True, slots=True)

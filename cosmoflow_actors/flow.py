@@ -547,6 +547,6 @@ class BatchFlow(Node):
         which runs that flow again would never end)."""
         return self._flow
 
-    def prep(self, store: SharedStore, ctx: ExecutionContext) -> Any:
+    def prep(self, store: SharedStore, ctx: ExecutionContext, /) -> Any:
         """Return the parameter sets (dicts), one child run each. Default: none."""
         return []

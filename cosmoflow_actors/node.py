@@ -10,7 +10,17 @@ import inspect
 import math
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, TypeGuard, Unpack, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Literal,
+    TypedDict,
+    TypeGuard,
+    Unpack,
+    get_args,
+    overload,
+)
 
 import cloudpickle
 
@@ -22,6 +32,7 @@ if TYPE_CHECKING:
 
 PostResult = Action | str | None
 StepFunction = Callable[[ExecutionContext], Awaitable[PostResult] | PostResult]
+Executor = Literal["inline", "thread", "process", "ray"]
 
 
 class NodeConfig(TypedDict, total=False):
@@ -37,12 +48,12 @@ class NodeConfig(TypedDict, total=False):
     retry_on: tuple[type[BaseException], ...]
     mailbox_size: int | None
     rate_limit: tuple[int, float] | None
-    executor: Literal["inline", "thread", "process", "ray"]
+    executor: Executor
     ray_options: Mapping[str, Any] | None
 
 
 _CONFIG_NAMES: Final = tuple(NodeConfig.__annotations__)
-EXECUTORS = ("inline", "thread", "process", "ray")
+EXECUTORS: Final[tuple[Executor, ...]] = get_args(Executor)
 RAY_OPTIONS = ("num_cpus", "num_gpus", "resources", "runtime_env", "max_retries")
 """The Ray task options a node may set in ``ray_options``."""
 
@@ -73,7 +84,7 @@ class Node:
     rate_limit: tuple[int, float] | None = None
     """``(calls, per_seconds)``: at most ``calls`` exec attempts start in any window of
     ``per_seconds`` (None = no limit)."""
-    executor: str = "inline"
+    executor: Executor = "inline"
     """Where exec runs: "inline" (the trio thread), "thread" (``trio.to_thread``),
     "process" (a trio-parallel worker process) or "ray" (a Ray task). All but inline
     need a plain ``def exec`` and get no store access."""
@@ -100,15 +111,15 @@ class Node:
         """How errors in this node's config name it."""
         return type(self).__qualname__
 
-    def prep(self, store: SharedStore, ctx: ExecutionContext) -> Any:
+    def prep(self, store: SharedStore, ctx: ExecutionContext, /) -> Any:
         """Read what exec needs from the store. The default returns None."""
         return None
 
-    def exec(self, prep_res: Any, ctx: ExecutionContext) -> Any:
+    def exec(self, prep_res: Any, ctx: ExecutionContext, /) -> Any:
         """Do the work, without store access; retried per the config. Default: None."""
         return None
 
-    def exec_fallback(self, prep_res: Any, error: Exception, ctx: ExecutionContext) -> Any:
+    def exec_fallback(self, prep_res: Any, error: Exception, ctx: ExecutionContext, /) -> Any:
         """Called after the last failed exec attempt; its return value replaces exec's.
 
         The default re-raises ``error``, which fails the run with a ``NodeError``.
@@ -116,7 +127,7 @@ class Node:
         raise error
 
     def post(
-        self, store: SharedStore, prep_res: Any, exec_res: Any, ctx: ExecutionContext
+        self, store: SharedStore, prep_res: Any, exec_res: Any, ctx: ExecutionContext, /
     ) -> Awaitable[PostResult] | PostResult:
         """Write results and choose the action. The default returns None ("default")."""
         return None
@@ -361,12 +372,12 @@ class FunctionNode(Node):
         """``@node <the function's name>``."""
         return f"@node {getattr(self.function, '__qualname__', self.__name__)}"
 
-    def exec(self, prep_res: Any, ctx: ExecutionContext) -> Awaitable[PostResult] | PostResult:
+    def exec(self, prep_res: Any, ctx: ExecutionContext, /) -> Awaitable[PostResult] | PostResult:
         """Call the function; the node actor awaits what an async one returns."""
         return self.function(ctx)
 
     def post(
-        self, store: SharedStore, prep_res: Any, exec_res: Any, ctx: ExecutionContext
+        self, store: SharedStore, prep_res: Any, exec_res: Any, ctx: ExecutionContext, /
     ) -> PostResult:
         return exec_res  # type: ignore[no-any-return]
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from cosmoflow_actors.storage.base import Storage
 
 T = TypeVar("T")
+D = TypeVar("D")
 Call = Coroutine[Any, Any, T]
 """What a store method returns: a coroutine that does the call when awaited."""
 
@@ -120,14 +121,17 @@ class SharedStore:
     def get(self, key: str, default: Any = ..., *, type: None = None) -> Call[Any]: ...
 
     @overload
-    def get(self, key: str, default: Any = ..., *, type: builtins.type[T]) -> Call[T]: ...
+    def get(self, key: str, *, type: builtins.type[T]) -> Call[T]: ...
+
+    @overload
+    def get(self, key: str, default: D, *, type: builtins.type[T]) -> Call[T | D]: ...
 
     def get(self, key: str, default: Any = MISSING, *, type: Any = None) -> Call[Any]:
         """Return the value of ``key``, or ``default`` when it is missing.
 
         Raises StoreKeyError when it is missing and there is no default. With ``type=T``
         the value is returned as a ``T`` (a dataclass is rebuilt from its JSON form) or
-        StoreTypeError is raised.
+        StoreTypeError is raised; the default is returned as it is.
         """
         check_key(key)
         if type is None:
@@ -143,7 +147,7 @@ class SharedStore:
         check_user_key(key)
         return self._call(StoreOp.SET, key, value)
 
-    def update(self, key: str, function: Callable[[Any], Any], default: Any = MISSING) -> Call[Any]:
+    def update(self, key: str, function: Callable[[Any], T], default: Any = MISSING) -> Call[T]:
         """Atomically replace the value of ``key`` with ``function(value)``; return it.
 
         ``function`` is a plain (sync) function, run inside the store actor: no other

@@ -1,0 +1,40 @@
+"""What a user's type checker sees of the API: checked by ``mypy --strict`` in CI
+(`.ci/run`), never run. Each ``assert_type`` is a promise of the types; each
+``type: ignore`` marks a mistake the types must catch (an unused one fails the check)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, assert_type
+
+import cosmoflow_actors as cf
+
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+
+def increment(value: int) -> int:
+    return value + 1
+
+
+class Typed(cf.Node):
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> str:
+        assert_type(await store.get("any"), Any)
+        assert_type(await store.get("count", type=int), int)
+        assert_type(await store.get("count", None, type=int), int | None)
+        assert_type(await store.get("point", type=Point), Point)
+        assert_type(await store.get("pair", (0, 0), type=tuple[int, int]), tuple[int, int])
+        assert_type(await store.update("count", increment, default=0), int)
+        assert_type(await store.get_many(["a", "b"]), dict[str, Any])
+        return await store.get("name", type=str)
+
+    # The engine passes the phases' arguments by position: any names will do.
+    def exec(self, name: str, ctx: cf.ExecutionContext) -> str:
+        return name.upper()
+
+
+class Misconfigured(cf.Node):
+    executor = "threads"  # type: ignore[assignment]
