@@ -14,9 +14,12 @@ from typing import (
     TYPE_CHECKING,
     Any,
     Final,
+    Generic,
     Literal,
+    Protocol,
     TypedDict,
     TypeGuard,
+    TypeVar,
     Unpack,
     get_args,
     overload,
@@ -31,7 +34,10 @@ if TYPE_CHECKING:
     from cosmoflow_actors.runtime.store_client import SharedStore
 
 PostResult = Action | str | None
-StepFunction = Callable[[ExecutionContext], Awaitable[PostResult] | PostResult]
+StepResult = Awaitable[PostResult] | PostResult
+"""What a step function (``@node``) returns: the action, or an awaitable of it."""
+StepFunction = Callable[[ExecutionContext], StepResult]
+R = TypeVar("R", bound=StepResult)
 Executor = Literal["inline", "thread", "process", "ray"]
 
 
@@ -354,14 +360,18 @@ class ParallelBatchNode(BatchNode):
     """
 
 
-class FunctionNode(Node):
+class FunctionNode(Node, Generic[R]):
     """A node made from one function of the context (the ``@node`` decorator).
 
     The function runs as the exec phase (so retries, timeout and fallback apply) and may
-    use ``ctx.store``; what it returns is the action.
+    use ``ctx.store``; what it returns is the action. ``R`` is what the function returns
+    (``Coroutine[Any, Any, str]`` for an ``async def`` returning a str), so that
+    ``node.function(ctx)`` keeps its type.
     """
 
-    def __init__(self, function: StepFunction, **config: Unpack[NodeConfig]) -> None:
+    def __init__(
+        self, function: Callable[[ExecutionContext], R], **config: Unpack[NodeConfig]
+    ) -> None:
         _check_step_function(function)
         self.function = function
         self.__name__ = getattr(function, "__name__", "node")
@@ -372,7 +382,7 @@ class FunctionNode(Node):
         """``@node <the function's name>``."""
         return f"@node {getattr(self.function, '__qualname__', self.__name__)}"
 
-    def exec(self, prep_res: Any, ctx: ExecutionContext, /) -> Awaitable[PostResult] | PostResult:
+    def exec(self, prep_res: Any, ctx: ExecutionContext, /) -> R:
         """Call the function; the node actor awaits what an async one returns."""
         return self.function(ctx)
 
@@ -406,22 +416,28 @@ def _check_step_function(function: object) -> None:
         ) from exc
 
 
-@overload
-def node(function: StepFunction, /) -> FunctionNode: ...
+class NodeDecorator(Protocol):
+    """What ``@node(...)`` with config returns: it makes the node of a function."""
+
+    def __call__(self, function: Callable[[ExecutionContext], R], /) -> FunctionNode[R]: ...
 
 
 @overload
-def node(**config: Unpack[NodeConfig]) -> Callable[[StepFunction], FunctionNode]: ...
+def node(function: Callable[[ExecutionContext], R], /) -> FunctionNode[R]: ...
+
+
+@overload
+def node(**config: Unpack[NodeConfig]) -> NodeDecorator: ...
 
 
 def node(
     function: StepFunction | None = None, /, **config: Unpack[NodeConfig]
-) -> FunctionNode | Callable[[StepFunction], FunctionNode]:
+) -> FunctionNode[Any] | NodeDecorator:
     """Make a node from ``fn(ctx) -> Action | str | None``; use as ``@node`` or ``@node(...)``."""
     if function is not None:
         return FunctionNode(function)
 
-    def decorate(fn: StepFunction) -> FunctionNode:
+    def decorate(fn: Callable[[ExecutionContext], R], /) -> FunctionNode[R]:
         return FunctionNode(fn, **config)
 
     return decorate

@@ -38,3 +38,23 @@ class Typed(cf.Node):
 
 class Misconfigured(cf.Node):
     executor = "threads"  # type: ignore[assignment]
+
+
+@cf.node
+async def greet(ctx: cf.ExecutionContext) -> str:
+    return "greeted"
+
+
+@cf.node(max_retries=2)
+def finish(ctx: cf.ExecutionContext) -> cf.Action:
+    return cf.Action.complete()
+
+
+async def call_the_functions(ctx: cf.ExecutionContext) -> None:
+    assert_type(await greet.function(ctx), str)
+    assert_type(finish.function(ctx), cf.Action)
+
+
+@cf.node  # type: ignore[type-var]
+def counts(ctx: cf.ExecutionContext) -> int:
+    return 1
