@@ -31,6 +31,7 @@ from typing import Any, ClassVar, final
 from cosmoflow_actors.errors import ConditionError, type_and_message
 from cosmoflow_actors.expression import (
     COMPARISON_OPERATORS,
+    ComparisonOperator,
     Expression,
     compare_values,
     evaluation_error,
@@ -121,7 +122,7 @@ class ActionCondition(ABC):
         return _KeyEquals(_check_key(key), value)
 
     @staticmethod
-    def compare(key: str, op: str, number: int | float) -> ActionCondition:
+    def compare(key: str, op: ComparisonOperator, number: int | float) -> ActionCondition:
         """Holds when the value of ``key`` is a number and ``value op number`` is true.
 
         ``op`` is one of ``== != > >= < <=``. A missing key, or a value that is not a number

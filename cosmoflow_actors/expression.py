@@ -49,13 +49,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import Any, Final, TypeGuard, final
+from typing import Any, Final, Literal, TypeGuard, final, get_args
 
 from cosmoflow_actors.errors import ConditionError, type_and_message
 
 __all__ = [
     "COMPARISON_OPERATORS",
     "MAX_EXPRESSION_LENGTH",
+    "ComparisonOperator",
     "Expression",
     "compare_values",
     "evaluation_error",
@@ -74,7 +75,8 @@ _ORDERINGS: Final[dict[str, Callable[[Any, Any], Any]]] = {
     ">=": operator.ge,
 }
 
-COMPARISON_OPERATORS: Final[frozenset[str]] = frozenset({"==", "!=", *_ORDERINGS})
+ComparisonOperator = Literal["==", "!=", ">", ">=", "<", "<="]
+COMPARISON_OPERATORS: Final[frozenset[str]] = frozenset(get_args(ComparisonOperator))
 """The comparison operators of the language (and of ``ActionCondition.compare``)."""
 
 _KEYWORD_VALUES: Final[dict[str, Scalar]] = {"true": True, "false": False, "null": None}

@@ -58,3 +58,7 @@ async def call_the_functions(ctx: cf.ExecutionContext) -> None:
 @cf.node  # type: ignore[type-var]
 def counts(ctx: cf.ExecutionContext) -> int:
     return 1
+
+
+adult = cf.ActionCondition.compare("age", ">=", 18)
+misspelt = cf.ActionCondition.compare("age", "=>", 18)  # type: ignore[arg-type]
