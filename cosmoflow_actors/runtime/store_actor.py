@@ -403,7 +403,7 @@ class StoreActor(Actor[StoreRequest]):
     async def _records(self, request: StoreRequest) -> Any:
         storage = request.storage
         keys = [key for key in await storage.keys() if key.startswith(RECORD_PREFIX)]
-        return {key: await storage.get(key) for key in keys}
+        return await storage.get_many(keys)
 
 
 def _warn_unregistered(message: str) -> None:
