@@ -39,7 +39,7 @@ from cosmoflow_actors.flow import END, BatchFlow, Flow, FlowBuilder, FlowResult,
 from cosmoflow_actors.node import BatchNode, FunctionNode, Node, ParallelBatchNode, node
 from cosmoflow_actors.progress import Progress, ProgressSnapshot
 from cosmoflow_actors.runtime.durability import RunRecord
-from cosmoflow_actors.runtime.engine import Engine, list_runs, open_engine
+from cosmoflow_actors.runtime.engine import Engine, forget_run, list_runs, open_engine
 from cosmoflow_actors.runtime.queue import (
     QueuedResult,
     QueuedRun,
@@ -124,6 +124,7 @@ __all__ = [
     "WorkerInterruptedError",
     "WorkerTransferError",
     "__version__",
+    "forget_run",
     "format_event",
     "list_runs",
     "node",

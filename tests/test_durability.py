@@ -249,6 +249,47 @@ async def test_list_runs_on_a_temporary_engine(tmp_path: Path) -> None:
     ]
 
 
+async def test_forget_run_deletes_an_ended_runs_record_and_keeps_what_it_wrote(
+    tmp_path: Path,
+) -> None:
+    storage = cf.SQLiteStorage(tmp_path / "store.db")
+    node = Counted(fail_at=2)
+    async with cf.open_engine() as engine:
+        await engine.run(loop_flow(node, 1), storage, run_id="ok")
+        with pytest.raises(cf.NodeError):
+            await engine.run(loop_flow(node, 3), storage, run_id="failed")
+        assert await engine.forget_run(storage, "ok")
+        assert await engine.forget_run(storage, "failed")
+        assert not await engine.forget_run(storage, "ok")
+        assert await engine.list_runs(storage) == []
+        again = await engine.run(loop_flow(node, 3), storage, run_id="ok")
+    assert again.steps_executed == 2  # run anew: "n" was 1 (kept) when it started
+    assert node.posts == [1, 2, 3]
+
+
+async def test_forget_run_refuses_a_run_recorded_as_running_or_in_flight(tmp_path: Path) -> None:
+    gate = Gate()
+    path = tmp_path / "store.json"
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(gate, "gated"), cf.FileStorage(path), run_id="r")
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(cf.RunRecordedError, match="'r' is in flight on this engine"):
+            await engine.forget_run(cf.FileStorage(path), "r")
+        run.cancel()
+        with pytest.raises(cf.RunRecordedError, match="finish it with engine.resume") as info:
+            await engine.forget_run(cf.FileStorage(path), "r")
+        gate.open.set()
+        assert [r.state for r in await engine.list_runs(cf.FileStorage(path))] == ["running"]
+    assert (info.value.run_id, info.value.flow, info.value.state) == ("r", "gated", "running")
+
+
+async def test_forget_run_on_a_temporary_engine(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    await loop_flow(Counted(), 1).run(cf.SQLiteStorage(path), run_id="only")
+    assert await cf.forget_run(cf.SQLiteStorage(path), "only")
+    assert await cf.list_runs(cf.SQLiteStorage(path)) == []
+
+
 class EachName(cf.BatchFlow):
     def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, Any]]:
         return [{"name": name} for name in ("a", "b", "c")]

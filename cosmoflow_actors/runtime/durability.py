@@ -64,6 +64,22 @@ def checked_record(key: str, value: Any) -> dict[str, Any]:
     return value
 
 
+def require_ended(key: str, value: Any) -> None:
+    """Raise RunRecordedError unless ``value``, the record under ``key``, is of a run
+    that has ended (succeeded or failed), so that it may be forgotten; StorageError
+    when it is not a record the engine wrote."""
+    record = checked_record(key, value)
+    if record["state"] == "running":
+        run_id = record["run_id"]
+        raise RunRecordedError(
+            f"run {run_id!r} is recorded as running (in flight, or interrupted): finish "
+            "it with engine.resume before forgetting it",
+            run_id,
+            record["flow"],
+            record["state"],
+        )
+
+
 def require_flow(run: ActiveRun, record: Mapping[str, Any]) -> None:
     """Raise RunRecordedError unless ``record`` is of a run of ``run``'s flow (whatever
     the state it records)."""

@@ -278,6 +278,38 @@ class Engine:
         runs = [RunRecord.of(durability.checked_record(k, v)) for k, v in records.items()]
         return await run_queue.leases_checked(storage, runs)
 
+    async def forget_run(self, store: Storage | dict[str, Any], run_id: str) -> bool:
+        """Delete the record of the durable run ``run_id`` from ``store``, a run that has
+        ended (succeeded or failed); return whether there was one. What the run wrote to
+        the store stays; the run id is free again. Blocks while the record is read and
+        deleted (in the store actor's serial order, so no step of this engine commits
+        in between) and, when no run uses the store, until its backend is closed.
+
+        Raises RunRecordedError for a run in flight on this engine or recorded as
+        "running" (finish it with :meth:`resume` first), StorageError when the store
+        holds something else under the record's key, and RuntimeError once the engine
+        is closed.
+        """
+        self._require_open()
+        require_run_id(run_id)
+        in_flight = self._runs.get(run_id)
+        if in_flight is not None:
+            raise RunRecordedError(
+                f"run {run_id!r} is in flight on this engine",
+                run_id,
+                in_flight.flow.name,
+                "running",
+            )
+        storage = as_storage(store)
+        actor = await self._stores.acquire(storage)
+        try:
+            key = durability.record_key(run_id)
+            forgotten = await actor.forget_record(storage, key, durability.require_ended)
+        finally:
+            self._stores.release(actor)
+        await _closed_if_retired(actor)
+        return forgotten
+
     async def _drive(self, run: ActiveRun, first: Step | None) -> FlowResult:
         """Carry ``run`` from ``first`` in this task while its nodes are idle (see
         node_actor.carry; in a cancel scope of the run's), then wait for its end;
@@ -951,6 +983,12 @@ async def list_runs(store: Storage | dict[str, Any]) -> list[RunRecord]:
     the engine did not write.
     """
     return await on_temporary_engine(lambda engine: engine.list_runs(store))
+
+
+async def forget_run(store: Storage | dict[str, Any], run_id: str) -> bool:
+    """Delete the record of the ended durable run ``run_id`` from ``store`` (on a
+    temporary engine; blocks until done); see :meth:`Engine.forget_run`."""
+    return await on_temporary_engine(lambda engine: engine.forget_run(store, run_id))
 
 
 async def on_temporary_engine(work: Callable[[Engine], Awaitable[T]]) -> T:

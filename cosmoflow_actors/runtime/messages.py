@@ -82,6 +82,7 @@ class StoreOp(enum.Enum):
     CLEAR = (10, True)
     COMMIT_STEP = (11, True)
     RECORDS = (12, False)
+    FORGET = (13, True)
 
     writes: bool
     """Whether the operation changes the store (and so needs a commit)."""

@@ -86,6 +86,7 @@ class StoreActor(Actor[StoreRequest]):
             StoreOp.CLEAR: self._clear,
             StoreOp.COMMIT_STEP: self._commit_step,
             StoreOp.RECORDS: self._records,
+            StoreOp.FORGET: self._forget,
         }
 
     @property
@@ -139,6 +140,15 @@ class StoreActor(Actor[StoreRequest]):
     async def read_record(self, storage: Storage, key: str) -> Any:
         """The run record under ``key``, or None."""
         return await self.request(StoreOp.GET, storage, key, None)
+
+    async def forget_record(
+        self, storage: Storage, key: str, check: Callable[[str, Any], None]
+    ) -> bool:
+        """Delete the run record under ``key`` once ``check(key, record)`` has passed
+        (it raises to keep the record), with nothing in between in the actor's serial
+        order; return whether there was a record. Blocks until done."""
+        forgotten: bool = await self.request(StoreOp.FORGET, storage, key, check)
+        return forgotten
 
     async def create_record(self, storage: Storage, key: str, record: Any) -> None:
         """Store the record of a run that starts, unless the store holds one under ``key``
@@ -400,6 +410,14 @@ class StoreActor(Actor[StoreRequest]):
             await undo.restore()
             raise
 
+    async def _forget(self, request: StoreRequest) -> Any:
+        storage = request.storage
+        record = await value_or(storage, request.key, None)
+        if record is None:
+            return False
+        _check_record(request.argument, request.key, record)
+        return await storage.delete(request.key)
+
     async def _records(self, request: StoreRequest) -> Any:
         storage = request.storage
         keys = [key for key in await storage.keys() if key.startswith(RECORD_PREFIX)]
@@ -573,6 +591,22 @@ def _memory_clear(data: dict[str, Any], _: str, __: Any) -> None:
     data.clear()
 
 
+def _memory_forget(data: dict[str, Any], key: str, check: Callable[[str, Any], None]) -> bool:
+    if key not in data:
+        return False
+    _check_record(check, key, data[key])
+    del data[key]
+    return True
+
+
+def _check_record(check: Callable[[str, Any], None], key: str, record: Any) -> None:
+    """``check(key, record)``; an error it raises leaves as _Refused, for the requester."""
+    try:
+        check(key, record)
+    except Exception as exc:
+        raise _Refused(exc) from None
+
+
 _MEMORY: Final[dict[StoreOp, Callable[[dict[str, Any], str, Any], Any]]] = {
     StoreOp.GET: _memory_get,
     StoreOp.CONTAINS: lambda data, key, _: key in data,
@@ -584,6 +618,7 @@ _MEMORY: Final[dict[StoreOp, Callable[[dict[str, Any], str, Any], Any]]] = {
     StoreOp.UPDATE: _memory_update,
     StoreOp.DELETE: _memory_delete,
     StoreOp.CLEAR: _memory_clear,
+    StoreOp.FORGET: _memory_forget,
     StoreOp.RECORDS: lambda data, _, __: {
         key: value for key, value in data.items() if key.startswith(RECORD_PREFIX)
     },
