@@ -276,7 +276,7 @@ async def test_forget_run_refuses_a_run_recorded_as_running_or_in_flight(tmp_pat
         with pytest.raises(cf.RunRecordedError, match="'r' is in flight on this engine"):
             await engine.forget_run(cf.FileStorage(path), "r")
         run.cancel()
-        with pytest.raises(cf.RunRecordedError, match="finish it with engine.resume") as info:
+        with pytest.raises(cf.RunRecordedError, match=r"finish it with engine\.resume") as info:
             await engine.forget_run(cf.FileStorage(path), "r")
         gate.open.set()
         assert [r.state for r in await engine.list_runs(cf.FileStorage(path))] == ["running"]
