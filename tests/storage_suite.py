@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import pytest
 import redis
@@ -38,6 +38,8 @@ from cosmoflow_actors.storage.file import FileStorage
 from cosmoflow_actors.storage.redis import RedisStorage
 from cosmoflow_actors.storage.sqlite import SQLiteStorage
 from tests.support import received_until, single
+
+T = TypeVar("T")
 
 READY_TIMEOUT = 30.0
 """Seconds redis-server may take to report that it accepts connections."""
@@ -427,3 +429,19 @@ async def foreign_key_fails_only_what_meets_it(storage: cf.Storage, named: str) 
         await engine.run(single(cf.node(lambda ctx: ctx.store.set("b", 2))), storage)
         assert await storage.get("a") == 1
         assert (await other.wait()).success
+
+
+def thread_calls(
+    storage: SQLiteStorage | RedisStorage, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """The names of the functions ``storage`` runs in its worker thread from now on, one
+    per call, in order: its ``_in_thread`` wrapped (until the test ends) to note them."""
+    calls: list[str] = []
+    in_thread = storage._in_thread
+
+    async def noting(function: Callable[..., T], *args: Any) -> T:
+        calls.append(function.__name__)
+        return await in_thread(function, *args)
+
+    monkeypatch.setattr(storage, "_in_thread", noting)
+    return calls
