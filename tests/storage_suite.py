@@ -21,13 +21,14 @@ import re
 import resource
 import shutil
 import socket
+import sqlite3
 import subprocess
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, closing, contextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import pytest
 import redis
@@ -38,6 +39,8 @@ from cosmoflow_actors.storage.file import FileStorage
 from cosmoflow_actors.storage.redis import RedisStorage
 from cosmoflow_actors.storage.sqlite import SQLiteStorage
 from tests.support import received_until, single
+
+T = TypeVar("T")
 
 READY_TIMEOUT = 30.0
 """Seconds redis-server may take to report that it accepts connections."""
@@ -95,6 +98,10 @@ class Backend:
     False: a write lands at once (memory, the custom backend)."""
     update_commits: bool = False
     """Its own ``update`` commits the writes staged before it with its own (Redis)."""
+    write_raw: Callable[[str, bytes], None] | None = None
+    """``write_raw(key, data)``: store ``data`` as the encoded value of ``key`` behind the
+    backend's back, committed, as another client of its database would (a backend that
+    no other client writes has none)."""
     made: list[cf.Storage] = dataclasses.field(default_factory=list)
     """The instances :meth:`instance` made so far, of an exclusive backend."""
 
@@ -307,6 +314,8 @@ PERSISTENT = ["file", "sqlite", "redis"]
 """The built-in backends whose data outlives the instance (:attr:`Backend.persistent`)."""
 CODECS = PERSISTENT
 """The built-in backends that take ``codec="json"`` or ``"pickle"`` and record it."""
+WRITTEN_RAW = ["sqlite", "redis"]
+"""The built-in backends other clients may write to (:attr:`Backend.write_raw`)."""
 
 
 def make_backend(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
@@ -334,10 +343,12 @@ def make_backend(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> B
             refuses=refuses_unless_utf8_json,
         )
     if name == "sqlite":
+        database = tmp_path / "store.db"
         return Backend(
             name,
-            lambda **options: SQLiteStorage(tmp_path / "store.db", **options),
+            lambda **options: SQLiteStorage(database, **options),
             refuses=refuses_unless_utf8_json,
+            write_raw=lambda key, data: _write_row(database, key, data),
         )
     server: RedisServer = request.getfixturevalue("redis_server")
     namespace = unique_namespace()
@@ -347,7 +358,22 @@ def make_backend(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> B
         ordered=False,
         refuses=refuses_unless_utf8_json,
         update_commits=True,
+        write_raw=lambda key, data: _write_field(server, namespace, key, data),
     )
+
+
+def _write_row(database: Path, key: str, data: bytes) -> None:
+    """Store ``data`` as the value of ``key`` in an SQLiteStorage's ``database``, with
+    a connection of its own."""
+    with closing(sqlite3.connect(database, isolation_level=None)) as connection:
+        connection.execute("INSERT OR REPLACE INTO cosmoflow_store VALUES (?, ?)", (key, data))
+
+
+def _write_field(server: RedisServer, namespace: str, key: str, data: bytes) -> None:
+    """Store ``data`` as the value of ``key`` in a RedisStorage's ``namespace``, with a
+    client of its own."""
+    with server.client() as client:
+        client.hset(f"cosmoflow:{namespace}:data", key, data)
 
 
 @contextmanager
@@ -427,3 +453,19 @@ async def foreign_key_fails_only_what_meets_it(storage: cf.Storage, named: str) 
         await engine.run(single(cf.node(lambda ctx: ctx.store.set("b", 2))), storage)
         assert await storage.get("a") == 1
         assert (await other.wait()).success
+
+
+def thread_calls(
+    storage: SQLiteStorage | RedisStorage, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """The names of the functions ``storage`` runs in its worker thread from now on, one
+    per call, in order: its ``_in_thread`` wrapped (until the test ends) to note them."""
+    calls: list[str] = []
+    in_thread = storage._in_thread
+
+    async def noting(function: Callable[..., T], *args: Any) -> T:
+        calls.append(function.__name__)
+        return await in_thread(function, *args)
+
+    monkeypatch.setattr(storage, "_in_thread", noting)
+    return calls

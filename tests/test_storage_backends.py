@@ -14,6 +14,7 @@ import datetime
 import decimal
 import math
 import os
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -35,6 +36,7 @@ from tests.storage_suite import (
     EXTERNAL,
     ORDERED,
     PERSISTENT,
+    WRITTEN_RAW,
     Backend,
     JsonDictStorage,
     external_backend,
@@ -90,6 +92,8 @@ encoding = for_backends("encoding", ENCODING)
 """Only the backends that store values encoded (not memory, which keeps the objects)."""
 codecs = pytest.mark.parametrize("backend", CODECS, indirect=True)
 """Only the backends that take ``codec=`` (the built-in persistent ones)."""
+written_raw = for_backends("write_raw", WRITTEN_RAW)
+"""Only the backends that other clients may write to."""
 
 
 async def committed(backend: Backend, **values: Any) -> cf.Storage:
@@ -155,6 +159,25 @@ async def test_get_many_answers_as_one_get_per_key(backend: Backend) -> None:
 
     assert found == one_by_one == {"d": 4, "a": 1, "b": 20}
     assert list(found) == ["d", "a", "b"]
+
+
+@written_raw
+async def test_get_many_names_a_value_it_cannot_decode_as_get_does(backend: Backend) -> None:
+    """Another client stored it: StorageError naming the store and the key, from get
+    and from a get_many of it among good keys; a staged write over it hides it."""
+    storage = await committed(backend, a=1, b=2)
+    assert backend.write_raw is not None
+    backend.write_raw("bad", b"{oops")
+    named = f"^{re.escape(repr(storage))}: cannot read key 'bad'"
+
+    with pytest.raises(cf.StorageError, match=named):
+        await storage.get("bad")
+    with pytest.raises(cf.StorageError, match=named):
+        await storage.get_many(["a", "bad", "b"])
+    await storage.delete("bad")
+    assert await storage.get_many(["a", "bad", "b"]) == {"a": 1, "b": 2}
+    await storage.set("bad", 3)
+    assert await storage.get_many(["a", "bad", "b"]) == {"a": 1, "bad": 3, "b": 2}
 
 
 async def test_missing_key(backend: Backend) -> None:

@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import trio
 import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.storage.base import RECORD_PREFIX
-from cosmoflow_actors.storage.redis import RedisStorage, redacted, shared_client
+from cosmoflow_actors.storage.redis import READ_BATCH, RedisStorage, redacted, shared_client
 from tests.storage_suite import (
     RedisServer,
     foreign_key_fails_only_what_meets_it,
     free_port,
     running_redis,
+    thread_calls,
     unique_namespace,
 )
 from tests.support import single
@@ -579,6 +581,44 @@ async def test_a_call_the_server_does_not_answer_fails_from_a_connection_failure
             await storage.get("n")
     assert isinstance(failed.value.__cause__, TimeoutError | ConnectionError)
     await storage.aclose()
+
+
+async def test_get_many_is_one_round_trip_of_one_hmget_per_read_batch(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many keys it reads, over staged writes: one worker-thread call sending
+    one pipeline; the HMGETs of several batches (here two and a bit) in one MULTI/EXEC,
+    a single one without."""
+    stored_keys = [f"k{i}" for i in range(READ_BATCH * 2 + 100)]
+    storage = await connected(private_redis, unique_namespace(), **dict.fromkeys(stored_keys, 1))
+    await storage.set("k5", "staged")
+    await storage.delete("k7")
+    calls = thread_calls(storage, monkeypatch)
+
+    with private_redis.client() as client:
+        client.config_resetstat()
+        found = await storage.get_many(["missing", *reversed(stored_keys), "k3"])
+        many = reads_sent(client)
+        client.config_resetstat()
+        few = await storage.get_many(["k2", "missing", "k1"])
+        one = reads_sent(client)
+
+    assert calls == ["_fetch_fields", "_fetch_fields"]
+    assert many == {"cmdstat_multi": 1, "cmdstat_hmget": 3, "cmdstat_exec": 1}
+    assert list(found) == [key for key in reversed(stored_keys) if key != "k7"]
+    assert found["k5"] == "staged"
+    assert found["k3"] == found["k0"] == 1
+    assert one == {"cmdstat_hmget": 1}
+    assert few == {"k2": 1, "k1": 1}
+    await storage.aclose()
+
+
+def reads_sent(client: redis.Redis) -> dict[str, int]:
+    """How many times the server ran each of the commands a read may send, since its
+    statistics were last reset (``INFO commandstats``)."""
+    stats = client.info("commandstats")
+    reads = ("cmdstat_multi", "cmdstat_hmget", "cmdstat_hget", "cmdstat_exec")
+    return {name: stats[name]["calls"] for name in reads if name in stats}
 
 
 async def test_a_value_that_cannot_be_decoded_is_an_error_naming_the_store_and_key(

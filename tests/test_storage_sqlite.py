@@ -19,8 +19,13 @@ import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.durability import record_key
-from cosmoflow_actors.storage.sqlite import UPSERT_ROWS, SQLiteStorage, peek
-from tests.storage_suite import file_size_limit, foreign_key_fails_only_what_meets_it, holder
+from cosmoflow_actors.storage.sqlite import READ_BATCH, UPSERT_ROWS, SQLiteStorage, peek
+from tests.storage_suite import (
+    file_size_limit,
+    foreign_key_fails_only_what_meets_it,
+    holder,
+    thread_calls,
+)
 from tests.support import single
 
 
@@ -92,6 +97,31 @@ async def test_reads_see_what_other_instances_commit(tmp_path: Path) -> None:
     assert await reader.get("a") == 2
     assert await reader.keys() == ["a", "b"]
     assert await reader.size() == 2
+
+
+async def test_get_many_is_one_worker_thread_call_of_one_query_per_read_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many keys it reads (here two batches and a bit), over staged writes."""
+    path = tmp_path / "store.db"
+    stored_keys = [f"k{i}" for i in range(READ_BATCH * 2 + 100)]
+    storage = await stored(path, **dict.fromkeys(stored_keys, 1))
+    await storage.set("k5", "staged")
+    await storage.delete("k7")
+    wanted = ["missing", *reversed(stored_keys), "k3"]
+    calls = thread_calls(storage, monkeypatch)
+    statements: list[str] = []
+    assert storage._connection is not None
+    storage._connection.set_trace_callback(statements.append)
+
+    found = await storage.get_many(wanted)
+
+    assert calls == ["_fetch_keys"]
+    assert len([sql for sql in statements if sql.startswith("SELECT")]) == 3
+    assert list(found) == [key for key in reversed(stored_keys) if key != "k7"]
+    assert found["k5"] == "staged"
+    assert found["k3"] == found["k0"] == 1
+    await storage.aclose()
 
 
 async def test_insertion_order_survives_overwrites_and_moves_on_re_insert(tmp_path: Path) -> None:

@@ -26,6 +26,10 @@ VERSION: Final = "1"
 MAX_UPDATE_ATTEMPTS: Final = 1000
 """``update`` gives up (StorageError) after this many attempts lost to other writers."""
 
+READ_BATCH: Final = 10_000
+"""Most fields one ``HMGET`` of ``get_many`` asks for: older servers refuse a command of
+more than 1024 * 1024 arguments."""
+
 SMALLEST_BULK_LIMIT: Final = 1024 * 1024
 """The least ``proto-max-bulk-len`` a server takes: a value that long or longer may be
 over the server's limit, which drops the connection (its reply is lost with it)."""
@@ -197,11 +201,24 @@ class RedisStorage(DatabaseStorage):
             ) from exc
 
     async def _read_many(self, keys: list[str]) -> dict[str, bytes]:
-        """One ``HMGET`` (blocks in a worker thread)."""
-        values: list[bytes | None] = await self._command(
-            "HMGET", self._data, *(key.encode() for key in keys)
-        )
+        """One ``HMGET`` per :data:`READ_BATCH` keys, in one round trip (blocks in a
+        worker thread, once)."""
+        with self._bounded():
+            client = await self._connected()
+            values = await self._in_thread(self._fetch_fields, client, keys)
         return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
+
+    def _fetch_fields(self, client: redis.Redis, keys: list[str]) -> list[bytes | None]:
+        """The values of the fields ``keys`` (None for a missing one), in their order:
+        one ``HMGET`` per :data:`READ_BATCH` keys, sent together; several go in one
+        ``MULTI``/``EXEC``, so they read the hash as one ``HMGET`` would, at one moment.
+        Blocks: for a worker thread."""
+        with client.pipeline(transaction=len(keys) > READ_BATCH) as pipe:
+            for start in range(0, len(keys), READ_BATCH):
+                fields = (key.encode() for key in keys[start : start + READ_BATCH])
+                send_command(pipe, "HMGET", self._data, *fields)
+            replies: list[list[bytes | None]] = pipe.execute()
+        return [value for reply in replies for value in reply]
 
     async def _stored_count(self) -> int:
         count: int = await self._command("HLEN", self._data)
