@@ -72,12 +72,17 @@ class MaxStepsExceeded(CosmoFlowError):
         self.max_steps = max_steps
         self.execution_path = tuple(execution_path)
         self.flow_name = flow_name
-        tail = " -> ".join(self.execution_path[-5:])
+        shown = self.execution_path[-5:]
+        steps = " -> ".join(shown)
+        if len(shown) < len(self.execution_path):
+            steps = f"last steps: ... -> {steps}"
+        else:
+            steps = f"steps: {steps}"
         limit = f"max_steps={max_steps}"
         if flow_name is not None:
             limit += f" of flow {flow_name!r}"
         super().__init__(
-            f"run exceeded {limit}; last steps: ... -> {tail}. A loop that never ends? Give "
+            f"run exceeded {limit}; {steps}. A loop that never ends? Give "
             "it an exit (a route with when=, or an action that leaves the loop), or raise the "
             "bound with .max_steps(n) on the flow's builder"
         )
