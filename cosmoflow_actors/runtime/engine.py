@@ -251,11 +251,22 @@ class Engine:
         StorageError if it cannot) and, when the block ends and no run uses it, until
         it is closed. Raises RuntimeError once the engine is closed.
         """
+        async with self._served(store) as (storage, actor):
+            yield actor.client(storage)
+
+    @asynccontextmanager
+    async def _served(
+        self, store: Storage | dict[str, Any]
+    ) -> AsyncIterator[tuple[Storage, StoreActor]]:
+        """``store`` as a Storage, and the store actor serving it, held for the block.
+        Blocks while the backend opens and, when the block ends and no run uses the
+        storage, until its backend is closed (as at the end of a run). Raises
+        RuntimeError once the engine is closed."""
         self._require_open()
         storage = as_storage(store)
         actor = await self._stores.acquire(storage)
         try:
-            yield actor.client(storage)
+            yield storage, actor
         finally:
             self._stores.release(actor)
         await _closed_if_retired(actor)
@@ -267,14 +278,8 @@ class Engine:
         ``queue.leases_checked``). Blocks while it reads and, when no run uses the
         store, until its backend is closed (as at the end of a run); raises
         RuntimeError once the engine is closed."""
-        self._require_open()
-        storage = as_storage(store)
-        actor = await self._stores.acquire(storage)
-        try:
+        async with self._served(store) as (storage, actor):
             records = await actor.records(storage)
-        finally:
-            self._stores.release(actor)
-        await _closed_if_retired(actor)
         runs = [RunRecord.of(durability.checked_record(k, v)) for k, v in records.items()]
         return await run_queue.leases_checked(storage, runs)
 
@@ -290,7 +295,6 @@ class Engine:
         holds something else under the record's key, and RuntimeError once the engine
         is closed.
         """
-        self._require_open()
         require_run_id(run_id)
         in_flight = self._runs.get(run_id)
         if in_flight is not None:
@@ -300,15 +304,9 @@ class Engine:
                 in_flight.flow.name,
                 "running",
             )
-        storage = as_storage(store)
-        actor = await self._stores.acquire(storage)
-        try:
-            key = durability.record_key(run_id)
-            forgotten = await actor.forget_record(storage, key, durability.require_ended)
-        finally:
-            self._stores.release(actor)
-        await _closed_if_retired(actor)
-        return forgotten
+        key = durability.record_key(run_id)
+        async with self._served(store) as (storage, actor):
+            return await actor.forget_record(storage, key, durability.require_ended)
 
     async def _drive(self, run: ActiveRun, first: Step | None) -> FlowResult:
         """Carry ``run`` from ``first`` in this task while its nodes are idle (see
@@ -669,7 +667,8 @@ class Engine:
 
     def _new_node_actors(self, flow: Flow) -> list[NodeActor]:
         """Make (and record) the node actors of ``flow`` and of the flows nested in it
-        that the engine does not know yet; none if another task made them meanwhile."""
+        that the engine does not know yet (a flow nested in two flows is known once the
+        first is registered); none for a flow it knows. Never blocks."""
         if flow in self._flows:
             return []
         made: list[NodeActor] = []

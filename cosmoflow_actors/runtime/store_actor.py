@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import outcome
 import trio
@@ -52,6 +52,7 @@ CLOSE_SECONDS: Final = 30.0
 """How long a retiring actor's backend may take to close (``aclose``) when cancelled."""
 
 Handler = Callable[[StoreRequest], Awaitable[Any]]
+T = TypeVar("T")
 
 
 class StoreActor(Actor[StoreRequest]):
@@ -415,7 +416,7 @@ class StoreActor(Actor[StoreRequest]):
         record = await value_or(storage, request.key, None)
         if record is None:
             return False
-        _check_record(request.argument, request.key, record)
+        _refusing(request.argument, request.key, record)
         return await storage.delete(request.key)
 
     async def _records(self, request: StoreRequest) -> Any:
@@ -477,10 +478,7 @@ def _guard(key: str, function: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def apply(value: Any) -> Any:
         if value is MISSING:
             raise _Refused(StoreKeyError(key))
-        try:
-            return function(value)
-        except Exception as exc:
-            raise _Refused(exc) from None
+        return _refusing(function, value)
 
     return apply
 
@@ -494,11 +492,11 @@ class _StoreUndo:
 
     async def remember(self, key: str) -> None:
         if key not in self._previous:
-            self._previous[key] = await value_or(self._storage, key, MISSING_VALUE)
+            self._previous[key] = await value_or(self._storage, key, _ABSENT)
 
     async def restore(self) -> None:
         for key, old in self._previous.items():
-            if old is MISSING_VALUE:
+            if old is _ABSENT:
                 await self._storage.delete(key)
             else:
                 await self._storage.set(key, old)
@@ -523,8 +521,18 @@ class _Refused(Exception):
         self.error = error
 
 
-MISSING_VALUE: Final[Any] = object()
-"""Marks a key that was absent before a set_many."""
+def _refusing(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``, a function of the requester's (an update function, a
+    record check): an error it raises leaves as _Refused, for the requester."""
+    try:
+        return function(*args)
+    except Exception as exc:
+        raise _Refused(exc) from None
+
+
+_ABSENT: Final[Any] = object()
+"""Marks a key that is not stored: one a multi-write request found absent, or one a
+memory handler looked up in vain."""
 
 
 async def _read(storage: Storage, key: str, default: Any) -> Any:
@@ -540,13 +548,11 @@ async def _read(storage: Storage, key: str, default: Any) -> Any:
 # The handlers of memory storage: dict operations that never wait, used by direct
 # dispatch and by the actor's own task alike. Each takes (data, key, argument).
 
-_NOTHING: Final[Any] = object()
-
 
 def _memory_get(data: dict[str, Any], key: str, default: Any) -> Any:
     # .get, not [], so that a defaultdict given as data does not create the key.
-    value = data.get(key, _NOTHING)
-    if value is not _NOTHING:
+    value = data.get(key, _ABSENT)
+    if value is not _ABSENT:
         return value
     if default is MISSING:
         raise StoreKeyError(key)
@@ -562,23 +568,20 @@ def _memory_update(data: dict[str, Any], key: str, argument: Any) -> Any:
     value = data.get(key, default)
     if value is MISSING:
         raise StoreKeyError(key)
-    try:
-        new = function(value)
-    except Exception as exc:
-        raise _Refused(exc) from None
+    new = _refusing(function, value)
     data[key] = new
     return new
 
 
 def _memory_delete(data: dict[str, Any], key: str, _: Any) -> bool:
-    return data.pop(key, _NOTHING) is not _NOTHING
+    return data.pop(key, _ABSENT) is not _ABSENT
 
 
 def _memory_get_many(data: dict[str, Any], _: str, keys: list[str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for key in keys:
-        value = data.get(key, _NOTHING)
-        if value is not _NOTHING:
+        value = data.get(key, _ABSENT)
+        if value is not _ABSENT:
             found[key] = value
     return found
 
@@ -594,17 +597,9 @@ def _memory_clear(data: dict[str, Any], _: str, __: Any) -> None:
 def _memory_forget(data: dict[str, Any], key: str, check: Callable[[str, Any], None]) -> bool:
     if key not in data:
         return False
-    _check_record(check, key, data[key])
+    _refusing(check, key, data[key])
     del data[key]
     return True
-
-
-def _check_record(check: Callable[[str, Any], None], key: str, record: Any) -> None:
-    """``check(key, record)``; an error it raises leaves as _Refused, for the requester."""
-    try:
-        check(key, record)
-    except Exception as exc:
-        raise _Refused(exc) from None
 
 
 _MEMORY: Final[dict[StoreOp, Callable[[dict[str, Any], str, Any], Any]]] = {
@@ -623,4 +618,5 @@ _MEMORY: Final[dict[StoreOp, Callable[[dict[str, Any], str, Any], Any]]] = {
         key: value for key, value in data.items() if key.startswith(RECORD_PREFIX)
     },
 }
-"""Memory storage keeps no durable runs: a step is never committed there."""
+"""The memory handlers by operation (no COMMIT_STEP: a memory store holds no durable
+run, so a step is never committed there)."""
