@@ -609,7 +609,7 @@ async def test_a_branch_whose_fan_out_ended_without_a_join_goes_on_after_a_crash
     taken, record = last_commit_of_inner_fan_out(whole.taken)
     inner = record["forks"].pop()
     end = {"node": record["last"]["node"], "action": record["last"]["action"]}
-    ended = {"frames": inner["parent"]["frames"], "end": end, "fork": inner["parent"]["fork"]}
+    ended = {**inner["parent"], "end": end}  # where the engine saves an ended branch
     inner_number = len(record["forks"])
     record["branches"] = [
         ended if branch["fork"] == inner_number else branch for branch in record["branches"]
@@ -839,11 +839,25 @@ async def test_a_durable_step_whose_code_replaces_ctx_store_commits_through_its_
         assert (await engine.run(single(Recorder(), "after"), {})).success
 
 
-async def test_a_malformed_run_record_is_a_storage_error_naming_its_key(tmp_path: Path) -> None:
+STEPPED_WITHOUT_BRANCHES = {
+    **durability.new_record("victim", "loop", {}),
+    "state": "failed",
+    "path": ["count"],
+    "last": {"frames": [["count", 1]], "label": "", "count": 1, "node": "count"},
+}
+"""A record of a step that does not say where its branches go on."""
+
+
+@pytest.mark.parametrize(
+    "record", ["garbage", STEPPED_WITHOUT_BRANCHES], ids=["str", "no-branches"]
+)
+async def test_a_malformed_run_record_is_a_storage_error_naming_its_key(
+    record: Any, tmp_path: Path
+) -> None:
     path = tmp_path / "store.json"
     storage = cf.FileStorage(path)
     await storage.open()
-    await storage.set("__cosmoflow__/runs/victim", "garbage")
+    await storage.set("__cosmoflow__/runs/victim", record)
     await storage.commit()
     await storage.aclose()
     flow = loop_flow(Counted())

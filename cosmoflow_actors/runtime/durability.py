@@ -49,6 +49,8 @@ def record_key(run_id: str) -> str:
 
 
 _RECORD_FIELDS: Final = ("run_id", "flow", "state", "params", "path", "last")
+_STEP_FIELDS: Final = ("branches", "forks")
+"""The fields of a record once a step of its run is recorded (see :func:`step_done`)."""
 
 
 def checked_record(key: str, value: Any) -> dict[str, Any]:
@@ -93,7 +95,11 @@ def require_flow(run: ActiveRun, record: Mapping[str, Any]) -> None:
 
 
 def _is_record(value: Any) -> TypeGuard[dict[str, Any]]:
-    return isinstance(value, dict) and all(field in value for field in _RECORD_FIELDS)
+    """Whether ``value`` has a record's fields, and, once a step of it is recorded,
+    where its branches go on."""
+    if not isinstance(value, dict) or not all(field in value for field in _RECORD_FIELDS):
+        return False
+    return value["last"] is None or all(field in value for field in _STEP_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +140,6 @@ class RunRecord:
             owner=owner.get("worker"),
             queue=owner.get("queue"),
         )
-
-
-def started(run: ActiveRun, params: Mapping[str, Any]) -> dict[str, Any]:
-    """The record of a run that has not completed a step yet."""
-    return new_record(run.run_id, run.flow.name, params)
 
 
 def new_record(run_id: str, flow_name: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -462,12 +463,12 @@ def restore(run: ActiveRun, record: Mapping[str, Any]) -> list[Branch]:
     if record["last"] is None:
         return []
     forks: list[Fork] = []
-    for saved in record.get("forks", []):
+    for saved in record["forks"]:
         parent = _branch(run, saved["parent"], forks)
         fork = Fork(parent, saved["depth"], saved["pending"], saved["join"], saved["params"])
         forks.append(fork)
     branches = []
-    for saved in record.get("branches", [record["last"]]):
+    for saved in record["branches"]:
         branch = _branch(run, saved, forks)
         branch.resume_at = {key: value for key, value in saved.items() if key != "fork"}
         if "params" in saved:
@@ -493,14 +494,13 @@ def resumed(
 
 
 def _branch(run: ActiveRun, saved: Mapping[str, Any], forks: list[Fork]) -> Branch:
-    """The branch a record saved (a record written before branches were numbered holds
-    one branch, whose steps were numbered by the run's path)."""
+    """The branch a record saved."""
     number = saved.get("fork")
     return Branch(
         _frames(run.flow, saved["frames"], run.run_id),
         None if number is None else forks[number],
-        saved.get("label", ""),
-        saved.get("count", len(run.path)),
+        saved["label"],
+        saved["count"],
     )
 
 

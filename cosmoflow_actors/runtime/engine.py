@@ -459,7 +459,8 @@ class Engine:
         key = durability.record_key(run.run_id)
         stored = await run.store_actor.read_record(run.storage, key)
         if stored is None:
-            run.durability = DurableRun(durability.started(run, params))
+            record = durability.new_record(run.run_id, run.flow.name, params)
+            run.durability = DurableRun(record)
             await run.store_actor.create_record(run.storage, key, run.durability.record)
             return self._first_step(run, params)
         record = durability.checked_record(key, stored)

@@ -80,10 +80,10 @@ class NodeActor(Actor[Step]):
         node: Node,
         router: Router,
         mailbox_size: int,
-        workers: trio_parallel.WorkerContext | None = None,
-        run_child: RunChild | None = None,
-        events: EventHub | None = None,
-        context: contextvars.Context | None = None,
+        workers: trio_parallel.WorkerContext | None,
+        run_child: RunChild,
+        events: EventHub,
+        context: contextvars.Context,
     ) -> None:
         super().__init__(
             name,
@@ -108,7 +108,7 @@ class NodeActor(Actor[Step]):
         self.batch = isinstance(node, BatchNode | BatchFlow)
         """Whether exec runs once per item (or child run) prep returns."""
         self._run_child = run_child
-        self._events = events if events is not None else EventHub()
+        self._events = events
         self.hops: dict[str, NodeActor] = {}
         """The plain hops out of this node: action name → the next node's actor (the
         router's :meth:`~Router.learn` fills it)."""
@@ -121,7 +121,7 @@ class NodeActor(Actor[Step]):
         """Set once :meth:`run` has begun: the actor serves, or has stopped already."""
         self._retired = trio.CancelScope()
         self._parked: deque[trio.lowlevel.Task] = deque()
-        self._worker_context = context if context is not None else contextvars.copy_context()
+        self._worker_context = context
         """The context variables a new worker starts with (the engine's, as where it was
         opened): a worker serves many runs, so it takes none from the task that happens
         to send it its first step."""
@@ -468,7 +468,6 @@ class NodeActor(Actor[Step]):
         """Run ``batch.flow`` once per parameter set as child runs on this run's store;
         they are durable when this run is."""
         run_child = self._run_child
-        assert run_child is not None
         jobs = [
             functools.partial(
                 run_child,

@@ -446,7 +446,7 @@ def _unpickled(name: str) -> SharedStore:
 
 def _typed(key: str, value: Any, default: Any, expected: Any) -> Any:
     """``value`` as ``expected`` (a missing key's default is returned as it is)."""
-    if expected is None or (value is default and default is not MISSING):
+    if value is default and default is not MISSING:
         return value
     return as_type(key, value, expected)
 
