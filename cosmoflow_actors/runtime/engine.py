@@ -426,7 +426,7 @@ class Engine:
             run_id = self._check_start(run_id)
             keys = (await self._register(flow)).condition_keys
             actor = await self._stores.acquire(storage)
-            self._check_again(run_id, actor)
+            self._check_still_startable(run_id, actor)
         except BaseException:
             if admission is not None:
                 admission.release()
@@ -521,7 +521,7 @@ class Engine:
             raise ValueError(f"run {run_id!r} is already in flight")
         return run_id
 
-    def _check_again(self, run_id: str, actor: StoreActor) -> None:
+    def _check_still_startable(self, run_id: str, actor: StoreActor) -> None:
         """After a start waited (for set-up, for its store): refuse it, letting go of
         ``actor``, if the engine closed (see :meth:`_check_not_closed_meanwhile`) or
         another start took ``run_id`` meanwhile (ValueError). Never blocks."""
@@ -638,9 +638,9 @@ class Engine:
         known = self._flows.get(flow)
         if known is not None:
             return known
-        if self._workers is None and _needs_workers(flow):
+        if self._workers is None and _uses_executor(flow):
             await self._start_workers()
-        if not self._ray_connected and _needs_workers(flow, "ray"):
+        if not self._ray_connected and _uses_executor(flow, "ray"):
             await self._connect_ray()
         self._check_not_closed_meanwhile()
         registration = self._register_nowait(flow)
@@ -658,9 +658,9 @@ class Engine:
         if known is not None:
             return known
         self._require_open()
-        if self._workers is None and _needs_workers(flow):
+        if self._workers is None and _uses_executor(flow):
             raise trio.WouldBlock("the flow's worker processes are not set up yet")
-        if not self._ray_connected and _needs_workers(flow, "ray"):
+        if not self._ray_connected and _uses_executor(flow, "ray"):
             raise trio.WouldBlock("the engine is not connected to Ray yet")
         for actor in self._new_node_actors(flow):
             self._nursery.start_soon(self._supervise, actor)
@@ -953,11 +953,11 @@ def _run_ids() -> Iterator[str]:
         yield f"{prefix}-{number:x}"
 
 
-def _needs_workers(flow: Flow, executor: str = "process") -> bool:
+def _uses_executor(flow: Flow, executor: str = "process") -> bool:
     """Whether ``flow`` or a flow nested in it has a node with ``executor`` (by default
     "process", which needs the engine's worker processes)."""
     return any(
-        _needs_workers(node, executor) if isinstance(node, Flow) else node.executor == executor
+        _uses_executor(node, executor) if isinstance(node, Flow) else node.executor == executor
         for node in flow.nodes.values()
     )
 

@@ -291,7 +291,7 @@ class NodeActor(Actor[Step]):
                 await events.wait_for_room()
                 if run.settled:
                     return None
-            run.start()
+            run.mark_running()
             run.path.append(self.node_id)
             ctx = self._context(step)
             if events.active:

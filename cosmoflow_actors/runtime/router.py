@@ -125,7 +125,7 @@ class Router(Actor[Outcome]):
                 hop = self._plain_hop(outcome)
                 if hop is not None:
                     return [hop]
-            decision = _Decision(self, run)
+            decision = _Routing(self._node_actor, run)
             decision.follow(outcome)
         except CosmoFlowError as exc:
             if undo is not None:
@@ -138,7 +138,7 @@ class Router(Actor[Outcome]):
         branch's innermost flow; else None. Raises MaxStepsExceeded as :func:`enter`
         does.
 
-        Invariant: for a plain hop :class:`_Decision` would find the one route, take
+        Invariant: for a plain hop :class:`_Routing` would find the one route, take
         it (no condition, no join, no nested flow to enter or leave) and :func:`enter`
         the node; this moves the branch there and counts the step the same way.
         """
@@ -207,11 +207,12 @@ class _RoutingUndo:
             fork.params = params
 
 
-class _Decision:
-    """One routing decision: the steps it sends and, if the run ends, its result."""
+class _Routing:
+    """The walk that makes one routing decision: the steps it sends and, if the run
+    ends, its result."""
 
-    def __init__(self, router: Router, run: ActiveRun) -> None:
-        self._node_actor = router._node_actor
+    def __init__(self, node_actor: NodeLookup, run: ActiveRun) -> None:
+        self._node_actor = node_actor
         self.run = run
         self.steps: list[Step] = []
         self.result: FlowResult | None = None

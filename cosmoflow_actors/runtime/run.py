@@ -226,7 +226,7 @@ class ActiveRun:
         """The state now (no AsyncValue needed)."""
         return self._state
 
-    def start(self) -> None:
+    def mark_running(self) -> None:
         """Mark the run RUNNING (its first step has started)."""
         if self._state is RunState.PENDING:
             self._set_state(RunState.RUNNING)

@@ -156,7 +156,7 @@ class StoreActor(Actor[StoreRequest]):
         already: another engine started the run since it was read (RunConflictError,
         nothing stored). Atomic across processes on a backend whose ``update`` is."""
         await self.request(
-            StoreOp.UPDATE, storage, key, (functools.partial(_new, key, record), None)
+            StoreOp.UPDATE, storage, key, (functools.partial(_created_record, key, record), None)
         )
 
     async def commit_step(
@@ -502,7 +502,7 @@ class _StoreUndo:
                 await self._storage.set(key, old)
 
 
-def _new(key: str, record: Any, stored: Any) -> Any:
+def _created_record(key: str, record: Any, stored: Any) -> Any:
     """``record``, to be stored under ``key`` where ``stored`` (None: nothing) is."""
     if stored is not None:
         run_id = key.removeprefix(RECORD_PREFIX)
