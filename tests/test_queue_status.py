@@ -57,6 +57,29 @@ async def test_a_run_that_ends_while_the_status_is_read_is_not_shown_orphaned(
     assert (status.state, status.owner, status.lease_left) == ("succeeded", "w1", None)
 
 
+async def test_a_run_removed_while_the_status_is_read_is_left_out(
+    redis_server: RedisServer,
+) -> None:
+    """A run's entry leaves the queue's hash (something else deleted it) after the
+    status has listed the runs and before it reads their leases: the status leaves
+    that run out and shows the others."""
+    queue = new_queue(redis_server)
+    for run_id in ("kept", "removed"):
+        await cf.submit(queue, "count", run_id=run_id)
+    read = queue.call
+
+    async def removed_after_the_listing(*args: Any) -> Any:
+        reply = await read(*args)
+        if args[:2] == ("HGETALL", queue.runs):
+            await read("HDEL", queue.runs, "removed")
+        return reply
+
+    queue.call = removed_after_the_listing  # type: ignore[method-assign]
+    statuses = await cf.queue_status(queue)
+    assert [(run.run_id, run.state) for run in statuses] == [("kept", "pending")]
+    assert await queue.info("removed") is None
+
+
 async def test_the_run_record_names_the_worker_that_runs_it_and_its_lease(
     redis_server: RedisServer,
 ) -> None:

@@ -53,7 +53,8 @@ class QueuedRun:
 
 async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
     """Every run submitted to ``queue``, with its state, owner and lease (blocks while
-    it reads them; raises StorageError when the server cannot be reached)."""
+    it reads them; raises StorageError when the server cannot be reached). A run whose
+    entry leaves the queue while they are read is left out."""
     queue = as_queue(queue)
     raw: dict[bytes, bytes] = await queue.call("HGETALL", queue.runs)
     passed = await _passed_over(queue)
@@ -64,18 +65,23 @@ async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
             run = await _queued_run(queue, run_id, data)
         except UnreadableEntryError as exc:
             run = QueuedRun(run_id, "", "unreadable", None, None, 0, str(exc))
-        runs.append(dataclasses.replace(run, passed_over=passed.get(run_id, ())))
+        if run is not None:
+            runs.append(dataclasses.replace(run, passed_over=passed.get(run_id, ())))
     return runs
 
 
-async def _queued_run(queue: RunQueue, run_id: str, data: bytes) -> QueuedRun:
+async def _queued_run(queue: RunQueue, run_id: str, data: bytes) -> QueuedRun | None:
     """The status of ``run_id``, of which the queue's hash held ``data``; its lease is
-    read unless ``data`` says it ended (blocks while it reads it). Raises
-    UnreadableEntryError when the entry is not what a queue writes."""
+    read unless ``data`` says it ended (blocks while it reads it). None when the entry
+    has left the hash by then. Raises UnreadableEntryError when the entry is not what
+    a queue writes."""
     info = decoded_info(queue, run_id, data)
     lease_left = None
     if info["state"] not in FINISHED:
-        info, lease_left = await _run_now(queue, run_id)
+        now = await _run_now(queue, run_id)
+        if now is None:
+            return None
+        info, lease_left = now
     state = info["state"]
     if state == "running" and lease_left is None:
         state = "orphaned"
@@ -90,10 +96,13 @@ async def _queued_run(queue: RunQueue, run_id: str, data: bytes) -> QueuedRun:
     )
 
 
-async def _run_now(queue: RunQueue, run_id: str) -> tuple[dict[str, Any], float | None]:
+async def _run_now(queue: RunQueue, run_id: str) -> tuple[dict[str, Any], float | None] | None:
     """What the queue holds about the submitted run ``run_id`` and the seconds left on
-    its lease (None when no one holds it), read together (see ``scripts.LEASE``)."""
+    its lease (None when no one holds it), read together (see ``scripts.LEASE``); None
+    when the queue no longer holds the run."""
     _, ttl_ms, data = await queue.script(LEASE, [queue.lease_key(run_id), queue.runs], [run_id])
+    if data is None:
+        return None
     return decoded_info(queue, run_id, data), ttl_ms / 1000 if ttl_ms >= 0 else None
 
 
