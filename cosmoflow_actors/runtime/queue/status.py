@@ -100,10 +100,20 @@ async def _run_now(queue: RunQueue, run_id: str) -> tuple[dict[str, Any], float 
     """What the queue holds about the submitted run ``run_id`` and the seconds left on
     its lease (None when no one holds it), read together (see ``scripts.LEASE``); None
     when the queue no longer holds the run."""
-    _, ttl_ms, data = await queue.script(LEASE, [queue.lease_key(run_id), queue.runs], [run_id])
+    _, left_ms, data = await _lease_now(queue, run_id)
     if data is None:
         return None
-    return decoded_info(queue, run_id, data), ttl_ms / 1000 if ttl_ms >= 0 else None
+    return decoded_info(queue, run_id, data), left_ms / 1000 if left_ms >= 0 else None
+
+
+async def _lease_now(queue: RunQueue, run_id: str) -> tuple[str | None, int, bytes | None]:
+    """The holder of ``run_id``'s lease (None when no one holds it), the milliseconds
+    it has left (negative then) and what the queue's hash holds about the run (None
+    when nothing), read at one instant (see ``scripts.LEASE``). Blocks while the
+    server answers."""
+    keys = [queue.lease_key(run_id), queue.runs]
+    holder, left_ms, data = await queue.script(LEASE, keys, [run_id])
+    return None if holder is None else as_str(holder), left_ms, data
 
 
 async def _passed_over(queue: RunQueue) -> dict[str, tuple[str, ...]]:
@@ -156,10 +166,9 @@ async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
     """``run`` with its lease's holder and time left; without a lease, orphaned, or
     ended as the queue recorded it if it ended after its record was read (a run drops
     its lease as it records its outcome)."""
-    keys = [queue.lease_key(run.run_id), queue.runs]
-    holder, left_ms, data = await queue.script(LEASE, keys, [run.run_id])
+    holder, left_ms, data = await _lease_now(queue, run.run_id)
     if holder is not None:
-        return dataclasses.replace(run, owner=as_str(holder), lease_left=max(0, left_ms) / 1000)
+        return dataclasses.replace(run, owner=holder, lease_left=max(0, left_ms) / 1000)
     ended = None if data is None else _ended_state(queue, run.run_id, data)
     state = ended if ended in FINISHED else "orphaned"
     return dataclasses.replace(run, state=state, lease_left=None)
