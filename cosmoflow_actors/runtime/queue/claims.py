@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -50,6 +50,15 @@ the run's lease expires by itself: another worker takes the run over and resumes
 after its last committed step (a run that ended gives the result its record holds)."""
 
 
+@contextlib.contextmanager
+def shielded_briefly() -> Iterator[None]:
+    """Run the block shielded from cancellation, for HAND_BACK_SECONDS at most, and
+    let a StorageError end it: what it tells the server is then left undone, and the
+    lease it is about expires by itself. Blocks no longer than the block does."""
+    with trio.move_on_after(HAND_BACK_SECONDS, shield=True), contextlib.suppress(StorageError):
+        yield
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """A run a worker holds the lease of: its stream entry, flow and parameters, and
@@ -73,10 +82,9 @@ class Claimer:
         self.queue = queue
         self.flows = flows
         self.name = name
-        self.lease_ms = max(1, round(queue.lease * 1000))
         self._running = running
         """The ids of the runs the worker runs now (it holds their leases)."""
-        self._poll = min(MAX_POLL, queue.lease / 3)
+        self._poll = min(MAX_POLL, queue.third_of_lease)
         """Seconds: the longest wait for a new entry, and the shortest between two looks
         for expired leases that found none."""
         self._cursor = "0-0"
@@ -96,30 +104,29 @@ class Claimer:
             except StorageError as exc:
                 # The server is out of reach, or restarted without the stream: wait a
                 # third of a lease, make the group again if need be, and go on.
-                self._lost(exc)
-                await trio.sleep(self.queue.lease / 3)
+                self._outage_began(exc)
+                await trio.sleep(self.queue.third_of_lease)
                 with contextlib.suppress(StorageError):
                     await self.queue.ensure_group()
                 continue
-            self._found()
+            self._outage_ended()
             if claim is not None:
                 return claim
 
-    def _lost(self, error: StorageError) -> None:
+    def _outage_began(self, error: StorageError) -> None:
         """Log to :data:`LOGGER`, once an outage starts, that the queue cannot be used.
         Never blocks."""
         if not self._out_of_reach:
             self._out_of_reach = True
-            retry = self.queue.lease / 3
             LOGGER.warning(
                 "worker %s cannot use %r: %s; trying again every %.3g s",
                 self.name,
                 self.queue,
                 error,
-                retry,
+                self.queue.third_of_lease,
             )
 
-    def _found(self) -> None:
+    def _outage_ended(self) -> None:
         """Log to :data:`LOGGER` that an outage of the queue has ended. Never blocks."""
         if self._out_of_reach:
             self._out_of_reach = False
@@ -133,9 +140,9 @@ class Claimer:
             claim = await self._expired_claim()
             if claim is not None:
                 return claim
-        entry = await self._waiting()
+        entry = await self._read_new_at_once()
         if entry is None:
-            entry = await self._new()
+            entry = await self._wait_for_new()
         if entry is None:
             return None
         return await self._claim(*entry)
@@ -151,7 +158,7 @@ class Claimer:
             reply = await queue.script(
                 EXPIRED,
                 [queue.stream, queue.runs],
-                [GROUP, self.name, self.lease_ms, self._cursor, SCAN_STEPS],
+                [GROUP, self.name, queue.lease_ms, self._cursor, SCAN_STEPS],
             )
             self._cursor = as_str(reply[0])
             if len(reply) > 1:
@@ -162,16 +169,16 @@ class Claimer:
                 self._next_look = trio.current_time() + self._poll
                 return None
 
-    async def _waiting(self) -> tuple[str, str, bytes | None] | None:
+    async def _read_new_at_once(self) -> tuple[str, str, bytes | None] | None:
         """A new entry, without waiting for one: its id, its run id and what the
         queue's hash holds about the run (None when nothing); None when there is none.
-        One round trip, where :meth:`_new` takes two."""
+        One round trip, where :meth:`_wait_for_new` takes two."""
         queue = self.queue
         reply = await queue.script(READ_NEW, [queue.stream, queue.runs], [GROUP, self.name])
         return (as_str(reply[0]), as_str(reply[1]), reply[2]) if reply else None
 
-    async def _new(self) -> tuple[str, str, bytes | None] | None:
-        """A new entry, as :meth:`_waiting` gives it, waiting a poll interval at most
+    async def _wait_for_new(self) -> tuple[str, str, bytes | None] | None:
+        """A new entry, as :meth:`_read_new_at_once` gives it, waiting a poll interval at most
         for one.
 
         The wait goes on in the server whatever becomes of this task, and may end with
@@ -219,11 +226,10 @@ class Claimer:
         takes its run at once. Shielded; blocks HAND_BACK_SECONDS at most (beyond, the
         entry is taken over once it has been idle for a lease)."""
         queue = self.queue
-        with trio.move_on_after(HAND_BACK_SECONDS, shield=True):
-            with contextlib.suppress(StorageError):
-                await queue.call(
-                    "XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, "IDLE", self.lease_ms
-                )
+        with shielded_briefly():
+            await queue.call(
+                "XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, "IDLE", queue.lease_ms
+            )
 
     async def _claim(self, entry_id: str, run_id: str, data: bytes | None) -> Claim | None:
         """Take the lease of ``run_id``, of which the queue's hash held ``data`` (None:
@@ -244,7 +250,7 @@ class Claimer:
         lease_key = queue.lease_key(run_id)
         if run_id in self._running:
             keys = [lease_key, queue.stream]
-            await queue.script(HELD, keys, [GROUP, self.name, entry_id, self.lease_ms])
+            await queue.script(HELD, keys, [GROUP, self.name, entry_id, queue.lease_ms])
             return None
         flow = self.flows.get(info["flow"])
         if flow is None:
@@ -257,7 +263,7 @@ class Claimer:
         taken = await queue.script(
             CLAIM,
             [lease_key, queue.runs, queue.passed, queue.stream],
-            [self.name, self.lease_ms, run_id, data, encoded, GROUP, entry_id],
+            [self.name, queue.lease_ms, run_id, data, encoded, GROUP, entry_id],
         )
         if not taken:
             return None
@@ -279,7 +285,7 @@ class Claimer:
         reply = await queue.script(
             PASS_OVER,
             [queue.passed, lease_key, queue.stream],
-            [run_id, self.name, now, GROUP, entry_id, self.lease_ms],
+            [run_id, self.name, now, GROUP, entry_id, queue.lease_ms],
         )
         if reply is None:
             return
@@ -288,7 +294,7 @@ class Claimer:
         # than ``now``, and flow_wait=0 must fail the run at its first pass.
         waited = max(0.0, now - passed["since"])
         if waited < queue.flow_wait:
-            idle = ["IDLE", self.lease_ms]
+            idle = ["IDLE", queue.lease_ms]
             await queue.call("XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, *idle)
             return
         error = (

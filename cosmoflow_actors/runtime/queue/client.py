@@ -93,6 +93,11 @@ class RunQueue:
         self.name = name
         self.lease = lease
         self.flow_wait = flow_wait
+        self.lease_ms = max(1, round(lease * 1000))
+        """The lease in milliseconds, as the server takes it."""
+        self.third_of_lease = lease / 3
+        """Seconds between two renewals of a worker's leases, and between two attempts
+        of a worker to reach its queue while it is out of reach."""
         self.stream = f"cosmoflow:queue:{name}:stream"
         self.runs = f"cosmoflow:queue:{name}:runs"
         self.passed = f"cosmoflow:queue:{name}:passed"

@@ -5,7 +5,6 @@ outcomes, and hands them back when it is stopped."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -21,7 +20,7 @@ import trio
 from cosmoflow_actors.errors import RunConflictError, StorageError, StoreValueError, causes
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import durability
-from cosmoflow_actors.runtime.queue.claims import HAND_BACK_SECONDS, LOGGER, Claim, Claimer
+from cosmoflow_actors.runtime.queue.claims import LOGGER, Claim, Claimer, shielded_briefly
 from cosmoflow_actors.runtime.queue.client import GROUP, RunQueue, as_queue
 from cosmoflow_actors.runtime.queue.scripts import FINISH, HAND_BACK, RELEASE, RENEW
 from cosmoflow_actors.storage.base import Storage
@@ -123,7 +122,6 @@ class _Worker:
         self.queue = queue
         self.stores = stores
         self.name = name
-        self.lease_ms = max(1, round(queue.lease * 1000))
         self._leases: dict[str, _Lease] = {}
         """The leases of the runs this worker runs now, by run id."""
         self.claimer = Claimer(queue, flows, name, self._leases)
@@ -140,7 +138,7 @@ class _Worker:
             outcome = await self._outcome(claim, lease.scope)
             # The outcome is known: record it, even if the worker is stopped now, for
             # HAND_BACK_SECONDS at most.
-            with trio.move_on_after(HAND_BACK_SECONDS, shield=True):
+            with shielded_briefly():
                 await self._settle(claim, outcome)
         except BaseException:
             await self._hand_back(claim)
@@ -152,26 +150,25 @@ class _Worker:
     async def _settle(self, claim: Claim, outcome: dict[str, Any] | None) -> None:
         """Record ``outcome`` and acknowledge the entry, or only drop the lease for a
         dropped run (None). Blocks while the server answers (run_claimed bounds it by
-        HAND_BACK_SECONDS). If it is out of reach, the lease expires instead and another
-        worker takes the run over: its record says how far it got."""
-        with contextlib.suppress(StorageError):
-            if outcome is None:
-                await self.queue.script(RELEASE, [self.queue.lease_key(claim.run_id)], [self.name])
-            else:
-                await self._finish(claim.entry_id, claim.run_id, {**claim.info, **outcome})
+        HAND_BACK_SECONDS); raises StorageError when it is out of reach (run_claimed
+        lets it go: the lease expires instead and another worker takes the run over;
+        its record says how far it got)."""
+        if outcome is None:
+            await self.queue.script(RELEASE, [self.queue.lease_key(claim.run_id)], [self.name])
+        else:
+            await self._finish(claim.entry_id, claim.run_id, {**claim.info, **outcome})
 
     async def _hand_back(self, claim: Claim) -> None:
         """Give the run of a stopped worker back to the queue: drop its lease and make
-        its entry idle for a lease (see ``scripts.HAND_BACK``), so that the next worker to look
-        for expired leases takes it over at once and resumes it after its last
+        its entry idle for a lease (see ``scripts.HAND_BACK``), so that the next worker
+        to look for expired leases takes it over at once and resumes it after its last
         committed step. Shielded from cancellation; blocks at most HAND_BACK_SECONDS.
         A server out of reach or too slow leaves the lease to expire by itself."""
         queue = self.queue
         keys = [queue.lease_key(claim.run_id), queue.stream]
-        args = [self.name, GROUP, claim.entry_id, self.lease_ms]
-        with trio.move_on_after(HAND_BACK_SECONDS, shield=True):
-            with contextlib.suppress(StorageError):
-                await queue.script(HAND_BACK, keys, args)
+        args = [self.name, GROUP, claim.entry_id, queue.lease_ms]
+        with shielded_briefly():
+            await queue.script(HAND_BACK, keys, args)
 
     async def _outcome(self, claim: Claim, scope: trio.CancelScope) -> dict[str, Any] | None:
         """The run's outcome as the queue records it; None when it was dropped: its
@@ -226,7 +223,7 @@ class _Worker:
         """Every third of a lease, renew the leases of all the runs this worker runs in
         one round trip (see :meth:`_renew`). Blocks until cancelled."""
         while True:
-            await trio.sleep(self.queue.lease / 3)
+            await trio.sleep(self.queue.third_of_lease)
             if self._leases:
                 await self._renew(dict(self._leases))
 
@@ -245,7 +242,7 @@ class _Worker:
         keys = [queue.lease_key(run_id) for run_id in live]
         try:
             with trio.fail_after(first - sent):
-                held = await queue.script(RENEW, keys, [self.name, self.lease_ms])
+                held = await queue.script(RENEW, keys, [self.name, queue.lease_ms])
         except (StorageError, trio.TooSlowError):
             _unexpired(live, trio.current_time())
             return
