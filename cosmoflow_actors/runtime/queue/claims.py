@@ -232,21 +232,35 @@ class Claimer:
             )
 
     async def _claim(self, entry_id: str, run_id: str, data: bytes | None) -> Claim | None:
-        """Take the lease of ``run_id``, of which the queue's hash held ``data`` (None:
-        nothing), and record it running (see ``scripts.CLAIM``); None when another worker
-        holds it or this worker runs it still (its stream entry is made due when the
-        lease expires), the run has ended or its entry in the hash is not what a queue
-        writes (its stream entry is acknowledged then; the latter is logged), or this
-        worker lacks its flow (it passes the run over)."""
-        queue = self.queue
+        """Claim ``run_id``, of which the queue's hash held ``data`` (None: nothing; see
+        :meth:`_claim_readable`). None when it is not claimed: when the hash does not
+        hold the run, the run has ended or its entry in the hash is not what a queue
+        writes (logged), the stream entry is acknowledged."""
+        if data is not None:
+            info = self._readable(run_id, data)
+            if info is not None and info["state"] not in FINISHED:
+                return await self._claim_readable(entry_id, run_id, data, info)
+        await self.queue.call("XACK", self.queue.stream, GROUP, entry_id)
+        return None
+
+    def _readable(self, run_id: str, data: bytes) -> dict[str, Any] | None:
+        """``data``, the queue's entry for ``run_id``, decoded; None when it is not what a
+        queue writes (logged to :data:`LOGGER`). Never blocks."""
         try:
-            info = None if data is None else decoded_info(queue, run_id, data)
+            return decoded_info(self.queue, run_id, data)
         except UnreadableEntryError as exc:
             LOGGER.warning("worker %s leaves run %r: %s", self.name, run_id, exc)
-            info = None
-        if data is None or info is None or info["state"] in FINISHED:
-            await queue.call("XACK", queue.stream, GROUP, entry_id)
             return None
+
+    async def _claim_readable(
+        self, entry_id: str, run_id: str, data: bytes, info: dict[str, Any]
+    ) -> Claim | None:
+        """Take the lease of ``run_id``, not ended, whose entry in the queue's hash was
+        ``data`` (decoded: ``info``), and record it running (see ``scripts.CLAIM``);
+        None when another worker holds it or this worker runs it still (its stream
+        entry is made due when the lease expires), its entry changed since, or this
+        worker lacks its flow (it passes the run over)."""
+        queue = self.queue
         lease_key = queue.lease_key(run_id)
         if run_id in self._running:
             keys = [lease_key, queue.stream]

@@ -210,7 +210,7 @@ async def submit(
     encoded = json.dumps(info, allow_nan=False)
     await queue.ensure_group()
     if not await queue.script(SUBMIT, [queue.runs, queue.stream], [run_id, encoded]):
-        await _check_resubmitted(queue, run_id, json.loads(encoded))
+        await _check_resubmitted(queue, run_id, flow_name, checked)
     return run_id
 
 
@@ -228,15 +228,16 @@ def _check_param(run_id: str, key: str, value: Any) -> None:
         )
 
 
-async def _check_resubmitted(queue: RunQueue, run_id: str, info: dict[str, Any]) -> None:
+async def _check_resubmitted(
+    queue: RunQueue, run_id: str, flow_name: str, params: dict[str, Any]
+) -> None:
     """Raise ValueError unless the run ``run_id`` that ``queue`` has already was submitted
-    with the flow and params of ``info`` (blocks while it reads the queue);
-    CosmoFlowError if the queue no longer has it (something else deleted it)."""
+    with ``flow_name`` and ``params`` (blocks while it reads the queue); CosmoFlowError
+    if the queue no longer has it (something else deleted it)."""
     first = await queue.info(run_id)
     if first is None:
         raise CosmoFlowError(f"run {run_id!r} left {queue!r} while it was submitted")
-    submitted = {"flow": first["flow"], "params": first["params"]}
-    if submitted != {"flow": info["flow"], "params": info["params"]}:
+    if (first["flow"], first["params"]) != (flow_name, params):
         raise ValueError(
             f"run {run_id!r} is on {queue!r} already, as flow {first['flow']!r} with params "
             f"{json.dumps(first['params'])} ({first['state']}); nothing is submitted: "
