@@ -53,8 +53,8 @@ after its last committed step (a run that ended gives the result its record hold
 @contextlib.contextmanager
 def shielded_briefly() -> Iterator[None]:
     """Run the block shielded from cancellation, for HAND_BACK_SECONDS at most, and
-    let a StorageError end it: what it tells the server is then left undone, and the
-    lease it is about expires by itself. Blocks no longer than the block does."""
+    let a StorageError end it. What it tells the server is then left to time: a lease
+    expires by itself, an entry is taken over once it has been idle for a lease."""
     with trio.move_on_after(HAND_BACK_SECONDS, shield=True), contextlib.suppress(StorageError):
         yield
 
