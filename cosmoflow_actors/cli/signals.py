@@ -23,7 +23,7 @@ TERMINATED: Final = 143
 STOP_GRACE: Final = 1.0
 """Seconds a command that was interrupted (Ctrl-C) waits for its runs to stop before it
 exits without them (a worker waits
-:data:`~cosmoflow_actors.runtime.queue.HAND_BACK_SECONDS` longer, to hand its runs
+:data:`~cosmoflow_actors.runtime.queue.claims.HAND_BACK_SECONDS` longer, to hand its runs
 back; for SIGTERM too)."""
 FLUSH_WAIT: Final = 0.2
 """Seconds a command that exits at once waits for stdout and stderr to be flushed."""

@@ -1,0 +1,337 @@
+"""How a worker claims runs: it reads the queue's new entries and looks for runs whose
+lease expired, takes each run's lease, and passes over the runs whose flow it lacks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Container, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+
+from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.flow import Flow
+from cosmoflow_actors.runtime.queue.client import (
+    FINISHED,
+    GROUP,
+    RunQueue,
+    UnreadableEntryError,
+    as_str,
+    decoded_info,
+)
+from cosmoflow_actors.runtime.queue.scripts import (
+    CLAIM,
+    EXPIRED,
+    FAIL_PASSED,
+    HELD,
+    PASS_OVER,
+    READ_NEW,
+)
+
+LOGGER: Final = logging.getLogger("cosmoflow_actors.queue")
+"""Where a worker says that its queue is out of reach, once per outage, and when it is
+back (warnings; with logging not set up, Python prints them on stderr)."""
+
+MAX_POLL: Final = 0.5
+"""The longest a worker waits for a new entry before it looks for expired leases again,
+and the longest between two of its looks for expired leases while it has free slots."""
+SCAN_STEPS: Final = 100
+"""The most ``XAUTOCLAIM`` steps (each examines up to 10 pending entries) one look for
+expired leases takes on the server before it answers; the worker goes on from there."""
+HAND_BACK_SECONDS: Final = 2.0
+"""The longest a worker waits for the server while it records a run's outcome, and a
+stopped worker while it hands a run back. Beyond it the worker goes on without, and
+the run's lease expires by itself: another worker takes the run over and resumes it
+after its last committed step (a run that ended gives the result its record holds)."""
+
+
+@contextlib.contextmanager
+def shielded_briefly() -> Iterator[None]:
+    """Run the block shielded from cancellation, for HAND_BACK_SECONDS at most, and
+    let a StorageError end it. What it tells the server is then left to time: a lease
+    expires by itself, an entry is taken over once it has been idle for a lease."""
+    with trio.move_on_after(HAND_BACK_SECONDS, shield=True), contextlib.suppress(StorageError):
+        yield
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A run a worker holds the lease of: its stream entry, flow and parameters, and
+    when (trio time) the lease expires unless renewed."""
+
+    entry_id: str
+    run_id: str
+    flow: Flow
+    params: dict[str, Any]
+    info: dict[str, Any]
+    expires: float
+
+
+class Claimer:
+    """The claiming side of one worker of a queue: finds the runs it may run, new ones
+    and those whose lease expired, and takes their leases."""
+
+    def __init__(
+        self, queue: RunQueue, flows: dict[str, Flow], name: str, running: Container[str]
+    ) -> None:
+        self.queue = queue
+        self.flows = flows
+        self.name = name
+        self._running = running
+        """The ids of the runs the worker runs now (it holds their leases)."""
+        self._poll = min(MAX_POLL, queue.third_of_lease)
+        """Seconds: the longest wait for a new entry, and the shortest between two looks
+        for expired leases that found none."""
+        self._cursor = "0-0"
+        """Where the look for expired leases goes on ("0-0": from the start)."""
+        self._next_look = -math.inf
+        """When (trio time) the next look for expired leases is due."""
+        self._out_of_reach = False
+        """Whether the worker's last attempt to claim a run found the queue out of
+        reach (or refusing), so that an outage is logged once, and its end."""
+
+    async def next_claim(self) -> Claim:
+        """Claim a run: one whose lease expired, when it is time to look for one (see
+        :meth:`_claim_one`), else a new one. Blocks until there is one to claim."""
+        while True:
+            try:
+                claim = await self._claim_one()
+            except StorageError as exc:
+                # The server is out of reach, or restarted without the stream: wait a
+                # third of a lease, make the group again if need be, and go on.
+                self._outage_began(exc)
+                await trio.sleep(self.queue.third_of_lease)
+                with contextlib.suppress(StorageError):
+                    await self.queue.ensure_group()
+                continue
+            self._outage_ended()
+            if claim is not None:
+                return claim
+
+    def _outage_began(self, error: StorageError) -> None:
+        """Log to :data:`LOGGER`, once an outage starts, that the queue cannot be used.
+        Never blocks."""
+        if not self._out_of_reach:
+            self._out_of_reach = True
+            LOGGER.warning(
+                "worker %s cannot use %r: %s; trying again every %.3g s",
+                self.name,
+                self.queue,
+                error,
+                self.queue.third_of_lease,
+            )
+
+    def _outage_ended(self) -> None:
+        """Log to :data:`LOGGER` that an outage of the queue has ended. Never blocks."""
+        if self._out_of_reach:
+            self._out_of_reach = False
+            LOGGER.warning("worker %s uses %r again", self.name, self.queue)
+
+    async def _claim_one(self) -> Claim | None:
+        """Claim a run whose lease expired, if it is time to look for one (see
+        :meth:`_expired_claim`), else a new run, waiting a poll interval at most for
+        one. None when there is none."""
+        if trio.current_time() >= self._next_look:
+            claim = await self._expired_claim()
+            if claim is not None:
+                return claim
+        entry = await self._read_new_at_once()
+        if entry is None:
+            entry = await self._wait_for_new()
+        if entry is None:
+            return None
+        return await self._claim(*entry)
+
+    async def _expired_claim(self) -> Claim | None:
+        """Go on looking through the pending entries for one idle for at least a
+        lease, until this worker claims its run (the next look goes on from there, at
+        once) or has looked through them all (the next look starts again a poll
+        interval later, so that a run whose lease expired waits at most that long,
+        whether the worker is busy or idle). None when it claimed none."""
+        queue = self.queue
+        while True:
+            reply = await queue.script(
+                EXPIRED,
+                [queue.stream, queue.runs],
+                [GROUP, self.name, queue.lease_ms, self._cursor, SCAN_STEPS],
+            )
+            self._cursor = as_str(reply[0])
+            if len(reply) > 1:
+                claim = await self._claim(as_str(reply[1]), as_str(reply[2]), reply[3])
+                if claim is not None:
+                    return claim
+            if self._cursor == "0-0":
+                self._next_look = trio.current_time() + self._poll
+                return None
+
+    async def _read_new_at_once(self) -> tuple[str, str, bytes | None] | None:
+        """A new entry, without waiting for one: its id, its run id and what the
+        queue's hash holds about the run (None when nothing); None when there is none.
+        One round trip, where :meth:`_wait_for_new` takes two."""
+        queue = self.queue
+        reply = await queue.script(READ_NEW, [queue.stream, queue.runs], [GROUP, self.name])
+        return (as_str(reply[0]), as_str(reply[1]), reply[2]) if reply else None
+
+    async def _wait_for_new(self) -> tuple[str, str, bytes | None] | None:
+        """A new entry, as :meth:`_read_new_at_once` gives it, waiting a poll interval at most
+        for one.
+
+        The wait goes on in the server whatever becomes of this task, and may end with
+        an entry delivered to this worker: so a worker stopped meanwhile waits for it
+        too (shielded, a poll interval and HAND_BACK_SECONDS at most), and gives back
+        the entry it got (:meth:`_give_back`) before the cancellation goes on. A
+        server that has not answered by then raises StorageError (an outage, for a
+        worker that is not stopped).
+        """
+        queue = self.queue
+        reply = None
+        limit = self._poll + HAND_BACK_SECONDS
+        with trio.move_on_after(limit, shield=True) as read:
+            reply = await queue.call(
+                "XREADGROUP",
+                "GROUP",
+                GROUP,
+                self.name,
+                "COUNT",
+                1,
+                "BLOCK",
+                max(1, round(self._poll * 1000)),
+                "STREAMS",
+                queue.stream,
+                ">",
+            )
+        if read.cancelled_caught:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            raise StorageError(f"{queue!r}: no answer from the server within {limit:g} s")
+        entries = _entries(reply[0][1]) if reply else []
+        if not entries:
+            return None
+        entry_id, run_id = entries[0]
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            data = await queue.call("HGET", queue.runs, run_id)
+        except trio.Cancelled:
+            await self._give_back(entry_id)
+            raise
+        return entry_id, run_id, data
+
+    async def _give_back(self, entry_id: str) -> None:
+        """Make the entry ``entry_id``, delivered to this stopped worker and not
+        claimed, idle for a lease, so that the next worker to look for expired leases
+        takes its run at once. Shielded; blocks HAND_BACK_SECONDS at most (beyond, the
+        entry is taken over once it has been idle for a lease)."""
+        queue = self.queue
+        with shielded_briefly():
+            await queue.call(
+                "XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, "IDLE", queue.lease_ms
+            )
+
+    async def _claim(self, entry_id: str, run_id: str, data: bytes | None) -> Claim | None:
+        """Claim ``run_id``, of which the queue's hash held ``data`` (None: nothing; see
+        :meth:`_claim_readable`). None when it is not claimed: when the hash does not
+        hold the run, the run has ended or its entry in the hash is not what a queue
+        writes (logged), the stream entry is acknowledged."""
+        if data is not None:
+            info = self._readable(run_id, data)
+            if info is not None and info["state"] not in FINISHED:
+                return await self._claim_readable(entry_id, run_id, data, info)
+        await self.queue.call("XACK", self.queue.stream, GROUP, entry_id)
+        return None
+
+    def _readable(self, run_id: str, data: bytes) -> dict[str, Any] | None:
+        """``data``, the queue's entry for ``run_id``, decoded; None when it is not what a
+        queue writes (logged to :data:`LOGGER`). Never blocks."""
+        try:
+            return decoded_info(self.queue, run_id, data)
+        except UnreadableEntryError as exc:
+            LOGGER.warning("worker %s leaves run %r: %s", self.name, run_id, exc)
+            return None
+
+    async def _claim_readable(
+        self, entry_id: str, run_id: str, data: bytes, info: dict[str, Any]
+    ) -> Claim | None:
+        """Take the lease of ``run_id``, not ended, whose entry in the queue's hash was
+        ``data`` (decoded: ``info``), and record it running (see ``scripts.CLAIM``);
+        None when another worker holds it or this worker runs it still (its stream
+        entry is made due when the lease expires), its entry changed since, or this
+        worker lacks its flow (it passes the run over)."""
+        queue = self.queue
+        lease_key = queue.lease_key(run_id)
+        if run_id in self._running:
+            keys = [lease_key, queue.stream]
+            await queue.script(HELD, keys, [GROUP, self.name, entry_id, queue.lease_ms])
+            return None
+        flow = self.flows.get(info["flow"])
+        if flow is None:
+            await self._pass_over(entry_id, run_id, data, info)
+            return None
+        running = {**info, "state": "running", "owner": self.name}
+        running["attempts"] = info.get("attempts", 0) + 1
+        encoded = json.dumps(running)
+        expires = trio.current_time() + queue.lease
+        taken = await queue.script(
+            CLAIM,
+            [lease_key, queue.runs, queue.passed, queue.stream],
+            [self.name, queue.lease_ms, run_id, data, encoded, GROUP, entry_id],
+        )
+        if not taken:
+            return None
+        return Claim(entry_id, run_id, flow, info.get("params", {}), running, expires)
+
+    async def _pass_over(
+        self, entry_id: str, run_id: str, data: bytes, info: dict[str, Any]
+    ) -> None:
+        """Leave ``run_id``, whose flow this worker lacks, to the other workers: note
+        this worker among those that passed it over and give its entry back, idle for
+        a lease, so that the next worker to look for expired leases takes it over.
+        Fail the run instead once workers have passed it over for ``flow_wait``
+        seconds, unless it changed since ``data`` (what the queue's hash held about it,
+        decoded as ``info``) was read. Leave it alone while a worker holds its lease
+        (its entry is due again when the lease expires)."""
+        queue = self.queue
+        lease_key = queue.lease_key(run_id)
+        now = time.time()
+        reply = await queue.script(
+            PASS_OVER,
+            [queue.passed, lease_key, queue.stream],
+            [run_id, self.name, now, GROUP, entry_id, queue.lease_ms],
+        )
+        if reply is None:
+            return
+        passed = json.loads(reply)
+        # cjson keeps 14 digits of ``since``: this pass's own may read a little later
+        # than ``now``, and flow_wait=0 must fail the run at its first pass.
+        waited = max(0.0, now - passed["since"])
+        if waited < queue.flow_wait:
+            idle = ["IDLE", queue.lease_ms]
+            await queue.call("XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, *idle)
+            return
+        error = (
+            f"CosmoFlowError: no worker took flow {info['flow']!r} in {waited:.1f} s "
+            f"(passed over by {', '.join(passed['by'])}; flow_wait={queue.flow_wait:g} s)"
+        )
+        failed = {**info, "state": "failed", "owner": self.name, "error": error}
+        await queue.script(
+            FAIL_PASSED,
+            [queue.runs, lease_key, queue.stream],
+            [run_id, data, json.dumps(failed), GROUP, entry_id],
+        )
+
+
+def _entries(raw: Iterable[Any]) -> list[tuple[str, str]]:
+    """(entry id, run id) of stream entries as redis-py returns them (a deleted entry
+    comes back without fields and is skipped)."""
+    entries = []
+    for entry in raw:
+        if not entry or not entry[1]:
+            continue
+        entry_id, fields = entry
+        run_id = fields.get(b"run_id") if isinstance(fields, dict) else None
+        if run_id is not None:
+            entries.append((as_str(entry_id), as_str(run_id)))
+    return entries

@@ -1,0 +1,334 @@
+"""The producer side of the run queue: :class:`RunQueue` (the queue's keys on its
+server, and the calls to it), :func:`submit`, :func:`requeue` and :func:`result`, and
+how the queue's hash entries read."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, final
+from urllib.parse import urlsplit, urlunsplit
+
+import trio
+
+from cosmoflow_actors.errors import CosmoFlowError, StorageError
+from cosmoflow_actors.runtime.queue.scripts import REQUEUE, SUBMIT
+from cosmoflow_actors.storage.redis import redacted, send_command, shared_client
+from cosmoflow_actors.validation import checked_params, require_run_id, require_seconds
+
+if TYPE_CHECKING:
+    import redis
+
+DEFAULT_LEASE: Final = 10.0
+"""Seconds a worker's lease on a run lasts unless renewed (renewed every third of it)."""
+DEFAULT_FLOW_WAIT: Final = 60.0
+"""Seconds a run whose flow the workers that saw it lack waits for one that has it."""
+RESULT_POLL_INTERVAL: Final = 0.05
+"""Seconds :func:`result` waits between two reads of a run's state."""
+GROUP: Final = "workers"
+"""The stream's consumer group: every worker of every queue reads through it."""
+FINISHED: Final = ("succeeded", "failed")
+"""The states of a run whose outcome is recorded."""
+THREADS: Final = 40
+"""The most worker threads one :class:`RunQueue`'s calls to the server take at once.
+They come from a limiter of the queue's own, not trio's default one, which thread
+executor steps hold: a worker whose steps hold every thread still renews its leases."""
+
+
+class UnreadableEntryError(CosmoFlowError):
+    """The queue's hash holds an entry for a run that is not what a queue writes (not
+    JSON, or without a str flow name): no worker can run it. A worker that claims it
+    acknowledges its stream entry and logs it; :func:`queue_status` shows it as
+    "unreadable"; the entry itself is left as it is."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedResult:
+    """The outcome of a run that succeeded on a worker (see :func:`result`)."""
+
+    run_id: str
+    flow_name: str
+    result: Any
+    final_action: str
+    execution_path: tuple[str, ...]
+    duration: float
+    worker: str
+
+
+@final
+class RunQueue:
+    """A run queue on a Redis server: ``RunQueue(url, name)``, or
+    :meth:`from_url` of ``redis://HOST:PORT[/DB]/NAME``.
+
+    ``lease`` is how long (seconds) a worker's claim on a run lasts without renewal:
+    the time after which a dead worker's runs go to others. ``flow_wait`` is how long
+    (seconds) a run whose flow the workers that saw it lack waits for a worker that
+    has it, before one of them fails it (0: the first one does). Every call to the
+    server runs in a worker thread (at most :data:`THREADS` at once, apart from the
+    threads of trio's default limiter), on a connection of the process's pool for the
+    server; connection failures raise StorageError. Requires the ``redis`` package.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        *,
+        lease: float = DEFAULT_LEASE,
+        flow_wait: float = DEFAULT_FLOW_WAIT,
+    ) -> None:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"a queue name must be a non-empty str without '/', not {name!r}")
+        require_seconds("lease", lease)
+        if math.isinf(lease):
+            raise ValueError(
+                "lease must be a finite number of seconds: a dead worker's runs"
+                " would never be taken over"
+            )
+        require_seconds("flow_wait", flow_wait, zero=True)
+        self.url = url
+        self.name = name
+        self.lease = lease
+        self.flow_wait = flow_wait
+        self.lease_ms = max(1, round(lease * 1000))
+        """The lease in milliseconds, as the server takes it."""
+        self.third_of_lease = lease / 3
+        """Seconds between two renewals of a worker's leases, and between two attempts
+        of a worker to reach its queue while it is out of reach."""
+        self.stream = f"cosmoflow:queue:{name}:stream"
+        self.runs = f"cosmoflow:queue:{name}:runs"
+        self.passed = f"cosmoflow:queue:{name}:passed"
+        self._client: redis.Redis | None = None
+        self._limiter = trio.CapacityLimiter(THREADS)
+
+    @classmethod
+    def from_url(
+        cls, text: str, *, lease: float = DEFAULT_LEASE, flow_wait: float = DEFAULT_FLOW_WAIT
+    ) -> RunQueue:
+        """The queue ``redis://HOST:PORT[/DB]/NAME`` names: NAME is the last path part."""
+        parts = urlsplit(text)
+        head, _, name = parts.path.rpartition("/")
+        if parts.scheme not in ("redis", "rediss") or not parts.netloc or not name:
+            raise ValueError(f"queue {text!r}: expected redis://HOST[:PORT][/DB]/NAME")
+        return cls(urlunsplit(parts._replace(path=head)), name, lease=lease, flow_wait=flow_wait)
+
+    def __repr__(self) -> str:
+        return f"RunQueue({redacted(self.url)!r}, {self.name!r})"
+
+    @property
+    def address(self) -> str:
+        """The queue's URL, ``redis://HOST:PORT[/DB]/NAME``, without a password."""
+        return f"{redacted(self.url)}/{self.name}"
+
+    def lease_key(self, run_id: str) -> str:
+        """The key of ``run_id``'s lease (its value names the worker holding it)."""
+        return f"cosmoflow:queue:{self.name}:lease:{run_id}"
+
+    async def call(self, *args: Any) -> Any:
+        """Send one command and return its reply (blocks in a worker thread; a
+        cancelled caller abandons the thread, which ends with the command)."""
+        client = self._connected()
+        return await self._in_thread(send_command, client, *args)
+
+    async def script(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        """Run the Lua ``source`` atomically on the server; return its reply."""
+        return await self.call("EVAL", source, len(keys), *keys, *args)
+
+    async def info(self, run_id: str) -> dict[str, Any] | None:
+        """What the queue's hash holds about ``run_id`` (None if it was not submitted)."""
+        data = await self.call("HGET", self.runs, run_id)
+        return None if data is None else decoded_info(self, run_id, data)
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if they do not exist yet."""
+        from redis.exceptions import ResponseError
+
+        try:
+            await self.call("XGROUP", "CREATE", self.stream, GROUP, "0", "MKSTREAM")
+        except StorageError as exc:
+            if not (isinstance(exc.__cause__, ResponseError) and "BUSYGROUP" in str(exc)):
+                raise
+
+    async def aclose(self) -> None:
+        """Let go of the server: its connections stay in the process's pool (see
+        ``RedisStorage``). Does not block."""
+        self._client = None
+        await trio.lowlevel.checkpoint()
+
+    def _connected(self) -> redis.Redis:
+        """The client, on connections whose socket waits are longer than a worker's
+        longest blocking read."""
+        if self._client is None:
+            timeout = max(10.0, 3 * self.lease)
+            self._client = shared_client(self.url, timeout, "RunQueue")
+        return self._client
+
+    async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await trio.to_thread.run_sync(
+                function, *args, limiter=self._limiter, abandon_on_cancel=True
+            )
+        except RedisError as exc:
+            raise StorageError(f"{self!r}: {exc}") from exc
+
+
+def as_queue(queue: RunQueue | str) -> RunQueue:
+    """``queue``, or the queue its URL names (see :meth:`RunQueue.from_url`)."""
+    return queue if isinstance(queue, RunQueue) else RunQueue.from_url(queue)
+
+
+async def submit(
+    queue: RunQueue | str,
+    flow_name: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+) -> str:
+    """Add a run of the flow called ``flow_name`` to ``queue``; return its run id.
+
+    Without ``run_id`` a fresh one is made. Submitting a run id the queue already has
+    adds nothing (the first submission stands), and raises ValueError when it names
+    another flow or other params, which would be lost. ``params`` must be JSON that
+    comes back equal (ValueError naming the param otherwise: no tuple, no key that is
+    not a str).
+    Blocks until the server has it; raises StorageError when it cannot be reached.
+    """
+    queue = as_queue(queue)
+    if not isinstance(flow_name, str) or not flow_name:
+        raise ValueError(f"flow_name must be a non-empty str, not {flow_name!r}")
+    run_id = secrets.token_hex(8) if run_id is None else run_id
+    require_run_id(run_id)
+    checked = checked_params(params)
+    for key, value in checked.items():
+        _check_param(run_id, key, value)
+    info = {"flow": flow_name, "params": checked, "state": "pending"}
+    encoded = json.dumps(info, allow_nan=False)
+    await queue.ensure_group()
+    if not await queue.script(SUBMIT, [queue.runs, queue.stream], [run_id, encoded]):
+        await _check_resubmitted(queue, run_id, flow_name, checked)
+    return run_id
+
+
+def _check_param(run_id: str, key: str, value: Any) -> None:
+    """Raise ValueError naming ``key`` unless ``value`` goes through JSON unchanged (a
+    tuple would come back a list, a dict's int keys str)."""
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"param {key!r} of run {run_id!r} is not JSON: {exc}") from exc
+    if json.loads(encoded) != value:
+        raise ValueError(
+            f"param {key!r} of run {run_id!r} would reach the worker changed by JSON, as "
+            f"{encoded}: give lists for tuples and str keys"
+        )
+
+
+async def _check_resubmitted(
+    queue: RunQueue, run_id: str, flow_name: str, params: dict[str, Any]
+) -> None:
+    """Raise ValueError unless the run ``run_id`` that ``queue`` has already was submitted
+    with ``flow_name`` and ``params`` (blocks while it reads the queue); CosmoFlowError
+    if the queue no longer has it (something else deleted it)."""
+    first = await queue.info(run_id)
+    if first is None:
+        raise CosmoFlowError(f"run {run_id!r} left {queue!r} while it was submitted")
+    if (first["flow"], first["params"]) != (flow_name, params):
+        raise ValueError(
+            f"run {run_id!r} is on {queue!r} already, as flow {first['flow']!r} with params "
+            f"{json.dumps(first['params'])} ({first['state']}); nothing is submitted: "
+            "give the new run another run id"
+        )
+
+
+async def requeue(queue: RunQueue | str, run_id: str) -> None:
+    """Put the failed run ``run_id`` back on ``queue``, pending: a worker resumes it after
+    its last committed step (the step that failed runs again), as it takes over a run
+    whose worker died. The workers that passed it over are forgotten, so a run that
+    failed for want of a worker with its flow waits ``flow_wait`` again. Raises
+    ValueError when the queue does not have the run, or has it in another state than
+    "failed". Blocks while it talks to the server; raises StorageError when it cannot
+    be reached."""
+    queue = as_queue(queue)
+    require_run_id(run_id)
+    while True:
+        data = await queue.call("HGET", queue.runs, run_id)
+        if data is None:
+            raise ValueError(f"run {run_id!r} is not on {queue!r}")
+        info = decoded_info(queue, run_id, data)
+        if info["state"] != "failed":
+            raise ValueError(
+                f"run {run_id!r} is {info['state']} on {queue!r}: only a failed run is requeued"
+            )
+        pending = {key: value for key, value in info.items() if key != "error"}
+        pending["state"] = "pending"
+        keys = [queue.runs, queue.stream, queue.passed]
+        if await queue.script(REQUEUE, keys, [run_id, data, json.dumps(pending)]):
+            return
+
+
+async def result(
+    queue: RunQueue | str, run_id: str, *, poll: float = RESULT_POLL_INTERVAL
+) -> QueuedResult:
+    """Wait for the submitted run ``run_id`` to end; return its outcome.
+
+    Reads the run's state every ``poll`` seconds (default
+    :data:`RESULT_POLL_INTERVAL`) until a worker recorded it; blocks until then (put a
+    ``trio.fail_after`` around it to bound the wait). Raises CosmoFlowError when the
+    run failed (naming the worker and the error) or the queue does not know the run,
+    ValueError when ``run_id`` is not a non-empty str.
+    """
+    queue = as_queue(queue)
+    require_run_id(run_id)
+    while True:
+        info = await queue.info(run_id)
+        if info is None:
+            raise CosmoFlowError(f"{queue!r} has no run {run_id!r}")
+        if info["state"] == "succeeded":
+            return _result_of(run_id, info)
+        if info["state"] == "failed":
+            raise CosmoFlowError(
+                f"run {run_id!r} failed on worker {info.get('owner')}: {info.get('error')}"
+            )
+        await trio.sleep(poll)
+
+
+def _result_of(run_id: str, info: Mapping[str, Any]) -> QueuedResult:
+    saved = info["result"]
+    return QueuedResult(
+        run_id=run_id,
+        flow_name=info["flow"],
+        result=saved["value"],
+        final_action=saved["final_action"],
+        execution_path=tuple(saved["path"]),
+        duration=saved["duration"],
+        worker=info["owner"],
+    )
+
+
+def decoded_info(queue: RunQueue, run_id: str, data: bytes) -> dict[str, Any]:
+    """``data``, what ``queue``'s hash holds about ``run_id``, decoded. Raises
+    UnreadableEntryError naming the queue and the run when it is not JSON, or not an
+    object with a state and a str flow name (as a queue writes it)."""
+    try:
+        info = json.loads(data)
+    except ValueError as exc:
+        raise UnreadableEntryError(f"{queue!r}: the entry of run {run_id!r} is not JSON") from exc
+    if (
+        not isinstance(info, dict)
+        or not isinstance(info.get("state"), str)
+        or not isinstance(info.get("flow"), str)
+    ):
+        raise UnreadableEntryError(
+            f"{queue!r}: the entry of run {run_id!r} was not written by a queue: {info!r}"
+        )
+    return info
+
+
+def as_str(value: bytes | str) -> str:
+    """``value``, part of a reply of the server, as a str (decoded when bytes)."""
+    return value.decode() if isinstance(value, bytes) else value

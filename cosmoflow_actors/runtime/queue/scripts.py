@@ -1,0 +1,192 @@
+"""The Lua scripts of the run queue: each reads and changes the queue's keys in one
+atomic step on the server (see :mod:`cosmoflow_actors.runtime.queue` for the keys).
+
+Each script's docstring names its KEYS and ARGV and what it returns.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+FINISH: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+"""Record a run's outcome, acknowledge its entry and drop its lease, if the lease is
+still the caller's (KEYS: lease, runs, stream; ARGV: owner, run id, info, group, id)."""
+_IDLE_UNTIL_EXPIRY: Final = """
+local function idle_until_expiry(lease, stream, group, consumer, entry_id, lease_ms)
+  local left = redis.call('PTTL', lease)
+  local idle = math.max(0, tonumber(lease_ms) - left)
+  redis.call('XCLAIM', stream, group, consumer, 0, entry_id, 'IDLE', idle)
+end
+"""
+"""A Lua function: make the stream entry ``entry_id`` idle for ``lease_ms`` less the
+milliseconds the lease key ``lease`` has left, so that it has been idle for a lease
+(and a look for expired leases takes it over) when that lease expires, not a lease
+after the look that found it held."""
+CLAIM: Final = (
+    _IDLE_UNTIL_EXPIRY
+    + """
+if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[4] then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  idle_until_expiry(KEYS[1], KEYS[4], ARGV[6], ARGV[1], ARGV[7], ARGV[2])
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
+redis.call('HDEL', KEYS[3], ARGV[3])
+return 1
+"""
+)
+"""Take the lease of a run and record it running, if its entry is still what the
+caller read and no one holds the lease; forget who passed it over. When another
+worker holds the lease, make the stream entry due when it expires (KEYS: lease, runs,
+passed, stream; ARGV: owner, lease ms, run id, entry as read, entry running, group,
+entry id). 1 if taken."""
+HELD: Final = (
+    _IDLE_UNTIL_EXPIRY
+    + """
+idle_until_expiry(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return 0
+"""
+)
+"""Make the entry ARGV[3] of the stream KEYS[2] (group ARGV[1], now consumer
+ARGV[2]'s) due when the lease KEYS[1] expires (ARGV[4]: the lease in ms)."""
+_RUN_ID_OF: Final = """
+local function run_id_of(fields)
+  if not fields then return nil end
+  for index = 1, #fields, 2 do
+    if fields[index] == 'run_id' then return fields[index + 1] end
+  end
+  return nil
+end
+"""
+"""A Lua function: the ``run_id`` field of a stream entry's fields (nil when none)."""
+EXPIRED: Final = (
+    _RUN_ID_OF
+    + """
+local cursor = ARGV[4]
+for _ = 1, tonumber(ARGV[5]) do
+  local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', 1)
+  cursor = reply[1]
+  local entry = reply[2][1]
+  local run_id = entry and run_id_of(entry[2])
+  if run_id then
+    return {cursor, entry[1], run_id, redis.call('HGET', KEYS[2], run_id)}
+  end
+  if cursor == '0-0' then break end
+end
+return {cursor}
+"""
+)
+"""Go on with the scan of the pending entries of the stream KEYS[1] (group ARGV[1])
+from the cursor ARGV[4] for entries idle for at least ARGV[3] ms, taking over the first
+one that names a run for consumer ARGV[2]; at most ARGV[5] steps. Returns the next
+cursor ("0-0" once the scan is complete), then that entry's id, its run id and what
+the hash KEYS[2] holds about the run (nil when nothing) if one was taken."""
+READ_NEW: Final = (
+    _RUN_ID_OF
+    + """
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1,
+  'STREAMS', KEYS[1], '>')
+local entry = reply and reply[1][2][1]
+local run_id = entry and run_id_of(entry[2])
+if not run_id then return {} end
+return {entry[1], run_id, redis.call('HGET', KEYS[2], run_id)}
+"""
+)
+"""Read a new entry of the stream KEYS[1] for consumer ARGV[2] of group ARGV[1], without
+waiting; return its id, its run id and what the hash KEYS[2] holds about the run (nil
+when nothing), or nothing when there is no new entry (or it names no run)."""
+PASS_OVER: Final = (
+    _IDLE_UNTIL_EXPIRY
+    + """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  idle_until_expiry(KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[5], ARGV[6])
+  return false
+end
+local saved = redis.call('HGET', KEYS[1], ARGV[1])
+local passed = {since = tonumber(ARGV[3]), by = {}}
+if saved then passed = cjson.decode(saved) end
+for _, name in ipairs(passed.by) do
+  if name == ARGV[2] then return saved end
+end
+table.insert(passed.by, ARGV[2])
+local encoded = cjson.encode(passed)
+redis.call('HSET', KEYS[1], ARGV[1], encoded)
+return encoded
+"""
+)
+"""Note that worker ARGV[2] passed run ARGV[1] over at ARGV[3] (Unix time) in the hash
+KEYS[1]; return the run's JSON ``{"since": first time, "by": [workers]}``, or nil
+when a worker holds the run's lease KEYS[2] (it is no one's to pass over: its entry
+ARGV[5] of the stream KEYS[3], group ARGV[4], is made due when the lease of ARGV[6] ms
+expires)."""
+FAIL_PASSED: Final = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+return 1
+"""
+"""Record run ARGV[1] failed (entry ARGV[3] in the hash KEYS[1]) and acknowledge its
+entry ARGV[5] of the stream KEYS[3] (group ARGV[4]), if its entry in the hash is still
+ARGV[2] (what the caller read) and no worker holds its lease KEYS[2]; 1 if done."""
+RENEW: Final = """
+local held = {}
+for index, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    held[index] = redis.call('PEXPIRE', key, ARGV[2])
+  else
+    held[index] = 0
+  end
+end
+return held
+"""
+"""Extend each lease of KEYS to ARGV[2] ms if it is still held by ARGV[1]; for each,
+1 if it was, else 0."""
+RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+"""Drop the lease KEYS[1] if it is held by ARGV[1]."""
+HAND_BACK: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[1], 0, ARGV[3], 'IDLE', ARGV[4])
+return 1
+"""
+"""Drop the lease KEYS[1] if it is held by ARGV[1], and make the entry ARGV[3] of the
+stream KEYS[2] (group ARGV[2]) idle for ARGV[4] ms, so that a worker looking for
+expired leases takes it over at once; 1 if the lease was ARGV[1]'s."""
+LEASE: Final = """
+return {
+  redis.call('GET', KEYS[1]),
+  redis.call('PTTL', KEYS[1]),
+  redis.call('HGET', KEYS[2], ARGV[1]),
+}
+"""
+"""The holder of the lease KEYS[1] (nil when none), its milliseconds left (negative
+when no one holds it), and what the hash KEYS[2] holds about run ARGV[1] (nil when
+nothing), read at one instant: a run that ends meanwhile drops its lease as it
+records its outcome, so read apart they could show a finished run as orphaned."""
+SUBMIT: Final = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])
+return 1
+"""
+"""Add run ARGV[1] (info ARGV[2]) to the hash KEYS[1] and the stream KEYS[2], unless
+the hash has it already; 1 if it was added."""
+REQUEUE: Final = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])
+return 1
+"""
+"""Replace run ARGV[1]'s entry in the hash KEYS[1] by ARGV[3], forget who passed it
+over (the hash KEYS[3]) and add the run to the stream KEYS[2] again, if its entry is
+still ARGV[2] (what the caller read); 1 if done."""

@@ -1,0 +1,196 @@
+"""The read side of the run queue: :func:`queue_status` (what the queue says about
+each submitted run) and :func:`leases_checked` (durable runs' records checked against
+their queue's leases)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from cosmoflow_actors.runtime.durability import RunRecord
+from cosmoflow_actors.runtime.queue.client import (
+    FINISHED,
+    RunQueue,
+    UnreadableEntryError,
+    as_queue,
+    as_str,
+    decoded_info,
+)
+from cosmoflow_actors.runtime.queue.scripts import LEASE
+from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.redis import RedisStorage
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRun:
+    """What the queue says about one submitted run (see :func:`queue_status`).
+
+    ``state`` is "pending" (not claimed yet), "running" (a worker holds its lease),
+    "orphaned" (claimed, but its lease is gone: its worker died, was cut off, or was
+    stopped and handed it back; another worker takes it over), "succeeded",
+    "failed" or "unreadable" (the queue's entry for it is not what a queue writes:
+    ``error`` says why, ``flow_name`` is empty; no worker runs it). ``owner`` names
+    the worker that holds (or last held) the run, ``lease_left`` the seconds its
+    lease has left (None when no lease is held).
+    ``passed_over`` names the workers that lacked its flow and left it to others
+    since it was submitted or requeued, until a worker that has the flow claims it (a
+    run failed for want of one keeps them).
+    """
+
+    run_id: str
+    flow_name: str
+    state: str
+    owner: str | None
+    lease_left: float | None
+    attempts: int
+    error: str | None
+    passed_over: tuple[str, ...] = ()
+
+
+async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
+    """Every run submitted to ``queue``, with its state, owner and lease (blocks while
+    it reads them; raises StorageError when the server cannot be reached). A run whose
+    entry leaves the queue while they are read is left out."""
+    queue = as_queue(queue)
+    raw: dict[bytes, bytes] = await queue.call("HGETALL", queue.runs)
+    passed = await _passed_over(queue)
+    runs = []
+    for key, data in sorted(raw.items()):
+        run_id = key.decode()
+        try:
+            run = await _queued_run(queue, run_id, data)
+        except UnreadableEntryError as exc:
+            run = QueuedRun(run_id, "", "unreadable", None, None, 0, str(exc))
+        if run is not None:
+            runs.append(dataclasses.replace(run, passed_over=passed.get(run_id, ())))
+    return runs
+
+
+async def _queued_run(queue: RunQueue, run_id: str, data: bytes) -> QueuedRun | None:
+    """The status of ``run_id``, of which the queue's hash held ``data``; its lease is
+    read unless ``data`` says it ended (blocks while it reads it). None when the entry
+    has left the hash by then. Raises UnreadableEntryError when the entry is not what
+    a queue writes."""
+    info = decoded_info(queue, run_id, data)
+    lease_left = None
+    if info["state"] not in FINISHED:
+        now = await _run_now(queue, run_id)
+        if now is None:
+            return None
+        info, lease_left = now
+    state = info["state"]
+    if state == "running" and lease_left is None:
+        state = "orphaned"
+    return QueuedRun(
+        run_id,
+        info["flow"],
+        state,
+        info.get("owner"),
+        lease_left,
+        info.get("attempts", 0),
+        info.get("error"),
+    )
+
+
+async def _run_now(queue: RunQueue, run_id: str) -> tuple[dict[str, Any], float | None] | None:
+    """What the queue holds about the submitted run ``run_id`` and the seconds left on
+    its lease (None when no one holds it), read together (see ``scripts.LEASE``); None
+    when the queue no longer holds the run."""
+    _, left_ms, data = await _lease_now(queue, run_id)
+    if data is None:
+        return None
+    return decoded_info(queue, run_id, data), left_ms / 1000 if left_ms >= 0 else None
+
+
+async def _lease_now(queue: RunQueue, run_id: str) -> tuple[str | None, int, bytes | None]:
+    """The holder of ``run_id``'s lease (None when no one holds it), the milliseconds
+    it has left (negative then) and what the queue's hash holds about the run (None
+    when nothing), read at one instant (see ``scripts.LEASE``). Blocks while the
+    server answers."""
+    keys = [queue.lease_key(run_id), queue.runs]
+    holder, left_ms, data = await queue.script(LEASE, keys, [run_id])
+    return None if holder is None else as_str(holder), left_ms, data
+
+
+async def _passed_over(queue: RunQueue) -> dict[str, tuple[str, ...]]:
+    """The workers that passed each run over (lacking its flow), by run id."""
+    raw: dict[bytes, bytes] = await queue.call("HGETALL", queue.passed)
+    return {as_str(key): tuple(json.loads(value)["by"]) for key, value in raw.items()}
+
+
+async def leases_checked(storage: Storage, runs: Iterable[RunRecord]) -> list[RunRecord]:
+    """``runs``, the durable runs recorded in ``storage``, with what their queue says.
+
+    A running run that a worker of a queue claimed can be checked when ``storage`` is
+    a RedisStorage on the queue's server (the same host, port and database in the
+    URLs): it gets the worker holding its lease as ``owner`` and the seconds the lease
+    has left, or the state "orphaned" when no worker holds it (the worker died, was cut
+    off or dropped the run; the queue gives it to another worker), or the outcome the
+    queue recorded when the run ended after its record was read. Every other run is
+    returned as it is. Blocks while it reads the leases; raises StorageError when the
+    server cannot be reached.
+    """
+    if not isinstance(storage, RedisStorage):
+        return list(runs)
+    here = _server(storage.url)
+    queues: dict[str, RunQueue] = {}
+    checked = []
+    try:
+        for run in runs:
+            name = _queue_name(run, here)
+            if name is not None:
+                if name not in queues:
+                    queues[name] = RunQueue(storage.url, name)
+                run = await _with_lease(queues[name], run)
+            checked.append(run)
+    finally:
+        for queue in queues.values():
+            await queue.aclose()
+    return checked
+
+
+def _queue_name(run: RunRecord, here: tuple[str, int, str] | None) -> str | None:
+    """The name of the queue holding the lease of ``run``; None unless ``run`` is running
+    for a queue on the server ``here`` (see :func:`_server`)."""
+    if here is None or run.state != "running" or run.queue is None:
+        return None
+    server, _, name = run.queue.rpartition("/")
+    return name if _server(server) == here else None
+
+
+async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
+    """``run`` with its lease's holder and time left; without a lease, orphaned, or
+    ended as the queue recorded it if it ended after its record was read (a run drops
+    its lease as it records its outcome)."""
+    holder, left_ms, data = await _lease_now(queue, run.run_id)
+    if holder is not None:
+        return dataclasses.replace(run, owner=holder, lease_left=max(0, left_ms) / 1000)
+    ended = None if data is None else _ended_state(queue, run.run_id, data)
+    state = ended if ended in FINISHED else "orphaned"
+    return dataclasses.replace(run, state=state, lease_left=None)
+
+
+def _ended_state(queue: RunQueue, run_id: str, data: bytes) -> str | None:
+    """The state ``data``, the queue's entry for ``run_id``, records (None when the
+    entry is not what a queue writes). Never blocks."""
+    try:
+        return str(decoded_info(queue, run_id, data)["state"])
+    except UnreadableEntryError:
+        return None
+
+
+def _server(url: str) -> tuple[str, int, str] | None:
+    """The host, port and database a ``redis://`` or ``rediss://`` URL names (None for
+    another URL): two URLs naming the same ones reach the same data."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return None
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        return None
+    return parts.hostname or "localhost", port, parts.path.strip("/") or "0"

@@ -1,0 +1,334 @@
+"""An engine as a worker of a run queue: :func:`serve` claims runs (see
+:mod:`~cosmoflow_actors.runtime.queue.claims`), runs each one durably on a store of its
+own (:data:`RunStores`), renews the leases of the runs in flight, records their
+outcomes, and hands them back when it is stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import trio
+
+from cosmoflow_actors.errors import RunConflictError, StorageError, StoreValueError, causes
+from cosmoflow_actors.flow import Flow, FlowResult
+from cosmoflow_actors.runtime import durability
+from cosmoflow_actors.runtime.queue.claims import LOGGER, Claim, Claimer, shielded_briefly
+from cosmoflow_actors.runtime.queue.client import GROUP, RunQueue, as_queue
+from cosmoflow_actors.runtime.queue.scripts import FINISH, HAND_BACK, RELEASE, RENEW
+from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.redis import RedisStorage
+from cosmoflow_actors.tracing import describe_error
+from cosmoflow_actors.validation import require_positive
+
+if TYPE_CHECKING:
+    from cosmoflow_actors.runtime.engine import Engine
+
+RunStores = Callable[[str], Storage]
+"""A function giving the store of the run whose id it is given."""
+
+
+@dataclass(frozen=True, slots=True)
+class PerRunRedis:
+    """The stores of a Redis server, one per run: run R's is the namespace
+    ``PREFIX/R``, so runs neither share keys nor make each other's commits start over.
+    Made by :func:`per_run_redis`; calling it makes run R's store (connecting to
+    nothing)."""
+
+    url: str = dataclasses.field(repr=False)
+    """The server's URL (a password included, so left out of the repr)."""
+    prefix: str
+
+    def __call__(self, run_id: str) -> RedisStorage:
+        return RedisStorage(self.url, namespace=f"{self.prefix}/{run_id}")
+
+
+def per_run_redis(text: str) -> PerRunRedis:
+    """The stores ``redis://HOST:PORT[/DB][#PREFIX]`` names, PREFIX ``runs`` by default.
+    ValueError naming ``text`` when it is not a redis:// or rediss:// URL."""
+    url, _, prefix = text.partition("#")
+    if urlsplit(url).scheme not in ("redis", "rediss"):
+        raise ValueError(f"store {text!r}: expected redis://HOST[:PORT][/DB][#PREFIX]")
+    return PerRunRedis(url, prefix or "runs")
+
+
+async def serve(
+    engine: Engine,
+    queue: RunQueue | str,
+    flows: Mapping[str, Flow] | Iterable[Flow],
+    store: str | RunStores,
+    *,
+    concurrency: int = 1,
+    name: str | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the runs of ``queue`` on ``engine``, at most ``concurrency`` at once, until
+    cancelled (see :meth:`Engine.serve`). Reports the worker's name to ``task_status``
+    once it reads the queue."""
+    require_positive("concurrency", concurrency)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"a worker's name must be a non-empty str, not {name!r}")
+    worker = _Worker(
+        engine,
+        as_queue(queue),
+        _flows_by_name(flows),
+        per_run_redis(store) if isinstance(store, str) else store,
+        name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
+    )
+    await worker.queue.ensure_group()
+    slots = trio.Semaphore(concurrency)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.renew_leases)
+        task_status.started(worker.name)
+        while True:
+            await slots.acquire()
+            try:
+                claim = await worker.claimer.next_claim()
+            except BaseException:
+                slots.release()
+                raise
+            nursery.start_soon(worker.run_claimed, claim, slots)
+
+
+@dataclass(slots=True)
+class _Lease:
+    """A lease its worker holds on a run it runs: the run's scope, cancelled once the
+    lease is lost, and when (trio time) the lease expires unless renewed."""
+
+    scope: trio.CancelScope
+    expires: float
+
+
+class _Worker:
+    """One engine serving a queue: its :class:`Claimer` claims runs; it runs them and
+    renews their leases."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        queue: RunQueue,
+        flows: dict[str, Flow],
+        stores: RunStores,
+        name: str,
+    ) -> None:
+        self.engine = engine
+        self.queue = queue
+        self.stores = stores
+        self.name = name
+        self._leases: dict[str, _Lease] = {}
+        """The leases of the runs this worker runs now, by run id."""
+        self.claimer = Claimer(queue, flows, name, self._leases)
+
+    async def run_claimed(self, claim: Claim, slots: trio.Semaphore) -> None:
+        """Run (or resume) the claimed run while :meth:`renew_leases` renews its lease;
+        record its outcome unless the lease was lost or another engine committed first.
+        Blocks until the run ends. A worker stopped meanwhile (this task cancelled)
+        cancels the run and hands it back to the queue (see :meth:`_hand_back`: at most
+        HAND_BACK_SECONDS more) before the cancellation goes on. Frees a slot."""
+        lease = _Lease(trio.CancelScope(), claim.expires)
+        self._leases[claim.run_id] = lease
+        try:
+            outcome = await self._outcome(claim, lease.scope)
+            # The outcome is known: record it, even if the worker is stopped now, for
+            # HAND_BACK_SECONDS at most.
+            with shielded_briefly():
+                await self._settle(claim, outcome)
+        except BaseException:
+            await self._hand_back(claim)
+            raise
+        finally:
+            del self._leases[claim.run_id]
+            slots.release()
+
+    async def _settle(self, claim: Claim, outcome: dict[str, Any] | None) -> None:
+        """Record ``outcome`` and acknowledge the entry, or only drop the lease for a
+        dropped run (None). Blocks while the server answers (run_claimed bounds it by
+        HAND_BACK_SECONDS); raises StorageError when it is out of reach (run_claimed
+        lets it go: the lease expires instead and another worker takes the run over;
+        its record says how far it got)."""
+        if outcome is None:
+            await self.queue.script(RELEASE, [self.queue.lease_key(claim.run_id)], [self.name])
+        else:
+            await self._finish(claim.entry_id, claim.run_id, {**claim.info, **outcome})
+
+    async def _hand_back(self, claim: Claim) -> None:
+        """Give the run of a stopped worker back to the queue: drop its lease and make
+        its entry idle for a lease (see ``scripts.HAND_BACK``), so that the next worker
+        to look for expired leases takes it over at once and resumes it after its last
+        committed step. Shielded from cancellation; blocks at most HAND_BACK_SECONDS.
+        A server out of reach or too slow leaves the lease to expire by itself."""
+        queue = self.queue
+        keys = [queue.lease_key(claim.run_id), queue.stream]
+        args = [self.name, GROUP, claim.entry_id, queue.lease_ms]
+        with shielded_briefly():
+            await queue.script(HAND_BACK, keys, args)
+
+    async def _outcome(self, claim: Claim, scope: trio.CancelScope) -> dict[str, Any] | None:
+        """The run's outcome as the queue records it; None when it was dropped: its
+        lease was lost, another engine committed a step of it first, or its store was
+        out of reach (see :func:`_out_of_reach`: when the worker opened it, or when a
+        step called it or committed; logged): the run is taken over once its entry has
+        been idle for a lease. A node's own error (another StorageError included) fails the
+        run, and so does data its store cannot encode (StoreValueError)."""
+        with scope:
+            try:
+                storage = self.stores(claim.run_id)
+                await self._own_record(storage, claim)
+                done = await self.engine.resume(
+                    claim.flow, storage, run_id=claim.run_id, params=claim.params
+                )
+            except Exception as exc:
+                if _conflict(exc):
+                    return None
+                if _out_of_reach(exc):
+                    self._dropped(claim.run_id, exc)
+                    return None
+                return {"state": "failed", "error": describe_error(exc)}
+            return {"state": "succeeded", "error": None, "result": _result_info(done)}
+        return None
+
+    def _dropped(self, run_id: str, error: Exception) -> None:
+        """Log to :data:`LOGGER` that the run ``run_id`` is dropped because its store is
+        out of reach (``error`` says why), to be taken over after a lease. Never
+        blocks."""
+        LOGGER.warning(
+            "worker %s drops run %r, to be taken over after a lease: its store is out of "
+            "reach (%s)",
+            self.name,
+            run_id,
+            describe_error(error),
+        )
+
+    async def _own_record(self, storage: Storage, claim: Claim) -> None:
+        """Name this worker and its queue in the run's record (written first if the run
+        has none yet), so that the store tells who runs it. Blocks while ``storage``
+        opens and commits; raises StorageError when it cannot."""
+        owner = {"worker": self.name, "queue": self.queue.address}
+
+        def named(stored: Any) -> Any:
+            return durability.owned(stored, claim.run_id, claim.flow.name, claim.params, owner)
+
+        await storage.open()
+        await storage.update(durability.record_key(claim.run_id), named, None)
+        await storage.commit()
+
+    async def renew_leases(self) -> None:
+        """Every third of a lease, renew the leases of all the runs this worker runs in
+        one round trip (see :meth:`_renew`). Blocks until cancelled."""
+        while True:
+            await trio.sleep(self.queue.third_of_lease)
+            if self._leases:
+                await self._renew(dict(self._leases))
+
+    async def _renew(self, leases: dict[str, _Lease]) -> None:
+        """Renew ``leases`` (by run id) in one round trip; cancel the run of each one
+        that is lost, or expired before the round trip was sent. When the server is out
+        of reach or does not answer before the first of them expires, none is renewed,
+        and the runs of those that have expired by then are cancelled. Blocks while the
+        server answers, until the first of them expires at most."""
+        queue = self.queue
+        sent = trio.current_time()
+        live = _unexpired(leases, sent)
+        if not live:
+            return
+        first = min(lease.expires for lease in live.values())
+        keys = [queue.lease_key(run_id) for run_id in live]
+        try:
+            with trio.fail_after(first - sent):
+                held = await queue.script(RENEW, keys, [self.name, queue.lease_ms])
+        except (StorageError, trio.TooSlowError):
+            _unexpired(live, trio.current_time())
+            return
+        for lease, renewed in zip(live.values(), held, strict=True):
+            if renewed:
+                # The server renewed it after ``sent``: it expires no sooner than this.
+                lease.expires = sent + queue.lease
+            else:
+                lease.scope.cancel()
+
+    async def _finish(self, entry_id: str, run_id: str, info: dict[str, Any]) -> None:
+        """Record ``info``, acknowledge the entry and drop the lease, if it is ours."""
+        queue = self.queue
+        await queue.script(
+            FINISH,
+            [queue.lease_key(run_id), queue.runs, queue.stream],
+            [self.name, run_id, json.dumps(info, default=repr), GROUP, entry_id],
+        )
+
+
+def _unexpired(leases: dict[str, _Lease], now: float) -> dict[str, _Lease]:
+    """The leases of ``leases`` that have not expired at ``now``; cancel the runs of the
+    others. Never blocks."""
+    live = {}
+    for run_id, lease in leases.items():
+        if lease.expires > now:
+            live[run_id] = lease
+        else:
+            lease.scope.cancel()
+    return live
+
+
+def _out_of_reach(error: BaseException) -> bool:
+    """Whether ``error`` says the run's store could not be reached: a StorageError the
+    worker's own calls to the store raised that is not about the data
+    (StoreValueError), or a StorageError caused by a failed connection anywhere in the
+    chain of causes (a step's store call, wrapped in NodeError)."""
+    if isinstance(error, StorageError) and not isinstance(error, StoreValueError):
+        return True
+    return any(
+        isinstance(each, StorageError) and _connection_failed(each.__cause__)
+        for each in causes(error)
+    )
+
+
+def _connection_failed(error: BaseException | None) -> bool:
+    """Whether ``error`` is redis-py's: the server could not be reached or did not
+    answer in time (it was loading its data, restarting or away)."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    return isinstance(error, ConnectionError | TimeoutError)
+
+
+def _conflict(error: BaseException) -> bool:
+    """Whether ``error`` is, or was caused by, a RunConflictError."""
+    return any(isinstance(each, RunConflictError) for each in causes(error))
+
+
+def _result_info(done: FlowResult) -> dict[str, Any]:
+    return {
+        "value": done.result,
+        "final_action": done.final_action.name,
+        "path": list(done.execution_path),
+        "duration": done.duration,
+    }
+
+
+def _flows_by_name(flows: Mapping[str, Flow] | Iterable[Flow]) -> dict[str, Flow]:
+    """``flows`` as a mapping name -> Flow (a list is keyed by each flow's name; two
+    flows of one name in it are a ValueError: a run names its flow by name)."""
+    named = dict(flows) if isinstance(flows, Mapping) else _keyed_by_name(flows)
+    for key, flow in named.items():
+        if not isinstance(flow, Flow):
+            raise TypeError(f"flow {key!r}: expected a built Flow, got {type(flow).__name__}")
+    if not named:
+        raise ValueError("a worker needs at least one flow")
+    return named
+
+
+def _keyed_by_name(flows: Iterable[Flow]) -> dict[str, Flow]:
+    """``flows`` keyed by name; ValueError when two of them share one."""
+    named: dict[str, Flow] = {}
+    for flow in flows:
+        if not isinstance(flow, Flow):
+            raise TypeError(f"expected a built Flow, got {type(flow).__name__}")
+        if flow.name in named and named[flow.name] is not flow:
+            raise ValueError(f"two flows are named {flow.name!r}: a run names its flow by name")
+        named[flow.name] = flow
+    return named

@@ -1,0 +1,206 @@
+"""Shared by the tests of the run queue (tests/test_queue_*.py): a flow whose steps
+count themselves in the run's store, in-process workers, real redis-servers that keep
+their data, and watchers of what a server is sent and what the workers log."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.queue.client import RunQueue
+from cosmoflow_actors.runtime.queue.worker import per_run_redis
+from tests.storage_suite import RedisServer
+from tests.support import received_until
+
+FAILURES: dict[str, int] = {}
+"""Times ``Count`` still fails in step ``b`` of a run (by run id); tests set it."""
+
+
+GATES: dict[str, tuple[trio.Event, trio.Event]] = {}
+"""Step ``a`` of a run in here sets the first event and waits for the second (once)."""
+
+
+SLOW: dict[str, float] = {}
+"""Seconds each step of a run in here takes."""
+
+
+class Count(cf.Node):
+    """Counts its own step in the run's store: a per-run counter and a key per step."""
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        await trio.sleep(SLOW.get(ctx.run_id, 0))
+        if ctx.node_id == "a" and ctx.run_id in GATES:
+            entered, release = GATES.pop(ctx.run_id)
+            entered.set()
+            await release.wait()
+        if ctx.node_id == "b" and FAILURES.get(ctx.run_id, 0) > 0:
+            FAILURES[ctx.run_id] -= 1
+            raise RuntimeError("b is down")
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action | None:
+        await store.update("count", lambda n: n + 1, default=0)
+        await store.update(f"step:{ctx.node_id}", lambda n: n + 1, default=0)
+        if ctx.node_id == "c":
+            return cf.Action.complete(f"done {ctx.run_id}")
+        return None
+
+
+FLOW = (
+    cf.Flow.builder("count")
+    .add_node("a", Count())
+    .add_node("b", Count())
+    .add_node("c", Count())
+    .add_route("a", "b")
+    .add_route("b", "c")
+    .build()
+)
+
+
+OTHER = cf.Flow.builder("other").add_node("a", Count()).build()
+"""A flow of another name: a worker that has only this one lacks ``count``."""
+
+
+def new_queue(server: RedisServer, lease: float = 1.0) -> RunQueue:
+    return RunQueue(server.url, f"q-{uuid.uuid4().hex[:8]}", lease=lease)
+
+
+def store_url(server: RedisServer) -> str:
+    return f"{server.url}#runs-{uuid.uuid4().hex[:8]}"
+
+
+@asynccontextmanager
+async def worker(
+    queue: RunQueue,
+    store: str,
+    name: str,
+    concurrency: int = 4,
+    flows: tuple[cf.Flow, ...] = (FLOW,),
+) -> AsyncIterator[cf.Engine]:
+    """An engine serving ``queue`` with ``flows`` in this process until the block ends."""
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        serve = functools.partial(engine.serve, concurrency=concurrency, name=name)
+        await nursery.start(serve, queue, flows, store)
+        yield engine
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def held_in_step_a(
+    queue: RunQueue, store: str, run_id: str, name: str = "w1"
+) -> AsyncIterator[trio.Event]:
+    """A worker ``name`` serving ``queue`` until the block ends, with ``run_id`` submitted
+    and held in its step a; yields the event that lets the run go on."""
+    entered, release = trio.Event(), trio.Event()
+    GATES[run_id] = (entered, release)
+    async with worker(queue, store, name):
+        await cf.submit(queue, "count", run_id=run_id)
+        await entered.wait()
+        yield release
+
+
+async def counts(store: str, run_id: str) -> dict[str, Any]:
+    storage = per_run_redis(store)(run_id)
+    await storage.open()
+    try:
+        keys = [key for key in await storage.keys() if not key.startswith("__cosmoflow__/")]
+        return {key: await storage.get(key) for key in keys}
+    finally:
+        await storage.aclose()
+
+
+class Monitor:
+    """The commands a server was sent (MONITOR), as it prints them, those that Lua
+    scripts ran left out."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+        self._grown = trio.Event()
+
+    def add(self, lines: list[str]) -> None:
+        self.commands.extend(lines)
+        self._grown.set()
+        self._grown = trio.Event()
+
+    async def until(self, enough: Callable[[list[str]], bool]) -> list[str]:
+        """The commands so far, once ``enough`` of them says so."""
+        while not enough(self.commands):
+            await self._grown.wait()
+        return list(self.commands)
+
+
+@asynccontextmanager
+async def monitored(server: RedisServer) -> AsyncIterator[Monitor]:
+    """A Monitor of what ``server`` is sent while the block runs."""
+    monitor = Monitor()
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    await stream.send_all(b"MONITOR\r\n")
+    pending = await received_until(stream, b"+OK\r\n", "MONITOR")
+
+    async def read() -> None:
+        nonlocal pending
+        while True:
+            *lines, pending = pending.split(b"\r\n")
+            monitor.add([line.decode() for line in lines if b" lua] " not in line])
+            chunk = await stream.receive_some()
+            assert chunk, "MONITOR ended"
+            pending += chunk
+
+    async with stream, trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        yield monitor
+        nursery.cancel_scope.cancel()
+
+
+async def persistent_redis(directory: Path, port: int) -> trio.Process:
+    """A redis-server on ``port`` that keeps its data in ``directory`` (an append-only
+    file, synced at every write), once it accepts connections."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(directory)]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    await received_until(process.stdout, b"Ready to accept connections", "redis-server")
+    return process
+
+
+async def killed(process: trio.Process) -> None:
+    """SIGKILL ``process`` (unless it has exited) and wait for it."""
+    if process.returncode is None:
+        process.kill()
+    await process.wait()
+    assert process.stdout is not None
+    await process.stdout.aclose()
+
+
+class Warnings(logging.Handler):
+    """The messages logged to ``cosmoflow_actors.queue``; :meth:`wait_for` blocks until
+    one contains a text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        self._logged = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self._logged.set()
+        self._logged = trio.Event()
+
+    async def wait_for(self, text: str) -> None:
+        while not any(text in message for message in self.messages):
+            await self._logged.wait()

@@ -1,0 +1,331 @@
+"""How a worker claims runs: new entries, runs whose lease expired (taken over from a
+dead or stopped worker), entries it cannot read, runs whose flow it lacks, and an
+outage of its queue; on real redis-servers."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.queue.client import RunQueue
+from cosmoflow_actors.runtime.queue.worker import per_run_redis
+from tests.queue_support import (
+    FAILURES,
+    FLOW,
+    OTHER,
+    Warnings,
+    counts,
+    killed,
+    monitored,
+    new_queue,
+    persistent_redis,
+    store_url,
+    worker,
+)
+from tests.storage_suite import RedisServer, free_port
+
+
+async def passed_over(queue: RunQueue, run_id: str) -> cf.QueuedRun:
+    """The status of ``run_id`` once a worker has passed it over; reads the queue every
+    20 ms, as ``cf.result`` does."""
+    while True:
+        for run in await cf.queue_status(queue):
+            if run.run_id == run_id and run.passed_over:
+                return run
+        await trio.sleep(0.02)
+
+
+async def test_a_worker_leaves_a_run_whose_queue_entry_it_cannot_read_and_goes_on(
+    redis_server: RedisServer,
+) -> None:
+    """Two runs are on the queue with entries no queue writes (a flow name that is a
+    list, and no JSON at all), then a good run: the worker acknowledges the bad ones
+    and logs each once, naming the queue and the run, and runs the good one. The
+    status shows the bad ones as unreadable; ``result`` raises for them."""
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    await queue.ensure_group()
+    bad = {"listed": '{"flow": ["count"], "params": {}, "state": "pending"}', "garbled": "{"}
+    for run_id, data in bad.items():
+        await queue.call("HSET", queue.runs, run_id, data)
+        await queue.call("XADD", queue.stream, "*", "run_id", run_id)
+    warnings = Warnings()
+    logger = logging.getLogger("cosmoflow_actors.queue")
+    logger.addHandler(warnings)
+    try:
+        async with worker(queue, store, "w1"):
+            run_id = await cf.submit(queue, "count")
+            with trio.fail_after(10):
+                done = await cf.result(queue, run_id)
+    finally:
+        logger.removeHandler(warnings)
+    statuses = {run.run_id: run for run in await cf.queue_status(queue)}
+    pending = await queue.call("XPENDING", queue.stream, "workers")
+    assert done.result == f"done {run_id}"
+    assert statuses[run_id].state == "succeeded"
+    assert [(statuses[name].state, statuses[name].flow_name) for name in bad] == [
+        ("unreadable", ""),
+        ("unreadable", ""),
+    ]
+    assert "was not written by a queue" in (statuses["listed"].error or "")
+    assert "is not JSON" in (statuses["garbled"].error or "")
+    assert pending["pending"] == 0
+    assert len(warnings.messages) == 2, warnings.messages
+    for name, message in zip(bad, warnings.messages, strict=True):
+        assert message.startswith(f"worker w1 leaves run {name!r}: {queue!r}: the entry of run")
+    with pytest.raises(cf.CosmoFlowError, match=r"the entry of run 'garbled' is not JSON"):
+        await cf.result(queue, "garbled")
+
+
+async def test_a_worker_without_the_runs_flow_leaves_it_to_a_worker_that_has_it(
+    redis_server: RedisServer,
+) -> None:
+    """A worker that has only another flow passes the run over and leaves it pending;
+    a worker that has the flow, started later, takes it over at once and runs it."""
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    async with worker(queue, store, "lacks", flows=(OTHER,)):
+        await cf.submit(queue, "count", run_id="left")
+        with trio.fail_after(10):
+            passed = await passed_over(queue, "left")
+        async with worker(queue, store, "has"):
+            with trio.fail_after(10):  # far less than a lease of waiting for the entry
+                done = await cf.result(queue, "left")
+    assert (passed.state, passed.owner, passed.passed_over) == ("pending", None, ("lacks",))
+    assert done.worker == "has"
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts, status.passed_over) == ("succeeded", 1, ())
+    assert await counts(store, "left") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
+@pytest.mark.parametrize("flow_wait", [0.0, 0.3])
+async def test_a_run_whose_flow_no_worker_takes_fails_after_flow_wait(
+    redis_server: RedisServer, flow_wait: float
+) -> None:
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", flow_wait=flow_wait)
+    async with worker(queue, store_url(redis_server), "w1"):
+        run_id = await cf.submit(queue, "no-such-flow")
+        started = trio.current_time()
+        with pytest.raises(cf.CosmoFlowError) as info:
+            await cf.result(queue, run_id)
+        waited = trio.current_time() - started
+    assert str(info.value).startswith(
+        f"run {run_id!r} failed on worker w1: CosmoFlowError: no worker took flow "
+        "'no-such-flow' in "
+    )
+    assert f"(passed over by w1; flow_wait={flow_wait:g} s)" in str(info.value)
+    assert waited >= flow_wait
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.owner, status.passed_over) == ("failed", "w1", ("w1",))
+
+
+async def test_a_run_finished_while_a_worker_fails_it_for_flow_wait_stays_finished(
+    redis_server: RedisServer,
+) -> None:
+    """Worker A lacks the run's flow, which workers have passed over for longer than
+    flow_wait: right after A has noted its pass over, and before it records the
+    failure, worker B takes the run over and finishes it. A's failure then records
+    nothing: the run stays succeeded."""
+    from cosmoflow_actors.runtime.queue.scripts import EXPIRED, PASS_OVER, READ_NEW
+
+    name, store = f"q-{uuid.uuid4().hex[:8]}", store_url(redis_server)
+    lacking = RunQueue(redis_server.url, name, lease=0.3, flow_wait=1)
+    having = RunQueue(redis_server.url, name, lease=0.3)
+    passed, finished, back = trio.Event(), trio.Event(), trio.Event()
+    call = lacking.call
+
+    async def held_after_the_pass_over(*args: Any) -> Any:
+        if passed.is_set() and not finished.is_set():
+            await finished.wait()
+        if finished.is_set() and (args[0] == "XREADGROUP" or args[1] in (EXPIRED, READ_NEW)):
+            back.set()
+        reply = await call(*args)
+        if args[:2] == ("EVAL", PASS_OVER) and reply is not None:
+            passed.set()
+        return reply
+
+    lacking.call = held_after_the_pass_over  # type: ignore[method-assign]
+    async with worker(lacking, store, "A", flows=(OTHER,)):
+        run_id = await cf.submit(having, "count", run_id="raced")
+        await lacking.call("HSET", lacking.passed, run_id, '{"since": 0, "by": ["X"]}')
+        with trio.fail_after(10):
+            await passed.wait()
+            async with worker(having, store, "B"):
+                done = await cf.result(having, run_id)
+            finished.set()
+            await back.wait()
+    [status] = await cf.queue_status(having)
+    assert done.worker == "B"
+    assert (status.state, status.owner, status.error) == ("succeeded", "B", None)
+
+
+async def claimed_by_dead(queue: cf.RunQueue, run_id: str) -> Any:
+    """Claim the stream entry of ``run_id`` as a worker "dead" does, with a lease of
+    500 ms left; return the entry's id."""
+    reply = await queue.call("XREADGROUP", "GROUP", "workers", "dead", "STREAMS", queue.stream, ">")
+    [[entry_id, _]] = reply[0][1]
+    await queue.call("SET", queue.lease_key(run_id), "dead", "PX", 500)
+    await queue.call(
+        "HSET",
+        queue.runs,
+        run_id,
+        '{"flow": "count", "state": "running", "owner": "dead", "params": {}, "attempts": 1}',
+    )
+    return entry_id
+
+
+async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last_commit(
+    redis_server: RedisServer,
+) -> None:
+    """A worker "dead" claimed the run and committed step a before it failed in b;
+    once its lease expires, a live worker takes the run over and resumes it at b."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    run_id = await cf.submit(queue, "count")
+    await claimed_by_dead(queue, run_id)
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.owner) == ("running", "dead")
+    assert status.lease_left is not None and 0 < status.lease_left <= 0.5
+    FAILURES[run_id] = 1
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError, match="node 'b' failed in exec"):
+            await engine.run(FLOW, per_run_redis(store)(run_id), run_id=run_id)
+    async with worker(queue, store, "alive"):
+        done = await cf.result(queue, run_id)
+    assert done.worker == "alive"
+    assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+async def test_a_dead_workers_runs_are_taken_over_one_after_another_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """Six runs a "dead" worker read have been idle for longer than their lease: a
+    worker takes each one over right after the one before, not a poll interval
+    (0.5 s) later, and resumes them."""
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    run_ids = [await cf.submit(queue, "count") for _ in range(6)]
+    reply = await queue.call(
+        "XREADGROUP", "GROUP", "workers", "dead", "COUNT", 6, "STREAMS", queue.stream, ">"
+    )
+    entry_ids = [entry_id for entry_id, _ in reply[0][1]]
+    await queue.call("XCLAIM", queue.stream, "workers", "dead", 0, *entry_ids, "IDLE", 20_000)
+    async with worker(queue, store, "alive", concurrency=6):
+        with trio.fail_after(1.5):  # a poll interval per run would take 2.5 s at least
+            done = [await cf.result(queue, run_id) for run_id in run_ids]
+    assert {result.worker for result in done} == {"alive"}
+    assert [await counts(store, run_id) for run_id in run_ids] == [
+        {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    ] * 6
+
+
+async def test_a_run_whose_lease_was_held_at_a_look_is_taken_over_when_it_expires(
+    redis_server: RedisServer,
+) -> None:
+    """A "dead" worker's run has been idle for a lease (2 s), but its lease has 0.5 s
+    left when a live worker first looks for expired leases: the live worker takes the
+    run over once that lease has expired (a poll interval, 0.5 s, later at most), not
+    a lease after its look."""
+    queue, store = new_queue(redis_server, lease=2.0), store_url(redis_server)
+    run_id = await cf.submit(queue, "count")
+    entry_id = await claimed_by_dead(queue, run_id)
+    await queue.call("XCLAIM", queue.stream, "workers", "dead", 0, entry_id, "IDLE", 2000)
+    started = trio.current_time()
+    async with worker(queue, store, "alive"):
+        with trio.fail_after(5):
+            done = await cf.result(queue, run_id)
+    took = trio.current_time() - started
+    assert done.worker == "alive"
+    assert 0.5 <= took < 1.5, took
+
+
+async def test_a_worker_reads_each_waiting_run_in_one_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    """Twenty runs wait when a worker with four slots starts. For each one it sends the
+    queue one command to read it (with what the queue holds about it), one to claim
+    it and one to record its outcome; it looks for expired leases once a poll interval
+    (0.5 s) at most, not before each claim."""
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    for _ in range(20):
+        await cf.submit(queue, "count")
+    key = f"cosmoflow:queue:{queue.name}:"
+
+    def recorded(commands: list[str]) -> bool:
+        return sum(key in line and "'XACK'" in line for line in commands) >= 20
+
+    async with monitored(redis_server) as monitor:
+        started = trio.current_time()
+        async with worker(queue, store, "w1"):
+            with trio.fail_after(10):
+                commands = [line for line in await monitor.until(recorded) if key in line]
+            polls = 1 + int((trio.current_time() - started) / 0.5)
+    looks = [line for line in commands if "XAUTOCLAIM" in line]
+    reads = [line for line in commands if "XREADGROUP" in line or '"HGET"' in line]
+    claims = [line for line in commands if "'NX', 'PX'" in line]
+    assert len(claims) == 20
+    assert len(looks) <= polls
+    # After the last claim, the worker reads once more and waits for a new entry.
+    assert len(reads) <= 20 + 2 * polls
+
+
+async def blocked_clients(queue: RunQueue) -> int:
+    """How many clients of the queue's server wait in a blocking command now."""
+    clients: dict[str, Any] = await queue.call("INFO", "clients")
+    return int(clients["blocked_clients"])
+
+
+async def test_a_run_a_stopped_workers_last_read_got_is_given_back_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """w1 waits for new runs (its read blocked in the server) when it is stopped; a run
+    submitted then is delivered to that read: w1 gives its entry back, so w2 takes the
+    run at once, not after the 60 s lease."""
+    queue, store = new_queue(redis_server, lease=60.0), store_url(redis_server)
+    stop = trio.CancelScope()
+
+    async def serve_w1() -> None:
+        with stop:
+            async with worker(queue, store, "w1"):
+                await trio.sleep_forever()
+
+    before = await blocked_clients(queue)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_w1)
+        with trio.fail_after(5):
+            while await blocked_clients(queue) <= before:
+                pass
+        stop.cancel()
+        await cf.submit(queue, "count", run_id="late")
+    async with worker(queue, store, "w2"):
+        with trio.fail_after(5):  # the entry, left with w1, would wait out the lease
+            done = await cf.result(queue, "late")
+    assert (done.result, done.worker) == ("done late", "w2")
+
+
+async def test_a_worker_logs_once_that_its_queue_is_out_of_reach_and_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    queue = RunQueue(f"redis://127.0.0.1:{port}/0", "outage", lease=0.3)
+    warnings = Warnings()
+    logger = logging.getLogger("cosmoflow_actors.queue")
+    logger.addHandler(warnings)
+    server = await persistent_redis(tmp_path, port)
+    try:
+        async with worker(queue, f"redis://127.0.0.1:{port}/0#runs", "w1"):
+            await killed(server)
+            with trio.fail_after(30):
+                await warnings.wait_for("worker w1 cannot use RunQueue(")
+            server = await persistent_redis(tmp_path, port)
+            with trio.fail_after(30):
+                await warnings.wait_for("worker w1 uses RunQueue(")
+    finally:
+        logger.removeHandler(warnings)
+        await killed(server)
+    assert len(warnings.messages) == 2, warnings.messages
+    assert "trying again every 0.1 s" in warnings.messages[0]

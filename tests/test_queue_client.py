@@ -1,0 +1,143 @@
+"""The producer side of the run queue: RunQueue, submit, requeue and result, on a real
+redis-server (one per module), each test on a queue of its own."""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from typing import Any
+
+import pytest
+import trio
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.queue.client import RunQueue
+from tests.queue_support import FAILURES, OTHER, counts, new_queue, store_url, worker
+from tests.storage_suite import RedisServer
+
+
+async def test_a_queue_url_names_the_queue_by_its_last_path_part(
+    redis_server: RedisServer,
+) -> None:
+    queue = RunQueue.from_url(f"{redis_server.url}/jobs")
+    assert (queue.url, queue.name) == (redis_server.url, "jobs")
+    with pytest.raises(ValueError, match="expected redis://HOST"):
+        RunQueue.from_url("http://example/jobs")
+
+
+def test_a_queue_refuses_a_negative_flow_wait_and_an_endless_lease() -> None:
+    with pytest.raises(ValueError, match="flow_wait must be >= 0 seconds, got -1"):
+        RunQueue("redis://127.0.0.1:1/0", "q", flow_wait=-1)
+    with pytest.raises(ValueError, match="lease must be a finite number of seconds"):
+        RunQueue("redis://127.0.0.1:1/0", "q", lease=math.inf)
+
+
+async def test_submitting_one_run_id_twice_adds_one_run(redis_server: RedisServer) -> None:
+    queue = new_queue(redis_server)
+    assert await cf.submit(queue, "count", run_id="r1", params={"n": 1}) == "r1"
+    assert await cf.submit(queue, "count", run_id="r1", params={"n": 1}) == "r1"
+    assert await queue.call("XLEN", queue.stream) == 1
+    [status] = await cf.queue_status(queue)
+    assert (status.run_id, status.state, status.owner) == ("r1", "pending", None)
+
+
+async def test_resubmitting_a_run_id_with_other_params_or_flow_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    queue = new_queue(redis_server)
+    await cf.submit(queue, "count", run_id="r1", params={"n": 1})
+    with pytest.raises(ValueError, match=r"run 'r1' is on .* already, .*\{\"n\": 1\} \(pending\)"):
+        await cf.submit(queue, "count", run_id="r1", params={"n": 2})
+    with pytest.raises(ValueError, match="as flow 'count'"):
+        await cf.submit(queue, "other", run_id="r1", params={"n": 1})
+    assert await queue.call("XLEN", queue.stream) == 1
+    assert (await queue.info("r1") or {})["params"] == {"n": 1}
+
+
+@pytest.mark.parametrize("flow_name", [["count"], "", None])
+async def test_submit_refuses_a_flow_name_that_is_not_a_non_empty_str(
+    redis_server: RedisServer, flow_name: Any
+) -> None:
+    queue = new_queue(redis_server)
+    message = f"flow_name must be a non-empty str, not {flow_name!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        await cf.submit(queue, flow_name)
+    assert await queue.call("EXISTS", queue.stream, queue.runs) == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "key"), [({"by_id": {1: "one"}}, "by_id"), ({"n": 1, "pair": (1, 2)}, "pair")]
+)
+async def test_submit_refuses_params_that_json_would_change(
+    redis_server: RedisServer, params: dict[str, Any], key: str
+) -> None:
+    queue = new_queue(redis_server)
+    with pytest.raises(ValueError, match=f"param '{key}' of run 'r1' would reach the worker"):
+        await cf.submit(queue, "count", params=params, run_id="r1")
+    assert await queue.call("EXISTS", queue.stream, queue.runs) == 0
+
+
+async def test_result_and_requeue_refuse_a_run_id_that_is_not_a_non_empty_str(
+    redis_server: RedisServer,
+) -> None:
+    queue = new_queue(redis_server)
+    for run_id in (None, ""):
+        with pytest.raises(ValueError, match=f"run_id must be a non-empty str, not {run_id!r}"):
+            await cf.result(queue, run_id)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=f"run_id must be a non-empty str, not {run_id!r}"):
+            await cf.requeue(queue, run_id)  # type: ignore[arg-type]
+
+
+async def test_a_failed_run_is_reported_by_result(redis_server: RedisServer) -> None:
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    FAILURES["broken"] = 1
+    async with worker(queue, store, "w1"):
+        await cf.submit(queue, "count", run_id="broken")
+        with pytest.raises(cf.CosmoFlowError, match=r"'broken' failed on worker w1: .*b is down"):
+            await cf.result(queue, "broken")
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.owner) == ("failed", "w1")
+
+
+async def test_a_requeued_failed_run_is_resumed_after_its_last_commit(
+    redis_server: RedisServer,
+) -> None:
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    FAILURES["flaky"] = 1
+    async with worker(queue, store, "w1"):
+        await cf.submit(queue, "count", run_id="flaky")
+        with pytest.raises(cf.CosmoFlowError, match="b is down"):
+            await cf.result(queue, "flaky")
+        await cf.requeue(queue, "flaky")
+        done = await cf.result(queue, "flaky")
+    assert done.execution_path == ("a", "b", "c")
+    assert await counts(store, "flaky") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts, status.error) == ("succeeded", 2, None)
+    with pytest.raises(ValueError, match=r"'flaky' is succeeded on .*: only a failed run"):
+        await cf.requeue(queue, "flaky")
+    with pytest.raises(ValueError, match="'nobody' is not on"):
+        await cf.requeue(queue, "nobody")
+
+
+async def test_a_requeued_run_whose_flow_no_worker_took_waits_flow_wait_again(
+    redis_server: RedisServer,
+) -> None:
+    """A run whose flow the only worker lacks fails after flow_wait; requeued, it
+    waits flow_wait again before it fails again, and the status names the worker
+    that passed it over once."""
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", lease=0.3, flow_wait=0.2)
+    waits = []
+    async with worker(queue, store_url(redis_server), "lacks", flows=(OTHER,)):
+        run_id = await cf.submit(queue, "count")
+        for attempt in range(2):
+            started = trio.current_time()
+            with trio.fail_after(10), pytest.raises(cf.CosmoFlowError, match="no worker took"):
+                await cf.result(queue, run_id)
+            waits.append(trio.current_time() - started)
+            if attempt == 0:
+                await cf.requeue(queue, run_id)
+    assert min(waits) >= 0.2, waits
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.passed_over) == ("failed", ("lacks",))

@@ -1,0 +1,52 @@
+"""The run queue's Lua scripts on a real redis-server: a worker's lease is its own, so
+renewing, recording an outcome and handing a run back touch only the leases the caller
+holds."""
+
+from __future__ import annotations
+
+from cosmoflow_actors.runtime.queue.client import GROUP
+from cosmoflow_actors.runtime.queue.scripts import FINISH, HAND_BACK, RENEW
+from tests.queue_support import new_queue
+from tests.storage_suite import RedisServer
+
+
+async def test_renew_extends_only_the_leases_the_caller_holds(redis_server: RedisServer) -> None:
+    queue = new_queue(redis_server)
+    mine, theirs, gone = (queue.lease_key(run_id) for run_id in ("mine", "theirs", "gone"))
+    await queue.call("SET", mine, "w1", "PX", 1000)
+    await queue.call("SET", theirs, "w2", "PX", 1000)
+
+    held = await queue.script(RENEW, [mine, theirs, gone], ["w1", 60_000])
+
+    assert held == [1, 0, 0]
+    assert await queue.call("PTTL", mine) > 1000
+    assert 0 < await queue.call("PTTL", theirs) <= 1000
+    assert await queue.call("EXISTS", gone) == 0
+
+
+async def test_finish_and_hand_back_leave_a_lease_another_worker_holds(
+    redis_server: RedisServer,
+) -> None:
+    """A worker whose lease another worker has taken records no outcome and hands
+    nothing back: the hash, the lease and the pending entry stay as they are."""
+    queue = new_queue(redis_server)
+    await queue.ensure_group()
+    entry_id = await queue.call("XADD", queue.stream, "*", "run_id", "r1")
+    await queue.call("XREADGROUP", "GROUP", GROUP, "w2", "STREAMS", queue.stream, ">")
+    await queue.call("HSET", queue.runs, "r1", '{"state": "running"}')
+    await queue.call("SET", queue.lease_key("r1"), "w2", "PX", 60_000)
+
+    finished = await queue.script(
+        FINISH,
+        [queue.lease_key("r1"), queue.runs, queue.stream],
+        ["w1", "r1", '{"state": "succeeded"}', GROUP, entry_id],
+    )
+    handed_back = await queue.script(
+        HAND_BACK, [queue.lease_key("r1"), queue.stream], ["w1", GROUP, entry_id, 60_000]
+    )
+
+    assert (finished, handed_back) == (0, 0)
+    assert await queue.call("HGET", queue.runs, "r1") == b'{"state": "running"}'
+    assert await queue.call("GET", queue.lease_key("r1")) == b"w2"
+    pending = await queue.call("XPENDING", queue.stream, GROUP)
+    assert (pending["pending"], pending["consumers"]) == (1, [{"name": b"w2", "pending": 1}])

@@ -1,0 +1,169 @@
+"""The read side of the run queue: queue_status, and durable runs' records checked
+against their queue's leases (leases_checked), on a real redis-server."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.durability import RunRecord
+from cosmoflow_actors.runtime.queue.status import leases_checked
+from cosmoflow_actors.runtime.queue.worker import per_run_redis
+from tests.queue_support import held_in_step_a, new_queue, store_url
+from tests.storage_suite import RedisServer
+
+
+async def test_a_lease_without_its_worker_is_shown_as_orphaned(
+    redis_server: RedisServer,
+) -> None:
+    queue = new_queue(redis_server)
+    run_id = await cf.submit(queue, "count")
+    await queue.call(
+        "HSET",
+        queue.runs,
+        run_id,
+        '{"flow": "count", "state": "running", "owner": "gone", "params": {}}',
+    )
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.owner, status.lease_left) == ("orphaned", "gone", None)
+
+
+async def test_a_run_that_ends_while_the_status_is_read_is_not_shown_orphaned(
+    redis_server: RedisServer,
+) -> None:
+    """The run ends (recording its outcome and dropping its lease) just after the status
+    has listed the runs and before it reads their leases: it is shown as it ended, not
+    as a running run whose lease is gone."""
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    async with held_in_step_a(queue, store, "ending") as release:
+        listed = trio.Event()
+        read = queue.call
+
+        async def run_ends_after_the_listing(*args: Any) -> Any:
+            reply = await read(*args)
+            if args[:2] == ("HGETALL", queue.runs) and not listed.is_set():
+                listed.set()
+                release.set()
+                await cf.result(queue, "ending")
+            return reply
+
+        queue.call = run_ends_after_the_listing  # type: ignore[method-assign]
+        [status] = await cf.queue_status(queue)
+    assert listed.is_set()
+    assert (status.state, status.owner, status.lease_left) == ("succeeded", "w1", None)
+
+
+async def test_a_run_removed_while_the_status_is_read_is_left_out(
+    redis_server: RedisServer,
+) -> None:
+    """A run's entry leaves the queue's hash (something else deleted it) after the
+    status has listed the runs and before it reads their leases: the status leaves
+    that run out and shows the others."""
+    queue = new_queue(redis_server)
+    for run_id in ("kept", "removed"):
+        await cf.submit(queue, "count", run_id=run_id)
+    read = queue.call
+
+    async def removed_after_the_listing(*args: Any) -> Any:
+        reply = await read(*args)
+        if args[:2] == ("HGETALL", queue.runs):
+            await read("HDEL", queue.runs, "removed")
+        return reply
+
+    queue.call = removed_after_the_listing  # type: ignore[method-assign]
+    statuses = await cf.queue_status(queue)
+    assert [(run.run_id, run.state) for run in statuses] == [("kept", "pending")]
+    assert await queue.info("removed") is None
+
+
+async def test_the_run_record_names_the_worker_that_runs_it_and_its_lease(
+    redis_server: RedisServer,
+) -> None:
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    storage = per_run_redis(store)("owned")
+    async with held_in_step_a(queue, store, "owned") as release:
+        [listed] = await cf.list_runs(storage)
+        release.set()
+        await cf.result(queue, "owned")
+    assert (listed.state, listed.owner, listed.queue) == ("running", "w1", queue.address)
+    assert listed.lease_left is not None and 0 < listed.lease_left <= 10.0
+    [done] = await cf.list_runs(storage)
+    assert (done.state, done.owner, done.steps, done.lease_left) == ("succeeded", "w1", 3, None)
+
+
+async def test_a_run_that_ended_after_its_record_was_read_is_not_listed_orphaned(
+    redis_server: RedisServer,
+) -> None:
+    """A record read while the run was running, checked against the queue once the run
+    has ended (and dropped its lease): the run is listed as it ended."""
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    storage = per_run_redis(store)("ended")
+    async with held_in_step_a(queue, store, "ended") as release:
+        [listed] = await cf.list_runs(storage)
+        release.set()
+        await cf.result(queue, "ended")
+    [checked] = await leases_checked(storage, [listed])
+    assert listed.state == "running"
+    assert (checked.state, checked.owner, checked.lease_left) == ("succeeded", "w1", None)
+
+
+async def test_a_run_whose_lease_is_gone_is_listed_as_orphaned_where_the_store_can_tell(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The lease of a run in flight disappears (as when its worker is cut off): a store
+    on the queue's server shows the run orphaned; a lease taken by another worker names
+    that worker. A store elsewhere cannot tell, and lists the run as its record says."""
+    queue, store = new_queue(redis_server, lease=10.0), store_url(redis_server)
+    storage = per_run_redis(store)("dropped")
+    async with held_in_step_a(queue, store, "dropped") as release:
+        [listed] = await cf.list_runs(storage)
+        await queue.call("DEL", queue.lease_key("dropped"))
+        [orphaned] = await leases_checked(storage, [listed])
+        [listed_orphaned] = await cf.list_runs(storage)
+        await queue.call("SET", queue.lease_key("dropped"), "w2", "PX", 5000)
+        [taken] = await leases_checked(storage, [listed])
+        await queue.call("DEL", queue.lease_key("dropped"))
+        elsewhere = [
+            cf.FileStorage(tmp_path / "other.json"),
+            per_run_redis(f"redis://localhost:{redis_server.port}/0#{uuid.uuid4().hex}")("x"),
+            per_run_redis(f"{redis_server.url[:-1]}1#{uuid.uuid4().hex}")("x"),
+        ]
+        unknown = [await leases_checked(other, [listed]) for other in elsewhere]
+        release.set()
+    assert (orphaned.state, orphaned.owner, orphaned.lease_left) == ("orphaned", "w1", None)
+    assert listed_orphaned == orphaned
+    assert (taken.state, taken.owner) == ("running", "w2")
+    assert taken.lease_left is not None and 0 < taken.lease_left <= 5.0
+    assert unknown == [[listed]] * 3
+
+
+async def test_the_leases_of_runs_of_several_queues_are_read_each_from_its_queue(
+    redis_server: RedisServer,
+) -> None:
+    """Records of runs of two queues on the store's server, and one finished run: each
+    running run gets the holder of its own queue's lease, in the order given."""
+    storage = per_run_redis(store_url(redis_server))("listing")
+    first, second = new_queue(redis_server), new_queue(redis_server)
+    runs = [
+        RunRecord("r1", "count", "running", "a", 1, "w1", first.address),
+        RunRecord("r2", "count", "running", "a", 1, "w1", second.address),
+        RunRecord("r3", "count", "running", "a", 1, "w1", first.address),
+        RunRecord("r4", "count", "succeeded", "c", 3, "w1", first.address),
+    ]
+    await first.call("SET", first.lease_key("r1"), "w1", "PX", 5000)
+    await second.call("SET", second.lease_key("r2"), "w2", "PX", 5000)
+    await first.call("SET", second.lease_key("r3"), "w3", "PX", 5000)
+
+    checked = await leases_checked(storage, iter(runs))
+
+    assert [(run.run_id, run.state, run.owner) for run in checked] == [
+        ("r1", "running", "w1"),
+        ("r2", "running", "w2"),
+        ("r3", "orphaned", "w1"),
+        ("r4", "succeeded", "w1"),
+    ]
+    assert checked[3] == runs[3]

@@ -1,0 +1,548 @@
+"""An engine as a worker of a run queue: running claimed runs, renewing their leases,
+recording outcomes, handing runs back when stopped, stores out of reach, redis-server
+restarts, and real worker processes, one SIGKILLed, whose runs others take over."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.queue.claims import HAND_BACK_SECONDS
+from cosmoflow_actors.runtime.queue.client import RunQueue
+from cosmoflow_actors.runtime.queue.worker import per_run_redis
+from tests.queue_support import (
+    FLOW,
+    GATES,
+    SLOW,
+    Count,
+    counts,
+    held_in_step_a,
+    killed,
+    monitored,
+    new_queue,
+    persistent_redis,
+    store_url,
+    worker,
+)
+from tests.storage_suite import RedisServer, free_port
+from tests.support import received_until
+
+
+async def left_running(queue: RunQueue, run_id: str) -> cf.QueuedRun:
+    """The status of ``run_id`` once its worker no longer holds its lease; reads the
+    queue every 20 ms, as ``cf.result`` does."""
+    while True:
+        [run] = [run for run in await cf.queue_status(queue) if run.run_id == run_id]
+        if run.state != "running":
+            return run
+        await trio.sleep(0.02)
+
+
+async def test_a_submitted_run_is_run_by_a_worker_and_its_result_returned(
+    redis_server: RedisServer,
+) -> None:
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    async with worker(queue, store, "w1"):
+        run_id = await cf.submit(queue, "count", params={"x": 1})
+        done = await cf.result(queue, run_id)
+    assert done.result == f"done {run_id}"
+    assert done.execution_path == ("a", "b", "c")
+    assert done.worker == "w1"
+    assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.run_id, status.state, status.owner, status.attempts) == (
+        run_id,
+        "succeeded",
+        "w1",
+        1,
+    )
+
+
+def test_a_store_url_names_one_store_per_run_under_its_prefix() -> None:
+    stores = per_run_redis("redis://:secret@host:7/2#jobs")
+    assert (stores.url, stores.prefix) == ("redis://:secret@host:7/2", "jobs")
+    assert repr(stores("r1")) == "RedisStorage('redis://:***@host:7/2', namespace='jobs/r1')"
+    assert "secret" not in repr(stores)
+    assert per_run_redis("rediss://host").prefix == "runs"
+    with pytest.raises(ValueError, match="store 'file:x': expected redis://HOST"):
+        per_run_redis("file:x")
+
+
+async def test_serve_refuses_an_empty_worker_name() -> None:
+    async with cf.open_engine() as engine:
+        with pytest.raises(ValueError, match="a worker's name must be a non-empty str, not ''"):
+            await engine.serve("redis://127.0.0.1:1/q", [FLOW], "redis://127.0.0.1:1", name="")
+
+
+@cf.node
+def unstorable(ctx: cf.ExecutionContext) -> cf.Action:
+    return cf.Action.complete(float("nan"))
+
+
+async def test_a_run_whose_data_its_store_cannot_encode_fails_once(
+    redis_server: RedisServer,
+) -> None:
+    """Its data, not its store, is at fault: the run fails on its first attempt, and
+    no worker takes it again."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    flow = cf.Flow.builder("unstorable").add_node("nan", unstorable).build()
+    async with worker(queue, store, "w1", flows=(flow,)):
+        await cf.submit(queue, "unstorable", run_id="nan")
+        with trio.fail_after(10), pytest.raises(cf.CosmoFlowError, match=r"'nan' failed in commit"):
+            await cf.result(queue, "nan")
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("failed", 1)
+
+
+async def test_a_worker_refuses_two_flows_of_one_name() -> None:
+    twin = cf.Flow.builder("count").add_node("a", Count()).build()
+    async with cf.open_engine() as engine:
+        with pytest.raises(ValueError, match="two flows are named 'count'"):
+            await engine.serve("redis://127.0.0.1:1/q", [FLOW, twin], "redis://127.0.0.1:1")
+
+
+async def test_a_worker_renews_the_leases_of_all_its_runs_in_one_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    """Three runs are held in step a for two renewals (a third of their 0.6 s lease
+    apart): each renewal, once they all run, names the three leases in one command,
+    and the runs keep their worker and finish, each step committed once."""
+    queue, store = new_queue(redis_server, lease=0.6), store_url(redis_server)
+    run_ids = [f"held-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    gates = {run_id: (trio.Event(), trio.Event()) for run_id in run_ids}
+    GATES.update(gates)
+    leases = [queue.lease_key(run_id) for run_id in run_ids]
+
+    def renewals(commands: list[str]) -> list[str]:
+        return [line for line in commands if "PEXPIRE" in line and leases[0] in line]
+
+    async with monitored(redis_server) as monitor, worker(queue, store, "w1"):
+        for run_id in run_ids:
+            await cf.submit(queue, "count", run_id=run_id)
+        for entered, _ in gates.values():
+            await entered.wait()
+        before = len(renewals(monitor.commands))
+        with trio.fail_after(10):
+            commands = await monitor.until(lambda commands: len(renewals(commands)) >= before + 2)
+        for _, release in gates.values():
+            release.set()
+        done = [await cf.result(queue, run_id) for run_id in run_ids]
+    # The first renewal after they all ran may have been sent before the last began.
+    renewal = renewals(commands)[before + 1]
+    assert [lease in renewal for lease in leases] == [True, True, True]
+    assert sum("PEXPIRE" in line for line in commands) == len(renewals(commands))
+    assert {(result.worker, result.result) for result in done} == {
+        ("w1", f"done {run_id}") for run_id in run_ids
+    }
+    for run_id in run_ids:
+        assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
+@asynccontextmanager
+async def default_threads_taken() -> AsyncIterator[None]:
+    """Every token of trio's default thread limiter is held while the block runs, as
+    thread executor steps hold them (entering waits for the tokens in use)."""
+    limiter = trio.to_thread.current_default_thread_limiter()
+    holders = [object() for _ in range(int(limiter.total_tokens))]
+    try:
+        for holder in holders:
+            await limiter.acquire_on_behalf_of(holder)
+        yield
+    finally:
+        for holder in holders:
+            if holder in limiter.statistics().borrowers:
+                limiter.release_on_behalf_of(holder)
+
+
+async def test_a_worker_renews_its_leases_while_thread_steps_hold_every_default_thread(
+    redis_server: RedisServer,
+) -> None:
+    """The run is held in step a while trio's default thread limiter has no token left:
+    the worker still renews the run's lease (three renewals, a third of the 0.3 s lease
+    apart; the monitor may not have shown the one sent before), so the run keeps its
+    worker and its first claim."""
+    queue, store = new_queue(redis_server, lease=0.3), store_url(redis_server)
+    lease = queue.lease_key("threads")
+
+    def renewals(commands: list[str]) -> int:
+        return sum("PEXPIRE" in line and lease in line for line in commands)
+
+    async with (
+        monitored(redis_server) as monitor,
+        held_in_step_a(queue, store, "threads") as release,
+    ):
+        async with default_threads_taken():
+            before = renewals(monitor.commands)
+            with trio.fail_after(5):
+                await monitor.until(lambda commands: renewals(commands) >= before + 3)
+        release.set()
+        done = await cf.result(queue, "threads")
+    [status] = await cf.queue_status(queue)
+    assert (done.worker, status.attempts) == ("w1", 1)
+    assert await counts(store, "threads") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
+async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
+    redis_server: RedisServer,
+) -> None:
+    """Another engine runs the run to its end while the worker is in step a: the
+    worker's commit raises RunConflictError, so it records no outcome (the queue counts
+    a second attempt) and lets the lease go; the run's entry is taken over once idle for
+    a lease, and gives the other engine's result. No step committed twice."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    async with held_in_step_a(queue, store, "raced", "loser") as release:
+        async with cf.open_engine() as other:
+            first = await other.resume(FLOW, per_run_redis(store)("raced"), run_id="raced")
+        release.set()
+        done = await cf.result(queue, "raced")
+    assert done.result == first.result == "done raced"
+    assert await counts(store, "raced") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+async def test_a_stopped_worker_hands_its_run_back_to_the_next_worker_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """Worker w1 is stopped (its serve cancelled) while the run is in step a: it drops
+    the run's lease and gives its entry back, so w2, started afterwards, takes the run
+    over at once, not after the 60 s lease, and resumes it. Each step commits once."""
+    queue, store = new_queue(redis_server, lease=60.0), store_url(redis_server)
+    async with held_in_step_a(queue, store, "stopped"):
+        pass  # leaving the block stops w1 with the run in step a
+    [handed_back] = await cf.queue_status(queue)
+    started = trio.current_time()
+    async with worker(queue, store, "w2"):
+        with trio.fail_after(5):  # the lease would hold the run for 60 s
+            done = await cf.result(queue, "stopped")
+    print(f"\ntaken over and finished {trio.current_time() - started:.2f} s after w1 stopped")
+    assert (handed_back.state, handed_back.owner, handed_back.lease_left) == (
+        "orphaned",
+        "w1",
+        None,
+    )
+    assert (done.result, done.worker) == ("done stopped", "w2")
+    assert await counts(store, "stopped") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first claim gets a store on a port nothing listens on: the run is dropped
+    (no outcome recorded, the worker logs why) and runs again once its entry has been
+    idle for a lease."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    stores = per_run_redis(store)
+    unreachable = per_run_redis(f"redis://127.0.0.1:{free_port()}/0")
+    claims: list[str] = []
+
+    def store_of(run_id: str) -> cf.Storage:
+        claims.append(run_id)
+        return unreachable(run_id) if len(claims) == 1 else stores(run_id)
+
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(engine.serve, queue, [FLOW], store_of))
+        run_id = await cf.submit(queue, "count")
+        done = await cf.result(queue, run_id)
+        nursery.cancel_scope.cancel()
+    assert claims == [run_id, run_id]
+    assert done.result == f"done {run_id}"
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+    [dropped] = [r for r in caplog.records if r.name == "cosmoflow_actors.queue"]
+    assert f"drops run {run_id!r}, to be taken over after a lease" in dropped.getMessage()
+    assert "StorageError" in dropped.getMessage()
+
+
+async def test_a_run_whose_store_goes_away_during_a_step_is_taken_over_not_failed(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The run's store (redis-server with AOF) is SIGKILLed while the run is in step
+    a, so that a's post cannot reach it: the worker drops the run (no outcome). Once
+    the store is back on the same data, the run is taken over and resumed at a, each
+    step committed once."""
+    port = free_port()
+    queue, store = new_queue(redis_server, lease=0.5), f"redis://127.0.0.1:{port}/0#runs"
+    servers = [await persistent_redis(tmp_path, port)]
+    try:
+        async with held_in_step_a(queue, store, "cut") as release:
+            await killed(servers[0])
+            release.set()
+            with trio.fail_after(10):
+                dropped = await left_running(queue, "cut")
+            servers.append(await persistent_redis(tmp_path, port))
+            with trio.fail_after(10):
+                done = await cf.result(queue, "cut")
+        stored = await counts(store, "cut")
+    finally:
+        for server in servers:
+            await killed(server)
+    assert (dropped.state, dropped.error) == ("orphaned", None)
+    assert done.result == "done cut"
+    assert stored == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+async def test_a_run_longer_than_its_lease_keeps_its_worker(redis_server: RedisServer) -> None:
+    """Each step takes longer than the lease: the worker's renewals keep the run its
+    own, so the other worker never takes it over. (With one slot each, a worker busy
+    with the run does not look for expired leases itself.)"""
+    queue, store = new_queue(redis_server, lease=0.3), store_url(redis_server)
+    SLOW["long"] = 0.4
+    async with worker(queue, store, "w1", 1), worker(queue, store, "w2", 1):
+        await cf.submit(queue, "count", run_id="long")
+        with trio.fail_after(20):  # without renewals the workers take it from each other
+            done = await cf.result(queue, "long")
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.owner, status.attempts) == ("succeeded", done.worker, 1)
+    assert await counts(store, "long") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
+async def test_a_worker_cut_off_from_redis_cancels_its_run_when_its_lease_expires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The renewals fail (nothing listens on the port): the run is cancelled once the
+    lease the worker last got would have expired, not before."""
+    from cosmoflow_actors.runtime.queue.worker import _Lease, _Worker
+
+    lease = 3.0
+    queue = RunQueue(f"redis://127.0.0.1:{free_port()}/0", "cut-off", lease=lease)
+    async with cf.open_engine() as engine:
+        cut_off = _Worker(engine, queue, {"count": FLOW}, per_run_redis("redis://x"), "w")
+        started = trio.current_time()
+        scope = trio.CancelScope()
+        cut_off._leases["r1"] = _Lease(scope, started + lease)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cut_off.renew_leases)
+            with scope:
+                await trio.sleep_forever()
+            nursery.cancel_scope.cancel()
+    elapsed = trio.current_time() - started
+    assert lease <= elapsed <= lease + lease / 3
+
+
+async def test_runs_go_on_after_redis_restarts_and_every_step_is_committed_once(
+    tmp_path: Path,
+) -> None:
+    """redis-server is SIGKILLed while a worker runs four runs, each held in step a (its
+    four slots taken), and started again on the same port and data: every run
+    succeeds, and each of its steps is committed once."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    queue, store = RunQueue(url, "restart", lease=1.0), f"{url}#runs"
+    run_ids = [f"restart-{n:02}" for n in range(12)]
+    gates = {run_id: (trio.Event(), trio.Event()) for run_id in run_ids[:4]}
+    GATES.update(gates)
+    servers = [await persistent_redis(tmp_path, port)]
+    try:
+        async with worker(queue, store, "w1", concurrency=len(gates)):
+            for run_id in run_ids:
+                await cf.submit(queue, "count", run_id=run_id)
+            for entered, _ in gates.values():
+                await entered.wait()
+            await killed(servers[0])
+            servers.append(await persistent_redis(tmp_path, port))
+            for _, release in gates.values():
+                release.set()
+            results = [await cf.result(queue, run_id) for run_id in run_ids]
+        stored = [await counts(store, run_id) for run_id in run_ids]
+        statuses = await cf.queue_status(queue)
+    finally:
+        for server in servers:
+            await killed(server)
+    assert [done.result for done in results] == [f"done {run_id}" for run_id in run_ids]
+    assert stored == [{"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}] * len(run_ids)
+    assert {run.state for run in statuses} == {"succeeded"}
+
+
+async def test_a_stopped_worker_gives_up_handing_back_a_run_when_redis_does_not_answer(
+    tmp_path: Path,
+) -> None:
+    """redis-server is SIGSTOPped (it accepts connections, answers nothing) while a
+    worker holds a run in step a: stopping the worker waits HAND_BACK_SECONDS for the
+    hand-back, not the connections' timeout (180 s with a 60 s lease)."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    queue, store = RunQueue(url, "frozen", lease=60.0), f"{url}#runs"
+    entered, release = trio.Event(), trio.Event()
+    GATES["frozen"] = (entered, release)
+    server = await persistent_redis(tmp_path, port)
+    try:
+        async with cf.open_engine() as engine:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(engine.serve, queue, [FLOW], store))
+                await cf.submit(queue, "count", run_id="frozen")
+                await entered.wait()
+                server.send_signal(signal.SIGSTOP)
+                stopping = trio.current_time()
+                nursery.cancel_scope.cancel()
+            stopped = trio.current_time() - stopping
+            server.send_signal(signal.SIGCONT)  # lets the engine close its stores
+    finally:
+        await killed(server)
+    assert HAND_BACK_SECONDS <= stopped < HAND_BACK_SECONDS + 1
+
+
+WORKER_FLOW = '''
+import os
+
+import redis
+import trio
+
+import cosmoflow_actors as cf
+
+executions = redis.Redis.from_url(os.environ["EXECUTIONS"])
+
+
+class Count(cf.Node):
+    """Counts each execution in Redis, then its commit in the run's store."""
+
+    async def exec(self, prep_res, ctx):
+        await trio.to_thread.run_sync(executions.incr, f"{ctx.run_id}:{ctx.node_id}")
+        await trio.sleep(0.02)
+
+    async def post(self, store, prep_res, exec_res, ctx):
+        await store.update("count", lambda n: n + 1, default=0)
+        await store.update(f"step:{ctx.node_id}", lambda n: n + 1, default=0)
+        return cf.Action.complete(ctx.run_id) if ctx.node_id == "c" else None
+
+
+flow = (
+    cf.Flow.builder("count")
+    .add_node("a", Count())
+    .add_node("b", Count())
+    .add_node("c", Count())
+    .add_route("a", "b")
+    .add_route("b", "c")
+    .build()
+)
+'''
+
+
+async def owner_of_a_running_run(queue: RunQueue) -> str:
+    for run in await cf.queue_status(queue):
+        if run.state == "running" and run.owner is not None:
+            return run.owner
+    raise AssertionError("no run is running")
+
+
+KILL_AFTER = 30
+
+
+LEASE = 1.0
+
+
+@asynccontextmanager
+async def worker_process(
+    flow_file: Path, queue: RunQueue, store: str, name: str, env: dict[str, str]
+) -> AsyncIterator[trio.Process]:
+    """``cosmoflow worker`` in a process of its own, once it reads the queue; killed at
+    exit if it still runs."""
+    command = [sys.executable, "-m", "cosmoflow_actors", "worker", str(flow_file)]
+    command += ["--queue", f"{queue.url}/{queue.name}", "--store", store]
+    command += ["--concurrency", "4", "--lease", str(queue.lease), "--name", name]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, env=env)
+    assert process.stdout is not None
+    try:
+        output = await received_until(process.stdout, b"\n", f"worker {name}")
+        assert output.startswith(f"worker {name} serving {queue.name}".encode())
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await process.stdout.aclose()
+
+
+@pytest.mark.parametrize("runs", [120, pytest.param(300, marks=pytest.mark.slow)])
+async def test_three_worker_processes_one_killed_every_step_committed_once(
+    redis_server: RedisServer, tmp_path: Path, runs: int
+) -> None:
+    """``runs`` runs on 3 worker processes; one is SIGKILLed after 30 results, with runs
+    in flight. Every run succeeds, each step of each run is committed exactly once, and
+    the dead worker's runs finish on the others within the lease and a few seconds."""
+    flow_file = tmp_path / "count.py"
+    flow_file.write_text(WORKER_FLOW)
+    queue, store = new_queue(redis_server, lease=LEASE), store_url(redis_server)
+    env = {**os.environ, "EXECUTIONS": redis_server.url}
+    results: dict[str, cf.QueuedResult] = {}
+    done_at: dict[str, float] = {}
+
+    async def wait_for(run_id: str) -> None:
+        results[run_id] = await cf.result(queue, run_id)
+        done_at[run_id] = trio.current_time()
+
+    async with (
+        worker_process(flow_file, queue, store, "w0", env) as w0,
+        worker_process(flow_file, queue, store, "w1", env) as w1,
+        worker_process(flow_file, queue, store, "w2", env) as w2,
+    ):
+        processes = {"w0": w0, "w1": w1, "w2": w2}
+        run_ids = [f"{queue.name}-{n:03}" for n in range(runs)]
+        for run_id in run_ids:
+            await cf.submit(queue, "count", run_id=run_id)
+        for run_id in run_ids[:KILL_AFTER]:
+            await wait_for(run_id)
+        victim = await owner_of_a_running_run(queue)
+        # Stopped first, the victim finishes nothing more: the runs the queue says it
+        # runs now are the ones it leaves behind.
+        processes[victim].send_signal(signal.SIGSTOP)
+        killed_at = trio.current_time()
+        statuses = await cf.queue_status(queue)
+        orphans = {run.run_id for run in statuses if run.owner == victim and run.state == "running"}
+        processes[victim].send_signal(signal.SIGKILL)
+        async with trio.open_nursery() as nursery:
+            for run_id in orphans:
+                nursery.start_soon(wait_for, run_id)
+        for run_id in run_ids:
+            if run_id not in results:
+                await wait_for(run_id)
+    assert sorted(results) == run_ids
+    assert orphans
+    for run_id in run_ids:
+        assert results[run_id].result == run_id
+        assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    statuses = {run.run_id: run for run in await cf.queue_status(queue)}
+    assert all(run.state == "succeeded" for run in statuses.values())
+    for run_id in orphans:
+        assert statuses[run_id].owner != victim
+        assert statuses[run_id].attempts == 2
+    takeover = max(done_at[run_id] for run_id in orphans) - killed_at
+    assert takeover <= LEASE + 5
+    executions = [
+        int(await queue.call("GET", f"{run_id}:{node}")) for run_id in run_ids for node in "abc"
+    ]
+    assert min(executions) == 1  # at least once; more only for steps the kill cut short
+    retried = sum(run.attempts > 1 for run in statuses.values())
+    print(
+        f"\n{len(orphans)} runs taken over from {victim} in {takeover:.2f} s; "
+        f"{retried} runs claimed more than once; "
+        f"{sum(executions) - 3 * runs} step executions repeated"
+    )
+
+
+def test_an_error_whose_causes_loop_is_no_conflict_nor_an_outage() -> None:
+    """A node may raise such an error: the worker must still decide, and fail the run."""
+    from cosmoflow_actors.runtime.queue.worker import _conflict, _out_of_reach
+
+    first, second = ValueError("a"), KeyError("b")
+    first.__cause__, second.__cause__ = second, first
+    error = cf.NodeError("n", "exec", "r1", 1)
+    error.__cause__ = first
+    assert not _conflict(error)
+    assert not _out_of_reach(error)
