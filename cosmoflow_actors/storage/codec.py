@@ -22,6 +22,7 @@ import binascii
 import math
 import pickle
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, Final, final
 
 import cloudpickle
@@ -230,6 +231,27 @@ def get_codec(name: object) -> Codec:
     if codec is None:
         raise ValueError(f"codec must be one of {sorted(CODECS)}, not {name!r}")
     return codec
+
+
+DATABASE_FORMAT: Final = "cosmoflow-store"
+DATABASE_VERSION: Final = "1"
+
+
+def database_meta(codec: Codec) -> dict[str, str]:
+    """What a database backend (SQLite, Redis) records beside its data: the format, its
+    version and the codec of the values."""
+    return {"format": DATABASE_FORMAT, "version": DATABASE_VERSION, "codec": codec.name}
+
+
+def check_database_meta(where: str, meta: Mapping[str, str], codec: Codec) -> None:
+    """Raise StorageError unless ``meta``, what the database ``where`` records beside
+    its data, is this format and version, of ``codec``."""
+    if meta.get("format") != DATABASE_FORMAT or meta.get("version") != DATABASE_VERSION:
+        raise StorageError(
+            f"{where} holds format {meta.get('format')!r} version {meta.get('version')!r}, "
+            f"not {DATABASE_FORMAT!r} version {DATABASE_VERSION!r}"
+        )
+    check_codec(where, meta.get("codec"), codec)
 
 
 def check_codec(where: str, recorded: object, codec: Codec) -> None:

@@ -13,7 +13,12 @@ import trio
 
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, check_steps
-from cosmoflow_actors.storage.codec import check_codec, check_json_key, utf8_key
+from cosmoflow_actors.storage.codec import (
+    check_database_meta,
+    check_json_key,
+    database_meta,
+    utf8_key,
+)
 from cosmoflow_actors.storage.staged import ClearOp, DatabaseStorage, DeleteOp, Op, SetOp
 from cosmoflow_actors.validation import require_seconds
 
@@ -21,8 +26,6 @@ if TYPE_CHECKING:
     import redis
     from redis.client import Pipeline
 
-FORMAT: Final = "cosmoflow-store"
-VERSION: Final = "1"
 MAX_UPDATE_ATTEMPTS: Final = 1000
 """``update`` gives up (StorageError) after this many attempts lost to other writers."""
 
@@ -487,7 +490,8 @@ class RedisStorage(DatabaseStorage):
         the keys written."""
         from redis.exceptions import ConnectionError, ResponseError, TimeoutError, WatchError
 
-        arguments: list[str | bytes] = [FORMAT, VERSION, self._codec.name]
+        meta = database_meta(self._codec)
+        arguments: list[str | bytes] = [meta["format"], meta["version"], meta["codec"]]
         for op in ops:
             if isinstance(op, SetOp):
                 arguments += (b"S", op.key.encode(), op.value)
@@ -559,17 +563,12 @@ class RedisStorage(DatabaseStorage):
         if kind != "none":
             raise StorageError(f"{self!r}: {self._data} holds a {kind} without cosmoflow metadata")
         pipe.multi()
-        fields = {"format": FORMAT, "version": VERSION, "codec": self._codec.name}
+        fields = database_meta(self._codec)
         send_command(pipe, "HSET", self._meta, *(item for pair in fields.items() for item in pair))
         pipe.execute()
 
     def _check_meta(self, meta: dict[str, str], kind: str) -> None:
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise StorageError(
-                f"{self!r}: {self._meta} holds format {meta.get('format')!r} version "
-                f"{meta.get('version')!r}, not {FORMAT!r} version {VERSION!r}"
-            )
-        check_codec(repr(self), meta.get("codec"), self._codec)
+        check_database_meta(f"{self!r}: {self._meta}", meta, self._codec)
         if kind not in ("hash", "none"):
             raise StorageError(f"{self!r}: {self._data} holds a {kind}, not a hash")
 

@@ -19,16 +19,15 @@ from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, check_steps
 from cosmoflow_actors.storage.codec import (
     Codec,
-    check_codec,
+    check_database_meta,
     check_json_key,
+    database_meta,
     get_codec,
     utf8_key,
 )
 from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
 from cosmoflow_actors.validation import require_seconds
 
-FORMAT: Final = "cosmoflow-store"
-VERSION: Final = "1"
 STORE_TABLE: Final = "cosmoflow_store"
 META_TABLE: Final = "cosmoflow_meta"
 SCHEMA: Final = {
@@ -564,12 +563,7 @@ def _check_store(
 
 def _check_meta(connection: sqlite3.Connection, path: Path, codec: Codec) -> None:
     meta = dict(connection.execute(f"SELECT name, value FROM {META_TABLE}").fetchall())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise StorageError(
-            f"{path} holds format {meta.get('format')!r} version {meta.get('version')!r}, "
-            f"not {FORMAT!r} version {VERSION!r}"
-        )
-    check_codec(str(path), meta.get("codec"), codec)
+    check_database_meta(str(path), meta, codec)
 
 
 def _create_schema(connection: sqlite3.Connection, path: Path, codec: Codec) -> None:
@@ -584,7 +578,7 @@ def _create_schema(connection: sqlite3.Connection, path: Path, codec: Codec) -> 
                 connection.execute(sql)
             connection.executemany(
                 f"INSERT INTO {META_TABLE} (name, value) VALUES (?, ?)",
-                [("format", FORMAT), ("version", VERSION), ("codec", codec.name)],
+                list(database_meta(codec).items()),
             )
         connection.execute("COMMIT")
     except BaseException:
