@@ -244,16 +244,12 @@ class RedisStorage(DatabaseStorage):
             for _ in range(MAX_UPDATE_ATTEMPTS):
                 async with self._pipeline(client) as pipe:
                     current = await self._watch(pipe, key)
-                    new = function(
-                        default if current is None else self._codec.read(repr(self), key, current)
-                    )
+                    new = function(self._decoded_or(key, current, default))
                     ops = [*self._staged.ops, SetOp(key, self._codec.encode(key, new))]
                     if await self._in_thread(self._exec, pipe, ops):
                         self._staged.reset()
                         return new
-        raise StorageError(
-            f"{self!r}: update of {key!r} lost to other writers {MAX_UPDATE_ATTEMPTS} times"
-        )
+        raise self._lost_races(f"update of {key!r}")
 
     async def commit_step(
         self, ops: list[StagedOp], record_key: str, record: Any, steps_before: int
@@ -276,18 +272,14 @@ class RedisStorage(DatabaseStorage):
             for _ in range(MAX_UPDATE_ATTEMPTS):
                 async with self._pipeline(client) as pipe:
                     stored = await self._watch(pipe, record_key)
-                    record_before = (
-                        None if stored is None else self._codec.read(repr(self), record_key, stored)
-                    )
+                    record_before = self._decoded_or(record_key, stored, None)
                     check_steps(record_key, record_before, steps_before)
                     writes = await self._step_writes(pipe, ops)
                     writes.append(SetOp(record_key, self._codec.encode(record_key, record)))
                     if await self._in_thread(self._exec, pipe, [*self._staged.ops, *writes]):
                         self._staged.reset()
                         return True
-        raise StorageError(
-            f"{self!r}: a step's commit lost to other writers {MAX_UPDATE_ATTEMPTS} times"
-        )
+        raise self._lost_races("a step's commit")
 
     async def _commit_blind_step(
         self,
@@ -325,9 +317,7 @@ class RedisStorage(DatabaseStorage):
             if committed:
                 self._staged.reset()
                 return True
-        raise StorageError(
-            f"{self!r}: a step's commit lost to other writers {MAX_UPDATE_ATTEMPTS} times"
-        )
+        raise self._lost_races("a step's commit")
 
     def _watched_commit(
         self,
@@ -349,7 +339,7 @@ class RedisStorage(DatabaseStorage):
                 stored = send_command(pipe, "HGET", self._data, record_key.encode())
             check_steps(
                 record_key,
-                None if stored is None else self._codec.read(repr(self), record_key, stored),
+                self._decoded_or(record_key, stored, None),
                 steps_before,
             )
             return self._exec(pipe, writes)
@@ -387,13 +377,22 @@ class RedisStorage(DatabaseStorage):
         seen[key] = data
         return SetOp(key, data)
 
+    def _decoded_or(self, key: str, data: bytes | None, missing: Any) -> Any:
+        """The value ``data`` read under ``key`` holds, or ``missing`` when there was none."""
+        return missing if data is None else self._codec.read(repr(self), key, data)
+
+    def _lost_races(self, what: str) -> StorageError:
+        """The error of ``what`` (an update, a step's commit) when other writers changed
+        the hash between its read and its write every time it tried."""
+        return StorageError(f"{self!r}: {what} lost to other writers {MAX_UPDATE_ATTEMPTS} times")
+
     async def _updated(
         self, pipe: Pipeline, seen: dict[str, bytes | None], key: str, update: Any
     ) -> Any:
         """``function(value or default)``, the value as the step has left it so far."""
         function, default = update
         current = seen[key] if key in seen else await self._current(pipe, key)
-        return function(default if current is None else self._codec.read(repr(self), key, current))
+        return function(self._decoded_or(key, current, default))
 
     async def _user_keys(self, pipe: Pipeline, seen: dict[str, bytes | None]) -> list[str]:
         """Every key a ``clear`` removes: stored or set by the step, outside the engine's."""
