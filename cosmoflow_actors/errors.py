@@ -8,7 +8,7 @@ message must quote another exception, :func:`type_and_message` writes it.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 
 class CosmoFlowError(Exception):
@@ -88,6 +88,11 @@ class MaxStepsExceeded(CosmoFlowError):
         )
 
 
+Phase = Literal["prep", "exec", "post", "commit"]
+"""Where a step failed: in one of the node's phases, or (``"commit"``) at its durable
+commit."""
+
+
 class NodeError(CosmoFlowError):
     """A node's prep, exec (after retries and fallback) or post raised, or (phase
     ``"commit"``) a durable step's storage could not encode what the step wrote.
@@ -97,7 +102,7 @@ class NodeError(CosmoFlowError):
     """
 
     def __init__(
-        self, node_id: str, phase: str, run_id: str, attempts: int, flow_name: str | None = None
+        self, node_id: str, phase: Phase, run_id: str, attempts: int, flow_name: str | None = None
     ) -> None:
         self.node_id = node_id
         self.phase = phase

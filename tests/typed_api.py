@@ -62,3 +62,12 @@ def counts(ctx: cf.ExecutionContext) -> int:
 
 adult = cf.ActionCondition.compare("age", ">=", 18)
 misspelt = cf.ActionCondition.compare("age", "=>", 18)  # type: ignore[arg-type]
+
+
+async def read_the_states(engine: cf.Engine, storage: cf.Storage) -> None:
+    for record in await engine.list_runs(storage):
+        assert record.state != "finished"  # type: ignore[comparison-overlap]
+    for actor in engine.statistics().actors:
+        assert actor.kind != "worker"  # type: ignore[comparison-overlap]
+    error = cf.NodeError("a", "exec", "r1", 1)
+    assert error.phase != "run"  # type: ignore[comparison-overlap]

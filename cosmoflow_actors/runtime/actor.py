@@ -25,7 +25,7 @@ from typing import ClassVar, Generic, TypeVar
 
 import trio
 
-from cosmoflow_actors.runtime.statistics import ActorStatistics
+from cosmoflow_actors.runtime.statistics import ActorKind, ActorStatistics
 
 M = TypeVar("M")
 
@@ -154,7 +154,7 @@ class Actor(Generic[M]):
     and call :meth:`enter` / :meth:`leave` around the handling.
     """
 
-    kind: ClassVar[str]
+    kind: ClassVar[ActorKind]
 
     def __init__(self, name: str, mailbox_size: int, max_concurrency: int | None) -> None:
         self.name = name

@@ -19,7 +19,7 @@ import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeGuard
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeGuard
 
 import trio
 
@@ -102,6 +102,10 @@ def _is_record(value: Any) -> TypeGuard[dict[str, Any]]:
     return value["last"] is None or all(field in value for field in _STEP_FIELDS)
 
 
+RecordedState = Literal["running", "succeeded", "failed", "orphaned"]
+"""What :class:`RunRecord` says of a run (see there)."""
+
+
 @dataclass(frozen=True, slots=True)
 class RunRecord:
     """What a store says about one durable run (see :func:`list_runs`).
@@ -119,7 +123,7 @@ class RunRecord:
 
     run_id: str
     flow_name: str
-    state: str
+    state: RecordedState
     last_node_id: str | None
     steps: int
     owner: str | None = None

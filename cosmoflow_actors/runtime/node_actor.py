@@ -27,7 +27,13 @@ import trio_parallel
 
 from cosmoflow_actors.action import Action, as_action
 from cosmoflow_actors.context import ExecutionContext
-from cosmoflow_actors.errors import ConditionError, CosmoFlowError, NodeError, StorageError
+from cosmoflow_actors.errors import (
+    ConditionError,
+    CosmoFlowError,
+    NodeError,
+    Phase,
+    StorageError,
+)
 from cosmoflow_actors.events import EventHub, Fallback, Retry, StepFinished, StepStarted
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
 from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode
@@ -396,11 +402,11 @@ class NodeActor(Actor[Step]):
             message = f"conditional action of node {self.node_id!r}: {exc}"
             raise ConditionError(message) from exc.__cause__
 
-    def _failed(self, phase: str, ctx: ExecutionContext, attempts: int = 1) -> NodeError:
+    def _failed(self, phase: Phase, ctx: ExecutionContext, attempts: int = 1) -> NodeError:
         """The error that fails the step in ``phase`` (raise it from its cause)."""
         return NodeError(self.node_id, phase, ctx.run_id, attempts, ctx.flow_name)
 
-    def _lost_calls(self, phase: str, ctx: ExecutionContext) -> NoReturn:
+    def _lost_calls(self, phase: Phase, ctx: ExecutionContext) -> NoReturn:
         """Fail the step: store calls made in ``phase`` were never awaited."""
         calls = ", ".join(f"store.{call}" for call in unawaited(ctx.store))
         error = RuntimeError(

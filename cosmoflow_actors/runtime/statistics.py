@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 if TYPE_CHECKING:
     from cosmoflow_actors.flow import Flow
@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 FORGET_ABOVE: Final = 64
 """Fewest names numbered (see :class:`FlowLabels`) between two times the names no live
 flow has are forgotten."""
+
+
+ActorKind = Literal["node", "router", "store"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +32,7 @@ class ActorStatistics:
     """
 
     name: str
-    kind: str
+    kind: ActorKind
     messages_processed: int
     mailbox_depth: int
     in_flight: int

@@ -8,10 +8,10 @@ import dataclasses
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from cosmoflow_actors.runtime.durability import RunRecord
+from cosmoflow_actors.runtime.durability import RecordedState, RunRecord
 from cosmoflow_actors.runtime.queue.client import (
     FINISHED,
     RunQueue,
@@ -23,6 +23,9 @@ from cosmoflow_actors.runtime.queue.client import (
 from cosmoflow_actors.runtime.queue.scripts import LEASE
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.redis import RedisStorage
+
+QueuedState = Literal["pending", "running", "orphaned", "succeeded", "failed", "unreadable"]
+"""What :class:`QueuedRun` says of a run (see there)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +46,7 @@ class QueuedRun:
 
     run_id: str
     flow_name: str
-    state: str
+    state: QueuedState
     owner: str | None
     lease_left: float | None
     attempts: int
@@ -170,17 +173,24 @@ async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
     if holder is not None:
         return dataclasses.replace(run, owner=holder, lease_left=max(0, left_ms) / 1000)
     ended = None if data is None else _ended_state(queue, run.run_id, data)
-    state = ended if ended in FINISHED else "orphaned"
+    state: RecordedState = "orphaned" if ended is None else ended
     return dataclasses.replace(run, state=state, lease_left=None)
 
 
-def _ended_state(queue: RunQueue, run_id: str, data: bytes) -> str | None:
-    """The state ``data``, the queue's entry for ``run_id``, records (None when the
-    entry is not what a queue writes). Never blocks."""
+def _ended_state(
+    queue: RunQueue, run_id: str, data: bytes
+) -> Literal["succeeded", "failed"] | None:
+    """The outcome ``data``, the queue's entry for ``run_id``, records; None when it
+    records none, or is not what a queue writes. Never blocks."""
     try:
-        return str(decoded_info(queue, run_id, data)["state"])
+        state = decoded_info(queue, run_id, data)["state"]
     except UnreadableEntryError:
         return None
+    if state == "succeeded":
+        return "succeeded"
+    if state == "failed":
+        return "failed"
+    return None
 
 
 def _server(url: str) -> tuple[str, int, str] | None:
