@@ -63,4 +63,5 @@ def test_write_operations_are_marked() -> None:
         StoreOp.DELETE,
         StoreOp.CLEAR,
         StoreOp.COMMIT_STEP,
+        StoreOp.FORGET,
     }
