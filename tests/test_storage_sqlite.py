@@ -124,6 +124,36 @@ async def test_get_many_is_one_worker_thread_call_of_one_query_per_read_batch(
     await storage.aclose()
 
 
+async def test_get_many_of_several_queries_sees_the_store_at_one_moment(tmp_path: Path) -> None:
+    """Another writer commits between get_many's first and second query: the second
+    still sees the store as the first did."""
+    path = tmp_path / "store.db"
+    stored_keys = [f"k{i}" for i in range(READ_BATCH + 1)]
+    storage = await stored(path, **dict.fromkeys(stored_keys, "before"))
+    queries = 0
+
+    def write_after_the_first_query(sql: str) -> None:
+        nonlocal queries
+        if sql.startswith("SELECT"):
+            queries += 1
+            if queries == 2:
+                with database(path) as other:
+                    other.execute(
+                        "UPDATE cosmoflow_store SET value = ? WHERE key = ?",
+                        (b'"after"', stored_keys[-1]),
+                    )
+
+    assert storage._connection is not None
+    storage._connection.set_trace_callback(write_after_the_first_query)
+    found = await storage.get_many(stored_keys)
+    storage._connection.set_trace_callback(None)
+
+    assert queries == 2
+    assert set(found.values()) == {"before"}
+    assert await storage.get(stored_keys[-1]) == "after"
+    await storage.aclose()
+
+
 async def test_insertion_order_survives_overwrites_and_moves_on_re_insert(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     storage = await stored(path, a=1, b=2, c=3)

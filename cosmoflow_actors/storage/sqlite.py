@@ -411,7 +411,19 @@ def _fetch_one(connection: sqlite3.Connection, sql: str, parameters: tuple[Any, 
 
 def _fetch_keys(connection: sqlite3.Connection, keys: list[str]) -> list[Any]:
     """The ``(key, value)`` rows of those of ``keys`` that are stored, fetched
-    :data:`READ_BATCH` keys a query (blocks)."""
+    :data:`READ_BATCH` keys a query; several queries share one read transaction, so that
+    they see the store at one moment, as one query does (blocks)."""
+    if len(keys) <= READ_BATCH or connection.in_transaction:
+        return _fetch_batches(connection, keys)
+    connection.execute("BEGIN")
+    try:
+        return _fetch_batches(connection, keys)
+    finally:
+        connection.execute("ROLLBACK")  # it only read
+
+
+def _fetch_batches(connection: sqlite3.Connection, keys: list[str]) -> list[Any]:
+    """:func:`_fetch_keys`, a query per :data:`READ_BATCH` keys (blocks)."""
     rows: list[Any] = []
     for start in range(0, len(keys), READ_BATCH):
         batch = keys[start : start + READ_BATCH]
