@@ -448,12 +448,27 @@ class NodeActor(Actor[Step]):
 
     async def _exec_batch(self, run: ActiveRun, prep_res: Any, ctx: ExecutionContext) -> Any:
         """The exec phase of a batch node: every item, or every child run."""
+        items = self._items(prep_res, ctx)
         if isinstance(self.node, BatchFlow):
-            param_sets = _items(self.node_id, ctx, prep_res)
-            return await self._run_children(self.node, param_sets, run, ctx)
+            return await self._run_children(self.node, items, run, ctx)
         if isinstance(self.node, ParallelBatchNode):
-            return await self._exec_parallel(_items(self.node_id, ctx, prep_res), ctx)
-        return await self._exec_in_turn(_items(self.node_id, ctx, prep_res), ctx)
+            return await self._exec_parallel(items, ctx)
+        return await self._exec_in_turn(items, ctx)
+
+    def _items(self, prep_res: Any, ctx: ExecutionContext) -> list[Any]:
+        """A batch node's items (a BatchFlow's parameter sets): what prep returned, as a
+        list. An error while reading them (a generator that raises) fails the step in
+        prep."""
+        if not isinstance(prep_res, Iterable) or isinstance(prep_res, str | bytes):
+            error = TypeError(
+                f"batch node {self.node_id!r}: prep must return an iterable of items, "
+                f"not {type(prep_res).__name__}"
+            )
+            raise self._failed("prep", ctx) from error
+        try:
+            return list(prep_res)
+        except Exception as exc:
+            raise self._failed("prep", ctx) from exc
 
     async def _exec_in_turn(self, items: list[Any], ctx: ExecutionContext) -> list[Any]:
         """Exec every item, one after the other, each from its first attempt."""
@@ -581,21 +596,6 @@ async def _all_or_first_error(
     if failures:
         raise failures[0]
     return results
-
-
-def _items(node_id: str, ctx: ExecutionContext, prep_res: Any) -> list[Any]:
-    """A batch node's items: what prep returned, as a list. An error while reading
-    them (a generator that raises) fails the step in prep."""
-    if not isinstance(prep_res, Iterable) or isinstance(prep_res, str | bytes):
-        error = TypeError(
-            f"batch node {node_id!r}: prep must return an iterable of items, "
-            f"not {type(prep_res).__name__}"
-        )
-        raise NodeError(node_id, "prep", ctx.run_id, 1, ctx.flow_name) from error
-    try:
-        return list(prep_res)
-    except Exception as exc:
-        raise NodeError(node_id, "prep", ctx.run_id, 1, ctx.flow_name) from exc
 
 
 def fails_the_step(error: BaseException) -> bool:
