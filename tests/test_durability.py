@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -281,6 +282,52 @@ async def test_forget_run_refuses_a_run_recorded_as_running_or_in_flight(tmp_pat
         gate.open.set()
         assert [r.state for r in await engine.list_runs(cf.FileStorage(path))] == ["running"]
     assert (info.value.run_id, info.value.flow, info.value.state) == ("r", "gated", "running")
+
+
+@pytest.mark.parametrize("checkpoints", range(4))
+async def test_forget_run_never_takes_the_record_of_a_run_resuming_on_this_engine(
+    checkpoints: int, tmp_path: Path
+) -> None:
+    """A resume and a forget started together, the store not open yet: whichever the
+    store actor serves first, the resumed run never loses its record mid-run."""
+    storage = cf.SQLiteStorage(tmp_path / "store.db")
+    node = Counted(fail_at=2)
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError):
+            await engine.run(loop_flow(node, 3), storage, run_id="r")
+        forgotten: list[bool | str] = []
+
+        async def forget() -> None:
+            for _ in range(checkpoints):
+                await trio.lowlevel.checkpoint()
+            try:
+                forgotten.append(await engine.forget_run(storage, "r"))
+            except cf.RunRecordedError as exc:
+                forgotten.append(exc.state)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(engine.resume, run_id="r"), loop_flow(node, 3), storage
+            )
+            nursery.start_soon(forget)
+        runs = await engine.list_runs(storage)
+    assert forgotten == ["running"]
+    assert runs == [cf.RunRecord("r", "loop", "succeeded", "count", 3)]
+
+
+async def test_forget_run_forgets_the_records_of_a_batch_flows_children(tmp_path: Path) -> None:
+    storage = cf.SQLiteStorage(tmp_path / "store.db")
+    flow, ran = batch_parent()
+    async with cf.open_engine() as engine:
+        await engine.run(flow, storage, run_id="p")
+        await engine.run(flow, storage, run_id="p2")
+        recorded = sorted(run.run_id for run in await engine.list_runs(storage))
+        assert await engine.forget_run(storage, "p")
+        kept = sorted(run.run_id for run in await engine.list_runs(storage))
+        await engine.run(flow, storage, run_id="p")
+    assert recorded == ["p", "p/0", "p/1", "p/2", "p2", "p2/0", "p2/1", "p2/2"]
+    assert kept == ["p2", "p2/0", "p2/1", "p2/2"]
+    assert ran == ["a", "b", "c"] * 3  # the children ran again with the new run
 
 
 async def test_forget_run_on_a_temporary_engine(tmp_path: Path) -> None:

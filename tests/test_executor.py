@@ -461,20 +461,29 @@ async def test_a_keyboard_interrupt_in_a_thread_exec_fails_its_run_alone() -> No
 
 
 class HeldInThread(cf.Node):
-    """A thread exec that waits for ``release``; post stores what exec returned."""
+    """A thread exec that waits for ``release`` (and then raises, in the run "cancelled",
+    if ``raises``); post stores what exec or the fallback returned."""
 
     executor = "thread"
     max_concurrency = 1
 
-    def __init__(self) -> None:
+    def __init__(self, raises: bool = False) -> None:
         super().__init__()
         self.inside = threading.Event()
         self.release = threading.Event()
+        self.raises = raises
+        self.fallbacks = 0
 
     def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
         self.inside.set()
         self.release.wait(timeout=30)
+        if self.raises and ctx.run_id == "cancelled":
+            raise ValueError("exec failed in its thread")
         return ctx.run_id
+
+    def exec_fallback(self, prep_res: Any, error: Exception, ctx: cf.ExecutionContext) -> str:
+        self.fallbacks += 1
+        return "fallback"
 
     async def post(
         self, store: cf.SharedStore, prep_res: Any, exec_res: str, ctx: cf.ExecutionContext
@@ -501,8 +510,9 @@ async def test_a_caller_cancelled_during_a_thread_exec_gets_cancelled_and_post_n
     assert engine.statistics().runs_cancelled == 1
 
 
-async def test_a_run_cancelled_during_a_thread_exec_runs_no_post() -> None:
-    node = HeldInThread()
+@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+async def test_a_run_cancelled_during_a_thread_exec_runs_no_fallback_nor_post(raises: bool) -> None:
+    node = HeldInThread(raises)
     flow = single(node)
     store: dict[str, Any] = {}
     async with cf.open_engine() as engine:
@@ -515,5 +525,6 @@ async def test_a_run_cancelled_during_a_thread_exec_runs_no_post() -> None:
         await engine.run(flow, after, run_id="after")
     assert after == {"post": "after"}
     assert store == {}
+    assert node.fallbacks == 0
     with pytest.raises(cf.RunCancelledError):
         await run.wait()

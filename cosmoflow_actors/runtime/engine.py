@@ -285,8 +285,9 @@ class Engine:
 
     async def forget_run(self, store: Storage | dict[str, Any], run_id: str) -> bool:
         """Delete the record of the durable run ``run_id`` from ``store``, a run that has
-        ended (succeeded or failed); return whether there was one. What the run wrote to
-        the store stays; the run id is free again. Blocks while the record is read and
+        ended (succeeded or failed), with the records of its BatchFlow children
+        (``run_id/0``...); return whether there was one. What the runs wrote to the
+        store stays; the run id is free again. Blocks while the records are read and
         deleted (in the store actor's serial order, so no step of this engine commits
         in between) and, when no run uses the store, until its backend is closed.
 
@@ -296,17 +297,24 @@ class Engine:
         is closed.
         """
         require_run_id(run_id)
-        in_flight = self._runs.get(run_id)
-        if in_flight is not None:
-            raise RunRecordedError(
-                f"run {run_id!r} is in flight on this engine",
-                run_id,
-                in_flight.flow.name,
-                "running",
-            )
+        self._refuse_in_flight(run_id)
+
+        def check(key: str, record: Any) -> None:
+            """Again in the store actor's order, where a start that has read the
+            record has its run in flight."""
+            self._refuse_in_flight(run_id)
+            durability.require_ended(key, record)
+
         key = durability.record_key(run_id)
         async with self._served(store) as (storage, actor):
-            return await actor.forget_record(storage, key, durability.require_ended)
+            return await actor.forget_record(storage, key, check)
+
+    def _refuse_in_flight(self, run_id: str) -> None:
+        """Raise RunRecordedError if the run ``run_id`` is in flight on this engine."""
+        in_flight = self._runs.get(run_id)
+        if in_flight is not None:
+            message = f"run {run_id!r} is in flight on this engine"
+            raise RunRecordedError(message, run_id, in_flight.flow.name, "running")
 
     async def _drive(self, run: ActiveRun, first: Step | None) -> FlowResult:
         """Carry ``run`` from ``first`` in this task while its nodes are idle (see

@@ -121,17 +121,19 @@ class _InThread:
         starts once it is free (see :func:`within`).
 
         A thread cannot be interrupted: when the step is cancelled meanwhile (its run
-        ended, its caller was cancelled), the thread's result is dropped once it comes
-        and trio.Cancelled raised, so nothing of the step runs after exec.
+        ended, its caller was cancelled), what the thread ends with (a result, an error,
+        an overrun timeout) is dropped once it comes and trio.Cancelled raised, so
+        nothing of the step (a retry, the fallback, post) runs after exec.
         """
         thread_ctx = ctx.copy(store=detached(ctx.store))
-        async with trio.to_thread.current_default_thread_limiter():
-            running = trio.to_thread.run_sync(
-                _exec_in_thread, self._exec, prep_res, thread_ctx, limiter=self._held
-            )
-            result = await within(time_limit, ctx.node_id, running)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        return result
+        try:
+            async with trio.to_thread.current_default_thread_limiter():
+                running = trio.to_thread.run_sync(
+                    _exec_in_thread, self._exec, prep_res, thread_ctx, limiter=self._held
+                )
+                return await within(time_limit, ctx.node_id, running)
+        finally:
+            await trio.lowlevel.checkpoint_if_cancelled()
 
 
 def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -> Any:

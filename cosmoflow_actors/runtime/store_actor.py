@@ -16,8 +16,9 @@ one at a time in mailbox order:
 from __future__ import annotations
 
 import functools
+import re
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, TypeVar
 
 import outcome
@@ -145,9 +146,10 @@ class StoreActor(Actor[StoreRequest]):
     async def forget_record(
         self, storage: Storage, key: str, check: Callable[[str, Any], None]
     ) -> bool:
-        """Delete the run record under ``key`` once ``check(key, record)`` has passed
-        (it raises to keep the record), with nothing in between in the actor's serial
-        order; return whether there was a record. Blocks until done."""
+        """Delete the run record under ``key``, with the records of its BatchFlow
+        children (``key/0``...), once ``check(key, record)`` has passed (it raises to
+        keep them), with nothing in between in the actor's serial order; return whether
+        there was a record. Blocks until done."""
         forgotten: bool = await self.request(StoreOp.FORGET, storage, key, check)
         return forgotten
 
@@ -417,7 +419,9 @@ class StoreActor(Actor[StoreRequest]):
         if record is None:
             return False
         _refusing(request.argument, request.key, record)
-        return await storage.delete(request.key)
+        for key in [request.key, *_children(request.key, await storage.keys())]:
+            await storage.delete(key)
+        return True
 
     async def _records(self, request: StoreRequest) -> Any:
         storage = request.storage
@@ -598,8 +602,16 @@ def _memory_forget(data: dict[str, Any], key: str, check: Callable[[str, Any], N
     if key not in data:
         return False
     _refusing(check, key, data[key])
-    del data[key]
+    for forgotten in [key, *_children(key, data)]:
+        del data[forgotten]
     return True
+
+
+def _children(key: str, keys: Iterable[str]) -> list[str]:
+    """Those of ``keys`` that are records of the BatchFlow children of the run recorded
+    under ``key`` (``key/0``, ``key/0/2``...)."""
+    pattern = re.compile(re.escape(key) + r"(/[0-9]+)+")
+    return [other for other in keys if pattern.fullmatch(other)]
 
 
 _MEMORY: Final[dict[StoreOp, Callable[[dict[str, Any], str, Any], Any]]] = {

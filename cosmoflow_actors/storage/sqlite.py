@@ -419,7 +419,7 @@ def _fetch_keys(connection: sqlite3.Connection, keys: list[str]) -> list[Any]:
     try:
         return _fetch_batches(connection, keys)
     finally:
-        connection.execute("ROLLBACK")  # it only read
+        _roll_back(connection)  # it only read
 
 
 def _fetch_batches(connection: sqlite3.Connection, keys: list[str]) -> list[Any]:
