@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime import store_actor
+from cosmoflow_actors.runtime import durability, store_actor
 from cosmoflow_actors.runtime.gil import SWITCH_INTERVAL
 from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest
 from cosmoflow_actors.runtime.store_actor import StoreActor
@@ -505,3 +505,32 @@ async def test_a_backend_bug_in_a_write_or_commit_fails_those_writes_alone() -> 
         await engine.run(write_many, storage, params={"items": {"a": 4}})
         assert (await other.wait()).success
     assert storage.data == {"a": "4", "c": "3"}
+
+
+class DeleteFails(JsonDictStorage):
+    """A custom backend whose ``delete`` of ``bad_key`` raises after deleting it."""
+
+    def __init__(self, bad_key: str) -> None:
+        super().__init__({})
+        self.bad_key = bad_key
+
+    async def delete(self, key: str) -> bool:
+        deleted = await super().delete(key)
+        if key == self.bad_key:
+            raise ValueError(f"bug deleting {key}")
+        return deleted
+
+
+async def test_a_forget_whose_backend_fails_a_delete_keeps_every_record() -> None:
+    records = {
+        f"__cosmoflow__/runs/{run_id}": json.dumps(
+            {**durability.new_record(run_id, "f", {}), "state": "succeeded"}
+        )
+        for run_id in ("p", "p/0", "p/1")
+    }
+    storage = DeleteFails("__cosmoflow__/runs/p/1")
+    storage.data.update(records)
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError, match="forget failed"):
+            await engine.forget_run(storage, "p")
+    assert storage.data == records

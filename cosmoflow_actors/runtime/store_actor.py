@@ -414,13 +414,21 @@ class StoreActor(Actor[StoreRequest]):
             raise
 
     async def _forget(self, request: StoreRequest) -> Any:
+        """Delete a run's record and its children's once the check passed; if the
+        backend refuses one delete, put back what was deleted."""
         storage = request.storage
         record = await value_or(storage, request.key, None)
         if record is None:
             return False
         _refusing(request.argument, request.key, record)
-        for key in [request.key, *_children(request.key, await storage.keys())]:
-            await storage.delete(key)
+        undo = _StoreUndo(storage)
+        try:
+            for key in [request.key, *_children(request.key, await storage.keys())]:
+                await undo.remember(key)
+                await storage.delete(key)
+        except Exception:
+            await undo.restore()
+            raise
         return True
 
     async def _records(self, request: StoreRequest) -> Any:
