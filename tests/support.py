@@ -118,7 +118,18 @@ async def started_nowait_once_set_up(flow: cf.Flow, not_yet: str) -> Any:
 
 def node_actors(engine: cf.Engine) -> list[NodeActor]:
     """Every node actor of the flows ``engine`` holds now."""
-    return [actor for flow in engine._flows.values() for actor in flow.actors.values()]
+    return list(engine._flows.actors())
+
+
+def count_tasks() -> int:
+    """Every task alive in this trio run."""
+
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(
+            walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks
+        )
+
+    return walk(trio.lowlevel.current_root_task())
 
 
 ROOT: Final = Path(__file__).resolve().parent.parent

@@ -12,18 +12,14 @@ crashing actor fails every run in flight with ActorCrashedError and its exceptio
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import itertools
 import secrets
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, TypeVar, final
 
 import trio
-import trio_parallel
 
 from cosmoflow_actors.errors import (
     ActorCrashedError,
@@ -44,19 +40,18 @@ from cosmoflow_actors.events import (
     StepSpans,
 )
 from cosmoflow_actors.flow import Flow, FlowResult, check_runs_allowed
-from cosmoflow_actors.node import Node
 from cosmoflow_actors.progress import Progress
-from cosmoflow_actors.runtime import durability, ray_executor
+from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime import queue as run_queue
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.admission import Admission
 from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun, RunRecord
+from cosmoflow_actors.runtime.flows import FlowRegistry
 from cosmoflow_actors.runtime.messages import Step
 from cosmoflow_actors.runtime.node_actor import NodeActor, carry
 from cosmoflow_actors.runtime.queue import RunQueue, RunStores
-from cosmoflow_actors.runtime.router import Router, condition_keys
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Run, RunState
-from cosmoflow_actors.runtime.statistics import EngineStatistics, FlowLabels
+from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
@@ -68,8 +63,6 @@ T = TypeVar("T")
 DEFAULT_MAILBOX_SIZE: Final = 256
 """Steps (or store requests) an actor's mailbox holds before senders wait."""
 
-RAY_SHUTDOWN_TIMEOUT: Final = 30.0
-"""Seconds a closing engine waits for a Ray it started to shut down."""
 DEFAULT_MAX_RUNS: Final = 256
 """Runs in flight before further starts wait. Measured (docs/performance.md): with
 callers starting runs from a nursery, 256 ran 10 to 34% faster than 1,000 and than no
@@ -91,20 +84,12 @@ class Engine:
         self._mailbox_size = mailbox_size
         self.max_runs = max_runs
         self._admission = Admission(max_runs) if max_runs is not None else None
-        self._router = Router(self._node_actor, mailbox_size)
-        self._flow_labels = FlowLabels()
-        self._flows: weakref.WeakKeyDictionary[Flow, _Registration] = weakref.WeakKeyDictionary()
-        """The flows registered (and the flows nested in them), as long as something
-        else holds them: a flow that is garbage has its node actors retired (see
-        :meth:`_retire_soon`)."""
-        self._token = trio.lowlevel.current_trio_token()
-        self._stores = StoreRegistry(nursery, mailbox_size, self._supervise)
-        self._workers: trio_parallel.WorkerContext | None = None
-        self._ray_address = ray_address
-        self._ray_connected = False
-        self._ray_connecting = trio.Lock()
-        self._workers_starting = trio.Lock()
         self._events = EventHub()
+        self._flows = FlowRegistry(
+            nursery, mailbox_size, self._supervise, self._run_child, self._events, ray_address
+        )
+        self._router = self._flows.router
+        self._stores = StoreRegistry(nursery, mailbox_size, self._supervise)
         self._runs: dict[str, ActiveRun] = {}
         """The runs in flight, by id."""
         self._idle: trio.Event | None = None
@@ -117,9 +102,6 @@ class Engine:
         self._closed_event = trio.Event()
         self._progress = Progress()
         """The run counts (also those of :meth:`statistics`)."""
-        self._context = contextvars.copy_context()
-        """The context variables where the engine was opened, which its node actors'
-        workers start with."""
         self._on_admitted_end = self._admitted_ended
         self._on_end = self._ended
         """The bound methods an admitted run and another one call when they end (made
@@ -219,7 +201,7 @@ class Engine:
         run_id = self._check_start(run_id)
         if self._events.congested:
             raise trio.WouldBlock("a lossless event stream is full")
-        keys = self._register_nowait(flow).condition_keys
+        keys = self._flows.register_nowait(flow).condition_keys
         entry = self._router.entry(flow)
         if not (entry.idle or entry.mailbox.has_room):
             raise trio.WouldBlock(f"the mailbox of {entry.name!r} is full")
@@ -432,7 +414,7 @@ class Engine:
             self._check_not_closed_meanwhile()
             storage = as_storage(store)
             run_id = self._check_start(run_id)
-            keys = (await self._register(flow)).condition_keys
+            keys = (await self._flows.register(flow)).condition_keys
             actor = await self._stores.acquire(storage)
             self._check_still_startable(run_id, actor)
         except BaseException:
@@ -509,7 +491,7 @@ class Engine:
         """Send a restored ``branch`` on: its step, or the steps its recorded outcome
         routes to. Blocks as :meth:`_restore`; ``scope`` is cancelled if the run ends."""
         frame = branch.frames[-1]
-        actor = self._node_actor(frame.flow, frame.node_id)
+        actor = self._flows.actor(frame.flow, frame.node_id)
         message = durability.resumed(run, branch, actor, values)
         if isinstance(message, Step):
             await actor.send(message, scope)
@@ -615,10 +597,7 @@ class Engine:
 
     def statistics(self) -> EngineStatistics:
         """A snapshot of the run counters and of every live actor. Never blocks."""
-        actors: list[Actor[Any]] = [self._router]
-        for registration in list(self._flows.values()):
-            actors += registration.actors.values()
-        actors += self._stores.actors()
+        actors: list[Actor[Any]] = [self._router, *self._flows.actors(), *self._stores.actors()]
         counts = self._progress.snapshot()
         return EngineStatistics(
             runs_started=counts.started,
@@ -628,126 +607,6 @@ class Engine:
             runs_in_flight=len(self._runs),
             actors=tuple(actor.statistics() for actor in actors),
         )
-
-    def _node_actor(self, flow: Flow, node_id: str) -> NodeActor:
-        return self._flows[flow].actors[node_id]
-
-    async def _register(self, flow: Flow) -> _Registration:
-        """Start a node actor for every node of ``flow`` and of the flows nested in it
-        (see :meth:`_register_nowait`), after setting up the worker processes or Ray
-        the flow needs, if not done yet; return what the engine keeps of ``flow``
-        once its entry node's actor has begun (so that the first run finds it idle, as
-        the next ones do). Blocks only for a flow new to the engine.
-
-        The actors start in the engine's nursery, all at once, whatever becomes of the
-        caller: one started by ``nursery.start`` for a caller cancelled meanwhile would
-        stay in the caller's cancelled scope and stop at once.
-        """
-        known = self._flows.get(flow)
-        if known is not None:
-            return known
-        if self._workers is None and _uses_executor(flow):
-            await self._start_workers()
-        if not self._ray_connected and _uses_executor(flow, "ray"):
-            await self._connect_ray()
-        self._check_not_closed_meanwhile()
-        registration = self._register_nowait(flow)
-        await self._router.entry(flow).began.wait()
-        return registration
-
-    def _register_nowait(self, flow: Flow) -> _Registration:
-        """Start a node actor for every node of ``flow`` and of the flows nested in it
-        (``start_soon`` in the engine's nursery), without waiting, and return what the
-        engine keeps of ``flow``: a node actor needs no set-up, and steps sent before
-        it runs wait in its mailbox. Raises trio.WouldBlock when the flow needs worker
-        processes or Ray that the engine has not set up yet (a flow registered before
-        had them set up then), and RuntimeError once the engine is closed."""
-        known = self._flows.get(flow)
-        if known is not None:
-            return known
-        self._require_open()
-        if self._workers is None and _uses_executor(flow):
-            raise trio.WouldBlock("the flow's worker processes are not set up yet")
-        if not self._ray_connected and _uses_executor(flow, "ray"):
-            raise trio.WouldBlock("the engine is not connected to Ray yet")
-        for actor in self._new_node_actors(flow):
-            self._nursery.start_soon(self._supervise, actor)
-        return self._flows[flow]
-
-    def _new_node_actors(self, flow: Flow) -> list[NodeActor]:
-        """Make (and record) the node actors of ``flow`` and of the flows nested in it
-        that the engine does not know yet (a flow nested in two flows is known once the
-        first is registered); none for a flow it knows. Never blocks."""
-        if flow in self._flows:
-            return []
-        made: list[NodeActor] = []
-        actors: dict[str, NodeActor] = {}
-        for node_id, node in flow.nodes.items():
-            if isinstance(node, Flow):
-                made += self._new_node_actors(node)
-            else:
-                actors[node_id] = self._new_node_actor(flow, node_id, node)
-        retirement = weakref.finalize(flow, self._retire_soon, list(actors.values()))
-        retirement.atexit = False  # at interpreter exit there is no engine left to tell
-        self._flows[flow] = _Registration(actors, condition_keys(flow), retirement)
-        self._router.learn(flow)
-        return made + list(actors.values())
-
-    def _new_node_actor(self, flow: Flow, node_id: str, node: Node) -> NodeActor:
-        return NodeActor(
-            f"{self._flow_labels.label(flow)}/{node_id}",
-            flow,
-            node_id,
-            node,
-            self._router,
-            self._mailbox_size,
-            self._workers,
-            self._run_child,
-            self._events,
-            self._context,
-        )
-
-    def _retire_soon(self, actors: list[NodeActor]) -> None:
-        """Called once the flow of ``actors`` is garbage (no run of it can be in
-        flight: each holds its flow): retire them in the engine's next scheduler pass.
-        Safe wherever the garbage collector runs, in any thread. Never blocks."""
-        self._token.run_sync_soon(_retire, actors)
-
-    async def _start_workers(self) -> None:
-        """Set up the worker processes of "process" nodes, once (blocks while they
-        start); RunCancelledError if the engine has closed meanwhile."""
-        async with self._workers_starting:
-            self._check_not_closed_meanwhile()
-            if self._workers is None:
-                self._workers = await self._nursery.start(self._hold_workers)
-
-    async def _hold_workers(
-        self, *, task_status: trio.TaskStatus[trio_parallel.WorkerContext]
-    ) -> None:
-        """Keep the worker processes of "process" nodes open as long as the engine."""
-        async with trio_parallel.open_worker_context() as workers:
-            task_status.started(workers)
-            await trio.sleep_forever()
-
-    async def _connect_ray(self) -> None:
-        """Connect to Ray for "ray" nodes, once; :meth:`_disconnect_ray` lets go of it
-        when the engine has closed. Blocks while Ray starts or is joined (seconds), or
-        until an unreachable ``host:port`` is given up on (ConnectionError naming it);
-        cancellable. RunCancelledError if the engine has closed meanwhile."""
-        async with self._ray_connecting:
-            self._check_not_closed_meanwhile()
-            if not self._ray_connected:
-                await ray_executor.connect(self._ray_address)
-                self._ray_connected = True
-
-    async def _disconnect_ray(self) -> None:
-        """Let go of the Ray connection, if any, once no node actor runs. Blocks while a
-        Ray the engine started or joined shuts down (shielded, for at most
-        ``RAY_SHUTDOWN_TIMEOUT`` seconds; the keeper's thread finishes it after that)."""
-        if self._ray_connected:
-            self._ray_connected = False
-            with trio.move_on_after(RAY_SHUTDOWN_TIMEOUT, shield=True):
-                await ray_executor.disconnect()
 
     async def _supervise(
         self,
@@ -807,8 +666,7 @@ class Engine:
         """Refuse new runs, cancel the ones still in flight, and stop every actor."""
         self._closed = True
         self._closed_event.set()
-        for registration in list(self._flows.values()):
-            registration.retirement.detach()
+        self._flows.close()
         for run in list(self._runs.values()):
             run.cancel()
         self._events.close()
@@ -898,7 +756,7 @@ async def open_engine(
                 engine._close()
     finally:
         if engine is not None:
-            await engine._disconnect_ray()
+            await engine._flows.disconnect_ray()
 
 
 async def _closed_if_retired(actor: StoreActor) -> None:
@@ -917,23 +775,6 @@ async def _send(run: ActiveRun, step: Step) -> None:
     except BaseException:
         run.cancel()
         raise
-
-
-@dataclass(frozen=True, slots=True)
-class _Registration:
-    """What the engine keeps of a registered flow: its node actors by node id, the
-    store keys its route conditions read, and the finalizer that retires the actors
-    once the flow is garbage."""
-
-    actors: dict[str, NodeActor]
-    condition_keys: frozenset[str]
-    retirement: weakref.finalize[[list[NodeActor]], Flow]
-
-
-def _retire(actors: list[NodeActor]) -> None:
-    """Retire ``actors`` (see :meth:`NodeActor.retire`). Never blocks."""
-    for actor in actors:
-        actor.retire()
 
 
 _NO_PARAMS: Final[Mapping[str, Any]] = MappingProxyType({})
@@ -959,15 +800,6 @@ def _run_ids() -> Iterator[str]:
     prefix = secrets.token_hex(6)
     for number in itertools.count(1):
         yield f"{prefix}-{number:x}"
-
-
-def _uses_executor(flow: Flow, executor: str = "process") -> bool:
-    """Whether ``flow`` or a flow nested in it has a node with ``executor`` (by default
-    "process", which needs the engine's worker processes)."""
-    return any(
-        _uses_executor(node, executor) if isinstance(node, Flow) else node.executor == executor
-        for node in flow.nodes.values()
-    )
 
 
 def _run_event(run: ActiveRun) -> Event:

@@ -1,0 +1,126 @@
+"""The engine's flows: registration starts a flow's node actors once, and a flow that is
+garbage has them retired."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import weakref
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import cosmoflow_actors as cf
+from tests.support import Recorder, a_then_b, count_tasks, node_actors, single
+
+
+class CancelAtSpawn(trio.abc.Instrument):
+    """Cancels ``scope`` as soon as a task whose name ends with ``name`` is spawned."""
+
+    def __init__(self, scope: trio.CancelScope, name: str) -> None:
+        self.scope = scope
+        self.name = name
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.name):
+            self.scope.cancel()
+
+
+async def test_a_caller_cancelled_as_its_flows_node_actors_start_leaves_the_flow_runnable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The first run of a flow starts the flow's node actors; its caller is cancelled
+    as the first actor's task is spawned. Every node actor of the flow must still
+    serve: a later run of the flow succeeds."""
+    flow = a_then_b("registers")
+    async with cf.open_engine() as engine:
+        with trio.CancelScope() as scope:
+            spawn = CancelAtSpawn(scope, "_supervise")
+            trio.lowlevel.add_instrument(spawn)
+            try:
+                await engine.run(flow)
+            finally:
+                trio.lowlevel.remove_instrument(spawn)
+        assert scope.cancelled_caught
+        with trio.fail_after(60):
+            result = await engine.run(flow)
+    assert result.execution_path == ("a", "b")
+
+
+def per_request(name: str) -> cf.Flow:
+    """A flow built anew for each use, as a request handler might."""
+    return a_then_b(name)
+
+
+async def test_a_flow_that_is_garbage_has_its_node_actors_retired() -> None:
+    async with cf.open_engine() as engine:
+        kept = single(Recorder())
+        await engine.run(kept, {})  # the memory store actor starts
+        tasks_before = count_tasks()
+        flow = per_request("short-lived")
+        await (await engine.start_run(flow, {})).wait()
+        actors = [weakref.ref(a) for a in node_actors(engine) if a.flow_name == "short-lived"]
+        assert {s.name for s in engine.statistics().actors} >= {"short-lived/a", "short-lived/b"}
+        del flow
+        gc.collect()
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()
+        assert [actor() for actor in actors] == [None, None]
+        assert count_tasks() == tasks_before
+        names = {s.name for s in engine.statistics().actors}
+        assert not names & {"short-lived/a", "short-lived/b"}
+        assert (await engine.run(per_request("short-lived"), {})).execution_path == ("a", "b")
+
+
+async def test_a_flow_run_alone_after_running_nested_has_its_own_registration() -> None:
+    """A flow first met nested in another, then run on its own (its route conditions'
+    keys are its own)."""
+    inner = (
+        cf.Flow.builder("inner")
+        .add_node("x", Recorder())
+        .add_node("y", Recorder())
+        .add_route("x", "y", when=cf.ActionCondition.key_exists("go"))
+        .add_route("x", cf.END)
+        .build()
+    )
+    outer = cf.Flow.builder("outer").add_node("nested", inner).build()
+    async with cf.open_engine() as engine:
+        assert (await engine.run(outer, {"go": 1})).execution_path == ("x", "y")
+        assert (await engine.run(inner, {"go": 1})).execution_path == ("x", "y")
+        assert (await engine.run(inner, {})).execution_path == ("x",)
+
+
+def test_a_flow_dropped_after_its_engine_closed_is_no_trouble(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The engine stops watching its flows when it closes: one that becomes garbage
+    afterwards, outside any trio run, raises nothing."""
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    async def main() -> cf.Flow:
+        flow = per_request("outlives")
+        async with cf.open_engine() as engine:
+            await engine.run(flow, {})
+        return flow
+
+    flow = trio.run(main)
+    del flow
+    gc.collect()
+    assert unraisable == []
+
+
+async def test_a_flow_nested_in_two_flows_has_one_set_of_node_actors() -> None:
+    """Registered with the first flow that nests it, it is not registered again with
+    the second: both reach the same actors, and its own runs use them too."""
+    inner = a_then_b("shared")
+    first = cf.Flow.builder("first").add_node("inner", inner).build()
+    second = cf.Flow.builder("second").add_node("inner", inner).build()
+    async with cf.open_engine() as engine:
+        for flow in (first, second, inner):
+            assert (await engine.run(flow, {})).execution_path == ("a", "b")
+        names = [actor.name for actor in node_actors(engine)]
+        assert sorted(names) == ["shared/a", "shared/b"]
+        assert engine.statistics().actor("shared/a").messages_processed == 3
