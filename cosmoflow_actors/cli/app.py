@@ -17,6 +17,7 @@ from typing import Final
 
 from cosmoflow_actors import __version__
 from cosmoflow_actors.cli.errors import CliError
+from cosmoflow_actors.cli.forget import forget_command
 from cosmoflow_actors.cli.inspect import graph_command, inspect_command
 from cosmoflow_actors.cli.loading import split_target
 from cosmoflow_actors.cli.output import StdoutFailed, checked_stdout
@@ -152,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
     inspect.set_defaults(command=inspect_command)
     _add_store(inspect, default=None)
     inspect.add_argument("--json", action="store_true", help="print the keys and values as JSON")
+    forget = commands.add_parser(
+        "forget", parents=[common], help="delete the records of durable runs that ended"
+    )
+    forget.set_defaults(command=forget_command)
+    _add_store(forget, default=None)
+    forget.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="a run that ended")
     _add_queue_commands(commands, common)
     return parser
 

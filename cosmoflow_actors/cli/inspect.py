@@ -16,16 +16,17 @@ from cosmoflow_actors.cli.output import StdoutConsole, dump_json
 from cosmoflow_actors.cli.signals import trio_run
 from cosmoflow_actors.cli.stores import (
     Unreadable,
+    described,
+    existing_store,
     first_unreadable,
     opened,
-    parse_store,
     read_contents,
 )
 from cosmoflow_actors.diagram import to_dot, to_mermaid
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.runtime.durability import RunRecord, checked_record
 from cosmoflow_actors.runtime.engine import open_engine
-from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
+from cosmoflow_actors.storage import FileStorage, SQLiteStorage, Storage
 from cosmoflow_actors.storage import file as file_storage
 from cosmoflow_actors.storage import sqlite as sqlite_storage
 from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX
@@ -45,16 +46,12 @@ def inspect_command(args: argparse.Namespace) -> int:
     """``cosmoflow inspect``: print the keys, values and durable runs of the store
     ``args.store``, a table each or JSON; CliError naming a value that cannot be read
     (after printing). Blocks while it reads the store."""
-    storage = parse_store(args.store, args.codec)
-    if storage is None:
-        raise CliError("memory: a memory store lives only as long as its run; nothing to inspect")
+    storage = existing_store(args.store, args.codec, "inspect")
     if isinstance(storage, FileStorage | SQLiteStorage):
-        if not storage.path.exists():
-            raise CliError(f"{args.store}: no such file")
         contents, runs = _peek(storage, args.codec or "json")
     else:
         contents, runs = trio_run(_read_store, storage)
-    name = _describe_store(args.store, storage)
+    name = described(args.store, storage)
     if args.json:
         report = {"store": name, "keys": contents, "runs": [dataclasses.asdict(r) for r in runs]}
         print(dump_json(report))
@@ -67,11 +64,6 @@ def inspect_command(args: argparse.Namespace) -> int:
     if problem is not None:
         raise CliError(problem)
     return 0
-
-
-def _describe_store(text: str, storage: Storage) -> str:
-    """How to name the store to people: as given, but a Redis URL without its password."""
-    return repr(storage) if isinstance(storage, RedisStorage) else text
 
 
 def _peek(

@@ -63,6 +63,24 @@ def parse_store(text: str, codec: str | None = None) -> Storage | None:
     return custom.build_now({} if codec is None else {"codec": codec})
 
 
+def existing_store(text: str, codec: str | None, doing: str) -> Storage:
+    """The persistent storage ``STORE`` names, for a command ``doing`` something to
+    what it holds; CliError for ``memory`` and for a file or SQLite store whose file
+    does not exist (opening it would create an empty one)."""
+    storage = parse_store(text, codec)
+    if storage is None:
+        raise CliError(f"memory: a memory store lives only as long as its run; nothing to {doing}")
+    if isinstance(storage, FileStorage | SQLiteStorage) and not storage.path.exists():
+        raise CliError(f"{text}: no such file")
+    return storage
+
+
+def described(text: str, storage: Storage) -> str:
+    """How to name the store ``text`` names to people: as given, but a Redis URL
+    without its password."""
+    return repr(storage) if isinstance(storage, RedisStorage) else text
+
+
 def worker_stores(text: str) -> RunStores:
     """The stores ``worker --store TEXT`` gives runs: namespaces of a Redis server, or a
     factory of the user's own called once per run (checked now to take ``run_id``;

@@ -1,0 +1,42 @@
+"""``cosmoflow forget``: delete the records of durable runs that have ended from a
+persistent store (see ``Engine.forget_run``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cosmoflow_actors.cli.errors import CliError
+from cosmoflow_actors.cli.signals import trio_run
+from cosmoflow_actors.cli.stores import described, existing_store, opened
+from cosmoflow_actors.errors import RunRecordedError, StorageError
+from cosmoflow_actors.runtime.engine import open_engine
+from cosmoflow_actors.storage import Storage
+
+
+def forget_command(args: argparse.Namespace) -> int:
+    """``cosmoflow forget``: forget the runs ``args.run_ids`` of the store
+    ``args.store``, in order, printing each id once its records are deleted. The first
+    run that cannot be forgotten (no record, still running, a record the engine did not
+    write) is a CliError; the runs before it stay forgotten. Blocks while the store is
+    read and written."""
+    storage = existing_store(args.store, args.codec, "forget")
+    trio_run(_forget, described(args.store, storage), storage, args.run_ids)
+    return 0
+
+
+async def _forget(name: str, storage: Storage, run_ids: list[str]) -> None:
+    async with open_engine() as engine, opened(engine, storage):
+        for run_id in run_ids:
+            try:
+                forgotten = await engine.forget_run(storage, run_id)
+            except RunRecordedError as exc:
+                message = (
+                    f"{name}: run {run_id!r} is recorded as running: finish it first "
+                    f"(cosmoflow run FILE.py --store STORE --run-id ID --resume)"
+                )
+                raise CliError(message) from exc
+            except (StorageError, ValueError) as exc:
+                raise CliError(f"{name}: cannot forget run {run_id!r}: {exc}") from exc
+            if not forgotten:
+                raise CliError(f"{name}: no run {run_id!r} is recorded")
+            print(run_id, flush=True)
