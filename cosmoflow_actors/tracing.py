@@ -104,10 +104,10 @@ def format_event(event: Event, origin: float = 0.0) -> str:
     the details."""
     run = event.run_id or "-"
     what, details = _describe(event)
-    return _one_line(f"{event.time - origin:+9.3f}s  {run:8}  {what:14}  {details}")
+    return one_line(f"{event.time - origin:+9.3f}s  {run:8}  {what:14}  {details}")
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """``text`` with its control characters (a newline, a terminal's escape) written
     as Python escapes, so that what a run chose to name things cannot break the line or
     drive the terminal."""
@@ -117,7 +117,7 @@ def _one_line(text: str) -> str:
 
 
 _LINE_BREAKING: Final = frozenset({"Cc", "Zl", "Zp"})
-"""The Unicode categories :func:`_one_line` escapes: control characters and the line
+"""The Unicode categories :func:`one_line` escapes: control characters and the line
 and paragraph separators."""
 
 
@@ -273,7 +273,8 @@ class LiveSpans:
         return use_span
 
     def end_all(self) -> None:
-        """End every span still open, now (the engine is closing)."""
+        """End every span still open, now (the engine is closing). Call it in the
+        engine's trio run."""
         self._spans.end_all()
 
 
@@ -337,15 +338,16 @@ class _Spans:
         return None if step is None else step[0]
 
     def end_all(self) -> None:
-        """End every span still open (the stream ended), now: the steps', then the
-        runs'."""
+        """End every span still open (the stream ended), now, in trio time as every
+        other span end: the steps', then the runs'."""
+        now = self._ns(trio.current_time())
         ended_runs: dict[_RunSpan, None] = {}
         for span, run in self._steps.values():
-            span.end()
+            span.end(now)
             if run.ended:
                 ended_runs[run] = None
         for run in [*ended_runs, *self._runs.values()]:
-            run.span.end()
+            run.span.end(now)
         self._steps.clear()
         self._runs.clear()
 

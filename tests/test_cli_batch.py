@@ -4,6 +4,7 @@ failed runs counted, and the progress bar on a terminal."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,46 @@ flow = cf.Flow.builder("sometimes").add_node("sometimes", sometimes).build()
 """Every second run fails (the runs of one command share the module)."""
 
 
+BATCHED = """
+import trio
+
+import cosmoflow_actors as cf
+
+
+@cf.node
+def item(ctx):
+    return None
+
+
+class Items(cf.BatchFlow):
+    def prep(self, store, ctx):
+        return [{"n": n} for n in range(3)]
+
+
+@cf.node
+async def slow(ctx):
+    await trio.sleep(0.02)
+
+
+child = cf.Flow.builder("child").add_node("item", item).build()
+flow = (
+    cf.Flow.builder("batched")
+    .add_node("items", Items(child))
+    .add_node("slow", slow)
+    .add_route("items", "slow")
+    .build()
+)
+"""
+"""Each run starts three BatchFlow child runs, then takes at least 20 ms more."""
+
+
+@pytest.fixture
+def batched_file(tmp_path: Path) -> Path:
+    path = tmp_path / "batched.py"
+    path.write_text(BATCHED)
+    return path
+
+
 def test_runs_print_a_summary_per_node(
     counter_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -59,11 +100,7 @@ def test_runs_as_json(counter_file: Path, capsys: pytest.CaptureFixture[str]) ->
         "succeeded": 3,
         "failed": 0,
     }
-    assert (summary["concurrency"], summary["events_dropped"], summary["first_error"]) == (
-        1,
-        0,
-        None,
-    )
+    assert (summary["concurrency"], summary["first_error"]) == (1, None)
     assert summary["runs_per_second"] > 0
     assert set(summary["latency_ms"]) == {"mean_ms", "p50_ms", "p99_ms"}
     flaky = summary["nodes"]["checks/flaky"]
@@ -131,3 +168,18 @@ def test_a_progress_bar_when_stderr_is_a_terminal(
     assert "3/3" in err
     assert "runs/s" in err
     assert "0 failed" in err
+
+
+def test_the_run_latency_and_the_bar_count_the_runs_started_not_their_children(
+    batched_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    assert main(["run", str(batched_file), "--runs", "4", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert min(summary["latency_ms"].values()) >= 20
+    assert {int(done) for done in re.findall(r"(\d+)/4", captured.err)} <= {0, 1, 2, 3, 4}
+    assert "4/4" in captured.err
+    assert list(summary["nodes"]) == ["items", "child/item", "slow"]
+    assert summary["nodes"]["child/item"]["steps"] == 12

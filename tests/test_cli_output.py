@@ -99,3 +99,30 @@ def test_a_store_module_writing_to_a_full_disk_is_status_74(tmp_path: Path) -> N
         74,
         "cosmoflow: error: cannot write to stdout: [Errno 28] No space left on device\n",
     )
+
+
+SHOUTS = """
+import cosmoflow_actors as cf
+
+
+@cf.node
+def shouts(ctx):
+    raise ValueError("line one\\nline two \\x1b[31mRED")
+
+
+flow = cf.Flow.builder("shouts").add_node("shouts", shouts).build()
+"""
+
+
+@pytest.mark.parametrize("runs", [[], ["--runs", "2"]], ids=["one run", "--runs"])
+def test_the_error_line_escapes_what_a_run_put_in_its_message(
+    runs: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A newline or a terminal's escape in an error's message cannot break the line nor
+    drive the terminal."""
+    path = tmp_path / "shouts.py"
+    path.write_text(SHOUTS)
+    assert main(["run", str(path), *runs]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("cosmoflow: error: ")
+    assert "ValueError: line one\\nline two \\x1b[31mRED" in line

@@ -200,6 +200,34 @@ async def test_a_cancelled_run_and_its_step_are_marked(
     assert (spans["waits/only"].attributes or {})["cosmoflow.cancelled"] is True
 
 
+async def test_spans_open_when_tracing_stops_end_then_in_trio_time(
+    autojump_clock: trio.testing.MockClock, tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    """Tracing stopped 5 s into a step: the step's and the run's spans end 5 s after
+    they started, however far the wall clock is from trio's."""
+    gate = Gate()
+    tracing = trio.CancelScope()
+
+    async def traced(engine: cf.Engine) -> None:
+        with tracing:
+            await trace_events(engine, tracer)
+
+    async with trio.open_nursery() as nursery, cf.open_engine() as engine:
+        nursery.start_soon(traced, engine)
+        await trio.sleep(100)
+        run = await engine.start_run(single(gate, "waits"))
+        await trio.sleep(5)
+        tracing.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        gate.open.set()
+        await run.wait()
+    durations = {
+        span.name: (span.end_time or 0) - (span.start_time or 0)
+        for span in exporter.get_finished_spans()
+    }
+    assert durations == {"waits/only": 5_000_000_000, "waits": 5_000_000_000}
+
+
 async def test_concurrent_runs_are_separate_traces(
     tracer: Tracer, exporter: InMemorySpanExporter
 ) -> None:

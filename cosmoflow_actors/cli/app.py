@@ -20,7 +20,7 @@ from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.forget import forget_command
 from cosmoflow_actors.cli.inspect import graph_command, inspect_command
 from cosmoflow_actors.cli.loading import split_target
-from cosmoflow_actors.cli.output import StdoutFailed, checked_stdout
+from cosmoflow_actors.cli.output import StdoutFailed, checked_stdout, print_error
 from cosmoflow_actors.cli.queue import (
     QUEUE_STATES,
     requeue_command,
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, StdoutFailed):
             if args.debug:
                 traceback.print_exception(error)
-            print(f"cosmoflow: error: {error}", file=sys.stderr)
+            print_error(str(error))
             return _stdout_closed(STDOUT_FAILED)
         return _report(args, error, status=2 if isinstance(error, CliError) else 1)
     except (KeyboardInterrupt, BaseExceptionGroup) as exc:
@@ -266,5 +266,5 @@ def _report(args: argparse.Namespace, error: Exception, *, status: int) -> int:
     text = error_text(error)
     if error.__cause__ is not None and not isinstance(error, CliError):
         text += f" (caused by {describe_error(error.__cause__)})"
-    print(f"cosmoflow: error: {text}", file=sys.stderr)
+    print_error(text)
     return status

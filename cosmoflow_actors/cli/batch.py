@@ -19,15 +19,10 @@ from cosmoflow_actors.cli.output import StdoutConsole, dump_json
 from cosmoflow_actors.cli.trace import NodeNames
 from cosmoflow_actors.events import (
     Event,
-    EventsDropped,
     Retry,
-    RunCancelled,
-    RunFailed,
-    RunFinished,
     StepFinished,
     StepStarted,
 )
-from cosmoflow_actors.progress import Progress as EngineProgress
 from cosmoflow_actors.tracing import describe_error
 
 
@@ -74,26 +69,24 @@ class BatchStats:
     duration: float = 0.0
     run_durations: list[float] = field(default_factory=list)
     nodes: dict[str, NodeStats] = field(default_factory=dict)
-    events_dropped: int = 0
 
     def record(self, event: Event) -> None:
-        """Count ``event`` in the per-node statistics."""
+        """Count ``event`` in the per-node statistics (the steps of every run, the
+        BatchFlow children of the runs too)."""
         match event:
             case StepStarted():
-                self.names.of(event)  # noted, for the step's retries
+                self.nodes.setdefault(self.names.of(event), NodeStats())
             case StepFinished():
                 stats = self.nodes.setdefault(self.names.of(event), NodeStats())
                 stats.durations.append(event.duration)
                 stats.failures += event.error is not None
             case Retry():
                 self.nodes.setdefault(self.names.of(event), NodeStats()).retries += 1
-            case RunFinished() | RunFailed() | RunCancelled():
-                self.run_durations.append(event.duration)
-            case EventsDropped():
-                self.events_dropped += event.count
 
-    def finished(self, run_id: str, error: BaseException | None) -> None:
-        """Count the run ``run_id`` that ended, with its error if it failed."""
+    def finished(self, run_id: str, duration: float, error: BaseException | None) -> None:
+        """Count the run ``run_id`` (one of the ``runs``) that ended after ``duration``
+        seconds, with its error if it failed."""
+        self.run_durations.append(duration)
         if error is None:
             self.succeeded += 1
             return
@@ -114,7 +107,6 @@ class BatchStats:
             "runs_per_second": round(self.runs / self.duration, 1) if self.duration else None,
             "latency_ms": _latency(self.run_durations),
             "nodes": {row: stats.summary() for row, stats in self.nodes.items()},
-            "events_dropped": self.events_dropped,
             "first_error": None if self.first_error is None else describe_error(self.first_error),
             "failed_runs": [dataclasses.asdict(run) for run in self.failed_runs],
         }
@@ -159,16 +151,12 @@ class ProgressBar:
     def __exit__(self, *exc_info: object) -> None:
         self._bar.stop()
 
-    async def follow(self, progress: EngineProgress, scope: trio.CancelScope) -> None:
-        """Show the engine's run counts each time they change, until ``scope`` is
-        cancelled."""
-        with scope:
-            seen = progress.snapshot()
-            while True:
-                seen = await progress.wait_changed(seen)
-                elapsed = trio.current_time() - self._started
-                rate = f"{seen.finished / elapsed:.1f}" if elapsed > 0 else "-"
-                self._bar.update(self._task, completed=seen.finished, rate=rate, failed=seen.failed)
+    def show(self, batch: BatchStats) -> None:
+        """Show the runs of ``batch`` that have ended. Never blocks."""
+        done = batch.succeeded + batch.failed
+        elapsed = trio.current_time() - self._started
+        rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
+        self._bar.update(self._task, completed=done, rate=rate, failed=batch.failed)
 
 
 def print_summary(batch: BatchStats, *, as_json: bool) -> None:
@@ -188,8 +176,6 @@ def print_summary(batch: BatchStats, *, as_json: bool) -> None:
         f"run latency:  mean {_ms(latency['mean_ms'])}, p50 {_ms(latency['p50_ms'])}, "
         f"p99 {_ms(latency['p99_ms'])}",
     ]
-    if batch.events_dropped:
-        lines.append(f"warning:      {batch.events_dropped} events dropped; the table is partial")
     print("\n".join(lines))
     StdoutConsole(highlight=False).print(_node_table(summary["nodes"]))
 

@@ -1,7 +1,8 @@
 """What the commands print on stdout: strict JSON (:func:`dump_json`), rich tables on a
 console that leaves a reader gone away (``| head``) to
 :func:`~cosmoflow_actors.cli.app.main` (:class:`StdoutConsole`), and stdout itself
-checked (:func:`checked_stdout`): a write that fails raises :class:`StdoutFailed`."""
+checked (:func:`checked_stdout`): a write that fails raises :class:`StdoutFailed`; and
+the error line on stderr (:func:`print_error`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any, cast
 
 from rich.console import Console
+
+from cosmoflow_actors.tracing import one_line
 
 
 class StdoutFailed(Exception):
@@ -101,3 +104,10 @@ def _jsonable(value: Any) -> Any:
 
 def _json_key(key: object) -> str:
     return key if isinstance(key, str) else repr(key)
+
+
+def print_error(message: str) -> None:
+    """Print ``cosmoflow: error: MESSAGE`` on stderr, as one line: the control
+    characters of a message a run or a file chose (a newline, a terminal's escape) are
+    written as Python escapes. Blocks while stderr is written."""
+    print(f"cosmoflow: error: {one_line(message)}", file=sys.stderr)

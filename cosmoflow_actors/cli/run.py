@@ -18,7 +18,7 @@ import trio
 from cosmoflow_actors.cli.batch import BatchStats, ProgressBar, print_summary
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow
-from cosmoflow_actors.cli.output import dump_json
+from cosmoflow_actors.cli.output import dump_json, print_error
 from cosmoflow_actors.cli.signals import trio_run
 from cosmoflow_actors.cli.stores import first_unreadable, opened, parse_store, read_contents
 from cosmoflow_actors.cli.trace import NodeNames, Printer, watch
@@ -77,7 +77,7 @@ def run_command(args: argparse.Namespace) -> int:
             traceback.print_exception(batch.first_error)
         error = describe_error(batch.first_error)
         message = f"{batch.failed} of {batch.runs} runs failed; first: {error}"
-        print(f"cosmoflow: error: {message}", file=sys.stderr)
+        print_error(message)
         return 1
     return 0
 
@@ -188,33 +188,35 @@ async def _run_many(options: _RunOptions, runs: int, concurrency: int) -> BatchS
     ):
         handlers = [batch.record, *([Printer(options.flow)] if options.trace else [])]
         await nursery.start(watch, engine, handlers)
-        following = trio.CancelScope()
         with ProgressBar(runs) as bar:
-            nursery.start_soon(bar.follow, engine.progress(), following)
-            await _start_and_wait(engine, options, batch)
-            following.cancel()
+            await _start_and_wait(engine, options, batch, bar)
     batch.duration = trio.current_time() - started
     if options.storage is not None:
         await options.storage.aclose()
     return batch
 
 
-async def _start_and_wait(engine: Engine, options: _RunOptions, batch: BatchStats) -> None:
+async def _start_and_wait(
+    engine: Engine, options: _RunOptions, batch: BatchStats, bar: ProgressBar
+) -> None:
     """Start ``batch.runs`` runs (``start_run`` waits while ``max_runs`` are in flight)
-    and wait for them all."""
+    and wait for them all, counting each in ``batch`` and showing it on ``bar`` as it
+    ends."""
     async with trio.open_nursery() as waiters:
         for _ in range(batch.runs):
             run = await engine.start_run(options.flow, _store(options), params=options.params)
-            waiters.start_soon(_await_run, run, batch)
+            waiters.start_soon(_await_run, run, trio.current_time(), batch, bar)
 
 
-async def _await_run(run: Run, batch: BatchStats) -> None:
+async def _await_run(run: Run, started: float, batch: BatchStats, bar: ProgressBar) -> None:
+    """Wait for ``run``, started at ``started``; count it."""
     error: Exception | None = None
     try:
         await run.wait()
     except Exception as exc:  # the run's failure, counted
         error = exc
-    batch.finished(run.run_id, error)
+    batch.finished(run.run_id, trio.current_time() - started, error)
+    bar.show(batch)
 
 
 def parse_params(items: Sequence[str]) -> dict[str, Any]:

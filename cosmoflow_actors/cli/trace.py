@@ -18,7 +18,8 @@ from cosmoflow_actors.runtime.engine import Engine
 from cosmoflow_actors.tracing import format_event
 
 EVENT_BUFFER: Final = 100_000
-"""Events ``--runs`` keeps for its summary before it drops some (and says so)."""
+"""Events the stream of ``--runs`` and ``--trace`` holds before the engine waits for
+the command to read them."""
 StepEvent = StepStarted | StepFinished | Retry | Fallback
 """The events of one step, which name its node."""
 

@@ -187,13 +187,13 @@ class Engine:
         """Start a run like :meth:`start_run`, without waiting. Never blocks.
 
         Raises ``trio.WouldBlock`` when it would have to wait: ``max_runs`` runs are in
-        flight (unless it is called inside a step of this engine), the entry node's
-        mailbox is full, the store (other than memory) has no store actor open yet, the
-        flow has process nodes and no worker processes are set up yet, or it has Ray
-        nodes and the engine has not connected to Ray yet (``start_run`` waits for all
-        of these). A durable run (a ``run_id``
-        on a persistent storage) reads and writes its record in a task of the engine's
-        before its first step.
+        flight (unless it is called inside a step of this engine), a lossless event
+        stream is full, the entry node's mailbox is full, the store (other than memory)
+        has no store actor open yet, the flow has process nodes and no worker processes
+        are set up yet, or it has Ray nodes and the engine has not connected to Ray yet
+        (``start_run`` waits for all of these). A durable run (a ``run_id`` on a
+        persistent storage) reads and writes its record in a task of the engine's before
+        its first step.
         """
         first_params = _checked_arguments(flow, params, run_id)
         storage = as_storage(store)
