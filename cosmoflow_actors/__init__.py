@@ -38,7 +38,6 @@ from cosmoflow_actors.events import (
 from cosmoflow_actors.flow import END, BatchFlow, Flow, FlowBuilder, FlowResult, Route
 from cosmoflow_actors.node import BatchNode, FunctionNode, Node, ParallelBatchNode, node
 from cosmoflow_actors.progress import Progress, ProgressSnapshot
-from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.engine import Engine, forget_run, list_runs, open_engine
 from cosmoflow_actors.runtime.queue import (
     QueuedResult,
@@ -51,6 +50,7 @@ from cosmoflow_actors.runtime.queue import (
     submit,
 )
 from cosmoflow_actors.runtime.run import Run, RunState, RunStateValue
+from cosmoflow_actors.runtime.run_record import RunRecord
 from cosmoflow_actors.runtime.statistics import ActorStatistics, EngineStatistics
 from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.runtime.transfer import WorkerInterruptedError, WorkerTransferError

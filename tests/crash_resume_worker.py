@@ -53,7 +53,7 @@ from typing import Any, Final
 import trio
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.durability import record_key
+from cosmoflow_actors.runtime.run_record import record_key
 
 RUN_ID: Final = "r"
 

@@ -24,7 +24,7 @@ import pytest
 import trio
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.durability import record_key
+from cosmoflow_actors.runtime.run_record import record_key
 from cosmoflow_actors.storage import file as file_storage
 from cosmoflow_actors.storage import sqlite as sqlite_storage
 from cosmoflow_actors.storage.base import RECORD_PREFIX

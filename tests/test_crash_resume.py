@@ -43,7 +43,7 @@ import pytest
 import trio
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.durability import record_key
+from cosmoflow_actors.runtime.run_record import record_key
 from cosmoflow_actors.storage.base import RECORD_PREFIX
 from tests.crash_resume_worker import BATCH_NODE, FLOWS, RUN_ID, Hooks, open_storage
 from tests.storage_suite import RedisServer, unique_namespace

@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime import durability
+from cosmoflow_actors.runtime import run_record
 from tests.storage_suite import JsonDictStorage, make_backend
 from tests.support import Gate, Recorder, single
 
@@ -171,19 +171,6 @@ async def test_resuming_an_unknown_run_starts_it(tmp_path: Path) -> None:
             loop_flow(node, 2), cf.FileStorage(tmp_path / "s.json"), run_id="new"
         )
     assert result.execution_path == ("count", "count")
-
-
-@pytest.mark.parametrize("start", ["run", "resume"])
-async def test_a_recorded_run_of_another_flow_is_refused_whatever_its_state(
-    tmp_path: Path, start: str
-) -> None:
-    path = tmp_path / "s.json"
-    other = cf.Flow.builder("other").add_node("a", Counted()).build()
-    async with cf.open_engine() as engine:
-        await engine.run(loop_flow(Counted(), 2), cf.FileStorage(path), run_id="done")
-        begin = engine.run if start == "run" else engine.resume
-        with pytest.raises(cf.CosmoFlowError, match="belongs to flow 'loop', not 'other'"):
-            await begin(other, cf.FileStorage(path), run_id="done")
 
 
 async def test_concurrent_durable_updates_lose_nothing(tmp_path: Path) -> None:
@@ -886,49 +873,6 @@ async def test_a_durable_step_whose_code_replaces_ctx_store_commits_through_its_
         assert (await engine.run(single(Recorder(), "after"), {})).success
 
 
-STEPPED_WITHOUT_BRANCHES = {
-    **durability.new_record("victim", "loop", {}),
-    "state": "failed",
-    "path": ["count"],
-    "last": {"frames": [["count", 1]], "label": "", "count": 1, "node": "count"},
-}
-"""A record of a step that does not say where its branches go on."""
-
-
-@pytest.mark.parametrize(
-    "record", ["garbage", STEPPED_WITHOUT_BRANCHES], ids=["str", "no-branches"]
-)
-async def test_a_malformed_run_record_is_a_storage_error_naming_its_key(
-    record: Any, tmp_path: Path
-) -> None:
-    path = tmp_path / "store.json"
-    storage = cf.FileStorage(path)
-    await storage.open()
-    await storage.set("__cosmoflow__/runs/victim", record)
-    await storage.commit()
-    await storage.aclose()
-    flow = loop_flow(Counted())
-    with pytest.raises(cf.StorageError, match="__cosmoflow__/runs/victim"):
-        await cf.list_runs(cf.FileStorage(path))
-    async with cf.open_engine() as engine:
-        with pytest.raises(cf.StorageError, match="__cosmoflow__/runs/victim"):
-            await engine.run(flow, cf.FileStorage(path), run_id="victim")
-        with pytest.raises(cf.StorageError, match="__cosmoflow__/runs/victim"):
-            await engine.resume(flow, cf.FileStorage(path), run_id="victim")
-
-
-class Unprintable(Exception):
-    def __str__(self) -> str:
-        raise RuntimeError("no str")
-
-
-def test_the_record_of_a_failed_run_names_an_error_that_cannot_be_printed() -> None:
-    assert durability.failed({"state": "running"}, Unprintable())["error"] == (
-        "Unprintable: <unprintable>"
-    )
-    assert durability.failed({}, ValueError("bad"))["error"] == "ValueError: bad"
-
-
 class RefusesTheEnd(cf.SQLiteStorage):
     """SQLite that refuses to store a run record saying the run succeeded, as a full
     disk or a lost connection would."""
@@ -1110,7 +1054,7 @@ async def test_a_durable_runs_end_is_not_written_over_a_record_another_engine_ad
     async with cf.open_engine() as engine, engine.open_store(storage):
         run = await engine.start_run(single(Finished()), storage, run_id="r")
         await storage.holding["succeeded"].wait()
-        key = durability.record_key("r")
+        key = run_record.record_key("r")
         other = cf.SQLiteStorage(path)
         await other.open()
         advanced = {**await other.get(key), "path": ["only", "only"]}
@@ -1122,19 +1066,3 @@ async def test_a_durable_runs_end_is_not_written_over_a_record_another_engine_ad
             await run.wait()
         [record] = await engine.list_runs(storage)
     assert (record.state, record.steps) == ("running", 2)
-
-
-async def test_resuming_with_a_flow_that_lost_the_recorded_node_names_it(tmp_path: Path) -> None:
-    @cf.node
-    def fails(ctx: cf.ExecutionContext) -> None:
-        raise RuntimeError("b fails")
-
-    recorded = cf.Flow.builder("f").add_node("a", cf.node(lambda ctx: None))
-    recorded = recorded.add_node("b", fails).add_route("a", "b").build()
-    changed = cf.Flow.builder("f").add_node("b", cf.node(lambda ctx: None)).build()
-    storage = cf.FileStorage(tmp_path / "store.json")
-    async with cf.open_engine() as engine:
-        with pytest.raises(cf.NodeError):
-            await engine.run(recorded, storage, run_id="r")
-        with pytest.raises(cf.CosmoFlowError, match="names node 'a', which flow 'f' lacks"):
-            await engine.resume(changed, storage, run_id="r")

@@ -10,9 +10,9 @@ from typing import Any
 import trio
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.durability import RunRecord
 from cosmoflow_actors.runtime.queue.status import leases_checked
 from cosmoflow_actors.runtime.queue.worker import per_run_redis
+from cosmoflow_actors.runtime.run_record import RunRecord
 from tests.queue_support import held_in_step_a, new_queue, store_url
 from tests.storage_suite import RedisServer
 

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.durability import record_key
+from cosmoflow_actors.runtime.run_record import record_key
 from cosmoflow_actors.storage.sqlite import READ_BATCH, UPSERT_ROWS, SQLiteStorage, peek
 from tests.storage_suite import (
     file_size_limit,

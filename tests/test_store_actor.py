@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime import durability, store_actor
+from cosmoflow_actors.runtime import run_record, store_actor
 from cosmoflow_actors.runtime.gil import SWITCH_INTERVAL
 from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest
 from cosmoflow_actors.runtime.store_actor import StoreActor
@@ -524,7 +524,7 @@ class DeleteFails(JsonDictStorage):
 async def test_a_forget_whose_backend_fails_a_delete_keeps_every_record() -> None:
     records = {
         f"__cosmoflow__/runs/{run_id}": json.dumps(
-            {**durability.new_record(run_id, "f", {}), "state": "succeeded"}
+            {**run_record.new_record(run_id, "f", {}), "state": "succeeded"}
         )
         for run_id in ("p", "p/0", "p/1")
     }

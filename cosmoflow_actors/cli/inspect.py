@@ -24,8 +24,8 @@ from cosmoflow_actors.cli.stores import (
 )
 from cosmoflow_actors.diagram import to_dot, to_mermaid
 from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.runtime.durability import RunRecord, checked_record
 from cosmoflow_actors.runtime.engine import open_engine
+from cosmoflow_actors.runtime.run_record import RunRecord, checked_record
 from cosmoflow_actors.storage import FileStorage, SQLiteStorage, Storage
 from cosmoflow_actors.storage import file as file_storage
 from cosmoflow_actors.storage import sqlite as sqlite_storage

@@ -41,16 +41,17 @@ from cosmoflow_actors.events import (
 )
 from cosmoflow_actors.flow import Flow, FlowResult, check_runs_allowed
 from cosmoflow_actors.progress import Progress
-from cosmoflow_actors.runtime import durability
 from cosmoflow_actors.runtime import queue as run_queue
+from cosmoflow_actors.runtime import run_record
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.admission import Admission
-from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun, RunRecord
+from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun
 from cosmoflow_actors.runtime.flows import FlowRegistry
 from cosmoflow_actors.runtime.messages import Step
 from cosmoflow_actors.runtime.node_actor import NodeActor, carry
 from cosmoflow_actors.runtime.queue import RunQueue, RunStores
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Run, RunState
+from cosmoflow_actors.runtime.run_record import RunRecord
 from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.store_client import SharedStore
@@ -262,7 +263,7 @@ class Engine:
         RuntimeError once the engine is closed."""
         async with self._served(store) as (storage, actor):
             records = await actor.records(storage)
-        runs = [RunRecord.of(durability.checked_record(k, v)) for k, v in records.items()]
+        runs = [RunRecord.of(run_record.checked_record(k, v)) for k, v in records.items()]
         return await run_queue.leases_checked(storage, runs)
 
     async def forget_run(self, store: Storage | dict[str, Any], run_id: str) -> bool:
@@ -285,9 +286,9 @@ class Engine:
             """Again in the store actor's order, where a start that has read the
             record has its run in flight."""
             self._refuse_in_flight(run_id)
-            durability.require_ended(key, record)
+            run_record.require_ended(key, record)
 
-        key = durability.record_key(run_id)
+        key = run_record.record_key(run_id)
         async with self._served(store) as (storage, actor):
             return await actor.forget_record(storage, key, check)
 
@@ -446,17 +447,17 @@ class Engine:
         recorded one)."""
         if not durable:
             return self._first_step(run, params)
-        key = durability.record_key(run.run_id)
+        key = run_record.record_key(run.run_id)
         stored = await run.store_actor.read_record(run.storage, key)
         if stored is None:
-            record = durability.new_record(run.run_id, run.flow.name, params)
+            record = run_record.new_record(run.run_id, run.flow.name, params)
             run.durability = DurableRun(record)
             await run.store_actor.create_record(run.storage, key, run.durability.record)
             return self._first_step(run, params)
-        record = durability.checked_record(key, stored)
-        durability.require_flow(run, record)
+        record = run_record.checked_record(key, stored)
+        run_record.require_flow(run, record)
         if record["state"] == "succeeded":
-            run.succeed(durability.recorded_result(record, run.storage))
+            run.succeed(run_record.recorded_result(record, run.storage))
             return None
         if not resume:
             raise RunRecordedError(
@@ -475,7 +476,7 @@ class Engine:
         outcome ends it."""
         durable = DurableRun({**record, "state": "running", "error": None})
         run.durability = durable
-        branches = durability.restore(run, record)
+        branches = run_record.restore(run, record)
         if not branches:
             return self._first_step(run, record["params"])
         durable.branches = dict.fromkeys(branches)
@@ -492,7 +493,7 @@ class Engine:
         routes to. Blocks as :meth:`_restore`; ``scope`` is cancelled if the run ends."""
         frame = branch.frames[-1]
         actor = self._flows.actor(frame.flow, frame.node_id)
-        message = durability.resumed(run, branch, actor, values)
+        message = run_record.resumed(run, branch, actor, values)
         if isinstance(message, Step):
             await actor.send(message, scope)
             return

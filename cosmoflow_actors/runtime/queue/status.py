@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from cosmoflow_actors.runtime.durability import RecordedState, RunRecord
 from cosmoflow_actors.runtime.queue.client import (
     FINISHED,
     RunQueue,
@@ -21,6 +20,7 @@ from cosmoflow_actors.runtime.queue.client import (
     decoded_info,
 )
 from cosmoflow_actors.runtime.queue.scripts import LEASE
+from cosmoflow_actors.runtime.run_record import RecordedState, RunRecord
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.redis import RedisStorage
 

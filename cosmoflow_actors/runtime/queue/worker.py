@@ -19,7 +19,7 @@ import trio
 
 from cosmoflow_actors.errors import RunConflictError, StorageError, StoreValueError, causes
 from cosmoflow_actors.flow import Flow, FlowResult
-from cosmoflow_actors.runtime import durability
+from cosmoflow_actors.runtime import run_record
 from cosmoflow_actors.runtime.queue.claims import LOGGER, Claim, Claimer, shielded_briefly
 from cosmoflow_actors.runtime.queue.client import GROUP, RunQueue, as_queue
 from cosmoflow_actors.runtime.queue.scripts import FINISH, HAND_BACK, RELEASE, RENEW
@@ -213,10 +213,10 @@ class _Worker:
         owner = {"worker": self.name, "queue": self.queue.address}
 
         def named(stored: Any) -> Any:
-            return durability.owned(stored, claim.run_id, claim.flow.name, claim.params, owner)
+            return run_record.owned(stored, claim.run_id, claim.flow.name, claim.params, owner)
 
         await storage.open()
-        await storage.update(durability.record_key(claim.run_id), named, None)
+        await storage.update(run_record.record_key(claim.run_id), named, None)
         await storage.commit()
 
     async def renew_leases(self) -> None:
