@@ -83,24 +83,3 @@ def test_forget_on_redis(
     assert main(["forget", store, "nightly"]) == 0
     assert capsys.readouterr().out == "nightly\n"
     assert recorded_runs(store, capsys) == []
-
-
-@pytest.mark.parametrize(
-    ("store", "message"),
-    [
-        ("memory", "memory: a memory store lives only as long as its run; nothing to forget"),
-        ("file:missing.json", "file:missing.json: no such file"),
-        ("sqlite:missing.db", "sqlite:missing.db: no such file"),
-    ],
-)
-def test_forget_needs_an_existing_persistent_store(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    store: str,
-    message: str,
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert main(["forget", store, "r"]) == 2
-    assert capsys.readouterr().err.strip() == f"cosmoflow: error: {message}"
-    assert list(tmp_path.iterdir()) == []

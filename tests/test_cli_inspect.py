@@ -89,27 +89,6 @@ def test_inspect_shows_long_values_shortened(
     assert (tmp_path / "s.json").read_bytes() == before
 
 
-@pytest.mark.parametrize(
-    ("store", "message"),
-    [
-        ("memory", "memory: a memory store lives only as long as its run"),
-        ("file:missing.json", "file:missing.json: no such file"),
-        ("sqlite:missing.db", "sqlite:missing.db: no such file"),
-    ],
-)
-def test_inspect_needs_an_existing_persistent_store(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    store: str,
-    message: str,
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert main(["inspect", store]) == 2
-    assert message in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_inspect_lists_the_durable_runs_of_a_store(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

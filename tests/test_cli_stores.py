@@ -25,6 +25,31 @@ from tests.storage_suite import RedisServer, unique_namespace
 pytestmark = pytest.mark.usefixtures("plain_output")
 
 
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ("memory", "memory: a memory store lives only as long as its run; nothing to {doing}"),
+        ("file:missing.json", "file:missing.json: no such file"),
+        ("sqlite:missing.db", "sqlite:missing.db: no such file"),
+    ],
+)
+@pytest.mark.parametrize("command", [["inspect"], ["forget", "r"]], ids=["inspect", "forget"])
+def test_a_command_on_what_a_store_holds_needs_an_existing_persistent_store(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    store: str,
+    message: str,
+) -> None:
+    """No file is created: opening a missing file store would make an empty one."""
+    monkeypatch.chdir(tmp_path)
+    [doing, *run_ids] = command
+    assert main([doing, store, *run_ids]) == 2
+    assert capsys.readouterr().err.strip() == f"cosmoflow: error: {message.format(doing=doing)}"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_store_that_cannot_be_opened_is_bad_input(
     tmp_path: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
