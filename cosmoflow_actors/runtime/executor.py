@@ -28,9 +28,9 @@ from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.ray_executor import OnRay
 from cosmoflow_actors.runtime.store_client import detached
 from cosmoflow_actors.runtime.transfer import (
-    WorkerInterruptedError,
     answer,
     exec_in_worker,
+    interruption,
     job,
     pickled_node,
     start_worker,
@@ -137,15 +137,16 @@ class _InThread:
 
 
 def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -> Any:
-    """Call ``exec_`` in a worker thread (blocks it). A KeyboardInterrupt there is exec's
-    own (signals reach only the main thread): WorkerInterruptedError, a failed
-    attempt."""
+    """Call ``exec_`` in a worker thread (blocks it). A KeyboardInterrupt there, alone or
+    in a group (exec ran its own trio.run), is exec's own (signals reach only the main
+    thread): WorkerInterruptedError, a failed attempt."""
     try:
         return exec_(*args)
-    except KeyboardInterrupt as exc:
-        raise WorkerInterruptedError(
-            "exec was interrupted in its thread (KeyboardInterrupt)"
-        ) from exc
+    except BaseException as exc:
+        interrupted = interruption(exc, "its thread")
+        if interrupted is None:
+            raise
+        raise interrupted from exc
 
 
 class _InProcess:

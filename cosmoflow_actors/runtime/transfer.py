@@ -45,9 +45,9 @@ class WorkerTransferError(CosmoFlowError, TypeError):
 
 
 class WorkerInterruptedError(CosmoFlowError, RuntimeError):
-    """exec raised KeyboardInterrupt in a worker thread, process or Ray task: a failed
-    attempt of that step alone, not the operator's Ctrl-C in the engine. The
-    KeyboardInterrupt is ``__cause__``."""
+    """exec raised KeyboardInterrupt (alone, or in an exception group) in a worker
+    thread, process or Ray task: a failed attempt of that step alone, not the operator's
+    Ctrl-C in the engine. What exec raised is ``__cause__``."""
 
 
 def pickled_node(node: Node, node_id: str) -> bytes:
@@ -80,18 +80,24 @@ def answer(pickled: bytes) -> Any:
     """What exec returned, as a worker pickled its outcome; or raise what it raised, a
     KeyboardInterrupt as WorkerInterruptedError. Never blocks."""
     result = _unpickled_answer(pickled)
-    if isinstance(result, outcome.Error) and _is_interrupt(result.error):
-        raise WorkerInterruptedError(
-            "exec was interrupted in the worker process (KeyboardInterrupt)"
-        ) from result.error
+    if isinstance(result, outcome.Error):
+        interrupted = interruption(result.error, "the worker process")
+        if interrupted is not None:
+            raise interrupted from result.error
     return result.unwrap()
 
 
-def _is_interrupt(error: BaseException) -> bool:
-    """Whether ``error`` is, or a group that holds, a KeyboardInterrupt."""
+def interruption(error: BaseException, worker: str) -> WorkerInterruptedError | None:
+    """The WorkerInterruptedError to raise, from ``error``, when exec raised ``error`` in
+    ``worker`` ("its thread", "the worker process") and it is, or is a group that holds,
+    a KeyboardInterrupt; None for any other error. Never blocks."""
     if isinstance(error, BaseExceptionGroup):
-        return error.subgroup(KeyboardInterrupt) is not None
-    return isinstance(error, KeyboardInterrupt)
+        interrupted = error.subgroup(KeyboardInterrupt) is not None
+    else:
+        interrupted = isinstance(error, KeyboardInterrupt)
+    if not interrupted:
+        return None
+    return WorkerInterruptedError(f"exec was interrupted in {worker} (KeyboardInterrupt)")
 
 
 def _unpickled_answer(pickled: bytes) -> outcome.Outcome[Any]:
