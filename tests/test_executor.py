@@ -255,8 +255,13 @@ def test_build_refuses_an_async_exec_on_a_thread() -> None:
 def test_build_refuses_a_node_that_cannot_be_pickled() -> None:
     node = Square()
     node.lock = threading.Lock()  # type: ignore[attr-defined]
-    with pytest.raises(cf.FlowValidationError, match="'sq': executor='process' cannot send"):
+    with pytest.raises(
+        cf.FlowValidationError, match="'sq': executor='process' cannot send"
+    ) as info:
         cf.Flow.builder("f").add_node("sq", node).build()
+    cause = info.value.__cause__
+    assert isinstance(cause, TypeError)
+    assert str(cause) == "cannot pickle '_thread.lock' object"
 
 
 async def test_the_store_is_not_reachable_from_a_thread() -> None:

@@ -171,15 +171,20 @@ class _InProcess:
         if none was (see :func:`within`)."""
         if self._pickled is None:
             self._pickled = pickled_node(self._node, ctx.node_id)
-        work = job(prep_res, ctx)
+        work = job(prep_res, ctx, "process")
         async with self._limiter:
             if self._workers.statistics().idle_workers == 0:
                 await self._start_worker(self._pickled)
             running = self._workers.run_sync(
-                exec_in_worker, self._pickled, work, kill_on_cancel=True, limiter=self._held
+                exec_in_worker,
+                self._pickled,
+                work,
+                "process",
+                kill_on_cancel=True,
+                limiter=self._held,
             )
-            pickled = await within(time_limit, ctx.node_id, running)
-        return answer(pickled)
+            sent = await within(time_limit, ctx.node_id, running)
+        return answer(sent, "process")
 
     async def _start_worker(self, node: bytes) -> None:
         """Blocks until a new worker process has started, unpickled ``node`` (imported
