@@ -4,9 +4,10 @@ as a Ray task (see ``ray_executor``).
 "thread" uses ``trio.to_thread.run_sync`` (not cancellable: a timeout or cancel waits
 for the call to return). "process" sends the node (pickled once per actor with
 cloudpickle, at its first attempt), the prep result and the context to a trio-parallel
-worker process, which is killed if the step is cancelled or times out. A timeout
-starts once the attempt has its thread or worker process. Both need a plain ``def
-exec``; the context they get has no store access.
+worker process, which is killed if the step is cancelled or times out (the processes
+exec started in it are not). A timeout starts once the attempt has its thread or
+worker process (see :func:`timed_call`). Both need a plain ``def exec``; the context
+they get has no store access.
 
 What crosses to a worker process and back, and the errors for what cannot, are the
 ``transfer`` module's (the "ray" executor shares them).
@@ -61,8 +62,10 @@ def exec_call(node: Node, workers: trio_parallel.WorkerContext | None) -> ExecCa
 
 def timed_call(call: ExecCall) -> TimedCall:
     """``call`` within a timeout. On a thread or a worker process the timeout starts once
-    the attempt has its thread or worker (waiting for a free one, and starting a
-    worker process, are not counted); elsewhere it covers the whole call."""
+    the attempt has its thread or worker (waiting for a free one, and starting a worker
+    process for this node, are not counted; a worker started for another node unpickles
+    this node, importing its modules, within the timed call); elsewhere it covers the
+    whole call."""
     if isinstance(call, _InThread | _InProcess):
         return call.attempt
     return functools.partial(_timed, call)
@@ -168,7 +171,9 @@ class _InProcess:
 
     async def attempt(self, prep_res: Any, ctx: ExecutionContext, time_limit: float | None) -> Any:
         """As a call; ``time_limit`` starts once the attempt has an idle worker, started
-        if none was (see :func:`within`)."""
+        for this node if none was (see :func:`within`). Blocks the engine's trio
+        thread while it pickles the prep result and unpickles exec's (see
+        ``transfer``)."""
         if self._pickled is None:
             self._pickled = pickled_node(self._node, ctx.node_id)
         work = job(prep_res, ctx, "process")

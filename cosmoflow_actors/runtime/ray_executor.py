@@ -256,8 +256,10 @@ class OnRay:
 
     async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
         """Blocks until a Ray task has run exec (the first call also puts the node in
-        Ray's object store); cancelled, it force-cancels the task. Raises what exec
-        raised, or WorkerTransferError for what could not make the trip."""
+        Ray's object store); cancelled, it force-cancels the task. Blocks the engine's
+        trio thread while it pickles the prep result and unpickles exec's (see
+        ``transfer``). Raises what exec raised, or WorkerTransferError for what could
+        not make the trip."""
         remote_ctx = ctx.copy(store=detached(ctx.store))
         work = job(prep_res, remote_ctx, "ray")
         if self._node_ref is None:

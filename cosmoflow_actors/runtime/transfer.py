@@ -12,8 +12,11 @@ raised in a worker is not the operator's Ctrl-C in the engine: it fails the atte
 process is gone (killed with SIGKILL, crashed), even in the middle of an exec: see
 :func:`_watch_parent`.
 
-Nothing here blocks but the worker side: :func:`start_worker` (while it unpickles the
-node) and :func:`exec_in_worker` (while exec runs).
+Every function here blocks the thread that calls it while it pickles or unpickles. The
+engine side runs in the engine's trio thread, where no other run moves meanwhile: a
+large prep result or exec result (100 MB, millions of objects) stalls the whole engine
+for 0.1 to 1.5 s. The worker side blocks its worker: :func:`start_worker` while it
+unpickles the node, :func:`exec_in_worker` also while exec runs.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ class WorkerInterruptedError(CosmoFlowError, RuntimeError):
 
 def pickled_node(node: Node, node_id: str) -> bytes:
     """``node`` pickled for a worker; WorkerTransferError naming ``node_id`` and the
-    executor when it cannot be (it could at build(), but has changed since). Never
-    blocks."""
+    executor when it cannot be (it could at build(), but has changed since). Blocks
+    while it pickles the node."""
     try:
         pickled: bytes = cloudpickle.dumps(node)
     except Exception as exc:
@@ -78,8 +81,8 @@ def worker_name(executor: str) -> str:
 
 
 def job(prep_res: Any, ctx: ExecutionContext, executor: str) -> bytes:
-    """The prep result and the context, pickled for a worker of ``executor``. Never
-    blocks."""
+    """The prep result and the context, pickled for a worker of ``executor``. Blocks
+    while it pickles them: for a large prep result, long enough to stall the engine."""
     try:
         pickled: bytes = cloudpickle.dumps((prep_res, ctx))
     except Exception as exc:
@@ -92,7 +95,8 @@ def job(prep_res: Any, ctx: ExecutionContext, executor: str) -> bytes:
 
 def answer(sent: Answer, executor: str) -> Any:
     """What exec returned, as a worker of ``executor`` sent it back; or raise what it
-    raised, a KeyboardInterrupt as WorkerInterruptedError. Never blocks."""
+    raised, a KeyboardInterrupt as WorkerInterruptedError. Blocks while it unpickles
+    the outcome: for a large result, long enough to stall the engine."""
     result = _unpickled_answer(sent)
     if isinstance(result, outcome.Error):
         interrupted = interruption(result.error, worker_name(executor))
@@ -117,7 +121,7 @@ def interruption(error: BaseException, worker: str) -> WorkerInterruptedError | 
 def _unpickled_answer(sent: Answer) -> outcome.Outcome[Any]:
     """exec's outcome, as a worker sent it; WorkerTransferError naming what exec
     returned or raised when it cannot be unpickled here (its class is in a module the
-    engine cannot import, say). Never blocks."""
+    engine cannot import, say). Blocks while it unpickles."""
     what, pickled = sent
     try:
         result: outcome.Outcome[Any] = cloudpickle.loads(pickled)
