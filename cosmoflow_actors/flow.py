@@ -374,7 +374,9 @@ class FlowBuilder:
         return self
 
     def build(self) -> Flow:
-        """Validate and return the flow; raise FlowValidationError naming every fault.
+        """Validate and return the flow; raise FlowValidationError naming every fault
+        (its ``__cause__`` is the pickling error of the first node that cannot be sent
+        to its worker, if any).
 
         Besides malformed input, a node that no route reaches from the start node is a
         fault (the branches of a fan-out and a join reached by routes count as reached),
@@ -384,7 +386,8 @@ class FlowBuilder:
         reported once, for what it is.
         """
         problems = [*self._problems, *self._route_problems(), *self._shadowed_routes()]
-        problems += self._config_problems() + self._nesting_problems()
+        config_problems, cause = self._config_problems()
+        problems += config_problems + self._nesting_problems()
         if not isinstance(self._name, str) or not self._name:
             problems.append(f"the flow's name must be a non-empty str, got {self._name!r}")
         start = self._start if self._start is not None else next(iter(self._ids), None)
@@ -399,7 +402,7 @@ class FlowBuilder:
         elif self._max_steps < 1:
             problems.append(f"max_steps must be >= 1, got {self._max_steps}")
         if problems or start is None:
-            raise FlowValidationError(self._name, problems)
+            raise FlowValidationError(self._name, problems) from cause
         joins = frozenset(self._joins)
         return Flow(self._name, self._nodes, tuple(self._routes), start, self._max_steps, joins)
 
@@ -477,8 +480,11 @@ class FlowBuilder:
             if node_id not in reached
         ]
 
-    def _config_problems(self) -> list[str]:
+    def _config_problems(self) -> tuple[list[str], Exception | None]:
+        """The faults of the nodes' settings and methods, and the first error behind one
+        (a node that cannot be pickled for its worker), which build() chains."""
         problems = []
+        cause: Exception | None = None
         for node_id, node in self._nodes.items():
             if isinstance(node, Node):
                 try:
@@ -486,11 +492,14 @@ class FlowBuilder:
                 except ValueError as exc:
                     problems.append(str(exc))
                     continue
-                batch = isinstance(node, BatchNode | BatchFlow)
-                for problem in (phase_problem(node, batch=batch), executor_problem(node)):
-                    if problem is not None:
-                        problems.append(f"node {node_id!r}: {problem}")
-        return problems
+                problem = phase_problem(node, batch=isinstance(node, BatchNode | BatchFlow))
+                if problem is not None:
+                    problems.append(f"node {node_id!r}: {problem}")
+                executor = executor_problem(node)
+                if executor is not None:
+                    problems.append(f"node {node_id!r}: {executor[0]}")
+                    cause = cause or executor[1]
+        return problems, cause
 
 
 def _from_pocketflow(cls: type) -> bool:

@@ -324,23 +324,26 @@ def _unannotated(signature: inspect.Signature) -> inspect.Signature:
     return signature.replace(parameters=parameters, return_annotation=signature.empty)
 
 
-def executor_problem(node: Node) -> str | None:
-    """Why ``node`` cannot run on its executor, or None; checked by ``Flow.build``."""
+def executor_problem(node: Node) -> tuple[str, Exception | None] | None:
+    """Why ``node`` cannot run on its executor, with the error that says so (the
+    pickling error of a node that cannot be sent to a worker; None for a check of this
+    module's), or None; checked by ``Flow.build``. Blocks while it pickles a "process"
+    or "ray" node."""
     if node.executor == "inline":
         return None
     exec_method = node.function if isinstance(node, FunctionNode) else type(node).exec
     if inspect.iscoroutinefunction(exec_method):
-        return f"executor={node.executor!r} needs a plain def exec, not async def"
+        return f"executor={node.executor!r} needs a plain def exec, not async def", None
     if node.executor == "ray":
         try:
             import ray  # noqa: F401
         except ImportError:
-            return "executor='ray' needs Ray: pip install 'cosmoflow-actors[ray]'"
+            return "executor='ray' needs Ray: pip install 'cosmoflow-actors[ray]'", None
     if node.executor in ("process", "ray"):
         try:
             cloudpickle.dumps(node)
         except Exception as exc:
-            return f"executor={node.executor!r} cannot send the node to a worker: {exc}"
+            return f"executor={node.executor!r} cannot send the node to a worker: {exc}", exc
     return None
 
 

@@ -255,8 +255,13 @@ def test_build_refuses_an_async_exec_on_a_thread() -> None:
 def test_build_refuses_a_node_that_cannot_be_pickled() -> None:
     node = Square()
     node.lock = threading.Lock()  # type: ignore[attr-defined]
-    with pytest.raises(cf.FlowValidationError, match="'sq': executor='process' cannot send"):
+    with pytest.raises(
+        cf.FlowValidationError, match="'sq': executor='process' cannot send"
+    ) as info:
         cf.Flow.builder("f").add_node("sq", node).build()
+    cause = info.value.__cause__
+    assert isinstance(cause, TypeError)
+    assert str(cause) == "cannot pickle '_thread.lock' object"
 
 
 async def test_the_store_is_not_reachable_from_a_thread() -> None:
@@ -440,23 +445,33 @@ async def test_a_cancelled_run_waiting_for_a_busy_worker_gives_its_slot_back_at_
 
 
 class InterruptsItself(cf.Node):
-    """A thread exec that raises KeyboardInterrupt, as a Ctrl-C of its own would."""
+    """A thread exec that raises KeyboardInterrupt, as a Ctrl-C of its own would: alone,
+    or with the ``grouped`` param in an exception group, as exec's own trio.run or
+    TaskGroup raises it."""
 
     executor = "thread"
 
     def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        if ctx.params.get("grouped"):
+            raise BaseExceptionGroup("exec's own run", [KeyboardInterrupt()])
         raise KeyboardInterrupt
 
 
-async def test_a_keyboard_interrupt_in_a_thread_exec_fails_its_run_alone() -> None:
+@pytest.mark.parametrize("grouped", [False, True])
+async def test_a_keyboard_interrupt_in_a_thread_exec_fails_its_run_alone(grouped: bool) -> None:
     async with cf.open_engine() as engine:
         with pytest.raises(cf.NodeError) as info:
-            await engine.run(single(InterruptsItself()))
+            await engine.run(single(InterruptsItself()), params={"grouped": grouped})
         after = await engine.run(single(WhereAmI(executor="thread")))
     cause = info.value.__cause__
     assert isinstance(cause, cf.WorkerInterruptedError)
     assert str(cause) == "exec was interrupted in its thread (KeyboardInterrupt)"
-    assert isinstance(cause.__cause__, KeyboardInterrupt)
+    raised = cause.__cause__
+    if grouped:
+        assert isinstance(raised, BaseExceptionGroup)
+        assert raised.subgroup(KeyboardInterrupt) is not None
+    else:
+        assert isinstance(raised, KeyboardInterrupt)
     assert after.success
 
 

@@ -1,10 +1,13 @@
-"""The engine's flows: registration starts a flow's node actors once, and a flow that is
-garbage has them retired."""
+"""The engine's flows: registration starts a flow's node actors once, a flow that is
+garbage has them retired, and the worker processes close with the engine."""
 
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import sys
+import threading
 import weakref
 from typing import Any
 
@@ -13,7 +16,9 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.flows import WORKER_GRACE_PERIOD
 from tests.support import Recorder, a_then_b, count_tasks, node_actors, single
+from tests.test_executor import WhereAmI
 
 
 class CancelAtSpawn(trio.abc.Instrument):
@@ -124,3 +129,40 @@ async def test_a_flow_nested_in_two_flows_has_one_set_of_node_actors() -> None:
         names = [actor.name for actor in node_actors(engine)]
         assert sorted(names) == ["shared/a", "shared/b"]
         assert engine.statistics().actor("shared/a").messages_processed == 3
+
+
+async def test_closing_the_engine_after_an_idle_worker_process_was_killed_raises_nothing() -> None:
+    async with cf.open_engine() as engine:
+        result = await engine.run(single(WhereAmI(executor="process")))
+        worker, _ = result.result
+        os.kill(worker, signal.SIGKILL)  # as the OOM killer or an operator might
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)  # the engine reaped it
+
+
+class LeavesAThread(cf.Node):
+    """exec, in a worker process, starts a non-daemon thread that never ends (a
+    library's background flusher, say), and returns the worker's pid."""
+
+    executor = "process"
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> int:
+        threading.Thread(target=threading.Event().wait, name="left behind").start()
+        return os.getpid()
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.complete(exec_res)
+
+
+async def test_a_worker_process_that_cannot_exit_is_killed_after_the_grace_period() -> None:
+    """The worker's interpreter waits for the thread at its exit: the engine's close
+    kills it once WORKER_GRACE_PERIOD has passed, and raises nothing."""
+    async with cf.open_engine() as engine:
+        worker = (await engine.run(single(LeavesAThread()))).result
+        closing = trio.current_time()
+    took = trio.current_time() - closing
+    assert WORKER_GRACE_PERIOD <= took < WORKER_GRACE_PERIOD + 5
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)

@@ -1,4 +1,5 @@
-"""The GIL switch interval: short while someone is inside, put back after the last."""
+"""The GIL switch interval: short while someone is inside, put back after the last
+unless the program set its own meanwhile."""
 
 from __future__ import annotations
 
@@ -45,3 +46,15 @@ def test_the_interval_is_restored_when_the_body_raises() -> None:
     with pytest.raises(RuntimeError), ShortSwitchInterval(SWITCH_INTERVAL):
         raise RuntimeError("boom")
     assert sys.getswitchinterval() == pytest.approx(0.005)
+
+
+def test_an_interval_the_program_sets_inside_is_kept_after() -> None:
+    short = ShortSwitchInterval(SWITCH_INTERVAL)
+    with short:
+        with short:
+            sys.setswitchinterval(0.002)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    assert sys.getswitchinterval() == pytest.approx(0.002)
+    with short:
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
+    assert sys.getswitchinterval() == pytest.approx(0.002)

@@ -306,8 +306,9 @@ async def test_a_timeout_force_cancels_the_ray_task(ray_cluster: None, tmp_path:
 def test_build_refuses_a_ray_node_that_cannot_be_pickled(ray_cluster: None) -> None:
     node = Square(executor="ray")
     node.lock = threading.Lock()  # type: ignore[attr-defined]
-    with pytest.raises(cf.FlowValidationError, match="'sq': executor='ray' cannot send"):
+    with pytest.raises(cf.FlowValidationError, match="'sq': executor='ray' cannot send") as info:
         cf.Flow.builder("f").add_node("sq", node).build()
+    assert isinstance(info.value.__cause__, TypeError)
 
 
 @pytest.mark.ray

@@ -111,6 +111,23 @@ class TakesTwo(Exception):
         super().__init__(first)
 
 
+def restored_only_in(pid: int) -> RestoredOnlyIn:
+    """A RestoredOnlyIn for process ``pid``; RuntimeError in any other process."""
+    if os.getpid() != pid:
+        raise RuntimeError(f"restored outside process {pid}")
+    return RestoredOnlyIn(pid)
+
+
+class RestoredOnlyIn:
+    """Pickles anywhere, unpickles only in process ``pid`` (the worker that made it)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (restored_only_in, (self.pid,))
+
+
 class Untransferable(cf.Node):
     """Something that cannot cross to or from a worker process: the ``kind`` param."""
 
@@ -127,30 +144,40 @@ class Untransferable(cf.Node):
             raise UnprintableLock("never shown")
         if kind == "error that cannot be unpickled":
             raise TakesTwo("one", "two")
+        if kind == "result that cannot be unpickled in the engine":
+            return RestoredOnlyIn(os.getpid())
         return threading.Lock()
 
 
+WORKER = {"process": "the worker process", "ray": "the Ray task"}
+"""How error texts name where exec runs, by executor."""
+
 TRANSFER_CASES = [
-    ("prep result", "cannot send the prep result (_thread.lock) to a worker process: "),
+    ("prep result", "cannot send the prep result (_thread.lock) to {worker}: "),
     (
         "unpicklable error",
         "exec raised tests.test_transfer.HoldsALock: the lock is mine, which cannot be "
-        "sent back from the worker process: TypeError: cannot pickle '_thread.lock'",
+        "sent back from {worker}: TypeError: cannot pickle '_thread.lock'",
     ),
     (
         "unpicklable, unprintable error",
         "exec raised tests.test_transfer.UnprintableLock: <unprintable>, which cannot be "
-        "sent back from the worker process: TypeError: cannot pickle '_thread.lock'",
+        "sent back from {worker}: TypeError: cannot pickle '_thread.lock'",
     ),
     (
         "error that cannot be unpickled",
         "exec raised tests.test_transfer.TakesTwo: one, which cannot be sent back from "
-        "the worker process: TypeError: ",
+        "{worker}: TypeError: ",
     ),
-    ("result", "exec returned a _thread.lock, which cannot be sent back from the worker"),
+    ("result", "exec returned a _thread.lock, which cannot be sent back from {worker}: "),
+    (
+        "result that cannot be unpickled in the engine",
+        "exec returned a tests.test_transfer.RestoredOnlyIn, which cannot be unpickled in "
+        "the engine: RuntimeError: restored outside process ",
+    ),
 ]
 """What :class:`Untransferable` is asked not to send (its ``kind`` param), and what the
-WorkerTransferError says."""
+WorkerTransferError says ({worker}: where exec ran, as :data:`WORKER` names it)."""
 
 
 async def check_what_cannot_cross_is_named(executor: str, kind: str, message: str) -> None:
@@ -160,7 +187,7 @@ async def check_what_cannot_cross_is_named(executor: str, kind: str, message: st
         await single(Untransferable(executor=executor)).run(params={"kind": kind})
     cause = info.value.__cause__
     assert isinstance(cause, cf.WorkerTransferError)
-    assert message in str(cause)
+    assert message.format(worker=WORKER[executor]) in str(cause)
     if "exec raised" in message:
         assert "in exec" in cause.__notes__[0]
 
@@ -262,7 +289,7 @@ async def check_a_workers_keyboard_interrupt_fails_its_run_alone(executor: str) 
         again = await engine.run(single(Square(executor=executor)), params={"n": 3})
     cause = info.value.__cause__
     assert isinstance(cause, cf.WorkerInterruptedError)
-    assert str(cause) == "exec was interrupted in the worker process (KeyboardInterrupt)"
+    assert str(cause) == f"exec was interrupted in {WORKER[executor]} (KeyboardInterrupt)"
     assert isinstance(cause.__cause__, KeyboardInterrupt)
     assert again.result[0] == 9
 
@@ -293,7 +320,7 @@ async def check_an_error_from_a_worker_keeps_its_traceback(executor: str) -> Non
     cause = info.value.__cause__
     assert isinstance(cause, KeyError)
     (note,) = cause.__notes__
-    assert note.startswith("exec's traceback in the worker process:\n")
+    assert note.startswith(f"exec's traceback in {WORKER[executor]}:\n")
     assert ", in exec\n" in note
     assert ", in missing_key\n" in note
     assert note.endswith("KeyError: 'gone'\n")

@@ -4,9 +4,10 @@ as a Ray task (see ``ray_executor``).
 "thread" uses ``trio.to_thread.run_sync`` (not cancellable: a timeout or cancel waits
 for the call to return). "process" sends the node (pickled once per actor with
 cloudpickle, at its first attempt), the prep result and the context to a trio-parallel
-worker process, which is killed if the step is cancelled or times out. A timeout
-starts once the attempt has its thread or worker process. Both need a plain ``def
-exec``; the context they get has no store access.
+worker process, which is killed if the step is cancelled or times out (the processes
+exec started in it are not). A timeout starts once the attempt has its thread or
+worker process (see :func:`timed_call`). Both need a plain ``def exec``; the context
+they get has no store access.
 
 What crosses to a worker process and back, and the errors for what cannot, are the
 ``transfer`` module's (the "ray" executor shares them).
@@ -28,9 +29,9 @@ from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.ray_executor import OnRay
 from cosmoflow_actors.runtime.store_client import detached
 from cosmoflow_actors.runtime.transfer import (
-    WorkerInterruptedError,
     answer,
     exec_in_worker,
+    interruption,
     job,
     pickled_node,
     start_worker,
@@ -61,8 +62,10 @@ def exec_call(node: Node, workers: trio_parallel.WorkerContext | None) -> ExecCa
 
 def timed_call(call: ExecCall) -> TimedCall:
     """``call`` within a timeout. On a thread or a worker process the timeout starts once
-    the attempt has its thread or worker (waiting for a free one, and starting a
-    worker process, are not counted); elsewhere it covers the whole call."""
+    the attempt has its thread or worker (waiting for a free one, and starting a worker
+    process for this node, are not counted; a worker started for another node unpickles
+    this node, importing its modules, within the timed call); elsewhere it covers the
+    whole call."""
     if isinstance(call, _InThread | _InProcess):
         return call.attempt
     return functools.partial(_timed, call)
@@ -137,15 +140,16 @@ class _InThread:
 
 
 def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -> Any:
-    """Call ``exec_`` in a worker thread (blocks it). A KeyboardInterrupt there is exec's
-    own (signals reach only the main thread): WorkerInterruptedError, a failed
-    attempt."""
+    """Call ``exec_`` in a worker thread (blocks it). A KeyboardInterrupt there, alone or
+    in a group (exec ran its own trio.run), is exec's own (signals reach only the main
+    thread): WorkerInterruptedError, a failed attempt."""
     try:
         return exec_(*args)
-    except KeyboardInterrupt as exc:
-        raise WorkerInterruptedError(
-            "exec was interrupted in its thread (KeyboardInterrupt)"
-        ) from exc
+    except BaseException as exc:
+        interrupted = interruption(exc, "its thread")
+        if interrupted is None:
+            raise
+        raise interrupted from exc
 
 
 class _InProcess:
@@ -167,18 +171,25 @@ class _InProcess:
 
     async def attempt(self, prep_res: Any, ctx: ExecutionContext, time_limit: float | None) -> Any:
         """As a call; ``time_limit`` starts once the attempt has an idle worker, started
-        if none was (see :func:`within`)."""
+        for this node if none was (see :func:`within`). Blocks the engine's trio
+        thread while it pickles the prep result and unpickles exec's (see
+        ``transfer``)."""
         if self._pickled is None:
             self._pickled = pickled_node(self._node, ctx.node_id)
-        work = job(prep_res, ctx)
+        work = job(prep_res, ctx, "process")
         async with self._limiter:
             if self._workers.statistics().idle_workers == 0:
                 await self._start_worker(self._pickled)
             running = self._workers.run_sync(
-                exec_in_worker, self._pickled, work, kill_on_cancel=True, limiter=self._held
+                exec_in_worker,
+                self._pickled,
+                work,
+                "process",
+                kill_on_cancel=True,
+                limiter=self._held,
             )
-            pickled = await within(time_limit, ctx.node_id, running)
-        return answer(pickled)
+            sent = await within(time_limit, ctx.node_id, running)
+        return answer(sent, "process")
 
     async def _start_worker(self, node: bytes) -> None:
         """Blocks until a new worker process has started, unpickled ``node`` (imported

@@ -11,6 +11,7 @@ long as something else holds the flow.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,6 +32,11 @@ from cosmoflow_actors.runtime.statistics import FlowLabels
 
 RAY_SHUTDOWN_TIMEOUT: Final = 30.0
 """Seconds a closing engine waits for a Ray it started to shut down."""
+WORKER_GRACE_PERIOD: Final = 2.0
+"""Seconds a closing engine gives its worker processes to exit once it has told them
+to. An idle worker exits in milliseconds; one still alive after this (an exec left a
+non-daemon thread running in it, and the interpreter waits for that thread) is killed
+with SIGKILL."""
 
 Supervise = Callable[[NodeActor], Awaitable[None]]
 """The engine's supervisor of a node actor: ``await supervise(actor)``."""
@@ -212,10 +218,21 @@ class FlowRegistry:
     async def _hold_workers(
         self, *, task_status: trio.TaskStatus[trio_parallel.WorkerContext]
     ) -> None:
-        """Keep the worker processes of "process" nodes open as long as the engine."""
-        async with trio_parallel.open_worker_context() as workers:
-            task_status.started(workers)
-            await trio.sleep_forever()
+        """Keep the worker processes of "process" nodes open as long as the engine.
+        When the engine closes, blocks (shielded, in a thread) while the workers exit:
+        at most :data:`WORKER_GRACE_PERIOD` seconds, then the ones left are killed.
+
+        How a worker ended is not an error of the engine's: the runs' outcomes say what
+        went wrong. trio-parallel raises BrokenWorkerError at the close for a worker
+        that exited nonzero (one killed while idle, say) or had to be killed; it is
+        dropped here.
+        """
+        with contextlib.suppress(trio_parallel.BrokenWorkerError):
+            async with trio_parallel.open_worker_context(
+                grace_period=WORKER_GRACE_PERIOD
+            ) as workers:
+                task_status.started(workers)
+                await trio.sleep_forever()
 
     async def _connect_ray(self) -> None:
         """Connect to Ray for "ray" nodes, once; :meth:`disconnect_ray` lets go of it

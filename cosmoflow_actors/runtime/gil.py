@@ -12,7 +12,8 @@ and gets it within that interval.
 The interval is a setting of the whole process, so :data:`SHORT_SWITCH_INTERVAL`
 shortens it only while the store actor of a backend instance opens it or applies a
 batch (when the engine waits for a backend's threads), and puts back the value it found
-when the last one is done. The engine-wide actor of memory storage, whose backends never
+when the last one is done, unless the program set another interval meanwhile (that one
+is kept). The engine-wide actor of memory storage, whose backends never
 await, leaves it alone. With no other thread wanting the GIL, a shorter interval changes
 nothing.
 """
@@ -32,8 +33,10 @@ batch."""
 
 @final
 class ShortSwitchInterval:
-    """A context manager, re-entrant across tasks and threads, that keeps
-    ``sys.getswitchinterval()`` at most ``seconds`` while anyone is inside it.
+    """A context manager, re-entrant across tasks and threads, that makes
+    ``sys.getswitchinterval()`` at most ``seconds`` when the first user enters it. When
+    the last one leaves, it puts back the interval it found, if the interval is still
+    the one it set: an interval the program set meanwhile is the program's choice.
 
     Never blocks (beyond an uncontended lock) and is not a checkpoint.
     """
@@ -43,12 +46,15 @@ class ShortSwitchInterval:
         self._lock = threading.Lock()
         self._users = 0
         self._saved = 0.0
+        self._set = 0.0
 
     def __enter__(self) -> None:
         with self._lock:
             if self._users == 0:
                 self._saved = sys.getswitchinterval()
                 sys.setswitchinterval(min(self._saved, self._seconds))
+                # As sys reads it back (it keeps whole microseconds).
+                self._set = sys.getswitchinterval()
             self._users += 1
 
     def __exit__(
@@ -59,7 +65,7 @@ class ShortSwitchInterval:
     ) -> None:
         with self._lock:
             self._users -= 1
-            if self._users == 0:
+            if self._users == 0 and sys.getswitchinterval() == self._set:
                 sys.setswitchinterval(self._saved)
 
 

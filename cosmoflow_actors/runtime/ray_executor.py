@@ -35,7 +35,7 @@ import trio
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.store_client import detached
-from cosmoflow_actors.runtime.transfer import answer, exec_in_worker, job, pickled_node
+from cosmoflow_actors.runtime.transfer import Answer, answer, exec_in_worker, job, pickled_node
 
 RAY_SYSTEM_RETRIES = 3
 """Times Ray resubmits a task whose worker process died (not when exec raises), unless
@@ -256,14 +256,16 @@ class OnRay:
 
     async def __call__(self, prep_res: Any, ctx: ExecutionContext) -> Any:
         """Blocks until a Ray task has run exec (the first call also puts the node in
-        Ray's object store); cancelled, it force-cancels the task. Raises what exec
-        raised, or WorkerTransferError for what could not make the trip."""
+        Ray's object store); cancelled, it force-cancels the task. Blocks the engine's
+        trio thread while it pickles the prep result and unpickles exec's (see
+        ``transfer``). Raises what exec raised, or WorkerTransferError for what could
+        not make the trip."""
         remote_ctx = ctx.copy(store=detached(ctx.store))
-        work = job(prep_res, remote_ctx)
+        work = job(prep_res, remote_ctx, "ray")
         if self._node_ref is None:
             await self._put_node(ctx.node_id)
-        ref = self._remote.remote(self._node_ref, work)
-        return answer(await _result(ref))
+        ref = self._remote.remote(self._node_ref, work, "ray")
+        return answer(await _result(ref), "ray")
 
     async def _put_node(self, node_id: str) -> None:
         """Unless another attempt has done it meanwhile: pickle the node
@@ -284,7 +286,7 @@ class OnRay:
             self._node_ref, self._remote = await trio.to_thread.run_sync(prepare)
 
 
-async def _result(ref: Any) -> bytes:
+async def _result(ref: Any) -> Answer:
     """Wait for the Ray task ``ref`` without blocking trio; force-cancel it (and not wait)
     if this is cancelled. Raises what the task's future raises (a lost worker past its
     retries, a task cancelled by someone else)."""
@@ -292,9 +294,9 @@ async def _result(ref: Any) -> bytes:
 
     done = trio.Event()
     token = trio.lowlevel.current_trio_token()
-    future: Future[bytes] = ref.future()
+    future: Future[Answer] = ref.future()
 
-    def wake(_: Future[bytes]) -> None:
+    def wake(_: Future[Answer]) -> None:
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(done.set)
 

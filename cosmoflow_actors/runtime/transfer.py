@@ -12,8 +12,11 @@ raised in a worker is not the operator's Ctrl-C in the engine: it fails the atte
 process is gone (killed with SIGKILL, crashed), even in the middle of an exec: see
 :func:`_watch_parent`.
 
-Nothing here blocks but the worker side: :func:`start_worker` (while it unpickles the
-node) and :func:`exec_in_worker` (while exec runs).
+Every function here blocks the thread that calls it while it pickles or unpickles. The
+engine side runs in the engine's trio thread, where no other run moves meanwhile: a
+large prep result or exec result (100 MB, millions of objects) stalls the whole engine
+for 0.1 to 1.5 s. The worker side blocks its worker: :func:`start_worker` while it
+unpickles the node, :func:`exec_in_worker` also while exec runs.
 """
 
 from __future__ import annotations
@@ -38,22 +41,24 @@ was gone (EX_SOFTWARE)."""
 
 class WorkerTransferError(CosmoFlowError, TypeError):
     """exec's input (the node, the prep result, the context) could not be sent to a
-    worker process, or what exec returned or raised could not be sent back: pickling
-    (or, for an exception, unpickling) failed. The message says which value it was (the
-    node by its id and executor); for an exception, its type and message, with the
-    worker's traceback in a note."""
+    worker process or Ray task, or what exec returned or raised could not be sent back:
+    pickling it (or unpickling it, in the worker for an exception, in the engine for
+    anything) failed. The message says which value it was (the node by its id and
+    executor; what exec returned or raised by its type); for an exception, its type and
+    message, with the worker's traceback in a note. A failure in the engine has the
+    pickling error as ``__cause__``; one in the worker names it in the message."""
 
 
 class WorkerInterruptedError(CosmoFlowError, RuntimeError):
-    """exec raised KeyboardInterrupt in a worker thread, process or Ray task: a failed
-    attempt of that step alone, not the operator's Ctrl-C in the engine. The
-    KeyboardInterrupt is ``__cause__``."""
+    """exec raised KeyboardInterrupt (alone, or in an exception group) in a worker
+    thread, process or Ray task: a failed attempt of that step alone, not the operator's
+    Ctrl-C in the engine. What exec raised is ``__cause__``."""
 
 
 def pickled_node(node: Node, node_id: str) -> bytes:
     """``node`` pickled for a worker; WorkerTransferError naming ``node_id`` and the
-    executor when it cannot be (it could at build(), but has changed since). Never
-    blocks."""
+    executor when it cannot be (it could at build(), but has changed since). Blocks
+    while it pickles the node."""
     try:
         pickled: bytes = cloudpickle.dumps(node)
     except Exception as exc:
@@ -64,43 +69,65 @@ def pickled_node(node: Node, node_id: str) -> bytes:
     return pickled
 
 
-def job(prep_res: Any, ctx: ExecutionContext) -> bytes:
-    """The prep result and the context, pickled for a worker. Never blocks."""
+Answer = tuple[str, bytes]
+"""What a worker sends back: what exec did ("exec returned a mod.Type", "exec raised
+mod.Type"), readable even when the engine cannot unpickle the rest, and exec's outcome
+pickled."""
+
+
+def worker_name(executor: str) -> str:
+    """What runs exec for ``executor`` ("process" or "ray"), as error texts name it."""
+    return "the Ray task" if executor == "ray" else "the worker process"
+
+
+def job(prep_res: Any, ctx: ExecutionContext, executor: str) -> bytes:
+    """The prep result and the context, pickled for a worker of ``executor``. Blocks
+    while it pickles them: for a large prep result, long enough to stall the engine."""
     try:
         pickled: bytes = cloudpickle.dumps((prep_res, ctx))
     except Exception as exc:
         what = "the context" if _pickles(prep_res) else f"the prep result ({_type_name(prep_res)})"
         raise WorkerTransferError(
-            f"cannot send {what} to a worker process: {type_and_message(exc)}"
+            f"cannot send {what} to {worker_name(executor)}: {type_and_message(exc)}"
         ) from exc
     return pickled
 
 
-def answer(pickled: bytes) -> Any:
-    """What exec returned, as a worker pickled its outcome; or raise what it raised, a
-    KeyboardInterrupt as WorkerInterruptedError. Never blocks."""
-    result = _unpickled_answer(pickled)
-    if isinstance(result, outcome.Error) and _is_interrupt(result.error):
-        raise WorkerInterruptedError(
-            "exec was interrupted in the worker process (KeyboardInterrupt)"
-        ) from result.error
+def answer(sent: Answer, executor: str) -> Any:
+    """What exec returned, as a worker of ``executor`` sent it back; or raise what it
+    raised, a KeyboardInterrupt as WorkerInterruptedError. Blocks while it unpickles
+    the outcome: for a large result, long enough to stall the engine."""
+    result = _unpickled_answer(sent)
+    if isinstance(result, outcome.Error):
+        interrupted = interruption(result.error, worker_name(executor))
+        if interrupted is not None:
+            raise interrupted from result.error
     return result.unwrap()
 
 
-def _is_interrupt(error: BaseException) -> bool:
-    """Whether ``error`` is, or a group that holds, a KeyboardInterrupt."""
+def interruption(error: BaseException, worker: str) -> WorkerInterruptedError | None:
+    """The WorkerInterruptedError to raise, from ``error``, when exec raised ``error`` in
+    ``worker`` ("its thread", "the Ray task") and it is, or is a group that holds,
+    a KeyboardInterrupt; None for any other error. Never blocks."""
     if isinstance(error, BaseExceptionGroup):
-        return error.subgroup(KeyboardInterrupt) is not None
-    return isinstance(error, KeyboardInterrupt)
+        interrupted = error.subgroup(KeyboardInterrupt) is not None
+    else:
+        interrupted = isinstance(error, KeyboardInterrupt)
+    if not interrupted:
+        return None
+    return WorkerInterruptedError(f"exec was interrupted in {worker} (KeyboardInterrupt)")
 
 
-def _unpickled_answer(pickled: bytes) -> outcome.Outcome[Any]:
-    """exec's outcome, as a worker pickled it. Never blocks."""
+def _unpickled_answer(sent: Answer) -> outcome.Outcome[Any]:
+    """exec's outcome, as a worker sent it; WorkerTransferError naming what exec
+    returned or raised when it cannot be unpickled here (its class is in a module the
+    engine cannot import, say). Blocks while it unpickles."""
+    what, pickled = sent
     try:
         result: outcome.Outcome[Any] = cloudpickle.loads(pickled)
     except Exception as exc:
         raise WorkerTransferError(
-            f"exec's result could not be unpickled in the engine: {type_and_message(exc)}"
+            f"{what}, which cannot be unpickled in the engine: {type_and_message(exc)}"
         ) from exc
     return result
 
@@ -128,64 +155,65 @@ def start_worker(node_bytes: bytes) -> None:
     started, watches its parent (:func:`_watch_parent`) and has unpickled the node
     (imported its modules). Blocks while it unpickles."""
     _watch_parent()
-    _node(node_bytes)
+    _node(node_bytes, worker_name("process"))
 
 
-def exec_in_worker(node_bytes: bytes, job: bytes) -> bytes:
-    """Runs in the worker process: unpickle, run exec, pickle the outcome. Blocks while
-    exec runs."""
+def exec_in_worker(node_bytes: bytes, job: bytes, executor: str) -> Answer:
+    """Runs in the worker process (a Ray task's, for ``executor`` "ray"): unpickle, run
+    exec, pickle the outcome. Blocks while exec runs."""
     _watch_parent()
-    node = _node(node_bytes)
-    prep_res, ctx = _restored("exec's input (what prep returned, and the context)", job)
-    return _sendable(outcome.capture(node.exec, prep_res, ctx))
+    worker = worker_name(executor)
+    node = _node(node_bytes, worker)
+    prep_res, ctx = _restored("exec's input (what prep returned, and the context)", job, worker)
+    return _sendable(outcome.capture(node.exec, prep_res, ctx), worker)
 
 
-def _node(node_bytes: bytes) -> Node:
+def _node(node_bytes: bytes, worker: str) -> Node:
     """The node pickled as ``node_bytes``, unpickled once per worker process: kept in
     :data:`_nodes`, which is emptied when it holds :data:`_MAX_CACHED_NODES`."""
     node = _nodes.get(node_bytes)
     if node is None:
         if len(_nodes) >= _MAX_CACHED_NODES:
             _nodes.clear()
-        node = _nodes[node_bytes] = _restored("the node", node_bytes)
+        node = _nodes[node_bytes] = _restored("the node", node_bytes, worker)
     return node
 
 
-def _restored(what: str, pickled: bytes) -> Any:
-    """``pickled`` unpickled in the worker process. An error doing so is raised as it
-    is (so that ``retry_on`` sees its type), with a note saying that it was raised
-    restoring ``what`` there. Blocks while it unpickles."""
+def _restored(what: str, pickled: bytes, worker: str) -> Any:
+    """``pickled`` unpickled in ``worker``. An error doing so is raised as it is (so
+    that ``retry_on`` sees its type), with a note saying that it was raised restoring
+    ``what`` there. Blocks while it unpickles."""
     try:
         return cloudpickle.loads(pickled)
     except Exception as exc:
-        exc.add_note(f"raised while the worker process restored {what}")
+        exc.add_note(f"raised while {worker} restored {what}")
         raise
 
 
-def _sendable(result: outcome.Outcome[Any]) -> bytes:
-    """``result`` pickled for the engine (see :func:`_sendable_error` for an exception).
-    When a value cannot be, an Error(WorkerTransferError) that says what it was. Never
-    blocks."""
+def _sendable(result: outcome.Outcome[Any], worker: str) -> Answer:
+    """``result``, exec's outcome in ``worker``, as sent to the engine (see
+    :func:`_sendable_error` for an exception). When a value cannot be pickled, an
+    Error(WorkerTransferError) that says what it was. Blocks while it pickles."""
     if isinstance(result, outcome.Error):
-        return _sendable_error(result.error)
+        return _sendable_error(result.error, worker)
     assert isinstance(result, outcome.Value)
+    what = f"exec returned a {_type_name(result.value)}"
     try:
-        pickled: bytes = cloudpickle.dumps(result)
+        return what, cloudpickle.dumps(result)
     except Exception as exc:
         failed = WorkerTransferError(
-            f"exec returned a {_type_name(result.value)}, which cannot be sent back from "
-            f"the worker process: {type_and_message(exc)}"
+            f"{what}, which cannot be sent back from {worker}: {type_and_message(exc)}"
         )
-        pickled = cloudpickle.dumps(outcome.Error(failed))
-    return pickled
+        return f"exec raised {_type_name(failed)}", cloudpickle.dumps(outcome.Error(failed))
 
 
-def _sendable_error(raised: BaseException) -> bytes:
-    """Error(``raised``) pickled for the engine, with exec's traceback in the worker in a
-    note (pickling drops the traceback); it is also unpickled, to check that it makes
-    the trip. When it cannot, an Error(WorkerTransferError) that says what it was, with
-    that note. Never blocks."""
-    note = f"exec's traceback in the worker process:\n{''.join(traceback.format_exception(raised))}"
+def _sendable_error(raised: BaseException, worker: str) -> Answer:
+    """Error(``raised``), raised by exec in ``worker``, as sent to the engine, with
+    exec's traceback there in a note (pickling drops the traceback); it is also
+    unpickled, to check that it makes the trip. When it cannot, an
+    Error(WorkerTransferError) that says what it was, with that note. Blocks while it
+    pickles and unpickles."""
+    note = f"exec's traceback in {worker}:\n{''.join(traceback.format_exception(raised))}"
     raised.add_note(note)
     try:
         pickled: bytes = cloudpickle.dumps(outcome.Error(raised))
@@ -193,11 +221,11 @@ def _sendable_error(raised: BaseException) -> bytes:
     except Exception as exc:
         substitute = WorkerTransferError(
             f"exec raised {_type_name(raised)}: {error_text(raised)}, which cannot be sent "
-            f"back from the worker process: {type_and_message(exc)}"
+            f"back from {worker}: {type_and_message(exc)}"
         )
         substitute.add_note(note)
-        pickled = cloudpickle.dumps(outcome.Error(substitute))
-    return pickled
+        return f"exec raised {_type_name(substitute)}", cloudpickle.dumps(outcome.Error(substitute))
+    return f"exec raised {_type_name(raised)}", pickled
 
 
 _watching_parent = False
