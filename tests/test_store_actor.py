@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -534,3 +534,152 @@ async def test_a_forget_whose_backend_fails_a_delete_keeps_every_record() -> Non
         with pytest.raises(cf.StorageError, match="forget failed"):
             await engine.forget_run(storage, "p")
     assert storage.data == records
+
+
+class Staging(JsonDictStorage):
+    """A custom backend as the contract asks: writes are staged until ``commit``, which
+    stores them all, or, while ``commit_fails``, none (it raises and drops them). A get
+    of "gate" waits for ``gate``, holding the actor while requests queue."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.staged: dict[str, str] = {}
+        self.commit_fails = False
+        self.gate = trio.Event()
+
+    async def get(self, key: str) -> Any:
+        if key == "gate":
+            await self.gate.wait()
+        if key in self.staged:
+            return json.loads(self.staged[key])
+        return await super().get(key)
+
+    async def set(self, key: str, value: Any) -> None:
+        self.staged[key] = json.dumps(value)
+
+    async def commit(self) -> None:
+        staged, self.staged = self.staged, {}
+        if self.commit_fails:
+            raise cf.StorageError("disk full")
+        self.data.update(staged)
+
+
+async def test_a_read_after_a_write_whose_commit_fails_fails_too() -> None:
+    """A read, a write and a read queue in one batch whose commit fails: the first read
+    has the value stored, the write and the read after it (which saw the write) fail;
+    the store keeps what it had."""
+    storage = Staging()
+    answers: dict[str, Any] = {}
+
+    async def answer(name: str, call: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            answers[name] = await call()
+        except cf.StorageError as exc:
+            answers[name] = str(exc)
+
+    async with cf.open_engine() as engine, engine.open_store(storage) as store:
+        await store.set("k", "old")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.get, "gate", None)
+            await trio.testing.wait_all_tasks_blocked()
+            for name, call in [
+                ("before", partial(store.get, "k")),
+                ("write", partial(store.set, "k", "new")),
+                ("after", partial(store.get, "k")),
+            ]:
+                nursery.start_soon(answer, name, call)
+                await trio.testing.wait_all_tasks_blocked()
+            storage.commit_fails = True
+            storage.gate.set()
+        assert answers["before"] == "old"
+        assert answers["write"] == answers["after"]
+        assert answers["after"].endswith("commit failed: disk full")
+        storage.commit_fails = False
+        assert await store.get("k") == "old"
+    assert storage.data == {"k": '"old"'}
+
+
+class AnswersBadly(JsonDictStorage):
+    """A custom backend whose get_many answers with ``answer``."""
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__({})
+        self.answer = answer
+
+    async def get_many(self, keys: list[str]) -> dict[str, Any]:
+        answer: dict[str, Any] = self.answer
+        return answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        ([], "get_many returned a list, not a dict"),
+        ({"other": 1}, "get_many returned keys it was not asked for: ['other']"),
+    ],
+    ids=["list", "extra-key"],
+)
+async def test_a_get_many_answer_that_breaks_the_contract_fails_the_run_naming_the_backend(
+    answer: Any, problem: str
+) -> None:
+    """Route conditions are read with get_many: a wrong answer must fail the run, not
+    route it."""
+    flow = (
+        cf.Flow.builder("routed")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b", when=cf.ActionCondition.key_exists("go"))
+        .add_route("a", cf.END)
+        .build()
+    )
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError) as info:
+            await engine.run(flow, AnswersBadly(answer))
+        assert str(info.value).endswith(problem)
+        assert (await engine.run(flow, {"go": 1})).execution_path == ("a", "b")
+
+
+class SlowAsyncCommit(JsonDictStorage):
+    """An async backend whose commit writes its staged keys one by one, with a
+    checkpoint before each: cut half-way, it would leave some of them."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.staged: dict[str, str] = {}
+        self.committing = trio.Event()
+
+    async def set(self, key: str, value: Any) -> None:
+        self.staged[key] = json.dumps(value)
+
+    async def commit(self) -> None:
+        staged, self.staged = self.staged, {}
+        self.committing.set()
+        for key, value in staged.items():
+            await trio.sleep(1)
+            self.data[key] = value
+
+
+async def test_an_engine_cancelled_during_an_async_commit_lets_it_finish(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    storage = SlowAsyncCommit()
+    with trio.CancelScope() as scope:
+        async with (
+            cf.open_engine() as engine,
+            engine.open_store(storage) as store,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(store.set_many, {"a": 1, "b": 2, "c": 3})
+            await storage.committing.wait()
+            scope.cancel()
+    assert storage.data == {"a": "1", "b": "2", "c": "3"}
+
+
+async def test_an_async_commit_that_outlasts_its_bound_fails_its_writes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    storage = SlowAsyncCommit()
+    many = {f"k{i}": i for i in range(int(store_actor.COMMIT_SECONDS) + 5)}
+    async with cf.open_engine() as engine, engine.open_store(storage) as store:
+        with pytest.raises(cf.StorageError, match="commit failed: the backend raised TooSlow"):
+            await store.set_many(many)

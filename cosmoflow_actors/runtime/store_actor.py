@@ -52,6 +52,12 @@ MAX_BATCH: Final = 1024
 CLOSE_SECONDS: Final = 30.0
 """How long a retiring actor's backend may take to close (``aclose``) when cancelled."""
 
+COMMIT_SECONDS: Final = 30.0
+"""How long a backend's commit (``commit``, ``commit_step``) may go on, shielded from
+cancellation: the engine closing does not cut an async backend's commit half-way. One
+still going on after that is cancelled (an async backend's; a thread cannot be) and
+fails."""
+
 Handler = Callable[[StoreRequest], Awaitable[Any]]
 T = TypeVar("T")
 
@@ -327,17 +333,15 @@ class StoreActor(Actor[StoreRequest]):
     async def _commit(
         self, storage: Storage, batch: list[StoreRequest], answers: list[outcome.Outcome[Any]]
     ) -> None:
-        """Commit ``storage``; if that fails (whatever it raised), every write to it in
-        the batch fails."""
+        """Commit ``storage``; if that fails (whatever it raised), every request to it
+        from its first write in the batch on fails: the writes were not stored, and the
+        reads after them may have seen what they wrote."""
         try:
-            await storage.commit()
+            await _uncut(storage.commit())
         except Exception as exc:
-            for i, request in enumerate(batch):
-                if (
-                    request.storage is storage
-                    and request.op.writes
-                    and isinstance(answers[i], outcome.Value)
-                ):
+            writes = [i for i, r in enumerate(batch) if r.storage is storage and r.op.writes]
+            for i in range(writes[0], len(batch)):
+                if batch[i].storage is storage and isinstance(answers[i], outcome.Value):
                     answers[i] = outcome.Error(self._commit_failed(exc))
 
     def _commit_failed(self, error: Exception) -> StorageError:
@@ -366,7 +370,7 @@ class StoreActor(Actor[StoreRequest]):
         return len(await _user_keys(request.storage))
 
     async def _get_many(self, request: StoreRequest) -> Any:
-        return await request.storage.get_many(request.argument)
+        return await self._found(request.storage, request.argument)
 
     async def _set(self, request: StoreRequest) -> Any:
         await request.storage.set(request.key, request.argument)
@@ -400,7 +404,7 @@ class StoreActor(Actor[StoreRequest]):
         storage = request.storage
         staged, record, steps_before = request.argument
         ops = [_guarded(op) for op in staged]
-        if await storage.commit_step(ops, request.key, record, steps_before):
+        if await _uncut(storage.commit_step(ops, request.key, record, steps_before)):
             return
         check_steps(request.key, await value_or(storage, request.key, None), steps_before)
         undo = _StoreUndo(storage)
@@ -434,7 +438,33 @@ class StoreActor(Actor[StoreRequest]):
     async def _records(self, request: StoreRequest) -> Any:
         storage = request.storage
         keys = [key for key in await storage.keys() if key.startswith(RECORD_PREFIX)]
-        return await storage.get_many(keys)
+        return await self._found(storage, keys)
+
+    async def _found(self, storage: Storage, keys: list[str]) -> dict[str, Any]:
+        """``storage.get_many(keys)``, checked: a StorageError naming this actor when
+        the backend answers with no dict, or with keys it was not asked for (route
+        conditions and run records are read this way: a wrong answer would route a run
+        wrongly or hide it)."""
+        found = await storage.get_many(keys)
+        if not isinstance(found, dict):
+            raise StorageError(
+                f"{self.name}: get_many returned a {type(found).__name__}, not a dict"
+            )
+        extra = found.keys() - set(keys)
+        if extra:
+            raise StorageError(
+                f"{self.name}: get_many returned keys it was not asked for: {sorted(extra)!r}"
+            )
+        return found
+
+
+async def _uncut(commit: Awaitable[T]) -> T:
+    """Await ``commit``, a backend's commit, shielded from cancellation for at most
+    COMMIT_SECONDS, so that the engine closing does not cut it half-way; past that it is
+    cancelled and TooSlowError raised (the commit failed)."""
+    with trio.move_on_after(COMMIT_SECONDS, shield=True):
+        return await commit
+    raise trio.TooSlowError(f"the commit went on for over {COMMIT_SECONDS:g} s")
 
 
 def _warn_unregistered(message: str) -> None:
