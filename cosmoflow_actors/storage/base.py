@@ -55,7 +55,7 @@ class Storage(ABC):
       docs/storage.md (bytes become a base64 ``str``, a tuple a list, NaN is refused),
       ``"pickle"`` is cloudpickle. A durable step then stages each value encoded with
       that codec, so a read within the step returns a fresh copy, and at the step's
-      commit ``set`` gets the value as that codec decodes it (``b"\x00hi"`` as the
+      commit ``set`` gets the value as that codec decodes it (``b"\\x00hi"`` as the
       ``str`` ``"AGhp"``). A backend that encodes values any other way (the standard
       library's ``json`` module, say) leaves ``codec`` unset: a durable step then
       stages the objects themselves, a read within the step returns the very object it
