@@ -50,10 +50,16 @@ class Storage(ABC):
     - ``path``: the file or directory the data lives in. A new instance whose ``path``
       equals that of an instance whose store actor is still closing waits until it has
       closed (its last commit may still be landing).
-    - ``codec``: ``"json"`` or ``"pickle"``, the built-in codec the backend encodes
-      values with. A durable step then stages its values encoded that way, so it reads
-      back a fresh copy of what it set. Without it, a durable step stages the objects
-      themselves, and reads back the very object it set.
+    - ``codec``: ``"json"`` or ``"pickle"``, the name of the library's own codec that
+      the backend stores values with: ``"json"`` is msgspec JSON by the rules of
+      docs/storage.md (bytes become a base64 ``str``, a tuple a list, NaN is refused),
+      ``"pickle"`` is cloudpickle. A durable step then stages each value encoded with
+      that codec, so a read within the step returns a fresh copy, and at the step's
+      commit ``set`` gets the value as that codec decodes it (``b"\\x00hi"`` as the
+      ``str`` ``"AGhp"``). A backend that encodes values any other way (the standard
+      library's ``json`` module, say) leaves ``codec`` unset: a durable step then
+      stages the objects themselves, a read within the step returns the very object it
+      set, and ``set`` gets that object at the step's commit.
     """
 
     persistent: ClassVar[bool] = False
