@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from cosmoflow_actors.action import Action, ActionCondition
+from cosmoflow_actors.action import Action, ActionCondition, checked_keys, holds
 from cosmoflow_actors.errors import (
     ConditionError,
     CosmoFlowError,
@@ -364,11 +364,16 @@ def keys_after(flow: Flow, node_id: str) -> frozenset[str] | None:
 
 
 def _when_keys(routes: Iterable[Route]) -> frozenset[str]:
-    """The store keys the conditions of ``routes`` read."""
+    """The store keys the conditions of ``routes`` read.
+
+    Raises:
+        ConditionError: the keys of a condition raised or are not a frozenset of str
+            (build() checked them once; a user's ``keys`` may change).
+    """
     keys: frozenset[str] = frozenset()
     for route in routes:
         if route.when is not None:
-            keys |= route.when.keys
+            keys |= checked_keys(route.when)
     return keys
 
 
@@ -416,9 +421,10 @@ def _target(
 
 def _holds(route: Route, condition: ActionCondition, values: Mapping[str, Any]) -> bool:
     """Whether ``route``'s ``condition`` holds for the store ``values``; a
-    ConditionError is raised again naming the route, from the same cause."""
+    ConditionError (whatever the condition raised, see :func:`holds`) is raised again
+    naming the route, from the same cause."""
     try:
-        return condition.evaluate(values)
+        return holds(condition, values)
     except ConditionError as exc:
         message = f"route {route.source!r} on action {route.action!r}: {exc}"
         raise ConditionError(message) from exc.__cause__
