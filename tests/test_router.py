@@ -227,6 +227,29 @@ async def test_an_unrouted_final_action_of_a_nested_flow_is_no_route() -> None:
     with pytest.raises(cf.NoRouteError) as info:
         await flow.run({})
     assert (info.value.node_id, info.value.action) == ("sub", "surprise")
+    assert info.value.returned_by == "i2"
+    assert str(info.value) == (
+        "nested flow 'sub' ended with action 'surprise' (returned by node 'i2' inside it), "
+        "which no route accepts; available actions: 'expected'"
+    )
+
+
+async def test_a_no_route_error_names_the_node_deep_inside_nested_flows() -> None:
+    middle = cf.Flow.builder("middle").add_node("deeper", inner_flow("surprise")).build()
+    flow = (
+        cf.Flow.builder("outer")
+        .add_node("sub", middle)
+        .add_node("after", Recorder())
+        .add_route("sub", "after", action="surprise", when=cf.ActionCondition.never())
+        .build()
+    )
+    with pytest.raises(cf.NoRouteError) as info:
+        await flow.run({})
+    assert (info.value.node_id, info.value.returned_by) == ("sub", "i2")
+    assert str(info.value).startswith(
+        "nested flow 'sub' ended with action 'surprise' (returned by node 'i2' inside it), "
+        "and the condition of every route on it failed"
+    )
 
 
 async def test_complete_inside_a_nested_flow_ends_the_whole_run() -> None:
