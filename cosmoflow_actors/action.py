@@ -81,6 +81,12 @@ class ActionCondition(ABC):
     def keys(self) -> frozenset[str]:
         """Every store key the condition reads."""
 
+    def __repr__(self) -> str:
+        """``<ClassName>``: what a user subclass without a ``__repr__`` of its own shows
+        (in diagrams, in the repr of an action or a combination), the same in every
+        process (never a memory address)."""
+        return f"<{type(self).__qualname__}>"
+
     def __and__(self, other: object) -> ActionCondition:
         if not isinstance(other, ActionCondition):
             return NotImplemented

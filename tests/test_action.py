@@ -855,3 +855,12 @@ def test_combinators_check_the_keys_of_each_condition(
         "the keys of condition _StrKeys must be a frozenset of str (the store keys evaluate "
         "reads), got 'flag'"
     )
+
+
+def test_a_user_condition_without_a_repr_of_its_own_shows_its_class() -> None:
+    """Never a memory address: the repr is the same in every process."""
+    action = Action.conditional(_Threshold() | _TRUE, "big", "small")
+    assert repr(action) == (
+        "Action.conditional((<_Threshold> | ActionCondition.always()), Action.simple('big'), "
+        "Action.simple('small'))"
+    )
