@@ -2,12 +2,14 @@
 
 An :class:`Action` is an immutable value: a simple name (``Action.simple("next")``), a name
 with parameters for the next node (``Action.with_params("retry", count=3)``), the end of the
-run (``Action.complete(result)``), or a choice between two actions that the router makes
-against the store (``Action.conditional(condition, if_true, if_false)``).
+run (``Action.complete(result)``), or a choice between two actions that the node actor
+makes against the store as the step ends (``Action.conditional(condition, if_true,
+if_false)``).
 
-An :class:`ActionCondition` is an immutable test of store values. The router fetches every
-key in ``condition.keys`` in one message and calls ``condition.evaluate(values)``, where
-``values`` holds the keys that exist. Evaluating a condition raises nothing but
+An :class:`ActionCondition` is an immutable test of store values: of a route (``when=``),
+which the router evaluates, or of a conditional action. The step's node actor fetches
+every key in ``condition.keys`` in one message, and ``condition.evaluate(values)`` gets
+the keys that exist. Evaluating a condition raises nothing but
 :class:`~cosmoflow_actors.errors.ConditionError`: when a store value's comparison (or
 truthiness) raises, the error names the condition, the operator and the store keys, and is
 chained from the original.
@@ -582,7 +584,8 @@ class Action:
     ) -> Action:
         """Take ``if_true`` when ``condition`` holds, ``if_false`` otherwise.
 
-        The router resolves the choice against the store. A ``str`` branch means
+        The node actor that ran the step resolves the choice against the store, before
+        the router routes the chosen action. A ``str`` branch means
         ``Action.simple(branch)``; branches may themselves be conditional.
         """
         if not isinstance(condition, ActionCondition):
@@ -599,7 +602,8 @@ class Action:
 
     @property
     def is_conditional(self) -> bool:
-        """Whether this action is a choice the router resolves."""
+        """Whether this action is a choice resolved against the store (see
+        :meth:`conditional`)."""
         return self._branches is not None
 
     @property
