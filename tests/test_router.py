@@ -1325,10 +1325,14 @@ class FlowMaker:
 
     def finish(self, spec: FlowSpec, exits: list[Exit]) -> None:
         """End the lane's open exits: a route to END, or (for a node with no route
-        yet) no route at all."""
+        yet) no route at all, for all of the node's exits alike (a node routed on one
+        exit only would fail the run with NoRouteError on the others, and they would
+        not end the flow, as ``end_names`` says)."""
         routed = spec.sources()
+        sources = dict.fromkeys(source for source, _ in exits if source not in routed)
+        routeless = {source for source in sources if self.draw(st.booleans())}
         for source, name in exits:
-            if source in routed or self.draw(st.booleans()):
+            if source not in routeless:
                 spec.routes.append((source, name, None, None))
             spec.end_names.add(name)
 
