@@ -171,7 +171,8 @@ Evaluate = Callable[["ActionCondition", Mapping[str, Any]], bool]
 def _guard_evaluate(cls: type[ActionCondition]) -> None:
     """Give ``cls``, a user subclass, a guarded evaluate (see :func:`_guarded`) when the
     evaluate it resolves is its own or comes from a class that is not an
-    ActionCondition (a mixin); one from an ActionCondition base is guarded already.
+    ActionCondition (a mixin); one from an ActionCondition base was dealt with when
+    that class was made.
 
     Raises:
         TypeError: the evaluate it resolves is an ``async def``.
@@ -197,7 +198,7 @@ def _guarded(evaluate: object) -> Evaluate:
 
     @functools.wraps(evaluate)  # type: ignore[arg-type]
     def guarded(condition: ActionCondition, values: Mapping[str, Any]) -> bool:
-        return _evaluated(condition, lambda: _bound(evaluate, condition)(values))
+        return _evaluated(condition, _bound(evaluate, condition), values)
 
     return guarded
 
@@ -211,15 +212,19 @@ def holds(condition: ActionCondition, values: Mapping[str, Any]) -> bool:
         ConditionError: evaluate raised (a ConditionError as it is, any other error
             chained), or returned an awaitable or what has no truth value.
     """
-    return _evaluated(condition, lambda: condition.evaluate(values))
+    return _evaluated(condition, condition.evaluate, values)
 
 
-def _evaluated(condition: ActionCondition, evaluate: Callable[[], object]) -> bool:
-    """What ``evaluate()``, an evaluation of ``condition``, returned, as a bool (see
-    :func:`_truth`); ConditionError naming the condition's class, chained from the
+def _evaluated(
+    condition: ActionCondition,
+    evaluate: Callable[[Mapping[str, Any]], object],
+    values: Mapping[str, Any],
+) -> bool:
+    """What ``evaluate(values)``, the evaluate of ``condition``, returned, as a bool
+    (see :func:`_truth`); ConditionError naming the condition's class, chained from the
     error, for any error it raised but ConditionError (raised as it is)."""
     try:
-        result = evaluate()
+        result = evaluate(values)
     except ConditionError:
         raise
     except Exception as exc:
