@@ -2,12 +2,14 @@
 
 An :class:`Action` is an immutable value: a simple name (``Action.simple("next")``), a name
 with parameters for the next node (``Action.with_params("retry", count=3)``), the end of the
-run (``Action.complete(result)``), or a choice between two actions that the router makes
-against the store (``Action.conditional(condition, if_true, if_false)``).
+run (``Action.complete(result)``), or a choice between two actions that the node actor
+makes against the store as the step ends (``Action.conditional(condition, if_true,
+if_false)``).
 
-An :class:`ActionCondition` is an immutable test of store values. The router fetches every
-key in ``condition.keys`` in one message and calls ``condition.evaluate(values)``, where
-``values`` holds the keys that exist. Evaluating a condition raises nothing but
+An :class:`ActionCondition` is an immutable test of store values: of a route (``when=``),
+which the router evaluates, or of a conditional action. The step's node actor fetches
+every key in ``condition.keys`` in one message, and ``condition.evaluate(values)`` gets
+the keys that exist. Evaluating a condition raises nothing but
 :class:`~cosmoflow_actors.errors.ConditionError`: when a store value's comparison (or
 truthiness) raises, the error names the condition, the operator and the store keys, and is
 chained from the original.
@@ -41,7 +43,7 @@ from cosmoflow_actors.expression import (
 )
 from cosmoflow_actors.validation import checked_params
 
-__all__ = ["Action", "ActionCondition", "as_action", "checked_keys"]
+__all__ = ["Action", "ActionCondition", "as_action", "checked_keys", "holds"]
 
 
 class ActionCondition(ABC):
@@ -51,24 +53,20 @@ class ActionCondition(ABC):
     :meth:`compare`, :meth:`expression`, ...) and combine them with ``&``, ``|`` and ``~``.
 
     For a test in Python, subclass it: implement :meth:`evaluate` and :attr:`keys`. An
-    error the subclass's ``evaluate`` raises reaches the run as a ``ConditionError``
-    naming the condition and its keys, chained from the error, so it fails that run
-    alone, as the built-in conditions' errors do.
+    error the subclass's ``evaluate`` raises (its own or one it inherits, from a mixin
+    say) reaches the run as a ``ConditionError`` naming the condition's class, chained
+    from the error, so it fails that run alone, as the built-in conditions' errors do;
+    an ``async def evaluate`` is refused (``TypeError``) when the class is made. Its
+    ``keys`` must be a frozenset of str: ``build()``, ``Action.conditional`` and the
+    combinators check it (``ConditionError`` naming the class).
     """
 
     __slots__ = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        evaluate = cls.__dict__.get("evaluate")
-        if evaluate is not None and not cls.__module__.startswith("cosmoflow_actors."):
-            if inspect.iscoroutinefunction(evaluate):
-                raise TypeError(
-                    f"{cls.__qualname__}.evaluate must be a plain def returning a bool, not "
-                    "an async def: routing evaluates conditions without awaiting"
-                )
-            # setattr: a type checker cannot match a wrapper to the method it replaces.
-            setattr(cls, "evaluate", _guarded(evaluate))  # noqa: B010
+        if not cls.__module__.startswith("cosmoflow_actors."):
+            _guard_evaluate(cls)
 
     @abstractmethod
     def evaluate(self, values: Mapping[str, Any]) -> bool:
@@ -84,6 +82,12 @@ class ActionCondition(ABC):
     @abstractmethod
     def keys(self) -> frozenset[str]:
         """Every store key the condition reads."""
+
+    def __repr__(self) -> str:
+        """``<ClassName>``: what a user subclass without a ``__repr__`` of its own shows
+        (in diagrams, in the repr of an action or a combination), the same in every
+        process (never a memory address)."""
+        return f"<{type(self).__qualname__}>"
 
     def __and__(self, other: object) -> ActionCondition:
         if not isinstance(other, ActionCondition):
@@ -164,26 +168,79 @@ class ActionCondition(ABC):
 Evaluate = Callable[["ActionCondition", Mapping[str, Any]], bool]
 
 
-def _guarded(evaluate: Evaluate) -> Evaluate:
-    """``evaluate``, a user subclass's, raising ConditionError (chained from the
-    error) for any error it raises, as the built-in conditions do, and returning a
-    bool (see :func:`_truth`)."""
+def _guard_evaluate(cls: type[ActionCondition]) -> None:
+    """Give ``cls``, a user subclass, a guarded evaluate (see :func:`_guarded`) when the
+    evaluate it resolves is its own or comes from a class that is not an
+    ActionCondition (a mixin); one from an ActionCondition base was dealt with when
+    that class was made.
 
-    @functools.wraps(evaluate)
+    Raises:
+        TypeError: the evaluate it resolves is an ``async def``.
+    """
+    owner = next(klass for klass in cls.__mro__ if "evaluate" in vars(klass))
+    if owner is not cls and issubclass(owner, ActionCondition):
+        return
+    if inspect.iscoroutinefunction(cls.evaluate):
+        defined = "" if owner is cls else f" (inherited from {owner.__qualname__})"
+        raise TypeError(
+            f"{cls.__qualname__}.evaluate{defined} must be a plain def returning a bool, "
+            "not an async def: routing evaluates conditions without awaiting"
+        )
+    # setattr: a type checker cannot match a wrapper to the method it replaces.
+    setattr(cls, "evaluate", _guarded(vars(owner)["evaluate"]))  # noqa: B010
+
+
+def _guarded(evaluate: object) -> Evaluate:
+    """``evaluate`` (a function, or any attribute a class may hold), a user subclass's,
+    called as the condition's method, raising ConditionError (chained from the error)
+    for any error it raises, as the built-in conditions do, and returning a bool (see
+    :func:`_evaluated`)."""
+
+    @functools.wraps(evaluate)  # type: ignore[arg-type]
     def guarded(condition: ActionCondition, values: Mapping[str, Any]) -> bool:
-        try:
-            result = evaluate(condition, values)
-        except ConditionError:
-            raise
-        except Exception as exc:
-            raise ConditionError(
-                f"condition {type(condition).__qualname__} could not be evaluated: its "
-                f"evaluate raised {type_and_message(exc)}; it must return a bool for any "
-                "store values (a key that is not stored is absent from them)"
-            ) from exc
-        return _truth(condition, result)
+        return _evaluated(condition, _bound(evaluate, condition), values)
 
     return guarded
+
+
+def holds(condition: ActionCondition, values: Mapping[str, Any]) -> bool:
+    """Whether ``condition`` holds for the store ``values``: its evaluate, whatever the
+    condition is (a user's may set evaluate on the instance, past the guard of its
+    class), as a bool. What routing and the combinators call.
+
+    Raises:
+        ConditionError: evaluate raised (a ConditionError as it is, any other error
+            chained), or returned an awaitable or what has no truth value.
+    """
+    return _evaluated(condition, condition.evaluate, values)
+
+
+def _evaluated(
+    condition: ActionCondition,
+    evaluate: Callable[[Mapping[str, Any]], object],
+    values: Mapping[str, Any],
+) -> bool:
+    """What ``evaluate(values)``, the evaluate of ``condition``, returned, as a bool
+    (see :func:`_truth`); ConditionError naming the condition's class, chained from the
+    error, for any error it raised but ConditionError (raised as it is)."""
+    try:
+        result = evaluate(values)
+    except ConditionError:
+        raise
+    except Exception as exc:
+        raise ConditionError(
+            f"condition {type(condition).__qualname__} could not be evaluated: its "
+            f"evaluate raised {type_and_message(exc)}; it must return a bool for any "
+            "store values (a key that is not stored is absent from them)"
+        ) from exc
+    return result if type(result) is bool else _truth(condition, result)
+
+
+def _bound(attribute: object, condition: ActionCondition) -> Any:
+    """``attribute`` of ``condition``'s class as ``condition.evaluate`` gives it: bound
+    through its ``__get__`` when it has one (a function, a staticmethod...)."""
+    get = getattr(type(attribute), "__get__", None)
+    return attribute if get is None else get(attribute, condition, type(condition))
 
 
 def _truth(condition: ActionCondition, result: object) -> bool:
@@ -375,8 +432,13 @@ class _ExpressionCondition(ActionCondition):
 
 
 def _keys_of(conditions: tuple[ActionCondition, ...]) -> frozenset[str]:
-    """Return the union of the keys of ``conditions``."""
-    return frozenset().union(*(condition.keys for condition in conditions))
+    """Return the union of the keys of ``conditions``.
+
+    Raises:
+        ConditionError: the keys of one of them are not a frozenset of str, or raised
+            (see :func:`checked_keys`).
+    """
+    return frozenset().union(*map(checked_keys, conditions))
 
 
 def _combination_repr(combinator: str, symbol: str, conditions: tuple[ActionCondition, ...]) -> str:
@@ -394,9 +456,13 @@ class _AllOf(ActionCondition):
 
     conditions: tuple[ActionCondition, ...]
 
+    def __post_init__(self) -> None:
+        """Check the keys of every condition (ConditionError naming the one at fault)."""
+        _keys_of(self.conditions)
+
     def evaluate(self, values: Mapping[str, Any]) -> bool:
         """Return whether every condition holds."""
-        return all(condition.evaluate(values) for condition in self.conditions)
+        return all(holds(condition, values) for condition in self.conditions)
 
     @property
     def keys(self) -> frozenset[str]:
@@ -414,9 +480,13 @@ class _AnyOf(ActionCondition):
 
     conditions: tuple[ActionCondition, ...]
 
+    def __post_init__(self) -> None:
+        """Check the keys of every condition (ConditionError naming the one at fault)."""
+        _keys_of(self.conditions)
+
     def evaluate(self, values: Mapping[str, Any]) -> bool:
         """Return whether any condition holds."""
-        return any(condition.evaluate(values) for condition in self.conditions)
+        return any(holds(condition, values) for condition in self.conditions)
 
     @property
     def keys(self) -> frozenset[str]:
@@ -434,14 +504,18 @@ class _Not(ActionCondition):
 
     condition: ActionCondition
 
+    def __post_init__(self) -> None:
+        """Check the keys of the condition (ConditionError naming its class)."""
+        checked_keys(self.condition)
+
     def evaluate(self, values: Mapping[str, Any]) -> bool:
         """Return whether the condition does not hold."""
-        return not self.condition.evaluate(values)
+        return not holds(self.condition, values)
 
     @property
     def keys(self) -> frozenset[str]:
         """The keys of the condition."""
-        return self.condition.keys
+        return checked_keys(self.condition)
 
     def __repr__(self) -> str:
         return f"~{self.condition!r}"
@@ -460,11 +534,12 @@ class _Branches:
 
     def choose(self, values: Mapping[str, Any]) -> Action:
         """Return the branch the condition picks for ``values`` (not yet resolved)."""
-        return self.if_true if self.condition.evaluate(values) else self.if_false
+        return self.if_true if holds(self.condition, values) else self.if_false
 
     def keys(self) -> frozenset[str]:
         """Return every key the condition and the branches may read."""
-        return self.condition.keys | self.if_true.condition_keys() | self.if_false.condition_keys()
+        keys = checked_keys(self.condition)
+        return keys | self.if_true.condition_keys() | self.if_false.condition_keys()
 
 
 @final
@@ -514,7 +589,8 @@ class Action:
     ) -> Action:
         """Take ``if_true`` when ``condition`` holds, ``if_false`` otherwise.
 
-        The router resolves the choice against the store. A ``str`` branch means
+        The node actor that ran the step resolves the choice against the store, before
+        the router routes the chosen action. A ``str`` branch means
         ``Action.simple(branch)``; branches may themselves be conditional.
         """
         if not isinstance(condition, ActionCondition):
@@ -531,7 +607,8 @@ class Action:
 
     @property
     def is_conditional(self) -> bool:
-        """Whether this action is a choice the router resolves."""
+        """Whether this action is a choice resolved against the store (see
+        :meth:`conditional`)."""
         return self._branches is not None
 
     @property

@@ -1,7 +1,8 @@
 """Diagrams of flows: Mermaid ``flowchart`` and Graphviz ``dot`` text.
 
 A diagram shows every node of a flow (join nodes as hexagons), every route as an edge
-labelled with its action (``default`` is left out) and its ``when`` condition, a fan-out
+labelled with its action (``default`` is left out) and its ``when`` condition (its repr:
+``<ClassName>`` for a user subclass without a ``__repr__`` of its own), a fan-out
 as one bold edge per target, and ``END`` as a terminal circle. A nested flow is a
 subgraph titled ``node id: flow name`` (the id alone when they are equal); the ids of
 its nodes get the nested flow's id as a prefix (``sub__check``) so that they stay

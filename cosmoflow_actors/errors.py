@@ -39,20 +39,35 @@ class ConditionError(CosmoFlowError, ValueError):
 
 
 class NoRouteError(CosmoFlowError):
-    """A node returned an action that none of its routes accepts."""
+    """A node returned an action that none of its routes accepts; or, when
+    ``returned_by`` is set, the nested flow ``node_id`` ended with an action (which its
+    node ``returned_by`` returned) that none of the routes from ``node_id`` accepts."""
 
-    def __init__(self, node_id: str, action: str, available: Sequence[str]) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        action: str,
+        available: Sequence[str],
+        returned_by: str | None = None,
+    ) -> None:
         self.node_id = node_id
         self.action = action
         self.available = tuple(available)
+        self.returned_by = returned_by
+        subject = f"node {node_id!r} returned action {action!r}"
+        if returned_by is not None:
+            subject = (
+                f"nested flow {node_id!r} ended with action {action!r} (returned by node "
+                f"{returned_by!r} inside it)"
+            )
         message = (
-            f"node {node_id!r} returned action {action!r}, which no route accepts; "
-            f"available actions: {', '.join(map(repr, self.available))}"
+            f"{subject}, which no route accepts; available actions: "
+            f"{', '.join(map(repr, self.available))}"
         )
         if action in self.available:
             message = (
-                f"node {node_id!r} returned action {action!r}, and the condition of every "
-                "route on it failed; add a route on it without a condition to catch the rest"
+                f"{subject}, and the condition of every route on it failed; add a route on "
+                "it without a condition to catch the rest"
             )
         elif action == "default":
             message += (

@@ -15,23 +15,28 @@ Grammar, from the lowest precedence to the highest::
 
 - ``${key}`` reads a store value; the key is any characters except ``}`` (at least one).
   A missing key reads as null (``None``).
-- Numbers are integers or decimals with an optional sign and exponent (``3``, ``-0.5``,
-  ``1e3``). Strings use single or double quotes with the escapes ``\\\\ \\' \\" \\n \\t``.
+- Numbers are integers or decimals with an optional leading ``-`` (no ``+``) and an
+  optional exponent (``3``, ``-0.5``, ``1e3``, ``2.5E-3``); an integer of more digits
+  than Python converts, or a decimal beyond the float range (``1e999``), is refused.
+  Strings use single or double quotes with the escapes ``\\\\ \\' \\" \\n \\t``.
 - Chained comparisons (``1 < ${x} < 3``) are rejected; write ``1 < ${x} and ${x} < 3``.
   Parentheses may nest at most 50 levels deep (``not`` counts as a level too).
 - An expression is at most ``MAX_EXPRESSION_LENGTH`` characters long (65,536: 64 Ki); a
   longer one is refused before it is parsed.
 - Anything else (other names, attribute access, calls, indexing, arithmetic, trailing
   tokens, unbalanced parentheses, unterminated strings, empty input) raises
-  :class:`~cosmoflow_actors.errors.ConditionError` with the column and the offending token.
+  :class:`~cosmoflow_actors.errors.ConditionError` with the column and the offending token
+  (the source and the token each cut to about 80 characters in the message).
 
 Semantics:
 
 - Equality (``==``, ``!=``; also ``ActionCondition.key_equals``): numbers (``int`` or
   ``float``, never ``bool``) compare numerically with each other; a bool equals only a bool;
   null equals only null; a string equals only a string; other values (lists, dicts read from
-  the store) compare with Python ``==`` only when both have the same type. Any other pair is
-  unequal, and ``!=`` is the negation of ``==``.
+  the store) compare with Python ``==`` only when both have the same type, so their items
+  compare as Python does (``[1]`` equals ``[True]``). Any other pair is unequal, and ``!=``
+  is the negation of ``==``. A stored tuple comes back as a list from a store with the JSON
+  codec, and a list never equals a tuple.
 - Ordering (``< <= > >=``) is true only when both operands are numbers or both are strings,
   compared as Python does; any other pair (including null) gives false.
 - ``and``, ``or`` and ``not`` use the Python truthiness of their operands and produce a
@@ -43,6 +48,7 @@ Semantics:
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from abc import ABC, abstractmethod
@@ -346,14 +352,19 @@ class _Token:
         """Describe the token for an error message."""
         if self.kind is _Kind.END:
             return "end of input"
-        return repr(self.text)
+        return _quoted(self.text)
 
 
-def _quoted(source: str) -> str:
-    """Return ``repr(source)``, cut to about ``_MAX_QUOTED`` characters for a message."""
-    if len(source) > _MAX_QUOTED:
-        source = source[: _MAX_QUOTED - 3] + "..."
-    return repr(source)
+def _cut(text: str) -> str:
+    """Return ``text``, cut to ``_MAX_QUOTED`` characters (ending ``...``) for a message."""
+    if len(text) > _MAX_QUOTED:
+        return text[: _MAX_QUOTED - 3] + "..."
+    return text
+
+
+def _quoted(text: str) -> str:
+    """Return ``repr(text)``, cut to about ``_MAX_QUOTED`` characters for a message."""
+    return repr(_cut(text))
 
 
 def _syntax_error(source: str, column: int, message: str) -> ConditionError:
@@ -431,7 +442,7 @@ class _Lexer:
                 chars.append(self._source[pos])
                 pos += 1
         if pos >= len(self._source):
-            raise self._error(start, f"unterminated string {self._source[start:]!r}")
+            raise self._error(start, f"unterminated string {_quoted(self._source[start:])}")
         return self._take(_Kind.STRING, pos + 1 - start, "".join(chars))
 
     def _escape(self, pos: int) -> str:
@@ -452,7 +463,10 @@ class _Lexer:
 
     def _number_value(self, text: str) -> int | float:
         if any(char in text for char in ".eE"):
-            return float(text)
+            value = float(text)
+            if math.isinf(value):
+                raise self._error(self._pos, f"number {_quoted(text)} is beyond the float range")
+            return value
         try:
             return int(text)
         except ValueError as exc:
@@ -462,14 +476,14 @@ class _Lexer:
         match = _OPERATOR.match(self._source, self._pos)
         if match is None:
             char = self._source[self._pos]
-            raise self._error(self._pos, f"unexpected character {char!r} (did you mean '=='?)")
+            hint = "did you mean '=='?" if char == "=" else "write 'not' to negate, or '!='"
+            raise self._error(self._pos, f"unexpected character {char!r} ({hint})")
         return self._take(_Kind.OPERATOR, len(match.group()))
 
     def _keyword(self, name: str) -> _Token:
         if name not in _KEYWORDS:
-            raise self._error(
-                self._pos, f"unknown name {name!r} (a store value is read as ${{{name}}})"
-            )
+            hint = f"a store value is read as ${{{_cut(name)}}}"
+            raise self._error(self._pos, f"unknown name {_quoted(name)} ({hint})")
         return self._take(_Kind.KEYWORD, len(name), _KEYWORD_VALUES.get(name))
 
 

@@ -180,6 +180,21 @@ class Flow:
         """The distinct actions routed out of ``node_id``, in the order added."""
         return list(dict.fromkeys(r.action for r in self.routes if r.source == node_id))
 
+    def exit_actions(self) -> tuple[str, ...] | None:
+        """The names of the actions a run of this flow can end it with (what a parent
+        routes after it as a nested flow): those of its routes to ``END`` and the exits
+        of its nested flows without routes, in order; None when a node without routes
+        may end it (with any action)."""
+        actions = [route.action for route in self.routes if route.target is END]
+        for node_id, node in self.nodes.items():
+            if self.has_routes(node_id):
+                continue
+            inner = node.exit_actions() if isinstance(node, Flow) else None
+            if inner is None:
+                return None
+            actions += inner
+        return tuple(dict.fromkeys(actions))
+
     async def run(
         self,
         store: Storage | dict[str, Any] | None = None,
@@ -387,7 +402,7 @@ class FlowBuilder:
         """
         problems = [*self._problems, *self._route_problems(), *self._shadowed_routes()]
         config_problems, cause = self._config_problems()
-        problems += config_problems + self._nesting_problems()
+        problems += config_problems + self._nesting_problems() + self._exit_problems()
         if not isinstance(self._name, str) or not self._name:
             problems.append(f"the flow's name must be a non-empty str, got {self._name!r}")
         start = self._start if self._start is not None else next(iter(self._ids), None)
@@ -414,6 +429,25 @@ class FlowBuilder:
             for node_id, node in self._nodes.items()
             if isinstance(node, Flow) and node.depth >= MAX_NESTING
         ]
+
+    def _exit_problems(self) -> list[str]:
+        """Name each nested flow whose exits are known (see :meth:`Flow.exit_actions`)
+        when it has routes here and none of them takes any of its exits: every run
+        through it would fail with NoRouteError."""
+        problems = []
+        for node_id, node in self._nodes.items():
+            if not isinstance(node, Flow):
+                continue
+            routes = [route for route in self._routes if route.source == node_id]
+            routed = {route.action for route in routes if isinstance(route.action, str)}
+            exits = node.exit_actions()
+            if routed and exits and routed.isdisjoint(exits):
+                problems.append(
+                    f"node {node_id!r} is flow {node.name!r}, which ends only with action "
+                    f"{_names(exits)} (its routes to cf.END), but no route from {node_id!r} "
+                    f"takes {'it' if len(exits) == 1 else 'any of them'}"
+                )
+        return problems
 
     def _route_problems(self) -> list[str]:
         problems = []
@@ -500,6 +534,12 @@ class FlowBuilder:
                     problems.append(f"node {node_id!r}: {executor[0]}")
                     cause = cause or executor[1]
         return problems, cause
+
+
+def _names(actions: Sequence[str]) -> str:
+    """``'a'``, or ``'a', 'b' or 'c'``: action names for a message."""
+    quoted = [repr(action) for action in actions]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
 
 
 def _from_pocketflow(cls: type) -> bool:

@@ -683,3 +683,184 @@ def test_a_user_condition_evaluates_directly_and_its_keys_are_checked() -> None:
     assert _AboveLimit().evaluate({"n": 2, "limit": 1})
     with pytest.raises(ConditionError, match=r"keys of condition .*KeysRaise raised LookupError"):
         Action.conditional(KeysRaise(), "big", "small")
+
+
+class _ThresholdMixin:
+    """An evaluate in a class that is not an ActionCondition: it reads ``score``
+    without checking that it is there (KeyError when not)."""
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        return bool(values["score"] > 3)
+
+
+class _Threshold(_ThresholdMixin, ActionCondition):
+    """A condition whose evaluate comes from a mixin."""
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset({"score"})
+
+
+@cf.node
+async def _threshold(ctx: cf.ExecutionContext) -> Action:
+    if ctx.params.get("conditional"):
+        return Action.conditional(_Threshold(), "big", "small")
+    return Action.simple("next")
+
+
+_THRESHOLD = (
+    cf.Flow.builder("threshold")
+    .add_node("decide", _threshold)
+    .add_node("big", _Done("big"))
+    .add_node("small", _Done("small"))
+    .add_route("decide", "big", "next", when=_Threshold())
+    .add_route("decide", "small", "next")
+    .add_route("decide", "big", "big")
+    .add_route("decide", "small", "small")
+    .build()
+)
+
+
+def test_an_evaluate_from_a_mixin_is_guarded() -> None:
+    with pytest.raises(ConditionError, match=r"condition _Threshold could not be evaluated: its "):
+        _Threshold().evaluate({})
+    assert _Threshold().evaluate({"score": 4}) is True
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["route_condition", "conditional"])
+async def test_an_evaluate_from_a_mixin_that_raises_fails_its_run_alone(conditional: bool) -> None:
+    """Started with start_run (its step runs in a node actor's worker): the run fails
+    with ConditionError, a run in flight meanwhile and the engine go on."""
+    put = _Put()
+    params = {"conditional": conditional}
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(_sizing_flow(put), params={"hold": True})
+        doomed = await engine.start_run(_THRESHOLD, {}, params=params)
+        with pytest.raises(ConditionError) as caught:
+            await doomed.wait()
+        assert "condition _Threshold could not be evaluated: its evaluate raised KeyError" in str(
+            caught.value
+        )
+        assert isinstance(caught.value.__cause__, KeyError)
+        put.release.set()
+        assert (await other.wait()).result == "big"
+        assert (await engine.run(_THRESHOLD, {"score": 1}, params=params)).result == "small"
+
+
+def test_an_async_evaluate_from_a_mixin_is_refused_when_its_class_is_made() -> None:
+    class LaterMixin:
+        async def evaluate(self, values: Mapping[str, Any]) -> bool:
+            return False
+
+    message = r"Later.evaluate \(inherited from .*LaterMixin\) must be a plain def"
+    with pytest.raises(TypeError, match=message):
+
+        class Later(LaterMixin, ActionCondition):  # type: ignore[misc]
+            @property
+            def keys(self) -> frozenset[str]:
+                return frozenset()
+
+
+class _Rogue(ActionCondition):
+    """A condition that gets past its class's checks: an evaluate set on the instance
+    (``rogue``) shadows the guarded method, and ``keys`` raises once ``keys_broken``."""
+
+    def __init__(self, rogue: bool = False) -> None:
+        self.keys_broken = False
+        if rogue:
+            setattr(self, "evaluate", lambda values: values["missing"])  # noqa: B010
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        return True
+
+    @property
+    def keys(self) -> frozenset[str]:
+        if self.keys_broken:
+            raise LookupError("keys gone")
+        return frozenset({"n"})
+
+
+@cf.node
+async def _rogue(ctx: cf.ExecutionContext) -> Action | str:
+    if not ctx.params.get("conditional"):
+        return "go"
+    condition = _Rogue(rogue=ctx.params["fault"] == "evaluate")
+    action = Action.conditional(condition, "go", "go")
+    condition.keys_broken = ctx.params["fault"] == "keys"
+    return action
+
+
+@pytest.mark.parametrize(
+    ("where", "fault", "message"),
+    [
+        ("route", "evaluate", "route 'decide' on action 'go': condition _Rogue could not be"),
+        ("all_of", "evaluate", "route 'decide' on action 'go': condition _Rogue could not be"),
+        ("conditional", "evaluate", "conditional action of node 'decide': condition _Rogue"),
+        ("conditional", "keys", "conditional action of node 'decide': the keys of condition"),
+    ],
+)
+async def test_a_condition_past_its_class_checks_fails_its_run_alone(
+    where: str, fault: str, message: str
+) -> None:
+    """An evaluate set on the instance, or keys that raise after they were checked: the
+    run started with start_run fails with ConditionError, and the engine goes on."""
+    condition: ActionCondition = _Rogue(rogue=True)
+    if where == "all_of":
+        condition = ActionCondition.all_of(condition)
+    flow = (
+        cf.Flow.builder("rogue")
+        .add_node("decide", _rogue)
+        .add_node("done", _Done("done"))
+        .add_route("decide", "done", "go", when=None if where == "conditional" else condition)
+        .build()
+    )
+    async with cf.open_engine() as engine:
+        doomed = await engine.start_run(
+            flow, {}, params={"conditional": where == "conditional", "fault": fault}
+        )
+        with pytest.raises(ConditionError, match=message) as caught:
+            await doomed.wait()
+        assert isinstance(caught.value.__cause__, KeyError | LookupError)
+        assert (await engine.run(single(Recorder()), {})).success
+
+
+class _StrKeys(ActionCondition):
+    """A user condition whose keys are a str (a mistake for ``frozenset({"flag"})``)."""
+
+    keys = "flag"  # type: ignore[assignment]
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        return values.get("flag") is True
+
+
+@pytest.mark.parametrize(
+    "combine",
+    [
+        lambda c: _TRUE & c,
+        lambda c: c | _FALSE,
+        lambda c: ~c,
+        lambda c: ActionCondition.all_of(_TRUE, c),
+        lambda c: ActionCondition.any_of(c),
+    ],
+    ids=["and", "or", "not", "all_of", "any_of"],
+)
+def test_combinators_check_the_keys_of_each_condition(
+    combine: Callable[[ActionCondition], ActionCondition],
+) -> None:
+    """Keys that are a str would be read as single characters: refused where the
+    combination is made, naming the user's class."""
+    with pytest.raises(ConditionError) as caught:
+        combine(_StrKeys())
+    assert str(caught.value) == (
+        "the keys of condition _StrKeys must be a frozenset of str (the store keys evaluate "
+        "reads), got 'flag'"
+    )
+
+
+def test_a_user_condition_without_a_repr_of_its_own_shows_its_class() -> None:
+    """Never a memory address: the repr is the same in every process."""
+    action = Action.conditional(_Threshold() | _TRUE, "big", "small")
+    assert repr(action) == (
+        "Action.conditional((<_Threshold> | ActionCondition.always()), Action.simple('big'), "
+        "Action.simple('small'))"
+    )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 
 import cosmoflow_actors as cf
@@ -193,6 +197,48 @@ def test_a_nested_flow_named_default_and_an_ampersand_are_safe_in_both_languages
     assert '    subgraph default_ ["default: inner"]' in mermaid
     assert 'a_amp_b["a#38;amp;b"]' in mermaid
     assert '"a_amp_b" [label="a&amp;amp;b"];' in dot
+
+
+class _MostlySpam(cf.ActionCondition):
+    """A user condition without a __repr__ of its own."""
+
+    keys = frozenset({"labels"})
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class _Above(cf.ActionCondition):
+    """A user condition whose class defines its repr (a dataclass's)."""
+
+    limit: int
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset({"n"})
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        return bool(values.get("n", 0) > self.limit)
+
+
+def test_a_user_condition_is_labelled_by_its_class_or_its_own_repr() -> None:
+    """No memory address: the same text in every process."""
+    flow = (
+        cf.Flow.builder("triage")
+        .add_node("label", Recorder())
+        .add_node("q", Recorder())
+        .add_route("label", "q", "spam", when=_MostlySpam())
+        .add_route("label", "q", "combined", when=cf.ActionCondition.always() & ~_MostlySpam())
+        .add_route("label", "q", "above", when=_Above(3))
+        .build()
+    )
+    assert [line for line in to_mermaid(flow).splitlines() if "-->" in line] == [
+        '    label -->|"spam when #lt;_MostlySpam#gt;"| q',
+        '    label -->|"combined when (ActionCondition.always() #38; ~#lt;_MostlySpam#gt;)"| q',
+        '    label -->|"above when _Above(limit=3)"| q',
+    ]
+    assert '"label" -> "q" [label="spam when <_MostlySpam>"];' in to_dot(flow)
 
 
 def test_flow_to_mermaid_is_the_diagram() -> None:

@@ -275,6 +275,11 @@ def test_non_str_source_is_a_type_error() -> None:
         ("2 * 3", 3, "'*'"),
         ("1 = 1", 3, "'='"),
         ("!true", 1, "'!'"),
+        ("!${a}", 1, "unexpected character '!' (write 'not' to negate, or '!=')"),
+        ("1 = 1", 3, "unexpected character '=' (did you mean '=='?)"),
+        ("+3", 1, "unexpected character '+'"),
+        ("1e999 == 1e400", 1, "number '1e999' is beyond the float range"),
+        ("${x} < -1e400", 8, "number '-1e400' is beyond the float range"),
         ("(1 == 1", 8, "expected ')' but found end of input"),
         ("1 == 1)", 7, "unexpected ')'"),
         ("()", 2, "found ')'"),
@@ -307,6 +312,28 @@ def test_syntax_errors_say_where(text: str, column: int, fragment: str) -> None:
     message = str(caught.value)
     assert f"at column {column}:" in message
     assert fragment in message
+
+
+def test_the_largest_float_literal_parses() -> None:
+    assert parse("${x} == 1.7976931348623157e308").evaluate({"x": 1.7976931348623157e308})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "'a' '" + "x" * 60_000 + "'",  # a long unexpected string token
+        "'" + "x" * 60_000,  # an unterminated string, quoted from its start
+        "1 == 1 ${" + "k" * 60_000 + "}",  # a long unexpected key
+        "(1 == 1 " + "'" + "s" * 60_000 + "'",  # found instead of ')'
+        "n" * 60_000,  # a long unknown name, and its hint
+    ],
+    ids=["string", "unterminated", "key", "expected_close", "name"],
+)
+def test_a_syntax_error_message_quotes_a_long_token_cut(text: str) -> None:
+    with pytest.raises(ConditionError) as caught:
+        parse(text)
+    assert len(str(caught.value)) < 400
+    assert "..." in str(caught.value).partition(" at column ")[2]
 
 
 def test_overlong_integer_is_a_condition_error_with_its_cause() -> None:

@@ -444,6 +444,64 @@ def test_fan_out_branches_joins_and_nested_flows_are_reachable() -> None:
     assert set(flow.nodes) == {"a", "b", "nested", "join", "after"}
 
 
+def _ending(name: str, *exits: str, routeless: cf.Node | cf.Flow | None = None) -> cf.Flow:
+    """A flow whose node ``a`` ends it on each of ``exits`` (routes to END), and, with
+    ``routeless``, goes on "on" to that node, which has no routes."""
+    builder = cf.Flow.builder(name).add_node("a", Recorder())
+    for action in exits:
+        builder.add_route("a", cf.END, action)
+    if routeless is not None:
+        builder.add_node("last", routeless).add_route("a", "last", "on")
+    return builder.build()
+
+
+def test_exit_actions_are_those_of_the_routes_to_end_unless_a_node_has_no_routes() -> None:
+    assert _ending("f", "out", "fail").exit_actions() == ("out", "fail")
+    assert _ending("f", "out", routeless=Recorder()).exit_actions() is None
+    nested = _ending("f", "out", routeless=_ending("inner", "deep"))
+    assert nested.exit_actions() == ("out", "deep")
+    assert _ending("f", routeless=_ending("inner", routeless=Recorder())).exit_actions() is None
+    looping = cf.Flow.builder("f").add_node("a", Recorder()).add_route("a", "a").build()
+    assert looping.exit_actions() == ()
+
+
+def _parent(inner: cf.Flow, *actions: str) -> cf.FlowBuilder:
+    """A flow whose start node is ``inner``, routed on each of ``actions`` to ``b``."""
+    builder = cf.Flow.builder("outer").add_node("s", inner)
+    for action in actions:
+        builder.add_route("s", "b", action)
+    return builder.add_node("b", Recorder()) if actions else builder
+
+
+def test_build_refuses_a_nested_flow_none_of_whose_exits_the_parent_routes() -> None:
+    error = refused(_parent(_ending("inner", "out"), "other"))
+    assert error.problems == (
+        "node 's' is flow 'inner', which ends only with action 'out' (its routes to cf.END), "
+        "but no route from 's' takes it",
+    )
+    error = refused(_parent(_ending("inner", "out", "fail"), "other", "more"))
+    assert error.problems == (
+        "node 's' is flow 'inner', which ends only with action 'out' or 'fail' (its routes "
+        "to cf.END), but no route from 's' takes any of them",
+    )
+
+
+@pytest.mark.parametrize(
+    ("inner", "actions"),
+    [
+        (_ending("inner", "out", "fail"), ["fail"]),  # one exit routed: the other may fail
+        (_ending("inner", "out", routeless=Recorder()), ["other"]),  # exits unknown
+        (_ending("inner", "out"), []),  # no routes: the parent ends with the nested flow
+        (cf.Flow.builder("inner").add_node("a", Recorder()).add_route("a", "a").build(), ["x"]),
+    ],
+    ids=["one_routed", "routeless_node", "parent_ends", "never_ends"],
+)
+def test_build_accepts_a_nested_flow_whose_exits_it_may_route(
+    inner: cf.Flow, actions: list[str]
+) -> None:
+    assert _parent(inner, *actions).build().nodes["s"] is inner
+
+
 def test_routes_are_looked_up_in_the_order_added() -> None:
     flow = (
         cf.Flow.builder("f")

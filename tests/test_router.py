@@ -227,6 +227,29 @@ async def test_an_unrouted_final_action_of_a_nested_flow_is_no_route() -> None:
     with pytest.raises(cf.NoRouteError) as info:
         await flow.run({})
     assert (info.value.node_id, info.value.action) == ("sub", "surprise")
+    assert info.value.returned_by == "i2"
+    assert str(info.value) == (
+        "nested flow 'sub' ended with action 'surprise' (returned by node 'i2' inside it), "
+        "which no route accepts; available actions: 'expected'"
+    )
+
+
+async def test_a_no_route_error_names_the_node_deep_inside_nested_flows() -> None:
+    middle = cf.Flow.builder("middle").add_node("deeper", inner_flow("surprise")).build()
+    flow = (
+        cf.Flow.builder("outer")
+        .add_node("sub", middle)
+        .add_node("after", Recorder())
+        .add_route("sub", "after", action="surprise", when=cf.ActionCondition.never())
+        .build()
+    )
+    with pytest.raises(cf.NoRouteError) as info:
+        await flow.run({})
+    assert (info.value.node_id, info.value.returned_by) == ("sub", "i2")
+    assert str(info.value).startswith(
+        "nested flow 'sub' ended with action 'surprise' (returned by node 'i2' inside it), "
+        "and the condition of every route on it failed"
+    )
 
 
 async def test_complete_inside_a_nested_flow_ends_the_whole_run() -> None:
@@ -1302,10 +1325,14 @@ class FlowMaker:
 
     def finish(self, spec: FlowSpec, exits: list[Exit]) -> None:
         """End the lane's open exits: a route to END, or (for a node with no route
-        yet) no route at all."""
+        yet) no route at all, for all of the node's exits alike (a node routed on one
+        exit only would fail the run with NoRouteError on the others, and they would
+        not end the flow, as ``end_names`` says)."""
         routed = spec.sources()
+        sources = dict.fromkeys(source for source, _ in exits if source not in routed)
+        routeless = {source for source in sources if self.draw(st.booleans())}
         for source, name in exits:
-            if source in routed or self.draw(st.booleans()):
+            if source not in routeless:
                 spec.routes.append((source, name, None, None))
             spec.end_names.add(name)
 

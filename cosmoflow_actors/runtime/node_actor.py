@@ -49,7 +49,7 @@ from cosmoflow_actors.runtime.limits import RateLimiter
 from cosmoflow_actors.runtime.messages import Step, StepDone, StepFailed
 from cosmoflow_actors.runtime.run import ActiveRun
 from cosmoflow_actors.runtime.statistics import ActorStatistics
-from cosmoflow_actors.runtime.store_client import all_awaited, unawaited
+from cosmoflow_actors.runtime.store_client import SharedStore, all_awaited, unawaited
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.router import Router
@@ -389,15 +389,17 @@ class NodeActor(Actor[Step]):
             self._lost_calls("post", ctx)
         action = as_action(post_res, self.node_id)
         if action.is_conditional:
-            action = self._resolved(action, await store.get_many(action.condition_keys()))
+            action = await self._resolved(action, store)
         return action
 
-    def _resolved(self, action: Action, values: Mapping[str, Any]) -> Action:
-        """The conditional ``action`` post returned, resolved against the store
-        ``values``; a ConditionError is raised again naming this node, from the same
-        cause."""
+    async def _resolved(self, action: Action, store: SharedStore) -> Action:
+        """The conditional ``action`` post returned, resolved against the values of
+        its conditions' keys in ``store``; a ConditionError (a condition's keys or
+        evaluate at fault) is raised again naming this node, from the same cause.
+        Blocks while the values are read."""
         try:
-            return action.resolve(values)
+            keys = action.condition_keys()
+            return action.resolve(await store.get_many(keys))
         except ConditionError as exc:
             message = f"conditional action of node {self.node_id!r}: {exc}"
             raise ConditionError(message) from exc.__cause__

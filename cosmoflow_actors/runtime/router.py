@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from cosmoflow_actors.action import Action, ActionCondition
+from cosmoflow_actors.action import Action, ActionCondition, checked_keys, holds
 from cosmoflow_actors.errors import (
     ConditionError,
     CosmoFlowError,
@@ -234,7 +234,7 @@ class _Routing:
             self.result = run.result_of(action, node_id, action.result)
             return
         frame = branch.frames[-1]
-        target = _target(frame, action, _routes(frame, action), values)
+        target = _target(frame, node_id, action, values)
         if target is END:
             self.end_frame(branch, node_id, action, values)
         elif isinstance(target, tuple):
@@ -364,11 +364,16 @@ def keys_after(flow: Flow, node_id: str) -> frozenset[str] | None:
 
 
 def _when_keys(routes: Iterable[Route]) -> frozenset[str]:
-    """The store keys the conditions of ``routes`` read."""
+    """The store keys the conditions of ``routes`` read.
+
+    Raises:
+        ConditionError: the keys of a condition raised or are not a frozenset of str
+            (build() checked them once; a user's ``keys`` may change).
+    """
     keys: frozenset[str] = frozenset()
     for route in routes:
         if route.when is not None:
-            keys |= route.when.keys
+            keys |= checked_keys(route.when)
     return keys
 
 
@@ -400,25 +405,34 @@ def _routes(frame: Frame, action: Action) -> tuple[Route, ...] | None:
     return flow.routes_for(frame.node_id, action.name)
 
 
-def _target(
-    frame: Frame, action: Action, routes: tuple[Route, ...] | None, values: Mapping[str, Any]
-) -> Target:
-    """The target of the first of ``routes`` that accepts ``action``, given the store
-    ``values`` their conditions read; END for a node without routes."""
+def _target(frame: Frame, node_id: str, action: Action, values: Mapping[str, Any]) -> Target:
+    """The target of the first route out of the frame's node that accepts ``action``,
+    which node ``node_id`` returned (the frame's node, or a node inside it when it is a
+    nested flow), given the store ``values`` the conditions read; END for a node
+    without routes.
+
+    Raises:
+        NoRouteError: no route accepts ``action``; it names the nested flow and
+            ``node_id`` when the action came out of a nested flow.
+    """
+    routes = _routes(frame, action)
     if routes is None:
         return END
     for route in routes:
         if route.when is None or _holds(route, route.when, values):
             return route.target
     flow = frame.flow
-    raise NoRouteError(frame.node_id, action.name, flow.actions_from(frame.node_id))
+    nested = isinstance(flow.nodes[frame.node_id], Flow)
+    available = flow.actions_from(frame.node_id)
+    raise NoRouteError(frame.node_id, action.name, available, node_id if nested else None)
 
 
 def _holds(route: Route, condition: ActionCondition, values: Mapping[str, Any]) -> bool:
     """Whether ``route``'s ``condition`` holds for the store ``values``; a
-    ConditionError is raised again naming the route, from the same cause."""
+    ConditionError (whatever the condition raised, see :func:`holds`) is raised again
+    naming the route, from the same cause."""
     try:
-        return condition.evaluate(values)
+        return holds(condition, values)
     except ConditionError as exc:
         message = f"route {route.source!r} on action {route.action!r}: {exc}"
         raise ConditionError(message) from exc.__cause__
