@@ -166,3 +166,42 @@ async def test_a_worker_process_that_cannot_exit_is_killed_after_the_grace_perio
     assert WORKER_GRACE_PERIOD <= took < WORKER_GRACE_PERIOD + 5
     with pytest.raises(ProcessLookupError):
         os.kill(worker, 0)
+
+
+class BreaksLater(cf.ActionCondition):
+    """A route condition whose keys raise once ``broken`` is set (after build())."""
+
+    broken = False
+
+    def evaluate(self, values: Any) -> bool:
+        return True
+
+    @property
+    def keys(self) -> frozenset[str]:
+        if self.broken:
+            raise RuntimeError("keys gone")
+        return frozenset({"k"})
+
+
+async def test_a_registration_that_fails_registers_none_of_the_flows_it_reached(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The nested flow met first is not left registered with actors that never
+    started: its own runs go on."""
+    condition = BreaksLater()
+    inner = single(Recorder(), "inner")
+    outer = (
+        cf.Flow.builder("outer")
+        .add_node("nested", inner)
+        .add_node("b", Recorder())
+        .add_route("nested", "b", when=condition)
+        .add_route("nested", cf.END)
+        .build()
+    )
+    condition.broken = True
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.ConditionError, match="keys gone"):
+            await engine.start_run(outer, {})
+        assert node_actors(engine) == []
+        with trio.fail_after(60):
+            assert (await engine.run(inner, {})).execution_path == ("only",)

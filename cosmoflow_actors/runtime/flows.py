@@ -133,7 +133,9 @@ class FlowRegistry:
         flow's registration: a node actor needs no set-up, and steps sent before it
         runs wait in its mailbox. Raises trio.WouldBlock when the flow needs worker
         processes or Ray that are not set up yet (a flow registered before had them
-        set up then). Never blocks."""
+        set up then). All or nothing: when registering one of the flows raises (a route
+        condition's keys that break after ``build()``), none of them is registered.
+        Never blocks."""
         known = self._flows.get(flow)
         if known is not None:
             return known
@@ -141,9 +143,18 @@ class FlowRegistry:
             raise trio.WouldBlock("the flow's worker processes are not set up yet")
         if not self._ray_connected and uses_executor(flow, "ray"):
             raise trio.WouldBlock("the engine is not connected to Ray yet")
-        for actor in self._new_actors(flow):
-            self._nursery.start_soon(self._supervise, actor)
-        return self._flows[flow]
+        made: dict[Flow, Registration] = {}
+        try:
+            self._record(flow, made)
+            for registered in made:
+                self.router.learn(registered)
+        except BaseException:
+            self._unrecord(made)
+            raise
+        for registration in made.values():
+            for actor in registration.actors.values():
+                self._nursery.start_soon(self._supervise, actor)
+        return made[flow]
 
     def close(self) -> None:
         """Register no more flows, and stop watching the registered ones: one that
@@ -162,24 +173,29 @@ class FlowRegistry:
             with trio.move_on_after(RAY_SHUTDOWN_TIMEOUT, shield=True):
                 await ray_executor.disconnect()
 
-    def _new_actors(self, flow: Flow) -> list[NodeActor]:
-        """Make (and record) the node actors of ``flow`` and of the flows nested in it
-        that are not registered yet (a flow nested in two flows is registered with the
-        first); none for a flow registered. Never blocks."""
+    def _record(self, flow: Flow, made: dict[Flow, Registration]) -> None:
+        """Make the node actors of ``flow`` and of the flows nested in it that are not
+        registered yet (a flow nested in two flows is registered with the first), and
+        record each flow's registration, also in ``made``. Never blocks."""
         if flow in self._flows:
-            return []
-        made: list[NodeActor] = []
+            return
         actors: dict[str, NodeActor] = {}
         for node_id, node in flow.nodes.items():
             if isinstance(node, Flow):
-                made += self._new_actors(node)
+                self._record(node, made)
             else:
                 actors[node_id] = self._new_actor(flow, node_id, node)
+        keys = condition_keys(flow)
         retirement = weakref.finalize(flow, self._retire_soon, list(actors.values()))
         retirement.atexit = False  # at interpreter exit there is no engine left to tell
-        self._flows[flow] = Registration(actors, condition_keys(flow), retirement)
-        self.router.learn(flow)
-        return made + list(actors.values())
+        made[flow] = self._flows[flow] = Registration(actors, keys, retirement)
+
+    def _unrecord(self, made: dict[Flow, Registration]) -> None:
+        """Forget the registrations ``made`` (their actors never started). Never
+        blocks."""
+        for flow, registration in made.items():
+            registration.retirement.detach()
+            del self._flows[flow]
 
     def _new_actor(self, flow: Flow, node_id: str, node: Node) -> NodeActor:
         return NodeActor(
