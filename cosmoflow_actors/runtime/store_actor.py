@@ -53,10 +53,10 @@ CLOSE_SECONDS: Final = 30.0
 """How long a retiring actor's backend may take to close (``aclose``) when cancelled."""
 
 COMMIT_SECONDS: Final = 30.0
-"""How long a backend's commit (``commit``, ``commit_step``) may go on, shielded from
-cancellation: the engine closing does not cut an async backend's commit half-way. One
-still going on after that is cancelled (an async backend's; a thread cannot be) and
-fails."""
+"""How long a backend's commit (``commit``, ``commit_step``), shielded from
+cancellation, may go on once the engine closes (see :meth:`StoreActor.bound_commits`):
+closing does not cut an async backend's commit half-way. One still going on after that
+is cancelled (an async backend's; a thread cannot be) and fails."""
 
 Handler = Callable[[StoreRequest], Awaitable[Any]]
 T = TypeVar("T")
@@ -81,6 +81,9 @@ class StoreActor(Actor[StoreRequest]):
         self.exited = trio.Event()
         self._in_hand: list[StoreRequest] = []
         """The batch being applied (answered only once it is all applied)."""
+        self._committing: trio.CancelScope | None = None
+        """The shield of the backend's commit under way, if one is."""
+        self._commits_bounded = False
         self._handlers: dict[StoreOp, Handler] = {
             StoreOp.GET: self._get,
             StoreOp.CONTAINS: self._contains,
@@ -174,6 +177,28 @@ class StoreActor(Actor[StoreRequest]):
         nothing, if the stored record still counts ``steps_before`` steps; else raise
         RunConflictError."""
         await self.request(StoreOp.COMMIT_STEP, storage, key, (ops, record, steps_before))
+
+    def bound_commits(self) -> None:
+        """The engine is closing: a backend commit under way, or one that starts from
+        now on, is cut once it has gone on for COMMIT_SECONDS more (it then fails).
+        Never blocks."""
+        self._commits_bounded = True
+        if self._committing is not None:
+            self._committing.deadline = trio.current_time() + COMMIT_SECONDS
+
+    async def _uncut(self, commit: Awaitable[T]) -> T:
+        """Await ``commit``, a backend's commit, shielded from cancellation, so that the
+        engine closing does not cut it half-way; but once commits are bounded (see
+        :meth:`bound_commits`) for at most COMMIT_SECONDS, then TooSlowError (the commit
+        failed)."""
+        with trio.CancelScope(shield=True) as self._committing:
+            if self._commits_bounded:
+                self._committing.deadline = trio.current_time() + COMMIT_SECONDS
+            try:
+                return await commit
+            finally:
+                self._committing = None
+        raise trio.TooSlowError(f"the commit went on for over {COMMIT_SECONDS:g} s")
 
     def retire(self) -> None:
         """Refuse new requests; the actor answers what is queued, closes its backend and
@@ -337,7 +362,7 @@ class StoreActor(Actor[StoreRequest]):
         from its first write in the batch on fails: the writes were not stored, and the
         reads after them may have seen what they wrote."""
         try:
-            await _uncut(storage.commit())
+            await self._uncut(storage.commit())
         except Exception as exc:
             writes = [i for i, r in enumerate(batch) if r.storage is storage and r.op.writes]
             for i in range(writes[0], len(batch)):
@@ -404,7 +429,7 @@ class StoreActor(Actor[StoreRequest]):
         storage = request.storage
         staged, record, steps_before = request.argument
         ops = [_guarded(op) for op in staged]
-        if await _uncut(storage.commit_step(ops, request.key, record, steps_before)):
+        if await self._uncut(storage.commit_step(ops, request.key, record, steps_before)):
             return
         check_steps(request.key, await value_or(storage, request.key, None), steps_before)
         undo = _StoreUndo(storage)
@@ -456,15 +481,6 @@ class StoreActor(Actor[StoreRequest]):
                 f"{self.name}: get_many returned keys it was not asked for: {sorted(extra)!r}"
             )
         return found
-
-
-async def _uncut(commit: Awaitable[T]) -> T:
-    """Await ``commit``, a backend's commit, shielded from cancellation for at most
-    COMMIT_SECONDS, so that the engine closing does not cut it half-way; past that it is
-    cancelled and TooSlowError raised (the commit failed)."""
-    with trio.move_on_after(COMMIT_SECONDS, shield=True):
-        return await commit
-    raise trio.TooSlowError(f"the commit went on for over {COMMIT_SECONDS:g} s")
 
 
 def _warn_unregistered(message: str) -> None:

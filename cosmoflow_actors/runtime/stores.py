@@ -56,6 +56,12 @@ class StoreRegistry:
         """The store actors alive now."""
         return self._actors.values()
 
+    def bound_commits(self) -> None:
+        """The engine is closing: bound the backend commits of every store actor (see
+        :meth:`StoreActor.bound_commits`). Never blocks."""
+        for actor in self._actors.values():
+            actor.bound_commits()
+
     async def acquire(self, storage: Storage) -> StoreActor:
         """The actor serving ``storage``, started if needed.
 
