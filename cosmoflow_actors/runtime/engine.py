@@ -82,7 +82,6 @@ class Engine:
         ray_address: str | None = None,
     ) -> None:
         self._nursery = nursery
-        self._mailbox_size = mailbox_size
         self.max_runs = max_runs
         self._admission = Admission(max_runs) if max_runs is not None else None
         self._events = EventHub()
