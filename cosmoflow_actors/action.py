@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, final
@@ -54,8 +54,9 @@ class ActionCondition(ABC):
 
     For a test in Python, subclass it: implement :meth:`evaluate` and :attr:`keys`. An
     error the subclass's ``evaluate`` raises (its own or one it inherits, from a mixin
-    say) reaches the run as a ``ConditionError`` naming the condition's class, chained
-    from the error, so it fails that run alone, as the built-in conditions' errors do;
+    say) where the engine evaluates it (see :func:`holds`) reaches the run as a
+    ``ConditionError`` naming the condition's class, chained from the error, so it
+    fails that run alone, as the built-in conditions' errors do;
     an ``async def evaluate`` is refused (``TypeError``) when the class is made. Its
     ``keys`` must be a frozenset of str: ``build()``, ``Action.conditional`` and the
     combinators check it (``ConditionError`` naming the class).
@@ -66,7 +67,7 @@ class ActionCondition(ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__module__.startswith("cosmoflow_actors."):
-            _guard_evaluate(cls)
+            _refuse_async_evaluate(cls)
 
     @abstractmethod
     def evaluate(self, values: Mapping[str, Any]) -> bool:
@@ -165,66 +166,31 @@ class ActionCondition(ABC):
         return _AnyOf(_check_conditions("any_of", conditions))
 
 
-Evaluate = Callable[["ActionCondition", Mapping[str, Any]], bool]
-
-
-def _guard_evaluate(cls: type[ActionCondition]) -> None:
-    """Give ``cls``, a user subclass, a guarded evaluate (see :func:`_guarded`) when the
-    evaluate it resolves is its own or comes from a class that is not an
-    ActionCondition (a mixin); one from an ActionCondition base was dealt with when
-    that class was made.
-
-    Raises:
-        TypeError: the evaluate it resolves is an ``async def``.
-    """
-    owner = next(klass for klass in cls.__mro__ if "evaluate" in vars(klass))
-    if owner is not cls and issubclass(owner, ActionCondition):
+def _refuse_async_evaluate(cls: type[ActionCondition]) -> None:
+    """Raise TypeError when the evaluate that ``cls``, a user subclass, resolves (its
+    own, or one it inherits, from a mixin say) is an ``async def``: routing evaluates
+    conditions without awaiting."""
+    if not inspect.iscoroutinefunction(cls.evaluate):
         return
-    if inspect.iscoroutinefunction(cls.evaluate):
-        defined = "" if owner is cls else f" (inherited from {owner.__qualname__})"
-        raise TypeError(
-            f"{cls.__qualname__}.evaluate{defined} must be a plain def returning a bool, "
-            "not an async def: routing evaluates conditions without awaiting"
-        )
-    # setattr: a type checker cannot match a wrapper to the method it replaces.
-    setattr(cls, "evaluate", _guarded(vars(owner)["evaluate"]))  # noqa: B010
-
-
-def _guarded(evaluate: object) -> Evaluate:
-    """``evaluate`` (a function, or any attribute a class may hold), a user subclass's,
-    called as the condition's method, raising ConditionError (chained from the error)
-    for any error it raises, as the built-in conditions do, and returning a bool (see
-    :func:`_evaluated`)."""
-
-    @functools.wraps(evaluate)  # type: ignore[arg-type]
-    def guarded(condition: ActionCondition, values: Mapping[str, Any]) -> bool:
-        return _evaluated(condition, _bound(evaluate, condition), values)
-
-    return guarded
+    owner = next(klass for klass in cls.__mro__ if "evaluate" in vars(klass))
+    defined = "" if owner is cls else f" (inherited from {owner.__qualname__})"
+    raise TypeError(
+        f"{cls.__qualname__}.evaluate{defined} must be a plain def returning a bool, "
+        "not an async def: routing evaluates conditions without awaiting"
+    )
 
 
 def holds(condition: ActionCondition, values: Mapping[str, Any]) -> bool:
     """Whether ``condition`` holds for the store ``values``: its evaluate, whatever the
-    condition is (a user's may set evaluate on the instance, past the guard of its
-    class), as a bool. What routing and the combinators call.
+    condition is (a user's included, whatever its evaluate raises or returns), as a
+    bool. What routing, conditional actions and the combinators call.
 
     Raises:
         ConditionError: evaluate raised (a ConditionError as it is, any other error
             chained), or returned an awaitable or what has no truth value.
     """
-    return _evaluated(condition, condition.evaluate, values)
-
-
-def _evaluated(
-    condition: ActionCondition,
-    evaluate: Callable[[Mapping[str, Any]], object],
-    values: Mapping[str, Any],
-) -> bool:
-    """What ``evaluate(values)``, the evaluate of ``condition``, returned, as a bool
-    (see :func:`_truth`); ConditionError naming the condition's class, chained from the
-    error, for any error it raised but ConditionError (raised as it is)."""
     try:
-        result = evaluate(values)
+        result: object = condition.evaluate(values)
     except ConditionError:
         raise
     except Exception as exc:
@@ -234,13 +200,6 @@ def _evaluated(
             "store values (a key that is not stored is absent from them)"
         ) from exc
     return result if type(result) is bool else _truth(condition, result)
-
-
-def _bound(attribute: object, condition: ActionCondition) -> Any:
-    """``attribute`` of ``condition``'s class as ``condition.evaluate`` gives it: bound
-    through its ``__get__`` when it has one (a function, a staticmethod...)."""
-    get = getattr(type(attribute), "__get__", None)
-    return attribute if get is None else get(attribute, condition, type(condition))
 
 
 def _truth(condition: ActionCondition, result: object) -> bool:
@@ -275,6 +234,8 @@ def checked_keys(condition: ActionCondition) -> frozenset[str]:
     name = type(condition).__qualname__
     try:
         keys = condition.keys
+    except ConditionError:
+        raise
     except Exception as exc:
         raise ConditionError(
             f"the keys of condition {name} raised {type_and_message(exc)}"

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.action import Action, ActionCondition, as_action
+from cosmoflow_actors.action import Action, ActionCondition, as_action, holds
 from cosmoflow_actors.errors import ConditionError
 from tests.support import Recorder, single
 
@@ -723,8 +723,8 @@ _THRESHOLD = (
 
 def test_an_evaluate_from_a_mixin_is_guarded() -> None:
     with pytest.raises(ConditionError, match=r"condition _Threshold could not be evaluated: its "):
-        _Threshold().evaluate({})
-    assert _Threshold().evaluate({"score": 4}) is True
+        holds(_Threshold(), {})
+    assert holds(_Threshold(), {"score": 4}) is True
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["route_condition", "conditional"])
