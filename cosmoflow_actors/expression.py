@@ -17,7 +17,8 @@ Grammar, from the lowest precedence to the highest::
   A missing key reads as null (``None``).
 - Numbers are integers or decimals with an optional leading ``-`` (no ``+``) and an
   optional exponent (``3``, ``-0.5``, ``1e3``, ``2.5E-3``); an integer of more digits
-  than Python converts, or a decimal beyond the float range (``1e999``), is refused.
+  than Python converts, or a decimal beyond the float range (``1e999``), is refused; a
+  decimal too small for a float reads as the nearest float (``1e-999`` is ``0.0``).
   Strings use single or double quotes with the escapes ``\\\\ \\' \\" \\n \\t``.
 - Chained comparisons (``1 < ${x} < 3``) are rejected; write ``1 < ${x} and ${x} < 3``.
   Parentheses may nest at most 50 levels deep (``not`` counts as a level too).

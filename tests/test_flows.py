@@ -205,3 +205,6 @@ async def test_a_registration_that_fails_registers_none_of_the_flows_it_reached(
         assert node_actors(engine) == []
         with trio.fail_after(60):
             assert (await engine.run(inner, {})).execution_path == ("only",)
+        again = single(Recorder(), "outer")
+        await engine.run(again, {})
+        assert engine.statistics().actor("outer/only").messages_processed == 1

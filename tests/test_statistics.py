@@ -121,6 +121,15 @@ def test_many_live_flows_of_one_name_get_distinct_labels_and_a_freed_name_is_tak
     assert labels.label(a_then_b("req")) == "req"
 
 
+def test_a_dropped_label_is_free_while_its_flow_lives() -> None:
+    labels = FlowLabels()
+    refused, kept = a_then_b("x"), a_then_b("x")
+    assert labels.label(refused) == "x"
+    labels.drop(refused)
+    assert labels.label(kept) == "x"
+    assert labels.label(refused) == "x#2"
+
+
 def test_labels_keep_nothing_of_names_whose_flows_are_gone() -> None:
     """Flows built per request, each request a name of its own and two flows of it
     alive at once (the second is numbered): once they are garbage, the labels hold

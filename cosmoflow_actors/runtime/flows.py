@@ -57,7 +57,8 @@ class FlowRegistry:
     """Registers flows, starting their node actors in the engine's nursery, and retires
     the actors of a flow that is garbage.
 
-    After :meth:`close`, no flow is registered any more.
+    :meth:`close` stops it watching the flows registered (the engine, closed, registers
+    none after that).
     """
 
     def __init__(
@@ -118,9 +119,9 @@ class FlowRegistry:
         known = self._flows.get(flow)
         if known is not None:
             return known
-        if self._workers is None and uses_executor(flow):
+        if self._needs_workers(flow):
             await self._start_workers()
-        if not self._ray_connected and uses_executor(flow, "ray"):
+        if self._needs_ray(flow):
             await self._connect_ray()
         self._check_not_closed_meanwhile()
         registration = self.register_nowait(flow)
@@ -139,9 +140,9 @@ class FlowRegistry:
         known = self._flows.get(flow)
         if known is not None:
             return known
-        if self._workers is None and uses_executor(flow):
+        if self._needs_workers(flow):
             raise trio.WouldBlock("the flow's worker processes are not set up yet")
-        if not self._ray_connected and uses_executor(flow, "ray"):
+        if self._needs_ray(flow):
             raise trio.WouldBlock("the engine is not connected to Ray yet")
         made: dict[Flow, Registration] = {}
         try:
@@ -179,23 +180,24 @@ class FlowRegistry:
         record each flow's registration, also in ``made``. Never blocks."""
         if flow in self._flows:
             return
+        keys = condition_keys(flow)
         actors: dict[str, NodeActor] = {}
         for node_id, node in flow.nodes.items():
             if isinstance(node, Flow):
                 self._record(node, made)
             else:
                 actors[node_id] = self._new_actor(flow, node_id, node)
-        keys = condition_keys(flow)
         retirement = weakref.finalize(flow, self._retire_soon, list(actors.values()))
         retirement.atexit = False  # at interpreter exit there is no engine left to tell
         made[flow] = self._flows[flow] = Registration(actors, keys, retirement)
 
     def _unrecord(self, made: dict[Flow, Registration]) -> None:
-        """Forget the registrations ``made`` (their actors never started). Never
-        blocks."""
+        """Forget the registrations ``made`` (their actors never started) and the
+        labels of their flows. Never blocks."""
         for flow, registration in made.items():
             registration.retirement.detach()
             del self._flows[flow]
+            self._labels.drop(flow)
 
     def _new_actor(self, flow: Flow, node_id: str, node: Node) -> NodeActor:
         return NodeActor(
@@ -216,6 +218,15 @@ class FlowRegistry:
         flight: each holds its flow): retire them in the engine's next scheduler pass.
         Safe wherever the garbage collector runs, in any thread. Never blocks."""
         self._token.run_sync_soon(_retire, actors)
+
+    def _needs_workers(self, flow: Flow) -> bool:
+        """Whether ``flow`` has "process" nodes and the worker processes are not set
+        up yet."""
+        return self._workers is None and uses_executor(flow)
+
+    def _needs_ray(self, flow: Flow) -> bool:
+        """Whether ``flow`` has "ray" nodes and the engine is not connected to Ray yet."""
+        return not self._ray_connected and uses_executor(flow, "ray")
 
     def _check_not_closed_meanwhile(self) -> None:
         """Raise RunCancelledError if the registry closed (the engine with it) while a

@@ -106,6 +106,13 @@ class FlowLabels:
             self._forget_gone()
         return label
 
+    def drop(self, flow: Flow) -> None:
+        """Take back the label of ``flow`` (its registration failed): the label is free
+        for the next flow of that name. Never blocks."""
+        label = self._labels.pop(flow, None)
+        if label is not None and self._holders.get(label) is flow:
+            del self._holders[label]
+
     def _forget_gone(self) -> None:
         """Drop the numbers of the names no live flow has; run again once as many names
         have been numbered as there are flows or numbers left (the work done here).

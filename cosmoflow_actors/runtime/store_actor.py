@@ -189,7 +189,7 @@ class StoreActor(Actor[StoreRequest]):
     async def _uncut(self, commit: Awaitable[T]) -> T:
         """Await ``commit``, a backend's commit, shielded from cancellation, so that the
         engine closing does not cut it half-way; but once commits are bounded (see
-        :meth:`bound_commits`) for at most COMMIT_SECONDS, then TooSlowError (the commit
+        :meth:`bound_commits`) for at most COMMIT_SECONDS, then StorageError (the commit
         failed)."""
         with trio.CancelScope(shield=True) as self._committing:
             if self._commits_bounded:
@@ -198,7 +198,10 @@ class StoreActor(Actor[StoreRequest]):
                 return await commit
             finally:
                 self._committing = None
-        raise trio.TooSlowError(f"the commit went on for over {COMMIT_SECONDS:g} s")
+        # Reached only when the deadline cut the commit.
+        raise StorageError(
+            f"the commit was cut {COMMIT_SECONDS:g} s after the engine began to close"
+        )
 
     def retire(self) -> None:
         """Refuse new requests; the actor answers what is queued, closes its backend and

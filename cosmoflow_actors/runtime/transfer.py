@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import threading
 import traceback
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import cloudpickle
 import outcome
@@ -75,12 +75,16 @@ mod.Type"), readable even when the engine cannot unpickle the rest, and exec's o
 pickled."""
 
 
-def worker_name(executor: str) -> str:
+WorkerKind = Literal["process", "ray"]
+"""The executors whose exec runs in another process: a worker process, a Ray task."""
+
+
+def worker_name(executor: WorkerKind) -> str:
     """What runs exec for ``executor`` ("process" or "ray"), as error texts name it."""
     return "the Ray task" if executor == "ray" else "the worker process"
 
 
-def job(prep_res: Any, ctx: ExecutionContext, executor: str) -> bytes:
+def job(prep_res: Any, ctx: ExecutionContext, executor: WorkerKind) -> bytes:
     """The prep result and the context, pickled for a worker of ``executor``. Blocks
     while it pickles them: for a large prep result, long enough to stall the engine."""
     try:
@@ -93,7 +97,7 @@ def job(prep_res: Any, ctx: ExecutionContext, executor: str) -> bytes:
     return pickled
 
 
-def answer(sent: Answer, executor: str) -> Any:
+def answer(sent: Answer, executor: WorkerKind) -> Any:
     """What exec returned, as a worker of ``executor`` sent it back; or raise what it
     raised, a KeyboardInterrupt as WorkerInterruptedError. Blocks while it unpickles
     the outcome: for a large result, long enough to stall the engine."""
@@ -158,7 +162,7 @@ def start_worker(node_bytes: bytes) -> None:
     _node(node_bytes, worker_name("process"))
 
 
-def exec_in_worker(node_bytes: bytes, job: bytes, executor: str) -> Answer:
+def exec_in_worker(node_bytes: bytes, job: bytes, executor: WorkerKind) -> Answer:
     """Runs in the worker process (a Ray task's, for ``executor`` "ray"): unpickle, run
     exec, pickle the outcome. Blocks while exec runs."""
     _watch_parent()
