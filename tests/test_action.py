@@ -571,24 +571,31 @@ class _AboveLimit(ActionCondition):
         return frozenset({"n", "limit"})
 
 
-@cf.node
-async def _decide(ctx: cf.ExecutionContext) -> Action:
-    if ctx.params.get("conditional"):
-        return Action.conditional(_AboveLimit(), "big", "small")
-    return Action.simple("next")
+def _deciding(name: str, condition: Callable[[], ActionCondition]) -> cf.Flow:
+    """A flow whose node "decide" goes to "big" when ``condition()`` holds, else to
+    "small": through a route's condition, or, with the param ``conditional``, through
+    the conditional action its post returns."""
+
+    @cf.node
+    async def decide(ctx: cf.ExecutionContext) -> Action:
+        if ctx.params.get("conditional"):
+            return Action.conditional(condition(), "big", "small")
+        return Action.simple("next")
+
+    return (
+        cf.Flow.builder(name)
+        .add_node("decide", decide)
+        .add_node("big", _Done("big"))
+        .add_node("small", _Done("small"))
+        .add_route("decide", "big", "next", when=condition())
+        .add_route("decide", "small", "next")
+        .add_route("decide", "big", "big")
+        .add_route("decide", "small", "small")
+        .build()
+    )
 
 
-_DECIDE = (
-    cf.Flow.builder("decide")
-    .add_node("decide", _decide)
-    .add_node("big", _Done("big"))
-    .add_node("small", _Done("small"))
-    .add_route("decide", "big", "next", when=_AboveLimit())
-    .add_route("decide", "small", "next")
-    .add_route("decide", "big", "big")
-    .add_route("decide", "small", "small")
-    .build()
-)
+_DECIDE = _deciding("decide", _AboveLimit)
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["route_condition", "conditional"])
@@ -701,24 +708,7 @@ class _Threshold(_ThresholdMixin, ActionCondition):
         return frozenset({"score"})
 
 
-@cf.node
-async def _threshold(ctx: cf.ExecutionContext) -> Action:
-    if ctx.params.get("conditional"):
-        return Action.conditional(_Threshold(), "big", "small")
-    return Action.simple("next")
-
-
-_THRESHOLD = (
-    cf.Flow.builder("threshold")
-    .add_node("decide", _threshold)
-    .add_node("big", _Done("big"))
-    .add_node("small", _Done("small"))
-    .add_route("decide", "big", "next", when=_Threshold())
-    .add_route("decide", "small", "next")
-    .add_route("decide", "big", "big")
-    .add_route("decide", "small", "small")
-    .build()
-)
+_THRESHOLD = _deciding("threshold", _Threshold)
 
 
 def test_an_evaluate_from_a_mixin_is_guarded() -> None:

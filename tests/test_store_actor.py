@@ -659,19 +659,26 @@ class SlowAsyncCommit(JsonDictStorage):
             self.data[key] = value
 
 
-async def test_an_engine_cancelled_during_an_async_commit_lets_it_finish(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    storage = SlowAsyncCommit()
+async def cancelled_while_committing(storage: SlowAsyncCommit, writes: dict[str, Any]) -> float:
+    """Cancel an engine while ``storage`` commits ``writes``; return when that was."""
     with trio.CancelScope() as scope:
         async with (
             cf.open_engine() as engine,
             engine.open_store(storage) as store,
             trio.open_nursery() as nursery,
         ):
-            nursery.start_soon(store.set_many, {"a": 1, "b": 2, "c": 3})
+            nursery.start_soon(store.set_many, writes)
             await storage.committing.wait()
+            cancelled_at = trio.current_time()
             scope.cancel()
+    return cancelled_at
+
+
+async def test_an_engine_cancelled_during_an_async_commit_lets_it_finish(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    storage = SlowAsyncCommit()
+    await cancelled_while_committing(storage, {"a": 1, "b": 2, "c": 3})
     assert storage.data == {"a": "1", "b": "2", "c": "3"}
 
 
@@ -686,15 +693,6 @@ async def test_a_closing_engine_cuts_an_async_commit_after_commit_seconds(
         await store.set_many(many)
     assert len(storage.data) == len(many)
     storage = SlowAsyncCommit()
-    with trio.CancelScope() as scope:
-        async with (
-            cf.open_engine() as engine,
-            engine.open_store(storage) as store,
-            trio.open_nursery() as nursery,
-        ):
-            nursery.start_soon(store.set_many, many)
-            await storage.committing.wait()
-            cancelled_at = trio.current_time()
-            scope.cancel()
+    cancelled_at = await cancelled_while_committing(storage, many)
     assert trio.current_time() - cancelled_at == pytest.approx(store_actor.COMMIT_SECONDS)
     assert len(storage.data) < len(many)
