@@ -410,9 +410,36 @@ async def test_every_call_fails_within_the_timeout_when_the_server_stops_answeri
     )
     slow = {name: seconds for name, (_, seconds) in outcomes.items() if seconds >= BOUND}
     assert slow == {}, f"timeout={TIMEOUT}: these calls took too long"
+    await trio.sleep(TIMEOUT)  # an instance sends no call for TIMEOUT s after a silent one
     assert await shared.get("n") in (1, 2)  # it connects afresh once the server answers
     for storage in [*storages.values(), shared, fresh]:
         await storage.aclose()
+
+
+async def test_calls_queued_in_a_store_actor_fail_within_one_timeout_of_a_silent_server(
+    private_redis: RedisServer,
+) -> None:
+    """Eight runs' reads queue in the actor of one storage, which sends them one after
+    another: the first waits out the timeout, the others are not sent, and all have
+    failed within one timeout; once the server answers again, so does the storage."""
+    storage = await connected(private_redis, unique_namespace(), n=1)
+    outcomes: dict[int, tuple[type[BaseException], float]] = {}
+    async with cf.open_engine() as engine, engine.open_store(storage) as store:
+
+        async def read(index: int) -> None:
+            outcomes[index] = await time_to_fail(partial(store.get, "n"))
+
+        with resumed_at_exit(private_redis):
+            freeze(private_redis)
+            async with trio.open_nursery() as nursery:
+                for index in range(8):
+                    nursery.start_soon(read, index)
+        assert {error for error, _ in outcomes.values()} == {cf.StorageError}
+        assert max(seconds for _, seconds in outcomes.values()) < BOUND
+        with pytest.raises(cf.StorageError, match="this call was not sent"):
+            await store.get("n")
+        await trio.sleep(TIMEOUT)  # an instance sends no call for TIMEOUT s after a silent one
+        assert await store.get("n") == 1
 
 
 @pytest.mark.parametrize("call", ["update", "commit_step"])
@@ -441,6 +468,7 @@ async def test_a_call_the_server_stops_answering_halfway_fails_within_the_timeou
 
     assert error is cf.StorageError
     assert seconds < BOUND, f"timeout={TIMEOUT}, took {seconds:.2f} s"
+    await trio.sleep(TIMEOUT)  # an instance sends no call for TIMEOUT s after a silent one
     assert await storage.get("n") in (1, 2)
     await storage.aclose()
 

@@ -124,7 +124,10 @@ class RedisStorage(DatabaseStorage):
     the same instance together, raises :class:`~cosmoflow_actors.StorageError`. The
     instance then leaves the connection of that call behind and takes another on the
     next call. A write in flight when the time ran out may still be applied, if the
-    server reads it later.
+    server reads it later. For ``timeout`` seconds after a call got no answer, the
+    instance sends no call: each raises StorageError at once. So the calls queued
+    behind one (a store actor serves its runs' calls one at a time) cost a silent
+    server one timeout in all, not one each.
 
     Every call to the server runs in a worker thread (``trio.to_thread``, one at a time
     per instance), which cancellation does not interrupt (the timeout does). Connection
@@ -146,6 +149,9 @@ class RedisStorage(DatabaseStorage):
         self._timeout = timeout
         self._client: redis.Redis | None = None
         self._abandoned: list[tuple[Pipeline, trio.CapacityLimiter]] = []
+        self._silent_at: float | None = None
+        """When a call last got no answer within ``timeout`` (trio time), if one did:
+        the calls of the next ``timeout`` seconds are not sent (see :meth:`_in_thread`)."""
         """Pipelines of calls that timed out, each with the limiter its abandoned thread
         holds until it ends: :meth:`aclose` resets them, giving their connections back
         to the pool."""
@@ -607,10 +613,13 @@ class RedisStorage(DatabaseStorage):
 
         Cancellation does not interrupt the wait (it is shielded); the deadline does: the
         thread, stuck on a server that does not answer, is abandoned with its client
-        (see :meth:`_abandon`) and StorageError is raised.
+        (see :meth:`_abandon`) and StorageError is raised. For ``timeout`` seconds after
+        that, a call is not sent: it raises StorageError at once (so a silent server
+        costs the calls queued behind one a single timeout, not one each).
         """
         from redis.exceptions import RedisError, TimeoutError
 
+        self._refuse_while_silent()
         deadline = _deadline.get()
         if deadline is None:
             deadline = trio.current_time() + self._timeout
@@ -625,10 +634,32 @@ class RedisStorage(DatabaseStorage):
                     raise StorageError(f"{self!r}: the connection failed: {lost}") from lost
                 raise StorageError(f"{self!r}: {exc}") from exc
         self._abandon()
+        self._silent_at = trio.current_time()
         problem = f"no answer from the server within timeout={self._timeout:g} s"
         raise StorageError(
-            f"{self!r}: {problem}; the connection is dropped (a write it carried may "
-            "still be applied)"
+            f"{self!r}: {problem}; the connection is dropped (if the call carried a "
+            "write, it may still be applied)"
+        ) from TimeoutError(problem)
+
+    def _refuse_while_silent(self) -> None:
+        """Raise StorageError (from redis-py's TimeoutError, as a timed-out call is: the
+        store is out of reach) when a call got no answer less than ``timeout`` seconds
+        ago. Does not block."""
+        from redis.exceptions import TimeoutError
+
+        if self._silent_at is None:
+            return
+        ago = trio.current_time() - self._silent_at
+        if ago >= self._timeout:
+            self._silent_at = None
+            return
+        problem = (
+            f"no answer from the server within timeout={self._timeout:g} s to a call "
+            f"{ago:.1f} s ago"
+        )
+        raise StorageError(
+            f"{self!r}: {problem}; this call was not sent (one is sent again "
+            f"{self._timeout:g} s after that call)"
         ) from TimeoutError(problem)
 
     def _abandon(self) -> None:
