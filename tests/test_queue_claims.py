@@ -310,6 +310,7 @@ async def test_a_run_a_stopped_workers_last_read_got_is_given_back_at_once(
 async def test_a_worker_logs_once_that_its_queue_is_out_of_reach_and_when_it_is_back(
     tmp_path: Path,
 ) -> None:
+    """The outage's warning names the queue once, in the error that says why."""
     port = free_port()
     queue = RunQueue(f"redis://127.0.0.1:{port}/0", "outage", lease=0.3)
     warnings = Warnings()
@@ -320,7 +321,7 @@ async def test_a_worker_logs_once_that_its_queue_is_out_of_reach_and_when_it_is_
         async with worker(queue, f"redis://127.0.0.1:{port}/0#runs", "w1"):
             await killed(server)
             with trio.fail_after(30):
-                await warnings.wait_for("worker w1 cannot use RunQueue(")
+                await warnings.wait_for("worker w1 cannot use ")
             server = await persistent_redis(tmp_path, port)
             with trio.fail_after(30):
                 await warnings.wait_for("worker w1 uses RunQueue(")
@@ -328,4 +329,8 @@ async def test_a_worker_logs_once_that_its_queue_is_out_of_reach_and_when_it_is_
         logger.removeHandler(warnings)
         await killed(server)
     assert len(warnings.messages) == 2, warnings.messages
-    assert "trying again every 0.1 s" in warnings.messages[0]
+    outage, back = warnings.messages
+    assert outage.startswith(f"worker w1 cannot use its queue: {queue!r}: "), outage
+    assert outage.count("RunQueue(") == 1, outage
+    assert outage.endswith("; trying again every 0.1 s"), outage
+    assert back == f"worker w1 uses {queue!r} again"

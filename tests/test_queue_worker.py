@@ -336,6 +336,59 @@ async def test_a_worker_cut_off_from_redis_cancels_its_run_when_its_lease_expire
     assert lease <= elapsed <= lease + lease / 3
 
 
+async def test_a_worker_cut_off_from_redis_logs_each_run_it_gives_up_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two runs whose leases expire a lease apart while the renewals fail: each is
+    given up as its lease expires and logged once, with the renewals' error, the first
+    though its lease stays with the worker (its task has not ended) for the renewals
+    until the second expires. (On the real clock: an autojump clock would time the
+    renewals out while their threads connect.)"""
+    from cosmoflow_actors.runtime.queue.worker import _Lease, _Worker
+
+    lease = 0.6
+    queue = RunQueue(f"redis://127.0.0.1:{free_port()}/0", "cut-off", lease=lease)
+    async with cf.open_engine() as engine:
+        cut_off = _Worker(engine, queue, {"count": FLOW}, per_run_redis("redis://x"), "w")
+        started = trio.current_time()
+        scopes = [trio.CancelScope(), trio.CancelScope()]
+        cut_off._leases["r1"] = _Lease(scopes[0], started + lease)
+        cut_off._leases["r2"] = _Lease(scopes[1], started + 2 * lease)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cut_off.renew_leases)
+            for scope in scopes:
+                with scope:
+                    await trio.sleep_forever()
+            nursery.cancel_scope.cancel()
+    logged = [r.getMessage() for r in caplog.records if r.name == "cosmoflow_actors.queue"]
+    assert [message.split(":")[0] for message in logged] == [
+        "worker w gives up run 'r1', to be taken over",
+        "worker w gives up run 'r2', to be taken over",
+    ]
+    for message in logged:
+        assert f"its lease expired unrenewed (the last renewal failed: {queue!r}: " in message
+
+
+async def test_a_worker_gives_up_a_run_whose_lease_the_queue_no_longer_holds_for_it(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server has no lease for the run (it expired there): the renewal gives the run
+    up and logs it."""
+    from cosmoflow_actors.runtime.queue.worker import _Lease, _Worker
+
+    queue = new_queue(redis_server)
+    async with cf.open_engine() as engine:
+        lost = _Worker(engine, queue, {"count": FLOW}, per_run_redis("redis://x"), "w")
+        scope = trio.CancelScope()
+        lost._leases["r1"] = _Lease(scope, trio.current_time() + queue.lease)
+        await lost._renew(dict(lost._leases))
+    assert scope.cancel_called
+    [message] = [r.getMessage() for r in caplog.records if r.name == "cosmoflow_actors.queue"]
+    assert message == (
+        f"worker w gives up run 'r1', to be taken over: {queue!r} no longer holds its lease for it"
+    )
+
+
 async def test_runs_go_on_after_redis_restarts_and_every_step_is_committed_once(
     tmp_path: Path,
 ) -> None:

@@ -114,14 +114,13 @@ class Claimer:
                 return claim
 
     def _outage_began(self, error: StorageError) -> None:
-        """Log to :data:`LOGGER`, once an outage starts, that the queue cannot be used.
-        Never blocks."""
+        """Log to :data:`LOGGER`, once an outage starts, that the queue cannot be used:
+        ``error``, which names the queue, says why. Never blocks."""
         if not self._out_of_reach:
             self._out_of_reach = True
             LOGGER.warning(
-                "worker %s cannot use %r: %s; trying again every %.3g s",
+                "worker %s cannot use its queue: %s; trying again every %.3g s",
                 self.name,
-                self.queue,
                 error,
                 self.queue.third_of_lease,
             )

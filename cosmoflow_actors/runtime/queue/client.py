@@ -69,7 +69,10 @@ class RunQueue:
     has it, before one of them fails it (0: the first one does). Every call to the
     server runs in a worker thread (at most :data:`THREADS` at once, apart from the
     threads of trio's default limiter), on a connection of the process's pool for the
-    server; connection failures raise StorageError. Requires the ``redis`` package.
+    server, and is not retried: a server that refuses the connection or closes it
+    raises StorageError at once. A call waits for a server that does not answer at
+    most ``max(10, 3 * lease)`` seconds (the connections' socket timeout, connecting
+    included), then raises StorageError. Requires the ``redis`` package.
     """
 
     def __init__(

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 RunStores = Callable[[str], Storage]
 """A function giving the store of the run whose id it is given."""
+NOT_SENT = "no renewal was sent in time"
+"""Why a lease expired when its last renewal did not fail: the worker did not send the
+next one before it expired (its trio thread was held up)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +127,9 @@ class _Worker:
         self.name = name
         self._leases: dict[str, _Lease] = {}
         """The leases of the runs this worker runs now, by run id."""
+        self._renewal_failure = NOT_SENT
+        """Why the last renewal failed (NOT_SENT when it did not): what a run given up
+        for an expired lease logs."""
         self.claimer = Claimer(queue, flows, name, self._leases)
 
     async def run_claimed(self, claim: Claim, slots: trio.Semaphore) -> None:
@@ -228,14 +234,15 @@ class _Worker:
                 await self._renew(dict(self._leases))
 
     async def _renew(self, leases: dict[str, _Lease]) -> None:
-        """Renew ``leases`` (by run id) in one round trip; cancel the run of each one
-        that is lost, or expired before the round trip was sent. When the server is out
-        of reach or does not answer before the first of them expires, none is renewed,
-        and the runs of those that have expired by then are cancelled. Blocks while the
-        server answers, until the first of them expires at most."""
+        """Renew ``leases`` (by run id) in one round trip; give up the run of each one
+        that is lost, or expired before the round trip was sent (see :meth:`_give_up`).
+        When the server is out of reach or does not answer before the first of them
+        expires, none is renewed, and the runs of those that have expired by then are
+        given up. Blocks while the server answers, until the first of them expires at
+        most."""
         queue = self.queue
         sent = trio.current_time()
-        live = _unexpired(leases, sent)
+        live = self._unexpired(leases, sent)
         if not live:
             return
         first = min(lease.expires for lease in live.values())
@@ -243,15 +250,43 @@ class _Worker:
         try:
             with trio.fail_after(first - sent):
                 held = await queue.script(RENEW, keys, [self.name, queue.lease_ms])
-        except (StorageError, trio.TooSlowError):
-            _unexpired(live, trio.current_time())
+        except StorageError as exc:
+            self._renewal_failure = f"the last renewal failed: {exc}"
+            self._unexpired(live, trio.current_time())
             return
-        for lease, renewed in zip(live.values(), held, strict=True):
+        except trio.TooSlowError:
+            self._renewal_failure = f"{queue!r} did not answer the last renewal in time"
+            self._unexpired(live, trio.current_time())
+            return
+        self._renewal_failure = NOT_SENT
+        for (run_id, lease), renewed in zip(live.items(), held, strict=True):
             if renewed:
                 # The server renewed it after ``sent``: it expires no sooner than this.
                 lease.expires = sent + queue.lease
             else:
-                lease.scope.cancel()
+                self._give_up(run_id, lease, f"{queue!r} no longer holds its lease for it")
+
+    def _unexpired(self, leases: dict[str, _Lease], now: float) -> dict[str, _Lease]:
+        """The leases of ``leases`` that have not expired at ``now``, leaving out those
+        whose runs were given up already; give up the runs of the others. Never
+        blocks."""
+        live = {}
+        for run_id, lease in leases.items():
+            if lease.scope.cancel_called:
+                continue
+            if lease.expires > now:
+                live[run_id] = lease
+            else:
+                why = f"its lease expired unrenewed ({self._renewal_failure})"
+                self._give_up(run_id, lease, why)
+        return live
+
+    def _give_up(self, run_id: str, lease: _Lease, why: str) -> None:
+        """Cancel the run ``run_id``, whose ``lease`` this worker has lost (``why`` says
+        how), and log it to :data:`LOGGER`: another worker takes the run over and
+        resumes it after its last committed step. Never blocks."""
+        lease.scope.cancel()
+        LOGGER.warning("worker %s gives up run %r, to be taken over: %s", self.name, run_id, why)
 
     async def _finish(self, entry_id: str, run_id: str, info: dict[str, Any]) -> None:
         """Record ``info``, acknowledge the entry and drop the lease, if it is ours."""
@@ -261,18 +296,6 @@ class _Worker:
             [queue.lease_key(run_id), queue.runs, queue.stream],
             [self.name, run_id, json.dumps(info, default=repr), GROUP, entry_id],
         )
-
-
-def _unexpired(leases: dict[str, _Lease], now: float) -> dict[str, _Lease]:
-    """The leases of ``leases`` that have not expired at ``now``; cancel the runs of the
-    others. Never blocks."""
-    live = {}
-    for run_id, lease in leases.items():
-        if lease.expires > now:
-            live[run_id] = lease
-        else:
-            lease.scope.cancel()
-    return live
 
 
 def _out_of_reach(error: BaseException) -> bool:
