@@ -12,6 +12,7 @@ crashing actor fails every run in flight with ActorCrashedError and its exceptio
 from __future__ import annotations
 
 import contextlib
+import enum
 import itertools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -122,7 +123,7 @@ class Engine:
         runs the run's steps itself while their nodes are idle (under those nodes'
         slots), and waits for the rest. Cancelling the caller cancels the run.
         """
-        run, first = await self._start(flow, store, params, run_id, resume=False)
+        run, first = await self._start(flow, store, params, run_id, _Start.NEW)
         return await self._drive(run, first)
 
     async def start_run(
@@ -151,7 +152,7 @@ class Engine:
         does a run_id recorded for another flow. RunConflictError: another engine
         created the new run's record first.
         """
-        run, first = await self._start(flow, store, params, run_id, resume=False)
+        run, first = await self._start(flow, store, params, run_id, _Start.NEW)
         if first is not None:
             await _send(run, first)
         return Run(run)
@@ -173,7 +174,7 @@ class Engine:
         Raises ValueError unless ``run_id`` is a non-empty str.
         """
         require_run_id(run_id)
-        run, first = await self._start(flow, store, params, run_id, resume=True)
+        run, first = await self._start(flow, store, params, run_id, _Start.RESUME)
         return await self._drive(run, first)
 
     def start_run_nowait(
@@ -355,15 +356,12 @@ class Engine:
         store: Storage | dict[str, Any] | None,
         params: Mapping[str, Any] | None,
         run_id: str | None,
-        *,
-        resume: bool,
-        durable: bool | None = None,
-        child: bool = False,
+        start: _Start,
     ) -> tuple[ActiveRun, Step | None]:
-        """Start (or resume) a run: admit it (FIFO; a child of a running BatchFlow
-        needs no admission), open its store, read and write its record if it is
-        durable; return it with its first step to send (None when the run is over, or
-        a resumed one's branches were sent on).
+        """Start (or resume) a run as ``start`` says: admit it (FIFO; a child of a
+        running BatchFlow needs no admission), open its store, read and write its
+        record if it is durable; return it with its first step to send (None when the
+        run is over, or a resumed one's branches were sent on).
 
         A checkpoint: admission is one (it parks while ``max_runs`` runs are in flight),
         else one is taken; no other unless it must wait. A caller waiting for admission
@@ -373,14 +371,13 @@ class Engine:
         first_params = _checked_arguments(flow, params, run_id)
         self._starting += 1
         try:
-            run = await self._open_run(flow, store, run_id, child=child)
+            run = await self._open_run(flow, store, run_id, child=start.is_child)
         finally:
             self._starting -= 1
             self._wake_if_idle()
-        if durable is None:
-            durable = run_id is not None and run.storage.persistent
+        durable = start.durable(run_id is not None, run.storage)
         try:
-            return run, await self._launch(run, first_params, resume=resume, durable=durable)
+            return run, await self._launch(run, first_params, resume=start.resumes, durable=durable)
         except Exception as exc:
             run.fail(exc)
             raise
@@ -565,9 +562,8 @@ class Engine:
         """How a BatchFlow runs a child, in the node's task: durable (resumed, or its
         recorded result) when its parent is durable, else an ordinary run. It needs no
         admission: its parent was admitted."""
-        run, first = await self._start(
-            flow, store, params, run_id, resume=durable, durable=durable, child=True
-        )
+        start = _Start.DURABLE_CHILD if durable else _Start.CHILD
+        run, first = await self._start(flow, store, params, run_id, start)
         return await self._drive(run, first)
 
     def events(self, *, buffer: int = DEFAULT_EVENT_BUFFER, lossless: bool = False) -> EventStream:
@@ -776,6 +772,39 @@ async def _send(run: ActiveRun, step: Step) -> None:
     except BaseException:
         run.cancel()
         raise
+
+
+class _Start(enum.Enum):
+    """How a run starts."""
+
+    NEW = "new"
+    """``run``, ``start_run``: durable with a run id on a persistent storage; a run
+    recorded unfinished is refused."""
+    RESUME = "resume"
+    """``resume``: as NEW, but a run recorded unfinished goes on."""
+    CHILD = "child"
+    """A BatchFlow's child run, of a parent that is not durable: not admitted (its
+    parent was), never durable."""
+    DURABLE_CHILD = "durable child"
+    """A BatchFlow's child run, of a durable parent: not admitted, durable, and it goes
+    on where its record says."""
+
+    @property
+    def is_child(self) -> bool:
+        """Whether the run is a BatchFlow's child (it needs no admission)."""
+        return self in (_Start.CHILD, _Start.DURABLE_CHILD)
+
+    @property
+    def resumes(self) -> bool:
+        """Whether a run recorded unfinished goes on (else it is refused)."""
+        return self in (_Start.RESUME, _Start.DURABLE_CHILD)
+
+    def durable(self, named: bool, storage: Storage) -> bool:
+        """Whether the run keeps a record: a child as its parent does, any other run
+        when it is ``named`` (given a run id) on a persistent ``storage``."""
+        if self.is_child:
+            return self is _Start.DURABLE_CHILD
+        return named and storage.persistent
 
 
 _NO_PARAMS: Final[Mapping[str, Any]] = MappingProxyType({})
