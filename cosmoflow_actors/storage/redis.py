@@ -149,12 +149,12 @@ class RedisStorage(DatabaseStorage):
         self._timeout = timeout
         self._client: redis.Redis | None = None
         self._abandoned: list[tuple[Pipeline, trio.CapacityLimiter]] = []
-        self._silent_at: float | None = None
-        """When a call last got no answer within ``timeout`` (trio time), if one did:
-        the calls of the next ``timeout`` seconds are not sent (see :meth:`_in_thread`)."""
         """Pipelines of calls that timed out, each with the limiter its abandoned thread
         holds until it ends: :meth:`aclose` resets them, giving their connections back
         to the pool."""
+        self._silent_at: float | None = None
+        """When a call last got no answer within ``timeout`` (trio time), if one did:
+        the calls of the next ``timeout`` seconds are not sent (see :meth:`_in_thread`)."""
 
     def __repr__(self) -> str:
         return f"RedisStorage({redacted(self._url)!r}, namespace={self._namespace!r})"
@@ -617,7 +617,7 @@ class RedisStorage(DatabaseStorage):
         that, a call is not sent: it raises StorageError at once (so a silent server
         costs the calls queued behind one a single timeout, not one each).
         """
-        from redis.exceptions import RedisError, TimeoutError
+        from redis.exceptions import RedisError
 
         self._refuse_while_silent()
         deadline = _deadline.get()
@@ -635,32 +635,35 @@ class RedisStorage(DatabaseStorage):
                 raise StorageError(f"{self!r}: {exc}") from exc
         self._abandon()
         self._silent_at = trio.current_time()
-        problem = f"no answer from the server within timeout={self._timeout:g} s"
-        raise StorageError(
-            f"{self!r}: {problem}; the connection is dropped (if the call carried a "
-            "write, it may still be applied)"
-        ) from TimeoutError(problem)
+        raise self._no_answer(
+            "", "the connection is dropped (if the call carried a write, it may still be applied)"
+        )
 
     def _refuse_while_silent(self) -> None:
-        """Raise StorageError (from redis-py's TimeoutError, as a timed-out call is: the
-        store is out of reach) when a call got no answer less than ``timeout`` seconds
-        ago. Does not block."""
-        from redis.exceptions import TimeoutError
-
+        """Raise StorageError (see :meth:`_no_answer`) when a call got no answer less
+        than ``timeout`` seconds ago. Does not block."""
         if self._silent_at is None:
             return
         ago = trio.current_time() - self._silent_at
         if ago >= self._timeout:
             self._silent_at = None
             return
-        problem = (
-            f"no answer from the server within timeout={self._timeout:g} s to a call "
-            f"{ago:.1f} s ago"
+        raise self._no_answer(
+            f" to a call {ago:.1f} s ago",
+            f"this call was not sent (one is sent again {self._timeout:g} s after that call)",
         )
-        raise StorageError(
-            f"{self!r}: {problem}; this call was not sent (one is sent again "
-            f"{self._timeout:g} s after that call)"
-        ) from TimeoutError(problem)
+
+    def _no_answer(self, which: str, outcome: str) -> StorageError:
+        """A new StorageError: the server gave no answer within ``timeout`` (to the
+        call ``which`` names, if another), then ``outcome``. Caused by redis-py's
+        TimeoutError, as a call cut by the timeout is: what tells a run queue that the
+        store is out of reach, not at fault. Never blocks."""
+        from redis.exceptions import TimeoutError
+
+        problem = f"no answer from the server within timeout={self._timeout:g} s{which}"
+        error = StorageError(f"{self!r}: {problem}; {outcome}")
+        error.__cause__ = TimeoutError(problem)
+        return error
 
     def _abandon(self) -> None:
         """Leave the abandoned worker thread its limiter and start a new one, so the
