@@ -19,6 +19,9 @@ Grammar, from the lowest precedence to the highest::
   optional exponent (``3``, ``-0.5``, ``1e3``, ``2.5E-3``); an integer of more digits
   than Python converts, or a decimal beyond the float range (``1e999``), is refused; a
   decimal too small for a float reads as the nearest float (``1e-999`` is ``0.0``).
+  A number must be followed by a space, an operator, ``)`` or the end: ``3and true``,
+  ``2true``, ``3_000`` (no ``_`` between digits) and ``0x10`` (numbers are decimal) are
+  refused.
   Strings use single or double quotes with the escapes ``\\\\ \\' \\" \\n \\t``.
 - Chained comparisons (``1 < ${x} < 3``) are rejected; write ``1 < ${x} and ${x} < 3``.
   Parentheses may nest at most 50 levels deep (``not`` counts as a level too).
@@ -91,6 +94,7 @@ _KEYWORDS: Final[frozenset[str]] = frozenset({"and", "or", "not", *_KEYWORD_VALU
 _ESCAPES: Final[dict[str, str]] = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "t": "\t"}
 _NUMBER: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_WORD: Final = re.compile(r"[A-Za-z0-9_]+")
 _OPERATOR: Final = re.compile(r"==|!=|<=|>=|<|>")
 _MAX_DEPTH: Final = 50
 MAX_EXPRESSION_LENGTH: Final = 64 * 1024
@@ -460,6 +464,13 @@ class _Lexer:
         if match is None:
             raise self._error(self._pos, "unexpected character '-' (arithmetic is not supported)")
         text = match.group()
+        glued = _WORD.match(self._source, match.end())
+        if glued is not None:
+            raise self._error(
+                match.end(),
+                f"{_quoted(glued.group())} right after the number {_quoted(text)}; "
+                "a number must be followed by a space, an operator or ')'",
+            )
         return self._take(_Kind.NUMBER, len(text), self._number_value(text))
 
     def _number_value(self, text: str) -> int | float:

@@ -314,6 +314,35 @@ def test_syntax_errors_say_where(text: str, column: int, fragment: str) -> None:
     assert fragment in message
 
 
+@pytest.mark.parametrize(
+    ("text", "column", "word", "number"),
+    [
+        ("3and true", 2, "and", "3"),
+        ("${x} == 1.5or true", 12, "or", "1.5"),
+        ("2true", 2, "true", "2"),
+        ("-3and true", 3, "and", "-3"),
+        ("1e5and true", 4, "and", "1e5"),
+        ("3_000 == ${x}", 2, "_000", "3"),
+        ("0x10", 2, "x10", "0"),
+        ("1e5e5", 4, "e5", "1e5"),
+        ("3e", 2, "e", "3"),
+    ],
+)
+def test_a_number_followed_directly_by_a_name_is_refused(
+    text: str, column: int, word: str, number: str
+) -> None:
+    with pytest.raises(ConditionError) as caught:
+        parse(text)
+    message = str(caught.value)
+    assert f"at column {column}: {word!r} right after the number {number!r}" in message
+    assert "a number must be followed by a space, an operator or ')'" in message
+
+
+@pytest.mark.parametrize("text", ["3 and true", "(3)and true", "${x}==3", "-3<=${x}", "(1e5)"])
+def test_a_number_followed_by_a_space_an_operator_or_a_parenthesis_parses(text: str) -> None:
+    assert parse(text).evaluate({"x": 3})
+
+
 def test_the_largest_float_literal_parses() -> None:
     assert parse("${x} == 1.7976931348623157e308").evaluate({"x": 1.7976931348623157e308})
 
@@ -326,8 +355,9 @@ def test_the_largest_float_literal_parses() -> None:
         "1 == 1 ${" + "k" * 60_000 + "}",  # a long unexpected key
         "(1 == 1 " + "'" + "s" * 60_000 + "'",  # found instead of ')'
         "n" * 60_000,  # a long unknown name, and its hint
+        "3" + "n" * 60_000,  # a long name right after a number
     ],
-    ids=["string", "unterminated", "key", "expected_close", "name"],
+    ids=["string", "unterminated", "key", "expected_close", "name", "after_number"],
 )
 def test_a_syntax_error_message_quotes_a_long_token_cut(text: str) -> None:
     with pytest.raises(ConditionError) as caught:
