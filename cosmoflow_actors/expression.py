@@ -29,8 +29,11 @@ Grammar, from the lowest precedence to the highest::
   longer one is refused before it is parsed.
 - Anything else (other names, attribute access, calls, indexing, arithmetic, trailing
   tokens, unbalanced parentheses, unterminated strings, empty input) raises
-  :class:`~cosmoflow_actors.errors.ConditionError` with the column and the offending token
-  (the source and the token each cut to about 80 characters in the message).
+  :class:`~cosmoflow_actors.errors.ConditionError` with where the fault is and the
+  offending token (the source and the token each cut to about 80 characters in the
+  message). Where is ``column C`` (counted from 1), or ``line L, column C`` when the text
+  holds a line break (lines end at ``\\n``; a ``\\r`` before it counts as a character
+  of its line).
 
 Semantics:
 
@@ -346,11 +349,12 @@ class _Kind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class _Token:
-    """A token: its kind, its source text, its value and its 1-based column."""
+    """A token: its kind, its source text, its value and the index of its first character
+    in the source (the length of the source for the END token)."""
 
     kind: _Kind
     text: str
-    column: int
+    start: int
     value: Scalar = None
 
     def describe(self) -> str:
@@ -372,9 +376,20 @@ def _quoted(text: str) -> str:
     return repr(_cut(text))
 
 
-def _syntax_error(source: str, column: int, message: str) -> ConditionError:
-    """Return the ConditionError for a fault at ``column`` of ``source``."""
-    return ConditionError(f"invalid expression {_quoted(source)} at column {column}: {message}")
+def _place(source: str, index: int) -> str:
+    """Return where ``source[index]`` is for a message: ``column C``, or ``line L, column C``
+    when ``source`` holds a line break (both counted from 1)."""
+    if "\n" not in source:
+        return f"column {index + 1}"
+    line = source.count("\n", 0, index) + 1
+    line_start = source.rfind("\n", 0, index) + 1
+    return f"line {line}, column {index - line_start + 1}"
+
+
+def _syntax_error(source: str, index: int, message: str) -> ConditionError:
+    """Return the ConditionError for a fault at ``source[index]``."""
+    where = _place(source, index)
+    return ConditionError(f"invalid expression {_quoted(source)} at {where}: {message}")
 
 
 class _Lexer:
@@ -389,7 +404,7 @@ class _Lexer:
         while True:
             self._skip_space()
             if self._pos >= len(self._source):
-                yield _Token(_Kind.END, "", self._pos + 1)
+                yield _Token(_Kind.END, "", self._pos)
                 return
             yield self._next_token()
 
@@ -419,10 +434,10 @@ class _Lexer:
         """Return a token of ``length`` characters at the current position and skip it."""
         start = self._pos
         self._pos += length
-        return _Token(kind, self._source[start : self._pos], start + 1, value)
+        return _Token(kind, self._source[start : self._pos], start, value)
 
     def _error(self, pos: int, message: str) -> ConditionError:
-        return _syntax_error(self._source, pos + 1, message)
+        return _syntax_error(self._source, pos, message)
 
     def _reference(self) -> _Token:
         if not self._source.startswith("${", self._pos):
@@ -536,7 +551,7 @@ class _Parser:
         return token.kind is _Kind.KEYWORD and token.text == word
 
     def _error(self, token: _Token, message: str) -> ConditionError:
-        return _syntax_error(self._source, token.column, message)
+        return _syntax_error(self._source, token.start, message)
 
     def _enter(self, token: _Token) -> None:
         """Count one more level of nesting, refusing to go deeper than ``_MAX_DEPTH``."""
@@ -604,9 +619,10 @@ def parse(text: str) -> Expression:
     """Parse ``text`` into an :class:`Expression`.
 
     Raises:
-        ConditionError: ``text`` is not a valid expression; the message gives the column and
-            the offending token. Or ``text`` is longer than ``MAX_EXPRESSION_LENGTH``
-            characters (refused before parsing it); the message gives both lengths.
+        ConditionError: ``text`` is not a valid expression; the message gives the column
+            (and the line, when ``text`` holds a line break) and the offending token. Or
+            ``text`` is longer than ``MAX_EXPRESSION_LENGTH`` characters (refused before
+            parsing it); the message gives both lengths.
     """
     if not isinstance(text, str):
         raise TypeError(f"an expression must be a str, not {type(text).__name__}")

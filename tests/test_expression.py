@@ -343,6 +343,35 @@ def test_a_number_followed_by_a_space_an_operator_or_a_parenthesis_parses(text: 
     assert parse(text).evaluate({"x": 3})
 
 
+@pytest.mark.parametrize(
+    ("text", "place", "fragment"),
+    [
+        ("${a} == 1 and\n    ${b} = 2", "line 2, column 10", "did you mean '=='?"),
+        ("\n${a} == 1\n  and 3and true\n", "line 3, column 8", "'and' right after"),
+        ("${a} ==\n", "line 2, column 1", "found end of input"),
+        ("'abc\n", "line 1, column 1", "unterminated string"),
+        ("(1 == 1\r\n  or x)", "line 2, column 6", "unknown name 'x'"),
+        ("\n\n\n", "line 4, column 1", "empty expression"),
+    ],
+)
+def test_syntax_errors_in_text_of_several_lines_give_the_line_and_column(
+    text: str, place: str, fragment: str
+) -> None:
+    with pytest.raises(ConditionError) as caught:
+        parse(text)
+    message = str(caught.value)
+    assert f" at {place}: " in message
+    assert fragment in message
+
+
+def test_a_syntax_error_in_a_long_text_of_several_lines_quotes_it_cut() -> None:
+    text = "${a} == 1 and\n" * 3000 + "x"
+    with pytest.raises(ConditionError) as caught:
+        parse(text)
+    assert " at line 3001, column 1: unknown name 'x'" in str(caught.value)
+    assert len(str(caught.value)) < 250
+
+
 def test_the_largest_float_literal_parses() -> None:
     assert parse("${x} == 1.7976931348623157e308").evaluate({"x": 1.7976931348623157e308})
 
