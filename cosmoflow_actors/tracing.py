@@ -99,9 +99,13 @@ class TracerLike(Protocol):
 
 
 def format_event(event: Event, origin: float = 0.0) -> str:
-    """One line for ``event``: its time since ``origin`` (trio time), its whole run id
-    (the runs of one engine share their first twelve characters), what happened and
-    the details."""
+    """One line for ``event``: its time since ``origin`` (trio time), its run id, what
+    happened and the details.
+
+    The run id is never cut, since the runs of one engine share their first twelve
+    characters and a run id a user gives may be any length; one shorter than 8 characters
+    is padded to 8 (``-`` stands for the empty run id of ``EventsDropped``).
+    """
     run = event.run_id or "-"
     what, details = _describe(event)
     return one_line(f"{event.time - origin:+9.3f}s  {run:8}  {what:14}  {details}")

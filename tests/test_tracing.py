@@ -363,6 +363,13 @@ def test_every_event_has_a_readable_line() -> None:
     assert format_event(cf.EventsDropped("", 12.0, 7), origin=10.0)[12:22] == "-         "
 
 
+def test_a_line_shows_a_long_run_id_whole() -> None:
+    run_id = "nightly-2026-12-04-customers-eu-west-000123"
+    assert format_event(cf.RunStarted(run_id, 12.25, "ev"), origin=10.0) == (
+        f"   +2.250s  {run_id}  run started     flow 'ev'"
+    )
+
+
 def test_a_line_stays_one_line_whatever_a_run_named_things() -> None:
     error = ValueError("two\nlines\u2028")
     event = cf.Fallback("r\n1", 10.0, "a\x1b[31m", "r1:1", 1, error)
