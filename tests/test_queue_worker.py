@@ -389,6 +389,24 @@ async def test_a_worker_gives_up_a_run_whose_lease_the_queue_no_longer_holds_for
     )
 
 
+async def test_a_renewal_gives_up_no_run_that_ended_while_it_was_sent(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run ends and its outcome is recorded, which drops its lease on the server,
+    while a renewal that includes it is on its way: the renewal finds the lease gone
+    but neither cancels nor logs the run as given up."""
+    from cosmoflow_actors.runtime.queue.worker import _Lease, _Worker
+
+    queue = new_queue(redis_server)
+    async with cf.open_engine() as engine:
+        worker = _Worker(engine, queue, {"count": FLOW}, per_run_redis("redis://x"), "w")
+        scope = trio.CancelScope()
+        worker._leases["r1"] = _Lease(scope, trio.current_time() + queue.lease, settling=True)
+        await worker._renew(dict(worker._leases))
+    assert not scope.cancel_called
+    assert not [r for r in caplog.records if r.name == "cosmoflow_actors.queue"]
+
+
 async def test_runs_go_on_after_redis_restarts_and_every_step_is_committed_once(
     tmp_path: Path,
 ) -> None:

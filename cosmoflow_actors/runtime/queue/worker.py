@@ -103,10 +103,13 @@ async def serve(
 @dataclass(slots=True)
 class _Lease:
     """A lease its worker holds on a run it runs: the run's scope, cancelled once the
-    lease is lost, and when (trio time) the lease expires unless renewed."""
+    lease is lost, when (trio time) the lease expires unless renewed, and whether the
+    run has ended and its outcome is being recorded (which drops the lease on the
+    server: a renewal that finds it gone then gives nothing up)."""
 
     scope: trio.CancelScope
     expires: float
+    settling: bool = False
 
 
 class _Worker:
@@ -144,6 +147,7 @@ class _Worker:
             outcome = await self._outcome(claim, lease.scope)
             # The outcome is known: record it, even if the worker is stopped now, for
             # HAND_BACK_SECONDS at most.
+            lease.settling = True
             with shielded_briefly():
                 await self._settle(claim, outcome)
         except BaseException:
@@ -235,7 +239,8 @@ class _Worker:
 
     async def _renew(self, leases: dict[str, _Lease]) -> None:
         """Renew ``leases`` (by run id) in one round trip; give up the run of each one
-        that is lost, or expired before the round trip was sent (see :meth:`_give_up`).
+        that is lost, unless the run ended meanwhile (its recorded outcome dropped the
+        lease), or expired before the round trip was sent (see :meth:`_give_up`).
         When the server is out of reach or does not answer before the first of them
         expires, none is renewed, and the runs of those that have expired by then are
         given up. Blocks while the server answers, until the first of them expires at
@@ -263,7 +268,7 @@ class _Worker:
             if renewed:
                 # The server renewed it after ``sent``: it expires no sooner than this.
                 lease.expires = sent + queue.lease
-            else:
+            elif not lease.settling:
                 self._give_up(run_id, lease, f"{queue!r} no longer holds its lease for it")
 
     def _unexpired(self, leases: dict[str, _Lease], now: float) -> dict[str, _Lease]:
