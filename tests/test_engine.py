@@ -327,6 +327,73 @@ async def test_a_closed_engine_refuses_new_work_saying_so(call: str, tmp_path: P
         engine.start_run_nowait(single(Recorder()), {})
 
 
+@pytest.mark.parametrize("call", CLOSED_ENGINE_CALLS)
+async def test_a_caller_whose_scope_is_cancelled_gets_cancelled_from_a_closed_engine(
+    call: str, tmp_path: Path
+) -> None:
+    # A task started in the nursery that holds the engine, before that nursery was
+    # cancelled, may first run once the engine has closed: it must leave its cancelled
+    # scope, not crash the application with the closed engine's RuntimeError.
+    async with cf.open_engine() as engine:
+        pass
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await CLOSED_ENGINE_CALLS[call](engine, tmp_path)
+    assert scope.cancelled_caught
+
+
+class OpensAfterAll(cf.MemoryStorage):
+    """Served by an actor of its own; its backend opens, shielded (as a backend opened
+    in a thread cannot be stopped), once the test lets it, and then calls ``opened``,
+    in the store actor's task, just before the actor wakes the runs that waited."""
+
+    shared_actor = False
+
+    def __init__(self, opened: Callable[[], None]) -> None:
+        super().__init__()
+        self.may_open = trio.Event()
+        self._opened = opened
+
+    async def open(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.may_open.wait()
+        self._opened()
+
+
+async def test_a_cancelled_caller_woken_by_its_store_after_the_close_gets_cancelled() -> None:
+    """The engine closes while a caller waits for its store to open; the store opens
+    after all and wakes the caller, whose own scope is cancelled before it runs again
+    (its deadline passes then): it gets trio.Cancelled, not RunCancelledError."""
+    caller = trio.CancelScope()
+
+    def cancel_the_caller_at_the_next_scheduler_pass() -> None:
+        caller.deadline = trio.current_time()
+
+    store = OpensAfterAll(cancel_the_caller_at_the_next_scheduler_pass)
+
+    async def call(engine: cf.Engine) -> None:
+        with caller:
+            await engine.run(single(Recorder(), "late"), store)
+
+    async with trio.open_nursery() as nursery:
+        closing = trio.CancelScope()
+
+        async def engine_until_closed(task_status: trio.TaskStatus[cf.Engine]) -> None:
+            with closing:
+                async with cf.open_engine() as engine:
+                    task_status.started(engine)
+                    await trio.sleep_forever()
+
+        engine = await nursery.start(engine_until_closed)
+        nursery.start_soon(call, engine)
+        await trio.testing.wait_all_tasks_blocked()
+        closing.cancel()
+        await engine.wait_closed()
+        store.may_open.set()
+    assert caller.cancelled_caught
+    assert engine.statistics().runs_started == 0
+
+
 async def test_callers_waiting_to_start_when_the_engine_closes_get_run_cancelled_error() -> None:
     # The callers are outside the engine's block, so its cancellation does not reach
     # them: the runs cancelled free their places, and each waiter must learn that its

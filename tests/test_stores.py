@@ -3,6 +3,7 @@ after the last; a backend over the same file opens only once the old actor has e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -186,6 +187,48 @@ async def test_a_run_waiting_for_its_backend_when_the_engine_closes_is_told_so()
         with pytest.raises(cf.StorageError, match="not opened: the engine closed first"):
             nursery.start_soon(_close_when_blocked, closing)
             await engine.run(flow, store)
+    assert engine.statistics().runs_in_flight == 0
+
+
+class CallsWhenItsOpenIsCancelled(OwnActorStorage):
+    """Its backend opens only when cancelled: then it calls ``cancelled``, in the store
+    actor's task, just before the actor wakes the runs that waited."""
+
+    def __init__(self, cancelled: Callable[[], None]) -> None:
+        super().__init__()
+        self._cancelled = cancelled
+
+    async def open(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._cancelled()
+
+
+async def test_a_cancelled_caller_woken_as_the_engine_closes_gets_cancelled() -> None:
+    """The closing engine wakes the caller waiting for the backend, and the caller's own
+    scope is cancelled before it runs again (its deadline passes then): it gets
+    trio.Cancelled, not the StorageError that the engine closed first."""
+    caller = trio.CancelScope()
+
+    def cancel_the_caller_at_the_next_scheduler_pass() -> None:
+        caller.deadline = trio.current_time()
+
+    store = CallsWhenItsOpenIsCancelled(cancel_the_caller_at_the_next_scheduler_pass)
+    async with trio.open_nursery() as nursery:
+        closing = trio.CancelScope()
+
+        async def engine_until_closed(task_status: trio.TaskStatus[cf.Engine]) -> None:
+            with closing:
+                async with cf.open_engine() as engine:
+                    task_status.started(engine)
+                    await trio.sleep_forever()
+
+        engine = await nursery.start(engine_until_closed)
+        nursery.start_soon(_close_when_blocked, closing)
+        with caller:
+            await engine.run(single(Recorder(), "late"), store)
+    assert caller.cancelled_caught
     assert engine.statistics().runs_in_flight == 0
 
 

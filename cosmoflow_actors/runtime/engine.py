@@ -121,7 +121,9 @@ class Engine:
 
         Blocks until the run ends; waits first like :meth:`start_run`. The calling task
         runs the run's steps itself while their nodes are idle (under those nodes'
-        slots), and waits for the rest. Cancelling the caller cancels the run.
+        slots), and waits for the rest. Cancelling the caller cancels the run; the
+        caller gets one trio.Cancelled (also from a step that runs items or child runs
+        at once, and when the engine closes before the run started).
         """
         run, first = await self._start(flow, store, params, run_id, _Start.NEW)
         return await self._drive(run, first)
@@ -244,8 +246,8 @@ class Engine:
         """``store`` as a Storage, and the store actor serving it, held for the block.
         Blocks while the backend opens and, when the block ends and no run uses the
         storage, until its backend is closed (as at the end of a run). Raises
-        RuntimeError once the engine is closed."""
-        self._require_open()
+        RuntimeError once the engine is closed (see :meth:`_check_open`)."""
+        await self._check_open()
         storage = as_storage(store)
         actor = await self._stores.acquire(storage)
         try:
@@ -396,7 +398,7 @@ class Engine:
         """Admit a run (see :meth:`_start`), open its store and record it as in flight.
         Blocks while it waits for admission, for room in a lossless event stream, for
         the flow's set-up and for its store."""
-        self._require_open()
+        await self._check_open()
         if self._events.congested:
             await self._events.wait_for_room()
         admission = None if child or self._inside_a_step() else self._admission
@@ -408,12 +410,12 @@ class Engine:
             # A slot handed over by a run that ended comes without a cancellation
             # check: a caller cancelled meanwhile must not start its run.
             await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_not_closed_meanwhile()
+            await self._check_not_closed_meanwhile()
             storage = as_storage(store)
             run_id = self._check_start(run_id)
             keys = (await self._flows.register(flow)).condition_keys
             actor = await self._stores.acquire(storage)
-            self._check_still_startable(run_id, actor)
+            await self._check_still_startable(run_id, actor)
         except BaseException:
             if admission is not None:
                 admission.release()
@@ -508,22 +510,37 @@ class Engine:
             raise ValueError(f"run {run_id!r} is already in flight")
         return run_id
 
-    def _check_still_startable(self, run_id: str, actor: StoreActor) -> None:
+    async def _check_still_startable(self, run_id: str, actor: StoreActor) -> None:
         """After a start waited (for set-up, for its store): refuse it, letting go of
         ``actor``, if the engine closed (see :meth:`_check_not_closed_meanwhile`) or
-        another start took ``run_id`` meanwhile (ValueError). Never blocks."""
+        another start took ``run_id`` meanwhile (ValueError). A checkpoint only when
+        the engine closed."""
         try:
-            self._check_not_closed_meanwhile()
+            await self._check_not_closed_meanwhile()
             self._check_start(run_id)
-        except (RunCancelledError, ValueError):
+        except BaseException:
             self._stores.release(actor)
             raise
 
-    def _check_not_closed_meanwhile(self) -> None:
+    async def _check_not_closed_meanwhile(self) -> None:
         """Raise RunCancelledError if the engine closed while a start, called before
-        that, waited: its run is cancelled with the runs in flight. Never blocks."""
+        that, waited: its run is cancelled with the runs in flight. A caller whose own
+        scope is cancelled gets trio.Cancelled instead: the close may have woken it
+        with no checkpoint since its scope was cancelled (cancelling the nursery that
+        holds the engine and the caller), and an error would crash it out of that
+        scope. A checkpoint only when the engine closed."""
         if self._closed:
+            await trio.lowlevel.checkpoint_if_cancelled()
             raise RunCancelledError("the engine closed while the run waited to start")
+
+    async def _check_open(self) -> None:
+        """Raise RuntimeError once the engine is closed (see :meth:`_require_open`), or
+        trio.Cancelled to a caller whose scope is cancelled: a task started before the
+        close (in the nursery that holds the engine, cancelled) may first run after it.
+        A checkpoint only when the engine is closed."""
+        if self._closed:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        self._require_open()
 
     def _require_open(self) -> None:
         """Raise RuntimeError once the engine is closed."""
@@ -695,7 +712,7 @@ class Engine:
         StorageError if the queue cannot be reached at first, RuntimeError once the
         engine is closed.
         """
-        self._require_open()
+        await self._check_open()
         await run_queue.serve(
             self,
             queue,

@@ -123,7 +123,7 @@ class FlowRegistry:
             await self._start_workers()
         if self._needs_ray(flow):
             await self._connect_ray()
-        self._check_not_closed_meanwhile()
+        await self._check_not_closed_meanwhile()
         registration = self.register_nowait(flow)
         await self.router.entry(flow).began.wait()
         return registration
@@ -228,17 +228,20 @@ class FlowRegistry:
         """Whether ``flow`` has "ray" nodes and the engine is not connected to Ray yet."""
         return not self._ray_connected and uses_executor(flow, "ray")
 
-    def _check_not_closed_meanwhile(self) -> None:
+    async def _check_not_closed_meanwhile(self) -> None:
         """Raise RunCancelledError if the registry closed (the engine with it) while a
-        registration waited for the flow's executors. Never blocks."""
+        registration waited for the flow's executors; trio.Cancelled instead to a
+        caller whose scope is cancelled (see ``Engine._check_not_closed_meanwhile``).
+        A checkpoint only when the registry closed."""
         if self._closed:
+            await trio.lowlevel.checkpoint_if_cancelled()
             raise RunCancelledError("the engine closed while the run's flow was set up")
 
     async def _start_workers(self) -> None:
         """Set up the worker processes of "process" nodes, once (blocks while they
         start); RunCancelledError if the registry has closed meanwhile."""
         async with self._workers_starting:
-            self._check_not_closed_meanwhile()
+            await self._check_not_closed_meanwhile()
             if self._workers is None:
                 self._workers = await self._nursery.start(self._hold_workers)
 
@@ -267,7 +270,7 @@ class FlowRegistry:
         until an unreachable ``host:port`` is given up on (ConnectionError naming it);
         cancellable. RunCancelledError if the registry has closed meanwhile."""
         async with self._ray_connecting:
-            self._check_not_closed_meanwhile()
+            await self._check_not_closed_meanwhile()
             if not self._ray_connected:
                 await ray_executor.connect(self._ray_address)
                 self._ray_connected = True

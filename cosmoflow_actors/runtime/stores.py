@@ -88,6 +88,10 @@ class StoreRegistry:
             raise
         if not actor.serving:
             self.release(actor)
+            if actor.open_error is None:
+                # The engine closed first, which may have woken this caller with no
+                # checkpoint since its own scope was cancelled: trio.Cancelled, then.
+                await trio.lowlevel.checkpoint_if_cancelled()
             raise actor.open_failure()
         return actor
 
