@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.node_actor import fails_the_step
+from cosmoflow_actors.runtime.node_actor import cancelled_alone, fails_the_step
 from tests.support import Gate, Recorder, single
 
 
@@ -800,6 +800,78 @@ async def test_what_fails_a_step_and_what_goes_on_up() -> None:
         assert fails_the_step(SystemExit(1))
         assert fails_the_step(ValueError())
         await trio.lowlevel.checkpoint()
+
+
+class Endless(cf.ParallelBatchNode):
+    """Three items, each waiting until it is cancelled."""
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[int]:
+        return [1, 2, 3]
+
+    async def exec(self, item: int, ctx: cf.ExecutionContext) -> None:
+        await trio.sleep_forever()
+
+
+class Twice(cf.BatchFlow):
+    """Two child runs."""
+
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, Any]]:
+        return [{}, {}]
+
+
+@cf.node
+async def endless(ctx: cf.ExecutionContext) -> None:
+    await trio.sleep_forever()
+
+
+BATCH_STEPS = {
+    "ParallelBatchNode": lambda: single(Endless(), "items"),
+    "BatchFlow": lambda: single(Twice(single(endless, "child")), "children"),
+    "BatchFlow of ParallelBatchNodes": lambda: single(
+        Twice(single(Endless(), "child items")), "nested"
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", BATCH_STEPS)
+async def test_a_caller_cancelled_during_a_batch_step_gets_one_cancelled(kind: str) -> None:
+    """The items or child runs of the step each end with trio.Cancelled; the caller of
+    engine.run gets one of them, as during any other step, not a group of them (which
+    ``except trio.Cancelled`` misses)."""
+    flow = BATCH_STEPS[kind]()
+    caught: list[BaseException] = []
+    scope = trio.CancelScope()
+
+    async def call(engine: cf.Engine) -> None:
+        with scope:
+            try:
+                await engine.run(flow)
+            except BaseException as exc:
+                caught.append(exc)
+                raise
+
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        nursery.start_soon(call, engine)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+    assert [type(exc) for exc in caught] == [trio.Cancelled]
+    assert scope.cancelled_caught
+    assert engine.statistics().runs_in_flight == 0
+
+
+async def test_a_group_of_nothing_but_cancelled_leaves_as_its_first() -> None:
+    first = trio.Cancelled._create()
+    group = BaseExceptionGroup(
+        "g", [BaseExceptionGroup("inner", [first]), trio.Cancelled._create()]
+    )
+    with pytest.raises(trio.Cancelled) as cancelled, cancelled_alone():
+        raise group
+    assert cancelled.value is first
+    assert cancelled.value.__context__ is None  # not the group that held it
+    mixed = BaseExceptionGroup("g", [trio.Cancelled._create(), ValueError("trouble")])
+    with pytest.raises(BaseExceptionGroup) as unchanged, cancelled_alone():
+        raise mixed
+    assert unchanged.value is mixed
 
 
 def test_a_coroutine_closed_outside_trio_goes_on_closing() -> None:

@@ -12,12 +12,13 @@ and no task woken.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -573,7 +574,8 @@ async def _all_or_first_error(
     """Run ``jobs`` concurrently, at most ``limit`` at once (None = all), starting them in
     order; return their results in order. The first job that raises what fails a step
     (see :func:`fails_the_step`; ``sys.exit()`` too) cancels the others; its error is
-    raised as it is.
+    raised as it is. Cancelled from outside (the step's run or its caller), it raises
+    one trio.Cancelled (see :func:`cancelled_alone`), as any other step does.
     """
     results: list[Any] = [None] * len(jobs)
     failures: list[BaseException] = []
@@ -590,14 +592,40 @@ async def _all_or_first_error(
         finally:
             slots.release_on_behalf_of(index)
 
-    async with trio.open_nursery() as nursery:
-        for index, job in enumerate(jobs):
-            # Taken here, in order: job i + 1 starts only once job i has its slot.
-            await slots.acquire_on_behalf_of(index)
-            nursery.start_soon(one, index, job, nursery)
+    with cancelled_alone():
+        async with trio.open_nursery() as nursery:
+            for index, job in enumerate(jobs):
+                # Taken here, in order: job i + 1 starts only once job i has its slot.
+                await slots.acquire_on_behalf_of(index)
+                nursery.start_soon(one, index, job, nursery)
     if failures:
         raise failures[0]
     return results
+
+
+@contextlib.contextmanager
+def cancelled_alone() -> Iterator[None]:
+    """Let a group of nothing but trio.Cancelled (nested groups too) that leaves the block
+    leave as the first of them, the instance itself; anything else leaves unchanged.
+
+    A nursery on a step's path raises such a group when the step is cancelled; its
+    caller, the caller of ``engine.run`` included, must get one trio.Cancelled, as from
+    any other step (``except trio.Cancelled`` misses a group).
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if not _only_cancelled(group):
+            raise
+        cancelled: BaseException = group
+        while isinstance(cancelled, BaseExceptionGroup):
+            cancelled = cancelled.exceptions[0]
+        # Raised here, it would take the group, which holds it, as its __context__.
+        context = cancelled.__context__
+        try:
+            raise cancelled
+        finally:
+            cancelled.__context__ = context
 
 
 def fails_the_step(error: BaseException) -> bool:
