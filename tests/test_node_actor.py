@@ -824,21 +824,32 @@ async def endless(ctx: cf.ExecutionContext) -> None:
     await trio.sleep_forever()
 
 
-BATCH_STEPS = {
+@cf.node
+async def endless_nursery(ctx: cf.ExecutionContext) -> None:
+    """A step whose own nursery holds two tasks waiting until they are cancelled."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.sleep_forever)
+        await trio.sleep_forever()
+
+
+STEPS_OF_MANY_TASKS = {
     "ParallelBatchNode": lambda: single(Endless(), "items"),
     "BatchFlow": lambda: single(Twice(single(endless, "child")), "children"),
     "BatchFlow of ParallelBatchNodes": lambda: single(
         Twice(single(Endless(), "child items")), "nested"
     ),
+    "a nursery of the node's own": lambda: single(endless_nursery, "own nursery"),
 }
 
 
-@pytest.mark.parametrize("kind", BATCH_STEPS)
-async def test_a_caller_cancelled_during_a_batch_step_gets_one_cancelled(kind: str) -> None:
-    """The items or child runs of the step each end with trio.Cancelled; the caller of
-    engine.run gets one of them, as during any other step, not a group of them (which
-    ``except trio.Cancelled`` misses)."""
-    flow = BATCH_STEPS[kind]()
+@pytest.mark.parametrize("kind", STEPS_OF_MANY_TASKS)
+async def test_a_caller_cancelled_during_a_step_of_many_tasks_gets_one_cancelled(
+    kind: str,
+) -> None:
+    """The items, child runs or tasks of the step each end with trio.Cancelled; the
+    caller of engine.run gets one of them, as during any other step, not a group of
+    them (which ``except trio.Cancelled`` misses)."""
+    flow = STEPS_OF_MANY_TASKS[kind]()
     caught: list[BaseException] = []
     scope = trio.CancelScope()
 

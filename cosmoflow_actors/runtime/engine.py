@@ -49,7 +49,7 @@ from cosmoflow_actors.runtime.admission import Admission
 from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun
 from cosmoflow_actors.runtime.flows import FlowRegistry
 from cosmoflow_actors.runtime.messages import Step
-from cosmoflow_actors.runtime.node_actor import NodeActor, carry
+from cosmoflow_actors.runtime.node_actor import NodeActor, cancelled_alone, carry
 from cosmoflow_actors.runtime.queue import RunQueue, RunStores
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Run, RunState
 from cosmoflow_actors.runtime.run_record import RunRecord
@@ -309,7 +309,7 @@ class Engine:
         file)."""
         try:
             if first is not None and first.actor.try_enter():
-                with trio.CancelScope() as scope:
+                with cancelled_alone(), trio.CancelScope() as scope:
                     await self._carry_here(first, scope)
             elif first is not None:
                 await first.actor.send(first)

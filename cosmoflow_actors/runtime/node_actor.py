@@ -575,7 +575,7 @@ async def _all_or_first_error(
     order; return their results in order. The first job that raises what fails a step
     (see :func:`fails_the_step`; ``sys.exit()`` too) cancels the others; its error is
     raised as it is. Cancelled from outside (the step's run or its caller), it raises
-    one trio.Cancelled (see :func:`cancelled_alone`), as any other step does.
+    the group of its jobs' trio.Cancelled (see :func:`cancelled_alone`).
     """
     results: list[Any] = [None] * len(jobs)
     failures: list[BaseException] = []
@@ -592,12 +592,11 @@ async def _all_or_first_error(
         finally:
             slots.release_on_behalf_of(index)
 
-    with cancelled_alone():
-        async with trio.open_nursery() as nursery:
-            for index, job in enumerate(jobs):
-                # Taken here, in order: job i + 1 starts only once job i has its slot.
-                await slots.acquire_on_behalf_of(index)
-                nursery.start_soon(one, index, job, nursery)
+    async with trio.open_nursery() as nursery:
+        for index, job in enumerate(jobs):
+            # Taken here, in order: job i + 1 starts only once job i has its slot.
+            await slots.acquire_on_behalf_of(index)
+            nursery.start_soon(one, index, job, nursery)
     if failures:
         raise failures[0]
     return results
@@ -608,9 +607,10 @@ def cancelled_alone() -> Iterator[None]:
     """Let a group of nothing but trio.Cancelled (nested groups too) that leaves the block
     leave as the first of them, the instance itself; anything else leaves unchanged.
 
-    A nursery on a step's path raises such a group when the step is cancelled; its
-    caller, the caller of ``engine.run`` included, must get one trio.Cancelled, as from
-    any other step (``except trio.Cancelled`` misses a group).
+    A nursery in a step (a batch node's items, a BatchFlow's child runs, or one the
+    node's own code opens) raises such a group when the step is cancelled; the caller
+    of ``engine.run`` that carries the step must get one trio.Cancelled, as from any
+    other step (``except trio.Cancelled`` misses a group).
     """
     try:
         yield
