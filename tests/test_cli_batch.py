@@ -1,5 +1,5 @@
 """``cosmoflow run --runs N`` (cli/batch.py): the summary per node, as text and JSON,
-failed runs counted, and the progress bar on a terminal."""
+failed runs and fallbacks counted, and the progress bar on a terminal."""
 
 from __future__ import annotations
 
@@ -85,10 +85,10 @@ def test_runs_print_a_summary_per_node(
     assert "run latency:  mean " in out
     assert "steps per node" in out
     flaky = table_row(out, "checks/flaky")
-    assert (flaky[1], flaky[5], flaky[6]) == ("4", "4", "0")
+    assert (flaky[1], flaky[5], flaky[6], flaky[7]) == ("4", "4", "0", "0")
     assert all(cell.endswith(" ms") for cell in flaky[2:5])
     count = table_row(out, "count")
-    assert (count[1], count[5], count[6]) == ("4", "0", "0")
+    assert (count[1], count[5], count[6], count[7]) == ("4", "0", "0", "0")
 
 
 def test_runs_as_json(counter_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,7 +104,8 @@ def test_runs_as_json(counter_file: Path, capsys: pytest.CaptureFixture[str]) ->
     assert summary["runs_per_second"] > 0
     assert set(summary["latency_ms"]) == {"mean_ms", "p50_ms", "p99_ms"}
     flaky = summary["nodes"]["checks/flaky"]
-    assert (flaky["steps"], flaky["retries"], flaky["failures"]) == (3, 3, 0)
+    assert (flaky["steps"], flaky["retries"], flaky["fallbacks"], flaky["failures"]) == (3, 3, 0, 0)
+    assert (summary["interrupted"], summary["started"], summary["cancelled"]) == (False, 3, 0)
     assert flaky["p50_ms"] <= flaky["p99_ms"]
 
 
@@ -127,7 +128,7 @@ def test_failed_runs_are_counted_and_exit_1(
     assert main(["run", str(flow_file), "--runs", "4"]) == 1
     captured = capsys.readouterr()
     assert "runs:         4 (2 succeeded, 2 failed), 1 at a time" in captured.out
-    assert table_row(captured.out, "sometimes")[6] == "2"
+    assert table_row(captured.out, "sometimes")[6:] == ["2", "2"]  # fallbacks that re-raised
     assert captured.err.count("\n") == 1
     assert captured.err.startswith(
         "cosmoflow: error: 2 of 4 runs failed; first: NodeError: node 'sometimes' failed in exec"
@@ -183,3 +184,43 @@ def test_the_run_latency_and_the_bar_count_the_runs_started_not_their_children(
     assert "4/4" in captured.err
     assert list(summary["nodes"]) == ["items", "child/item", "slow"]
     assert summary["nodes"]["child/item"]["steps"] == 12
+
+
+RESCUED = """
+import itertools
+
+import cosmoflow_actors as cf
+
+calls = itertools.count()
+
+
+class Rescued(cf.Node):
+    def exec(self, prep_res, ctx):
+        if next(calls) % 2:
+            raise ConnectionError("down")
+        return "fetched"
+
+    def exec_fallback(self, prep_res, error, ctx):
+        return "cached"
+
+
+name = "a_node_whose_long_name_makes_the_table_wider_than_eighty_columns"
+flow = cf.Flow.builder("rescued").add_node(name, Rescued()).build()
+"""
+"""Every second step's exec fails and its fallback rescues it; the node's name is long."""
+
+
+def test_fallbacks_are_counted_and_a_wide_table_is_not_wrapped_on_a_pipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "rescued.py"
+    flow_file.write_text(RESCUED)
+    node = "a_node_whose_long_name_makes_the_table_wider_than_eighty_columns"
+    assert main(["run", str(flow_file), "--runs", "4"]) == 0
+    out = capsys.readouterr().out
+    row = table_row(out, node)
+    assert (row[1], *row[5:]) == ("4", "0", "2", "0")  # steps, retries, fallbacks, failures
+    assert max(len(line) for line in out.splitlines()) > 80  # one line a row, not wrapped
+    assert main(["run", str(flow_file), "--runs", "4", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)["nodes"][node]
+    assert (stats["retries"], stats["fallbacks"], stats["failures"]) == (0, 2, 0)

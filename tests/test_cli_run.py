@@ -1,15 +1,19 @@
 """``cosmoflow run`` (cli/run.py): the outcome of one run, for people and as JSON, its
-options, ``--param``, and durable runs named by ``--run-id``."""
+options, ``--param`` and ``--params-file``, durable runs named by ``--run-id``, and
+what a batch of runs that Ctrl-C stopped tells."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cosmoflow_actors.cli import main
-from tests.cli_support import EXAMPLES
+from tests.cli_support import EXAMPLES, table_row
 
 pytestmark = pytest.mark.usefixtures("plain_output")
 
@@ -101,7 +105,7 @@ def test_run_json_shows_a_persistent_store(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--concurrency", "2"], "--concurrency needs --runs"),
+        (["--concurrency", "2"], "--concurrency needs --runs or --params-file"),
         (["--store", "nowhere"], "store 'nowhere': expected memory, file:PATH, sqlite:PATH"),
         (["--store", "file:"], "store 'file:': expected"),
     ],
@@ -182,3 +186,171 @@ def test_concurrency_is_at_most_the_runs(
 ) -> None:
     assert main(["run", str(counter_file), "--runs", "2", "--concurrency", "100000"]) == 0
     assert "runs:         2 (2 succeeded, 0 failed), 2 at a time" in capsys.readouterr().out
+
+
+ECHO = """
+import cosmoflow_actors as cf
+
+
+@cf.node
+async def echo(ctx):
+    if ctx.params.get("fail"):
+        raise ValueError(f"asked to fail for {ctx.params['who']}")
+    await ctx.store.update("seen", lambda seen: [*seen, dict(ctx.params)], default=[])
+
+
+flow = cf.Flow.builder("echo").add_node("echo", echo).build()
+"""
+"""Each run adds its params to the list ``seen``; a run with ``fail`` fails."""
+
+
+def test_params_file_makes_one_run_per_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "echo.py"
+    flow_file.write_text(ECHO)
+    params_file = tmp_path / "runs.jsonl"
+    params_file.write_text('{"n": 1}\n\n{"n": 2, "who": "ada"}\n{"n": 3, "fail": true}\n')
+    store = f"sqlite:{tmp_path / 'runs.db'}"
+    argv = ["run", str(flow_file), "--store", store, "--param", "who=bob"]
+    assert main([*argv, "--params-file", str(params_file), "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["runs"], summary["succeeded"], summary["failed"]) == (3, 2, 1)
+    assert summary["first_error"].endswith("(caused by ValueError: asked to fail for bob)")
+    assert main(["inspect", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"]["seen"] == [  # one at a time, in order
+        {"who": "bob", "n": 1},
+        {"who": "ada", "n": 2},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ('{"n": 1}\n{"n": 2,\n', "runs.jsonl:2: not JSON: Expecting property name"),
+        ('{"n": 1}\n\n[1, 2]\n', "runs.jsonl:3: expected a JSON object of params, got a list"),
+        ("\n\n", "--params-file {path}: no runs (expected a JSON object of params a line)"),
+    ],
+)
+def test_a_bad_params_file_is_refused_naming_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: str, message: str
+) -> None:
+    flow_file = tmp_path / "echo.py"
+    flow_file.write_text(ECHO)
+    params_file = tmp_path / "runs.jsonl"
+    params_file.write_text(lines)
+    assert main(["run", str(flow_file), "--params-file", str(params_file)]) == 2
+    err = capsys.readouterr().err
+    assert message.format(path=params_file) in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--runs", "2"], "--runs and --params-file do not go together: give one"),
+        (["--run-id", "r1"], "--run-id names one run; it does not go with --params-file"),
+    ],
+)
+def test_params_file_refuses_runs_and_run_id(
+    counter_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    params_file = tmp_path / "runs.jsonl"
+    params_file.write_text('{"n": 1}\n')
+    assert main(["run", str(counter_file), "--params-file", str(params_file), *argv]) == 2
+    assert capsys.readouterr().err == f"cosmoflow: error: {message}\n"
+
+
+SOME_HANG = """
+import itertools
+
+import trio
+
+import cosmoflow_actors as cf
+
+calls = itertools.count()
+
+
+@cf.node
+async def quick(ctx):
+    return None
+
+
+@cf.node
+async def wait(ctx):
+    call = next(calls)
+    if call == 1:
+        raise ValueError("the second call fails")
+    if call >= 3:
+        if call == 4:
+            print("waiting", flush=True)
+        await trio.sleep_forever()
+
+
+flow = (
+    cf.Flow.builder("some_hang")
+    .add_node("quick", quick)
+    .add_node("wait", wait)
+    .add_route("quick", "wait")
+    .build()
+)
+"""
+"""Of runs two at a time: the first two calls of ``wait`` end (one fails), the third
+ends, the fourth and fifth wait forever; the fifth prints ``waiting`` on stdout."""
+
+
+def _interrupted(flow_file: Path, *options: str) -> tuple[str, str, int]:
+    """Run ``cosmoflow run FLOW_FILE --runs 10 --concurrency 2 OPTIONS`` in a process,
+    SIGINT it once two runs wait; its stdout after ``waiting``, its stderr and status."""
+    argv = ["run", str(flow_file), "--runs", "10", "--concurrency", "2", *options]
+    command = [sys.executable, "-m", "cosmoflow_actors", *argv]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "waiting\n"  # runs 4 and 5 wait, 6 waits to start
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    return out, err, process.returncode
+
+
+def test_ctrl_c_on_runs_prints_what_is_known_and_exits_130(tmp_path: Path) -> None:
+    flow_file = tmp_path / "some_hang.py"
+    flow_file.write_text(SOME_HANG)
+    out, err, status = _interrupted(flow_file)
+    assert status == 130
+    assert "runs:         interrupted after 5 of 10 (2 succeeded, 1 failed, 2 cancelled)" in out
+    wait = table_row(out, "wait")
+    assert (wait[1], wait[5], wait[6], wait[7]) == ("5", "0", "1", "1")  # 2 steps cancelled
+    first, last = err.splitlines()
+    assert first.startswith("cosmoflow: error: 1 of the 5 runs started failed; first: NodeError")
+    assert last == "cosmoflow: interrupted"
+
+
+def test_ctrl_c_on_runs_with_json_and_trace(tmp_path: Path) -> None:
+    flow_file = tmp_path / "some_hang.py"
+    flow_file.write_text(SOME_HANG)
+    out, err, status = _interrupted(flow_file, "--json", "--trace")
+    assert status == 130
+    summary = json.loads(out)
+    counts = ("interrupted", "runs", "started", "succeeded", "failed", "cancelled")
+    assert {key: summary[key] for key in counts} == {
+        "interrupted": True,
+        "runs": 10,
+        "started": 5,
+        "succeeded": 2,
+        "failed": 1,
+        "cancelled": 2,
+    }
+    assert len(summary["failed_runs"]) == 1
+    assert (summary["nodes"]["wait"]["steps"], summary["nodes"]["wait"]["failures"]) == (5, 1)
+    lines = err.splitlines()
+    cancelled = {line.split()[1] for line in lines if "  run cancelled " in line}
+    assert len(cancelled) == 2  # the trace goes on to the end of the runs cancelled
+    for run_id in cancelled:
+        assert sum(f"{run_id}  step cancelled  wait" in line for line in lines) == 1
+    assert lines[-1] == "cosmoflow: interrupted"

@@ -1,5 +1,5 @@
-"""How the cosmoflow command stops (cli/signals.py): a real SIGINT, a second one, and a
-step in a thread that does not stop."""
+"""How the cosmoflow command stops (cli/signals.py): a real SIGINT, a second one, a
+step in a thread that does not stop, and a Ctrl-C handed to the command."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from cosmoflow_actors.cli import main
+from cosmoflow_actors.cli.signals import trio_run
 
 pytestmark = pytest.mark.usefixtures("plain_output")
 
@@ -142,3 +144,24 @@ def test_ctrl_c_does_not_wait_for_a_thread_and_the_run_resumes(
     assert main([*argv, "--resume", "--json"]) == 0
     resumed = json.loads(capsys.readouterr().out)
     assert resumed["store"] == {"first": 1, "block": "done"}  # "first" ran once
+
+
+def test_on_interrupt_gets_the_first_ctrl_c_and_the_command_returns() -> None:
+    """A real SIGINT to this process, in the trio run: handed to ``on_interrupt`` on the
+    trio thread, not raised as KeyboardInterrupt; the handler is put back after."""
+    interrupted = trio.Event()
+    threads: list[bool] = []
+
+    def stop() -> None:
+        threads.append(trio.lowlevel.in_trio_run())
+        interrupted.set()
+
+    async def until_interrupted() -> str:
+        os.kill(os.getpid(), signal.SIGINT)
+        await interrupted.wait()
+        await trio.lowlevel.checkpoint()  # where a KeyboardInterrupt pending would come
+        return "stopped by itself"
+
+    assert trio_run(until_interrupted, on_interrupt=stop) == "stopped by itself"
+    assert threads == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

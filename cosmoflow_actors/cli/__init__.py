@@ -1,9 +1,10 @@
 """The ``cosmoflow`` command (also ``python -m cosmoflow_actors``).
 
 - ``cosmoflow run FILE.py[:NAME]`` runs a flow defined in a Python file once, or
-  ``--runs N`` times with at most ``--concurrency C`` at once, on a ``--store``, and
-  prints the outcome (a summary per node for several runs); ``--trace`` prints every
-  event on stderr as it happens.
+  ``--runs N`` times (once per line of ``--params-file``) with at most
+  ``--concurrency C`` at once, on a ``--store``, and prints the outcome (a summary per
+  node for several runs, also of runs Ctrl-C stopped); ``--trace`` prints every event
+  on stderr as it happens.
 - ``cosmoflow graph FILE.py[:NAME]`` prints the flow's diagram (Mermaid or dot).
 - ``cosmoflow inspect STORE`` lists the keys of a persistent store.
 - ``--store`` takes the built-in stores, or one of the user's own:

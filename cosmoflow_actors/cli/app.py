@@ -133,7 +133,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--runs", type=positive_int, metavar="N", help="run N times; print a summary")
     run.add_argument(
-        "--concurrency", type=positive_int, metavar="C", help="with --runs: at most C at once (1)"
+        "--params-file",
+        metavar="FILE",
+        help="one run per line of FILE (- for stdin), a JSON object of params; print a summary",
+    )
+    run.add_argument(
+        "--concurrency",
+        type=positive_int,
+        metavar="C",
+        help="with --runs or --params-file: at most C at once (1)",
     )
     run.add_argument(
         "--run-id",

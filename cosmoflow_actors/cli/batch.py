@@ -1,12 +1,13 @@
 """What ``cosmoflow run --runs N`` measures and shows: :class:`BatchStats` (the runs'
-outcomes and latencies and, per node, its steps, retries and failures), the live
-:class:`ProgressBar` on a terminal, and the summary :func:`print_summary` prints (text
-and a table, or JSON)."""
+outcomes and latencies and, per node, its steps, retries, fallbacks and failures), the
+live :class:`ProgressBar` on a terminal, and the summary :func:`print_summary` prints
+(text and a table, or JSON), also of a batch Ctrl-C interrupted."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from cosmoflow_actors.cli.output import StdoutConsole, dump_json
 from cosmoflow_actors.cli.trace import NodeNames
 from cosmoflow_actors.events import (
     Event,
+    Fallback,
     Retry,
     StepFinished,
     StepStarted,
@@ -28,18 +30,21 @@ from cosmoflow_actors.tracing import describe_error
 
 @dataclass(slots=True)
 class NodeStats:
-    """What ``--runs`` measured of one node: its step durations, retries and failures."""
+    """What ``--runs`` measured of one node: its step durations, retries, fallbacks (the
+    steps whose ``exec_fallback`` ran) and failures."""
 
     durations: list[float] = field(default_factory=list)
     retries: int = 0
+    fallbacks: int = 0
     failures: int = 0
 
     def summary(self) -> dict[str, Any]:
-        """Steps, mean/p50/p99 latency in ms, retries and failures."""
+        """Steps, mean/p50/p99 latency in ms, retries, fallbacks and failures."""
         return {
             "steps": len(self.durations),
             **_latency(self.durations),
             "retries": self.retries,
+            "fallbacks": self.fallbacks,
             "failures": self.failures,
         }
 
@@ -56,14 +61,19 @@ class FailedRun:
 class BatchStats:
     """What ``--runs`` measured: run outcomes (from the runs) and, per node, the steps
     (from the engine's events). A node of a nested flow is named by its path,
-    ``flow/node`` (see :class:`NodeNames`)."""
+    ``flow/node`` (see :class:`NodeNames`). A batch Ctrl-C ``interrupted`` started
+    ``started`` of its ``runs``; those it cancelled in flight are ``cancelled``, neither
+    succeeded nor failed."""
 
     flow_name: str
     runs: int
     concurrency: int
     names: NodeNames
+    started: int = 0
     succeeded: int = 0
     failed: int = 0
+    cancelled: int = 0
+    interrupted: bool = False
     first_error: BaseException | None = None
     failed_runs: list[FailedRun] = field(default_factory=list)
     duration: float = 0.0
@@ -82,6 +92,8 @@ class BatchStats:
                 stats.failures += event.error is not None
             case Retry():
                 self.nodes.setdefault(self.names.of(event), NodeStats()).retries += 1
+            case Fallback():
+                self.nodes.setdefault(self.names.of(event), NodeStats()).fallbacks += 1
 
     def finished(self, run_id: str, duration: float, error: BaseException | None) -> None:
         """Count the run ``run_id`` (one of the ``runs``) that ended after ``duration``
@@ -95,16 +107,24 @@ class BatchStats:
         if self.first_error is None:
             self.first_error = error
 
+    @property
+    def ended(self) -> int:
+        """The runs that succeeded or failed."""
+        return self.succeeded + self.failed
+
     def summary(self) -> dict[str, Any]:
         """Everything measured, as JSON-ready values."""
         return {
             "flow": self.flow_name,
             "runs": self.runs,
+            "interrupted": self.interrupted,
+            "started": self.started,
             "succeeded": self.succeeded,
             "failed": self.failed,
+            "cancelled": self.cancelled,
             "concurrency": self.concurrency,
             "duration": round(self.duration, 6),
-            "runs_per_second": round(self.runs / self.duration, 1) if self.duration else None,
+            "runs_per_second": round(self.ended / self.duration, 1) if self.duration else None,
             "latency_ms": _latency(self.run_durations),
             "nodes": {row: stats.summary() for row, stats in self.nodes.items()},
             "first_error": None if self.first_error is None else describe_error(self.first_error),
@@ -153,7 +173,7 @@ class ProgressBar:
 
     def show(self, batch: BatchStats) -> None:
         """Show the runs of ``batch`` that have ended. Never blocks."""
-        done = batch.succeeded + batch.failed
+        done = batch.ended
         elapsed = trio.current_time() - self._started
         rate = f"{done / elapsed:.1f}" if elapsed > 0 else "-"
         self._bar.update(self._task, completed=done, rate=rate, failed=batch.failed)
@@ -170,24 +190,45 @@ def print_summary(batch: BatchStats, *, as_json: bool) -> None:
     rate = summary["runs_per_second"]
     lines = [
         f"flow:         {batch.flow_name}",
-        f"runs:         {batch.runs} ({batch.succeeded} succeeded, {batch.failed} failed), "
-        f"{batch.concurrency} at a time",
+        f"runs:         {_runs(batch)}, {batch.concurrency} at a time",
         f"duration:     {_seconds(batch.duration)} ({rate} runs/s)",
         f"run latency:  mean {_ms(latency['mean_ms'])}, p50 {_ms(latency['p50_ms'])}, "
         f"p99 {_ms(latency['p99_ms'])}",
     ]
     print("\n".join(lines))
-    StdoutConsole(highlight=False).print(_node_table(summary["nodes"]))
+    _print_table(_node_table(summary["nodes"]))
+
+
+def _print_table(table: Table) -> None:
+    """Print ``table`` on stdout, as wide as a terminal is; on a file or a pipe, as wide
+    as its cells are (rich would wrap them at 80 columns). Blocks while stdout is
+    written."""
+    console = StdoutConsole(highlight=False)
+    if not console.is_terminal:
+        unbounded = console.options.update_width(sys.maxsize)
+        console.width = max(console.width, console.measure(table, options=unbounded).maximum)
+    console.print(table)
+
+
+def _runs(batch: BatchStats) -> str:
+    """How the runs of ``batch`` ended: ``4 (3 succeeded, 1 failed)``, or for a batch
+    Ctrl-C interrupted ``interrupted after 7 of 10 (3 succeeded, 1 failed, 3
+    cancelled)``, 7 being the runs started."""
+    outcomes = f"{batch.succeeded} succeeded, {batch.failed} failed"
+    if not batch.interrupted:
+        return f"{batch.runs} ({outcomes})"
+    started = f"interrupted after {batch.started} of {batch.runs}"
+    return f"{started} ({outcomes}, {batch.cancelled} cancelled)"
 
 
 def _node_table(nodes: dict[str, dict[str, Any]]) -> Table:
     table = Table(title="steps per node", title_justify="left")
     table.add_column("node")
-    for name in ("steps", "mean", "p50", "p99", "retries", "failures"):
+    for name in ("steps", "mean", "p50", "p99", "retries", "fallbacks", "failures"):
         table.add_column(name, justify="right")
     for row, stats in nodes.items():
         latencies = [_ms(stats[key]) for key in ("mean_ms", "p50_ms", "p99_ms")]
-        counts = [str(stats[key]) for key in ("retries", "failures")]
+        counts = [str(stats[key]) for key in ("retries", "fallbacks", "failures")]
         table.add_row(row, str(stats["steps"]), *latencies, *counts)
     return table
 

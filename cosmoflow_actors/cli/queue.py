@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import trio
 from rich.table import Table
@@ -20,10 +18,10 @@ from rich.table import Table
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow, load_flows
 from cosmoflow_actors.cli.output import StdoutConsole, dump_json
-from cosmoflow_actors.cli.run import check_run_id, parse_params
+from cosmoflow_actors.cli.run import check_run_id, parse_params, read_params_file
 from cosmoflow_actors.cli.signals import STOP_GRACE, TERMINATED, Deadline, trio_run
 from cosmoflow_actors.cli.stores import worker_stores
-from cosmoflow_actors.errors import StorageError, type_and_message
+from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.flow import Flow
 from cosmoflow_actors.runtime.engine import open_engine
 from cosmoflow_actors.runtime.queue import (
@@ -94,7 +92,7 @@ def _submissions(args: argparse.Namespace) -> list[_Submission]:
     if args.runs is not None and args.params_file is not None:
         raise CliError("--runs and --params-file do not go together: give one")
     if args.params_file is not None:
-        each = _read_params_file(args.params_file)
+        each = read_params_file(args.params_file)
     elif args.runs is not None:
         each = [{} for _ in range(args.runs)]
     else:
@@ -104,46 +102,6 @@ def _submissions(args: argparse.Namespace) -> list[_Submission]:
         run_id = None if args.run_id is None else f"{args.run_id}-{number}"
         submissions.append(_Submission(run_id, {**params, **extra}))
     return submissions
-
-
-def _read_params_file(name: str) -> list[dict[str, Any]]:
-    """The params of each run in the file ``name`` (``-``: stdin), one JSON object per
-    line, blank lines skipped; CliError naming the line of one that is not. Blocks
-    while it reads."""
-    label = "<stdin>" if name == "-" else name
-    try:
-        if name == "-":
-            lines = sys.stdin.read().splitlines()
-        else:
-            lines = Path(name).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"--params-file {label}: {type_and_message(exc)}") from exc
-    runs = [
-        _params_line(label, number, line)
-        for number, line in enumerate(lines, start=1)
-        if line.strip()
-    ]
-    if not runs:
-        raise CliError(f"--params-file {label}: no runs (expected a JSON object of params a line)")
-    return runs
-
-
-def _params_line(label: str, number: int, line: str) -> dict[str, Any]:
-    """The params one line of a params file gives; CliError naming ``label:number``."""
-    try:
-        params = json.loads(line, parse_constant=_no_constant)
-    except ValueError as exc:
-        raise CliError(f"{label}:{number}: not JSON: {exc}") from exc
-    if not isinstance(params, dict):
-        kind = type(params).__name__
-        raise CliError(f"{label}:{number}: expected a JSON object of params, got a {kind}")
-    return params
-
-
-def _no_constant(name: str) -> NoReturn:
-    """Refuse ``NaN`` and the infinities, which Python's JSON reader accepts and a run
-    queue cannot hold."""
-    raise ValueError(f"{name} is not JSON")
 
 
 async def _submit_all(queue: RunQueue, flow_name: str, submissions: list[_Submission]) -> None:

@@ -1,7 +1,9 @@
 """``cosmoflow run``: one run of a flow (or the resumption of a durable run) and its
-outcome, for people or as JSON; with ``--runs N``, N runs at most ``--concurrency C``
-at once, summarized (:mod:`.batch`); ``--trace`` prints their events (:mod:`.trace`).
-Also ``--param`` and ``--run-id``, which ``submit`` takes as well."""
+outcome, for people or as JSON; with ``--runs N`` (or one run per line of
+``--params-file``), the runs at most ``--concurrency C`` at once, summarized
+(:mod:`.batch`), also when Ctrl-C stops them; ``--trace`` prints their events
+(:mod:`.trace`). Also ``--param``, ``--params-file`` and ``--run-id``, which ``submit``
+takes as well."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import trio
 
@@ -19,13 +22,13 @@ from cosmoflow_actors.cli.batch import BatchStats, ProgressBar, print_summary
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow
 from cosmoflow_actors.cli.output import dump_json, print_error
-from cosmoflow_actors.cli.signals import trio_run
+from cosmoflow_actors.cli.signals import INTERRUPTED, trio_run
 from cosmoflow_actors.cli.stores import first_unreadable, opened, parse_store, read_contents
 from cosmoflow_actors.cli.trace import NodeNames, Printer, watch
-from cosmoflow_actors.errors import RunRecordedError
+from cosmoflow_actors.errors import RunRecordedError, type_and_message
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.engine import Engine, open_engine
-from cosmoflow_actors.runtime.run import Run
+from cosmoflow_actors.runtime.run import Run, RunState
 from cosmoflow_actors.storage import Storage
 from cosmoflow_actors.tracing import describe_error
 
@@ -41,15 +44,10 @@ class _RunOptions:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """``cosmoflow run``: run the flow once, or ``--runs N`` times, and print the
-    outcome; return the exit status (1 when runs failed). Blocks until the runs end."""
-    if args.concurrency is not None and args.runs is None:
-        raise CliError("--concurrency needs --runs")
-    if args.run_id is not None and args.runs is not None:
-        raise CliError("--run-id names one run; it does not go with --runs")
-    if args.resume and args.run_id is None:
-        raise CliError("--resume needs --run-id")
-    check_run_id(args.run_id)
+    """``cosmoflow run``: run the flow once, or ``--runs N`` times (once per line of
+    ``--params-file``), and print the outcome; return the exit status (1 when runs
+    failed, 130 when Ctrl-C stopped the runs). Blocks until the runs end."""
+    _check_options(args)
     options = _RunOptions(
         load_flow(args.target),
         parse_store(args.store, args.codec),
@@ -58,28 +56,71 @@ def run_command(args: argparse.Namespace) -> int:
         args.run_id,
         args.resume,
     )
-    if args.runs is None:
-        ended, store = trio_run(_run_once, options)
-        if args.json or ended.error is None:
-            print(_render(options.flow.name, ended, store, as_json=args.json))
-        problem = first_unreadable(args.store, store)
-        if problem is not None:
-            print(f"cosmoflow: warning: {problem}", file=sys.stderr)
-        if ended.error is not None:
-            raise ended.error
-        return 0
-    concurrency = min(args.concurrency or 1, args.runs)
-    batch = trio_run(_run_many, options, args.runs, concurrency)
+    if args.runs is None and args.params_file is None:
+        return _run_one(options, args)
+    if args.params_file is None:
+        each = [options.params] * args.runs
+    else:
+        each = [{**options.params, **extra} for extra in read_params_file(args.params_file)]
+    return _run_batch(options, each, args)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """CliError for options of ``run`` that do not go together."""
+    batch = "--runs" if args.params_file is None else "--params-file"
+    if args.runs is not None and args.params_file is not None:
+        raise CliError("--runs and --params-file do not go together: give one")
+    if args.concurrency is not None and args.runs is None and args.params_file is None:
+        raise CliError("--concurrency needs --runs or --params-file")
+    if args.run_id is not None and (args.runs is not None or args.params_file is not None):
+        raise CliError(f"--run-id names one run; it does not go with {batch}")
+    if args.resume and args.run_id is None:
+        raise CliError("--resume needs --run-id")
+    check_run_id(args.run_id)
+
+
+def _run_one(options: _RunOptions, args: argparse.Namespace) -> int:
+    """Run the flow once and print its outcome; return 0, or raise the run's error."""
+    ended, store = trio_run(_run_once, options)
+    if args.json or ended.error is None:
+        print(_render(options.flow.name, ended, store, as_json=args.json))
+    problem = first_unreadable(args.store, store)
+    if problem is not None:
+        print(f"cosmoflow: warning: {problem}", file=sys.stderr)
+    if ended.error is not None:
+        raise ended.error
+    return 0
+
+
+def _run_batch(options: _RunOptions, each: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """Run the flow once per item of ``each`` (its params), at most ``--concurrency`` at
+    once, and print the summary, also when Ctrl-C stopped them (see :class:`_Stop`);
+    return the exit status."""
+    concurrency = min(args.concurrency or 1, len(each))
+    batch = BatchStats(options.flow.name, len(each), concurrency, NodeNames(options.flow))
+    stop = _Stop()
+    trio_run(_run_many, options, each, batch, stop, on_interrupt=stop)
     print_summary(batch, as_json=args.json)
     if batch.failed:
-        assert batch.first_error is not None
-        if args.debug:
-            traceback.print_exception(batch.first_error)
-        error = describe_error(batch.first_error)
-        message = f"{batch.failed} of {batch.runs} runs failed; first: {error}"
-        print_error(message)
-        return 1
-    return 0
+        _report_failures(batch, debug=args.debug)
+    if batch.interrupted:
+        print("cosmoflow: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    return 1 if batch.failed else 0
+
+
+def _report_failures(batch: BatchStats, *, debug: bool) -> None:
+    """Print on stderr how many runs of ``batch`` failed and the first error (its
+    traceback too, with ``debug``)."""
+    assert batch.first_error is not None
+    if debug:
+        traceback.print_exception(batch.first_error)
+    error = describe_error(batch.first_error)
+    if batch.interrupted:
+        counted = f"{batch.failed} of the {batch.started} runs started failed"
+    else:
+        counted = f"{batch.failed} of {batch.runs} runs failed"
+    print_error(f"{counted}; first: {error}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,46 +218,87 @@ def _outcome_json(flow_name: str, outcome: _Outcome, store: dict[str, Any]) -> d
     }
 
 
-async def _run_many(options: _RunOptions, runs: int, concurrency: int) -> BatchStats:
-    """Run the flow ``runs`` times, at most ``concurrency`` at once; measure them."""
-    batch = BatchStats(options.flow.name, runs, concurrency, NodeNames(options.flow))
+class _Stop:
+    """What Ctrl-C does to ``--runs`` (called on the trio thread, see
+    :func:`~cosmoflow_actors.cli.signals.trio_run`): no run starts after it, and the runs
+    in flight are cancelled, each ending as a cancelled run with its events, so that the
+    command ends with a summary of what it knows. Never blocks."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.starting = trio.CancelScope()
+        """Where the runs are started; cancelled by the interrupt."""
+        self.in_flight: set[Run] = set()
+
+    def __call__(self) -> None:
+        self.requested = True
+        self.starting.cancel()
+        for run in list(self.in_flight):
+            run.cancel()
+
+
+async def _run_many(
+    options: _RunOptions, each: list[dict[str, Any]], batch: BatchStats, stop: _Stop
+) -> None:
+    """Run the flow once per item of ``each`` (its params), at most
+    ``batch.concurrency`` at once, or until ``stop``; measure the runs in ``batch``.
+    Blocks until they end and the command has read all their events."""
     started = trio.current_time()
     async with (
         trio.open_nursery() as nursery,
-        open_engine(max_runs=concurrency) as engine,
+        open_engine(max_runs=batch.concurrency) as engine,
         opened(engine, _store(options)),
     ):
         handlers = [batch.record, *([Printer(options.flow)] if options.trace else [])]
         await nursery.start(watch, engine, handlers)
-        with ProgressBar(runs) as bar:
-            await _start_and_wait(engine, options, batch, bar)
+        with ProgressBar(batch.runs) as bar:
+            await _start_and_wait(engine, options, each, _Counting(batch, bar, stop))
     batch.duration = trio.current_time() - started
+    batch.interrupted = stop.requested
     if options.storage is not None:
         await options.storage.aclose()
-    return batch
+
+
+@dataclass(frozen=True, slots=True)
+class _Counting:
+    """Where a run of ``--runs`` is counted as it ends: in ``batch``, on ``bar``; and
+    ``stop``, which cancels it if Ctrl-C comes while it is in flight."""
+
+    batch: BatchStats
+    bar: ProgressBar
+    stop: _Stop
 
 
 async def _start_and_wait(
-    engine: Engine, options: _RunOptions, batch: BatchStats, bar: ProgressBar
+    engine: Engine, options: _RunOptions, each: list[dict[str, Any]], counting: _Counting
 ) -> None:
-    """Start ``batch.runs`` runs (``start_run`` waits while ``max_runs`` are in flight)
-    and wait for them all, counting each in ``batch`` and showing it on ``bar`` as it
-    ends."""
+    """Start a run per item of ``each`` (``start_run`` waits while ``max_runs`` are in
+    flight), until they are all started or Ctrl-C stops the starting, and wait for
+    those started, counting each as it ends."""
     async with trio.open_nursery() as waiters:
-        for _ in range(batch.runs):
-            run = await engine.start_run(options.flow, _store(options), params=options.params)
-            waiters.start_soon(_await_run, run, trio.current_time(), batch, bar)
+        with counting.stop.starting:
+            for params in each:
+                run = await engine.start_run(options.flow, _store(options), params=params)
+                counting.stop.in_flight.add(run)
+                counting.batch.started += 1
+                waiters.start_soon(_await_run, run, trio.current_time(), counting)
 
 
-async def _await_run(run: Run, started: float, batch: BatchStats, bar: ProgressBar) -> None:
-    """Wait for ``run``, started at ``started``; count it."""
+async def _await_run(run: Run, started: float, counting: _Counting) -> None:
+    """Wait for ``run``, started at ``started``; count it, as cancelled if Ctrl-C
+    cancelled it."""
     error: Exception | None = None
     try:
         await run.wait()
     except Exception as exc:  # the run's failure, counted
         error = exc
-    batch.finished(run.run_id, trio.current_time() - started, error)
-    bar.show(batch)
+    counting.stop.in_flight.discard(run)
+    batch = counting.batch
+    if counting.stop.requested and run.current_state is RunState.CANCELLED:
+        batch.cancelled += 1
+    else:
+        batch.finished(run.run_id, trio.current_time() - started, error)
+    counting.bar.show(batch)
 
 
 def parse_params(items: Sequence[str]) -> dict[str, Any]:
@@ -238,3 +320,43 @@ def check_run_id(run_id: str | None) -> None:
     """CliError when ``--run-id`` was given empty."""
     if run_id is not None and not run_id:
         raise CliError("--run-id must not be empty")
+
+
+def read_params_file(name: str) -> list[dict[str, Any]]:
+    """The params of each run in the file ``name`` (``-``: stdin), one JSON object per
+    line, blank lines skipped; CliError naming the line of one that is not. Blocks
+    while it reads."""
+    label = "<stdin>" if name == "-" else name
+    try:
+        if name == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            lines = Path(name).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"--params-file {label}: {type_and_message(exc)}") from exc
+    runs = [
+        _params_line(label, number, line)
+        for number, line in enumerate(lines, start=1)
+        if line.strip()
+    ]
+    if not runs:
+        raise CliError(f"--params-file {label}: no runs (expected a JSON object of params a line)")
+    return runs
+
+
+def _params_line(label: str, number: int, line: str) -> dict[str, Any]:
+    """The params one line of a params file gives; CliError naming ``label:number``."""
+    try:
+        params = json.loads(line, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise CliError(f"{label}:{number}: not JSON: {exc}") from exc
+    if not isinstance(params, dict):
+        kind = type(params).__name__
+        raise CliError(f"{label}:{number}: expected a JSON object of params, got a {kind}")
+    return params
+
+
+def _no_constant(name: str) -> NoReturn:
+    """Refuse ``NaN`` and the infinities, which Python's JSON reader accepts and neither
+    a run queue nor ``--json`` output can hold."""
+    raise ValueError(f"{name} is not JSON")

@@ -1,7 +1,8 @@
-"""How a command runs trio and how it stops: Ctrl-C (SIGINT) cancels its runs and
-waits for them :data:`STOP_GRACE` seconds at most, and a second one exits at once, with
-status :data:`INTERRUPTED`; a :class:`Deadline` ends the process when a step does not
-stop (a worker's SIGTERM arms one too, with status :data:`TERMINATED`)."""
+"""How a command runs trio and how it stops: Ctrl-C (SIGINT) cancels its runs (or
+asks the command to stop them, see :func:`trio_run`'s ``on_interrupt``) and waits for
+them :data:`STOP_GRACE` seconds at most, and a second one exits at once, with status
+:data:`INTERRUPTED`; a :class:`Deadline` ends the process when a step does not stop (a
+worker's SIGTERM arms one too, with status :data:`TERMINATED`)."""
 
 from __future__ import annotations
 
@@ -31,25 +32,36 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 
-def trio_run(function: Callable[[*Ts], Awaitable[T]], *args: *Ts, grace: float = STOP_GRACE) -> T:
+def trio_run(
+    function: Callable[[*Ts], Awaitable[T]],
+    *args: *Ts,
+    grace: float = STOP_GRACE,
+    on_interrupt: Callable[[], None] | None = None,
+) -> T:
     """``trio.run(function, *args)``, where Ctrl-C ends the process ``grace`` seconds on
-    at the latest, and a second Ctrl-C at once (see :func:`_interrupts_end`)."""
+    at the latest, and a second Ctrl-C at once (see :func:`_interrupts_end`). Given
+    ``on_interrupt``, the first Ctrl-C calls it on the trio thread instead of raising
+    KeyboardInterrupt: the command stops its runs itself, and ``function`` returns."""
     deadline = Deadline(grace, INTERRUPTED, "interrupted")
     try:
-        return trio.run(_interrupts_end, deadline, function, *args)
+        return trio.run(_interrupts_end, deadline, on_interrupt, function, *args)
     finally:
         deadline.disarm()
 
 
 async def _interrupts_end(
-    deadline: Deadline, function: Callable[[*Ts], Awaitable[T]], *args: *Ts
+    deadline: Deadline,
+    on_interrupt: Callable[[], None] | None,
+    function: Callable[[*Ts], Awaitable[T]],
+    *args: *Ts,
 ) -> T:
     """``await function(*args)``. The first Ctrl-C (SIGINT) goes to trio's handler as
-    always: the command cancels its runs and waits for them to stop. It also arms
-    ``deadline``: a step that does not stop (a call on a thread executor, code that
-    ignores the cancellation) keeps the command no longer than that. A second Ctrl-C
-    prints ``cosmoflow: interrupted`` and exits at once, with status 130 (the process
-    ends there: nothing is cleaned up)."""
+    always (the command cancels its runs and waits for them to stop), or, given
+    ``on_interrupt``, is handed to it, called soon on the trio thread (a step that
+    blocks the trio thread holds it back). It also arms ``deadline``: a step that does
+    not stop (a call on a thread executor, code that ignores the cancellation) keeps the
+    command no longer than that. A second Ctrl-C prints ``cosmoflow: interrupted`` and
+    exits at once, with status 130 (the process ends there: nothing is cleaned up)."""
     trio_handler = signal.getsignal(signal.SIGINT)
     if (
         threading.current_thread() is not threading.main_thread()
@@ -57,12 +69,16 @@ async def _interrupts_end(
         or trio_handler is signal.default_int_handler  # trio did not take SIGINT over
     ):
         return await function(*args)
+    token = trio.lowlevel.current_trio_token()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if deadline.armed:
             _exit_now(INTERRUPTED, "cosmoflow: interrupted")
         deadline.arm()
-        trio_handler(signum, frame)
+        if on_interrupt is None:
+            trio_handler(signum, frame)
+        else:
+            token.run_sync_soon(on_interrupt)
 
     signal.signal(signal.SIGINT, handler)
     try:
