@@ -550,6 +550,7 @@ def _from_pocketflow(cls: type) -> bool:
 _NOT_FOR_BATCH_FLOW = (
     ("max_retries", 1),
     ("timeout", None),
+    ("max_exec_concurrency", None),
     ("rate_limit", None),
     ("executor", "inline"),
     ("ray_options", None),

@@ -51,6 +51,7 @@ class NodeConfig(TypedDict, total=False):
     backoff: float
     timeout: float | None
     max_concurrency: int | None
+    max_exec_concurrency: int | None
     retry_on: tuple[type[BaseException], ...]
     mailbox_size: int | None
     rate_limit: tuple[int, float] | None
@@ -83,6 +84,12 @@ class Node:
     """Seconds one exec attempt may take; exceeding it is a failed attempt."""
     max_concurrency: int | None = None
     """Steps this node's actor runs at once (None = unbounded)."""
+    max_exec_concurrency: int | None = None
+    """Exec attempts of this node in flight at once, across its steps, every run and a
+    batch node's items (None = unbounded). An attempt waits for a slot, first come first
+    served, before the rate limit and before its timeout starts, and holds it until it
+    ends (a thread, process or Ray exec too); retry delays, the fallback, prep and post
+    hold none."""
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     """Exception types that are retried; others go straight to the fallback."""
     mailbox_size: int | None = None
@@ -167,7 +174,7 @@ def validate_config(target: object, owner: str) -> None:
     timeout = getattr(target, "timeout", None)
     if timeout is not None and (not _is_finite_number(timeout) or timeout <= 0):
         raise ValueError(f"{owner}: timeout must be a finite number > 0 or None, got {timeout!r}")
-    for name in ("max_concurrency", "mailbox_size"):
+    for name in ("max_concurrency", "max_exec_concurrency", "mailbox_size"):
         _require_count(owner, name, getattr(target, name, None))
     _validate_rate_limit(owner, getattr(target, "rate_limit", None))
     executor = getattr(target, "executor", "inline")

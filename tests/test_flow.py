@@ -760,7 +760,13 @@ def test_a_batch_flow_needs_a_built_flow() -> None:
 
 @pytest.mark.parametrize(
     "config",
-    [{"max_retries": 2}, {"timeout": 1.0}, {"rate_limit": (1, 1.0)}, {"executor": "thread"}],
+    [
+        {"max_retries": 2},
+        {"timeout": 1.0},
+        {"max_exec_concurrency": 2},
+        {"rate_limit": (1, 1.0)},
+        {"executor": "thread"},
+    ],
 )
 def test_a_batch_flow_refuses_config_it_cannot_honour(config: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=f"does not support {next(iter(config))}"):

@@ -26,6 +26,9 @@ from tests.support import single
         ({"rate_limit": (2**63, 1.0)}, r"rate_limit must be \(calls: an int from 1 to"),
         ({"rate_limit": (1, 10**400)}, "per_seconds: a finite number > 0"),
         ({"max_concurrency": 0}, "max_concurrency must be an int >= 1"),
+        ({"max_exec_concurrency": 0}, "max_exec_concurrency must be an int >= 1 or None, got 0"),
+        ({"max_exec_concurrency": True}, "max_exec_concurrency must be an int >= 1"),
+        ({"max_exec_concurrency": 2.0}, "max_exec_concurrency must be an int >= 1"),
         ({"retry_on": (ValueError, 3)}, "retry_on must be a tuple of exception types"),
     ],
 )
@@ -54,7 +57,7 @@ def test_unknown_config_names_the_config_a_node_takes_and_pocketflow_wait() -> N
     assert str(info.value) == (
         "Node: unknown config max_retry, wait (PocketFlow's 'wait' is 'retry_delay' here); "
         "a node takes max_retries, retry_delay, backoff, timeout, max_concurrency, "
-        "retry_on, mailbox_size, rate_limit, executor, ray_options"
+        "max_exec_concurrency, retry_on, mailbox_size, rate_limit, executor, ray_options"
     )
 
 
@@ -66,6 +69,22 @@ def test_keyword_config_overrides_the_class_default_per_instance() -> None:
     node = Patient(max_retries=5)
     assert (node.max_retries, node.retry_delay) == (5, 0.5)
     assert Patient().max_retries == 3
+
+
+def test_max_exec_concurrency_is_set_by_class_keyword_or_decorator() -> None:
+    class Bounded(cf.Node):
+        max_exec_concurrency = 4
+
+    @cf.node(max_exec_concurrency=2)
+    async def call(ctx: cf.ExecutionContext) -> None: ...
+
+    assert (cf.Node().max_exec_concurrency, Bounded().max_exec_concurrency) == (None, 4)
+    assert Bounded(max_exec_concurrency=None).max_exec_concurrency is None
+    assert call.max_exec_concurrency == 2
+    with pytest.raises(ValueError, match="Broken: max_exec_concurrency must be an int >= 1"):
+
+        class Broken(cf.Node):
+            max_exec_concurrency = -1
 
 
 class WithoutSuperInit(cf.Node):

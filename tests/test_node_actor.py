@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import threading
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -455,6 +456,231 @@ async def test_the_rate_limit_is_never_exceeded(autojump_clock: trio.testing.Moc
     window_counts = [sum(1 for t in starts if s <= t < s + 1.0) for s in starts]
     assert max(window_counts) == 3
     assert starts[-1] - starts[0] == 3.0
+
+
+class Counted(cf.ParallelBatchNode):
+    """Each item's exec takes a second; counts the execs in flight and their peak."""
+
+    def __init__(self, items: int, **config: Any) -> None:
+        super().__init__(**config)
+        self.items = items
+        self.inside = 0
+        self.peak = 0
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> range:
+        return range(self.items)
+
+    async def exec(self, item: int, ctx: cf.ExecutionContext) -> None:
+        self.inside += 1
+        self.peak = max(self.peak, self.inside)
+        try:
+            await trio.sleep(1)
+        finally:
+            self.inside -= 1
+
+
+async def test_max_exec_concurrency_bounds_attempts_across_runs_and_items(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    node = Counted(4, max_exec_concurrency=3)
+    flow = single(node, "slots")
+    async with cf.open_engine() as engine:
+        runs = [await engine.start_run(flow) for _ in range(5)]
+        await trio.testing.wait_all_tasks_blocked()
+        stats = engine.statistics().actor("slots/only")
+        assert (stats.max_exec_concurrency, stats.exec_in_flight, stats.exec_waiting) == (3, 3, 17)
+        assert stats.in_flight == 5  # every step runs; only their attempts wait
+        for run in runs:
+            await run.wait()
+        stats = engine.statistics().actor("slots/only")
+        assert (stats.exec_in_flight, stats.exec_waiting) == (0, 0)
+    assert node.peak == 3
+    assert trio.current_time() == 7.0  # 20 one-second attempts, 3 at a time
+
+
+async def test_a_node_without_max_exec_concurrency_reports_no_slots() -> None:
+    flow = single(Recorder(), "plain")
+    async with cf.open_engine() as engine:
+        await engine.run(flow)
+        stats = engine.statistics().actor("plain/only")
+    assert (stats.max_exec_concurrency, stats.exec_in_flight, stats.exec_waiting) == (None, 0, 0)
+
+
+async def test_the_wait_for_an_exec_slot_never_counts_against_the_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    served: list[str] = []
+
+    class Summaries(cf.ParallelBatchNode):
+        timeout = 1.0  # per attempt; the service needs 0.6 s
+        max_retries = 2
+        max_exec_concurrency = 1  # the service takes one call at a time
+
+        def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[str]:
+            return ["a", "b", "c", "d"]
+
+        async def exec(self, chunk: str, ctx: cf.ExecutionContext) -> str:
+            await trio.sleep(0.6)
+            served.append(chunk)
+            return chunk.upper()
+
+        def exec_fallback(self, chunk: str, error: Exception, ctx: cf.ExecutionContext) -> str:
+            return f"fallback({type(error).__name__})"
+
+        def post(
+            self, store: cf.SharedStore, prep_res: Any, results: list[str], ctx: cf.ExecutionContext
+        ) -> cf.Action:
+            return cf.Action.complete(results)
+
+    result = await single(Summaries(), "llm").run()
+    assert result.result == ["A", "B", "C", "D"]
+    assert sorted(served) == ["a", "b", "c", "d"]  # each once: nothing timed out
+    assert trio.current_time() == pytest.approx(2.4)
+
+
+async def test_an_exec_slot_is_taken_before_the_rate_limit(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    starts: list[float] = []
+
+    @cf.node(max_exec_concurrency=1, rate_limit=(1, 1.0))
+    def call_api(ctx: cf.ExecutionContext) -> None:
+        starts.append(trio.current_time())
+
+    flow = single(call_api, "api")
+    async with cf.open_engine() as engine:
+        runs = [await engine.start_run(flow) for _ in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        stats = engine.statistics().actor("api/only")
+        # The slot's holder waits for the rate limit; the other waits for the slot.
+        assert (stats.exec_in_flight, stats.rate_waiting, stats.exec_waiting) == (1, 1, 1)
+        for run in runs:
+            await run.wait()
+    assert starts == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("ending", ["fails", "times out", "is cancelled"])
+async def test_an_attempt_frees_its_exec_slot_however_it_ends(
+    ending: str, autojump_clock: trio.abc.Clock
+) -> None:
+    entered: list[str] = []
+
+    @cf.node(max_exec_concurrency=1, timeout=5.0)
+    async def call(ctx: cf.ExecutionContext) -> None:
+        name = ctx.params["name"]
+        entered.append(name)
+        if name == "first":
+            if ending == "fails":
+                raise ConnectionError("refused")
+            await trio.sleep_forever()  # times out, or is cancelled with its run
+
+    flow = single(call, "ends")
+    async with cf.open_engine() as engine:
+        first = await engine.start_run(flow, params={"name": "first"})
+        second = await engine.start_run(flow, params={"name": "second"})
+        if ending == "is cancelled":
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()
+        with pytest.raises((cf.NodeError, cf.RunCancelledError)):
+            await first.wait()
+        with trio.fail_after(60):  # a slot never freed leaves second waiting
+            assert (await second.wait()).success
+        stats = engine.statistics().actor("ends/only")
+        assert (stats.exec_in_flight, stats.exec_waiting) == (0, 0)
+    assert entered == ["first", "second"]
+    assert trio.current_time() == (5.0 if ending == "times out" else 0.0)
+
+
+async def test_an_attempt_cancelled_while_waiting_for_a_slot_gives_its_place_up(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    gate = Gate(max_exec_concurrency=1)
+    flow = single(gate, "line")
+    async with cf.open_engine() as engine:
+        runs = [await engine.start_run(flow) for _ in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        runs[1].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        stats = engine.statistics().actor("line/only")
+        assert (stats.exec_in_flight, stats.exec_waiting) == (1, 1)
+        gate.open.set()
+        with trio.fail_after(60):
+            for run in (runs[0], runs[2]):
+                assert (await run.wait()).success
+    assert (gate.entered, gate.most_inside) == (2, 1)
+
+
+async def test_the_retry_delay_holds_no_exec_slot(autojump_clock: trio.abc.Clock) -> None:
+    starts: list[tuple[str, float]] = []
+
+    @cf.node(max_exec_concurrency=1, max_retries=2, retry_delay=10.0)
+    async def call(ctx: cf.ExecutionContext) -> None:
+        starts.append((ctx.params["name"], trio.current_time()))
+        await trio.sleep(1)
+        if ctx.params["name"] == "a" and ctx.current_retry == 0:
+            raise ConnectionError("try again")
+
+    flow = single(call, "retries")
+    async with cf.open_engine() as engine:
+        runs = [await engine.start_run(flow, params={"name": name}) for name in "ab"]
+        for run in runs:
+            await run.wait()
+    # b runs during a's ten-second delay, not after it.
+    assert starts == [("a", 0.0), ("b", 1.0), ("a", 11.0)]
+
+
+async def test_exec_slots_go_first_come_first_served(autojump_clock: trio.abc.Clock) -> None:
+    order: list[int] = []
+
+    @cf.node(max_exec_concurrency=1)
+    async def call(ctx: cf.ExecutionContext) -> None:
+        order.append(ctx.params["n"])
+        await trio.sleep(1)
+
+    flow = single(call, "fifo")
+    async with cf.open_engine() as engine:
+        runs = []
+        for n in range(6):
+            runs.append(await engine.start_run(flow, params={"n": n}))
+            await trio.testing.wait_all_tasks_blocked()  # n waits in line behind n - 1
+        for run in runs:
+            await run.wait()
+    assert order == list(range(6))
+
+
+async def test_a_thread_exec_holds_its_exec_slot_until_its_thread_returns() -> None:
+    release = threading.Event()
+    both_inside = trio.Event()
+    lock = threading.Lock()
+    inside = peak = 0
+
+    def call(ctx: cf.ExecutionContext) -> None:
+        nonlocal inside, peak
+        with lock:
+            inside += 1
+            peak = max(peak, inside)
+            second = inside == 2
+        if second:
+            trio.from_thread.run_sync(both_inside.set)
+        release.wait(timeout=10)
+        with lock:
+            inside -= 1
+
+    node = cf.node(max_exec_concurrency=2, executor="thread")(call)
+    flow = single(node, "threads")
+    async with cf.open_engine() as engine:
+        runs = [await engine.start_run(flow) for _ in range(6)]
+        try:
+            with trio.fail_after(10):
+                await both_inside.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            stats = engine.statistics().actor("threads/only")
+            assert (stats.exec_in_flight, stats.exec_waiting) == (2, 4)
+        finally:
+            release.set()
+        for run in runs:
+            await run.wait()
+    assert peak == 2
 
 
 async def test_a_node_mailbox_size_overrides_the_engine_default() -> None:

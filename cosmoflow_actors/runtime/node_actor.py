@@ -103,14 +103,23 @@ class NodeActor(Actor[Step]):
         self.router = router
         """The router of the outcomes of this actor's steps."""
         self.rate = RateLimiter(*node.rate_limit) if node.rate_limit else None
+        self.exec_slots = (
+            trio.CapacityLimiter(node.max_exec_concurrency)
+            if node.max_exec_concurrency is not None
+            else None
+        )
+        """The slots of ``max_exec_concurrency``: one per exec attempt in flight,
+        taken first come, first served (trio's CapacityLimiter is fair)."""
         self._prep = as_coroutine_function(node.prep)
         self._post = as_coroutine_function(node.post)
         self._exec_call = exec_call(node, workers)
         self._timed_call = timed_call(self._exec_call)
         self._attempt: ExecCall = self._exec_call
-        """One exec attempt: the executor's call itself, unless the node has a rate
-        limit or a timeout to apply around it (chosen once, here)."""
-        if self.rate is not None or node.timeout is not None:
+        """One exec attempt: the executor's call itself, unless the node has exec
+        slots, a rate limit or a timeout to apply around it (chosen once, here)."""
+        if self.exec_slots is not None:
+            self._attempt = self._slotted_attempt
+        elif self.rate is not None or node.timeout is not None:
             self._attempt = self._limited_attempt
         self.batch = isinstance(node, BatchNode | BatchFlow)
         """Whether exec runs once per item (or child run) prep returns."""
@@ -134,14 +143,23 @@ class NodeActor(Actor[Step]):
         to send it its first step."""
 
     def statistics(self) -> ActorStatistics:
-        """This actor's counters now, with its rate limit. Never blocks."""
+        """This actor's counters now, with its rate limit and exec slots. Never blocks."""
         stats = super().statistics()
         rate = self.rate
-        if rate is None:
-            return stats
-        return dataclasses.replace(
-            stats, rate_limit=(rate.calls, rate.per_seconds), rate_waiting=rate.waiting
-        )
+        if rate is not None:
+            stats = dataclasses.replace(
+                stats, rate_limit=(rate.calls, rate.per_seconds), rate_waiting=rate.waiting
+            )
+        slots = self.exec_slots
+        if slots is not None:
+            held = slots.statistics()
+            stats = dataclasses.replace(
+                stats,
+                max_exec_concurrency=self.node.max_exec_concurrency,
+                exec_in_flight=held.borrowed_tokens,
+                exec_waiting=held.tasks_waiting,
+            )
+        return stats
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the workers' nursery until cancelled or retired; start the steps sent
@@ -536,6 +554,23 @@ class NodeActor(Actor[Step]):
             except Exception as exc:
                 error = exc
         return await self._fallback(prep_res, error, ctx, attempt)
+
+    async def _slotted_attempt(self, prep_res: Any, ctx: ExecutionContext) -> Any:
+        """One exec attempt holding one of the exec slots: blocks until a slot is free
+        (first come, first served), then runs :meth:`_limited_attempt`, whose rate
+        limit and timeout start only then. The slot is freed as the attempt ends,
+        however it ends (a thread exec that cannot be interrupted holds it until its
+        thread returns)."""
+        slots = self.exec_slots
+        assert slots is not None
+        # A token of its own per attempt: an exec that runs this node again in the same
+        # task (a nested engine.run) waits for a slot instead of raising.
+        holder = object()
+        await slots.acquire_on_behalf_of(holder)
+        try:
+            return await self._limited_attempt(prep_res, ctx)
+        finally:
+            slots.release_on_behalf_of(holder)
 
     async def _limited_attempt(self, prep_res: Any, ctx: ExecutionContext) -> Any:
         """One exec attempt, after the rate limit allows it, within the timeout.

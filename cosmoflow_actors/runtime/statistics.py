@@ -28,7 +28,9 @@ class ActorStatistics:
 
     ``mailbox_size`` is the mailbox's bound; ``rate_limit`` is
     ``(calls, per_seconds)`` or None, and ``rate_waiting`` the exec attempts waiting
-    for it.
+    for it. ``max_exec_concurrency`` is the node's bound on exec attempts in flight, or
+    None; ``exec_in_flight`` the attempts holding one of its slots, ``exec_waiting``
+    those waiting for one (both 0 without the bound).
     """
 
     name: str
@@ -41,6 +43,9 @@ class ActorStatistics:
     rate_limit: tuple[int, float] | None
     rate_waiting: int
     senders_waiting: int = 0
+    max_exec_concurrency: int | None = None
+    exec_in_flight: int = 0
+    exec_waiting: int = 0
 
 
 @dataclass(frozen=True, slots=True)
