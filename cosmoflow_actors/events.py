@@ -106,7 +106,8 @@ class StepFinished(Event):
 @dataclass(frozen=True, slots=True)
 class Retry(Event):
     """An exec attempt of step ``execution_id`` failed with ``error``; attempt
-    ``attempt + 1`` follows ``delay``s on."""
+    ``attempt + 1`` follows ``delay``s on: the wait as drawn with the node's
+    ``retry_jitter``, or the error's ``retry_after`` when that is longer."""
 
     node_id: str
     execution_id: str

@@ -49,6 +49,7 @@ class NodeConfig(TypedDict, total=False):
     max_retries: int
     retry_delay: float
     backoff: float
+    retry_jitter: float
     timeout: float | None
     max_concurrency: int | None
     max_exec_concurrency: int | None
@@ -77,9 +78,16 @@ class Node:
     max_retries: int = 1
     """Total exec attempts (>= 1); 1 means no retry."""
     retry_delay: float = 0.0
-    """Seconds before the first retry."""
+    """Seconds before the first retry. An exec error with a ``retry_after`` attribute
+    (seconds, a finite number >= 0, such as an HTTP 429's Retry-After; any other value
+    is ignored) makes the wait before the next attempt at least that long."""
     backoff: float = 1.0
     """Multiplier applied to the delay after each retry."""
+    retry_jitter: float = 0.0
+    """How much of each retry delay is random, from 0 to 1: the wait is drawn uniformly
+    from ``[delay * (1 - retry_jitter), delay]`` (0 = exactly the delay, 1 = anywhere
+    from 0 to the delay), so that runs failing together do not retry together. The
+    back-off multiplies the delay before the draw, so the randomness does not compound."""
     timeout: float | None = None
     """Seconds one exec attempt may take; exceeding it is a failed attempt."""
     max_concurrency: int | None = None
@@ -171,8 +179,11 @@ def validate_config(target: object, owner: str) -> None:
         raise ValueError(f"{owner}: max_retries must be an int >= 1, got {max_retries!r}")
     for name in ("retry_delay", "backoff"):
         _require_number(owner, name, getattr(target, name, 0.0))
+    jitter = getattr(target, "retry_jitter", 0.0)
+    if not is_finite_number(jitter) or not 0 <= jitter <= 1:
+        raise ValueError(f"{owner}: retry_jitter must be a number from 0 to 1, got {jitter!r}")
     timeout = getattr(target, "timeout", None)
-    if timeout is not None and (not _is_finite_number(timeout) or timeout <= 0):
+    if timeout is not None and (not is_finite_number(timeout) or timeout <= 0):
         raise ValueError(f"{owner}: timeout must be a finite number > 0 or None, got {timeout!r}")
     for name in ("max_concurrency", "max_exec_concurrency", "mailbox_size"):
         _require_count(owner, name, getattr(target, name, None))
@@ -189,11 +200,11 @@ def validate_config(target: object, owner: str) -> None:
 
 
 def _require_number(owner: str, name: str, value: object) -> None:
-    if not _is_finite_number(value) or value < 0:
+    if not is_finite_number(value) or value < 0:
         raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
 
 
-def _is_finite_number(value: object) -> TypeGuard[int | float]:
+def is_finite_number(value: object) -> TypeGuard[int | float]:
     """Whether ``value`` is an int or float (not a bool) that a float holds, finite."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
@@ -220,7 +231,7 @@ def _validate_rate_limit(owner: str, value: object) -> None:
     calls, per = value
     if isinstance(calls, bool) or not isinstance(calls, int) or not 1 <= calls <= sys.maxsize:
         raise ValueError(message)
-    if not _is_finite_number(per) or per <= 0:
+    if not is_finite_number(per) or per <= 0:
         raise ValueError(message)
 
 

@@ -20,6 +20,11 @@ from tests.support import single
         ({"backoff": -0.5}, "backoff must be a finite number >= 0, got -0.5"),
         ({"backoff": math.inf}, "backoff must be a finite number >= 0, got inf"),
         ({"retry_delay": 10**400}, "retry_delay must be a finite number >= 0"),
+        ({"retry_jitter": -0.1}, "retry_jitter must be a number from 0 to 1, got -0.1"),
+        ({"retry_jitter": 1.5}, "retry_jitter must be a number from 0 to 1, got 1.5"),
+        ({"retry_jitter": math.nan}, "retry_jitter must be a number from 0 to 1, got nan"),
+        ({"retry_jitter": True}, "retry_jitter must be a number from 0 to 1, got True"),
+        ({"retry_jitter": "0.5"}, "retry_jitter must be a number from 0 to 1, got '0.5'"),
         ({"timeout": -3}, "timeout must be a finite number > 0 or None, got -3"),
         ({"timeout": 0}, "timeout must be a finite number > 0 or None, got 0"),
         ({"timeout": math.inf}, "timeout must be a finite number > 0 or None, got inf"),
@@ -56,7 +61,7 @@ def test_unknown_config_names_the_config_a_node_takes_and_pocketflow_wait() -> N
         cf.Node(wait=0.1, max_retry=3)
     assert str(info.value) == (
         "Node: unknown config max_retry, wait (PocketFlow's 'wait' is 'retry_delay' here); "
-        "a node takes max_retries, retry_delay, backoff, timeout, max_concurrency, "
+        "a node takes max_retries, retry_delay, backoff, retry_jitter, timeout, max_concurrency, "
         "max_exec_concurrency, retry_on, mailbox_size, rate_limit, executor, ray_options"
     )
 
@@ -85,6 +90,21 @@ def test_max_exec_concurrency_is_set_by_class_keyword_or_decorator() -> None:
 
         class Broken(cf.Node):
             max_exec_concurrency = -1
+
+
+def test_retry_jitter_takes_0_to_1_by_class_keyword_or_decorator() -> None:
+    class Jittered(cf.Node):
+        retry_jitter = 1
+
+    @cf.node(retry_jitter=0.25)
+    async def call(ctx: cf.ExecutionContext) -> None: ...
+
+    assert (cf.Node().retry_jitter, Jittered().retry_jitter) == (0.0, 1)
+    assert (Jittered(retry_jitter=0).retry_jitter, call.retry_jitter) == (0, 0.25)
+    with pytest.raises(ValueError, match="Broken: retry_jitter must be a number from 0 to 1"):
+
+        class Broken(cf.Node):
+            retry_jitter = 2
 
 
 class WithoutSuperInit(cf.Node):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
+import math
+import random
 import threading
 from functools import partial
 from pathlib import Path
@@ -127,6 +130,134 @@ async def test_a_timeout_is_a_failed_attempt(autojump_clock: trio.abc.Clock) -> 
     assert isinstance(info.value.__cause__, trio.TooSlowError)
     assert str(info.value.__cause__) == "exec of 'only' overran its 2.0s timeout"
     assert info.value.attempts == 3
+
+
+def waits(node: Flaky) -> list[float]:
+    """The seconds between ``node``'s consecutive exec attempts."""
+    times = [at for _, at in node.attempts]
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
+
+
+@pytest.mark.parametrize("jitter", [0.5, 1.0])
+async def test_jitter_draws_each_delay_within_its_share_of_the_delay(
+    jitter: float, autojump_clock: trio.abc.Clock
+) -> None:
+    random.seed(27)
+    node = Flaky(failures=200, max_retries=201, retry_delay=2.0, retry_jitter=jitter)
+    await single(node).run()
+    drawn = waits(node)
+    low = 2.0 * (1 - jitter)
+    assert len(drawn) == 200
+    assert all(low - 1e-9 <= wait <= 2.0 + 1e-9 for wait in drawn)
+    # Spread over the whole range, not bunched at one end.
+    spread = 2.0 - low
+    assert min(drawn) < low + 0.1 * spread and max(drawn) > 2.0 - 0.1 * spread
+
+
+async def test_backoff_multiplies_the_delay_before_the_draw(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    random.seed(27)
+    node = Flaky(failures=10, max_retries=11, retry_delay=1.0, backoff=2.0, retry_jitter=0.5)
+    await single(node).run()
+    # The k-th wait is drawn from [2**k / 2, 2**k]: the draws before it do not shrink it.
+    ratios = [wait / 2**k for k, wait in enumerate(waits(node))]
+    assert len(ratios) == 10
+    assert all(0.5 - 1e-9 <= ratio <= 1.0 + 1e-9 for ratio in ratios)
+
+
+class RateLimited(Exception):
+    """What a client raises on an HTTP 429, with the server's Retry-After."""
+
+    def __init__(self, retry_after: object) -> None:
+        super().__init__(f"429, retry after {retry_after!r}")
+        self.retry_after = retry_after
+
+
+class Refused(Flaky):
+    """exec raises ``errors`` in turn, then returns "ok"; records attempt times."""
+
+    def __init__(self, errors: list[Exception], **config: Any) -> None:
+        super().__init__(failures=len(errors), **config)
+        self.errors = errors
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
+        self.attempts.append((ctx.current_retry, trio.current_time()))
+        if len(self.attempts) <= len(self.errors):
+            raise self.errors[len(self.attempts) - 1]
+        return "ok"
+
+
+async def test_retry_after_lengthens_the_delay_and_never_shortens_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    errors: list[Exception] = [RateLimited(5), RateLimited(0.25), ConnectionError("down")]
+    node = Refused(errors, max_retries=4, retry_delay=1.0, backoff=2.0)
+    assert (await single(node).run()).result == "ok"
+    # 5 > 1.0; then 0.25 < 2.0; the back-off goes on from the delay, not from the 5.
+    assert waits(node) == [5.0, 2.0, 4.0]
+
+
+async def test_retry_after_is_the_least_wait_of_a_jittered_delay(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    random.seed(27)
+    errors: list[Exception] = [RateLimited(0.75) for _ in range(50)]
+    node = Refused(errors, max_retries=51, retry_delay=1.0, retry_jitter=1.0)
+    await single(node).run()
+    drawn = waits(node)
+    assert all(0.75 - 1e-9 <= wait <= 1.0 + 1e-9 for wait in drawn)
+    assert min(drawn) == pytest.approx(0.75)  # most draws of [0, 1] fall below 0.75
+
+
+@pytest.mark.parametrize("retry_after", [-1, math.nan, math.inf, 10**400, True, "30", None])
+async def test_a_retry_after_that_is_not_a_finite_number_at_least_0_is_ignored(
+    retry_after: object, autojump_clock: trio.abc.Clock
+) -> None:
+    node = Refused([RateLimited(retry_after)], max_retries=2, retry_delay=1.0)
+    await single(node).run()
+    assert waits(node) == [1.0]
+
+
+@pytest.mark.parametrize(
+    "config", [{"max_retries": 1}, {"max_retries": 3, "retry_on": (ValueError,)}]
+)
+async def test_no_retry_after_is_waited_when_no_attempt_follows(
+    config: dict[str, Any], autojump_clock: trio.abc.Clock
+) -> None:
+    fell_back_at: list[float] = []
+
+    class Fallback(Refused):
+        def exec_fallback(self, prep_res: Any, error: Exception, ctx: cf.ExecutionContext) -> str:
+            fell_back_at.append(trio.current_time())
+            return "fallback"
+
+    start = trio.current_time()
+    result = await single(Fallback([RateLimited(100)], **config)).run()
+    assert result.result == "fallback"
+    assert fell_back_at == [start]
+
+
+async def test_the_retry_event_reports_the_wait_drawn_and_lengthened(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    random.seed(27)
+    errors: list[Exception] = [ConnectionError("down"), RateLimited(30), ConnectionError("down")]
+    node = Refused(errors, max_retries=4, retry_delay=1.0, backoff=2.0, retry_jitter=0.5)
+    retries: list[cf.Retry] = []
+
+    async def watch(events: cf.EventStream) -> None:
+        async for event in events:
+            if isinstance(event, cf.Retry):
+                retries.append(event)
+
+    async with trio.open_nursery() as nursery, cf.open_engine() as engine:
+        nursery.start_soon(watch, engine.events())
+        await engine.run(single(node))
+    assert [event.attempt for event in retries] == [1, 2, 3]
+    assert [event.delay for event in retries] == pytest.approx(waits(node))
+    assert retries[1].delay == 30.0
+    assert 0.5 <= retries[0].delay <= 1.0 and 2.0 <= retries[2].delay <= 4.0
 
 
 @pytest.mark.parametrize("phase", ["prep", "post"])

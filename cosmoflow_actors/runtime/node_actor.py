@@ -17,6 +17,7 @@ import contextvars
 import dataclasses
 import functools
 import math
+import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
@@ -37,7 +38,7 @@ from cosmoflow_actors.errors import (
 )
 from cosmoflow_actors.events import EventHub, Fallback, Retry, StepFinished, StepStarted
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
-from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode
+from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode, is_finite_number
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.executor import (
     ExecCall,
@@ -540,12 +541,13 @@ class NodeActor(Actor[Step]):
         delay = node.retry_delay
         attempt = 1
         while attempt < node.max_retries and self._retryable(error):
+            wait = retry_wait(delay, node.retry_jitter, error)
             if self._events.active:
                 now = trio.current_time()
                 self._events.emit(
-                    Retry(ctx.run_id, now, self.node_id, ctx.execution_id, attempt, error, delay)
+                    Retry(ctx.run_id, now, self.node_id, ctx.execution_id, attempt, error, wait)
                 )
-            await trio.sleep(delay)
+            await trio.sleep(wait)
             delay *= node.backoff
             ctx.current_retry = attempt
             attempt += 1
@@ -601,6 +603,17 @@ class NodeActor(Actor[Step]):
             return await call(self.node.exec_fallback, prep_res, error, ctx)
         except Exception as exc:
             raise self._failed("exec", ctx, attempts) from exc
+
+
+def retry_wait(delay: float, jitter: float, error: Exception) -> float:
+    """Seconds to wait before the attempt that follows ``error``: drawn uniformly from
+    ``[delay * (1 - jitter), delay]``, and at least ``error.retry_after`` when that is a
+    finite number >= 0 (any other value is ignored)."""
+    wait = random.uniform(delay * (1 - jitter), delay) if jitter else delay
+    retry_after = getattr(error, "retry_after", None)
+    if is_finite_number(retry_after) and retry_after > wait:
+        return float(retry_after)
+    return wait
 
 
 async def _all_or_first_error(
