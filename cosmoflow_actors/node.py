@@ -79,8 +79,9 @@ class Node:
     """Total exec attempts (>= 1); 1 means no retry."""
     retry_delay: float = 0.0
     """Seconds before the first retry. An exec error with a ``retry_after`` attribute
-    (seconds, a finite number >= 0, such as an HTTP 429's Retry-After; any other value
-    is ignored) makes the wait before the next attempt at least that long."""
+    (seconds, a finite number >= 0, such as an HTTP 429's Retry-After; any other value,
+    or an attribute that raises, is ignored) makes the wait before the next attempt at
+    least that long."""
     backoff: float = 1.0
     """Multiplier applied to the delay after each retry."""
     retry_jitter: float = 0.0

@@ -219,6 +219,17 @@ async def test_a_retry_after_that_is_not_a_finite_number_at_least_0_is_ignored(
     assert waits(node) == [1.0]
 
 
+async def test_a_retry_after_that_raises_is_ignored(autojump_clock: trio.abc.Clock) -> None:
+    class BadHeader(Exception):
+        @property
+        def retry_after(self) -> float:
+            raise ValueError("Retry-After: soon")
+
+    node = Refused([BadHeader("429")], max_retries=2, retry_delay=1.0)
+    assert (await single(node).run()).result == "ok"
+    assert waits(node) == [1.0]
+
+
 @pytest.mark.parametrize(
     "config", [{"max_retries": 1}, {"max_retries": 3, "retry_on": (ValueError,)}]
 )

@@ -608,9 +608,12 @@ class NodeActor(Actor[Step]):
 def retry_wait(delay: float, jitter: float, error: Exception) -> float:
     """Seconds to wait before the attempt that follows ``error``: drawn uniformly from
     ``[delay * (1 - jitter), delay]``, and at least ``error.retry_after`` when that is a
-    finite number >= 0 (any other value is ignored)."""
+    finite number >= 0 (any other value, or an attribute that raises, is ignored)."""
     wait = random.uniform(delay * (1 - jitter), delay) if jitter else delay
-    retry_after = getattr(error, "retry_after", None)
+    try:
+        retry_after = getattr(error, "retry_after", None)
+    except Exception:  # a property of the error's class that fails: no hint
+        return wait
     if is_finite_number(retry_after) and retry_after > wait:
         return float(retry_after)
     return wait
