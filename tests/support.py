@@ -62,6 +62,26 @@ async def received_until(stream: trio.abc.ReceiveStream, marker: bytes, sender: 
     return received
 
 
+async def engine_closing_late(
+    scope: trio.CancelScope,
+    close: trio.Event,
+    *,
+    task_status: trio.TaskStatus[cf.Engine] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hold an engine in ``scope``; once the scope is cancelled, its block holds off
+    the engine's own close (shielded) until ``close`` is set. Meanwhile only its actors
+    have seen the cancellation, as when trio happens to run their tasks before the
+    block's (it shuffles the tasks it wakes). Blocks until then."""
+    with scope:
+        async with cf.open_engine() as engine:
+            task_status.started(engine)
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await close.wait()
+
+
 def single(node: cf.Node, name: str = "single") -> cf.Flow:
     """A flow of one node."""
     return cf.Flow.builder(name).add_node("only", node).build()

@@ -16,7 +16,7 @@ import trio.testing
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
 from tests.storage_suite import JsonDictStorage, make_backend
-from tests.support import Gate, Recorder, single
+from tests.support import Gate, Recorder, engine_closing_late, single
 
 
 class Counted(cf.Node):
@@ -457,6 +457,61 @@ def two_step_flow(first: Held, second: Held) -> cf.Flow:
         .add_route("first", "second")
         .build()
     )
+
+
+class HeldShielded(Held):
+    """A Held whose wait for its gate is shielded: its step goes on to post and its
+    commit even if its run is cancelled meanwhile (as a thread's exec does)."""
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        with trio.CancelScope(shield=True):
+            await super().exec(prep_res, ctx)
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+async def test_a_commit_once_a_scope_around_the_engine_is_cancelled_leaves_the_run_resumable(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A scope around the engine is cancelled, and the store actor stops before the
+    engine's block ends (engine_closing_late holds it off). The caller of the durable
+    run is outside that scope; the run's second step then commits: the run ends
+    CANCELLED, its record running after step 1, and a new engine's resume completes it
+    (second's step runs again; nothing of the first attempt was committed)."""
+    backend = make_backend(kind, tmp_path, request)
+    first, second = Held("first"), HeldShielded("second")
+    first.gate.set()
+    flow = two_step_flow(first, second)
+    errors: list[BaseException] = []
+
+    async def call(engine: cf.Engine) -> None:
+        try:
+            await engine.run(flow, backend.open(), run_id="r")
+        except Exception as exc:
+            errors.append(exc)
+
+    engine_scope, close = trio.CancelScope(), trio.Event()
+    async with trio.open_nursery() as outside:
+        engine = await outside.start(engine_closing_late, engine_scope, close)
+        outside.start_soon(call, engine)
+        await second.arrived.wait()
+        engine_scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        second.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        close.set()
+    assert [type(error) for error in errors] == [cf.RunCancelledError]
+    assert (engine.statistics().runs_failed, engine.statistics().runs_cancelled) == (0, 1)
+    storage = backend.open()
+    [record] = await cf.list_runs(storage)
+    assert (record.state, record.steps) == ("running", 1)
+    async with cf.open_engine() as again:
+        resumed = await again.resume(flow, storage, run_id="r")
+        stored = await again.list_runs(storage)
+        async with again.open_store(storage) as handle:
+            written = (await handle.get("n"), await handle.get("by"))
+    assert resumed.execution_path == ("first", "second")
+    assert [(r.state, r.steps) for r in stored] == [("succeeded", 2)]
+    assert written == (2, "second")
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "custom"])

@@ -26,7 +26,16 @@ import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.node_actor import KEEP_IDLE
 from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
-from tests.support import Gate, Recorder, a_then_b, count_tasks, engine_bug, node_actors, single
+from tests.support import (
+    Gate,
+    Recorder,
+    a_then_b,
+    count_tasks,
+    engine_bug,
+    engine_closing_late,
+    node_actors,
+    single,
+)
 
 
 class Increment(cf.Node):
@@ -420,6 +429,59 @@ async def test_callers_waiting_to_start_when_the_engine_closes_get_run_cancelled
         "the engine closed while the run waited to start"
     ) == 2
     assert len(errors) == 3
+
+
+class WritesAfterItsGate(cf.Node):
+    """Waits in exec, shielded, until ``gate`` opens (so its step goes on to post even
+    if its run is cancelled meanwhile, as a thread's exec does); post then writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = trio.Event()
+        self.gate = trio.Event()
+        self.posts = 0
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self.arrived.set()
+        with trio.CancelScope(shield=True):
+            await self.gate.wait()
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        self.posts += 1
+        await store.set("written", True)
+
+
+async def test_a_store_call_once_a_scope_around_the_engine_is_cancelled_cancels_the_run() -> None:
+    """A scope around the engine is cancelled, and its store actor stops before the
+    engine's block ends (engine_closing_late holds it off). The run's caller is outside
+    that scope; the run's step then calls the store: the run ends CANCELLED, as the
+    engine's close makes it, not FAILED by the store that stopped under it."""
+    node = WritesAfterItsGate()
+    store = cf.MemoryStorage()
+    errors: list[BaseException] = []
+
+    async def call(engine: cf.Engine) -> None:
+        try:
+            await engine.run(single(node), store)
+        except Exception as exc:
+            errors.append(exc)
+
+    engine_scope, close = trio.CancelScope(), trio.Event()
+    async with trio.open_nursery() as outside:
+        engine = await outside.start(engine_closing_late, engine_scope, close)
+        outside.start_soon(call, engine)
+        await node.arrived.wait()
+        engine_scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        node.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        close.set()
+    assert [type(error) for error in errors] == [cf.RunCancelledError]
+    stats = engine.statistics()
+    assert (stats.runs_failed, stats.runs_cancelled, node.posts) == (0, 1, 1)
+    assert store.data == {}
 
 
 async def test_the_first_run_of_a_flow_new_to_a_busy_engine_is_carried_by_its_caller() -> None:

@@ -211,8 +211,8 @@ async def through_the_mailbox(actor: StoreActor, request: StoreRequest) -> Any:
 async def test_direct_dispatch_answers_as_the_actors_own_task_does() -> None:
     """The same memory requests, handled in the caller's task (handle_now) and queued
     for the actor's task: the same answers, errors and store contents after each."""
-    direct_actor = StoreActor("direct", 16)
-    queued_actor = StoreActor("queued", 16)
+    direct_actor = StoreActor("direct", 16, closing=no_engine)
+    queued_actor = StoreActor("queued", 16, closing=no_engine)
     direct, queued = cf.MemoryStorage(), cf.MemoryStorage()
     async with trio.open_nursery() as nursery:
         await nursery.start(direct_actor.run)
@@ -295,6 +295,10 @@ async def queue_requests(
     assert waiting == ((1, 1, 4) if actor.serving else (0, 1, 5))
 
 
+def no_engine() -> None:
+    """The ``closing`` of an actor with no engine around it: nothing to close."""
+
+
 def errors_of(answers: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {key: (type(error).__name__, str(error)) for key, error in answers.items()}
 
@@ -307,7 +311,7 @@ async def test_a_crashed_actor_answers_every_request_held_back_by_a_full_mailbox
     the bug, and a later request is refused."""
     monkeypatch.setattr(StoreActor, "_broken", engine_bug)
     storage = Stalling("get", ZeroDivisionError("storage bug"))
-    actor = StoreActor("store:stalling", 1, storage)
+    actor = StoreActor("store:stalling", 1, storage, closing=no_engine)
     answers: dict[str, Any] = {}
     async with trio.open_nursery() as requesters:
         with pytest.RaisesGroup(ZeroDivisionError):
@@ -335,7 +339,7 @@ async def test_a_backend_bug_fails_the_request_in_hand_alone() -> None:
     serves the other five and goes on serving."""
     storage = Stalling("get", ZeroDivisionError("storage bug"))
     storage.data.update({f"k{i}": json.dumps(i) for i in range(6)})
-    actor = StoreActor("store:stalling", 1, storage)
+    actor = StoreActor("store:stalling", 1, storage, closing=no_engine)
     answers: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
@@ -359,9 +363,16 @@ async def test_a_backend_bug_fails_the_request_in_hand_alone() -> None:
 async def test_an_actor_stopped_by_its_engine_answers_every_request_held_back() -> None:
     """The engine closes (its nursery is cancelled) while the actor waits for its
     backend with one request in hand, one queued and four senders waiting for room:
-    all six are told the actor stopped."""
+    the actor has the engine close (which cancels the runs in flight) before it
+    answers any of them, then all six are told the actor stopped."""
     storage = Stalling("get", ZeroDivisionError("never raised"))
-    actor = StoreActor("store:stalling", 1, storage)
+    held_when_closing: list[tuple[int, int, int]] = []
+
+    def closing() -> None:
+        stats = actor.statistics()
+        held_when_closing.append((stats.in_flight, stats.mailbox_depth, stats.senders_waiting))
+
+    actor = StoreActor("store:stalling", 1, storage, closing=closing)
     answers: dict[str, Any] = {}
     async with trio.open_nursery() as requesters:
         async with trio.open_nursery() as engine:
@@ -373,11 +384,12 @@ async def test_an_actor_stopped_by_its_engine_answers_every_request_held_back() 
             f"k{i}": ("StorageError", "store:stalling stopped before answering: its engine closed")
             for i in range(6)
         }
+    assert held_when_closing == [(1, 1, 4)]
 
 
 async def test_an_actor_whose_backend_cannot_open_answers_every_request_sent_meanwhile() -> None:
     storage = Stalling("open", OSError("disk gone"))
-    actor = StoreActor("store:stalling", 1, storage)
+    actor = StoreActor("store:stalling", 1, storage, closing=no_engine)
     answers: dict[str, Any] = {}
     async with trio.open_nursery() as requesters:
         async with trio.open_nursery() as nursery:
@@ -393,9 +405,12 @@ async def test_an_actor_whose_backend_cannot_open_answers_every_request_sent_mea
 
 
 async def test_a_retired_actor_serves_every_request_held_back_before_it_exits() -> None:
+    """Retired (its last run ended), the actor serves what it holds and exits; its
+    engine is not closing, and the actor does not close it."""
     storage = Stalling("get", None)
     storage.data.update({f"k{i}": str(i) for i in range(6)})
-    actor = StoreActor("store:stalling", 1, storage)
+    closed: list[str] = []
+    actor = StoreActor("store:stalling", 1, storage, closing=partial(closed.append, "closed"))
     answers: dict[str, Any] = {}
     async with trio.open_nursery() as requesters:
         async with trio.open_nursery() as nursery:
@@ -405,13 +420,14 @@ async def test_a_retired_actor_serves_every_request_held_back_before_it_exits() 
             storage.release.set()
         await trio.testing.wait_all_tasks_blocked()
         assert answers == {f"k{i}": i for i in range(6)}
+    assert closed == []
 
 
 async def test_a_request_to_a_stopped_actor_is_refused_or_cancelled_in_a_cancelled_scope() -> None:
-    """An engine cancelled from outside stops its store actors before it cancels its runs:
-    a step's request in that moment, from the engine's cancelled scope, is cancelled (its
-    run ends cancelled, not failed); a request from outside it is refused."""
-    actor = StoreActor("store:memory", 1)
+    """A request to an actor its engine stopped, from a cancelled scope (a step of a run
+    the engine's close cancelled) is cancelled: its run ends cancelled, not failed. A
+    request from outside it is refused."""
+    actor = StoreActor("store:memory", 1, closing=no_engine)
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
         nursery.cancel_scope.cancel()

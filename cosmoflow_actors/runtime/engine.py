@@ -90,7 +90,7 @@ class Engine:
             nursery, mailbox_size, self._supervise, self._run_child, self._events, ray_address
         )
         self._router = self._flows.router
-        self._stores = StoreRegistry(nursery, mailbox_size, self._supervise)
+        self._stores = StoreRegistry(nursery, mailbox_size, self._supervise, self._close)
         self._runs: dict[str, ActiveRun] = {}
         """The runs in flight, by id."""
         self._idle: trio.Event | None = None
@@ -676,7 +676,12 @@ class Engine:
         await self._idle.wait()
 
     def _close(self) -> None:
-        """Refuse new runs, cancel the ones still in flight, and stop every actor."""
+        """Refuse new runs, cancel the ones still in flight, and stop every actor; once
+        (a later call does nothing). Called as the engine's block ends, or before that
+        by a store actor that is cancelled: a scope around the engine's nursery was
+        cancelled, and the block has not ended yet. Never blocks."""
+        if self._closed:
+            return
         self._closed = True
         self._closed_event.set()
         self._flows.close()

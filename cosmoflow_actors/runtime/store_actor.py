@@ -68,9 +68,19 @@ class StoreActor(Actor[StoreRequest]):
 
     kind = "store"
 
-    def __init__(self, name: str, mailbox_size: int, storage: Storage | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        mailbox_size: int,
+        storage: Storage | None = None,
+        *,
+        closing: Callable[[], None],
+    ) -> None:
         super().__init__(name, mailbox_size, 1)
         self._storage = storage
+        self._closing = closing
+        """The engine's close (never blocks): called when the actor is cancelled, which
+        only the engine closing does (its nursery, or a scope around it, cancelled)."""
         self.path: object = getattr(storage, "path", None)
         """The file its backend is on (``storage.path``), if it has one."""
         self.users = 0
@@ -116,8 +126,8 @@ class StoreActor(Actor[StoreRequest]):
         Handled at once when :meth:`handle_now` may; else queued (blocks while the
         mailbox is full) and answered after the actor commits it (blocks until then).
         Raises StorageError once the actor has retired; trio.Cancelled instead in a
-        cancelled scope (an engine cancelled from outside stops its store actors before
-        it cancels its runs: a step's request meanwhile must not fail its run).
+        cancelled scope (a step of a run that the engine's close cancelled, see
+        :meth:`run`).
         """
         if self.retiring:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -217,7 +227,11 @@ class StoreActor(Actor[StoreRequest]):
         :attr:`open_error` (as a StorageError), for every run that waits for the actor,
         and the actor exits. However the actor ends (retired, crashed, cancelled, not
         opened), every request not answered yet is answered before the backend closes
-        (see :meth:`_stop`).
+        (see :meth:`_stop`). Cancelled, it first has the engine close (``closing``),
+        which cancels the runs in flight: a scope around the engine's nursery may be
+        cancelled before the engine's own close has run, and a step that finds the actor
+        stopped (or is answered that it stopped) is then cancelled with its run, not
+        failed, also in a task outside the engine (the caller of ``engine.run``).
         """
         stopped_by: BaseException | None = None
         try:
@@ -233,6 +247,10 @@ class StoreActor(Actor[StoreRequest]):
                 self.opened.set()
             task_status.started()
             await self._serve()
+        except trio.Cancelled as exc:
+            stopped_by = exc
+            self._closing()
+            raise
         except BaseException as exc:
             stopped_by = exc
             raise

@@ -46,10 +46,19 @@ class StoreRegistry:
     one :meth:`release`.
     """
 
-    def __init__(self, nursery: trio.Nursery, mailbox_size: int, supervise: Supervise) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        mailbox_size: int,
+        supervise: Supervise,
+        closing: Callable[[], None],
+    ) -> None:
         self._nursery = nursery
         self._mailbox_size = mailbox_size
         self._supervise = supervise
+        self._closing = closing
+        """The engine's close, for every actor to call when it is cancelled (see
+        :meth:`StoreActor.run`)."""
         self._actors: dict[object, StoreActor] = {}
 
     def actors(self) -> Iterable[StoreActor]:
@@ -138,14 +147,15 @@ class StoreRegistry:
         """A new actor for ``storage``. Raises StorageError when another engine's actor
         serves the instance: two actors would interleave its staged writes."""
         if storage.shared_actor:
-            actor = StoreActor("store:memory", self._mailbox_size)
+            actor = StoreActor("store:memory", self._mailbox_size, closing=self._closing)
         else:
             if _SERVED_BY.setdefault(id(storage), self) is not self:
                 raise StorageError(
                     f"{_describe(storage)} is in use by another engine; give each engine "
                     "its own instance (an instance serves one engine at a time)"
                 )
-            actor = StoreActor(f"store:{_describe(storage)}", self._mailbox_size, storage)
+            name = f"store:{_describe(storage)}"
+            actor = StoreActor(name, self._mailbox_size, storage, closing=self._closing)
         self._actors[key] = actor
         return actor
 
