@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.node_actor import cancelled_alone, fails_the_step
+from cosmoflow_actors.runtime.node_actor import fails_the_step
 from tests.support import Gate, Recorder, single
 
 
@@ -1236,21 +1236,6 @@ async def test_a_caller_cancelled_during_a_step_of_many_tasks_gets_one_cancelled
     assert [type(exc) for exc in caught] == [trio.Cancelled]
     assert scope.cancelled_caught
     assert engine.statistics().runs_in_flight == 0
-
-
-async def test_a_group_of_nothing_but_cancelled_leaves_as_its_first() -> None:
-    first = trio.Cancelled._create()
-    group = BaseExceptionGroup(
-        "g", [BaseExceptionGroup("inner", [first]), trio.Cancelled._create()]
-    )
-    with pytest.raises(trio.Cancelled) as cancelled, cancelled_alone():
-        raise group
-    assert cancelled.value is first
-    assert cancelled.value.__context__ is None  # not the group that held it
-    mixed = BaseExceptionGroup("g", [trio.Cancelled._create(), ValueError("trouble")])
-    with pytest.raises(BaseExceptionGroup) as unchanged, cancelled_alone():
-        raise mixed
-    assert unchanged.value is mixed
 
 
 def test_a_coroutine_closed_outside_trio_goes_on_closing() -> None:

@@ -387,6 +387,30 @@ async def test_an_actor_stopped_by_its_engine_answers_every_request_held_back() 
     assert held_when_closing == [(1, 1, 4)]
 
 
+class OpensWithANursery(JsonDictStorage):
+    """A backend whose open() waits in a nursery of its own, two tasks long: cancelled,
+    it raises a group of their trio.Cancelled."""
+
+    async def open(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            await trio.sleep_forever()
+
+
+async def test_an_actor_stopped_by_its_engine_while_its_backend_opens_closes_the_engine() -> None:
+    """The group of trio.Cancelled that the backend's open() raises stops the actor as a
+    bare trio.Cancelled does: the engine closes first."""
+    closed: list[str] = []
+    actor = StoreActor(
+        "store:opening", 1, OpensWithANursery({}), closing=partial(closed.append, "closed")
+    )
+    async with trio.open_nursery() as engine:
+        engine.start_soon(actor.run)
+        await trio.testing.wait_all_tasks_blocked()
+        engine.cancel_scope.cancel()
+    assert closed == ["closed"]
+
+
 async def test_an_actor_whose_backend_cannot_open_answers_every_request_sent_meanwhile() -> None:
     storage = Stalling("open", OSError("disk gone"))
     actor = StoreActor("store:stalling", 1, storage, closing=no_engine)

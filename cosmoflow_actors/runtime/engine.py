@@ -46,10 +46,11 @@ from cosmoflow_actors.runtime import queue as run_queue
 from cosmoflow_actors.runtime import run_record
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.admission import Admission
+from cosmoflow_actors.runtime.cancellation import CANCELLED_ALONE, refuse_closed
 from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun
 from cosmoflow_actors.runtime.flows import FlowRegistry
 from cosmoflow_actors.runtime.messages import Step
-from cosmoflow_actors.runtime.node_actor import NodeActor, cancelled_alone, carry
+from cosmoflow_actors.runtime.node_actor import NodeActor, carry
 from cosmoflow_actors.runtime.queue import RunQueue, RunStores
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Run, RunState
 from cosmoflow_actors.runtime.run_record import RunRecord
@@ -246,8 +247,9 @@ class Engine:
         """``store`` as a Storage, and the store actor serving it, held for the block.
         Blocks while the backend opens and, when the block ends and no run uses the
         storage, until its backend is closed (as at the end of a run). Raises
-        RuntimeError once the engine is closed (see :meth:`_check_open`)."""
-        await self._check_open()
+        RuntimeError once the engine is closed (see :meth:`_closed_error`)."""
+        if self._closed:
+            await refuse_closed(self._closed_error())
         storage = as_storage(store)
         actor = await self._stores.acquire(storage)
         try:
@@ -309,7 +311,7 @@ class Engine:
         file)."""
         try:
             if first is not None and first.actor.try_enter():
-                with cancelled_alone(), trio.CancelScope() as scope:
+                with CANCELLED_ALONE, trio.CancelScope() as scope:
                     await self._carry_here(first, scope)
             elif first is not None:
                 await first.actor.send(first)
@@ -398,7 +400,8 @@ class Engine:
         """Admit a run (see :meth:`_start`), open its store and record it as in flight.
         Blocks while it waits for admission, for room in a lossless event stream, for
         the flow's set-up and for its store."""
-        await self._check_open()
+        if self._closed:
+            await refuse_closed(self._closed_error())
         if self._events.congested:
             await self._events.wait_for_room()
         admission = None if child or self._inside_a_step() else self._admission
@@ -410,12 +413,16 @@ class Engine:
             # A slot handed over by a run that ended comes without a cancellation
             # check: a caller cancelled meanwhile must not start its run.
             await trio.lowlevel.checkpoint_if_cancelled()
-            await self._check_not_closed_meanwhile()
+            if self._closed:
+                await refuse_closed(self._closed_meanwhile_error())
             storage = as_storage(store)
             run_id = self._check_start(run_id)
             keys = (await self._flows.register(flow)).condition_keys
             actor = await self._stores.acquire(storage)
-            await self._check_still_startable(run_id, actor)
+            if self._closed:
+                self._stores.release(actor)
+                await refuse_closed(self._closed_meanwhile_error())
+            self._check_still_new(run_id, actor)
         except BaseException:
             if admission is not None:
                 admission.release()
@@ -510,45 +517,38 @@ class Engine:
             raise ValueError(f"run {run_id!r} is already in flight")
         return run_id
 
-    async def _check_still_startable(self, run_id: str, actor: StoreActor) -> None:
-        """After a start waited (for set-up, for its store): refuse it, letting go of
-        ``actor``, if the engine closed (see :meth:`_check_not_closed_meanwhile`) or
-        another start took ``run_id`` meanwhile (ValueError). A checkpoint only when
-        the engine closed."""
+    def _check_still_new(self, run_id: str, actor: StoreActor) -> None:
+        """After a start waited (for set-up, for its store): refuse it with ValueError,
+        letting go of ``actor``, if another start took ``run_id`` meanwhile (see
+        :meth:`_check_start`). Never blocks."""
         try:
-            await self._check_not_closed_meanwhile()
             self._check_start(run_id)
-        except BaseException:
+        except ValueError:
             self._stores.release(actor)
             raise
 
-    async def _check_not_closed_meanwhile(self) -> None:
-        """Raise RunCancelledError if the engine closed while a start, called before
-        that, waited: its run is cancelled with the runs in flight. A caller whose own
-        scope is cancelled gets trio.Cancelled instead: the close may have woken it
-        with no checkpoint since its scope was cancelled (cancelling the nursery that
-        holds the engine and the caller), and an error would crash it out of that
-        scope. A checkpoint only when the engine closed."""
-        if self._closed:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            raise RunCancelledError("the engine closed while the run waited to start")
-
-    async def _check_open(self) -> None:
-        """Raise RuntimeError once the engine is closed (see :meth:`_require_open`), or
-        trio.Cancelled to a caller whose scope is cancelled: a task started before the
-        close (in the nursery that holds the engine, cancelled) may first run after it.
-        A checkpoint only when the engine is closed."""
-        if self._closed:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        self._require_open()
+    @staticmethod
+    def _closed_meanwhile_error() -> RunCancelledError:
+        """The refusal of a start, called before the engine closed, that waited until
+        after (for admission, set-up or its store): its run is cancelled with the runs
+        in flight. A caller whose own scope is cancelled gets trio.Cancelled instead
+        (see :func:`~.cancellation.refuse_closed`)."""
+        return RunCancelledError("the engine closed while the run waited to start")
 
     def _require_open(self) -> None:
         """Raise RuntimeError once the engine is closed."""
         if self._closed:
-            raise RuntimeError(
-                "the engine is closed (its open_engine block has ended): use it while "
-                "the block is open"
-            )
+            raise self._closed_error()
+
+    @staticmethod
+    def _closed_error() -> RuntimeError:
+        """The refusal of a call made once the engine is closed. A caller whose own scope
+        is cancelled gets trio.Cancelled instead, where it may wait (see
+        :func:`~.cancellation.refuse_closed`): a task started before the close, in the
+        nursery that holds the engine, cancelled, may first run after it."""
+        return RuntimeError(
+            "the engine is closed (its open_engine block has ended): use it while the block is open"
+        )
 
     def _new_run(
         self,
@@ -717,7 +717,8 @@ class Engine:
         StorageError if the queue cannot be reached at first, RuntimeError once the
         engine is closed.
         """
-        await self._check_open()
+        if self._closed:
+            await refuse_closed(self._closed_error())
         await run_queue.serve(
             self,
             queue,

@@ -26,6 +26,7 @@ from cosmoflow_actors.events import EventHub
 from cosmoflow_actors.flow import Flow
 from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime import ray_executor
+from cosmoflow_actors.runtime.cancellation import refuse_closed
 from cosmoflow_actors.runtime.node_actor import NodeActor, RunChild
 from cosmoflow_actors.runtime.router import Router, condition_keys
 from cosmoflow_actors.runtime.statistics import FlowLabels
@@ -123,7 +124,8 @@ class FlowRegistry:
             await self._start_workers()
         if self._needs_ray(flow):
             await self._connect_ray()
-        await self._check_not_closed_meanwhile()
+        if self._closed:
+            await refuse_closed(self._closed_meanwhile_error())
         registration = self.register_nowait(flow)
         await self.router.entry(flow).began.wait()
         return registration
@@ -228,20 +230,19 @@ class FlowRegistry:
         """Whether ``flow`` has "ray" nodes and the engine is not connected to Ray yet."""
         return not self._ray_connected and uses_executor(flow, "ray")
 
-    async def _check_not_closed_meanwhile(self) -> None:
-        """Raise RunCancelledError if the registry closed (the engine with it) while a
-        registration waited for the flow's executors; trio.Cancelled instead to a
-        caller whose scope is cancelled (see ``Engine._check_not_closed_meanwhile``).
-        A checkpoint only when the registry closed."""
-        if self._closed:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            raise RunCancelledError("the engine closed while the run's flow was set up")
+    @staticmethod
+    def _closed_meanwhile_error() -> RunCancelledError:
+        """The refusal of a registration that waited for the flow's executors while the
+        registry closed (the engine with it); trio.Cancelled instead to a caller whose
+        scope is cancelled (see :func:`~.cancellation.refuse_closed`)."""
+        return RunCancelledError("the engine closed while the run's flow was set up")
 
     async def _start_workers(self) -> None:
         """Set up the worker processes of "process" nodes, once (blocks while they
         start); RunCancelledError if the registry has closed meanwhile."""
         async with self._workers_starting:
-            await self._check_not_closed_meanwhile()
+            if self._closed:
+                await refuse_closed(self._closed_meanwhile_error())
             if self._workers is None:
                 self._workers = await self._nursery.start(self._hold_workers)
 
@@ -270,7 +271,8 @@ class FlowRegistry:
         until an unreachable ``host:port`` is given up on (ConnectionError naming it);
         cancellable. RunCancelledError if the registry has closed meanwhile."""
         async with self._ray_connecting:
-            await self._check_not_closed_meanwhile()
+            if self._closed:
+                await refuse_closed(self._closed_meanwhile_error())
             if not self._ray_connected:
                 await ray_executor.connect(self._ray_address)
                 self._ray_connected = True

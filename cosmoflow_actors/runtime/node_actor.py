@@ -12,14 +12,13 @@ and no task woken.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
 import math
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -40,6 +39,7 @@ from cosmoflow_actors.events import EventHub, Fallback, Retry, StepFinished, Ste
 from cosmoflow_actors.flow import BatchFlow, Flow, FlowResult
 from cosmoflow_actors.node import BatchNode, Node, ParallelBatchNode, is_finite_number
 from cosmoflow_actors.runtime.actor import Actor
+from cosmoflow_actors.runtime.cancellation import only_cancelled
 from cosmoflow_actors.runtime.executor import (
     ExecCall,
     as_coroutine_function,
@@ -541,7 +541,7 @@ class NodeActor(Actor[Step]):
         delay = node.retry_delay
         attempt = 1
         while attempt < node.max_retries and self._retryable(error):
-            wait = retry_wait(delay, node.retry_jitter, error)
+            wait = _retry_wait(delay, node.retry_jitter, error)
             if self._events.active:
                 now = trio.current_time()
                 self._events.emit(
@@ -605,7 +605,7 @@ class NodeActor(Actor[Step]):
             raise self._failed("exec", ctx, attempts) from exc
 
 
-def retry_wait(delay: float, jitter: float, error: Exception) -> float:
+def _retry_wait(delay: float, jitter: float, error: Exception) -> float:
     """Seconds to wait before the attempt that follows ``error``: drawn uniformly from
     ``[delay * (1 - jitter), delay]``, and at least ``error.retry_after`` when that is a
     finite number >= 0 (any other value, or an attribute that raises, is ignored)."""
@@ -626,7 +626,7 @@ async def _all_or_first_error(
     order; return their results in order. The first job that raises what fails a step
     (see :func:`fails_the_step`; ``sys.exit()`` too) cancels the others; its error is
     raised as it is. Cancelled from outside (the step's run or its caller), it raises
-    the group of its jobs' trio.Cancelled (see :func:`cancelled_alone`).
+    the group of its jobs' trio.Cancelled (see :data:`~.cancellation.CANCELLED_ALONE`).
     """
     results: list[Any] = [None] * len(jobs)
     failures: list[BaseException] = []
@@ -653,32 +653,6 @@ async def _all_or_first_error(
     return results
 
 
-@contextlib.contextmanager
-def cancelled_alone() -> Iterator[None]:
-    """Let a group of nothing but trio.Cancelled (nested groups too) that leaves the block
-    leave as the first of them, the instance itself; anything else leaves unchanged.
-
-    A nursery in a step (a batch node's items, a BatchFlow's child runs, or one the
-    node's own code opens) raises such a group when the step is cancelled; the caller
-    of ``engine.run`` that carries the step must get one trio.Cancelled, as from any
-    other step (``except trio.Cancelled`` misses a group).
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if not _only_cancelled(group):
-            raise
-        cancelled: BaseException = group
-        while isinstance(cancelled, BaseExceptionGroup):
-            cancelled = cancelled.exceptions[0]
-        # Raised here, it would take the group, which holds it, as its __context__.
-        context = cancelled.__context__
-        try:
-            raise cancelled
-        finally:
-            cancelled.__context__ = context
-
-
 def fails_the_step(error: BaseException) -> bool:
     """Whether ``error``, which left a node's code, is the node's failure (its step
     fails, and its run alone): every Exception, and any other BaseException the code
@@ -698,14 +672,7 @@ def fails_the_step(error: BaseException) -> bool:
         return False
     if trio.current_effective_deadline() != -math.inf:
         return True
-    return not _only_cancelled(error)
-
-
-def _only_cancelled(error: BaseException) -> bool:
-    """Whether ``error`` is a trio.Cancelled, or a group holding nothing else."""
-    if isinstance(error, BaseExceptionGroup):
-        return error.split(trio.Cancelled)[1] is None
-    return isinstance(error, trio.Cancelled)
+    return not only_cancelled(error)
 
 
 async def carry(step: Step, scope: trio.CancelScope) -> None:

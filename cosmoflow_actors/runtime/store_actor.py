@@ -32,6 +32,7 @@ from cosmoflow_actors.errors import (
     type_and_message,
 )
 from cosmoflow_actors.runtime.actor import Actor
+from cosmoflow_actors.runtime.cancellation import only_cancelled
 from cosmoflow_actors.runtime.gil import SHORT_SWITCH_INTERVAL
 from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest
 from cosmoflow_actors.runtime.store_client import MISSING, SharedStore
@@ -247,12 +248,10 @@ class StoreActor(Actor[StoreRequest]):
                 self.opened.set()
             task_status.started()
             await self._serve()
-        except trio.Cancelled as exc:
-            stopped_by = exc
-            self._closing()
-            raise
         except BaseException as exc:
             stopped_by = exc
+            if only_cancelled(exc):  # a group too: a backend's open() with a nursery
+                self._closing()
             raise
         finally:
             self._stop(stopped_by)

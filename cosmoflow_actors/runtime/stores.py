@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.runtime.cancellation import refuse_closed
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.memory import MemoryStorage
@@ -97,10 +98,8 @@ class StoreRegistry:
             raise
         if not actor.serving:
             self.release(actor)
-            if actor.open_error is None:
-                # The engine closed first, which may have woken this caller with no
-                # checkpoint since its own scope was cancelled: trio.Cancelled, then.
-                await trio.lowlevel.checkpoint_if_cancelled()
+            if actor.open_error is None:  # the engine closed first
+                await refuse_closed(actor.open_failure())
             raise actor.open_failure()
         return actor
 
