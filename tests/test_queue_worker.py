@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -392,19 +393,52 @@ async def test_a_worker_gives_up_a_run_whose_lease_the_queue_no_longer_holds_for
 async def test_a_renewal_gives_up_no_run_that_ended_while_it_was_sent(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A run ends and its outcome is recorded, which drops its lease on the server,
-    while a renewal that includes it is on its way: the renewal finds the lease gone
-    but neither cancels nor logs the run as given up."""
-    from cosmoflow_actors.runtime.queue.worker import _Lease, _Worker
+    """A run ends and its outcome is recorded, which drops its lease on the server; a
+    renewal made before the run has left the worker's leases finds the lease gone but
+    neither cancels nor logs the run as given up."""
+    from cosmoflow_actors.runtime.queue.claims import Claim
+    from cosmoflow_actors.runtime.queue.worker import _Worker
+
+    class RenewsAfterSettling(_Worker):
+        async def _settle(self, claim: Claim, outcome: dict[str, Any] | None) -> None:
+            await super()._settle(claim, outcome)
+            self.renewed_leases = dict(self._leases)
+            await self._renew(self.renewed_leases)
 
     queue = new_queue(redis_server)
     async with cf.open_engine() as engine:
-        worker = _Worker(engine, queue, {"count": FLOW}, per_run_redis("redis://x"), "w")
-        scope = trio.CancelScope()
-        worker._leases["r1"] = _Lease(scope, trio.current_time() + queue.lease, settling=True)
-        await worker._renew(dict(worker._leases))
-    assert not scope.cancel_called
+        stores = per_run_redis(store_url(redis_server))
+        worker = RenewsAfterSettling(engine, queue, {"count": FLOW}, stores, "w")
+        await queue.ensure_group()
+        await cf.submit(queue, "count", run_id="r1")
+        await worker.run_claimed(await worker.claimer.next_claim(), trio.Semaphore(0))
+    [lease] = worker.renewed_leases.values()
+    assert not lease.scope.cancel_called
     assert not [r for r in caplog.records if r.name == "cosmoflow_actors.queue"]
+    assert (await cf.result(queue, "r1")).result == "done r1"
+
+
+async def test_a_lease_that_expires_while_its_run_records_its_outcome_gives_nothing_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The run has ended and its outcome is being recorded when its lease expires: it
+    is neither renewed nor given up (nor logged as such), and the other run's expired
+    lease is."""
+    from cosmoflow_actors.runtime.queue.worker import _Lease, _Worker
+
+    queue = RunQueue(f"redis://127.0.0.1:{free_port()}/0", "settling")
+    async with cf.open_engine() as engine:
+        worker = _Worker(engine, queue, {"count": FLOW}, per_run_redis("redis://x"), "w")
+        now = trio.current_time()
+        settling = _Lease(trio.CancelScope(), now - 1, settling=True)
+        running = _Lease(trio.CancelScope(), now - 1)
+        live = worker._unexpired({"r1": settling, "r2": running}, now)
+    assert live == {}
+    assert (settling.scope.cancel_called, running.scope.cancel_called) == (False, True)
+    logged = [r.getMessage() for r in caplog.records if r.name == "cosmoflow_actors.queue"]
+    assert [message.split(":")[0] for message in logged] == [
+        "worker w gives up run 'r2', to be taken over"
+    ]
 
 
 async def test_runs_go_on_after_redis_restarts_and_every_step_is_committed_once(

@@ -273,15 +273,15 @@ class _Worker:
 
     def _unexpired(self, leases: dict[str, _Lease], now: float) -> dict[str, _Lease]:
         """The leases of ``leases`` that have not expired at ``now``, leaving out those
-        whose runs were given up already; give up the runs of the others. Never
-        blocks."""
+        whose runs were given up already; give up the runs of the others, unless the
+        run ended and its outcome is being recorded. Never blocks."""
         live = {}
         for run_id, lease in leases.items():
             if lease.scope.cancel_called:
                 continue
             if lease.expires > now:
                 live[run_id] = lease
-            else:
+            elif not lease.settling:
                 why = f"its lease expired unrenewed ({self._renewal_failure})"
                 self._give_up(run_id, lease, why)
         return live
