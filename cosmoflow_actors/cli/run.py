@@ -66,10 +66,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    """CliError for options of ``run`` that do not go together."""
+    """CliError for options of ``run`` that do not go together (argparse refuses
+    ``--runs`` with ``--params-file``)."""
     batch = "--runs" if args.params_file is None else "--params-file"
-    if args.runs is not None and args.params_file is not None:
-        raise CliError("--runs and --params-file do not go together: give one")
     if args.concurrency is not None and args.runs is None and args.params_file is None:
         raise CliError("--concurrency needs --runs or --params-file")
     if args.run_id is not None and (args.runs is not None or args.params_file is not None):
