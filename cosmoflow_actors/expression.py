@@ -484,7 +484,7 @@ class _Lexer:
             raise self._error(
                 match.end(),
                 f"{_quoted(glued.group())} right after the number {_quoted(text)}; "
-                "a number must be followed by a space, an operator or ')'",
+                "a number must be followed by a space, an operator, ')' or the end",
             )
         return self._take(_Kind.NUMBER, len(text), self._number_value(text))
 

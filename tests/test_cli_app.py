@@ -111,6 +111,29 @@ def test_runs_must_be_positive(counter_file: Path, capsys: pytest.CaptureFixture
     assert "expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["run", "submit"])
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        (["--runs", "2", "--params-file", "runs.jsonl"], "--params-file: not allowed with"),
+        (["--params-file", "runs.jsonl", "--runs", "2"], "--runs: not allowed with"),
+    ],
+)
+def test_runs_and_params_file_do_not_go_together(
+    counter_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    batch: list[str],
+    message: str,
+) -> None:
+    queue = ["--queue", "redis://127.0.0.1:1/q"] if command == "submit" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, str(counter_file), *queue, *batch])
+    assert exit_info.value.code == 2
+    other = batch[0]
+    assert f"argument {message} argument {other}\n" in capsys.readouterr().err
+
+
 def test_an_interrupt_is_one_line_and_status_130(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

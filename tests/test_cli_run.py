@@ -4,6 +4,7 @@ what a batch of runs that Ctrl-C stopped tells."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import signal
 import subprocess
@@ -245,24 +246,44 @@ def test_a_bad_params_file_is_refused_naming_the_line(
     assert err.count("\n") == 1
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--runs", "2"], "--runs and --params-file do not go together: give one"),
-        (["--run-id", "r1"], "--run-id names one run; it does not go with --params-file"),
-    ],
-)
-def test_params_file_refuses_runs_and_run_id(
-    counter_file: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    argv: list[str],
-    message: str,
+def test_params_file_refuses_run_id(
+    counter_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     params_file = tmp_path / "runs.jsonl"
     params_file.write_text('{"n": 1}\n')
-    assert main(["run", str(counter_file), "--params-file", str(params_file), *argv]) == 2
-    assert capsys.readouterr().err == f"cosmoflow: error: {message}\n"
+    argv = ["run", str(counter_file), "--params-file", str(params_file), "--run-id", "r1"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "cosmoflow: error: --run-id names one run; it does not go with --params-file\n"
+    )
+
+
+def test_a_params_file_may_start_with_a_bom(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flow_file = tmp_path / "echo.py"
+    flow_file.write_text(ECHO)
+    params_file = tmp_path / "runs.jsonl"
+    params_file.write_bytes(codecs.BOM_UTF8 + b'{"n": 1}\r\n{"n": 2}\r\n')
+    store = f"sqlite:{tmp_path / 'runs.db'}"
+    assert main(["run", str(flow_file), "--store", store, "--params-file", str(params_file)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"]["seen"] == [{"n": 1}, {"n": 2}]
+
+
+def test_params_from_stdin_may_start_with_a_bom(tmp_path: Path) -> None:
+    flow_file = tmp_path / "echo.py"
+    flow_file.write_text(ECHO)
+    argv = ["run", str(flow_file), "--params-file", "-", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "cosmoflow_actors", *argv],
+        input=codecs.BOM_UTF8 + b'{"n": 1}\n\n{"n": 2}\n',
+        capture_output=True,
+        check=True,
+    )
+    summary = json.loads(done.stdout)
+    assert (summary["runs"], summary["succeeded"]) == (2, 2)
 
 
 SOME_HANG = """

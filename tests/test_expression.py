@@ -335,7 +335,7 @@ def test_a_number_followed_directly_by_a_name_is_refused(
         parse(text)
     message = str(caught.value)
     assert f"at column {column}: {word!r} right after the number {number!r}" in message
-    assert "a number must be followed by a space, an operator or ')'" in message
+    assert "a number must be followed by a space, an operator, ')' or the end" in message
 
 
 @pytest.mark.parametrize("text", ["3 and true", "(3)and true", "${x}==3", "-3<=${x}", "(1e5)"])

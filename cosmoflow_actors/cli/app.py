@@ -131,11 +131,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a parameter for the entry node (VALUE parsed as JSON if it can be)",
     )
-    run.add_argument("--runs", type=positive_int, metavar="N", help="run N times; print a summary")
-    run.add_argument(
-        "--params-file",
-        metavar="FILE",
-        help="one run per line of FILE (- for stdin), a JSON object of params; print a summary",
+    _add_batch(
+        run,
+        runs="run N times; print a summary",
+        params_file="one run per line of FILE (- for stdin), a JSON object of params; "
+        "print a summary",
     )
     run.add_argument(
         "--concurrency",
@@ -189,13 +189,10 @@ def _add_queue_commands(
         metavar="ID",
         help="name the run (default: a fresh id); with --runs or --params-file, ID-1, ID-2...",
     )
-    submit.add_argument(
-        "--runs", type=positive_int, metavar="N", help="submit N runs with the same params"
-    )
-    submit.add_argument(
-        "--params-file",
-        metavar="FILE",
-        help="submit one run per line of FILE (- for stdin), a JSON object of params",
+    _add_batch(
+        submit,
+        runs="submit N runs with the same params",
+        params_file="submit one run per line of FILE (- for stdin), a JSON object of params",
     )
     worker = commands.add_parser("worker", parents=[common], help="run the runs of a queue")
     worker.set_defaults(command=worker_command)
@@ -239,6 +236,14 @@ def _add_queue_commands(
         choices=(*QUEUE_STATES, "unreadable"),
         help="list only the runs in this state (all)",
     )
+
+
+def _add_batch(parser: argparse.ArgumentParser, *, runs: str, params_file: str) -> None:
+    """``--runs N`` and ``--params-file FILE`` (with their help), which do not go
+    together: argparse refuses both (status 2), naming them."""
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--runs", type=positive_int, metavar="N", help=runs)
+    batch.add_argument("--params-file", metavar="FILE", help=params_file)
 
 
 def _add_queue(parser: argparse.ArgumentParser) -> None:

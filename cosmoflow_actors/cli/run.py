@@ -8,13 +8,13 @@ takes as well."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import trio
 
@@ -56,20 +56,18 @@ def run_command(args: argparse.Namespace) -> int:
         args.run_id,
         args.resume,
     )
-    if args.runs is None and args.params_file is None:
-        return _run_one(options, args)
-    if args.params_file is None:
-        each = [options.params] * args.runs
-    else:
-        each = [{**options.params, **extra} for extra in read_params_file(args.params_file)]
-    return _run_batch(options, each, args)
+    if args.params_file is not None:
+        lines = read_params_lines(args.params_file)
+        return _run_batch(options, len(lines), map(json.loads, lines), args)
+    if args.runs is not None:
+        return _run_batch(options, args.runs, itertools.repeat({}, args.runs), args)
+    return _run_one(options, args)
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    """CliError for options of ``run`` that do not go together."""
+    """CliError for options of ``run`` that do not go together (argparse refuses
+    ``--runs`` with ``--params-file``)."""
     batch = "--runs" if args.params_file is None else "--params-file"
-    if args.runs is not None and args.params_file is not None:
-        raise CliError("--runs and --params-file do not go together: give one")
     if args.concurrency is not None and args.runs is None and args.params_file is None:
         raise CliError("--concurrency needs --runs or --params-file")
     if args.run_id is not None and (args.runs is not None or args.params_file is not None):
@@ -92,12 +90,14 @@ def _run_one(options: _RunOptions, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_batch(options: _RunOptions, each: list[dict[str, Any]], args: argparse.Namespace) -> int:
-    """Run the flow once per item of ``each`` (its params), at most ``--concurrency`` at
-    once, and print the summary, also when Ctrl-C stopped them (see :class:`_Stop`);
-    return the exit status."""
-    concurrency = min(args.concurrency or 1, len(each))
-    batch = BatchStats(options.flow.name, len(each), concurrency, NodeNames(options.flow))
+def _run_batch(
+    options: _RunOptions, runs: int, each: Iterable[dict[str, Any]], args: argparse.Namespace
+) -> int:
+    """Run the flow ``runs`` times, once per item of ``each`` (params that go over those
+    of ``--param``), at most ``--concurrency`` at once, and print the summary, also when
+    Ctrl-C stopped them (see :class:`_Stop`); return the exit status."""
+    concurrency = min(args.concurrency or 1, runs)
+    batch = BatchStats(options.flow.name, runs, concurrency, NodeNames(options.flow))
     stop = _Stop()
     trio_run(_run_many, options, each, batch, stop, on_interrupt=stop)
     print_summary(batch, as_json=args.json)
@@ -238,9 +238,9 @@ class _Stop:
 
 
 async def _run_many(
-    options: _RunOptions, each: list[dict[str, Any]], batch: BatchStats, stop: _Stop
+    options: _RunOptions, each: Iterable[dict[str, Any]], batch: BatchStats, stop: _Stop
 ) -> None:
-    """Run the flow once per item of ``each`` (its params), at most
+    """Run the flow once per item of ``each`` (see :func:`_start_and_wait`), at most
     ``batch.concurrency`` at once, or until ``stop``; measure the runs in ``batch``.
     Blocks until they end and the command has read all their events."""
     started = trio.current_time()
@@ -270,14 +270,16 @@ class _Counting:
 
 
 async def _start_and_wait(
-    engine: Engine, options: _RunOptions, each: list[dict[str, Any]], counting: _Counting
+    engine: Engine, options: _RunOptions, each: Iterable[dict[str, Any]], counting: _Counting
 ) -> None:
-    """Start a run per item of ``each`` (``start_run`` waits while ``max_runs`` are in
-    flight), until they are all started or Ctrl-C stops the starting, and wait for
-    those started, counting each as it ends."""
+    """Start a run per item of ``each``, its params over those of ``--param``, taking
+    the item as the run starts (``start_run`` waits while ``max_runs`` are in flight),
+    until they are all started or Ctrl-C stops the starting, and wait for those
+    started, counting each as it ends."""
     async with trio.open_nursery() as waiters:
         with counting.stop.starting:
-            for params in each:
+            for extra in each:
+                params = {**options.params, **extra}
                 run = await engine.start_run(options.flow, _store(options), params=params)
                 counting.stop.in_flight.add(run)
                 counting.batch.started += 1
@@ -323,29 +325,45 @@ def check_run_id(run_id: str | None) -> None:
 
 
 def read_params_file(name: str) -> list[dict[str, Any]]:
-    """The params of each run in the file ``name`` (``-``: stdin), one JSON object per
-    line, blank lines skipped; CliError naming the line of one that is not. Blocks
-    while it reads."""
+    """The params of each run in the file ``name`` (``-``: stdin), those of the lines
+    :func:`read_params_lines` gives (for ``submit``). Blocks while it reads."""
+    return [json.loads(line) for line in read_params_lines(name)]
+
+
+def read_params_lines(name: str) -> list[str]:
+    """The lines of the file ``name`` (``-``: stdin) that give a run's params, each
+    checked to be a JSON object (``json.loads`` of the line gives the params), blank
+    lines skipped and a UTF-8 BOM allowed; CliError naming the first line that is not
+    one, or when there are none. Reads a line at a time and keeps only the lines, which
+    take less memory than their params. Blocks while it reads."""
     label = "<stdin>" if name == "-" else name
     try:
-        if name == "-":
-            lines = sys.stdin.read().splitlines()
-        else:
-            lines = Path(name).read_text(encoding="utf-8").splitlines()
+        with _open_params(name) as lines:
+            runs = [
+                line
+                for number, line in enumerate(lines, start=1)
+                if _gives_a_run(label, number, line)
+            ]
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"--params-file {label}: {type_and_message(exc)}") from exc
-    runs = [
-        _params_line(label, number, line)
-        for number, line in enumerate(lines, start=1)
-        if line.strip()
-    ]
     if not runs:
         raise CliError(f"--params-file {label}: no runs (expected a JSON object of params a line)")
     return runs
 
 
-def _params_line(label: str, number: int, line: str) -> dict[str, Any]:
-    """The params one line of a params file gives; CliError naming ``label:number``."""
+def _open_params(name: str) -> TextIO:
+    """The params file ``name`` opened as UTF-8 text that skips a BOM (``-``: stdin,
+    which closing it leaves open)."""
+    if name == "-":
+        return open(sys.stdin.fileno(), encoding="utf-8-sig", closefd=False)
+    return open(name, encoding="utf-8-sig")
+
+
+def _gives_a_run(label: str, number: int, line: str) -> bool:
+    """Whether ``line`` gives a run: not when it is blank; CliError naming
+    ``label:number`` when it is not a JSON object of params."""
+    if not line.strip():
+        return False
     try:
         params = json.loads(line, parse_constant=_no_constant)
     except ValueError as exc:
@@ -353,7 +371,7 @@ def _params_line(label: str, number: int, line: str) -> dict[str, Any]:
     if not isinstance(params, dict):
         kind = type(params).__name__
         raise CliError(f"{label}:{number}: expected a JSON object of params, got a {kind}")
-    return params
+    return True
 
 
 def _no_constant(name: str) -> NoReturn:
