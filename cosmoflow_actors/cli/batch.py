@@ -30,8 +30,9 @@ from cosmoflow_actors.tracing import describe_error
 
 @dataclass(slots=True)
 class NodeStats:
-    """What ``--runs`` measured of one node: its step durations, retries, fallbacks (the
-    steps whose ``exec_fallback`` ran) and failures."""
+    """What ``--runs`` measured of one node: its step durations, retries and fallbacks
+    (one per Retry and Fallback event: per exec, so per item of a batch node) and
+    failures."""
 
     durations: list[float] = field(default_factory=list)
     retries: int = 0

@@ -89,8 +89,6 @@ def _submissions(args: argparse.Namespace) -> list[_Submission]:
     ``--params-file`` (its params over those of ``--param``). With several, ``--run-id
     ID`` names them ``ID-1``, ``ID-2``... Reads the params file (blocks)."""
     params = parse_params(args.param)
-    if args.runs is not None and args.params_file is not None:
-        raise CliError("--runs and --params-file do not go together: give one")
     if args.params_file is not None:
         each = read_params_file(args.params_file)
     elif args.runs is not None:
