@@ -136,4 +136,5 @@ __all__ = [
     "trace_events",
 ]
 
+# The one place the version is written: pyproject.toml reads it from here.
 __version__ = "0.1.0"

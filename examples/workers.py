@@ -13,8 +13,9 @@ redis://127.0.0.1:6379/invoices --store redis://127.0.0.1:6379#invoices`` in two
 terminals, and ``cosmoflow submit examples/workers.py --queue ... --param
 'items=[[2, 10.0]]'``.
 
-Run it: python examples/workers.py (needs redis-server on PATH; without it the script
-says so and exits).
+Run it: python examples/workers.py. It needs the redis extra (pip install
+'cosmoflow-actors[redis]') and redis-server on PATH: without redis-server the script
+says so and exits.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,14 @@ def plain_output(monkeypatch: pytest.MonkeyPatch) -> None:
     tests/test_cli_*.py module uses it)."""
     for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "NO_COLOR"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def without_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every import of redis or of one of its modules fails, as when the redis package
+    is not installed: those other tests imported are hidden too."""
+    for name in ["redis", *(name for name in sys.modules if name.startswith("redis."))]:
+        monkeypatch.setitem(sys.modules, name, None)
 
 
 @pytest.fixture

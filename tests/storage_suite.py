@@ -103,7 +103,7 @@ class Backend:
     backend's back, committed, as another client of its database would (a backend that
     no other client writes has none)."""
     made: list[cf.Storage] = dataclasses.field(default_factory=list)
-    """The instances :meth:`instance` made so far, of an exclusive backend."""
+    """The instances :meth:`instance` made and :meth:`aclose` has not closed yet."""
 
     @property
     def persistent(self) -> bool:
@@ -118,14 +118,19 @@ class Backend:
         close the instances this method made before, as one process closes a store
         before another one opens it."""
         if self.exclusive:
-            for storage in self.made:
-                await storage.aclose()
-            self.made.clear()
+            await self.aclose()
         storage = self.open(**options)
-        if self.exclusive:
-            self.made.append(storage)
+        self.made.append(storage)
         await storage.open()
         return storage
+
+    async def aclose(self) -> None:
+        """Close the instances :meth:`instance` made (the ``backend`` fixture does at the
+        end of a test), so that none is left for the garbage collector to close."""
+        made = self.made.copy()
+        self.made.clear()
+        for storage in made:
+            await storage.aclose()
 
 
 class JsonDictStorage(cf.Storage):

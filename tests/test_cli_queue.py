@@ -334,3 +334,32 @@ def test_a_worker_refuses_a_store_it_cannot_reach(
     assert (process.returncode, process.stdout) == (2, "")
     assert process.stderr.startswith("cosmoflow: error: cannot reach the store RedisStorage(")
     assert process.stderr.count("\n") == 1
+
+
+@pytest.mark.usefixtures("without_redis")
+@pytest.mark.parametrize(
+    ("argv", "user"),
+    [
+        (["submit", "FILE", "--queue", "redis://127.0.0.1:1/q"], "RunQueue"),
+        (["status", "--queue", "redis://127.0.0.1:1/q"], "RunQueue"),
+        (["requeue", "--queue", "redis://127.0.0.1:1/q", "run-1"], "RunQueue"),
+        (
+            [
+                "worker",
+                "FILE",
+                "--queue",
+                "redis://127.0.0.1:1/q",
+                "--store",
+                "redis://127.0.0.1:1",
+            ],
+            "worker --store",
+        ),
+    ],
+)
+def test_without_the_redis_package_the_queue_commands_name_the_extra(
+    counter_file: Path, capsys: pytest.CaptureFixture[str], argv: list[str], user: str
+) -> None:
+    argv = [str(counter_file) if arg == "FILE" else arg for arg in argv]
+    assert main(argv) == 2
+    missing = f"{user} needs the redis package: pip install 'cosmoflow-actors[redis]'"
+    assert capsys.readouterr().err == f"cosmoflow: error: {missing}\n"

@@ -436,6 +436,7 @@ async def test_two_engines_running_one_run_commit_each_step_once(
             b.gate.set()
         records = await engine_a.list_runs(storages[0])
         stored = {key: await storages[0].get(key) for key in ("n", "by")}
+    await storages[0].aclose()  # the direct reads opened it again after the engine closed it
 
     assert stored == {"n": 1, "by": "a"}
     assert [(r.run_id, r.state, r.steps) for r in records] == [("r", "succeeded", 1)]
@@ -541,6 +542,7 @@ async def test_a_failure_in_another_engine_leaves_the_record_of_a_later_commit_a
         result = await run.wait()
         records = await engine_a.list_runs(storages[0])
         n = await storages[0].get("n")
+    await storages[0].aclose()  # the direct read opened it again after the engine closed it
 
     assert result.execution_path == ("first", "second")
     assert [(r.run_id, r.state, r.steps) for r in records] == [("r", "succeeded", 2)]

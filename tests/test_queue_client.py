@@ -141,3 +141,12 @@ async def test_a_requeued_run_whose_flow_no_worker_took_waits_flow_wait_again(
     assert min(waits) >= 0.2, waits
     [status] = await cf.queue_status(queue)
     assert (status.state, status.passed_over) == ("failed", ("lacks",))
+
+
+@pytest.mark.usefixtures("without_redis")
+async def test_without_the_redis_package_the_error_names_the_extra() -> None:
+    missing = r"RunQueue needs the redis package: pip install 'cosmoflow-actors\[redis\]'"
+    with pytest.raises(cf.StorageError, match=missing):
+        await RunQueue("redis://127.0.0.1:1", "q").ensure_group()
+    with pytest.raises(cf.StorageError, match=missing):
+        await cf.submit("redis://127.0.0.1:1/q", "flow")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from contextlib import aclosing
 from typing import Any
 
 import pytest
@@ -57,17 +58,20 @@ async def test_the_state_is_watched_through_each_call_of_its_typed_view() -> Non
         changes: list[tuple[cf.RunState, cf.RunState]] = []
 
         async def watch() -> None:
-            async for change in state.transitions():
-                changes.append(change)
-                if change[0] is cf.RunState.SUCCEEDED:
-                    return
+            async with aclosing(state.transitions()) as transitions:
+                async for change in transitions:
+                    changes.append(change)
+                    if change[0] is cf.RunState.SUCCEEDED:
+                        return
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
             assert await state.wait_value(cf.RunState.RUNNING) is cf.RunState.RUNNING
-            async for now in state.eventual_values(lambda value: value is cf.RunState.RUNNING):
-                assert now is cf.RunState.RUNNING
-                break
+            running = state.eventual_values(lambda value: value is cf.RunState.RUNNING)
+            async with aclosing(running) as values:
+                async for now in values:
+                    assert now is cf.RunState.RUNNING
+                    break
             gate.open.set()
             assert await state.wait_transition() == (cf.RunState.SUCCEEDED, cf.RunState.RUNNING)
     assert state.value is cf.RunState.SUCCEEDED

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -66,16 +66,18 @@ class Point:
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     """Each backend in turn, over fresh data; ``@persistent`` and ``@encoding`` narrow it
     to those that keep that promise (an external backend that does not is skipped,
-    saying so), ``@codecs`` to the built-in persistent ones."""
+    saying so), ``@codecs`` to the built-in persistent ones. The instances the test
+    made with ``Backend.instance`` are closed after it."""
     name, promise = request.param if isinstance(request.param, tuple) else (request.param, "")
     chosen = make_backend(name, tmp_path, request)
     if promise and not getattr(chosen, promise):
         assert name in EXTERNAL, f"{name!r} is listed as {promise} but does not promise it"
         pytest.skip(f"{name} does not promise {promise} (see tests.storage_suite.Backend)")
-    return chosen
+    yield chosen
+    await chosen.aclose()
 
 
 def for_backends(promise: str, built_in: list[str]) -> pytest.MarkDecorator:
@@ -628,6 +630,7 @@ async def test_a_full_disk_fails_the_writing_run_only(
         assert (await engine.run(flow, storage)).success
 
     assert await contents(await backend.instance()) == {"kept": "before", "small": 1}
+    await backend.aclose()
 
 
 @pytest.mark.parametrize("durable", [True, False], ids=["durable", "plain"])

@@ -37,6 +37,15 @@ async def stored(path: Path, **values: Any) -> SQLiteStorage:
     return storage
 
 
+async def read_back(path: Path) -> dict[str, Any]:
+    """What a new instance over ``path`` holds, in its key order; the instance is closed."""
+    storage = SQLiteStorage(path)
+    try:
+        return {key: await storage.get(key) for key in await storage.keys()}
+    finally:
+        await storage.aclose()
+
+
 @contextmanager
 def database(path: Path) -> Iterator[sqlite3.Connection]:
     """A plain sqlite3 connection of another writer, closed at exit."""
@@ -46,7 +55,7 @@ def database(path: Path) -> Iterator[sqlite3.Connection]:
 
 async def test_the_database_is_in_wal_mode_with_its_schema_and_codec(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
-    await stored(path, a={"b": 1})
+    storage = await stored(path, a={"b": 1})
 
     with database(path) as other:
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -60,6 +69,7 @@ async def test_the_database_is_in_wal_mode_with_its_schema_and_codec(tmp_path: P
         assert other.execute("SELECT key, value FROM cosmoflow_store").fetchall() == [
             ("a", b'{"b":1}')
         ]
+    await storage.aclose()
 
 
 async def test_files_are_created_with_mode_0600(tmp_path: Path) -> None:
@@ -85,6 +95,7 @@ async def test_staged_writes_are_invisible_to_other_connections_until_commit(
         assert await storage.keys() == ["b"]
         await storage.commit()
         assert other.execute("SELECT key FROM cosmoflow_store").fetchall() == [("b",)]
+    await storage.aclose()
 
 
 async def test_reads_see_what_other_instances_commit(tmp_path: Path) -> None:
@@ -92,11 +103,12 @@ async def test_reads_see_what_other_instances_commit(tmp_path: Path) -> None:
     reader = await stored(path, a=1)
     assert await reader.get("a") == 1
 
-    await stored(path, a=2, b=3)
+    await (await stored(path, a=2, b=3)).aclose()
 
     assert await reader.get("a") == 2
     assert await reader.keys() == ["a", "b"]
     assert await reader.size() == 2
+    await reader.aclose()
 
 
 async def test_get_many_is_one_worker_thread_call_of_one_query_per_read_batch(
@@ -166,7 +178,8 @@ async def test_insertion_order_survives_overwrites_and_moves_on_re_insert(tmp_pa
     await storage.set("a", 11)
     assert await storage.keys() == ["b", "c", "a"]
     await storage.commit()
-    assert await SQLiteStorage(path).keys() == ["b", "c", "a"]
+    await storage.aclose()
+    assert list(await read_back(path)) == ["b", "c", "a"]
 
 
 async def test_one_commit_applies_many_sets_deletes_and_a_clear_in_order(
@@ -189,10 +202,9 @@ async def test_one_commit_applies_many_sets_deletes_and_a_clear_in_order(
             await storage.clear()
             expected.clear()
     await storage.commit()
+    await storage.aclose()
 
-    fresh = SQLiteStorage(path)
-    assert await fresh.keys() == list(expected)
-    assert {key: await fresh.get(key) for key in expected} == expected
+    assert list((await read_back(path)).items()) == list(expected.items())
 
 
 @pytest.mark.parametrize(
@@ -268,13 +280,9 @@ async def test_a_durable_step_after_an_update_commits_in_a_savepoint(tmp_path: P
         await storage.commit_step([("set", "lost", 1)], key, {"path": ["x"]}, 5)
     assert await storage.commit_step([("set", "kept", 2)], key, {"path": ["a"]}, 0)
     await storage.commit()
+    await storage.aclose()
 
-    fresh = SQLiteStorage(path)
-    assert {k: await fresh.get(k) for k in await fresh.keys()} == {
-        key: {"path": ["a"]},
-        "n": 1,
-        "kept": 2,
-    }
+    assert await read_back(path) == {key: {"path": ["a"]}, "n": 1, "kept": 2}
 
 
 async def test_an_update_that_raises_leaves_no_lock_held(tmp_path: Path) -> None:
@@ -292,9 +300,9 @@ async def test_an_update_that_raises_leaves_no_lock_held(tmp_path: Path) -> None
     other = SQLiteStorage(path, timeout=0.5)
     await other.set("after", 1)
     await other.commit()
-    assert await SQLiteStorage(path).get("after") == 1
     await first.aclose()
     await other.aclose()
+    assert await read_back(path) == {"after": 1}
 
 
 async def test_a_missing_directory_is_a_storage_error_at_open(tmp_path: Path) -> None:
@@ -344,7 +352,7 @@ async def test_a_read_only_database_is_refused_at_open_not_at_the_first_write(
         f"{path}: the database is read-only for this process: it may not write {path}"
     )
     path.chmod(0o600)
-    assert await SQLiteStorage(path).get("a") == 1
+    assert await read_back(path) == {"a": 1}
 
 
 WRITE_THROUGH = """
@@ -381,7 +389,7 @@ async def test_a_link_in_a_read_only_folder_to_a_writable_database_opens(
         await trio.run_process(command, check=True)
     finally:
         links.chmod(0o755)
-    assert await SQLiteStorage(data / "store.db").get("b") == 2
+    assert await read_back(data / "store.db") == {"a": 1, "b": 2}
 
 
 async def test_a_full_disk_fails_the_commit_and_rolls_back(tmp_path: Path) -> None:
@@ -400,7 +408,8 @@ async def test_a_full_disk_fails_the_commit_and_rolls_back(tmp_path: Path) -> No
     assert await storage.get("a") == 1
     await storage.set("c", 3)
     await storage.commit()
-    assert await SQLiteStorage(path).keys() == ["a", "c"]
+    await storage.aclose()
+    assert list(await read_back(path)) == ["a", "c"]
 
 
 def removed(path: Path) -> None:
@@ -434,13 +443,13 @@ async def test_a_database_removed_or_replaced_while_open_fails_the_commit(
             await storage.commit_step([("set", "c", 3)], key, {"path": ["x"]}, 0)
 
     await storage.aclose()
-    after = await SQLiteStorage(path).keys()
+    after = list(await read_back(path))
     assert after == ([] if change is removed else ["a", key])
 
 
 async def test_a_database_locked_by_another_writer_fails_the_commit(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
-    storage = await stored(path, a=1)
+    await (await stored(path, a=1)).aclose()
     storage = SQLiteStorage(path, timeout=0.01)
     await storage.set("a", 2)
 
@@ -451,6 +460,7 @@ async def test_a_database_locked_by_another_writer_fails_the_commit(tmp_path: Pa
         other.execute("ROLLBACK")
 
     assert await storage.get("a") == 1
+    await storage.aclose()
 
 
 async def test_aclose_drops_staged_writes_and_reopens_on_use(tmp_path: Path) -> None:

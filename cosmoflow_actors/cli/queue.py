@@ -58,7 +58,10 @@ def _queue(
 
 def _queue_error(queue: RunQueue, error: StorageError) -> CliError:
     """The line for a queue whose server could not be reached, or whose server
-    answered with an error (a key of another type, a read-only replica...)."""
+    answered with an error (a key of another type, a read-only replica...). Without the
+    redis package, the error's own line, which names the extra to install."""
+    if isinstance(error.__cause__, ImportError):
+        return CliError(str(error))
     from redis import exceptions as redis_errors
 
     if isinstance(error.__cause__, redis_errors.ConnectionError | redis_errors.TimeoutError):
@@ -221,11 +224,14 @@ async def _serve(
 async def _check_store_reachable(stores: PerRunRedis) -> None:
     """Raise CliError unless the Redis server of ``worker --store`` answers a PING
     (within :data:`STORE_CHECK_TIMEOUT`): a worker that cannot reach its store would
-    claim runs only to hand them back. Writes nothing."""
+    claim runs only to hand them back. Without the redis package, the error names the
+    extra to install. Writes nothing."""
     name = repr(RedisStorage(stores.url, namespace=stores.prefix))
     try:
         await trio.to_thread.run_sync(_ping, stores.url, abandon_on_cancel=True)
     except StorageError as exc:
+        if isinstance(exc.__cause__, ImportError):
+            raise CliError(str(exc)) from exc
         raise CliError(f"cannot reach the store {name}: {exc}") from exc
 
 

@@ -4,7 +4,7 @@ gets."""
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -63,14 +63,15 @@ class RunStateValue(Protocol):
         self,
         value_or_predicate: RunState | Callable[[RunState], bool] = ...,
         held_for: float = 0.0,
-    ) -> AsyncIterator[RunState]:
-        """The state now and each later one (that is ``value``, or meets the predicate)."""
+    ) -> AsyncGenerator[RunState, None]:
+        """The state now and each later one (that is ``value``, or meets the predicate).
+        Left early, close it (``contextlib.aclosing``)."""
 
     def transitions(
         self, value_or_predicate: RunState | Callable[[RunState, RunState], bool] = ...
-    ) -> AsyncIterator[tuple[RunState, RunState]]:
+    ) -> AsyncGenerator[tuple[RunState, RunState], None]:
         """Each later change of state (to ``value``, or meeting the predicate): the new
-        state and the one before."""
+        state and the one before. Left early, close it (``contextlib.aclosing``)."""
 
     def open_transform(self, function: Callable[[RunState], Any]) -> AbstractContextManager[Any]:
         """A context manager giving a derived AsyncValue: ``function`` of the state."""

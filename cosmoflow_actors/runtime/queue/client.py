@@ -146,13 +146,18 @@ class RunQueue:
         return None if data is None else decoded_info(self, run_id, data)
 
     async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if they do not exist yet."""
-        from redis.exceptions import ResponseError
-
+        """Create the stream and its consumer group if they do not exist yet. Blocks on
+        the server; raises StorageError naming the redis extra when the redis package is
+        missing."""
         try:
             await self.call("XGROUP", "CREATE", self.stream, GROUP, "0", "MKSTREAM")
         except StorageError as exc:
-            if not (isinstance(exc.__cause__, ResponseError) and "BUSYGROUP" in str(exc)):
+            if "BUSYGROUP" not in str(exc):
+                raise
+            # The server answered, so the redis package is there to import.
+            from redis.exceptions import ResponseError
+
+            if not isinstance(exc.__cause__, ResponseError):
                 raise
 
     async def aclose(self) -> None:
