@@ -11,6 +11,7 @@ from typing import Any, Final, TypeVar
 
 import pytest
 import trio
+import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.node_actor import NodeActor
@@ -62,7 +63,18 @@ async def received_until(stream: trio.abc.ReceiveStream, marker: bytes, sender: 
     return received
 
 
-async def engine_closing_late(
+async def engine_in(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[cf.Engine] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Hold an engine in ``scope`` until the scope is cancelled (the engine then closes).
+    Blocks until then."""
+    with scope:
+        async with cf.open_engine() as engine:
+            task_status.started(engine)
+            await trio.sleep_forever()
+
+
+async def _engine_closing_late(
     scope: trio.CancelScope,
     close: trio.Event,
     *,
@@ -80,6 +92,27 @@ async def engine_closing_late(
             finally:
                 with trio.CancelScope(shield=True):
                     await close.wait()
+
+
+async def closed_late_around(
+    call: Callable[[cf.Engine], Awaitable[None]], arrived: trio.Event, gate: trio.Event
+) -> cf.Engine:
+    """Start ``call(engine)`` outside a scope around an engine; once a step it starts
+    has ``arrived``, cancel that scope, then open the step's ``gate`` while only the
+    engine's actors have seen the cancellation (the engine's block holds off its own
+    close), and only then let the engine close. Return the engine, closed. Blocks
+    until ``call`` has returned."""
+    scope, close = trio.CancelScope(), trio.Event()
+    async with trio.open_nursery() as outside:
+        engine: cf.Engine = await outside.start(_engine_closing_late, scope, close)
+        outside.start_soon(call, engine)
+        await arrived.wait()
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        close.set()
+    return engine
 
 
 def single(node: cf.Node, name: str = "single") -> cf.Flow:

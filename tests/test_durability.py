@@ -16,7 +16,7 @@ import trio.testing
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
 from tests.storage_suite import JsonDictStorage, make_backend
-from tests.support import Gate, Recorder, engine_closing_late, single
+from tests.support import Gate, Recorder, closed_late_around, single
 
 
 class Counted(cf.Node):
@@ -474,7 +474,7 @@ async def test_a_commit_once_a_scope_around_the_engine_is_cancelled_leaves_the_r
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A scope around the engine is cancelled, and the store actor stops before the
-    engine's block ends (engine_closing_late holds it off). The caller of the durable
+    engine's block ends (closed_late_around holds it off). The caller of the durable
     run is outside that scope; the run's second step then commits: the run ends
     CANCELLED, its record running after step 1, and a new engine's resume completes it
     (second's step runs again; nothing of the first attempt was committed)."""
@@ -490,16 +490,7 @@ async def test_a_commit_once_a_scope_around_the_engine_is_cancelled_leaves_the_r
         except Exception as exc:
             errors.append(exc)
 
-    engine_scope, close = trio.CancelScope(), trio.Event()
-    async with trio.open_nursery() as outside:
-        engine = await outside.start(engine_closing_late, engine_scope, close)
-        outside.start_soon(call, engine)
-        await second.arrived.wait()
-        engine_scope.cancel()
-        await trio.testing.wait_all_tasks_blocked()
-        second.gate.set()
-        await trio.testing.wait_all_tasks_blocked()
-        close.set()
+    engine = await closed_late_around(call, second.arrived, second.gate)
     assert [type(error) for error in errors] == [cf.RunCancelledError]
     assert (engine.statistics().runs_failed, engine.statistics().runs_cancelled) == (0, 1)
     storage = backend.open()

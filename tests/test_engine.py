@@ -30,9 +30,10 @@ from tests.support import (
     Gate,
     Recorder,
     a_then_b,
+    closed_late_around,
     count_tasks,
     engine_bug,
-    engine_closing_late,
+    engine_in,
     node_actors,
     single,
 )
@@ -386,14 +387,7 @@ async def test_a_cancelled_caller_woken_by_its_store_after_the_close_gets_cancel
 
     async with trio.open_nursery() as nursery:
         closing = trio.CancelScope()
-
-        async def engine_until_closed(task_status: trio.TaskStatus[cf.Engine]) -> None:
-            with closing:
-                async with cf.open_engine() as engine:
-                    task_status.started(engine)
-                    await trio.sleep_forever()
-
-        engine = await nursery.start(engine_until_closed)
+        engine = await nursery.start(engine_in, closing)
         nursery.start_soon(call, engine)
         await trio.testing.wait_all_tasks_blocked()
         closing.cancel()
@@ -455,7 +449,7 @@ class WritesAfterItsGate(cf.Node):
 
 async def test_a_store_call_once_a_scope_around_the_engine_is_cancelled_cancels_the_run() -> None:
     """A scope around the engine is cancelled, and its store actor stops before the
-    engine's block ends (engine_closing_late holds it off). The run's caller is outside
+    engine's block ends (closed_late_around holds it off). The run's caller is outside
     that scope; the run's step then calls the store: the run ends CANCELLED, as the
     engine's close makes it, not FAILED by the store that stopped under it."""
     node = WritesAfterItsGate()
@@ -468,16 +462,7 @@ async def test_a_store_call_once_a_scope_around_the_engine_is_cancelled_cancels_
         except Exception as exc:
             errors.append(exc)
 
-    engine_scope, close = trio.CancelScope(), trio.Event()
-    async with trio.open_nursery() as outside:
-        engine = await outside.start(engine_closing_late, engine_scope, close)
-        outside.start_soon(call, engine)
-        await node.arrived.wait()
-        engine_scope.cancel()
-        await trio.testing.wait_all_tasks_blocked()
-        node.gate.set()
-        await trio.testing.wait_all_tasks_blocked()
-        close.set()
+    engine = await closed_late_around(call, node.arrived, node.gate)
     assert [type(error) for error in errors] == [cf.RunCancelledError]
     stats = engine.statistics()
     assert (stats.runs_failed, stats.runs_cancelled, node.posts) == (0, 1, 1)

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from tests.support import Gate, Recorder, single
+from tests.support import Gate, Recorder, engine_in, single
 
 
 class OwnActorStorage(cf.MemoryStorage):
@@ -176,14 +176,7 @@ async def test_a_run_waiting_for_its_backend_when_the_engine_closes_is_told_so()
     flow = single(Recorder(), "late")
     async with trio.open_nursery() as nursery:
         closing = trio.CancelScope()
-
-        async def engine_until_closed(task_status: trio.TaskStatus[cf.Engine]) -> None:
-            with closing:
-                async with cf.open_engine() as engine:
-                    task_status.started(engine)
-                    await trio.sleep_forever()
-
-        engine = await nursery.start(engine_until_closed)
+        engine = await nursery.start(engine_in, closing)
         with pytest.raises(cf.StorageError, match="not opened: the engine closed first"):
             nursery.start_soon(_close_when_blocked, closing)
             await engine.run(flow, store)
@@ -217,14 +210,7 @@ async def test_a_cancelled_caller_woken_as_the_engine_closes_gets_cancelled() ->
     store = CallsWhenItsOpenIsCancelled(cancel_the_caller_at_the_next_scheduler_pass)
     async with trio.open_nursery() as nursery:
         closing = trio.CancelScope()
-
-        async def engine_until_closed(task_status: trio.TaskStatus[cf.Engine]) -> None:
-            with closing:
-                async with cf.open_engine() as engine:
-                    task_status.started(engine)
-                    await trio.sleep_forever()
-
-        engine = await nursery.start(engine_until_closed)
+        engine = await nursery.start(engine_in, closing)
         nursery.start_soon(_close_when_blocked, closing)
         with caller:
             await engine.run(single(Recorder(), "late"), store)
