@@ -419,10 +419,15 @@ class Engine:
             run_id = self._check_start(run_id)
             keys = (await self._flows.register(flow)).condition_keys
             actor = await self._stores.acquire(storage)
-            if self._closed:
+            try:
+                # Waited for set-up and for the store: the engine may have closed, or
+                # another start taken the run id, meanwhile.
+                if self._closed:
+                    await refuse_closed(self._closed_meanwhile_error())
+                self._check_start(run_id)
+            except BaseException:
                 self._stores.release(actor)
-                await refuse_closed(self._closed_meanwhile_error())
-            self._check_still_new(run_id, actor)
+                raise
         except BaseException:
             if admission is not None:
                 admission.release()
@@ -516,16 +521,6 @@ class Engine:
         if run_id in self._runs:
             raise ValueError(f"run {run_id!r} is already in flight")
         return run_id
-
-    def _check_still_new(self, run_id: str, actor: StoreActor) -> None:
-        """After a start waited (for set-up, for its store): refuse it with ValueError,
-        letting go of ``actor``, if another start took ``run_id`` meanwhile (see
-        :meth:`_check_start`). Never blocks."""
-        try:
-            self._check_start(run_id)
-        except ValueError:
-            self._stores.release(actor)
-            raise
 
     @staticmethod
     def _closed_meanwhile_error() -> RunCancelledError:

@@ -384,8 +384,8 @@ class StoreActor(Actor[StoreRequest]):
         try:
             await self._uncut(storage.commit())
         except Exception as exc:
-            writes = [i for i, r in enumerate(batch) if r.storage is storage and r.op.writes]
-            for i in range(writes[0], len(batch)):
+            first = next(i for i, r in enumerate(batch) if r.storage is storage and r.op.writes)
+            for i in range(first, len(batch)):
                 if batch[i].storage is storage and isinstance(answers[i], outcome.Value):
                     answers[i] = outcome.Error(self._commit_failed(exc))
 
