@@ -205,15 +205,21 @@ flow = cf.Flow.builder("echo").add_node("echo", echo).build()
 """Each run adds its params to the list ``seen``; a run with ``fail`` fails."""
 
 
-def test_params_file_makes_one_run_per_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture
+def echo_file(tmp_path: Path) -> Path:
+    """The flow file of ``ECHO``."""
     flow_file = tmp_path / "echo.py"
     flow_file.write_text(ECHO)
+    return flow_file
+
+
+def test_params_file_makes_one_run_per_line(
+    echo_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     params_file = tmp_path / "runs.jsonl"
     params_file.write_text('{"n": 1}\n\n{"n": 2, "who": "ada"}\n{"n": 3, "fail": true}\n')
     store = f"sqlite:{tmp_path / 'runs.db'}"
-    argv = ["run", str(flow_file), "--store", store, "--param", "who=bob"]
+    argv = ["run", str(echo_file), "--store", store, "--param", "who=bob"]
     assert main([*argv, "--params-file", str(params_file), "--json"]) == 1
     summary = json.loads(capsys.readouterr().out)
     assert (summary["runs"], summary["succeeded"], summary["failed"]) == (3, 2, 1)
@@ -234,13 +240,11 @@ def test_params_file_makes_one_run_per_line(
     ],
 )
 def test_a_bad_params_file_is_refused_naming_the_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: str, message: str
+    echo_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: str, message: str
 ) -> None:
-    flow_file = tmp_path / "echo.py"
-    flow_file.write_text(ECHO)
     params_file = tmp_path / "runs.jsonl"
     params_file.write_text(lines)
-    assert main(["run", str(flow_file), "--params-file", str(params_file)]) == 2
+    assert main(["run", str(echo_file), "--params-file", str(params_file)]) == 2
     err = capsys.readouterr().err
     assert message.format(path=params_file) in err
     assert err.count("\n") == 1
@@ -259,23 +263,19 @@ def test_params_file_refuses_run_id(
 
 
 def test_a_params_file_may_start_with_a_bom(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    echo_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    flow_file = tmp_path / "echo.py"
-    flow_file.write_text(ECHO)
     params_file = tmp_path / "runs.jsonl"
     params_file.write_bytes(codecs.BOM_UTF8 + b'{"n": 1}\r\n{"n": 2}\r\n')
     store = f"sqlite:{tmp_path / 'runs.db'}"
-    assert main(["run", str(flow_file), "--store", store, "--params-file", str(params_file)]) == 0
+    assert main(["run", str(echo_file), "--store", store, "--params-file", str(params_file)]) == 0
     capsys.readouterr()
     assert main(["inspect", store, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["keys"]["seen"] == [{"n": 1}, {"n": 2}]
 
 
-def test_params_from_stdin_may_start_with_a_bom(tmp_path: Path) -> None:
-    flow_file = tmp_path / "echo.py"
-    flow_file.write_text(ECHO)
-    argv = ["run", str(flow_file), "--params-file", "-", "--json"]
+def test_params_from_stdin_may_start_with_a_bom(echo_file: Path) -> None:
+    argv = ["run", str(echo_file), "--params-file", "-", "--json"]
     done = subprocess.run(
         [sys.executable, "-m", "cosmoflow_actors", *argv],
         input=codecs.BOM_UTF8 + b'{"n": 1}\n\n{"n": 2}\n',
