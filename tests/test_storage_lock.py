@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,46 @@ def test_release_leaves_a_file_that_replaced_the_lock_file(tmp_path: Path) -> No
 def test_a_missing_directory_is_an_os_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         lock.try_lock(tmp_path / "missing" / "store.json.lock", 0o600)
+
+
+UNWRITABLE_PID = """
+import errno, resource, signal, sys
+from pathlib import Path
+from cosmoflow_actors.storage import lock
+
+path = Path(sys.argv[1])
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+try:
+    lock.try_lock(path, 0o600)
+except OSError as exc:
+    assert exc.errno == errno.EFBIG, exc
+else:
+    raise AssertionError("the pid was written past the file size limit")
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+held = lock.try_lock(path, 0o600)
+assert isinstance(held, lock.Held), held
+print("locked after the failure")
+"""
+
+
+def test_a_pid_that_cannot_be_written_leaves_no_lock_behind(tmp_path: Path) -> None:
+    """Writing the pid fails as on a full disk (here past a file size limit of 0 bytes,
+    in a process of its own): the error is raised and the lock let go, so the next try
+    in the same process locks the file instead of finding it busy."""
+    path = tmp_path / "store.json.lock"
+
+    done = subprocess.run(
+        [sys.executable, "-c", UNWRITABLE_PID, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "locked after the failure\n"
 
 
 def test_the_lock_file_is_beside_the_snapshot() -> None:

@@ -46,23 +46,35 @@ def try_lock(path: Path, mode: int) -> Held | Busy:
     """Lock the file ``path``, created with permission bits ``mode`` if missing, unless
     another holder has it locked (blocks, never for long).
 
-    Raises OSError when the file cannot be created or opened.
+    Raises OSError when the file cannot be created, opened or written (a full disk);
+    then no descriptor is left open and no lock kept.
     """
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = _read_pid(fd)
-            os.close(fd)
-            return Busy(pid)
+            found = _lock(path, fd)
         except BaseException:
             os.close(fd)
             raise
-        if _is_at(path, fd):
-            _write_pid(fd)
-            return Held(path, fd)
-        os.close(fd)  # the holder removed it as it let go: lock the file there now
+        if isinstance(found, Held):
+            return found
+        os.close(fd)
+        if isinstance(found, Busy):
+            return found
+
+
+def _lock(path: Path, fd: int) -> Held | Busy | None:
+    """Lock ``fd``, the file opened at ``path``, and write this process's pid into it;
+    Busy when another holder has it locked, None when the holder removed it as it let
+    go (then lock the file at ``path`` now)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return Busy(_read_pid(fd))
+    if not _is_at(path, fd):
+        return None
+    _write_pid(fd)
+    return Held(path, fd)
 
 
 def release(held: Held) -> None:
