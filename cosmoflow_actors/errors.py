@@ -236,6 +236,24 @@ def causes(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__
 
 
+def told_causes(error: BaseException) -> list[BaseException]:
+    """``error`` and its causes (see :func:`causes`), less each cause whose message the
+    one before it in this list quotes at its end, after a colon: a StorageError
+    ``"cannot write x: [Errno 28] No space left on device"`` tells its OSError. Never
+    blocks."""
+    told: list[BaseException] = []
+    for each in causes(error):
+        if not told or not _quotes(told[-1], each):
+            told.append(each)
+    return told
+
+
+def _quotes(outer: BaseException, cause: BaseException) -> bool:
+    """Whether ``outer``'s message ends with ``": "`` and ``cause``'s message."""
+    text = error_text(cause)
+    return bool(text) and error_text(outer).endswith(f": {text}")
+
+
 def _rebuilt(
     cls: type[CosmoFlowError], args: tuple[Any, ...], state: dict[str, Any]
 ) -> CosmoFlowError:

@@ -35,7 +35,7 @@ from typing import Any, Final, Protocol, final
 
 import trio
 
-from cosmoflow_actors.errors import causes, error_text, type_and_message
+from cosmoflow_actors.errors import error_text, told_causes, type_and_message
 from cosmoflow_actors.events import (
     Event,
     EventsDropped,
@@ -167,10 +167,11 @@ def _ms(seconds: float) -> str:
 
 def describe_error(error: BaseException) -> str:
     """``Type: message``, followed by its cause (and the cause's) the same way, each
-    cause once (see :func:`~cosmoflow_actors.errors.causes`); see
+    cause once and none whose message the error before it already quotes (see
+    :func:`~cosmoflow_actors.errors.told_causes`); see
     :func:`~cosmoflow_actors.errors.type_and_message` for an error without a message or
     whose ``__str__`` raises."""
-    *chain, last = [type_and_message(each) for each in causes(error)]
+    *chain, last = [type_and_message(each) for each in told_causes(error)]
     text = last
     for outer in reversed(chain):
         text = f"{outer} (caused by {text})"

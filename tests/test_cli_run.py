@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -78,6 +79,51 @@ def test_json_shows_a_failed_run_with_its_error(
     summary = json.loads(capsys.readouterr().out)
     assert (summary["succeeded"], summary["failed"]) == (0, 3)
     assert summary["first_error"].endswith("(caused by ValueError: bad data)")
+
+
+BIG_WRITE = """
+import cosmoflow_actors as cf
+
+
+@cf.node
+async def write(ctx):
+    await ctx.store.set("big", "x" * 10_000)
+
+
+flow = cf.Flow.builder("big").add_node("write", write).build()
+"""
+
+
+def _small_files() -> None:
+    """In the child: files may not grow past 4 KiB, and writing past fails (EFBIG)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+
+def test_a_failed_commit_is_told_once_not_again_as_its_causes(tmp_path: Path) -> None:
+    """The commit's error quotes why the journal append and the compaction failed; the
+    error line and the JSON do not add those errors again as its causes."""
+    flow_file = tmp_path / "big.py"
+    flow_file.write_text(BIG_WRITE)
+    store = tmp_path / "store.json"
+    argv = ["run", str(flow_file), "--store", f"file:{store}", "--run-id", "r1", "--json"]
+
+    done = subprocess.run(
+        [sys.executable, "-m", "cosmoflow_actors", *argv],
+        capture_output=True,
+        text=True,
+        preexec_fn=_small_files,
+        check=False,
+    )
+
+    too_large = "[Errno 27] File too large"
+    message = (
+        f"store:FileStorage('{store}'): commit failed: cannot append to {store}.journal: "
+        f"{too_large}; nor compact instead: cannot write {store}: {too_large}"
+    )
+    assert done.returncode == 1
+    assert done.stderr == f"cosmoflow: error: {message}\n"
+    assert json.loads(done.stdout)["error"] == f"StorageError: {message}"
 
 
 def test_json_of_a_run_that_succeeded_says_so(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ import cloudpickle
 import pytest
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.errors import causes, type_and_message
+from cosmoflow_actors.errors import causes, told_causes, type_and_message
 
 EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.CosmoFlowError: cf.CosmoFlowError("root"),
@@ -121,3 +121,24 @@ def test_causes_follow_a_chain_and_stop_where_it_loops() -> None:
     third.__cause__ = first
     assert list(causes(first)) == [first, second, third]
     assert list(causes(second)) == [second, third, first]
+
+
+def test_a_cause_whose_message_the_error_before_it_quotes_is_not_told() -> None:
+    disk = OSError(28, "No space left on device")
+    append = cf.StorageError(f"cannot append to x.journal: {disk}")
+    commit = cf.StorageError(f"store:file: commit failed: {append}")
+    commit.__cause__, append.__cause__ = append, disk
+
+    assert told_causes(commit) == [commit]
+    assert told_causes(append) == [append]
+
+
+def test_a_cause_quoted_only_in_part_or_not_at_the_end_is_told() -> None:
+    short = ValueError("e")
+    outer = RuntimeError("node 'fetch' failed in exec")
+    outer.__cause__ = short
+    middle = RuntimeError("failed: [Errno 28] No space, then gave up")
+    middle.__cause__ = OSError(28, "No space")
+
+    assert told_causes(outer) == [outer, short]
+    assert len(told_causes(middle)) == 2

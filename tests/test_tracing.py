@@ -407,6 +407,19 @@ def test_a_chain_of_causes_that_loops_is_described_once_round() -> None:
     assert describe_error(first) == "ValueError: a (caused by KeyError: 'b')"
 
 
+def test_a_cause_the_message_before_it_quotes_is_described_once() -> None:
+    disk = FileNotFoundError(2, "No such file or directory")
+    storage = cf.StorageError(f"cannot write x.json: {disk}")
+    storage.__cause__ = disk
+    step = RuntimeError("step failed")
+    step.__cause__ = storage
+
+    assert describe_error(step) == (
+        "RuntimeError: step failed (caused by StorageError: cannot write x.json: "
+        "[Errno 2] No such file or directory)"
+    )
+
+
 @cf.node
 async def loops(ctx: cf.ExecutionContext) -> None:
     first, second = ValueError("a"), KeyError("b")

@@ -31,7 +31,7 @@ from cosmoflow_actors.cli.queue import (
 from cosmoflow_actors.cli.run import run_command
 from cosmoflow_actors.cli.signals import INTERRUPTED
 from cosmoflow_actors.cli.stores import PYTHON_STORE, STORE_SYNTAX
-from cosmoflow_actors.errors import error_text
+from cosmoflow_actors.errors import error_text, told_causes
 from cosmoflow_actors.runtime.queue import DEFAULT_FLOW_WAIT, DEFAULT_LEASE
 from cosmoflow_actors.tracing import describe_error
 from cosmoflow_actors.validation import positive_int
@@ -277,7 +277,8 @@ def _report(args: argparse.Namespace, error: Exception, *, status: int) -> int:
     if args.debug:
         traceback.print_exception(error)
     text = error_text(error)
-    if error.__cause__ is not None and not isinstance(error, CliError):
-        text += f" (caused by {describe_error(error.__cause__)})"
+    told = told_causes(error)
+    if len(told) > 1 and not isinstance(error, CliError):
+        text += f" (caused by {describe_error(told[1])})"
     print_error(text)
     return status
