@@ -82,13 +82,12 @@ def test_a_missing_directory_is_an_os_error(tmp_path: Path) -> None:
 
 
 UNWRITABLE_PID = """
-import errno, resource, signal, sys
+import errno, resource, sys
 from pathlib import Path
 from cosmoflow_actors.storage import lock
 
 path = Path(sys.argv[1])
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
 try:
     lock.try_lock(path, 0o600)
@@ -119,6 +118,72 @@ def test_a_pid_that_cannot_be_written_leaves_no_lock_behind(tmp_path: Path) -> N
 
     assert done.returncode == 0, done.stderr
     assert done.stdout == "locked after the failure\n"
+
+
+CHILD_LETS_GO = """
+import os, sys
+from pathlib import Path
+from cosmoflow_actors.storage import lock
+
+path = Path(sys.argv[1])
+held = lock.try_lock(path, 0o600)
+child = os.fork()
+if child == 0:
+    lock.release(held)  # as a FileStorage's finalizer does when the child exits
+    os._exit(0)
+os.waitpid(child, 0)
+assert path.read_text() == f"{os.getpid()}\\n", "the child removed the lock file"
+assert lock.try_lock(path, 0o600) == lock.Busy(os.getpid()), "the child unlocked it"
+print("still held")
+"""
+
+
+def test_a_forked_child_letting_go_leaves_the_parents_lock(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD_LETS_GO, str(tmp_path / "store.json.lock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "still held\n"
+
+
+CHILD_OUTLIVES_PARENT = """
+import os, sys
+from pathlib import Path
+from cosmoflow_actors.storage import lock
+
+lock.try_lock(Path(sys.argv[1]), 0o600)
+if os.fork() == 0:
+    sys.stdin.read()  # lives until the test closes its stdin
+    print("child done", flush=True)
+    os._exit(0)
+print("forked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_lock_ends_with_its_holder_though_a_forked_child_lives_on(tmp_path: Path) -> None:
+    """The holder is killed while a child it forked still runs: the lock is free."""
+    path = tmp_path / "store.json.lock"
+    command = [sys.executable, "-c", CHILD_OUTLIVES_PARENT, str(path)]
+    with subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "forked\n"
+        holder.kill()
+        holder.wait()
+
+        held = lock.try_lock(path, 0o600)
+
+        holder.stdin.close()
+        assert holder.stdout.read() == "child done\n"
+    assert isinstance(held, lock.Held)
+    lock.release(held)
 
 
 def test_the_lock_file_is_beside_the_snapshot() -> None:

@@ -3,10 +3,13 @@
 ``PATH.lock``, beside the snapshot ``PATH``, is locked with ``flock`` for as long as a
 FileStorage over ``PATH`` is open. A ``flock`` lock belongs to an open file description,
 so it keeps two instances in one process apart as well as two processes, and the
-operating system drops it when its process dies: a crash leaves no stale lock. The
-holder writes its pid into the file, for the error another opener gets, and removes the
-file when it lets go, while it still holds the lock; an opener that locked a file which
-was removed meanwhile locks the new one instead.
+operating system drops it when its process dies: a crash leaves no stale lock. A lock
+stays its holder's alone: a child forked while it is held closes its copy of the
+descriptor at once, so that the child neither keeps the lock after its parent died nor
+lets go of it for the parent. The holder writes its pid into the file, for the error
+another opener gets, and removes the file when it lets go, while it still holds the
+lock; an opener that locked a file which was removed meanwhile locks the new one
+instead.
 
 Every function here blocks on the file system (briefly: none waits for the holder). Run
 them in a worker thread.
@@ -23,10 +26,11 @@ from pathlib import Path
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """A lock this process holds: the lock file and the descriptor that locks it."""
+    """A lock process ``pid`` holds: the lock file and the descriptor that locks it."""
 
     path: Path
     fd: int
+    pid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,22 @@ class Busy:
     has not written its pid yet."""
 
     pid: int | None
+
+
+_held_here: set[int] = set()
+"""The descriptors of the locks this process holds (a set's add and discard are atomic,
+and locks are taken and released in worker threads)."""
+
+
+def _close_in_child() -> None:
+    """In a child just forked: close its copies of its parent's lock descriptors."""
+    for fd in _held_here:
+        with suppress(OSError):
+            os.close(fd)
+    _held_here.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def lock_path(path: Path) -> Path:
@@ -74,18 +94,23 @@ def _lock(path: Path, fd: int) -> Held | Busy | None:
     if not _is_at(path, fd):
         return None
     _write_pid(fd)
-    return Held(path, fd)
+    _held_here.add(fd)
+    return Held(path, fd, os.getpid())
 
 
 def release(held: Held) -> None:
-    """Remove the lock file, then unlock it (blocks).
+    """Remove the lock file, then unlock it (blocks). In a forked child, whose copy of
+    the descriptor was closed at the fork, do nothing.
 
     A lock file that cannot be removed (a read-only directory) is left: the next holder
     locks it and writes its own pid.
     """
+    if held.pid != os.getpid():
+        return
     with suppress(OSError):
         if _is_at(held.path, held.fd):
             os.unlink(held.path)
+    _held_here.discard(held.fd)
     os.close(held.fd)
 
 
