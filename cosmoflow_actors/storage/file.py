@@ -179,8 +179,9 @@ class FileStorage(Storage):
         waited = f" after waiting {self._wait:g} s" if self._wait else ""
         return StorageError(
             f"{self._path} is in use{waited}: {holder} holds its lock file {self._lock_path}. "
-            "A FileStorage file serves one open instance at a time: close the other one "
-            "(aclose) or pass wait=seconds to wait for it"
+            "A FileStorage file serves one open instance at a time: close the other one, "
+            "or wait for it (FileStorage(path, wait=seconds)); an SQLite store serves "
+            "several processes at once"
         )
 
     async def get(self, key: str) -> Any:
