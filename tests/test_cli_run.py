@@ -95,8 +95,8 @@ flow = cf.Flow.builder("big").add_node("write", write).build()
 
 
 def _small_files() -> None:
-    """In the child: files may not grow past 4 KiB, and writing past fails (EFBIG)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    """In the child: files may not grow past 4 KiB, and writing past fails (EFBIG: the
+    child's Python ignores SIGXFSZ)."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
 
 

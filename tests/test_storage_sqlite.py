@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import sqlite3
 import stat
@@ -352,6 +353,28 @@ async def test_a_read_only_database_is_refused_at_open_not_at_the_first_write(
         f"{path}: the database is read-only for this process: it may not write {path}"
     )
     path.chmod(0o600)
+    assert await read_back(path) == {"a": 1}
+
+
+def _files_of_8_kib_at_most() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+
+
+async def test_a_shm_file_that_cannot_grow_is_explained(tmp_path: Path) -> None:
+    """SQLite says only "disk I/O error" when its -shm file cannot grow (a full disk;
+    here a file size limit below the -shm file's 32 KiB, in a process of its own)."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+    command = [sys.executable, "-c", OPEN_READ_ONLY, str(path)]
+
+    process = await trio.run_process(
+        command, capture_stdout=True, check=True, preexec_fn=_files_of_8_kib_at_most
+    )
+
+    assert process.stdout.decode() == (
+        f"{path}: disk I/O error (SQLITE_IOERR_SHMSIZE: its -shm file could not grow: "
+        "a full disk, or a file size limit)\n"
+    )
     assert await read_back(path) == {"a": 1}
 
 

@@ -369,11 +369,22 @@ def _set_busy_timeout(connection: sqlite3.Connection, seconds: float) -> None:
     connection.execute(f"PRAGMA busy_timeout = {_milliseconds(seconds)}")
 
 
+_EXPLAINED: Final = {
+    "SQLITE_IOERR_SHMSIZE": "its -shm file could not grow: a full disk, or a file size limit",
+}
+"""What an SQLite error name means, for the names whose message says only ``disk I/O
+error``."""
+
+
 def _described(exc: sqlite3.Error) -> str:
     """``exc``'s message with SQLite's name for its error, which says what failed where
-    the message does not: ``disk I/O error (SQLITE_IOERR_WRITE)`` is a refused write."""
+    the message does not: ``disk I/O error (SQLITE_IOERR_WRITE)`` is a refused write;
+    with what it means for a name in :data:`_EXPLAINED`."""
     name = getattr(exc, "sqlite_errorname", None)
-    return f"{exc} ({name})" if name else str(exc)
+    if not name:
+        return str(exc)
+    meaning = _EXPLAINED.get(name)
+    return f"{exc} ({name}: {meaning})" if meaning else f"{exc} ({name})"
 
 
 def _is_locked(exc: sqlite3.Error) -> bool:
