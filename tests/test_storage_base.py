@@ -65,6 +65,34 @@ class UndecodedStorage(cf.Storage):
 RECORD_KEY = RECORD_PREFIX + "r1"
 
 
+class AuditedDeletes(UndecodedStorage):
+    """A persistent backend whose ``delete`` notes every key it is called with, as an
+    audit trail would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleted: list[str] = []
+
+    async def delete(self, key: str) -> bool:
+        self.deleted.append(key)
+        return await super().delete(key)
+
+
+async def test_delete_many_and_so_a_clear_call_a_backends_own_delete_per_key() -> None:
+    """A backend that does not override delete_many sees every key removed in its
+    delete: a node's clear of a persistent store too, which leaves the run records."""
+    storage = AuditedDeletes()
+    storage.data.update({"a": "1", "b": "2", RECORD_KEY: "{}"})
+    await storage.delete_many(["b", "missing"])
+    assert storage.deleted == ["b", "missing"]
+    storage.deleted.clear()
+    async with cf.open_engine() as engine, engine.open_store(storage) as store:
+        await store.set("c", 3)
+        await store.clear()
+    assert storage.deleted == ["a", "c"]
+    assert storage.data == {RECORD_KEY: "{}"}
+
+
 @pytest.mark.parametrize("stored", ['{"path": []}', {"state": "running"}, {"path": "ab"}, 3])
 def test_check_steps_refuses_what_is_no_run_record_naming_its_key(stored: Any) -> None:
     with pytest.raises(StorageError) as info:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -12,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.errors import StorageError, StoreValueError
 from cosmoflow_actors.storage.codec import (
     _check_finite,
     _comes_back,
@@ -83,6 +85,81 @@ def test_json_keeps_null_and_the_strings_that_look_like_floats() -> None:
     value = {"none": None, "text": ["null", "nan", "inf"], "big": 1.7976931348623157e308}
 
     assert codec.decode(codec.encode("k", value)) == value
+
+
+@pytest.fixture
+def int_digits() -> Iterator[Callable[[int], None]]:
+    """``sys.set_int_max_str_digits``, the limit in force restored after the test."""
+    before = sys.get_int_max_str_digits()
+    yield sys.set_int_max_str_digits
+    sys.set_int_max_str_digits(before)
+
+
+TOO_LONG_FOR_MSGSPEC = [-(10**4299), -(10**5000), 10**5000]
+"""Ints msgspec writes (the last two once the program lifts Python's limit on their
+digits) as numbers of over 4300 characters, which it does not read."""
+
+
+@pytest.mark.parametrize(
+    "value", TOO_LONG_FOR_MSGSPEC, ids=["-4300 digits", "-5001 digits", "5001 digits"]
+)
+def test_json_reads_back_every_int_it_writes(value: int, int_digits: Callable[[int], None]) -> None:
+    """In a value holding null too, which the check for NaN reads back when it writes."""
+    int_digits(0 if abs(value) > 10**4300 else 4300)
+    codec = get_codec("json")
+
+    for stored in (value, [None, {"n": value}]):
+        assert codec.decode(codec.encode("k", stored)) == stored
+        assert codec.decode_json(codec.encode_json("k", stored)) == stored
+
+
+def test_json_refuses_an_int_of_more_digits_than_python_converts_naming_the_key(
+    int_digits: Callable[[int], None],
+) -> None:
+    int_digits(4300)  # Python's default
+
+    with pytest.raises(StoreValueError, match=r"'big'.*limit \(4300 digits\)") as info:
+        get_codec("json").encode("big", [1, 10**4300])
+
+    assert info.value.key == "big"
+
+
+def test_an_int_of_more_digits_than_python_converts_when_read_is_refused_saying_so(
+    int_digits: Callable[[int], None],
+) -> None:
+    """The program lowered the limit since it stored the int."""
+    codec = get_codec("json")
+    int_digits(4300)
+    data = codec.encode("k", 10**700)
+    int_digits(640)
+
+    for read in (codec.decode, codec.decode_json):
+        with pytest.raises(StorageError, match=r"number is out of range: .*limit \(640 digits\)"):
+            read(msgspec.Raw(data))
+
+
+LONG = b"-" + b"9" * 4300
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (b"[" + LONG + b", 1e400]", "number is out of range: 1e400 is beyond a float"),
+        (b"[" + LONG + b", NaN]", "value is not valid JSON: NaN is not JSON"),
+        (b"[" + LONG + b", -Infinity]", "value is not valid JSON: -Infinity is not JSON"),
+        (b"[" + LONG + b", oops]", "value is not valid JSON: Expecting value"),
+    ],
+)
+def test_json_text_with_a_long_number_holding_what_json_has_not_is_refused(
+    text: bytes, problem: str
+) -> None:
+    """What another client wrote: the json module reads NaN, the infinities and 1e400,
+    which msgspec refuses."""
+    codec = get_codec("json")
+
+    for read in (codec.decode, codec.decode_json):
+        with pytest.raises(StorageError, match=f"a stored {problem}"):
+            read(msgspec.Raw(text))
 
 
 def test_pickle_keeps_nan_infinities_sets_bytes_and_tuples_exactly() -> None:

@@ -16,6 +16,7 @@ import stat
 import sys
 import textwrap
 import threading
+import types
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -769,6 +770,41 @@ async def test_open_after_aclose_locks_and_loads_afresh(tmp_path: Path) -> None:
     await storage.aclose()
 
 
+def values_held(storage: FileStorage) -> list[msgspec.Raw]:
+    """The encoded values ``storage`` refers to, directly or through the objects it
+    holds (classes, modules and functions are not followed)."""
+    seen = {id(storage)}
+    pending: list[object] = [storage]
+    found: list[msgspec.Raw] = []
+    while pending:
+        for referent in gc.get_referents(pending.pop()):
+            if id(referent) in seen or isinstance(referent, type | types.ModuleType):
+                continue
+            if isinstance(referent, types.FunctionType | types.BuiltinFunctionType):
+                continue
+            seen.add(id(referent))
+            if isinstance(referent, msgspec.Raw):
+                found.append(referent)
+            pending.append(referent)
+    return found
+
+
+async def test_a_closed_instance_holds_no_value_and_opens_again(tmp_path: Path) -> None:
+    """The engine closes a storage when its last run ends: one a program keeps (a
+    global) must not keep the store in memory while closed."""
+    path = tmp_path / "store.json"
+    storage = await stored(path, doc="x" * 100_000, n=1)
+    await storage.set("staged", 2)
+    assert len(values_held(storage)) == 3
+
+    await storage.aclose()
+
+    assert values_held(storage) == []
+    assert await storage.get("doc") == "x" * 100_000
+    assert await storage.keys() == ["doc", "n"]
+    await storage.aclose()
+
+
 async def test_aclose_of_an_instance_never_opened_does_nothing(tmp_path: Path) -> None:
     storage = FileStorage(tmp_path / "store.json")
 
@@ -822,6 +858,7 @@ async def test_aclose_unlocks_even_when_its_compaction_fails(tmp_path: Path) -> 
     with pytest.raises(StorageError, match="another process"):
         await storage.aclose()
 
+    assert values_held(storage) == []
     other = FileStorage(path)
     assert {key: await other.get(key) for key in await other.keys()} == {"a": 1, "b": 2, "c": 3}
     await other.aclose()

@@ -16,6 +16,7 @@ import pytest
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage.sqlite import SQLiteStorage
 from cosmoflow_actors.storage.staged import UNKNOWN, ClearOp, DeleteOp, SetOp, StagedWrites
+from tests.storage_suite import thread_calls
 
 
 async def commit(path: Path, **values: Any) -> None:
@@ -186,6 +187,26 @@ async def test_deleting_a_key_stages_it_until_commit(tmp_path: Path) -> None:
     assert await committed(path) == {"j": 2}
 
 
+async def test_delete_many_stages_deletes_without_asking_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No worker-thread call until the commit, which leaves a key that is not stored
+    alone; a key that is not valid Unicode (never stored) stages nothing."""
+    path = tmp_path / "store.db"
+    await commit(path, a=1, b=2, c=3)
+
+    async with aclosing(SQLiteStorage(path)) as storage:
+        await storage.open()
+        calls = thread_calls(storage, monkeypatch)
+        await storage.delete_many(["a", "missing", "c", "lone \udcff"])
+        assert calls == []
+        assert not await storage.contains("a")
+        assert await committed(path) == {"a": 1, "b": 2, "c": 3}
+        await storage.commit()
+
+    assert await committed(path) == {"b": 2}
+
+
 async def test_size_with_staged_writes_counts_the_merged_keys(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     await commit(path, a=1, b=2)
@@ -224,7 +245,7 @@ async def test_clear_stages_removing_every_key(tmp_path: Path) -> None:
     assert await committed(path) == {"d": 4}
 
 
-async def test_set_and_clear_open_the_database_first(tmp_path: Path) -> None:
+async def test_set_clear_and_delete_many_open_the_database_first(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     path.write_bytes(b"not a database" * 100)
     storage = SQLiteStorage(path)
@@ -233,6 +254,8 @@ async def test_set_and_clear_open_the_database_first(tmp_path: Path) -> None:
         await storage.set("a", 1)
     with pytest.raises(StorageError, match=re.escape(str(path))):
         await storage.clear()
+    with pytest.raises(StorageError, match=re.escape(str(path))):
+        await storage.delete_many(["a"])
 
     assert path.read_bytes() == b"not a database" * 100
     await storage.aclose()

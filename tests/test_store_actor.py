@@ -22,7 +22,7 @@ from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.store_client import MISSING
 from cosmoflow_actors.storage import journal as journal_format
 from cosmoflow_actors.storage.codec import get_codec
-from tests.storage_suite import JsonDictStorage
+from tests.storage_suite import JsonDictStorage, RedisServer, thread_calls
 from tests.support import Recorder, engine_bug, single
 
 
@@ -736,3 +736,88 @@ async def test_a_closing_engine_cuts_an_async_commit_after_commit_seconds(
     cancelled_at = await cancelled_while_committing(storage, many)
     assert trio.current_time() - cancelled_at == pytest.approx(store_actor.COMMIT_SECONDS)
     assert len(storage.data) < len(many)
+
+
+RECORD = "__cosmoflow__/runs/kept"
+"""A run record's key: a clear of a persistent store leaves it."""
+
+
+def database(
+    kind: str, path: Path, redis_server: RedisServer
+) -> cf.SQLiteStorage | cf.RedisStorage:
+    """A new store holding nothing: an SQLite one at ``path``, or a Redis one."""
+    return cf.SQLiteStorage(path) if kind == "sqlite" else redis_server.storage()
+
+
+async def many_key_calls(
+    storage: cf.SQLiteStorage | cf.RedisStorage, count: int, monkeypatch: pytest.MonkeyPatch
+) -> list[list[str]]:
+    """The worker-thread calls of ``storage`` (see thread_calls) that a set_many of
+    ``count`` new keys, a set_many over the same keys and a clear make, each through
+    the engine; checks that the clear left the run record alone."""
+    await storage.set(RECORD, {"path": []})
+    await storage.commit()
+    items = {f"k{i}": i for i in range(count)}
+    made: list[list[str]] = []
+    async with cf.open_engine() as engine, engine.open_store(storage) as store:
+        await store.get("opened", None)
+        calls = thread_calls(storage, monkeypatch)
+        for call in (
+            partial(store.set_many, items),
+            partial(store.set_many, dict.fromkeys(items, "again")),
+            store.clear,
+        ):
+            await call()
+            made.append(calls.copy())
+            calls.clear()
+        assert await store.keys() == []
+        assert await storage.keys() == [RECORD]
+    return made
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_set_many_and_clear_make_as_many_backend_calls_for_any_number_of_keys(
+    kind: str, tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A set_many reads what it replaces with one get_many, and a clear lists the keys
+    once and stages their deletes without asking whether each is there: a thousand keys
+    cost the worker-thread calls two do (every other request to the store waits for
+    them)."""
+    few = await many_key_calls(database(kind, tmp_path / "few.db", redis_server), 2, monkeypatch)
+    many = await many_key_calls(
+        database(kind, tmp_path / "many.db", redis_server), 1000, monkeypatch
+    )
+    assert many == few
+    assert [len(calls) for calls in many] == [2, 2, 2]  # one read, the commit
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_set_many_refused_part_way_puts_back_what_was_there(
+    kind: str, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A stored value comes back (None included), a key that was not stored is not
+    stored (not set to None), and nothing of the set_many reaches the database."""
+    storage = database(kind, tmp_path / "store.db", redis_server)
+    before: dict[str, Any] = {"kept": "old", "none": None, RECORD: {"path": []}}
+    for key, value in before.items():
+        await storage.set(key, value)
+    await storage.commit()
+    refused = {"kept": "new", "none": 1, "fresh": 2, "bad": object(), "later": 3}
+    async with cf.open_engine() as engine, engine.open_store(storage) as store:
+        with pytest.raises(cf.StoreValueError, match="'bad'"):
+            await store.set_many(refused)
+        assert await store.get_many(list(refused)) == {"kept": "old", "none": None}
+        assert not await store.contains("fresh")
+    await storage.open()
+    assert {key: await storage.get(key) for key in await storage.keys()} == before
+    await storage.aclose()
+
+
+async def test_a_set_many_whose_get_many_breaks_the_contract_stores_nothing() -> None:
+    """The values a set_many replaces are read with get_many, checked as a route
+    condition's are: a wrong answer fails it naming the backend, before any write."""
+    storage = AnswersBadly(["a"])
+    async with cf.open_engine() as engine, engine.open_store(storage) as store:
+        with pytest.raises(cf.StorageError, match=r"get_many returned a list, not a dict$"):
+            await store.set_many({"a": 1})
+    assert storage.data == {}

@@ -421,12 +421,14 @@ class StoreActor(Actor[StoreRequest]):
         await request.storage.set(request.key, request.argument)
 
     async def _set_many(self, request: StoreRequest) -> Any:
-        """Set every key; if the backend refuses one value, put back what was there."""
+        """Set every key; if the backend refuses one value, put back what was there,
+        read beforehand with one ``get_many``."""
         storage = request.storage
+        items: dict[str, Any] = request.argument
         undo = _StoreUndo(storage)
+        undo.remember_found(items, await self._found(storage, list(items)))
         try:
-            for key, value in request.argument.items():
-                await undo.remember(key)
+            for key, value in items.items():
                 await storage.set(key, value)
         except Exception:
             await undo.restore()
@@ -455,7 +457,7 @@ class StoreActor(Actor[StoreRequest]):
         undo = _StoreUndo(storage)
         try:
             for op, key, argument in ops:
-                await _apply_staged(storage, undo, op, key, argument)
+                await self._apply_staged(storage, undo, op, key, argument)
             await undo.remember(request.key)
             await storage.set(request.key, record)
         except Exception:
@@ -479,6 +481,18 @@ class StoreActor(Actor[StoreRequest]):
             await undo.restore()
             raise
         return True
+
+    async def _apply_staged(
+        self, storage: Storage, undo: _StoreUndo, op: str, key: str, argument: Any
+    ) -> None:
+        """Apply one staged write of a durable step, remembering what it replaces (a
+        clear's keys read with one ``get_many``)."""
+        if op == "clear":
+            stored = await _user_keys(storage)
+            undo.remember_found(stored, await self._found(storage, stored))
+        else:
+            await undo.remember(key)
+        await apply_step_op(storage, op, key, argument)
 
     async def _records(self, request: StoreRequest) -> Any:
         storage = request.storage
@@ -520,23 +534,11 @@ async def _user_keys(storage: Storage) -> list[str]:
 
 
 async def _clear_user_keys(storage: Storage) -> None:
+    """Remove the keys a user sees: a persistent store's run records stay."""
     if not storage.persistent:
         await storage.clear()
         return
-    for key in await _user_keys(storage):
-        await storage.delete(key)
-
-
-async def _apply_staged(
-    storage: Storage, undo: _StoreUndo, op: str, key: str, argument: Any
-) -> None:
-    """Apply one staged write of a durable step, remembering what it replaces."""
-    if op == "clear":
-        for stored in await _user_keys(storage):
-            await undo.remember(stored)
-    else:
-        await undo.remember(key)
-    await apply_step_op(storage, op, key, argument)
+    await storage.delete_many(await _user_keys(storage))
 
 
 def _guarded(op: tuple[str, str, Any]) -> tuple[str, str, Any]:
@@ -569,15 +571,28 @@ class _StoreUndo:
         self._previous: dict[str, Any] = {}
 
     async def remember(self, key: str) -> None:
+        """Remember what ``key`` holds now, unless it is remembered already (one ``get``)."""
         if key not in self._previous:
             self._previous[key] = await value_or(self._storage, key, _ABSENT)
 
+    def remember_found(self, keys: Iterable[str], found: dict[str, Any]) -> None:
+        """Remember what ``keys`` hold now, as ``found``, a ``get_many`` of them, says: a
+        key it leaves out is not stored. A key remembered already keeps what it was
+        remembered with. Never blocks."""
+        for key in keys:
+            if key not in self._previous:
+                self._previous[key] = found.get(key, _ABSENT)
+
     async def restore(self) -> None:
+        """Put back every value remembered, and remove the keys that were not stored
+        (with one ``delete_many``)."""
+        absent: list[str] = []
         for key, old in self._previous.items():
             if old is _ABSENT:
-                await self._storage.delete(key)
+                absent.append(key)
             else:
                 await self._storage.set(key, old)
+        await self._storage.delete_many(absent)
 
 
 def _created_record(key: str, record: Any, stored: Any) -> Any:

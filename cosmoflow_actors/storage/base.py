@@ -69,7 +69,7 @@ class Storage(ABC):
 
     On a persistent backend the engine keeps its run records under
     :data:`RESERVED_PREFIX` and hides them from node code: it counts and clears the
-    user's keys itself with :meth:`keys` and :meth:`delete`, so the backend's own
+    user's keys itself with :meth:`keys` and :meth:`delete_many`, so the backend's own
     :meth:`size` and :meth:`clear` are not called (a faster override of them is
     unused)."""
 
@@ -137,6 +137,18 @@ class Storage(ABC):
                 continue
         return found
 
+    async def delete_many(self, keys: list[str]) -> None:
+        """Remove those of ``keys`` that are stored.
+
+        One :meth:`delete` per key, whose answer is not needed here; a backend whose
+        :meth:`delete` asks its data whether the key is there (to say whether it was)
+        overrides it to remove the keys without asking. The engine clears a
+        :attr:`persistent` backend with it, and with it removes the keys a
+        ``set_many`` or a durable step added when it has to put back what was there.
+        """
+        for key in keys:
+            await self.delete(key)
+
     async def size(self) -> int:
         """Return the number of keys. Not called on a :attr:`persistent` backend (see
         there)."""
@@ -144,8 +156,7 @@ class Storage(ABC):
 
     async def clear(self) -> None:
         """Remove every key. Not called on a :attr:`persistent` backend (see there)."""
-        for key in await self.keys():
-            await self.delete(key)
+        await self.delete_many(await self.keys())
 
     async def update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
         """Store ``function(value)`` under ``key`` in one atomic step and return it.
@@ -273,13 +284,13 @@ async def value_or(storage: Storage, key: str, missing: Any) -> Any:
 
 async def apply_step_op(storage: Storage, kind: str, key: str, argument: Any) -> None:
     """Apply one staged op of a durable step (see :data:`StagedOp`) with ``storage``'s
-    own ``get``, ``set`` and ``delete``: an update calls its function on the value the
-    ops before it left, or on its default (which may be the store client's MISSING) when
-    there is none; a clear deletes the user's keys and leaves the run records."""
+    own ``get``, ``set``, ``delete`` and ``delete_many``: an update calls its function
+    on the value the ops before it left, or on its default (which may be the store
+    client's MISSING) when there is none; a clear deletes the user's keys and leaves the
+    run records."""
     if kind == "clear":
-        for stored in await storage.keys():
-            if not stored.startswith(RESERVED_PREFIX):
-                await storage.delete(stored)
+        stored = await storage.keys()
+        await storage.delete_many([key for key in stored if not key.startswith(RESERVED_PREFIX)])
     elif kind == "delete":
         await storage.delete(key)
     elif kind == "set":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import pickle
 from abc import ABC, abstractmethod
@@ -120,7 +121,10 @@ class JsonCodec(Codec):
     """msgspec JSON: dicts, lists, str, numbers, bool, None, dataclasses, Structs,
     datetimes, sets, tuples, bytes; see docs/storage.md for what comes back as what.
 
-    A value holding NaN or an infinity is refused: msgspec would write ``null``.
+    A value holding NaN or an infinity is refused: msgspec would write ``null``. So is
+    an int of more digits than ``sys.get_int_max_str_digits()`` (Python converts no
+    longer int to text); one stored while the limit allowed it, which the limit in
+    force no longer does, cannot be read (StorageError).
     """
 
     name = "json"
@@ -137,19 +141,50 @@ class JsonCodec(Codec):
         return data
 
     def decode(self, data: bytes) -> Any:
-        try:
-            return msgspec.json.decode(data)
-        except msgspec.DecodeError as exc:
-            raise StorageError(f"a stored value is not valid JSON: {exc}") from exc
+        return _read_json(data)
 
     def encode_json(self, key: str, value: Any) -> msgspec.Raw:
         return msgspec.Raw(self.encode(key, value))
 
     def decode_json(self, raw: msgspec.Raw) -> Any:
-        return msgspec.json.decode(raw)
+        return _read_json(raw)
 
     def check_json(self, raw: msgspec.Raw) -> bool:
         return True
+
+
+def _read_json(data: bytes | msgspec.Raw) -> Any:
+    """The value the JSON text ``data`` holds; StorageError saying why when there is none.
+
+    msgspec reads no number longer than 4300 characters, whatever
+    ``sys.get_int_max_str_digits()`` says, where it writes an int of as many digits as
+    that limit allows (4300 by default), with a sign besides: the json module reads such
+    text instead, refusing as msgspec does the numbers no float holds and NaN and the
+    infinities.
+    """
+    try:
+        try:
+            return msgspec.json.decode(data)
+        except msgspec.ValidationError:  # a number out of msgspec's range
+            return json.loads(bytes(data), parse_float=_finite, parse_constant=_no_constant)
+    except (msgspec.DecodeError, json.JSONDecodeError) as exc:
+        raise StorageError(f"a stored value is not valid JSON: {exc}") from exc
+    except ValueError as exc:  # a number out of range for json too
+        raise StorageError(f"a stored number is out of range: {exc}") from exc
+
+
+def _finite(text: str) -> float:
+    """The float JSON ``text`` writes; ValueError when no float holds it."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:40]} is beyond a float")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    """Refuse ``NaN``, ``Infinity`` and ``-Infinity``, which the json module reads and
+    JSON has not (msgspec.DecodeError, as msgspec refuses them)."""
+    raise msgspec.DecodeError(f"{name} is not JSON")
 
 
 def _comes_back(value: Any, data: bytes) -> bool:
@@ -162,7 +197,7 @@ def _comes_back(value: Any, data: bytes) -> bool:
     (the walk takes Python time per item, and a long run's record has thousands). False
     leaves the answer to that walk.
     """
-    return bool(msgspec.json.decode(data) == msgspec.to_builtins(value, str_keys=True))
+    return bool(_read_json(data) == msgspec.to_builtins(value, str_keys=True))
 
 
 def _check_finite(key: str, value: Any) -> None:

@@ -294,7 +294,7 @@ class FileStorage(Storage):
 
     async def aclose(self) -> None:
         """Compact the committed state into the snapshot, unlock the files and forget
-        the in-memory state; does nothing unless open.
+        the in-memory state (a closed instance holds no value); does nothing unless open.
 
         Afterwards ``PATH`` alone holds every committed key and the journal holds no
         commit: it compacts when the journal holds commits, and when the snapshot is not
@@ -317,7 +317,9 @@ class FileStorage(Storage):
             if self._must_compact_at_close() or await _in_thread(self._snapshot_changed):
                 await self._compact(self._committed)
         finally:
+            # Both hold the committed entries: a closed instance keeps no value.
             self._committed = {}
+            self._state = journal.Loaded()
             await _unlocked(unlock)
 
     def _must_compact_at_close(self) -> bool:

@@ -184,6 +184,14 @@ class DatabaseStorage(Storage):
         self._staged.delete(key)
         return True
 
+    async def delete_many(self, keys: list[str]) -> None:
+        """Stage removing each of ``keys``, without asking the database which are there
+        (the commit leaves a key that is not stored as it is); does not block."""
+        await self.open()
+        for key in keys:
+            if utf8_key(key) is not None:  # a key that is not valid Unicode is never stored
+                self._staged.delete(key)
+
     async def get_many(self, keys: list[str]) -> dict[str, Any]:
         """Return ``{key: value}`` for those of ``keys`` that are stored, in their order:
         the staged writes laid over one read of the other keys (blocks in a worker
