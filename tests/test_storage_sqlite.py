@@ -24,6 +24,8 @@ from tests.storage_suite import (
     file_size_limit,
     foreign_key_fails_only_what_meets_it,
     holder,
+    read_only,
+    skip_unless_read_only_works,
     thread_calls,
 )
 from tests.support import single
@@ -593,6 +595,113 @@ async def test_peek_reads_without_creating_or_changing_a_file(tmp_path: Path) ->
     path.write_bytes(b"garbage garbage garbage")
     with pytest.raises(cf.StorageError, match="file is not a database"):
         peek(path)
+
+
+COMMIT_BY_TURNS = """
+import sys
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+async def main() -> None:
+    for commit in range(1, int(sys.argv[2]) + 1):
+        storage = cf.SQLiteStorage(sys.argv[1])
+        await storage.set("first", commit)
+        await storage.set("last", commit)
+        await storage.commit()
+        await storage.aclose()
+
+
+trio.run(main)
+"""
+
+
+async def test_peek_beside_a_writer_process_sees_every_commit_whole(tmp_path: Path) -> None:
+    """Another process opens the database, commits and closes it, 300 times, as an
+    engine whose runs come one at a time does: each close copies the commit into the
+    database file and removes the -wal file. Every peek meanwhile reads a whole commit
+    ("first" and "last" are set together, 8 MB of rows between them), never an error.
+    Read without SQLite's locks when the -wal file was missing, about one peek in
+    twelve here saw part of a commit."""
+    path = tmp_path / "store.db"
+    between = {f"big{index}": "x" * 100_000 for index in range(80)}
+    await (await stored(path, first=0, **between, last=0)).aclose()
+    command = [sys.executable, "-c", COMMIT_BY_TURNS, str(path), "300"]
+    seen: list[tuple[int, int]] = []
+    writer = await trio.lowlevel.open_process(command)
+    try:
+        while writer.poll() is None:
+            entries = peek(path)
+            seen.append((entries["first"].unwrap(), entries["last"].unwrap()))
+    finally:
+        writer.kill()  # when a peek failed; a process that has exited is left alone
+        await writer.wait()
+    assert writer.returncode == 0
+    assert [(first, last) for first, last in seen if first != last] == []
+    assert len(set(seen)) > 1  # the peeks went on while the writer committed
+
+
+async def test_peek_of_a_closed_database_creates_the_files_of_a_reader(tmp_path: Path) -> None:
+    """Reading with SQLite's locks needs the -wal and -shm files: SQLite creates them,
+    the -wal empty, and the next writer to close removes them."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+    content = path.read_bytes()
+
+    assert peek(path)["a"].unwrap() == 1
+
+    assert sorted(os.listdir(tmp_path)) == ["store.db", "store.db-shm", "store.db-wal"]
+    assert (tmp_path / "store.db-wal").read_bytes() == b""
+    assert path.read_bytes() == content
+    await (await stored(path, b=2)).aclose()
+    assert os.listdir(tmp_path) == ["store.db"]
+
+
+@pytest.fixture
+def read_only_works(tmp_path: Path) -> None:
+    skip_unless_read_only_works(tmp_path)
+
+
+@pytest.mark.usefixtures("read_only_works")
+async def test_peek_reads_a_database_in_a_folder_it_may_not_write(tmp_path: Path) -> None:
+    """There SQLite cannot create the -wal and -shm files that reading with its locks
+    needs: the database file is read as it is, which creates nothing. Once a reader
+    has left those files, they are used."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+
+    with read_only(tmp_path):
+        assert peek(path)["a"].unwrap() == 1
+        assert os.listdir(tmp_path) == ["store.db"]
+    peek(path)
+    with read_only(tmp_path):
+        assert peek(path)["a"].unwrap() == 1
+
+
+PEEK = """
+import sys
+
+from cosmoflow_actors.storage.sqlite import peek
+
+print({key: entry.unwrap() for key, entry in peek(sys.argv[1]).items()})
+"""
+
+
+async def test_peek_of_a_database_it_may_not_write_creates_no_file(tmp_path: Path) -> None:
+    """The -wal and -shm files SQLite would create for the read would be this
+    process's: the database's owner could no longer write them, nor so the database.
+    The database file is read as it is."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+    path.chmod(0o444)
+    command = [*as_the_files_owner(), sys.executable, "-c", PEEK, str(path)]
+
+    process = await trio.run_process(command, capture_stdout=True, check=True)
+
+    assert process.stdout == b"{'a': 1}\n"
+    assert os.listdir(tmp_path) == ["store.db"]
 
 
 async def test_a_durable_step_with_a_key_that_is_not_valid_unicode_fails_alone(

@@ -520,16 +520,18 @@ def _check_writable(path: Path) -> None:
     real = path.resolve()  # SQLite writes the file a link points to, and beside it
     parts = [real, *(real.with_name(real.name + end) for end in ("-wal", "-shm"))]
     present = [part for part in parts if part.exists()]
-    read_only = [
-        str(part)
-        for part in [*present, real.parent]
-        if not os.access(part, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
-    ]
+    read_only = [str(part) for part in [*present, real.parent] if not _writable(part)]
     if read_only:
         raise StorageError(
             f"{path}: the database is read-only for this process: it may not write "
             f"{', '.join(read_only)}"
         )
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write ``path``, as the system says for its effective
+    user and capabilities (blocks only for the ``access`` call)."""
+    return os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
 
 
 def _switch_to_wal(connection: sqlite3.Connection, deadline: float) -> str:
@@ -694,13 +696,16 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
     """Every key of the database at ``path`` (the engine's reserved keys too), each with
     its decoded value or the error decoding it raised (blocks).
 
-    Opens the database read-only (see :func:`_read_only_uri`): it creates no file and
-    no table and changes none (while another connection has the database open, the
-    ``-shm`` index, shared memory rather than data, gets this reader's marks). A
-    database without tables (an empty file) holds no key. Raises
-    :class:`~cosmoflow_actors.StorageError` naming the file when it cannot be read, is
-    not an SQLite database, holds tables this backend did not create, holds a key that
-    is not text or was written with another codec.
+    Opens the database read-only (see :func:`_read_only_uri`): it creates no table and
+    changes no row. A process that may write the database takes SQLite's locks, as any
+    reader does, so that a writer in another process neither changes the file under
+    the read nor has it see part of a commit. For that SQLite creates a closed
+    database's ``-wal`` (empty) and ``-shm`` files, which the next writer to close it
+    removes, and the ``-shm`` index gets this reader's marks. A database without tables
+    (an empty file) holds no key.
+    Raises :class:`~cosmoflow_actors.StorageError` naming the file when it cannot be
+    read, is not an SQLite database, holds tables this backend did not create, holds a
+    key that is not text or was written with another codec.
     """
     absolute = Path(path).absolute()
     reader = get_codec(codec)
@@ -720,11 +725,22 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
 
 
 def _read_only_uri(path: Path) -> str:
-    """The URI that opens ``path`` read-only without creating its ``-wal`` and ``-shm``
-    files: ``immutable`` while they are missing (every commit is in the database file
-    then), ``mode=ro`` to read a writer's WAL too (the files exist then)."""
-    wal = path.with_name(f"{path.name}-wal")
-    return f"{path.as_uri()}?{'mode=ro' if wal.exists() else 'immutable=1'}"
+    """The URI that opens ``path`` read-only (blocks only to check its files).
+
+    ``mode=ro``, which takes SQLite's locks, when this process may write the database
+    and its folder: SQLite creates the ``-wal`` and ``-shm`` files a database in WAL
+    mode needs for that when they are missing, as a writer would, with the database's
+    mode (and owner, for root). Another process would create them as its own, and the
+    database's owner could no longer write them; it gets ``mode=ro`` only while the
+    ``-wal`` file exists (a writer's commits may be in it), else ``immutable=1`` (every
+    commit is in the database file then), which creates nothing but takes no lock: a
+    writer that opens the database meanwhile can make that read fail or see part of a
+    commit.
+    """
+    real = path.resolve()  # SQLite makes those files beside the file a link points to
+    wal = real.with_name(f"{real.name}-wal")
+    locked = (_writable(real) and _writable(real.parent)) or wal.exists()
+    return f"{path.as_uri()}?{'mode=ro' if locked else 'immutable=1'}"
 
 
 def _read_rows(connection: sqlite3.Connection, path: Path, codec: Codec) -> list[Any]:
