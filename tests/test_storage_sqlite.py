@@ -307,6 +307,80 @@ async def test_an_update_that_raises_leaves_no_lock_held(tmp_path: Path) -> None
     assert await read_back(path) == {"after": 1}
 
 
+class FailsOnce(cf.Node):
+    """Its first post fails; the others count in "n"."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("the first post fails")
+        await store.update("n", lambda n: n + 1, default=0)
+
+
+class Waits(cf.Node):
+    """Sets ``arrived`` in exec, then waits there until ``go_on`` is set."""
+
+    def __init__(self) -> None:
+        self.arrived = trio.Event()
+        self.go_on = trio.Event()
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self.arrived.set()
+        await self.go_on.wait()
+
+
+async def test_a_forget_never_deletes_the_record_of_a_run_another_process_goes_on_with(
+    tmp_path: Path,
+) -> None:
+    """Engine a forgets the failed run "r" while engine b resumes it (another process
+    would do the same, over an SQLiteStorage of its own): b commits the run's first
+    step just before the forget takes the write lock. The forget reads the record once
+    it holds the lock: the run is running, and the forget is refused. b's run goes on
+    and succeeds. (Read before the lock, the record said "failed": the forget deleted
+    the record of the running run, whose next commit then failed with
+    RunConflictError.)"""
+    path = tmp_path / "store.db"
+    first, second = FailsOnce(), Waits()
+    flow = cf.Flow.builder("two").add_node("first", first).add_node("second", second)
+    flow = flow.add_route("first", "second").build()
+    forgetting = SQLiteStorage(path)
+    resumed: list[cf.FlowResult] = []
+
+    async with cf.open_engine() as engine_a, cf.open_engine() as engine_b:
+        with pytest.raises(cf.NodeError):
+            await engine_a.run(flow, SQLiteStorage(path), run_id="r")
+
+        async def resume_in_b() -> None:
+            resumed.append(await engine_b.resume(flow, SQLiteStorage(path), run_id="r"))
+
+        async def b_commits_the_first_step() -> None:
+            nursery.start_soon(resume_in_b)
+            await second.arrived.wait()
+
+        def before_the_write_lock(sql: str) -> None:
+            """In the forget's worker thread, before each statement it runs."""
+            if sql == "BEGIN IMMEDIATE" and not second.arrived.is_set():
+                trio.from_thread.run(b_commits_the_first_step)
+
+        await forgetting.open()
+        assert forgetting._connection is not None
+        forgetting._connection.set_trace_callback(before_the_write_lock)
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(cf.RunRecordedError, match="'r' is recorded as running"):
+                await engine_a.forget_run(forgetting, "r")
+            second.go_on.set()
+        runs = await engine_a.list_runs(SQLiteStorage(path))
+
+    assert [result.execution_path for result in resumed] == [("first", "second")]
+    assert runs == [cf.RunRecord("r", "two", "succeeded", "second", 2)]
+    assert (await read_back(path))["n"] == 1  # the first step, committed once
+
+
 async def test_a_missing_directory_is_a_storage_error_at_open(tmp_path: Path) -> None:
     with pytest.raises(cf.StorageError, match="missing"):
         await SQLiteStorage(tmp_path / "missing" / "store.db").open()

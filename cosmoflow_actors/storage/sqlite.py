@@ -16,7 +16,13 @@ import outcome
 import trio
 
 from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, check_steps
+from cosmoflow_actors.storage.base import (
+    RESERVED_PREFIX,
+    StagedOp,
+    check_steps,
+    record_children,
+    value_or,
+)
 from cosmoflow_actors.storage.codec import (
     Codec,
     check_database_meta,
@@ -82,7 +88,8 @@ class SQLiteStorage(DatabaseStorage):
     the transaction that :meth:`commit` then commits (``BEGIN IMMEDIATE``, which holds
     other writers off meanwhile) before it reads. So is a durable step:
     :meth:`commit_step` applies it, updates included, in a transaction of its own, or in
-    a savepoint of the one an update opened.
+    a savepoint of the one an update opened. And so is :meth:`forget_record`, which opens
+    that transaction before it reads the record it checks.
 
     ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only).
     ``timeout`` (seconds, >= 0) is how long :meth:`open` waits for other connections' locks
@@ -198,10 +205,37 @@ class SQLiteStorage(DatabaseStorage):
         and further updates of a batch cost no more than a staged read and write. Blocks
         in a worker thread to open the transaction and to read a key not staged.
         """
+        await self._hold_writers_off()
+        return await super().update(key, function, default)
+
+    async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool:
+        """Delete the run record under ``record_key`` and its BatchFlow children's once
+        ``check(record)`` has passed, atomically across processes; return whether there
+        was a record.
+
+        Opens the transaction :meth:`commit` commits, unless it is open (``BEGIN
+        IMMEDIATE``: other processes' writes wait until the commit), then reads the
+        record (the staged writes laid over the database), checks it and stages the
+        deletes: the record the commit deletes is the one checked. A check that raises
+        stages nothing. Blocks in a worker thread to open the transaction and read.
+        """
+        await self._hold_writers_off()
+        record = await value_or(self, record_key, None)
+        if record is None:
+            return False
+        check(record)
+        for key in [record_key, *record_children(record_key, await self.keys())]:
+            self._staged.delete(key)
+        return True
+
+    async def _hold_writers_off(self) -> None:
+        """Open the transaction :meth:`commit` commits, unless it is open: ``BEGIN
+        IMMEDIATE``, which blocks (in a worker thread) while another process writes, up
+        to what the batch has left of the timeout, and then holds other writers off
+        until the commit."""
         connection = await self._connected()
         if not connection.in_transaction:
             await self._in_thread(_begin, connection, self._waits)
-        return await super().update(key, function, default)
 
     async def commit_step(
         self, ops: list[StagedOp], record_key: str, record: Any, steps_before: int
