@@ -764,8 +764,9 @@ def _read_only_uri(path: Path) -> str:
     ``mode=ro``, which takes SQLite's locks, when this process may write the database
     and its folder: SQLite creates the ``-wal`` and ``-shm`` files a database in WAL
     mode needs for that when they are missing, as a writer would, with the database's
-    mode (and owner, for root). Another process would create them as its own, and the
-    database's owner could no longer write them; it gets ``mode=ro`` only while the
+    mode (and owner, for root). A process that may not write the database would create
+    them as its own, and the database's owner could no longer write them (nor can it
+    create them in a folder it may not write): it gets ``mode=ro`` only while the
     ``-wal`` file exists (a writer's commits may be in it), else ``immutable=1`` (every
     commit is in the database file then), which creates nothing but takes no lock: a
     writer that opens the database meanwhile can make that read fail or see part of a
