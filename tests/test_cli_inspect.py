@@ -133,6 +133,8 @@ async def fill_file_store(path: Path) -> None:
 def test_inspect_changes_no_file_of_the_store(
     kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """It may only add the files of an SQLite reader: a closed database's -shm index
+    and its -wal, empty."""
     path = tmp_path / "store"
     trio.run(fill_file_store if kind == "file" else fill_sqlite_store, path)
     if kind == "file":  # and a torn last line, as a crash during an append leaves
@@ -143,7 +145,11 @@ def test_inspect_changes_no_file_of_the_store(
     assert table_row(capsys.readouterr().out, "b") == ["b", "list", "[1, 2]"]
     assert main(["inspect", f"{kind}:{path}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["keys"] == {"a": 1, "b": [1, 2]}
-    assert snapshot_of(tmp_path) == before
+    after = snapshot_of(tmp_path)
+    assert {name: after[name] for name in before} == before
+    added = {name: after[name][0] for name in after.keys() - before.keys()}
+    assert added.keys() == ({"store-shm", "store-wal"} if kind == "sqlite" else set())
+    assert added.get("store-wal", b"") == b""
 
 
 def test_inspect_shows_an_empty_sqlite_file_as_an_empty_store(

@@ -302,8 +302,12 @@ async def test_forget_run_never_takes_the_record_of_a_run_resuming_on_this_engin
     assert runs == [cf.RunRecord("r", "loop", "succeeded", "count", 3)]
 
 
-async def test_forget_run_forgets_the_records_of_a_batch_flows_children(tmp_path: Path) -> None:
-    storage = cf.SQLiteStorage(tmp_path / "store.db")
+@pytest.mark.parametrize("kind", ["file", "sqlite", "redis"])
+async def test_forget_run_forgets_the_records_of_a_batch_flows_children(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Deleted by the store actor (file) or in a transaction of the backend's own."""
+    storage = make_backend(kind, tmp_path, request).open()
     flow, ran = batch_parent()
     async with cf.open_engine() as engine:
         await engine.run(flow, storage, run_id="p")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime import run_record
 from cosmoflow_actors.storage.base import RECORD_PREFIX
 from cosmoflow_actors.storage.redis import READ_BATCH, RedisStorage, redacted, shared_client
 from tests.storage_suite import (
@@ -72,6 +74,37 @@ async def test_update_starts_again_when_another_client_writes_in_between(
     assert await storage.update("n", add_ten, 0) == 110
     assert seen == [1, 100]
     assert await storage.get("n") == 110
+
+
+async def test_a_forget_reads_the_record_again_when_another_client_changed_it_meanwhile(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process resumes the failed run "r" (its record now says "running") after
+    the forget checked the record and before its commit: the forget reads the record
+    again, finds the run running, and refuses; the record stays. (Deleted unguarded,
+    the record of the running run was gone.)"""
+    storage = redis_server.storage()
+    checked: list[str] = []
+    require_ended = run_record.require_ended
+
+    def resumed_elsewhere_once_checked(key: str, record: Any) -> None:
+        require_ended(key, record)
+        checked.append(record["state"])
+        if len(checked) == 1:
+            running = json.dumps({**record, "state": "running"})
+            with redis_server.client() as other:
+                other.hset(f"cosmoflow:{storage.namespace}:data", key, running)
+
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError):
+            await engine.run(single(cf.node(lambda ctx: 1 / 0)), storage, run_id="r")
+        monkeypatch.setattr(run_record, "require_ended", resumed_elsewhere_once_checked)
+        with pytest.raises(cf.RunRecordedError, match="'r' is recorded as running"):
+            await engine.forget_run(storage, "r")
+        runs = await engine.list_runs(storage)
+
+    assert checked == ["failed"]
+    assert [(run.run_id, run.state) for run in runs] == [("r", "running")]
 
 
 UPDATER = textwrap.dedent(

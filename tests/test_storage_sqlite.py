@@ -25,6 +25,8 @@ from tests.storage_suite import (
     file_size_limit,
     foreign_key_fails_only_what_meets_it,
     holder,
+    read_only,
+    skip_unless_read_only_works,
     thread_calls,
 )
 from tests.support import single
@@ -304,6 +306,80 @@ async def test_an_update_that_raises_leaves_no_lock_held(tmp_path: Path) -> None
     await first.aclose()
     await other.aclose()
     assert await read_back(path) == {"after": 1}
+
+
+class FailsOnce(cf.Node):
+    """Its first post fails; the others count in "n"."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("the first post fails")
+        await store.update("n", lambda n: n + 1, default=0)
+
+
+class Waits(cf.Node):
+    """Sets ``arrived`` in exec, then waits there until ``go_on`` is set."""
+
+    def __init__(self) -> None:
+        self.arrived = trio.Event()
+        self.go_on = trio.Event()
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self.arrived.set()
+        await self.go_on.wait()
+
+
+async def test_a_forget_never_deletes_the_record_of_a_run_another_process_goes_on_with(
+    tmp_path: Path,
+) -> None:
+    """Engine a forgets the failed run "r" while engine b resumes it (another process
+    would do the same, over an SQLiteStorage of its own): b commits the run's first
+    step just before the forget takes the write lock. The forget reads the record once
+    it holds the lock: the run is running, and the forget is refused. b's run goes on
+    and succeeds. (Read before the lock, the record said "failed": the forget deleted
+    the record of the running run, whose next commit then failed with
+    RunConflictError.)"""
+    path = tmp_path / "store.db"
+    first, second = FailsOnce(), Waits()
+    flow = cf.Flow.builder("two").add_node("first", first).add_node("second", second)
+    flow = flow.add_route("first", "second").build()
+    forgetting = SQLiteStorage(path)
+    resumed: list[cf.FlowResult] = []
+
+    async with cf.open_engine() as engine_a, cf.open_engine() as engine_b:
+        with pytest.raises(cf.NodeError):
+            await engine_a.run(flow, SQLiteStorage(path), run_id="r")
+
+        async def resume_in_b() -> None:
+            resumed.append(await engine_b.resume(flow, SQLiteStorage(path), run_id="r"))
+
+        async def b_commits_the_first_step() -> None:
+            nursery.start_soon(resume_in_b)
+            await second.arrived.wait()
+
+        def before_the_write_lock(sql: str) -> None:
+            """In the forget's worker thread, before each statement it runs."""
+            if sql == "BEGIN IMMEDIATE" and not second.arrived.is_set():
+                trio.from_thread.run(b_commits_the_first_step)
+
+        await forgetting.open()
+        assert forgetting._connection is not None
+        forgetting._connection.set_trace_callback(before_the_write_lock)
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(cf.RunRecordedError, match="'r' is recorded as running"):
+                await engine_a.forget_run(forgetting, "r")
+            second.go_on.set()
+        runs = await engine_a.list_runs(SQLiteStorage(path))
+
+    assert [result.execution_path for result in resumed] == [("first", "second")]
+    assert runs == [cf.RunRecord("r", "two", "succeeded", "second", 2)]
+    assert (await read_back(path))["n"] == 1  # the first step, committed once
 
 
 async def test_a_missing_directory_is_a_storage_error_at_open(tmp_path: Path) -> None:
@@ -616,6 +692,113 @@ async def test_peek_reads_without_creating_or_changing_a_file(tmp_path: Path) ->
     path.write_bytes(b"garbage garbage garbage")
     with pytest.raises(cf.StorageError, match="file is not a database"):
         peek(path)
+
+
+COMMIT_BY_TURNS = """
+import sys
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+async def main() -> None:
+    for commit in range(1, int(sys.argv[2]) + 1):
+        storage = cf.SQLiteStorage(sys.argv[1])
+        await storage.set("first", commit)
+        await storage.set("last", commit)
+        await storage.commit()
+        await storage.aclose()
+
+
+trio.run(main)
+"""
+
+
+async def test_peek_beside_a_writer_process_sees_every_commit_whole(tmp_path: Path) -> None:
+    """Another process opens the database, commits and closes it, 300 times, as an
+    engine whose runs come one at a time does: each close copies the commit into the
+    database file and removes the -wal file. Every peek meanwhile reads a whole commit
+    ("first" and "last" are set together, 8 MB of rows between them), never an error.
+    Read without SQLite's locks when the -wal file was missing, about one peek in
+    twelve here saw part of a commit."""
+    path = tmp_path / "store.db"
+    between = {f"big{index}": "x" * 100_000 for index in range(80)}
+    await (await stored(path, first=0, **between, last=0)).aclose()
+    command = [sys.executable, "-c", COMMIT_BY_TURNS, str(path), "300"]
+    seen: list[tuple[int, int]] = []
+    writer = await trio.lowlevel.open_process(command)
+    try:
+        while writer.poll() is None:
+            entries = peek(path)
+            seen.append((entries["first"].unwrap(), entries["last"].unwrap()))
+    finally:
+        writer.kill()  # when a peek failed; a process that has exited is left alone
+        await writer.wait()
+    assert writer.returncode == 0
+    assert [(first, last) for first, last in seen if first != last] == []
+    assert len(set(seen)) > 1  # the peeks went on while the writer committed
+
+
+async def test_peek_of_a_closed_database_creates_the_files_of_a_reader(tmp_path: Path) -> None:
+    """Reading with SQLite's locks needs the -wal and -shm files: SQLite creates them,
+    the -wal empty, and the next writer to close removes them."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+    content = path.read_bytes()
+
+    assert peek(path)["a"].unwrap() == 1
+
+    assert sorted(os.listdir(tmp_path)) == ["store.db", "store.db-shm", "store.db-wal"]
+    assert (tmp_path / "store.db-wal").read_bytes() == b""
+    assert path.read_bytes() == content
+    await (await stored(path, b=2)).aclose()
+    assert os.listdir(tmp_path) == ["store.db"]
+
+
+@pytest.fixture
+def read_only_works(tmp_path: Path) -> None:
+    skip_unless_read_only_works(tmp_path)
+
+
+@pytest.mark.usefixtures("read_only_works")
+async def test_peek_reads_a_database_in_a_folder_it_may_not_write(tmp_path: Path) -> None:
+    """There SQLite cannot create the -wal and -shm files that reading with its locks
+    needs: the database file is read as it is, which creates nothing. Once a reader
+    has left those files, they are used."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+
+    with read_only(tmp_path):
+        assert peek(path)["a"].unwrap() == 1
+        assert os.listdir(tmp_path) == ["store.db"]
+    peek(path)
+    with read_only(tmp_path):
+        assert peek(path)["a"].unwrap() == 1
+
+
+PEEK = """
+import sys
+
+from cosmoflow_actors.storage.sqlite import peek
+
+print({key: entry.unwrap() for key, entry in peek(sys.argv[1]).items()})
+"""
+
+
+async def test_peek_of_a_database_it_may_not_write_creates_no_file(tmp_path: Path) -> None:
+    """The -wal and -shm files SQLite would create for the read would be this
+    process's: the database's owner could no longer write them, nor so the database.
+    The database file is read as it is."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+    path.chmod(0o444)
+    command = [*as_the_files_owner(), sys.executable, "-c", PEEK, str(path)]
+
+    process = await trio.run_process(command, capture_stdout=True, check=True)
+
+    assert process.stdout == b"{'a': 1}\n"
+    assert os.listdir(tmp_path) == ["store.db"]
 
 
 async def test_a_durable_step_with_a_key_that_is_not_valid_unicode_fails_alone(

@@ -276,7 +276,9 @@ class Engine:
         (``run_id/0``...); return whether there was one. What the runs wrote to the
         store stays; the run id is free again. Blocks while the records are read and
         deleted (in the store actor's serial order, so no step of this engine commits
-        in between) and, when no run uses the store, until its backend is closed.
+        in between; in a transaction of the backend's own where it has one, see
+        ``Storage.forget_record``, so no step of another process either) and, when no
+        run uses the store, until its backend is closed.
 
         Raises RunRecordedError for a run in flight on this engine or recorded as
         "running" (finish it with :meth:`resume` first), StorageError when the store

@@ -16,9 +16,8 @@ one at a time in mailbox order:
 from __future__ import annotations
 
 import functools
-import re
 import warnings
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import outcome
@@ -43,6 +42,7 @@ from cosmoflow_actors.storage.base import (
     Storage,
     apply_step_op,
     check_steps,
+    record_children,
     value_or,
 )
 from cosmoflow_actors.storage.memory import MemoryStorage
@@ -465,16 +465,22 @@ class StoreActor(Actor[StoreRequest]):
             raise
 
     async def _forget(self, request: StoreRequest) -> Any:
-        """Delete a run's record and its children's once the check passed; if the
-        backend refuses one delete, put back what was deleted."""
+        """Delete a run's record and its children's once the check passed: in a
+        transaction of the backend's own when it has one (``Storage.forget_record``),
+        so that no other process changes the record between the check and the deletes;
+        else here, putting back what was deleted if the backend refuses one delete."""
         storage = request.storage
+        check = functools.partial(_refusing, request.argument, request.key)
+        forgotten = await storage.forget_record(request.key, check)
+        if forgotten is not None:
+            return forgotten
         record = await value_or(storage, request.key, None)
         if record is None:
             return False
-        _refusing(request.argument, request.key, record)
+        check(record)
         undo = _StoreUndo(storage)
         try:
-            for key in [request.key, *_children(request.key, await storage.keys())]:
+            for key in [request.key, *record_children(request.key, await storage.keys())]:
                 await undo.remember(key)
                 await storage.delete(key)
         except Exception:
@@ -691,16 +697,9 @@ def _memory_forget(data: dict[str, Any], key: str, check: Callable[[str, Any], N
     if key not in data:
         return False
     _refusing(check, key, data[key])
-    for forgotten in [key, *_children(key, data)]:
+    for forgotten in [key, *record_children(key, data)]:
         del data[forgotten]
     return True
-
-
-def _children(key: str, keys: Iterable[str]) -> list[str]:
-    """Those of ``keys`` that are records of the BatchFlow children of the run recorded
-    under ``key`` (``key/0``, ``key/0/2``...)."""
-    pattern = re.compile(re.escape(key) + r"(/[0-9]+)+")
-    return [other for other in keys if pattern.fullmatch(other)]
 
 
 _MEMORY: Final[dict[StoreOp, Callable[[dict[str, Any], str, Any], Any]]] = {

@@ -7,8 +7,9 @@ never calls a backend directly; it goes through :class:`cosmoflow_actors.SharedS
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Final
 
 from cosmoflow_actors.errors import RunConflictError, StorageError
@@ -211,6 +212,26 @@ class Storage(ABC):
         """
         return False
 
+    async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool | None:
+        """Optionally forget a durable run as one transaction of the backend's own, atomic
+        against other processes writing the same data.
+
+        Read the run record stored under ``record_key`` (return False when there is
+        none) and call ``check(record)``, which raises to keep it: let its error
+        propagate unchanged, with nothing deleted. Then delete the record and those of
+        the run's BatchFlow children (:func:`record_children` of the stored keys), with
+        no write of another process between the read and the deletes, so that the
+        record deleted is the one checked (a resume elsewhere may have gone on with the
+        run meanwhile), and return True. The store actor calls :meth:`commit` next, as
+        after any write: an override may stage the deletes for it.
+
+        Return None (as the default does, at once) to let the store actor read, check
+        and delete with :meth:`get`, :meth:`keys` and :meth:`delete` in its batch,
+        which is atomic within one engine; an override that returns None must have
+        changed nothing.
+        """
+        return None
+
     async def commit(self) -> None:  # noqa: B027 (an optional hook; no-op by default)
         """Make every write since the last commit durable, all or nothing.
 
@@ -240,6 +261,13 @@ def check_user_key(key: str) -> None:
             f"cannot write key {key!r}: keys starting with {RESERVED_PREFIX!r} are reserved "
             "for the engine's run records; choose a key without that prefix"
         )
+
+
+def record_children(record_key: str, keys: Iterable[str]) -> list[str]:
+    """Those of ``keys`` that are records of the BatchFlow children of the run recorded
+    under ``record_key`` (``record_key/0``, ``record_key/0/2``...). Does not block."""
+    pattern = re.compile(re.escape(record_key) + r"(/[0-9]+)+")
+    return [key for key in keys if pattern.fullmatch(key)]
 
 
 def check_steps(record_key: str, stored: Any, steps_before: int) -> None:

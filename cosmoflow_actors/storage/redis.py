@@ -12,7 +12,12 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 import trio
 
 from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, check_steps
+from cosmoflow_actors.storage.base import (
+    RESERVED_PREFIX,
+    StagedOp,
+    check_steps,
+    record_children,
+)
 from cosmoflow_actors.storage.codec import (
     check_database_meta,
     check_json_key,
@@ -287,6 +292,33 @@ class RedisStorage(DatabaseStorage):
                         return True
         raise self._lost_races("a step's commit")
 
+    async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool:
+        """Delete the run record under ``record_key`` and its BatchFlow children's once
+        ``check(record)`` has passed, atomically across processes; return whether there
+        was a record.
+
+        Watches the hash, reads the record, checks it, reads the keys, and sends the
+        writes staged before and the deletes in one ``MULTI``/``EXEC``; when another
+        client changed the hash in between, it starts over (at most
+        :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError): the record deleted is
+        the one checked. A check that raises deletes nothing. Blocks in a worker thread
+        for each round trip; ``check`` runs in the calling task.
+        """
+        with self._bounded():
+            client = await self._connected()
+            for _ in range(MAX_UPDATE_ATTEMPTS):
+                async with self._pipeline(client) as pipe:
+                    stored = await self._watch(pipe, record_key)
+                    if stored is None:
+                        return False
+                    check(self._codec.read(repr(self), record_key, stored))
+                    keys = record_children(record_key, await self._keys_through(pipe))
+                    deletes = [DeleteOp(key) for key in [record_key, *keys]]
+                    if await self._in_thread(self._exec, pipe, [*self._staged.ops, *deletes]):
+                        self._staged.reset()
+                        return True
+        raise self._lost_races(f"forget of {record_key!r}")
+
     async def _commit_blind_step(
         self,
         client: redis.Redis,
@@ -402,10 +434,14 @@ class RedisStorage(DatabaseStorage):
 
     async def _user_keys(self, pipe: Pipeline, seen: dict[str, bytes | None]) -> list[str]:
         """Every key a ``clear`` removes: stored or set by the step, outside the engine's."""
-        fields = await self._in_thread(send_command, pipe, "HKEYS", self._data)
-        stored = self._staged.merge_keys(self._field_key(field) for field in fields)
+        stored = await self._keys_through(pipe)
         names = dict.fromkeys([*stored, *(k for k, v in seen.items() if v is not None)])
         return [name for name in names if not name.startswith(RESERVED_PREFIX)]
+
+    async def _keys_through(self, pipe: Pipeline) -> list[str]:
+        """Every key, read through the watching pipe, with the staged writes laid over."""
+        fields = await self._in_thread(send_command, pipe, "HKEYS", self._data)
+        return self._staged.merge_keys(self._field_key(field) for field in fields)
 
     async def commit(self) -> None:
         """Send the staged writes as one ``MULTI``/``EXEC`` transaction; all or nothing.

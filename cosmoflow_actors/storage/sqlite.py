@@ -16,7 +16,13 @@ import outcome
 import trio
 
 from cosmoflow_actors.errors import StorageError
-from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, check_steps
+from cosmoflow_actors.storage.base import (
+    RESERVED_PREFIX,
+    StagedOp,
+    check_steps,
+    record_children,
+    value_or,
+)
 from cosmoflow_actors.storage.codec import (
     Codec,
     check_database_meta,
@@ -82,7 +88,8 @@ class SQLiteStorage(DatabaseStorage):
     the transaction that :meth:`commit` then commits (``BEGIN IMMEDIATE``, which holds
     other writers off meanwhile) before it reads. So is a durable step:
     :meth:`commit_step` applies it, updates included, in a transaction of its own, or in
-    a savepoint of the one an update opened.
+    a savepoint of the one an update opened. And so is :meth:`forget_record`, which opens
+    that transaction before it reads the record it checks.
 
     ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only).
     ``timeout`` (seconds, >= 0) is how long :meth:`open` waits for other connections' locks
@@ -198,10 +205,37 @@ class SQLiteStorage(DatabaseStorage):
         and further updates of a batch cost no more than a staged read and write. Blocks
         in a worker thread to open the transaction and to read a key not staged.
         """
+        await self._hold_writers_off()
+        return await super().update(key, function, default)
+
+    async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool:
+        """Delete the run record under ``record_key`` and its BatchFlow children's once
+        ``check(record)`` has passed, atomically across processes; return whether there
+        was a record.
+
+        Opens the transaction :meth:`commit` commits, unless it is open (``BEGIN
+        IMMEDIATE``: other processes' writes wait until the commit), then reads the
+        record (the staged writes laid over the database), checks it and stages the
+        deletes: the record the commit deletes is the one checked. A check that raises
+        stages nothing. Blocks in a worker thread to open the transaction and read.
+        """
+        await self._hold_writers_off()
+        record = await value_or(self, record_key, None)
+        if record is None:
+            return False
+        check(record)
+        for key in [record_key, *record_children(record_key, await self.keys())]:
+            self._staged.delete(key)
+        return True
+
+    async def _hold_writers_off(self) -> None:
+        """Open the transaction :meth:`commit` commits, unless it is open: ``BEGIN
+        IMMEDIATE``, which blocks (in a worker thread) while another process writes, up
+        to what the batch has left of the timeout, and then holds other writers off
+        until the commit."""
         connection = await self._connected()
         if not connection.in_transaction:
             await self._in_thread(_begin, connection, self._waits)
-        return await super().update(key, function, default)
 
     async def commit_step(
         self, ops: list[StagedOp], record_key: str, record: Any, steps_before: int
@@ -531,16 +565,18 @@ def _check_writable(path: Path) -> None:
     real = path.resolve()  # SQLite writes the file a link points to, and beside it
     parts = [real, *(real.with_name(real.name + end) for end in ("-wal", "-shm"))]
     present = [part for part in parts if part.exists()]
-    read_only = [
-        str(part)
-        for part in [*present, real.parent]
-        if not os.access(part, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
-    ]
+    read_only = [str(part) for part in [*present, real.parent] if not _writable(part)]
     if read_only:
         raise StorageError(
             f"{path}: the database is read-only for this process: it may not write "
             f"{', '.join(read_only)}"
         )
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write ``path``, as the system says for its effective
+    user and capabilities (blocks only for the ``access`` call)."""
+    return os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
 
 
 def _switch_to_wal(connection: sqlite3.Connection, deadline: float) -> str:
@@ -705,13 +741,16 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
     """Every key of the database at ``path`` (the engine's reserved keys too), each with
     its decoded value or the error decoding it raised (blocks).
 
-    Opens the database read-only (see :func:`_read_only_uri`): it creates no file and
-    no table and changes none (while another connection has the database open, the
-    ``-shm`` index, shared memory rather than data, gets this reader's marks). A
-    database without tables (an empty file) holds no key. Raises
-    :class:`~cosmoflow_actors.StorageError` naming the file when it cannot be read, is
-    not an SQLite database, holds tables this backend did not create, holds a key that
-    is not text or was written with another codec.
+    Opens the database read-only (see :func:`_read_only_uri`): it creates no table and
+    changes no row. A process that may write the database takes SQLite's locks, as any
+    reader does, so that a writer in another process neither changes the file under
+    the read nor has it see part of a commit. For that SQLite creates a closed
+    database's ``-wal`` (empty) and ``-shm`` files, which the next writer to close it
+    removes, and the ``-shm`` index gets this reader's marks. A database without tables
+    (an empty file) holds no key.
+    Raises :class:`~cosmoflow_actors.StorageError` naming the file when it cannot be
+    read, is not an SQLite database, holds tables this backend did not create, holds a
+    key that is not text or was written with another codec.
     """
     absolute = Path(path).absolute()
     reader = get_codec(codec)
@@ -731,11 +770,23 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
 
 
 def _read_only_uri(path: Path) -> str:
-    """The URI that opens ``path`` read-only without creating its ``-wal`` and ``-shm``
-    files: ``immutable`` while they are missing (every commit is in the database file
-    then), ``mode=ro`` to read a writer's WAL too (the files exist then)."""
-    wal = path.with_name(f"{path.name}-wal")
-    return f"{path.as_uri()}?{'mode=ro' if wal.exists() else 'immutable=1'}"
+    """The URI that opens ``path`` read-only (blocks only to check its files).
+
+    ``mode=ro``, which takes SQLite's locks, when this process may write the database
+    and its folder: SQLite creates the ``-wal`` and ``-shm`` files a database in WAL
+    mode needs for that when they are missing, as a writer would, with the database's
+    mode (and owner, for root). A process that may not write the database would create
+    them as its own, and the database's owner could no longer write them (nor can it
+    create them in a folder it may not write): it gets ``mode=ro`` only while the
+    ``-wal`` file exists (a writer's commits may be in it), else ``immutable=1`` (every
+    commit is in the database file then), which creates nothing but takes no lock: a
+    writer that opens the database meanwhile can make that read fail or see part of a
+    commit.
+    """
+    real = path.resolve()  # SQLite makes those files beside the file a link points to
+    wal = real.with_name(f"{real.name}-wal")
+    locked = (_writable(real) and _writable(real.parent)) or wal.exists()
+    return f"{path.as_uri()}?{'mode=ro' if locked else 'immutable=1'}"
 
 
 def _read_rows(connection: sqlite3.Connection, path: Path, codec: Codec) -> list[Any]:
