@@ -22,7 +22,13 @@ import trio.testing
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
 from cosmoflow_actors.storage.base import RECORD_PREFIX
-from cosmoflow_actors.storage.redis import READ_BATCH, RedisStorage, redacted, shared_client
+from cosmoflow_actors.storage.redis import (
+    MAX_CONNECTIONS,
+    READ_BATCH,
+    RedisStorage,
+    redacted,
+    shared_client,
+)
 from tests.storage_suite import (
     RedisServer,
     foreign_key_fails_only_what_meets_it,
@@ -321,6 +327,29 @@ async def test_instances_on_one_server_share_its_connections(redis_server: Redis
     assert connections_received(redis_server) - before == 2  # the pool's one, and this count
 
 
+async def test_calls_beyond_the_pool_size_wait_for_a_connection(redis_server: RedisServer) -> None:
+    """Thirty runs' updates at once, each on a namespace of its own, on a pool of four
+    connections (the URL says so; no other test uses it): all succeed, and the server
+    accepts no more than the pool's four connections (which the pool keeps open)."""
+    url = f"{redis_server.url}?max_connections=4"
+    storages = [RedisStorage(url, namespace=unique_namespace()) for _ in range(30)]
+    before = connections_received(redis_server)
+    async with trio.open_nursery() as nursery:
+        for storage in storages:
+            nursery.start_soon(storage.update, "n", lambda n: n + 1, 0)
+    assert connections_received(redis_server) - before <= 4 + 1  # and this count
+    assert [await storage.get("n") for storage in storages] == [1] * 30
+
+
+def test_a_pool_opens_at_most_max_connections_unless_its_url_says_otherwise(
+    redis_server: RedisServer,
+) -> None:
+    default = shared_client(redis_server.url, 3.5, "test").connection_pool
+    assert default.max_connections == MAX_CONNECTIONS
+    url = f"{redis_server.url}?max_connections=7"
+    assert shared_client(url, 3.5, "test").connection_pool.max_connections == 7
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
@@ -467,6 +496,7 @@ async def test_calls_queued_in_a_store_actor_fail_within_one_timeout_of_a_silent
             async with trio.open_nursery() as nursery:
                 for index in range(8):
                     nursery.start_soon(read, index)
+        print("DEBUG", outcomes)
         assert {error for error, _ in outcomes.values()} == {cf.StorageError}
         assert max(seconds for _, seconds in outcomes.values()) < BOUND
         with pytest.raises(cf.StorageError, match="this call was not sent"):
@@ -515,7 +545,8 @@ def connections_in_use(storage: RedisStorage) -> int:
     """How many connections of the storage's pool are taken out now (redis-py keeps no
     public count)."""
     pool = shared_client(storage.url, OWN_POOL_TIMEOUT, "test").connection_pool
-    return len(pool._in_use_connections)  # type: ignore[attr-defined]
+    idle = [connection for connection in pool.pool.queue if connection is not None]  # type: ignore[attr-defined]
+    return len(pool._connections) - len(idle)  # type: ignore[attr-defined]
 
 
 async def test_closing_after_a_timed_out_call_gives_its_watched_connection_back(
