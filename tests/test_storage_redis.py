@@ -21,6 +21,7 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
+from cosmoflow_actors.storage import redis as redis_backend
 from cosmoflow_actors.storage.base import RECORD_PREFIX
 from cosmoflow_actors.storage.redis import (
     MAX_CONNECTIONS,
@@ -350,6 +351,28 @@ def test_a_pool_opens_at_most_max_connections_unless_its_url_says_otherwise(
     assert shared_client(url, 3.5, "test").connection_pool.max_connections == 7
 
 
+async def test_a_call_answered_while_the_trio_thread_was_blocked_past_its_deadline_succeeds(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server answers, then the trio thread wakes only after the call's deadline
+    (as when someone's code blocked it): the call returns the answer, and the next call
+    is sent (no server fell silent)."""
+    storage = redis_server.storage(timeout=5)
+    await storage.set("x", 1)
+    await storage.commit()
+    answer = redis_backend.send_command
+
+    def answered_then_late(connection: Any, *args: Any) -> Any:
+        reply = answer(connection, *args)
+        mock_clock.jump(60)  # trio sees the answer 60 s after the deadline
+        return reply
+
+    monkeypatch.setattr(redis_backend, "send_command", answered_then_late)
+    assert await storage.get("x") == 1
+    monkeypatch.undo()
+    assert await storage.get("x") == 1
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
@@ -503,6 +526,21 @@ async def test_calls_queued_in_a_store_actor_fail_within_one_timeout_of_a_silent
             await store.get("n")
         await trio.sleep(TIMEOUT)  # an instance sends no call for TIMEOUT s after a silent one
         assert await store.get("n") == 1
+
+
+async def test_a_call_whose_socket_times_out_first_is_a_silent_server_too(
+    private_redis: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """The socket's timeout is the call's, so the thread may end with redis-py's
+    TimeoutError before the deadline ends the wait (here always: the trio clock stands
+    still): the call fails as one the server did not answer, and the next is not sent."""
+    storage = await connected(private_redis, unique_namespace(), n=1)
+    with resumed_at_exit(private_redis):
+        freeze(private_redis)
+        with pytest.raises(cf.StorageError, match=r"no answer .* the connection is dropped"):
+            await storage.get("n")
+        with pytest.raises(cf.StorageError, match="this call was not sent"):
+            await storage.get("n")
 
 
 @pytest.mark.parametrize("call", ["update", "commit_step"])

@@ -9,6 +9,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
+import outcome
 import trio
 
 from cosmoflow_actors.errors import StorageError
@@ -679,31 +680,44 @@ class RedisStorage(DatabaseStorage):
         the pool (see :meth:`_bounded`), waiting for it until the call's deadline; redis-py
         errors become StorageError.
 
-        Cancellation does not interrupt the wait (it is shielded); the deadline does: the
-        thread, stuck on a server that does not answer, is abandoned with its client
-        (see :meth:`_abandon`) and StorageError is raised. For ``timeout`` seconds after
-        that, a call is not sent: it raises StorageError at once (so a silent server
-        costs the calls queued behind one a single timeout, not one each).
+        Cancellation does not interrupt the wait (it is shielded); the deadline does,
+        unless the thread has answered by then (the trio thread, blocked by someone
+        else's code, may wake after the deadline): the thread, stuck on a server that
+        does not answer, is abandoned with its client (see :meth:`_abandon`) and
+        StorageError is raised; so is a thread whose socket timed out. For ``timeout``
+        seconds after that, a call is not sent: it raises StorageError at once (so a
+        silent server costs the calls queued behind one a single timeout, not one
+        each).
         """
-        from redis.exceptions import RedisError
-
         self._refuse_while_silent()
+        answers: list[outcome.Outcome[T]] = []
+
+        def answer() -> None:
+            answers.append(outcome.capture(function, *args))
+
         async with self._bounded() as deadline:
             with trio.CancelScope(deadline=deadline, shield=True):
-                try:
-                    return await trio.to_thread.run_sync(
-                        function, *args, limiter=self._limiter, abandon_on_cancel=True
-                    )
-                except RedisError as exc:
-                    lost = _connection_failure(exc)
-                    if lost is not None:
-                        raise StorageError(f"{self!r}: the connection failed: {lost}") from lost
-                    raise StorageError(f"{self!r}: {exc}") from exc
+                await trio.to_thread.run_sync(answer, limiter=self._limiter, abandon_on_cancel=True)
+        if answers and not _socket_timed_out(answers[0]):
+            return self._unwrapped(answers[0])
         self._abandon()
         self._silent_at = trio.current_time()
         raise self._no_answer(
             "", "the connection is dropped (if the call carried a write, it may still be applied)"
         )
+
+    def _unwrapped(self, answer: outcome.Outcome[T]) -> T:
+        """The value of a thread's ``answer``; its redis-py error as StorageError. Does
+        not block."""
+        from redis.exceptions import RedisError
+
+        try:
+            return answer.unwrap()
+        except RedisError as exc:
+            lost = _connection_failure(exc)
+            if lost is not None:
+                raise StorageError(f"{self!r}: the connection failed: {lost}") from lost
+            raise StorageError(f"{self!r}: {exc}") from exc
 
     def _refuse_while_silent(self) -> None:
         """Raise StorageError (see :meth:`_no_answer`) when a call got no answer less
@@ -753,6 +767,21 @@ async def _reset_after(pipe: Pipeline, limiter: trio.CapacityLimiter) -> None:
     connection instead."""
     with contextlib.suppress(Exception):  # a clean-up: the call it follows has failed
         await trio.to_thread.run_sync(pipe.reset, limiter=limiter, abandon_on_cancel=True)
+
+
+def _socket_timed_out(answer: outcome.Outcome[Any]) -> bool:
+    """Whether a thread's ``answer`` is the socket timeout of a server that did not
+    answer: redis-py's TimeoutError, also behind a WatchError or a commit's
+    StorageError. The socket's timeout is the call's, so it may end the thread just
+    before the call's deadline ends the wait. Does not block."""
+    from redis.exceptions import TimeoutError
+
+    if not isinstance(answer, outcome.Error):
+        return False
+    error = answer.error
+    if isinstance(error, StorageError) and error.__cause__ is not None:
+        error = error.__cause__
+    return isinstance(_connection_failure(error) or error, TimeoutError)
 
 
 def _connection_failure(error: BaseException) -> BaseException | None:
