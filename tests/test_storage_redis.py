@@ -21,8 +21,15 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
+from cosmoflow_actors.storage import redis as redis_backend
 from cosmoflow_actors.storage.base import RECORD_PREFIX
-from cosmoflow_actors.storage.redis import READ_BATCH, RedisStorage, redacted, shared_client
+from cosmoflow_actors.storage.redis import (
+    MAX_CONNECTIONS,
+    READ_BATCH,
+    RedisStorage,
+    redacted,
+    shared_client,
+)
 from tests.storage_suite import (
     RedisServer,
     foreign_key_fails_only_what_meets_it,
@@ -321,6 +328,51 @@ async def test_instances_on_one_server_share_its_connections(redis_server: Redis
     assert connections_received(redis_server) - before == 2  # the pool's one, and this count
 
 
+async def test_calls_beyond_the_pool_size_wait_for_a_connection(redis_server: RedisServer) -> None:
+    """Thirty runs' updates at once, each on a namespace of its own, on a pool of four
+    connections (the URL says so; no other test uses it): all succeed, and the server
+    accepts no more than the pool's four connections (which the pool keeps open)."""
+    url = f"{redis_server.url}?max_connections=4"
+    storages = [RedisStorage(url, namespace=unique_namespace()) for _ in range(30)]
+    before = connections_received(redis_server)
+    async with trio.open_nursery() as nursery:
+        for storage in storages:
+            nursery.start_soon(storage.update, "n", lambda n: n + 1, 0)
+    assert connections_received(redis_server) - before <= 4 + 1  # and this count
+    assert [await storage.get("n") for storage in storages] == [1] * 30
+
+
+def test_a_pool_opens_at_most_max_connections_unless_its_url_says_otherwise(
+    redis_server: RedisServer,
+) -> None:
+    default = shared_client(redis_server.url, 3.5, "test").connection_pool
+    assert default.max_connections == MAX_CONNECTIONS
+    url = f"{redis_server.url}?max_connections=7"
+    assert shared_client(url, 3.5, "test").connection_pool.max_connections == 7
+
+
+async def test_a_call_answered_while_the_trio_thread_was_blocked_past_its_deadline_succeeds(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server answers, then the trio thread wakes only after the call's deadline
+    (as when someone's code blocked it): the call returns the answer, and the next call
+    is sent (no server fell silent)."""
+    storage = redis_server.storage(timeout=5)
+    await storage.set("x", 1)
+    await storage.commit()
+    answer = redis_backend.send_command
+
+    def answered_then_late(connection: Any, *args: Any) -> Any:
+        reply = answer(connection, *args)
+        mock_clock.jump(60)  # trio sees the answer 60 s after the deadline
+        return reply
+
+    monkeypatch.setattr(redis_backend, "send_command", answered_then_late)
+    assert await storage.get("x") == 1
+    monkeypatch.undo()
+    assert await storage.get("x") == 1
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
@@ -467,12 +519,28 @@ async def test_calls_queued_in_a_store_actor_fail_within_one_timeout_of_a_silent
             async with trio.open_nursery() as nursery:
                 for index in range(8):
                     nursery.start_soon(read, index)
+        print("DEBUG", outcomes)
         assert {error for error, _ in outcomes.values()} == {cf.StorageError}
         assert max(seconds for _, seconds in outcomes.values()) < BOUND
         with pytest.raises(cf.StorageError, match="this call was not sent"):
             await store.get("n")
         await trio.sleep(TIMEOUT)  # an instance sends no call for TIMEOUT s after a silent one
         assert await store.get("n") == 1
+
+
+async def test_a_call_whose_socket_times_out_first_is_a_silent_server_too(
+    private_redis: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """The socket's timeout is the call's, so the thread may end with redis-py's
+    TimeoutError before the deadline ends the wait (here always: the trio clock stands
+    still): the call fails as one the server did not answer, and the next is not sent."""
+    storage = await connected(private_redis, unique_namespace(), n=1)
+    with resumed_at_exit(private_redis):
+        freeze(private_redis)
+        with pytest.raises(cf.StorageError, match=r"no answer .* the connection is dropped"):
+            await storage.get("n")
+        with pytest.raises(cf.StorageError, match="this call was not sent"):
+            await storage.get("n")
 
 
 @pytest.mark.parametrize("call", ["update", "commit_step"])
@@ -515,7 +583,8 @@ def connections_in_use(storage: RedisStorage) -> int:
     """How many connections of the storage's pool are taken out now (redis-py keeps no
     public count)."""
     pool = shared_client(storage.url, OWN_POOL_TIMEOUT, "test").connection_pool
-    return len(pool._in_use_connections)  # type: ignore[attr-defined]
+    idle = [connection for connection in pool.pool.queue if connection is not None]  # type: ignore[attr-defined]
+    return len(pool._connections) - len(idle)  # type: ignore[attr-defined]
 
 
 async def test_closing_after_a_timed_out_call_gives_its_watched_connection_back(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
+import outcome
 import trio
 
 from cosmoflow_actors.errors import StorageError
@@ -49,6 +50,19 @@ one: every round trip of the call shares it (see :meth:`RedisStorage._bounded`).
 _clients: dict[tuple[str, float], redis.Redis] = {}
 """The process's clients, by server URL and timeout, each on a pool of connections of
 its own (see :func:`shared_client`)."""
+
+MAX_CONNECTIONS: Final = 40
+"""The most connections a pool of :func:`shared_client` opens, unless its URL says
+otherwise (``?max_connections=N``); as many calls run at once on it, each in a thread
+of its own. 40 is the size of trio's default thread limiter: redis-server runs one
+command at a time, so more calls in flight add threads and file descriptors, not
+throughput."""
+
+_slots: trio.lowlevel.RunVar[dict[int, trio.CapacityLimiter]] = trio.lowlevel.RunVar(
+    "cosmoflow_redis_slots"
+)
+"""The limiter of each shared client's pool in this trio run (by the client's id), one
+token per connection (see :func:`connection_slots`)."""
 
 T = TypeVar("T")
 
@@ -120,13 +134,16 @@ class RedisStorage(DatabaseStorage):
     come back from :meth:`keys` in the server's order, not insertion order.
 
     Instances with the same ``url`` and ``timeout`` share one pool of connections in a
-    process, whatever their namespace: a call takes a connection for one command or
-    transaction and gives it back, so many namespaces (a worker's runs each have one)
-    need no more connections than calls in flight.
+    process, whatever their namespace: a call takes a connection for its round trips
+    and gives it back, so many namespaces (a worker's runs each have one) need no more
+    connections than calls in flight. A pool opens at most :data:`MAX_CONNECTIONS`
+    (or the URL's ``?max_connections=N``) and keeps them open until the process ends;
+    a call beyond that waits in trio (cancellably, within its ``timeout``) for one.
 
     ``timeout`` (seconds, > 0) bounds every call, connecting included: a call that has not finished
-    within ``timeout`` seconds, all its round trips and its wait for an earlier call of
-    the same instance together, raises :class:`~cosmoflow_actors.StorageError`. The
+    within ``timeout`` seconds, all its round trips and its waits for a connection and
+    for an earlier call of the same instance together, raises
+    :class:`~cosmoflow_actors.StorageError`. The
     instance then leaves the connection of that call behind and takes another on the
     next call. A write in flight when the time ran out may still be applied, if the
     server reads it later. For ``timeout`` seconds after a call got no answer, the
@@ -217,7 +234,7 @@ class RedisStorage(DatabaseStorage):
     async def _read_many(self, keys: list[str]) -> dict[str, bytes]:
         """One ``HMGET`` per :data:`READ_BATCH` keys, in one round trip (blocks in a
         worker thread, once)."""
-        with self._bounded():
+        async with self._bounded():
             client = await self._connected()
             values = await self._in_thread(self._fetch_fields, client, keys)
         return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
@@ -250,7 +267,7 @@ class RedisStorage(DatabaseStorage):
         thread for each round trip; ``function`` runs in the calling task.
         """
         check_json_key(key)
-        with self._bounded():
+        async with self._bounded():
             client = await self._connected()
             for _ in range(MAX_UPDATE_ATTEMPTS):
                 async with self._pipeline(client) as pipe:
@@ -276,7 +293,7 @@ class RedisStorage(DatabaseStorage):
         thread per round trip; a step of sets and deletes only takes one trip to its
         thread (see :meth:`_commit_blind_step`).
         """
-        with self._bounded():
+        async with self._bounded():
             client = await self._connected()
             if all(kind in _BLIND for kind, _, _ in ops):
                 return await self._commit_blind_step(client, ops, record_key, record, steps_before)
@@ -304,7 +321,7 @@ class RedisStorage(DatabaseStorage):
         the one checked. A check that raises deletes nothing. Blocks in a worker thread
         for each round trip; ``check`` runs in the calling task.
         """
-        with self._bounded():
+        async with self._bounded():
             client = await self._connected()
             for _ in range(MAX_UPDATE_ATTEMPTS):
                 async with self._pipeline(client) as pipe:
@@ -453,7 +470,7 @@ class RedisStorage(DatabaseStorage):
             return
         ops = self._staged.ops
         self._staged.reset()
-        with self._bounded():
+        async with self._bounded():
             await self._in_thread(self._send, await self._connected(), ops)
 
     async def aclose(self) -> None:
@@ -484,7 +501,7 @@ class RedisStorage(DatabaseStorage):
     async def _command(self, *args: Any) -> Any:
         """Send one command and return the reply, connecting first if need be (blocks
         in a worker thread, within one timeout)."""
-        with self._bounded():
+        async with self._bounded():
             return await self._in_thread(send_command, await self._connected(), *args)
 
     async def _lookup(self, key: str) -> bytes | None:
@@ -629,51 +646,78 @@ class RedisStorage(DatabaseStorage):
             else:
                 self._abandoned.append((pipe, limiter))
 
-    @contextmanager
-    def _bounded(self) -> Iterator[None]:
-        """Make the round trips inside share one deadline, ``timeout`` from now, unless a
-        call around them set one already. Does not block."""
-        if _deadline.get() is not None:
-            yield
+    @asynccontextmanager
+    async def _bounded(self) -> AsyncIterator[float]:
+        """Make the round trips inside share one deadline (yielded), ``timeout`` from
+        now, and one connection of the pool, unless a call around them did so already.
+
+        Blocks (cancellably) until the pool has a connection free (see
+        :func:`connection_slots`); StorageError when none is free by the deadline.
+        """
+        outer = _deadline.get()
+        if outer is not None:
+            yield outer
             return
-        token = _deadline.set(trio.current_time() + self._timeout)
+        deadline = trio.current_time() + self._timeout
+        slots = connection_slots(shared_client(self._url, self._timeout, "RedisStorage"))
+        borrower = object()
+        with trio.move_on_at(deadline) as waiting:
+            await slots.acquire_on_behalf_of(borrower)
+        if waiting.cancelled_caught:
+            raise self._timed_out(
+                f"none of the {slots.total_tokens:g} connections of the process's pool for "
+                f"the server was free within timeout={self._timeout:g} s; this call was not sent"
+            )
+        token = _deadline.set(deadline)
         try:
-            yield
+            yield deadline
         finally:
             _deadline.reset(token)
+            slots.release_on_behalf_of(borrower)
 
     async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
-        """Run ``function(*args)`` in this instance's worker thread, waiting for it until
-        the call's deadline (``timeout`` from now outside :meth:`_bounded`); redis-py
+        """Run ``function(*args)`` in this instance's worker thread, on a connection of
+        the pool (see :meth:`_bounded`), waiting for it until the call's deadline; redis-py
         errors become StorageError.
 
-        Cancellation does not interrupt the wait (it is shielded); the deadline does: the
-        thread, stuck on a server that does not answer, is abandoned with its client
-        (see :meth:`_abandon`) and StorageError is raised. For ``timeout`` seconds after
-        that, a call is not sent: it raises StorageError at once (so a silent server
-        costs the calls queued behind one a single timeout, not one each).
+        Cancellation does not interrupt the wait (it is shielded); the deadline does,
+        unless the thread has answered by then (the trio thread, blocked by someone
+        else's code, may wake after the deadline): the thread, stuck on a server that
+        does not answer, is abandoned with its client (see :meth:`_abandon`) and
+        StorageError is raised; so is a thread whose socket timed out. For ``timeout``
+        seconds after that, a call is not sent: it raises StorageError at once (so a
+        silent server costs the calls queued behind one a single timeout, not one
+        each).
         """
-        from redis.exceptions import RedisError
-
         self._refuse_while_silent()
-        deadline = _deadline.get()
-        if deadline is None:
-            deadline = trio.current_time() + self._timeout
-        with trio.CancelScope(deadline=deadline, shield=True):
-            try:
-                return await trio.to_thread.run_sync(
-                    function, *args, limiter=self._limiter, abandon_on_cancel=True
-                )
-            except RedisError as exc:
-                lost = _connection_failure(exc)
-                if lost is not None:
-                    raise StorageError(f"{self!r}: the connection failed: {lost}") from lost
-                raise StorageError(f"{self!r}: {exc}") from exc
+        answers: list[outcome.Outcome[T]] = []
+
+        def answer() -> None:
+            answers.append(outcome.capture(function, *args))
+
+        async with self._bounded() as deadline:
+            with trio.CancelScope(deadline=deadline, shield=True):
+                await trio.to_thread.run_sync(answer, limiter=self._limiter, abandon_on_cancel=True)
+        if answers and not _socket_timed_out(answers[0]):
+            return self._unwrapped(answers[0])
         self._abandon()
         self._silent_at = trio.current_time()
         raise self._no_answer(
             "", "the connection is dropped (if the call carried a write, it may still be applied)"
         )
+
+    def _unwrapped(self, answer: outcome.Outcome[T]) -> T:
+        """The value of a thread's ``answer``; its redis-py error as StorageError. Does
+        not block."""
+        from redis.exceptions import RedisError
+
+        try:
+            return answer.unwrap()
+        except RedisError as exc:
+            lost = _connection_failure(exc)
+            if lost is not None:
+                raise StorageError(f"{self!r}: the connection failed: {lost}") from lost
+            raise StorageError(f"{self!r}: {exc}") from exc
 
     def _refuse_while_silent(self) -> None:
         """Raise StorageError (see :meth:`_no_answer`) when a call got no answer less
@@ -694,10 +738,15 @@ class RedisStorage(DatabaseStorage):
         call ``which`` names, if another), then ``outcome``. Caused by redis-py's
         TimeoutError, as a call cut by the timeout is: what tells a run queue that the
         store is out of reach, not at fault. Never blocks."""
+        problem = f"no answer from the server within timeout={self._timeout:g} s{which}"
+        return self._timed_out(f"{problem}; {outcome}")
+
+    def _timed_out(self, problem: str) -> StorageError:
+        """A new StorageError naming this instance and ``problem``, caused by redis-py's
+        TimeoutError (see :meth:`_no_answer`). Never blocks."""
         from redis.exceptions import TimeoutError
 
-        problem = f"no answer from the server within timeout={self._timeout:g} s{which}"
-        error = StorageError(f"{self!r}: {problem}; {outcome}")
+        error = StorageError(f"{self!r}: {problem}")
         error.__cause__ = TimeoutError(problem)
         return error
 
@@ -718,6 +767,21 @@ async def _reset_after(pipe: Pipeline, limiter: trio.CapacityLimiter) -> None:
     connection instead."""
     with contextlib.suppress(Exception):  # a clean-up: the call it follows has failed
         await trio.to_thread.run_sync(pipe.reset, limiter=limiter, abandon_on_cancel=True)
+
+
+def _socket_timed_out(answer: outcome.Outcome[Any]) -> bool:
+    """Whether a thread's ``answer`` is the socket timeout of a server that did not
+    answer: redis-py's TimeoutError, also behind a WatchError or a commit's
+    StorageError. The socket's timeout is the call's, so it may end the thread just
+    before the call's deadline ends the wait. Does not block."""
+    from redis.exceptions import TimeoutError
+
+    if not isinstance(answer, outcome.Error):
+        return False
+    error = answer.error
+    if isinstance(error, StorageError) and error.__cause__ is not None:
+        error = error.__cause__
+    return isinstance(_connection_failure(error) or error, TimeoutError)
 
 
 def _connection_failure(error: BaseException) -> BaseException | None:
@@ -743,6 +807,12 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
     them (a redis-py client is safe to share between threads). Connects on first use;
     does not block.
 
+    The pool opens at most :data:`MAX_CONNECTIONS` connections, or the URL's
+    ``max_connections``, and keeps them open until the process ends. Callers take a
+    token of :func:`connection_slots` for each call, so that calls wait for a
+    connection in trio; a thread that still finds none (one is held by a thread a
+    call abandoned) waits for one in the pool, at most ``timeout`` seconds.
+
     Raises StorageError naming ``user`` when the redis package is missing, and one
     naming the URL (without its password) when it is not a Redis URL.
     """
@@ -755,14 +825,34 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
     client = _clients.get((url, timeout))
     if client is None:
         try:
-            pool = redis.ConnectionPool.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            pool = redis.BlockingConnectionPool.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                max_connections=MAX_CONNECTIONS,
+                timeout=timeout,
             )
         except ValueError as exc:
             raise StorageError(f"not a Redis URL: {redacted(url)!r} ({exc})") from exc
         client = redis.Redis(connection_pool=pool)
         _clients[url, timeout] = client
     return client
+
+
+def connection_slots(client: redis.Redis) -> trio.CapacityLimiter:
+    """The limiter of ``client``'s pool in this trio run: one token per connection the
+    pool may open. A call holds one while it uses a connection, so that calls beyond
+    the pool's size wait (cancellably) in trio rather than fail. Does not block."""
+    try:
+        slots = _slots.get()
+    except LookupError:
+        slots = {}
+        _slots.set(slots)
+    limiter = slots.get(id(client))
+    if limiter is None:
+        limiter = trio.CapacityLimiter(client.connection_pool.max_connections)
+        slots[id(client)] = limiter
+    return limiter
 
 
 def redacted(url: str) -> str:

@@ -16,7 +16,12 @@ import trio
 
 from cosmoflow_actors.errors import CosmoFlowError, StorageError
 from cosmoflow_actors.runtime.queue.scripts import REQUEUE, SUBMIT
-from cosmoflow_actors.storage.redis import redacted, send_command, shared_client
+from cosmoflow_actors.storage.redis import (
+    connection_slots,
+    redacted,
+    send_command,
+    shared_client,
+)
 from cosmoflow_actors.validation import checked_params, require_run_id, require_seconds
 
 if TYPE_CHECKING:
@@ -178,9 +183,10 @@ class RunQueue:
         from redis.exceptions import RedisError
 
         try:
-            return await trio.to_thread.run_sync(
-                function, *args, limiter=self._limiter, abandon_on_cancel=True
-            )
+            async with connection_slots(self._connected()):
+                return await trio.to_thread.run_sync(
+                    function, *args, limiter=self._limiter, abandon_on_cancel=True
+                )
         except RedisError as exc:
             raise StorageError(f"{self!r}: {exc}") from exc
 
