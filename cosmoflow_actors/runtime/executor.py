@@ -34,6 +34,7 @@ from cosmoflow_actors.runtime.transfer import (
     interruption,
     job,
     pickled_node,
+    release_frames,
     start_worker,
 )
 
@@ -102,11 +103,16 @@ def as_coroutine_function(method: Callable[..., Any]) -> Callable[..., Awaitable
 
 async def call(method: Callable[..., Any], *args: Any) -> Any:
     """Call a node method that may be plain or async (or return an awaitable); return
-    its result."""
-    result = method(*args)
-    if hasattr(result, "__await__"):
-        return await result
-    return result
+    its result. A MemoryError leaves the method's locals behind (see
+    ``release_frames``)."""
+    try:
+        result = method(*args)
+        if hasattr(result, "__await__"):
+            return await result
+        return result
+    except MemoryError as exc:
+        release_frames(exc)
+        raise
 
 
 class _InThread:
@@ -142,10 +148,13 @@ class _InThread:
 def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -> Any:
     """Call ``exec_`` in a worker thread (blocks it). A KeyboardInterrupt there, alone or
     in a group (exec ran its own trio.run), is exec's own (signals reach only the main
-    thread): WorkerInterruptedError, a failed attempt."""
+    thread): WorkerInterruptedError, a failed attempt. A MemoryError leaves exec's locals
+    behind in the thread (see ``release_frames``): trio could not hand it over while
+    they hold the memory."""
     try:
         return exec_(*args)
     except BaseException as exc:
+        release_frames(exc)
         interrupted = interruption(exc, "its thread")
         if interrupted is None:
             raise
