@@ -607,3 +607,84 @@ def test_an_exec_that_runs_out_of_memory_fails_its_run_and_the_engine_closes(
     )
     refilled = "hog exec MemoryError\nrefilled 190 MiB\n"
     assert (done.returncode, done.stdout) == (0, refilled), done.stderr
+
+
+START_WITHOUT_DESCRIPTORS = """
+import os
+import resource
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+class Square(cf.Node):
+    executor = "process"
+    max_retries = 1
+
+    def exec(self, prep_res, ctx):
+        return 4
+
+
+async def main():
+    flow = cf.Flow.builder("squares").add_node("square", Square()).build()
+    async with cf.open_engine() as engine:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        held = []
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        try:
+            await engine.run(flow)
+        except cf.NodeError as error:
+            cause = error.__cause__
+            print(type(cause).__name__, cause, type(cause.__cause__).__name__, flush=True)
+        for descriptor in held:
+            os.close(descriptor)
+
+
+trio.run(main)
+"""
+
+
+def test_a_worker_process_that_cannot_start_for_want_of_descriptors_says_so() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", START_WITHOUT_DESCRIPTORS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(
+        "OSError [Errno 24] cannot start a worker process for node 'square': Too many open files"
+    )
+    assert done.stdout.endswith(" OSError\n")
+
+
+def missing_file() -> None:
+    raise FileNotFoundError(2, "no such file", "input.csv")
+
+
+class RestoredWithoutItsFile:
+    """Pickles; unpickled, raises FileNotFoundError."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (missing_file, ())
+
+
+class SendsWhatNeedsAFile(cf.Node):
+    executor = "process"
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        return RestoredWithoutItsFile()
+
+
+async def test_an_os_error_restoring_exec_input_in_a_worker_is_not_blamed_on_its_start() -> None:
+    with pytest.raises(cf.NodeError) as info:
+        await single(SendsWhatNeedsAFile(), "restore").run()
+    cause = info.value.__cause__
+    assert isinstance(cause, FileNotFoundError)
+    assert str(cause) == "[Errno 2] no such file: 'input.csv'"

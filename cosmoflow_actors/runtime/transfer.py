@@ -203,8 +203,19 @@ def _restored(what: str, pickled: bytes, worker: str) -> Any:
     try:
         return cloudpickle.loads(pickled)
     except Exception as exc:
-        exc.add_note(f"raised while {worker} restored {what}")
+        exc.add_note(f"{_RESTORING} {worker} restored {what}")
         raise
+
+
+_RESTORING: Final = "raised while"
+"""How the note :func:`_restored` adds to an error begins."""
+
+
+def raised_restoring(error: BaseException) -> bool:
+    """Whether ``error`` was raised in a worker while it restored what the engine sent
+    (it has :func:`_restored`'s note): the one error a worker raises rather than sends
+    back as exec's outcome. Never blocks."""
+    return any(note.startswith(_RESTORING) for note in getattr(error, "__notes__", ()))
 
 
 def _sendable(result: outcome.Outcome[Any], worker: str) -> Answer:
