@@ -436,9 +436,8 @@ def _described(exc: sqlite3.Error) -> str:
     name = getattr(exc, "sqlite_errorname", None)
     if not name:
         return str(exc)
-    meaning = _EXPLAINED.get(name)
-    if name.startswith("SQLITE_CANTOPEN"):
-        meaning = _out_of_descriptors()
+    cant_open = name.startswith("SQLITE_CANTOPEN")
+    meaning = _out_of_descriptors() if cant_open else _EXPLAINED.get(name)
     return f"{exc} ({name}: {meaning})" if meaning else f"{exc} ({name})"
 
 
