@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable
@@ -543,3 +545,146 @@ async def test_a_run_cancelled_during_a_thread_exec_runs_no_fallback_nor_post(ra
     assert node.fallbacks == 0
     with pytest.raises(cf.RunCancelledError):
         await run.wait()
+
+
+OUT_OF_MEMORY = """
+import gc, resource, sys
+import trio
+import cosmoflow_actors as cf
+
+class Hog(cf.Node):
+    def exec(self, prep_res, ctx):
+        chunks = []
+        while True:
+            chunks.append(bytearray(1000))
+
+class Refill(cf.Node):
+    def exec(self, prep_res, ctx):
+        refill = [bytearray(1000) for _ in range(200_000)]
+        return len(refill) * 1000 // 2**20
+
+    def post(self, store, prep_res, exec_res, ctx):
+        return cf.Action.complete(exec_res)
+
+def vm_size():
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmSize:"))
+    return int(line.split()[1]) * 1024
+
+async def main():
+    flow = cf.Flow.builder("hogs").add_node("hog", Hog(executor=sys.argv[1])).build()
+    refill = cf.Flow.builder("refill").add_node("refill", Refill(executor=sys.argv[1])).build()
+    async with cf.open_engine() as engine:
+        limit = vm_size() + 512 * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+        try:
+            await engine.run(flow)
+        except cf.NodeError as error:
+            print(error.node_id, error.phase, type(error.__cause__).__name__, flush=True)
+        refilled = await engine.run(refill)
+        print("refilled", refilled.result, "MiB", flush=True)
+
+gc.disable()
+trio.run(main)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["inline", "thread", "process"])
+def test_an_exec_that_runs_out_of_memory_fails_its_run_and_the_engine_closes(
+    executor: str,
+) -> None:
+    """exec fills the process (a worker process, for "process") up to its RLIMIT_AS with
+    small objects. Its locals are freed with its MemoryError, so that the error can be
+    handed back: the run fails, the next exec there can use the memory again at once
+    (the cyclic GC off) and the engine closes."""
+    done = subprocess.run(
+        [sys.executable, "-c", OUT_OF_MEMORY, executor],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    refilled = "hog exec MemoryError\nrefilled 190 MiB\n"
+    assert (done.returncode, done.stdout) == (0, refilled), done.stderr
+
+
+START_WITHOUT_DESCRIPTORS = """
+import os
+import resource
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+class Square(cf.Node):
+    executor = "process"
+    max_retries = 1
+
+    def exec(self, prep_res, ctx):
+        return 4
+
+
+async def main():
+    flow = cf.Flow.builder("squares").add_node("square", Square()).build()
+    async with cf.open_engine() as engine:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        held = []
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        try:
+            await engine.run(flow)
+        except cf.NodeError as error:
+            cause = error.__cause__
+            print(type(cause).__name__, cause, type(cause.__cause__).__name__, flush=True)
+        for descriptor in held:
+            os.close(descriptor)
+
+
+trio.run(main)
+"""
+
+
+def test_a_worker_process_that_cannot_start_for_want_of_descriptors_says_so() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", START_WITHOUT_DESCRIPTORS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(
+        "OSError [Errno 24] cannot start a worker process for node 'square': Too many open files"
+    )
+    assert done.stdout.endswith(" OSError\n")
+
+
+def missing_file() -> None:
+    raise FileNotFoundError(2, "no such file", "input.csv")
+
+
+class RestoredWithoutItsFile:
+    """Pickles; unpickled, raises FileNotFoundError."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (missing_file, ())
+
+
+class SendsWhatNeedsAFile(cf.Node):
+    executor = "process"
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        return RestoredWithoutItsFile()
+
+
+async def test_an_os_error_restoring_exec_input_in_a_worker_is_not_blamed_on_its_start() -> None:
+    with pytest.raises(cf.NodeError) as info:
+        await single(SendsWhatNeedsAFile(), "restore").run()
+    cause = info.value.__cause__
+    assert isinstance(cause, FileNotFoundError)
+    assert str(cause) == "[Errno 2] no such file: 'input.csv'"

@@ -454,6 +454,69 @@ async def test_a_shm_file_that_cannot_grow_is_explained(tmp_path: Path) -> None:
     assert await read_back(path) == {"a": 1}
 
 
+OPEN_WITH_FEW_DESCRIPTORS = """
+import os
+import sys
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+async def main() -> None:
+    held = []
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    for _ in range(int(sys.argv[2])):
+        os.close(held.pop())
+    try:
+        await cf.SQLiteStorage(sys.argv[1]).open()
+    except cf.StorageError as exc:
+        print(exc)
+
+
+trio.run(main)
+"""
+
+
+def _32_open_files_at_most() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+
+
+@pytest.mark.parametrize("left", [1, 2])
+async def test_a_database_that_cannot_be_opened_for_want_of_descriptors_says_so(
+    tmp_path: Path, left: int
+) -> None:
+    """SQLite says only "unable to open database file" when the process has no file
+    descriptor left for the database, its -wal or its -shm file (here a process of its
+    own with ``left`` of them free when it opens the store)."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+    command = [sys.executable, "-c", OPEN_WITH_FEW_DESCRIPTORS, str(path), str(left)]
+
+    process = await trio.run_process(
+        command, capture_stdout=True, check=True, preexec_fn=_32_open_files_at_most
+    )
+
+    assert process.stdout.decode() == (
+        f"{path}: unable to open database file (SQLITE_CANTOPEN: out of file descriptors: "
+        "opening another file right after failed with [Errno 24] Too many open files: "
+        f"{os.devnull!r})\n"
+    )
+    assert await read_back(path) == {"a": 1}
+
+
+async def test_a_database_that_cannot_be_opened_otherwise_is_not_blamed_on_descriptors(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(cf.StorageError) as info:
+        await SQLiteStorage(tmp_path).open()
+    assert str(info.value) == f"{tmp_path}: unable to open database file (SQLITE_CANTOPEN)"
+
+
 WRITE_THROUGH = """
 import sys
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.transfer import release_frames
 from tests.support import Gate, single
 from tests.test_executor import Square
 
@@ -328,3 +331,26 @@ async def check_an_error_from_a_worker_keeps_its_traceback(executor: str) -> Non
 
 async def test_an_error_from_a_worker_process_keeps_its_traceback() -> None:
     await check_an_error_from_a_worker_keeps_its_traceback("process")
+
+
+class Held:
+    """A value a frame's local holds, seen through a weak reference."""
+
+
+def raise_holding(error: BaseException, held: Held) -> None:
+    raise error
+
+
+@pytest.mark.parametrize(("error", "freed"), [(MemoryError(), True), (ValueError("no"), False)])
+def test_release_frames_frees_the_locals_of_a_memory_errors_frames_alone(
+    error: BaseException, freed: bool
+) -> None:
+    held = Held()
+    alive = weakref.ref(held)
+    try:
+        raise_holding(error, held)
+    except BaseException as exc:
+        del held
+        release_frames(exc)
+        assert (alive() is None) == freed
+        assert "raise_holding" in "".join(traceback.format_exception(exc))

@@ -34,6 +34,8 @@ from cosmoflow_actors.runtime.transfer import (
     interruption,
     job,
     pickled_node,
+    raised_restoring,
+    release_frames,
     start_worker,
 )
 
@@ -102,11 +104,16 @@ def as_coroutine_function(method: Callable[..., Any]) -> Callable[..., Awaitable
 
 async def call(method: Callable[..., Any], *args: Any) -> Any:
     """Call a node method that may be plain or async (or return an awaitable); return
-    its result."""
-    result = method(*args)
-    if hasattr(result, "__await__"):
-        return await result
-    return result
+    its result. A MemoryError leaves the method's locals behind (see
+    ``release_frames``)."""
+    try:
+        result = method(*args)
+        if hasattr(result, "__await__"):
+            return await result
+        return result
+    except MemoryError as exc:
+        release_frames(exc)
+        raise
 
 
 class _InThread:
@@ -142,10 +149,13 @@ class _InThread:
 def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -> Any:
     """Call ``exec_`` in a worker thread (blocks it). A KeyboardInterrupt there, alone or
     in a group (exec ran its own trio.run), is exec's own (signals reach only the main
-    thread): WorkerInterruptedError, a failed attempt."""
+    thread): WorkerInterruptedError, a failed attempt. A MemoryError leaves exec's locals
+    behind in the thread (see ``release_frames``): trio could not hand it over while
+    they hold the memory."""
     try:
         return exec_(*args)
     except BaseException as exc:
+        release_frames(exc)
         interrupted = interruption(exc, "its thread")
         if interrupted is None:
             raise
@@ -179,20 +189,33 @@ class _InProcess:
         work = job(prep_res, ctx, "process")
         async with self._limiter:
             if self._workers.statistics().idle_workers == 0:
-                await self._start_worker(self._pickled)
-            running = self._workers.run_sync(
-                exec_in_worker,
-                self._pickled,
-                work,
-                "process",
-                kill_on_cancel=True,
-                limiter=self._held,
-            )
+                await self._in_worker(ctx.node_id, start_worker, self._pickled)
+            running = self._in_worker(ctx.node_id, exec_in_worker, self._pickled, work, "process")
             sent = await within(time_limit, ctx.node_id, running)
         return answer(sent, "process")
 
-    async def _start_worker(self, node: bytes) -> None:
-        """Blocks until a new worker process has started, unpickled ``node`` (imported
-        its modules) and waits, idle, for an exec. Cancelled, it kills the worker.
-        Raises what the start raised (the worker could not unpickle the node, or died)."""
-        await self._workers.run_sync(start_worker, node, kill_on_cancel=True, limiter=self._held)
+    async def _in_worker(self, node_id: str, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in an idle worker process, or in one started for it
+        (:func:`start_worker` starts one that unpickles the node, importing its modules,
+        and waits, idle, for an exec). Blocks until it has returned; cancelled, it kills
+        the worker. Raises what the worker raised (it could not unpickle what it was
+        sent, or died); an OSError starting a worker process (too many open files, too
+        many processes) is raised again as one that says so, naming ``node_id``."""
+        try:
+            result: T = await self._workers.run_sync(
+                function, *args, kill_on_cancel=True, limiter=self._held
+            )
+        except OSError as exc:
+            if raised_restoring(exc):
+                raise
+            raise _start_failed(node_id, exc) from exc
+        return result
+
+
+def _start_failed(node_id: str, error: OSError) -> OSError:
+    """An OSError of ``error``'s errno (so of its class) and file name saying that
+    starting a worker process for ``node_id`` failed with ``error``."""
+    what = f"cannot start a worker process for node {node_id!r}"
+    if error.errno is None:
+        return OSError(f"{what}: {error}")
+    return OSError(error.errno, f"{what}: {error.strerror}", error.filename)

@@ -122,6 +122,16 @@ def interruption(error: BaseException, worker: str) -> WorkerInterruptedError | 
     return WorkerInterruptedError(f"exec was interrupted in {worker} (KeyboardInterrupt)")
 
 
+def release_frames(error: BaseException) -> None:
+    """When ``error`` is a MemoryError, clear the locals of the frames its traceback
+    holds (exec's, which have ended): what exec allocated is freed now, before the error
+    is handed on, which itself needs memory (trio delivering a thread's outcome, a worker
+    pickling it). The traceback keeps its lines. Does nothing for any other error; never
+    blocks."""
+    if isinstance(error, MemoryError):
+        traceback.clear_frames(error.__traceback__)
+
+
 def _unpickled_answer(sent: Answer) -> outcome.Outcome[Any]:
     """exec's outcome, as a worker sent it; WorkerTransferError naming what exec
     returned or raised when it cannot be unpickled here (its class is in a module the
@@ -169,7 +179,10 @@ def exec_in_worker(node_bytes: bytes, job: bytes, executor: WorkerKind) -> Answe
     worker = worker_name(executor)
     node = _node(node_bytes, worker)
     prep_res, ctx = _restored("exec's input (what prep returned, and the context)", job, worker)
-    return _sendable(outcome.capture(node.exec, prep_res, ctx), worker)
+    result = outcome.capture(node.exec, prep_res, ctx)
+    if isinstance(result, outcome.Error):
+        release_frames(result.error)
+    return _sendable(result, worker)
 
 
 def _node(node_bytes: bytes, worker: str) -> Node:
@@ -190,8 +203,19 @@ def _restored(what: str, pickled: bytes, worker: str) -> Any:
     try:
         return cloudpickle.loads(pickled)
     except Exception as exc:
-        exc.add_note(f"raised while {worker} restored {what}")
+        exc.add_note(f"{_RESTORING} {worker} restored {what}")
         raise
+
+
+_RESTORING: Final = "raised while"
+"""How the note :func:`_restored` adds to an error begins."""
+
+
+def raised_restoring(error: BaseException) -> bool:
+    """Whether ``error`` was raised in a worker while it restored what the engine sent
+    (it has :func:`_restored`'s note): the one error a worker raises rather than sends
+    back as exec's outcome. Never blocks."""
+    return any(note.startswith(_RESTORING) for note in getattr(error, "__notes__", ()))
 
 
 def _sendable(result: outcome.Outcome[Any], worker: str) -> Answer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sqlite3
@@ -331,18 +332,35 @@ class SQLiteStorage(DatabaseStorage):
 
     async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
         """Run ``function(*args)`` in this instance's worker thread; sqlite3 errors become
-        StorageError naming the file (and saying it is locked, when it is)."""
-        try:
-            return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
-        except sqlite3.Error as exc:
-            if _is_locked(exc):
-                raise StorageError(
-                    f"{self._path} is locked by another connection, in this process or "
-                    f"another; gave up waiting for it (timeout={self._timeout:g} s): {exc}"
-                ) from exc
-            raise StorageError(f"{self._path}: {_described(exc)}") from exc
-        except OSError as exc:
-            raise StorageError(f"{self._path}: {exc}") from exc
+        StorageError naming the file (see :func:`_translated`)."""
+        return await trio.to_thread.run_sync(
+            _translated, self._path, self._timeout, function, *args, limiter=self._limiter
+        )
+
+
+def _translated(path: Path, timeout: float, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``, the database at ``path`` opened with ``timeout``; sqlite3
+    and OS errors become StorageError naming the file (and saying it is locked, when it
+    is). Blocks; called in the thread that runs ``function``, so that what
+    :func:`_described` checks after a failure is checked right after it."""
+    try:
+        return function(*args)
+    except sqlite3.Error as exc:
+        raise _failure(path, timeout, exc) from exc
+    except OSError as exc:
+        raise StorageError(f"{path}: {exc}") from exc
+
+
+def _failure(path: Path, timeout: float, exc: sqlite3.Error) -> StorageError:
+    """The StorageError for ``exc``, raised using the database at ``path`` opened with
+    ``timeout``: it says the file is locked, when it is, else what failed
+    (:func:`_described`). Blocks briefly (see :func:`_out_of_descriptors`)."""
+    if _is_locked(exc):
+        return StorageError(
+            f"{path} is locked by another connection, in this process or "
+            f"another; gave up waiting for it (timeout={timeout:g} s): {exc}"
+        )
+    return StorageError(f"{path}: {_described(exc)}")
 
 
 class _LockWaits:
@@ -413,12 +431,27 @@ error``."""
 def _described(exc: sqlite3.Error) -> str:
     """``exc``'s message with SQLite's name for its error, which says what failed where
     the message does not: ``disk I/O error (SQLITE_IOERR_WRITE)`` is a refused write;
-    with what it means for a name in :data:`_EXPLAINED`."""
+    with what it means for a name in :data:`_EXPLAINED`, and for SQLITE_CANTOPEN when
+    the process is out of file descriptors (:func:`_out_of_descriptors`)."""
     name = getattr(exc, "sqlite_errorname", None)
     if not name:
         return str(exc)
-    meaning = _EXPLAINED.get(name)
+    cant_open = name.startswith("SQLITE_CANTOPEN")
+    meaning = _out_of_descriptors() if cant_open else _EXPLAINED.get(name)
     return f"{exc} ({name}: {meaning})" if meaning else f"{exc} ({name})"
+
+
+def _out_of_descriptors() -> str | None:
+    """What opening one more file says when the process cannot (EMFILE, ENFILE), tried
+    by opening and closing the null device; None when it can, or fails otherwise. SQLite
+    does not say why it could not open a file: this tells, right after its failure,
+    whether the process was out of file descriptors. Blocks for that open."""
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY))
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return f"out of file descriptors: opening another file right after failed with {exc}"
+    return None
 
 
 def _is_locked(exc: sqlite3.Error) -> bool:
@@ -486,7 +519,8 @@ def _fetch_all(connection: sqlite3.Connection, sql: str) -> list[Any]:
 def _connect(path: Path, codec: Codec, timeout: float) -> tuple[sqlite3.Connection, _DatabaseFile]:
     """Open (or create) the database and check it is a store of ours (blocks), waiting
     for other connections' locks ``timeout`` seconds in all; return the connection and
-    the file it opened."""
+    the file it opened. An sqlite3 error checking it is raised as StorageError (see
+    :func:`_failure`), described before the connection closes."""
     deadline = time.monotonic() + timeout
     _create_private(path)
     connection = sqlite3.connect(
@@ -496,6 +530,10 @@ def _connect(path: Path, codec: Codec, timeout: float) -> tuple[sqlite3.Connecti
         _prepare(connection, path, codec, deadline)
         _set_busy_timeout(connection, timeout)
         opened = _DatabaseFile.at(path)
+    except sqlite3.Error as exc:
+        failure = _failure(path, timeout, exc)  # while the connection holds its files
+        connection.close()
+        raise failure from exc
     except BaseException:
         connection.close()
         raise
