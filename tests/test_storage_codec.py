@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from cosmoflow_actors.errors import StorageError, StoreValueError
 from cosmoflow_actors.storage.codec import (
-    MAX_JSON_DEPTH,
     _check_finite,
     _comes_back,
     check_codec,
@@ -49,49 +48,6 @@ def test_json_refuses_what_it_cannot_encode_naming_key_and_type() -> None:
         get_codec("json").encode("k", object())
 
     assert isinstance(info.value.__cause__, TypeError)
-
-
-def nested(levels: int, kind: str) -> Any:
-    """A value of ``levels`` lists (or one-key dicts) each in the next, 0 innermost."""
-    value: Any = 0
-    for _ in range(levels):
-        value = [value] if kind == "list" else {"k": value}
-    return value
-
-
-def deeper_by(frames: int, read: Callable[[], Any]) -> Any:
-    """``read()`` called ``frames`` Python calls deeper than the caller."""
-    return deeper_by(frames - 1, read) if frames else read()
-
-
-@pytest.mark.parametrize("kind", ["list", "dict"])
-def test_json_refuses_a_value_nested_deeper_than_it_reads_naming_the_key(kind: str) -> None:
-    """A value of MAX_JSON_DEPTH levels is stored and reads back with hundreds of frames
-    above the read; one more level is refused when set, from any stack."""
-    codec = get_codec("json")
-    deepest = nested(MAX_JSON_DEPTH, kind)
-
-    data = deeper_by(400, lambda: codec.encode("k", deepest))
-
-    assert deeper_by(400, lambda: codec.decode(data)) == deepest
-    for frames in (0, 400):
-        with pytest.raises(StoreValueError, match=rf"'k'.*nests more than {MAX_JSON_DEPTH}"):
-            deeper_by(frames, lambda: codec.encode("k", nested(MAX_JSON_DEPTH + 1, kind)))
-
-
-def test_json_stores_a_wide_value_of_many_brackets() -> None:
-    codec = get_codec("json")
-    wide = [{"id": index, "tags": [index]} for index in range(2 * MAX_JSON_DEPTH)]
-
-    assert codec.decode(codec.encode("k", wide)) == wide
-
-
-def test_a_stored_value_too_deep_to_decode_is_a_storage_error() -> None:
-    levels = sys.getrecursionlimit()
-    with pytest.raises(StorageError, match="nests too deep to decode here") as info:
-        get_codec("json").decode(b"[" * levels + b"]" * levels)
-
-    assert isinstance(info.value.__cause__, RecursionError)
 
 
 @dataclasses.dataclass

@@ -22,10 +22,8 @@ import binascii
 import json
 import math
 import pickle
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from types import FrameType
 from typing import Any, Final, final
 
 import cloudpickle
@@ -35,13 +33,6 @@ from cosmoflow_actors.errors import StorageError, StoreValueError
 
 _encoder = msgspec.json.Encoder()
 _string_decoder = msgspec.json.Decoder(str)
-
-MAX_JSON_DEPTH: Final = 500
-"""How deeply the JSON codec's values may nest (lists, dicts, objects in each other):
-a value that would need more levels to decode is refused (StoreValueError). msgspec
-encodes and decodes with as many levels as the Python stack has left below
-``sys.getrecursionlimit()``, so without a bound a value stored from a shallow stack
-could not be read from a deeper one."""
 
 
 def check_key(key: object) -> str:
@@ -147,12 +138,6 @@ class JsonCodec(Codec):
             ) from exc
         if b"null" in data and not _comes_back(value, data):
             _check_finite(key, value)
-        if _may_nest_too_deep(data) and not _shallow(data):
-            raise StoreValueError(
-                key,
-                f"a value of type {type(value).__qualname__} nests more than "
-                f"{MAX_JSON_DEPTH} levels deep, which JSON reads cannot be sure to decode",
-            )
         return data
 
     def decode(self, data: bytes) -> Any:
@@ -184,44 +169,8 @@ def _read_json(data: bytes | msgspec.Raw) -> Any:
             return json.loads(bytes(data), parse_float=_finite, parse_constant=_no_constant)
     except (msgspec.DecodeError, json.JSONDecodeError) as exc:
         raise StorageError(f"a stored value is not valid JSON: {exc}") from exc
-    except RecursionError as exc:  # stored before MAX_JSON_DEPTH bounded values
-        raise StorageError(
-            f"a stored value nests too deep to decode here (the limit for new values is "
-            f"{MAX_JSON_DEPTH} levels): {exc}"
-        ) from exc
     except ValueError as exc:  # a number out of range for json too
         raise StorageError(f"a stored number is out of range: {exc}") from exc
-
-
-def _may_nest_too_deep(data: bytes) -> bool:
-    """Whether the JSON text ``data`` holds more opening brackets than
-    :data:`MAX_JSON_DEPTH` (so it may nest deeper than that, where fewer cannot): False
-    at once for a text shorter than two brackets a level; else it counts them, at C
-    speed."""
-    return len(data) > 2 * MAX_JSON_DEPTH and data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH
-
-
-def _shallow(data: bytes) -> bool:
-    """Whether the JSON text ``data`` decodes with :data:`MAX_JSON_DEPTH` levels of
-    recursion left: read (msgspec.Raw: checked, no object built) inside as many more
-    lists as the stack leaves beyond those levels. Costs a walk of the stack's frames
-    and a pass over ``data`` at C speed."""
-    spare = max(sys.getrecursionlimit() - _stack_depth() - MAX_JSON_DEPTH, 0)
-    try:
-        msgspec.json.decode(b"[" * spare + data + b"]" * spare, type=msgspec.Raw)
-    except RecursionError:
-        return False
-    return True
-
-
-def _stack_depth() -> int:
-    """How many Python frames the caller's stack holds, the caller's included."""
-    depth = 0
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        depth += 1
-        frame = frame.f_back
-    return depth
 
 
 def _finite(text: str) -> float:
