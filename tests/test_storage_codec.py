@@ -184,6 +184,25 @@ def test_undecodable_bytes_are_a_storage_error(name: str, data: bytes) -> None:
         get_codec(name).decode(data)
 
 
+def _at_depth(frames: int, function: Callable[[], Any]) -> Any:
+    """``function()`` called ``frames`` Python frames deeper than the caller."""
+    if frames == 0:
+        return function()
+    return _at_depth(frames - 1, function)
+
+
+def test_json_nested_deeper_than_the_stack_left_for_reading_is_a_storage_error() -> None:
+    """Encoded from a shallow stack, read from a deep one: StorageError, not a bare
+    RecursionError."""
+    codec = get_codec("json")
+    data = b"[" * 700 + b"]" * 700
+    assert _at_depth(0, lambda: codec.decode(data)) is not None
+
+    with pytest.raises(StorageError, match="nests too deep to decode here") as info:
+        _at_depth(sys.getrecursionlimit() - 600, lambda: codec.decode(data))
+    assert isinstance(info.value.__cause__, RecursionError)
+
+
 def test_pickle_fragments_must_be_base64_strings() -> None:
     codec = get_codec("pickle")
 

@@ -169,6 +169,8 @@ def _read_json(data: bytes | msgspec.Raw) -> Any:
             return json.loads(bytes(data), parse_float=_finite, parse_constant=_no_constant)
     except (msgspec.DecodeError, json.JSONDecodeError) as exc:
         raise StorageError(f"a stored value is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # nested deeper than the stack left here allows
+        raise StorageError(f"a stored value nests too deep to decode here: {exc}") from exc
     except ValueError as exc:  # a number out of range for json too
         raise StorageError(f"a stored number is out of range: {exc}") from exc
 
