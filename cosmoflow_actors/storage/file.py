@@ -91,7 +91,6 @@ class FileStorage(Storage):
         self._lock_path = lock.lock_path(self._path)
         self._codec = get_codec(codec)
         self._wait = wait
-        self._committed: dict[str, msgspec.Raw] = {}
         self._staged: StagedWrites[msgspec.Raw] = StagedWrites()
         self._state = journal.Loaded()
         self._unlock: weakref.finalize[[lock.Held], FileStorage] | None = None
@@ -114,6 +113,11 @@ class FileStorage(Storage):
     def lock_path(self) -> Path:
         """The lock file's absolute path: the snapshot's with ``.lock`` appended."""
         return self._lock_path
+
+    @property
+    def _committed(self) -> dict[str, msgspec.Raw]:
+        """The committed entries, as loaded or last written (empty while closed)."""
+        return self._state.entries
 
     @property
     def codec(self) -> str:
@@ -142,7 +146,6 @@ class FileStorage(Storage):
             await _unlocked(unlock)
             raise
         self._unlock = unlock
-        self._committed = self._state.entries
         self._opened = True
 
     async def _lock(self) -> lock.Held:
@@ -317,9 +320,7 @@ class FileStorage(Storage):
             if self._must_compact_at_close() or await _in_thread(self._snapshot_changed):
                 await self._compact(self._committed)
         finally:
-            # Both hold the committed entries: a closed instance keeps no value.
-            self._committed = {}
-            self._state = journal.Loaded()
+            self._state = journal.Loaded()  # a closed instance keeps no value
             await _unlocked(unlock)
 
     def _must_compact_at_close(self) -> bool:
@@ -395,7 +396,6 @@ class FileStorage(Storage):
             mode = await _in_thread(self._write_snapshot, snapshot, seen)
         except OSError as exc:
             raise StorageError(f"cannot write {self._path}: {exc}") from exc
-        self._committed = entries
         self._state = journal.Loaded(entries, generation, len(snapshot), journal_seen=seen)
         header = self._header()
         try:
