@@ -296,13 +296,14 @@ class Settle(cf.Node):
 
 
 class Child(cf.Node):
-    """A step of a BatchFlow's child run ``<parent>/<index>``: counts itself under its
-    parent's keys (c1 loops twice)."""
+    """A step of a BatchFlow's child run ``<parent>:<step>/<index>``: counts itself
+    under its parent's keys (c1 loops twice)."""
 
     async def post(
         self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
     ) -> str:
-        parent, _, index = ctx.run_id.rpartition("/")
+        parent, _, child = ctx.run_id.partition(":")
+        index = child.rpartition("/")[2]
         key = f"{parent}:child {index}:{ctx.node_id}"
         made: int = await store.update(key, _increment, default=0)
         await count_step(store, parent, f"child {index} {ctx.node_id}")

@@ -259,3 +259,59 @@ class Unshowable(Exception):
 
     def __repr__(self) -> str:
         raise RuntimeError("no repr")
+
+
+class TwoChildren(cf.BatchFlow):
+    """Two child runs of its flow a step."""
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, Any]]:
+        return [{}, {}]
+
+
+@cf.node
+async def _child_ran(ctx: cf.ExecutionContext) -> None:
+    await ctx.store.update("ran", lambda ran: [*ran, ctx.run_id], default=[])
+
+
+@cf.node
+async def _again_once(ctx: cf.ExecutionContext) -> str:
+    visits: int = await ctx.store.update("visits", lambda visits: visits + 1, default=0)
+    return "again" if visits == 1 else "done"
+
+
+CHILD_RAN: Final = cf.Flow.builder("child").add_node("ran", _child_ran).build()
+"""A BatchFlow's child: appends its run id to the store's "ran" list."""
+
+
+def batch_flow_twice_in_a_loop() -> cf.Flow:
+    """A BatchFlow (steps 1 and 3) whose next node loops back to it once."""
+    return (
+        cf.Flow.builder("loop")
+        .add_node("each", TwoChildren(CHILD_RAN))
+        .add_node("visit", _again_once)
+        .add_route("each", "visit")
+        .add_route("visit", "each", "again")
+        .add_route("visit", cf.END, "done")
+        .build()
+    )
+
+
+def batch_flows_on_two_branches() -> cf.Flow:
+    """A fan-out (step 1) to two BatchFlows of one flow (step 2 of each branch)."""
+    return (
+        cf.Flow.builder("forked")
+        .add_node("fork", Recorder())
+        .add_node("left", TwoChildren(CHILD_RAN))
+        .add_node("right", TwoChildren(CHILD_RAN))
+        .add_join("join", Recorder())
+        .add_route("fork", ("left", "right"))
+        .add_route("left", "join")
+        .add_route("right", "join")
+        .build()
+    )
+
+
+CHILDREN_OF_THE_LOOP: Final = ["job:1/0", "job:1/1", "job:3/0", "job:3/1"]
+"""The run ids of :func:`batch_flow_twice_in_a_loop`'s children in a run "job"."""
+CHILDREN_ON_THE_BRANCHES: Final = ["job:1.0/2/0", "job:1.0/2/1", "job:1.1/2/0", "job:1.1/2/1"]
+"""The run ids of :func:`batch_flows_on_two_branches`' children in a run "job"."""

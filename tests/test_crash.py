@@ -342,7 +342,7 @@ def check_torture_interrupted(data: dict[str, Any], context: str) -> None:
     committed = sum(len(record["path"]) for record in records.values())
     assert data.get(SHARED, 0) == committed, f"{context}: a step applied twice or lost"
     for run_id in TORTURE_RUNS:
-        runs = [r for r in records.values() if r["run_id"].split("/")[0] == run_id]
+        runs = [r for r in records.values() if r["run_id"].partition(":")[0] == run_id]
         steps = sum(len(record["path"]) for record in runs)
         assert len(data.get(f"{run_id}:log", [])) == steps, f"{context}: {run_id}'s log"
 

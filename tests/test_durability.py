@@ -16,7 +16,16 @@ import trio.testing
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
 from tests.storage_suite import JsonDictStorage, make_backend
-from tests.support import Gate, Recorder, closed_late_around, single
+from tests.support import (
+    CHILDREN_OF_THE_LOOP,
+    CHILDREN_ON_THE_BRANCHES,
+    Gate,
+    Recorder,
+    batch_flow_twice_in_a_loop,
+    batch_flows_on_two_branches,
+    closed_late_around,
+    single,
+)
 
 
 class Counted(cf.Node):
@@ -316,9 +325,31 @@ async def test_forget_run_forgets_the_records_of_a_batch_flows_children(
         assert await engine.forget_run(storage, "p")
         kept = sorted(run.run_id for run in await engine.list_runs(storage))
         await engine.run(flow, storage, run_id="p")
-    assert recorded == ["p", "p/0", "p/1", "p/2", "p2", "p2/0", "p2/1", "p2/2"]
-    assert kept == ["p2", "p2/0", "p2/1", "p2/2"]
+    assert recorded == ["p", "p2", "p2:1/0", "p2:1/1", "p2:1/2", "p:1/0", "p:1/1", "p:1/2"]
+    assert kept == ["p2", "p2:1/0", "p2:1/1", "p2:1/2"]
     assert ran == ["a", "b", "c"] * 3  # the children ran again with the new run
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite", "redis"])
+async def test_every_step_of_a_durable_batch_flow_runs_and_records_children_of_its_own(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The same BatchFlow reached again, and two at once on a fan-out's branches: each
+    step's children run and are recorded, and forgetting the run forgets them all."""
+    storage = make_backend(kind, tmp_path, request).open()
+    ran: list[list[str]] = []
+    recorded: list[list[str]] = []
+    async with cf.open_engine() as engine:
+        for flow in (batch_flow_twice_in_a_loop(), batch_flows_on_two_branches()):
+            await engine.run(flow, storage, run_id="job")
+            async with engine.open_store(storage) as store:
+                ran.append(sorted(await store.get("ran")))
+                await store.delete("ran")
+            recorded.append(sorted(run.run_id for run in await engine.list_runs(storage)))
+            assert await engine.forget_run(storage, "job")
+            assert await engine.list_runs(storage) == []
+    assert ran == [CHILDREN_OF_THE_LOOP, CHILDREN_ON_THE_BRANCHES]
+    assert recorded == [["job", *children] for children in ran]
 
 
 async def test_forget_run_on_a_temporary_engine(tmp_path: Path) -> None:
@@ -369,7 +400,8 @@ async def test_children_of_a_durable_run_are_durable_and_not_run_again(tmp_path:
         records = {r.run_id: r.state for r in await engine.list_runs(storage)}
     assert sorted(ran) == ["a", "b", "b", "c"]
     assert result.success
-    assert records == {"p": "succeeded", "p/0": "succeeded", "p/1": "succeeded", "p/2": "succeeded"}
+    children = {f"p:1/{index}": "succeeded" for index in range(3)}
+    assert records == {"p": "succeeded", **children}
 
 
 # --- two engines running one durable run -------------------------------------------------

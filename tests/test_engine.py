@@ -862,7 +862,7 @@ class Ledger:
 
     def faults_of(self, run_id: str) -> list[str]:
         """The failures injected into ``run_id`` and the runs it waited for inside
-        its steps (``run_id/...``)."""
+        its steps (see :func:`_own`)."""
         return [
             fault
             for other, faults in self.faults.items()
@@ -872,8 +872,9 @@ class Ledger:
 
 
 def _own(run_id: str, other: str) -> bool:
-    """Whether ``other`` is ``run_id`` or a run one of its steps waited for."""
-    return other == run_id or other.startswith(f"{run_id}/")
+    """Whether ``other`` is ``run_id`` or a run one of its steps waited for (named
+    ``run_id/...``, or ``run_id:...`` for a BatchFlow's child)."""
+    return other == run_id or other.startswith((f"{run_id}/", f"{run_id}:"))
 
 
 class Probe(cf.Node):

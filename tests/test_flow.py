@@ -17,7 +17,14 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.flow import MAX_NESTING, refusing_runs
-from tests.support import Recorder, refused
+from tests.support import (
+    CHILDREN_OF_THE_LOOP,
+    CHILDREN_ON_THE_BRANCHES,
+    Recorder,
+    batch_flow_twice_in_a_loop,
+    batch_flows_on_two_branches,
+    refused,
+)
 
 
 def test_build_rejects_a_flow_without_nodes() -> None:
@@ -673,6 +680,18 @@ async def test_a_batch_flow_runs_its_flow_once_per_parameter_set() -> None:
     )
     assert result.result == [5, 5, 5]
     assert store == {"size:a.txt": 5, "size:b.txt": 5, "size:c.txt": 5}
+
+
+async def test_every_step_of_a_batch_flow_runs_children_of_its_own() -> None:
+    """A child's run id is its BatchFlow step's execution id and its index: the same
+    node reached again, or two BatchFlows at once on a fan-out's branches, each run
+    their children."""
+    looped: dict[str, Any] = {}
+    await batch_flow_twice_in_a_loop().run(looped, run_id="job")
+    forked: dict[str, Any] = {}
+    await batch_flows_on_two_branches().run(forked, run_id="job")
+    assert sorted(looped["ran"]) == CHILDREN_OF_THE_LOOP
+    assert sorted(forked["ran"]) == CHILDREN_ON_THE_BRANCHES
 
 
 def test_a_batch_flows_sub_flow_cannot_be_replaced_after_it_is_made() -> None:

@@ -9,11 +9,13 @@ import pytest
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.errors import RunConflictError, StorageError
+from cosmoflow_actors.runtime.run_record import record_key
 from cosmoflow_actors.storage.base import (
     RECORD_PREFIX,
     RESERVED_PREFIX,
     check_steps,
     check_user_key,
+    record_children,
 )
 from tests.support import single
 
@@ -123,3 +125,13 @@ async def test_a_backend_that_loses_a_run_record_fails_that_run_not_the_engine()
         later = await engine.run(flow, {})
 
     assert later.success
+
+
+def test_record_children_are_the_records_of_batch_flow_children_at_any_depth() -> None:
+    parent = record_key("job")
+    children = [record_key(run_id) for run_id in ("job:1/0", "job:2.1/4/12", "job:3/0:1.0/2/1")]
+    others = [
+        record_key(run_id)
+        for run_id in ("job", "job2:1/0", "jo:1/0", "job:1", "job:1/0x", "job/0", "job:1.0/0")
+    ]
+    assert record_children(parent, [*others, *children]) == children

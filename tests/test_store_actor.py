@@ -566,9 +566,9 @@ async def test_a_forget_whose_backend_fails_a_delete_keeps_every_record() -> Non
         f"__cosmoflow__/runs/{run_id}": json.dumps(
             {**run_record.new_record(run_id, "f", {}), "state": "succeeded"}
         )
-        for run_id in ("p", "p/0", "p/1")
+        for run_id in ("p", "p:1/0", "p:1/1")
     }
-    storage = DeleteFails("__cosmoflow__/runs/p/1")
+    storage = DeleteFails("__cosmoflow__/runs/p:1/1")
     storage.data.update(records)
     async with cf.open_engine() as engine:
         with pytest.raises(cf.StorageError, match="forget failed"):

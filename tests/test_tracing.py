@@ -593,8 +593,8 @@ async def test_a_batch_flows_child_runs_are_children_of_its_step_span(
     [batch_step] = [span for span in spans if span.name == "parent/only"]
     children = [span for span in spans if span.name == "child"]
     assert sorted((span.attributes or {})["cosmoflow.run_id"] for span in children) == [
-        "p/0",
-        "p/1",
+        "p:1/0",
+        "p:1/1",
     ]
     for child in children:
         assert child.parent is not None
@@ -735,7 +735,7 @@ class Planned(cf.Node):
         self.plan = plan
 
     async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
-        how = self.plan[ctx.run_id, ctx.node_id]
+        how = self.plan[plan_key(ctx.run_id), ctx.node_id]
         await trio.sleep(0.5 if how == "slow" else 0.1)
         if how == "fails" or (how == "flaky" and ctx.current_retry == 0):
             raise ConnectionError(f"{how} {ctx.execution_id}")
@@ -743,7 +743,7 @@ class Planned(cf.Node):
     async def post(
         self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
     ) -> Any:
-        return 42 if self.plan[ctx.run_id, ctx.node_id] == "bad" else None
+        return 42 if self.plan[plan_key(ctx.run_id), ctx.node_id] == "bad" else None
 
 
 class TwoChildren(cf.BatchFlow):
@@ -867,6 +867,13 @@ async def load(seed: int, runs: int, max_runs: int | None) -> Load:
     return Load(subscribers, visitor, paths, ended, engine.statistics(), spans)
 
 
+def plan_key(run_id: str) -> str:
+    """The name the plan gives run ``run_id``: the id of a run the test started, or
+    ``<run id>/<index>`` for a child of its BatchFlow (``<run id>:<step>/<index>``)."""
+    parent, _, child = run_id.partition(":")
+    return f"{parent}/{child.rpartition('/')[2]}" if child else parent
+
+
 def plan_run(plan: dict[tuple[str, str], str], rng: random.Random, run_id: str) -> None:
     """Draw what each step of run ``run_id`` and of its child runs does."""
     for node_id in ("a", "b", "c", "x", "y"):
@@ -937,7 +944,7 @@ def check_run(run_id: str, events: list[cf.Event], scenario: Load) -> None:
     assert type(end) is kind, (run_id, end, kind)
     if isinstance(end, cf.RunFailed) and error is not None:
         assert end.error is error
-    parent, _, child = run_id.partition("/")
+    parent, _, child = run_id.partition(":")
     path = ("x", "y") if child else scenario.paths[parent]
     started = tuple(e.node_id for e in events if isinstance(e, cf.StepStarted))
     assert started == path[: len(started)], (run_id, started)
@@ -1027,7 +1034,7 @@ def check_step_span(step: ReadableSpan, run: ReadableSpan, error: BaseException 
 
 
 def check_run_span(event: cf.Event, run: ReadableSpan, steps: dict[str, ReadableSpan]) -> None:
-    parent, _, child = event.run_id.partition("/")
+    parent, _, child = event.run_id.partition(":")
     if child:
         batch = [s for s in steps.values() if s.name == "batch/kids"]
         [step] = [s for s in batch if attribute(s, "cosmoflow.run_id") == parent]

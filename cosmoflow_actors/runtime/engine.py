@@ -273,7 +273,7 @@ class Engine:
     async def forget_run(self, store: Storage | dict[str, Any], run_id: str) -> bool:
         """Delete the record of the durable run ``run_id`` from ``store``, a run that has
         ended (succeeded or failed), with the records of its BatchFlow children
-        (``run_id/0``...); return whether there was one. What the runs wrote to the
+        (``run_id:2/0``...); return whether there was one. What the runs wrote to the
         store stays; the run id is free again. Blocks while the records are read and
         deleted (in the store actor's serial order, so no step of this engine commits
         in between; in a transaction of the backend's own where it has one, see

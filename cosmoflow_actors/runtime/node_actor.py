@@ -509,7 +509,10 @@ class NodeActor(Actor[Step]):
         self, batch: BatchFlow, param_sets: list[Any], run: ActiveRun, ctx: ExecutionContext
     ) -> list[FlowResult]:
         """Run ``batch.flow`` once per parameter set as child runs on this run's store;
-        they are durable when this run is."""
+        they are durable when this run is. The child of the ``index``-th set is the run
+        ``<execution id>/<index>``: unique to this step within the run, and the same when
+        a resumed durable run runs the step again (it then finds its children's
+        records)."""
         run_child = self._run_child
         jobs = [
             functools.partial(
@@ -517,7 +520,7 @@ class NodeActor(Actor[Step]):
                 batch.flow,
                 run.storage,
                 params=params,
-                run_id=f"{ctx.run_id}/{index}",
+                run_id=f"{ctx.execution_id}/{index}",
                 durable=run.durability.durable,
             )
             for index, params in enumerate(param_sets)

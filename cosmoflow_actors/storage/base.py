@@ -265,8 +265,10 @@ def check_user_key(key: str) -> None:
 
 def record_children(record_key: str, keys: Iterable[str]) -> list[str]:
     """Those of ``keys`` that are records of the BatchFlow children of the run recorded
-    under ``record_key`` (``record_key/0``, ``record_key/0/2``...). Does not block."""
-    pattern = re.compile(re.escape(record_key) + r"(/[0-9]+)+")
+    under ``record_key``, at any depth: a child's run id is the execution id of its
+    BatchFlow's step and its index (``record_key:3/0``, ``record_key:2.1/4/0``,
+    ``record_key:3/0:1/2``...). Does not block."""
+    pattern = re.compile(re.escape(record_key) + r"(:([0-9]+\.[0-9]+/)*[0-9]+/[0-9]+)+")
     return [key for key in keys if pattern.fullmatch(key)]
 
 
