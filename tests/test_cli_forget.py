@@ -3,6 +3,7 @@ deleted, in order, and what the runs wrote stays."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import trio.testing
 import cosmoflow_actors as cf
 from cosmoflow_actors.cli import main
 from tests.storage_suite import RedisServer, unique_namespace
-from tests.support import Gate, single
+from tests.support import CHILDREN_OF_THE_LOOP, Gate, batch_flow_twice_in_a_loop, single
 
 pytestmark = pytest.mark.usefixtures("plain_output")
 
@@ -72,6 +73,24 @@ def test_forget_refuses_a_run_recorded_as_running_and_says_how_to_finish_it(
         "(cosmoflow run FILE.py --store STORE --run-id ID --resume)"
     )
     assert recorded_runs(f"sqlite:{path}", capsys) == ["r"]
+
+
+def test_forget_refuses_a_child_of_a_recorded_run_and_names_its_parent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"sqlite:{tmp_path / 'state.db'}"
+    flow = batch_flow_twice_in_a_loop()
+    trio.run(functools.partial(flow.run, cf.SQLiteStorage(tmp_path / "state.db"), run_id="job"))
+    assert main(["forget", store, "job:1/0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"cosmoflow: error: {store}: run 'job:1/0' is a child run of the recorded run 'job' "
+        "(a step of its BatchFlow started it): forget 'job', whose children are forgotten "
+        "with it"
+    )
+    assert sorted(recorded_runs(store, capsys)) == ["job", *CHILDREN_OF_THE_LOOP]
+    assert main(["forget", store, "job"]) == 0
+    assert capsys.readouterr().out == "job\n"
+    assert recorded_runs(store, capsys) == []
 
 
 def test_forget_on_redis(

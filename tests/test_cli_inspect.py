@@ -107,6 +107,7 @@ def test_inspect_lists_the_durable_runs_of_a_store(
             "owner": None,
             "queue": None,
             "lease_left": None,
+            "parent_id": None,
         }
     ]
     assert main(["inspect", f"file:{path}"]) == 0

@@ -404,6 +404,24 @@ async def test_children_of_a_durable_run_are_durable_and_not_run_again(tmp_path:
     assert records == {"p": "succeeded", **children}
 
 
+async def test_a_child_of_a_recorded_run_is_forgotten_only_with_its_parent(tmp_path: Path) -> None:
+    """Forgetting a finished child of a run that resumes would run its steps again: it is
+    refused, and list_runs names each child's parent, so a clean-up can skip them."""
+    flow, ran = batch_parent(fail_on="b")
+    storage = cf.FileStorage(tmp_path / "store.json")
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError):
+            await engine.run(flow, storage, run_id="p")
+        before = await engine.list_runs(storage)
+        with pytest.raises(cf.RunRecordedError, match="child run of the recorded run 'p'"):
+            await engine.forget_run(storage, "p:1/0")
+        parents = {run.run_id: run.parent_id for run in await engine.list_runs(storage)}
+        await engine.resume(flow, storage, run_id="p")
+    assert [run.run_id for run in before if run.state == "succeeded"] == ["p:1/0"]
+    assert parents == {"p": None, "p:1/0": "p", "p:1/1": "p"}  # c never started
+    assert sorted(ran) == ["a", "b", "b", "c"]  # the succeeded child did not run again
+
+
 # --- two engines running one durable run -------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from cosmoflow_actors.runtime.run_record import record_key
 from cosmoflow_actors.storage.base import (
     RECORD_PREFIX,
     RESERVED_PREFIX,
+    batch_parent,
     check_steps,
     check_user_key,
     record_children,
@@ -125,6 +126,20 @@ async def test_a_backend_that_loses_a_run_record_fails_that_run_not_the_engine()
         later = await engine.run(flow, {})
 
     assert later.success
+
+
+def test_batch_parent_is_the_run_a_childs_id_belongs_to() -> None:
+    parents = {
+        "job:3/0": "job",
+        "job:1.0/2/11": "job",
+        "job:3/0:1/2": "job:3/0",
+        "a:b:3/0": "a:b",
+        "job": None,
+        "job:3": None,
+        "job/0": None,
+        ":3/0": None,
+    }
+    assert {run_id: batch_parent(run_id) for run_id in parents} == parents
 
 
 def test_record_children_are_the_records_of_batch_flow_children_at_any_depth() -> None:

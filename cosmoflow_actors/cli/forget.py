@@ -16,9 +16,9 @@ from cosmoflow_actors.storage import Storage
 def forget_command(args: argparse.Namespace) -> int:
     """``cosmoflow forget``: forget the runs ``args.run_ids`` of the store
     ``args.store``, in order, printing each id once its records are deleted. The first
-    run that cannot be forgotten (no record, still running, a record the engine did not
-    write) is a CliError; the runs before it stay forgotten. Blocks while the store is
-    read and written."""
+    run that cannot be forgotten (no record, still running, a BatchFlow's child of a
+    recorded run, a record the engine did not write) is a CliError; the runs before it
+    stay forgotten. Blocks while the store is read and written."""
     storage = existing_store(args.store, args.codec, "forget")
     trio_run(_forget, described(args.store, storage), storage, args.run_ids)
     return 0
@@ -30,13 +30,21 @@ async def _forget(name: str, storage: Storage, run_ids: list[str]) -> None:
             try:
                 forgotten = await engine.forget_run(storage, run_id)
             except RunRecordedError as exc:
-                message = (
-                    f"{name}: run {run_id!r} is recorded as running: finish it first "
-                    f"(cosmoflow run FILE.py --store STORE --run-id ID --resume)"
-                )
-                raise CliError(message) from exc
+                raise CliError(_refused(name, run_id, exc)) from exc
             except (StorageError, ValueError) as exc:
                 raise CliError(f"{name}: cannot forget run {run_id!r}: {exc}") from exc
             if not forgotten:
                 raise CliError(f"{name}: no run {run_id!r} is recorded")
             print(run_id, flush=True)
+
+
+def _refused(name: str, run_id: str, error: RunRecordedError) -> str:
+    """What ``forget`` says of the run ``run_id`` of the store ``name`` that
+    ``forget_run`` refused with ``error``: how to finish a run recorded as running, or
+    the engine's reason for any other."""
+    if error.state != "running":
+        return f"{name}: {error}"
+    return (
+        f"{name}: run {run_id!r} is recorded as running: finish it first "
+        f"(cosmoflow run FILE.py --store STORE --run-id ID --resume)"
+    )

@@ -25,7 +25,7 @@ from cosmoflow_actors.cli.stores import (
 from cosmoflow_actors.diagram import to_dot, to_mermaid
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.runtime.engine import open_engine
-from cosmoflow_actors.runtime.run_record import RunRecord, checked_record
+from cosmoflow_actors.runtime.run_record import RunRecord, checked_record, with_parents
 from cosmoflow_actors.storage import FileStorage, SQLiteStorage, Storage
 from cosmoflow_actors.storage import file as file_storage
 from cosmoflow_actors.storage import sqlite as sqlite_storage
@@ -87,7 +87,7 @@ def _peek(
                 runs.append(RunRecord.of(checked_record(key, entry.unwrap())))
             except Exception as exc:  # undecodable, or not a record the engine wrote
                 contents[key] = Unreadable(exc)
-    return contents, runs
+    return contents, with_parents(runs)
 
 
 def _value(entry: Outcome[Any]) -> Any:

@@ -58,7 +58,7 @@ from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
-from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.base import Storage, batch_parent
 from cosmoflow_actors.validation import checked_params, require_positive, require_run_id
 
 T = TypeVar("T")
@@ -267,7 +267,9 @@ class Engine:
         RuntimeError once the engine is closed."""
         async with self._served(store) as (storage, actor):
             records = await actor.records(storage)
-        runs = [RunRecord.of(run_record.checked_record(k, v)) for k, v in records.items()]
+        runs = run_record.with_parents(
+            RunRecord.of(run_record.checked_record(k, v)) for k, v in records.items()
+        )
         return await run_queue.leases_checked(storage, runs)
 
     async def forget_run(self, store: Storage | dict[str, Any], run_id: str) -> bool:
@@ -281,21 +283,25 @@ class Engine:
         run uses the store, until its backend is closed.
 
         Raises RunRecordedError for a run in flight on this engine or recorded as
-        "running" (finish it with :meth:`resume` first), StorageError when the store
-        holds something else under the record's key, and RuntimeError once the engine
-        is closed.
+        "running" (finish it with :meth:`resume` first), or a BatchFlow's child run
+        whose parent is recorded (forget the parent: a resume of the parent would run
+        the child's steps again); StorageError when the store holds something else
+        under the record's key, and RuntimeError once the engine is closed.
         """
         require_run_id(run_id)
         self._refuse_in_flight(run_id)
-
-        def check(key: str, record: Any) -> None:
-            """Again in the store actor's order, where a start that has read the
-            record has its run in flight."""
-            self._refuse_in_flight(run_id)
-            run_record.require_ended(key, record)
-
-        key = run_record.record_key(run_id)
         async with self._served(store) as (storage, actor):
+            parent = await _recorded_parent(storage, actor, run_id)
+
+            def check(key: str, record: Any) -> None:
+                """Again in the store actor's order, where a start that has read the
+                record has its run in flight."""
+                self._refuse_in_flight(run_id)
+                run_record.require_ended(key, record)
+                if parent is not None:
+                    run_record.refuse_child(key, record, parent)
+
+            key = run_record.record_key(run_id)
             return await actor.forget_record(storage, key, check)
 
     def _refuse_in_flight(self, run_id: str) -> None:
@@ -829,6 +835,16 @@ class _Start(enum.Enum):
 
 _NO_PARAMS: Final[Mapping[str, Any]] = MappingProxyType({})
 """The params of a run started without any (one read-only mapping for all of them)."""
+
+
+async def _recorded_parent(storage: Storage, actor: StoreActor, run_id: str) -> str | None:
+    """The id of the run whose BatchFlow started the run ``run_id``, when that run is
+    recorded in ``storage``; else None. Blocks while the record is read."""
+    parent = batch_parent(run_id)
+    if parent is None:
+        return None
+    recorded = await actor.read_record(storage, run_record.record_key(parent))
+    return None if recorded is None else parent
 
 
 def _checked_arguments(flow: object, params: object, run_id: object) -> dict[str, Any]:

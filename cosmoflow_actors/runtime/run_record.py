@@ -19,9 +19,9 @@ Nothing here blocks.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeGuard
 
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import (
@@ -33,7 +33,7 @@ from cosmoflow_actors.errors import (
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork, Frame
-from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage
+from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage, batch_parent
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.node_actor import NodeActor
@@ -78,6 +78,22 @@ def require_ended(key: str, value: Any) -> None:
         )
 
 
+def refuse_child(key: str, value: Any, parent: str) -> NoReturn:
+    """Raise RunRecordedError: ``value``, the record under ``key``, is of a BatchFlow's
+    child run of the recorded run ``parent``, which is forgotten with its parent only
+    (a resume of the parent would run the child's steps again); StorageError when it
+    is not a record the engine wrote."""
+    record = checked_record(key, value)
+    run_id = record["run_id"]
+    raise RunRecordedError(
+        f"run {run_id!r} is a child run of the recorded run {parent!r} (a step of its "
+        f"BatchFlow started it): forget {parent!r}, whose children are forgotten with it",
+        run_id,
+        record["flow"],
+        record["state"],
+    )
+
+
 def require_flow(run: ActiveRun, record: Mapping[str, Any]) -> None:
     """Raise RunRecordedError unless ``record`` is of a run of ``run``'s flow (whatever
     the state it records)."""
@@ -115,6 +131,10 @@ class RunRecord:
     be read (see ``queue.leases_checked``), ``lease_left`` is the seconds left on the
     owner's lease, and a running run whose lease is gone is "orphaned": no worker runs
     it now, and the queue gives it to another worker.
+
+    A child run of a BatchFlow names its parent: ``parent_id`` is the id of the run
+    whose step started it (``job`` for ``job:3/0``), when that run is recorded in the
+    same store; None for any other run. A child's record is forgotten with its parent's.
     """
 
     run_id: str
@@ -125,6 +145,7 @@ class RunRecord:
     owner: str | None = None
     queue: str | None = None
     lease_left: float | None = None
+    parent_id: str | None = None
 
     @classmethod
     def of(cls, record: Mapping[str, Any]) -> RunRecord:
@@ -140,6 +161,19 @@ class RunRecord:
             owner=owner.get("worker"),
             queue=owner.get("queue"),
         )
+
+
+def with_parents(runs: Iterable[RunRecord]) -> list[RunRecord]:
+    """``runs``, the runs recorded in one store, each BatchFlow child among them naming
+    its parent (see :attr:`RunRecord.parent_id`)."""
+    runs = list(runs)
+    recorded = {run.run_id for run in runs}
+    return [_with_parent(run, recorded) for run in runs]
+
+
+def _with_parent(run: RunRecord, recorded: set[str]) -> RunRecord:
+    parent = batch_parent(run.run_id)
+    return run if parent not in recorded else replace(run, parent_id=parent)
 
 
 def new_record(run_id: str, flow_name: str, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -263,13 +263,27 @@ def check_user_key(key: str) -> None:
         )
 
 
+_CHILD_SUFFIX: Final = r":(?:[0-9]+\.[0-9]+/)*[0-9]+/[0-9]+"
+"""What a BatchFlow child's run id adds to its parent's: ``:`` and the rest of its step's
+execution id (the step's branch and number), then ``/`` and the child's index."""
+_CHILD_ID: Final = re.compile(f"(.+){_CHILD_SUFFIX}")
+
+
 def record_children(record_key: str, keys: Iterable[str]) -> list[str]:
     """Those of ``keys`` that are records of the BatchFlow children of the run recorded
     under ``record_key``, at any depth: a child's run id is the execution id of its
     BatchFlow's step and its index (``record_key:3/0``, ``record_key:2.1/4/0``,
     ``record_key:3/0:1/2``...). Does not block."""
-    pattern = re.compile(re.escape(record_key) + r"(:([0-9]+\.[0-9]+/)*[0-9]+/[0-9]+)+")
+    pattern = re.compile(f"{re.escape(record_key)}(?:{_CHILD_SUFFIX})+")
     return [key for key in keys if pattern.fullmatch(key)]
+
+
+def batch_parent(run_id: str) -> str | None:
+    """The run a BatchFlow child of id ``run_id`` belongs to (``job`` for ``job:3/0``,
+    ``job:3/0`` for ``job:3/0:1/2``), or None when ``run_id`` is not of a child's form.
+    Does not block."""
+    match = _CHILD_ID.fullmatch(run_id)
+    return None if match is None else match[1]
 
 
 def check_steps(record_key: str, stored: Any, steps_before: int) -> None:
