@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any, Final, TypeVar
 
 import pytest
@@ -315,3 +316,28 @@ CHILDREN_OF_THE_LOOP: Final = ["job:1/0", "job:1/1", "job:3/0", "job:3/1"]
 """The run ids of :func:`batch_flow_twice_in_a_loop`'s children in a run "job"."""
 CHILDREN_ON_THE_BRANCHES: Final = ["job:1.0/2/0", "job:1.0/2/1", "job:1.1/2/0", "job:1.1/2/1"]
 """The run ids of :func:`batch_flows_on_two_branches`' children in a run "job"."""
+
+
+@contextmanager
+def ki_protection_seen(*functions: Callable[..., Any]) -> Iterator[dict[str, set[bool]]]:
+    """While inside, note for each line of ``functions`` run in this thread (in calls
+    made inside) whether trio's KeyboardInterrupt protection covers it: the dict maps
+    each function's qualified name to the values of
+    ``trio.lowlevel.currently_ki_protected()`` seen."""
+    codes = {function.__code__: function.__qualname__ for function in functions}
+    seen: dict[str, set[bool]] = {name: set() for name in codes.values()}
+
+    def line(frame: FrameType, event: str, arg: object) -> Callable[..., object]:
+        if event == "line":
+            seen[codes[frame.f_code]].add(trio.lowlevel.currently_ki_protected())
+        return line
+
+    def call(frame: FrameType, event: str, arg: object) -> Callable[..., object] | None:
+        return line if frame.f_code in codes else None
+
+    previous = sys.gettrace()
+    sys.settrace(call)
+    try:
+        yield seen
+    finally:
+        sys.settrace(previous)

@@ -7,6 +7,7 @@ import trio
 import trio.testing
 
 from cosmoflow_actors.runtime.actor import Actor, Mailbox
+from tests.support import ki_protection_seen
 
 
 class Plain(Actor[str]):
@@ -209,3 +210,23 @@ async def test_a_closed_mailbox_drops_what_waits_and_what_comes_and_frees_its_se
     mailbox.put_nowait("late")
     await mailbox.put("later")
     assert not mailbox
+
+
+async def test_a_mailbox_parks_and_wakes_tasks_protected_from_keyboard_interrupt() -> None:
+    """A Ctrl-C landing between taking a waiter and waking it (or noting a task and
+    parking it) would leave that task asleep for good: every line that does so runs
+    protected, and the interrupt waits for the next checkpoint."""
+    mailbox: Mailbox[int] = Mailbox(1)
+    methods = (Mailbox.put, Mailbox.take, Mailbox.wait, Mailbox.wake, Mailbox.close)
+    with ki_protection_seen(*methods) as seen:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mailbox.wait)
+            await trio.testing.wait_all_tasks_blocked()
+            await mailbox.put(1)
+            nursery.start_soon(mailbox.put, 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert mailbox.take() == 1
+            nursery.start_soon(mailbox.put, 3)
+            await trio.testing.wait_all_tasks_blocked()
+            assert mailbox.close() == [2, 3]
+    assert seen == {method.__qualname__: {True} for method in methods}

@@ -8,6 +8,7 @@ import trio
 import trio.testing
 
 from cosmoflow_actors.runtime.messages import Reply, StoreOp
+from tests.support import ki_protection_seen
 
 
 async def test_an_answer_sent_before_waiting_is_kept() -> None:
@@ -65,3 +66,19 @@ def test_write_operations_are_marked() -> None:
         StoreOp.COMMIT_STEP,
         StoreOp.FORGET,
     }
+
+
+async def test_a_reply_is_waited_for_and_sent_protected_from_keyboard_interrupt() -> None:
+    reply: Reply[int] = Reply()
+    answers: list[int] = []
+    with ki_protection_seen(Reply.wait, Reply.send) as seen:
+        async with trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                answers.append(await reply.wait())
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            reply.send(outcome.Value(7))
+    assert answers == [7]
+    assert seen == {"Reply.wait": {True}, "Reply.send": {True}}

@@ -16,8 +16,8 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.node_actor import fails_the_step
-from tests.support import Gate, Recorder, single
+from cosmoflow_actors.runtime.node_actor import NodeActor, fails_the_step
+from tests.support import Gate, Recorder, ki_protection_seen, single
 
 
 class Flaky(cf.Node):
@@ -1445,3 +1445,15 @@ async def test_a_node_error_names_the_nested_flow_that_holds_the_node() -> None:
         await outer.run({})
     assert (info.value.node_id, info.value.flow_name) == ("work", "inner")
     assert str(info.value).startswith("node 'work' failed in exec (flow 'inner', run ")
+
+
+async def test_workers_are_parked_and_given_steps_protected_from_keyboard_interrupt() -> None:
+    """A Ctrl-C landing between taking a parked worker and waking it would lose the step
+    it was given: those lines run protected."""
+    flow = single(Recorder())
+    with ki_protection_seen(NodeActor._dispatch, NodeActor._park) as seen:
+        async with cf.open_engine() as engine:
+            for _ in range(2):  # the second step goes to the worker the first one parked
+                run = await engine.start_run(flow)
+                await run.wait()
+    assert seen == {"NodeActor._dispatch": {True}, "NodeActor._park": {True}}

@@ -39,7 +39,7 @@ from tests.storage_suite import (
     read_only,
     skip_unless_read_only_works,
 )
-from tests.support import received_until
+from tests.support import Recorder, ki_protection_seen, received_until, single
 
 STRAY_SUFFIX = ".0123456789abcdef.tmp"
 SNAPSHOT = (
@@ -1276,3 +1276,14 @@ async def test_a_refused_durable_step_leaves_the_keys_in_their_order(tmp_path: P
     assert user_keys == ["a", "b"]
     assert await reopened.get("a") == 1
     await reopened.aclose()
+
+
+async def test_a_call_in_a_worker_thread_is_started_and_waited_for_protected_from_ki(
+    tmp_path: Path,
+) -> None:
+    """A Ctrl-C landing between starting the thread and parking would let the thread's
+    answer wake the task wherever it waits next (trio then fails with an internal
+    error): those lines run protected."""
+    with ki_protection_seen(file_backend._in_thread) as seen:
+        await single(Recorder()).run(cf.FileStorage(tmp_path / "store.json"), run_id="r")
+    assert seen == {"_in_thread": {True}}

@@ -37,6 +37,11 @@ class Mailbox(Generic[M]):
     taken out moves the longest waiter's message in at once, so a message let in is
     never overtaken by one sent later. Once closed it drops every message. Never blocks
     except in :meth:`put` (while full) and :meth:`wait` (while empty).
+
+    The methods that park or wake a task are protected from KeyboardInterrupt (as
+    trio's own primitives are): a Ctrl-C landing between noting a task and parking it,
+    or between taking a waiter and waking it, would leave that task asleep for good or
+    woken twice. The interrupt arrives at the next checkpoint instead.
     """
 
     __slots__ = ("_closed", "_receiver", "_senders", "capacity", "items")
@@ -73,6 +78,7 @@ class Mailbox(Generic[M]):
             raise trio.WouldBlock(f"mailbox full ({self.capacity} messages)")
         self._append(message)
 
+    @trio.lowlevel.enable_ki_protection
     async def put(self, message: M) -> None:
         """Append ``message``, waiting first while the mailbox is full (the message is
         in when this returns, unless the mailbox was closed: then it is dropped).
@@ -97,6 +103,7 @@ class Mailbox(Generic[M]):
         self.items.append(message)
         self.wake()
 
+    @trio.lowlevel.enable_ki_protection
     def close(self) -> list[M]:
         """Drop the messages waiting and take no more: every waiting sender returns,
         its message dropped, and so is what any later sender puts. Return the messages
@@ -111,6 +118,7 @@ class Mailbox(Generic[M]):
             trio.lowlevel.reschedule(task)
         return dropped
 
+    @trio.lowlevel.enable_ki_protection
     def take(self) -> M:
         """Remove and return the oldest message (the mailbox must not be empty); the
         longest waiting sender's message takes its place. Never blocks."""
@@ -125,6 +133,7 @@ class Mailbox(Generic[M]):
         """Remove and return up to ``most`` of the oldest messages. Never blocks."""
         return [self.take() for _ in range(min(most, len(self.items)))]
 
+    @trio.lowlevel.enable_ki_protection
     def wake(self) -> None:
         """Wake the receiver if it waits: a message came, or another change it must
         see (the actor is told to stop). Never blocks."""
@@ -133,6 +142,7 @@ class Mailbox(Generic[M]):
             self._receiver = None
             trio.lowlevel.reschedule(receiver)
 
+    @trio.lowlevel.enable_ki_protection
     async def wait(self) -> None:
         """Block the one receiver task until a message is in the mailbox. A checkpoint."""
         if self.items:

@@ -29,6 +29,7 @@ class Reply(Generic[T]):
 
     The answer may arrive before the requester starts waiting; it is kept until then.
     A requester cancelled while waiting abandons the slot, and a later answer is dropped.
+    Both ends are protected from KeyboardInterrupt, as :class:`~.actor.Mailbox` is.
     """
 
     __slots__ = ("_answer", "_task")
@@ -37,6 +38,7 @@ class Reply(Generic[T]):
         self._answer: outcome.Outcome[T] | None = None
         self._task: trio.lowlevel.Task | None = None
 
+    @trio.lowlevel.enable_ki_protection
     def send(self, answer: outcome.Outcome[T]) -> None:
         """Deliver ``answer``; wakes the waiting task. Never blocks."""
         task = self._task
@@ -46,6 +48,7 @@ class Reply(Generic[T]):
         self._task = None
         trio.lowlevel.reschedule(task, answer)
 
+    @trio.lowlevel.enable_ki_protection
     async def wait(self) -> T:
         """Block until the answer arrives; return its value or raise its error.
 

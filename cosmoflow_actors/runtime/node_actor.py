@@ -236,10 +236,12 @@ class NodeActor(Actor[Step]):
             self.enter()
             self._dispatch(self.mailbox.take())
 
+    @trio.lowlevel.enable_ki_protection
     def _dispatch(self, step: Step) -> None:
         """Give ``step``, whose slot is taken, to a parked worker or a new one; either
         starts it in a fresh copy of the engine's context variables, so nothing the
-        code of an earlier run set in the worker reaches this one."""
+        code of an earlier run set in the worker reaches this one. Protected from
+        KeyboardInterrupt, as :meth:`_park` is: a worker taken must be woken."""
         if self._parked:
             worker = self._parked.pop()
             # Parked, the worker runs no code: trio enters the new context when it
@@ -281,9 +283,11 @@ class NodeActor(Actor[Step]):
         finally:
             del self.router.carriers[task]
 
+    @trio.lowlevel.enable_ki_protection
     async def _park(self) -> Step | None:
         """Wait, parked, until :meth:`_dispatch` gives this worker a step; None, at
-        once, when KEEP_IDLE workers are parked already."""
+        once, when KEEP_IDLE workers are parked already. Protected from
+        KeyboardInterrupt: a worker noted as parked must be parked."""
         if len(self._parked) >= KEEP_IDLE:
             return None
         task = trio.lowlevel.current_task()

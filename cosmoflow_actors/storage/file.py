@@ -432,6 +432,7 @@ async def _unlocked(unlock: weakref.finalize[[lock.Held], FileStorage]) -> None:
         await _in_thread(unlock)
 
 
+@trio.lowlevel.enable_ki_protection
 async def _in_thread(function: Callable[[*Ts], T], *args: *Ts) -> T:
     """Return ``function(*args)``, called in a worker thread; blocks only that thread.
 
@@ -441,6 +442,9 @@ async def _in_thread(function: Callable[[*Ts], T], *args: *Ts) -> T:
     limiter's extra pass through the scheduler, a copied context, renaming the thread
     twice), which made each commit's round trip to the thread half as long again. No
     limiter is needed: each call is a short burst of file I/O that its caller waits for.
+    Protected from KeyboardInterrupt (as to_thread is): an interrupt landing between
+    starting the thread and parking would leave the thread's answer to wake this task
+    wherever it waits next.
     """
     await trio.lowlevel.checkpoint_if_cancelled()
     token = trio.lowlevel.current_trio_token()
