@@ -933,3 +933,105 @@ async def test_a_blob_key_another_client_wrote_fails_the_calls_that_meet_it(
         peek(path)
     await foreign_key_fails_only_what_meets_it(storage, named)
     await storage.aclose()
+
+
+FORKS_AROUND_AN_OPEN_STORE = """
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+
+import trio
+
+import cosmoflow_actors as cf
+
+
+async def try_open(path: str) -> str:
+    storage = cf.SQLiteStorage(path)
+    try:
+        await storage.open()
+    except cf.StorageError as exc:
+        return str(exc)
+    await storage.aclose()
+    return "opened"
+
+
+def open_in_spawned(path: str) -> None:
+    print("spawned:", trio.run(try_open, path), flush=True)
+
+
+def open_in_forked(path: str, tag: str) -> None:
+    # Forks from the main thread, outside the trio run of the thread holding the store.
+    child = os.fork()
+    if child == 0:
+        signal.alarm(30)  # kills a child that hangs in sqlite3.connect
+        try:
+            print(f"{tag}:", trio.run(try_open, path), flush=True)
+        finally:
+            os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
+
+
+async def hold_open(path: str, opened: threading.Event, close: threading.Event) -> None:
+    storage = cf.SQLiteStorage(path)
+    await storage.set("a", 1)
+    await storage.commit()
+    opened.set()
+    await trio.to_thread.run_sync(close.wait)
+    await storage.set("b", 2)
+    await storage.commit()
+    await storage.aclose()
+
+
+if __name__ == "__main__":
+    path, other = sys.argv[1], sys.argv[2]
+    opened, close = threading.Event(), threading.Event()
+    holder = threading.Thread(target=trio.run, args=(hold_open, path, opened, close))
+    holder.start()
+    opened.wait()
+    open_in_forked(path, "forked while open")
+    open_in_forked(other, "other file")
+    spawned = multiprocessing.get_context("spawn").Process(target=open_in_spawned, args=(path,))
+    spawned.start()
+    spawned.join()
+    close.set()
+    holder.join()
+    open_in_forked(path, "forked after close")
+"""
+
+
+async def test_a_child_forked_while_the_database_is_open_may_not_open_it(
+    tmp_path: Path,
+) -> None:
+    """A process forked while its parent had the database open holds a copy of SQLite's
+    state of that file (its locks, the -shm mapping): its own connection lost commits,
+    failed or hung. It is refused; the parent's store goes on; a spawned process, or a
+    child forked with no connection to the file open, opens it."""
+    path, other = tmp_path / "store.db", tmp_path / "other.db"
+    script = tmp_path / "forks.py"
+    script.write_text(FORKS_AROUND_AN_OPEN_STORE)
+    with trio.fail_after(120):
+        done = await trio.run_process(
+            [sys.executable, str(script), str(path), str(other)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    said = dict(line.split(": ", 1) for line in done.stdout.decode().splitlines())
+    assert said["forked while open"] == (
+        f"{path}: cannot open the database in this process: it was forked while its "
+        "parent (or an ancestor) had the database open, and SQLite's state of that "
+        "file (its locks, the mapping of its -shm file) was copied into it at the fork; "
+        "a connection opened here could lose commits, fail or hang. Open it in a process "
+        "started with the spawn or forkserver start method of multiprocessing, or in a "
+        "subprocess, or fork before opening it"
+    )
+    assert said == {
+        "forked while open": said["forked while open"],
+        "other file": "opened",
+        "spawned": "opened",
+        "forked after close": "opened",
+    }
+    assert await read_back(path) == {"a": 1, "b": 2}

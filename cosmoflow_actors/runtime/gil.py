@@ -20,6 +20,7 @@ nothing.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from types import TracebackType
@@ -30,6 +31,21 @@ SWITCH_INTERVAL: Final = 0.0001
 FileStorage sets: 1.15 s at the default 5 ms, 0.61 to 0.65 s with 100 µs around each
 batch."""
 
+_lock = threading.Lock()
+"""Guards every :class:`ShortSwitchInterval`'s count of users and saved interval."""
+
+
+def _unlock_in_child() -> None:
+    """In a child just forked: a new lock, since a thread of the parent may have held
+    the old one at the fork, and no thread of the child would ever release it. A user
+    inside in another thread at the fork stays counted in the child, which then keeps
+    the short interval."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)
+
 
 @final
 class ShortSwitchInterval:
@@ -38,18 +54,19 @@ class ShortSwitchInterval:
     the last one leaves, it puts back the interval it found, if the interval is still
     the one it set: an interval the program set meanwhile is the program's choice.
 
-    Never blocks (beyond an uncontended lock) and is not a checkpoint.
+    Never blocks (beyond a lock all instances share, held only to count) and is not a
+    checkpoint. A child forked while another thread was entering or leaving it can use
+    it (see :func:`_unlock_in_child`).
     """
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
-        self._lock = threading.Lock()
         self._users = 0
         self._saved = 0.0
         self._set = 0.0
 
     def __enter__(self) -> None:
-        with self._lock:
+        with _lock:
             if self._users == 0:
                 self._saved = sys.getswitchinterval()
                 sys.setswitchinterval(min(self._saved, self._seconds))
@@ -63,7 +80,7 @@ class ShortSwitchInterval:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        with self._lock:
+        with _lock:
             self._users -= 1
             if self._users == 0 and sys.getswitchinterval() == self._set:
                 sys.setswitchinterval(self._saved)

@@ -71,6 +71,67 @@ _DELETE_USER_KEYS: Final = f"DELETE FROM {STORE_TABLE} WHERE substr(key, 1, ?) <
 
 T = TypeVar("T")
 
+_open_here: dict[int, Path] = {}
+"""The database files (resolved paths) this process has connections open to, by the id
+of their :class:`_TrackedConnection`. Connections open and close in worker threads: a
+dict's item assignment and ``pop`` are atomic."""
+
+_open_at_fork: set[Path] = set()
+"""The database files the process this one was forked from, or an ancestor of it, had
+connections open to when it forked (see :func:`_refuse_if_open_at_fork`)."""
+
+
+def _remember_at_fork() -> None:
+    """In a child just forked: the files its parent has open are files open at a fork.
+    The child's copies of the parent's connections are not its own: closing one there
+    changes nothing here."""
+    _open_at_fork.update(_open_here.values())
+    _open_here.clear()
+
+
+os.register_at_fork(after_in_child=_remember_at_fork)
+
+
+class _TrackedConnection(sqlite3.Connection):
+    """A connection that :data:`_open_here` lists from before it opens its file until it
+    is closed (or collected unclosed)."""
+
+    def __init__(self, database: Path, *args: Any, **kwargs: Any) -> None:
+        _open_here[id(self)] = database.resolve()
+        try:
+            super().__init__(database, *args, **kwargs)
+        except BaseException:
+            del _open_here[id(self)]
+            raise
+
+    def close(self) -> None:
+        super().close()
+        _open_here.pop(id(self), None)
+
+    def __del__(self) -> None:
+        _open_here.pop(id(self), None)
+
+
+def _refuse_if_open_at_fork(path: Path) -> None:
+    """Raise StorageError when this process was forked while it (or an ancestor) had the
+    database at ``path`` open (blocks, to resolve the path).
+
+    SQLite keeps, per process, the locks it holds on each open file and the mapping of
+    its ``-shm`` file; a forked child has a copy of them, true only of its parent at the
+    fork. A connection the child opens to that file uses that copy: it lost commits,
+    failed with ``SQLITE_IOERR_SHORT_READ`` or hung for good in ``sqlite3.connect`` (on
+    a mutex held at the fork by another thread of the parent).
+    """
+    if path.resolve() in _open_at_fork:
+        raise StorageError(
+            f"{path}: cannot open the database in this process: it was forked while its "
+            "parent (or an ancestor) had the database open, and SQLite's state of that "
+            "file (its locks, the mapping of its -shm file) was copied into it at the "
+            "fork; a connection opened here could lose commits, fail or hang. Open it "
+            "in a process started with the spawn or forkserver start method of "
+            "multiprocessing, or in a subprocess, or fork before opening it"
+        )
+
 
 @final
 class SQLiteStorage(DatabaseStorage):
@@ -131,7 +192,10 @@ class SQLiteStorage(DatabaseStorage):
 
         Blocks in a worker thread. Raises :class:`~cosmoflow_actors.StorageError` when the
         file cannot be opened, is not an SQLite database, holds tables this backend did
-        not create or was written with another codec; such a file is not changed.
+        not create or was written with another codec; such a file is not changed. Raises
+        it too, opening nothing, in a process forked while its parent (or an ancestor)
+        had a connection to that file open: SQLite's state of the file was copied at the
+        fork (see :func:`_refuse_if_open_at_fork`).
         """
         await self._connected()
 
@@ -522,9 +586,14 @@ def _connect(path: Path, codec: Codec, timeout: float) -> tuple[sqlite3.Connecti
     the file it opened. An sqlite3 error checking it is raised as StorageError (see
     :func:`_failure`), described before the connection closes."""
     deadline = time.monotonic() + timeout
+    _refuse_if_open_at_fork(path)
     _create_private(path)
     connection = sqlite3.connect(
-        path, timeout=timeout, isolation_level=None, check_same_thread=False
+        path,
+        timeout=timeout,
+        isolation_level=None,
+        check_same_thread=False,
+        factory=_TrackedConnection,
     )
     try:
         _prepare(connection, path, codec, deadline)
