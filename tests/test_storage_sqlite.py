@@ -973,8 +973,31 @@ def open_in_forked(path: str, tag: str) -> None:
     assert os.waitpid(child, 0)[1] == 0
 
 
+held: list[cf.SQLiteStorage] = []
+
+
+async def use_inherited() -> str:
+    try:
+        await held[0].get("a")
+    except cf.StorageError as exc:
+        return str(exc)
+    return "used"
+
+
+def use_in_forked() -> None:
+    child = os.fork()
+    if child == 0:
+        signal.alarm(30)
+        try:
+            print("inherited instance:", trio.run(use_inherited), flush=True)
+        finally:
+            os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
+
+
 async def hold_open(path: str, opened: threading.Event, close: threading.Event) -> None:
     storage = cf.SQLiteStorage(path)
+    held.append(storage)
     await storage.set("a", 1)
     await storage.commit()
     opened.set()
@@ -991,6 +1014,7 @@ if __name__ == "__main__":
     holder.start()
     opened.wait()
     open_in_forked(path, "forked while open")
+    use_in_forked()
     open_in_forked(other, "other file")
     spawned = multiprocessing.get_context("spawn").Process(target=open_in_spawned, args=(path,))
     spawned.start()
@@ -1028,8 +1052,15 @@ async def test_a_child_forked_while_the_database_is_open_may_not_open_it(
         "started with the spawn or forkserver start method of multiprocessing, or in a "
         "subprocess, or fork before opening it"
     )
+    assert said["inherited instance"] == (
+        f"SQLiteStorage({str(path)!r}): this instance's connection was opened by the process "
+        "this one was forked from, and an SQLite connection must not be used across a "
+        "fork: open the store in a process started with the spawn or forkserver start "
+        "method of multiprocessing, or in a subprocess"
+    )
     assert said == {
         "forked while open": said["forked while open"],
+        "inherited instance": said["inherited instance"],
         "other file": "opened",
         "spawned": "opened",
         "forked after close": "opened",

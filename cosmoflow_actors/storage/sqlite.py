@@ -133,6 +133,19 @@ def _refuse_if_open_at_fork(path: Path) -> None:
         )
 
 
+def _refuse_if_inherited(storage: SQLiteStorage, connection: sqlite3.Connection) -> None:
+    """Raise StorageError when ``connection``, ``storage``'s, was opened by the process
+    this one was forked from: its state in SQLite is that process's (see
+    :func:`_refuse_if_open_at_fork`). Does not block."""
+    if id(connection) not in _open_here:
+        raise StorageError(
+            f"{storage!r}: this instance's connection was opened by the process this one "
+            "was forked from, and an SQLite connection must not be used across a fork: "
+            "open the store in a process started with the spawn or forkserver start "
+            "method of multiprocessing, or in a subprocess"
+        )
+
+
 @final
 class SQLiteStorage(DatabaseStorage):
     """Storage in an SQLite database file: one row per key, values encoded by the codec.
@@ -372,13 +385,15 @@ class SQLiteStorage(DatabaseStorage):
             await self._in_thread(connection.close)
 
     async def _connected(self) -> sqlite3.Connection:
-        """Return the connection, opening the database the first time."""
+        """Return the connection, opening the database the first time; StorageError for
+        a connection this process did not open (see :func:`_refuse_if_inherited`)."""
         if self._connection is None:
             connection, file = await self._in_thread(
                 _connect, self._path, self._codec, self._timeout
             )
             self._connection, self._file = connection, file
             return connection
+        _refuse_if_inherited(self, self._connection)
         return self._connection
 
     @property
