@@ -255,6 +255,19 @@ def test_a_store_of_ones_own_that_cannot_be_built_is_bad_input(
     assert err.count("\n") == 1
 
 
+def test_a_mistyped_redis_store_is_refused_showing_no_password(
+    counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = "redis:/:s3cret@127.0.0.1:1/0"
+    assert main(["run", str(counter_file), "--store", store]) == 2
+    ran = capsys.readouterr().err
+    queue = "redis://127.0.0.1:1/0/q"
+    assert main(["worker", str(counter_file), "--queue", queue, "--store", store]) == 2
+    served = capsys.readouterr().err
+    assert ran.startswith("cosmoflow: error: store 'redis:/:***@127.0.0.1:1/0': expected")
+    assert served.startswith("cosmoflow: error: store 'redis:/:***@127.0.0.1:1/0': expected")
+
+
 def test_a_factory_that_takes_no_codec_is_refused_with_codec(
     user_backend: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

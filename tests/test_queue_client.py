@@ -26,6 +26,16 @@ async def test_a_queue_url_names_the_queue_by_its_last_path_part(
         RunQueue.from_url("http://example/jobs")
 
 
+def test_a_queue_url_refused_shows_no_password() -> None:
+    """A queue URL without its NAME is the likely slip: the error names the URL, and
+    shows its password as ***."""
+    for url in ("redis://:s3cret@h:6391", "redis://:s3/cret@h:6391/"):
+        with pytest.raises(ValueError) as refused:
+            RunQueue.from_url(url)
+        assert "s3" not in str(refused.value)
+        assert str(refused.value).startswith("queue 'redis://:***@h:6391")
+
+
 def test_a_queue_refuses_a_negative_flow_wait_and_an_endless_lease() -> None:
     with pytest.raises(ValueError, match="flow_wait must be >= 0 seconds, got -1"):
         RunQueue("redis://127.0.0.1:1/0", "q", flow_wait=-1)

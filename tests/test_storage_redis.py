@@ -401,6 +401,29 @@ async def test_a_password_in_the_url_never_shows(url: str, shown: str) -> None:
     assert "s3cret" not in str(failed.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://alice:pw@h/0", "redis://alice:***@h/0"),
+        ("rediss://u:p%40w@h:6380/2", "rediss://u:***@h:6380/2"),
+        # Not percent-encoded: a parser takes "/", "?" or "#" for the end of the host.
+        ("redis://:pa/ss@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://:pa?ss@h/0", "redis://:***@h/0"),
+        ("redis://:pa#ss@h/0", "redis://:***@h/0"),
+        ("redis://alice:p@ss:w/rd@h/0", "redis://alice:***@h/0"),
+        # Mistyped: one slash, a missing name.
+        ("redis:/:pw@h", "redis:/:***@h"),
+        ("redis://h/0?password=p@w", "redis://***@w"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)
+def test_redacted_shows_no_part_of_a_password_however_the_url_is_written(
+    url: str, shown: str
+) -> None:
+    assert redacted(url) == shown
+
+
 def test_redacted_hides_the_value_of_every_query_parameter_naming_a_password() -> None:
     assert redacted("redis://h/0?db=1&PassWord=a&x%5Fpassword=b&password&p=c") == (
         "redis://h/0?db=1&PassWord=***&x%5Fpassword=***&password&p=c"

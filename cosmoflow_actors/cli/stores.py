@@ -23,6 +23,7 @@ from cosmoflow_actors.runtime.engine import Engine
 from cosmoflow_actors.runtime.queue import RunStores, per_run_redis
 from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
+from cosmoflow_actors.storage.redis import redacted
 
 PYTHON_STORE: Final = "python:MODULE:FACTORY[:ARGUMENT]"
 """``--store`` for a backend of the user's own: ``FACTORY(ARGUMENT)`` returns the Storage."""
@@ -59,7 +60,7 @@ def parse_store(text: str, codec: str | None = None) -> Storage | None:
         return RedisStorage(url, namespace=namespace or "default", codec=codec or "json")
     custom = custom_store(text, STORE_SYNTAX)
     if custom is None:
-        raise CliError(f"store {text!r}: expected {STORE_SYNTAX}")
+        raise CliError(f"store {redacted(text)!r}: expected {STORE_SYNTAX}")
     return custom.build_now({} if codec is None else {"codec": codec})
 
 
@@ -92,7 +93,7 @@ def worker_stores(text: str) -> RunStores:
     try:
         return per_run_redis(text)
     except ValueError as exc:
-        raise CliError(f"store {text!r}: expected {WORKER_STORE_SYNTAX}") from exc
+        raise CliError(f"store {redacted(text)!r}: expected {WORKER_STORE_SYNTAX}") from exc
 
 
 @dataclass(frozen=True, slots=True)

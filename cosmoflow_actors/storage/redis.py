@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import unquote_plus
 
 import outcome
 import trio
@@ -861,14 +861,36 @@ def redacted(url: str) -> str:
     redis-py takes a password from the userinfo (``redis://user:secret@host``) and from
     any query parameter, whose name it passes on as a connection option
     (``?password=secret``, ``?ssl_password=secret``): the value of every parameter
-    whose name holds "password" is replaced, whatever its case. Does not block.
+    whose name holds "password" is replaced, whatever its case. The userinfo is taken
+    to be all between the scheme and the last ``@``, so that a password with an ``@``,
+    ``/``, ``?`` or ``#`` not percent-encoded (which a URL parser reads as the end of
+    the userinfo or of the host), or a URL mistyped, shows no part of it. Does not
+    block.
     """
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        userinfo = userinfo.partition(":")[0] + ":***"
-    query = "&".join(_redacted_parameter(part) for part in parts.query.split("&"))
-    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}", query=query))
+    head, at, tail = url.rpartition("@")
+    if at:
+        head = _redacted_userinfo(head)
+    base, question, rest = tail.partition("?")
+    if question:
+        query, hash_mark, fragment = rest.partition("#")
+        query = "&".join(_redacted_parameter(part) for part in query.split("&"))
+        tail = f"{base}?{query}{hash_mark}{fragment}"
+    return f"{head}{at}{tail}"
+
+
+def _redacted_userinfo(head: str) -> str:
+    """``head``, a URL up to the ``@`` that ends its userinfo, with the userinfo as
+    ``user:***`` (``user`` when it holds no password), or ``***`` when its user name
+    holds a character a URL's user name cannot (it is then not a user name, and may be
+    part of a password). Does not block."""
+    scheme, colon, rest = head.partition(":")
+    if not colon:
+        return "***"
+    start = len(rest) - len(rest.lstrip("/"))
+    user, has_password, _ = rest[start:].partition(":")
+    if any(mark in user for mark in "/?#"):
+        return f"{scheme}:{rest[:start]}***"
+    return f"{scheme}:{rest[:start]}{user}{':***' if has_password else ''}"
 
 
 def _redacted_parameter(parameter: str) -> str:

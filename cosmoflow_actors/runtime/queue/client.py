@@ -120,7 +120,7 @@ class RunQueue:
         parts = urlsplit(text)
         head, _, name = parts.path.rpartition("/")
         if parts.scheme not in ("redis", "rediss") or not parts.netloc or not name:
-            raise ValueError(f"queue {text!r}: expected redis://HOST[:PORT][/DB]/NAME")
+            raise ValueError(f"queue {redacted(text)!r}: expected redis://HOST[:PORT][/DB]/NAME")
         return cls(urlunsplit(parts._replace(path=head)), name, lease=lease, flow_wait=flow_wait)
 
     def __repr__(self) -> str:

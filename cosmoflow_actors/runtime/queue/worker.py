@@ -13,7 +13,6 @@ import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import trio
 
@@ -24,7 +23,7 @@ from cosmoflow_actors.runtime.queue.claims import LOGGER, Claim, Claimer, shield
 from cosmoflow_actors.runtime.queue.client import GROUP, RunQueue, as_queue
 from cosmoflow_actors.runtime.queue.scripts import FINISH, HAND_BACK, RELEASE, RENEW
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.redis import RedisStorage
+from cosmoflow_actors.storage.redis import RedisStorage, redacted
 from cosmoflow_actors.tracing import describe_error
 from cosmoflow_actors.validation import require_positive
 
@@ -57,8 +56,8 @@ def per_run_redis(text: str) -> PerRunRedis:
     """The stores ``redis://HOST:PORT[/DB][#PREFIX]`` names, PREFIX ``runs`` by default.
     ValueError naming ``text`` when it is not a redis:// or rediss:// URL."""
     url, _, prefix = text.partition("#")
-    if urlsplit(url).scheme not in ("redis", "rediss"):
-        raise ValueError(f"store {text!r}: expected redis://HOST[:PORT][/DB][#PREFIX]")
+    if not url.startswith(("redis://", "rediss://")):
+        raise ValueError(f"store {redacted(text)!r}: expected redis://HOST[:PORT][/DB][#PREFIX]")
     return PerRunRedis(url, prefix or "runs")
 
 
