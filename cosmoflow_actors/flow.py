@@ -569,7 +569,8 @@ class BatchFlow(Node):
     """Runs a sub-flow once per parameter set that :meth:`prep` returns.
 
     Each parameter set starts a child run of ``flow`` on the parent run's store, with
-    the set as the entry node's ``ctx.params``; at most ``max_concurrency`` children run
+    the set as the entry node's ``ctx.params`` and the step's execution id and the
+    set's index as its run id (``job:3/0``); at most ``max_concurrency`` children run
     at once (None = all). The first child that fails cancels the others and fails this
     step with a NodeError whose cause is the child's error. ``post`` receives the
     children's FlowResults in parameter order. Children are not retried.
