@@ -204,3 +204,82 @@ class Warnings(logging.Handler):
     async def wait_for(self, text: str) -> None:
         while not any(text in message for message in self.messages):
             await self._logged.wait()
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+"""JSON nested far deeper than Python's recursion limit."""
+
+
+def pending_entry(**fields: str) -> str:
+    """A pending run's entry of flow ``count``, as JSON text, with ``fields`` (each one
+    JSON text) added or replacing the usual ones."""
+    usual = {"flow": '"count"', "state": '"pending"', "params": "{}"}
+    return "{" + ", ".join(f'"{key}": {value}' for key, value in {**usual, **fields}.items()) + "}"
+
+
+BAD_ENTRIES: dict[str, tuple[bytes | str, bytes | str, str]] = {
+    "not JSON": ("evil", "{", "the entry of run 'evil' is not JSON: Expecting property name"),
+    "flow not a str": (
+        "evil",
+        pending_entry(flow='["count"]'),
+        "the entry of run 'evil' was not written by a queue: its 'flow' is ['count'], "
+        "not a non-empty str",
+    ),
+    "attempts not an int": (
+        "evil",
+        pending_entry(attempts='"x"'),
+        "its 'attempts' is 'x', not an int >= 0",
+    ),
+    "attempts infinite": ("evil", pending_entry(attempts="1e400"), "its 'attempts' is inf"),
+    "nested too deep": (
+        "evil",
+        pending_entry(params='{"a": ' + DEEP + "}"),
+        "the entry of run 'evil' is JSON nested too deep",
+    ),
+    "params not an object": (
+        "evil",
+        pending_entry(params="[1, 2]"),
+        "its 'params' is [1, 2], not an object of finite JSON values",
+    ),
+    "NaN param": (
+        "evil",
+        pending_entry(params='{"a": NaN}'),
+        "its 'params' is {'a': nan}, not an object of finite JSON values",
+    ),
+    "unknown state": (
+        "evil",
+        pending_entry(state='"weird"'),
+        "its 'state' is 'weird', not one of pending, running, succeeded, failed",
+    ),
+    "a key twice": (
+        "evil",
+        '{"flow": "count", "state": "pending", "params": {}, "flow": "other"}',
+        "the entry of run 'evil' is not JSON: the key 'flow' is there twice",
+    ),
+    "entry not UTF-8": (
+        "evil",
+        b'{"flow": "count", "state": "pending", "params": {"a": "\xff"}}',
+        "the entry of run 'evil' is not UTF-8: 'utf-8' codec can't decode byte 0xff",
+    ),
+    "succeeded without a result": (
+        "evil",
+        pending_entry(state='"succeeded"'),
+        "its 'result' is None, not {value, final_action, path, duration}",
+    ),
+    "run id not UTF-8": (b"\xff\xfe", pending_entry(), "the run id b'\\xff\\xfe' of the "),
+}
+"""Entries no queue writes, by kind: the run id, what the queue's hash holds for it,
+and what the error about it says (after the queue's repr)."""
+
+
+def shown_id(run_id: bytes | str) -> str:
+    """How the status shows the run id ``run_id`` (bytes not UTF-8 as escapes)."""
+    return run_id.decode(errors="backslashreplace") if isinstance(run_id, bytes) else run_id
+
+
+async def put_entry(queue: RunQueue, run_id: bytes | str, data: bytes | str) -> None:
+    """Write ``data`` as the entry of ``run_id`` in ``queue``'s hash and add the run to
+    its stream, as ``submit`` would, but unchecked."""
+    await queue.ensure_group()
+    await queue.call("HSET", queue.runs, run_id, data)
+    await queue.call("XADD", queue.stream, "*", "run_id", run_id)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.queue.client import RunQueue
 from cosmoflow_actors.runtime.queue.worker import per_run_redis
 from tests.queue_support import (
+    BAD_ENTRIES,
+    DEEP,
     FAILURES,
     FLOW,
     OTHER,
@@ -24,7 +28,10 @@ from tests.queue_support import (
     killed,
     monitored,
     new_queue,
+    pending_entry,
     persistent_redis,
+    put_entry,
+    shown_id,
     store_url,
     worker,
 )
@@ -41,45 +48,119 @@ async def passed_over(queue: RunQueue, run_id: str) -> cf.QueuedRun:
         await trio.sleep(0.02)
 
 
-async def test_a_worker_leaves_a_run_whose_queue_entry_it_cannot_read_and_goes_on(
-    redis_server: RedisServer,
-) -> None:
-    """Two runs are on the queue with entries no queue writes (a flow name that is a
-    list, and no JSON at all), then a good run: the worker acknowledges the bad ones
-    and logs each once, naming the queue and the run, and runs the good one. The
-    status shows the bad ones as unreadable; ``result`` raises for them."""
-    queue, store = new_queue(redis_server), store_url(redis_server)
-    await queue.ensure_group()
-    bad = {"listed": '{"flow": ["count"], "params": {}, "state": "pending"}', "garbled": "{"}
-    for run_id, data in bad.items():
-        await queue.call("HSET", queue.runs, run_id, data)
-        await queue.call("XADD", queue.stream, "*", "run_id", run_id)
+@contextmanager
+def logged() -> Iterator[Warnings]:
+    """The warnings logged to ``cosmoflow_actors.queue`` while the block runs."""
     warnings = Warnings()
     logger = logging.getLogger("cosmoflow_actors.queue")
     logger.addHandler(warnings)
     try:
-        async with worker(queue, store, "w1"):
-            run_id = await cf.submit(queue, "count")
-            with trio.fail_after(10):
-                done = await cf.result(queue, run_id)
+        yield warnings
     finally:
         logger.removeHandler(warnings)
+
+
+async def good_run_after(queue: RunQueue) -> cf.QueuedResult:
+    """Serve ``queue`` with a worker w1 until a run submitted now has succeeded: what
+    is on the queue before it is claimed first. Returns its result."""
+    async with worker(queue, f"{queue.url}#runs-{uuid.uuid4().hex[:8]}", "w1"):
+        run_id = await cf.submit(queue, "count")
+        with trio.fail_after(10):
+            return await cf.result(queue, run_id)
+
+
+@pytest.mark.parametrize("kind", BAD_ENTRIES)
+async def test_a_worker_leaves_a_run_whose_queue_entry_it_cannot_read_and_goes_on(
+    redis_server: RedisServer, kind: str
+) -> None:
+    """A run is on the queue with an entry no queue writes, then a good run: the
+    worker acknowledges the bad one and logs it once, naming the queue, the run and
+    the field at fault, and runs the good one; the status shows the bad one as
+    unreadable, with the same reason."""
+    run_id, data, why = BAD_ENTRIES[kind]
+    queue = new_queue(redis_server)
+    await put_entry(queue, run_id, data)
+    with logged() as warnings:
+        done = await good_run_after(queue)
     statuses = {run.run_id: run for run in await cf.queue_status(queue)}
     pending = await queue.call("XPENDING", queue.stream, "workers")
-    assert done.result == f"done {run_id}"
-    assert statuses[run_id].state == "succeeded"
-    assert [(statuses[name].state, statuses[name].flow_name) for name in bad] == [
-        ("unreadable", ""),
-        ("unreadable", ""),
-    ]
-    assert "was not written by a queue" in (statuses["listed"].error or "")
-    assert "is not JSON" in (statuses["garbled"].error or "")
+    bad = statuses[shown_id(run_id)]
+    assert statuses[done.run_id].state == "succeeded"
+    assert (bad.state, bad.flow_name) == ("unreadable", "")
+    assert why in (bad.error or ""), bad.error
     assert pending["pending"] == 0
-    assert len(warnings.messages) == 2, warnings.messages
-    for name, message in zip(bad, warnings.messages, strict=True):
-        assert message.startswith(f"worker w1 leaves run {name!r}: {queue!r}: the entry of run")
-    with pytest.raises(cf.CosmoFlowError, match=r"the entry of run 'garbled' is not JSON"):
+    [warning] = warnings.messages
+    assert warning.startswith("worker w1 leaves the stream entry ") and f"{queue!r}: " in warning
+    assert why in warning
+
+
+async def test_result_raises_for_a_run_whose_entry_is_unreadable(
+    redis_server: RedisServer,
+) -> None:
+    queue = new_queue(redis_server)
+    await put_entry(queue, "garbled", "{")
+    with pytest.raises(cf.UnreadableEntryError, match=r"the entry of run 'garbled' is not JSON"):
         await cf.result(queue, "garbled")
+
+
+async def test_a_worker_taking_over_an_unreadable_run_whose_lease_expired_leaves_it(
+    redis_server: RedisServer,
+) -> None:
+    """An unreadable run was delivered to a worker that died without acknowledging it:
+    the next worker takes its entry over (its lease having expired), logs it,
+    acknowledges it and goes on serving."""
+    run_id, data, why = BAD_ENTRIES["attempts not an int"]
+    queue = new_queue(redis_server)
+    await put_entry(queue, run_id, data)
+    [[_, [(entry_id, _)]]] = await queue.call(
+        "XREADGROUP", "GROUP", "workers", "dead", "COUNT", 1, "STREAMS", queue.stream, ">"
+    )
+    await queue.call("XCLAIM", queue.stream, "workers", "dead", 0, entry_id, "IDLE", 60_000)
+    with logged() as warnings:
+        done = await good_run_after(queue)
+    pending = await queue.call("XPENDING", queue.stream, "workers")
+    assert done.result == f"done {done.run_id}"
+    assert pending["pending"] == 0
+    assert warnings.messages == [
+        f"worker w1 leaves the stream entry {entry_id.decode()}: {queue!r}: the entry of run "
+        f"'evil' was not written by a queue: {why}"
+    ]
+
+
+async def test_a_worker_acknowledges_a_stream_entry_without_a_run_id(
+    redis_server: RedisServer,
+) -> None:
+    queue = new_queue(redis_server)
+    await queue.ensure_group()
+    entry_id = (await queue.call("XADD", queue.stream, "*", "other", "x")).decode()
+    with logged() as warnings:
+        done = await good_run_after(queue)
+    pending = await queue.call("XPENDING", queue.stream, "workers")
+    assert pending["pending"] == 0
+    assert [run.run_id for run in await cf.queue_status(queue)] == [done.run_id]
+    assert warnings.messages == [
+        f"worker w1 leaves the stream entry {entry_id}: {queue!r}: the stream entry "
+        f"{entry_id} names no run_id"
+    ]
+
+
+@pytest.mark.parametrize(
+    "note", ["garbage", '{"since": "x", "by": 5}', '{"since": 1, "by": {"a": "b"}}', DEEP]
+)
+async def test_a_passed_over_note_no_queue_writes_is_replaced_by_the_next_pass(
+    redis_server: RedisServer, note: str
+) -> None:
+    """A run's passed-over note is not what a queue writes: a worker lacking the run's
+    flow (flow_wait=0) notes its pass afresh and fails the run for want of a worker,
+    as it would without the note; it goes on serving."""
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", flow_wait=0)
+    await put_entry(queue, "left", pending_entry(flow='"no-such-flow"'))
+    await queue.call("HSET", queue.passed, "left", note)
+    done = await good_run_after(queue)
+    statuses = {run.run_id: run for run in await cf.queue_status(queue)}
+    assert statuses[done.run_id].state == "succeeded"
+    assert (statuses["left"].state, statuses["left"].passed_over) == ("failed", ("w1",))
+    assert "no worker took flow 'no-such-flow'" in (statuses["left"].error or "")
 
 
 async def test_a_worker_without_the_runs_flow_leaves_it_to_a_worker_that_has_it(

@@ -7,13 +7,23 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.queue.status import leases_checked
 from cosmoflow_actors.runtime.queue.worker import per_run_redis
 from cosmoflow_actors.runtime.run_record import RunRecord
-from tests.queue_support import held_in_step_a, new_queue, store_url
+from tests.queue_support import (
+    BAD_ENTRIES,
+    DEEP,
+    held_in_step_a,
+    new_queue,
+    pending_entry,
+    put_entry,
+    shown_id,
+    store_url,
+)
 from tests.storage_suite import RedisServer
 
 
@@ -167,3 +177,41 @@ async def test_the_leases_of_runs_of_several_queues_are_read_each_from_its_queue
         ("r4", "succeeded", "w1"),
     ]
     assert checked[3] == runs[3]
+
+
+@pytest.mark.parametrize("kind", BAD_ENTRIES)
+async def test_a_run_whose_entry_no_queue_writes_is_shown_unreadable_with_why(
+    redis_server: RedisServer, kind: str
+) -> None:
+    run_id, data, why = BAD_ENTRIES[kind]
+    queue = new_queue(redis_server)
+    await put_entry(queue, run_id, data)
+    good = await cf.submit(queue, "count")
+    statuses = {run.run_id: run for run in await cf.queue_status(queue)}
+    bad = statuses[shown_id(run_id)]
+    assert statuses[good].state == "pending"
+    assert (bad.state, bad.flow_name, bad.owner, bad.attempts) == ("unreadable", "", None, 0)
+    assert (bad.error or "").startswith(f"{queue!r}: ")
+    assert why in (bad.error or ""), bad.error
+
+
+@pytest.mark.parametrize(
+    ("note", "why"),
+    [
+        ("garbage", "is not JSON: Expecting value"),
+        ('{"since": 5, "by": 5}', "its 'by' is 5, not a list of str"),
+        ('{"since": "x", "by": []}', "its 'since' is 'x', not a finite number"),
+        ('{"since": NaN, "by": []}', "its 'since' is nan, not a finite number"),
+        (DEEP, "is JSON nested too deep"),
+    ],
+)
+async def test_a_run_whose_passed_over_note_no_queue_writes_is_shown_unreadable(
+    redis_server: RedisServer, note: str, why: str
+) -> None:
+    queue = new_queue(redis_server)
+    await put_entry(queue, "left", pending_entry())
+    await queue.call("HSET", queue.passed, "left", note)
+    [status] = await cf.queue_status(queue)
+    assert status.state == "unreadable"
+    assert (status.error or "").startswith(f"{queue!r}: the passed-over note of run 'left' ")
+    assert why in (status.error or ""), status.error

@@ -32,7 +32,8 @@ every worker name stays a consumer of the group, and the runs' stores keep their
 
 The modules: :mod:`~cosmoflow_actors.runtime.queue.scripts` (the Lua scripts),
 :mod:`~cosmoflow_actors.runtime.queue.client` (:class:`RunQueue`, :func:`submit`,
-:func:`requeue`, :func:`result`), :mod:`~cosmoflow_actors.runtime.queue.status`
+:func:`requeue`, :func:`result`), :mod:`~cosmoflow_actors.runtime.queue.entries` (how
+what the queue holds reads back, checked), :mod:`~cosmoflow_actors.runtime.queue.status`
 (:func:`queue_status`, :func:`leases_checked`),
 :mod:`~cosmoflow_actors.runtime.queue.claims` (how a worker claims runs) and
 :mod:`~cosmoflow_actors.runtime.queue.worker` (:func:`serve`: running the claimed runs,
@@ -46,11 +47,11 @@ from cosmoflow_actors.runtime.queue.client import (
     FINISHED,
     QueuedResult,
     RunQueue,
-    UnreadableEntryError,
     requeue,
     result,
     submit,
 )
+from cosmoflow_actors.runtime.queue.entries import UnreadableEntryError
 from cosmoflow_actors.runtime.queue.status import QueuedRun, leases_checked, queue_status
 from cosmoflow_actors.runtime.queue.worker import PerRunRedis, RunStores, per_run_redis, serve
 

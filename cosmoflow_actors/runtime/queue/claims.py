@@ -16,13 +16,12 @@ import trio
 
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.flow import Flow
-from cosmoflow_actors.runtime.queue.client import (
-    FINISHED,
-    GROUP,
-    RunQueue,
+from cosmoflow_actors.runtime.queue.client import FINISHED, GROUP, RunQueue, as_str
+from cosmoflow_actors.runtime.queue.entries import (
     UnreadableEntryError,
-    as_str,
     decoded_info,
+    decoded_passed,
+    decoded_run_id,
 )
 from cosmoflow_actors.runtime.queue.scripts import (
     CLAIM,
@@ -161,22 +160,23 @@ class Claimer:
             )
             self._cursor = as_str(reply[0])
             if len(reply) > 1:
-                claim = await self._claim(as_str(reply[1]), as_str(reply[2]), reply[3])
+                claim = await self._claim(as_str(reply[1]), reply[2], reply[3])
                 if claim is not None:
                     return claim
             if self._cursor == "0-0":
                 self._next_look = trio.current_time() + self._poll
                 return None
 
-    async def _read_new_at_once(self) -> tuple[str, str, bytes | None] | None:
-        """A new entry, without waiting for one: its id, its run id and what the
-        queue's hash holds about the run (None when nothing); None when there is none.
-        One round trip, where :meth:`_wait_for_new` takes two."""
+    async def _read_new_at_once(self) -> tuple[str, bytes | None, bytes | None] | None:
+        """A new entry, without waiting for one: its id, its run id as the server holds
+        it (None when it has none) and what the queue's hash holds about the run (None
+        when nothing); None when there is none. One round trip, where
+        :meth:`_wait_for_new` takes two."""
         queue = self.queue
         reply = await queue.script(READ_NEW, [queue.stream, queue.runs], [GROUP, self.name])
-        return (as_str(reply[0]), as_str(reply[1]), reply[2]) if reply else None
+        return (as_str(reply[0]), reply[1], reply[2]) if reply else None
 
-    async def _wait_for_new(self) -> tuple[str, str, bytes | None] | None:
+    async def _wait_for_new(self) -> tuple[str, bytes | None, bytes | None] | None:
         """A new entry, as :meth:`_read_new_at_once` gives it, waiting a poll interval at most
         for one.
 
@@ -211,6 +211,8 @@ class Claimer:
         if not entries:
             return None
         entry_id, run_id = entries[0]
+        if run_id is None:
+            return entry_id, None, None
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             data = await queue.call("HGET", queue.runs, run_id)
@@ -230,26 +232,25 @@ class Claimer:
                 "XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, "IDLE", queue.lease_ms
             )
 
-    async def _claim(self, entry_id: str, run_id: str, data: bytes | None) -> Claim | None:
-        """Claim ``run_id``, of which the queue's hash held ``data`` (None: nothing; see
-        :meth:`_claim_readable`). None when it is not claimed: when the hash does not
-        hold the run, the run has ended or its entry in the hash is not what a queue
-        writes (logged), the stream entry is acknowledged."""
-        if data is not None:
-            info = self._readable(run_id, data)
-            if info is not None and info["state"] not in FINISHED:
-                return await self._claim_readable(entry_id, run_id, data, info)
+    async def _claim(
+        self, entry_id: str, raw_run_id: bytes | None, data: bytes | None
+    ) -> Claim | None:
+        """Claim the run ``raw_run_id`` (as the stream entry ``entry_id`` holds it; None
+        when it holds none), of which the queue's hash held ``data`` (None: nothing;
+        see :meth:`_claim_readable`). None when it is not claimed: when the hash does
+        not hold the run, the run has ended, or what the queue holds for it is not what
+        a queue writes (UnreadableEntryError, logged), the stream entry is
+        acknowledged, so that no worker claims it again."""
+        try:
+            run_id = decoded_run_id(self.queue, raw_run_id, f"the stream entry {entry_id}")
+            if data is not None:
+                info = decoded_info(self.queue, run_id, data)
+                if info["state"] not in FINISHED:
+                    return await self._claim_readable(entry_id, run_id, data, info)
+        except UnreadableEntryError as exc:
+            LOGGER.warning("worker %s leaves the stream entry %s: %s", self.name, entry_id, exc)
         await self.queue.call("XACK", self.queue.stream, GROUP, entry_id)
         return None
-
-    def _readable(self, run_id: str, data: bytes) -> dict[str, Any] | None:
-        """``data``, the queue's entry for ``run_id``, decoded; None when it is not what a
-        queue writes (logged to :data:`LOGGER`). Never blocks."""
-        try:
-            return decoded_info(self.queue, run_id, data)
-        except UnreadableEntryError as exc:
-            LOGGER.warning("worker %s leaves run %r: %s", self.name, run_id, exc)
-            return None
 
     async def _claim_readable(
         self, entry_id: str, run_id: str, data: bytes, info: dict[str, Any]
@@ -258,7 +259,8 @@ class Claimer:
         ``data`` (decoded: ``info``), and record it running (see ``scripts.CLAIM``);
         None when another worker holds it or this worker runs it still (its stream
         entry is made due when the lease expires), its entry changed since, or this
-        worker lacks its flow (it passes the run over)."""
+        worker lacks its flow (it passes the run over). Raises UnreadableEntryError
+        when the run's passed-over note is not what a queue writes."""
         queue = self.queue
         lease_key = queue.lease_key(run_id)
         if run_id in self._running:
@@ -291,7 +293,8 @@ class Claimer:
         Fail the run instead once workers have passed it over for ``flow_wait``
         seconds, unless it changed since ``data`` (what the queue's hash held about it,
         decoded as ``info``) was read. Leave it alone while a worker holds its lease
-        (its entry is due again when the lease expires)."""
+        (its entry is due again when the lease expires). Raises UnreadableEntryError
+        when the run's passed-over note is not what a queue writes."""
         queue = self.queue
         lease_key = queue.lease_key(run_id)
         now = time.time()
@@ -302,17 +305,17 @@ class Claimer:
         )
         if reply is None:
             return
-        passed = json.loads(reply)
+        since, by = decoded_passed(queue, run_id, reply)
         # cjson keeps 14 digits of ``since``: this pass's own may read a little later
         # than ``now``, and flow_wait=0 must fail the run at its first pass.
-        waited = max(0.0, now - passed["since"])
+        waited = max(0.0, now - since)
         if waited < queue.flow_wait:
             idle = ["IDLE", queue.lease_ms]
             await queue.call("XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, *idle)
             return
         error = (
             f"CosmoFlowError: no worker took flow {info['flow']!r} in {waited:.1f} s "
-            f"(passed over by {', '.join(passed['by'])}; flow_wait={queue.flow_wait:g} s)"
+            f"(passed over by {', '.join(by)}; flow_wait={queue.flow_wait:g} s)"
         )
         failed = {**info, "state": "failed", "owner": self.name, "error": error}
         await queue.script(
@@ -322,15 +325,15 @@ class Claimer:
         )
 
 
-def _entries(raw: Iterable[Any]) -> list[tuple[str, str]]:
-    """(entry id, run id) of stream entries as redis-py returns them (a deleted entry
-    comes back without fields and is skipped)."""
+def _entries(raw: Iterable[Any]) -> list[tuple[str, bytes | None]]:
+    """(entry id, run id as the server holds it, None when none) of stream entries as
+    redis-py returns them (a deleted entry comes back without fields and is
+    skipped)."""
     entries = []
     for entry in raw:
         if not entry or not entry[1]:
             continue
         entry_id, fields = entry
         run_id = fields.get(b"run_id") if isinstance(fields, dict) else None
-        if run_id is not None:
-            entries.append((as_str(entry_id), as_str(run_id)))
+        entries.append((as_str(entry_id), run_id))
     return entries

@@ -1,6 +1,5 @@
 """The producer side of the run queue: :class:`RunQueue` (the queue's keys on its
-server, and the calls to it), :func:`submit`, :func:`requeue` and :func:`result`, and
-how the queue's hash entries read."""
+server, and the calls to it), :func:`submit`, :func:`requeue` and :func:`result`."""
 
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import trio
 
 from cosmoflow_actors.errors import CosmoFlowError, StorageError
+from cosmoflow_actors.runtime.queue.entries import decoded_info
 from cosmoflow_actors.runtime.queue.scripts import REQUEUE, SUBMIT
 from cosmoflow_actors.storage.redis import (
     connection_slots,
@@ -41,13 +41,6 @@ THREADS: Final = 40
 """The most worker threads one :class:`RunQueue`'s calls to the server take at once.
 They come from a limiter of the queue's own, not trio's default one, which thread
 executor steps hold: a worker whose steps hold every thread still renews its leases."""
-
-
-class UnreadableEntryError(CosmoFlowError):
-    """The queue's hash holds an entry for a run that is not what a queue writes (not
-    JSON, or without a str flow name): no worker can run it. A worker that claims it
-    acknowledges its stream entry and logs it; :func:`queue_status` shows it as
-    "unreadable"; the entry itself is left as it is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,25 +315,6 @@ def _result_of(run_id: str, info: Mapping[str, Any]) -> QueuedResult:
         duration=saved["duration"],
         worker=info["owner"],
     )
-
-
-def decoded_info(queue: RunQueue, run_id: str, data: bytes) -> dict[str, Any]:
-    """``data``, what ``queue``'s hash holds about ``run_id``, decoded. Raises
-    UnreadableEntryError naming the queue and the run when it is not JSON, or not an
-    object with a state and a str flow name (as a queue writes it)."""
-    try:
-        info = json.loads(data)
-    except ValueError as exc:
-        raise UnreadableEntryError(f"{queue!r}: the entry of run {run_id!r} is not JSON") from exc
-    if (
-        not isinstance(info, dict)
-        or not isinstance(info.get("state"), str)
-        or not isinstance(info.get("flow"), str)
-    ):
-        raise UnreadableEntryError(
-            f"{queue!r}: the entry of run {run_id!r} was not written by a queue: {info!r}"
-        )
-    return info
 
 
 def as_str(value: bytes | str) -> str:

@@ -73,9 +73,10 @@ for _ = 1, tonumber(ARGV[5]) do
   local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', 1)
   cursor = reply[1]
   local entry = reply[2][1]
-  local run_id = entry and run_id_of(entry[2])
-  if run_id then
-    return {cursor, entry[1], run_id, redis.call('HGET', KEYS[2], run_id)}
+  if entry and entry[2] then
+    local run_id = run_id_of(entry[2])
+    local data = run_id and redis.call('HGET', KEYS[2], run_id)
+    return {cursor, entry[1], run_id or false, data or false}
   end
   if cursor == '0-0' then break end
 end
@@ -84,23 +85,25 @@ return {cursor}
 )
 """Go on with the scan of the pending entries of the stream KEYS[1] (group ARGV[1])
 from the cursor ARGV[4] for entries idle for at least ARGV[3] ms, taking over the first
-one that names a run for consumer ARGV[2]; at most ARGV[5] steps. Returns the next
-cursor ("0-0" once the scan is complete), then that entry's id, its run id and what
-the hash KEYS[2] holds about the run (nil when nothing) if one was taken."""
+one that is not deleted for consumer ARGV[2]; at most ARGV[5] steps. Returns the next
+cursor ("0-0" once the scan is complete), then that entry's id, its run id (nil when
+it has none) and what the hash KEYS[2] holds about the run (nil when nothing) if one
+was taken."""
 READ_NEW: Final = (
     _RUN_ID_OF
     + """
 local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1,
   'STREAMS', KEYS[1], '>')
 local entry = reply and reply[1][2][1]
-local run_id = entry and run_id_of(entry[2])
-if not run_id then return {} end
-return {entry[1], run_id, redis.call('HGET', KEYS[2], run_id)}
+if not entry then return {} end
+local run_id = run_id_of(entry[2])
+local data = run_id and redis.call('HGET', KEYS[2], run_id)
+return {entry[1], run_id or false, data or false}
 """
 )
 """Read a new entry of the stream KEYS[1] for consumer ARGV[2] of group ARGV[1], without
-waiting; return its id, its run id and what the hash KEYS[2] holds about the run (nil
-when nothing), or nothing when there is no new entry (or it names no run)."""
+waiting; return its id, its run id (nil when it has none) and what the hash KEYS[2]
+holds about the run (nil when nothing), or nothing when there is no new entry."""
 PASS_OVER: Final = (
     _IDLE_UNTIL_EXPIRY
     + """
@@ -108,11 +111,25 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   idle_until_expiry(KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[5], ARGV[6])
   return false
 end
+local function readable(saved)
+  local ok, note = pcall(cjson.decode, saved)
+  if not ok or type(note) ~= 'table' or type(note.by) ~= 'table' then return nil end
+  local since = note.since
+  if type(since) ~= 'number' or since ~= since or math.abs(since) == math.huge then
+    return nil
+  end
+  local count = 0
+  for index, name in pairs(note.by) do
+    if type(index) ~= 'number' or type(name) ~= 'string' then return nil end
+    count = count + 1
+  end
+  if count ~= #note.by then return nil end
+  return note
+end
 local saved = redis.call('HGET', KEYS[1], ARGV[1])
-local passed = {since = tonumber(ARGV[3]), by = {}}
-if saved then passed = cjson.decode(saved) end
+local passed = saved and readable(saved) or {since = tonumber(ARGV[3]), by = {}}
 for _, name in ipairs(passed.by) do
-  if name == ARGV[2] then return saved end
+  if name == ARGV[2] then return cjson.encode(passed) end
 end
 table.insert(passed.by, ARGV[2])
 local encoded = cjson.encode(passed)
@@ -121,7 +138,8 @@ return encoded
 """
 )
 """Note that worker ARGV[2] passed run ARGV[1] over at ARGV[3] (Unix time) in the hash
-KEYS[1]; return the run's JSON ``{"since": first time, "by": [workers]}``, or nil
+KEYS[1] (a note there that is not what this script writes is replaced, as if there
+were none); return the run's JSON ``{"since": first time, "by": [workers]}``, or nil
 when a worker holds the run's lease KEYS[2] (it is no one's to pass over: its entry
 ARGV[5] of the stream KEYS[3], group ARGV[4], is made due when the lease of ARGV[6] ms
 expires)."""

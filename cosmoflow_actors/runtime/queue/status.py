@@ -5,19 +5,18 @@ their queue's leases)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from cosmoflow_actors.runtime.queue.client import (
-    FINISHED,
-    RunQueue,
+from cosmoflow_actors.runtime.queue.client import FINISHED, RunQueue, as_queue
+from cosmoflow_actors.runtime.queue.entries import (
     UnreadableEntryError,
-    as_queue,
-    as_str,
     decoded_info,
+    decoded_passed,
+    decoded_run_id,
+    shown,
 )
 from cosmoflow_actors.runtime.queue.scripts import LEASE
 from cosmoflow_actors.runtime.run_record import RecordedState, RunRecord
@@ -35,8 +34,10 @@ class QueuedRun:
     ``state`` is "pending" (not claimed yet), "running" (a worker holds its lease),
     "orphaned" (claimed, but its lease is gone: its worker died, was cut off, or was
     stopped and handed it back; another worker takes it over), "succeeded",
-    "failed" or "unreadable" (the queue's entry for it is not what a queue writes:
-    ``error`` says why, ``flow_name`` is empty; no worker runs it). ``owner`` names
+    "failed" or "unreadable" (what the queue holds for it is not what a queue
+    writes: its run id, its entry or its passed-over note; ``error`` says which and
+    why, ``flow_name`` is empty, and ``run_id`` shows bytes that are not UTF-8 as
+    backslash escapes). ``owner`` names
     the worker that holds (or last held) the run, ``lease_left`` the seconds its
     lease has left (None when no lease is held).
     ``passed_over`` names the workers that lacked its flow and left it to others
@@ -57,28 +58,33 @@ class QueuedRun:
 async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
     """Every run submitted to ``queue``, with its state, owner and lease (blocks while
     it reads them; raises StorageError when the server cannot be reached). A run whose
-    entry leaves the queue while they are read is left out."""
+    entry leaves the queue while they are read is left out; one of which the queue
+    holds what a queue does not write is "unreadable" (see :class:`QueuedRun`)."""
     queue = as_queue(queue)
     raw: dict[bytes, bytes] = await queue.call("HGETALL", queue.runs)
-    passed = await _passed_over(queue)
+    passed: dict[bytes, bytes] = await queue.call("HGETALL", queue.passed)
     runs = []
     for key, data in sorted(raw.items()):
-        run_id = key.decode()
         try:
-            run = await _queued_run(queue, run_id, data)
+            run = await _queued_run(queue, key, data, passed.get(key))
         except UnreadableEntryError as exc:
-            run = QueuedRun(run_id, "", "unreadable", None, None, 0, str(exc))
+            run = QueuedRun(shown(key), "", "unreadable", None, None, 0, str(exc))
         if run is not None:
-            runs.append(dataclasses.replace(run, passed_over=passed.get(run_id, ())))
+            runs.append(run)
     return runs
 
 
-async def _queued_run(queue: RunQueue, run_id: str, data: bytes) -> QueuedRun | None:
-    """The status of ``run_id``, of which the queue's hash held ``data``; its lease is
-    read unless ``data`` says it ended (blocks while it reads it). None when the entry
-    has left the hash by then. Raises UnreadableEntryError when the entry is not what
-    a queue writes."""
+async def _queued_run(
+    queue: RunQueue, key: bytes, data: bytes, note: bytes | None
+) -> QueuedRun | None:
+    """The status of the run ``key``, of which the queue's hash held ``data`` and its
+    hash of passed-over notes ``note`` (None: none); its lease is read unless ``data``
+    says it ended (blocks while it reads it). None when the entry has left the hash by
+    then. Raises UnreadableEntryError when the run id, the entry or the note is not
+    what a queue writes."""
+    run_id = decoded_run_id(queue, key, "the queue's hash of runs")
     info = decoded_info(queue, run_id, data)
+    passed_over = () if note is None else tuple(decoded_passed(queue, run_id, note)[1])
     lease_left = None
     if info["state"] not in FINISHED:
         now = await _run_now(queue, run_id)
@@ -96,6 +102,7 @@ async def _queued_run(queue: RunQueue, run_id: str, data: bytes) -> QueuedRun | 
         lease_left,
         info.get("attempts", 0),
         info.get("error"),
+        passed_over,
     )
 
 
@@ -116,13 +123,7 @@ async def _lease_now(queue: RunQueue, run_id: str) -> tuple[str | None, int, byt
     server answers."""
     keys = [queue.lease_key(run_id), queue.runs]
     holder, left_ms, data = await queue.script(LEASE, keys, [run_id])
-    return None if holder is None else as_str(holder), left_ms, data
-
-
-async def _passed_over(queue: RunQueue) -> dict[str, tuple[str, ...]]:
-    """The workers that passed each run over (lacking its flow), by run id."""
-    raw: dict[bytes, bytes] = await queue.call("HGETALL", queue.passed)
-    return {as_str(key): tuple(json.loads(value)["by"]) for key, value in raw.items()}
+    return None if holder is None else shown(holder), left_ms, data
 
 
 async def leases_checked(storage: Storage, runs: Iterable[RunRecord]) -> list[RunRecord]:
