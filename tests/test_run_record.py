@@ -3,6 +3,11 @@ of a failed run, and a recorded run put back only into the flow it was recorded 
 
 from __future__ import annotations
 
+import copy
+import functools
+import operator
+import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,35 +31,238 @@ async def test_a_recorded_run_of_another_flow_is_refused_whatever_its_state(
             await begin(other, cf.FileStorage(path), run_id="done")
 
 
-STEPPED_WITHOUT_BRANCHES = {
-    **run_record.new_record("victim", "loop", {}),
-    "state": "failed",
-    "path": ["count"],
-    "last": {"frames": [["count", 1]], "label": "", "count": 1, "node": "count"},
+KEY = "__cosmoflow__/runs/r1"
+"""The record key of run "r1", the run each crafted record below is of."""
+
+DROP = object()
+"""An edit's value: the field is removed."""
+
+
+def a_then_b(b_fails: bool) -> cf.Flow:
+    """Node "a" (a Recorder), then node "b", which fails if ``b_fails``."""
+
+    @cf.node
+    def b(ctx: cf.ExecutionContext) -> None:
+        if b_fails:
+            raise RuntimeError("b fails")
+
+    builder = cf.Flow.builder("ab").add_node("a", Recorder()).add_node("b", b)
+    return builder.add_route("a", "b").build()
+
+
+async def written_records(path: Path) -> dict[str, dict[str, Any]]:
+    """Records as the engine writes them, read back from a FileStorage at ``path``:
+    "failed" after step "a" (its step recorded, with where its branch goes on), and
+    "succeeded"."""
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError):
+            await engine.run(a_then_b(b_fails=True), cf.FileStorage(path), run_id="failed")
+        await engine.run(a_then_b(b_fails=False), cf.FileStorage(path), run_id="succeeded")
+    storage = cf.FileStorage(path)
+    await storage.open()
+    try:
+        return {
+            run_id: await storage.get(run_record.record_key(run_id))
+            for run_id in ("failed", "succeeded")
+        }
+    finally:
+        await storage.aclose()
+
+
+def edited(record: dict[str, Any], edits: dict[tuple[Any, ...], Any]) -> Any:
+    """A copy of ``record`` (made the record of run "r1") with each field at a path of
+    ``edits`` set to its value (removed for DROP; the whole record for the path ())."""
+    crafted: Any = copy.deepcopy({**record, "run_id": "r1"})
+    for path, value in edits.items():
+        if not path:
+            crafted = value
+            continue
+        *parents, last = path
+        inner = functools.reduce(operator.getitem, parents, crafted)
+        if value is DROP:
+            del inner[last]
+        else:
+            inner[last] = value
+    return crafted
+
+
+FORK: dict[str, Any] = {
+    "parent": {"frames": [["a", 0]], "label": "", "count": 0, "fork": None},
+    "depth": 1,
+    "pending": 1,
+    "join": None,
+    "params": {},
 }
-"""A record of a step that does not say where its branches go on."""
+"""A fan-out as the engine saves it."""
+
+ACTION = ("branches", 0, "action")
+
+CRAFTED = [
+    ("not-an-object", "failed", {(): "garbage"}, "the record is 'garbage' (str), not an object"),
+    ("field-missing", "failed", {("last",): DROP}, "the record lacks 'last'"),
+    ("run-id-of-another-run", "failed", {("run_id",): "zz"}, "run_id is 'zz' (str), not 'r1'"),
+    ("run-id-an-int", "failed", {("run_id",): 7}, "run_id is 7 (int), not 'r1' (its key's)"),
+    ("flow-an-int", "failed", {("flow",): 7}, "flow is 7 (int), not a flow name"),
+    ("state-unknown", "failed", {("state",): "weird"}, "state is 'weird' (str), not one of"),
+    ("state-an-int", "failed", {("state",): 3}, "state is 3 (int), not one of running, succ"),
+    ("params-a-list", "failed", {("params",): [1]}, "params is [1] (list), not an object of"),
+    ("path-an-int", "failed", {("path",): 5}, "path is 5 (int), not a list of node ids"),
+    ("path-of-ints", "failed", {("path",): [3]}, "path[0] is 3 (int), not a node id"),
+    ("owner-without-queue", "failed", {("owner",): {"worker": "w"}}, "owner lacks 'queue'"),
+    ("error-an-int", "failed", {("error",): 5}, "error is 5 (int), not the message of the"),
+    ("result-of-a-failed-run", "failed", {("result",): 1}, "result is 1 (int), not null (the run"),
+    ("last-a-str", "failed", {("last",): "x"}, "last is 'x' (str), not an object"),
+    ("last-count-a-str", "failed", {("last", "count"): "x"}, "last.count is 'x' (str), not an int"),
+    ("no-branches", "failed", {("branches",): DROP}, "the record (it has a last step) lacks 'br"),
+    ("branches-null", "failed", {("branches",): None}, "branches is None (NoneType), not a list"),
+    ("branch-an-int", "failed", {("branches", 0): 5}, "branches[0] is 5 (int), not an object"),
+    ("frames-a-str", "failed", {("branches", 0, "frames"): "a"}, "branches[0].frames is 'a' (str"),
+    ("frames-empty", "failed", {("branches", 0, "frames"): []}, "branches[0].frames is [] (list)"),
+    (
+        "frame-without-steps",
+        "failed",
+        {("branches", 0, "frames", 0): ["a"]},
+        "branches[0].frames[0] is ['a'] (list), not [node id, steps]",
+    ),
+    (
+        "frame-steps-negative",
+        "failed",
+        {("branches", 0, "frames", 0, 1): -1},
+        "branches[0].frames[0] is ['a', -1] (list), not [node id, steps]",
+    ),
+    ("count-negative", "failed", {("branches", 0, "count"): -5}, "branches[0].count is -5 (int)"),
+    ("count-a-bool", "failed", {("branches", 0, "count"): True}, "branches[0].count is True (bo"),
+    (
+        "fork-with-none-saved",
+        "failed",
+        {("branches", 0, "fork"): 3},
+        "branches[0].fork is 3 (int), not null (no fork is saved)",
+    ),
+    (
+        "fork-beyond-those-saved",
+        "failed",
+        {("forks",): [FORK], ("branches", 0, "fork"): 1},
+        "branches[0].fork is 1 (int), not null or a fork's number, 0 to 0",
+    ),
+    ("forks-null", "failed", {("forks",): None}, "forks is None (NoneType), not a list"),
+    ("fork-malformed", "failed", {("forks",): [{"x": 1}]}, "forks[0] lacks 'parent', 'depth', "),
+    (
+        "fork-its-own-parent",
+        "failed",
+        {("forks",): [{**FORK, "parent": {**FORK["parent"], "fork": 0}}]},
+        "forks[0].parent.fork is 0 (int), not null (no fork is saved)",
+    ),
+    (
+        "fork-pending-none",
+        "failed",
+        {("forks",): [{**FORK, "pending": 0}]},
+        "forks[0].pending is 0 (int), not an int >= 1",
+    ),
+    ("action-missing", "failed", {ACTION: DROP}, "branches[0] lacks 'action'"),
+    ("action-an-int", "failed", {ACTION: 5}, "branches[0].action is 5 (int), not an object"),
+    ("action-name-empty", "failed", {(*ACTION, "name"): ""}, "branches[0].action.name is '' (s"),
+    (
+        "action-params-a-list",
+        "failed",
+        {(*ACTION, "params"): [1]},
+        "branches[0].action.params is [1] (list), not an object of params",
+    ),
+    (
+        "action-complete-a-str",
+        "failed",
+        {(*ACTION, "complete"): "yes"},
+        "branches[0].action.complete is 'yes' (str), not true or false",
+    ),
+    (
+        "step-params-a-str",
+        "failed",
+        {("branches", 0, "params"): "x"},
+        "branches[0].params is 'x' (str), not an object of params",
+    ),
+    (
+        "end-without-action",
+        "failed",
+        {("branches", 0, "end"): {"node": "a"}},
+        "branches[0].end lacks 'action'",
+    ),
+    ("result-null", "succeeded", {("result",): None}, "result is None (NoneType), not an object"),
+    (
+        "result-action-an-int",
+        "succeeded",
+        {("result", "final_action"): 5},
+        "result.final_action is 5 (int), not an object",
+    ),
+    (
+        "result-duration-a-str",
+        "succeeded",
+        {("result", "duration"): "1s"},
+        "result.duration is '1s' (str), not seconds",
+    ),
+]
+"""Records the engine never writes: (id, the written record edited, the edits, what
+the StorageError says is wrong)."""
+
+
+def stored_files(directory: Path) -> dict[str, bytes]:
+    """The contents of the FileStorage files in ``directory`` (its data: not the lock
+    file, which names the process that holds the store)."""
+    return {file.name: file.read_bytes() for file in directory.iterdir() if file.suffix != ".lock"}
 
 
 @pytest.mark.parametrize(
-    "record", ["garbage", STEPPED_WITHOUT_BRANCHES], ids=["str", "no-branches"]
+    ("written", "edits", "problem"),
+    [pytest.param(*case[1:], id=case[0]) for case in CRAFTED],
 )
-async def test_a_malformed_run_record_is_a_storage_error_naming_its_key(
-    record: Any, tmp_path: Path
+async def test_a_crafted_run_record_is_refused_naming_its_key_and_fault_and_left_as_it_is(
+    tmp_path: Path, written: str, edits: dict[tuple[Any, ...], Any], problem: str
 ) -> None:
+    crafted = edited((await written_records(tmp_path / "written.json"))[written], edits)
     path = tmp_path / "store.json"
     storage = cf.FileStorage(path)
     await storage.open()
-    await storage.set("__cosmoflow__/runs/victim", record)
+    await storage.set(KEY, crafted)
     await storage.commit()
     await storage.aclose()
-    flow = single(Recorder(), "loop")
-    with pytest.raises(cf.StorageError, match="__cosmoflow__/runs/victim"):
-        await cf.list_runs(cf.FileStorage(path))
+    files = stored_files(tmp_path)
+    refused = re.escape(f"no valid run record under {KEY!r}: {problem}")
+    fixed = a_then_b(b_fails=False)
     async with cf.open_engine() as engine:
-        with pytest.raises(cf.StorageError, match="__cosmoflow__/runs/victim"):
-            await engine.run(flow, cf.FileStorage(path), run_id="victim")
-        with pytest.raises(cf.StorageError, match="__cosmoflow__/runs/victim"):
-            await engine.resume(flow, cf.FileStorage(path), run_id="victim")
+        starts: list[Callable[[], Awaitable[Any]]] = [
+            functools.partial(engine.run, fixed, cf.FileStorage(path), run_id="r1"),
+            functools.partial(engine.resume, fixed, cf.FileStorage(path), run_id="r1"),
+            functools.partial(engine.list_runs, cf.FileStorage(path)),
+            functools.partial(engine.forget_run, cf.FileStorage(path), "r1"),
+        ]
+        for start in starts:
+            with pytest.raises(cf.StorageError, match=refused):
+                await start()
+        assert stored_files(tmp_path) == files
+        done = await engine.run(fixed, cf.FileStorage(path), run_id="r2")
+    assert done.execution_path == ("a", "b")
+
+
+async def test_records_the_engine_writes_pass_as_they_are(tmp_path: Path) -> None:
+    """The records the table above edits: each fault it refuses is the edit's."""
+    records = await written_records(tmp_path / "written.json")
+    for written, record in records.items():
+        assert run_record.record_problem(written, record) is None
+        crafted = edited(record, {})
+        assert run_record.checked_record(KEY, crafted) == crafted
+    owner = {"worker": "w", "queue": "redis://127.0.0.1:6379/0/q"}
+    running = {**records["failed"], "state": "running", "owner": owner}
+    assert run_record.record_problem("failed", running) is None
+    assert run_record.record_problem("failed", {**running, "forks": [FORK]}) is None
+
+
+async def test_a_worker_names_itself_in_a_sound_record_and_leaves_a_crafted_one_alone(
+    tmp_path: Path,
+) -> None:
+    failed = (await written_records(tmp_path / "written.json"))["failed"]
+    owner = {"worker": "w", "queue": "q"}
+    claimed = run_record.owned(failed, "failed", "ab", {}, owner)
+    assert claimed == {**failed, "owner": owner}
+    crafted = {**failed, "state": "weird"}
+    assert run_record.owned(crafted, "failed", "ab", {}, owner) is crafted
 
 
 class Unprintable(Exception):

@@ -19,6 +19,8 @@ from cosmoflow_actors.storage.codec import (
     _check_finite,
     _comes_back,
     check_codec,
+    check_database_meta,
+    database_meta,
     get_codec,
     utf8_key,
 )
@@ -213,6 +215,15 @@ def test_pickle_fragments_must_be_base64_strings() -> None:
 def test_check_codec_names_both_codecs_and_the_way_out() -> None:
     with pytest.raises(StorageError, match=r"codec 'pickle'.*codec 'json'.*codec='pickle'"):
         check_codec("store.json", "pickle", get_codec("json"))
+
+
+def test_a_database_meta_naming_no_codec_says_so_not_to_open_it_with_codec_none() -> None:
+    json_codec = get_codec("json")
+    check_database_meta("db", database_meta(json_codec), json_codec)
+    meta = {key: value for key, value in database_meta(json_codec).items() if key != "codec"}
+    with pytest.raises(StorageError, match=r"^db names no codec beside its data") as info:
+        check_database_meta("db", meta, json_codec)
+    assert "None" not in str(info.value)
 
 
 def test_utf8_key() -> None:

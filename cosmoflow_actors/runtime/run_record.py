@@ -18,10 +18,11 @@ Nothing here blocks.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeGuard
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import (
@@ -44,22 +45,20 @@ def record_key(run_id: str) -> str:
     return RECORD_PREFIX + run_id
 
 
-_RECORD_FIELDS: Final = ("run_id", "flow", "state", "params", "path", "last")
-_STEP_FIELDS: Final = ("branches", "forks")
-"""The fields of a record once a step of its run is recorded (see :func:`step_done`)."""
-
-
 def checked_record(key: str, value: Any) -> dict[str, Any]:
     """``value``, read from the store under ``key``, as a run record.
 
-    Raises StorageError naming the key when it is not a record the engine wrote.
+    Raises StorageError naming the key and what is wrong when it is not a record the
+    engine writes (see :func:`record_problem`).
     """
-    if not _is_record(value):
+    problem = record_problem(key.removeprefix(RECORD_PREFIX), value)
+    if problem is not None:
         raise StorageError(
-            f"the store holds no valid run record under {key!r} (found {type(value).__name__}):"
-            " it was not written by the engine"
+            f"the store holds no valid run record under {key!r}: {problem} (the engine "
+            "never writes that: the record was crafted or damaged)"
         )
-    return value
+    record: dict[str, Any] = value
+    return record
 
 
 def require_ended(key: str, value: Any) -> None:
@@ -104,14 +103,6 @@ def require_flow(run: ActiveRun, record: Mapping[str, Any]) -> None:
             record["flow"],
             record["state"],
         )
-
-
-def _is_record(value: Any) -> TypeGuard[dict[str, Any]]:
-    """Whether ``value`` has a record's fields, and, once a step of it is recorded,
-    where its branches go on."""
-    if not isinstance(value, dict) or not all(field in value for field in _RECORD_FIELDS):
-        return False
-    return value["last"] is None or all(field in value for field in _STEP_FIELDS)
 
 
 RecordedState = Literal["running", "succeeded", "failed", "orphaned"]
@@ -202,7 +193,7 @@ def owned(
     """
     if stored is None:
         return {**new_record(run_id, flow_name, params), "owner": dict(owner)}
-    if not _is_record(stored) or stored["state"] == "succeeded":
+    if record_problem(run_id, stored) is not None or stored["state"] == "succeeded":
         return stored
     return {**stored, "owner": dict(owner)}
 
@@ -397,3 +388,195 @@ def _decode_action(data: Mapping[str, Any]) -> Action:
     if data["complete"]:
         return Action.complete(data["result"])
     return Action.with_params(data["name"], **data["params"])
+
+
+# What a record must be: its shape, as new_record, step_done, succeeded and failed
+# write it, checked once where a record is read (a start, a resume, a forget, a list).
+
+_STATES: Final = ("running", "succeeded", "failed")
+_RECORD_FIELDS: Final = ("run_id", "flow", "state", "params", "path", "last", "result", "error")
+_POSITION_FIELDS: Final = ("frames", "label", "count")
+_ACTION_FIELDS: Final = ("name", "params", "complete", "result")
+_RESULT_FIELDS: Final = ("final_action", "last_node_id", "value", "duration")
+_FORK_FIELDS: Final = ("parent", "depth", "pending", "join", "params")
+
+_SHOWN: Final = reprlib.Repr()
+"""Shows a value found in a record briefly, however long or deep it is."""
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 2, 40, 40
+
+
+class _Malformed(Exception):
+    """What is wrong with a run record, and where in it: raised by the checks below,
+    caught by :func:`record_problem` alone."""
+
+
+def record_problem(run_id: str, value: Any) -> str | None:
+    """What is wrong with ``value`` as the record of the run ``run_id`` (a value the
+    engine did not write: crafted, or damaged), or None when it is a record of that
+    run as the engine writes them. Does not block; takes time in the length of the
+    run's path and the number of its branches and fan-outs."""
+    try:
+        _check_record(run_id, value)
+    except _Malformed as exc:
+        return str(exc)
+    return None
+
+
+def _check_record(run_id: str, value: Any) -> None:
+    record = _fields(value, "the record", _RECORD_FIELDS)
+    _expect(record["run_id"] == run_id, "run_id", record["run_id"], f"{run_id!r} (its key's)")
+    _expect(isinstance(record["flow"], str), "flow", record["flow"], "a flow name")
+    state = record["state"]
+    _expect(state in _STATES, "state", state, f"one of {', '.join(_STATES)}")
+    _check_params(record["params"], "params")
+    _check_path(record["path"])
+    if "owner" in record:
+        _check_owner(record["owner"])
+    _check_ending(record)
+    if record["last"] is not None:
+        _check_steps(record)
+
+
+def _check_ending(record: dict[str, Any]) -> None:
+    """A failed run's error is a message (another run's is null, or the message of a
+    failure before it was resumed); a succeeded run's result is as :func:`succeeded`
+    writes it, and another run has none."""
+    error, result = record["error"], record["result"]
+    if record["state"] == "failed":
+        _expect(isinstance(error, str), "error", error, "the message of the failure")
+    else:
+        _expect(error is None or isinstance(error, str), "error", error, "null or a message")
+    if record["state"] != "succeeded":
+        _expect(result is None, "result", result, f"null (the run is {record['state']})")
+        return
+    result = _fields(result, "result", _RESULT_FIELDS)
+    _check_action(result["final_action"], "result.final_action")
+    last_node = result["last_node_id"]
+    _expect(isinstance(last_node, str), "result.last_node_id", last_node, "a node id")
+    duration = result["duration"]
+    is_seconds = isinstance(duration, int | float) and not isinstance(duration, bool)
+    _expect(is_seconds, "result.duration", duration, "seconds")
+
+
+def _check_steps(record: dict[str, Any]) -> None:
+    """The last step, where the branches in flight go on and the fan-outs they are
+    in, of a record with a step (see :func:`step_done`)."""
+    _check_step_done(_position(record["last"], "last"), "last")
+    record = _fields(record, "the record (it has a last step)", ("branches", "forks"))
+    forks, branches = record["forks"], record["branches"]
+    _expect(isinstance(forks, list), "forks", forks, "a list")
+    for number, fork in enumerate(forks):
+        _check_fork(fork, f"forks[{number}]", number)
+    _expect(isinstance(branches, list), "branches", branches, "a list")
+    for number, branch in enumerate(branches):
+        _check_branch(branch, f"branches[{number}]", len(forks))
+
+
+def _check_fork(value: Any, where: str, number: int) -> None:
+    """A fan-out in progress; its parent's fork is one saved before it."""
+    fork = _fields(value, where, _FORK_FIELDS)
+    parent = _position(fork["parent"], f"{where}.parent", ("fork",))
+    _check_fork_number(parent["fork"], f"{where}.parent.fork", number)
+    _expect(_is_count(fork["depth"], least=1), f"{where}.depth", fork["depth"], "an int >= 1")
+    pending = fork["pending"]
+    _expect(_is_count(pending, least=1), f"{where}.pending", pending, "an int >= 1")
+    join = fork["join"]
+    _expect(join is None or isinstance(join, str), f"{where}.join", join, "null or a node id")
+    _check_params(fork["params"], f"{where}.params")
+
+
+def _check_branch(value: Any, where: str, forks: int) -> None:
+    """A branch in flight and where it goes on: its step, under way, is sent again
+    (``params``); its flow, ended, ends again (``end``); or its step, done, is routed
+    again (``node`` and ``action``)."""
+    branch = _position(value, where, ("fork",))
+    _check_fork_number(branch["fork"], f"{where}.fork", forks)
+    if "params" in branch:
+        _check_params(branch["params"], f"{where}.params")
+    elif "end" in branch:
+        _check_step_done(_fields(branch["end"], f"{where}.end", ()), f"{where}.end")
+    else:
+        _check_step_done(branch, where)
+
+
+def _position(value: Any, where: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``value`` as a branch's saved position (see :func:`position`), with the fields
+    ``extra`` too."""
+    saved = _fields(value, where, (*_POSITION_FIELDS, *extra))
+    frames = saved["frames"]
+    _expect(
+        isinstance(frames, list) and frames != [], f"{where}.frames", frames, "a list of frames"
+    )
+    for number, frame in enumerate(frames):
+        is_frame = isinstance(frame, list) and len(frame) == 2
+        wanted = "[node id, steps]"
+        _expect(is_frame and isinstance(frame[0], str), f"{where}.frames[{number}]", frame, wanted)
+        _expect(_is_count(frame[1]), f"{where}.frames[{number}]", frame, wanted)
+    _expect(isinstance(saved["label"], str), f"{where}.label", saved["label"], "a str")
+    _expect(_is_count(saved["count"]), f"{where}.count", saved["count"], "an int >= 0")
+    return saved
+
+
+def _check_fork_number(number: Any, where: str, forks: int) -> None:
+    """``number`` names no fork, or one of the first ``forks`` saved."""
+    in_range = number is None or (_is_count(number) and number < forks)
+    wanted = f"null or a fork's number, 0 to {forks - 1}" if forks else "null (no fork is saved)"
+    _expect(in_range, where, number, wanted)
+
+
+def _check_step_done(saved: dict[str, Any], where: str) -> None:
+    """``saved`` names the node of a step and the action it returned."""
+    saved = _fields(saved, where, ("node", "action"))
+    _expect(isinstance(saved["node"], str), f"{where}.node", saved["node"], "a node id")
+    _check_action(saved["action"], f"{where}.action")
+
+
+def _check_action(value: Any, where: str) -> None:
+    """An action as :func:`encode_action` writes it."""
+    action = _fields(value, where, _ACTION_FIELDS)
+    name, complete = action["name"], action["complete"]
+    _expect(isinstance(name, str) and name != "", f"{where}.name", name, "an action name")
+    _expect(isinstance(complete, bool), f"{where}.complete", complete, "true or false")
+    _check_params(action["params"], f"{where}.params")
+
+
+def _check_path(path: Any) -> None:
+    _expect(isinstance(path, list), "path", path, "a list of node ids")
+    for number, node_id in enumerate(path):
+        _expect(isinstance(node_id, str), f"path[{number}]", node_id, "a node id")
+
+
+def _check_owner(value: Any) -> None:
+    """The worker of a run queue that claimed the run (see :func:`owned`)."""
+    owner = _fields(value, "owner", ("worker", "queue"))
+    for field in ("worker", "queue"):
+        _expect(isinstance(owner[field], str), f"owner.{field}", owner[field], "a str")
+
+
+def _check_params(value: Any, where: str) -> None:
+    is_params = isinstance(value, dict) and all(isinstance(key, str) for key in value)
+    _expect(is_params, where, value, "an object of params")
+
+
+def _fields(value: Any, where: str, required: Iterable[str]) -> dict[str, Any]:
+    """``value`` as an object holding the fields ``required``."""
+    if not isinstance(value, dict):
+        raise _Malformed(f"{where} is {_shown(value)}, not an object")
+    missing = [repr(field) for field in required if field not in value]
+    if missing:
+        raise _Malformed(f"{where} lacks {', '.join(missing)}")
+    return value
+
+
+def _is_count(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _expect(holds: bool, where: str, value: Any, wanted: str) -> None:
+    if not holds:
+        raise _Malformed(f"{where} is {_shown(value)}, not {wanted}")
+
+
+def _shown(value: Any) -> str:
+    """``value`` in brief, with its type."""
+    return f"{_SHOWN.repr(value)} ({type(value).__name__})"

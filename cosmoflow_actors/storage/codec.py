@@ -288,7 +288,13 @@ def check_database_meta(where: str, meta: Mapping[str, str], codec: Codec) -> No
             f"{where} holds format {meta.get('format')!r} version {meta.get('version')!r}, "
             f"not {DATABASE_FORMAT!r} version {DATABASE_VERSION!r}"
         )
-    check_codec(where, meta.get("codec"), codec)
+    recorded = meta.get("codec")
+    if recorded is None:
+        raise StorageError(
+            f"{where} names no codec beside its data: it was not written by this version "
+            "of cosmoflow_actors, or it is damaged"
+        )
+    check_codec(where, recorded, codec)
 
 
 def check_codec(where: str, recorded: object, codec: Codec) -> None:
