@@ -561,11 +561,16 @@ class DeleteFails(JsonDictStorage):
         return deleted
 
 
+def succeeded_record(run_id: str) -> dict[str, Any]:
+    """The record of a run ``run_id`` of flow "f" that succeeded at its start node."""
+    action = run_record.encode_action(cf.Action.complete())
+    result = {"final_action": action, "last_node_id": "a", "value": None, "duration": 0.0}
+    return {**run_record.new_record(run_id, "f", {}), "state": "succeeded", "result": result}
+
+
 async def test_a_forget_whose_backend_fails_a_delete_keeps_every_record() -> None:
     records = {
-        f"__cosmoflow__/runs/{run_id}": json.dumps(
-            {**run_record.new_record(run_id, "f", {}), "state": "succeeded"}
-        )
+        f"__cosmoflow__/runs/{run_id}": json.dumps(succeeded_record(run_id))
         for run_id in ("p", "p:1/0", "p:1/1")
     }
     storage = DeleteFails("__cosmoflow__/runs/p:1/1")
