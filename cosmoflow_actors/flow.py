@@ -25,6 +25,7 @@ from cosmoflow_actors.node import (
     NodeConfig,
     executor_problem,
     phase_problem,
+    pocketflow_problem,
     validate_config,
 )
 
@@ -521,10 +522,9 @@ class FlowBuilder:
         cause: Exception | None = None
         for node_id, node in self._nodes.items():
             if isinstance(node, Node):
-                try:
-                    validate_config(node, f"node {node_id!r}")
-                except ValueError as exc:
-                    problems.append(str(exc))
+                settings = _settings_problem(node_id, node)
+                if settings is not None:
+                    problems.append(settings)
                     continue
                 problem = phase_problem(node, batch=isinstance(node, BatchNode | BatchFlow))
                 if problem is not None:
@@ -534,6 +534,30 @@ class FlowBuilder:
                     problems.append(f"node {node_id!r}: {executor[0]}")
                     cause = cause or executor[1]
         return problems, cause
+
+
+def check_settings(flow: Flow) -> None:
+    """Raise FlowValidationError, as ``build()`` does, when the config of a node of
+    ``flow`` (not of the flows nested in it) is invalid now: the engine checks it again
+    when it registers the flow, for config set on a node after ``build()``."""
+    problems = [
+        problem
+        for node_id, node in flow.nodes.items()
+        if isinstance(node, Node) and (problem := _settings_problem(node_id, node)) is not None
+    ]
+    if problems:
+        raise FlowValidationError(flow.name, problems)
+
+
+def _settings_problem(node_id: str, node: Node) -> str | None:
+    """What is wrong with the config of ``node``, or a PocketFlow name it set on itself
+    (see :func:`~cosmoflow_actors.node.pocketflow_problem`), or None."""
+    try:
+        validate_config(node, f"node {node_id!r}")
+    except ValueError as exc:
+        return str(exc)
+    problem = pocketflow_problem(getattr(node, "__dict__", {}))
+    return None if problem is None else f"node {node_id!r}: {problem}"
 
 
 def _names(actions: Sequence[str]) -> str:
@@ -583,8 +607,11 @@ class BatchFlow(Node):
         unsupported = [
             name for name, default in _NOT_FOR_BATCH_FLOW if getattr(self, name) != default
         ]
-        if type(self).exec_fallback is not Node.exec_fallback:
-            unsupported.append("exec_fallback")
+        unsupported += [
+            name
+            for name in ("exec", "exec_fallback")
+            if getattr(type(self), name) is not getattr(Node, name)
+        ]
         if unsupported:
             raise ValueError(
                 f"{type(self).__qualname__}: a BatchFlow runs child runs; it does not "

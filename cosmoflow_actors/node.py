@@ -72,7 +72,8 @@ class Node:
 
     Config is class attributes, overridable per instance by keyword arguments
     (``MyNode(max_retries=5)``). Invalid config raises ``ValueError`` when the class is
-    defined or the instance is made.
+    defined or the instance is made. A class that keeps a PocketFlow name this package
+    never reads (``wait``, ``_exec``...) raises ``TypeError`` when it is defined.
     """
 
     max_retries: int = 1
@@ -119,6 +120,9 @@ class Node:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         validate_config(cls, cls.__qualname__)
+        problem = pocketflow_problem(vars(cls))
+        if problem is not None:
+            raise TypeError(f"{cls.__qualname__}: {problem}")
 
     def __init__(self, **config: Unpack[NodeConfig]) -> None:
         owner = self._config_owner()
@@ -157,6 +161,35 @@ class Node:
 
 _POCKETFLOW_CONFIG: Final = {"wait": "retry_delay"}
 """PocketFlow's node config names that have another name here."""
+
+
+_POCKETFLOW_NUMBERS: Final = {
+    "wait": "PocketFlow's name for retry_delay: set retry_delay",
+    "max_retry": "a misspelling of max_retries: set max_retries",
+    "cur_retry": "PocketFlow's attempt number, never set here: read ctx.current_retry",
+}
+"""Numeric attributes of PocketFlow's nodes (or close to their names) that no code of
+this package reads, with what to do instead."""
+_POCKETFLOW_METHODS: Final = ("_exec", "_run", "_orch", "_exec_async", "_run_async", "_orch_async")
+"""PocketFlow's internal methods that a node overrode there; nothing here calls them."""
+
+
+def pocketflow_problem(attributes: Mapping[str, object]) -> str | None:
+    """Why ``attributes`` (a node class's or a node's own, ``vars()``) hold a PocketFlow
+    name that nothing here reads, which would be silently ignored, or None."""
+    for name, advice in _POCKETFLOW_NUMBERS.items():
+        value = attributes.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return f"{name} = {value!r} is never read ({advice})"
+    for name in _POCKETFLOW_METHODS:
+        if name in attributes:
+            return (
+                f"{name} is PocketFlow's internal method, never called here: retries are "
+                "config (max_retries, retry_delay, backoff, retry_on) and exec_fallback "
+                "handles the last failure; override prep, exec, exec_fallback or post, "
+                "or rename it if it is a helper of yours"
+            )
+    return None
 
 
 def _unknown_config_message(owner: str, unknown: list[str]) -> str:

@@ -801,6 +801,31 @@ def test_a_batch_flow_refuses_a_fallback() -> None:
         WithFallback(file_flow())
 
 
+def test_a_batch_flow_refuses_an_exec_it_would_never_call() -> None:
+    class WithExec(PerFile):
+        def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+            return None
+
+    with pytest.raises(ValueError, match="it does not support exec "):
+        WithExec(file_flow())
+
+
+class Waits(cf.Node):
+    """A node ported from PocketFlow that sets ``wait`` on itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wait = 0.5
+
+
+def test_build_names_a_pocketflow_setting_a_node_set_on_itself() -> None:
+    with pytest.raises(cf.FlowValidationError) as info:
+        cf.Flow.builder("f").add_node("a", Waits()).build()
+    assert info.value.problems == (
+        "node 'a': wait = 0.5 is never read (PocketFlow's name for retry_delay: set retry_delay)",
+    )
+
+
 def nested(depth: int) -> cf.Flow:
     """A flow ``depth`` deep: each level's one node is the flow of the level below."""
     flow = cf.Flow.builder("level1").add_node("leaf", Recorder()).build()

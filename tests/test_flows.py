@@ -208,3 +208,35 @@ async def test_a_registration_that_fails_registers_none_of_the_flows_it_reached(
         again = single(Recorder(), "outer")
         await engine.run(again, {})
         assert engine.statistics().actor("outer/only").messages_processed == 1
+
+
+class Flaky(cf.Node):
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        raise ConnectionError("down")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "problem"),
+    [
+        ("max_retries", "3", "max_retries must be an int >= 1, got '3'"),
+        ("retry_delay", -5, "retry_delay must be a finite number >= 0, got -5"),
+        ("backoff", None, "backoff must be a finite number >= 0, got None"),
+        ("retry_on", ConnectionError, "retry_on must be a tuple of exception types, got "),
+        ("wait", 0.5, "wait = 0.5 is never read"),
+    ],
+)
+async def test_config_set_on_a_node_after_build_is_checked_when_the_flow_is_registered(
+    setting: str, value: Any, problem: str
+) -> None:
+    """With build()'s error, for a node of a nested flow too, and nothing registered
+    (it failed mid-run with a bare TypeError, or was ignored)."""
+    node = Flaky()
+    inner = single(node, "inner")
+    outer = cf.Flow.builder("outer").add_node("nested", inner).build()
+    setattr(node, setting, value)
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.FlowValidationError) as info:
+            await engine.run(outer, {})
+        assert node_actors(engine) == []
+    assert info.value.flow_name == "inner"
+    assert info.value.problems[0].startswith(f"node 'only': {problem}")

@@ -66,6 +66,37 @@ def test_unknown_config_names_the_config_a_node_takes_and_pocketflow_wait() -> N
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "advice"),
+    [
+        ("wait", "PocketFlow's name for retry_delay: set retry_delay"),
+        ("max_retry", "a misspelling of max_retries: set max_retries"),
+        ("cur_retry", "PocketFlow's attempt number, never set here: read ctx.current_retry"),
+    ],
+)
+def test_a_pocketflow_setting_is_refused_when_the_class_is_defined(name: str, advice: str) -> None:
+    with pytest.raises(TypeError) as info:
+        type("Ported", (cf.Node,), {name: 3})
+    assert str(info.value) == f"Ported: {name} = 3 is never read ({advice})"
+
+
+@pytest.mark.parametrize("name", ["_exec", "_run", "_orch", "_exec_async", "_orch_async"])
+def test_a_pocketflow_internal_method_is_refused_when_the_class_is_defined(name: str) -> None:
+    def hook(self: cf.Node, prep_res: Any) -> str:
+        return "never called"
+
+    with pytest.raises(TypeError, match=f"^Ported: {name} is PocketFlow's internal method"):
+        type("Ported", (cf.Node,), {name: hook})
+
+
+def test_a_method_named_wait_is_a_nodes_own() -> None:
+    class Polls(cf.Node):
+        def wait(self) -> None:
+            """The node's own helper, not PocketFlow's number of seconds."""
+
+    cf.Flow.builder("f").add_node("a", Polls()).build()
+
+
 def test_keyword_config_overrides_the_class_default_per_instance() -> None:
     class Patient(cf.Node):
         max_retries = 3

@@ -382,6 +382,43 @@ async def test_a_batch_whose_items_raise_while_read_fails_in_prep_alone(
     assert isinstance(info.value.__cause__, ZeroDivisionError)
 
 
+class Returns(cf.BatchFlow):
+    """A BatchFlow whose prep returns ``param_sets``, whatever they are."""
+
+    def __init__(self, flow: cf.Flow, param_sets: Any) -> None:
+        super().__init__(flow)
+        self.param_sets = param_sets
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        return self.param_sets
+
+
+@pytest.mark.parametrize(
+    ("param_sets", "problem"),
+    [
+        (["a.txt", "b.txt"], "item 0 is str"),
+        ({"file": "a.txt"}, "prep returned one dict, not a list"),
+        ([{"file": "a"}, {1: "b"}], "item 1 has the key 1 (int)"),
+        ([{None: "a"}], "item 0 has the key None (NoneType)"),
+        ([{"file": "a"}, None], "item 1 is NoneType"),
+    ],
+)
+async def test_a_batch_flow_whose_prep_returns_no_parameter_sets_fails_in_prep(
+    param_sets: Any, problem: str
+) -> None:
+    """Named for the item at fault, before any child run starts (a child's params were
+    checked as each started, failing the step in exec with no index)."""
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError) as info:
+            await engine.run(single(Returns(single(Recorder(), "child"), param_sets)))
+        assert engine.statistics().runs_started == 1
+    assert (info.value.node_id, info.value.phase) == ("only", "prep")
+    assert str(info.value.__cause__) == (
+        f"BatchFlow node 'only': {problem}; prep must return parameter sets, dicts with "
+        "str keys, one per child run"
+    )
+
+
 class Escapes(cf.Node):
     """Raises ``error`` from ``phase``, a BaseException that is not an Exception."""
 

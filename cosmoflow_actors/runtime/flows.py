@@ -23,7 +23,7 @@ import trio_parallel
 
 from cosmoflow_actors.errors import RunCancelledError
 from cosmoflow_actors.events import EventHub
-from cosmoflow_actors.flow import Flow
+from cosmoflow_actors.flow import Flow, check_settings
 from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime import ray_executor
 from cosmoflow_actors.runtime.cancellation import refuse_closed
@@ -182,6 +182,7 @@ class FlowRegistry:
         record each flow's registration, also in ``made``. Never blocks."""
         if flow in self._flows:
             return
+        check_settings(flow)
         keys = condition_keys(flow)
         actors: dict[str, NodeActor] = {}
         for node_id, node in flow.nodes.items():

@@ -474,9 +474,10 @@ class NodeActor(Actor[Step]):
 
     async def _exec_batch(self, run: ActiveRun, prep_res: Any, ctx: ExecutionContext) -> Any:
         """The exec phase of a batch node: every item, or every child run."""
-        items = self._items(prep_res, ctx)
         if isinstance(self.node, BatchFlow):
-            return await self._run_children(self.node, items, run, ctx)
+            param_sets = self._param_sets(prep_res, ctx)
+            return await self._run_children(self.node, param_sets, run, ctx)
+        items = self._items(prep_res, ctx)
         if isinstance(self.node, ParallelBatchNode):
             return await self._exec_parallel(items, ctx)
         return await self._exec_in_turn(items, ctx)
@@ -495,6 +496,31 @@ class NodeActor(Actor[Step]):
             return list(prep_res)
         except Exception as exc:
             raise self._failed("prep", ctx) from exc
+
+    def _param_sets(self, prep_res: Any, ctx: ExecutionContext) -> list[Any]:
+        """A BatchFlow's parameter sets: what prep returned, as a list, each set a
+        mapping with str keys (a child run's params). Anything else, one dict instead of
+        a list of them included, fails the step in prep naming the item at fault."""
+        if isinstance(prep_res, Mapping):
+            self._bad_param_sets(f"prep returned one {type(prep_res).__name__}, not a list", ctx)
+        param_sets = self._items(prep_res, ctx)
+        for index, params in enumerate(param_sets):
+            if not isinstance(params, Mapping):
+                self._bad_param_sets(f"item {index} is {type(params).__name__}", ctx)
+            for key in params:
+                if not isinstance(key, str):
+                    kind = type(key).__name__
+                    self._bad_param_sets(f"item {index} has the key {key!r} ({kind})", ctx)
+        return param_sets
+
+    def _bad_param_sets(self, problem: str, ctx: ExecutionContext) -> NoReturn:
+        """Fail the step in prep: what the BatchFlow's prep returned is not parameter
+        sets, for ``problem``."""
+        error = TypeError(
+            f"BatchFlow node {self.node_id!r}: {problem}; prep must return parameter "
+            "sets, dicts with str keys, one per child run"
+        )
+        raise self._failed("prep", ctx) from error
 
     async def _exec_in_turn(self, items: list[Any], ctx: ExecutionContext) -> list[Any]:
         """Exec every item, one after the other, each from its first attempt."""
