@@ -170,8 +170,10 @@ _POCKETFLOW_NUMBERS: Final = {
 }
 """Numeric attributes of PocketFlow's nodes (or close to their names) that no code of
 this package reads, with what to do instead."""
-_POCKETFLOW_METHODS: Final = ("_exec", "_run", "_orch", "_exec_async", "_run_async", "_orch_async")
-"""PocketFlow's internal methods that a node overrode there; nothing here calls them."""
+_POCKETFLOW_METHODS: Final = ("_exec", "_orch", "_exec_async", "_orch_async")
+"""PocketFlow's internal methods that a node overrode there (its retry loop, a flow's
+orchestration); nothing here calls them. ``_run`` is not among them: it is a common
+name for a helper of one's own."""
 
 
 def pocketflow_problem(attributes: Mapping[str, object]) -> str | None:

@@ -80,7 +80,7 @@ def test_a_pocketflow_setting_is_refused_when_the_class_is_defined(name: str, ad
     assert str(info.value) == f"Ported: {name} = 3 is never read ({advice})"
 
 
-@pytest.mark.parametrize("name", ["_exec", "_run", "_orch", "_exec_async", "_orch_async"])
+@pytest.mark.parametrize("name", ["_exec", "_orch", "_exec_async", "_orch_async"])
 def test_a_pocketflow_internal_method_is_refused_when_the_class_is_defined(name: str) -> None:
     def hook(self: cf.Node, prep_res: Any) -> str:
         return "never called"
@@ -89,10 +89,13 @@ def test_a_pocketflow_internal_method_is_refused_when_the_class_is_defined(name:
         type("Ported", (cf.Node,), {name: hook})
 
 
-def test_a_method_named_wait_is_a_nodes_own() -> None:
+def test_a_method_named_wait_or_run_is_a_nodes_own() -> None:
     class Polls(cf.Node):
         def wait(self) -> None:
             """The node's own helper, not PocketFlow's number of seconds."""
+
+        def _run(self) -> None:
+            """A helper of the node's own: PocketFlow's ``_run`` is not refused."""
 
     cf.Flow.builder("f").add_node("a", Polls()).build()
 
