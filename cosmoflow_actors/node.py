@@ -6,6 +6,7 @@ actor; keep per-run state in the store or in the context, never on ``self``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import sys
@@ -385,8 +386,8 @@ def executor_problem(node: Node) -> tuple[str, Exception | None] | None:
     or "ray" node."""
     if node.executor == "inline":
         return None
-    exec_method = node.function if isinstance(node, FunctionNode) else type(node).exec
-    if inspect.iscoroutinefunction(exec_method):
+    exec_method = node.function if isinstance(node, FunctionNode) else node.exec
+    if _is_async(exec_method):
         return f"executor={node.executor!r} needs a plain def exec, not async def", None
     if node.executor == "ray":
         try:
@@ -399,6 +400,20 @@ def executor_problem(node: Node) -> tuple[str, Exception | None] | None:
         except Exception as exc:
             return f"executor={node.executor!r} cannot send the node to a worker: {exc}", exc
     return None
+
+
+def _is_async(function: object) -> bool:
+    """Whether calling ``function`` makes a coroutine, as far as can be seen before
+    calling it: an ``async def`` (also bound, set on the instance, or in a
+    ``functools.partial`` or ``partialmethod``), or an object whose class has an ``async
+    def __call__``. A plain def that returns a coroutine cannot be seen."""
+    while isinstance(function, functools.partial):
+        function = function.func
+    if inspect.iscoroutinefunction(function):
+        return True
+    if inspect.isroutine(function) or isinstance(function, type):
+        return False
+    return callable(function) and inspect.iscoroutinefunction(type(function).__call__)
 
 
 class BatchNode(Node):

@@ -688,3 +688,53 @@ async def test_an_os_error_restoring_exec_input_in_a_worker_is_not_blamed_on_its
     cause = info.value.__cause__
     assert isinstance(cause, FileNotFoundError)
     assert str(cause) == "[Errno 2] no such file: 'input.csv'"
+
+
+class LosesAStoreCall(cf.Node):
+    """exec, a plain def, calls the store without awaiting the call."""
+
+    max_retries = 3
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
+        ctx.store.set("answer", 42)
+        return "done"
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_a_store_call_never_awaited_on_a_worker_fails_the_step_in_exec(
+    executor: str,
+) -> None:
+    """As inline: the step fails once exec has ended, naming the call, the node and the
+    phase; nothing is stored, and nothing is retried."""
+    data: dict[str, Any] = {}
+    with pytest.raises(cf.NodeError) as info:
+        await single(LosesAStoreCall(executor=executor)).run(data)
+    assert (info.value.phase, info.value.attempts) == ("exec", 1)
+    cause = info.value.__cause__
+    assert isinstance(cause, RuntimeError)
+    assert "store.set('answer') in exec of node 'only' was never awaited" in str(cause)
+    assert data == {}
+
+
+async def fetch(url: str) -> str:
+    return url
+
+
+class ReturnsACoroutine(cf.Node):
+    """exec, a plain def, returns a coroutine it did not await."""
+
+    max_retries = 3
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> Any:
+        return fetch("u")
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_a_coroutine_returned_by_exec_on_a_worker_fails_the_step(executor: str) -> None:
+    """Not trio's complaint about its own function, not retried: the node's error."""
+    with pytest.raises(cf.NodeError) as info:
+        await single(ReturnsACoroutine(executor=executor)).run()
+    assert (info.value.node_id, info.value.phase, info.value.attempts) == ("only", "exec", 1)
+    cause = info.value.__cause__
+    assert isinstance(cause, TypeError)
+    assert str(cause).startswith("exec of node 'only' returned a coroutine (fetch)")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.node import executor_problem
 from tests.support import single
 
 
@@ -279,3 +282,54 @@ def test_invalid_limits_and_executors_raise_value_error(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         cf.Node(**config)
+
+
+class AsyncCall:
+    async def __call__(self, ctx: cf.ExecutionContext) -> None:
+        pass
+
+
+class PartialExec(cf.Node):
+    executor = "thread"
+
+    async def _exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        pass
+
+    exec = functools.partialmethod(_exec)  # type: ignore[assignment]
+
+
+async def async_exec(prep_res: Any, ctx: cf.ExecutionContext) -> None:
+    pass
+
+
+def async_on_the_instance() -> cf.Node:
+    node = cf.Node(executor="thread")
+    node.exec = async_exec  # type: ignore[method-assign]
+    return node
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: cf.node(executor="thread")(AsyncCall()),
+        PartialExec,
+        async_on_the_instance,
+        lambda: cf.node(executor="process")(functools.partial(AsyncCall())),
+    ],
+    ids=["async __call__", "partialmethod", "set on the instance", "partial of async __call__"],
+)
+def test_an_exec_that_makes_a_coroutine_is_refused_off_the_trio_thread(
+    make: Callable[[], cf.Node],
+) -> None:
+    node = make()
+    problem = executor_problem(node)
+    assert problem is not None
+    assert problem[0] == f"executor={node.executor!r} needs a plain def exec, not async def"
+
+
+def test_a_callable_object_with_a_plain_call_may_run_on_a_thread() -> None:
+    class PlainCall:
+        def __call__(self, ctx: cf.ExecutionContext) -> None:
+            pass
+
+    assert executor_problem(cf.node(executor="thread")(PlainCall())) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import inspect
 import itertools
 import math
 import random
@@ -1494,3 +1495,49 @@ async def test_workers_are_parked_and_given_steps_protected_from_keyboard_interr
                 run = await engine.start_run(flow)
                 await run.wait()
     assert seen == {"NodeActor._dispatch": {True}, "NodeActor._park": {True}}
+
+
+async def answer_of(question: str) -> str:
+    return f"answer to {question}"
+
+
+class ForgetsToAwait(cf.Node):
+    """exec (or, failing, exec_fallback), an async def, returns a coroutine instead of
+    awaiting it; keeps it."""
+
+    max_retries = 2
+
+    def __init__(self, failing: bool) -> None:
+        super().__init__()
+        self.failing = failing
+        self.returned: list[Any] = []
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> Any:
+        if self.failing:
+            raise ValueError("down")
+        self.returned.append(answer_of("q"))
+        return self.returned[-1]
+
+    async def exec_fallback(self, prep_res: Any, error: Exception, ctx: cf.ExecutionContext) -> Any:
+        self.returned.append(answer_of("q"))
+        return self.returned[-1]
+
+
+@pytest.mark.parametrize(
+    ("failing", "method", "attempts"), [(False, "exec", 1), (True, "exec_fallback", 2)]
+)
+async def test_an_async_exec_that_returns_a_coroutine_fails_the_step(
+    failing: bool, method: str, attempts: int
+) -> None:
+    node = ForgetsToAwait(failing)
+    with pytest.raises(cf.NodeError) as info:
+        await single(node).run()
+    assert (info.value.phase, info.value.attempts) == ("exec", attempts)
+    cause = info.value.__cause__
+    assert isinstance(cause, TypeError)
+    assert str(cause) == (
+        f"{method} of node 'only' returned a coroutine (answer_of) instead of its result: "
+        "await it (`return await answer_of(...)`)"
+    )
+    [coroutine] = node.returned
+    assert inspect.getcoroutinestate(coroutine) == "CORO_CLOSED"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,17 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.store_client import FORGET_AT
+from cosmoflow_actors.runtime.store_client import (
+    FORGET_AT,
+    SharedStore,
+    Unreachable,
+    all_awaited,
+    detached,
+    hand_over,
+    lost_calls,
+    step_handle,
+    unawaited,
+)
 from tests.support import in_run, single
 
 
@@ -413,3 +424,19 @@ async def test_a_durable_step_stores_a_value_as_it_was_set(tmp_path: Path) -> No
     result = await cf.Flow.builder("as set").add_node("step", step).build().run(durable, run_id="r")
     assert result.result == plain == [[1], {"t": [1, "a"]}]
     assert await in_run(lambda store: store.get("k"), durable) == [1]
+
+
+def test_calls_lost_through_a_detached_handle_fail_the_step_they_are_handed_to() -> None:
+    """What exec on a thread, a process or Ray leaves unawaited reaches the step's check."""
+    step = step_handle(SharedStore(Unreachable("s"), cf.MemoryStorage(), "s"))
+    away = detached(step)
+    made = away.set("k", 1)
+    _ = away.get("g")
+    lost = lost_calls(away)
+    assert lost == [("SET", "k"), ("GET", "g")]
+    assert inspect.getcoroutinestate(made) == "CORO_CLOSED"
+    assert lost_calls(away) == []
+    assert all_awaited(step)
+    hand_over(lost, step)
+    assert not all_awaited(step)
+    assert unawaited(step) == ["set('k')", "get('g')"]

@@ -19,7 +19,8 @@ import functools
 import inspect
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from types import CoroutineType
+from typing import Any, TypeVar, final
 
 import trio
 import trio_parallel
@@ -27,7 +28,7 @@ import trio_parallel
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.ray_executor import OnRay
-from cosmoflow_actors.runtime.store_client import detached
+from cosmoflow_actors.runtime.store_client import detached, hand_over, lost_calls
 from cosmoflow_actors.runtime.transfer import (
     answer,
     exec_in_worker,
@@ -135,15 +136,20 @@ class _InThread:
         an overrun timeout) is dropped once it comes and trio.Cancelled raised, so
         nothing of the step (a retry, the fallback, post) runs after exec.
         """
-        thread_ctx = ctx.copy(store=detached(ctx.store))
+        thread_store = detached(ctx.store)
+        thread_ctx = ctx.copy(store=thread_store)
         try:
             async with trio.to_thread.current_default_thread_limiter():
                 running = trio.to_thread.run_sync(
                     _exec_in_thread, self._exec, prep_res, thread_ctx, limiter=self._held
                 )
-                return await within(time_limit, ctx.node_id, running)
+                result = await within(time_limit, ctx.node_id, running)
         finally:
+            hand_over(lost_calls(thread_store), ctx.store)
             await trio.lowlevel.checkpoint_if_cancelled()
+        if type(result) is _Returned:
+            return result.coroutine
+        return result
 
 
 def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -> Any:
@@ -153,13 +159,27 @@ def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -
     behind in the thread (see ``release_frames``): trio could not hand it over while
     they hold the memory."""
     try:
-        return exec_(*args)
+        result = exec_(*args)
     except BaseException as exc:
         release_frames(exc)
         interrupted = interruption(exc, "its thread")
         if interrupted is None:
             raise
         raise interrupted from exc
+    if type(result) is CoroutineType:
+        return _Returned(result)
+    return result
+
+
+@final
+class _Returned:
+    """A coroutine a thread exec returned, carried past trio (which refuses a thread's
+    coroutine as its own misuse) to the node actor, which fails the step on it."""
+
+    __slots__ = ("coroutine",)
+
+    def __init__(self, coroutine: CoroutineType[Any, Any, Any]) -> None:
+        self.coroutine = coroutine
 
 
 class _InProcess:
@@ -192,7 +212,7 @@ class _InProcess:
                 await self._in_worker(ctx.node_id, start_worker, self._pickled)
             running = self._in_worker(ctx.node_id, exec_in_worker, self._pickled, work, "process")
             sent = await within(time_limit, ctx.node_id, running)
-        return answer(sent, "process")
+        return answer(sent, "process", ctx.store)
 
     async def _in_worker(self, node_id: str, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in an idle worker process, or in one started for it

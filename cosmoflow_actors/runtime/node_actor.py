@@ -19,7 +19,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from types import MappingProxyType
+from types import CoroutineType, MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import outcome
@@ -563,9 +563,12 @@ class NodeActor(Actor[Step]):
     async def _exec(self, prep_res: Any, ctx: ExecutionContext) -> Any:
         """One exec attempt; if it fails, the retries and the fallback (:meth:`_retry`)."""
         try:
-            return await self._attempt(prep_res, ctx)
+            result = await self._attempt(prep_res, ctx)
         except Exception as exc:
             return await self._retry(prep_res, exc, ctx)
+        if type(result) is CoroutineType:
+            self._returned_coroutine("exec", result, ctx, 1)
+        return result
 
     async def _retry(self, prep_res: Any, error: Exception, ctx: ExecutionContext) -> Any:
         """After the first attempt failed with ``error``: attempt exec again until
@@ -585,9 +588,13 @@ class NodeActor(Actor[Step]):
             ctx.current_retry = attempt
             attempt += 1
             try:
-                return await self._attempt(prep_res, ctx)
+                result = await self._attempt(prep_res, ctx)
             except Exception as exc:
                 error = exc
+                continue
+            if type(result) is CoroutineType:
+                self._returned_coroutine("exec", result, ctx, attempt)
+            return result
         return await self._fallback(prep_res, error, ctx, attempt)
 
     async def _slotted_attempt(self, prep_res: Any, ctx: ExecutionContext) -> Any:
@@ -633,9 +640,29 @@ class NodeActor(Actor[Step]):
                 Fallback(ctx.run_id, now, self.node_id, ctx.execution_id, attempts, error)
             )
         try:
-            return await call(self.node.exec_fallback, prep_res, error, ctx)
+            result = await call(self.node.exec_fallback, prep_res, error, ctx)
         except Exception as exc:
             raise self._failed("exec", ctx, attempts) from exc
+        if type(result) is CoroutineType:
+            self._returned_coroutine("exec_fallback", result, ctx, attempts)
+        return result
+
+    def _returned_coroutine(
+        self,
+        method: str,
+        coroutine: CoroutineType[Any, Any, Any],
+        ctx: ExecutionContext,
+        attempts: int,
+    ) -> NoReturn:
+        """Fail the step in exec: ``method`` (exec or exec_fallback) returned
+        ``coroutine`` instead of awaiting it. The coroutine is closed (it never runs)."""
+        coroutine.close()
+        error = TypeError(
+            f"{method} of node {self.node_id!r} returned a coroutine "
+            f"({coroutine.__qualname__}) instead of its result: await it "
+            f"(`return await {coroutine.__qualname__}(...)`)"
+        )
+        raise self._failed("exec", ctx, attempts) from error
 
 
 def _retry_wait(delay: float, jitter: float, error: Exception) -> float:

@@ -265,7 +265,7 @@ class OnRay:
         if self._node_ref is None:
             await self._put_node(ctx.node_id)
         ref = self._remote.remote(self._node_ref, work, "ray")
-        return answer(await _result(ref), "ray")
+        return answer(await _result(ref), "ray", ctx.store)
 
     async def _put_node(self, node_id: str) -> None:
         """Unless another attempt has done it meanwhile: pickle the node

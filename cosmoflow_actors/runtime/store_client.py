@@ -242,8 +242,39 @@ def unawaited(store: SharedStore) -> list[str]:
 
 def detached(store: SharedStore) -> SharedStore:
     """A handle on ``store``'s storage that refuses every call (for exec in a thread,
-    a process or on Ray)."""
-    return SharedStore(Unreachable(store.name), store._storage, store.name)
+    a process or on Ray) and remembers the calls made through it, for
+    :func:`lost_calls`."""
+    return SharedStore(Unreachable(store.name), store._storage, store.name, [])
+
+
+LostCall = tuple[str, str]
+"""A store call never awaited, as ``(operation, key)``: ``("SET", "k")``; plain strings,
+to be sent back from a worker process or a Ray task."""
+
+
+def lost_calls(handle: SharedStore) -> list[LostCall]:
+    """The calls made through the detached ``handle`` since the last check that were
+    never awaited; each is closed (it will never run), and all are forgotten. Never
+    blocks."""
+    made = handle._made or []
+    lost = [call for call in made if _never_started(call)]
+    made.clear()
+    found = [_call_of(call) for call in lost]
+    for call in lost:
+        call.close()
+    return [(op.name, key) for op, key in found]
+
+
+def hand_over(calls: Iterable[LostCall], step: SharedStore) -> None:
+    """Have the step handle ``step`` remember ``calls``, lost by exec on a thread, a
+    process or Ray, as calls made through it and never awaited, for the step's check
+    (:func:`all_awaited`), which fails the step naming them as it does for an inline
+    exec. Each is a coroutine of a request that refuses, never started. Never blocks."""
+    if step._made is None:
+        return
+    unreachable = Unreachable(step.name)
+    for op, key in calls:
+        _ = step._made_now(unreachable.request(StoreOp[op], _NOWHERE, key, None))
 
 
 @final
@@ -440,8 +471,9 @@ _UNKNOWN: Final[Any] = object()
 
 
 def _unpickled(name: str) -> SharedStore:
-    """A detached handle on the store ``name`` (what a pickled SharedStore becomes)."""
-    return SharedStore(Unreachable(name), _NOWHERE, name)
+    """A detached handle on the store ``name`` (what a pickled SharedStore becomes),
+    which remembers the calls made through it (see :func:`lost_calls`)."""
+    return SharedStore(Unreachable(name), _NOWHERE, name, [])
 
 
 def _typed(key: str, value: Any, default: Any, expected: Any) -> Any:
@@ -483,9 +515,16 @@ def _never_started(call: Coroutine[Any, Any, Any]) -> bool:
 def _describe(call: Coroutine[Any, Any, Any]) -> str:
     """``"set('k')"`` for the coroutine of a store call: a request to the handle's
     service, or a typed get."""
-    assert isinstance(call, CoroutineType) and call.cr_frame is not None
-    arguments = call.cr_frame.f_locals
-    op = arguments.get("op", StoreOp.GET)
-    key = arguments.get("key")
+    op, key = _call_of(call)
     name = op.name.lower()
     return f"{name}({key!r})" if key else f"{name}()"
+
+
+def _call_of(call: Coroutine[Any, Any, Any]) -> tuple[StoreOp, str]:
+    """The operation and the key (``""`` for none) of the coroutine of a store call
+    never started: a request to the handle's service, or a typed get."""
+    assert isinstance(call, CoroutineType) and call.cr_frame is not None
+    arguments = call.cr_frame.f_locals
+    op: StoreOp = arguments.get("op", StoreOp.GET)
+    key: str = arguments.get("key") or ""
+    return op, key

@@ -25,7 +25,8 @@ import multiprocessing
 import os
 import threading
 import traceback
-from typing import Any, Final, Literal
+from types import CoroutineType
+from typing import Any, Final, Literal, final
 
 import cloudpickle
 import outcome
@@ -33,6 +34,7 @@ import outcome
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.errors import CosmoFlowError, error_text, type_and_message
 from cosmoflow_actors.node import Node
+from cosmoflow_actors.runtime.store_client import LostCall, SharedStore, hand_over, lost_calls
 
 ORPHAN_EXIT_STATUS: Final = 70
 """The exit status of a worker process that ended itself because the engine's process
@@ -69,10 +71,10 @@ def pickled_node(node: Node, node_id: str) -> bytes:
     return pickled
 
 
-Answer = tuple[str, bytes]
+Answer = tuple[str, bytes, list[LostCall]]
 """What a worker sends back: what exec did ("exec returned a mod.Type", "exec raised
-mod.Type"), readable even when the engine cannot unpickle the rest, and exec's outcome
-pickled."""
+mod.Type"), readable even when the engine cannot unpickle the rest, exec's outcome
+pickled, and the store calls exec made and never awaited."""
 
 
 WorkerKind = Literal["process", "ray"]
@@ -97,16 +99,47 @@ def job(prep_res: Any, ctx: ExecutionContext, executor: WorkerKind) -> bytes:
     return pickled
 
 
-def answer(sent: Answer, executor: WorkerKind) -> Any:
+def answer(sent: Answer, executor: WorkerKind, store: SharedStore) -> Any:
     """What exec returned, as a worker of ``executor`` sent it back; or raise what it
-    raised, a KeyboardInterrupt as WorkerInterruptedError. Blocks while it unpickles
-    the outcome: for a large result, long enough to stall the engine."""
-    result = _unpickled_answer(sent)
+    raised, a KeyboardInterrupt as WorkerInterruptedError. The store calls exec made
+    there and never awaited are handed over to ``store``, the step's handle, for the
+    step's check (see ``store_client.hand_over``). Blocks while it unpickles the
+    outcome: for a large result, long enough to stall the engine."""
+    what, pickled, lost = sent
+    hand_over(lost, store)
+    result = _unpickled_answer(what, pickled)
     if isinstance(result, outcome.Error):
         interrupted = interruption(result.error, worker_name(executor))
         if interrupted is not None:
             raise interrupted from result.error
-    return result.unwrap()
+    value = result.unwrap()
+    if type(value) is _ReturnedCoroutine:
+        return value.stand_in()
+    return value
+
+
+@final
+class _ReturnedCoroutine:
+    """What a worker sends back for a coroutine exec returned (which cannot make the
+    trip): its name. The worker closes the coroutine."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, coroutine: CoroutineType[Any, Any, Any]) -> None:
+        self.name: str = coroutine.__qualname__
+        coroutine.close()
+
+    def stand_in(self) -> CoroutineType[Any, Any, None]:
+        """A coroutine of that name, never started, for the node actor to refuse as
+        exec's result as it refuses the coroutine of an inline exec."""
+        coroutine = _returned()
+        assert isinstance(coroutine, CoroutineType)
+        coroutine.__qualname__ = self.name
+        return coroutine
+
+
+async def _returned() -> None:
+    """The coroutine function of :meth:`_ReturnedCoroutine.stand_in`, never run."""
 
 
 def interruption(error: BaseException, worker: str) -> WorkerInterruptedError | None:
@@ -132,11 +165,11 @@ def release_frames(error: BaseException) -> None:
         traceback.clear_frames(error.__traceback__)
 
 
-def _unpickled_answer(sent: Answer) -> outcome.Outcome[Any]:
-    """exec's outcome, as a worker sent it; WorkerTransferError naming what exec
-    returned or raised when it cannot be unpickled here (its class is in a module the
-    engine cannot import, say). Blocks while it unpickles."""
-    what, pickled = sent
+def _unpickled_answer(what: str, pickled: bytes) -> outcome.Outcome[Any]:
+    """exec's outcome, as a worker sent it (``what`` it was, and ``pickled``);
+    WorkerTransferError naming what exec returned or raised when it cannot be unpickled
+    here (its class is in a module the engine cannot import, say). Blocks while it
+    unpickles."""
     try:
         result: outcome.Outcome[Any] = cloudpickle.loads(pickled)
     except Exception as exc:
@@ -179,10 +212,14 @@ def exec_in_worker(node_bytes: bytes, job: bytes, executor: WorkerKind) -> Answe
     worker = worker_name(executor)
     node = _node(node_bytes, worker)
     prep_res, ctx = _restored("exec's input (what prep returned, and the context)", job, worker)
+    store = ctx.store
     result = outcome.capture(node.exec, prep_res, ctx)
     if isinstance(result, outcome.Error):
         release_frames(result.error)
-    return _sendable(result, worker)
+    elif isinstance(result, outcome.Value) and type(result.value) is CoroutineType:
+        result = outcome.Value(_ReturnedCoroutine(result.value))
+    what, pickled = _sendable(result, worker)
+    return what, pickled, lost_calls(store)
 
 
 def _node(node_bytes: bytes, worker: str) -> Node:
@@ -218,7 +255,7 @@ def raised_restoring(error: BaseException) -> bool:
     return any(note.startswith(_RESTORING) for note in getattr(error, "__notes__", ()))
 
 
-def _sendable(result: outcome.Outcome[Any], worker: str) -> Answer:
+def _sendable(result: outcome.Outcome[Any], worker: str) -> tuple[str, bytes]:
     """``result``, exec's outcome in ``worker``, as sent to the engine (see
     :func:`_sendable_error` for an exception). When a value cannot be pickled, an
     Error(WorkerTransferError) that says what it was. Blocks while it pickles."""
@@ -235,7 +272,7 @@ def _sendable(result: outcome.Outcome[Any], worker: str) -> Answer:
         return f"exec raised {_type_name(failed)}", cloudpickle.dumps(outcome.Error(failed))
 
 
-def _sendable_error(raised: BaseException, worker: str) -> Answer:
+def _sendable_error(raised: BaseException, worker: str) -> tuple[str, bytes]:
     """Error(``raised``), raised by exec in ``worker``, as sent to the engine, with
     exec's traceback there in a note (pickling drops the traceback); it is also
     unpickled, to check that it makes the trip. When it cannot, an
