@@ -292,10 +292,10 @@ class AsyncCall:
 class PartialExec(cf.Node):
     executor = "thread"
 
-    async def _exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+    async def _work(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
         pass
 
-    exec = functools.partialmethod(_exec)  # type: ignore[assignment]
+    exec = functools.partialmethod(_work)  # type: ignore[assignment]
 
 
 async def async_exec(prep_res: Any, ctx: cf.ExecutionContext) -> None:
