@@ -231,13 +231,7 @@ def unawaited(store: SharedStore) -> list[str]:
     """The calls made through the step handle ``store`` since the last check that were
     never awaited, described as ``"set('k')"``; each is closed (it will never run), and
     all are forgotten. Never blocks."""
-    made = store._made or []
-    lost = [call for call in made if _never_started(call)]
-    made.clear()
-    described = [_describe(call) for call in lost]
-    for call in lost:
-        call.close()
-    return described
+    return [_described(op, key) for op, key in lost_calls(store)]
 
 
 def detached(store: SharedStore) -> SharedStore:
@@ -253,9 +247,9 @@ to be sent back from a worker process or a Ray task."""
 
 
 def lost_calls(handle: SharedStore) -> list[LostCall]:
-    """The calls made through the detached ``handle`` since the last check that were
-    never awaited; each is closed (it will never run), and all are forgotten. Never
-    blocks."""
+    """The calls made through ``handle`` (a step's, or a detached one) since the last
+    check that were never awaited; each is closed (it will never run), and all are
+    forgotten. Never blocks."""
     made = handle._made or []
     lost = [call for call in made if _never_started(call)]
     made.clear()
@@ -512,11 +506,9 @@ def _never_started(call: Coroutine[Any, Any, Any]) -> bool:
     )
 
 
-def _describe(call: Coroutine[Any, Any, Any]) -> str:
-    """``"set('k')"`` for the coroutine of a store call: a request to the handle's
-    service, or a typed get."""
-    op, key = _call_of(call)
-    name = op.name.lower()
+def _described(op: str, key: str) -> str:
+    """``"set('k')"`` for a store call of the operation named ``op`` on ``key``."""
+    name = op.lower()
     return f"{name}({key!r})" if key else f"{name}()"
 
 
