@@ -297,9 +297,9 @@ class Engine:
                 """Again in the store actor's order, where a start that has read the
                 record has its run in flight."""
                 self._refuse_in_flight(run_id)
-                run_record.require_ended(key, record)
+                run_record.require_ended(key, record)  # checks the record whole
                 if parent is not None:
-                    run_record.refuse_child(key, record, parent)
+                    run_record.refuse_child(record, parent)
 
             key = run_record.record_key(run_id)
             return await actor.forget_record(storage, key, check)

@@ -77,12 +77,11 @@ def require_ended(key: str, value: Any) -> None:
         )
 
 
-def refuse_child(key: str, value: Any, parent: str) -> NoReturn:
-    """Raise RunRecordedError: ``value``, the record under ``key``, is of a BatchFlow's
-    child run of the recorded run ``parent``, which is forgotten with its parent only
-    (a resume of the parent would run the child's steps again); StorageError when it
-    is not a record the engine wrote."""
-    record = checked_record(key, value)
+def refuse_child(record: Mapping[str, Any], parent: str) -> NoReturn:
+    """Raise RunRecordedError: ``record``, a record checked already (see
+    :func:`checked_record`), is of a BatchFlow's child run of the recorded run
+    ``parent``, which is forgotten with its parent only (a resume of the parent would
+    run the child's steps again)."""
     run_id = record["run_id"]
     raise RunRecordedError(
         f"run {run_id!r} is a child run of the recorded run {parent!r} (a step of its "
