@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +14,22 @@ from tests.storage_suite import RedisServer, running_redis
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _deliver_ctrl_c()
     config.addinivalue_line(
         "markers", "slow: a test that takes seconds (deselect with -m 'not slow')"
     )
     config.addinivalue_line(
         "markers", "ray: a test on a local Ray cluster (skipped when ray is not installed)"
     )
+
+
+def _deliver_ctrl_c() -> None:
+    """Let SIGINT reach the tests that send it (to this process, or to a cosmoflow
+    process they start) when the suite itself was started with SIGINT ignored, as a
+    shell does for a command put in the background: a process started then inherits
+    the ignoring, so the Ctrl-C tests would wait for an exit that never comes."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")
