@@ -113,7 +113,37 @@ def test_inspect_lists_the_durable_runs_of_a_store(
     assert main(["inspect", f"file:{path}"]) == 0
     out = capsys.readouterr().out
     assert "runs (1)" in out
-    assert "nightly" in out and "succeeded" in out
+    assert table_row(out, "nightly") == ["nightly", "-", "chain", "succeeded", "b", "2", "-", "-"]
+
+
+class EachName(cf.BatchFlow):
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, str]]:
+        return [{"name": name} for name in ("a", "b")]
+
+
+def test_inspect_shows_the_parent_of_a_batch_flows_child_runs(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Read without an engine (a file) and through one (Redis): each child names its
+    parent, right after it, "-" for a run that is no child."""
+    inner = cf.Flow.builder("child").add_node("one", cf.Node()).build()
+    flow = cf.Flow.builder("parent").add_node("each", EachName(inner)).build()
+    namespace = unique_namespace()
+    stores = {
+        f"file:{tmp_path / 'runs.json'}": cf.FileStorage(tmp_path / "runs.json"),
+        f"{redis_server.url}#{namespace}": redis_server.storage(namespace),
+    }
+    for store, storage in stores.items():
+        flow.run_sync(storage, run_id="job")
+        assert main(["inspect", store]) == 0
+        out = capsys.readouterr().out
+        runs = out[out.index("runs (3)") :].splitlines()
+        rows = [line.strip("│ ").split("│") for line in runs if line.startswith("│")]
+        assert [[cell.strip() for cell in row] for row in rows] == [
+            ["job", "-", "parent", "succeeded", "each", "1", "-", "-"],
+            ["job:1/0", "job", "child", "succeeded", "one", "1", "-", "-"],
+            ["job:1/1", "job", "child", "succeeded", "one", "1", "-", "-"],
+        ]
 
 
 def snapshot_of(directory: Path) -> dict[str, tuple[bytes, int]]:

@@ -7,7 +7,7 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import trio
@@ -15,7 +15,7 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
-from tests.storage_suite import JsonDictStorage, make_backend
+from tests.storage_suite import BACKENDS, JsonDictStorage, make_backend
 from tests.support import (
     CHILDREN_OF_THE_LOOP,
     CHILDREN_ON_THE_BRANCHES,
@@ -350,6 +350,28 @@ async def test_every_step_of_a_durable_batch_flow_runs_and_records_children_of_i
             assert await engine.list_runs(storage) == []
     assert ran == [CHILDREN_OF_THE_LOOP, CHILDREN_ON_THE_BRANCHES]
     assert recorded == [["job", *children] for children in ran]
+
+
+LISTED: Final = ["a", "job", "job:2/0", "job:2/0:1/0", "job:2/1", "job:10/0", "job-2", "job1"]
+"""Run ids in the order list_runs gives them: a child right after its parent."""
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_list_runs_sorts_by_run_id_a_child_right_after_its_parent(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Whatever order the backend keeps (random on Redis, insertion order elsewhere):
+    records written in another order, whose plain str order would put "job-2" and
+    "job:10/0" before "job:2/0"."""
+    storage = make_backend(kind, tmp_path, request).open()
+    for run_id in reversed(LISTED):
+        await storage.set(run_record.record_key(run_id), run_record.new_record(run_id, "f", {}))
+    async with cf.open_engine() as engine:
+        runs = await engine.list_runs(storage)
+    parents = {"job:2/0": "job", "job:2/0:1/0": "job:2/0", "job:2/1": "job", "job:10/0": "job"}
+    assert [(run.run_id, run.parent_id) for run in runs] == [
+        (run_id, parents.get(run_id)) for run_id in LISTED
+    ]
 
 
 async def test_forget_run_on_a_temporary_engine(tmp_path: Path) -> None:

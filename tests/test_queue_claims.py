@@ -127,6 +127,39 @@ async def test_a_worker_taking_over_an_unreadable_run_whose_lease_expired_leaves
     ]
 
 
+@pytest.mark.parametrize("flows", [(FLOW,), (OTHER,)], ids=["has the flow", "lacks it"])
+async def test_a_run_whose_lease_key_holds_a_hash_fails_alone_and_runs_once_requeued(
+    redis_server: RedisServer, flows: tuple[cf.Flow, ...]
+) -> None:
+    """Something wrote a hash at a run's lease key: no worker could ever take the lease
+    (SET NX finds it held for ever). The first worker that claims the run, or passes
+    it over, fails it naming the key and the queue, logs it and acknowledges its entry,
+    and runs the next one; once the key is deleted, the run requeued runs."""
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    await cf.submit(queue, "count", run_id="blocked")
+    await queue.call("HSET", queue.lease_key("blocked"), "owner", "someone")
+    why = (
+        f"UnreadableEntryError: {queue!r}: the lease of run 'blocked' was not written by a "
+        f"queue: its key {queue.lease_key('blocked')!r} holds a hash, not a string naming "
+        "a worker"
+    )
+    async with worker(queue, store, "w1", flows=flows):
+        with logged() as warnings, pytest.raises(cf.CosmoFlowError) as failed:
+            with trio.fail_after(10):
+                await cf.result(queue, "blocked")
+        later = await cf.submit(queue, "other" if flows == (OTHER,) else "count")
+        with trio.fail_after(10):
+            await cf.result(queue, later)
+        await queue.call("DEL", queue.lease_key("blocked"))
+        await cf.requeue(queue, "blocked")
+        async with worker(queue, store, "w2"):
+            with trio.fail_after(10):
+                done = await cf.result(queue, "blocked")
+    assert str(failed.value) == f"run 'blocked' failed on worker w1: {why}"
+    assert warnings.messages == [f"worker w1 fails run 'blocked': {why}"]
+    assert done.result == "done blocked"
+
+
 async def test_a_worker_acknowledges_a_stream_entry_without_a_run_id(
     redis_server: RedisServer,
 ) -> None:

@@ -215,3 +215,25 @@ async def test_a_run_whose_passed_over_note_no_queue_writes_is_shown_unreadable(
     assert status.state == "unreadable"
     assert (status.error or "").startswith(f"{queue!r}: the passed-over note of run 'left' ")
     assert why in (status.error or ""), status.error
+
+
+async def test_a_run_whose_lease_key_holds_a_hash_is_shown_unreadable_naming_the_key(
+    redis_server: RedisServer,
+) -> None:
+    """Something wrote a hash at a run's lease key, where GET fails with WRONGTYPE: the
+    status shows that run unreadable, naming the key and the queue, and the others as
+    they are; a record of the run is listed as it is, its lease unread."""
+    queue = new_queue(redis_server)
+    await cf.submit(queue, "count", run_id="blocked")
+    good = await cf.submit(queue, "count")
+    await queue.call("HSET", queue.lease_key("blocked"), "owner", "someone")
+    statuses = {run.run_id: run for run in await cf.queue_status(queue)}
+    record = RunRecord("blocked", "count", "running", "a", 1, "w1", queue.address)
+    listed = await leases_checked(per_run_redis(store_url(redis_server))("blocked"), [record])
+    assert statuses[good].state == "pending"
+    assert (statuses["blocked"].state, statuses["blocked"].error) == (
+        "unreadable",
+        f"{queue!r}: the lease of run 'blocked' was not written by a queue: its key "
+        f"{queue.lease_key('blocked')!r} holds a hash, not a string naming a worker",
+    )
+    assert listed == [record]

@@ -291,3 +291,10 @@ async def test_resuming_with_a_flow_that_lost_the_recorded_node_names_it(tmp_pat
             await engine.run(recorded, storage, run_id="r")
         with pytest.raises(cf.CosmoFlowError, match="names node 'a', which flow 'f' lacks"):
             await engine.resume(changed, storage, run_id="r")
+
+
+def test_run_order_compares_the_numbers_of_a_childs_id_as_numbers() -> None:
+    """A fan-out branch's child (``2.1/4``) and an id padded with a zero sort the same way
+    every time: the padded one first, its twin's id breaking the tie."""
+    ordered = ["job", "job:02/0", "job:2/0", "job:2.1/4/0", "job:9/0", "job:10/0", "job0"]
+    assert sorted(reversed(ordered), key=run_record.run_order) == ordered

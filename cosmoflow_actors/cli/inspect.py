@@ -109,13 +109,16 @@ async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]
 
 
 def _runs_table(runs: list[RunRecord]) -> Table:
+    """The table of ``runs``: "-" stands for a field that is None (the parent of a run that
+    is no BatchFlow's child, the owner of a run no worker claimed, a lease not read)."""
     table = Table(title=f"runs ({len(runs)})", title_justify="left")
-    for column in ("run id", "flow", "state", "last node", "steps", "owner", "lease left"):
+    columns = ("run id", "parent", "flow", "state", "last node", "steps", "owner", "lease left")
+    for column in columns:
         table.add_column(column)
     for run in runs:
         lease = "-" if run.lease_left is None else f"{run.lease_left:.1f} s"
         cells = (run.state, run.last_node_id or "-", str(run.steps), run.owner or "-", lease)
-        table.add_row(run.run_id, run.flow_name, *cells)
+        table.add_row(run.run_id, run.parent_id or "-", run.flow_name, *cells)
     return table
 
 

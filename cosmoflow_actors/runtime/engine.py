@@ -259,8 +259,10 @@ class Engine:
         await _closed_if_retired(actor)
 
     async def list_runs(self, store: Storage | dict[str, Any]) -> list[RunRecord]:
-        """The durable runs recorded in ``store``, with their state, last node and steps,
-        and, for a run a queue's worker claimed, its owner; a running one is "orphaned"
+        """The durable runs recorded in ``store``, sorted by run id (a BatchFlow's
+        children right after their parent, ``job``, ``job:2/0``, ``job:10/0``, see
+        ``run_record.run_order``), with their state, last node and steps, and, for a
+        run a queue's worker claimed, its owner; a running one is "orphaned"
         when the store is on the queue's server and no worker holds its lease (see
         ``queue.leases_checked``). Blocks while it reads and, when no run uses the
         store, until its backend is closed (as at the end of a run); raises
@@ -883,7 +885,8 @@ def _run_event(run: ActiveRun) -> Event:
 
 
 async def list_runs(store: Storage | dict[str, Any]) -> list[RunRecord]:
-    """The durable runs recorded in ``store`` (on a temporary engine; blocks until read).
+    """The durable runs recorded in ``store``, sorted by run id (on a temporary engine;
+    blocks until read; see :meth:`Engine.list_runs`).
 
     Raises StorageError, as itself, when the store cannot be read or holds a record
     the engine did not write.

@@ -18,6 +18,7 @@ Nothing here blocks.
 
 from __future__ import annotations
 
+import re
 import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -154,11 +155,28 @@ class RunRecord:
 
 
 def with_parents(runs: Iterable[RunRecord]) -> list[RunRecord]:
-    """``runs``, the runs recorded in one store, each BatchFlow child among them naming
-    its parent (see :attr:`RunRecord.parent_id`)."""
-    runs = list(runs)
+    """``runs``, the runs recorded in one store, sorted by run id (see :func:`run_order`),
+    each BatchFlow child among them naming its parent (see :attr:`RunRecord.parent_id`)."""
+    runs = sorted(runs, key=lambda run: run_order(run.run_id))
     recorded = {run.run_id for run in runs}
     return [_with_parent(run, recorded) for run in runs]
+
+
+def run_order(run_id: str) -> tuple[tuple[str | tuple[int, ...], ...], str]:
+    """What runs are sorted by: their id, where the numbers that a BatchFlow child's id
+    adds to its parent's compare as numbers, so that children come right after their
+    parent (``job``, ``job:2/0``, ``job:2/0:1/0``, ``job:2/1``, ``job:10/0``, then
+    ``job-2``); ``run_id`` itself breaks a tie (``job:02/0``, ``job:2/0``)."""
+    return _id_path(run_id), run_id
+
+
+def _id_path(run_id: str) -> tuple[str | tuple[int, ...], ...]:
+    """``run_id`` as its root run's id, then the numbers of each child's step and index."""
+    parent = batch_parent(run_id)
+    if parent is None:
+        return (run_id,)
+    numbers = tuple(int(part) for part in re.split(r"[./]", run_id[len(parent) + 1 :]))
+    return (*_id_path(parent), numbers)
 
 
 def _with_parent(run: RunRecord, recorded: set[str]) -> RunRecord:

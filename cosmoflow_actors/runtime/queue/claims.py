@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import trio
 
-from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.errors import StorageError, type_and_message
 from cosmoflow_actors.flow import Flow
 from cosmoflow_actors.runtime.queue.client import FINISHED, GROUP, RunQueue, as_str
 from cosmoflow_actors.runtime.queue.entries import (
@@ -22,10 +22,12 @@ from cosmoflow_actors.runtime.queue.entries import (
     decoded_info,
     decoded_passed,
     decoded_run_id,
+    foreign_lease,
 )
 from cosmoflow_actors.runtime.queue.scripts import (
     CLAIM,
     EXPIRED,
+    FAIL_AS_READ,
     FAIL_PASSED,
     HELD,
     PASS_OVER,
@@ -259,8 +261,10 @@ class Claimer:
         ``data`` (decoded: ``info``), and record it running (see ``scripts.CLAIM``);
         None when another worker holds it or this worker runs it still (its stream
         entry is made due when the lease expires), its entry changed since, or this
-        worker lacks its flow (it passes the run over). Raises UnreadableEntryError
-        when the run's passed-over note is not what a queue writes."""
+        worker lacks its flow (it passes the run over), or its lease key holds another
+        Redis type than a string, which no worker can take (it fails the run, see
+        :meth:`_fail_unleasable`). Raises UnreadableEntryError when the run's
+        passed-over note is not what a queue writes."""
         queue = self.queue
         lease_key = queue.lease_key(run_id)
         if run_id in self._running:
@@ -280,6 +284,9 @@ class Claimer:
             [lease_key, queue.runs, queue.passed, queue.stream],
             [self.name, queue.lease_ms, run_id, data, encoded, GROUP, entry_id],
         )
+        if isinstance(taken, list):
+            await self._fail_unleasable(entry_id, run_id, data, info, taken[0])
+            return None
         if not taken:
             return None
         return Claim(entry_id, run_id, flow, info.get("params", {}), running, expires)
@@ -293,8 +300,10 @@ class Claimer:
         Fail the run instead once workers have passed it over for ``flow_wait``
         seconds, unless it changed since ``data`` (what the queue's hash held about it,
         decoded as ``info``) was read. Leave it alone while a worker holds its lease
-        (its entry is due again when the lease expires). Raises UnreadableEntryError
-        when the run's passed-over note is not what a queue writes."""
+        (its entry is due again when the lease expires), and fail it when its lease key
+        holds another Redis type than a string (see :meth:`_fail_unleasable`). Raises
+        UnreadableEntryError when the run's passed-over note is not what a queue
+        writes."""
         queue = self.queue
         lease_key = queue.lease_key(run_id)
         now = time.time()
@@ -304,6 +313,9 @@ class Claimer:
             [run_id, self.name, now, GROUP, entry_id, queue.lease_ms],
         )
         if reply is None:
+            return
+        if isinstance(reply, list):
+            await self._fail_unleasable(entry_id, run_id, data, info, reply[0])
             return
         since, by = decoded_passed(queue, run_id, reply)
         # cjson keeps 14 digits of ``since``: this pass's own may read a little later
@@ -321,6 +333,24 @@ class Claimer:
         await queue.script(
             FAIL_PASSED,
             [queue.runs, lease_key, queue.stream],
+            [run_id, data, json.dumps(failed), GROUP, entry_id],
+        )
+
+    async def _fail_unleasable(
+        self, entry_id: str, run_id: str, data: bytes, info: dict[str, Any], kind: bytes
+    ) -> None:
+        """Fail ``run_id``, whose lease key holds the Redis type ``kind``: SET NX would
+        find it held for ever, so no worker can take the run. Its error names the key
+        (logged too); its stream entry is acknowledged. Left alone if its entry changed
+        since ``data`` (decoded as ``info``) was read. Once the key is deleted,
+        ``requeue`` runs it."""
+        queue = self.queue
+        error = type_and_message(foreign_lease(queue, run_id, kind))
+        LOGGER.warning("worker %s fails run %r: %s", self.name, run_id, error)
+        failed = {**info, "state": "failed", "owner": self.name, "error": error}
+        await queue.script(
+            FAIL_AS_READ,
+            [queue.runs, queue.stream],
             [run_id, data, json.dumps(failed), GROUP, entry_id],
         )
 

@@ -1,5 +1,6 @@
 """How what the queue's keys hold is read back: the run id of a stream entry, a run's
-entry in the queue's hash, and a run's note of the workers that passed it over. Each
+entry in the queue's hash, a run's note of the workers that passed it over, and its
+lease key's type (a queue writes a string there). Each
 is checked as it is decoded (UTF-8, JSON, its nesting, each field's type), and one
 that is not what a queue writes raises :class:`UnreadableEntryError` naming the queue,
 the run (as far as its id can be read) and the field at fault: the run is left alone,
@@ -26,8 +27,9 @@ class UnreadableEntryError(CosmoFlowError):
     """What the queue holds for a run is not what a queue writes: its run id is not
     UTF-8, its entry in the queue's hash is not UTF-8 JSON (or nested too deep), a
     field of it has the wrong type (a flow name that is not a str, attempts that are
-    not an int, params that are not an object of finite JSON...), or its passed-over
-    note is not one. No worker can run it. A worker that claims it acknowledges its
+    not an int, params that are not an object of finite JSON...), its passed-over
+    note is not one, or its lease key holds another Redis type than a string (a
+    hash...). No worker can run it. A worker that claims it acknowledges its
     stream entry and logs it; :func:`queue_status` shows it as "unreadable"; the
     entry itself is left as it is."""
 
@@ -142,6 +144,15 @@ def decoded_passed(queue: RunQueue, run_id: str, data: bytes | str) -> tuple[flo
     if not isinstance(by, list) or not all(isinstance(name, str) for name in by):
         raise _not_written(queue, what, "its 'by'", by, "a list of str")
     return since, by
+
+
+def foreign_lease(queue: RunQueue, run_id: str, kind: bytes | str) -> UnreadableEntryError:
+    """The error for the lease key of ``run_id`` in ``queue``, which holds the Redis type
+    ``kind`` where a queue writes a string naming a worker."""
+    return UnreadableEntryError(
+        f"{queue!r}: the lease of run {run_id!r} was not written by a queue: its key "
+        f"{queue.lease_key(run_id)!r} holds a {shown(kind)}, not a string naming a worker"
+    )
 
 
 def _decoded_json(queue: RunQueue, what: str, data: bytes | str) -> Any:

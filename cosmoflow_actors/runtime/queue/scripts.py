@@ -28,10 +28,24 @@ end
 milliseconds the lease key ``lease`` has left, so that it has been idle for a lease
 (and a look for expired leases takes it over) when that lease expires, not a lease
 after the look that found it held."""
+_FOREIGN: Final = """
+local function foreign(key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'none' or kind == 'string' then return false end
+  return kind
+end
+"""
+"""A Lua function: the type of the key ``key`` when it holds another Redis type than a
+string (a lease key someone else wrote: a queue writes a string there), else false.
+The scripts below that read a lease say so then, where GET would fail with WRONGTYPE
+and SET NX would find the key held for ever."""
 CLAIM: Final = (
     _IDLE_UNTIL_EXPIRY
+    + _FOREIGN
     + """
 if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[4] then return 0 end
+local kind = foreign(KEYS[1])
+if kind then return {kind} end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   idle_until_expiry(KEYS[1], KEYS[4], ARGV[6], ARGV[1], ARGV[7], ARGV[2])
   return 0
@@ -45,7 +59,8 @@ return 1
 caller read and no one holds the lease; forget who passed it over. When another
 worker holds the lease, make the stream entry due when it expires (KEYS: lease, runs,
 passed, stream; ARGV: owner, lease ms, run id, entry as read, entry running, group,
-entry id). 1 if taken."""
+entry id). 1 if taken; ``{type}`` when the lease key holds another type (see
+:data:`_FOREIGN`)."""
 HELD: Final = (
     _IDLE_UNTIL_EXPIRY
     + """
@@ -106,7 +121,10 @@ waiting; return its id, its run id (nil when it has none) and what the hash KEYS
 holds about the run (nil when nothing), or nothing when there is no new entry."""
 PASS_OVER: Final = (
     _IDLE_UNTIL_EXPIRY
+    + _FOREIGN
     + """
+local kind = foreign(KEYS[2])
+if kind then return {kind} end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   idle_until_expiry(KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[5], ARGV[6])
   return false
@@ -142,7 +160,7 @@ KEYS[1] (a note there that is not what this script writes is replaced, as if the
 were none); return the run's JSON ``{"since": first time, "by": [workers]}``, or nil
 when a worker holds the run's lease KEYS[2] (it is no one's to pass over: its entry
 ARGV[5] of the stream KEYS[3], group ARGV[4], is made due when the lease of ARGV[6] ms
-expires)."""
+expires), or ``{type}`` when the lease key holds another type (see :data:`_FOREIGN`)."""
 FAIL_PASSED: Final = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
@@ -153,6 +171,16 @@ return 1
 """Record run ARGV[1] failed (entry ARGV[3] in the hash KEYS[1]) and acknowledge its
 entry ARGV[5] of the stream KEYS[3] (group ARGV[4]), if its entry in the hash is still
 ARGV[2] (what the caller read) and no worker holds its lease KEYS[2]; 1 if done."""
+FAIL_AS_READ: Final = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XACK', KEYS[2], ARGV[4], ARGV[5])
+return 1
+"""
+"""Record run ARGV[1] failed (entry ARGV[3] in the hash KEYS[1]) and acknowledge its
+entry ARGV[5] of the stream KEYS[2] (group ARGV[4]), if its entry in the hash is still
+ARGV[2] (what the caller read); 1 if done. For a run no worker can take the lease of
+(see :data:`_FOREIGN`)."""
 RENEW: Final = """
 local held = {}
 for index, key in ipairs(KEYS) do
@@ -180,17 +208,23 @@ return 1
 """Drop the lease KEYS[1] if it is held by ARGV[1], and make the entry ARGV[3] of the
 stream KEYS[2] (group ARGV[2]) idle for ARGV[4] ms, so that a worker looking for
 expired leases takes it over at once; 1 if the lease was ARGV[1]'s."""
-LEASE: Final = """
+LEASE: Final = (
+    _FOREIGN
+    + """
+local kind = foreign(KEYS[1])
 return {
-  redis.call('GET', KEYS[1]),
+  not kind and redis.call('GET', KEYS[1]),
   redis.call('PTTL', KEYS[1]),
   redis.call('HGET', KEYS[2], ARGV[1]),
+  kind,
 }
 """
+)
 """The holder of the lease KEYS[1] (nil when none), its milliseconds left (negative
-when no one holds it), and what the hash KEYS[2] holds about run ARGV[1] (nil when
-nothing), read at one instant: a run that ends meanwhile drops its lease as it
-records its outcome, so read apart they could show a finished run as orphaned."""
+when no one holds it), what the hash KEYS[2] holds about run ARGV[1] (nil when
+nothing), and the lease key's type when it holds another type (nil when not; see
+:data:`_FOREIGN`), read at one instant: a run that ends meanwhile drops its lease as
+it records its outcome, so read apart they could show a finished run as orphaned."""
 SUBMIT: Final = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'run_id', ARGV[1])

@@ -16,6 +16,7 @@ from cosmoflow_actors.runtime.queue.entries import (
     decoded_info,
     decoded_passed,
     decoded_run_id,
+    foreign_lease,
     shown,
 )
 from cosmoflow_actors.runtime.queue.scripts import LEASE
@@ -35,11 +36,11 @@ class QueuedRun:
     "orphaned" (claimed, but its lease is gone: its worker died, was cut off, or was
     stopped and handed it back; another worker takes it over), "succeeded",
     "failed" or "unreadable" (what the queue holds for it is not what a queue
-    writes: its run id, its entry or its passed-over note; ``error`` says which and
+    writes: its run id, its entry, its passed-over note or its lease key (of another
+    Redis type than a string, which no worker can take); ``error`` says which and
     why, ``flow_name`` is empty, and ``run_id`` shows bytes that are not UTF-8 as
-    backslash escapes). ``owner`` names
-    the worker that holds (or last held) the run, ``lease_left`` the seconds its
-    lease has left (None when no lease is held).
+    backslash escapes). ``owner`` names the worker that holds (or last held) the run,
+    ``lease_left`` the seconds its lease has left (None when no lease is held).
     ``passed_over`` names the workers that lacked its flow and left it to others
     since it was submitted or requeued, until a worker that has the flow claims it (a
     run failed for want of one keeps them).
@@ -80,8 +81,8 @@ async def _queued_run(
     """The status of the run ``key``, of which the queue's hash held ``data`` and its
     hash of passed-over notes ``note`` (None: none); its lease is read unless ``data``
     says it ended (blocks while it reads it). None when the entry has left the hash by
-    then. Raises UnreadableEntryError when the run id, the entry or the note is not
-    what a queue writes."""
+    then. Raises UnreadableEntryError when the run id, the entry, the note or the
+    lease key (its type) is not what a queue writes."""
     run_id = decoded_run_id(queue, key, "the queue's hash of runs")
     info = decoded_info(queue, run_id, data)
     passed_over = () if note is None else tuple(decoded_passed(queue, run_id, note)[1])
@@ -120,9 +121,12 @@ async def _lease_now(queue: RunQueue, run_id: str) -> tuple[str | None, int, byt
     """The holder of ``run_id``'s lease (None when no one holds it), the milliseconds
     it has left (negative then) and what the queue's hash holds about the run (None
     when nothing), read at one instant (see ``scripts.LEASE``). Blocks while the
-    server answers."""
+    server answers. Raises UnreadableEntryError when the lease key holds another
+    Redis type than a string."""
     keys = [queue.lease_key(run_id), queue.runs]
-    holder, left_ms, data = await queue.script(LEASE, keys, [run_id])
+    holder, left_ms, data, kind = await queue.script(LEASE, keys, [run_id])
+    if kind is not None:
+        raise foreign_lease(queue, run_id, kind)
     return None if holder is None else shown(holder), left_ms, data
 
 
@@ -134,9 +138,10 @@ async def leases_checked(storage: Storage, runs: Iterable[RunRecord]) -> list[Ru
     URLs): it gets the worker holding its lease as ``owner`` and the seconds the lease
     has left, or the state "orphaned" when no worker holds it (the worker died, was cut
     off or dropped the run; the queue gives it to another worker), or the outcome the
-    queue recorded when the run ended after its record was read. Every other run is
-    returned as it is. Blocks while it reads the leases; raises StorageError when the
-    server cannot be reached.
+    queue recorded when the run ended after its record was read. Every other run, and
+    one whose lease key holds another Redis type than a string, is returned as it is.
+    Blocks while it reads the leases; raises StorageError when the server cannot be
+    reached.
     """
     if not isinstance(storage, RedisStorage):
         return list(runs)
@@ -169,8 +174,12 @@ def _queue_name(run: RunRecord, here: tuple[str, int, str] | None) -> str | None
 async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
     """``run`` with its lease's holder and time left; without a lease, orphaned, or
     ended as the queue recorded it if it ended after its record was read (a run drops
-    its lease as it records its outcome)."""
-    holder, left_ms, data = await _lease_now(queue, run.run_id)
+    its lease as it records its outcome); as it is when its lease key holds another
+    Redis type (no worker can take the lease: ``queue_status`` says why)."""
+    try:
+        holder, left_ms, data = await _lease_now(queue, run.run_id)
+    except UnreadableEntryError:
+        return run
     if holder is not None:
         return dataclasses.replace(run, owner=holder, lease_left=max(0, left_ms) / 1000)
     ended = None if data is None else _ended_state(queue, run.run_id, data)
