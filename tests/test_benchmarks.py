@@ -30,6 +30,7 @@ def run_smoke_suite(json_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_smoke_suite_measures_every_implementation(tmp_path: Path) -> None:
     pytest.importorskip("pocketflow")
     json_path = tmp_path / "results" / "smoke.json"

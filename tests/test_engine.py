@@ -1323,6 +1323,7 @@ def _check_provenance(run_id: str, error: BaseException, faults: list[str]) -> N
     assert expected is not None and kinds & expected, (run_id, error, faults)
 
 
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32),

@@ -1720,6 +1720,7 @@ def described(spec: FlowSpec, depth: int = 0) -> str:
 _durable_runs = itertools.count()
 
 
+@pytest.mark.slow
 @settings(
     max_examples=500,
     deadline=None,  # no test depends on the machine's speed
