@@ -15,9 +15,7 @@ from tests.storage_suite import RedisServer, running_redis
 
 def pytest_configure(config: pytest.Config) -> None:
     _deliver_ctrl_c()
-    config.addinivalue_line(
-        "markers", "slow: a long trial (seconds to a minute), left out unless asked for with -m slow"
-    )
+    config.addinivalue_line("markers", "slow: a long trial, left out unless asked for with -m slow")
     config.addinivalue_line(
         "markers", "ray: a test on a local Ray cluster (skipped when ray is not installed)"
     )

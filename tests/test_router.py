@@ -1799,19 +1799,50 @@ class CountsReads(cf.MemoryStorage):
 
 
 async def test_a_step_reads_the_condition_keys_its_routing_may_evaluate_only() -> None:
-    """``a`` has one plain route: no read. ``b`` may end the flow and ``c`` has no
-    routes: each reads the run's keys."""
+    """In the run's own flow each step reads the keys of its node's routes only: ``a``
+    and ``c`` (one plain route) none; ``b`` and ``d`` their own condition's, though a
+    route of each ends the flow."""
     flow = (
         cf.Flow.builder("reads")
         .add_node("a", Recorder())
         .add_node("b", Recorder())
         .add_node("c", Recorder())
+        .add_node("d", Recorder())
         .add_route("a", "b")
         .add_route("b", "c", when=cf.ActionCondition.key_exists("go"))
         .add_route("b", cf.END)
+        .add_route("c", "d")
+        .add_route("d", "c", when=cf.ActionCondition.key_exists("elsewhere"))
+        .add_route("d", cf.END)
         .build()
     )
     storage = CountsReads({"go": True})
     result = await flow.run(storage)
-    assert result.execution_path == ("a", "b", "c")
-    assert storage.asked == [["go"], ["go"]]
+    assert result.execution_path == ("a", "b", "c", "d")
+    assert storage.asked == [["go"], ["elsewhere"]]
+
+
+async def test_a_step_that_may_end_a_nested_flow_reads_the_keys_of_the_runs_flows() -> None:
+    """``inner``'s ``b`` may end it, and routing then goes on in ``outer``, whose
+    condition reads ``next``: ``b`` reads every key of the run's flows; ``a`` (a plain
+    route inside) reads none, and ``after`` (in the run's own flow) none."""
+    inner = (
+        cf.Flow.builder("inner")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b")
+        .add_route("b", "a", when=cf.ActionCondition.key_exists("again"))
+        .add_route("b", cf.END)
+        .build()
+    )
+    outer = (
+        cf.Flow.builder("outer")
+        .add_node("inner", inner)
+        .add_node("after", Recorder())
+        .add_route("inner", "after", when=cf.ActionCondition.key_exists("next"))
+        .build()
+    )
+    storage = CountsReads({"next": True})
+    result = await outer.run(storage)
+    assert result.execution_path == ("a", "b", "after")
+    assert storage.asked == [["again", "next"]]

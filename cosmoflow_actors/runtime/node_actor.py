@@ -129,10 +129,13 @@ class NodeActor(Actor[Step]):
         self.hops: dict[str, NodeActor] = {}
         """The plain hops out of this node: action name → the next node's actor (the
         router's :meth:`~Router.learn` fills it)."""
-        self.route_keys: frozenset[str] | None = None
-        """The store keys routing this node's steps reads (see
-        :func:`~cosmoflow_actors.runtime.router.keys_after`); None: the run's
-        ``condition_keys``. The router's :meth:`~Router.learn` sets it."""
+        self.route_keys: frozenset[str] = frozenset()
+        """The store keys the conditions of this node's routes read. The router's
+        :meth:`~Router.learn` sets it."""
+        self.may_end_flow = True
+        """Whether a step of this node may end its flow (a route to END, or no route):
+        in a nested flow, routing may then go on in the flows around it, and reads the
+        run's ``condition_keys``. The router's :meth:`~Router.learn` sets it."""
         self._nursery: trio.Nursery | None = None
         self.began = trio.Event()
         """Set once :meth:`run` has begun: the actor serves, or has stopped already."""
@@ -339,7 +342,7 @@ class NodeActor(Actor[Step]):
         try:
             action = await self._phases(run, ctx)
             keys = self.route_keys
-            if keys is None:
+            if self.may_end_flow and len(step.branch.frames) > 1:
                 keys = run.condition_keys
             values = await store.get_many(keys) if keys else _NO_VALUES
             await run.durability.commit(run, step.branch, self.node_id, action, store)

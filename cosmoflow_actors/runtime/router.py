@@ -69,8 +69,10 @@ class Router(Actor[Outcome]):
     def learn(self, flow: Flow) -> None:
         """Give the node actors of ``flow`` (they exist) their plain hops: each action
         of a node (not a nested flow) that has one route, unconditional, to a node of
-        ``flow`` that is neither a join nor a nested flow (see :meth:`_plain_hop`).
-        Never blocks."""
+        ``flow`` that is neither a join nor a nested flow (see :meth:`_plain_hop`); and
+        what routing their steps reads: the keys of their routes' conditions, and
+        whether a step may end ``flow`` (routing may then go on in the flows around
+        it). Never blocks."""
         for (source, action), routes in flow.route_table().items():
             target = _plain_target(routes)
             if isinstance(flow.nodes[source], Flow) or target is None:
@@ -78,9 +80,13 @@ class Router(Actor[Outcome]):
             if _plain_node(flow, target):
                 hops = self._node_actor(flow, source).hops
                 hops[action] = self._node_actor(flow, target)
+        routes_from = _routes_by_source(flow)
         for node_id, node in flow.nodes.items():
             if not isinstance(node, Flow):
-                self._node_actor(flow, node_id).route_keys = keys_after(flow, node_id)
+                out = routes_from.get(node_id, [])
+                actor = self._node_actor(flow, node_id)
+                actor.route_keys = _when_keys(out)
+                actor.may_end_flow = not out or any(route.target is END for route in out)
 
     async def route(self, outcome: Outcome) -> list[Step]:
         """Route ``outcome`` and return the steps it leads to, to send each to its
@@ -353,14 +359,12 @@ def condition_keys(flow: Flow) -> frozenset[str]:
     return keys
 
 
-def keys_after(flow: Flow, node_id: str) -> frozenset[str] | None:
-    """The store keys that routing a step at ``node_id`` of ``flow`` reads: its routes'
-    conditions' keys, when no route of the node ends ``flow``; None when the step may
-    end it (routing may then go on in the flows around it: the run's keys)."""
-    routes = [route for route in flow.routes if route.source == node_id]
-    if not routes or any(route.target is END for route in routes):
-        return None
-    return _when_keys(routes)
+def _routes_by_source(flow: Flow) -> dict[str, list[Route]]:
+    """The routes of ``flow`` by their source node, each node's in the order added."""
+    routes_from: dict[str, list[Route]] = {}
+    for route in flow.routes:
+        routes_from.setdefault(route.source, []).append(route)
+    return routes_from
 
 
 def _when_keys(routes: Iterable[Route]) -> frozenset[str]:
