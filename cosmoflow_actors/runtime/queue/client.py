@@ -200,9 +200,10 @@ async def submit(
 
     Without ``run_id`` a fresh one is made. Submitting a run id the queue already has
     adds nothing (the first submission stands), and raises ValueError when it names
-    another flow or other params, which would be lost. ``params`` must be JSON that
-    comes back equal (ValueError naming the param otherwise: no tuple, no key that is
-    not a str).
+    another flow or other params, which would be lost. ``params`` must be a mapping
+    with str keys (TypeError otherwise, as for :meth:`Engine.start_run`) whose values
+    are JSON that comes back equal (ValueError naming the param otherwise: no tuple, no
+    dict with a key that is not a str).
     Blocks until the server has it; raises StorageError when it cannot be reached.
     """
     queue = as_queue(queue)
