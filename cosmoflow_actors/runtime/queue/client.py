@@ -121,7 +121,8 @@ class RunQueue:
 
     @property
     def address(self) -> str:
-        """The queue's URL, ``redis://HOST:PORT[/DB]/NAME``, without a password."""
+        """The queue's URL, ``redis://HOST[:PORT][/DB]/NAME``, with its password masked
+        as ``***``, not removed: ``redis://:***@host:6379/2/q``."""
         return f"{redacted(self.url)}/{self.name}"
 
     def lease_key(self, run_id: str) -> str:
