@@ -605,8 +605,15 @@ class Engine:
         return self._progress
 
     def trace(self, spans: StepSpans) -> Callable[[], None]:
-        """Have ``spans`` (a tracing.LiveSpans) see every event as it is emitted and make
-        each step's span current in its code; returns the function that stops it."""
+        """Have ``spans`` see every event as it is emitted and make each step's span
+        current in its code; returns the function that stops it. Never blocks.
+
+        ``spans`` has ``handle(event)``, called with every event in the task that emits
+        it, ``step_span(ctx)``, the context manager each step runs inside, and
+        ``detached()``, called once when it stops; :func:`~cosmoflow_actors.tracing.trace_events`
+        passes a ``tracing.LiveSpans``. Raises RuntimeError while other ``spans`` follow
+        the engine (one at a time).
+        """
         return self._events.trace(spans)
 
     async def wait_closed(self) -> None:
