@@ -57,6 +57,10 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class RunStarted(Event):
+    """A run of the flow ``flow_name`` was started or resumed (a BatchFlow's child
+    runs too); its end follows, with no step when the run's record refuses the start
+    or answers it with the recorded result."""
+
     flow_name: str
 
 
@@ -72,6 +76,10 @@ class RunFinished(Event):
 
 @dataclass(frozen=True, slots=True)
 class RunFailed(Event):
+    """The run failed ``duration`` seconds after it started; ``error`` is what its
+    :meth:`Run.wait` raises (a NodeError, with the node's own exception as its
+    ``__cause__``, for a step that failed)."""
+
     flow_name: str
     duration: float
     error: BaseException
@@ -79,12 +87,18 @@ class RunFailed(Event):
 
 @dataclass(frozen=True, slots=True)
 class RunCancelled(Event):
+    """The run was cancelled ``duration`` seconds after it started."""
+
     flow_name: str
     duration: float
 
 
 @dataclass(frozen=True, slots=True)
 class StepStarted(Event):
+    """A node actor began step ``execution_id`` (unique within the run) of the node
+    ``node_id`` of the flow ``flow_name`` (a nested flow's own name and id for a node
+    of a nested flow); its StepFinished follows."""
+
     flow_name: str
     node_id: str
     execution_id: str
