@@ -596,7 +596,8 @@ class Engine:
         dropped (never blocking the engine) and reported by one EventsDropped. With
         ``lossless=True`` nothing is dropped: while the stream holds ``buffer`` events,
         new runs and steps wait for the consumer (the engine slows down). The stream
-        ends when the engine closes (at once if it has closed already).
+        ends when the engine closes (at once if it has closed already). Never blocks;
+        raises ValueError for a ``buffer`` that is not an int >= 1.
         """
         return self._events.open(buffer, lossless=lossless)
 
@@ -766,7 +767,9 @@ async def open_engine(
     a crashing actor or a cancelled enclosing scope cancels the runs in flight and stops
     every actor before this returns; errors leave as trio nursery errors do.
 
-    Raises RuntimeError when entered outside a trio run (under asyncio, say).
+    Raises RuntimeError when entered outside a trio run (under asyncio, say), and
+    ValueError, opening nothing, for a ``mailbox_size`` or ``max_runs`` that is not an
+    int >= 1.
     """
     if not trio.lowlevel.in_trio_run():
         raise RuntimeError(
