@@ -57,6 +57,10 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class RunStarted(Event):
+    """A run of the flow ``flow_name`` was started or resumed (a BatchFlow's child
+    runs too); its end follows, with no step when the run's record refuses the start
+    or answers it with the recorded result."""
+
     flow_name: str
 
 
@@ -72,6 +76,10 @@ class RunFinished(Event):
 
 @dataclass(frozen=True, slots=True)
 class RunFailed(Event):
+    """The run failed ``duration`` seconds after it started; ``error`` is what its
+    :meth:`Run.wait` raises (a NodeError, with the node's own exception as its
+    ``__cause__``, for a step that failed)."""
+
     flow_name: str
     duration: float
     error: BaseException
@@ -79,12 +87,18 @@ class RunFailed(Event):
 
 @dataclass(frozen=True, slots=True)
 class RunCancelled(Event):
+    """The run was cancelled ``duration`` seconds after it started."""
+
     flow_name: str
     duration: float
 
 
 @dataclass(frozen=True, slots=True)
 class StepStarted(Event):
+    """A node actor began step ``execution_id`` (unique within the run) of the node
+    ``node_id`` of the flow ``flow_name`` (a nested flow's own name and id for a node
+    of a nested flow); its StepFinished follows."""
+
     flow_name: str
     node_id: str
     execution_id: str
@@ -528,12 +542,14 @@ class _RunView:
 class EventStream:
     """An async iterator of events; also an async context manager that closes it.
 
-    ``async for event in stream`` blocks until the next event and ends when the stream
-    or the engine closes.
+    Open one with ``engine.events(buffer=..., lossless=...)`` (:meth:`Engine.events`),
+    not with this class. ``async for event in stream`` blocks until the next event and
+    ends when the stream or the engine closes.
 
-    A dropping stream (``room`` None) buffers at most ``buffer`` events and counts the
-    ones that do not fit. A lossless one (``EventHub.open(buffer, lossless=True)``)
-    keeps every event, and marks ``room`` full while it holds ``buffer`` or more.
+    A dropping stream (the default) buffers at most ``buffer`` events and counts the
+    ones that do not fit. A lossless one (``engine.events(buffer=..., lossless=True)``)
+    keeps every event: while it holds ``buffer`` or more, the engine's new runs and
+    steps wait for its reader.
 
     Each run's events reach the stream well formed: a step's StepFinished, Retry and
     Fallback only if the stream took its StepStarted; a run's other events only if it
@@ -542,8 +558,8 @@ class EventStream:
     StepFinished of every step of it the stream saw start (the run's end cancels its
     steps still in flight, and they finish afterwards). A run whose id is in use again
     while steps of the run that had it still finish comes after that run's end: its
-    events are kept back until then (see :class:`StepsInFlight`). When the engine
-    closes, the stream ends once the steps in flight it saw start have finished.
+    events are kept back until then. When the engine closes, the stream ends once the
+    steps in flight it saw start have finished.
     """
 
     def __init__(
@@ -561,8 +577,9 @@ class EventStream:
         self._on_close: Callable[[EventStream], None] | None = on_close
         self._room = room
         self.room_key = object()
-        """What marks this stream full in ``room`` (the room must not hold the stream:
-        an unclosed one that is garbage is let go of, see :meth:`EventHub.open`)."""
+        """The engine's: what marks this stream full among the lossless streams holding
+        the engine back (not the stream itself, so that an unclosed stream that is
+        garbage is let go of)."""
         self.lossless = room is not None
         """Whether this stream keeps every event (and slows the engine down instead)."""
         self.held = 0
@@ -584,9 +601,9 @@ class EventStream:
         """The engine has closed: the stream takes only its steps' ends, then closes."""
 
     def offer(self, event: Event) -> None:
-        """Take ``event`` if it belongs to this stream's view of its run (see the class
-        docstring), keeping a run's end back while steps of it are in flight. Never
-        blocks."""
+        """The engine's: take ``event`` if it belongs to this stream's view of its run
+        (see the class docstring), keeping a run's end back while steps of it are in
+        flight. Never blocks."""
         match event:
             case StepStarted():
                 self._step_started(event)
@@ -745,9 +762,9 @@ class EventStream:
                 self._room.filled(self.room_key)
 
     def end(self) -> None:
-        """The engine is closing: stop holding it back, take no new run or step, and
-        close once the steps in flight this stream saw start have finished (at once
-        if there are none)."""
+        """The engine's, as it closes: stop holding it back, take no new run or step,
+        and close once the steps in flight this stream saw start have finished (at once
+        if there are none). Never blocks."""
         self._ending = True
         self._let_go_of_room()
         if not self._steps:

@@ -40,6 +40,8 @@ walks through nested flows would exceed Python's recursion limit."""
 
 
 class _End(enum.Enum):
+    """The type of :data:`END`, its only value."""
+
     END = "END"
 
     def __repr__(self) -> str:

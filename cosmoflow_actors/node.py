@@ -74,7 +74,10 @@ class Node:
     Config is class attributes, overridable per instance by keyword arguments
     (``MyNode(max_retries=5)``). Invalid config raises ``ValueError`` when the class is
     defined or the instance is made. A class that keeps a PocketFlow name this package
-    never reads (``wait``, ``_exec``...) raises ``TypeError`` when it is defined.
+    never reads raises ``TypeError`` when it is defined: a number ``wait``
+    (``retry_delay`` here), ``max_retry`` or ``cur_retry``, or an ``_exec`` or
+    ``_orch`` method (or its ``_async`` variant). A method named ``wait`` is the
+    node's own, and is accepted.
     """
 
     max_retries: int = 1
@@ -461,6 +464,7 @@ class FunctionNode(Node, Generic[R]):
     def post(
         self, store: SharedStore, prep_res: Any, exec_res: Any, ctx: ExecutionContext, /
     ) -> PostResult:
+        """Return the function's result, ``exec_res``, as the action."""
         return exec_res  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:

@@ -596,7 +596,8 @@ class Engine:
         dropped (never blocking the engine) and reported by one EventsDropped. With
         ``lossless=True`` nothing is dropped: while the stream holds ``buffer`` events,
         new runs and steps wait for the consumer (the engine slows down). The stream
-        ends when the engine closes (at once if it has closed already).
+        ends when the engine closes (at once if it has closed already). Never blocks;
+        raises ValueError for a ``buffer`` that is not an int >= 1.
         """
         return self._events.open(buffer, lossless=lossless)
 
@@ -605,8 +606,15 @@ class Engine:
         return self._progress
 
     def trace(self, spans: StepSpans) -> Callable[[], None]:
-        """Have ``spans`` (a tracing.LiveSpans) see every event as it is emitted and make
-        each step's span current in its code; returns the function that stops it."""
+        """Have ``spans`` see every event as it is emitted and make each step's span
+        current in its code; returns the function that stops it. Never blocks.
+
+        ``spans`` has ``handle(event)``, called with every event in the task that emits
+        it, ``step_span(ctx)``, the context manager each step runs inside, and
+        ``detached()``, called once when it stops; :func:`~cosmoflow_actors.tracing.trace_events`
+        passes a ``tracing.LiveSpans``. Raises RuntimeError while other ``spans`` follow
+        the engine (one at a time).
+        """
         return self._events.trace(spans)
 
     async def wait_closed(self) -> None:
@@ -759,7 +767,9 @@ async def open_engine(
     a crashing actor or a cancelled enclosing scope cancels the runs in flight and stops
     every actor before this returns; errors leave as trio nursery errors do.
 
-    Raises RuntimeError when entered outside a trio run (under asyncio, say).
+    Raises RuntimeError when entered outside a trio run (under asyncio, say), and
+    ValueError, opening nothing, for a ``mailbox_size`` or ``max_runs`` that is not an
+    int >= 1.
     """
     if not trio.lowlevel.in_trio_run():
         raise RuntimeError(

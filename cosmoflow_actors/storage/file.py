@@ -65,8 +65,11 @@ class FileStorage(Storage):
     ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only; values
     are base64 strings in the files). Values are encoded by :meth:`set` and kept in
     memory encoded; :meth:`get` decodes a fresh copy. Keys are JSON strings, never paths.
-    Files this backend creates get mode 0600; a snapshot that exists keeps its mode and
-    the journal and lock file get the same one.
+    Files this backend creates get mode 0600. A snapshot that exists keeps its mode when
+    it is rewritten, and gives it to the journal and the lock file when they are
+    created: the journal anew at each compaction, the lock file at each open (less the
+    process's umask). A journal that exists keeps its own mode until the next
+    compaction.
 
     One open instance at a time may use a file: :meth:`open` locks ``PATH.lock`` (see
     :mod:`cosmoflow_actors.storage.lock`) and :meth:`aclose` unlocks it. Another
@@ -76,8 +79,9 @@ class FileStorage(Storage):
     unlocks then.
 
     The constructor does no I/O. :meth:`open`, :meth:`commit` and :meth:`aclose` block in
-    a worker thread (see :func:`_in_thread`), which cancellation does not interrupt;
-    every other method is memory work and awaits nothing once the file is loaded.
+    a worker thread, whose work cancellation does not interrupt: a cancelled call waits
+    for the file I/O under way in the thread to end. Every other method is memory work
+    and awaits nothing once the file is loaded.
     """
 
     persistent = True

@@ -290,8 +290,9 @@ class RedisStorage(DatabaseStorage):
         its run record in one ``MULTI``/``EXEC``; when another client changed the hash in
         between, it starts over (at most :data:`MAX_UPDATE_ATTEMPTS` times, then
         StorageError). An error of an update function stores nothing. Blocks in a worker
-        thread per round trip; a step of sets and deletes only takes one trip to its
-        thread (see :meth:`_commit_blind_step`).
+        thread per round trip; a step of sets and deletes only (no update to re-apply)
+        takes one trip to its thread per attempt, watch, check and ``MULTI``/``EXEC``
+        together.
         """
         async with self._bounded():
             client = await self._connected()

@@ -78,7 +78,7 @@ dict's item assignment and ``pop`` are atomic."""
 
 _open_at_fork: set[Path] = set()
 """The database files the process this one was forked from, or an ancestor of it, had
-connections open to when it forked (see :func:`_refuse_if_open_at_fork`)."""
+connections open to when it forked (see ``_refuse_if_open_at_fork``)."""
 
 
 def _remember_at_fork() -> None:
@@ -136,7 +136,7 @@ def _refuse_if_open_at_fork(path: Path) -> None:
 def _refuse_if_inherited(storage: SQLiteStorage, connection: sqlite3.Connection) -> None:
     """Raise StorageError when ``connection``, ``storage``'s, was opened by the process
     this one was forked from: its state in SQLite is that process's (see
-    :func:`_refuse_if_open_at_fork`). Does not block."""
+    ``_refuse_if_open_at_fork``). Does not block."""
     if id(connection) not in _open_here:
         raise StorageError(
             f"{storage!r}: this instance's connection was opened by the process this one "
@@ -208,7 +208,7 @@ class SQLiteStorage(DatabaseStorage):
         not create or was written with another codec; such a file is not changed. Raises
         it too, opening nothing, in a process forked while its parent (or an ancestor)
         had a connection to that file open: SQLite's state of the file was copied at the
-        fork (see :func:`_refuse_if_open_at_fork`).
+        fork, and a connection opened with that copy could lose commits, fail or hang.
         """
         await self._connected()
 

@@ -121,7 +121,8 @@ class RunQueue:
 
     @property
     def address(self) -> str:
-        """The queue's URL, ``redis://HOST:PORT[/DB]/NAME``, without a password."""
+        """The queue's URL, ``redis://HOST[:PORT][/DB]/NAME``, with its password masked
+        as ``***``, not removed: ``redis://:***@host:6379/2/q``."""
         return f"{redacted(self.url)}/{self.name}"
 
     def lease_key(self, run_id: str) -> str:
@@ -200,9 +201,10 @@ async def submit(
 
     Without ``run_id`` a fresh one is made. Submitting a run id the queue already has
     adds nothing (the first submission stands), and raises ValueError when it names
-    another flow or other params, which would be lost. ``params`` must be JSON that
-    comes back equal (ValueError naming the param otherwise: no tuple, no key that is
-    not a str).
+    another flow or other params, which would be lost. ``params`` must be a mapping
+    with str keys (TypeError otherwise, as for :meth:`Engine.start_run`) whose values
+    are JSON that comes back equal (ValueError naming the param otherwise: no tuple, no
+    dict with a key that is not a str).
     Blocks until the server has it; raises StorageError when it cannot be reached.
     """
     queue = as_queue(queue)
