@@ -52,14 +52,14 @@ class Progress:
         """Set at the next change; made only when someone waits for one."""
 
     def run_started(self) -> None:
-        """Count a run that started. Never blocks."""
+        """Count a run that started (the engine's call). Never blocks."""
         self._started += 1
         if self._changed is not None:
             self._notify(self._changed)
 
     def run_finished(self, state: str) -> None:
-        """Count a run that ended in ``state``: "succeeded", "failed" or "cancelled".
-        Never blocks; raises ValueError for any other state."""
+        """Count a run that ended in ``state``: "succeeded", "failed" or "cancelled"
+        (the engine's call). Never blocks; raises ValueError for any other state."""
         if state == "succeeded":
             self._succeeded += 1
         elif state == "failed":
