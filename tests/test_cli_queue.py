@@ -273,6 +273,10 @@ def test_status_names_the_workers_that_passed_a_run_over(
     [
         (["submit", "FILE", "--queue", "redis://127.0.0.1:1"], "expected redis://HOST"),
         (["status", "--queue", "http://host/q"], "expected redis://HOST"),
+        (
+            ["submit", "FILE", "--queue", "redis://127.0.0.1:1/q/extra"],
+            "queue 'redis://127.0.0.1:1/q/extra': the path before NAME is not a database number",
+        ),
         (["worker", "FILE", "--queue", "redis://h/q", "--store", "file:x"], "store 'file:x'"),
         (
             ["worker", "FILE", "--queue", "redis://h/q", "--store", "redis://h", "--lease", "0"],

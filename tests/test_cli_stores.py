@@ -268,6 +268,29 @@ def test_a_mistyped_redis_store_is_refused_showing_no_password(
     assert served.startswith("cosmoflow: error: store 'redis:/:***@127.0.0.1:1/0': expected")
 
 
+@pytest.mark.parametrize("store", ["redis://:s3cret@h:1/seven", "redis//:s3cret@127.0.0.1:1"])
+def test_a_redis_store_whose_url_is_wrong_is_refused_before_any_run(
+    store: str, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not run on database 0, nor failed at open; and its password is not shown."""
+    assert main(["run", str(counter_file), "--store", store]) == 2
+    ran = capsys.readouterr().err
+    queue = "redis://127.0.0.1:1/0/q"
+    assert main(["worker", str(counter_file), "--queue", queue, "--store", store]) == 2
+    served = capsys.readouterr().err
+    for err in (ran, served):
+        assert "s3cret" not in err
+        assert err.count("\n") == 1
+    if store.startswith("redis://"):
+        assert ran.startswith(
+            "cosmoflow: error: RedisStorage url 'redis://:***@h:1/seven': the path"
+        )
+        assert served.startswith("cosmoflow: error: store 'redis://:***@h:1/seven': the path")
+    else:
+        assert ran.startswith("cosmoflow: error: store '***@127.0.0.1:1': expected")
+        assert served.startswith("cosmoflow: error: store '***@127.0.0.1:1': expected")
+
+
 def test_a_factory_that_takes_no_codec_is_refused_with_codec(
     user_backend: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

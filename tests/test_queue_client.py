@@ -13,6 +13,7 @@ import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.queue.client import RunQueue
+from cosmoflow_actors.storage.redis import redacted
 from tests.queue_support import FAILURES, OTHER, counts, new_queue, store_url, worker
 from tests.storage_suite import RedisServer
 
@@ -34,6 +35,31 @@ def test_a_queue_url_refused_shows_no_password() -> None:
             RunQueue.from_url(url)
         assert "s3" not in str(refused.value)
         assert str(refused.value).startswith("queue 'redis://:***@h:6391")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://h:6379/jobs/extra", "the path before NAME is not a database number"),
+        ("redis://h:6379/0/jobs/extra", "the path before NAME is not a database number"),
+        ("redis://h:abc/jobs", "the server's URL 'redis://h:abc': the host or port"),
+        ("redis://h/0/jobs#x", "the server's URL 'redis://h/0#x': a '#'"),
+        ("redis//:s3cret@h/jobs", "expected"),
+    ],
+)
+def test_a_queue_url_whose_path_or_port_is_wrong_is_refused(url: str, problem: str) -> None:
+    """Not the queue of the last path part on database 0."""
+    with pytest.raises(ValueError) as refused:
+        RunQueue.from_url(url)
+    message = str(refused.value)
+    assert message.startswith(f"queue {redacted(url)!r}: {problem}")
+    assert message.endswith("expected redis://HOST[:PORT][/DB]/NAME")
+    assert "s3" not in message
+
+
+def test_a_queue_refuses_a_server_url_that_is_no_redis_url() -> None:
+    with pytest.raises(ValueError, match="RunQueue url 'redis://h/jobs': the path is not a"):
+        RunQueue("redis://h/jobs", "q")
 
 
 def test_a_queue_refuses_a_negative_flow_wait_and_an_endless_lease() -> None:
@@ -97,6 +123,29 @@ async def test_result_and_requeue_refuse_a_run_id_that_is_not_a_non_empty_str(
             await cf.result(queue, run_id)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=f"run_id must be a non-empty str, not {run_id!r}"):
             await cf.requeue(queue, run_id)  # type: ignore[arg-type]
+
+
+BAD_POLLS: list[tuple[Any, str]] = [
+    (-1, "poll must be > 0 seconds, got -1"),
+    (0, "poll must be > 0 seconds, got 0"),
+    (math.nan, "poll must be > 0 seconds, got nan"),
+    ("x", "poll must be > 0 seconds, got 'x'"),
+    (math.inf, "poll must be a finite number of seconds"),
+]
+
+
+async def test_result_refuses_a_poll_that_is_no_number_of_seconds(
+    redis_server: RedisServer,
+) -> None:
+    """Before it reads the run: a finished run refuses it too, and an unknown one."""
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    async with worker(queue, store, "w1"):
+        await cf.submit(queue, "count", run_id="r1")
+        assert (await cf.result(queue, "r1")).execution_path == ("a", "b", "c")
+    for poll, message in BAD_POLLS:
+        for run_id in ("r1", "nobody"):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                await cf.result(queue, run_id, poll=poll)
 
 
 async def test_a_failed_run_is_reported_by_result(redis_server: RedisServer) -> None:

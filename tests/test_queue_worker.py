@@ -79,6 +79,8 @@ def test_a_store_url_names_one_store_per_run_under_its_prefix() -> None:
     assert per_run_redis("rediss://host").prefix == "runs"
     with pytest.raises(ValueError, match="store 'file:x': expected redis://HOST"):
         per_run_redis("file:x")
+    with pytest.raises(ValueError, match="store 'redis://:\\*\\*\\*@h:1/x': the path is not a"):
+        per_run_redis("redis://:secret@h:1/x#jobs")
 
 
 async def test_serve_refuses_an_empty_worker_name() -> None:

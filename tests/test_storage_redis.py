@@ -26,6 +26,7 @@ from cosmoflow_actors.storage.base import RECORD_PREFIX
 from cosmoflow_actors.storage.redis import (
     MAX_CONNECTIONS,
     READ_BATCH,
+    URL_FORMS,
     RedisStorage,
     redacted,
     shared_client,
@@ -254,11 +255,67 @@ async def test_an_unreachable_server_is_a_storage_error_at_open() -> None:
         assert (await engine.run(single(cf.node(lambda ctx: None)), {})).success
 
 
-async def test_a_bad_url_or_namespace_is_refused() -> None:
-    with pytest.raises(cf.StorageError, match="not a Redis URL"):
-        await RedisStorage("http://example.invalid").open()
+async def test_a_bad_namespace_or_pool_option_is_refused() -> None:
+    with pytest.raises(cf.StorageError, match=r"not a Redis URL: .*max_connections"):
+        await RedisStorage("redis://127.0.0.1:1/0?max_connections=-1").open()
     with pytest.raises(ValueError, match="namespace"):
         RedisStorage("redis://127.0.0.1/0", namespace="")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("not a url", "not a redis://, rediss:// or unix:// URL"),
+        ("http://:s3cret@h", "not a redis://, rediss:// or unix:// URL"),
+        ("redis:h:6379", "not a redis://, rediss:// or unix:// URL"),
+        ("redis//:s3cret@h:1", "not a redis://, rediss:// or unix:// URL"),
+        ("redis://h:abc", "the host or port cannot be read"),
+        ("redis://h:70000/0", "the host or port cannot be read"),
+        ("redis://h:/0", "a ':' without a port"),
+        ("redis://h:6379/seven", "the path is not a database number"),
+        ("redis://h:6379/1/2", "the path is not a database number"),
+        ("redis://:s3/cret@h:6379/0", "the host or port cannot be read"),
+        ("redis://:s3#cret@h/0", "a '#'"),
+        ("redis://h/0#billing", "a '#'"),
+        ("redis://h/0?db=one", "an option redis-py cannot read: Invalid value for 'db'"),
+        ("unix://redis.sock", "no socket path"),
+    ],
+)
+def test_a_url_that_is_no_redis_url_is_refused_when_the_storage_is_made(
+    url: str, problem: str
+) -> None:
+    """Rather than at open, or never: a database that is not a number would be 0."""
+    with pytest.raises(ValueError) as refused:
+        RedisStorage(url)
+    message = str(refused.value)
+    assert message.startswith(f"RedisStorage url {redacted(url)!r}: {problem}")
+    assert message.endswith("expected " + URL_FORMS)
+    assert "s3" not in message
+
+
+def test_an_option_redis_py_refuses_is_chained_from_its_error() -> None:
+    with pytest.raises(ValueError) as refused:
+        RedisStorage("redis://h/0?socket_timeout=soon")
+    assert "Invalid value for 'socket_timeout'" in str(refused.value.__cause__)
+    with pytest.raises(TypeError, match="RedisStorage url must be a str, not bytes"):
+        RedisStorage(b"redis://h")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h",
+        "redis://h/",
+        "REDIS://h:6379/2",
+        "rediss://u:p%40w@h:6380/15",
+        "redis://[::1]:6379/0",
+        "redis:///3",
+        "redis://h/0?db=4&max_connections=8",
+        "unix:///run/redis.sock?db=1",
+    ],
+)
+def test_every_form_of_redis_url_is_taken(url: str) -> None:
+    assert RedisStorage(url).url == url
 
 
 async def test_a_refused_commit_fails_the_writing_run_only(private_redis: RedisServer) -> None:
@@ -412,8 +469,11 @@ async def test_a_password_in_the_url_never_shows(url: str, shown: str) -> None:
         ("redis://:pa?ss@h/0", "redis://:***@h/0"),
         ("redis://:pa#ss@h/0", "redis://:***@h/0"),
         ("redis://alice:p@ss:w/rd@h/0", "redis://alice:***@h/0"),
-        # Mistyped: one slash, a missing name.
+        # Mistyped: one slash, no slash, no colon after the scheme, a missing name.
         ("redis:/:pw@h", "redis:/:***@h"),
+        ("redis:pw@h", "redis:***@h"),
+        ("redis//:pw@h:1", "***@h:1"),
+        ("re dis://pw@h", "***@h"),
         ("redis://h/0?password=p@w", "redis://***@w"),
         ("redis://h:6379/0", "redis://h:6379/0"),
     ],

@@ -57,7 +57,10 @@ def parse_store(text: str, codec: str | None = None) -> Storage | None:
         return backend(rest, codec=codec or "json")
     if kind in ("redis", "rediss") and rest.startswith("//"):
         url, _, namespace = text.partition("#")
-        return RedisStorage(url, namespace=namespace or "default", codec=codec or "json")
+        try:
+            return RedisStorage(url, namespace=namespace or "default", codec=codec or "json")
+        except ValueError as exc:  # a Redis URL refused: its port, database or an option
+            raise CliError(str(exc)) from exc
     custom = custom_store(text, STORE_SYNTAX)
     if custom is None:
         raise CliError(f"store {redacted(text)!r}: expected {STORE_SYNTAX}")
@@ -90,10 +93,12 @@ def worker_stores(text: str) -> RunStores:
     if custom is not None:
         custom.check_call({"run_id": "RUN_ID"})
         return PerRunStores(custom)
+    if not text.startswith(("redis://", "rediss://")):
+        raise CliError(f"store {redacted(text)!r}: expected {WORKER_STORE_SYNTAX}")
     try:
         return per_run_redis(text)
-    except ValueError as exc:
-        raise CliError(f"store {redacted(text)!r}: expected {WORKER_STORE_SYNTAX}") from exc
+    except ValueError as exc:  # a Redis URL refused: its port, database or an option
+        raise CliError(str(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit
 
 import outcome
 import trio
@@ -106,6 +107,15 @@ both hashes are gone, and writes nothing when the metadata is not this instance'
 (the error begins with :data:`_REFUSAL`). Redis runs a script whole or, when its first
 write is refused (``maxmemory``), not at all."""
 
+URL_FORMS: Final = (
+    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?OPTIONS], rediss://... (TLS) "
+    "or unix://PATH[?OPTIONS]"
+)
+"""The forms of a Redis URL :func:`require_url` accepts, for its errors."""
+
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+"""A URL's scheme, as RFC 3986 has it."""
+
 _BLIND: Final = frozenset({"set", "delete"})
 """The kinds of a durable step's ops whose writes do not depend on what is stored."""
 
@@ -115,7 +125,8 @@ class RedisStorage(DatabaseStorage):
     """Storage on a Redis server: the keys of one namespace are the fields of one hash.
 
     ``url`` is a redis-py URL (``redis://host:port/db``, ``rediss://`` for TLS,
-    ``unix://path``). ``namespace`` keeps flows and tenants apart: the data lives in the
+    ``unix://path``), checked now: ValueError naming it and what is wrong otherwise (see
+    :func:`require_url`). ``namespace`` keeps flows and tenants apart: the data lives in the
     hash ``cosmoflow:<namespace>:data`` and the format and codec in the hash
     ``cosmoflow:<namespace>:meta``; two namespaces never share a key. A namespace whose
     keys hold something else, or that was written with another codec, is refused at
@@ -162,6 +173,7 @@ class RedisStorage(DatabaseStorage):
     ) -> None:
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(f"namespace must be a non-empty str, not {namespace!r}")
+        require_url(url, "RedisStorage url")
         require_seconds("timeout", timeout)
         super().__init__(codec)
         self._url = url
@@ -840,6 +852,62 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
     return client
 
 
+def require_url(url: object, what: str, forms: str = URL_FORMS) -> None:
+    """Raise TypeError unless ``url`` is a str, and ValueError naming ``what``, the URL
+    (without its password), what is wrong and ``forms`` unless it is a Redis URL of
+    :data:`URL_FORMS`: one whose database is not a number, or whose port is not one,
+    would otherwise connect to database 0, or fail only when first used. The query's
+    options are read as redis-py reads them when the redis package is installed (when it
+    is not, connecting says so). Does not block."""
+    if not isinstance(url, str):
+        raise TypeError(f"{what} must be a str, not {type(url).__name__}")
+    try:
+        problem = _url_problem(url)
+    except ValueError as exc:  # names the option; its cause is redis-py's error
+        raise ValueError(f"{what} {redacted(url)!r}: {exc}; expected {forms}") from exc.__cause__
+    if problem is not None:
+        raise ValueError(f"{what} {redacted(url)!r}: {problem}; expected {forms}")
+
+
+def _url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as a Redis URL, None when nothing is; ValueError
+    naming the option, chained from redis-py's error, when redis-py cannot read an
+    option of the query. Does not block."""
+    scheme, _, rest = url.partition(":")
+    if scheme.lower() not in ("redis", "rediss", "unix") or not rest.startswith("//"):
+        return "not a redis://, rediss:// or unix:// URL"
+    if "#" in url:
+        return "a '#', which no Redis URL has (write one in a password as %23)"
+    try:
+        parts = urlsplit(url)
+        port = None if parts.scheme == "unix" else parts.port
+    except ValueError:  # not chained: urllib's error shows the port, maybe part of a password
+        return "the host or port cannot be read (a port is a number up to 65535)"
+    if parts.scheme == "unix" and not parts.path:
+        return "no socket path"
+    if port is None and parts.netloc.endswith(":"):
+        return "a ':' without a port"
+    if parts.scheme != "unix" and not re.fullmatch(r"/?|/[0-9]+", parts.path):
+        return "the path is not a database number"
+    if parts.query:
+        _read_options(url)
+    return None
+
+
+def _read_options(url: str) -> None:
+    """Read ``url``'s query options as redis-py does: ValueError naming the option whose
+    value it cannot convert, chained from redis-py's. Nothing without the redis
+    package. Does not block."""
+    try:
+        from redis.connection import parse_url
+    except ImportError:
+        return
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ValueError(f"an option redis-py cannot read: {str(exc).rstrip('.')}") from exc
+
+
 def connection_slots(client: redis.Redis) -> trio.CapacityLimiter:
     """The limiter of ``client``'s pool in this trio run: one token per connection the
     pool may open. A call holds one while it uses a connection, so that calls beyond
@@ -883,11 +951,14 @@ def _redacted_userinfo(head: str) -> str:
     """``head``, a URL up to the ``@`` that ends its userinfo, with the userinfo as
     ``user:***`` (``user`` when it holds no password), or ``***`` when its user name
     holds a character a URL's user name cannot (it is then not a user name, and may be
-    part of a password). Does not block."""
+    part of a password). When ``head`` has no valid scheme, or no ``/`` after it, it is
+    no URL's head, and all of it but the scheme is ``***``. Does not block."""
     scheme, colon, rest = head.partition(":")
-    if not colon:
+    if not colon or not _SCHEME.fullmatch(scheme):
         return "***"
     start = len(rest) - len(rest.lstrip("/"))
+    if not start:
+        return f"{scheme}:***"
     user, has_password, _ = rest[start:].partition(":")
     if any(mark in user for mark in "/?#"):
         return f"{scheme}:{rest[:start]}***"

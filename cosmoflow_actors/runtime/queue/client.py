@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from cosmoflow_actors.runtime.queue.scripts import REQUEUE, SUBMIT
 from cosmoflow_actors.storage.redis import (
     connection_slots,
     redacted,
+    require_url,
     send_command,
     shared_client,
 )
@@ -31,6 +33,8 @@ DEFAULT_LEASE: Final = 10.0
 """Seconds a worker's lease on a run lasts unless renewed (renewed every third of it)."""
 DEFAULT_FLOW_WAIT: Final = 60.0
 """Seconds a run whose flow the workers that saw it lack waits for one that has it."""
+QUEUE_URL: Final = "redis://HOST[:PORT][/DB]/NAME"
+"""The form of a queue's URL (see :meth:`RunQueue.from_url`)."""
 RESULT_POLL_INTERVAL: Final = 0.05
 """Seconds :func:`result` waits between two reads of a run's state."""
 GROUP: Final = "workers"
@@ -59,7 +63,8 @@ class QueuedResult:
 @final
 class RunQueue:
     """A run queue on a Redis server: ``RunQueue(url, name)``, or
-    :meth:`from_url` of ``redis://HOST:PORT[/DB]/NAME``.
+    :meth:`from_url` of ``redis://HOST:PORT[/DB]/NAME``. ``url`` is checked as
+    ``RedisStorage``'s is (ValueError naming it and what is wrong).
 
     ``lease`` is how long (seconds) a worker's claim on a run lasts without renewal:
     the time after which a dead worker's runs go to others. ``flow_wait`` is how long
@@ -83,6 +88,7 @@ class RunQueue:
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"a queue name must be a non-empty str without '/', not {name!r}")
+        require_url(url, "RunQueue url")
         require_seconds("lease", lease)
         if math.isinf(lease):
             raise ValueError(
@@ -109,12 +115,23 @@ class RunQueue:
     def from_url(
         cls, text: str, *, lease: float = DEFAULT_LEASE, flow_wait: float = DEFAULT_FLOW_WAIT
     ) -> RunQueue:
-        """The queue ``redis://HOST:PORT[/DB]/NAME`` names: NAME is the last path part."""
-        parts = urlsplit(text)
+        """The queue ``redis://HOST:PORT[/DB]/NAME`` names: NAME is the last path part.
+        ValueError naming ``text`` (without its password) and what is wrong with it."""
+        shown = f"queue {redacted(text)!r}"
+        try:
+            parts = urlsplit(text)
+        except ValueError as exc:
+            raise ValueError(f"{shown}: expected {QUEUE_URL}") from exc
         head, _, name = parts.path.rpartition("/")
         if parts.scheme not in ("redis", "rediss") or not parts.netloc or not name:
-            raise ValueError(f"queue {redacted(text)!r}: expected redis://HOST[:PORT][/DB]/NAME")
-        return cls(urlunsplit(parts._replace(path=head)), name, lease=lease, flow_wait=flow_wait)
+            raise ValueError(f"{shown}: expected {QUEUE_URL}")
+        if not re.fullmatch(r"(/[0-9]+)?", head):
+            raise ValueError(
+                f"{shown}: the path before NAME is not a database number; expected {QUEUE_URL}"
+            )
+        url = urlunsplit(parts._replace(path=head))
+        require_url(url, f"{shown}: the server's URL", QUEUE_URL)
+        return cls(url, name, lease=lease, flow_wait=flow_wait)
 
     def __repr__(self) -> str:
         return f"RunQueue({redacted(self.url)!r}, {self.name!r})"
@@ -289,10 +306,14 @@ async def result(
     :data:`RESULT_POLL_INTERVAL`) until a worker recorded it; blocks until then (put a
     ``trio.fail_after`` around it to bound the wait). Raises CosmoFlowError when the
     run failed (naming the worker and the error) or the queue does not know the run,
-    ValueError when ``run_id`` is not a non-empty str.
+    ValueError when ``run_id`` is not a non-empty str or ``poll`` not a finite number of
+    seconds above 0 (before reading anything).
     """
     queue = as_queue(queue)
     require_run_id(run_id)
+    require_seconds("poll", poll)
+    if math.isinf(poll):
+        raise ValueError("poll must be a finite number of seconds: the run would be read once")
     while True:
         info = await queue.info(run_id)
         if info is None:

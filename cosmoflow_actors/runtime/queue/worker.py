@@ -12,7 +12,7 @@ import secrets
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -23,7 +23,7 @@ from cosmoflow_actors.runtime.queue.claims import LOGGER, Claim, Claimer, shield
 from cosmoflow_actors.runtime.queue.client import GROUP, RunQueue, as_queue
 from cosmoflow_actors.runtime.queue.scripts import FINISH, HAND_BACK, RELEASE, RENEW
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.redis import RedisStorage, redacted
+from cosmoflow_actors.storage.redis import RedisStorage, redacted, require_url
 from cosmoflow_actors.tracing import describe_error
 from cosmoflow_actors.validation import require_positive
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 RunStores = Callable[[str], Storage]
 """A function giving the store of the run whose id it is given."""
+PER_RUN_URL: Final = "redis://HOST[:PORT][/DB][#PREFIX]"
+"""The form of the URL of :func:`per_run_redis`."""
 NOT_SENT = "no renewal was sent in time"
 """Why a lease expired when its last renewal did not fail: the worker did not send the
 next one before it expired (its trio thread was held up)."""
@@ -54,10 +56,12 @@ class PerRunRedis:
 
 def per_run_redis(text: str) -> PerRunRedis:
     """The stores ``redis://HOST:PORT[/DB][#PREFIX]`` names, PREFIX ``runs`` by default.
-    ValueError naming ``text`` when it is not a redis:// or rediss:// URL."""
+    ValueError naming ``text`` (without its password) when it is not a redis:// or
+    rediss:// URL, or one whose port or database is not a number."""
     url, _, prefix = text.partition("#")
     if not url.startswith(("redis://", "rediss://")):
-        raise ValueError(f"store {redacted(text)!r}: expected redis://HOST[:PORT][/DB][#PREFIX]")
+        raise ValueError(f"store {redacted(text)!r}: expected {PER_RUN_URL}")
+    require_url(url, "store", PER_RUN_URL)
     return PerRunRedis(url, prefix or "runs")
 
 
