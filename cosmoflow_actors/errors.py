@@ -12,7 +12,10 @@ from typing import Any, Literal
 
 
 class CosmoFlowError(Exception):
-    """The root of every error raised by cosmoflow_actors.
+    """The root of every error a run fails with, and of the engine's own errors.
+
+    A call given a bad argument raises ``TypeError`` or ``ValueError`` instead, as
+    Python's convention is, and a call made where it cannot work ``RuntimeError``.
 
     Every one pickles with its message and attributes (to and from a worker process or
     a Ray task), whatever its constructor takes; like any exception, it leaves its
