@@ -54,7 +54,10 @@ def parse_store(text: str, codec: str | None = None) -> Storage | None:
         return None
     if kind in ("file", "sqlite") and separator and rest:
         backend = FileStorage if kind == "file" else SQLiteStorage
-        return backend(rest, codec=codec or "json")
+        try:
+            return backend(rest, codec=codec or "json")
+        except ValueError as exc:  # a path that cannot be a file's
+            raise CliError(f"store {text!r}: {exc}") from exc
     if kind in ("redis", "rediss") and rest.startswith("//"):
         url, _, namespace = text.partition("#")
         return RedisStorage(url, namespace=namespace or "default", codec=codec or "json")

@@ -33,7 +33,7 @@ from cosmoflow_actors.storage.codec import (
     utf8_key,
 )
 from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
-from cosmoflow_actors.validation import require_seconds
+from cosmoflow_actors.validation import checked_path, require_seconds
 
 STORE_TABLE: Final = "cosmoflow_store"
 META_TABLE: Final = "cosmoflow_meta"
@@ -185,7 +185,7 @@ class SQLiteStorage(DatabaseStorage):
     ) -> None:
         require_seconds("timeout", timeout, zero=True)
         super().__init__(codec)
-        self._path = Path(path).absolute()
+        self._path = checked_path("path", path)
         self._timeout = timeout
         self._connection: sqlite3.Connection | None = None
         self._file: _DatabaseFile | None = None
