@@ -1,4 +1,5 @@
-"""The error hierarchy: every error the engine raises is a :class:`CosmoFlowError`.
+"""The error hierarchy: every error a run fails with, and every error of the engine's
+own, is a :class:`CosmoFlowError` (a bad argument is a ``TypeError`` or ``ValueError``).
 
 Errors keep their origin: a :class:`NodeError` names the node, the phase and the run,
 and carries the exception the node raised as ``__cause__`` (never as a string). Where a
@@ -208,7 +209,8 @@ class StoreTypeError(CosmoFlowError, TypeError):
         self.key = key
         self.expected = expected
         self.actual = actual
-        message = f"key {key!r} holds a {actual}, not a {expected}"
+        holds, wanted = with_article(str(actual)), with_article(str(expected))
+        message = f"key {key!r} holds {holds}, not {wanted}"
         super().__init__(message if detail is None else f"{message}: {detail}")
 
 
@@ -225,6 +227,12 @@ def type_and_message(error: BaseException) -> str:
     no message (``sys.exit()``), ``Type: <unprintable>`` when its ``__str__`` raises."""
     text = error_text(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def with_article(noun: str) -> str:
+    """``noun`` after "a", or "an" when it starts with a vowel: "an int", "a str"."""
+    article = "an" if noun[:1].lower() in {"a", "e", "i", "o", "u"} else "a"
+    return f"{article} {noun}"
 
 
 def causes(error: BaseException) -> Iterator[BaseException]:

@@ -9,7 +9,7 @@ import cloudpickle
 import pytest
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.errors import causes, told_causes, type_and_message
+from cosmoflow_actors.errors import causes, told_causes, type_and_message, with_article
 
 EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.CosmoFlowError: cf.CosmoFlowError("root"),
@@ -142,3 +142,11 @@ def test_a_cause_quoted_only_in_part_or_not_at_the_end_is_told() -> None:
 
     assert told_causes(outer) == [outer, short]
     assert len(told_causes(middle)) == 2
+
+
+@pytest.mark.parametrize(
+    ("noun", "phrase"),
+    [("int", "an int"), ("str", "a str"), ("Action", "an Action"), ("object", "an object")],
+)
+def test_a_noun_gets_the_article_its_first_letter_asks_for(noun: str, phrase: str) -> None:
+    assert with_article(noun) == phrase

@@ -29,6 +29,7 @@ from cosmoflow_actors.errors import (
     StorageError,
     StoreKeyError,
     type_and_message,
+    with_article,
 )
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.cancellation import only_cancelled
@@ -513,7 +514,7 @@ class StoreActor(Actor[StoreRequest]):
         found = await storage.get_many(keys)
         if not isinstance(found, dict):
             raise StorageError(
-                f"{self.name}: get_many returned a {type(found).__name__}, not a dict"
+                f"{self.name}: get_many returned {with_article(type(found).__name__)}, not a dict"
             )
         extra = found.keys() - set(keys)
         if extra:

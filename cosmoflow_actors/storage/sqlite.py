@@ -16,7 +16,7 @@ from typing import Any, Final, TypeVar, final
 import outcome
 import trio
 
-from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.errors import StorageError, with_article
 from cosmoflow_actors.storage.base import (
     RESERVED_PREFIX,
     StagedOp,
@@ -555,8 +555,8 @@ def _as_bytes(where: str, key: str, value: object) -> bytes:
     store) and ``key`` unless it is bytes (another client wrote it)."""
     if not isinstance(value, bytes):
         raise StorageError(
-            f"{where}: cannot read key {key!r}: its stored value is a "
-            f"{type(value).__name__}, not bytes"
+            f"{where}: cannot read key {key!r}: its stored value is "
+            f"{with_article(type(value).__name__)}, not bytes"
         )
     return value
 
