@@ -8,6 +8,7 @@ message must quote another exception, :func:`type_and_message` writes it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -249,9 +250,10 @@ def causes(error: BaseException) -> Iterator[BaseException]:
 
 def told_causes(error: BaseException) -> list[BaseException]:
     """``error`` and its causes (see :func:`causes`), less each cause whose message the
-    one before it in this list quotes at its end, after a colon: a StorageError
-    ``"cannot write x: [Errno 28] No space left on device"`` tells its OSError. Never
-    blocks."""
+    one before it in this list quotes after a colon (see :func:`_quotes`): a StorageError
+    ``"cannot write x: [Errno 28] No space left on device"`` tells its OSError, and a
+    ConditionError ``"its evaluate raised KeyError: 'x'; it must..."`` its KeyError.
+    Never blocks."""
     told: list[BaseException] = []
     for each in causes(error):
         if not told or not _quotes(told[-1], each):
@@ -260,9 +262,12 @@ def told_causes(error: BaseException) -> list[BaseException]:
 
 
 def _quotes(outer: BaseException, cause: BaseException) -> bool:
-    """Whether ``outer``'s message ends with ``": "`` and ``cause``'s message."""
+    """Whether ``outer``'s message holds ``": "`` and ``cause``'s whole message, at its
+    end or before one of ``;`` ``,`` ``)`` ``>`` (where a quote ends in a sentence):
+    ``"failed: No space left"`` does not quote ``"No space"``."""
     text = error_text(cause)
-    return bool(text) and error_text(outer).endswith(f": {text}")
+    quoted = re.search(f": {re.escape(text)}(?:\\Z|[;,)>])", error_text(outer))
+    return bool(text) and quoted is not None
 
 
 def _rebuilt(
