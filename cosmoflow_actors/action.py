@@ -654,6 +654,7 @@ def as_action(value: object, node_id: str) -> Action:
     means ``Action.simple("default")``.
 
     Raises:
+        ValueError: ``value`` is ``""``; the message names the node.
         TypeError: ``value`` is anything else; the message names the node and the type.
     """
     if isinstance(value, Action):

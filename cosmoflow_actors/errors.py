@@ -1,4 +1,5 @@
-"""The error hierarchy: every error the engine raises is a :class:`CosmoFlowError`.
+"""The error hierarchy: every error a run fails with, and every error of the engine's
+own, is a :class:`CosmoFlowError` (a bad argument is a ``TypeError`` or ``ValueError``).
 
 Errors keep their origin: a :class:`NodeError` names the node, the phase and the run,
 and carries the exception the node raised as ``__cause__`` (never as a string). Where a
@@ -7,12 +8,16 @@ message must quote another exception, :func:`type_and_message` writes it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 
 class CosmoFlowError(Exception):
-    """The root of every error raised by cosmoflow_actors.
+    """The root of every error a run fails with, and of the engine's own errors.
+
+    A call given a bad argument raises ``TypeError`` or ``ValueError`` instead, as
+    Python's convention is, and a call made where it cannot work ``RuntimeError``.
 
     Every one pickles with its message and attributes (to and from a worker process or
     a Ray task), whatever its constructor takes; like any exception, it leaves its
@@ -205,7 +210,8 @@ class StoreTypeError(CosmoFlowError, TypeError):
         self.key = key
         self.expected = expected
         self.actual = actual
-        message = f"key {key!r} holds a {actual}, not a {expected}"
+        holds, wanted = with_article(str(actual)), with_article(str(expected))
+        message = f"key {key!r} holds {holds}, not {wanted}"
         super().__init__(message if detail is None else f"{message}: {detail}")
 
 
@@ -224,6 +230,12 @@ def type_and_message(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def with_article(noun: str) -> str:
+    """``noun`` after "a", or "an" when it starts with a vowel: "an int", "a str"."""
+    article = "an" if noun[:1].lower() in {"a", "e", "i", "o", "u"} else "a"
+    return f"{article} {noun}"
+
+
 def causes(error: BaseException) -> Iterator[BaseException]:
     """``error``, then its ``__cause__``, then that one's, and so on, each once: a chain
     that loops back (node code may build one) ends where it would repeat. Never
@@ -238,9 +250,10 @@ def causes(error: BaseException) -> Iterator[BaseException]:
 
 def told_causes(error: BaseException) -> list[BaseException]:
     """``error`` and its causes (see :func:`causes`), less each cause whose message the
-    one before it in this list quotes at its end, after a colon: a StorageError
-    ``"cannot write x: [Errno 28] No space left on device"`` tells its OSError. Never
-    blocks."""
+    one before it in this list quotes after a colon (see :func:`_quotes`): a StorageError
+    ``"cannot write x: [Errno 28] No space left on device"`` tells its OSError, and a
+    ConditionError ``"its evaluate raised KeyError: 'x'; it must..."`` its KeyError.
+    Never blocks."""
     told: list[BaseException] = []
     for each in causes(error):
         if not told or not _quotes(told[-1], each):
@@ -249,9 +262,12 @@ def told_causes(error: BaseException) -> list[BaseException]:
 
 
 def _quotes(outer: BaseException, cause: BaseException) -> bool:
-    """Whether ``outer``'s message ends with ``": "`` and ``cause``'s message."""
+    """Whether ``outer``'s message holds ``": "`` and ``cause``'s whole message, at its
+    end or before one of ``;`` ``,`` ``)`` ``>`` (where a quote ends in a sentence):
+    ``"failed: No space left"`` does not quote ``"No space"``."""
     text = error_text(cause)
-    return bool(text) and error_text(outer).endswith(f": {text}")
+    quoted = re.search(f": {re.escape(text)}(?:\\Z|[;,)>])", error_text(outer))
+    return bool(text) and quoted is not None
 
 
 def _rebuilt(

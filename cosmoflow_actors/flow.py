@@ -18,7 +18,7 @@ import trio
 
 from cosmoflow_actors.action import Action, ActionCondition, checked_keys
 from cosmoflow_actors.context import ExecutionContext
-from cosmoflow_actors.errors import ConditionError, FlowValidationError
+from cosmoflow_actors.errors import ConditionError, FlowValidationError, with_article
 from cosmoflow_actors.node import (
     BatchNode,
     Node,
@@ -324,7 +324,7 @@ class FlowBuilder:
             return f"node {node_id!r} is the class {value.__qualname__}, not an instance of it"
         if isinstance(value, type):
             return f"node {node_id!r} is the class {value.__qualname__}, not a Node or Flow"
-        problem = f"node {node_id!r} is a {type(value).__name__}, not a Node or Flow"
+        problem = f"node {node_id!r} is {with_article(type(value).__name__)}, not a Node or Flow"
         if _from_pocketflow(type(value)):
             problem += (
                 " (it is a PocketFlow node: subclass cf.Node, with prep(store, ctx), "
@@ -358,8 +358,9 @@ class FlowBuilder:
         With ``when``, the route is taken only if the condition holds on the run's store.
         """
         if when is not None and not isinstance(when, ActionCondition):
+            kind = with_article(type(when).__name__)
             self._problems.append(
-                f"route {from_id!r} -> {to_id!r}: when is a {type(when).__name__}, not an "
+                f"route {from_id!r} -> {to_id!r}: when is {kind}, not an "
                 "ActionCondition (write cf.ActionCondition.expression(...), or subclass "
                 "cf.ActionCondition for a test in Python)"
             )

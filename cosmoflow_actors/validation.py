@@ -1,4 +1,4 @@
-"""Checks of what users pass in (sizes, seconds, run ids, params), shared by the modules
+"""Checks of what users pass in (sizes, seconds, paths, run ids, params), shared by the modules
 that take them.
 
 It imports nothing of the package, so that any module may import it.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -31,6 +33,23 @@ def _is_seconds(value: object, *, zero: bool) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         return False
     return value >= 0 if zero else value > 0
+
+
+def checked_path(name: str, value: object) -> Path:
+    """``value``, a file's path (a str or an ``os.PathLike`` of one), as an absolute
+    Path; blocks for the current directory when ``value`` is relative.
+
+    Raises ``TypeError`` or ``ValueError`` naming ``name`` and ``value`` when it is no
+    path, or one that cannot be a file's: empty (``Path("")`` is the current directory),
+    ``.``, ``..`` or a root.
+    """
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str or an os.PathLike of one, not {value!r}")
+    path = Path(text)
+    if path.name in ("", ".."):
+        raise ValueError(f"{name} must name a file, not {value!r}")
+    return path.absolute()
 
 
 def require_run_id(run_id: object) -> None:

@@ -282,6 +282,7 @@ def test_params_file_makes_one_run_per_line(
     [
         ('{"n": 1}\n{"n": 2,\n', "runs.jsonl:2: not JSON: Expecting property name"),
         ('{"n": 1}\n\n[1, 2]\n', "runs.jsonl:3: expected a JSON object of params, got a list"),
+        ("7\n", "runs.jsonl:1: expected a JSON object of params, got an int"),
         ("\n\n", "--params-file {path}: no runs (expected a JSON object of params a line)"),
     ],
 )

@@ -255,6 +255,16 @@ def test_a_store_of_ones_own_that_cannot_be_built_is_bad_input(
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("store", ["file:.", "sqlite:/"])
+def test_a_store_whose_path_cannot_be_a_file_is_bad_input(
+    counter_file: Path, capsys: pytest.CaptureFixture[str], store: str
+) -> None:
+    assert main(["run", str(counter_file), "--store", store]) == 2
+    path = store.partition(":")[2]
+    expected = f"cosmoflow: error: store {store!r}: path must name a file, not {path!r}\n"
+    assert capsys.readouterr().err == expected
+
+
 def test_a_mistyped_redis_store_is_refused_showing_no_password(
     counter_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

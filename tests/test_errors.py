@@ -9,7 +9,7 @@ import cloudpickle
 import pytest
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.errors import causes, told_causes, type_and_message
+from cosmoflow_actors.errors import causes, told_causes, type_and_message, with_article
 
 EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.CosmoFlowError: cf.CosmoFlowError("root"),
@@ -133,12 +133,38 @@ def test_a_cause_whose_message_the_error_before_it_quotes_is_not_told() -> None:
     assert told_causes(append) == [append]
 
 
-def test_a_cause_quoted_only_in_part_or_not_at_the_end_is_told() -> None:
+@pytest.mark.parametrize(
+    "message",
+    [
+        "its evaluate raised KeyError: 'x'; it must return a bool",
+        "has no truth value (RuntimeError: 'x')",
+        "read <key: 'x'>, then gave up",
+    ],
+)
+def test_a_cause_quoted_whole_before_the_end_of_a_clause_is_not_told(message: str) -> None:
+    outer = cf.ConditionError(message)
+    outer.__cause__ = KeyError("x")
+
+    assert told_causes(outer) == [outer]
+
+
+def test_a_cause_quoted_only_in_part_or_not_after_a_colon_is_told() -> None:
     short = ValueError("e")
     outer = RuntimeError("node 'fetch' failed in exec")
     outer.__cause__ = short
-    middle = RuntimeError("failed: [Errno 28] No space, then gave up")
+    middle = RuntimeError("failed: [Errno 28] No space left, then gave up")
     middle.__cause__ = OSError(28, "No space")
+    twice = RuntimeError("failed: [Errno 28] No spaces; failed: [Errno 28] No space")
+    twice.__cause__ = OSError(28, "No space")
 
     assert told_causes(outer) == [outer, short]
     assert len(told_causes(middle)) == 2
+    assert told_causes(twice) == [twice]
+
+
+@pytest.mark.parametrize(
+    ("noun", "phrase"),
+    [("int", "an int"), ("str", "a str"), ("Action", "an Action"), ("object", "an object")],
+)
+def test_a_noun_gets_the_article_its_first_letter_asks_for(noun: str, phrase: str) -> None:
+    assert with_article(noun) == phrase

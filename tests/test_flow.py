@@ -125,7 +125,7 @@ def test_ids_that_are_no_str_are_problems_build_names(
 def test_build_rejects_a_non_node_and_a_bad_max_steps() -> None:
     builder = cf.Flow.builder("f").add_node("a", object()).max_steps(0)  # type: ignore[arg-type]
     error = refused(builder)
-    assert "node 'a' is a object, not a Node or Flow" in error.problems
+    assert "node 'a' is an object, not a Node or Flow" in error.problems
     assert "max_steps must be >= 1, got 0" in error.problems
 
 

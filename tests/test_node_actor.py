@@ -292,7 +292,7 @@ async def test_prep_and_post_errors_name_their_phase(phase: str) -> None:
     assert isinstance(info.value.__cause__, ValueError)
 
 
-async def test_post_returning_a_non_action_is_a_type_error_naming_the_node() -> None:
+async def test_post_returning_a_non_action_fails_in_post_from_a_type_error() -> None:
     class Numeric(cf.Node):
         def post(
             self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
@@ -300,8 +300,13 @@ async def test_post_returning_a_non_action_is_a_type_error_naming_the_node() -> 
             return 42
 
     flow = cf.Flow.builder("f").add_node("counter", Numeric()).build()
-    with pytest.raises(TypeError, match=r"'counter'.*int"):
+    with pytest.raises(cf.NodeError) as info:
         await flow.run()
+    assert (info.value.node_id, info.value.phase, info.value.flow_name) == ("counter", "post", "f")
+    assert isinstance(info.value.__cause__, TypeError)
+    assert str(info.value.__cause__) == (
+        "node 'counter' returned int from post; expected Action, str or None"
+    )
 
 
 async def test_max_concurrency_bounds_the_steps_in_flight() -> None:
@@ -898,15 +903,15 @@ class Picky(cf.Node):
 
 
 @pytest.mark.parametrize(
-    ("returned", "error_type"),
+    ("returned", "error_type", "cause_type"),
     [
-        ("", ValueError),
-        (42, TypeError),
-        ("unknown", cf.NoRouteError),
+        ("", cf.NodeError, ValueError),
+        (42, cf.NodeError, TypeError),
+        ("unknown", cf.NoRouteError, type(None)),
     ],
 )
 async def test_a_bad_action_from_post_fails_its_run_alone_naming_the_node(
-    returned: Any, error_type: type[Exception]
+    returned: Any, error_type: type[Exception], cause_type: type[BaseException]
 ) -> None:
     picky = Picky()
     flow = (
@@ -930,6 +935,10 @@ async def test_a_bad_action_from_post_fails_its_run_alone_naming_the_node(
         assert later.execution_path == ("picky", "next")
         assert (engine.statistics().runs_failed, engine.statistics().runs_succeeded) == (1, 4)
     assert "'picky'" in str(info.value)
+    assert isinstance(info.value.__cause__, cause_type)
+    if isinstance(info.value, cf.NodeError):
+        assert (info.value.node_id, info.value.phase) == ("picky", "post")
+        assert "'picky'" in str(info.value.__cause__)
 
 
 class Timed(cf.Node):

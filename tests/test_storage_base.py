@@ -96,14 +96,22 @@ async def test_delete_many_and_so_a_clear_call_a_backends_own_delete_per_key() -
     assert storage.data == {RECORD_KEY: "{}"}
 
 
-@pytest.mark.parametrize("stored", ['{"path": []}', {"state": "running"}, {"path": "ab"}, 3])
-def test_check_steps_refuses_what_is_no_run_record_naming_its_key(stored: Any) -> None:
+@pytest.mark.parametrize(
+    ("stored", "kind"),
+    [
+        ('{"path": []}', "a str"),
+        ({"state": "running"}, "a dict"),
+        ({"path": "ab"}, "a dict"),
+        (3, "an int"),
+    ],
+)
+def test_check_steps_refuses_what_is_no_run_record_naming_its_key(stored: Any, kind: str) -> None:
     with pytest.raises(StorageError) as info:
         check_steps(RECORD_KEY, stored, 0)
 
     message = str(info.value)
     assert f"no run record under {RECORD_KEY!r}" in message
-    assert f"its get returned a {type(stored).__name__}" in message
+    assert f"its get returned {kind} ({stored!r:.60})" in message
 
 
 def test_check_steps_counts_the_recorded_steps() -> None:

@@ -428,6 +428,52 @@ async def test_an_actor_whose_backend_cannot_open_answers_every_request_sent_mea
         }
 
 
+class LockedOut(cf.StorageError):
+    """A StorageError of a backend's own, with an attribute."""
+
+    def __init__(self, holder: int) -> None:
+        self.holder = holder
+        super().__init__(f"locked by {holder}")
+
+
+class OpensNever(JsonDictStorage):
+    """Its open raises LockedOut, caused by an OSError."""
+
+    async def open(self) -> None:
+        raise LockedOut(4242) from OSError(11, "Resource temporarily unavailable")
+
+
+async def test_each_run_on_a_backend_that_cannot_open_gets_its_error_from_the_real_cause(
+    tmp_path: Path,
+) -> None:
+    """One StorageError per run, not one wrapping another of the same text: of the
+    backend's own type and attributes, with the OSError (a real file here) as cause."""
+    a_directory = cf.FileStorage(tmp_path)
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError) as file_failed:
+            await engine.run(single(Recorder()), a_directory)
+        locked = OpensNever({})
+        errors: list[BaseException] = []
+
+        async def run_on_locked() -> None:
+            with pytest.raises(LockedOut) as each:
+                await engine.run(single(Recorder()), locked)
+            errors.append(each.value)
+
+        async with trio.open_nursery() as both:  # both wait for the one open
+            both.start_soon(run_on_locked)
+            both.start_soon(run_on_locked)
+    assert type(file_failed.value) is cf.StorageError
+    assert isinstance(file_failed.value.__cause__, IsADirectoryError)
+    first, second = errors
+    assert first is not second
+    for error in errors:
+        assert isinstance(error, LockedOut)
+        assert (str(error), error.holder) == ("locked by 4242", 4242)
+        assert isinstance(error.__cause__, OSError)
+        assert not isinstance(error.__cause__, cf.StorageError)
+
+
 async def test_a_retired_actor_serves_every_request_held_back_before_it_exits() -> None:
     """Retired (its last run ended), the actor serves what it holds and exits; its
     engine is not closing, and the actor does not close it."""

@@ -82,7 +82,7 @@ async def test_a_value_of_the_wrong_type_is_store_type_error() -> None:
     error = await store_error(lambda store: store.get("n", type=int), {"n": "three"})
     assert isinstance(error, cf.StoreTypeError)
     assert isinstance(error, TypeError)
-    assert "'n' holds a str, not a int" in str(error)
+    assert "'n' holds a str, not an int" in str(error)
 
 
 @pytest.mark.parametrize("store", [{"p": [1, "a"]}, {"p": (1, "a")}], ids=["list", "tuple"])

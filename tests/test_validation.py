@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.validation import (
     checked_params,
+    checked_path,
     positive_int,
     require_positive,
     require_run_id,
@@ -52,6 +54,34 @@ def test_seconds_out_of_bounds_are_refused(value: object, zero: bool, bound: str
 def test_storages_check_their_seconds_when_made(make: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_path_becomes_absolute() -> None:
+    assert checked_path("path", "runs/x.json") == Path.cwd() / "runs" / "x.json"
+    assert checked_path("path", Path("/tmp/x.db")) == Path("/tmp/x.db")
+
+
+@pytest.mark.parametrize("value", ["", Path(""), ".", "..", "/", "runs/.."])
+def test_a_path_that_cannot_be_a_files_is_refused(value: object) -> None:
+    with pytest.raises(ValueError) as info:
+        checked_path("path", value)
+    assert str(info.value) == f"path must name a file, not {value!r}"
+
+
+@pytest.mark.parametrize("value", [5, None, b"x.json"])
+def test_what_is_no_path_is_refused(value: object) -> None:
+    with pytest.raises(TypeError) as info:
+        checked_path("path", value)
+    assert str(info.value) == f"path must be a str or an os.PathLike of one, not {value!r}"
+
+
+@pytest.mark.parametrize("storage", [cf.FileStorage, cf.SQLiteStorage])
+@pytest.mark.parametrize(("path", "error"), [("", ValueError), (5, TypeError)])
+def test_storages_check_their_path_when_made(
+    storage: Callable[[object], object], path: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=f"^path .*, not {path!r}$"):
+        storage(path)
 
 
 @pytest.mark.parametrize("run_id", ["", 5, None, b"id"])

@@ -25,7 +25,7 @@ from cosmoflow_actors.cli.output import dump_json, print_error
 from cosmoflow_actors.cli.signals import INTERRUPTED, trio_run
 from cosmoflow_actors.cli.stores import first_unreadable, opened, parse_store, read_contents
 from cosmoflow_actors.cli.trace import NodeNames, Printer, watch
-from cosmoflow_actors.errors import RunRecordedError, type_and_message
+from cosmoflow_actors.errors import RunRecordedError, type_and_message, with_article
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.engine import Engine, open_engine
 from cosmoflow_actors.runtime.run import Run, RunState
@@ -369,8 +369,8 @@ def _gives_a_run(label: str, number: int, line: str) -> bool:
     except ValueError as exc:
         raise CliError(f"{label}:{number}: not JSON: {exc}") from exc
     if not isinstance(params, dict):
-        kind = type(params).__name__
-        raise CliError(f"{label}:{number}: expected a JSON object of params, got a {kind}")
+        kind = with_article(type(params).__name__)
+        raise CliError(f"{label}:{number}: expected a JSON object of params, got {kind}")
     return True
 
 

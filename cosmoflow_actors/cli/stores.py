@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.output import StdoutFailed
-from cosmoflow_actors.errors import StorageError, type_and_message
+from cosmoflow_actors.errors import StorageError, type_and_message, with_article
 from cosmoflow_actors.runtime.engine import Engine
 from cosmoflow_actors.runtime.queue import RunStores, per_run_redis
 from cosmoflow_actors.runtime.store_client import SharedStore
@@ -54,7 +54,10 @@ def parse_store(text: str, codec: str | None = None) -> Storage | None:
         return None
     if kind in ("file", "sqlite") and separator and rest:
         backend = FileStorage if kind == "file" else SQLiteStorage
-        return backend(rest, codec=codec or "json")
+        try:
+            return backend(rest, codec=codec or "json")
+        except ValueError as exc:  # a path that cannot be a file's
+            raise CliError(f"store {text!r}: {exc}") from exc
     if kind in ("redis", "rediss") and rest.startswith("//"):
         url, _, namespace = text.partition("#")
         try:
@@ -159,14 +162,9 @@ class CustomStore:
 def _as_storage(call: str, made: object) -> Storage:
     """``made``, what ``call`` returned; TypeError saying so unless it is a Storage."""
     if not isinstance(made, Storage):
-        kind = "None" if made is None else _a(type(made).__name__)
+        kind = "None" if made is None else with_article(type(made).__name__)
         raise TypeError(f"{call} returned {kind}, not a Storage")
     return made
-
-
-def _a(noun: str) -> str:
-    """``noun`` after its indefinite article: ``a dict``, ``an int``."""
-    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +254,7 @@ def _load_factory(label: str, module_name: str, name: str) -> Callable[..., obje
             where = f"{module_name}:{owner}" if owner else f"module {module_name!r}"
             raise CliError(f"{label}: {where} has no attribute {part!r}") from exc
     if not callable(found):
-        kind = _a(type(found).__name__)
+        kind = with_article(type(found).__name__)
         raise CliError(f"{label}: {module_name}:{name} is {kind}, not a function or class")
     return found
 

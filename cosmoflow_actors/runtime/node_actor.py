@@ -64,8 +64,9 @@ KEEP_IDLE: Final = 8
 """Parked workers a node actor keeps; a worker finding that many parked exits."""
 
 RUN_FAILURES: Final = (NodeError, CosmoFlowError, StorageError, TypeError, ValueError)
-"""What a step may end with that fails its run alone: the node's own errors (wrapped in
-NodeError), what its post returned, its conditions, and its store's refusals."""
+"""What a step may end with that fails its run alone: the node's own errors and what its
+post returned that is no action (wrapped in NodeError), its conditions, and its store's
+refusals."""
 
 _NO_VALUES: Final[Mapping[str, Any]] = MappingProxyType({})
 
@@ -382,8 +383,8 @@ class NodeActor(Actor[Step]):
     async def _phases(self, run: ActiveRun, ctx: ExecutionContext) -> Action:
         """prep → exec → post; the action post returned, resolved against the store.
 
-        Each phase's errors, and its store calls never awaited, fail the step with a
-        NodeError naming the phase.
+        Each phase's errors, its store calls never awaited, and a value post returned
+        that is no action, fail the step with a NodeError naming the phase.
         """
         store = ctx.store
         try:
@@ -414,7 +415,10 @@ class NodeActor(Actor[Step]):
             raise self._failed("post", ctx) from exc
         if not all_awaited(store):
             self._lost_calls("post", ctx)
-        action = as_action(post_res, self.node_id)
+        try:
+            action = as_action(post_res, self.node_id)
+        except (TypeError, ValueError) as exc:
+            raise self._failed("post", ctx) from exc
         if action.is_conditional:
             action = await self._resolved(action, store)
         return action

@@ -15,6 +15,7 @@ one at a time in mailbox order:
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections.abc import Awaitable, Callable, Iterable
@@ -29,6 +30,7 @@ from cosmoflow_actors.errors import (
     StorageError,
     StoreKeyError,
     type_and_message,
+    with_article,
 )
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.cancellation import only_cancelled
@@ -269,12 +271,14 @@ class StoreActor(Actor[StoreRequest]):
         return failure
 
     def open_failure(self) -> StorageError:
-        """A new error for a run that waited for a backend this actor did not open: what
-        :attr:`open_error` says, or that the engine closed first. Never blocks."""
+        """A new error for a run that waited for a backend this actor did not open: a
+        copy of :attr:`open_error` (its type, message and attributes) caused by what
+        caused it (the OSError or the redis error, say), or that the engine closed
+        first. Never blocks."""
         if self.open_error is None:
             return StorageError(f"{self.name} was not opened: the engine closed first")
-        failure = StorageError(str(self.open_error))
-        failure.__cause__ = self.open_error
+        failure = copy.copy(self.open_error)
+        failure.__cause__ = self.open_error.__cause__
         return failure
 
     async def _close_backend(self, storage: Storage) -> None:
@@ -513,7 +517,7 @@ class StoreActor(Actor[StoreRequest]):
         found = await storage.get_many(keys)
         if not isinstance(found, dict):
             raise StorageError(
-                f"{self.name}: get_many returned a {type(found).__name__}, not a dict"
+                f"{self.name}: get_many returned {with_article(type(found).__name__)}, not a dict"
             )
         extra = found.keys() - set(keys)
         if extra:

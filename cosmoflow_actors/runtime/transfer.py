@@ -32,7 +32,7 @@ import cloudpickle
 import outcome
 
 from cosmoflow_actors.context import ExecutionContext
-from cosmoflow_actors.errors import CosmoFlowError, error_text, type_and_message
+from cosmoflow_actors.errors import CosmoFlowError, error_text, type_and_message, with_article
 from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.store_client import LostCall, SharedStore, hand_over, lost_calls
 
@@ -262,7 +262,7 @@ def _sendable(result: outcome.Outcome[Any], worker: str) -> tuple[str, bytes]:
     if isinstance(result, outcome.Error):
         return _sendable_error(result.error, worker)
     assert isinstance(result, outcome.Value)
-    what = f"exec returned a {_type_name(result.value)}"
+    what = f"exec returned {with_article(_type_name(result.value))}"
     try:
         return what, cloudpickle.dumps(result)
     except Exception as exc:

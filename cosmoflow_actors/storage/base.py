@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Final
 
-from cosmoflow_actors.errors import RunConflictError, StorageError
+from cosmoflow_actors.errors import RunConflictError, StorageError, with_article
 from cosmoflow_actors.storage.codec import check_key
 
 RESERVED_PREFIX: Final = "__cosmoflow__/"
@@ -311,9 +311,9 @@ def _recorded_steps(record_key: str, stored: Any) -> int:
     path = stored.get("path") if isinstance(stored, dict) else None
     if not isinstance(path, list | tuple):
         raise StorageError(
-            f"the storage holds no run record under {record_key!r}: its get returned a "
-            f"{type(stored).__name__} ({stored!r:.60}) where a dict with the run's 'path' "
-            "was stored; a storage's get must return the value its set was given"
+            f"the storage holds no run record under {record_key!r}: its get returned "
+            f"{with_article(type(stored).__name__)} ({stored!r:.60}) where a dict with the "
+            "run's 'path' was stored; a storage's get must return the value its set was given"
         )
     return len(path)
 

@@ -25,7 +25,7 @@ from cosmoflow_actors.storage.base import (
 )
 from cosmoflow_actors.storage.codec import Codec, check_json_key, get_codec
 from cosmoflow_actors.storage.staged import StagedWrites
-from cosmoflow_actors.validation import require_seconds
+from cosmoflow_actors.validation import checked_path, require_seconds
 
 COMPACT_MIN_BYTES: Final = 4 * 1024 * 1024
 """The journal is compacted once it is larger than this and than the snapshot. 4 MiB,
@@ -90,7 +90,7 @@ class FileStorage(Storage):
         self, path: str | os.PathLike[str], *, codec: str = "json", wait: float = 0.0
     ) -> None:
         require_seconds("wait", wait, zero=True)
-        self._path = Path(path).absolute()
+        self._path = checked_path("path", path)
         self._journal = journal.journal_path(self._path)
         self._lock_path = lock.lock_path(self._path)
         self._codec = get_codec(codec)

@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus, urlsplit
 import outcome
 import trio
 
-from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.errors import StorageError, with_article
 from cosmoflow_actors.storage.base import (
     RESERVED_PREFIX,
     StagedOp,
@@ -632,7 +632,9 @@ class RedisStorage(DatabaseStorage):
             self._check_meta(meta, kind)
             return
         if kind != "none":
-            raise StorageError(f"{self!r}: {self._data} holds a {kind} without cosmoflow metadata")
+            raise StorageError(
+                f"{self!r}: {self._data} holds {with_article(kind)} without cosmoflow metadata"
+            )
         pipe.multi()
         fields = database_meta(self._codec)
         send_command(pipe, "HSET", self._meta, *(item for pair in fields.items() for item in pair))
@@ -641,7 +643,7 @@ class RedisStorage(DatabaseStorage):
     def _check_meta(self, meta: dict[str, str], kind: str) -> None:
         check_database_meta(f"{self!r}: {self._meta}", meta, self._codec)
         if kind not in ("hash", "none"):
-            raise StorageError(f"{self!r}: {self._data} holds a {kind}, not a hash")
+            raise StorageError(f"{self!r}: {self._data} holds {with_article(kind)}, not a hash")
 
     @asynccontextmanager
     async def _pipeline(self, client: redis.Redis) -> AsyncIterator[Pipeline]:

@@ -16,7 +16,7 @@ from typing import Any, Final, TypeVar, final
 import outcome
 import trio
 
-from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.errors import StorageError, with_article
 from cosmoflow_actors.storage.base import (
     RESERVED_PREFIX,
     StagedOp,
@@ -33,7 +33,7 @@ from cosmoflow_actors.storage.codec import (
     utf8_key,
 )
 from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
-from cosmoflow_actors.validation import require_seconds
+from cosmoflow_actors.validation import checked_path, require_seconds
 
 STORE_TABLE: Final = "cosmoflow_store"
 META_TABLE: Final = "cosmoflow_meta"
@@ -185,7 +185,7 @@ class SQLiteStorage(DatabaseStorage):
     ) -> None:
         require_seconds("timeout", timeout, zero=True)
         super().__init__(codec)
-        self._path = Path(path).absolute()
+        self._path = checked_path("path", path)
         self._timeout = timeout
         self._connection: sqlite3.Connection | None = None
         self._file: _DatabaseFile | None = None
@@ -555,8 +555,8 @@ def _as_bytes(where: str, key: str, value: object) -> bytes:
     store) and ``key`` unless it is bytes (another client wrote it)."""
     if not isinstance(value, bytes):
         raise StorageError(
-            f"{where}: cannot read key {key!r}: its stored value is a "
-            f"{type(value).__name__}, not bytes"
+            f"{where}: cannot read key {key!r}: its stored value is "
+            f"{with_article(type(value).__name__)}, not bytes"
         )
     return value
 

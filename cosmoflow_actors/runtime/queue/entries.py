@@ -14,7 +14,7 @@ import reprlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
-from cosmoflow_actors.errors import CosmoFlowError
+from cosmoflow_actors.errors import CosmoFlowError, with_article
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.queue.client import RunQueue
@@ -151,7 +151,8 @@ def foreign_lease(queue: RunQueue, run_id: str, kind: bytes | str) -> Unreadable
     ``kind`` where a queue writes a string naming a worker."""
     return UnreadableEntryError(
         f"{queue!r}: the lease of run {run_id!r} was not written by a queue: its key "
-        f"{queue.lease_key(run_id)!r} holds a {shown(kind)}, not a string naming a worker"
+        f"{queue.lease_key(run_id)!r} holds {with_article(shown(kind))}, not a string naming "
+        "a worker"
     )
 
 
