@@ -96,6 +96,41 @@ async def test_a_type_error_names_the_type_asked_for_and_what_does_not_fit(
     )
 
 
+def a_handle() -> SharedStore:
+    """A handle whose calls would refuse (the tests using it check what the call
+    itself raises)."""
+    return SharedStore(Unreachable("s"), cf.MemoryStorage(), "s")
+
+
+@pytest.mark.parametrize("keys", ["abc", b"abc"], ids=["str", "bytes"])
+def test_get_many_of_a_str_or_bytes_raises_at_the_call(keys: Any) -> None:
+    """Not one key per character (and {} back): the call says to pass a list."""
+    with pytest.raises(TypeError) as info:
+        a_handle().get_many(keys)
+    kind = type(keys).__name__
+    assert str(info.value) == (
+        f"get_many(keys) takes a list of keys, not a {kind} ({keys!r}): pass [{keys!r}]"
+    )
+
+
+@pytest.mark.parametrize("wrong", ["int", 3, None.__class__.__mro__], ids=["str", "int", "tuple"])
+def test_a_type_the_codec_cannot_convert_to_raises_at_the_call_from_msgspec(wrong: Any) -> None:
+    """Not a StoreTypeError blaming the stored value after the trip to the store."""
+    with pytest.raises(TypeError) as info:
+        a_handle().get("x", type=wrong)
+    assert not isinstance(info.value, cf.StoreTypeError)
+    assert str(info.value).startswith(f"type={wrong!r} is not a type the store can convert")
+    assert isinstance(info.value.__cause__, TypeError)
+    assert "is not supported" in str(info.value.__cause__)
+
+
+async def test_a_type_checked_before_is_still_converted_to() -> None:
+    async def body(store: cf.SharedStore) -> list[Any]:
+        return [await store.get("p", type=tuple[int, int]) for _ in range(2)]
+
+    assert await in_run(body, {"p": [1, 2]}) == [(1, 2), (1, 2)]
+
+
 async def test_a_default_is_returned_without_a_type_check() -> None:
     assert await in_run(lambda store: store.get("missing", None, type=int)) is None
 

@@ -14,6 +14,7 @@ store together with the step's record, all or nothing.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import CoroutineType, GenericAlias
@@ -131,11 +132,13 @@ class SharedStore:
 
         Raises StoreKeyError when it is missing and there is no default. With ``type=T``
         the value is returned as a ``T`` (a dataclass is rebuilt from its JSON form) or
-        StoreTypeError is raised; the default is returned as it is.
+        StoreTypeError is raised; the default is returned as it is. A ``type=`` the
+        codec cannot convert to (``type="int"``) raises TypeError here, at the call.
         """
         check_key(key)
         if type is None:
             return self._call(StoreOp.GET, key, default)
+        _check_type(type)
         return self._made_now(self._typed_get(key, default, type))
 
     def set(self, key: str, value: Any) -> Call[None]:
@@ -184,7 +187,16 @@ class SharedStore:
         return self._call(StoreOp.CLEAR, "", None)
 
     def get_many(self, keys: Iterable[str]) -> Call[dict[str, Any]]:
-        """Return ``{key: value}`` for those of ``keys`` that are stored (one request)."""
+        """Return ``{key: value}`` for those of ``keys`` that are stored (one request).
+
+        Raises TypeError at the call when ``keys`` is a str or bytes (not a list of
+        keys), or holds a key that is not a str.
+        """
+        if isinstance(keys, str | bytes):
+            raise TypeError(
+                f"get_many(keys) takes a list of keys, not a {builtins.type(keys).__name__} "
+                f"({keys!r}): pass [{keys!r}]"
+            )
         wanted = list(keys)
         for key in wanted:
             check_key(key)
@@ -475,6 +487,34 @@ def _typed(key: str, value: Any, default: Any, expected: Any) -> Any:
     if value is default and default is not MISSING:
         return value
     return as_type(key, value, expected)
+
+
+_CONVERTIBLE: Final[dict[Any, None]] = {}
+"""The types :func:`_check_type` has found the codec can convert to (at most
+:data:`_CONVERTIBLE_KEPT`)."""
+_CONVERTIBLE_KEPT: Final = 256
+
+
+def _check_type(expected: Any) -> None:
+    """Raise TypeError naming ``type=`` and ``expected`` when msgspec cannot convert a
+    value to ``expected`` (not a type, or one it does not support), from msgspec's
+    reason. A hashable type found convertible is remembered: checked again, it costs a
+    dict lookup. Never blocks."""
+    try:
+        if expected in _CONVERTIBLE:
+            return
+    except TypeError:  # unhashable (an Annotated type with a list in its metadata)
+        pass
+    try:
+        msgspec.json.Decoder(expected)
+    except TypeError as exc:
+        raise TypeError(
+            f"type={expected!r} is not a type the store can convert a value to: pass a "
+            "class (int, a dataclass) or a typing form (list[int], int | None)"
+        ) from exc
+    with contextlib.suppress(TypeError):
+        if len(_CONVERTIBLE) < _CONVERTIBLE_KEPT:
+            _CONVERTIBLE[expected] = None
 
 
 def as_type(key: str, value: Any, expected: Any) -> Any:
