@@ -15,12 +15,12 @@ import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.store_client import (
     FORGET_AT,
     SharedStore,
+    StagedStore,
     Unreachable,
     all_awaited,
     detached,
     hand_over,
     lost_calls,
-    step_handle,
     unawaited,
 )
 from tests.support import in_run, single
@@ -462,8 +462,9 @@ async def test_a_durable_step_stores_a_value_as_it_was_set(tmp_path: Path) -> No
 
 
 def test_calls_lost_through_a_detached_handle_fail_the_step_they_are_handed_to() -> None:
-    """What exec on a thread, a process or Ray leaves unawaited reaches the step's check."""
-    step = step_handle(SharedStore(Unreachable("s"), cf.MemoryStorage(), "s"))
+    """What exec on a thread, a process or Ray leaves unawaited reaches the step's check,
+    told apart from the calls the step lost itself."""
+    step = StagedStore(SharedStore(Unreachable("s"), cf.MemoryStorage(), "s"))
     away = detached(step)
     made = away.set("k", 1)
     _ = away.get("g")
@@ -472,6 +473,7 @@ def test_calls_lost_through_a_detached_handle_fail_the_step_they_are_handed_to()
     assert inspect.getcoroutinestate(made) == "CORO_CLOSED"
     assert lost_calls(away) == []
     assert all_awaited(step)
+    _ = step.delete("here")
     hand_over(lost, step)
     assert not all_awaited(step)
-    assert unawaited(step) == ["set('k')", "get('g')"]
+    assert unawaited(step) == (["delete('here')"], ["set('k')", "get('g')"])

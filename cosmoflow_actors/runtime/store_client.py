@@ -239,11 +239,16 @@ def all_awaited(store: SharedStore) -> bool:
     return True
 
 
-def unawaited(store: SharedStore) -> list[str]:
+def unawaited(store: SharedStore) -> tuple[list[str], list[str]]:
     """The calls made through the step handle ``store`` since the last check that were
-    never awaited, described as ``"set('k')"``; each is closed (it will never run), and
-    all are forgotten. Never blocks."""
-    return [_described(op, key) for op, key in lost_calls(store)]
+    never awaited, described as ``"set('k')"``: those made through it, and those handed
+    over to it (see :func:`hand_over`), made where the store is not reachable. Each is
+    closed (it will never run), and all are forgotten. Never blocks."""
+    here: list[str] = []
+    away: list[str] = []
+    for op, key, unreachable in _lost(store):
+        (away if unreachable else here).append(_described(op.name, key))
+    return here, away
 
 
 def detached(store: SharedStore) -> SharedStore:
@@ -262,13 +267,19 @@ def lost_calls(handle: SharedStore) -> list[LostCall]:
     """The calls made through ``handle`` (a step's, or a detached one) since the last
     check that were never awaited; each is closed (it will never run), and all are
     forgotten. Never blocks."""
+    return [(op.name, key) for op, key, _ in _lost(handle)]
+
+
+def _lost(handle: SharedStore) -> list[tuple[StoreOp, str, bool]]:
+    """What :func:`lost_calls` finds, closes and forgets, each call as its operation,
+    its key and whether it was made where the store is not reachable."""
     made = handle._made or []
     lost = [call for call in made if _never_started(call)]
     made.clear()
     found = [_call_of(call) for call in lost]
     for call in lost:
         call.close()
-    return [(op.name, key) for op, key in found]
+    return found
 
 
 def hand_over(calls: Iterable[LostCall], step: SharedStore) -> None:
@@ -552,11 +563,12 @@ def _described(op: str, key: str) -> str:
     return f"{name}({key!r})" if key else f"{name}()"
 
 
-def _call_of(call: Coroutine[Any, Any, Any]) -> tuple[StoreOp, str]:
-    """The operation and the key (``""`` for none) of the coroutine of a store call
-    never started: a request to the handle's service, or a typed get."""
+def _call_of(call: Coroutine[Any, Any, Any]) -> tuple[StoreOp, str, bool]:
+    """The operation, the key (``""`` for none) and whether it is a request to an
+    :class:`Unreachable` of the coroutine of a store call never started: a request to
+    the handle's service, or a typed get."""
     assert isinstance(call, CoroutineType) and call.cr_frame is not None
     arguments = call.cr_frame.f_locals
     op: StoreOp = arguments.get("op", StoreOp.GET)
     key: str = arguments.get("key") or ""
-    return op, key
+    return op, key, isinstance(arguments.get("self"), Unreachable)
