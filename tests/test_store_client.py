@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from cosmoflow_actors.runtime.store_client import (
     unawaited,
 )
 from tests.support import in_run, single
+from tests.test_store_actor import FailingCommits
 
 
 @dataclasses.dataclass
@@ -122,6 +124,47 @@ def test_a_type_the_codec_cannot_convert_to_raises_at_the_call_from_msgspec(wron
     assert str(info.value).startswith(f"type={wrong!r} is not a type the store can convert")
     assert isinstance(info.value.__cause__, TypeError)
     assert "is not supported" in str(info.value.__cause__)
+
+
+WRITES: dict[str, Callable[[cf.SharedStore, Any, Any], Awaitable[Any]]] = {
+    "set": lambda store, key, value: store.set(key, value),
+    "set_many": lambda store, key, value: store.set_many({key: value}),
+    "update": lambda store, key, value: store.update(key, lambda _: value, None),
+}
+"""The calls that store a value, as ``write(store, key, value)``."""
+CHANGES = WRITES | {"delete": lambda store, key, _: store.delete(key)}
+"""The calls that change the store."""
+BY_KEY = CHANGES | {"get_many": lambda store, key, _: store.get_many([key])}
+
+
+@pytest.mark.parametrize("call", BY_KEY.values(), ids=list(BY_KEY))
+def test_a_key_that_is_not_str_raises_type_error_at_the_call(call: Any) -> None:
+    with pytest.raises(TypeError, match="storage keys must be str, not int: 3"):
+        call(a_handle(), 3, "v")
+
+
+@pytest.mark.parametrize("write", WRITES.values(), ids=list(WRITES))
+async def test_a_value_the_codec_refuses_is_store_value_error_and_stores_nothing(
+    write: Any, tmp_path: Path
+) -> None:
+    storage = cf.FileStorage(tmp_path / "store.json")
+    error = await store_error(lambda store: write(store, "bad", object()), storage)
+    assert isinstance(error, cf.StoreValueError)
+    assert "'bad'" in str(error)
+    assert await in_run(lambda store: store.keys(), cf.FileStorage(storage.path)) == []
+
+
+@pytest.mark.parametrize("change", CHANGES.values(), ids=list(CHANGES))
+async def test_a_change_whose_commit_fails_raises_storage_error(
+    change: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "data").mkdir()
+    storage = FailingCommits(tmp_path / "data" / "store.json")
+    await in_run(lambda store: store.set("k", 1), storage)
+    storage.broken = True
+    error = await store_error(lambda store: change(store, "k", 2), storage)
+    assert type(error) is cf.StorageError
+    assert str(error).startswith(f"store:{storage!r}: commit failed: cannot append to")
 
 
 async def test_a_type_checked_before_is_still_converted_to() -> None:

@@ -145,7 +145,12 @@ class SharedStore:
         """Store ``value`` under ``key``; return once the write is committed (in a
         durable run's step: once it is staged, to be committed with the step).
 
-        Keys under ``__cosmoflow__/`` belong to the engine: StorageError.
+        Raises:
+            TypeError: at the call, ``key`` is not a str.
+            StorageError: at the call, ``key`` is under ``__cosmoflow__/`` (the
+                engine's); when awaited, the commit failed.
+            StoreValueError: the store's codec refuses ``value``; nothing is stored
+                (in a durable run's step, the step's commit fails instead).
         """
         check_user_key(key)
         return self._call(StoreOp.SET, key, value)
@@ -160,12 +165,25 @@ class SharedStore:
         value returned is ``function`` of what the step sees, and at the step's commit
         ``function`` is applied again, in the store actor, to the value stored then, so
         concurrent updates are never lost (``function`` must be pure).
+
+        Raises:
+            TypeError: at the call, ``key`` is not a str.
+            StorageError: at the call, ``key`` is under ``__cosmoflow__/``; when
+                awaited, the commit failed.
+            StoreValueError: the store's codec refuses the new value; nothing is
+                stored (in a durable run's step, the step's commit fails instead).
         """
         check_user_key(key)
         return self._call(StoreOp.UPDATE, key, (function, default))
 
     def delete(self, key: str) -> Call[bool]:
-        """Remove ``key``; return whether it was there."""
+        """Remove ``key``; return whether it was there.
+
+        Raises:
+            TypeError: at the call, ``key`` is not a str.
+            StorageError: at the call, ``key`` is under ``__cosmoflow__/``; when
+                awaited, the commit failed.
+        """
         check_user_key(key)
         return self._call(StoreOp.DELETE, key, None)
 
@@ -175,22 +193,23 @@ class SharedStore:
         return self._call(StoreOp.CONTAINS, key, None)
 
     def keys(self) -> Call[list[str]]:
-        """Return every key."""
+        """Return every key outside ``__cosmoflow__/`` (the run records)."""
         return self._call(StoreOp.KEYS, "", None)
 
     def size(self) -> Call[int]:
-        """Return the number of keys."""
+        """Return the number of keys outside ``__cosmoflow__/``."""
         return self._call(StoreOp.SIZE, "", None)
 
     def clear(self) -> Call[None]:
-        """Remove every key."""
+        """Remove every key outside ``__cosmoflow__/`` (the run records stay)."""
         return self._call(StoreOp.CLEAR, "", None)
 
     def get_many(self, keys: Iterable[str]) -> Call[dict[str, Any]]:
         """Return ``{key: value}`` for those of ``keys`` that are stored (one request).
 
-        Raises TypeError at the call when ``keys`` is a str or bytes (not a list of
-        keys), or holds a key that is not a str.
+        Raises:
+            TypeError: at the call, ``keys`` is a str or bytes (not a list of keys),
+                or holds a key that is not a str.
         """
         if isinstance(keys, str | bytes):
             raise TypeError(
@@ -203,7 +222,15 @@ class SharedStore:
         return self._call(StoreOp.GET_MANY, "", wanted)
 
     def set_many(self, mapping: Mapping[str, Any]) -> Call[None]:
-        """Store every item in one request, all or nothing."""
+        """Store every item in one request, all or nothing.
+
+        Raises:
+            TypeError: at the call, a key is not a str.
+            StorageError: at the call, a key is under ``__cosmoflow__/``; when awaited,
+                the commit failed.
+            StoreValueError: the store's codec refuses a value; nothing is stored
+                (in a durable run's step, the step's commit fails instead).
+        """
         items = dict(mapping)
         for key in items:
             check_user_key(key)
