@@ -745,6 +745,28 @@ async def test_a_store_call_on_a_worker_fails_the_step_saying_the_store_is_unrea
     assert data == {"answer": 1}
 
 
+class LosesAStoreCallAndRaises(cf.Node):
+    """exec, a plain def, calls the store without awaiting the call, then raises."""
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        ctx.store.set("answer", 42)
+        raise ValueError("exec failed")
+
+
+async def test_a_store_call_lost_by_an_exec_on_a_thread_that_raises_leaves_no_warning() -> None:
+    """The step fails with exec's error; the call is closed, not left to warn once the
+    error is dropped."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(cf.NodeError) as info:
+            await single(LosesAStoreCallAndRaises(executor="thread")).run()
+        cause = repr(info.value.__cause__)
+        del info
+        gc.collect()
+    assert [str(warning.message) for warning in caught] == []
+    assert cause == "ValueError('exec failed')"
+
+
 async def fetch(url: str) -> str:
     return url
 

@@ -397,6 +397,10 @@ class NodeActor(Actor[Step]):
             else:
                 exec_res = await self._exec(prep_res, ctx)
         except BaseException as exc:
+            if self.node.executor != "inline":
+                # The calls exec on a worker made and never awaited are closed, not
+                # left to warn: the step fails anyway.
+                _ = unawaited(store)
             # exec's Exceptions are NodeErrors already, after its retries and fallback.
             if isinstance(exc, Exception) or not fails_the_step(exc):
                 raise
