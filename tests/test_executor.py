@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -700,20 +702,69 @@ class LosesAStoreCall(cf.Node):
         return "done"
 
 
+class ReturnsAStoreCall(cf.Node):
+    """exec, a plain def, returns a store call."""
+
+    max_retries = 3
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> Any:
+        return ctx.store.get("answer")
+
+
+async def unreachable_error(node: cf.Node, data: dict[str, Any]) -> cf.StorageError:
+    """The cause of the NodeError in exec, after one attempt, of a run of ``node`` alone
+    on ``data``; checks that no coroutine was left to warn that it was never awaited."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(cf.NodeError) as info:
+            await single(node).run(data)
+        gc.collect()
+    assert [str(warning.message) for warning in caught] == []
+    assert (info.value.node_id, info.value.phase, info.value.attempts) == ("only", "exec", 1)
+    assert isinstance(info.value.__cause__, cf.StorageError)
+    return info.value.__cause__
+
+
 @pytest.mark.parametrize("executor", ["thread", "process"])
-async def test_a_store_call_never_awaited_on_a_worker_fails_the_step_in_exec(
-    executor: str,
+@pytest.mark.parametrize(
+    ("node", "call"), [(LosesAStoreCall, "set('answer')"), (ReturnsAStoreCall, "get('answer')")]
+)
+async def test_a_store_call_on_a_worker_fails_the_step_saying_the_store_is_unreachable(
+    executor: str, node: type[cf.Node], call: str
 ) -> None:
-    """As inline: the step fails once exec has ended, naming the call, the node and the
-    phase; nothing is stored, and nothing is retried."""
-    data: dict[str, Any] = {}
-    with pytest.raises(cf.NodeError) as info:
-        await single(LosesAStoreCall(executor=executor)).run(data)
-    assert (info.value.phase, info.value.attempts) == ("exec", 1)
-    cause = info.value.__cause__
-    assert isinstance(cause, RuntimeError)
-    assert "store.set('answer') in exec of node 'only' was never awaited" in str(cause)
-    assert data == {}
+    """Dropped or returned: the step fails once exec has ended, naming the call, the node
+    and that the store is out of reach there (not "await it", which a plain def on a
+    worker cannot do); nothing is stored, and nothing is retried."""
+    data: dict[str, Any] = {"answer": 1}
+    error = await unreachable_error(node(executor=executor), data)
+    assert str(error) == (
+        f"store.{call} in exec of node 'only' was not done: the store is not reachable "
+        f"from exec with executor={executor!r} (a thread, a process or Ray has no store "
+        "access); use the store in prep and post"
+    )
+    assert data == {"answer": 1}
+
+
+class LosesAStoreCallAndRaises(cf.Node):
+    """exec, a plain def, calls the store without awaiting the call, then raises."""
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        ctx.store.set("answer", 42)
+        raise ValueError("exec failed")
+
+
+async def test_a_store_call_lost_by_an_exec_on_a_thread_that_raises_leaves_no_warning() -> None:
+    """The step fails with exec's error; the call is closed, not left to warn once the
+    error is dropped."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(cf.NodeError) as info:
+            await single(LosesAStoreCallAndRaises(executor="thread")).run()
+        cause = repr(info.value.__cause__)
+        del info
+        gc.collect()
+    assert [str(warning.message) for warning in caught] == []
+    assert cause == "ValueError('exec failed')"
 
 
 async def fetch(url: str) -> str:

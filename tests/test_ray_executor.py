@@ -27,7 +27,7 @@ import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.ray_executor import LOCAL_RAY_ENV
 from tests.storage_suite import free_port
 from tests.support import received_until, single, started_nowait_once_set_up
-from tests.test_executor import Square
+from tests.test_executor import LosesAStoreCall, ReturnsAStoreCall, Square, unreachable_error
 from tests.test_transfer import (
     TRANSFER_CASES,
     check_a_node_changed_after_build_is_named,
@@ -340,7 +340,7 @@ _OWN_RAY_SCRIPT = """
 import os, trio, ray
 import cosmoflow_actors as cf
 from tests.support import single
-from tests.test_executor import Square
+from tests.test_executor import LosesAStoreCall, ReturnsAStoreCall, Square, unreachable_error
 
 async def main():
     async with cf.open_engine() as engine:
@@ -426,7 +426,7 @@ _JOINING_SCRIPT = """
 import os, sys, trio, ray
 import cosmoflow_actors as cf
 from tests.support import single
-from tests.test_executor import Square
+from tests.test_executor import LosesAStoreCall, ReturnsAStoreCall, Square, unreachable_error
 
 async def main():
     async with cf.open_engine(ray_address=sys.argv[1]) as engine:
@@ -488,7 +488,7 @@ _IDLE_SCRIPT = f"""
 import trio, ray
 import cosmoflow_actors as cf
 from tests.support import single
-from tests.test_executor import Square
+from tests.test_executor import LosesAStoreCall, ReturnsAStoreCall, Square, unreachable_error
 
 async def main():
     flow = single(Square(executor="ray"))
@@ -519,7 +519,7 @@ import socket, sys, time, trio
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import ray_executor
 from tests.support import single
-from tests.test_executor import Square
+from tests.test_executor import LosesAStoreCall, ReturnsAStoreCall, Square, unreachable_error
 
 async def main(address, deadline):
     start = time.monotonic()
@@ -567,3 +567,20 @@ def test_connecting_to_ray_gives_way_to_a_deadline_and_holds_nothing() -> None:
     assert error == "TooSlowError: "
     assert float(seconds) < 5.0
     assert left == "0 None"
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    ("node", "call"), [(LosesAStoreCall, "set('answer')"), (ReturnsAStoreCall, "get('answer')")]
+)
+async def test_a_store_call_in_a_ray_task_fails_the_step_saying_the_store_is_unreachable(
+    ray_cluster: None, node: type[cf.Node], call: str
+) -> None:
+    """As on a worker process: the error names the call, and no coroutine is left over."""
+    data: dict[str, Any] = {"answer": 1}
+    error = await unreachable_error(node(executor="ray"), data)
+    assert str(error).startswith(
+        f"store.{call} in exec of node 'only' was not done: the store is not reachable "
+        "from exec with executor='ray'"
+    )
+    assert data == {"answer": 1}

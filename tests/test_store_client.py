@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,16 @@ import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.store_client import (
     FORGET_AT,
     SharedStore,
+    StagedStore,
     Unreachable,
     all_awaited,
     detached,
     hand_over,
     lost_calls,
-    step_handle,
     unawaited,
 )
 from tests.support import in_run, single
+from tests.test_store_actor import FailingCommits
 
 
 @dataclasses.dataclass
@@ -94,6 +96,82 @@ async def test_a_type_error_names_the_type_asked_for_and_what_does_not_fit(
     assert str(error) == (
         f"key 'p' holds a {held}, not a tuple[int, int]: Expected `int`, got `str` - at `$[1]`"
     )
+
+
+def a_handle() -> SharedStore:
+    """A handle whose calls would refuse (the tests using it check what the call
+    itself raises)."""
+    return SharedStore(Unreachable("s"), cf.MemoryStorage(), "s")
+
+
+@pytest.mark.parametrize("keys", ["abc", b"abc"], ids=["str", "bytes"])
+def test_get_many_of_a_str_or_bytes_raises_at_the_call(keys: Any) -> None:
+    """Not one key per character (and {} back): the call says to pass a list."""
+    with pytest.raises(TypeError) as info:
+        a_handle().get_many(keys)
+    kind = type(keys).__name__
+    assert str(info.value) == (
+        f"get_many(keys) takes a list of keys, not a {kind} ({keys!r}): pass [{keys!r}]"
+    )
+
+
+@pytest.mark.parametrize("wrong", ["int", 3, None.__class__.__mro__], ids=["str", "int", "tuple"])
+def test_a_type_the_codec_cannot_convert_to_raises_at_the_call_from_msgspec(wrong: Any) -> None:
+    """Not a StoreTypeError blaming the stored value after the trip to the store."""
+    with pytest.raises(TypeError) as info:
+        a_handle().get("x", type=wrong)
+    assert not isinstance(info.value, cf.StoreTypeError)
+    assert str(info.value).startswith(f"type={wrong!r} is not a type the store can convert")
+    assert isinstance(info.value.__cause__, TypeError)
+    assert "is not supported" in str(info.value.__cause__)
+
+
+WRITES: dict[str, Callable[[cf.SharedStore, Any, Any], Awaitable[Any]]] = {
+    "set": lambda store, key, value: store.set(key, value),
+    "set_many": lambda store, key, value: store.set_many({key: value}),
+    "update": lambda store, key, value: store.update(key, lambda _: value, None),
+}
+"""The calls that store a value, as ``write(store, key, value)``."""
+CHANGES = WRITES | {"delete": lambda store, key, _: store.delete(key)}
+"""The calls that change the store."""
+BY_KEY = CHANGES | {"get_many": lambda store, key, _: store.get_many([key])}
+
+
+@pytest.mark.parametrize("call", BY_KEY.values(), ids=list(BY_KEY))
+def test_a_key_that_is_not_str_raises_type_error_at_the_call(call: Any) -> None:
+    with pytest.raises(TypeError, match="storage keys must be str, not int: 3"):
+        call(a_handle(), 3, "v")
+
+
+@pytest.mark.parametrize("write", WRITES.values(), ids=list(WRITES))
+async def test_a_value_the_codec_refuses_is_store_value_error_and_stores_nothing(
+    write: Any, tmp_path: Path
+) -> None:
+    storage = cf.FileStorage(tmp_path / "store.json")
+    error = await store_error(lambda store: write(store, "bad", object()), storage)
+    assert isinstance(error, cf.StoreValueError)
+    assert "'bad'" in str(error)
+    assert await in_run(lambda store: store.keys(), cf.FileStorage(storage.path)) == []
+
+
+@pytest.mark.parametrize("change", CHANGES.values(), ids=list(CHANGES))
+async def test_a_change_whose_commit_fails_raises_storage_error(
+    change: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "data").mkdir()
+    storage = FailingCommits(tmp_path / "data" / "store.json")
+    await in_run(lambda store: store.set("k", 1), storage)
+    storage.broken = True
+    error = await store_error(lambda store: change(store, "k", 2), storage)
+    assert type(error) is cf.StorageError
+    assert str(error).startswith(f"store:{storage!r}: commit failed: cannot append to")
+
+
+async def test_a_type_checked_before_is_still_converted_to() -> None:
+    async def body(store: cf.SharedStore) -> list[Any]:
+        return [await store.get("p", type=tuple[int, int]) for _ in range(2)]
+
+    assert await in_run(body, {"p": [1, 2]}) == [(1, 2), (1, 2)]
 
 
 async def test_a_default_is_returned_without_a_type_check() -> None:
@@ -427,8 +505,9 @@ async def test_a_durable_step_stores_a_value_as_it_was_set(tmp_path: Path) -> No
 
 
 def test_calls_lost_through_a_detached_handle_fail_the_step_they_are_handed_to() -> None:
-    """What exec on a thread, a process or Ray leaves unawaited reaches the step's check."""
-    step = step_handle(SharedStore(Unreachable("s"), cf.MemoryStorage(), "s"))
+    """What exec on a thread, a process or Ray leaves unawaited reaches the step's check,
+    told apart from the calls the step lost itself."""
+    step = StagedStore(SharedStore(Unreachable("s"), cf.MemoryStorage(), "s"))
     away = detached(step)
     made = away.set("k", 1)
     _ = away.get("g")
@@ -437,6 +516,7 @@ def test_calls_lost_through_a_detached_handle_fail_the_step_they_are_handed_to()
     assert inspect.getcoroutinestate(made) == "CORO_CLOSED"
     assert lost_calls(away) == []
     assert all_awaited(step)
+    _ = step.delete("here")
     hand_over(lost, step)
     assert not all_awaited(step)
-    assert unawaited(step) == ["set('k')", "get('g')"]
+    assert unawaited(step) == (["delete('here')"], ["set('k')", "get('g')"])

@@ -401,6 +401,10 @@ class NodeActor(Actor[Step]):
             else:
                 exec_res = await self._exec(prep_res, ctx)
         except BaseException as exc:
+            if self.node.executor != "inline":
+                # The calls exec on a worker made and never awaited are closed, not
+                # left to warn: the step fails anyway.
+                _ = unawaited(store)
             # exec's Exceptions are NodeErrors already, after its retries and fallback.
             if isinstance(exc, Exception) or not fails_the_step(exc):
                 raise
@@ -440,13 +444,26 @@ class NodeActor(Actor[Step]):
         return NodeError(self.node_id, phase, ctx.run_id, attempts, ctx.flow_name)
 
     def _lost_calls(self, phase: Phase, ctx: ExecutionContext) -> NoReturn:
-        """Fail the step: store calls made in ``phase`` were never awaited."""
-        calls = ", ".join(f"store.{call}" for call in unawaited(ctx.store))
+        """Fail the step: store calls made in ``phase`` were never awaited (or were
+        made by exec where the store is not reachable)."""
+        here, away = unawaited(ctx.store)
+        if away:
+            raise self._failed(phase, ctx) from self._unreachable(away)
+        calls = ", ".join(f"store.{call}" for call in here)
         error = RuntimeError(
             f"{calls} in {phase} of node {self.node_id!r} was never awaited "
             "(a coroutine: write `await store...`); nothing was done"
         )
         raise self._failed(phase, ctx) from error
+
+    def _unreachable(self, calls: list[str]) -> StorageError:
+        """The error of the store ``calls`` exec made on a thread, a process or Ray."""
+        made = ", ".join(f"store.{call}" for call in calls)
+        return StorageError(
+            f"{made} in exec of node {self.node_id!r} was not done: the store is not "
+            f"reachable from exec with executor={self.node.executor!r} (a thread, a "
+            "process or Ray has no store access); use the store in prep and post"
+        )
 
     def _step_started(self, ctx: ExecutionContext) -> float:
         """Emit StepStarted; return its time."""
@@ -662,8 +679,15 @@ class NodeActor(Actor[Step]):
         attempts: int,
     ) -> NoReturn:
         """Fail the step in exec: ``method`` (exec or exec_fallback) returned
-        ``coroutine`` instead of awaiting it. The coroutine is closed (it never runs)."""
+        ``coroutine`` instead of awaiting it; or, for exec on a thread, a process or
+        Ray that made store calls (the coroutine may be one of them), because the store
+        is not reachable there. The coroutine is closed (it never runs), and so are the
+        step's calls never awaited when exec is not inline."""
         coroutine.close()
+        if self.node.executor != "inline":
+            _, away = unawaited(ctx.store)
+            if away:
+                raise self._failed("exec", ctx, attempts) from self._unreachable(away)
         error = TypeError(
             f"{method} of node {self.node_id!r} returned a coroutine "
             f"({coroutine.__qualname__}) instead of its result: await it "

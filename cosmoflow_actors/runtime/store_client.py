@@ -14,6 +14,7 @@ store together with the step's record, all or nothing.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import CoroutineType, GenericAlias
@@ -131,18 +132,25 @@ class SharedStore:
 
         Raises StoreKeyError when it is missing and there is no default. With ``type=T``
         the value is returned as a ``T`` (a dataclass is rebuilt from its JSON form) or
-        StoreTypeError is raised; the default is returned as it is.
+        StoreTypeError is raised; the default is returned as it is. A ``type=`` the
+        codec cannot convert to (``type="int"``) raises TypeError here, at the call.
         """
         check_key(key)
         if type is None:
             return self._call(StoreOp.GET, key, default)
+        _check_type(type)
         return self._made_now(self._typed_get(key, default, type))
 
     def set(self, key: str, value: Any) -> Call[None]:
         """Store ``value`` under ``key``; return once the write is committed (in a
         durable run's step: once it is staged, to be committed with the step).
 
-        Keys under ``__cosmoflow__/`` belong to the engine: StorageError.
+        Raises:
+            TypeError: at the call, ``key`` is not a str.
+            StorageError: at the call, ``key`` is under ``__cosmoflow__/`` (the
+                engine's); when awaited, the commit failed.
+            StoreValueError: the store's codec refuses ``value``; nothing is stored
+                (in a durable run's step, the step's commit fails instead).
         """
         check_user_key(key)
         return self._call(StoreOp.SET, key, value)
@@ -157,12 +165,25 @@ class SharedStore:
         value returned is ``function`` of what the step sees, and at the step's commit
         ``function`` is applied again, in the store actor, to the value stored then, so
         concurrent updates are never lost (``function`` must be pure).
+
+        Raises:
+            TypeError: at the call, ``key`` is not a str.
+            StorageError: at the call, ``key`` is under ``__cosmoflow__/``; when
+                awaited, the commit failed.
+            StoreValueError: the store's codec refuses the new value; nothing is
+                stored (in a durable run's step, the step's commit fails instead).
         """
         check_user_key(key)
         return self._call(StoreOp.UPDATE, key, (function, default))
 
     def delete(self, key: str) -> Call[bool]:
-        """Remove ``key``; return whether it was there."""
+        """Remove ``key``; return whether it was there.
+
+        Raises:
+            TypeError: at the call, ``key`` is not a str.
+            StorageError: at the call, ``key`` is under ``__cosmoflow__/``; when
+                awaited, the commit failed.
+        """
         check_user_key(key)
         return self._call(StoreOp.DELETE, key, None)
 
@@ -172,26 +193,44 @@ class SharedStore:
         return self._call(StoreOp.CONTAINS, key, None)
 
     def keys(self) -> Call[list[str]]:
-        """Return every key."""
+        """Return every key outside ``__cosmoflow__/`` (the run records)."""
         return self._call(StoreOp.KEYS, "", None)
 
     def size(self) -> Call[int]:
-        """Return the number of keys."""
+        """Return the number of keys outside ``__cosmoflow__/``."""
         return self._call(StoreOp.SIZE, "", None)
 
     def clear(self) -> Call[None]:
-        """Remove every key."""
+        """Remove every key outside ``__cosmoflow__/`` (the run records stay)."""
         return self._call(StoreOp.CLEAR, "", None)
 
     def get_many(self, keys: Iterable[str]) -> Call[dict[str, Any]]:
-        """Return ``{key: value}`` for those of ``keys`` that are stored (one request)."""
+        """Return ``{key: value}`` for those of ``keys`` that are stored (one request).
+
+        Raises:
+            TypeError: at the call, ``keys`` is a str or bytes (not a list of keys),
+                or holds a key that is not a str.
+        """
+        if isinstance(keys, str | bytes):
+            raise TypeError(
+                f"get_many(keys) takes a list of keys, not a {builtins.type(keys).__name__} "
+                f"({keys!r}): pass [{keys!r}]"
+            )
         wanted = list(keys)
         for key in wanted:
             check_key(key)
         return self._call(StoreOp.GET_MANY, "", wanted)
 
     def set_many(self, mapping: Mapping[str, Any]) -> Call[None]:
-        """Store every item in one request, all or nothing."""
+        """Store every item in one request, all or nothing.
+
+        Raises:
+            TypeError: at the call, a key is not a str.
+            StorageError: at the call, a key is under ``__cosmoflow__/``; when awaited,
+                the commit failed.
+            StoreValueError: the store's codec refuses a value; nothing is stored
+                (in a durable run's step, the step's commit fails instead).
+        """
         items = dict(mapping)
         for key in items:
             check_user_key(key)
@@ -227,11 +266,16 @@ def all_awaited(store: SharedStore) -> bool:
     return True
 
 
-def unawaited(store: SharedStore) -> list[str]:
+def unawaited(store: SharedStore) -> tuple[list[str], list[str]]:
     """The calls made through the step handle ``store`` since the last check that were
-    never awaited, described as ``"set('k')"``; each is closed (it will never run), and
-    all are forgotten. Never blocks."""
-    return [_described(op, key) for op, key in lost_calls(store)]
+    never awaited, described as ``"set('k')"``: those made through it, and those handed
+    over to it (see :func:`hand_over`), made where the store is not reachable. Each is
+    closed (it will never run), and all are forgotten. Never blocks."""
+    here: list[str] = []
+    away: list[str] = []
+    for op, key, unreachable in _lost(store):
+        (away if unreachable else here).append(_described(op.name, key))
+    return here, away
 
 
 def detached(store: SharedStore) -> SharedStore:
@@ -250,13 +294,19 @@ def lost_calls(handle: SharedStore) -> list[LostCall]:
     """The calls made through ``handle`` (a step's, or a detached one) since the last
     check that were never awaited; each is closed (it will never run), and all are
     forgotten. Never blocks."""
+    return [(op.name, key) for op, key, _ in _lost(handle)]
+
+
+def _lost(handle: SharedStore) -> list[tuple[StoreOp, str, bool]]:
+    """What :func:`lost_calls` finds, closes and forgets, each call as its operation,
+    its key and whether it was made where the store is not reachable."""
     made = handle._made or []
     lost = [call for call in made if _never_started(call)]
     made.clear()
     found = [_call_of(call) for call in lost]
     for call in lost:
         call.close()
-    return [(op.name, key) for op, key in found]
+    return found
 
 
 def hand_over(calls: Iterable[LostCall], step: SharedStore) -> None:
@@ -477,6 +527,34 @@ def _typed(key: str, value: Any, default: Any, expected: Any) -> Any:
     return as_type(key, value, expected)
 
 
+_CONVERTIBLE: Final[dict[Any, None]] = {}
+"""The types :func:`_check_type` has found the codec can convert to (at most
+:data:`_CONVERTIBLE_KEPT`)."""
+_CONVERTIBLE_KEPT: Final = 256
+
+
+def _check_type(expected: Any) -> None:
+    """Raise TypeError naming ``type=`` and ``expected`` when msgspec cannot convert a
+    value to ``expected`` (not a type, or one it does not support), from msgspec's
+    reason. A hashable type found convertible is remembered: checked again, it costs a
+    dict lookup. Never blocks."""
+    try:
+        if expected in _CONVERTIBLE:
+            return
+    except TypeError:  # unhashable (an Annotated type with a list in its metadata)
+        pass
+    try:
+        msgspec.json.Decoder(expected)
+    except TypeError as exc:
+        raise TypeError(
+            f"type={expected!r} is not a type the store can convert a value to: pass a "
+            "class (int, a dataclass) or a typing form (list[int], int | None)"
+        ) from exc
+    with contextlib.suppress(TypeError):
+        if len(_CONVERTIBLE) < _CONVERTIBLE_KEPT:
+            _CONVERTIBLE[expected] = None
+
+
 def as_type(key: str, value: Any, expected: Any) -> Any:
     """Return ``value`` as an ``expected``; raise StoreTypeError naming ``key`` if it is not."""
     if isinstance(expected, type) and isinstance(value, expected):
@@ -512,11 +590,12 @@ def _described(op: str, key: str) -> str:
     return f"{name}({key!r})" if key else f"{name}()"
 
 
-def _call_of(call: Coroutine[Any, Any, Any]) -> tuple[StoreOp, str]:
-    """The operation and the key (``""`` for none) of the coroutine of a store call
-    never started: a request to the handle's service, or a typed get."""
+def _call_of(call: Coroutine[Any, Any, Any]) -> tuple[StoreOp, str, bool]:
+    """The operation, the key (``""`` for none) and whether it is a request to an
+    :class:`Unreachable` of the coroutine of a store call never started: a request to
+    the handle's service, or a typed get."""
     assert isinstance(call, CoroutineType) and call.cr_frame is not None
     arguments = call.cr_frame.f_locals
     op: StoreOp = arguments.get("op", StoreOp.GET)
     key: str = arguments.get("key") or ""
-    return op, key
+    return op, key, isinstance(arguments.get("self"), Unreachable)

@@ -212,14 +212,15 @@ def exec_in_worker(node_bytes: bytes, job: bytes, executor: WorkerKind) -> Answe
     worker = worker_name(executor)
     node = _node(node_bytes, worker)
     prep_res, ctx = _restored("exec's input (what prep returned, and the context)", job, worker)
-    store = ctx.store
     result = outcome.capture(node.exec, prep_res, ctx)
+    # A store call exec returned is one of them: sent back as a call never awaited.
+    lost = lost_calls(ctx.store)
     if isinstance(result, outcome.Error):
         release_frames(result.error)
     elif isinstance(result, outcome.Value) and type(result.value) is CoroutineType:
         result = outcome.Value(_ReturnedCoroutine(result.value))
     what, pickled = _sendable(result, worker)
-    return what, pickled, lost_calls(store)
+    return what, pickled, lost
 
 
 def _node(node_bytes: bytes, worker: str) -> Node:
