@@ -27,6 +27,20 @@ async def test_a_queue_url_names_the_queue_by_its_last_path_part(
         RunQueue.from_url("http://example/jobs")
 
 
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("redis://h:1/2/q", "redis://h:1/2/q"),
+        ("redis://:s3cret@h:1/q", "redis://:***@h:1/q"),
+        ("redis://h:1/2/q?password=s3cret&ssl=1", "redis://h:1/2/q?password=***&ssl=1"),
+        ("redis://h/q?client_name=a/b", "redis://h/q?client_name=a/b"),
+    ],
+)
+def test_a_queue_address_is_its_url_with_the_password_masked(url: str, address: str) -> None:
+    """The name goes in the path, before the query, which keeps any '/' of its own."""
+    assert RunQueue.from_url(url).address == address
+
+
 def test_a_queue_url_refused_shows_no_password() -> None:
     """A queue URL without its NAME is the likely slip: the error names the URL, and
     shows its password as ***."""

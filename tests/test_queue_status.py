@@ -11,6 +11,7 @@ import pytest
 import trio
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.queue.client import RunQueue
 from cosmoflow_actors.runtime.queue.status import leases_checked
 from cosmoflow_actors.runtime.queue.worker import per_run_redis
 from cosmoflow_actors.runtime.run_record import RunRecord
@@ -177,6 +178,21 @@ async def test_the_leases_of_runs_of_several_queues_are_read_each_from_its_queue
         ("r4", "succeeded", "w1"),
     ]
     assert checked[3] == runs[3]
+
+
+async def test_the_lease_of_a_run_of_a_queue_whose_url_has_a_query_is_read(
+    redis_server: RedisServer,
+) -> None:
+    """A queue's address keeps its server URL's query (which may hold a '/') after the
+    queue's name: the record of a run on it is checked against that queue's lease."""
+    storage = per_run_redis(store_url(redis_server))("query")
+    name = f"q-{uuid.uuid4().hex[:8]}"
+    queue = RunQueue(f"{redis_server.url}?client_name=a/b&socket_timeout=5", name)
+    await queue.call("SET", queue.lease_key("r1"), "w2", "PX", 5000)
+    record = RunRecord("r1", "count", "running", "a", 1, "w1", queue.address)
+    [checked] = await leases_checked(storage, [record])
+    assert queue.address.endswith(f"/{name}?client_name=a/b&socket_timeout=5")
+    assert (checked.state, checked.owner) == ("running", "w2")
 
 
 @pytest.mark.parametrize("kind", BAD_ENTRIES)

@@ -827,7 +827,7 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
     call abandoned) waits for one in the pool, at most ``timeout`` seconds.
 
     Raises StorageError naming ``user`` when the redis package is missing, and one
-    naming the URL (without its password) when it is not a Redis URL.
+    naming the URL (its password masked as ``***``) when it is not a Redis URL.
     """
     try:
         import redis
@@ -854,9 +854,9 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
 
 def require_url(url: object, what: str, forms: str = URL_FORMS) -> None:
     """Raise TypeError unless ``url`` is a str, and ValueError naming ``what``, the URL
-    (without its password), what is wrong and ``forms`` unless it is a Redis URL of
-    :data:`URL_FORMS`: one whose database is not a number, or whose port is not one,
-    would otherwise connect to database 0, or fail only when first used. The query's
+    (its password masked as ``***``), what is wrong and ``forms`` unless it is a Redis
+    URL of :data:`URL_FORMS`: one whose database is not a number, or whose port is not
+    one, would otherwise connect to database 0, or fail only when first used. The query's
     options are read as redis-py reads them when the redis package is installed (when it
     is not, connecting says so). Does not block."""
     if not isinstance(url, str):

@@ -116,7 +116,7 @@ class RunQueue:
         cls, text: str, *, lease: float = DEFAULT_LEASE, flow_wait: float = DEFAULT_FLOW_WAIT
     ) -> RunQueue:
         """The queue ``redis://HOST:PORT[/DB]/NAME`` names: NAME is the last path part.
-        ValueError naming ``text`` (without its password) and what is wrong with it."""
+        ValueError naming ``text`` (its password masked as ``***``) and what is wrong with it."""
         shown = f"queue {redacted(text)!r}"
         try:
             parts = urlsplit(text)
@@ -138,9 +138,11 @@ class RunQueue:
 
     @property
     def address(self) -> str:
-        """The queue's URL, ``redis://HOST[:PORT][/DB]/NAME``, with its password masked
-        as ``***``, not removed: ``redis://:***@host:6379/2/q``."""
-        return f"{redacted(self.url)}/{self.name}"
+        """The queue's URL, ``redis://HOST[:PORT][/DB]/NAME[?QUERY]``, with its password
+        masked as ``***``, not removed: ``redis://:***@host:6379/2/q``, and
+        ``redis://host/2/q?password=***&ssl=1`` for the server ``redis://host/2?...``."""
+        server, question, query = redacted(self.url).partition("?")
+        return f"{server}/{self.name}{question}{query}"
 
     def lease_key(self, run_id: str) -> str:
         """The key of ``run_id``'s lease (its value names the worker holding it)."""

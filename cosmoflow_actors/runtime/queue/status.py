@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from cosmoflow_actors.runtime.queue.client import FINISHED, RunQueue, as_queue
 from cosmoflow_actors.runtime.queue.entries import (
@@ -167,8 +167,9 @@ def _queue_name(run: RunRecord, here: tuple[str, int, str] | None) -> str | None
     for a queue on the server ``here`` (see :func:`_server`)."""
     if here is None or run.state != "running" or run.queue is None:
         return None
-    server, _, name = run.queue.rpartition("/")
-    return name if _server(server) == here else None
+    parts = urlsplit(run.queue)
+    head, _, name = parts.path.rpartition("/")
+    return name if _server(urlunsplit(parts._replace(path=head))) == here else None
 
 
 async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
