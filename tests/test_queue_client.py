@@ -83,6 +83,22 @@ def test_a_queue_refuses_a_negative_flow_wait_and_an_endless_lease() -> None:
         RunQueue("redis://127.0.0.1:1/0", "q", lease=math.inf)
 
 
+async def test_scripts_run_one_script_for_each_call_and_reply_in_order(
+    redis_server: RedisServer,
+) -> None:
+    """The replies come in the order of the calls; a call the server refuses raises
+    StorageError naming the queue and the server's error."""
+    queue = new_queue(redis_server)
+    source = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+    calls = [([f"{queue.runs}:n{index}"], [index * 10]) for index in range(3)]
+    assert await queue.scripts(source, calls) == [0, 10, 20]
+    assert await queue.scripts(source, calls[1:]) == [20, 40]
+    await queue.call("HSET", f"{queue.runs}:h", "a", "b")
+    with pytest.raises(cf.StorageError, match=r"RunQueue\(.*WRONGTYPE") as refused:
+        await queue.scripts(source, [*calls, ([f"{queue.runs}:h"], [1])])
+    assert refused.value.__cause__ is not None
+
+
 async def test_submitting_one_run_id_twice_adds_one_run(redis_server: RedisServer) -> None:
     queue = new_queue(redis_server)
     assert await cf.submit(queue, "count", run_id="r1", params={"n": 1}) == "r1"

@@ -7,7 +7,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, final
 from urllib.parse import urlsplit, urlunsplit
@@ -158,6 +158,14 @@ class RunQueue:
         """Run the Lua ``source`` atomically on the server; return its reply."""
         return await self.call("EVAL", source, len(keys), *keys, *args)
 
+    async def scripts(self, source: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run the Lua ``source`` once for each ``(keys, args)`` of ``calls``, each run
+        atomically, and return their replies in order. They go to the server together,
+        in one round trip (a pipeline, not a transaction: other clients' commands may
+        run between two of them); blocks in a worker thread until every reply is in."""
+        replies: list[Any] = await self._in_thread(_pipelined, self._connected(), source, calls)
+        return replies
+
     async def info(self, run_id: str) -> dict[str, Any] | None:
         """What the queue's hash holds about ``run_id`` (None if it was not submitted)."""
         data = await self.call("HGET", self.runs, run_id)
@@ -202,6 +210,18 @@ class RunQueue:
                 )
         except RedisError as exc:
             raise StorageError(f"{self!r}: {exc}") from exc
+
+
+def _pipelined(
+    client: redis.Redis, source: str, calls: Sequence[tuple[list[str], list[Any]]]
+) -> list[Any]:
+    """The replies of ``source`` run for each ``(keys, args)`` of ``calls``, sent in one
+    pipeline (blocks until they are in; raises the first error a call got)."""
+    pipeline = client.pipeline(transaction=False)
+    for keys, args in calls:
+        send_command(pipeline, "EVAL", source, len(keys), *keys, *args)
+    replies: list[Any] = pipeline.execute()
+    return replies
 
 
 def as_queue(queue: RunQueue | str) -> RunQueue:
