@@ -27,6 +27,20 @@ async def test_a_queue_url_names_the_queue_by_its_last_path_part(
         RunQueue.from_url("http://example/jobs")
 
 
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("redis://h:1/2/q", "redis://h:1/2/q"),
+        ("redis://:s3cret@h:1/q", "redis://:***@h:1/q"),
+        ("redis://h:1/2/q?password=s3cret&ssl=1", "redis://h:1/2/q?password=***&ssl=1"),
+        ("redis://h/q?client_name=a/b", "redis://h/q?client_name=a/b"),
+    ],
+)
+def test_a_queue_address_is_its_url_with_the_password_masked(url: str, address: str) -> None:
+    """The name goes in the path, before the query, which keeps any '/' of its own."""
+    assert RunQueue.from_url(url).address == address
+
+
 def test_a_queue_url_refused_shows_no_password() -> None:
     """A queue URL without its NAME is the likely slip: the error names the URL, and
     shows its password as ***."""
@@ -67,6 +81,22 @@ def test_a_queue_refuses_a_negative_flow_wait_and_an_endless_lease() -> None:
         RunQueue("redis://127.0.0.1:1/0", "q", flow_wait=-1)
     with pytest.raises(ValueError, match="lease must be a finite number of seconds"):
         RunQueue("redis://127.0.0.1:1/0", "q", lease=math.inf)
+
+
+async def test_scripts_run_one_script_for_each_call_and_reply_in_order(
+    redis_server: RedisServer,
+) -> None:
+    """The replies come in the order of the calls; a call the server refuses raises
+    StorageError naming the queue and the server's error."""
+    queue = new_queue(redis_server)
+    source = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+    calls = [([f"{queue.runs}:n{index}"], [index * 10]) for index in range(3)]
+    assert await queue.scripts(source, calls) == [0, 10, 20]
+    assert await queue.scripts(source, calls[1:]) == [20, 40]
+    await queue.call("HSET", f"{queue.runs}:h", "a", "b")
+    with pytest.raises(cf.StorageError, match=r"RunQueue\(.*WRONGTYPE") as refused:
+        await queue.scripts(source, [*calls, ([f"{queue.runs}:h"], [1])])
+    assert refused.value.__cause__ is not None
 
 
 async def test_submitting_one_run_id_twice_adds_one_run(redis_server: RedisServer) -> None:

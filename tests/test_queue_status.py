@@ -4,6 +4,7 @@ against their queue's leases (leases_checked), on a real redis-server."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 import trio
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.runtime.queue import status
+from cosmoflow_actors.runtime.queue.client import RunQueue
 from cosmoflow_actors.runtime.queue.status import leases_checked
 from cosmoflow_actors.runtime.queue.worker import per_run_redis
 from cosmoflow_actors.runtime.run_record import RunRecord
@@ -177,6 +180,82 @@ async def test_the_leases_of_runs_of_several_queues_are_read_each_from_its_queue
         ("r4", "succeeded", "w1"),
     ]
     assert checked[3] == runs[3]
+
+
+async def test_the_lease_of_a_run_of_a_queue_whose_url_has_a_query_is_read(
+    redis_server: RedisServer,
+) -> None:
+    """A queue's address keeps its server URL's query (which may hold a '/') after the
+    queue's name: the record of a run on it is checked against that queue's lease."""
+    storage = per_run_redis(store_url(redis_server))("query")
+    name = f"q-{uuid.uuid4().hex[:8]}"
+    queue = RunQueue(f"{redis_server.url}?client_name=a/b&socket_timeout=5", name)
+    await queue.call("SET", queue.lease_key("r1"), "w2", "PX", 5000)
+    record = RunRecord("r1", "count", "running", "a", 1, "w1", queue.address)
+    [checked] = await leases_checked(storage, [record])
+    assert queue.address.endswith(f"/{name}?client_name=a/b&socket_timeout=5")
+    assert (checked.state, checked.owner) == ("running", "w2")
+
+
+async def test_the_leases_are_read_a_batch_of_runs_to_a_round_trip(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five unfinished runs and one finished, leases read two runs to a round trip: each
+    run gets its own lease, in the second batch as in the first, and a finished run's
+    lease is not read."""
+    monkeypatch.setattr(status, "BATCH", 2)
+    queue = new_queue(redis_server)
+    for index in range(6):
+        await cf.submit(queue, "count", run_id=f"r{index}")
+    await put_entry(queue, "r1", pending_entry(state='"running"', owner='"gone"'))
+    await put_entry(queue, "r3", pending_entry(state='"running"', owner='"w2"'))
+    await queue.call("SET", queue.lease_key("r3"), "w2", "PX", 5000)
+    result = '{"value": 1, "final_action": "done", "path": ["a"], "duration": 0.5}'
+    await put_entry(queue, "r5", pending_entry(state='"succeeded"', owner='"w1"', result=result))
+    sizes: list[int] = []
+    run_scripts = queue.scripts
+
+    async def counted(source: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        sizes.append(len(calls))
+        return await run_scripts(source, calls)
+
+    queue.scripts = counted  # type: ignore[method-assign]
+    statuses = await cf.queue_status(queue)
+    assert [(run.run_id, run.state, run.owner) for run in statuses] == [
+        ("r0", "pending", None),
+        ("r1", "orphaned", "gone"),
+        ("r2", "pending", None),
+        ("r3", "running", "w2"),
+        ("r4", "pending", None),
+        ("r5", "succeeded", "w1"),
+    ]
+    assert sizes == [2, 2, 1]
+
+
+async def test_the_leases_of_records_are_read_a_batch_of_runs_to_a_round_trip(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(status, "BATCH", 2)
+    storage = per_run_redis(store_url(redis_server))("batches")
+    queue = new_queue(redis_server)
+    await queue.call("SET", queue.lease_key("r3"), "w2", "PX", 5000)
+    runs = [RunRecord(f"r{i}", "count", "running", "a", 1, "w1", queue.address) for i in range(5)]
+    sizes: list[int] = []
+    run_scripts = RunQueue.scripts
+
+    async def counted(
+        self: RunQueue, source: str, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        sizes.append(len(calls))
+        return await run_scripts(self, source, calls)
+
+    monkeypatch.setattr(RunQueue, "scripts", counted)
+    checked = await leases_checked(storage, runs)
+    assert sizes == [2, 2, 1]
+    assert [(run.state, run.owner) for run in checked] == [("orphaned", "w1")] * 3 + [
+        ("running", "w2"),
+        ("orphaned", "w1"),
+    ]
 
 
 @pytest.mark.parametrize("kind", BAD_ENTRIES)

@@ -44,7 +44,7 @@ from tests.storage_suite import (
     file_size_limit,
     make_backend,
 )
-from tests.support import in_run, single
+from tests.support import Recorder, in_run, single
 
 ODD_KEYS = [
     "",
@@ -720,6 +720,31 @@ async def test_a_durable_step_that_cannot_be_encoded_stores_nothing(backend: Bac
     assert info.value.__cause__.key == "bad"
     assert await user_contents(await backend.instance()) == {"n": 1}
     assert [(r.state, r.steps) for r in records] == [("failed", 0)]
+
+
+@persistent
+async def test_a_forget_takes_the_children_of_a_run_whose_id_holds_pattern_characters(
+    backend: Backend,
+) -> None:
+    """The run id holds what a glob, a regex and a key range read as their own: the
+    forget takes the records of its BatchFlow children at any depth, and no other run's
+    (one whose id the glob, unescaped, would match; keys on either side of the range)."""
+    parent = "a[b]*?\\.c"
+    children = [f"{parent}:1/0", f"{parent}:2.1/4/0:1/2"]
+    others = ["ab.c:1/0", f"{parent}x:1/0", f"{parent}:1", f"{parent};1/0", "a[b]*?\\:1/0"]
+    flow = cf.Flow.builder("one").add_node("a", Recorder()).build()
+    storage = await backend.instance()
+    async with cf.open_engine() as engine:
+        await engine.run(flow, storage, run_id="seed")
+        await storage.open()
+        record = await storage.get(f"{RECORD_PREFIX}seed")
+        for run_id in [parent, *children, *others]:
+            await storage.set(f"{RECORD_PREFIX}{run_id}", {**record, "run_id": run_id})
+        await storage.commit()
+        await storage.aclose()
+        assert await engine.forget_run(storage, parent)
+        left = {run.run_id for run in await engine.list_runs(storage)}
+    assert left == {"seed", *others}
 
 
 # --- differential: every backend against a dict, with random operation sequences -------

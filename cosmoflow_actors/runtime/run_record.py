@@ -117,8 +117,8 @@ class RunRecord:
     "succeeded" or "failed"; ``last_node_id`` is the node of the last committed step.
 
     A run that a worker of a run queue claimed names it: ``owner`` is the worker's
-    name and ``queue`` the queue's URL (``redis://HOST[:PORT][/DB]/NAME``, its password
-    masked as ``***``: ``redis://:***@host:6379/2/q``); both are None for a run started
+    name and ``queue`` the queue's URL (``redis://HOST[:PORT][/DB]/NAME[?QUERY]``, its
+    password masked as ``***``: ``redis://:***@host:6379/2/q``); both are None for a run started
     otherwise. Where the queue's leases can
     be read (see ``queue.leases_checked``), ``lease_left`` is the seconds left on the
     owner's lease, and a running run whose lease is gone is "orphaned": no worker runs

@@ -267,15 +267,25 @@ _CHILD_SUFFIX: Final = r":(?:[0-9]+\.[0-9]+/)*[0-9]+/[0-9]+"
 """What a BatchFlow child's run id adds to its parent's: ``:`` and the rest of its step's
 execution id (the step's branch and number), then ``/`` and the child's index."""
 _CHILD_ID: Final = re.compile(f"(.+){_CHILD_SUFFIX}")
+_CHILD_PATH: Final = re.compile(f"(?:{_CHILD_SUFFIX})+")
+"""What the run ids of a run's BatchFlow children at any depth add to the run's."""
 
 
 def record_children(record_key: str, keys: Iterable[str]) -> list[str]:
     """Those of ``keys`` that are records of the BatchFlow children of the run recorded
     under ``record_key``, at any depth: a child's run id is the execution id of its
     BatchFlow's step and its index (``record_key:3/0``, ``record_key:2.1/4/0``,
-    ``record_key:3/0:1/2``...). Does not block."""
-    pattern = re.compile(f"{re.escape(record_key)}(?:{_CHILD_SUFFIX})+")
-    return [key for key in keys if pattern.fullmatch(key)]
+    ``record_key:3/0:1/2``...). Every such key starts with :func:`children_prefix`: a
+    backend that lists its keys by prefix may give only those. Does not block."""
+    prefix = children_prefix(record_key)
+    start = len(record_key)
+    return [key for key in keys if key.startswith(prefix) and _CHILD_PATH.fullmatch(key, start)]
+
+
+def children_prefix(record_key: str) -> str:
+    """The start of the key of every record of a BatchFlow child of the run recorded
+    under ``record_key`` (see :func:`record_children`). Does not block."""
+    return f"{record_key}:"
 
 
 def batch_parent(run_id: str) -> str | None:

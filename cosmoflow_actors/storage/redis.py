@@ -18,6 +18,7 @@ from cosmoflow_actors.storage.base import (
     RESERVED_PREFIX,
     StagedOp,
     check_steps,
+    children_prefix,
     record_children,
 )
 from cosmoflow_actors.storage.codec import (
@@ -39,6 +40,10 @@ MAX_UPDATE_ATTEMPTS: Final = 1000
 READ_BATCH: Final = 10_000
 """Most fields one ``HMGET`` of ``get_many`` asks for: older servers refuse a command of
 more than 1024 * 1024 arguments."""
+
+SCAN_COUNT: Final = 10_000
+"""How many fields of the data hash one ``HSCAN`` looks at (the server's work per
+round trip), when a forget lists the keys of a run's BatchFlow children."""
 
 SMALLEST_BULK_LIMIT: Final = 1024 * 1024
 """The least ``proto-max-bulk-len`` a server takes: a value that long or longer may be
@@ -115,6 +120,9 @@ URL_FORMS: Final = (
 
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 """A URL's scheme, as RFC 3986 has it."""
+_GLOB_SPECIAL: Final = re.compile(r"[*?\[\]\\]")
+"""The characters a Redis glob pattern (``MATCH``) reads as its own, which a backslash
+before each makes stand for themselves."""
 
 _BLIND: Final = frozenset({"set", "delete"})
 """The kinds of a durable step's ops whose writes do not depend on what is stored."""
@@ -327,9 +335,10 @@ class RedisStorage(DatabaseStorage):
         ``check(record)`` has passed, atomically across processes; return whether there
         was a record.
 
-        Watches the hash, reads the record, checks it, reads the keys, and sends the
-        writes staged before and the deletes in one ``MULTI``/``EXEC``; when another
-        client changed the hash in between, it starts over (at most
+        Watches the hash, reads the record, checks it, reads the keys that may be its
+        children's (``HSCAN`` matching their prefix), and sends the writes staged
+        before and the deletes in one ``MULTI``/``EXEC``; when another client changed
+        the hash in between, it starts over (at most
         :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError): the record deleted is
         the one checked. A check that raises deletes nothing. Blocks in a worker thread
         for each round trip; ``check`` runs in the calling task.
@@ -342,7 +351,8 @@ class RedisStorage(DatabaseStorage):
                     if stored is None:
                         return False
                     check(self._codec.read(repr(self), record_key, stored))
-                    keys = record_children(record_key, await self._keys_through(pipe))
+                    listed = await self._keys_from(pipe, children_prefix(record_key))
+                    keys = record_children(record_key, listed)
                     deletes = [DeleteOp(key) for key in [record_key, *keys]]
                     if await self._in_thread(self._exec, pipe, [*self._staged.ops, *deletes]):
                         self._staged.reset()
@@ -471,6 +481,14 @@ class RedisStorage(DatabaseStorage):
     async def _keys_through(self, pipe: Pipeline) -> list[str]:
         """Every key, read through the watching pipe, with the staged writes laid over."""
         fields = await self._in_thread(send_command, pipe, "HKEYS", self._data)
+        return self._staged.merge_keys(self._field_key(field) for field in fields)
+
+    async def _keys_from(self, pipe: Pipeline, prefix: str) -> list[str]:
+        """The keys starting with ``prefix``, read through the watching pipe (``HSCAN``
+        with ``MATCH``: the server sends only those), with the staged writes laid over
+        (and any key a staged write sets). Blocks in a worker thread."""
+        pattern = _GLOB_SPECIAL.sub(r"\\\g<0>", prefix) + "*"
+        fields = await self._in_thread(_fields_matching, pipe, self._data, pattern)
         return self._staged.merge_keys(self._field_key(field) for field in fields)
 
     async def commit(self) -> None:
@@ -811,6 +829,20 @@ def _connection_failure(error: BaseException) -> BaseException | None:
     return None
 
 
+def _fields_matching(pipe: Pipeline, name: str, pattern: str) -> list[bytes]:
+    """The fields of the hash ``name`` that match the glob ``pattern``, each once
+    (``HSCAN``; blocks for each round trip, :data:`SCAN_COUNT` fields scanned a trip)."""
+    fields: dict[bytes, None] = {}
+    cursor = 0
+    while True:
+        cursor, found = send_command(
+            pipe, "HSCAN", name, cursor, "MATCH", pattern, "COUNT", SCAN_COUNT
+        )
+        fields.update(dict.fromkeys(found))
+        if int(cursor) == 0:
+            return list(fields)
+
+
 def send_command(connection: redis.Redis | Pipeline, *args: Any) -> Any:
     """Send one command, or queue it in a pipeline after MULTI (blocks)."""
     return connection.execute_command(*args)  # type: ignore[no-untyped-call]
@@ -829,7 +861,7 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
     call abandoned) waits for one in the pool, at most ``timeout`` seconds.
 
     Raises StorageError naming ``user`` when the redis package is missing, and one
-    naming the URL (without its password) when it is not a Redis URL.
+    naming the URL (its password masked as ``***``) when it is not a Redis URL.
     """
     try:
         import redis
@@ -856,9 +888,9 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
 
 def require_url(url: object, what: str, forms: str = URL_FORMS) -> None:
     """Raise TypeError unless ``url`` is a str, and ValueError naming ``what``, the URL
-    (without its password), what is wrong and ``forms`` unless it is a Redis URL of
-    :data:`URL_FORMS`: one whose database is not a number, or whose port is not one,
-    would otherwise connect to database 0, or fail only when first used. The query's
+    (its password masked as ``***``), what is wrong and ``forms`` unless it is a Redis
+    URL of :data:`URL_FORMS`: one whose database is not a number, or whose port is not
+    one, would otherwise connect to database 0, or fail only when first used. The query's
     options are read as redis-py reads them when the redis package is installed (when it
     is not, connecting says so). Does not block."""
     if not isinstance(url, str):

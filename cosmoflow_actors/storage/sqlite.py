@@ -21,6 +21,7 @@ from cosmoflow_actors.storage.base import (
     RESERVED_PREFIX,
     StagedOp,
     check_steps,
+    children_prefix,
     record_children,
     value_or,
 )
@@ -302,9 +303,19 @@ class SQLiteStorage(DatabaseStorage):
         if record is None:
             return False
         check(record)
-        for key in [record_key, *record_children(record_key, await self.keys())]:
+        children = record_children(record_key, await self._keys_from(children_prefix(record_key)))
+        for key in [record_key, *children]:
             self._staged.delete(key)
         return True
+
+    async def _keys_from(self, prefix: str) -> list[str]:
+        """The keys starting with ``prefix``, with the staged writes laid over (and any
+        key a staged write sets): one range query on the key's index, whatever the size
+        of the store. Blocks in a worker thread."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        sql = f"SELECT key FROM {STORE_TABLE} WHERE key >= ? AND key < ? ORDER BY rowid"
+        rows = await self._query_all(sql, prefix, end)
+        return self._staged.merge_keys(_text_key(repr(self), row[0]) for row in rows)
 
     async def _hold_writers_off(self) -> None:
         """Open the transaction :meth:`commit` commits, unless it is open: ``BEGIN
@@ -405,9 +416,9 @@ class SQLiteStorage(DatabaseStorage):
         connection = await self._connected()
         return await self._in_thread(_fetch_one, connection, sql, parameters)
 
-    async def _query_all(self, sql: str) -> list[Any]:
+    async def _query_all(self, sql: str, *parameters: Any) -> list[Any]:
         connection = await self._connected()
-        return await self._in_thread(_fetch_all, connection, sql)
+        return await self._in_thread(_fetch_all, connection, sql, parameters)
 
     async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
         """Run ``function(*args)`` in this instance's worker thread; sqlite3 errors become
@@ -590,9 +601,11 @@ def _fetch_batches(connection: sqlite3.Connection, keys: list[str]) -> list[Any]
     return rows
 
 
-def _fetch_all(connection: sqlite3.Connection, sql: str) -> list[Any]:
+def _fetch_all(
+    connection: sqlite3.Connection, sql: str, parameters: tuple[Any, ...] = ()
+) -> list[Any]:
     """Run one query and return every row (blocks)."""
-    return connection.execute(sql).fetchall()
+    return connection.execute(sql, parameters).fetchall()
 
 
 def _connect(path: Path, codec: Codec, timeout: float) -> tuple[sqlite3.Connection, _DatabaseFile]:

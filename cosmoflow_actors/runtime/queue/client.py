@@ -7,7 +7,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, final
 from urllib.parse import urlsplit, urlunsplit
@@ -116,7 +116,7 @@ class RunQueue:
         cls, text: str, *, lease: float = DEFAULT_LEASE, flow_wait: float = DEFAULT_FLOW_WAIT
     ) -> RunQueue:
         """The queue ``redis://HOST:PORT[/DB]/NAME`` names: NAME is the last path part.
-        ValueError naming ``text`` (without its password) and what is wrong with it."""
+        ValueError naming ``text`` (its password masked as ``***``) and what is wrong with it."""
         shown = f"queue {redacted(text)!r}"
         try:
             parts = urlsplit(text)
@@ -138,9 +138,11 @@ class RunQueue:
 
     @property
     def address(self) -> str:
-        """The queue's URL, ``redis://HOST[:PORT][/DB]/NAME``, with its password masked
-        as ``***``, not removed: ``redis://:***@host:6379/2/q``."""
-        return f"{redacted(self.url)}/{self.name}"
+        """The queue's URL, ``redis://HOST[:PORT][/DB]/NAME[?QUERY]``, with its password
+        masked as ``***``, not removed: ``redis://:***@host:6379/2/q``, and
+        ``redis://host/2/q?password=***&ssl=1`` for the server ``redis://host/2?...``."""
+        server, question, query = redacted(self.url).partition("?")
+        return f"{server}/{self.name}{question}{query}"
 
     def lease_key(self, run_id: str) -> str:
         """The key of ``run_id``'s lease (its value names the worker holding it)."""
@@ -155,6 +157,14 @@ class RunQueue:
     async def script(self, source: str, keys: list[str], args: list[Any]) -> Any:
         """Run the Lua ``source`` atomically on the server; return its reply."""
         return await self.call("EVAL", source, len(keys), *keys, *args)
+
+    async def scripts(self, source: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run the Lua ``source`` once for each ``(keys, args)`` of ``calls``, each run
+        atomically, and return their replies in order. They go to the server together,
+        in one round trip (a pipeline, not a transaction: other clients' commands may
+        run between two of them); blocks in a worker thread until every reply is in."""
+        replies: list[Any] = await self._in_thread(_pipelined, self._connected(), source, calls)
+        return replies
 
     async def info(self, run_id: str) -> dict[str, Any] | None:
         """What the queue's hash holds about ``run_id`` (None if it was not submitted)."""
@@ -200,6 +210,18 @@ class RunQueue:
                 )
         except RedisError as exc:
             raise StorageError(f"{self!r}: {exc}") from exc
+
+
+def _pipelined(
+    client: redis.Redis, source: str, calls: Sequence[tuple[list[str], list[Any]]]
+) -> list[Any]:
+    """The replies of ``source`` run for each ``(keys, args)`` of ``calls``, sent in one
+    pipeline (blocks until they are in; raises the first error a call got)."""
+    pipeline = client.pipeline(transaction=False)
+    for keys, args in calls:
+        send_command(pipeline, "EVAL", source, len(keys), *keys, *args)
+    replies: list[Any] = pipeline.execute()
+    return replies
 
 
 def as_queue(queue: RunQueue | str) -> RunQueue:

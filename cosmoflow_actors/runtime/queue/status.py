@@ -5,10 +5,10 @@ their queue's leases)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from cosmoflow_actors.runtime.queue.client import FINISHED, RunQueue, as_queue
 from cosmoflow_actors.runtime.queue.entries import (
@@ -24,6 +24,8 @@ from cosmoflow_actors.runtime.run_record import RecordedState, RunRecord
 from cosmoflow_actors.storage.base import Storage
 from cosmoflow_actors.storage.redis import RedisStorage
 
+BATCH: Final = 1000
+"""The most runs whose leases one round trip to the server reads."""
 QueuedState = Literal["pending", "running", "orphaned", "succeeded", "failed", "unreadable"]
 """What :class:`QueuedRun` says of a run (see there)."""
 
@@ -58,40 +60,66 @@ class QueuedRun:
 
 async def queue_status(queue: RunQueue | str) -> list[QueuedRun]:
     """Every run submitted to ``queue``, with its state, owner and lease (blocks while
-    it reads them; raises StorageError when the server cannot be reached). A run whose
-    entry leaves the queue while they are read is left out; one of which the queue
-    holds what a queue does not write is "unreadable" (see :class:`QueuedRun`)."""
+    it reads them, the leases :data:`BATCH` runs to a round trip; raises StorageError
+    when the server cannot be reached). A run whose entry leaves the queue while they
+    are read is left out; one of which the queue holds what a queue does not write is
+    "unreadable" (see :class:`QueuedRun`)."""
     queue = as_queue(queue)
     raw: dict[bytes, bytes] = await queue.call("HGETALL", queue.runs)
     passed: dict[bytes, bytes] = await queue.call("HGETALL", queue.passed)
-    runs = []
+    runs: list[QueuedRun | None] = []
+    unfinished: list[tuple[int, str, tuple[str, ...]]] = []
     for key, data in sorted(raw.items()):
         try:
-            run = await _queued_run(queue, key, data, passed.get(key))
+            run_id, info, passed_over = _entry(queue, key, data, passed.get(key))
         except UnreadableEntryError as exc:
-            run = QueuedRun(shown(key), "", "unreadable", None, None, 0, str(exc))
-        if run is not None:
-            runs.append(run)
-    return runs
+            runs.append(_unreadable(shown(key), exc))
+            continue
+        if info["state"] in FINISHED:
+            runs.append(_queued_run(run_id, info, None, passed_over))
+        else:
+            unfinished.append((len(runs), run_id, passed_over))
+            runs.append(None)
+    replies = await _lease_replies(queue, [run_id for _, run_id, _ in unfinished])
+    for (index, run_id, passed_over), reply in zip(unfinished, replies, strict=True):
+        runs[index] = _run_now(queue, run_id, passed_over, reply)
+    return [run for run in runs if run is not None]
 
 
-async def _queued_run(
+def _entry(
     queue: RunQueue, key: bytes, data: bytes, note: bytes | None
-) -> QueuedRun | None:
-    """The status of the run ``key``, of which the queue's hash held ``data`` and its
-    hash of passed-over notes ``note`` (None: none); its lease is read unless ``data``
-    says it ended (blocks while it reads it). None when the entry has left the hash by
-    then. Raises UnreadableEntryError when the run id, the entry, the note or the
-    lease key (its type) is not what a queue writes."""
+) -> tuple[str, dict[str, Any], tuple[str, ...]]:
+    """The run id ``key``, the entry ``data`` the queue's hash held for it, and the
+    workers its passed-over note ``note`` names (None: none), decoded. Raises
+    UnreadableEntryError when one of them is not what a queue writes. Never blocks."""
     run_id = decoded_run_id(queue, key, "the queue's hash of runs")
     info = decoded_info(queue, run_id, data)
     passed_over = () if note is None else tuple(decoded_passed(queue, run_id, note)[1])
-    lease_left = None
-    if info["state"] not in FINISHED:
-        now = await _run_now(queue, run_id)
-        if now is None:
+    return run_id, info, passed_over
+
+
+def _run_now(
+    queue: RunQueue, run_id: str, passed_over: tuple[str, ...], reply: list[Any]
+) -> QueuedRun | None:
+    """The status of the unfinished run ``run_id`` from ``reply``, what ``scripts.LEASE``
+    read of it (its entry and its lease at one instant); None when the entry had left
+    the queue's hash by then; "unreadable" when the entry or the lease key is not what
+    a queue writes. Never blocks."""
+    try:
+        _, left_ms, data = _lease_now(queue, run_id, reply)
+        if data is None:
             return None
-        info, lease_left = now
+        info = decoded_info(queue, run_id, data)
+    except UnreadableEntryError as exc:
+        return _unreadable(run_id, exc)
+    return _queued_run(run_id, info, left_ms / 1000 if left_ms >= 0 else None, passed_over)
+
+
+def _queued_run(
+    run_id: str, info: dict[str, Any], lease_left: float | None, passed_over: tuple[str, ...]
+) -> QueuedRun:
+    """The status of the run ``run_id`` whose entry is ``info``: a running run without
+    a lease (``lease_left`` None) is orphaned."""
     state = info["state"]
     if state == "running" and lease_left is None:
         state = "orphaned"
@@ -107,24 +135,32 @@ async def _queued_run(
     )
 
 
-async def _run_now(queue: RunQueue, run_id: str) -> tuple[dict[str, Any], float | None] | None:
-    """What the queue holds about the submitted run ``run_id`` and the seconds left on
-    its lease (None when no one holds it), read together (see ``scripts.LEASE``); None
-    when the queue no longer holds the run."""
-    _, left_ms, data = await _lease_now(queue, run_id)
-    if data is None:
-        return None
-    return decoded_info(queue, run_id, data), left_ms / 1000 if left_ms >= 0 else None
+def _unreadable(run_id: str, error: UnreadableEntryError) -> QueuedRun:
+    """The status of the run ``run_id`` of which the queue holds what ``error`` says."""
+    return QueuedRun(run_id, "", "unreadable", None, None, 0, str(error))
 
 
-async def _lease_now(queue: RunQueue, run_id: str) -> tuple[str | None, int, bytes | None]:
-    """The holder of ``run_id``'s lease (None when no one holds it), the milliseconds
-    it has left (negative then) and what the queue's hash holds about the run (None
-    when nothing), read at one instant (see ``scripts.LEASE``). Blocks while the
-    server answers. Raises UnreadableEntryError when the lease key holds another
-    Redis type than a string."""
-    keys = [queue.lease_key(run_id), queue.runs]
-    holder, left_ms, data, kind = await queue.script(LEASE, keys, [run_id])
+async def _lease_replies(queue: RunQueue, run_ids: Sequence[str]) -> list[list[Any]]:
+    """What ``scripts.LEASE`` reads of each run of ``run_ids`` (its lease and its
+    entry, at one instant), in order, :data:`BATCH` runs to a round trip (blocks while
+    the server answers)."""
+    replies: list[list[Any]] = []
+    for start in range(0, len(run_ids), BATCH):
+        batch = run_ids[start : start + BATCH]
+        calls = [([queue.lease_key(run_id), queue.runs], [run_id]) for run_id in batch]
+        replies += await queue.scripts(LEASE, calls)
+    return replies
+
+
+def _lease_now(
+    queue: RunQueue, run_id: str, reply: list[Any]
+) -> tuple[str | None, int, bytes | None]:
+    """From ``reply``, what ``scripts.LEASE`` read of ``run_id``: the holder of its
+    lease (None when no one holds it), the milliseconds it has left (negative then)
+    and what the queue's hash holds about the run (None when nothing). Raises
+    UnreadableEntryError when the lease key holds another Redis type than a string.
+    Never blocks."""
+    holder, left_ms, data, kind = reply
     if kind is not None:
         raise foreign_lease(queue, run_id, kind)
     return None if holder is None else shown(holder), left_ms, data
@@ -140,25 +176,26 @@ async def leases_checked(storage: Storage, runs: Iterable[RunRecord]) -> list[Ru
     off or dropped the run; the queue gives it to another worker), or the outcome the
     queue recorded when the run ended after its record was read. Every other run, and
     one whose lease key holds another Redis type than a string, is returned as it is.
-    Blocks while it reads the leases; raises StorageError when the server cannot be
-    reached.
+    Blocks while it reads the leases, :data:`BATCH` runs of a queue to a round trip;
+    raises StorageError when the server cannot be reached.
     """
+    checked = list(runs)
     if not isinstance(storage, RedisStorage):
-        return list(runs)
+        return checked
     here = _server(storage.url)
-    queues: dict[str, RunQueue] = {}
-    checked = []
-    try:
-        for run in runs:
-            name = _queue_name(run, here)
-            if name is not None:
-                if name not in queues:
-                    queues[name] = RunQueue(storage.url, name)
-                run = await _with_lease(queues[name], run)
-            checked.append(run)
-    finally:
-        for queue in queues.values():
+    by_queue: dict[str, list[int]] = {}
+    for index, run in enumerate(checked):
+        name = _queue_name(run, here)
+        if name is not None:
+            by_queue.setdefault(name, []).append(index)
+    for name, indices in by_queue.items():
+        queue = RunQueue(storage.url, name)
+        try:
+            replies = await _lease_replies(queue, [checked[index].run_id for index in indices])
+        finally:
             await queue.aclose()
+        for index, reply in zip(indices, replies, strict=True):
+            checked[index] = _with_lease(queue, checked[index], reply)
     return checked
 
 
@@ -167,17 +204,19 @@ def _queue_name(run: RunRecord, here: tuple[str, int, str] | None) -> str | None
     for a queue on the server ``here`` (see :func:`_server`)."""
     if here is None or run.state != "running" or run.queue is None:
         return None
-    server, _, name = run.queue.rpartition("/")
-    return name if _server(server) == here else None
+    parts = urlsplit(run.queue)
+    head, _, name = parts.path.rpartition("/")
+    return name if _server(urlunsplit(parts._replace(path=head))) == here else None
 
 
-async def _with_lease(queue: RunQueue, run: RunRecord) -> RunRecord:
-    """``run`` with its lease's holder and time left; without a lease, orphaned, or
-    ended as the queue recorded it if it ended after its record was read (a run drops
-    its lease as it records its outcome); as it is when its lease key holds another
-    Redis type (no worker can take the lease: ``queue_status`` says why)."""
+def _with_lease(queue: RunQueue, run: RunRecord, reply: list[Any]) -> RunRecord:
+    """``run`` with its lease's holder and time left, as ``reply`` (what
+    ``scripts.LEASE`` read of it) says; without a lease, orphaned, or ended as the
+    queue recorded it if it ended after its record was read (a run drops its lease as
+    it records its outcome); as it is when its lease key holds another Redis type (no
+    worker can take the lease: ``queue_status`` says why). Never blocks."""
     try:
-        holder, left_ms, data = await _lease_now(queue, run.run_id)
+        holder, left_ms, data = _lease_now(queue, run.run_id, reply)
     except UnreadableEntryError:
         return run
     if holder is not None:

@@ -56,7 +56,7 @@ class PerRunRedis:
 
 def per_run_redis(text: str) -> PerRunRedis:
     """The stores ``redis://HOST:PORT[/DB][#PREFIX]`` names, PREFIX ``runs`` by default.
-    ValueError naming ``text`` (without its password) when it is not a redis:// or
+    ValueError naming ``text`` (its password masked as ``***``) when it is not a redis:// or
     rediss:// URL, or one whose port or database is not a number."""
     url, _, prefix = text.partition("#")
     if not url.startswith(("redis://", "rediss://")):
