@@ -84,7 +84,7 @@ def existing_store(text: str, codec: str | None, doing: str) -> Storage:
 
 def described(text: str, storage: Storage) -> str:
     """How to name the store ``text`` names to people: as given, but a Redis URL
-    without its password."""
+    with its password masked."""
     return repr(storage) if isinstance(storage, RedisStorage) else text
 
 
