@@ -444,6 +444,152 @@ async def test_a_child_of_a_recorded_run_is_forgotten_only_with_its_parent(tmp_p
     assert sorted(ran) == ["a", "b", "b", "c"]  # the succeeded child did not run again
 
 
+class Items(cf.BatchFlow):
+    """One child per item of ``items`` (a test changes them between a run and its
+    resume), its params holding a tuple, which the record holds as a list; post stores
+    the children's results."""
+
+    def __init__(self, flow: cf.Flow, items: list[int]) -> None:
+        super().__init__(flow, max_concurrency=1)
+        self.items = items
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, Any]]:
+        return [{"item": item, "pair": (item, -item)} for item in self.items]
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: list[cf.FlowResult], ctx: Any
+    ) -> None:
+        await store.set("results", [result.result for result in exec_res])
+
+
+class ItemStep(cf.Node):
+    """A child's step: notes its item in ``ran``; step "second" of item 1 waits, the
+    first time, until ``release`` opens (``paused`` is set then), and ends with the
+    item as the child's result."""
+
+    def __init__(self, name: str, ran: list[str], paused: trio.Event) -> None:
+        self.name = name
+        self.ran = ran
+        self.paused = paused
+        self.release = trio.Event()
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        item = ctx.params["item"]
+        if self.name == "second" and item == 1 and not self.paused.is_set():
+            self.paused.set()
+            await self.release.wait()
+        self.ran.append(f"{self.name}:{item}")
+
+    def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        if self.name == "second":
+            return cf.Action.complete(ctx.params["item"])
+        return cf.Action.with_params("next", **ctx.params)
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+async def test_a_resumed_batch_flow_whose_items_changed_fails_naming_the_child(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Cancelled in child 1 (child 0 succeeded): a resume whose prep returns other items,
+    the same reordered, or another item 1 fails the step naming the first child whose
+    record holds other params, running nothing; one with the items as before runs what
+    was left, each child with its own item."""
+    storage = make_backend(kind, tmp_path, request).open()
+    ran: list[str] = []
+    paused = trio.Event()
+    second = ItemStep("second", ran, paused)
+    builder = cf.Flow.builder("child").add_node("first", ItemStep("first", ran, paused))
+    child = builder.add_node("second", second).add_route("first", "second", "next").build()
+    batch = Items(child, [0, 1, 2])
+    flow = cf.Flow.builder("parent").add_node("each", batch).build()
+    errors: list[tuple[str, str]] = []
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(flow, storage, run_id="job")
+        await paused.wait()
+        run.cancel()
+        second.release.set()
+        before = [(r.run_id, r.state, r.steps) for r in await engine.list_runs(storage)]
+        ran_before = list(ran)
+        for items in ([10, 11, 12], [2, 1, 0], [0, 5, 2]):
+            batch.items = items
+            with pytest.raises(cf.NodeError) as failed:
+                await engine.resume(flow, storage, run_id="job")
+            assert failed.value.phase == "exec"
+            assert isinstance(failed.value.__cause__, cf.RunRecordedError)
+            errors.append((failed.value.__cause__.run_id, str(failed.value.__cause__)))
+        ran_mismatched = list(ran)
+        after_mismatch = [(r.run_id, r.state, r.steps) for r in await engine.list_runs(storage)]
+        batch.items = [0, 1, 2]
+        await engine.resume(flow, storage, run_id="job")
+        async with engine.open_store(storage) as store:
+            results = await store.get("results")
+    children = [("job:1/0", "succeeded", 2), ("job:1/1", "running", 1)]
+    assert before == [("job", "running", 0), *children]
+    assert after_mismatch == [("job", "failed", 0), *children]
+    assert ran_before == ran_mismatched == ["first:0", "second:0", "first:1"]
+    assert [run_id for run_id, _ in errors] == ["job:1/0", "job:1/0", "job:1/1"]
+    assert errors[2][1] == (
+        "BatchFlow child run 'job:1/1' (item 1) is recorded with the params {'item': 1, "
+        "'pair': [1, -1]}, but prep returned {'item': 5, 'pair': (5, -5)} for it: on "
+        "resume, prep must return the same parameter sets in the same order (the child "
+        "was not run)"
+    )
+    assert results == [0, 1, 2]
+    assert ran == [*ran_before, "second:1", "first:2", "second:2"]
+
+
+class Token:
+    """A param JSON cannot hold, without an ``__eq__``: two tokens of one name are
+    equal only as pickles."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Tokens(cf.BatchFlow):
+    """One child per name of ``names``, its param a Token."""
+
+    def __init__(self, flow: cf.Flow, names: list[str]) -> None:
+        super().__init__(flow, max_concurrency=1)
+        self.names = names
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[dict[str, Any]]:
+        return [{"token": Token(name)} for name in self.names]
+
+
+async def test_a_pickle_stores_batch_children_are_matched_by_their_pickled_params(
+    tmp_path: Path,
+) -> None:
+    """On the pickle codec, a child's params JSON cannot hold match a new equal set as
+    pickles: a resume with the same names runs on, one with another name fails."""
+    ran: list[str] = []
+
+    @cf.node
+    async def child(ctx: cf.ExecutionContext) -> None:
+        name = ctx.params["token"].name
+        ran.append(name)
+        if name == "b" and ran.count("b") == 1:
+            raise RuntimeError("child b fails once")
+
+    batch = Tokens(cf.Flow.builder("child").add_node("child", child).build(), ["a", "b"])
+    flow = cf.Flow.builder("parent").add_node("each", batch).build()
+    storage = cf.SQLiteStorage(tmp_path / "store.db", codec="pickle")
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError):
+            await engine.run(flow, storage, run_id="p")
+        batch.names = ["a", "c"]
+        with pytest.raises(cf.NodeError) as failed:
+            await engine.resume(flow, storage, run_id="p")
+        batch.names = ["a", "b"]
+        result = await engine.resume(flow, storage, run_id="p")
+    assert isinstance(failed.value.__cause__, cf.RunRecordedError)
+    assert failed.value.__cause__.run_id == "p:1/1"
+    assert result.success
+    assert ran == ["a", "b", "b"]
+
+
 # --- two engines running one durable run -------------------------------------------------
 
 

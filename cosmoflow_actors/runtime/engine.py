@@ -391,7 +391,10 @@ class Engine:
             self._wake_if_idle()
         durable = start.durable(run_id is not None, run.storage)
         try:
-            return run, await self._launch(run, first_params, resume=start.resumes, durable=durable)
+            first = await self._launch(
+                run, first_params, resume=start.resumes, durable=durable, child=start.is_child
+            )
+            return run, first
         except Exception as exc:
             run.fail(exc)
             raise
@@ -452,7 +455,7 @@ class Engine:
         if run.finished:
             return
         try:
-            first = await self._launch(run, params, resume=False, durable=True)
+            first = await self._launch(run, params, resume=False, durable=True, child=False)
         except Exception as exc:
             run.fail(exc)
             return
@@ -460,11 +463,12 @@ class Engine:
             await _send(run, first)
 
     async def _launch(
-        self, run: ActiveRun, params: dict[str, Any], *, resume: bool, durable: bool
+        self, run: ActiveRun, params: dict[str, Any], *, resume: bool, durable: bool, child: bool
     ) -> Step | None:
         """Return the run's first step; for a ``durable`` one, after reading and writing
         its record (None after sending a resumed run's branches on, or ending a
-        recorded one)."""
+        recorded one). A recorded BatchFlow ``child`` must have been recorded with
+        ``params`` (RunRecordedError, nothing run or written, if not)."""
         if not durable:
             return self._first_step(run, params)
         key = run_record.record_key(run.run_id)
@@ -476,6 +480,8 @@ class Engine:
             return self._first_step(run, params)
         record = run_record.checked_record(key, stored)
         run_record.require_flow(run, record)
+        if child:
+            run_record.require_params(run, record, params)
         if record["state"] == "succeeded":
             run.succeed(run_record.recorded_result(record, run.storage))
             return None

@@ -25,17 +25,21 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
+import msgspec
+
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import (
     CosmoFlowError,
     RunRecordedError,
     StorageError,
+    StoreValueError,
     type_and_message,
 )
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork, Frame
 from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage, batch_parent
+from cosmoflow_actors.storage.codec import CODECS
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.node_actor import NodeActor
@@ -103,6 +107,46 @@ def require_flow(run: ActiveRun, record: Mapping[str, Any]) -> None:
             record["flow"],
             record["state"],
         )
+
+
+def require_params(run: ActiveRun, record: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    """Raise RunRecordedError unless ``record``, of the BatchFlow child ``run``, was
+    written for ``params``, the parameter set its BatchFlow's prep returned for it now
+    (children are matched to their records by index: see :func:`_same_params`)."""
+    recorded = record["params"]
+    if _same_params(recorded, params):
+        return
+    run_id = run.run_id
+    index = run_id.rpartition("/")[2]
+    raise RunRecordedError(
+        f"BatchFlow child run {run_id!r} (item {index}) is recorded with the params "
+        f"{_PARAMS.repr(recorded)}, but prep returned {_PARAMS.repr(dict(params))} for "
+        "it: on resume, prep must return the same parameter sets in the same order "
+        "(the child was not run)",
+        run_id,
+        record["flow"],
+        record["state"],
+    )
+
+
+def _same_params(recorded: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
+    """Whether ``params`` are the ``recorded`` ones as the record holds them: their
+    JSON forms are the same (a tuple as a list, bytes as base64, keys in any order;
+    1, 1.0 and True differ), or, for params JSON cannot hold (which only the pickle
+    codec stores), their pickles are."""
+    try:
+        return _json_form(recorded) == _json_form(params)
+    except TypeError:
+        pickle = CODECS["pickle"]
+        try:
+            return pickle.encode("params", recorded) == pickle.encode("params", params)
+        except StoreValueError:
+            return False
+
+
+def _json_form(params: Mapping[str, Any]) -> bytes:
+    """``params`` as JSON with its keys sorted; TypeError when JSON cannot hold them."""
+    return _SORTED_JSON.encode(msgspec.to_builtins(params, str_keys=True))
 
 
 RecordedState = Literal["running", "succeeded", "failed", "orphaned"]
@@ -421,6 +465,12 @@ _FORK_FIELDS: Final = ("parent", "depth", "pending", "join", "params")
 _SHOWN: Final = reprlib.Repr()
 """Shows a value found in a record briefly, however long or deep it is."""
 _SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 2, 40, 40
+
+_PARAMS: Final = reprlib.Repr()
+"""Shows a parameter set briefly when it is long."""
+_PARAMS.maxlevel, _PARAMS.maxstring, _PARAMS.maxother = 3, 60, 60
+
+_SORTED_JSON: Final = msgspec.json.Encoder(order="sorted")
 
 
 class _Malformed(Exception):
