@@ -181,9 +181,10 @@ class RunRecordedError(CosmoFlowError):
     """The store holds a record for the ``run_id`` that the call cannot take: a run of
     another flow (``flow``), which ``run``, ``start_run`` and ``resume`` refuse, or a
     run recorded as ``state`` "running" or "failed", which ``run`` and ``start_run``
-    refuse (continue it with ``resume``), or a BatchFlow's child run recorded with
-    other params than its BatchFlow's ``prep`` returned for it on resume (the step
-    fails with it as the NodeError's cause)."""
+    refuse (continue it with ``resume``), or a record that the flow given to ``resume``
+    no longer fits (it changed since the run started: resume with that version), or a
+    BatchFlow's child run recorded with other params than its BatchFlow's ``prep``
+    returned for it on resume (the step fails with it as the NodeError's cause)."""
 
     def __init__(self, message: str, run_id: str, flow: str, state: str) -> None:
         self.run_id = run_id

@@ -215,7 +215,9 @@ def test_a_run_id_recorded_as_failed_or_for_another_flow_is_bad_input(
     )
     assert main(["run", str(other), "--store", store, "--run-id", "r1", "--resume"]) == 2
     assert capsys.readouterr().err == (
-        "cosmoflow: error: run 'r1' belongs to flow 'failing', not 'other'\n"
+        "cosmoflow: error: run 'r1' belongs to flow 'failing', not 'other': resume it with "
+        "flow 'failing' as it was when the run started (the version that recorded it); "
+        "nothing ran and its record stays failed\n"
     )
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.storage.base import RECORD_PREFIX
-from tests.support import Recorder, node_actors, refused, single
+from tests.support import Gate, Recorder, node_actors, refused, single
 
 
 class Counter(cf.Node):
@@ -1846,3 +1846,29 @@ async def test_a_step_that_may_end_a_nested_flow_reads_the_keys_of_the_runs_flow
     result = await outer.run(storage)
     assert result.execution_path == ("a", "b", "after")
     assert storage.asked == [["again", "next"]]
+
+
+class LookupFailing(cf.Flow):
+    """A flow whose route lookup raises KeyError: a bug in routing's reads of a flow."""
+
+    def has_routes(self, node_id: str) -> bool:
+        raise KeyError(node_id)
+
+
+async def test_a_lookup_that_fails_while_routing_fails_that_run_alone_from_that_error() -> None:
+    built = single(Recorder(), "buggy")
+    buggy = LookupFailing(built.name, built.nodes, built.routes, built.start_id, built.max_steps)
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        other = await engine.start_run(single(gate, "other"))
+        with pytest.raises(cf.CosmoFlowError) as info:
+            await engine.run(buggy, {})
+        gate.open.set()
+        assert (await other.wait()).execution_path == ("only",)
+    assert re.fullmatch(
+        r"run '[^']+': routing the outcome of node 'only' failed with KeyError: 'only' \(a "
+        r"bug of the engine's, or a run whose state does not fit its flow\); this run "
+        r"fails, the engine's other runs go on",
+        str(info.value),
+    )
+    assert isinstance(info.value.__cause__, KeyError)

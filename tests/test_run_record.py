@@ -15,7 +15,7 @@ import pytest
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
-from tests.support import Recorder, single
+from tests.support import Gate, Recorder, single
 
 
 @pytest.mark.parametrize("start", ["run", "resume"])
@@ -289,7 +289,7 @@ async def test_resuming_with_a_flow_that_lost_the_recorded_node_names_it(tmp_pat
     async with cf.open_engine() as engine:
         with pytest.raises(cf.NodeError):
             await engine.run(recorded, storage, run_id="r")
-        with pytest.raises(cf.CosmoFlowError, match="names node 'a', which flow 'f' lacks"):
+        with pytest.raises(cf.CosmoFlowError, match="is at node 'a', which flow 'f' lacks"):
             await engine.resume(changed, storage, run_id="r")
 
 
@@ -298,3 +298,109 @@ def test_run_order_compares_the_numbers_of_a_childs_id_as_numbers() -> None:
     every time: the padded one first, its twin's id breaking the tie."""
     ordered = ["job", "job:02/0", "job:2/0", "job:2.1/4/0", "job:9/0", "job:10/0", "job0"]
     assert sorted(reversed(ordered), key=run_record.run_order) == ordered
+
+
+def fan(c: cf.Node | cf.Flow, *, join: bool = True, max_steps: int | None = None) -> cf.Flow:
+    """Flow "fan": node "a" fans out to "b", "e" and ``c`` (node "c"), which all go on
+    to the join "j" (with ``join``; else each ends its branch)."""
+    builder = cf.Flow.builder("fan").add_node("a", Recorder())
+    builder.add_node("b", Recorder()).add_node("e", Recorder()).add_node("c", c)
+    builder.add_route("a", ["b", "e", "c"])
+    if join:
+        builder.add_join("j", Recorder())
+        for node_id in ("b", "e", "c"):
+            builder.add_route(node_id, "j")
+    if max_steps is not None:
+        builder.max_steps(max_steps)
+    return builder.build()
+
+
+def durable_storage(kind: str, tmp_path: Path) -> cf.Storage:
+    """A FileStorage or an SQLiteStorage in ``tmp_path`` (the same files each call)."""
+    if kind == "file":
+        return cf.FileStorage(tmp_path / "store.json")
+    return cf.SQLiteStorage(tmp_path / "store.db")
+
+
+async def interrupted_fan(engine: cf.Engine, storage: cf.Storage, gate: Gate) -> None:
+    """Record run "r1" of :func:`fan` as cancelled with "b" and "e" committed (one of
+    them waiting at "j" in its fan-out's record) and "c", ``gate``, under way."""
+    async with engine.events() as events:
+        run = await engine.start_run(fan(gate), storage, run_id="r1")
+        committed: set[str] = set()
+        async for event in events:
+            if isinstance(event, cf.StepFinished) and event.action is not None:
+                committed.add(event.node_id)
+                if committed == {"a", "b", "e"}:
+                    break
+    run.cancel()
+    with pytest.raises(cf.RunCancelledError):
+        await run.wait()
+
+
+async def stored_record(engine: cf.Engine, storage: cf.Storage) -> Any:
+    """Run "r1"'s record as ``storage`` holds it."""
+    async with engine.open_store(storage) as store:
+        return await store.get(KEY)
+
+
+ADVICE = "resume it with flow 'fan' as it was when the run started (the version that recorded it)"
+
+CHANGED_FANS: list[tuple[str, Callable[[], cf.Flow], type[Exception], str]] = [
+    (
+        "join removed",
+        lambda: fan(Recorder(), join=False),
+        cf.RunRecordedError,
+        "run 'r1' has branches of the fan-out at node 'a' waiting at join 'j', which flow "
+        f"'fan' no longer has as a join (removed, renamed or made a plain node since the run "
+        f"was recorded): {ADVICE}; nothing ran and its record stays running",
+    ),
+    (
+        "node under way nested",
+        lambda: fan(single(Recorder(), "inner")),
+        cf.RunRecordedError,
+        f"run 'r1' has a step at node 'c' of flow 'fan', which is now a nested flow: {ADVICE}",
+    ),
+    (
+        "max_steps lowered below the step under way",
+        lambda: fan(Recorder(), max_steps=3),
+        cf.MaxStepsExceeded,
+        "run exceeded max_steps=3 of flow 'fan'",
+    ),
+]
+"""Flows "fan" changed so that :func:`interrupted_fan`'s record no longer fits: (id,
+the changed flow, the error its resume raises, the start of its message)."""
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+@pytest.mark.parametrize(
+    ("changed", "error", "message"), [pytest.param(*case[1:], id=case[0]) for case in CHANGED_FANS]
+)
+async def test_a_resume_with_a_flow_the_record_no_longer_fits_is_refused_before_anything_runs(
+    tmp_path: Path,
+    kind: str,
+    changed: Callable[[], cf.Flow],
+    error: type[Exception],
+    message: str,
+) -> None:
+    """The run alone is refused, its record left as it was: the engine's other runs go
+    on, and a resume with the flow that recorded it finishes the run."""
+    gate = Gate()
+    other_gate = Gate()
+    async with cf.open_engine() as engine:
+        await interrupted_fan(engine, durable_storage(kind, tmp_path), gate)
+        recorded = await stored_record(engine, durable_storage(kind, tmp_path))
+        assert recorded["branches"][-1]["params"] == {}  # "c" was under way
+        assert recorded["forks"][0]["join"] == "j"
+        other = await engine.start_run(single(other_gate, "other"))
+        with pytest.raises(error, match=re.escape(message)):
+            await engine.resume(changed(), durable_storage(kind, tmp_path), run_id="r1")
+        assert gate.entered == 1
+        assert await stored_record(engine, durable_storage(kind, tmp_path)) == recorded
+        other_gate.open.set()
+        assert (await other.wait()).execution_path == ("only",)
+        gate.open.set()
+        result = await engine.resume(fan(gate), durable_storage(kind, tmp_path), run_id="r1")
+    assert gate.entered == 2
+    assert sorted(result.execution_path[1:4]) == ["b", "c", "e"]
+    assert result.execution_path[::4] == ("a", "j")

@@ -174,7 +174,11 @@ class Engine:
         A run that succeeded returns its recorded result; one that failed or was
         interrupted goes on from its last committed step (no committed step runs
         again); one the store does not know starts from the beginning with ``params``.
-        Raises ValueError unless ``run_id`` is a non-empty str.
+        Raises ValueError unless ``run_id`` is a non-empty str; before anything runs,
+        RunRecordedError for a record of another flow or one ``flow`` no longer fits
+        (changed since the run started), and MaxStepsExceeded for a step that was under
+        way past a lowered ``max_steps`` (see ``run_record.restore``), the record left as
+        it was.
         """
         require_run_id(run_id)
         run, first = await self._start(flow, store, params, run_id, _Start.RESUME)
@@ -488,7 +492,8 @@ class Engine:
         if not resume:
             raise RunRecordedError(
                 f"run {run.run_id!r} is already recorded in {run.storage!r} as "
-                f"{record['state']}; continue it with engine.resume",
+                f"{record['state']}; continue it with engine.resume, giving it the flow as it "
+                "was when the run started (the version that recorded it)",
                 run.run_id,
                 record["flow"],
                 record["state"],

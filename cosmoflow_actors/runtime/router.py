@@ -137,6 +137,10 @@ class Router(Actor[Outcome]):
             if undo is not None:
                 undo.restore()
             return exc
+        except LookupError as exc:
+            if undo is not None:
+                undo.restore()
+            return _lookup_failed(run, outcome, exc)
         return decision.result if decision.result is not None else decision.steps
 
     def _plain_hop(self, outcome: StepDone) -> Step | None:
@@ -169,6 +173,22 @@ class Router(Actor[Outcome]):
     def first_step(self, run: ActiveRun, params: Mapping[str, Any]) -> Step:
         """The step a new run starts with. Raises MaxStepsExceeded as :func:`enter` does."""
         return enter(self._node_actor, run, run.main, run.flow.start_id, params)
+
+
+def _lookup_failed(
+    run: ActiveRun, outcome: StepDone | FlowEnded, error: LookupError
+) -> CosmoFlowError:
+    """The error of ``run``, whose routing of ``outcome`` looked up a node, a frame or a
+    fork that is not there (a KeyError or an IndexError): a bug of the engine's, or a
+    run whose state does not fit its flow, which fails that run alone, with ``error``
+    as the cause, rather than the engine."""
+    failure = CosmoFlowError(
+        f"run {run.run_id!r}: routing the outcome of node {outcome.node_id!r} failed "
+        f"with {type(error).__name__}: {error} (a bug of the engine's, or a run whose "
+        "state does not fit its flow); this run fails, the engine's other runs go on"
+    )
+    failure.__cause__ = error
+    return failure
 
 
 class _RoutingUndo:

@@ -29,7 +29,7 @@ import msgspec
 
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import (
-    CosmoFlowError,
+    MaxStepsExceeded,
     RunRecordedError,
     StorageError,
     StoreValueError,
@@ -101,12 +101,21 @@ def require_flow(run: ActiveRun, record: Mapping[str, Any]) -> None:
     """Raise RunRecordedError unless ``record`` is of a run of ``run``'s flow (whatever
     the state it records)."""
     if record["flow"] != run.flow.name:
-        raise RunRecordedError(
-            f"run {run.run_id!r} belongs to flow {record['flow']!r}, not {run.flow.name!r}",
-            run.run_id,
-            record["flow"],
-            record["state"],
-        )
+        problem = f"belongs to flow {record['flow']!r}, not {run.flow.name!r}"
+        raise _unfit(run.run_id, record, problem)
+
+
+def _unfit(run_id: str, record: Mapping[str, Any], problem: str) -> RunRecordedError:
+    """The refusal of a start or resume of the run ``run_id`` whose ``record`` does not
+    fit the flow given (``problem`` says how, after "run ID"), saying what to do."""
+    state = record["state"]
+    advice = (
+        f"resume it with flow {record['flow']!r} as it was when the run started (the "
+        f"version that recorded it); nothing ran and its record stays {state}"
+    )
+    if state == "running":
+        advice += " (forget_run deletes a record only once its run has ended, as that resume does)"
+    return RunRecordedError(f"run {run_id!r} {problem}: {advice}", run_id, record["flow"], state)
 
 
 def require_params(run: ActiveRun, record: Mapping[str, Any], params: Mapping[str, Any]) -> None:
@@ -364,9 +373,14 @@ def recorded_result(record: Mapping[str, Any], storage: Storage) -> FlowResult:
 
 def restore(run: ActiveRun, record: Mapping[str, Any]) -> list[Branch]:
     """Put ``run`` back where its record says; return its branches in flight, each with
-    its ``resume_at`` (none when no step had completed).
+    its ``resume_at`` (none when no step had completed). Changes nothing outside
+    ``run``, which the caller sends on only if this returns.
 
-    Raises CosmoFlowError when the record does not fit the flow (it was changed).
+    Raises RunRecordedError when the record does not fit the flow (it was changed since
+    the run was recorded): a recorded node it lacks, or one that is now a nested flow
+    or no longer one, or a fan-out's join that is not a join of its flow now; and
+    MaxStepsExceeded when a step that was under way exceeds a flow's ``max_steps`` (it
+    was lowered), as :func:`~.router.counted_step` would have.
     """
     run.path.extend(record["path"])
     run.steps = len(run.path)
@@ -374,15 +388,18 @@ def restore(run: ActiveRun, record: Mapping[str, Any]) -> list[Branch]:
         return []
     forks: list[Fork] = []
     for saved in record["forks"]:
-        parent = _branch(run, saved["parent"], forks)
+        parent = _branch(run, record, saved["parent"], forks)
+        _check_join(run, record, parent, saved)
         fork = Fork(parent, saved["depth"], saved["pending"], saved["join"], saved["params"])
         forks.append(fork)
     branches = []
     for saved in record["branches"]:
-        branch = _branch(run, saved, forks)
+        branch = _branch(run, record, saved, forks)
         branch.resume_at = {key: value for key, value in saved.items() if key != "fork"}
+        if "end" not in saved:
+            _check_at_node(run, record, branch)
         if "params" in saved:
-            run.steps += 1  # its step was under way: counted when it was sent
+            _count_under_way(run, branch)
         branches.append(branch)
     return branches
 
@@ -403,37 +420,80 @@ def resumed(
     return StepDone(run, branch, actor, _decode_action(saved["action"]), values)
 
 
-def _branch(run: ActiveRun, saved: Mapping[str, Any], forks: list[Fork]) -> Branch:
-    """The branch a record saved."""
+def _branch(
+    run: ActiveRun, record: Mapping[str, Any], saved: Mapping[str, Any], forks: list[Fork]
+) -> Branch:
+    """The branch ``record`` saved as ``saved``."""
     number = saved.get("fork")
     return Branch(
-        _frames(run.flow, saved["frames"], run.run_id),
+        _frames(run, record, saved["frames"]),
         None if number is None else forks[number],
         saved["label"],
         saved["count"],
     )
 
 
-def _frames(flow: Flow, saved: list[list[Any]], run_id: str) -> list[Frame]:
+def _frames(run: ActiveRun, record: Mapping[str, Any], saved: list[list[Any]]) -> list[Frame]:
+    """The frames ``saved`` in ``record``, in ``run``'s flow: each frame but the last at
+    a nested flow, which the next frame is in."""
     frames: list[Frame] = []
-    current: Flow | None = flow
+    current: Flow | None = run.flow
     parent = ""
     for node_id, steps in saved:
         if current is None:
-            raise CosmoFlowError(
-                f"run {run_id!r}: its record names node {node_id!r} inside node {parent!r}, "
-                "which is no longer a flow"
-            )
+            problem = f"is at node {node_id!r} inside node {parent!r}, which is no longer a flow"
+            raise _unfit(run.run_id, record, problem)
         if node_id not in current.nodes:
-            raise CosmoFlowError(
-                f"run {run_id!r}: its record names node {node_id!r}, which flow "
-                f"{current.name!r} lacks (removed or renamed since the run was recorded)"
+            problem = (
+                f"is at node {node_id!r}, which flow {current.name!r} lacks (removed or "
+                "renamed since the run was recorded)"
             )
+            raise _unfit(run.run_id, record, problem)
         frames.append(Frame(current, node_id, steps))
         parent = node_id
         inner = current.nodes[node_id]
         current = inner if isinstance(inner, Flow) else None
     return frames
+
+
+def _check_at_node(run: ActiveRun, record: Mapping[str, Any], branch: Branch) -> None:
+    """Raise RunRecordedError unless ``branch``, whose step is under way or done, is at
+    a node that runs steps (not a nested flow)."""
+    frame = branch.frames[-1]
+    if isinstance(frame.flow.nodes[frame.node_id], Flow):
+        problem = (
+            f"has a step at node {frame.node_id!r} of flow {frame.flow.name!r}, which is "
+            "now a nested flow"
+        )
+        raise _unfit(run.run_id, record, problem)
+
+
+def _check_join(
+    run: ActiveRun, record: Mapping[str, Any], parent: Branch, saved: Mapping[str, Any]
+) -> None:
+    """Raise RunRecordedError unless the fan-out ``saved``, from ``parent``, has no join
+    yet or one that is a join of the flow it is in."""
+    join_id = saved["join"]
+    origin = parent.frames[-1]  # where the fan-out began, in the flow of its join
+    if join_id is not None and join_id not in origin.flow.joins:
+        problem = (
+            f"has branches of the fan-out at node {origin.node_id!r} waiting at join "
+            f"{join_id!r}, which flow {origin.flow.name!r} no longer has as a join "
+            "(removed, renamed or made a plain node since the run was recorded)"
+        )
+        raise _unfit(run.run_id, record, problem)
+
+
+def _count_under_way(run: ActiveRun, branch: Branch) -> None:
+    """Count the step of ``branch`` that was under way as it was counted when it was
+    sent (its frames hold it already). Raises MaxStepsExceeded as
+    :func:`~.router.counted_step` does, for a ``max_steps`` lowered since."""
+    run.steps += 1
+    if run.steps > run.flow.max_steps:
+        raise MaxStepsExceeded(run.flow.max_steps, run.path, run.flow.name)
+    for inner in branch.frames[1:]:
+        if inner.steps > inner.flow.max_steps:
+            raise MaxStepsExceeded(inner.flow.max_steps, run.path, inner.flow.name)
 
 
 def encode_action(action: Action) -> dict[str, Any]:
