@@ -277,7 +277,7 @@ async def test_a_bad_namespace_or_pool_option_is_refused() -> None:
         ("redis://:s3/cret@h:6379/0", "the host or port cannot be read"),
         ("redis://:s3#cret@h/0", "a '#'"),
         ("redis://h/0#billing", "a '#'"),
-        ("redis://h/0?db=one", "an option redis-py cannot read: Invalid value for 'db'"),
+        ("redis://h/0?db=one", "an option redis-py cannot read: Invalid value for "),
         ("unix://redis.sock", "no socket path"),
     ],
 )
@@ -296,7 +296,8 @@ def test_a_url_that_is_no_redis_url_is_refused_when_the_storage_is_made(
 def test_an_option_redis_py_refuses_is_chained_from_its_error() -> None:
     with pytest.raises(ValueError) as refused:
         RedisStorage("redis://h/0?socket_timeout=soon")
-    assert "Invalid value for 'socket_timeout'" in str(refused.value.__cause__)
+    # redis-py's own words (its quotes around the name differ between versions)
+    assert re.search("Invalid value for .socket_timeout.", str(refused.value.__cause__))
     with pytest.raises(TypeError, match="RedisStorage url must be a str, not bytes"):
         RedisStorage(b"redis://h")  # type: ignore[arg-type]
 

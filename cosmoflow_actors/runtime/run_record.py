@@ -18,6 +18,7 @@ Nothing here blocks.
 
 from __future__ import annotations
 
+import json
 import re
 import reprlib
 from collections.abc import Iterable, Mapping
@@ -153,9 +154,9 @@ def _same_params(recorded: Mapping[str, Any], params: Mapping[str, Any]) -> bool
             return False
 
 
-def _json_form(params: Mapping[str, Any]) -> bytes:
+def _json_form(params: Mapping[str, Any]) -> str:
     """``params`` as JSON with its keys sorted; TypeError when JSON cannot hold them."""
-    return _SORTED_JSON.encode(msgspec.to_builtins(params, str_keys=True))
+    return json.dumps(msgspec.to_builtins(params, str_keys=True), sort_keys=True)
 
 
 RecordedState = Literal["running", "succeeded", "failed", "orphaned"]
@@ -529,8 +530,6 @@ _SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 2, 40, 40
 _PARAMS: Final = reprlib.Repr()
 """Shows a parameter set briefly when it is long."""
 _PARAMS.maxlevel, _PARAMS.maxstring, _PARAMS.maxother = 3, 60, 60
-
-_SORTED_JSON: Final = msgspec.json.Encoder(order="sorted")
 
 
 class _Malformed(Exception):
