@@ -126,8 +126,8 @@ class DurableRun(Durability):
     async def commit(
         self, run: ActiveRun, branch: Branch, node_id: str, action: Action, store: SharedStore
     ) -> None:
-        """Commit the step's staged writes with the run's record, in one commit, built
-        on the last record committed.
+        """Commit the step's staged writes with the run's record (and the path chunk the
+        step sealed, if it did), in one commit, built on the last record committed.
 
         Raises NodeError (phase ``"commit"``, caused by a StoreValueError) when the
         storage cannot encode what the step wrote or the params or result of its
@@ -137,11 +137,14 @@ class DurableRun(Durability):
         """
         assert isinstance(store, StagedStore)
         async with self.lock:
-            record, resume_at = step_done(self.record, self.branches, branch, node_id, action)
-            steps_before = len(self.record["path"])
+            record, resume_at, sealed = step_done(
+                self.record, self.branches, branch, node_id, action
+            )
+            steps_before = self.record["steps"]
+            ops = [*store.ops, *sealed] if sealed else store.ops
             key = record_key(run.run_id)
             try:
-                await run.store_actor.commit_step(run.storage, store.ops, key, record, steps_before)
+                await run.store_actor.commit_step(run.storage, ops, key, record, steps_before)
             except StoreValueError as exc:
                 cause = exc if exc.key != key else _unstorable_action(exc, action)
                 flow_name = branch.frames[-1].flow.name
@@ -198,7 +201,7 @@ class DurableRun(Durability):
         fewer steps would put back in the run's future (to be applied again on resume).
         Blocks while it is written; raises StorageError, RunConflictError when the
         stored record counts other steps."""
-        steps = len(self.record["path"])
+        steps = self.record["steps"]
         key = record_key(run.run_id)
         await run.store_actor.commit_step(run.storage, [], key, record, steps)
 

@@ -7,6 +7,13 @@ writes in the same commit as the step finishes, and when the run ends. Records a
 plain JSON, so every codec can store them; store keys under ``__cosmoflow__/`` are
 hidden from ``keys()``, ``size()`` and ``clear()``.
 
+The record counts the run's steps (``"steps"``) and holds the last of its path (the node
+of each step): the tail since the last sealed chunk. When the tail reaches
+:data:`PATH_CHUNK` node ids, the step's commit stores it as a sealed chunk under
+``__cosmoflow__/paths/<run_id>/<n>`` and the record's tail starts empty, so that a
+step's commit costs the same at any length of the run. The whole path is the chunks,
+in order, then the tail (see :func:`chunk_keys`, :func:`whole_path`).
+
 A step's record says where every branch of the run goes on after a crash: the step's
 own branch routes its action again, a branch whose step was under way is sent to that
 node again, and a branch whose fan-out ended without a join ends its flow again. The
@@ -35,10 +42,21 @@ from cosmoflow_actors.errors import (
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork, Frame
-from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage, batch_parent
+from cosmoflow_actors.storage.base import (
+    RECORD_PREFIX,
+    StagedOp,
+    Storage,
+    batch_parent,
+    path_chunk_key,
+)
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.node_actor import NodeActor
+
+
+PATH_CHUNK: Final = 1024
+"""How many node ids of a run's path a sealed chunk holds; the record's tail holds
+fewer."""
 
 
 def record_key(run_id: str) -> str:
@@ -149,7 +167,7 @@ class RunRecord:
             flow_name=record["flow"],
             state=record["state"],
             last_node_id=None if last is None else last["node"],
-            steps=len(record["path"]),
+            steps=record["steps"],
             owner=owner.get("worker"),
             queue=owner.get("queue"),
         )
@@ -192,6 +210,7 @@ def new_record(run_id: str, flow_name: str, params: Mapping[str, Any]) -> dict[s
         "flow": flow_name,
         "state": "running",
         "params": dict(params),
+        "steps": 0,
         "path": [],
         "last": None,
         "result": None,
@@ -222,13 +241,16 @@ def step_done(
     branch: Branch,
     node_id: str,
     action: Action,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], list[StagedOp]]:
     """``record`` once the step of ``branch`` at ``node_id`` returned the (resolved)
-    ``action``, the branches ``in_flight`` (``branch`` among them) going on; and where
-    the branch goes on from after a crash until it is routed.
+    ``action``, the branches ``in_flight`` (``branch`` among them) going on; where
+    the branch goes on from after a crash until it is routed; and the ops to commit
+    with the record: none, or the set of the path chunk the step sealed.
 
-    The record holds the step under ``"last"``, where every branch in flight goes on
-    under ``"branches"`` and the fan-outs they belong to under ``"forks"``.
+    The record counts the step and adds its node to the path's tail (which starts
+    empty again once it is sealed, see :data:`PATH_CHUNK`); it holds the step under
+    ``"last"``, where every branch in flight goes on under ``"branches"`` and the
+    fan-outs they belong to under ``"forks"``.
     """
     resume_at = {**position(branch), "node": node_id, "action": encode_action(action)}
     forks = _Forks()
@@ -237,14 +259,63 @@ def step_done(
         saved = resume_at if other is branch else other.resume_at
         assert saved is not None
         branches.append({**saved, "fork": forks.index(other.fork)})
+    steps = record["steps"] + 1
+    path = [*record["path"], node_id]
+    sealed: list[StagedOp] = []
+    if len(path) == PATH_CHUNK:
+        sealed.append(("set", path_chunk_key(record["run_id"], steps // PATH_CHUNK - 1), path))
+        path = []
     record = {
         **record,
-        "path": [*record["path"], node_id],
+        "steps": steps,
+        "path": path,
         "last": resume_at,
         "branches": branches,
         "forks": forks.saved,
     }
-    return record, resume_at
+    return record, resume_at, sealed
+
+
+def chunk_keys(record: Mapping[str, Any]) -> list[str]:
+    """The keys of the sealed chunks of the path of the run of ``record`` (checked, see
+    :func:`checked_record`), in order."""
+    sealed = (record["steps"] - len(record["path"])) // PATH_CHUNK
+    return [path_chunk_key(record["run_id"], number) for number in range(sealed)]
+
+
+def whole_path(record: Mapping[str, Any], chunks: Mapping[str, Any]) -> list[str]:
+    """The whole path of the run of ``record`` (checked): its sealed chunks, read from
+    the store into ``chunks`` by key (see :func:`chunk_keys`), then its tail.
+
+    Raises StorageError naming the key of a chunk that is missing or is no chunk the
+    engine writes (a list of :data:`PATH_CHUNK` node ids).
+    """
+    path: list[str] = []
+    for key in chunk_keys(record):
+        if key not in chunks:
+            raise StorageError(
+                f"run {record['run_id']!r}: the store holds no path chunk under {key!r}, "
+                f"which its record counts (its {record['steps']} steps): the chunk was "
+                "deleted or the record crafted"
+            )
+        chunk = chunks[key]
+        if not _is_chunk(chunk):
+            raise StorageError(
+                f"run {record['run_id']!r}: the store holds no valid path chunk under "
+                f"{key!r}: it holds {_shown(chunk)}, not a list of {PATH_CHUNK} node ids "
+                "(the engine never writes that: the chunk was crafted or damaged)"
+            )
+        path.extend(chunk)
+    path.extend(record["path"])
+    return path
+
+
+def _is_chunk(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == PATH_CHUNK
+        and all(isinstance(node_id, str) for node_id in value)
+    )
 
 
 def position(branch: Branch) -> dict[str, Any]:
@@ -285,7 +356,6 @@ def succeeded(record: Mapping[str, Any], result: FlowResult) -> dict[str, Any]:
     return {
         **record,
         "state": "succeeded",
-        "path": list(result.execution_path),
         "result": {
             "final_action": encode_action(result.final_action),
             "last_node_id": result.last_node_id,
@@ -300,10 +370,11 @@ def failed(record: Mapping[str, Any], error: BaseException) -> dict[str, Any]:
     return {**record, "state": "failed", "error": type_and_message(error)}
 
 
-def recorded_result(record: Mapping[str, Any], storage: Storage) -> FlowResult:
-    """The FlowResult of a run whose record says it succeeded."""
+def recorded_result(record: Mapping[str, Any], path: Iterable[str], storage: Storage) -> FlowResult:
+    """The FlowResult of a run whose record says it succeeded, its whole ``path`` read
+    with it (see :func:`whole_path`)."""
     result = record["result"]
-    path = tuple(record["path"])
+    path = tuple(path)
     return FlowResult(
         run_id=record["run_id"],
         flow_name=record["flow"],
@@ -318,14 +389,15 @@ def recorded_result(record: Mapping[str, Any], storage: Storage) -> FlowResult:
     )
 
 
-def restore(run: ActiveRun, record: Mapping[str, Any]) -> list[Branch]:
-    """Put ``run`` back where its record says; return its branches in flight, each with
-    its ``resume_at`` (none when no step had completed).
+def restore(run: ActiveRun, record: Mapping[str, Any], path: Iterable[str]) -> list[Branch]:
+    """Put ``run`` back where its record says, its whole ``path`` read with it (see
+    :func:`whole_path`); return its branches in flight, each with its ``resume_at``
+    (none when no step had completed).
 
     Raises CosmoFlowError when the record does not fit the flow (it was changed).
     """
-    run.path.extend(record["path"])
-    run.steps = len(run.path)
+    run.path.extend(path)
+    run.steps = record["steps"]
     if record["last"] is None:
         return []
     forks: list[Fork] = []
@@ -412,7 +484,17 @@ def _decode_action(data: Mapping[str, Any]) -> Action:
 # write it, checked once where a record is read (a start, a resume, a forget, a list).
 
 _STATES: Final = ("running", "succeeded", "failed")
-_RECORD_FIELDS: Final = ("run_id", "flow", "state", "params", "path", "last", "result", "error")
+_RECORD_FIELDS: Final = (
+    "run_id",
+    "flow",
+    "state",
+    "params",
+    "steps",
+    "path",
+    "last",
+    "result",
+    "error",
+)
 _POSITION_FIELDS: Final = ("frames", "label", "count")
 _ACTION_FIELDS: Final = ("name", "params", "complete", "result")
 _RESULT_FIELDS: Final = ("final_action", "last_node_id", "value", "duration")
@@ -432,7 +514,9 @@ def record_problem(run_id: str, value: Any) -> str | None:
     """What is wrong with ``value`` as the record of the run ``run_id`` (a value the
     engine did not write: crafted, or damaged), or None when it is a record of that
     run as the engine writes them. Does not block; takes time in the length of the
-    run's path and the number of its branches and fan-outs."""
+    path's tail it holds (fewer than :data:`PATH_CHUNK` node ids) and the number of the
+    run's branches and fan-outs. Its sealed chunks are checked where they are read
+    (see :func:`whole_path`)."""
     try:
         _check_record(run_id, value)
     except _Malformed as exc:
@@ -447,7 +531,7 @@ def _check_record(run_id: str, value: Any) -> None:
     state = record["state"]
     _expect(state in _STATES, "state", state, f"one of {', '.join(_STATES)}")
     _check_params(record["params"], "params")
-    _check_path(record["path"])
+    _check_path(record["steps"], record["path"])
     if "owner" in record:
         _check_owner(record["owner"])
     _check_ending(record)
@@ -558,10 +642,18 @@ def _check_action(value: Any, where: str) -> None:
     _check_params(action["params"], f"{where}.params")
 
 
-def _check_path(path: Any) -> None:
+def _check_path(steps: Any, path: Any) -> None:
+    """The count of steps and the path's tail since its last sealed chunk (see
+    :func:`step_done`): the steps are the sealed chunks' node ids and the tail's."""
+    _expect(_is_count(steps), "steps", steps, "an int >= 0")
     _expect(isinstance(path, list), "path", path, "a list of node ids")
     for number, node_id in enumerate(path):
         _expect(isinstance(node_id, str), f"path[{number}]", node_id, "a node id")
+    tail = len(path)
+    _expect(tail < PATH_CHUNK, "path", path, f"a tail of fewer than {PATH_CHUNK} node ids")
+    whole = steps >= tail and (steps - tail) % PATH_CHUNK == 0
+    wanted = f"{tail} (its path's tail) plus a multiple of {PATH_CHUNK} (its sealed chunks)"
+    _expect(whole, "steps", steps, wanted)
 
 
 def _check_owner(value: Any) -> None:
