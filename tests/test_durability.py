@@ -15,6 +15,7 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
+from cosmoflow_actors.storage.base import PATH_PREFIX, path_chunk_key
 from tests.storage_suite import BACKENDS, JsonDictStorage, make_backend
 from tests.support import (
     CHILDREN_OF_THE_LOOP,
@@ -485,6 +486,47 @@ def two_instances(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
         return [PersistentDictStorage(text), PersistentDictStorage(text)]
     backend = make_backend(kind, tmp_path, request)
     return [backend.open(), backend.open()]
+
+
+async def chunk_keys_in(storage: cf.Storage) -> list[str]:
+    """The keys of the path chunks in ``storage``, sorted."""
+    await storage.open()
+    try:
+        return sorted(key for key in await storage.keys() if key.startswith(PATH_PREFIX))
+    finally:
+        await storage.aclose()
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite", "redis", "custom"])
+async def test_a_long_run_commits_its_path_in_chunks_resumes_whole_and_forgets_them(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With chunks of 3 node ids, a run that fails at its 8th step has committed two
+    chunks with the steps that filled them (through the backend's commit_step, or the
+    store actor's for the custom one); resumed, it goes on with its path whole and no
+    step run twice. A forget takes its chunks and its BatchFlow children's, and no
+    other run's."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 3)
+    storage = two_instances(kind, tmp_path, request)[0]
+    node = Counted(fail_at=8)
+    flow = loop_flow(node, steps=11)
+    others = [path_chunk_key(run_id, 0) for run_id in ("job2", "jo", "job/0")]
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError, match="failed in post"):
+            await engine.run(flow, storage, run_id="job")
+        failed = await chunk_keys_in(storage)
+        resumed = await engine.resume(flow, storage, run_id="job")
+        again = await engine.run(flow, storage, run_id="job")
+        await storage.open()
+        for key in [path_chunk_key("job:1/0", 0), *others]:
+            await storage.set(key, ["count"] * 3)
+        await storage.commit()
+        await storage.aclose()
+        assert await engine.forget_run(storage, "job")
+    assert failed == [path_chunk_key("job", 0), path_chunk_key("job", 1)]
+    assert node.posts == list(range(1, 12))
+    assert resumed.execution_path == again.execution_path == ("count",) * 11
+    assert await chunk_keys_in(storage) == sorted(others)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "custom"])
@@ -1181,7 +1223,7 @@ async def test_a_durable_runs_end_is_not_written_over_a_record_another_engine_ad
         key = run_record.record_key("r")
         other = cf.SQLiteStorage(path)
         await other.open()
-        advanced = {**await other.get(key), "path": ["only", "only"]}
+        advanced = {**await other.get(key), "steps": 2, "path": ["only", "only"]}
         await other.set(key, advanced)
         await other.commit()
         await other.aclose()
