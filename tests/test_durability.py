@@ -529,6 +529,53 @@ async def test_a_long_run_commits_its_path_in_chunks_resumes_whole_and_forgets_t
     assert await chunk_keys_in(storage) == sorted(others)
 
 
+class Overtaken:
+    """Two branches' nodes, a and b: the first to start waits until a node of the
+    other branch has started after it (its step committed), so the branches commit in
+    the other order than they started."""
+
+    def __init__(self) -> None:
+        self.first: str | None = None
+        self.overtaken = trio.Event()
+
+    async def step(self, ctx: cf.ExecutionContext) -> None:
+        if self.first is None:
+            self.first = ctx.node_id
+            await self.overtaken.wait()
+
+    def follow(self, ctx: cf.ExecutionContext) -> None:
+        self.overtaken.set()
+
+
+async def test_a_fan_outs_recorded_path_is_the_order_its_steps_started_whatever_the_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With chunks of 2 node ids, the steps sealed in the order they committed (s, then
+    the branch that started second) are written again in the order they started with
+    the run's end: the recorded result is the one the run returned."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 2)
+    overtaken = Overtaken()
+    flow = (
+        cf.Flow.builder("overtaken")
+        .add_node("s", cf.node(lambda ctx: None))
+        .add_node("a", cf.node(overtaken.step))
+        .add_node("b", cf.node(overtaken.step))
+        .add_node("a2", cf.node(overtaken.follow))
+        .add_node("b2", cf.node(overtaken.follow))
+        .add_route("s", ["a", "b"])
+        .add_route("a", "a2")
+        .add_route("b", "b2")
+        .build()
+    )
+    path = tmp_path / "store.json"
+    async with cf.open_engine() as engine:
+        done = await engine.run(flow, cf.FileStorage(path), run_id="f")
+        again = await engine.run(flow, cf.FileStorage(path), run_id="f")
+    assert done.execution_path[:2] == ("s", overtaken.first)
+    assert again.execution_path == done.execution_path
+    assert again.steps_executed == done.steps_executed == 5
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "custom"])
 async def test_two_engines_running_one_run_commit_each_step_once(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest

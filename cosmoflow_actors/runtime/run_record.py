@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
@@ -351,11 +351,42 @@ class _Forks:
         return self._numbers[fork]
 
 
-def succeeded(record: Mapping[str, Any], result: FlowResult) -> dict[str, Any]:
-    """``record`` of a run that ended with ``result``."""
-    return {
+def reordered(sealed: list[StagedOp], started: Sequence[str]) -> int | None:
+    """The number of the path chunk that ``sealed`` (the ops of :func:`step_done`) sets,
+    when its node ids are not in the order the run's steps ``started`` (its path: a
+    fan-out's branches may commit in another order than they start); else None."""
+    if not sealed:
+        return None
+    _, key, chunk = sealed[0]
+    number = int(key.rpartition("/")[2])
+    start = number * PATH_CHUNK
+    return None if list(started[start : start + PATH_CHUNK]) == chunk else number
+
+
+def succeeded(
+    record: Mapping[str, Any], result: FlowResult, reordered: Collection[int]
+) -> tuple[dict[str, Any], list[StagedOp]]:
+    """``record`` of a run that ended with ``result``, and the ops to commit with it.
+
+    Its path is the result's ``execution_path`` (the order the steps started, as a run
+    returns it), as a tail and chunks: the chunks the run sealed in another order
+    (``reordered``, see :func:`reordered`) and those the record has not sealed yet (the
+    path may hold steps that started and never committed) are written again from it,
+    the others are left as they are.
+    """
+    path = result.execution_path
+    stored = (record["steps"] - len(record["path"])) // PATH_CHUNK
+    sealed = len(path) // PATH_CHUNK
+    ops: list[StagedOp] = [
+        ("set", path_chunk_key(record["run_id"], number), list(path[start : start + PATH_CHUNK]))
+        for number, start in enumerate(range(0, sealed * PATH_CHUNK, PATH_CHUNK))
+        if number >= stored or number in reordered
+    ]
+    ended = {
         **record,
         "state": "succeeded",
+        "steps": len(path),
+        "path": list(path[sealed * PATH_CHUNK :]),
         "result": {
             "final_action": encode_action(result.final_action),
             "last_node_id": result.last_node_id,
@@ -363,6 +394,7 @@ def succeeded(record: Mapping[str, Any], result: FlowResult) -> dict[str, Any]:
             "duration": result.duration,
         },
     }
+    return ended, ops
 
 
 def failed(record: Mapping[str, Any], error: BaseException) -> dict[str, Any]:
