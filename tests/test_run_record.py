@@ -406,3 +406,35 @@ async def test_a_missing_or_damaged_path_chunk_is_a_storage_error_naming_its_key
     async with cf.open_engine() as engine:
         with pytest.raises(cf.StorageError, match=re.escape(problem.format(key=key))):
             await engine.resume(ticking(), cf.FileStorage(path), run_id="long")
+
+
+@pytest.mark.parametrize(
+    ("reordered", "written"),
+    [(set(), [1]), ({0}, [0, 1])],
+)
+def test_a_succeeded_record_writes_the_chunks_its_path_fills_past_the_committed_ones(
+    monkeypatch: pytest.MonkeyPatch, reordered: set[int], written: list[int]
+) -> None:
+    """Steps that started and never committed (the run ended meanwhile) are in the
+    result's path, so in the final record: it seals the chunks they fill, and writes
+    again those sealed in another order."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 2)
+    record = {**run_record.new_record("r", "f", {}), "steps": 3, "path": ["c"]}
+    path = ("a", "b", "c", "d", "e")
+    result = cf.FlowResult(
+        run_id="r",
+        flow_name="f",
+        final_action=cf.Action.complete(1),
+        last_node_id="e",
+        steps_executed=5,
+        execution_path=path,
+        result=1,
+        success=True,
+        duration=0.5,
+        store={},
+    )
+    ended, ops = run_record.succeeded(record, result, reordered)
+    assert (ended["state"], ended["steps"], ended["path"]) == ("succeeded", 5, ["e"])
+    chunks = {0: ["a", "b"], 1: ["c", "d"]}
+    assert ops == [("set", path_chunk_key("r", n), chunks[n]) for n in written]
+    assert run_record.record_problem("r", ended) is None
