@@ -157,7 +157,7 @@ class DurableRun(Durability):
                 raise NodeError(node_id, "commit", run.run_id, 1, flow_name) from cause
             self.record = record
             branch.resume_at = resume_at
-            chunk = reordered(sealed, run.path)
+            chunk = reordered(record, sealed, run.path)
             if chunk is not None:
                 self.reordered.add(chunk)
 

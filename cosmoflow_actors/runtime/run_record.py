@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
@@ -351,16 +351,16 @@ class _Forks:
         return self._numbers[fork]
 
 
-def reordered(sealed: list[StagedOp], started: Sequence[str]) -> int | None:
-    """The number of the path chunk that ``sealed`` (the ops of :func:`step_done`) sets,
-    when its node ids are not in the order the run's steps ``started`` (its path: a
-    fan-out's branches may commit in another order than they start); else None."""
+def reordered(record: Mapping[str, Any], sealed: list[StagedOp], started: list[str]) -> int | None:
+    """The number of the path chunk that ``sealed`` (the ops :func:`step_done` returned
+    with ``record``) sets, when its node ids are not in the order the run's steps
+    ``started`` (its path: a fan-out's branches may commit in another order than they
+    start); else None."""
     if not sealed:
         return None
-    _, key, chunk = sealed[0]
-    number = int(key.rpartition("/")[2])
+    number = record["steps"] // PATH_CHUNK - 1
     start = number * PATH_CHUNK
-    return None if list(started[start : start + PATH_CHUNK]) == chunk else number
+    return None if started[start : start + PATH_CHUNK] == sealed[0][2] else number
 
 
 def succeeded(
