@@ -53,7 +53,7 @@ from typing import Any, Final
 import trio
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.run_record import record_key
+from cosmoflow_actors.runtime.run_record import PATH_CHUNK, record_key
 
 RUN_ID: Final = "r"
 
@@ -445,6 +445,17 @@ def batch(hooks: Hooks) -> cf.Flow:
     )
 
 
+LONG: Final = 2 * PATH_CHUNK + 52
+"""The steps of the long flow: more than two sealed chunks of its path."""
+
+
+def long(hooks: Hooks) -> cf.Flow:
+    """l, :data:`LONG` times: its run's record seals two chunks of its path."""
+    loop = Step(hooks, loop=LONG)
+    builder = cf.Flow.builder("long").add_node("l", loop).max_steps(LONG)
+    return builder.add_route("l", "l", "again").add_route("l", cf.END, "done").build()
+
+
 @dataclass(frozen=True, slots=True)
 class Kind:
     """A flow of this module: how to build it; whether its steps run in one order (no
@@ -467,6 +478,7 @@ FLOWS: Final = {
     "batch": Kind(batch, ordered=True, ends=frozenset({("finish", "default")})),
     "tangled": Kind(tangled, ordered=False, ends=frozenset({("e", "default")})),
     "batch_fan": Kind(batch_fan, ordered=False, ends=frozenset({("J", "default")})),
+    "long": Kind(long, ordered=True, ends=frozenset({("l", "done")})),
 }
 
 

@@ -127,6 +127,21 @@ def a_then_b(name: str) -> cf.Flow:
     return builder.add_route("a", "b").build()
 
 
+@cf.node
+async def _tick(ctx: cf.ExecutionContext) -> cf.Action:
+    n: int = await ctx.store.update("n", lambda n: n + 1, default=0)
+    if n >= await ctx.store.get("steps"):
+        return cf.Action.complete(n)
+    return cf.Action.simple("again")
+
+
+def ticking(max_steps: int = 10_000) -> cf.Flow:
+    """A flow of one node, ``tick``, that counts its steps in "n" and goes again until
+    "n" reaches the store's "steps"; it completes with "n"."""
+    builder = cf.Flow.builder("ticking").add_node("tick", _tick).max_steps(max_steps)
+    return builder.add_route("tick", "tick", "again").build()
+
+
 async def in_run(
     body: Callable[[cf.SharedStore], Awaitable[Any]],
     store: cf.Storage | dict[str, Any] | None = None,

@@ -11,8 +11,10 @@ import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.cli import main
+from cosmoflow_actors.runtime import run_record
 from tests.cli_support import fill_sqlite_store, table_row
 from tests.storage_suite import RedisServer, unique_namespace
+from tests.support import ticking
 
 pytestmark = pytest.mark.usefixtures("plain_output")
 
@@ -114,6 +116,30 @@ def test_inspect_lists_the_durable_runs_of_a_store(
     out = capsys.readouterr().out
     assert "runs (1)" in out
     assert table_row(out, "nightly") == ["nightly", "-", "chain", "succeeded", "b", "2", "-", "-"]
+
+
+@pytest.mark.parametrize("scheme", ["file", "sqlite"])
+def test_inspect_counts_the_steps_of_a_run_whose_path_is_in_chunks_and_hides_them(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    scheme: str,
+) -> None:
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 3)
+    path = tmp_path / "runs.db"
+    storage = cf.FileStorage(path) if scheme == "file" else cf.SQLiteStorage(path)
+
+    async def seeded_run() -> None:
+        async with cf.open_engine() as engine:
+            async with engine.open_store(storage) as store:
+                await store.set("steps", 7)
+            await engine.run(ticking(), storage, run_id="long")
+
+    trio.run(seeded_run)
+    assert main(["inspect", f"{scheme}:{path}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["keys"] == {"steps": 7, "n": 7}
+    assert [(run["run_id"], run["steps"]) for run in report["runs"]] == [("long", 7)]
 
 
 class EachName(cf.BatchFlow):

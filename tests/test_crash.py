@@ -24,7 +24,7 @@ import pytest
 import trio
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.run_record import record_key
+from cosmoflow_actors.runtime.run_record import record_key, whole_path
 from cosmoflow_actors.storage import file as file_storage
 from cosmoflow_actors.storage import sqlite as sqlite_storage
 from cosmoflow_actors.storage.base import RECORD_PREFIX
@@ -184,7 +184,7 @@ def check_interrupted(data: dict[str, Any], child: Child, seed: str) -> int:
     if record is None:
         assert data == {}, f"{context}: writes without the run's record"
     else:
-        assert len(record["path"]) == n, f"{context}: writes and record committed apart"
+        assert record["steps"] == n, f"{context}: writes and record committed apart"
     if child.done:
         assert record is not None and record["state"] == "succeeded", context
     return n
@@ -272,7 +272,7 @@ def check_fan_interrupted(data: dict[str, Any], child: Child, seed: str) -> None
     if record is None:
         assert data == {}, f"{context}: writes without the run's record"
         return
-    committed = Counter(record["path"])
+    committed = Counter(whole_path(record, data))
     acknowledged = sum(1 for line in child.lines if line.startswith("step "))
     assert committed.total() >= acknowledged, f"{context}: an acknowledged step was lost"
     for line in LINES:
@@ -339,11 +339,11 @@ def check_torture_interrupted(data: dict[str, Any], context: str) -> None:
     """Check what killed torture runs left: every committed step (the records' paths
     count them) counted once in the shared counter and in its run's log."""
     records = {key: value for key, value in data.items() if key.startswith(RECORD_PREFIX)}
-    committed = sum(len(record["path"]) for record in records.values())
+    committed = sum(record["steps"] for record in records.values())
     assert data.get(SHARED, 0) == committed, f"{context}: a step applied twice or lost"
     for run_id in TORTURE_RUNS:
         runs = [r for r in records.values() if r["run_id"].partition(":")[0] == run_id]
-        steps = sum(len(record["path"]) for record in runs)
+        steps = sum(record["steps"] for record in runs)
         assert len(data.get(f"{run_id}:log", [])) == steps, f"{context}: {run_id}'s log"
 
 

@@ -43,9 +43,9 @@ import pytest
 import trio
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.run_record import record_key
-from cosmoflow_actors.storage.base import RECORD_PREFIX
-from tests.crash_resume_worker import BATCH_NODE, FLOWS, RUN_ID, Hooks, open_storage
+from cosmoflow_actors.runtime.run_record import PATH_CHUNK, record_key, whole_path
+from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX
+from tests.crash_resume_worker import BATCH_NODE, FLOWS, LONG, RUN_ID, Hooks, open_storage
 from tests.storage_suite import RedisServer, unique_namespace
 from tests.support import WorkerServer, worker_server
 
@@ -140,8 +140,9 @@ async def read_all(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def user_data(data: dict[str, Any], ordered: bool) -> dict[str, Any]:
-    """``data`` without the run records; each log sorted unless the flow is ``ordered``."""
-    kept = {key: value for key, value in data.items() if not key.startswith(RECORD_PREFIX)}
+    """``data`` without the run records and their path chunks; each log sorted unless the
+    flow is ``ordered``."""
+    kept = {key: value for key, value in data.items() if not key.startswith(RESERVED_PREFIX)}
     if ordered:
         return kept
     return {key: sorted(value) if key.startswith("log:") else value for key, value in kept.items()}
@@ -197,7 +198,15 @@ def check_interrupted(data: dict[str, Any], committed: list[str], context: str) 
     for key, record in data.items():
         if key.startswith(RECORD_PREFIX):
             run_id = key.removeprefix(RECORD_PREFIX)
-            assert len(record["path"]) == len(data.get(f"log:{run_id}", [])), context
+            steps = len(data.get(f"log:{run_id}", []))
+            assert record["steps"] == len(whole_path(record, data)) == steps, context
+
+
+def recorded_path(data: dict[str, Any]) -> list[str]:
+    """The whole path the record of run :data:`RUN_ID` in ``data`` holds, its sealed
+    chunks read from ``data`` (none before the run's first commit)."""
+    record = data.get(record_key(RUN_ID))
+    return [] if record is None else whole_path(record, data)
 
 
 def check_result(result: cf.FlowResult, whole: cf.FlowResult, flow: str, context: str) -> None:
@@ -264,7 +273,7 @@ async def trial(
         committed += child.committed
         left = await read_all(job)
         check_interrupted(left, committed, context)
-    before = left.get(record_key(RUN_ID), {"path": []})["path"]
+    before = recorded_path(left)
 
     hooks = Hooks()
     with trio.fail_after(TIMEOUT):
@@ -281,12 +290,17 @@ async def trial(
 BACKENDS: Final = ["file", "sqlite", "redis"]
 SLOW_FLOWS: Final = {"batch", "batch_fan", "tangled"}
 """The flows whose trials take more than a few seconds per backend."""
+SHORT_FLOWS: Final = [flow for flow in FLOWS if flow != "long"]
+"""The flows killed after every commit (the long one is killed at a few of them)."""
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "flow",
-    [pytest.param(flow, marks=pytest.mark.slow) if flow in SLOW_FLOWS else flow for flow in FLOWS],
+    [
+        pytest.param(flow, marks=pytest.mark.slow) if flow in SLOW_FLOWS else flow
+        for flow in SHORT_FLOWS
+    ],
 )
 async def test_a_run_killed_after_each_commit_resumes_to_the_uninterrupted_run(
     flow: str, backend: str, server: Server, tmp_path: Path, request: pytest.FixtureRequest
@@ -305,3 +319,27 @@ async def test_a_run_killed_after_each_commit_resumes_to_the_uninterrupted_run(
         for k in range(total):
             rest = total - k
             await trial(engine, server, place, flow, reference, [(k, "mid"), (rest // 2, "mid")])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_long_run_killed_around_its_path_chunks_resumes_to_the_uninterrupted_run(
+    backend: str, server: Server, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A run of more than two sealed chunks of path, killed just before and after a
+    chunk is sealed (in the commit of the step that fills it), and killed twice, the
+    second time on a chunk's last step: resumed, its path is whole and no step ran
+    twice."""
+    place = Place(backend, tmp_path, request)
+    stops = [
+        [(PATH_CHUNK - 1, "between")],
+        [(PATH_CHUNK, "mid")],
+        [(2 * PATH_CHUNK, "between")],
+        [(PATH_CHUNK - 24, "mid"), (PATH_CHUNK + 23, "mid")],
+        [(LONG, "end")],
+    ]
+    async with cf.open_engine() as engine:
+        reference = await run_reference(engine, "long", place.job("long", "reference"))
+        assert reference.result.execution_path == ("l",) * LONG
+        for stop in stops:
+            await trial(engine, server, place, "long", reference, stop)

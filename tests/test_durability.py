@@ -15,6 +15,7 @@ import trio.testing
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
+from cosmoflow_actors.storage.base import PATH_PREFIX, path_chunk_key
 from tests.storage_suite import BACKENDS, JsonDictStorage, make_backend
 from tests.support import (
     CHILDREN_OF_THE_LOOP,
@@ -631,6 +632,94 @@ def two_instances(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
         return [PersistentDictStorage(text), PersistentDictStorage(text)]
     backend = make_backend(kind, tmp_path, request)
     return [backend.open(), backend.open()]
+
+
+async def chunk_keys_in(storage: cf.Storage) -> list[str]:
+    """The keys of the path chunks in ``storage``, sorted."""
+    await storage.open()
+    try:
+        return sorted(key for key in await storage.keys() if key.startswith(PATH_PREFIX))
+    finally:
+        await storage.aclose()
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite", "redis", "custom"])
+async def test_a_long_run_commits_its_path_in_chunks_resumes_whole_and_forgets_them(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With chunks of 3 node ids, a run that fails at its 8th step has committed two
+    chunks with the steps that filled them (through the backend's commit_step, or the
+    store actor's for the custom one); resumed, it goes on with its path whole and no
+    step run twice. A forget takes its chunks and its BatchFlow children's, and no
+    other run's."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 3)
+    storage = two_instances(kind, tmp_path, request)[0]
+    node = Counted(fail_at=8)
+    flow = loop_flow(node, steps=11)
+    others = [path_chunk_key(run_id, 0) for run_id in ("job2", "jo", "job/0")]
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError, match="failed in post"):
+            await engine.run(flow, storage, run_id="job")
+        failed = await chunk_keys_in(storage)
+        resumed = await engine.resume(flow, storage, run_id="job")
+        again = await engine.run(flow, storage, run_id="job")
+        await storage.open()
+        for key in [path_chunk_key("job:1/0", 0), *others]:
+            await storage.set(key, ["count"] * 3)
+        await storage.commit()
+        await storage.aclose()
+        assert await engine.forget_run(storage, "job")
+    assert failed == [path_chunk_key("job", 0), path_chunk_key("job", 1)]
+    assert node.posts == list(range(1, 12))
+    assert resumed.execution_path == again.execution_path == ("count",) * 11
+    assert await chunk_keys_in(storage) == sorted(others)
+
+
+class Overtaken:
+    """Two branches' nodes, a and b: the first to start waits until a node of the
+    other branch has started after it (its step committed), so the branches commit in
+    the other order than they started."""
+
+    def __init__(self) -> None:
+        self.first: str | None = None
+        self.overtaken = trio.Event()
+
+    async def step(self, ctx: cf.ExecutionContext) -> None:
+        if self.first is None:
+            self.first = ctx.node_id
+            await self.overtaken.wait()
+
+    def follow(self, ctx: cf.ExecutionContext) -> None:
+        self.overtaken.set()
+
+
+async def test_a_fan_outs_recorded_path_is_the_order_its_steps_started_whatever_the_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With chunks of 2 node ids, the steps sealed in the order they committed (s, then
+    the branch that started second) are written again in the order they started with
+    the run's end: the recorded result is the one the run returned."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 2)
+    overtaken = Overtaken()
+    flow = (
+        cf.Flow.builder("overtaken")
+        .add_node("s", cf.node(lambda ctx: None))
+        .add_node("a", cf.node(overtaken.step))
+        .add_node("b", cf.node(overtaken.step))
+        .add_node("a2", cf.node(overtaken.follow))
+        .add_node("b2", cf.node(overtaken.follow))
+        .add_route("s", ["a", "b"])
+        .add_route("a", "a2")
+        .add_route("b", "b2")
+        .build()
+    )
+    path = tmp_path / "store.json"
+    async with cf.open_engine() as engine:
+        done = await engine.run(flow, cf.FileStorage(path), run_id="f")
+        again = await engine.run(flow, cf.FileStorage(path), run_id="f")
+    assert done.execution_path[:2] == ("s", overtaken.first)
+    assert again.execution_path == done.execution_path
+    assert again.steps_executed == done.steps_executed == 5
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "custom"])
@@ -1327,7 +1416,7 @@ async def test_a_durable_runs_end_is_not_written_over_a_record_another_engine_ad
         key = run_record.record_key("r")
         other = cf.SQLiteStorage(path)
         await other.open()
-        advanced = {**await other.get(key), "path": ["only", "only"]}
+        advanced = {**await other.get(key), "steps": 2, "path": ["only", "only"]}
         await other.set(key, advanced)
         await other.commit()
         await other.aclose()

@@ -11,11 +11,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import outcome
 import pytest
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
-from tests.support import Gate, Recorder, single
+from cosmoflow_actors.storage.base import PATH_PREFIX, path_chunk_key
+from tests.support import Gate, Recorder, single, ticking
 
 
 @pytest.mark.parametrize("start", ["run", "resume"])
@@ -108,6 +110,27 @@ CRAFTED = [
     ("params-a-list", "failed", {("params",): [1]}, "params is [1] (list), not an object of"),
     ("path-an-int", "failed", {("path",): 5}, "path is 5 (int), not a list of node ids"),
     ("path-of-ints", "failed", {("path",): [3]}, "path[0] is 3 (int), not a node id"),
+    ("steps-missing", "failed", {("steps",): DROP}, "the record lacks 'steps'"),
+    ("steps-a-str", "failed", {("steps",): "1"}, "steps is '1' (str), not an int >= 0"),
+    ("steps-a-bool", "failed", {("steps",): True}, "steps is True (bool), not an int >= 0"),
+    (
+        "steps-fewer-than-the-path",
+        "succeeded",
+        {("steps",): 1},
+        "steps is 1 (int), not 2 (its path's tail) plus a multiple of 1024 (its sealed",
+    ),
+    (
+        "steps-beyond-the-path-unsealed",
+        "succeeded",
+        {("steps",): 3},
+        "steps is 3 (int), not 2 (its path's tail) plus a multiple of 1024",
+    ),
+    (
+        "path-a-whole-chunk",
+        "succeeded",
+        {("path",): ["a"] * 1024, ("steps",): 1024},
+        "path is ['a', 'a', 'a', 'a', 'a', 'a', ...] (list), not a tail of fewer than 1024 node",
+    ),
     ("owner-without-queue", "failed", {("owner",): {"worker": "w"}}, "owner lacks 'queue'"),
     ("error-an-int", "failed", {("error",): 5}, "error is 5 (int), not the message of the"),
     ("result-of-a-failed-run", "failed", {("result",): 1}, "result is 1 (int), not null (the run"),
@@ -404,3 +427,120 @@ async def test_a_resume_with_a_flow_the_record_no_longer_fits_is_refused_before_
     assert gate.entered == 2
     assert sorted(result.execution_path[1:4]) == ["b", "c", "e"]
     assert result.execution_path[::4] == ("a", "j")
+
+
+CHUNK = 4
+"""The path chunk of the tests below, patched in for PATH_CHUNK: short runs seal chunks."""
+
+
+async def stored_values(path: Path) -> dict[str, Any]:
+    """Every key of the FileStorage at ``path`` (the engine's too) and its value."""
+    storage = cf.FileStorage(path)
+    await storage.open()
+    try:
+        return {key: await storage.get(key) for key in await storage.keys()}
+    finally:
+        await storage.aclose()
+
+
+async def run_ticks(
+    path: Path, run_id: str, steps: int, max_steps: int = 10_000
+) -> outcome.Outcome[cf.FlowResult]:
+    """The outcome of a durable run of ``ticking`` that wants ``steps`` steps."""
+    async with cf.open_engine() as engine:
+        async with engine.open_store(cf.FileStorage(path)) as store:
+            await store.set("steps", steps)
+        flow = ticking(max_steps)
+        return await outcome.acapture(engine.run, flow, cf.FileStorage(path), run_id=run_id)
+
+
+@pytest.mark.parametrize("steps", [8, 11])
+async def test_a_long_run_seals_its_path_in_chunks_and_reads_it_back_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int
+) -> None:
+    monkeypatch.setattr(run_record, "PATH_CHUNK", CHUNK)
+    path = tmp_path / "store.json"
+    done = (await run_ticks(path, "long", steps)).unwrap()
+    async with cf.open_engine() as engine:
+        again = await engine.run(ticking(), cf.FileStorage(path), run_id="long")
+        runs = await engine.list_runs(cf.FileStorage(path))
+
+    assert done.execution_path == again.execution_path == ("tick",) * steps
+    assert (again.steps_executed, again.result) == (steps, steps)
+    assert [(run.run_id, run.state, run.steps) for run in runs] == [("long", "succeeded", steps)]
+    stored = await stored_values(path)
+    chunks = {key: value for key, value in stored.items() if key.startswith(PATH_PREFIX)}
+    sealed = range(steps // CHUNK)
+    assert chunks == {path_chunk_key("long", number): ["tick"] * CHUNK for number in sealed}
+    record = stored[run_record.record_key("long")]
+    assert (record["steps"], record["path"]) == (steps, ["tick"] * (steps % CHUNK))
+
+
+async def edit_store(path: Path, key: str, value: Any) -> None:
+    """Set ``key`` of the FileStorage at ``path`` to ``value`` (delete it for DROP)."""
+    storage = cf.FileStorage(path)
+    await storage.open()
+    if value is DROP:
+        await storage.delete(key)
+    else:
+        await storage.set(key, value)
+    await storage.commit()
+    await storage.aclose()
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "chunk", "problem"),
+    [
+        (100, DROP, "the store holds no path chunk under {key!r}, which its record counts"),
+        (9, DROP, "the store holds no path chunk under {key!r}, which its record counts"),
+        (100, ["tick"], "no valid path chunk under {key!r}: it holds ['tick'] (list), not a"),
+        (100, "tick", "no valid path chunk under {key!r}: it holds 'tick' (str), not a list"),
+        (100, [1, 2, 3, 4], "no valid path chunk under {key!r}: it holds [1, 2, 3, 4] (list)"),
+    ],
+)
+async def test_a_missing_or_damaged_path_chunk_is_a_storage_error_naming_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_steps: int, chunk: Any, problem: str
+) -> None:
+    """Of a succeeded run (its recorded result is read), and of a failed one (resumed:
+    max_steps ended it after chunks were sealed)."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", CHUNK)
+    path = tmp_path / "store.json"
+    ran = await run_ticks(path, "long", 10, max_steps)
+    assert isinstance(ran, outcome.Value) == (max_steps == 100)
+    key = path_chunk_key("long", 1)
+    await edit_store(path, key, chunk)
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError, match=re.escape(problem.format(key=key))):
+            await engine.resume(ticking(), cf.FileStorage(path), run_id="long")
+
+
+@pytest.mark.parametrize(
+    ("reordered", "written"),
+    [(set(), [1]), ({0}, [0, 1])],
+)
+def test_a_succeeded_record_writes_the_chunks_its_path_fills_past_the_committed_ones(
+    monkeypatch: pytest.MonkeyPatch, reordered: set[int], written: list[int]
+) -> None:
+    """Steps that started and never committed (the run ended meanwhile) are in the
+    result's path, so in the final record: it seals the chunks they fill, and writes
+    again those sealed in another order."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 2)
+    record = {**run_record.new_record("r", "f", {}), "steps": 3, "path": ["c"]}
+    path = ("a", "b", "c", "d", "e")
+    result = cf.FlowResult(
+        run_id="r",
+        flow_name="f",
+        final_action=cf.Action.complete(1),
+        last_node_id="e",
+        steps_executed=5,
+        execution_path=path,
+        result=1,
+        success=True,
+        duration=0.5,
+        store={},
+    )
+    ended, ops = run_record.succeeded(record, result, reordered)
+    assert (ended["state"], ended["steps"], ended["path"]) == ("succeeded", 5, ["e"])
+    chunks = {0: ["a", "b"], 1: ["c", "d"]}
+    assert ops == [("set", path_chunk_key("r", n), chunks[n]) for n in written]
+    assert run_record.record_problem("r", ended) is None

@@ -16,7 +16,10 @@ from cosmoflow_actors.storage.base import (
     batch_parent,
     check_steps,
     check_user_key,
+    chunks_prefix,
+    path_chunk_key,
     record_children,
+    record_chunks,
 )
 from tests.support import single
 
@@ -101,7 +104,9 @@ async def test_delete_many_and_so_a_clear_call_a_backends_own_delete_per_key() -
     [
         ('{"path": []}', "a str"),
         ({"state": "running"}, "a dict"),
-        ({"path": "ab"}, "a dict"),
+        ({"path": ["a"]}, "a dict"),
+        ({"steps": "2"}, "a dict"),
+        ({"steps": True}, "a dict"),
         (3, "an int"),
     ],
 )
@@ -115,10 +120,10 @@ def test_check_steps_refuses_what_is_no_run_record_naming_its_key(stored: Any, k
 
 
 def test_check_steps_counts_the_recorded_steps() -> None:
-    check_steps(RECORD_KEY, {"path": ["a", "b"]}, 2)
+    check_steps(RECORD_KEY, {"steps": 2, "path": ["b"]}, 2)
 
     with pytest.raises(RunConflictError, match="another engine committed step 2 first"):
-        check_steps(RECORD_KEY, {"path": ["a", "b"]}, 1)
+        check_steps(RECORD_KEY, {"steps": 2, "path": ["b"]}, 1)
 
 
 @cf.node
@@ -158,3 +163,15 @@ def test_record_children_are_the_records_of_batch_flow_children_at_any_depth() -
         for run_id in ("job", "job2:1/0", "jo:1/0", "job:1", "job:1/0x", "job/0", "job:1.0/0")
     ]
     assert record_children(parent, [*others, *children]) == children
+
+
+def test_record_chunks_are_the_path_chunks_of_a_run_and_its_children() -> None:
+    run_ids = ("job", "job:1/0", "job:2.1/4/12", "job:3/0:1.0/2/1")
+    chunks = [path_chunk_key(run_id, number) for run_id in run_ids for number in (0, 11)]
+    others = [
+        path_chunk_key(run_id, 0)
+        for run_id in ("job2", "jo", "job:1", "job/0", "job:1.0/0", "job:1/0x", "job/1/")
+    ]
+    others += [record_key("job"), path_chunk_key("job", 0) + "/", chunks_prefix(record_key("job"))]
+    assert all(key.startswith(chunks_prefix(record_key("job"))) for key in chunks)
+    assert record_chunks(record_key("job"), [*others, *chunks]) == chunks

@@ -554,7 +554,7 @@ async def test_every_call_fails_within_the_timeout_when_the_server_stops_answeri
         "commit": staged_then_commit,
         "update": lambda storage: storage.update("n", lambda n: n + 1, 0),
         "commit_step": lambda storage: storage.commit_step(
-            [("set", "a", 1)], record_key, {"path": ["x"]}, 0
+            [("set", "a", 1)], record_key, {"steps": 1, "path": ["x"]}, 0
         ),
     }
     storages = {name: await connected(private_redis, namespace) for name in calls}
@@ -634,7 +634,7 @@ async def test_a_call_the_server_stops_answering_halfway_fails_within_the_timeou
     """The server stops between the read and the transaction of an update: the commit
     and the clean-up after it share the call's one timeout."""
     storage = await connected(private_redis, unique_namespace(), n=1)
-    await storage.set(RECORD_PREFIX + "r", {"path": []})
+    await storage.set(RECORD_PREFIX + "r", {"steps": 0, "path": []})
     await storage.commit()
 
     def freeze_then_add_one(n: int) -> int:
@@ -646,7 +646,7 @@ async def test_a_call_the_server_stops_answering_halfway_fails_within_the_timeou
             await storage.update("n", freeze_then_add_one, 0)
         else:
             update = ("update", "n", (freeze_then_add_one, 0))
-            await storage.commit_step([update], RECORD_PREFIX + "r", {"path": ["x"]}, 0)
+            await storage.commit_step([update], RECORD_PREFIX + "r", {"steps": 1, "path": ["x"]}, 0)
 
     with resumed_at_exit(private_redis):
         error, seconds = await time_to_fail(run_call)
@@ -679,7 +679,7 @@ async def test_closing_after_a_timed_out_call_gives_its_watched_connection_back(
     that thread and gives the connection back to the pool."""
     storage = private_redis.storage(unique_namespace(), timeout=OWN_POOL_TIMEOUT)
     record_key = RECORD_PREFIX + "r"
-    await storage.set(record_key, {"path": []})
+    await storage.set(record_key, {"steps": 0, "path": []})
     await storage.commit()
     frozen = trio.Event()
 
@@ -693,7 +693,7 @@ async def test_closing_after_a_timed_out_call_gives_its_watched_connection_back(
 
     async def commit() -> None:
         error, _ = await time_to_fail(
-            partial(storage.commit_step, updates, record_key, {"path": ["x"]}, 0)
+            partial(storage.commit_step, updates, record_key, {"steps": 1, "path": ["x"]}, 0)
         )
         errors.append(error)
 
@@ -719,18 +719,23 @@ async def test_a_durable_step_with_a_key_that_is_not_valid_unicode_fails_alone(
     may raise anything else: the store actor would take it for a broken backend."""
     storage = redis_server.storage()
     key, bad = RECORD_PREFIX + "r", "bad \udc80"
-    await storage.set(key, {"path": []})
+    await storage.set(key, {"steps": 0, "path": []})
     await storage.set("kept", 1)
     await storage.commit()
-    assert await storage.commit_step([("delete", bad, None)], key, {"path": ["a"]}, 0)
+    assert await storage.commit_step([("delete", bad, None)], key, {"steps": 1, "path": ["a"]}, 0)
     for op in [("set", bad, 1), ("update", bad, (lambda value: value, 0))]:
         with pytest.raises(cf.StoreValueError) as info:
-            await storage.commit_step([("set", "x", 2), op], key, {"path": ["a", "b"]}, 1)
+            await storage.commit_step(
+                [("set", "x", 2), op], key, {"steps": 2, "path": ["a", "b"]}, 1
+            )
         assert info.value.key == bad
     await storage.aclose()
 
     fresh = redis_server.storage(storage.namespace)
-    assert {k: await fresh.get(k) for k in await fresh.keys()} == {key: {"path": ["a"]}, "kept": 1}
+    assert {k: await fresh.get(k) for k in await fresh.keys()} == {
+        key: {"steps": 1, "path": ["a"]},
+        "kept": 1,
+    }
     await fresh.aclose()
 
 
@@ -752,13 +757,13 @@ async def committed_step(
     write staged before), and the error that refused the step, if any."""
     storage = server.storage()
     record_key = RECORD_PREFIX + "r"
-    await storage.set(record_key, {"path": ["a"]})
+    await storage.set(record_key, {"steps": 1, "path": ["a"]})
     await storage.set("old", 1)
     await storage.commit()
     await storage.set("staged before", 2)
     error = None
     try:
-        await storage.commit_step(ops, record_key, {"path": ["a", "b"]}, steps_before)
+        await storage.commit_step(ops, record_key, {"steps": 2, "path": ["a", "b"]}, steps_before)
     except cf.CosmoFlowError as exc:
         error = f"{type(exc).__name__}: {exc}"
     stored = {key: await storage.get(key) for key in await storage.keys()}
@@ -880,7 +885,7 @@ async def test_a_connection_the_server_drops_during_a_commit_is_no_lost_race(
 
     storage = private_redis.storage()
     record_key = RECORD_PREFIX + "r"
-    await storage.set(record_key, {"path": []})
+    await storage.set(record_key, {"steps": 0, "path": []})
     await storage.commit()
     with private_redis.client() as client:
         client.config_set("proto-max-bulk-len", "1mb")
@@ -889,13 +894,13 @@ async def test_a_connection_the_server_drops_during_a_commit_is_no_lost_race(
         "commit": partial(storage.set, "big", big),
         "update": partial(storage.update, "big", lambda _: big, None),
         "commit_step sets": partial(
-            storage.commit_step, [("set", "big", big)], record_key, {"path": ["a"]}, 0
+            storage.commit_step, [("set", "big", big)], record_key, {"steps": 1, "path": ["a"]}, 0
         ),
         "commit_step update": partial(
             storage.commit_step,
             [("update", "big", (lambda _: big, None))],
             record_key,
-            {"path": ["a"]},
+            {"steps": 1, "path": ["a"]},
             0,
         ),
     }

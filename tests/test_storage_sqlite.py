@@ -277,15 +277,15 @@ async def test_a_durable_step_after_an_update_commits_in_a_savepoint(tmp_path: P
     update at the commit."""
     path = tmp_path / "store.db"
     key = record_key("r")
-    storage = await stored(path, **{key: {"path": []}})
+    storage = await stored(path, **{key: {"steps": 0, "path": []}})
     assert await storage.update("n", lambda n: n + 1, 0) == 1
     with pytest.raises(cf.RunConflictError):
-        await storage.commit_step([("set", "lost", 1)], key, {"path": ["x"]}, 5)
-    assert await storage.commit_step([("set", "kept", 2)], key, {"path": ["a"]}, 0)
+        await storage.commit_step([("set", "lost", 1)], key, {"steps": 1, "path": ["x"]}, 5)
+    assert await storage.commit_step([("set", "kept", 2)], key, {"steps": 1, "path": ["a"]}, 0)
     await storage.commit()
     await storage.aclose()
 
-    assert await read_back(path) == {key: {"path": ["a"]}, "n": 1, "kept": 2}
+    assert await read_back(path) == {key: {"steps": 1, "path": ["a"]}, "n": 1, "kept": 2}
 
 
 async def test_an_update_that_raises_leaves_no_lock_held(tmp_path: Path) -> None:
@@ -594,7 +594,7 @@ async def test_a_database_removed_or_replaced_while_open_fails_the_commit(
     open looks, and be lost once the connection closes. It is refused instead."""
     path = tmp_path / "store.db"
     key = record_key("r")
-    storage = await stored(path, a=1, **{key: {"path": []}})
+    storage = await stored(path, a=1, **{key: {"steps": 0, "path": []}})
     change(path)
     await storage.set("b", 2)
 
@@ -602,7 +602,7 @@ async def test_a_database_removed_or_replaced_while_open_fails_the_commit(
         if write == "commit":
             await storage.commit()
         else:
-            await storage.commit_step([("set", "c", 3)], key, {"path": ["x"]}, 0)
+            await storage.commit_step([("set", "c", 3)], key, {"steps": 1, "path": ["x"]}, 0)
 
     await storage.aclose()
     after = list(await read_back(path))
@@ -872,17 +872,22 @@ async def test_a_durable_step_with_a_key_that_is_not_valid_unicode_fails_alone(
     may raise anything else: the store actor would take it for a broken backend."""
     path = tmp_path / "store.db"
     key, bad = record_key("r"), "bad \udc80"
-    storage = await stored(path, **{key: {"path": []}}, kept=1)
-    assert await storage.commit_step([("delete", bad, None)], key, {"path": ["a"]}, 0)
+    storage = await stored(path, **{key: {"steps": 0, "path": []}}, kept=1)
+    assert await storage.commit_step([("delete", bad, None)], key, {"steps": 1, "path": ["a"]}, 0)
     for op in [("set", bad, 1), ("update", bad, (lambda value: value, 0))]:
         with pytest.raises(cf.StoreValueError) as info:
-            await storage.commit_step([("set", "x", 2), op], key, {"path": ["a", "b"]}, 1)
+            await storage.commit_step(
+                [("set", "x", 2), op], key, {"steps": 2, "path": ["a", "b"]}, 1
+            )
         assert info.value.key == bad
     await storage.commit()
     await storage.aclose()
 
     fresh = SQLiteStorage(path)
-    assert {k: await fresh.get(k) for k in await fresh.keys()} == {key: {"path": ["a"]}, "kept": 1}
+    assert {k: await fresh.get(k) for k in await fresh.keys()} == {
+        key: {"steps": 1, "path": ["a"]},
+        "kept": 1,
+    }
     await fresh.aclose()
 
 

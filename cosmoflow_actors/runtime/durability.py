@@ -27,10 +27,12 @@ from cosmoflow_actors.runtime.run_record import (
     failed,
     position,
     record_key,
+    reordered,
     step_done,
     succeeded,
 )
 from cosmoflow_actors.runtime.store_client import SharedStore, StagedStore, step_handle
+from cosmoflow_actors.storage.base import StagedOp
 
 
 class Durability:
@@ -103,6 +105,10 @@ class DurableRun(Durability):
         self.branches: dict[Branch, None] = {}
         """The branches whose position the record must hold (a dict as an ordered set)."""
         self.lock = trio.Lock()
+        self.reordered: set[int] = set()
+        """The path chunks this process sealed in another order than the steps started
+        (see :func:`~cosmoflow_actors.runtime.run_record.reordered`): the run's final
+        record writes them again."""
 
     def entered(self, branch: Branch, params: Mapping[str, Any]) -> None:
         """After a crash, ``branch`` is sent to this node again."""
@@ -126,8 +132,8 @@ class DurableRun(Durability):
     async def commit(
         self, run: ActiveRun, branch: Branch, node_id: str, action: Action, store: SharedStore
     ) -> None:
-        """Commit the step's staged writes with the run's record, in one commit, built
-        on the last record committed.
+        """Commit the step's staged writes with the run's record (and the path chunk the
+        step sealed, if it did), in one commit, built on the last record committed.
 
         Raises NodeError (phase ``"commit"``, caused by a StoreValueError) when the
         storage cannot encode what the step wrote or the params or result of its
@@ -137,17 +143,23 @@ class DurableRun(Durability):
         """
         assert isinstance(store, StagedStore)
         async with self.lock:
-            record, resume_at = step_done(self.record, self.branches, branch, node_id, action)
-            steps_before = len(self.record["path"])
+            record, resume_at, sealed = step_done(
+                self.record, self.branches, branch, node_id, action
+            )
+            steps_before = self.record["steps"]
+            ops = [*store.ops, *sealed] if sealed else store.ops
             key = record_key(run.run_id)
             try:
-                await run.store_actor.commit_step(run.storage, store.ops, key, record, steps_before)
+                await run.store_actor.commit_step(run.storage, ops, key, record, steps_before)
             except StoreValueError as exc:
                 cause = exc if exc.key != key else _unstorable_action(exc, action)
                 flow_name = branch.frames[-1].flow.name
                 raise NodeError(node_id, "commit", run.run_id, 1, flow_name) from cause
             self.record = record
             branch.resume_at = resume_at
+            chunk = reordered(record, sealed, run.path)
+            if chunk is not None:
+                self.reordered.add(chunk)
 
     def step_ended(self, run: ActiveRun, node_id: str, store: SharedStore) -> None:
         """Close the step's handle: what it stages now would be committed with no step."""
@@ -170,7 +182,7 @@ class DurableRun(Durability):
             if run.finished:
                 return
             try:
-                await self._write_end(run, succeeded(self.record, result))
+                await self._write_end(run, *succeeded(self.record, result, self.reordered))
             except StorageError as exc:
                 run.fail(exc)
                 return
@@ -188,19 +200,20 @@ class DurableRun(Durability):
             if run.finished:
                 return
             with contextlib.suppress(StorageError):  # RunConflictError among them
-                await self._write_end(run, failed(self.record, error))
+                await self._write_end(run, failed(self.record, error), [])
             run.fail(error)
 
-    async def _write_end(self, run: ActiveRun, record: dict[str, Any]) -> None:
-        """Write the run's final ``record`` as a step's commit is, only if the stored
-        record still counts the steps this engine committed: another engine that
-        committed a step of the run meanwhile keeps its record, which a record counting
-        fewer steps would put back in the run's future (to be applied again on resume).
-        Blocks while it is written; raises StorageError, RunConflictError when the
-        stored record counts other steps."""
-        steps = len(self.record["path"])
+    async def _write_end(self, run: ActiveRun, record: dict[str, Any], ops: list[StagedOp]) -> None:
+        """Write the run's final ``record`` (with ``ops``, the path chunks it writes
+        again) as a step's commit is, only if the stored record still counts the steps
+        this engine committed: another engine that committed a step of the run
+        meanwhile keeps its record, which a record counting fewer steps would put back
+        in the run's future (to be applied again on resume). Blocks while it is
+        written; raises StorageError, RunConflictError when the stored record counts
+        other steps."""
+        steps = self.record["steps"]
         key = record_key(run.run_id)
-        await run.store_actor.commit_step(run.storage, [], key, record, steps)
+        await run.store_actor.commit_step(run.storage, ops, key, record, steps)
 
 
 def _unstorable_action(error: StoreValueError, action: Action) -> StoreValueError:

@@ -487,7 +487,8 @@ class Engine:
         if child:
             run_record.require_params(run, record, params)
         if record["state"] == "succeeded":
-            run.succeed(run_record.recorded_result(record, run.storage))
+            path = await _recorded_path(run, record)
+            run.succeed(run_record.recorded_result(record, path, run.storage))
             return None
         if not resume:
             raise RunRecordedError(
@@ -505,9 +506,10 @@ class Engine:
         node's mailbox is full, until the run ends (a branch sent first may fail it
         meanwhile), and while the run's end is recorded when a branch's recorded
         outcome ends it."""
+        path = await _recorded_path(run, record)
         durable = DurableRun({**record, "state": "running", "error": None})
         run.durability = durable
-        branches = run_record.restore(run, record)
+        branches = run_record.restore(run, record, path)
         if not branches:
             return self._first_step(run, record["params"])
         durable.branches = dict.fromkeys(branches)
@@ -868,6 +870,15 @@ async def _recorded_parent(storage: Storage, actor: StoreActor, run_id: str) -> 
         return None
     recorded = await actor.read_record(storage, run_record.record_key(parent))
     return None if recorded is None else parent
+
+
+async def _recorded_path(run: ActiveRun, record: Mapping[str, Any]) -> list[str]:
+    """The whole path of ``run`` as its ``record`` (checked) and the path chunks it
+    counts say; StorageError naming a chunk that is missing or damaged. Blocks while
+    the chunks are read (nothing is read for a run of fewer than PATH_CHUNK steps)."""
+    keys = run_record.chunk_keys(record)
+    chunks = await run.store_actor.read_chunks(run.storage, keys) if keys else {}
+    return run_record.whole_path(record, chunks)
 
 
 def _checked_arguments(flow: object, params: object, run_id: object) -> dict[str, Any]:

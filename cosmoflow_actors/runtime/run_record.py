@@ -7,6 +7,13 @@ writes in the same commit as the step finishes, and when the run ends. Records a
 plain JSON, so every codec can store them; store keys under ``__cosmoflow__/`` are
 hidden from ``keys()``, ``size()`` and ``clear()``.
 
+The record counts the run's steps (``"steps"``) and holds the last of its path (the node
+of each step): the tail since the last sealed chunk. When the tail reaches
+:data:`PATH_CHUNK` node ids, the step's commit stores it as a sealed chunk under
+``__cosmoflow__/paths/<run_id>/<n>`` and the record's tail starts empty, so that a
+step's commit costs the same at any length of the run. The whole path is the chunks,
+in order, then the tail (see :func:`chunk_keys`, :func:`whole_path`).
+
 A step's record says where every branch of the run goes on after a crash: the step's
 own branch routes its action again, a branch whose step was under way is sent to that
 node again, and a branch whose fan-out ended without a join ends its flow again. The
@@ -21,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 import reprlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
@@ -39,11 +46,22 @@ from cosmoflow_actors.errors import (
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork, Frame
-from cosmoflow_actors.storage.base import RECORD_PREFIX, Storage, batch_parent
+from cosmoflow_actors.storage.base import (
+    RECORD_PREFIX,
+    StagedOp,
+    Storage,
+    batch_parent,
+    path_chunk_key,
+)
 from cosmoflow_actors.storage.codec import CODECS
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.node_actor import NodeActor
+
+
+PATH_CHUNK: Final = 1024
+"""How many node ids of a run's path a sealed chunk holds; the record's tail holds
+fewer."""
 
 
 def record_key(run_id: str) -> str:
@@ -203,7 +221,7 @@ class RunRecord:
             flow_name=record["flow"],
             state=record["state"],
             last_node_id=None if last is None else last["node"],
-            steps=len(record["path"]),
+            steps=record["steps"],
             owner=owner.get("worker"),
             queue=owner.get("queue"),
         )
@@ -246,6 +264,7 @@ def new_record(run_id: str, flow_name: str, params: Mapping[str, Any]) -> dict[s
         "flow": flow_name,
         "state": "running",
         "params": dict(params),
+        "steps": 0,
         "path": [],
         "last": None,
         "result": None,
@@ -276,13 +295,16 @@ def step_done(
     branch: Branch,
     node_id: str,
     action: Action,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], list[StagedOp]]:
     """``record`` once the step of ``branch`` at ``node_id`` returned the (resolved)
-    ``action``, the branches ``in_flight`` (``branch`` among them) going on; and where
-    the branch goes on from after a crash until it is routed.
+    ``action``, the branches ``in_flight`` (``branch`` among them) going on; where
+    the branch goes on from after a crash until it is routed; and the ops to commit
+    with the record: none, or the set of the path chunk the step sealed.
 
-    The record holds the step under ``"last"``, where every branch in flight goes on
-    under ``"branches"`` and the fan-outs they belong to under ``"forks"``.
+    The record counts the step and adds its node to the path's tail (which starts
+    empty again once it is sealed, see :data:`PATH_CHUNK`); it holds the step under
+    ``"last"``, where every branch in flight goes on under ``"branches"`` and the
+    fan-outs they belong to under ``"forks"``.
     """
     resume_at = {**position(branch), "node": node_id, "action": encode_action(action)}
     forks = _Forks()
@@ -291,14 +313,63 @@ def step_done(
         saved = resume_at if other is branch else other.resume_at
         assert saved is not None
         branches.append({**saved, "fork": forks.index(other.fork)})
+    steps = record["steps"] + 1
+    path = [*record["path"], node_id]
+    sealed: list[StagedOp] = []
+    if len(path) == PATH_CHUNK:
+        sealed.append(("set", path_chunk_key(record["run_id"], steps // PATH_CHUNK - 1), path))
+        path = []
     record = {
         **record,
-        "path": [*record["path"], node_id],
+        "steps": steps,
+        "path": path,
         "last": resume_at,
         "branches": branches,
         "forks": forks.saved,
     }
-    return record, resume_at
+    return record, resume_at, sealed
+
+
+def chunk_keys(record: Mapping[str, Any]) -> list[str]:
+    """The keys of the sealed chunks of the path of the run of ``record`` (checked, see
+    :func:`checked_record`), in order."""
+    sealed = (record["steps"] - len(record["path"])) // PATH_CHUNK
+    return [path_chunk_key(record["run_id"], number) for number in range(sealed)]
+
+
+def whole_path(record: Mapping[str, Any], chunks: Mapping[str, Any]) -> list[str]:
+    """The whole path of the run of ``record`` (checked): its sealed chunks, read from
+    the store into ``chunks`` by key (see :func:`chunk_keys`), then its tail.
+
+    Raises StorageError naming the key of a chunk that is missing or is no chunk the
+    engine writes (a list of :data:`PATH_CHUNK` node ids).
+    """
+    path: list[str] = []
+    for key in chunk_keys(record):
+        if key not in chunks:
+            raise StorageError(
+                f"run {record['run_id']!r}: the store holds no path chunk under {key!r}, "
+                f"which its record counts (its {record['steps']} steps): the chunk was "
+                "deleted or the record crafted"
+            )
+        chunk = chunks[key]
+        if not _is_chunk(chunk):
+            raise StorageError(
+                f"run {record['run_id']!r}: the store holds no valid path chunk under "
+                f"{key!r}: it holds {_shown(chunk)}, not a list of {PATH_CHUNK} node ids "
+                "(the engine never writes that: the chunk was crafted or damaged)"
+            )
+        path.extend(chunk)
+    path.extend(record["path"])
+    return path
+
+
+def _is_chunk(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == PATH_CHUNK
+        and all(isinstance(node_id, str) for node_id in value)
+    )
 
 
 def position(branch: Branch) -> dict[str, Any]:
@@ -334,12 +405,42 @@ class _Forks:
         return self._numbers[fork]
 
 
-def succeeded(record: Mapping[str, Any], result: FlowResult) -> dict[str, Any]:
-    """``record`` of a run that ended with ``result``."""
-    return {
+def reordered(record: Mapping[str, Any], sealed: list[StagedOp], started: list[str]) -> int | None:
+    """The number of the path chunk that ``sealed`` (the ops :func:`step_done` returned
+    with ``record``) sets, when its node ids are not in the order the run's steps
+    ``started`` (its path: a fan-out's branches may commit in another order than they
+    start); else None."""
+    if not sealed:
+        return None
+    number = record["steps"] // PATH_CHUNK - 1
+    start = number * PATH_CHUNK
+    return None if started[start : start + PATH_CHUNK] == sealed[0][2] else number
+
+
+def succeeded(
+    record: Mapping[str, Any], result: FlowResult, reordered: Collection[int]
+) -> tuple[dict[str, Any], list[StagedOp]]:
+    """``record`` of a run that ended with ``result``, and the ops to commit with it.
+
+    Its path is the result's ``execution_path`` (the order the steps started, as a run
+    returns it), as a tail and chunks: the chunks the run sealed in another order
+    (``reordered``, see :func:`reordered`) and those the record has not sealed yet (the
+    path may hold steps that started and never committed) are written again from it,
+    the others are left as they are.
+    """
+    path = result.execution_path
+    stored = (record["steps"] - len(record["path"])) // PATH_CHUNK
+    sealed = len(path) // PATH_CHUNK
+    ops: list[StagedOp] = [
+        ("set", path_chunk_key(record["run_id"], number), list(path[start : start + PATH_CHUNK]))
+        for number, start in enumerate(range(0, sealed * PATH_CHUNK, PATH_CHUNK))
+        if number >= stored or number in reordered
+    ]
+    ended = {
         **record,
         "state": "succeeded",
-        "path": list(result.execution_path),
+        "steps": len(path),
+        "path": list(path[sealed * PATH_CHUNK :]),
         "result": {
             "final_action": encode_action(result.final_action),
             "last_node_id": result.last_node_id,
@@ -347,6 +448,7 @@ def succeeded(record: Mapping[str, Any], result: FlowResult) -> dict[str, Any]:
             "duration": result.duration,
         },
     }
+    return ended, ops
 
 
 def failed(record: Mapping[str, Any], error: BaseException) -> dict[str, Any]:
@@ -354,10 +456,11 @@ def failed(record: Mapping[str, Any], error: BaseException) -> dict[str, Any]:
     return {**record, "state": "failed", "error": type_and_message(error)}
 
 
-def recorded_result(record: Mapping[str, Any], storage: Storage) -> FlowResult:
-    """The FlowResult of a run whose record says it succeeded."""
+def recorded_result(record: Mapping[str, Any], path: Iterable[str], storage: Storage) -> FlowResult:
+    """The FlowResult of a run whose record says it succeeded, its whole ``path`` read
+    with it (see :func:`whole_path`)."""
     result = record["result"]
-    path = tuple(record["path"])
+    path = tuple(path)
     return FlowResult(
         run_id=record["run_id"],
         flow_name=record["flow"],
@@ -372,10 +475,11 @@ def recorded_result(record: Mapping[str, Any], storage: Storage) -> FlowResult:
     )
 
 
-def restore(run: ActiveRun, record: Mapping[str, Any]) -> list[Branch]:
-    """Put ``run`` back where its record says; return its branches in flight, each with
-    its ``resume_at`` (none when no step had completed). Changes nothing outside
-    ``run``, which the caller sends on only if this returns.
+def restore(run: ActiveRun, record: Mapping[str, Any], path: Iterable[str]) -> list[Branch]:
+    """Put ``run`` back where its record says, its whole ``path`` read with it (see
+    :func:`whole_path`); return its branches in flight, each with its ``resume_at``
+    (none when no step had completed). Changes nothing outside ``run``, which the
+    caller sends on only if this returns.
 
     Raises RunRecordedError when the record does not fit the flow (it was changed since
     the run was recorded): a recorded node it lacks, or one that is now a nested flow
@@ -383,8 +487,8 @@ def restore(run: ActiveRun, record: Mapping[str, Any]) -> list[Branch]:
     MaxStepsExceeded when a step that was under way exceeds a flow's ``max_steps`` (it
     was lowered), as :func:`~.router.counted_step` would have.
     """
-    run.path.extend(record["path"])
-    run.steps = len(run.path)
+    run.path.extend(path)
+    run.steps = record["steps"]
     if record["last"] is None:
         return []
     forks: list[Fork] = []
@@ -517,7 +621,17 @@ def _decode_action(data: Mapping[str, Any]) -> Action:
 # write it, checked once where a record is read (a start, a resume, a forget, a list).
 
 _STATES: Final = ("running", "succeeded", "failed")
-_RECORD_FIELDS: Final = ("run_id", "flow", "state", "params", "path", "last", "result", "error")
+_RECORD_FIELDS: Final = (
+    "run_id",
+    "flow",
+    "state",
+    "params",
+    "steps",
+    "path",
+    "last",
+    "result",
+    "error",
+)
 _POSITION_FIELDS: Final = ("frames", "label", "count")
 _ACTION_FIELDS: Final = ("name", "params", "complete", "result")
 _RESULT_FIELDS: Final = ("final_action", "last_node_id", "value", "duration")
@@ -541,7 +655,9 @@ def record_problem(run_id: str, value: Any) -> str | None:
     """What is wrong with ``value`` as the record of the run ``run_id`` (a value the
     engine did not write: crafted, or damaged), or None when it is a record of that
     run as the engine writes them. Does not block; takes time in the length of the
-    run's path and the number of its branches and fan-outs."""
+    path's tail it holds (fewer than :data:`PATH_CHUNK` node ids) and the number of the
+    run's branches and fan-outs. Its sealed chunks are checked where they are read
+    (see :func:`whole_path`)."""
     try:
         _check_record(run_id, value)
     except _Malformed as exc:
@@ -556,7 +672,7 @@ def _check_record(run_id: str, value: Any) -> None:
     state = record["state"]
     _expect(state in _STATES, "state", state, f"one of {', '.join(_STATES)}")
     _check_params(record["params"], "params")
-    _check_path(record["path"])
+    _check_path(record["steps"], record["path"])
     if "owner" in record:
         _check_owner(record["owner"])
     _check_ending(record)
@@ -667,10 +783,18 @@ def _check_action(value: Any, where: str) -> None:
     _check_params(action["params"], f"{where}.params")
 
 
-def _check_path(path: Any) -> None:
+def _check_path(steps: Any, path: Any) -> None:
+    """The count of steps and the path's tail since its last sealed chunk (see
+    :func:`step_done`): the steps are the sealed chunks' node ids and the tail's."""
+    _expect(_is_count(steps), "steps", steps, "an int >= 0")
     _expect(isinstance(path, list), "path", path, "a list of node ids")
     for number, node_id in enumerate(path):
         _expect(isinstance(node_id, str), f"path[{number}]", node_id, "a node id")
+    tail = len(path)
+    _expect(tail < PATH_CHUNK, "path", path, f"a tail of fewer than {PATH_CHUNK} node ids")
+    whole = steps >= tail and (steps - tail) % PATH_CHUNK == 0
+    wanted = f"{tail} (its path's tail) plus a multiple of {PATH_CHUNK} (its sealed chunks)"
+    _expect(whole, "steps", steps, wanted)
 
 
 def _check_owner(value: Any) -> None:

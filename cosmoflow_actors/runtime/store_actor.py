@@ -45,6 +45,7 @@ from cosmoflow_actors.storage.base import (
     apply_step_op,
     check_steps,
     record_children,
+    record_chunks,
     value_or,
 )
 from cosmoflow_actors.storage.memory import MemoryStorage
@@ -165,13 +166,19 @@ class StoreActor(Actor[StoreRequest]):
         """The run record under ``key``, or None."""
         return await self.request(StoreOp.GET, storage, key, None)
 
+    async def read_chunks(self, storage: Storage, keys: list[str]) -> dict[str, Any]:
+        """Those of the run path chunks under ``keys`` that are stored, by key. Blocks
+        until read."""
+        found: dict[str, Any] = await self.request(StoreOp.GET_MANY, storage, "", keys)
+        return found
+
     async def forget_record(
         self, storage: Storage, key: str, check: Callable[[str, Any], None]
     ) -> bool:
         """Delete the run record under ``key``, with the records of its BatchFlow
-        children (``key/0``...), once ``check(key, record)`` has passed (it raises to
-        keep them), with nothing in between in the actor's serial order; return whether
-        there was a record. Blocks until done."""
+        children (``key:3/0``...) and the path chunks of them all, once ``check(key,
+        record)`` has passed (it raises to keep them), with nothing in between in the
+        actor's serial order; return whether there was a record. Blocks until done."""
         forgotten: bool = await self.request(StoreOp.FORGET, storage, key, check)
         return forgotten
 
@@ -469,10 +476,11 @@ class StoreActor(Actor[StoreRequest]):
             raise
 
     async def _forget(self, request: StoreRequest) -> Any:
-        """Delete a run's record and its children's once the check passed: in a
-        transaction of the backend's own when it has one (``Storage.forget_record``),
-        so that no other process changes the record between the check and the deletes;
-        else here, putting back what was deleted if the backend refuses one delete."""
+        """Delete a run's record and its children's, and their path chunks, once the
+        check passed: in a transaction of the backend's own when it has one
+        (``Storage.forget_record``), so that no other process changes the record between
+        the check and the deletes; else here, putting back what was deleted if the
+        backend refuses one delete."""
         storage = request.storage
         check = functools.partial(_refusing, request.argument, request.key)
         forgotten = await storage.forget_record(request.key, check)
@@ -484,7 +492,9 @@ class StoreActor(Actor[StoreRequest]):
         check(record)
         undo = _StoreUndo(storage)
         try:
-            for key in [request.key, *record_children(request.key, await storage.keys())]:
+            stored = await storage.keys()
+            children = record_children(request.key, stored)
+            for key in [request.key, *children, *record_chunks(request.key, stored)]:
                 await undo.remember(key)
                 await storage.delete(key)
         except Exception:
@@ -701,7 +711,7 @@ def _memory_forget(data: dict[str, Any], key: str, check: Callable[[str, Any], N
     if key not in data:
         return False
     _refusing(check, key, data[key])
-    for forgotten in [key, *record_children(key, data)]:
+    for forgotten in [key, *record_children(key, data), *record_chunks(key, data)]:
         del data[forgotten]
     return True
 

@@ -16,10 +16,16 @@ from cosmoflow_actors.errors import RunConflictError, StorageError, with_article
 from cosmoflow_actors.storage.codec import check_key
 
 RESERVED_PREFIX: Final = "__cosmoflow__/"
-"""Keys under this prefix belong to the engine (durable run records)."""
+"""Keys under this prefix belong to the engine (durable run records and their path
+chunks)."""
 
 RECORD_PREFIX: Final = RESERVED_PREFIX + "runs/"
 """A durable run's record is stored under this prefix followed by its run id."""
+
+PATH_PREFIX: Final = RESERVED_PREFIX + "paths/"
+"""A durable run's sealed path chunks are stored under this prefix followed by its run
+id, ``/`` and the chunk's number (``__cosmoflow__/paths/job/0``): outside
+:data:`RECORD_PREFIX`, so that no listing of records meets them."""
 
 StagedOp = tuple[str, str, Any]
 """A write staged by a durable step: ("set", key, value), ("delete", key, None),
@@ -190,7 +196,9 @@ class Storage(ABC):
         ``ops`` are ``("set", key, value)``, ``("delete", key, None)``, ``("clear", "",
         None)`` (every key outside :data:`RESERVED_PREFIX`) and ``("update", key,
         (function, default))`` (store ``function(value or default)``; ``function`` may
-        raise, and then nothing is stored). The record stored under ``record_key`` must
+        raise, and then nothing is stored); the last op may set a sealed chunk of the
+        run's path under :data:`PATH_PREFIX` (see :func:`path_chunk_key`), a list of node
+        ids applied like any other set. The record stored under ``record_key`` must
         still count ``steps_before`` completed steps: check it inside the transaction
         with :func:`check_steps`, which raises RunConflictError when another engine
         committed a step first, and then store nothing.
@@ -218,8 +226,9 @@ class Storage(ABC):
 
         Read the run record stored under ``record_key`` (return False when there is
         none) and call ``check(record)``, which raises to keep it: let its error
-        propagate unchanged, with nothing deleted. Then delete the record and those of
-        the run's BatchFlow children (:func:`record_children` of the stored keys), with
+        propagate unchanged, with nothing deleted. Then delete the record, those of the
+        run's BatchFlow children (:func:`record_children` of the stored keys) and the
+        path chunks of them all (:func:`record_chunks` of the stored keys), with
         no write of another process between the read and the deletes, so that the
         record deleted is the one checked (a resume elsewhere may have gone on with the
         run meanwhile), and return True. The store actor calls :meth:`commit` next, as
@@ -269,6 +278,9 @@ execution id (the step's branch and number), then ``/`` and the child's index.""
 _CHILD_ID: Final = re.compile(f"(.+){_CHILD_SUFFIX}")
 _CHILD_PATH: Final = re.compile(f"(?:{_CHILD_SUFFIX})+")
 """What the run ids of a run's BatchFlow children at any depth add to the run's."""
+_CHUNK_OF_RUN: Final = re.compile(f"(?:{_CHILD_SUFFIX})*/[0-9]+")
+"""What the key of a path chunk of a run or of its children adds to ``PATH_PREFIX`` and
+the run's id."""
 
 
 def record_children(record_key: str, keys: Iterable[str]) -> list[str]:
@@ -280,6 +292,34 @@ def record_children(record_key: str, keys: Iterable[str]) -> list[str]:
     prefix = children_prefix(record_key)
     start = len(record_key)
     return [key for key in keys if key.startswith(prefix) and _CHILD_PATH.fullmatch(key, start)]
+
+
+def path_chunk_key(run_id: str, number: int) -> str:
+    """The store key of the sealed path chunk ``number`` (0, 1, ...) of the run ``run_id``.
+    Does not block."""
+    return f"{PATH_PREFIX}{run_id}/{number}"
+
+
+def chunks_prefix(record_key: str) -> str:
+    """The start of the key of every path chunk of the run recorded under
+    ``record_key`` and of its BatchFlow children (and of a run whose id starts with this
+    one's: :func:`record_chunks` leaves those out). Does not block."""
+    return PATH_PREFIX + record_key.removeprefix(RECORD_PREFIX)
+
+
+def record_chunks(record_key: str, keys: Iterable[str]) -> list[str]:
+    """Those of ``keys`` that are path chunks (see :func:`path_chunk_key`) of the run
+    recorded under ``record_key`` or of its BatchFlow children at any depth (see
+    :func:`record_children`): what is forgotten with the run. Every such key starts with
+    :func:`chunks_prefix`: a backend that lists its keys by prefix may give only those.
+    Does not block."""
+    run_path = chunks_prefix(record_key)
+    start = len(run_path)
+    return [
+        key
+        for key in keys
+        if key.startswith(run_path) and _CHUNK_OF_RUN.fullmatch(key, start) is not None
+    ]
 
 
 def children_prefix(record_key: str) -> str:
@@ -298,8 +338,8 @@ def batch_parent(run_id: str) -> str | None:
 
 def check_steps(record_key: str, stored: Any, steps_before: int) -> None:
     """Raise RunConflictError unless ``stored``, the run record read from the store under
-    ``record_key`` (None when missing), counts ``steps_before`` completed steps;
-    StorageError when ``stored`` is not a run record. Does not block."""
+    ``record_key`` (None when missing), counts ``steps_before`` completed steps (its
+    ``"steps"``); StorageError when ``stored`` is not a run record. Does not block."""
     run_id = record_key.removeprefix(RECORD_PREFIX)
     if stored is None:
         raise RunConflictError(
@@ -316,16 +356,16 @@ def check_steps(record_key: str, stored: Any, steps_before: int) -> None:
 
 def _recorded_steps(record_key: str, stored: Any) -> int:
     """How many steps the run record ``stored`` counts; StorageError naming the key when
-    it is no run record (a dict holding the run's ``path``), as when a backend's ``get``
-    does not return what its ``set`` was given."""
-    path = stored.get("path") if isinstance(stored, dict) else None
-    if not isinstance(path, list | tuple):
+    it is no run record (a dict holding the run's count of ``steps``), as when a
+    backend's ``get`` does not return what its ``set`` was given."""
+    steps = stored.get("steps") if isinstance(stored, dict) else None
+    if not isinstance(steps, int) or isinstance(steps, bool):
         raise StorageError(
             f"the storage holds no run record under {record_key!r}: its get returned "
             f"{with_article(type(stored).__name__)} ({stored!r:.60}) where a dict with the "
-            "run's 'path' was stored; a storage's get must return the value its set was given"
+            "run's 'steps' was stored; a storage's get must return the value its set was given"
         )
-    return len(path)
+    return steps
 
 
 async def value_or(storage: Storage, key: str, missing: Any) -> Any:

@@ -19,7 +19,9 @@ from cosmoflow_actors.storage.base import (
     StagedOp,
     check_steps,
     children_prefix,
+    chunks_prefix,
     record_children,
+    record_chunks,
 )
 from cosmoflow_actors.storage.codec import (
     check_database_meta,
@@ -331,16 +333,16 @@ class RedisStorage(DatabaseStorage):
         raise self._lost_races("a step's commit")
 
     async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool:
-        """Delete the run record under ``record_key`` and its BatchFlow children's once
-        ``check(record)`` has passed, atomically across processes; return whether there
-        was a record.
+        """Delete the run record under ``record_key`` and its BatchFlow children's, and
+        the path chunks of them all, once ``check(record)`` has passed, atomically across
+        processes; return whether there was a record.
 
         Watches the hash, reads the record, checks it, reads the keys that may be its
-        children's (``HSCAN`` matching their prefix), and sends the writes staged
-        before and the deletes in one ``MULTI``/``EXEC``; when another client changed
-        the hash in between, it starts over (at most
-        :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError): the record deleted is
-        the one checked. A check that raises deletes nothing. Blocks in a worker thread
+        children's records and the path chunks of them all (an ``HSCAN`` matching each
+        prefix), and sends the writes staged before and the deletes in one
+        ``MULTI``/``EXEC``; when another client changed the hash in between, it starts
+        over (at most :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError): the record
+        deleted is the one checked. A check that raises deletes nothing. Blocks in a worker thread
         for each round trip; ``check`` runs in the calling task.
         """
         async with self._bounded():
@@ -353,6 +355,8 @@ class RedisStorage(DatabaseStorage):
                     check(self._codec.read(repr(self), record_key, stored))
                     listed = await self._keys_from(pipe, children_prefix(record_key))
                     keys = record_children(record_key, listed)
+                    chunks = await self._keys_from(pipe, chunks_prefix(record_key))
+                    keys.extend(record_chunks(record_key, chunks))
                     deletes = [DeleteOp(key) for key in [record_key, *keys]]
                     if await self._in_thread(self._exec, pipe, [*self._staged.ops, *deletes]):
                         self._staged.reset()

@@ -22,7 +22,9 @@ from cosmoflow_actors.storage.base import (
     StagedOp,
     check_steps,
     children_prefix,
+    chunks_prefix,
     record_children,
+    record_chunks,
     value_or,
 )
 from cosmoflow_actors.storage.codec import (
@@ -288,9 +290,9 @@ class SQLiteStorage(DatabaseStorage):
         return await super().update(key, function, default)
 
     async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool:
-        """Delete the run record under ``record_key`` and its BatchFlow children's once
-        ``check(record)`` has passed, atomically across processes; return whether there
-        was a record.
+        """Delete the run record under ``record_key`` and its BatchFlow children's, and
+        the path chunks of them all, once ``check(record)`` has passed, atomically across
+        processes; return whether there was a record.
 
         Opens the transaction :meth:`commit` commits, unless it is open (``BEGIN
         IMMEDIATE``: other processes' writes wait until the commit), then reads the
@@ -304,7 +306,8 @@ class SQLiteStorage(DatabaseStorage):
             return False
         check(record)
         children = record_children(record_key, await self._keys_from(children_prefix(record_key)))
-        for key in [record_key, *children]:
+        chunks = record_chunks(record_key, await self._keys_from(chunks_prefix(record_key)))
+        for key in [record_key, *children, *chunks]:
             self._staged.delete(key)
         return True
 
