@@ -747,6 +747,23 @@ async def test_a_forget_takes_the_children_of_a_run_whose_id_holds_pattern_chara
     assert left == {"seed", *others}
 
 
+@persistent
+@pytest.mark.parametrize("last", ["\U0010ffff", "\ud7ff"])
+async def test_a_forget_of_a_run_whose_id_ends_in_the_last_character_of_a_range(
+    backend: Backend, last: str
+) -> None:
+    """No character follows U+10FFFF, and U+D800 after U+D7FF is a surrogate: a key
+    range ending after the run id's last character would not be one. The forget takes
+    the run, and no other."""
+    flow = cf.Flow.builder("one").add_node("a", Recorder()).build()
+    storage = await backend.instance()
+    async with cf.open_engine() as engine:
+        for run_id in (f"x{last}", "x"):
+            await engine.run(flow, storage, run_id=run_id)
+        assert await engine.forget_run(storage, f"x{last}")
+        assert [run.run_id for run in await engine.list_runs(storage)] == ["x"]
+
+
 # --- differential: every backend against a dict, with random operation sequences -------
 
 

@@ -16,7 +16,7 @@ from cosmoflow_actors.storage.base import (
     batch_parent,
     check_steps,
     check_user_key,
-    chunks_prefix,
+    chunk_prefixes,
     path_chunk_key,
     record_children,
     record_chunks,
@@ -172,6 +172,11 @@ def test_record_chunks_are_the_path_chunks_of_a_run_and_its_children() -> None:
         path_chunk_key(run_id, 0)
         for run_id in ("job2", "jo", "job:1", "job/0", "job:1.0/0", "job:1/0x", "job/1/")
     ]
-    others += [record_key("job"), path_chunk_key("job", 0) + "/", chunks_prefix(record_key("job"))]
-    assert all(key.startswith(chunks_prefix(record_key("job"))) for key in chunks)
+    others += [
+        record_key("job"),
+        path_chunk_key("job", 0) + "/",
+        *chunk_prefixes(record_key("job")),
+    ]
+    assert all(key.startswith(chunk_prefixes(record_key("job"))) for key in chunks)
+    assert not any(key.startswith(chunk_prefixes(record_key("job"))) for key in others[:2])
     assert record_chunks(record_key("job"), [*others, *chunks]) == chunks

@@ -196,9 +196,10 @@ class Storage(ABC):
         ``ops`` are ``("set", key, value)``, ``("delete", key, None)``, ``("clear", "",
         None)`` (every key outside :data:`RESERVED_PREFIX`) and ``("update", key,
         (function, default))`` (store ``function(value or default)``; ``function`` may
-        raise, and then nothing is stored); the last op may set a sealed chunk of the
-        run's path under :data:`PATH_PREFIX` (see :func:`path_chunk_key`), a list of node
-        ids applied like any other set. The record stored under ``record_key`` must
+        raise, and then nothing is stored); the ops after the step's writes may set
+        sealed chunks of the run's path under :data:`PATH_PREFIX` (see
+        :func:`path_chunk_key`; a run's final record may write several), each a list of
+        node ids applied like any other set. The record stored under ``record_key`` must
         still count ``steps_before`` completed steps: check it inside the transaction
         with :func:`check_steps`, which raises RunConflictError when another engine
         committed a step first, and then store nothing.
@@ -300,20 +301,24 @@ def path_chunk_key(run_id: str, number: int) -> str:
     return f"{PATH_PREFIX}{run_id}/{number}"
 
 
-def chunks_prefix(record_key: str) -> str:
-    """The start of the key of every path chunk of the run recorded under
-    ``record_key`` and of its BatchFlow children (and of a run whose id starts with this
-    one's: :func:`record_chunks` leaves those out). Does not block."""
-    return PATH_PREFIX + record_key.removeprefix(RECORD_PREFIX)
+def chunk_prefixes(record_key: str) -> tuple[str, str]:
+    """The starts of the keys of the path chunks of the run recorded under
+    ``record_key`` (``__cosmoflow__/paths/job/``) and of its BatchFlow children's
+    (``__cosmoflow__/paths/job:``), and of no run whose id does not start with
+    ``job/`` or ``job:`` (:func:`record_chunks` leaves out those that are not the
+    run's). Each ends in an ASCII character (a key range may end at the character
+    after it). Does not block."""
+    run_path = PATH_PREFIX + record_key.removeprefix(RECORD_PREFIX)
+    return f"{run_path}/", f"{run_path}:"
 
 
 def record_chunks(record_key: str, keys: Iterable[str]) -> list[str]:
     """Those of ``keys`` that are path chunks (see :func:`path_chunk_key`) of the run
     recorded under ``record_key`` or of its BatchFlow children at any depth (see
     :func:`record_children`): what is forgotten with the run. Every such key starts with
-    :func:`chunks_prefix`: a backend that lists its keys by prefix may give only those.
-    Does not block."""
-    run_path = chunks_prefix(record_key)
+    one of :func:`chunk_prefixes`: a backend that lists its keys by prefix may give
+    only those. Does not block."""
+    run_path = PATH_PREFIX + record_key.removeprefix(RECORD_PREFIX)
     start = len(run_path)
     return [
         key

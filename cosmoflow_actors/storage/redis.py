@@ -19,7 +19,7 @@ from cosmoflow_actors.storage.base import (
     StagedOp,
     check_steps,
     children_prefix,
-    chunks_prefix,
+    chunk_prefixes,
     record_children,
     record_chunks,
 )
@@ -355,8 +355,9 @@ class RedisStorage(DatabaseStorage):
                     check(self._codec.read(repr(self), record_key, stored))
                     listed = await self._keys_from(pipe, children_prefix(record_key))
                     keys = record_children(record_key, listed)
-                    chunks = await self._keys_from(pipe, chunks_prefix(record_key))
-                    keys.extend(record_chunks(record_key, chunks))
+                    for prefix in chunk_prefixes(record_key):
+                        chunks = await self._keys_from(pipe, prefix)
+                        keys.extend(record_chunks(record_key, chunks))
                     deletes = [DeleteOp(key) for key in [record_key, *keys]]
                     if await self._in_thread(self._exec, pipe, [*self._staged.ops, *deletes]):
                         self._staged.reset()

@@ -22,7 +22,7 @@ from cosmoflow_actors.storage.base import (
     StagedOp,
     check_steps,
     children_prefix,
-    chunks_prefix,
+    chunk_prefixes,
     record_children,
     record_chunks,
     value_or,
@@ -306,13 +306,17 @@ class SQLiteStorage(DatabaseStorage):
             return False
         check(record)
         children = record_children(record_key, await self._keys_from(children_prefix(record_key)))
-        chunks = record_chunks(record_key, await self._keys_from(chunks_prefix(record_key)))
+        listed = [
+            key for prefix in chunk_prefixes(record_key) for key in await self._keys_from(prefix)
+        ]
+        chunks = record_chunks(record_key, listed)
         for key in [record_key, *children, *chunks]:
             self._staged.delete(key)
         return True
 
     async def _keys_from(self, prefix: str) -> list[str]:
-        """The keys starting with ``prefix``, with the staged writes laid over (and any
+        """The keys starting with ``prefix`` (which ends in an ASCII character, so that
+        the character after it ends the range), with the staged writes laid over (and any
         key a staged write sets): one range query on the key's index, whatever the size
         of the store. Blocks in a worker thread."""
         end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
