@@ -44,8 +44,7 @@ from cosmoflow_actors.storage.base import (
     Storage,
     apply_step_op,
     check_steps,
-    record_children,
-    record_chunks,
+    forgotten_with,
     value_or,
 )
 from cosmoflow_actors.storage.memory import MemoryStorage
@@ -492,9 +491,7 @@ class StoreActor(Actor[StoreRequest]):
         check(record)
         undo = _StoreUndo(storage)
         try:
-            stored = await storage.keys()
-            children = record_children(request.key, stored)
-            for key in [request.key, *children, *record_chunks(request.key, stored)]:
+            for key in forgotten_with(request.key, await storage.keys()):
                 await undo.remember(key)
                 await storage.delete(key)
         except Exception:
@@ -711,7 +708,7 @@ def _memory_forget(data: dict[str, Any], key: str, check: Callable[[str, Any], N
     if key not in data:
         return False
     _refusing(check, key, data[key])
-    for forgotten in [key, *record_children(key, data), *record_chunks(key, data)]:
+    for forgotten in forgotten_with(key, data):
         del data[forgotten]
     return True
 

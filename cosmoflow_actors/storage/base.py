@@ -228,8 +228,8 @@ class Storage(ABC):
         Read the run record stored under ``record_key`` (return False when there is
         none) and call ``check(record)``, which raises to keep it: let its error
         propagate unchanged, with nothing deleted. Then delete the record, those of the
-        run's BatchFlow children (:func:`record_children` of the stored keys) and the
-        path chunks of them all (:func:`record_chunks` of the stored keys), with
+        run's BatchFlow children and the path chunks of them all (:func:`forgotten_with`
+        of the stored keys, or of those under :func:`forgotten_prefixes`), with
         no write of another process between the read and the deletes, so that the
         record deleted is the one checked (a resume elsewhere may have gone on with the
         run meanwhile), and return True. The store actor calls :meth:`commit` next, as
@@ -331,6 +331,21 @@ def children_prefix(record_key: str) -> str:
     """The start of the key of every record of a BatchFlow child of the run recorded
     under ``record_key`` (see :func:`record_children`). Does not block."""
     return f"{record_key}:"
+
+
+def forgotten_prefixes(record_key: str) -> tuple[str, ...]:
+    """The starts of the keys :func:`forgotten_with` may take besides ``record_key``
+    (:func:`children_prefix` and :func:`chunk_prefixes`): a backend that lists its keys
+    by prefix may give it only those. Each ends in an ASCII character. Does not block."""
+    return (children_prefix(record_key), *chunk_prefixes(record_key))
+
+
+def forgotten_with(record_key: str, keys: Iterable[str]) -> list[str]:
+    """``record_key`` and those of ``keys`` forgotten with the run recorded under it:
+    the records of its BatchFlow children (:func:`record_children`) and the path
+    chunks of them all (:func:`record_chunks`). Does not block."""
+    keys = list(keys)
+    return [record_key, *record_children(record_key, keys), *record_chunks(record_key, keys)]
 
 
 def batch_parent(run_id: str) -> str | None:

@@ -18,10 +18,8 @@ from cosmoflow_actors.storage.base import (
     RESERVED_PREFIX,
     StagedOp,
     check_steps,
-    children_prefix,
-    chunk_prefixes,
-    record_children,
-    record_chunks,
+    forgotten_prefixes,
+    forgotten_with,
 )
 from cosmoflow_actors.storage.codec import (
     check_database_meta,
@@ -353,12 +351,12 @@ class RedisStorage(DatabaseStorage):
                     if stored is None:
                         return False
                     check(self._codec.read(repr(self), record_key, stored))
-                    listed = await self._keys_from(pipe, children_prefix(record_key))
-                    keys = record_children(record_key, listed)
-                    for prefix in chunk_prefixes(record_key):
-                        chunks = await self._keys_from(pipe, prefix)
-                        keys.extend(record_chunks(record_key, chunks))
-                    deletes = [DeleteOp(key) for key in [record_key, *keys]]
+                    listed = [
+                        key
+                        for prefix in forgotten_prefixes(record_key)
+                        for key in await self._keys_from(pipe, prefix)
+                    ]
+                    deletes = [DeleteOp(key) for key in forgotten_with(record_key, listed)]
                     if await self._in_thread(self._exec, pipe, [*self._staged.ops, *deletes]):
                         self._staged.reset()
                         return True

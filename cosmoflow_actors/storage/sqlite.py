@@ -21,10 +21,8 @@ from cosmoflow_actors.storage.base import (
     RESERVED_PREFIX,
     StagedOp,
     check_steps,
-    children_prefix,
-    chunk_prefixes,
-    record_children,
-    record_chunks,
+    forgotten_prefixes,
+    forgotten_with,
     value_or,
 )
 from cosmoflow_actors.storage.codec import (
@@ -305,12 +303,12 @@ class SQLiteStorage(DatabaseStorage):
         if record is None:
             return False
         check(record)
-        children = record_children(record_key, await self._keys_from(children_prefix(record_key)))
         listed = [
-            key for prefix in chunk_prefixes(record_key) for key in await self._keys_from(prefix)
+            key
+            for prefix in forgotten_prefixes(record_key)
+            for key in await self._keys_from(prefix)
         ]
-        chunks = record_chunks(record_key, listed)
-        for key in [record_key, *children, *chunks]:
+        for key in forgotten_with(record_key, listed):
             self._staged.delete(key)
         return True
 
