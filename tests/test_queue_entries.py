@@ -87,6 +87,7 @@ def test_a_run_id_reads_back_and_shows_escaped_when_not_utf8() -> None:
 
 def test_a_passed_over_note_reads_back_and_a_bad_one_is_unreadable() -> None:
     assert decoded_passed(QUEUE, "r", b'{"since": 1.5, "by": ["w1", "w2"]}') == (1.5, ["w1", "w2"])
-    for note in ('{"since": 1, "by": ["w1", 2]}', '{"since": true, "by": []}', "[]", DEEP):
+    huge = '{"since": ' + "9" * 400 + ', "by": []}'  # an int no float holds
+    for note in ('{"since": 1, "by": ["w1", 2]}', '{"since": true, "by": []}', "[]", DEEP, huge):
         with pytest.raises(cf.UnreadableEntryError, match="the passed-over note of run 'r' "):
             decoded_passed(QUEUE, "r", note)

@@ -9,12 +9,12 @@ and every other run goes on."""
 from __future__ import annotations
 
 import json
-import math
 import reprlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, TypeGuard
+from typing import TYPE_CHECKING, Any, Final
 
 from cosmoflow_actors.errors import CosmoFlowError, with_article
+from cosmoflow_actors.node import is_finite_number
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.queue.client import RunQueue
@@ -36,10 +36,6 @@ class UnreadableEntryError(CosmoFlowError):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> TypeGuard[float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_text_or_none(value: object) -> bool:
@@ -66,7 +62,7 @@ def _is_result(value: object) -> bool:
         and isinstance(value.get("final_action"), str)
         and isinstance(value.get("path"), list)
         and all(isinstance(step, str) for step in value["path"])
-        and _is_number(value.get("duration"))
+        and is_finite_number(value.get("duration"))
     )
 
 
@@ -139,7 +135,7 @@ def decoded_passed(queue: RunQueue, run_id: str, data: bytes | str) -> tuple[flo
     if not isinstance(note, dict):
         raise _not_written(queue, what, "it", note, "a JSON object")
     since, by = note.get("since"), note.get("by")
-    if not _is_number(since):
+    if not is_finite_number(since):
         raise _not_written(queue, what, "its 'since'", since, "a finite number")
     if not isinstance(by, list) or not all(isinstance(name, str) for name in by):
         raise _not_written(queue, what, "its 'by'", by, "a list of str")
