@@ -16,7 +16,7 @@ import pytest
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
-from cosmoflow_actors.storage.base import PATH_PREFIX, path_chunk_key
+from cosmoflow_actors.storage.base import PARTS_PREFIX, path_chunk_key, place_key
 from tests.support import Gate, Recorder, single, ticking
 
 
@@ -97,7 +97,7 @@ FORK: dict[str, Any] = {
 }
 """A fan-out as the engine saves it."""
 
-ACTION = ("branches", 0, "action")
+ACTION = ("last", "action")
 
 CRAFTED = [
     ("not-an-object", "failed", {(): "garbage"}, "the record is 'garbage' (str), not an object"),
@@ -136,77 +136,50 @@ CRAFTED = [
     ("result-of-a-failed-run", "failed", {("result",): 1}, "result is 1 (int), not null (the run"),
     ("last-a-str", "failed", {("last",): "x"}, "last is 'x' (str), not an object"),
     ("last-count-a-str", "failed", {("last", "count"): "x"}, "last.count is 'x' (str), not an int"),
-    ("no-branches", "failed", {("branches",): DROP}, "the record (it has a last step) lacks 'br"),
-    ("branches-null", "failed", {("branches",): None}, "branches is None (NoneType), not a list"),
-    ("branch-an-int", "failed", {("branches", 0): 5}, "branches[0] is 5 (int), not an object"),
-    ("frames-a-str", "failed", {("branches", 0, "frames"): "a"}, "branches[0].frames is 'a' (str"),
-    ("frames-empty", "failed", {("branches", 0, "frames"): []}, "branches[0].frames is [] (list)"),
+    ("frames-a-str", "failed", {("last", "frames"): "a"}, "last.frames is 'a' (str"),
+    ("frames-empty", "failed", {("last", "frames"): []}, "last.frames is [] (list)"),
     (
         "frame-without-steps",
         "failed",
-        {("branches", 0, "frames", 0): ["a"]},
-        "branches[0].frames[0] is ['a'] (list), not [node id, steps]",
+        {("last", "frames", 0): ["a"]},
+        "last.frames[0] is ['a'] (list), not [node id, steps]",
     ),
     (
         "frame-steps-negative",
         "failed",
-        {("branches", 0, "frames", 0, 1): -1},
-        "branches[0].frames[0] is ['a', -1] (list), not [node id, steps]",
+        {("last", "frames", 0, 1): -1},
+        "last.frames[0] is ['a', -1] (list), not [node id, steps]",
     ),
-    ("count-negative", "failed", {("branches", 0, "count"): -5}, "branches[0].count is -5 (int)"),
-    ("count-a-bool", "failed", {("branches", 0, "count"): True}, "branches[0].count is True (bo"),
+    ("count-negative", "failed", {("last", "count"): -5}, "last.count is -5 (int)"),
+    ("count-a-bool", "failed", {("last", "count"): True}, "last.count is True (bo"),
     (
-        "fork-with-none-saved",
+        "last-fork-beyond-the-places",
         "failed",
-        {("branches", 0, "fork"): 3},
-        "branches[0].fork is 3 (int), not null (no fork is saved)",
+        {("last", "fork"): 3},
+        "last.fork is 3 (int), not null or a place's number, 0 to 0",
     ),
+    ("places-a-str", "failed", {("places",): "1"}, "places is '1' (str), not an int >= 0"),
     (
-        "fork-beyond-those-saved",
+        "last-place-beyond-the-places",
         "failed",
-        {("forks",): [FORK], ("branches", 0, "fork"): 1},
-        "branches[0].fork is 1 (int), not null or a fork's number, 0 to 0",
+        {("last", "place"): 1},
+        "last.place is 1 (int), not a place's number, 0 to 0",
     ),
-    ("forks-null", "failed", {("forks",): None}, "forks is None (NoneType), not a list"),
-    ("fork-malformed", "failed", {("forks",): [{"x": 1}]}, "forks[0] lacks 'parent', 'depth', "),
-    (
-        "fork-its-own-parent",
-        "failed",
-        {("forks",): [{**FORK, "parent": {**FORK["parent"], "fork": 0}}]},
-        "forks[0].parent.fork is 0 (int), not null (no fork is saved)",
-    ),
-    (
-        "fork-pending-none",
-        "failed",
-        {("forks",): [{**FORK, "pending": 0}]},
-        "forks[0].pending is 0 (int), not an int >= 1",
-    ),
-    ("action-missing", "failed", {ACTION: DROP}, "branches[0] lacks 'action'"),
-    ("action-an-int", "failed", {ACTION: 5}, "branches[0].action is 5 (int), not an object"),
-    ("action-name-empty", "failed", {(*ACTION, "name"): ""}, "branches[0].action.name is '' (s"),
+    ("last-place-null", "failed", {("last", "place"): None}, "last.place is None (NoneType), not"),
+    ("action-missing", "failed", {ACTION: DROP}, "last lacks 'action'"),
+    ("action-an-int", "failed", {ACTION: 5}, "last.action is 5 (int), not an object"),
+    ("action-name-empty", "failed", {(*ACTION, "name"): ""}, "last.action.name is '' (s"),
     (
         "action-params-a-list",
         "failed",
         {(*ACTION, "params"): [1]},
-        "branches[0].action.params is [1] (list), not an object of params",
+        "last.action.params is [1] (list), not an object of params",
     ),
     (
         "action-complete-a-str",
         "failed",
         {(*ACTION, "complete"): "yes"},
-        "branches[0].action.complete is 'yes' (str), not true or false",
-    ),
-    (
-        "step-params-a-str",
-        "failed",
-        {("branches", 0, "params"): "x"},
-        "branches[0].params is 'x' (str), not an object of params",
-    ),
-    (
-        "end-without-action",
-        "failed",
-        {("branches", 0, "end"): {"node": "a"}},
-        "branches[0].end lacks 'action'",
+        "last.action.complete is 'yes' (str), not true or false",
     ),
     ("result-null", "succeeded", {("result",): None}, "result is None (NoneType), not an object"),
     (
@@ -264,6 +237,81 @@ async def test_a_crafted_run_record_is_refused_naming_its_key_and_fault_and_left
     assert done.execution_path == ("a", "b")
 
 
+UNDER_WAY: dict[str, Any] = {
+    "frames": [["b", 0]],
+    "label": "",
+    "count": 2,
+    "params": {},
+    "fork": None,
+}
+"""A branch whose step at "b" is under way, as the engine saves it in a place."""
+
+INVALID = "the store holds no valid place under KEY: "
+NAMED = "a place names the fan-out at KEY, which "
+
+CRAFTED_PLACES = [
+    ("not-one-kind", {1: 5}, 1, INVALID + "the place is 5 (int), not an object of one 'br"),
+    ("two-kinds", {1: {"branch": {}, "fork": {}}}, 1, INVALID + "the place is {'branch': {}"),
+    ("branch-frames-a-str", {1: {"branch": {**UNDER_WAY, "frames": "a"}}}, 1, INVALID + "bra"),
+    (
+        "branch-params-a-str",
+        {1: {"branch": {**UNDER_WAY, "params": "x"}}},
+        1,
+        INVALID + "branch.params is 'x' (str), not an object of params",
+    ),
+    (
+        "branch-fork-beyond-the-places",
+        {1: {"branch": {**UNDER_WAY, "fork": 3}}},
+        1,
+        INVALID + "branch.fork is 3 (int), not null or a place's number, 0 to 2",
+    ),
+    ("fork-malformed", {1: {"fork": {"x": 1}}}, 1, INVALID + "fork lacks 'parent', 'depth', "),
+    (
+        "fork-pending-none",
+        {1: {"fork": {**FORK, "pending": 0}}},
+        1,
+        INVALID + "fork.pending is 0 (int), not an int >= 1",
+    ),
+    ("fork-missing", {1: {"branch": {**UNDER_WAY, "fork": 2}}}, 2, NAMED + "holds no fan-out"),
+    (
+        "fork-inside-itself",
+        {
+            1: {"fork": {**FORK, "parent": {**FORK["parent"], "fork": 1}}},
+            2: {"branch": {**UNDER_WAY, "fork": 1}},
+        },
+        1,
+        NAMED + "holds a fan-out inside itself",
+    ),
+]
+"""Places the engine never writes, beside the record of run "r1" that fails at "b" (its
+record counting 3 places): (id, the places by number, the number of the place at fault,
+what the StorageError says, the key at fault's repr in place of KEY)."""
+
+
+@pytest.mark.parametrize(
+    ("places", "at_fault", "problem"),
+    [pytest.param(*case[1:], id=case[0]) for case in CRAFTED_PLACES],
+)
+async def test_a_crafted_place_is_refused_at_resume_naming_its_key_and_fault_and_left_as_it_is(
+    tmp_path: Path, places: dict[int, Any], at_fault: int, problem: str
+) -> None:
+    record = edited((await written_records(tmp_path / "written.json"))["failed"], {})
+    path = tmp_path / "store.json"
+    storage = cf.FileStorage(path)
+    await storage.open()
+    await storage.set(KEY, {**record, "places": 3})
+    for number, place in places.items():
+        await storage.set(place_key("r1", number), place)
+    await storage.commit()
+    await storage.aclose()
+    files = stored_files(tmp_path)
+    refused = re.escape(f"run 'r1': {problem.replace('KEY', repr(place_key('r1', at_fault)))}")
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.StorageError, match=refused):
+            await engine.resume(a_then_b(b_fails=False), cf.FileStorage(path), run_id="r1")
+    assert stored_files(tmp_path) == files
+
+
 async def test_records_the_engine_writes_pass_as_they_are(tmp_path: Path) -> None:
     """The records the table above edits: each fault it refuses is the edit's."""
     records = await written_records(tmp_path / "written.json")
@@ -274,7 +322,6 @@ async def test_records_the_engine_writes_pass_as_they_are(tmp_path: Path) -> Non
     owner = {"worker": "w", "queue": "redis://127.0.0.1:6379/0/q"}
     running = {**records["failed"], "state": "running", "owner": owner}
     assert run_record.record_problem("failed", running) is None
-    assert run_record.record_problem("failed", {**running, "forks": [FORK]}) is None
 
 
 async def test_a_worker_names_itself_in_a_sound_record_and_leaves_a_crafted_one_alone(
@@ -361,10 +408,12 @@ async def interrupted_fan(engine: cf.Engine, storage: cf.Storage, gate: Gate) ->
         await run.wait()
 
 
-async def stored_record(engine: cf.Engine, storage: cf.Storage) -> Any:
-    """Run "r1"'s record as ``storage`` holds it."""
+async def stored_run(engine: cf.Engine, storage: cf.Storage) -> tuple[Any, list[Any]]:
+    """Run "r1"'s record and places as ``storage`` holds them."""
     async with engine.open_store(storage) as store:
-        return await store.get(KEY)
+        record = await store.get(KEY)
+        keys = [place_key("r1", number) for number in range(record["places"])]
+        return record, list((await store.get_many(keys)).values())
 
 
 ADVICE = "resume it with flow 'fan' as it was when the run started (the version that recorded it)"
@@ -412,14 +461,15 @@ async def test_a_resume_with_a_flow_the_record_no_longer_fits_is_refused_before_
     other_gate = Gate()
     async with cf.open_engine() as engine:
         await interrupted_fan(engine, durable_storage(kind, tmp_path), gate)
-        recorded = await stored_record(engine, durable_storage(kind, tmp_path))
-        assert recorded["branches"][-1]["params"] == {}  # "c" was under way
-        assert recorded["forks"][0]["join"] == "j"
+        recorded = await stored_run(engine, durable_storage(kind, tmp_path))
+        under_way = [place["branch"] for place in recorded[1] if "branch" in place]
+        assert {"frames": [["c", 0]], "params": {}}.items() <= under_way[-1].items()
+        assert [place["fork"]["join"] for place in recorded[1] if "fork" in place] == ["j"]
         other = await engine.start_run(single(other_gate, "other"))
         with pytest.raises(error, match=re.escape(message)):
             await engine.resume(changed(), durable_storage(kind, tmp_path), run_id="r1")
         assert gate.entered == 1
-        assert await stored_record(engine, durable_storage(kind, tmp_path)) == recorded
+        assert await stored_run(engine, durable_storage(kind, tmp_path)) == recorded
         other_gate.open.set()
         assert (await other.wait()).execution_path == ("only",)
         gate.open.set()
@@ -469,7 +519,7 @@ async def test_a_long_run_seals_its_path_in_chunks_and_reads_it_back_whole(
     assert (again.steps_executed, again.result) == (steps, steps)
     assert [(run.run_id, run.state, run.steps) for run in runs] == [("long", "succeeded", steps)]
     stored = await stored_values(path)
-    chunks = {key: value for key, value in stored.items() if key.startswith(PATH_PREFIX)}
+    chunks = {key: value for key, value in stored.items() if key.startswith(PARTS_PREFIX)}
     sealed = range(steps // CHUNK)
     assert chunks == {path_chunk_key("long", number): ["tick"] * CHUNK for number in sealed}
     record = stored[run_record.record_key("long")]

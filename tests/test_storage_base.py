@@ -16,10 +16,11 @@ from cosmoflow_actors.storage.base import (
     batch_parent,
     check_steps,
     check_user_key,
-    chunk_prefixes,
+    part_prefixes,
     path_chunk_key,
+    place_key,
     record_children,
-    record_chunks,
+    record_parts,
 )
 from tests.support import single
 
@@ -165,18 +166,25 @@ def test_record_children_are_the_records_of_batch_flow_children_at_any_depth() -
     assert record_children(parent, [*others, *children]) == children
 
 
-def test_record_chunks_are_the_path_chunks_of_a_run_and_its_children() -> None:
+def test_record_parts_are_the_path_chunks_and_places_of_a_run_and_its_children() -> None:
     run_ids = ("job", "job:1/0", "job:2.1/4/12", "job:3/0:1.0/2/1")
-    chunks = [path_chunk_key(run_id, number) for run_id in run_ids for number in (0, 11)]
+    parts = [
+        part_key(run_id, number)
+        for run_id in run_ids
+        for part_key in (path_chunk_key, place_key)
+        for number in (0, 11)
+    ]
     others = [
-        path_chunk_key(run_id, 0)
+        part_key(run_id, 0)
         for run_id in ("job2", "jo", "job:1", "job/0", "job:1.0/0", "job:1/0x", "job/1/")
+        for part_key in (path_chunk_key, place_key)
     ]
     others += [
         record_key("job"),
         path_chunk_key("job", 0) + "/",
-        *chunk_prefixes(record_key("job")),
+        place_key("job", 0) + "x",
+        *part_prefixes(record_key("job")),
     ]
-    assert all(key.startswith(chunk_prefixes(record_key("job"))) for key in chunks)
-    assert not any(key.startswith(chunk_prefixes(record_key("job"))) for key in others[:2])
-    assert record_chunks(record_key("job"), [*others, *chunks]) == chunks
+    assert all(key.startswith(part_prefixes(record_key("job"))) for key in parts)
+    assert not any(key.startswith(part_prefixes(record_key("job"))) for key in others[:4])
+    assert record_parts(record_key("job"), [*others, *parts]) == parts

@@ -21,11 +21,11 @@ from cosmoflow_actors.errors import (
     StoreValueError,
 )
 from cosmoflow_actors.flow import FlowResult
+from cosmoflow_actors.runtime.places import Places, position
 from cosmoflow_actors.runtime.run import ActiveRun, Branch
 from cosmoflow_actors.runtime.run_record import (
     encode_action,
     failed,
-    position,
     record_key,
     reordered,
     step_done,
@@ -45,10 +45,6 @@ class Durability:
 
     def entered(self, branch: Branch, params: Mapping[str, Any]) -> None:
         """``branch`` was sent to the node its frames point at, with ``params``."""
-
-    def ended(self, branch: Branch, node_id: str, action: Action) -> None:
-        """The innermost flow of ``branch`` ended (its fan-out's branches all ended)
-        after a step at ``node_id`` returned ``action``."""
 
     def left(self, branch: Branch) -> None:
         """``branch`` forked, reached its join or ended."""
@@ -90,20 +86,20 @@ NOT_DURABLE: Final = Durability()
 
 
 class DurableRun(Durability):
-    """A durable run's record as last committed, its branches in flight, and the lock
-    that commits their steps (and the run's end) one at a time.
+    """A durable run's record as last committed, the places of its branches (see
+    :mod:`~cosmoflow_actors.runtime.places`), and the lock that commits their steps (and
+    the run's end) one at a time.
 
-    ``entered``, ``ended`` and ``left`` keep the branches up to date for the next
-    record; a step's writes are staged in a :class:`StagedStore` of its own, since a
-    fan-out's branches run steps of one run at once.
+    ``entered``, ``ended`` and ``left`` keep the places up to date for the next commit;
+    a step's writes are staged in a :class:`StagedStore` of its own, since a fan-out's
+    branches run steps of one run at once.
     """
 
     durable = True
 
-    def __init__(self, record: dict[str, Any]) -> None:
+    def __init__(self, record: dict[str, Any], places: Places | None = None) -> None:
         self.record = record
-        self.branches: dict[Branch, None] = {}
-        """The branches whose position the record must hold (a dict as an ordered set)."""
+        self.places = Places(record["run_id"], record["places"]) if places is None else places
         self.lock = trio.Lock()
         self.reordered: set[int] = set()
         """The path chunks this process sealed in another order than the steps started
@@ -113,17 +109,11 @@ class DurableRun(Durability):
     def entered(self, branch: Branch, params: Mapping[str, Any]) -> None:
         """After a crash, ``branch`` is sent to this node again."""
         branch.resume_at = {**position(branch), "params": dict(params)}
-        self.branches[branch] = None
-
-    def ended(self, branch: Branch, node_id: str, action: Action) -> None:
-        """After a crash, ``branch`` goes on from the end of its innermost flow."""
-        end = {"node": node_id, "action": encode_action(action)}
-        branch.resume_at = {**position(branch), "end": end}
-        self.branches[branch] = None
+        self.places.entered(branch)
 
     def left(self, branch: Branch) -> None:
         """Its fork holds where ``branch`` went."""
-        self.branches.pop(branch, None)
+        self.places.left(branch)
 
     def step_store(self, store: SharedStore) -> SharedStore:
         """A handle that stages the step's writes."""
@@ -132,8 +122,9 @@ class DurableRun(Durability):
     async def commit(
         self, run: ActiveRun, branch: Branch, node_id: str, action: Action, store: SharedStore
     ) -> None:
-        """Commit the step's staged writes with the run's record (and the path chunk the
-        step sealed, if it did), in one commit, built on the last record committed.
+        """Commit the step's staged writes with the run's record, the path chunk the
+        step sealed (if it did) and the places that changed since the last commit (see
+        :meth:`Places.staged`), in one commit, built on the last record committed.
 
         Raises NodeError (phase ``"commit"``, caused by a StoreValueError) when the
         storage cannot encode what the step wrote or the params or result of its
@@ -143,19 +134,24 @@ class DurableRun(Durability):
         """
         assert isinstance(store, StagedStore)
         async with self.lock:
-            record, resume_at, sealed = step_done(
-                self.record, self.branches, branch, node_id, action
-            )
+            resume_at = {**position(branch), "node": node_id, "action": encode_action(action)}
+            plan = self.places.staged(branch, resume_at)
+            record, sealed = step_done(self.record, node_id, plan.last, plan.count)
             steps_before = self.record["steps"]
-            ops = [*store.ops, *sealed] if sealed else store.ops
+            ops = [*store.ops, *sealed, *plan.ops]
             key = record_key(run.run_id)
             try:
                 await run.store_actor.commit_step(run.storage, ops, key, record, steps_before)
             except StoreValueError as exc:
+                self.places.abandoned(plan)
                 cause = exc if exc.key != key else _unstorable_action(exc, action)
                 flow_name = branch.frames[-1].flow.name
                 raise NodeError(node_id, "commit", run.run_id, 1, flow_name) from cause
+            except BaseException:
+                self.places.abandoned(plan)
+                raise
             self.record = record
+            self.places.committed(plan, branch)
             branch.resume_at = resume_at
             chunk = reordered(record, sealed, run.path)
             if chunk is not None:
@@ -182,7 +178,8 @@ class DurableRun(Durability):
             if run.finished:
                 return
             try:
-                await self._write_end(run, *succeeded(self.record, result, self.reordered))
+                record, ops = succeeded(self.record, result, self.reordered)
+                await self._write_end(run, record, [*ops, *self.places.cleared()])
             except StorageError as exc:
                 run.fail(exc)
                 return

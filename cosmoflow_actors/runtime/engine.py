@@ -507,12 +507,12 @@ class Engine:
         meanwhile), and while the run's end is recorded when a branch's recorded
         outcome ends it."""
         path = await _recorded_path(run, record)
-        durable = DurableRun({**record, "state": "running", "error": None})
-        run.durability = durable
-        branches = run_record.restore(run, record, path)
+        keys = run_record.place_keys(record)
+        stored = await run.store_actor.read_parts(run.storage, keys) if keys else {}
+        branches, places = run_record.restore(run, record, path, stored)
+        run.durability = DurableRun({**record, "state": "running", "error": None}, places)
         if not branches:
             return self._first_step(run, record["params"])
-        durable.branches = dict.fromkeys(branches)
         values = await run.store.get_many(run.condition_keys) if run.condition_keys else {}
         with trio.CancelScope() as scope:
             for branch in branches:
@@ -877,7 +877,7 @@ async def _recorded_path(run: ActiveRun, record: Mapping[str, Any]) -> list[str]
     counts say; StorageError naming a chunk that is missing or damaged. Blocks while
     the chunks are read (nothing is read for a run of fewer than PATH_CHUNK steps)."""
     keys = run_record.chunk_keys(record)
-    chunks = await run.store_actor.read_chunks(run.storage, keys) if keys else {}
+    chunks = await run.store_actor.read_parts(run.storage, keys) if keys else {}
     return run_record.whole_path(record, chunks)
 
 

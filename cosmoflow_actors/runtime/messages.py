@@ -150,18 +150,5 @@ class StepFailed:
     error: Exception
 
 
-@dataclass(frozen=True, slots=True)
-class FlowEnded:
-    """To the router, resuming a durable run: the innermost flow of ``branch`` ended,
-    its last step at ``node_id`` having returned ``action`` (the last branch of a
-    fan-out without a join had ended)."""
-
-    run: ActiveRun
-    branch: Branch
-    node_id: str
-    action: Action
-    values: Mapping[str, Any]
-
-
-Outcome = StepDone | StepFailed | FlowEnded
+Outcome = StepDone | StepFailed
 """What the router routes."""

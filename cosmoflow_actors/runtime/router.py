@@ -31,7 +31,6 @@ from cosmoflow_actors.flow import END, Flow, FlowResult, Route, Target
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.durability import DurableRun
 from cosmoflow_actors.runtime.messages import (
-    FlowEnded,
     Outcome,
     Step,
     StepDone,
@@ -175,9 +174,7 @@ class Router(Actor[Outcome]):
         return enter(self._node_actor, run, run.main, run.flow.start_id, params)
 
 
-def _lookup_failed(
-    run: ActiveRun, outcome: StepDone | FlowEnded, error: LookupError
-) -> CosmoFlowError:
+def _lookup_failed(run: ActiveRun, outcome: StepDone, error: LookupError) -> CosmoFlowError:
     """The error of ``run``, whose routing of ``outcome`` looked up a node, a frame or a
     fork that is not there (a KeyError or an IndexError): a bug of the engine's, or a
     run whose state does not fit its flow, which fails that run alone, with ``error``
@@ -193,7 +190,7 @@ def _lookup_failed(
 
 class _RoutingUndo:
     """What a routing decision of a durable run may change, saved to be put back if
-    the decision fails: the run's step count, its durable branches, and the branch
+    the decision fails: the run's step count, its branches in flight, and the branch
     routed with its fork, that fork's parent, its fork and so on up (their frames,
     step counts, resume points, and the forks' counts, joins and params)."""
 
@@ -202,8 +199,8 @@ class _RoutingUndo:
         self.steps = run.steps
         durability = run.durability
         assert isinstance(durability, DurableRun)
-        self.durability = durability
-        self.branches = dict(durability.branches)
+        self.places = durability.places
+        self.places.mark()
         self.saved: list[tuple[Branch, list[Frame], list[tuple[str, int]], int, Any]] = []
         self.forks: list[tuple[Fork, int, str | None, dict[str, Any]]] = []
         current: Branch | None = branch
@@ -219,7 +216,7 @@ class _RoutingUndo:
     def restore(self) -> None:
         """Put back everything saved. Never blocks."""
         self.run.steps = self.steps
-        self.durability.branches = self.branches
+        self.places.undo()
         for branch, frames, places, count, resume_at in self.saved:
             branch.frames[:] = frames
             for frame, (node_id, steps) in zip(frames, places, strict=True):
@@ -243,13 +240,9 @@ class _Routing:
         self.steps: list[Step] = []
         self.result: FlowResult | None = None
 
-    def follow(self, outcome: StepDone | FlowEnded) -> None:
-        """Move the outcome's branch on: from its step, or from the end of its flow."""
-        args = (outcome.branch, outcome.node_id, outcome.action, outcome.values)
-        if isinstance(outcome, StepDone):
-            self.advance(*args)
-        else:
-            self.end_frame(*args)
+    def follow(self, outcome: StepDone) -> None:
+        """Move the outcome's branch on from its step."""
+        self.advance(outcome.branch, outcome.node_id, outcome.action, outcome.values)
 
     def advance(
         self, branch: Branch, node_id: str, action: Action, values: Mapping[str, Any]
@@ -327,7 +320,6 @@ class _Routing:
         if fork.join_id is not None:
             self._enter(fork.parent, fork.join_id, MappingProxyType(fork.params))
             return
-        self.run.durability.ended(fork.parent, node_id, action)
         self.end_frame(fork.parent, node_id, action, values)
 
 

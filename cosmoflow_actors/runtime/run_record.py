@@ -14,9 +14,9 @@ of each step): the tail since the last sealed chunk. When the tail reaches
 step's commit costs the same at any length of the run. The whole path is the chunks,
 in order, then the tail (see :func:`chunk_keys`, :func:`whole_path`).
 
-A step's record says where every branch of the run goes on after a crash: the step's
-own branch routes its action again, a branch whose step was under way is sent to that
-node again, and a branch whose fan-out ended without a join ends its flow again. The
+A step's record and the run's places (see :mod:`~cosmoflow_actors.runtime.places`) say
+where every branch of the run goes on after a crash: the step's own branch routes its
+action again, and a branch whose step was under way is sent to that node again. The
 fan-outs in progress are saved with their parent branch and their count of branches
 still out, so branches that had reached the join or ended are not waited for twice.
 
@@ -44,7 +44,8 @@ from cosmoflow_actors.errors import (
     type_and_message,
 )
 from cosmoflow_actors.flow import Flow, FlowResult
-from cosmoflow_actors.runtime.messages import FlowEnded, Step, StepDone
+from cosmoflow_actors.runtime.messages import Step, StepDone
+from cosmoflow_actors.runtime.places import Placed, Places
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork, Frame
 from cosmoflow_actors.storage.base import (
     RECORD_PREFIX,
@@ -52,6 +53,7 @@ from cosmoflow_actors.storage.base import (
     Storage,
     batch_parent,
     path_chunk_key,
+    place_key,
 )
 from cosmoflow_actors.storage.codec import CODECS
 
@@ -267,6 +269,7 @@ def new_record(run_id: str, flow_name: str, params: Mapping[str, Any]) -> dict[s
         "steps": 0,
         "path": [],
         "last": None,
+        "places": 0,
         "result": None,
         "error": None,
     }
@@ -290,44 +293,24 @@ def owned(
 
 
 def step_done(
-    record: Mapping[str, Any],
-    in_flight: Iterable[Branch],
-    branch: Branch,
-    node_id: str,
-    action: Action,
-) -> tuple[dict[str, Any], dict[str, Any], list[StagedOp]]:
-    """``record`` once the step of ``branch`` at ``node_id`` returned the (resolved)
-    ``action``, the branches ``in_flight`` (``branch`` among them) going on; where
-    the branch goes on from after a crash until it is routed; and the ops to commit
-    with the record: none, or the set of the path chunk the step sealed.
+    record: Mapping[str, Any], node_id: str, last: Mapping[str, Any], places: int
+) -> tuple[dict[str, Any], list[StagedOp]]:
+    """``record`` once a step at ``node_id`` is done, its branch going on from ``last``
+    (with its fork's and its own place's numbers, see :meth:`Places.staged`) and
+    ``places`` place numbers in use; and the ops to commit with the record: none, or
+    the set of the path chunk the step sealed.
 
     The record counts the step and adds its node to the path's tail (which starts
-    empty again once it is sealed, see :data:`PATH_CHUNK`); it holds the step under
-    ``"last"``, where every branch in flight goes on under ``"branches"`` and the
-    fan-outs they belong to under ``"forks"``.
+    empty again once it is sealed, see :data:`PATH_CHUNK`).
     """
-    resume_at = {**position(branch), "node": node_id, "action": encode_action(action)}
-    forks = _Forks()
-    branches = []
-    for other in in_flight:
-        saved = resume_at if other is branch else other.resume_at
-        assert saved is not None
-        branches.append({**saved, "fork": forks.index(other.fork)})
     steps = record["steps"] + 1
     path = [*record["path"], node_id]
     sealed: list[StagedOp] = []
     if len(path) == PATH_CHUNK:
         sealed.append(("set", path_chunk_key(record["run_id"], steps // PATH_CHUNK - 1), path))
         path = []
-    record = {
-        **record,
-        "steps": steps,
-        "path": path,
-        "last": resume_at,
-        "branches": branches,
-        "forks": forks.saved,
-    }
-    return record, resume_at, sealed
+    record = {**record, "steps": steps, "path": path, "last": dict(last), "places": places}
+    return record, sealed
 
 
 def chunk_keys(record: Mapping[str, Any]) -> list[str]:
@@ -370,39 +353,6 @@ def _is_chunk(value: Any) -> bool:
         and len(value) == PATH_CHUNK
         and all(isinstance(node_id, str) for node_id in value)
     )
-
-
-def position(branch: Branch) -> dict[str, Any]:
-    """Where ``branch`` is (its frames) and what its steps are numbered (its label and
-    count), as JSON."""
-    frames = [[frame.node_id, frame.steps] for frame in branch.frames]
-    return {"frames": frames, "label": branch.label, "count": branch.count}
-
-
-class _Forks:
-    """The fan-outs a record refers to, numbered as they are saved (a fork's parent's
-    fork comes before it)."""
-
-    def __init__(self) -> None:
-        self.saved: list[dict[str, Any]] = []
-        self._numbers: dict[Fork, int] = {}
-
-    def index(self, fork: Fork | None) -> int | None:
-        if fork is None:
-            return None
-        if fork not in self._numbers:
-            parent = {**position(fork.parent), "fork": self.index(fork.parent.fork)}
-            self._numbers[fork] = len(self.saved)
-            self.saved.append(
-                {
-                    "parent": parent,
-                    "depth": fork.depth,
-                    "pending": fork.pending,
-                    "join": fork.join_id,
-                    "params": dict(fork.params),
-                }
-            )
-        return self._numbers[fork]
 
 
 def reordered(record: Mapping[str, Any], sealed: list[StagedOp], started: list[str]) -> int | None:
@@ -475,67 +425,128 @@ def recorded_result(record: Mapping[str, Any], path: Iterable[str], storage: Sto
     )
 
 
-def restore(run: ActiveRun, record: Mapping[str, Any], path: Iterable[str]) -> list[Branch]:
-    """Put ``run`` back where its record says, its whole ``path`` read with it (see
-    :func:`whole_path`); return its branches in flight, each with its ``resume_at``
-    (none when no step had completed). Changes nothing outside ``run``, which the
-    caller sends on only if this returns.
+def place_keys(record: Mapping[str, Any]) -> list[str]:
+    """The keys of the places the run of ``record`` (checked, see :func:`checked_record`)
+    may have stored, in order (see :mod:`~cosmoflow_actors.runtime.places`)."""
+    return [place_key(record["run_id"], number) for number in range(record["places"])]
 
-    Raises RunRecordedError when the record does not fit the flow (it was changed since
-    the run was recorded): a recorded node it lacks, or one that is now a nested flow
-    or no longer one, or a fan-out's join that is not a join of its flow now; and
-    MaxStepsExceeded when a step that was under way exceeds a flow's ``max_steps`` (it
-    was lowered), as :func:`~.router.counted_step` would have.
+
+def restore(
+    run: ActiveRun, record: Mapping[str, Any], path: Iterable[str], stored: Mapping[str, Any]
+) -> tuple[list[Branch], Places]:
+    """Put ``run`` back where its record says, its whole ``path`` and its places (by key,
+    see :func:`place_keys`) read with it; return its branches in flight, each with its
+    ``resume_at`` (none when no step had completed), and its places. Changes nothing
+    outside ``run``, which the caller sends on only if this returns.
+
+    Raises StorageError naming the key of a place that is no place the engine writes, or
+    that names the fan-out of a place the store does not hold; RunRecordedError when
+    the record does not fit the flow (it was changed since the run was recorded): a
+    recorded node it lacks, or one that is now a nested flow or no longer one, or a
+    fan-out's join that is not a join of its flow now; and MaxStepsExceeded when a step
+    that was under way exceeds a flow's ``max_steps`` (it was lowered), as
+    :func:`~.router.counted_step` would have.
     """
     run.path.extend(path)
     run.steps = record["steps"]
     if record["last"] is None:
-        return []
-    forks: list[Fork] = []
-    for saved in record["forks"]:
-        parent = _branch(run, record, saved["parent"], forks)
-        _check_join(run, record, parent, saved)
-        fork = Fork(parent, saved["depth"], saved["pending"], saved["join"], saved["params"])
-        forks.append(fork)
+        return [], Places(run.run_id)
+    restoring = _Restoring(run, record, stored)
     branches = []
-    for saved in record["branches"]:
-        branch = _branch(run, record, saved, forks)
-        branch.resume_at = {key: value for key, value in saved.items() if key != "fork"}
-        if "end" not in saved:
-            _check_at_node(run, record, branch)
+    for number, saved in restoring.branches():
+        branch = restoring.branch(saved)
+        restoring.numbers[branch] = number
+        branch.resume_at = {key: value for key, value in saved.items() if key not in _NUMBERS}
+        _check_at_node(run, record, branch)
         if "params" in saved:
             _count_under_way(run, branch)
         branches.append(branch)
-    return branches
+    places = Places.restored(
+        run.run_id, record["places"], restoring.numbers, restoring.saved, branches
+    )
+    return branches, places
+
+
+_NUMBERS: Final = ("fork", "place")
+"""The place numbers a branch's saved position holds, which are not where it goes on."""
+
+
+class _Restoring:
+    """The places of a run's record read back (checked), and the branches and fan-outs
+    made of them so far, with their numbers."""
+
+    def __init__(self, run: ActiveRun, record: Mapping[str, Any], stored: Mapping[str, Any]):
+        self.run = run
+        self.record = record
+        self.saved: dict[int, dict[str, Any]] = {}
+        """The places found, by number."""
+        count = record["places"]
+        for number, key in enumerate(place_keys(record)):
+            if key in stored:
+                self.saved[number] = _checked_place(run.run_id, key, stored[key], count)
+        self.numbers: dict[Placed, int] = {}
+        self._forks: dict[int, Fork] = {}
+        self._making: set[int] = set()
+
+    def branches(self) -> list[tuple[int, dict[str, Any]]]:
+        """The branches in flight, each with the number of its place, in that order: the
+        record's last step's branch, and those in places (its own place, if it is
+        stored, says where it was before that step)."""
+        last = self.record["last"]
+        found = {
+            number: saved["branch"] for number, saved in self.saved.items() if "branch" in saved
+        }
+        found[last["place"]] = last
+        return sorted(found.items())
+
+    def branch(self, saved: Mapping[str, Any]) -> Branch:
+        """The branch saved as ``saved``, in the fan-out its place number names."""
+        frames = _frames(self.run, self.record, saved["frames"])
+        return Branch(frames, self.fork(saved["fork"]), saved["label"], saved["count"])
+
+    def fork(self, number: int | None) -> Fork | None:
+        """The fan-out in the place ``number`` (None: no fan-out), made once."""
+        if number is None:
+            return None
+        fork = self._forks.get(number)
+        if fork is not None:
+            return fork
+        saved = self._fork_saved(number)
+        self._making.add(number)
+        parent = self.branch(saved["parent"])
+        _check_join(self.run, self.record, parent, saved)
+        fork = Fork(parent, saved["depth"], saved["pending"], saved["join"], saved["params"])
+        self._forks[number] = fork
+        self.numbers[fork] = number
+        return fork
+
+    def _fork_saved(self, number: int) -> dict[str, Any]:
+        """What the place ``number`` holds: a fan-out that is not being made (the
+        parent of a fan-out's parent is never that fan-out)."""
+        saved = self.saved.get(number, {}).get("fork")
+        if saved is None or number in self._making:
+            key = place_key(self.run.run_id, number)
+            held = "holds no fan-out" if saved is None else "holds a fan-out inside itself"
+            raise StorageError(
+                f"run {self.run.run_id!r}: a place names the fan-out at {key!r}, which "
+                f"{held} (the engine never writes that: a place was deleted, crafted or "
+                "damaged)"
+            )
+        fork: dict[str, Any] = saved
+        return fork
 
 
 def resumed(
     run: ActiveRun, branch: Branch, actor: NodeActor, values: Mapping[str, Any]
-) -> Step | StepDone | FlowEnded:
+) -> Step | StepDone:
     """What sends a restored ``branch`` on: a Step for ``actor``, the node its frames
-    point at (its step was under way), or a StepDone or FlowEnded for the router to
-    route with the store ``values`` the run's conditions read."""
+    point at (its step was under way), or a StepDone for the router to route with the
+    store ``values`` the run's conditions read."""
     saved = branch.resume_at
     assert saved is not None
     if "params" in saved:
         return Step(run, branch, MappingProxyType(saved["params"]), actor)
-    if "end" in saved:
-        end = saved["end"]
-        return FlowEnded(run, branch, end["node"], _decode_action(end["action"]), values)
     return StepDone(run, branch, actor, _decode_action(saved["action"]), values)
-
-
-def _branch(
-    run: ActiveRun, record: Mapping[str, Any], saved: Mapping[str, Any], forks: list[Fork]
-) -> Branch:
-    """The branch ``record`` saved as ``saved``."""
-    number = saved.get("fork")
-    return Branch(
-        _frames(run, record, saved["frames"]),
-        None if number is None else forks[number],
-        saved["label"],
-        saved["count"],
-    )
 
 
 def _frames(run: ActiveRun, record: Mapping[str, Any], saved: list[list[Any]]) -> list[Frame]:
@@ -629,6 +640,7 @@ _RECORD_FIELDS: Final = (
     "steps",
     "path",
     "last",
+    "places",
     "result",
     "error",
 )
@@ -655,9 +667,9 @@ def record_problem(run_id: str, value: Any) -> str | None:
     """What is wrong with ``value`` as the record of the run ``run_id`` (a value the
     engine did not write: crafted, or damaged), or None when it is a record of that
     run as the engine writes them. Does not block; takes time in the length of the
-    path's tail it holds (fewer than :data:`PATH_CHUNK` node ids) and the number of the
-    run's branches and fan-outs. Its sealed chunks are checked where they are read
-    (see :func:`whole_path`)."""
+    path's tail it holds (fewer than :data:`PATH_CHUNK` node ids). Its sealed chunks and
+    its places are checked where they are read (see :func:`whole_path`,
+    :func:`restore`)."""
     try:
         _check_record(run_id, value)
     except _Malformed as exc:
@@ -673,6 +685,8 @@ def _check_record(run_id: str, value: Any) -> None:
     _expect(state in _STATES, "state", state, f"one of {', '.join(_STATES)}")
     _check_params(record["params"], "params")
     _check_path(record["steps"], record["path"])
+    places = record["places"]
+    _expect(_is_count(places), "places", places, "an int >= 0")
     if "owner" in record:
         _check_owner(record["owner"])
     _check_ending(record)
@@ -702,24 +716,45 @@ def _check_ending(record: dict[str, Any]) -> None:
 
 
 def _check_steps(record: dict[str, Any]) -> None:
-    """The last step, where the branches in flight go on and the fan-outs they are
-    in, of a record with a step (see :func:`step_done`)."""
-    _check_step_done(_position(record["last"], "last"), "last")
-    record = _fields(record, "the record (it has a last step)", ("branches", "forks"))
-    forks, branches = record["forks"], record["branches"]
-    _expect(isinstance(forks, list), "forks", forks, "a list")
-    for number, fork in enumerate(forks):
-        _check_fork(fork, f"forks[{number}]", number)
-    _expect(isinstance(branches, list), "branches", branches, "a list")
-    for number, branch in enumerate(branches):
-        _check_branch(branch, f"branches[{number}]", len(forks))
+    """The last step of a record with a step, and the place numbers it names (see
+    :func:`step_done`)."""
+    places = record["places"]
+    last = _position(record["last"], "last", _NUMBERS)
+    _check_step_done(last, "last")
+    _check_place_number(last["fork"], "last.fork", places, null=True)
+    _check_place_number(last["place"], "last.place", places, null=False)
 
 
-def _check_fork(value: Any, where: str, number: int) -> None:
-    """A fan-out in progress; its parent's fork is one saved before it."""
+def _checked_place(run_id: str, key: str, value: Any, count: int) -> dict[str, Any]:
+    """``value``, read from the store under ``key``, as a place of the run ``run_id``
+    whose record counts ``count`` place numbers: a branch or a fan-out (see
+    :class:`~cosmoflow_actors.runtime.places.Plan`). Raises StorageError naming the key
+    and what is wrong."""
+    try:
+        _check_place(value, count)
+    except _Malformed as exc:
+        raise StorageError(
+            f"run {run_id!r}: the store holds no valid place under {key!r}: {exc} (the "
+            "engine never writes that: the place was crafted or damaged)"
+        ) from None
+    place: dict[str, Any] = value
+    return place
+
+
+def _check_place(value: Any, count: int) -> None:
+    is_place = isinstance(value, dict) and len(value) == 1
+    _expect(is_place, "the place", value, "an object of one 'branch' or 'fork'")
+    if "branch" in value:
+        _check_branch(value["branch"], "branch", count)
+    else:
+        _check_fork(_fields(value, "the place", ("fork",))["fork"], "fork", count)
+
+
+def _check_fork(value: Any, where: str, count: int) -> None:
+    """A fan-out in progress, from a parent branch that may be in a fan-out."""
     fork = _fields(value, where, _FORK_FIELDS)
     parent = _position(fork["parent"], f"{where}.parent", ("fork",))
-    _check_fork_number(parent["fork"], f"{where}.parent.fork", number)
+    _check_place_number(parent["fork"], f"{where}.parent.fork", count, null=True)
     _expect(_is_count(fork["depth"], least=1), f"{where}.depth", fork["depth"], "an int >= 1")
     pending = fork["pending"]
     _expect(_is_count(pending, least=1), f"{where}.pending", pending, "an int >= 1")
@@ -728,16 +763,13 @@ def _check_fork(value: Any, where: str, number: int) -> None:
     _check_params(fork["params"], f"{where}.params")
 
 
-def _check_branch(value: Any, where: str, forks: int) -> None:
+def _check_branch(value: Any, where: str, count: int) -> None:
     """A branch in flight and where it goes on: its step, under way, is sent again
-    (``params``); its flow, ended, ends again (``end``); or its step, done, is routed
-    again (``node`` and ``action``)."""
+    (``params``), or its step, done, is routed again (``node`` and ``action``)."""
     branch = _position(value, where, ("fork",))
-    _check_fork_number(branch["fork"], f"{where}.fork", forks)
+    _check_place_number(branch["fork"], f"{where}.fork", count, null=True)
     if "params" in branch:
         _check_params(branch["params"], f"{where}.params")
-    elif "end" in branch:
-        _check_step_done(_fields(branch["end"], f"{where}.end", ()), f"{where}.end")
     else:
         _check_step_done(branch, where)
 
@@ -760,11 +792,12 @@ def _position(value: Any, where: str, extra: tuple[str, ...] = ()) -> dict[str, 
     return saved
 
 
-def _check_fork_number(number: Any, where: str, forks: int) -> None:
-    """``number`` names no fork, or one of the first ``forks`` saved."""
-    in_range = number is None or (_is_count(number) and number < forks)
-    wanted = f"null or a fork's number, 0 to {forks - 1}" if forks else "null (no fork is saved)"
-    _expect(in_range, where, number, wanted)
+def _check_place_number(number: Any, where: str, count: int, *, null: bool) -> None:
+    """``number`` names one of the ``count`` places of the run, or no place (None) when
+    ``null`` allows it."""
+    in_range = (number is None and null) or (_is_count(number) and number < count)
+    wanted = f"a place's number, 0 to {count - 1}" if count else "a place's number (none is used)"
+    _expect(in_range, where, number, f"null or {wanted}" if null else wanted)
 
 
 def _check_step_done(saved: dict[str, Any], where: str) -> None:

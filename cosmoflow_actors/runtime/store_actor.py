@@ -165,9 +165,9 @@ class StoreActor(Actor[StoreRequest]):
         """The run record under ``key``, or None."""
         return await self.request(StoreOp.GET, storage, key, None)
 
-    async def read_chunks(self, storage: Storage, keys: list[str]) -> dict[str, Any]:
-        """Those of the run path chunks under ``keys`` that are stored, by key. Blocks
-        until read."""
+    async def read_parts(self, storage: Storage, keys: list[str]) -> dict[str, Any]:
+        """Those of the parts of a run (path chunks, places) under ``keys`` that are
+        stored, by key. Blocks until read."""
         found: dict[str, Any] = await self.request(StoreOp.GET_MANY, storage, "", keys)
         return found
 

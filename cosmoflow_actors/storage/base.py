@@ -16,15 +16,16 @@ from cosmoflow_actors.errors import RunConflictError, StorageError, with_article
 from cosmoflow_actors.storage.codec import check_key
 
 RESERVED_PREFIX: Final = "__cosmoflow__/"
-"""Keys under this prefix belong to the engine (durable run records and their path
-chunks)."""
+"""Keys under this prefix belong to the engine (durable run records and their parts)."""
 
 RECORD_PREFIX: Final = RESERVED_PREFIX + "runs/"
 """A durable run's record is stored under this prefix followed by its run id."""
 
-PATH_PREFIX: Final = RESERVED_PREFIX + "paths/"
-"""A durable run's sealed path chunks are stored under this prefix followed by its run
-id, ``/`` and the chunk's number (``__cosmoflow__/paths/job/0``): outside
+PARTS_PREFIX: Final = RESERVED_PREFIX + "parts/"
+"""A durable run's parts kept beside its record are stored under this prefix followed by
+its run id: the sealed chunks of its path (``__cosmoflow__/parts/job/path/0``, see
+:func:`path_chunk_key`) and the places of its branches and fan-outs in flight
+(``__cosmoflow__/parts/job/at/3``, see :func:`place_key`); outside
 :data:`RECORD_PREFIX`, so that no listing of records meets them."""
 
 StagedOp = tuple[str, str, Any]
@@ -197,9 +198,9 @@ class Storage(ABC):
         None)`` (every key outside :data:`RESERVED_PREFIX`) and ``("update", key,
         (function, default))`` (store ``function(value or default)``; ``function`` may
         raise, and then nothing is stored); the ops after the step's writes may set
-        sealed chunks of the run's path under :data:`PATH_PREFIX` (see
-        :func:`path_chunk_key`; a run's final record may write several), each a list of
-        node ids applied like any other set. The record stored under ``record_key`` must
+        or delete parts of the run under :data:`PARTS_PREFIX` (sealed chunks of its
+        path, places of its branches; a fan-out's or a run's final commit may write
+        many), applied like any other op. The record stored under ``record_key`` must
         still count ``steps_before`` completed steps: check it inside the transaction
         with :func:`check_steps`, which raises RunConflictError when another engine
         committed a step first, and then store nothing.
@@ -228,7 +229,7 @@ class Storage(ABC):
         Read the run record stored under ``record_key`` (return False when there is
         none) and call ``check(record)``, which raises to keep it: let its error
         propagate unchanged, with nothing deleted. Then delete the record, those of the
-        run's BatchFlow children and the path chunks of them all (:func:`forgotten_with`
+        run's BatchFlow children and the parts of them all (:func:`forgotten_with`
         of the stored keys, or of those under :func:`forgotten_prefixes`), with
         no write of another process between the read and the deletes, so that the
         record deleted is the one checked (a resume elsewhere may have gone on with the
@@ -279,9 +280,9 @@ execution id (the step's branch and number), then ``/`` and the child's index.""
 _CHILD_ID: Final = re.compile(f"(.+){_CHILD_SUFFIX}")
 _CHILD_PATH: Final = re.compile(f"(?:{_CHILD_SUFFIX})+")
 """What the run ids of a run's BatchFlow children at any depth add to the run's."""
-_CHUNK_OF_RUN: Final = re.compile(f"(?:{_CHILD_SUFFIX})*/[0-9]+")
-"""What the key of a path chunk of a run or of its children adds to ``PATH_PREFIX`` and
-the run's id."""
+_PART_OF_RUN: Final = re.compile(f"(?:{_CHILD_SUFFIX})*/(?:path|at)/[0-9]+")
+"""What the key of a part of a run or of its children adds to ``PARTS_PREFIX`` and the
+run's id."""
 
 
 def record_children(record_key: str, keys: Iterable[str]) -> list[str]:
@@ -298,32 +299,38 @@ def record_children(record_key: str, keys: Iterable[str]) -> list[str]:
 def path_chunk_key(run_id: str, number: int) -> str:
     """The store key of the sealed path chunk ``number`` (0, 1, ...) of the run ``run_id``.
     Does not block."""
-    return f"{PATH_PREFIX}{run_id}/{number}"
+    return f"{PARTS_PREFIX}{run_id}/path/{number}"
 
 
-def chunk_prefixes(record_key: str) -> tuple[str, str]:
-    """The starts of the keys of the path chunks of the run recorded under
-    ``record_key`` (``__cosmoflow__/paths/job/``) and of its BatchFlow children's
-    (``__cosmoflow__/paths/job:``), and of no run whose id does not start with
-    ``job/`` or ``job:`` (:func:`record_chunks` leaves out those that are not the
-    run's). Each ends in an ASCII character (a key range may end at the character
-    after it). Does not block."""
-    run_path = PATH_PREFIX + record_key.removeprefix(RECORD_PREFIX)
-    return f"{run_path}/", f"{run_path}:"
+def place_key(run_id: str, number: int) -> str:
+    """The store key of the place ``number`` (0, 1, ...) of the run ``run_id``: where
+    one of its branches in flight or fan-outs in progress is. Does not block."""
+    return f"{PARTS_PREFIX}{run_id}/at/{number}"
 
 
-def record_chunks(record_key: str, keys: Iterable[str]) -> list[str]:
-    """Those of ``keys`` that are path chunks (see :func:`path_chunk_key`) of the run
-    recorded under ``record_key`` or of its BatchFlow children at any depth (see
+def part_prefixes(record_key: str) -> tuple[str, str]:
+    """The starts of the keys of the parts of the run recorded under ``record_key``
+    (``__cosmoflow__/parts/job/``) and of its BatchFlow children's
+    (``__cosmoflow__/parts/job:``), and of no run whose id does not start with ``job/``
+    or ``job:`` (:func:`record_parts` leaves out those that are not the run's). Each
+    ends in an ASCII character (a key range may end at the character after it). Does
+    not block."""
+    run_parts = PARTS_PREFIX + record_key.removeprefix(RECORD_PREFIX)
+    return f"{run_parts}/", f"{run_parts}:"
+
+
+def record_parts(record_key: str, keys: Iterable[str]) -> list[str]:
+    """Those of ``keys`` that are parts (path chunks, places) of the run recorded under
+    ``record_key`` or of its BatchFlow children at any depth (see
     :func:`record_children`): what is forgotten with the run. Every such key starts with
-    one of :func:`chunk_prefixes`: a backend that lists its keys by prefix may give
-    only those. Does not block."""
-    run_path = PATH_PREFIX + record_key.removeprefix(RECORD_PREFIX)
-    start = len(run_path)
+    one of :func:`part_prefixes`: a backend that lists its keys by prefix may give only
+    those. Does not block."""
+    run_parts = PARTS_PREFIX + record_key.removeprefix(RECORD_PREFIX)
+    start = len(run_parts)
     return [
         key
         for key in keys
-        if key.startswith(run_path) and _CHUNK_OF_RUN.fullmatch(key, start) is not None
+        if key.startswith(run_parts) and _PART_OF_RUN.fullmatch(key, start) is not None
     ]
 
 
@@ -335,17 +342,17 @@ def children_prefix(record_key: str) -> str:
 
 def forgotten_prefixes(record_key: str) -> tuple[str, ...]:
     """The starts of the keys :func:`forgotten_with` may take besides ``record_key``
-    (:func:`children_prefix` and :func:`chunk_prefixes`): a backend that lists its keys
+    (:func:`children_prefix` and :func:`part_prefixes`): a backend that lists its keys
     by prefix may give it only those. Each ends in an ASCII character. Does not block."""
-    return (children_prefix(record_key), *chunk_prefixes(record_key))
+    return (children_prefix(record_key), *part_prefixes(record_key))
 
 
 def forgotten_with(record_key: str, keys: Iterable[str]) -> list[str]:
     """``record_key`` and those of ``keys`` forgotten with the run recorded under it:
-    the records of its BatchFlow children (:func:`record_children`) and the path
-    chunks of them all (:func:`record_chunks`). Does not block."""
+    the records of its BatchFlow children (:func:`record_children`) and the parts of
+    them all (:func:`record_parts`). Does not block."""
     keys = list(keys)
-    return [record_key, *record_children(record_key, keys), *record_chunks(record_key, keys)]
+    return [record_key, *record_children(record_key, keys), *record_parts(record_key, keys)]
 
 
 def batch_parent(run_id: str) -> str | None:

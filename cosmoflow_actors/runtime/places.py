@@ -1,0 +1,266 @@
+"""A durable run's places: where each of its branches in flight and fan-outs in progress
+goes on after a crash, each under a store key of its own.
+
+The run's record holds its last step (``"last"``): where the branch that committed it
+goes on. Every branch in flight and every fan-out in progress has a place, a number that
+names a key of its own (:func:`~cosmoflow_actors.storage.base.place_key`). A step's
+commit writes, in the same transaction as the record, the places of what changed since
+the last commit (a branch routed on, a fan-out whose branches arrived), and deletes
+those of the branches that left (they forked, reached their join or ended) and of the
+fan-outs that are over. A commit so costs what changed, not the number of branches in
+flight: a step of a fan-out to a thousand branches commits what a step of one branch
+does. The branch that commits a step is not written to its place (the record's
+``"last"`` says where it is, and names its place); it is, at the next commit of another
+branch. The record counts the place numbers in use (``"places"``): a resume reads those
+keys.
+
+Nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cosmoflow_actors.runtime.run import Branch, Fork
+from cosmoflow_actors.storage.base import StagedOp, place_key
+
+Placed = Branch | Fork
+"""What has a place: a branch in flight or a fan-out in progress."""
+
+
+def position(branch: Branch) -> dict[str, Any]:
+    """Where ``branch`` is (its frames) and what its steps are numbered (its label and
+    count), as JSON."""
+    frames = [[frame.node_id, frame.steps] for frame in branch.frames]
+    return {"frames": frames, "label": branch.label, "count": branch.count}
+
+
+class Places:
+    """The places of one durable run: which branches are in flight, the numbers of the
+    branches and fan-outs that have a place, and what changed since the last commit.
+
+    ``entered``, ``ended`` and ``left`` say what routing did; :meth:`staged` plans a
+    commit, :meth:`committed` applies the plan once the commit is stored. A routing
+    decision that fails puts the branches in flight back with :meth:`mark` and
+    :meth:`undo`.
+    """
+
+    def __init__(self, run_id: str, count: int = 0) -> None:
+        self.run_id = run_id
+        self.count = count
+        """How many place numbers are in use: every place is numbered below it."""
+        self.numbers: dict[Placed, int] = {}
+        self.stored: set[int] = set()
+        """The numbers whose keys hold a place (a number may name the place of the
+        branch of the last step, which the record holds, and have none)."""
+        self.free: list[int] = []
+        """The numbers below ``count`` that name no place (a heap: the lowest is reused
+        first)."""
+        self.in_flight: dict[Branch, None] = {}
+        """The branches whose position the run's places must hold (a dict as an ordered
+        set)."""
+        self.changed: dict[Branch, None] = {}
+        """The branches routed since the last commit (entered, ended or left)."""
+        self._journal: list[tuple[Branch, bool]] = []
+        """The branches routed since :meth:`mark`, each with whether it was in flight."""
+
+    @classmethod
+    def restored(
+        cls,
+        run_id: str,
+        count: int,
+        numbers: Mapping[Placed, int],
+        stored: Iterable[int],
+        in_flight: Iterable[Branch],
+    ) -> Places:
+        """The places of a run read back from its store: ``count`` numbers in use, the
+        ``numbers`` of its branches and fan-outs, those ``stored``, and its branches
+        ``in_flight``."""
+        places = cls(run_id, count)
+        places.numbers = dict(numbers)
+        places.stored = set(stored)
+        taken = places.stored | set(numbers.values())
+        places.free = [number for number in range(count) if number not in taken]
+        places.in_flight = dict.fromkeys(in_flight)
+        return places
+
+    def entered(self, branch: Branch) -> None:
+        """``branch`` was routed and is in flight."""
+        self._route(branch, True)
+
+    def left(self, branch: Branch) -> None:
+        """``branch`` forked, reached its join or ended: its fork holds where it went."""
+        self._route(branch, False)
+
+    def _route(self, branch: Branch, in_flight: bool) -> None:
+        self._journal.append((branch, branch in self.in_flight))
+        if in_flight:
+            self.in_flight[branch] = None
+        else:
+            self.in_flight.pop(branch, None)
+        self.changed[branch] = None
+
+    def mark(self) -> None:
+        """Start a routing decision that :meth:`undo` may take back."""
+        self._journal.clear()
+
+    def undo(self) -> None:
+        """Put the branches in flight back as they were at :meth:`mark`. The branches
+        routed meanwhile stay changed: the next commit writes where they are (where they
+        were, once the router has put them back)."""
+        for branch, was_in_flight in reversed(self._journal):
+            if was_in_flight:
+                self.in_flight[branch] = None
+            else:
+                self.in_flight.pop(branch, None)
+        self._journal.clear()
+
+    def staged(self, branch: Branch, resume_at: Mapping[str, Any]) -> Plan:
+        """Plan the commit of the step of ``branch``, which goes on from ``resume_at``
+        after a crash: the record's ``"last"``, and the ops that write the places of
+        the branches routed since the last commit and of their fan-outs. Takes the
+        changes it plans from :attr:`changed`: :meth:`committed` or :meth:`abandoned`
+        must follow."""
+        changed, self.changed = self.changed, {}
+        plan = Plan(self, changed)
+        plan.last = {
+            **resume_at,
+            "fork": plan.fork_number(branch.fork),
+            "place": plan.number(branch),
+        }
+        for other in changed:
+            if other is branch:
+                continue
+            if other in self.in_flight:
+                plan.write(other, {**_saved(other), "fork": plan.fork_number(other.fork)})
+            else:
+                plan.remove(other)
+        return plan
+
+    def committed(self, plan: Plan, branch: Branch) -> None:
+        """``plan``, made for a step of ``branch``, is stored: number as it numbered.
+        ``branch``'s place is written at the next commit of another branch."""
+        self.count = plan.count
+        self.free = plan.free
+        for placed in plan.removed:
+            self.numbers.pop(placed, None)
+        self.numbers.update(plan.numbers)
+        for number, value in plan.values.items():
+            if value is None:
+                self.stored.discard(number)
+            else:
+                self.stored.add(number)
+        self.changed[branch] = None
+
+    def abandoned(self, plan: Plan) -> None:
+        """``plan`` was not stored: what it would have written is still to write."""
+        self.changed = {**plan.changed, **self.changed}
+
+    def cleared(self) -> list[StagedOp]:
+        """The ops that delete every stored place: the run has ended for good."""
+        return [("delete", place_key(self.run_id, number), None) for number in sorted(self.stored)]
+
+
+def _saved(branch: Branch) -> Mapping[str, Any]:
+    saved = branch.resume_at
+    assert saved is not None, "a branch in flight of a durable run has a resume point"
+    return saved
+
+
+@dataclass(slots=True, eq=False)
+class Plan:
+    """The places one commit writes and deletes, and how the run's places are numbered
+    once it is stored (see :meth:`Places.staged`)."""
+
+    places: Places
+    changed: dict[Branch, None]
+    last: dict[str, Any] = field(default_factory=dict)
+    """Where the branch of the committed step goes on, with its fork's and its own
+    place's numbers: the record's ``"last"``."""
+    values: dict[int, dict[str, Any] | None] = field(default_factory=dict)
+    """What each place written holds, by number; None for a place deleted."""
+    numbers: dict[Placed, int] = field(default_factory=dict)
+    removed: dict[Placed, None] = field(default_factory=dict)
+    count: int = 0
+    free: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.count = self.places.count
+        self.free = list(self.places.free)
+
+    @property
+    def ops(self) -> list[StagedOp]:
+        """The sets and deletes of the places, in the order of their numbers."""
+        run_id = self.places.run_id
+        return [
+            ("set", place_key(run_id, number), value)
+            if value is not None
+            else ("delete", place_key(run_id, number), None)
+            for number, value in sorted(self.values.items())
+            if value is not None or number in self.places.stored
+        ]
+
+    def number(self, placed: Placed) -> int:
+        """The number of ``placed``'s place, given one if it has none."""
+        number = self.numbers.get(placed)
+        if number is None:
+            number = self.places.numbers.get(placed)
+        if number is None:
+            number = heapq.heappop(self.free) if self.free else self._new_number()
+            self.numbers[placed] = number
+        return number
+
+    def _new_number(self) -> int:
+        self.count += 1
+        return self.count - 1
+
+    def fork_number(self, fork: Fork | None) -> int | None:
+        """The number of ``fork``'s place; a fork given one now is written."""
+        if fork is None:
+            return None
+        if fork in self.numbers or fork in self.places.numbers:
+            return self.number(fork)
+        number = self.number(fork)
+        self.values[number] = {"fork": self._fork(fork)}
+        return number
+
+    def _fork(self, fork: Fork) -> dict[str, Any]:
+        parent = {**position(fork.parent), "fork": self.fork_number(fork.parent.fork)}
+        return {
+            "parent": parent,
+            "depth": fork.depth,
+            "pending": fork.pending,
+            "join": fork.join_id,
+            "params": dict(fork.params),
+        }
+
+    def write(self, branch: Branch, saved: dict[str, Any]) -> None:
+        """Write ``saved``, where ``branch`` goes on, to its place."""
+        self.values[self.number(branch)] = {"branch": saved}
+
+    def remove(self, branch: Branch) -> None:
+        """``branch`` left: delete its place, and write its fork's (its count of
+        branches still out changed), or delete it when the fan-out is over."""
+        self._delete(branch)
+        fork = branch.fork
+        if fork is None or not (fork in self.numbers or fork in self.places.numbers):
+            return
+        if fork.pending:
+            self.values[self.number(fork)] = {"fork": self._fork(fork)}
+        else:
+            self._delete(fork)
+
+    def _delete(self, placed: Placed) -> None:
+        if placed in self.removed:
+            return
+        number = self.numbers.pop(placed, None)
+        if number is None:
+            number = self.places.numbers.get(placed)
+        if number is None:
+            return
+        self.values[number] = None
+        self.removed[placed] = None
+        heapq.heappush(self.free, number)
