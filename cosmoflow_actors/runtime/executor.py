@@ -20,7 +20,7 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable
 from types import CoroutineType
-from typing import Any, TypeVar, final
+from typing import Any, TypeVar
 
 import trio
 import trio_parallel
@@ -30,6 +30,7 @@ from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.ray_executor import OnRay
 from cosmoflow_actors.runtime.store_client import detached, hand_over, lost_calls
 from cosmoflow_actors.runtime.transfer import (
+    ReturnedCoroutine,
     answer,
     exec_in_worker,
     interruption,
@@ -143,17 +144,21 @@ class _InThread:
                 running = trio.to_thread.run_sync(
                     _exec_in_thread, self._exec, prep_res, thread_ctx, limiter=self._held
                 )
-                result = await within(time_limit, ctx.node_id, running)
+                [result] = await within(time_limit, ctx.node_id, running)
         finally:
             hand_over(lost_calls(thread_store), ctx.store)
             await trio.lowlevel.checkpoint_if_cancelled()
-        if type(result) is _Returned:
-            return result.coroutine
+        if type(result) is CoroutineType:
+            # Closed only now: a store call exec returned is among the calls it lost.
+            return ReturnedCoroutine.of(result)
         return result
 
 
-def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -> Any:
-    """Call ``exec_`` in a worker thread (blocks it). A KeyboardInterrupt there, alone or
+def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -> tuple[Any]:
+    """Call ``exec_`` in a worker thread (blocks it); return its result in a 1-tuple, so
+    that a coroutine exec returned reaches the trio thread unclosed (trio refuses and
+    closes one a thread's function returns, as its own misuse; a store call among it
+    must still be listed as lost). A KeyboardInterrupt there, alone or
     in a group (exec ran its own trio.run), is exec's own (signals reach only the main
     thread): WorkerInterruptedError, a failed attempt. A MemoryError leaves exec's locals
     behind in the thread (see ``release_frames``): trio could not hand it over while
@@ -166,20 +171,7 @@ def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -
         if interrupted is None:
             raise
         raise interrupted from exc
-    if type(result) is CoroutineType:
-        return _Returned(result)
-    return result
-
-
-@final
-class _Returned:
-    """A coroutine a thread exec returned, carried past trio (which refuses a thread's
-    coroutine as its own misuse) to the node actor, which fails the step on it."""
-
-    __slots__ = ("coroutine",)
-
-    def __init__(self, coroutine: CoroutineType[Any, Any, Any]) -> None:
-        self.coroutine = coroutine
+    return (result,)
 
 
 class _InProcess:

@@ -52,6 +52,7 @@ from cosmoflow_actors.runtime.messages import Step, StepDone, StepFailed
 from cosmoflow_actors.runtime.run import ActiveRun
 from cosmoflow_actors.runtime.statistics import ActorStatistics
 from cosmoflow_actors.runtime.store_client import SharedStore, all_awaited, unawaited
+from cosmoflow_actors.runtime.transfer import ReturnedCoroutine
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.router import Router
@@ -69,6 +70,11 @@ post returned that is no action (wrapped in NodeError), its conditions, and its 
 refusals."""
 
 _NO_VALUES: Final[Mapping[str, Any]] = MappingProxyType({})
+
+_NOT_RESULTS: Final = frozenset({CoroutineType, ReturnedCoroutine})
+"""The types of what exec or exec_fallback may return that fail the step: a coroutine
+returned instead of awaited, or what an exec away from the run's task hands back for
+one (see :class:`~cosmoflow_actors.runtime.transfer.ReturnedCoroutine`)."""
 
 NO_NURSERIES: Final[frozenset[trio.Nursery]] = frozenset()
 """A worker's nurseries open before it carried steps: none (one empty set for all
@@ -394,7 +400,7 @@ class NodeActor(Actor[Step]):
                 raise
             raise self._failed("prep", ctx) from exc
         if not all_awaited(store):
-            self._lost_calls("prep", ctx)
+            self._unawaited("prep", ctx)
         try:
             if self.batch:
                 exec_res = await self._exec_batch(run, prep_res, ctx)
@@ -410,7 +416,7 @@ class NodeActor(Actor[Step]):
                 raise
             raise self._failed("exec", ctx) from exc
         if not all_awaited(store):
-            self._lost_calls("exec", ctx)
+            self._unawaited("exec", ctx)
         try:
             post_res = await self._post(store, prep_res, exec_res, ctx)
         except BaseException as exc:
@@ -418,7 +424,7 @@ class NodeActor(Actor[Step]):
                 raise
             raise self._failed("post", ctx) from exc
         if not all_awaited(store):
-            self._lost_calls("post", ctx)
+            self._unawaited("post", ctx)
         try:
             action = as_action(post_res, self.node_id)
         except (TypeError, ValueError) as exc:
@@ -443,18 +449,43 @@ class NodeActor(Actor[Step]):
         """The error that fails the step in ``phase`` (raise it from its cause)."""
         return NodeError(self.node_id, phase, ctx.run_id, attempts, ctx.flow_name)
 
-    def _lost_calls(self, phase: Phase, ctx: ExecutionContext) -> NoReturn:
-        """Fail the step: store calls made in ``phase`` were never awaited (or were
-        made by exec where the store is not reachable)."""
-        here, away = unawaited(ctx.store)
+    def _unawaited(
+        self,
+        phase: Phase,
+        ctx: ExecutionContext,
+        attempts: int = 1,
+        returned: tuple[str, CoroutineType[Any, Any, Any] | ReturnedCoroutine] | None = None,
+    ) -> NoReturn:
+        """Fail the step in ``phase`` on what was left unawaited there: store calls exec
+        made where the store is not reachable (a thread, a process, Ray), if any; else
+        what ``returned`` says, a method (exec, exec_fallback) and the coroutine it
+        returned instead of its result; else the store calls never awaited. A coroutine
+        is closed (it never runs), and so are the calls left when exec is not inline."""
+        if returned is not None:
+            method, coroutine = returned
+            carrier = (
+                coroutine
+                if isinstance(coroutine, ReturnedCoroutine)
+                else ReturnedCoroutine.of(coroutine)
+            )
+        here: list[str] = []
+        away: list[str] = []
+        if returned is None or self.node.executor != "inline":
+            here, away = unawaited(ctx.store)
         if away:
-            raise self._failed(phase, ctx) from self._unreachable(away)
-        calls = ", ".join(f"store.{call}" for call in here)
-        error = RuntimeError(
-            f"{calls} in {phase} of node {self.node_id!r} was never awaited "
-            "(a coroutine: write `await store...`); nothing was done"
-        )
-        raise self._failed(phase, ctx) from error
+            raise self._failed(phase, ctx, attempts) from self._unreachable(away)
+        if returned is not None:
+            error: Exception = TypeError(
+                f"{method} of node {self.node_id!r} returned a coroutine ({carrier.name}) "
+                f"instead of its result: await it (`return await {carrier.name}(...)`)"
+            )
+        else:
+            calls = ", ".join(f"store.{call}" for call in here)
+            error = RuntimeError(
+                f"{calls} in {phase} of node {self.node_id!r} was never awaited "
+                "(a coroutine: write `await store...`); nothing was done"
+            )
+        raise self._failed(phase, ctx, attempts) from error
 
     def _unreachable(self, calls: list[str]) -> StorageError:
         """The error of the store ``calls`` exec made on a thread, a process or Ray."""
@@ -590,8 +621,8 @@ class NodeActor(Actor[Step]):
             result = await self._attempt(prep_res, ctx)
         except Exception as exc:
             return await self._retry(prep_res, exc, ctx)
-        if type(result) is CoroutineType:
-            self._returned_coroutine("exec", result, ctx, 1)
+        if type(result) in _NOT_RESULTS:
+            self._unawaited("exec", ctx, 1, ("exec", result))
         return result
 
     async def _retry(self, prep_res: Any, error: Exception, ctx: ExecutionContext) -> Any:
@@ -616,8 +647,8 @@ class NodeActor(Actor[Step]):
             except Exception as exc:
                 error = exc
                 continue
-            if type(result) is CoroutineType:
-                self._returned_coroutine("exec", result, ctx, attempt)
+            if type(result) in _NOT_RESULTS:
+                self._unawaited("exec", ctx, attempt, ("exec", result))
             return result
         return await self._fallback(prep_res, error, ctx, attempt)
 
@@ -667,33 +698,9 @@ class NodeActor(Actor[Step]):
             result = await call(self.node.exec_fallback, prep_res, error, ctx)
         except Exception as exc:
             raise self._failed("exec", ctx, attempts) from exc
-        if type(result) is CoroutineType:
-            self._returned_coroutine("exec_fallback", result, ctx, attempts)
+        if type(result) in _NOT_RESULTS:
+            self._unawaited("exec", ctx, attempts, ("exec_fallback", result))
         return result
-
-    def _returned_coroutine(
-        self,
-        method: str,
-        coroutine: CoroutineType[Any, Any, Any],
-        ctx: ExecutionContext,
-        attempts: int,
-    ) -> NoReturn:
-        """Fail the step in exec: ``method`` (exec or exec_fallback) returned
-        ``coroutine`` instead of awaiting it; or, for exec on a thread, a process or
-        Ray that made store calls (the coroutine may be one of them), because the store
-        is not reachable there. The coroutine is closed (it never runs), and so are the
-        step's calls never awaited when exec is not inline."""
-        coroutine.close()
-        if self.node.executor != "inline":
-            _, away = unawaited(ctx.store)
-            if away:
-                raise self._failed("exec", ctx, attempts) from self._unreachable(away)
-        error = TypeError(
-            f"{method} of node {self.node_id!r} returned a coroutine "
-            f"({coroutine.__qualname__}) instead of its result: await it "
-            f"(`return await {coroutine.__qualname__}(...)`)"
-        )
-        raise self._failed("exec", ctx, attempts) from error
 
 
 def _retry_wait(delay: float, jitter: float, error: Exception) -> float:

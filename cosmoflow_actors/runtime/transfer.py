@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import threading
 import traceback
+from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any, Final, Literal, final
 
@@ -100,11 +101,12 @@ def job(prep_res: Any, ctx: ExecutionContext, executor: WorkerKind) -> bytes:
 
 
 def answer(sent: Answer, executor: WorkerKind, store: SharedStore) -> Any:
-    """What exec returned, as a worker of ``executor`` sent it back; or raise what it
-    raised, a KeyboardInterrupt as WorkerInterruptedError. The store calls exec made
-    there and never awaited are handed over to ``store``, the step's handle, for the
-    step's check (see ``store_client.hand_over``). Blocks while it unpickles the
-    outcome: for a large result, long enough to stall the engine."""
+    """What exec returned, as a worker of ``executor`` sent it back (a coroutine as a
+    :class:`ReturnedCoroutine`); or raise what it raised, a KeyboardInterrupt as
+    WorkerInterruptedError. The store calls exec made there and never awaited are handed
+    over to ``store``, the step's handle, for the step's check (see
+    ``store_client.hand_over``). Blocks while it unpickles the outcome: for a large
+    result, long enough to stall the engine."""
     what, pickled, lost = sent
     hand_over(lost, store)
     result = _unpickled_answer(what, pickled)
@@ -112,34 +114,26 @@ def answer(sent: Answer, executor: WorkerKind, store: SharedStore) -> Any:
         interrupted = interruption(result.error, worker_name(executor))
         if interrupted is not None:
             raise interrupted from result.error
-    value = result.unwrap()
-    if type(value) is _ReturnedCoroutine:
-        return value.stand_in()
-    return value
+    return result.unwrap()
 
 
 @final
-class _ReturnedCoroutine:
-    """What a worker sends back for a coroutine exec returned (which cannot make the
-    trip): its name. The worker closes the coroutine."""
+@dataclass(frozen=True, slots=True)
+class ReturnedCoroutine:
+    """What an exec away from the run's task (on a thread, in a worker process, as a Ray
+    task) hands back for a coroutine it returned instead of its result: the coroutine's
+    qualified name. The coroutine itself is closed once the store calls exec lost are
+    listed (a store call it returned is one of them): it never runs, and could not make
+    the trip from a process. The node actor fails the step on it as on the coroutine an
+    inline exec returns."""
 
-    __slots__ = ("name",)
+    name: str
 
-    def __init__(self, coroutine: CoroutineType[Any, Any, Any]) -> None:
-        self.name: str = coroutine.__qualname__
+    @classmethod
+    def of(cls, coroutine: CoroutineType[Any, Any, Any]) -> ReturnedCoroutine:
+        """The carrier of ``coroutine``, which it closes. Never blocks."""
         coroutine.close()
-
-    def stand_in(self) -> CoroutineType[Any, Any, None]:
-        """A coroutine of that name, never started, for the node actor to refuse as
-        exec's result as it refuses the coroutine of an inline exec."""
-        coroutine = _returned()
-        assert isinstance(coroutine, CoroutineType)
-        coroutine.__qualname__ = self.name
-        return coroutine
-
-
-async def _returned() -> None:
-    """The coroutine function of :meth:`_ReturnedCoroutine.stand_in`, never run."""
+        return cls(coroutine.__qualname__)
 
 
 def interruption(error: BaseException, worker: str) -> WorkerInterruptedError | None:
@@ -218,7 +212,7 @@ def exec_in_worker(node_bytes: bytes, job: bytes, executor: WorkerKind) -> Answe
     if isinstance(result, outcome.Error):
         release_frames(result.error)
     elif isinstance(result, outcome.Value) and type(result.value) is CoroutineType:
-        result = outcome.Value(_ReturnedCoroutine(result.value))
+        result = outcome.Value(ReturnedCoroutine.of(result.value))
     what, pickled = _sendable(result, worker)
     return what, pickled, lost
 
