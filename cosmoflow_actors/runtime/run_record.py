@@ -119,9 +119,22 @@ def refuse_child(record: Mapping[str, Any], parent: str) -> NoReturn:
 def require_flow(run: ActiveRun, record: Mapping[str, Any]) -> None:
     """Raise RunRecordedError unless ``record`` is of a run of ``run``'s flow (whatever
     the state it records)."""
-    if record["flow"] != run.flow.name:
-        problem = f"belongs to flow {record['flow']!r}, not {run.flow.name!r}"
-        raise _unfit(run.run_id, record, problem)
+    _require_name(run.flow, run.run_id, record)
+
+
+def require_fit(flow: Flow, run_id: str, record: Mapping[str, Any]) -> None:
+    """Raise RunRecordedError, as :func:`require_flow` and :func:`restore` would, unless
+    ``flow`` can resume ``record`` (checked already, see :func:`checked_record`), the
+    record of ``run_id``: of ``flow``'s name, its branches at nodes and its fan-outs
+    waiting at joins ``flow`` has. A lowered ``max_steps`` is not checked."""
+    _require_name(flow, run_id, record)
+    _fitted(flow, run_id, record)
+
+
+def _require_name(flow: Flow, run_id: str, record: Mapping[str, Any]) -> None:
+    if record["flow"] != flow.name:
+        problem = f"belongs to flow {record['flow']!r}, not {flow.name!r}"
+        raise _unfit(run_id, record, problem)
 
 
 def _unfit(run_id: str, record: Mapping[str, Any], problem: str) -> RunRecordedError:
@@ -489,22 +502,31 @@ def restore(run: ActiveRun, record: Mapping[str, Any], path: Iterable[str]) -> l
     """
     run.path.extend(path)
     run.steps = record["steps"]
+    branches = _fitted(run.flow, run.run_id, record)
+    for branch in branches:
+        if branch.resume_at is not None and "params" in branch.resume_at:
+            _count_under_way(run, branch)
+    return branches
+
+
+def _fitted(flow: Flow, run_id: str, record: Mapping[str, Any]) -> list[Branch]:
+    """The branches in flight of ``record``, the record of ``run_id``, in ``flow``, each
+    with its ``resume_at``; RunRecordedError when the record does not fit ``flow`` (see
+    :func:`restore`)."""
     if record["last"] is None:
         return []
     forks: list[Fork] = []
     for saved in record["forks"]:
-        parent = _branch(run, record, saved["parent"], forks)
-        _check_join(run, record, parent, saved)
+        parent = _branch(flow, run_id, record, saved["parent"], forks)
+        _check_join(run_id, record, parent, saved)
         fork = Fork(parent, saved["depth"], saved["pending"], saved["join"], saved["params"])
         forks.append(fork)
     branches = []
     for saved in record["branches"]:
-        branch = _branch(run, record, saved, forks)
+        branch = _branch(flow, run_id, record, saved, forks)
         branch.resume_at = {key: value for key, value in saved.items() if key != "fork"}
         if "end" not in saved:
-            _check_at_node(run, record, branch)
-        if "params" in saved:
-            _count_under_way(run, branch)
+            _check_at_node(run_id, record, branch)
         branches.append(branch)
     return branches
 
@@ -526,34 +548,36 @@ def resumed(
 
 
 def _branch(
-    run: ActiveRun, record: Mapping[str, Any], saved: Mapping[str, Any], forks: list[Fork]
+    flow: Flow, run_id: str, record: Mapping[str, Any], saved: Mapping[str, Any], forks: list[Fork]
 ) -> Branch:
-    """The branch ``record`` saved as ``saved``."""
+    """The branch ``record`` saved as ``saved``, in ``flow``."""
     number = saved.get("fork")
     return Branch(
-        _frames(run, record, saved["frames"]),
+        _frames(flow, run_id, record, saved["frames"]),
         None if number is None else forks[number],
         saved["label"],
         saved["count"],
     )
 
 
-def _frames(run: ActiveRun, record: Mapping[str, Any], saved: list[list[Any]]) -> list[Frame]:
-    """The frames ``saved`` in ``record``, in ``run``'s flow: each frame but the last at
-    a nested flow, which the next frame is in."""
+def _frames(
+    flow: Flow, run_id: str, record: Mapping[str, Any], saved: list[list[Any]]
+) -> list[Frame]:
+    """The frames ``saved`` in ``record``, in ``flow``: each frame but the last at a
+    nested flow, which the next frame is in."""
     frames: list[Frame] = []
-    current: Flow | None = run.flow
+    current: Flow | None = flow
     parent = ""
     for node_id, steps in saved:
         if current is None:
             problem = f"is at node {node_id!r} inside node {parent!r}, which is no longer a flow"
-            raise _unfit(run.run_id, record, problem)
+            raise _unfit(run_id, record, problem)
         if node_id not in current.nodes:
             problem = (
                 f"is at node {node_id!r}, which flow {current.name!r} lacks (removed or "
                 "renamed since the run was recorded)"
             )
-            raise _unfit(run.run_id, record, problem)
+            raise _unfit(run_id, record, problem)
         frames.append(Frame(current, node_id, steps))
         parent = node_id
         inner = current.nodes[node_id]
@@ -561,7 +585,7 @@ def _frames(run: ActiveRun, record: Mapping[str, Any], saved: list[list[Any]]) -
     return frames
 
 
-def _check_at_node(run: ActiveRun, record: Mapping[str, Any], branch: Branch) -> None:
+def _check_at_node(run_id: str, record: Mapping[str, Any], branch: Branch) -> None:
     """Raise RunRecordedError unless ``branch``, whose step is under way or done, is at
     a node that runs steps (not a nested flow)."""
     frame = branch.frames[-1]
@@ -570,11 +594,11 @@ def _check_at_node(run: ActiveRun, record: Mapping[str, Any], branch: Branch) ->
             f"has a step at node {frame.node_id!r} of flow {frame.flow.name!r}, which is "
             "now a nested flow"
         )
-        raise _unfit(run.run_id, record, problem)
+        raise _unfit(run_id, record, problem)
 
 
 def _check_join(
-    run: ActiveRun, record: Mapping[str, Any], parent: Branch, saved: Mapping[str, Any]
+    run_id: str, record: Mapping[str, Any], parent: Branch, saved: Mapping[str, Any]
 ) -> None:
     """Raise RunRecordedError unless the fan-out ``saved``, from ``parent``, has no join
     yet or one that is a join of the flow it is in."""
@@ -586,7 +610,7 @@ def _check_join(
             f"{join_id!r}, which flow {origin.flow.name!r} no longer has as a join "
             "(removed, renamed or made a plain node since the run was recorded)"
         )
-        raise _unfit(run.run_id, record, problem)
+        raise _unfit(run_id, record, problem)
 
 
 def _count_under_way(run: ActiveRun, branch: Branch) -> None:
