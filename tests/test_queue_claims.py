@@ -23,6 +23,7 @@ from tests.queue_support import (
     FAILURES,
     FLOW,
     OTHER,
+    Count,
     Warnings,
     counts,
     killed,
@@ -290,6 +291,91 @@ async def claimed_by_dead(queue: cf.RunQueue, run_id: str) -> Any:
         '{"flow": "count", "state": "running", "owner": "dead", "params": {}, "attempts": 1}',
     )
     return entry_id
+
+
+CHANGED = (
+    cf.Flow.builder("count")
+    .add_node("a2", Count())
+    .add_node("b", Count())
+    .add_node("c", Count())
+    .add_route("a2", "b")
+    .add_route("b", "c")
+    .build()
+)
+"""A new version of flow ``count``: its node ``a`` renamed ``a2``."""
+
+
+async def orphaned_after_a(queue: RunQueue, store: str) -> tuple[str, Any]:
+    """A run of ``count`` that a worker "dead" claimed and that failed in step b (its
+    record at node a, whose step it committed) before "dead" recorded it, its lease to
+    expire in 500 ms; its id and its record."""
+    run_id = await cf.submit(queue, "count")
+    await claimed_by_dead(queue, run_id)
+    FAILURES[run_id] = 1
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError, match="node 'b' failed in exec"):
+            await engine.run(FLOW, per_run_redis(store)(run_id), run_id=run_id)
+    return run_id, await recorded(store, run_id)
+
+
+async def recorded(store: str, run_id: str) -> Any:
+    """The record of ``run_id`` in its store ``store``."""
+    storage = per_run_redis(store)(run_id)
+    await storage.open()
+    try:
+        return await storage.get(f"__cosmoflow__/runs/{run_id}")
+    finally:
+        await storage.aclose()
+
+
+async def test_a_worker_whose_flow_no_longer_fits_an_orphan_leaves_it_to_one_whose_flow_does(
+    redis_server: RedisServer,
+) -> None:
+    """A worker with a version of the flow without node a passes over an orphan whose
+    record is at a, giving it back untouched (its entry, attempts and record as they
+    were); a worker with the version that recorded it, started later, resumes it at b."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    run_id, record = await orphaned_after_a(queue, store)
+    async with worker(queue, store, "new", flows=(CHANGED,)):
+        with trio.fail_after(10):
+            passed = await passed_over(queue, run_id)
+        assert await recorded(store, run_id) == record
+        async with worker(queue, store, "old"):
+            with trio.fail_after(10):  # far less than flow_wait (60 s)
+                done = await cf.result(queue, run_id)
+    assert (passed.state, passed.owner, passed.attempts) == ("orphaned", "dead", 1)
+    assert passed.passed_over == ("new",)
+    assert done.worker == "old"
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts, status.passed_over) == ("succeeded", 2, ())
+    assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
+async def test_an_orphan_no_worker_whose_flow_fits_takes_fails_after_flow_wait(
+    redis_server: RedisServer,
+) -> None:
+    """With only workers whose flow does not fit its record, an orphan fails once they
+    have passed it over for flow_wait, with the RunRecordedError saying what changed
+    and what to do; its record stays as it was."""
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", lease=0.5, flow_wait=0.3)
+    store = store_url(redis_server)
+    run_id, record = await orphaned_after_a(queue, store)
+    async with worker(queue, store, "new", flows=(CHANGED,)):
+        with pytest.raises(cf.CosmoFlowError) as info:
+            await cf.result(queue, run_id)
+    assert str(info.value).startswith(
+        f"run {run_id!r} failed on worker new: RunRecordedError: run {run_id!r} is at node "
+        "'a', which flow 'count' lacks (removed or renamed since the run was recorded): "
+        "resume it with flow 'count' as it was when the run started (the version that "
+        "recorded it); nothing ran and its record stays failed; no worker took it in "
+    )
+    assert str(info.value).endswith(" s (passed over by new; flow_wait=0.3 s)")
+    waited = float(str(info.value).split("no worker took it in ")[1].split(" s")[0])
+    assert waited >= 0.3
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.owner, status.attempts) == ("failed", "new", 1)
+    assert status.passed_over == ("new",)
+    assert await recorded(store, run_id) == record
 
 
 async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last_commit(

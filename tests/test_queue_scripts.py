@@ -1,11 +1,11 @@
 """The run queue's Lua scripts on a real redis-server: a worker's lease is its own, so
-renewing, recording an outcome and handing a run back touch only the leases the caller
-holds."""
+renewing, recording an outcome, handing a run back and giving a claim back touch only
+the leases the caller holds."""
 
 from __future__ import annotations
 
 from cosmoflow_actors.runtime.queue.client import GROUP
-from cosmoflow_actors.runtime.queue.scripts import FINISH, HAND_BACK, RENEW
+from cosmoflow_actors.runtime.queue.scripts import CLAIM, FINISH, HAND_BACK, RENEW, UNCLAIM
 from tests.queue_support import new_queue
 from tests.storage_suite import RedisServer
 
@@ -50,3 +50,28 @@ async def test_finish_and_hand_back_leave_a_lease_another_worker_holds(
     assert await queue.call("GET", queue.lease_key("r1")) == b"w2"
     pending = await queue.call("XPENDING", queue.stream, GROUP)
     assert (pending["pending"], pending["consumers"]) == (1, [{"name": b"w2", "pending": 1}])
+
+
+async def test_unclaim_puts_back_the_entry_and_note_a_claim_forgot_if_the_lease_is_ours(
+    redis_server: RedisServer,
+) -> None:
+    """CLAIM returns the passed-over note it forgets; UNCLAIM by another worker leaves
+    everything as it is, and by the claimer drops its lease and puts back the run's
+    entry as read and that note."""
+    queue = new_queue(redis_server)
+    keys = [queue.lease_key("r1"), queue.runs, queue.passed, queue.stream]
+    read, running, note = b'{"state": "pending"}', b'{"state": "running"}', b'{"by": ["x"]}'
+    await queue.call("HSET", queue.runs, "r1", read)
+    await queue.call("HSET", queue.passed, "r1", note)
+
+    taken = await queue.script(CLAIM, keys, ["w1", 60_000, "r1", read, running, GROUP, "0-1"])
+    assert (taken, await queue.call("HEXISTS", queue.passed, "r1")) == (note, 0)
+    back_args = ["r1", running, read, note]
+    assert await queue.script(UNCLAIM, keys[:3], ["w2", *back_args]) == 0
+    assert await queue.call("HGET", queue.runs, "r1") == running
+    assert await queue.call("GET", queue.lease_key("r1")) == b"w1"
+
+    assert await queue.script(UNCLAIM, keys[:3], ["w1", *back_args]) == 1
+    assert await queue.call("HGET", queue.runs, "r1") == read
+    assert await queue.call("HGET", queue.passed, "r1") == note
+    assert await queue.call("EXISTS", queue.lease_key("r1")) == 0

@@ -121,9 +121,26 @@ def refuse_child(record: Mapping[str, Any], parent: str) -> NoReturn:
 def require_flow(run: ActiveRun, record: Mapping[str, Any]) -> None:
     """Raise RunRecordedError unless ``record`` is of a run of ``run``'s flow (whatever
     the state it records)."""
-    if record["flow"] != run.flow.name:
-        problem = f"belongs to flow {record['flow']!r}, not {run.flow.name!r}"
-        raise _unfit(run.run_id, record, problem)
+    _require_name(run.flow, run.run_id, record)
+
+
+def require_fit(
+    flow: Flow, run_id: str, record: Mapping[str, Any], stored: Mapping[str, Any]
+) -> None:
+    """Raise RunRecordedError, as :func:`require_flow` and :func:`restore` would, unless
+    ``flow`` can resume ``record`` (checked already, see :func:`checked_record`), the
+    record of ``run_id``, with its places ``stored`` (by key, see :func:`place_keys`):
+    of ``flow``'s name, its branches at nodes and its fan-outs waiting at joins
+    ``flow`` has. A lowered ``max_steps`` is not checked. Raises StorageError as
+    :func:`restore` does for a place that is no place the engine writes."""
+    _require_name(flow, run_id, record)
+    _fitted(flow, run_id, record, stored)
+
+
+def _require_name(flow: Flow, run_id: str, record: Mapping[str, Any]) -> None:
+    if record["flow"] != flow.name:
+        problem = f"belongs to flow {record['flow']!r}, not {flow.name!r}"
+        raise _unfit(run_id, record, problem)
 
 
 def _unfit(run_id: str, record: Mapping[str, Any], problem: str) -> RunRecordedError:
@@ -449,22 +466,33 @@ def restore(
     """
     run.path.extend(path)
     run.steps = record["steps"]
+    restoring = _fitted(run.flow, run.run_id, record, stored)
+    for branch in restoring.in_flight:
+        if branch.resume_at is not None and "params" in branch.resume_at:
+            _count_under_way(run, branch)
+    places = Places.restored(
+        run.run_id, record["places"], restoring.numbers, restoring.saved, restoring.in_flight
+    )
+    return restoring.in_flight, places
+
+
+def _fitted(
+    flow: Flow, run_id: str, record: Mapping[str, Any], stored: Mapping[str, Any]
+) -> _Restoring:
+    """The branches in flight of ``record``, the record of ``run_id`` with its places
+    ``stored``, put back in ``flow``, each with its ``resume_at``; RunRecordedError when
+    the record does not fit ``flow``, StorageError for a place the engine never writes
+    (see :func:`restore`)."""
+    restoring = _Restoring(flow, run_id, record, stored)
     if record["last"] is None:
-        return [], Places(run.run_id)
-    restoring = _Restoring(run, record, stored)
-    branches = []
+        return restoring
     for number, saved in restoring.branches():
         branch = restoring.branch(saved)
         restoring.numbers[branch] = number
         branch.resume_at = {key: value for key, value in saved.items() if key not in _NUMBERS}
-        _check_at_node(run, record, branch)
-        if "params" in saved:
-            _count_under_way(run, branch)
-        branches.append(branch)
-    places = Places.restored(
-        run.run_id, record["places"], restoring.numbers, restoring.saved, branches
-    )
-    return branches, places
+        _check_at_node(run_id, record, branch)
+        restoring.in_flight.append(branch)
+    return restoring
 
 
 _NUMBERS: Final = ("fork", "place")
@@ -473,17 +501,21 @@ _NUMBERS: Final = ("fork", "place")
 
 class _Restoring:
     """The places of a run's record read back (checked), and the branches and fan-outs
-    made of them so far, with their numbers."""
+    made of them in its flow so far, with their numbers."""
 
-    def __init__(self, run: ActiveRun, record: Mapping[str, Any], stored: Mapping[str, Any]):
-        self.run = run
+    def __init__(
+        self, flow: Flow, run_id: str, record: Mapping[str, Any], stored: Mapping[str, Any]
+    ) -> None:
+        self.flow = flow
+        self.run_id = run_id
         self.record = record
         self.saved: dict[int, dict[str, Any]] = {}
         """The places found, by number."""
         count = record["places"]
         for number, key in enumerate(place_keys(record)):
             if key in stored:
-                self.saved[number] = _checked_place(run.run_id, key, stored[key], count)
+                self.saved[number] = _checked_place(run_id, key, stored[key], count)
+        self.in_flight: list[Branch] = []
         self.numbers: dict[Placed, int] = {}
         self._forks: dict[int, Fork] = {}
         self._making: set[int] = set()
@@ -501,7 +533,7 @@ class _Restoring:
 
     def branch(self, saved: Mapping[str, Any]) -> Branch:
         """The branch saved as ``saved``, in the fan-out its place number names."""
-        frames = _frames(self.run, self.record, saved["frames"])
+        frames = _frames(self.flow, self.run_id, self.record, saved["frames"])
         return Branch(frames, self.fork(saved["fork"]), saved["label"], saved["count"])
 
     def fork(self, number: int | None) -> Fork | None:
@@ -514,7 +546,7 @@ class _Restoring:
         saved = self._fork_saved(number)
         self._making.add(number)
         parent = self.branch(saved["parent"])
-        _check_join(self.run, self.record, parent, saved)
+        _check_join(self.run_id, self.record, parent, saved)
         fork = Fork(parent, saved["depth"], saved["pending"], saved["join"], saved["params"])
         self._forks[number] = fork
         self.numbers[fork] = number
@@ -525,10 +557,10 @@ class _Restoring:
         parent of a fan-out's parent is never that fan-out)."""
         saved = self.saved.get(number, {}).get("fork")
         if saved is None or number in self._making:
-            key = place_key(self.run.run_id, number)
+            key = place_key(self.run_id, number)
             held = "holds no fan-out" if saved is None else "holds a fan-out inside itself"
             raise StorageError(
-                f"run {self.run.run_id!r}: a place names the fan-out at {key!r}, which "
+                f"run {self.run_id!r}: a place names the fan-out at {key!r}, which "
                 f"{held} (the engine never writes that: a place was deleted, crafted or "
                 "damaged)"
             )
@@ -549,22 +581,24 @@ def resumed(
     return StepDone(run, branch, actor, _decode_action(saved["action"]), values)
 
 
-def _frames(run: ActiveRun, record: Mapping[str, Any], saved: list[list[Any]]) -> list[Frame]:
-    """The frames ``saved`` in ``record``, in ``run``'s flow: each frame but the last at
-    a nested flow, which the next frame is in."""
+def _frames(
+    flow: Flow, run_id: str, record: Mapping[str, Any], saved: list[list[Any]]
+) -> list[Frame]:
+    """The frames ``saved`` in ``record``, in ``flow``: each frame but the last at a
+    nested flow, which the next frame is in."""
     frames: list[Frame] = []
-    current: Flow | None = run.flow
+    current: Flow | None = flow
     parent = ""
     for node_id, steps in saved:
         if current is None:
             problem = f"is at node {node_id!r} inside node {parent!r}, which is no longer a flow"
-            raise _unfit(run.run_id, record, problem)
+            raise _unfit(run_id, record, problem)
         if node_id not in current.nodes:
             problem = (
                 f"is at node {node_id!r}, which flow {current.name!r} lacks (removed or "
                 "renamed since the run was recorded)"
             )
-            raise _unfit(run.run_id, record, problem)
+            raise _unfit(run_id, record, problem)
         frames.append(Frame(current, node_id, steps))
         parent = node_id
         inner = current.nodes[node_id]
@@ -572,7 +606,7 @@ def _frames(run: ActiveRun, record: Mapping[str, Any], saved: list[list[Any]]) -
     return frames
 
 
-def _check_at_node(run: ActiveRun, record: Mapping[str, Any], branch: Branch) -> None:
+def _check_at_node(run_id: str, record: Mapping[str, Any], branch: Branch) -> None:
     """Raise RunRecordedError unless ``branch``, whose step is under way or done, is at
     a node that runs steps (not a nested flow)."""
     frame = branch.frames[-1]
@@ -581,11 +615,11 @@ def _check_at_node(run: ActiveRun, record: Mapping[str, Any], branch: Branch) ->
             f"has a step at node {frame.node_id!r} of flow {frame.flow.name!r}, which is "
             "now a nested flow"
         )
-        raise _unfit(run.run_id, record, problem)
+        raise _unfit(run_id, record, problem)
 
 
 def _check_join(
-    run: ActiveRun, record: Mapping[str, Any], parent: Branch, saved: Mapping[str, Any]
+    run_id: str, record: Mapping[str, Any], parent: Branch, saved: Mapping[str, Any]
 ) -> None:
     """Raise RunRecordedError unless the fan-out ``saved``, from ``parent``, has no join
     yet or one that is a join of the flow it is in."""
@@ -597,7 +631,7 @@ def _check_join(
             f"{join_id!r}, which flow {origin.flow.name!r} no longer has as a join "
             "(removed, renamed or made a plain node since the run was recorded)"
         )
-        raise _unfit(run.run_id, record, problem)
+        raise _unfit(run_id, record, problem)
 
 
 def _count_under_way(run: ActiveRun, branch: Branch) -> None:

@@ -17,18 +17,21 @@ worker that is stopped (its ``serve`` cancelled) cancels its runs and hands each
 back: it drops the lease and makes the stream entry idle for a lease, so the next
 worker that looks for expired leases takes the run over at once.
 
-A worker that lacks a run's flow leaves the run to the others: it notes itself among
-the workers that passed the run over and gives the stream entry back, idle enough for
-any worker to take over at once. Once workers have passed a run over for
-``flow_wait`` seconds with none taking it, the next one to pass it over fails it.
+A worker that lacks a run's flow, or has it in a version that does not fit the run's
+record (see ``run_record.require_fit``: it gives back its claim untouched), leaves the
+run to the others: it notes itself among the workers that passed the run over and
+gives the stream entry back, idle enough for any worker to take over at once. Once
+workers have passed a run over for ``flow_wait`` seconds with none taking it, the next
+one to pass it over fails it.
 
 Redis keys of the queue ``NAME``: ``cosmoflow:queue:NAME:stream`` (the stream),
 ``cosmoflow:queue:NAME:runs`` (a hash, run id -> JSON),
 ``cosmoflow:queue:NAME:lease:<run_id>`` (the leases) and
 ``cosmoflow:queue:NAME:passed`` (a hash, run id -> JSON: since when workers lacking
-its flow pass the run over, and which). Nothing of these is ever deleted but the
-leases: the entries of finished runs stay in the hash and the stream (acknowledged),
-every worker name stays a consumer of the group, and the runs' stores keep their data.
+its flow, or a version of it that fits its record, pass the run over, and which).
+Nothing of these is ever deleted but the leases: the entries of finished runs stay in
+the hash and the stream (acknowledged), every worker name stays a consumer of the
+group, and the runs' stores keep their data.
 
 The modules: :mod:`~cosmoflow_actors.runtime.queue.scripts` (the Lua scripts),
 :mod:`~cosmoflow_actors.runtime.queue.client` (:class:`RunQueue`, :func:`submit`,

@@ -1,5 +1,6 @@
 """How a worker claims runs: it reads the queue's new entries and looks for runs whose
-lease expired, takes each run's lease, and passes over the runs whose flow it lacks."""
+lease expired, takes each run's lease, and passes over the runs whose flow it lacks or
+has in a version that does not fit the run's record."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Final
 
 import trio
 
-from cosmoflow_actors.errors import StorageError, type_and_message
+from cosmoflow_actors.errors import RunRecordedError, StorageError, type_and_message
 from cosmoflow_actors.flow import Flow
 from cosmoflow_actors.runtime.queue.client import FINISHED, GROUP, RunQueue, as_str
 from cosmoflow_actors.runtime.queue.entries import (
@@ -32,6 +33,7 @@ from cosmoflow_actors.runtime.queue.scripts import (
     HELD,
     PASS_OVER,
     READ_NEW,
+    UNCLAIM,
 )
 
 LOGGER: Final = logging.getLogger("cosmoflow_actors.queue")
@@ -62,14 +64,18 @@ def shielded_briefly() -> Iterator[None]:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A run a worker holds the lease of: its stream entry, flow and parameters, and
-    when (trio time) the lease expires unless renewed."""
+    """A run a worker holds the lease of: its stream entry, flow and parameters, its
+    entry in the queue's hash as the claim wrote it (``info``) and as it was before
+    (``read``), the passed-over note the claim forgot, and when (trio time) the lease
+    expires unless renewed."""
 
     entry_id: str
     run_id: str
     flow: Flow
     params: dict[str, Any]
     info: dict[str, Any]
+    read: bytes
+    passed: bytes | None
     expires: float
 
 
@@ -250,9 +256,16 @@ class Claimer:
                 if info["state"] not in FINISHED:
                     return await self._claim_readable(entry_id, run_id, data, info)
         except UnreadableEntryError as exc:
-            LOGGER.warning("worker %s leaves the stream entry %s: %s", self.name, entry_id, exc)
+            await self._leave(entry_id, exc)
+            return None
         await self.queue.call("XACK", self.queue.stream, GROUP, entry_id)
         return None
+
+    async def _leave(self, entry_id: str, error: UnreadableEntryError) -> None:
+        """Log ``error``, about what the queue holds for the stream entry ``entry_id``,
+        and acknowledge the entry, so that no worker claims it again."""
+        LOGGER.warning("worker %s leaves the stream entry %s: %s", self.name, entry_id, error)
+        await self.queue.call("XACK", self.queue.stream, GROUP, entry_id)
 
     async def _claim_readable(
         self, entry_id: str, run_id: str, data: bytes, info: dict[str, Any]
@@ -289,15 +302,43 @@ class Claimer:
             return None
         if not taken:
             return None
-        return Claim(entry_id, run_id, flow, info.get("params", {}), running, expires)
+        passed = taken if isinstance(taken, bytes) else None
+        params = info.get("params", {})
+        return Claim(entry_id, run_id, flow, params, running, data, passed, expires)
+
+    async def pass_back(self, claim: Claim, refusal: RunRecordedError) -> None:
+        """Give back ``claim``, whose run this worker cannot resume (``refusal``: its
+        flow does not fit the run's record), untouched, and pass the run over as for a
+        flow it lacks (see :meth:`_pass_over`): its entry in the queue's hash and its
+        passed-over note put back as they were before the claim, its lease dropped.
+        Nothing more when the lease is no longer this worker's; a passed-over note that
+        is not what a queue writes leaves the stream entry, as :meth:`_claim` does.
+        Blocks while the server answers; raises StorageError when it is out of reach
+        (the lease then expires and the run is taken over)."""
+        queue = self.queue
+        keys = [queue.lease_key(claim.run_id), queue.runs, queue.passed]
+        args = [self.name, claim.run_id, json.dumps(claim.info), claim.read, claim.passed or ""]
+        if not await queue.script(UNCLAIM, keys, args):
+            return
+        info = decoded_info(queue, claim.run_id, claim.read)
+        try:
+            await self._pass_over(claim.entry_id, claim.run_id, claim.read, info, refusal)
+        except UnreadableEntryError as exc:
+            await self._leave(claim.entry_id, exc)
 
     async def _pass_over(
-        self, entry_id: str, run_id: str, data: bytes, info: dict[str, Any]
+        self,
+        entry_id: str,
+        run_id: str,
+        data: bytes,
+        info: dict[str, Any],
+        refusal: RunRecordedError | None = None,
     ) -> None:
-        """Leave ``run_id``, whose flow this worker lacks, to the other workers: note
-        this worker among those that passed it over and give its entry back, idle for
-        a lease, so that the next worker to look for expired leases takes it over.
-        Fail the run instead once workers have passed it over for ``flow_wait``
+        """Leave ``run_id``, whose flow this worker lacks (or has in a version that does
+        not fit its record: ``refusal``), to the other workers: note this worker among
+        those that passed it over and give its entry back, idle for a lease, so that
+        the next worker to look for expired leases takes it over. Fail the run instead
+        (with ``refusal``, if any) once workers have passed it over for ``flow_wait``
         seconds, unless it changed since ``data`` (what the queue's hash held about it,
         decoded as ``info``) was read. Leave it alone while a worker holds its lease
         (its entry is due again when the lease expires), and fail it when its lease key
@@ -325,10 +366,12 @@ class Claimer:
             idle = ["IDLE", queue.lease_ms]
             await queue.call("XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, *idle)
             return
-        error = (
-            f"CosmoFlowError: no worker took flow {info['flow']!r} in {waited:.1f} s "
-            f"(passed over by {', '.join(by)}; flow_wait={queue.flow_wait:g} s)"
-        )
+        passes = f"passed over by {', '.join(by)}; flow_wait={queue.flow_wait:g} s"
+        if refusal is None:
+            error = f"CosmoFlowError: no worker took flow {info['flow']!r} in {waited:.1f} s"
+        else:
+            error = f"{type_and_message(refusal)}; no worker took it in {waited:.1f} s"
+        error += f" ({passes})"
         failed = {**info, "state": "failed", "owner": self.name, "error": error}
         await queue.script(
             FAIL_PASSED,

@@ -68,8 +68,9 @@ class RunQueue:
 
     ``lease`` is how long (seconds) a worker's claim on a run lasts without renewal:
     the time after which a dead worker's runs go to others. ``flow_wait`` is how long
-    (seconds) a run whose flow the workers that saw it lack waits for a worker that
-    has it, before one of them fails it (0: the first one does). Every call to the
+    (seconds) a run whose flow the workers that saw it lack (or have in a version that
+    does not fit its record) waits for a worker that has it, before one of them fails
+    it (0: the first one does). Every call to the
     server runs in a worker thread (at most :data:`THREADS` at once, apart from the
     threads of trio's default limiter), on a connection of the process's pool for the
     server, and is not retried: a server that refuses the connection or closes it

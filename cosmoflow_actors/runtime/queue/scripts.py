@@ -51,16 +51,31 @@ if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return 0
 end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
+local passed = redis.call('HGET', KEYS[3], ARGV[3])
+if not passed then return 1 end
 redis.call('HDEL', KEYS[3], ARGV[3])
-return 1
+return passed
 """
 )
 """Take the lease of a run and record it running, if its entry is still what the
 caller read and no one holds the lease; forget who passed it over. When another
 worker holds the lease, make the stream entry due when it expires (KEYS: lease, runs,
 passed, stream; ARGV: owner, lease ms, run id, entry as read, entry running, group,
-entry id). 1 if taken; ``{type}`` when the lease key holds another type (see
+entry id). If taken, the passed-over note it forgot (for :data:`UNCLAIM`), or 1 when
+there was none; 0 if not; ``{type}`` when the lease key holds another type (see
 :data:`_FOREIGN`)."""
+UNCLAIM: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('HGET', KEYS[2], ARGV[2]) ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], ARGV[5]) end
+return 1
+"""
+"""Undo a :data:`CLAIM`: drop the lease KEYS[1] if ARGV[1] holds it, and then, if run
+ARGV[2]'s entry in the hash KEYS[2] is still ARGV[3] (as the claim wrote it), put back
+its entry as read, ARGV[4], and its passed-over note ARGV[5] in the hash KEYS[3] (none
+when empty); 1 if put back. The run's stream entry is left as it is."""
 HELD: Final = (
     _IDLE_UNTIL_EXPIRY
     + """

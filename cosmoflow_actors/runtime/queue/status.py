@@ -43,7 +43,8 @@ class QueuedRun:
     why, ``flow_name`` is empty, and ``run_id`` shows bytes that are not UTF-8 as
     backslash escapes). ``owner`` names the worker that holds (or last held) the run,
     ``lease_left`` the seconds its lease has left (None when no lease is held).
-    ``passed_over`` names the workers that lacked its flow and left it to others
+    ``passed_over`` names the workers that lacked its flow (or a version of it that fits
+    its record) and left it to others
     since it was submitted or requeued, until a worker that has the flow claims it (a
     run failed for want of one keeps them).
     """

@@ -16,13 +16,19 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from cosmoflow_actors.errors import RunConflictError, StorageError, StoreValueError, causes
+from cosmoflow_actors.errors import (
+    RunConflictError,
+    RunRecordedError,
+    StorageError,
+    StoreValueError,
+    causes,
+)
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import run_record
 from cosmoflow_actors.runtime.queue.claims import LOGGER, Claim, Claimer, shielded_briefly
 from cosmoflow_actors.runtime.queue.client import GROUP, RunQueue, as_queue
 from cosmoflow_actors.runtime.queue.scripts import FINISH, HAND_BACK, RELEASE, RENEW
-from cosmoflow_actors.storage.base import Storage
+from cosmoflow_actors.storage.base import Storage, value_or
 from cosmoflow_actors.storage.redis import RedisStorage, redacted, require_url
 from cosmoflow_actors.tracing import describe_error
 from cosmoflow_actors.validation import require_positive
@@ -32,6 +38,9 @@ if TYPE_CHECKING:
 
 RunStores = Callable[[str], Storage]
 """A function giving the store of the run whose id it is given."""
+Outcome = dict[str, Any] | RunRecordedError | None
+"""How a claimed run ended, for the queue: what to record (its state, error, result),
+why its record does not fit the worker's flow (it is passed over), or None (dropped)."""
 PER_RUN_URL: Final = "redis://HOST[:PORT][/DB][#PREFIX]"
 """The form of the URL of :func:`per_run_redis`."""
 NOT_SENT = "no renewal was sent in time"
@@ -160,14 +169,17 @@ class _Worker:
             del self._leases[claim.run_id]
             slots.release()
 
-    async def _settle(self, claim: Claim, outcome: dict[str, Any] | None) -> None:
+    async def _settle(self, claim: Claim, outcome: Outcome) -> None:
         """Record ``outcome`` and acknowledge the entry, or only drop the lease for a
-        dropped run (None). Blocks while the server answers (run_claimed bounds it by
-        HAND_BACK_SECONDS); raises StorageError when it is out of reach (run_claimed
-        lets it go: the lease expires instead and another worker takes the run over;
-        its record says how far it got)."""
+        dropped run (None), or pass a run whose record its flow does not fit over to
+        the other workers (see :meth:`Claimer.pass_back`). Blocks while the server
+        answers (run_claimed bounds it by HAND_BACK_SECONDS); raises StorageError when
+        it is out of reach (run_claimed lets it go: the lease expires instead and
+        another worker takes the run over; its record says how far it got)."""
         if outcome is None:
             await self.queue.script(RELEASE, [self.queue.lease_key(claim.run_id)], [self.name])
+        elif isinstance(outcome, RunRecordedError):
+            await self.claimer.pass_back(claim, outcome)
         else:
             await self._finish(claim.entry_id, claim.run_id, {**claim.info, **outcome})
 
@@ -183,17 +195,22 @@ class _Worker:
         with shielded_briefly():
             await queue.script(HAND_BACK, keys, args)
 
-    async def _outcome(self, claim: Claim, scope: trio.CancelScope) -> dict[str, Any] | None:
+    async def _outcome(self, claim: Claim, scope: trio.CancelScope) -> Outcome:
         """The run's outcome as the queue records it; None when it was dropped: its
         lease was lost, another engine committed a step of it first, or its store was
         out of reach (see :func:`_out_of_reach`: when the worker opened it, or when a
         step called it or committed; logged): the run is taken over once its entry has
         been idle for a lease. A node's own error (another StorageError included) fails the
-        run, and so does data its store cannot encode (StoreValueError)."""
+        run, and so does data its store cannot encode (StoreValueError). The
+        RunRecordedError of a record the worker's flow does not fit (see
+        :meth:`_own_record`), with nothing run."""
         with scope:
             try:
                 storage = self.stores(claim.run_id)
-                await self._own_record(storage, claim)
+                refusal = await self._own_record(storage, claim)
+                if refusal is not None:
+                    await storage.aclose()
+                    return refusal
                 done = await self.engine.resume(
                     claim.flow, storage, run_id=claim.run_id, params=claim.params
                 )
@@ -219,18 +236,30 @@ class _Worker:
             describe_error(error),
         )
 
-    async def _own_record(self, storage: Storage, claim: Claim) -> None:
+    async def _own_record(self, storage: Storage, claim: Claim) -> RunRecordedError | None:
         """Name this worker and its queue in the run's record (written first if the run
-        has none yet), so that the store tells who runs it. Blocks while ``storage``
-        opens and commits; raises StorageError when it cannot."""
+        has none yet), so that the store tells who runs it; unless the record is of a
+        run in flight or failed that the claim's flow does not fit (a version of it
+        changed since the run was recorded, see ``run_record.require_fit``): then
+        return why, the record left as it was. Blocks while ``storage`` opens, is read
+        and commits; raises StorageError when it cannot."""
         owner = {"worker": self.name, "queue": self.queue.address}
 
         def named(stored: Any) -> Any:
             return run_record.owned(stored, claim.run_id, claim.flow.name, claim.params, owner)
 
         await storage.open()
-        await storage.update(run_record.record_key(claim.run_id), named, None)
+        key = run_record.record_key(claim.run_id)
+        stored = await value_or(storage, key, None)
+        if _resumable(claim.run_id, stored):
+            places = await storage.get_many(run_record.place_keys(stored))
+            try:
+                run_record.require_fit(claim.flow, claim.run_id, stored, places)
+            except RunRecordedError as exc:
+                return exc
+        await storage.update(key, named, None)
         await storage.commit()
+        return None
 
     async def renew_leases(self) -> None:
         """Every third of a lease, renew the leases of all the runs this worker runs in
@@ -304,6 +333,13 @@ class _Worker:
             [queue.lease_key(run_id), queue.runs, queue.stream],
             [self.name, run_id, json.dumps(info, default=repr), GROUP, entry_id],
         )
+
+
+def _resumable(run_id: str, stored: Any) -> bool:
+    """Whether ``stored`` is a record of the run ``run_id`` in flight or failed, as
+    the engine writes them (a resume puts the run back where it records)."""
+    ok = stored is not None and run_record.record_problem(run_id, stored) is None
+    return ok and stored["state"] != "succeeded"
 
 
 def _out_of_reach(error: BaseException) -> bool:
