@@ -6,11 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.places import Places
 from cosmoflow_actors.runtime.run import Branch
-from cosmoflow_actors.storage.base import StagedOp
-from tests.support import Recorder, ticking
+from cosmoflow_actors.storage.base import PARTS_PREFIX, StagedOp, place_key
+from tests.storage_suite import PERSISTENT, make_backend
+from tests.support import Gate, Recorder, ticking
 
 
 class CommitsSeen(cf.SQLiteStorage):
@@ -104,3 +107,68 @@ def test_a_routing_undone_puts_the_branches_in_flight_back() -> None:
     places.undo()
     assert set(places.in_flight) == {kept, moved}
     assert set(places.changed) == {kept, moved, new}
+
+
+class FailsOnce(cf.Node):
+    """Fails in post the first time it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("f2 fails once")
+
+
+async def parts_in(storage: cf.Storage) -> list[str]:
+    """The keys of the runs' parts (path chunks, places) in ``storage``, sorted."""
+    await storage.open()
+    try:
+        return sorted(key for key in await storage.keys() if key.startswith(PARTS_PREFIX))
+    finally:
+        await storage.aclose()
+
+
+@pytest.mark.parametrize("kind", PERSISTENT)
+async def test_a_failed_fan_out_keeps_its_places_to_resume_and_a_forget_deletes_them(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """ "f1" commits while "a" and "b" wait: its commit writes their places and their
+    fan-out's. "f2" then fails the run, whose places stay; the resume puts "a" and "b"
+    back under way and ends the run, which deletes them; a forget leaves no part."""
+    backend = make_backend(kind, tmp_path, request)
+    a, b = Gate(), Gate()
+    flow = (
+        cf.Flow.builder("held")
+        .add_node("s", Recorder())
+        .add_node("a", a)
+        .add_node("b", b)
+        .add_node("f1", Recorder())
+        .add_node("f2", FailsOnce())
+        .add_join("j", Recorder())
+        .add_route("s", ["a", "b", "f1"])
+        .add_route("f1", "f2")
+        .add_route("a", "j")
+        .add_route("b", "j")
+        .add_route("f2", "j")
+        .build()
+    )
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError, match="node 'f2' failed in post"):
+            await engine.run(flow, backend.open(), run_id="r")
+        failed = await parts_in(backend.open())
+        a.open.set()
+        b.open.set()
+        result = await engine.resume(flow, backend.open(), run_id="r")
+        done = await parts_in(backend.open())
+        assert await engine.forget_run(backend.open(), "r")
+    assert len(failed) == 3  # the places of "a", "b" and their fan-out
+    assert all(key.startswith(place_key("r", 0)[:-1]) for key in failed)
+    assert (a.entered, b.entered) == (2, 2)
+    assert sorted(result.execution_path) == ["a", "b", "f1", "f2", "j", "s"]
+    assert done == []
+    assert await parts_in(backend.open()) == []

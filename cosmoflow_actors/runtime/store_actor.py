@@ -175,9 +175,10 @@ class StoreActor(Actor[StoreRequest]):
         self, storage: Storage, key: str, check: Callable[[str, Any], None]
     ) -> bool:
         """Delete the run record under ``key``, with the records of its BatchFlow
-        children (``key:3/0``...) and the path chunks of them all, once ``check(key,
-        record)`` has passed (it raises to keep them), with nothing in between in the
-        actor's serial order; return whether there was a record. Blocks until done."""
+        children (``key:3/0``...) and the parts (path chunks, places) of them all, once
+        ``check(key, record)`` has passed (it raises to keep them), with nothing in
+        between in the actor's serial order; return whether there was a record. Blocks
+        until done."""
         forgotten: bool = await self.request(StoreOp.FORGET, storage, key, check)
         return forgotten
 
@@ -475,11 +476,11 @@ class StoreActor(Actor[StoreRequest]):
             raise
 
     async def _forget(self, request: StoreRequest) -> Any:
-        """Delete a run's record and its children's, and their path chunks, once the
-        check passed: in a transaction of the backend's own when it has one
-        (``Storage.forget_record``), so that no other process changes the record between
-        the check and the deletes; else here, putting back what was deleted if the
-        backend refuses one delete."""
+        """Delete a run's record and its children's, and the parts (path chunks, places)
+        of them all, once the check passed: in a transaction of the backend's own when
+        it has one (``Storage.forget_record``), so that no other process changes the
+        record between the check and the deletes; else here, putting back what was
+        deleted if the backend refuses one delete."""
         storage = request.storage
         check = functools.partial(_refusing, request.argument, request.key)
         forgotten = await storage.forget_record(request.key, check)

@@ -332,11 +332,11 @@ class RedisStorage(DatabaseStorage):
 
     async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool:
         """Delete the run record under ``record_key`` and its BatchFlow children's, and
-        the path chunks of them all, once ``check(record)`` has passed, atomically across
-        processes; return whether there was a record.
+        the parts (path chunks, places) of them all, once ``check(record)`` has
+        passed, atomically across processes; return whether there was a record.
 
         Watches the hash, reads the record, checks it, reads the keys that may be its
-        children's records and the path chunks of them all (an ``HSCAN`` matching each
+        children's records and the parts of them all (an ``HSCAN`` matching each
         prefix), and sends the writes staged before and the deletes in one
         ``MULTI``/``EXEC``; when another client changed the hash in between, it starts
         over (at most :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError): the record

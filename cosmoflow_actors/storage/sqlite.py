@@ -289,8 +289,8 @@ class SQLiteStorage(DatabaseStorage):
 
     async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool:
         """Delete the run record under ``record_key`` and its BatchFlow children's, and
-        the path chunks of them all, once ``check(record)`` has passed, atomically across
-        processes; return whether there was a record.
+        the parts (path chunks, places) of them all, once ``check(record)`` has
+        passed, atomically across processes; return whether there was a record.
 
         Opens the transaction :meth:`commit` commits, unless it is open (``BEGIN
         IMMEDIATE``: other processes' writes wait until the commit), then reads the
