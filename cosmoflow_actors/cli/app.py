@@ -219,7 +219,8 @@ def _add_queue_commands(
         type=float,
         default=DEFAULT_FLOW_WAIT,
         metavar="SECONDS",
-        help="how long a run whose flow no worker took waits before it fails "
+        help="how long a run whose flow (or a version of it that fits its record) no "
+        "worker took waits before it fails "
         f"({DEFAULT_FLOW_WAIT:g})",
     )
     worker.add_argument("--name", help="the worker's name in the queue's status")
