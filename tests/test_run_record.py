@@ -416,6 +416,15 @@ async def stored_run(engine: cf.Engine, storage: cf.Storage) -> tuple[Any, list[
         return record, list((await store.get_many(keys)).values())
 
 
+def fan_routed_on(action: str) -> cf.Flow:
+    """Flow "fan" whose "b" and "e" go on to the join "j" on ``action`` alone."""
+    builder = cf.Flow.builder("fan").add_node("a", Recorder())
+    builder.add_node("b", Recorder()).add_node("e", Recorder()).add_node("c", Recorder())
+    builder.add_route("a", ["b", "e", "c"]).add_join("j", Recorder())
+    builder.add_route("b", "j", action).add_route("e", "j", action).add_route("c", "j")
+    return builder.build()
+
+
 ADVICE = "resume it with flow 'fan' as it was when the run started (the version that recorded it)"
 
 CHANGED_FANS: list[tuple[str, Callable[[], cf.Flow], type[Exception], str]] = [
@@ -426,6 +435,12 @@ CHANGED_FANS: list[tuple[str, Callable[[], cf.Flow], type[Exception], str]] = [
         "run 'r1' has branches of the fan-out at node 'a' waiting at join 'j', which flow "
         f"'fan' no longer has as a join (removed, renamed or made a plain node since the run "
         f"was recorded): {ADVICE}; nothing ran and its record stays running",
+    ),
+    (
+        "action of a step done no longer routed",
+        lambda: fan_routed_on("other"),
+        cf.RunRecordedError,
+        "that returned action 'default', which no route from ",
     ),
     (
         "node under way nested",

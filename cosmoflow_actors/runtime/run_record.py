@@ -491,6 +491,8 @@ def _fitted(
         restoring.numbers[branch] = number
         branch.resume_at = {key: value for key, value in saved.items() if key not in _NUMBERS}
         _check_at_node(run_id, record, branch)
+        if "action" in saved:
+            _check_routed(run_id, record, branch, saved["action"])
         restoring.in_flight.append(branch)
     return restoring
 
@@ -616,6 +618,24 @@ def _check_at_node(run_id: str, record: Mapping[str, Any], branch: Branch) -> No
             "now a nested flow"
         )
         raise _unfit(run_id, record, problem)
+
+
+def _check_routed(
+    run_id: str, record: Mapping[str, Any], branch: Branch, action: Mapping[str, Any]
+) -> None:
+    """Raise RunRecordedError unless ``action``, which the done step of ``branch``
+    returned, completes the run, or a route out of its node takes it, or no route
+    leaves the node (its flow ends there)."""
+    frame = branch.frames[-1]
+    flow, node_id, name = frame.flow, frame.node_id, action["name"]
+    if action["complete"] or not flow.has_routes(node_id) or flow.routes_for(node_id, name):
+        return
+    problem = (
+        f"has a step done at node {node_id!r} of flow {flow.name!r} that returned action "
+        f"{name!r}, which no route from {node_id!r} takes now (its routes take "
+        f"{', '.join(map(repr, flow.actions_from(node_id)))})"
+    )
+    raise _unfit(run_id, record, problem)
 
 
 def _check_join(
