@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -1102,6 +1104,358 @@ async def test_a_resumed_run_that_fails_while_a_branch_waits_for_room_ends_at_on
         held.gate.set()
         for run in others:
             await run.wait()
+
+
+# --- a crash fuzz of durable fan-outs ----------------------------------------------------
+# Random flows of fan-outs run durably on a store that keeps a copy at each commit; the
+# run resumed from every copy (and from copies of those resumes) must end as the
+# uninterrupted run did.
+
+UNBOUNDED: Final = 10**6
+"""The max_steps of the drawn flows: no run of them comes near it."""
+
+
+class Logs(cf.Node):
+    """Counts its visits ("c:<node>"), logs each step under its execution id
+    ("ran:<execution id>": its node and params, a list that a step applied twice
+    lengthens), waits ``delay`` seconds in exec so that branches interleave, and sends
+    the run on with "default", carrying its visits as params when ``with_params``.
+    When ``fails``, its next post raises (once, whichever engine runs it)."""
+
+    def __init__(self, delay: float, with_params: bool) -> None:
+        super().__init__()
+        self.delay = delay
+        self.with_params = with_params
+        self.fails = False
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        await trio.sleep(self.delay)
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        if self.fails:
+            self.fails = False
+            raise RuntimeError(f"{ctx.node_id} fails once")
+        visits = await store.update(f"c:{ctx.node_id}", lambda n: n + 1, default=0)
+        entry = [ctx.node_id, sorted(ctx.params.items())]
+        await store.update(f"ran:{ctx.execution_id}", lambda ran: [*ran, entry], default=[])
+        params = {f"v_{ctx.node_id}": visits} if self.with_params else {}
+        return cf.Action.with_params("default", **params)
+
+
+@dataclass
+class Drawn:
+    """A drawn flow, its nodes by id, the most branches and fan-outs it can have in
+    flight at once (``peak``), and the nodes that run inside a fan-out."""
+
+    flow: cf.Flow
+    nodes: dict[str, Logs]
+    peak: int
+    forked: list[str]
+
+
+Lane = tuple[str, list[str], int, bool]
+"""A drawn lane or block: its entry node, the nodes whose "default" still needs a route,
+the most branches and fan-outs it has in flight at once, and whether a fan-out without
+a join ends it."""
+
+
+class FanOutMaker:
+    """Draws random valid flows of durable fan-outs: nested fan-outs, fan-outs in nested
+    flows, with and without joins (a nested flow may be the join), loops around them
+    (a tail node goes back while its visits are below a bound), branches of different
+    lengths, and, with ``width``, one wide fan-out at the top.
+
+    Every node returns "default"; a node that ends a lane carries no params, so a
+    fan-out without a join ends the same whichever branch ends last: every run of a
+    drawn flow ends with the same store and the same steps.
+    """
+
+    def __init__(self, rng: random.Random, width: int = 0) -> None:
+        self.rng = rng
+        self.width = width
+        self.budget = rng.randint(6, 18)
+        self.nodes: dict[str, Logs] = {}
+        self.forked: list[str] = []
+        self.routed: set[str] = set()
+        self.next_id = 0
+
+    def draw(self) -> Drawn:
+        builder = cf.Flow.builder("top")
+        entry, exits, peak, _ = self.lane(builder, 0, False, may_end=True)
+        self.finish(builder, exits)
+        flow = builder.start(entry).max_steps(UNBOUNDED).build()
+        return Drawn(flow, self.nodes, peak, self.forked)
+
+    def new_id(self) -> str:
+        self.next_id += 1
+        return f"n{self.next_id - 1}"
+
+    def node(self, builder: cf.FlowBuilder, forked: bool, join: bool = False) -> str:
+        node_id = self.new_id()
+        self.budget -= 1
+        node = Logs(self.rng.choice([0, 0, 1, 2, 5]), self.rng.random() < 0.5)
+        self.nodes[node_id] = node
+        if forked:
+            self.forked.append(node_id)
+        if join:
+            builder.add_join(node_id, node)
+        else:
+            builder.add_node(node_id, node)
+        return node_id
+
+    def connect(self, builder: cf.FlowBuilder, exits: list[str], target: cf.Target) -> None:
+        for source in exits:
+            builder.add_route(source, target)
+            self.routed.add(source)
+
+    def finish(self, builder: cf.FlowBuilder, exits: list[str]) -> None:
+        """End the lane's open exits, without params: a route to END, or no route."""
+        for source in exits:
+            if source in self.nodes:
+                self.nodes[source].with_params = False
+            if source in self.routed or self.rng.random() < 0.5:
+                self.connect(builder, [source], cf.END)
+
+    def lane(self, builder: cf.FlowBuilder, nest: int, forked: bool, may_end: bool) -> Lane:
+        entry, exits, peak = "", list[str](), 1
+        for _ in range(self.rng.randint(1, 3)):
+            start, block_exits, block_peak, ended = self.block(builder, nest, forked, may_end)
+            self.connect(builder, exits, start)
+            entry, exits, peak = entry or start, block_exits, max(peak, block_peak)
+            if ended or self.budget <= 0:
+                return entry, exits, peak, ended
+        return entry, exits, peak, False
+
+    def block(self, builder: cf.FlowBuilder, nest: int, forked: bool, may_end: bool) -> Lane:
+        kinds = ["node"]
+        if self.budget > 2:
+            kinds += ["fork", "fork", "loop"] + (["nested"] if nest < 2 else [])
+        kind = "fork" if self.width else self.rng.choice(kinds)
+        if kind == "fork":
+            return self.fork(builder, nest, forked, may_end)
+        if kind == "loop":
+            return self.loop(builder, nest, forked)
+        if kind == "nested":
+            return self.nested(builder, nest, forked, join=False)
+        node_id = self.node(builder, forked)
+        return node_id, [node_id], 1, False
+
+    def fork(self, builder: cf.FlowBuilder, nest: int, forked: bool, may_end: bool) -> Lane:
+        """A node fanning out to lanes (a branch may end before the join), gathered at
+        a join (a node or a nested flow, which may be a target itself), or ending the
+        lane when it may end. In flight at once: the fan-out and its branches'."""
+        source = self.node(builder, forked)
+        join = not may_end or self.rng.random() < 0.6
+        width, self.width = self.width or self.rng.randint(2, 4), 0
+        targets: list[str] = []
+        arrivals: list[str] = []
+        peak = 1
+        for _ in range(width):
+            start, exits, branch_peak, ended = self.lane(builder, nest, True, may_end=True)
+            targets.append(start)
+            peak += branch_peak
+            if join and not ended and self.rng.random() < 0.85:
+                arrivals += exits
+            else:
+                self.finish(builder, exits)
+        if not join:
+            self.connect(builder, [source], tuple(targets))
+            return source, [], peak, True
+        if self.rng.random() < 0.3 and nest < 2 and self.budget > 2:
+            join_id, exits, join_peak, _ = self.nested(builder, nest, forked, join=True)
+            peak = max(peak, join_peak)
+        else:
+            join_id = self.node(builder, forked, join=True)
+            exits = [join_id]
+        if not arrivals or self.rng.random() < 0.2:
+            targets.append(join_id)
+        self.connect(builder, arrivals, join_id)
+        self.connect(builder, [source], tuple(targets))
+        return source, exits, peak, False
+
+    def loop(self, builder: cf.FlowBuilder, nest: int, forked: bool) -> Lane:
+        start, body_exits, peak, _ = self.lane(builder, nest, forked, may_end=False)
+        tail = self.node(builder, forked)
+        self.connect(builder, body_exits, tail)
+        bound = cf.ActionCondition.compare(f"c:{tail}", "<", self.rng.randint(1, 3))
+        builder.add_route(tail, start, when=bound)
+        self.routed.add(tail)
+        return start, [tail], peak, False
+
+    def nested(self, builder: cf.FlowBuilder, nest: int, forked: bool, join: bool) -> Lane:
+        node_id = self.new_id()
+        inner = cf.Flow.builder(f"sub_{node_id}")
+        entry, exits, peak, _ = self.lane(inner, nest + 1, forked, may_end=True)
+        self.finish(inner, exits)
+        flow = inner.start(entry).max_steps(UNBOUNDED).build()
+        if join:
+            builder.add_join(node_id, flow)
+        else:
+            builder.add_node(node_id, flow)
+        return node_id, [node_id], peak, False
+
+
+class SlowSnapshots(Snapshots):
+    """Snapshots whose sets and deletes wait 0 or ``pause`` seconds (drawn by ``rng``),
+    so that branches route while a commit is under way."""
+
+    def __init__(self, data: dict[str, str] | None = None, pause: float = 0, seed: int = 0) -> None:
+        super().__init__(data)
+        self.pause = pause
+        self.rng = random.Random(seed)
+
+    async def set(self, key: str, value: Any) -> None:
+        await trio.sleep(self.rng.choice([0, self.pause]))
+        await super().set(key, value)
+
+    async def delete(self, key: str) -> bool:
+        await trio.sleep(self.rng.choice([0, self.pause]))
+        return await super().delete(key)
+
+
+@dataclass
+class Uninterrupted:
+    """A drawn flow run durably as run "r" from start to end, without a crash: the store
+    it left, each commit's copy, and its result."""
+
+    drawn: Drawn
+    store: SlowSnapshots
+    result: cf.FlowResult
+
+    @property
+    def timeout(self) -> float:
+        """Virtual seconds after which a resumed run counts as stuck."""
+        return LOST_BRANCH_TIMEOUT + 2 * self.result.duration
+
+    async def resumed(self, taken: dict[str, str]) -> SlowSnapshots:
+        """The store once run "r" is resumed on a fresh engine from the copy ``taken``,
+        checked to end as the uninterrupted run did."""
+        storage = SlowSnapshots(taken, self.store.pause, len(taken))
+        with trio.fail_after(self.timeout):
+            async with cf.open_engine() as engine:
+                result = await engine.resume(self.drawn.flow, storage, run_id="r")
+        self.check(storage, result)
+        return storage
+
+    def check(self, storage: SlowSnapshots, result: cf.FlowResult) -> None:
+        """``storage`` and ``result``, of a resumed run, are as the uninterrupted run's:
+        every step applied once (with the execution id it had there), the same steps,
+        no place left, and never more places than branches and fan-outs in flight."""
+        assert user_data(storage.data) == user_data(self.store.data)
+        assert sorted(result.execution_path) == sorted(self.result.execution_path)
+        assert places_in(storage.data) == []
+        assert max(places_counted(storage)) <= self.drawn.peak
+
+
+def places_counted(storage: Snapshots) -> list[int]:
+    """The count of place numbers in each record of run "r" that ``storage`` stored."""
+    return [json.loads(taken[run_record.record_key("r")])["places"] for taken in storage.taken]
+
+
+async def uninterrupted(seed: int, width: int, pause: float) -> Uninterrupted:
+    """The first flow with a fan-out drawn from ``seed`` (with one ``width`` wide, if not
+    0), run."""
+    rng = random.Random(seed)
+    drawn = FanOutMaker(rng, width).draw()
+    while not drawn.forked:
+        drawn = FanOutMaker(rng, width).draw()
+    whole = SlowSnapshots(pause=pause, seed=seed)
+    async with cf.open_engine() as engine:
+        result = await engine.run(drawn.flow, whole, run_id="r")
+    assert places_in(whole.data) == []
+    assert max(places_counted(whole)) <= drawn.peak
+    return Uninterrupted(drawn, whole, result)
+
+
+async def resume_from_every_commit(seed: int, width: int, pause: float, again: int) -> None:
+    """Resume the run of the flow drawn from ``seed`` from every commit, then from
+    ``again`` commits of each resume (a crash during the resume)."""
+    run = await uninterrupted(seed, width, pause)
+    assert len(run.store.taken) > 2
+    rng = random.Random(seed)
+    for taken in run.store.taken[:-1]:
+        resumed = await run.resumed(taken)
+        inner = resumed.taken[:-1]
+        for number in rng.sample(range(len(inner)), min(again, len(inner))):
+            await run.resumed(inner[number])
+
+
+async def fail_in_a_fan_out(seed: int, width: int, pause: float) -> None:
+    """A node inside a fan-out of the flow drawn from ``seed`` fails once: the run fails
+    with its error, recorded as failed; resumed, it ends as an uninterrupted run did.
+    So does the run resumed from a few commits with that node failing once in the
+    resume, and resumed again when it did."""
+    run = await uninterrupted(seed, width, pause)
+    rng = random.Random(seed)
+    failing = rng.choice(run.drawn.forked)
+    node = run.drawn.nodes[failing]
+    node.fails = True
+    storage = SlowSnapshots(pause=pause, seed=seed)
+    with trio.fail_after(run.timeout):
+        async with cf.open_engine() as engine:
+            with pytest.raises(cf.NodeError) as info:
+                await engine.run(run.drawn.flow, storage, run_id="r")
+            assert info.value.node_id == failing
+            assert [record.state for record in await engine.list_runs(storage)] == ["failed"]
+            run.check(storage, await engine.resume(run.drawn.flow, storage, run_id="r"))
+    for number in rng.sample(range(len(run.store.taken) - 1), 3):  # at least 4 commits
+        node.fails = True
+        storage = SlowSnapshots(run.store.taken[number], pause, number)
+        with trio.fail_after(run.timeout):
+            async with cf.open_engine() as engine:
+                try:
+                    await engine.resume(run.drawn.flow, storage, run_id="r")
+                except cf.NodeError as exc:
+                    assert exc.node_id == failing
+                node.fails = False
+                run.check(storage, await engine.resume(run.drawn.flow, storage, run_id="r"))
+
+
+WIDE: Final = 37
+"""The width of the wide fan-out of the fuzz's first seed."""
+
+QUICK_SEEDS: Final = (0, 1, 3, 4, 8, 13, 17, 18)
+"""The seeds of the fuzz in the normal suite: flows of 36 to 95 commits (the others of
+the first 20 draw up to 347, whose resumes take a minute)."""
+
+
+@pytest.mark.parametrize("seed", QUICK_SEEDS)
+async def test_random_fan_outs_resumed_from_every_commit_end_as_uninterrupted_runs(
+    seed: int, autojump_clock: trio.abc.Clock
+) -> None:
+    """Every commit of a durable run of a drawn flow of fan-outs is a crash point: the
+    run resumed from each (and again from a commit of that resume) ends with the store
+    and the steps of the uninterrupted run, each step applied once, no place left
+    behind, and never more places counted than branches and fan-outs in flight."""
+    await resume_from_every_commit(seed, WIDE if seed == 0 else 0, seed % 2 / 2, again=1)
+
+
+@pytest.mark.parametrize("seed", QUICK_SEEDS)
+async def test_random_fan_outs_whose_branch_fails_resume_to_the_uninterrupted_end(
+    seed: int, autojump_clock: trio.abc.Clock
+) -> None:
+    """A node in a fan-out of a drawn flow fails while the other branches commit (on a
+    store whose writes take time): the run is recorded as failed, and resume goes on
+    after its last committed step to the uninterrupted run's end (see
+    :func:`fail_in_a_fan_out`)."""
+    await fail_in_a_fan_out(seed, WIDE if seed == 0 else 0, 0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(20, 80))
+async def test_more_random_fan_outs_resumed_from_every_commit_on_a_slow_store(
+    seed: int, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the fuzz above, on a store whose writes take time (branches route while a
+    commit is under way), with path chunks of 5 node ids (sealed in the order the
+    branches commit), wide fan-outs of 10 to 40 branches every fifth seed, and three
+    resumes from each resume's commits."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 5)
+    width = random.Random(seed).randint(10, 40) if seed % 5 == 0 else 0
+    await resume_from_every_commit(seed, width, 0.5, again=3)
+    await fail_in_a_fan_out(seed, width, 0.5)
 
 
 async def test_a_durable_step_whose_update_finds_its_key_deleted_at_commit_stores_nothing() -> None:
