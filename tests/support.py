@@ -168,6 +168,22 @@ class FlakyOnce(cf.Node):
             raise ConnectionError("first attempt fails")
 
 
+class FailsOnce(cf.Node):
+    """Its first post fails; the others count in "n"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("the first post fails")
+        await store.update("n", lambda n: n + 1, default=0)
+
+
 def refused(builder: cf.FlowBuilder) -> cf.FlowValidationError:
     """The error ``builder.build()`` raises (the test fails if it builds)."""
     with pytest.raises(cf.FlowValidationError) as info:

@@ -996,6 +996,68 @@ async def test_a_fan_out_resumed_from_any_commit_ends_as_an_uninterrupted_run(
         assert sorted(result.execution_path) == sorted(expected.execution_path)
 
 
+class HeldAt(Tally):
+    """A Tally whose exec at "w" waits for ``w_may_go``, and at "d" for ``d_may_go`` while
+    ``w_may_go`` is not set (so that "d" commits after "a", "b" and "c")."""
+
+    def __init__(self, w_may_go: trio.Event, d_may_go: trio.Event, **config: Any) -> None:
+        super().__init__(**config)
+        self.w_may_go = w_may_go
+        self.d_may_go = d_may_go
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        if ctx.node_id == "w":
+            await self.w_may_go.wait()
+        if ctx.node_id == "d" and not self.w_may_go.is_set():
+            await self.d_may_go.wait()
+
+
+def held_at_w(w_may_go: trio.Event, d_may_go: trio.Event) -> cf.Flow:
+    """ "s" fans out to "a", "b", "c" and "d"; "a", "b" and "c" go on to "w" (one step at
+    a time, a mailbox of one), "d" to the join "j", where "w" goes too."""
+    node = functools.partial(HeldAt, w_may_go, d_may_go)
+    builder = cf.Flow.builder("held-at-w")
+    for node_id in ("s", "a", "b", "c", "d"):
+        builder.add_node(node_id, node())
+    builder.add_node("w", node(max_concurrency=1, mailbox_size=1)).add_join("j", node())
+    builder.add_route("s", ["a", "b", "c", "d"]).add_route("d", "j").add_route("w", "j")
+    for node_id in ("a", "b", "c"):
+        builder.add_route(node_id, "w")
+    return builder.build()
+
+
+async def test_a_resumed_run_writes_the_place_of_its_last_steps_branch_when_another_commits(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The record's last step ("d", done) names its branch's place, which only the
+    record holds. Resumed, the run sends "a", "b" and "c" to "w" first (its mailbox of
+    one holds the restore back), and "w"'s step commits before "d" is routed: that commit
+    writes "d"'s place, so a crash there and a second resume do not run "d" again."""
+    w_may_go, d_may_go = trio.Event(), trio.Event()
+    first = Snapshots()
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(held_at_w(w_may_go, d_may_go), first, run_id="r")
+        await trio.testing.wait_all_tasks_blocked()
+        d_may_go.set()
+        await trio.testing.wait_all_tasks_blocked()
+        run.cancel()
+    crashed = first.taken[-1]
+    assert json.loads(crashed["__cosmoflow__/runs/r"])["last"]["node"] == "d"
+    w_may_go.set()
+    second = Snapshots(crashed)
+    async with cf.open_engine() as engine:
+        await engine.resume(held_at_w(w_may_go, d_may_go), second, run_id="r")
+    assert json.loads(second.taken[0]["__cosmoflow__/runs/r"])["last"]["node"] == "w"
+    third = Snapshots(second.taken[0])
+    async with cf.open_engine() as engine:
+        await engine.resume(held_at_w(w_may_go, d_may_go), third, run_id="r")
+    assert {key: json.loads(third.data[key]) for key in ("posts:d", "posts:w", "posts:j")} == {
+        "posts:d": 1,
+        "posts:w": 3,
+        "posts:j": 1,
+    }
+
+
 class FailsOnce(Sent):
     """A Sent whose first attempt waits in exec for ``go``, then fails in post."""
 
@@ -1444,7 +1506,7 @@ async def test_random_fan_outs_whose_branch_fails_resume_to_the_uninterrupted_en
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(20, 80))
+@pytest.mark.parametrize("seed", range(20, 44))
 async def test_more_random_fan_outs_resumed_from_every_commit_on_a_slow_store(
     seed: int, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

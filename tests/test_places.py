@@ -13,7 +13,7 @@ from cosmoflow_actors.runtime.places import Places
 from cosmoflow_actors.runtime.run import Branch
 from cosmoflow_actors.storage.base import PARTS_PREFIX, StagedOp, place_key
 from tests.storage_suite import PERSISTENT, make_backend
-from tests.support import Gate, Recorder, ticking
+from tests.support import FailsOnce, Gate, Recorder, ticking
 
 
 class CommitsSeen(cf.SQLiteStorage):
@@ -107,21 +107,6 @@ def test_a_routing_undone_puts_the_branches_in_flight_back() -> None:
     places.undo()
     assert set(places.in_flight) == {kept, moved}
     assert set(places.changed) == {kept, moved, new}
-
-
-class FailsOnce(cf.Node):
-    """Fails in post the first time it runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failed = False
-
-    async def post(
-        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
-    ) -> None:
-        if not self.failed:
-            self.failed = True
-            raise RuntimeError("f2 fails once")
 
 
 async def parts_in(storage: cf.Storage) -> list[str]:

@@ -274,6 +274,12 @@ CRAFTED_PLACES = [
     ),
     ("fork-missing", {1: {"branch": {**UNDER_WAY, "fork": 2}}}, 2, NAMED + "holds no fan-out"),
     (
+        "last-step-at-a-fan-outs-place",
+        {0: {"fork": FORK}},
+        0,
+        "its record's last step names the place KEY, which holds a fan-out",
+    ),
+    (
         "fork-inside-itself",
         {
             1: {"fork": {**FORK, "parent": {**FORK["parent"], "fork": 1}}},
@@ -310,6 +316,27 @@ async def test_a_crafted_place_is_refused_at_resume_naming_its_key_and_fault_and
         with pytest.raises(cf.StorageError, match=refused):
             await engine.resume(a_then_b(b_fails=False), cf.FileStorage(path), run_id="r1")
     assert stored_files(tmp_path) == files
+
+
+async def test_a_run_failed_for_an_action_no_route_takes_fails_again_at_resume(
+    tmp_path: Path,
+) -> None:
+    """Its record holds a step whose action no route takes: with the flow that recorded
+    it, a resume routes it again and fails as the run did (only a running record's step
+    is checked against the flow's routes before anything runs)."""
+    flow = (
+        cf.Flow.builder("unrouted")
+        .add_node("a", Recorder("oops"))
+        .add_node("b", Recorder())
+        .add_route("a", "b")
+        .build()
+    )
+    async with cf.open_engine() as engine:
+        for start in (engine.run, engine.resume):
+            with pytest.raises(cf.NoRouteError, match="'oops'"):
+                await start(flow, cf.FileStorage(tmp_path / "store.json"), run_id="r1")
+        runs = await engine.list_runs(cf.FileStorage(tmp_path / "store.json"))
+    assert [(run.state, run.steps) for run in runs] == [("failed", 1)]
 
 
 async def test_records_the_engine_writes_pass_as_they_are(tmp_path: Path) -> None:

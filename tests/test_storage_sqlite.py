@@ -29,7 +29,7 @@ from tests.storage_suite import (
     skip_unless_read_only_works,
     thread_calls,
 )
-from tests.support import single
+from tests.support import FailsOnce, single
 
 
 async def stored(path: Path, **values: Any) -> SQLiteStorage:
@@ -306,21 +306,6 @@ async def test_an_update_that_raises_leaves_no_lock_held(tmp_path: Path) -> None
     await first.aclose()
     await other.aclose()
     assert await read_back(path) == {"after": 1}
-
-
-class FailsOnce(cf.Node):
-    """Its first post fails; the others count in "n"."""
-
-    def __init__(self) -> None:
-        self.failed = False
-
-    async def post(
-        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
-    ) -> None:
-        if not self.failed:
-            self.failed = True
-            raise RuntimeError("the first post fails")
-        await store.update("n", lambda n: n + 1, default=0)
 
 
 class Waits(cf.Node):

@@ -90,7 +90,7 @@ class DurableRun(Durability):
     :mod:`~cosmoflow_actors.runtime.places`), and the lock that commits their steps (and
     the run's end) one at a time.
 
-    ``entered``, ``ended`` and ``left`` keep the places up to date for the next commit;
+    ``entered`` and ``left`` keep the places up to date for the next commit;
     a step's writes are staged in a :class:`StagedStore` of its own, since a fan-out's
     branches run steps of one run at once.
     """

@@ -42,7 +42,7 @@ class Places:
     """The places of one durable run: which branches are in flight, the numbers of the
     branches and fan-outs that have a place, and what changed since the last commit.
 
-    ``entered``, ``ended`` and ``left`` say what routing did; :meth:`staged` plans a
+    ``entered`` and ``left`` say what routing did; :meth:`staged` plans a
     commit, :meth:`committed` applies the plan once the commit is stored. A routing
     decision that fails puts the branches in flight back with :meth:`mark` and
     :meth:`undo`.
@@ -63,7 +63,8 @@ class Places:
         """The branches whose position the run's places must hold (a dict as an ordered
         set)."""
         self.changed: dict[Branch, None] = {}
-        """The branches routed since the last commit (entered, ended or left)."""
+        """The branches routed since the last commit (entered or left), and the branch
+        of the last step, whose place the next commit of another branch writes."""
         self._journal: list[tuple[Branch, bool]] = []
         """The branches routed since :meth:`mark`, each with whether it was in flight."""
 
@@ -75,16 +76,20 @@ class Places:
         numbers: Mapping[Placed, int],
         stored: Iterable[int],
         in_flight: Iterable[Branch],
+        last: Branch,
     ) -> Places:
         """The places of a run read back from its store: ``count`` numbers in use, the
-        ``numbers`` of its branches and fan-outs, those ``stored``, and its branches
-        ``in_flight``."""
+        ``numbers`` of its branches and fan-outs, those ``stored``, its branches
+        ``in_flight``, and ``last``, the branch of its last step, whose place the
+        record's ``"last"`` holds: it is written at the next commit of another branch,
+        as after a commit (see :meth:`committed`)."""
         places = cls(run_id, count)
         places.numbers = dict(numbers)
         places.stored = set(stored)
         taken = places.stored | set(numbers.values())
         places.free = [number for number in range(count) if number not in taken]
         places.in_flight = dict.fromkeys(in_flight)
+        places.changed[last] = None
         return places
 
     def entered(self, branch: Branch) -> None:
@@ -183,9 +188,14 @@ class Plan:
     values: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     """What each place written holds, by number; None for a place deleted."""
     numbers: dict[Placed, int] = field(default_factory=dict)
+    """The numbers this plan gave."""
     removed: dict[Placed, None] = field(default_factory=dict)
+    """The branches and fan-outs whose places this plan deletes (a dict as an ordered
+    set)."""
     count: int = 0
+    """The run's count of place numbers in use once the plan is stored."""
     free: list[int] = field(default_factory=list)
+    """The run's free numbers once the plan is stored (a heap)."""
 
     def __post_init__(self) -> None:
         self.count = self.places.count
@@ -205,26 +215,31 @@ class Plan:
 
     def number(self, placed: Placed) -> int:
         """The number of ``placed``'s place, given one if it has none."""
-        number = self.numbers.get(placed)
-        if number is None:
-            number = self.places.numbers.get(placed)
+        number = self._known(placed)
         if number is None:
             number = heapq.heappop(self.free) if self.free else self._new_number()
             self.numbers[placed] = number
         return number
+
+    def _known(self, placed: Placed) -> int | None:
+        """The number ``placed`` has, given by this plan or an earlier one; None when
+        it has none."""
+        number = self.numbers.get(placed)
+        return self.places.numbers.get(placed) if number is None else number
 
     def _new_number(self) -> int:
         self.count += 1
         return self.count - 1
 
     def fork_number(self, fork: Fork | None) -> int | None:
-        """The number of ``fork``'s place; a fork given one now is written."""
+        """The number of ``fork``'s place (None: no fork); a fork that has none is given
+        one, and its place is written."""
         if fork is None:
             return None
-        if fork in self.numbers or fork in self.places.numbers:
-            return self.number(fork)
-        number = self.number(fork)
-        self.values[number] = {"fork": self._fork(fork)}
+        number = self._known(fork)
+        if number is None:
+            number = self.number(fork)
+            self.values[number] = {"fork": self._fork(fork)}
         return number
 
     def _fork(self, fork: Fork) -> dict[str, Any]:
@@ -246,21 +261,19 @@ class Plan:
         branches still out changed), or delete it when the fan-out is over."""
         self._delete(branch)
         fork = branch.fork
-        if fork is None or not (fork in self.numbers or fork in self.places.numbers):
+        number = None if fork is None else self._known(fork)
+        if fork is None or number is None:
             return
         if fork.pending:
-            self.values[self.number(fork)] = {"fork": self._fork(fork)}
+            self.values[number] = {"fork": self._fork(fork)}
         else:
             self._delete(fork)
 
     def _delete(self, placed: Placed) -> None:
-        if placed in self.removed:
-            return
-        number = self.numbers.pop(placed, None)
-        if number is None:
-            number = self.places.numbers.get(placed)
+        number = None if placed in self.removed else self._known(placed)
         if number is None:
             return
+        self.numbers.pop(placed, None)
         self.values[number] = None
         self.removed[placed] = None
         heapq.heappush(self.free, number)

@@ -10,7 +10,7 @@ hidden from ``keys()``, ``size()`` and ``clear()``.
 The record counts the run's steps (``"steps"``) and holds the last of its path (the node
 of each step): the tail since the last sealed chunk. When the tail reaches
 :data:`PATH_CHUNK` node ids, the step's commit stores it as a sealed chunk under
-``__cosmoflow__/paths/<run_id>/<n>`` and the record's tail starts empty, so that a
+``__cosmoflow__/parts/<run_id>/path/<n>`` and the record's tail starts empty, so that a
 step's commit costs the same at any length of the run. The whole path is the chunks,
 in order, then the tail (see :func:`chunk_keys`, :func:`whole_path`).
 
@@ -134,7 +134,7 @@ def require_fit(
     ``flow`` has. A lowered ``max_steps`` is not checked. Raises StorageError as
     :func:`restore` does for a place that is no place the engine writes."""
     _require_name(flow, run_id, record)
-    _fitted(flow, run_id, record, stored)
+    _Restoring(flow, run_id, record, stored).branches_in_flight()
 
 
 def _require_name(flow: Flow, run_id: str, record: Mapping[str, Any]) -> None:
@@ -466,35 +466,12 @@ def restore(
     """
     run.path.extend(path)
     run.steps = record["steps"]
-    restoring = _fitted(run.flow, run.run_id, record, stored)
-    for branch in restoring.in_flight:
+    restoring = _Restoring(run.flow, run.run_id, record, stored)
+    branches = restoring.branches_in_flight()
+    for branch in branches:
         if branch.resume_at is not None and "params" in branch.resume_at:
             _count_under_way(run, branch)
-    places = Places.restored(
-        run.run_id, record["places"], restoring.numbers, restoring.saved, restoring.in_flight
-    )
-    return restoring.in_flight, places
-
-
-def _fitted(
-    flow: Flow, run_id: str, record: Mapping[str, Any], stored: Mapping[str, Any]
-) -> _Restoring:
-    """The branches in flight of ``record``, the record of ``run_id`` with its places
-    ``stored``, put back in ``flow``, each with its ``resume_at``; RunRecordedError when
-    the record does not fit ``flow``, StorageError for a place the engine never writes
-    (see :func:`restore`)."""
-    restoring = _Restoring(flow, run_id, record, stored)
-    if record["last"] is None:
-        return restoring
-    for number, saved in restoring.branches():
-        branch = restoring.branch(saved)
-        restoring.numbers[branch] = number
-        branch.resume_at = {key: value for key, value in saved.items() if key not in _NUMBERS}
-        _check_at_node(run_id, record, branch)
-        if "action" in saved:
-            _check_routed(run_id, record, branch, saved["action"])
-        restoring.in_flight.append(branch)
-    return restoring
+    return branches, restoring.places(branches)
 
 
 _NUMBERS: Final = ("fork", "place")
@@ -503,7 +480,7 @@ _NUMBERS: Final = ("fork", "place")
 
 class _Restoring:
     """The places of a run's record read back (checked), and the branches and fan-outs
-    made of them in its flow so far, with their numbers."""
+    made of them in its flow, with their numbers."""
 
     def __init__(
         self, flow: Flow, run_id: str, record: Mapping[str, Any], stored: Mapping[str, Any]
@@ -517,16 +494,54 @@ class _Restoring:
         for number, key in enumerate(place_keys(record)):
             if key in stored:
                 self.saved[number] = _checked_place(run_id, key, stored[key], count)
-        self.in_flight: list[Branch] = []
         self.numbers: dict[Placed, int] = {}
+        self.last: Branch | None = None
+        """The branch of the record's last step, once made."""
         self._forks: dict[int, Fork] = {}
         self._making: set[int] = set()
 
-    def branches(self) -> list[tuple[int, dict[str, Any]]]:
-        """The branches in flight, each with the number of its place, in that order: the
-        record's last step's branch, and those in places (its own place, if it is
-        stored, says where it was before that step)."""
+    def branches_in_flight(self) -> list[Branch]:
+        """The record's branches in flight, put back in the flow in the order of their
+        places' numbers, each with its ``resume_at`` (none when no step had completed).
+        Raises RunRecordedError when the record does not fit the flow, StorageError for
+        a place the engine never writes (see :func:`restore`)."""
+        if self.record["last"] is None:
+            return []
+        last_number = self.record["last"]["place"]
+        branches = []
+        for number, saved in self._saved_branches():
+            branch = self.branch(saved)
+            self.numbers[branch] = number
+            branch.resume_at = {key: value for key, value in saved.items() if key not in _NUMBERS}
+            _check_at_node(self.run_id, self.record, branch)
+            if "action" in saved and self.record["state"] == "running":
+                _check_routed(self.run_id, self.record, branch, saved["action"])
+            if number == last_number:
+                self.last = branch
+            branches.append(branch)
+        return branches
+
+    def places(self, branches: list[Branch]) -> Places:
+        """The run's places, its ``branches`` in flight made (see
+        :meth:`branches_in_flight`)."""
+        if self.last is None:
+            return Places(self.run_id)
+        count = self.record["places"]
+        return Places.restored(self.run_id, count, self.numbers, self.saved, branches, self.last)
+
+    def _saved_branches(self) -> list[tuple[int, dict[str, Any]]]:
+        """The branches in flight as saved, each with the number of its place, in that
+        order: the record's last step's branch, and those in places (its own place, if
+        it is stored, says where it was before that step). Raises StorageError when the
+        last step's place holds a fan-out."""
         last = self.record["last"]
+        if "fork" in self.saved.get(last["place"], {}):
+            key = place_key(self.run_id, last["place"])
+            raise StorageError(
+                f"run {self.run_id!r}: its record's last step names the place {key!r}, "
+                "which holds a fan-out (the engine never writes that: the record or the "
+                "place was crafted or damaged)"
+            )
         found = {
             number: saved["branch"] for number, saved in self.saved.items() if "branch" in saved
         }
@@ -625,7 +640,9 @@ def _check_routed(
 ) -> None:
     """Raise RunRecordedError unless ``action``, which the done step of ``branch``
     returned, completes the run, or a route out of its node takes it, or no route
-    leaves the node (its flow ends there)."""
+    leaves the node (its flow ends there). Asked of a running run's record only: a
+    failed run's may hold such a step because the run failed for it (NoRouteError),
+    and a resume then fails the same way again."""
     frame = branch.frames[-1]
     flow, node_id, name = frame.flow, frame.node_id, action["name"]
     if action["complete"] or not flow.has_routes(node_id) or flow.routes_for(node_id, name):
@@ -829,8 +846,8 @@ def _check_branch(value: Any, where: str, count: int) -> None:
 
 
 def _position(value: Any, where: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``value`` as a branch's saved position (see :func:`position`), with the fields
-    ``extra`` too."""
+    """``value`` as a branch's saved position (see
+    :func:`~cosmoflow_actors.runtime.places.position`), with the fields ``extra`` too."""
     saved = _fields(value, where, (*_POSITION_FIELDS, *extra))
     frames = saved["frames"]
     _expect(
