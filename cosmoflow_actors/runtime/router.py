@@ -206,8 +206,8 @@ class _RoutingUndo:
         current: Branch | None = branch
         while current is not None:
             frames = list(current.frames)
-            places = [(frame.node_id, frame.steps) for frame in frames]
-            self.saved.append((current, frames, places, current.count, current.resume_at))
+            positions = [(frame.node_id, frame.steps) for frame in frames]
+            self.saved.append((current, frames, positions, current.count, current.resume_at))
             fork = current.fork
             if fork is not None:
                 self.forks.append((fork, fork.pending, fork.join_id, dict(fork.params)))
@@ -217,9 +217,9 @@ class _RoutingUndo:
         """Put back everything saved. Never blocks."""
         self.run.steps = self.steps
         self.places.undo()
-        for branch, frames, places, count, resume_at in self.saved:
+        for branch, frames, positions, count, resume_at in self.saved:
             branch.frames[:] = frames
-            for frame, (node_id, steps) in zip(frames, places, strict=True):
+            for frame, (node_id, steps) in zip(frames, positions, strict=True):
                 frame.node_id = node_id
                 frame.steps = steps
             branch.count = count
