@@ -339,6 +339,30 @@ async def test_a_run_failed_for_an_action_no_route_takes_fails_again_at_resume(
     assert [(run.state, run.steps) for run in runs] == [("failed", 1)]
 
 
+async def test_a_run_failed_otherwise_is_refused_a_flow_with_no_route_for_its_step(
+    tmp_path: Path,
+) -> None:
+    """Its record holds step "a", done with the action "default", which the new version
+    routes on "other" alone: the resume is refused before anything runs, its record
+    left failed with its own error."""
+    path = tmp_path / "store.json"
+    changed = (
+        cf.Flow.builder("ab")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b", "other")
+        .build()
+    )
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError, match="node 'b' failed"):
+            await engine.run(a_then_b(b_fails=True), cf.FileStorage(path), run_id="r1")
+        recorded = await stored_run(engine, cf.FileStorage(path))
+        with pytest.raises(cf.RunRecordedError, match="returned action 'default', which no"):
+            await engine.resume(changed, cf.FileStorage(path), run_id="r1")
+        assert await stored_run(engine, cf.FileStorage(path)) == recorded
+    assert recorded[0]["state"] == "failed"
+
+
 async def test_records_the_engine_writes_pass_as_they_are(tmp_path: Path) -> None:
     """The records the table above edits: each fault it refuses is the edit's."""
     records = await written_records(tmp_path / "written.json")

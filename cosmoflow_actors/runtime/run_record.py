@@ -38,6 +38,7 @@ import msgspec
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import (
     MaxStepsExceeded,
+    NoRouteError,
     RunRecordedError,
     StorageError,
     StoreValueError,
@@ -514,7 +515,7 @@ class _Restoring:
             self.numbers[branch] = number
             branch.resume_at = {key: value for key, value in saved.items() if key not in _NUMBERS}
             _check_at_node(self.run_id, self.record, branch)
-            if "action" in saved and self.record["state"] == "running":
+            if "action" in saved and not _failed_unrouted(self.record):
                 _check_routed(self.run_id, self.record, branch, saved["action"])
             if number == last_number:
                 self.last = branch
@@ -640,9 +641,8 @@ def _check_routed(
 ) -> None:
     """Raise RunRecordedError unless ``action``, which the done step of ``branch``
     returned, completes the run, or a route out of its node takes it, or no route
-    leaves the node (its flow ends there). Asked of a running run's record only: a
-    failed run's may hold such a step because the run failed for it (NoRouteError),
-    and a resume then fails the same way again."""
+    leaves the node (its flow ends there). Not asked of the record of a run that failed
+    with NoRouteError (see :func:`_failed_unrouted`)."""
     frame = branch.frames[-1]
     flow, node_id, name = frame.flow, frame.node_id, action["name"]
     if action["complete"] or not flow.has_routes(node_id) or flow.routes_for(node_id, name):
@@ -653,6 +653,16 @@ def _check_routed(
         f"{', '.join(map(repr, flow.actions_from(node_id)))})"
     )
     raise _unfit(run_id, record, problem)
+
+
+def _failed_unrouted(record: Mapping[str, Any]) -> bool:
+    """Whether ``record`` is of a run that failed with NoRouteError: it may hold the
+    step whose action no route took, and its resume routes it again and fails the same
+    way (the record's error is ``Type: message``, see ``errors.type_and_message``)."""
+    if record["state"] != "failed":
+        return False
+    error: str = record["error"]
+    return error.startswith(f"{NoRouteError.__name__}:")
 
 
 def _check_join(
