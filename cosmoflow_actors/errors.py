@@ -177,6 +177,18 @@ class RunConflictError(StorageError):
     """
 
 
+class DamagedRecordError(StorageError):
+    """The store holds, under ``key``, a durable run's record, a path chunk its record
+    counts or a place of the run, something the engine never writes (crafted or
+    damaged), or no chunk where the record counts one: the run cannot be read back.
+    Nothing is run or written. It is the data's fault, never the storage's: retrying
+    cannot help (a queue's worker fails the run at once)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+
 class RunRecordedError(CosmoFlowError):
     """The store holds a record for the ``run_id`` that the call cannot take: a run of
     another flow (``flow``), which ``run``, ``start_run`` and ``resume`` refuse, or a

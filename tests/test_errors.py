@@ -22,6 +22,9 @@ EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.ActorCrashedError: cf.ActorCrashedError("router"),
     cf.StorageError: cf.StorageError("disk full"),
     cf.RunConflictError: cf.RunConflictError("another engine committed step 2"),
+    cf.DamagedRecordError: cf.DamagedRecordError(
+        "the store holds no valid run record under '__cosmoflow__/runs/r'", "__cosmoflow__/runs/r"
+    ),
     cf.RunRecordedError: cf.RunRecordedError("run 'r' belongs to flow 'a'", "r", "a", "running"),
     cf.StoreKeyError: cf.StoreKeyError("k"),
     cf.StoreTypeError: cf.StoreTypeError("k", "int", "str"),
@@ -83,6 +86,9 @@ def test_messages_name_what_is_at_fault() -> None:
         "cannot store key 'k': a value of type object cannot be pickled"
     )
     assert isinstance(EXAMPLES[cf.StoreValueError], cf.StorageError | ValueError)
+    damaged = EXAMPLES[cf.DamagedRecordError]
+    assert isinstance(damaged, cf.StorageError)  # what callers catch
+    assert vars(damaged) == {"key": "__cosmoflow__/runs/r"}
 
 
 class Unprintable(Exception):

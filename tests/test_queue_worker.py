@@ -23,7 +23,9 @@ import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.queue.claims import HAND_BACK_SECONDS
 from cosmoflow_actors.runtime.queue.client import RunQueue
 from cosmoflow_actors.runtime.queue.worker import per_run_redis
+from cosmoflow_actors.storage.base import value_or
 from tests.queue_support import (
+    FAILURES,
     FLOW,
     GATES,
     SLOW,
@@ -107,6 +109,77 @@ async def test_a_run_whose_data_its_store_cannot_encode_fails_once(
             await cf.result(queue, "nan")
     [status] = await cf.queue_status(queue)
     assert (status.state, status.attempts) == ("failed", 1)
+
+
+def weird(record: dict[str, Any], run_id: str) -> dict[str, Any]:
+    return {f"__cosmoflow__/runs/{run_id}": {"state": "weird"}}
+
+
+def without_params(record: dict[str, Any], run_id: str) -> dict[str, Any]:
+    del record["params"]
+    return {f"__cosmoflow__/runs/{run_id}": record}
+
+
+def garbage_place(record: dict[str, Any], run_id: str) -> dict[str, Any]:
+    return {f"__cosmoflow__/parts/{run_id}/at/0": {"garbage": 1}}
+
+
+def chunk_missing(record: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """The record counts 1,024 more steps: a sealed path chunk the store lacks."""
+    return {f"__cosmoflow__/runs/{run_id}": {**record, "steps": record["steps"] + 1024}}
+
+
+@pytest.mark.parametrize(
+    ("damage", "key", "problem"),
+    [
+        (weird, "runs/{}", "no valid run record under '{}': the record lacks 'run_id'"),
+        (without_params, "runs/{}", "no valid run record under '{}': the record lacks 'params'"),
+        (garbage_place, "parts/{}/at/0", "no valid place under '{}': the place lacks 'fork'"),
+        (chunk_missing, "parts/{}/path/0", "no path chunk under '{}', which its record counts"),
+    ],
+    ids=["weird state", "a field missing", "a place of garbage", "a path chunk missing"],
+)
+async def test_a_run_whose_record_is_damaged_fails_once_naming_the_key(
+    redis_server: RedisServer, damage: Any, key: str, problem: str
+) -> None:
+    """The run's record, a place or a path chunk is not what the engine writes: the
+    data, not the store, is at fault, so the first worker to claim the run fails it
+    with the DamagedRecordError naming the key (no worker takes it again), running
+    nothing and leaving the key at fault as it was."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    run_id = f"damaged-{uuid.uuid4().hex[:6]}"
+    key = f"__cosmoflow__/{key.format(run_id)}"
+    storage = per_run_redis(store)(run_id)
+    FAILURES[run_id] = 1
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError, match="node 'b' failed in exec"):
+            await engine.run(FLOW, storage, run_id=run_id)
+    await storage.open()
+    record = await storage.get(f"__cosmoflow__/runs/{run_id}")
+    for damaged, value in damage(record, run_id).items():
+        await storage.set(damaged, value)
+    await storage.commit()
+    before = await written(storage, key)
+    await storage.aclose()
+    async with worker(queue, store, "w1"):
+        await cf.submit(queue, "count", run_id=run_id)
+        with trio.fail_after(10), pytest.raises(cf.CosmoFlowError) as info:
+            await cf.result(queue, run_id)
+    assert str(info.value).startswith(f"run {run_id!r} failed on worker w1: DamagedRecordError: ")
+    assert problem.format(key) in str(info.value)
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("failed", 1)
+    await storage.open()
+    assert await written(storage, key) == before
+    await storage.aclose()
+
+
+async def written(storage: cf.Storage, key: str) -> dict[str, Any]:
+    """What ``storage`` holds under ``key`` (None when nothing) and its keys that
+    are not the engine's."""
+    keys = [each for each in await storage.keys() if not each.startswith("__cosmoflow__/")]
+    values = {each: await storage.get(each) for each in keys}
+    return {**values, key: await value_or(storage, key, None)}
 
 
 async def test_a_worker_refuses_two_flows_of_one_name() -> None:

@@ -37,10 +37,10 @@ import msgspec
 
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.errors import (
+    DamagedRecordError,
     MaxStepsExceeded,
     NoRouteError,
     RunRecordedError,
-    StorageError,
     StoreValueError,
     type_and_message,
 )
@@ -75,14 +75,15 @@ def record_key(run_id: str) -> str:
 def checked_record(key: str, value: Any) -> dict[str, Any]:
     """``value``, read from the store under ``key``, as a run record.
 
-    Raises StorageError naming the key and what is wrong when it is not a record the
+    Raises DamagedRecordError naming the key and what is wrong when it is not a record the
     engine writes (see :func:`record_problem`).
     """
     problem = record_problem(key.removeprefix(RECORD_PREFIX), value)
     if problem is not None:
-        raise StorageError(
+        raise DamagedRecordError(
             f"the store holds no valid run record under {key!r}: {problem} (the engine "
-            "never writes that: the record was crafted or damaged)"
+            "never writes that: the record was crafted or damaged)",
+            key,
         )
     record: dict[str, Any] = value
     return record
@@ -90,7 +91,7 @@ def checked_record(key: str, value: Any) -> dict[str, Any]:
 
 def require_ended(key: str, value: Any) -> None:
     """Raise RunRecordedError unless ``value``, the record under ``key``, is of a run
-    that has ended (succeeded or failed), so that it may be forgotten; StorageError
+    that has ended (succeeded or failed), so that it may be forgotten; DamagedRecordError
     when it is not a record the engine wrote."""
     record = checked_record(key, value)
     if record["state"] == "running":
@@ -132,7 +133,7 @@ def require_fit(
     ``flow`` can resume ``record`` (checked already, see :func:`checked_record`), the
     record of ``run_id``, with its places ``stored`` (by key, see :func:`place_keys`):
     of ``flow``'s name, its branches at nodes and its fan-outs waiting at joins
-    ``flow`` has. A lowered ``max_steps`` is not checked. Raises StorageError as
+    ``flow`` has. A lowered ``max_steps`` is not checked. Raises DamagedRecordError as
     :func:`restore` does for a place that is no place the engine writes."""
     _require_name(flow, run_id, record)
     _Restoring(flow, run_id, record, stored).branches_in_flight()
@@ -342,23 +343,25 @@ def whole_path(record: Mapping[str, Any], chunks: Mapping[str, Any]) -> list[str
     """The whole path of the run of ``record`` (checked): its sealed chunks, read from
     the store into ``chunks`` by key (see :func:`chunk_keys`), then its tail.
 
-    Raises StorageError naming the key of a chunk that is missing or is no chunk the
+    Raises DamagedRecordError naming the key of a chunk that is missing or is no chunk the
     engine writes (a list of :data:`PATH_CHUNK` node ids).
     """
     path: list[str] = []
     for key in chunk_keys(record):
         if key not in chunks:
-            raise StorageError(
+            raise DamagedRecordError(
                 f"run {record['run_id']!r}: the store holds no path chunk under {key!r}, "
                 f"which its record counts (its {record['steps']} steps): the chunk was "
-                "deleted or the record crafted"
+                "deleted or the record crafted",
+                key,
             )
         chunk = chunks[key]
         if not _is_chunk(chunk):
-            raise StorageError(
+            raise DamagedRecordError(
                 f"run {record['run_id']!r}: the store holds no valid path chunk under "
                 f"{key!r}: it holds {_shown(chunk)}, not a list of {PATH_CHUNK} node ids "
-                "(the engine never writes that: the chunk was crafted or damaged)"
+                "(the engine never writes that: the chunk was crafted or damaged)",
+                key,
             )
         path.extend(chunk)
     path.extend(record["path"])
@@ -457,7 +460,7 @@ def restore(
     ``resume_at`` (none when no step had completed), and its places. Changes nothing
     outside ``run``, which the caller sends on only if this returns.
 
-    Raises StorageError naming the key of a place that is no place the engine writes, or
+    Raises DamagedRecordError naming the key of a place that is no place the engine writes, or
     that names the fan-out of a place the store does not hold; RunRecordedError when
     the record does not fit the flow (it was changed since the run was recorded): a
     recorded node it lacks, or one that is now a nested flow or no longer one, or a
@@ -504,7 +507,7 @@ class _Restoring:
     def branches_in_flight(self) -> list[Branch]:
         """The record's branches in flight, put back in the flow in the order of their
         places' numbers, each with its ``resume_at`` (none when no step had completed).
-        Raises RunRecordedError when the record does not fit the flow, StorageError for
+        Raises RunRecordedError when the record does not fit the flow, DamagedRecordError for
         a place the engine never writes (see :func:`restore`)."""
         if self.record["last"] is None:
             return []
@@ -533,15 +536,16 @@ class _Restoring:
     def _saved_branches(self) -> list[tuple[int, dict[str, Any]]]:
         """The branches in flight as saved, each with the number of its place, in that
         order: the record's last step's branch, and those in places (its own place, if
-        it is stored, says where it was before that step). Raises StorageError when the
+        it is stored, says where it was before that step). Raises DamagedRecordError when the
         last step's place holds a fan-out."""
         last = self.record["last"]
         if "fork" in self.saved.get(last["place"], {}):
             key = place_key(self.run_id, last["place"])
-            raise StorageError(
+            raise DamagedRecordError(
                 f"run {self.run_id!r}: its record's last step names the place {key!r}, "
                 "which holds a fan-out (the engine never writes that: the record or the "
-                "place was crafted or damaged)"
+                "place was crafted or damaged)",
+                key,
             )
         found = {
             number: saved["branch"] for number, saved in self.saved.items() if "branch" in saved
@@ -577,10 +581,11 @@ class _Restoring:
         if saved is None or number in self._making:
             key = place_key(self.run_id, number)
             held = "holds no fan-out" if saved is None else "holds a fan-out inside itself"
-            raise StorageError(
+            raise DamagedRecordError(
                 f"run {self.run_id!r}: a place names the fan-out at {key!r}, which "
                 f"{held} (the engine never writes that: a place was deleted, crafted or "
-                "damaged)"
+                "damaged)",
+                key,
             )
         fork: dict[str, Any] = saved
         return fork
@@ -809,14 +814,15 @@ def _check_steps(record: dict[str, Any]) -> None:
 def _checked_place(run_id: str, key: str, value: Any, count: int) -> dict[str, Any]:
     """``value``, read from the store under ``key``, as a place of the run ``run_id``
     whose record counts ``count`` place numbers: a branch or a fan-out (see
-    :class:`~cosmoflow_actors.runtime.places.Plan`). Raises StorageError naming the key
+    :class:`~cosmoflow_actors.runtime.places.Plan`). Raises DamagedRecordError naming the key
     and what is wrong."""
     try:
         _check_place(value, count)
     except _Malformed as exc:
-        raise StorageError(
+        raise DamagedRecordError(
             f"run {run_id!r}: the store holds no valid place under {key!r}: {exc} (the "
-            "engine never writes that: the place was crafted or damaged)"
+            "engine never writes that: the place was crafted or damaged)",
+            key,
         ) from None
     place: dict[str, Any] = value
     return place

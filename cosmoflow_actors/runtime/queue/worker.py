@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from cosmoflow_actors.errors import (
+    DamagedRecordError,
     RunConflictError,
     RunRecordedError,
     StorageError,
@@ -201,9 +202,11 @@ class _Worker:
         out of reach (see :func:`_out_of_reach`: when the worker opened it, or when a
         step called it or committed; logged): the run is taken over once its entry has
         been idle for a lease. A node's own error (another StorageError included) fails the
-        run, and so does data its store cannot encode (StoreValueError). The
-        RunRecordedError of a record the worker's flow does not fit (see
-        :meth:`_own_record`), with nothing run."""
+        run, and so does data its store cannot encode (StoreValueError) or a record, path
+        chunk or place of the run that the engine refuses (DamagedRecordError, with
+        nothing run and the key at fault left as it was). The RunRecordedError of a
+        record the worker's flow does not fit (see :meth:`_own_record`), with nothing
+        run."""
         with scope:
             try:
                 storage = self.stores(claim.run_id)
@@ -242,7 +245,8 @@ class _Worker:
         run in flight or failed that the claim's flow does not fit (a version of it
         changed since the run was recorded, see ``run_record.require_fit``): then
         return why, the record left as it was. Blocks while ``storage`` opens, is read
-        and commits; raises StorageError when it cannot."""
+        and commits; raises StorageError when it cannot, DamagedRecordError (nothing
+        written) for a place of the record that the engine never writes."""
         owner = {"worker": self.name, "queue": self.queue.address}
 
         def named(stored: Any) -> Any:
@@ -344,10 +348,14 @@ def _resumable(run_id: str, stored: Any) -> bool:
 
 def _out_of_reach(error: BaseException) -> bool:
     """Whether ``error`` says the run's store could not be reached: a StorageError the
-    worker's own calls to the store raised that is not about the data
-    (StoreValueError), or a StorageError caused by a failed connection anywhere in the
-    chain of causes (a step's store call, wrapped in NodeError)."""
-    if isinstance(error, StorageError) and not isinstance(error, StoreValueError):
+    worker's own calls to the store raised that is not about the data (not a
+    StoreValueError, a value the store cannot encode, nor a DamagedRecordError, a run's
+    record or part that the engine refuses to read back), or a StorageError caused by a
+    failed connection anywhere in the chain of causes (a step's store call, wrapped in
+    NodeError)."""
+    if isinstance(error, StorageError) and not isinstance(
+        error, StoreValueError | DamagedRecordError
+    ):
         return True
     return any(
         isinstance(each, StorageError) and _connection_failed(each.__cause__)
