@@ -157,3 +157,20 @@ async def test_a_failed_fan_out_keeps_its_places_to_resume_and_a_forget_deletes_
     assert sorted(result.execution_path) == ["a", "b", "f1", "f2", "j", "s"]
     assert done == []
     assert await parts_in(backend.open()) == []
+
+
+def test_a_plan_abandoned_gives_back_the_free_numbers_it_took() -> None:
+    """The commit of "kept"'s step failed: "new", which took the free number 0, is still
+    to write, and 0 is free again (the next plan gives it the same number)."""
+    kept, new = Branch([]), Branch([])
+    places = Places.restored("r", 3, {kept: 1}, [1], [kept], kept)
+    new.resume_at = {"frames": [], "label": "0.0/", "count": 1, "params": {}}
+    places.entered(new)
+    resume_at = {"frames": [], "label": "", "count": 1, "node": "a", "action": {}}
+    first = places.staged(kept, resume_at)
+    assert (first.numbers, first.taken, places.free) == ({new: 0}, [0], [2])
+    places.abandoned(first)
+    assert (sorted(places.free), set(places.changed)) == ([0, 2], {kept, new})
+    again = places.staged(kept, resume_at)
+    places.committed(again, kept)
+    assert (places.numbers, places.free, places.stored) == ({kept: 1, new: 0}, [2], {0, 1})

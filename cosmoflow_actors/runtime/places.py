@@ -149,7 +149,8 @@ class Places:
         """``plan``, made for a step of ``branch``, is stored: number as it numbered.
         ``branch``'s place is written at the next commit of another branch."""
         self.count = plan.count
-        self.free = plan.free
+        for number in plan.freed:
+            heapq.heappush(self.free, number)
         for placed in plan.removed:
             self.numbers.pop(placed, None)
         self.numbers.update(plan.numbers)
@@ -161,8 +162,11 @@ class Places:
         self.changed[branch] = None
 
     def abandoned(self, plan: Plan) -> None:
-        """``plan`` was not stored: what it would have written is still to write."""
+        """``plan`` was not stored: what it would have written is still to write, and
+        the free numbers it took are free again."""
         self.changed = {**plan.changed, **self.changed}
+        for number in plan.taken:
+            heapq.heappush(self.free, number)
 
     def cleared(self) -> list[StagedOp]:
         """The ops that delete every stored place: the run has ended for good."""
@@ -194,12 +198,15 @@ class Plan:
     set)."""
     count: int = 0
     """The run's count of place numbers in use once the plan is stored."""
-    free: list[int] = field(default_factory=list)
-    """The run's free numbers once the plan is stored (a heap)."""
+    taken: list[int] = field(default_factory=list)
+    """The numbers this plan took from the run's free numbers (given back if the plan
+    is abandoned)."""
+    freed: list[int] = field(default_factory=list)
+    """The numbers this plan's deletes freed: given again first within the plan, free
+    for the run's later plans once it is stored."""
 
     def __post_init__(self) -> None:
         self.count = self.places.count
-        self.free = list(self.places.free)
 
     @property
     def ops(self) -> list[StagedOp]:
@@ -217,9 +224,20 @@ class Plan:
         """The number of ``placed``'s place, given one if it has none."""
         number = self._known(placed)
         if number is None:
-            number = heapq.heappop(self.free) if self.free else self._new_number()
+            number = self._fresh_number()
             self.numbers[placed] = number
         return number
+
+    def _fresh_number(self) -> int:
+        """A number no place holds: one this plan freed, else the run's lowest free
+        one, else a new one."""
+        if self.freed:
+            return self.freed.pop()
+        if self.places.free:
+            number = heapq.heappop(self.places.free)
+            self.taken.append(number)
+            return number
+        return self._new_number()
 
     def _known(self, placed: Placed) -> int | None:
         """The number ``placed`` has, given by this plan or an earlier one; None when
@@ -276,4 +294,4 @@ class Plan:
         self.numbers.pop(placed, None)
         self.values[number] = None
         self.removed[placed] = None
-        heapq.heappush(self.free, number)
+        self.freed.append(number)

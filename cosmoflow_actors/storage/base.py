@@ -351,8 +351,9 @@ def forgotten_with(record_key: str, keys: Iterable[str]) -> list[str]:
     """``record_key`` and those of ``keys`` forgotten with the run recorded under it:
     the records of its BatchFlow children (:func:`record_children`) and the parts of
     them all (:func:`record_parts`). Does not block."""
-    keys = list(keys)
-    return [record_key, *record_children(record_key, keys), *record_parts(record_key, keys)]
+    prefixes = forgotten_prefixes(record_key)
+    near = [key for key in keys if key.startswith(prefixes)]
+    return [record_key, *record_children(record_key, near), *record_parts(record_key, near)]
 
 
 def batch_parent(run_id: str) -> str | None:
