@@ -240,13 +240,15 @@ class SQLiteStorage(DatabaseStorage):
     async def keys(self) -> list[str]:
         """Return every key, in insertion order (blocks in a worker thread)."""
         rows = await self._query_all(f"SELECT key FROM {STORE_TABLE} ORDER BY rowid")
-        return self._staged.merge_keys(_text_key(repr(self), row[0]) for row in rows)
+        where = repr(self)
+        return self._staged.merge_keys(_text_key(where, row[0]) for row in rows)
 
     async def _read_many(self, keys: list[str]) -> dict[str, bytes]:
         """One query per :data:`READ_BATCH` keys, all in one call to the worker thread."""
         connection = await self._connected()
         rows = await self._in_thread(_fetch_keys, connection, keys)
-        return {key: _as_bytes(repr(self), key, value) for key, value in rows}
+        where = repr(self)
+        return {key: _as_bytes(where, key, value) for key, value in rows}
 
     async def _stored_count(self) -> int:
         count: int = (await self._query(f"SELECT count(*) FROM {STORE_TABLE}"))[0]
