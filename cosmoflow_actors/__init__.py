@@ -22,6 +22,7 @@ from cosmoflow_actors.errors import (
     StoreKeyError,
     StoreTypeError,
     StoreValueError,
+    UnreadableValueError,
 )
 from cosmoflow_actors.events import (
     Event,
@@ -123,6 +124,7 @@ __all__ = [
     "StoreTypeError",
     "StoreValueError",
     "UnreadableEntryError",
+    "UnreadableValueError",
     "WorkerInterruptedError",
     "WorkerTransferError",
     "__version__",

@@ -189,6 +189,16 @@ class DamagedRecordError(StorageError):
         super().__init__(message)
 
 
+class UnreadableValueError(StorageError):
+    """The store holds, under ``key``, a value its codec cannot read: another client
+    wrote it, or it was damaged. It is the data's fault, never the storage's: retrying
+    cannot help (a queue's worker fails the run that meets it at once)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+
 class RunRecordedError(CosmoFlowError):
     """The store holds a record for the ``run_id`` that the call cannot take: a run of
     another flow (``flow``), which ``run``, ``start_run`` and ``resume`` refuse, or a

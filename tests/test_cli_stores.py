@@ -79,17 +79,17 @@ def test_a_value_that_cannot_be_read_is_named(
     problem = f"SQLiteStorage('{path}'): cannot read key 'b': its stored value is a str, not bytes"
     assert json.loads(captured.out)["store"] == {
         "a": 1,
-        "b": f"<unreadable: StorageError: {problem}>",
+        "b": f"<unreadable: UnreadableValueError: {problem}>",
         "greeting": "Hello, world!",
     }
-    message = f"{store}: the value of 'b' cannot be read: StorageError: {problem}"
+    message = f"{store}: the value of 'b' cannot be read: UnreadableValueError: {problem}"
     assert captured.err.startswith(f"cosmoflow: warning: {message}")
     assert main(["inspect", store]) == 2
     captured = capsys.readouterr()
     assert table_row(captured.out, "b")[1] == "unreadable"
     assert captured.err == (
-        f"cosmoflow: error: {store}: the value of 'b' cannot be read: StorageError: {path}: "
-        "cannot read key 'b': its stored value is a str, not bytes\n"
+        f"cosmoflow: error: {store}: the value of 'b' cannot be read: UnreadableValueError: "
+        f"{path}: cannot read key 'b': its stored value is a str, not bytes\n"
     )
     assert captured.err.count("\n") == 1
 

@@ -29,6 +29,7 @@ EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.StoreKeyError: cf.StoreKeyError("k"),
     cf.StoreTypeError: cf.StoreTypeError("k", "int", "str"),
     cf.StoreValueError: cf.StoreValueError("k", "a value of type object cannot be pickled"),
+    cf.UnreadableValueError: cf.UnreadableValueError("cannot read key 'k': not JSON", "k"),
     cf.WorkerTransferError: cf.WorkerTransferError("cannot send the context to a worker"),
     cf.UnreadableEntryError: cf.UnreadableEntryError("run 'r' of queue 'q' is not JSON"),
     cf.WorkerInterruptedError: cf.WorkerInterruptedError("exec was interrupted"),
@@ -89,6 +90,9 @@ def test_messages_name_what_is_at_fault() -> None:
     damaged = EXAMPLES[cf.DamagedRecordError]
     assert isinstance(damaged, cf.StorageError)  # what callers catch
     assert vars(damaged) == {"key": "__cosmoflow__/runs/r"}
+    unreadable = EXAMPLES[cf.UnreadableValueError]
+    assert isinstance(unreadable, cf.StorageError)
+    assert vars(unreadable) == {"key": "k"}
 
 
 class Unprintable(Exception):

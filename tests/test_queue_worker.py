@@ -174,6 +174,33 @@ async def test_a_run_whose_record_is_damaged_fails_once_naming_the_key(
     await storage.aclose()
 
 
+async def test_a_run_whose_record_cannot_be_decoded_fails_once_naming_the_key(
+    redis_server: RedisServer,
+) -> None:
+    """Another client wrote bytes that are not JSON over the run's record: the data, not
+    the store, is at fault, so the first worker to claim the run fails it with the
+    UnreadableValueError naming the key, and no worker takes it again."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    run_id = f"unreadable-{uuid.uuid4().hex[:6]}"
+    storage = per_run_redis(store)(run_id)
+    FAILURES[run_id] = 1
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError, match="node 'b' failed in exec"):
+            await engine.run(FLOW, storage, run_id=run_id)
+    key = f"__cosmoflow__/runs/{run_id}"
+    with redis_server.client() as client:
+        client.hset(f"cosmoflow:{storage.namespace}:data", key, b"{oops")
+    async with worker(queue, store, "w1"):
+        await cf.submit(queue, "count", run_id=run_id)
+        with trio.fail_after(10), pytest.raises(cf.CosmoFlowError) as info:
+            await cf.result(queue, run_id)
+    failure = f"run {run_id!r} failed on worker w1: UnreadableValueError: "
+    assert str(info.value).startswith(failure)
+    assert f"cannot read key {key!r}" in str(info.value)
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("failed", 1)
+
+
 async def written(storage: cf.Storage, key: str) -> dict[str, Any]:
     """What ``storage`` holds under ``key`` (None when nothing) and its keys that
     are not the engine's."""

@@ -850,7 +850,7 @@ async def test_a_value_that_cannot_be_decoded_is_an_error_naming_the_store_and_k
     where = re.escape(repr(storage))
 
     for read in (storage.get("x"), storage.get_many(["x"]), storage.update("x", str, None)):
-        with pytest.raises(cf.StorageError, match=f"^{where}: cannot read key 'x': .*JSON"):
+        with pytest.raises(cf.UnreadableValueError, match=f"^{where}: cannot read key 'x': .*JSON"):
             await read
     await storage.aclose()
 

@@ -29,7 +29,7 @@ from typing import Any, Final, final
 import cloudpickle
 import msgspec
 
-from cosmoflow_actors.errors import StorageError, StoreValueError
+from cosmoflow_actors.errors import StorageError, StoreValueError, UnreadableValueError
 
 _encoder = msgspec.json.Encoder()
 _string_decoder = msgspec.json.Decoder(str)
@@ -111,9 +111,10 @@ class Codec(ABC):
         """Return whether ``raw`` (already valid JSON) is a fragment this codec wrote."""
 
 
-def _unreadable(where: str, key: str, error: StorageError) -> StorageError:
-    """A new StorageError: ``where`` cannot read ``key``, for the reason ``error`` gives."""
-    return StorageError(f"{where}: cannot read key {key!r}: {error}")
+def _unreadable(where: str, key: str, error: StorageError) -> UnreadableValueError:
+    """A new UnreadableValueError: ``where`` cannot read ``key``, for the reason
+    ``error`` gives."""
+    return UnreadableValueError(f"{where}: cannot read key {key!r}: {error}", key)
 
 
 @final

@@ -16,7 +16,7 @@ from typing import Any, Final, TypeVar, final
 import outcome
 import trio
 
-from cosmoflow_actors.errors import StorageError, with_article
+from cosmoflow_actors.errors import StorageError, UnreadableValueError, with_article
 from cosmoflow_actors.storage.base import (
     RESERVED_PREFIX,
     StagedOp,
@@ -569,12 +569,13 @@ def _text_key(where: str, key: object) -> str:
 
 
 def _as_bytes(where: str, key: str, value: object) -> bytes:
-    """``value``, the value column of ``key``'s row; StorageError naming ``where`` (the
-    store) and ``key`` unless it is bytes (another client wrote it)."""
+    """``value``, the value column of ``key``'s row; UnreadableValueError naming
+    ``where`` (the store) and ``key`` unless it is bytes (another client wrote it)."""
     if not isinstance(value, bytes):
-        raise StorageError(
+        raise UnreadableValueError(
             f"{where}: cannot read key {key!r}: its stored value is "
-            f"{with_article(type(value).__name__)}, not bytes"
+            f"{with_article(type(value).__name__)}, not bytes",
+            key,
         )
     return value
 

@@ -22,6 +22,7 @@ from cosmoflow_actors.errors import (
     RunRecordedError,
     StorageError,
     StoreValueError,
+    UnreadableValueError,
     causes,
 )
 from cosmoflow_actors.flow import Flow, FlowResult
@@ -201,10 +202,10 @@ class _Worker:
         lease was lost, another engine committed a step of it first, or its store was
         out of reach (see :func:`_out_of_reach`: when the worker opened it, or when a
         step called it or committed; logged): the run is taken over once its entry has
-        been idle for a lease. A node's own error (another StorageError included) fails the
-        run, and so does data its store cannot encode (StoreValueError) or a record, path
-        chunk or place of the run that the engine refuses (DamagedRecordError, with
-        nothing run and the key at fault left as it was). The RunRecordedError of a
+        been idle for a lease. A node's own error (another StorageError included) fails
+        the run, and so does data at fault (see :data:`DATA_FAULTS`: nothing is run when
+        a worker meets it reading the run back, and the key at fault is left as it
+        was). The RunRecordedError of a
         record the worker's flow does not fit (see :meth:`_own_record`), with nothing
         run."""
         with scope:
@@ -346,16 +347,18 @@ def _resumable(run_id: str, stored: Any) -> bool:
     return ok and stored["state"] != "succeeded"
 
 
+DATA_FAULTS: Final = (StoreValueError, DamagedRecordError, UnreadableValueError)
+"""The StorageErrors about the data, not the store: a value the store cannot encode, a
+run's record or part that the engine refuses to read back, a stored value the codec
+cannot read. Retrying cannot help: a run that meets one fails."""
+
+
 def _out_of_reach(error: BaseException) -> bool:
     """Whether ``error`` says the run's store could not be reached: a StorageError the
-    worker's own calls to the store raised that is not about the data (not a
-    StoreValueError, a value the store cannot encode, nor a DamagedRecordError, a run's
-    record or part that the engine refuses to read back), or a StorageError caused by a
-    failed connection anywhere in the chain of causes (a step's store call, wrapped in
-    NodeError)."""
-    if isinstance(error, StorageError) and not isinstance(
-        error, StoreValueError | DamagedRecordError
-    ):
+    worker's own calls to the store raised that is not about the data (see
+    :data:`DATA_FAULTS`), or a StorageError caused by a failed connection anywhere in
+    the chain of causes (a step's store call, wrapped in NodeError)."""
+    if isinstance(error, StorageError) and not isinstance(error, DATA_FAULTS):
         return True
     return any(
         isinstance(each, StorageError) and _connection_failed(each.__cause__)
