@@ -205,9 +205,8 @@ class _Worker:
         been idle for a lease. A node's own error (another StorageError included) fails
         the run, and so does data at fault (see :data:`DATA_FAULTS`: nothing is run when
         a worker meets it reading the run back, and the key at fault is left as it
-        was). The RunRecordedError of a
-        record the worker's flow does not fit (see :meth:`_own_record`), with nothing
-        run."""
+        was). The RunRecordedError of a record the worker's flow does not fit (see
+        :meth:`_own_record`), with nothing run."""
         with scope:
             try:
                 storage = self.stores(claim.run_id)
