@@ -147,13 +147,8 @@ async def test_a_run_whose_record_is_damaged_fails_once_naming_the_key(
     with the DamagedRecordError naming the key (no worker takes it again), running
     nothing and leaving the key at fault as it was."""
     queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
-    run_id = f"damaged-{uuid.uuid4().hex[:6]}"
+    run_id, storage = await failed_run(store, "damaged")
     key = f"__cosmoflow__/{key.format(run_id)}"
-    storage = per_run_redis(store)(run_id)
-    FAILURES[run_id] = 1
-    async with cf.open_engine() as engine:
-        with pytest.raises(cf.NodeError, match="node 'b' failed in exec"):
-            await engine.run(FLOW, storage, run_id=run_id)
     await storage.open()
     record = await storage.get(f"__cosmoflow__/runs/{run_id}")
     for damaged, value in damage(record, run_id).items():
@@ -161,14 +156,9 @@ async def test_a_run_whose_record_is_damaged_fails_once_naming_the_key(
     await storage.commit()
     before = await written(storage, key)
     await storage.aclose()
-    async with worker(queue, store, "w1"):
-        await cf.submit(queue, "count", run_id=run_id)
-        with trio.fail_after(10), pytest.raises(cf.CosmoFlowError) as info:
-            await cf.result(queue, run_id)
-    assert str(info.value).startswith(f"run {run_id!r} failed on worker w1: DamagedRecordError: ")
-    assert problem.format(key) in str(info.value)
-    [status] = await cf.queue_status(queue)
-    assert (status.state, status.attempts) == ("failed", 1)
+    error = await failure_at_first_claim(queue, store, run_id)
+    assert error.startswith(f"run {run_id!r} failed on worker w1: DamagedRecordError: ")
+    assert problem.format(key) in error
     await storage.open()
     assert await written(storage, key) == before
     await storage.aclose()
@@ -181,24 +171,37 @@ async def test_a_run_whose_record_cannot_be_decoded_fails_once_naming_the_key(
     the store, is at fault, so the first worker to claim the run fails it with the
     UnreadableValueError naming the key, and no worker takes it again."""
     queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
-    run_id = f"unreadable-{uuid.uuid4().hex[:6]}"
+    run_id, storage = await failed_run(store, "unreadable")
+    key = f"__cosmoflow__/runs/{run_id}"
+    with redis_server.client() as client:
+        client.hset(f"cosmoflow:{storage.namespace}:data", key, b"{oops")
+    error = await failure_at_first_claim(queue, store, run_id)
+    assert error.startswith(f"run {run_id!r} failed on worker w1: UnreadableValueError: ")
+    assert f"cannot read key {key!r}" in error
+
+
+async def failed_run(store: str, name: str) -> tuple[str, cf.RedisStorage]:
+    """A durable run of FLOW, failed at node "b" in its own store of ``store`` (see
+    per_run_redis), and that store: the id is ``name`` and a random suffix."""
+    run_id = f"{name}-{uuid.uuid4().hex[:6]}"
     storage = per_run_redis(store)(run_id)
     FAILURES[run_id] = 1
     async with cf.open_engine() as engine:
         with pytest.raises(cf.NodeError, match="node 'b' failed in exec"):
             await engine.run(FLOW, storage, run_id=run_id)
-    key = f"__cosmoflow__/runs/{run_id}"
-    with redis_server.client() as client:
-        client.hset(f"cosmoflow:{storage.namespace}:data", key, b"{oops")
+    return run_id, storage
+
+
+async def failure_at_first_claim(queue: RunQueue, store: str, run_id: str) -> str:
+    """The error ``run_id``, submitted to the worker "w1", fails with; the queue must
+    record it failed at its first attempt (no worker took it again)."""
     async with worker(queue, store, "w1"):
         await cf.submit(queue, "count", run_id=run_id)
         with trio.fail_after(10), pytest.raises(cf.CosmoFlowError) as info:
             await cf.result(queue, run_id)
-    failure = f"run {run_id!r} failed on worker w1: UnreadableValueError: "
-    assert str(info.value).startswith(failure)
-    assert f"cannot read key {key!r}" in str(info.value)
     [status] = await cf.queue_status(queue)
     assert (status.state, status.attempts) == ("failed", 1)
+    return str(info.value)
 
 
 async def written(storage: cf.Storage, key: str) -> dict[str, Any]:
@@ -499,10 +502,10 @@ async def test_a_renewal_gives_up_no_run_that_ended_while_it_was_sent(
     renewal made before the run has left the worker's leases finds the lease gone but
     neither cancels nor logs the run as given up."""
     from cosmoflow_actors.runtime.queue.claims import Claim
-    from cosmoflow_actors.runtime.queue.worker import _Worker
+    from cosmoflow_actors.runtime.queue.worker import Outcome, _Worker
 
     class RenewsAfterSettling(_Worker):
-        async def _settle(self, claim: Claim, outcome: dict[str, Any] | None) -> None:
+        async def _settle(self, claim: Claim, outcome: Outcome) -> None:
             await super()._settle(claim, outcome)
             self.renewed_leases = dict(self._leases)
             await self._renew(self.renewed_leases)
