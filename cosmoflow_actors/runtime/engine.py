@@ -502,14 +502,14 @@ class Engine:
         return await self._restore(run, record)
 
     async def _restore(self, run: ActiveRun, record: dict[str, Any]) -> Step | None:
-        """Put a recorded run back where it was; send its branches on. Blocks while a
-        node's mailbox is full, until the run ends (a branch sent first may fail it
-        meanwhile), and while the run's end is recorded when a branch's recorded
-        outcome ends it."""
-        path = await _recorded_path(run, record)
-        keys = run_record.place_keys(record)
-        stored = await run.store_actor.read_parts(run.storage, keys) if keys else {}
-        branches, places = run_record.restore(run, record, path, stored)
+        """Put a recorded run back where it was (its path chunks and places read in one
+        request); send its branches on. Blocks while a node's mailbox is full, until the
+        run ends (a branch sent first may fail it meanwhile), and while the run's end is
+        recorded when a branch's recorded outcome ends it."""
+        keys = [*run_record.chunk_keys(record), *run_record.place_keys(record)]
+        parts = await _read_parts(run, keys)
+        path = run_record.whole_path(record, parts)
+        branches, places = run_record.restore(run, record, path, parts)
         run.durability = DurableRun({**record, "state": "running", "error": None}, places)
         if not branches:
             return self._first_step(run, record["params"])
@@ -876,9 +876,14 @@ async def _recorded_path(run: ActiveRun, record: Mapping[str, Any]) -> list[str]
     """The whole path of ``run`` as its ``record`` (checked) and the path chunks it
     counts say; StorageError naming a chunk that is missing or damaged. Blocks while
     the chunks are read (nothing is read for a run of fewer than PATH_CHUNK steps)."""
-    keys = run_record.chunk_keys(record)
-    chunks = await run.store_actor.read_parts(run.storage, keys) if keys else {}
+    chunks = await _read_parts(run, run_record.chunk_keys(record))
     return run_record.whole_path(record, chunks)
+
+
+async def _read_parts(run: ActiveRun, keys: list[str]) -> dict[str, Any]:
+    """Those of ``run``'s parts (path chunks, places) under ``keys`` that its store
+    holds, by key, in one request (none for no keys). Blocks while they are read."""
+    return await run.store_actor.read_parts(run.storage, keys) if keys else {}
 
 
 def _checked_arguments(flow: object, params: object, run_id: object) -> dict[str, Any]:
