@@ -191,6 +191,50 @@ async def test_missing_key(backend: Backend) -> None:
     assert await storage.delete("absent") is False
 
 
+async def test_keys_with_prefix_gives_the_keys_starting_with_it_staged_writes_too(
+    backend: Backend,
+) -> None:
+    storage = await committed(
+        backend,
+        **{
+            f"{RECORD_PREFIX}a": 1,
+            f"{RECORD_PREFIX}a:1/0": 2,
+            f"{RECORD_PREFIX[:-1]}x": 3,
+            "__cosmoflow__/parts/a/path/0": 4,
+            "run/a": 5,
+            "é/x": 6,
+            "éa": 7,
+        },
+    )
+    await storage.set(f"{RECORD_PREFIX}b", 8)
+    await storage.delete(f"{RECORD_PREFIX}a:1/0")
+    await storage.set("run/b", 9)
+    expected = {
+        RECORD_PREFIX: [f"{RECORD_PREFIX}a", f"{RECORD_PREFIX}b"],
+        f"{RECORD_PREFIX}a": [f"{RECORD_PREFIX}a"],
+        "__cosmoflow__/": [
+            f"{RECORD_PREFIX}a",
+            f"{RECORD_PREFIX}b",
+            f"{RECORD_PREFIX[:-1]}x",
+            "__cosmoflow__/parts/a/path/0",
+        ],
+        "run/": ["run/a", "run/b"],
+        "é": ["é/x", "éa"],
+        "none": [],
+    }
+
+    async def listed() -> dict[str, list[str]]:
+        return {prefix: sorted(await storage.keys_with_prefix(prefix)) for prefix in expected}
+
+    staged = await listed()
+    await storage.commit()
+    assert staged == await listed() == {prefix: sorted(keys) for prefix, keys in expected.items()}
+    assert sorted(await storage.keys_with_prefix("")) == sorted(await storage.keys())
+    await storage.clear()
+    await storage.set(f"{RECORD_PREFIX}c", 10)
+    assert await storage.keys_with_prefix("__cosmoflow__/") == [f"{RECORD_PREFIX}c"]
+
+
 async def test_clear(backend: Backend) -> None:
     storage = await committed(backend, a=1, b=2)
 

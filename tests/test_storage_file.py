@@ -29,8 +29,15 @@ import trio.testing
 import cosmoflow_actors as cf
 from cosmoflow_actors import cli
 from cosmoflow_actors.errors import StorageError
+from cosmoflow_actors.runtime.run_record import PATH_CHUNK, record_key
 from cosmoflow_actors.storage import file as file_backend
 from cosmoflow_actors.storage import journal as journal_format
+from cosmoflow_actors.storage.base import (
+    RECORD_PREFIX,
+    RESERVED_PREFIX,
+    forgotten_prefixes,
+    path_chunk_key,
+)
 from cosmoflow_actors.storage.codec import get_codec
 from cosmoflow_actors.storage.file import COMPACT_MIN_BYTES, FileStorage
 from tests.storage_suite import (
@@ -39,7 +46,16 @@ from tests.storage_suite import (
     read_only,
     skip_unless_read_only_works,
 )
-from tests.support import Recorder, ki_protection_seen, received_until, single
+from tests.support import (
+    CHILDREN_ON_THE_BRANCHES,
+    Recorder,
+    batch_flow_twice_in_a_loop,
+    batch_flows_on_two_branches,
+    ki_protection_seen,
+    received_until,
+    single,
+    ticking,
+)
 
 STRAY_SUFFIX = ".0123456789abcdef.tmp"
 SNAPSHOT = (
@@ -1287,3 +1303,55 @@ async def test_a_call_in_a_worker_thread_is_started_and_waited_for_protected_fro
     with ki_protection_seen(file_backend._in_thread) as seen:
         await single(Recorder()).run(cf.FileStorage(tmp_path / "store.json"), run_id="r")
     assert seen == {"_in_thread": {True}}
+
+
+# --- the index of the engine's keys ----------------------------------------------------
+
+
+async def assert_reserved_keys_indexed(storage: FileStorage) -> list[str]:
+    """Check that the engine's keys listed by prefix (from the index) are those that
+    :meth:`FileStorage.keys` holds, under the reserved prefix and under the prefixes a
+    forget of each run lists; return the reserved keys."""
+    reserved = sorted(key for key in await storage.keys() if key.startswith(RESERVED_PREFIX))
+    assert sorted(await storage.keys_with_prefix(RESERVED_PREFIX)) == reserved
+    for record in [key for key in reserved if key.startswith(RECORD_PREFIX)]:
+        for prefix in (record, *forgotten_prefixes(record)):
+            under = [key for key in reserved if key.startswith(prefix)]
+            assert sorted(await storage.keys_with_prefix(prefix)) == under
+    return reserved
+
+
+@cf.node
+async def clears(ctx: cf.ExecutionContext) -> None:
+    await ctx.store.clear()
+
+
+async def test_the_index_of_reserved_keys_follows_runs_forgets_clears_and_reopens(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.json"
+    storage = FileStorage(path)
+    await storage.set("steps", PATH_CHUNK + 2)  # the ticking run seals a path chunk
+    await storage.commit()
+    async with cf.open_engine() as engine, engine.open_store(storage):
+        await engine.run(ticking(), storage, run_id="long")
+        await engine.run(batch_flows_on_two_branches(), storage, run_id="job")  # fan-out
+        await engine.run(batch_flow_twice_in_a_loop(), storage, run_id="loop")
+        await engine.run(single(clears), storage, run_id="clearing")
+        reserved = await assert_reserved_keys_indexed(storage)
+        assert path_chunk_key("long", 0) in reserved
+        assert {f"{RECORD_PREFIX}{child}" for child in CHILDREN_ON_THE_BRANCHES} <= {*reserved}
+        assert await engine.forget_run(storage, "job")
+        after_forget = await assert_reserved_keys_indexed(storage)
+        assert not [key for key in after_forget if "job" in key]
+    assert await assert_reserved_keys_indexed(storage) == after_forget  # reopened
+    await storage.delete(record_key("long"))
+    await storage.set(record_key("extra"), {"steps": 0})
+    await storage.commit()
+    del storage  # not closed, so not compacted: the next open replays the journal
+    gc.collect()
+    reopened = FileStorage(path)
+    replayed = await assert_reserved_keys_indexed(reopened)
+    await reopened.aclose()
+    assert record_key("long") not in replayed
+    assert record_key("extra") in replayed

@@ -491,6 +491,40 @@ def test_remove_stray_temps_removes_only_the_names_temp_path_makes(tmp_path: Pat
     assert sorted(os.listdir(tmp_path)) == sorted(others)
 
 
+def test_remove_stray_temps_of_files_side_by_side_removes_each_ones(tmp_path: Path) -> None:
+    path, beside = tmp_path / "store.json", tmp_path / "store.json.journal"
+    strays = [journal.temp_path(path), journal.temp_path(beside)]
+    others = ["store.json", journal.temp_path(tmp_path / "other.json").name, ".store.json.tmp"]
+    for stray in strays:
+        stray.write_text("{")
+    for name in others:
+        (tmp_path / name).write_text("keep")
+
+    journal.remove_stray_temps(path, beside)
+
+    assert sorted(os.listdir(tmp_path)) == sorted(others)
+
+
+def test_load_lists_the_folder_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An open costs one listing of the folder, whose size is that of every store in it."""
+    listed: list[str] = []
+    real_listdir = os.listdir
+
+    def listdir(folder: str) -> list[str]:
+        listed.append(str(folder))
+        return real_listdir(folder)
+
+    path = tmp_path / "store.json"
+    stray = journal.temp_path(journal.journal_path(path))
+    stray.write_text("{")
+    monkeypatch.setattr(os, "listdir", listdir)
+
+    journal.load(path, get_codec("json"))
+
+    assert listed == [str(tmp_path)]
+    assert not stray.exists()
+
+
 def test_remove_stray_temps_in_a_missing_directory_does_nothing(tmp_path: Path) -> None:
     journal.remove_stray_temps(tmp_path / "missing" / "store.json")
 

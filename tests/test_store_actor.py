@@ -627,6 +627,39 @@ async def test_a_forget_whose_backend_fails_a_delete_keeps_every_record() -> Non
     assert storage.data == records
 
 
+class KeysCounted(cf.FileStorage):
+    """A real FileStorage that counts the calls to ``keys``, which list every key."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.listings = 0
+
+    async def keys(self) -> list[str]:
+        self.listings += 1
+        return await super().keys()
+
+
+async def test_forget_and_list_runs_list_the_engines_keys_by_prefix_only(tmp_path: Path) -> None:
+    @cf.node
+    async def write(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set(f"user-{ctx.run_id}", 1)
+
+    storage = KeysCounted(tmp_path / "store.json")
+    async with cf.open_engine() as engine, engine.open_store(storage):
+        for run_id in ("a", "b"):
+            await engine.run(single(write), storage, run_id=run_id)
+        storage.listings = 0
+        assert [run.run_id for run in await engine.list_runs(storage)] == ["a", "b"]
+        assert await engine.forget_run(storage, "a")
+        assert [run.run_id for run in await engine.list_runs(storage)] == ["b"]
+        assert storage.listings == 0
+    assert sorted(await on_disk(tmp_path / "store.json")) == [
+        "__cosmoflow__/runs/b",
+        "user-a",
+        "user-b",
+    ]
+
+
 class Staging(JsonDictStorage):
     """A custom backend as the contract asks: writes are staged until ``commit``, which
     stores them all, or, while ``commit_fails``, none (it raises and drops them). A get

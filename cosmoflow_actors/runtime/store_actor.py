@@ -44,6 +44,7 @@ from cosmoflow_actors.storage.base import (
     Storage,
     apply_step_op,
     check_steps,
+    forgotten_prefixes,
     forgotten_with,
     value_or,
 )
@@ -490,9 +491,14 @@ class StoreActor(Actor[StoreRequest]):
         if record is None:
             return False
         check(record)
+        listed = [
+            key
+            for prefix in forgotten_prefixes(request.key)
+            for key in await storage.keys_with_prefix(prefix)
+        ]
         undo = _StoreUndo(storage)
         try:
-            for key in forgotten_with(request.key, await storage.keys()):
+            for key in forgotten_with(request.key, listed):
                 await undo.remember(key)
                 await storage.delete(key)
         except Exception:
@@ -514,8 +520,7 @@ class StoreActor(Actor[StoreRequest]):
 
     async def _records(self, request: StoreRequest) -> Any:
         storage = request.storage
-        keys = [key for key in await storage.keys() if key.startswith(RECORD_PREFIX)]
-        return await self._found(storage, keys)
+        return await self._found(storage, await storage.keys_with_prefix(RECORD_PREFIX))
 
     async def _found(self, storage: Storage, keys: list[str]) -> dict[str, Any]:
         """``storage.get_many(keys)``, checked: a StorageError naming this actor when

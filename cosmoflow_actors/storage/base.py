@@ -123,6 +123,19 @@ class Storage(ABC):
         (or cleared) and then set again goes to the end.
         """
 
+    async def keys_with_prefix(self, prefix: str) -> list[str]:
+        """Return the keys that start with ``prefix``, each once, in no set order.
+
+        The engine lists its own keys with it, under :data:`RESERVED_PREFIX`: the run
+        records (``list_runs``, with :data:`RECORD_PREFIX`), and what is forgotten with a
+        run when the store actor forgets it (:func:`forgotten_prefixes`). The default
+        filters :meth:`keys`, so it costs the whole store, user keys included; a backend
+        that can find the keys under a prefix without meeting the others (a sorted index,
+        a key range) overrides it to cost what it returns. An override gives what the
+        default would, the writes since the last commit included, in any order.
+        """
+        return [key for key in await self.keys() if key.startswith(prefix)]
+
     async def contains(self, key: str) -> bool:
         """Return whether ``key`` is stored."""
         try:
@@ -237,9 +250,9 @@ class Storage(ABC):
         after any write: an override may stage the deletes for it.
 
         Return None (as the default does, at once) to let the store actor read, check
-        and delete with :meth:`get`, :meth:`keys` and :meth:`delete` in its batch,
-        which is atomic within one engine; an override that returns None must have
-        changed nothing.
+        and delete with :meth:`get`, :meth:`keys_with_prefix` and :meth:`delete` in its
+        batch, which is atomic within one engine; an override that returns None must
+        have changed nothing.
         """
         return None
 

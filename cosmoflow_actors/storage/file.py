@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import weakref
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Final, TypeVar, TypeVarTuple, final
@@ -17,6 +18,7 @@ import trio
 from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.storage import journal, lock
 from cosmoflow_actors.storage.base import (
+    RESERVED_PREFIX,
     StagedOp,
     Storage,
     apply_step_op,
@@ -24,7 +26,7 @@ from cosmoflow_actors.storage.base import (
     value_or,
 )
 from cosmoflow_actors.storage.codec import Codec, check_json_key, get_codec
-from cosmoflow_actors.storage.staged import StagedWrites
+from cosmoflow_actors.storage.staged import ClearOp, Op, SetOp, StagedWrites
 from cosmoflow_actors.validation import checked_path, require_seconds
 
 COMPACT_MIN_BYTES: Final = 4 * 1024 * 1024
@@ -97,6 +99,7 @@ class FileStorage(Storage):
         self._wait = wait
         self._staged: StagedWrites[msgspec.Raw] = StagedWrites()
         self._state = journal.Loaded()
+        self._reserved = _ReservedKeys()
         self._unlock: weakref.finalize[[lock.Held], FileStorage] | None = None
         self._opened = False
 
@@ -145,7 +148,7 @@ class FileStorage(Storage):
         held = await self._lock()
         unlock = weakref.finalize(self, lock.release, held)
         try:
-            self._state = await _in_thread(journal.load, self._path, self._codec)
+            self._hold(await _in_thread(journal.load, self._path, self._codec))
         except BaseException:
             await _unlocked(unlock)
             raise
@@ -227,6 +230,23 @@ class FileStorage(Storage):
         if not self._staged:
             return list(self._committed)
         return self._staged.merge_keys(self._committed)
+
+    async def keys_with_prefix(self, prefix: str) -> list[str]:
+        """Return the keys that start with ``prefix``, in no set order.
+
+        Under :data:`~cosmoflow_actors.storage.base.RESERVED_PREFIX` (the engine's keys)
+        it costs what it returns (and the writes since the last commit): the committed
+        ones are read from a sorted index of the reserved keys. Under any other prefix it
+        looks at every key.
+        """
+        await self.open()
+        if prefix.startswith(RESERVED_PREFIX):
+            committed = self._reserved.starting_with(prefix)
+        else:
+            committed = [key for key in self._committed if key.startswith(prefix)]
+        if not self._staged:
+            return committed
+        return [key for key in self._staged.merge_keys(committed) if key.startswith(prefix)]
 
     async def contains(self, key: str) -> bool:
         """Return whether ``key`` is stored."""
@@ -324,8 +344,19 @@ class FileStorage(Storage):
             if self._must_compact_at_close() or await _in_thread(self._snapshot_changed):
                 await self._compact(self._committed)
         finally:
-            self._state = journal.Loaded()  # a closed instance keeps no value
+            self._hold(journal.Loaded())  # a closed instance keeps no value
             await _unlocked(unlock)
+
+    def _hold(self, state: journal.Loaded) -> None:
+        """Take ``state`` as the committed state, and index its reserved keys."""
+        self._state = state
+        self._reserved = _ReservedKeys(state.entries)
+
+    def _committed_ops(self, ops: list[Op[msgspec.Raw]]) -> None:
+        """Apply ``ops``, just written to the journal, to the committed state and its
+        index of reserved keys."""
+        journal.apply_ops(self._committed, ops)
+        self._reserved.apply(ops)
 
     def _must_compact_at_close(self) -> bool:
         """Whether the journal holds commits, or belongs to no snapshot it can continue."""
@@ -383,7 +414,7 @@ class FileStorage(Storage):
         except (OSError, StorageError) as exc:
             state.journal_usable = False
             raise StorageError(f"cannot append to {self._journal}: {exc}") from exc
-        journal.apply_ops(self._committed, self._staged.ops)
+        self._committed_ops(self._staged.ops)
         state.journal_bytes += len(line)
         state.journal_seen = seen
 
@@ -400,7 +431,7 @@ class FileStorage(Storage):
             mode = await _in_thread(self._write_snapshot, snapshot, seen)
         except OSError as exc:
             raise StorageError(f"cannot write {self._path}: {exc}") from exc
-        self._state = journal.Loaded(entries, generation, len(snapshot), journal_seen=seen)
+        self._hold(journal.Loaded(entries, generation, len(snapshot), journal_seen=seen))
         header = self._header()
         try:
             seen = await _in_thread(self._restart_journal, header, mode)
@@ -427,6 +458,40 @@ class FileStorage(Storage):
         seen = journal.replace_file(self._journal, header, mode)
         journal.sync_directory(self._path.parent)
         return seen
+
+
+@final
+class _ReservedKeys:
+    """The keys under :data:`~cosmoflow_actors.storage.base.RESERVED_PREFIX` among
+    the committed keys of a :class:`FileStorage`, sorted, so that those under a longer
+    prefix are found by bisection: a listing costs what it returns, not the size of the
+    store. :meth:`FileStorage._hold` builds it with each committed state and
+    :meth:`FileStorage._committed_ops` applies each commit to both. Never blocks."""
+
+    __slots__ = ("_sorted",)
+
+    def __init__(self, keys: Iterable[str] = ()) -> None:
+        self._sorted = sorted(key for key in keys if key.startswith(RESERVED_PREFIX))
+
+    def apply(self, ops: Iterable[Op[Any]]) -> None:
+        """Apply the sets, deletes and clears of ``ops``, in order."""
+        for op in ops:
+            if isinstance(op, ClearOp):
+                self._sorted.clear()
+            elif op.key.startswith(RESERVED_PREFIX):
+                at = bisect_left(self._sorted, op.key)
+                found = at < len(self._sorted) and self._sorted[at] == op.key
+                if isinstance(op, SetOp) and not found:
+                    self._sorted.insert(at, op.key)
+                elif not isinstance(op, SetOp) and found:
+                    del self._sorted[at]
+
+    def starting_with(self, prefix: str) -> list[str]:
+        """The keys that start with ``prefix``, sorted."""
+        start = end = bisect_left(self._sorted, prefix)
+        while end < len(self._sorted) and self._sorted[end].startswith(prefix):
+            end += 1
+        return self._sorted[start:end]
 
 
 async def _unlocked(unlock: weakref.finalize[[lock.Held], FileStorage]) -> None:

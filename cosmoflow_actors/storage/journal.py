@@ -168,8 +168,7 @@ def load(path: Path, codec: Codec) -> Loaded:
     format writes; no file is changed but the temporary ones.
     """
     try:
-        remove_stray_temps(path)
-        remove_stray_temps(journal_path(path))
+        remove_stray_temps(path, journal_path(path))
     except OSError as exc:
         raise StorageError(f"cannot read {exc.filename or path}: {exc}") from exc
     return read(path, codec)
@@ -372,9 +371,13 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
 
 
-def remove_stray_temps(path: Path) -> None:
-    """Remove the temporary files :func:`temp_path` names for ``path`` (blocks)."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{16}}\.tmp")
+def remove_stray_temps(path: Path, *beside: Path) -> None:
+    """Remove the temporary files :func:`temp_path` names for ``path`` and for each of
+    the files ``beside`` it (in its folder), listing the folder once (blocks): a listing
+    costs the size of the folder, so an open of one store among thousands in a folder
+    would otherwise pay for it twice."""
+    files = "|".join(re.escape(each.name) for each in (path, *beside))
+    pattern = re.compile(rf"\.(?:{files})\.[0-9a-f]{{16}}\.tmp")
     try:
         names = os.listdir(path.parent)
     except FileNotFoundError:

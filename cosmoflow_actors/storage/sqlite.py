@@ -308,21 +308,25 @@ class SQLiteStorage(DatabaseStorage):
         listed = [
             key
             for prefix in forgotten_prefixes(record_key)
-            for key in await self._keys_from(prefix)
+            for key in await self.keys_with_prefix(prefix)
         ]
         for key in forgotten_with(record_key, listed):
             self._staged.delete(key)
         return True
 
-    async def _keys_from(self, prefix: str) -> list[str]:
-        """The keys starting with ``prefix`` (which ends in an ASCII character, so that
-        the character after it ends the range), with the staged writes laid over (and any
-        key a staged write sets): one range query on the key's index, whatever the size
-        of the store. Blocks in a worker thread."""
+    async def keys_with_prefix(self, prefix: str) -> list[str]:
+        """Return the keys that start with ``prefix``, in insertion order, with the
+        staged writes laid over: one range query on the key's index when ``prefix`` ends
+        in an ASCII character (the character after it ends the range; the engine's
+        prefixes all do), whatever the size of the store; else a filter of :meth:`keys`.
+        Blocks in a worker thread."""
+        if not prefix or not prefix[-1].isascii() or utf8_key(prefix) is None:
+            return await super().keys_with_prefix(prefix)
         end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         sql = f"SELECT key FROM {STORE_TABLE} WHERE key >= ? AND key < ? ORDER BY rowid"
         rows = await self._query_all(sql, prefix, end)
-        return self._staged.merge_keys(_text_key(repr(self), row[0]) for row in rows)
+        merged = self._staged.merge_keys(_text_key(repr(self), row[0]) for row in rows)
+        return [key for key in merged if key.startswith(prefix)]
 
     async def _hold_writers_off(self) -> None:
         """Open the transaction :meth:`commit` commits, unless it is open: ``BEGIN
