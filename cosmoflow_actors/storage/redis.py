@@ -273,7 +273,8 @@ class RedisStorage(DatabaseStorage):
         return self._staged.merge_keys(self._field_key(field) for field in fields)
 
     async def keys_with_prefix(self, prefix: str) -> list[str]:
-        """Return every key that starts with ``prefix`` (blocks in a worker thread).
+        """Return every key that starts with ``prefix``, each once, with the staged writes
+        laid over, in no set order (blocks in a worker thread).
 
         Under :data:`~cosmoflow_actors.storage.base.RESERVED_PREFIX` the keys are read
         from the namespace's index, at the cost of the keys listed (one round trip,
