@@ -22,7 +22,7 @@ import trio.testing
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime import run_record
 from cosmoflow_actors.storage import redis as redis_backend
-from cosmoflow_actors.storage.base import RECORD_PREFIX
+from cosmoflow_actors.storage.base import PARTS_PREFIX, RECORD_PREFIX, RESERVED_PREFIX
 from cosmoflow_actors.storage.redis import (
     MAX_CONNECTIONS,
     READ_BATCH,
@@ -39,7 +39,12 @@ from tests.storage_suite import (
     thread_calls,
     unique_namespace,
 )
-from tests.support import single
+from tests.support import (
+    Recorder,
+    batch_flow_twice_in_a_loop,
+    batch_flows_on_two_branches,
+    single,
+)
 
 
 @pytest.fixture
@@ -211,7 +216,14 @@ async def test_values_are_readable_json_and_the_codec_is_recorded(
             b"format": b"cosmoflow-store",
             b"version": b"1",
             b"codec": b"json",
+            b"index": b"1",
         }
+
+
+NAMESPACE_KEYS = ("data", "meta", "index")
+"""What follows ``cosmoflow:<namespace>:`` in the Redis keys of a namespace."""
+OLD_META = {"format": "cosmoflow-store", "version": "1", "codec": "json"}
+"""The metadata of a namespace written before the index of reserved keys."""
 
 
 @pytest.mark.parametrize(
@@ -221,6 +233,15 @@ async def test_values_are_readable_json_and_the_codec_is_recorded(
         (lambda c, n: c.hset(f"cosmoflow:{n}:data", "k", "v"), "without cosmoflow metadata"),
         (lambda c, n: c.set(f"cosmoflow:{n}:meta", "x"), "WRONGTYPE"),
         (lambda c, n: c.hset(f"cosmoflow:{n}:meta", "format", "other"), "format 'other'"),
+        (
+            lambda c, n: c.hset(f"cosmoflow:{n}:meta", mapping=OLD_META),
+            r":meta records no index, not '1': the namespace was written by another version",
+        ),
+        (
+            lambda c, n: c.hset(f"cosmoflow:{n}:meta", mapping={**OLD_META, "index": "2"}),
+            "records index layout '2', not '1'",
+        ),
+        (lambda c, n: c.set(f"cosmoflow:{n}:index", "x"), ":index holds a string, not the sorted"),
     ],
 )
 async def test_data_written_by_someone_else_is_refused_and_left_alone(
@@ -229,18 +250,12 @@ async def test_data_written_by_someone_else_is_refused_and_left_alone(
     namespace = unique_namespace()
     with redis_server.client() as client:
         setup(client, namespace)
-        before = (
-            client.dump(f"cosmoflow:{namespace}:data"),
-            client.dump(f"cosmoflow:{namespace}:meta"),
-        )
+        before = [client.dump(f"cosmoflow:{namespace}:{part}") for part in NAMESPACE_KEYS]
 
         with pytest.raises(cf.StorageError, match=message):
             await redis_server.storage(namespace).open()
 
-        after = (
-            client.dump(f"cosmoflow:{namespace}:data"),
-            client.dump(f"cosmoflow:{namespace}:meta"),
-        )
+        after = [client.dump(f"cosmoflow:{namespace}:{part}") for part in NAMESPACE_KEYS]
         assert after == before
 
 
@@ -941,6 +956,7 @@ async def test_an_open_instance_claims_its_namespace_again_once_the_server_lost_
             b"format": b"cosmoflow-store",
             b"version": b"1",
             b"codec": b"json",
+            b"index": b"1",
         }
     fresh = redis_server.storage(storage.namespace)
     assert {key: await fresh.get(key) for key in await fresh.keys()} == {"n": 1}
@@ -953,6 +969,7 @@ async def test_an_open_instance_claims_its_namespace_again_once_the_server_lost_
     [
         ("claimed with another codec", "no longer records format .* codec json"),
         ("metadata deleted", "holds data without cosmoflow metadata"),
+        ("index replaced", ":index holds a string, not the sorted set of the keys under"),
     ],
 )
 async def test_a_namespace_whose_metadata_changed_under_an_open_instance_refuses_its_writes(
@@ -966,6 +983,8 @@ async def test_a_namespace_whose_metadata_changed_under_an_open_instance_refuses
     with redis_server.client() as client:
         if meanwhile == "metadata deleted":
             client.delete(meta)
+        elif meanwhile == "index replaced":
+            client.set(f"cosmoflow:{storage.namespace}:index", "x")
         else:
             client.delete(meta, data)
             await other.open()
@@ -979,3 +998,161 @@ async def test_a_namespace_whose_metadata_changed_under_an_open_instance_refuses
         assert (client.dump(meta), client.dump(data)) == before
     await storage.aclose()
     await other.aclose()
+
+
+def assert_index_is_the_reserved_fields(server: RedisServer, namespace: str) -> set[str]:
+    """Assert that the namespace's index holds every field of its data hash under
+    RESERVED_PREFIX, and nothing else, each with score 0; return those keys."""
+    with server.client() as client:
+        fields = client.hkeys(f"cosmoflow:{namespace}:data")
+        members = client.zrange(f"cosmoflow:{namespace}:index", 0, -1, withscores=True)
+    reserved = {field.decode() for field in fields if field.startswith(RESERVED_PREFIX.encode())}
+    assert {member.decode() for member, _ in members} == reserved
+    assert {score for _, score in members} <= {0}
+    return reserved
+
+
+@cf.node
+async def _fails(ctx: cf.ExecutionContext) -> None:
+    raise RuntimeError("the branch fails")
+
+
+def fan_out_to(name: str, right: cf.Node, join: cf.Node) -> cf.Flow:
+    """A fan-out from "fork" to a Recorder and ``right``, joined by ``join``."""
+    return (
+        cf.Flow.builder(name)
+        .add_node("fork", Recorder())
+        .add_node("left", Recorder())
+        .add_node("right", right)
+        .add_join("join", join)
+        .add_route("fork", ("left", "right"))
+        .add_route("left", "join")
+        .add_route("right", "join")
+        .build()
+    )
+
+
+async def test_the_index_holds_the_reserved_keys_through_runs_forgets_and_clears(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Durable runs with fan-outs (places written and deleted), BatchFlow children, path
+    chunks, a failure, forgets, user writes, a reserved key deleted and a clear: after
+    each, the index is exactly the data hash's fields under RESERVED_PREFIX."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 2)
+    storage = redis_server.storage()
+    namespace = storage.namespace
+    seen_in_flight: list[set[str]] = []
+
+    @cf.node
+    async def look(ctx: cf.ExecutionContext) -> None:
+        seen_in_flight.append(assert_index_is_the_reserved_fields(redis_server, namespace))
+
+    async with cf.open_engine() as engine:
+        await engine.run(batch_flows_on_two_branches(), storage, run_id="job")
+        await engine.run(batch_flow_twice_in_a_loop(), storage, run_id="loop")
+        await engine.run(fan_out_to("looking", Recorder(), look), storage, run_id="looking")
+        with pytest.raises(cf.NodeError):
+            await engine.run(fan_out_to("broken", _fails, Recorder()), storage, run_id="broken")
+        reserved = assert_index_is_the_reserved_fields(redis_server, namespace)
+        assert f"{PARTS_PREFIX}job/path/0" in reserved
+        assert f"{RECORD_PREFIX}loop:3/1" in reserved
+        assert any(key.startswith(f"{PARTS_PREFIX}looking/at/") for key in seen_in_flight[0])
+
+        assert await engine.forget_run(storage, "job")
+        assert await engine.forget_run(storage, "broken")
+        left = assert_index_is_the_reserved_fields(redis_server, namespace)
+        assert not [key for key in left if "job" in key or "broken" in key]
+
+    await storage.set("user", 1)
+    await storage.delete(f"{RECORD_PREFIX}loop:1/0")
+    await storage.update(f"{RECORD_PREFIX}extra", lambda _: {"any": 1}, None)
+    await storage.commit()
+    assert assert_index_is_the_reserved_fields(redis_server, namespace) == {
+        *(left - {f"{RECORD_PREFIX}loop:1/0"}),
+        f"{RECORD_PREFIX}extra",
+    }
+
+    await storage.clear()
+    await storage.commit()
+    assert assert_index_is_the_reserved_fields(redis_server, namespace) == set()
+    await storage.aclose()
+
+
+async def test_a_forget_lists_the_keys_of_its_run_from_the_index_without_scanning_the_hash(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forget takes the run's record, its children's and the parts of them all, and
+    no other run's; to list them it reads the index (one ZRANGEBYLEX per prefix), not
+    the data hash with its user keys (no HSCAN, HKEYS or HGETALL)."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 2)
+    storage = private_redis.storage()
+    async with cf.open_engine() as engine:
+        for run_id in ("job", "job2", "jo"):
+            await engine.run(batch_flows_on_two_branches(), storage, run_id=run_id)
+        before = await storage.keys_with_prefix(RESERVED_PREFIX)
+        with private_redis.client() as client:
+            client.config_resetstat()
+            assert await engine.forget_run(storage, "job")
+            stats = client.info("commandstats")
+
+    assert "cmdstat_hscan" not in stats
+    assert "cmdstat_hkeys" not in stats
+    assert "cmdstat_hgetall" not in stats
+    assert stats["cmdstat_zrangebylex"]["calls"] == 3
+    gone = {key for key in before if re.search(r"/job(/|:|$)", key)}
+    assert len(gone) == 7  # the record, four children's, two path chunks
+    assert set(await storage.keys_with_prefix(RESERVED_PREFIX)) == set(before) - gone
+    await storage.aclose()
+
+
+async def test_keys_with_prefix_reads_reserved_keys_from_the_index_and_others_by_a_scan(
+    private_redis: RedisServer,
+) -> None:
+    """Staged writes are laid over what is stored; only keys starting with the prefix
+    come back (a glob character in the prefix stands for itself); a reserved prefix
+    reads the index alone."""
+    storage = await connected(
+        private_redis,
+        unique_namespace(),
+        **{f"{RECORD_PREFIX}a": 1, f"{RECORD_PREFIX}b": 2, f"{PARTS_PREFIX}a/path/0": 3},
+        **{"u*1": 4, "u*2": 5, "ux": 6, "v": 7},
+    )
+    await storage.set(f"{RECORD_PREFIX}c", 8)
+    await storage.delete(f"{RECORD_PREFIX}a")
+    await storage.set("u*3", 9)
+
+    with private_redis.client() as client:
+        client.config_resetstat()
+        reserved = await storage.keys_with_prefix(RECORD_PREFIX)
+        reads = set(client.info("commandstats"))
+        user = await storage.keys_with_prefix("u*")
+
+    assert sorted(reserved) == [f"{RECORD_PREFIX}b", f"{RECORD_PREFIX}c"]
+    assert reads == {"cmdstat_zrangebylex", "cmdstat_config|resetstat"}
+    assert sorted(user) == ["u*1", "u*2", "u*3"]
+    assert await storage.keys_with_prefix("\ud800") == []
+    await storage.aclose()
+
+
+async def test_an_index_left_without_its_namespace_is_dropped_when_the_namespace_is_claimed(
+    redis_server: RedisServer,
+) -> None:
+    """Someone deleted the metadata and data hashes but not the index: whoever claims
+    the namespace next (an open, or the commit of an instance open before) drops it, so
+    no stale key is listed."""
+    storage = redis_server.storage()
+    index = f"cosmoflow:{storage.namespace}:index"
+    with redis_server.client() as client:
+        client.zadd(index, {f"{RECORD_PREFIX}ghost": 0})
+        await storage.open()
+        assert client.exists(index) == 0
+
+        await storage.set(f"{RECORD_PREFIX}r", 1)
+        await storage.commit()
+        meta, data = f"cosmoflow:{storage.namespace}:meta", f"cosmoflow:{storage.namespace}:data"
+        client.delete(meta, data)
+        await storage.set("user", 1)
+        await storage.commit()
+        assert client.exists(index) == 0
+    assert await storage.keys_with_prefix(RESERVED_PREFIX) == []
+    await storage.aclose()

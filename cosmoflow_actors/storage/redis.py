@@ -43,7 +43,8 @@ more than 1024 * 1024 arguments."""
 
 SCAN_COUNT: Final = 10_000
 """How many fields of the data hash one ``HSCAN`` looks at (the server's work per
-round trip), when a forget lists the keys of a run's BatchFlow children."""
+round trip), when :meth:`RedisStorage.keys_with_prefix` lists the keys under a prefix
+outside :data:`~cosmoflow_actors.storage.base.RESERVED_PREFIX`."""
 
 SMALLEST_BULK_LIMIT: Final = 1024 * 1024
 """The least ``proto-max-bulk-len`` a server takes: a value that long or longer may be
@@ -75,42 +76,63 @@ T = TypeVar("T")
 _REFUSAL: Final = "COSMOFLOW "
 """How :data:`_WRITE_SCRIPT`'s own errors begin (an error code of Redis's reply)."""
 
-_WRITE_SCRIPT: Final = """
+INDEX_LAYOUT: Final = "1"
+"""What a namespace's metadata records under ``index``: its reserved keys are indexed in
+the sorted set ``cosmoflow:<namespace>:index`` as this version of the backend keeps it
+(see :class:`RedisStorage`). A namespace whose metadata records another, or none, is
+refused at :meth:`RedisStorage.open`."""
+
+_WRITE_SCRIPT: Final = f"""
+local kind = redis.call('TYPE', KEYS[3])['ok']
+if kind ~= 'zset' and kind ~= 'none' then
+  return redis.error_reply('COSMOFLOW ' .. KEYS[3] .. ' holds a ' .. kind .. ', not the '
+    .. 'sorted set of the keys under {RESERVED_PREFIX}')
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if redis.call('EXISTS', KEYS[2]) == 1 then
     return redis.error_reply('COSMOFLOW ' .. KEYS[2] .. ' holds data without cosmoflow '
       .. 'metadata: ' .. KEYS[1] .. ' is gone')
   end
-  redis.call('HSET', KEYS[1], 'format', ARGV[1], 'version', ARGV[2], 'codec', ARGV[3])
+  redis.call('HSET', KEYS[1], 'format', ARGV[1], 'version', ARGV[2], 'codec', ARGV[3],
+    'index', ARGV[4])
+  redis.call('DEL', KEYS[3])
 else
-  local meta = redis.call('HMGET', KEYS[1], 'format', 'version', 'codec')
-  if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] or meta[3] ~= ARGV[3] then
+  local meta = redis.call('HMGET', KEYS[1], 'format', 'version', 'codec', 'index')
+  if meta[1] ~= ARGV[1] or meta[2] ~= ARGV[2] or meta[3] ~= ARGV[3] or meta[4] ~= ARGV[4] then
     return redis.error_reply('COSMOFLOW ' .. KEYS[1] .. ' no longer records format '
-      .. ARGV[1] .. ' version ' .. ARGV[2] .. ' codec ' .. ARGV[3] .. ': another client '
-      .. 'claimed the namespace after it was lost')
+      .. ARGV[1] .. ' version ' .. ARGV[2] .. ' codec ' .. ARGV[3] .. ' index ' .. ARGV[4]
+      .. ': another client claimed the namespace after it was lost')
   end
 end
-local i = 4
+local function reserved(key)
+  return string.sub(key, 1, {len(RESERVED_PREFIX.encode())}) == '{RESERVED_PREFIX}'
+end
+local i = 5
 while i <= #ARGV do
   if ARGV[i] == 'S' then
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+    if reserved(ARGV[i + 1]) then redis.call('ZADD', KEYS[3], 0, ARGV[i + 1]) end
     i = i + 3
   elseif ARGV[i] == 'D' then
     redis.call('HDEL', KEYS[2], ARGV[i + 1])
+    if reserved(ARGV[i + 1]) then redis.call('ZREM', KEYS[3], ARGV[i + 1]) end
     i = i + 2
   else
-    redis.call('DEL', KEYS[2])
+    redis.call('DEL', KEYS[2], KEYS[3])
     i = i + 1
   end
 end
 return 1
 """
-"""A commit, atomic on the server: KEYS are the meta and data hashes; ARGV the format,
-version and codec this instance writes, then the ops (``S`` key value: set, ``D`` key:
-delete, ``C``: clear). It checks the metadata first, claiming the namespace again when
-both hashes are gone, and writes nothing when the metadata is not this instance's
-(the error begins with :data:`_REFUSAL`). Redis runs a script whole or, when its first
-write is refused (``maxmemory``), not at all."""
+"""A commit, atomic on the server: KEYS are the meta and data hashes and the index;
+ARGV the format, version, codec and index layout this instance writes, then the ops
+(``S`` key value: set, ``D`` key: delete, ``C``: clear). It checks the metadata first,
+claiming the namespace again when both hashes are gone (dropping an index left without
+them), and writes nothing when the metadata is not this instance's or the index is no
+sorted set (the error begins with :data:`_REFUSAL`). Every write of a field under
+:data:`~cosmoflow_actors.storage.base.RESERVED_PREFIX` writes its member of the index
+with it, and a clear empties both: the one place the index is kept. Redis runs a script
+whole or, when its first write is refused (``maxmemory``), not at all."""
 
 URL_FORMS: Final = (
     "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?OPTIONS], rediss://... (TLS) "
@@ -139,6 +161,15 @@ class RedisStorage(DatabaseStorage):
     ``cosmoflow:<namespace>:meta``; two namespaces never share a key. A namespace whose
     keys hold something else, or that was written with another codec, is refused at
     :meth:`open`.
+
+    The engine's keys (under :data:`~cosmoflow_actors.storage.base.RESERVED_PREFIX`:
+    run records and their parts) are indexed in the sorted set
+    ``cosmoflow:<namespace>:index``, every member with score 0, written in the same Lua
+    script as the data hash (see :data:`_WRITE_SCRIPT`), so that a listing of the keys
+    under a prefix of RESERVED_PREFIX (a forget, :meth:`keys_with_prefix`) is one
+    ``ZRANGEBYLEX`` costing the keys listed, not the size of the store. The metadata
+    records the index's layout (:data:`INDEX_LAYOUT`): a namespace whose metadata
+    records none, written before the index was kept, is refused at :meth:`open`.
 
     Writes are staged in memory, encoded at once (an unencodable value fails :meth:`set`
     and stores nothing), and sent by :meth:`commit` as one ``MULTI``/``EXEC``
@@ -188,6 +219,7 @@ class RedisStorage(DatabaseStorage):
         self._namespace = namespace
         self._data = f"cosmoflow:{namespace}:data"
         self._meta = f"cosmoflow:{namespace}:meta"
+        self._index = f"cosmoflow:{namespace}:index"
         self._timeout = timeout
         self._client: redis.Redis | None = None
         self._abandoned: list[tuple[Pipeline, trio.CapacityLimiter]] = []
@@ -239,6 +271,20 @@ class RedisStorage(DatabaseStorage):
         """Return every key (blocks in a worker thread)."""
         fields: list[bytes] = await self._command("HKEYS", self._data)
         return self._staged.merge_keys(self._field_key(field) for field in fields)
+
+    async def keys_with_prefix(self, prefix: str) -> list[str]:
+        """Return every key that starts with ``prefix``, each once, with the staged writes
+        laid over, in no set order (blocks in a worker thread).
+
+        Under :data:`~cosmoflow_actors.storage.base.RESERVED_PREFIX` the keys are read
+        from the namespace's index, at the cost of the keys listed (one round trip,
+        whatever the store holds besides); any other prefix costs a scan of the whole
+        hash (``HSCAN ... MATCH``, one round trip per :data:`SCAN_COUNT` fields).
+        """
+        async with self._bounded():
+            client = await self._connected()
+            keys = await self._keys_from(client, prefix)
+        return [key for key in keys if key.startswith(prefix)]
 
     def _field_key(self, field: bytes) -> str:
         """The key a field of the data hash holds; StorageError naming it (its raw
@@ -336,8 +382,9 @@ class RedisStorage(DatabaseStorage):
         passed, atomically across processes; return whether there was a record.
 
         Watches the hash, reads the record, checks it, reads the keys that may be its
-        children's records and the parts of them all (an ``HSCAN`` matching each
-        prefix), and sends the writes staged before and the deletes in one
+        children's records and the parts of them all (one ``ZRANGEBYLEX`` of the
+        namespace's index per prefix: their cost is the keys listed, not the store's
+        size), and sends the writes staged before and the deletes in one
         ``MULTI``/``EXEC``; when another client changed the hash in between, it starts
         over (at most :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError): the record
         deleted is the one checked. A check that raises deletes nothing. Blocks in a worker thread
@@ -486,13 +533,32 @@ class RedisStorage(DatabaseStorage):
         fields = await self._in_thread(send_command, pipe, "HKEYS", self._data)
         return self._staged.merge_keys(self._field_key(field) for field in fields)
 
-    async def _keys_from(self, pipe: Pipeline, prefix: str) -> list[str]:
-        """The keys starting with ``prefix``, read through the watching pipe (``HSCAN``
-        with ``MATCH``: the server sends only those), with the staged writes laid over
-        (and any key a staged write sets). Blocks in a worker thread."""
-        pattern = _GLOB_SPECIAL.sub(r"\\\g<0>", prefix) + "*"
-        fields = await self._in_thread(_fields_matching, pipe, self._data, pattern)
+    async def _keys_from(self, connection: redis.Redis | Pipeline, prefix: str) -> list[str]:
+        """The keys starting with ``prefix``, read through ``connection`` (a watching
+        pipe, for a forget), with the staged writes laid over (and any key a staged
+        write sets): from the index (``ZRANGEBYLEX``) when ``prefix`` is under
+        :data:`~cosmoflow_actors.storage.base.RESERVED_PREFIX`, else by ``HSCAN`` with
+        ``MATCH``; none stored for a prefix that is not valid Unicode, which no stored
+        key starts with. Blocks in a worker thread."""
+        start = utf8_key(prefix)
+        fields: list[bytes] = []
+        if start is not None and prefix.startswith(RESERVED_PREFIX):
+            fields = await self._in_thread(self._indexed_from, connection, start)
+        elif start is not None:
+            pattern = _GLOB_SPECIAL.sub(r"\\\g<0>", prefix) + "*"
+            fields = await self._in_thread(_fields_matching, connection, self._data, pattern)
         return self._staged.merge_keys(self._field_key(field) for field in fields)
+
+    def _indexed_from(self, connection: redis.Redis | Pipeline, start: bytes) -> list[bytes]:
+        """The members of the index that start with ``start`` (a key prefix in UTF-8),
+        in one ``ZRANGEBYLEX`` from ``start`` up to (not including) ``start`` with its
+        last byte one greater (UTF-8 has no byte 0xFF), so that every member between
+        the two starts with ``start``. Blocks: for a worker thread."""
+        end = start[:-1] + bytes([start[-1] + 1])
+        members: list[bytes] = send_command(
+            connection, "ZRANGEBYLEX", self._index, b"[" + start, b"(" + end
+        )
+        return members
 
     async def commit(self) -> None:
         """Send the staged writes as one ``MULTI``/``EXEC`` transaction; all or nothing.
@@ -571,7 +637,8 @@ class RedisStorage(DatabaseStorage):
 
     def _exec(self, pipe: Pipeline, ops: list[Op[bytes]]) -> bool:
         """Send ``ops`` as one :data:`_WRITE_SCRIPT` after MULTI and EXEC it; False if
-        a watched key changed (blocks).
+        a watched key changed (blocks). The script keeps the index in step with the
+        data hash.
 
         The script writes nothing unless the namespace's metadata is this instance's,
         and claims the namespace again when the server lost both hashes (a restart
@@ -582,8 +649,9 @@ class RedisStorage(DatabaseStorage):
         the keys written."""
         from redis.exceptions import ConnectionError, ResponseError, TimeoutError, WatchError
 
-        meta = database_meta(self._codec)
+        meta = self._written_meta()
         arguments: list[str | bytes] = [meta["format"], meta["version"], meta["codec"]]
+        arguments.append(meta["index"])
         for op in ops:
             if isinstance(op, SetOp):
                 arguments += (b"S", op.key.encode(), op.value)
@@ -592,7 +660,8 @@ class RedisStorage(DatabaseStorage):
             else:
                 arguments.append(b"C")
         pipe.multi()
-        send_command(pipe, "EVAL", _WRITE_SCRIPT, 2, self._meta, self._data, *arguments)
+        keys = (self._meta, self._data, self._index)
+        send_command(pipe, "EVAL", _WRITE_SCRIPT, len(keys), *keys, *arguments)
         try:
             pipe.execute()
         except ResponseError as exc:
@@ -646,9 +715,15 @@ class RedisStorage(DatabaseStorage):
         raise StorageError(f"{self!r}: cannot claim the namespace: it keeps changing")
 
     def _claim_once(self, pipe: Pipeline) -> None:
-        send_command(pipe, "WATCH", self._meta, self._data)
+        send_command(pipe, "WATCH", self._meta, self._data, self._index)
         meta = _decoded(send_command(pipe, "HGETALL", self._meta))
         kind = send_command(pipe, "TYPE", self._data).decode()
+        index_kind = send_command(pipe, "TYPE", self._index).decode()
+        if index_kind not in ("zset", "none"):
+            raise StorageError(
+                f"{self!r}: {self._index} holds {with_article(index_kind)}, not the sorted "
+                f"set of the keys under {RESERVED_PREFIX!r}"
+            )
         if meta:
             self._check_meta(meta, kind)
             return
@@ -657,14 +732,30 @@ class RedisStorage(DatabaseStorage):
                 f"{self!r}: {self._data} holds {with_article(kind)} without cosmoflow metadata"
             )
         pipe.multi()
-        fields = database_meta(self._codec)
+        fields = self._written_meta()
         send_command(pipe, "HSET", self._meta, *(item for pair in fields.items() for item in pair))
+        send_command(pipe, "DEL", self._index)  # an index left without its data
         pipe.execute()
 
     def _check_meta(self, meta: dict[str, str], kind: str) -> None:
         check_database_meta(f"{self!r}: {self._meta}", meta, self._codec)
         if kind not in ("hash", "none"):
             raise StorageError(f"{self!r}: {self._data} holds {with_article(kind)}, not a hash")
+        layout = meta.get("index")
+        if layout != INDEX_LAYOUT:
+            recorded = "no index" if layout is None else f"index layout {layout!r}"
+            raise StorageError(
+                f"{self!r}: {self._meta} records {recorded}, not {INDEX_LAYOUT!r}: the "
+                f"namespace was written by another version of cosmoflow_actors, which kept no "
+                f"index of its keys under {RESERVED_PREFIX!r} in {self._index}; open it with "
+                "that version, or delete its keys (cosmoflow:<namespace>:meta, :data and "
+                ":index) to start it afresh"
+            )
+
+    def _written_meta(self) -> dict[str, str]:
+        """What this instance records in the metadata hash: the database metadata of its
+        codec and its :data:`INDEX_LAYOUT`. Does not block."""
+        return {**database_meta(self._codec), "index": INDEX_LAYOUT}
 
     @asynccontextmanager
     async def _pipeline(self, client: redis.Redis) -> AsyncIterator[Pipeline]:
@@ -832,14 +923,14 @@ def _connection_failure(error: BaseException) -> BaseException | None:
     return None
 
 
-def _fields_matching(pipe: Pipeline, name: str, pattern: str) -> list[bytes]:
+def _fields_matching(connection: redis.Redis | Pipeline, name: str, pattern: str) -> list[bytes]:
     """The fields of the hash ``name`` that match the glob ``pattern``, each once
     (``HSCAN``; blocks for each round trip, :data:`SCAN_COUNT` fields scanned a trip)."""
     fields: dict[bytes, None] = {}
     cursor = 0
     while True:
         cursor, found = send_command(
-            pipe, "HSCAN", name, cursor, "MATCH", pattern, "COUNT", SCAN_COUNT
+            connection, "HSCAN", name, cursor, "MATCH", pattern, "COUNT", SCAN_COUNT
         )
         fields.update(dict.fromkeys(found))
         if int(cursor) == 0:
