@@ -40,6 +40,7 @@ from tests.storage_suite import (
     unique_namespace,
 )
 from tests.support import (
+    CHILDREN_ON_THE_BRANCHES,
     Recorder,
     batch_flow_twice_in_a_loop,
     batch_flows_on_two_branches,
@@ -873,8 +874,9 @@ async def test_a_value_that_cannot_be_decoded_is_an_error_naming_the_store_and_k
 async def test_a_field_another_client_wrote_that_is_not_utf8_fails_the_calls_that_meet_it(
     redis_server: RedisServer,
 ) -> None:
-    """keys() (and so a user's keys, list_runs) gets a StorageError naming the store and
-    the field's bytes; a run on another store and reads of other keys go on."""
+    """keys() (and so a user's keys) gets a StorageError naming the store and the field's
+    bytes; list_runs, which lists the records from the index, never meets it; a run on
+    another store and reads of other keys go on."""
     storage = redis_server.storage()
     await storage.set("a", 1)
     await storage.commit()
@@ -884,7 +886,7 @@ async def test_a_field_another_client_wrote_that_is_not_utf8_fails_the_calls_tha
 
     with pytest.raises(cf.StorageError, match=named):
         await storage.keys()
-    await foreign_key_fails_only_what_meets_it(storage, named)
+    await foreign_key_fails_only_what_meets_it(storage, named, records_by_prefix=True)
     await storage.aclose()
 
 
@@ -1155,4 +1157,21 @@ async def test_an_index_left_without_its_namespace_is_dropped_when_the_namespace
         await storage.commit()
         assert client.exists(index) == 0
     assert await storage.keys_with_prefix(RESERVED_PREFIX) == []
+    await storage.aclose()
+
+
+async def test_list_runs_lists_the_records_from_the_index_without_reading_user_keys(
+    private_redis: RedisServer,
+) -> None:
+    storage = private_redis.storage()
+    async with cf.open_engine() as engine:
+        await engine.run(batch_flows_on_two_branches(), storage, run_id="job")
+        with private_redis.client() as client:
+            client.config_resetstat()
+            runs = await engine.list_runs(storage)
+            stats = client.info("commandstats")
+
+    assert [run.run_id for run in runs] == ["job", *CHILDREN_ON_THE_BRANCHES]
+    assert not {"cmdstat_hkeys", "cmdstat_hscan"} & set(stats)  # HGETALL reads the metadata
+    assert stats["cmdstat_zrangebylex"]["calls"] == 1
     await storage.aclose()
