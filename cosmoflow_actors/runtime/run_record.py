@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 import reprlib
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
@@ -326,7 +326,7 @@ def step_done(
     path = [*record["path"], node_id]
     sealed: list[StagedOp] = []
     if len(path) == PATH_CHUNK:
-        sealed.append(("set", path_chunk_key(record["run_id"], steps // PATH_CHUNK - 1), path))
+        sealed.append(("set", path_chunk_key(record["run_id"], _sealed(record)), path))
         path = []
     record = {**record, "steps": steps, "path": path, "last": dict(last), "places": places}
     return record, sealed
@@ -335,8 +335,20 @@ def step_done(
 def chunk_keys(record: Mapping[str, Any]) -> list[str]:
     """The keys of the sealed chunks of the path of the run of ``record`` (checked, see
     :func:`checked_record`), in order."""
-    sealed = (record["steps"] - len(record["path"])) // PATH_CHUNK
-    return [path_chunk_key(record["run_id"], number) for number in range(sealed)]
+    return [path_chunk_key(record["run_id"], number) for number in range(_sealed(record))]
+
+
+def _sealed(record: Mapping[str, Any]) -> int:
+    """How many sealed chunks the path of the run of ``record`` has in the store: the
+    steps that are not in its tail (see :func:`step_done`)."""
+    sealed: int = (record["steps"] - len(record["path"])) // PATH_CHUNK
+    return sealed
+
+
+def _chunk(path: Sequence[str], number: int) -> Sequence[str]:
+    """The node ids of ``path`` that its chunk ``number`` holds (all of them, once it is
+    sealed)."""
+    return path[number * PATH_CHUNK : (number + 1) * PATH_CHUNK]
 
 
 def whole_path(record: Mapping[str, Any], chunks: Mapping[str, Any]) -> list[str]:
@@ -383,29 +395,29 @@ def reordered(record: Mapping[str, Any], sealed: list[StagedOp], started: list[s
     start); else None."""
     if not sealed:
         return None
-    number = record["steps"] // PATH_CHUNK - 1
-    start = number * PATH_CHUNK
-    return None if started[start : start + PATH_CHUNK] == sealed[0][2] else number
+    [(_, _, chunk)] = sealed
+    number = _sealed(record) - 1
+    return None if _chunk(started, number) == chunk else number
 
 
 def succeeded(
-    record: Mapping[str, Any], result: FlowResult, reordered: Collection[int]
+    record: Mapping[str, Any], result: FlowResult, reordered_chunks: Collection[int]
 ) -> tuple[dict[str, Any], list[StagedOp]]:
     """``record`` of a run that ended with ``result``, and the ops to commit with it.
 
     Its path is the result's ``execution_path`` (the order the steps started, as a run
     returns it), as a tail and chunks: the chunks the run sealed in another order
-    (``reordered``, see :func:`reordered`) and those the record has not sealed yet (the
-    path may hold steps that started and never committed) are written again from it,
-    the others are left as they are.
+    (``reordered_chunks``, see :func:`reordered`) and those the record has not sealed
+    yet (the path may hold steps that started and never committed) are written from
+    it, the others are left as they are.
     """
     path = result.execution_path
-    stored = (record["steps"] - len(record["path"])) // PATH_CHUNK
+    stored = _sealed(record)
     sealed = len(path) // PATH_CHUNK
     ops: list[StagedOp] = [
-        ("set", path_chunk_key(record["run_id"], number), list(path[start : start + PATH_CHUNK]))
-        for number, start in enumerate(range(0, sealed * PATH_CHUNK, PATH_CHUNK))
-        if number >= stored or number in reordered
+        ("set", path_chunk_key(record["run_id"], number), list(_chunk(path, number)))
+        for number in range(sealed)
+        if number >= stored or number in reordered_chunks
     ]
     ended = {
         **record,
