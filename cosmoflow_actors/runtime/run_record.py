@@ -360,32 +360,36 @@ def whole_path(record: Mapping[str, Any], chunks: Mapping[str, Any]) -> list[str
     """
     path: list[str] = []
     for key in chunk_keys(record):
-        if key not in chunks:
-            raise DamagedRecordError(
-                f"run {record['run_id']!r}: the store holds no path chunk under {key!r}, "
-                f"which its record counts (its {record['steps']} steps): the chunk was "
-                "deleted or the record crafted",
-                key,
-            )
-        chunk = chunks[key]
-        if not _is_chunk(chunk):
-            raise DamagedRecordError(
-                f"run {record['run_id']!r}: the store holds no valid path chunk under "
-                f"{key!r}: it holds {_shown(chunk)}, not a list of {PATH_CHUNK} node ids "
-                "(the engine never writes that: the chunk was crafted or damaged)",
-                key,
-            )
-        path.extend(chunk)
+        path.extend(_checked_chunk(record, key, chunks))
     path.extend(record["path"])
     return path
 
 
-def _is_chunk(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == PATH_CHUNK
-        and all(isinstance(node_id, str) for node_id in value)
+def _checked_chunk(record: Mapping[str, Any], key: str, chunks: Mapping[str, Any]) -> list[str]:
+    """The sealed chunk under ``key`` in ``chunks``, of the run of ``record``; raises
+    DamagedRecordError as :func:`whole_path` says."""
+    if key not in chunks:
+        raise DamagedRecordError(
+            f"run {record['run_id']!r}: the store holds no path chunk under {key!r}, "
+            f"which its record counts (its {record['steps']} steps): the chunk was "
+            "deleted or the record crafted",
+            key,
+        )
+    chunk = chunks[key]
+    is_chunk = (
+        isinstance(chunk, list)
+        and len(chunk) == PATH_CHUNK
+        and all(isinstance(node_id, str) for node_id in chunk)
     )
+    if not is_chunk:
+        raise DamagedRecordError(
+            f"run {record['run_id']!r}: the store holds no valid path chunk under "
+            f"{key!r}: it holds {_shown(chunk)}, not a list of {PATH_CHUNK} node ids "
+            "(the engine never writes that: the chunk was crafted or damaged)",
+            key,
+        )
+    node_ids: list[str] = chunk
+    return node_ids
 
 
 def reordered(record: Mapping[str, Any], sealed: list[StagedOp], started: list[str]) -> int | None:
