@@ -528,14 +528,15 @@ class _Restoring:
         if self.record["last"] is None:
             return []
         last_number = self.record["last"]["place"]
+        routes_checked = not _failed_unrouted(self.record)
         branches = []
         for number, saved in self._saved_branches():
             branch = self.branch(saved)
             self.numbers[branch] = number
             branch.resume_at = {key: value for key, value in saved.items() if key not in _NUMBERS}
-            _check_at_node(self.run_id, self.record, branch)
-            if "action" in saved and not _failed_unrouted(self.record):
-                _check_routed(self.run_id, self.record, branch, saved["action"])
+            self._check_at_node(branch)
+            if "action" in saved and routes_checked:
+                self._check_routed(branch, saved["action"])
             if number == last_number:
                 self.last = branch
             branches.append(branch)
@@ -571,7 +572,7 @@ class _Restoring:
 
     def branch(self, saved: Mapping[str, Any]) -> Branch:
         """The branch saved as ``saved``, in the fan-out its place number names."""
-        frames = _frames(self.flow, self.run_id, self.record, saved["frames"])
+        frames = self._frames(saved["frames"])
         return Branch(frames, self.fork(saved["fork"]), saved["label"], saved["count"])
 
     def fork(self, number: int | None) -> Fork | None:
@@ -584,7 +585,7 @@ class _Restoring:
         saved = self._fork_saved(number)
         self._making.add(number)
         parent = self.branch(saved["parent"])
-        _check_join(self.run_id, self.record, parent, saved)
+        self._check_join(parent, saved)
         fork = Fork(parent, saved["depth"], saved["pending"], saved["join"], saved["params"])
         self._forks[number] = fork
         self.numbers[fork] = number
@@ -606,74 +607,74 @@ class _Restoring:
         fork: dict[str, Any] = saved
         return fork
 
+    def _frames(self, saved: list[list[Any]]) -> list[Frame]:
+        """The frames ``saved`` in the record, in the flow: each frame but the last at
+        a nested flow, which the next frame is in."""
+        frames: list[Frame] = []
+        current: Flow | None = self.flow
+        parent = ""
+        for node_id, steps in saved:
+            if current is None:
+                problem = (
+                    f"is at node {node_id!r} inside node {parent!r}, which is no longer a flow"
+                )
+                raise self._unfit(problem)
+            if node_id not in current.nodes:
+                problem = (
+                    f"is at node {node_id!r}, which flow {current.name!r} lacks (removed or "
+                    "renamed since the run was recorded)"
+                )
+                raise self._unfit(problem)
+            frames.append(Frame(current, node_id, steps))
+            parent = node_id
+            inner = current.nodes[node_id]
+            current = inner if isinstance(inner, Flow) else None
+        return frames
 
-def resumed(
-    run: ActiveRun, branch: Branch, actor: NodeActor, values: Mapping[str, Any]
-) -> Step | StepDone:
-    """What sends a restored ``branch`` on: a Step for ``actor``, the node its frames
-    point at (its step was under way), or a StepDone for the router to route with the
-    store ``values`` the run's conditions read."""
-    saved = branch.resume_at
-    assert saved is not None
-    if "params" in saved:
-        return Step(run, branch, MappingProxyType(saved["params"]), actor)
-    return StepDone(run, branch, actor, _decode_action(saved["action"]), values)
-
-
-def _frames(
-    flow: Flow, run_id: str, record: Mapping[str, Any], saved: list[list[Any]]
-) -> list[Frame]:
-    """The frames ``saved`` in ``record``, in ``flow``: each frame but the last at a
-    nested flow, which the next frame is in."""
-    frames: list[Frame] = []
-    current: Flow | None = flow
-    parent = ""
-    for node_id, steps in saved:
-        if current is None:
-            problem = f"is at node {node_id!r} inside node {parent!r}, which is no longer a flow"
-            raise _unfit(run_id, record, problem)
-        if node_id not in current.nodes:
+    def _check_at_node(self, branch: Branch) -> None:
+        """Raise RunRecordedError unless ``branch``, whose step is under way or done, is
+        at a node that runs steps (not a nested flow)."""
+        frame = branch.frames[-1]
+        if isinstance(frame.flow.nodes[frame.node_id], Flow):
             problem = (
-                f"is at node {node_id!r}, which flow {current.name!r} lacks (removed or "
-                "renamed since the run was recorded)"
+                f"has a step at node {frame.node_id!r} of flow {frame.flow.name!r}, which "
+                "is now a nested flow"
             )
-            raise _unfit(run_id, record, problem)
-        frames.append(Frame(current, node_id, steps))
-        parent = node_id
-        inner = current.nodes[node_id]
-        current = inner if isinstance(inner, Flow) else None
-    return frames
+            raise self._unfit(problem)
 
-
-def _check_at_node(run_id: str, record: Mapping[str, Any], branch: Branch) -> None:
-    """Raise RunRecordedError unless ``branch``, whose step is under way or done, is at
-    a node that runs steps (not a nested flow)."""
-    frame = branch.frames[-1]
-    if isinstance(frame.flow.nodes[frame.node_id], Flow):
+    def _check_routed(self, branch: Branch, action: Mapping[str, Any]) -> None:
+        """Raise RunRecordedError unless ``action``, which the done step of ``branch``
+        returned, completes the run, or a route out of its node takes it, or no route
+        leaves the node (its flow ends there). Not asked of the record of a run that
+        failed with NoRouteError (see :func:`_failed_unrouted`)."""
+        frame = branch.frames[-1]
+        flow, node_id, name = frame.flow, frame.node_id, action["name"]
+        if action["complete"] or not flow.has_routes(node_id) or flow.routes_for(node_id, name):
+            return
         problem = (
-            f"has a step at node {frame.node_id!r} of flow {frame.flow.name!r}, which is "
-            "now a nested flow"
+            f"has a step done at node {node_id!r} of flow {flow.name!r} that returned "
+            f"action {name!r}, which no route from {node_id!r} takes now (its routes take "
+            f"{', '.join(map(repr, flow.actions_from(node_id)))})"
         )
-        raise _unfit(run_id, record, problem)
+        raise self._unfit(problem)
 
+    def _check_join(self, parent: Branch, saved: Mapping[str, Any]) -> None:
+        """Raise RunRecordedError unless the fan-out ``saved``, from ``parent``, has no
+        join yet or one that is a join of the flow it is in."""
+        join_id = saved["join"]
+        origin = parent.frames[-1]  # where the fan-out began, in the flow of its join
+        if join_id is not None and join_id not in origin.flow.joins:
+            problem = (
+                f"has branches of the fan-out at node {origin.node_id!r} waiting at join "
+                f"{join_id!r}, which flow {origin.flow.name!r} no longer has as a join "
+                "(removed, renamed or made a plain node since the run was recorded)"
+            )
+            raise self._unfit(problem)
 
-def _check_routed(
-    run_id: str, record: Mapping[str, Any], branch: Branch, action: Mapping[str, Any]
-) -> None:
-    """Raise RunRecordedError unless ``action``, which the done step of ``branch``
-    returned, completes the run, or a route out of its node takes it, or no route
-    leaves the node (its flow ends there). Not asked of the record of a run that failed
-    with NoRouteError (see :func:`_failed_unrouted`)."""
-    frame = branch.frames[-1]
-    flow, node_id, name = frame.flow, frame.node_id, action["name"]
-    if action["complete"] or not flow.has_routes(node_id) or flow.routes_for(node_id, name):
-        return
-    problem = (
-        f"has a step done at node {node_id!r} of flow {flow.name!r} that returned action "
-        f"{name!r}, which no route from {node_id!r} takes now (its routes take "
-        f"{', '.join(map(repr, flow.actions_from(node_id)))})"
-    )
-    raise _unfit(run_id, record, problem)
+    def _unfit(self, problem: str) -> RunRecordedError:
+        """The refusal of the resume: the record does not fit the flow (see
+        :func:`_unfit`)."""
+        return _unfit(self.run_id, self.record, problem)
 
 
 def _failed_unrouted(record: Mapping[str, Any]) -> bool:
@@ -686,22 +687,6 @@ def _failed_unrouted(record: Mapping[str, Any]) -> bool:
     return error.startswith(f"{NoRouteError.__name__}:")
 
 
-def _check_join(
-    run_id: str, record: Mapping[str, Any], parent: Branch, saved: Mapping[str, Any]
-) -> None:
-    """Raise RunRecordedError unless the fan-out ``saved``, from ``parent``, has no join
-    yet or one that is a join of the flow it is in."""
-    join_id = saved["join"]
-    origin = parent.frames[-1]  # where the fan-out began, in the flow of its join
-    if join_id is not None and join_id not in origin.flow.joins:
-        problem = (
-            f"has branches of the fan-out at node {origin.node_id!r} waiting at join "
-            f"{join_id!r}, which flow {origin.flow.name!r} no longer has as a join "
-            "(removed, renamed or made a plain node since the run was recorded)"
-        )
-        raise _unfit(run_id, record, problem)
-
-
 def _count_under_way(run: ActiveRun, branch: Branch) -> None:
     """Count the step of ``branch`` that was under way as it was counted when it was
     sent (its frames hold it already). Raises MaxStepsExceeded as
@@ -712,6 +697,19 @@ def _count_under_way(run: ActiveRun, branch: Branch) -> None:
     for inner in branch.frames[1:]:
         if inner.steps > inner.flow.max_steps:
             raise MaxStepsExceeded(inner.flow.max_steps, run.path, inner.flow.name)
+
+
+def resumed(
+    run: ActiveRun, branch: Branch, actor: NodeActor, values: Mapping[str, Any]
+) -> Step | StepDone:
+    """What sends a restored ``branch`` on: a Step for ``actor``, the node its frames
+    point at (its step was under way), or a StepDone for the router to route with the
+    store ``values`` the run's conditions read."""
+    saved = branch.resume_at
+    assert saved is not None
+    if "params" in saved:
+        return Step(run, branch, MappingProxyType(saved["params"]), actor)
+    return StepDone(run, branch, actor, _decode_action(saved["action"]), values)
 
 
 def encode_action(action: Action) -> dict[str, Any]:
