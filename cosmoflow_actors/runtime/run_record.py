@@ -158,6 +158,11 @@ def _unfit(run_id: str, record: Mapping[str, Any], problem: str) -> RunRecordedE
     return RunRecordedError(f"run {run_id!r} {problem}: {advice}", run_id, record["flow"], state)
 
 
+_PARAMS: Final = reprlib.Repr()
+"""Shows a parameter set briefly when it is long."""
+_PARAMS.maxlevel, _PARAMS.maxstring, _PARAMS.maxother = 3, 60, 60
+
+
 def require_params(run: ActiveRun, record: Mapping[str, Any], params: Mapping[str, Any]) -> None:
     """Raise RunRecordedError unless ``record``, of the BatchFlow child ``run``, was
     written for ``params``, the parameter set its BatchFlow's prep returned for it now
@@ -211,11 +216,11 @@ class RunRecord:
 
     A run that a worker of a run queue claimed names it: ``owner`` is the worker's
     name and ``queue`` the queue's URL (``redis://HOST[:PORT][/DB]/NAME[?QUERY]``, its
-    password masked as ``***``: ``redis://:***@host:6379/2/q``); both are None for a run started
-    otherwise. Where the queue's leases can
-    be read (see ``queue.leases_checked``), ``lease_left`` is the seconds left on the
-    owner's lease, and a running run whose lease is gone is "orphaned": no worker runs
-    it now, and the queue gives it to another worker.
+    password masked as ``***``: ``redis://:***@host:6379/2/q``); both are None for a
+    run started otherwise. Where the queue's leases can be read (see
+    ``queue.leases_checked``), ``lease_left`` is the seconds left on the owner's lease,
+    and a running run whose lease is gone is "orphaned": no worker runs it now, and
+    the queue gives it to another worker.
 
     A child run of a BatchFlow names its parent: ``parent_id`` is the id of the run
     whose step started it (``job`` for ``job:3/0``), when that run is recorded in the
@@ -476,13 +481,15 @@ def restore(
     ``resume_at`` (none when no step had completed), and its places. Changes nothing
     outside ``run``, which the caller sends on only if this returns.
 
-    Raises DamagedRecordError naming the key of a place that is no place the engine writes, or
-    that names the fan-out of a place the store does not hold; RunRecordedError when
-    the record does not fit the flow (it was changed since the run was recorded): a
-    recorded node it lacks, or one that is now a nested flow or no longer one, or a
-    fan-out's join that is not a join of its flow now; and MaxStepsExceeded when a step
-    that was under way exceeds a flow's ``max_steps`` (it was lowered), as
-    :func:`~.router.counted_step` would have.
+    Raises DamagedRecordError naming the key of a place that is no place the engine
+    writes, or that names a fan-out the store does not hold (or a fan-out inside
+    itself), or the place of the record's last step when it holds a fan-out;
+    RunRecordedError when the record does not fit the flow (it was changed since the
+    run was recorded): a recorded node it lacks, or one that is now a nested flow or no
+    longer one, a done step's action that no route from its node takes now (unless the
+    run failed with NoRouteError), or a fan-out's join that is not a join of its flow
+    now; and MaxStepsExceeded when a step that was under way exceeds a flow's
+    ``max_steps`` (it was lowered), as :func:`~.router.counted_step` would have.
     """
     run.path.extend(path)
     run.steps = record["steps"]
@@ -752,10 +759,6 @@ _FORK_FIELDS: Final = ("parent", "depth", "pending", "join", "params")
 _SHOWN: Final = reprlib.Repr()
 """Shows a value found in a record briefly, however long or deep it is."""
 _SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 2, 40, 40
-
-_PARAMS: Final = reprlib.Repr()
-"""Shows a parameter set briefly when it is long."""
-_PARAMS.maxlevel, _PARAMS.maxstring, _PARAMS.maxother = 3, 60, 60
 
 
 class _Malformed(Exception):
