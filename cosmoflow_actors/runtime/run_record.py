@@ -806,10 +806,15 @@ def _check_ending(record: dict[str, Any]) -> None:
         _expect(isinstance(error, str), "error", error, "the message of the failure")
     else:
         _expect(error is None or isinstance(error, str), "error", error, "null or a message")
-    if record["state"] != "succeeded":
+    if record["state"] == "succeeded":
+        _check_result(result)
+    else:
         _expect(result is None, "result", result, f"null (the run is {record['state']})")
-        return
-    result = _fields(result, "result", _RESULT_FIELDS)
+
+
+def _check_result(value: Any) -> None:
+    """A succeeded run's result, as :func:`succeeded` writes it."""
+    result = _fields(value, "result", _RESULT_FIELDS)
     _check_action(result["final_action"], "result.final_action")
     last_node = result["last_node_id"]
     _expect(isinstance(last_node, str), "result.last_node_id", last_node, "a node id")
