@@ -102,11 +102,14 @@ class Places:
 
     def _route(self, branch: Branch, in_flight: bool) -> None:
         self._journal.append((branch, branch in self.in_flight))
+        self._set_in_flight(branch, in_flight)
+        self.changed[branch] = None
+
+    def _set_in_flight(self, branch: Branch, in_flight: bool) -> None:
         if in_flight:
             self.in_flight[branch] = None
         else:
             self.in_flight.pop(branch, None)
-        self.changed[branch] = None
 
     def mark(self) -> None:
         """Start a routing decision that :meth:`undo` may take back."""
@@ -117,10 +120,7 @@ class Places:
         routed meanwhile stay changed: the next commit writes where they are (where they
         were, once the router has put them back)."""
         for branch, was_in_flight in reversed(self._journal):
-            if was_in_flight:
-                self.in_flight[branch] = None
-            else:
-                self.in_flight.pop(branch, None)
+            self._set_in_flight(branch, was_in_flight)
         self._journal.clear()
 
     def staged(self, branch: Branch, resume_at: Mapping[str, Any]) -> Plan:
@@ -237,17 +237,14 @@ class Plan:
             number = heapq.heappop(self.places.free)
             self.taken.append(number)
             return number
-        return self._new_number()
+        self.count += 1
+        return self.count - 1
 
     def _known(self, placed: Placed) -> int | None:
         """The number ``placed`` has, given by this plan or an earlier one; None when
         it has none."""
         number = self.numbers.get(placed)
         return self.places.numbers.get(placed) if number is None else number
-
-    def _new_number(self) -> int:
-        self.count += 1
-        return self.count - 1
 
     def fork_number(self, fork: Fork | None) -> int | None:
         """The number of ``fork``'s place (None: no fork); a fork that has none is given

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 import reprlib
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
@@ -158,6 +158,11 @@ def _unfit(run_id: str, record: Mapping[str, Any], problem: str) -> RunRecordedE
     return RunRecordedError(f"run {run_id!r} {problem}: {advice}", run_id, record["flow"], state)
 
 
+_PARAMS: Final = reprlib.Repr()
+"""Shows a parameter set briefly when it is long."""
+_PARAMS.maxlevel, _PARAMS.maxstring, _PARAMS.maxother = 3, 60, 60
+
+
 def require_params(run: ActiveRun, record: Mapping[str, Any], params: Mapping[str, Any]) -> None:
     """Raise RunRecordedError unless ``record``, of the BatchFlow child ``run``, was
     written for ``params``, the parameter set its BatchFlow's prep returned for it now
@@ -211,11 +216,11 @@ class RunRecord:
 
     A run that a worker of a run queue claimed names it: ``owner`` is the worker's
     name and ``queue`` the queue's URL (``redis://HOST[:PORT][/DB]/NAME[?QUERY]``, its
-    password masked as ``***``: ``redis://:***@host:6379/2/q``); both are None for a run started
-    otherwise. Where the queue's leases can
-    be read (see ``queue.leases_checked``), ``lease_left`` is the seconds left on the
-    owner's lease, and a running run whose lease is gone is "orphaned": no worker runs
-    it now, and the queue gives it to another worker.
+    password masked as ``***``: ``redis://:***@host:6379/2/q``); both are None for a
+    run started otherwise. Where the queue's leases can be read (see
+    ``queue.leases_checked``), ``lease_left`` is the seconds left on the owner's lease,
+    and a running run whose lease is gone is "orphaned": no worker runs it now, and
+    the queue gives it to another worker.
 
     A child run of a BatchFlow names its parent: ``parent_id`` is the id of the run
     whose step started it (``job`` for ``job:3/0``), when that run is recorded in the
@@ -326,7 +331,7 @@ def step_done(
     path = [*record["path"], node_id]
     sealed: list[StagedOp] = []
     if len(path) == PATH_CHUNK:
-        sealed.append(("set", path_chunk_key(record["run_id"], steps // PATH_CHUNK - 1), path))
+        sealed.append(("set", path_chunk_key(record["run_id"], _sealed(record)), path))
         path = []
     record = {**record, "steps": steps, "path": path, "last": dict(last), "places": places}
     return record, sealed
@@ -335,8 +340,20 @@ def step_done(
 def chunk_keys(record: Mapping[str, Any]) -> list[str]:
     """The keys of the sealed chunks of the path of the run of ``record`` (checked, see
     :func:`checked_record`), in order."""
-    sealed = (record["steps"] - len(record["path"])) // PATH_CHUNK
-    return [path_chunk_key(record["run_id"], number) for number in range(sealed)]
+    return [path_chunk_key(record["run_id"], number) for number in range(_sealed(record))]
+
+
+def _sealed(record: Mapping[str, Any]) -> int:
+    """How many sealed chunks the path of the run of ``record`` has in the store: the
+    steps that are not in its tail (see :func:`step_done`)."""
+    sealed: int = (record["steps"] - len(record["path"])) // PATH_CHUNK
+    return sealed
+
+
+def _chunk(path: Sequence[str], number: int) -> Sequence[str]:
+    """The node ids of ``path`` that its chunk ``number`` holds (all of them, once it is
+    sealed)."""
+    return path[number * PATH_CHUNK : (number + 1) * PATH_CHUNK]
 
 
 def whole_path(record: Mapping[str, Any], chunks: Mapping[str, Any]) -> list[str]:
@@ -348,32 +365,36 @@ def whole_path(record: Mapping[str, Any], chunks: Mapping[str, Any]) -> list[str
     """
     path: list[str] = []
     for key in chunk_keys(record):
-        if key not in chunks:
-            raise DamagedRecordError(
-                f"run {record['run_id']!r}: the store holds no path chunk under {key!r}, "
-                f"which its record counts (its {record['steps']} steps): the chunk was "
-                "deleted or the record crafted",
-                key,
-            )
-        chunk = chunks[key]
-        if not _is_chunk(chunk):
-            raise DamagedRecordError(
-                f"run {record['run_id']!r}: the store holds no valid path chunk under "
-                f"{key!r}: it holds {_shown(chunk)}, not a list of {PATH_CHUNK} node ids "
-                "(the engine never writes that: the chunk was crafted or damaged)",
-                key,
-            )
-        path.extend(chunk)
+        path.extend(_checked_chunk(record, key, chunks))
     path.extend(record["path"])
     return path
 
 
-def _is_chunk(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == PATH_CHUNK
-        and all(isinstance(node_id, str) for node_id in value)
+def _checked_chunk(record: Mapping[str, Any], key: str, chunks: Mapping[str, Any]) -> list[str]:
+    """The sealed chunk under ``key`` in ``chunks``, of the run of ``record``; raises
+    DamagedRecordError as :func:`whole_path` says."""
+    if key not in chunks:
+        raise DamagedRecordError(
+            f"run {record['run_id']!r}: the store holds no path chunk under {key!r}, "
+            f"which its record counts (its {record['steps']} steps): the chunk was "
+            "deleted or the record crafted",
+            key,
+        )
+    chunk = chunks[key]
+    is_chunk = (
+        isinstance(chunk, list)
+        and len(chunk) == PATH_CHUNK
+        and all(isinstance(node_id, str) for node_id in chunk)
     )
+    if not is_chunk:
+        raise DamagedRecordError(
+            f"run {record['run_id']!r}: the store holds no valid path chunk under "
+            f"{key!r}: it holds {_shown(chunk)}, not a list of {PATH_CHUNK} node ids "
+            "(the engine never writes that: the chunk was crafted or damaged)",
+            key,
+        )
+    node_ids: list[str] = chunk
+    return node_ids
 
 
 def reordered(record: Mapping[str, Any], sealed: list[StagedOp], started: list[str]) -> int | None:
@@ -383,29 +404,29 @@ def reordered(record: Mapping[str, Any], sealed: list[StagedOp], started: list[s
     start); else None."""
     if not sealed:
         return None
-    number = record["steps"] // PATH_CHUNK - 1
-    start = number * PATH_CHUNK
-    return None if started[start : start + PATH_CHUNK] == sealed[0][2] else number
+    [(_, _, chunk)] = sealed
+    number = _sealed(record) - 1
+    return None if _chunk(started, number) == chunk else number
 
 
 def succeeded(
-    record: Mapping[str, Any], result: FlowResult, reordered: Collection[int]
+    record: Mapping[str, Any], result: FlowResult, reordered_chunks: Collection[int]
 ) -> tuple[dict[str, Any], list[StagedOp]]:
     """``record`` of a run that ended with ``result``, and the ops to commit with it.
 
     Its path is the result's ``execution_path`` (the order the steps started, as a run
     returns it), as a tail and chunks: the chunks the run sealed in another order
-    (``reordered``, see :func:`reordered`) and those the record has not sealed yet (the
-    path may hold steps that started and never committed) are written again from it,
-    the others are left as they are.
+    (``reordered_chunks``, see :func:`reordered`) and those the record has not sealed
+    yet (the path may hold steps that started and never committed) are written from
+    it, the others are left as they are.
     """
     path = result.execution_path
-    stored = (record["steps"] - len(record["path"])) // PATH_CHUNK
+    stored = _sealed(record)
     sealed = len(path) // PATH_CHUNK
     ops: list[StagedOp] = [
-        ("set", path_chunk_key(record["run_id"], number), list(path[start : start + PATH_CHUNK]))
-        for number, start in enumerate(range(0, sealed * PATH_CHUNK, PATH_CHUNK))
-        if number >= stored or number in reordered
+        ("set", path_chunk_key(record["run_id"], number), list(_chunk(path, number)))
+        for number in range(sealed)
+        if number >= stored or number in reordered_chunks
     ]
     ended = {
         **record,
@@ -460,13 +481,15 @@ def restore(
     ``resume_at`` (none when no step had completed), and its places. Changes nothing
     outside ``run``, which the caller sends on only if this returns.
 
-    Raises DamagedRecordError naming the key of a place that is no place the engine writes, or
-    that names the fan-out of a place the store does not hold; RunRecordedError when
-    the record does not fit the flow (it was changed since the run was recorded): a
-    recorded node it lacks, or one that is now a nested flow or no longer one, or a
-    fan-out's join that is not a join of its flow now; and MaxStepsExceeded when a step
-    that was under way exceeds a flow's ``max_steps`` (it was lowered), as
-    :func:`~.router.counted_step` would have.
+    Raises DamagedRecordError naming the key of a place that is no place the engine
+    writes, or that names a fan-out the store does not hold (or a fan-out inside
+    itself), or the place of the record's last step when it holds a fan-out;
+    RunRecordedError when the record does not fit the flow (it was changed since the
+    run was recorded): a recorded node it lacks, or one that is now a nested flow or no
+    longer one, a done step's action that no route from its node takes now (unless the
+    run failed with NoRouteError), or a fan-out's join that is not a join of its flow
+    now; and MaxStepsExceeded when a step that was under way exceeds a flow's
+    ``max_steps`` (it was lowered), as :func:`~.router.counted_step` would have.
     """
     run.path.extend(path)
     run.steps = record["steps"]
@@ -512,14 +535,15 @@ class _Restoring:
         if self.record["last"] is None:
             return []
         last_number = self.record["last"]["place"]
+        routes_checked = not _failed_unrouted(self.record)
         branches = []
         for number, saved in self._saved_branches():
             branch = self.branch(saved)
             self.numbers[branch] = number
             branch.resume_at = {key: value for key, value in saved.items() if key not in _NUMBERS}
-            _check_at_node(self.run_id, self.record, branch)
-            if "action" in saved and not _failed_unrouted(self.record):
-                _check_routed(self.run_id, self.record, branch, saved["action"])
+            self._check_at_node(branch)
+            if "action" in saved and routes_checked:
+                self._check_routed(branch, saved["action"])
             if number == last_number:
                 self.last = branch
             branches.append(branch)
@@ -555,7 +579,7 @@ class _Restoring:
 
     def branch(self, saved: Mapping[str, Any]) -> Branch:
         """The branch saved as ``saved``, in the fan-out its place number names."""
-        frames = _frames(self.flow, self.run_id, self.record, saved["frames"])
+        frames = self._frames(saved["frames"])
         return Branch(frames, self.fork(saved["fork"]), saved["label"], saved["count"])
 
     def fork(self, number: int | None) -> Fork | None:
@@ -568,7 +592,7 @@ class _Restoring:
         saved = self._fork_saved(number)
         self._making.add(number)
         parent = self.branch(saved["parent"])
-        _check_join(self.run_id, self.record, parent, saved)
+        self._check_join(parent, saved)
         fork = Fork(parent, saved["depth"], saved["pending"], saved["join"], saved["params"])
         self._forks[number] = fork
         self.numbers[fork] = number
@@ -590,74 +614,74 @@ class _Restoring:
         fork: dict[str, Any] = saved
         return fork
 
+    def _frames(self, saved: list[list[Any]]) -> list[Frame]:
+        """The frames ``saved`` in the record, in the flow: each frame but the last at
+        a nested flow, which the next frame is in."""
+        frames: list[Frame] = []
+        current: Flow | None = self.flow
+        parent = ""
+        for node_id, steps in saved:
+            if current is None:
+                problem = (
+                    f"is at node {node_id!r} inside node {parent!r}, which is no longer a flow"
+                )
+                raise self._unfit(problem)
+            if node_id not in current.nodes:
+                problem = (
+                    f"is at node {node_id!r}, which flow {current.name!r} lacks (removed or "
+                    "renamed since the run was recorded)"
+                )
+                raise self._unfit(problem)
+            frames.append(Frame(current, node_id, steps))
+            parent = node_id
+            inner = current.nodes[node_id]
+            current = inner if isinstance(inner, Flow) else None
+        return frames
 
-def resumed(
-    run: ActiveRun, branch: Branch, actor: NodeActor, values: Mapping[str, Any]
-) -> Step | StepDone:
-    """What sends a restored ``branch`` on: a Step for ``actor``, the node its frames
-    point at (its step was under way), or a StepDone for the router to route with the
-    store ``values`` the run's conditions read."""
-    saved = branch.resume_at
-    assert saved is not None
-    if "params" in saved:
-        return Step(run, branch, MappingProxyType(saved["params"]), actor)
-    return StepDone(run, branch, actor, _decode_action(saved["action"]), values)
-
-
-def _frames(
-    flow: Flow, run_id: str, record: Mapping[str, Any], saved: list[list[Any]]
-) -> list[Frame]:
-    """The frames ``saved`` in ``record``, in ``flow``: each frame but the last at a
-    nested flow, which the next frame is in."""
-    frames: list[Frame] = []
-    current: Flow | None = flow
-    parent = ""
-    for node_id, steps in saved:
-        if current is None:
-            problem = f"is at node {node_id!r} inside node {parent!r}, which is no longer a flow"
-            raise _unfit(run_id, record, problem)
-        if node_id not in current.nodes:
+    def _check_at_node(self, branch: Branch) -> None:
+        """Raise RunRecordedError unless ``branch``, whose step is under way or done, is
+        at a node that runs steps (not a nested flow)."""
+        frame = branch.frames[-1]
+        if isinstance(frame.flow.nodes[frame.node_id], Flow):
             problem = (
-                f"is at node {node_id!r}, which flow {current.name!r} lacks (removed or "
-                "renamed since the run was recorded)"
+                f"has a step at node {frame.node_id!r} of flow {frame.flow.name!r}, which "
+                "is now a nested flow"
             )
-            raise _unfit(run_id, record, problem)
-        frames.append(Frame(current, node_id, steps))
-        parent = node_id
-        inner = current.nodes[node_id]
-        current = inner if isinstance(inner, Flow) else None
-    return frames
+            raise self._unfit(problem)
 
-
-def _check_at_node(run_id: str, record: Mapping[str, Any], branch: Branch) -> None:
-    """Raise RunRecordedError unless ``branch``, whose step is under way or done, is at
-    a node that runs steps (not a nested flow)."""
-    frame = branch.frames[-1]
-    if isinstance(frame.flow.nodes[frame.node_id], Flow):
+    def _check_routed(self, branch: Branch, action: Mapping[str, Any]) -> None:
+        """Raise RunRecordedError unless ``action``, which the done step of ``branch``
+        returned, completes the run, or a route out of its node takes it, or no route
+        leaves the node (its flow ends there). Not asked of the record of a run that
+        failed with NoRouteError (see :func:`_failed_unrouted`)."""
+        frame = branch.frames[-1]
+        flow, node_id, name = frame.flow, frame.node_id, action["name"]
+        if action["complete"] or not flow.has_routes(node_id) or flow.routes_for(node_id, name):
+            return
         problem = (
-            f"has a step at node {frame.node_id!r} of flow {frame.flow.name!r}, which is "
-            "now a nested flow"
+            f"has a step done at node {node_id!r} of flow {flow.name!r} that returned "
+            f"action {name!r}, which no route from {node_id!r} takes now (its routes take "
+            f"{', '.join(map(repr, flow.actions_from(node_id)))})"
         )
-        raise _unfit(run_id, record, problem)
+        raise self._unfit(problem)
 
+    def _check_join(self, parent: Branch, saved: Mapping[str, Any]) -> None:
+        """Raise RunRecordedError unless the fan-out ``saved``, from ``parent``, has no
+        join yet or one that is a join of the flow it is in."""
+        join_id = saved["join"]
+        origin = parent.frames[-1]  # where the fan-out began, in the flow of its join
+        if join_id is not None and join_id not in origin.flow.joins:
+            problem = (
+                f"has branches of the fan-out at node {origin.node_id!r} waiting at join "
+                f"{join_id!r}, which flow {origin.flow.name!r} no longer has as a join "
+                "(removed, renamed or made a plain node since the run was recorded)"
+            )
+            raise self._unfit(problem)
 
-def _check_routed(
-    run_id: str, record: Mapping[str, Any], branch: Branch, action: Mapping[str, Any]
-) -> None:
-    """Raise RunRecordedError unless ``action``, which the done step of ``branch``
-    returned, completes the run, or a route out of its node takes it, or no route
-    leaves the node (its flow ends there). Not asked of the record of a run that failed
-    with NoRouteError (see :func:`_failed_unrouted`)."""
-    frame = branch.frames[-1]
-    flow, node_id, name = frame.flow, frame.node_id, action["name"]
-    if action["complete"] or not flow.has_routes(node_id) or flow.routes_for(node_id, name):
-        return
-    problem = (
-        f"has a step done at node {node_id!r} of flow {flow.name!r} that returned action "
-        f"{name!r}, which no route from {node_id!r} takes now (its routes take "
-        f"{', '.join(map(repr, flow.actions_from(node_id)))})"
-    )
-    raise _unfit(run_id, record, problem)
+    def _unfit(self, problem: str) -> RunRecordedError:
+        """The refusal of the resume: the record does not fit the flow (see
+        :func:`_unfit`)."""
+        return _unfit(self.run_id, self.record, problem)
 
 
 def _failed_unrouted(record: Mapping[str, Any]) -> bool:
@@ -670,22 +694,6 @@ def _failed_unrouted(record: Mapping[str, Any]) -> bool:
     return error.startswith(f"{NoRouteError.__name__}:")
 
 
-def _check_join(
-    run_id: str, record: Mapping[str, Any], parent: Branch, saved: Mapping[str, Any]
-) -> None:
-    """Raise RunRecordedError unless the fan-out ``saved``, from ``parent``, has no join
-    yet or one that is a join of the flow it is in."""
-    join_id = saved["join"]
-    origin = parent.frames[-1]  # where the fan-out began, in the flow of its join
-    if join_id is not None and join_id not in origin.flow.joins:
-        problem = (
-            f"has branches of the fan-out at node {origin.node_id!r} waiting at join "
-            f"{join_id!r}, which flow {origin.flow.name!r} no longer has as a join "
-            "(removed, renamed or made a plain node since the run was recorded)"
-        )
-        raise _unfit(run_id, record, problem)
-
-
 def _count_under_way(run: ActiveRun, branch: Branch) -> None:
     """Count the step of ``branch`` that was under way as it was counted when it was
     sent (its frames hold it already). Raises MaxStepsExceeded as
@@ -696,6 +704,19 @@ def _count_under_way(run: ActiveRun, branch: Branch) -> None:
     for inner in branch.frames[1:]:
         if inner.steps > inner.flow.max_steps:
             raise MaxStepsExceeded(inner.flow.max_steps, run.path, inner.flow.name)
+
+
+def resumed(
+    run: ActiveRun, branch: Branch, actor: NodeActor, values: Mapping[str, Any]
+) -> Step | StepDone:
+    """What sends a restored ``branch`` on: a Step for ``actor``, the node its frames
+    point at (its step was under way), or a StepDone for the router to route with the
+    store ``values`` the run's conditions read."""
+    saved = branch.resume_at
+    assert saved is not None
+    if "params" in saved:
+        return Step(run, branch, MappingProxyType(saved["params"]), actor)
+    return StepDone(run, branch, actor, _decode_action(saved["action"]), values)
 
 
 def encode_action(action: Action) -> dict[str, Any]:
@@ -738,10 +759,6 @@ _FORK_FIELDS: Final = ("parent", "depth", "pending", "join", "params")
 _SHOWN: Final = reprlib.Repr()
 """Shows a value found in a record briefly, however long or deep it is."""
 _SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 2, 40, 40
-
-_PARAMS: Final = reprlib.Repr()
-"""Shows a parameter set briefly when it is long."""
-_PARAMS.maxlevel, _PARAMS.maxstring, _PARAMS.maxother = 3, 60, 60
 
 
 class _Malformed(Exception):
@@ -789,10 +806,15 @@ def _check_ending(record: dict[str, Any]) -> None:
         _expect(isinstance(error, str), "error", error, "the message of the failure")
     else:
         _expect(error is None or isinstance(error, str), "error", error, "null or a message")
-    if record["state"] != "succeeded":
+    if record["state"] == "succeeded":
+        _check_result(result)
+    else:
         _expect(result is None, "result", result, f"null (the run is {record['state']})")
-        return
-    result = _fields(result, "result", _RESULT_FIELDS)
+
+
+def _check_result(value: Any) -> None:
+    """A succeeded run's result, as :func:`succeeded` writes it."""
+    result = _fields(value, "result", _RESULT_FIELDS)
     _check_action(result["final_action"], "result.final_action")
     last_node = result["last_node_id"]
     _expect(isinstance(last_node, str), "result.last_node_id", last_node, "a node id")
