@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.places import Places
-from cosmoflow_actors.runtime.run import Branch
+from cosmoflow_actors.runtime.run import Branch, Fork
 from cosmoflow_actors.storage.base import PARTS_PREFIX, StagedOp, place_key
 from tests.storage_suite import PERSISTENT, make_backend
 from tests.support import FailsOnce, Gate, Recorder, ticking
@@ -23,14 +24,25 @@ class CommitsSeen(cf.SQLiteStorage):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.commits: list[list[str]] = []
+        self.places: list[list[Any]] = []
+        """The places each commit of a step writes."""
         self.records: list[Any] = []
+        self.stored: dict[int, trio.Event] = {}
+        """An event per count of commits stored, set once there were that many."""
 
     async def commit_step(
         self, ops: list[StagedOp], record_key: str, record: Any, steps_before: int
     ) -> bool:
         self.commits.append([key for _, key, _ in ops if "/at/" in key])
+        self.places.append([value for op, key, value in ops if "/at/" in key and op == "set"])
         self.records.append(record)
-        return await super().commit_step(ops, record_key, record, steps_before)
+        committed = await super().commit_step(ops, record_key, record, steps_before)
+        self.stored.setdefault(len(self.records), trio.Event()).set()
+        return committed
+
+    async def commits_stored(self, count: int) -> None:
+        """Wait until ``count`` commits are stored."""
+        await self.stored.setdefault(count, trio.Event()).wait()
 
 
 def fan_out(width: int, rounds: int = 1) -> cf.Flow:
@@ -107,6 +119,127 @@ def test_a_routing_undone_puts_the_branches_in_flight_back() -> None:
     places.undo()
     assert set(places.in_flight) == {kept, moved}
     assert set(places.changed) == {kept, moved, new}
+
+
+def test_a_routing_undone_forgets_its_arrivals() -> None:
+    """An arrival the router took back from its fan-out is not written; one it kept is."""
+    fork = Fork(Branch([]), depth=1, pending=3)
+    places = Places("r")
+    kept = fork.arrive({"k": 1})
+    places.arrived(kept)
+    places.mark()
+    places.arrived(fork.arrive({"k": 2}))
+    places.undo()
+    assert list(places.changed) == [kept]
+
+
+class Brings(cf.Node):
+    """Waits for ``go`` (when given), then goes to the join with ``params``; counts its
+    runs."""
+
+    def __init__(self, go: trio.Event | None = None, **params: Any) -> None:
+        super().__init__()
+        self.go = go
+        self.params = params
+        self.runs = 0
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        if self.go is not None:
+            await self.go.wait()
+        self.runs += 1
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.with_params("default", **self.params)
+
+
+class Joined(cf.Node):
+    """Stores the params it gets under "joined"."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        await store.set("joined", dict(ctx.params))
+
+
+def params_written(places: list[Any]) -> int:
+    """How many params the places hold (a branch's next step's, an arrival's, a
+    fan-out's)."""
+    return sum(len(saved.get("params", {})) for place in places for saved in place.values())
+
+
+async def test_each_arrival_at_a_join_writes_the_params_it_brought_not_all_that_arrived(
+    tmp_path: Path,
+) -> None:
+    """Every branch of a wide fan-out brings a param of its own to the join, which gets
+    them all; the places written hold each param once, but the last arrival's: it ends
+    the fan-out (a crash before the join's step routes its step again)."""
+    width = 48
+    builder = cf.Flow.builder("brings").add_node("s", Recorder()).add_join("j", Joined())
+    targets = [f"b{index}" for index in range(width)]
+    for index, target in enumerate(targets):
+        builder.add_node(target, Brings(**{f"p{index}": index})).add_route(target, "j")
+    storage = CommitsSeen(tmp_path / "brings.db")
+    async with cf.open_engine() as engine:
+        await engine.run(builder.add_route("s", targets).build(), storage, run_id="r")
+        async with engine.open_store(cf.SQLiteStorage(tmp_path / "brings.db")) as store:
+            joined = await store.get("joined")
+    assert joined == {f"p{index}": index for index in range(width)}
+    written = sum(params_written(places) for places in storage.places)
+    assert written == width - 1
+
+
+async def test_a_resumed_join_gets_the_params_of_the_arrivals_before_the_failure_in_order(
+    tmp_path: Path,
+) -> None:
+    """ "a", then "b" arrive at the join, each with an "x" of its own, while "f1" is held;
+    "f2" then fails the run. Its places hold the fan-out and the two arrivals; the resume
+    runs "f2" alone, and the join gets the params of "a" and "b" with "b"'s "x" (the
+    later arrival's), as the run would have."""
+    b_go, f1_go = trio.Event(), trio.Event()
+    a, b, f1 = Brings(x="a", a=1), Brings(b_go, x="b", b=2), Brings(f1_go)
+    flow = (
+        cf.Flow.builder("held")
+        .add_node("s", Recorder())
+        .add_node("a", a)
+        .add_node("b", b)
+        .add_node("f1", f1)
+        .add_node("f2", FailsOnce())
+        .add_join("j", Joined())
+        .add_route("s", ["a", "b", "f1"])
+        .add_route("f1", "f2")
+        .add_route("a", "j")
+        .add_route("b", "j")
+        .add_route("f2", "j")
+        .build()
+    )
+    storage = CommitsSeen(tmp_path / "held.db")
+    async with cf.open_engine() as engine:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(failed_run, engine, flow, storage)
+            await storage.commits_stored(2)  # "s" and "a"
+            b_go.set()
+            await storage.commits_stored(3)  # "b"
+            f1_go.set()
+        arrivals = [
+            place["arrival"] for places in storage.places for place in places if "arrival" in place
+        ]
+        result = await engine.resume(flow, cf.SQLiteStorage(tmp_path / "held.db"), run_id="r")
+        async with engine.open_store(cf.SQLiteStorage(tmp_path / "held.db")) as store:
+            joined = await store.get("joined")
+    assert [(arrival["order"], arrival["params"]) for arrival in arrivals] == [
+        (0, {"x": "a", "a": 1}),
+        (1, {"x": "b", "b": 2}),
+    ]
+    assert joined == {"x": "b", "a": 1, "b": 2}
+    assert (a.runs, b.runs, f1.runs) == (1, 1, 1)
+    assert result.execution_path[-2:] == ("f2", "j")
+
+
+async def failed_run(engine: cf.Engine, flow: cf.Flow, storage: cf.Storage) -> None:
+    with pytest.raises(cf.NodeError, match="node 'f2' failed in post"):
+        await engine.run(flow, storage, run_id="r")
 
 
 async def parts_in(storage: cf.Storage) -> list[str]:

@@ -93,7 +93,6 @@ FORK: dict[str, Any] = {
     "depth": 1,
     "pending": 1,
     "join": None,
-    "params": {},
 }
 """A fan-out as the engine saves it."""
 
@@ -246,6 +245,9 @@ UNDER_WAY: dict[str, Any] = {
 }
 """A branch whose step at "b" is under way, as the engine saves it in a place."""
 
+ARRIVAL: dict[str, Any] = {"fork": 2, "order": 0, "params": {"k": 1}}
+"""An arrival at the join of the fan-out in place 2, as the engine saves it."""
+
 INVALID = "the store holds no valid place under KEY: "
 NAMED = "a place names the fan-out at KEY, which "
 
@@ -278,6 +280,26 @@ CRAFTED_PLACES = [
         {0: {"fork": FORK}},
         0,
         "its record's last step names the place KEY, which holds a fan-out",
+    ),
+    ("arrival-malformed", {1: {"arrival": {"x": 1}}}, 1, INVALID + "arrival lacks 'fork', 'o"),
+    (
+        "arrival-order-negative",
+        {1: {"arrival": {**ARRIVAL, "order": -1}}, 2: {"fork": FORK}},
+        1,
+        INVALID + "arrival.order is -1 (int), not an int >= 0",
+    ),
+    ("arrival-fork-missing", {1: {"arrival": ARRIVAL}}, 2, NAMED + "holds no fan-out"),
+    (
+        "arrival-after-a-missing-one",
+        {1: {"arrival": {**ARRIVAL, "order": 1}}, 2: {"fork": FORK}},
+        1,
+        "the place KEY holds arrival 1 at its fan-out's join, where arrival 0 is missing",
+    ),
+    (
+        "last-step-at-an-arrivals-place",
+        {0: {"arrival": ARRIVAL}, 2: {"fork": FORK}},
+        0,
+        "its record's last step names the place KEY, which holds an arrival at a join",
     ),
     (
         "fork-inside-itself",

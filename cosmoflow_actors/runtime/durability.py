@@ -22,7 +22,7 @@ from cosmoflow_actors.errors import (
 )
 from cosmoflow_actors.flow import FlowResult
 from cosmoflow_actors.runtime.places import Places, position
-from cosmoflow_actors.runtime.run import ActiveRun, Branch
+from cosmoflow_actors.runtime.run import ActiveRun, Arrival, Branch
 from cosmoflow_actors.runtime.run_record import (
     encode_action,
     failed,
@@ -48,6 +48,9 @@ class Durability:
 
     def left(self, branch: Branch) -> None:
         """``branch`` forked, reached its join or ended."""
+
+    def arrived(self, arrival: Arrival) -> None:
+        """``arrival`` reached its fan-out's join with params."""
 
     def step_store(self, store: SharedStore) -> SharedStore:
         """The handle a step of the run gets on ``store``."""
@@ -90,7 +93,7 @@ class DurableRun(Durability):
     :mod:`~cosmoflow_actors.runtime.places`), and the lock that commits their steps (and
     the run's end) one at a time.
 
-    ``entered`` and ``left`` keep the places up to date for the next commit;
+    ``entered``, ``left`` and ``arrived`` keep the places up to date for the next commit;
     a step's writes are staged in a :class:`StagedStore` of its own, since a fan-out's
     branches run steps of one run at once.
     """
@@ -114,6 +117,10 @@ class DurableRun(Durability):
     def left(self, branch: Branch) -> None:
         """Its fork holds where ``branch`` went."""
         self.places.left(branch)
+
+    def arrived(self, arrival: Arrival) -> None:
+        """A place holds ``arrival`` until its fan-out is over."""
+        self.places.arrived(arrival)
 
     def step_store(self, store: SharedStore) -> SharedStore:
         """A handle that stages the step's writes."""

@@ -1,13 +1,16 @@
 """A durable run's places: where each of its branches in flight and fan-outs in progress
-goes on after a crash, each under a store key of its own.
+goes on after a crash, and what arrived at a fan-out's join, each under a store key of
+its own.
 
 The run's record holds its last step (``"last"``): where the branch that committed it
 goes on. Every branch in flight and every fan-out in progress has a place, a number that
-names a key of its own (:func:`~cosmoflow_actors.storage.base.place_key`). A step's
-commit writes, in the same transaction as the record, the places of what changed since
-the last commit (a branch routed on, a fan-out whose branches arrived), and deletes
-those of the branches that left (they forked, reached their join or ended) and of the
-fan-outs that are over. A commit so costs what changed, not the number of branches in
+names a key of its own (:func:`~cosmoflow_actors.storage.base.place_key`), and so has every
+arrival at a fan-out's join that brought params (the join's params merge them), until
+its fan-out is over. A step's commit writes, in the same transaction as the record, the
+places of what changed since the last commit (a branch routed on, a fan-out whose
+branches arrived, an arrival), and deletes those of the branches that left (they
+forked, reached their join or ended) and of the fan-outs that are over, with their
+arrivals'. A commit so costs what changed, not the number of branches in
 flight: a step of a fan-out to a thousand branches commits what a step of one branch
 does. The branch that commits a step is not written to its place (the record's
 ``"last"`` says where it is, and names its place); it is, at the next commit of another
@@ -24,11 +27,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cosmoflow_actors.runtime.run import Branch, Fork
+from cosmoflow_actors.runtime.run import Arrival, Branch, Fork
 from cosmoflow_actors.storage.base import StagedOp, place_key
 
-Placed = Branch | Fork
-"""What has a place: a branch in flight or a fan-out in progress."""
+Placed = Branch | Fork | Arrival
+"""What has a place: a branch in flight, a fan-out in progress or an arrival at its
+join."""
+
+Routed = Branch | Arrival
+"""What routing changes: a branch (entered or left), an arrival."""
 
 
 def position(branch: Branch) -> dict[str, Any]:
@@ -42,7 +49,7 @@ class Places:
     """The places of one durable run: which branches are in flight, the numbers of the
     branches and fan-outs that have a place, and what changed since the last commit.
 
-    ``entered`` and ``left`` say what routing did; :meth:`staged` plans a
+    ``entered``, ``left`` and ``arrived`` say what routing did; :meth:`staged` plans a
     commit, :meth:`committed` applies the plan once the commit is stored. A routing
     decision that fails puts the branches in flight back with :meth:`mark` and
     :meth:`undo`.
@@ -62,11 +69,14 @@ class Places:
         self.in_flight: dict[Branch, None] = {}
         """The branches whose position the run's places must hold (a dict as an ordered
         set)."""
-        self.changed: dict[Branch, None] = {}
-        """The branches routed since the last commit (entered or left), and the branch
-        of the last step, whose place the next commit of another branch writes."""
+        self.changed: dict[Routed, None] = {}
+        """The branches routed since the last commit (entered or left), the arrivals,
+        and the branch of the last step, whose place the next commit of another branch
+        writes."""
         self._journal: list[tuple[Branch, bool]] = []
         """The branches routed since :meth:`mark`, each with whether it was in flight."""
+        self._arrived: list[Arrival] = []
+        """The arrivals since :meth:`mark`."""
 
     @classmethod
     def restored(
@@ -100,6 +110,11 @@ class Places:
         """``branch`` forked, reached its join or ended: its fork holds where it went."""
         self._route(branch, False)
 
+    def arrived(self, arrival: Arrival) -> None:
+        """``arrival`` reached its join with params."""
+        self._arrived.append(arrival)
+        self.changed[arrival] = None
+
     def _route(self, branch: Branch, in_flight: bool) -> None:
         self._journal.append((branch, branch in self.in_flight))
         self._set_in_flight(branch, in_flight)
@@ -114,14 +129,19 @@ class Places:
     def mark(self) -> None:
         """Start a routing decision that :meth:`undo` may take back."""
         self._journal.clear()
+        self._arrived.clear()
 
     def undo(self) -> None:
-        """Put the branches in flight back as they were at :meth:`mark`. The branches
+        """Put the branches in flight back as they were at :meth:`mark`, and forget the
+        arrivals since (the router takes them back from their fan-outs). The branches
         routed meanwhile stay changed: the next commit writes where they are (where they
         were, once the router has put them back)."""
         for branch, was_in_flight in reversed(self._journal):
             self._set_in_flight(branch, was_in_flight)
+        for arrival in self._arrived:
+            self.changed.pop(arrival, None)
         self._journal.clear()
+        self._arrived.clear()
 
     def staged(self, branch: Branch, resume_at: Mapping[str, Any]) -> Plan:
         """Plan the commit of the step of ``branch``, which goes on from ``resume_at``
@@ -139,7 +159,9 @@ class Places:
         for other in changed:
             if other is branch:
                 continue
-            if other in self.in_flight:
+            if isinstance(other, Arrival):
+                plan.arrive(other)
+            elif other in self.in_flight:
                 plan.write(other, {**_saved(other), "fork": plan.fork_number(other.fork)})
             else:
                 plan.remove(other)
@@ -185,7 +207,7 @@ class Plan:
     once it is stored (see :meth:`Places.staged`)."""
 
     places: Places
-    changed: dict[Branch, None]
+    changed: dict[Routed, None]
     last: dict[str, Any] = field(default_factory=dict)
     """Where the branch of the committed step goes on, with its fork's and its own
     place's numbers: the record's ``"last"``."""
@@ -264,16 +286,26 @@ class Plan:
             "depth": fork.depth,
             "pending": fork.pending,
             "join": fork.join_id,
-            "params": dict(fork.params),
         }
 
     def write(self, branch: Branch, saved: dict[str, Any]) -> None:
         """Write ``saved``, where ``branch`` goes on, to its place."""
         self.values[self.number(branch)] = {"branch": saved}
 
+    def arrive(self, arrival: Arrival) -> None:
+        """Write ``arrival`` to a place of its own while its fan-out is in progress (a
+        fan-out over deletes its arrivals' places)."""
+        fork = arrival.fork
+        if fork.pending:
+            saved = {"fork": self.fork_number(fork), "order": arrival.order}
+            self.values[self.number(arrival)] = {
+                "arrival": {**saved, "params": dict(arrival.params)}
+            }
+
     def remove(self, branch: Branch) -> None:
         """``branch`` left: delete its place, and write its fork's (its count of
-        branches still out changed), or delete it when the fan-out is over."""
+        branches still out changed), or delete it and its arrivals' when the fan-out is
+        over."""
         self._delete(branch)
         fork = branch.fork
         number = None if fork is None else self._known(fork)
@@ -281,8 +313,10 @@ class Plan:
             return
         if fork.pending:
             self.values[number] = {"fork": self._fork(fork)}
-        else:
-            self._delete(fork)
+            return
+        self._delete(fork)
+        for arrival in fork.arrivals:
+            self._delete(arrival)
 
     def _delete(self, placed: Placed) -> None:
         number = None if placed in self.removed else self._known(placed)

@@ -192,7 +192,7 @@ class _RoutingUndo:
     """What a routing decision of a durable run may change, saved to be put back if
     the decision fails: the run's step count, its branches in flight, and the branch
     routed with its fork, that fork's parent, its fork and so on up (their frames,
-    step counts, resume points, and the forks' counts, joins and params)."""
+    step counts, resume points, and the forks' counts, joins and arrivals)."""
 
     def __init__(self, run: ActiveRun, branch: Branch) -> None:
         self.run = run
@@ -202,7 +202,7 @@ class _RoutingUndo:
         self.places = durability.places
         self.places.mark()
         self.saved: list[tuple[Branch, list[Frame], list[tuple[str, int]], int, Any]] = []
-        self.forks: list[tuple[Fork, int, str | None, dict[str, Any]]] = []
+        self.forks: list[tuple[Fork, int, str | None, int]] = []
         current: Branch | None = branch
         while current is not None:
             frames = list(current.frames)
@@ -210,7 +210,7 @@ class _RoutingUndo:
             self.saved.append((current, frames, positions, current.count, current.resume_at))
             fork = current.fork
             if fork is not None:
-                self.forks.append((fork, fork.pending, fork.join_id, dict(fork.params)))
+                self.forks.append((fork, fork.pending, fork.join_id, len(fork.arrivals)))
             current = None if fork is None else fork.parent
 
     def restore(self) -> None:
@@ -224,10 +224,10 @@ class _RoutingUndo:
                 frame.steps = steps
             branch.count = count
             branch.resume_at = resume_at
-        for fork, pending, join_id, params in self.forks:
+        for fork, pending, join_id, arrivals in self.forks:
             fork.pending = pending
             fork.join_id = join_id
-            fork.params = params
+            del fork.arrivals[arrivals:]
 
 
 class _Routing:
@@ -306,10 +306,11 @@ class _Routing:
                 "give each fan-out one join"
             )
         fork.join_id = join_id
-        fork.params.update(params)
+        if params:
+            self.run.durability.arrived(fork.arrive(params))
         fork.pending -= 1
         if not fork.pending:
-            self._enter(fork.parent, join_id, MappingProxyType(fork.params))
+            self._enter(fork.parent, join_id, MappingProxyType(fork.params()))
 
     def _settle(self, fork: Fork, node_id: str, action: Action, values: Mapping[str, Any]) -> None:
         """A branch of ``fork`` ended without reaching a join; when all branches are
@@ -318,7 +319,7 @@ class _Routing:
         if fork.pending:
             return
         if fork.join_id is not None:
-            self._enter(fork.parent, fork.join_id, MappingProxyType(fork.params))
+            self._enter(fork.parent, fork.join_id, MappingProxyType(fork.params()))
             return
         self.end_frame(fork.parent, node_id, action, values)
 

@@ -4,7 +4,7 @@ gets."""
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -120,14 +120,41 @@ class Fork:
     """A fan-out in progress: its branches gather at a join node or end.
 
     When every branch has arrived or ended, ``parent`` goes on at the join with the
-    arrivals' params merged (or, if none arrived, ends as the last branch did).
+    arrivals' params merged (see :meth:`params`), or, if none arrived, ends as the last
+    branch did.
     """
 
     parent: Branch
     depth: int
     pending: int
     join_id: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
+    arrivals: list[Arrival] = field(default_factory=list)
+    """The arrivals at the join that brought params, in arrival order (each one's
+    ``order`` is its index here)."""
+
+    def arrive(self, params: Mapping[str, Any]) -> Arrival:
+        """Add an arrival with ``params`` (not empty) and return it. Never blocks."""
+        arrival = Arrival(self, len(self.arrivals), params)
+        self.arrivals.append(arrival)
+        return arrival
+
+    def params(self) -> dict[str, Any]:
+        """The join's params: the arrivals' params merged, a later arrival's value of a
+        key winning."""
+        merged: dict[str, Any] = {}
+        for arrival in self.arrivals:
+            merged.update(arrival.params)
+        return merged
+
+
+@dataclass(slots=True, eq=False)
+class Arrival:
+    """A branch of ``fork`` (or a target of the fan-out itself) that reached the join
+    with ``params``: the ``order``-th such arrival."""
+
+    fork: Fork
+    order: int
+    params: Mapping[str, Any]
 
 
 @final

@@ -18,7 +18,9 @@ A step's record and the run's places (see :mod:`~cosmoflow_actors.runtime.places
 where every branch of the run goes on after a crash: the step's own branch routes its
 action again, and a branch whose step was under way is sent to that node again. The
 fan-outs in progress are saved with their parent branch and their count of branches
-still out, so branches that had reached the join or ended are not waited for twice.
+still out, so branches that had reached the join or ended are not waited for twice, and
+each arrival at a join that brought params is saved with its order, for the join's
+params.
 
 Nothing here blocks.
 """
@@ -483,7 +485,8 @@ def restore(
 
     Raises DamagedRecordError naming the key of a place that is no place the engine
     writes, or that names a fan-out the store does not hold (or a fan-out inside
-    itself), or the place of the record's last step when it holds a fan-out;
+    itself), or an arrival at a fan-out's join when an arrival before it is missing, or
+    the place of the record's last step when it holds a fan-out or an arrival;
     RunRecordedError when the record does not fit the flow (it was changed since the
     run was recorded): a recorded node it lacks, or one that is now a nested flow or no
     longer one, a done step's action that no route from its node takes now (unless the
@@ -526,6 +529,7 @@ class _Restoring:
         """The branch of the record's last step, once made."""
         self._forks: dict[int, Fork] = {}
         self._making: set[int] = set()
+        self._arrivals = self._arrivals_by_fork()
 
     def branches_in_flight(self) -> list[Branch]:
         """The record's branches in flight, put back in the flow in the order of their
@@ -561,14 +565,15 @@ class _Restoring:
         """The branches in flight as saved, each with the number of its place, in that
         order: the record's last step's branch, and those in places (its own place, if
         it is stored, says where it was before that step). Raises DamagedRecordError when the
-        last step's place holds a fan-out."""
+        last step's place holds a fan-out or an arrival."""
         last = self.record["last"]
-        if "fork" in self.saved.get(last["place"], {}):
+        held = self.saved.get(last["place"], {})
+        if "branch" not in held and held:
             key = place_key(self.run_id, last["place"])
             raise DamagedRecordError(
                 f"run {self.run_id!r}: its record's last step names the place {key!r}, "
-                "which holds a fan-out (the engine never writes that: the record or the "
-                "place was crafted or damaged)",
+                f"which holds {_PLACE_KINDS[next(iter(held))]} (the engine never writes "
+                "that: the record or the place was crafted or damaged)",
                 key,
             )
         found = {
@@ -593,10 +598,40 @@ class _Restoring:
         self._making.add(number)
         parent = self.branch(saved["parent"])
         self._check_join(parent, saved)
-        fork = Fork(parent, saved["depth"], saved["pending"], saved["join"], saved["params"])
+        fork = Fork(parent, saved["depth"], saved["pending"], saved["join"])
         self._forks[number] = fork
         self.numbers[fork] = number
+        for arrival_number in self._arrivals.get(number, []):
+            arrival = fork.arrive(self.saved[arrival_number]["arrival"]["params"])
+            self.numbers[arrival] = arrival_number
         return fork
+
+    def _arrivals_by_fork(self) -> dict[int, list[int]]:
+        """The numbers of the places of the arrivals at each fan-out's join, by the
+        number of the fan-out's place, in the arrivals' order. Raises DamagedRecordError
+        for an arrival whose fan-out's place holds none, or when the orders of a
+        fan-out's arrivals are not 0, 1, 2..."""
+        arrivals: dict[int, list[tuple[int, int]]] = {}
+        for number, saved in self.saved.items():
+            if "arrival" in saved:
+                arrival = saved["arrival"]
+                self._fork_saved(arrival["fork"])
+                arrivals.setdefault(arrival["fork"], []).append((arrival["order"], number))
+        return {fork: self._in_order(sorted(found)) for fork, found in arrivals.items()}
+
+    def _in_order(self, arrivals: list[tuple[int, int]]) -> list[int]:
+        """The place numbers of ``arrivals`` (order, number), sorted, whose orders
+        must be 0, 1, 2... (else DamagedRecordError)."""
+        for expected, (order, number) in enumerate(arrivals):
+            if order != expected:
+                key = place_key(self.run_id, number)
+                raise DamagedRecordError(
+                    f"run {self.run_id!r}: the place {key!r} holds arrival {order} at its "
+                    f"fan-out's join, where arrival {expected} is missing (the engine "
+                    "never writes that: a place was deleted, crafted or damaged)",
+                    key,
+                )
+        return [number for _, number in arrivals]
 
     def _fork_saved(self, number: int) -> dict[str, Any]:
         """What the place ``number`` holds: a fan-out that is not being made (the
@@ -754,7 +789,9 @@ _RECORD_FIELDS: Final = (
 _POSITION_FIELDS: Final = ("frames", "label", "count")
 _ACTION_FIELDS: Final = ("name", "params", "complete", "result")
 _RESULT_FIELDS: Final = ("final_action", "last_node_id", "value", "duration")
-_FORK_FIELDS: Final = ("parent", "depth", "pending", "join", "params")
+_FORK_FIELDS: Final = ("parent", "depth", "pending", "join")
+_ARRIVAL_FIELDS: Final = ("fork", "order", "params")
+_PLACE_KINDS: Final = {"fork": "a fan-out", "arrival": "an arrival at a join"}
 
 _SHOWN: Final = reprlib.Repr()
 """Shows a value found in a record briefly, however long or deep it is."""
@@ -852,9 +889,11 @@ def _checked_place(run_id: str, key: str, value: Any, count: int) -> dict[str, A
 
 def _check_place(value: Any, count: int) -> None:
     is_place = isinstance(value, dict) and len(value) == 1
-    _expect(is_place, "the place", value, "an object of one 'branch' or 'fork'")
+    _expect(is_place, "the place", value, "an object of one 'branch', 'fork' or 'arrival'")
     if "branch" in value:
         _check_branch(value["branch"], "branch", count)
+    elif "arrival" in value:
+        _check_arrival(value["arrival"], "arrival", count)
     else:
         _check_fork(_fields(value, "the place", ("fork",))["fork"], "fork", count)
 
@@ -869,7 +908,15 @@ def _check_fork(value: Any, where: str, count: int) -> None:
     _expect(_is_count(pending, least=1), f"{where}.pending", pending, "an int >= 1")
     join = fork["join"]
     _expect(join is None or isinstance(join, str), f"{where}.join", join, "null or a node id")
-    _check_params(fork["params"], f"{where}.params")
+
+
+def _check_arrival(value: Any, where: str, count: int) -> None:
+    """An arrival at the join of the fan-out it names, with its order and params."""
+    arrival = _fields(value, where, _ARRIVAL_FIELDS)
+    _check_place_number(arrival["fork"], f"{where}.fork", count, null=False)
+    order = arrival["order"]
+    _expect(_is_count(order), f"{where}.order", order, "an int >= 0")
+    _check_params(arrival["params"], f"{where}.params")
 
 
 def _check_branch(value: Any, where: str, count: int) -> None:
