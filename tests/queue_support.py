@@ -84,7 +84,7 @@ def store_url(server: RedisServer) -> str:
 @asynccontextmanager
 async def worker(
     queue: RunQueue,
-    store: str,
+    store: str | Callable[[str], cf.Storage],
     name: str,
     concurrency: int = 4,
     flows: tuple[cf.Flow, ...] = (FLOW,),

@@ -372,3 +372,39 @@ def ki_protection_seen(*functions: Callable[..., Any]) -> Iterator[dict[str, set
         yield seen
     finally:
         sys.settrace(previous)
+
+
+class Taking(cf.Node):
+    """A step whose post takes a turn from ``turns`` (None: never waits), then counts
+    the step in "n:<execution id>"."""
+
+    def __init__(self, turns: trio.Semaphore | None) -> None:
+        super().__init__()
+        self.turns = turns
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> None:
+        if self.turns is not None:
+            await self.turns.acquire()
+        await store.update(f"n:{ctx.execution_id}", lambda n: n + 1, default=0)
+
+
+def taking_turns(turns: trio.Semaphore | None) -> cf.Flow:
+    """s fans out to a chain x, x2 and to y, which meet at the join j; e follows it."""
+    names = ("s", "x", "x2", "y", "j", "e")
+    builder = cf.Flow.builder("turns")
+    for name in names:
+        add = builder.add_join if name == "j" else builder.add_node
+        add(name, Taking(turns))
+    builder.add_route("s", ["x", "y"]).add_route("x", "x2").add_route("x2", "j")
+    return builder.add_route("y", "j").add_route("j", "e").build()
+
+
+async def commits(events: cf.EventStream, count: int) -> None:
+    """Wait for ``count`` more committed steps (StepFinished with an action)."""
+    async for event in events:
+        if isinstance(event, cf.StepFinished) and event.action is not None:
+            count -= 1
+            if count == 0:
+                return

@@ -27,7 +27,9 @@ from tests.support import (
     batch_flow_twice_in_a_loop,
     batch_flows_on_two_branches,
     closed_late_around,
+    commits,
     single,
+    taking_turns,
 )
 
 
@@ -754,6 +756,42 @@ async def test_two_engines_running_one_run_commit_each_step_once(
 
     assert stored == {"n": 1, "by": "a"}
     assert [(r.run_id, r.state, r.steps) for r in records] == [("r", "succeeded", 1)]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_resume_that_reads_its_places_after_another_engine_commits_conflicts(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engine a runs a fan-out one commit at a time; engine b resumes the run after its
+    first step, and a commits the second between b's read of the record and b's read
+    of the places: b's resume raises RunConflictError and runs nothing, as for a commit
+    that comes second (not DamagedRecordError, for places the record it read does not
+    name), and a's run ends with each step committed once."""
+    storages = two_instances(kind, tmp_path, request)
+    turns = trio.Semaphore(1)
+    async with cf.open_engine() as engine_a, cf.open_engine() as engine_b:
+        async with engine_a.events(lossless=True) as events:
+            run = await engine_a.start_run(taking_turns(turns), storages[0], run_id="r")
+            await commits(events, 1)
+            get_many = storages[1].get_many
+
+            async def after_a_commit(keys: list[str]) -> dict[str, Any]:
+                turns.release()
+                await commits(events, 1)
+                return await get_many(keys)
+
+            monkeypatch.setattr(storages[1], "get_many", after_a_commit)
+            with pytest.raises(cf.RunConflictError, match="while its record and its parts"):
+                await engine_b.resume(taking_turns(None), storages[1], run_id="r")
+            for _ in range(4):
+                turns.release()
+            done = await run.wait()
+        stored = await engine_a.list_runs(storages[0])
+        async with engine_a.open_store(storages[0]) as store:
+            counts = [await store.get(key) for key in await store.keys()]
+    assert sorted(done.execution_path) == ["e", "j", "s", "x", "x2", "y"]
+    assert [(r.run_id, r.state, r.steps) for r in stored] == [("r", "succeeded", 6)]
+    assert counts == [1] * 6
 
 
 class HeldThenFails(Held):

@@ -40,7 +40,7 @@ from tests.queue_support import (
     worker,
 )
 from tests.storage_suite import RedisServer, free_port
-from tests.support import received_until
+from tests.support import commits, received_until, taking_turns
 
 
 async def left_running(queue: RunQueue, run_id: str) -> cf.QueuedRun:
@@ -315,6 +315,60 @@ async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
         done = await cf.result(queue, "raced")
     assert done.result == first.result == "done raced"
     assert await counts(store, "raced") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+class CommitsBetween(cf.RedisStorage):
+    """A run's Redis store on which another engine commits one more step of the run
+    (a turn of its ``turns`` released, the commit awaited on its ``events``) just
+    before this store's first read of several keys; ``read`` is set once that read
+    returned."""
+
+    def __init__(
+        self, url: str, namespace: str, turns: trio.Semaphore, events: cf.EventStream
+    ) -> None:
+        super().__init__(url, namespace=namespace)
+        self.turns, self.events, self.read = turns, events, trio.Event()
+
+    async def get_many(self, keys: Any) -> dict[str, Any]:
+        if not self.read.is_set():
+            self.turns.release()
+            await commits(self.events, 1)
+            found = await super().get_many(keys)
+            self.read.set()
+            return found
+        return await super().get_many(keys)
+
+
+async def test_a_claim_that_reads_places_after_another_engine_commits_drops_the_run(
+    redis_server: RedisServer,
+) -> None:
+    """Another engine runs a fan-out of the run, one commit at a time; a worker claims
+    the run after its first step, and the other engine commits the second between the
+    worker's read of the record and its read of the places. The worker drops the run
+    (RunConflictError) instead of failing it for a damaged place; the run's entry is
+    taken over once idle for a lease and gives the other engine's result."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    stores = per_run_redis(store)
+    turns = trio.Semaphore(1)
+    async with cf.open_engine() as other, other.events(lossless=True) as events:
+        run = await other.start_run(taking_turns(turns), stores("torn"), run_id="torn")
+        await commits(events, 1)
+        between = CommitsBetween(stores.url, f"{stores.prefix}/torn", turns, events)
+        claimed = iter([between])
+        flows = (taking_turns(None),)
+        async with worker(queue, lambda run_id: next(claimed, stores(run_id)), "w", 1, flows):
+            await cf.submit(queue, "turns", run_id="torn")
+            await between.read.wait()
+            dropped = await left_running(queue, "torn")
+            for _ in range(4):
+                turns.release()
+            first = await run.wait()
+            done = await cf.result(queue, "torn")
+    assert (dropped.state, dropped.error) == ("orphaned", None)
+    assert done.execution_path == first.execution_path
+    assert set((await counts(store, "torn")).values()) == {1}
     [status] = await cf.queue_status(queue)
     assert (status.state, status.attempts) == ("succeeded", 2)
 

@@ -682,3 +682,27 @@ def test_a_succeeded_record_writes_the_chunks_its_path_fills_past_the_committed_
     chunks = {0: ["a", "b"], 1: ["c", "d"]}
     assert ops == [("set", path_chunk_key("r", n), chunks[n]) for n in written]
     assert run_record.record_problem("r", ended) is None
+
+
+def test_parts_read_with_the_record_they_belong_to_are_given_without_it() -> None:
+    record = {**run_record.new_record("r", "f", {}), "steps": 2, "places": 1}
+    named = {**record, "owner": "w2"}  # another worker named itself: no step committed
+    read = {run_record.record_key("r"): named, place_key("r", 0): {"place": 0}}
+    assert run_record.parts_read(record, read) == {place_key("r", 0): {"place": 0}}
+
+
+@pytest.mark.parametrize(
+    "again",
+    [
+        {"steps": 3},  # another engine committed a step in between
+        {"state": "succeeded"},  # or ended the run
+        None,  # or it was forgotten
+    ],
+)
+def test_parts_read_with_a_record_that_moved_on_are_a_conflict(
+    again: dict[str, Any] | None,
+) -> None:
+    record = {**run_record.new_record("r", "f", {}), "steps": 2}
+    stored = None if again is None else {**record, **again}
+    with pytest.raises(cf.RunConflictError, match="run 'r': another engine committed a step"):
+        run_record.parts_read(record, {run_record.record_key("r"): stored})

@@ -503,11 +503,14 @@ class Engine:
 
     async def _restore(self, run: ActiveRun, record: dict[str, Any]) -> Step | None:
         """Put a recorded run back where it was (its path chunks and places read in one
-        request); send its branches on. Blocks while a node's mailbox is full, until the
-        run ends (a branch sent first may fail it meanwhile), and while the run's end is
-        recorded when a branch's recorded outcome ends it."""
-        keys = [*run_record.chunk_keys(record), *run_record.place_keys(record)]
-        parts = await _read_parts(run, keys)
+        request, with its record again: RunConflictError if another engine committed a
+        step of it since ``record`` was read, see :func:`run_record.parts_read`); send
+        its branches on. Blocks while a node's mailbox is full, until the run ends (a
+        branch sent first may fail it meanwhile), and while the run's end is recorded
+        when a branch's recorded outcome ends it."""
+        key = run_record.record_key(run.run_id)
+        keys = [key, *run_record.chunk_keys(record), *run_record.place_keys(record)]
+        parts = run_record.parts_read(record, await _read_parts(run, keys))
         path = run_record.whole_path(record, parts)
         branches, places = run_record.restore(run, record, path, parts)
         run.durability = DurableRun({**record, "state": "running", "error": None}, places)

@@ -42,6 +42,7 @@ from cosmoflow_actors.errors import (
     DamagedRecordError,
     MaxStepsExceeded,
     NoRouteError,
+    RunConflictError,
     RunRecordedError,
     StoreValueError,
     type_and_message,
@@ -473,6 +474,26 @@ def place_keys(record: Mapping[str, Any]) -> list[str]:
     """The keys of the places the run of ``record`` (checked, see :func:`checked_record`)
     may have stored, in order (see :mod:`~cosmoflow_actors.runtime.places`)."""
     return [place_key(record["run_id"], number) for number in range(record["places"])]
+
+
+def parts_read(record: Mapping[str, Any], read: dict[str, Any]) -> dict[str, Any]:
+    """The parts (path chunks, places) of the run of ``record`` in ``read``, a store's
+    answer to one request for the record's key and the keys of its parts, once the
+    record read with them counts the steps of ``record`` in its state: every commit
+    counts one step more, and an end changes the state. Otherwise another engine
+    committed a step of the run (or ended it) between the two reads, and the parts may
+    be of a later step than ``record``: RunConflictError, as for a commit that comes
+    second."""
+    again = read.pop(record_key(record["run_id"]), None)
+    moved = not isinstance(again, Mapping) or any(
+        again.get(field) != record[field] for field in ("steps", "state")
+    )
+    if moved:
+        raise RunConflictError(
+            f"run {record['run_id']!r}: another engine committed a step of it while its "
+            "record and its parts were read; nothing of it is run here"
+        )
+    return read
 
 
 def restore(

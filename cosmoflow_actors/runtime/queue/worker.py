@@ -246,7 +246,9 @@ class _Worker:
         changed since the run was recorded, see ``run_record.require_fit``): then
         return why, the record left as it was. Blocks while ``storage`` opens, is read
         and commits; raises StorageError when it cannot, DamagedRecordError (nothing
-        written) for a place of the record that the engine never writes."""
+        written) for a place of the record that the engine never writes,
+        RunConflictError (nothing written) when another engine committed a step of the
+        run while its record and its places were read (see ``run_record.parts_read``)."""
         owner = {"worker": self.name, "queue": self.queue.address}
 
         def named(stored: Any) -> Any:
@@ -256,7 +258,8 @@ class _Worker:
         key = run_record.record_key(claim.run_id)
         stored = await value_or(storage, key, None)
         if _resumable(claim.run_id, stored):
-            places = await storage.get_many(run_record.place_keys(stored))
+            read = await storage.get_many([key, *run_record.place_keys(stored)])
+            places = run_record.parts_read(stored, read)
             try:
                 run_record.require_fit(claim.flow, claim.run_id, stored, places)
             except RunRecordedError as exc:
