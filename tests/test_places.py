@@ -190,6 +190,26 @@ async def test_each_arrival_at_a_join_writes_the_params_it_brought_not_all_that_
     assert written == width - 1
 
 
+def held(a: cf.Node, b: cf.Node, f1: cf.Node, join: cf.Node) -> cf.Flow:
+    """ "s" fans out to ``a``, ``b`` and ``f1``, which goes on to "f2", whose first post
+    fails; "a", "b" and "f2" meet at the join "j"."""
+    return (
+        cf.Flow.builder("held")
+        .add_node("s", Recorder())
+        .add_node("a", a)
+        .add_node("b", b)
+        .add_node("f1", f1)
+        .add_node("f2", FailsOnce())
+        .add_join("j", join)
+        .add_route("s", ["a", "b", "f1"])
+        .add_route("f1", "f2")
+        .add_route("a", "j")
+        .add_route("b", "j")
+        .add_route("f2", "j")
+        .build()
+    )
+
+
 async def test_a_resumed_join_gets_the_params_of_the_arrivals_before_the_failure_in_order(
     tmp_path: Path,
 ) -> None:
@@ -199,21 +219,7 @@ async def test_a_resumed_join_gets_the_params_of_the_arrivals_before_the_failure
     later arrival's), as the run would have."""
     b_go, f1_go = trio.Event(), trio.Event()
     a, b, f1 = Brings(x="a", a=1), Brings(b_go, x="b", b=2), Brings(f1_go)
-    flow = (
-        cf.Flow.builder("held")
-        .add_node("s", Recorder())
-        .add_node("a", a)
-        .add_node("b", b)
-        .add_node("f1", f1)
-        .add_node("f2", FailsOnce())
-        .add_join("j", Joined())
-        .add_route("s", ["a", "b", "f1"])
-        .add_route("f1", "f2")
-        .add_route("a", "j")
-        .add_route("b", "j")
-        .add_route("f2", "j")
-        .build()
-    )
+    flow = held(a, b, f1, Joined())
     storage = CommitsSeen(tmp_path / "held.db")
     async with cf.open_engine() as engine:
         async with trio.open_nursery() as nursery:
@@ -260,21 +266,7 @@ async def test_a_failed_fan_out_keeps_its_places_to_resume_and_a_forget_deletes_
     back under way and ends the run, which deletes them; a forget leaves no part."""
     backend = make_backend(kind, tmp_path, request)
     a, b = Gate(), Gate()
-    flow = (
-        cf.Flow.builder("held")
-        .add_node("s", Recorder())
-        .add_node("a", a)
-        .add_node("b", b)
-        .add_node("f1", Recorder())
-        .add_node("f2", FailsOnce())
-        .add_join("j", Recorder())
-        .add_route("s", ["a", "b", "f1"])
-        .add_route("f1", "f2")
-        .add_route("a", "j")
-        .add_route("b", "j")
-        .add_route("f2", "j")
-        .build()
-    )
+    flow = held(a, b, Recorder(), Recorder())
     async with cf.open_engine() as engine:
         with pytest.raises(cf.NodeError, match="node 'f2' failed in post"):
             await engine.run(flow, backend.open(), run_id="r")
