@@ -47,7 +47,8 @@ def position(branch: Branch) -> dict[str, Any]:
 
 class Places:
     """The places of one durable run: which branches are in flight, the numbers of the
-    branches and fan-outs that have a place, and what changed since the last commit.
+    branches, fan-outs and arrivals that have a place, and what changed since the last
+    commit.
 
     ``entered``, ``left`` and ``arrived`` say what routing did; :meth:`staged` plans a
     commit, :meth:`committed` applies the plan once the commit is stored. A routing
