@@ -794,6 +794,35 @@ async def test_a_resume_that_reads_its_places_after_another_engine_commits_confl
     assert counts == [1] * 6
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_run_whose_succeeded_record_is_forgotten_while_it_is_read_starts_anew(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With chunks of 3 node ids, engine a runs a loop of 5 steps to its end; engine b
+    runs it again, and a forgets it between b's read of the record and b's read of its
+    path chunks: b's run starts anew, as after the forget (not DamagedRecordError for a
+    chunk gone), and finds the count the first run left (a forget keeps the data)."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 3)
+    storages = two_instances(kind, tmp_path, request)
+    node = Counted()
+    async with cf.open_engine() as engine_a, cf.open_engine() as engine_b:
+        first = await engine_a.run(loop_flow(node), storages[0], run_id="r")
+        get_many = storages[1].get_many
+
+        async def after_a_forget(keys: list[str]) -> dict[str, Any]:
+            monkeypatch.setattr(storages[1], "get_many", get_many)
+            assert await engine_a.forget_run(storages[0], "r")
+            return await get_many(keys)
+
+        monkeypatch.setattr(storages[1], "get_many", after_a_forget)
+        again = await engine_b.run(loop_flow(node), storages[1], run_id="r")
+        [record] = await engine_b.list_runs(storages[1])
+    assert first.execution_path == ("count",) * 5
+    assert again.execution_path == ("count",)
+    assert node.posts == [1, 2, 3, 4, 5, 6]
+    assert (record.run_id, record.state, record.steps) == ("r", "succeeded", 1)
+
+
 class HeldThenFails(Held):
     """A Held whose exec fails once its gate opens."""
 

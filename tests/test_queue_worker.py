@@ -301,12 +301,13 @@ async def test_a_worker_renews_its_leases_while_thread_steps_hold_every_default_
 
 
 async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
-    redis_server: RedisServer,
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Another engine runs the run to its end while the worker is in step a: the
     worker's commit raises RunConflictError, so it records no outcome (the queue counts
-    a second attempt) and lets the lease go; the run's entry is taken over once idle for
-    a lease, and gives the other engine's result. No step committed twice."""
+    a second attempt), lets the lease go and logs why; the run's entry is taken over
+    once idle for a lease, and gives the other engine's result. No step committed
+    twice."""
     queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
     async with held_in_step_a(queue, store, "raced", "loser") as release:
         async with cf.open_engine() as other:
@@ -317,6 +318,18 @@ async def test_a_worker_whose_commit_lost_to_another_engine_drops_the_run(
     assert await counts(store, "raced") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
     [status] = await cf.queue_status(queue)
     assert (status.state, status.attempts) == ("succeeded", 2)
+    assert_dropped_once(caplog, "loser", "raced", "RunConflictError: run 'raced': another ")
+
+
+def assert_dropped_once(
+    caplog: pytest.LogCaptureFixture, name: str, run_id: str, error: str
+) -> None:
+    """Assert that worker ``name`` logged one warning, that it dropped ``run_id`` because
+    its record moved on, with ``error`` in its description of the error."""
+    [message] = [r.getMessage() for r in caplog.records if r.name == "cosmoflow_actors.queue"]
+    dropped = f"worker {name} drops run {run_id!r}, to be taken over after a lease: "
+    assert message.startswith(f"{dropped}its record has moved on ("), message
+    assert error in message, message
 
 
 class CommitsBetween(cf.RedisStorage):
@@ -342,13 +355,13 @@ class CommitsBetween(cf.RedisStorage):
 
 
 async def test_a_claim_that_reads_places_after_another_engine_commits_drops_the_run(
-    redis_server: RedisServer,
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Another engine runs a fan-out of the run, one commit at a time; a worker claims
     the run after its first step, and the other engine commits the second between the
     worker's read of the record and its read of the places. The worker drops the run
-    (RunConflictError) instead of failing it for a damaged place; the run's entry is
-    taken over once idle for a lease and gives the other engine's result."""
+    (RunConflictError, logged) instead of failing it for a damaged place; the run's
+    entry is taken over once idle for a lease and gives the other engine's result."""
     queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
     stores = per_run_redis(store)
     turns = trio.Semaphore(1)
@@ -371,6 +384,7 @@ async def test_a_claim_that_reads_places_after_another_engine_commits_drops_the_
     assert set((await counts(store, "torn")).values()) == {1}
     [status] = await cf.queue_status(queue)
     assert (status.state, status.attempts) == ("succeeded", 2)
+    assert_dropped_once(caplog, "w", "torn", "while its record and its parts were read")
 
 
 async def test_a_stopped_worker_hands_its_run_back_to_the_next_worker_at_once(

@@ -478,16 +478,15 @@ class Engine:
         key = run_record.record_key(run.run_id)
         stored = await run.store_actor.read_record(run.storage, key)
         if stored is None:
-            record = run_record.new_record(run.run_id, run.flow.name, params)
-            run.durability = DurableRun(record)
-            await run.store_actor.create_record(run.storage, key, run.durability.record)
-            return self._first_step(run, params)
+            return await self._new_durable(run, key, params)
         record = run_record.checked_record(key, stored)
         run_record.require_flow(run, record)
         if child:
             run_record.require_params(run, record, params)
         if record["state"] == "succeeded":
             path = await _recorded_path(run, record)
+            if path is None:  # forgotten since it was read: the run id is free again
+                return await self._new_durable(run, key, params)
             run.succeed(run_record.recorded_result(record, path, run.storage))
             return None
         if not resume:
@@ -500,6 +499,14 @@ class Engine:
                 record["state"],
             )
         return await self._restore(run, record)
+
+    async def _new_durable(self, run: ActiveRun, key: str, params: dict[str, Any]) -> Step:
+        """Record the new durable run ``run`` under ``key`` and return its first step.
+        Blocks while the record is stored; RunConflictError (nothing stored) if another
+        engine stored one first."""
+        run.durability = DurableRun(run_record.new_record(run.run_id, run.flow.name, params))
+        await run.store_actor.create_record(run.storage, key, run.durability.record)
+        return self._first_step(run, params)
 
     async def _restore(self, run: ActiveRun, record: dict[str, Any]) -> Step | None:
         """Put a recorded run back where it was (its path chunks and places read in one
@@ -875,12 +882,22 @@ async def _recorded_parent(storage: Storage, actor: StoreActor, run_id: str) -> 
     return None if recorded is None else parent
 
 
-async def _recorded_path(run: ActiveRun, record: Mapping[str, Any]) -> list[str]:
-    """The whole path of ``run`` as its ``record`` (checked) and the path chunks it
-    counts say; StorageError naming a chunk that is missing or damaged. Blocks while
-    the chunks are read (nothing is read for a run of fewer than PATH_CHUNK steps)."""
-    chunks = await _read_parts(run, run_record.chunk_keys(record))
-    return run_record.whole_path(record, chunks)
+async def _recorded_path(run: ActiveRun, record: Mapping[str, Any]) -> list[str] | None:
+    """The whole path of the succeeded ``run`` as its ``record`` (checked) and the path
+    chunks it counts say, read in one request with its record again; None when the
+    store no longer holds the record (it was forgotten since it was read: its chunks
+    went with it). RunConflictError when the record read again is another (see
+    :func:`run_record.parts_read`), DamagedRecordError naming a chunk that is missing or
+    damaged. Blocks while they are read (nothing is read for a run of fewer than
+    PATH_CHUNK steps)."""
+    chunk_keys = run_record.chunk_keys(record)
+    if not chunk_keys:
+        return run_record.whole_path(record, {})
+    key = run_record.record_key(run.run_id)
+    read = await _read_parts(run, [key, *chunk_keys])
+    if read.get(key) is None:
+        return None
+    return run_record.whole_path(record, run_record.parts_read(record, read))
 
 
 async def _read_parts(run: ActiveRun, keys: list[str]) -> dict[str, Any]:

@@ -125,11 +125,12 @@ class Claimer:
         ``error``, which names the queue, says why. Never blocks."""
         if not self._out_of_reach:
             self._out_of_reach = True
+            # The error last: its text ends as it may (often in a full stop).
             LOGGER.warning(
-                "worker %s cannot use its queue: %s; trying again every %.3g s",
+                "worker %s cannot use its queue (trying again every %.3g s): %s",
                 self.name,
-                error,
                 self.queue.third_of_lease,
+                error,
             )
 
     def _outage_ended(self) -> None:

@@ -199,14 +199,14 @@ class _Worker:
 
     async def _outcome(self, claim: Claim, scope: trio.CancelScope) -> Outcome:
         """The run's outcome as the queue records it; None when it was dropped: its
-        lease was lost, another engine committed a step of it first, or its store was
-        out of reach (see :func:`_out_of_reach`: when the worker opened it, or when a
-        step called it or committed; logged): the run is taken over once its entry has
-        been idle for a lease. A node's own error (another StorageError included) fails
-        the run, and so does data at fault (see :data:`DATA_FAULTS`: nothing is run when
-        a worker meets it reading the run back, and the key at fault is left as it
-        was). The RunRecordedError of a record the worker's flow does not fit (see
-        :meth:`_own_record`), with nothing run."""
+        lease was lost (logged by :meth:`_give_up`), another engine committed a step of
+        it first (logged), or its store was out of reach (see :func:`_out_of_reach`: when
+        the worker opened it, or when a step called it or committed; logged): the run is
+        taken over once its entry has been idle for a lease. A node's own error (another
+        StorageError included) fails the run, and so does data at fault (see
+        :data:`DATA_FAULTS`: nothing is run when a worker meets it reading the run back,
+        and the key at fault is left as it was). The RunRecordedError of a record the
+        worker's flow does not fit (see :meth:`_own_record`), with nothing run."""
         with scope:
             try:
                 storage = self.stores(claim.run_id)
@@ -219,23 +219,23 @@ class _Worker:
                 )
             except Exception as exc:
                 if _conflict(exc):
+                    self._dropped(claim.run_id, "its record has moved on", exc)
                     return None
                 if _out_of_reach(exc):
-                    self._dropped(claim.run_id, exc)
+                    self._dropped(claim.run_id, "its store is out of reach", exc)
                     return None
                 return {"state": "failed", "error": describe_error(exc)}
             return {"state": "succeeded", "error": None, "result": _result_info(done)}
         return None
 
-    def _dropped(self, run_id: str, error: Exception) -> None:
-        """Log to :data:`LOGGER` that the run ``run_id`` is dropped because its store is
-        out of reach (``error`` says why), to be taken over after a lease. Never
-        blocks."""
+    def _dropped(self, run_id: str, why: str, error: Exception) -> None:
+        """Log to :data:`LOGGER` that the run ``run_id`` is dropped, to be taken over
+        after a lease: ``why`` says why in words, ``error`` in full. Never blocks."""
         LOGGER.warning(
-            "worker %s drops run %r, to be taken over after a lease: its store is out of "
-            "reach (%s)",
+            "worker %s drops run %r, to be taken over after a lease: %s (%s)",
             self.name,
             run_id,
+            why,
             describe_error(error),
         )
 
