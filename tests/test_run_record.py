@@ -692,17 +692,17 @@ def test_parts_read_with_the_record_they_belong_to_are_given_without_it() -> Non
 
 
 @pytest.mark.parametrize(
-    "again",
+    ("again", "what"),
     [
-        {"steps": 3},  # another engine committed a step in between
-        {"state": "succeeded"},  # or ended the run
-        None,  # or it was forgotten
+        ({"steps": 3}, "committed a step of it"),  # in between
+        ({"state": "succeeded"}, "committed a step of it"),  # ended the run
+        (None, "forgot it"),
     ],
 )
 def test_parts_read_with_a_record_that_moved_on_are_a_conflict(
-    again: dict[str, Any] | None,
+    again: dict[str, Any] | None, what: str
 ) -> None:
     record = {**run_record.new_record("r", "f", {}), "steps": 2}
     stored = None if again is None else {**record, **again}
-    with pytest.raises(cf.RunConflictError, match="run 'r': another engine committed a step"):
+    with pytest.raises(cf.RunConflictError, match=f"run 'r': another engine {what} while"):
         run_record.parts_read(record, {run_record.record_key("r"): stored})

@@ -481,19 +481,22 @@ def parts_read(record: Mapping[str, Any], read: dict[str, Any]) -> dict[str, Any
     answer to one request for the record's key and the keys of its parts, once the
     record read with them counts the steps of ``record`` in its state: every commit
     counts one step more, and an end changes the state. Otherwise another engine
-    committed a step of the run (or ended it) between the two reads, and the parts may
-    be of a later step than ``record``: RunConflictError, as for a commit that comes
-    second."""
+    committed a step of the run (or ended it, or forgot it) between the two reads, and
+    the parts may be of a later step than ``record``, or gone: RunConflictError, as for
+    a commit that comes second."""
     again = read.pop(record_key(record["run_id"]), None)
-    moved = not isinstance(again, Mapping) or any(
+    if again is None:
+        what = "forgot it"
+    elif not isinstance(again, Mapping) or any(
         again.get(field) != record[field] for field in ("steps", "state")
+    ):
+        what = "committed a step of it"
+    else:
+        return read
+    raise RunConflictError(
+        f"run {record['run_id']!r}: another engine {what} while its record and its parts "
+        "were read; nothing of it is run here"
     )
-    if moved:
-        raise RunConflictError(
-            f"run {record['run_id']!r}: another engine committed a step of it while its "
-            "record and its parts were read; nothing of it is run here"
-        )
-    return read
 
 
 def restore(
