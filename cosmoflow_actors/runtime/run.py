@@ -220,7 +220,8 @@ class ActiveRun:
         """The cancel scopes of the run's steps in flight (and of the senders waiting for
         room in a full mailbox), in the order they came: a dict, so a step that ends
         takes its scope out without a scan of the others (a fan-out has one per branch
-        in flight)."""
+        in flight). A scope is in it at most once: it is its task's, and a task runs
+        one step, or waits to send one, at a time."""
         self.started_at = trio.current_time()
         self._on_finish = on_finish
         self._result: FlowResult | None = None
