@@ -1550,3 +1550,45 @@ async def test_an_async_exec_that_returns_a_coroutine_fails_the_step(
     )
     [coroutine] = node.returned
     assert inspect.getcoroutinestate(coroutine) == "CORO_CLOSED"
+
+
+class LastInFirstOut(cf.Node):
+    """A leaf of a fan-out of ``width``: its step ends once every leaf's step has begun,
+    the steps begun last ending first."""
+
+    def __init__(self, begun: list[str], width: int) -> None:
+        super().__init__()
+        self.begun = begun
+        self.width = width
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        self.begun.append(ctx.node_id)
+        await trio.sleep(self.width - self.begun.index(ctx.node_id))
+
+
+async def test_a_step_that_ends_takes_its_scope_out_of_a_wide_fan_out_without_a_scan(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every branch's scope is among the run's scopes while its step runs; the steps end
+    # in the reverse of the order they began, so a list would be scanned through the
+    # scopes of all the branches still in flight at each end (width² / 2 comparisons).
+    width = 200
+    comparisons = 0
+
+    def counted(scope: trio.CancelScope, other: object) -> bool:
+        nonlocal comparisons
+        comparisons += 1
+        return scope is other
+
+    begun: list[str] = []
+    builder = cf.Flow.builder("wide").add_node("start", Recorder("go")).add_join("join", Recorder())
+    leaves = [f"leaf{i}" for i in range(width)]
+    for leaf in leaves:
+        builder.add_node(leaf, LastInFirstOut(begun, width)).add_route(leaf, "join")
+    flow = builder.add_route("start", leaves, "go").max_steps(width + 2).build()
+    async with cf.open_engine() as engine:
+        monkeypatch.setattr(trio.CancelScope, "__eq__", counted)
+        result = await engine.run(flow, {})
+    assert result.last_node_id == "join"
+    assert sorted(begun) == sorted(leaves)
+    assert comparisons < width, comparisons

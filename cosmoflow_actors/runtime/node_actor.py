@@ -226,11 +226,11 @@ class NodeActor(Actor[Step]):
         run = step.run
         if run.settled:
             return
-        run.scopes.append(scope)
+        run.scopes[scope] = None
         try:
             await mailbox.put(step)
         finally:
-            run.scopes.remove(scope)
+            del run.scopes[scope]
 
     def send_nowait(self, step: Step) -> None:
         """Like :meth:`send`; raises trio.WouldBlock instead of waiting. Never blocks."""
@@ -324,7 +324,7 @@ class NodeActor(Actor[Step]):
         if run.settled:
             return None
         scopes = run.scopes
-        scopes.append(scope)
+        scopes[scope] = None
         try:
             events = self._events
             if events.congested:
@@ -338,7 +338,7 @@ class NodeActor(Actor[Step]):
                 return await self._observed_outcome(step, ctx)
             return await self._outcome(step, ctx)
         finally:
-            scopes.remove(scope)
+            del scopes[scope]
 
     async def _outcome(self, step: Step, ctx: ExecutionContext) -> StepDone | StepFailed:
         """Run prep, exec and post, read the values of the route conditions routing may

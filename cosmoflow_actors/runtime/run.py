@@ -216,7 +216,12 @@ class ActiveRun:
         self.main = Branch([Frame(flow, flow.start_id)])
         self.path: list[str] = []
         self.steps = 0
-        self.scopes: list[trio.CancelScope] = []
+        self.scopes: dict[trio.CancelScope, None] = {}
+        """The cancel scopes of the run's steps in flight (and of the senders waiting for
+        room in a full mailbox), in the order they came: a dict, so a step that ends
+        takes its scope out without a scan of the others (a fan-out has one per branch
+        in flight). A scope is in it at most once: it is its task's, and a task runs
+        one step, or waits to send one, at a time."""
         self.started_at = trio.current_time()
         self._on_finish = on_finish
         self._result: FlowResult | None = None
