@@ -1275,8 +1275,9 @@ class Logs(cf.Node):
 
 @dataclass
 class Drawn:
-    """A drawn flow, its nodes by id, the most branches and fan-outs it can have in
-    flight at once (``peak``), and the nodes that run inside a fan-out."""
+    """A drawn flow, its nodes by id, the most branches, fan-outs and arrivals at
+    joins it can have in flight at once (``peak``), and the nodes that run inside a
+    fan-out."""
 
     flow: cf.Flow
     nodes: dict[str, Logs]
@@ -1286,8 +1287,8 @@ class Drawn:
 
 Lane = tuple[str, list[str], int, bool]
 """A drawn lane or block: its entry node, the nodes whose "default" still needs a route,
-the most branches and fan-outs it has in flight at once, and whether a fan-out without
-a join ends it."""
+the most branches, fan-outs and arrivals at joins it has in flight at once, and whether
+a fan-out without a join ends it."""
 
 
 class FanOutMaker:
@@ -1374,7 +1375,9 @@ class FanOutMaker:
     def fork(self, builder: cf.FlowBuilder, nest: int, forked: bool, may_end: bool) -> Lane:
         """A node fanning out to lanes (a branch may end before the join), gathered at
         a join (a node or a nested flow, which may be a target itself), or ending the
-        lane when it may end. In flight at once: the fan-out and its branches'."""
+        lane when it may end. In flight at once: the fan-out, its branches' (a branch's
+        arrival at the join takes its place) and the fan-out's own arrival at the join
+        when the join is a target."""
         source = self.node(builder, forked)
         join = not may_end or self.rng.random() < 0.6
         width, self.width = self.width or self.rng.randint(2, 4), 0
@@ -1400,6 +1403,7 @@ class FanOutMaker:
             exits = [join_id]
         if not arrivals or self.rng.random() < 0.2:
             targets.append(join_id)
+            peak += 1  # the fan-out's own arrival at its join, which has a place
         self.connect(builder, arrivals, join_id)
         self.connect(builder, [source], tuple(targets))
         return source, exits, peak, False
@@ -1471,7 +1475,8 @@ class Uninterrupted:
     def check(self, storage: SlowSnapshots, result: cf.FlowResult) -> None:
         """``storage`` and ``result``, of a resumed run, are as the uninterrupted run's:
         every step applied once (with the execution id it had there), the same steps,
-        no place left, and never more places than branches and fan-outs in flight."""
+        no place left, and never more places than branches, fan-outs and arrivals at
+        joins in flight."""
         assert user_data(storage.data) == user_data(self.store.data)
         assert sorted(result.execution_path) == sorted(self.result.execution_path)
         assert places_in(storage.data) == []
@@ -1557,7 +1562,8 @@ async def test_random_fan_outs_resumed_from_every_commit_end_as_uninterrupted_ru
     """Every commit of a durable run of a drawn flow of fan-outs is a crash point: the
     run resumed from each (and again from a commit of that resume) ends with the store
     and the steps of the uninterrupted run, each step applied once, no place left
-    behind, and never more places counted than branches and fan-outs in flight."""
+    behind, and never more places counted than branches, fan-outs and arrivals at
+    joins in flight."""
     await resume_from_every_commit(seed, WIDE if seed == 0 else 0, seed % 2 / 2, again=1)
 
 
