@@ -516,7 +516,7 @@ class Engine:
         branch sent first may fail it meanwhile), and while the run's end is recorded
         when a branch's recorded outcome ends it."""
         key = run_record.record_key(run.run_id)
-        keys = [key, *run_record.chunk_keys(record), *run_record.place_keys(record)]
+        keys = [*run_record.chunk_keys(record), *run_record.place_keys(record), key]
         parts = run_record.parts_read(record, await _read_parts(run, keys))
         path = run_record.whole_path(record, parts)
         branches, places = run_record.restore(run, record, path, parts)
@@ -894,7 +894,7 @@ async def _recorded_path(run: ActiveRun, record: Mapping[str, Any]) -> list[str]
     if not chunk_keys:
         return run_record.whole_path(record, {})
     key = run_record.record_key(run.run_id)
-    read = await _read_parts(run, [key, *chunk_keys])
+    read = await _read_parts(run, [*chunk_keys, key])
     if read.get(key) is None:
         return None
     return run_record.whole_path(record, run_record.parts_read(record, read))

@@ -478,7 +478,8 @@ def place_keys(record: Mapping[str, Any]) -> list[str]:
 
 def parts_read(record: Mapping[str, Any], read: dict[str, Any]) -> dict[str, Any]:
     """The parts (path chunks, places) of the run of ``record`` in ``read``, a store's
-    answer to one request for the record's key and the keys of its parts, once the
+    answer to one request for the keys of its parts and then the record's key (last, so
+    that a backend reading them one by one reads the record after the parts), once the
     record read with them counts the steps of ``record`` in its state: every commit
     counts one step more, and an end changes the state. Otherwise another engine
     committed a step of the run (or ended it, or forgot it) between the two reads, and

@@ -258,7 +258,7 @@ class _Worker:
         key = run_record.record_key(claim.run_id)
         stored = await value_or(storage, key, None)
         if _resumable(claim.run_id, stored):
-            read = await storage.get_many([key, *run_record.place_keys(stored)])
+            read = await storage.get_many([*run_record.place_keys(stored), key])
             places = run_record.parts_read(stored, read)
             try:
                 run_record.require_fit(claim.flow, claim.run_id, stored, places)
