@@ -43,7 +43,7 @@ from typing import Any
 import trio
 
 import cosmoflow_actors as cf
-from benchmarks.workers import _redis_server
+from benchmarks.redis_server import throwaway_redis
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {True: (50, 200), False: (1_000, 10_000)}
@@ -146,7 +146,7 @@ def backends(stack: ExitStack) -> tuple[dict[str, Callable[[Path, int], cf.Stora
     }
     if shutil.which("redis-server") is None:
         return made, ["redis: skipped, redis-server is not on PATH"]
-    url = stack.enter_context(_redis_server())
+    url = stack.enter_context(throwaway_redis())
     made["redis"] = lambda _, runs: cf.RedisStorage(url, namespace=f"records-{runs}")
     return made, []
 

@@ -22,7 +22,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 import trio
 
 import cosmoflow_actors as cf
+from benchmarks.redis_server import throwaway_redis
 
 FLOW_FILE = """
 import trio
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs = SIZES[args.smoke]
     with ExitStack() as stack:
-        url = stack.enter_context(_redis_server())
+        url = stack.enter_context(throwaway_redis())
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         flow_file = folder / "chain.py"
         flow_file.write_text(FLOW_FILE)
@@ -192,36 +192,6 @@ def _workers(
 
 def _worker_name(queue: str, index: int) -> str:
     return f"bench-{queue}-{index}"
-
-
-@contextmanager
-def _redis_server() -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port; its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory() as folder:
-        server = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", folder],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            _wait_for_port(port)
-            yield f"redis://127.0.0.1:{port}"
-        finally:
-            server.terminate()
-            server.wait()
-
-
-def _wait_for_port(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise RuntimeError(f"redis-server did not listen on port {port}")
 
 
 if __name__ == "__main__":
