@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +15,8 @@ import trio
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.queue.client import RunQueue
 from cosmoflow_actors.storage.redis import redacted
-from tests.queue_support import FAILURES, OTHER, counts, new_queue, store_url, worker
-from tests.storage_suite import RedisServer
+from tests.queue_support import FAILURES, FLOW, OTHER, counts, new_queue, store_url, worker
+from tests.storage_suite import RedisServer, running_redis
 
 
 async def test_a_queue_url_names_the_queue_by_its_last_path_part(
@@ -230,6 +231,37 @@ async def test_a_requeued_run_whose_flow_no_worker_took_waits_flow_wait_again(
     assert min(waits) >= 0.2, waits
     [status] = await cf.queue_status(queue)
     assert (status.state, status.passed_over) == ("failed", ("lacks",))
+
+
+async def test_a_queue_on_a_server_that_may_evict_any_key_is_refused(tmp_path: Path) -> None:
+    """Submitting, reading and serving all refuse it, before anything is written."""
+    with running_redis(tmp_path) as server, server.client() as client:
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        queue = new_queue(server)
+        with pytest.raises(cf.StorageError) as refused:
+            await cf.submit(queue, "count", run_id="r1")
+        with pytest.raises(cf.StorageError, match="maxmemory-policy is allkeys-lru"):
+            await cf.queue_status(queue)
+        async with cf.open_engine() as engine:
+            with pytest.raises(cf.StorageError, match="maxmemory-policy is allkeys-lru"):
+                await engine.serve(queue, (FLOW,), store_url(server))
+        assert client.dbsize() == 0
+    message = str(refused.value)
+    assert message.startswith(f"{queue!r}: the server's maxmemory-policy is allkeys-lru, ")
+    assert "its runs, stream and consumer group included" in message
+    assert "set maxmemory-policy noeviction" in message
+
+
+async def test_a_queue_on_a_server_that_evicts_only_keys_with_a_ttl_is_served(
+    tmp_path: Path,
+) -> None:
+    with running_redis(tmp_path) as server, server.client() as client:
+        client.config_set("maxmemory-policy", "volatile-lru")
+        queue = new_queue(server)
+        async with worker(queue, store_url(server), "w1"):
+            await cf.submit(queue, "count", run_id="r1")
+            done = await cf.result(queue, "r1")
+    assert done.execution_path == ("a", "b", "c")
 
 
 @pytest.mark.usefixtures("without_redis")

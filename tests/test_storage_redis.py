@@ -357,6 +357,69 @@ async def test_a_refused_commit_fails_the_writing_run_only(private_redis: RedisS
     assert sorted(await private_redis.storage(storage.namespace).keys()) == ["kept", "later"]
 
 
+@pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random"])
+async def test_a_server_that_may_evict_any_key_is_refused_and_nothing_written(
+    private_redis: RedisServer, policy: str
+) -> None:
+    storage = private_redis.storage()
+    with private_redis.client() as client:
+        client.config_set("maxmemory-policy", policy)
+        with pytest.raises(cf.StorageError) as refused:
+            await storage.open()
+        with pytest.raises(cf.StorageError, match=f"maxmemory-policy is {policy}"):
+            await storage.set("k", 1)  # checked again: the first check connected nothing
+        assert client.dbsize() == 0
+    message = str(refused.value)
+    assert message.startswith(f"{storage!r}: the server's maxmemory-policy is {policy}, ")
+    assert "its namespace's data, metadata and index included" in message
+    assert "set maxmemory-policy noeviction" in message
+    assert "or a volatile-* policy" in message
+
+
+async def test_a_server_that_evicts_only_keys_with_a_ttl_is_accepted(
+    private_redis: RedisServer,
+) -> None:
+    storage = private_redis.storage()
+    with private_redis.client() as client:
+        client.config_set("maxmemory-policy", "volatile-lru")
+        await storage.set("k", 1)
+        await storage.commit()
+        assert client.ttl(f"cosmoflow:{storage.namespace}:data") == -1  # never evicted
+    assert await private_redis.storage(storage.namespace).get("k") == 1
+
+
+async def test_a_server_whose_info_does_not_say_its_policy_is_accepted(
+    private_redis: RedisServer,
+) -> None:
+    """A user that may not run INFO cannot read the policy: the storage works as if
+    the server said noeviction."""
+    with private_redis.client() as client:
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.acl_setuser("no-info", enabled=True, passwords=["+pw"], keys=["*"])
+        client.execute_command("ACL", "SETUSER", "no-info", "+@all", "-info")
+    url = f"redis://no-info:pw@127.0.0.1:{private_redis.port}/0"
+    storage = RedisStorage(url, namespace=unique_namespace())
+    with pytest.raises(redis.exceptions.NoPermissionError), redis.Redis.from_url(url) as limited:
+        limited.info("memory")
+    await storage.set("k", 1)
+    await storage.commit()
+    assert await RedisStorage(url, namespace=storage.namespace).get("k") == 1
+
+
+async def test_the_policy_is_checked_again_when_the_instance_connects_again(
+    private_redis: RedisServer,
+) -> None:
+    storage = private_redis.storage()
+    await storage.open()
+    with private_redis.client() as client:
+        client.config_set("maxmemory-policy", "allkeys-lru")
+    await storage.set("k", 1)
+    await storage.commit()  # checked once per connection: not now
+    await storage.aclose()
+    with pytest.raises(cf.StorageError, match="maxmemory-policy is allkeys-lru"):
+        await storage.get("k")
+
+
 async def test_a_server_that_went_away_fails_commits(private_redis: RedisServer) -> None:
     storage = private_redis.storage(timeout=5)
     await storage.set("a", 1)

@@ -149,6 +149,12 @@ before each makes stand for themselves."""
 _BLIND: Final = frozenset({"set", "delete"})
 """The kinds of a durable step's ops whose writes do not depend on what is stored."""
 
+EVICTS_ANY_KEY: Final = "allkeys-"
+"""How the names of the ``maxmemory-policy`` settings begin that let a server evict keys
+without a TTL (``allkeys-lru``, ``allkeys-lfu``, ``allkeys-random``): under memory
+pressure it drops any key, a namespace's data or index, a queue's runs or stream, in
+part or whole, and says nothing (see :func:`require_no_eviction`)."""
+
 
 @final
 class RedisStorage(DatabaseStorage):
@@ -160,7 +166,9 @@ class RedisStorage(DatabaseStorage):
     hash ``cosmoflow:<namespace>:data`` and the format and codec in the hash
     ``cosmoflow:<namespace>:meta``; two namespaces never share a key. A namespace whose
     keys hold something else, or that was written with another codec, is refused at
-    :meth:`open`.
+    :meth:`open`, and so is a server whose ``maxmemory-policy`` may evict them (see
+    :func:`require_no_eviction`): the check of the namespace, once per connection,
+    reads the policy first.
 
     The engine's keys (under :data:`~cosmoflow_actors.storage.base.RESERVED_PREFIX`:
     run records and their parts) are indexed in the sorted set
@@ -247,9 +255,10 @@ class RedisStorage(DatabaseStorage):
         """Connect and check the namespace, claiming it if it is empty; once only.
 
         Blocks in a worker thread. Raises :class:`~cosmoflow_actors.StorageError` when the
-        server cannot be reached or the namespace holds data this backend did not write
-        (a key of another type, data without metadata, another codec); nothing is
-        changed then.
+        server cannot be reached, may evict the namespace's keys (an ``allkeys-*``
+        ``maxmemory-policy``, see :func:`require_no_eviction`) or the namespace holds
+        data this backend did not write (a key of another type, data without metadata,
+        another codec); nothing is changed then.
         """
         await self._connected()
 
@@ -700,9 +709,11 @@ class RedisStorage(DatabaseStorage):
         )
 
     def _claim(self, client: redis.Redis) -> None:
-        """Check the namespace; write its metadata if it is empty (blocks)."""
+        """Check the server's eviction policy (see :func:`require_no_eviction`) and the
+        namespace; write its metadata if it is empty (blocks)."""
         from redis.exceptions import WatchError
 
+        require_no_eviction(client, repr(self), "its namespace's data, metadata and index")
         for _ in range(MAX_UPDATE_ATTEMPTS):
             with client.pipeline(transaction=True) as pipe:
                 try:
@@ -935,6 +946,31 @@ def _fields_matching(connection: redis.Redis | Pipeline, name: str, pattern: str
         fields.update(dict.fromkeys(found))
         if int(cursor) == 0:
             return list(fields)
+
+
+def require_no_eviction(client: redis.Redis, user: str, kept: str) -> None:
+    """Raise StorageError naming ``user``, the server's ``maxmemory-policy`` and what to
+    do when that policy may evict keys without a TTL (see :data:`EVICTS_ANY_KEY`): the
+    server would drop ``kept`` (what the user keeps in keys without a TTL, in words)
+    when it reaches its ``maxmemory``, silently. The policy is read from ``INFO
+    memory``, which needs no CONFIG rights (managed servers often disable CONFIG). A
+    server whose INFO does not say (an old one, INFO renamed, disabled or not permitted
+    to the user) is accepted. Blocks: for a worker thread."""
+    from redis.exceptions import ResponseError
+
+    try:
+        info = send_command(client, "INFO", "memory")
+    except ResponseError:
+        return  # INFO unknown or not permitted: the server does not say
+    policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+    if isinstance(policy, str) and policy.startswith(EVICTS_ANY_KEY):
+        raise StorageError(
+            f"{user}: the server's maxmemory-policy is {policy}, which lets it evict any key "
+            f"once it reaches its maxmemory, {kept} included, and say nothing; set "
+            "maxmemory-policy noeviction on the server (writes over the limit are then "
+            "refused, and reported), or a volatile-* policy (which evicts only keys with a "
+            "TTL); nothing was written"
+        )
 
 
 def send_command(connection: redis.Redis | Pipeline, *args: Any) -> Any:

@@ -20,6 +20,7 @@ from cosmoflow_actors.runtime.queue.scripts import REQUEUE, SUBMIT
 from cosmoflow_actors.storage.redis import (
     connection_slots,
     redacted,
+    require_no_eviction,
     require_url,
     send_command,
     shared_client,
@@ -76,7 +77,11 @@ class RunQueue:
     server, and is not retried: a server that refuses the connection or closes it
     raises StorageError at once. A call waits for a server that does not answer at
     most ``max(10, 3 * lease)`` seconds (the connections' socket timeout, connecting
-    included), then raises StorageError. Requires the ``redis`` package.
+    included), then raises StorageError. The first call of a queue (and the first
+    after :meth:`aclose`) raises StorageError, nothing written, when the server's
+    ``maxmemory-policy`` may evict its keys (``allkeys-*``, see
+    ``storage.redis.require_no_eviction``): its runs, stream and consumer group have no
+    TTL. Requires the ``redis`` package.
     """
 
     def __init__(
@@ -111,6 +116,8 @@ class RunQueue:
         self.passed = f"cosmoflow:queue:{name}:passed"
         self._client: redis.Redis | None = None
         self._limiter = trio.CapacityLimiter(THREADS)
+        self._policy_checked = False
+        """Whether the server's eviction policy was checked (see :meth:`_in_thread`)."""
 
     @classmethod
     def from_url(
@@ -189,8 +196,10 @@ class RunQueue:
 
     async def aclose(self) -> None:
         """Let go of the server: its connections stay in the process's pool (see
-        ``RedisStorage``). Does not block."""
+        ``RedisStorage``); the next call checks the server's eviction policy again.
+        Does not block."""
         self._client = None
+        self._policy_checked = False
         await trio.lowlevel.checkpoint()
 
     def _connected(self) -> redis.Redis:
@@ -202,15 +211,29 @@ class RunQueue:
         return self._client
 
     async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in a worker thread, on a connection of the pool; redis-py
+        errors become StorageError. The first call checks the server's eviction policy
+        before it (one more round trip): StorageError, ``function`` not called, when
+        the server may evict the queue's keys (see ``require_no_eviction``)."""
         from redis.exceptions import RedisError
 
+        client = self._connected()
+        kept = "its runs, stream and consumer group"
         try:
-            async with connection_slots(self._connected()):
-                return await trio.to_thread.run_sync(
-                    function, *args, limiter=self._limiter, abandon_on_cancel=True
-                )
+            async with connection_slots(client):
+                if not self._policy_checked:
+                    await self._thread(require_no_eviction, client, repr(self), kept)
+                    self._policy_checked = True
+                return await self._thread(function, *args)
         except RedisError as exc:
             raise StorageError(f"{self!r}: {exc}") from exc
+
+    async def _thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in a worker thread of the queue's limiter; a cancelled
+        caller abandons the thread, which ends with the call."""
+        return await trio.to_thread.run_sync(
+            function, *args, limiter=self._limiter, abandon_on_cancel=True
+        )
 
 
 def _pipelined(
