@@ -125,12 +125,13 @@ def test_a_routing_undone_forgets_its_arrivals() -> None:
     """An arrival the router took back from its fan-out is not written; one it kept is."""
     fork = Fork(Branch([]), depth=1, pending=3)
     places = Places("r")
-    kept = fork.arrive({"k": 1})
-    places.arrived(kept)
+    fork.arrivals.append({"k": 1})
+    places.arrived(fork)
     places.mark()
-    places.arrived(fork.arrive({"k": 2}))
+    fork.arrivals.append({"k": 2})
+    places.arrived(fork)
     places.undo()
-    assert list(places.changed) == [kept]
+    assert [(arrival.order, arrival.params) for arrival in places.changed] == [(0, {"k": 1})]
 
 
 class Brings(cf.Node):
@@ -288,7 +289,7 @@ def test_a_plan_abandoned_gives_back_the_free_numbers_it_took() -> None:
     """The commit of "kept"'s step failed: "new", which took the free number 0, is still
     to write, and 0 is free again (the next plan gives it the same number)."""
     kept, new = Branch([]), Branch([])
-    places = Places.restored("r", 3, {kept: 1}, [1], [kept], kept)
+    places = Places.restored("r", 3, {kept: 1}, [1], [kept], kept, {})
     new.resume_at = {"frames": [], "label": "0.0/", "count": 1, "params": {}}
     places.entered(new)
     resume_at = {"frames": [], "label": "", "count": 1, "node": "a", "action": {}}

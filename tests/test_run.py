@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 from contextlib import aclosing
 from typing import Any
@@ -133,3 +134,37 @@ async def test_each_wait_of_a_failed_run_raises_its_error_with_the_same_tracebac
                 await run.wait()
             depths.add(traceback_depth(info.value))
     assert len(depths) == 1
+
+
+class BringsItsId(cf.Node):
+    """Goes on with a param named after its node."""
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.with_params("default", **{ctx.node_id: 1})
+
+
+async def test_a_join_that_merges_its_arrivals_params_leaves_no_reference_cycle() -> None:
+    """A run's objects are freed when it ends, not left to the garbage collector (whose
+    full passes walk every live object): a fan-out whose branches bring params to its
+    join leaves no cycle."""
+    targets = [f"b{index}" for index in range(8)]
+    builder = cf.Flow.builder("brings").add_node("s", cf.node(lambda ctx: None))
+    for target in targets:
+        builder.add_node(target, BringsItsId()).add_route(target, "j")
+    flow = builder.add_join("j", cf.node(lambda ctx: None)).add_route("s", targets)
+    async with cf.open_engine() as engine:
+        built = flow.build()
+        await engine.run(built, {})  # the node actors are made
+        gc.collect()
+        gc.disable()
+        try:
+            await engine.run(built, {})
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            cycles = gc.collect()
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert cycles == 0

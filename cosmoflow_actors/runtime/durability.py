@@ -22,7 +22,7 @@ from cosmoflow_actors.errors import (
 )
 from cosmoflow_actors.flow import FlowResult
 from cosmoflow_actors.runtime.places import Places, position
-from cosmoflow_actors.runtime.run import ActiveRun, Arrival, Branch
+from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork
 from cosmoflow_actors.runtime.run_record import (
     encode_action,
     failed,
@@ -49,8 +49,8 @@ class Durability:
     def left(self, branch: Branch) -> None:
         """``branch`` forked, reached its join or ended."""
 
-    def arrived(self, arrival: Arrival) -> None:
-        """``arrival`` reached its fan-out's join with params."""
+    def arrived(self, fork: Fork) -> None:
+        """The last of ``fork``'s arrivals reached its join, with params."""
 
     def step_store(self, store: SharedStore) -> SharedStore:
         """The handle a step of the run gets on ``store``."""
@@ -118,9 +118,9 @@ class DurableRun(Durability):
         """Its fork holds where ``branch`` went."""
         self.places.left(branch)
 
-    def arrived(self, arrival: Arrival) -> None:
-        """A place holds ``arrival`` until its fan-out is over."""
-        self.places.arrived(arrival)
+    def arrived(self, fork: Fork) -> None:
+        """A place holds the arrival until its fan-out is over."""
+        self.places.arrived(fork)
 
     def step_store(self, store: SharedStore) -> SharedStore:
         """A handle that stages the step's writes."""

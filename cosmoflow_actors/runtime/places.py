@@ -27,8 +27,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cosmoflow_actors.runtime.run import Arrival, Branch, Fork
+from cosmoflow_actors.runtime.run import Branch, Fork
 from cosmoflow_actors.storage.base import StagedOp, place_key
+
+
+@dataclass(slots=True, eq=False)
+class Arrival:
+    """The ``order``-th arrival at the join of ``fork`` that brought params: what its
+    place holds (``params`` are ``fork.arrivals[order]``)."""
+
+    fork: Fork
+    order: int
+    params: Mapping[str, Any]
+
 
 Placed = Branch | Fork | Arrival
 """What has a place: a branch in flight, a fan-out in progress or an arrival at its
@@ -78,6 +89,8 @@ class Places:
         """The branches routed since :meth:`mark`, each with whether it was in flight."""
         self._arrived: list[Arrival] = []
         """The arrivals since :meth:`mark`."""
+        self.arrivals: dict[Fork, list[Arrival]] = {}
+        """The arrivals whose places are stored, by fan-out: deleted with its own."""
 
     @classmethod
     def restored(
@@ -88,12 +101,14 @@ class Places:
         stored: Iterable[int],
         in_flight: Iterable[Branch],
         last: Branch,
+        arrivals: Mapping[Fork, list[Arrival]],
     ) -> Places:
         """The places of a run read back from its store: ``count`` numbers in use, the
         ``numbers`` of its branches and fan-outs, those ``stored``, its branches
         ``in_flight``, and ``last``, the branch of its last step, whose place the
         record's ``"last"`` holds: it is written at the next commit of another branch,
-        as after a commit (see :meth:`committed`)."""
+        as after a commit (see :meth:`committed`); and the stored ``arrivals`` of its
+        fan-outs."""
         places = cls(run_id, count)
         places.numbers = dict(numbers)
         places.stored = set(stored)
@@ -101,6 +116,7 @@ class Places:
         places.free = [number for number in range(count) if number not in taken]
         places.in_flight = dict.fromkeys(in_flight)
         places.changed[last] = None
+        places.arrivals = {fork: list(found) for fork, found in arrivals.items()}
         return places
 
     def entered(self, branch: Branch) -> None:
@@ -111,8 +127,9 @@ class Places:
         """``branch`` forked, reached its join or ended: its fork holds where it went."""
         self._route(branch, False)
 
-    def arrived(self, arrival: Arrival) -> None:
-        """``arrival`` reached its join with params."""
+    def arrived(self, fork: Fork) -> None:
+        """The last of ``fork``'s arrivals reached its join, with params."""
+        arrival = Arrival(fork, len(fork.arrivals) - 1, fork.arrivals[-1])
         self._arrived.append(arrival)
         self.changed[arrival] = None
 
@@ -176,6 +193,10 @@ class Places:
             heapq.heappush(self.free, number)
         for placed in plan.removed:
             self.numbers.pop(placed, None)
+            if isinstance(placed, Fork):
+                self.arrivals.pop(placed, None)
+        for arrival in plan.arrivals:
+            self.arrivals.setdefault(arrival.fork, []).append(arrival)
         self.numbers.update(plan.numbers)
         for number, value in plan.values.items():
             if value is None:
@@ -217,8 +238,10 @@ class Plan:
     numbers: dict[Placed, int] = field(default_factory=dict)
     """The numbers this plan gave."""
     removed: dict[Placed, None] = field(default_factory=dict)
-    """The branches and fan-outs whose places this plan deletes (a dict as an ordered
-    set)."""
+    """The branches, fan-outs and arrivals whose places this plan deletes (a dict as an
+    ordered set)."""
+    arrivals: list[Arrival] = field(default_factory=list)
+    """The arrivals whose places this plan writes."""
     count: int = 0
     """The run's count of place numbers in use once the plan is stored."""
     taken: list[int] = field(default_factory=list)
@@ -302,6 +325,7 @@ class Plan:
             self.values[self.number(arrival)] = {
                 "arrival": {**saved, "params": dict(arrival.params)}
             }
+            self.arrivals.append(arrival)
 
     def remove(self, branch: Branch) -> None:
         """``branch`` left: delete its place, and write its fork's (its count of
@@ -316,7 +340,7 @@ class Plan:
             self.values[number] = {"fork": self._fork(fork)}
             return
         self._delete(fork)
-        for arrival in fork.arrivals:
+        for arrival in self.places.arrivals.get(fork, []):
             self._delete(arrival)
 
     def _delete(self, placed: Placed) -> None:

@@ -307,7 +307,8 @@ class _Routing:
             )
         fork.join_id = join_id
         if params:
-            self.run.durability.arrived(fork.arrive(params))
+            fork.arrivals.append(params)
+            self.run.durability.arrived(fork)
         fork.pending -= 1
         if not fork.pending:
             self._enter(fork.parent, join_id, MappingProxyType(fork.params()))

@@ -128,33 +128,17 @@ class Fork:
     depth: int
     pending: int
     join_id: str | None = None
-    arrivals: list[Arrival] = field(default_factory=list)
-    """The arrivals at the join that brought params, in arrival order (each one's
-    ``order`` is its index here)."""
-
-    def arrive(self, params: Mapping[str, Any]) -> Arrival:
-        """Add an arrival with ``params`` (not empty) and return it. Never blocks."""
-        arrival = Arrival(self, len(self.arrivals), params)
-        self.arrivals.append(arrival)
-        return arrival
+    arrivals: list[Mapping[str, Any]] = field(default_factory=list)
+    """The params of each arrival at the join that brought any (a branch, or a target
+    of the fan-out itself), in arrival order."""
 
     def params(self) -> dict[str, Any]:
         """The join's params: the arrivals' params merged, a later arrival's value of a
         key winning."""
         merged: dict[str, Any] = {}
-        for arrival in self.arrivals:
-            merged.update(arrival.params)
+        for params in self.arrivals:
+            merged.update(params)
         return merged
-
-
-@dataclass(slots=True, eq=False)
-class Arrival:
-    """A branch of ``fork`` (or a target of the fan-out itself) that reached the join
-    with ``params``: the ``order``-th such arrival."""
-
-    fork: Fork
-    order: int
-    params: Mapping[str, Any]
 
 
 @final

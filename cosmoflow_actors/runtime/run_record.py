@@ -49,7 +49,7 @@ from cosmoflow_actors.errors import (
 )
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.messages import Step, StepDone
-from cosmoflow_actors.runtime.places import Placed, Places
+from cosmoflow_actors.runtime.places import Arrival, Placed, Places
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Fork, Frame
 from cosmoflow_actors.storage.base import (
     RECORD_PREFIX,
@@ -554,7 +554,9 @@ class _Restoring:
         """The branch of the record's last step, once made."""
         self._forks: dict[int, Fork] = {}
         self._making: set[int] = set()
-        self._arrivals = self._arrivals_by_fork()
+        self._arrival_numbers = self._arrivals_by_fork()
+        self.arrivals: dict[Fork, list[Arrival]] = {}
+        """The arrivals at the joins of the fan-outs made, in order."""
 
     def branches_in_flight(self) -> list[Branch]:
         """The record's branches in flight, put back in the flow in the order of their
@@ -583,8 +585,10 @@ class _Restoring:
         :meth:`branches_in_flight`)."""
         if self.last is None:
             return Places(self.run_id)
-        count = self.record["places"]
-        return Places.restored(self.run_id, count, self.numbers, self.saved, branches, self.last)
+        count, last, arrivals = self.record["places"], self.last, self.arrivals
+        return Places.restored(
+            self.run_id, count, self.numbers, self.saved, branches, last, arrivals
+        )
 
     def _saved_branches(self) -> list[tuple[int, dict[str, Any]]]:
         """The branches in flight as saved, each with the number of its place, in that
@@ -626,8 +630,11 @@ class _Restoring:
         fork = Fork(parent, saved["depth"], saved["pending"], saved["join"])
         self._forks[number] = fork
         self.numbers[fork] = number
-        for arrival_number in self._arrivals.get(number, []):
-            arrival = fork.arrive(self.saved[arrival_number]["arrival"]["params"])
+        for order, arrival_number in enumerate(self._arrival_numbers.get(number, [])):
+            params = self.saved[arrival_number]["arrival"]["params"]
+            fork.arrivals.append(params)
+            arrival = Arrival(fork, order, params)
+            self.arrivals.setdefault(fork, []).append(arrival)
             self.numbers[arrival] = arrival_number
         return fork
 
