@@ -93,6 +93,23 @@ def test_forget_refuses_a_child_of_a_recorded_run_and_names_its_parent(
     assert recorded_runs(store, capsys) == []
 
 
+def test_forget_takes_the_children_named_after_their_parent_as_forgotten_with_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ids ``inspect`` lists, in its order (children right after their parent), are
+    all forgotten: a child named after its parent went with it, and is printed."""
+    store = f"sqlite:{tmp_path / 'state.db'}"
+    flow = batch_flow_twice_in_a_loop()
+    storage = cf.SQLiteStorage(tmp_path / "state.db")
+    for run_id in ("job", "later"):
+        trio.run(functools.partial(flow.run, storage, run_id=run_id))
+    listed = recorded_runs(store, capsys)
+    assert listed[:5] == ["job", *CHILDREN_OF_THE_LOOP]
+    assert main(["forget", store, *listed]) == 0
+    assert capsys.readouterr().out.splitlines() == listed
+    assert recorded_runs(store, capsys) == []
+
+
 def test_forget_on_redis(
     redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

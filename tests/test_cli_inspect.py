@@ -218,3 +218,37 @@ def test_inspect_shows_an_empty_sqlite_file_as_an_empty_store(
     assert main(["inspect", f"sqlite:{path}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["keys"] == {}
     assert snapshot_of(tmp_path) == before
+
+
+def test_inspect_shows_keys_values_and_run_ids_as_they_are_not_as_rich_markup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Brackets and colons a user chose are text: rich neither styles them, nor turns
+    them into emoji, nor fails on a closing tag that closes nothing."""
+    path = tmp_path / "s.json"
+
+    @cf.node
+    async def write(ctx: cf.ExecutionContext) -> None:
+        await ctx.store.set("[bold]name", ":thumbs_up: a[/]b")
+
+    flow = cf.Flow.builder("marked").add_node("write", write).build()
+    flow.run_sync(cf.FileStorage(path), run_id="[dim]r1")
+    assert main(["inspect", f"file:{path}"]) == 0
+    out = capsys.readouterr().out
+    assert table_row(out, "[bold]name") == ["[bold]name", "str", "':thumbs_up: a[/]b'"]
+    assert table_row(out, "[dim]r1")[:4] == ["[dim]r1", "-", "marked", "succeeded"]
+
+
+def test_inspect_piped_keeps_each_row_whole_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a stdout that is no terminal the tables are as wide as their rows, so that a
+    line holds a whole id (for grep, awk, xargs), however long."""
+    path = tmp_path / "s.json"
+    run_id = "nightly-report-of-the-eu-west-region-" + "0" * 30
+    long_name = "flow-with-a-name-long-enough-to-share-the-width"
+    flow = cf.Flow.builder(long_name).add_node("a-node-with-a-long-id", cf.Node()).build()
+    flow.run_sync(cf.FileStorage(path), run_id=run_id)
+    assert main(["inspect", f"file:{path}"]) == 0
+    row = table_row(capsys.readouterr().out, run_id)
+    assert row[:5] == [run_id, "-", long_name, "succeeded", "a-node-with-a-long-id"]

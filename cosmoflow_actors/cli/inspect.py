@@ -9,6 +9,7 @@ from typing import Any, Final
 
 from outcome import Outcome
 from rich.table import Table
+from rich.text import Text
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow
@@ -33,6 +34,9 @@ from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX
 
 PREVIEW_CHARS: Final = 60
 """``inspect`` shows at most this much of each value's repr."""
+PIPED_WIDTH: Final = 10_000
+"""How wide ``inspect``'s tables may be on a stdout that is no terminal: as wide as
+their rows, so that none is folded onto a second line."""
 
 
 def graph_command(args: argparse.Namespace) -> int:
@@ -58,6 +62,8 @@ def inspect_command(args: argparse.Namespace) -> int:
     else:
         print(f"store: {name}")
         console = StdoutConsole(highlight=False)
+        if not console.is_terminal:  # piped: a line holds a whole row, for grep and awk
+            console.width = PIPED_WIDTH
         console.print(_keys_table(contents))
         console.print(_runs_table(runs))
     problem = first_unreadable(name, contents)
@@ -110,15 +116,17 @@ async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]
 
 def _runs_table(runs: list[RunRecord]) -> Table:
     """The table of ``runs``: "-" stands for a field that is None (the parent of a run that
-    is no BatchFlow's child, the owner of a run no worker claimed, a lease not read)."""
+    is no BatchFlow's child, the owner of a run no worker claimed, a lease not read).
+    A cell too wide for its column is folded onto more lines, never cut, so that an id
+    is always there whole."""
     table = Table(title=f"runs ({len(runs)})", title_justify="left")
     columns = ("run id", "parent", "flow", "state", "last node", "steps", "owner", "lease left")
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for run in runs:
         lease = "-" if run.lease_left is None else f"{run.lease_left:.1f} s"
         cells = (run.state, run.last_node_id or "-", str(run.steps), run.owner or "-", lease)
-        table.add_row(run.run_id, run.parent_id or "-", run.flow_name, *cells)
+        table.add_row(*_plain(run.run_id, run.parent_id or "-", run.flow_name, *cells))
     return table
 
 
@@ -129,8 +137,14 @@ def _keys_table(contents: dict[str, Any]) -> Table:
     table.add_column("value", overflow="fold")
     for key, value in contents.items():
         kind = "unreadable" if isinstance(value, Unreadable) else type(value).__name__
-        table.add_row(key, kind, _preview(value))
+        table.add_row(*_plain(key, kind, _preview(value)))
     return table
+
+
+def _plain(*cells: str) -> list[Text]:
+    """``cells`` as rich shows them as they are: a ``[bold]`` or ``:smile:`` in a key,
+    a value or an id is text, not rich's markup or emoji code."""
+    return [Text(cell) for cell in cells]
 
 
 def _preview(value: Any) -> str:
