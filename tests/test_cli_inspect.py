@@ -110,12 +110,34 @@ def test_inspect_lists_the_durable_runs_of_a_store(
             "queue": None,
             "lease_left": None,
             "parent_id": None,
+            "error": None,
         }
     ]
     assert main(["inspect", f"file:{path}"]) == 0
     out = capsys.readouterr().out
     assert "runs (1)" in out
-    assert table_row(out, "nightly") == ["nightly", "-", "chain", "succeeded", "b", "2", "-", "-"]
+    row = ["nightly", "-", "chain", "succeeded", "b", "2", "-", "-", "-"]
+    assert table_row(out, "nightly") == row
+
+
+def test_inspect_says_what_a_failed_run_failed_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    @cf.node
+    def fails(ctx: cf.ExecutionContext) -> None:
+        raise RuntimeError("b fails")
+
+    path = tmp_path / "runs.json"
+    flow = cf.Flow.builder("chain").add_node("a", cf.Node()).add_node("b", fails)
+    with pytest.raises(cf.NodeError):
+        flow.add_route("a", "b").build().run_sync(cf.FileStorage(path), run_id="nightly")
+    failure = "NodeError: node 'b' failed in exec (flow 'chain', run nightly, 1 attempt)"
+    assert main(["inspect", f"file:{path}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["error"] == failure
+    assert main(["inspect", f"file:{path}"]) == 0
+    out = capsys.readouterr().out
+    row = ["nightly", "-", "chain", "failed", "a", "1", "-", "-", failure]
+    assert table_row(out, "nightly") == row
 
 
 @pytest.mark.parametrize("scheme", ["file", "sqlite"])
@@ -166,9 +188,9 @@ def test_inspect_shows_the_parent_of_a_batch_flows_child_runs(
         runs = out[out.index("runs (3)") :].splitlines()
         rows = [line.strip("│ ").split("│") for line in runs if line.startswith("│")]
         assert [[cell.strip() for cell in row] for row in rows] == [
-            ["job", "-", "parent", "succeeded", "each", "1", "-", "-"],
-            ["job:1/0", "job", "child", "succeeded", "one", "1", "-", "-"],
-            ["job:1/1", "job", "child", "succeeded", "one", "1", "-", "-"],
+            ["job", "-", "parent", "succeeded", "each", "1", "-", "-", "-"],
+            ["job:1/0", "job", "child", "succeeded", "one", "1", "-", "-", "-"],
+            ["job:1/1", "job", "child", "succeeded", "one", "1", "-", "-", "-"],
         ]
 
 

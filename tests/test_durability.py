@@ -93,8 +93,9 @@ async def test_a_failed_step_commits_nothing_and_resume_goes_on_from_it(tmp_path
         with pytest.raises(cf.NodeError):
             await engine.run(flow, cf.FileStorage(path), run_id="r2")
         assert (await read_all(path))["n"] == 2
+        failure = "NodeError: node 'count' failed in post (flow 'loop', run r2, 1 attempt)"
         assert await engine.list_runs(cf.FileStorage(path)) == [
-            cf.RunRecord("r2", "loop", "failed", "count", 2)
+            cf.RunRecord("r2", "loop", "failed", "count", 2, error=failure)
         ]
         with pytest.raises(cf.CosmoFlowError, match=r"continue it with engine\.resume"):
             await engine.run(flow, cf.FileStorage(path), run_id="r2")
@@ -149,7 +150,8 @@ async def test_a_step_whose_data_cannot_be_stored_fails_naming_the_node_and_stor
     )
     cause = info.value.__cause__
     assert isinstance(cause, cf.StoreValueError) and named in str(cause)
-    assert runs == [cf.RunRecord("u", "unstorable", "failed", None, 0)]
+    failure = "NodeError: node 'w' failed in commit (flow 'unstorable', run u, 1 attempt)"
+    assert runs == [cf.RunRecord("u", "unstorable", "failed", None, 0, error=failure)]
     storage = cf.SQLiteStorage(path)
     assert await storage.keys() == ["__cosmoflow__/runs/u"]
     await storage.aclose()

@@ -116,17 +116,19 @@ async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]
 
 def _runs_table(runs: list[RunRecord]) -> Table:
     """The table of ``runs``: "-" stands for a field that is None (the parent of a run that
-    is no BatchFlow's child, the owner of a run no worker claimed, a lease not read).
+    is no BatchFlow's child, the owner of a run no worker claimed, a lease not read, the
+    error of a run that did not fail).
     A cell too wide for its column is folded onto more lines, never cut, so that an id
     is always there whole."""
     table = Table(title=f"runs ({len(runs)})", title_justify="left")
     columns = ("run id", "parent", "flow", "state", "last node", "steps", "owner", "lease left")
-    for column in columns:
+    for column in (*columns, "error"):
         table.add_column(column, overflow="fold")
     for run in runs:
         lease = "-" if run.lease_left is None else f"{run.lease_left:.1f} s"
         cells = (run.state, run.last_node_id or "-", str(run.steps), run.owner or "-", lease)
-        table.add_row(*_plain(run.run_id, run.parent_id or "-", run.flow_name, *cells))
+        ids = (run.run_id, run.parent_id or "-", run.flow_name)
+        table.add_row(*_plain(*ids, *cells, run.error or "-"))
     return table
 
 

@@ -215,7 +215,9 @@ class RunRecord:
     """What a store says about one durable run (see :func:`list_runs`).
 
     ``state`` is "running" (in flight, or interrupted by a crash or a cancel),
-    "succeeded" or "failed"; ``last_node_id`` is the node of the last committed step.
+    "succeeded" or "failed"; ``last_node_id`` is the node of the last committed step;
+    ``error`` is what a failed run failed with, its type and message as its record holds
+    them (``"NodeError: node 'b' failed in exec (...)"``), None for any other run.
 
     A run that a worker of a run queue claimed names it: ``owner`` is the worker's
     name and ``queue`` the queue's URL (``redis://HOST[:PORT][/DB]/NAME[?QUERY]``, its
@@ -239,6 +241,7 @@ class RunRecord:
     queue: str | None = None
     lease_left: float | None = None
     parent_id: str | None = None
+    error: str | None = None
 
     @classmethod
     def of(cls, record: Mapping[str, Any]) -> RunRecord:
@@ -253,6 +256,7 @@ class RunRecord:
             steps=record["steps"],
             owner=owner.get("worker"),
             queue=owner.get("queue"),
+            error=record["error"],
         )
 
 
