@@ -3,6 +3,7 @@ cannot be written."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import trio
+from rich.console import Console
+from rich.table import Table
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.cli import main
+from cosmoflow_actors.cli.output import plain
 from tests.cli_support import EXAMPLES
 
 pytestmark = pytest.mark.usefixtures("plain_output")
@@ -126,3 +130,15 @@ def test_the_error_line_escapes_what_a_run_put_in_its_message(
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("cosmoflow: error: ")
     assert "ValueError: line one\\nline two \\x1b[31mRED" in line
+
+
+def test_plain_cells_show_markup_and_emoji_codes_as_they_are() -> None:
+    """The tables of inspect, status and batch show a user's text (ids, keys, values,
+    node names) as it is: rich's markup in it is neither applied nor an error."""
+    text = "[bold]x :thumbs_up: [/]"
+    table = Table()
+    table.add_column("cell")
+    table.add_row(*plain(text))
+    console = Console(width=80, file=io.StringIO(), record=True)
+    console.print(table)
+    assert text in console.export_text()

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cosmoflow_actors.cli.output import StdoutConsole, dump_json
+from cosmoflow_actors.cli.output import StdoutConsole, dump_json, plain
 from cosmoflow_actors.cli.trace import NodeNames
 from cosmoflow_actors.events import (
     Event,
@@ -230,7 +230,7 @@ def _node_table(nodes: dict[str, dict[str, Any]]) -> Table:
     for row, stats in nodes.items():
         latencies = [_ms(stats[key]) for key in ("mean_ms", "p50_ms", "p99_ms")]
         counts = [str(stats[key]) for key in ("retries", "fallbacks", "failures")]
-        table.add_row(row, str(stats["steps"]), *latencies, *counts)
+        table.add_row(*plain(row, str(stats["steps"]), *latencies, *counts))
     return table
 
 

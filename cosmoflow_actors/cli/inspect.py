@@ -9,11 +9,10 @@ from typing import Any, Final
 
 from outcome import Outcome
 from rich.table import Table
-from rich.text import Text
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow
-from cosmoflow_actors.cli.output import StdoutConsole, dump_json
+from cosmoflow_actors.cli.output import StdoutConsole, dump_json, plain
 from cosmoflow_actors.cli.signals import trio_run
 from cosmoflow_actors.cli.stores import (
     Unreadable,
@@ -128,7 +127,7 @@ def _runs_table(runs: list[RunRecord]) -> Table:
         lease = "-" if run.lease_left is None else f"{run.lease_left:.1f} s"
         cells = (run.state, run.last_node_id or "-", str(run.steps), run.owner or "-", lease)
         ids = (run.run_id, run.parent_id or "-", run.flow_name)
-        table.add_row(*_plain(*ids, *cells, run.error or "-"))
+        table.add_row(*plain(*ids, *cells, run.error or "-"))
     return table
 
 
@@ -139,14 +138,8 @@ def _keys_table(contents: dict[str, Any]) -> Table:
     table.add_column("value", overflow="fold")
     for key, value in contents.items():
         kind = "unreadable" if isinstance(value, Unreadable) else type(value).__name__
-        table.add_row(*_plain(key, kind, _preview(value)))
+        table.add_row(*plain(key, kind, _preview(value)))
     return table
-
-
-def _plain(*cells: str) -> list[Text]:
-    """``cells`` as rich shows them as they are: a ``[bold]`` or ``:smile:`` in a key,
-    a value or an id is text, not rich's markup or emoji code."""
-    return [Text(cell) for cell in cells]
 
 
 def _preview(value: Any) -> str:

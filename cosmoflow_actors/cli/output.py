@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any, cast
 
 from rich.console import Console
+from rich.text import Text
 
 from cosmoflow_actors.tracing import one_line
 
@@ -81,6 +82,13 @@ class StdoutConsole(Console):
     def on_broken_pipe(self) -> None:
         self.quiet = True
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+def plain(*cells: str) -> list[Text]:
+    """``cells`` as rich shows them as they are: a ``[bold]`` or ``:smile:`` in a key,
+    a value, an id or a node's name is text, not rich's markup or emoji code. Does not
+    block."""
+    return [Text(cell) for cell in cells]
 
 
 def dump_json(value: Any) -> str:

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow, load_flows
-from cosmoflow_actors.cli.output import StdoutConsole, dump_json
+from cosmoflow_actors.cli.output import StdoutConsole, dump_json, plain
 from cosmoflow_actors.cli.run import check_run_id, parse_params, read_params_file
 from cosmoflow_actors.cli.signals import STOP_GRACE, TERMINATED, Deadline, trio_run
 from cosmoflow_actors.cli.stores import worker_stores
@@ -288,5 +288,5 @@ def _queue_table(runs: list[QueuedRun]) -> Table:
     for run in runs:
         lease = "-" if run.lease_left is None else f"{run.lease_left:.1f} s"
         cells = (run.flow_name, run.state, run.owner or "-", lease, str(run.attempts))
-        table.add_row(run.run_id, *cells)
+        table.add_row(*plain(run.run_id, *cells))
     return table
