@@ -517,7 +517,7 @@ class Engine:
         when a branch's recorded outcome ends it."""
         key = run_record.record_key(run.run_id)
         keys = [*run_record.chunk_keys(record), *run_record.place_keys(record), key]
-        parts = run_record.parts_read(record, await _read_parts(run, keys))
+        parts = run_record.parts_read(record, await run.store_actor.read_parts(run.storage, keys))
         path = run_record.whole_path(record, parts)
         branches, places = run_record.restore(run, record, path, parts)
         run.durability = DurableRun({**record, "state": "running", "error": None}, places)
@@ -894,16 +894,10 @@ async def _recorded_path(run: ActiveRun, record: Mapping[str, Any]) -> list[str]
     if not chunk_keys:
         return run_record.whole_path(record, {})
     key = run_record.record_key(run.run_id)
-    read = await _read_parts(run, [*chunk_keys, key])
+    read = await run.store_actor.read_parts(run.storage, [*chunk_keys, key])
     if read.get(key) is None:
         return None
     return run_record.whole_path(record, run_record.parts_read(record, read))
-
-
-async def _read_parts(run: ActiveRun, keys: list[str]) -> dict[str, Any]:
-    """Those of ``run``'s parts (path chunks, places) under ``keys`` that its store
-    holds, by key, in one request (none for no keys). Blocks while they are read."""
-    return await run.store_actor.read_parts(run.storage, keys) if keys else {}
 
 
 def _checked_arguments(flow: object, params: object, run_id: object) -> dict[str, Any]:
