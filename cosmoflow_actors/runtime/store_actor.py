@@ -44,8 +44,8 @@ from cosmoflow_actors.storage.base import (
     Storage,
     apply_step_op,
     check_steps,
-    forgotten_prefixes,
     forgotten_with,
+    stored_with,
     value_or,
 )
 from cosmoflow_actors.storage.memory import MemoryStorage
@@ -491,14 +491,10 @@ class StoreActor(Actor[StoreRequest]):
         if record is None:
             return False
         check(record)
-        listed = [
-            key
-            for prefix in forgotten_prefixes(request.key)
-            for key in await storage.keys_with_prefix(prefix)
-        ]
+        keys = await stored_with(storage, request.key)
         undo = _StoreUndo(storage)
         try:
-            for key in forgotten_with(request.key, listed):
+            for key in keys:
                 await undo.remember(key)
                 await storage.delete(key)
         except Exception:

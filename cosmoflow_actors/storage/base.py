@@ -369,6 +369,18 @@ def forgotten_with(record_key: str, keys: Iterable[str]) -> list[str]:
     return [record_key, *record_children(record_key, near), *record_parts(record_key, near)]
 
 
+async def stored_with(storage: Storage, record_key: str) -> list[str]:
+    """``record_key`` and the keys of ``storage`` forgotten with the run recorded under
+    it (see :func:`forgotten_with`), listed under :func:`forgotten_prefixes` with
+    :meth:`Storage.keys_with_prefix`. Blocks while they are listed."""
+    listed = [
+        key
+        for prefix in forgotten_prefixes(record_key)
+        for key in await storage.keys_with_prefix(prefix)
+    ]
+    return forgotten_with(record_key, listed)
+
+
 def batch_parent(run_id: str) -> str | None:
     """The run a BatchFlow child of id ``run_id`` belongs to (``job`` for ``job:3/0``,
     ``job:3/0`` for ``job:3/0:1/2``), or None when ``run_id`` is not of a child's form.

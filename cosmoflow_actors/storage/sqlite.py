@@ -21,8 +21,7 @@ from cosmoflow_actors.storage.base import (
     RESERVED_PREFIX,
     StagedOp,
     check_steps,
-    forgotten_prefixes,
-    forgotten_with,
+    stored_with,
     value_or,
 )
 from cosmoflow_actors.storage.codec import (
@@ -305,12 +304,7 @@ class SQLiteStorage(DatabaseStorage):
         if record is None:
             return False
         check(record)
-        listed = [
-            key
-            for prefix in forgotten_prefixes(record_key)
-            for key in await self.keys_with_prefix(prefix)
-        ]
-        for key in forgotten_with(record_key, listed):
+        for key in await stored_with(self, record_key):
             self._staged.delete(key)
         return True
 
