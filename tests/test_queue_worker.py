@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,37 @@ async def test_a_run_whose_record_is_damaged_fails_once_naming_the_key(
     await storage.aclose()
 
 
+async def test_a_claim_that_fails_reading_the_record_closes_the_runs_store(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The worker fails a run whose record holds a damaged place as it claims it, and
+    closes the run's store before going on: its FileStorage (kept alive by the store
+    factory) unlocks its files, which another instance then opens at once."""
+    queue = new_queue(redis_server, lease=0.5)
+    path = tmp_path / "run.json"
+    run_id = "damaged-file"
+    FAILURES[run_id] = 1
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError):
+            await engine.run(FLOW, cf.FileStorage(path), run_id=run_id)
+    storage = cf.FileStorage(path)
+    await storage.open()
+    await storage.set(f"__cosmoflow__/parts/{run_id}/at/0", {"garbage": 1})
+    await storage.commit()
+    await storage.aclose()
+    given: list[cf.FileStorage] = []
+
+    def stores(claimed: str) -> cf.Storage:
+        given.append(cf.FileStorage(path))
+        return given[-1]
+
+    error = await failure_at_first_claim(queue, stores, run_id)
+    assert "DamagedRecordError" in error
+    assert len(given) == 1
+    await storage.open()
+    await storage.aclose()
+
+
 async def test_a_run_whose_record_cannot_be_decoded_fails_once_naming_the_key(
     redis_server: RedisServer,
 ) -> None:
@@ -192,7 +223,9 @@ async def failed_run(store: str, name: str) -> tuple[str, cf.RedisStorage]:
     return run_id, storage
 
 
-async def failure_at_first_claim(queue: RunQueue, store: str, run_id: str) -> str:
+async def failure_at_first_claim(
+    queue: RunQueue, store: str | Callable[[str], cf.Storage], run_id: str
+) -> str:
     """The error ``run_id``, submitted to the worker "w1", fails with; the queue must
     record it failed at its first attempt (no worker took it again)."""
     async with worker(queue, store, "w1"):

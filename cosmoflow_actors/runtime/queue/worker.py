@@ -210,9 +210,8 @@ class _Worker:
         with scope:
             try:
                 storage = self.stores(claim.run_id)
-                refusal = await self._own_record(storage, claim)
+                refusal = await self._owned(storage, claim)
                 if refusal is not None:
-                    await storage.aclose()
                     return refusal
                 done = await self.engine.resume(
                     claim.flow, storage, run_id=claim.run_id, params=claim.params
@@ -238,6 +237,20 @@ class _Worker:
             why,
             describe_error(error),
         )
+
+    async def _owned(self, storage: Storage, claim: Claim) -> RunRecordedError | None:
+        """:meth:`_own_record`, closing ``storage`` unless the run goes on with it: when
+        that returns a refusal or raises (the close shielded, as :func:`shielded_briefly`
+        bounds it). Blocks while the store opens, is read, commits and closes."""
+        try:
+            refusal = await self._own_record(storage, claim)
+        except BaseException:
+            with shielded_briefly():
+                await storage.aclose()
+            raise
+        if refusal is not None:
+            await storage.aclose()
+        return refusal
 
     async def _own_record(self, storage: Storage, claim: Claim) -> RunRecordedError | None:
         """Name this worker and its queue in the run's record (written first if the run
