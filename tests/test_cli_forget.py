@@ -260,7 +260,7 @@ class ChangedMeanwhile(cf.SQLiteStorage):
         super().__init__(self.folder / "state.db")
         self.changed = False
 
-    async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool | None:
+    async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool:
         if not self.changed:
             self.changed = True
             command = [
