@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -17,6 +21,42 @@ from tests.storage_suite import RedisServer, unique_namespace
 from tests.support import CHILDREN_OF_THE_LOOP, Gate, batch_flow_twice_in_a_loop, single
 
 pytestmark = pytest.mark.usefixtures("plain_output")
+
+STEPS = """
+import os
+
+import cosmoflow_actors as cf
+
+
+@cf.node
+async def first(ctx):
+    pass
+
+
+@cf.node
+async def second(ctx):
+    if os.environ.get("STEPS_FAIL"):
+        raise RuntimeError("asked to fail")
+
+
+@cf.node
+async def third(ctx):
+    if os.environ.get("STEPS_CRASH"):
+        os._exit(3)
+
+
+steps = (
+    cf.Flow.builder("steps")
+    .add_node("first", first)
+    .add_node("second", second)
+    .add_node("third", third)
+    .add_route("first", "second")
+    .add_route("second", "third")
+    .build()
+)
+"""
+"""A flow of three steps: the second fails with STEPS_FAIL set in the environment, and
+the third ends the process at once (no step after it committed) with STEPS_CRASH."""
 
 
 def recorded_runs(store: str, capsys: pytest.CaptureFixture[str]) -> list[str]:
@@ -119,3 +159,145 @@ def test_forget_on_redis(
     assert main(["forget", store, "nightly"]) == 0
     assert capsys.readouterr().out == "nightly\n"
     assert recorded_runs(store, capsys) == []
+
+
+@pytest.fixture
+def steps_file(tmp_path: Path) -> Path:
+    path = tmp_path / "steps.py"
+    path.write_text(STEPS)
+    return path
+
+
+def run_steps(
+    steps_file: Path, store: str, run_id: str, monkeypatch: pytest.MonkeyPatch, *, fail: bool
+) -> None:
+    """Run STEPS as ``run_id`` on ``store`` with ``cosmoflow run``: it fails when ``fail``."""
+    with monkeypatch.context() as patch:
+        if fail:
+            patch.setenv("STEPS_FAIL", "1")
+        assert main(["run", str(steps_file), "--store", store, "--run-id", run_id]) == int(fail)
+
+
+def store_of_kind(
+    kind: str, tmp_path: Path, redis_server: RedisServer
+) -> tuple[str, Callable[[], cf.Storage]]:
+    """A ``--store`` of ``kind`` (file, sqlite or redis), and what makes its Storage."""
+    if kind == "redis":
+        namespace = unique_namespace()
+        return f"{redis_server.url}#{namespace}", functools.partial(redis_server.storage, namespace)
+    path = tmp_path / "state"
+    storage = cf.FileStorage if kind == "file" else cf.SQLiteStorage
+    return f"{kind}:{path}", functools.partial(storage, path)
+
+
+async def cancelled_midway(storage: cf.Storage, run_id: str) -> None:
+    """Start the run ``run_id`` on ``storage`` and cancel it in its first step: it is
+    recorded as running."""
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(Gate(), "gated"), storage, run_id=run_id)
+        await trio.testing.wait_all_tasks_blocked()
+        run.cancel()
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite", "redis"])
+def test_forget_state_forgets_the_runs_recorded_in_it_with_their_children(
+    kind: str,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    steps_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The runs go in the order inspect lists them, a BatchFlow's parent with its
+    children, printed after it; a failed run stays for --state failed, and one recorded
+    as running stays whatever the states; nothing to forget prints nothing."""
+    store, storage = store_of_kind(kind, tmp_path, redis_server)
+    flow = batch_flow_twice_in_a_loop()
+    trio.run(functools.partial(flow.run, storage(), run_id="job"))
+    run_steps(steps_file, store, "a", monkeypatch, fail=False)
+    run_steps(steps_file, store, "b", monkeypatch, fail=True)
+    trio.run(cancelled_midway, storage(), "r")
+    capsys.readouterr()
+    assert main(["forget", store, "--state", "succeeded"]) == 0
+    captured = capsys.readouterr()
+    assert (captured.out.splitlines(), captured.err) == (["a", "job", *CHILDREN_OF_THE_LOOP], "")
+    assert recorded_runs(store, capsys) == ["b", "r"]
+    assert main(["forget", store, "--state", "succeeded", "--state", "failed"]) == 0
+    assert capsys.readouterr().out == "b\n"
+    assert main(["forget", store, "--state", "failed"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert recorded_runs(store, capsys) == ["r"]
+
+
+def test_forget_takes_either_run_ids_or_a_state(
+    tmp_path: Path, steps_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"sqlite:{tmp_path / 'state.db'}"
+    assert main(["run", str(steps_file), "--store", store, "--run-id", "a"]) == 0
+    capsys.readouterr()
+    for argv, problem in (
+        (
+            [store, "a", "--state", "succeeded"],
+            "argument --state: not allowed with argument RUN_ID",
+        ),
+        ([store], "one of the arguments RUN_ID --state is required"),
+        ([store, "--state", "running"], "argument --state: invalid choice: 'running'"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(["forget", *argv])
+        assert exited.value.code == 2
+        assert f"cosmoflow forget: error: {problem}" in capsys.readouterr().err
+    assert recorded_runs(store, capsys) == ["a"]
+
+
+class ChangedMeanwhile(cf.SQLiteStorage):
+    """The SQLite store ``FOLDER/state.db`` where, before the first run is forgotten, a
+    process resumes the run "b" (``FOLDER/steps.py``), which commits a step and dies:
+    it is recorded as running; and another engine forgets the run "c"."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        super().__init__(self.folder / "state.db")
+        self.changed = False
+
+    async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool:
+        if not self.changed:
+            self.changed = True
+            command = [
+                sys.executable,
+                "-m",
+                "cosmoflow_actors",
+                "run",
+                str(self.folder / "steps.py"),
+            ]
+            command += ["--store", f"sqlite:{self.path}", "--run-id", "b", "--resume"]
+            environment = {**os.environ, "STEPS_CRASH": "1"}
+            resumed = await trio.run_process(
+                command, env=environment, check=False, capture_stdout=True, capture_stderr=True
+            )
+            assert resumed.returncode == 3, resumed.stderr
+            assert await cf.forget_run(cf.SQLiteStorage(self.path), "c")
+        return await super().forget_record(record_key, check)
+
+
+def test_forget_state_skips_a_run_resumed_or_forgotten_since_it_was_listed(
+    tmp_path: Path,
+    steps_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each run skipped gets a warning; the runs after it are forgotten; exit status 0."""
+    sqlite = f"sqlite:{tmp_path / 'state.db'}"
+    for run_id in ("a", "b", "c", "d"):
+        run_steps(steps_file, sqlite, run_id, monkeypatch, fail=True)
+    capsys.readouterr()
+    store = f"python:{__name__}:ChangedMeanwhile:{tmp_path}"
+    assert main(["forget", store, "--state", "failed"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "a\nd\n"
+    assert captured.err.splitlines() == [
+        f"cosmoflow: warning: {store}: run 'b', listed as failed, is kept: it is recorded "
+        "as running now",
+        f"cosmoflow: warning: {store}: run 'c', listed as failed, is no longer recorded",
+    ]
+    assert recorded_runs(sqlite, capsys) == ["b"]

@@ -15,10 +15,11 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import redis
 import trio
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.cli import main
+from cosmoflow_actors.cli import main, stores
 from tests.cli_support import EXAMPLES, fill_sqlite_store, result_within, table_row
 from tests.storage_suite import RedisServer, unique_namespace
 
@@ -362,3 +363,63 @@ def test_a_worker_gives_each_run_the_store_its_factory_makes(
             worker.terminate()
     assert (done.result, done.worker) == (1, "w1")
     assert json.loads((user_backend / "r2.json").read_text())["data"]["count"] == 1
+
+
+def redis_database(redis_server: RedisServer, number: int) -> str:
+    """The URL of database ``number`` of the test's server, emptied: its namespaces are
+    the test's own."""
+    url = f"redis://127.0.0.1:{redis_server.port}/{number}"
+    with contextlib.closing(redis.Redis.from_url(url)) as client:
+        client.flushdb()
+    return url
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["forget", "r"], ["forget", "--state", "failed"]])
+def test_a_command_on_what_a_store_holds_refuses_a_redis_namespace_the_server_lacks(
+    redis_server: RedisServer,
+    counter_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    """Nothing is written (opening the namespace would claim it); the error names the
+    namespaces the server holds."""
+    url = redis_database(redis_server, 3)
+    [doing, *rest] = command
+    assert main([doing, f"{url}#orders", *rest]) == 2
+    assert capsys.readouterr().err == (
+        f"cosmoflow: error: RedisStorage('{url}', namespace='orders'): the server holds "
+        "no namespace 'orders' (it holds none)\n"
+    )
+    with contextlib.closing(redis.Redis.from_url(url)) as client:
+        assert client.dbsize() == 0
+        assert main(["run", str(counter_file), "--store", f"{url}#orders"]) == 0
+        written = sorted(client.keys())
+        capsys.readouterr()
+        assert main([doing, f"{url}#ordres", *rest]) == 2
+        assert capsys.readouterr().err.endswith(
+            "the server holds no namespace 'ordres' (its namespaces: 'orders')\n"
+        )
+        assert sorted(client.keys()) == written
+    assert main(["inspect", f"{url}#orders"]) == 0
+
+
+def test_the_namespaces_a_refusal_names_are_capped(
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """At most ten, and none when the scan stops before it saw every key."""
+    url = redis_database(redis_server, 4)
+    with contextlib.closing(redis.Redis.from_url(url)) as client:
+        for number in range(12):
+            client.hset(f"cosmoflow:n{number:02}:meta", "format", "x")
+        assert main(["inspect", f"{url}#typo"]) == 2
+        names = ", ".join(f"'n{number:02}'" for number in range(10))
+        assert capsys.readouterr().err.endswith(f"(its namespaces include {names})\n")
+        client.flushdb()
+        client.mset({f"key{number}": number for number in range(100)})
+        monkeypatch.setattr(stores, "NAMESPACE_SCANS", 1)
+        monkeypatch.setattr(stores, "SCAN_COUNT", 1)
+        assert main(["inspect", f"{url}#typo"]) == 2
+        assert capsys.readouterr().err.endswith("(none found among the first 1 keys)\n")
+        assert client.dbsize() == 100

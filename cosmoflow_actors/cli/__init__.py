@@ -7,6 +7,8 @@
   on stderr as it happens.
 - ``cosmoflow graph FILE.py[:NAME]`` prints the flow's diagram (Mermaid or dot).
 - ``cosmoflow inspect STORE`` lists the keys of a persistent store.
+- ``cosmoflow forget STORE RUN_ID...``, or ``--state succeeded|failed`` for every run in
+  that state, deletes the records of durable runs that ended.
 - ``--store`` takes the built-in stores, or one of the user's own:
   ``python:MODULE:FACTORY[:ARGUMENT]``, or ``SCHEME:ARGUMENT`` for a scheme a package
   declares in the entry point group ``cosmoflow_actors.storage``.
@@ -38,8 +40,8 @@ The modules, one a concept:
   reading a store.
 - :mod:`.run`: ``run``, with :mod:`.batch` (``--runs N``) and :mod:`.trace`
   (``--trace``).
-- :mod:`.inspect`: ``graph`` and ``inspect``. :mod:`.queue`: ``submit``, ``worker``,
-  ``status`` and ``requeue``.
+- :mod:`.inspect`: ``graph`` and ``inspect``. :mod:`.forget`: ``forget``.
+  :mod:`.queue`: ``submit``, ``worker``, ``status`` and ``requeue``.
 """
 
 from cosmoflow_actors.cli.app import main

@@ -17,7 +17,7 @@ from typing import Final
 
 from cosmoflow_actors import __version__
 from cosmoflow_actors.cli.errors import CliError
-from cosmoflow_actors.cli.forget import forget_command
+from cosmoflow_actors.cli.forget import ENDED_STATES, forget_command
 from cosmoflow_actors.cli.inspect import graph_command, inspect_command
 from cosmoflow_actors.cli.loading import split_target
 from cosmoflow_actors.cli.output import StdoutFailed, checked_stdout, print_error
@@ -166,7 +166,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     forget.set_defaults(command=forget_command)
     _add_store(forget, default=None)
-    forget.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="a run that ended")
+    which = forget.add_mutually_exclusive_group(required=True)
+    which.add_argument("run_ids", nargs="*", default=[], metavar="RUN_ID", help="a run that ended")
+    which.add_argument(
+        "--state",
+        action="append",
+        choices=ENDED_STATES,
+        help="instead of RUN_IDs: every run recorded in this state (repeatable)",
+    )
     _add_queue_commands(commands, common)
     return parser
 

@@ -1,29 +1,46 @@
 """``cosmoflow forget``: delete the records of durable runs that have ended from a
-persistent store (see ``Engine.forget_run``)."""
+persistent store (see ``Engine.forget_run``), the runs named or those recorded in the
+states ``--state`` names."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Collection
+from typing import Final
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.signals import trio_run
 from cosmoflow_actors.cli.stores import described, existing_store, opened
 from cosmoflow_actors.errors import RunRecordedError, StorageError
 from cosmoflow_actors.runtime.engine import Engine, open_engine
+from cosmoflow_actors.runtime.run_record import RunRecord
 from cosmoflow_actors.storage import Storage
 from cosmoflow_actors.storage.base import batch_parent
+from cosmoflow_actors.tracing import one_line
+
+ENDED_STATES: Final = ("succeeded", "failed")
+"""The states ``--state`` takes: those of runs that ended, which may be forgotten."""
 
 
 def forget_command(args: argparse.Namespace) -> int:
     """``cosmoflow forget``: forget the runs ``args.run_ids`` of the store
-    ``args.store``, in order, printing each id once its records are deleted (a
-    BatchFlow's child named after its parent, whose records went with the parent's, at
-    once). The first run that cannot be forgotten (no record, still running, a
-    BatchFlow's child of a recorded run, a record the engine did not write) is a
-    CliError; the runs before it stay forgotten. Blocks while the store is read and
-    written."""
+    ``args.store``, in order, or, with ``args.state``, every run recorded in one of those
+    states; print each id once its records are deleted (a BatchFlow's child, whose
+    records went with its parent's, right after it). Blocks while the store is read and
+    written.
+
+    A run named that cannot be forgotten (no record, still running, a BatchFlow's child
+    of a recorded run, a record the engine did not write) is a CliError; the runs
+    before it stay forgotten. A run listed in a state ``--state`` names that is recorded
+    otherwise by its turn (another process resumed or forgot it) is skipped with a
+    warning on stderr."""
     storage = existing_store(args.store, args.codec, "forget")
-    trio_run(_forget, described(args.store, storage), storage, args.run_ids)
+    name = described(args.store, storage)
+    if args.state:
+        trio_run(_forget_in_states, name, storage, frozenset(args.state))
+    else:
+        trio_run(_forget, name, storage, args.run_ids)
     return 0
 
 
@@ -37,17 +54,65 @@ async def _forget(name: str, storage: Storage, run_ids: list[str]) -> None:
             print(run_id, flush=True)
 
 
+async def _forget_in_states(name: str, storage: Storage, states: Collection[str]) -> None:
+    """Forget the runs of ``storage`` (the store ``name``) that ``list_runs`` gives in one
+    of ``states`` and that are no BatchFlow's child of a recorded run, in its order;
+    print each id forgotten, then those of its children listed (gone with it)."""
+    forgotten: set[str] = set()
+    async with open_engine() as engine, opened(engine, storage):
+        try:
+            runs = await engine.list_runs(storage)
+        except StorageError as exc:
+            raise CliError(f"{name}: cannot list its runs: {exc}") from exc
+        for run in runs:
+            if _forgotten_with_parent(run.run_id, forgotten) or (
+                run.parent_id is None
+                and run.state in states
+                and await _forget_listed(engine, name, storage, run)
+            ):
+                forgotten.add(run.run_id)
+                print(run.run_id, flush=True)
+
+
 async def _forget_one(engine: Engine, name: str, storage: Storage, run_id: str) -> None:
     """Forget the run ``run_id`` of ``storage`` (the store ``name``); CliError when it
     cannot be."""
     try:
-        found = await engine.forget_run(storage, run_id)
+        found = await _forget_recorded(engine, name, storage, run_id)
     except RunRecordedError as exc:
         raise CliError(_refused(name, run_id, exc)) from exc
-    except (StorageError, ValueError) as exc:
-        raise CliError(f"{name}: cannot forget run {run_id!r}: {exc}") from exc
     if not found:
         raise CliError(f"{name}: no run {run_id!r} is recorded")
+
+
+async def _forget_listed(engine: Engine, name: str, storage: Storage, run: RunRecord) -> bool:
+    """Forget ``run``, as ``list_runs`` gave it from ``storage`` (the store ``name``);
+    return whether it was. A run that ``forget_run`` refuses now (resumed since, so
+    recorded as running) or finds no more (forgotten since) is kept, or left gone, with
+    a warning on stderr."""
+    try:
+        found = await _forget_recorded(engine, name, storage, run.run_id)
+    except RunRecordedError as exc:
+        now = "it is recorded as running now" if exc.state == "running" else str(exc)
+        _warn(f"{name}: run {run.run_id!r}, listed as {run.state}, is kept: {now}")
+        return False
+    if not found:
+        _warn(f"{name}: run {run.run_id!r}, listed as {run.state}, is no longer recorded")
+    return found
+
+
+async def _forget_recorded(engine: Engine, name: str, storage: Storage, run_id: str) -> bool:
+    """``engine.forget_run(storage, run_id)``; a store that fails it is a CliError
+    naming ``name`` and the run."""
+    try:
+        return await engine.forget_run(storage, run_id)
+    except (StorageError, ValueError) as exc:
+        raise CliError(f"{name}: cannot forget run {run_id!r}: {exc}") from exc
+
+
+def _warn(message: str) -> None:
+    """Print ``cosmoflow: warning: MESSAGE`` on stderr, as one line (blocks)."""
+    print(f"cosmoflow: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def _forgotten_with_parent(run_id: str, forgotten: set[str]) -> bool:

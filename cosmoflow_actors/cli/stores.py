@@ -14,7 +14,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from inspect import signature
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.output import StdoutFailed
@@ -23,7 +23,10 @@ from cosmoflow_actors.runtime.engine import Engine
 from cosmoflow_actors.runtime.queue import RunStores, per_run_redis
 from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
-from cosmoflow_actors.storage.redis import redacted
+from cosmoflow_actors.storage.redis import SCAN_COUNT, redacted, send_command, shared_client
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 PYTHON_STORE: Final = "python:MODULE:FACTORY[:ARGUMENT]"
 """``--store`` for a backend of the user's own: ``FACTORY(ARGUMENT)`` returns the Storage."""
@@ -40,6 +43,17 @@ STORAGE_GROUP: Final = "cosmoflow_actors.storage"
 ``SCHEME = "module:factory"``, where ``factory(ARGUMENT)`` returns a Storage."""
 RESERVED_SCHEMES: Final = frozenset({"memory", "file", "sqlite", "redis", "rediss", "python"})
 """The schemes of the built-in stores, which no package's scheme replaces."""
+NAMESPACE_PARTS: Final = ("meta", "data", "index")
+"""The keys of a Redis store's namespace: ``cosmoflow:<namespace>:meta`` and so on (see
+:class:`~cosmoflow_actors.storage.RedisStorage`)."""
+NAMESPACE_CHECK_TIMEOUT: Final = 10.0
+"""How long ``inspect`` and ``forget`` wait for a Redis store's server to say whether it
+holds the namespace (RedisStorage's default timeout, so that they share its client)."""
+NAMESPACES_SHOWN: Final = 10
+"""How many of the namespaces a server holds an error names, at most."""
+NAMESPACE_SCANS: Final = 10
+"""How many ``SCAN`` round trips (each looking at SCAN_COUNT keys) the search for those
+namespaces makes, at most."""
 SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+")
 """A scheme name, as in a URL, of two characters at least: ``C:`` is a drive letter."""
 
@@ -79,7 +93,60 @@ def existing_store(text: str, codec: str | None, doing: str) -> Storage:
         raise CliError(f"memory: a memory store lives only as long as its run; nothing to {doing}")
     if isinstance(storage, FileStorage | SQLiteStorage) and not storage.path.exists():
         raise CliError(f"{text}: no such file")
+    if isinstance(storage, RedisStorage):
+        _require_namespace(storage)
     return storage
+
+
+def _require_namespace(storage: RedisStorage) -> None:
+    """CliError naming the namespace of ``storage`` (and some its server holds) when the
+    server holds none of its keys: opening it would claim it, writing its metadata.
+    Blocks for a few round trips; writes nothing."""
+    try:
+        client = shared_client(storage.url, NAMESPACE_CHECK_TIMEOUT, "RedisStorage")
+    except StorageError as exc:  # the redis package is missing
+        raise CliError(str(exc)) from exc
+    from redis.exceptions import RedisError
+
+    namespace = storage.namespace
+    keys = [f"cosmoflow:{namespace}:{part}" for part in NAMESPACE_PARTS]
+    try:
+        if send_command(client, "EXISTS", *keys):
+            return
+        held = _namespaces_held(client)
+    except RedisError as exc:
+        raise CliError(f"cannot open the store: {storage!r}: {exc}") from exc
+    raise CliError(f"{storage!r}: the server holds no namespace {namespace!r} ({held})")
+
+
+def _namespaces_held(client: Redis) -> str:
+    """Which namespaces the server of ``client`` holds (in its database), in words: at
+    most :data:`NAMESPACES_SHOWN` of them (see :func:`_scan_namespaces`). Blocks."""
+    names, complete = _scan_namespaces(client)
+    shown = ", ".join(repr(name) for name in sorted(names)[:NAMESPACES_SHOWN])
+    if complete and len(names) <= NAMESPACES_SHOWN:
+        return f"its namespaces: {shown}" if names else "it holds none"
+    if not names:
+        return f"none found among the first {NAMESPACE_SCANS * SCAN_COUNT:,} keys"
+    return f"its namespaces include {shown}"
+
+
+def _scan_namespaces(client: Redis) -> tuple[set[str], bool]:
+    """Namespaces of the server of ``client``, found by a ``SCAN`` for their metadata
+    keys that stops once it has more than :data:`NAMESPACES_SHOWN` or after
+    :data:`NAMESPACE_SCANS` round trips, and whether it saw every key. Blocks."""
+    names: set[str] = set()
+    cursor = 0
+    for _ in range(NAMESPACE_SCANS):
+        cursor, found = send_command(
+            client, "SCAN", cursor, "MATCH", "cosmoflow:*:meta", "COUNT", SCAN_COUNT
+        )
+        names.update(
+            key.decode(errors="replace").split(":", 1)[1][: -len(":meta")] for key in found
+        )
+        if int(cursor) == 0 or len(names) > NAMESPACES_SHOWN:
+            break
+    return names, int(cursor) == 0
 
 
 def described(text: str, storage: Storage) -> str:
