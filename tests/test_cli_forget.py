@@ -253,7 +253,8 @@ def test_forget_takes_either_run_ids_or_a_state(
 class ChangedMeanwhile(cf.SQLiteStorage):
     """The SQLite store ``FOLDER/state.db`` where, before the first run is forgotten, a
     process resumes the run "b" (``FOLDER/steps.py``), which commits a step and dies:
-    it is recorded as running; and another engine forgets the run "c"."""
+    it is recorded as running; another resumes "d" to its success; and another engine
+    forgets the run "c"."""
 
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
@@ -263,21 +264,23 @@ class ChangedMeanwhile(cf.SQLiteStorage):
     async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool:
         if not self.changed:
             self.changed = True
-            command = [
-                sys.executable,
-                "-m",
-                "cosmoflow_actors",
-                "run",
-                str(self.folder / "steps.py"),
-            ]
-            command += ["--store", f"sqlite:{self.path}", "--run-id", "b", "--resume"]
-            environment = {**os.environ, "STEPS_CRASH": "1"}
-            resumed = await trio.run_process(
-                command, env=environment, check=False, capture_stdout=True, capture_stderr=True
-            )
-            assert resumed.returncode == 3, resumed.stderr
+            assert await self._resume("b", {"STEPS_CRASH": "1"}) == 3
+            assert await self._resume("d", {}) == 0
             assert await cf.forget_run(cf.SQLiteStorage(self.path), "c")
         return await super().forget_record(record_key, check)
+
+    async def _resume(self, run_id: str, environment: dict[str, str]) -> int:
+        """Resume ``run_id`` in a process of its own; its exit status."""
+        command = [sys.executable, "-m", "cosmoflow_actors", "run", str(self.folder / "steps.py")]
+        command += ["--store", f"sqlite:{self.path}", "--run-id", run_id, "--resume"]
+        resumed = await trio.run_process(
+            command,
+            env={**os.environ, **environment},
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+        return resumed.returncode
 
 
 def test_forget_state_skips_a_run_resumed_or_forgotten_since_it_was_listed(
@@ -286,18 +289,21 @@ def test_forget_state_skips_a_run_resumed_or_forgotten_since_it_was_listed(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Each run skipped gets a warning; the runs after it are forgotten; exit status 0."""
+    """Each run skipped gets a warning (one resumed to its success included: --state
+    failed keeps it); the runs after it are forgotten; exit status 0."""
     sqlite = f"sqlite:{tmp_path / 'state.db'}"
-    for run_id in ("a", "b", "c", "d"):
+    for run_id in ("a", "b", "c", "d", "e"):
         run_steps(steps_file, sqlite, run_id, monkeypatch, fail=True)
     capsys.readouterr()
     store = f"python:{__name__}:ChangedMeanwhile:{tmp_path}"
     assert main(["forget", store, "--state", "failed"]) == 0
     captured = capsys.readouterr()
-    assert captured.out == "a\nd\n"
+    assert captured.out == "a\ne\n"
     assert captured.err.splitlines() == [
         f"cosmoflow: warning: {store}: run 'b', listed as failed, is kept: it is recorded "
         "as running now",
         f"cosmoflow: warning: {store}: run 'c', listed as failed, is no longer recorded",
+        f"cosmoflow: warning: {store}: run 'd', listed as failed, is kept: it is recorded "
+        "as succeeded now",
     ]
-    assert recorded_runs(sqlite, capsys) == ["b"]
+    assert recorded_runs(sqlite, capsys) == ["b", "d"]

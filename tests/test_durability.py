@@ -271,6 +271,24 @@ async def test_forget_run_deletes_an_ended_runs_record_and_keeps_what_it_wrote(
     assert node.posts == [1, 2, 3]
 
 
+async def test_forget_run_keeps_a_run_recorded_in_a_state_not_named(tmp_path: Path) -> None:
+    storage = cf.SQLiteStorage(tmp_path / "store.db")
+    node = Counted(fail_at=2)
+    async with cf.open_engine() as engine:
+        await engine.run(loop_flow(node, 1), storage, run_id="ok")
+        with pytest.raises(cf.RunRecordedError, match="'ok' is recorded as succeeded, not failed"):
+            await engine.forget_run(storage, "ok", states=["failed"])
+        assert [run.run_id for run in await engine.list_runs(storage)] == ["ok"]
+        assert await engine.forget_run(storage, "ok", states=["succeeded"])
+        for states, problem in (
+            ([], "states is empty"),
+            (["running"], "states: 'running' is not the state of a run that ended"),
+            ("failed", "not the str 'failed'"),
+        ):
+            with pytest.raises(ValueError, match=problem):
+                await engine.forget_run(storage, "ok", states=states)  # type: ignore[arg-type]
+
+
 async def test_forget_run_refuses_a_run_recorded_as_running_or_in_flight(tmp_path: Path) -> None:
     gate = Gate()
     path = tmp_path / "store.json"

@@ -101,8 +101,8 @@ async def test_a_forget_reads_the_record_again_when_another_client_changed_it_me
     checked: list[str] = []
     require_ended = run_record.require_ended
 
-    def resumed_elsewhere_once_checked(key: str, record: Any) -> None:
-        require_ended(key, record)
+    def resumed_elsewhere_once_checked(key: str, record: Any, states: Any) -> None:
+        require_ended(key, record, states)
         checked.append(record["state"])
         if len(checked) == 1:
             running = json.dumps({**record, "state": "running"})

@@ -17,7 +17,7 @@ from typing import Final
 
 from cosmoflow_actors import __version__
 from cosmoflow_actors.cli.errors import CliError
-from cosmoflow_actors.cli.forget import ENDED_STATES, forget_command
+from cosmoflow_actors.cli.forget import forget_command
 from cosmoflow_actors.cli.inspect import graph_command, inspect_command
 from cosmoflow_actors.cli.loading import split_target
 from cosmoflow_actors.cli.output import StdoutFailed, checked_stdout, print_error
@@ -33,6 +33,7 @@ from cosmoflow_actors.cli.signals import INTERRUPTED
 from cosmoflow_actors.cli.stores import PYTHON_STORE, STORE_SYNTAX
 from cosmoflow_actors.errors import error_text, told_causes
 from cosmoflow_actors.runtime.queue import DEFAULT_FLOW_WAIT, DEFAULT_LEASE
+from cosmoflow_actors.runtime.run_record import ENDED_STATES
 from cosmoflow_actors.tracing import describe_error
 from cosmoflow_actors.validation import positive_int
 

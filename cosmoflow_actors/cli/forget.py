@@ -7,20 +7,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Collection
-from typing import Final
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.signals import trio_run
 from cosmoflow_actors.cli.stores import described, existing_store, opened
 from cosmoflow_actors.errors import RunRecordedError, StorageError
 from cosmoflow_actors.runtime.engine import Engine, open_engine
-from cosmoflow_actors.runtime.run_record import RunRecord
+from cosmoflow_actors.runtime.run_record import ENDED_STATES, EndedState, RunRecord
 from cosmoflow_actors.storage import Storage
 from cosmoflow_actors.storage.base import batch_parent
 from cosmoflow_actors.tracing import one_line
-
-ENDED_STATES: Final = ("succeeded", "failed")
-"""The states ``--state`` takes: those of runs that ended, which may be forgotten."""
 
 
 def forget_command(args: argparse.Namespace) -> int:
@@ -54,7 +50,7 @@ async def _forget(name: str, storage: Storage, run_ids: list[str]) -> None:
             print(run_id, flush=True)
 
 
-async def _forget_in_states(name: str, storage: Storage, states: Collection[str]) -> None:
+async def _forget_in_states(name: str, storage: Storage, states: Collection[EndedState]) -> None:
     """Forget the runs of ``storage`` (the store ``name``) that ``list_runs`` gives in one
     of ``states`` and that are no BatchFlow's child of a recorded run, in its order;
     print each id forgotten, then those of its children listed (gone with it)."""
@@ -68,7 +64,7 @@ async def _forget_in_states(name: str, storage: Storage, states: Collection[str]
             if _forgotten_with_parent(run.run_id, forgotten) or (
                 run.parent_id is None
                 and run.state in states
-                and await _forget_listed(engine, name, storage, run)
+                and await _forget_listed(engine, name, storage, run, states)
             ):
                 forgotten.add(run.run_id)
                 print(run.run_id, flush=True)
@@ -85,15 +81,17 @@ async def _forget_one(engine: Engine, name: str, storage: Storage, run_id: str) 
         raise CliError(f"{name}: no run {run_id!r} is recorded")
 
 
-async def _forget_listed(engine: Engine, name: str, storage: Storage, run: RunRecord) -> bool:
-    """Forget ``run``, as ``list_runs`` gave it from ``storage`` (the store ``name``);
-    return whether it was. A run that ``forget_run`` refuses now (resumed since, so
-    recorded as running) or finds no more (forgotten since) is kept, or left gone, with
-    a warning on stderr."""
+async def _forget_listed(
+    engine: Engine, name: str, storage: Storage, run: RunRecord, states: Collection[EndedState]
+) -> bool:
+    """Forget ``run``, as ``list_runs`` gave it from ``storage`` (the store ``name``), if
+    it is still recorded in one of ``states``; return whether it was. A run recorded
+    otherwise now (resumed since) or no more (forgotten since) is kept, or left gone,
+    with a warning on stderr."""
     try:
-        found = await _forget_recorded(engine, name, storage, run.run_id)
+        found = await _forget_recorded(engine, name, storage, run.run_id, states)
     except RunRecordedError as exc:
-        now = "it is recorded as running now" if exc.state == "running" else str(exc)
+        now = str(exc) if exc.state == run.state else f"it is recorded as {exc.state} now"
         _warn(f"{name}: run {run.run_id!r}, listed as {run.state}, is kept: {now}")
         return False
     if not found:
@@ -101,11 +99,17 @@ async def _forget_listed(engine: Engine, name: str, storage: Storage, run: RunRe
     return found
 
 
-async def _forget_recorded(engine: Engine, name: str, storage: Storage, run_id: str) -> bool:
-    """``engine.forget_run(storage, run_id)``; a store that fails it is a CliError
-    naming ``name`` and the run."""
+async def _forget_recorded(
+    engine: Engine,
+    name: str,
+    storage: Storage,
+    run_id: str,
+    states: Collection[EndedState] = ENDED_STATES,
+) -> bool:
+    """``engine.forget_run(storage, run_id, states=states)``; a store that fails it is a
+    CliError naming ``name`` and the run."""
     try:
-        return await engine.forget_run(storage, run_id)
+        return await engine.forget_run(storage, run_id, states=states)
     except (StorageError, ValueError) as exc:
         raise CliError(f"{name}: cannot forget run {run_id!r}: {exc}") from exc
 

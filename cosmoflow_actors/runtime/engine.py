@@ -15,7 +15,15 @@ import contextlib
 import enum
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from contextlib import asynccontextmanager
 from types import MappingProxyType
 from typing import Any, Final, TypeVar, final
@@ -53,7 +61,7 @@ from cosmoflow_actors.runtime.messages import Step
 from cosmoflow_actors.runtime.node_actor import NodeActor, carry
 from cosmoflow_actors.runtime.queue import RunQueue, RunStores
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Run, RunState
-from cosmoflow_actors.runtime.run_record import RunRecord
+from cosmoflow_actors.runtime.run_record import ENDED_STATES, EndedState, RunRecord
 from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.store_client import SharedStore
@@ -278,23 +286,33 @@ class Engine:
         )
         return await run_queue.leases_checked(storage, runs)
 
-    async def forget_run(self, store: Storage | dict[str, Any], run_id: str) -> bool:
+    async def forget_run(
+        self,
+        store: Storage | dict[str, Any],
+        run_id: str,
+        *,
+        states: Collection[EndedState] = ENDED_STATES,
+    ) -> bool:
         """Delete the record of the durable run ``run_id`` from ``store``, a run that has
-        ended (succeeded or failed), with the records of its BatchFlow children
-        (``run_id:2/0``...); return whether there was one. What the runs wrote to the
-        store stays; the run id is free again. Blocks while the records are read and
-        deleted (in the store actor's serial order, so no step of this engine commits
-        in between; in a transaction of the backend's own where it has one, see
-        ``Storage.forget_record``, so no step of another process either) and, when no
-        run uses the store, until its backend is closed.
+        ended in one of ``states`` (succeeded or failed), with the records of its
+        BatchFlow children (``run_id:2/0``...); return whether there was one. What the
+        runs wrote to the store stays; the run id is free again. Blocks while the
+        records are read and deleted (in the store actor's serial order, so no step of
+        this engine commits in between; in a transaction of the backend's own where it
+        has one, see ``Storage.forget_record``, so no step of another process either)
+        and, when no run uses the store, until its backend is closed.
 
-        Raises RunRecordedError for a run in flight on this engine or recorded as
-        "running" (finish it with :meth:`resume` first), or a BatchFlow's child run
-        whose parent is recorded (forget the parent: a resume of the parent would run
-        the child's steps again); StorageError when the store holds something else
-        under the record's key, and RuntimeError once the engine is closed.
+        Raises RunRecordedError for a run in flight on this engine, recorded as
+        "running" (finish it with :meth:`resume` first) or in an ended state not in
+        ``states`` (a run listed as failed, then resumed to success elsewhere, is kept
+        by ``states=["failed"]``), or a BatchFlow's child run whose parent is recorded
+        (forget the parent: a resume of the parent would run the child's steps again);
+        ValueError when ``states`` names no state or one of a run that did not end;
+        StorageError when the store holds something else under the record's key, and
+        RuntimeError once the engine is closed.
         """
         require_run_id(run_id)
+        run_record.check_states(states)
         self._refuse_in_flight(run_id)
         async with self._served(store) as (storage, actor):
             parent = await _recorded_parent(storage, actor, run_id)
@@ -303,7 +321,7 @@ class Engine:
                 """Again in the store actor's order, where a start that has read the
                 record has its run in flight."""
                 self._refuse_in_flight(run_id)
-                run_record.require_ended(key, record)  # checks the record whole
+                run_record.require_ended(key, record, states)  # checks the record whole
                 if parent is not None:
                     run_record.refuse_child(record, parent)
 
@@ -945,10 +963,15 @@ async def list_runs(store: Storage | dict[str, Any]) -> list[RunRecord]:
     return await on_temporary_engine(lambda engine: engine.list_runs(store))
 
 
-async def forget_run(store: Storage | dict[str, Any], run_id: str) -> bool:
-    """Delete the record of the ended durable run ``run_id`` from ``store`` (on a
-    temporary engine; blocks until done); see :meth:`Engine.forget_run`."""
-    return await on_temporary_engine(lambda engine: engine.forget_run(store, run_id))
+async def forget_run(
+    store: Storage | dict[str, Any],
+    run_id: str,
+    *,
+    states: Collection[EndedState] = ENDED_STATES,
+) -> bool:
+    """Delete the record of the durable run ``run_id``, ended in one of ``states``, from
+    ``store`` (on a temporary engine; blocks until done); see :meth:`Engine.forget_run`."""
+    return await on_temporary_engine(lambda engine: engine.forget_run(store, run_id, states=states))
 
 
 async def on_temporary_engine(work: Callable[[Engine], Awaitable[T]]) -> T:

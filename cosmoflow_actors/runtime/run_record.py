@@ -92,20 +92,46 @@ def checked_record(key: str, value: Any) -> dict[str, Any]:
     return record
 
 
-def require_ended(key: str, value: Any) -> None:
+EndedState = Literal["succeeded", "failed"]
+"""The state of a durable run that has ended, as its record says."""
+ENDED_STATES: Final[tuple[EndedState, ...]] = ("succeeded", "failed")
+
+
+def require_ended(key: str, value: Any, states: Collection[EndedState] = ENDED_STATES) -> None:
     """Raise RunRecordedError unless ``value``, the record under ``key``, is of a run
-    that has ended (succeeded or failed), so that it may be forgotten; DamagedRecordError
-    when it is not a record the engine wrote."""
+    that has ended in one of ``states`` (by default succeeded or failed), so that it may
+    be forgotten; DamagedRecordError when it is not a record the engine wrote."""
     record = checked_record(key, value)
-    if record["state"] == "running":
-        run_id = record["run_id"]
+    state = record["state"]
+    run_id = record["run_id"]
+    if state == "running":
         raise RunRecordedError(
             f"run {run_id!r} is recorded as running (in flight, or interrupted): finish "
             "it with engine.resume before forgetting it",
             run_id,
             record["flow"],
-            record["state"],
+            state,
         )
+    if state not in states:
+        wanted = " or ".join(sorted(states))
+        raise RunRecordedError(
+            f"run {run_id!r} is recorded as {state}, not {wanted}: it is kept",
+            run_id,
+            record["flow"],
+            state,
+        )
+
+
+def check_states(states: Collection[str]) -> None:
+    """Raise ValueError unless ``states`` names states of runs that ended (at least one):
+    the message names what is not one."""
+    if isinstance(states, str):
+        raise ValueError(f"states must be a collection of states, not the str {states!r}")
+    for state in states:
+        if state not in ENDED_STATES:
+            raise ValueError(f"states: {state!r} is not the state of a run that ended")
+    if not states:
+        raise ValueError("states is empty: name 'succeeded', 'failed' or both")
 
 
 def refuse_child(record: Mapping[str, Any], parent: str) -> NoReturn:
