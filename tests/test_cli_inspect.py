@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -274,3 +275,222 @@ def test_inspect_piped_keeps_each_row_whole_on_one_line(
     assert main(["inspect", f"file:{path}"]) == 0
     row = table_row(capsys.readouterr().out, run_id)
     assert row[:5] == [run_id, "-", long_name, "succeeded", "a-node-with-a-long-id"]
+
+
+class Go(cf.Node):
+    """Goes on with ``params`` in its action."""
+
+    def __init__(self, **params: str) -> None:
+        super().__init__()
+        self.params = params
+
+    async def post(
+        self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+    ) -> cf.Action:
+        return cf.Action.with_params("default", **self.params)
+
+
+class Hold(cf.Node):
+    """Never ends its step: the run's failure cancels it, under way."""
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> None:
+        await trio.sleep_forever()
+
+
+@cf.node
+def fails(ctx: cf.ExecutionContext) -> None:
+    raise RuntimeError("e2 fails")
+
+
+def stopped_fan_out() -> cf.Flow:
+    """A fan-out from ``start`` to its join ``j`` (which it reaches itself, with
+    ``start``'s params), a branch held inside the nested flow ``b`` and one that fans out
+    again at ``c1`` (no join), to ``d``, held, and ``e``, whose next step fails the run.
+    Only ``start``, ``c1`` and ``e`` commit, in that order, so the places the run leaves
+    are always the same."""
+    inner = cf.Flow.builder("inner").add_node("x", Hold()).build()
+    return (
+        cf.Flow.builder("fan")
+        .add_node("start", Go(who="start"))
+        .add_node("b", inner)
+        .add_node("c1", Go())
+        .add_node("d", Hold())
+        .add_node("e", Go())
+        .add_node("e2", fails)
+        .add_join("j", cf.Node())
+        .add_route("start", ["j", "b", "c1"])
+        .add_route("b", "j")
+        .add_route("c1", ["d", "e"])
+        .add_route("e", "e2")
+        .build()
+    )
+
+
+STOPPED_LINES = [
+    "path:       start -> c1 -> e",
+    "in flight:",
+    "  fan-out at 'start': join 'j', 2 branches still out",
+    "    branch '1.1/': its step at 'b' > 'x' was under way, with params {'who': 'start'}:"
+    " runs 'b' > 'x' again on resume",
+    "    arrived at the join: {'who': 'start'}",
+    "    fan-out at 'c1' by branch '1.2/': join none reached yet, 2 branches still out",
+    "      branch '1.2/2.0/': its step at 'd' was under way, with params {}:"
+    " runs 'd' again on resume",
+    "      branch '1.2/2.1/': done at 'e', returned 'default': routed on from there on resume",
+    "      arrived at the join: none with params",
+]
+
+
+def stopped_store(kind: str, tmp_path: Path, redis_server: RedisServer) -> tuple[str, cf.Storage]:
+    """A store of ``kind`` as ``--store`` names it, and its storage."""
+    if kind == "redis":
+        namespace = unique_namespace()
+        return f"{redis_server.url}#{namespace}", redis_server.storage(namespace)
+    path = tmp_path / "runs"
+    storage = cf.FileStorage(path) if kind == "file" else cf.SQLiteStorage(path)
+    return f"{kind}:{path}", storage
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite", "redis"])
+def test_inspect_run_shows_where_each_branch_of_a_stopped_fan_out_stands(
+    kind: str, tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each open fan-out, nested in the branch that forked it, with its branches in
+    flight (under way or done), how many are out and the params at its join; the same
+    in JSON; and the files of a file or SQLite store are left as they were."""
+    store, storage = stopped_store(kind, tmp_path, redis_server)
+    with pytest.raises(cf.NodeError):
+        stopped_fan_out().run_sync(storage, run_id="r2")
+    before = snapshot_of(tmp_path)
+    assert main(["inspect", store, "--run", "r2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    failure = "NodeError: node 'e2' failed in exec (flow 'fan', run r2, 1 attempt)"
+    assert lines[1:4] == ["run:        r2", "flow:       fan", "state:      failed"]
+    assert f"error:      {failure}" in lines
+    assert lines[-len(STOPPED_LINES) :] == STOPPED_LINES
+    assert main(["inspect", store, "--run", "r2", "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)["run"]
+    assert (run["state"], run["steps"], run["error"]) == ("failed", 3, failure)
+    assert run["path"] == ["start", "c1", "e"]
+    assert run["in_flight"] == {
+        "branches": [],
+        "fan_outs": [
+            {
+                "forked_at": ["start"],
+                "from_branch": "",
+                "join": "j",
+                "pending": 2,
+                "branches": [under_way("1.1/", ["b", "x"], {"who": "start"})],
+                "arrivals": [{"who": "start"}],
+                "fan_outs": [
+                    {
+                        "forked_at": ["c1"],
+                        "from_branch": "1.2/",
+                        "join": None,
+                        "pending": 2,
+                        "branches": [
+                            under_way("1.2/2.0/", ["d"], {}),
+                            {
+                                "label": "1.2/2.1/",
+                                "at": ["e"],
+                                "under_way": False,
+                                "params": {},
+                                "action": {"name": "default", "params": {}},
+                            },
+                        ],
+                        "arrivals": [],
+                        "fan_outs": [],
+                    }
+                ],
+            }
+        ],
+    }
+    after = snapshot_of(tmp_path)  # an SQLite reader may add its -shm and -wal files
+    assert {name: after[name] for name in before} == before
+
+
+def under_way(label: str, at: list[str], params: dict[str, str]) -> dict[str, Any]:
+    """A branch in ``--json``, whose step at ``at`` was under way with ``params``."""
+    return {"label": label, "at": at, "under_way": True, "params": params, "action": None}
+
+
+@pytest.mark.parametrize("scheme", ["file", "sqlite"])
+def test_inspect_run_shows_the_last_of_a_long_path_and_json_all_of_it(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    scheme: str,
+) -> None:
+    """A run that succeeded has nothing in flight; its path is read from its chunks."""
+    monkeypatch.setattr(run_record, "PATH_CHUNK", 4)
+    path = tmp_path / "runs"
+    storage = cf.FileStorage(path) if scheme == "file" else cf.SQLiteStorage(path)
+
+    async def seeded_run() -> None:
+        async with cf.open_engine() as engine:
+            async with engine.open_store(storage) as store:
+                await store.set("steps", 25)
+            await engine.run(ticking(), storage, run_id="long")
+
+    trio.run(seeded_run)
+    assert main(["inspect", f"{scheme}:{path}", "--run", "long"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "state:      succeeded" in lines
+    assert lines[-2:] == [
+        "path:       (5 earlier steps) -> " + " -> ".join(["tick"] * 20),
+        "in flight:  -",
+    ]
+    assert main(["inspect", f"{scheme}:{path}", "--run", "long", "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)["run"]
+    assert (run["steps"], run["path"]) == (25, ["tick"] * 25)
+    assert run["in_flight"] == {"branches": [], "fan_outs": []}
+
+
+def test_inspect_run_names_a_batch_flows_children_and_refuses_an_unknown_run(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inner = cf.Flow.builder("child").add_node("one", cf.Node()).build()
+    flow = cf.Flow.builder("parent").add_node("each", EachName(inner)).build()
+    namespace = unique_namespace()
+    stores = {
+        f"file:{tmp_path / 'runs.json'}": cf.FileStorage(tmp_path / "runs.json"),
+        f"{redis_server.url}#{namespace}": redis_server.storage(namespace),
+    }
+    for store, storage in stores.items():
+        flow.run_sync(storage, run_id="job")
+        assert main(["inspect", store, "--run", "job"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert "children:   job:1/0 (succeeded), job:1/1 (succeeded)" in out
+        assert main(["inspect", store, "--run", "job:1/1", "--json"]) == 0
+        run = json.loads(capsys.readouterr().out)["run"]
+        assert (run["parent_id"], run["children"], run["path"]) == ("job", [], ["one"])
+        assert main(["inspect", store, "--run", "job:1/2"]) == 2
+        named = store if store.startswith("file:") else repr(storage)
+        assert capsys.readouterr().err == (
+            f"cosmoflow: error: {named}: no run 'job:1/2' is recorded\n"
+        )
+
+
+def test_inspect_run_names_a_damaged_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "runs.json"
+    with pytest.raises(cf.NodeError):
+        stopped_fan_out().run_sync(cf.FileStorage(path), run_id="r2")
+    key = "__cosmoflow__/parts/r2/at/1"
+
+    async def damage() -> None:
+        storage = cf.FileStorage(path)
+        await storage.open()
+        assert await storage.contains(key)
+        await storage.set(key, {"branch": 5})
+        await storage.commit()
+        await storage.aclose()
+
+    trio.run(damage)
+    assert main(["inspect", f"file:{path}", "--run", "r2"]) == 2
+    assert capsys.readouterr().err == (
+        f"cosmoflow: error: file:{path}: cannot read run 'r2': run 'r2': the store holds "
+        f"no valid place under {key!r}: branch is 5 (int), not an object (the engine never "
+        "writes that: the place was crafted or damaged)\n"
+    )

@@ -162,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.set_defaults(command=inspect_command)
     _add_store(inspect, default=None)
     inspect.add_argument("--json", action="store_true", help="print the keys and values as JSON")
+    inspect.add_argument(
+        "--run", metavar="ID", help="show the durable run ID: its path and where its branches stand"
+    )
     forget = commands.add_parser(
         "forget", parents=[common], help="delete the records of durable runs that ended"
     )

@@ -1,5 +1,6 @@
 """``cosmoflow graph`` (a flow's diagram, Mermaid or dot) and ``cosmoflow inspect`` (the
-keys, values and durable runs of a persistent store, read without changing it)."""
+keys, values and durable runs of a persistent store, or one run in detail with
+``--run``, see :mod:`~cosmoflow_actors.cli.run_view`, read without changing it)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rich.table import Table
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow
 from cosmoflow_actors.cli.output import StdoutConsole, dump_json, plain
+from cosmoflow_actors.cli.run_view import peeked_run, read_run, view_json, view_lines
 from cosmoflow_actors.cli.signals import trio_run
 from cosmoflow_actors.cli.stores import (
     Unreadable,
@@ -47,9 +49,12 @@ def graph_command(args: argparse.Namespace) -> int:
 
 def inspect_command(args: argparse.Namespace) -> int:
     """``cosmoflow inspect``: print the keys, values and durable runs of the store
-    ``args.store``, a table each or JSON; CliError naming a value that cannot be read
-    (after printing). Blocks while it reads the store."""
+    ``args.store``, a table each or JSON, or the run ``args.run`` in detail; CliError
+    naming a value that cannot be read (after printing), or a run not recorded. Blocks
+    while it reads the store."""
     storage = existing_store(args.store, args.codec, "inspect")
+    if args.run is not None:
+        return _inspect_run(storage, described(args.store, storage), args)
     if isinstance(storage, FileStorage | SQLiteStorage):
         contents, runs = _peek(storage, args.codec or "json")
     else:
@@ -71,28 +76,54 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_run(storage: Storage, name: str, args: argparse.Namespace) -> int:
+    """``cosmoflow inspect --run``: print the run ``args.run`` of ``storage`` (the store
+    ``name``) in detail, as text or JSON. Blocks while it reads the store."""
+    if isinstance(storage, FileStorage | SQLiteStorage):
+        values = _peeked(storage, args.codec or "json")
+        view = peeked_run(name, values, _runs(values, {}), args.run)
+    else:
+        view = trio_run(read_run, name, storage, args.run)
+    print(dump_json(view_json(name, view)) if args.json else "\n".join(view_lines(name, view)))
+    return 0
+
+
 def _peek(
     storage: FileStorage | SQLiteStorage, codec: str
 ) -> tuple[dict[str, Any], list[RunRecord]]:
     """Every key and value of a file or SQLite store and its durable runs, read without
     an engine, a lock or a write (blocks): inspecting changes no file. A value or run
     record that cannot be read is an Unreadable value (a record under its own key)."""
+    values = _peeked(storage, codec)
+    contents = {key: value for key, value in values.items() if not key.startswith(RESERVED_PREFIX)}
+    return contents, _runs(values, contents)
+
+
+def _peeked(storage: FileStorage | SQLiteStorage, codec: str) -> dict[str, Any]:
+    """Every key of a file or SQLite store, the engine's too, with its value, or an
+    Unreadable value for one that cannot be read, read as :func:`_peek` says
+    (blocks)."""
     peek = file_storage.peek if isinstance(storage, FileStorage) else sqlite_storage.peek
     try:
         entries = peek(storage.path, codec=codec)
     except StorageError as exc:
         raise CliError(f"cannot open the store: {exc}") from exc
-    contents = {
-        key: _value(entry) for key, entry in entries.items() if not key.startswith(RESERVED_PREFIX)
-    }
+    return {key: _value(entry) for key, entry in entries.items()}
+
+
+def _runs(values: dict[str, Any], contents: dict[str, Any]) -> list[RunRecord]:
+    """The durable runs whose records ``values`` hold, a record that cannot be read put
+    in ``contents`` as an Unreadable value under its key."""
     runs = []
-    for key, entry in entries.items():
+    for key, value in values.items():
         if key.startswith(RECORD_PREFIX):
             try:
-                runs.append(RunRecord.of(checked_record(key, entry.unwrap())))
+                if isinstance(value, Unreadable):
+                    raise value.error
+                runs.append(RunRecord.of(checked_record(key, value)))
             except Exception as exc:  # undecodable, or not a record the engine wrote
                 contents[key] = Unreadable(exc)
-    return contents, with_parents(runs)
+    return with_parents(runs)
 
 
 def _value(entry: Outcome[Any]) -> Any:

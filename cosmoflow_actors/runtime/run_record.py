@@ -573,18 +573,14 @@ class _Restoring:
         self.flow = flow
         self.run_id = run_id
         self.record = record
-        self.saved: dict[int, dict[str, Any]] = {}
+        self.saved = checked_places(record, stored)
         """The places found, by number."""
-        count = record["places"]
-        for number, key in enumerate(place_keys(record)):
-            if key in stored:
-                self.saved[number] = _checked_place(run_id, key, stored[key], count)
         self.numbers: dict[Placed, int] = {}
         self.last: Branch | None = None
         """The branch of the record's last step, once made."""
         self._forks: dict[int, Fork] = {}
         self._making: set[int] = set()
-        self._arrival_numbers = self._arrivals_by_fork()
+        self._arrival_numbers = arrivals_by_fork(run_id, self.saved)
         self.arrivals: dict[Fork, list[Arrival]] = {}
         """The arrivals at the joins of the fan-outs made, in order."""
 
@@ -598,7 +594,7 @@ class _Restoring:
         last_number = self.record["last"]["place"]
         routes_checked = not _failed_unrouted(self.record)
         branches = []
-        for number, saved in self._saved_branches():
+        for number, saved in saved_branches(self.record, self.saved):
             branch = self.branch(saved)
             self.numbers[branch] = number
             branch.resume_at = {key: value for key, value in saved.items() if key not in _NUMBERS}
@@ -619,27 +615,6 @@ class _Restoring:
         return Places.restored(
             self.run_id, count, self.numbers, self.saved, branches, last, arrivals
         )
-
-    def _saved_branches(self) -> list[tuple[int, dict[str, Any]]]:
-        """The branches in flight as saved, each with the number of its place, in that
-        order: the record's last step's branch, and those in places (its own place, if
-        it is stored, says where it was before that step). Raises DamagedRecordError when the
-        last step's place holds a fan-out or an arrival."""
-        last = self.record["last"]
-        held = self.saved.get(last["place"], {})
-        if "branch" not in held and held:
-            key = place_key(self.run_id, last["place"])
-            raise DamagedRecordError(
-                f"run {self.run_id!r}: its record's last step names the place {key!r}, "
-                f"which holds {_PLACE_KINDS[next(iter(held))]} (the engine never writes "
-                "that: the record or the place was crafted or damaged)",
-                key,
-            )
-        found = {
-            number: saved["branch"] for number, saved in self.saved.items() if "branch" in saved
-        }
-        found[last["place"]] = last
-        return sorted(found.items())
 
     def branch(self, saved: Mapping[str, Any]) -> Branch:
         """The branch saved as ``saved``, in the fan-out its place number names."""
@@ -668,48 +643,12 @@ class _Restoring:
             self.numbers[arrival] = arrival_number
         return fork
 
-    def _arrivals_by_fork(self) -> dict[int, list[int]]:
-        """The numbers of the places of the arrivals at each fan-out's join, by the
-        number of the fan-out's place, in the arrivals' order. Raises DamagedRecordError
-        for an arrival whose fan-out's place holds none, or when the orders of a
-        fan-out's arrivals are not 0, 1, 2..."""
-        arrivals: dict[int, list[tuple[int, int]]] = {}
-        for number, saved in self.saved.items():
-            if "arrival" in saved:
-                arrival = saved["arrival"]
-                self._fork_saved(arrival["fork"])
-                arrivals.setdefault(arrival["fork"], []).append((arrival["order"], number))
-        return {fork: self._in_order(sorted(found)) for fork, found in arrivals.items()}
-
-    def _in_order(self, arrivals: list[tuple[int, int]]) -> list[int]:
-        """The place numbers of ``arrivals`` (order, number), sorted, whose orders
-        must be 0, 1, 2... (else DamagedRecordError)."""
-        for expected, (order, number) in enumerate(arrivals):
-            if order != expected:
-                key = place_key(self.run_id, number)
-                raise DamagedRecordError(
-                    f"run {self.run_id!r}: the place {key!r} holds arrival {order} at its "
-                    f"fan-out's join, where arrival {expected} is missing (the engine "
-                    "never writes that: a place was deleted, crafted or damaged)",
-                    key,
-                )
-        return [number for _, number in arrivals]
-
     def _fork_saved(self, number: int) -> dict[str, Any]:
         """What the place ``number`` holds: a fan-out that is not being made (the
         parent of a fan-out's parent is never that fan-out)."""
-        saved = self.saved.get(number, {}).get("fork")
-        if saved is None or number in self._making:
-            key = place_key(self.run_id, number)
-            held = "holds no fan-out" if saved is None else "holds a fan-out inside itself"
-            raise DamagedRecordError(
-                f"run {self.run_id!r}: a place names the fan-out at {key!r}, which "
-                f"{held} (the engine never writes that: a place was deleted, crafted or "
-                "damaged)",
-                key,
-            )
-        fork: dict[str, Any] = saved
-        return fork
+        if number in self._making:
+            raise _no_fork(self.run_id, number, "holds a fan-out inside itself")
+        return held_fork(self.run_id, self.saved, number)
 
     def _frames(self, saved: list[list[Any]]) -> list[Frame]:
         """The frames ``saved`` in the record, in the flow: each frame but the last at
@@ -779,6 +718,97 @@ class _Restoring:
         """The refusal of the resume: the record does not fit the flow (see
         :func:`_unfit`)."""
         return _unfit(self.run_id, self.record, problem)
+
+
+def checked_places(
+    record: Mapping[str, Any], stored: Mapping[str, Any]
+) -> dict[int, dict[str, Any]]:
+    """The places of the run of ``record`` (checked, see :func:`checked_record`) found in
+    ``stored`` (by key, see :func:`place_keys`), by number, each checked: a branch, a
+    fan-out or an arrival, as :class:`~cosmoflow_actors.runtime.places.Plan` writes
+    them. Raises DamagedRecordError naming the key of a place that is no place the
+    engine writes. Reads no flow: :func:`restore` and ``cosmoflow inspect --run`` read
+    a run's places with it."""
+    run_id, count = record["run_id"], record["places"]
+    return {
+        number: _checked_place(run_id, key, stored[key], count)
+        for number, key in enumerate(place_keys(record))
+        if key in stored
+    }
+
+
+def saved_branches(
+    record: Mapping[str, Any], places: Mapping[int, Mapping[str, Any]]
+) -> list[tuple[int, dict[str, Any]]]:
+    """The branches in flight of the run of ``record`` (checked, with a step) as saved,
+    each with the number of its place, in that order: the record's last step's branch,
+    and those in ``places`` (see :func:`checked_places`; the last step's own place, if
+    it is stored, says where it was before that step). Raises DamagedRecordError when
+    the last step's place holds a fan-out or an arrival."""
+    run_id, last = record["run_id"], record["last"]
+    held = places.get(last["place"], {})
+    if "branch" not in held and held:
+        key = place_key(run_id, last["place"])
+        raise DamagedRecordError(
+            f"run {run_id!r}: its record's last step names the place {key!r}, "
+            f"which holds {_PLACE_KINDS[next(iter(held))]} (the engine never writes "
+            "that: the record or the place was crafted or damaged)",
+            key,
+        )
+    found = {number: saved["branch"] for number, saved in places.items() if "branch" in saved}
+    found[last["place"]] = last
+    return sorted(found.items())
+
+
+def arrivals_by_fork(run_id: str, places: Mapping[int, Mapping[str, Any]]) -> dict[int, list[int]]:
+    """The numbers of the places of the arrivals at each fan-out's join among ``places``
+    (see :func:`checked_places`), by the number of the fan-out's place, in the
+    arrivals' order. Raises DamagedRecordError for an arrival whose fan-out's place
+    holds none, or when the orders of a fan-out's arrivals are not 0, 1, 2..."""
+    arrivals: dict[int, list[tuple[int, int]]] = {}
+    for number, saved in places.items():
+        if "arrival" in saved:
+            arrival = saved["arrival"]
+            held_fork(run_id, places, arrival["fork"])
+            arrivals.setdefault(arrival["fork"], []).append((arrival["order"], number))
+    return {fork: _in_order(run_id, sorted(found)) for fork, found in arrivals.items()}
+
+
+def _in_order(run_id: str, arrivals: list[tuple[int, int]]) -> list[int]:
+    """The place numbers of ``arrivals`` (order, number), sorted, whose orders must be
+    0, 1, 2... (else DamagedRecordError)."""
+    for expected, (order, number) in enumerate(arrivals):
+        if order != expected:
+            key = place_key(run_id, number)
+            raise DamagedRecordError(
+                f"run {run_id!r}: the place {key!r} holds arrival {order} at its "
+                f"fan-out's join, where arrival {expected} is missing (the engine "
+                "never writes that: a place was deleted, crafted or damaged)",
+                key,
+            )
+    return [number for _, number in arrivals]
+
+
+def held_fork(run_id: str, places: Mapping[int, Mapping[str, Any]], number: int) -> dict[str, Any]:
+    """The fan-out the place ``number`` of the run ``run_id`` holds, among ``places``
+    (see :func:`checked_places`); DamagedRecordError naming its key when it holds
+    none."""
+    saved = places.get(number, {}).get("fork")
+    if saved is None:
+        raise _no_fork(run_id, number, "holds no fan-out")
+    fork: dict[str, Any] = saved
+    return fork
+
+
+def _no_fork(run_id: str, number: int, held: str) -> DamagedRecordError:
+    """The error for a place that names the fan-out in the place ``number``, which
+    ``held`` says is none it can be."""
+    key = place_key(run_id, number)
+    return DamagedRecordError(
+        f"run {run_id!r}: a place names the fan-out at {key!r}, which {held} (the engine "
+        "never writes that: a place was deleted, crafted or damaged)",
+        key,
+    )
 
 
 def _failed_unrouted(record: Mapping[str, Any]) -> bool:
