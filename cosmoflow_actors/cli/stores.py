@@ -23,7 +23,15 @@ from cosmoflow_actors.runtime.engine import Engine
 from cosmoflow_actors.runtime.queue import RunStores, per_run_redis
 from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
-from cosmoflow_actors.storage.redis import SCAN_COUNT, redacted, send_command, shared_client
+from cosmoflow_actors.storage.redis import (
+    NAMESPACE_PARTS,
+    SCAN_COUNT,
+    namespace_key,
+    namespace_of,
+    redacted,
+    send_command,
+    shared_client,
+)
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -43,9 +51,6 @@ STORAGE_GROUP: Final = "cosmoflow_actors.storage"
 ``SCHEME = "module:factory"``, where ``factory(ARGUMENT)`` returns a Storage."""
 RESERVED_SCHEMES: Final = frozenset({"memory", "file", "sqlite", "redis", "rediss", "python"})
 """The schemes of the built-in stores, which no package's scheme replaces."""
-NAMESPACE_PARTS: Final = ("meta", "data", "index")
-"""The keys of a Redis store's namespace: ``cosmoflow:<namespace>:meta`` and so on (see
-:class:`~cosmoflow_actors.storage.RedisStorage`)."""
 NAMESPACE_CHECK_TIMEOUT: Final = 10.0
 """How long ``inspect`` and ``forget`` wait for a Redis store's server to say whether it
 holds the namespace (RedisStorage's default timeout, so that they share its client)."""
@@ -109,7 +114,7 @@ def _require_namespace(storage: RedisStorage) -> None:
     from redis.exceptions import RedisError
 
     namespace = storage.namespace
-    keys = [f"cosmoflow:{namespace}:{part}" for part in NAMESPACE_PARTS]
+    keys = [namespace_key(namespace, part) for part in NAMESPACE_PARTS]
     try:
         if send_command(client, "EXISTS", *keys):
             return
@@ -139,11 +144,9 @@ def _scan_namespaces(client: Redis) -> tuple[set[str], bool]:
     cursor = 0
     for _ in range(NAMESPACE_SCANS):
         cursor, found = send_command(
-            client, "SCAN", cursor, "MATCH", "cosmoflow:*:meta", "COUNT", SCAN_COUNT
+            client, "SCAN", cursor, "MATCH", namespace_key("*", "meta"), "COUNT", SCAN_COUNT
         )
-        names.update(
-            key.decode(errors="replace").split(":", 1)[1][: -len(":meta")] for key in found
-        )
+        names.update(namespace_of(key.decode(errors="replace"), "meta") for key in found)
         if int(cursor) == 0 or len(names) > NAMESPACES_SHOWN:
             break
     return names, int(cursor) == 0

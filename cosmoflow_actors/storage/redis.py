@@ -46,6 +46,13 @@ SCAN_COUNT: Final = 10_000
 round trip), when :meth:`RedisStorage.keys_with_prefix` lists the keys under a prefix
 outside :data:`~cosmoflow_actors.storage.base.RESERVED_PREFIX`."""
 
+KEY_PREFIX: Final = "cosmoflow:"
+"""What the server's keys of every namespace begin with."""
+NAMESPACE_PARTS: Final = ("data", "meta", "index")
+"""The server's keys of a namespace (see :func:`namespace_key`): the data hash, the
+metadata hash (format, codec, index layout) and the sorted set indexing the engine's
+keys."""
+
 SMALLEST_BULK_LIMIT: Final = 1024 * 1024
 """The least ``proto-max-bulk-len`` a server takes: a value that long or longer may be
 over the server's limit, which drops the connection (its reply is lost with it)."""
@@ -156,6 +163,18 @@ pressure it drops any key, a namespace's data or index, a queue's runs or stream
 part or whole, and says nothing (see :func:`require_no_eviction`)."""
 
 
+def namespace_key(namespace: str, part: str) -> str:
+    """The server's key of ``part`` (one of :data:`NAMESPACE_PARTS`) of ``namespace``:
+    ``cosmoflow:<namespace>:<part>``; ``namespace`` may be a ``SCAN`` pattern (``*``)."""
+    return f"{KEY_PREFIX}{namespace}:{part}"
+
+
+def namespace_of(key: str, part: str) -> str:
+    """The namespace whose ``part`` is the server's key ``key`` (see
+    :func:`namespace_key`)."""
+    return key.removeprefix(KEY_PREFIX).removesuffix(f":{part}")
+
+
 @final
 class RedisStorage(DatabaseStorage):
     """Storage on a Redis server: the keys of one namespace are the fields of one hash.
@@ -225,9 +244,9 @@ class RedisStorage(DatabaseStorage):
         super().__init__(codec)
         self._url = url
         self._namespace = namespace
-        self._data = f"cosmoflow:{namespace}:data"
-        self._meta = f"cosmoflow:{namespace}:meta"
-        self._index = f"cosmoflow:{namespace}:index"
+        self._data, self._meta, self._index = (
+            namespace_key(namespace, part) for part in NAMESPACE_PARTS
+        )
         self._timeout = timeout
         self._client: redis.Redis | None = None
         self._abandoned: list[tuple[Pipeline, trio.CapacityLimiter]] = []
