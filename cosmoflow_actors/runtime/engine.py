@@ -19,7 +19,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Collection,
     Iterable,
     Iterator,
     Mapping,
@@ -291,7 +290,7 @@ class Engine:
         store: Storage | dict[str, Any],
         run_id: str,
         *,
-        states: Collection[EndedState] = ENDED_STATES,
+        states: Iterable[EndedState] = ENDED_STATES,
     ) -> bool:
         """Delete the record of the durable run ``run_id`` from ``store``, a run that has
         ended in one of ``states`` (succeeded or failed), with the records of its
@@ -312,7 +311,7 @@ class Engine:
         RuntimeError once the engine is closed.
         """
         require_run_id(run_id)
-        run_record.check_states(states)
+        ended = run_record.checked_states(states)
         self._refuse_in_flight(run_id)
         async with self._served(store) as (storage, actor):
             parent = await _recorded_parent(storage, actor, run_id)
@@ -321,7 +320,7 @@ class Engine:
                 """Again in the store actor's order, where a start that has read the
                 record has its run in flight."""
                 self._refuse_in_flight(run_id)
-                run_record.require_ended(key, record, states)  # checks the record whole
+                run_record.require_ended(key, record, ended)  # checks the record whole
                 if parent is not None:
                     run_record.refuse_child(record, parent)
 
@@ -967,7 +966,7 @@ async def forget_run(
     store: Storage | dict[str, Any],
     run_id: str,
     *,
-    states: Collection[EndedState] = ENDED_STATES,
+    states: Iterable[EndedState] = ENDED_STATES,
 ) -> bool:
     """Delete the record of the durable run ``run_id``, ended in one of ``states``, from
     ``store`` (on a temporary engine; blocks until done); see :meth:`Engine.forget_run`."""

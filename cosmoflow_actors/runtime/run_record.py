@@ -122,16 +122,18 @@ def require_ended(key: str, value: Any, states: Collection[EndedState] = ENDED_S
         )
 
 
-def check_states(states: Collection[str]) -> None:
-    """Raise ValueError unless ``states`` names states of runs that ended (at least one):
-    the message names what is not one."""
+def checked_states(states: Iterable[str]) -> frozenset[EndedState]:
+    """The states ``states`` names, each that of a run that ended; ValueError naming one
+    that is not, or saying there is none."""
     if isinstance(states, str):
         raise ValueError(f"states must be a collection of states, not the str {states!r}")
-    for state in states:
+    named = frozenset(states)
+    for state in named:
         if state not in ENDED_STATES:
             raise ValueError(f"states: {state!r} is not the state of a run that ended")
-    if not states:
+    if not named:
         raise ValueError("states is empty: name 'succeeded', 'failed' or both")
+    return frozenset(state for state in ENDED_STATES if state in named)
 
 
 def refuse_child(record: Mapping[str, Any], parent: str) -> NoReturn:
