@@ -279,8 +279,8 @@ async def test_forget_run_keeps_a_run_recorded_in_a_state_not_named(tmp_path: Pa
         with pytest.raises(cf.RunRecordedError, match="'ok' is recorded as succeeded, not failed"):
             await engine.forget_run(storage, "ok", states=["failed"])
         assert [run.run_id for run in await engine.list_runs(storage)] == ["ok"]
-        states = (state for state in ["succeeded"])  # read once
-        assert await engine.forget_run(storage, "ok", states=states)
+        read_once = (state for state in ("succeeded",))
+        assert await engine.forget_run(storage, "ok", states=read_once)  # type: ignore[arg-type]
         for states, problem in (
             ([], "states is empty"),
             (["running"], "states: 'running' is not the state of a run that ended"),
