@@ -57,7 +57,7 @@ from cosmoflow_actors.runtime.cancellation import CANCELLED_ALONE, refuse_closed
 from cosmoflow_actors.runtime.durability import NOT_DURABLE, DurableRun
 from cosmoflow_actors.runtime.flows import FlowRegistry
 from cosmoflow_actors.runtime.messages import Step
-from cosmoflow_actors.runtime.node_actor import NodeActor, carry
+from cosmoflow_actors.runtime.node_actor import NO_NURSERIES, NodeActor, carry
 from cosmoflow_actors.runtime.queue import RunQueue, RunStores
 from cosmoflow_actors.runtime.run import ActiveRun, Branch, Run, RunState
 from cosmoflow_actors.runtime.run_record import ENDED_STATES, EndedState, RunRecord
@@ -379,7 +379,7 @@ class Engine:
         if task in carriers:
             await carry(first, scope)
             return
-        carriers[task] = frozenset(task.child_nurseries)
+        carriers[task] = _open_nurseries(task)
         try:
             await carry(first, scope)
         finally:
@@ -832,6 +832,15 @@ async def open_engine(
     finally:
         if engine is not None:
             await engine._flows.disconnect_ray()
+
+
+def _open_nurseries(task: trio.lowlevel.Task) -> frozenset[trio.Nursery]:
+    """The nurseries ``task`` has open now: NO_NURSERIES, shared, when it has none (as
+    most callers of ``engine.run``), so that a run carried in its caller's task holds
+    no set of its own."""
+    if not task.child_nurseries:
+        return NO_NURSERIES
+    return frozenset(task.child_nurseries)
 
 
 async def _closed_if_retired(actor: StoreActor) -> None:
