@@ -17,7 +17,7 @@ import trio
 import cosmoflow_actors as cf
 from cosmoflow_actors.cli import main
 from tests.cli_support import EXAMPLES, result_within, table_row
-from tests.storage_suite import RedisServer, unique_namespace
+from tests.storage_suite import RedisServer, free_port, unique_namespace
 
 pytestmark = pytest.mark.usefixtures("plain_output")
 
@@ -325,6 +325,43 @@ def test_a_queue_whose_keys_no_queue_wrote_is_named_not_called_unreachable(
         err = capsys.readouterr().err
         assert err.startswith(f"cosmoflow: error: queue {queue}: ")
         assert "WRONGTYPE" in err and err.count("\n") == 1
+
+
+RAY_FLOW_FILE = """
+import cosmoflow_actors as cf
+
+
+class OnRay(cf.Node):
+    executor = "ray"
+
+    def exec(self, prep_res, ctx):
+        return 1
+
+
+flow = cf.Flow.builder("on_ray").add_node("r", OnRay()).build()
+"""
+
+
+@pytest.mark.ray
+def test_a_worker_refuses_a_ray_cluster_it_cannot_reach_before_it_claims_a_run(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Not a worker that fails every run it claims: a process, in case it serves."""
+    pytest.importorskip("ray")
+    flow_file = tmp_path / "on_ray.py"
+    flow_file.write_text(RAY_FLOW_FILE)
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    run_id = trio.run(partial(cf.submit, queue, "on_ray"))
+    address = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "cosmoflow_actors", "worker", str(flow_file)]
+    command += ["--queue", queue, "--store", f"{redis_server.url}#x"]
+    environment = {**os.environ, "RAY_ADDRESS": address}
+    process = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environment)
+    assert (process.returncode, process.stdout) == (2, "")
+    assert process.stderr.startswith(f"cosmoflow: error: cannot reach the Ray cluster at {address}")
+    assert process.stderr.endswith("(from RAY_ADDRESS)\n")
+    [status] = trio.run(cf.queue_status, queue)
+    assert (status.run_id, status.state, status.attempts) == (run_id, "pending", 0)
 
 
 def test_a_worker_refuses_a_store_it_cannot_reach(

@@ -252,6 +252,31 @@ async def test_a_worker_refuses_two_flows_of_one_name() -> None:
             await engine.serve("redis://127.0.0.1:1/q", [FLOW, twin], "redis://127.0.0.1:1")
 
 
+class OnRay(cf.Node):
+    executor = "ray"
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> int:
+        return 1
+
+
+@pytest.mark.ray
+async def test_a_worker_that_cannot_reach_its_ray_cluster_raises_before_it_claims_a_run(
+    redis_server: RedisServer,
+) -> None:
+    """Not a worker that fails, for its own setting, each run it claims."""
+    pytest.importorskip("ray")
+    flow = cf.Flow.builder("on_ray").add_node("r", OnRay()).build()
+    queue, store = new_queue(redis_server), store_url(redis_server)
+    run_id = await cf.submit(queue, "on_ray")
+    address = f"127.0.0.1:{free_port()}"
+    async with cf.open_engine(ray_address=address) as engine:
+        with trio.fail_after(10), pytest.raises(ConnectionError) as info:
+            await engine.serve(queue, [flow], store)
+    assert str(info.value).startswith(f"cannot reach the Ray cluster at {address}: ")
+    [status] = await cf.queue_status(queue)
+    assert (status.run_id, status.state, status.attempts) == (run_id, "pending", 0)
+
+
 async def test_a_worker_renews_the_leases_of_all_its_runs_in_one_round_trip(
     redis_server: RedisServer,
 ) -> None:

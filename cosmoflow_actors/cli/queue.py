@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -213,12 +214,23 @@ async def _serve(
                 )
             except StorageError as exc:
                 raise _queue_error(queue, exc) from exc
+            except ConnectionError as exc:
+                raise _ray_error(exc) from exc
             names = ", ".join(flow.name for flow in flows)
             print(f"worker {name} serving {queue.name} (flows: {names})", flush=True)
             async for _ in terminations:
                 terminating.arm()
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _ray_error(error: ConnectionError) -> CliError:
+    """The line for a worker that cannot reach the Ray cluster of its flows' "ray"
+    nodes, saying where the address came from: RAY_ADDRESS, the only way a worker
+    learns it."""
+    if "RAY_ADDRESS" in os.environ:
+        return CliError(f"{error} (from RAY_ADDRESS)")
+    return CliError(str(error))
 
 
 async def _check_store_reachable(stores: PerRunRedis) -> None:

@@ -766,9 +766,11 @@ class Engine:
         ``queue.lease``; runs whose lease expired are taken over and resumed from their
         last committed step. ``name`` names the worker in the queue's status (default:
         host, process id and a random part); ``task_status`` gets it once the worker
-        reads the queue. Raises ValueError for a ``name`` that is not a non-empty str,
-        StorageError if the queue cannot be reached at first, RuntimeError once the
-        engine is closed.
+        reads the queue, after setting up what its flows' nodes need (the connection to
+        Ray of ``executor="ray"`` nodes, the worker processes of ``"process"`` ones).
+        Raises ValueError for a ``name`` that is not a non-empty str, StorageError if
+        the queue cannot be reached at first, ConnectionError if the Ray cluster cannot
+        (see :func:`open_engine`), RuntimeError once the engine is closed.
         """
         if self._closed:
             await refuse_closed(self._closed_error())
@@ -779,6 +781,7 @@ class Engine:
             store,
             concurrency=concurrency,
             name=name,
+            set_up=self._flows.set_up,
             task_status=task_status,
         )
 

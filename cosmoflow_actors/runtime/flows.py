@@ -4,7 +4,8 @@ and the executors their nodes need.
 A flow is registered when it is first run: a node actor is started for each of its nodes
 and of the nodes of the flows nested in it, in the engine's nursery, and the router
 learns its routes. The worker processes of "process" nodes and the connection to Ray of
-"ray" nodes are set up once, when the first flow that needs them is registered. A flow
+"ray" nodes are set up once, when the first flow that needs them is registered (or
+set up, as a worker does for the flows it serves before it claims a run). A flow
 that becomes garbage has its node actors retired; a flow's registration is kept only as
 long as something else holds the flow.
 """
@@ -120,15 +121,22 @@ class FlowRegistry:
         known = self._flows.get(flow)
         if known is not None:
             return known
-        if self._needs_workers(flow):
-            await self._start_workers()
-        if self._needs_ray(flow):
-            await self._connect_ray()
+        await self.set_up(flow)
         if self._closed:
             await refuse_closed(self._closed_meanwhile_error())
         registration = self.register_nowait(flow)
         await self.router.entry(flow).began.wait()
         return registration
+
+    async def set_up(self, flow: Flow) -> None:
+        """Set up the worker processes or the Ray connection that ``flow`` (or a flow
+        nested in it) needs, unless done already. Blocks while they start (seconds), or
+        until an unreachable Ray ``host:port`` is given up on (ConnectionError naming
+        it); RunCancelledError if the registry closed meanwhile."""
+        if self._needs_workers(flow):
+            await self._start_workers()
+        if self._needs_ray(flow):
+            await self._connect_ray()
 
     def register_nowait(self, flow: Flow) -> Registration:
         """Start a node actor for every node of ``flow`` and of the flows nested in it

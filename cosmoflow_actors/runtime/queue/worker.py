@@ -10,7 +10,7 @@ import json
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -84,22 +84,28 @@ async def serve(
     *,
     concurrency: int = 1,
     name: str | None = None,
+    set_up: Callable[[Flow], Awaitable[None]],
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the runs of ``queue`` on ``engine``, at most ``concurrency`` at once, until
-    cancelled (see :meth:`Engine.serve`). Reports the worker's name to ``task_status``
-    once it reads the queue."""
+    cancelled (see :meth:`Engine.serve`). Before it reads the queue, ``set_up`` each
+    flow's executors (blocks while Ray or the worker processes start): a worker that
+    cannot reach its Ray cluster raises that, instead of failing each run it claims.
+    Reports the worker's name to ``task_status`` once it reads the queue."""
     require_positive("concurrency", concurrency)
     if name is not None and (not isinstance(name, str) or not name):
         raise ValueError(f"a worker's name must be a non-empty str, not {name!r}")
+    served = _flows_by_name(flows)
     worker = _Worker(
         engine,
         as_queue(queue),
-        _flows_by_name(flows),
+        served,
         per_run_redis(store) if isinstance(store, str) else store,
         name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
     )
     await worker.queue.ensure_group()
+    for flow in served.values():
+        await set_up(flow)
     slots = trio.Semaphore(concurrency)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(worker.renew_leases)
