@@ -142,3 +142,16 @@ def test_plain_cells_show_markup_and_emoji_codes_as_they_are() -> None:
     console = Console(width=80, file=io.StringIO(), record=True)
     console.print(table)
     assert text in console.export_text()
+
+
+def test_plain_cells_escape_control_characters() -> None:
+    """A newline or a terminal's escape in a cell (Ray colours its errors) is shown as a
+    Python escape: it cannot break a row nor drive the terminal."""
+    table = Table()
+    table.add_column("cell")
+    table.add_row(*plain("\x1b[36mray::exec()\x1b[39m\nTraceback"))
+    console = Console(width=200, file=io.StringIO())
+    console.print(table)
+    shown = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "\x1b" not in shown
+    assert "\\x1b[36mray::exec()\\x1b[39m\\nTraceback" in shown

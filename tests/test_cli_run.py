@@ -27,6 +27,32 @@ def test_run_prints_the_outcome(capsys: pytest.CaptureFixture[str]) -> None:
     assert "result:       'HELLO, WORLD!'" in out
 
 
+ESCAPES = """
+import cosmoflow_actors as cf
+
+
+@cf.node
+def step(ctx):
+    return cf.Action.complete("done")
+
+
+flow = cf.Flow.builder("esc").add_node("red\\x1b[31m\\nnode", step).build()
+"""
+
+
+def test_the_outcome_escapes_control_characters_in_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A node id with a newline and a terminal's escape breaks no line of the outcome and
+    drives no terminal: both are shown as Python escapes."""
+    path = tmp_path / "esc.py"
+    path.write_text(ESCAPES)
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "path:         red\\x1b[31m\\nnode\n" in out
+
+
 def test_run_json_with_params(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     flow_file = tmp_path / "echo.py"
     flow_file.write_text(

@@ -86,9 +86,10 @@ class StdoutConsole(Console):
 
 def plain(*cells: str) -> list[Text]:
     """``cells`` as rich shows them as they are: a ``[bold]`` or ``:smile:`` in a key,
-    a value, an id or a node's name is text, not rich's markup or emoji code. Does not
-    block."""
-    return [Text(cell) for cell in cells]
+    a value, an id, a node's name or an error is text, not rich's markup or emoji code,
+    and a control character in it (a newline, a terminal's escape, which Ray's errors
+    carry) is written as a Python escape (see :func:`one_line`). Does not block."""
+    return [Text(one_line(cell)) for cell in cells]
 
 
 def dump_json(value: Any) -> str:

@@ -30,7 +30,7 @@ from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.engine import Engine, open_engine
 from cosmoflow_actors.runtime.run import Run, RunState
 from cosmoflow_actors.storage import Storage
-from cosmoflow_actors.tracing import describe_error
+from cosmoflow_actors.tracing import describe_error, one_line
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +197,7 @@ def _render(flow_name: str, outcome: _Outcome, store: dict[str, Any], *, as_json
     ]
     if result.result is not None:
         lines.append(f"result:       {result.result!r}")
-    return "\n".join(lines)
+    return "\n".join(one_line(line) for line in lines)
 
 
 def _outcome_json(flow_name: str, outcome: _Outcome, store: dict[str, Any]) -> dict[str, Any]:

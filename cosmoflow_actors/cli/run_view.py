@@ -19,6 +19,7 @@ from cosmoflow_actors.runtime.engine import open_engine
 from cosmoflow_actors.runtime.run_record import RunRecord
 from cosmoflow_actors.storage import Storage
 from cosmoflow_actors.storage.base import place_key
+from cosmoflow_actors.tracing import one_line
 
 PATH_SHOWN: Final = 20
 """How many node ids of a run's path the text shows: the last ones, after a count of
@@ -249,7 +250,8 @@ def view_json(name: str, view: RunView) -> dict[str, Any]:
 
 
 def view_lines(name: str, view: RunView) -> list[str]:
-    """The lines the text output prints of ``view``, of the store ``name``."""
+    """The lines the text output prints of ``view``, of the store ``name``: the record's
+    text (ids, the error) with its control characters escaped (see ``one_line``)."""
     run = view.run
     lease = "-" if run.lease_left is None else f"{run.lease_left:.1f} s"
     children = ", ".join(f"{child.run_id} ({child.state})" for child in view.children)
@@ -267,7 +269,7 @@ def view_lines(name: str, view: RunView) -> list[str]:
         "params": repr(view.params),
         "path": _path_text(view.path),
     }
-    lines = [f"{field + ':':<11} {value}" for field, value in fields.items()]
+    lines = [f"{field + ':':<11} {one_line(value)}" for field, value in fields.items()]
     if not view.branches and not view.fan_outs:
         return [*lines, "in flight:  -"]
     lines.append("in flight:")
