@@ -559,3 +559,27 @@ def test_inspect_run_reads_again_a_run_another_engine_moved_on_meanwhile(
     trio.run(two_steps)
     view = trio.run(read_run, "mine", MovedOnOnce(path), "r")
     assert (view.run.steps, view.path) == (3, ["tick"] * 3)
+
+
+def test_inspect_run_on_redis_names_the_store_of_a_damaged_record_of_another_run(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The runs' rows (for the run's children and lease) cannot be read: bad input
+    naming the store and the key, as forget --state says."""
+    namespace = unique_namespace()
+    storage = redis_server.storage(namespace)
+    flow = cf.Flow.builder("one").add_node("one", cf.Node()).build()
+    flow.run_sync(storage, run_id="good")
+    damaged = f"{RECORD_PREFIX}zz"
+
+    async def damage() -> None:
+        await storage.open()
+        await storage.set(damaged, {"bogus": 1})
+        await storage.commit()
+        await storage.aclose()
+
+    trio.run(damage)
+    assert main(["inspect", f"{redis_server.url}#{namespace}", "--run", "good"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cosmoflow: error: {storage!r}: cannot list its runs: ")
+    assert repr(damaged) in err

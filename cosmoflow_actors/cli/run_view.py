@@ -108,11 +108,15 @@ def _readable(key: str, value: Any) -> Any:
 async def read_run(name: str, storage: Storage, run_id: str) -> RunView:
     """The run ``run_id`` of ``storage`` (the store ``name``), read through an engine
     (a Redis store, or one of the user's own) with the store's run rows, their leases
-    read. CliError as :func:`peeked_run` says, and when another process kept moving the
+    read. CliError as :func:`peeked_run` says, when another process kept moving the
     run on between the reads of its record and of its parts (see
-    :func:`_record_and_parts`). Blocks while it reads."""
+    :func:`_record_and_parts`), and when the rows cannot be read (a run's record is
+    none the engine writes). Blocks while it reads."""
     async with open_engine() as engine, opened(engine, storage) as handle:
-        runs = await engine.list_runs(storage)
+        try:
+            runs = await engine.list_runs(storage)
+        except StorageError as exc:
+            raise CliError(f"{name}: cannot list its runs: {exc}") from exc
         try:
             record, parts = await _record_and_parts(name, handle, run_id)
             return run_view(runs, record, parts)
