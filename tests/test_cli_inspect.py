@@ -12,7 +12,9 @@ import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.cli import main
+from cosmoflow_actors.cli.run_view import read_run
 from cosmoflow_actors.runtime import run_record
+from cosmoflow_actors.storage.base import RECORD_PREFIX
 from tests.cli_support import fill_sqlite_store, table_row
 from tests.storage_suite import RedisServer, unique_namespace
 from tests.support import ticking
@@ -494,3 +496,90 @@ def test_inspect_run_names_a_damaged_place(
         f"no valid place under {key!r}: branch is 5 (int), not an object (the engine never "
         "writes that: the place was crafted or damaged)\n"
     )
+
+
+class MovedOnOnce(cf.Storage):
+    """A store of the user's own on the SQLite file ``path``, where, right after the
+    first read of a run's record alone (``get``; ``list_runs`` reads the records with
+    ``get_many``), another engine forgets the run and runs it again
+    (the store's "steps" set to 3 first), as another process moving the run on would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sqlite = cf.SQLiteStorage(path)
+        self.moved = False
+
+    async def open(self) -> None:
+        await self.sqlite.open()
+
+    async def aclose(self) -> None:
+        await self.sqlite.aclose()
+
+    async def get(self, key: str) -> Any:
+        value = await self.sqlite.get(key)
+        if not self.moved and key.startswith(RECORD_PREFIX):
+            self.moved = True
+            await self._run_again(key.removeprefix(RECORD_PREFIX))
+        return value
+
+    async def _run_again(self, run_id: str) -> None:
+        other = cf.SQLiteStorage(self.path)
+        assert await cf.forget_run(other, run_id)
+        async with cf.open_engine() as engine:
+            async with engine.open_store(other) as store:
+                await store.set_many({"steps": 3, "n": 0})
+            await engine.run(ticking(), other, run_id=run_id)
+
+    async def get_many(self, keys: list[str]) -> dict[str, Any]:
+        return await self.sqlite.get_many(keys)
+
+    async def set(self, key: str, value: Any) -> None:
+        await self.sqlite.set(key, value)
+
+    async def delete(self, key: str) -> bool:
+        return await self.sqlite.delete(key)
+
+    async def keys(self) -> list[str]:
+        return await self.sqlite.keys()
+
+
+def test_inspect_run_reads_again_a_run_another_engine_moved_on_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """Its record read, then its parts with the record again, which has changed: the
+    run is read again and shown as it is now, not refused as a conflict."""
+    path = tmp_path / "runs.db"
+
+    async def two_steps() -> None:
+        async with cf.open_engine() as engine:
+            async with engine.open_store(cf.SQLiteStorage(path)) as store:
+                await store.set("steps", 2)
+            await engine.run(ticking(), cf.SQLiteStorage(path), run_id="r")
+
+    trio.run(two_steps)
+    view = trio.run(read_run, "mine", MovedOnOnce(path), "r")
+    assert (view.run.steps, view.path) == (3, ["tick"] * 3)
+
+
+def test_inspect_run_on_redis_names_the_store_of_a_damaged_record_of_another_run(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The runs' rows (for the run's children and lease) cannot be read: bad input
+    naming the store and the key, as forget --state says."""
+    namespace = unique_namespace()
+    storage = redis_server.storage(namespace)
+    flow = cf.Flow.builder("one").add_node("one", cf.Node()).build()
+    flow.run_sync(storage, run_id="good")
+    damaged = f"{RECORD_PREFIX}zz"
+
+    async def damage() -> None:
+        await storage.open()
+        await storage.set(damaged, {"bogus": 1})
+        await storage.commit()
+        await storage.aclose()
+
+    trio.run(damage)
+    assert main(["inspect", f"{redis_server.url}#{namespace}", "--run", "good"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cosmoflow: error: {storage!r}: cannot list its runs: ")
+    assert repr(damaged) in err

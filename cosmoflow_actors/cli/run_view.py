@@ -5,6 +5,7 @@ in flight stands, with the params that arrived at their joins."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -13,14 +14,18 @@ from typing import Any, Final
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.stores import Unreadable, opened
-from cosmoflow_actors.errors import DamagedRecordError, StorageError
+from cosmoflow_actors.errors import DamagedRecordError, RunConflictError, StorageError
 from cosmoflow_actors.runtime import run_record
 from cosmoflow_actors.runtime.engine import open_engine
 from cosmoflow_actors.runtime.run_record import RunRecord
+from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.storage import Storage
 from cosmoflow_actors.storage.base import place_key
 from cosmoflow_actors.tracing import one_line
 
+READ_ATTEMPTS: Final = 5
+"""How many times, at most, ``inspect --run`` reads a run's record and parts through an engine
+while another process commits steps of the run between the two reads."""
 PATH_SHOWN: Final = 20
 """How many node ids of a run's path the text shows: the last ones, after a count of
 the steps before them (``--json`` holds the whole path)."""
@@ -104,22 +109,49 @@ def _readable(key: str, value: Any) -> Any:
 async def read_run(name: str, storage: Storage, run_id: str) -> RunView:
     """The run ``run_id`` of ``storage`` (the store ``name``), read through an engine
     (a Redis store, or one of the user's own) with the store's run rows, their leases
-    read. CliError as :func:`peeked_run` says, and when the run moved on between the
-    reads of its record and of its parts (the engine's RunConflictError: inspect it
-    again). Blocks while it reads."""
+    read. CliError as :func:`peeked_run` says, when another process kept moving the
+    run on between the reads of its record and of its parts (see
+    :func:`_record_and_parts`), and when the rows cannot be read (a run's record is
+    none the engine writes). Blocks while it reads."""
     async with open_engine() as engine, opened(engine, storage) as handle:
-        runs = await engine.list_runs(storage)
-        key = run_record.record_key(run_id)
-        stored = await handle.get(key, None)
-        if stored is None:
-            raise unknown_run(name, run_id)
         try:
-            record = run_record.checked_record(key, stored)
-            keys = [*run_record.chunk_keys(record), *run_record.place_keys(record), key]
-            parts = run_record.parts_read(record, await handle.get_many(keys))
+            runs = await engine.list_runs(storage)
+        except StorageError as exc:
+            raise CliError(f"{name}: cannot list its runs: {exc}") from exc
+        try:
+            record, parts = await _record_and_parts(name, handle, run_id)
             return run_view(runs, record, parts)
         except StorageError as exc:
             raise CliError(f"{name}: cannot read run {run_id!r}: {exc}") from exc
+
+
+async def _record_and_parts(
+    name: str, handle: SharedStore, run_id: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checked record of the run ``run_id`` of the store ``handle`` (``name``) and
+    its parts, read again when another engine committed a step of the run (or forgot
+    it) between the reads of its record and of its parts: a run in flight elsewhere
+    moves on while it is inspected. The engine's RunConflictError after
+    :data:`READ_ATTEMPTS` such reads; CliError when the run is not recorded. Blocks
+    while it reads."""
+    for _ in range(READ_ATTEMPTS - 1):
+        with contextlib.suppress(RunConflictError):
+            return await _read_once(name, handle, run_id)
+    return await _read_once(name, handle, run_id)
+
+
+async def _read_once(
+    name: str, handle: SharedStore, run_id: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The record of the run ``run_id`` and its parts, each read once (see
+    :func:`_record_and_parts`). Blocks while it reads."""
+    key = run_record.record_key(run_id)
+    stored = await handle.get(key, None)
+    if stored is None:
+        raise unknown_run(name, run_id)
+    record = run_record.checked_record(key, stored)
+    keys = [*run_record.chunk_keys(record), *run_record.place_keys(record), key]
+    return record, run_record.parts_read(record, await handle.get_many(keys))
 
 
 def unknown_run(name: str, run_id: str) -> CliError:
@@ -129,12 +161,15 @@ def unknown_run(name: str, run_id: str) -> CliError:
 
 def run_view(runs: list[RunRecord], record: Mapping[str, Any], parts: Mapping[str, Any]) -> RunView:
     """The view of the run of ``record`` (checked), its ``parts`` read by key: its row
-    is that of ``runs`` (the store's rows, read before the record), or the record's own
-    when the run started after they were read. Raises DamagedRecordError naming the key
-    of a chunk or place that is none the engine writes."""
+    is the record's, with the parent and the lease its row in ``runs`` (the store's
+    rows, read before the record, which may have moved on since) gives, if it has one.
+    Raises DamagedRecordError naming the key of a chunk or place that is none the
+    engine writes."""
     run_id = record["run_id"]
-    listed = [run for run in runs if run.run_id == run_id]
-    row = listed[0] if listed else RunRecord.of(record)
+    row = RunRecord.of(record)
+    for listed in runs:
+        if listed.run_id == run_id:
+            row = dataclasses.replace(row, parent_id=listed.parent_id, lease_left=listed.lease_left)
     children = [run for run in runs if run.parent_id == run_id]
     path = run_record.whole_path(record, parts)
     branches, forks = _in_flight(record, parts)
