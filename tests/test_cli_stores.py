@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -401,6 +402,35 @@ def test_a_command_on_what_a_store_holds_refuses_a_redis_namespace_the_server_la
         )
         assert sorted(client.keys()) == written
     assert main(["inspect", f"{url}#orders"]) == 0
+
+
+def test_a_namespace_is_checked_with_the_rights_opening_it_needs(
+    redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user the server refuses SCAN and EXISTS inspects a namespace it holds, and is
+    told of one it lacks, without a listing; a queue's lease whose run id ends in
+    ":meta" is listed as no namespace."""
+    url = redis_database(redis_server, 5)
+    user = f"limited{uuid.uuid4().hex[:6]}"
+    with contextlib.closing(redis.Redis.from_url(url)) as client:
+        client.execute_command(
+            "ACL", "SETUSER", user, "on", ">pw", "~*", "+@all", "-scan", "-exists"
+        )
+        try:
+            assert main(["run", str(counter_file), "--store", f"{url}#orders"]) == 0
+            client.set("cosmoflow:queue:q:lease:x:meta", "worker")
+            capsys.readouterr()
+            assert main(["inspect", f"{url}#ordres"]) == 2
+            assert capsys.readouterr().err.endswith(
+                "the server holds no namespace 'ordres' (its namespaces: 'orders')\n"
+            )
+            limited = url.replace("redis://", f"redis://{user}:pw@")
+            assert main(["inspect", f"{limited}#orders"]) == 0
+            capsys.readouterr()
+            assert main(["inspect", f"{limited}#ordres"]) == 2
+            assert capsys.readouterr().err.endswith("the server holds no namespace 'ordres'\n")
+        finally:
+            client.execute_command("ACL", "DELUSER", user)
 
 
 def test_the_namespaces_a_refusal_names_are_capped(

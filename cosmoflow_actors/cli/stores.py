@@ -51,9 +51,6 @@ STORAGE_GROUP: Final = "cosmoflow_actors.storage"
 ``SCHEME = "module:factory"``, where ``factory(ARGUMENT)`` returns a Storage."""
 RESERVED_SCHEMES: Final = frozenset({"memory", "file", "sqlite", "redis", "rediss", "python"})
 """The schemes of the built-in stores, which no package's scheme replaces."""
-NAMESPACE_CHECK_TIMEOUT: Final = 10.0
-"""How long ``inspect`` and ``forget`` wait for a Redis store's server to say whether it
-holds the namespace (RedisStorage's default timeout, so that they share its client)."""
 NAMESPACES_SHOWN: Final = 10
 """How many of the namespaces a server holds an error names, at most."""
 NAMESPACE_SCANS: Final = 10
@@ -108,43 +105,60 @@ def _require_namespace(storage: RedisStorage) -> None:
     server holds none of its keys: opening it would claim it, writing its metadata.
     Blocks for a few round trips; writes nothing."""
     try:
-        client = shared_client(storage.url, NAMESPACE_CHECK_TIMEOUT, "RedisStorage")
+        client = shared_client(storage.url, storage.timeout, "RedisStorage")
     except StorageError as exc:  # the redis package is missing
         raise CliError(str(exc)) from exc
     from redis.exceptions import RedisError
 
     namespace = storage.namespace
-    keys = [namespace_key(namespace, part) for part in NAMESPACE_PARTS]
     try:
-        if send_command(client, "EXISTS", *keys):
+        if _holds_namespace(client, namespace):
             return
         held = _namespaces_held(client)
     except RedisError as exc:
         raise CliError(f"cannot open the store: {storage!r}: {exc}") from exc
-    raise CliError(f"{storage!r}: the server holds no namespace {namespace!r} ({held})")
+    raise CliError(f"{storage!r}: the server holds no namespace {namespace!r}{held}")
+
+
+def _holds_namespace(client: Redis, namespace: str) -> bool:
+    """Whether the server of ``client`` holds a key of ``namespace``, asked with ``TYPE``
+    as opening the store asks (a user the server allows to open it may check it).
+    Blocks for a round trip a key."""
+    for part in NAMESPACE_PARTS:
+        if send_command(client, "TYPE", namespace_key(namespace, part)) != b"none":
+            return True
+    return False
 
 
 def _namespaces_held(client: Redis) -> str:
-    """Which namespaces the server of ``client`` holds (in its database), in words: at
-    most :data:`NAMESPACES_SHOWN` of them (see :func:`_scan_namespaces`). Blocks."""
-    names, complete = _scan_namespaces(client)
+    """Which namespaces the server of ``client`` holds (in its database), in words after
+    a space: at most :data:`NAMESPACES_SHOWN` of them (see :func:`_scan_namespaces`);
+    nothing when the server does not let this user list its keys. Blocks."""
+    from redis.exceptions import NoPermissionError
+
+    try:
+        names, complete = _scan_namespaces(client)
+    except NoPermissionError:
+        return ""
     shown = ", ".join(repr(name) for name in sorted(names)[:NAMESPACES_SHOWN])
     if complete and len(names) <= NAMESPACES_SHOWN:
-        return f"its namespaces: {shown}" if names else "it holds none"
+        return f" (its namespaces: {shown})" if names else " (it holds none)"
     if not names:
-        return f"none found among the first {NAMESPACE_SCANS * SCAN_COUNT:,} keys"
-    return f"its namespaces include {shown}"
+        return f" (none found among the first {NAMESPACE_SCANS * SCAN_COUNT:,} keys)"
+    return f" (its namespaces include {shown})"
 
 
 def _scan_namespaces(client: Redis) -> tuple[set[str], bool]:
     """Namespaces of the server of ``client``, found by a ``SCAN`` for their metadata
-    keys that stops once it has more than :data:`NAMESPACES_SHOWN` or after
+    hashes (a queue's lease of a run whose id ends in ``:meta`` is no namespace) that
+    stops once it has more than :data:`NAMESPACES_SHOWN` or after
     :data:`NAMESPACE_SCANS` round trips, and whether it saw every key. Blocks."""
     names: set[str] = set()
     cursor = 0
     for _ in range(NAMESPACE_SCANS):
+        pattern = namespace_key("*", "meta")
         cursor, found = send_command(
-            client, "SCAN", cursor, "MATCH", namespace_key("*", "meta"), "COUNT", SCAN_COUNT
+            client, "SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT, "TYPE", "hash"
         )
         names.update(namespace_of(key.decode(errors="replace"), "meta") for key in found)
         if int(cursor) == 0 or len(names) > NAMESPACES_SHOWN:

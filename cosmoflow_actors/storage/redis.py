@@ -266,6 +266,11 @@ class RedisStorage(DatabaseStorage):
         return self._url
 
     @property
+    def timeout(self) -> float:
+        """Seconds a call waits for the server (connecting included)."""
+        return self._timeout
+
+    @property
     def namespace(self) -> str:
         """The namespace: the data is in the hash ``cosmoflow:<namespace>:data``."""
         return self._namespace
