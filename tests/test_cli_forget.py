@@ -236,18 +236,28 @@ def test_forget_takes_either_run_ids_or_a_state(
     assert main(["run", str(steps_file), "--store", store, "--run-id", "a"]) == 0
     capsys.readouterr()
     for argv, problem in (
-        (
-            [store, "a", "--state", "succeeded"],
-            "argument --state: not allowed with argument RUN_ID",
-        ),
-        ([store], "one of the arguments RUN_ID --state is required"),
-        ([store, "--state", "running"], "argument --state: invalid choice: 'running'"),
+        ([store, "a", "--state", "succeeded"], "forget takes RUN_IDs or --state, not both"),
+        ([store], "forget needs the RUN_IDs to forget, or --state succeeded|failed"),
     ):
-        with pytest.raises(SystemExit) as exited:
-            main(["forget", *argv])
-        assert exited.value.code == 2
-        assert f"cosmoflow forget: error: {problem}" in capsys.readouterr().err
+        assert main(["forget", *argv]) == 2
+        assert capsys.readouterr().err == f"cosmoflow: error: {problem}\n"
+    with pytest.raises(SystemExit) as exited:
+        main(["forget", store, "--state", "running"])
+    assert exited.value.code == 2
+    assert "argument --state: invalid choice: 'running'" in capsys.readouterr().err
     assert recorded_runs(store, capsys) == ["a"]
+
+
+def test_forget_takes_options_between_the_store_and_the_run_ids(
+    tmp_path: Path, steps_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"sqlite:{tmp_path / 'state.db'}"
+    for run_id in ("a", "b"):
+        assert main(["run", str(steps_file), "--store", store, "--run-id", run_id]) == 0
+    capsys.readouterr()
+    assert main(["forget", store, "--codec", "json", "a", "b", "--debug"]) == 0
+    assert capsys.readouterr().out == "a\nb\n"
+    assert recorded_runs(store, capsys) == []
 
 
 class ChangedMeanwhile(cf.SQLiteStorage):

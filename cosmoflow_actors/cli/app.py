@@ -45,6 +45,12 @@ STDOUT_FAILED: Final = 74
 """The exit status when stdout cannot be written (a full disk): EX_IOERR of
 sysexits.h."""
 
+FORGET_USAGE: Final = (
+    "cosmoflow forget [-h] [--debug] [--codec {json,pickle}] "
+    "STORE (RUN_ID [RUN_ID ...] | --state {succeeded,failed} [--state ...])"
+)
+"""``forget``'s usage line: argparse would write the ids as required."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 failed run, 2 bad input,
@@ -166,13 +172,21 @@ def _parser() -> argparse.ArgumentParser:
         "--run", metavar="ID", help="show the durable run ID: its path and where its branches stand"
     )
     forget = commands.add_parser(
-        "forget", parents=[common], help="delete the records of durable runs that ended"
+        "forget",
+        parents=[common],
+        usage=FORGET_USAGE,
+        help="delete the records of durable runs that ended",
     )
     forget.set_defaults(command=forget_command)
     _add_store(forget, default=None)
-    which = forget.add_mutually_exclusive_group(required=True)
-    which.add_argument("run_ids", nargs="*", default=[], metavar="RUN_ID", help="a run that ended")
-    which.add_argument(
+    ids = forget.add_argument(
+        "run_ids", nargs="+", default=[], metavar="RUN_ID", help="a run that ended"
+    )
+    # Optional (given --state there is none; forget_command requires one of them), yet
+    # one or more: an optional list of ids would be taken, empty, with the store, and
+    # the ids after an option (`STORE --codec json ID`) would be unrecognized.
+    ids.required = False
+    forget.add_argument(
         "--state",
         action="append",
         choices=ENDED_STATES,

@@ -22,21 +22,26 @@ from cosmoflow_actors.tracing import one_line
 def forget_command(args: argparse.Namespace) -> int:
     """``cosmoflow forget``: forget the runs ``args.run_ids`` of the store
     ``args.store``, in order, or, with ``args.state``, every run recorded in one of those
-    states; print each id once its records are deleted (a BatchFlow's child, whose
-    records went with its parent's, right after it). Blocks while the store is read and
-    written.
+    states; print each id once its records are deleted (a BatchFlow's child,
+    whose records went with its parent's, right after it). Blocks while the store is
+    read and written.
 
-    A run named that cannot be forgotten (no record, still running, a BatchFlow's child
-    of a recorded run, a record the engine did not write) is a CliError; the runs
-    before it stay forgotten. A run listed in a state ``--state`` names that is recorded
-    otherwise by its turn (another process resumed or forgot it) is skipped with a
-    warning on stderr."""
-    storage = existing_store(args.store, args.codec, "forget")
-    name = described(args.store, storage)
+    RUN_IDs and ``--state`` together, or neither, is a CliError. A run named that cannot
+    be forgotten (no record, still running, a BatchFlow's child of a recorded run, a
+    record the engine did not write) is a CliError; the runs before it stay forgotten.
+    A run listed in a state ``--state`` names that is recorded otherwise by its turn
+    (another process resumed or forgot it) is skipped with a warning on stderr."""
+    store, run_ids = args.store, args.run_ids
+    if run_ids and args.state:
+        raise CliError("forget takes RUN_IDs or --state, not both")
+    if not run_ids and not args.state:
+        raise CliError("forget needs the RUN_IDs to forget, or --state succeeded|failed")
+    storage = existing_store(store, args.codec, "forget")
+    name = described(store, storage)
     if args.state:
         trio_run(_forget_in_states, name, storage, frozenset(args.state))
     else:
-        trio_run(_forget, name, storage, args.run_ids)
+        trio_run(_forget, name, storage, run_ids)
     return 0
 
 
