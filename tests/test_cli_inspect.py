@@ -583,3 +583,19 @@ def test_inspect_run_on_redis_names_the_store_of_a_damaged_record_of_another_run
     err = capsys.readouterr().err
     assert err.startswith(f"cosmoflow: error: {storage!r}: cannot list its runs: ")
     assert repr(damaged) in err
+
+
+def test_inspect_run_of_a_run_that_took_no_step_escapes_its_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run whose first step failed shows "-" for its path; a newline and a terminal's
+    escape in its id are shown as Python escapes, on the line of the id."""
+    path = tmp_path / "store.json"
+    run_id = "odd\n\x1b[31mred"
+    flow = cf.Flow.builder("fails").add_node("boom", cf.node(lambda ctx: 1 / 0)).build()
+    with pytest.raises(cf.NodeError):
+        flow.run_sync(cf.FileStorage(path), run_id=run_id)
+    assert main(["inspect", f"file:{path}", "--run", run_id]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "run:        odd\\n\\x1b[31mred" in lines
+    assert "path:       -" in lines

@@ -284,7 +284,8 @@ async def test_forget_run_keeps_a_run_recorded_in_a_state_not_named(tmp_path: Pa
         for states, problem in (
             ([], "states is empty"),
             (["running"], "states: 'running' is not the state of a run that ended"),
-            ("failed", "not the str 'failed'"),
+            ("failed", "a collection of states, not 'failed'"),
+            (["failed", ["succeeded"]], r"states: \['succeeded'\] is not the state"),
         ):
             with pytest.raises(ValueError, match=problem):
                 await engine.forget_run(storage, "ok", states=states)  # type: ignore[arg-type]

@@ -93,14 +93,14 @@ async def _forget_listed(
     it is still recorded in one of ``states``; return whether it was. A run recorded
     otherwise now (resumed since) or no more (forgotten since) is kept, or left gone,
     with a warning on stderr."""
+    listed = f"{name}: run {run.run_id!r}, listed as {run.state}"
     try:
         found = await _forget_recorded(engine, name, storage, run.run_id, states)
     except RunRecordedError as exc:
-        now = str(exc) if exc.state == run.state else f"it is recorded as {exc.state} now"
-        _warn(f"{name}: run {run.run_id!r}, listed as {run.state}, is kept: {now}")
+        _warn(f"{listed}, is kept: it is recorded as {exc.state} now")
         return False
     if not found:
-        _warn(f"{name}: run {run.run_id!r}, listed as {run.state}, is no longer recorded")
+        _warn(f"{listed}, is no longer recorded")
     return found
 
 

@@ -53,13 +53,13 @@ def inspect_command(args: argparse.Namespace) -> int:
     naming a value that cannot be read (after printing), or a run not recorded. Blocks
     while it reads the store."""
     storage = existing_store(args.store, args.codec, "inspect")
+    name = described(args.store, storage)
     if args.run is not None:
-        return _inspect_run(storage, described(args.store, storage), args)
+        return _inspect_run(storage, name, args)
     if isinstance(storage, FileStorage | SQLiteStorage):
         contents, runs = _peek(storage, args.codec or "json")
     else:
         contents, runs = trio_run(_read_store, storage)
-    name = described(args.store, storage)
     if args.json:
         report = {"store": name, "keys": contents, "runs": [dataclasses.asdict(r) for r in runs]}
         print(dump_json(report))

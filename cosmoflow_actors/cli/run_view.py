@@ -208,6 +208,7 @@ class _Tree:
     arrivals and the fan-outs its branches forked, by the number of its place."""
 
     def __init__(self, run_id: str, places: Mapping[int, Mapping[str, Any]]) -> None:
+        self.run_id = run_id
         self.places = places
         self.forks = {number: saved["fork"] for number, saved in places.items() if "fork" in saved}
         self.arrivals = run_record.arrivals_by_fork(run_id, places)
@@ -218,10 +219,12 @@ class _Tree:
             if outer is not None:
                 run_record.held_fork(run_id, places, outer)
             self.inner.setdefault(outer, []).append(number)
-        self.run_id = run_id
         self.shown: set[int] = set()
+        """The fan-outs :meth:`forks_of` has given, to find one that is inside itself."""
 
     def add_branch(self, saved: Mapping[str, Any]) -> None:
+        """Add the branch in flight ``saved`` (as its place holds it) to its fan-out's;
+        DamagedRecordError when the place it names holds no fan-out."""
         fork = saved["fork"]
         if fork is not None:
             run_record.held_fork(self.run_id, self.places, fork)
@@ -297,6 +300,7 @@ def view_lines(name: str, view: RunView) -> list[str]:
         "state": run.state,
         "steps": str(run.steps),
         "owner": run.owner or "-",
+        "queue": run.queue or "-",
         "lease left": lease,
         "parent": run.parent_id or "-",
         "children": children or "-",
@@ -316,7 +320,9 @@ def view_lines(name: str, view: RunView) -> list[str]:
 
 def _path_text(path: list[str]) -> str:
     """The last :data:`PATH_SHOWN` node ids of ``path``, after how many steps came
-    before them."""
+    before them; "-" for a run that took no step."""
+    if not path:
+        return "-"
     shown = " -> ".join(path[-PATH_SHOWN:])
     earlier = len(path) - PATH_SHOWN
     return shown if earlier <= 0 else f"({earlier} earlier steps) -> {shown}"

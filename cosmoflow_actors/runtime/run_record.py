@@ -123,11 +123,11 @@ def require_ended(key: str, value: Any, states: Collection[EndedState] = ENDED_S
 
 
 def checked_states(states: Iterable[str]) -> frozenset[EndedState]:
-    """The states ``states`` names, each that of a run that ended; ValueError naming one
-    that is not, or saying there is none."""
-    if isinstance(states, str):
-        raise ValueError(f"states must be a collection of states, not the str {states!r}")
-    named = frozenset(states)
+    """The states ``states`` names, each that of a run that ended; ValueError naming the
+    first that is not, or saying there is none."""
+    if isinstance(states, str | bytes):
+        raise ValueError(f"states must be a collection of states, not {states!r}")
+    named = list(states)
     for state in named:
         if state not in ENDED_STATES:
             raise ValueError(f"states: {state!r} is not the state of a run that ended")
