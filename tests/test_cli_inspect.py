@@ -561,8 +561,9 @@ def test_inspect_run_reads_again_a_run_another_engine_moved_on_meanwhile(
     assert (view.run.steps, view.path) == (3, ["tick"] * 3)
 
 
-def test_inspect_run_on_redis_names_the_store_of_a_damaged_record_of_another_run(
-    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("run", [["--run", "good"], []], ids=["--run", "the whole store"])
+def test_inspect_on_redis_names_the_store_of_a_damaged_record_of_another_run(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str], run: list[str]
 ) -> None:
     """The runs' rows (for the run's children and lease) cannot be read: bad input
     naming the store and the key, as forget --state says."""
@@ -579,7 +580,7 @@ def test_inspect_run_on_redis_names_the_store_of_a_damaged_record_of_another_run
         await storage.aclose()
 
     trio.run(damage)
-    assert main(["inspect", f"{redis_server.url}#{namespace}", "--run", "good"]) == 2
+    assert main(["inspect", f"{redis_server.url}#{namespace}", *run]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"cosmoflow: error: {storage!r}: cannot list its runs: ")
     assert repr(damaged) in err

@@ -59,7 +59,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     if isinstance(storage, FileStorage | SQLiteStorage):
         contents, runs = _peek(storage, args.codec or "json")
     else:
-        contents, runs = trio_run(_read_store, storage)
+        contents, runs = trio_run(_read_store, name, storage)
     if args.json:
         report = {"store": name, "keys": contents, "runs": [dataclasses.asdict(r) for r in runs]}
         print(dump_json(report))
@@ -134,13 +134,17 @@ def _value(entry: Outcome[Any]) -> Any:
         return Unreadable(exc)
 
 
-async def _read_store(storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
-    """Every key and value of ``storage`` (a Redis store, or one of the user's own) and
-    its durable runs, read through an engine (the runs of a queue's workers with their
-    leases)."""
+async def _read_store(name: str, storage: Storage) -> tuple[dict[str, Any], list[RunRecord]]:
+    """Every key and value of ``storage`` (a Redis store, or one of the user's own; the
+    store ``name``) and its durable runs, read through an engine (the runs of a queue's
+    workers with their leases). CliError naming the store when its runs cannot be
+    listed (a record the engine did not write)."""
     async with open_engine() as engine, opened(engine, storage) as handle:
         contents = await read_contents(handle)
-        runs = await engine.list_runs(storage)
+        try:
+            runs = await engine.list_runs(storage)
+        except StorageError as exc:
+            raise CliError(f"{name}: cannot list its runs: {exc}") from exc
     return contents, runs
 
 
