@@ -143,6 +143,20 @@ def test_inspect_says_what_a_failed_run_failed_with(
     assert table_row(out, "nightly") == row
 
 
+def run_ticking(scheme: str, path: Path, steps: int) -> None:
+    """The durable run "long" of the flow ``ticking``, ``steps`` steps, in the file or
+    SQLite (``scheme``) store at ``path``."""
+    storage = cf.FileStorage(path) if scheme == "file" else cf.SQLiteStorage(path)
+
+    async def seeded_run() -> None:
+        async with cf.open_engine() as engine:
+            async with engine.open_store(storage) as store:
+                await store.set("steps", steps)
+            await engine.run(ticking(), storage, run_id="long")
+
+    trio.run(seeded_run)
+
+
 @pytest.mark.parametrize("scheme", ["file", "sqlite"])
 def test_inspect_counts_the_steps_of_a_run_whose_path_is_in_chunks_and_hides_them(
     tmp_path: Path,
@@ -152,15 +166,7 @@ def test_inspect_counts_the_steps_of_a_run_whose_path_is_in_chunks_and_hides_the
 ) -> None:
     monkeypatch.setattr(run_record, "PATH_CHUNK", 3)
     path = tmp_path / "runs.db"
-    storage = cf.FileStorage(path) if scheme == "file" else cf.SQLiteStorage(path)
-
-    async def seeded_run() -> None:
-        async with cf.open_engine() as engine:
-            async with engine.open_store(storage) as store:
-                await store.set("steps", 7)
-            await engine.run(ticking(), storage, run_id="long")
-
-    trio.run(seeded_run)
+    run_ticking(scheme, path, 7)
     assert main(["inspect", f"{scheme}:{path}", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["keys"] == {"steps": 7, "n": 7}
@@ -426,15 +432,7 @@ def test_inspect_run_shows_the_last_of_a_long_path_and_json_all_of_it(
     """A run that succeeded has nothing in flight; its path is read from its chunks."""
     monkeypatch.setattr(run_record, "PATH_CHUNK", 4)
     path = tmp_path / "runs"
-    storage = cf.FileStorage(path) if scheme == "file" else cf.SQLiteStorage(path)
-
-    async def seeded_run() -> None:
-        async with cf.open_engine() as engine:
-            async with engine.open_store(storage) as store:
-                await store.set("steps", 25)
-            await engine.run(ticking(), storage, run_id="long")
-
-    trio.run(seeded_run)
+    run_ticking(scheme, path, 25)
     assert main(["inspect", f"{scheme}:{path}", "--run", "long"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "state:      succeeded" in lines
