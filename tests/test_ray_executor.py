@@ -550,8 +550,11 @@ def connect_in_a_process(address: str, deadline: float) -> list[str]:
 
 
 @pytest.mark.ray
-def test_an_unreachable_ray_address_fails_the_run_at_once_naming_it() -> None:
-    address = f"127.0.0.1:{free_port()}"
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_an_unreachable_ray_address_fails_the_run_at_once_naming_it(scheme: str) -> None:
+    """A GCS address or a Ray Client one (``ray://``), whose ray.init would try for 30 s
+    and say neither where nor why."""
+    address = f"{scheme}127.0.0.1:{free_port()}"
     error, seconds, left = connect_in_a_process(address, GUARD)
     assert error.startswith(f"ConnectionError: cannot reach the Ray cluster at {address}: ")
     assert error.endswith("Connection refused")

@@ -131,8 +131,8 @@ class FlowRegistry:
     async def set_up(self, flow: Flow) -> None:
         """Set up the worker processes or the Ray connection that ``flow`` (or a flow
         nested in it) needs, unless done already. Blocks while they start (seconds), or
-        until an unreachable Ray ``host:port`` is given up on (ConnectionError naming
-        it); RunCancelledError if the registry closed meanwhile."""
+        until an unreachable Ray ``host:port`` or ``ray://host:port`` is given up on
+        (ConnectionError naming it); RunCancelledError if the registry closed meanwhile."""
         if self._needs_workers(flow):
             await self._start_workers()
         if self._needs_ray(flow):
@@ -277,8 +277,9 @@ class FlowRegistry:
     async def _connect_ray(self) -> None:
         """Connect to Ray for "ray" nodes, once; :meth:`disconnect_ray` lets go of it
         when the engine has closed. Blocks while Ray starts or is joined (seconds), or
-        until an unreachable ``host:port`` is given up on (ConnectionError naming it);
-        cancellable. RunCancelledError if the registry has closed meanwhile."""
+        until an unreachable ``host:port`` or ``ray://host:port`` is given up on
+        (ConnectionError naming it); cancellable. RunCancelledError if the registry has
+        closed meanwhile."""
         async with self._ray_connecting:
             if self._closed:
                 await refuse_closed(self._closed_meanwhile_error())

@@ -47,8 +47,8 @@ LOCAL_RAY_ENV = {
 }
 """Environment a Ray started by the engine on this machine gets (unless already set)."""
 REACH_TIMEOUT: Final = 5.0
-"""Seconds :func:`connect` waits for a plain ``host:port`` Ray address to accept a TCP
-connection before it gives up on the cluster."""
+"""Seconds :func:`connect` waits for a plain ``host:port`` Ray address (or a Ray Client
+``ray://host:port``) to accept a TCP connection before it gives up on the cluster."""
 
 
 class _Keeper:
@@ -131,10 +131,10 @@ _last_keeper: _Keeper | None = None
 async def connect(address: str | None) -> None:
     """Hold the Ray connection of this process: join Ray at ``address`` (None:
     ``RAY_ADDRESS``, else start a local Ray) unless it is connected already. Blocks
-    until connected: for a plain ``host:port``, at most :data:`REACH_TIMEOUT` seconds
-    to find it unreachable (ConnectionError naming it), then as long as ``ray.init``
-    takes. Cancellable: a connection still being made is then let go of (shut down
-    once made, unless another engine holds it)."""
+    until connected: for a plain ``host:port`` (or a Ray Client ``ray://host:port``),
+    at most :data:`REACH_TIMEOUT` seconds to find it unreachable (ConnectionError naming
+    it), then as long as ``ray.init`` takes. Cancellable: a connection still being made
+    is then let go of (shut down once made, unless another engine holds it)."""
     await trio.to_thread.run_sync(_import_ray, abandon_on_cancel=True)
     address = address or os.environ.get("RAY_ADDRESS")
     if address is not None and not _connected():
@@ -197,10 +197,11 @@ def _let_go() -> _Keeper | None:
 
 
 def _tcp_address(address: str) -> tuple[str, int] | None:
-    """The host and port of a plain ``host:port`` address; None for any other form
-    ("auto", "ray://...")."""
-    host, colon, port = address.rpartition(":")
-    if not colon or not host or "/" in address or not port.isdigit():
+    """The host and port of a plain ``host:port`` address or a Ray Client one,
+    ``ray://host:port``; None for any other form ("auto", "ray://host")."""
+    rest = address.removeprefix("ray://")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host or "/" in rest or not port.isdigit():
         return None
     if not 0 < int(port) < 65536:
         return None
@@ -209,8 +210,8 @@ def _tcp_address(address: str) -> tuple[str, int] | None:
 
 async def _check_reachable(address: str) -> None:
     """Raise ConnectionError naming ``address`` unless it is not a plain ``host:port``
-    or that port accepts a TCP connection. Blocks at most :data:`REACH_TIMEOUT`
-    seconds."""
+    (nor ``ray://host:port``) or that port accepts a TCP connection. Blocks at most
+    :data:`REACH_TIMEOUT` seconds."""
     target = _tcp_address(address)
     if target is None:
         return
