@@ -422,6 +422,43 @@ def test_build_refuses_ray_options_changed_after_construction() -> None:
         cf.Flow.builder("f").add_node("sq", node).build()
 
 
+_LOST_SCRIPT = """
+import trio, ray
+import cosmoflow_actors as cf
+from tests.support import single
+from tests.test_executor import Square
+
+async def main():
+    flow = single(Square(executor="ray"))
+    async with cf.open_engine() as engine:
+        print((await engine.run(flow, params={"n": 2})).result[0])
+        ray.shutdown()  # as a Ray Client connection is once its cluster has gone
+        try:
+            await engine.run(flow, params={"n": 3})
+        except cf.NodeError as error:
+            print(f"{type(error.__cause__).__name__}: {error.__cause__}")
+        print(ray.is_initialized())
+
+trio.run(main)
+"""
+
+
+@pytest.mark.ray
+def test_a_lost_ray_connection_fails_the_step_and_starts_no_ray() -> None:
+    """Without the check, Ray's first call would start a Ray on this machine (or join
+    one found there) and run the step on it."""
+    pytest.importorskip("ray")
+    done = in_a_process_without_ray_address(_LOST_SCRIPT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, error, initialized = done.stdout.splitlines()
+    assert first == "4"
+    assert error.startswith(
+        "ConnectionError: node 'only' cannot start its Ray task: this process is no longer "
+        "connected to Ray"
+    )
+    assert initialized == "False"
+
+
 _JOINING_SCRIPT = """
 import os, sys, trio, ray
 import cosmoflow_actors as cf

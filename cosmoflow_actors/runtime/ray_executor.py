@@ -259,8 +259,10 @@ class OnRay:
         """Blocks until a Ray task has run exec (the first call also puts the node in
         Ray's object store); cancelled, it force-cancels the task. Blocks the engine's
         trio thread while it pickles the prep result and unpickles exec's (see
-        ``transfer``). Raises what exec raised, or WorkerTransferError for what could
-        not make the trip."""
+        ``transfer``). Raises what exec raised, WorkerTransferError for what could
+        not make the trip, or ConnectionError naming the node when this process is no
+        longer connected to Ray."""
+        _require_connection(ctx.node_id)
         remote_ctx = ctx.copy(store=detached(ctx.store))
         work = job(prep_res, remote_ctx, "ray")
         if self._node_ref is None:
@@ -285,6 +287,22 @@ class OnRay:
                 return ray.put(pickled), remote
 
             self._node_ref, self._remote = await trio.to_thread.run_sync(prepare)
+
+
+def _require_connection(node_id: str) -> None:
+    """Raise ConnectionError naming ``node_id`` when this process is no longer connected
+    to Ray: a Ray Client connection is lost for good once its cluster has been away for
+    Ray's reconnect grace period (30 s), and any call to Ray would then start a Ray on
+    this machine or join one found there. Never blocks."""
+    import ray
+
+    if not ray.is_initialized():
+        raise ConnectionError(
+            f"node {node_id!r} cannot start its Ray task: this process is no longer "
+            "connected to Ray (a Ray Client connection is lost once its cluster has been "
+            "unreachable for Ray's reconnect grace period); close the engines using it "
+            "and open one to connect again"
+        )
 
 
 async def _result(ref: Any) -> Answer:
