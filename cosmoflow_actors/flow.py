@@ -236,7 +236,10 @@ class Flow:
         """Run once from synchronous code (``trio.run``); blocks until the run ends.
 
         Raises the run's error as :meth:`run` does. Ctrl-C raises ``KeyboardInterrupt``
-        itself, as it does out of ``trio.run`` (not inside an exception group).
+        itself, as it does out of ``trio.run`` (not inside an exception group), in the
+        main thread: Python raises it there only, so a call in another thread is not
+        interrupted. Threads may call it at once, each with a store of its own: each
+        call is a trio run with an engine of its own.
 
         Raises:
             RuntimeError: called inside a trio run, where ``trio.run`` cannot be called:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import fcntl
 import gc
 import json
 import os
@@ -752,6 +753,25 @@ async def test_an_opener_waits_no_longer_than_asked(
 async def test_wait_must_be_seconds(tmp_path: Path, wait: Any) -> None:
     with pytest.raises(ValueError, match="wait must be >= 0 seconds"):
         FileStorage(tmp_path / "store.json", wait=wait)
+
+
+async def test_a_holder_that_has_not_written_its_pid_yet_is_not_said_to_be_another_process(
+    tmp_path: Path,
+) -> None:
+    """Between taking the lock and writing its pid, the holder may be another
+    FileStorage of this process (another thread's ``flow.run_sync``, say): the refusal
+    does not call it another process."""
+    path = tmp_path / "store.json"
+    holder = os.open(tmp_path / "store.json.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # and no pid written
+
+        with pytest.raises(StorageError, match=r"in use: another FileStorage \(of this") as info:
+            await FileStorage(path).open()
+    finally:
+        os.close(holder)
+
+    assert "another process" not in str(info.value)
 
 
 async def test_the_lock_file_names_the_holder_while_open_and_goes_at_close(

@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import textwrap
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -486,6 +487,40 @@ def test_a_pool_opens_at_most_max_connections_unless_its_url_says_otherwise(
     assert default.max_connections == MAX_CONNECTIONS
     url = f"{redis_server.url}?max_connections=7"
     assert shared_client(url, 3.5, "test").connection_pool.max_connections == 7
+
+
+def test_threads_asking_at_once_for_a_new_pool_share_one(redis_server: RedisServer) -> None:
+    """Sixteen threads (as many trio runs of ``flow.run_sync``) asking at once for the
+    client of a URL and timeout not used before all get the same one, and so share
+    one pool of at most ``max_connections``. With a switch interval of 1 µs, most of
+    the twenty rounds made more than one pool before they shared."""
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for round_ in range(20):
+            timeout = 60.0 + round_ / 8  # a pool of its own: no other test uses it
+            clients = clients_asked_at_once(redis_server.url, timeout, 16)
+            assert len({id(client) for client in clients}) == 1, f"round {round_}"
+    finally:
+        sys.setswitchinterval(saved)
+
+
+def clients_asked_at_once(url: str, timeout: float, workers: int) -> list[redis.Redis]:
+    """What ``workers`` threads get from ``shared_client``, released together (blocks
+    until all have it)."""
+    start = threading.Barrier(workers)
+    clients: list[redis.Redis] = []
+
+    def ask() -> None:
+        start.wait()
+        clients.append(shared_client(url, timeout, "test"))
+
+    threads = [threading.Thread(target=ask) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return clients
 
 
 async def test_a_call_answered_while_the_trio_thread_was_blocked_past_its_deadline_succeeds(

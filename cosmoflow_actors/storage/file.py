@@ -180,8 +180,8 @@ class FileStorage(Storage):
         return lock.try_lock(self._lock_path, journal.mode_of(self._path))
 
     def _in_use(self, busy: lock.Busy) -> StorageError:
-        if busy.pid is None:
-            holder = "another process"
+        if busy.pid is None:  # it has the lock, and writes its pid next
+            holder = "another FileStorage (of this process or another, pid not written yet)"
         elif busy.pid == os.getpid():
             holder = f"process {busy.pid} (this process: another FileStorage over it is open)"
         else:

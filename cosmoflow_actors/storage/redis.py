@@ -1005,8 +1005,8 @@ def send_command(connection: redis.Redis | Pipeline, *args: Any) -> Any:
 def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
     """The process's one client for ``url`` and ``timeout`` (the socket timeout,
     connecting included), on its pool of connections: the users of one server share
-    them (a redis-py client is safe to share between threads). Connects on first use;
-    does not block.
+    them (a redis-py client is safe to share between threads), the trio runs of several
+    threads too. Connects on first use; does not block.
 
     The pool opens at most :data:`MAX_CONNECTIONS` connections, or the URL's
     ``max_connections``, and keeps them open until the process ends. Callers take a
@@ -1035,8 +1035,10 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
             )
         except ValueError as exc:
             raise StorageError(f"not a Redis URL: {redacted(url)!r} ({exc})") from exc
-        client = redis.Redis(connection_pool=pool)
-        _clients[url, timeout] = client
+        # Threads that each run trio (``flow.run_sync`` in request threads) may make a
+        # client for the same key at once: all of them use the one stored first, and
+        # the others' pools, which connect only on first use, are dropped unused.
+        client = _clients.setdefault((url, timeout), redis.Redis(connection_pool=pool))
     return client
 
 
