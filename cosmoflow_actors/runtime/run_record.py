@@ -95,6 +95,7 @@ def checked_record(key: str, value: Any) -> dict[str, Any]:
 EndedState = Literal["succeeded", "failed"]
 """The state of a durable run that has ended, as its record says."""
 ENDED_STATES: Final[tuple[EndedState, ...]] = ("succeeded", "failed")
+"""The states of a run that ended: those ``forget_run`` may forget it in."""
 
 
 def require_ended(key: str, value: Any, states: Collection[EndedState] = ENDED_STATES) -> None:
