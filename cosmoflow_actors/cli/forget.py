@@ -5,10 +5,10 @@ states ``--state`` names."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Collection
 
 from cosmoflow_actors.cli.errors import CliError
+from cosmoflow_actors.cli.output import print_warning
 from cosmoflow_actors.cli.signals import trio_run
 from cosmoflow_actors.cli.stores import described, existing_store, opened
 from cosmoflow_actors.errors import RunRecordedError, StorageError
@@ -16,7 +16,6 @@ from cosmoflow_actors.runtime.engine import Engine, open_engine
 from cosmoflow_actors.runtime.run_record import ENDED_STATES, EndedState, RunRecord
 from cosmoflow_actors.storage import Storage
 from cosmoflow_actors.storage.base import batch_parent
-from cosmoflow_actors.tracing import one_line
 
 
 def forget_command(args: argparse.Namespace) -> int:
@@ -66,11 +65,10 @@ async def _forget_in_states(name: str, storage: Storage, states: Collection[Ende
         except StorageError as exc:
             raise CliError(f"{name}: cannot list its runs: {exc}") from exc
         for run in runs:
-            if _forgotten_with_parent(run.run_id, forgotten) or (
-                run.parent_id is None
-                and run.state in states
-                and await _forget_listed(engine, name, storage, run, states)
-            ):
+            gone = _forgotten_with_parent(run.run_id, forgotten)
+            if not gone and run.parent_id is None and run.state in states:
+                gone = await _forget_listed(engine, name, storage, run, states)
+            if gone:
                 forgotten.add(run.run_id)
                 print(run.run_id, flush=True)
 
@@ -97,10 +95,10 @@ async def _forget_listed(
     try:
         found = await _forget_recorded(engine, name, storage, run.run_id, states)
     except RunRecordedError as exc:
-        _warn(f"{listed}, is kept: it is recorded as {exc.state} now")
+        print_warning(f"{listed}, is kept: it is recorded as {exc.state} now")
         return False
     if not found:
-        _warn(f"{listed}, is no longer recorded")
+        print_warning(f"{listed}, is no longer recorded")
     return found
 
 
@@ -117,11 +115,6 @@ async def _forget_recorded(
         return await engine.forget_run(storage, run_id, states=states)
     except (StorageError, ValueError) as exc:
         raise CliError(f"{name}: cannot forget run {run_id!r}: {exc}") from exc
-
-
-def _warn(message: str) -> None:
-    """Print ``cosmoflow: warning: MESSAGE`` on stderr, as one line (blocks)."""
-    print(f"cosmoflow: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def _forgotten_with_parent(run_id: str, forgotten: set[str]) -> bool:

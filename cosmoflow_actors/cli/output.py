@@ -120,3 +120,9 @@ def print_error(message: str) -> None:
     characters of a message a run or a file chose (a newline, a terminal's escape) are
     written as Python escapes. Blocks while stderr is written."""
     print(f"cosmoflow: error: {one_line(message)}", file=sys.stderr)
+
+
+def print_warning(message: str) -> None:
+    """Print ``cosmoflow: warning: MESSAGE`` on stderr, as one line, as
+    :func:`print_error` does. Blocks while stderr is written."""
+    print(f"cosmoflow: warning: {one_line(message)}", file=sys.stderr, flush=True)

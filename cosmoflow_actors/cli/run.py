@@ -21,7 +21,7 @@ import trio
 from cosmoflow_actors.cli.batch import BatchStats, ProgressBar, print_summary
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow
-from cosmoflow_actors.cli.output import dump_json, print_error
+from cosmoflow_actors.cli.output import dump_json, print_error, print_warning
 from cosmoflow_actors.cli.signals import INTERRUPTED, trio_run
 from cosmoflow_actors.cli.stores import first_unreadable, opened, parse_store, read_contents
 from cosmoflow_actors.cli.trace import NodeNames, Printer, watch
@@ -84,7 +84,7 @@ def _run_one(options: _RunOptions, args: argparse.Namespace) -> int:
         print(_render(options.flow.name, ended, store, as_json=args.json))
     problem = first_unreadable(args.store, store)
     if problem is not None:
-        print(f"cosmoflow: warning: {problem}", file=sys.stderr)
+        print_warning(problem)
     if ended.error is not None:
         raise ended.error
     return 0
