@@ -154,9 +154,9 @@ def _scan_namespaces(client: Redis) -> tuple[set[str], bool]:
     stops once it has more than :data:`NAMESPACES_SHOWN` or after
     :data:`NAMESPACE_SCANS` round trips, and whether it saw every key. Blocks."""
     names: set[str] = set()
+    pattern = namespace_key("*", "meta")
     cursor = 0
     for _ in range(NAMESPACE_SCANS):
-        pattern = namespace_key("*", "meta")
         cursor, found = send_command(
             client, "SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT, "TYPE", "hash"
         )
