@@ -51,6 +51,7 @@ from cosmoflow_actors.runtime.queue import (
     result,
     submit,
 )
+from cosmoflow_actors.runtime.ray_executor import RayDisconnectedError
 from cosmoflow_actors.runtime.run import Run, RunState, RunStateValue
 from cosmoflow_actors.runtime.run_record import RunRecord
 from cosmoflow_actors.runtime.statistics import ActorStatistics, EngineStatistics
@@ -99,6 +100,7 @@ __all__ = [
     "ProgressSnapshot",
     "QueuedResult",
     "QueuedRun",
+    "RayDisconnectedError",
     "RedisStorage",
     "Retry",
     "Route",

@@ -33,6 +33,7 @@ EXAMPLES: dict[type[cf.CosmoFlowError], cf.CosmoFlowError] = {
     cf.WorkerTransferError: cf.WorkerTransferError("cannot send the context to a worker"),
     cf.UnreadableEntryError: cf.UnreadableEntryError("run 'r' of queue 'q' is not JSON"),
     cf.WorkerInterruptedError: cf.WorkerInterruptedError("exec was interrupted"),
+    cf.RayDisconnectedError: cf.RayDisconnectedError("node 'a' cannot start its Ray task"),
 }
 
 

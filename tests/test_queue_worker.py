@@ -41,6 +41,7 @@ from tests.queue_support import (
 )
 from tests.storage_suite import RedisServer, free_port
 from tests.support import commits, received_until, taking_turns
+from tests.test_ray_executor import in_a_process_without_ray_address
 
 
 async def left_running(queue: RunQueue, run_id: str) -> cf.QueuedRun:
@@ -469,6 +470,58 @@ async def test_a_stopped_worker_hands_its_run_back_to_the_next_worker_at_once(
     assert await counts(store, "stopped") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
     [status] = await cf.queue_status(queue)
     assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+_RAY_LOST_SCRIPT = """
+import functools, sys, trio, ray
+import cosmoflow_actors as cf
+from tests.support import single
+from tests.test_executor import Square
+
+async def serving(engine, queue, flow, store, name, nursery):
+    serve = functools.partial(engine.serve, queue, [flow], store, name=name)
+    await nursery.start(serve)
+
+async def main(url):
+    queue, store = cf.RunQueue(url, "ray-lost", lease=30.0), url + "#ray-lost"
+    async with cf.open_engine() as engine:
+        try:
+            async with trio.open_nursery() as nursery:
+                await serving(engine, queue, single(Square(executor="ray")), store, "w1", nursery)
+                ray.shutdown()  # as a Ray Client connection is once its cluster has gone
+                await cf.submit(queue, "single", run_id="r", params={"n": 3})
+        except BaseExceptionGroup as group:
+            leaf = group
+            while isinstance(leaf, BaseExceptionGroup):
+                [leaf] = leaf.exceptions
+            print(type(leaf).__name__, type(leaf.__cause__).__name__)
+        [status] = await cf.queue_status(queue)
+        print(status.state, status.attempts)
+        async with trio.open_nursery() as nursery:
+            await serving(engine, queue, single(Square(executor="inline")), store, "w2", nursery)
+            done = await cf.result(queue, "r")
+            print(done.result[0], done.worker)
+            nursery.cancel_scope.cancel()
+
+trio.run(main, sys.argv[1])
+"""
+
+
+@pytest.mark.ray
+def test_a_worker_that_lost_its_ray_connection_stops_and_hands_its_run_back(
+    redis_server: RedisServer,
+) -> None:
+    """Its serve raises the step's error, caused by the lost connection, instead of
+    failing the run (and each run it would claim after it): the run, handed back, is
+    taken over at once (within the 30 s lease) by the next worker, which finishes it."""
+    pytest.importorskip("ray")
+    done = in_a_process_without_ray_address(_RAY_LOST_SCRIPT, redis_server.url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        "NodeError RayDisconnectedError",
+        "orphaned 1",
+        "9 w2",
+    ]
 
 
 async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(

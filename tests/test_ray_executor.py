@@ -453,7 +453,7 @@ def test_a_lost_ray_connection_fails_the_step_and_starts_no_ray() -> None:
     first, error, initialized = done.stdout.splitlines()
     assert first == "4"
     assert error.startswith(
-        "ConnectionError: node 'only' cannot start its Ray task: this process is no longer "
+        "RayDisconnectedError: node 'only' cannot start its Ray task: this process is no longer "
         "connected to Ray"
     )
     assert initialized == "False"

@@ -33,6 +33,7 @@ from typing import Any, Final
 import trio
 
 from cosmoflow_actors.context import ExecutionContext
+from cosmoflow_actors.errors import CosmoFlowError
 from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.store_client import detached
 from cosmoflow_actors.runtime.transfer import Answer, answer, exec_in_worker, job, pickled_node
@@ -260,8 +261,8 @@ class OnRay:
         Ray's object store); cancelled, it force-cancels the task. Blocks the engine's
         trio thread while it pickles the prep result and unpickles exec's (see
         ``transfer``). Raises what exec raised, WorkerTransferError for what could
-        not make the trip, or ConnectionError naming the node when this process is no
-        longer connected to Ray."""
+        not make the trip, or RayDisconnectedError naming the node when this process is
+        no longer connected to Ray."""
         _require_connection(ctx.node_id)
         remote_ctx = ctx.copy(store=detached(ctx.store))
         work = job(prep_res, remote_ctx, "ray")
@@ -289,15 +290,21 @@ class OnRay:
             self._node_ref, self._remote = await trio.to_thread.run_sync(prepare)
 
 
+class RayDisconnectedError(CosmoFlowError, ConnectionError):
+    """A "ray" node's attempt found this process no longer connected to Ray: no attempt
+    of the engine's can run on Ray until it is connected again (a new engine). A queue's
+    worker that meets it stops, handing its runs back."""
+
+
 def _require_connection(node_id: str) -> None:
-    """Raise ConnectionError naming ``node_id`` when this process is no longer connected
-    to Ray: a Ray Client connection is lost for good once its cluster has been away for
-    Ray's reconnect grace period (30 s), and any call to Ray would then start a Ray on
-    this machine or join one found there. Never blocks."""
+    """Raise RayDisconnectedError naming ``node_id`` when this process is no longer
+    connected to Ray: a Ray Client connection is lost for good once its cluster has been
+    away for Ray's reconnect grace period (30 s), and any call to Ray would then start a
+    Ray on this machine or join one found there. Never blocks."""
     import ray
 
     if not ray.is_initialized():
-        raise ConnectionError(
+        raise RayDisconnectedError(
             f"node {node_id!r} cannot start its Ray task: this process is no longer "
             "connected to Ray (a Ray Client connection is lost once its cluster has been "
             "unreachable for Ray's reconnect grace period); close the engines using it "

@@ -30,6 +30,7 @@ from cosmoflow_actors.runtime import run_record
 from cosmoflow_actors.runtime.queue.claims import LOGGER, Claim, Claimer, shielded_briefly
 from cosmoflow_actors.runtime.queue.client import GROUP, RunQueue, as_queue
 from cosmoflow_actors.runtime.queue.scripts import FINISH, HAND_BACK, RELEASE, RENEW
+from cosmoflow_actors.runtime.ray_executor import RayDisconnectedError
 from cosmoflow_actors.storage.base import Storage, value_or
 from cosmoflow_actors.storage.redis import RedisStorage, redacted, require_url
 from cosmoflow_actors.tracing import describe_error
@@ -212,7 +213,11 @@ class _Worker:
         StorageError included) fails the run, and so does data at fault (see
         :data:`DATA_FAULTS`: nothing is run when a worker meets it reading the run back,
         and the key at fault is left as it was). The RunRecordedError of a record the
-        worker's flow does not fit (see :meth:`_own_record`), with nothing run."""
+        worker's flow does not fit (see :meth:`_own_record`), with nothing run.
+
+        Raises the error of a run that failed because this process lost its connection
+        to Ray (see :func:`_ray_lost`): the worker cannot run a "ray" node any more, so
+        it stops, and the run is handed back (see :meth:`run_claimed`)."""
         with scope:
             try:
                 storage = self.stores(claim.run_id)
@@ -229,6 +234,8 @@ class _Worker:
                 if _out_of_reach(exc):
                     self._dropped(claim.run_id, "its store is out of reach", exc)
                     return None
+                if _ray_lost(exc):
+                    raise
                 return {"state": "failed", "error": describe_error(exc)}
             return {"state": "succeeded", "error": None, "result": _result_info(done)}
         return None
@@ -393,6 +400,12 @@ def _connection_failed(error: BaseException | None) -> bool:
     from redis.exceptions import ConnectionError, TimeoutError
 
     return isinstance(error, ConnectionError | TimeoutError)
+
+
+def _ray_lost(error: BaseException) -> bool:
+    """Whether ``error`` was caused by this process having lost its connection to Ray
+    (a step's attempt on Ray, wrapped in NodeError)."""
+    return any(isinstance(each, RayDisconnectedError) for each in causes(error))
 
 
 def _conflict(error: BaseException) -> bool:
