@@ -763,7 +763,9 @@ class Engine:
         Ray of ``executor="ray"`` nodes, the worker processes of ``"process"`` ones).
         Raises ValueError for a ``name`` that is not a non-empty str, StorageError if
         the queue cannot be reached at first, ConnectionError if the Ray cluster cannot
-        (see :func:`open_engine`), RuntimeError once the engine is closed.
+        (see :func:`open_engine`), RuntimeError once the engine is closed; and, while it
+        serves, the NodeError of a run that failed because this process lost its Ray
+        connection (caused by RayDisconnectedError), its runs handed back to the queue.
         """
         if self._closed:
             await refuse_closed(self._closed_error())
