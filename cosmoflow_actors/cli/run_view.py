@@ -89,7 +89,7 @@ def peeked_run(name: str, values: Mapping[str, Any], runs: list[RunRecord], run_
         raise unknown_run(name, run_id)
     try:
         record = run_record.checked_record(key, _readable(key, values[key]))
-        wanted = [*run_record.chunk_keys(record), *run_record.place_keys(record)]
+        wanted = run_record.part_keys(record)
         parts = {part: _readable(part, values[part]) for part in wanted if part in values}
         return run_view(runs, record, parts)
     except StorageError as exc:  # undecodable, or not what the engine writes
@@ -150,8 +150,8 @@ async def _read_once(
     if stored is None:
         raise unknown_run(name, run_id)
     record = run_record.checked_record(key, stored)
-    keys = [*run_record.chunk_keys(record), *run_record.place_keys(record), key]
-    return record, run_record.parts_read(record, await handle.get_many(keys))
+    read = await handle.get_many(run_record.parts_request(record))
+    return record, run_record.parts_read(record, read)
 
 
 def unknown_run(name: str, run_id: str) -> CliError:

@@ -525,8 +525,7 @@ class Engine:
         its branches on. Blocks while a node's mailbox is full, until the run ends (a
         branch sent first may fail it meanwhile), and while the run's end is recorded
         when a branch's recorded outcome ends it."""
-        key = run_record.record_key(run.run_id)
-        keys = [*run_record.chunk_keys(record), *run_record.place_keys(record), key]
+        keys = run_record.parts_request(record)
         parts = run_record.parts_read(record, await run.store_actor.read_parts(run.storage, keys))
         path = run_record.whole_path(record, parts)
         branches, places = run_record.restore(run, record, path, parts)

@@ -509,6 +509,18 @@ def place_keys(record: Mapping[str, Any]) -> list[str]:
     return [place_key(record["run_id"], number) for number in range(record["places"])]
 
 
+def part_keys(record: Mapping[str, Any]) -> list[str]:
+    """The keys of the parts (path chunks, places) the run of ``record`` (checked) may
+    have stored."""
+    return [*chunk_keys(record), *place_keys(record)]
+
+
+def parts_request(record: Mapping[str, Any]) -> list[str]:
+    """The keys to read in one request for :func:`parts_read`: the run's parts (see
+    :func:`part_keys`), then its record's key."""
+    return [*part_keys(record), record_key(record["run_id"])]
+
+
 def parts_read(record: Mapping[str, Any], read: dict[str, Any]) -> dict[str, Any]:
     """The parts (path chunks, places) of the run of ``record`` in ``read``, a store's
     answer to one request for the keys of its parts and then the record's key (last, so
