@@ -10,7 +10,13 @@ from collections.abc import Collection
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.output import print_warning
 from cosmoflow_actors.cli.signals import trio_run
-from cosmoflow_actors.cli.stores import described, existing_store, opened
+from cosmoflow_actors.cli.stores import (
+    described,
+    existing_store,
+    listed_runs,
+    opened,
+    unknown_run,
+)
 from cosmoflow_actors.errors import RunRecordedError, StorageError
 from cosmoflow_actors.runtime.engine import Engine, open_engine
 from cosmoflow_actors.runtime.run_record import ENDED_STATES, EndedState, RunRecord
@@ -60,11 +66,7 @@ async def _forget_in_states(name: str, storage: Storage, states: Collection[Ende
     print each id forgotten, then those of its children listed (gone with it)."""
     forgotten: set[str] = set()
     async with open_engine() as engine, opened(engine, storage):
-        try:
-            runs = await engine.list_runs(storage)
-        except StorageError as exc:
-            raise CliError(f"{name}: cannot list its runs: {exc}") from exc
-        for run in runs:
+        for run in await listed_runs(engine, storage, name):
             gone = _forgotten_with_parent(run.run_id, forgotten)
             if not gone and run.parent_id is None and run.state in states:
                 gone = await _forget_listed(engine, name, storage, run, states)
@@ -81,7 +83,7 @@ async def _forget_one(engine: Engine, name: str, storage: Storage, run_id: str) 
     except RunRecordedError as exc:
         raise CliError(_refused(name, run_id, exc)) from exc
     if not found:
-        raise CliError(f"{name}: no run {run_id!r} is recorded")
+        raise unknown_run(name, run_id)
 
 
 async def _forget_listed(

@@ -21,6 +21,7 @@ from cosmoflow_actors.cli.stores import (
     described,
     existing_store,
     first_unreadable,
+    listed_runs,
     opened,
     read_contents,
 )
@@ -141,10 +142,7 @@ async def _read_store(name: str, storage: Storage) -> tuple[dict[str, Any], list
     listed (a record the engine did not write)."""
     async with open_engine() as engine, opened(engine, storage) as handle:
         contents = await read_contents(handle)
-        try:
-            runs = await engine.list_runs(storage)
-        except StorageError as exc:
-            raise CliError(f"{name}: cannot list its runs: {exc}") from exc
+        runs = await listed_runs(engine, storage, name)
     return contents, runs
 
 

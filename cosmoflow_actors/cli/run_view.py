@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cosmoflow_actors.cli.errors import CliError
-from cosmoflow_actors.cli.stores import Unreadable, opened
+from cosmoflow_actors.cli.stores import Unreadable, listed_runs, opened, unknown_run
 from cosmoflow_actors.errors import DamagedRecordError, RunConflictError, StorageError
 from cosmoflow_actors.runtime import run_record
 from cosmoflow_actors.runtime.engine import open_engine
@@ -114,10 +114,7 @@ async def read_run(name: str, storage: Storage, run_id: str) -> RunView:
     :func:`_record_and_parts`), and when the rows cannot be read (a run's record is
     none the engine writes). Blocks while it reads."""
     async with open_engine() as engine, opened(engine, storage) as handle:
-        try:
-            runs = await engine.list_runs(storage)
-        except StorageError as exc:
-            raise CliError(f"{name}: cannot list its runs: {exc}") from exc
+        runs = await listed_runs(engine, storage, name)
         try:
             record, parts = await _record_and_parts(name, handle, run_id)
             return run_view(runs, record, parts)
@@ -152,11 +149,6 @@ async def _read_once(
     record = run_record.checked_record(key, stored)
     read = await handle.get_many(run_record.parts_request(record))
     return record, run_record.parts_read(record, read)
-
-
-def unknown_run(name: str, run_id: str) -> CliError:
-    """The error for the run ``run_id`` that the store ``name`` does not record."""
-    return CliError(f"{name}: no run {run_id!r} is recorded")
 
 
 def run_view(runs: list[RunRecord], record: Mapping[str, Any], parts: Mapping[str, Any]) -> RunView:

@@ -21,6 +21,7 @@ from cosmoflow_actors.cli.output import StdoutFailed
 from cosmoflow_actors.errors import StorageError, type_and_message, with_article
 from cosmoflow_actors.runtime.engine import Engine
 from cosmoflow_actors.runtime.queue import RunStores, per_run_redis
+from cosmoflow_actors.runtime.run_record import RunRecord
 from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
 from cosmoflow_actors.storage.redis import (
@@ -362,6 +363,20 @@ async def opened(engine: Engine, store: Storage | dict[str, Any]) -> AsyncIterat
         except StorageError as exc:
             raise CliError(f"cannot open the store: {exc}") from exc
         yield handle
+
+
+async def listed_runs(engine: Engine, storage: Storage, name: str) -> list[RunRecord]:
+    """``engine.list_runs(storage)``; CliError naming the store ``name`` when its runs
+    cannot be listed (a record the engine did not write). Blocks while they are read."""
+    try:
+        return await engine.list_runs(storage)
+    except StorageError as exc:
+        raise CliError(f"{name}: cannot list its runs: {exc}") from exc
+
+
+def unknown_run(name: str, run_id: str) -> CliError:
+    """The error for the run ``run_id`` that the store ``name`` does not record."""
+    return CliError(f"{name}: no run {run_id!r} is recorded")
 
 
 async def read_contents(store: SharedStore) -> dict[str, Any]:
