@@ -199,3 +199,23 @@ def test_the_workers_benchmark_measures_each_worker_count_and_the_takeover() -> 
     assert [row[0] for row in rows[:3]] == ["1", "2", "3"]
     assert all(float(row[1].replace(",", "")) > 0 for row in rows[:3])
     assert "takeover: " in done.stdout and "s from the kill" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_the_contention_benchmark_measures_each_kind_of_write_for_each_writer_count() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.contention", "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    )
+    rows = [line.split("  ") for line in done.stdout.splitlines() if line[:1] == " "]
+    cells = [[cell.strip() for cell in row if cell.strip()] for row in rows]
+    assert [(row[0], row[1]) for row in cells] == [
+        (writers, kind)
+        for writers in ("2", "8")
+        for kind in ("step", "update", "shared update", "hset")
+    ]
+    assert all(float(row[2].replace(",", "")) > 0 for row in cells)
+    assert [row[4] for row in cells] == ["0"] * len(cells)

@@ -91,6 +91,115 @@ async def test_update_starts_again_when_another_client_writes_in_between(
     assert await storage.get("n") == 110
 
 
+def other_client_sets(storage: RedisStorage, server: RedisServer, key: str, data: bytes) -> None:
+    """Another client stores ``data`` (encoded) under ``key`` in ``storage``'s namespace."""
+    with server.client() as other:
+        other.hset(f"cosmoflow:{storage.namespace}:data", key, data)
+
+
+async def test_an_update_does_not_start_again_when_another_client_writes_another_key(
+    redis_server: RedisServer,
+) -> None:
+    """Its commit expects only the key it read: other keys' writes cost it nothing."""
+    storage = redis_server.storage()
+    seen: list[int] = []
+
+    def add_one(n: int) -> int:
+        seen.append(n)
+        other_client_sets(storage, redis_server, "other", b"7")
+        return n + 1
+
+    assert await storage.update("n", add_one, 0) == 1
+    assert seen == [0]
+    assert {key: await storage.get(key) for key in ("n", "other")} == {"n": 1, "other": 7}
+
+
+async def test_a_step_applies_its_updates_again_only_when_a_key_it_read_changed(
+    redis_server: RedisServer,
+) -> None:
+    """While the step's update of "n" runs, another client writes "other" (the step
+    commits at once), then, in a second step, "n" (the update runs again on the value
+    written)."""
+    storage = redis_server.storage()
+    record_key = RECORD_PREFIX + "r"
+    await storage.set(record_key, {"steps": 0, "path": []})
+    await storage.commit()
+    seen: list[int] = []
+
+    def add_ten_while(key: str, data: bytes) -> Callable[[int], int]:
+        def add_ten(n: int) -> int:
+            seen.append(n)
+            if len(seen) in (1, 2):
+                other_client_sets(storage, redis_server, key, data)
+            return n + 10
+
+        return add_ten
+
+    for steps, key in enumerate(["other", "n"]):
+        update = ("update", "n", (add_ten_while(key, b"100"), 0))
+        record = {"steps": steps + 1, "path": ["x"] * (steps + 1)}
+        assert await storage.commit_step([update], record_key, record, steps)
+
+    assert seen == [0, 10, 100]
+    assert await storage.get("n") == 110
+
+
+async def test_a_step_of_sets_commits_again_only_when_another_client_changed_its_record(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another client writes between the record's check and the script: another key
+    (the step commits at once), then the record itself, counting the step as done (the
+    step reads the record again and is refused: another engine committed it)."""
+    storage = redis_server.storage()
+    record_key = RECORD_PREFIX + "r"
+    await storage.set(record_key, {"steps": 0, "path": []})
+    await storage.commit()
+    checks: list[int] = []
+    check_steps = redis_backend.check_steps
+    writes = [("other", b"1"), (record_key, json.dumps({"steps": 2, "path": ["x", "y"]}).encode())]
+
+    def write_after_check(key: str, stored: Any, steps_before: int) -> None:
+        check_steps(key, stored, steps_before)
+        checks.append(steps_before)
+        if len(checks) <= len(writes):
+            other_client_sets(storage, redis_server, *writes[len(checks) - 1])
+
+    monkeypatch.setattr(redis_backend, "check_steps", write_after_check)
+    first, second = {"steps": 1, "path": ["x"]}, {"steps": 2, "path": ["x", "b"]}
+    assert await storage.commit_step([("set", "a", 1)], record_key, first, 0)
+    with pytest.raises(cf.RunConflictError, match="counts 2 steps"):
+        await storage.commit_step([("set", "b", 2)], record_key, second, 1)
+
+    assert checks == [0, 1]
+    assert await storage.get("a") == 1
+    assert not await storage.contains("b")
+
+
+async def test_a_step_that_clears_starts_again_when_another_client_adds_a_key_meanwhile(
+    redis_server: RedisServer,
+) -> None:
+    """A clear removes every user key, so the step watches the whole hash: a key added
+    while its update runs makes it start again, and that key is cleared too."""
+    storage = redis_server.storage()
+    record_key = RECORD_PREFIX + "r"
+    await storage.set(record_key, {"steps": 0, "path": []})
+    await storage.set("old", 1)
+    await storage.commit()
+    seen: list[int] = []
+
+    def add_one(n: int) -> int:
+        seen.append(n)
+        if len(seen) == 1:
+            other_client_sets(storage, redis_server, "late", b"2")
+        return n + 1
+
+    ops = [("clear", "", None), ("update", "n", (add_one, 0))]
+    assert await storage.commit_step(ops, record_key, {"steps": 1, "path": ["x"]}, 0)
+
+    assert seen == [0, 0]
+    assert sorted(await storage.keys()) == sorted([record_key, "n"])
+
+
 async def test_a_forget_reads_the_record_again_when_another_client_changed_it_meanwhile(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -717,7 +826,6 @@ async def test_calls_queued_in_a_store_actor_fail_within_one_timeout_of_a_silent
             async with trio.open_nursery() as nursery:
                 for index in range(8):
                     nursery.start_soon(read, index)
-        print("DEBUG", outcomes)
         assert {error for error, _ in outcomes.values()} == {cf.StorageError}
         assert max(seconds for _, seconds in outcomes.values()) < BOUND
         with pytest.raises(cf.StorageError, match="this call was not sent"):
@@ -772,6 +880,42 @@ async def test_a_call_the_server_stops_answering_halfway_fails_within_the_timeou
     await storage.aclose()
 
 
+async def test_a_call_that_runs_out_of_time_after_the_server_answered_leaves_the_next_sent(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """An update loses two races to another writer of its key, then its function takes
+    the rest of the call's timeout: the error says the call ran out of time after the
+    server had answered, with the races lost, and the server is not taken as silent:
+    the next call is sent."""
+    storage = redis_server.storage(timeout=TIMEOUT)
+    await storage.open()
+    seen: list[int] = []
+
+    def add_one(n: int) -> int:
+        seen.append(n)
+        if len(seen) < 3:
+            other_client_sets(storage, redis_server, "n", str(10 * len(seen)).encode())
+        else:
+            mock_clock.jump(TIMEOUT)
+        return n + 1
+
+    with pytest.raises(cf.StorageError) as info:
+        await storage.update("n", add_one, 0)
+
+    assert seen == [0, 10, 20]
+    assert str(info.value).endswith(
+        "the call ran out of its timeout=1 s: the server answered 5 of its round trips, not "
+        "the last one in the time left (2 of its attempts found a value they read changed by "
+        "another writer and started again); the connection is dropped (if the call carried "
+        "a write, it may still be applied)"
+    )
+    assert isinstance(info.value.__cause__, redis.exceptions.TimeoutError)
+    await storage.set("m", 1)
+    await storage.commit()
+    assert await storage.get("m") == 1
+    await storage.aclose()
+
+
 OWN_POOL_TIMEOUT = 1.125
 """The timeout of the storage whose pool the test below counts: no other test uses it,
 so the pool is that storage's alone."""
@@ -788,9 +932,10 @@ def connections_in_use(storage: RedisStorage) -> int:
 async def test_closing_after_a_timed_out_call_gives_its_watched_connection_back(
     private_redis: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
-    """A step's commit times out reading under WATCH; its thread, left behind, gets the
-    answer once the server goes on and keeps the watched connection. aclose waits for
-    that thread and gives the connection back to the pool."""
+    """A step's commit that clears the store (so watches the hash) times out reading
+    under WATCH; its thread, left behind, gets the answer once the server goes on and
+    keeps the watched connection. aclose waits for that thread and gives the connection
+    back to the pool."""
     storage = private_redis.storage(unique_namespace(), timeout=OWN_POOL_TIMEOUT)
     record_key = RECORD_PREFIX + "r"
     await storage.set(record_key, {"steps": 0, "path": []})
@@ -802,7 +947,11 @@ async def test_closing_after_a_timed_out_call_gives_its_watched_connection_back(
         frozen.set()
         return n + 1
 
-    updates = [("update", "a", (freeze_then_add_one, 0)), ("update", "b", (lambda n: n, 0))]
+    updates = [
+        ("clear", "", None),
+        ("update", "a", (freeze_then_add_one, 0)),
+        ("update", "b", (lambda n: n, 0)),
+    ]
     errors: list[type[BaseException]] = []
 
     async def commit() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 from urllib.parse import unquote_plus, urlsplit
 
@@ -57,9 +59,27 @@ SMALLEST_BULK_LIMIT: Final = 1024 * 1024
 """The least ``proto-max-bulk-len`` a server takes: a value that long or longer may be
 over the server's limit, which drops the connection (its reply is lost with it)."""
 
-_deadline: ContextVar[float | None] = ContextVar("cosmoflow_redis_deadline", default=None)
-"""When the RedisStorage call running in this task must end (trio time), None outside
-one: every round trip of the call shares it (see :meth:`RedisStorage._bounded`)."""
+
+@dataclass(slots=True)
+class _Call:
+    """A RedisStorage call in flight in this task: when it must end (trio time), which
+    every round trip of the call shares (see :meth:`RedisStorage._bounded`), and what
+    happened to it so far, which tells a server that stopped answering from a call
+    that ran out of time."""
+
+    deadline: float
+    answered: int = 0
+    """Round trips of the call the server answered."""
+    races: int = 0
+    """Attempts of the call that found a value it read changed by another writer."""
+
+
+_Expected = dict[str, bytes | None]
+"""The values an attempt of a commit read, by key (None: missing): its script writes
+only if each key still holds its value (see :data:`_WRITE_SCRIPT`)."""
+
+_call: ContextVar[_Call | None] = ContextVar("cosmoflow_redis_call", default=None)
+"""The RedisStorage call running in this task, None outside one."""
 
 _clients: dict[tuple[str, float], redis.Redis] = {}
 """The process's clients, by server URL and timeout, each on a pool of connections of
@@ -90,6 +110,16 @@ the sorted set ``cosmoflow:<namespace>:index`` as this version of the backend ke
 refused at :meth:`RedisStorage.open`."""
 
 _WRITE_SCRIPT: Final = f"""
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
+  local stored = redis.call('HGET', KEYS[2], ARGV[i])
+  if ARGV[i + 1] == '' then
+    if stored then return 0 end
+  elseif not stored or redis.sha1hex(stored) ~= ARGV[i + 1] then
+    return 0
+  end
+  i = i + 2
+end
 local kind = redis.call('TYPE', KEYS[3])['ok']
 if kind ~= 'zset' and kind ~= 'none' then
   return redis.error_reply('COSMOFLOW ' .. KEYS[3] .. ' holds a ' .. kind .. ', not the '
@@ -114,7 +144,6 @@ end
 local function reserved(key)
   return string.sub(key, 1, {len(RESERVED_PREFIX.encode())}) == '{RESERVED_PREFIX}'
 end
-local i = 5
 while i <= #ARGV do
   if ARGV[i] == 'S' then
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
@@ -132,8 +161,12 @@ end
 return 1
 """
 """A commit, atomic on the server: KEYS are the meta and data hashes and the index;
-ARGV the format, version, codec and index layout this instance writes, then the ops
-(``S`` key value: set, ``D`` key: delete, ``C``: clear). It checks the metadata first,
+ARGV the format, version, codec and index layout this instance writes, the number of
+expected values, that many pairs of a field and the SHA-1 (hex) of the value it must
+hold (empty: the field must be missing), then the ops (``S`` key value: set, ``D``
+key: delete, ``C``: clear). When a field does not hold what is expected (another
+writer changed it since it was read) it writes nothing and returns 0; else it returns 1
+once written. It checks the metadata first,
 claiming the namespace again when both hashes are gone (dropping an index left without
 them), and writes nothing when the metadata is not this instance's or the index is no
 sorted set (the error begins with :data:`_REFUSAL`). Every write of a field under
@@ -203,9 +236,12 @@ class RedisStorage(DatabaseStorage):
     transaction: other clients see all of them or none. A commit is as durable as the
     server's persistence settings make it. Reads ask the server each time, with the
     staged writes laid over the answer. :meth:`update` is atomic across processes: it
-    ``WATCH``es the hash, reads, calls the function and commits with ``MULTI``/``EXEC``,
-    and starts again when another client changed the hash in between (so the function
-    may run more than once); the writes staged before it are committed with it.
+    reads the key, calls the function and commits in a script that writes only if the
+    key still holds what was read, and starts again when another client changed the key
+    in between (so the function may run more than once); the writes staged before it
+    are committed with it. A durable step's commit expects its record and the keys it
+    updates the same way (see :meth:`commit_step`), so writers of other keys, in any
+    process, never make a commit start again.
 
     ``codec`` is ``"json"`` (the default) or ``"pickle"`` (trusted data only). Keys
     come back from :meth:`keys` in the server's order, not insertion order.
@@ -357,25 +393,27 @@ class RedisStorage(DatabaseStorage):
     async def update(self, key: str, function: Callable[[Any], Any], default: Any) -> Any:
         """Store ``function(value)`` under ``key`` atomically across processes; return it.
 
-        ``value`` is the stored value, or ``default`` when ``key`` is missing. Watches the
-        hash, reads the key and commits the new value together with the writes staged
-        before it in one ``MULTI``/``EXEC``; when another client changed the hash in
-        between, it reads and calls ``function`` again (at most
-        :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError). An error ``function``
-        raises, or a result that cannot be encoded, stores nothing. Blocks in a worker
-        thread for each round trip; ``function`` runs in the calling task.
+        ``value`` is the stored value, or ``default`` when ``key`` is missing. Reads the
+        key, calls ``function`` and sends the writes staged before and the new value in
+        one script that writes them only if the key still holds what was read; when
+        another client changed the key in between, it reads and calls ``function``
+        again (at most :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError). Writes to
+        other keys never make it start again. An error ``function`` raises, or a result
+        that cannot be encoded, stores nothing. Blocks in a worker thread for each
+        round trip (two an attempt); ``function`` runs in the calling task.
         """
         check_json_key(key)
-        async with self._bounded():
+        async with self._bounded() as call:
             client = await self._connected()
             for _ in range(MAX_UPDATE_ATTEMPTS):
-                async with self._pipeline(client) as pipe:
-                    current = await self._watch(pipe, key)
-                    new = function(self._decoded_or(key, current, default))
-                    ops = [*self._staged.ops, SetOp(key, self._codec.encode(key, new))]
-                    if await self._in_thread(self._exec, pipe, ops):
-                        self._staged.reset()
-                        return new
+                expected: _Expected = {}
+                current = await self._current(client, expected, key)
+                new = function(self._decoded_or(key, current, default))
+                ops = [*self._staged.ops, SetOp(key, self._codec.encode(key, new))]
+                if await self._in_thread(self._send, client, expected, ops):
+                    self._staged.reset()
+                    return new
+                call.races += 1
         raise self._lost_races(f"update of {key!r}")
 
     async def commit_step(
@@ -383,30 +421,51 @@ class RedisStorage(DatabaseStorage):
     ) -> bool:
         """Commit a durable step atomically across processes; always returns True.
 
-        Watches the hash, checks that the run's record still counts ``steps_before``
-        steps (else RunConflictError, nothing stored), re-applies the step's updates to
-        the values stored now, and sends the writes staged before, the step's writes and
-        its run record in one ``MULTI``/``EXEC``; when another client changed the hash in
-        between, it starts over (at most :data:`MAX_UPDATE_ATTEMPTS` times, then
-        StorageError). An error of an update function stores nothing. Blocks in a worker
-        thread per round trip; a step of sets and deletes only (no update to re-apply)
-        takes one trip to its thread per attempt, watch, check and ``MULTI``/``EXEC``
+        Reads the run's record and checks that it still counts ``steps_before`` steps
+        (else RunConflictError, nothing stored), applies the step's updates to the
+        values stored now, and sends the writes staged before, the step's writes and its
+        run record in one script that writes them only if the record and every value
+        read still hold what was read; when another client changed one in between, it
+        starts over (at most :data:`MAX_UPDATE_ATTEMPTS` times, then StorageError). A
+        step that clears the store watches the whole hash instead (``WATCH``, then
+        ``MULTI``/``EXEC``), since a key another client adds meanwhile is one it
+        never read. An error of an update function stores nothing. Blocks in a worker
+        thread per round trip; a step of sets and deletes only (no update to
+        re-apply) takes one trip to its thread per attempt, read, check and script
         together.
         """
-        async with self._bounded():
+        async with self._bounded() as call:
             client = await self._connected()
+            step = (ops, record_key, record, steps_before)
             if all(kind in _BLIND for kind, _, _ in ops):
-                return await self._commit_blind_step(client, ops, record_key, record, steps_before)
-            for _ in range(MAX_UPDATE_ATTEMPTS):
-                async with self._pipeline(client) as pipe:
-                    stored = await self._watch(pipe, record_key)
-                    record_before = self._decoded_or(record_key, stored, None)
-                    check_steps(record_key, record_before, steps_before)
-                    writes = await self._step_writes(pipe, ops)
-                    writes.append(SetOp(record_key, self._codec.encode(record_key, record)))
-                    if await self._in_thread(self._exec, pipe, [*self._staged.ops, *writes]):
-                        self._staged.reset()
-                        return True
+                return await self._commit_blind_step(client, call, *step)
+            return await self._commit_read_step(client, call, *step)
+
+    async def _commit_read_step(
+        self,
+        client: redis.Redis,
+        call: _Call,
+        ops: list[StagedOp],
+        record_key: str,
+        record: Any,
+        steps_before: int,
+    ) -> bool:
+        """:meth:`commit_step` of a step that reads what is stored (an update or a
+        clear); blocks in a worker thread per round trip."""
+        watched = any(kind == "clear" for kind, _, _ in ops)
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            async with self._pipeline(client) as pipe:
+                reader = await self._watching(pipe) if watched else client
+                expected: _Expected = {}
+                stored = await self._current(reader, expected, record_key)
+                check_steps(record_key, self._decoded_or(record_key, stored, None), steps_before)
+                writes = await self._step_writes(reader, expected, ops)
+                writes.append(SetOp(record_key, self._codec.encode(record_key, record)))
+                staged_and_step = [*self._staged.ops, *writes]
+                if await self._in_thread(self._exec, pipe, expected, staged_and_step):
+                    self._staged.reset()
+                    return True
+            call.races += 1
         raise self._lost_races("a step's commit")
 
     async def forget_record(self, record_key: str, check: Callable[[Any], None]) -> bool:
@@ -423,28 +482,31 @@ class RedisStorage(DatabaseStorage):
         deleted is the one checked. A check that raises deletes nothing. Blocks in a worker thread
         for each round trip; ``check`` runs in the calling task.
         """
-        async with self._bounded():
+        async with self._bounded() as call:
             client = await self._connected()
             for _ in range(MAX_UPDATE_ATTEMPTS):
                 async with self._pipeline(client) as pipe:
-                    stored = await self._watch(pipe, record_key)
+                    watching = await self._watching(pipe)
+                    stored = await self._current(watching, {}, record_key)
                     if stored is None:
                         return False
                     check(self._codec.read(repr(self), record_key, stored))
                     listed = [
                         key
                         for prefix in forgotten_prefixes(record_key)
-                        for key in await self._keys_from(pipe, prefix)
+                        for key in await self._keys_from(watching, prefix)
                     ]
                     deletes = [DeleteOp(key) for key in forgotten_with(record_key, listed)]
-                    if await self._in_thread(self._exec, pipe, [*self._staged.ops, *deletes]):
+                    if await self._in_thread(self._exec, pipe, {}, [*self._staged.ops, *deletes]):
                         self._staged.reset()
                         return True
+                call.races += 1
         raise self._lost_races(f"forget of {record_key!r}")
 
     async def _commit_blind_step(
         self,
         client: redis.Redis,
+        call: _Call,
         ops: list[StagedOp],
         record_key: str,
         record: Any,
@@ -454,12 +516,12 @@ class RedisStorage(DatabaseStorage):
         a worker thread, one trip per attempt).
 
         Invariant: such a step's writes do not depend on what is stored (no update to
-        apply, no keys to clear), so they are encoded before the hash is watched, and
+        apply, no keys to clear), so they are encoded before the record is read, and
         one function in the thread does what the round trips of the general commit do:
-        watch the hash, read the record, check its steps, ``MULTI``/``EXEC``, reset the
-        pipeline. The outcome is the general commit's (a step refused both for a value
-        its codec cannot encode and for a record that counts other steps is refused
-        for the value).
+        read the record, check its steps, send the script expecting the record read.
+        The outcome is the general commit's (a step refused both for a value its codec
+        cannot encode and for a record that counts other steps is refused for the
+        value).
         """
         seen: dict[str, bytes | None] = {}
         written = (self._blind_write(seen, kind, key, value) for kind, key, value in ops)
@@ -468,7 +530,7 @@ class RedisStorage(DatabaseStorage):
         staged_record = self._staged.lookup(record_key)
         for _ in range(MAX_UPDATE_ATTEMPTS):
             committed = await self._in_thread(
-                self._watched_commit,
+                self._checked_commit,
                 client,
                 record_key,
                 staged_record,
@@ -478,9 +540,10 @@ class RedisStorage(DatabaseStorage):
             if committed:
                 self._staged.reset()
                 return True
+            call.races += 1
         raise self._lost_races("a step's commit")
 
-    def _watched_commit(
+    def _checked_commit(
         self,
         client: redis.Redis,
         record_key: str,
@@ -488,38 +551,36 @@ class RedisStorage(DatabaseStorage):
         steps_before: int,
         writes: list[Op[bytes]],
     ) -> bool:
-        """Watch the hash, check that the run's record counts ``steps_before`` steps,
-        and send ``writes`` in one ``MULTI``/``EXEC``; False if the hash changed
-        meanwhile. ``staged_record`` is the record as staged (bytes, or None for a
-        staged delete), else it is read. Resets the pipeline, so that its connection
-        goes back to the pool unwatched. Blocks: for a worker thread."""
-        with client.pipeline(transaction=True) as pipe:
-            send_command(pipe, "WATCH", self._data)
-            stored = staged_record
-            if not isinstance(stored, bytes) and stored is not None:
-                stored = send_command(pipe, "HGET", self._data, record_key.encode())
-            check_steps(
-                record_key,
-                self._decoded_or(record_key, stored, None),
-                steps_before,
-            )
-            return self._exec(pipe, writes)
+        """Check that the run's record counts ``steps_before`` steps and send
+        ``writes`` in one script expecting the record read; False if another client
+        changed it meanwhile. ``staged_record`` is the record as staged (bytes, or None
+        for a staged delete), else it is read. Blocks: for a worker thread."""
+        expected: _Expected = {}
+        stored = staged_record
+        if not isinstance(stored, bytes) and stored is not None:
+            stored = send_command(client, "HGET", self._data, record_key.encode())
+            expected[record_key] = stored
+        check_steps(record_key, self._decoded_or(record_key, stored, None), steps_before)
+        return self._send(client, expected, writes)
 
-    async def _step_writes(self, pipe: Pipeline, ops: list[StagedOp]) -> list[Op[bytes]]:
+    async def _step_writes(
+        self, reader: redis.Redis | Pipeline, expected: _Expected, ops: list[StagedOp]
+    ) -> list[Op[bytes]]:
         """The writes of a durable step's ``ops``, its updates applied to what is stored
-        now (read under the watch)."""
+        now, read through ``reader`` (the client, or the watching pipe of a step that
+        clears) and noted in ``expected``."""
         seen: dict[str, bytes | None] = {}
         writes: list[Op[bytes]] = []
         for kind, key, argument in ops:
             if kind == "clear":
-                for name in await self._user_keys(pipe, seen):
+                for name in await self._user_keys(reader, seen):
                     seen[name] = None
                     writes.append(DeleteOp(name))
                 continue
             value = argument
             if kind == "update":
                 check_json_key(key)
-                kind, value = "set", await self._updated(pipe, seen, key, argument)
+                kind, value = "set", await self._updated(reader, expected, seen, key, argument)
             write = self._blind_write(seen, kind, key, value)
             if write is not None:
                 writes.append(write)
@@ -548,23 +609,28 @@ class RedisStorage(DatabaseStorage):
         return StorageError(f"{self!r}: {what} lost to other writers {MAX_UPDATE_ATTEMPTS} times")
 
     async def _updated(
-        self, pipe: Pipeline, seen: dict[str, bytes | None], key: str, update: Any
+        self,
+        reader: redis.Redis | Pipeline,
+        expected: _Expected,
+        seen: dict[str, bytes | None],
+        key: str,
+        update: Any,
     ) -> Any:
-        """``function(value or default)``, the value as the step has left it so far."""
+        """``function(value or default)``, the value as the step has left it so far
+        (read through ``reader`` and noted in ``expected`` when the step has not
+        written it)."""
         function, default = update
-        current = seen[key] if key in seen else await self._current(pipe, key)
+        current = seen[key] if key in seen else await self._current(reader, expected, key)
         return function(self._decoded_or(key, current, default))
 
-    async def _user_keys(self, pipe: Pipeline, seen: dict[str, bytes | None]) -> list[str]:
+    async def _user_keys(
+        self, reader: redis.Redis | Pipeline, seen: dict[str, bytes | None]
+    ) -> list[str]:
         """Every key a ``clear`` removes: stored or set by the step, outside the engine's."""
-        stored = await self._keys_through(pipe)
+        fields = await self._in_thread(send_command, reader, "HKEYS", self._data)
+        stored = self._staged.merge_keys(self._field_key(field) for field in fields)
         names = dict.fromkeys([*stored, *(k for k, v in seen.items() if v is not None)])
         return [name for name in names if not name.startswith(RESERVED_PREFIX)]
-
-    async def _keys_through(self, pipe: Pipeline) -> list[str]:
-        """Every key, read through the watching pipe, with the staged writes laid over."""
-        fields = await self._in_thread(send_command, pipe, "HKEYS", self._data)
-        return self._staged.merge_keys(self._field_key(field) for field in fields)
 
     async def _keys_from(self, connection: redis.Redis | Pipeline, prefix: str) -> list[str]:
         """The keys starting with ``prefix``, read through ``connection`` (a watching
@@ -604,7 +670,7 @@ class RedisStorage(DatabaseStorage):
         ops = self._staged.ops
         self._staged.reset()
         async with self._bounded():
-            await self._in_thread(self._send, await self._connected(), ops)
+            await self._in_thread(self._send, await self._connected(), {}, ops)
 
     async def aclose(self) -> None:
         """Drop staged writes and let go of the server: its connections stay in the
@@ -648,29 +714,35 @@ class RedisStorage(DatabaseStorage):
         value: bytes | None = await self._command("HGET", self._data, field)
         return value
 
-    async def _watch(self, pipe: Pipeline, key: str) -> bytes | None:
-        """Watch the hash, then return the encoded value ``update`` starts from."""
+    async def _watching(self, pipe: Pipeline) -> Pipeline:
+        """``pipe``, once it watches the hash: its reads are sent at once, and its
+        ``MULTI``/``EXEC`` fails when another client changed the hash meanwhile."""
         await self._in_thread(send_command, pipe, "WATCH", self._data)
-        return await self._current(pipe, key)
+        return pipe
 
-    async def _current(self, pipe: Pipeline, key: str) -> bytes | None:
-        """The encoded value of ``key``: staged, else read through the watching pipe."""
+    async def _current(
+        self, reader: redis.Redis | Pipeline, expected: _Expected, key: str
+    ) -> bytes | None:
+        """The encoded value of ``key``: staged, else read through ``reader`` and noted
+        in ``expected`` (the commit writes only if the key still holds it)."""
         staged = self._staged.lookup(key)
         if isinstance(staged, bytes) or staged is None:
             return staged
         value: bytes | None = await self._in_thread(
-            send_command, pipe, "HGET", self._data, key.encode()
+            send_command, reader, "HGET", self._data, key.encode()
         )
+        expected[key] = value
         return value
 
-    def _send(self, client: redis.Redis, ops: list[Op[bytes]]) -> None:
-        """Send ``ops`` in one ``MULTI``/``EXEC`` on a pipeline reset at the end (blocks)."""
+    def _send(self, client: redis.Redis, expected: _Expected, ops: list[Op[bytes]]) -> bool:
+        """:meth:`_exec` on a pipeline of its own, reset at the end (blocks)."""
         with client.pipeline(transaction=True) as pipe:
-            self._exec(pipe, ops)
+            return self._exec(pipe, expected, ops)
 
-    def _exec(self, pipe: Pipeline, ops: list[Op[bytes]]) -> bool:
-        """Send ``ops`` as one :data:`_WRITE_SCRIPT` after MULTI and EXEC it; False if
-        a watched key changed (blocks). The script keeps the index in step with the
+    def _exec(self, pipe: Pipeline, expected: _Expected, ops: list[Op[bytes]]) -> bool:
+        """Send ``ops`` as one :data:`_WRITE_SCRIPT` after MULTI and EXEC it; False,
+        with nothing written, if a key of ``expected`` no longer holds the value read
+        or a watched key changed (blocks). The script keeps the index in step with the
         data hash.
 
         The script writes nothing unless the namespace's metadata is this instance's,
@@ -682,21 +754,12 @@ class RedisStorage(DatabaseStorage):
         the keys written."""
         from redis.exceptions import ConnectionError, ResponseError, TimeoutError, WatchError
 
-        meta = self._written_meta()
-        arguments: list[str | bytes] = [meta["format"], meta["version"], meta["codec"]]
-        arguments.append(meta["index"])
-        for op in ops:
-            if isinstance(op, SetOp):
-                arguments += (b"S", op.key.encode(), op.value)
-            elif isinstance(op, DeleteOp):
-                arguments += (b"D", op.key.encode())
-            else:
-                arguments.append(b"C")
         pipe.multi()
         keys = (self._meta, self._data, self._index)
+        arguments = self._script_arguments(expected, ops)
         send_command(pipe, "EVAL", _WRITE_SCRIPT, len(keys), *keys, *arguments)
         try:
-            pipe.execute()
+            replies: list[int] = pipe.execute()
         except ResponseError as exc:
             problem = str(exc).partition("caused error: ")[2] or str(exc)
             refused = problem.removeprefix(_REFUSAL)
@@ -710,7 +773,25 @@ class RedisStorage(DatabaseStorage):
             raise self._cut_off(ops, lost) from lost
         except (ConnectionError, TimeoutError) as exc:
             raise self._cut_off(ops, exc) from exc
-        return True
+        return replies == [1]
+
+    def _script_arguments(self, expected: _Expected, ops: list[Op[bytes]]) -> list[str | bytes]:
+        """The ARGV of :data:`_WRITE_SCRIPT` writing ``ops`` if the keys of ``expected``
+        hold their values (each as the SHA-1 of its value, so that a large value is
+        not sent back). Does not block."""
+        meta = self._written_meta()
+        arguments: list[str | bytes] = [meta["format"], meta["version"], meta["codec"]]
+        arguments += (meta["index"], str(len(expected)))
+        for key, value in expected.items():
+            arguments += (key.encode(), "" if value is None else hashlib.sha1(value).hexdigest())
+        for op in ops:
+            if isinstance(op, SetOp):
+                arguments += (b"S", op.key.encode(), op.value)
+            elif isinstance(op, DeleteOp):
+                arguments += (b"D", op.key.encode())
+            else:
+                arguments.append(b"C")
+        return arguments
 
     def _cut_off(self, ops: list[Op[bytes]], error: BaseException) -> StorageError:
         """A new StorageError for a commit of ``ops`` whose connection failed with
@@ -809,14 +890,15 @@ class RedisStorage(DatabaseStorage):
                 self._abandoned.append((pipe, limiter))
 
     @asynccontextmanager
-    async def _bounded(self) -> AsyncIterator[float]:
-        """Make the round trips inside share one deadline (yielded), ``timeout`` from
-        now, and one connection of the pool, unless a call around them did so already.
+    async def _bounded(self) -> AsyncIterator[_Call]:
+        """Make the round trips inside one call (yielded), which share one deadline,
+        ``timeout`` from now, and one connection of the pool, unless a call around them
+        did so already.
 
         Blocks (cancellably) until the pool has a connection free (see
         :func:`connection_slots`); StorageError when none is free by the deadline.
         """
-        outer = _deadline.get()
+        outer = _call.get()
         if outer is not None:
             yield outer
             return
@@ -830,11 +912,12 @@ class RedisStorage(DatabaseStorage):
                 f"none of the {slots.total_tokens:g} connections of the process's pool for "
                 f"the server was free within timeout={self._timeout:g} s; this call was not sent"
             )
-        token = _deadline.set(deadline)
+        call = _Call(deadline)
+        token = _call.set(call)
         try:
-            yield deadline
+            yield call
         finally:
-            _deadline.reset(token)
+            _call.reset(token)
             slots.release_on_behalf_of(borrower)
 
     async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
@@ -846,10 +929,13 @@ class RedisStorage(DatabaseStorage):
         unless the thread has answered by then (the trio thread, blocked by someone
         else's code, may wake after the deadline): the thread, stuck on a server that
         does not answer, is abandoned with its client (see :meth:`_abandon`) and
-        StorageError is raised; so is a thread whose socket timed out. For ``timeout``
-        seconds after that, a call is not sent: it raises StorageError at once (so a
-        silent server costs the calls queued behind one a single timeout, not one
-        each).
+        StorageError is raised; so is a thread whose socket timed out. When the server
+        answered none of the call's round trips (or this one's socket timed out), the
+        server is taken as silent: for ``timeout`` seconds after that, a call is not
+        sent: it raises StorageError at once (so a silent server costs the calls queued
+        behind one a single timeout, not one each). A call the server answered before,
+        which ran out of time (its attempts lost to other writers, say), leaves the
+        next calls to be sent.
         """
         self._refuse_while_silent()
         answers: list[outcome.Outcome[T]] = []
@@ -857,16 +943,32 @@ class RedisStorage(DatabaseStorage):
         def answer() -> None:
             answers.append(outcome.capture(function, *args))
 
-        async with self._bounded() as deadline:
-            with trio.CancelScope(deadline=deadline, shield=True):
+        async with self._bounded() as call:
+            with trio.CancelScope(deadline=call.deadline, shield=True):
                 await trio.to_thread.run_sync(answer, limiter=self._limiter, abandon_on_cancel=True)
         if answers and not _socket_timed_out(answers[0]):
+            call.answered += 1
             return self._unwrapped(answers[0])
         self._abandon()
-        self._silent_at = trio.current_time()
-        raise self._no_answer(
-            "", "the connection is dropped (if the call carried a write, it may still be applied)"
+        dropped = "the connection is dropped (if the call carried a write, it may still be applied)"
+        if answers or call.answered == 0:  # this trip's socket timed out, or no trip was answered
+            self._silent_at = trio.current_time()
+            raise self._no_answer("", dropped)
+        raise self._timed_out(f"{self._out_of_time(call)}; {dropped}")
+
+    def _out_of_time(self, call: _Call) -> str:
+        """What ended ``call``, which its deadline cut after the server had answered
+        some of its round trips. Does not block."""
+        problem = (
+            f"the call ran out of its timeout={self._timeout:g} s: the server answered "
+            f"{call.answered} of its round trips, not the last one in the time left"
         )
+        if call.races:
+            problem += (
+                f" ({call.races} of its attempts found a value they read changed by another "
+                "writer and started again)"
+            )
+        return problem
 
     def _unwrapped(self, answer: outcome.Outcome[T]) -> T:
         """The value of a thread's ``answer``; its redis-py error as StorageError. Does
