@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -924,7 +925,7 @@ so the pool is that storage's alone."""
 def connections_in_use(storage: RedisStorage) -> int:
     """How many connections of the storage's pool are taken out now (redis-py keeps no
     public count)."""
-    pool = shared_client(storage.url, OWN_POOL_TIMEOUT, "test").connection_pool
+    pool = shared_client(storage.url, storage.timeout, "test").connection_pool
     idle = [connection for connection in pool.pool.queue if connection is not None]  # type: ignore[attr-defined]
     return len(pool._connections) - len(idle)  # type: ignore[attr-defined]
 
@@ -972,6 +973,46 @@ async def test_closing_after_a_timed_out_call_gives_its_watched_connection_back(
     await storage.aclose()
 
     assert connections_in_use(storage) == 0
+
+
+async def test_every_commit_gives_its_connections_back_to_the_pool(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether its pipeline watched or not, and whether it committed or was refused
+    after the watch, no commit keeps a connection out of the pool (``timeout=1.1875``:
+    no other test has that pool). The storage gives them back itself: redis-py's
+    finalizer, which would otherwise reset a dropped pipeline (sending ``UNWATCH`` from
+    the trio thread, blocking it), is turned off."""
+    monkeypatch.setattr(redis.client.Pipeline, "__del__", lambda pipe: None)
+    storage = redis_server.storage(timeout=1.1875)
+    record_key = RECORD_PREFIX + "r"
+    await storage.set(record_key, {"steps": 0, "path": []})
+    await storage.commit()
+    update = ("update", "n", (lambda n: n + 1, 0))
+    steps: list[tuple[list[tuple[str, str, Any]], int]] = [
+        ([("set", "a", 1)], 0),
+        ([update], 1),
+        ([("clear", "", None), update], 2),
+        ([("clear", "", None)], 0),
+        ([update], 0),
+    ]
+    in_use = []
+    for ops, steps_before in steps:
+        record = {"steps": steps_before + 1, "path": ["x"] * (steps_before + 1)}
+        with contextlib.suppress(cf.RunConflictError):
+            await storage.commit_step(ops, record_key, record, steps_before)
+        in_use.append(connections_in_use(storage))
+
+    def keep(record: Any) -> None:
+        raise ValueError("kept")
+
+    with pytest.raises(ValueError, match="kept"):
+        await storage.forget_record(record_key, keep)
+    in_use.append(connections_in_use(storage))
+
+    assert in_use == [0] * (len(steps) + 1)
+    assert await storage.get(record_key) == {"steps": 3, "path": ["x"] * 3}
+    await storage.aclose()
 
 
 async def test_a_durable_step_with_a_key_that_is_not_valid_unicode_fails_alone(

@@ -876,18 +876,20 @@ class RedisStorage(DatabaseStorage):
     @asynccontextmanager
     async def _pipeline(self, client: redis.Redis) -> AsyncIterator[Pipeline]:
         """A transactional pipeline, reset at exit in the worker thread so that its
-        connection goes back to the pool unwatched. When the call ran out of time, its
-        abandoned thread may still use the connection: the pipeline is kept for
-        :meth:`aclose` to reset once that thread has ended."""
+        connection goes back to the pool unwatched. A pipeline that holds no connection
+        (it never watched, or its ``EXEC`` reset it) has nothing to give back and is
+        left as it is. When the call ran out of time, its abandoned thread may still use
+        the connection: the pipeline is kept for :meth:`aclose` to reset once that
+        thread has ended."""
         pipe = client.pipeline(transaction=True)
         limiter = self._limiter
         try:
             yield pipe
         finally:
-            if self._limiter is limiter:
-                await self._in_thread(pipe.reset)
-            else:
+            if self._limiter is not limiter:
                 self._abandoned.append((pipe, limiter))
+            elif pipe.connection is not None:
+                await self._in_thread(pipe.reset)
 
     @asynccontextmanager
     async def _bounded(self) -> AsyncIterator[_Call]:
