@@ -74,6 +74,13 @@ class _Call:
     """Attempts of the call that found a value it read changed by another writer."""
 
 
+SILENT_WAIT: Final = 0.5
+"""The share of its ``timeout`` a round trip may wait unanswered before the server is
+taken as silent, when the call's deadline cuts it after the server answered the call's
+earlier round trips. A server that answers takes far less for one round trip, so a round
+trip cut after that long shows a server that stopped answering, not a call that ran out
+of time over many quick round trips (see :meth:`RedisStorage._in_thread`)."""
+
 _Expected = dict[str, bytes | None]
 """The values an attempt of a commit read, by key (None: missing): its script writes
 only if each key still holds its value (see :data:`_WRITE_SCRIPT`)."""
@@ -932,12 +939,13 @@ class RedisStorage(DatabaseStorage):
         else's code, may wake after the deadline): the thread, stuck on a server that
         does not answer, is abandoned with its client (see :meth:`_abandon`) and
         StorageError is raised; so is a thread whose socket timed out. When the server
-        answered none of the call's round trips (or this one's socket timed out), the
-        server is taken as silent: for ``timeout`` seconds after that, a call is not
-        sent: it raises StorageError at once (so a silent server costs the calls queued
-        behind one a single timeout, not one each). A call the server answered before,
-        which ran out of time (its attempts lost to other writers, say), leaves the
-        next calls to be sent.
+        answered none of the call's round trips, or this one's socket timed out, or it
+        went unanswered for :data:`SILENT_WAIT` of the timeout or more, the server is
+        taken as silent: for ``timeout`` seconds after that, a call is not sent: it
+        raises StorageError at once (so a silent server costs the calls queued behind
+        one a single timeout, not one each). A call cut in a quick round trip after the
+        server answered others (its attempts lost to other writers, say) ran out of
+        time: the next calls are sent.
         """
         self._refuse_while_silent()
         answers: list[outcome.Outcome[T]] = []
@@ -946,6 +954,7 @@ class RedisStorage(DatabaseStorage):
             answers.append(outcome.capture(function, *args))
 
         async with self._bounded() as call:
+            sent = trio.current_time()
             with trio.CancelScope(deadline=call.deadline, shield=True):
                 await trio.to_thread.run_sync(answer, limiter=self._limiter, abandon_on_cancel=True)
         if answers and not _socket_timed_out(answers[0]):
@@ -953,7 +962,8 @@ class RedisStorage(DatabaseStorage):
             return self._unwrapped(answers[0])
         self._abandon()
         dropped = "the connection is dropped (if the call carried a write, it may still be applied)"
-        if answers or call.answered == 0:  # this trip's socket timed out, or no trip was answered
+        waited = trio.current_time() - sent
+        if answers or call.answered == 0 or waited >= self._timeout * SILENT_WAIT:
             self._silent_at = trio.current_time()
             raise self._no_answer("", dropped)
         raise self._timed_out(f"{self._out_of_time(call)}; {dropped}")
