@@ -54,6 +54,9 @@ WRITES = {"step": 8000, "update": 8000, "shared update": 2000, "hset": 8000}
 TIMEOUT = 10.0
 """Every storage's ``timeout``: the default."""
 
+READY_TIMEOUT = 60.0
+"""Seconds the writing processes have to start and connect."""
+
 
 @dataclass(frozen=True, slots=True)
 class Row:
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_rows(writers: int, rows: dict[str, tuple[float, list[Outcome]]]) -> None:
+    """One line per kind of write: its rate, its ratio to ``hset``'s and its failures."""
     floor = rows["hset"][0]
     for kind, (rate, outcomes) in rows.items():
         failed = sum(outcome.failed for outcome in outcomes)
@@ -122,13 +126,19 @@ def _row(url: str, kind: str, per_process: int, writes: int) -> tuple[float, lis
             context.Process(target=_process, args=(row, index, go, ready, outcomes))
             for index in range(PROCESSES)
         ]
-        for process in processes:
-            process.start()
-        for _ in processes:
-            ready.acquire()
-        go.set()
-        for process in processes:
-            process.join()
+        try:
+            for process in processes:
+                process.start()
+            for _ in processes:
+                if not ready.acquire(timeout=READY_TIMEOUT):
+                    raise RuntimeError(f"{kind}: a writing process was not ready in time")
+            go.set()
+            for process in processes:
+                process.join()
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
         reported = list(outcomes)
     if len(reported) != PROCESSES:
         raise RuntimeError(f"{kind}: {PROCESSES - len(reported)} processes reported nothing")
@@ -146,6 +156,7 @@ def _process(row: Row, index: int, go: Event, ready: Any, outcomes: Any) -> None
 
 
 async def _written(writers: list[Writer], row: Row, go: Event, ready: Any) -> Outcome:
+    """What ``writers`` did once ``go`` was set (see :func:`_process`)."""
     for writer in writers:
         await writer.open()
     ready.release()
