@@ -145,7 +145,7 @@ async def test_a_step_applies_its_updates_again_only_when_a_key_it_read_changed(
     assert await storage.get("n") == 110
 
 
-async def test_a_step_of_sets_commits_again_only_when_another_client_changed_its_record(
+async def test_a_step_of_sets_reads_its_record_again_only_when_another_client_changed_it(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another client writes between the record's check and the script: another key
