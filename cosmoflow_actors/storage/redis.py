@@ -565,8 +565,7 @@ class RedisStorage(DatabaseStorage):
         expected: _Expected = {}
         stored = staged_record
         if not isinstance(stored, bytes) and stored is not None:
-            stored = send_command(client, "HGET", self._data, record_key.encode())
-            expected[record_key] = stored
+            stored = self._read_expected(client, expected, record_key)
         check_steps(record_key, self._decoded_or(record_key, stored, None), steps_before)
         return self._send(client, expected, writes)
 
@@ -735,9 +734,14 @@ class RedisStorage(DatabaseStorage):
         staged = self._staged.lookup(key)
         if isinstance(staged, bytes) or staged is None:
             return staged
-        value: bytes | None = await self._in_thread(
-            send_command, reader, "HGET", self._data, key.encode()
-        )
+        return await self._in_thread(self._read_expected, reader, expected, key)
+
+    def _read_expected(
+        self, reader: redis.Redis | Pipeline, expected: _Expected, key: str
+    ) -> bytes | None:
+        """The encoded value of ``key`` on the server, read through ``reader`` and noted
+        in ``expected``. Blocks: for a worker thread."""
+        value: bytes | None = send_command(reader, "HGET", self._data, key.encode())
         expected[key] = value
         return value
 
