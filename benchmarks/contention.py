@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import Any
 import redis
 import trio
 
-from benchmarks.redis_server import throwaway_redis
+from benchmarks.redis_server import no_redis_server, throwaway_redis
 from cosmoflow_actors import RedisStorage
 from cosmoflow_actors.storage.base import RECORD_PREFIX
 
@@ -87,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.contention", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     args = parser.parse_args(argv)
-    if shutil.which("redis-server") is None:
-        print("redis-server is not installed: nothing to measure")
+    if no_redis_server():
         return 0
     scale = 40 if args.smoke else 1
     with throwaway_redis() as url:

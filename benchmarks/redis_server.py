@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+
+def no_redis_server() -> bool:
+    """Whether redis-server is missing from PATH, which a benchmark that needs it then
+    says on stdout (it measures nothing and exits 0)."""
+    if shutil.which("redis-server") is not None:
+        return False
+    print("redis-server is not installed: nothing to measure")
+    return True
 
 
 @contextmanager

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import trio
 
 import cosmoflow_actors as cf
-from benchmarks.redis_server import throwaway_redis
+from benchmarks.redis_server import no_redis_server, throwaway_redis
 
 FLOW_FILE = """
 import trio
@@ -70,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.workers", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     args = parser.parse_args(argv)
-    if shutil.which("redis-server") is None:
-        print("redis-server is not installed: nothing to measure")
+    if no_redis_server():
         return 0
     runs = SIZES[args.smoke]
     with ExitStack() as stack:

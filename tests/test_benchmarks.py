@@ -186,31 +186,30 @@ def test_the_sweep_takes_positive_counts_or_none() -> None:
         bound("lots")
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+needs_redis_server = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server is not installed"
+)
+
+
+def printed_at_smoke_size(module: str) -> str:
+    """What ``python -m MODULE --smoke`` printed on stdout (it must exit 0)."""
+    command = [sys.executable, "-m", module, "--smoke"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=240, check=True).stdout
+
+
+@needs_redis_server
 def test_the_workers_benchmark_measures_each_worker_count_and_the_takeover() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.workers", "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=True,
-    )
-    rows = [line.split() for line in done.stdout.splitlines() if line[:1] == " "]
+    printed = printed_at_smoke_size("benchmarks.workers")
+    rows = [line.split() for line in printed.splitlines() if line[:1] == " "]
     assert [row[0] for row in rows[:3]] == ["1", "2", "3"]
     assert all(float(row[1].replace(",", "")) > 0 for row in rows[:3])
-    assert "takeover: " in done.stdout and "s from the kill" in done.stdout
+    assert "takeover: " in printed and "s from the kill" in printed
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+@needs_redis_server
 def test_the_contention_benchmark_measures_each_kind_of_write_for_each_writer_count() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.contention", "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=True,
-    )
-    rows = [line.split("  ") for line in done.stdout.splitlines() if line[:1] == " "]
+    printed = printed_at_smoke_size("benchmarks.contention")
+    rows = [line.split("  ") for line in printed.splitlines() if line[:1] == " "]
     cells = [[cell.strip() for cell in row if cell.strip()] for row in rows]
     assert [(row[0], row[1]) for row in cells] == [
         (writers, kind)
