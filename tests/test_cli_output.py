@@ -46,20 +46,24 @@ def test_json_output_is_strict_json(tmp_path: Path, capsys: pytest.CaptureFixtur
     flow_file.write_text(ODD_VALUES)
     assert main(["run", str(flow_file), "--json"]) == 0
     outcome = json.loads(capsys.readouterr().out, parse_constant=no_constant)
-    assert outcome["result"] == {"(1, 2)": "pair", "3": "three", "nan": "nan", "inf": "-inf"}
+    assert outcome["result"] == {"(1, 2)": "pair", "3": "three", "'nan'": "nan", "'inf'": "-inf"}
     assert main(["run", f"{EXAMPLES / 'hello_world.py'}", "--param", "k=NaN", "--json"]) == 0
     json.loads(capsys.readouterr().out, parse_constant=no_constant)
 
     async def fill() -> None:
         storage = cf.FileStorage(tmp_path / "p.json", codec="pickle")
-        await storage.set("odd", {(1, 2): float("nan")})
+        await storage.set("odd", {(1, 2): float("nan"), "all": {"x": 1}})
+        await storage.set("numbers", {1: "int", "1": "str", None: "none", "None": "str"})
         await storage.commit()
         await storage.aclose()
 
     trio.run(fill)
     assert main(["inspect", f"file:{tmp_path / 'p.json'}", "--codec", "pickle", "--json"]) == 0
     report = json.loads(capsys.readouterr().out, parse_constant=no_constant)
-    assert report["keys"] == {"odd": {"(1, 2)": "nan"}}
+    assert report["keys"] == {
+        "odd": {"(1, 2)": "nan", "'all'": {"x": 1}},
+        "numbers": {"1": "int", "'1'": "str", "None": "none", "'None'": "str"},
+    }
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

@@ -99,20 +99,26 @@ def dump_json(value: Any) -> str:
 
 def _jsonable(value: Any) -> Any:
     """``value`` with what JSON cannot hold replaced by its ``repr``: NaN and the
-    infinities, keys that are not str, and values of other types (a tuple is a list)."""
+    infinities, the keys of a dict that has a key that is not str (see
+    :func:`_json_keys`), and values of other types (a tuple is a list)."""
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
     if value is None or isinstance(value, str | int | float):
         return value
     if isinstance(value, dict):
-        return {_json_key(key): _jsonable(item) for key, item in value.items()}
+        return dict(zip(_json_keys(value), map(_jsonable, value.values()), strict=True))
     if isinstance(value, list | tuple):
         return [_jsonable(item) for item in value]
     return repr(value)
 
 
-def _json_key(key: object) -> str:
-    return key if isinstance(key, str) else repr(key)
+def _json_keys(value: dict[Any, Any]) -> list[str]:
+    """The keys of ``value`` as JSON keys: as they are when all are str; else each as
+    its ``repr``, so that ``1`` and ``"1"`` stay two keys (``"1"`` and ``"'1'"``)."""
+    keys = list(value)
+    if all(isinstance(key, str) for key in keys):
+        return keys
+    return [repr(key) for key in keys]
 
 
 def print_error(message: str) -> None:
