@@ -191,9 +191,9 @@ def holds(condition: ActionCondition, values: Mapping[str, Any]) -> bool:
     """
     try:
         result: object = condition.evaluate(values)
-    except ConditionError:
+    except (ConditionError, KeyboardInterrupt):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # sys.exit() too: the run fails, not the engine
         raise ConditionError(
             f"condition {type(condition).__qualname__} could not be evaluated: its "
             f"evaluate raised {type_and_message(exc)}; it must return a bool for any "
@@ -216,7 +216,9 @@ def _truth(condition: ActionCondition, result: object) -> bool:
         )
     try:
         return bool(result)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         raise ConditionError(
             f"condition {name}: what evaluate returned (of type {type(result).__name__}) "
             f"has no truth value ({type_and_message(exc)}); it must return a bool"
@@ -234,9 +236,9 @@ def checked_keys(condition: ActionCondition) -> frozenset[str]:
     name = type(condition).__qualname__
     try:
         keys = condition.keys
-    except ConditionError:
+    except (ConditionError, KeyboardInterrupt):
         raise
-    except Exception as exc:
+    except BaseException as exc:
         raise ConditionError(
             f"the keys of condition {name} raised {type_and_message(exc)}"
         ) from exc
@@ -524,6 +526,7 @@ class Action:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise TypeError(f"an action name must be a str, not {type(self.name).__name__}")
+        object.__setattr__(self, "name", exact_str(self.name))
         if not self.name:
             raise ValueError("an action name must not be empty")
         object.__setattr__(self, "params", MappingProxyType(checked_params(self.params)))
@@ -660,14 +663,21 @@ def as_action(value: object, node_id: str) -> Action:
     if isinstance(value, Action):
         return value
     if isinstance(value, str):
-        if not value:
+        name = exact_str(value)
+        if not name:
             raise ValueError(f"node {node_id!r} returned an empty action name from post")
-        return _simple(value)
+        return _simple(name)
     if value is None:
         return _simple("default")
     raise TypeError(
         f"node {node_id!r} returned {type(value).__name__} from post; expected Action, str or None"
     )
+
+
+def exact_str(text: str) -> str:
+    """``text`` as a str itself, not a subclass: what the engine hashes, compares and
+    stores of a user's name is then a plain str, whatever a subclass's methods do."""
+    return text if type(text) is str else str.__str__(text)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -542,6 +542,20 @@ class FlowBuilder:
         return problems, cause
 
 
+def flows_within(flow: Flow) -> list[Flow]:
+    """``flow`` and every flow nested in it, directly or not, each once however many
+    times it is nested (a flow reused at every level is visited once, not once per
+    path to it). Never blocks."""
+    found = [flow]
+    seen = {flow}
+    for outer in found:  # the list grows as it is walked: each flow's nested ones last
+        for node in outer.nodes.values():
+            if isinstance(node, Flow) and node not in seen:
+                seen.add(node)
+                found.append(node)
+    return found
+
+
 def check_settings(flow: Flow) -> None:
     """Raise FlowValidationError, as ``build()`` does, when the config of a node of
     ``flow`` (not of the flows nested in it) is invalid now: the engine checks it again

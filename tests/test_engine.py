@@ -314,6 +314,8 @@ async def test_bad_arguments_fail_before_waiting_for_admission(
             await engine.start_run(single(gate), run_id=7)  # type: ignore[arg-type]
         with trio.fail_after(1), pytest.raises(TypeError, match="params"):
             await engine.run(single(gate), params=[("k", 1)])  # type: ignore[arg-type]
+        with trio.fail_after(1), pytest.raises(TypeError, match="store must be a Storage"):
+            await engine.start_run(single(gate), 5)  # type: ignore[arg-type]
         gate.open.set()
 
 

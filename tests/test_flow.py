@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.flow import MAX_NESTING, refusing_runs
+from cosmoflow_actors.flow import MAX_NESTING, flows_within, refusing_runs
 from tests.support import (
     CHILDREN_OF_THE_LOOP,
     CHILDREN_ON_THE_BRANCHES,
@@ -843,6 +843,22 @@ async def test_a_flow_nested_as_deep_as_allowed_runs_durably(tmp_path: Any) -> N
         await engine.run(flow, storage, run_id="deep")
         runs = await engine.list_runs(storage)
     assert runs == [cf.RunRecord("deep", f"level{MAX_NESTING}", "succeeded", "leaf", 1)]
+
+
+async def test_a_flow_nested_twice_at_every_level_is_walked_once_per_flow() -> None:
+    """Each level's two nodes are the flow of the level below: 2**40 paths to the leaf,
+    41 flows. The engine reads the route conditions of each flow once."""
+    flow = cf.Flow.builder("level0").add_node("leaf", Recorder()).build()
+    levels = [flow]
+    for level in range(1, 41):
+        builder = cf.Flow.builder(f"level{level}").add_node("a", flow).add_node("b", flow)
+        flow = builder.add_route("a", "b", when=cf.ActionCondition.key_exists(f"k{level}")).build()
+        levels.append(flow)
+    assert flows_within(flow) == levels[::-1]
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(flow)
+        run.cancel()
+    assert run.current_state is cf.RunState.CANCELLED
 
 
 def test_build_refuses_a_flow_nested_deeper_than_allowed() -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import itertools
 import math
 import random
+import sys
 import threading
+from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -338,6 +341,23 @@ async def test_a_sync_exec_that_overruns_its_timeout_is_a_failed_attempt(
         await single(Blocking()).run()
     assert isinstance(info.value.__cause__, trio.TooSlowError)
     assert "overran its 1.0s timeout" in str(info.value.__cause__)
+
+
+async def test_an_async_exec_that_swallows_its_timeout_is_a_failed_attempt(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    class Stubborn(cf.Node):
+        timeout = 1.0
+
+        async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
+            with contextlib.suppress(trio.Cancelled):
+                await trio.sleep(100)
+            return "late"
+
+    with pytest.raises(cf.NodeError) as info:
+        await single(Stubborn()).run()
+    assert isinstance(info.value.__cause__, trio.TooSlowError)
+    assert trio.current_time() == 1.0
 
 
 class Doubler(cf.BatchNode):
@@ -1552,6 +1572,28 @@ async def test_an_async_exec_that_returns_a_coroutine_fails_the_step(
     assert inspect.getcoroutinestate(coroutine) == "CORO_CLOSED"
 
 
+async def test_a_prep_that_returns_a_coroutine_fails_the_step_in_prep() -> None:
+    returned: list[Any] = []
+
+    class PrepForgets(cf.Node):
+        async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+            returned.append(answer_of("q"))
+            return returned[-1]
+
+        async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> Any:
+            return prep_res
+
+    with pytest.raises(cf.NodeError) as info:
+        await single(PrepForgets()).run()
+    assert info.value.phase == "prep"
+    assert str(info.value.__cause__) == (
+        "prep of node 'only' returned a coroutine (answer_of) instead of its result: "
+        "await it (`return await answer_of(...)`)"
+    )
+    [coroutine] = returned
+    assert inspect.getcoroutinestate(coroutine) == "CORO_CLOSED"
+
+
 class LastInFirstOut(cf.Node):
     """A leaf of a fan-out of ``width``: its step ends once every leaf's step has begun,
     the steps begun last ending first."""
@@ -1592,3 +1634,189 @@ async def test_a_step_that_ends_takes_its_scope_out_of_a_wide_fan_out_without_a_
     assert result.last_node_id == "join"
     assert sorted(begun) == sorted(leaves)
     assert comparisons < width, comparisons
+
+
+class Exits(cf.ActionCondition):
+    """A condition whose evaluate calls sys.exit()."""
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset({"k"})
+
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
+        sys.exit(5)
+
+
+class UnreadableParams(Mapping[str, Any]):
+    """Params that cannot be iterated."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError(key)
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[str]:
+        raise RuntimeError("cannot iterate these params")
+
+
+class WriteOnlyFlag(dict[str, Any]):
+    """A user's dict subclass whose get refuses the key a route condition reads."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "flag":
+            raise PermissionError("'flag' is write-only")
+        return super().get(key, default)
+
+
+@cf.node
+async def goes(ctx: cf.ExecutionContext) -> str:
+    return "go"
+
+
+@cf.node
+async def done(ctx: cf.ExecutionContext) -> cf.Action:
+    return cf.Action.complete("done")
+
+
+class ExitsInAnUpdate(cf.Node):
+    async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> None:
+        await store.update("k", sys.exit, 0)
+
+
+def routed_when(condition: cf.ActionCondition) -> cf.Flow:
+    """a → b on "go" when ``condition`` holds, else the run ends."""
+    builder = cf.Flow.builder("routed").add_node("a", goes).add_node("b", done)
+    return builder.add_route("a", "b", "go", when=condition).add_route("a", cf.END, "go").build()
+
+
+class ExitsInPost(cf.Node):
+    async def post(self, store: cf.SharedStore, *_: Any) -> cf.Action:
+        return cf.Action.conditional(Exits(), "go", "stop")
+
+
+class EachUnreadable(cf.BatchFlow):
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[Any]:
+        return [UnreadableParams()]
+
+
+def mistakes(tmp_path: Path) -> dict[str, tuple[cf.Flow, Any, type[Exception], str]]:
+    """Mistakes of a run outside its nodes' phases, each its flow, its store, the error
+    the run fails with and the node it names."""
+    file_store = cf.FileStorage(tmp_path / "store.json")
+    then_done = cf.Flow.builder("conditional").add_node("a", ExitsInPost()).add_node("b", done)
+    batch = cf.Flow.builder("child").add_node("c", done).build()
+    return {
+        "route condition exits": (routed_when(Exits()), None, cf.ConditionError, "'a'"),
+        "conditional action exits": (
+            then_done.add_route("a", "b", "go").add_route("a", cf.END, "stop").build(),
+            None,
+            cf.ConditionError,
+            "'a'",
+        ),
+        "update function exits": (single(ExitsInAnUpdate()), file_store, cf.NodeError, "'only'"),
+        "unreadable params": (
+            cf.Flow.builder("batch").add_node("each", EachUnreadable(batch)).build(),
+            None,
+            cf.NodeError,
+            "'each'",
+        ),
+        "store's get raises": (
+            routed_when(cf.ActionCondition.key_exists("flag")),
+            WriteOnlyFlag(),
+            cf.StorageError,
+            "get_many failed",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        "route condition exits",
+        "conditional action exits",
+        "update function exits",
+        "unreadable params",
+        "store's get raises",
+    ],
+)
+async def test_a_runs_mistake_outside_its_phases_fails_that_run_alone(
+    tmp_path: Path, mistake: str
+) -> None:
+    flow, store, error, named = mistakes(tmp_path)[mistake]
+    gate = Gate()
+    async with cf.open_engine() as engine:
+        others = [await engine.start_run(single(gate, "other")) for _ in range(2)]
+        await trio.testing.wait_all_tasks_blocked()
+        failing = await engine.start_run(flow, store)
+        with pytest.raises(error) as info:
+            await failing.wait()
+        gate.open.set()
+        for other in others:
+            assert (await other.wait()).success
+        assert (await engine.run(single(gate, "after"))).success
+    assert named in str(info.value)
+
+
+class NamedLater(str):
+    """An action name of a str subclass whose hash and length raise."""
+
+    def __hash__(self) -> int:
+        raise RuntimeError("no hash")
+
+    def __len__(self) -> int:
+        raise RuntimeError("no length")
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [NamedLater("go"), cf.Action.simple(NamedLater("go"))],
+    ids=["str", "Action.simple"],
+)
+async def test_an_action_name_of_a_str_subclass_routes_as_its_str(returned: Any) -> None:
+    class Returns(cf.Node):
+        async def post(self, store: cf.SharedStore, *_: Any) -> Any:
+            return returned
+
+    flow = cf.Flow.builder("subclass").add_node("a", Returns()).add_node("b", done)
+    result = await flow.add_route("a", "b", "go").build().run()
+    assert result.execution_path == ("a", "b")
+
+
+class InAThread(cf.Node):
+    """exec, on a thread, blocks until ``release`` is set."""
+
+    executor = "thread"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
+        self.started.set()
+        self.release.wait(10)
+        return "late"
+
+
+@pytest.mark.parametrize("first", [True, False])
+async def test_a_cancelled_caller_of_engine_run_returns_at_once_from_a_step_on_a_thread(
+    first: bool,
+) -> None:
+    """The caller carries no step on a thread (the node takes no hand-off): its
+    worker keeps the step until the thread returns."""
+    blocking = InAThread()
+    builder = cf.Flow.builder("thread")
+    if not first:
+        builder.add_node("inline", Recorder()).add_route("inline", "blocking")
+    flow = builder.add_node("blocking", blocking).build()
+    async with cf.open_engine() as engine:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(engine.run, flow)
+                await trio.to_thread.run_sync(blocking.started.wait)
+                scope.cancel()
+        assert not blocking.release.is_set()
+        assert engine.statistics().actor("thread/blocking").in_flight == 1
+        blocking.release.set()
+    assert engine.statistics().runs_cancelled == 1

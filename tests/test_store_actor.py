@@ -170,6 +170,20 @@ def explode(value: Any) -> Any:
     raise ArithmeticError(f"cannot update {value!r}")
 
 
+async def kept_async(value: Any) -> Any:
+    """An update function that is an async def: what an update may not be given."""
+    return value
+
+
+class Guarded(dict[str, Any]):
+    """A user's dict subclass with code of its own: its get refuses one key."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "guarded":
+            raise PermissionError("the key 'guarded' is write-only")
+        return super().get(key, default)
+
+
 MEMORY_OPS: list[tuple[StoreOp, str, Any]] = [
     (StoreOp.SET, "a", 1),
     (StoreOp.GET, "a", MISSING),
@@ -179,6 +193,10 @@ MEMORY_OPS: list[tuple[StoreOp, str, Any]] = [
     (StoreOp.UPDATE, "missing", (lambda n: n + 1, MISSING)),
     (StoreOp.UPDATE, "fresh", (lambda n: [*n, "x"], [])),
     (StoreOp.UPDATE, "a", (explode, MISSING)),
+    EXITS := (StoreOp.UPDATE, "a", (sys.exit, MISSING)),
+    RETURNS_A_COROUTINE := (StoreOp.UPDATE, "a", (kept_async, MISSING)),
+    GUARDED := (StoreOp.GET, "guarded", "fallback"),
+    GUARDED_MANY := (StoreOp.GET_MANY, "", ["a", "guarded"]),
     (StoreOp.CONTAINS, "a", None),
     (StoreOp.CONTAINS, "missing", None),
     (StoreOp.SET_MANY, "", {"b": 2, "c": 3}),
@@ -198,7 +216,7 @@ def answer_of(call: Callable[[], Any]) -> tuple[str, Any]:
     """What a request answered: its value, or its error's type and text."""
     try:
         return ("value", call())
-    except Exception as exc:
+    except BaseException as exc:
         return (type(exc).__name__, str(exc))
 
 
@@ -208,12 +226,19 @@ async def through_the_mailbox(actor: StoreActor, request: StoreRequest) -> Any:
     return await request.reply.wait()
 
 
-async def test_direct_dispatch_answers_as_the_actors_own_task_does() -> None:
+@pytest.mark.parametrize("data", [dict, Guarded])
+async def test_direct_dispatch_answers_as_the_actors_own_task_does(
+    data: Callable[[], dict[str, Any]],
+) -> None:
     """The same memory requests, handled in the caller's task (handle_now) and queued
-    for the actor's task: the same answers, errors and store contents after each."""
-    direct_actor = StoreActor("direct", 16, closing=no_engine)
-    queued_actor = StoreActor("queued", 16, closing=no_engine)
-    direct, queued = cf.MemoryStorage(), cf.MemoryStorage()
+    for the actor's task: the same answers, errors and store contents after each, on a
+    dict and on a dict subclass whose code raises (a StorageError naming the store).
+    An update function's error, a SystemExit too, is its requester's; one that returns
+    a coroutine stores nothing."""
+    direct_actor = StoreActor("store", 16, closing=no_engine)
+    queued_actor = StoreActor("store", 16, closing=no_engine)
+    direct, queued = cf.MemoryStorage(data()), cf.MemoryStorage(data())
+    answers: list[tuple[str, Any]] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(direct_actor.run)
         await nursery.start(queued_actor.run)
@@ -223,9 +248,10 @@ async def test_direct_dispatch_answers_as_the_actors_own_task_does() -> None:
             request = StoreRequest(op, queued, key, argument, Reply())
             try:
                 later: tuple[str, Any] = ("value", await through_the_mailbox(queued_actor, request))
-            except Exception as exc:
+            except BaseException as exc:
                 later = (type(exc).__name__, str(exc))
             assert (op, key, now, direct.data) == (op, key, later, queued.data)
+            answers.append(now)
         counts = [actor.statistics() for actor in (direct_actor, queued_actor)]
         direct_actor.retire()
         queued_actor.retire()
@@ -233,6 +259,21 @@ async def test_direct_dispatch_answers_as_the_actors_own_task_does() -> None:
         (len(MEMORY_OPS), 0, 0)
     ] * 2
     assert direct.data == {}
+    exits, coroutine, guarded, guarded_many = (
+        answers[MEMORY_OPS.index(op)] for op in (EXITS, RETURNS_A_COROUTINE, GUARDED, GUARDED_MANY)
+    )
+    assert exits == ("SystemExit", "2")
+    assert coroutine == (
+        "TypeError",
+        "the update function of key 'a' returned an awaitable (coroutine): it must be a "
+        "plain def returning the new value",
+    )
+    if data is dict:
+        assert (guarded, guarded_many) == (("value", "fallback"), ("value", {"a": 2}))
+    else:
+        failed = "the backend raised PermissionError: the key 'guarded' is write-only"
+        assert guarded == ("StorageError", f"store: get failed: {failed}")
+        assert guarded_many == ("StorageError", f"store: get_many failed: {failed}")
 
 
 async def test_when_its_last_run_ends_a_file_storage_is_compacted_into_its_json_file(

@@ -206,6 +206,32 @@ async def test_update_whose_function_raises_stores_nothing() -> None:
     assert store == {"n": 1}
 
 
+async def kept_async(value: Any) -> Any:
+    """An update function that is an async def: what an update may not be given."""
+    return value
+
+
+@pytest.mark.parametrize("run_id", [None, "durable"])
+async def test_an_update_whose_function_is_async_stores_nothing(
+    tmp_path: Path, run_id: str | None
+) -> None:
+    """Applied by the store actor, or staged by a durable step: a TypeError either way."""
+    storage = cf.FileStorage(tmp_path / "store.json")
+
+    @cf.node
+    async def updates(ctx: cf.ExecutionContext) -> cf.Action:
+        return cf.Action.complete(await ctx.store.update("n", kept_async, 1))
+
+    with pytest.raises(cf.NodeError) as info:
+        await single(updates).run(storage, run_id=run_id)
+    assert str(info.value.__cause__) == (
+        "the update function of key 'n' returned an awaitable (coroutine): it must be a "
+        "plain def returning the new value"
+    )
+    async with cf.open_engine() as engine, engine.open_store(storage) as store:
+        assert await store.keys() == []
+
+
 async def test_dataclasses_round_trip_through_a_file(tmp_path: Path) -> None:
     path = tmp_path / "points.json"
     await in_run(lambda store: store.set("p", Point(1, 2)), cf.FileStorage(path))

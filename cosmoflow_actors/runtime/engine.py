@@ -57,7 +57,7 @@ from cosmoflow_actors.runtime.run_record import ENDED_STATES, EndedState, RunRec
 from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.store_client import SharedStore
-from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage
+from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage, require_storage
 from cosmoflow_actors.storage.base import Storage, batch_parent
 from cosmoflow_actors.validation import checked_params, require_positive, require_run_id
 
@@ -203,7 +203,7 @@ class Engine:
         persistent storage) reads and writes its record in a task of the engine's before
         its first step.
         """
-        first_params = _checked_arguments(flow, params, run_id)
+        first_params = _checked_arguments(flow, store, params, run_id)
         storage = as_storage(store)
         durable = run_id is not None and storage.persistent
         run_id = self._check_start(run_id)
@@ -334,7 +334,7 @@ class Engine:
         wait until the backend is closed (a FileStorage is then compacted into its JSON
         file)."""
         try:
-            if first is not None and first.actor.try_enter():
+            if first is not None and first.actor.try_hand_off():
                 with CANCELLED_ALONE, trio.CancelScope() as scope:
                     await self._carry_here(first, scope)
             elif first is not None:
@@ -396,7 +396,7 @@ class Engine:
         has built nothing yet (it holds only its arguments). A run started from inside a
         step of this engine (see :meth:`_inside_a_step`) needs no admission either.
         """
-        first_params = _checked_arguments(flow, params, run_id)
+        first_params = _checked_arguments(flow, store, params, run_id)
         self._starting += 1
         try:
             run = await self._open_run(flow, store, run_id, child=start.is_child)
@@ -923,11 +923,14 @@ async def _recorded_path(run: ActiveRun, record: Mapping[str, Any]) -> list[str]
     return run_record.whole_path(record, run_record.parts_read(record, read))
 
 
-def _checked_arguments(flow: object, params: object, run_id: object) -> dict[str, Any]:
+def _checked_arguments(
+    flow: object, store: object, params: object, run_id: object
+) -> dict[str, Any]:
     """Check what a start was given, before it waits for anything; return ``params``
     as a new dict. Raises TypeError or ValueError naming the argument at fault."""
     if not isinstance(flow, Flow):
         raise TypeError(f"expected a built Flow, got {type(flow).__name__}")
+    require_storage(store)
     if run_id is not None:
         require_run_id(run_id)
     return checked_params(params)

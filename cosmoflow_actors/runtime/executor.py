@@ -83,15 +83,16 @@ async def within(time_limit: float | None, node_id: str, attempt: Awaitable[T]) 
     """Await ``attempt`` (an exec attempt of ``node_id``), cancelling it after
     ``time_limit`` seconds (None: no limit). Blocks until it ends.
 
-    Raises trio.TooSlowError when it was cancelled at the deadline, or ended after it
-    (a sync or thread exec cannot be cancelled: its late result is dropped).
+    Raises trio.TooSlowError when the deadline passed: it was cancelled then (also
+    when it caught the cancellation and returned a result anyway), or ended after it (a
+    sync or thread exec cannot be cancelled): a late result is dropped.
     """
     if time_limit is None:
         return await attempt
     deadline = trio.current_time() + time_limit
     with trio.move_on_at(deadline) as scope:
         result = await attempt
-    if scope.cancelled_caught or trio.current_time() > deadline:
+    if scope.cancel_called or trio.current_time() > deadline:
         raise trio.TooSlowError(f"exec of {node_id!r} overran its {time_limit}s timeout")
     return result
 

@@ -24,7 +24,7 @@ import trio_parallel
 
 from cosmoflow_actors.errors import RunCancelledError
 from cosmoflow_actors.events import EventHub
-from cosmoflow_actors.flow import Flow, check_settings
+from cosmoflow_actors.flow import Flow, check_settings, flows_within
 from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime import ray_executor
 from cosmoflow_actors.runtime.cancellation import refuse_closed
@@ -298,6 +298,7 @@ def uses_executor(flow: Flow, executor: str = "process") -> bool:
     """Whether ``flow`` or a flow nested in it has a node with ``executor`` (by default
     "process", which needs the engine's worker processes)."""
     return any(
-        uses_executor(node, executor) if isinstance(node, Flow) else node.executor == executor
-        for node in flow.nodes.values()
+        isinstance(node, Node) and node.executor == executor
+        for each in flows_within(flow)
+        for node in each.nodes.values()
     )

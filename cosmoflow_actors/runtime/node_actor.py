@@ -72,8 +72,8 @@ refusals."""
 _NO_VALUES: Final[Mapping[str, Any]] = MappingProxyType({})
 
 _NOT_RESULTS: Final = frozenset({CoroutineType, ReturnedCoroutine})
-"""The types of what exec or exec_fallback may return that fail the step: a coroutine
-returned instead of awaited, or what an exec away from the run's task hands back for
+"""The types of what prep, exec or exec_fallback may return that fail the step: a
+coroutine returned instead of awaited, or what an exec away from the run's task hands back for
 one (see :class:`~cosmoflow_actors.runtime.transfer.ReturnedCoroutine`)."""
 
 NO_NURSERIES: Final[frozenset[trio.Nursery]] = frozenset()
@@ -129,6 +129,8 @@ class NodeActor(Actor[Step]):
             self._attempt = self._slotted_attempt
         elif self.rate is not None or node.timeout is not None:
             self._attempt = self._limited_attempt
+        self.takes_hand_off = node.executor != "thread"
+        """Whether a step may be handed off to this actor (see :meth:`try_hand_off`)."""
         self.batch = isinstance(node, BatchNode | BatchFlow)
         """Whether exec runs once per item (or child run) prep returns."""
         self._run_child = run_child
@@ -208,6 +210,15 @@ class NodeActor(Actor[Step]):
         # (``serving`` stays: an exception leaving the nursery is still a crash.)
         self.limit = 0
         self.mailbox.close()
+
+    def try_hand_off(self) -> bool:
+        """Take a slot for a step that the sending task will run itself (hand-off, see
+        :func:`carry`) if the actor is idle; return whether it did. Never for a node
+        whose exec runs on a thread: a thread cannot be stopped, so the task running
+        the step is held until it returns, and that task must be one of the actor's own
+        workers, never a caller of ``engine.run``, which returns at once when
+        cancelled. Never blocks."""
+        return self.takes_hand_off and self.try_enter()
 
     async def send(self, step: Step, scope: trio.CancelScope | None = None) -> None:
         """Deliver ``step``: to a worker at once when the actor is idle, else to the
@@ -401,6 +412,8 @@ class NodeActor(Actor[Step]):
             raise self._failed("prep", ctx) from exc
         if not all_awaited(store):
             self._unawaited("prep", ctx)
+        if type(prep_res) in _NOT_RESULTS:
+            self._unawaited("prep", ctx, 1, ("prep", prep_res))
         try:
             if self.batch:
                 exec_res = await self._exec_batch(run, prep_res, ctx)
@@ -411,8 +424,8 @@ class NodeActor(Actor[Step]):
                 # The calls exec on a worker made and never awaited are closed, not
                 # left to warn: the step fails anyway.
                 _ = unawaited(store)
-            # exec's Exceptions are NodeErrors already, after its retries and fallback.
-            if isinstance(exc, Exception) or not fails_the_step(exc):
+            # exec's failures are NodeErrors already, after its retries and fallback.
+            if isinstance(exc, NodeError) or not fails_the_step(exc):
                 raise
             raise self._failed("exec", ctx) from exc
         if not all_awaited(store):
@@ -552,20 +565,26 @@ class NodeActor(Actor[Step]):
         except Exception as exc:
             raise self._failed("prep", ctx) from exc
 
-    def _param_sets(self, prep_res: Any, ctx: ExecutionContext) -> list[Any]:
-        """A BatchFlow's parameter sets: what prep returned, as a list, each set a
-        mapping with str keys (a child run's params). Anything else, one dict instead of
-        a list of them included, fails the step in prep naming the item at fault."""
+    def _param_sets(self, prep_res: Any, ctx: ExecutionContext) -> list[dict[Any, Any]]:
+        """A BatchFlow's parameter sets: what prep returned, as a list of dicts, each a
+        mapping with str keys read once (a child run's params). Anything else, one dict
+        instead of a list of them, or a mapping that cannot be read, fails the step in
+        prep naming the item at fault."""
         if isinstance(prep_res, Mapping):
             self._bad_param_sets(f"prep returned one {type(prep_res).__name__}, not a list", ctx)
-        param_sets = self._items(prep_res, ctx)
-        for index, params in enumerate(param_sets):
+        param_sets = []
+        for index, params in enumerate(self._items(prep_res, ctx)):
             if not isinstance(params, Mapping):
                 self._bad_param_sets(f"item {index} is {type(params).__name__}", ctx)
-            for key in params:
+            try:
+                read = dict(params)
+            except Exception as exc:
+                raise self._failed("prep", ctx) from exc
+            for key in read:
                 if not isinstance(key, str):
                     kind = type(key).__name__
                     self._bad_param_sets(f"item {index} has the key {key!r} ({kind})", ctx)
+            param_sets.append(read)
         return param_sets
 
     def _bad_param_sets(self, problem: str, ctx: ExecutionContext) -> NoReturn:
@@ -803,6 +822,6 @@ async def carry(step: Step, scope: trio.CancelScope) -> None:
         # The caller of engine.run may have been cancelled during the step, with no
         # checkpoint since: the next step must not start.
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not step.actor.try_enter():
+        if not step.actor.try_hand_off():
             await step.actor.send(step, scope)
             return

@@ -27,7 +27,7 @@ from cosmoflow_actors.errors import (
     MaxStepsExceeded,
     NoRouteError,
 )
-from cosmoflow_actors.flow import END, Flow, FlowResult, Route, Target
+from cosmoflow_actors.flow import END, Flow, FlowResult, Route, Target, flows_within
 from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.durability import DurableRun
 from cosmoflow_actors.runtime.messages import (
@@ -366,10 +366,9 @@ def condition_keys(flow: Flow) -> frozenset[str]:
     """Every store key a route condition of ``flow`` or of a flow nested in it reads:
     what a step's sender reads for the router (one request, and none for a flow
     without conditions)."""
-    keys = _when_keys(flow.routes)
-    for node in flow.nodes.values():
-        if isinstance(node, Flow):
-            keys |= condition_keys(node)
+    keys: frozenset[str] = frozenset()
+    for each in flows_within(flow):
+        keys |= _when_keys(each.routes)
     return keys
 
 

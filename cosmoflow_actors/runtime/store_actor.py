@@ -36,7 +36,7 @@ from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.cancellation import only_cancelled
 from cosmoflow_actors.runtime.gil import SHORT_SWITCH_INTERVAL
 from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest
-from cosmoflow_actors.runtime.store_client import MISSING, SharedStore
+from cosmoflow_actors.runtime.store_client import MISSING, SharedStore, updated
 from cosmoflow_actors.storage.base import (
     RECORD_PREFIX,
     RESERVED_PREFIX,
@@ -156,6 +156,10 @@ class StoreActor(Actor[StoreRequest]):
             return _MEMORY[op](storage.data, key, argument)
         except _Refused as refused:
             raise refused.error from refused.error.__cause__
+        except (StorageError, StoreKeyError):
+            raise
+        except Exception as exc:  # the dict's own code (a dict subclass's method) raised
+            raise self._broken(op.name.lower(), exc) from exc
 
     async def records(self, storage: Storage) -> dict[str, Any]:
         """Every run record in ``storage``, by key."""
@@ -577,7 +581,7 @@ def _guard(key: str, function: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def apply(value: Any) -> Any:
         if value is MISSING:
             raise _Refused(StoreKeyError(key))
-        return _refusing(function, value)
+        return _refusing(updated, key, function, value)
 
     return apply
 
@@ -635,10 +639,13 @@ class _Refused(Exception):
 
 def _refusing(function: Callable[..., T], *args: Any) -> T:
     """``function(*args)``, a function of the requester's (an update function, a
-    record check): an error it raises leaves as _Refused, for the requester."""
+    record check): what it raises leaves as _Refused, for the requester, a
+    ``sys.exit()`` too; only a KeyboardInterrupt (the operator's) goes on up."""
     try:
         return function(*args)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         raise _Refused(exc) from None
 
 
@@ -680,7 +687,7 @@ def _memory_update(data: dict[str, Any], key: str, argument: Any) -> Any:
     value = data.get(key, default)
     if value is MISSING:
         raise StoreKeyError(key)
-    new = _refusing(function, value)
+    new = _refusing(updated, key, function, value)
     data[key] = new
     return new
 

@@ -167,7 +167,8 @@ class SharedStore:
         concurrent updates are never lost (``function`` must be pure).
 
         Raises:
-            TypeError: at the call, ``key`` is not a str.
+            TypeError: at the call, ``key`` is not a str; when awaited, ``function``
+                returned an awaitable (an ``async def``): nothing is stored.
             StorageError: at the call, ``key`` is under ``__cosmoflow__/``; when
                 awaited, the commit failed.
             StoreValueError: the store's codec refuses the new value; nothing is
@@ -433,7 +434,7 @@ class Staging:
 
     async def _update(self, storage: Storage, key: str, argument: Any) -> Any:
         function, default = argument
-        new = function(await self._get(storage, key, default))
+        new = updated(key, function, await self._get(storage, key, default))
         self._stage(("update", key, argument), key, self._held(storage, key, new))
         return new
 
@@ -512,6 +513,21 @@ _NOWHERE: Final = MemoryStorage()
 
 _ABSENT: Final[Any] = object()
 _UNKNOWN: Final[Any] = object()
+
+
+def updated(key: str, function: Callable[[Any], T], value: Any) -> T:
+    """``function(value)``: the new value an update of ``key`` stores. TypeError when
+    it is awaitable (``function`` is an ``async def``; its coroutine is closed unrun):
+    an update never stores a coroutine. Never blocks."""
+    new = function(value)
+    if inspect.isawaitable(new):
+        if inspect.iscoroutine(new):
+            new.close()
+        raise TypeError(
+            f"the update function of key {key!r} returned an awaitable "
+            f"({type(new).__name__}): it must be a plain def returning the new value"
+        )
+    return new
 
 
 def _unpickled(name: str) -> SharedStore:

@@ -35,9 +35,15 @@ def as_storage(store: Storage | dict[str, Any] | None) -> Storage:
     """The Storage a run uses: a dict (in place) or None (fresh) is memory storage."""
     if store is None or isinstance(store, dict):
         return MemoryStorage(store)
-    if isinstance(store, Storage):
-        return store
-    raise TypeError(f"store must be a Storage, a dict or None, got {type(store).__name__}")
+    require_storage(store)
+    return store
+
+
+def require_storage(store: object) -> None:
+    """Raise TypeError unless ``store`` is what a run may be given: a Storage, a dict
+    or None."""
+    if store is not None and not isinstance(store, Storage | dict):
+        raise TypeError(f"store must be a Storage, a dict or None, got {type(store).__name__}")
 
 
 class StoreRegistry:
