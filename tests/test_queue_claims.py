@@ -351,6 +351,25 @@ async def test_a_worker_whose_flow_no_longer_fits_an_orphan_leaves_it_to_one_who
     assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
 
 
+async def test_a_worker_whose_flow_does_not_fit_claims_an_orphan_once_a_poll_at_most(
+    redis_server: RedisServer,
+) -> None:
+    """A worker with all its slots free again once it gave the run back looks for
+    expired leases a poll interval later (a third of the 0.6 s lease), not at once:
+    in the 1.2 s of flow_wait it claims and gives back the run about 6 times, not
+    hundreds."""
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", lease=0.6, flow_wait=1.2)
+    store = store_url(redis_server)
+    run_id, _ = await orphaned_after_a(queue, store)
+    async with monitored(redis_server) as monitor:
+        async with worker(queue, store, "new", concurrency=1, flows=(CHANGED,)):
+            with pytest.raises(cf.CosmoFlowError, match="no worker took it in"):
+                await cf.result(queue, run_id)
+        commands = monitor.commands
+    given_back = [line for line in commands if '"XCLAIM"' in line and '"IDLE"' in line]
+    assert 2 <= len(given_back) <= 12
+
+
 async def test_an_orphan_no_worker_whose_flow_fits_takes_fails_after_flow_wait(
     redis_server: RedisServer,
 ) -> None:

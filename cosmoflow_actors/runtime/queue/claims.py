@@ -157,9 +157,11 @@ class Claimer:
     async def _expired_claim(self) -> Claim | None:
         """Go on looking through the pending entries for one idle for at least a
         lease, until this worker claims its run (the next look goes on from there, at
-        once) or has looked through them all (the next look starts again a poll
-        interval later, so that a run whose lease expired waits at most that long,
-        whether the worker is busy or idle). None when it claimed none."""
+        once) or has looked through them all, whether the last one looked at was
+        claimed or not (the next look starts again a poll interval later, so that a
+        run whose lease expired waits at most that long, whether the worker is busy or
+        idle, and a run this worker gives back, idle for a lease, is not claimed again
+        at once). None when it claimed none."""
         queue = self.queue
         while True:
             reply = await queue.script(
@@ -168,13 +170,13 @@ class Claimer:
                 [GROUP, self.name, queue.lease_ms, self._cursor, SCAN_STEPS],
             )
             self._cursor = as_str(reply[0])
-            if len(reply) > 1:
-                claim = await self._claim(as_str(reply[1]), reply[2], reply[3])
-                if claim is not None:
-                    return claim
             if self._cursor == "0-0":
                 self._next_look = trio.current_time() + self._poll
-                return None
+            claim = None
+            if len(reply) > 1:
+                claim = await self._claim(as_str(reply[1]), reply[2], reply[3])
+            if claim is not None or self._cursor == "0-0":
+                return claim
 
     async def _read_new_at_once(self) -> tuple[str, bytes | None, bytes | None] | None:
         """A new entry, without waiting for one: its id, its run id as the server holds
