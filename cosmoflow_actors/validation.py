@@ -53,9 +53,14 @@ def checked_path(name: str, value: object) -> Path:
 
 
 def require_run_id(run_id: object) -> None:
-    """Raise ``ValueError`` unless ``run_id`` is a non-empty str."""
+    """Raise ``ValueError`` unless ``run_id`` is a non-empty str that UTF-8 can encode
+    (a store or a queue keeps it as UTF-8: a lone surrogate cannot be)."""
     if not isinstance(run_id, str) or not run_id:
         raise ValueError(f"run_id must be a non-empty str, not {run_id!r}")
+    try:
+        run_id.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"run_id {run_id!r} cannot be encoded as UTF-8: {exc.reason}") from exc
 
 
 def checked_params(params: object) -> dict[str, Any]:

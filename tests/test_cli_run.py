@@ -161,6 +161,11 @@ def test_json_of_a_run_that_succeeded_says_so(capsys: pytest.CaptureFixture[str]
 def test_a_malformed_param_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(EXAMPLES / "hello_world.py"), "--param", "novalue"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+    deep = "[" * 5000 + "]" * 5000
+    assert main(["run", str(EXAMPLES / "hello_world.py"), "--param", f"n={deep}"]) == 2
+    assert capsys.readouterr().err == (
+        "cosmoflow: error: --param 'n': its JSON is nested too deep to read\n"
+    )
 
 
 def test_run_json_shows_a_persistent_store(
@@ -311,6 +316,7 @@ def test_params_file_makes_one_run_per_line(
         ('{"n": 1}\n{"n": 2,\n', "runs.jsonl:2: not JSON: Expecting property name"),
         ('{"n": 1}\n\n[1, 2]\n', "runs.jsonl:3: expected a JSON object of params, got a list"),
         ("7\n", "runs.jsonl:1: expected a JSON object of params, got an int"),
+        ('{"n": ' + "[" * 5000 + "]" * 5000 + "}\n", "runs.jsonl:1: its JSON is nested too deep"),
         ("\n\n", "--params-file {path}: no runs (expected a JSON object of params a line)"),
     ],
 )

@@ -145,6 +145,17 @@ async def test_submit_refuses_params_that_json_would_change(
     assert await queue.call("EXISTS", queue.stream, queue.runs) == 0
 
 
+@pytest.mark.parametrize(("params", "key"), [({"n": "\ud800"}, "n"), ({"\udc80": 1}, "\udc80")])
+async def test_submit_refuses_params_utf_8_cannot_encode(
+    redis_server: RedisServer, params: dict[str, Any], key: str
+) -> None:
+    queue = new_queue(redis_server)
+    with pytest.raises(ValueError) as info:
+        await cf.submit(queue, "count", params=params, run_id="r1")
+    assert str(info.value).startswith(f"param {key!r} of run 'r1' is not JSON: 'utf-8' codec")
+    assert await queue.call("EXISTS", queue.stream, queue.runs) == 0
+
+
 async def test_result_and_requeue_refuse_a_run_id_that_is_not_a_non_empty_str(
     redis_server: RedisServer,
 ) -> None:

@@ -91,6 +91,15 @@ def test_a_run_id_is_a_non_empty_str(run_id: object) -> None:
         require_run_id(run_id)
 
 
+def test_a_run_id_is_text_utf_8_can_encode() -> None:
+    require_run_id("r-ü-🙂")
+    with pytest.raises(ValueError) as info:
+        require_run_id("r-\ud800")
+    assert (
+        str(info.value) == "run_id 'r-\\ud800' cannot be encoded as UTF-8: surrogates not allowed"
+    )
+
+
 def test_params_become_a_fresh_dict_and_none_an_empty_one() -> None:
     given = {"user": "ada"}
     params = checked_params(given)

@@ -305,7 +305,8 @@ async def _await_run(run: Run, started: float, counting: _Counting) -> None:
 
 def parse_params(items: Sequence[str]) -> dict[str, Any]:
     """The params ``--param KEY=VALUE`` (given once for each item) names: VALUE parsed
-    as JSON if it can be, else the text itself; CliError naming an item without KEY=."""
+    as JSON if it can be, else the text itself; CliError naming an item without KEY=,
+    or whose JSON is nested too deep to read."""
     params: dict[str, Any] = {}
     for item in items:
         key, separator, text = item.partition("=")
@@ -315,6 +316,8 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
             params[key] = json.loads(text)
         except json.JSONDecodeError:
             params[key] = text
+        except RecursionError as exc:
+            raise CliError(f"--param {key!r}: its JSON is nested too deep to read") from exc
     return params
 
 
@@ -368,6 +371,8 @@ def _gives_a_run(label: str, number: int, line: str) -> bool:
         params = json.loads(line, parse_constant=_no_constant)
     except ValueError as exc:
         raise CliError(f"{label}:{number}: not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise CliError(f"{label}:{number}: its JSON is nested too deep to read") from exc
     if not isinstance(params, dict):
         kind = with_article(type(params).__name__)
         raise CliError(f"{label}:{number}: expected a JSON object of params, got {kind}")

@@ -287,11 +287,14 @@ async def submit(
 
 
 def _check_param(run_id: str, key: str, value: Any) -> None:
-    """Raise ValueError naming ``key`` unless ``value`` goes through JSON unchanged (a
-    tuple would come back a list, a dict's int keys str)."""
+    """Raise ValueError naming ``key`` unless it and ``value`` go through JSON, as UTF-8,
+    unchanged (a tuple would come back a list, a dict's int keys str; a lone surrogate
+    cannot be encoded)."""
     try:
-        encoded = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        encoded = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        key.encode()
+        encoded.encode()
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise ValueError(f"param {key!r} of run {run_id!r} is not JSON: {exc}") from exc
     if json.loads(encoded) != value:
         raise ValueError(
