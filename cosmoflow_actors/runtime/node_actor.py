@@ -73,8 +73,8 @@ _NO_VALUES: Final[Mapping[str, Any]] = MappingProxyType({})
 
 _NOT_RESULTS: Final = frozenset({CoroutineType, ReturnedCoroutine})
 """The types of what prep, exec or exec_fallback may return that fail the step: a
-coroutine returned instead of awaited, or what an exec away from the run's task hands back for
-one (see :class:`~cosmoflow_actors.runtime.transfer.ReturnedCoroutine`)."""
+coroutine returned instead of awaited, or what an exec away from the run's task hands
+back for one (see :class:`~cosmoflow_actors.runtime.transfer.ReturnedCoroutine`)."""
 
 NO_NURSERIES: Final[frozenset[trio.Nursery]] = frozenset()
 """A worker's nurseries open before it carried steps: none (one empty set for all
