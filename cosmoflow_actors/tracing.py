@@ -37,6 +37,7 @@ import trio
 
 from cosmoflow_actors.errors import error_text, told_causes, type_and_message
 from cosmoflow_actors.events import (
+    LOGGER,
     Event,
     EventsDropped,
     Fallback,
@@ -344,8 +345,18 @@ class _Spans:
 
     def end_all(self) -> None:
         """End every span still open (the stream ended), now, in trio time as every
-        other span end: the steps', then the runs'."""
-        now = self._ns(trio.current_time())
+        other span end: the steps', then the runs'. A span whose ``end`` raises is
+        logged to the events' LOGGER, and the spans after it are left open: the tracer
+        is broken, and the application goes on."""
+        try:
+            self._end_open_spans(self._ns(trio.current_time()))
+        except Exception:
+            LOGGER.exception("%r raised ending its open spans; the others are left open", self)
+        finally:
+            self._steps.clear()
+            self._runs.clear()
+
+    def _end_open_spans(self, now: int) -> None:
         ended_runs: dict[_RunSpan, None] = {}
         for span, run in self._steps.values():
             span.end(now)
@@ -353,8 +364,6 @@ class _Spans:
                 ended_runs[run] = None
         for run in [*ended_runs, *self._runs.values()]:
             run.span.end(now)
-        self._steps.clear()
-        self._runs.clear()
 
     def _ns(self, trio_time: float) -> int:
         return self._offset + round(trio_time * 1e9)

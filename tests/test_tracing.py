@@ -715,6 +715,41 @@ async def test_after_the_close_trace_events_stops_waiting_for_steps_when_its_tra
     assert "exporter down" in caplog.text
 
 
+class EndRaises:
+    """A tracer whose spans raise when they end (an exporter that is down)."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+
+    def start_span(self, name: str, context: Any = None, **options: Any) -> Any:
+        return Unending(self.tracer.start_span(name, context, **options))
+
+
+class Unending:
+    def __init__(self, span: Any) -> None:
+        self.span = span
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.span, name)
+
+    def end(self, end_time: int | None = None) -> None:
+        raise RuntimeError("exporter down")
+
+
+async def test_spans_whose_end_raises_when_tracing_stops_are_logged_not_raised(
+    caplog: pytest.LogCaptureFixture, tracer: Tracer
+) -> None:
+    source = FedEngine()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trace_events, source, EndRaises(tracer))
+        await trio.testing.wait_all_tasks_blocked()
+        source.hub.emit(cf.RunStarted("r1", 0.0, "flow"))
+        source.hub.emit(cf.StepStarted("r1", 0.0, "flow", "a", "r1:1"))
+        nursery.cancel_scope.cancel()
+    assert "raised ending its open spans" in caplog.text
+    assert "exporter down" in caplog.text
+
+
 # Under load: many runs of every kind, subscribers of every kind, and the spans.
 
 RUN_ENDS = (cf.RunFinished, cf.RunFailed, cf.RunCancelled)
