@@ -8,6 +8,7 @@ import contextlib
 import gc
 import math
 import random
+import threading
 import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -1625,3 +1626,46 @@ async def test_runs_started_by_tasks_of_a_carrying_callers_older_nursery_are_adm
         await engine.run(flow)
     assert gate.most_inside == 2
     assert gate.entered == 11
+
+
+def test_an_engine_called_from_another_trio_run_or_a_plain_thread_says_how_to_call_it() -> None:
+    """The engine lives in a thread's trio run: a call from another trio run, or from a
+    thread outside any, is refused naming the way to make it, and the engine, which
+    the refused calls did not touch, goes on serving its own trio run."""
+    opened, stop = threading.Event(), threading.Event()
+    home: dict[str, Any] = {}
+    flow = single(Recorder())
+
+    async def serve() -> None:
+        async with cf.open_engine() as engine:
+            home["engine"] = engine
+            opened.set()
+            await trio.to_thread.run_sync(stop.wait)
+            home["result"] = await engine.run(flow)
+
+    thread = threading.Thread(target=trio.run, args=(serve,))
+    thread.start()
+    opened.wait()
+    engine: cf.Engine = home["engine"]
+    calls: list[Callable[[], Any]] = [
+        lambda: trio.run(engine.run, flow),
+        lambda: trio.run(engine.list_runs, {}),
+        lambda: engine.start_run_nowait(flow),
+        lambda: engine.events(),
+    ]
+    refusals = []
+    try:
+        for call in calls:
+            with pytest.raises(RuntimeError) as info:
+                call()
+            refusals.append(str(info.value).split(":")[0])
+    finally:
+        stop.set()
+        thread.join()
+    assert refusals == [
+        "the engine was called in another trio run (another thread's trio.run)",
+        "the engine was called in another trio run (another thread's trio.run)",
+        "the engine was called outside any trio run",
+        "the engine was called outside any trio run",
+    ]
+    assert home["result"].success

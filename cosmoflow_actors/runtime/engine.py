@@ -74,7 +74,11 @@ bound, and unlike 64 or 128 it does not cap runs that wait on I/O."""
 
 @final
 class Engine:
-    """Runs flows. Get one from :func:`open_engine`; all methods run in its trio context."""
+    """Runs flows. Get one from :func:`open_engine`; all methods run in its trio context.
+
+    Calls that start work (runs, stores, event streams, a tracer, serving a queue) made
+    outside the trio run that opened the engine raise RuntimeError saying how to make
+    them (``trio.from_thread.run`` from a thread that trio run started)."""
 
     def __init__(
         self,
@@ -109,6 +113,27 @@ class Engine:
         """The bound methods an admitted run and another one call when they end (made
         once, not once per run)."""
         self._run_ids = _run_ids()
+        self._trio_token = trio.lowlevel.current_trio_token()
+        """The trio run the engine lives in: every call that starts work must be
+        made in it (see :meth:`_require_its_trio_run`)."""
+
+    def _require_its_trio_run(self) -> None:
+        """Raise RuntimeError, naming the way to call it, unless called in the trio
+        run the engine was opened in: a task of another trio run (another thread's
+        ``trio.run``) or a thread outside any would corrupt both runs. Never blocks."""
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            where = "outside any trio run"
+        else:
+            if token is self._trio_token:
+                return
+            where = "in another trio run (another thread's trio.run)"
+        raise RuntimeError(
+            f"the engine was called {where}: call it in the trio run that opened it, from "
+            "another thread with trio.from_thread.run (trio.from_thread.run_sync for "
+            "start_run_nowait) in a thread that trio run started"
+        )
 
     async def run(
         self,
@@ -203,6 +228,7 @@ class Engine:
         persistent storage) reads and writes its record in a task of the engine's before
         its first step.
         """
+        self._require_its_trio_run()
         first_params = _checked_arguments(flow, store, params, run_id)
         storage = as_storage(store)
         durable = run_id is not None and storage.persistent
@@ -252,6 +278,7 @@ class Engine:
         Blocks while the backend opens and, when the block ends and no run uses the
         storage, until its backend is closed (as at the end of a run). Raises
         RuntimeError once the engine is closed (see :meth:`_closed_error`)."""
+        self._require_its_trio_run()
         if self._closed:
             await refuse_closed(self._closed_error())
         storage = as_storage(store)
@@ -396,6 +423,7 @@ class Engine:
         has built nothing yet (it holds only its arguments). A run started from inside a
         step of this engine (see :meth:`_inside_a_step`) needs no admission either.
         """
+        self._require_its_trio_run()
         first_params = _checked_arguments(flow, store, params, run_id)
         self._starting += 1
         try:
@@ -631,6 +659,7 @@ class Engine:
         ends when the engine closes (at once if it has closed already). Never blocks;
         raises ValueError for a ``buffer`` that is not an int >= 1.
         """
+        self._require_its_trio_run()
         return self._events.open(buffer, lossless=lossless)
 
     def progress(self) -> Progress:
@@ -647,6 +676,7 @@ class Engine:
         passes a ``tracing.LiveSpans``. Raises RuntimeError while other ``spans`` follow
         the engine (one at a time).
         """
+        self._require_its_trio_run()
         return self._events.trace(spans)
 
     async def wait_closed(self) -> None:
@@ -766,6 +796,7 @@ class Engine:
         serves, the NodeError of a run that failed because this process lost its Ray
         connection (caused by RayDisconnectedError), its runs handed back to the queue.
         """
+        self._require_its_trio_run()
         if self._closed:
             await refuse_closed(self._closed_error())
         await run_queue.serve(
