@@ -66,18 +66,25 @@ class Point:
 
 
 @pytest.fixture(params=BACKENDS)
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+def chosen_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     """Each backend in turn, over fresh data; ``@persistent`` and ``@encoding`` narrow it
     to those that keep that promise (an external backend that does not is skipped,
-    saying so), ``@codecs`` to the built-in persistent ones. The instances the test
-    made with ``Backend.instance`` are closed after it."""
+    saying so), ``@codecs`` to the built-in persistent ones. A plain fixture: the
+    reason of a skip raised in an async one is lost (pytest-trio reports "Skipped")."""
     name, promise = request.param if isinstance(request.param, tuple) else (request.param, "")
     chosen = make_backend(name, tmp_path, request)
     if promise and not getattr(chosen, promise):
         assert name in EXTERNAL, f"{name!r} is listed as {promise} but does not promise it"
         pytest.skip(f"{name} does not promise {promise} (see tests.storage_suite.Backend)")
-    yield chosen
-    await chosen.aclose()
+    return chosen
+
+
+@pytest.fixture
+async def backend(chosen_backend: Backend) -> AsyncIterator[Backend]:
+    """The chosen backend; the instances the test made with ``Backend.instance`` are
+    closed after it."""
+    yield chosen_backend
+    await chosen_backend.aclose()
 
 
 def for_backends(promise: str, built_in: list[str]) -> pytest.MarkDecorator:
@@ -85,14 +92,14 @@ def for_backends(promise: str, built_in: list[str]) -> pytest.MarkDecorator:
     :class:`Backend` property), and on every external one that does."""
     names = [*built_in, *EXTERNAL]
     params = [pytest.param((name, promise), id=name) for name in names]
-    return pytest.mark.parametrize("backend", params, indirect=True)
+    return pytest.mark.parametrize("chosen_backend", params, indirect=True)
 
 
 persistent = for_backends("persistent", PERSISTENT)
 """Only the backends whose data outlives the instance."""
 encoding = for_backends("encoding", ENCODING)
 """Only the backends that store values encoded (not memory, which keeps the objects)."""
-codecs = pytest.mark.parametrize("backend", CODECS, indirect=True)
+codecs = pytest.mark.parametrize("chosen_backend", CODECS, indirect=True)
 """Only the backends that take ``codec=`` (the built-in persistent ones)."""
 written_raw = for_backends("write_raw", WRITTEN_RAW)
 """Only the backends that other clients may write to."""
@@ -320,7 +327,7 @@ async def test_a_key_that_is_not_valid_unicode_is_never_stored(backend: Backend)
     assert await storage.size() == 0
 
 
-@pytest.mark.parametrize("backend", BUILT_IN, indirect=True)
+@pytest.mark.parametrize("chosen_backend", BUILT_IN, indirect=True)
 async def test_non_str_key_raises_type_error(backend: Backend) -> None:
     storage = await backend.instance()
 
@@ -678,7 +685,7 @@ async def test_a_full_disk_fails_the_writing_run_only(
 
 
 @pytest.mark.parametrize("durable", [True, False], ids=["durable", "plain"])
-@pytest.mark.parametrize("backend", ["sqlite", "redis"], indirect=True)
+@pytest.mark.parametrize("chosen_backend", ["sqlite", "redis"], indirect=True)
 async def test_updates_on_two_instances_are_not_lost(backend: Backend, durable: bool) -> None:
     """Two instances over one store stand for two processes. An update reads and writes
     in a transaction of the backend's own (SQLite's BEGIN IMMEDIATE, Redis's
