@@ -304,17 +304,16 @@ class FlowBuilder:
         if not isinstance(node_id, str) or not node_id:
             self._problems.append(f"a node id must be a non-empty str, got {node_id!r}")
             return self
+        if node_id in self._ids:
+            self._problems.append(f"duplicate node id {node_id!r}")
+            return self
+        self._ids[node_id] = None
         if "/" in node_id:
             self._problems.append(
                 f"node id {node_id!r} contains '/', which separates a flow's name from its "
                 "node ids (in statistics() and traces)"
             )
-            return self
-        if node_id in self._ids:
-            self._problems.append(f"duplicate node id {node_id!r}")
-            return self
-        self._ids[node_id] = None
-        if isinstance(node, Node | Flow):
+        elif isinstance(node, Node | Flow):
             self._nodes[node_id] = node
         else:
             self._problems.append(self._not_a_node(node_id, node))
@@ -504,7 +503,8 @@ class FlowBuilder:
         return problems
 
     def _reach_problems(self, start: str) -> list[str]:
-        """Name each node that no chain of routes leads to from ``start``."""
+        """Name each node that no chain of routes leads to from ``start`` (a node
+        refused when added has its problem named already)."""
         successors: dict[str, list[str]] = {}
         for route in self._routes:
             successors.setdefault(route.source, []).extend(route.targets)
@@ -517,7 +517,7 @@ class FlowBuilder:
                     pending.append(node_id)
         return [
             f"node {node_id!r} is unreachable: no route leads to it from the start node {start!r}"
-            for node_id in self._ids
+            for node_id in self._nodes
             if node_id not in reached
         ]
 

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.usefixtures("plain_output")
             "FlowValidationError",
         ),
         ("x = 1\n", ":missing", "no Flow named 'missing'"),
+        ("x = 1\n", ":x", "'x' is an int, not a Flow (found: none)"),
         ("raise SystemError('boom')\n", "", "SystemError: boom"),
     ],
 )

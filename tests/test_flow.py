@@ -150,6 +150,18 @@ def test_build_names_a_bad_flow_name_node_id_and_action() -> None:
     )
 
 
+@pytest.mark.parametrize("refused_node", ["x/y", "not a node"])
+def test_a_refused_node_is_named_once_not_also_as_missing_or_unreachable(
+    refused_node: str,
+) -> None:
+    builder = cf.Flow.builder("f")
+    if refused_node == "x/y":
+        builder.add_node("x/y", Recorder())
+    else:
+        builder.add_node("a", Recorder()).add_node("b", 3)  # type: ignore[arg-type]
+    assert len(refused(builder).problems) == 1
+
+
 class ExecWithoutContext(cf.Node):
     def exec(self, prep_res: Any) -> None:  # type: ignore[override]
         return None

@@ -8,10 +8,11 @@ import runpy
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.output import StdoutFailed
-from cosmoflow_actors.errors import type_and_message
+from cosmoflow_actors.errors import type_and_message, with_article
 from cosmoflow_actors.flow import BatchFlow, Flow, refusing_runs
 
 
@@ -28,7 +29,7 @@ def load_flow(target: str) -> Flow:
 def load_flows(targets: Sequence[str]) -> list[Flow]:
     """The flows ``targets`` (``FILE.py[:NAME]`` each) name, as :func:`load_flow` finds
     them; a file that several targets name is imported once, for all of them."""
-    modules: dict[Path, dict[str, Flow]] = {}
+    modules: dict[Path, dict[str, Any]] = {}
     flows = []
     for target in targets:
         path, name = split_target(target)
@@ -39,9 +40,9 @@ def load_flows(targets: Sequence[str]) -> list[Flow]:
     return flows
 
 
-def _import_flows(path: Path) -> dict[str, Flow]:
-    """Import the file ``path`` (blocks while its top level runs); return its flows by
-    variable name. CliError when it is missing, raises, exits or runs a flow."""
+def _import_flows(path: Path) -> dict[str, Any]:
+    """Import the file ``path`` (blocks while its top level runs); return its top-level
+    names. CliError when it is missing, raises, exits or runs a flow."""
     if path.is_dir():
         raise CliError(f"{path}: a folder, not a Python file")
     if not path.is_file():
@@ -54,14 +55,20 @@ def _import_flows(path: Path) -> dict[str, Flow]:
     except BaseException as exc:  # SystemExit too: a file that exits loads no flow
         where = _line_in(path, exc)
         raise CliError(f"{where}: {type_and_message(exc)}") from exc
-    return {key: value for key, value in namespace.items() if isinstance(value, Flow)}
+    return namespace
 
 
-def _pick_flow(path: Path, name: str, flows: dict[str, Flow]) -> Flow:
-    """The flow ``NAME`` of the file ``path``, or its one outer flow without a NAME."""
+def _pick_flow(path: Path, name: str, namespace: dict[str, Any]) -> Flow:
+    """The flow ``NAME`` of the file ``path`` (whose top-level names are
+    ``namespace``), or its one outer flow without a NAME."""
+    flows = {key: value for key, value in namespace.items() if isinstance(value, Flow)}
     if name:
+        found = ", ".join(flows) or "none"
+        if name not in namespace:
+            raise CliError(f"{path}: no Flow named {name!r} (found: {found})")
         if name not in flows:
-            raise CliError(f"{path}: no Flow named {name!r} (found: {', '.join(flows) or 'none'})")
+            kind = with_article(type(namespace[name]).__name__)
+            raise CliError(f"{path}: {name!r} is {kind}, not a Flow (found: {found})")
         return flows[name]
     inner = {id(child) for flow in flows.values() for child in _children(flow)}
     outer = [key for key, flow in flows.items() if id(flow) not in inner]
