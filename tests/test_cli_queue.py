@@ -292,7 +292,7 @@ def test_status_names_the_workers_that_passed_a_run_over(
         ),
         (
             ["submit", "FILE", "--queue", "redis://127.0.0.1:1/q", "--param", "x=NaN"],
-            "param 'x' of run",
+            "error: param 'x' is not JSON: Out of range float values",
         ),
         (
             ["worker", "FILE", "FILE", "--queue", "redis://h/q", "--store", "redis://h"],

@@ -142,6 +142,8 @@ async def test_submit_refuses_params_that_json_would_change(
     queue = new_queue(redis_server)
     with pytest.raises(ValueError, match=f"param '{key}' of run 'r1' would reach the worker"):
         await cf.submit(queue, "count", params=params, run_id="r1")
+    with pytest.raises(ValueError, match=f"^param '{key}' would reach the worker"):
+        await cf.submit(queue, "count", params=params)
     assert await queue.call("EXISTS", queue.stream, queue.runs) == 0
 
 

@@ -273,11 +273,12 @@ async def submit(
     queue = as_queue(queue)
     if not isinstance(flow_name, str) or not flow_name:
         raise ValueError(f"flow_name must be a non-empty str, not {flow_name!r}")
-    run_id = secrets.token_hex(8) if run_id is None else run_id
-    require_run_id(run_id)
+    if run_id is not None:
+        require_run_id(run_id)
     checked = checked_params(params)
     for key, value in checked.items():
         _check_param(run_id, key, value)
+    run_id = secrets.token_hex(8) if run_id is None else run_id
     info = {"flow": flow_name, "params": checked, "state": "pending"}
     encoded = json.dumps(info, allow_nan=False)
     await queue.ensure_group()
@@ -286,20 +287,21 @@ async def submit(
     return run_id
 
 
-def _check_param(run_id: str, key: str, value: Any) -> None:
-    """Raise ValueError naming ``key`` unless it and ``value`` go through JSON, as UTF-8,
-    unchanged (a tuple would come back a list, a dict's int keys str; a lone surrogate
-    cannot be encoded)."""
+def _check_param(run_id: str | None, key: str, value: Any) -> None:
+    """Raise ValueError naming ``key`` (and ``run_id``, if the caller gave one) unless
+    it and ``value`` go through JSON, as UTF-8, unchanged (a tuple would come back a
+    list, a dict's int keys str; a lone surrogate cannot be encoded)."""
+    param = f"param {key!r}" if run_id is None else f"param {key!r} of run {run_id!r}"
     try:
         encoded = json.dumps(value, allow_nan=False, ensure_ascii=False)
         key.encode()
         encoded.encode()
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
-        raise ValueError(f"param {key!r} of run {run_id!r} is not JSON: {exc}") from exc
+        raise ValueError(f"{param} is not JSON: {exc}") from exc
     if json.loads(encoded) != value:
         raise ValueError(
-            f"param {key!r} of run {run_id!r} would reach the worker changed by JSON, as "
-            f"{encoded}: give lists for tuples and str keys"
+            f"{param} would reach the worker changed by JSON, as {encoded}: give lists "
+            "for tuples and str keys"
         )
 
 
