@@ -27,6 +27,29 @@ def test_run_prints_the_outcome(capsys: pytest.CaptureFixture[str]) -> None:
     assert "result:       'HELLO, WORLD!'" in out
 
 
+REPORT = """
+import cosmoflow_actors as cf
+
+
+@cf.node
+def report(ctx):
+    return cf.Action.complete("\\nTotal\\n  3 items\\x1b[31m\\n")
+
+
+flow = cf.Flow.builder("report").add_node("report", report).build()
+"""
+
+
+def test_a_result_of_several_lines_is_shown_as_its_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "report.py"
+    path.write_text(REPORT)
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\nresult:\n  Total\n    3 items\\x1b[31m\n")
+
+
 ESCAPES = """
 import cosmoflow_actors as cf
 

@@ -195,9 +195,19 @@ def _render(flow_name: str, outcome: _Outcome, store: dict[str, Any], *, as_json
         f"steps:        {result.steps_executed}",
         f"duration:     {result.duration * 1000:.1f} ms",
     ]
-    if result.result is not None:
-        lines.append(f"result:       {result.result!r}")
+    lines += _result_lines(result.result)
     return "\n".join(one_line(line) for line in lines)
+
+
+def _result_lines(result: Any) -> list[str]:
+    """The lines that show a run's result: none for None; a str of several lines as
+    those lines, indented under ``result:`` (a rendered table, a report); anything else
+    as its repr on one line."""
+    if result is None:
+        return []
+    if isinstance(result, str) and "\n" in result.strip("\n"):
+        return ["result:", *(f"  {line}" for line in result.strip("\n").split("\n"))]
+    return [f"result:       {result!r}"]
 
 
 def _outcome_json(flow_name: str, outcome: _Outcome, store: dict[str, Any]) -> dict[str, Any]:
