@@ -50,6 +50,19 @@ def test_a_result_of_several_lines_is_shown_as_its_lines(
     assert out.endswith("\nresult:\n  Total\n    3 items\\x1b[31m\n")
 
 
+@pytest.mark.parametrize("command", [["run"], ["submit", "--queue", "redis://127.0.0.1:1/q"]])
+def test_bad_params_are_refused_before_the_flow_file_is_imported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    imported = tmp_path / "imported"
+    path = tmp_path / "marks.py"
+    path.write_text(f"import pathlib\npathlib.Path({str(imported)!r}).touch()\n")
+    deep = "[" * 5000 + "]" * 5000
+    assert main([command[0], str(path), *command[1:], "--param", f"n={deep}"]) == 2
+    assert "--param 'n': its JSON is nested too deep" in capsys.readouterr().err
+    assert not imported.exists()
+
+
 ESCAPES = """
 import cosmoflow_actors as cf
 

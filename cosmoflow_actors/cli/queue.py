@@ -74,9 +74,10 @@ def submit_command(args: argparse.Namespace) -> int:
     """``cosmoflow submit``: add the runs of the flow ``args.target`` to the queue and
     print their run ids. Blocks on the queue's server."""
     check_run_id(args.run_id)
+    submissions = _submissions(args)  # bad params are refused before the file is imported
     flow = load_flow(args.target)
     queue = _queue(args.queue)
-    trio_run(_submit_all, queue, flow.name, _submissions(args))
+    trio_run(_submit_all, queue, flow.name, submissions)
     return 0
 
 

@@ -48,16 +48,18 @@ def run_command(args: argparse.Namespace) -> int:
     ``--params-file``), and print the outcome; return the exit status (1 when runs
     failed, 130 when Ctrl-C stopped the runs). Blocks until the runs end."""
     _check_options(args)
+    # Bad params are refused before the flow's file is imported (its top level runs).
+    params = parse_params(args.param)
+    lines = None if args.params_file is None else read_params_lines(args.params_file)
     options = _RunOptions(
         load_flow(args.target),
         parse_store(args.store, args.codec),
-        parse_params(args.param),
+        params,
         args.trace,
         args.run_id,
         args.resume,
     )
-    if args.params_file is not None:
-        lines = read_params_lines(args.params_file)
+    if lines is not None:
         return _run_batch(options, len(lines), map(json.loads, lines), args)
     if args.runs is not None:
         return _run_batch(options, args.runs, itertools.repeat({}, args.runs), args)
