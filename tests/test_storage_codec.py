@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import enum
 import math
 import sys
 import threading
@@ -164,6 +166,50 @@ def test_json_text_with_a_long_number_holding_what_json_has_not_is_refused(
             read(msgspec.Raw(text))
 
 
+class Colour(enum.Enum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class Labels:
+    names: dict[Any, str]
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name", "name"),
+    [
+        ({1: "one", "1": "uno"}, "dict", "1"),
+        ({"1": "uno", 1: "one"}, "dict", "1"),
+        ([{"a": {1.5: "x", "1.5": "y"}}], "list", "1.5"),
+        ({Colour.RED: 1, "red": 2}, "dict", "red"),
+        ({datetime.date(2024, 5, 1): 1, "2024-05-01": 2}, "dict", "2024-05-01"),
+        (Labels({1: "one", "1": "uno"}), "Labels", "1"),
+        ((1, {"deep": [{2: "b", "2": "c"}]}), "tuple", "2"),
+    ],
+)
+def test_json_refuses_a_dict_whose_keys_collide_as_json_strings(
+    value: Any, type_name: str, name: str
+) -> None:
+    with pytest.raises(StoreValueError) as info:
+        get_codec("json").encode("k", value)
+
+    message = str(info.value)
+    assert message.startswith(f"cannot store key 'k': a value of type {type_name} holds a dict")
+    assert f"JSON writes as the string {name!r}" in message
+    assert "codec='pickle'" in message
+    assert info.value.key == "k"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{1: "one", 2: "two"}, {1: "one", "2": "two"}, {Colour.RED: 1, 1.5: 2}, [{1, "a"}]],
+)
+def test_json_keeps_dicts_whose_keys_stay_distinct_as_json_strings(value: Any) -> None:
+    codec = get_codec("json")
+
+    assert codec.decode(codec.encode("k", value)) == msgspec.to_builtins(value, str_keys=True)
+
+
 def test_pickle_keeps_nan_infinities_sets_bytes_and_tuples_exactly() -> None:
     codec = get_codec("pickle")
     value = {"set": {1, 2}, "bytes": b"\x00\xff", "tuple": (1, "a"), "inf": float("-inf")}
@@ -256,3 +302,51 @@ def test_the_quick_check_for_nan_agrees_with_the_walk(value: Any) -> None:
         _check_finite("k", value)
     except StorageError:
         assert not _comes_back(value, data)
+
+
+def _keys_collide(value: Any) -> bool:
+    """Whether ``value`` (of :data:`json_like`) holds a dict two of whose keys are one
+    string once written as JSON."""
+    if isinstance(value, dict):
+        names = [str(key) for key in value]
+        if len(set(names)) < len(names):
+            return True
+        return any(_keys_collide(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_keys_collide(item) for item in value)
+    return False
+
+
+colliding_like = st.recursive(
+    st.none() | st.integers(-9, 9) | st.floats(allow_nan=False, allow_infinity=False),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.tuples(children, children)
+        | st.dictionaries(st.sampled_from(["0", "1", "-1", "a"]) | st.integers(-1, 1), children)
+    ),
+    max_leaves=12,
+)
+"""Values like :data:`json_like`, finite, whose dicts often hold an int key and its
+string."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(colliding_like)
+def test_json_refuses_exactly_the_values_whose_dict_keys_collide(value: Any) -> None:
+    """A value without colliding keys comes back as JSON holds it; one with them is
+    refused."""
+    codec = get_codec("json")
+    if _keys_collide(value):
+        with pytest.raises(StoreValueError, match="JSON writes as the string"):
+            codec.encode("k", value)
+    else:
+        assert msgspec.json.decode(codec.encode("k", value)) == _as_json(value)
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` (of :data:`json_like`) as JSON holds it: str keys, lists for tuples."""
+    if isinstance(value, dict):
+        return {str(key): _as_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_json(item) for item in value]
+    return value

@@ -6,7 +6,9 @@ encoded fails the call that stored it and nothing is stored. Two codecs exist:
 - ``"json"`` (the default): msgspec JSON. Values come back as plain JSON types (dict,
   list, str, int, float, bool, None); ``SharedStore.get(key, type=T)`` rebuilds a
   dataclass, set, tuple, bytes or other typed value. A float JSON cannot hold (NaN,
-  infinity) is refused rather than stored as ``null``.
+  infinity) is refused rather than stored as ``null``, and so is a dict whose keys
+  collide once written as JSON strings (``{1: "one", "1": "uno"}``: one entry would be
+  lost).
 - ``"pickle"``: cloudpickle, for arbitrary Python objects. Reading a pickle runs code
   chosen by whoever wrote it, so use it for trusted data only. It is never chosen
   implicitly: a store records its codec, and opening it with another one is a
@@ -32,6 +34,11 @@ import msgspec
 from cosmoflow_actors.errors import StorageError, StoreValueError, UnreadableValueError
 
 _encoder = msgspec.json.Encoder()
+_str_keys_only = msgspec.json.Encoder(order="deterministic")
+"""An encoder used as a check only: it refuses (TypeError) a value holding a dict with
+a key that is not a ``str``, in C, which is what makes the check cheap. Its output, whose
+dict keys it sorts, is not kept. A set it cannot sort (``{1, "a"}``) or a stack too
+shallow for it fails it as well: :func:`_check_distinct_keys` then gives the answer."""
 _string_decoder = msgspec.json.Decoder(str)
 
 
@@ -122,10 +129,13 @@ class JsonCodec(Codec):
     """msgspec JSON: dicts, lists, str, numbers, bool, None, dataclasses, Structs,
     datetimes, sets, tuples, bytes; see docs/storage.md for what comes back as what.
 
-    A value holding NaN or an infinity is refused: msgspec would write ``null``. So is
-    an int of more digits than ``sys.get_int_max_str_digits()`` (Python converts no
-    longer int to text); one stored while the limit allowed it, which the limit in
-    force no longer does, cannot be read (StorageError).
+    A value holding NaN or an infinity is refused: msgspec would write ``null``. So is a
+    value holding a dict two of whose keys JSON writes as one string (``1`` and ``"1"``,
+    an enum member and its value): the JSON object would hold the key twice and come
+    back with one entry. So is an int of more digits than
+    ``sys.get_int_max_str_digits()`` (Python converts no longer int to text); one stored
+    while the limit allowed it, which the limit in force no longer does, cannot be read
+    (StorageError).
     """
 
     name = "json"
@@ -139,6 +149,10 @@ class JsonCodec(Codec):
             ) from exc
         if b"null" in data and not _comes_back(value, data):
             _check_finite(key, value)
+        try:  # refuses a dict key that is not a str (see _str_keys_only), in C
+            _str_keys_only.encode(value)
+        except (TypeError, ValueError, RecursionError):
+            _check_distinct_keys(key, value, data)
         return data
 
     def decode(self, data: bytes) -> Any:
@@ -201,6 +215,44 @@ def _comes_back(value: Any, data: bytes) -> bool:
     leaves the answer to that walk.
     """
     return bool(_read_json(data) == msgspec.to_builtins(value, str_keys=True))
+
+
+def _check_distinct_keys(key: str, value: Any, data: bytes) -> None:
+    """Raise StoreValueError if ``data``, ``value`` encoded, holds an object with one
+    key twice: two keys of a dict that JSON writes as the same string."""
+    try:
+        json.loads(data, object_pairs_hook=_distinct_pairs)
+    except _DuplicateKey as exc:
+        raise StoreValueError(
+            key,
+            f"a value of type {type(value).__qualname__} holds a dict with two keys that "
+            f"JSON writes as the string {exc.name!r} (JSON keys are strings; one entry "
+            "would be lost); give the dict distinct str keys, or use codec='pickle'",
+        ) from exc
+    except RecursionError as exc:
+        raise StoreValueError(
+            key,
+            f"a value of type {type(value).__qualname__} nests too deep to check that "
+            "its dicts' keys stay distinct as JSON strings",
+        ) from exc
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object holds the key ``name`` twice."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _distinct_pairs(pairs: list[tuple[str, Any]]) -> None:
+    """The ``object_pairs_hook`` of :func:`_check_distinct_keys`: raise _DuplicateKey
+    when two of an object's ``pairs`` have one key. Returns None: nothing is kept."""
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise _DuplicateKey(name)
+        seen.add(name)
 
 
 def _check_finite(key: str, value: Any) -> None:
