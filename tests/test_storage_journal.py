@@ -134,7 +134,9 @@ def test_a_snapshot_without_a_journal_loads_but_the_journal_is_not_usable(
     assert (loaded.journal_bytes, loaded.journal_usable, loaded.journal_seen) == (0, False, None)
 
 
-@pytest.mark.parametrize("torn", ['[["set","x",', '[["set","x",9]]', "[[\n", "\x00\x00\x00\n"])
+@pytest.mark.parametrize(
+    "torn", ['[["set","x",', '[["set","x",9]]', "\x00\x00\x00\n", '\x00\x00\x00"x",9]]\n']
+)
 def test_a_torn_last_line_is_left_out_and_the_journal_is_not_usable(
     tmp_path: Path, torn: str
 ) -> None:
@@ -170,6 +172,27 @@ def test_a_bad_line_before_the_last_is_refused_naming_the_file_and_line(
 
     assert str(info.value).startswith(f"{name}, line {line}: not a journal commit")
     assert name.read_text() == HEADER % 1 + body
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    ["[[\n", "not json\n", '[["rename","b"]]\n', '{"set":"x"}\n', '[["set","x"]]\n', "\n"],
+)
+def test_a_damaged_last_line_ended_by_its_newline_is_refused_naming_it(
+    tmp_path: Path, damaged: str
+) -> None:
+    """A last line written whole, newline and all, is a commit that returned: when it
+    cannot be read, loading it as a torn append would lose it."""
+    content = HEADER % 1 + '[["set","b",2]]\n' + damaged
+    path = store(tmp_path, SNAPSHOT % 1, content)
+    name = journal.journal_path(path)
+
+    with pytest.raises(StorageError) as info:
+        journal.load(path, JSON)
+
+    assert str(info.value).startswith(f"{name}, line 3: not a journal commit")
+    assert isinstance(info.value.__cause__, msgspec.DecodeError)
+    assert name.read_text() == content
 
 
 def test_an_unreadable_line_before_a_cut_off_one_is_refused(tmp_path: Path) -> None:

@@ -19,8 +19,12 @@ the journal with a bare header for ``g + 1`` the same way. Loading replays a jou
 generation equals the snapshot's. A journal of an earlier generation was already folded
 into the snapshot by a compaction that stopped before replacing it, and is ignored: it
 can be several generations behind, because while it is there every commit compacts, and
-each of those compactions may stop at the same point. A last
-line that is cut short or unreadable is a commit a crash interrupted: it is ignored.
+each of those compactions may stop at the same point. A last line without its newline
+is a commit a crash interrupted (its append never returned): it is ignored. So is a
+last line holding a NUL byte, which no commit holds: it is what a file system leaves of
+an append that a crash cut short (the blocks it never wrote read as zeros). Any other
+line that is not a commit is damage, the last one too when it ends in its newline
+(written whole, so its commit returned): loading refuses the journal.
 
 Every function here except the encoders blocks on the file system: run them in a worker
 thread.
@@ -300,8 +304,9 @@ def _replay(journal: Path, body: bytes, codec: Codec, entries: dict[str, msgspec
     """Apply every complete commit line; return the bytes replayed (a torn tail is left).
 
     A torn tail is what a crash during the last append leaves: a last line without its
-    newline, or an unreadable last line with nothing after it. An unreadable line
-    anywhere else is damage, and raises StorageError naming the line.
+    newline, or a last line holding a NUL byte with nothing after it (see the module).
+    Any other line that is not a commit (not JSON, or JSON but no commit), the last one
+    ended by its newline too, is damage, and raises StorageError naming the line.
     """
     lines = body.split(b"\n")
     offset = 0
@@ -309,7 +314,7 @@ def _replay(journal: Path, body: bytes, codec: Codec, entries: dict[str, msgspec
         try:
             records = _commit_decoder.decode(line)
         except msgspec.DecodeError as exc:
-            if number == len(lines) and not lines[-1]:
+            if number == len(lines) and not lines[-1] and b"\0" in line:
                 return offset
             raise StorageError(f"{journal}, line {number}: not a journal commit: {exc}") from exc
         for record in records:
