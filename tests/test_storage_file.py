@@ -345,6 +345,7 @@ async def test_dataclasses_round_trip_through_msgspec_convert(tmp_path: Path) ->
         ({(1, 2): 3}, "dict"),
         (cyclic_list(), "list"),
         ("\ud800", "str"),
+        ({"d": {1: "one", "1": "uno"}}, "dict"),
     ],
 )
 async def test_unencodable_value_raises_and_stores_nothing(
@@ -434,6 +435,8 @@ async def test_a_pickle_value_that_is_not_base64_is_refused(tmp_path: Path) -> N
         (HEADER % 7, "do not belong together"),
         (HEADER % 1 + '[["set","a",1]]\nnot json\n[["set","b",2]]\n', "line 3"),
         (HEADER % 1 + '[["set","a",1]]\n[["rename","a"]]\n[["set","b",2]]\n', "line 3"),
+        (HEADER % 1 + '[["set","a",1]]\n[[\n', "line 3"),
+        (HEADER % 1 + '[["set","a",1]]\n[["rename","a"]]\n', "line 3"),
     ],
 )
 async def test_a_bad_journal_is_refused_and_untouched(
@@ -459,7 +462,9 @@ async def test_a_journal_without_its_snapshot_is_refused(tmp_path: Path) -> None
         await FileStorage(path).open()
 
 
-@pytest.mark.parametrize("torn", ['[["set","x",', '[["set","x",1]]', "\x00\x00\x00\n", "[[\n"])
+@pytest.mark.parametrize(
+    "torn", ['[["set","x",', '[["set","x",1]]', "\x00\x00\x00\n", '\x00\x00"x",1]]\n']
+)
 async def test_a_torn_last_line_is_ignored_and_the_next_commit_compacts(
     tmp_path: Path, torn: str
 ) -> None:
@@ -786,6 +791,52 @@ async def test_the_lock_file_names_the_holder_while_open_and_goes_at_close(
 
     await storage.aclose()
     assert os.listdir(tmp_path) == []
+
+
+async def test_a_second_opener_through_a_symbolic_link_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.json"
+    await saved(path, a=1)
+    (tmp_path / "link.json").symlink_to("a.json")
+    first = FileStorage(path)
+    await first.open()
+
+    with pytest.raises(StorageError, match=rf"in use: process {os.getpid()}") as info:
+        await FileStorage(tmp_path / "link.json").open()
+
+    assert str(info.value).startswith(f"{path} is in use")
+    assert f"holds its lock file {path}.lock" in str(info.value)
+    await first.aclose()
+
+
+async def test_a_store_opened_through_a_link_writes_the_real_file_and_keeps_the_link(
+    tmp_path: Path,
+) -> None:
+    real = tmp_path / "data" / "a.json"
+    real.parent.mkdir()
+    await saved(real, a=1)
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    storage = FileStorage(link)
+    assert (storage.path, repr(storage)) == (real, f"FileStorage({str(real)!r})")
+
+    await storage.set("b", 2)
+    await storage.commit()  # appends to the real file's journal
+    assert journal(real) == HEADER % 1 + '[["set","b",2]]\n'
+    await storage.aclose()  # compacts: replaces the snapshot
+
+    assert link.is_symlink() and link.resolve() == real
+    assert snapshot(real)["data"] == {"a": 1, "b": 2}
+    assert sorted(os.listdir(tmp_path)) == ["data", "link.json"]
+
+
+async def test_a_link_to_a_missing_file_creates_that_file(tmp_path: Path) -> None:
+    link = tmp_path / "link.json"
+    link.symlink_to("new.json")
+
+    await saved(link, a=1)
+
+    assert link.is_symlink()
+    assert snapshot(tmp_path / "new.json")["data"] == {"a": 1}
 
 
 async def test_open_after_aclose_locks_and_loads_afresh(tmp_path: Path) -> None:
@@ -1287,6 +1338,21 @@ async def test_peek_reads_the_journal_without_changing_a_file(tmp_path: Path) ->
     entries = file_backend.peek(path)
     assert {key: entry.unwrap() for key, entry in entries.items()} == {"a": 1, "b": [1, 2]}
     assert files_of(tmp_path) == before
+
+
+async def test_peek_through_a_symbolic_link_reads_the_real_files_journal(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.json"
+    storage = await stored(path, a=1)
+    await storage.set("b", 2)
+    await storage.commit()  # in the journal only
+    (tmp_path / "link.json").symlink_to("a.json")
+
+    entries = file_backend.peek(tmp_path / "link.json")
+
+    assert {key: entry.unwrap() for key, entry in entries.items()} == {"a": 1, "b": 2}
+    await storage.aclose()
 
 
 async def test_a_refused_durable_step_leaves_the_keys_in_their_order(tmp_path: Path) -> None:

@@ -80,10 +80,19 @@ class FileStorage(Storage):
     long for the holder to close. An instance that is garbage collected while open
     unlocks then.
 
-    The constructor does no I/O. :meth:`open`, :meth:`commit` and :meth:`aclose` block in
-    a worker thread, whose work cancellation does not interrupt: a cancelled call waits
-    for the file I/O under way in the thread to end. Every other method is memory work
-    and awaits nothing once the file is loaded.
+    ``PATH`` is resolved once, by the constructor: a symbolic link in it (the file
+    itself, or a folder on the way) is followed to the real file, and the lock, the
+    journal, the snapshot and every message and the repr are that file's. So opening a
+    store through a link and through its target are one file's opens (the second is
+    refused as above), and a compaction replaces the real file, leaving the link a link.
+    A link made or changed after the constructor does not move the instance.
+
+    The constructor reads no file; it reads the symbolic links on the way to ``PATH``
+    (and the current directory, when ``PATH`` is relative). :meth:`open`,
+    :meth:`commit` and :meth:`aclose` block in a worker thread, whose work cancellation
+    does not interrupt: a cancelled call waits for the file I/O under way in the thread
+    to end. Every other method is memory work and awaits nothing once the file is
+    loaded.
     """
 
     persistent = True
@@ -92,7 +101,7 @@ class FileStorage(Storage):
         self, path: str | os.PathLike[str], *, codec: str = "json", wait: float = 0.0
     ) -> None:
         require_seconds("wait", wait, zero=True)
-        self._path = checked_path("path", path)
+        self._path = _real_path(checked_path("path", path))
         self._journal = journal.journal_path(self._path)
         self._lock_path = lock.lock_path(self._path)
         self._codec = get_codec(codec)
@@ -108,7 +117,7 @@ class FileStorage(Storage):
 
     @property
     def path(self) -> Path:
-        """The snapshot's absolute path."""
+        """The snapshot's absolute path, symbolic links resolved: the real file."""
         return self._path
 
     @property
@@ -543,14 +552,23 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
     and reads again when that process's compaction replaced the files between its two
     reads. Raises :class:`~cosmoflow_actors.StorageError` naming the file when a file
     cannot be read, is not in this backend's format or was written with another codec.
+    Symbolic links in ``path`` are followed, as :class:`FileStorage` follows them, so it
+    reads the journal of the file a link points to.
     """
     reader = get_codec(codec)
-    absolute = Path(path).absolute()
+    absolute = _real_path(Path(path).absolute())
     loaded = _read_between_compactions(absolute, reader)
     return {
         key: outcome.capture(reader.read_json, str(absolute), key, raw)
         for key, raw in loaded.entries.items()
     }
+
+
+def _real_path(path: Path) -> Path:
+    """``path``, absolute, with its symbolic links resolved, as far as they exist: the
+    file a store at ``path`` is (blocks briefly, reading links). A link to a missing
+    file names the file it would create."""
+    return Path(os.path.realpath(path))
 
 
 def _read_between_compactions(path: Path, codec: Codec) -> journal.Loaded:
