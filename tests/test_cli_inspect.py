@@ -584,6 +584,23 @@ def test_inspect_on_redis_names_the_store_of_a_damaged_record_of_another_run(
     assert repr(damaged) in err
 
 
+def test_inspect_on_redis_of_a_field_that_is_not_utf8_is_bad_input_naming_it(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another client wrote a field that is no key of the store: status 2 (a bad store,
+    as an SQLite store's key that is not text gives), not 1 (a run failed)."""
+    namespace = unique_namespace()
+    storage = redis_server.storage(namespace)
+    cf.Flow.builder("one").add_node("one", cf.Node()).build().run_sync(storage, run_id="r")
+    with redis_server.client() as client:
+        client.hset(f"cosmoflow:{namespace}:data", b"\xff\xfe", b"1")
+
+    assert main(["inspect", f"{redis_server.url}#{namespace}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cosmoflow: error: cannot list the keys of the store: {storage!r}: ")
+    assert f"cosmoflow:{namespace}:data holds the field b'\\xff\\xfe'" in err
+
+
 def test_inspect_run_of_a_run_that_took_no_step_escapes_its_id(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

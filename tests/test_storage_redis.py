@@ -343,7 +343,8 @@ OLD_META = {"format": "cosmoflow-store", "version": "1", "codec": "json"}
     [
         (lambda c, n: c.set(f"cosmoflow:{n}:data", "x"), "string without cosmoflow metadata"),
         (lambda c, n: c.hset(f"cosmoflow:{n}:data", "k", "v"), "without cosmoflow metadata"),
-        (lambda c, n: c.set(f"cosmoflow:{n}:meta", "x"), "WRONGTYPE"),
+        (lambda c, n: c.set(f"cosmoflow:{n}:meta", "x"), r":meta holds a string, not a hash$"),
+        (lambda c, n: c.rpush(f"cosmoflow:{n}:meta", "x"), r":meta holds a list, not a hash$"),
         (lambda c, n: c.hset(f"cosmoflow:{n}:meta", "format", "other"), "format 'other'"),
         (
             lambda c, n: c.hset(f"cosmoflow:{n}:meta", mapping=OLD_META),
@@ -369,6 +370,21 @@ async def test_data_written_by_someone_else_is_refused_and_left_alone(
 
         after = [client.dump(f"cosmoflow:{namespace}:{part}") for part in NAMESPACE_KEYS]
         assert after == before
+
+
+async def test_a_metadata_key_that_is_no_hash_is_refused_naming_it(
+    redis_server: RedisServer,
+) -> None:
+    namespace = unique_namespace()
+    storage = redis_server.storage(namespace)
+    with redis_server.client() as client:
+        client.set(f"cosmoflow:{namespace}:meta", "x")
+
+        with pytest.raises(cf.StorageError) as info:
+            await storage.open()
+
+        assert client.get(f"cosmoflow:{namespace}:meta") == b"x"
+    assert str(info.value) == f"{storage!r}: cosmoflow:{namespace}:meta holds a string, not a hash"
 
 
 async def test_an_unreachable_server_is_a_storage_error_at_open() -> None:

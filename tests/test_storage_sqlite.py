@@ -372,6 +372,23 @@ async def test_a_missing_directory_is_a_storage_error_at_open(tmp_path: Path) ->
         await SQLiteStorage(tmp_path / "missing" / "store.db").open()
 
 
+async def test_a_path_that_is_a_directory_is_a_storage_error_saying_so(tmp_path: Path) -> None:
+    directory = tmp_path / "store.db"
+    directory.mkdir()
+    said = f"{directory}: [Errno 21] Is a directory: '{directory}'"
+
+    with pytest.raises(cf.StorageError) as info:
+        await SQLiteStorage(directory).open()
+    assert str(info.value) == said
+    assert isinstance(info.value.__cause__, IsADirectoryError)
+    with pytest.raises(cf.StorageError) as info:
+        peek(directory)
+    assert str(info.value) == said
+    assert isinstance(info.value.__cause__, IsADirectoryError)
+    assert os.listdir(directory) == []
+    assert os.listdir(tmp_path) == ["store.db"]
+
+
 OPEN_READ_ONLY = """
 import sys
 
@@ -497,9 +514,12 @@ async def test_a_database_that_cannot_be_opened_for_want_of_descriptors_says_so(
 async def test_a_database_that_cannot_be_opened_otherwise_is_not_blamed_on_descriptors(
     tmp_path: Path,
 ) -> None:
+    """A link into a missing folder: SQLite cannot open the file it points to."""
+    link = tmp_path / "store.db"
+    link.symlink_to(tmp_path / "missing" / "store.db")
     with pytest.raises(cf.StorageError) as info:
-        await SQLiteStorage(tmp_path).open()
-    assert str(info.value) == f"{tmp_path}: unable to open database file (SQLITE_CANTOPEN)"
+        await SQLiteStorage(link).open()
+    assert str(info.value) == f"{link}: unable to open database file (SQLITE_CANTOPEN)"
 
 
 WRITE_THROUGH = """

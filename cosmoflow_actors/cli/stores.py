@@ -380,8 +380,15 @@ def unknown_run(name: str, run_id: str) -> CliError:
 
 
 async def read_contents(store: SharedStore) -> dict[str, Any]:
-    """Every key and value of ``store``; a value that cannot be read is Unreadable."""
-    keys = await store.keys()
+    """Every key and value of ``store``; a value that cannot be read is Unreadable.
+
+    Blocks while they are read. CliError when the keys cannot be listed (a key another
+    client wrote that is no key of the store, say): the store is bad input.
+    """
+    try:
+        keys = await store.keys()
+    except StorageError as exc:
+        raise CliError(f"cannot list the keys of the store: {exc}") from exc
     try:
         return await store.get_many(keys)
     except Exception:  # a value cannot be read: read them one by one to find which

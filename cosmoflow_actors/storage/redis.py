@@ -843,7 +843,7 @@ class RedisStorage(DatabaseStorage):
 
     def _claim_once(self, pipe: Pipeline) -> None:
         send_command(pipe, "WATCH", self._meta, self._data, self._index)
-        meta = _decoded(send_command(pipe, "HGETALL", self._meta))
+        meta = self._read_meta(pipe)
         kind = send_command(pipe, "TYPE", self._data).decode()
         index_kind = send_command(pipe, "TYPE", self._index).decode()
         if index_kind not in ("zset", "none"):
@@ -863,6 +863,18 @@ class RedisStorage(DatabaseStorage):
         send_command(pipe, "HSET", self._meta, *(item for pair in fields.items() for item in pair))
         send_command(pipe, "DEL", self._index)  # an index left without its data
         pipe.execute()
+
+    def _read_meta(self, pipe: Pipeline) -> dict[str, str]:
+        """The namespace's metadata hash, decoded; empty when there is none (blocks).
+
+        StorageError naming the key when it holds another type than a hash.
+        """
+        meta_kind = send_command(pipe, "TYPE", self._meta).decode()
+        if meta_kind not in ("hash", "none"):
+            raise StorageError(
+                f"{self!r}: {self._meta} holds {with_article(meta_kind)}, not a hash"
+            )
+        return _decoded(send_command(pipe, "HGETALL", self._meta))
 
     def _check_meta(self, meta: dict[str, str], kind: str) -> None:
         check_database_meta(f"{self!r}: {self._meta}", meta, self._codec)

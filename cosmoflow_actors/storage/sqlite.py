@@ -204,11 +204,12 @@ class SQLiteStorage(DatabaseStorage):
         """Open the database, creating it if needed; later calls return at once.
 
         Blocks in a worker thread. Raises :class:`~cosmoflow_actors.StorageError` when the
-        file cannot be opened, is not an SQLite database, holds tables this backend did
-        not create or was written with another codec; such a file is not changed. Raises
-        it too, opening nothing, in a process forked while its parent (or an ancestor)
-        had a connection to that file open: SQLite's state of the file was copied at the
-        fork, and a connection opened with that copy could lose commits, fail or hang.
+        file cannot be opened (a directory is named as one), is not an SQLite database,
+        holds tables this backend did not create or was written with another codec;
+        such a file is not changed. Raises it too, opening nothing, in a process forked
+        while its parent (or an ancestor) had a connection to that file open: SQLite's
+        state of the file was copied at the fork, and a connection opened with that copy
+        could lose commits, fail or hang.
         """
         await self._connected()
 
@@ -621,6 +622,7 @@ def _connect(path: Path, codec: Codec, timeout: float) -> tuple[sqlite3.Connecti
     :func:`_failure`), described before the connection closes."""
     deadline = time.monotonic() + timeout
     _refuse_if_open_at_fork(path)
+    _refuse_directory(path)
     _create_private(path)
     connection = sqlite3.connect(
         path,
@@ -673,6 +675,13 @@ class _DatabaseFile:
                 "commit would go to a file that no later open finds, so nothing was "
                 "committed (close the store; the next use opens the file at that path)"
             )
+
+
+def _refuse_directory(path: Path) -> None:
+    """Raise IsADirectoryError naming ``path`` when it is a directory (or a link to
+    one), which SQLite reports only as a file it cannot open or read (blocks, briefly)."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
 
 
 def _create_private(path: Path) -> None:
@@ -890,11 +899,16 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
     removes, and the ``-shm`` index gets this reader's marks. A database without tables
     (an empty file) holds no key.
     Raises :class:`~cosmoflow_actors.StorageError` naming the file when it cannot be
-    read, is not an SQLite database, holds tables this backend did not create, holds a
-    key that is not text or was written with another codec.
+    read (a directory among others), is not an SQLite database, holds tables this
+    backend did not create, holds a key that is not text or was written with another
+    codec.
     """
     absolute = Path(path).absolute()
     reader = get_codec(codec)
+    try:
+        _refuse_directory(absolute)
+    except OSError as exc:
+        raise StorageError(f"{absolute}: {exc}") from exc
     try:
         connection = sqlite3.connect(_read_only_uri(absolute), uri=True)
         try:
