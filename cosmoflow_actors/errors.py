@@ -184,8 +184,11 @@ class DamagedRecordError(StorageError):
     Nothing is run or written. It is the data's fault, never the storage's: retrying
     cannot help (a queue's worker fails the run at once)."""
 
-    def __init__(self, message: str, key: str) -> None:
+    def __init__(self, message: str, key: str, reason: str | None = None) -> None:
         self.key = key
+        self.reason = message if reason is None else reason
+        """Why the value cannot be read, without the store and the key the message
+        names (the message itself when it was not given)."""
         super().__init__(message)
 
 
@@ -194,8 +197,11 @@ class UnreadableValueError(StorageError):
     wrote it, or it was damaged. It is the data's fault, never the storage's: retrying
     cannot help (a queue's worker fails the run that meets it at once)."""
 
-    def __init__(self, message: str, key: str) -> None:
+    def __init__(self, message: str, key: str, reason: str | None = None) -> None:
         self.key = key
+        self.reason = message if reason is None else reason
+        """Why the value cannot be read, without the store and the key the message
+        names (the message itself when it was not given)."""
         super().__init__(message)
 
 

@@ -78,21 +78,18 @@ def test_a_value_that_cannot_be_read_is_named(
     store = f"sqlite:{path}"
     assert main(["run", str(EXAMPLES / "hello_world.py"), "--store", store, "--json"]) == 0
     captured = capsys.readouterr()
-    problem = f"SQLiteStorage('{path}'): cannot read key 'b': its stored value is a str, not bytes"
+    problem = "its stored value is a str, not bytes"
     assert json.loads(captured.out)["store"] == {
         "a": 1,
-        "b": f"<unreadable: UnreadableValueError: {problem}>",
+        "b": f"<unreadable: {problem}>",
         "greeting": "Hello, world!",
     }
-    message = f"{store}: the value of 'b' cannot be read: UnreadableValueError: {problem}"
+    message = f"{store}: the value of 'b' cannot be read: {problem}"
     assert captured.err.startswith(f"cosmoflow: warning: {message}")
     assert main(["inspect", store]) == 2
     captured = capsys.readouterr()
-    assert table_row(captured.out, "b")[1] == "unreadable"
-    assert captured.err == (
-        f"cosmoflow: error: {store}: the value of 'b' cannot be read: UnreadableValueError: "
-        f"{path}: cannot read key 'b': its stored value is a str, not bytes\n"
-    )
+    assert table_row(captured.out, "b")[1:] == ["unreadable", f"<unreadable: {problem}>"]
+    assert captured.err == f"cosmoflow: error: {message}\n"
     assert captured.err.count("\n") == 1
 
 

@@ -90,10 +90,10 @@ def test_messages_name_what_is_at_fault() -> None:
     assert isinstance(EXAMPLES[cf.StoreValueError], cf.StorageError | ValueError)
     damaged = EXAMPLES[cf.DamagedRecordError]
     assert isinstance(damaged, cf.StorageError)  # what callers catch
-    assert vars(damaged) == {"key": "__cosmoflow__/runs/r"}
+    assert vars(damaged) == {"key": "__cosmoflow__/runs/r", "reason": str(damaged)}
     unreadable = EXAMPLES[cf.UnreadableValueError]
     assert isinstance(unreadable, cf.StorageError)
-    assert vars(unreadable) == {"key": "k"}
+    assert vars(unreadable) == {"key": "k", "reason": str(unreadable)}
 
 
 class Unprintable(Exception):

@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.output import StdoutFailed
-from cosmoflow_actors.errors import StorageError, type_and_message, with_article
+from cosmoflow_actors.errors import (
+    StorageError,
+    UnreadableValueError,
+    type_and_message,
+    with_article,
+)
 from cosmoflow_actors.runtime.engine import Engine
 from cosmoflow_actors.runtime.queue import RunStores, per_run_redis
 from cosmoflow_actors.runtime.run_record import RunRecord
@@ -409,7 +414,15 @@ class Unreadable:
     error: BaseException
 
     def __repr__(self) -> str:
-        return f"<unreadable: {type_and_message(self.error)}>"
+        return f"<unreadable: {self.why}>"
+
+    @property
+    def why(self) -> str:
+        """Why the value could not be read: the reason an UnreadableValueError gives
+        (the row names the store and the key already), else the error."""
+        if isinstance(self.error, UnreadableValueError):
+            return self.error.reason
+        return type_and_message(self.error)
 
 
 def first_unreadable(store: str, contents: dict[str, Any]) -> str | None:
@@ -420,4 +433,4 @@ def first_unreadable(store: str, contents: dict[str, Any]) -> str | None:
         return None
     key, value = bad[0]
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-    return f"{store}: the value of {key!r} cannot be read{more}: {type_and_message(value.error)}"
+    return f"{store}: the value of {key!r} cannot be read{more}: {value.why}"

@@ -121,7 +121,7 @@ class Codec(ABC):
 def _unreadable(where: str, key: str, error: StorageError) -> UnreadableValueError:
     """A new UnreadableValueError: ``where`` cannot read ``key``, for the reason
     ``error`` gives."""
-    return UnreadableValueError(f"{where}: cannot read key {key!r}: {error}", key)
+    return UnreadableValueError(f"{where}: cannot read key {key!r}: {error}", key, str(error))
 
 
 @final

@@ -571,11 +571,8 @@ def _as_bytes(where: str, key: str, value: object) -> bytes:
     """``value``, the value column of ``key``'s row; UnreadableValueError naming
     ``where`` (the store) and ``key`` unless it is bytes (another client wrote it)."""
     if not isinstance(value, bytes):
-        raise UnreadableValueError(
-            f"{where}: cannot read key {key!r}: its stored value is "
-            f"{with_article(type(value).__name__)}, not bytes",
-            key,
-        )
+        reason = f"its stored value is {with_article(type(value).__name__)}, not bytes"
+        raise UnreadableValueError(f"{where}: cannot read key {key!r}: {reason}", key, reason)
     return value
 
 
