@@ -372,21 +372,29 @@ async def test_a_missing_directory_is_a_storage_error_at_open(tmp_path: Path) ->
         await SQLiteStorage(tmp_path / "missing" / "store.db").open()
 
 
-async def test_a_path_that_is_a_directory_is_a_storage_error_saying_so(tmp_path: Path) -> None:
-    directory = tmp_path / "store.db"
-    directory.mkdir()
-    said = f"{directory}: [Errno 21] Is a directory: '{directory}'"
+@pytest.mark.parametrize("kind", ["directory", "link loop"])
+async def test_a_path_that_cannot_be_a_database_file_is_a_storage_error_saying_why(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "store.db"
+    if kind == "directory":
+        path.mkdir()
+        said = f"{path}: [Errno 21] Is a directory: '{path}'"
+    else:
+        path.symlink_to(tmp_path / "other.db")
+        (tmp_path / "other.db").symlink_to(path)
+        said = f"{path}: [Errno 40] Too many levels of symbolic links: '{path}'"
+    before = sorted(os.listdir(tmp_path))
 
     with pytest.raises(cf.StorageError) as info:
-        await SQLiteStorage(directory).open()
+        await SQLiteStorage(path).open()
     assert str(info.value) == said
-    assert isinstance(info.value.__cause__, IsADirectoryError)
+    assert isinstance(info.value.__cause__, OSError)
     with pytest.raises(cf.StorageError) as info:
-        peek(directory)
+        peek(path)
     assert str(info.value) == said
-    assert isinstance(info.value.__cause__, IsADirectoryError)
-    assert os.listdir(directory) == []
-    assert os.listdir(tmp_path) == ["store.db"]
+    assert isinstance(info.value.__cause__, OSError)
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 OPEN_READ_ONLY = """

@@ -6,6 +6,7 @@ import errno
 import functools
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -204,7 +205,8 @@ class SQLiteStorage(DatabaseStorage):
         """Open the database, creating it if needed; later calls return at once.
 
         Blocks in a worker thread. Raises :class:`~cosmoflow_actors.StorageError` when the
-        file cannot be opened (a directory is named as one), is not an SQLite database,
+        file cannot be opened (a directory, or a loop of symbolic links, is named as
+        one), is not an SQLite database,
         holds tables this backend did not create or was written with another codec;
         such a file is not changed. Raises it too, opening nothing, in a process forked
         while its parent (or an ancestor) had a connection to that file open: SQLite's
@@ -618,8 +620,8 @@ def _connect(path: Path, codec: Codec, timeout: float) -> tuple[sqlite3.Connecti
     the file it opened. An sqlite3 error checking it is raised as StorageError (see
     :func:`_failure`), described before the connection closes."""
     deadline = time.monotonic() + timeout
+    _refuse_unusable(path)
     _refuse_if_open_at_fork(path)
-    _refuse_directory(path)
     _create_private(path)
     connection = sqlite3.connect(
         path,
@@ -674,10 +676,15 @@ class _DatabaseFile:
             )
 
 
-def _refuse_directory(path: Path) -> None:
-    """Raise IsADirectoryError naming ``path`` when it is a directory (or a link to
-    one), which SQLite reports only as a file it cannot open or read (blocks, briefly)."""
-    if path.is_dir():
+def _refuse_unusable(path: Path) -> None:
+    """Raise the OSError naming ``path`` when it cannot be a database file, which SQLite
+    reports only as a file it cannot open or read: a directory (or a link to one), a
+    loop of symbolic links (blocks, briefly). A missing file is usable: it is created."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
 
 
@@ -903,7 +910,7 @@ def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outc
     absolute = Path(path).absolute()
     reader = get_codec(codec)
     try:
-        _refuse_directory(absolute)
+        _refuse_unusable(absolute)
     except OSError as exc:
         raise StorageError(f"{absolute}: {exc}") from exc
     try:
