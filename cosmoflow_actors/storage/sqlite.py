@@ -206,12 +206,11 @@ class SQLiteStorage(DatabaseStorage):
 
         Blocks in a worker thread. Raises :class:`~cosmoflow_actors.StorageError` when the
         file cannot be opened (a directory, or a loop of symbolic links, is named as
-        one), is not an SQLite database,
-        holds tables this backend did not create or was written with another codec;
-        such a file is not changed. Raises it too, opening nothing, in a process forked
-        while its parent (or an ancestor) had a connection to that file open: SQLite's
-        state of the file was copied at the fork, and a connection opened with that copy
-        could lose commits, fail or hang.
+        one), is not an SQLite database, holds tables this backend did not create or was
+        written with another codec; such a file is not changed. Raises it too, opening
+        nothing, in a process forked while its parent (or an ancestor) had a connection
+        to that file open: SQLite's state of the file was copied at the fork, and a
+        connection opened with that copy could lose commits, fail or hang.
         """
         await self._connected()
 
