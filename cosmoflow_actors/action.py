@@ -324,7 +324,9 @@ class _KeyEquals(ActionCondition):
             return False
         try:
             return values_equal(values[self.key], self.value)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # sys.exit() in a value's __eq__ too
             raise evaluation_error(repr(self), "'=='", self.keys, exc) from exc
 
     @property
@@ -362,7 +364,9 @@ class _Compare(ActionCondition):
         value = values.get(self.key)
         try:
             return is_number(value) and compare_values(self.op, value, self.number)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # sys.exit() in a value's comparison too
             raise evaluation_error(repr(self), repr(self.op), self.keys, exc) from exc
 
     @property

@@ -139,7 +139,7 @@ def compare_values(op: str, left: object, right: object) -> bool:
 
 
 def evaluation_error(
-    condition: str, operation: str, keys: Collection[str], cause: Exception
+    condition: str, operation: str, keys: Collection[str], cause: BaseException
 ) -> ConditionError:
     """Return the ConditionError for ``operation`` on the store ``keys`` raising ``cause``
     while ``condition`` was evaluated; raise it ``from cause``."""
@@ -155,7 +155,7 @@ class _EvaluationFault(Exception):
     """A store value's comparison or truthiness raised ``cause`` while a node was computed;
     :meth:`Expression.evaluate` turns it into a ConditionError naming the expression."""
 
-    def __init__(self, operation: str, keys: frozenset[str], cause: Exception) -> None:
+    def __init__(self, operation: str, keys: frozenset[str], cause: BaseException) -> None:
         super().__init__(operation)
         self.operation = operation
         self.keys = keys
@@ -171,7 +171,9 @@ def _truthy(node: _Node, values: Mapping[str, Any]) -> bool:
     value = node.compute(values)
     try:
         return bool(value)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # sys.exit() in a value's __bool__ too
         raise _EvaluationFault("truthiness", node.keys(), exc) from exc
 
 
@@ -243,7 +245,9 @@ class _Compare(_Node):
         right = self.right.compute(values)
         try:
             return compare_values(self.op, left, right)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # sys.exit() in a value's __eq__ too
             raise _EvaluationFault(f"{self.op!r}", self.keys(), exc) from exc
 
     def keys(self) -> frozenset[str]:

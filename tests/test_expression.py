@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -180,6 +181,40 @@ def test_a_value_whose_comparison_raises_fails_evaluation_with_condition_error(
     assert all(repr(key) in message for key in keys)
     assert "RuntimeError: refused" in message
     assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+class _Exiting(int):
+    """A number whose comparisons and truthiness call sys.exit()."""
+
+    def __bool__(self) -> bool:
+        sys.exit(2)
+
+    def __lt__(self, other: object) -> bool:
+        sys.exit(3)
+
+    def __eq__(self, other: object) -> bool:
+        sys.exit(4)
+
+    __hash__ = int.__hash__
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        ActionCondition.expression("${x}"),
+        ActionCondition.expression("${x} < 3"),
+        ActionCondition.key_equals("x", 1),
+        ActionCondition.compare("x", "<", 3),
+    ],
+    ids=["truthiness", "expression <", "key_equals", "compare <"],
+)
+def test_a_value_whose_comparison_calls_sys_exit_fails_evaluation_with_condition_error(
+    condition: ActionCondition,
+) -> None:
+    with pytest.raises(ConditionError) as caught:
+        condition.evaluate({"x": _Exiting(1)})
+    assert "SystemExit" in str(caught.value)
+    assert isinstance(caught.value.__cause__, SystemExit)
 
 
 @pytest.mark.parametrize(
