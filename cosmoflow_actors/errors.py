@@ -46,7 +46,8 @@ class ConditionError(CosmoFlowError, ValueError):
 class NoRouteError(CosmoFlowError):
     """A node returned an action that none of its routes accepts; or, when
     ``returned_by`` is set, the nested flow ``node_id`` ended with an action (which its
-    node ``returned_by`` returned) that none of the routes from ``node_id`` accepts."""
+    node ``returned_by`` returned) that none of the routes from ``node_id`` accepts.
+    ``flow_name`` is the name of the flow whose routes those are, when known."""
 
     def __init__(
         self,
@@ -54,16 +55,19 @@ class NoRouteError(CosmoFlowError):
         action: str,
         available: Sequence[str],
         returned_by: str | None = None,
+        flow_name: str | None = None,
     ) -> None:
         self.node_id = node_id
         self.action = action
         self.available = tuple(available)
         self.returned_by = returned_by
-        subject = f"node {node_id!r} returned action {action!r}"
+        self.flow_name = flow_name
+        of_flow = "" if flow_name is None else f" of flow {flow_name!r}"
+        subject = f"node {node_id!r}{of_flow} returned action {action!r}"
         if returned_by is not None:
             subject = (
-                f"nested flow {node_id!r} ended with action {action!r} (returned by node "
-                f"{returned_by!r} inside it)"
+                f"nested flow {node_id!r}{of_flow} ended with action {action!r} (returned "
+                f"by node {returned_by!r} inside it)"
             )
         message = (
             f"{subject}, which no route accepts; available actions: "

@@ -609,7 +609,7 @@ async def test_a_user_condition_that_raises_fails_its_run_alone(conditional: boo
         where = (
             "conditional action of node 'decide'"
             if conditional
-            else "route 'decide' on action 'next'"
+            else "route 'decide' on action 'next' of flow 'decide'"
         )
         assert str(caught.value) == (
             f"{where}: condition _AboveLimit could not be evaluated: its evaluate raised KeyError: "
@@ -783,8 +783,8 @@ async def _rogue(ctx: cf.ExecutionContext) -> Action | str:
 @pytest.mark.parametrize(
     ("where", "fault", "message"),
     [
-        ("route", "evaluate", "route 'decide' on action 'go': condition _Rogue could not be"),
-        ("all_of", "evaluate", "route 'decide' on action 'go': condition _Rogue could not be"),
+        ("route", "evaluate", "route 'decide' on action 'go' of flow 'rogue': condition _Rogue"),
+        ("all_of", "evaluate", "route 'decide' on action 'go' of flow 'rogue': condition _Rogue"),
         ("conditional", "evaluate", "conditional action of node 'decide': condition _Rogue"),
         ("conditional", "keys", "conditional action of node 'decide': the keys of condition"),
     ],

@@ -227,10 +227,10 @@ async def test_an_unrouted_final_action_of_a_nested_flow_is_no_route() -> None:
     with pytest.raises(cf.NoRouteError) as info:
         await flow.run({})
     assert (info.value.node_id, info.value.action) == ("sub", "surprise")
-    assert info.value.returned_by == "i2"
+    assert (info.value.returned_by, info.value.flow_name) == ("i2", "outer")
     assert str(info.value) == (
-        "nested flow 'sub' ended with action 'surprise' (returned by node 'i2' inside it), "
-        "which no route accepts; available actions: 'expected'"
+        "nested flow 'sub' of flow 'outer' ended with action 'surprise' (returned by node "
+        "'i2' inside it), which no route accepts; available actions: 'expected'"
     )
 
 
@@ -247,9 +247,30 @@ async def test_a_no_route_error_names_the_node_deep_inside_nested_flows() -> Non
         await flow.run({})
     assert (info.value.node_id, info.value.returned_by) == ("sub", "i2")
     assert str(info.value).startswith(
-        "nested flow 'sub' ended with action 'surprise' (returned by node 'i2' inside it), "
-        "and the condition of every route on it failed"
+        "nested flow 'sub' of flow 'outer' ended with action 'surprise' (returned by node "
+        "'i2' inside it), and the condition of every route on it failed"
     )
+
+
+async def test_a_no_route_error_names_the_flow_of_a_node_id_used_twice() -> None:
+    inner = (
+        cf.Flow.builder("inner")
+        .add_node("check", Recorder("unrouted"))
+        .add_node("y", Recorder())
+        .add_route("check", "y", action="ok")
+        .build()
+    )
+    flow = (
+        cf.Flow.builder("outer")
+        .add_node("check", Recorder("go"))
+        .add_node("sub", inner)
+        .add_route("check", "sub", action="go")
+        .build()
+    )
+    with pytest.raises(cf.NoRouteError) as info:
+        await flow.run({})
+    assert (info.value.node_id, info.value.flow_name) == ("check", "inner")
+    assert str(info.value).startswith("node 'check' of flow 'inner' returned action 'unrouted'")
 
 
 async def test_complete_inside_a_nested_flow_ends_the_whole_run() -> None:

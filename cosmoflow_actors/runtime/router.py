@@ -435,21 +435,22 @@ def _target(frame: Frame, node_id: str, action: Action, values: Mapping[str, Any
     routes = _routes(frame, action)
     if routes is None:
         return END
-    for route in routes:
-        if route.when is None or _holds(route, route.when, values):
-            return route.target
     flow = frame.flow
+    for route in routes:
+        if route.when is None or _holds(flow, route, route.when, values):
+            return route.target
     nested = isinstance(flow.nodes[frame.node_id], Flow)
     available = flow.actions_from(frame.node_id)
-    raise NoRouteError(frame.node_id, action.name, available, node_id if nested else None)
+    returned_by = node_id if nested else None
+    raise NoRouteError(frame.node_id, action.name, available, returned_by, flow.name)
 
 
-def _holds(route: Route, condition: ActionCondition, values: Mapping[str, Any]) -> bool:
-    """Whether ``route``'s ``condition`` holds for the store ``values``; a
+def _holds(flow: Flow, route: Route, condition: ActionCondition, values: Mapping[str, Any]) -> bool:
+    """Whether ``route`` of ``flow``'s ``condition`` holds for the store ``values``; a
     ConditionError (whatever the condition raised, see :func:`holds`) is raised again
-    naming the route, from the same cause."""
+    naming the route and its flow, from the same cause."""
     try:
         return holds(condition, values)
     except ConditionError as exc:
-        message = f"route {route.source!r} on action {route.action!r}: {exc}"
-        raise ConditionError(message) from exc.__cause__
+        where = f"route {route.source!r} on action {route.action!r} of flow {flow.name!r}"
+        raise ConditionError(f"{where}: {exc}") from exc.__cause__
