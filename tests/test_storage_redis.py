@@ -606,6 +606,29 @@ async def test_calls_beyond_the_pool_size_wait_for_a_connection(redis_server: Re
     assert [await storage.get("n") for storage in storages] == [1] * 30
 
 
+def connected_clients(server: RedisServer) -> int:
+    """How many clients the server has connected now, this call's own included."""
+    with server.client() as client:
+        return int(client.info("clients")["connected_clients"])
+
+
+async def test_clients_of_many_timeouts_keep_at_most_max_clients_connected(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store for each of ten timeouts (a timeout computed per run), one after the
+    other: past MAX_CLIENTS (3 here), the client used longest ago closes its idle
+    connection, so the process holds three more connections at most, not ten."""
+    monkeypatch.setattr(redis_backend, "MAX_CLIENTS", 3)
+    before = connected_clients(redis_server)
+    for index in range(10):
+        storage = redis_server.storage(timeout=70 + index / 8)  # pools no other test uses
+        await storage.set("n", index)
+        await storage.commit()
+        await storage.aclose()
+    assert connected_clients(redis_server) - before <= 3
+    assert len(redis_backend._clients) <= 3
+
+
 def test_a_pool_opens_at_most_max_connections_unless_its_url_says_otherwise(
     redis_server: RedisServer,
 ) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 from urllib.parse import unquote_plus, urlsplit
+from weakref import WeakKeyDictionary
 
 import outcome
 import trio
@@ -88,9 +91,18 @@ only if each key still holds its value (see :data:`_WRITE_SCRIPT`)."""
 _call: ContextVar[_Call | None] = ContextVar("cosmoflow_redis_call", default=None)
 """The RedisStorage call running in this task, None outside one."""
 
-_clients: dict[tuple[str, float], redis.Redis] = {}
+_clients: OrderedDict[tuple[str, float], redis.Redis] = OrderedDict()
 """The process's clients, by server URL and timeout, each on a pool of connections of
-its own (see :func:`shared_client`)."""
+its own, the one used last at the end (see :func:`shared_client`)."""
+
+_clients_lock = threading.Lock()
+"""Guards :data:`_clients`: threads that each run trio share it. Held only for a look-up
+or an insertion, never while anything connects."""
+
+MAX_CLIENTS: Final = 32
+"""The most clients :data:`_clients` keeps: a program that makes a client for each of
+many URLs or timeouts (a timeout computed per run) closes the idle connections of the
+one used longest ago instead of keeping a socket per URL until it exits."""
 
 MAX_CONNECTIONS: Final = 40
 """The most connections a pool of :func:`shared_client` opens, unless its URL says
@@ -99,11 +111,12 @@ of its own. 40 is the size of trio's default thread limiter: redis-server runs o
 command at a time, so more calls in flight add threads and file descriptors, not
 throughput."""
 
-_slots: trio.lowlevel.RunVar[dict[int, trio.CapacityLimiter]] = trio.lowlevel.RunVar(
-    "cosmoflow_redis_slots"
+_slots: trio.lowlevel.RunVar[WeakKeyDictionary[redis.Redis, trio.CapacityLimiter]] = (
+    trio.lowlevel.RunVar("cosmoflow_redis_slots")
 )
-"""The limiter of each shared client's pool in this trio run (by the client's id), one
-token per connection (see :func:`connection_slots`)."""
+"""The limiter of each shared client's pool in this trio run, one token per connection
+(see :func:`connection_slots`); a client evicted from :data:`_clients` and no longer used
+leaves it."""
 
 T = TypeVar("T")
 
@@ -928,7 +941,8 @@ class RedisStorage(DatabaseStorage):
             yield outer
             return
         deadline = trio.current_time() + self._timeout
-        slots = connection_slots(shared_client(self._url, self._timeout, "RedisStorage"))
+        client = self._client or shared_client(self._url, self._timeout, "RedisStorage")
+        slots = connection_slots(client)
         borrower = object()
         with trio.move_on_at(deadline) as waiting:
             await slots.acquire_on_behalf_of(borrower)
@@ -1139,7 +1153,10 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
     threads too. Connects on first use; does not block.
 
     The pool opens at most :data:`MAX_CONNECTIONS` connections, or the URL's
-    ``max_connections``, and keeps them open until the process ends. Callers take a
+    ``max_connections``, and keeps them open until the process ends, or until
+    :data:`MAX_CLIENTS` other clients were used since this one was (its idle
+    connections are then closed, and the next call for its key makes a new one).
+    Callers take a
     token of :func:`connection_slots` for each call, so that calls wait for a
     connection in trio; a thread that still finds none (one is held by a thread a
     call abandoned) waits for one in the pool, at most ``timeout`` seconds.
@@ -1153,22 +1170,31 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
         raise StorageError(
             f"{user} needs the redis package: pip install 'cosmoflow-actors[redis]'"
         ) from exc
-    client = _clients.get((url, timeout))
-    if client is None:
-        try:
-            pool = redis.BlockingConnectionPool.from_url(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                max_connections=MAX_CONNECTIONS,
-                timeout=timeout,
-            )
-        except ValueError as exc:
-            raise StorageError(f"not a Redis URL: {redacted(url)!r} ({exc})") from exc
+    key = (url, timeout)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is not None:
+            _clients.move_to_end(key)
+            return client
+    try:
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout,
+        )
+    except ValueError as exc:
+        raise StorageError(f"not a Redis URL: {redacted(url)!r} ({exc})") from exc
+    with _clients_lock:
         # Threads that each run trio (``flow.run_sync`` in request threads) may make a
         # client for the same key at once: all of them use the one stored first, and
         # the others' pools, which connect only on first use, are dropped unused.
-        client = _clients.setdefault((url, timeout), redis.Redis(connection_pool=pool))
+        client = _clients.setdefault(key, redis.Redis(connection_pool=pool))
+        evicted = [_clients.popitem(last=False)[1] for _ in range(len(_clients) - MAX_CLIENTS)]
+    for old in evicted:
+        # A store still using it goes on: its pool connects again when it needs to.
+        old.connection_pool.disconnect(inuse_connections=False)
     return client
 
 
@@ -1235,12 +1261,12 @@ def connection_slots(client: redis.Redis) -> trio.CapacityLimiter:
     try:
         slots = _slots.get()
     except LookupError:
-        slots = {}
+        slots = WeakKeyDictionary()
         _slots.set(slots)
-    limiter = slots.get(id(client))
+    limiter = slots.get(client)
     if limiter is None:
         limiter = trio.CapacityLimiter(client.connection_pool.max_connections)
-        slots[id(client)] = limiter
+        slots[client] = limiter
     return limiter
 
 
