@@ -101,8 +101,9 @@ or an insertion, never while anything connects."""
 
 MAX_CLIENTS: Final = 32
 """The most clients :data:`_clients` keeps: a program that makes a client for each of
-many URLs or timeouts (a timeout computed per run) closes the idle connections of the
-one used longest ago instead of keeping a socket per URL until it exits."""
+many URLs or timeouts (a timeout computed per run) lets go of the one used longest ago,
+whose connections close once nothing uses it, instead of keeping a socket per URL until
+it exits."""
 
 MAX_CONNECTIONS: Final = 40
 """The most connections a pool of :func:`shared_client` opens, unless its URL says
@@ -1154,8 +1155,9 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
 
     The pool opens at most :data:`MAX_CONNECTIONS` connections, or the URL's
     ``max_connections``, and keeps them open until the process ends, or until
-    :data:`MAX_CLIENTS` other clients were used since this one was (its idle
-    connections are then closed, and the next call for its key makes a new one).
+    :data:`MAX_CLIENTS` other clients were used since this one was (it is then let go,
+    its connections closed once nothing uses it, and the next call for its key makes a
+    new one).
     Callers take a
     token of :func:`connection_slots` for each call, so that calls wait for a
     connection in trio; a thread that still finds none (one is held by a thread a
@@ -1191,10 +1193,10 @@ def shared_client(url: str, timeout: float, user: str) -> redis.Redis:
         # client for the same key at once: all of them use the one stored first, and
         # the others' pools, which connect only on first use, are dropped unused.
         client = _clients.setdefault(key, redis.Redis(connection_pool=pool))
-        evicted = [_clients.popitem(last=False)[1] for _ in range(len(_clients) - MAX_CLIENTS)]
-    for old in evicted:
-        # A store still using it goes on: its pool connects again when it needs to.
-        old.connection_pool.disconnect(inuse_connections=False)
+        # The client used longest ago is let go: a store still using it goes on with
+        # it, and its connections close once nothing uses it (the collector frees it).
+        while len(_clients) > MAX_CLIENTS:
+            _clients.popitem(last=False)
     return client
 
 
