@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import enum
 import math
 import sys
 import threading
@@ -166,10 +165,6 @@ def test_json_text_with_a_long_number_holding_what_json_has_not_is_refused(
             read(msgspec.Raw(text))
 
 
-class Colour(enum.Enum):
-    RED = "red"
-
-
 @dataclasses.dataclass
 class Labels:
     names: dict[Any, str]
@@ -181,7 +176,6 @@ class Labels:
         ({1: "one", "1": "uno"}, "dict", "1"),
         ({"1": "uno", 1: "one"}, "dict", "1"),
         ([{"a": {1.5: "x", "1.5": "y"}}], "list", "1.5"),
-        ({Colour.RED: 1, "red": 2}, "dict", "red"),
         ({datetime.date(2024, 5, 1): 1, "2024-05-01": 2}, "dict", "2024-05-01"),
         (Labels({1: "one", "1": "uno"}), "Labels", "1"),
         ((1, {"deep": [{2: "b", "2": "c"}]}), "tuple", "2"),
@@ -202,7 +196,12 @@ def test_json_refuses_a_dict_whose_keys_collide_as_json_strings(
 
 @pytest.mark.parametrize(
     "value",
-    [{1: "one", 2: "two"}, {1: "one", "2": "two"}, {Colour.RED: 1, 1.5: 2}, [{1, "a"}]],
+    [
+        {1: "one", 2: "two"},
+        {1: "one", "2": "two"},
+        {datetime.date(2024, 5, 1): 1, 1.5: 2},
+        [{1, "a"}],
+    ],
 )
 def test_json_keeps_dicts_whose_keys_stay_distinct_as_json_strings(value: Any) -> None:
     codec = get_codec("json")
