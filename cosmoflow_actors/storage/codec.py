@@ -95,7 +95,7 @@ class Codec(ABC):
         try:
             return self.decode(data)
         except StorageError as exc:
-            raise _unreadable(where, key, exc) from exc
+            raise unreadable(where, key, exc) from exc
 
     def read_json(self, where: str, key: str, raw: msgspec.Raw) -> Any:
         """:meth:`decode_json` the value stored under ``key``; its StorageError names
@@ -103,7 +103,7 @@ class Codec(ABC):
         try:
             return self.decode_json(raw)
         except StorageError as exc:
-            raise _unreadable(where, key, exc) from exc
+            raise unreadable(where, key, exc) from exc
 
     @abstractmethod
     def encode_json(self, key: str, value: Any) -> msgspec.Raw:
@@ -118,10 +118,11 @@ class Codec(ABC):
         """Return whether ``raw`` (already valid JSON) is a fragment this codec wrote."""
 
 
-def _unreadable(where: str, key: str, error: StorageError) -> UnreadableValueError:
-    """A new UnreadableValueError: ``where`` cannot read ``key``, for the reason
-    ``error`` gives."""
-    return UnreadableValueError(f"{where}: cannot read key {key!r}: {error}", key, str(error))
+def unreadable(where: str, key: str, reason: object) -> UnreadableValueError:
+    """A new UnreadableValueError: ``where`` cannot read ``key``, for ``reason`` (a text,
+    or the error that says it)."""
+    why = str(reason)
+    return UnreadableValueError(f"{where}: cannot read key {key!r}: {why}", key, why)
 
 
 @final

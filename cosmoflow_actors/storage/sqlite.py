@@ -17,7 +17,7 @@ from typing import Any, Final, TypeVar, final
 import outcome
 import trio
 
-from cosmoflow_actors.errors import StorageError, UnreadableValueError, with_article
+from cosmoflow_actors.errors import StorageError, with_article
 from cosmoflow_actors.storage.base import (
     RESERVED_PREFIX,
     StagedOp,
@@ -31,6 +31,7 @@ from cosmoflow_actors.storage.codec import (
     check_json_key,
     database_meta,
     get_codec,
+    unreadable,
     utf8_key,
 )
 from cosmoflow_actors.storage.staged import DatabaseStorage, DeleteOp, Op, SetOp
@@ -573,7 +574,7 @@ def _as_bytes(where: str, key: str, value: object) -> bytes:
     ``where`` (the store) and ``key`` unless it is bytes (another client wrote it)."""
     if not isinstance(value, bytes):
         reason = f"its stored value is {with_article(type(value).__name__)}, not bytes"
-        raise UnreadableValueError(f"{where}: cannot read key {key!r}: {reason}", key, reason)
+        raise unreadable(where, key, reason)
     return value
 
 
