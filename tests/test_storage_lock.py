@@ -157,10 +157,13 @@ from pathlib import Path
 from cosmoflow_actors.storage import lock
 
 lock.try_lock(Path(sys.argv[1]), 0o600)
+started, running = os.pipe()
 if os.fork() == 0:
+    os.write(running, b"x")  # the fork's handlers, which close the lock's copy, have run
     sys.stdin.read()  # lives until the test closes its stdin
     print("child done", flush=True)
     os._exit(0)
+os.read(started, 1)
 print("forked", flush=True)
 sys.stdin.read()
 """
