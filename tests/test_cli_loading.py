@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cosmoflow_actors.cli import main
+from cosmoflow_actors.cli import loading, main
+from cosmoflow_actors.cli.loading import load_flow, nested_flows
+from cosmoflow_actors.flow import Flow
 
 pytestmark = pytest.mark.usefixtures("plain_output")
 
@@ -149,3 +151,36 @@ def test_a_file_name_with_a_colon(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["graph", f"{flow_file}:a"]) == 0
     assert main(["run", f"{flow_file}:b"]) == 2
     assert "co:lon.py: no Flow named 'b'" in capsys.readouterr().err
+
+
+def test_a_flow_reused_at_every_level_of_a_deep_nesting_is_walked_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Picking the outer flow walks each nested flow once, by identity: 30 levels, each
+    using the level below twice, are 31 flows, not 2**30 paths to walk."""
+    flow_file = tmp_path / "deep.py"
+    flow_file.write_text(
+        "import cosmoflow_actors as cf\n"
+        "leaf = cf.Flow.builder('level0').add_node('n', cf.Node()).build()\n"
+        "inner = leaf\n"
+        "for level in range(1, 31):\n"
+        "    inner = (\n"
+        "        cf.Flow.builder(f'level{level}')\n"
+        "        .add_node('a', inner).add_node('b', inner).add_route('a', 'b').build()\n"
+        "    )\n"
+        "outer = inner\n"
+        "del inner\n"
+    )
+    walked: list[str] = []
+
+    def counting_nested_flows(flow: Flow) -> list[Flow]:
+        walked.append(flow.name)
+        # Fail, rather than hang, when the walk follows paths instead of flows.
+        assert len(walked) <= 1000, "nested flows walked once per path"
+        return nested_flows(flow)
+
+    monkeypatch.setattr(loading, "nested_flows", counting_nested_flows)
+    picked = load_flow(str(flow_file))
+    assert picked.name == "level30"
+    # Each of the two top-level flows is walked once, each flow below it once per walk.
+    assert sorted(walked) == sorted([f"level{n}" for n in range(31)] + ["level0"])

@@ -98,10 +98,18 @@ def _line_in(path: Path, error: BaseException) -> str:
 
 
 def _children(flow: Flow) -> list[Flow]:
-    """The flows nested in ``flow``, at any depth."""
-    children = []
-    for child in nested_flows(flow):
-        children += [child, *_children(child)]
+    """The flows nested in ``flow``, at any depth, each once (by identity) however many
+    paths lead to it: a flow reused at every level of a deep nesting is walked once,
+    not once per path (which would take time exponential in the depth)."""
+    children: list[Flow] = []
+    seen: set[int] = set()
+    pending = [flow]
+    while pending:
+        for child in nested_flows(pending.pop()):
+            if id(child) not in seen:
+                seen.add(id(child))
+                children.append(child)
+                pending.append(child)
     return children
 
 
