@@ -178,6 +178,35 @@ async def test_a_worker_acknowledges_a_stream_entry_without_a_run_id(
     ]
 
 
+@pytest.mark.parametrize("delivery", ["new", "taken over"])
+async def test_a_worker_acknowledges_a_stream_entry_whose_run_the_hash_lacks_and_warns(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, delivery: str
+) -> None:
+    """The stream names a run the queue's hash does not hold (deleted by hand, say):
+    the worker that reads the entry, new or taken over from a dead worker, acknowledges
+    it, logs a warning naming the run and the queue, and goes on serving."""
+    queue = new_queue(redis_server)
+    await queue.ensure_group()
+    entry_id = (await queue.call("XADD", queue.stream, "*", "run_id", "ghost")).decode()
+    if delivery == "taken over":
+        await queue.call(
+            "XREADGROUP", "GROUP", "workers", "dead", "COUNT", 1, "STREAMS", queue.stream, ">"
+        )
+        await queue.call("XCLAIM", queue.stream, "workers", "dead", 0, entry_id, "IDLE", 60_000)
+    with caplog.at_level(logging.WARNING, logger="cosmoflow_actors.queue"):
+        done = await good_run_after(queue)
+    pending = await queue.call("XPENDING", queue.stream, "workers")
+    assert pending["pending"] == 0
+    assert [run.run_id for run in await cf.queue_status(queue)] == [done.run_id]
+    assert [(record.name, record.levelno, record.getMessage()) for record in caplog.records] == [
+        (
+            "cosmoflow_actors.queue",
+            logging.WARNING,
+            f"worker w1 leaves the stream entry {entry_id}: {queue!r} holds no run 'ghost'",
+        )
+    ]
+
+
 @pytest.mark.parametrize(
     "note", ["garbage", '{"since": "x", "by": 5}', '{"since": 1, "by": {"a": "b"}}', DEEP]
 )

@@ -249,12 +249,20 @@ class Claimer:
         """Claim the run ``raw_run_id`` (as the stream entry ``entry_id`` holds it; None
         when it holds none), of which the queue's hash held ``data`` (None: nothing;
         see :meth:`_claim_readable`). None when it is not claimed: when the hash does
-        not hold the run, the run has ended, or what the queue holds for it is not what
-        a queue writes (UnreadableEntryError, logged), the stream entry is
+        not hold the run (logged), the run has ended, or what the queue holds for it is
+        not what a queue writes (UnreadableEntryError, logged), the stream entry is
         acknowledged, so that no worker claims it again."""
         try:
             run_id = decoded_run_id(self.queue, raw_run_id, f"the stream entry {entry_id}")
-            if data is not None:
+            if data is None:
+                LOGGER.warning(
+                    "worker %s leaves the stream entry %s: %r holds no run %r",
+                    self.name,
+                    entry_id,
+                    self.queue,
+                    run_id,
+                )
+            else:
                 info = decoded_info(self.queue, run_id, data)
                 if info["state"] not in FINISHED:
                     return await self._claim_readable(entry_id, run_id, data, info)
