@@ -8,6 +8,10 @@ Memory lives in the store. The store is a `cf.FileStorage`, so the second sessio
 new run on a new storage object over the same file (as a restarted program would
 open it), still knows the user's name and what they like.
 
+The nodes print nothing: each turn goes into the `history` in the store, and the run's
+result is the session's transcript, which `main` prints (so that `cosmoflow run
+examples/chat_assistant.py --json` prints JSON alone, the transcript as its result).
+
 Run it: python examples/chat_assistant.py
 """
 
@@ -25,10 +29,11 @@ Memory = dict[str, Any]
 
 @cf.node
 async def begin(ctx: cf.ExecutionContext) -> None:
-    """Start a session (one run): count it, and queue the scripted user's messages."""
-    session = await ctx.store.update("sessions", lambda n: n + 1, default=0)
+    """Start a session (one run): count it, note where its turns start in the history,
+    and queue the scripted user's messages."""
+    await ctx.store.update("sessions", lambda n: n + 1, default=0)
+    await ctx.store.set("session_start", len(await ctx.store.get("history", [])))
     await ctx.store.set("inbox", list(ctx.params.get("messages", [])))
-    print(f"--- session {session} ---")
 
 
 class Listen(cf.Node):
@@ -109,14 +114,18 @@ class Reply(cf.Node):
 
 @cf.node
 async def farewell(ctx: cf.ExecutionContext) -> cf.Action:
+    """Say goodbye; the run's result is the session's transcript."""
     memory = await ctx.store.get("memory", {})
     await _say(ctx.store, "assistant", f"Bye, {memory['name']}!" if "name" in memory else "Bye!")
-    return cf.Action.complete(memory)
+    history = await ctx.store.get("history", [])
+    turns = history[await ctx.store.get("session_start", 0) :]
+    lines = [f"--- session {await ctx.store.get('sessions', 1)} ---"]
+    lines += [f"{turn['role']:>9}: {turn['text']}" for turn in turns]
+    return cf.Action.complete("\n".join(lines))
 
 
 async def _say(store: cf.SharedStore, role: str, text: str) -> None:
-    """Show one turn and append it to the history in the store."""
-    print(f"{role:>9}: {text}")
+    """Append one turn to the history in the store."""
     turn = {"role": role, "text": text}
     await store.update("history", lambda history: [*history, turn], default=[])
 
@@ -146,16 +155,17 @@ SESSIONS = [
 ]
 
 
-def main() -> list[Memory]:
-    memories = []
+def main() -> list[str]:
+    transcripts = []
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "chat-memory.json"
         for script in SESSIONS:
             # A new FileStorage over the same file: what a restarted program would open.
             result = flow.run_sync(cf.FileStorage(path), params={"messages": script})
-            memories.append(result.result)
-            print(f"({result.steps_executed} steps; memory: {result.result})")
-    return memories
+            transcripts.append(result.result)
+            print(result.result)
+            print(f"({result.steps_executed} steps)")
+    return transcripts
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ EXPECTED = {
         "assistant: Welcome back, Ada!",
         "assistant: You like trio and structured concurrency.",
         "assistant: This is session 2, and you have said 8 things to me.",
+        "     user: bye\nassistant: Bye, Ada!\n(9 steps)\n",
     ],
     "async_workflows.py": [
         "order A-1: shipped 2 x widget",
@@ -142,6 +143,15 @@ CLI: dict[str, tuple[list[str], object]] = {  # target: (arguments, the run's re
         ],
     ),
     "workers.py": (["--param", "items=[[2, 10.0]]"], 24.0),
+    "chat_assistant.py": (
+        ["--param", 'messages=["my name is Bob", "what is my name?"]'],
+        "--- session 1 ---\n"
+        "     user: my name is Bob\n"
+        "assistant: Nice to meet you, Bob!\n"
+        "     user: what is my name?\n"
+        "assistant: Your name is Bob.\n"
+        "assistant: Bye, Bob!",
+    ),
     "agent.py": (
         ["--param", "question=When was Trio released?"],
         {
@@ -205,6 +215,28 @@ def test_example_flow_runs_from_the_command_line(target: str) -> None:
     done = run("-m", "cosmoflow_actors", "run", str(EXAMPLES / target), *args, "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["result"] == expected
+
+
+def test_chat_assistant_prints_json_alone_with_json_and_its_transcript_without() -> None:
+    """Its nodes print nothing: with --json, stdout is the outcome's JSON alone (the
+    transcript is the run's result); without, the transcript shows under result:."""
+    target = str(EXAMPLES / "chat_assistant.py")
+    done = run("-m", "cosmoflow_actors", "run", target, "--json")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    outcome = json.loads(done.stdout)
+    assert outcome["result"] == "--- session 1 ---\nassistant: Bye!"
+    assert outcome["store"]["history"] == [{"role": "assistant", "text": "Bye!"}]
+    done = run("-m", "cosmoflow_actors", "run", target, "--param", 'messages=["hi"]')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("flow:         chat-assistant\n")
+    assert done.stdout.endswith(
+        "result:\n"
+        "  --- session 1 ---\n"
+        "       user: hi\n"
+        "  assistant: Hello! Who are you?\n"
+        "  assistant: Bye!\n"
+    )
 
 
 # Pages whose ```python blocks are complete scripts (```py marks a fragment), and
