@@ -11,10 +11,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, final
 
 import trio
-from trio_util import AsyncValue
 
 from cosmoflow_actors.errors import RunCancelledError
+from cosmoflow_actors.events import LOGGER
 from cosmoflow_actors.flow import Flow, FlowResult
+from cosmoflow_actors.runtime.observed_state import ObservedState
 
 if TYPE_CHECKING:
     from cosmoflow_actors.action import Action
@@ -195,7 +196,7 @@ class ActiveRun:
         """Whether the run has ended or routing has decided its end (the task that
         routed the outcome ends it, after writing a durable run's record): no step of
         it starts from then on, and its outcomes lead nowhere."""
-        self._observed: AsyncValue[RunState] | None = None
+        self._observed: ObservedState | None = None
         self._done: trio.Event | None = None
         self.main = Branch([Frame(flow, flow.start_id)])
         self.path: list[str] = []
@@ -223,7 +224,7 @@ class ActiveRun:
         """The state as an observable AsyncValue (see :attr:`Run.state`), made on first
         use, so runs nobody observes carry none."""
         if self._observed is None:
-            self._observed = AsyncValue(self._state)
+            self._observed = ObservedState(self._state)
         # trio_util carries no type marker: to mypy an AsyncValue is Any.
         observed: RunStateValue = self._observed
         return observed
@@ -249,10 +250,18 @@ class ActiveRun:
             self._set_state(RunState.RUNNING)
 
     def _set_state(self, state: RunState) -> None:
-        """Record ``state``; its observers (if any) see it."""
+        """Record ``state``; its observers (if any) see it. An observer of a value
+        derived from the state (by trio_util, outside ObservedState's guard) that
+        raises is logged: the engine's task goes on."""
         self._state = state
-        if self._observed is not None:
+        if self._observed is None:
+            return
+        try:
             self._observed.value = state
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            LOGGER.exception("an observer of run %s's state raised at %s", self.run_id, state)
 
     async def wait(self) -> FlowResult:
         """What :meth:`Run.wait` does. A checkpoint."""
