@@ -58,6 +58,7 @@ from cosmoflow_actors.runtime.statistics import ActorStatistics, EngineStatistic
 from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.runtime.transfer import WorkerInterruptedError, WorkerTransferError
 from cosmoflow_actors.storage import (
+    CodecName,
     FileStorage,
     MemoryStorage,
     RedisStorage,
@@ -74,6 +75,7 @@ __all__ = [
     "ActorStatistics",
     "BatchFlow",
     "BatchNode",
+    "CodecName",
     "ConditionError",
     "CosmoFlowError",
     "DamagedRecordError",

@@ -8,7 +8,7 @@ import math
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import pytest
@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from cosmoflow_actors.errors import StorageError, StoreValueError
 from cosmoflow_actors.storage.codec import (
+    CODECS,
+    CodecName,
     _check_finite,
     _comes_back,
     check_codec,
@@ -25,6 +27,10 @@ from cosmoflow_actors.storage.codec import (
     get_codec,
     utf8_key,
 )
+
+
+def test_the_codec_name_type_names_every_codec() -> None:
+    assert get_args(CodecName) == tuple(CODECS)
 
 
 @pytest.mark.parametrize("name", ["json", "pickle"])

@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import trio
@@ -172,6 +172,19 @@ async def test_a_type_checked_before_is_still_converted_to() -> None:
         return [await store.get("p", type=tuple[int, int]) for _ in range(2)]
 
     assert await in_run(body, {"p": [1, 2]}) == [(1, 2), (1, 2)]
+
+
+async def test_typing_forms_that_are_not_classes_are_converted_to() -> None:
+    async def body(store: cf.SharedStore) -> list[Any]:
+        return [
+            await store.get("n", type=int | None),
+            await store.get("none", type=int | None),
+            await store.get("mode", type=Literal["x", "y"]),
+        ]
+
+    assert await in_run(body, {"n": 3, "none": None, "mode": "y"}) == [3, None, "y"]
+    error = await store_error(lambda s: s.get("mode", type=Literal["x", "y"]), {"mode": "z"})
+    assert type(error) is cf.StoreTypeError
 
 
 async def test_a_default_is_returned_without_a_type_check() -> None:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, assert_type
+from typing import Any, Literal, Optional, assert_type
 
 import cosmoflow_actors as cf
 
@@ -27,6 +27,10 @@ class Typed(cf.Node):
         assert_type(await store.get("count", None, type=int), int | None)
         assert_type(await store.get("point", type=Point), Point)
         assert_type(await store.get("pair", (0, 0), type=tuple[int, int]), tuple[int, int])
+        # Typing forms that are not classes are accepted; their values are typed Any.
+        assert_type(await store.get("maybe", type=int | None), Any)
+        assert_type(await store.get("maybe", None, type=Optional[int]), Any)  # noqa: UP045
+        assert_type(await store.get("mode", type=Literal["x", "y"]), Any)
         assert_type(await store.update("count", increment, default=0), int)
         assert_type(await store.get_many(["a", "b"]), dict[str, Any])
         return await store.get("name", type=str)
@@ -71,3 +75,8 @@ async def read_the_states(engine: cf.Engine, storage: cf.Storage) -> None:
         assert actor.kind != "worker"  # type: ignore[comparison-overlap]
     error = cf.NodeError("a", "exec", "r1", 1)
     assert error.phase != "run"  # type: ignore[comparison-overlap]
+
+
+def open_the_storages(path: str) -> None:
+    cf.SQLiteStorage(path, codec="pickle")
+    cf.FileStorage(path, codec="jsn")  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from typing import Final
+from typing import Final, get_args
 
 from cosmoflow_actors import __version__
 from cosmoflow_actors.cli.errors import CliError
@@ -34,6 +34,7 @@ from cosmoflow_actors.cli.stores import PYTHON_STORE, STORE_SYNTAX
 from cosmoflow_actors.errors import error_text, told_causes
 from cosmoflow_actors.runtime.queue import DEFAULT_FLOW_WAIT, DEFAULT_LEASE
 from cosmoflow_actors.runtime.run_record import ENDED_STATES
+from cosmoflow_actors.storage.codec import CodecName
 from cosmoflow_actors.tracing import describe_error
 from cosmoflow_actors.validation import positive_int
 
@@ -287,7 +288,7 @@ def _add_store(parser: argparse.ArgumentParser, default: str | None) -> None:
         parser.add_argument("--store", default=default, help=f"{STORE_SYNTAX} ({default})")
     parser.add_argument(
         "--codec",
-        choices=["json", "pickle"],
+        choices=get_args(CodecName),  # argparse's check makes args.codec a CodecName
         help="a persistent store's codec (json); given, a factory gets it as codec=CODEC",
     )
 

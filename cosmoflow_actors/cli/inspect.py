@@ -33,6 +33,7 @@ from cosmoflow_actors.storage import FileStorage, SQLiteStorage, Storage
 from cosmoflow_actors.storage import file as file_storage
 from cosmoflow_actors.storage import sqlite as sqlite_storage
 from cosmoflow_actors.storage.base import RECORD_PREFIX, RESERVED_PREFIX
+from cosmoflow_actors.storage.codec import CodecName
 
 PREVIEW_CHARS: Final = 60
 """``inspect`` shows at most this much of each value's repr."""
@@ -90,7 +91,7 @@ def _inspect_run(storage: Storage, name: str, args: argparse.Namespace) -> int:
 
 
 def _peek(
-    storage: FileStorage | SQLiteStorage, codec: str
+    storage: FileStorage | SQLiteStorage, codec: CodecName
 ) -> tuple[dict[str, Any], list[RunRecord]]:
     """Every key and value of a file or SQLite store and its durable runs, read without
     an engine, a lock or a write (blocks): inspecting changes no file. A value or run
@@ -100,7 +101,7 @@ def _peek(
     return contents, _runs(values, contents)
 
 
-def _peeked(storage: FileStorage | SQLiteStorage, codec: str) -> dict[str, Any]:
+def _peeked(storage: FileStorage | SQLiteStorage, codec: CodecName) -> dict[str, Any]:
     """Every key of a file or SQLite store, the engine's too, with its value, or an
     Unreadable value for one that cannot be read, read as :func:`_peek` says
     (blocks)."""

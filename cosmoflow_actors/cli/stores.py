@@ -29,6 +29,7 @@ from cosmoflow_actors.runtime.queue import RunStores, per_run_redis
 from cosmoflow_actors.runtime.run_record import RunRecord
 from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.storage import FileStorage, RedisStorage, SQLiteStorage, Storage
+from cosmoflow_actors.storage.codec import CodecName
 from cosmoflow_actors.storage.redis import (
     NAMESPACE_PARTS,
     SCAN_COUNT,
@@ -66,7 +67,7 @@ SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+")
 """A scheme name, as in a URL, of two characters at least: ``C:`` is a drive letter."""
 
 
-def parse_store(text: str, codec: str | None = None) -> Storage | None:
+def parse_store(text: str, codec: CodecName | None = None) -> Storage | None:
     """The storage ``--store TEXT`` names; None for ``memory`` (a fresh dict per run).
     ``codec`` is that of ``--codec``, None when it was not given (a built-in store's is
     then ``json``). A store of the user's own is built now: blocks while its module is
@@ -92,7 +93,7 @@ def parse_store(text: str, codec: str | None = None) -> Storage | None:
     return custom.build_now({} if codec is None else {"codec": codec})
 
 
-def existing_store(text: str, codec: str | None, doing: str) -> Storage:
+def existing_store(text: str, codec: CodecName | None, doing: str) -> Storage:
     """The persistent storage ``STORE`` names, for a command ``doing`` something to
     what it holds; CliError for ``memory`` and for a file or SQLite store whose file
     does not exist (opening it would create an empty one)."""

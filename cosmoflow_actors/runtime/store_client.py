@@ -127,13 +127,20 @@ class SharedStore:
     @overload
     def get(self, key: str, default: D, *, type: builtins.type[T]) -> Call[T | D]: ...
 
+    # Any other typing form (int | None, Optional[int], Literal["a", "b"]): not a
+    # builtins.type, so the value is typed Any.
+    @overload
+    def get(self, key: str, default: Any = ..., *, type: object) -> Call[Any]: ...
+
     def get(self, key: str, default: Any = MISSING, *, type: Any = None) -> Call[Any]:
         """Return the value of ``key``, or ``default`` when it is missing.
 
         Raises StoreKeyError when it is missing and there is no default. With ``type=T``
         the value is returned as a ``T`` (a dataclass is rebuilt from its JSON form) or
-        StoreTypeError is raised; the default is returned as it is. A ``type=`` the
-        codec cannot convert to (``type="int"``) raises TypeError here, at the call.
+        StoreTypeError is raised; the default is returned as it is. A typing form that
+        is not a class (``int | None``, ``Literal["a", "b"]``) works the same, but type
+        checkers see its value as ``Any``. A ``type=`` the codec cannot convert to
+        (``type="int"``) raises TypeError here, at the call.
         """
         check_key(key)
         if type is None:

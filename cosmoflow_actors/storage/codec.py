@@ -26,12 +26,15 @@ import math
 import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, Final, final
+from typing import Any, Final, Literal, final
 
 import cloudpickle
 import msgspec
 
 from cosmoflow_actors.errors import StorageError, StoreValueError, UnreadableValueError
+
+CodecName = Literal["json", "pickle"]
+"""A codec's name, as the persistent storages' ``codec=`` takes it: the keys of CODECS."""
 
 _encoder = msgspec.json.Encoder()
 _str_keys_only = msgspec.json.Encoder(order="deterministic")
@@ -78,7 +81,7 @@ class Codec(ABC):
     its snapshot and journal.
     """
 
-    name: str
+    name: CodecName
 
     @abstractmethod
     def encode(self, key: str, value: Any) -> bytes:

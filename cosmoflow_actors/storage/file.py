@@ -25,7 +25,7 @@ from cosmoflow_actors.storage.base import (
     check_steps,
     value_or,
 )
-from cosmoflow_actors.storage.codec import Codec, check_json_key, get_codec
+from cosmoflow_actors.storage.codec import Codec, CodecName, check_json_key, get_codec
 from cosmoflow_actors.storage.staged import ClearOp, Op, SetOp, StagedWrites
 from cosmoflow_actors.validation import checked_path, require_seconds
 
@@ -98,7 +98,7 @@ class FileStorage(Storage):
     persistent = True
 
     def __init__(
-        self, path: str | os.PathLike[str], *, codec: str = "json", wait: float = 0.0
+        self, path: str | os.PathLike[str], *, codec: CodecName = "json", wait: float = 0.0
     ) -> None:
         require_seconds("wait", wait, zero=True)
         self._path = _real_path(checked_path("path", path))
@@ -136,7 +136,7 @@ class FileStorage(Storage):
         return self._state.entries
 
     @property
-    def codec(self) -> str:
+    def codec(self) -> CodecName:
         """The codec's name: ``"json"`` or ``"pickle"``."""
         return self._codec.name
 
@@ -541,7 +541,9 @@ def _keep_waiting(raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abo
     return trio.lowlevel.Abort.FAILED
 
 
-def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outcome.Outcome[Any]]:
+def peek(
+    path: str | os.PathLike[str], *, codec: CodecName = "json"
+) -> dict[str, outcome.Outcome[Any]]:
     """Every committed key of the store at ``path`` (the engine's reserved keys too),
     each with its decoded value or the error decoding it raised (blocks).
 

@@ -27,6 +27,7 @@ from cosmoflow_actors.storage.base import (
     forgotten_with,
 )
 from cosmoflow_actors.storage.codec import (
+    CodecName,
     check_database_meta,
     check_json_key,
     database_meta,
@@ -292,7 +293,12 @@ class RedisStorage(DatabaseStorage):
     """
 
     def __init__(
-        self, url: str, *, namespace: str = "default", codec: str = "json", timeout: float = 10.0
+        self,
+        url: str,
+        *,
+        namespace: str = "default",
+        codec: CodecName = "json",
+        timeout: float = 10.0,
     ) -> None:
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(f"namespace must be a non-empty str, not {namespace!r}")

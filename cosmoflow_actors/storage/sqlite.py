@@ -27,6 +27,7 @@ from cosmoflow_actors.storage.base import (
 )
 from cosmoflow_actors.storage.codec import (
     Codec,
+    CodecName,
     check_database_meta,
     check_json_key,
     database_meta,
@@ -183,7 +184,7 @@ class SQLiteStorage(DatabaseStorage):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, codec: str = "json", timeout: float = 5.0
+        self, path: str | os.PathLike[str], *, codec: CodecName = "json", timeout: float = 5.0
     ) -> None:
         require_seconds("timeout", timeout, zero=True)
         super().__init__(codec)
@@ -891,7 +892,9 @@ def _roll_back(connection: sqlite3.Connection) -> None:
         connection.execute("ROLLBACK")
 
 
-def peek(path: str | os.PathLike[str], *, codec: str = "json") -> dict[str, outcome.Outcome[Any]]:
+def peek(
+    path: str | os.PathLike[str], *, codec: CodecName = "json"
+) -> dict[str, outcome.Outcome[Any]]:
     """Every key of the database at ``path`` (the engine's reserved keys too), each with
     its decoded value or the error decoding it raised (blocks).
 

@@ -18,7 +18,7 @@ from typing import Any, Final, Generic, TypeVar, final
 import trio
 
 from cosmoflow_actors.storage.base import Storage
-from cosmoflow_actors.storage.codec import check_json_key, get_codec, utf8_key
+from cosmoflow_actors.storage.codec import CodecName, check_json_key, get_codec, utf8_key
 
 V = TypeVar("V")
 
@@ -163,7 +163,7 @@ class DatabaseStorage(Storage):
         self._limiter = trio.CapacityLimiter(1)
 
     @property
-    def codec(self) -> str:
+    def codec(self) -> CodecName:
         """The codec's name: ``"json"`` or ``"pickle"``."""
         return self._codec.name
 
