@@ -118,6 +118,36 @@ async def test_a_fallback_that_raises_fails_the_run_with_its_error() -> None:
     assert info.value.attempts == 2
 
 
+class ExitsLate(Flaky):
+    """Fails twice, then its third attempt (``where="exec"``) or its fallback
+    (``where="fallback"``) calls sys.exit()."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(failures=2, max_retries=3)
+        self.where = where
+
+    async def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> str:
+        if self.where == "exec" and ctx.current_retry == 2:
+            sys.exit(3)
+        return await super().exec(prep_res, ctx)
+
+    def exec_fallback(self, prep_res: Any, error: Exception, ctx: cf.ExecutionContext) -> str:
+        sys.exit(4)
+
+
+@pytest.mark.parametrize("where", ["exec", "fallback"])
+async def test_a_base_exception_after_retries_names_the_attempts_made(where: str) -> None:
+    """Not retried, it ends the attempt it was raised in (or the fallback after the
+    last attempt): its NodeError counts the attempts made."""
+    node = ExitsLate(where)
+    if where == "fallback":
+        node.failures = 9
+    with pytest.raises(cf.NodeError) as info:
+        await single(node).run()
+    assert isinstance(info.value.__cause__, SystemExit)
+    assert (info.value.phase, info.value.attempts) == ("exec", 3)
+
+
 async def test_a_timeout_is_a_failed_attempt(autojump_clock: trio.abc.Clock) -> None:
     class Slow(cf.Node):
         timeout = 2.0
@@ -406,6 +436,20 @@ async def test_a_batch_whose_items_raise_while_read_fails_in_prep_alone(
         assert await engine.run(single(Recorder())) is not None
     assert (info.value.node_id, info.value.phase) == ("only", "prep")
     assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+@pytest.mark.parametrize("base", [cf.BatchNode, cf.ParallelBatchNode])
+async def test_a_batch_whose_items_call_sys_exit_while_read_fails_in_prep(
+    base: type[cf.BatchNode],
+) -> None:
+    class Exits(base):  # type: ignore[valid-type,misc]
+        def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+            return (item if item else sys.exit(2) for item in [1, 0])
+
+    with pytest.raises(cf.NodeError) as info:
+        await single(Exits(), "exits").run()
+    assert (info.value.node_id, info.value.phase) == ("only", "prep")
+    assert isinstance(info.value.__cause__, SystemExit)
 
 
 class Returns(cf.BatchFlow):
@@ -1820,3 +1864,25 @@ async def test_a_cancelled_caller_of_engine_run_returns_at_once_from_a_step_on_a
         assert engine.statistics().actor("thread/blocking").in_flight == 1
         blocking.release.set()
     assert engine.statistics().runs_cancelled == 1
+
+
+async def test_a_step_cancelling_its_workers_nursery_crashes_the_engine_out_loud() -> None:
+    """The node's code cancels the cancel scope of the nursery its worker runs in,
+    which is the node actor's: the actor cannot serve any more, so the engine fails
+    its runs and leaves its block with the actor's crash (not a silent hang)."""
+
+    @cf.node
+    async def rogue(ctx: cf.ExecutionContext) -> None:
+        task = trio.lowlevel.current_task()
+        assert task.parent_nursery is not None
+        task.parent_nursery.cancel_scope.cancel()
+        await trio.lowlevel.checkpoint()
+
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(RuntimeError, match="cancelled the cancel scope of its workers"),
+        flatten_subgroups=True,
+    ):
+        async with cf.open_engine() as engine:
+            run = await engine.start_run(single(rogue, "rogue"))
+            with pytest.raises(cf.ActorCrashedError, match="rogue/only"):
+                await run.wait()

@@ -191,6 +191,12 @@ class NodeActor(Actor[Step]):
                         await trio.sleep_forever()
                     finally:
                         self._stop()
+                # Reached only when the nursery's own scope was cancelled, by code
+                # running in it: the actor is stopped, and that must not go unnoticed.
+                raise RuntimeError(
+                    f"{self.name} stopped: code running in it (a step's) cancelled the "
+                    "cancel scope of its workers' nursery"
+                )
         finally:
             self.began.set()
 
@@ -424,10 +430,11 @@ class NodeActor(Actor[Step]):
                 # The calls exec on a worker made and never awaited are closed, not
                 # left to warn: the step fails anyway.
                 _ = unawaited(store)
-            # exec's failures are NodeErrors already, after its retries and fallback.
+            # exec's failures are NodeErrors already, after its retries and fallback;
+            # any other error is not retried, and ends the attempt it was raised in.
             if isinstance(exc, NodeError) or not fails_the_step(exc):
                 raise
-            raise self._failed("exec", ctx) from exc
+            raise self._failed("exec", ctx, ctx.current_retry + 1) from exc
         if not all_awaited(store):
             self._unawaited("exec", ctx)
         try:
@@ -562,7 +569,9 @@ class NodeActor(Actor[Step]):
             raise self._failed("prep", ctx) from error
         try:
             return list(prep_res)
-        except Exception as exc:
+        except BaseException as exc:
+            if not fails_the_step(exc):
+                raise
             raise self._failed("prep", ctx) from exc
 
     def _param_sets(self, prep_res: Any, ctx: ExecutionContext) -> list[dict[Any, Any]]:
@@ -578,7 +587,9 @@ class NodeActor(Actor[Step]):
                 self._bad_param_sets(f"item {index} is {type(params).__name__}", ctx)
             try:
                 read = dict(params)
-            except Exception as exc:
+            except BaseException as exc:
+                if not fails_the_step(exc):
+                    raise
                 raise self._failed("prep", ctx) from exc
             for key in read:
                 if not isinstance(key, str):
