@@ -1,13 +1,22 @@
-"""Reply: the one-shot answer slot a requester parks on."""
+"""The messages actors exchange, and Reply: the one-shot answer slot a requester parks
+on."""
 
 from __future__ import annotations
 
+import msgspec
 import outcome
 import pytest
 import trio
 import trio.testing
 
-from cosmoflow_actors.runtime.messages import Reply, StoreOp
+from cosmoflow_actors.runtime.messages import (
+    Reply,
+    Step,
+    StepDone,
+    StepFailed,
+    StoreOp,
+    StoreRequest,
+)
 from tests.support import ki_protection_seen
 
 
@@ -54,6 +63,17 @@ async def test_a_cancelled_waiter_abandons_the_slot() -> None:
     assert waiting.cancelled_caught
     reply.send(outcome.Value(1))
     assert await reply.wait() == 1
+
+
+@pytest.mark.parametrize("kind", [StoreRequest, Step, StepDone, StepFailed])
+def test_a_message_is_immutable_and_holds_only_its_fields(kind: type[msgspec.Struct]) -> None:
+    fields = kind.__struct_fields__
+    message = kind(*range(len(fields)))
+    with pytest.raises(AttributeError):
+        setattr(message, fields[0], "changed")
+    with pytest.raises(AttributeError):
+        message.extra = "added"  # type: ignore[attr-defined]
+    assert [getattr(message, name) for name in fields] == list(range(len(fields)))
 
 
 def test_write_operations_are_marked() -> None:
