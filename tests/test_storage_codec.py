@@ -226,6 +226,19 @@ def test_pickle_keeps_nan_infinities_sets_bytes_and_tuples_exactly() -> None:
     assert [type(stored[key]) for key in value] == [set, bytes, tuple, float]
 
 
+def test_pickle_encodes_a_local_class_after_msgspec_converted_to_it() -> None:
+    @dataclasses.dataclass
+    class Local:
+        x: int
+
+    codec = get_codec("pickle")
+    codec.encode("k", Local(1))
+    assert msgspec.convert({"x": 1}, Local) == Local(1)  # caches its info on Local
+
+    assert codec.decode(codec.encode("k", Local(2))) == Local(2)
+    assert codec.decode_json(codec.encode_json("k", [Local(3)])) == [Local(3)]
+
+
 def test_pickle_refuses_what_it_cannot_pickle_naming_key_and_type() -> None:
     with pytest.raises(StorageError, match=r"'k'.*type lock"):
         get_codec("pickle").encode("k", threading.Lock())

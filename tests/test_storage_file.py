@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import enum
 import fcntl
 import gc
 import json
@@ -380,6 +381,30 @@ async def test_pickled_values_are_base64_strings_in_both_files(tmp_path: Path) -
     assert pickle.loads(base64.b64decode(data["a"])) == {1, 2}
     assert pickle.loads(base64.b64decode(line[0][2])) == Point(1, 2.0)
     assert on_disk(path, codec="pickle") == {"a": {1, 2}, "b": Point(1, 2.0)}
+
+
+async def test_a_local_class_read_with_a_typed_get_is_pickled_again(tmp_path: Path) -> None:
+    """A typed get leaves msgspec's cache on the class, which cloudpickle writes (the
+    class is pickled by value): the pickle codec leaves it out."""
+
+    @dataclasses.dataclass
+    class Local:
+        x: int
+
+    class Shade(enum.Enum):
+        DARK = "dark"
+
+    storage = FileStorage(tmp_path / "store.json", codec="pickle")
+    async with cf.open_engine() as engine, engine.open_store(storage) as store:
+        for key, value in (("point", Local(1)), ("shade", Shade.DARK)):
+            await store.set(key, value)
+            assert await store.get(key, type=type(value)) == value
+            await store.set(key, value)
+            assert await store.get(key) == value
+    reopened = FileStorage(tmp_path / "store.json", codec="pickle")
+    await reopened.open()
+    assert await reopened.get("point") == Local(1)
+    await reopened.aclose()
 
 
 # --- files written by someone else, or cut short by a crash -------------------------------

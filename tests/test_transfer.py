@@ -3,6 +3,7 @@ a worker's KeyboardInterrupt, and a worker that outlives its engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import cosmoflow_actors as cf
@@ -244,6 +246,36 @@ async def test_what_cannot_be_restored_in_a_worker_is_named(node: type[cf.Node],
     cause = info.value.__cause__
     assert isinstance(cause, RuntimeError) and str(cause) == "not here"
     assert f"raised while the worker process restored {what}" in cause.__notes__
+
+
+async def test_a_local_class_read_with_a_typed_get_crosses_to_a_worker_and_back() -> None:
+    """msgspec's cache on a class pickled by value (its typed gets and converts leave
+    it there, in the engine and in the worker) is left out of the node, the prep
+    result and exec's result."""
+
+    @dataclasses.dataclass
+    class Local:
+        x: int
+
+    class Doubles(cf.Node):
+        executor = "process"
+
+        async def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Local:
+            point: Local = await store.get("point", type=Local)
+            return point
+
+        def exec(self, point: Local, ctx: cf.ExecutionContext) -> Local:
+            return msgspec.convert({"x": point.x * 2}, type(point))
+
+        def post(
+            self, store: cf.SharedStore, prep_res: Any, exec_res: Any, ctx: cf.ExecutionContext
+        ) -> cf.Action:
+            return cf.Action.complete(exec_res)
+
+    assert msgspec.convert({"x": 0}, Local) == Local(0)  # before build() pickles the node
+    result = await single(Doubles()).run({"point": {"x": 2}})
+    assert result.result == Local(4)
+    assert type(result.result) is Local
 
 
 async def check_a_node_changed_after_build_is_named(executor: str) -> None:

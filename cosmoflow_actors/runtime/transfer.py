@@ -32,6 +32,7 @@ from typing import Any, Final, Literal, final
 import cloudpickle
 import outcome
 
+from cosmoflow_actors import pickling
 from cosmoflow_actors.context import ExecutionContext
 from cosmoflow_actors.errors import CosmoFlowError, error_text, type_and_message, with_article
 from cosmoflow_actors.node import Node
@@ -63,7 +64,7 @@ def pickled_node(node: Node, node_id: str) -> bytes:
     executor when it cannot be (it could at build(), but has changed since). Blocks
     while it pickles the node."""
     try:
-        pickled: bytes = cloudpickle.dumps(node)
+        pickled: bytes = pickling.dumps(node)
     except Exception as exc:
         raise WorkerTransferError(
             f"executor={node.executor!r} cannot send node {node_id!r} to a worker: "
@@ -91,7 +92,7 @@ def job(prep_res: Any, ctx: ExecutionContext, executor: WorkerKind) -> bytes:
     """The prep result and the context, pickled for a worker of ``executor``. Blocks
     while it pickles them: for a large prep result, long enough to stall the engine."""
     try:
-        pickled: bytes = cloudpickle.dumps((prep_res, ctx))
+        pickled: bytes = pickling.dumps((prep_res, ctx))
     except Exception as exc:
         what = "the context" if _pickles(prep_res) else f"the prep result ({_type_name(prep_res)})"
         raise WorkerTransferError(
@@ -175,7 +176,7 @@ def _unpickled_answer(what: str, pickled: bytes) -> outcome.Outcome[Any]:
 
 def _pickles(value: Any) -> bool:
     try:
-        cloudpickle.dumps(value)
+        pickling.dumps(value)
     except Exception:
         return False
     return True
@@ -259,12 +260,12 @@ def _sendable(result: outcome.Outcome[Any], worker: str) -> tuple[str, bytes]:
     assert isinstance(result, outcome.Value)
     what = f"exec returned {with_article(_type_name(result.value))}"
     try:
-        return what, cloudpickle.dumps(result)
+        return what, pickling.dumps(result)
     except Exception as exc:
         failed = WorkerTransferError(
             f"{what}, which cannot be sent back from {worker}: {type_and_message(exc)}"
         )
-        return f"exec raised {_type_name(failed)}", cloudpickle.dumps(outcome.Error(failed))
+        return f"exec raised {_type_name(failed)}", pickling.dumps(outcome.Error(failed))
 
 
 def _sendable_error(raised: BaseException, worker: str) -> tuple[str, bytes]:
@@ -276,7 +277,7 @@ def _sendable_error(raised: BaseException, worker: str) -> tuple[str, bytes]:
     note = f"exec's traceback in {worker}:\n{''.join(traceback.format_exception(raised))}"
     raised.add_note(note)
     try:
-        pickled: bytes = cloudpickle.dumps(outcome.Error(raised))
+        pickled: bytes = pickling.dumps(outcome.Error(raised))
         cloudpickle.loads(pickled)
     except Exception as exc:
         substitute = WorkerTransferError(
@@ -284,7 +285,7 @@ def _sendable_error(raised: BaseException, worker: str) -> tuple[str, bytes]:
             f"back from {worker}: {type_and_message(exc)}"
         )
         substitute.add_note(note)
-        return f"exec raised {_type_name(substitute)}", cloudpickle.dumps(outcome.Error(substitute))
+        return f"exec raised {_type_name(substitute)}", pickling.dumps(outcome.Error(substitute))
     return f"exec raised {_type_name(raised)}", pickled
 
 

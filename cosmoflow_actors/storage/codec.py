@@ -28,9 +28,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, Final, Literal, final
 
-import cloudpickle
 import msgspec
 
+from cosmoflow_actors import pickling
 from cosmoflow_actors.errors import StorageError, StoreValueError, UnreadableValueError
 
 CodecName = Literal["json", "pickle"]
@@ -66,7 +66,11 @@ def check_json_key(key: object) -> None:
 
 
 def utf8_key(key: str) -> bytes | None:
-    """Return ``key`` as UTF-8, or None when it cannot be encoded (so it is never stored)."""
+    """Return ``key`` as UTF-8, or None when it cannot be encoded or is not a ``str``
+    (so it is never stored: a lookup of a key of another type, through the Storage API
+    directly, finds nothing)."""
+    if not isinstance(key, str):
+        return None
     try:
         return key.encode()
     except UnicodeEncodeError:
@@ -289,7 +293,7 @@ class PickleCodec(Codec):
 
     def encode(self, key: str, value: Any) -> bytes:
         try:
-            data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            data = pickling.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # pickling reports failure with many exception types
             raise StoreValueError(
                 key, f"a value of type {type(value).__qualname__} cannot be pickled ({exc})"
