@@ -94,6 +94,56 @@ def test_inspect_shows_long_values_shortened(
     assert (tmp_path / "s.json").read_bytes() == before
 
 
+class ReprRaises:
+    """A value whose ``repr`` raises."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr here")
+
+
+def test_inspect_lists_a_value_it_cannot_show_as_such_and_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value read but whose repr or JSON text raises (an int longer than Python
+    converts to text, a ``__repr__`` that raises) is shown as one that cannot be shown;
+    every other value is listed, and the first such key named (status 2)."""
+    path = tmp_path / "s.db"
+
+    async def fill() -> None:
+        storage = cf.SQLiteStorage(path, codec="pickle")
+        for key, value in (("a", 1), ("big", 10**5000), ("odd", [ReprRaises()]), ("z", "end")):
+            await storage.set(key, value)
+        await storage.commit()
+        await storage.aclose()
+
+    trio.run(fill)
+    store = f"sqlite:{path}"
+    digits = "ValueError: Exceeds the limit (4300 digits) for integer string conversion"
+    assert main(["inspect", store, "--codec", "pickle"]) == 2
+    captured = capsys.readouterr()
+    assert table_row(captured.out, "a")[1:] == ["int", "1"]
+    assert table_row(captured.out, "big")[1:] == ["int", f"<cannot be shown: {digits}"[:59] + "…"]
+    assert table_row(captured.out, "odd")[1:] == [
+        "list",
+        "<cannot be shown: RuntimeError: no repr here>",
+    ]
+    assert table_row(captured.out, "z")[1:] == ["str", "'end'"]
+    assert captured.err.startswith(
+        f"cosmoflow: error: {store}: the value of 'big' cannot be shown (and 1 more): {digits}"
+    )
+    assert main(["inspect", store, "--codec", "pickle", "--json"]) == 2
+    captured = capsys.readouterr()
+    keys = json.loads(captured.out)["keys"]
+    assert keys["big"].startswith(f"<cannot be shown: {digits}")
+    assert keys | {"big": None} == {
+        "a": 1,
+        "big": None,
+        "odd": "<cannot be shown: RuntimeError: no repr here>",
+        "z": "end",
+    }
+    assert captured.err.count("\n") == 1
+
+
 def test_inspect_lists_the_durable_runs_of_a_store(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from typing import Any, Final
 
 from outcome import Outcome
@@ -13,11 +14,12 @@ from rich.table import Table
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow
-from cosmoflow_actors.cli.output import StdoutConsole, dump_json, plain
+from cosmoflow_actors.cli.output import StdoutConsole, dump_json, jsonable, plain
 from cosmoflow_actors.cli.run_view import peeked_run, read_run, view_json, view_lines
 from cosmoflow_actors.cli.signals import trio_run
 from cosmoflow_actors.cli.stores import (
     Unreadable,
+    Unshowable,
     described,
     existing_store,
     first_unreadable,
@@ -62,17 +64,18 @@ def inspect_command(args: argparse.Namespace) -> int:
         contents, runs = _peek(storage, args.codec or "json")
     else:
         contents, runs = trio_run(_read_store, name, storage)
+    shown = {key: _shown(value, as_json=args.json) for key, value in contents.items()}
     if args.json:
-        report = {"store": name, "keys": contents, "runs": [dataclasses.asdict(r) for r in runs]}
+        report = {"store": name, "keys": shown, "runs": [dataclasses.asdict(r) for r in runs]}
         print(dump_json(report))
     else:
         print(f"store: {name}")
         console = StdoutConsole(highlight=False)
         if not console.is_terminal:  # piped: a line holds a whole row, for grep and awk
             console.width = PIPED_WIDTH
-        console.print(_keys_table(contents))
+        console.print(_keys_table(contents, shown))
         console.print(_runs_table(runs))
-    problem = first_unreadable(name, contents)
+    problem = first_unreadable(name, shown)
     if problem is not None:
         raise CliError(problem)
     return 0
@@ -165,15 +168,36 @@ def _runs_table(runs: list[RunRecord]) -> Table:
     return table
 
 
-def _keys_table(contents: dict[str, Any]) -> Table:
+def _keys_table(contents: dict[str, Any], shown: dict[str, Any]) -> Table:
+    """The table of the keys of ``contents``, each value as :func:`_shown` shows it
+    (``shown``)."""
     table = Table(title=f"keys ({len(contents)})", title_justify="left")
     table.add_column("key", overflow="fold")
     table.add_column("type")
     table.add_column("value", overflow="fold")
     for key, value in contents.items():
         kind = "unreadable" if isinstance(value, Unreadable) else type(value).__name__
-        table.add_row(*plain(key, kind, _preview(value)))
+        text = shown[key]
+        table.add_row(*plain(key, kind, text if isinstance(text, str) else _preview(text)))
     return table
+
+
+def _shown(value: Any, as_json: bool) -> Any:
+    """What ``inspect`` shows of ``value``: its JSON form (``as_json``, see
+    :func:`~cosmoflow_actors.cli.output.jsonable`) or its ``repr`` cut to
+    :data:`PREVIEW_CHARS`. An Unreadable value is kept as it is; a value whose form
+    cannot be made (its ``repr`` or its conversion to JSON text raises: an int of more
+    digits than Python converts, a ``__repr__`` that raises) is Unshowable."""
+    if isinstance(value, Unreadable):
+        return value
+    try:
+        if as_json:
+            form = jsonable(value)
+            json.dumps(form)  # raises what printing the report would
+            return form
+        return _preview(value)
+    except Exception as exc:
+        return Unshowable(exc)
 
 
 def _preview(value: Any) -> str:

@@ -93,11 +93,11 @@ def plain(*cells: str) -> list[Text]:
 
 
 def dump_json(value: Any) -> str:
-    """``value`` as strict JSON, indented by 2 (see :func:`_jsonable`)."""
-    return json.dumps(_jsonable(value), indent=2, allow_nan=False)
+    """``value`` as strict JSON, indented by 2 (see :func:`jsonable`)."""
+    return json.dumps(jsonable(value), indent=2, allow_nan=False)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """``value`` with what JSON cannot hold replaced by its ``repr``: NaN and the
     infinities, the keys of a dict that has a key that is not str (see
     :func:`_json_keys`), and values of other types (a tuple is a list)."""
@@ -106,9 +106,9 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float):
         return value
     if isinstance(value, dict):
-        return dict(zip(_json_keys(value), map(_jsonable, value.values()), strict=True))
+        return dict(zip(_json_keys(value), map(jsonable, value.values()), strict=True))
     if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
+        return [jsonable(item) for item in value]
     return repr(value)
 
 

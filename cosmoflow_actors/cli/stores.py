@@ -426,12 +426,24 @@ class Unreadable:
         return type_and_message(self.error)
 
 
+@dataclass(frozen=True, slots=True)
+class Unshowable(Unreadable):
+    """In what the command shows of a store: a value that was read but cannot be shown,
+    its ``repr`` or its JSON form raising ``error`` (an int of more digits than Python
+    converts to text, a ``__repr__`` that raises)."""
+
+    def __repr__(self) -> str:
+        return f"<cannot be shown: {self.why}>"
+
+
 def first_unreadable(store: str, contents: dict[str, Any]) -> str | None:
-    """The line that names the first value of ``contents`` that could not be read (and
-    says how many more there are), or None when every value was read."""
+    """The line that names the first value of ``contents`` that could not be read or
+    shown (and says how many more there are), or None when every value was read and
+    shown."""
     bad = [(key, value) for key, value in contents.items() if isinstance(value, Unreadable)]
     if not bad:
         return None
     key, value = bad[0]
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-    return f"{store}: the value of {key!r} cannot be read{more}: {value.why}"
+    problem = "shown" if isinstance(value, Unshowable) else "read"
+    return f"{store}: the value of {key!r} cannot be {problem}{more}: {value.why}"
