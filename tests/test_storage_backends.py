@@ -337,6 +337,20 @@ async def test_non_str_key_raises_type_error(backend: Backend) -> None:
     assert await storage.size() == 0
 
 
+@pytest.mark.parametrize("chosen_backend", ["memory", "file", "sqlite", "redis"], indirect=True)
+async def test_a_non_str_key_is_missing(backend: Backend) -> None:
+    storage = await committed(backend, a=1)
+    await storage.set("b", 2)  # staged, on the backends that stage
+
+    for key in (1, b"a", None):
+        with pytest.raises(KeyError):
+            await storage.get(key)  # type: ignore[arg-type]
+        assert await storage.contains(key) is False  # type: ignore[arg-type]
+        assert await storage.delete(key) is False  # type: ignore[arg-type]
+        assert await storage.get_many([key, "a", "b"]) == {"a": 1, "b": 2}  # type: ignore[list-item]
+    assert sorted(await storage.keys()) == ["a", "b"]
+
+
 async def test_update_hook(backend: Backend) -> None:
     storage = await backend.instance()
 

@@ -24,6 +24,7 @@ from cosmoflow_actors.runtime.store_client import (
     lost_calls,
     unawaited,
 )
+from cosmoflow_actors.storage.base import RECORD_PREFIX
 from tests.support import in_run, single
 from tests.test_store_actor import FailingCommits
 
@@ -484,6 +485,27 @@ async def test_a_durable_steps_staged_handle_answers_as_a_plain_handle(tmp_path:
     assert result.result == plain
     stored = await in_run(lambda store: store.get_many(["old", "a", "after"]), cf.FileStorage(path))
     assert stored == memory == {"after": True}
+
+
+async def test_a_durable_steps_clear_leaves_the_engines_records_readable(tmp_path: Path) -> None:
+    """A clear staged in a durable step removes no key under RESERVED_PREFIX, in what
+    the step reads as in what its commit stores."""
+    record = f"{RECORD_PREFIX}first"
+
+    @cf.node
+    async def step(ctx: cf.ExecutionContext) -> cf.Action:
+        await ctx.store.set("mine", 1)
+        await ctx.store.clear()
+        seen = [await ctx.store.get(record, None) is not None, await ctx.store.contains(record)]
+        seen += [sorted(await ctx.store.get_many([record, "mine"]))]
+        return cf.Action.complete([*seen, await ctx.store.get("mine", None)])
+
+    storage = cf.FileStorage(tmp_path / "store.json")
+    flow = cf.Flow.builder("clears").add_node("step", step).build()
+    await flow.run(storage, run_id="first")
+    result = await flow.run(storage, run_id="second")
+    assert result.result == [True, True, [record], None]
+    assert await in_run(lambda store: store.contains(record), storage)
 
 
 async def test_a_durable_steps_keys_are_in_the_order_a_plain_step_sees(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import msgspec
 
 from cosmoflow_actors.errors import StorageError, StoreKeyError, StoreTypeError, StoreValueError
 from cosmoflow_actors.runtime.messages import StoreOp
-from cosmoflow_actors.storage.base import StagedOp, check_user_key
+from cosmoflow_actors.storage.base import RESERVED_PREFIX, StagedOp, check_user_key
 from cosmoflow_actors.storage.codec import CODECS, Codec, check_key
 from cosmoflow_actors.storage.memory import MemoryStorage
 
@@ -396,10 +396,12 @@ class Staging:
         return await handler(self, storage, key, argument)
 
     def _lookup(self, key: str) -> Any:
-        """The staged value, _ABSENT if the step removed it, else _UNKNOWN."""
+        """The staged value, _ABSENT if the step removed it, else _UNKNOWN. A clear
+        removes no key under RESERVED_PREFIX (the engine's records), as its commit does
+        not."""
         if key in self._values:
             return self._values[key]
-        return _ABSENT if self._cleared else _UNKNOWN
+        return _ABSENT if self._cleared and not key.startswith(RESERVED_PREFIX) else _UNKNOWN
 
     def _stage(self, op: StagedOp, key: str, value: Any) -> None:
         self.ops.append(op)
