@@ -572,6 +572,10 @@ class EventStream:
         if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
             raise ValueError(f"buffer must be an int >= 1, got {buffer!r}")
         self.buffer = buffer
+        # Lossless: unbounded here, bounded upstream. New runs and steps wait while the
+        # stream holds ``buffer`` events (``room``), so it holds at most ``buffer`` plus
+        # what the steps and runs already in flight then emit before they end (a step's
+        # Retry and Fallback events and its StepFinished, a run's end).
         capacity = buffer if room is None else math.inf
         self._send, self._receive = trio.open_memory_channel[Event](capacity)
         self._on_close: Callable[[EventStream], None] | None = on_close
