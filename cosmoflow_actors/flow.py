@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -28,6 +28,7 @@ from cosmoflow_actors.node import (
     pocketflow_problem,
     validate_config,
 )
+from cosmoflow_actors.validation import utf8_problem
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.store_client import SharedStore
@@ -129,38 +130,96 @@ class Flow:
 
     A flow can itself be a node of another flow (a nested flow): it runs on the parent
     run's store, and the name of its final action is routed in the parent.
+
+    Only ``build()`` makes a flow: calling ``Flow(...)`` raises TypeError. Setting or
+    deleting an attribute of a flow raises AttributeError: what build() validated is
+    what every run of it runs.
     """
 
-    def __init__(
-        self,
+    __slots__ = (
+        "__weakref__",
+        "_exits",
+        "_sources",
+        "_table",
+        "depth",
+        "joins",
+        "max_steps",
+        "name",
+        "nodes",
+        "routes",
+        "start_id",
+    )
+
+    name: str
+    nodes: Mapping[str, Node | Flow]
+    """The nodes by id, read-only."""
+    routes: tuple[Route, ...]
+    start_id: str
+    max_steps: int
+    joins: frozenset[str]
+    depth: int
+    """How many flows deep this flow nests: 1 when no node of it is a flow."""
+    _table: Mapping[tuple[str, str], tuple[Route, ...]]
+    _sources: frozenset[str]
+    _exits: tuple[str, ...] | None
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError(
+            "a Flow cannot be made directly, only by its builder, which validates it: "
+            "cf.Flow.builder(name).add_node(...).add_route(...).build()"
+        )
+
+    @classmethod
+    def _built(
+        cls,
         name: str,
         nodes: Mapping[str, Node | Flow],
         routes: tuple[Route, ...],
         start_id: str,
         max_steps: int,
         joins: frozenset[str] = frozenset(),
-    ) -> None:
-        self.name = name
-        # Read-only: a node swapped in after build() would bypass its validation.
-        self.nodes: Mapping[str, Node | Flow] = MappingProxyType(dict(nodes))
-        self.routes = routes
-        self.start_id = start_id
-        self.max_steps = max_steps
-        self.joins = joins
-        self.depth: int = 1 + max(
-            (node.depth for node in self.nodes.values() if isinstance(node, Flow)), default=0
-        )
-        """How many flows deep this flow nests: 1 when no node of it is a flow."""
+    ) -> Flow:
+        """The flow of parts that ``build()`` validated (or that a pickled flow had)."""
+        flow = object.__new__(cls)
         table: dict[tuple[str, str], list[Route]] = {}
         for route in routes:
             table.setdefault((route.source, route.action), []).append(route)
-        self._table = {key: tuple(candidates) for key, candidates in table.items()}
-        self._sources = frozenset(route.source for route in routes)
+        read_only_nodes = MappingProxyType(dict(nodes))
+        parts: dict[str, object] = {
+            "name": name,
+            "nodes": read_only_nodes,
+            "routes": routes,
+            "start_id": start_id,
+            "max_steps": max_steps,
+            "joins": joins,
+            "depth": 1
+            + max((node.depth for node in nodes.values() if isinstance(node, Flow)), default=0),
+            "_table": MappingProxyType({key: tuple(found) for key, found in table.items()}),
+            "_sources": frozenset(route.source for route in routes),
+        }
+        for attribute, value in parts.items():
+            object.__setattr__(flow, attribute, value)
+        # Once, here: a nested flow's exits are its own, computed when it was made, so
+        # a flow reused at every level of a deep nesting costs no more than once.
+        object.__setattr__(flow, "_exits", flow._find_exit_actions())
+        return flow
 
-    def __reduce__(self) -> tuple[type[Flow], tuple[Any, ...]]:
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(self._immutable(name))
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(self._immutable(name))
+
+    def _immutable(self, attribute: str) -> str:
+        return (
+            f"cannot change {attribute!r} of flow {self.name!r}: a flow is immutable once "
+            "built; build another with cf.Flow.builder(...)"
+        )
+
+    def __reduce__(self) -> tuple[Callable[..., Flow], tuple[Any, ...]]:
         """Pickle the flow from its parts (a read-only mapping cannot be pickled)."""
         parts = (self.name, dict(self.nodes), self.routes, self.start_id, self.max_steps)
-        return (Flow, (*parts, self.joins))
+        return (Flow._built, (*parts, self.joins))
 
     @staticmethod
     def builder(name: str) -> FlowBuilder:
@@ -172,8 +231,8 @@ class Flow:
         return self._table.get((node_id, action), ())
 
     def route_table(self) -> Mapping[tuple[str, str], tuple[Route, ...]]:
-        """Every route, by (source node, action), in the order added."""
-        return MappingProxyType(self._table)
+        """Every route, by (source node, action), in the order added (read-only)."""
+        return self._table
 
     def has_routes(self, node_id: str) -> bool:
         """Whether any route leaves ``node_id``."""
@@ -188,9 +247,13 @@ class Flow:
         routes after it as a nested flow): those of its routes to ``END`` and the exits
         of its nested flows without routes, in order; None when a node without routes
         may end it (with any action)."""
+        return self._exits
+
+    def _find_exit_actions(self) -> tuple[str, ...] | None:
+        """:meth:`exit_actions`, found from the routes and the nested flows' own."""
         actions = [route.action for route in self.routes if route.target is END]
         for node_id, node in self.nodes.items():
-            if self.has_routes(node_id):
+            if node_id in self._sources:  # has routes
                 continue
             inner = node.exit_actions() if isinstance(node, Flow) else None
             if inner is None:
@@ -313,6 +376,8 @@ class FlowBuilder:
                 f"node id {node_id!r} contains '/', which separates a flow's name from its "
                 "node ids (in statistics() and traces)"
             )
+        elif (unencodable := utf8_problem(node_id)) is not None:
+            self._problems.append(f"node id {node_id!r} {unencodable}")
         elif isinstance(node, Node | Flow):
             self._nodes[node_id] = node
         else:
@@ -326,6 +391,16 @@ class FlowBuilder:
             return f"node {node_id!r} is the class {value.__qualname__}, not an instance of it"
         if isinstance(value, type):
             return f"node {node_id!r} is the class {value.__qualname__}, not a Node or Flow"
+        if isinstance(value, FlowBuilder):
+            return (
+                f"node {node_id!r} is a FlowBuilder, not a Flow: call .build() on it and "
+                "add the flow it returns"
+            )
+        if value is END:
+            return (
+                f"node {node_id!r} is cf.END, the route target that ends a flow, not a node: "
+                "route to it with add_route(source, cf.END, action)"
+            )
         problem = f"node {node_id!r} is {with_article(type(value).__name__)}, not a Node or Flow"
         if _from_pocketflow(type(value)):
             problem += (
@@ -411,6 +486,8 @@ class FlowBuilder:
         problems += config_problems + self._nesting_problems() + self._exit_problems()
         if not isinstance(self._name, str) or not self._name:
             problems.append(f"the flow's name must be a non-empty str, got {self._name!r}")
+        elif (unencodable := utf8_problem(self._name)) is not None:
+            problems.append(f"the flow's name {self._name!r} {unencodable}")
         start = self._start if self._start is not None else next(iter(self._ids), None)
         if not self._ids:
             problems.append("the flow has no nodes")
@@ -425,7 +502,9 @@ class FlowBuilder:
         if problems or start is None:
             raise FlowValidationError(self._name, problems) from cause
         joins = frozenset(self._joins)
-        return Flow(self._name, self._nodes, tuple(self._routes), start, self._max_steps, joins)
+        return Flow._built(
+            self._name, self._nodes, tuple(self._routes), start, self._max_steps, joins
+        )
 
     def _nesting_problems(self) -> list[str]:
         """The nested flows that would nest this flow more than MAX_NESTING deep."""
@@ -577,6 +656,8 @@ def _settings_problem(node_id: str, node: Node) -> str | None:
     except ValueError as exc:
         return str(exc)
     problem = pocketflow_problem(getattr(node, "__dict__", {}))
+    if problem is None and isinstance(node, BatchFlow):
+        problem = _batch_flow_problem(node)
     return None if problem is None else f"node {node_id!r}: {problem}"
 
 
@@ -602,6 +683,24 @@ _NOT_FOR_BATCH_FLOW = (
 """Node config a BatchFlow would have to ignore, with the only value it accepts."""
 
 
+def _batch_flow_problem(node: BatchFlow) -> str | None:
+    """Which config or method that a BatchFlow would ignore ``node`` has, or None:
+    checked when it is made, by ``build()`` and when the engine registers its flow
+    (for config set on it after that)."""
+    unsupported = [name for name, default in _NOT_FOR_BATCH_FLOW if getattr(node, name) != default]
+    unsupported += [
+        name
+        for name in ("exec", "exec_fallback")
+        if getattr(type(node), name) is not getattr(Node, name)
+    ]
+    if not unsupported:
+        return None
+    return (
+        f"a BatchFlow runs child runs; it does not support {', '.join(unsupported)} "
+        "(set them on the sub-flow's nodes)"
+    )
+
+
 def _is_fan_out(target: object) -> TypeGuard[Sequence[str]]:
     """Whether ``target`` is a list (or other sequence) of node ids, each a str."""
     if not isinstance(target, Sequence) or isinstance(target, str | bytes | bytearray):
@@ -624,19 +723,9 @@ class BatchFlow(Node):
         if not isinstance(flow, Flow):
             raise TypeError(f"BatchFlow needs a built Flow, got {type(flow).__name__}")
         super().__init__(**config)
-        unsupported = [
-            name for name, default in _NOT_FOR_BATCH_FLOW if getattr(self, name) != default
-        ]
-        unsupported += [
-            name
-            for name in ("exec", "exec_fallback")
-            if getattr(type(self), name) is not getattr(Node, name)
-        ]
-        if unsupported:
-            raise ValueError(
-                f"{type(self).__qualname__}: a BatchFlow runs child runs; it does not "
-                f"support {', '.join(unsupported)} (set them on the sub-flow's nodes)"
-            )
+        problem = _batch_flow_problem(self)
+        if problem is not None:
+            raise ValueError(f"{type(self).__qualname__}: {problem}")
         self._flow = flow
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import reprlib
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import (
@@ -26,8 +27,7 @@ from typing import (
     overload,
 )
 
-import cloudpickle
-
+from cosmoflow_actors import pickling
 from cosmoflow_actors.action import Action
 from cosmoflow_actors.context import ExecutionContext
 
@@ -316,9 +316,9 @@ _PHASE_ARGUMENTS: Final = {
 
 
 def phase_problem(node: Node, *, batch: bool = False) -> str | None:
-    """Which phase method of ``node`` cannot take what the node actor passes it, or
-    cannot return a result (a generator function), or is missing while PocketFlow's
-    ``<phase>_async`` is there, or None; checked by ``Flow.build``.
+    """Which phase method of ``node`` is not callable, or cannot take what the node
+    actor passes it, or cannot return a result (a generator function), or is missing
+    while PocketFlow's ``<phase>_async`` is there, or None; checked by ``Flow.build``.
 
     With ``batch`` (a BatchNode or BatchFlow, whose prep returns an iterable of items),
     a plain generator prep is its items.
@@ -328,6 +328,11 @@ def phase_problem(node: Node, *, batch: bool = False) -> str | None:
         problem = _async_name_problem(node, name)
         if problem is not None:
             return problem
+        if not callable(method):
+            return (
+                f"{name} is {reprlib.repr(method)}, which cannot be called: it must be a "
+                f"method, {name}(self, {arguments})"
+            )
         problem = _generator_problem(name, method, items=batch and name == "prep")
         if problem is not None:
             return problem
@@ -399,7 +404,7 @@ def executor_problem(node: Node) -> tuple[str, Exception | None] | None:
             return "executor='ray' needs Ray: pip install 'cosmoflow-actors[ray]'", None
     if node.executor in ("process", "ray"):
         try:
-            cloudpickle.dumps(node)
+            pickling.dumps(node)
         except Exception as exc:
             return f"executor={node.executor!r} cannot send the node to a worker: {exc}", exc
     return None

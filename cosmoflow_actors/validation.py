@@ -57,10 +57,20 @@ def require_run_id(run_id: object) -> None:
     (a store or a queue keeps it as UTF-8: a lone surrogate cannot be)."""
     if not isinstance(run_id, str) or not run_id:
         raise ValueError(f"run_id must be a non-empty str, not {run_id!r}")
+    problem = utf8_problem(run_id)
+    if problem is not None:
+        raise ValueError(f"run_id {run_id!r} {problem}")
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why UTF-8 cannot encode ``text`` (a lone surrogate in it), as words to follow its
+    name ("cannot be encoded as UTF-8: ..."), or None. A store or a queue keeps run
+    ids, flow names and node ids as UTF-8."""
     try:
-        run_id.encode()
+        text.encode()
     except UnicodeEncodeError as exc:
-        raise ValueError(f"run_id {run_id!r} cannot be encoded as UTF-8: {exc.reason}") from exc
+        return f"cannot be encoded as UTF-8: {exc.reason}"
+    return None
 
 
 def checked_params(params: object) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from tests.support import (
     CHILDREN_OF_THE_LOOP,
     CHILDREN_ON_THE_BRANCHES,
     Recorder,
+    a_then_b,
     batch_flow_twice_in_a_loop,
     batch_flows_on_two_branches,
     refused,
@@ -150,6 +151,21 @@ def test_build_names_a_bad_flow_name_node_id_and_action() -> None:
     )
 
 
+def test_build_names_a_node_id_and_a_flow_name_utf_8_cannot_encode() -> None:
+    """A durable run keeps them as UTF-8: a lone surrogate failed it part-way."""
+    builder = (
+        cf.Flow.builder("f\udc00")
+        .add_node("a", Recorder("go"))
+        .add_node("b\ud800", Recorder())
+        .add_route("a", "b\ud800", "go")
+    )
+    error = refused(builder)
+    assert error.problems == (
+        "node id 'b\\ud800' cannot be encoded as UTF-8: surrogates not allowed",
+        "the flow's name 'f\\udc00' cannot be encoded as UTF-8: surrogates not allowed",
+    )
+
+
 @pytest.mark.parametrize("refused_node", ["x/y", "not a node"])
 def test_a_refused_node_is_named_once_not_also_as_missing_or_unreachable(
     refused_node: str,
@@ -193,6 +209,38 @@ def test_build_names_a_phase_method_the_engine_cannot_call() -> None:
     assert error.problems == (
         "node 'a': exec(prep_res) cannot be called as exec(prep_res, ctx)",
         "node 'b': post(store, ctx) cannot be called as post(store, prep_res, exec_res, ctx)",
+    )
+
+
+class NoPost(cf.Node):
+    post = None  # type: ignore[assignment]
+
+
+class NamedExec(cf.Node):
+    exec = "run"  # type: ignore[assignment]
+
+
+class ShadowedPrep(cf.Node):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prep = 42  # type: ignore[assignment,method-assign]
+
+
+def test_build_names_a_phase_that_cannot_be_called() -> None:
+    builder = (
+        cf.Flow.builder("f")
+        .add_node("a", NoPost())
+        .add_node("b", NamedExec())
+        .add_node("c", ShadowedPrep())
+        .add_route("a", "b")
+        .add_route("b", "c")
+    )
+    assert refused(builder).problems == (
+        "node 'a': post is None, which cannot be called: it must be a method, "
+        "post(self, store, prep_res, exec_res, ctx)",
+        "node 'b': exec is 'run', which cannot be called: it must be a method, "
+        "exec(self, prep_res, ctx)",
+        "node 'c': prep is 42, which cannot be called: it must be a method, prep(self, store, ctx)",
     )
 
 
@@ -359,6 +407,50 @@ def test_a_built_flows_nodes_are_read_only_and_it_still_pickles() -> None:
     assert list(copy.nodes) == ["a"] and copy.start_id == "a"
 
 
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [
+        ("nodes", {"a": Recorder()}),
+        ("start_id", "zzz"),
+        ("max_steps", "x"),
+        ("routes", ()),
+        ("name", 123),
+        ("joins", frozenset({"b"})),
+        ("depth", 0),
+        ("_table", {}),
+        ("anything_new", 1),
+    ],
+)
+def test_a_built_flow_is_immutable(attribute: str, value: Any) -> None:
+    """Changed after build(), a flow failed mid-run (KeyError, TypeError, RecursionError)."""
+    flow = a_then_b("f")
+    message = f"cannot change {attribute!r} of flow 'f': a flow is immutable once built"
+    with pytest.raises(AttributeError, match=message):
+        setattr(flow, attribute, value)
+    with pytest.raises(AttributeError, match=message):
+        delattr(flow, attribute)
+    with pytest.raises(TypeError):
+        flow.route_table()[("b", "default")] = ()  # type: ignore[index]
+    assert flow.run_sync().execution_path == ("a", "b")
+
+
+def test_a_flow_is_made_only_by_its_builder() -> None:
+    """Called directly, the constructor skipped build()'s checks: the run failed."""
+    with pytest.raises(TypeError, match=r"only by its builder.*cf\.Flow\.builder\(name\)"):
+        cf.Flow("f", {}, (), "a", 1000)
+
+
+def test_a_nested_flow_survives_pickling_whole() -> None:
+    inner = a_then_b("inner")
+    flow = cf.Flow.builder("outer").add_node("in", inner).build()
+    copy = pickle.loads(pickle.dumps(flow))
+    assert copy.depth == 2 and copy.exit_actions() is None
+    assert list(copy.route_table()) == []
+    with pytest.raises(AttributeError, match="immutable"):
+        copy.name = "other"
+    assert copy.run_sync().execution_path == ("a", "b")
+
+
 def test_validation_error_is_a_value_error() -> None:
     assert issubclass(cf.FlowValidationError, ValueError)
 
@@ -400,6 +492,18 @@ def test_a_node_class_is_refused_with_the_instance_to_add() -> None:
 
 class PocketFlowNode(pocketflow.AsyncNode):  # type: ignore[misc]
     """A node of PocketFlow, not ported."""
+
+
+def test_a_builder_or_end_added_as_a_node_is_named_for_what_it_is() -> None:
+    unbuilt = cf.Flow.builder("inner").add_node("x", Recorder())
+    builder = cf.Flow.builder("f").add_node("a", unbuilt)  # type: ignore[arg-type]
+    builder.add_node("b", cf.END).add_route("a", "b")  # type: ignore[arg-type]
+
+    assert refused(builder).problems == (
+        "node 'a' is a FlowBuilder, not a Flow: call .build() on it and add the flow it returns",
+        "node 'b' is cf.END, the route target that ends a flow, not a node: route to it "
+        "with add_route(source, cf.END, action)",
+    )
 
 
 def test_a_pocketflow_node_is_refused_with_where_to_port_it() -> None:
@@ -482,6 +586,37 @@ def test_exit_actions_are_those_of_the_routes_to_end_unless_a_node_has_no_routes
     assert _ending("f", routeless=_ending("inner", routeless=Recorder())).exit_actions() is None
     looping = cf.Flow.builder("f").add_node("a", Recorder()).add_route("a", "a").build()
     assert looping.exit_actions() == ()
+
+
+def test_a_flow_reused_on_both_branches_of_every_level_builds_walking_each_flow_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each level fans out to the level below twice, both without routes: 2**40 paths
+    to the leaf, 41 flows. build() found a level's exits by walking every path."""
+    calls = 0
+    exit_actions = cf.Flow.exit_actions
+
+    def counted(flow: cf.Flow) -> tuple[str, ...] | None:
+        nonlocal calls
+        calls += 1
+        assert calls < 10_000, "exit_actions walks every path through the nested flows"
+        return exit_actions(flow)
+
+    monkeypatch.setattr(cf.Flow, "exit_actions", counted)
+    flow = _ending("level0", "done")
+    levels = [flow]
+    for level in range(1, 41):
+        builder = cf.Flow.builder(f"level{level}").add_node("a", Recorder("go"))
+        builder.add_node("b", flow).add_node("c", flow).add_route("a", ["b", "c"], "go")
+        flow = builder.build()
+        levels.append(flow)
+    assert flow.depth == 41 and flows_within(flow) == levels[::-1]
+    assert flow.exit_actions() == ("done",)
+    error = refused(_parent(flow, "other"))
+    assert error.problems == (
+        "node 's' is flow 'level40', which ends only with action 'done' (its routes to "
+        "cf.END), but no route from 's' takes it",
+    )
 
 
 def _parent(inner: cf.Flow, *actions: str) -> cf.FlowBuilder:
@@ -820,6 +955,26 @@ def test_a_batch_flow_refuses_an_exec_it_would_never_call() -> None:
 
     with pytest.raises(ValueError, match="it does not support exec "):
         WithExec(file_flow())
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("timeout", 0.05),
+        ("max_retries", 3),
+        ("executor", "thread"),
+        ("rate_limit", (1, 10.0)),
+        ("max_exec_concurrency", 1),
+    ],
+)
+def test_build_refuses_batch_flow_config_set_after_it_is_made(setting: str, value: Any) -> None:
+    """Set after the BatchFlow was made, it passed build() and was silently ignored."""
+    batch = PerFile(file_flow())
+    setattr(batch, setting, value)
+    assert refused(cf.Flow.builder("f").add_node("each", batch)).problems == (
+        f"node 'each': a BatchFlow runs child runs; it does not support {setting} "
+        "(set them on the sub-flow's nodes)",
+    )
 
 
 class Waits(cf.Node):

@@ -240,3 +240,32 @@ async def test_config_set_on_a_node_after_build_is_checked_when_the_flow_is_regi
         assert node_actors(engine) == []
     assert info.value.flow_name == "inner"
     assert info.value.problems[0].startswith(f"node 'only': {problem}")
+
+
+class EachN(cf.BatchFlow):
+    """Runs its sub-flow once for each of n = 1 and 2."""
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        return [{"n": 1}, {"n": 2}]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("timeout", 0.05), ("executor", "process"), ("rate_limit", (1, 1.0))]
+)
+async def test_batch_flow_config_set_after_build_is_refused_when_the_flow_is_registered(
+    setting: str, value: Any
+) -> None:
+    """Before any step runs, with build()'s error (it was silently ignored)."""
+    child = Recorder()
+    batch = EachN(single(child, "child"))
+    outer = cf.Flow.builder("outer").add_node("each", batch).build()
+    setattr(batch, setting, value)
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.FlowValidationError) as info:
+            await engine.run(outer, {})
+        assert node_actors(engine) == []
+    assert info.value.flow_name == "outer"
+    assert info.value.problems == (
+        f"node 'each': a BatchFlow runs child runs; it does not support {setting} "
+        "(set them on the sub-flow's nodes)",
+    )

@@ -200,6 +200,20 @@ async def test_backoff_multiplies_the_delay_before_the_draw(
     assert all(0.5 - 1e-9 <= ratio <= 1.0 + 1e-9 for ratio in ratios)
 
 
+@pytest.mark.parametrize("jitter", [0.1, 1.0])
+async def test_a_delay_the_backoff_overflows_waits_forever_instead_of_failing(
+    jitter: float, autojump_clock: trio.abc.Clock
+) -> None:
+    """The second delay, 1e300 * 1e10, is an infinite float: the run waits on (its
+    draw was NaN, and trio's "deadline must not be NaN" replaced the exec's error)."""
+    node = Flaky(failures=3, max_retries=3, retry_delay=1e300, backoff=1e10, retry_jitter=jitter)
+    with trio.move_on_after(1e306) as waiting:
+        await single(node).run()
+    assert waiting.cancelled_caught
+    assert len(node.attempts) == 2
+    assert trio.current_time() >= 1e306
+
+
 class RateLimited(Exception):
     """What a client raises on an HTTP 429, with the server's Retry-After."""
 

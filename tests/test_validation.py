@@ -16,6 +16,7 @@ from cosmoflow_actors.validation import (
     require_positive,
     require_run_id,
     require_seconds,
+    utf8_problem,
 )
 
 
@@ -89,6 +90,11 @@ def test_a_run_id_is_a_non_empty_str(run_id: object) -> None:
     require_run_id("r-1")
     with pytest.raises(ValueError, match=f"run_id must be a non-empty str, not {run_id!r}"):
         require_run_id(run_id)
+
+
+def test_utf8_problem_names_what_utf_8_cannot_encode() -> None:
+    assert utf8_problem("id-ü-🙂") is None
+    assert utf8_problem("f\udc00") == "cannot be encoded as UTF-8: surrogates not allowed"
 
 
 def test_a_run_id_is_text_utf_8_can_encode() -> None:

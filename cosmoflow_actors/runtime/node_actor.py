@@ -736,7 +736,12 @@ class NodeActor(Actor[Step]):
 def _retry_wait(delay: float, jitter: float, error: Exception) -> float:
     """Seconds to wait before the attempt that follows ``error``: drawn uniformly from
     ``[delay * (1 - jitter), delay]``, and at least ``error.retry_after`` when that is a
-    finite number >= 0 (any other value, or an attribute that raises, is ignored)."""
+    finite number >= 0 (any other value, or an attribute that raises, is ignored).
+
+    A delay that the back-off made infinite (it overflowed a float) waits forever: the
+    draw would be NaN, which trio refuses as a deadline."""
+    if delay == math.inf:
+        return math.inf
     wait = random.uniform(delay * (1 - jitter), delay) if jitter else delay
     try:
         retry_after = getattr(error, "retry_after", None)
