@@ -544,6 +544,10 @@ class FlowBuilder:
                     f"route from {route.source!r}: an action must be a non-empty str, "
                     f"got {route.action!r}"
                 )
+            elif (unencodable := utf8_problem(route.action)) is not None:
+                problems.append(
+                    f"route from {route.source!r}: action {route.action!r} {unencodable}"
+                )
             if isinstance(route.target, tuple) and len(set(route.target)) != len(route.target):
                 problems.append(f"route from {route.source!r} fans out to a node twice")
             if isinstance(route.target, tuple) and not route.target:

@@ -166,6 +166,18 @@ def test_build_names_a_node_id_and_a_flow_name_utf_8_cannot_encode() -> None:
     )
 
 
+def test_build_names_a_route_action_utf_8_cannot_encode() -> None:
+    builder = (
+        cf.Flow.builder("f")
+        .add_node("a", Recorder())
+        .add_node("b", Recorder())
+        .add_route("a", "b", "go\udfff")
+    )
+    assert refused(builder).problems == (
+        "route from 'a': action 'go\\udfff' cannot be encoded as UTF-8: surrogates not allowed",
+    )
+
+
 @pytest.mark.parametrize("refused_node", ["x/y", "not a node"])
 def test_a_refused_node_is_named_once_not_also_as_missing_or_unreachable(
     refused_node: str,
