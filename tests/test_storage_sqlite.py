@@ -20,6 +20,7 @@ import trio
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.run_record import record_key
+from cosmoflow_actors.storage import sqlite as sqlite_backend
 from cosmoflow_actors.storage.sqlite import READ_BATCH, UPSERT_ROWS, SQLiteStorage, peek
 from tests.storage_suite import (
     file_size_limit,
@@ -131,7 +132,7 @@ async def test_get_many_is_one_worker_thread_call_of_one_query_per_read_batch(
 
     found = await storage.get_many(wanted)
 
-    assert calls == ["_fetch_keys"]
+    assert calls == ["_read"]
     assert len([sql for sql in statements if sql.startswith("SELECT")]) == 3
     assert list(found) == [key for key in reversed(stored_keys) if key != "k7"]
     assert found["k5"] == "staged"
@@ -738,6 +739,198 @@ async def test_an_exclusive_lock_elsewhere_fails_open_saying_the_file_is_locked(
     assert isinstance(info.value.__cause__, sqlite3.OperationalError)
     assert waited < BOUND
     assert await storage.get("other") == 1
+    await storage.aclose()
+
+
+# --- waiting for a lock in slices -------------------------------------------------------
+
+LONG_TIMEOUT = 30.0
+"""The ``timeout`` of a storage whose waits must end long before it runs out."""
+PROMPTLY = 1.0
+"""Seconds: how soon a cancelled call must be back, a slice (50 ms) with room to spare
+for a busy machine, and far short of :data:`LONG_TIMEOUT`."""
+
+
+def tries_of(storage: SQLiteStorage, prefix: str, *, wanted: int) -> trio.Event:
+    """An event set once the storage's connection has begun ``wanted`` statements that
+    start with ``prefix`` (tries to take a lock, each waiting up to a slice): the
+    trace callback runs in the worker thread as each statement begins."""
+    assert storage._connection is not None
+    begun = trio.Event()
+    tries: list[str] = []
+
+    def traced(sql: str) -> None:
+        if sql.startswith(prefix):
+            tries.append(sql)
+            if len(tries) == wanted:
+                trio.from_thread.run_sync(begun.set)
+
+    storage._connection.set_trace_callback(traced)
+    return begun
+
+
+def stored_keys(path: Path) -> list[str]:
+    """The keys committed to the database at ``path``, read by a plain connection."""
+    with database(path) as reader:
+        return [key for (key,) in reader.execute("SELECT key FROM cosmoflow_store")]
+
+
+async def cancelled_write(storage: SQLiteStorage, write: str) -> None:
+    """``write``, one of the storage's calls that take the write lock."""
+    if write == "commit":
+        await storage.commit()
+    elif write == "update":
+        await storage.update("n", lambda n: n + 1, 0)
+    elif write == "forget_record":
+        await storage.forget_record(record_key("r"), lambda record: None)
+    else:
+        await storage.commit_step([("set", "c", 3)], record_key("r"), {"steps": 1}, 0)
+
+
+@pytest.mark.parametrize("write", ["commit", "update", "forget_record", "commit_step"])
+async def test_a_write_cancelled_while_another_connection_holds_the_write_lock_leaves_at_once(
+    tmp_path: Path, write: str
+) -> None:
+    """SQLite's busy wait cannot be cut (``Connection.interrupt`` does not): the call
+    waits in tries of a slice, and the one of a cancelled caller gives up after the try
+    under way, not after the timeout. It wrote nothing, holds no transaction, and the
+    storage works on once the lock is free."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+    storage = SQLiteStorage(path, timeout=LONG_TIMEOUT)
+    await storage.open()
+    await storage.set("b", 2)
+    with trio.fail_after(LONG_TIMEOUT / 2), database(path) as other:
+        other.execute("BEGIN IMMEDIATE")
+        waiting = tries_of(storage, "BEGIN IMMEDIATE", wanted=2)  # a slice was refused
+        cancelled_at = 0.0
+        with trio.CancelScope() as scope:
+
+            async def cancel_once_waiting() -> None:
+                nonlocal cancelled_at
+                await waiting.wait()
+                cancelled_at = trio.current_time()
+                scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_once_waiting)
+                await cancelled_write(storage, write)
+        returned_at = trio.current_time()
+        other.execute("ROLLBACK")
+
+        assert scope.cancelled_caught
+        assert storage._connection is not None
+        assert not storage._connection.in_transaction
+        assert stored_keys(path) == ["a"]
+    assert returned_at - cancelled_at < PROMPTLY
+    storage._connection.set_trace_callback(None)
+    await storage.set("after", 1)
+    await storage.commit()
+    assert "after" in stored_keys(path)
+    await storage.aclose()
+
+
+async def test_an_open_cancelled_while_another_connection_holds_the_database_leaves_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening reads the schema, waiting for the lock in slices too: a cancelled open
+    leaves within one, with its connection closed; the next use opens afresh."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+    storage = SQLiteStorage(path, timeout=LONG_TIMEOUT)
+    waiting = trio.Event()
+    tries: list[sqlite3.Connection] = []
+    read_tables = sqlite_backend._tables
+
+    def noted(connection: sqlite3.Connection) -> dict[str, str | None]:
+        tries.append(connection)
+        if len(tries) == 2:
+            trio.from_thread.run_sync(waiting.set)
+        return read_tables(connection)
+
+    monkeypatch.setattr(sqlite_backend, "_tables", noted)
+    with trio.fail_after(LONG_TIMEOUT / 2), database(path) as other:
+        other.execute("PRAGMA locking_mode = EXCLUSIVE")
+        other.execute("BEGIN EXCLUSIVE")
+        cancelled_at = 0.0
+        with trio.CancelScope() as scope:
+
+            async def cancel_once_waiting() -> None:
+                nonlocal cancelled_at
+                await waiting.wait()
+                cancelled_at = trio.current_time()
+                scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_once_waiting)
+                await storage.open()
+        returned_at = trio.current_time()
+        other.execute("ROLLBACK")
+        other.execute("PRAGMA locking_mode = NORMAL")
+
+    assert returned_at - cancelled_at < PROMPTLY
+    assert scope.cancelled_caught
+    assert storage._connection is None
+    assert id(tries[0]) not in sqlite_backend._open_here  # closed
+    monkeypatch.undo()
+    assert await storage.get("a") == 1
+    await storage.aclose()
+
+
+async def test_a_write_lock_released_during_the_wait_is_taken_and_the_write_succeeds(
+    tmp_path: Path,
+) -> None:
+    """The lock is let go after a whole slice of waiting for it: the next try takes it,
+    long before the timeout."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+    storage = SQLiteStorage(path, timeout=LONG_TIMEOUT)
+    await storage.open()
+    await storage.set("b", 2)
+    with trio.fail_after(LONG_TIMEOUT / 2), database(path) as other:
+        other.execute("BEGIN IMMEDIATE")
+        waiting = tries_of(storage, "BEGIN IMMEDIATE", wanted=2)
+        async with trio.open_nursery() as nursery:
+
+            async def release_once_waiting() -> None:
+                await waiting.wait()
+                other.execute("ROLLBACK")
+
+            nursery.start_soon(release_once_waiting)
+            start = trio.current_time()
+            await storage.commit()
+
+    assert trio.current_time() - start < LONG_TIMEOUT / 2
+    assert stored_keys(path) == ["a", "b"]
+    await storage.aclose()
+
+
+async def test_a_write_lock_held_past_the_timeout_fails_saying_the_file_is_locked(
+    tmp_path: Path,
+) -> None:
+    """Waiting in slices changes nothing for a lock that outlasts ``timeout``: the call
+    fails after it, saying so, the staged writes dropped as before; the connection
+    waits a slice a try again after."""
+    path = tmp_path / "store.db"
+    await (await stored(path, a=1)).aclose()
+    storage = SQLiteStorage(path, timeout=TIMEOUT)
+    await storage.set("b", 2)
+    with trio.fail_after(BOUND * 4), database(path) as other:
+        other.execute("BEGIN IMMEDIATE")
+        start = trio.current_time()
+        with pytest.raises(cf.StorageError) as info:
+            await storage.commit()
+        waited = trio.current_time() - start
+        other.execute("ROLLBACK")
+
+    assert str(info.value).startswith(f"{path} is locked by another connection")
+    assert "gave up waiting for it (timeout=1 s): database is locked" in str(info.value)
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert TIMEOUT * 0.9 <= waited < BOUND
+    assert storage._connection is not None
+    assert storage._connection.execute("PRAGMA busy_timeout").fetchone() == (50,)
+    await storage.commit()
+    assert stored_keys(path) == ["a"]
     await storage.aclose()
 
 

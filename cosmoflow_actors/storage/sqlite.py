@@ -7,12 +7,13 @@ import functools
 import os
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, Generic, TypeVar, final
 
 import outcome
 import trio
@@ -44,9 +45,14 @@ SCHEMA: Final = {
     STORE_TABLE: f"CREATE TABLE {STORE_TABLE} (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL)",
     META_TABLE: f"CREATE TABLE {META_TABLE} (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
 }
-WAL_RETRY_SECONDS: Final = 0.005
-"""How long opening waits before it tries the switch to WAL mode again (see
-:func:`_switch_to_wal`)."""
+LOCK_WAIT_SLICE: Final = 0.05
+"""Seconds: the connections' busy timeout, how long SQLite waits for another connection's
+lock before it gives up. A call waits for a lock in tries of one slice each, until its
+``timeout`` has passed or its caller was cancelled (see :func:`_retrying`)."""
+LOCK_RETRY_SECONDS: Final = 0.005
+"""How long a call waits before it tries again for a lock that SQLite refused at once,
+without waiting (as when two connections switch a new database to WAL mode at once: no
+busy handler is called there)."""
 
 UPSERT_ROWS: Final = 200
 """Most rows one INSERT upserts: 400 parameters, under the 999 of SQLite before 3.32."""
@@ -173,14 +179,18 @@ class SQLiteStorage(DatabaseStorage):
     ``timeout`` (seconds, >= 0) is how long :meth:`open` waits for other connections' locks
     in all, and so do the calls that write between two commits (a batch of the store
     actor): an :meth:`update` that waited 3 of 5 s leaves 2 s to the :meth:`commit`
-    after it. A call that runs out of time raises
-    :class:`~cosmoflow_actors.StorageError` saying the file is locked, with the
-    ``sqlite3`` error as ``__cause__``.
+    after it. A read waits up to ``timeout`` on its own (in WAL mode a read waits only
+    for a connection that holds the database exclusively or is recovering it). A call
+    that runs out of time raises :class:`~cosmoflow_actors.StorageError` saying the file
+    is locked, with the ``sqlite3`` error as ``__cause__``.
 
-    Every call to the database runs in a worker thread (``trio.to_thread``, one at a
-    time per instance), which cancellation does not interrupt. :meth:`set` and staged
-    reads block nothing. The connection is opened by :meth:`open` and closed by
-    :meth:`aclose`.
+    Every call to the database runs in a worker thread (``trio.to_thread``, one call at
+    a time per instance). Cancellation does not interrupt a call, except while it waits
+    for another connection's lock: it waits in tries of :data:`LOCK_WAIT_SLICE` (50 ms),
+    and the call of a cancelled caller gives up at the end of the try under way, having
+    written nothing, before its caller raises ``Cancelled``. A write that holds the lock
+    runs to its end. :meth:`set` and staged reads block nothing. The connection is
+    opened by :meth:`open` and closed by :meth:`aclose`.
     """
 
     def __init__(
@@ -249,7 +259,7 @@ class SQLiteStorage(DatabaseStorage):
     async def _read_many(self, keys: list[str]) -> dict[str, bytes]:
         """One query per :data:`READ_BATCH` keys, all in one call to the worker thread."""
         connection = await self._connected()
-        rows = await self._in_thread(_fetch_keys, connection, keys)
+        rows = await self._in_thread(_read, connection, self._timeout, _fetch_keys, keys)
         where = repr(self)
         return {key: _as_bytes(where, key, value) for key, value in rows}
 
@@ -264,7 +274,9 @@ class SQLiteStorage(DatabaseStorage):
         writes are dropped and :class:`~cosmoflow_actors.StorageError` names the file,
         with the ``sqlite3`` error as ``__cause__``. So it is, before ``COMMIT``, when
         the file this instance opened is no longer at its path (removed or replaced):
-        the connection would commit to a file that no later open finds.
+        the connection would commit to a file that no later open finds. A commit
+        cancelled while it waits for another connection's write lock stops waiting
+        within :data:`LOCK_WAIT_SLICE`, writes nothing and drops the staged writes too.
         """
         connection = self._connection
         try:
@@ -273,8 +285,6 @@ class SQLiteStorage(DatabaseStorage):
                 self._staged.reset()
                 connection = await self._connected()
                 await self._in_thread(_write, connection, self._opened_file, ops, self._waits)
-            elif connection is not None and self._waits.shortened:
-                await self._in_thread(self._waits.restore, connection)
         finally:
             self._waits.forget()  # the next batch waits for locks afresh
 
@@ -356,6 +366,7 @@ class SQLiteStorage(DatabaseStorage):
 
     def _write_step(
         self,
+        stop: threading.Event,
         connection: sqlite3.Connection,
         ops: list[StagedOp],
         record_key: str,
@@ -363,7 +374,7 @@ class SQLiteStorage(DatabaseStorage):
         steps_before: int,
     ) -> None:
         """:meth:`commit_step`'s transaction (blocks)."""
-        with _atomically(connection, self._opened_file, self._waits):
+        with _atomically(stop, connection, self._opened_file, self._waits):
             _apply(connection, self._staged.ops)
             check_steps(record_key, self._stored(connection, record_key, None), steps_before)
             for kind, key, argument in ops:
@@ -402,7 +413,7 @@ class SQLiteStorage(DatabaseStorage):
         connection, self._connection = self._connection, None
         self._file = None
         if connection is not None:
-            await self._in_thread(connection.close)
+            await self._in_thread(_close, connection)
 
     async def _connected(self) -> sqlite3.Connection:
         """Return the connection, opening the database the first time; StorageError for
@@ -423,18 +434,38 @@ class SQLiteStorage(DatabaseStorage):
 
     async def _query(self, sql: str, *parameters: Any) -> Any:
         connection = await self._connected()
-        return await self._in_thread(_fetch_one, connection, sql, parameters)
+        return await self._in_thread(_read, connection, self._timeout, _fetch_one, sql, parameters)
 
     async def _query_all(self, sql: str, *parameters: Any) -> list[Any]:
         connection = await self._connected()
-        return await self._in_thread(_fetch_all, connection, sql, parameters)
+        return await self._in_thread(_read, connection, self._timeout, _fetch_all, sql, parameters)
 
     async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
-        """Run ``function(*args)`` in this instance's worker thread; sqlite3 errors become
-        StorageError naming the file (see :func:`_translated`)."""
-        return await trio.to_thread.run_sync(
-            _translated, self._path, self._timeout, function, *args, limiter=self._limiter
-        )
+        """Return ``function(stop, *args)``, run in a worker thread as this instance's
+        only call in flight; sqlite3 errors become StorageError naming the file (see
+        :func:`_translated`).
+
+        ``stop`` is a :class:`threading.Event`, set when the caller is cancelled. The
+        caller waits for the call even then (shielded), so that no thread uses the
+        connection once its caller has moved on: a wait for another connection's lock
+        checks ``stop`` after each try of :data:`LOCK_WAIT_SLICE` and gives up (see
+        :func:`_retrying`), and the caller raises ``Cancelled``. A call that runs to its
+        end (a commit that holds the lock, a read) returns what it returned or raises
+        what it raised, and the cancellation comes at the caller's next checkpoint, as
+        with ``trio.to_thread.run_sync``'s default. A caller cancelled before the thread
+        began never makes the call.
+        """
+        path, timeout = self._path, self._timeout
+        call = _Call(lambda stop: _translated(path, timeout, function, stop, *args))
+        try:
+            return await trio.to_thread.run_sync(
+                call.run, limiter=self._limiter, abandon_on_cancel=True
+            )
+        except trio.Cancelled:
+            returned = await call.stopped()
+            if returned is None or _gave_up(returned):
+                raise
+        return returned.unwrap()
 
 
 def _translated(path: Path, timeout: float, function: Callable[..., T], *args: Any) -> T:
@@ -462,52 +493,160 @@ def _failure(path: Path, timeout: float, exc: sqlite3.Error) -> StorageError:
     return StorageError(f"{path}: {_described(exc)}")
 
 
+@final
+class _Call(Generic[T]):
+    """A call for an instance's worker thread, made with a :class:`threading.Event`,
+    :attr:`stop`, that its caller sets once it is cancelled (see
+    :meth:`SQLiteStorage._in_thread`)."""
+
+    __slots__ = ("_call", "_finished", "_outcome", "_returned", "_started", "_token", "stop")
+
+    def __init__(self, call: Callable[[threading.Event], T]) -> None:
+        self._call = call
+        self.stop = threading.Event()
+        self._started = threading.Event()
+        self._finished = threading.Event()
+        self._outcome: outcome.Outcome[T] | None = None
+        """What the call returned or raised, once :attr:`_finished` is set."""
+        self._returned = trio.Event()
+        """Set in trio's thread when the call finished with :attr:`stop` set."""
+        self._token = trio.lowlevel.current_trio_token()
+
+    def run(self) -> T:
+        """Make the call (in the worker thread; blocks); raise :class:`_Stopped` without
+        making it when :attr:`stop` is set already."""
+        self._started.set()
+        try:
+            if self.stop.is_set():
+                raise _Stopped
+            value = self._call(self.stop)
+        except BaseException as exc:
+            self._outcome = outcome.Error(exc)
+            raise
+        else:
+            self._outcome = outcome.Value(value)
+            return value
+        finally:
+            self._finished.set()
+            if self.stop.is_set():  # its caller may wait for it: see stopped
+                with suppress(trio.RunFinishedError):  # a caller that did not wait
+                    self._token.run_sync_soon(self._returned.set)
+
+    async def stopped(self) -> outcome.Outcome[T] | None:
+        """Set :attr:`stop`, then wait (shielded) until the call has finished, if the
+        thread began it; return what it returned or raised, None when the thread has not
+        begun (then it never makes the call). :meth:`run` sets ``_finished`` before it
+        reads ``stop``, and this sets ``stop`` before it reads ``_finished``: one of
+        them sees the other's, so the wait ends."""
+        self.stop.set()
+        if not self._started.is_set():
+            return None
+        if not self._finished.is_set():
+            with trio.CancelScope(shield=True):
+                await self._returned.wait()
+        return self._outcome
+
+
+def _gave_up(returned: outcome.Outcome[Any]) -> bool:
+    """Whether a call stopped waiting for a lock because its caller was cancelled."""
+    return isinstance(returned, outcome.Error) and isinstance(returned.error, _Stopped)
+
+
+class _Stopped(Exception):
+    """Raised in a worker thread that gave up waiting for a lock because its caller was
+    cancelled (see :func:`_retrying`); the caller raises ``Cancelled`` instead."""
+
+
+def _retrying(
+    stop: threading.Event,
+    connection: sqlite3.Connection,
+    deadline: float,
+    action: Callable[..., T],
+    *args: Any,
+) -> T:
+    """Return ``action(connection, *args)``, tried again while another connection holds
+    a lock it needs, until ``deadline`` (``time.monotonic``): then the last try's error
+    is raised. Raises :class:`_Stopped` once ``stop`` is set (blocks).
+
+    SQLite waits for a lock in its busy handler, which nothing cuts short
+    (``Connection.interrupt`` does not): so each try waits no longer than
+    :data:`LOCK_WAIT_SLICE`, the connection's busy timeout (less when ``deadline`` is
+    nearer), and the thread checks ``stop`` after each. A try refused sooner than its
+    wait (SQLite calls no busy handler in some cases) is tried again after
+    :data:`LOCK_RETRY_SECONDS`. ``action`` must leave nothing behind when it fails: a
+    read, a ``BEGIN``, a pragma. The connection's busy timeout is the slice again after.
+    """
+    busy = LOCK_WAIT_SLICE
+    try:
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if left < busy:  # the last try waits no longer than the deadline
+                busy = left
+                _set_busy_timeout(connection, busy)
+            tried = time.monotonic()
+            try:
+                return action(connection, *args)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or (time.monotonic() >= deadline and not stop.is_set()):
+                    raise
+            refused_at_once = time.monotonic() - tried < busy
+            if stop.wait(LOCK_RETRY_SECONDS if refused_at_once else 0.0):
+                raise _Stopped
+    finally:
+        if busy != LOCK_WAIT_SLICE:
+            _set_busy_timeout(connection, LOCK_WAIT_SLICE)
+
+
+def _read(
+    stop: threading.Event,
+    connection: sqlite3.Connection,
+    timeout: float,
+    fetch: Callable[..., T],
+    *args: Any,
+) -> T:
+    """Return ``fetch(connection, *args)``, a read, waiting for another connection's
+    lock up to ``timeout`` seconds (see :func:`_retrying`; blocks)."""
+    return _retrying(stop, connection, time.monotonic() + timeout, fetch, *args)
+
+
+def _close(stop: threading.Event, connection: sqlite3.Connection) -> None:
+    """Close the connection (blocks; waits for no lock)."""
+    connection.close()
+
+
 class _LockWaits:
     """How long the writes of one batch (up to :meth:`SQLiteStorage.commit`) may still
-    wait for other connections' locks: ``timeout`` seconds in all.
+    wait for another connection's write lock: ``timeout`` seconds in all.
 
-    Each ``BEGIN IMMEDIATE`` of the batch gets what the ones before it left (as the
-    connection's busy timeout), and :meth:`SQLiteStorage.commit` gives the next batch
-    the whole timeout again. Used in the instance's worker thread, one call at a time.
+    Each ``BEGIN IMMEDIATE`` of the batch gets what the ones before it left, and
+    :meth:`SQLiteStorage.commit` gives the next batch the whole timeout again. Used in
+    the instance's worker thread, one call at a time.
     """
 
-    __slots__ = ("_busy_ms", "_timeout", "_waited")
+    __slots__ = ("_timeout", "_waited")
 
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout
         self._waited = 0.0
-        self._busy_ms = _milliseconds(timeout)
-        """The connection's busy timeout: the whole timeout, unless :meth:`begin`
-        shortened it."""
 
-    @property
-    def shortened(self) -> bool:
-        """Whether the connection's busy timeout is shorter than the whole timeout."""
-        return self._busy_ms != _milliseconds(self._timeout)
-
-    def begin(self, connection: sqlite3.Connection) -> None:
+    def begin(self, stop: threading.Event, connection: sqlite3.Connection) -> None:
         """``BEGIN IMMEDIATE``, waiting for another writer no longer than the batch has
-        left (blocks)."""
-        self._wait_at_most(connection, self._timeout - self._waited)
+        left, in tries of :data:`LOCK_WAIT_SLICE` until ``stop`` is set (see
+        :func:`_retrying`; blocks)."""
         start = time.monotonic()
         try:
-            connection.execute("BEGIN IMMEDIATE")
+            _retrying(stop, connection, start + self._timeout - self._waited, _begin_immediate)
         finally:
             self._waited += time.monotonic() - start
-
-    def restore(self, connection: sqlite3.Connection) -> None:
-        """Give the connection's busy timeout back the whole timeout (blocks)."""
-        self._wait_at_most(connection, self._timeout)
 
     def forget(self) -> None:
         """Start a new batch: nothing waited yet. Does not block."""
         self._waited = 0.0
 
-    def _wait_at_most(self, connection: sqlite3.Connection, seconds: float) -> None:
-        milliseconds = _milliseconds(seconds)
-        if milliseconds != self._busy_ms:
-            _set_busy_timeout(connection, seconds)
-            self._busy_ms = milliseconds
+
+def _begin_immediate(connection: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE``: take the write lock (blocks up to the busy timeout)."""
+    connection.execute("BEGIN IMMEDIATE")
 
 
 def _milliseconds(seconds: float) -> int:
@@ -557,6 +696,13 @@ def _is_locked(exc: sqlite3.Error) -> bool:
     """Whether ``exc`` says that another connection holds the lock that was needed."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` is SQLITE_BUSY (an extended code too): another connection holds
+    a lock that was needed, and a later try may get it."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
 
 
 def _text_key(where: str, key: object) -> str:
@@ -615,25 +761,28 @@ def _fetch_all(
     return connection.execute(sql, parameters).fetchall()
 
 
-def _connect(path: Path, codec: Codec, timeout: float) -> tuple[sqlite3.Connection, _DatabaseFile]:
+def _connect(
+    stop: threading.Event, path: Path, codec: Codec, timeout: float
+) -> tuple[sqlite3.Connection, _DatabaseFile]:
     """Open (or create) the database and check it is a store of ours (blocks), waiting
-    for other connections' locks ``timeout`` seconds in all; return the connection and
-    the file it opened. An sqlite3 error checking it is raised as StorageError (see
-    :func:`_failure`), described before the connection closes."""
+    for other connections' locks ``timeout`` seconds in all, until ``stop`` is set (see
+    :func:`_retrying`); return the connection, whose busy timeout is
+    :data:`LOCK_WAIT_SLICE`, and the file it opened. An sqlite3 error checking it is
+    raised as StorageError (see :func:`_failure`), described before the connection
+    closes."""
     deadline = time.monotonic() + timeout
     _refuse_unusable(path)
     _refuse_if_open_at_fork(path)
     _create_private(path)
     connection = sqlite3.connect(
         path,
-        timeout=timeout,
+        timeout=LOCK_WAIT_SLICE,
         isolation_level=None,
         check_same_thread=False,
         factory=_TrackedConnection,
     )
     try:
-        _prepare(connection, path, codec, deadline)
-        _set_busy_timeout(connection, timeout)
+        _prepare(stop, connection, path, codec, deadline)
         opened = _DatabaseFile.at(path)
     except sqlite3.Error as exc:
         failure = _failure(path, timeout, exc)  # while the connection holds its files
@@ -695,20 +844,26 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def _prepare(connection: sqlite3.Connection, path: Path, codec: Codec, deadline: float) -> None:
+def _prepare(
+    stop: threading.Event,
+    connection: sqlite3.Connection,
+    path: Path,
+    codec: Codec,
+    deadline: float,
+) -> None:
     """Check the schema without writing; then switch to WAL and create what is missing.
-    Each step waits for other connections' locks until ``deadline`` (``time.monotonic``)."""
-    tables = _tables(connection)
+    Each step waits for other connections' locks until ``deadline`` (``time.monotonic``)
+    or until ``stop`` is set (see :func:`_retrying`)."""
+    tables = _retrying(stop, connection, deadline, _tables)
     if tables:
-        _check_store(connection, path, codec, tables)
+        _retrying(stop, connection, deadline, _check_store, path, codec, tables)
     _check_writable(path)
-    mode = _switch_to_wal(connection, deadline)
+    mode = _retrying(stop, connection, deadline, _switch_to_wal)
     if mode != "wal":
         raise StorageError(f"{path}: cannot switch to WAL mode (journal mode is {mode!r})")
     connection.execute("PRAGMA synchronous = FULL")
     if not tables:
-        _set_busy_timeout(connection, deadline - time.monotonic())
-        _create_schema(connection, path, codec)
+        _create_schema(stop, connection, path, codec, deadline)
 
 
 def _check_writable(path: Path) -> None:
@@ -734,23 +889,15 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
 
 
-def _switch_to_wal(connection: sqlite3.Connection, deadline: float) -> str:
+def _switch_to_wal(connection: sqlite3.Connection) -> str:
     """Switch the database to WAL mode; return the journal mode it is in (blocks).
 
     Two connections switching a new database at once make one of them fail at once with
-    SQLITE_BUSY (SQLite calls no busy handler there): it tries again every
-    :data:`WAL_RETRY_SECONDS` until ``deadline``, each try waiting for a lock no longer
-    than that.
+    SQLITE_BUSY (SQLite calls no busy handler there): :func:`_retrying` tries it again
+    after :data:`LOCK_RETRY_SECONDS`.
     """
-    while True:
-        _set_busy_timeout(connection, deadline - time.monotonic())
-        try:
-            mode: str = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            return mode
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
-                raise
-        time.sleep(WAL_RETRY_SECONDS)
+    mode: str = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    return mode
 
 
 def _tables(connection: sqlite3.Connection) -> dict[str, str | None]:
@@ -780,9 +927,17 @@ def _check_meta(connection: sqlite3.Connection, path: Path, codec: Codec) -> Non
     check_database_meta(str(path), meta, codec)
 
 
-def _create_schema(connection: sqlite3.Connection, path: Path, codec: Codec) -> None:
-    """Create the tables, unless another process created them since they were checked."""
-    connection.execute("BEGIN IMMEDIATE")
+def _create_schema(
+    stop: threading.Event,
+    connection: sqlite3.Connection,
+    path: Path,
+    codec: Codec,
+    deadline: float,
+) -> None:
+    """Create the tables, unless another process created them since they were checked;
+    ``BEGIN IMMEDIATE`` waits for another writer until ``deadline`` or ``stop`` (see
+    :func:`_retrying`)."""
+    _retrying(stop, connection, deadline, _begin_immediate)
     try:
         tables = _tables(connection)
         if tables:
@@ -801,34 +956,34 @@ def _create_schema(connection: sqlite3.Connection, path: Path, codec: Codec) -> 
 
 
 def _write(
-    connection: sqlite3.Connection, file: _DatabaseFile, ops: list[Op[bytes]], waits: _LockWaits
+    stop: threading.Event,
+    connection: sqlite3.Connection,
+    file: _DatabaseFile,
+    ops: list[Op[bytes]],
+    waits: _LockWaits,
 ) -> None:
     """Apply ``ops`` in the open transaction (or a new one) and commit it, if ``file`` is
-    still at its path (blocks); roll it all back on failure. Ends the batch: the busy
-    timeout is whole again."""
-    try:
-        with _transaction(connection, file, waits):
-            _apply(connection, ops)
-    finally:
-        waits.restore(connection)
+    still at its path (blocks); roll it all back on failure."""
+    with _transaction(stop, connection, file, waits):
+        _apply(connection, ops)
 
 
-def _begin(connection: sqlite3.Connection, waits: _LockWaits) -> None:
+def _begin(stop: threading.Event, connection: sqlite3.Connection, waits: _LockWaits) -> None:
     """``BEGIN IMMEDIATE`` unless a transaction is open (blocks while another process
-    writes, up to what the batch has left of the timeout)."""
+    writes, up to what the batch has left of the timeout or until ``stop`` is set)."""
     if not connection.in_transaction:
-        waits.begin(connection)
+        waits.begin(stop, connection)
 
 
 @contextmanager
 def _atomically(
-    connection: sqlite3.Connection, file: _DatabaseFile, waits: _LockWaits
+    stop: threading.Event, connection: sqlite3.Connection, file: _DatabaseFile, waits: _LockWaits
 ) -> Iterator[None]:
     """A transaction of its own (``BEGIN IMMEDIATE`` ... ``COMMIT``, see
     :func:`_transaction`), or a savepoint of the open one; rolled back on failure
     (blocks)."""
     if not connection.in_transaction:
-        with _transaction(connection, file, waits):
+        with _transaction(stop, connection, file, waits):
             yield
         return
     connection.execute("SAVEPOINT step")
@@ -843,11 +998,12 @@ def _atomically(
 
 @contextmanager
 def _transaction(
-    connection: sqlite3.Connection, file: _DatabaseFile, waits: _LockWaits
+    stop: threading.Event, connection: sqlite3.Connection, file: _DatabaseFile, waits: _LockWaits
 ) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` (unless an update opened the transaction), then ``COMMIT`` if
+    """``BEGIN IMMEDIATE`` (unless an update opened the transaction; it waits for
+    another writer until the batch's time is up or ``stop`` is set), then ``COMMIT`` if
     ``file`` is still at its path, or a rollback on failure (blocks)."""
-    _begin(connection, waits)
+    _begin(stop, connection, waits)
     try:
         yield
         file.check()
