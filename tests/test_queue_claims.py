@@ -5,6 +5,7 @@ outage of its queue; on real redis-servers."""
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -549,6 +550,60 @@ async def test_a_run_a_stopped_workers_last_read_got_is_given_back_at_once(
                 pass
         stop.cancel()
         await cf.submit(queue, "count", run_id="late")
+    async with worker(queue, store, "w2"):
+        with trio.fail_after(5):  # the entry, left with w1, would wait out the lease
+            done = await cf.result(queue, "late")
+    assert (done.result, done.worker) == ("done late", "w2")
+
+
+@pytest.mark.parametrize("delivery", ["read new", "taken over"])
+async def test_a_run_delivered_to_a_worker_stopped_in_the_round_trip_is_given_back_at_once(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, delivery: str
+) -> None:
+    """w1 is stopped while the reply to the round trip that delivered it a run is on its
+    way (the run read new, or taken over from a dead worker whose lease expired): w1
+    waits for the reply and gives the run's entry back, so w2 takes the run at once,
+    not after the 60 s lease. The reply is held in w1's thread, once the server has
+    answered, until w1 has been stopped."""
+    from cosmoflow_actors.runtime.queue import client
+    from cosmoflow_actors.runtime.queue.scripts import EXPIRED, READ_NEW
+
+    queue, store = new_queue(redis_server, lease=60.0), store_url(redis_server)
+    await cf.submit(queue, "count", run_id="late")
+    if delivery == "taken over":
+        reply = await queue.call(
+            "XREADGROUP", "GROUP", "workers", "dead", "COUNT", 1, "STREAMS", queue.stream, ">"
+        )
+        [[_, [(entry_id, _)]]] = reply
+        await queue.call("XCLAIM", queue.stream, "workers", "dead", 0, entry_id, "IDLE", 60_000)
+    source = READ_NEW if delivery == "read new" else EXPIRED
+    answered, release = trio.Event(), threading.Event()
+    send = client.send_command
+
+    def held_once_answered(connection: Any, *args: Any) -> Any:
+        reply = send(connection, *args)
+        if args[:2] == ("EVAL", source) and b"late" in reply and not release.is_set():
+            trio.from_thread.run_sync(answered.set)
+            release.wait()
+        return reply
+
+    monkeypatch.setattr(client, "send_command", held_once_answered)
+    stop = trio.CancelScope()
+
+    async def serve_w1() -> None:
+        with stop:
+            async with worker(queue, store, "w1"):
+                await trio.sleep_forever()
+
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_w1)
+                await answered.wait()
+                stop.cancel()
+                release.set()
+    finally:
+        release.set()
     async with worker(queue, store, "w2"):
         with trio.fail_after(5):  # the entry, left with w1, would wait out the lease
             done = await cf.result(queue, "late")

@@ -9,8 +9,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import trio
@@ -161,13 +162,18 @@ class Claimer:
         claimed or not (the next look starts again a poll interval later, so that a
         run whose lease expired waits at most that long, whether the worker is busy or
         idle, and a run this worker gives back, idle for a lease, is not claimed again
-        at once). None when it claimed none."""
+        at once). None when it claimed none. A worker stopped during a look gives back
+        the entry it took over (see :meth:`_delivering`)."""
         queue = self.queue
         while True:
-            reply = await queue.script(
-                EXPIRED,
-                [queue.stream, queue.runs],
-                [GROUP, self.name, queue.lease_ms, self._cursor, SCAN_STEPS],
+            reply = await self._delivering(
+                partial(
+                    queue.script,
+                    EXPIRED,
+                    [queue.stream, queue.runs],
+                    [GROUP, self.name, queue.lease_ms, self._cursor, SCAN_STEPS],
+                ),
+                _taken_over,
             )
             self._cursor = as_str(reply[0])
             if self._cursor == "0-0":
@@ -182,9 +188,10 @@ class Claimer:
         """A new entry, without waiting for one: its id, its run id as the server holds
         it (None when it has none) and what the queue's hash holds about the run (None
         when nothing); None when there is none. One round trip, where
-        :meth:`_wait_for_new` takes two."""
+        :meth:`_wait_for_new` takes two (see :meth:`_delivering`)."""
         queue = self.queue
-        reply = await queue.script(READ_NEW, [queue.stream, queue.runs], [GROUP, self.name])
+        read = partial(queue.script, READ_NEW, [queue.stream, queue.runs], [GROUP, self.name])
+        reply = await self._delivering(read, _read_new)
         return (as_str(reply[0]), reply[1], reply[2]) if reply else None
 
     async def _wait_for_new(self) -> tuple[str, bytes | None, bytes | None] | None:
@@ -192,45 +199,75 @@ class Claimer:
         for one.
 
         The wait goes on in the server whatever becomes of this task, and may end with
-        an entry delivered to this worker: so a worker stopped meanwhile waits for it
-        too (shielded, a poll interval and HAND_BACK_SECONDS at most), and gives back
-        the entry it got (:meth:`_give_back`) before the cancellation goes on. A
-        server that has not answered by then raises StorageError (an outage, for a
-        worker that is not stopped).
+        an entry delivered to this worker: a worker stopped meanwhile waits for it too,
+        a poll interval and HAND_BACK_SECONDS at most, and gives back the entry it got
+        (see :meth:`_delivering`), as it does when it is stopped while it reads what
+        the queue holds about the entry's run.
         """
         queue = self.queue
-        reply = None
-        limit = self._poll + HAND_BACK_SECONDS
-        with trio.move_on_after(limit, shield=True) as read:
-            reply = await queue.call(
-                "XREADGROUP",
-                "GROUP",
-                GROUP,
-                self.name,
-                "COUNT",
-                1,
-                "BLOCK",
-                max(1, round(self._poll * 1000)),
-                "STREAMS",
-                queue.stream,
-                ">",
-            )
-        if read.cancelled_caught:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            raise StorageError(f"{queue!r}: no answer from the server within {limit:g} s")
+        read = partial(
+            queue.call,
+            "XREADGROUP",
+            "GROUP",
+            GROUP,
+            self.name,
+            "COUNT",
+            1,
+            "BLOCK",
+            max(1, round(self._poll * 1000)),
+            "STREAMS",
+            queue.stream,
+            ">",
+        )
+        reply = await self._delivering(read, _first_read, self._poll + HAND_BACK_SECONDS)
         entries = _entries(reply[0][1]) if reply else []
         if not entries:
             return None
         entry_id, run_id = entries[0]
         if run_id is None:
             return entry_id, None, None
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
+        async with self._given_back_if_cancelled(entry_id):
             data = await queue.call("HGET", queue.runs, run_id)
-        except trio.Cancelled:
-            await self._give_back(entry_id)
-            raise
         return entry_id, run_id, data
+
+    async def _delivering(
+        self,
+        send: Callable[[], Awaitable[Any]],
+        delivered: Callable[[Any], str | None],
+        limit: float = HAND_BACK_SECONDS,
+    ) -> Any:
+        """The reply to the round trip ``send()``, which may deliver a stream entry to
+        this worker (a new one, or one it takes over): ``delivered(reply)`` is the
+        entry's id, None when it delivered none.
+
+        The server carries the command out whatever becomes of this task: so a worker
+        stopped meanwhile waits for the reply too (shielded, ``limit`` seconds at most)
+        and gives back the entry it got (:meth:`_give_back`) before the cancellation
+        goes on. A server that has not answered by then raises StorageError (an outage,
+        for a worker that is not stopped; an entry it delivers later is taken over once
+        it has been idle for a lease).
+        """
+        reply = None
+        with trio.move_on_after(limit, shield=True) as answered:
+            reply = await send()
+        if answered.cancelled_caught:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            raise StorageError(f"{self.queue!r}: no answer from the server within {limit:g} s")
+        async with self._given_back_if_cancelled(delivered(reply)):
+            await trio.lowlevel.checkpoint_if_cancelled()
+        return reply
+
+    @contextlib.asynccontextmanager
+    async def _given_back_if_cancelled(self, entry_id: str | None) -> AsyncIterator[None]:
+        """Give back the entry ``entry_id`` (None: none), delivered to this worker (see
+        :meth:`_give_back`), if the block is cancelled (the worker stopped), before the
+        cancellation goes on."""
+        try:
+            yield
+        except trio.Cancelled:
+            if entry_id is not None:
+                await self._give_back(entry_id)
+            raise
 
     async def _give_back(self, entry_id: str) -> None:
         """Make the entry ``entry_id``, delivered to this stopped worker and not
@@ -407,6 +444,22 @@ class Claimer:
             [queue.runs, queue.stream],
             [run_id, data, json.dumps(failed), GROUP, entry_id],
         )
+
+
+def _read_new(reply: list[Any]) -> str | None:
+    """The id of the entry a ``READ_NEW`` reply delivered (None: none)."""
+    return as_str(reply[0]) if reply else None
+
+
+def _taken_over(reply: list[Any]) -> str | None:
+    """The id of the entry an ``EXPIRED`` reply took over (None: none)."""
+    return as_str(reply[1]) if len(reply) > 1 else None
+
+
+def _first_read(reply: Any) -> str | None:
+    """The id of the first entry an ``XREADGROUP`` reply delivered (None: none)."""
+    entries = _entries(reply[0][1]) if reply else []
+    return entries[0][0] if entries else None
 
 
 def _entries(raw: Iterable[Any]) -> list[tuple[str, bytes | None]]:
