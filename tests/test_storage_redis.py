@@ -1021,6 +1021,141 @@ async def test_closing_after_a_timed_out_call_gives_its_watched_connection_back(
     assert connections_in_use(storage) == 0
 
 
+LONG_TIMEOUT = 30.0
+"""The ``timeout`` of the storages whose callers the tests below cancel: far longer than
+those tests may take (``trio.fail_after``), so that a wait for it would fail them."""
+
+
+@pytest.mark.parametrize("call", ["get", "commit", "update", "forget"])
+async def test_an_outer_deadline_lets_a_call_to_a_stopped_server_go_at_once(
+    private_redis: RedisServer, call: str
+) -> None:
+    """Nothing shields a call's wait for its thread: an outer deadline cuts it at once,
+    well before the storage's timeout, whatever the call (a forget reads under WATCH).
+    The cut is no sign of a silent server: once it answers again, the next call is sent."""
+    storage = private_redis.storage(unique_namespace(), timeout=LONG_TIMEOUT)
+    record_key = RECORD_PREFIX + "r"
+    await storage.set("n", 1)
+    await storage.set(record_key, {"steps": 1, "path": ["x"]})
+    await storage.commit()
+
+    async def staged_then_commit() -> None:
+        await storage.set("m", 2)
+        await storage.commit()
+
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "get": partial(storage.get, "n"),
+        "commit": staged_then_commit,
+        "update": partial(storage.update, "n", lambda n: n + 1, 0),
+        "forget": partial(storage.forget_record, record_key, lambda record: None),
+    }
+    with trio.fail_after(LONG_TIMEOUT / 3), resumed_at_exit(private_redis):
+        freeze(private_redis)
+        with trio.move_on_after(TIMEOUT / 4) as cut:
+            await calls[call]()
+    assert cut.cancelled_caught
+    with trio.fail_after(LONG_TIMEOUT / 3):
+        assert await storage.get("n") == 1
+        await storage.aclose()
+
+
+async def test_a_caller_cancelled_mid_call_on_a_healthy_server_leaves_the_storage_usable(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get is cancelled while its thread waits for the answer: the caller is let go
+    at once (the thread, left behind, ends once released), and the storage's next
+    calls are sent and answered."""
+    storage = redis_server.storage(timeout=LONG_TIMEOUT)
+    await storage.set("n", 1)
+    await storage.commit()
+    sending, release = trio.Event(), threading.Event()
+    send = redis_backend.send_command
+
+    def held(connection: Any, *args: Any) -> Any:
+        trio.from_thread.run_sync(sending.set)
+        release.wait(LONG_TIMEOUT)
+        return send(connection, *args)
+
+    async def cancelled_get(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await storage.get("n")
+        assert scope.cancelled_caught
+
+    monkeypatch.setattr(redis_backend, "send_command", held)
+    with trio.fail_after(LONG_TIMEOUT / 3):
+        async with trio.open_nursery() as nursery:
+            scope = await nursery.start(cancelled_get)
+            await sending.wait()
+            scope.cancel()
+        monkeypatch.undo()
+        release.set()
+        assert await storage.get("n") == 1
+        await storage.set("n", 2)
+        await storage.commit()
+        assert await storage.update("n", lambda n: n + 1, 0) == 3
+        await storage.aclose()
+
+
+async def test_aclose_gives_back_the_watched_connection_of_a_call_whose_caller_was_cancelled(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forget lists its run's keys under WATCH when the server stops, and its caller
+    is cancelled: it is let go at once, and the thread left behind keeps the watched
+    connection until the server answers it; aclose waits for that thread and gives the
+    connection back to the pool (this test's own: its server is)."""
+    storage = private_redis.storage(unique_namespace(), timeout=LONG_TIMEOUT)
+    record_key = RECORD_PREFIX + "r"
+    await storage.set(record_key, {"steps": 1, "path": ["x"]})
+    await storage.commit()
+    listing = trio.Event()
+    send = redis_backend.send_command
+
+    def frozen_then_sent(connection: Any, *args: Any) -> Any:
+        if args[0] == "ZRANGEBYLEX":
+            freeze(private_redis)
+            trio.from_thread.run_sync(listing.set)
+        return send(connection, *args)
+
+    async def cancelled_forget(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await storage.forget_record(record_key, lambda record: None)
+        assert scope.cancelled_caught
+
+    monkeypatch.setattr(redis_backend, "send_command", frozen_then_sent)
+    with trio.fail_after(LONG_TIMEOUT / 3):
+        with resumed_at_exit(private_redis):
+            async with trio.open_nursery() as nursery:
+                scope = await nursery.start(cancelled_forget)
+                await listing.wait()
+                scope.cancel()
+            assert connections_in_use(storage) == 1
+        await storage.aclose()
+    assert connections_in_use(storage) == 0
+    monkeypatch.undo()
+    assert await storage.get(record_key) == {"steps": 1, "path": ["x"]}
+
+
+async def test_a_caller_cancelled_between_watched_round_trips_gives_the_connection_back_at_once(
+    private_redis: RedisServer,
+) -> None:
+    """A forget's check cancels its caller after the WATCH: the next round trip is never
+    sent, and the watched connection goes back to the pool (this test's own) closed at
+    once, with no UNWATCH to wait for; the storage goes on."""
+    storage = private_redis.storage(unique_namespace(), timeout=LONG_TIMEOUT)
+    record_key = RECORD_PREFIX + "r"
+    await storage.set(record_key, {"steps": 1, "path": ["x"]})
+    await storage.commit()
+    with trio.fail_after(LONG_TIMEOUT / 3):
+        with trio.CancelScope() as scope:
+            await storage.forget_record(record_key, lambda record: scope.cancel())
+        assert scope.cancelled_caught
+        assert connections_in_use(storage) == 0
+        assert await storage.get(record_key) == {"steps": 1, "path": ["x"]}
+        await storage.aclose()
+
+
 async def test_every_commit_gives_its_connections_back_to_the_pool(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -287,9 +287,13 @@ class RedisStorage(DatabaseStorage):
     server one timeout in all, not one each.
 
     Every call to the server runs in a worker thread (``trio.to_thread``, one at a time
-    per instance), which cancellation does not interrupt (the timeout does). Connection
-    failures raise :class:`~cosmoflow_actors.StorageError`. Requires the ``redis``
-    package.
+    per instance). Nothing shields the wait for it: cancellation ends it at once, as the
+    timeout does, leaving a thread still waiting for the server behind with its
+    connection (see :meth:`_in_thread`); a caller that must not be cut shields the call
+    and bounds it itself (the store actor does, for commits). A commit is one
+    transaction the server applies whole or not at all; one cut may still land.
+    Connection failures raise :class:`~cosmoflow_actors.StorageError`. Requires the
+    ``redis`` package.
     """
 
     def __init__(
@@ -921,9 +925,11 @@ class RedisStorage(DatabaseStorage):
         """A transactional pipeline, reset at exit in the worker thread so that its
         connection goes back to the pool unwatched. A pipeline that holds no connection
         (it never watched, or its ``EXEC`` reset it) has nothing to give back and is
-        left as it is. When the call ran out of time, its abandoned thread may still use
-        the connection: the pipeline is kept for :meth:`aclose` to reset once that
-        thread has ended."""
+        left as it is. When the call was cut (its deadline, or the caller's cancellation)
+        while a thread used the pipeline, that abandoned thread may still use the
+        connection: the pipeline is kept for :meth:`aclose` to reset once that thread has
+        ended. A reset that cannot be sent (the caller was cancelled first, or the
+        server is taken as silent) drops the connection instead (see :func:`_dropped`)."""
         pipe = client.pipeline(transaction=True)
         limiter = self._limiter
         try:
@@ -932,7 +938,14 @@ class RedisStorage(DatabaseStorage):
             if self._limiter is not limiter:
                 self._abandoned.append((pipe, limiter))
             elif pipe.connection is not None:
-                await self._in_thread(pipe.reset)
+                try:
+                    await self._in_thread(pipe.reset)
+                except BaseException:
+                    if self._limiter is not limiter:  # its thread was abandoned mid-reset
+                        self._abandoned.append((pipe, limiter))
+                    else:  # no thread uses it: the reset never began, or it ended
+                        _dropped(pipe)
+                    raise
 
     @asynccontextmanager
     async def _bounded(self) -> AsyncIterator[_Call]:
@@ -971,39 +984,86 @@ class RedisStorage(DatabaseStorage):
         the pool (see :meth:`_bounded`), waiting for it until the call's deadline; redis-py
         errors become StorageError.
 
-        Cancellation does not interrupt the wait (it is shielded); the deadline does,
-        unless the thread has answered by then (the trio thread, blocked by someone
-        else's code, may wake after the deadline): the thread, stuck on a server that
-        does not answer, is abandoned with its client (see :meth:`_abandon`) and
-        StorageError is raised; so is a thread whose socket timed out. When the server
-        answered none of the call's round trips, or this one's socket timed out, or it
-        went unanswered for :data:`SILENT_WAIT` of the timeout or more, the server is
-        taken as silent: for ``timeout`` seconds after that, a call is not sent: it
-        raises StorageError at once (so a silent server costs the calls queued behind
-        one a single timeout, not one each). A call cut in a quick round trip after the
-        server answered others (its attempts lost to other writers, say) ran out of
-        time: the next calls are sent.
+        Nothing shields the wait: the call's deadline cuts it, and so does the caller's
+        cancellation (its own scope or an outer deadline), at once. A thread cut before
+        it began ``function`` never begins it. One cut while ``function`` runs (stuck on
+        a server that does not answer, or just not done yet) is abandoned with its
+        client (see :meth:`_abandon`); cut by the deadline, the call raises
+        StorageError, and so does a thread whose socket timed out; cut by the caller,
+        the Cancelled (or whatever the caller was cut with) goes on up. A thread that
+        answered before the cut needs no abandoning: the deadline returns its answer
+        (the trio thread, blocked by someone else's code, may wake after the deadline),
+        the caller's cancellation drops it.
+
+        When a cut left the server silent, for ``timeout`` seconds after that a call is
+        not sent: it raises StorageError at once (so a silent server costs the calls
+        queued behind one a single timeout, not one each). The server is taken as
+        silent when the thread's socket timed out, when the round trip cut went
+        unanswered for :data:`SILENT_WAIT` of the timeout or more, or when the server
+        answered none of the call's round trips by its deadline. A call the deadline
+        cut in a quick round trip after the server answered others (its attempts lost
+        to other writers, say) ran out of time: the next calls are sent. A caller's
+        cancellation is no sign of a silent server: it counts only by those same
+        rules, so a call cancelled early in its round trip leaves the next calls sent.
         """
         self._refuse_while_silent()
         answers: list[outcome.Outcome[T]] = []
+        gate = threading.Lock()
+        began = cut = False
 
         def answer() -> None:
+            nonlocal began
+            with gate:
+                if cut:
+                    return  # the call was cut before its thread began
+                began = True
             answers.append(outcome.capture(function, *args))
 
         async with self._bounded() as call:
             sent = trio.current_time()
-            with trio.CancelScope(deadline=call.deadline, shield=True):
-                await trio.to_thread.run_sync(answer, limiter=self._limiter, abandon_on_cancel=True)
-        if answers and not _socket_timed_out(answers[0]):
+            try:
+                with trio.CancelScope(deadline=call.deadline):
+                    await trio.to_thread.run_sync(
+                        answer, limiter=self._limiter, abandon_on_cancel=True
+                    )
+            except BaseException:  # the caller's cancellation, or an outer deadline
+                with gate:
+                    cut, ran = True, began
+                if ran and not self._answered(answers):
+                    self._left_unanswered(call, sent, answers)
+                raise
+            with gate:
+                cut = True
+        if self._answered(answers):
             call.answered += 1
             return self._unwrapped(answers[0])
-        self._abandon()
         dropped = "the connection is dropped (if the call carried a write, it may still be applied)"
-        waited = trio.current_time() - sent
-        if answers or call.answered == 0 or waited >= self._timeout * SILENT_WAIT:
-            self._silent_at = trio.current_time()
+        if self._left_unanswered(call, sent, answers):
             raise self._no_answer("", dropped)
         raise self._timed_out(f"{self._out_of_time(call)}; {dropped}")
+
+    @staticmethod
+    def _answered(answers: list[outcome.Outcome[T]]) -> bool:
+        """Whether a thread's ``answers`` hold the server's answer (a value or its error),
+        not a socket that timed out. Does not block."""
+        return bool(answers) and not _socket_timed_out(answers[0])
+
+    def _left_unanswered(
+        self, call: _Call, sent: float, answers: list[outcome.Outcome[Any]]
+    ) -> bool:
+        """Abandon the thread of ``call``'s round trip sent at ``sent`` (trio time), cut
+        before the server answered it, and return whether that leaves the server
+        silent (see :meth:`_in_thread`), noting when if so. Does not block."""
+        self._abandon()
+        now = trio.current_time()
+        silent = (
+            bool(answers)  # its socket timed out
+            or now - sent >= self._timeout * SILENT_WAIT
+            or (call.answered == 0 and now >= call.deadline)
+        )
+        if silent:
+            self._silent_at = now
+        return silent
 
     def _out_of_time(self, call: _Call) -> str:
         """What ended ``call``, which its deadline cut after the server had answered
@@ -1065,10 +1125,30 @@ class RedisStorage(DatabaseStorage):
 
     def _abandon(self) -> None:
         """Leave the abandoned worker thread its limiter and start a new one, so the
-        next call need not wait for that thread. The thread ends by itself once its
-        socket times out (``timeout``), and its connection is dropped then; the next
-        call takes another one from the pool and checks the namespace again. Does not
-        block."""
+        next call need not wait for that thread; the next call takes another connection
+        from the pool and checks the namespace again. Does not block.
+
+        Nothing interrupts the thread: it goes on with its round trips, each a blocking
+        socket operation that redis-py bounds by the socket's timeout, which is
+        ``timeout`` (waiting for a pool connection and connecting too). On a server
+        that does not answer at all, the operation under way when the call was cut
+        (begun at most ``timeout`` before the cut) raises redis-py's TimeoutError at
+        most ``timeout`` seconds after it began; redis-py then closes that connection
+        and the error ends the thread. So the thread, its socket and its file
+        descriptor linger at most ``timeout`` seconds after the cut, after the engine
+        or the trio run has ended too (trio's worker threads do not hold the process
+        open). A server that still answers, slowly, keeps the thread as long as its
+        remaining round trips take (each at most ``timeout``); a URL that asks redis-py
+        to retry (``retry_on_timeout``) adds its retries.
+
+        The socket is not shut down to end the thread sooner: the connection a client
+        call uses is taken from the pool and given back inside redis-py, out of reach,
+        and a pipeline's is reachable but its socket only through redis-py's private
+        attributes, or ``Connection.disconnect()``, which is not safe against the thread
+        reading from it; and the thread gives the connection back to the shared pool
+        itself, so a shutdown from the trio thread could hit the connection after
+        another call took it.
+        """
         self._client = None
         self._limiter = trio.CapacityLimiter(1)
 
@@ -1080,6 +1160,19 @@ async def _reset_after(pipe: Pipeline, limiter: trio.CapacityLimiter) -> None:
     connection instead."""
     with contextlib.suppress(Exception):  # a clean-up: the call it follows has failed
         await trio.to_thread.run_sync(pipe.reset, limiter=limiter, abandon_on_cancel=True)
+
+
+def _dropped(pipe: Pipeline) -> None:
+    """Give ``pipe``'s connection back to the pool closed, which ends its ``WATCH``: for a
+    pipeline no thread uses, when its reset (an ``UNWATCH`` round trip) cannot be sent.
+    Never blocks: closing a socket sends nothing, and the next user of the connection
+    connects again."""
+    connection = pipe.connection
+    if connection is None:
+        return
+    connection.disconnect()  # type: ignore[no-untyped-call]
+    pipe.watching = False  # so that reset sends no UNWATCH (which would connect again)
+    pipe.reset()
 
 
 def _socket_timed_out(answer: outcome.Outcome[Any]) -> bool:
