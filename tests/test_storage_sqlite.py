@@ -10,7 +10,7 @@ import sqlite3
 import stat
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -787,6 +787,26 @@ async def cancelled_write(storage: SQLiteStorage, write: str) -> None:
         await storage.commit_step([("set", "c", 3)], record_key("r"), {"steps": 1}, 0)
 
 
+async def cancelled_once(
+    waiting: trio.Event, call: Callable[[], Awaitable[object]]
+) -> tuple[trio.CancelScope, float]:
+    """Await ``call()``, cancelled once ``waiting`` is set; return the scope it ran in
+    and the trio time it was cancelled at."""
+    cancelled_at = 0.0
+    with trio.CancelScope() as scope:
+
+        async def cancel_once_waiting() -> None:
+            nonlocal cancelled_at
+            await waiting.wait()
+            cancelled_at = trio.current_time()
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_once_waiting)
+            await call()
+    return scope, cancelled_at
+
+
 @pytest.mark.parametrize("write", ["commit", "update", "forget_record", "commit_step"])
 async def test_a_write_cancelled_while_another_connection_holds_the_write_lock_leaves_at_once(
     tmp_path: Path, write: str
@@ -803,18 +823,7 @@ async def test_a_write_cancelled_while_another_connection_holds_the_write_lock_l
     with trio.fail_after(LONG_TIMEOUT / 2), database(path) as other:
         other.execute("BEGIN IMMEDIATE")
         waiting = tries_of(storage, "BEGIN IMMEDIATE", wanted=2)  # a slice was refused
-        cancelled_at = 0.0
-        with trio.CancelScope() as scope:
-
-            async def cancel_once_waiting() -> None:
-                nonlocal cancelled_at
-                await waiting.wait()
-                cancelled_at = trio.current_time()
-                scope.cancel()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(cancel_once_waiting)
-                await cancelled_write(storage, write)
+        scope, cancelled_at = await cancelled_once(waiting, lambda: cancelled_write(storage, write))
         returned_at = trio.current_time()
         other.execute("ROLLBACK")
 
@@ -852,18 +861,7 @@ async def test_an_open_cancelled_while_another_connection_holds_the_database_lea
     with trio.fail_after(LONG_TIMEOUT / 2), database(path) as other:
         other.execute("PRAGMA locking_mode = EXCLUSIVE")
         other.execute("BEGIN EXCLUSIVE")
-        cancelled_at = 0.0
-        with trio.CancelScope() as scope:
-
-            async def cancel_once_waiting() -> None:
-                nonlocal cancelled_at
-                await waiting.wait()
-                cancelled_at = trio.current_time()
-                scope.cancel()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(cancel_once_waiting)
-                await storage.open()
+        scope, cancelled_at = await cancelled_once(waiting, storage.open)
         returned_at = trio.current_time()
         other.execute("ROLLBACK")
         other.execute("PRAGMA locking_mode = NORMAL")
