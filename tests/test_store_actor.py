@@ -847,20 +847,53 @@ async def test_an_engine_cancelled_during_an_async_commit_lets_it_finish(
     assert storage.data == {"a": "1", "b": "2", "c": "3"}
 
 
-async def test_a_closing_engine_cuts_an_async_commit_after_commit_seconds(
+async def test_a_closing_engine_cuts_an_async_commit_after_close_seconds(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Unbounded while the engine is open (a commit of many keys goes on), the commit is
-    cut COMMIT_SECONDS after the engine begins to close."""
-    many = {f"k{i}": i for i in range(int(store_actor.COMMIT_SECONDS) + 10)}
+    cut CLOSE_SECONDS after the engine begins to close."""
+    many = {f"k{i}": i for i in range(int(store_actor.CLOSE_SECONDS) + 10)}
     storage = SlowAsyncCommit()
     async with cf.open_engine() as engine, engine.open_store(storage) as store:
         await store.set_many(many)
     assert len(storage.data) == len(many)
     storage = SlowAsyncCommit()
     cancelled_at = await cancelled_while_committing(storage, many)
-    assert trio.current_time() - cancelled_at == pytest.approx(store_actor.COMMIT_SECONDS)
+    assert trio.current_time() - cancelled_at == pytest.approx(store_actor.CLOSE_SECONDS)
     assert len(storage.data) < len(many)
+
+
+class SlowAsyncCommitAndClose(SlowAsyncCommit):
+    """A SlowAsyncCommit whose close never ends unless cancelled."""
+
+    async def aclose(self) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_closing_engine_gives_commit_and_close_one_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A backend hanging in its commit and then in its close holds a cancelled engine
+    CLOSE_SECONDS in all, not that long for each."""
+    many = {f"k{i}": i for i in range(int(store_actor.CLOSE_SECONDS) + 10)}
+    storage = SlowAsyncCommitAndClose()
+    cancelled_at = await cancelled_while_committing(storage, many)
+    assert trio.current_time() - cancelled_at == pytest.approx(store_actor.CLOSE_SECONDS)
+
+
+async def test_a_retired_backend_closes_within_close_seconds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The engine still open, a store whose backend's close hangs is given up on
+    CLOSE_SECONDS after its close began (the end of its last user's block)."""
+    storage = SlowAsyncCommitAndClose()
+    async with cf.open_engine() as engine:
+        async with engine.open_store(storage) as store:
+            await store.set("a", 1)
+            await trio.sleep(100)
+            began = trio.current_time()
+        assert trio.current_time() - began == pytest.approx(store_actor.CLOSE_SECONDS)
+    assert storage.data == {"a": "1"}
 
 
 RECORD = "__cosmoflow__/runs/kept"

@@ -760,7 +760,7 @@ class Engine:
         self._closed = True
         self._closed_event.set()
         self._flows.close()
-        self._stores.bound_commits()
+        self._stores.bound_closing()
         for run in list(self._runs.values()):
             run.cancel()
         self._events.close()

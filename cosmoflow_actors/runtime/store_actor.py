@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, TypeVar
@@ -54,13 +55,12 @@ MAX_BATCH: Final = 1024
 """Most requests applied under one commit; bounds the latency of the first in a batch."""
 
 CLOSE_SECONDS: Final = 30.0
-"""How long a retiring actor's backend may take to close (``aclose``) when cancelled."""
-
-COMMIT_SECONDS: Final = 30.0
-"""How long a backend's commit (``commit``, ``commit_step``), shielded from
-cancellation, may go on once the engine closes (see :meth:`StoreActor.bound_commits`):
-closing does not cut an async backend's commit half-way. One still going on after that
-is cancelled (an async backend's; a thread cannot be) and fails."""
+"""How long a store actor's backend may go on once the engine begins to close (see
+:meth:`StoreActor.bound_closing`): its commits (``commit``, ``commit_step``), shielded
+from cancellation so that closing does not cut one half-way, and its close (``aclose``)
+all end by then. A commit still going on is then cancelled (an async backend's; a
+thread cannot be) and fails. An actor that retires while the engine stays open gives
+its backend's close as long, from when the close begins."""
 
 Handler = Callable[[StoreRequest], Awaitable[Any]]
 T = TypeVar("T")
@@ -97,7 +97,9 @@ class StoreActor(Actor[StoreRequest]):
         """The batch being applied (answered only once it is all applied)."""
         self._committing: trio.CancelScope | None = None
         """The shield of the backend's commit under way, if one is."""
-        self._commits_bounded = False
+        self._close_deadline = math.inf
+        """When the backend's commits and close are cut: CLOSE_SECONDS after the engine
+        began to close (see :meth:`bound_closing`)."""
         self._handlers: dict[StoreOp, Handler] = {
             StoreOp.GET: self._get,
             StoreOp.CONTAINS: self._contains,
@@ -203,29 +205,27 @@ class StoreActor(Actor[StoreRequest]):
         RunConflictError."""
         await self.request(StoreOp.COMMIT_STEP, storage, key, (ops, record, steps_before))
 
-    def bound_commits(self) -> None:
-        """The engine is closing: a backend commit under way, or one that starts from
-        now on, is cut once it has gone on for COMMIT_SECONDS more (it then fails).
-        Never blocks."""
-        self._commits_bounded = True
+    def bound_closing(self) -> None:
+        """The engine is closing: a backend commit under way, one that starts from now
+        on, and the backend's close are cut CLOSE_SECONDS from now (a commit cut then
+        fails). Never blocks."""
+        self._close_deadline = trio.current_time() + CLOSE_SECONDS
         if self._committing is not None:
-            self._committing.deadline = trio.current_time() + COMMIT_SECONDS
+            self._committing.deadline = self._close_deadline
 
     async def _uncut(self, commit: Awaitable[T]) -> T:
         """Await ``commit``, a backend's commit, shielded from cancellation, so that the
-        engine closing does not cut it half-way; but once commits are bounded (see
-        :meth:`bound_commits`) for at most COMMIT_SECONDS, then StorageError (the commit
+        engine closing does not cut it half-way; but once the engine closes, only until
+        the close deadline (see :meth:`bound_closing`), then StorageError (the commit
         failed)."""
-        with trio.CancelScope(shield=True) as self._committing:
-            if self._commits_bounded:
-                self._committing.deadline = trio.current_time() + COMMIT_SECONDS
+        with trio.CancelScope(shield=True, deadline=self._close_deadline) as self._committing:
             try:
                 return await commit
             finally:
                 self._committing = None
         # Reached only when the deadline cut the commit.
         raise StorageError(
-            f"the commit was cut {COMMIT_SECONDS:g} s after the engine began to close"
+            f"the commit was cut {CLOSE_SECONDS:g} s after the engine began to close"
         )
 
     def retire(self) -> None:
@@ -236,7 +236,7 @@ class StoreActor(Actor[StoreRequest]):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open its backend, report ready, serve until :meth:`retire`, then close the
-        backend (shielded, at most CLOSE_SECONDS).
+        backend (shielded, until the close deadline: see :meth:`_close_backend`).
 
         A backend that cannot open is no crash: whatever its ``open`` raised is kept in
         :attr:`open_error` (as a StorageError), for every run that waits for the actor,
@@ -296,9 +296,11 @@ class StoreActor(Actor[StoreRequest]):
     async def _close_backend(self, storage: Storage) -> None:
         """Close the backend after its last run. Every write was committed before, so
         a backend that cannot close (a read-only FileStorage cannot compact), whatever
-        it raises, loses nothing: that is a warning, not a crash of the engine."""
-        with trio.CancelScope(shield=True) as cleanup:
-            cleanup.deadline = trio.current_time() + CLOSE_SECONDS
+        it raises, loses nothing: that is a warning, not a crash of the engine. Shielded,
+        and cut at the close deadline (see :meth:`bound_closing`), or CLOSE_SECONDS from
+        now when the engine is still open."""
+        deadline = min(self._close_deadline, trio.current_time() + CLOSE_SECONDS)
+        with trio.CancelScope(shield=True, deadline=deadline):
             try:
                 await storage.aclose()
             except Exception as exc:

@@ -72,11 +72,11 @@ class StoreRegistry:
         """The store actors alive now."""
         return self._actors.values()
 
-    def bound_commits(self) -> None:
-        """The engine is closing: bound the backend commits of every store actor (see
-        :meth:`StoreActor.bound_commits`). Never blocks."""
+    def bound_closing(self) -> None:
+        """The engine is closing: bound the backend commits and closes of every store
+        actor (see :meth:`StoreActor.bound_closing`). Never blocks."""
         for actor in self._actors.values():
-            actor.bound_commits()
+            actor.bound_closing()
 
     async def acquire(self, storage: Storage) -> StoreActor:
         """The actor serving ``storage``, started if needed.
