@@ -1261,6 +1261,20 @@ async def test_workers_see_the_context_the_engine_was_opened_in_not_a_senders() 
     assert seen == [("a", "opener"), ("b", "opener")]
 
 
+async def test_a_workers_task_is_named_after_its_actor() -> None:
+    """trio's task tree (and a debugger) shows which actor a worker serves."""
+    names: list[str] = []
+
+    @cf.node
+    async def look(ctx: cf.ExecutionContext) -> None:
+        names.append(trio.lowlevel.current_task().name)
+
+    async with cf.open_engine() as engine:
+        run = await engine.start_run(single(look, "named"))
+        await run.wait()
+    assert names == ["named/only worker"]
+
+
 async def test_what_a_runs_code_sets_in_a_worker_never_reaches_another_runs_step() -> None:
     seen: list[str] = []
 

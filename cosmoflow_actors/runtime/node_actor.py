@@ -154,6 +154,9 @@ class NodeActor(Actor[Step]):
         """The context variables a new worker starts with (the engine's, as where it was
         opened): a worker serves many runs, so it takes none from the task that happens
         to send it its first step."""
+        self._worker_name = f"{name} worker"
+        """The name of the actor's worker tasks (one string for them all: trio would
+        build one per task from the function's name)."""
 
     def statistics(self) -> ActorStatistics:
         """This actor's counters now, with its rate limit and exec slots. Never blocks."""
@@ -279,7 +282,9 @@ class NodeActor(Actor[Step]):
         assert self._nursery is not None, f"{self.name} is not running"
         # start_soon gives the worker a copy of the context it is called in; entered
         # only for this call, which never comes back here.
-        self._worker_context.run(self._nursery.start_soon, self._work, step)
+        self._worker_context.run(
+            self._nursery.start_soon, self._work, step, name=self._worker_name
+        )
 
     def release(self) -> None:
         """Free the slot of a step that ended; a step waiting in the mailbox takes it
