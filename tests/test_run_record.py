@@ -443,6 +443,50 @@ def test_run_order_compares_the_numbers_of_a_childs_id_as_numbers() -> None:
     assert sorted(reversed(ordered), key=run_record.run_order) == ordered
 
 
+def test_run_order_takes_numbers_past_ints_digit_limit() -> None:
+    """A child's number of more digits than ``int()`` converts (4,300) still sorts as a
+    number, so one odd id does not break the listing of a whole store."""
+    long = "1" + "0" * 5000
+    ordered = ["x", "x:9/0", f"x:0{long}/0", f"x:{long}/0", f"x:{long}1/0"]
+    assert sorted(reversed(ordered), key=run_record.run_order) == ordered
+
+
+@pytest.mark.parametrize(
+    ("recorded", "params"),
+    [
+        ({"tags": ["c", "a", "b"]}, {"tags": {"a", "b", "c"}}),
+        ({"tags": ["c", "a", "b"]}, {"tags": frozenset({"a", "b", "c"})}),
+        ({"deep": [{"tags": [2, 1]}]}, {"deep": ({"tags": {1, 2}},)}),
+        ({"tags": {"b", "a"}}, {"tags": {"a", "b"}}),
+    ],
+)
+def test_a_set_in_recorded_params_matches_in_any_order(
+    recorded: dict[str, Any], params: dict[str, Any]
+) -> None:
+    """A set of str is iterated in another order in each process, and JSON records it as
+    an array in the order of the process that wrote it: a resume in another process
+    must still find the params the same."""
+    assert run_record._same_params(recorded, params)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "params"),
+    [
+        ({"order": [2, 1]}, {"order": [1, 2]}),
+        ({"tags": ["a", "a"]}, {"tags": {"a"}}),
+        ({"tags": [1]}, {"tags": {1.0}}),
+        ({"tags": [True]}, {"tags": {1}}),
+        ({"tags": {"a": 1}}, {"tags": {"a"}}),
+        ({"x": 1}, {"x": 1, "y": 2}),
+    ],
+)
+def test_params_that_differ_in_json_do_not_match(
+    recorded: dict[str, Any], params: dict[str, Any]
+) -> None:
+    """A list keeps its order, a set its items, and 1, 1.0 and True differ."""
+    assert not run_record._same_params(recorded, params)
+
+
 def fan(c: cf.Node | cf.Flow, *, join: bool = True, max_steps: int | None = None) -> cf.Flow:
     """Flow "fan": node "a" fans out to "b", "e" and ``c`` (node "c"), which all go on
     to the join "j" (with ``join``; else each ends its branch)."""

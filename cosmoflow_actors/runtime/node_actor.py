@@ -279,12 +279,14 @@ class NodeActor(Actor[Step]):
             worker.context = self._worker_context.copy()
             trio.lowlevel.reschedule(worker, outcome.Value(step))
             return
-        assert self._nursery is not None, f"{self.name} is not running"
         # start_soon gives the worker a copy of the context it is called in; entered
         # only for this call, which never comes back here.
-        self._worker_context.run(
-            self._nursery.start_soon, self._work, step, name=self._worker_name
-        )
+        self._worker_context.run(self._start_worker, step)
+
+    def _start_worker(self, step: Step) -> None:
+        """Start a worker, named after the actor, in the actor's nursery, with ``step``."""
+        assert self._nursery is not None, f"{self.name} is not running"
+        self._nursery.start_soon(self._work, step, name=self._worker_name)
 
     def release(self) -> None:
         """Free the slot of a step that ended; a step waiting in the mailbox takes it

@@ -217,11 +217,10 @@ def require_params(run: ActiveRun, record: Mapping[str, Any], params: Mapping[st
 
 def _same_params(recorded: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
     """Whether ``params`` are the ``recorded`` ones as the record holds them: their
-    JSON forms are the same (a tuple as a list, bytes as base64, keys in any order;
-    1, 1.0 and True differ), or, for params JSON cannot hold (which only the pickle
-    codec stores), their pickles are."""
+    JSON forms are the same (see :func:`_same_json`), or, for params JSON cannot hold
+    (which only the pickle codec stores), their pickles are."""
     try:
-        return _json_form(recorded) == _json_form(params)
+        return _same_json(recorded, params)
     except TypeError:
         pickle = CODECS["pickle"]
         try:
@@ -230,9 +229,43 @@ def _same_params(recorded: Mapping[str, Any], params: Mapping[str, Any]) -> bool
             return False
 
 
-def _json_form(params: Mapping[str, Any]) -> str:
-    """``params`` as JSON with its keys sorted; TypeError when JSON cannot hold them."""
-    return json.dumps(msgspec.to_builtins(params, str_keys=True), sort_keys=True)
+def _same_json(recorded: Any, value: Any) -> bool:
+    """Whether ``recorded``, a value as a record holds it, is ``value`` as JSON holds it:
+    a tuple as a list, bytes as base64, a mapping's keys in any order, a set's items in
+    any order (a set of str is iterated in another order in each process); 1, 1.0 and
+    True differ. A set inside another kind of object (a dataclass) is compared in its
+    order. Raises TypeError when JSON cannot hold ``value``."""
+    if isinstance(value, set | frozenset):
+        return _is_array(recorded) and _json_texts(recorded) == _json_texts(value)
+    if isinstance(value, list | tuple):
+        return (
+            _is_array(recorded)
+            and len(recorded) == len(value)
+            and all(map(_same_json, recorded, value))
+        )
+    if isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
+        return (
+            isinstance(recorded, Mapping)
+            and recorded.keys() == value.keys()
+            and all(_same_json(recorded[key], value[key]) for key in value)
+        )
+    return _json_text(recorded) == _json_text(value)
+
+
+def _is_array(value: Any) -> bool:
+    """Whether ``value`` is what JSON holds as an array."""
+    return isinstance(value, list | tuple | set | frozenset)
+
+
+def _json_texts(items: Iterable[Any]) -> list[str]:
+    """The JSON texts of ``items``, sorted."""
+    return sorted(map(_json_text, items))
+
+
+def _json_text(value: Any) -> str:
+    """``value`` as JSON, the keys of its mappings sorted; TypeError when JSON cannot
+    hold it."""
+    return json.dumps(msgspec.to_builtins(value, str_keys=True), sort_keys=True)
 
 
 RecordedState = Literal["running", "succeeded", "failed", "orphaned"]
@@ -297,7 +330,7 @@ def with_parents(runs: Iterable[RunRecord]) -> list[RunRecord]:
     return [_with_parent(run, recorded) for run in runs]
 
 
-def run_order(run_id: str) -> tuple[tuple[str | tuple[int, ...], ...], str]:
+def run_order(run_id: str) -> tuple[tuple[str | tuple[tuple[int, str], ...], ...], str]:
     """What runs are sorted by: their id, where the numbers that a BatchFlow child's id
     adds to its parent's compare as numbers, so that children come right after their
     parent (``job``, ``job:2/0``, ``job:2/0:1/0``, ``job:2/1``, ``job:10/0``, then
@@ -305,13 +338,20 @@ def run_order(run_id: str) -> tuple[tuple[str | tuple[int, ...], ...], str]:
     return _id_path(run_id), run_id
 
 
-def _id_path(run_id: str) -> tuple[str | tuple[int, ...], ...]:
+def _id_path(run_id: str) -> tuple[str | tuple[tuple[int, str], ...], ...]:
     """``run_id`` as its root run's id, then the numbers of each child's step and index."""
     parent = batch_parent(run_id)
     if parent is None:
         return (run_id,)
-    numbers = tuple(int(part) for part in re.split(r"[./]", run_id[len(parent) + 1 :]))
+    numbers = tuple(map(_as_number, re.split(r"[./]", run_id[len(parent) + 1 :])))
     return (*_id_path(parent), numbers)
+
+
+def _as_number(digits: str) -> tuple[int, str]:
+    """A string of digits as what sorts it as its number, however long (``int()``
+    refuses more than 4,300 digits): its length without leading zeros, then those."""
+    significant = digits.lstrip("0")
+    return len(significant), significant
 
 
 def _with_parent(run: RunRecord, recorded: set[str]) -> RunRecord:
