@@ -80,6 +80,18 @@ def test_forget_deletes_the_records_of_the_runs_named_and_prints_their_ids(
     assert "result:       4" in capsys.readouterr().out  # a ran again; its count stayed
 
 
+def test_forget_names_a_run_whose_id_starts_with_a_dash_after_double_dash(
+    tmp_path: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"file:{tmp_path / 'state'}"
+    for run_id in ("-nightly", "kept"):
+        assert main(["run", str(counter_file), "--store", store, f"--run-id={run_id}"]) == 0
+    capsys.readouterr()
+    assert main(["forget", store, "--", "-nightly"]) == 0
+    assert capsys.readouterr().out == "-nightly\n"
+    assert recorded_runs(store, capsys) == ["kept"]
+
+
 def test_forget_stops_at_a_run_with_no_record_and_keeps_the_ones_before_forgotten(
     tmp_path: Path, counter_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -60,8 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     own, file_args = _split_file_args(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(own)
-    if file_args and not hasattr(args, "target"):
-        parser.error(f"arguments after -- go to a flow file; {own[0]} runs no file")
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         with checked_stdout(), _file_argv(getattr(args, "target", None), file_args):
@@ -94,10 +92,17 @@ def _stdout_closed(status: int = BROKEN_PIPE) -> int:
     return status
 
 
+FILE_COMMANDS: Final = frozenset({"run", "graph", "submit"})
+"""The commands that load a flow file: the arguments after their first ``--`` go to
+the file (its ``sys.argv[1:]``). For the other commands ``--`` ends the options, as
+usual: ``cosmoflow forget STORE -- -nightly`` names the run ``-nightly``."""
+
+
 def _split_file_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The command's own arguments, and those after the first ``--`` (for the file)."""
+    """The command's own arguments, and, for a command of :data:`FILE_COMMANDS`, those
+    after the first ``--`` (for the file)."""
     arguments = list(argv)
-    if "--" not in arguments:
+    if not arguments or arguments[0] not in FILE_COMMANDS or "--" not in arguments:
         return arguments, []
     split = arguments.index("--")
     return arguments[:split], arguments[split + 1 :]
@@ -121,8 +126,8 @@ def _file_argv(target: str | None, file_args: list[str]) -> Iterator[None]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cosmoflow",
-        description="Run cosmoflow_actors flows. Arguments after -- go to the flow file "
-        "(its sys.argv[1:]).",
+        description="Run cosmoflow_actors flows. For run, graph and submit, arguments "
+        "after -- go to the flow file (its sys.argv[1:]).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
