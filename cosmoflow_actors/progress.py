@@ -13,6 +13,8 @@ from typing import final
 
 import trio
 
+from cosmoflow_actors.trio_run import require_trio_run
+
 
 @dataclass(frozen=True, slots=True)
 class ProgressSnapshot:
@@ -41,9 +43,11 @@ class Progress:
     The updates cost an addition and a test while nobody waits in :meth:`wait_changed`.
     """
 
-    __slots__ = ("_cancelled", "_changed", "_failed", "_started", "_succeeded")
+    __slots__ = ("_cancelled", "_changed", "_failed", "_started", "_succeeded", "_trio_token")
 
-    def __init__(self) -> None:
+    def __init__(self, trio_token: trio.lowlevel.TrioToken | None = None) -> None:
+        self._trio_token = trio_token
+        """The trio run whose tasks may wait for a change (the engine's); None: any."""
         self._started = 0
         self._succeeded = 0
         self._failed = 0
@@ -80,8 +84,11 @@ class Progress:
 
         Returns at once (after the checkpoint) when they differ already, so a loop
         ``snapshot = await progress.wait_changed(snapshot)`` misses no change: each
-        snapshot holds every count up to its moment.
+        snapshot holds every count up to its moment. Raises RuntimeError outside the
+        engine's trio run.
         """
+        if self._trio_token is not None:
+            require_trio_run(self._trio_token, "the engine's progress")
         if self.snapshot() != since:
             await trio.lowlevel.checkpoint()
         while self.snapshot() == since:

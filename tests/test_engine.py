@@ -1669,3 +1669,49 @@ def test_an_engine_called_from_another_trio_run_or_a_plain_thread_says_how_to_ca
         "the engine was called outside any trio run",
     ]
     assert home["result"].success
+
+
+def test_waits_from_another_trio_run_are_refused_and_leave_the_engine_serving() -> None:
+    """A run's wait, a wait on its state, on the engine's progress or on its close, from
+    another thread's trio run: each is refused naming what was called (trio could not
+    wake such a waiter: the engine's task setting the event would crash), and the run
+    and the engine end as if nobody had called."""
+    opened, stop = threading.Event(), threading.Event()
+    home: dict[str, Any] = {}
+
+    async def serve() -> None:
+        async with cf.open_engine() as engine:
+            home["engine"] = engine
+            home["run"] = await engine.start_run(single(Recorder()))
+            await trio.to_thread.run_sync(opened.set)
+            await trio.to_thread.run_sync(stop.wait)
+            home["result"] = await home["run"].wait()
+
+    thread = threading.Thread(target=trio.run, args=(serve,))
+    thread.start()
+    opened.wait()
+    engine: cf.Engine = home["engine"]
+    run: cf.Run = home["run"]
+    snapshot = engine.progress().snapshot()
+    waits: list[Callable[[], Any]] = [
+        lambda: trio.run(run.wait),
+        lambda: trio.run(run.state.wait_value, cf.RunState.SUCCEEDED),
+        lambda: trio.run(engine.progress().wait_changed, snapshot),
+        lambda: trio.run(engine.wait_closed),
+    ]
+    refusals = []
+    try:
+        for wait in waits:
+            with pytest.raises(RuntimeError) as info:
+                wait()
+            refusals.append(str(info.value).split(":")[0])
+    finally:
+        stop.set()
+        thread.join()
+    assert refusals == [
+        "the run's wait was called in another trio run (another thread's trio.run)",
+        "a wait on the run's state was called in another trio run (another thread's trio.run)",
+        "the engine's progress was called in another trio run (another thread's trio.run)",
+        "the engine was called in another trio run (another thread's trio.run)",
+    ]
+    assert home["result"].success

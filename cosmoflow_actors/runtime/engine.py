@@ -59,6 +59,7 @@ from cosmoflow_actors.runtime.store_actor import StoreActor
 from cosmoflow_actors.runtime.store_client import SharedStore
 from cosmoflow_actors.runtime.stores import StoreRegistry, as_storage, require_storage
 from cosmoflow_actors.storage.base import Storage, batch_parent
+from cosmoflow_actors.trio_run import require_trio_run
 from cosmoflow_actors.validation import checked_params, require_positive, require_run_id
 
 T = TypeVar("T")
@@ -106,34 +107,21 @@ class Engine:
         admission, a storage, set-up): leaving the engine's block waits for them too."""
         self._closed = False
         self._closed_event = trio.Event()
-        self._progress = Progress()
+        self._trio_token = trio.lowlevel.current_trio_token()
+        """The trio run the engine lives in: every call that starts work or waits must
+        be made in it (see :meth:`_require_its_trio_run`)."""
+        self._progress = Progress(self._trio_token)
         """The run counts (also those of :meth:`statistics`)."""
         self._on_admitted_end = self._admitted_ended
         self._on_end = self._ended
         """The bound methods an admitted run and another one call when they end (made
         once, not once per run)."""
         self._run_ids = _run_ids()
-        self._trio_token = trio.lowlevel.current_trio_token()
-        """The trio run the engine lives in: every call that starts work must be
-        made in it (see :meth:`_require_its_trio_run`)."""
 
     def _require_its_trio_run(self) -> None:
         """Raise RuntimeError, naming the way to call it, unless called in the trio
-        run the engine was opened in: a task of another trio run (another thread's
-        ``trio.run``) or a thread outside any would corrupt both runs. Never blocks."""
-        try:
-            token = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            where = "outside any trio run"
-        else:
-            if token is self._trio_token:
-                return
-            where = "in another trio run (another thread's trio.run)"
-        raise RuntimeError(
-            f"the engine was called {where}: call it in the trio run that opened it, from "
-            "another thread with trio.from_thread.run (trio.from_thread.run_sync for "
-            "start_run_nowait) in a thread that trio run started"
-        )
+        run the engine was opened in (see :func:`require_trio_run`). Never blocks."""
+        require_trio_run(self._trio_token, "the engine")
 
     async def run(
         self,
@@ -183,7 +171,7 @@ class Engine:
         run, first = await self._start(flow, store, params, run_id, _Start.NEW)
         if first is not None:
             await _send(run, first)
-        return Run(run)
+        return Run(run, self._trio_token)
 
     async def resume(
         self,
@@ -253,7 +241,7 @@ class Engine:
             self._nursery.start_soon(self._launch_later, run, first_params)
         else:
             entry.send_nowait(self._first_step(run, first_params))
-        return Run(run)
+        return Run(run, self._trio_token)
 
     @asynccontextmanager
     async def open_store(self, store: Storage | dict[str, Any]) -> AsyncIterator[SharedStore]:
@@ -680,7 +668,9 @@ class Engine:
         return self._events.trace(spans)
 
     async def wait_closed(self) -> None:
-        """Block until the engine closes."""
+        """Block until the engine closes. Raises RuntimeError outside the engine's trio
+        run (see :meth:`run`)."""
+        self._require_its_trio_run()
         await self._closed_event.wait()
 
     def statistics(self) -> EngineStatistics:

@@ -6,6 +6,9 @@ observer's code can fail that task: a predicate that raises there wakes its own
 waiter, which raises the error in its own task (as it would have raised there had the
 predicate failed on its first test); a transform that raises there is logged and its
 derived value keeps its last value.
+
+Its waits belong to the engine's trio run: one from another trio run raises
+RuntimeError (trio could not wake it).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from typing import TYPE_CHECKING, Any, Final
 
+import trio
 from trio_util import AsyncValue
 
 from cosmoflow_actors.events import LOGGER
+from cosmoflow_actors.trio_run import require_trio_run
 
 if TYPE_CHECKING:
     from cosmoflow_actors.runtime.run import RunState
@@ -90,10 +95,21 @@ class _Transform:
 class ObservedState(AsyncValue):  # type: ignore[misc]  # trio_util is untyped
     """A ``trio_util.AsyncValue[RunState]`` whose observers' code cannot fail the task
     that changes the state (see the module's docstring). Each method blocks, and is
-    a checkpoint, as AsyncValue's does."""
+    a checkpoint, as AsyncValue's does; each raises RuntimeError outside the trio run
+    of ``trio_token`` (the engine's)."""
+
+    def __init__(self, state: RunState, trio_token: trio.lowlevel.TrioToken) -> None:
+        super().__init__(state)
+        self._trio_token = trio_token
+
+    def _guarded(self, value_or_predicate: Any) -> _Guarded:
+        """``value_or_predicate`` guarded for a wait, once the waiter is found to be in
+        the engine's trio run. Never blocks."""
+        require_trio_run(self._trio_token, "a wait on the run's state")
+        return _Guarded(value_or_predicate)
 
     async def wait_value(self, value_or_predicate: Any, *, held_for: float = 0.0) -> RunState:
-        guarded = _Guarded(value_or_predicate)
+        guarded = self._guarded(value_or_predicate)
         state: RunState = await super().wait_value(guarded, held_for=held_for)
         guarded.check()
         return state
@@ -101,7 +117,7 @@ class ObservedState(AsyncValue):  # type: ignore[misc]  # trio_util is untyped
     async def wait_transition(
         self, value_or_predicate: Any = _any_change
     ) -> tuple[RunState, RunState]:
-        guarded = _Guarded(value_or_predicate)
+        guarded = self._guarded(value_or_predicate)
         change: tuple[RunState, RunState] = await super().wait_transition(guarded)
         guarded.check()
         return change
@@ -109,7 +125,7 @@ class ObservedState(AsyncValue):  # type: ignore[misc]  # trio_util is untyped
     async def eventual_values(
         self, value_or_predicate: Any = _any_change, held_for: float = 0.0
     ) -> AsyncGenerator[RunState, None]:
-        guarded = _Guarded(value_or_predicate)
+        guarded = self._guarded(value_or_predicate)
         async with aclosing(super().eventual_values(guarded, held_for)) as states:
             async for state in states:
                 guarded.check()
@@ -118,7 +134,7 @@ class ObservedState(AsyncValue):  # type: ignore[misc]  # trio_util is untyped
     async def transitions(
         self, value_or_predicate: Any = _any_change
     ) -> AsyncGenerator[tuple[RunState, RunState], None]:
-        guarded = _Guarded(value_or_predicate)
+        guarded = self._guarded(value_or_predicate)
         async with aclosing(super().transitions(guarded)) as changes:
             async for change in changes:
                 guarded.check()

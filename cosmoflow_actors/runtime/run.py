@@ -16,6 +16,7 @@ from cosmoflow_actors.errors import RunCancelledError
 from cosmoflow_actors.events import LOGGER
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime.observed_state import ObservedState
+from cosmoflow_actors.trio_run import require_trio_run
 
 if TYPE_CHECKING:
     from cosmoflow_actors.action import Action
@@ -219,12 +220,12 @@ class ActiveRun:
         self.condition_keys = condition_keys
         """The store keys the flow's route conditions read (read after each step)."""
 
-    @property
-    def state(self) -> RunStateValue:
-        """The state as an observable AsyncValue (see :attr:`Run.state`), made on first
-        use, so runs nobody observes carry none."""
+    def observed(self, trio_token: trio.lowlevel.TrioToken) -> RunStateValue:
+        """The state as an observable AsyncValue (see :attr:`Run.state`) whose waits
+        belong to the trio run of ``trio_token`` (the engine's), made on first use, so
+        runs nobody observes carry none."""
         if self._observed is None:
-            self._observed = ObservedState(self._state)
+            self._observed = ObservedState(self._state, trio_token)
         # trio_util carries no type marker: to mypy an AsyncValue is Any.
         observed: RunStateValue = self._observed
         return observed
@@ -346,10 +347,12 @@ class Run:
     run along; nothing the handle offers changes where the run is.
     """
 
-    __slots__ = ("_run",)
+    __slots__ = ("_run", "_trio_token")
 
-    def __init__(self, run: ActiveRun) -> None:
+    def __init__(self, run: ActiveRun, trio_token: trio.lowlevel.TrioToken) -> None:
         self._run = run
+        self._trio_token = trio_token
+        """The trio run of the engine: the only one the run may be awaited in."""
 
     @property
     def run_id(self) -> str:
@@ -364,8 +367,9 @@ class Run:
     @property
     def state(self) -> RunStateValue:
         """The run's state as an observable ``trio_util.AsyncValue[RunState]`` (made
-        on first use), typed as :class:`RunStateValue`."""
-        return self._run.state
+        on first use), typed as :class:`RunStateValue`. Its waits raise RuntimeError
+        outside the engine's trio run."""
+        return self._run.observed(self._trio_token)
 
     @property
     def current_state(self) -> RunState:
@@ -385,9 +389,11 @@ class Run:
     async def wait(self) -> FlowResult:
         """Block until the run ends; return its result or raise its error.
 
-        Raises RunCancelledError for a cancelled run. Cancelling the waiter does not
-        cancel the run (``Engine.run`` does). A checkpoint.
+        Raises RunCancelledError for a cancelled run, RuntimeError outside the
+        engine's trio run. Cancelling the waiter does not cancel the run
+        (``Engine.run`` does). A checkpoint.
         """
+        require_trio_run(self._trio_token, "the run's wait")
         return await self._run.wait()
 
     def cancel(self) -> None:
