@@ -202,6 +202,68 @@ def test_a_malformed_param_is_refused(capsys: pytest.CaptureFixture[str]) -> Non
     assert capsys.readouterr().err == (
         "cosmoflow: error: --param 'n': its JSON is nested too deep to read\n"
     )
+    digits = "9" * 5000
+    assert main(["run", str(EXAMPLES / "hello_world.py"), "--param", f"n={digits}"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "cosmoflow: error: --param 'n': its JSON cannot be read: Exceeds the limit"
+    )
+
+
+UNSHOWABLE = """
+import cosmoflow_actors as cf
+
+
+class BadRepr:
+    def __repr__(self):
+        raise RuntimeError("repr boom")
+
+
+@cf.node
+async def keep(ctx):
+    cycle = []
+    cycle.append(cycle)
+    await ctx.store.set("cycle", cycle)
+    await ctx.store.set("digits", 10**5000)
+    return cf.Action.complete(BadRepr())
+
+
+flow = cf.Flow.builder("odd").add_node("keep", keep).build()
+"""
+"""A run that succeeds with a result whose repr raises, having stored a list that holds
+itself and an int of more digits than Python converts to text."""
+
+
+def test_run_json_shows_what_it_cannot_form_as_such_and_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "odd.py"
+    path.write_text(UNSHOWABLE)
+    assert main(["run", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    outcome = json.loads(captured.out)
+    assert outcome["success"]
+    assert outcome["result"] == "<cannot be shown: RuntimeError: repr boom>"
+    assert outcome["store"]["cycle"].startswith("<cannot be shown: RecursionError")
+    assert outcome["store"]["digits"].startswith("<cannot be shown: ValueError: Exceeds")
+    result, store = captured.err.splitlines()
+    assert result == "cosmoflow: warning: the run's result cannot be shown: RuntimeError: repr boom"
+    assert store.startswith(
+        "cosmoflow: warning: memory: the value of 'cycle' cannot be shown (and 1 more): "
+        "RecursionError: maximum recursion depth exceeded"
+    )
+
+
+def test_run_shows_a_result_whose_repr_raises_as_such_and_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "odd.py"
+    path.write_text(UNSHOWABLE)
+    assert main(["run", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "result:       <cannot be shown: RuntimeError: repr boom>" in captured.out
+    assert captured.err == (
+        "cosmoflow: warning: the run's result cannot be shown: RuntimeError: repr boom\n"
+    )
 
 
 def test_run_json_shows_a_persistent_store(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from typing import Any, Final
 
 from outcome import Outcome
@@ -14,7 +13,7 @@ from rich.table import Table
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow
-from cosmoflow_actors.cli.output import StdoutConsole, dump_json, jsonable, plain
+from cosmoflow_actors.cli.output import StdoutConsole, dump_json, plain
 from cosmoflow_actors.cli.run_view import peeked_run, read_run, view_json, view_lines
 from cosmoflow_actors.cli.signals import trio_run
 from cosmoflow_actors.cli.stores import (
@@ -23,6 +22,7 @@ from cosmoflow_actors.cli.stores import (
     described,
     existing_store,
     first_unreadable,
+    json_form,
     listed_runs,
     opened,
     read_contents,
@@ -188,13 +188,11 @@ def _shown(value: Any, as_json: bool) -> Any:
     :data:`PREVIEW_CHARS`. An Unreadable value is kept as it is; a value whose form
     cannot be made (its ``repr`` or its conversion to JSON text raises: an int of more
     digits than Python converts, a ``__repr__`` that raises) is Unshowable."""
+    if as_json:
+        return json_form(value)
     if isinstance(value, Unreadable):
         return value
     try:
-        if as_json:
-            form = jsonable(value)
-            json.dumps(form)  # raises what printing the report would
-            return form
         return _preview(value)
     except Exception as exc:
         return Unshowable(exc)

@@ -23,7 +23,15 @@ from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow
 from cosmoflow_actors.cli.output import dump_json, print_error, print_warning
 from cosmoflow_actors.cli.signals import INTERRUPTED, trio_run
-from cosmoflow_actors.cli.stores import first_unreadable, opened, parse_store, read_contents
+from cosmoflow_actors.cli.stores import (
+    Unshowable,
+    first_unreadable,
+    json_form,
+    opened,
+    parse_store,
+    read_contents,
+    repr_form,
+)
 from cosmoflow_actors.cli.trace import NodeNames, Printer, watch
 from cosmoflow_actors.errors import RunRecordedError, type_and_message, with_article
 from cosmoflow_actors.flow import Flow, FlowResult
@@ -82,14 +90,26 @@ def _check_options(args: argparse.Namespace) -> None:
 def _run_one(options: _RunOptions, args: argparse.Namespace) -> int:
     """Run the flow once and print its outcome; return 0, or raise the run's error."""
     ended, store = trio_run(_run_once, options)
+    if args.json:
+        store = {key: json_form(value) for key, value in store.items()}
     if args.json or ended.error is None:
         print(_render(options.flow.name, ended, store, as_json=args.json))
+    if ended.result is not None:
+        _warn_if_unshowable(ended.result.result, as_json=args.json)
     problem = first_unreadable(args.store, store)
     if problem is not None:
         print_warning(problem)
     if ended.error is not None:
         raise ended.error
     return 0
+
+
+def _warn_if_unshowable(result: Any, *, as_json: bool) -> None:
+    """Say on stderr why the run's ``result`` was shown as ``<cannot be shown: ...>``,
+    if it was."""
+    shown = json_form(result) if as_json else repr_form(result)
+    if isinstance(shown, Unshowable):
+        print_warning(f"the run's result cannot be shown: {shown.why}")
 
 
 def _run_batch(
@@ -209,7 +229,7 @@ def _result_lines(result: Any) -> list[str]:
         return []
     if isinstance(result, str) and "\n" in result.strip("\n"):
         return ["result:", *(f"  {line}" for line in result.strip("\n").split("\n"))]
-    return [f"result:       {result!r}"]
+    return [f"result:       {repr_form(result)}"]
 
 
 def _outcome_json(flow_name: str, outcome: _Outcome, store: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +242,7 @@ def _outcome_json(flow_name: str, outcome: _Outcome, store: dict[str, Any]) -> d
         "success": result is not None,
         "error": error,
         "final_action": None if result is None else result.final_action.name,
-        "result": None if result is None else result.result,
+        "result": None if result is None else json_form(result.result),
         "path": None if result is None else list(result.execution_path),
         "steps": None if result is None else result.steps_executed,
         "duration": None if result is None else round(result.duration, 6),
@@ -318,7 +338,7 @@ async def _await_run(run: Run, started: float, counting: _Counting) -> None:
 def parse_params(items: Sequence[str]) -> dict[str, Any]:
     """The params ``--param KEY=VALUE`` (given once for each item) names: VALUE parsed
     as JSON if it can be, else the text itself; CliError naming an item without KEY=,
-    or whose JSON is nested too deep to read."""
+    or whose JSON Python cannot read (nested too deep, an int of too many digits)."""
     params: dict[str, Any] = {}
     for item in items:
         key, separator, text = item.partition("=")
@@ -330,6 +350,8 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
             params[key] = text
         except RecursionError as exc:
             raise CliError(f"--param {key!r}: its JSON is nested too deep to read") from exc
+        except ValueError as exc:  # an int past Python's digit limit
+            raise CliError(f"--param {key!r}: its JSON cannot be read: {exc}") from exc
     return params
 
 

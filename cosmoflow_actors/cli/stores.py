@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import json
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from inspect import signature
 from typing import TYPE_CHECKING, Any, Final
 
 from cosmoflow_actors.cli.errors import CliError
-from cosmoflow_actors.cli.output import StdoutFailed
+from cosmoflow_actors.cli.output import StdoutFailed, jsonable
 from cosmoflow_actors.errors import (
     StorageError,
     UnreadableValueError,
@@ -434,6 +435,30 @@ class Unshowable(Unreadable):
 
     def __repr__(self) -> str:
         return f"<cannot be shown: {self.why}>"
+
+
+def json_form(value: Any) -> Any:
+    """``value``'s JSON form (see :func:`~cosmoflow_actors.cli.output.jsonable`), or
+    Unshowable when it cannot be made (a value that holds itself, an int of more digits
+    than Python converts to text, a ``__repr__`` that raises). An Unreadable value is
+    kept as it is."""
+    if isinstance(value, Unreadable):
+        return value
+    try:
+        form = jsonable(value)
+        json.dumps(form)  # raises what printing it would
+    except Exception as exc:
+        return Unshowable(exc)
+    return form
+
+
+def repr_form(value: Any) -> str | Unshowable:
+    """``repr(value)``, or Unshowable when that raises (its text, as ``str()`` gives
+    it, is ``<cannot be shown: ...>``)."""
+    try:
+        return repr(value)
+    except Exception as exc:
+        return Unshowable(exc)
 
 
 def first_unreadable(store: str, contents: dict[str, Any]) -> str | None:
