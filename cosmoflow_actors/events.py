@@ -209,7 +209,9 @@ class EventHub:
         for sink in self._sinks:
             try:
                 sink(event)
-            except Exception:
+            except BaseException as error:
+                if not listeners_own(error):
+                    raise
                 self._listener_failed(sink, f"on {type(event).__name__} of run {event.run_id!r}")
 
     def open(self, buffer: int, *, lossless: bool = False) -> EventStream:
@@ -279,7 +281,9 @@ class EventHub:
         self.step_spans = None
         try:
             spans.detached()
-        except Exception:
+        except BaseException as error:
+            if not listeners_own(error):
+                raise
             LOGGER.exception("%r raised when it was detached", spans)
 
     def step_span(self, step: ExecutionContext) -> AbstractContextManager[object]:
@@ -290,7 +294,9 @@ class EventHub:
             return _NO_SPAN
         try:
             span = spans.step_span(step)
-        except Exception:
+        except BaseException as error:
+            if not listeners_own(error):
+                raise
             self._listener_failed(spans.handle, f"making the span of step {step.execution_id}")
             return _NO_SPAN
         return _GuardedSpan(self, spans.handle, span)
@@ -372,6 +378,16 @@ def _forget_soon(
         token.run_sync_soon(forget, sink)
 
 
+def listeners_own(error: BaseException) -> bool:
+    """Whether ``error``, which a listener's or a tracer's code raised, is its own
+    failure (it is removed, and the run goes on): anything but a KeyboardInterrupt (the
+    operator's) or trio's Cancelled (the cancellation of the task it was called in),
+    alone or in a group; ``sys.exit()`` and a BaseException of its own making too."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.subgroup((KeyboardInterrupt, trio.Cancelled)) is None
+    return not isinstance(error, KeyboardInterrupt | trio.Cancelled)
+
+
 @final
 class _GuardedSpan:
     """A tracer's span of one step, whose entering and leaving never fail the step: a
@@ -394,7 +410,9 @@ class _GuardedSpan:
         assert self._span is not None
         try:
             self._span.__enter__()
-        except Exception:
+        except BaseException as error:
+            if not listeners_own(error):
+                raise
             self._span = None
             self._hub._listener_failed(self._handle, "entering a step's span")
 
@@ -408,9 +426,12 @@ class _GuardedSpan:
             return
         try:
             self._span.__exit__(exc_type, exc, traceback)
-        except Exception as error:
-            if error is not exc:
-                self._hub._listener_failed(self._handle, "leaving a step's span")
+        except BaseException as error:
+            if error is exc:
+                return  # the step's own exception, which goes on as it was
+            if not listeners_own(error):
+                raise
+            self._hub._listener_failed(self._handle, "leaving a step's span")
 
 
 @final

@@ -404,6 +404,47 @@ async def test_a_tracer_whose_span_cannot_be_entered_is_removed_and_every_run_go
     assert "entering a step's span" in record.getMessage()
 
 
+class OwnBaseException(BaseException):
+    """A BaseException that is no Exception, of a tracer's own making."""
+
+
+class BrokenExit(Traced):
+    @contextlib.contextmanager
+    def step_span(self, step: cf.ExecutionContext) -> Iterator[None]:
+        yield
+        raise OwnBaseException("cannot leave")
+
+
+async def test_a_tracer_raising_a_base_exception_of_its_own_is_removed_and_every_run_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stores = await traced_runs(BrokenExit())
+    assert [store["seen"] for store in stores] == [["a", "b"]] * 3
+    [record] = caplog.records
+    assert "leaving a step's span" in record.getMessage()
+
+
+def test_a_listener_raising_sys_exit_is_removed_but_a_keyboard_interrupt_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = EventHub()
+    [event] = emitted(1)
+
+    def exits(event: cf.Event) -> None:
+        raise SystemExit(3)
+
+    def interrupted(event: cf.Event) -> None:
+        raise KeyboardInterrupt
+
+    hub.listen(exits)
+    hub.emit(event)
+    [record] = caplog.records
+    assert repr(exits) in record.getMessage()
+    hub.listen(interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hub.emit(event)
+
+
 async def test_a_stream_opened_during_a_step_gets_no_end_of_it_while_another_stream_is_open() -> (
     None
 ):
