@@ -70,12 +70,13 @@ def refusing_runs() -> Iterator[None]:
         _IMPORTING.reset(token)
 
 
-def check_runs_allowed(flow_name: str) -> None:
-    """Raise RuntimeError, naming ``flow_name``, inside :func:`refusing_runs`."""
+def check_runs_allowed(what: str) -> None:
+    """Raise RuntimeError inside :func:`refusing_runs`, saying ``what`` happened
+    (``"flow 'f' was run"``, ``"an engine was opened"``)."""
     if _IMPORTING.get():
         raise RuntimeError(
-            f"flow {flow_name!r} was run while the cosmoflow command imported its file to "
-            'find the flows in it; put the code that runs flows under `if __name__ == "__main__":`'
+            f"{what} while the cosmoflow command imported its file to find the flows in "
+            'it; put the code that runs flows under `if __name__ == "__main__":`'
         )
 
 
@@ -284,7 +285,7 @@ class Flow:
                 "trio, not asyncio: call `flow.run_sync(...)` from synchronous code, or "
                 "`await flow.run(...)` inside `trio.run`"
             )
-        check_runs_allowed(self.name)
+        check_runs_allowed(f"flow {self.name!r} was run")
         return await on_temporary_engine(
             lambda engine: engine.run(self, store, params=params, run_id=run_id)
         )
@@ -314,7 +315,7 @@ class Flow:
                 "use `await flow.run(...)`, or an engine: "
                 "`async with cf.open_engine() as engine: await engine.run(flow, ...)`"
             )
-        check_runs_allowed(self.name)
+        check_runs_allowed(f"flow {self.name!r} was run")
         try:
             return trio.run(lambda: self.run(store, params=params, run_id=run_id))
         except BaseExceptionGroup as group:

@@ -4,6 +4,7 @@ file that cannot be loaded as one line naming where."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("plain_output")
     [
         (None, "", "no such file"),
         ("FOLDER", "", "a folder, not a Python file"),
+        ("FIFO", "", "not a regular file (a device, a pipe or a socket)"),
         ("x = 1\n", "", "expected exactly one Flow, found none"),
         (
             "import cosmoflow_actors as cf\n"
@@ -48,6 +50,8 @@ def test_bad_input_is_one_line_on_stderr(
     flow_file = tmp_path / "flows.py"
     if content == "FOLDER":
         flow_file.mkdir()
+    elif content == "FIFO":
+        os.mkfifo(flow_file)
     elif content is not None:
         flow_file.write_text(content)
     assert main(["run", f"{flow_file}{target_suffix}", "--param", "a=1"]) == 2

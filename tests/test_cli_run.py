@@ -89,6 +89,15 @@ def test_the_outcome_escapes_control_characters_in_names(
     assert "path:         red\\x1b[31m\\nnode\n" in out
 
 
+def test_the_summary_of_runs_escapes_control_characters_in_the_flow_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "esc.py"
+    path.write_text(ESCAPES.replace('builder("esc")', 'builder("bad\\nname")'))
+    assert main(["run", str(path), "--runs", "2"]) == 0
+    assert "flow:         bad\\nname\n" in capsys.readouterr().out
+
+
 def test_run_json_with_params(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     flow_file = tmp_path / "echo.py"
     flow_file.write_text(

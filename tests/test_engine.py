@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.flow import refusing_runs
 from cosmoflow_actors.runtime.node_actor import KEEP_IDLE
 from cosmoflow_actors.runtime.statistics import EngineStatistics
 from cosmoflow_actors.runtime.store_actor import StoreActor
@@ -1715,3 +1716,18 @@ def test_waits_from_another_trio_run_are_refused_and_leave_the_engine_serving() 
         "the engine was called in another trio run (another thread's trio.run)",
     ]
     assert home["result"].success
+
+
+def test_an_engine_opened_while_the_command_imports_a_file_is_refused_saying_so() -> None:
+    """A flow file whose top level opens an engine: the error says what happened, as
+    it does for a flow run there."""
+
+    async def opens() -> None:
+        async with cf.open_engine():
+            pass
+
+    with refusing_runs(), pytest.raises(RuntimeError) as info:
+        trio.run(opens)
+    assert str(info.value).startswith(
+        "an engine was opened while the cosmoflow command imported its file"
+    )

@@ -25,7 +25,7 @@ from cosmoflow_actors.events import (
     StepFinished,
     StepStarted,
 )
-from cosmoflow_actors.tracing import describe_error
+from cosmoflow_actors.tracing import describe_error, one_line
 
 
 @dataclass(slots=True)
@@ -196,7 +196,7 @@ def print_summary(batch: BatchStats, *, as_json: bool) -> None:
         f"run latency:  mean {_ms(latency['mean_ms'])}, p50 {_ms(latency['p50_ms'])}, "
         f"p99 {_ms(latency['p99_ms'])}",
     ]
-    print("\n".join(lines))
+    print("\n".join(one_line(line) for line in lines))
     _print_table(_node_table(summary["nodes"]))
 
 

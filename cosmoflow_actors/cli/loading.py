@@ -45,8 +45,10 @@ def _import_flows(path: Path) -> dict[str, Any]:
     names. CliError when it is missing, raises, exits or runs a flow."""
     if path.is_dir():
         raise CliError(f"{path}: a folder, not a Python file")
-    if not path.is_file():
+    if not path.exists():
         raise CliError(f"{path}: no such file")
+    if not path.is_file():
+        raise CliError(f"{path}: not a regular file (a device, a pipe or a socket)")
     try:
         with refusing_runs():
             namespace = runpy.run_path(str(path), run_name="__cosmoflow__")

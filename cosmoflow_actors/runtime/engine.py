@@ -834,7 +834,7 @@ async def open_engine(
             "open_engine() was entered outside a trio run; the engine runs on trio, not "
             "asyncio: enter it inside `trio.run`"
         )
-    check_runs_allowed("<engine>")
+    check_runs_allowed("an engine was opened")
     require_positive("mailbox_size", mailbox_size)
     if max_runs is not None:
         require_positive("max_runs", max_runs)
