@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import keyword
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -648,8 +649,9 @@ def _as_branch(branch: object) -> Action:
 
 
 def _param_repr(key: str, value: Any) -> str:
-    """Return ``key=value``, or ``**{'key': value}`` when ``key`` is not an identifier."""
-    if key.isidentifier():
+    """Return ``key=value``, or ``**{'key': value}`` when ``key`` cannot be a keyword
+    argument's name (not an identifier, or a Python keyword such as ``class``)."""
+    if key.isidentifier() and not keyword.iskeyword(key):
         return f"{key}={value!r}"
     return f"**{{{key!r}: {value!r}}}"
 

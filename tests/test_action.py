@@ -153,6 +153,10 @@ def test_actions_are_unhashable_and_not_equal_to_other_types() -> None:
             Action.with_params("go", **{"a-b": 1, "c": "d"}),
             "Action.with_params('go', **{'a-b': 1}, c='d')",
         ),
+        (
+            Action.with_params("go", **{"class": 2, "None": 3}),
+            "Action.with_params('go', **{'class': 2}, **{'None': 3})",
+        ),
         (Action.complete(result=42), "Action.complete(result=42)"),
         (Action.complete(), "Action.complete()"),
         (
