@@ -43,6 +43,18 @@ def test_submit_prints_the_run_id_and_status_shows_the_run_pending(
     assert [run["run_id"] for run in json.loads(capsys.readouterr().out)] == ["job-1"]
 
 
+def test_status_piped_prints_each_row_whole(
+    redis_server: RedisServer, counter_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Piped (``| grep``), a run id longer than a terminal's column is not cut."""
+    queue = f"{redis_server.url}/{unique_namespace()}"
+    run_id = "a-run-id-long-enough-to-be-cut-" + "x" * 80
+    assert main(["submit", str(counter_file), "--queue", queue, "--run-id", run_id]) == 0
+    capsys.readouterr()
+    assert main(["status", "--queue", queue]) == 0
+    assert table_row(capsys.readouterr().out, run_id)[0] == run_id
+
+
 IMPORTS_COUNTED = """
 from pathlib import Path
 

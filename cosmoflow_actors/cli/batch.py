@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cosmoflow_actors.cli.output import StdoutConsole, dump_json, plain
+from cosmoflow_actors.cli.output import dump_json, plain, print_table
 from cosmoflow_actors.cli.trace import NodeNames
 from cosmoflow_actors.events import (
     Event,
@@ -197,18 +196,7 @@ def print_summary(batch: BatchStats, *, as_json: bool) -> None:
         f"p99 {_ms(latency['p99_ms'])}",
     ]
     print("\n".join(one_line(line) for line in lines))
-    _print_table(_node_table(summary["nodes"]))
-
-
-def _print_table(table: Table) -> None:
-    """Print ``table`` on stdout, as wide as a terminal is; on a file or a pipe, as wide
-    as its cells are (rich would wrap them at 80 columns). Blocks while stdout is
-    written."""
-    console = StdoutConsole(highlight=False)
-    if not console.is_terminal:
-        unbounded = console.options.update_width(sys.maxsize)
-        console.width = max(console.width, console.measure(table, options=unbounded).maximum)
-    console.print(table)
+    print_table(_node_table(summary["nodes"]))
 
 
 def _runs(batch: BatchStats) -> str:

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow
-from cosmoflow_actors.cli.output import StdoutConsole, dump_json, plain
+from cosmoflow_actors.cli.output import dump_json, plain, print_table
 from cosmoflow_actors.cli.run_view import peeked_run, read_run, view_json, view_lines
 from cosmoflow_actors.cli.signals import trio_run
 from cosmoflow_actors.cli.stores import (
@@ -39,9 +39,6 @@ from cosmoflow_actors.storage.codec import CodecName
 
 PREVIEW_CHARS: Final = 60
 """``inspect`` shows at most this much of each value's repr."""
-PIPED_WIDTH: Final = 10_000
-"""How wide ``inspect``'s tables may be on a stdout that is no terminal: as wide as
-their rows, so that none is folded onto a second line."""
 
 
 def graph_command(args: argparse.Namespace) -> int:
@@ -70,11 +67,8 @@ def inspect_command(args: argparse.Namespace) -> int:
         print(dump_json(report))
     else:
         print(f"store: {name}")
-        console = StdoutConsole(highlight=False)
-        if not console.is_terminal:  # piped: a line holds a whole row, for grep and awk
-            console.width = PIPED_WIDTH
-        console.print(_keys_table(contents, shown))
-        console.print(_runs_table(runs))
+        print_table(_keys_table(contents, shown))
+        print_table(_runs_table(runs))
     problem = first_unreadable(name, shown)
     if problem is not None:
         raise CliError(problem)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any, cast
 
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from cosmoflow_actors.tracing import one_line
@@ -82,6 +83,17 @@ class StdoutConsole(Console):
     def on_broken_pipe(self) -> None:
         self.quiet = True
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+def print_table(table: Table) -> None:
+    """Print ``table`` on stdout, as wide as a terminal is; on a file or a pipe (``|
+    grep``), as wide as its rows, so that a line holds a whole row (rich would fold
+    them at 80 columns). Blocks while stdout is written."""
+    console = StdoutConsole(highlight=False)
+    if not console.is_terminal:
+        unbounded = console.options.update_width(sys.maxsize)
+        console.width = max(console.width, console.measure(table, options=unbounded).maximum)
+    console.print(table)
 
 
 def plain(*cells: str) -> list[Text]:

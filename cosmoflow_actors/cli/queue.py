@@ -18,7 +18,7 @@ from rich.table import Table
 
 from cosmoflow_actors.cli.errors import CliError
 from cosmoflow_actors.cli.loading import load_flow, load_flows
-from cosmoflow_actors.cli.output import StdoutConsole, dump_json, plain
+from cosmoflow_actors.cli.output import StdoutConsole, dump_json, plain, print_table
 from cosmoflow_actors.cli.run import check_run_id, parse_params, read_params_file
 from cosmoflow_actors.cli.signals import STOP_GRACE, TERMINATED, Deadline, trio_run
 from cosmoflow_actors.cli.stores import worker_stores
@@ -277,8 +277,8 @@ def status_command(args: argparse.Namespace) -> int:
     if waiting:
         names = ", ".join(sorted({name for run in waiting for name in run.passed_over}))
         print(f"{len(waiting)} wait for a worker with their flow (passed over by {names})")
+    print_table(_queue_table(listed))
     console = StdoutConsole(highlight=False)
-    console.print(_queue_table(listed))
     for run in listed:
         if run.error is not None:
             console.print(f"{run.run_id} {run.state}: {run.error}", markup=False, soft_wrap=True)
