@@ -35,6 +35,10 @@ SLOW: dict[str, float] = {}
 """Seconds each step of a run in here takes."""
 
 
+STUCK: dict[str, trio.Event] = {}
+"""Step ``b`` of a run in here sets the event and waits until it is cancelled (once)."""
+
+
 class Count(cf.Node):
     """Counts its own step in the run's store: a per-run counter and a key per step."""
 
@@ -44,6 +48,9 @@ class Count(cf.Node):
             entered, release = GATES.pop(ctx.run_id)
             entered.set()
             await release.wait()
+        if ctx.node_id == "b" and ctx.run_id in STUCK:
+            STUCK.pop(ctx.run_id).set()
+            await trio.sleep_forever()
         if ctx.node_id == "b" and FAILURES.get(ctx.run_id, 0) > 0:
             FAILURES[ctx.run_id] -= 1
             raise RuntimeError("b is down")
@@ -109,6 +116,19 @@ async def held_in_step_a(
         await cf.submit(queue, "count", run_id=run_id)
         await entered.wait()
         yield release
+
+
+async def interrupted_in_b(store: str, run_id: str) -> None:
+    """Run ``run_id`` of FLOW durably on its store of ``store`` (see per_run_redis)
+    until it is in step b, its step a committed, then stop it there, as a worker that
+    dies in step b leaves it: its record says it is running, at node a."""
+    entered = trio.Event()
+    STUCK[run_id] = entered
+    storage = per_run_redis(store)(run_id)
+    async with cf.open_engine() as engine, trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(engine.run, FLOW, storage, run_id=run_id))
+        await entered.wait()
+        nursery.cancel_scope.cancel()
 
 
 async def counts(store: str, run_id: str) -> dict[str, Any]:

@@ -23,10 +23,12 @@ from tests.queue_support import (
     DEEP,
     FAILURES,
     FLOW,
+    GATES,
     OTHER,
     Count,
     Warnings,
     counts,
+    interrupted_in_b,
     killed,
     monitored,
     new_queue,
@@ -268,6 +270,69 @@ async def test_a_run_whose_flow_no_worker_takes_fails_after_flow_wait(
     assert (status.state, status.owner, status.passed_over) == ("failed", "w1", ("w1",))
 
 
+async def test_a_run_whose_flow_a_busy_worker_serves_is_not_failed_for_flow_wait(
+    redis_server: RedisServer,
+) -> None:
+    """Worker A serves ``count`` with one slot, busy with a run held in its step a;
+    worker B serves only ``other``. With flow_wait=0, B would fail a second run of
+    ``count`` at its first pass over it, but A says it serves ``count``: B gives the
+    run back, again and again, and A runs it once its slot is free."""
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", flow_wait=0)
+    store = store_url(redis_server)
+    entered, release = trio.Event(), trio.Event()
+    GATES["busy"] = (entered, release)
+    async with worker(queue, store, "A", concurrency=1):
+        await cf.submit(queue, "count", run_id="busy")
+        await entered.wait()
+        async with worker(queue, store, "B", flows=(OTHER,)):
+            await cf.submit(queue, "count", run_id="waits")
+            with trio.fail_after(10):
+                waiting = await passed_over(queue, "waits")
+            release.set()
+            with trio.fail_after(10):
+                done = await cf.result(queue, "waits")
+    assert (waiting.state, waiting.passed_over) == ("pending", ("B",))
+    assert (done.result, done.worker) == ("done waits", "A")
+    assert await counts(store, "waits") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
+async def test_a_run_whose_flow_no_live_worker_serves_fails_once_the_last_one_stopped(
+    redis_server: RedisServer,
+) -> None:
+    """Worker A, the only one that serves ``count``, has stopped: what it said of the
+    flows it serves expires a lease (0.3 s) after it last said it, and from then on
+    worker B, which lacks ``count``, fails a run of it for flow_wait=0."""
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", lease=0.3, flow_wait=0)
+    store = store_url(redis_server)
+    served = f"cosmoflow:queue:{queue.name}:flow:count"
+    async with worker(queue, store, "A"):
+        pass
+    advertised = await queue.call("PTTL", served)
+    async with worker(queue, store, "B", flows=(OTHER,)):
+        await cf.submit(queue, "count", run_id="orphan")
+        with trio.fail_after(10), pytest.raises(cf.CosmoFlowError) as failed:
+            await cf.result(queue, "orphan")
+    assert 0 < advertised <= 300
+    assert "no worker took flow 'count' in " in str(failed.value)
+    assert str(failed.value).endswith("(passed over by B; flow_wait=0 s)")
+
+
+async def test_a_worker_of_a_shorter_lease_does_not_shorten_what_another_said_it_serves(
+    redis_server: RedisServer,
+) -> None:
+    """Two workers serve ``count``, of leases 60 s and 1 s: the flow is said to be
+    served for 60 s, whichever of them said so last."""
+    from cosmoflow_actors.runtime.queue.claims import Claimer
+
+    name = f"q-{uuid.uuid4().hex[:8]}"
+    long, short = RunQueue(redis_server.url, name, lease=60), RunQueue(redis_server.url, name)
+    await Claimer(long, {"count": FLOW}, "long", set()).advertise()
+    await Claimer(short, {"count": FLOW}, "short", set()).advertise()
+    served = f"cosmoflow:queue:{name}:flow:count"
+    assert await long.call("GET", served) == b"long"
+    assert await long.call("PTTL", served) > 10_000
+
+
 async def test_a_run_finished_while_a_worker_fails_it_for_flow_wait_stays_finished(
     redis_server: RedisServer,
 ) -> None:
@@ -336,15 +401,12 @@ CHANGED = (
 
 
 async def orphaned_after_a(queue: RunQueue, store: str) -> tuple[str, Any]:
-    """A run of ``count`` that a worker "dead" claimed and that failed in step b (its
-    record at node a, whose step it committed) before "dead" recorded it, its lease to
-    expire in 500 ms; its id and its record."""
+    """A run of ``count`` that a worker "dead" claimed and left in step b (its record
+    at node a, whose step it committed), its lease to expire in 500 ms; its id and its
+    record."""
     run_id = await cf.submit(queue, "count")
     await claimed_by_dead(queue, run_id)
-    FAILURES[run_id] = 1
-    async with cf.open_engine() as engine:
-        with pytest.raises(cf.NodeError, match="node 'b' failed in exec"):
-            await engine.run(FLOW, per_run_redis(store)(run_id), run_id=run_id)
+    await interrupted_in_b(store, run_id)
     return run_id, await recorded(store, run_id)
 
 
@@ -416,7 +478,8 @@ async def test_an_orphan_no_worker_whose_flow_fits_takes_fails_after_flow_wait(
         f"run {run_id!r} failed on worker new: RunRecordedError: run {run_id!r} is at node "
         "'a', which flow 'count' lacks (removed or renamed since the run was recorded): "
         "resume it with flow 'count' as it was when the run started (the version that "
-        "recorded it); nothing ran and its record stays failed; no worker took it in "
+        "recorded it); nothing ran and its record stays running (forget_run deletes a "
+        "record only once its run has ended, as that resume does); no worker took it in "
     )
     assert str(info.value).endswith(" s (passed over by new; flow_wait=0.3 s)")
     waited = float(str(info.value).split("no worker took it in ")[1].split(" s")[0])
@@ -427,27 +490,76 @@ async def test_an_orphan_no_worker_whose_flow_fits_takes_fails_after_flow_wait(
     assert await recorded(store, run_id) == record
 
 
+async def test_an_orphan_a_worker_whose_flow_does_not_fit_refused_fails_whatever_is_served(
+    redis_server: RedisServer,
+) -> None:
+    """Worker "new" serves a version of ``count`` that does not fit an orphan's record,
+    and worker "lacks" serves only ``other``; both pass the orphan over. "new" says that
+    it serves ``count``, but once it has refused the run that no longer holds the wait
+    back: the run fails after flow_wait (1 s), its record left as it was."""
+    queue = RunQueue(redis_server.url, f"q-{uuid.uuid4().hex[:8]}", lease=0.5, flow_wait=1)
+    store = store_url(redis_server)
+    run_id, record = await orphaned_after_a(queue, store)
+    new = worker(queue, store, "new", flows=(CHANGED,))
+    async with new, worker(queue, store, "lacks", flows=(OTHER,)):
+        with trio.fail_after(10), pytest.raises(cf.CosmoFlowError, match="no worker took"):
+            await cf.result(queue, run_id)
+    [status] = await cf.queue_status(queue)
+    assert status.state == "failed"
+    assert "new" in status.passed_over
+    assert await recorded(store, run_id) == record
+
+
 async def test_an_expired_lease_is_taken_over_and_the_run_resumed_after_its_last_commit(
     redis_server: RedisServer,
 ) -> None:
-    """A worker "dead" claimed the run and committed step a before it failed in b;
-    once its lease expires, a live worker takes the run over and resumes it at b."""
+    """A worker "dead" claimed the run and committed step a before it died in b; once
+    its lease expires, a live worker takes the run over and resumes it at b."""
     queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
     run_id = await cf.submit(queue, "count")
     await claimed_by_dead(queue, run_id)
     [status] = await cf.queue_status(queue)
     assert (status.state, status.owner) == ("running", "dead")
     assert status.lease_left is not None and 0 < status.lease_left <= 0.5
-    FAILURES[run_id] = 1
-    async with cf.open_engine() as engine:
-        with pytest.raises(cf.NodeError, match="node 'b' failed in exec"):
-            await engine.run(FLOW, per_run_redis(store)(run_id), run_id=run_id)
+    await interrupted_in_b(store, run_id)
     async with worker(queue, store, "alive"):
         done = await cf.result(queue, run_id)
     assert done.worker == "alive"
     assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
     [status] = await cf.queue_status(queue)
     assert (status.state, status.attempts) == ("succeeded", 2)
+
+
+async def test_a_run_that_failed_on_a_dead_worker_is_taken_over_failed_not_run_again(
+    redis_server: RedisServer,
+) -> None:
+    """A worker "dead" claimed the run, which failed in step b, was recorded failed in
+    its store, and died before the queue recorded the failure. Once its lease expires,
+    a live worker takes the run over and records the failure the record holds, running
+    nothing (the queue does not retry a run by itself); requeued, the run resumes at
+    b."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    run_id = await cf.submit(queue, "count")
+    await claimed_by_dead(queue, run_id)
+    FAILURES[run_id] = 1
+    async with cf.open_engine() as engine:
+        with pytest.raises(cf.NodeError, match="node 'b' failed in exec"):
+            await engine.run(FLOW, per_run_redis(store)(run_id), run_id=run_id)
+    async with worker(queue, store, "alive"):
+        with trio.fail_after(10), pytest.raises(cf.CosmoFlowError) as failed:
+            await cf.result(queue, run_id)
+        [status] = await cf.queue_status(queue)
+        stored = await counts(store, run_id)
+        await cf.requeue(queue, run_id)
+        with trio.fail_after(10):
+            done = await cf.result(queue, run_id)
+    assert str(failed.value).startswith(
+        f"run {run_id!r} failed on worker alive: NodeError: node 'b' failed in exec"
+    )
+    assert (status.state, status.attempts) == ("failed", 2)
+    assert stored == {"count": 1, "step:a": 1}
+    assert done.worker == "alive"
+    assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
 
 
 async def test_a_dead_workers_runs_are_taken_over_one_after_another_at_once(

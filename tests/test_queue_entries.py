@@ -10,9 +10,11 @@ import pytest
 
 import cosmoflow_actors as cf
 from cosmoflow_actors.runtime.queue.entries import (
+    MAX_DEPTH,
     decoded_info,
     decoded_passed,
     decoded_run_id,
+    deeper_than,
     shown,
 )
 from tests.queue_support import BAD_ENTRIES, DEEP, pending_entry
@@ -57,6 +59,33 @@ def test_a_key_twice_in_the_params_is_unreadable_too() -> None:
     data = pending_entry(params='{"a": 1, "a": 2}')
     with pytest.raises(cf.UnreadableEntryError, match="the key 'a' is there twice"):
         decoded_info(QUEUE, "r", data)
+
+
+def test_params_nested_deeper_than_submit_takes_are_unreadable() -> None:
+    """A param of MAX_DEPTH lists and objects reads back (submit takes it); one level
+    more is an entry no queue writes, however far below Python's recursion limit."""
+    value: object = {"x": 1}
+    for _ in range(MAX_DEPTH - 1):
+        value = [value]
+    read = decoded_info(QUEUE, "r", pending_entry(params=json.dumps({"v": value})))
+    assert read["params"] == {"v": value}
+    for deeper in ([value], {"y": value}):
+        with pytest.raises(cf.UnreadableEntryError) as info:
+            decoded_info(QUEUE, "r", pending_entry(params=json.dumps({"v": deeper})))
+        expected = f"not an object of finite JSON values, each nested at most {MAX_DEPTH} deep"
+        assert str(info.value).endswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("value", "depth"),
+    [(1, 0), ("[{", 0), ([], 1), ({"a": [1]}, 2), ([[], [[{}]], 1], 4), ({"a": 1, "b": [2]}, 2)],
+)
+def test_deeper_than_counts_the_lists_and_objects_one_in_the_other(
+    value: object, depth: int
+) -> None:
+    encoded = json.dumps(value)
+    assert not deeper_than(depth, value, encoded)
+    assert deeper_than(depth - 1, value, encoded) == (depth > 0)
 
 
 def test_a_long_value_at_fault_is_quoted_shortened() -> None:

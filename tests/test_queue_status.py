@@ -197,6 +197,33 @@ async def test_the_lease_of_a_run_of_a_queue_whose_url_has_a_query_is_read(
     assert (checked.state, checked.owner) == ("running", "w2")
 
 
+@pytest.mark.parametrize("name", ["jobs#1", "jobs?x=1", "q%41", "a b é"])
+async def test_a_running_run_of_a_queue_whose_name_its_url_escapes_is_listed_running(
+    redis_server: RedisServer, name: str
+) -> None:
+    """The record's queue address percent-encodes the name, and the listing decodes it:
+    it reads the lease of that queue, not of the queue named before a '#' or a '?'."""
+    queue = RunQueue(redis_server.url, f"{name}-{uuid.uuid4().hex[:8]}", lease=10.0)
+    store = store_url(redis_server)
+    storage = per_run_redis(store)("odd")
+    async with held_in_step_a(queue, store, "odd") as release:
+        [listed] = await cf.list_runs(storage)
+        release.set()
+        await cf.result(queue, "odd")
+    assert (listed.state, listed.owner, listed.queue) == ("running", "w1", queue.address)
+    assert listed.lease_left is not None and 0 < listed.lease_left <= 10.0
+
+
+@pytest.mark.parametrize("last", ["a%2Fb", "q%FF", ""])
+async def test_a_record_whose_queue_address_names_no_queue_is_listed_as_it_is(
+    redis_server: RedisServer, last: str
+) -> None:
+    """Its last part decodes to a name with '/', to no UTF-8, or to nothing: no queue's."""
+    storage = per_run_redis(store_url(redis_server))("lost")
+    record = RunRecord("r1", "count", "running", "a", 1, "w1", f"{redis_server.url}/{last}")
+    assert await leases_checked(storage, [record]) == [record]
+
+
 async def test_the_leases_are_read_a_batch_of_runs_to_a_round_trip(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 import cosmoflow_actors as cf
+from cosmoflow_actors.errors import StorageError
 from cosmoflow_actors.runtime.queue.claims import HAND_BACK_SECONDS
 from cosmoflow_actors.runtime.queue.client import RunQueue
 from cosmoflow_actors.runtime.queue.worker import per_run_redis
@@ -29,6 +30,7 @@ from tests.queue_support import (
     FLOW,
     GATES,
     SLOW,
+    STUCK,
     Count,
     counts,
     held_in_step_a,
@@ -472,6 +474,116 @@ async def test_a_stopped_worker_hands_its_run_back_to_the_next_worker_at_once(
     assert (status.state, status.attempts) == ("succeeded", 2)
 
 
+async def test_a_worker_whose_engine_closes_hands_its_run_back_and_raises(
+    redis_server: RedisServer,
+) -> None:
+    """w1's serve runs outside its engine's block, which is cancelled while a run is in
+    step a: w1 records no outcome for the run the close ended, hands it back and stops
+    claiming, and serve raises RuntimeError. A run submitted afterwards waits, pending;
+    w2 runs both, each step committed once (with a 60 s lease: the run handed back is
+    taken over at once)."""
+    queue, store = new_queue(redis_server, lease=60.0), store_url(redis_server)
+    entered, release = trio.Event(), trio.Event()
+    GATES["closing"] = (entered, release)
+    closed = pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="^the engine is closed"))
+    with trio.fail_after(10), closed:
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as engine_block:
+                async with cf.open_engine() as engine:
+                    serve = functools.partial(engine.serve, name="w1")
+                    await nursery.start(serve, queue, [FLOW], store)
+                    await cf.submit(queue, "count", run_id="closing")
+                    await entered.wait()
+                    engine_block.cancel()
+            await trio.sleep_forever()  # until serve raises
+    [handed_back] = await cf.queue_status(queue)
+    await cf.submit(queue, "count", run_id="later")
+    async with worker(queue, store, "w2"):
+        with trio.fail_after(5):
+            done = [await cf.result(queue, run_id) for run_id in ("closing", "later")]
+    assert (handed_back.state, handed_back.owner, handed_back.error) == ("orphaned", "w1", None)
+    assert [(result.result, result.worker) for result in done] == [
+        ("done closing", "w2"),
+        ("done later", "w2"),
+    ]
+    attempts = {run.run_id: run.attempts for run in await cf.queue_status(queue)}
+    assert attempts == {"closing": 2, "later": 1}
+    for run_id in ("closing", "later"):
+        assert await counts(store, run_id) == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
+async def test_a_run_whose_failure_the_queue_missed_stays_failed_when_taken_over(
+    redis_server: RedisServer,
+) -> None:
+    """The run fails in step b and its store records it, but the queue does not answer
+    the worker recording the failure (it goes on without, as after waiting out
+    HAND_BACK_SECONDS): once the lease has expired the run is taken over and ends
+    failed, with the error its record holds, naming the worker that ran it. Step b,
+    which failed, does not run again: the queue does not retry a run by itself."""
+    from cosmoflow_actors.runtime.queue.scripts import FINISH
+
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    script = queue.script
+    missed: list[Any] = []
+
+    async def finish_missed_once(source: str, keys: list[str], args: list[Any]) -> Any:
+        if source == FINISH and not missed:
+            missed.append(args)
+            raise StorageError(f"{queue!r}: no answer from the server")
+        return await script(source, keys, args)
+
+    queue.script = finish_missed_once  # type: ignore[method-assign]
+    FAILURES["missed"] = 1
+    async with worker(queue, store, "w1"):
+        await cf.submit(queue, "count", run_id="missed")
+        with trio.fail_after(10), pytest.raises(cf.CosmoFlowError) as failed:
+            await cf.result(queue, "missed")
+    assert str(failed.value).startswith(
+        "run 'missed' failed on worker w1: NodeError: node 'b' failed in exec"
+    )
+    assert len(missed) == 1
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("failed", 2)
+    assert await counts(store, "missed") == {"count": 1, "step:a": 1}
+
+
+async def failed_on_the_queue(queue: RunQueue, store: str, run_id: str) -> None:
+    """Run ``run_id`` on ``queue`` with a worker "w0" until it fails in step b (its
+    record at a, failed), then requeue it."""
+    FAILURES[run_id] = 1
+    async with worker(queue, store, "w0"):
+        await cf.submit(queue, "count", run_id=run_id)
+        with trio.fail_after(10), pytest.raises(cf.CosmoFlowError, match="node 'b' failed"):
+            await cf.result(queue, run_id)
+    await cf.requeue(queue, run_id)
+
+
+async def test_a_requeued_run_a_stopped_worker_hands_back_is_resumed_not_failed_again(
+    redis_server: RedisServer,
+) -> None:
+    """A failed run is requeued, and w1 is stopped in step b, which failed before: the
+    run's record still says it failed. w1 hands the run back marked to be resumed, so
+    w2 resumes it at b instead of recording the old failure again."""
+    queue, store = new_queue(redis_server, lease=60.0), store_url(redis_server)
+    await failed_on_the_queue(queue, store, "again")
+    entered = trio.Event()
+    STUCK["again"] = entered
+    async with worker(queue, store, "w1"):
+        await entered.wait()
+    storage = per_run_redis(store)("again")
+    await storage.open()
+    record = await storage.get("__cosmoflow__/runs/again")
+    await storage.aclose()
+    async with worker(queue, store, "w2"):
+        with trio.fail_after(5):  # the lease would hold the run for 60 s
+            done = await cf.result(queue, "again")
+    assert (record["state"], record["owner"]["worker"]) == ("failed", "w1")
+    assert (done.result, done.worker) == ("done again", "w2")
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 3)
+    assert await counts(store, "again") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
+
+
 _RAY_LOST_SCRIPT = """
 import functools, sys, trio, ray
 import cosmoflow_actors as cf
@@ -551,6 +663,33 @@ async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
     [dropped] = [r for r in caplog.records if r.name == "cosmoflow_actors.queue"]
     assert f"drops run {run_id!r}, to be taken over after a lease" in dropped.getMessage()
     assert "StorageError" in dropped.getMessage()
+
+
+async def test_a_requeued_run_dropped_for_its_store_is_resumed_not_failed_again(
+    redis_server: RedisServer,
+) -> None:
+    """A failed run is requeued, and the first claim after that gets a store on a port
+    nothing listens on: the worker drops the run marked to be resumed, so the claim
+    that takes it over after a lease resumes it at b instead of recording the old
+    failure again."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    await failed_on_the_queue(queue, store, "dropped")
+    stores = per_run_redis(store)
+    unreachable = per_run_redis(f"redis://127.0.0.1:{free_port()}/0")
+    claims: list[str] = []
+
+    def store_of(run_id: str) -> cf.Storage:
+        claims.append(run_id)
+        return unreachable(run_id) if len(claims) == 1 else stores(run_id)
+
+    async with worker(queue, store_of, "w1"):
+        with trio.fail_after(10):
+            done = await cf.result(queue, "dropped")
+    assert claims == ["dropped", "dropped"]
+    assert (done.result, done.worker) == ("done dropped", "w1")
+    [status] = await cf.queue_status(queue)
+    assert (status.state, status.attempts) == ("succeeded", 3)
+    assert await counts(store, "dropped") == {"count": 3, "step:a": 1, "step:b": 1, "step:c": 1}
 
 
 async def test_a_run_whose_store_goes_away_during_a_step_is_taken_over_not_failed(

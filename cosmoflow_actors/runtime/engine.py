@@ -782,9 +782,13 @@ class Engine:
         Ray of ``executor="ray"`` nodes, the worker processes of ``"process"`` ones).
         Raises ValueError for a ``name`` that is not a non-empty str, StorageError if
         the queue cannot be reached at first, ConnectionError if the Ray cluster cannot
-        (see :func:`open_engine`), RuntimeError once the engine is closed; and, while it
-        serves, the NodeError of a run that failed because this process lost its Ray
-        connection (caused by RayDisconnectedError), its runs handed back to the queue.
+        (see :func:`open_engine`), RuntimeError once the engine is closed: at the start,
+        or as the engine closes while it serves (its ``open_engine`` block ended while
+        ``serve`` runs in a nursery outside it), once it has stopped claiming and handed
+        back the runs it held, as a stopped worker does (no run is failed for the
+        close); and, while it serves, the NodeError of a run that failed because this
+        process lost its Ray connection (caused by RayDisconnectedError), its runs
+        handed back to the queue.
         """
         self._require_its_trio_run()
         if self._closed:
@@ -797,8 +801,11 @@ class Engine:
             concurrency=concurrency,
             name=name,
             set_up=self._flows.set_up,
+            closed=self._closed_event,
             task_status=task_status,
         )
+        # It returns only once the engine has closed.
+        await refuse_closed(self._closed_error())
 
 
 @asynccontextmanager

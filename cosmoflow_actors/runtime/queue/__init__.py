@@ -48,13 +48,14 @@ from cosmoflow_actors.runtime.queue.client import (
     DEFAULT_FLOW_WAIT,
     DEFAULT_LEASE,
     FINISHED,
+    MAX_LEASE,
     QueuedResult,
     RunQueue,
     requeue,
     result,
     submit,
 )
-from cosmoflow_actors.runtime.queue.entries import UnreadableEntryError
+from cosmoflow_actors.runtime.queue.entries import MAX_DEPTH, UnreadableEntryError
 from cosmoflow_actors.runtime.queue.status import QueuedRun, leases_checked, queue_status
 from cosmoflow_actors.runtime.queue.worker import PerRunRedis, RunStores, per_run_redis, serve
 
@@ -63,6 +64,8 @@ __all__ = [
     "DEFAULT_LEASE",
     "FINISHED",
     "HAND_BACK_SECONDS",
+    "MAX_DEPTH",
+    "MAX_LEASE",
     "PerRunRedis",
     "QueuedResult",
     "QueuedRun",

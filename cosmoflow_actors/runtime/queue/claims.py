@@ -27,6 +27,7 @@ from cosmoflow_actors.runtime.queue.entries import (
     foreign_lease,
 )
 from cosmoflow_actors.runtime.queue.scripts import (
+    ADVERTISE,
     CLAIM,
     EXPIRED,
     FAIL_AS_READ,
@@ -63,12 +64,31 @@ def shielded_briefly() -> Iterator[None]:
         yield
 
 
+RESUME: Final = "resume"
+"""The field of a run's entry in the queue's hash that a worker leaving the run without
+an outcome (stopped, or dropping it) sets to true: the next claim resumes the run's
+record even if it says the run failed (see :attr:`Claim.resumes`). A claim removes it."""
+
+
+def flow_key(queue: RunQueue, flow_name: str) -> str:
+    """The key that says, while it exists, that a live worker serves ``flow_name`` on
+    ``queue`` (see :meth:`Claimer.advertise`)."""
+    return f"cosmoflow:queue:{queue.name}:flow:{flow_name}"
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """A run a worker holds the lease of: its stream entry, flow and parameters, its
     entry in the queue's hash as the claim wrote it (``info``) and as it was before
-    (``read``), the passed-over note the claim forgot, and when (trio time) the lease
-    expires unless renewed."""
+    (``read``), the passed-over note the claim forgot, when (trio time) the lease
+    expires unless renewed, and whether the claim resumes the run's record whatever
+    it says (``resumes``).
+
+    A claim resumes a run that was pending (submitted, or requeued: a record that says
+    it failed goes on after its last committed step) or that its last worker left
+    without an outcome (see :data:`RESUME`). Any other claim takes the run over from a
+    worker that died, lost its lease or could not record the outcome in time: a record
+    that says the run ended gives that outcome, and the run is not run again."""
 
     entry_id: str
     run_id: str
@@ -78,6 +98,7 @@ class Claim:
     read: bytes
     passed: bytes | None
     expires: float
+    resumes: bool
 
 
 class Claimer:
@@ -336,8 +357,8 @@ class Claimer:
         if flow is None:
             await self._pass_over(entry_id, run_id, data, info)
             return None
-        running = {**info, "state": "running", "owner": self.name}
-        running["attempts"] = info.get("attempts", 0) + 1
+        attempts = info.get("attempts", 0) + 1
+        running = {**_unmarked(info), "state": "running", "owner": self.name, "attempts": attempts}
         encoded = json.dumps(running)
         expires = trio.current_time() + queue.lease
         taken = await queue.script(
@@ -352,7 +373,17 @@ class Claimer:
             return None
         passed = taken if isinstance(taken, bytes) else None
         params = info.get("params", {})
-        return Claim(entry_id, run_id, flow, params, running, data, passed, expires)
+        resumes = info["state"] == "pending" or info.get(RESUME) is True
+        return Claim(entry_id, run_id, flow, params, running, data, passed, expires, resumes)
+
+    async def advertise(self) -> None:
+        """Say that this worker serves its flows, for a lease (see ``scripts.ADVERTISE``):
+        while one of them is said to be served, a worker that lacks it passes its runs
+        over without failing them for ``flow_wait`` (see :meth:`_pass_over`). Blocks
+        for one round trip; raises StorageError when the server is out of reach."""
+        queue = self.queue
+        keys = [flow_key(queue, flow_name) for flow_name in self.flows]
+        await queue.script(ADVERTISE, keys, [queue.lease_ms, self.name])
 
     async def pass_back(self, claim: Claim, refusal: RunRecordedError) -> None:
         """Give back ``claim``, whose run this worker cannot resume (``refusal``: its
@@ -387,19 +418,25 @@ class Claimer:
         those that passed it over and give its entry back, idle for a lease, so that
         the next worker to look for expired leases takes it over. Fail the run instead
         (with ``refusal``, if any) once workers have passed it over for ``flow_wait``
-        seconds, unless it changed since ``data`` (what the queue's hash held about it,
-        decoded as ``info``) was read. Leave it alone while a worker holds its lease
-        (its entry is due again when the lease expires), and fail it when its lease key
-        holds another Redis type than a string (see :meth:`_fail_unleasable`). Raises
-        UnreadableEntryError when the run's passed-over note is not what a queue
-        writes."""
+        seconds while no live worker served its flow (see :meth:`advertise`; once a
+        worker has passed it over for a ``refusal``, whatever the workers serve: those
+        that serve the flow may serve a version of it that does not fit either), unless
+        it changed since ``data``
+        (what the queue's hash held about it, decoded as ``info``) was read. Leave it
+        alone while a worker holds its lease (its entry is due again when the lease
+        expires), and fail it when its lease key holds another Redis type than a string
+        (see :meth:`_fail_unleasable`). Blocks while the server answers (two round
+        trips at most). Raises UnreadableEntryError when the run's passed-over note is
+        not what a queue writes."""
         queue = self.queue
         lease_key = queue.lease_key(run_id)
+        served = [flow_key(queue, info["flow"])]
+        heeded = "1" if refusal is None else ""
         now = time.time()
         reply = await queue.script(
             PASS_OVER,
-            [queue.passed, lease_key, queue.stream],
-            [run_id, self.name, now, GROUP, entry_id, queue.lease_ms],
+            [queue.passed, lease_key, queue.stream, *served],
+            [run_id, self.name, now, GROUP, entry_id, queue.lease_ms, heeded],
         )
         if reply is None:
             return
@@ -414,17 +451,14 @@ class Claimer:
             idle = ["IDLE", queue.lease_ms]
             await queue.call("XCLAIM", queue.stream, GROUP, self.name, 0, entry_id, *idle)
             return
-        passes = f"passed over by {', '.join(by)}; flow_wait={queue.flow_wait:g} s"
-        if refusal is None:
-            error = f"CosmoFlowError: no worker took flow {info['flow']!r} in {waited:.1f} s"
-        else:
-            error = f"{type_and_message(refusal)}; no worker took it in {waited:.1f} s"
-        error += f" ({passes})"
-        failed = {**info, "state": "failed", "owner": self.name, "error": error}
+        error = _untaken(queue, info["flow"], refusal, waited, by)
+        failed = {**_unmarked(info), "state": "failed", "owner": self.name, "error": error}
+        if json.loads(reply).get("refused") is True:
+            heeded = ""  # the workers that serve the flow may be those that refused it
         await queue.script(
             FAIL_PASSED,
-            [queue.runs, lease_key, queue.stream],
-            [run_id, data, json.dumps(failed), GROUP, entry_id],
+            [queue.runs, lease_key, queue.stream, *served],
+            [run_id, data, json.dumps(failed), GROUP, entry_id, heeded, self.name, queue.lease_ms],
         )
 
     async def _fail_unleasable(
@@ -438,12 +472,30 @@ class Claimer:
         queue = self.queue
         error = type_and_message(foreign_lease(queue, run_id, kind))
         LOGGER.warning("worker %s fails run %r: %s", self.name, run_id, error)
-        failed = {**info, "state": "failed", "owner": self.name, "error": error}
+        failed = {**_unmarked(info), "state": "failed", "owner": self.name, "error": error}
         await queue.script(
             FAIL_AS_READ,
             [queue.runs, queue.stream],
             [run_id, data, json.dumps(failed), GROUP, entry_id],
         )
+
+
+def _untaken(
+    queue: RunQueue, flow_name: str, refusal: RunRecordedError | None, waited: float, by: list[str]
+) -> str:
+    """The error of a run of ``flow_name`` that workers ``by`` passed over for
+    ``waited`` seconds, past ``queue.flow_wait``: for want of the flow, or for
+    ``refusal`` (their version of it does not fit the run's record)."""
+    passes = f"passed over by {', '.join(by)}; flow_wait={queue.flow_wait:g} s"
+    if refusal is None:
+        return f"CosmoFlowError: no worker took flow {flow_name!r} in {waited:.1f} s ({passes})"
+    return f"{type_and_message(refusal)}; no worker took it in {waited:.1f} s ({passes})"
+
+
+def _unmarked(info: dict[str, Any]) -> dict[str, Any]:
+    """A run's entry ``info`` without the mark :data:`RESUME`, which the next claim or
+    outcome takes away."""
+    return {key: value for key, value in info.items() if key != RESUME}
 
 
 def _read_new(reply: list[Any]) -> str | None:

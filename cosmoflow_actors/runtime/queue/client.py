@@ -10,12 +10,12 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import trio
 
 from cosmoflow_actors.errors import CosmoFlowError, StorageError
-from cosmoflow_actors.runtime.queue.entries import decoded_info
+from cosmoflow_actors.runtime.queue.entries import MAX_DEPTH, decoded_info, deeper_than
 from cosmoflow_actors.runtime.queue.scripts import REQUEUE, SUBMIT
 from cosmoflow_actors.storage.redis import (
     connection_slots,
@@ -25,17 +25,28 @@ from cosmoflow_actors.storage.redis import (
     send_command,
     shared_client,
 )
-from cosmoflow_actors.validation import checked_params, require_run_id, require_seconds
+from cosmoflow_actors.validation import (
+    checked_params,
+    require_run_id,
+    require_seconds,
+    utf8_problem,
+)
 
 if TYPE_CHECKING:
     import redis
 
 DEFAULT_LEASE: Final = 10.0
 """Seconds a worker's lease on a run lasts unless renewed (renewed every third of it)."""
+MAX_LEASE: Final = 7 * 24 * 3600.0
+"""The longest lease a queue takes, in seconds (a week): a dead worker's runs wait a
+lease to be taken over, and a call waits up to three leases for the server's answer."""
 DEFAULT_FLOW_WAIT: Final = 60.0
 """Seconds a run whose flow the workers that saw it lack waits for one that has it."""
 QUEUE_URL: Final = "redis://HOST[:PORT][/DB]/NAME"
 """The form of a queue's URL (see :meth:`RunQueue.from_url`)."""
+NAME_SAFE: Final = "!$&'()*+,;=:@"
+"""The characters of a queue's name that its address leaves as they are, besides
+letters, digits and ``_.-~``: those a URL's path holds as they are (RFC 3986)."""
 RESULT_POLL_INTERVAL: Final = 0.05
 """Seconds :func:`result` waits between two reads of a run's state."""
 GROUP: Final = "workers"
@@ -65,10 +76,13 @@ class QueuedResult:
 class RunQueue:
     """A run queue on a Redis server: ``RunQueue(url, name)``, or
     :meth:`from_url` of ``redis://HOST:PORT[/DB]/NAME``. ``url`` is checked as
-    ``RedisStorage``'s is (ValueError naming it and what is wrong).
+    ``RedisStorage``'s is (ValueError naming it and what is wrong). ``name`` is a
+    non-empty str without '/' that UTF-8 encodes (ValueError otherwise); the queue's
+    :attr:`address` percent-encodes what a URL's path cannot hold as it is.
 
     ``lease`` is how long (seconds) a worker's claim on a run lasts without renewal:
-    the time after which a dead worker's runs go to others. ``flow_wait`` is how long
+    the time after which a dead worker's runs go to others, above 0 and at most
+    :data:`MAX_LEASE` (a week; ValueError naming it otherwise). ``flow_wait`` is how long
     (seconds) a run whose flow the workers that saw it lack (or have in a version that
     does not fit its record) waits for a worker that has it, before one of them fails
     it (0: the first one does). Every call to the
@@ -92,14 +106,13 @@ class RunQueue:
         lease: float = DEFAULT_LEASE,
         flow_wait: float = DEFAULT_FLOW_WAIT,
     ) -> None:
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ValueError(f"a queue name must be a non-empty str without '/', not {name!r}")
+        require_name(name)
         require_url(url, "RunQueue url")
         require_seconds("lease", lease)
-        if math.isinf(lease):
+        if lease > MAX_LEASE:
             raise ValueError(
-                "lease must be a finite number of seconds: a dead worker's runs"
-                " would never be taken over"
+                f"lease must be a finite number of seconds up to {MAX_LEASE:g} (a week), "
+                f"got {lease!r}: a dead worker's runs would wait that long to be taken over"
             )
         require_seconds("flow_wait", flow_wait, zero=True)
         self.url = url
@@ -123,22 +136,16 @@ class RunQueue:
     def from_url(
         cls, text: str, *, lease: float = DEFAULT_LEASE, flow_wait: float = DEFAULT_FLOW_WAIT
     ) -> RunQueue:
-        """The queue ``redis://HOST:PORT[/DB]/NAME`` names: NAME is the last path part.
-        ValueError naming ``text`` (its password masked as ``***``) and what is wrong with it."""
+        """The queue ``redis://HOST:PORT[/DB]/NAME`` names: NAME is the last path part,
+        percent-decoded (``jobs%231`` names the queue ``jobs#1``, as :attr:`address`
+        writes it). ValueError naming ``text`` (its password masked as ``***``) and what
+        is wrong with it."""
         shown = f"queue {redacted(text)!r}"
+        url, quoted = _split_queue_url(text, shown)
         try:
-            parts = urlsplit(text)
+            name = unquoted_name(quoted)
         except ValueError as exc:
-            raise ValueError(f"{shown}: expected {QUEUE_URL}") from exc
-        head, _, name = parts.path.rpartition("/")
-        if parts.scheme not in ("redis", "rediss") or not parts.netloc or not name:
-            raise ValueError(f"{shown}: expected {QUEUE_URL}")
-        if not re.fullmatch(r"(/[0-9]+)?", head):
-            raise ValueError(
-                f"{shown}: the path before NAME is not a database number; expected {QUEUE_URL}"
-            )
-        url = urlunsplit(parts._replace(path=head))
-        require_url(url, f"{shown}: the server's URL", QUEUE_URL)
+            raise ValueError(f"{shown}: {exc}; expected {QUEUE_URL}") from exc
         return cls(url, name, lease=lease, flow_wait=flow_wait)
 
     def __repr__(self) -> str:
@@ -148,9 +155,11 @@ class RunQueue:
     def address(self) -> str:
         """The queue's URL, ``redis://HOST[:PORT][/DB]/NAME[?QUERY]``, with its password
         masked as ``***``, not removed: ``redis://:***@host:6379/2/q``, and
-        ``redis://host/2/q?password=***&ssl=1`` for the server ``redis://host/2?...``."""
+        ``redis://host/2/q?password=***&ssl=1`` for the server ``redis://host/2?...``.
+        NAME is percent-encoded but for letters, digits and ``_.-~!$&'()*+,;=:@``
+        (``jobs#1``: ``jobs%231``), so that :meth:`from_url` reads the name back."""
         server, question, query = redacted(self.url).partition("?")
-        return f"{server}/{self.name}{question}{query}"
+        return f"{server}/{quote(self.name, safe=NAME_SAFE)}{question}{query}"
 
     def lease_key(self, run_id: str) -> str:
         """The key of ``run_id``'s lease (its value names the worker holding it)."""
@@ -236,6 +245,54 @@ class RunQueue:
         )
 
 
+def require_name(name: object) -> None:
+    """Raise ValueError unless ``name`` is a non-empty str without '/' that UTF-8 can
+    encode (the queue's keys hold it). Any other character goes: the queue's address
+    percent-encodes it (see :attr:`RunQueue.address`)."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"a queue name must be a non-empty str without '/', not {name!r}")
+    problem = utf8_problem(name)
+    if problem is not None:
+        raise ValueError(f"queue name {name!r} {problem}")
+
+
+def _split_queue_url(text: str, shown: str) -> tuple[str, str]:
+    """The server's URL and the NAME (percent-encoded, as written) of the queue URL
+    ``text``; ValueError starting with ``shown`` and saying what is wrong with it."""
+    if "#" in text:
+        raise ValueError(
+            f"{shown}: a '#', which no queue URL has (write one in NAME or a password as "
+            f"%23); expected {QUEUE_URL}"
+        )
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:
+        raise ValueError(f"{shown}: expected {QUEUE_URL}") from exc
+    head, _, name = parts.path.rpartition("/")
+    if parts.scheme not in ("redis", "rediss") or not parts.netloc or not name:
+        raise ValueError(f"{shown}: expected {QUEUE_URL}")
+    if not re.fullmatch(r"(/[0-9]+)?", head):
+        raise ValueError(
+            f"{shown}: the path before NAME is not a database number; expected {QUEUE_URL}"
+        )
+    url = urlunsplit(parts._replace(path=head))
+    require_url(url, f"{shown}: the server's URL", QUEUE_URL)
+    return url, name
+
+
+def unquoted_name(quoted: str) -> str:
+    """The queue name ``quoted``, the last part of the path of a queue's URL,
+    percent-decoded (see :attr:`RunQueue.address`). ValueError saying why when its
+    escapes do not decode as UTF-8, or it decodes to no queue name (see
+    :func:`require_name`)."""
+    try:
+        name = unquote(quoted, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"NAME {quoted!r} is not percent-encoded UTF-8") from exc
+    require_name(name)
+    return name
+
+
 def _pipelined(
     client: redis.Redis, source: str, calls: Sequence[tuple[list[str], list[Any]]]
 ) -> list[Any]:
@@ -290,15 +347,24 @@ async def submit(
 def _check_param(run_id: str | None, key: str, value: Any) -> None:
     """Raise ValueError naming ``key`` (and ``run_id``, if the caller gave one) unless
     it and ``value`` go through JSON, as UTF-8, unchanged (a tuple would come back a
-    list, a dict's int keys str; a lone surrogate cannot be encoded)."""
+    list, a dict's int keys str; a lone surrogate cannot be encoded), ``value`` nesting
+    lists and objects at most :data:`entries.MAX_DEPTH` deep, as a worker reads them."""
     param = f"param {key!r}" if run_id is None else f"param {key!r} of run {run_id!r}"
+    too_deep = (
+        f"{param} nests lists and objects more than {MAX_DEPTH} deep, past what a worker reads"
+    )
     try:
         encoded = json.dumps(value, allow_nan=False, ensure_ascii=False)
         key.encode()
         encoded.encode()
+        decoded = json.loads(encoded)
+    except RecursionError as exc:  # nested far deeper than MAX_DEPTH
+        raise ValueError(too_deep) from exc
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise ValueError(f"{param} is not JSON: {exc}") from exc
-    if json.loads(encoded) != value:
+    if deeper_than(MAX_DEPTH, decoded, encoded):
+        raise ValueError(too_deep)
+    if decoded != value:
         raise ValueError(
             f"{param} would reach the worker changed by JSON, as {encoded}: give lists "
             "for tuples and str keys"
@@ -310,16 +376,24 @@ async def _check_resubmitted(
 ) -> None:
     """Raise ValueError unless the run ``run_id`` that ``queue`` has already was submitted
     with ``flow_name`` and ``params`` (blocks while it reads the queue); CosmoFlowError
-    if the queue no longer has it (something else deleted it)."""
+    if the queue no longer has it (something else deleted it). The params are compared
+    as JSON, as the queue holds them: ``1``, ``1.0`` and ``true`` differ, the order of
+    an object's keys does not."""
     first = await queue.info(run_id)
     if first is None:
         raise CosmoFlowError(f"run {run_id!r} left {queue!r} while it was submitted")
-    if (first["flow"], first["params"]) != (flow_name, params):
+    if first["flow"] != flow_name or _as_json(first["params"]) != _as_json(params):
         raise ValueError(
             f"run {run_id!r} is on {queue!r} already, as flow {first['flow']!r} with params "
             f"{json.dumps(first['params'])} ({first['state']}); nothing is submitted: "
             "give the new run another run id"
         )
+
+
+def _as_json(params: Mapping[str, Any]) -> str:
+    """``params`` as JSON text, an object's keys sorted: two params of one text reach a
+    worker equal, where Python's ``==`` holds ``1``, ``1.0`` and ``True`` equal."""
+    return json.dumps(params, sort_keys=True)
 
 
 async def requeue(queue: RunQueue | str, run_id: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from cosmoflow_actors.errors import CosmoFlowError, with_article
@@ -21,13 +21,19 @@ if TYPE_CHECKING:
 
 STATES: Final = ("pending", "running", "succeeded", "failed")
 """The states a queue writes in a run's entry."""
+MAX_DEPTH: Final = 100
+"""How deep the value of one of a run's params may nest lists and objects (``[[1]]``:
+2). ``submit`` refuses a deeper one, and a worker reads an entry with one as not
+written by a queue: a limit far below Python's recursion limit, so that whatever
+``submit`` accepts decodes wherever a worker reads it."""
 
 
 class UnreadableEntryError(CosmoFlowError):
     """What the queue holds for a run is not what a queue writes: its run id is not
     UTF-8, its entry in the queue's hash is not UTF-8 JSON (or nested too deep), a
     field of it has the wrong type (a flow name that is not a str, attempts that are
-    not an int, params that are not an object of finite JSON...), its passed-over
+    not an int, params that are not an object of finite JSON, or nest deeper than
+    :data:`MAX_DEPTH`...), its passed-over
     note is not one, or its lease key holds another Redis type than a string (a
     hash...). No worker can run it. A worker that claims it acknowledges its
     stream entry and logs it; :func:`queue_status` shows it as "unreadable"; the
@@ -43,15 +49,38 @@ def _is_text_or_none(value: object) -> bool:
 
 
 def _is_params(value: object) -> bool:
-    """Whether ``value`` is a JSON object whose values are finite JSON, as
-    ``submit`` writes params (it refuses NaN and the infinities)."""
+    """Whether ``value`` is a JSON object whose values are finite JSON nested at most
+    :data:`MAX_DEPTH` deep, as ``submit`` writes params (it refuses NaN, the
+    infinities and deeper values)."""
     if not isinstance(value, dict):
         return False
     try:
-        json.dumps(value, allow_nan=False)
+        encoded = json.dumps(value, allow_nan=False)
     except (ValueError, RecursionError):
         return False
-    return True
+    return not deeper_than(MAX_DEPTH + 1, value, encoded)
+
+
+def deeper_than(limit: int, value: Any, encoded: str) -> bool:
+    """Whether ``value``, decoded JSON whose text is ``encoded``, nests lists and
+    objects more than ``limit`` deep (``1``: 0, ``[1]``: 1, ``{"a": [1]}``: 2). Walks
+    ``value`` one level at a time, without recursion, and only when ``encoded`` holds
+    more than ``limit`` opening brackets (then up to ``limit`` levels of it)."""
+    if encoded.count("[") + encoded.count("{") <= limit:
+        return False
+    level = [value]
+    for _ in range(limit):
+        level = [child for each in level for child in _children(each)]
+        if not level:
+            return False
+    return any(isinstance(each, list | dict) for each in level)
+
+
+def _children(value: Any) -> Iterable[Any]:
+    """The values ``value`` holds: a list's items, a dict's values, none for a scalar."""
+    if isinstance(value, dict):
+        return value.values()
+    return value if isinstance(value, list) else ()
 
 
 def _is_result(value: object) -> bool:
@@ -72,7 +101,10 @@ Check = tuple[Callable[[Any], bool], str]
 _RUN_FIELDS: Final[dict[str, Check]] = {
     "state": (lambda value: value in STATES, f"one of {', '.join(STATES)}"),
     "flow": (lambda value: isinstance(value, str) and bool(value), "a non-empty str"),
-    "params": (_is_params, "an object of finite JSON values"),
+    "params": (
+        _is_params,
+        f"an object of finite JSON values, each nested at most {MAX_DEPTH} deep",
+    ),
     "attempts": (lambda value: _is_int(value) and value >= 0, "an int >= 0"),
     "owner": (_is_text_or_none, "a str"),
     "error": (_is_text_or_none, "a str"),

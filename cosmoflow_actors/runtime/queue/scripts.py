@@ -161,31 +161,65 @@ local function readable(saved)
 end
 local saved = redis.call('HGET', KEYS[1], ARGV[1])
 local passed = saved and readable(saved) or {since = tonumber(ARGV[3]), by = {}}
+local noted = false
 for _, name in ipairs(passed.by) do
-  if name == ARGV[2] then return cjson.encode(passed) end
+  if name == ARGV[2] then noted = true end
 end
-table.insert(passed.by, ARGV[2])
+if not noted then table.insert(passed.by, ARGV[2]) end
+local refused = ARGV[7] ~= '1' and passed.refused ~= true
+if refused then passed.refused = true end
+local served = ARGV[7] == '1' and passed.refused ~= true and redis.call('EXISTS', KEYS[4]) == 1
+if served then passed.since = tonumber(ARGV[3]) end
 local encoded = cjson.encode(passed)
-redis.call('HSET', KEYS[1], ARGV[1], encoded)
+if served or refused or not noted then redis.call('HSET', KEYS[1], ARGV[1], encoded) end
+if served then
+  redis.call('XCLAIM', KEYS[3], ARGV[4], ARGV[2], 0, ARGV[5], 'IDLE', ARGV[6])
+  return false
+end
 return encoded
 """
 )
 """Note that worker ARGV[2] passed run ARGV[1] over at ARGV[3] (Unix time) in the hash
 KEYS[1] (a note there that is not what this script writes is replaced, as if there
-were none); return the run's JSON ``{"since": first time, "by": [workers]}``, or nil
-when a worker holds the run's lease KEYS[2] (it is no one's to pass over: its entry
+were none); return the run's JSON ``{"since": time, "by": [workers]}``, the time being
+that of the first pass, or of the last one that found the run's flow served. Returns
+nil when a worker holds the run's lease KEYS[2] (it is no one's to pass over: its entry
 ARGV[5] of the stream KEYS[3], group ARGV[4], is made due when the lease of ARGV[6] ms
-expires), or ``{type}`` when the lease key holds another type (see :data:`_FOREIGN`)."""
+expires), and nil as well when ARGV[7] is '1' and a live worker serves the run's flow
+(its key KEYS[4] exists, see :data:`ADVERTISE`): the note's time is then this pass's,
+and the entry is made idle for ARGV[6] ms, for the next worker that looks for expired
+leases to take over. ARGV[7] is '' for a worker whose version of the flow does not fit
+the run's record: the note then says ``"refused": true``, and no later pass heeds the
+flow's key (the workers that serve the flow may be those that refused it).
+``{type}`` when the lease key holds another type (see :data:`_FOREIGN`)."""
 FAIL_PASSED: Final = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if ARGV[6] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('XCLAIM', KEYS[3], ARGV[4], ARGV[7], 0, ARGV[5], 'IDLE', ARGV[8])
+  return 0
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
 return 1
 """
 """Record run ARGV[1] failed (entry ARGV[3] in the hash KEYS[1]) and acknowledge its
 entry ARGV[5] of the stream KEYS[3] (group ARGV[4]), if its entry in the hash is still
-ARGV[2] (what the caller read) and no worker holds its lease KEYS[2]; 1 if done."""
+ARGV[2] (what the caller read), no worker holds its lease KEYS[2] and, when ARGV[6] is
+'1', no live worker serves its flow (its key KEYS[4] does not exist, see
+:data:`ADVERTISE`); 1 if done. A flow served gives the entry back instead, idle for
+ARGV[8] ms (consumer ARGV[7]), for the next worker that looks for expired leases."""
+ADVERTISE: Final = """
+for _, key in ipairs(KEYS) do
+  if redis.call('PTTL', key) < tonumber(ARGV[1]) then
+    redis.call('SET', key, ARGV[2], 'PX', ARGV[1])
+  end
+end
+return 0
+"""
+"""Say that worker ARGV[2] serves the flows whose keys are KEYS, for ARGV[1] ms: each
+key names the worker and expires in ARGV[1] ms, unless it would expire later already
+(another worker, of a longer lease, serves the flow too)."""
 FAIL_AS_READ: Final = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
@@ -209,20 +243,41 @@ return held
 """
 """Extend each lease of KEYS to ARGV[2] ms if it is still held by ARGV[1]; for each,
 1 if it was, else 0."""
-RELEASE: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 0
+_LEFT: Final = """
+local function left(runs, run_id, claimed, marked)
+  if redis.call('HGET', runs, run_id) == claimed then redis.call('HSET', runs, run_id, marked) end
+end
 """
-"""Drop the lease KEYS[1] if it is held by ARGV[1]."""
-HAND_BACK: Final = """
+"""A Lua function: replace run ``run_id``'s entry in the hash ``runs`` by ``marked`` (the
+entry as its claim wrote it, ``claimed``, marked to be resumed: see
+``claims.Claim.resumes``) if it is still ``claimed``."""
+RELEASE: Final = (
+    _LEFT
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+left(KEYS[2], ARGV[2], ARGV[3], ARGV[4])
+return 1
+"""
+)
+"""Drop the lease KEYS[1] if it is held by ARGV[1], and mark run ARGV[2]'s entry in the
+hash KEYS[2] to be resumed (ARGV[4]) if it is still as the claim wrote it (ARGV[3]); 1
+if the lease was ARGV[1]'s."""
+HAND_BACK: Final = (
+    _LEFT
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[1], 0, ARGV[3], 'IDLE', ARGV[4])
+left(KEYS[3], ARGV[5], ARGV[6], ARGV[7])
 return 1
 """
-"""Drop the lease KEYS[1] if it is held by ARGV[1], and make the entry ARGV[3] of the
+)
+"""Drop the lease KEYS[1] if it is held by ARGV[1], make the entry ARGV[3] of the
 stream KEYS[2] (group ARGV[2]) idle for ARGV[4] ms, so that a worker looking for
-expired leases takes it over at once; 1 if the lease was ARGV[1]'s."""
+expired leases takes it over at once, and mark run ARGV[5]'s entry in the hash KEYS[3]
+to be resumed (ARGV[7]) if it is still as the claim wrote it (ARGV[6]); 1 if the lease
+was ARGV[1]'s."""
 LEASE: Final = (
     _FOREIGN
     + """

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from cosmoflow_actors.runtime.queue.client import FINISHED, RunQueue, as_queue
+from cosmoflow_actors.runtime.queue.client import FINISHED, RunQueue, as_queue, unquoted_name
 from cosmoflow_actors.runtime.queue.entries import (
     UnreadableEntryError,
     decoded_info,
@@ -201,13 +201,20 @@ async def leases_checked(storage: Storage, runs: Iterable[RunRecord]) -> list[Ru
 
 
 def _queue_name(run: RunRecord, here: tuple[str, int, str] | None) -> str | None:
-    """The name of the queue holding the lease of ``run``; None unless ``run`` is running
-    for a queue on the server ``here`` (see :func:`_server`)."""
+    """The name of the queue holding the lease of ``run``, read from its address (see
+    ``RunQueue.address``); None unless ``run`` is running for a queue on the server
+    ``here`` (see :func:`_server`), and when its address names no queue (its last part
+    decodes to no name a queue takes)."""
     if here is None or run.state != "running" or run.queue is None:
         return None
     parts = urlsplit(run.queue)
-    head, _, name = parts.path.rpartition("/")
-    return name if _server(urlunsplit(parts._replace(path=head))) == here else None
+    head, _, quoted = parts.path.rpartition("/")
+    if _server(urlunsplit(parts._replace(path=head))) != here:
+        return None
+    try:
+        return unquoted_name(quoted)
+    except ValueError:
+        return None
 
 
 def _with_lease(queue: RunQueue, run: RunRecord, reply: list[Any]) -> RunRecord:

@@ -5,6 +5,7 @@ outcomes, and hands them back when it is stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ import trio
 
 from cosmoflow_actors.errors import (
     DamagedRecordError,
+    RunCancelledError,
     RunConflictError,
     RunRecordedError,
     StorageError,
@@ -27,7 +29,13 @@ from cosmoflow_actors.errors import (
 )
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import run_record
-from cosmoflow_actors.runtime.queue.claims import LOGGER, Claim, Claimer, shielded_briefly
+from cosmoflow_actors.runtime.queue.claims import (
+    LOGGER,
+    RESUME,
+    Claim,
+    Claimer,
+    shielded_briefly,
+)
 from cosmoflow_actors.runtime.queue.client import GROUP, RunQueue, as_queue
 from cosmoflow_actors.runtime.queue.scripts import FINISH, HAND_BACK, RELEASE, RENEW
 from cosmoflow_actors.runtime.ray_executor import RayDisconnectedError
@@ -41,9 +49,11 @@ if TYPE_CHECKING:
 
 RunStores = Callable[[str], Storage]
 """A function giving the store of the run whose id it is given."""
-Outcome = dict[str, Any] | RunRecordedError | None
+Settled = dict[str, Any] | RunRecordedError
 """How a claimed run ended, for the queue: what to record (its state, error, result),
-why its record does not fit the worker's flow (it is passed over), or None (dropped)."""
+or why its record does not fit the worker's flow (it is passed over)."""
+Outcome = Settled | None
+"""How a claimed run ended, for the queue (see :data:`Settled`), or None (dropped)."""
 PER_RUN_URL: Final = "redis://HOST[:PORT][/DB][#PREFIX]"
 """The form of the URL of :func:`per_run_redis`."""
 NOT_SENT = "no renewal was sent in time"
@@ -86,13 +96,19 @@ async def serve(
     concurrency: int = 1,
     name: str | None = None,
     set_up: Callable[[Flow], Awaitable[None]],
+    closed: trio.Event,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the runs of ``queue`` on ``engine``, at most ``concurrency`` at once, until
-    cancelled (see :meth:`Engine.serve`). Before it reads the queue, ``set_up`` each
-    flow's executors (blocks while Ray or the worker processes start): a worker that
-    cannot reach its Ray cluster raises that, instead of failing each run it claims.
-    Reports the worker's name to ``task_status`` once it reads the queue."""
+    cancelled or until ``closed`` (the engine's) is set (see :meth:`Engine.serve`).
+    Before it reads the queue, ``set_up`` each flow's executors (blocks while Ray or
+    the worker processes start): a worker that cannot reach its Ray cluster raises
+    that, instead of failing each run it claims. Then it says which flows it serves
+    (see :meth:`Claimer.advertise`) and reports the worker's name to ``task_status``.
+
+    Once ``closed`` is set it stops claiming, hands back the runs it holds as a stopped
+    worker does (a run the engine's close ended included, recording no outcome for it)
+    and returns, after HAND_BACK_SECONDS at most; it returns only then."""
     require_positive("concurrency", concurrency)
     if name is not None and (not isinstance(name, str) or not name):
         raise ValueError(f"a worker's name must be a non-empty str, not {name!r}")
@@ -103,13 +119,17 @@ async def serve(
         served,
         per_run_redis(store) if isinstance(store, str) else store,
         name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
+        closed,
     )
     await worker.queue.ensure_group()
     for flow in served.values():
         await set_up(flow)
+    await worker.claimer.advertise()
     slots = trio.Semaphore(concurrency)
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancelled_once_set, closed, nursery.cancel_scope)
         nursery.start_soon(worker.renew_leases)
+        nursery.start_soon(worker.keep_advertising)
         task_status.started(worker.name)
         while True:
             await slots.acquire()
@@ -119,6 +139,17 @@ async def serve(
                 slots.release()
                 raise
             nursery.start_soon(worker.run_claimed, claim, slots)
+
+
+async def _cancelled_once_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` once ``event`` is set; blocks until then."""
+    await event.wait()
+    scope.cancel()
+
+
+class _EngineClosed(Exception):
+    """The engine closed under a claimed run: the worker hands the run back, recording
+    no outcome, and stops (see :func:`serve`)."""
 
 
 @dataclass(slots=True)
@@ -144,11 +175,15 @@ class _Worker:
         flows: dict[str, Flow],
         stores: RunStores,
         name: str,
+        closed: trio.Event | None = None,
     ) -> None:
         self.engine = engine
         self.queue = queue
         self.stores = stores
         self.name = name
+        self.closed = trio.Event() if closed is None else closed
+        """Set once the engine closes (None: never): a run that ends then is handed
+        back."""
         self._leases: dict[str, _Lease] = {}
         """The leases of the runs this worker runs now, by run id."""
         self._renewal_failure = NOT_SENT
@@ -161,7 +196,8 @@ class _Worker:
         record its outcome unless the lease was lost or another engine committed first.
         Blocks until the run ends. A worker stopped meanwhile (this task cancelled)
         cancels the run and hands it back to the queue (see :meth:`_hand_back`: at most
-        HAND_BACK_SECONDS more) before the cancellation goes on. Frees a slot."""
+        HAND_BACK_SECONDS more) before the cancellation goes on; so does a run that the
+        engine's close ended, without raising. Frees a slot."""
         lease = _Lease(trio.CancelScope(), claim.expires)
         self._leases[claim.run_id] = lease
         try:
@@ -171,6 +207,8 @@ class _Worker:
             lease.settling = True
             with shielded_briefly():
                 await self._settle(claim, outcome)
+        except _EngineClosed:
+            await self._hand_back(claim)
         except BaseException:
             await self._hand_back(claim)
             raise
@@ -186,21 +224,24 @@ class _Worker:
         it is out of reach (run_claimed lets it go: the lease expires instead and
         another worker takes the run over; its record says how far it got)."""
         if outcome is None:
-            await self.queue.script(RELEASE, [self.queue.lease_key(claim.run_id)], [self.name])
+            queue = self.queue
+            keys = [queue.lease_key(claim.run_id), queue.runs]
+            await queue.script(RELEASE, keys, [self.name, claim.run_id, *_left(claim)])
         elif isinstance(outcome, RunRecordedError):
             await self.claimer.pass_back(claim, outcome)
         else:
             await self._finish(claim.entry_id, claim.run_id, {**claim.info, **outcome})
 
     async def _hand_back(self, claim: Claim) -> None:
-        """Give the run of a stopped worker back to the queue: drop its lease and make
-        its entry idle for a lease (see ``scripts.HAND_BACK``), so that the next worker
-        to look for expired leases takes it over at once and resumes it after its last
-        committed step. Shielded from cancellation; blocks at most HAND_BACK_SECONDS.
-        A server out of reach or too slow leaves the lease to expire by itself."""
+        """Give the run of a stopped worker back to the queue: drop its lease, make
+        its entry idle for a lease and mark it to be resumed (see ``scripts.HAND_BACK``),
+        so that the next worker to look for expired leases takes it over at once and
+        resumes it after its last committed step, even if its record says it failed.
+        Shielded from cancellation; blocks at most HAND_BACK_SECONDS. A server out of
+        reach or too slow leaves the lease to expire by itself."""
         queue = self.queue
-        keys = [queue.lease_key(claim.run_id), queue.stream]
-        args = [self.name, GROUP, claim.entry_id, queue.lease_ms]
+        keys = [queue.lease_key(claim.run_id), queue.stream, queue.runs]
+        args = [self.name, GROUP, claim.entry_id, queue.lease_ms, claim.run_id, *_left(claim)]
         with shielded_briefly():
             await queue.script(HAND_BACK, keys, args)
 
@@ -213,21 +254,27 @@ class _Worker:
         StorageError included) fails the run, and so does data at fault (see
         :data:`DATA_FAULTS`: nothing is run when a worker meets it reading the run back,
         and the key at fault is left as it was). The RunRecordedError of a record the
-        worker's flow does not fit (see :meth:`_own_record`), with nothing run.
+        worker's flow does not fit (see :meth:`_own_record`), with nothing run. The
+        outcome its record holds for a run taken over that ended there (see
+        :meth:`_own_record`), with nothing run.
 
         Raises the error of a run that failed because this process lost its connection
         to Ray (see :func:`_ray_lost`): the worker cannot run a "ray" node any more, so
-        it stops, and the run is handed back (see :meth:`run_claimed`)."""
+        it stops, and the run is handed back (see :meth:`run_claimed`). Raises
+        _EngineClosed for a run that the engine's close ended or refused (see
+        :data:`CLOSE_ERRORS`): the worker stops, and the run is handed back."""
         with scope:
             try:
                 storage = self.stores(claim.run_id)
-                refusal = await self._owned(storage, claim)
-                if refusal is not None:
-                    return refusal
+                settled = await self._owned(storage, claim)
+                if settled is not None:
+                    return settled
                 done = await self.engine.resume(
                     claim.flow, storage, run_id=claim.run_id, params=claim.params
                 )
             except Exception as exc:
+                if self.closed.is_set() and isinstance(exc, CLOSE_ERRORS):
+                    raise _EngineClosed from exc
                 if _conflict(exc):
                     self._dropped(claim.run_id, "its record has moved on", exc)
                     return None
@@ -251,30 +298,33 @@ class _Worker:
             describe_error(error),
         )
 
-    async def _owned(self, storage: Storage, claim: Claim) -> RunRecordedError | None:
+    async def _owned(self, storage: Storage, claim: Claim) -> Settled | None:
         """:meth:`_own_record`, closing ``storage`` unless the run goes on with it: when
-        that returns a refusal or raises (the close shielded, as :func:`shielded_briefly`
+        that settles the run or raises (the close shielded, as :func:`shielded_briefly`
         bounds it). Blocks while the store opens, is read, commits and closes."""
         try:
-            refusal = await self._own_record(storage, claim)
+            settled = await self._own_record(storage, claim)
         except BaseException:
             with shielded_briefly():
                 await storage.aclose()
             raise
-        if refusal is not None:
+        if settled is not None:
             await storage.aclose()
-        return refusal
+        return settled
 
-    async def _own_record(self, storage: Storage, claim: Claim) -> RunRecordedError | None:
+    async def _own_record(self, storage: Storage, claim: Claim) -> Settled | None:
         """Name this worker and its queue in the run's record (written first if the run
-        has none yet), so that the store tells who runs it; unless the record is of a
-        run in flight or failed that the claim's flow does not fit (a version of it
-        changed since the run was recorded, see ``run_record.require_fit``): then
-        return why, the record left as it was. Blocks while ``storage`` opens, is read
-        and commits; raises StorageError when it cannot, DamagedRecordError (nothing
-        written) for a place of the record that the engine never writes,
-        RunConflictError (nothing written) when another engine committed a step of the
-        run while its record and its places were read (see ``run_record.parts_read``)."""
+        has none yet), so that the store tells who runs it; None then. Unless the claim
+        takes over a run whose record says it failed (see :attr:`Claim.resumes`): then
+        return that failure, for the queue to record, nothing written. Unless the record
+        is of a run in flight or failed, to be resumed, that the claim's flow does not
+        fit (a version of it changed since the run was recorded, see
+        ``run_record.require_fit``): then return why, the record left as it was. Blocks
+        while ``storage`` opens, is read and commits; raises StorageError when it
+        cannot, DamagedRecordError (nothing written) for a place of the record that the
+        engine never writes, RunConflictError (nothing written) when another engine
+        committed a step of the run while its record and its places were read (see
+        ``run_record.parts_read``)."""
         owner = {"worker": self.name, "queue": self.queue.address}
 
         def named(stored: Any) -> Any:
@@ -283,6 +333,8 @@ class _Worker:
         await storage.open()
         key = run_record.record_key(claim.run_id)
         stored = await value_or(storage, key, None)
+        if not claim.resumes and _failed(claim.run_id, stored):
+            return _recorded_failure(stored)
         if _resumable(claim.run_id, stored):
             read = await storage.get_many([*run_record.place_keys(stored), key])
             places = run_record.parts_read(stored, read)
@@ -293,6 +345,15 @@ class _Worker:
         await storage.update(key, named, None)
         await storage.commit()
         return None
+
+    async def keep_advertising(self) -> None:
+        """Every third of a lease, say again that this worker serves its flows (see
+        :meth:`Claimer.advertise`); a server out of reach is left to the next time.
+        Blocks until cancelled."""
+        while True:
+            await trio.sleep(self.queue.third_of_lease)
+            with contextlib.suppress(StorageError):
+                await self.claimer.advertise()
 
     async def renew_leases(self) -> None:
         """Every third of a lease, renew the leases of all the runs this worker runs in
@@ -375,6 +436,32 @@ def _resumable(run_id: str, stored: Any) -> bool:
     return ok and stored["state"] != "succeeded"
 
 
+def _failed(run_id: str, stored: Any) -> bool:
+    """Whether ``stored`` is a record of the run ``run_id`` that failed, as the engine
+    writes them."""
+    ok = stored is not None and run_record.record_problem(run_id, stored) is None
+    return ok and stored["state"] == "failed"
+
+
+def _recorded_failure(stored: dict[str, Any]) -> dict[str, Any]:
+    """What the queue records for a run taken over whose record ``stored`` says it
+    failed: its error, and the worker the record names (which ran it)."""
+    failure = {"state": "failed", "error": stored["error"]}
+    if "owner" in stored:
+        failure["owner"] = stored["owner"]["worker"]
+    return failure
+
+
+def _left(claim: Claim) -> list[str]:
+    """The run's entry in the queue's hash as ``claim`` wrote it, and that entry marked
+    to be resumed by the next claim (see ``claims.RESUME``), as JSON: what a worker that
+    leaves the run without an outcome puts in its place."""
+    return [json.dumps(claim.info), json.dumps({**claim.info, RESUME: True})]
+
+
+CLOSE_ERRORS: Final = (RunCancelledError, RuntimeError)
+"""What ``engine.resume`` raises once its engine has closed: the close cancelled the run,
+or refused to start it. (A node's own error comes wrapped in NodeError.)"""
 DATA_FAULTS: Final = (StoreValueError, DamagedRecordError, UnreadableValueError)
 """The StorageErrors about the data, not the store: a value the store cannot encode, a
 run's record or part that the engine refuses to read back, a stored value the codec
