@@ -76,6 +76,44 @@ async def test_a_submitted_run_is_run_by_a_worker_and_its_result_returned(
     )
 
 
+class ShownBadly:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+UNENCODABLE_RESULTS: dict[str, Any] = {
+    "tuple-key": {(1, 2): "pair"},
+    "bad-repr": [ShownBadly()],
+}
+
+
+@cf.node
+async def _unencodable(ctx: cf.ExecutionContext) -> cf.Action:
+    return cf.Action.complete(UNENCODABLE_RESULTS[ctx.params["which"]])
+
+
+UNENCODABLE = cf.Flow.builder("unencodable").add_node("only", _unencodable).build()
+"""Completes with a result JSON cannot hold at all (its store, with pickle, can)."""
+
+
+async def test_a_result_json_cannot_hold_at_all_comes_back_shown_and_the_worker_goes_on(
+    redis_server: RedisServer,
+) -> None:
+    queue = new_queue(redis_server)
+    prefix = f"runs-{uuid.uuid4().hex[:8]}"
+
+    def stores(run_id: str) -> cf.Storage:
+        return cf.RedisStorage(redis_server.url, namespace=f"{prefix}/{run_id}", codec="pickle")
+
+    async with worker(queue, stores, "w1", concurrency=1, flows=(UNENCODABLE,)):
+        for which in UNENCODABLE_RESULTS:
+            await cf.submit(queue, "unencodable", params={"which": which}, run_id=which)
+        tuple_key = await cf.result(queue, "tuple-key")
+        bad_repr = await cf.result(queue, "bad-repr")
+    assert tuple_key.result == "{(1, 2): 'pair'}"
+    assert bad_repr.result == "<cannot be shown: RuntimeError: no repr>"
+
+
 def test_a_store_url_names_one_store_per_run_under_its_prefix() -> None:
     stores = per_run_redis("redis://:secret@host:7/2#jobs")
     assert (stores.url, stores.prefix) == ("redis://:secret@host:7/2", "jobs")

@@ -26,6 +26,7 @@ from cosmoflow_actors.errors import (
     StoreValueError,
     UnreadableValueError,
     causes,
+    type_and_message,
 )
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import run_record
@@ -425,8 +426,28 @@ class _Worker:
         await queue.script(
             FINISH,
             [queue.lease_key(run_id), queue.runs, queue.stream],
-            [self.name, run_id, json.dumps(info, default=repr), GROUP, entry_id],
+            [self.name, run_id, _entry_json(info), GROUP, entry_id],
         )
+
+
+def _entry_json(info: dict[str, Any]) -> str:
+    """The run's entry ``info`` as JSON, what JSON has no type for as its ``repr``; a
+    result that JSON cannot hold at all (a dict with a tuple key, a value that holds
+    itself, a ``__repr__`` that raises) as the repr of the whole result, or
+    ``<cannot be shown: ...>``: one run's result must not stop the worker."""
+    try:
+        return json.dumps(info, default=repr)
+    except Exception:  # what the result holds, the only part of info that may fail
+        result = info["result"]
+        return json.dumps({**info, "result": {**result, "value": _shown(result["value"])}})
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, or ``<cannot be shown: ...>`` saying why when that raises."""
+    try:
+        return repr(value)
+    except Exception as exc:
+        return f"<cannot be shown: {type_and_message(exc)}>"
 
 
 def _resumable(run_id: str, stored: Any) -> bool:
