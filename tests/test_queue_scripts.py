@@ -5,7 +5,14 @@ the leases the caller holds."""
 from __future__ import annotations
 
 from cosmoflow_actors.runtime.queue.client import GROUP
-from cosmoflow_actors.runtime.queue.scripts import CLAIM, FINISH, HAND_BACK, RENEW, UNCLAIM
+from cosmoflow_actors.runtime.queue.scripts import (
+    ADVERTISE,
+    CLAIM,
+    FINISH,
+    HAND_BACK,
+    RENEW,
+    UNCLAIM,
+)
 from tests.queue_support import new_queue
 from tests.storage_suite import RedisServer
 
@@ -75,3 +82,22 @@ async def test_unclaim_puts_back_the_entry_and_note_a_claim_forgot_if_the_lease_
     assert await queue.call("HGET", queue.runs, "r1") == read
     assert await queue.call("HGET", queue.passed, "r1") == note
     assert await queue.call("EXISTS", queue.lease_key("r1")) == 0
+
+
+async def test_advertise_never_shortens_what_another_worker_said(
+    redis_server: RedisServer,
+) -> None:
+    """A flow's key lives as long as the longest lease of the workers serving it: a
+    worker of a shorter lease renews no key that lives longer already."""
+    queue = new_queue(redis_server)
+    short, long_lived, new = (queue.flow_key(name) for name in ("short", "long", "new"))
+    await queue.call("SET", short, "w2", "PX", 1000)
+    await queue.call("SET", long_lived, "w2", "PX", 600_000)
+
+    await queue.script(ADVERTISE, [short, long_lived, new], [60_000, "w1"])
+
+    assert 1000 < await queue.call("PTTL", short) <= 60_000
+    assert await queue.call("PTTL", long_lived) > 60_000
+    assert await queue.call("GET", long_lived) == b"w2"
+    assert 0 < await queue.call("PTTL", new) <= 60_000
+    assert await queue.call("GET", new) == b"w1"

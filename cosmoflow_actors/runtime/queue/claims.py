@@ -70,12 +70,6 @@ an outcome (stopped, or dropping it) sets to true: the next claim resumes the ru
 record even if it says the run failed (see :attr:`Claim.resumes`). A claim removes it."""
 
 
-def flow_key(queue: RunQueue, flow_name: str) -> str:
-    """The key that says, while it exists, that a live worker serves ``flow_name`` on
-    ``queue`` (see :meth:`Claimer.advertise`)."""
-    return f"cosmoflow:queue:{queue.name}:flow:{flow_name}"
-
-
 @dataclass(frozen=True, slots=True)
 class Claim:
     """A run a worker holds the lease of: its stream entry, flow and parameters, its
@@ -382,7 +376,7 @@ class Claimer:
         over without failing them for ``flow_wait`` (see :meth:`_pass_over`). Blocks
         for one round trip; raises StorageError when the server is out of reach."""
         queue = self.queue
-        keys = [flow_key(queue, flow_name) for flow_name in self.flows]
+        keys = [queue.flow_key(flow_name) for flow_name in self.flows]
         await queue.script(ADVERTISE, keys, [queue.lease_ms, self.name])
 
     async def pass_back(self, claim: Claim, refusal: RunRecordedError) -> None:
@@ -430,7 +424,7 @@ class Claimer:
         not what a queue writes."""
         queue = self.queue
         lease_key = queue.lease_key(run_id)
-        served = [flow_key(queue, info["flow"])]
+        served = [queue.flow_key(info["flow"])]
         heeded = "1" if refusal is None else ""
         now = time.time()
         reply = await queue.script(

@@ -165,6 +165,11 @@ class RunQueue:
         """The key of ``run_id``'s lease (its value names the worker holding it)."""
         return f"cosmoflow:queue:{self.name}:lease:{run_id}"
 
+    def flow_key(self, flow_name: str) -> str:
+        """The key that says, while it exists, that a live worker serves ``flow_name``
+        (its value names one; see ``claims.Claimer.advertise``)."""
+        return f"cosmoflow:queue:{self.name}:flow:{flow_name}"
+
     async def call(self, *args: Any) -> Any:
         """Send one command and return its reply (blocks in a worker thread; a
         cancelled caller abandons the thread, which ends with the command)."""
