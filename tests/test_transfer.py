@@ -20,7 +20,15 @@ import msgspec
 import pytest
 
 import cosmoflow_actors as cf
-from cosmoflow_actors.runtime.transfer import release_frames
+from cosmoflow_actors.runtime.store_client import detached
+from cosmoflow_actors.runtime.transfer import (
+    NodeNotKept,
+    answer,
+    exec_in_worker,
+    job,
+    pickled_node,
+    release_frames,
+)
 from tests.support import Gate, single
 from tests.test_executor import Square
 
@@ -386,3 +394,43 @@ def test_release_frames_frees_the_locals_of_a_memory_errors_frames_alone(
         release_frames(exc)
         assert (alive() is None) == freed
         assert "raise_holding" in "".join(traceback.format_exception(exc))
+
+
+async def test_a_worker_sent_a_nodes_digest_alone_asks_for_the_node_until_it_keeps_it() -> None:
+    """An attempt sends a worker process the node's digest alone: a worker that does not
+    keep the node says so (NodeNotKept) and is sent it, which it keeps for the next
+    attempts, so that a large node crosses once per worker, not with every attempt."""
+    node = pickled_node(Square(), "square")
+    async with cf.open_engine() as engine, engine.open_store({}) as store:
+        ctx = cf.ExecutionContext("r", "square", "f", 1, detached(store), {}, 1)
+        work = job(7, ctx, "process")
+        with pytest.raises(NodeNotKept):
+            exec_in_worker(node.digest, None, work, "process")
+        first = exec_in_worker(node.digest, node.data, work, "process")
+        kept = exec_in_worker(node.digest, None, work, "process")
+        assert answer(first, "process", store) == answer(kept, "process", store)
+        assert answer(kept, "process", store) == (49, os.getpid())
+
+
+async def test_a_flow_of_process_nodes_runs_each_node_on_workers_started_for_another() -> None:
+    """The worker started for the first node is sent the second one's digest, finds it
+    does not keep that node, and is sent the node itself."""
+
+    class Plus(cf.Node):
+        executor = "process"
+
+        def exec(self, prep_res: Any, ctx: cf.ExecutionContext) -> int:
+            return int(ctx.params.get("n", 0)) + 1
+
+        def post(
+            self, store: cf.SharedStore, prep_res: Any, exec_res: int, ctx: cf.ExecutionContext
+        ) -> cf.Action:
+            return cf.Action.with_params("next", n=exec_res)
+
+    builder = cf.Flow.builder("plus")
+    for name in ("a", "b", "c"):
+        builder.add_node(name, Plus())
+    flow = builder.add_route("a", "b", action="next").add_route("b", "c", action="next").build()
+    async with cf.open_engine() as engine:
+        results = [await engine.run(flow, params={"n": n}) for n in range(3)]
+    assert [result.final_action.params["n"] for result in results] == [3, 4, 5]

@@ -30,6 +30,9 @@ from cosmoflow_actors.node import Node
 from cosmoflow_actors.runtime.ray_executor import OnRay
 from cosmoflow_actors.runtime.store_client import detached, hand_over, lost_calls
 from cosmoflow_actors.runtime.transfer import (
+    Answer,
+    NodeNotKept,
+    PickledNode,
     ReturnedCoroutine,
     answer,
     exec_in_worker,
@@ -178,7 +181,7 @@ def _exec_in_thread(exec_: Callable[[Any, ExecutionContext], Any], *args: Any) -
 class _InProcess:
     def __init__(self, node: Node, workers: trio_parallel.WorkerContext) -> None:
         self._node = node
-        self._pickled: bytes | None = None
+        self._pickled: PickledNode | None = None
         self._workers = workers
         self._limiter = trio_parallel.current_default_worker_limiter()
         # trio-parallel's limiter for this node's calls: the token taken from _limiter
@@ -199,13 +202,27 @@ class _InProcess:
         ``transfer``)."""
         if self._pickled is None:
             self._pickled = pickled_node(self._node, ctx.node_id)
+        node = self._pickled
         work = job(prep_res, ctx, "process")
         async with self._limiter:
             if self._workers.statistics().idle_workers == 0:
-                await self._in_worker(ctx.node_id, start_worker, self._pickled)
-            running = self._in_worker(ctx.node_id, exec_in_worker, self._pickled, work, "process")
-            sent = await within(time_limit, ctx.node_id, running)
+                await self._in_worker(ctx.node_id, start_worker, node.digest, node.data)
+            sent = await within(time_limit, ctx.node_id, self._exec(ctx.node_id, node, work))
         return answer(sent, "process", ctx.store)
+
+    async def _exec(self, node_id: str, node: PickledNode, work: bytes) -> Answer:
+        """exec in an idle worker process, sent ``node`` by its digest alone (a worker
+        keeps the nodes it unpickled), and sent again with the node's pickle when that
+        worker does not keep it (NodeNotKept): a large node crosses once per worker, not
+        once per attempt. Blocks until exec has run."""
+        try:
+            return await self._in_worker(
+                node_id, exec_in_worker, node.digest, None, work, "process"
+            )
+        except NodeNotKept:
+            return await self._in_worker(
+                node_id, exec_in_worker, node.digest, node.data, work, "process"
+            )
 
     async def _in_worker(self, node_id: str, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in an idle worker process, or in one started for it

@@ -247,6 +247,7 @@ class OnRay:
 
     def __init__(self, node: Node) -> None:
         self._node = node
+        self._node_digest = b""
         self._node_ref: Any = None
         self._options: dict[str, Any] = {
             "max_retries": RAY_SYSTEM_RETRIES,
@@ -268,7 +269,9 @@ class OnRay:
         work = job(prep_res, remote_ctx, "ray")
         if self._node_ref is None:
             await self._put_node(ctx.node_id)
-        ref = self._remote.remote(self._node_ref, work, "ray")
+        # Ray passes the worker the node's pickle from its object store, which the
+        # worker unpickles once and keeps under the digest.
+        ref = self._remote.remote(self._node_digest, self._node_ref, work, "ray")
         return answer(await _result(ref), "ray", ctx.store)
 
     async def _put_node(self, node_id: str) -> None:
@@ -285,9 +288,10 @@ class OnRay:
 
             def prepare() -> tuple[Any, Any]:
                 remote = ray.remote(exec_in_worker).options(**self._options)
-                return ray.put(pickled), remote
+                return ray.put(pickled.data), remote
 
             self._node_ref, self._remote = await trio.to_thread.run_sync(prepare)
+            self._node_digest = pickled.digest
 
 
 class RayDisconnectedError(CosmoFlowError, ConnectionError):

@@ -1,9 +1,12 @@
 """What crosses between the engine and a worker: a process of the "process" executor,
 or a Ray task of the "ray" one.
 
-The engine side pickles the node (:func:`pickled_node`) and each attempt's prep result
-and context (:func:`job`), and reads the outcome back (:func:`answer`); the worker side
-is :func:`exec_in_worker` (and :func:`start_worker` for a new worker process). An
+The engine side pickles the node once (:func:`pickled_node`) and each attempt's prep
+result and context (:func:`job`), and reads the outcome back (:func:`answer`); the
+worker side is :func:`exec_in_worker` (and :func:`start_worker` for a new worker
+process). A worker keeps the nodes it unpickled, by their digest: an attempt sends a
+worker process the node's digest alone, and the node itself only to a worker that does
+not keep it yet. An
 exception exec raises comes back with its traceback in the worker in a note. Values that
 cannot make the trip (the node included) fail the attempt with
 :class:`WorkerTransferError`, which says what they were. A KeyboardInterrupt
@@ -21,6 +24,7 @@ unpickles the node, :func:`exec_in_worker` also while exec runs.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import threading
@@ -59,18 +63,34 @@ class WorkerInterruptedError(CosmoFlowError, RuntimeError):
     Ctrl-C in the engine. What exec raised is ``__cause__``."""
 
 
-def pickled_node(node: Node, node_id: str) -> bytes:
+@final
+@dataclass(frozen=True, slots=True)
+class PickledNode:
+    """A node pickled for workers (see :func:`pickled_node`): ``data``, its pickle, and
+    ``digest``, the key a worker keeps the node it unpickled under, so that an attempt
+    sends the digest alone to a worker that has the node already."""
+
+    digest: bytes
+    data: bytes
+
+
+def pickled_node(node: Node, node_id: str) -> PickledNode:
     """``node`` pickled for a worker; WorkerTransferError naming ``node_id`` and the
     executor when it cannot be (it could at build(), but has changed since). Blocks
-    while it pickles the node."""
+    while it pickles and digests the node."""
     try:
-        pickled: bytes = pickling.dumps(node)
+        data: bytes = pickling.dumps(node)
     except Exception as exc:
         raise WorkerTransferError(
             f"executor={node.executor!r} cannot send node {node_id!r} to a worker: "
             f"{type_and_message(exc)}"
         ) from exc
-    return pickled
+    return PickledNode(hashlib.blake2b(data, digest_size=16).digest(), data)
+
+
+class NodeNotKept(Exception):
+    """Raised in a worker process sent a node's digest alone (see :func:`exec_in_worker`)
+    whose node it does not keep: the engine sends the attempt again with the node."""
 
 
 Answer = tuple[str, bytes, list[LostCall]]
@@ -188,24 +208,27 @@ def _type_name(value: Any) -> str:
 
 
 _nodes: dict[bytes, Node] = {}
-"""Nodes already unpickled in this worker process, by their pickled form."""
+"""Nodes already unpickled in this worker process, by their digest (see
+:class:`PickledNode`)."""
 _MAX_CACHED_NODES = 64
 
 
-def start_worker(node_bytes: bytes) -> None:
+def start_worker(digest: bytes, data: bytes) -> None:
     """Runs in a new worker process before its first exec: returns once the process has
     started, watches its parent (:func:`_watch_parent`) and has unpickled the node
-    (imported its modules). Blocks while it unpickles."""
+    ``data`` (imported its modules), which it keeps under ``digest``. Blocks while it
+    unpickles."""
     _watch_parent()
-    _node(node_bytes, worker_name("process"))
+    _node(digest, data, worker_name("process"))
 
 
-def exec_in_worker(node_bytes: bytes, job: bytes, executor: WorkerKind) -> Answer:
-    """Runs in the worker process (a Ray task's, for ``executor`` "ray"): unpickle, run
-    exec, pickle the outcome. Blocks while exec runs."""
+def exec_in_worker(digest: bytes, data: bytes | None, job: bytes, executor: WorkerKind) -> Answer:
+    """Runs in the worker process (a Ray task's, for ``executor`` "ray"): find the node
+    (see :func:`_node`), unpickle the job, run exec, pickle the outcome. Blocks while
+    exec runs."""
     _watch_parent()
     worker = worker_name(executor)
-    node = _node(node_bytes, worker)
+    node = _node(digest, data, worker)
     prep_res, ctx = _restored("exec's input (what prep returned, and the context)", job, worker)
     result = outcome.capture(node.exec, prep_res, ctx)
     # A store call exec returned is one of them: sent back as a call never awaited.
@@ -218,14 +241,17 @@ def exec_in_worker(node_bytes: bytes, job: bytes, executor: WorkerKind) -> Answe
     return what, pickled, lost
 
 
-def _node(node_bytes: bytes, worker: str) -> Node:
-    """The node pickled as ``node_bytes``, unpickled once per worker process: kept in
-    :data:`_nodes`, which is emptied when it holds :data:`_MAX_CACHED_NODES`."""
-    node = _nodes.get(node_bytes)
+def _node(digest: bytes, data: bytes | None, worker: str) -> Node:
+    """The node of ``digest``, unpickled from ``data`` once per worker process: kept in
+    :data:`_nodes`, which is emptied when it holds :data:`_MAX_CACHED_NODES`. Raises
+    NodeNotKept when it is not kept and ``data`` is None."""
+    node = _nodes.get(digest)
     if node is None:
+        if data is None:
+            raise NodeNotKept
         if len(_nodes) >= _MAX_CACHED_NODES:
             _nodes.clear()
-        node = _nodes[node_bytes] = _restored("the node", node_bytes, worker)
+        node = _nodes[digest] = _restored("the node", data, worker)
     return node
 
 
