@@ -148,6 +148,30 @@ async def test_a_base_exception_after_retries_names_the_attempts_made(where: str
     assert (info.value.phase, info.value.attempts) == ("exec", 3)
 
 
+class ItemExitsLate(cf.ParallelBatchNode):
+    """One item, whose two first attempts fail and whose third calls sys.exit()."""
+
+    max_retries = 3
+
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> list[int]:
+        return [1]
+
+    async def exec(self, item: int, ctx: cf.ExecutionContext) -> None:
+        if ctx.current_retry < 2:
+            raise ConnectionError("down")
+        sys.exit(3)
+
+
+async def test_a_base_exception_after_retries_of_a_parallel_item_names_the_attempts_made(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The item's attempts are counted in its own context, not the step's."""
+    with pytest.raises(cf.NodeError) as info:
+        await single(ItemExitsLate(retry_on=(ConnectionError,))).run()
+    assert isinstance(info.value.__cause__, SystemExit)
+    assert (info.value.phase, info.value.attempts) == ("exec", 3)
+
+
 async def test_a_timeout_is_a_failed_attempt(autojump_clock: trio.abc.Clock) -> None:
     class Slow(cf.Node):
         timeout = 2.0

@@ -653,11 +653,20 @@ class NodeActor(Actor[Step]):
             raise self._failed("exec", ctx) from exc
 
     async def _exec(self, prep_res: Any, ctx: ExecutionContext) -> Any:
-        """One exec attempt; if it fails, the retries and the fallback (:meth:`_retry`)."""
+        """One exec attempt; if it fails, the retries and the fallback (:meth:`_retry`).
+
+        A BaseException that fails the step (``sys.exit()`` in an attempt or in the
+        fallback) ends them with a NodeError counting the attempts made, as ``ctx``
+        counts them: an item of a ParallelBatchNode has a context of its own."""
         try:
-            result = await self._attempt(prep_res, ctx)
-        except Exception as exc:
-            return await self._retry(prep_res, exc, ctx)
+            try:
+                result = await self._attempt(prep_res, ctx)
+            except Exception as exc:
+                return await self._retry(prep_res, exc, ctx)
+        except BaseException as exc:
+            if isinstance(exc, NodeError) or not fails_the_step(exc):
+                raise
+            raise self._failed("exec", ctx, ctx.current_retry + 1) from exc
         if type(result) in _NOT_RESULTS:
             self._unawaited("exec", ctx, 1, ("exec", result))
         return result
