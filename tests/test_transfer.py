@@ -256,6 +256,38 @@ async def test_what_cannot_be_restored_in_a_worker_is_named(node: type[cf.Node],
     assert f"raised while the worker process restored {what}" in cause.__notes__
 
 
+def refuse_with_a_lock() -> None:
+    raise HoldsALock("restoring failed")
+
+
+class RestoredNowhereWithALock:
+    """Pickles, but unpickling raises an error that cannot be pickled back."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (refuse_with_a_lock, ())
+
+
+class SendsTheUnrestorableWithALock(SendsTheUnrestorable):
+    def prep(self, store: cf.SharedStore, ctx: cf.ExecutionContext) -> Any:
+        return RestoredNowhereWithALock()
+
+
+async def test_a_restore_error_that_cannot_be_sent_back_is_named() -> None:
+    """The worker's error cannot make the trip back: a WorkerTransferError names it and
+    what it was restoring, where trio-parallel's pickling error said neither."""
+    with pytest.raises(cf.NodeError) as info:
+        await single(SendsTheUnrestorableWithALock(), "restore").run()
+    cause = info.value.__cause__
+    assert isinstance(cause, cf.WorkerTransferError)
+    assert str(cause) == (
+        "the worker process could not restore exec's input (what prep returned, and the "
+        "context): tests.test_transfer.HoldsALock: restoring failed, an error which cannot "
+        "be sent back: TypeError: cannot pickle '_thread.lock' object"
+    )
+    what = "exec's input (what prep returned, and the context)"
+    assert cause.__notes__ == [f"raised while the worker process restored {what}"]
+
+
 async def test_a_local_class_read_with_a_typed_get_crosses_to_a_worker_and_back() -> None:
     """msgspec's cache on a class pickled by value (its typed gets and converts leave
     it there, in the engine and in the worker) is left out of the node, the prep

@@ -258,12 +258,35 @@ def _node(digest: bytes, data: bytes | None, worker: str) -> Node:
 def _restored(what: str, pickled: bytes, worker: str) -> Any:
     """``pickled`` unpickled in ``worker``. An error doing so is raised as it is (so
     that ``retry_on`` sees its type), with a note saying that it was raised restoring
-    ``what`` there. Blocks while it unpickles."""
+    ``what`` there; one that cannot make the trip back to the engine (it holds a lock)
+    is raised as a WorkerTransferError saying what it was, with that note. Blocks while
+    it unpickles."""
+    note = f"{_RESTORING} {worker} restored {what}"
     try:
         return cloudpickle.loads(pickled)
     except Exception as exc:
-        exc.add_note(f"{_RESTORING} {worker} restored {what}")
-        raise
+        exc.add_note(note)
+        problem = _trip_problem(exc)
+        if problem is None:
+            raise
+        substitute = WorkerTransferError(
+            f"{worker} could not restore {what}: {_type_name(exc)}: {error_text(exc)}, "
+            f"an error which cannot be sent back: {type_and_message(problem)}"
+        )
+    substitute.add_note(note)
+    # Raised out of the except block, so that it has no context: trio-parallel sends
+    # an error with its whole chain, which the error that cannot make the trip is in.
+    raise substitute
+
+
+def _trip_problem(value: Any) -> Exception | None:
+    """Why ``value`` cannot make the trip between a worker and the engine (pickled,
+    then unpickled), or None when it can. Blocks while it pickles and unpickles."""
+    try:
+        cloudpickle.loads(pickling.dumps(value))
+    except Exception as exc:
+        return exc
+    return None
 
 
 _RESTORING: Final = "raised while"
@@ -302,17 +325,15 @@ def _sendable_error(raised: BaseException, worker: str) -> tuple[str, bytes]:
     pickles and unpickles."""
     note = f"exec's traceback in {worker}:\n{''.join(traceback.format_exception(raised))}"
     raised.add_note(note)
-    try:
-        pickled: bytes = pickling.dumps(outcome.Error(raised))
-        cloudpickle.loads(pickled)
-    except Exception as exc:
+    problem = _trip_problem(outcome.Error(raised))
+    if problem is not None:
         substitute = WorkerTransferError(
             f"exec raised {_type_name(raised)}: {error_text(raised)}, which cannot be sent "
-            f"back from {worker}: {type_and_message(exc)}"
+            f"back from {worker}: {type_and_message(problem)}"
         )
         substitute.add_note(note)
-        return f"exec raised {_type_name(substitute)}", pickling.dumps(outcome.Error(substitute))
-    return f"exec raised {_type_name(raised)}", pickled
+        raised = substitute
+    return f"exec raised {_type_name(raised)}", pickling.dumps(outcome.Error(raised))
 
 
 _watching_parent = False
