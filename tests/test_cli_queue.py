@@ -300,7 +300,11 @@ def test_status_names_the_workers_that_passed_a_run_over(
         ),
         (
             ["worker", "FILE", "--queue", "redis://h/q", "--store", "redis://h", "--lease", "inf"],
-            "--lease must be > 0 seconds and finite, got inf",
+            "--lease must be > 0 seconds and at most 604800 (a week), got inf",
+        ),
+        (
+            ["worker", "FILE", "--queue", "redis://h/q", "--store", "redis://h", "--lease", "1e9"],
+            "--lease must be > 0 seconds and at most 604800 (a week), got 1e+09",
         ),
         (
             ["submit", "FILE", "--queue", "redis://127.0.0.1:1/q", "--param", "x=NaN"],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -30,6 +29,7 @@ from cosmoflow_actors.runtime.queue import (
     DEFAULT_LEASE,
     FINISHED,
     HAND_BACK_SECONDS,
+    MAX_LEASE,
     PerRunRedis,
     QueuedRun,
     RunQueue,
@@ -157,8 +157,10 @@ def worker_command(args: argparse.Namespace) -> int:
     """``cosmoflow worker``: run the queue's runs of the flows ``args.targets`` until
     SIGTERM, then return :data:`~cosmoflow_actors.cli.signals.TERMINATED` (Ctrl-C raises
     KeyboardInterrupt). Blocks while it serves."""
-    if not 0 < args.lease < math.inf:
-        raise CliError(f"--lease must be > 0 seconds and finite, got {args.lease:g}")
+    if not 0 < args.lease <= MAX_LEASE:
+        raise CliError(
+            f"--lease must be > 0 seconds and at most {MAX_LEASE:g} (a week), got {args.lease:g}"
+        )
     if not args.flow_wait >= 0:
         raise CliError(f"--flow-wait must be >= 0 seconds, got {args.flow_wait:g}")
     if args.name == "":
