@@ -1629,10 +1629,15 @@ async def test_runs_started_by_tasks_of_a_carrying_callers_older_nursery_are_adm
     assert gate.entered == 11
 
 
-def test_an_engine_called_from_another_trio_run_or_a_plain_thread_says_how_to_call_it() -> None:
-    """The engine lives in a thread's trio run: a call from another trio run, or from a
-    thread outside any, is refused naming the way to make it, and the engine, which
-    the refused calls did not touch, goes on serving its own trio run."""
+EngineCalls = Callable[[cf.Engine, cf.Run], list[Callable[[], Any]]]
+"""The calls to make from another thread, given the engine and a run it has started."""
+
+
+def refused_in_another_thread(calls: EngineCalls) -> list[str]:
+    """Open an engine in a thread's trio run and start a run there; make each of
+    ``calls`` from this thread, each of which must raise RuntimeError; return how each
+    message begins. The engine must have gone on serving its own trio run: the run
+    succeeds, and so does a new one."""
     opened, stop = threading.Event(), threading.Event()
     home: dict[str, Any] = {}
     flow = single(Recorder())
@@ -1640,36 +1645,47 @@ def test_an_engine_called_from_another_trio_run_or_a_plain_thread_says_how_to_ca
     async def serve() -> None:
         async with cf.open_engine() as engine:
             home["engine"] = engine
-            opened.set()
+            home["run"] = await engine.start_run(flow)
+            await trio.to_thread.run_sync(opened.set)
             await trio.to_thread.run_sync(stop.wait)
-            home["result"] = await engine.run(flow)
+            home["results"] = [await home["run"].wait(), await engine.run(flow)]
 
     thread = threading.Thread(target=trio.run, args=(serve,))
     thread.start()
     opened.wait()
-    engine: cf.Engine = home["engine"]
-    calls: list[Callable[[], Any]] = [
-        lambda: trio.run(engine.run, flow),
-        lambda: trio.run(engine.list_runs, {}),
-        lambda: engine.start_run_nowait(flow),
-        lambda: engine.events(),
-    ]
     refusals = []
     try:
-        for call in calls:
+        for call in calls(home["engine"], home["run"]):
             with pytest.raises(RuntimeError) as info:
                 call()
             refusals.append(str(info.value).split(":")[0])
     finally:
         stop.set()
         thread.join()
-    assert refusals == [
+    assert [result.success for result in home["results"]] == [True, True]
+    return refusals
+
+
+def test_an_engine_called_from_another_trio_run_or_a_plain_thread_says_how_to_call_it() -> None:
+    """The engine lives in a thread's trio run: a call from another trio run, or from a
+    thread outside any, is refused naming the way to make it, and the engine, which
+    the refused calls did not touch, goes on serving its own trio run."""
+    flow = single(Recorder())
+
+    def calls(engine: cf.Engine, run: cf.Run) -> list[Callable[[], Any]]:
+        return [
+            lambda: trio.run(engine.run, flow),
+            lambda: trio.run(engine.list_runs, {}),
+            lambda: engine.start_run_nowait(flow),
+            lambda: engine.events(),
+        ]
+
+    assert refused_in_another_thread(calls) == [
         "the engine was called in another trio run (another thread's trio.run)",
         "the engine was called in another trio run (another thread's trio.run)",
         "the engine was called outside any trio run",
         "the engine was called outside any trio run",
     ]
-    assert home["result"].success
 
 
 def test_waits_from_another_trio_run_are_refused_and_leave_the_engine_serving() -> None:
@@ -1677,45 +1693,22 @@ def test_waits_from_another_trio_run_are_refused_and_leave_the_engine_serving() 
     another thread's trio run: each is refused naming what was called (trio could not
     wake such a waiter: the engine's task setting the event would crash), and the run
     and the engine end as if nobody had called."""
-    opened, stop = threading.Event(), threading.Event()
-    home: dict[str, Any] = {}
 
-    async def serve() -> None:
-        async with cf.open_engine() as engine:
-            home["engine"] = engine
-            home["run"] = await engine.start_run(single(Recorder()))
-            await trio.to_thread.run_sync(opened.set)
-            await trio.to_thread.run_sync(stop.wait)
-            home["result"] = await home["run"].wait()
+    def waits(engine: cf.Engine, run: cf.Run) -> list[Callable[[], Any]]:
+        snapshot = engine.progress().snapshot()
+        return [
+            lambda: trio.run(run.wait),
+            lambda: trio.run(run.state.wait_value, cf.RunState.SUCCEEDED),
+            lambda: trio.run(engine.progress().wait_changed, snapshot),
+            lambda: trio.run(engine.wait_closed),
+        ]
 
-    thread = threading.Thread(target=trio.run, args=(serve,))
-    thread.start()
-    opened.wait()
-    engine: cf.Engine = home["engine"]
-    run: cf.Run = home["run"]
-    snapshot = engine.progress().snapshot()
-    waits: list[Callable[[], Any]] = [
-        lambda: trio.run(run.wait),
-        lambda: trio.run(run.state.wait_value, cf.RunState.SUCCEEDED),
-        lambda: trio.run(engine.progress().wait_changed, snapshot),
-        lambda: trio.run(engine.wait_closed),
-    ]
-    refusals = []
-    try:
-        for wait in waits:
-            with pytest.raises(RuntimeError) as info:
-                wait()
-            refusals.append(str(info.value).split(":")[0])
-    finally:
-        stop.set()
-        thread.join()
-    assert refusals == [
+    assert refused_in_another_thread(waits) == [
         "the run's wait was called in another trio run (another thread's trio.run)",
         "a wait on the run's state was called in another trio run (another thread's trio.run)",
         "the engine's progress was called in another trio run (another thread's trio.run)",
         "the engine was called in another trio run (another thread's trio.run)",
     ]
-    assert home["result"].success
 
 
 def test_an_engine_opened_while_the_command_imports_a_file_is_refused_saying_so() -> None:

@@ -674,13 +674,9 @@ def test_a_worker_that_lost_its_ray_connection_stops_and_hands_its_run_back(
     ]
 
 
-async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The first claim gets a store on a port nothing listens on: the run is dropped
-    (no outcome recorded, the worker logs why) and runs again once its entry has been
-    idle for a lease."""
-    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+def unreachable_at_first_claim(store: str) -> tuple[list[str], Callable[[str], cf.Storage]]:
+    """The ids of the runs claimed, in order, and the stores of runs under ``store``,
+    but for the first claim, which gets one on a port nothing listens on."""
     stores = per_run_redis(store)
     unreachable = per_run_redis(f"redis://127.0.0.1:{free_port()}/0")
     claims: list[str] = []
@@ -688,6 +684,18 @@ async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
     def store_of(run_id: str) -> cf.Storage:
         claims.append(run_id)
         return unreachable(run_id) if len(claims) == 1 else stores(run_id)
+
+    return claims, store_of
+
+
+async def test_a_run_whose_store_is_out_of_reach_is_taken_over_not_failed(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first claim gets a store on a port nothing listens on: the run is dropped
+    (no outcome recorded, the worker logs why) and runs again once its entry has been
+    idle for a lease."""
+    queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
+    claims, store_of = unreachable_at_first_claim(store)
 
     async with cf.open_engine() as engine, trio.open_nursery() as nursery:
         await nursery.start(functools.partial(engine.serve, queue, [FLOW], store_of))
@@ -712,13 +720,7 @@ async def test_a_requeued_run_dropped_for_its_store_is_resumed_not_failed_again(
     failure again."""
     queue, store = new_queue(redis_server, lease=0.5), store_url(redis_server)
     await failed_on_the_queue(queue, store, "dropped")
-    stores = per_run_redis(store)
-    unreachable = per_run_redis(f"redis://127.0.0.1:{free_port()}/0")
-    claims: list[str] = []
-
-    def store_of(run_id: str) -> cf.Storage:
-        claims.append(run_id)
-        return unreachable(run_id) if len(claims) == 1 else stores(run_id)
+    claims, store_of = unreachable_at_first_claim(store)
 
     async with worker(queue, store_of, "w1"):
         with trio.fail_after(10):
