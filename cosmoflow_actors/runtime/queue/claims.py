@@ -415,13 +415,12 @@ class Claimer:
         seconds while no live worker served its flow (see :meth:`advertise`; once a
         worker has passed it over for a ``refusal``, whatever the workers serve: those
         that serve the flow may serve a version of it that does not fit either), unless
-        it changed since ``data``
-        (what the queue's hash held about it, decoded as ``info``) was read. Leave it
-        alone while a worker holds its lease (its entry is due again when the lease
-        expires), and fail it when its lease key holds another Redis type than a string
-        (see :meth:`_fail_unleasable`). Blocks while the server answers (two round
-        trips at most). Raises UnreadableEntryError when the run's passed-over note is
-        not what a queue writes."""
+        it changed since ``data`` (what the queue's hash held about it, decoded as
+        ``info``) was read. Leave it alone while a worker holds its lease (its entry is
+        due again when the lease expires), and fail it when its lease key holds another
+        Redis type than a string (see :meth:`_fail_unleasable`). Blocks while the server
+        answers (two round trips at most). Raises UnreadableEntryError when the run's
+        passed-over note is not what a queue writes."""
         queue = self.queue
         lease_key = queue.lease_key(run_id)
         served = [queue.flow_key(info["flow"])]
