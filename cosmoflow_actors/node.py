@@ -504,7 +504,9 @@ class NodeDecorator(Protocol):
 
 
 @overload
-def node(function: Callable[[ExecutionContext], R], /) -> FunctionNode[R]: ...
+def node(
+    function: Callable[[ExecutionContext], R], /, **config: Unpack[NodeConfig]
+) -> FunctionNode[R]: ...
 
 
 @overload
@@ -514,9 +516,10 @@ def node(**config: Unpack[NodeConfig]) -> NodeDecorator: ...
 def node(
     function: StepFunction | None = None, /, **config: Unpack[NodeConfig]
 ) -> FunctionNode[Any] | NodeDecorator:
-    """Make a node from ``fn(ctx) -> Action | str | None``; use as ``@node`` or ``@node(...)``."""
+    """Make a node from ``fn(ctx) -> Action | str | None``; use as ``@node``,
+    ``@node(...)`` or ``node(fn, ...)``, the config keywords those of Node."""
     if function is not None:
-        return FunctionNode(function)
+        return FunctionNode(function, **config)
 
     def decorate(fn: Callable[[ExecutionContext], R], /) -> FunctionNode[R]:
         return FunctionNode(fn, **config)

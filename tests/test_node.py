@@ -216,6 +216,19 @@ async def test_the_node_decorator_without_arguments() -> None:
     assert repr(greet) == "<node greet>"
 
 
+def test_node_called_with_a_function_and_config_configures_it() -> None:
+    """``cf.node(fn, ...)``: the config is the node's, and checked as ``@node(...)``
+    checks it."""
+
+    def plain(ctx: cf.ExecutionContext) -> None:
+        return None
+
+    made = cf.node(plain, max_retries=3, timeout=5.0)
+    assert (made.max_retries, made.timeout) == (3, 5.0)
+    with pytest.raises(ValueError, match="timeout"):
+        cf.node(plain, timeout=-5)
+
+
 async def _two(ctx: cf.ExecutionContext, extra: int) -> None: ...
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import pytest
 import trio
@@ -190,6 +190,36 @@ async def test_typing_forms_that_are_not_classes_are_converted_to() -> None:
 
 async def test_a_default_is_returned_without_a_type_check() -> None:
     assert await in_run(lambda store: store.get("missing", None, type=int)) is None
+
+
+@pytest.mark.parametrize("stored", [None, "auto"])
+async def test_a_stored_value_that_is_the_default_object_is_still_type_checked(
+    stored: Any,
+) -> None:
+    """The default is for a missing key only: a stored None (or an interned str) that
+    is the very object given as the default is checked as any stored value."""
+    error = await store_error(lambda s: s.get("k", stored, type=int), {"k": stored})
+    assert type(error) is cf.StoreTypeError
+
+
+async def test_a_stored_bool_is_no_int_nor_float() -> None:
+    """As msgspec's conversion (and so every persistent store) has it."""
+    for kind in (int, float):
+        error = await store_error(lambda s, kind=kind: s.get("b", type=kind), {"b": True})
+        assert "holds a bool" in str(error)
+
+
+class Spot(TypedDict):
+    x: int
+
+
+async def test_a_typed_dict_or_any_is_converted_to() -> None:
+    async def body(store: cf.SharedStore) -> list[Any]:
+        return [await store.get("p", type=Spot), await store.get("p", type=Any)]
+
+    assert await in_run(body, {"p": {"x": 1}}) == [{"x": 1}, {"x": 1}]
+    error = await store_error(lambda s: s.get("p", type=Spot), {"p": {"x": "one"}})
+    assert type(error) is cf.StoreTypeError
 
 
 async def test_a_non_str_key_is_refused_before_it_reaches_the_actor() -> None:

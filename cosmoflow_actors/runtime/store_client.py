@@ -45,6 +45,10 @@ class _Missing:
 MISSING: Final[Any] = _Missing()
 """Marks an absent default."""
 
+_NOT_STORED: Final[Any] = object()
+"""What a typed get asks for in place of a missing key's value: never a stored value,
+so a stored object that happens to be the default is still converted."""
+
 FORGET_AT: Final = 64
 """Calls a step handle remembers before it forgets those that have started."""
 
@@ -245,8 +249,13 @@ class SharedStore:
         return self._call(StoreOp.SET_MANY, "", items)
 
     async def _typed_get(self, key: str, default: Any, expected: Any) -> Any:
-        value = await self._service.request(StoreOp.GET, self._storage, key, default)
-        return _typed(key, value, default, expected)
+        """The value of ``key`` as ``expected``; ``default``, as it is, for a missing
+        key (StoreKeyError when it is MISSING)."""
+        absent = MISSING if default is MISSING else _NOT_STORED
+        value = await self._service.request(StoreOp.GET, self._storage, key, absent)
+        if value is _NOT_STORED:
+            return default
+        return as_type(key, value, expected)
 
     def __repr__(self) -> str:
         return f"<SharedStore {self.name}>"
@@ -545,13 +554,6 @@ def _unpickled(name: str) -> SharedStore:
     return SharedStore(Unreachable(name), _NOWHERE, name, [])
 
 
-def _typed(key: str, value: Any, default: Any, expected: Any) -> Any:
-    """``value`` as ``expected`` (a missing key's default is returned as it is)."""
-    if value is default and default is not MISSING:
-        return value
-    return as_type(key, value, expected)
-
-
 _CONVERTIBLE: Final[dict[Any, None]] = {}
 """The types :func:`_check_type` has found the codec can convert to (at most
 :data:`_CONVERTIBLE_KEPT`)."""
@@ -582,7 +584,7 @@ def _check_type(expected: Any) -> None:
 
 def as_type(key: str, value: Any, expected: Any) -> Any:
     """Return ``value`` as an ``expected``; raise StoreTypeError naming ``key`` if it is not."""
-    if isinstance(expected, type) and isinstance(value, expected):
+    if _is_already(value, expected):
         return value
     try:
         return msgspec.convert(value, expected, str_keys=True)
@@ -590,6 +592,18 @@ def as_type(key: str, value: Any, expected: Any) -> Any:
         detail = str(exc) if isinstance(exc, msgspec.ValidationError) else None
         actual = _type_name(type(value))
         raise StoreTypeError(key, _type_name(expected), actual, detail) from exc
+
+
+def _is_already(value: Any, expected: Any) -> bool:
+    """Whether ``value`` is an instance of the class ``expected`` as msgspec's
+    conversion takes one, returned as it is: a bool is no int nor float for it; a
+    typing form that ``isinstance`` refuses (a TypedDict, Any) is left to msgspec."""
+    if not isinstance(expected, type) or (type(value) is bool and expected is not bool):
+        return False
+    try:
+        return isinstance(value, expected)
+    except TypeError:
+        return False
 
 
 def _type_name(kind: Any) -> str:
