@@ -691,7 +691,10 @@ _NOT_FOR_BATCH_FLOW = (
 def _batch_flow_problem(node: BatchFlow) -> str | None:
     """Which config or method that a BatchFlow would ignore ``node`` has, or None:
     checked when it is made, by ``build()`` and when the engine registers its flow
-    (for config set on it after that)."""
+    (for config set on it after that). One whose ``__init__`` skipped BatchFlow's has
+    no sub-flow."""
+    if not isinstance(vars(node).get("_flow"), Flow):
+        return "it has no sub-flow: its __init__ must call super().__init__(flow)"
     unsupported = [name for name, default in _NOT_FOR_BATCH_FLOW if getattr(node, name) != default]
     unsupported += [
         name
@@ -728,10 +731,10 @@ class BatchFlow(Node):
         if not isinstance(flow, Flow):
             raise TypeError(f"BatchFlow needs a built Flow, got {type(flow).__name__}")
         super().__init__(**config)
+        self._flow = flow
         problem = _batch_flow_problem(self)
         if problem is not None:
             raise ValueError(f"{type(self).__qualname__}: {problem}")
-        self._flow = flow
 
     @property
     def flow(self) -> Flow:

@@ -124,7 +124,7 @@ class Node:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         validate_config(cls, cls.__qualname__)
-        problem = pocketflow_problem(vars(cls))
+        problem = pocketflow_problem(_class_attributes(cls))
         if problem is not None:
             raise TypeError(f"{cls.__qualname__}: {problem}")
 
@@ -178,6 +178,15 @@ _POCKETFLOW_METHODS: Final = ("_exec", "_orch", "_exec_async", "_orch_async")
 """PocketFlow's internal methods that a node overrode there (its retry loop, a flow's
 orchestration); nothing here calls them. ``_run`` is not among them: it is a common
 name for a helper of one's own."""
+
+
+def _class_attributes(cls: type) -> dict[str, object]:
+    """What the instances of ``cls`` find on their class: its attributes and those of
+    its bases (a mixin's too), the nearest first."""
+    found: dict[str, object] = {}
+    for klass in reversed(cls.__mro__):
+        found.update(vars(klass))
+    return found
 
 
 def pocketflow_problem(attributes: Mapping[str, object]) -> str | None:

@@ -347,6 +347,21 @@ def test_build_names_pocketflow_prep_async_on_a_batch_flow() -> None:
     )
 
 
+class NoSubFlow(cf.BatchFlow):
+    """Its __init__ skips BatchFlow's, so it has no sub-flow."""
+
+    def __init__(self, flow: cf.Flow) -> None:
+        self.kept = flow
+
+
+def test_build_names_a_batch_flow_whose_init_skipped_batch_flows() -> None:
+    inner = cf.Flow.builder("inner").add_node("a", Recorder()).build()
+    error = refused(cf.Flow.builder("f").add_node("each", NoSubFlow(inner)))
+    assert error.problems == (
+        "node 'each': it has no sub-flow: its __init__ must call super().__init__(flow)",
+    )
+
+
 def test_an_async_named_helper_beside_its_phase_is_accepted() -> None:
     flow = cf.Flow.builder("f").add_node("a", ExecAsyncHelper()).build()
     assert flow.run_sync().result == "helped"

@@ -92,6 +92,17 @@ def test_a_pocketflow_internal_method_is_refused_when_the_class_is_defined(name:
         type("Ported", (cf.Node,), {name: hook})
 
 
+def test_a_pocketflow_name_from_a_mixin_is_refused_when_the_class_is_defined() -> None:
+    """A node class finds the names of its bases too: one a mixin brings is as silently
+    ignored as one of its own body."""
+    mixin = type("Retrying", (), {"wait": 2})
+    with pytest.raises(TypeError) as info:
+        type("Ported", (mixin, cf.Node), {})
+    assert str(info.value) == (
+        "Ported: wait = 2 is never read (PocketFlow's name for retry_delay: set retry_delay)"
+    )
+
+
 def test_a_method_named_wait_or_run_is_a_nodes_own() -> None:
     class Polls(cf.Node):
         def wait(self) -> None:
