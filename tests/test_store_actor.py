@@ -839,6 +839,24 @@ async def cancelled_while_committing(storage: SlowAsyncCommit, writes: dict[str,
     return cancelled_at
 
 
+async def test_in_flight_counts_the_requests_of_the_batch_being_applied(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While a batch commits, every request not answered yet is queued or in flight."""
+    storage = SlowAsyncCommit()
+    async with (
+        cf.open_engine() as engine,
+        engine.open_store(storage) as store,
+        trio.open_nursery() as nursery,
+    ):
+        for index in range(5):
+            nursery.start_soon(store.set, f"k{index}", index)
+        await storage.committing.wait()
+        [stats] = [actor for actor in engine.statistics().actors if actor.kind == "store"]
+        assert stats.in_flight + stats.mailbox_depth == 5
+        assert stats.in_flight > 1 and stats.messages_processed == 0
+
+
 async def test_an_engine_cancelled_during_an_async_commit_lets_it_finish(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

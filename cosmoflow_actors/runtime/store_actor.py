@@ -16,6 +16,7 @@ one at a time in mailbox order:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import warnings
@@ -37,6 +38,7 @@ from cosmoflow_actors.runtime.actor import Actor
 from cosmoflow_actors.runtime.cancellation import only_cancelled
 from cosmoflow_actors.runtime.gil import SHORT_SWITCH_INTERVAL
 from cosmoflow_actors.runtime.messages import Reply, StoreOp, StoreRequest
+from cosmoflow_actors.runtime.statistics import ActorStatistics
 from cosmoflow_actors.runtime.store_client import MISSING, SharedStore, updated
 from cosmoflow_actors.storage.base import (
     RECORD_PREFIX,
@@ -121,6 +123,11 @@ class StoreActor(Actor[StoreRequest]):
         """Whether it serves every ``shared_actor`` backend (memory storage) of the
         engine, rather than one backend of its own."""
         return self._storage is None
+
+    def statistics(self) -> ActorStatistics:
+        """This actor's counters now, ``in_flight`` the requests of the batch being
+        applied (its one slot serves them all). Never blocks."""
+        return dataclasses.replace(super().statistics(), in_flight=len(self._in_hand))
 
     def client(self, storage: Storage) -> SharedStore:
         """A SharedStore whose calls this actor serves against ``storage``."""
