@@ -474,7 +474,8 @@ class StepsInFlight(Generic[T]):
     then have one execution id. A node actor emits a step's events in the task that
     runs the step (Retry and Fallback also in a task the step started, a
     ParallelBatchNode's item), so the two are told apart by that task: each event
-    goes to the step that runs in the emitting task or its nearest parent.
+    goes to the step that runs in the emitting task or its parent, and an event of a
+    step the consumer never saw start goes to none.
     """
 
     __slots__ = ("_steps",)
@@ -501,7 +502,8 @@ class StepsInFlight(Generic[T]):
         steps = self._steps.get(execution_id)
         if steps is None:
             return None
-        return steps[_emitting(steps)][1]
+        index = _emitting(steps)
+        return None if index is None else steps[index][1]
 
     def pop(self, execution_id: str) -> T | None:
         """Forget the step ``execution_id`` that emits in the current task (it ended);
@@ -510,6 +512,8 @@ class StepsInFlight(Generic[T]):
         if steps is None:
             return None
         index = _emitting(steps)
+        if index is None:
+            return None
         value = steps[index][1]
         if len(steps) == 1:
             del self._steps[execution_id]
@@ -527,19 +531,21 @@ class StepsInFlight(Generic[T]):
         self._steps.clear()
 
 
-def _emitting(steps: list[tuple[trio.lowlevel.Task, T]]) -> int:
+def _emitting(steps: list[tuple[trio.lowlevel.Task, T]]) -> int | None:
     """The index in ``steps`` (one execution id's) of the step that runs in the current
-    task or its nearest parent; the last one started if none does."""
-    if len(steps) == 1:
-        return 0
-    task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
-    while task is not None:
+    task, or in its parent (the current task runs an item of a ParallelBatchNode's
+    step: the step's task opened the item's nursery); None if neither does: the step
+    that emits is another one of that execution id, which the consumer never saw start
+    (a run of an id in use again, while a step of the run that had it still ends). No
+    further ancestor counts: the task that opened the engine is one of every worker's,
+    and may run a step of its own."""
+    task = trio.lowlevel.current_task()
+    nursery = task.parent_nursery
+    for candidate in (task, None if nursery is None else nursery.parent_task):
         for index, (runner, _) in enumerate(steps):
-            if runner is task:
+            if runner is candidate:
                 return index
-        nursery = task.parent_nursery
-        task = None if nursery is None else nursery.parent_task
-    return len(steps) - 1
+    return None
 
 
 @final

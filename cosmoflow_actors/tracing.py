@@ -193,18 +193,29 @@ async def trace_events(
     ``open_engine`` block: it is ready (its event stream open) when ``start`` returns.
     It returns once the engine has closed and the steps it saw start have ended (the
     close cancels them; each step's span, and its run's, ends when the step does), as
-    an event stream ends. Cancelled, it ends the spans still open at once. Raises
-    ImportError naming the ``otel`` extra when OpenTelemetry is not installed.
+    an event stream ends. Cancelled, or once its tracer raised and the engine removed
+    it, it ends the spans still open at once. Raises ImportError naming the ``otel``
+    extra when OpenTelemetry is not installed.
     """
     spans = LiveSpans(tracer)
     stop = engine.trace(spans)
     try:
         task_status.started()
-        await engine.wait_closed()
-        await spans.wait_steps_ended()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancelled_when_detached, spans, nursery.cancel_scope)
+            await engine.wait_closed()
+            await spans.wait_steps_ended()
+            nursery.cancel_scope.cancel()
     finally:
         stop()
         spans.end_all()
+
+
+async def _cancelled_when_detached(spans: LiveSpans, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` once the engine no longer follows with ``spans``; blocks until
+    then."""
+    await spans.wait_detached()
+    scope.cancel()
 
 
 class LiveSpans:
@@ -225,7 +236,8 @@ class LiveSpans:
         otel = _opentelemetry()
         self._otel = otel
         self._spans = _Spans(otel, tracer or otel.get_tracer("cosmoflow_actors"))
-        self._detached = False
+        self._detached = trio.Event()
+        """Set once no more events come (see :meth:`detached`)."""
         self._steps_ended: trio.Event | None = None
         """Set, while :meth:`wait_steps_ended` waits, when it may return."""
 
@@ -238,13 +250,18 @@ class LiveSpans:
     def detached(self) -> None:
         """No more events come (the hub stopped following with these spans): a wait
         for the steps to end returns. Never blocks."""
-        self._detached = True
+        self._detached.set()
         self._wake()
+
+    async def wait_detached(self) -> None:
+        """Block until the hub no longer follows with these spans (see
+        :meth:`detached`)."""
+        await self._detached.wait()
 
     async def wait_steps_ended(self) -> None:
         """Block until no step these spans saw start is in flight, or they no longer
         follow the engine (see :meth:`detached`). A checkpoint."""
-        if self._detached or not self._spans.steps_in_flight:
+        if self._detached.is_set() or not self._spans.steps_in_flight:
             await trio.lowlevel.checkpoint()
             return
         if self._steps_ended is None:

@@ -588,6 +588,45 @@ async def test_a_run_resumed_while_its_cancelled_step_unwinds_keeps_each_step_en
     ]
 
 
+async def test_a_stream_that_missed_a_steps_start_gives_none_of_its_end_to_a_later_step(
+    tmp_path: Path,
+) -> None:
+    """The stream opens while the first run's step runs (another stream saw it start,
+    so the step emits its end), so it never sees it start; the run is resumed by the
+    task that opened the engine, which carries the new step itself while the old one
+    still cleans up: the old step's end is not the new one's, which ends as it did."""
+    node = UnwindsSlowly()
+    flow = single(node, "unwinds")
+    storage = cf.SQLiteStorage(tmp_path / "runs.db")
+
+    async def unwind_then_finish() -> None:
+        await node.again.wait()
+        node.cleaned.set()
+        await trio.testing.wait_all_tasks_blocked()
+        node.later.set()
+
+    async with (
+        cf.open_engine() as engine,
+        trio.open_nursery() as nursery,
+        engine.events(lossless=True),
+    ):
+        old = await engine.start_run(flow, storage, run_id="r")
+        await trio.testing.wait_all_tasks_blocked()
+        async with engine.events(lossless=True) as stream:
+            old.cancel()
+            nursery.start_soon(unwind_then_finish)
+            await engine.resume(flow, storage, run_id="r")
+            stream.close()
+            events = await drained(stream)
+    assert pairs(events) == [
+        ("RunCancelled", None),
+        ("RunStarted", None),
+        ("StepStarted", None),
+        ("StepFinished", "default"),
+        ("RunFinished", None),
+    ]
+
+
 async def test_runs_of_one_id_come_whole_in_turn_while_their_cancelled_steps_finish() -> None:
     """Three runs of id r, each started while the steps of the ones before still
     finish, each step in a task of its own, as node actors run them, with a retry

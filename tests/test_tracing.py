@@ -715,6 +715,39 @@ async def test_after_the_close_trace_events_stops_waiting_for_steps_when_its_tra
     assert "exporter down" in caplog.text
 
 
+async def test_trace_events_ends_its_spans_and_returns_once_its_tracer_fails(
+    autojump_clock: trio.testing.MockClock,
+    tracer: Tracer,
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The engine still open, the tracer that raised is removed: trace_events ends the
+    spans still open then, and returns, instead of waiting for the engine's close."""
+    source = FedEngine()
+    returned_at: float | None = None
+
+    async def traced() -> None:
+        nonlocal returned_at
+        await trace_events(source, FailsOn(tracer, "flow/boom"))
+        returned_at = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(traced)
+        await trio.testing.wait_all_tasks_blocked()
+        source.hub.emit(cf.RunStarted("r1", 0.0, "flow"))
+        source.hub.emit(cf.StepStarted("r1", 0.0, "flow", "a", "r1:1.0/2"))
+        await trio.sleep(2)
+        source.hub.emit(cf.StepStarted("r1", 2.0, "flow", "boom", "r1:1.1/2"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert returned_at == 2.0
+        await trio.sleep(10)
+        source.closed.set()
+    spans = by_name(exporter.get_finished_spans())
+    assert sorted(spans) == ["flow", "flow/a"]
+    assert_times(spans["flow/a"], start=0.0, end=2.0)
+    assert "exporter down" in caplog.text
+
+
 class EndRaises:
     """A tracer whose spans raise when they end (an exporter that is down)."""
 
