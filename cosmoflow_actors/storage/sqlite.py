@@ -499,15 +499,14 @@ class _Call(Generic[T]):
     :attr:`stop`, that its caller sets once it is cancelled (see
     :meth:`SQLiteStorage._in_thread`)."""
 
-    __slots__ = ("_call", "_finished", "_outcome", "_returned", "_started", "_token", "stop")
+    __slots__ = ("_call", "_outcome", "_returned", "_started", "_token", "stop")
 
     def __init__(self, call: Callable[[threading.Event], T]) -> None:
         self._call = call
         self.stop = threading.Event()
         self._started = threading.Event()
-        self._finished = threading.Event()
         self._outcome: outcome.Outcome[T] | None = None
-        """What the call returned or raised, once :attr:`_finished` is set."""
+        """What the call returned or raised, once it has finished."""
         self._returned = trio.Event()
         """Set in trio's thread when the call finished with :attr:`stop` set."""
         self._token = trio.lowlevel.current_trio_token()
@@ -527,7 +526,6 @@ class _Call(Generic[T]):
             self._outcome = outcome.Value(value)
             return value
         finally:
-            self._finished.set()
             if self.stop.is_set():  # its caller may wait for it: see stopped
                 with suppress(trio.RunFinishedError):  # a caller that did not wait
                     self._token.run_sync_soon(self._returned.set)
@@ -535,13 +533,13 @@ class _Call(Generic[T]):
     async def stopped(self) -> outcome.Outcome[T] | None:
         """Set :attr:`stop`, then wait (shielded) until the call has finished, if the
         thread began it; return what it returned or raised, None when the thread has not
-        begun (then it never makes the call). :meth:`run` sets ``_finished`` before it
-        reads ``stop``, and this sets ``stop`` before it reads ``_finished``: one of
-        them sees the other's, so the wait ends."""
+        begun (then it never makes the call). :meth:`run` sets ``_outcome`` before it
+        reads ``stop``, and this sets ``stop`` before it reads ``_outcome``: one of them
+        sees the other's, so the wait ends."""
         self.stop.set()
         if not self._started.is_set():
             return None
-        if not self._finished.is_set():
+        if self._outcome is None:
             with trio.CancelScope(shield=True):
                 await self._returned.wait()
         return self._outcome
