@@ -807,6 +807,16 @@ async def cancelled_once(
     return scope, cancelled_at
 
 
+async def b_staged_over(path: Path) -> SQLiteStorage:
+    """A storage with a long timeout, open over a database at ``path`` that holds a,
+    with b staged (its commit takes the write lock)."""
+    await (await stored(path, a=1)).aclose()
+    storage = SQLiteStorage(path, timeout=LONG_TIMEOUT)
+    await storage.open()
+    await storage.set("b", 2)
+    return storage
+
+
 @pytest.mark.parametrize("write", ["commit", "update", "forget_record", "commit_step"])
 async def test_a_write_cancelled_while_another_connection_holds_the_write_lock_leaves_at_once(
     tmp_path: Path, write: str
@@ -816,10 +826,7 @@ async def test_a_write_cancelled_while_another_connection_holds_the_write_lock_l
     under way, not after the timeout. It wrote nothing, holds no transaction, and the
     storage works on once the lock is free."""
     path = tmp_path / "store.db"
-    await (await stored(path, a=1)).aclose()
-    storage = SQLiteStorage(path, timeout=LONG_TIMEOUT)
-    await storage.open()
-    await storage.set("b", 2)
+    storage = await b_staged_over(path)
     with trio.fail_after(LONG_TIMEOUT / 2), database(path) as other:
         other.execute("BEGIN IMMEDIATE")
         waiting = tries_of(storage, "BEGIN IMMEDIATE", wanted=2)  # a slice was refused
@@ -881,10 +888,7 @@ async def test_a_write_lock_released_during_the_wait_is_taken_and_the_write_succ
     """The lock is let go after a whole slice of waiting for it: the next try takes it,
     long before the timeout."""
     path = tmp_path / "store.db"
-    await (await stored(path, a=1)).aclose()
-    storage = SQLiteStorage(path, timeout=LONG_TIMEOUT)
-    await storage.open()
-    await storage.set("b", 2)
+    storage = await b_staged_over(path)
     with trio.fail_after(LONG_TIMEOUT / 2), database(path) as other:
         other.execute("BEGIN IMMEDIATE")
         waiting = tries_of(storage, "BEGIN IMMEDIATE", wanted=2)
