@@ -51,6 +51,7 @@ from cosmoflow_actors.events import (
     StepSpans,
     StepStarted,
 )
+from cosmoflow_actors.runtime.cancellation import cancelled_when
 
 OTEL_MISSING: Final = (
     "tracing needs OpenTelemetry, which is not installed: pip install 'cosmoflow-actors[otel]'"
@@ -202,20 +203,13 @@ async def trace_events(
     try:
         task_status.started()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancelled_when_detached, spans, nursery.cancel_scope)
+            nursery.start_soon(cancelled_when, spans.wait_detached, nursery.cancel_scope)
             await engine.wait_closed()
             await spans.wait_steps_ended()
             nursery.cancel_scope.cancel()
     finally:
         stop()
         spans.end_all()
-
-
-async def _cancelled_when_detached(spans: LiveSpans, scope: trio.CancelScope) -> None:
-    """Cancel ``scope`` once the engine no longer follows with ``spans``; blocks until
-    then."""
-    await spans.wait_detached()
-    scope.cancel()
 
 
 class LiveSpans:

@@ -7,7 +7,12 @@ import pytest
 import trio
 import trio.testing
 
-from cosmoflow_actors.runtime.cancellation import CANCELLED_ALONE, only_cancelled, refuse_closed
+from cosmoflow_actors.runtime.cancellation import (
+    CANCELLED_ALONE,
+    cancelled_when,
+    only_cancelled,
+    refuse_closed,
+)
 
 
 def test_only_cancelled_looks_into_nested_groups() -> None:
@@ -50,3 +55,16 @@ async def test_a_caller_whose_scope_is_cancelled_gets_cancelled_not_the_refusal(
         scope.cancel()
         await refuse_closed(RuntimeError("closed"))
     assert scope.cancelled_caught
+
+
+async def test_cancelled_when_ends_its_nurserys_work_once_the_wait_returns() -> None:
+    event = trio.Event()
+    reached = False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancelled_when, event.wait, nursery.cancel_scope)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not nursery.cancel_scope.cancel_called
+        event.set()
+        await trio.sleep_forever()
+        reached = True
+    assert nursery.cancel_scope.cancelled_caught and not reached

@@ -7,10 +7,13 @@ cancelled, with a group of their Cancelled, which ``except trio.Cancelled`` miss
 closes may wake a caller, whose own scope was cancelled meanwhile, with no checkpoint
 since: :func:`refuse_closed` gives it its Cancelled before the engine's refusal, which
 would otherwise leave its cancelled scope as an error.
+
+It also holds :func:`cancelled_when`, which cancels a scope when something happens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Final, NoReturn, final
 
@@ -64,3 +67,10 @@ async def refuse_closed(error: Exception) -> NoReturn:
     it only once the engine has closed, so that the open path takes none)."""
     await trio.lowlevel.checkpoint_if_cancelled()
     raise error
+
+
+async def cancelled_when(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` once ``wait()`` returns (an event was set, say); blocks until
+    then. Started in the nursery of ``scope``, it ends that nursery's work then."""
+    await wait()
+    scope.cancel()

@@ -30,6 +30,7 @@ from cosmoflow_actors.errors import (
 )
 from cosmoflow_actors.flow import Flow, FlowResult
 from cosmoflow_actors.runtime import run_record
+from cosmoflow_actors.runtime.cancellation import cancelled_when
 from cosmoflow_actors.runtime.queue.claims import (
     LOGGER,
     RESUME,
@@ -128,7 +129,7 @@ async def serve(
     await worker.claimer.advertise()
     slots = trio.Semaphore(concurrency)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancelled_once_set, closed, nursery.cancel_scope)
+        nursery.start_soon(cancelled_when, closed.wait, nursery.cancel_scope)
         nursery.start_soon(worker.renew_leases)
         nursery.start_soon(worker.keep_advertising)
         task_status.started(worker.name)
@@ -140,12 +141,6 @@ async def serve(
                 slots.release()
                 raise
             nursery.start_soon(worker.run_claimed, claim, slots)
-
-
-async def _cancelled_once_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    """Cancel ``scope`` once ``event`` is set; blocks until then."""
-    await event.wait()
-    scope.cancel()
 
 
 class _EngineClosed(Exception):
